@@ -1,0 +1,147 @@
+"""Cost model and rank selection."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lrjax import costs, ranks
+from lrjax.decompose import max_rank, relative_errors
+
+
+def test_vgg16_authors_ranks_cost():
+    net = costs.net_cost(costs.vgg16_conv_shapes(224), ranks.load_ranks("vgg16"))
+    assert round(net.full_macs / 1e9, 2) == 15.35
+    assert round(net.lowrank_macs / 1e9, 2) == 4.94
+    assert round(net.speedup, 2) == 3.10
+    assert net.full_params == 14_714_688  # VGG-16 conv weights + biases
+    assert "conv5_3" in net.table()
+
+
+def test_caffenet_authors_ranks_cost():
+    net = costs.net_cost(costs.caffenet_conv_shapes(227), ranks.load_ranks("caffenet"))
+    assert round(net.full_macs / 1e9, 3) == 0.666
+    assert round(net.lowrank_macs / 1e9, 3) == 0.126
+    assert net.speedup == pytest.approx(5.29, abs=0.01)
+
+
+def test_pair_cost_counts_vertical_at_input_width():
+    # stride 2: the vertical conv runs over the full input width
+    layer = costs.ConvShape("c", (8, 8), 4, 6, (3, 3), strides=(2, 2), padding="SAME")
+    assert layer.output_hw == (4, 4)
+    c = costs.lowrank_cost(layer, 5)
+    assert c.macs == 4 * 8 * 3 * 4 * 5 + 4 * 4 * 3 * 5 * 6
+    assert c.params == 3 * 4 * 5 + 3 * 5 * 6 + 6
+    assert costs.conv_cost(layer).macs == 4 * 4 * 9 * 4 * 6
+    grouped = costs.ConvShape("g", (5, 5), 4, 6, (3, 3), padding="VALID", groups=2)
+    assert costs.lowrank_cost(grouped, 4).macs == 3 * 5 * 3 * 2 * 4 + 3 * 3 * 3 * 2 * 6
+    with pytest.raises(ValueError, match="rank 3 is invalid for layer 'g'"):
+        costs.lowrank_cost(grouped, 3)
+
+
+@pytest.mark.parametrize("padding,expect", [
+    ("SAME", (6, 6)), ("VALID", (4, 4)), (1, (6, 6)), ([(2, 0), (0, 0)], (6, 4)), ((1, 2), (6, 8)),
+])
+def test_output_size(padding, expect):
+    assert costs.output_size((6, 6), (3, 3), 1, padding) == expect
+
+
+def test_output_size_dilation_stride():
+    assert costs.output_size((9, 9), (3, 3), 2, "VALID", 2) == (3, 3)
+    with pytest.raises(ValueError, match="too small"):
+        costs.output_size((2, 2), (5, 5), 1, "VALID")
+
+
+def test_net_cost_rejects_unknown_layers():
+    with pytest.raises(ValueError, match=r"unknown layers \['conv9'\]"):
+        costs.net_cost(costs.vgg16_conv_shapes(), {"conv9": 3})
+
+
+def test_load_ranks_files(tmp_path):
+    assert ranks.load_ranks("caffenet")["conv5"] == 200
+    assert ranks.load_ranks("nin") == {"conv1": 10, "conv2": 51}
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"conv1": 3}))
+    assert ranks.load_ranks(str(p)) == {"conv1": 3}
+    p.write_text("{nope")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ranks.load_ranks(str(p))
+    p.write_text(json.dumps({"conv1": "three"}))
+    with pytest.raises(ValueError, match="integer ranks"):
+        ranks.load_ranks(str(p))
+    with pytest.raises(ValueError, match="cannot read rank file"):
+        ranks.load_ranks(str(tmp_path / "missing.json"))
+
+
+def test_energy_rank_and_rounding():
+    rng = np.random.default_rng(0)
+    # a kernel with a known spectrum: energies 16, 4, 1, 0.25 ... on a 3x3x4x4 (12 x 12) matrix
+    w = rng.standard_normal((3, 3, 4, 4)).astype(np.float64)
+    curve = np.asarray(relative_errors(w)) ** 2  # fraction of energy lost at rank k
+    for frac in (0.5, 0.9, 0.99):
+        k = ranks.energy_rank(w, frac)
+        assert 1 - curve[k] >= frac - 1e-9 and 1 - curve[k - 1] < frac
+    assert ranks.energy_rank(w, 1.0) == 12
+    assert ranks.energy_rank(w, 0.5, multiple=8) % 8 == 0
+    g = rng.standard_normal((3, 3, 2, 8))
+    assert ranks.energy_rank(g, 0.9, groups=2) % 2 == 0
+    assert ranks.round_rank(37, 8, top=100) == 40
+    assert ranks.round_rank(3, 8, top=100) == 8
+    assert ranks.round_rank(97, 16, top=100) == 96
+    assert ranks.round_rank(30, 8, top=100, groups=2) == 32
+    with pytest.raises(ValueError, match=r"energy fraction must be in \(0, 1\]"):
+        ranks.energy_rank(w, 1.5)
+
+
+def _vgg_kernels(image_size=32):
+    rng = np.random.default_rng(0)
+    layers = costs.vgg16_conv_shapes(image_size)
+    # kernels with decaying spectra, like trained ones
+    out = {}
+    for layer in layers:
+        kh, kw, c, n = layer.kernel_shape
+        u = rng.standard_normal((c * kh, c * kh))
+        decay = np.exp(-np.arange(min(c * kh, kw * n)) / (0.1 * min(c * kh, kw * n)))
+        m = (u[:, : decay.size] * decay) @ rng.standard_normal((decay.size, kw * n))
+        out[layer.name] = m.reshape(c, kh, kw, n).transpose(1, 2, 0, 3)
+    return layers, out
+
+
+@pytest.mark.parametrize("target", [2.0, 3.1, 5.0])
+def test_allocate_ranks_reaches_target(target):
+    layers, kernels = _vgg_kernels()
+    alloc = ranks.allocate_ranks(layers, kernels, target_speedup=target)
+    assert alloc.speedup >= target
+    # within rounding: one more rank unit on any layer would miss the target
+    by = {layer.name: layer for layer in layers}
+    slack = max(costs.rank_cost_slope(by[n]) for n in alloc.ranks)
+    assert alloc.full_macs / (alloc.lowrank_macs + slack) < target
+    for layer in layers:
+        assert 1 <= alloc.ranks[layer.name] <= max_rank(layer.kernel_shape)
+    net = costs.net_cost(layers, alloc.ranks)
+    assert net.lowrank_macs == alloc.lowrank_macs
+
+
+def test_allocate_ranks_prefers_compressible_layers():
+    layers, kernels = _vgg_kernels()
+    flat = dict(kernels)
+    rng = np.random.default_rng(1)
+    flat["conv3_2"] = rng.standard_normal(flat["conv3_2"].shape)  # incompressible
+    alloc = ranks.allocate_ranks(layers, flat, target_speedup=3.0)
+    ref = ranks.allocate_ranks(layers, kernels, target_speedup=3.0)
+    assert alloc.ranks["conv3_2"] > ref.ranks["conv3_2"]
+
+
+def test_allocate_ranks_multiple_and_errors():
+    layers, kernels = _vgg_kernels()
+    alloc = ranks.allocate_ranks(layers, kernels, target_speedup=3.0, multiple=16)
+    assert all(r % 16 == 0 or r == max_rank(by.kernel_shape)
+               for by in layers for r in [alloc.ranks[by.name]])
+    budget = ranks.allocate_ranks(layers, kernels, macs_budget=alloc.full_macs // 4)
+    assert budget.lowrank_macs <= alloc.full_macs // 4
+    with pytest.raises(ValueError, match="out of reach"):
+        ranks.allocate_ranks(layers, kernels, target_speedup=1e6)
+    with pytest.raises(ValueError, match="exactly one"):
+        ranks.allocate_ranks(layers, kernels)
+    with pytest.raises(ValueError, match="no kernel given for layer 'conv1_1'"):
+        ranks.allocate_ranks(layers, {}, target_speedup=2)

@@ -1,0 +1,242 @@
+"""lrjax.decompose against an independent NumPy reference, under jit, over many shapes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrjax import decompose as D
+from lrjax import iterative
+
+# (kernel HWIO shape, rank, groups)
+CASES = [
+    ((3, 3, 8, 16), 5, 1),
+    ((3, 3, 4, 4), 12, 1),  # full rank
+    ((5, 3, 6, 10), 7, 1),  # kh != kw
+    ((1, 5, 7, 3), 4, 1),
+    ((1, 1, 8, 12), 3, 1),  # 1x1
+    ((3, 3, 4, 8), 6, 2),  # grouped
+    ((5, 5, 3, 8), 8, 4),  # 4 groups, C = 12
+]
+METHODS = ["svd", "gram"]
+
+
+def numpy_reference(w_hwio, rank, groups):
+    """The authors' recipe: per group, OIHW -> (I, H, W, O) -> (C*kh, kw*N), NumPy SVD."""
+    w = np.asarray(w_hwio, np.float64).transpose(3, 2, 0, 1)  # OIHW
+    n = w.shape[0]
+    ng, kg = n // groups, rank // groups
+    recon, tails = [], 0.0
+    for g in range(groups):
+        wg = w[g * ng:(g + 1) * ng]  # (Ng, Cg, kh, kw)
+        o, i, h, ww = wg.shape
+        m = wg.transpose(1, 2, 3, 0).reshape(i * h, ww * o)
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        mk = (u[:, :kg] * s[:kg]) @ vt[:kg]
+        recon.append(mk.reshape(i, h, ww, o).transpose(3, 0, 1, 2))
+        tails += np.sum(s[kg:] ** 2)
+    full = np.concatenate(recon, axis=0).transpose(2, 3, 1, 0)  # back to HWIO
+    return full, np.sqrt(tails) / np.linalg.norm(w)
+
+
+def random_kernel(shape, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
+def dtype(request):
+    if request.param == np.float64:
+        with jax.enable_x64(True):
+            yield request.param
+    else:
+        yield request.param
+
+
+@pytest.mark.parametrize("shape,rank,groups", CASES)
+@pytest.mark.parametrize("method", METHODS)
+def test_optimal_error_and_shapes(shape, rank, groups, method, dtype):
+    w = random_kernel(shape, dtype=dtype)
+    dec = jax.jit(functools.partial(D.vh_decompose, rank=rank, groups=groups, method=method))
+    v, h = dec(jnp.asarray(w))
+    kh, kw, cg, n = shape
+    assert v.shape == (kh, 1, cg, rank) and h.shape == (1, kw, rank // groups, n)
+    assert v.dtype == h.dtype == dtype
+    approx = jax.jit(functools.partial(D.reconstruct, groups=groups))(v, h)
+    ref_kernel, ref_err = numpy_reference(w, rank, groups)
+    tol = 1e-4 if dtype == np.float32 else 1e-9
+    err = float(D.relative_error(w, approx))
+    assert err == pytest.approx(ref_err, rel=tol, abs=tol)
+    np.testing.assert_allclose(approx, ref_kernel, atol=tol * 20 * np.abs(w).max())
+    curve = D.relative_errors(w, groups=groups)
+    assert float(curve[rank // groups]) == pytest.approx(ref_err, rel=tol, abs=tol)
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 3, 4, 6), 1), ((3, 5, 2, 4), 2), ((1, 1, 5, 7), 1)])
+@pytest.mark.parametrize("method", METHODS)
+def test_full_rank_reconstructs(shape, groups, method):
+    w = random_kernel(shape, seed=1)
+    top = D.max_rank(shape, groups=groups)
+    approx = D.reconstruct(*D.vh_decompose(w, top, groups=groups, method=method), groups=groups)
+    np.testing.assert_allclose(approx, w, atol=2e-5 * np.abs(w).max())
+
+
+def test_sqrt_sigma_split_equally():
+    w = random_kernel((3, 3, 5, 7), seed=2)
+    v, h = D.vh_decompose(w, 4, method="svd")
+    s = np.linalg.svd(np.asarray(D.kernel_to_matrices(w))[0], compute_uv=False)[:4]
+    col_v = np.linalg.norm(np.asarray(v).reshape(-1, 4), axis=0)
+    col_h = np.linalg.norm(np.asarray(h).transpose(0, 1, 3, 2).reshape(-1, 4), axis=0)
+    np.testing.assert_allclose(col_v, np.sqrt(s), rtol=1e-5)
+    np.testing.assert_allclose(col_h, np.sqrt(s), rtol=1e-5)
+
+
+def test_relative_errors_curve():
+    w = random_kernel((3, 3, 6, 4), seed=3)
+    curve = np.asarray(D.relative_errors(w))
+    assert curve.shape == (D.max_rank(w.shape) + 1,)
+    assert curve[0] == pytest.approx(1.0) and curve[-1] == pytest.approx(0.0, abs=1e-7)
+    assert np.all(np.diff(curve) <= 1e-7)
+    for k in (1, 5, 12):
+        _, ref = numpy_reference(w, k, 1)
+        assert curve[k] == pytest.approx(ref, rel=1e-5)
+    s = D.singular_values(w)
+    assert s.shape == (1, 12) and np.all(np.diff(np.asarray(s[0])) <= 0)
+
+
+def test_vmap_over_stack():
+    ws = np.stack([random_kernel((3, 3, 4, 8), seed=i) for i in range(3)])
+    vs, hs = jax.jit(jax.vmap(lambda w: D.vh_decompose(w, 5)))(ws)
+    assert vs.shape == (3, 3, 1, 4, 5) and hs.shape == (3, 1, 3, 5, 8)
+    for i in range(3):
+        _, ref = numpy_reference(ws[i], 5, 1)
+        assert float(D.relative_error(ws[i], D.reconstruct(vs[i], hs[i]))) == pytest.approx(
+            ref, rel=1e-4)
+
+
+def test_no_perturbation_or_iterative_run_beats_closed_form():
+    w = random_kernel((3, 3, 6, 8), seed=4)
+    rank = 6
+    v, h = D.vh_decompose(w, rank)
+    best = float(D.relative_error(w, D.reconstruct(v, h)))
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1e-2, 1e-1):
+        for _ in range(20):
+            pv = v + scale * rng.standard_normal(v.shape).astype(np.float32)
+            ph = h + scale * rng.standard_normal(h.shape).astype(np.float32)
+            assert float(D.relative_error(w, D.reconstruct(pv, ph))) >= best * (1 - 1e-6)
+    for seed in range(4):
+        res = iterative.als_decompose(w, rank, seed=seed, max_iters=200)
+        assert res.factors.vertical.shape == v.shape and res.factors.horizontal.shape == h.shape
+        it_err = float(D.relative_error(w, D.reconstruct(*res.factors)))
+        assert it_err >= best * (1 - 1e-5)
+        assert it_err == pytest.approx(float(res.relative_error), rel=1e-3)
+        hist = np.asarray(res.history)[: int(res.iterations)]
+        assert np.all(np.diff(hist) <= 1e-6)  # ALS never increases the error
+
+
+def test_iterative_grouped_and_close_to_optimum():
+    w = random_kernel((3, 3, 4, 8), seed=5)
+    res = iterative.als_decompose(w, 4, groups=2, max_iters=500, tol=1e-9)
+    best = float(D.relative_error(w, D.reconstruct(*D.vh_decompose(w, 4, groups=2), groups=2)))
+    got = float(D.relative_error(w, D.reconstruct(*res.factors, groups=2)))
+    assert best <= got < best * 1.01
+
+
+def _conv(x, k, strides, padding, dilation, groups):
+    return jax.lax.conv_general_dilated(
+        x, k, window_strides=strides, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST)
+
+
+def _split(padding):
+    if isinstance(padding, str):
+        return padding, padding
+    rows, cols = padding
+    return (rows, (0, 0)), ((0, 0), cols)
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1)])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 1), (0, 3))])
+@pytest.mark.parametrize("dilation,groups", [((1, 1), 1), ((2, 1), 1), ((1, 1), 2)])
+def test_conv_equivalence(strides, padding, dilation, groups):
+    shape = (3, 5, 4 // groups, 6)
+    w = random_kernel(shape, seed=6)
+    x = random_kernel((2, 11, 12, 4), seed=7)
+    rank = 4
+    v, h = D.vh_decompose(w, rank, groups=groups)
+    pv, ph = _split(padding)
+    pair = _conv(_conv(x, v, (strides[0], 1), pv, (dilation[0], 1), groups),
+                 h, (1, strides[1]), ph, (1, dilation[1]), groups)
+    lowrank = _conv(x, D.reconstruct(v, h, groups=groups), strides, padding, dilation, groups)
+    np.testing.assert_allclose(pair, lowrank, atol=1e-4)
+    top = D.max_rank(shape, groups=groups)
+    v, h = D.vh_decompose(w, top, groups=groups)
+    pair = _conv(_conv(x, v, (strides[0], 1), pv, (dilation[0], 1), groups),
+                 h, (1, strides[1]), ph, (1, dilation[1]), groups)
+    np.testing.assert_allclose(pair, _conv(x, w, strides, padding, dilation, groups), atol=1e-4)
+
+
+def test_fold_batch_norm():
+    rng = np.random.default_rng(8)
+    w = random_kernel((3, 3, 4, 5), seed=8)
+    b, scale, offset, mean = (rng.standard_normal(5).astype(np.float32) for _ in range(4))
+    var = rng.uniform(0.5, 2.0, 5).astype(np.float32)
+    x = random_kernel((2, 7, 7, 4), seed=9)
+    y = _conv(x, w, (1, 1), "SAME", (1, 1), 1) + b
+    bn = (y - mean) / np.sqrt(var + 1e-3) * scale + offset
+    fw, fb = D.fold_batch_norm(w, b, scale, offset, mean, var, eps=1e-3)
+    np.testing.assert_allclose(_conv(x, fw, (1, 1), "SAME", (1, 1), 1) + fb, bn, atol=1e-4)
+    fw, fb = D.fold_batch_norm(w, None, None, None, mean, var)
+    np.testing.assert_allclose(fb, -mean / np.sqrt(var + 1e-5), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"mean must have shape \(5,\)"):
+        D.fold_batch_norm(w, b, scale, offset, mean[:3], var)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((np.zeros((3, 3, 4)), 2), {}, r"4-D HWIO.*\(3, 3, 4\)"),
+    ((np.ones((3, 3, 4, 4)), 0), {}, r"rank=0 is out of range \[1, 12\]"),
+    ((np.ones((3, 3, 4, 4)), 13), {}, r"rank=13 is out of range \[1, 12\]"),
+    ((np.ones((3, 3, 2, 4)), 3), {"groups": 2}, r"rank=3 is not divisible by groups=2"),
+    ((np.ones((3, 3, 2, 5)), 2), {"groups": 2}, r"N=5 .* not divisible by groups=2"),
+    ((np.full((3, 3, 2, 4), np.nan), 2), {}, r"contains 72 NaN/Inf"),
+    ((np.ones((3, 3, 2, 4)), 2.0), {}, r"rank must be a Python int"),
+    ((np.ones((3, 3, 2, 4)), 2), {"method": "qr"}, r"method must be"),
+])
+def test_bad_input(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        D.vh_decompose(*args, **kwargs)
+
+
+def test_shape_errors_raise_at_trace_time():
+    dec = jax.jit(functools.partial(D.vh_decompose, rank=20))
+    with pytest.raises(ValueError, match=r"rank=20 is out of range \[1, 12\]"):
+        dec(jnp.ones((3, 3, 4, 4)))
+    with pytest.raises(ValueError, match="inconsistent with groups=2"):
+        D.reconstruct(jnp.ones((3, 1, 2, 4)), jnp.ones((1, 3, 4, 6)), groups=2)
+
+
+def test_second_call_does_not_recompile():
+    dec = jax.jit(D.vh_decompose, static_argnames=("rank", "groups", "method"))
+    dec(jnp.asarray(random_kernel((3, 3, 4, 8), seed=1)), rank=4)
+    dec(jnp.asarray(random_kernel((3, 3, 4, 8), seed=2)), rank=4)
+    assert dec._cache_size() == 1
+    dec(jnp.asarray(random_kernel((3, 3, 4, 8), seed=2)), rank=5)
+    assert dec._cache_size() == 2
+
+
+def test_decompose_net_matches_per_layer():
+    ks = {"a": random_kernel((3, 3, 4, 8), seed=1), "b": random_kernel((3, 3, 4, 8), seed=2),
+          "c": random_kernel((5, 5, 2, 4), seed=3)}
+    out = D.decompose_net(ks, {"a": 3, "c": 4}, groups={"c": 2})
+    assert list(out) == ["a", "c"]
+    for name, g in (("a", 1), ("c", 2)):
+        ref = D.vh_decompose(ks[name], {"a": 3, "c": 4}[name], groups=g)
+        np.testing.assert_allclose(D.reconstruct(*out[name], groups=g),
+                                   D.reconstruct(*ref, groups=g), atol=1e-5)
+    with pytest.raises(ValueError, match=r"no kernel: \['z'\]"):
+        D.decompose_net(ks, {"z": 2})
+    with pytest.raises(ValueError, match="rank=99"):
+        D.decompose_net(ks, {"a": 99})
