@@ -23,7 +23,7 @@ __all__ = [
     "allocate_ranks",
 ]
 
-PUBLISHED = ("vgg16", "caffenet", "nin")
+PUBLISHED = ("vgg16", "caffenet", "nin", "cnn")
 
 
 def load_ranks(name_or_path: str) -> dict[str, int]:

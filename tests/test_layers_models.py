@@ -1,0 +1,181 @@
+"""LowRankConv, the model zoo and cost reports."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrjax import cost_report, decompose, models
+from lrjax.layers import LowRankConv, low_rank, split_padding
+
+PADDINGS = ["SAME", "VALID", "CIRCULAR", "SAME_LOWER", 1, 2, (1, 2), [(0, 2), (1, 0)],
+            ((2, 1), (0, 3))]
+
+
+def _pair_variables(conv_vars, rank, groups=1):
+    v, h = decompose.vh_decompose(conv_vars["params"]["kernel"], rank, groups=groups)
+    return {"params": {"vertical": {"kernel": v},
+                       "horizontal": {"kernel": h, "bias": conv_vars["params"]["bias"]}}}
+
+
+@pytest.mark.parametrize("padding", PADDINGS, ids=str)
+@pytest.mark.parametrize("strides,dilation,groups", [(1, 1, 1), (2, 1, 1), ((2, 1), (1, 2), 1),
+                                                     (1, 1, 2)])
+def test_lowrank_conv_matches_conv(padding, strides, dilation, groups):
+    x = jax.random.normal(jax.random.key(0), (2, 11, 10, 4))
+    conv = nn.Conv(6, (3, 5), strides=strides, padding=padding, kernel_dilation=dilation,
+                   feature_group_count=groups)
+    cv = conv.init(jax.random.key(1), x)
+    cv = jax.tree.map(lambda a: a + 0.1, cv)  # non-zero bias
+    top = decompose.max_rank(cv["params"]["kernel"].shape, groups=groups)
+    pair = LowRankConv(6, (3, 5), rank=top, strides=strides, padding=padding,
+                       kernel_dilation=dilation, feature_group_count=groups)
+    pv = pair.init(jax.random.key(2), x)
+    assert pv["params"]["vertical"]["kernel"].shape == (3, 1, 4 // groups, top)
+    assert "bias" not in pv["params"]["vertical"]
+    want = conv.apply(cv, x)
+    got = pair.apply(_pair_variables(cv, top, groups), x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    low = LowRankConv(6, (3, 5), rank=2 * groups, strides=strides, padding=padding,
+                      kernel_dilation=dilation, feature_group_count=groups)
+    assert low.apply(_pair_variables(cv, 2 * groups, groups), x).shape == want.shape
+
+
+def test_lowrank_conv_mid_norm_and_dtype():
+    x = jnp.ones((2, 8, 8, 3))
+    layer = LowRankConv(8, (3, 3), rank=4, mid_norm=lambda name: nn.LayerNorm(name=name),
+                        dtype=jnp.bfloat16)
+    v = layer.init(jax.random.key(0), x)
+    assert "mid_norm" in v["params"]
+    y = layer.apply(v, x)
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 8, 8, 8)
+    assert v["params"]["vertical"]["kernel"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("rank,groups,match", [
+    (0, 1, r"rank=0 is out of range \[1, 9\]"),
+    (10, 1, r"rank=10 is out of range \[1, 9\]"),
+    (3, 3, r"N=4 .* not divisible by groups=3"),
+    (3, 1, None),
+])
+def test_lowrank_conv_bad_rank(rank, groups, match):
+    layer = LowRankConv(4, (3, 3), rank=rank, feature_group_count=groups)
+    x = jnp.ones((1, 5, 5, 3))
+    if match is None:
+        layer.init(jax.random.key(0), x)
+        return
+    with pytest.raises(ValueError, match=match):
+        layer.init(jax.random.key(0), x)
+
+
+def test_lowrank_conv_rank_not_divisible_by_groups():
+    with pytest.raises(ValueError, match="rank=3 is not divisible by feature_group_count=2"):
+        LowRankConv(4, (3, 3), rank=3, feature_group_count=2).init(
+            jax.random.key(0), jnp.ones((1, 5, 5, 4)))
+
+
+def test_split_padding():
+    assert split_padding("SAME") == ("SAME", "SAME")
+    assert split_padding(2) == (((2, 2), (0, 0)), ((0, 0), (2, 2)))
+    assert split_padding([(1, 2), 3]) == (((1, 2), (0, 0)), ((0, 0), (3, 3)))
+    with pytest.raises(ValueError, match="CAUSAL"):
+        split_padding("CAUSAL")
+
+
+def _count(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name,count", [("vgg16", 138_357_544), ("nin", 966_986),
+                                        ("caffenet", 60_965_224)])
+def test_exact_parameter_counts(name, count):
+    model = models.get_model(name)
+    size = models.model_spec(name).image_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    assert _count(shapes["params"]) == count
+
+
+def test_lowrank_vgg16_structure():
+    model = models.get_model("lowrank_vgg16")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    p = shapes["params"]
+    assert p["conv1_1"]["vertical"]["kernel"].shape == (3, 1, 3, 5)
+    assert p["conv5_3"]["horizontal"]["kernel"].shape == (1, 3, 320, 512)
+    assert p["fc6"]["kernel"].shape == (25088, 4096)
+
+
+def test_lowrank_caffenet_grouped_structure():
+    model = models.get_model("lowrank_caffenet")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 227, 227, 3))))
+    p = shapes["params"]
+    assert p["conv2"]["vertical"]["kernel"].shape == (5, 1, 48, 40)
+    assert p["conv2"]["horizontal"]["kernel"].shape == (1, 5, 20, 256)
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("lowrank_vgg16", (15.35e9, 4.94e9, 3.10)),
+    ("lowrank_caffenet", (0.666e9, 0.126e9, 5.29)),
+    ("lowrank_nin", (222.5e6, 118.6e6, 1.88)),
+])
+def test_cost_reports_match_paper(name, expect):
+    full, low, speed = expect
+    report = cost_report.zoo_cost_report(name)
+    assert report.full_macs == pytest.approx(full, rel=2e-3)
+    assert report.lowrank_macs == pytest.approx(low, rel=2e-3)
+    assert report.speedup == pytest.approx(speed, abs=0.01)
+
+
+def test_cost_report_of_full_model_with_ranks():
+    model = models.get_model("nin")
+    report = cost_report.cost_report(model, (1, 32, 32, 3), ranks={"conv1": 10, "conv2": 51})
+    assert report.lowrank_macs == 118_560_768
+    layers = cost_report.conv_layers(model, (1, 32, 32, 3))
+    assert [layer.shape.name for layer in layers][:3] == ["conv1", "cccp1", "cccp2"]
+    assert layers[3].shape.input_hw == (16, 16)
+
+
+@pytest.mark.parametrize("name", ["nin", "lowrank_nin", "nin_bn", "lowrank_nin_bn", "cnn",
+                                  "lowrank_cnn"])
+def test_cifar_models_forward_train_and_eval(name):
+    model = models.get_model(name)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+    assert ("batch_stats" in variables) == name.endswith("_bn")
+    logits = model.apply(variables, x, train=False)
+    assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+    out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
+                               mutable=["batch_stats"])
+    assert out.shape == (4, 10) and bool(jnp.all(jnp.isfinite(out)))
+    if name.endswith("_bn"):
+        # BN momentum 0.9: running mean moves 10% of the way to the batch mean
+        before = variables["batch_stats"]["bn1"]["mean"]
+        after = updates["batch_stats"]["bn1"]["mean"]
+        assert not np.allclose(before, after)
+        assert model.norm.keywords["momentum"] == 0.9
+
+
+def test_bfloat16_compute():
+    model = models.get_model("lowrank_nin", dtype=jnp.bfloat16)
+    x = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    assert jax.tree.leaves(variables)[0].dtype == jnp.float32
+    assert model.apply(variables, x).dtype == jnp.float32
+
+
+def test_registry_errors_and_custom_ranks():
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        models.get_model("resnet")
+    model = models.get_model("nin", ranks={"conv1": 4})
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    assert shapes["params"]["conv1"]["vertical"]["kernel"].shape == (5, 1, 3, 4)
+    assert low_rank({"a": 3, "b": None}).rank_map == {"a": 3}
+
+
+def test_adaptive_avg_pool_matches_torch_bins():
+    x = jnp.arange(2 * 10 * 10 * 1, dtype=jnp.float32).reshape(2, 10, 10, 1)
+    y = models.adaptive_avg_pool(x, (7, 7))
+    assert y.shape == (2, 7, 7, 1)
+    # torch bin 1 along rows of a 10-long axis: [1, 3)
+    np.testing.assert_allclose(y[0, 1, 0, 0], x[0, 1:3, 0:2, 0].mean())
