@@ -231,15 +231,30 @@ def _decomposable(layer: costs.ConvShape) -> bool:
 
 
 def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: int = 3,
-                  dtype=jnp.float32) -> tuple[dict[str, int | None], dict[str, tuple]]:
-    """Keep a layer full rank (None) where its pair is not faster on the current backend.
+                  dtype=jnp.float32, implementations=("conv",)):
+    """Keep a layer full rank where no pair implementation is faster on the current backend.
 
-    Returns the gated ranks and the measured ``{layer: (full seconds, pair seconds)}``.
+    Each decomposed layer is timed alone (forward, jitted) as a full conv and as a pair with each
+    of ``implementations``; the fastest wins.
+
+    Returns:
+      ``(ranks, chosen, times)``: the gated ranks (None = keep full rank), the fastest
+      implementation of each layer kept low-rank, and ``{layer: (full s, pair s, ...)}``.
     """
-    times = timing.layer_times(layers, ranks, batch=batch, dtype=dtype, repeats=repeats)
-    gated = {n: (r if n not in times or times[n][1] < times[n][0] else None)
-             for n, r in ranks.items()}
-    return gated, times
+    times = timing.layer_times(layers, ranks, batch=batch, dtype=dtype, repeats=repeats,
+                               implementations=implementations)
+    gated, chosen = {}, {}
+    for name, rank in ranks.items():
+        if name not in times:
+            gated[name] = rank
+            continue
+        full, *pairs = times[name]
+        best = int(np.argmin(pairs))
+        if pairs[best] < full:
+            gated[name], chosen[name] = rank, implementations[best]
+        else:
+            gated[name] = None
+    return gated, chosen, times
 
 
 def select_ranks(rule, model: nn.Module, variables, input_shape, *, multiple: int | None = None,
@@ -303,7 +318,8 @@ def select_ranks(rule, model: nn.Module, variables, input_shape, *, multiple: in
                              f"{layer.kernel_shape}, groups {layer.groups}, max rank {top})")
         ranks[name] = r
     if measured:
-        ranks, _ = measured_gate([by_name[n] for n in ranks], ranks, batch=measure_batch)
+        ranks, _, _ = measured_gate([by_name[n] for n in ranks if ranks[n] is not None],
+                                    ranks, batch=measure_batch)
     return ranks
 
 

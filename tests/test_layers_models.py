@@ -179,3 +179,18 @@ def test_adaptive_avg_pool_matches_torch_bins():
     assert y.shape == (2, 7, 7, 1)
     # torch bin 1 along rows of a 10-long axis: [1, 3)
     np.testing.assert_allclose(y[0, 1, 0, 0], x[0, 1:3, 0:2, 0].mean())
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", 2, ((2, 1), (0, 3))], ids=str)
+@pytest.mark.parametrize("strides,dilation", [(1, 1), (2, 1), ((1, 2), (2, 1))])
+@pytest.mark.parametrize("cin,rank,cout", [(6, 2, 8), (2, 5, 3)])  # both matmul orders
+def test_matmul_implementation_matches_conv(padding, strides, dilation, cin, rank, cout):
+    x = jax.random.normal(jax.random.key(0), (2, 11, 10, cin))
+    kwargs = dict(strides=strides, padding=padding, kernel_dilation=dilation)
+    ref = LowRankConv(cout, (3, 5), rank=rank, **kwargs)
+    variables = ref.init(jax.random.key(1), x)
+    fast = LowRankConv(cout, (3, 5), rank=rank, implementation="matmul", **kwargs)
+    assert jax.tree.structure(fast.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+    np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x), atol=1e-4)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        LowRankConv(cout, (3, 5), rank=rank, implementation="fft").init(jax.random.key(1), x)

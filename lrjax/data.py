@@ -1,0 +1,192 @@
+"""Input pipelines: CIFAR-10 through TFDS + ``tf.data``, and an offline digits dataset.
+
+Batches are dicts of NumPy arrays: ``image`` ``(B, 32, 32, 3)`` float32 (per-channel mean/std
+normalised), ``label`` ``(B,)`` int32 and, for evaluation, ``mask`` ``(B,)`` bool (False on the
+padding of the last batch, so every example is evaluated exactly once).
+
+Training streams are seeded and deterministic, and each process reads its own part of the split
+(``tfds.split_for_jax_process``). TensorFlow is hidden from GPUs: JAX owns the accelerators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+tf.config.set_visible_devices([], "GPU")
+
+__all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "CIFAR10_MEAN", "CIFAR10_STD"]
+
+# Per-channel statistics of the CIFAR-10 training images (0..255 scale), as the authors normalised.
+CIFAR10_MEAN = (125.307, 122.950, 113.865)
+CIFAR10_STD = (62.993, 62.089, 66.705)
+
+DATASETS = ("cifar10", "digits")
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be read (missing files, no network to download them)."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A dataset ready for training: its splits as ``tf.data`` pipelines plus what they hold."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    num_train: int  # examples in this process's share of the training split
+    num_test: int  # examples in this process's share of the test split
+    train_source: tf.data.Dataset  # unbatched (image uint8/float 0..255, label)
+    test_source: tf.data.Dataset
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def train_batches(self, batch_size: int, *, seed: int, augment: bool = False,
+                      start_batch: int = 0) -> Iterator[dict]:
+        """Endless, shuffled, seeded training batches (``drop_remainder``), pass after pass.
+
+        Pass ``p`` over the data is shuffled with ``seed + p``, so the stream depends only on
+        ``seed``; ``start_batch`` resumes it at that many batches from the start, exactly where an
+        uninterrupted run would be.
+        """
+        per_pass = self.num_train // batch_size
+        if per_pass < 1:
+            raise ValueError(f"batch size {batch_size} exceeds the {self.num_train} training "
+                             "examples")
+        data_pass, skip = divmod(start_batch, per_pass)
+        while True:
+            ds = self.train_source.shuffle(self.num_train, seed=seed + data_pass,
+                                           reshuffle_each_iteration=False)
+            ds = ds.skip(skip * batch_size)
+            ds = ds.map(self._train_fn(augment, seed + data_pass), num_parallel_calls=1)
+            ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
+            ds = ds.with_options(_deterministic())
+            yield from tfds.as_numpy(ds)
+            data_pass, skip = data_pass + 1, 0
+
+    def test_batches(self, batch_size: int) -> Iterator[dict]:
+        """Every test example once, in order; the last batch padded and masked."""
+        ds = self.test_source.map(self._eval_fn(), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size).prefetch(2).with_options(_deterministic())
+        for batch in tfds.as_numpy(ds):
+            n = batch["label"].shape[0]
+            mask = np.ones((batch_size,), bool)
+            if n < batch_size:
+                pad = batch_size - n
+                batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                         for k, v in batch.items()}
+                mask[n:] = False
+            batch["mask"] = mask
+            yield batch
+
+    def _normalise(self, image):
+        image = tf.cast(image, tf.float32)
+        return (image - tf.constant(self.mean)) / tf.constant(self.std)
+
+    def _eval_fn(self):
+        def fn(image, label):
+            return {"image": self._normalise(image), "label": tf.cast(label, tf.int32)}
+        return fn
+
+    def _train_fn(self, augment: bool, seed: int):
+        size = self.image_size
+
+        def fn(index, example):  # index: position in the split (seeds the augmentation)
+            image, label = example
+            image = self._normalise(image)
+            if augment:
+                key = tf.stack([tf.cast(seed, tf.int64), index])
+                k1, k2 = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+                padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
+                image = tf.image.stateless_random_crop(padded, (size, size, 3), seed=k1)
+                image = tf.image.stateless_random_flip_left_right(image, seed=k2)
+            return {"image": image, "label": tf.cast(label, tf.int32)}
+
+        return fn
+
+
+def _deterministic() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = 2
+    return options
+
+
+def _count(ds: tf.data.Dataset) -> int:
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.reduce(np.int64(0), lambda x, _: x + 1))
+
+
+def _tfds_cifar10(data_dir: str | None, download: bool) -> Dataset:
+    def fail(e):
+        raise DataError(
+            f"CIFAR-10 is not available in data_dir={data_dir or tfds.core.constants.DATA_DIR!r} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). On a machine with "
+            "network access run `python -c \"import tensorflow_datasets as tfds; "
+            "tfds.builder('cifar10', data_dir=DIR).download_and_prepare()\"` and pass "
+            "--config.data_dir=DIR here, or use --config.dataset=digits to run offline."
+        ) from None
+
+    try:
+        builder = tfds.builder("cifar10", data_dir=data_dir)
+        if download:
+            builder.download_and_prepare()
+        splits = {}
+        for split in ("train", "test"):
+            ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
+                                    read_config=tfds.ReadConfig(shuffle_seed=0))
+            splits[split] = ds.map(lambda ex: (ex["image"], ex["label"]))
+    except DataError:
+        raise
+    except Exception as e:  # TFDS raises assorted types for missing data / no network
+        fail(e)
+    train = splits["train"].cache()
+    test = splits["test"].cache()
+    return Dataset("cifar10", 10, 32, _count(train), _count(test),
+                   train.enumerate(), test, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _digits(test_fraction: float = 0.25) -> Dataset:
+    """scikit-learn's bundled 8x8 digits, upsampled to 32x32x3, fixed stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) * (255.0 / 16.0)  # 0..255
+    images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)  # 32x32, nearest
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=test_fraction, stratify=labels, random_state=0)
+    # this process's share
+    pi, pc = jax.process_index(), jax.process_count()
+    x_train, y_train = x_train[pi::pc], y_train[pi::pc]
+    x_test, y_test = x_test[pi::pc], y_test[pi::pc]
+    mean = tuple(float(m) for m in x_train.mean(axis=(0, 1, 2)))
+    std = tuple(float(s) + 1e-6 for s in x_train.std(axis=(0, 1, 2)))
+    train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
+    test = tf.data.Dataset.from_tensor_slices((x_test, y_test))
+    return Dataset("digits", 10, 32, len(y_train), len(y_test), train.enumerate(), test, mean,
+                   std)
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, download: bool = True) -> Dataset:
+    """Load ``"cifar10"`` (TFDS) or ``"digits"`` (offline, scikit-learn).
+
+    Raises:
+      ValueError: unknown dataset name.
+      DataError: CIFAR-10 missing and not downloadable; the message says how to get it.
+    """
+    if name == "cifar10":
+        return _tfds_cifar10(data_dir, download)
+    if name == "digits":
+        return _digits()
+    raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")

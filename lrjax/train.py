@@ -1,0 +1,448 @@
+"""Training engine: train state, jitted data-parallel steps, and the train-and-evaluate loop.
+
+``train_step`` and ``eval_step`` are pure and compiled once with ``jax.jit`` over a 1-D
+``jax.sharding.Mesh`` of every device (axis ``"data"``): the batch is sharded along it, the train
+state replicated and donated. The same code runs on one CPU, one GPU or many; multi-host runs call
+``jax.distributed.initialize()`` first (``config.multihost``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lrjax import checkpoint, models
+from lrjax.cost_report import cost_report
+
+__all__ = [
+    "TrainState", "TrainingDiverged", "make_optimizer", "lr_schedule", "create_train_state",
+    "train_step", "eval_step", "train_and_evaluate", "validate_config",
+]
+
+log = logging.getLogger("lrjax.train")
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus BatchNorm statistics and the dropout base key."""
+
+    batch_stats: Any = None
+    rng: jax.Array = None  # raw uint32 key; step keys are fold_in(rng, step)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def lr_schedule(values, boundaries_epochs, steps_per_epoch: int) -> optax.Schedule:
+    """Piecewise-constant learning rate: ``values[i]`` from epoch ``boundaries[i-1]`` on."""
+    values, bounds = list(values), list(boundaries_epochs)
+    if len(values) != len(bounds) + 1:
+        raise ValueError(f"lr values {values} need exactly one more entry than boundaries {bounds}")
+    if bounds != sorted(bounds):
+        raise ValueError(f"lr boundaries must increase; got {bounds}")
+    steps = jnp.asarray([b * steps_per_epoch for b in bounds], jnp.int32)
+    table = jnp.asarray(values, jnp.float32)
+    return lambda step: table[jnp.searchsorted(steps, step, side="right")]
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with momentum and (Torch-style, added to the gradient) weight decay."""
+    schedule = lr_schedule(config.lr_values, config.lr_boundaries_epochs, steps_per_epoch)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule, momentum=config.momentum))
+
+
+def reset_momentum(opt_state):
+    """Zero the momentum traces (the authors reset momentum at each schedule change)."""
+    return jax.tree.map(
+        lambda s: s._replace(trace=jax.tree.map(jnp.zeros_like, s.trace))
+        if isinstance(s, optax.TraceState) else s,
+        opt_state, is_leaf=lambda s: isinstance(s, optax.TraceState))
+
+
+def create_train_state(model, tx, image_shape, seed: int) -> TrainState:
+    """A fresh train state (pure: jit it with ``out_shardings`` to create it on devices)."""
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats"), rng=dropout_key)
+
+
+def _variables(state: TrainState, params=None):
+    v = {"params": state.params if params is None else params}
+    if state.batch_stats is not None:
+        v["batch_stats"] = state.batch_stats
+    return v
+
+
+def _metric_sums(logits, labels, mask, loss_per_example):
+    num_classes = logits.shape[-1]
+    top1 = jnp.argmax(logits, -1) == labels
+    sums = {"loss": jnp.sum(loss_per_example * mask), "top1": jnp.sum(top1 * mask),
+            "count": jnp.sum(mask)}
+    if num_classes > 5:
+        top5 = jnp.any(jax.lax.top_k(logits, 5)[1] == labels[:, None], axis=-1)
+        sums["top5"] = jnp.sum(top5 * mask)
+    return sums
+
+
+def zero_metrics(num_classes: int):
+    keys = ("loss", "top1", "count") + (("top5",) if num_classes > 5 else ())
+    return {k: jnp.zeros((), jnp.float32) for k in keys}
+
+
+def train_step(state: TrainState, batch, metrics):
+    """One SGD step; returns the new state and the metric sums accumulated on device."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    mutable = ["batch_stats"] if state.batch_stats is not None else []
+
+    def loss_fn(params):
+        out = state.apply_fn(_variables(state, params), batch["image"], train=True,
+                             rngs={"dropout": rng}, mutable=mutable or False)
+        logits, updates = out if mutable else (out, {})
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return jnp.mean(losses), (logits, losses, updates)
+
+    grads, (logits, losses, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads)
+    if mutable:
+        state = state.replace(batch_stats=updates["batch_stats"])
+    mask = jnp.ones_like(losses)
+    step_sums = _metric_sums(logits, batch["label"], mask, losses)
+    return state, jax.tree.map(jnp.add, metrics, step_sums)
+
+
+def eval_step(state: TrainState, batch):
+    """Metric sums over the unmasked examples of one evaluation batch."""
+    logits = state.apply_fn(_variables(state), batch["image"], train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return _metric_sums(logits, batch["label"], batch["mask"].astype(jnp.float32), losses)
+
+
+def validate_config(config, num_devices: int) -> None:
+    """Raise ``ValueError`` with a clear message for a config that cannot run."""
+    models.model_spec(config.model)  # unknown model
+    if config.dataset not in ("cifar10", "digits"):
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose cifar10 or digits")
+    for field in ("batch_size", "eval_batch_size", "num_epochs"):
+        value = getattr(config, field)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{field} must be a positive integer; got {value!r}")
+    for field in ("batch_size", "eval_batch_size"):
+        if getattr(config, field) % num_devices:
+            raise ValueError(f"config.{field}={getattr(config, field)} is not divisible by the "
+                             f"{num_devices} devices")
+    if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
+        raise ValueError(f"config.steps_per_epoch must be positive or None; got "
+                         f"{config.steps_per_epoch}")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.dtype must be float32 or bfloat16; got {config.dtype!r}")
+
+
+def _fingerprint(config, num_classes, steps_per_epoch) -> dict:
+    return {"model": config.model, "dataset": config.dataset, "num_classes": num_classes,
+            "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
+            "seed": config.seed, "ranks": config.get("ranks")}
+
+
+class _Sigterm:
+    """Records SIGTERM so the loop can save and stop cleanly at the next step."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`train_and_evaluate` returns and writes to ``results.json``."""
+
+    model: str
+    params: int
+    macs: int
+    full_macs: int
+    theoretical_speedup: float
+    best_test_top1: float
+    final_test_top1: float
+    train_seconds: float
+    history: list
+    status: str  # "completed" or "preempted"
+    state: Any = dataclasses.field(default=None, repr=False)
+
+    def as_dict(self):
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "state"}
+
+
+def train_and_evaluate(config, workdir: str) -> RunResult:
+    """Train ``config.model`` on ``config.dataset``, evaluating and checkpointing every epoch.
+
+    Resumes from the latest checkpoint in ``workdir/checkpoints`` if there is one. Writes
+    TensorBoard events, ``results.json``, ``results.md`` and ``curves.png`` to ``workdir``.
+
+    Raises:
+      ValueError: a bad config. DataError: missing data. CheckpointError: a checkpoint from a
+      different model or config. TrainingDiverged: NaN/Inf loss (the last good checkpoint stays).
+    """
+    from lrjax import data as data_lib  # TensorFlow is imported only when training
+
+    if config.multihost:
+        jax.distributed.initialize()
+    devices = jax.devices()
+    validate_config(config, len(devices))
+    os.makedirs(workdir, exist_ok=True)
+    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                                    download=config.download)
+    local_batch = config.batch_size // jax.process_count()
+    steps_per_epoch = config.steps_per_epoch or dataset.num_train // local_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch size {config.batch_size} exceeds the {dataset.num_train} "
+                         "training examples")
+    dtype = jnp.dtype(config.dtype)
+    model_kwargs = {"num_classes": dataset.num_classes, "dtype": dtype,
+                    "bn_momentum": config.bn_momentum}
+    if config.get("ranks"):
+        model_kwargs["ranks"] = dict(config.ranks)
+    model = models.get_model(config.model, **model_kwargs)
+    tx = make_optimizer(config, steps_per_epoch)
+    image_shape = (dataset.image_size, dataset.image_size, 3)
+
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    init = jax.jit(functools.partial(create_train_state, model, tx, image_shape, config.seed),
+                   out_shardings=replicated)
+    abstract_state = jax.eval_shape(init)
+    p_train = jax.jit(train_step, in_shardings=(replicated, batch_sharding, replicated),
+                      out_shardings=(replicated, replicated), donate_argnums=(0, 2))
+    p_eval = jax.jit(eval_step, in_shardings=(replicated, batch_sharding),
+                     out_shardings=replicated)
+    p_reset = jax.jit(reset_momentum, in_shardings=replicated, out_shardings=replicated,
+                      donate_argnums=0)
+
+    ckpts = checkpoint.TrainCheckpoints(
+        os.path.join(workdir, "checkpoints"),
+        fingerprint=_fingerprint(config, dataset.num_classes, steps_per_epoch),
+        keep=config.keep_checkpoints, keep_best=1)
+    history, start_epoch, position, elapsed = [], 0, 0, 0.0
+    latest = ckpts.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract_state)
+        state, meta = ckpts.restore(latest, abstract)
+        start_epoch, position = meta["epoch"], meta["position"]
+        history, elapsed = meta["history"], meta["train_seconds"]
+        log.info("resumed from step %d (epoch %d, batch %d)", latest, start_epoch, position)
+    else:
+        state = init()
+
+    num_classes = dataset.num_classes
+    report = cost_report(model, (1, *image_shape))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    writer = _SummaryWriter(os.path.join(workdir, "tensorboard"))
+    boundaries = {b * steps_per_epoch for b in config.lr_boundaries_epochs}
+
+    def to_global(batch):
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+
+    def fetch(metrics, where):
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(m["loss"]):
+            raise TrainingDiverged(
+                f"loss became {m['loss']} {where}; stopping. The last good checkpoint "
+                f"(step {ckpts.latest_step()}) in {ckpts.directory} is intact: lower the learning "
+                "rate or check the data, then resume.")
+        n = max(m.pop("count"), 1.0)
+        return {k: v / n for k, v in m.items()}
+
+    def evaluate():
+        sums = None
+        for batch in dataset.test_batches(config.eval_batch_size):
+            out = p_eval(state, to_global(batch))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        return fetch(sums, "in evaluation")
+
+    status = "completed"
+    train_iter = dataset.train_batches(local_batch, seed=config.seed, augment=config.augment,
+                                       start_batch=start_epoch * steps_per_epoch + position)
+    progress = _progress(config, start_epoch, position, steps_per_epoch)
+    with _Sigterm() as sigterm:
+        for epoch in range(start_epoch, config.num_epochs):
+            metrics = zero_metrics(num_classes)
+            t0 = time.perf_counter()
+            train_sums = []
+            for pos in range(position, steps_per_epoch):
+                step = epoch * steps_per_epoch + pos
+                if config.reset_momentum and step in boundaries and step > 0:
+                    state = p_reset(state)
+                state, metrics = p_train(state, to_global(next(train_iter)), metrics)
+                progress.update(config.batch_size)
+                if config.get("debug_sigterm_at_step") == step + 1:
+                    os.kill(os.getpid(), signal.SIGTERM)  # tests: simulate a preemption
+                if (pos + 1) % config.log_every_steps == 0 or pos + 1 == steps_per_epoch:
+                    m = fetch(metrics, f"at step {step + 1}")
+                    train_sums.append(m)
+                    writer.scalars(step + 1, {f"train/{k}": v for k, v in m.items()})
+                    progress.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.3f}")
+                    metrics = zero_metrics(num_classes)
+                if sigterm.received:
+                    elapsed += time.perf_counter() - t0
+                    fetch(metrics, f"at step {step + 1}")
+                    ckpts.save(step + 1, state, {"epoch": epoch, "position": pos + 1,
+                                                 "history": history, "train_seconds": elapsed})
+                    status = "preempted"
+                    break
+            if status == "preempted":
+                break
+            position = 0
+            elapsed += time.perf_counter() - t0
+            test = evaluate()
+            train_m = train_sums[-1] if train_sums else {}
+            row = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                   **{f"train_{k}": v for k, v in train_m.items()},
+                   **{f"test_{k}": v for k, v in test.items()},
+                   "lr": float(tx_lr(config, steps_per_epoch, (epoch + 1) * steps_per_epoch - 1))}
+            history.append(row)
+            writer.scalars(row["step"], {f"test/{k}": v for k, v in test.items()})
+            progress.write(f"epoch {epoch + 1}: train loss {train_m.get('loss', float('nan')):.4f}"
+                           f" top1 {train_m.get('top1', float('nan')):.4f} | test loss "
+                           f"{test['loss']:.4f} top1 {test['top1']:.4f}")
+            if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                ckpts.save(row["step"], state, {"epoch": epoch + 1, "position": 0,
+                                                "history": history, "train_seconds": elapsed},
+                           test_accuracy=test["top1"])
+    progress.close()
+    writer.close()
+    ckpts.close()
+    tests = [h["test_top1"] for h in history]
+    result = RunResult(
+        model=config.model, params=n_params, macs=report.lowrank_macs, full_macs=report.full_macs,
+        theoretical_speedup=report.speedup, best_test_top1=max(tests) if tests else float("nan"),
+        final_test_top1=tests[-1] if tests else float("nan"), train_seconds=elapsed,
+        history=history, status=status, state=state)
+    if status == "completed" and jax.process_index() == 0:
+        write_results(workdir, [result])
+    return result
+
+
+def tx_lr(config, steps_per_epoch, step) -> float:
+    return float(lr_schedule(config.lr_values, config.lr_boundaries_epochs, steps_per_epoch)(step))
+
+
+def _progress(config, start_epoch, position, steps_per_epoch):
+    from tqdm import tqdm
+
+    total = config.num_epochs * steps_per_epoch
+    done = start_epoch * steps_per_epoch + position
+    if not config.progress:
+        return _NoProgress()
+    # rate in images/s: one step is batch_size images
+    return tqdm(total=total * config.batch_size, initial=done * config.batch_size, unit="img",
+                unit_scale=True, dynamic_ncols=True, desc=config.model, smoothing=0.1)
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def write(self, s):
+        log.info(s)
+
+    def close(self):
+        pass
+
+
+class _SummaryWriter:
+    """TensorBoard event files through ``tf.summary`` (TensorFlow is already a dependency)."""
+
+    def __init__(self, logdir):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(logdir) if jax.process_index() == 0 else None
+
+    def scalars(self, step, values):
+        if self._writer is None:
+            return
+        with self._writer.as_default():
+            for k, v in values.items():
+                self._tf.summary.scalar(k, v, step=step)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+
+
+def write_results(workdir: str, results: list[RunResult]) -> None:
+    """``results.json``, ``results.md`` (paper-style table) and ``curves.png`` in ``workdir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def atomic_write(name, text):
+        tmp = os.path.join(workdir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(workdir, name))
+
+    atomic_write("results.json", json.dumps([r.as_dict() for r in results], indent=1))
+    base = results[0].full_macs
+    lines = ["| model | parameters | multiply-adds | theoretical speedup | best test top-1 (%) | "
+             "final test top-1 (%) | training time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.model} | {r.params:,} | {r.macs / 1e6:.1f} M | {base / r.macs:.2f}x | "
+                     f"{100 * r.best_test_top1:.2f} | {100 * r.final_test_top1:.2f} | "
+                     f"{r.train_seconds:.0f} |")
+    atomic_write("results.md", "\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        epochs = [h["epoch"] for h in r.history]
+        axes[0].plot(epochs, [h.get("train_loss") for h in r.history], label=f"{r.model} train")
+        axes[0].plot(epochs, [h["test_loss"] for h in r.history], "--", label=f"{r.model} test")
+        axes[1].plot(epochs, [100 * h["test_top1"] for h in r.history], label=r.model)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[1].set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = os.path.join(workdir, ".curves.png.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(workdir, "curves.png"))
+

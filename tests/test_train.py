@@ -1,0 +1,194 @@
+"""Training engine, data pipeline, checkpoints and the CIFAR NIN experiment (tiny, fast)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import cifar_nin as cifar_config
+from lrjax import checkpoint, data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    c = cifar_config.get_config()
+    c.model = "lowrank_cnn"
+    c.dataset = "cifar10"
+    c.data_dir = None
+    c.download = False
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.steps_per_epoch = 3
+    c.num_epochs = 2
+    c.lr_values = (0.01, 0.001)
+    c.lr_boundaries_epochs = (1,)
+    c.log_every_steps = 2
+    c.checkpoint_every_epochs = 1
+    c.progress = False
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+@pytest.fixture
+def mock_cifar():
+    with tfds.testing.mock_data(num_examples=20):
+        yield
+
+
+def _params(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_eval_covers_every_example_with_mask(mock_cifar):
+    ds = data.load_dataset("cifar10", download=False)
+    assert ds.num_test == 20
+    batches = list(ds.test_batches(8))
+    assert [b["mask"].sum() for b in batches] == [8, 8, 4]
+    assert batches[-1]["image"].shape == (8, 32, 32, 3)
+    assert batches[0]["image"].dtype == np.float32
+
+
+def test_train_stream_is_seeded_and_resumable(mock_cifar):
+    ds = data.load_dataset("cifar10", download=False)
+    a = ds.train_batches(4, seed=1, augment=True)
+    first = [next(a)["label"] for _ in range(10)]  # 2 epochs of 5 batches
+    b = ds.train_batches(4, seed=1, augment=True)
+    assert all(np.array_equal(x, next(b)["label"]) for x in first)
+    for start in (1, 5, 7):
+        c = ds.train_batches(4, seed=1, augment=True, start_batch=start)
+        np.testing.assert_array_equal(next(c)["label"], first[start])
+    d = ds.train_batches(4, seed=2)
+    assert not all(np.array_equal(x, next(d)["label"]) for x in first[:5])
+
+
+def test_digits_dataset():
+    ds = data.load_dataset("digits")
+    assert (ds.num_train, ds.num_test) == (1347, 450)
+    batch = next(ds.train_batches(16, seed=0))
+    assert batch["image"].shape == (16, 32, 32, 3)
+    assert abs(float(batch["image"].mean())) < 0.5
+
+
+def test_missing_dataset_message(tmp_path):
+    with pytest.raises(data.DataError, match="download_and_prepare.*data_dir"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model", "resnet", "unknown model 'resnet'"),
+    ("batch_size", 0, "batch_size must be a positive integer"),
+    ("batch_size", -8, "batch_size must be a positive integer"),
+    ("dataset", "mnist", "unknown dataset 'mnist'"),
+])
+def test_bad_configs(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(tiny_config(**{field: value}), num_devices=1)
+
+
+def test_batch_not_divisible_by_devices():
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 devices"):
+        train.validate_config(tiny_config(batch_size=6), num_devices=4)
+
+
+def test_lr_schedule_and_momentum_reset():
+    sched = train.lr_schedule((0.1, 0.01, 0.001), (2, 5), steps_per_epoch=10)
+    assert [float(sched(s)) for s in (0, 19, 20, 49, 50, 1000)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    with pytest.raises(ValueError, match="one more entry"):
+        train.lr_schedule((0.1,), (2,), 10)
+    c = tiny_config()
+    tx = train.make_optimizer(c, 3)
+    params = {"w": jax.numpy.ones(3)}
+    opt = tx.init(params)
+    _, opt = tx.update({"w": jax.numpy.ones(3)}, opt, params)
+    reset = train.reset_momentum(opt)
+    traces = [x for x in jax.tree.leaves(reset) if getattr(x, "shape", None) == (3,)]
+    assert traces and all(np.all(np.asarray(t) == 0) for t in traces)
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path, mock_cifar):
+    full = train.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+    assert full.status == "completed" and len(full.history) == 2
+    # a SIGTERM in the middle of epoch 2 saves and stops; the rerun resumes from there
+    first = train.train_and_evaluate(tiny_config(debug_sigterm_at_step=4), str(tmp_path / "b"))
+    assert first.status == "preempted"
+    assert checkpoint.TrainCheckpoints(str(tmp_path / "b" / "checkpoints"), fingerprint={}) \
+        .latest_step() == 4
+    resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / "b"))
+    assert resumed.status == "completed"
+    for x, y in zip(_params(full.state), _params(resumed.state), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert resumed.history == full.history
+    # a different config in the same workdir stops with a clear error
+    with pytest.raises(checkpoint.CheckpointError, match="different model or config"):
+        train.train_and_evaluate(tiny_config(model="cnn"), str(tmp_path / "b"))
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, mock_cifar):
+    cfg = tiny_config(num_epochs=1)
+    train.train_and_evaluate(cfg, str(tmp_path))
+    cfg = tiny_config(num_epochs=3, lr_values=(1e30, 1e30))
+    with pytest.raises(train.TrainingDiverged, match=r"loss became (nan|inf).*step 3.* intact"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    ckpts = checkpoint.TrainCheckpoints(str(tmp_path / "checkpoints"), fingerprint={})
+    assert ckpts.all_steps() == [3]
+
+
+def test_cli_end_to_end(tmp_path):
+    """One train + eval + checkpoint cycle through the real entry point, on TFDS mock data."""
+    script = (
+        "import sys, tensorflow_datasets as tfds\n"
+        "from absl import app\n"
+        "from experiments import cifar_nin\n"
+        "with tfds.testing.mock_data(num_examples=24):\n"
+        "    sys.argv = ['cifar_nin'] + sys.argv[1:]\n"
+        "    app.run(cifar_nin.main)\n")
+    args = [sys.executable, "-c", script, f"--workdir={tmp_path}", "--config.model=lowrank_cnn",
+            "--config.batch_size=8", "--config.eval_batch_size=8", "--config.steps_per_epoch=2",
+            "--config.num_epochs=1", "--config.download=false", "--config.compare=true",
+            "--config.progress=false", "--config.log_every_steps=1"]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| cnn |" in out.stdout and "| lowrank_cnn |" in out.stdout
+    for name in ("cnn", "lowrank_cnn"):
+        run = tmp_path / name
+        assert (run / "results.json").exists() and (run / "curves.png").exists()
+        assert os.listdir(run / "checkpoints") and os.listdir(run / "tensorboard")
+    results = json.load(open(tmp_path / "results.json"))
+    assert [r["model"] for r in results] == ["cnn", "lowrank_cnn"]
+    assert results[1]["theoretical_speedup"] > 5
+    bad = subprocess.run([sys.executable, "-m", "experiments.cifar_nin",
+                          f"--workdir={tmp_path / 'bad'}", "--config.model=resnet"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown model 'resnet'" in bad.stderr
+
+
+def test_multi_device_matches_single_device(tmp_path):
+    """Data parallel over 4 host devices gives the single-device loss curve."""
+    script = (
+        "import json, sys, tensorflow_datasets as tfds\n"
+        "from tests.test_train import tiny_config\n"
+        "from lrjax import train\n"
+        "with tfds.testing.mock_data(num_examples=40):\n"
+        "    r = train.train_and_evaluate(tiny_config(batch_size=8, steps_per_epoch=4, "
+        "num_epochs=2, model='lowrank_nin_bn'), sys.argv[1])\n"
+        "import jax\n"
+        "print(json.dumps({'devices': jax.device_count(), 'history': r.history}))\n")
+    curves = {}
+    for n in (1, 4):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / str(n))], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        assert res["devices"] == n
+        curves[n] = [(h["train_loss"], h["test_loss"]) for h in res["history"]]
+    np.testing.assert_allclose(curves[4], curves[1], rtol=2e-3)
