@@ -20,13 +20,22 @@ import tensorflow_datasets as tfds
 
 tf.config.set_visible_devices([], "GPU")
 
-__all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "CIFAR10_MEAN", "CIFAR10_STD",
+           "NORMALISATION"]
 
 # Per-channel statistics of the CIFAR-10 training images (0..255 scale), as the authors normalised.
 CIFAR10_MEAN = (125.307, 122.950, 113.865)
 CIFAR10_STD = (62.993, 62.089, 66.705)
 
-DATASETS = ("cifar10", "digits")
+DATASETS = ("cifar10", "digits", "imagenet2012")
+
+# Colour order and normalisation matching the pretrained weights in use (0..255 scale).
+NORMALISATION = {
+    "torchvision": {"bgr": False, "mean": (123.675, 116.28, 103.53),
+                    "std": (58.395, 57.12, 57.375)},
+    "caffe": {"bgr": True, "mean": (103.939, 116.779, 123.68), "std": (1.0, 1.0, 1.0)},
+    "keras": {"bgr": True, "mean": (103.939, 116.779, 123.68), "std": (1.0, 1.0, 1.0)},
+}
 
 
 class DataError(RuntimeError):
@@ -46,6 +55,9 @@ class Dataset:
     test_source: tf.data.Dataset
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    bgr: bool = False  # reverse RGB -> BGR before normalising (Caffe / Keras weights)
+    eval_resize: int | None = None  # resize the short side to this, then centre-crop
+    train_crop: str = "pad"  # "pad" (CIFAR: optional pad-4 crop+flip), "resize", "scale"
 
     def train_batches(self, batch_size: int, *, seed: int, augment: bool = False,
                       start_batch: int = 0) -> Iterator[dict]:
@@ -87,10 +99,15 @@ class Dataset:
 
     def _normalise(self, image):
         image = tf.cast(image, tf.float32)
+        if self.bgr:
+            image = image[..., ::-1]
         return (image - tf.constant(self.mean)) / tf.constant(self.std)
 
     def _eval_fn(self):
         def fn(image, label):
+            if self.eval_resize is not None:
+                image = _resize_short_side(image, self.eval_resize)
+                image = _center_crop(image, self.image_size)
             return {"image": self._normalise(image), "label": tf.cast(label, tf.int32)}
         return fn
 
@@ -99,16 +116,50 @@ class Dataset:
 
         def fn(index, example):  # index: position in the split (seeds the augmentation)
             image, label = example
+            key = tf.stack([tf.cast(seed, tf.int64), index])
+            k1, k2 = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+            if self.train_crop == "scale":  # scale augmentation: random area and aspect ratio
+                image = _random_resized_crop(image, size, k1)
+                image = tf.image.stateless_random_flip_left_right(image, seed=k2)
+                return {"image": self._normalise(image), "label": tf.cast(label, tf.int32)}
+            if self.train_crop == "resize":  # the authors' solver: short side, random crop, flip
+                image = _resize_short_side(image, self.eval_resize)
+                image = tf.image.stateless_random_crop(image, (size, size, 3), seed=k1)
+                image = tf.image.stateless_random_flip_left_right(image, seed=k2)
+                return {"image": self._normalise(image), "label": tf.cast(label, tf.int32)}
             image = self._normalise(image)
             if augment:
-                key = tf.stack([tf.cast(seed, tf.int64), index])
-                k1, k2 = tf.unstack(tf.random.experimental.stateless_split(key, 2))
                 padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
                 image = tf.image.stateless_random_crop(padded, (size, size, 3), seed=k1)
                 image = tf.image.stateless_random_flip_left_right(image, seed=k2)
             return {"image": image, "label": tf.cast(label, tf.int32)}
 
         return fn
+
+
+def _resize_short_side(image, short: int):
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    scale = tf.cast(short, tf.float32) / tf.minimum(h, w)
+    new = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
+    new = tf.maximum(new, short)
+    return tf.image.resize(tf.cast(image, tf.float32), new, method="bilinear", antialias=True)
+
+
+def _center_crop(image, size: int):
+    shape = tf.shape(image)
+    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+    return image[top:top + size, left:left + size, :]
+
+
+def _random_resized_crop(image, size, seed):
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros((0, 0, 4)), seed=seed, min_object_covered=0.08,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, crop)
+    return tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear",
+                           antialias=True)
 
 
 def _deterministic() -> tf.data.Options:
@@ -125,33 +176,52 @@ def _count(ds: tf.data.Dataset) -> int:
     return int(ds.reduce(np.int64(0), lambda x, _: x + 1))
 
 
-def _tfds_cifar10(data_dir: str | None, download: bool) -> Dataset:
-    def fail(e):
-        raise DataError(
-            f"CIFAR-10 is not available in data_dir={data_dir or tfds.core.constants.DATA_DIR!r} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). On a machine with "
-            "network access run `python -c \"import tensorflow_datasets as tfds; "
-            "tfds.builder('cifar10', data_dir=DIR).download_and_prepare()\"` and pass "
-            "--config.data_dir=DIR here, or use --config.dataset=digits to run offline."
-        ) from None
-
+def _tfds_splits(name: str, data_dir: str | None, download: bool, how_to_get: str):
+    """This process's share of the train and test/validation splits of a TFDS dataset."""
     try:
-        builder = tfds.builder("cifar10", data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=data_dir)
         if download:
             builder.download_and_prepare()
         splits = {}
-        for split in ("train", "test"):
+        for split in ("train", "validation" if name == "imagenet2012" else "test"):
             ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
                                     read_config=tfds.ReadConfig(shuffle_seed=0))
             splits[split] = ds.map(lambda ex: (ex["image"], ex["label"]))
-    except DataError:
-        raise
     except Exception as e:  # TFDS raises assorted types for missing data / no network
-        fail(e)
-    train = splits["train"].cache()
-    test = splits["test"].cache()
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(
+            f"{name} is not available in data_dir="
+            f"{data_dir or tfds.core.constants.DATA_DIR!r} ({type(e).__name__}: {detail}). "
+            f"{how_to_get}") from None
+    return list(splits.values())
+
+
+def _tfds_cifar10(data_dir: str | None, download: bool) -> Dataset:
+    train, test = _tfds_splits(
+        "cifar10", data_dir, download,
+        "On a machine with network access run `python -c \"import tensorflow_datasets as tfds; "
+        "tfds.builder('cifar10', data_dir=DIR).download_and_prepare()\"` and pass "
+        "--config.data_dir=DIR here, or use --config.dataset=digits to run offline.")
+    train, test = train.cache(), test.cache()
     return Dataset("cifar10", 10, 32, _count(train), _count(test),
                    train.enumerate(), test, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _tfds_imagenet(data_dir: str | None, image_size: int, resize: int, normalisation: str,
+                   scale_augment: bool) -> Dataset:
+    if normalisation not in NORMALISATION:
+        raise ValueError(f"unknown normalisation {normalisation!r}; choose from "
+                         f"{sorted(NORMALISATION)}")
+    manual = f"{data_dir or tfds.core.constants.DATA_DIR}/downloads/manual"
+    train, val = _tfds_splits(
+        "imagenet2012", data_dir, True,
+        "ImageNet needs a manual download: get ILSVRC2012_img_train.tar and "
+        f"ILSVRC2012_img_val.tar from image-net.org, put them in {manual}/ and run again (TFDS "
+        "then prepares the dataset, once, in data_dir).")
+    norm = NORMALISATION[normalisation]
+    return Dataset("imagenet2012", 1000, image_size, _count(train), _count(val),
+                   train.enumerate(), val, norm["mean"], norm["std"], bgr=norm["bgr"],
+                   eval_resize=resize, train_crop="scale" if scale_augment else "resize")
 
 
 def _digits(test_fraction: float = 0.25) -> Dataset:
@@ -178,15 +248,24 @@ def _digits(test_fraction: float = 0.25) -> Dataset:
                    std)
 
 
-def load_dataset(name: str, *, data_dir: str | None = None, download: bool = True) -> Dataset:
-    """Load ``"cifar10"`` (TFDS) or ``"digits"`` (offline, scikit-learn).
+def load_dataset(name: str, *, data_dir: str | None = None, download: bool = True,
+                 image_size: int = 224, resize: int = 256, normalisation: str = "torchvision",
+                 scale_augment: bool = False) -> Dataset:
+    """Load ``"cifar10"`` (TFDS), ``"digits"`` (offline, scikit-learn) or ``"imagenet2012"``.
+
+    ImageNet options: training crops ``image_size`` from images whose short side is resized to
+    ``resize`` (or, with ``scale_augment``, a random-area crop), with a random flip; evaluation
+    resizes the short side to ``resize`` and centre-crops ``image_size``. ``normalisation`` picks the
+    colour order and statistics of the weights in use (``torchvision``, ``caffe``, ``keras``).
 
     Raises:
-      ValueError: unknown dataset name.
-      DataError: CIFAR-10 missing and not downloadable; the message says how to get it.
+      ValueError: unknown dataset name or normalisation.
+      DataError: the data is missing and cannot be fetched; the message says how to get it.
     """
     if name == "cifar10":
         return _tfds_cifar10(data_dir, download)
     if name == "digits":
         return _digits()
+    if name == "imagenet2012":
+        return _tfds_imagenet(data_dir, image_size, resize, normalisation, scale_augment)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")

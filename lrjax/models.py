@@ -23,7 +23,7 @@ from lrjax.layers import ConvFactory, full_rank, low_rank
 from lrjax.ranks import load_ranks
 
 __all__ = [
-    "NIN", "CifarCNN", "VGG16", "CaffeNet", "ModelSpec", "MODELS", "get_model", "model_spec",
+    "NIN", "CifarCNN", "VGG16", "CaffeNet", "AlexNet", "ModelSpec", "MODELS", "get_model", "model_spec",
     "batch_norm", "local_response_norm", "adaptive_avg_pool",
 ]
 
@@ -209,6 +209,40 @@ class CaffeNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(x).astype(jnp.float32)
 
 
+class AlexNet(nn.Module):
+    """torchvision's AlexNet (single-tower, 64-192-384-256-256; adaptive 6x6 pool), so that public
+    weights of a second ImageNet family can be imported and decomposed."""
+
+    num_classes: int = 1000
+    conv: ConvFactory = full_rank()
+    norm: ModuleDef | None = None
+    widths: tuple[int, ...] = (64, 192, 384, 256, 256)
+    fc_features: int = 4096
+    dropout_rate: float = 0.5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = functools.partial(self.conv, dtype=self.dtype)
+        norm = functools.partial(_norm_or_identity, self.norm, train, self.dtype)
+        w1, w2, w3, w4, w5 = self.widths
+        x = x.astype(self.dtype)
+        x = nn.relu(norm("bn1")(conv(w1, (11, 11), strides=4, padding=2, name="conv1")(x)))
+        x = nn.max_pool(x, (3, 3), (2, 2))
+        x = nn.relu(norm("bn2")(conv(w2, (5, 5), padding=2, name="conv2")(x)))
+        x = nn.max_pool(x, (3, 3), (2, 2))
+        x = nn.relu(norm("bn3")(conv(w3, (3, 3), padding=1, name="conv3")(x)))
+        x = nn.relu(norm("bn4")(conv(w4, (3, 3), padding=1, name="conv4")(x)))
+        x = nn.relu(norm("bn5")(conv(w5, (3, 3), padding=1, name="conv5")(x)))
+        x = nn.max_pool(x, (3, 3), (2, 2))
+        x = adaptive_avg_pool(x, (6, 6))
+        x = x.reshape(x.shape[:-3] + (-1,))
+        for name in ("fc6", "fc7"):
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = nn.relu(nn.Dense(self.fc_features, dtype=self.dtype, name=name)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(x).astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A registry entry: how to build a model and what it eats."""
@@ -238,6 +272,7 @@ MODELS: dict[str, ModelSpec] = {
     "lowrank_caffenet": ModelSpec(CaffeNet, 227, 1000, "caffenet",
                                   description="low-rank CaffeNet"),
     "caffenet_bn": ModelSpec(CaffeNet, 227, 1000, bn=True, description="CaffeNet with BN"),
+    "alexnet": ModelSpec(AlexNet, 224, 1000, description="AlexNet, torchvision layout"),
     "lowrank_caffenet_bn": ModelSpec(CaffeNet, 227, 1000, "caffenet", bn=True,
                                      description="low-rank CaffeNet with BN (from scratch)"),
 }

@@ -31,7 +31,7 @@ from lrjax.cost_report import cost_report
 
 __all__ = [
     "TrainState", "TrainingDiverged", "make_optimizer", "lr_schedule", "create_train_state",
-    "train_step", "eval_step", "train_and_evaluate", "validate_config",
+    "train_step", "eval_step", "evaluate", "train_and_evaluate", "validate_config",
 ]
 
 log = logging.getLogger("lrjax.train")
@@ -129,16 +129,44 @@ def train_step(state: TrainState, batch, metrics):
 
 def eval_step(state: TrainState, batch):
     """Metric sums over the unmasked examples of one evaluation batch."""
-    logits = state.apply_fn(_variables(state), batch["image"], train=False)
+    return _eval_sums(state.apply_fn, _variables(state), batch)
+
+
+def _eval_sums(apply_fn, variables, batch):
+    logits = apply_fn(variables, batch["image"], train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return _metric_sums(logits, batch["label"], batch["mask"].astype(jnp.float32), losses)
+
+
+def evaluate(model, variables, dataset, batch_size: int) -> dict[str, float]:
+    """Mean loss, top-1 (and top-5) of ``model`` over every test example of ``dataset``.
+
+    The batch is sharded over all devices, the variables replicated.
+    """
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    if batch_size % jax.device_count():
+        raise ValueError(f"eval batch size {batch_size} is not divisible by the "
+                         f"{jax.device_count()} devices")
+    step = jax.jit(functools.partial(_eval_sums, model.apply),
+                   in_shardings=(replicated, sharded), out_shardings=replicated)
+    variables = jax.device_put(variables, replicated)
+    sums = None
+    for batch in dataset.test_batches(batch_size):
+        batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharded, x), batch)
+        out = step(variables, batch)
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    m = {k: float(v) for k, v in jax.device_get(sums).items()}
+    n = max(m.pop("count"), 1.0)
+    return {k: v / n for k, v in m.items()}
 
 
 def validate_config(config, num_devices: int) -> None:
     """Raise ``ValueError`` with a clear message for a config that cannot run."""
     models.model_spec(config.model)  # unknown model
-    if config.dataset not in ("cifar10", "digits"):
-        raise ValueError(f"unknown dataset {config.dataset!r}; choose cifar10 or digits")
+    if config.dataset not in ("cifar10", "digits", "imagenet2012"):
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose cifar10, digits or "
+                         "imagenet2012")
     for field in ("batch_size", "eval_batch_size", "num_epochs"):
         value = getattr(config, field)
         if not isinstance(value, int) or value < 1:
@@ -155,9 +183,15 @@ def validate_config(config, num_devices: int) -> None:
 
 
 def _fingerprint(config, num_classes, steps_per_epoch) -> dict:
-    return {"model": config.model, "dataset": config.dataset, "num_classes": num_classes,
-            "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
-            "seed": config.seed, "ranks": config.get("ranks")}
+    """Facts a resumed run must share with the checkpoint, normalised through JSON."""
+    def plain(v):
+        return v.to_dict() if hasattr(v, "to_dict") else v
+
+    facts = {"model": config.model, "dataset": config.dataset, "num_classes": num_classes,
+             "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
+             "seed": config.seed, "ranks": plain(config.get("ranks")),
+             "model_kwargs": plain(config.get("model_kwargs"))}
+    return json.loads(json.dumps(facts))
 
 
 class _Sigterm:
@@ -202,10 +236,11 @@ class RunResult:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "state"}
 
 
-def train_and_evaluate(config, workdir: str) -> RunResult:
+def train_and_evaluate(config, workdir: str, *, init_variables=None) -> RunResult:
     """Train ``config.model`` on ``config.dataset``, evaluating and checkpointing every epoch.
 
-    Resumes from the latest checkpoint in ``workdir/checkpoints`` if there is one. Writes
+    Resumes from the latest checkpoint in ``workdir/checkpoints`` if there is one; otherwise
+    starts from ``init_variables`` (e.g. decomposed pretrained weights) or a fresh init. Writes
     TensorBoard events, ``results.json``, ``results.md`` and ``curves.png`` to ``workdir``.
 
     Raises:
@@ -219,8 +254,10 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
     devices = jax.devices()
     validate_config(config, len(devices))
     os.makedirs(workdir, exist_ok=True)
-    dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
-                                    download=config.download)
+    dataset = data_lib.load_dataset(
+        config.dataset, data_dir=config.data_dir, download=config.download,
+        **({k: config[k] for k in ("image_size", "resize", "normalisation", "scale_augment")}
+           if config.dataset == "imagenet2012" else {}))
     local_batch = config.batch_size // jax.process_count()
     steps_per_epoch = config.steps_per_epoch or dataset.num_train // local_batch
     if steps_per_epoch < 1:
@@ -231,6 +268,7 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
                     "bn_momentum": config.bn_momentum}
     if config.get("ranks"):
         model_kwargs["ranks"] = dict(config.ranks)
+    model_kwargs.update(config.get("model_kwargs") or {})
     model = models.get_model(config.model, **model_kwargs)
     tx = make_optimizer(config, steps_per_epoch)
     image_shape = (dataset.image_size, dataset.image_size, 3)
@@ -263,6 +301,11 @@ def train_and_evaluate(config, workdir: str) -> RunResult:
         log.info("resumed from step %d (epoch %d, batch %d)", latest, start_epoch, position)
     else:
         state = init()
+        if init_variables is not None:
+            state = state.replace(
+                params=jax.device_put(init_variables["params"], replicated),
+                batch_stats=(jax.device_put(init_variables["batch_stats"], replicated)
+                             if state.batch_stats is not None else None))
 
     num_classes = dataset.num_classes
     report = cost_report(model, (1, *image_shape))

@@ -192,3 +192,15 @@ def test_multi_device_matches_single_device(tmp_path):
         assert res["devices"] == n
         curves[n] = [(h["train_loss"], h["test_loss"]) for h in res["history"]]
     np.testing.assert_allclose(curves[4], curves[1], rtol=2e-3)
+
+
+@pytest.mark.parametrize("model", ["lowrank_nin_bn", "nin_bn"])
+def test_learns_real_digits(tmp_path, model):
+    """Real data, offline: scikit-learn's digits through the same pipeline and engine."""
+    config = cifar_config.get_config("local")
+    config.model = model
+    config.num_epochs = 5
+    config.lr_boundaries_epochs = (4,)
+    config.progress = False
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result.final_test_top1 >= 0.90, result.history

@@ -1,0 +1,43 @@
+"""ImageNet VGG-16: import pretrained weights, decompose, fine-tune, measure.
+
+    python -m experiments.imagenet_vgg --workdir runs/vgg --config.weights=vgg16-397923af.pth
+    python -m experiments.imagenet_vgg --workdir runs/vgg --config.stages=decompose,time
+    python -m experiments.imagenet_vgg --workdir runs/cn \\
+        --config=experiments/configs/imagenet_vgg.py:scratch
+
+See ``experiments/configs/imagenet_vgg.py`` for every field and ``lrjax/compress.py`` for stages.
+"""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from lrjax import checkpoint, compress, train
+from lrjax.data import DataError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "imagenet_vgg.py"),
+    "Config file (optionally ':scratch'); override fields with --config.FIELD=VALUE.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all stage outputs.", required=True)
+
+
+def main(argv):
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("lrjax").setLevel(logging.INFO)
+    config = _CONFIG.value
+    config.lr_values = tuple(v * config.batch_size / 64 for v in config.lr_values) \
+        if config.mode == "decompose" else config.lr_values
+    try:
+        compress.run(config, _WORKDIR.value)
+    except (ValueError, DataError, checkpoint.CheckpointError, train.TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

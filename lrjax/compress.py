@@ -1,0 +1,213 @@
+"""The ImageNet compression workflow behind ``python -m experiments.imagenet_vgg``.
+
+Stages, each usable alone (``config.stages``) and each resumable (a stage whose output exists in
+the work directory is not run again):
+
+  ``import``     pretrained weights -> ``full_variables/`` (Orbax)
+  ``decompose``  rank rule -> closed-form factors -> ``lowrank_init/`` and ``decompose.json``
+  ``evaluate``   top-1/top-5 of the full and the low-rank net before fine-tuning -> ``eval_before.json``
+  ``finetune``   the authors' recipe on the low-rank net -> ``finetune/`` (checkpoints, logs)
+  ``time``       forward and forward+backward time of both nets -> ``timing.json``
+
+then ``results.json`` and ``results.md`` (the authors' table: model, top-5, ms per iteration, actual
+and theoretical speedup). ``config.mode = "scratch"`` instead trains a low-rank net with batch norm
+from scratch (the authors' CaffeNet recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+from lrjax import checkpoint, cost_report, models, pretrained, surgery, train
+from lrjax.timing import median_time
+
+__all__ = ["run", "STAGES"]
+
+STAGES = ("import", "decompose", "evaluate", "finetune", "time")
+log = logging.getLogger("lrjax.compress")
+
+
+def _write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _dataset(config):
+    from lrjax import data
+
+    return data.load_dataset(config.dataset, data_dir=config.data_dir, download=config.download,
+                             image_size=config.image_size, resize=config.resize,
+                             normalisation=config.normalisation,
+                             scale_augment=config.scale_augment)
+
+
+def _models(config, ranks=None):
+    kwargs = dict(config.model_kwargs or {})
+    full = models.get_model(config.model, **kwargs)
+    lowrank = None if ranks is None else models.get_model(config.model, ranks=ranks, **kwargs)
+    return full, lowrank
+
+
+def _stages(config) -> list[str]:
+    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    return stages
+
+
+def run(config, workdir: str) -> dict:
+    """Run the configured stages in ``workdir``; returns the results table's rows."""
+    models.model_spec(config.model)  # unknown model: clear error before any work
+    if config.mode == "scratch":
+        return _scratch(config, workdir)
+    if config.mode != "decompose":
+        raise ValueError(f"config.mode must be 'decompose' or 'scratch'; got {config.mode!r}")
+    stages = _stages(config)
+    os.makedirs(workdir, exist_ok=True)
+    shape = (1, config.image_size, config.image_size, 3)
+    full_path = os.path.join(workdir, "full_variables")
+    init_path = os.path.join(workdir, "lowrank_init")
+    dec_path = os.path.join(workdir, "decompose.json")
+    full, _ = _models(config)
+
+    if "import" in stages and not os.path.exists(full_path):
+        if not config.weights:
+            raise ValueError("the import stage needs --config.weights=PATH (torchvision .pth / "
+                             ".safetensors, or Keras .h5)")
+        variables = pretrained.load_pretrained(config.weights, config.model)
+        surgery.check_variables(full, variables, shape)
+        checkpoint.save_variables(full_path, variables)
+        log.info("imported %s -> %s", config.weights, full_path)
+
+    def full_variables():
+        if not os.path.exists(full_path):
+            raise ValueError(f"{full_path} is missing: run the import stage first")
+        variables = checkpoint.load_variables(full_path)
+        surgery.check_variables(full, variables, shape)
+        return variables
+
+    if "decompose" in stages and not os.path.exists(init_path):
+        variables = full_variables()
+        ranks = surgery.select_ranks(config.rank_rule, full, variables, shape,
+                                     multiple=config.rank_multiple)
+        _, lowrank = _models(config, ranks)
+        lowrank_variables, report = surgery.to_lowrank(variables, lowrank, shape)
+        print(report.table(), flush=True)
+        checkpoint.save_variables(init_path, lowrank_variables)
+        _write_json(dec_path, {"rank_rule": str(config.rank_rule), "ranks": ranks,
+                               **report.as_dict()})
+
+    def lowrank_setup():
+        if not os.path.exists(dec_path):
+            raise ValueError(f"{dec_path} is missing: run the decompose stage first")
+        ranks = _read_json(dec_path)["ranks"]
+        _, lowrank = _models(config, ranks)
+        return ranks, lowrank, checkpoint.load_variables(init_path)
+
+    eval_path = os.path.join(workdir, "eval_before.json")
+    if "evaluate" in stages and not os.path.exists(eval_path):
+        dataset = _dataset(config)
+        _, lowrank, lowrank_variables = lowrank_setup()
+        before = {"full": train.evaluate(full, full_variables(), dataset, config.eval_batch_size),
+                  "lowrank": train.evaluate(lowrank, lowrank_variables, dataset,
+                                            config.eval_batch_size)}
+        _write_json(eval_path, before)
+        log.info("before fine-tuning: %s", before)
+
+    finetune = None
+    if "finetune" in stages:
+        ranks, _, lowrank_variables = lowrank_setup()
+        ft = config.copy_and_resolve_references()
+        ft.ranks = ranks
+        finetune = train.train_and_evaluate(ft, os.path.join(workdir, "finetune"),
+                                            init_variables=lowrank_variables)
+
+    time_path = os.path.join(workdir, "timing.json")
+    if "time" in stages and not os.path.exists(time_path):
+        ranks, lowrank, _ = lowrank_setup()
+        _write_json(time_path, {"full": _time(full, config), "lowrank": _time(lowrank, config),
+                                "batch": config.time_batch, "backend": jax.default_backend()})
+
+    rows = _results(config, workdir, finetune)
+    return rows
+
+
+def _time(model, config) -> dict:
+    size = config.image_size
+    x = jax.random.normal(jax.random.key(0), (config.time_batch, size, size, 3))
+    variables = models.init_variables(model, size)
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    model = model.clone(dtype=dtype)
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    grad = jax.jit(jax.grad(lambda p, x: jnp.mean(
+        model.apply({**variables, "params": p}, x, train=False) ** 2)))
+    return {"forward_ms": 1e3 * median_time(fwd, variables, x, repeats=config.time_repeats),
+            "forward_backward_ms": 1e3 * median_time(grad, variables["params"], x,
+                                                     repeats=config.time_repeats)}
+
+
+def _results(config, workdir, finetune) -> list[dict]:
+    def maybe(path):
+        path = os.path.join(workdir, path)
+        return _read_json(path) if os.path.exists(path) else {}
+
+    dec, before, timing = maybe("decompose.json"), maybe("eval_before.json"), maybe("timing.json")
+    ft_results = maybe(os.path.join("finetune", "results.json"))
+    after = ft_results[0] if ft_results else None
+    full_ms = timing.get("full", {}).get("forward_backward_ms")
+    low_ms = timing.get("lowrank", {}).get("forward_backward_ms")
+    rows = [
+        {"model": config.model, "top5_before": before.get("full", {}).get("top5"),
+         "top5_after": before.get("full", {}).get("top5"), "ms_per_iter": full_ms,
+         "actual_speedup": 1.0 if full_ms else None, "theoretical_speedup": 1.0},
+        {"model": f"{config.model}-lowrank", "top5_before": before.get("lowrank", {}).get("top5"),
+         "top5_after": None if after is None else after["history"][-1].get("test_top5"),
+         "ms_per_iter": low_ms,
+         "actual_speedup": full_ms / low_ms if full_ms and low_ms else None,
+         "theoretical_speedup": dec.get("theoretical_speedup")},
+    ]
+
+    def fmt(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    lines = [f"| model | top-5 before fine-tuning (%) | top-5 (%) | ms / iter "
+             f"(fwd+bwd, batch {config.time_batch}) | actual speedup | theoretical speedup |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {fmt(r['top5_before'] and 100 * r['top5_before'], '.2f')} "
+                     f"| {fmt(r['top5_after'] and 100 * r['top5_after'], '.2f')} "
+                     f"| {fmt(r['ms_per_iter'], '.1f')} | {fmt(r['actual_speedup'], '.2f')} "
+                     f"| {fmt(r['theoretical_speedup'], '.2f')} |")
+    _write_json(os.path.join(workdir, "results.json"), rows)
+    with open(os.path.join(workdir, "results.md.tmp"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(workdir, "results.md.tmp"), os.path.join(workdir, "results.md"))
+    print("\n".join(lines), flush=True)
+    return rows
+
+
+def _scratch(config, workdir) -> list[dict]:
+    """Train a low-rank net with batch norm from scratch (``lowrank_vgg16_bn`` etc.)."""
+    name = config.model if config.model.startswith("lowrank_") else f"lowrank_{config.model}"
+    name = name if name.endswith("_bn") else f"{name}_bn"
+    models.model_spec(name)
+    sc = config.copy_and_resolve_references()
+    sc.model = name
+    result = train.train_and_evaluate(sc, workdir)
+    report = cost_report.cost_report(models.get_model(name, **dict(config.model_kwargs or {})),
+                                     (1, config.image_size, config.image_size, 3))
+    return [{"model": name, "top5": result.history[-1].get("test_top5") if result.history else None,
+             "theoretical_speedup": report.speedup}]

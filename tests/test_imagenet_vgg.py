@@ -1,0 +1,115 @@
+"""The ImageNet VGG-16 workflow end to end on mock imagenet2012 with torchvision-format weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import imagenet_vgg as vgg_config
+from lrjax import checkpoint, compress
+
+torch = pytest.importorskip("torch")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIDTHS = ((4, 4), (8, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8))
+
+
+def write_torchvision_vgg(path, fc=16, classes=1000, widths=WIDTHS):
+    """A torchvision-layout VGG-16 state dict (random weights, small widths)."""
+    tnn = torch.nn
+    layers, c = [], 3
+    for block in widths:
+        for n in block:
+            layers += [tnn.Conv2d(c, n, 3, padding=1), tnn.ReLU()]
+            c = n
+        layers.append(tnn.MaxPool2d(2, 2))
+    net = tnn.Module()
+    net.features = tnn.Sequential(*layers)
+    net.classifier = tnn.Sequential(tnn.Linear(c * 49, fc), tnn.ReLU(), tnn.Dropout(),
+                                    tnn.Linear(fc, fc), tnn.ReLU(), tnn.Dropout(),
+                                    tnn.Linear(fc, classes))
+    torch.manual_seed(0)
+    torch.save(net.state_dict(), path)
+
+
+def _cli(args, workdir, num_examples=8):
+    script = ("import sys, tensorflow_datasets as tfds\n"
+              "from absl import app\n"
+              "from experiments import imagenet_vgg\n"
+              f"with tfds.testing.mock_data(num_examples={num_examples}):\n"
+              "    sys.argv = ['imagenet_vgg'] + sys.argv[1:]\n"
+              "    app.run(imagenet_vgg.main)\n")
+    config = os.path.join(ROOT, "experiments", "configs", "imagenet_vgg.py")
+    return subprocess.run([sys.executable, "-c", script, f"--workdir={workdir}",
+                           f"--config={config}:tiny", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_default_flow_through_cli(tmp_path):
+    weights = str(tmp_path / "vgg16.pth")
+    write_torchvision_vgg(weights)
+    work = tmp_path / "run"
+    out = _cli([f"--config.weights={weights}"], work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("full_variables", "lowrank_init", "decompose.json", "eval_before.json",
+                 "timing.json", "results.json", "results.md"):
+        assert (work / name).exists(), name
+    assert os.listdir(work / "finetune" / "checkpoints")
+    rows = json.load(open(work / "results.json"))
+    assert rows[1]["model"] == "vgg16-lowrank" and rows[1]["theoretical_speedup"] >= 2.0
+    assert rows[1]["actual_speedup"] > 0 and rows[1]["top5_after"] is not None
+    assert "conv5_3" in out.stdout and "| vgg16-lowrank |" in out.stdout
+    dec = json.load(open(work / "decompose.json"))
+    assert set(dec["ranks"]) == {f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), 1)
+                                 for i in range(1, n + 1)}
+
+
+def test_stage_resume_after_interruption(tmp_path):
+    weights = str(tmp_path / "vgg16.pth")
+    write_torchvision_vgg(weights)
+    with tfds.testing.mock_data(num_examples=8):
+        config = vgg_config.get_config("tiny")
+        config.weights = weights
+        config.num_epochs = 2
+        config.debug_sigterm_at_step = 3  # preempted inside fine-tuning
+        compress.run(config, str(tmp_path))
+        steps = checkpoint.TrainCheckpoints(str(tmp_path / "finetune" / "checkpoints"),
+                                            fingerprint={}).all_steps()
+        assert steps[-1] == 3 and not (tmp_path / "finetune" / "results.json").exists()
+        config.debug_sigterm_at_step = None
+        rows = compress.run(config, str(tmp_path))
+    history = json.load(open(tmp_path / "finetune" / "results.json"))[0]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert rows[1]["top5_after"] is not None
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--config.weights=/nonexistent/vgg16.pth"], "do not exist"),
+    (["--config.model=resnet"], "unknown model 'resnet'"),
+    (["--config.rank_rule=/nonexistent/ranks.json"], "cannot read rank file"),
+    (["--config.stages=import,fly"], "unknown stages"),
+])
+def test_clear_errors(tmp_path, args, match):
+    weights = str(tmp_path / "vgg16.pth")
+    write_torchvision_vgg(weights)
+    out = _cli([f"--config.weights={weights}", *args], tmp_path / "run")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert match in out.stderr
+
+
+def test_mismatched_weights_and_missing_dataset(tmp_path):
+    weights = str(tmp_path / "vgg16.pth")
+    write_torchvision_vgg(weights, widths=((4, 4), (8, 8), (8, 8, 8), (8, 8, 8), (8, 8, 16)))
+    out = _cli([f"--config.weights={weights}"], tmp_path / "a")
+    assert out.returncode == 2 and "checkpoint does not match the model" in out.stderr
+    write_torchvision_vgg(weights)
+    config = os.path.join(ROOT, "experiments", "configs", "imagenet_vgg.py")
+    out = subprocess.run([sys.executable, "-m", "experiments.imagenet_vgg",
+                          f"--workdir={tmp_path / 'b'}", f"--config={config}:tiny",
+                          f"--config.weights={weights}", f"--config.data_dir={tmp_path / 'tfds'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert "ImageNet needs a manual download" in out.stderr
