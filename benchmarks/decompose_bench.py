@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import machine, write_json
 from lrjax import costs, iterative, ranks
 from lrjax.decompose import (
     decompose_net,
@@ -84,9 +83,7 @@ def main(argv=None):
         jax.block_until_ready(fn(device_kernels))  # compile + warm-up
         return fn
 
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                           "backend": jax.default_backend()}}
+    results = {"machine": machine()}
     times = {}
     jax.block_until_ready(decompose_net(device_kernels, rank_map))  # compile + warm-up
     times["decompose_net (auto)"] = timed(lambda: decompose_net(device_kernels, rank_map),
@@ -150,11 +147,7 @@ def main(argv=None):
     print("\nchecks:", json.dumps(checks, indent=1))
     results.update({"times": summary, "layers": rows, "checks": checks})
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, results)
     return results
 
 

@@ -18,13 +18,11 @@ A per-layer table gives full vs pair time and actual vs theoretical speedup.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import machine, write_json
 from lrjax import cost_report, models, surgery
 from lrjax.layers import low_rank
 from lrjax.timing import median_time
@@ -128,9 +126,7 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     names = args.models.split(",") if args.models else list(preset["batches"])
     repeats = args.repeats or preset["repeats"]
-    results = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                           "backend": jax.default_backend(),
-                           "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
+    results = {"machine": machine(),
                "preset": args.preset, "models": {}}
     for name in names:
         if name not in preset["batches"]:
@@ -145,11 +141,7 @@ def main(argv=None):
             print(f"{name:<10}{label:<28}{v['speedup_forward']:>7.2f}x"
                   f"{v['speedup_forward_backward']:>10.2f}x{r['theoretical_speedup']:>9.2f}x")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, results)
     return results
 
 

@@ -10,14 +10,13 @@ PyTorch (a bench-only extra: ``pip install -e .[bench]``) is skipped with a note
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 
 import jax
 import ml_collections
 
+from benchmarks.common import machine, write_json
 from lrjax import models, train
 
 
@@ -118,16 +117,11 @@ def main(argv=None):
     if torch_version:
         print(f"low-rank NIN vs NIN (pytorch): "
               f"{rows['lowrank_nin']['pytorch'] / rows['nin']['pytorch']:.2f}x faster")
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "backend": jax.default_backend(), "jax": jax.__version__,
-                          "torch": torch_version},
+    result = {"machine": {**machine(), "torch": torch_version},
               "batch": args.batch, "steps": args.steps, "models": rows,
               "lowrank_speedup_lrjax": lr_gain}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, result)
     return result
 
 

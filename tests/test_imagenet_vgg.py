@@ -17,22 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTHS = ((4, 4), (8, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8))
 
 
-def write_torchvision_vgg(path, fc=16, classes=1000, widths=WIDTHS):
-    """A torchvision-layout VGG-16 state dict (random weights, small widths)."""
-    tnn = torch.nn
-    layers, c = [], 3
-    for block in widths:
-        for n in block:
-            layers += [tnn.Conv2d(c, n, 3, padding=1), tnn.ReLU()]
-            c = n
-        layers.append(tnn.MaxPool2d(2, 2))
-    net = tnn.Module()
-    net.features = tnn.Sequential(*layers)
-    net.classifier = tnn.Sequential(tnn.Linear(c * 49, fc), tnn.ReLU(), tnn.Dropout(),
-                                    tnn.Linear(fc, fc), tnn.ReLU(), tnn.Dropout(),
-                                    tnn.Linear(fc, classes))
+def write_torchvision_vgg(path, widths=WIDTHS):
+    """A torchvision-layout VGG-16 state dict (random weights, small widths, 1000 classes)."""
+    from tests.test_pretrained import torchvision_vgg16
+
     torch.manual_seed(0)
-    torch.save(net.state_dict(), path)
+    torch.save(torchvision_vgg16(widths, fc=16, classes=1000).state_dict(), path)
 
 
 def _cli(args, workdir, num_examples=8):

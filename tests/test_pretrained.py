@@ -18,19 +18,18 @@ CLASSES = 10
 SIZE = 64
 
 
-def torchvision_vgg16():
+def torchvision_vgg16(widths=VGG_WIDTHS, fc=FC, classes=CLASSES):
     """torchvision's VGG-16 module layout (indices of features/classifier), small widths."""
     layers, c = [], 3
-    for block in VGG_WIDTHS:
+    for block in widths:
         for n in block:
             layers += [tnn.Conv2d(c, n, 3, padding=1), tnn.ReLU()]
             c = n
         layers.append(tnn.MaxPool2d(2, 2))
-    features = tnn.Sequential(*layers)
-    classifier = tnn.Sequential(tnn.Linear(c * 49, FC), tnn.ReLU(), tnn.Dropout(),
-                                tnn.Linear(FC, FC), tnn.ReLU(), tnn.Dropout(),
-                                tnn.Linear(FC, CLASSES))
-    return None, features, tnn.AdaptiveAvgPool2d((7, 7)), classifier
+    classifier = tnn.Sequential(tnn.Linear(c * 49, fc), tnn.ReLU(), tnn.Dropout(),
+                                tnn.Linear(fc, fc), tnn.ReLU(), tnn.Dropout(),
+                                tnn.Linear(fc, classes))
+    return TorchNet(tnn.Sequential(*layers), tnn.AdaptiveAvgPool2d((7, 7)), classifier)
 
 
 class TorchNet(tnn.Module):
@@ -66,8 +65,7 @@ def _randomise(net):
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
 def test_torchvision_import_matches_torch(tmp_path, arch, fmt):
     if arch == "vgg16":
-        _, features, pool, classifier = torchvision_vgg16()
-        net = _randomise(TorchNet(features, pool, classifier))
+        net = _randomise(torchvision_vgg16())
         model = models.get_model("vgg16", widths=VGG_WIDTHS, fc_features=FC, num_classes=CLASSES)
     else:
         net = _randomise(torchvision_alexnet())
@@ -169,9 +167,7 @@ def test_import_errors(tmp_path):
         (tmp_path / "w.bin").write_bytes(b"")
         pretrained.load_pretrained(str(tmp_path / "w.bin"))
     # right format, wrong shapes for the model
-    _, features, pool, classifier = torchvision_vgg16()
-    net = TorchNet(features, pool, classifier)
-    torch.save(net.state_dict(), str(tmp_path / "small.pth"))
+    torch.save(torchvision_vgg16().state_dict(), str(tmp_path / "small.pth"))
     variables = pretrained.load_pretrained(str(tmp_path / "small.pth"))
     with pytest.raises(ValueError, match="checkpoint does not match the model: wrong shape"):
         surgery.check_variables(models.get_model("vgg16"), variables, (1, 224, 224, 3))
