@@ -9,7 +9,8 @@ to the theoretical speedup, each timed on the whole net:
   3. + per-layer formulation: each pair uses the faster of ``lax`` convs and the matmul
      formulation (``LowRankConv(implementation="matmul")``), chosen by measurement.
 
-A per-layer table gives full vs pair time and actual vs theoretical speedup.
+A per-layer table gives full vs pair time and actual vs theoretical speedup, and for VGG-16 and
+CaffeNet the conv stack is also timed alone (classifier shrunk to 16 features).
 
     python -m benchmarks.speed --preset cpu --json bench_results/speed_cpu.json
     python -m benchmarks.speed --preset gpu --json bench_results/speed_gpu.json
@@ -93,6 +94,24 @@ def bench_family(name, batch, dtype, repeats, log):
         log(f"{name}: {label:<26} fwd {r['forward_s'] * 1e3:9.1f} ms ({r['speedup_forward']:.2f}x)"
             f"   fwd+bwd {r['forward_backward_s'] * 1e3:9.1f} ms "
             f"({r['speedup_forward_backward']:.2f}x)")
+
+    if "fc_features" in models.get_model(name).__dataclass_fields__:
+        # the conv stack with a negligible classifier: isolates the convolutions from the
+        # fully connected layers (on XLA CPU the full VGG-16's classifier costs far more inside
+        # the whole graph than alone)
+        small = {"dtype": dt, "fc_features": 16}
+        stack_full = time_model(models.get_model(name, **small), size, batch, repeats)
+        stack_low = time_model(models.get_model(name, **small).clone(conv=low_rank(ranks)),
+                               size, batch, repeats)
+        result["conv_stack"] = {
+            "full": stack_full, "lowrank": stack_low,
+            "speedup_forward": stack_full["forward_s"] / stack_low["forward_s"],
+            "speedup_forward_backward": (stack_full["forward_backward_s"]
+                                         / stack_low["forward_backward_s"])}
+        log(f"{name}: conv stack (fc 16) fwd {stack_full['forward_s'] * 1e3:.1f} -> "
+            f"{stack_low['forward_s'] * 1e3:.1f} ms "
+            f"({result['conv_stack']['speedup_forward']:.2f}x), fwd+bwd "
+            f"{result['conv_stack']['speedup_forward_backward']:.2f}x")
 
     by_name = {lc.name: lc for lc in report.layers}
     rows = []

@@ -207,7 +207,8 @@ def _scratch(config, workdir) -> list[dict]:
     sc = config.copy_and_resolve_references()
     sc.model = name
     result = train.train_and_evaluate(sc, workdir)
-    report = cost_report.cost_report(models.get_model(name, **dict(config.model_kwargs or {})),
-                                     (1, config.image_size, config.image_size, 3))
+    ranks = dict(config.ranks) if config.get("ranks") else None
+    model = models.get_model(name, ranks=ranks, **dict(config.model_kwargs or {}))
+    report = cost_report.cost_report(model, (1, config.image_size, config.image_size, 3))
     return [{"model": name, "top5": result.history[-1].get("test_top5") if result.history else None,
              "theoretical_speedup": report.speedup}]

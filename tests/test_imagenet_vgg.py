@@ -103,3 +103,15 @@ def test_mismatched_weights_and_missing_dataset(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2
     assert "ImageNet needs a manual download" in out.stderr
+
+
+def test_scratch_mode_trains_lowrank_bn_net(tmp_path):
+    with tfds.testing.mock_data(num_examples=8):
+        config = vgg_config.get_config("tiny")
+        config.mode = "scratch"
+        config.ranks = {"conv2_1": 4, "conv3_1": 4}
+        rows = compress.run(config, str(tmp_path))
+    assert rows[0]["model"] == "lowrank_vgg16_bn" and rows[0]["top5"] is not None
+    assert rows[0]["theoretical_speedup"] > 1
+    results = json.load(open(tmp_path / "results.json"))
+    assert results[0]["status"] == "completed" and len(results[0]["history"]) == 1

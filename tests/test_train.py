@@ -117,6 +117,10 @@ def test_lr_schedule_and_momentum_reset():
 def test_kill_and_resume_matches_uninterrupted(tmp_path, mock_cifar):
     full = train.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
     assert full.status == "completed" and len(full.history) == 2
+    # a training run's checkpoint directory reads as plain variables (e.g. for lrjax.convert)
+    exported = checkpoint.load_variables(str(tmp_path / "a" / "checkpoints"))
+    for x, y in zip(_params(full.state), jax.tree.leaves(exported["params"]), strict=True):
+        np.testing.assert_array_equal(x, np.asarray(y))
     # a SIGTERM in the middle of epoch 2 saves and stops; the rerun resumes from there
     first = train.train_and_evaluate(tiny_config(debug_sigterm_at_step=4), str(tmp_path / "b"))
     assert first.status == "preempted"

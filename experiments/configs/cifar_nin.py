@@ -5,7 +5,7 @@
 reproduces the authors' headline CIFAR-10 run (low-rank NIN, no augmentation, 790 "epochs" of
 500 iterations at batch 128: lr 5e-2 / 1e-2 / 1e-3 / 1e-4 / 1e-5 with boundaries at 450, 700, 730,
 760, weight decay 1e-4, momentum 0.9 reset at each change). Their best single-epoch test accuracy
-was 91.31%. Expect roughly 395k steps; on one modern GPU about 4-5 hours.
+was 91.31%. That is 395k steps (50.6 M images); GPU run time not yet measured.
 
 Override any field: ``--config.model=nin_bn --config.num_epochs=10``.
 """
