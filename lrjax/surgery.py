@@ -278,9 +278,10 @@ def select_ranks(rule, model: nn.Module, variables, input_shape, *, multiple: in
     if isinstance(rule, str) and rule == "measured":
         raise ValueError("'measured' gates another rule: use e.g. 'vgg16+measured'")
 
+    flat = _flat(variables)
+
     def kernel(name):
         key = ("params", name, "kernel")
-        flat = _flat(variables)
         if key not in flat:
             raise ValueError(f"variables have no kernel for layer {name!r}")
         return np.asarray(flat[key], np.float32)

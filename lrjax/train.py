@@ -312,6 +312,7 @@ def train_and_evaluate(config, workdir: str, *, init_variables=None) -> RunResul
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
     writer = _SummaryWriter(os.path.join(workdir, "tensorboard"))
     boundaries = {b * steps_per_epoch for b in config.lr_boundaries_epochs}
+    schedule = lr_schedule(config.lr_values, config.lr_boundaries_epochs, steps_per_epoch)
 
     def to_global(batch):
         return jax.tree.map(
@@ -373,7 +374,7 @@ def train_and_evaluate(config, workdir: str, *, init_variables=None) -> RunResul
             row = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                    **{f"train_{k}": v for k, v in train_m.items()},
                    **{f"test_{k}": v for k, v in test.items()},
-                   "lr": float(tx_lr(config, steps_per_epoch, (epoch + 1) * steps_per_epoch - 1))}
+                   "lr": float(schedule((epoch + 1) * steps_per_epoch - 1))}
             history.append(row)
             writer.scalars(row["step"], {f"test/{k}": v for k, v in test.items()})
             progress.write(f"epoch {epoch + 1}: train loss {train_m.get('loss', float('nan')):.4f}"
@@ -395,10 +396,6 @@ def train_and_evaluate(config, workdir: str, *, init_variables=None) -> RunResul
     if status == "completed" and jax.process_index() == 0:
         write_results(workdir, [result])
     return result
-
-
-def tx_lr(config, steps_per_epoch, step) -> float:
-    return float(lr_schedule(config.lr_values, config.lr_boundaries_epochs, steps_per_epoch)(step))
 
 
 def _progress(config, start_epoch, position, steps_per_epoch):
