@@ -156,7 +156,8 @@ def to_lowrank(
             raise ValueError(f"fold_bn names conv {fold_conv!r}, which the model does not have")
         bn_path = (*path[:-1], fold_bn_name)
         kernels[path], biases[path] = _fold(flat_src, path, bn_path, bn_epsilon)
-        used.update(k for k in flat_src if k[1:len(bn_path) + 1] == bn_path)
+        used.update(k for k in flat_src if k[1:len(bn_path) + 1] == bn_path
+                    or k in (("params", *path, "kernel"), ("params", *path, "bias")))
 
     def source(key):
         if key not in flat_src:
@@ -215,9 +216,7 @@ def to_lowrank(
         errors[layer.shape.name] = float(decompose.relative_error(
             w, decompose.reconstruct(*factors[name], groups=layer.shape.groups)))
     consumed_pairs = {("params", *p, leaf) for p in pairs for leaf in ("kernel", "bias")}
-    folded = {("params", *p, leaf) for p in kernels for leaf in ("kernel", "bias")}
-    extra = sorted("/".join(k) for k in flat_src
-                   if k not in used and k not in consumed_pairs and k not in folded)
+    extra = sorted("/".join(k) for k in flat_src if k not in used and k not in consumed_pairs)
     if extra:
         raise ValueError(f"checkpoint does not match the model: unexpected variables {extra[:5]}"
                          + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
