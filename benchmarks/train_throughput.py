@@ -1,16 +1,18 @@
 """Training throughput (images/s) of NIN and low-rank NIN: lrjax's jit train step vs PyTorch.
 
 Both frameworks run the same architectures (nin_cudnn.lua / lowrank_nin_cudnn.lua), the same
-batch, SGD with momentum and weight decay, dropout on, on the same device, side by side in one run.
+batch, SGD with momentum and weight decay, dropout on, on the same device, side by side in one run:
+the four contenders take turns one step at a time and each reports the median of its steps.
 PyTorch (a bench-only extra: ``pip install -e .[bench]``) is skipped with a note if missing.
 
-    python -m benchmarks.train_throughput --batch 128 --json bench_results/train_throughput.json
+    python -m benchmarks.train_throughput --batch 128 --steps 10 --json bench_results/train_throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import jax
@@ -20,7 +22,8 @@ from benchmarks.common import machine, write_json
 from lrjax import models, train
 
 
-def jax_images_per_second(name: str, batch: int, steps: int) -> float:
+def jax_train_step(name: str, batch: int):
+    """A zero-argument callable running one jit train step of zoo model ``name`` to completion."""
     model = models.get_model(name)
     config = ml_collections.ConfigDict(dict(lr_values=(0.05,), lr_boundaries_epochs=(),
                                             weight_decay=1e-4, momentum=0.9))
@@ -30,15 +33,13 @@ def jax_images_per_second(name: str, batch: int, steps: int) -> float:
     key = jax.random.key(0)
     batch_data = {"image": jax.random.normal(key, (batch, 32, 32, 3)),
                   "label": jax.random.randint(key, (batch,), 0, 10)}
-    metrics = train.zero_metrics(10)
-    for _ in range(2):  # compile + warm-up
-        state, metrics = step(state, batch_data, metrics)
-    jax.block_until_ready(metrics)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch_data, metrics)
-    jax.block_until_ready(metrics)
-    return batch * steps / (time.perf_counter() - t0)
+    carry = [state, train.zero_metrics(10)]
+
+    def run():
+        carry[0], carry[1] = step(carry[0], batch_data, carry[1])
+        jax.block_until_ready(carry[1])
+
+    return run
 
 
 def torch_nin(lowrank: bool):
@@ -62,7 +63,8 @@ def torch_nin(lowrank: bool):
     return tnn.Sequential(*layers)
 
 
-def torch_images_per_second(lowrank: bool, batch: int, steps: int) -> float:
+def torch_train_step(lowrank: bool, batch: int):
+    """A zero-argument callable running one PyTorch SGD step of (low-rank) NIN."""
     import torch
 
     torch.manual_seed(0)
@@ -72,25 +74,37 @@ def torch_images_per_second(lowrank: bool, batch: int, steps: int) -> float:
     y = torch.randint(0, 10, (batch,))
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def step():
+    def run():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
+        loss_fn(model(x), y).backward()
         opt.step()
-        return loss
 
-    for _ in range(2):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch * steps / (time.perf_counter() - t0)
+    return run
+
+
+def interleaved_step_times(steps: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each step function, timed one step at a time, the functions taking turns.
+
+    Taking turns spreads slow phases of a shared machine evenly over every contender, and the
+    median of single steps ignores the odd step a neighbour slowed down.
+    """
+    for run in steps.values():
+        for _ in range(warmup):  # compile + warm-up
+            run()
+    times = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, run in steps.items():
+            t0 = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t0)
+    return times
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps per contender (median reported)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     try:
@@ -98,12 +112,16 @@ def main(argv=None):
         torch_version = torch.__version__
     except ImportError:
         torch_version = None
-    rows = {}
+    steps = {}
     for name in ("nin", "lowrank_nin"):
-        rows[name] = {"lrjax": jax_images_per_second(name, args.batch, args.steps)}
+        steps[(name, "lrjax")] = jax_train_step(name, args.batch)
         if torch_version:
-            rows[name]["pytorch"] = torch_images_per_second(name == "lowrank_nin", args.batch,
-                                                            args.steps)
+            steps[(name, "pytorch")] = torch_train_step(name == "lowrank_nin", args.batch)
+    times = interleaved_step_times(steps, args.steps)
+    rows = {}
+    for (name, framework), runs in times.items():
+        rows.setdefault(name, {})[framework] = args.batch / statistics.median(runs)
+        rows[name][f"{framework}_step_s"] = [round(t, 4) for t in runs]
     print(f"\nTrain-step throughput, batch {args.batch}, {jax.default_backend()} "
           f"({os.cpu_count()} cores)")
     print(f"{'model':<14}{'lrjax img/s':>13}{'pytorch img/s':>15}{'lrjax/pytorch':>15}")

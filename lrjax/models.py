@@ -24,7 +24,7 @@ from lrjax.ranks import load_ranks
 
 __all__ = [
     "NIN", "CifarCNN", "VGG16", "CaffeNet", "AlexNet", "ModelSpec", "MODELS", "get_model", "model_spec",
-    "batch_norm", "local_response_norm", "adaptive_avg_pool",
+    "batch_norm", "local_response_norm", "adaptive_avg_pool", "max_pool",
 ]
 
 ModuleDef = Callable[..., nn.Module]
@@ -48,6 +48,50 @@ def local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=1.0):
     padded = jnp.pad(sq, [(0, 0)] * (x.ndim - 1) + [(half, size - 1 - half)])
     window = sum(padded[..., i:i + x.shape[-1]] for i in range(size))
     return (x / jnp.power(k + alpha / size * window, beta)).astype(x.dtype)
+
+
+def max_pool(x, window_shape, strides=None, padding="VALID"):
+    """Max pooling over the spatial axes of ``(..., *spatial, C)``; the same values as ``nn.max_pool``.
+
+    Computed as running maxima of strided slices, one spatial axis at a time (a 3x3 window takes
+    2 + 2 elementwise maxima). Its gradient is then made of elementwise selects, so XLA needs no
+    ``select_and_scatter``, which XLA:CPU expands into an index-tracking reduce-window plus a
+    scatter: in the NIN train step at batch 128 on 2 CPU cores that expansion took about a fifth of
+    the step (see BENCHMARKS.md). Where inputs of a window tie for the maximum, the gradient is
+    shared among them (``nn.max_pool`` gives it all to the first); both are subgradients.
+
+    Args:
+      x: ``(..., *spatial, C)`` with ``len(window_shape)`` spatial axes.
+      window_shape: window size per spatial axis.
+      strides: stride per spatial axis (default 1).
+      padding: ``"VALID"``, ``"SAME"`` or ``((lo, hi), ...)`` per spatial axis; padded cells are
+        ``-inf`` so they never win.
+    """
+    window_shape = tuple(window_shape)
+    n = len(window_shape)
+    strides = (1,) * n if strides is None else tuple(strides)
+    if len(strides) != n or x.ndim < n + 1:
+        raise ValueError(f"max_pool: window {window_shape} and strides {strides} need as many "
+                         f"spatial axes, before a channel axis; got input shape {x.shape}")
+    spatial = x.shape[x.ndim - 1 - n:-1]
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(spatial, window_shape, strides, padding)
+    padding = tuple(tuple(p) for p in padding)
+    if len(padding) != n:
+        raise ValueError(f"max_pool: padding {padding} must give (lo, hi) for {n} spatial axes")
+    if any(any(p) for p in padding):
+        low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1 - n) + list(padding) + [(0, 0)],
+                    constant_values=low)
+    for i, (k, s) in enumerate(zip(window_shape, strides, strict=True)):
+        axis = x.ndim - 1 - n + i
+        if not 1 <= k <= x.shape[axis] or s < 1:
+            raise ValueError(f"max_pool: window {window_shape} / strides {strides} do not fit "
+                             f"the padded input shape {x.shape}")
+        count = (x.shape[axis] - k) // s + 1
+        taps = [jax.lax.slice_in_dim(x, j, j + (count - 1) * s + 1, s, axis=axis) for j in range(k)]
+        x = functools.reduce(jnp.maximum, taps)
+    return x
 
 
 def adaptive_avg_pool(x, output_hw):
@@ -89,7 +133,7 @@ class NIN(nn.Module):
         x = nn.relu(norm("bn1")(conv(192, (5, 5), padding=2, name="conv1")(x)))
         x = nn.relu(conv(160, (1, 1), name="cccp1")(x))
         x = nn.relu(norm("bn2")(conv(96, (1, 1), name="cccp2")(x)))
-        x = nn.max_pool(jnp.pad(x, ((0, 0), *pad, (0, 0))), (3, 3), (2, 2))
+        x = max_pool(jnp.pad(x, ((0, 0), *pad, (0, 0))), (3, 3), (2, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
         x = nn.relu(conv(192, (5, 5), padding=2, name="conv2")(x))
@@ -121,7 +165,7 @@ class CifarCNN(nn.Module):
         x = x.astype(self.dtype)
         for i, width in enumerate((96, 128, 256), start=1):
             x = nn.relu(norm(f"bn{i}")(conv(width, (5, 5), padding=2, name=f"conv{i}")(x)))
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = max_pool(x, (2, 2), (2, 2))
         x = nn.relu(conv(64, (1, 1), name="conv4")(x))
         x = x.reshape(x.shape[:-3] + (-1,))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -158,7 +202,7 @@ class VGG16(nn.Module):
             for i, width in enumerate(block, start=1):
                 name = f"conv{b}_{i}"
                 x = nn.relu(norm(f"bn{b}_{i}")(conv(width, (3, 3), padding=1, name=name)(x)))
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = max_pool(x, (2, 2), (2, 2))
         x = adaptive_avg_pool(x, (7, 7))
         x = x.reshape(x.shape[:-3] + (-1,))
         for name in ("fc6", "fc7"):
@@ -191,16 +235,16 @@ class CaffeNet(nn.Module):
         w1, w2, w3, w4, w5 = self.widths
         x = x.astype(self.dtype)
         x = nn.relu(norm("bn1")(conv(w1, (11, 11), strides=4, padding="VALID", name="conv1")(x)))
-        x = lrn(nn.max_pool(x, (3, 3), (2, 2)))
+        x = lrn(max_pool(x, (3, 3), (2, 2)))
         x = nn.relu(norm("bn2")(conv(w2, (5, 5), padding=2, feature_group_count=2,
                                      name="conv2")(x)))
-        x = lrn(nn.max_pool(x, (3, 3), (2, 2)))
+        x = lrn(max_pool(x, (3, 3), (2, 2)))
         x = nn.relu(norm("bn3")(conv(w3, (3, 3), padding=1, name="conv3")(x)))
         x = nn.relu(norm("bn4")(conv(w4, (3, 3), padding=1, feature_group_count=2,
                                      name="conv4")(x)))
         x = nn.relu(norm("bn5")(conv(w5, (3, 3), padding=1, feature_group_count=2,
                                      name="conv5")(x)))
-        x = nn.max_pool(x, (3, 3), (2, 2))
+        x = max_pool(x, (3, 3), (2, 2))
         x = x.reshape(x.shape[:-3] + (-1,))
         for name in ("fc6", "fc7"):
             x = nn.Dense(self.fc_features, dtype=self.dtype, name=name)(x)
@@ -228,13 +272,13 @@ class AlexNet(nn.Module):
         w1, w2, w3, w4, w5 = self.widths
         x = x.astype(self.dtype)
         x = nn.relu(norm("bn1")(conv(w1, (11, 11), strides=4, padding=2, name="conv1")(x)))
-        x = nn.max_pool(x, (3, 3), (2, 2))
+        x = max_pool(x, (3, 3), (2, 2))
         x = nn.relu(norm("bn2")(conv(w2, (5, 5), padding=2, name="conv2")(x)))
-        x = nn.max_pool(x, (3, 3), (2, 2))
+        x = max_pool(x, (3, 3), (2, 2))
         x = nn.relu(norm("bn3")(conv(w3, (3, 3), padding=1, name="conv3")(x)))
         x = nn.relu(norm("bn4")(conv(w4, (3, 3), padding=1, name="conv4")(x)))
         x = nn.relu(norm("bn5")(conv(w5, (3, 3), padding=1, name="conv5")(x)))
-        x = nn.max_pool(x, (3, 3), (2, 2))
+        x = max_pool(x, (3, 3), (2, 2))
         x = adaptive_avg_pool(x, (6, 6))
         x = x.reshape(x.shape[:-3] + (-1,))
         for name in ("fc6", "fc7"):

@@ -1,5 +1,7 @@
 """LowRankConv, the model zoo and cost reports."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -194,3 +196,38 @@ def test_matmul_implementation_matches_conv(padding, strides, dilation, cin, ran
     np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x), atol=1e-4)
     with pytest.raises(ValueError, match="implementation must be one of"):
         LowRankConv(cout, (3, 5), rank=rank, implementation="fft").init(jax.random.key(1), x)
+
+
+@pytest.mark.parametrize("window,strides,padding,shape", [
+    ((3, 3), (2, 2), "VALID", (2, 17, 17, 3)), ((2, 2), (2, 2), "VALID", (2, 8, 6, 2)),
+    ((3, 3), (2, 2), "SAME", (1, 9, 10, 2)), ((3, 2), (1, 2), ((1, 0), (0, 1)), (2, 7, 9, 3)),
+    ((3, 3), None, "VALID", (5, 5, 4)),  # no batch axis
+])
+def test_max_pool_matches_flax(window, strides, padding, shape):
+    x = jax.random.normal(jax.random.key(0), shape)  # continuous values: no ties
+    ours = functools.partial(models.max_pool, window_shape=window, strides=strides, padding=padding)
+    ref = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
+    np.testing.assert_array_equal(ours(x), ref(x))
+    cotangent = jax.random.normal(jax.random.key(1), ref(x).shape)
+    grad_ours = jax.vjp(ours, x)[1](cotangent)[0]
+    grad_ref = jax.vjp(ref, x)[1](cotangent)[0]
+    np.testing.assert_allclose(grad_ours, grad_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_ties_share_the_gradient():
+    x = jnp.zeros((1, 3, 3, 1)).at[0, 1, 2, 0].set(-1.0)  # eight inputs tie for the maximum
+    grad = jax.grad(lambda x: models.max_pool(x, (3, 3), (1, 1)).sum())(x)
+    assert grad[0, 1, 2, 0] == 0
+    assert bool(jnp.all(grad >= 0))
+    np.testing.assert_allclose(grad.sum(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window,strides,padding,shape,match", [
+    ((3, 3), (2,), "VALID", (1, 8, 8, 1), "strides"),
+    ((9, 9), (1, 1), "VALID", (1, 8, 8, 1), r"do not fit .*\(1, 8, 8, 1\)"),
+    ((2, 2), (2, 2), ((1, 1),), (1, 8, 8, 1), "padding"),
+    ((2, 2), (0, 2), "VALID", (1, 8, 8, 1), "strides"),
+])
+def test_max_pool_bad_input(window, strides, padding, shape, match):
+    with pytest.raises(ValueError, match=match):
+        models.max_pool(jnp.zeros(shape), window, strides, padding)
