@@ -8,6 +8,8 @@ passes ``conv``; the full-rank and low-rank nets are the same definition with a 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ from lrjax.decompose import max_rank
 
 __all__ = [
     "LowRankConv", "ConvFactory", "full_rank", "low_rank", "split_padding", "conv1d_as_matmul",
+    "conv_gemm_weight_grad", "thin_conv_general_dilated",
 ]
 
 IMPLEMENTATIONS = ("conv", "matmul")
@@ -104,6 +107,111 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     return jnp.einsum("bhwc,ck->bhwk", cols, w.reshape(taps * c, k_out), precision=precision)
 
 
+# Largest patch (kh * kw * C) whose conv gets its weight gradient as a GEMM on CPU. Measured on 2
+# cores (BENCHMARKS.md): NIN's conv1 (5x5x3 = 75) trains 15% faster with it; conv3 (3x3x192) and
+# conv2 (5x5x96) slower, as their im2col copies are 9-25x their input.
+GEMM_WEIGHT_GRAD_MAX_PATCH = 128
+
+
+def _explicit_pads(lhs_shape, rhs_shape, strides, padding, dilation):
+    if isinstance(padding, str):
+        span = [(k - 1) * d + 1 for k, d in zip(rhs_shape[:2], dilation, strict=True)]
+        padding = jax.lax.padtype_to_pads(lhs_shape[1:3], span, strides, padding)
+    return tuple(tuple(int(v) for v in p) for p in padding)
+
+
+def _nhwc_conv(lhs, rhs, strides, pads, dilation, precision):
+    return jax.lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=dilation,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision)
+
+
+def _im2col(lhs, kernel_hw, strides, pads, dilation, out_hw):
+    """``(N, Ho, Wo, kh * kw * C)`` patches, ordered like an HWIO kernel reshaped to 2-D."""
+    x = jnp.pad(lhs, ((0, 0), *pads, (0, 0))) if any(map(any, pads)) else lhs
+    n, c = x.shape[0], x.shape[-1]
+    cols = []
+    for i in range(kernel_hw[0]):
+        for j in range(kernel_hw[1]):
+            h0, w0 = i * dilation[0], j * dilation[1]
+            limit = (n, h0 + (out_hw[0] - 1) * strides[0] + 1, w0 + (out_hw[1] - 1) * strides[1] + 1, c)
+            cols.append(jax.lax.slice(x, (0, h0, w0, 0), limit, (1, *strides, 1)))
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _gemm_grad_conv(lhs, rhs, strides, pads, dilation, precision):
+    return _nhwc_conv(lhs, rhs, strides, pads, dilation, precision)
+
+
+def _gemm_grad_conv_fwd(lhs, rhs, strides, pads, dilation, precision):
+    return _nhwc_conv(lhs, rhs, strides, pads, dilation, precision), (lhs, rhs)
+
+
+def _gemm_grad_conv_bwd(strides, pads, dilation, precision, residuals, g):
+    lhs, rhs = residuals
+    _, lhs_vjp = jax.vjp(lambda x: _nhwc_conv(x, rhs, strides, pads, dilation, precision), lhs)
+    (g_lhs,) = lhs_vjp(g)  # XLA drops this where the input needs no gradient
+    cols = _im2col(lhs, rhs.shape[:2], strides, pads, dilation, g.shape[1:3])
+    rows = math.prod(g.shape[:-1])
+    # A few row blocks summed: XLA:CPU runs the blocked product ~1.4x faster than one long
+    # contraction over all rows (2 cores, 131072 x 192 x 160).
+    blocks = math.gcd(rows, 4)
+    g_rhs = jnp.einsum("bmp,bmo->po", cols.reshape(blocks, rows // blocks, -1),
+                       g.reshape(blocks, rows // blocks, -1), precision=precision)
+    return g_lhs, g_rhs.reshape(rhs.shape).astype(rhs.dtype)
+
+
+_gemm_grad_conv.defvjp(_gemm_grad_conv_fwd, _gemm_grad_conv_bwd)
+
+
+def conv_gemm_weight_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, precision=None):
+    """A drop-in for ``lax.conv_general_dilated`` (NHWC/HWIO) whose kernel gradient is a GEMM.
+
+    The forward pass and the input gradient are XLA's convolutions; the kernel gradient is
+    ``im2col(x)^T @ dy`` over shifted strided slices of ``x``. XLA:CPU computes the kernel
+    gradient of convs with few input channels (an RGB first layer) several times slower than
+    that product; the price is an ``(N, Ho, Wo, kh*kw*C)`` copy of the input in the backward
+    pass, so use it for thin patches only (see :func:`thin_conv_general_dilated`). Values and
+    gradients equal ``lax.conv_general_dilated``'s up to float rounding. Groups and input
+    dilation are not supported.
+    """
+    if feature_group_count != 1 or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1)):
+        raise ValueError("conv_gemm_weight_grad supports feature_group_count=1 and no input "
+                         f"dilation; got feature_group_count={feature_group_count}, "
+                         f"lhs_dilation={lhs_dilation}")
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        raise ValueError(f"conv_gemm_weight_grad needs NHWC input and HWIO kernel; got shapes "
+                         f"{lhs.shape} and {rhs.shape}")
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    if dimension_numbers is not None and jax.lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+        raise ValueError(f"conv_gemm_weight_grad needs NHWC/HWIO; got {dimension_numbers}")
+    strides = tuple(int(s) for s in window_strides)
+    dilation = (1, 1) if rhs_dilation is None else tuple(int(d) for d in rhs_dilation)
+    pads = _explicit_pads(lhs.shape, rhs.shape, strides, padding, dilation)
+    return _gemm_grad_conv(lhs, rhs, strides, pads, dilation, precision)
+
+
+def thin_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                              rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                              precision=None):
+    """``lax.conv_general_dilated``, except on CPU for thin-patch convs (``kh * kw * C <=``
+    ``GEMM_WEIGHT_GRAD_MAX_PATCH``, no groups), which get :func:`conv_gemm_weight_grad`.
+
+    The choice is made when the function is traced, from ``jax.default_backend()``.
+    """
+    kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                  dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                  precision=precision)
+    thin = (jax.default_backend() == "cpu" and feature_group_count == 1 and lhs.ndim == 4
+            and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+            and math.prod(rhs.shape[:3]) <= GEMM_WEIGHT_GRAD_MAX_PATCH)
+    conv = conv_gemm_weight_grad if thin else jax.lax.conv_general_dilated
+    return conv(lhs, rhs, window_strides, padding, **kwargs)
+
+
 class LowRankConv(nn.Module):
     """A ``kh x kw`` conv as a vertical ``kh x 1`` conv (no bias) then a horizontal ``1 x kw`` conv.
 
@@ -121,6 +229,7 @@ class LowRankConv(nn.Module):
       implementation: ``"conv"`` (two ``lax`` convolutions) or ``"matmul"``
         (:func:`conv1d_as_matmul`, faster for thin channel counts on CPU; no groups). Same
         variables and outputs either way.
+      conv_general_dilated: the convolution of the ``"conv"`` implementation, as in ``nn.Conv``.
     """
 
     features: int
@@ -138,6 +247,7 @@ class LowRankConv(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
     implementation: str = "conv"
+    conv_general_dilated: Callable = jax.lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -171,6 +281,8 @@ class LowRankConv(nn.Module):
             if isinstance(self.padding, str) and self.padding.upper() in ("CIRCULAR", "REFLECT"):
                 raise ValueError(f"{self.name}: implementation='matmul' supports zero padding only")
             common["conv_general_dilated"] = conv1d_as_matmul
+        else:
+            common["conv_general_dilated"] = self.conv_general_dilated
         y = nn.Conv(self.rank, (kh, 1), strides=(sh, 1), padding=pad_v, kernel_dilation=(dh, 1),
                     use_bias=False, name="vertical", **common)(x)
         if self.mid_norm is not None:
@@ -192,6 +304,7 @@ class ConvFactory:
     implementations: tuple[tuple[str, str], ...] = ()  # per-layer LowRankConv.implementation
 
     pointwise_as_matmul: bool = True  # 1x1 convs as channel matmuls (much faster on CPU)
+    thin_gemm_weight_grad: bool = True  # see thin_conv_general_dilated (CPU only)
 
     def __call__(self, features: int, kernel_size, *, name: str, **kwargs) -> nn.Module:
         rank = dict(self.ranks).get(name)
@@ -200,9 +313,13 @@ class ConvFactory:
                          and kwargs.get("feature_group_count", 1) == 1
                          and kwargs.get("padding", "SAME") in ("SAME", "VALID", 0))
             if self.pointwise_as_matmul and pointwise:
-                kwargs = {**kwargs, "conv_general_dilated": conv1d_as_matmul}
+                kwargs = {"conv_general_dilated": conv1d_as_matmul, **kwargs}
+            elif self.thin_gemm_weight_grad:
+                kwargs = {"conv_general_dilated": thin_conv_general_dilated, **kwargs}
             return nn.Conv(features, kernel_size, name=name, **kwargs)
         impl = dict(self.implementations).get(name, "conv")
+        if self.thin_gemm_weight_grad:
+            kwargs = {"conv_general_dilated": thin_conv_general_dilated, **kwargs}
         return LowRankConv(features, kernel_size, rank=rank, mid_norm=self.mid_norm, name=name,
                            implementation=impl, **kwargs)
 

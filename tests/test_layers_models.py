@@ -1,5 +1,6 @@
 """LowRankConv, the model zoo and cost reports."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import cost_report, decompose, models
+from lrjax import cost_report, decompose, layers, models
 from lrjax.layers import LowRankConv, low_rank, split_padding
 
 PADDINGS = ["SAME", "VALID", "CIRCULAR", "SAME_LOWER", 1, 2, (1, 2), [(0, 2), (1, 0)],
@@ -231,3 +232,59 @@ def test_max_pool_ties_share_the_gradient():
 def test_max_pool_bad_input(window, strides, padding, shape, match):
     with pytest.raises(ValueError, match=match):
         models.max_pool(jnp.zeros(shape), window, strides, padding)
+
+
+@pytest.mark.parametrize("kernel,strides,padding,dilation,shape", [
+    ((5, 5), (1, 1), ((2, 2), (2, 2)), (1, 1), (2, 9, 8, 3)),
+    ((5, 1), (1, 1), ((2, 2), (0, 0)), (1, 1), (2, 9, 8, 3)),
+    ((1, 5), (1, 2), "SAME", (1, 2), (2, 9, 11, 4)),
+    ((3, 3), (2, 2), "VALID", (1, 1), (3, 10, 10, 5)),
+    ((1, 1), (1, 1), "SAME", (1, 1), (2, 4, 4, 6)),
+])
+def test_conv_gemm_weight_grad_matches_lax(kernel, strides, padding, dilation, shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (*kernel, shape[-1], 7))
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.sin(conv(x, w, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+
+    ref = jax.jit(jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated),
+                                     argnums=(0, 1)))(x, w)
+    ours = jax.jit(jax.value_and_grad(functools.partial(loss, layers.conv_gemm_weight_grad),
+                                      argnums=(0, 1)))(x, w)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_gemm_weight_grad_rejects_groups_and_layouts():
+    x, w = jnp.zeros((1, 6, 6, 4)), jnp.zeros((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="feature_group_count=2"):
+        layers.conv_gemm_weight_grad(x, w, (1, 1), "SAME", feature_group_count=2)
+    with pytest.raises(ValueError, match="NHWC"):
+        layers.conv_gemm_weight_grad(x, jnp.zeros((3, 3, 4, 4)), (1, 1), "SAME",
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
+def test_thin_convs_get_the_gemm_weight_gradient(monkeypatch):
+    """On CPU the factory routes thin-patch convs (and the convs of pairs) through the GEMM
+    gradient, wide ones through XLA's conv; the model's gradients are unchanged."""
+    calls = []
+    real = layers.conv_gemm_weight_grad
+    monkeypatch.setattr(layers, "conv_gemm_weight_grad",
+                        lambda lhs, rhs, *a, **k: calls.append(rhs.shape) or real(lhs, rhs, *a, **k))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+
+    def grads(factory):
+        conv1 = factory(6, (5, 5), padding=2, name="conv1")
+        conv2 = factory(8, (5, 5), padding=2, name="conv2")
+        net = nn.Sequential([conv1, nn.relu, conv2])
+        variables = net.init(jax.random.key(1), x)
+        return jax.grad(lambda v: jnp.sum(net.apply(v, x) ** 2))(variables)
+
+    with_gemm = grads(low_rank({"conv2": 3}))
+    assert calls and all(np.prod(shape[:3]) <= layers.GEMM_WEIGHT_GRAD_MAX_PATCH for shape in calls)
+    assert (5, 5, 3, 6) in calls  # full conv1: 75-wide patches
+    without = grads(dataclasses.replace(low_rank({"conv2": 3}), thin_gemm_weight_grad=False))
+    for a, b in zip(jax.tree.leaves(with_gemm), jax.tree.leaves(without), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
