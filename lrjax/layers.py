@@ -21,10 +21,11 @@ from lrjax.decompose import max_rank
 
 __all__ = [
     "LowRankConv", "ConvFactory", "full_rank", "low_rank", "split_padding", "conv1d_as_matmul",
-    "conv_gemm_weight_grad", "thin_conv_general_dilated",
+    "conv_gemm_weight_grad", "thin_conv_general_dilated", "channel_matmul",
+    "conv1d_matmul_when_differentiated",
 ]
 
-IMPLEMENTATIONS = ("conv", "matmul")
+IMPLEMENTATIONS = ("auto", "conv", "matmul")
 
 
 def _pair(v, what) -> tuple[int, int]:
@@ -59,6 +60,46 @@ def split_padding(padding) -> tuple[Any, Any]:
     return (rows, (0, 0)), ((0, 0), cols)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def channel_matmul(x, w, precision=None):
+    """``x @ w`` over the last axis: ``(..., P) x (P, O) -> (..., O)``, with a backward pass that
+    XLA:CPU runs on its fast GEMM.
+
+    The kernel gradient contracts the long row axis of two row-major operands. Left to itself,
+    XLA:CPU either runs that product on a slow kernel or transposes the larger operand; here the
+    thinner operand is transposed explicitly (measured on 2 cores, batch 128: the low-rank NIN
+    train step ~16% faster). Values and gradients are those of ``jnp.einsum``.
+    """
+    return jnp.einsum("...p,po->...o", x, w, precision=precision)
+
+
+def _channel_matmul_fwd(x, w, precision):
+    return channel_matmul(x, w, precision), (x, w)
+
+
+def _channel_matmul_bwd(precision, residuals, g):
+    x, w = residuals
+    g_x = jnp.einsum("...o,po->...p", g, w, precision=precision)
+    rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if rows_x.shape[1] <= rows_g.shape[1]:
+        g_w = jnp.dot(jnp.transpose(rows_x), rows_g, precision=precision)
+    else:
+        g_w = jnp.transpose(jnp.dot(jnp.transpose(rows_g), rows_x, precision=precision))
+    return g_x.astype(x.dtype), g_w.astype(w.dtype)
+
+
+channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+
+
+def _check_conv1d(rhs, lhs_dilation, feature_group_count):
+    if feature_group_count != 1 or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1)):
+        raise ValueError("conv1d_as_matmul supports feature_group_count=1 and no input dilation; "
+                         f"got feature_group_count={feature_group_count}, "
+                         f"lhs_dilation={lhs_dilation}")
+    if rhs.ndim != 4 or (rhs.shape[0] != 1 and rhs.shape[1] != 1):
+        raise ValueError(f"conv1d_as_matmul needs a k x 1 or 1 x k HWIO kernel; got {rhs.shape}")
+
+
 def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                      dimension_numbers=None, feature_group_count=1, precision=None):
     """A drop-in for ``lax.conv_general_dilated`` on NHWC/HWIO with a ``k x 1`` or ``1 x k`` kernel,
@@ -70,11 +111,8 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     (``k C`` channels) and contracted once. XLA runs these large matrix products faster than its
     convolution kernel for thin channel counts on CPU. Groups and input dilation are not supported.
     """
-    if feature_group_count != 1 or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1)):
-        raise ValueError("conv1d_as_matmul supports feature_group_count=1 and no input dilation")
+    _check_conv1d(rhs, lhs_dilation, feature_group_count)
     kh, kw, c, k_out = rhs.shape
-    if kh != 1 and kw != 1:
-        raise ValueError(f"conv1d_as_matmul needs a k x 1 or 1 x k kernel; got {rhs.shape}")
     axis, taps = (1, kh) if kw == 1 else (2, kw)
     stride = tuple(window_strides)[axis - 1]
     dils = (1, 1) if rhs_dilation is None else tuple(rhs_dilation)
@@ -98,13 +136,44 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
         return jax.lax.slice_in_dim(t, start, start + (n_out - 1) * stride + 1, stride, axis=axis)
 
     if k_out < c:
-        y = jnp.einsum("bhwc,ck->bhwk", lhs, jnp.transpose(w, (1, 0, 2)).reshape(c, taps * k_out),
-                       precision=precision)
+        y = channel_matmul(lhs, jnp.transpose(w, (1, 0, 2)).reshape(c, taps * k_out), precision)
         y = jnp.pad(y, pads)
         return sum(shifted(y[..., i * k_out:(i + 1) * k_out], i) for i in range(taps))
     xp = jnp.pad(lhs, pads)
     cols = jnp.concatenate([shifted(xp, i) for i in range(taps)], axis=-1)
-    return jnp.einsum("bhwc,ck->bhwk", cols, w.reshape(taps * c, k_out), precision=precision)
+    return channel_matmul(cols, w.reshape(taps * c, k_out), precision)
+
+
+def conv1d_matmul_when_differentiated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                      rhs_dilation=None, dimension_numbers=None,
+                                      feature_group_count=1, precision=None):
+    """XLA's convolution for a value alone; :func:`conv1d_as_matmul` under differentiation.
+
+    A ``custom_vjp`` whose plain evaluation is ``lax.conv_general_dilated`` (the faster forward
+    pass for inference on CPU) and whose forward and backward passes, when gradients are taken,
+    are those of the matmul formulation (the faster train step on CPU: NIN's pairs, see
+    BENCHMARKS.md). Same arguments and limits as :func:`conv1d_as_matmul`.
+    """
+    _check_conv1d(rhs, lhs_dilation, feature_group_count)
+    kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                  dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                  precision=precision)
+
+    def as_matmul(x, w):
+        return conv1d_as_matmul(x, w, window_strides, padding, **kwargs)
+
+    @jax.custom_vjp
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, window_strides, padding, **kwargs)
+
+    def conv_fwd(x, w):
+        return jax.vjp(as_matmul, x, w)  # (value, vjp function: a pytree of residuals)
+
+    def conv_bwd(vjp, g):
+        return vjp(g)
+
+    conv.defvjp(conv_fwd, conv_bwd)
+    return conv(lhs, rhs)
 
 
 # Largest patch (kh * kw * C) whose conv gets its weight gradient as a GEMM on CPU. Measured on 2
@@ -226,9 +295,11 @@ class LowRankConv(nn.Module):
       kernel_size: ``(kh, kw)``.
       rank: total intermediate channels ``K``, divisible by ``feature_group_count``.
       mid_norm: optional factory ``mid_norm(name=...)`` of a norm layer applied between the convs.
-      implementation: ``"conv"`` (two ``lax`` convolutions) or ``"matmul"``
-        (:func:`conv1d_as_matmul`, faster for thin channel counts on CPU; no groups). Same
-        variables and outputs either way.
+      implementation: ``"conv"`` (two ``lax`` convolutions), ``"matmul"``
+        (:func:`conv1d_as_matmul`, faster for thin channel counts on CPU; no groups), or
+        ``"auto"``: on CPU, without groups and with zero padding,
+        :func:`conv1d_matmul_when_differentiated` (lax convolutions for inference, the matmul
+        formulation when training), else ``"conv"``. Same variables and outputs in every case.
       conv_general_dilated: the convolution of the ``"conv"`` implementation, as in ``nn.Conv``.
     """
 
@@ -246,7 +317,7 @@ class LowRankConv(nn.Module):
     precision: Any = None
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
-    implementation: str = "conv"
+    implementation: str = "auto"
     conv_general_dilated: Callable = jax.lax.conv_general_dilated
 
     @nn.compact
@@ -277,10 +348,14 @@ class LowRankConv(nn.Module):
         pad_v, pad_h = split_padding(self.padding)
         common = dict(feature_group_count=groups, dtype=self.dtype, param_dtype=self.param_dtype,
                       precision=self.precision, kernel_init=self.kernel_init)
+        wraps = isinstance(self.padding, str) and self.padding.upper() in ("CIRCULAR", "REFLECT")
         if self.implementation == "matmul":
-            if isinstance(self.padding, str) and self.padding.upper() in ("CIRCULAR", "REFLECT"):
+            if wraps:
                 raise ValueError(f"{self.name}: implementation='matmul' supports zero padding only")
             common["conv_general_dilated"] = conv1d_as_matmul
+        elif (self.implementation == "auto" and jax.default_backend() == "cpu" and groups == 1
+              and not wraps):
+            common["conv_general_dilated"] = conv1d_matmul_when_differentiated
         else:
             common["conv_general_dilated"] = self.conv_general_dilated
         y = nn.Conv(self.rank, (kh, 1), strides=(sh, 1), padding=pad_v, kernel_dilation=(dh, 1),
@@ -317,7 +392,7 @@ class ConvFactory:
             elif self.thin_gemm_weight_grad:
                 kwargs = {"conv_general_dilated": thin_conv_general_dilated, **kwargs}
             return nn.Conv(features, kernel_size, name=name, **kwargs)
-        impl = dict(self.implementations).get(name, "conv")
+        impl = dict(self.implementations).get(name, "auto")
         if self.thin_gemm_weight_grad:
             kwargs = {"conv_general_dilated": thin_conv_general_dilated, **kwargs}
         return LowRankConv(features, kernel_size, rank=rank, mid_norm=self.mid_norm, name=name,

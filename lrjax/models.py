@@ -53,12 +53,15 @@ def local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=1.0):
 def max_pool(x, window_shape, strides=None, padding="VALID"):
     """Max pooling over the spatial axes of ``(..., *spatial, C)``; the same values as ``nn.max_pool``.
 
-    Computed as running maxima of strided slices, one spatial axis at a time (a 3x3 window takes
-    2 + 2 elementwise maxima). Its gradient is then made of elementwise selects, so XLA needs no
-    ``select_and_scatter``, which XLA:CPU expands into an index-tracking reduce-window plus a
-    scatter: in the NIN train step at batch 128 on 2 CPU cores that expansion took about a fifth of
-    the step (see BENCHMARKS.md). Where inputs of a window tie for the maximum, the gradient is
-    shared among them (``nn.max_pool`` gives it all to the first); both are subgradients.
+    Evaluated alone it is ``nn.max_pool`` (XLA's reduce-window). Under differentiation (a
+    ``custom_vjp``) it is computed as running maxima of strided slices, one spatial axis at a time
+    (a 3x3 window takes 2 + 2 elementwise maxima), whose gradient is made of elementwise selects:
+    XLA then needs no ``select_and_scatter``, which XLA:CPU expands into an index-tracking
+    reduce-window plus a scatter (about a fifth of the NIN train step at batch 128 on 2 CPU cores;
+    see BENCHMARKS.md). Inference keeps the reduce-window, which XLA:CPU fuses better (the low-rank
+    VGG-16 forward pass is ~1.5x slower with the slices). Where inputs of a window tie for the
+    maximum, the gradient is shared among them (``nn.max_pool`` gives it all to the first); both
+    are subgradients.
 
     Args:
       x: ``(..., *spatial, C)`` with ``len(window_shape)`` spatial axes.
@@ -76,22 +79,39 @@ def max_pool(x, window_shape, strides=None, padding="VALID"):
     spatial = x.shape[x.ndim - 1 - n:-1]
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(spatial, window_shape, strides, padding)
-    padding = tuple(tuple(p) for p in padding)
+    padding = tuple(tuple(int(v) for v in p) for p in padding)
     if len(padding) != n:
         raise ValueError(f"max_pool: padding {padding} must give (lo, hi) for {n} spatial axes")
-    if any(any(p) for p in padding):
-        low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1 - n) + list(padding) + [(0, 0)],
-                    constant_values=low)
-    for i, (k, s) in enumerate(zip(window_shape, strides, strict=True)):
-        axis = x.ndim - 1 - n + i
-        if not 1 <= k <= x.shape[axis] or s < 1:
+    for k, s, size, (lo, hi) in zip(window_shape, strides, spatial, padding, strict=True):
+        if not 1 <= k <= size + lo + hi or s < 1:
             raise ValueError(f"max_pool: window {window_shape} / strides {strides} do not fit "
-                             f"the padded input shape {x.shape}")
-        count = (x.shape[axis] - k) // s + 1
-        taps = [jax.lax.slice_in_dim(x, j, j + (count - 1) * s + 1, s, axis=axis) for j in range(k)]
-        x = functools.reduce(jnp.maximum, taps)
-    return x
+                             f"input shape {x.shape} with padding {padding}")
+
+    def slice_maxima(x):
+        if any(any(p) for p in padding):
+            low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1 - n) + list(padding) + [(0, 0)],
+                        constant_values=low)
+        for i, (k, s) in enumerate(zip(window_shape, strides, strict=True)):
+            axis = x.ndim - 1 - n + i
+            count = (x.shape[axis] - k) // s + 1
+            taps = [jax.lax.slice_in_dim(x, j, j + (count - 1) * s + 1, s, axis=axis)
+                    for j in range(k)]
+            x = functools.reduce(jnp.maximum, taps)
+        return x
+
+    @jax.custom_vjp
+    def pool(x):
+        return nn.max_pool(x, window_shape, strides, padding)
+
+    def pool_fwd(x):
+        return jax.vjp(slice_maxima, x)  # (value, vjp function: a pytree of residuals)
+
+    def pool_bwd(vjp, g):
+        return vjp(g)
+
+    pool.defvjp(pool_fwd, pool_bwd)
+    return pool(x)
 
 
 def adaptive_avg_pool(x, output_hw):

@@ -223,6 +223,14 @@ def test_max_pool_ties_share_the_gradient():
     np.testing.assert_allclose(grad.sum(), 1.0, rtol=1e-6)
 
 
+def test_max_pool_is_reduce_window_alone_and_slices_when_differentiated():
+    x = jnp.ones((2, 9, 9, 3))
+    pool = functools.partial(models.max_pool, window_shape=(3, 3), strides=(2, 2))
+    assert "reduce_window_max" in str(jax.make_jaxpr(pool)(x))
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: pool(x).sum()))(x))
+    assert "select_and_scatter" not in grad_jaxpr and "reduce_window" not in grad_jaxpr
+
+
 @pytest.mark.parametrize("window,strides,padding,shape,match", [
     ((3, 3), (2,), "VALID", (1, 8, 8, 1), "strides"),
     ((9, 9), (1, 1), "VALID", (1, 8, 8, 1), r"do not fit .*\(1, 8, 8, 1\)"),
@@ -287,4 +295,56 @@ def test_thin_convs_get_the_gemm_weight_gradient(monkeypatch):
     assert (5, 5, 3, 6) in calls  # full conv1: 75-wide patches
     without = grads(dataclasses.replace(low_rank({"conv2": 3}), thin_gemm_weight_grad=False))
     for a, b in zip(jax.tree.leaves(with_gemm), jax.tree.leaves(without), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("p,o", [(5, 7), (7, 5)])  # both transpose orders of the kernel gradient
+def test_channel_matmul_matches_einsum(p, o):
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, p))
+    w = jax.random.normal(jax.random.key(1), (p, o))
+
+    def loss(mm, x, w):
+        return jnp.sum(jnp.sin(mm(x, w)))
+
+    ref = jax.jit(jax.value_and_grad(functools.partial(
+        loss, lambda x, w: jnp.einsum("...p,po->...o", x, w)), argnums=(0, 1)))(x, w)
+    ours = jax.jit(jax.value_and_grad(functools.partial(loss, layers.channel_matmul),
+                                      argnums=(0, 1)))(x, w)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [((5, 1), (1, 1), "SAME"),
+                                                   ((1, 3), (2, 2), ((0, 0), (1, 2)))])
+def test_conv1d_matmul_when_differentiated(kernel, strides, padding):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (*kernel, 4, 6))
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=dn)))
+
+    ours = functools.partial(loss, layers.conv1d_matmul_when_differentiated)
+    ref = functools.partial(loss, jax.lax.conv_general_dilated)
+    for a, b in zip(jax.tree.leaves(jax.value_and_grad(ours, (0, 1))(x, w)),
+                    jax.tree.leaves(jax.value_and_grad(ref, (0, 1))(x, w)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # evaluated alone it is XLA's convolution; differentiated, the matmul formulation
+    plain = str(jax.make_jaxpr(ours)(x, w))
+    assert "conv_general_dilated" in plain and "dot_general" not in plain
+    assert "dot_general" in str(jax.make_jaxpr(jax.grad(ours, (0, 1)))(x, w))
+    with pytest.raises(ValueError, match=r"k x 1 or 1 x k .*\(3, 3, 4, 6\)"):
+        layers.conv1d_matmul_when_differentiated(x, jnp.zeros((3, 3, 4, 6)), (1, 1), "SAME")
+
+
+@pytest.mark.parametrize("padding", ["SAME", ((2, 1), (0, 3)), "CIRCULAR"], ids=str)
+def test_lowrank_conv_auto_gradients_match_conv(padding):
+    x = jax.random.normal(jax.random.key(0), (2, 11, 10, 4))
+    grads = {}
+    for impl in ("auto", "conv"):
+        conv = LowRankConv(6, (3, 5), rank=3, padding=padding, implementation=impl)
+        variables = conv.init(jax.random.key(1), x)
+        grads[impl] = jax.grad(lambda v, x, conv=conv: jnp.sum(jnp.sin(conv.apply(v, x))),
+                               (0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(grads["auto"]), jax.tree.leaves(grads["conv"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
