@@ -68,7 +68,8 @@ def channel_matmul(x, w, precision=None):
     The kernel gradient contracts the long row axis of two row-major operands. Left to itself,
     XLA:CPU either runs that product on a slow kernel or transposes the larger operand; here the
     thinner operand is transposed explicitly (measured on 2 cores, batch 128: the low-rank NIN
-    train step ~16% faster). Values and gradients are those of ``jnp.einsum``.
+    train step ~16% faster). Values and gradients are those of ``jnp.einsum``. A ``custom_vjp``:
+    reverse-mode differentiation only (``jax.jvp`` through it raises).
     """
     return jnp.einsum("...p,po->...o", x, w, precision=precision)
 
@@ -91,6 +92,10 @@ def _channel_matmul_bwd(precision, residuals, g):
 channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
 
 
+def _einsum_matmul(x, w, precision=None):
+    return jnp.einsum("...p,po->...o", x, w, precision=precision)
+
+
 def _check_conv1d(rhs, lhs_dilation, feature_group_count):
     if feature_group_count != 1 or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1)):
         raise ValueError("conv1d_as_matmul supports feature_group_count=1 and no input dilation; "
@@ -110,6 +115,8 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     ``k`` shifted slices summed; otherwise the ``k`` shifted slices of ``x`` are concatenated
     (``k C`` channels) and contracted once. XLA runs these large matrix products faster than its
     convolution kernel for thin channel counts on CPU. Groups and input dilation are not supported.
+    On CPU the products are :func:`channel_matmul` (a ``custom_vjp``: reverse-mode only, so
+    ``jax.jvp`` through it raises); elsewhere plain ``jnp.einsum``.
     """
     _check_conv1d(rhs, lhs_dilation, feature_group_count)
     kh, kw, c, k_out = rhs.shape
@@ -130,18 +137,19 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     pads[axis] = padding[axis - 1]
     n_out = (lhs.shape[axis] + sum(pads[axis]) - (taps - 1) * dil - 1) // stride + 1
     w = rhs.reshape(taps, c, k_out)
+    matmul = channel_matmul if jax.default_backend() == "cpu" else _einsum_matmul
 
     def shifted(t, i):
         start = i * dil
         return jax.lax.slice_in_dim(t, start, start + (n_out - 1) * stride + 1, stride, axis=axis)
 
     if k_out < c:
-        y = channel_matmul(lhs, jnp.transpose(w, (1, 0, 2)).reshape(c, taps * k_out), precision)
+        y = matmul(lhs, jnp.transpose(w, (1, 0, 2)).reshape(c, taps * k_out), precision)
         y = jnp.pad(y, pads)
         return sum(shifted(y[..., i * k_out:(i + 1) * k_out], i) for i in range(taps))
     xp = jnp.pad(lhs, pads)
     cols = jnp.concatenate([shifted(xp, i) for i in range(taps)], axis=-1)
-    return channel_matmul(cols, w.reshape(taps * c, k_out), precision)
+    return matmul(cols, w.reshape(taps * c, k_out), precision)
 
 
 def conv1d_matmul_when_differentiated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -152,7 +160,9 @@ def conv1d_matmul_when_differentiated(lhs, rhs, window_strides, padding, lhs_dil
     A ``custom_vjp`` whose plain evaluation is ``lax.conv_general_dilated`` (the faster forward
     pass for inference on CPU) and whose forward and backward passes, when gradients are taken,
     are those of the matmul formulation (the faster train step on CPU: NIN's pairs, see
-    BENCHMARKS.md). Same arguments and limits as :func:`conv1d_as_matmul`.
+    BENCHMARKS.md). Same arguments and limits as :func:`conv1d_as_matmul`. Reverse-mode
+    differentiation only (``jax.jvp`` through it raises); ``LowRankConv(implementation="conv")``
+    is the choice for forward-mode work on CPU.
     """
     _check_conv1d(rhs, lhs_dilation, feature_group_count)
     kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -372,6 +382,10 @@ class ConvFactory:
     """Creates each named conv of a model: ``LowRankConv`` where ``ranks`` names it, else ``nn.Conv``.
 
     Hashable (ranks are stored as a sorted tuple), so it can be a field of a Flax module.
+
+    On CPU the defaults pick formulations with custom VJPs (fast train steps, reverse-mode only).
+    For forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) on CPU, build the factory with
+    ``pointwise_as_matmul=False, thin_gemm_weight_grad=False`` and ``"conv"`` implementations.
     """
 
     ranks: tuple[tuple[str, int], ...] = ()

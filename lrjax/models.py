@@ -53,15 +53,15 @@ def local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=1.0):
 def max_pool(x, window_shape, strides=None, padding="VALID"):
     """Max pooling over the spatial axes of ``(..., *spatial, C)``; the same values as ``nn.max_pool``.
 
-    Evaluated alone it is ``nn.max_pool`` (XLA's reduce-window). Under differentiation (a
-    ``custom_vjp``) it is computed as running maxima of strided slices, one spatial axis at a time
-    (a 3x3 window takes 2 + 2 elementwise maxima), whose gradient is made of elementwise selects:
-    XLA then needs no ``select_and_scatter``, which XLA:CPU expands into an index-tracking
-    reduce-window plus a scatter (about a fifth of the NIN train step at batch 128 on 2 CPU cores;
-    see BENCHMARKS.md). Inference keeps the reduce-window, which XLA:CPU fuses better (the low-rank
-    VGG-16 forward pass is ~1.5x slower with the slices). Where inputs of a window tie for the
-    maximum, the gradient is shared among them (``nn.max_pool`` gives it all to the first); both
-    are subgradients.
+    Evaluated alone it is ``nn.max_pool`` (XLA's reduce-window). Differentiated (a ``custom_jvp``,
+    so forward and reverse mode both work) it is computed as running maxima of strided slices, one
+    spatial axis at a time (a 3x3 window takes 2 + 2 elementwise maxima), whose gradient is made of
+    elementwise selects: XLA then needs no ``select_and_scatter``, which XLA:CPU expands into an
+    index-tracking reduce-window plus a scatter (about a fifth of the NIN train step at batch 128
+    on 2 CPU cores; see BENCHMARKS.md). Inference keeps the reduce-window, which XLA:CPU fuses
+    better (the low-rank VGG-16 forward pass is ~1.5x slower with the slices). Where inputs of a
+    window tie for the maximum, the gradient is shared among them (``nn.max_pool`` gives it all to
+    the first); both are subgradients.
 
     Args:
       x: ``(..., *spatial, C)`` with ``len(window_shape)`` spatial axes.
@@ -100,17 +100,14 @@ def max_pool(x, window_shape, strides=None, padding="VALID"):
             x = functools.reduce(jnp.maximum, taps)
         return x
 
-    @jax.custom_vjp
+    @jax.custom_jvp
     def pool(x):
         return nn.max_pool(x, window_shape, strides, padding)
 
-    def pool_fwd(x):
-        return jax.vjp(slice_maxima, x)  # (value, vjp function: a pytree of residuals)
+    @pool.defjvp
+    def pool_jvp(primals, tangents):  # forward and reverse mode both go through the slices
+        return jax.jvp(slice_maxima, primals, tangents)
 
-    def pool_bwd(vjp, g):
-        return vjp(g)
-
-    pool.defvjp(pool_fwd, pool_bwd)
     return pool(x)
 
 

@@ -348,3 +348,20 @@ def test_lowrank_conv_auto_gradients_match_conv(padding):
                                (0, 1))(variables, x)
     for a, b in zip(jax.tree.leaves(grads["auto"]), jax.tree.leaves(grads["conv"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_mode_through_the_zoo():
+    """max_pool is a custom_jvp (jvp works everywhere); on CPU, the matmul formulations are
+    reverse-mode only, and plain convs give forward mode back."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    pool = functools.partial(models.max_pool, window_shape=(3, 3), strides=(2, 2))
+    _, tangent = jax.jvp(pool, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(tangent, jnp.ones((2, 4, 4, 3)))
+    factory = dataclasses.replace(low_rank({"conv1": 4, "conv2": 8},
+                                           implementations={"conv1": "conv", "conv2": "conv"}),
+                                  pointwise_as_matmul=False, thin_gemm_weight_grad=False)
+    model = models.NIN(conv=factory)
+    images = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), images)
+    _, out_tangent = jax.jvp(lambda v: model.apply(v, images), (variables,), (variables,))
+    assert out_tangent.shape == (1, 10)
