@@ -254,7 +254,7 @@ def conv_gemm_weight_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, 
     that product; the price is an ``(N, Ho, Wo, kh*kw*C)`` copy of the input in the backward
     pass, so use it for thin patches only (see :func:`thin_conv_general_dilated`). Values and
     gradients equal ``lax.conv_general_dilated``'s up to float rounding. Groups and input
-    dilation are not supported.
+    dilation are not supported. A ``custom_vjp``: reverse-mode differentiation only.
     """
     if feature_group_count != 1 or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1)):
         raise ValueError("conv_gemm_weight_grad supports feature_group_count=1 and no input "
@@ -277,14 +277,18 @@ def thin_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
                               rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                               precision=None):
     """``lax.conv_general_dilated``, except on CPU for thin-patch convs (``kh * kw * C <=``
-    ``GEMM_WEIGHT_GRAD_MAX_PATCH``, no groups), which get :func:`conv_gemm_weight_grad`.
-
-    The choice is made when the function is traced, from ``jax.default_backend()``.
+    ``GEMM_WEIGHT_GRAD_MAX_PATCH``, no groups, NHWC/HWIO as ``nn.Conv`` passes them), which get
+    :func:`conv_gemm_weight_grad`. The choice is made when the function is traced, from
+    ``jax.default_backend()``.
     """
     kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                   dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                   precision=precision)
-    thin = (jax.default_backend() == "cpu" and feature_group_count == 1 and lhs.ndim == 4
+    # like lax, no dimension_numbers means NCHW/OIHW: only explicit NHWC/HWIO (nn.Conv's) qualifies
+    nhwc = dimension_numbers is not None and lhs.ndim == 4 and jax.lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers) == jax.lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    thin = (jax.default_backend() == "cpu" and feature_group_count == 1 and lhs.ndim == 4 and nhwc
             and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
             and math.prod(rhs.shape[:3]) <= GEMM_WEIGHT_GRAD_MAX_PATCH)
     conv = conv_gemm_weight_grad if thin else jax.lax.conv_general_dilated

@@ -365,3 +365,11 @@ def test_forward_mode_through_the_zoo():
     variables = model.init(jax.random.key(0), images)
     _, out_tangent = jax.jvp(lambda v: model.apply(v, images), (variables,), (variables,))
     assert out_tangent.shape == (1, 10)
+
+
+def test_thin_conv_general_dilated_keeps_lax_semantics_for_other_layouts(monkeypatch):
+    monkeypatch.setattr(layers, "conv_gemm_weight_grad", None)  # must not be reached
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8))  # NCHW, lax's default layout
+    w = jax.random.normal(jax.random.key(1), (4, 3, 3, 3))  # OIHW
+    np.testing.assert_allclose(layers.thin_conv_general_dilated(x, w, (1, 1), "SAME"),
+                               jax.lax.conv_general_dilated(x, w, (1, 1), "SAME"), rtol=1e-6)
