@@ -60,6 +60,10 @@ def split_padding(padding) -> tuple[Any, Any]:
     return (rows, (0, 0)), ((0, 0), cols)
 
 
+def _einsum_matmul(x, w, precision=None):
+    return jnp.einsum("...p,po->...o", x, w, precision=precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def channel_matmul(x, w, precision=None):
     """``x @ w`` over the last axis: ``(..., P) x (P, O) -> (..., O)``, with a backward pass that
@@ -71,7 +75,7 @@ def channel_matmul(x, w, precision=None):
     train step ~16% faster). Values and gradients are those of ``jnp.einsum``. A ``custom_vjp``:
     reverse-mode differentiation only (``jax.jvp`` through it raises).
     """
-    return jnp.einsum("...p,po->...o", x, w, precision=precision)
+    return _einsum_matmul(x, w, precision)
 
 
 def _channel_matmul_fwd(x, w, precision):
@@ -92,15 +96,31 @@ def _channel_matmul_bwd(precision, residuals, g):
 channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
 
 
-def _einsum_matmul(x, w, precision=None):
-    return jnp.einsum("...p,po->...o", x, w, precision=precision)
+def _on_cpu() -> bool:
+    """Whether code being traced now targets XLA:CPU (the CPU formulations are chosen by this)."""
+    return jax.default_backend() == "cpu"
+
+
+def _ungrouped_undilated(lhs_dilation, feature_group_count) -> bool:
+    return feature_group_count == 1 and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+
+
+def _check_ungrouped_undilated(what, lhs_dilation, feature_group_count):
+    if not _ungrouped_undilated(lhs_dilation, feature_group_count):
+        raise ValueError(f"{what} supports feature_group_count=1 and no input dilation; "
+                         f"got feature_group_count={feature_group_count}, "
+                         f"lhs_dilation={lhs_dilation}")
+
+
+def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
+    """Whether ``dimension_numbers`` (lax's forms) mean NHWC input / HWIO kernel for 2-D convs."""
+    def numbers(spec):
+        return jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, spec)
+    return lhs.ndim == 4 and numbers(dimension_numbers) == numbers(("NHWC", "HWIO", "NHWC"))
 
 
 def _check_conv1d(rhs, lhs_dilation, feature_group_count):
-    if feature_group_count != 1 or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1)):
-        raise ValueError("conv1d_as_matmul supports feature_group_count=1 and no input dilation; "
-                         f"got feature_group_count={feature_group_count}, "
-                         f"lhs_dilation={lhs_dilation}")
+    _check_ungrouped_undilated("conv1d_as_matmul", lhs_dilation, feature_group_count)
     if rhs.ndim != 4 or (rhs.shape[0] != 1 and rhs.shape[1] != 1):
         raise ValueError(f"conv1d_as_matmul needs a k x 1 or 1 x k HWIO kernel; got {rhs.shape}")
 
@@ -137,7 +157,7 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
     pads[axis] = padding[axis - 1]
     n_out = (lhs.shape[axis] + sum(pads[axis]) - (taps - 1) * dil - 1) // stride + 1
     w = rhs.reshape(taps, c, k_out)
-    matmul = channel_matmul if jax.default_backend() == "cpu" else _einsum_matmul
+    matmul = channel_matmul if _on_cpu() else _einsum_matmul
 
     def shifted(t, i):
         start = i * dil
@@ -256,16 +276,11 @@ def conv_gemm_weight_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, 
     gradients equal ``lax.conv_general_dilated``'s up to float rounding. Groups and input
     dilation are not supported. A ``custom_vjp``: reverse-mode differentiation only.
     """
-    if feature_group_count != 1 or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1)):
-        raise ValueError("conv_gemm_weight_grad supports feature_group_count=1 and no input "
-                         f"dilation; got feature_group_count={feature_group_count}, "
-                         f"lhs_dilation={lhs_dilation}")
+    _check_ungrouped_undilated("conv_gemm_weight_grad", lhs_dilation, feature_group_count)
     if lhs.ndim != 4 or rhs.ndim != 4:
         raise ValueError(f"conv_gemm_weight_grad needs NHWC input and HWIO kernel; got shapes "
                          f"{lhs.shape} and {rhs.shape}")
-    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    if dimension_numbers is not None and jax.lax.conv_dimension_numbers(
-            lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+    if dimension_numbers is not None and not _is_nhwc(lhs, rhs, dimension_numbers):
         raise ValueError(f"conv_gemm_weight_grad needs NHWC/HWIO; got {dimension_numbers}")
     strides = tuple(int(s) for s in window_strides)
     dilation = (1, 1) if rhs_dilation is None else tuple(int(d) for d in rhs_dilation)
@@ -285,11 +300,8 @@ def thin_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=No
                   dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                   precision=precision)
     # like lax, no dimension_numbers means NCHW/OIHW: only explicit NHWC/HWIO (nn.Conv's) qualifies
-    nhwc = dimension_numbers is not None and lhs.ndim == 4 and jax.lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, dimension_numbers) == jax.lax.conv_dimension_numbers(
-            lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    thin = (jax.default_backend() == "cpu" and feature_group_count == 1 and lhs.ndim == 4 and nhwc
-            and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+    thin = (_on_cpu() and dimension_numbers is not None and _is_nhwc(lhs, rhs, dimension_numbers)
+            and _ungrouped_undilated(lhs_dilation, feature_group_count)
             and math.prod(rhs.shape[:3]) <= GEMM_WEIGHT_GRAD_MAX_PATCH)
     conv = conv_gemm_weight_grad if thin else jax.lax.conv_general_dilated
     return conv(lhs, rhs, window_strides, padding, **kwargs)
@@ -367,8 +379,7 @@ class LowRankConv(nn.Module):
             if wraps:
                 raise ValueError(f"{self.name}: implementation='matmul' supports zero padding only")
             common["conv_general_dilated"] = conv1d_as_matmul
-        elif (self.implementation == "auto" and jax.default_backend() == "cpu" and groups == 1
-              and not wraps):
+        elif self.implementation == "auto" and _on_cpu() and groups == 1 and not wraps:
             common["conv_general_dilated"] = conv1d_matmul_when_differentiated
         else:
             common["conv_general_dilated"] = self.conv_general_dilated

@@ -275,7 +275,7 @@ def test_conv_gemm_weight_grad_rejects_groups_and_layouts():
 
 
 def test_thin_convs_get_the_gemm_weight_gradient(monkeypatch):
-    """On CPU the factory routes thin-patch convs (and the convs of pairs) through the GEMM
+    """On CPU the factory routes thin-patch full convs through the GEMM
     gradient, wide ones through XLA's conv; the model's gradients are unchanged."""
     calls = []
     real = layers.conv_gemm_weight_grad
