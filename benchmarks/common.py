@@ -1,23 +1,83 @@
-"""Helpers shared by the benchmark scripts."""
+"""Helpers shared by the benchmark scripts: setup, the facts recorded with every figure, timing."""
 
-import json
+from __future__ import annotations
+
+import importlib.metadata
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
 
-import jax
+from lrjax import checkpoint, xla_flags
 
 
-def machine() -> dict:
-    """The facts a benchmark figure needs next to it."""
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "jax": jax.__version__}
+def setup() -> None:
+    """Every benchmark's first call: lrjax's recommended XLA flags unless the user set
+    ``XLA_FLAGS`` (before JAX starts its backends)."""
+    xla_flags.use_recommended_flags()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def machine(*extra_packages: str) -> dict:
+    """The facts a benchmark figure needs next to it: machine, versions, flags, policy."""
+    import jax
+
+    from lrjax import formulations
+
+    packages = ("jax", "jaxlib", "flax", "numpy", *extra_packages)
+    return {
+        "platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+        "versions": {p: _version(p) for p in packages},
+        "xla_flags": xla_flags.flags_in_effect(),
+        "ld_preload": os.environ.get("LD_PRELOAD"),  # e.g. tcmalloc: see BENCHMARKS.md
+        "formulation_policy": formulations.get_policy(),
+        "formulations_active": formulations.active(),
+    }
 
 
 def write_json(path: str, data) -> None:
     """Write ``data`` to ``path`` atomically (no half-written result file on failure)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    checkpoint.write_json(path, data)
+
+
+def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
+                      warmup: int = 1) -> dict[object, list[float]]:
+    """Seconds of each zero-argument call (which must block until its result is ready), timed
+    one call at a time with the contenders taking turns.
+
+    Taking turns spreads the slow phases of a shared machine evenly over every contender, and
+    the median of single calls ignores the odd call a neighbour slowed down.
+    """
+    for run in calls.values():
+        for _ in range(warmup):  # compile + warm-up
+            run()
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, run in calls.items():
+            t0 = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def median(values) -> float:
+    return statistics.median(values)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine, write_json
+from benchmarks.common import machine, setup, write_json
 from lrjax import costs, iterative, ranks
 from lrjax.decompose import (
     decompose_net,
@@ -59,6 +59,7 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def main(argv=None):
+    setup()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write results to this JSON file")
     parser.add_argument("--repeats", type=int, default=5)

@@ -15,7 +15,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lrjax import checkpoint, train
+from lrjax import checkpoint, train, xla_flags
 from lrjax.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,20 +25,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
                                required=True)
 
 
-def twin(model: str) -> str:
-    """The full-rank twin of a low-rank model, and vice versa."""
-    return model[len("lowrank_"):] if model.startswith("lowrank_") else "lowrank_" + model
-
-
 def run(config, workdir: str) -> list:
     if not config.compare:
         return [train.train_and_evaluate(config, workdir)]
     results = []
-    for name in (twin(config.model), config.model) if config.model.startswith("lowrank_") \
-            else (config.model, twin(config.model)):
+    for lowrank in (False, True):  # the full-rank twin first, as in the paper's tables
         sub = config.copy_and_resolve_references()
-        sub.model = name
-        results.append(train.train_and_evaluate(sub, os.path.join(workdir, name)))
+        sub.lowrank = lowrank
+        results.append(train.train_and_evaluate(sub, os.path.join(workdir, train.run_label(sub))))
     if all(r.status == "completed" for r in results):
         train.write_results(workdir, results)
         print(open(os.path.join(workdir, "results.md")).read())
@@ -47,6 +41,7 @@ def run(config, workdir: str) -> list:
 
 def main(argv):
     del argv
+    xla_flags.use_recommended_flags()
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     logging.getLogger("lrjax").setLevel(logging.INFO)
     try:

@@ -5,7 +5,8 @@
     python -m experiments.imagenet_vgg --workdir runs/cn \\
         --config=experiments/configs/imagenet_vgg.py:scratch
 
-See ``experiments/configs/imagenet_vgg.py`` for every field and ``lrjax/compress.py`` for stages.
+See ``experiments/configs/imagenet_vgg.py`` for every field and ``experiments/imagenet_workflow.py``
+for the stages.
 """
 
 import logging
@@ -16,7 +17,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lrjax import checkpoint, compress, train
+from experiments import imagenet_workflow
+from lrjax import checkpoint, train, xla_flags
 from lrjax.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,13 +29,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all stage outputs
 
 def main(argv):
     del argv
+    xla_flags.use_recommended_flags()
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("lrjax").setLevel(logging.INFO)
-    config = _CONFIG.value
-    config.lr_values = tuple(v * config.batch_size / 64 for v in config.lr_values) \
-        if config.mode == "decompose" else config.lr_values
     try:
-        compress.run(config, _WORKDIR.value)
+        imagenet_workflow.run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, DataError, checkpoint.CheckpointError, train.TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

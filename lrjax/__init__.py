@@ -1,13 +1,27 @@
 """lrjax: low-rank CNN compression in JAX/Flax (Tai et al., ICLR 2016).
 
-Submodules: ``decompose`` (closed-form factors), ``costs`` (cost model), ``ranks`` (rank selection),
-``iterative`` (iterative baseline), ``layers``, ``models``, ``cost_report``, ``surgery``, ``convert``,
-``checkpoint``, ``data``, ``train``, ``pretrained``, ``compress``, ``timing``. The four below are
-imported with the package; the others on demand (``data`` imports TensorFlow).
+Top level: :func:`decompose_linen` and :func:`decompose_nnx` compress any Flax model (loaded on
+first use). Submodules: ``decompose`` (closed-form factors), ``costs`` (cost model), ``ranks``
+(rank selection), ``iterative`` (iterative baseline) are imported with the package; ``layers``,
+``formulations``, ``models``, ``surgery``, ``nnx_surgery``, ``cost_report``, ``convert``,
+``export``, ``checkpoint``, ``data``, ``train``, ``pretrained``, ``timing``, ``xla_flags`` on
+demand (``data`` imports TensorFlow).
 """
 
 from lrjax import costs, decompose, iterative, ranks
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["costs", "decompose", "iterative", "ranks"]
+__all__ = ["costs", "decompose", "iterative", "ranks", "decompose_linen", "decompose_nnx"]
+
+
+def __getattr__(name):
+    if name == "decompose_linen":
+        from lrjax.surgery import decompose_linen
+
+        return decompose_linen
+    if name == "decompose_nnx":
+        from lrjax.nnx_surgery import decompose_nnx
+
+        return decompose_nnx
+    raise AttributeError(f"module 'lrjax' has no attribute {name!r}")

@@ -12,6 +12,7 @@ Two kinds of files:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,11 +22,33 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 __all__ = ["save_variables", "load_variables", "CheckpointError", "TrainCheckpoints",
-           "latest_train_variables"]
+           "latest_train_variables", "write_json", "write_text"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not match what it is loaded into."""
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` atomically (a temporary file renamed into place)."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_json(path: str, data) -> str:
+    """Write ``data`` as indented JSON to ``path`` atomically (no half-written result file)."""
+    return write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _to_numpy_tree(tree):

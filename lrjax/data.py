@@ -97,6 +97,20 @@ class Dataset:
             batch["mask"] = mask
             yield batch
 
+    def as_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A whole split as ``(images (N, H, W, 3) float32, labels (N,) int32)`` with the
+        evaluation preprocessing, in order (for small datasets: digits, tests)."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+        fn = self._eval_fn()
+        source = (self.train_source.map(lambda index, example: fn(*example))
+                  if split == "train" else self.test_source.map(fn))
+        images, labels = [], []
+        for batch in tfds.as_numpy(source.batch(1024).with_options(_deterministic())):
+            images.append(batch["image"])
+            labels.append(batch["label"])
+        return np.concatenate(images), np.concatenate(labels)
+
     def _normalise(self, image):
         image = tf.cast(image, tf.float32)
         if self.bgr:

@@ -35,6 +35,10 @@ __all__ = [
     "max_rank",
     "kernel_to_matrices",
     "vh_decompose",
+    "patch_moments",
+    "whitening",
+    "truncate",
+    "weighted_relative_error",
     "decompose_net",
     "reconstruct",
     "singular_values",
@@ -161,9 +165,21 @@ def _truncated_factors(mats: jax.Array, k: int, method: str) -> tuple[jax.Array,
 
 
 def vh_decompose(
-    kernel: jax.Array, rank: int, *, groups: int = 1, method: str = "auto"
+    kernel: jax.Array, rank: int, *, groups: int = 1, method: str = "auto",
+    input_cov: jax.Array | None = None, cov_eps: float = 1e-3,
 ) -> Factors:
     """Closed-form optimal rank-``rank`` vertical/horizontal factors of a conv kernel.
+
+    Data-free (``input_cov=None``) the factors minimise the kernel error ``||W - W_K||_F``
+    (Tai et al.'s Theorem 1). With ``input_cov`` they minimise the expected *output* error under a
+    stationarity approximation: a layer's output is ``y = sum_j P_j M_j``, ``P_j`` the vertical input
+    patches (``C_g * kh`` values, ordered like the matrix rows) at horizontal shift ``j``; if the
+    patch statistics do not depend on ``j``, ``E||sum_j P_j (M_j - M'_j)||^2`` is approximately
+    ``||S^{1/2} (M - M')||_F^2`` with ``S = E[p p^T]``. Its rank-K optimum is
+    ``M' = S^{-1/2} [S^{1/2} M]_K`` (a truncated SVD of the whitened matrix, mapped back), still in
+    closed form. ``S`` is regularised to ``S + cov_eps * tr(S) / m * I`` (``m = C_g * kh``) so
+    that directions the data never excites keep a small weight. ``S = I`` gives back the
+    data-free factors.
 
     Args:
       kernel: HWIO kernel ``(kh, kw, C // groups, N)``.
@@ -173,6 +189,10 @@ def vh_decompose(
       method: ``"svd"`` (``jnp.linalg.svd``), ``"gram"`` (eigen-solve of the smaller Gram matrix,
         about twice as fast on CPU for large layers; same optimum to float tolerance) or ``"auto"``
         (``"gram"`` when the smaller side of the per-group matrix has >= 256 rows).
+      input_cov: optional second moment of the vertical input patches, ``(groups, C_g * kh,
+        C_g * kh)`` (or ``(C_g * kh, C_g * kh)`` when ``groups == 1``), as :func:`patch_moments`
+        returns it (divided by its count).
+      cov_eps: relative regularisation of ``input_cov``.
 
     Returns:
       ``Factors(vertical (kh, 1, C // groups, K), horizontal (1, kw, K // groups, N))`` in the
@@ -180,14 +200,144 @@ def vh_decompose(
 
     Raises:
       ValueError: kernel not 4-D, rank out of range or not divisible by ``groups``, channels not
-        divisible by ``groups``, or NaN/Inf values in a concrete kernel.
+        divisible by ``groups``, ``input_cov`` of the wrong shape, or NaN/Inf values in a concrete
+        kernel or covariance.
     """
     kh, kw, cg, n = _check_kernel(kernel, groups)
     rank = _check_rank(rank, (kh, kw, cg, n), groups)
     kg = rank // groups
     mats = _to_matrices(kernel, groups)
-    a, b = _truncated_factors(mats, kg, method)
+    if input_cov is None:
+        a, b = _truncated_factors(mats, kg, method)
+    else:
+        root, inv_root = whitening(input_cov, groups=groups, size=cg * kh, eps=cov_eps)
+        hi = jax.lax.Precision.HIGHEST
+        a, b = _truncated_factors(jnp.matmul(root, mats.astype(root.dtype), precision=hi), kg,
+                                  method)
+        a = jnp.matmul(inv_root, a, precision=hi)
     return _to_hwio(a, b, (kh, kw, cg, n), kernel.dtype)
+
+
+def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
+              eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+    """``(S^{1/2}, S^{-1/2})`` of a regularised patch covariance, ``(groups, m, m)`` each.
+
+    ``S`` is ``input_cov + eps * tr(input_cov) / m * I`` (symmetrised), computed by an eigen-solve
+    in the covariance's dtype (pass float64 with ``jax_enable_x64`` for the most accuracy).
+    """
+    cov = jnp.asarray(input_cov)
+    if cov.ndim == 2:
+        cov = cov[None]
+    m = cov.shape[-1]
+    if cov.ndim != 3 or cov.shape != (groups, m, m) or (size is not None and m != size):
+        want = f"({groups}, {size}, {size})" if size is not None else f"({groups}, m, m)"
+        raise ValueError(f"input_cov must have shape {want} (groups, C_g * kh, C_g * kh); got "
+                         f"{tuple(np.shape(input_cov))}")
+    if not isinstance(cov, jax.core.Tracer) and not np.isfinite(np.asarray(cov)).all():
+        raise ValueError(f"input_cov of shape {tuple(cov.shape)} contains NaN/Inf values")
+    if not jnp.issubdtype(cov.dtype, jnp.floating):
+        cov = cov.astype(jnp.float32)
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    scale = jnp.trace(cov, axis1=-2, axis2=-1) / m
+    scale = jnp.where(scale > 0, scale, 1.0)
+    cov = cov + (eps * scale)[:, None, None] * jnp.eye(m, dtype=cov.dtype)
+    evals, evecs = jnp.linalg.eigh(cov)
+    floor = (eps * scale)[:, None]
+    evals = jnp.maximum(evals, floor)  # eigh of an ill-conditioned matrix: clip rounding below eps
+    hi = jax.lax.Precision.HIGHEST
+    root = jnp.matmul(evecs * jnp.sqrt(evals)[:, None, :], jnp.swapaxes(evecs, -1, -2),
+                      precision=hi)
+    inv_root = jnp.matmul(evecs / jnp.sqrt(evals)[:, None, :], jnp.swapaxes(evecs, -1, -2),
+                          precision=hi)
+    return root, inv_root
+
+
+def patch_moments(x: jax.Array, kernel_size, *, strides=1, padding="SAME", dilation=1,
+                  groups: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Sum of ``p p^T`` over the vertical input patches of a conv's input, and their count.
+
+    The vertical conv of a pair sees, at each (output row, input column), the ``kh`` input rows
+    it covers: the patch ``p[(c, i)] = x_padded[n, h * sh + i * dh, w, c]``, ordered like the rows
+    of :func:`kernel_to_matrices`. This is the statistic of the calibration-aware factors
+    (:func:`vh_decompose`'s ``input_cov`` is ``sums / count``). Computed as ``kh^2`` channel
+    products of shifted row views, without materialising the patches. Pure and jit-able.
+
+    Args:
+      x: the conv's input ``(N, H, W, C)`` (NHWC).
+      kernel_size, strides, padding, dilation: the conv's (``nn.Conv`` forms; ``CIRCULAR`` and
+        ``REFLECT`` pad the rows as ``nn.Conv`` does).
+      groups: feature group count.
+
+    Returns:
+      ``(sums (groups, C_g * kh, C_g * kh) float32, count)``.
+    """
+    from lrjax import costs  # local: costs stays importable without jax
+
+    if x.ndim != 4:
+        raise ValueError(f"patch_moments needs an NHWC input; got shape {x.shape}")
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    sh = strides if isinstance(strides, int) else tuple(strides)[0]
+    dh = dilation if isinstance(dilation, int) else tuple(dilation)[0]
+    n, h, w, c = x.shape
+    if c % groups:
+        raise ValueError(f"input channels {c} (shape {x.shape}) are not divisible by "
+                         f"groups={groups}")
+    x = x.astype(jnp.float32)
+    mode = padding.upper() if isinstance(padding, str) else None
+    if mode in ("CIRCULAR", "REFLECT"):
+        span = (kh - 1) * dh + 1
+        x = jnp.pad(x, ((0, 0), ((span - 1) // 2, span // 2), (0, 0), (0, 0)),
+                    mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[mode])
+    else:
+        (top, bottom), _ = costs.explicit_padding(padding, (h, w), (kh, kw), (sh, 1), (dh, 1))
+        x = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
+    rows = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    if rows < 1:
+        raise ValueError(f"input of shape {(n, h, w, c)} is too small for kernel {kernel_size}")
+    cg = c // groups
+    views = [jax.lax.slice_in_dim(x, i * dh, i * dh + (rows - 1) * sh + 1, sh, axis=1)
+             .reshape(-1, groups, cg) for i in range(kh)]
+    hi = jax.lax.Precision.HIGHEST
+    blocks = [[jnp.einsum("rgc,rgd->gcd", views[i], views[j], precision=hi) for j in range(kh)]
+              for i in range(kh)]
+    # blocks[i][j][g, c, d] -> (g, c, i, d, j): rows (c, i), columns (d, j)
+    sums = jnp.stack([jnp.stack(row, axis=-1) for row in blocks], axis=2)
+    sums = sums.reshape(groups, cg * kh, cg * kh)
+    return sums, jnp.asarray(views[0].shape[0], jnp.float32)
+
+
+def truncate(factors: Factors, rank: int, *, groups: int = 1) -> Factors:
+    """The rank-``rank`` factors contained in higher-rank ones: the first ``rank / groups``
+    directions of each group.
+
+    Truncated SVD factors are nested, so ``truncate(vh_decompose(W, R), K)`` equals
+    ``vh_decompose(W, K)`` (up to sign conventions), with or without ``input_cov``.
+    """
+    vertical, horizontal = factors
+    k_total = vertical.shape[-1]
+    if rank % groups or not 1 <= rank <= k_total:
+        raise ValueError(f"cannot truncate factors of rank {k_total} to rank {rank} with "
+                         f"groups={groups}")
+    kg_old, kg = k_total // groups, rank // groups
+    kh, _, cg, _ = vertical.shape
+    v = jnp.reshape(vertical, (kh, 1, cg, groups, kg_old))[..., :kg].reshape(kh, 1, cg, rank)
+    h = horizontal[:, :, :kg, :]  # (1, kw, K_g, N): each group's input channels are its own
+    return Factors(v, h)
+
+
+def weighted_relative_error(kernel: jax.Array, approx: jax.Array, input_cov: jax.Array, *,
+                            groups: int = 1) -> jax.Array:
+    """``||S^{1/2} (M - M')||_F / ||S^{1/2} M||_F``: the calibration-weighted error of an
+    approximation (the output-error proxy that calibrated factors minimise, with ``S`` as given,
+    unregularised)."""
+    mats = _to_matrices(jnp.asarray(kernel, jnp.float32), groups)
+    diff = mats - _to_matrices(jnp.asarray(approx, jnp.float32), groups)
+    cov = jnp.asarray(input_cov, jnp.float32)
+    cov = cov[None] if cov.ndim == 2 else cov
+    hi = jax.lax.Precision.HIGHEST
+    num = jnp.einsum("gmk,gmn,gnk->", diff, cov, diff, precision=hi)
+    den = jnp.einsum("gmk,gmn,gnk->", mats, cov, mats, precision=hi)
+    return jnp.sqrt(jnp.maximum(num, 0.0) / jnp.where(den > 0, den, 1.0))
 
 
 def _to_hwio(a, b, kernel_shape, dtype) -> Factors:

@@ -1,33 +1,42 @@
 """Model zoo: NIN, the authors' CIFAR CNN, VGG-16 and CaffeNet, each with full and low-rank variants.
 
-Each family is one definition taking a conv factory (``conv``) and an optional norm factory
-(``norm``); the low-rank model is the same definition with :func:`lrjax.layers.low_rank`'s factory.
-Every model is called as ``model.apply(variables, images, train=...)`` on NHWC images and returns
-logits. ``dtype`` is the compute dtype (``jnp.bfloat16`` on accelerators); parameters stay float32.
-Conv and dense kernels follow Flax's HWIO / (in, out) layouts; layer names follow the papers
-(``conv1_1`` ... ``fc8`` for VGG-16, ``conv1`` ... ``cccp6`` for NIN).
+Each family is one plain linen definition (``nn.Conv`` layers with names, an optional norm factory
+``norm``); its low-rank variant is the same definition wrapped by :class:`lrjax.surgery.LowRankModel`
+with the authors' ranks (``get_model(family, lowrank=True)``), the machinery that compresses any
+user model. Convolutions and max pooling go through :mod:`lrjax.formulations` (plain XLA ops
+under the ``"portable"`` policy). Every model is called as ``model.apply(variables, images,
+train=...)`` on NHWC images and returns logits. ``dtype`` is the compute dtype (``jnp.bfloat16`` on
+accelerators); parameters stay float32. Conv and dense kernels follow Flax's HWIO / (in, out)
+layouts; layer names follow the papers (``conv1_1`` ... ``fc8`` for VGG-16, ``conv1`` ...
+``cccp6`` for NIN).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lrjax.layers import ConvFactory, full_rank, low_rank
+from lrjax import formulations
 from lrjax.ranks import load_ranks
 
 __all__ = [
-    "NIN", "CifarCNN", "VGG16", "CaffeNet", "AlexNet", "ModelSpec", "MODELS", "get_model", "model_spec",
-    "batch_norm", "local_response_norm", "adaptive_avg_pool", "max_pool",
+    "NIN", "CifarCNN", "VGG16", "CaffeNet", "AlexNet", "ModelSpec", "MODELS", "get_model",
+    "model_spec", "init_variables",
+    "batch_norm", "local_response_norm", "adaptive_avg_pool", "max_pool", "Conv",
 ]
 
 ModuleDef = Callable[..., nn.Module]
+
+# The zoo's conv: ``nn.Conv`` computing what lrjax.formulations' policy picks (plain XLA
+# convolutions under "portable"). Its type is nn.Conv, so surgery decomposes it like any user conv.
+Conv = functools.partial(nn.Conv, conv_general_dilated=formulations.conv_general_dilated)
+max_pool = formulations.max_pool
 
 
 def batch_norm(momentum: float = 0.9, epsilon: float = 1e-5) -> ModuleDef:
@@ -46,69 +55,8 @@ def local_response_norm(x, size=5, alpha=1e-4, beta=0.75, k=1.0):
     sq = jnp.square(x.astype(jnp.float32))
     half = size // 2
     padded = jnp.pad(sq, [(0, 0)] * (x.ndim - 1) + [(half, size - 1 - half)])
-    window = sum(padded[..., i:i + x.shape[-1]] for i in range(size))
+    window = sum(jax.lax.slice_in_dim(padded, i, i + x.shape[-1], axis=-1) for i in range(size))
     return (x / jnp.power(k + alpha / size * window, beta)).astype(x.dtype)
-
-
-def max_pool(x, window_shape, strides=None, padding="VALID"):
-    """Max pooling over the spatial axes of ``(..., *spatial, C)``; the same values as ``nn.max_pool``.
-
-    Evaluated alone it is ``nn.max_pool`` (XLA's reduce-window). Differentiated (a ``custom_jvp``,
-    so forward and reverse mode both work) it is computed as running maxima of strided slices, one
-    spatial axis at a time (a 3x3 window takes 2 + 2 elementwise maxima), whose gradient is made of
-    elementwise selects: XLA then needs no ``select_and_scatter``, which XLA:CPU expands into an
-    index-tracking reduce-window plus a scatter (about a fifth of the NIN train step at batch 128
-    on 2 CPU cores; see BENCHMARKS.md). Inference keeps the reduce-window, which XLA:CPU fuses
-    better (the low-rank VGG-16 forward pass is ~1.5x slower with the slices). Where inputs of a
-    window tie for the maximum, the gradient is shared among them (``nn.max_pool`` gives it all to
-    the first); both are subgradients.
-
-    Args:
-      x: ``(..., *spatial, C)`` with ``len(window_shape)`` spatial axes.
-      window_shape: window size per spatial axis.
-      strides: stride per spatial axis (default 1).
-      padding: ``"VALID"``, ``"SAME"`` or ``((lo, hi), ...)`` per spatial axis; padded cells are
-        ``-inf`` so they never win.
-    """
-    window_shape = tuple(window_shape)
-    n = len(window_shape)
-    strides = (1,) * n if strides is None else tuple(strides)
-    if len(strides) != n or x.ndim < n + 1:
-        raise ValueError(f"max_pool: window {window_shape} and strides {strides} need as many "
-                         f"spatial axes, before a channel axis; got input shape {x.shape}")
-    spatial = x.shape[x.ndim - 1 - n:-1]
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(spatial, window_shape, strides, padding)
-    padding = tuple(tuple(int(v) for v in p) for p in padding)
-    if len(padding) != n:
-        raise ValueError(f"max_pool: padding {padding} must give (lo, hi) for {n} spatial axes")
-    for k, s, size, (lo, hi) in zip(window_shape, strides, spatial, padding, strict=True):
-        if not 1 <= k <= size + lo + hi or s < 1:
-            raise ValueError(f"max_pool: window {window_shape} / strides {strides} do not fit "
-                             f"input shape {x.shape} with padding {padding}")
-
-    def slice_maxima(x):
-        if any(any(p) for p in padding):
-            low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1 - n) + list(padding) + [(0, 0)],
-                        constant_values=low)
-        for i, (k, s) in enumerate(zip(window_shape, strides, strict=True)):
-            axis = x.ndim - 1 - n + i
-            count = (x.shape[axis] - k) // s + 1
-            taps = [jax.lax.slice_in_dim(x, j, j + (count - 1) * s + 1, s, axis=axis)
-                    for j in range(k)]
-            x = functools.reduce(jnp.maximum, taps)
-        return x
-
-    @jax.custom_jvp
-    def pool(x):
-        return nn.max_pool(x, window_shape, strides, padding)
-
-    @pool.defjvp
-    def pool_jvp(primals, tangents):  # forward and reverse mode both go through the slices
-        return jax.jvp(slice_maxima, primals, tangents)
-
-    return pool(x)
 
 
 def adaptive_avg_pool(x, output_hw):
@@ -135,14 +83,13 @@ class NIN(nn.Module):
     """
 
     num_classes: int = 10
-    conv: ConvFactory = full_rank()
     norm: ModuleDef | None = None
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(self.conv, dtype=self.dtype)
+        conv = functools.partial(Conv, dtype=self.dtype)
         norm = functools.partial(_norm_or_identity, self.norm, train, self.dtype)
         x = x.astype(self.dtype)
         pad = ((1, 0), (1, 0))  # Torch's SpatialZeroPadding(1, 0, 1, 0) before 3x3/2 pooling
@@ -170,14 +117,13 @@ class CifarCNN(nn.Module):
     two dense layers. The low-rank version decomposes conv1 (10), conv2 (51) and conv3 (51)."""
 
     num_classes: int = 10
-    conv: ConvFactory = full_rank()
     norm: ModuleDef | None = None
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(self.conv, dtype=self.dtype)
+        conv = functools.partial(Conv, dtype=self.dtype)
         norm = functools.partial(_norm_or_identity, self.norm, train, self.dtype)
         x = x.astype(self.dtype)
         for i, width in enumerate((96, 128, 256), start=1):
@@ -203,7 +149,6 @@ class VGG16(nn.Module):
     """
 
     num_classes: int = 1000
-    conv: ConvFactory = full_rank()
     norm: ModuleDef | None = None
     widths: tuple[tuple[int, ...], ...] = VGG16_WIDTHS
     fc_features: int = 4096
@@ -212,7 +157,7 @@ class VGG16(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(self.conv, dtype=self.dtype)
+        conv = functools.partial(Conv, dtype=self.dtype)
         norm = functools.partial(_norm_or_identity, self.norm, train, self.dtype)
         x = x.astype(self.dtype)
         for b, block in enumerate(self.widths, start=1):
@@ -237,7 +182,6 @@ class CaffeNet(nn.Module):
     """
 
     num_classes: int = 1000
-    conv: ConvFactory = full_rank()
     norm: ModuleDef | None = None
     widths: tuple[int, ...] = (96, 256, 384, 384, 256)
     fc_features: int = 4096
@@ -246,7 +190,7 @@ class CaffeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(self.conv, dtype=self.dtype)
+        conv = functools.partial(Conv, dtype=self.dtype)
         norm = functools.partial(_norm_or_identity, self.norm, train, self.dtype)
         lrn = local_response_norm if self.norm is None else (lambda y: y)
         w1, w2, w3, w4, w5 = self.widths
@@ -275,7 +219,6 @@ class AlexNet(nn.Module):
     weights of a second ImageNet family can be imported and decomposed."""
 
     num_classes: int = 1000
-    conv: ConvFactory = full_rank()
     norm: ModuleDef | None = None
     widths: tuple[int, ...] = (64, 192, 384, 256, 256)
     fc_features: int = 4096
@@ -284,7 +227,7 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(self.conv, dtype=self.dtype)
+        conv = functools.partial(Conv, dtype=self.dtype)
         norm = functools.partial(_norm_or_identity, self.norm, train, self.dtype)
         w1, w2, w3, w4, w5 = self.widths
         x = x.astype(self.dtype)
@@ -306,66 +249,62 @@ class AlexNet(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: how to build a model and what it eats."""
+    """A registry entry: a model family, what it eats, and its low-rank variant's shipped ranks."""
 
     family: type[nn.Module]
     image_size: int
     num_classes: int
-    ranks: str | None = None  # shipped rank config of the low-rank variant
-    bn: bool = False
+    ranks: str | None = None  # shipped rank config (lrjax/rank_configs) of the low-rank variant
     description: str = ""
 
 
 MODELS: dict[str, ModelSpec] = {
-    "nin": ModelSpec(NIN, 32, 10, description="NIN (nin_cudnn.lua)"),
-    "lowrank_nin": ModelSpec(NIN, 32, 10, "nin", description="low-rank NIN (ranks 10, 51)"),
-    "nin_bn": ModelSpec(NIN, 32, 10, bn=True, description="NIN with lowrank_nin_2's batch norm"),
-    "lowrank_nin_bn": ModelSpec(NIN, 32, 10, "nin", bn=True,
-                                description="low-rank NIN with batch norm (lowrank_nin_2)"),
-    "cnn": ModelSpec(CifarCNN, 32, 10, description="the authors' CIFAR baseline CNN"),
-    "lowrank_cnn": ModelSpec(CifarCNN, 32, 10, "cnn", description="low-rank baseline CNN"),
-    "vgg16": ModelSpec(VGG16, 224, 1000, description="VGG-16, torchvision layout"),
-    "lowrank_vgg16": ModelSpec(VGG16, 224, 1000, "vgg16", description="low-rank VGG-16"),
-    "vgg16_bn": ModelSpec(VGG16, 224, 1000, bn=True, description="VGG-16 with BN after convs"),
-    "lowrank_vgg16_bn": ModelSpec(VGG16, 224, 1000, "vgg16", bn=True,
-                                  description="low-rank VGG-16 with BN (from scratch)"),
-    "caffenet": ModelSpec(CaffeNet, 227, 1000, description="CaffeNet (grouped conv2/4/5)"),
-    "lowrank_caffenet": ModelSpec(CaffeNet, 227, 1000, "caffenet",
-                                  description="low-rank CaffeNet"),
-    "caffenet_bn": ModelSpec(CaffeNet, 227, 1000, bn=True, description="CaffeNet with BN"),
-    "alexnet": ModelSpec(AlexNet, 224, 1000, description="AlexNet, torchvision layout"),
-    "lowrank_caffenet_bn": ModelSpec(CaffeNet, 227, 1000, "caffenet", bn=True,
-                                     description="low-rank CaffeNet with BN (from scratch)"),
+    "nin": ModelSpec(NIN, 32, 10, "nin", "NIN (nin_cudnn.lua); low-rank: conv1 rank 10, conv2 51"),
+    "cnn": ModelSpec(CifarCNN, 32, 10, "cnn", "the authors' CIFAR baseline CNN"),
+    "vgg16": ModelSpec(VGG16, 224, 1000, "vgg16", "VGG-16, torchvision layout"),
+    "caffenet": ModelSpec(CaffeNet, 227, 1000, "caffenet", "CaffeNet (grouped conv2/4/5)"),
+    "alexnet": ModelSpec(AlexNet, 224, 1000, None, "AlexNet, torchvision layout (no shipped ranks)"),
 }
 
 
-def model_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
-    return MODELS[name]
+def model_spec(family: str) -> ModelSpec:
+    """The registry entry of a model family; ``ValueError`` naming the known ones otherwise."""
+    if family not in MODELS:
+        raise ValueError(f"unknown model {family!r}; choose from: {', '.join(MODELS)}")
+    return MODELS[family]
 
 
-def get_model(name: str, *, ranks: dict[str, int | None] | None = None,
-              bn_momentum: float = 0.9, **overrides) -> nn.Module:
-    """Build a zoo model by name.
+def get_model(family: str, *, lowrank: bool = False, bn: bool = False,
+              ranks: Mapping[str, int | None] | None = None, bn_momentum: float = 0.9,
+              **overrides) -> nn.Module:
+    """Build a zoo model.
 
     Args:
-      name: a key of :data:`MODELS` (``"nin"``, ``"lowrank_nin_bn"``, ``"vgg16"``, ...).
-      ranks: per-layer ranks for a low-rank model (default: the authors'); giving ranks to a
-        full-rank name builds its low-rank twin with those ranks.
-      bn_momentum: Flax BatchNorm momentum of BN variants (0.9 = Torch/Caffe's 0.1 update).
+      family: a key of :data:`MODELS` (``"nin"``, ``"cnn"``, ``"vgg16"``, ``"caffenet"``,
+        ``"alexnet"``).
+      lowrank: the low-rank variant: the same definition wrapped by
+        :class:`lrjax.surgery.LowRankModel`, with ``ranks`` or else the authors' ranks.
+      bn: batch norm after the convs (each family's documented placement).
+      ranks: ``{layer path: rank}`` of the low-rank variant (``None`` keeps a layer full rank);
+        giving ranks implies ``lowrank=True``.
+      bn_momentum: Flax BatchNorm momentum (0.9 = Torch/Caffe's 0.1 update).
       **overrides: module fields (``num_classes``, ``dtype``, ``widths``, ...).
     """
-    spec = model_spec(name)
-    if ranks is None and spec.ranks is not None:
-        ranks = load_ranks(spec.ranks)
+    spec = model_spec(family)
     fields = {"num_classes": spec.num_classes}
-    if ranks is not None:
-        fields["conv"] = low_rank(ranks)
-    if spec.bn:
+    if bn:
         fields["norm"] = batch_norm(bn_momentum)
     fields.update(overrides)
-    return spec.family(**fields)
+    model = spec.family(**fields)
+    if not lowrank and ranks is None:
+        return model
+    if ranks is None:
+        if spec.ranks is None:
+            raise ValueError(f"model {family!r} has no shipped ranks: pass ranks={{layer: rank}}")
+        ranks = load_ranks(spec.ranks)
+    from lrjax.surgery import LowRankModel
+
+    return LowRankModel.wrap(model, ranks)
 
 
 def init_variables(model: nn.Module, image_size: int, seed: int = 0, channels: int = 3):

@@ -21,6 +21,12 @@ __all__ = [
     "energy_rank",
     "Allocation",
     "allocate_ranks",
+    "candidate_ranks",
+    "search",
+    "search_problem",
+    "EvalGuided",
+    "SearchResult",
+    "DEFAULT_FRACTIONS",
 ]
 
 PUBLISHED = ("vgg16", "caffenet", "nin", "cnn")
@@ -67,21 +73,29 @@ def round_rank(rank: int, multiple: int, *, top: int, groups: int = 1) -> int:
     return min(r, top)
 
 
-def _group_energies(kernel, groups: int) -> np.ndarray:
+def _group_energies(kernel, groups: int, spectrum=None) -> np.ndarray:
     """Energy of the k-th singular direction summed over groups, descending: ``(R,)``."""
-    s = np.asarray(singular_values(kernel, groups=groups), dtype=np.float64)
+    s = singular_values(kernel, groups=groups) if spectrum is None else spectrum
+    s = np.asarray(s, dtype=np.float64)
+    expected = (groups, max_rank(np.shape(kernel), groups=groups) // groups)
+    if s.shape != expected:
+        raise ValueError(f"spectrum must have shape {expected} (groups, R) for kernel "
+                         f"{np.shape(kernel)}; got {s.shape}")
     return np.square(s).sum(axis=0)
 
 
-def energy_rank(kernel, fraction: float, *, groups: int = 1, multiple: int | None = None) -> int:
+def energy_rank(kernel, fraction: float, *, groups: int = 1, multiple: int | None = None,
+                spectrum=None) -> int:
     """Smallest total rank keeping at least ``fraction`` of the kernel's spectral energy.
 
     Energy is ``sum_k s_k^2 / ||W||_F^2`` summed over groups (each group gets ``rank / groups``).
     With ``multiple``, the rank is rounded *up* to a multiple of ``lcm(multiple, groups)``.
+    ``spectrum`` (``(groups, R)`` singular values) replaces the kernel's own, e.g. the spectrum of
+    a calibration-whitened matrix.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"energy fraction must be in (0, 1]; got {fraction}")
-    e = _group_energies(kernel, groups)
+    e = _group_energies(kernel, groups, spectrum)
     kept = np.cumsum(e) / max(e.sum(), np.finfo(np.float64).tiny)
     k = int(np.searchsorted(kept, fraction - 1e-12) + 1)
     k = min(k, e.size)
@@ -114,6 +128,7 @@ def allocate_ranks(
     target_speedup: float | None = None,
     macs_budget: int | None = None,
     multiple: int | None = None,
+    spectra: Mapping[str, object] | None = None,
 ) -> Allocation:
     """Allocate ranks across layers to meet a multiply-add budget while losing the least energy.
 
@@ -129,6 +144,8 @@ def allocate_ranks(
       target_speedup: whole-net theoretical speedup over ``layers`` to reach (or exceed).
       macs_budget: alternatively, the total multiply-adds allowed.
       multiple: round every rank to a multiple of this (hardware tiles).
+      spectra: optional ``{name: (groups, R) singular values}`` replacing the kernels' own (e.g.
+        calibration-whitened spectra).
 
     Returns:
       An :class:`Allocation`; its ``speedup`` is the speedup reached (>= the target).
@@ -161,7 +178,7 @@ def allocate_ranks(
         units[layer.name] = unit
         ranks[layer.name] = min(start, top)
         # cumulative energy as a function of total rank K: cum[K // groups]
-        e = _group_energies(kernel, layer.groups)
+        e = _group_energies(kernel, layer.groups, (spectra or {}).get(layer.name))
         energies[layer.name] = (np.concatenate([[0.0], np.cumsum(e)]), e.sum())
         slopes[layer.name] = costs.rank_cost_slope(layer)
 
@@ -198,3 +215,198 @@ def allocate_ranks(
             heapq.heappush(heap, (p, name))
     retained = {n: math.exp(log_energy(n, r)) for n, r in ranks.items()}
     return Allocation(dict(ranks), int(full_total), int(current), retained)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval-guided selection
+
+DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """What :func:`search` measured and chose.
+
+    Attributes:
+      ranks: ``{path: rank or None}`` meeting the multiply-add target with the least predicted
+        score drop (the sum of the per-layer drops).
+      baseline: the score of the undecomposed model.
+      scores: ``{path: {rank: score}}``, each with only that layer decomposed.
+      full_macs, macs: multiply-adds of all 2-D convs before and after.
+      predicted_drop: ``sum`` of the chosen layers' drops.
+    """
+
+    ranks: dict[str, int | None]
+    baseline: float
+    scores: dict[str, dict[int, float]]
+    full_macs: int
+    macs: int
+    predicted_drop: float
+
+    @property
+    def speedup(self) -> float:
+        return self.full_macs / self.macs
+
+    def table(self) -> str:
+        """Per-layer sensitivity: score drop at each candidate rank, and the chosen rank."""
+        w = max([5] + [len(p) for p in self.scores]) + 2
+        rows = [f"baseline score {self.baseline:.4f}; chosen ranks give {self.speedup:.2f}x "
+                f"fewer conv MACs, predicted drop {self.predicted_drop:.4f}",
+                f"{'layer':<{w}}chosen  drop at rank"]
+        for path, by_rank in self.scores.items():
+            cells = "  ".join(f"{r}:{self.baseline - s:+.4f}" for r, s in sorted(by_rank.items()))
+            rows.append(f"{path:<{w}}{str(self.ranks.get(path) or 'full'):>6}  {cells}")
+        return "\n".join(rows)
+
+
+def candidate_ranks(layer: costs.ConvShape, candidates=None, multiple: int | None = None
+                    ) -> list[int]:
+    """Candidate total ranks of one layer: fractions of its break-even rank (the largest rank
+    whose pair costs no more than the conv), rounded to ``lcm(multiple, groups)``, or an explicit
+    list."""
+    unit = math.lcm(multiple or 1, layer.groups)
+    top = max_rank(layer.kernel_shape, groups=layer.groups)
+    if isinstance(candidates, Mapping):
+        if layer.name not in candidates:
+            return []
+        out = sorted({int(r) for r in candidates[layer.name]})
+        bad = [r for r in out if not 1 <= r <= top or r % layer.groups]
+        if bad:
+            raise ValueError(f"candidate ranks {bad} are invalid for layer {layer.name!r} "
+                             f"(kernel {layer.kernel_shape}, groups {layer.groups}, max rank "
+                             f"{top})")
+        return out
+    fractions = DEFAULT_FRACTIONS if candidates is None else tuple(candidates)
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"candidate fractions must be in (0, 1]; got {fractions}")
+    even = costs.breakeven_rank(layer)
+    return sorted({min(top, max(unit, int(round(f * even / unit)) * unit)) for f in fractions})
+
+
+def _choose(options: dict[str, list[tuple[int | None, int, float]]], budget: float):
+    """Multiple-choice knapsack: one option ``(rank, macs, drop)`` per layer, total macs within
+    ``budget``, least total drop. Dynamic programme over the budget in 4000 steps (costs rounded
+    up, so the choice never exceeds the budget)."""
+    steps = 4000
+    unit = budget / steps
+    inf = float("inf")
+    best = [0.0] + [0.0] * steps  # best[b]: least drop with total cost <= b units
+    picks = []
+    for name, opts in options.items():
+        cost = [math.ceil(m / unit - 1e-9) for _, m, _ in opts]
+        new, choice = [inf] * (steps + 1), [-1] * (steps + 1)
+        for b in range(steps + 1):
+            for i, (c, (_, _, drop)) in enumerate(zip(cost, opts, strict=True)):
+                if c <= b and best[b - c] + drop < new[b]:
+                    new[b], choice[b] = best[b - c] + drop, i
+        best = new
+        picks.append((name, cost, choice))
+    if best[steps] == inf:
+        return None
+    chosen, b = {}, steps
+    for name, cost, choice in reversed(picks):
+        i = choice[b]
+        chosen[name] = options[name][i]
+        b -= cost[i]
+    return chosen
+
+
+def search_problem(problem, *, target_speedup: float, candidates=None) -> SearchResult:
+    """Eval-guided rank selection on a :class:`lrjax.surgery.RankProblem` whose ``score`` is set.
+
+    Each candidate layer is decomposed alone at each candidate rank and the model scored
+    (``problem.score``); the per-layer score drops are then combined (assumed additive) to pick
+    the ranks meeting ``target_speedup`` times fewer multiply-adds over all 2-D convs with the
+    least predicted drop (an exact multiple-choice knapsack over a discretised budget).
+    """
+    if problem.score is None:
+        raise ValueError("eval-guided selection needs an evaluation function (eval_fn)")
+    if not target_speedup > 0:
+        raise ValueError(f"target_speedup must be > 0; got {target_speedup}")
+    layers = [s.shape for s in problem.candidates]
+    if isinstance(candidates, Mapping):
+        unknown = sorted(set(candidates) - {layer.name for layer in layers})
+        if unknown:
+            raise ValueError(f"candidates name unknown layers {unknown}; the model's decomposable "
+                             f"convs are {sorted(layer.name for layer in layers)}")
+    baseline = float(problem.score({}))
+    scores, options = {}, {}
+    for layer in layers:
+        ranks = candidate_ranks(layer, candidates, problem.multiple)
+        full = costs.conv_cost(layer).macs
+        options[layer.name] = [(None, full, 0.0)]
+        if not ranks:
+            continue
+        problem.factors(layer.name, ranks[-1])  # one decomposition per layer, sliced below
+        scores[layer.name] = {}
+        for r in ranks:
+            s = float(problem.score({layer.name: r}))
+            if not math.isfinite(s):
+                raise ValueError(f"eval_fn returned {s} for layer {layer.name!r} at rank {r}")
+            scores[layer.name][r] = s
+            options[layer.name].append((r, costs.lowrank_cost(layer, r).macs, baseline - s))
+    budget = problem.full_macs / target_speedup - problem.fixed_macs
+    chosen = _choose(options, budget) if budget > 0 else None
+    if chosen is None:
+        floor = problem.fixed_macs + sum(min(m for _, m, _ in o) for o in options.values())
+        raise ValueError(f"target speedup {target_speedup} is out of reach with these candidate "
+                         f"ranks: the smallest reach {problem.full_macs / floor:.2f}x")
+    macs = problem.fixed_macs + sum(m for _, m, _ in chosen.values())
+    return SearchResult({name: r for name, (r, _, _) in chosen.items()}, baseline, scores,
+                        problem.full_macs, macs, sum(d for _, _, d in chosen.values()))
+
+
+class EvalGuided:
+    """A rank rule (``rule=EvalGuided(...)``) choosing ranks by measured sensitivity.
+
+    What AIMET's greedy spatial-SVD rank selection offers: each layer's score drop is measured
+    with only that layer decomposed at each candidate rank, then per-layer ranks meeting the
+    multiply-add target with the least predicted drop are chosen (:func:`search_problem`).
+
+    Args:
+      eval_fn: for :func:`lrjax.decompose_linen`, ``eval_fn(module, variables) -> float``; for
+        :func:`lrjax.decompose_nnx`, ``eval_fn(model) -> float``. Higher is better (accuracy,
+        agreement with the full model, negative loss).
+      target_speedup: times fewer multiply-adds over all 2-D convs.
+      candidates: fractions of each layer's break-even rank (default
+        :data:`DEFAULT_FRACTIONS`) or ``{path: [ranks]}``.
+
+    After use, ``.result`` holds the :class:`SearchResult`.
+    """
+
+    def __init__(self, eval_fn, target_speedup: float, candidates=None):
+        if not callable(eval_fn):
+            raise ValueError(f"eval_fn must be callable; got {eval_fn!r}")
+        self.eval_fn = eval_fn
+        self.target_speedup = float(target_speedup)
+        self.candidates = candidates
+        self.result: SearchResult | None = None
+
+    def select(self, problem) -> dict[str, int | None]:
+        self.result = search_problem(problem, target_speedup=self.target_speedup,
+                                     candidates=self.candidates)
+        return self.result.ranks
+
+
+def search(model, variables, *example_args, eval_fn, target_speedup: float, candidates=None,
+           calibration=None, multiple: int | None = None, **example_kwargs) -> SearchResult:
+    """Eval-guided per-layer ranks for a linen model (see :class:`EvalGuided`).
+
+    Args:
+      model, variables, *example_args, **example_kwargs: as for :func:`lrjax.decompose_linen`.
+      eval_fn: ``eval_fn(module, variables) -> float``, higher is better.
+      target_speedup: times fewer multiply-adds over all 2-D convs.
+      candidates: fractions of the break-even rank, or ``{path: [ranks]}``.
+      calibration: optional calibration batches (calibration-aware factors while searching).
+      multiple: round candidate ranks to multiples of this.
+
+    Returns:
+      A :class:`SearchResult`; its ``ranks`` can be passed as ``rule=`` to ``decompose_linen``.
+    """
+    from lrjax import surgery
+
+    surgery.check_variables(model, variables, *example_args, **example_kwargs)
+    problem = surgery.rank_problem(model, variables, example_args, example_kwargs,
+                                   calibration=calibration, multiple=multiple)
+    problem.score = surgery.linen_scorer(model, variables, problem, eval_fn)
+    return search_problem(problem, target_speedup=target_speedup, candidates=candidates)

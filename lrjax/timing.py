@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lrjax import costs
+from lrjax import costs, formulations
 from lrjax.layers import LowRankConv
 
 __all__ = ["median_time", "layer_times"]
@@ -28,13 +28,13 @@ def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float
     return statistics.median(runs)
 
 
-def _layer_module(layer: costs.ConvShape, rank: int | None, dtype, implementation) -> nn.Module:
+def _layer_module(layer: costs.ConvShape, rank: int | None, dtype) -> nn.Module:
     kwargs = dict(strides=layer.strides, padding=layer.padding, kernel_dilation=layer.dilation,
                   feature_group_count=layer.groups, use_bias=layer.use_bias, dtype=dtype)
     if rank is None:
-        return nn.Conv(layer.out_channels, layer.kernel_size, **kwargs)
-    return LowRankConv(layer.out_channels, layer.kernel_size, rank=rank,
-                       implementation=implementation, **kwargs)
+        return nn.Conv(layer.out_channels, layer.kernel_size,
+                       conv_general_dilated=formulations.conv_general_dilated, **kwargs)
+    return LowRankConv(layer.out_channels, layer.kernel_size, rank=rank, **kwargs)
 
 
 def layer_times(
@@ -45,15 +45,14 @@ def layer_times(
     dtype=jnp.float32,
     repeats: int = 5,
     backward: bool = False,
-    implementations: Sequence[str] = ("conv",),
-) -> dict[str, tuple[float, ...]]:
-    """Median forward (or forward+backward) seconds of each decomposed layer.
+) -> dict[str, tuple[float, float]]:
+    """Median forward (or forward+backward) seconds of each decomposed layer, full and as a pair.
 
-    Each layer runs alone, jitted, on a random ``(batch, H, W, C)`` input of its own size.
+    Each layer runs alone, jitted, on a random ``(batch, H, W, C)`` input of its own size, with
+    the formulations :mod:`lrjax.formulations`' policy picks.
 
     Returns:
-      ``{layer: (full, pair with implementations[0], pair with implementations[1], ...)}``;
-      ``inf`` where an implementation does not apply (``"matmul"`` on a grouped conv).
+      ``{layer: (full seconds, pair seconds)}``.
     """
     out = {}
     for layer in layers:
@@ -63,11 +62,8 @@ def layer_times(
         x = jax.random.normal(jax.random.key(0), (batch, *layer.input_hw, layer.in_channels),
                               dtype)
         pair = []
-        for r, impl in [(None, None)] + [(rank, impl) for impl in implementations]:
-            if impl == "matmul" and layer.groups != 1:
-                pair.append(float("inf"))
-                continue
-            module = _layer_module(layer, r, dtype, impl)
+        for r in (None, rank):
+            module = _layer_module(layer, r, dtype)
             variables = module.init(jax.random.key(1), x[:1])
             if backward:
                 fn = jax.jit(jax.grad(lambda v, x, m=module: jnp.sum(m.apply(v, x).astype(

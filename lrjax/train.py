@@ -30,8 +30,10 @@ from lrjax import checkpoint, models
 from lrjax.cost_report import cost_report
 
 __all__ = [
-    "TrainState", "TrainingDiverged", "make_optimizer", "lr_schedule", "create_train_state",
-    "train_step", "eval_step", "evaluate", "train_and_evaluate", "validate_config",
+    "TrainState", "TrainingDiverged", "make_optimizer", "lr_schedule", "scaled_lr_values",
+    "create_train_state", "state_from_variables", "train_step", "evaluate", "setup",
+    "restore_or_init", "train_loop", "train_and_evaluate", "validate_config", "build_model",
+    "Run", "Progress", "run_label",
 ]
 
 log = logging.getLogger("lrjax.train")
@@ -60,9 +62,22 @@ def lr_schedule(values, boundaries_epochs, steps_per_epoch: int) -> optax.Schedu
     return lambda step: table[jnp.searchsorted(steps, step, side="right")]
 
 
+def scaled_lr_values(config) -> tuple[float, ...]:
+    """``config.lr_values``, scaled by ``batch_size / lr_reference_batch`` when the config sets a
+    reference batch (the linear scaling rule: the authors' ImageNet recipe is given at batch 64)."""
+    ref = config.get("lr_reference_batch")
+    if ref is None:
+        return tuple(config.lr_values)
+    if not isinstance(ref, int) or ref < 1:
+        raise ValueError(f"config.lr_reference_batch must be a positive integer; got {ref!r}")
+    return tuple(v * config.batch_size / ref for v in config.lr_values)
+
+
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SGD with momentum and (Torch-style, added to the gradient) weight decay."""
-    schedule = lr_schedule(config.lr_values, config.lr_boundaries_epochs, steps_per_epoch)
+    """SGD with momentum and (Torch-style, added to the gradient) weight decay, on the
+    piecewise-constant schedule of :func:`scaled_lr_values`."""
+    schedule = lr_schedule(scaled_lr_values(config), config.lr_boundaries_epochs,
+                           steps_per_epoch)
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(schedule, momentum=config.momentum))
 
@@ -81,6 +96,14 @@ def create_train_state(model, tx, image_shape, seed: int) -> TrainState:
     variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats"), rng=dropout_key)
+
+
+def state_from_variables(model, variables, tx, seed: int = 0) -> TrainState:
+    """A train state holding existing variables (e.g. ``decompose_linen``'s), to fine-tune with
+    :func:`train_step`."""
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats"),
+                             rng=jax.random.PRNGKey(seed))
 
 
 def _variables(state: TrainState, params=None):
@@ -127,29 +150,34 @@ def train_step(state: TrainState, batch, metrics):
     return state, jax.tree.map(jnp.add, metrics, step_sums)
 
 
-def eval_step(state: TrainState, batch):
-    """Metric sums over the unmasked examples of one evaluation batch."""
-    return _eval_sums(state.apply_fn, _variables(state), batch)
-
-
 def _eval_sums(apply_fn, variables, batch):
     logits = apply_fn(variables, batch["image"], train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     return _metric_sums(logits, batch["label"], batch["mask"].astype(jnp.float32), losses)
 
 
-def evaluate(model, variables, dataset, batch_size: int) -> dict[str, float]:
+def _jit_eval_sums(apply_fn, mesh: Mesh):
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(functools.partial(_eval_sums, apply_fn), in_shardings=(replicated, sharded),
+                   out_shardings=replicated)
+
+
+def evaluate(model, variables, dataset, batch_size: int, *, eval_sums=None) -> dict[str, float]:
     """Mean loss, top-1 (and top-5) of ``model`` over every test example of ``dataset``.
 
-    The batch is sharded over all devices, the variables replicated.
+    The batch is sharded over all devices, the variables replicated; the last batch is padded
+    and masked, so every example counts once.
+
+    Args:
+      eval_sums: an already jitted ``(variables, batch) -> metric sums`` (a training run reuses
+        its own); built from ``model.apply`` otherwise.
     """
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     if batch_size % jax.device_count():
         raise ValueError(f"eval batch size {batch_size} is not divisible by the "
                          f"{jax.device_count()} devices")
-    step = jax.jit(functools.partial(_eval_sums, model.apply),
-                   in_shardings=(replicated, sharded), out_shardings=replicated)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = eval_sums or _jit_eval_sums(model.apply, mesh)
     variables = jax.device_put(variables, replicated)
     sums = None
     for batch in dataset.test_batches(batch_size):
@@ -157,13 +185,19 @@ def evaluate(model, variables, dataset, batch_size: int) -> dict[str, float]:
         out = step(variables, batch)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     m = {k: float(v) for k, v in jax.device_get(sums).items()}
+    if not math.isfinite(m["loss"]):
+        raise TrainingDiverged(f"evaluation loss is {m['loss']}")
     n = max(m.pop("count"), 1.0)
     return {k: v / n for k, v in m.items()}
 
 
-def validate_config(config, num_devices: int) -> None:
-    """Raise ``ValueError`` with a clear message for a config that cannot run."""
-    models.model_spec(config.model)  # unknown model
+def validate_config(config, num_devices: int, *, zoo_model: bool = True) -> None:
+    """Raise ``ValueError`` with a clear message for a config that cannot run.
+
+    ``zoo_model=False``: the model is given by the caller, ``config.model`` is only a label.
+    """
+    if zoo_model:
+        models.model_spec(config.model)  # unknown model
     if config.dataset not in ("cifar10", "digits", "imagenet2012"):
         raise ValueError(f"unknown dataset {config.dataset!r}; choose cifar10, digits or "
                          "imagenet2012")
@@ -187,7 +221,8 @@ def _fingerprint(config, num_classes, steps_per_epoch) -> dict:
     def plain(v):
         return v.to_dict() if hasattr(v, "to_dict") else v
 
-    facts = {"model": config.model, "dataset": config.dataset, "num_classes": num_classes,
+    facts = {"model": config.model, "lowrank": bool(config.get("lowrank")),
+             "bn": bool(config.get("bn")), "dataset": config.dataset, "num_classes": num_classes,
              "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
              "seed": config.seed, "ranks": plain(config.get("ranks")),
              "model_kwargs": plain(config.get("model_kwargs"))}
@@ -236,23 +271,75 @@ class RunResult:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "state"}
 
 
-def train_and_evaluate(config, workdir: str, *, init_variables=None) -> RunResult:
-    """Train ``config.model`` on ``config.dataset``, evaluating and checkpointing every epoch.
+@dataclasses.dataclass
+class Run:
+    """Everything a training run is made of, built once by :func:`setup`."""
 
-    Resumes from the latest checkpoint in ``workdir/checkpoints`` if there is one; otherwise
-    starts from ``init_variables`` (e.g. decomposed pretrained weights) or a fresh init. Writes
-    TensorBoard events, ``results.json``, ``results.md`` and ``curves.png`` to ``workdir``.
+    config: Any
+    workdir: str
+    dataset: Any
+    model: Any
+    steps_per_epoch: int
+    mesh: Mesh
+    init: Any  # jitted: () -> a fresh TrainState, replicated
+    abstract_state: Any
+    train_step: Any  # jitted train_step over the mesh, state and metrics donated
+    eval_step: Any  # jitted _eval_sums over the mesh
+    reset_momentum: Any
+    checkpoints: checkpoint.TrainCheckpoints
+    schedule: optax.Schedule
 
-    Raises:
-      ValueError: a bad config. DataError: missing data. CheckpointError: a checkpoint from a
-      different model or config. TrainingDiverged: NaN/Inf loss (the last good checkpoint stays).
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: epoch, batch within it, history rows and seconds trained."""
+
+    epoch: int = 0
+    position: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def run_label(config) -> str:
+    """A run's label: ``nin``, ``nin-lowrank``, ``nin-bn``, ``nin-lowrank-bn``, ..."""
+    return (config.model + ("-lowrank" if config.get("lowrank") or config.get("ranks") else "")
+            + ("-bn" if config.get("bn") else ""))
+
+
+def build_model(config, num_classes: int):
+    """The model a config names: ``get_model(config.model, lowrank=..., bn=..., ranks=...)``."""
+    kwargs = {"num_classes": num_classes, "dtype": jnp.dtype(config.dtype),
+              "bn_momentum": config.bn_momentum, "lowrank": bool(config.get("lowrank")),
+              "bn": bool(config.get("bn"))}
+    if config.get("ranks"):
+        kwargs["ranks"] = dict(config.ranks)
+    kwargs.update(config.get("model_kwargs") or {})
+    return models.get_model(config.model, **kwargs)
+
+
+def setup(config, workdir: str, *, model=None) -> Run:
+    """Validate the config, load the data and build the model, the jitted steps and the
+    checkpoint manager of a run.
+
+    Args:
+      model: a linen model to train instead of the one the config names (e.g. the ``.module``
+        of :func:`lrjax.decompose_linen`); called as ``model.apply(variables, images,
+        train=...)``. ``config.model`` is then only its label.
     """
     from lrjax import data as data_lib  # TensorFlow is imported only when training
 
     if config.multihost:
         jax.distributed.initialize()
     devices = jax.devices()
-    validate_config(config, len(devices))
+    validate_config(config, len(devices), zoo_model=model is None)
     os.makedirs(workdir, exist_ok=True)
     dataset = data_lib.load_dataset(
         config.dataset, data_dir=config.data_dir, download=config.download,
@@ -263,104 +350,109 @@ def train_and_evaluate(config, workdir: str, *, init_variables=None) -> RunResul
     if steps_per_epoch < 1:
         raise ValueError(f"batch size {config.batch_size} exceeds the {dataset.num_train} "
                          "training examples")
-    dtype = jnp.dtype(config.dtype)
-    model_kwargs = {"num_classes": dataset.num_classes, "dtype": dtype,
-                    "bn_momentum": config.bn_momentum}
-    if config.get("ranks"):
-        model_kwargs["ranks"] = dict(config.ranks)
-    model_kwargs.update(config.get("model_kwargs") or {})
-    model = models.get_model(config.model, **model_kwargs)
+    if model is None:
+        model = build_model(config, dataset.num_classes)
     tx = make_optimizer(config, steps_per_epoch)
     image_shape = (dataset.image_size, dataset.image_size, 3)
 
     mesh = Mesh(np.asarray(devices), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     init = jax.jit(functools.partial(create_train_state, model, tx, image_shape, config.seed),
                    out_shardings=replicated)
-    abstract_state = jax.eval_shape(init)
-    p_train = jax.jit(train_step, in_shardings=(replicated, batch_sharding, replicated),
-                      out_shardings=(replicated, replicated), donate_argnums=(0, 2))
-    p_eval = jax.jit(eval_step, in_shardings=(replicated, batch_sharding),
-                     out_shardings=replicated)
-    p_reset = jax.jit(reset_momentum, in_shardings=replicated, out_shardings=replicated,
-                      donate_argnums=0)
-
     ckpts = checkpoint.TrainCheckpoints(
         os.path.join(workdir, "checkpoints"),
         fingerprint=_fingerprint(config, dataset.num_classes, steps_per_epoch),
         keep=config.keep_checkpoints, keep_best=1)
-    history, start_epoch, position, elapsed = [], 0, 0, 0.0
-    latest = ckpts.latest_step()
+    return Run(
+        config=config, workdir=workdir, dataset=dataset, model=model,
+        steps_per_epoch=steps_per_epoch, mesh=mesh, init=init,
+        abstract_state=jax.eval_shape(init),
+        train_step=jax.jit(train_step, in_shardings=(replicated, batch_sharding, replicated),
+                           out_shardings=(replicated, replicated), donate_argnums=(0, 2)),
+        eval_step=_jit_eval_sums(model.apply, mesh),
+        reset_momentum=jax.jit(reset_momentum, in_shardings=replicated,
+                               out_shardings=replicated, donate_argnums=0),
+        checkpoints=ckpts,
+        schedule=lr_schedule(scaled_lr_values(config), config.lr_boundaries_epochs,
+                             steps_per_epoch))
+
+
+def restore_or_init(run: Run, init_variables=None) -> tuple[TrainState, Progress]:
+    """The latest checkpoint of the run if there is one, else a fresh state (with
+    ``init_variables``' params and batch statistics when given)."""
+    latest = run.checkpoints.latest_step()
     if latest is not None:
         abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract_state)
-        state, meta = ckpts.restore(latest, abstract)
-        start_epoch, position = meta["epoch"], meta["position"]
-        history, elapsed = meta["history"], meta["train_seconds"]
-        log.info("resumed from step %d (epoch %d, batch %d)", latest, start_epoch, position)
-    else:
-        state = init()
-        if init_variables is not None:
-            state = state.replace(
-                params=jax.device_put(init_variables["params"], replicated),
-                batch_stats=(jax.device_put(init_variables["batch_stats"], replicated)
-                             if state.batch_stats is not None else None))
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.replicated),
+            run.abstract_state)
+        state, meta = run.checkpoints.restore(latest, abstract)
+        log.info("resumed from step %d (epoch %d, batch %d)", latest, meta["epoch"],
+                 meta["position"])
+        return state, Progress(meta["epoch"], meta["position"], meta["history"],
+                               meta["train_seconds"])
+    state = run.init()
+    if init_variables is not None:
+        state = state.replace(
+            params=jax.device_put(init_variables["params"], run.replicated),
+            batch_stats=(jax.device_put(init_variables["batch_stats"], run.replicated)
+                         if state.batch_stats is not None else None))
+    return state, Progress()
 
+
+def _fetch(metrics, where: str, run: Run) -> dict[str, float]:
+    """Metric sums -> means on the host; stops with ``TrainingDiverged`` on a NaN/Inf loss."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(m["loss"]):
+        raise TrainingDiverged(
+            f"loss became {m['loss']} {where}; stopping. The last good checkpoint "
+            f"(step {run.checkpoints.latest_step()}) in {run.checkpoints.directory} is intact: "
+            "lower the learning rate or check the data, then resume.")
+    n = max(m.pop("count"), 1.0)
+    return {k: v / n for k, v in m.items()}
+
+
+def train_loop(run: Run, state: TrainState, progress: Progress) -> RunResult:
+    """Train from ``progress`` to ``config.num_epochs``, evaluating and checkpointing each epoch;
+    saves and stops cleanly on SIGTERM (status ``"preempted"``)."""
+    config, dataset, ckpts = run.config, run.dataset, run.checkpoints
+    spe = run.steps_per_epoch
     num_classes = dataset.num_classes
-    report = cost_report(model, (1, *image_shape))
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
-    writer = _SummaryWriter(os.path.join(workdir, "tensorboard"))
-    boundaries = {b * steps_per_epoch for b in config.lr_boundaries_epochs}
-    schedule = lr_schedule(config.lr_values, config.lr_boundaries_epochs, steps_per_epoch)
+    writer = _SummaryWriter(os.path.join(run.workdir, "tensorboard"))
+    boundaries = {b * spe for b in config.lr_boundaries_epochs}
 
     def to_global(batch):
         return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
-
-    def fetch(metrics, where):
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(m["loss"]):
-            raise TrainingDiverged(
-                f"loss became {m['loss']} {where}; stopping. The last good checkpoint "
-                f"(step {ckpts.latest_step()}) in {ckpts.directory} is intact: lower the learning "
-                "rate or check the data, then resume.")
-        n = max(m.pop("count"), 1.0)
-        return {k: v / n for k, v in m.items()}
-
-    def evaluate():
-        sums = None
-        for batch in dataset.test_batches(config.eval_batch_size):
-            out = p_eval(state, to_global(batch))
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        return fetch(sums, "in evaluation")
+            lambda x: jax.make_array_from_process_local_data(run.batch_sharding, x), batch)
 
     status = "completed"
-    train_iter = dataset.train_batches(local_batch, seed=config.seed, augment=config.augment,
-                                       start_batch=start_epoch * steps_per_epoch + position)
-    progress = _progress(config, start_epoch, position, steps_per_epoch)
+    history, elapsed = progress.history, progress.train_seconds
+    train_iter = dataset.train_batches(config.batch_size // jax.process_count(),
+                                       seed=config.seed, augment=config.augment,
+                                       start_batch=progress.epoch * spe + progress.position)
+    bar = _progress(config, progress.epoch, progress.position, spe)
+    position = progress.position
     with _Sigterm() as sigterm:
-        for epoch in range(start_epoch, config.num_epochs):
+        for epoch in range(progress.epoch, config.num_epochs):
             metrics = zero_metrics(num_classes)
             t0 = time.perf_counter()
             train_sums = []
-            for pos in range(position, steps_per_epoch):
-                step = epoch * steps_per_epoch + pos
+            for pos in range(position, spe):
+                step = epoch * spe + pos
                 if config.reset_momentum and step in boundaries and step > 0:
-                    state = p_reset(state)
-                state, metrics = p_train(state, to_global(next(train_iter)), metrics)
-                progress.update(config.batch_size)
+                    state = run.reset_momentum(state)
+                state, metrics = run.train_step(state, to_global(next(train_iter)), metrics)
+                bar.update(config.batch_size)
                 if config.get("debug_sigterm_at_step") == step + 1:
                     os.kill(os.getpid(), signal.SIGTERM)  # tests: simulate a preemption
-                if (pos + 1) % config.log_every_steps == 0 or pos + 1 == steps_per_epoch:
-                    m = fetch(metrics, f"at step {step + 1}")
+                if (pos + 1) % config.log_every_steps == 0 or pos + 1 == spe:
+                    m = _fetch(metrics, f"at step {step + 1}", run)
                     train_sums.append(m)
                     writer.scalars(step + 1, {f"train/{k}": v for k, v in m.items()})
-                    progress.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.3f}")
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", top1=f"{m['top1']:.3f}")
                     metrics = zero_metrics(num_classes)
                 if sigterm.received:
                     elapsed += time.perf_counter() - t0
-                    fetch(metrics, f"at step {step + 1}")
+                    _fetch(metrics, f"at step {step + 1}", run)
                     ckpts.save(step + 1, state, {"epoch": epoch, "position": pos + 1,
                                                  "history": history, "train_seconds": elapsed})
                     status = "preempted"
@@ -369,33 +461,59 @@ def train_and_evaluate(config, workdir: str, *, init_variables=None) -> RunResul
                 break
             position = 0
             elapsed += time.perf_counter() - t0
-            test = evaluate()
+            test = evaluate(run.model, _variables(state), dataset, config.eval_batch_size,
+                            eval_sums=run.eval_step)
             train_m = train_sums[-1] if train_sums else {}
-            row = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+            row = {"epoch": epoch + 1, "step": (epoch + 1) * spe,
                    **{f"train_{k}": v for k, v in train_m.items()},
                    **{f"test_{k}": v for k, v in test.items()},
-                   "lr": float(schedule((epoch + 1) * steps_per_epoch - 1))}
+                   "lr": float(run.schedule((epoch + 1) * spe - 1))}
             history.append(row)
             writer.scalars(row["step"], {f"test/{k}": v for k, v in test.items()})
-            progress.write(f"epoch {epoch + 1}: train loss {train_m.get('loss', float('nan')):.4f}"
-                           f" top1 {train_m.get('top1', float('nan')):.4f} | test loss "
-                           f"{test['loss']:.4f} top1 {test['top1']:.4f}")
+            bar.write(f"epoch {epoch + 1}: train loss {train_m.get('loss', float('nan')):.4f}"
+                      f" top1 {train_m.get('top1', float('nan')):.4f} | test loss "
+                      f"{test['loss']:.4f} top1 {test['top1']:.4f}")
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
                 ckpts.save(row["step"], state, {"epoch": epoch + 1, "position": 0,
                                                 "history": history, "train_seconds": elapsed},
                            test_accuracy=test["top1"])
-    progress.close()
+    bar.close()
     writer.close()
     ckpts.close()
+    image_shape = (dataset.image_size, dataset.image_size, 3)
+    report = cost_report(run.model, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+                         train=False)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract_state.params))
     tests = [h["test_top1"] for h in history]
     result = RunResult(
-        model=config.model, params=n_params, macs=report.lowrank_macs, full_macs=report.full_macs,
+        model=run_label(config), params=n_params, macs=report.lowrank_macs, full_macs=report.full_macs,
         theoretical_speedup=report.speedup, best_test_top1=max(tests) if tests else float("nan"),
         final_test_top1=tests[-1] if tests else float("nan"), train_seconds=elapsed,
         history=history, status=status, state=state)
     if status == "completed" and jax.process_index() == 0:
-        write_results(workdir, [result])
+        write_results(run.workdir, [result])
     return result
+
+
+def train_and_evaluate(config, workdir: str, *, model=None, init_variables=None) -> RunResult:
+    """Train on ``config.dataset``, evaluating and checkpointing every epoch.
+
+    :func:`setup`, then :func:`restore_or_init`: the latest checkpoint in
+    ``workdir/checkpoints`` if there is one, else ``init_variables`` (e.g. decomposed pretrained
+    weights) or a fresh init; then :func:`train_loop`. Writes TensorBoard events,
+    ``results.json``, ``results.md`` and ``curves.png`` to ``workdir``.
+
+    Args:
+      model: train this linen model instead of the zoo model the config names (e.g. a
+        decomposed user model); ``init_variables`` then usually are its variables.
+
+    Raises:
+      ValueError: a bad config. DataError: missing data. CheckpointError: a checkpoint from a
+      different model or config. TrainingDiverged: NaN/Inf loss (the last good checkpoint stays).
+    """
+    run = setup(config, workdir, model=model)
+    state, progress = restore_or_init(run, init_variables)
+    return train_loop(run, state, progress)
 
 
 def _progress(config, start_epoch, position, steps_per_epoch):
@@ -407,7 +525,7 @@ def _progress(config, start_epoch, position, steps_per_epoch):
         return _NoProgress()
     # rate in images/s: one step is batch_size images
     return tqdm(total=total * config.batch_size, initial=done * config.batch_size, unit="img",
-                unit_scale=True, dynamic_ncols=True, desc=config.model, smoothing=0.1)
+                unit_scale=True, dynamic_ncols=True, desc=run_label(config), smoothing=0.1)
 
 
 class _NoProgress:

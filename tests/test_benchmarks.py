@@ -1,36 +1,97 @@
 """The benchmarks run end to end at smoke sizes (their figures are measured, not tested)."""
 
 import json
+import os
 
-from benchmarks import speed, train_throughput
+import pytest
+
+from benchmarks import common, gpu_check, speed, train_throughput, xla_cpu_flags
 
 
 def test_speed_benchmark_smoke(tmp_path):
     path = str(tmp_path / "speed.json")
-    results = speed.main(["--preset", "smoke", "--json", path])
-    nin = json.load(open(path))["models"]["nin"]
-    assert set(nin["variants"]) == {"full", "lowrank (plain pairs)", "+ measured gating",
-                                    "+ per-layer formulation"}
-    assert nin["theoretical_speedup"] > 1.8
+    speed.main(["--preset", "smoke", "--json", path])
+    result = json.load(open(path))
+    nin = result["models"]["nin@4"]
+    assert nin["theoretical_speedup"] == pytest.approx(1.877, abs=1e-3)
     assert [row["layer"] for row in nin["layers"]] == ["conv1", "conv2"]
-    assert results["models"]["nin"]["variants"]["full"]["forward_s"] > 0
+    med = nin["median_s"]
+    assert nin["speedups"]["lowrank forward"] == pytest.approx(
+        med["full forward"] / med["lowrank forward"])
+    assert len(nin["times_s"]["lowrank forward_backward"]) == 1
+    machine = result["machine"]
+    assert machine["versions"]["jax"] and machine["xla_flags"]["XLA_FLAGS"] is not None
+    assert machine["formulation_policy"] == "auto"
 
 
 def test_train_throughput_benchmark_smoke(tmp_path):
     path = str(tmp_path / "throughput.json")
     train_throughput.main(["--batch", "4", "--steps", "2", "--json", path])
     result = json.load(open(path))
+    rows = result["models"]
     for name in ("nin", "lowrank_nin"):
-        row = result["models"][name]
-        assert row["lrjax"] > 0 and len(row["lrjax_step_s"]) == 2
-        if result["machine"]["torch"]:  # requirements.txt installs torch on x86_64
-            assert row["pytorch"] > 0 and row["lrjax_over_pytorch"] > 0
-    assert result["lowrank_speedup_lrjax"] > 0
+        assert len(rows[name]["lrjax"]["step_s"]) == 2
+        if result["machine"]["versions"]["torch"]:  # requirements.txt installs torch on x86_64
+            best = max(rows[name]["pytorch NCHW"]["images_per_s"],
+                       rows[name]["pytorch channels_last"]["images_per_s"])
+            assert rows[name]["pytorch_best"] == best
+            assert rows[name]["lrjax_over_pytorch"] == pytest.approx(
+                rows[name]["lrjax"]["images_per_s"] / best)
+    assert result["lowrank_speedup_lrjax"] == pytest.approx(
+        rows["lowrank_nin"]["lrjax"]["images_per_s"] / rows["nin"]["lrjax"]["images_per_s"])
 
 
-def test_interleaved_step_times_take_turns():
+def test_ablated_steps_compute_the_same_update():
+    """Each ablation swaps a formulation for the XLA op it replaces: one train step from the same
+    state and batch gives the same parameters and metrics."""
+    import jax
+    import numpy as np
+
+    variants = {"auto": {}, "portable": {"policy": "portable"},
+                **{f: {"ablate": f} for f in train_throughput.ABLATIONS}}
+    carries = {k: train_throughput.jax_train_step(True, 4, **kw).carry  # after one step
+               for k, kw in variants.items()}
+    ref_state, ref_metrics = carries.pop("auto")
+    for key, (state, metrics) in carries.items():
+        for a, b in zip(jax.tree.leaves((state.params, metrics)),
+                        jax.tree.leaves((ref_state.params, ref_metrics)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_interleaved_times_take_turns():
     order = []
-    times = train_throughput.interleaved_step_times(
+    times = common.interleaved_times(
         {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3, warmup=1)
     assert order == ["a", "b"] + ["a", "b"] * 3
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_flag_sets_name_real_xla_flags():
+    assert xla_cpu_flags.FLAG_SETS["YNN fusion off"] == "--xla_cpu_experimental_ynn_fusion_type="
+    assert all(v == "" or v.startswith("--xla_") for v in xla_cpu_flags.FLAG_SETS.values())
+
+
+def test_recommended_flags_respect_the_user(monkeypatch):
+    from lrjax import xla_flags
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert xla_flags.use_recommended_flags() == "--xla_force_host_platform_device_count=2"
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.delenv("LRJAX_XLA_FLAGS_SOURCE", raising=False)
+    with pytest.warns(UserWarning, match="already running"):  # this test process runs JAX
+        assert xla_flags.use_recommended_flags() == ""
+    assert xla_flags.flags_in_effect() == {"XLA_FLAGS": None, "source": "unset"}
+
+
+def test_gpu_check_smoke(tmp_path):
+    path = str(tmp_path / "gpu.json")
+    gpu_check.main(["--models", "nin", "--batches", "nin=4", "--dtypes", "float32",
+                    "--repeats", "1", "--json", path])
+    runs = json.load(open(path))["runs"]
+    assert [(r["policy"], r["dtype"]) for r in runs] == [("portable", "float32"),
+                                                         ("cpu", "float32")]
+    for r in runs:
+        med = r["median_s"]
+        assert r["speedup_train_step"] == pytest.approx(med["full train step"]
+                                                        / med["lowrank train step"])

@@ -1,16 +1,13 @@
 """LowRankConv, the model zoo and cost reports."""
 
-import dataclasses
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import cost_report, decompose, layers, models
-from lrjax.layers import LowRankConv, low_rank, split_padding
+from lrjax import cost_report, decompose, models, surgery
+from lrjax.layers import LowRankConv, split_padding
 
 PADDINGS = ["SAME", "VALID", "CIRCULAR", "SAME_LOWER", 1, 2, (1, 2), [(0, 2), (1, 0)],
             ((2, 1), (0, 3))]
@@ -91,40 +88,63 @@ def _count(tree):
     return sum(x.size for x in jax.tree.leaves(tree))
 
 
+def _shapes(model, size):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+
+
 @pytest.mark.parametrize("name,count", [("vgg16", 138_357_544), ("nin", 966_986),
                                         ("caffenet", 60_965_224)])
 def test_exact_parameter_counts(name, count):
     model = models.get_model(name)
-    size = models.model_spec(name).image_size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    assert _count(shapes["params"]) == count
+    assert _count(_shapes(model, models.model_spec(name).image_size)["params"]) == count
 
 
 def test_lowrank_vgg16_structure():
-    model = models.get_model("lowrank_vgg16")
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
-    p = shapes["params"]
+    model = models.get_model("vgg16", lowrank=True)
+    assert isinstance(model, surgery.LowRankModel) and isinstance(model.base, models.VGG16)
+    p = _shapes(model, 224)["params"]
     assert p["conv1_1"]["vertical"]["kernel"].shape == (3, 1, 3, 5)
     assert p["conv5_3"]["horizontal"]["kernel"].shape == (1, 3, 320, 512)
+    assert set(p["conv5_3"]) == {"vertical", "horizontal"}
     assert p["fc6"]["kernel"].shape == (25088, 4096)
 
 
 def test_lowrank_caffenet_grouped_structure():
-    model = models.get_model("lowrank_caffenet")
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 227, 227, 3))))
-    p = shapes["params"]
+    p = _shapes(models.get_model("caffenet", lowrank=True), 227)["params"]
     assert p["conv2"]["vertical"]["kernel"].shape == (5, 1, 48, 40)
     assert p["conv2"]["horizontal"]["kernel"].shape == (1, 5, 20, 256)
 
 
-@pytest.mark.parametrize("name,expect", [
-    ("lowrank_vgg16", (15.35e9, 4.94e9, 3.10)),
-    ("lowrank_caffenet", (0.666e9, 0.126e9, 5.29)),
-    ("lowrank_nin", (222.5e6, 118.6e6, 1.88)),
+def test_lowrank_conv_and_lowrank_model_share_the_variable_layout():
+    """A conv decomposed by LowRankModel keeps LowRankConv's layout under the conv's path, so
+    checkpoints written by either load into the other."""
+    class WithPair(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return LowRankConv(8, (3, 3), rank=4, name="conv")(x)
+
+    class WithConv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(8, (3, 3), name="conv")(x)
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    pair_vars = WithPair().init(jax.random.key(1), x)
+    wrapped = surgery.LowRankModel.wrap(WithConv(), {"conv": 4})
+    assert jax.tree.structure(wrapped.init(jax.random.key(1), x)) == \
+        jax.tree.structure(pair_vars)
+    np.testing.assert_allclose(wrapped.apply(pair_vars, x), WithPair().apply(pair_vars, x),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("family,expect", [
+    ("vgg16", (15.35e9, 4.94e9, 3.10)),
+    ("caffenet", (0.666e9, 0.126e9, 5.29)),
+    ("nin", (222.5e6, 118.6e6, 1.88)),
 ])
-def test_cost_reports_match_paper(name, expect):
+def test_cost_reports_match_paper(family, expect):
     full, low, speed = expect
-    report = cost_report.zoo_cost_report(name)
+    report = cost_report.zoo_cost_report(family)
     assert report.full_macs == pytest.approx(full, rel=2e-3)
     assert report.lowrank_macs == pytest.approx(low, rel=2e-3)
     assert report.speedup == pytest.approx(speed, abs=0.01)
@@ -132,35 +152,37 @@ def test_cost_reports_match_paper(name, expect):
 
 def test_cost_report_of_full_model_with_ranks():
     model = models.get_model("nin")
-    report = cost_report.cost_report(model, (1, 32, 32, 3), ranks={"conv1": 10, "conv2": 51})
+    x = cost_report.images(1, 32)
+    report = cost_report.cost_report(model, x, ranks={"conv1": 10, "conv2": 51}, train=False)
     assert report.lowrank_macs == 118_560_768
-    layers = cost_report.conv_layers(model, (1, 32, 32, 3))
-    assert [layer.shape.name for layer in layers][:3] == ["conv1", "cccp1", "cccp2"]
-    assert layers[3].shape.input_hw == (16, 16)
+    sites = surgery.find_convs(model, x, train=False)
+    assert [s.path for s in sites][:3] == ["conv1", "cccp1", "cccp2"]
+    assert sites[3].shape.input_hw == (16, 16)
+    assert sites[1].skip.startswith("1x1") and sites[0].candidate
 
 
-@pytest.mark.parametrize("name", ["nin", "lowrank_nin", "nin_bn", "lowrank_nin_bn", "cnn",
-                                  "lowrank_cnn"])
-def test_cifar_models_forward_train_and_eval(name):
-    model = models.get_model(name)
+@pytest.mark.parametrize("lowrank", [False, True])
+@pytest.mark.parametrize("family,bn", [("nin", False), ("nin", True), ("cnn", False)])
+def test_cifar_models_forward_train_and_eval(family, bn, lowrank):
+    model = models.get_model(family, lowrank=lowrank, bn=bn)
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     variables = model.init(jax.random.key(1), x, train=False)
-    assert ("batch_stats" in variables) == name.endswith("_bn")
+    assert ("batch_stats" in variables) == bn
+    assert ("vertical" in variables["params"]["conv1"]) == lowrank
     logits = model.apply(variables, x, train=False)
     assert logits.shape == (4, 10) and logits.dtype == jnp.float32
     out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
                                mutable=["batch_stats"])
     assert out.shape == (4, 10) and bool(jnp.all(jnp.isfinite(out)))
-    if name.endswith("_bn"):
+    if bn:
         # BN momentum 0.9: running mean moves 10% of the way to the batch mean
         before = variables["batch_stats"]["bn1"]["mean"]
         after = updates["batch_stats"]["bn1"]["mean"]
         assert not np.allclose(before, after)
-        assert model.norm.keywords["momentum"] == 0.9
 
 
 def test_bfloat16_compute():
-    model = models.get_model("lowrank_nin", dtype=jnp.bfloat16)
+    model = models.get_model("nin", lowrank=True, dtype=jnp.bfloat16)
     x = jnp.ones((2, 32, 32, 3))
     variables = model.init(jax.random.key(0), x)
     assert jax.tree.leaves(variables)[0].dtype == jnp.float32
@@ -170,10 +192,15 @@ def test_bfloat16_compute():
 def test_registry_errors_and_custom_ranks():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         models.get_model("resnet")
-    model = models.get_model("nin", ranks={"conv1": 4})
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-    assert shapes["params"]["conv1"]["vertical"]["kernel"].shape == (5, 1, 3, 4)
-    assert low_rank({"a": 3, "b": None}).rank_map == {"a": 3}
+    with pytest.raises(ValueError, match="has no shipped ranks"):
+        models.get_model("alexnet", lowrank=True)
+    model = models.get_model("nin", ranks={"conv1": 4, "conv2": None})
+    assert model.ranks == (("conv1", 4),)
+    p = _shapes(model, 32)["params"]
+    assert p["conv1"]["vertical"]["kernel"].shape == (5, 1, 3, 4)
+    assert "kernel" in p["conv2"]
+    with pytest.raises(ValueError, match="never called as nn.Conv: \\['conv9'\\]"):
+        _shapes(models.get_model("nin", ranks={"conv9": 4}), 32)
 
 
 def test_adaptive_avg_pool_matches_torch_bins():
@@ -184,192 +211,3 @@ def test_adaptive_avg_pool_matches_torch_bins():
     np.testing.assert_allclose(y[0, 1, 0, 0], x[0, 1:3, 0:2, 0].mean())
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID", 2, ((2, 1), (0, 3))], ids=str)
-@pytest.mark.parametrize("strides,dilation", [(1, 1), (2, 1), ((1, 2), (2, 1))])
-@pytest.mark.parametrize("cin,rank,cout", [(6, 2, 8), (2, 5, 3)])  # both matmul orders
-def test_matmul_implementation_matches_conv(padding, strides, dilation, cin, rank, cout):
-    x = jax.random.normal(jax.random.key(0), (2, 11, 10, cin))
-    kwargs = dict(strides=strides, padding=padding, kernel_dilation=dilation)
-    ref = LowRankConv(cout, (3, 5), rank=rank, **kwargs)
-    variables = ref.init(jax.random.key(1), x)
-    fast = LowRankConv(cout, (3, 5), rank=rank, implementation="matmul", **kwargs)
-    assert jax.tree.structure(fast.init(jax.random.key(1), x)) == jax.tree.structure(variables)
-    np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x), atol=1e-4)
-    with pytest.raises(ValueError, match="implementation must be one of"):
-        LowRankConv(cout, (3, 5), rank=rank, implementation="fft").init(jax.random.key(1), x)
-
-
-@pytest.mark.parametrize("window,strides,padding,shape", [
-    ((3, 3), (2, 2), "VALID", (2, 17, 17, 3)), ((2, 2), (2, 2), "VALID", (2, 8, 6, 2)),
-    ((3, 3), (2, 2), "SAME", (1, 9, 10, 2)), ((3, 2), (1, 2), ((1, 0), (0, 1)), (2, 7, 9, 3)),
-    ((3, 3), None, "VALID", (5, 5, 4)),  # no batch axis
-])
-def test_max_pool_matches_flax(window, strides, padding, shape):
-    x = jax.random.normal(jax.random.key(0), shape)  # continuous values: no ties
-    ours = functools.partial(models.max_pool, window_shape=window, strides=strides, padding=padding)
-    ref = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
-    np.testing.assert_array_equal(ours(x), ref(x))
-    cotangent = jax.random.normal(jax.random.key(1), ref(x).shape)
-    grad_ours = jax.vjp(ours, x)[1](cotangent)[0]
-    grad_ref = jax.vjp(ref, x)[1](cotangent)[0]
-    np.testing.assert_allclose(grad_ours, grad_ref, rtol=1e-6, atol=1e-6)
-
-
-def test_max_pool_ties_share_the_gradient():
-    x = jnp.zeros((1, 3, 3, 1)).at[0, 1, 2, 0].set(-1.0)  # eight inputs tie for the maximum
-    grad = jax.grad(lambda x: models.max_pool(x, (3, 3), (1, 1)).sum())(x)
-    assert grad[0, 1, 2, 0] == 0
-    assert bool(jnp.all(grad >= 0))
-    np.testing.assert_allclose(grad.sum(), 1.0, rtol=1e-6)
-
-
-def test_max_pool_is_reduce_window_alone_and_slices_when_differentiated():
-    x = jnp.ones((2, 9, 9, 3))
-    pool = functools.partial(models.max_pool, window_shape=(3, 3), strides=(2, 2))
-    assert "reduce_window_max" in str(jax.make_jaxpr(pool)(x))
-    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: pool(x).sum()))(x))
-    assert "select_and_scatter" not in grad_jaxpr and "reduce_window" not in grad_jaxpr
-
-
-@pytest.mark.parametrize("window,strides,padding,shape,match", [
-    ((3, 3), (2,), "VALID", (1, 8, 8, 1), "strides"),
-    ((9, 9), (1, 1), "VALID", (1, 8, 8, 1), r"do not fit .*\(1, 8, 8, 1\)"),
-    ((2, 2), (2, 2), ((1, 1),), (1, 8, 8, 1), "padding"),
-    ((2, 2), (0, 2), "VALID", (1, 8, 8, 1), "strides"),
-])
-def test_max_pool_bad_input(window, strides, padding, shape, match):
-    with pytest.raises(ValueError, match=match):
-        models.max_pool(jnp.zeros(shape), window, strides, padding)
-
-
-@pytest.mark.parametrize("kernel,strides,padding,dilation,shape", [
-    ((5, 5), (1, 1), ((2, 2), (2, 2)), (1, 1), (2, 9, 8, 3)),
-    ((5, 1), (1, 1), ((2, 2), (0, 0)), (1, 1), (2, 9, 8, 3)),
-    ((1, 5), (1, 2), "SAME", (1, 2), (2, 9, 11, 4)),
-    ((3, 3), (2, 2), "VALID", (1, 1), (3, 10, 10, 5)),
-    ((1, 1), (1, 1), "SAME", (1, 1), (2, 4, 4, 6)),
-])
-def test_conv_gemm_weight_grad_matches_lax(kernel, strides, padding, dilation, shape):
-    x = jax.random.normal(jax.random.key(0), shape)
-    w = jax.random.normal(jax.random.key(1), (*kernel, shape[-1], 7))
-
-    def loss(conv, x, w):
-        return jnp.sum(jnp.sin(conv(x, w, strides, padding, rhs_dilation=dilation,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))))
-
-    ref = jax.jit(jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated),
-                                     argnums=(0, 1)))(x, w)
-    ours = jax.jit(jax.value_and_grad(functools.partial(loss, layers.conv_gemm_weight_grad),
-                                      argnums=(0, 1)))(x, w)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_conv_gemm_weight_grad_rejects_groups_and_layouts():
-    x, w = jnp.zeros((1, 6, 6, 4)), jnp.zeros((3, 3, 2, 4))
-    with pytest.raises(ValueError, match="feature_group_count=2"):
-        layers.conv_gemm_weight_grad(x, w, (1, 1), "SAME", feature_group_count=2)
-    with pytest.raises(ValueError, match="NHWC"):
-        layers.conv_gemm_weight_grad(x, jnp.zeros((3, 3, 4, 4)), (1, 1), "SAME",
-                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
-
-
-def test_thin_convs_get_the_gemm_weight_gradient(monkeypatch):
-    """On CPU the factory routes thin-patch full convs through the GEMM
-    gradient, wide ones through XLA's conv; the model's gradients are unchanged."""
-    calls = []
-    real = layers.conv_gemm_weight_grad
-    monkeypatch.setattr(layers, "conv_gemm_weight_grad",
-                        lambda lhs, rhs, *a, **k: calls.append(rhs.shape) or real(lhs, rhs, *a, **k))
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-
-    def grads(factory):
-        conv1 = factory(6, (5, 5), padding=2, name="conv1")
-        conv2 = factory(8, (5, 5), padding=2, name="conv2")
-        net = nn.Sequential([conv1, nn.relu, conv2])
-        variables = net.init(jax.random.key(1), x)
-        return jax.grad(lambda v: jnp.sum(net.apply(v, x) ** 2))(variables)
-
-    with_gemm = grads(low_rank({"conv2": 3}))
-    assert calls and all(np.prod(shape[:3]) <= layers.GEMM_WEIGHT_GRAD_MAX_PATCH for shape in calls)
-    assert (5, 5, 3, 6) in calls  # full conv1: 75-wide patches
-    without = grads(dataclasses.replace(low_rank({"conv2": 3}), thin_gemm_weight_grad=False))
-    for a, b in zip(jax.tree.leaves(with_gemm), jax.tree.leaves(without), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("p,o", [(5, 7), (7, 5)])  # both transpose orders of the kernel gradient
-def test_channel_matmul_matches_einsum(p, o):
-    x = jax.random.normal(jax.random.key(0), (2, 3, 4, p))
-    w = jax.random.normal(jax.random.key(1), (p, o))
-
-    def loss(mm, x, w):
-        return jnp.sum(jnp.sin(mm(x, w)))
-
-    ref = jax.jit(jax.value_and_grad(functools.partial(
-        loss, lambda x, w: jnp.einsum("...p,po->...o", x, w)), argnums=(0, 1)))(x, w)
-    ours = jax.jit(jax.value_and_grad(functools.partial(loss, layers.channel_matmul),
-                                      argnums=(0, 1)))(x, w)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kernel,strides,padding", [((5, 1), (1, 1), "SAME"),
-                                                   ((1, 3), (2, 2), ((0, 0), (1, 2)))])
-def test_conv1d_matmul_when_differentiated(kernel, strides, padding):
-    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 4))
-    w = jax.random.normal(jax.random.key(1), (*kernel, 4, 6))
-    dn = ("NHWC", "HWIO", "NHWC")
-
-    def loss(conv, x, w):
-        return jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=dn)))
-
-    ours = functools.partial(loss, layers.conv1d_matmul_when_differentiated)
-    ref = functools.partial(loss, jax.lax.conv_general_dilated)
-    for a, b in zip(jax.tree.leaves(jax.value_and_grad(ours, (0, 1))(x, w)),
-                    jax.tree.leaves(jax.value_and_grad(ref, (0, 1))(x, w)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    # evaluated alone it is XLA's convolution; differentiated, the matmul formulation
-    plain = str(jax.make_jaxpr(ours)(x, w))
-    assert "conv_general_dilated" in plain and "dot_general" not in plain
-    assert "dot_general" in str(jax.make_jaxpr(jax.grad(ours, (0, 1)))(x, w))
-    with pytest.raises(ValueError, match=r"k x 1 or 1 x k .*\(3, 3, 4, 6\)"):
-        layers.conv1d_matmul_when_differentiated(x, jnp.zeros((3, 3, 4, 6)), (1, 1), "SAME")
-
-
-@pytest.mark.parametrize("padding", ["SAME", ((2, 1), (0, 3)), "CIRCULAR"], ids=str)
-def test_lowrank_conv_auto_gradients_match_conv(padding):
-    x = jax.random.normal(jax.random.key(0), (2, 11, 10, 4))
-    grads = {}
-    for impl in ("auto", "conv"):
-        conv = LowRankConv(6, (3, 5), rank=3, padding=padding, implementation=impl)
-        variables = conv.init(jax.random.key(1), x)
-        grads[impl] = jax.grad(lambda v, x, conv=conv: jnp.sum(jnp.sin(conv.apply(v, x))),
-                               (0, 1))(variables, x)
-    for a, b in zip(jax.tree.leaves(grads["auto"]), jax.tree.leaves(grads["conv"]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_forward_mode_through_the_zoo():
-    """max_pool is a custom_jvp (jvp works everywhere); on CPU, the matmul formulations are
-    reverse-mode only, and plain convs give forward mode back."""
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
-    pool = functools.partial(models.max_pool, window_shape=(3, 3), strides=(2, 2))
-    _, tangent = jax.jvp(pool, (x,), (jnp.ones_like(x),))
-    np.testing.assert_allclose(tangent, jnp.ones((2, 4, 4, 3)))
-    factory = dataclasses.replace(low_rank({"conv1": 4, "conv2": 8},
-                                           implementations={"conv1": "conv", "conv2": "conv"}),
-                                  pointwise_as_matmul=False, thin_gemm_weight_grad=False)
-    model = models.NIN(conv=factory)
-    images = jnp.zeros((1, 32, 32, 3))
-    variables = model.init(jax.random.key(0), images)
-    _, out_tangent = jax.jvp(lambda v: model.apply(v, images), (variables,), (variables,))
-    assert out_tangent.shape == (1, 10)
-
-
-def test_thin_conv_general_dilated_keeps_lax_semantics_for_other_layouts(monkeypatch):
-    monkeypatch.setattr(layers, "conv_gemm_weight_grad", None)  # must not be reached
-    x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8))  # NCHW, lax's default layout
-    w = jax.random.normal(jax.random.key(1), (4, 3, 3, 3))  # OIHW
-    np.testing.assert_allclose(layers.thin_conv_general_dilated(x, w, (1, 1), "SAME"),
-                               jax.lax.conv_general_dilated(x, w, (1, 1), "SAME"), rtol=1e-6)

@@ -7,6 +7,7 @@ import pytest
 
 from lrjax import models, pretrained, surgery
 from lrjax.checkpoint import CheckpointError
+from lrjax.cost_report import images
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -78,7 +79,7 @@ def test_torchvision_import_matches_torch(tmp_path, arch, fmt):
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
     variables = pretrained.load_pretrained(path, arch)
-    surgery.check_variables(model, variables, (1, SIZE, SIZE, 3))
+    surgery.check_variables(model, variables, images(1, SIZE), train=False)
     x = np.random.default_rng(0).standard_normal((2, SIZE, SIZE, 3)).astype(np.float32)
     with torch.no_grad():
         want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
@@ -140,7 +141,7 @@ def test_keras_h5_import_matches_numpy_reference(tmp_path):
     params = _write_keras_h5(path, rng)
     variables = pretrained.load_pretrained(path, "vgg16")
     model = models.get_model("vgg16", widths=VGG_WIDTHS, fc_features=FC, num_classes=CLASSES)
-    surgery.check_variables(model, variables, (1, 224, 224, 3))
+    surgery.check_variables(model, variables, images(1, 224), train=False)
     x = rng.standard_normal((1, 224, 224, 3)).astype(np.float32)
     want = _numpy_vgg(params, x)
     got = np.asarray(jax.jit(model.apply)(variables, x))
@@ -169,5 +170,6 @@ def test_import_errors(tmp_path):
     # right format, wrong shapes for the model
     torch.save(torchvision_vgg16().state_dict(), str(tmp_path / "small.pth"))
     variables = pretrained.load_pretrained(str(tmp_path / "small.pth"))
-    with pytest.raises(ValueError, match="checkpoint does not match the model: wrong shape"):
-        surgery.check_variables(models.get_model("vgg16"), variables, (1, 224, 224, 3))
+    with pytest.raises(ValueError, match="variables do not match the model: wrong shape"):
+        surgery.check_variables(models.get_model("vgg16"), variables, images(1, 224),
+                                train=False)

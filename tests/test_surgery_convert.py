@@ -1,4 +1,4 @@
-"""Model surgery, rank rules, checkpoint files and the convert command line."""
+"""Model surgery on the zoo, rank rules, checkpoint files and the convert command line."""
 
 import json
 import os
@@ -9,61 +9,64 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import checkpoint, convert, decompose, models, surgery
-from lrjax.cost_report import conv_layers
-from lrjax.layers import ConvFactory, full_rank, low_rank
+from lrjax import checkpoint, convert, cost_report, decompose, models, surgery, timing
 
 SMALL = {
     "vgg16": dict(widths=((8, 8), (16, 16), (16, 16, 16), (16, 16, 16), (16, 16, 16)),
                   fc_features=32, num_classes=10),
     "caffenet": dict(widths=(16, 32, 32, 32, 32), fc_features=32, num_classes=10),
+    "alexnet": dict(widths=(16, 32, 32, 32, 32), fc_features=32, num_classes=10),
 }
 
 
-def _setup(name, size=None):
-    base = name.replace("lowrank_", "")
-    kwargs = SMALL.get(base.replace("_bn", ""), {})
-    size = size or (32 if base.startswith("vgg") else models.model_spec(name).image_size)
-    full = models.get_model(base, **kwargs)
+def _setup(family, bn=False):
+    kwargs = SMALL.get(family, {})
+    size = 32 if family == "vgg16" else models.model_spec(family).image_size
+    full = models.get_model(family, bn=bn, **kwargs)
     variables = models.init_variables(full, size)
     variables = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(5), a.shape),
                              variables)  # non-trivial biases and BN statistics
     variables = jax.tree.map(lambda a: jnp.abs(a) if a.ndim == 1 else a, variables)
-    return base, kwargs, size, full, variables
+    return kwargs, size, full, variables
 
 
-def _full_ranks(model, size):
-    return {layer.shape.name: decompose.max_rank(layer.shape.kernel_shape,
-                                                 groups=layer.shape.groups)
-            for layer in conv_layers(model, (1, size, size, 3))
-            if layer.shape.kernel_size != (1, 1)}
+def _problem(full, variables, size, **kw):
+    x = cost_report.images(1, size)
+    return surgery.rank_problem(full, variables, (x,), {"train": False}, **kw)
 
 
-@pytest.mark.parametrize("name", ["nin", "nin_bn", "cnn", "vgg16", "caffenet", "caffenet_bn"])
-def test_full_rank_surgery_gives_original_logits(name):
-    base, kwargs, size, full, variables = _setup(name)
-    lowrank = models.get_model(base, ranks=_full_ranks(full, size), **kwargs)
-    new, report = surgery.to_lowrank(variables, lowrank, (1, size, size, 3))
+@pytest.mark.parametrize("family,bn", [("nin", False), ("nin", True), ("cnn", False),
+                                       ("vgg16", False), ("caffenet", False), ("caffenet", True)])
+def test_full_rank_surgery_gives_original_logits(family, bn):
+    _, size, full, variables = _setup(family, bn)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    top = {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
+           for s in surgery.find_convs(full, x, train=False) if s.candidate}
+    result = surgery.decompose_linen(full, variables, x, rule=top, train=False)
     want = full.apply(variables, x)
-    got = lowrank.apply(new, x)
+    got = result.module.apply(result.variables, x)
     np.testing.assert_allclose(got, want, atol=2e-4 * float(jnp.abs(want).max()) + 1e-5)
-    assert all(err < 1e-5 for err in report.errors.values())
+    assert set(result.report.errors) == set(top)
+    assert all(err < 1e-5 for err in result.report.errors.values())
+    assert result.module.base is full
 
 
-@pytest.mark.parametrize("name", list(models.MODELS))
-def test_surgery_then_forward_for_every_zoo_model(name):
-    base, kwargs, size, full, variables = _setup(name)
-    spec = models.model_spec(name)
-    shrunk = base.replace("_bn", "") in SMALL  # the authors' ranks exceed the shrunk widths
-    rule = "energy:0.6" if shrunk or spec.ranks is None else spec.ranks
-    ranks = surgery.select_ranks(rule, full, variables, (1, size, size, 3))
-    lowrank = models.get_model(base, ranks=ranks, **kwargs)
-    new, report = surgery.to_lowrank(variables, lowrank, (1, size, size, 3))
-    logits = lowrank.apply(new, jnp.ones((2, size, size, 3)))
+@pytest.mark.parametrize("family", list(models.MODELS))
+def test_surgery_then_forward_for_every_zoo_model(family):
+    kwargs, size, full, variables = _setup(family)
+    spec = models.model_spec(family)
+    # the authors' ranks exceed shrunk widths; alexnet has none
+    rule = "speedup:2" if family in SMALL else spec.ranks
+    x = jnp.ones((2, size, size, 3))
+    result = surgery.decompose_linen(full, variables, x, rule=rule, train=False)
+    logits = result.module.apply(result.variables, x)
     assert logits.shape == (2, kwargs.get("num_classes", spec.num_classes))
     assert bool(jnp.all(jnp.isfinite(logits)))
-    assert report.net.speedup > 0 and set(report.errors) == set(ranks)
+    assert set(result.report.errors) == set(result.ranks) and result.ranks
+    # the report's speedup is the wrapped module's own cost report
+    own = cost_report.cost_report(result.module, cost_report.images(1, size), train=False)
+    assert result.report.net.speedup == pytest.approx(own.speedup)
+    assert own.speedup >= (2.0 if family in SMALL else 1.5)
 
 
 def test_output_error_tracks_kernel_error():
@@ -82,71 +85,93 @@ def test_output_error_tracks_kernel_error():
 
 
 class FoldNet(nn.Module):
-    conv: ConvFactory = full_rank()
     with_bn: bool = True
 
     @nn.compact
     def __call__(self, x, train=False):
-        x = self.conv(8, (3, 3), name="conv1")(x)
+        x = nn.Conv(8, (3, 3), name="conv1")(x)
         if self.with_bn:
             x = nn.BatchNorm(use_running_average=not train, name="bn1")(x)
         return jnp.mean(nn.relu(x), axis=(1, 2))
 
 
-def test_fold_batch_norm_surgery():
+def test_fold_batch_norms_then_decompose():
     net = FoldNet()
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
     variables = net.init(jax.random.key(1), x)
     variables = jax.tree.map(lambda a: a + jnp.abs(jax.random.normal(jax.random.key(2), a.shape)),
                              variables)
-    target = FoldNet(conv=low_rank({"conv1": 9}), with_bn=False)  # full rank
-    new, _ = surgery.to_lowrank(variables, target, x.shape, fold_bn={"conv1": "bn1"})
-    np.testing.assert_allclose(target.apply(new, x), net.apply(variables, x), atol=1e-4)
-    with pytest.raises(ValueError, match="unexpected variables"):
-        surgery.to_lowrank(variables, target, x.shape)
+    folded = surgery.fold_batch_norms(variables, {"conv1": "bn1"})
+    assert set(folded) == {"params"} and set(folded["params"]) == {"conv1"}
+    plain = FoldNet(with_bn=False)
+    np.testing.assert_allclose(plain.apply(folded, x), net.apply(variables, x), atol=1e-4)
+    result = surgery.decompose_linen(plain, folded, x, rule={"conv1": 9})  # full rank
+    np.testing.assert_allclose(result.module.apply(result.variables, x), net.apply(variables, x),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="bn9/mean is missing"):
+        surgery.fold_batch_norms(variables, {"conv1": "bn9"})
+    with pytest.raises(ValueError, match="do not match the model"):
+        surgery.decompose_linen(plain, variables, x, rule={"conv1": 4})  # bn1 left over
 
 
 def test_surgery_rejects_mismatched_variables():
-    _, _, size, full, variables = _setup("nin")
-    lowrank = models.get_model("lowrank_nin")
+    _, size, full, variables = _setup("nin")
+    x = cost_report.images(1, size)
     bad = jax.tree.map(lambda a: a, variables)
     bad["params"]["conv2"]["kernel"] = jnp.zeros((5, 5, 96, 100))
-    with pytest.raises(ValueError, match=r"conv2/kernel has shape \(5, 5, 96, 100\)"):
-        surgery.to_lowrank(bad, lowrank, (1, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"conv2/kernel \(5, 5, 96, 100\) \(expected"):
+        surgery.decompose_linen(full, bad, x, rule="nin", train=False)
     del bad["params"]["cccp1"]
     with pytest.raises(ValueError, match=r"missing: \['params/cccp1/bias'"):
-        surgery.check_variables(full, bad, (1, 32, 32, 3))
+        surgery.check_variables(full, bad, x, train=False)
 
 
-def test_rank_rules():
-    _, _, size, full, variables = _setup("nin")
-    shape = (1, size, size, 3)
-    assert surgery.select_ranks("nin", full, variables, shape) == {"conv1": 10, "conv2": 51}
-    energy = surgery.select_ranks("energy:0.9", full, variables, shape)
-    assert set(energy) == {"conv1", "conv2", "conv3"}
-    speed = surgery.select_ranks("speedup:2.0", full, variables, shape, multiple=8)
-    lowrank = models.get_model("nin", ranks=speed)
-    layers = conv_layers(lowrank, shape)
-    from lrjax import costs
-    decomposed = [layer.shape for layer in layers if layer.shape.kernel_size != (1, 1)]
-    net = costs.net_cost(decomposed, speed)
-    assert net.speedup >= 2.0
-    gated = surgery.select_ranks({"conv1": 15, "conv2": 51}, full, variables, shape)
-    assert gated == {"conv1": 15, "conv2": 51}
-    measured = surgery.select_ranks("nin+measured", full, variables, shape)
-    assert set(measured) == {"conv1", "conv2"}
-    assert all(r in (None, {"conv1": 10, "conv2": 51}[n]) for n, r in measured.items())
-    with pytest.raises(ValueError, match=r"unknown layers \['conv9'\]"):
-        surgery.select_ranks({"conv9": 3}, full, variables, shape)
-    with pytest.raises(ValueError, match="must be followed by a number"):
-        surgery.select_ranks("energy:lots", full, variables, shape)
-    with pytest.raises(ValueError, match="rank 999 is invalid for layer 'conv1'"):
-        surgery.select_ranks({"conv1": 999}, full, variables, shape)
+def test_rank_rules(monkeypatch):
+    _, size, full, variables = _setup("nin")
+    problem = _problem(full, variables, size)
+    assert surgery.select_ranks("nin", problem) == {"conv1": 10, "conv2": 51}
+    assert set(surgery.select_ranks("energy:0.9", problem)) == {"conv1", "conv2", "conv3"}
+    problem8 = _problem(full, variables, size, multiple=8)
+    speed = surgery.select_ranks("speedup:1.6", problem8)
+    assert all(r % 8 == 0 or r == 15 for r in speed.values())  # 15: conv1's full rank
+    net = cost_report.cost_report(full, cost_report.images(1, size), ranks=speed, train=False)
+    assert net.speedup >= 1.6  # over every conv of the net, 1x1s included
+    assert surgery.select_ranks({"conv1": 15, "conv2": None}, problem) == \
+        {"conv1": 15, "conv2": None}
+    rounded = surgery.select_ranks({"conv2": 51}, problem8)
+    assert rounded == {"conv2": 48}
+    for rule, match in [
+        ({"conv9": 3}, r"unknown layers \['conv9'\]; the model's decomposable convs are "
+                       r"\['conv1', 'conv2', 'conv3'\]"),
+        ({"cccp1": 3}, "layer 'cccp1' cannot be decomposed: 1x1 kernel"),
+        ("energy:lots", "must be followed by a number"),
+        ("energy:1.5", r"must be in \(0, 1\]"),
+        ({"conv1": 999}, "rank 999 is invalid for layer 'conv1'"),
+        ("speedup:100", "out of reach"),
+        ("measured", "gates another rule"),
+        (3.5, "unknown rank rule"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            surgery.select_ranks(rule, problem)
+
+
+def test_measured_gate_keeps_the_slower_pairs_full(monkeypatch):
+    _, size, full, variables = _setup("nin")
+    problem = _problem(full, variables, size)
+    seen = {}
+
+    def fake_layer_times(layers, ranks, **kwargs):  # conv1's pair slower, conv2's faster
+        seen.update(ranks)
+        return {"conv1": (1.0, 2.0), "conv2": (3.0, 1.0)}
+
+    monkeypatch.setattr(timing, "layer_times", fake_layer_times)
+    assert surgery.select_ranks("nin+measured", problem) == {"conv1": None, "conv2": 51}
+    assert seen == {"conv1": 10, "conv2": 51}
 
 
 @pytest.mark.parametrize("fmt", ["npz", "orbax"])
 def test_checkpoint_roundtrip(tmp_path, fmt):
-    _, _, _, _, variables = _setup("nin_bn")
+    _, _, _, variables = _setup("nin", bn=True)
     path = str(tmp_path / ("v.npz" if fmt == "npz" else "v"))
     checkpoint.save_variables(path, variables)
     back = checkpoint.load_variables(path)
@@ -170,7 +195,7 @@ def test_load_variables_errors(tmp_path):
 
 
 def test_convert_cli_end_to_end(tmp_path, capsys):
-    _, _, _, full, variables = _setup("nin")
+    _, _, _, variables = _setup("nin")
     src = str(tmp_path / "nin.npz")
     checkpoint.save_variables(src, variables)
     out = str(tmp_path / "lowrank")
@@ -181,23 +206,48 @@ def test_convert_cli_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "conv2" in printed and "1.88x" in printed
     new = checkpoint.load_variables(out)
-    lowrank = models.get_model("lowrank_nin")
-    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    assert lowrank.apply(new, x).shape == (2, 10)
     data = json.load(open(report))
     assert data["ranks"] == {"conv1": 10, "conv2": 51}
     assert data["theoretical_speedup"] == pytest.approx(1.877, abs=1e-3)
+    lowrank = models.get_model("nin", ranks=data["ranks"])
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    full = models.get_model("nin")
+    logits = lowrank.apply(new, x)
+    assert logits.shape == (2, 10)
+    # the converted model stays close to the original (these random weights: 55% / 86% error)
+    assert float(jnp.linalg.norm(logits - full.apply(variables, x))) < \
+        float(jnp.linalg.norm(full.apply(variables, x)))
     # rank file naming unknown layers, wrong model, mismatched checkpoint: message, nothing written
     rank_file = tmp_path / "bad_ranks.json"
     rank_file.write_text(json.dumps({"conv1": 4, "conv7": 3}))
     for argv, match in [
         (["--model", "nin", "--ranks", str(rank_file)], "unknown layers"),
         (["--model", "resnet", "--ranks", "nin"], "unknown model 'resnet'"),
-        (["--model", "cnn", "--ranks", "cnn"], "checkpoint does not match the model"),
-        (["--model", "lowrank_nin", "--ranks", "nin"], "did you mean 'nin'"),
+        (["--model", "cnn", "--ranks", "cnn"], "variables do not match the model"),
+        (["--model", "nin", "--ranks", "nin", "--fold-bn", "conv1"], "--fold-bn must look like"),
+        (["--model", "nin", "--ranks", "nin", "--fold-bn", "conv1:bn1"], "needs the BN variant"),
     ]:
         target = str(tmp_path / "should_not_exist.npz")
         rc = convert.main(argv + ["--checkpoint", src, "--output", target])
         assert rc == 2
         assert match in capsys.readouterr().err
         assert not os.path.exists(target)
+
+
+def test_convert_folds_batch_norms(tmp_path):
+    _, _, full_bn, variables = _setup("nin", bn=True)
+    src = str(tmp_path / "nin_bn.npz")
+    checkpoint.save_variables(src, variables)
+    out = str(tmp_path / "folded.npz")
+    rank_file = tmp_path / "full.json"
+    rank_file.write_text(json.dumps({"conv1": 15}))
+    assert convert.main(["--model", "nin", "--bn", "--checkpoint", src, "--ranks",
+                         str(rank_file), "--output", out,
+                         "--fold-bn", "conv1:bn1,cccp2:bn2,conv3:bn3,cccp5:bn4"]) == 0
+    new = checkpoint.load_variables(out)
+    assert "batch_stats" not in new
+    lowrank = models.get_model("nin", ranks={"conv1": 15})  # full rank: exact
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    want = full_bn.apply(variables, x)
+    np.testing.assert_allclose(lowrank.apply(new, x), want,
+                               atol=1e-4 * float(jnp.abs(want).max()) + 1e-5)

@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     c = cifar_config.get_config()
-    c.model = "lowrank_cnn"
+    c.model = "cnn"
+    c.lowrank = True
     c.dataset = "cifar10"
     c.data_dir = None
     c.download = False
@@ -133,7 +134,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, mock_cifar):
     assert resumed.history == full.history
     # a different config in the same workdir stops with a clear error
     with pytest.raises(checkpoint.CheckpointError, match="different model or config"):
-        train.train_and_evaluate(tiny_config(model="cnn"), str(tmp_path / "b"))
+        train.train_and_evaluate(tiny_config(lowrank=False), str(tmp_path / "b"))
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, mock_cifar):
@@ -155,19 +156,19 @@ def test_cli_end_to_end(tmp_path):
         "with tfds.testing.mock_data(num_examples=24):\n"
         "    sys.argv = ['cifar_nin'] + sys.argv[1:]\n"
         "    app.run(cifar_nin.main)\n")
-    args = [sys.executable, "-c", script, f"--workdir={tmp_path}", "--config.model=lowrank_cnn",
+    args = [sys.executable, "-c", script, f"--workdir={tmp_path}", "--config.model=cnn",
             "--config.batch_size=8", "--config.eval_batch_size=8", "--config.steps_per_epoch=2",
             "--config.num_epochs=1", "--config.download=false", "--config.compare=true",
             "--config.progress=false", "--config.log_every_steps=1"]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "| cnn |" in out.stdout and "| lowrank_cnn |" in out.stdout
-    for name in ("cnn", "lowrank_cnn"):
+    assert "| cnn |" in out.stdout and "| cnn-lowrank |" in out.stdout
+    for name in ("cnn", "cnn-lowrank"):
         run = tmp_path / name
         assert (run / "results.json").exists() and (run / "curves.png").exists()
         assert os.listdir(run / "checkpoints") and os.listdir(run / "tensorboard")
     results = json.load(open(tmp_path / "results.json"))
-    assert [r["model"] for r in results] == ["cnn", "lowrank_cnn"]
+    assert [r["model"] for r in results] == ["cnn", "cnn-lowrank"]
     assert results[1]["theoretical_speedup"] > 5
     bad = subprocess.run([sys.executable, "-m", "experiments.cifar_nin",
                           f"--workdir={tmp_path / 'bad'}", "--config.model=resnet"],
@@ -183,7 +184,7 @@ def test_multi_device_matches_single_device(tmp_path):
         "from lrjax import train\n"
         "with tfds.testing.mock_data(num_examples=40):\n"
         "    r = train.train_and_evaluate(tiny_config(batch_size=8, steps_per_epoch=4, "
-        "num_epochs=2, model='lowrank_nin_bn'), sys.argv[1])\n"
+        "num_epochs=2, model='nin', bn=True), sys.argv[1])\n"
         "import jax\n"
         "print(json.dumps({'devices': jax.device_count(), 'history': r.history}))\n")
     curves = {}
@@ -198,11 +199,11 @@ def test_multi_device_matches_single_device(tmp_path):
     np.testing.assert_allclose(curves[4], curves[1], rtol=2e-3)
 
 
-@pytest.mark.parametrize("model", ["lowrank_nin_bn", "nin_bn"])
-def test_learns_real_digits(tmp_path, model):
+@pytest.mark.parametrize("lowrank", [True, False])
+def test_learns_real_digits(tmp_path, lowrank):
     """Real data, offline: scikit-learn's digits through the same pipeline and engine."""
     config = cifar_config.get_config("local")
-    config.model = model
+    config.lowrank = lowrank
     config.num_epochs = 5
     config.lr_boundaries_epochs = (4,)
     config.progress = False

@@ -7,7 +7,7 @@ reproduces the authors' headline CIFAR-10 run (low-rank NIN, no augmentation, 79
 760, weight decay 1e-4, momentum 0.9 reset at each change). Their best single-epoch test accuracy
 was 91.31%. That is 395k steps (50.6 M images); GPU run time not yet measured.
 
-Override any field: ``--config.model=nin_bn --config.num_epochs=10``.
+Override any field: ``--config.lowrank=false --config.bn=true --config.num_epochs=10``.
 """
 
 import ml_collections
@@ -21,8 +21,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     if variant:
         raise ValueError(f"unknown config variant {variant!r}; use '' or 'local'")
     c = ml_collections.ConfigDict()
-    c.model = "lowrank_nin"  # nin, lowrank_nin, nin_bn, lowrank_nin_bn, cnn, lowrank_cnn
-    c.ranks = ml_collections.FieldReference(None, field_type=dict)  # override the authors' ranks
+    c.model = "nin"  # zoo family: nin or cnn
+    c.lowrank = True  # the low-rank variant (the authors' ranks unless c.ranks is given)
+    c.bn = False  # batch norm variant (lowrank_nin_2's placement for NIN)
+    c.ranks = ml_collections.FieldReference(None, field_type=dict)  # {layer: rank} override
     c.dataset = "cifar10"  # cifar10 (TFDS) or digits (offline, scikit-learn)
     c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir
     c.download = True  # let TFDS download CIFAR-10 when missing
@@ -47,6 +49,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.progress = True  # progress bar with ETA and images/s
     c.multihost = False  # call jax.distributed.initialize() first
     c.compare = False  # train the model and its full-rank (or low-rank) twin, print both
+    c.lr_reference_batch = ml_collections.FieldReference(None, field_type=int)  # lr scaling
     c.debug_sigterm_at_step = ml_collections.FieldReference(None, field_type=int)  # tests only
     return c
 
@@ -54,7 +57,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 def get_local_config() -> ml_collections.ConfigDict:
     """A few-minute CPU run on the offline digits data (real images, no download)."""
     c = get_config()
-    c.model = "lowrank_nin_bn"
+    c.bn = True
     c.dataset = "digits"
     c.batch_size = 64
     c.eval_batch_size = 150

@@ -16,7 +16,9 @@ import ml_collections
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "decompose"  # decompose pretrained weights, or "scratch": low-rank + BN from scratch
-    c.model = "vgg16"  # full-rank family: vgg16, caffenet (scratch), alexnet (torchvision weights)
+    c.model = "vgg16"  # zoo family: vgg16, caffenet (scratch), alexnet (torchvision weights)
+    c.lowrank = False  # set by the stages: the fine-tuned / scratch-trained net is low-rank
+    c.bn = False
     c.model_kwargs = ml_collections.FieldReference(None, field_type=dict)  # e.g. small widths
     c.weights = ml_collections.FieldReference(None, field_type=str)  # .pth/.safetensors/.h5
     c.rank_rule = "vgg16"  # authors' ranks, a JSON file, energy:F, speedup:S, ...+measured
@@ -35,7 +37,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval_batch_size = 250
     c.steps_per_epoch = 10_000  # an "epoch" here is 10k iterations
     c.num_epochs = 12  # 120k iterations
-    c.lr_values = (0.01, 0.001, 0.0001)  # scaled by batch_size / 64 below
+    c.lr_values = (0.01, 0.001, 0.0001)  # at batch 64; scaled by batch_size / 64 (linear rule)
+    c.lr_reference_batch = ml_collections.FieldReference(64, field_type=int)  # None: no scaling
     c.lr_boundaries_epochs = (5, 10)  # x0.1 every 50k iterations
     c.momentum = 0.9
     c.reset_momentum = False
@@ -60,7 +63,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.model = "caffenet"
         c.image_size = 227
         c.batch_size = 256
-        c.lr_values = (0.1, 0.01, 0.001, 0.0001)
+        c.lr_values = (0.1, 0.01, 0.001, 0.0001)  # given at batch 256: no scaling
+        c.lr_reference_batch = None
         c.lr_boundaries_epochs = (10, 20, 30)
         c.num_epochs = 35
         c.steps_per_epoch = 5_000

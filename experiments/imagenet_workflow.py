@@ -23,20 +23,14 @@ import os
 import jax
 import jax.numpy as jnp
 
-from lrjax import checkpoint, cost_report, models, pretrained, surgery, train
+from lrjax import checkpoint, convert, cost_report, models, pretrained, surgery, train
 from lrjax.timing import median_time
 
 __all__ = ["run", "STAGES"]
 
 STAGES = ("import", "decompose", "evaluate", "finetune", "time")
-log = logging.getLogger("lrjax.compress")
-
-
-def _write_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+log = logging.getLogger("lrjax.imagenet")
+_write_json = checkpoint.write_json
 
 
 def _read_json(path):
@@ -53,8 +47,8 @@ def _dataset(config):
                              scale_augment=config.scale_augment)
 
 
-def _models(config, ranks=None):
-    kwargs = dict(config.model_kwargs or {})
+def _models(config, ranks=None, **overrides):
+    kwargs = {**dict(config.model_kwargs or {}), **overrides}
     full = models.get_model(config.model, **kwargs)
     lowrank = None if ranks is None else models.get_model(config.model, ranks=ranks, **kwargs)
     return full, lowrank
@@ -77,7 +71,7 @@ def run(config, workdir: str) -> dict:
         raise ValueError(f"config.mode must be 'decompose' or 'scratch'; got {config.mode!r}")
     stages = _stages(config)
     os.makedirs(workdir, exist_ok=True)
-    shape = (1, config.image_size, config.image_size, 3)
+    x = cost_report.images(1, config.image_size)
     full_path = os.path.join(workdir, "full_variables")
     init_path = os.path.join(workdir, "lowrank_init")
     dec_path = os.path.join(workdir, "decompose.json")
@@ -88,7 +82,7 @@ def run(config, workdir: str) -> dict:
             raise ValueError("the import stage needs --config.weights=PATH (torchvision .pth / "
                              ".safetensors, or Keras .h5)")
         variables = pretrained.load_pretrained(config.weights, config.model)
-        surgery.check_variables(full, variables, shape)
+        surgery.check_variables(full, variables, x, train=False)
         checkpoint.save_variables(full_path, variables)
         log.info("imported %s -> %s", config.weights, full_path)
 
@@ -96,19 +90,17 @@ def run(config, workdir: str) -> dict:
         if not os.path.exists(full_path):
             raise ValueError(f"{full_path} is missing: run the import stage first")
         variables = checkpoint.load_variables(full_path)
-        surgery.check_variables(full, variables, shape)
+        surgery.check_variables(full, variables, x, train=False)
         return variables
 
     if "decompose" in stages and not os.path.exists(init_path):
-        variables = full_variables()
-        ranks = surgery.select_ranks(config.rank_rule, full, variables, shape,
-                                     multiple=config.rank_multiple)
-        _, lowrank = _models(config, ranks)
-        lowrank_variables, report = surgery.to_lowrank(variables, lowrank, shape)
-        print(report.table(), flush=True)
-        checkpoint.save_variables(init_path, lowrank_variables)
-        _write_json(dec_path, {"rank_rule": str(config.rank_rule), "ranks": ranks,
-                               **report.as_dict()})
+        _, result = convert.decompose_checkpoint(
+            config.model, full_variables(), config.rank_rule, image_size=config.image_size,
+            multiple=config.rank_multiple, **dict(config.model_kwargs or {}))
+        print(result.report.table(), flush=True)
+        checkpoint.save_variables(init_path, result.variables)
+        _write_json(dec_path, {"rank_rule": str(config.rank_rule), "ranks": result.ranks,
+                               **result.report.as_dict()})
 
     def lowrank_setup():
         if not os.path.exists(dec_path):
@@ -131,15 +123,18 @@ def run(config, workdir: str) -> dict:
     if "finetune" in stages:
         ranks, _, lowrank_variables = lowrank_setup()
         ft = config.copy_and_resolve_references()
-        ft.ranks = ranks
+        ft.ranks, ft.lowrank = ranks, True
         finetune = train.train_and_evaluate(ft, os.path.join(workdir, "finetune"),
                                             init_variables=lowrank_variables)
 
     time_path = os.path.join(workdir, "timing.json")
     if "time" in stages and not os.path.exists(time_path):
-        ranks, lowrank, _ = lowrank_setup()
-        _write_json(time_path, {"full": _time(full, config), "lowrank": _time(lowrank, config),
-                                "batch": config.time_batch, "backend": jax.default_backend()})
+        ranks, _, _ = lowrank_setup()
+        timed_full, timed_lowrank = _models(config, ranks, dtype=jnp.dtype(config.dtype))
+        _write_json(time_path, {"full": _time(timed_full, config),
+                                "lowrank": _time(timed_lowrank, config),
+                                "batch": config.time_batch, "dtype": config.dtype,
+                                "backend": jax.default_backend()})
 
     rows = _results(config, workdir, finetune)
     return rows
@@ -149,8 +144,6 @@ def _time(model, config) -> dict:
     size = config.image_size
     x = jax.random.normal(jax.random.key(0), (config.time_batch, size, size, 3))
     variables = models.init_variables(model, size)
-    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    model = model.clone(dtype=dtype)
     fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
     grad = jax.jit(jax.grad(lambda p, x: jnp.mean(
         model.apply({**variables, "params": p}, x, train=False) ** 2)))
@@ -192,23 +185,16 @@ def _results(config, workdir, finetune) -> list[dict]:
                      f"| {fmt(r['ms_per_iter'], '.1f')} | {fmt(r['actual_speedup'], '.2f')} "
                      f"| {fmt(r['theoretical_speedup'], '.2f')} |")
     _write_json(os.path.join(workdir, "results.json"), rows)
-    with open(os.path.join(workdir, "results.md.tmp"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(workdir, "results.md.tmp"), os.path.join(workdir, "results.md"))
+    checkpoint.write_text(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return rows
 
 
 def _scratch(config, workdir) -> list[dict]:
-    """Train a low-rank net with batch norm from scratch (``lowrank_vgg16_bn`` etc.)."""
-    name = config.model if config.model.startswith("lowrank_") else f"lowrank_{config.model}"
-    name = name if name.endswith("_bn") else f"{name}_bn"
-    models.model_spec(name)
+    """Train a low-rank net with batch norm from scratch (the authors' CaffeNet-with-BN recipe)."""
     sc = config.copy_and_resolve_references()
-    sc.model = name
+    sc.lowrank, sc.bn = True, True
     result = train.train_and_evaluate(sc, workdir)
-    ranks = dict(config.ranks) if config.get("ranks") else None
-    model = models.get_model(name, ranks=ranks, **dict(config.model_kwargs or {}))
-    report = cost_report.cost_report(model, (1, config.image_size, config.image_size, 3))
-    return [{"model": name, "top5": result.history[-1].get("test_top5") if result.history else None,
-             "theoretical_speedup": report.speedup}]
+    top5 = result.history[-1].get("test_top5") if result.history else None
+    return [{"model": f"{config.model}-lowrank-bn", "top5": top5,
+             "theoretical_speedup": result.theoretical_speedup}]

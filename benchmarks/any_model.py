@@ -1,0 +1,211 @@
+"""Compressing models lrjax did not write: accuracy and agreement vs theoretical speedup for
+data-free, calibrated and eval-guided ranks, before and after a short fine-tune.
+
+Two models, both written without lrjax (``benchmarks/user_models.py``):
+
+* a small CNN *trained here* on scikit-learn's offline digits (1,347 training / 450 test images,
+  32x32): test accuracy and top-1 agreement with the full model, before fine-tuning and after a
+  short fine-tune of the low-rank model;
+* a ResNet-18 in the Flax examples' style with random weights (64x64 inputs): relative logit
+  error and top-1 agreement with the full model on held-out random inputs.
+
+Methods at each target (times fewer multiply-adds over all convs):
+
+* ``data-free``: ``rule="speedup:S"`` (Zhang et al.'s energy allocation), closed-form factors;
+* ``calibrated``: the same rule with ``calibration=`` (calibrated spectra and factors);
+* ``calibrated + eval-guided``: ``rule=lrjax.ranks.EvalGuided`` scored on a validation split
+  carved from the *training* images (the test split is never used to choose), calibrated factors.
+
+    python -m benchmarks.any_model --json bench_results/any_model.json --plot bench_results/any_model.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import numpy as np
+
+from benchmarks import common
+
+TARGETS = (1.5, 2.0, 3.0, 4.0)
+METHODS = ("data-free", "calibrated", "calibrated + eval-guided")
+
+
+def _accuracy(module, variables, images, labels, batch=500) -> float:
+    import jax
+
+    fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    hits = 0
+    for i in range(0, len(images), batch):
+        hits += int((np.argmax(fn(variables, images[i:i + batch]), -1) == labels[i:i + batch]).sum())
+    return hits / len(images)
+
+
+def _predictions(module, variables, images):
+    import jax
+
+    return np.argmax(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, images), -1)
+
+
+def _train(module, variables, images, labels, *, epochs, lr, batch, seed):
+    """SGD with momentum on (images, labels); returns the new variables."""
+    import jax
+    import optax
+
+    from lrjax import train
+
+    state = train.state_from_variables(module, variables, optax.sgd(lr, momentum=0.9), seed)
+    step = jax.jit(train.train_step, donate_argnums=(0, 2))
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(images))
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i:i + batch]
+            state, _ = step(state, {"image": images[idx], "label": labels[idx]},
+                            train.zero_metrics(10))
+    return {"params": state.params}
+
+
+def digits_study(targets, log, *, epochs=12, finetune_epochs=2, seed=0) -> dict:
+    import jax
+
+    from benchmarks.user_models import DigitsCNN
+    from lrjax import data, ranks
+    from lrjax.surgery import decompose_linen
+
+    ds = data.load_dataset("digits")
+    train_x, train_y = ds.as_arrays("train")
+    test_x, test_y = ds.as_arrays("test")
+    # a validation split from the training images, for eval-guided selection only
+    order = np.random.default_rng(seed).permutation(len(train_x))
+    val_idx, fit_idx = order[:300], order[300:]
+    model = DigitsCNN()
+    variables = model.init(jax.random.key(seed), train_x[:1])
+    variables = _train(model, variables, train_x, train_y, epochs=epochs, lr=0.02, batch=32,
+                       seed=seed)
+    full_acc = _accuracy(model, variables, test_x, test_y)
+    full_pred = _predictions(model, variables, test_x)
+    log(f"digits CNN: full-rank test accuracy {100 * full_acc:.2f}% after {epochs} epochs")
+    calib = train_x[fit_idx[:512]]
+    val_eval = functools.partial(_accuracy, images=train_x[val_idx], labels=train_y[val_idx])
+    rows = []
+    for target in targets:
+        for method in METHODS:
+            kwargs = {} if method == "data-free" else {"calibration": calib}
+            rule = (ranks.EvalGuided(lambda m, v: val_eval(m, v), target_speedup=target)
+                    if "eval-guided" in method else f"speedup:{target}")
+            result = decompose_linen(model, variables, train_x[:2], rule=rule, train=False,
+                                     **kwargs)
+            acc = _accuracy(result.module, result.variables, test_x, test_y)
+            agree = float((_predictions(result.module, result.variables, test_x)
+                           == full_pred).mean())
+            tuned = _train(result.module, result.variables, train_x, train_y,
+                           epochs=finetune_epochs, lr=0.005, batch=32, seed=seed + 1)
+            acc_ft = _accuracy(result.module, tuned, test_x, test_y)
+            rows.append({"target": target, "method": method,
+                         "speedup": result.report.net.speedup, "ranks": result.ranks,
+                         "test_accuracy": acc, "agreement": agree,
+                         "test_accuracy_finetuned": acc_ft,
+                         "accuracy_drop_points": 100 * (full_acc - acc)})
+            log(f"  {target:.1f}x {method:<26} speedup {result.report.net.speedup:5.2f}x  "
+                f"accuracy {100 * acc:6.2f}% (drop {100 * (full_acc - acc):5.2f} pts)  "
+                f"agreement {100 * agree:6.2f}%  after fine-tune {100 * acc_ft:6.2f}%")
+    return {"full_test_accuracy": full_acc, "epochs": epochs,
+            "finetune_epochs": finetune_epochs, "num_train": len(train_x),
+            "num_test": len(test_x), "validation": len(val_idx), "calibration": len(calib),
+            "rows": rows}
+
+
+def resnet_study(targets, log, *, seed=0) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.user_models import resnet18
+    from lrjax.surgery import decompose_linen
+
+    model = resnet18(num_classes=100)
+    x = jax.random.normal(jax.random.key(seed), (64, 64, 64, 3))
+    calib, held_out = x[:32], x[32:]
+    variables = model.init(jax.random.key(seed + 1), x[:1], train=False)
+    want = model.apply(variables, held_out, train=False)
+    rows = []
+    for target in targets:
+        for method in METHODS[:2]:
+            kwargs = {} if method == "data-free" else {"calibration": [calib[:16], calib[16:]]}
+            result = decompose_linen(model, variables, x[:1], rule=f"speedup:{target}",
+                                     train=False, **kwargs)
+            got = result.module.apply(result.variables, held_out, train=False)
+            err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+            agree = float((jnp.argmax(got, -1) == jnp.argmax(want, -1)).mean())
+            rows.append({"target": target, "method": method,
+                         "speedup": result.report.net.speedup, "relative_logit_error": err,
+                         "agreement": agree})
+            log(f"  ResNet-18 {target:.1f}x {method:<12} speedup "
+                f"{result.report.net.speedup:5.2f}x  logit error {err:.3f}  agreement "
+                f"{100 * agree:5.1f}%")
+    return {"input": [64, 64, 3], "held_out": int(held_out.shape[0]), "rows": rows}
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    digits = result["digits"]
+    for method in METHODS:
+        rows = [r for r in digits["rows"] if r["method"] == method]
+        s = [r["speedup"] for r in rows]
+        axes[0].plot(s, [100 * r["test_accuracy"] for r in rows], "o-", label=f"{method}")
+        axes[0].plot(s, [100 * r["test_accuracy_finetuned"] for r in rows], "x--",
+                     label=f"{method}, fine-tuned")
+    axes[0].axhline(100 * digits["full_test_accuracy"], color="k", lw=0.8, label="full rank")
+    axes[0].set(xlabel="theoretical speedup (conv MACs)", ylabel="test accuracy (%)",
+                title="digits CNN (trained here)")
+    for method in METHODS[:2]:
+        rows = [r for r in result["resnet18"]["rows"] if r["method"] == method]
+        axes[1].plot([r["speedup"] for r in rows], [r["relative_logit_error"] for r in rows],
+                     "o-", label=method)
+    axes[1].set(xlabel="theoretical speedup (conv MACs)", ylabel="relative logit error",
+                title="ResNet-18, random weights")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    common.setup()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+    targets = tuple(float(t) for t in args.targets.split(","))
+    log = functools.partial(print, flush=True)
+    result = {"machine": common.machine(),
+              "digits": digits_study(targets, log, epochs=args.epochs,
+                                     finetune_epochs=args.finetune_epochs)}
+    if not args.skip_resnet:
+        result["resnet18"] = resnet_study(targets, log)
+    two = [r for r in result["digits"]["rows"] if r["target"] == 2.0]
+    if two:
+        best = {r["method"]: r["accuracy_drop_points"] for r in two}
+        log(f"at 2x: accuracy drop before fine-tuning (points): {best}")
+        result["target_2x_drop_points"] = best
+    if args.json:
+        common.write_json(args.json, result)
+    if args.plot and not args.skip_resnet:
+        plot(result, args.plot)
+    return result
+
+
+if __name__ == "__main__":
+    main()

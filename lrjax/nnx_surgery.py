@@ -1,0 +1,226 @@
+"""Compress Flax NNX models: :func:`decompose_nnx`.
+
+The NNX counterpart of :func:`lrjax.decompose_linen`, with the same rank rules, calibration and
+report: every ``nnx.Conv`` with a 2-D window larger than 1x1 is a candidate wherever it sits
+(attributes, ``nnx.List``, ``nnx.Sequential``), named by its graph path joined with ``/``
+(``blocks/1/conv1``, ``seq/layers/0``). The result is a copy of the model whose decomposed convs
+are :class:`LowRankConvNNX` pairs; the original is left untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrjax import costs, decompose, formulations
+from lrjax.layers import split_padding
+from lrjax.surgery import (
+    ConvSite,
+    RankProblem,
+    SurgeryReport,
+    build_report,
+    select_ranks,
+)
+
+__all__ = ["LowRankConvNNX", "decompose_nnx", "find_convs_nnx"]
+
+
+class LowRankConvNNX(nnx.Module):
+    """A vertical ``kh x 1`` ``nnx.Conv`` (no bias) followed by a horizontal ``1 x kw`` one."""
+
+    def __init__(self, vertical: nnx.Conv, horizontal: nnx.Conv):
+        self.vertical = vertical
+        self.horizontal = horizontal
+
+    def __call__(self, x):
+        return self.horizontal(self.vertical(x))
+
+
+def _pair(v, n=2):
+    if v is None:
+        return (1,) * n
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _skip_reason(conv: nnx.Conv) -> str | None:
+    kernel = tuple(conv.kernel_size)
+    if len(kernel) != 2:
+        return f"not a 2-D conv (kernel_size {conv.kernel_size})"
+    if type(conv) is not nnx.Conv:
+        return f"{type(conv).__name__} (a subclass of nnx.Conv: its own computation is kept)"
+    if kernel == (1, 1):
+        return "1x1 kernel: nothing to split"
+    if any(d != 1 for d in _pair(conv.input_dilation)):
+        return f"input dilation {conv.input_dilation} (transposed conv)"
+    if conv.mask is not None:
+        return "masked kernel"
+    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
+        return "causal padding"
+    return None
+
+
+def _path(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+class _Probe(nnx.Module):
+    """Stands in for a conv while the model runs once: records its input (and moments)."""
+
+    def __init__(self, conv: nnx.Conv, path: str, record: dict, moments: bool):
+        self.conv = conv
+        self.path = path
+        self._record = record
+        self._moments = moments
+
+    def __call__(self, x, *args, **kwargs):
+        if self.path not in self._record["shapes"]:
+            self._record["shapes"][self.path] = tuple(x.shape)
+        if self._moments and self.path in self._record["wanted"] \
+                and self.path not in self._record["seen"]:
+            self._record["seen"].add(self.path)
+            conv = self.conv
+            s, n = _moments(x.reshape((-1, *x.shape[-3:])), tuple(conv.kernel_size),
+                            _pair(conv.strides), _padding_key(conv.padding),
+                            _pair(conv.kernel_dilation), conv.feature_group_count)
+            sums = self._record["sums"]
+            sums[self.path] = sums.get(self.path, 0.0) + np.asarray(s, np.float64)
+            self._record["counts"][self.path] = self._record["counts"].get(self.path, 0.0) \
+                + float(n)
+        return self.conv(x, *args, **kwargs)
+
+
+def _padding_key(padding):
+    """A hashable form of a padding (for the jitted moments)."""
+    if isinstance(padding, (str, int)):
+        return padding
+    return tuple(p if isinstance(p, int) else tuple(p) for p in padding)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _moments(x, kernel_size, strides, padding, dilation, groups):
+    return decompose.patch_moments(x, kernel_size, strides=strides, padding=padding,
+                                   dilation=dilation, groups=groups)
+
+
+def _run_probed(model, batches, wanted: Sequence[str] = (), kwargs=None):
+    """Run a copy of ``model`` with every ``nnx.Conv`` (and subclass) behind a probe."""
+    record = {"shapes": {}, "sums": {}, "counts": {}, "wanted": set(wanted), "seen": set()}
+    convs = {}
+
+    def probe(path, node):
+        if isinstance(node, nnx.Conv):
+            name = _path(path)
+            convs[name] = node
+            return _Probe(node, name, record, bool(wanted))
+        return node
+
+    probed = nnx.recursive_map(probe, nnx.clone(model))
+    for batch in batches:
+        record["seen"] = set()
+        probed(*(batch if isinstance(batch, tuple) else (batch,)), **(kwargs or {}))
+    return convs, record
+
+
+def find_convs_nnx(model, *example_args, **example_kwargs) -> list[ConvSite]:
+    """Every ``nnx.Conv`` the model calls on the example inputs, in call order."""
+    convs, record = _run_probed(model, [example_args], kwargs=example_kwargs)
+    sites = []
+    for path, shape in record["shapes"].items():
+        conv = convs[path]
+        reason = _skip_reason(conv)
+        if reason and reason.startswith("not a 2-D"):
+            sites.append(ConvSite(path, None, skip=reason))
+            continue
+        sites.append(ConvSite(path, costs.ConvShape(
+            name=path, input_hw=tuple(shape[-3:-1]), in_channels=int(shape[-1]),
+            out_channels=int(conv.out_features), kernel_size=tuple(conv.kernel_size),
+            strides=_pair(conv.strides), padding=conv.padding,
+            dilation=_pair(conv.kernel_dilation), groups=int(conv.feature_group_count),
+            use_bias=bool(conv.use_bias)), skip=reason))
+    return sites
+
+
+def _pair_module(conv: nnx.Conv, factors: decompose.Factors) -> LowRankConvNNX:
+    """A :class:`LowRankConvNNX` computing ``conv`` with the given factors."""
+    kh, kw = tuple(conv.kernel_size)
+    sh, sw = _pair(conv.strides)
+    dh, dw = _pair(conv.kernel_dilation)
+    pad_v, pad_h = split_padding(conv.padding)
+    rank = int(factors.vertical.shape[-1])
+    common = dict(feature_group_count=conv.feature_group_count, dtype=conv.dtype,
+                  param_dtype=conv.param_dtype, precision=conv.precision,
+                  conv_general_dilated=formulations.conv_general_dilated, rngs=nnx.Rngs(0))
+    vertical = nnx.Conv(conv.in_features, rank, (kh, 1), strides=(sh, 1), padding=pad_v,
+                        kernel_dilation=(dh, 1), use_bias=False, **common)
+    horizontal = nnx.Conv(rank, conv.out_features, (1, kw), strides=(1, sw), padding=pad_h,
+                          kernel_dilation=(1, dw), use_bias=conv.use_bias, **common)
+    vertical.kernel[...] = jnp.asarray(factors.vertical, conv.param_dtype)
+    horizontal.kernel[...] = jnp.asarray(factors.horizontal, conv.param_dtype)
+    if conv.use_bias:
+        horizontal.bias[...] = conv.bias[...]
+    return LowRankConvNNX(vertical, horizontal)
+
+
+def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
+    chosen = {p: r for p, r in ranks.items() if r is not None}
+    factors = {p: problem.factors(p, r) for p, r in chosen.items()}
+
+    def replace(path, node):
+        name = _path(path)
+        if type(node) is nnx.Conv and name in factors:
+            return _pair_module(node, factors[name])
+        return node
+
+    return nnx.recursive_map(replace, nnx.clone(model)), factors
+
+
+def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
+                  multiple: int | None = None, measure_batch: int = 1,
+                  **example_kwargs) -> tuple[nnx.Module, SurgeryReport]:
+    """Compress a Flax NNX model: its decomposable ``nnx.Conv``\\s become vertical/horizontal pairs.
+
+    Args:
+      model: an ``nnx.Module`` (not modified).
+      *example_args, **example_kwargs: an example call ``model(*example_args,
+        **example_kwargs)`` (run once, on a copy, to find the convs and their input shapes).
+      rule: the rank rule (:data:`lrjax.surgery.RULE_HELP`), keyed by graph path; for
+        :class:`lrjax.ranks.EvalGuided`, ``eval_fn(model) -> float``.
+      calibration: optional batch (or iterable of batches) of inputs: calibration-aware factors
+        (see :func:`lrjax.decompose.vh_decompose`).
+      multiple: round ranks to multiples of this.
+
+    Returns:
+      ``(new_model, report)``: a copy of ``model`` with the chosen convs replaced by
+      :class:`LowRankConvNNX` pairs, and a :class:`lrjax.surgery.SurgeryReport`.
+
+    Raises:
+      ValueError: a bad rule (unknown layer, rank out of range), or bad calibration data.
+    """
+    sites = find_convs_nnx(model, *example_args, **example_kwargs)
+    graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Conv))
+    candidates = [s.path for s in sites if s.candidate]
+    kernels = {p: np.asarray(graph[p].kernel[...], np.float32) for p in candidates}
+    covs = None
+    if calibration is not None:
+        batches = [calibration] if isinstance(calibration, (jax.Array, np.ndarray, tuple)) \
+            else list(calibration)
+        if not batches:
+            raise ValueError("calibration is empty: give a batch or an iterable of batches")
+        for i, batch in enumerate(batches):
+            for a in batch if isinstance(batch, tuple) else (batch,):
+                if not np.isfinite(np.asarray(a)).all():
+                    raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains "
+                                     "NaN/Inf values")
+        _, record = _run_probed(model, batches, candidates, example_kwargs)
+        covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
+    problem = RankProblem(sites, kernels, covs, multiple)
+    if getattr(rule, "eval_fn", None) is not None:
+        problem.score = lambda ranks: float(rule.eval_fn(_build(model, problem, ranks)[0]))
+    ranks = select_ranks(rule, problem, measure_batch=measure_batch)
+    new_model, factors = _build(model, problem, ranks)
+    return new_model, build_report(sites, ranks, factors, kernels, covs)

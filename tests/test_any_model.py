@@ -1,0 +1,282 @@
+"""Compressing models written without lrjax: decompose_linen, decompose_nnx, calibration,
+eval-guided ranks, fine-tuning a decomposed user model."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lrjax
+from benchmarks.user_models import NNXCNN, resnet18
+from lrjax import decompose, ranks, surgery, train
+from lrjax.nnx_surgery import LowRankConvNNX
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = resnet18(num_classes=10, num_filters=8)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+    # non-trivial batch statistics and scales, so that BN does something
+    variables = jax.tree.map(lambda a: a + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2),
+                                                                            a.shape)), variables)
+    return model, variables, x
+
+
+def _top_ranks(sites):
+    return {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
+            for s in sites if s.candidate}
+
+
+def test_resnet_convs_are_found_by_their_full_paths(resnet):
+    model, _, x = resnet
+    sites = surgery.find_convs(model, x, train=False)
+    paths = [s.path for s in sites]
+    assert paths[0] == "Conv_0" and "BasicBlock_2/Conv_2" in paths  # auto-named, nested
+    assert len([s for s in sites if s.candidate]) == 17  # stem + 16 3x3 convs
+    proj = {s.path: s.skip for s in sites if s.skip}
+    assert set(proj) == {"BasicBlock_2/Conv_2", "BasicBlock_4/Conv_2", "BasicBlock_6/Conv_2"}
+    assert all(reason.startswith("1x1") for reason in proj.values())
+    stem = sites[0].shape
+    assert stem.kernel_size == (7, 7) and stem.strides == (2, 2) and stem.input_hw == (32, 32)
+
+
+def test_resnet_full_rank_round_trip_equals_the_original(resnet):
+    model, variables, x = resnet
+    top = _top_ranks(surgery.find_convs(model, x, train=False))
+    result = lrjax.decompose_linen(model, variables, x, rule=top, train=False)
+    want = model.apply(variables, x, train=False)
+    got = result.module.apply(result.variables, x, train=False)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    flat = result.variables["params"]["BasicBlock_3"]["Conv_1"]
+    assert set(flat) == {"vertical", "horizontal"}  # use_bias=False: no horizontal bias
+    assert set(flat["horizontal"]) == {"kernel"}
+    assert result.variables["batch_stats"].keys() == variables["batch_stats"].keys()
+
+
+def test_resnet_speedup_2_runs_under_jit(resnet):
+    model, variables, x = resnet
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:2", train=False)
+    assert result.report.net.speedup >= 1.9
+    assert result.report.net.speedup == pytest.approx(
+        result.report.net.full_macs / result.report.net.lowrank_macs)
+    assert "BasicBlock_2/Conv_2" not in result.ranks  # 1x1 projections stay
+    assert "left as is" not in result.report.table()  # 1x1s are not "skipped", just not split
+    logits = jax.jit(lambda v, x: result.module.apply(v, x, train=False))(result.variables, x)
+    assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
+    # training mode with mutable batch statistics works through the wrapper too
+    out, updates = result.module.apply(result.variables, x, train=True, mutable=["batch_stats"])
+    assert out.shape == (2, 10) and "batch_stats" in updates
+
+
+def test_unsplittable_convs_are_left_with_the_reason():
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3), input_dilation=2, padding=1)(x)
+            x = nn.Conv(4, (3, 3), mask=jnp.ones((3, 3, 4, 4)))(x)
+            x = nn.Conv(4, (3,))(x.reshape(x.shape[0], -1, 4))  # 1-D
+            return x
+
+    x = jnp.ones((1, 6, 6, 3))
+    model = Odd()
+    variables = model.init(jax.random.key(0), x)
+    sites = {s.path: s.skip for s in surgery.find_convs(model, x)}
+    assert sites["Conv_0"].startswith("input dilation")
+    assert sites["Conv_1"] == "masked kernel"
+    assert sites["Conv_2"].startswith("not a 2-D conv")
+    result = lrjax.decompose_linen(model, variables, x, rule="energy:0.5")
+    assert result.ranks == {}
+    assert set(result.report.skipped) == {"Conv_0", "Conv_1", "Conv_2"}
+    assert "left as is: Conv_1: masked kernel" in result.report.table()
+    with pytest.raises(ValueError, match="'Conv_1' cannot be decomposed: masked kernel"):
+        lrjax.decompose_linen(model, variables, x, rule={"Conv_1": 2})
+
+
+def test_bad_rules_and_calibration(resnet):
+    model, variables, x = resnet
+    for rule, match in [
+        ({"BasicBlock_0/Conv_9": 4}, r"unknown layers \['BasicBlock_0/Conv_9'\]; the model's "
+                                     r"decomposable convs are \['BasicBlock_0/Conv_0'"),
+        ({"BasicBlock_0/Conv_0": 1000}, "rank 1000 is invalid for layer 'BasicBlock_0/Conv_0'"),
+        ({"BasicBlock_0/Conv_0": 0}, "rank 0 is invalid"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lrjax.decompose_linen(model, variables, x, rule=rule, train=False)
+    with pytest.raises(ValueError, match="calibration is empty"):
+        lrjax.decompose_linen(model, variables, x, rule="speedup:2", calibration=[], train=False)
+    bad = x.at[0, 0, 0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(shape \(2, 32, 32, 3\)\) "
+                                         "contains NaN/Inf"):
+        lrjax.decompose_linen(model, variables, x, rule="speedup:2", calibration=bad,
+                              train=False)
+
+
+class Correlated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3), name="a")(x))
+        return nn.Conv(16, (3, 3), name="b")(x)
+
+
+def test_calibrated_factors_lower_the_output_error():
+    rng = np.random.default_rng(0)
+    mixing = rng.standard_normal((8, 8)) * np.geomspace(0.05, 3.0, 8)  # strongly correlated
+    images = jnp.asarray(rng.standard_normal((16, 12, 12, 8)) @ mixing, jnp.float32)
+    model = Correlated()
+    variables = model.init(jax.random.key(0), images)
+    want = model.apply(variables, images)
+
+    def output_error(result, x):
+        got = result.module.apply(result.variables, x)
+        return float(jnp.linalg.norm(got - model.apply(variables, x)) / jnp.linalg.norm(
+            model.apply(variables, x)))
+
+    rule = {"a": 6, "b": 10}
+    free = lrjax.decompose_linen(model, variables, images, rule=rule)
+    calib = lrjax.decompose_linen(model, variables, images, rule=rule,
+                                  calibration=[images[:8], images[8:]])
+    held_out = jnp.asarray(rng.standard_normal((8, 12, 12, 8)) @ mixing, jnp.float32)
+    assert output_error(calib, images) < 0.7 * output_error(free, images)
+    assert output_error(calib, held_out) < output_error(free, held_out)
+    assert calib.report.calibrated and set(calib.report.weighted_errors) == {"a", "b"}
+    # the data-free factors minimise the kernel error; the calibrated ones do not
+    assert calib.report.errors["a"] > free.report.errors["a"]
+    # exact at full rank, calibrated or not
+    top = {"a": 24, "b": 48}
+    full = lrjax.decompose_linen(model, variables, images, rule=top, calibration=images)
+    np.testing.assert_allclose(full.module.apply(full.variables, images), want, rtol=1e-3,
+                               atol=1e-3 * float(jnp.abs(want).max()))
+
+
+def test_calibrated_energy_rule_uses_the_calibrated_spectrum():
+    rng = np.random.default_rng(1)
+    mixing = rng.standard_normal((8, 8)) * np.geomspace(0.01, 3.0, 8)
+    images = jnp.asarray(rng.standard_normal((8, 12, 12, 8)) @ mixing, jnp.float32)
+    model = Correlated()
+    variables = model.init(jax.random.key(0), images)
+    free = lrjax.decompose_linen(model, variables, images, rule="energy:0.95")
+    calib = lrjax.decompose_linen(model, variables, images, rule="energy:0.95",
+                                  calibration=images)
+    assert calib.ranks["a"] < free.ranks["a"]  # the data excite few input directions
+
+
+class TwoLayers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), use_bias=False, name="easy")(x)
+        return nn.Conv(16, (3, 3), use_bias=False, name="hard")(x)
+
+
+def test_search_picks_the_layer_whose_decomposition_costs_least():
+    model = TwoLayers()
+    x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
+    variables = model.init(jax.random.key(1), x)
+    # 'easy' is exactly rank 2; 'hard' has a flat spectrum
+    v, h = decompose.vh_decompose(variables["params"]["easy"]["kernel"], 2)
+    variables["params"]["easy"]["kernel"] = decompose.reconstruct(v, h)
+    want = model.apply(variables, x)
+
+    def agreement(module, v):
+        got = module.apply(v, x)
+        return -float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+
+    result = ranks.search(model, variables, x, eval_fn=agreement, target_speedup=1.6,
+                          candidates={"easy": [2, 8], "hard": [2, 8]})
+    assert result.ranks == {"easy": 2, "hard": None}
+    assert result.speedup >= 1.6 and result.predicted_drop == pytest.approx(0.0, abs=1e-4)
+    assert result.scores["hard"][2] < result.scores["easy"][2]
+    assert "easy" in result.table()
+    # the same selection as a rule of decompose_linen
+    rule = ranks.EvalGuided(agreement, target_speedup=1.6,
+                            candidates={"easy": [2, 8], "hard": [2, 8]})
+    decomposed = lrjax.decompose_linen(model, variables, x, rule=rule)
+    assert decomposed.ranks == {"easy": 2} and rule.result.ranks == result.ranks
+    np.testing.assert_allclose(decomposed.module.apply(decomposed.variables, x), want,
+                               rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="out of reach"):
+        ranks.search(model, variables, x, eval_fn=agreement, target_speedup=50,
+                     candidates={"easy": [2, 8], "hard": [2, 8]})
+    with pytest.raises(ValueError, match="invalid for layer 'easy'"):
+        ranks.search(model, variables, x, eval_fn=agreement, target_speedup=1.5,
+                     candidates={"easy": [999]})
+    with pytest.raises(ValueError, match=r"unknown layers \['nope'\]"):
+        ranks.search(model, variables, x, eval_fn=agreement, target_speedup=1.5,
+                     candidates={"nope": [2]})
+
+
+def test_finetune_a_decomposed_user_model_with_lrjax_train(resnet):
+    model, variables, x = resnet
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:2", train=False)
+    labels = jnp.asarray([3, 7])
+    state = train.state_from_variables(result.module, result.variables,
+                                       optax.sgd(0.05, momentum=0.9))
+    step = jax.jit(train.train_step)
+    batch = {"image": x, "label": labels}
+    losses = []
+    for _ in range(6):
+        metrics = train.zero_metrics(10)
+        state, metrics = step(state, batch, metrics)
+        losses.append(float(metrics["loss"] / metrics["count"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert jax.tree.structure(state.params) == jax.tree.structure(result.variables["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# NNX
+
+
+@pytest.fixture
+def nnx_model():
+    return NNXCNN(rngs=nnx.Rngs(0)), jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+
+
+def test_nnx_full_rank_round_trip_and_original_untouched(nnx_model):
+    model, x = nnx_model
+    before = np.asarray(model.stem.kernel[...])
+    want = model(x)
+    top = {"stem": 9, "body/layers/0": 48, "body/layers/2": 48, "blocks/0": 96, "blocks/1": 96}
+    new, report = lrjax.decompose_nnx(model, x, rule=top)
+    np.testing.assert_allclose(new(x), want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    assert isinstance(new.blocks[1], LowRankConvNNX) and isinstance(new.body.layers[2],
+                                                                    LowRankConvNNX)
+    assert type(model.blocks[1]) is nnx.Conv and type(model.stem) is nnx.Conv
+    np.testing.assert_array_equal(model.stem.kernel[...], before)
+    assert set(report.errors) == set(top) and max(report.errors.values()) < 1e-5
+    assert new.body.layers[2].vertical.strides == (2, 1)
+
+
+def test_nnx_speedup_2_runs_under_jit(nnx_model):
+    model, x = nnx_model
+    new, report = lrjax.decompose_nnx(model, x, rule="speedup:2")
+    assert report.net.speedup >= 1.9
+    assert "head" not in report.ranks
+    out = nnx.jit(lambda m, x: m(x))(new, x)
+    assert out.shape == (2, 10) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_nnx_calibration_search_and_errors(nnx_model):
+    model, x = nnx_model
+    rule = {"body/layers/0": 4, "blocks/0": 8}
+    _, free = lrjax.decompose_nnx(model, x, rule=rule)
+    new, calib = lrjax.decompose_nnx(model, x, rule=rule, calibration=[x, x * 0.5])
+    want = model(x)
+    assert calib.calibrated and set(calib.weighted_errors) == set(rule)
+    free_model, _ = lrjax.decompose_nnx(model, x, rule=rule)
+    assert float(jnp.linalg.norm(new(x) - want)) < float(jnp.linalg.norm(free_model(x) - want))
+    guided = ranks.EvalGuided(lambda m: -float(jnp.linalg.norm(m(x) - want)), target_speedup=1.3)
+    new, report = lrjax.decompose_nnx(model, x, rule=guided)
+    assert report.net.speedup >= 1.3 and guided.result.ranks == {
+        k: v for k, v in guided.result.ranks.items()}
+    for kwargs, match in [
+        (dict(rule={"blocks/7": 2}), r"unknown layers \['blocks/7'\]"),
+        (dict(rule={"head": 2}), "'head' cannot be decomposed: 1x1 kernel"),
+        (dict(rule={"stem": 99}), "rank 99 is invalid for layer 'stem'"),
+        (dict(rule="speedup:2", calibration=[]), "calibration is empty"),
+        (dict(rule="speedup:2", calibration=x.at[1].set(jnp.inf)), "contains NaN/Inf"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lrjax.decompose_nnx(model, x, **kwargs)
