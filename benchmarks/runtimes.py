@@ -1,0 +1,276 @@
+"""Full vs low-rank nets in the runtimes they deploy to: JAX (XLA:CPU), ONNX Runtime (CPU EP),
+LiteRT (XNNPACK), with PyTorch eager on the same architecture as a reference point.
+
+Every net is timed full and low-rank side by side in each runtime (one call at a time, in turns,
+median of ``--repeats``), from the same weights: the JAX models are exported with
+``lrjax.export`` (each export checked against JAX before it is timed). Nets: VGG-16 (the
+authors' ranks; batch 1 and 8), CaffeNet (the authors' ranks), NIN (the authors' ranks) and a
+ResNet-18 in the Flax examples' style compressed by ``decompose_linen`` (``speedup:2``). Also:
+each VGG-16 layer alone, full conv vs pair, per runtime (theoretical vs actual speedup), and the
+low-rank VGG-16 with ranks rounded to multiples of 8 and 16 (the runtimes' channel blocks).
+
+    python -m benchmarks.runtimes --json bench_results/runtimes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import numpy as np
+
+from benchmarks import common
+
+NETS = {  # name: (family or "resnet18", input size, batches)
+    "vgg16": ("vgg16", 224, (1, 8)),
+    "caffenet": ("caffenet", 227, (1,)),
+    "nin": ("nin", 32, (16,)),
+    "resnet18": ("resnet18", 112, (1,)),
+}
+RUNTIMES = ("jax", "onnxruntime", "litert", "pytorch")
+
+
+def _net(name, seed=0):
+    """(full module, its random variables, the rank rule of its low-rank twin, example input)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lrjax import models
+
+    family, size, _ = NETS[name]
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    if family == "resnet18":
+        from benchmarks.user_models import resnet18
+
+        full = resnet18(num_classes=100)
+        variables = full.init(jax.random.key(seed), x, train=False)
+        rule = "speedup:2"
+    else:
+        full = models.get_model(family)
+        variables = models.init_variables(full, size, seed)
+        rule = models.model_spec(family).ranks
+    return full, variables, rule, x
+
+
+def _lowrank(full, variables, rule, x, multiple=None):
+    from lrjax.surgery import decompose_linen, find_convs
+
+    result = decompose_linen(full, variables, x, rule=rule, multiple=multiple, train=False)
+    order = [dict(result.module.ranks).get(s.path) for s in find_convs(full, x, train=False)]
+    return result, order
+
+
+def _jax_call(module, variables, x):
+    import jax
+
+    fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    return lambda: jax.block_until_ready(fn(variables, x))
+
+
+def _onnx_call(module, variables, x, threads, tmp):
+    from lrjax import export
+
+    path = os.path.join(tmp, f"m{len(os.listdir(tmp))}.onnx")
+    export.to_onnx(module, variables, x, path, train=False)
+    session = export.onnx_session(path, threads)
+    xs = np.asarray(x)
+    return lambda: session.run(None, {"input": xs})
+
+
+def _litert_call(module, variables, x, threads, tmp):
+    from lrjax import export
+
+    path = os.path.join(tmp, f"m{len(os.listdir(tmp))}.tflite")
+    export.to_tflite(module, variables, x, path, train=False)
+    run = export.litert_runner(export.litert_interpreter(open(path, "rb").read(), threads))
+    xs = np.asarray(x)
+    return lambda: run(xs)
+
+
+def _torch_call(builder, ranks, x, threads, channels_last):
+    import torch
+
+    torch.set_num_threads(threads)
+    model = builder(ranks).eval()
+    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        xt = xt.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.inference_mode():
+            model(xt)
+
+    return run
+
+
+def bench_net(name, batch, runtimes, repeats, threads, tmp, log, rounding=False):
+    from benchmarks import torch_models
+
+    full, variables, rule, x1 = _net(name)
+    x = np.random.default_rng(0).standard_normal((batch, *x1.shape[1:])).astype(np.float32)
+    variants = {"full": (full, variables, None)}
+    low, order = _lowrank(full, variables, rule, x1)
+    variants["lowrank"] = (low.module, low.variables, order)
+    result = {"batch": batch, "input": list(x.shape[1:]), "rule": rule,
+              "theoretical_speedup": low.report.net.speedup, "ranks": low.ranks}
+    if rounding:
+        for m in (8, 16):
+            r, o = _lowrank(full, variables, rule, x1, multiple=m)
+            variants[f"lowrank, ranks x{m}"] = (r.module, r.variables, o)
+            result[f"theoretical_speedup_x{m}"] = r.report.net.speedup
+            result[f"mean_relative_error_x{m}"] = float(np.mean(list(r.report.errors.values())))
+        result["mean_relative_error"] = float(np.mean(list(low.report.errors.values())))
+    calls = {}
+    for label, (module, v, order) in variants.items():
+        if "jax" in runtimes:
+            calls[("jax", label)] = _jax_call(module, v, x)
+        if "onnxruntime" in runtimes:
+            calls[("onnxruntime", label)] = _onnx_call(module, v, x, threads, tmp)
+        if "litert" in runtimes:
+            calls[("litert", label)] = _litert_call(module, v, x, threads, tmp)
+        if "pytorch" in runtimes and name in torch_models.BUILDERS:
+            for cl in (False, True):
+                fmt = "channels_last" if cl else "NCHW"
+                calls[(f"pytorch {fmt}", label)] = _torch_call(
+                    torch_models.BUILDERS[name],
+                    None if order is None else order, x, threads, cl)
+    times = common.interleaved_times(calls, repeats)
+    med = {f"{rt} | {label}": common.median(t) for (rt, label), t in times.items()}
+    result["median_s"] = med
+    result["runs_s"] = {f"{rt} | {label}": t for (rt, label), t in times.items()}
+    speedups = {}
+    for rt in sorted({rt for rt, _ in times}):
+        for label in variants:
+            if label != "full" and (rt, label) in times:
+                speedups[f"{rt} | {label}"] = med[f"{rt} | full"] / med[f"{rt} | {label}"]
+    result["speedups"] = speedups
+    for key, v in med.items():
+        log(f"{name}@{batch} {key:<42} {v * 1e3:9.2f} ms")
+    for key, v in speedups.items():
+        log(f"{name}@{batch} speedup {key:<34} {v:5.2f}x (theory "
+            f"{result['theoretical_speedup']:.2f}x)")
+    return result
+
+
+def bench_layers(runtimes, repeats, threads, tmp, log, batch=1):
+    """Each VGG-16 layer alone, full conv vs pair, in each runtime."""
+    import flax.linen as nn
+    import jax
+
+    from lrjax import costs, ranks
+    from lrjax.layers import LowRankConv
+
+    rank_map = ranks.load_ranks("vgg16")
+    rows = []
+    for layer in costs.vgg16_conv_shapes(224):
+        r = rank_map[layer.name]
+        x = np.random.default_rng(0).standard_normal(
+            (batch, *layer.input_hw, layer.in_channels)).astype(np.float32)
+        mods = {"full": nn.Conv(layer.out_channels, (3, 3), padding=1),
+                "pair": LowRankConv(layer.out_channels, (3, 3), rank=r, padding=1)}
+        calls = {}
+        for label, m in mods.items():
+            v = m.init(jax.random.key(0), x[:1])
+            if "jax" in runtimes:
+                f = jax.jit(m.apply)
+                calls[("jax", label)] = (lambda f=f, v=v, x=x: jax.block_until_ready(f(v, x)))
+            wrapped = _Plain(m)
+            if "onnxruntime" in runtimes:
+                calls[("onnxruntime", label)] = _onnx_call(wrapped, v, x, threads, tmp)
+            if "litert" in runtimes:
+                calls[("litert", label)] = _litert_call(wrapped, v, x, threads, tmp)
+            if "pytorch" in runtimes:
+                import torch
+
+                from benchmarks.torch_models import _conv
+
+                conv = _conv(layer.in_channels, layer.out_channels, 3,
+                             None if label == "full" else r, padding=1).eval()
+                xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(
+                    memory_format=torch.channels_last)
+                conv = conv.to(memory_format=torch.channels_last)
+
+                def run(conv=conv, xt=xt):
+                    with torch.inference_mode():
+                        conv(xt)
+
+                calls[("pytorch channels_last", label)] = run
+        times = common.interleaved_times(calls, repeats)
+        row = {"layer": layer.name, "rank": r,
+               "theoretical_speedup": costs.layer_speedup(layer, r)}
+        for rt in sorted({rt for rt, _ in times}):
+            full_s, pair_s = (common.median(times[(rt, k)]) for k in ("full", "pair"))
+            row[rt] = {"full_ms": full_s * 1e3, "pair_ms": pair_s * 1e3,
+                       "speedup": full_s / pair_s}
+        rows.append(row)
+        log(f"{layer.name:<8} rank {r:4d} theory {row['theoretical_speedup']:.2f}x  " + "  ".join(
+            f"{rt} {row[rt]['full_ms']:.1f}->{row[rt]['pair_ms']:.1f} ms "
+            f"({row[rt]['speedup']:.2f}x)" for rt in sorted({rt for rt, _ in times})))
+    return rows
+
+
+class _Plain:
+    """A single conv module with the ``train=`` keyword the exporters pass."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def apply(self, variables, x, train=False):
+        del train
+        return self.module.apply(variables, x)
+
+
+def main(argv=None):
+    common.setup()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", default=",".join(NETS))
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--no-layers", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    runtimes = args.runtimes.split(",")
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    import importlib.metadata
+
+    versions = {}
+    for pkg in ("onnxruntime", "onnx", "ai-edge-litert", "tensorflow-cpu", "tensorflow", "torch"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    result = {"machine": common.machine(), "runtime_versions": versions,
+              "threads": args.threads, "repeats": args.repeats, "nets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.nets.split(","):
+            for batch in NETS[name][2]:
+                result["nets"][f"{name}@{batch}"] = bench_net(
+                    name, batch, runtimes, args.repeats, args.threads, tmp, log,
+                    rounding=(name == "vgg16" and batch == 1))
+        if not args.no_layers:
+            result["vgg16_layers"] = bench_layers(runtimes, args.repeats, args.threads, tmp, log)
+    vgg = result["nets"].get("vgg16@1")
+    if vgg:
+        med = vgg["median_s"]
+        lowrank = {k: v for k, v in med.items() if k.endswith("| lowrank")}
+        fastest = min(lowrank, key=lowrank.get)
+        torch_full = min(v for k, v in med.items() if k.startswith("pytorch") and
+                         k.endswith("| full")) if any(k.startswith("pytorch") for k in med) \
+            else None
+        result["headline"] = {
+            "fastest_lowrank_vgg16_runtime": fastest.split(" | ")[0],
+            "fastest_lowrank_vgg16_ms": lowrank[fastest] * 1e3,
+            "pytorch_full_vgg16_ms": None if torch_full is None else torch_full * 1e3,
+            "over_pytorch_full": None if torch_full is None else torch_full / lowrank[fastest],
+        }
+        log(f"headline: {result['headline']}")
+    if args.json:
+        common.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Translate the jaxpr of a CNN's inference pass into an ONNX graph.
+
+Covers the primitives that Flax CNN inference lowers to under the ``"portable"`` formulation
+policy (convolutions, pooling, dense layers, batch norm in inference, element-wise maths, shape
+ops), with a symbolic batch dimension. Convolutions and pooling run in ONNX's NCHW layout: a 4-D
+activation produced by a conv or a pool stays NCHW *physically* while the jaxpr sees NHWC, and
+element-wise ops, slices, pads and reductions are applied in that layout (their constants and axes
+permuted), so that a whole conv stack has one transpose at its input and one where it is
+flattened. Constant sub-expressions (batch-norm statistics, broadcast biases) are folded at
+export time. Anything outside that set raises ``ValueError`` naming the primitive.
+
+Why not jax2onnx: its release pins ``orbax-checkpoint<0.11.37`` (lrjax's checkpoints use a newer
+Orbax) and pulls netron, huggingface-hub, equinox and dm-pix; CNN inference needs the ~30
+translations below, each tested against ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from jax.extend import core as jcore
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["jaxpr_to_onnx", "OPSET"]
+
+OPSET = 17
+TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclasses.dataclass
+class _Tensor:
+    """A non-constant value: its ONNX name, logical (jaxpr) shape and physical layout."""
+
+    name: str
+    shape: tuple  # logical shape; symbolic dims (the batch) are not ints
+    nchw: bool = False  # a 4-D value stored NCHW while the jaxpr sees NHWC
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes, self.initializers = [], []
+        self._names: dict[str, int] = {}
+        self._consts: dict[int, str] = {}
+
+    def name(self, hint: str) -> str:
+        i = self._names.get(hint, 0)
+        self._names[hint] = i + 1
+        return f"{hint}_{i}"
+
+    def node(self, op: str, inputs, hint: str | None = None, **attrs) -> str:
+        out = self.name(hint or op.lower())
+        self.nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, hint: str = "const") -> str:
+        value = np.asarray(value)
+        key = id(value)
+        if key in self._consts and self._consts[key][1] is value:
+            return self._consts[key][0]
+        name = self.name(hint)
+        if value.dtype == np.dtype(jnp.bfloat16):
+            value = value.astype(np.float32)
+        self.initializers.append(numpy_helper.from_array(value, name))
+        self._consts[key] = (name, value)
+        return name
+
+    def ints(self, values, hint="shape") -> str:
+        return self.const(np.asarray(values, np.int64), hint)
+
+
+def _concrete(d) -> bool:
+    return isinstance(d, (int, np.integer))
+
+
+def _onnx_dtype(dtype) -> int:
+    dtype = np.dtype(dtype)
+    if dtype == np.dtype(jnp.bfloat16):
+        return TensorProto.BFLOAT16
+    return helper.np_dtype_to_tensor_dtype(dtype)
+
+
+def _reshape_spec(in_shape, out_shape) -> list[int]:
+    """ONNX Reshape's shape input: 0 copies the (symbolic) batch, -1 infers one dim."""
+    spec = []
+    for i, d in enumerate(out_shape):
+        if _concrete(d):
+            spec.append(int(d))
+        elif i < len(in_shape) and in_shape[i] is d:
+            spec.append(0)
+        else:
+            spec.append(-1)
+    if spec.count(-1) > 1:
+        raise ValueError(f"cannot export a reshape {in_shape} -> {out_shape} with two symbolic "
+                         "dimensions")
+    return spec
+
+
+class _Converter:
+    def __init__(self):
+        self.g = _Graph()
+
+    # -- values --------------------------------------------------------------------------------
+    def nhwc(self, t: _Tensor) -> str:
+        """The tensor's name in its logical (NHWC) layout."""
+        if not t.nchw:
+            return t.name
+        return self.g.node("Transpose", [t.name], "to_nhwc", perm=list(TO_NHWC))
+
+    def nchw(self, t: _Tensor) -> str:
+        if t.nchw:
+            return t.name
+        return self.g.node("Transpose", [t.name], "to_nchw", perm=list(TO_NCHW))
+
+    def operand(self, v, layout_nchw: bool, rank: int) -> str:
+        """An operand of an element-wise op computed in NCHW (or not)."""
+        if isinstance(v, _Tensor):
+            return self.nchw(v) if layout_nchw else self.nhwc(v)
+        value = np.asarray(v)
+        if layout_nchw and value.ndim == 4:
+            value = value.transpose(TO_NCHW)
+        elif layout_nchw and 0 < value.ndim < 4 and rank == 4:
+            value = value.reshape((1,) * (4 - value.ndim) + value.shape).transpose(TO_NCHW)
+        return self.g.const(value)
+
+    # -- the walk ------------------------------------------------------------------------------
+    def run(self, jaxpr, consts, inputs):
+        env: dict[Any, Any] = {}
+
+        def read(v):
+            if isinstance(v, jcore.Literal):
+                return np.asarray(v.val)
+            return env[v]
+
+        for var, c in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = np.asarray(c)
+        for var, t in zip(jaxpr.invars, inputs, strict=True):
+            env[var] = t
+        for eqn in jaxpr.eqns:
+            args = [read(v) for v in eqn.invars]
+            if all(not isinstance(a, _Tensor) for a in args) and eqn.primitive.name not in (
+                    "conv_general_dilated", "dot_general"):
+                outs = eqn.primitive.bind(*[jnp.asarray(a) for a in args], **eqn.params)
+                outs = outs if eqn.primitive.multiple_results else [outs]
+                for var, o in zip(eqn.outvars, outs, strict=True):
+                    env[var] = np.asarray(o)
+                continue
+            outs = self.eqn(eqn, args)
+            for var, o in zip(eqn.outvars, outs, strict=True):
+                env[var] = o
+        return [read(v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn, args) -> list:
+        name = eqn.primitive.name
+        params = eqn.params
+        out_aval = eqn.outvars[0].aval
+        if name in ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
+                    "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint"):
+            sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
+            closed = sub if hasattr(sub, "consts") else None
+            inner = closed.jaxpr if closed is not None else sub
+            return self.run(inner, closed.consts if closed is not None else [], args)
+        handler = getattr(self, f"_{name}", None)
+        if handler is None:
+            raise ValueError(f"cannot export primitive {name!r} to ONNX (lrjax covers CNN "
+                             "inference: convs, pooling, dense, batch norm, element-wise ops)")
+        out = handler(args, params, out_aval)
+        return out if isinstance(out, list) else [out]
+
+    # -- element-wise --------------------------------------------------------------------------
+    def _elementwise(self, op, args, out_aval, **attrs):
+        tensors = [a for a in args if isinstance(a, _Tensor)]
+        rank = len(out_aval.shape)
+        nchw = rank == 4 and all(t.nchw for t in tensors if len(t.shape) == 4) and any(
+            t.nchw for t in tensors)
+        names = [self.operand(a, nchw, rank) for a in args]
+        return _Tensor(self.g.node(op, names, **attrs), tuple(out_aval.shape), nchw)
+
+    def _binary(op):
+        return lambda self, args, params, aval: self._elementwise(op, args, aval)
+
+    _add = _binary("Add")
+    _sub = _binary("Sub")
+    _mul = _binary("Mul")
+    _div = _binary("Div")
+    _max = _binary("Max")
+    _min = _binary("Min")
+    _pow = _binary("Pow")
+    _gt = _binary("Greater")
+    _lt = _binary("Less")
+    _eq = _binary("Equal")
+    _ge = _binary("GreaterOrEqual")
+    _le = _binary("LessOrEqual")
+    _and = _binary("And")
+    _or = _binary("Or")
+    _neg = _binary("Neg")
+    _exp = _binary("Exp")
+    _log = _binary("Log")
+    _sqrt = _binary("Sqrt")
+    _tanh = _binary("Tanh")
+    _logistic = _binary("Sigmoid")
+    _abs = _binary("Abs")
+    _erf = _binary("Erf")
+    _sign = _binary("Sign")
+    _floor = _binary("Floor")
+    _ceil = _binary("Ceil")
+
+    def _rsqrt(self, args, params, aval):
+        t = self._elementwise("Sqrt", args, aval)
+        return _Tensor(self.g.node("Reciprocal", [t.name]), t.shape, t.nchw)
+
+    def _square(self, args, params, aval):
+        return self._elementwise("Mul", [args[0], args[0]], aval)
+
+    def _integer_pow(self, args, params, aval):
+        dtype = aval.dtype
+        return self._elementwise("Pow", [args[0], np.asarray(params["y"], dtype)], aval)
+
+    def _copy(self, args, params, aval):
+        return args[0]
+
+    _copy_p = _copy
+
+    def _convert_element_type(self, args, params, aval):
+        t = args[0]
+        return _Tensor(self.g.node("Cast", [t.name], to=_onnx_dtype(params["new_dtype"])),
+                       tuple(aval.shape), t.nchw)
+
+    def _select_n(self, args, params, aval):
+        if len(args) != 3:
+            raise ValueError("cannot export select_n with more than two cases to ONNX")
+        pred, on_false, on_true = args
+        if np.dtype(getattr(pred, "dtype", np.bool_)) != np.bool_ and not isinstance(pred,
+                                                                                     _Tensor):
+            pred = np.asarray(pred).astype(bool)
+        return self._elementwise("Where", [pred, on_true, on_false], aval)
+
+    # -- shapes --------------------------------------------------------------------------------
+    def _reshape(self, args, params, aval):
+        t = args[0]
+        if params.get("dimensions") is not None:
+            raise ValueError("cannot export a reshape with dimensions to ONNX")
+        spec = _reshape_spec(t.shape, tuple(aval.shape))
+        return _Tensor(self.g.node("Reshape", [self.nhwc(t), self.g.ints(spec)]),
+                       tuple(aval.shape))
+
+    def _squeeze(self, args, params, aval):
+        return self._reshape(args, {}, aval)
+
+    def _expand_dims(self, args, params, aval):
+        return self._reshape(args, {}, aval)
+
+    def _broadcast_in_dim(self, args, params, aval):
+        t = args[0]
+        shape, dims = tuple(aval.shape), tuple(params["broadcast_dimensions"])
+        ranked = [1] * len(shape)  # the operand's dims in place, 1 elsewhere
+        for i, d in zip(dims, t.shape, strict=True):
+            ranked[i] = d
+        x = self.nhwc(t)
+        if tuple(ranked) != tuple(t.shape):
+            x = self.g.node("Reshape", [x, self.g.ints(_reshape_spec(t.shape, ranked))])
+        if tuple(ranked) != shape:
+            target = []
+            for want, have in zip(shape, ranked, strict=True):
+                if not _concrete(want) and want is not have:
+                    raise ValueError(f"cannot export a broadcast of {t.shape} to the symbolic "
+                                     f"batch dimension of {shape}")
+                target.append(int(want) if _concrete(want) else 1)  # 1: Expand keeps the batch
+            x = self.g.node("Expand", [x, self.g.ints(target)])
+        return _Tensor(x, shape)
+
+    def _transpose(self, args, params, aval):
+        t = args[0]
+        return _Tensor(self.g.node("Transpose", [self.nhwc(t)],
+                                   perm=[int(p) for p in params["permutation"]]),
+                       tuple(aval.shape))
+
+    def _axis(self, t: _Tensor, axis: int) -> int:
+        """Physical axis of a logical (NHWC) axis."""
+        return TO_NCHW.index(axis) if t.nchw else axis
+
+    def _slice(self, args, params, aval):
+        t = args[0]
+        starts, limits = params["start_indices"], params["limit_indices"]
+        steps = params.get("strides") or (1,) * len(starts)
+        axes, s, e, st = [], [], [], []
+        for ax, (a, b, c, full) in enumerate(zip(starts, limits, steps, t.shape, strict=True)):
+            if a == 0 and c == 1 and (b is full or (_concrete(b) and _concrete(full)
+                                                    and b == full)):
+                continue
+            axes.append(self._axis(t, ax))
+            s.append(int(a))
+            e.append(int(b) if _concrete(b) else INT64_MAX)
+            st.append(int(c))
+        if not axes:
+            return t
+        out = self.g.node("Slice", [t.name, self.g.ints(s), self.g.ints(e), self.g.ints(axes),
+                                    self.g.ints(st)])
+        return _Tensor(out, tuple(aval.shape), t.nchw)
+
+    def _pad(self, args, params, aval):
+        t, value = args
+        config = params["padding_config"]
+        if any(interior for _, _, interior in config):
+            raise ValueError("cannot export a pad with interior padding to ONNX")
+        order = TO_NCHW if t.nchw else tuple(range(len(config)))
+        lo = [int(config[ax][0]) for ax in order]
+        hi = [int(config[ax][1]) for ax in order]
+        x = t.name
+        if min(lo + hi) < 0:  # negative padding crops
+            starts = [max(0, -v) for v in lo]
+            ends = [-max(0, -v) if v < 0 else INT64_MAX for v in hi]
+            x = self.g.node("Slice", [x, self.g.ints(starts), self.g.ints(ends),
+                                      self.g.ints(list(range(len(lo))))])
+            lo, hi = [max(0, v) for v in lo], [max(0, v) for v in hi]
+        if max(lo + hi) > 0:
+            x = self.g.node("Pad", [x, self.g.ints(lo + hi), self.g.const(np.asarray(value))])
+        return _Tensor(x, tuple(aval.shape), t.nchw)
+
+    def _concatenate(self, args, params, aval):
+        tensors = [a for a in args if isinstance(a, _Tensor)]
+        nchw = len(aval.shape) == 4 and all(t.nchw for t in tensors)
+        axis = TO_NCHW.index(params["dimension"]) if nchw else params["dimension"]
+        names = [self.operand(a, nchw, len(aval.shape)) for a in args]
+        return _Tensor(self.g.node("Concat", names, axis=int(axis)), tuple(aval.shape), nchw)
+
+    def _reduce(self, op, args, params, aval):
+        t = args[0]
+        axes = [self._axis(t, int(a)) for a in params["axes"]]
+        out = self.g.node(op, [t.name, self.g.ints(axes)], keepdims=0)
+        kept = [a for a in (TO_NCHW if t.nchw else range(len(t.shape)))
+                if a not in params["axes"]]
+        if kept != sorted(kept):  # physical order of the remaining axes differs: restore it
+            out = self.g.node("Transpose", [out], perm=[kept.index(a) for a in sorted(kept)])
+        return _Tensor(out, tuple(aval.shape))
+
+    def _reduce_sum(self, args, params, aval):
+        return self._reduce("ReduceSum", args, params, aval)
+
+    def _reduce_max(self, args, params, aval):
+        return self._reduce("ReduceMax", args, params, aval)
+
+    def _reduce_min(self, args, params, aval):
+        return self._reduce("ReduceMin", args, params, aval)
+
+    def _argmax(self, args, params, aval):
+        t = args[0]
+        (axis,) = params["axes"]
+        out = self.g.node("ArgMax", [self.nhwc(t)], axis=int(axis), keepdims=0)
+        return _Tensor(self.g.node("Cast", [out], to=_onnx_dtype(params["index_dtype"])),
+                       tuple(aval.shape))
+
+    # -- convolutions, pooling, dense --------------------------------------------------------
+    def _conv_general_dilated(self, args, params, aval):
+        x, w = args
+        lhs, rhs, out = params["dimension_numbers"]
+        if (tuple(lhs), tuple(rhs), tuple(out)) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
+            raise ValueError("ONNX export supports NHWC/HWIO convolutions (what nn.Conv emits); "
+                             f"got dimension numbers {params['dimension_numbers']}")
+        if any(d != 1 for d in params["lhs_dilation"]):
+            raise ValueError("cannot export a conv with input dilation (transposed conv) to ONNX")
+        if params.get("batch_group_count", 1) != 1:
+            raise ValueError("cannot export a conv with batch_group_count != 1 to ONNX")
+        pads = [tuple(int(v) for v in p) for p in params["padding"]]
+        attrs = dict(strides=[int(s) for s in params["window_strides"]],
+                     dilations=[int(d) for d in params["rhs_dilation"]],
+                     pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]],
+                     group=int(params["feature_group_count"]))
+        if isinstance(w, _Tensor):
+            weight = self.g.node("Transpose", [self.nhwc(w)], perm=[3, 2, 0, 1])
+        else:
+            weight = self.g.const(np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1)),
+                                  "weight")
+        y = self.g.node("Conv", [self.nchw(x), weight], "conv", **attrs)
+        return _Tensor(y, tuple(aval.shape), True)
+
+    def _pool(self, op, args, params, aval):
+        x = args[0]
+        dims, strides = params["window_dimensions"], params["window_strides"]
+        pads = params["padding"]
+        if len(dims) != 4 or dims[0] != 1 or dims[3] != 1 or tuple(pads[0]) != (0, 0) \
+                or tuple(pads[3]) != (0, 0):
+            raise ValueError(f"ONNX export supports spatial pooling of NHWC tensors; got window "
+                             f"{dims} with padding {pads}")
+        if any(d != 1 for d in params["base_dilation"]) or \
+                any(d != 1 for d in params["window_dilation"]):
+            raise ValueError("cannot export a dilated pooling window to ONNX")
+        attrs = dict(kernel_shape=[int(dims[1]), int(dims[2])],
+                     strides=[int(strides[1]), int(strides[2])],
+                     pads=[int(pads[1][0]), int(pads[2][0]), int(pads[1][1]), int(pads[2][1])])
+        if op == "AveragePool":
+            attrs["count_include_pad"] = 1
+        y = self.g.node(op, [self.nchw(x)], op.lower(), **attrs)
+        if op == "AveragePool":  # reduce_window_sum: the average times the window size
+            y = self.g.node("Mul", [y, self.g.const(np.asarray(int(dims[1]) * int(dims[2]),
+                                                               aval.dtype))])
+        return _Tensor(y, tuple(aval.shape), True)
+
+    def _reduce_window_max(self, args, params, aval):
+        return self._pool("MaxPool", args, params, aval)
+
+    def _reduce_window_sum(self, args, params, aval):
+        return self._pool("AveragePool", args, params, aval)
+
+    def _dot_general(self, args, params, aval):
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        lhs, rhs = args
+        lhs_rank = len(lhs.shape) if isinstance(lhs, _Tensor) else np.ndim(lhs)
+        rhs_rank = len(rhs.shape) if isinstance(rhs, _Tensor) else np.ndim(rhs)
+        if not lb and not rb and tuple(lc) == (lhs_rank - 1,) and tuple(rc) == (0,) \
+                and rhs_rank == 2:
+            names = [self.nhwc(a) if isinstance(a, _Tensor) else self.g.const(np.asarray(a),
+                                                                             "weight")
+                     for a in (lhs, rhs)]
+            return _Tensor(self.g.node("MatMul", names, "matmul"), tuple(aval.shape))
+        raise ValueError(f"cannot export dot_general with dimension numbers "
+                         f"{params['dimension_numbers']} to ONNX")
+
+
+def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_name: str = "output",
+                  *, graph_name: str = "lrjax", opset: int = OPSET) -> onnx.ModelProto:
+    """An ONNX model computing a closed jaxpr of one array input and one array output.
+
+    Args:
+      closed_jaxpr: e.g. ``jax.make_jaxpr(f)(jax.ShapeDtypeStruct(symbolic_shape, float32))``;
+        a symbolic leading dimension becomes the ONNX input's ``batch`` dimension.
+      input_name, output_name: the ONNX graph's tensor names.
+
+    Raises:
+      ValueError: a primitive (or a form of one) the translation does not cover.
+    """
+    jaxpr = closed_jaxpr.jaxpr
+    if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
+        raise ValueError("ONNX export takes a function of one array returning one array")
+    aval = jaxpr.invars[0].aval
+    conv = _Converter()
+    x = _Tensor(input_name, tuple(aval.shape))
+    (out,) = conv.run(jaxpr, closed_jaxpr.consts, [x])
+    if not isinstance(out, _Tensor):
+        raise ValueError("the exported function's output does not depend on its input")
+    final = conv.nhwc(out)
+    conv.g.nodes.append(helper.make_node("Identity", [final], [output_name]))
+
+    def dims(shape):
+        return ["batch" if not _concrete(d) else int(d) for d in shape]
+
+    out_aval = jaxpr.outvars[0].aval
+    graph = helper.make_graph(
+        conv.g.nodes, graph_name,
+        [helper.make_tensor_value_info(input_name, _onnx_dtype(aval.dtype), dims(aval.shape))],
+        [helper.make_tensor_value_info(output_name, _onnx_dtype(out_aval.dtype),
+                                       dims(out_aval.shape))],
+        conv.g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="lrjax")
+    model.ir_version = min(model.ir_version, 9)  # readable by ONNX Runtime releases of 2024+
+    onnx.checker.check_model(model)
+    return model

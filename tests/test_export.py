@@ -1,0 +1,171 @@
+"""Export to ONNX (ONNX Runtime), LiteRT and StableHLO: round trips and the command line."""
+
+import collections
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+
+import lrjax
+from benchmarks.user_models import resnet18
+from lrjax import checkpoint, export, models
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("ai_edge_litert")
+
+
+class GroupedDilated(nn.Module):
+    """A small VGG-like net with a grouped conv, a dilated conv and a strided conv."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+        x = nn.relu(nn.Conv(8, (3, 3), feature_group_count=2, name="grouped")(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.relu(nn.Conv(12, (3, 3), kernel_dilation=2, padding=2, name="dilated")(x))
+        x = nn.relu(nn.Conv(12, (3, 3), strides=2, padding="VALID", name="strided")(x))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(5, name="fc")(x)
+
+
+def _variables(model, x):
+    v = model.init(jax.random.key(0), x, train=False)
+    return jax.tree.map(lambda a: a + 0.05 * jnp.abs(jax.random.normal(jax.random.key(1),
+                                                                      a.shape)), v)
+
+
+def _cases():
+    grouped = GroupedDilated()
+    x16 = jnp.zeros((2, 16, 16, 3))
+    v = _variables(grouped, x16)
+    yield "grouped-dilated", grouped, v, x16
+    low = lrjax.decompose_linen(grouped, v, x16, rule={"conv1": 4, "grouped": 4, "dilated": 6,
+                                                        "strided": 6}, train=False)
+    yield "grouped-dilated lowrank", low.module, low.variables, x16
+    x32 = jnp.zeros((2, 32, 32, 3))
+    for lowrank in (False, True):
+        model = models.get_model("nin", lowrank=lowrank, bn=True)
+        yield f"nin lowrank={lowrank}", model, _variables(model, x32), x32
+    r18 = resnet18(num_classes=10, num_filters=8)
+    v = _variables(r18, x32)
+    low = lrjax.decompose_linen(r18, v, x32, rule="speedup:2", train=False)
+    yield "resnet18 decompose_linen", low.module, low.variables, x32
+
+
+CASES = {name: (model, v, x) for name, model, v, x in _cases()}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_runtime_round_trips(case, fmt, tmp_path):
+    model, variables, x = CASES[case]
+    path = str(tmp_path / f"model.{fmt}")
+    result = export.EXPORTERS[fmt](model, variables, x, path, train=False)
+    assert os.path.getsize(path) == result.size_bytes
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    # an independent check, on a batch of another seed (and another size for ONNX)
+    batch = 3 if fmt == "onnx" else x.shape[0]
+    xr = np.random.default_rng(42).standard_normal((batch, *x.shape[1:])).astype(np.float32)
+    want = np.asarray(model.apply(variables, xr, train=False))
+    if fmt == "onnx":
+        got = export.onnx_session(path).run(None, {"input": xr})[0]
+    else:
+        got = export.litert_runner(export.litert_interpreter(open(path, "rb").read()))(xr)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_onnx_graph_has_convs_and_folded_batch_norm(tmp_path):
+    model, variables, x = CASES["nin lowrank=True"]
+    path = str(tmp_path / "nin.onnx")
+    export.to_onnx(model, variables, x, path, train=False)
+    graph = onnx.load(path).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["Conv"] == 11  # 9 convs, two of them pairs
+    assert "Sub" not in ops and ops["Mul"] <= 1  # BN folded (one Mul: the avg-pool sum)
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    # every conv but the two vertical halves (no bias) carries its bias and folded BN
+    assert sum(len(n.input) == 3 for n in convs) == 9
+    model, variables, x = CASES["grouped-dilated lowrank"]
+    export.to_onnx(model, variables, x, str(tmp_path / "g.onnx"), train=False)
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in onnx.load(str(tmp_path / "g.onnx")).graph.node if n.op_type == "Conv"]
+    assert {a["group"] for a in attrs} == {1, 2}
+    assert [2, 1] in [a["dilations"] for a in attrs] and [1, 2] in [a["dilations"] for a in attrs]
+
+
+def test_stablehlo_runs_with_another_batch(tmp_path):
+    model, variables, x = CASES["resnet18 decompose_linen"]
+    path = str(tmp_path / "r18.stablehlo")
+    export.to_stablehlo(model, variables, x, path, train=False)
+    restored = jax.export.deserialize(bytearray(open(path, "rb").read()))
+    xr = jax.random.normal(jax.random.key(7), (5, *x.shape[1:]))
+    np.testing.assert_allclose(restored.call(xr), model.apply(variables, xr, train=False),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_failed_check_writes_nothing(tmp_path, monkeypatch):
+    model, variables, x = CASES["grouped-dilated"]
+    real = export.fold_conv_affine
+
+    def corrupt(m):  # a wrong weight: the ONNX Runtime check must catch it
+        n = real(m)
+        w = m.graph.initializer[0]
+        arr = onnx.numpy_helper.to_array(w) * 2 + 1
+        w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+        return n
+
+    monkeypatch.setattr(export, "fold_conv_affine", corrupt)
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(export.ExportError, match="does not match JAX .* nothing written"):
+        export.to_onnx(model, variables, x, str(path), train=False)
+    assert not path.exists() and not [f for f in os.listdir(tmp_path)]
+    with pytest.raises(export.ExportError, match=r"NHWC batch .* got shape \(16, 16, 3\)"):
+        export.to_onnx(model, variables, x[0], str(path), train=False)
+
+
+def test_unsupported_primitive_is_a_clear_error(tmp_path):
+    class Sorts(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.sort(nn.Conv(4, (3, 3))(x), axis=-1)
+
+    x = jnp.zeros((1, 8, 8, 3))
+    model = Sorts()
+    with pytest.raises(export.ExportError, match="cannot export primitive 'sort'"):
+        export.to_onnx(model, model.init(jax.random.key(0), x), x, str(tmp_path / "s.onnx"))
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "nin.onnx"
+    rc = export.main(["--model", "nin", "--ranks", "nin", "--format", "onnx",
+                      "--output", str(out), "--batch", "2"])
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "ranks rounded to multiples of 8" in printed and "conv2" in printed
+    assert "wrote" in printed and out.exists()
+    convs = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"]
+    assert len(convs) == 11
+    assert export.main(["--model", "nin", "--format", "stablehlo", "--output",
+                        str(tmp_path / "nin.shlo")]) == 0
+    src = str(tmp_path / "cnn.npz")
+    checkpoint.save_variables(src, models.init_variables(models.get_model("cnn"), 32))
+    for argv, match in [
+        (["--format", "onnx", "--output", str(tmp_path / "no" / "x.onnx")], "does not exist"),
+        (["--format", "onnx", "--output", str(out)], "exists; pass --overwrite"),
+        (["--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--checkpoint", src],
+         "variables do not match the model"),
+        (["--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--ranks", "conv9:4"],
+         "cannot read rank file"),
+    ]:
+        assert export.main(["--model", "nin", *argv]) == 2
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(SystemExit) as e:
+        export.main(["--model", "nin", "--format", "caffe", "--output", str(tmp_path / "c")])
+    assert e.value.code == 2 and "invalid choice: 'caffe'" in capsys.readouterr().err
