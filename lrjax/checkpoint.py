@@ -29,6 +29,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not match what it is loaded into."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text(path: str, text: str) -> str:
     """Write ``text`` to ``path`` atomically (a temporary file renamed into place)."""
     path = os.path.abspath(path)
@@ -38,6 +44,7 @@ def write_text(path: str, text: str) -> str:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file is for reading
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -317,7 +317,8 @@ def search_problem(problem, *, target_speedup: float, candidates=None) -> Search
     Each candidate layer is decomposed alone at each candidate rank and the model scored
     (``problem.score``); the per-layer score drops are then combined (assumed additive) to pick
     the ranks meeting ``target_speedup`` times fewer multiply-adds over all 2-D convs with the
-    least predicted drop (an exact multiple-choice knapsack over a discretised budget).
+    least predicted drop (an exact multiple-choice knapsack over a discretised budget). Scores
+    above the baseline count as no drop, and among equal drops the least compression wins.
     """
     if problem.score is None:
         raise ValueError("eval-guided selection needs an evaluation function (eval_fn)")
@@ -344,7 +345,12 @@ def search_problem(problem, *, target_speedup: float, candidates=None) -> Search
             if not math.isfinite(s):
                 raise ValueError(f"eval_fn returned {s} for layer {layer.name!r} at rank {r}")
             scores[layer.name][r] = s
-            options[layer.name].append((r, costs.lowrank_cost(layer, r).macs, baseline - s))
+            macs = costs.lowrank_cost(layer, r).macs
+            # a score above the baseline is noise, not a gain: count it as no drop; the tiny
+            # term prefers the least compression among equal drops, so the target is met, not
+            # overshot
+            options[layer.name].append((r, macs, max(baseline - s, 0.0)
+                                        + 1e-9 * (full - macs) / full))
     budget = problem.full_macs / target_speedup - problem.fixed_macs
     chosen = _choose(options, budget) if budget > 0 else None
     if chosen is None:

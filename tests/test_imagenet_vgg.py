@@ -8,8 +8,8 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.configs import imagenet_vgg as vgg_config
 from experiments import imagenet_workflow
+from experiments.configs import imagenet_vgg as vgg_config
 from lrjax import checkpoint
 
 torch = pytest.importorskip("torch")
