@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 __all__ = ["save_variables", "load_variables", "CheckpointError", "TrainCheckpoints",
-           "latest_train_variables", "write_json", "write_text"]
+           "latest_train_variables", "write_json", "write_text", "atomic_write"]
 
 
 class CheckpointError(ValueError):
@@ -35,22 +35,28 @@ def _umask() -> int:
     return mask
 
 
-def write_text(path: str, text: str) -> str:
-    """Write ``text`` to ``path`` atomically (a temporary file renamed into place)."""
+def atomic_write(path: str, write, *, binary: bool = False) -> str:
+    """Create ``path`` through ``write(file)`` on a temporary file renamed into place: on any
+    failure nothing (not even a partial file) is left. The file gets the usual 0666 & ~umask."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file is for reading
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def write_json(path: str, data) -> str:
@@ -74,16 +80,7 @@ def save_variables(path: str, variables, *, overwrite: bool = False) -> str:
     variables = _to_numpy_tree(dict(variables))
     if path.endswith(".npz"):
         flat = traverse_util.flatten_dict(variables, sep="/")
-        fd, tmp = tempfile.mkstemp(dir=parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **flat)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez(f, **flat), binary=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
     try:
         target = os.path.join(tmp, "variables")

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -73,16 +72,14 @@ def _writable(path: str) -> str:
 
 
 def _write(path: str, data: bytes) -> int:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".export-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    checkpoint.atomic_write(path, lambda f: f.write(data), binary=True)
     return len(data)
+
+
+def _symbolic_batch(shape) -> jax.ShapeDtypeStruct:
+    """A float32 input of ``shape`` with a symbolic batch dimension ``b``."""
+    dims = ", ".join(map(str, shape[1:]))
+    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {dims}"), jnp.float32)
 
 
 def _compare(run, forward, shape, batches, what) -> tuple[float, float]:
@@ -118,8 +115,7 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     shape = _check_input(example_input)
     path = _writable(path)
     forward = _fn(module, variables, apply_kwargs)
-    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {', '.join(map(str, shape[1:]))}"),
-                                jnp.float32)
+    spec = _symbolic_batch(shape)
     with formulations.policy("portable"):
         exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(spec)
     data = bytes(exported.serialize())
@@ -233,8 +229,7 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     shape = _check_input(example_input)
     path = _writable(path)
     forward = _fn(module, variables, apply_kwargs)
-    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {', '.join(map(str, shape[1:]))}"),
-                                jnp.float32)
+    spec = _symbolic_batch(shape)
     with formulations.policy("portable"):
         closed = jax.make_jaxpr(forward)(spec)
     try:

@@ -24,6 +24,7 @@ from lrjax.surgery import (
     RankProblem,
     SurgeryReport,
     build_report,
+    conv_skip_reason,
     select_ranks,
 )
 
@@ -45,23 +46,6 @@ def _pair(v, n=2):
     if v is None:
         return (1,) * n
     return (v,) * n if isinstance(v, int) else tuple(v)
-
-
-def _skip_reason(conv: nnx.Conv) -> str | None:
-    kernel = tuple(conv.kernel_size)
-    if len(kernel) != 2:
-        return f"not a 2-D conv (kernel_size {conv.kernel_size})"
-    if type(conv) is not nnx.Conv:
-        return f"{type(conv).__name__} (a subclass of nnx.Conv: its own computation is kept)"
-    if kernel == (1, 1):
-        return "1x1 kernel: nothing to split"
-    if any(d != 1 for d in _pair(conv.input_dilation)):
-        return f"input dilation {conv.input_dilation} (transposed conv)"
-    if conv.mask is not None:
-        return "masked kernel"
-    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
-        return "causal padding"
-    return None
 
 
 def _path(path) -> str:
@@ -132,7 +116,7 @@ def find_convs_nnx(model, *example_args, **example_kwargs) -> list[ConvSite]:
     sites = []
     for path, shape in record["shapes"].items():
         conv = convs[path]
-        reason = _skip_reason(conv)
+        reason = conv_skip_reason(conv, nnx.Conv)
         if reason and reason.startswith("not a 2-D"):
             sites.append(ConvSite(path, None, skip=reason))
             continue

@@ -37,7 +37,8 @@ from lrjax import ranks as rank_lib
 from lrjax.layers import FactorConv, LowRankConv, pair_forward
 
 __all__ = [
-    "ConvSite", "find_convs", "LowRankModel", "check_variables", "RankProblem", "select_ranks",
+    "ConvSite", "find_convs", "conv_skip_reason", "LowRankModel", "check_variables", "RankProblem",
+    "select_ranks",
     "decompose_linen", "Decomposition", "SurgeryReport", "calibration_moments", "rank_problem",
     "linen_scorer", "build_report",
     "fold_batch_norms", "measured_gate", "RULE_HELP",
@@ -85,20 +86,23 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _skip_reason(module: nn.Conv) -> str | None:
-    """Why an ``nn.Conv`` cannot be split into a pair, or None."""
-    kernel = _pair(module.kernel_size) if not isinstance(module.kernel_size, int) else None
-    if kernel is None or len(kernel) != 2:
-        return f"not a 2-D conv (kernel_size {module.kernel_size})"
-    if type(module) is not nn.Conv:
-        return f"{type(module).__name__} (a subclass of nn.Conv: its own computation is kept)"
+def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
+    """Why a conv (``nn.Conv`` or ``nnx.Conv``: same attribute names) cannot be split into a
+    pair, or None. ``base_type``: the only type decomposed (subclasses keep their own code)."""
+    size = conv.kernel_size
+    kernel = (size,) if isinstance(size, int) else tuple(size)
+    if len(kernel) != 2:
+        return f"not a 2-D conv (kernel_size {size})"
+    if type(conv) is not base_type:
+        return (f"{type(conv).__name__} (a subclass of {base_type.__name__}: its own computation "
+                "is kept)")
     if kernel == (1, 1):
         return "1x1 kernel: nothing to split"
-    if any(d != 1 for d in _pair(module.input_dilation)):
-        return f"input dilation {module.input_dilation} (transposed conv)"
-    if module.mask is not None:
+    if any(d != 1 for d in _pair(conv.input_dilation)):
+        return f"input dilation {conv.input_dilation} (transposed conv)"
+    if conv.mask is not None:
         return "masked kernel"
-    if isinstance(module.padding, str) and module.padding.upper() == "CAUSAL":
+    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
         return "causal padding"
     return None
 
@@ -180,7 +184,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                 if isinstance(module, LowRankConv):
                     found[path] = ConvSite(path, _conv_shape(path, module, x), rank=module.rank)
                 else:
-                    reason = _skip_reason(module)
+                    reason = conv_skip_reason(module)
                     shape = None if reason and reason.startswith("not a 2-D") \
                         else _conv_shape(path, module, x)
                     found[path] = ConvSite(path, shape, skip=reason)
@@ -253,7 +257,7 @@ class LowRankModel(nn.Module):
             rank = ranks.get(path)
             if rank is None:
                 return next_fun(*call_args, **call_kwargs)
-            reason = _skip_reason(module)
+            reason = conv_skip_reason(module)
             if reason is not None:
                 raise ValueError(f"layer {path!r} cannot be decomposed: {reason}")
             seen.add(path)
