@@ -45,7 +45,6 @@ class _Graph:
     def __init__(self):
         self.nodes, self.initializers = [], []
         self._names: dict[str, int] = {}
-        self._consts: dict[int, str] = {}
 
     def name(self, hint: str) -> str:
         i = self._names.get(hint, 0)
@@ -58,15 +57,9 @@ class _Graph:
         return out
 
     def const(self, value, hint: str = "const") -> str:
-        value = np.asarray(value)
-        key = id(value)
-        if key in self._consts and self._consts[key][1] is value:
-            return self._consts[key][0]
+        """An initializer holding ``value``; its name."""
         name = self.name(hint)
-        if value.dtype == np.dtype(jnp.bfloat16):
-            value = value.astype(np.float32)
-        self.initializers.append(numpy_helper.from_array(value, name))
-        self._consts[key] = (name, value)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
     def ints(self, values, hint="shape") -> str:
@@ -234,9 +227,8 @@ class _Converter:
         if len(args) != 3:
             raise ValueError("cannot export select_n with more than two cases to ONNX")
         pred, on_false, on_true = args
-        if np.dtype(getattr(pred, "dtype", np.bool_)) != np.bool_ and not isinstance(pred,
-                                                                                     _Tensor):
-            pred = np.asarray(pred).astype(bool)
+        if not isinstance(pred, _Tensor):
+            pred = np.asarray(pred, bool)
         return self._elementwise("Where", [pred, on_true, on_false], aval)
 
     # -- shapes --------------------------------------------------------------------------------

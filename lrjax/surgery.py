@@ -221,7 +221,9 @@ class LowRankModel(nn.Module):
 
     Build it with :meth:`wrap` (which normalises the rank map) or get it from
     :func:`decompose_linen`. Only ``__call__`` is wrapped (``apply(..., method=...)`` with another
-    method of ``base`` runs that method undecomposed).
+    method of ``base`` runs that method undecomposed). A call that does not reach every conv of
+    the rank map raises ``ValueError`` (a misspelt path must not pass silently), so a map should
+    name only convs that every call runs.
 
     Attributes:
       base: the original module (unbound).
@@ -476,15 +478,14 @@ class RankProblem:
             self._cache[key] = np.asarray(jnp.linalg.svd(mats, compute_uv=False), np.float64)
         return self._cache[key]
 
-    def factors(self, path: str, rank: int, *, at_least: int | None = None) -> decompose.Factors:
-        """Closed-form factors of ``path`` at ``rank`` (cached at the largest rank asked for;
-        ``at_least`` asks for that many up front, so later smaller ranks are slices)."""
+    def factors(self, path: str, rank: int) -> decompose.Factors:
+        """Closed-form factors of ``path`` at ``rank``, cached at the largest rank asked for so
+        far (smaller ranks are slices of it: truncated SVD factors are nested)."""
         groups = self.site(path).shape.groups
         cached = self._cache.get(("factors", path))
-        want = max(rank, at_least or rank)
         if cached is None or cached.vertical.shape[-1] < rank:
             cov = None if self.covariances is None else self.covariances[path]
-            cached = decompose.vh_decompose(jnp.asarray(self.kernels[path]), want, groups=groups,
+            cached = decompose.vh_decompose(jnp.asarray(self.kernels[path]), rank, groups=groups,
                                             input_cov=cov)
             self._cache[("factors", path)] = cached
         if cached.vertical.shape[-1] == rank:
