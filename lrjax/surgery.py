@@ -585,9 +585,9 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1) -> dict[
                              f"{layer.kernel_shape}, groups {layer.groups}, max rank {top})")
         out[path] = r
     if measured:
-        gated, _, _ = measured_gate([by_path[p].shape for p, r in out.items() if r is not None],
-                                    {p: r for p, r in out.items() if r is not None},
-                                    batch=measure_batch)
+        gated, _ = measured_gate([by_path[p].shape for p, r in out.items() if r is not None],
+                                 {p: r for p, r in out.items() if r is not None},
+                                 batch=measure_batch)
         out.update(gated)
     return out
 
@@ -599,7 +599,7 @@ def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: 
     Each decomposed layer is timed alone (forward, jitted) as a full conv and as a pair.
 
     Returns:
-      ``(ranks, None, times)``: the gated ranks (None = keep full rank) and
+      ``(ranks, times)``: the gated ranks (None = keep full rank) and
       ``{layer: (full s, pair s)}``.
     """
     times = timing.layer_times(layers, ranks, batch=batch, dtype=dtype, repeats=repeats)
@@ -610,7 +610,7 @@ def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: 
             gated[name] = rank if pair < full else None
         else:
             gated[name] = rank
-    return gated, None, times
+    return gated, times
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,11 +73,13 @@ def scaled_lr_values(config) -> tuple[float, ...]:
     return tuple(v * config.batch_size / ref for v in config.lr_values)
 
 
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config, steps_per_epoch: int, schedule: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
     """SGD with momentum and (Torch-style, added to the gradient) weight decay, on the
-    piecewise-constant schedule of :func:`scaled_lr_values`."""
-    schedule = lr_schedule(scaled_lr_values(config), config.lr_boundaries_epochs,
-                           steps_per_epoch)
+    piecewise-constant schedule of :func:`scaled_lr_values` (or ``schedule``, already built)."""
+    if schedule is None:
+        schedule = lr_schedule(scaled_lr_values(config), config.lr_boundaries_epochs,
+                               steps_per_epoch)
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(schedule, momentum=config.momentum))
 
@@ -352,7 +354,9 @@ def setup(config, workdir: str, *, model=None) -> Run:
                          "training examples")
     if model is None:
         model = build_model(config, dataset.num_classes)
-    tx = make_optimizer(config, steps_per_epoch)
+    schedule = lr_schedule(scaled_lr_values(config), config.lr_boundaries_epochs,
+                           steps_per_epoch)
+    tx = make_optimizer(config, steps_per_epoch, schedule)
     image_shape = (dataset.image_size, dataset.image_size, 3)
 
     mesh = Mesh(np.asarray(devices), ("data",))
@@ -372,9 +376,7 @@ def setup(config, workdir: str, *, model=None) -> Run:
         eval_step=_jit_eval_sums(model.apply, mesh),
         reset_momentum=jax.jit(reset_momentum, in_shardings=replicated,
                                out_shardings=replicated, donate_argnums=0),
-        checkpoints=ckpts,
-        schedule=lr_schedule(scaled_lr_values(config), config.lr_boundaries_epochs,
-                             steps_per_epoch))
+        checkpoints=ckpts, schedule=schedule)
 
 
 def restore_or_init(run: Run, init_variables=None) -> tuple[TrainState, Progress]:
