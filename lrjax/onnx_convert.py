@@ -180,8 +180,28 @@ class _Converter:
     _sub = _binary("Sub")
     _mul = _binary("Mul")
     _div = _binary("Div")
-    _max = _binary("Max")
-    _min = _binary("Min")
+    def _max(self, args, params, aval):
+        return self._bound(args, aval, "min")
+
+    def _min(self, args, params, aval):
+        return self._bound(args, aval, "max")
+
+    def _bound(self, args, aval, side):
+        """max/min of a tensor and a scalar as Relu or Clip (which ONNX Runtime fuses into the
+        conv before it, keeping its blocked NCHWc layout); Max/Min otherwise."""
+        tensors = [a for a in args if isinstance(a, _Tensor)]
+        consts = [np.asarray(a) for a in args if not isinstance(a, _Tensor)]
+        if len(tensors) == 1 and len(consts) == 1 and consts[0].size \
+                and np.all(consts[0] == consts[0].flat[0]) \
+                and tuple(tensors[0].shape) == tuple(aval.shape):
+            t, bound = tensors[0], consts[0].flat[0]
+            if side == "min" and bound == 0:
+                return _Tensor(self.g.node("Relu", [t.name], "relu"), t.shape, t.nchw)
+            clip_bound = self.g.const(np.asarray(bound, aval.dtype), "bound")
+            inputs = [t.name, clip_bound] if side == "min" else [t.name, "", clip_bound]
+            return _Tensor(self.g.node("Clip", inputs, "clip"), t.shape, t.nchw)
+        return self._elementwise("Max" if side == "min" else "Min", args, aval)
+
     _pow = _binary("Pow")
     _gt = _binary("Greater")
     _lt = _binary("Less")

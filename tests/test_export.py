@@ -86,6 +86,7 @@ def test_onnx_graph_has_convs_and_folded_batch_norm(tmp_path):
     ops = collections.Counter(n.op_type for n in graph.node)
     assert ops["Conv"] == 11  # 9 convs, two of them pairs
     assert "Sub" not in ops and ops["Mul"] <= 1  # BN folded (one Mul: the avg-pool sum)
+    assert ops["Relu"] == 8 and "Max" not in ops  # NIN's 8 ReLUs, fusable into the convs
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     convs = [n for n in graph.node if n.op_type == "Conv"]
     # every conv but the two vertical halves (no bias) carries its bias and folded BN
@@ -96,6 +97,31 @@ def test_onnx_graph_has_convs_and_folded_batch_norm(tmp_path):
              for n in onnx.load(str(tmp_path / "g.onnx")).graph.node if n.op_type == "Conv"]
     assert {a["group"] for a in attrs} == {1, 2}
     assert [2, 1] in [a["dilations"] for a in attrs] and [1, 2] in [a["dilations"] for a in attrs]
+
+
+class Bounds(nn.Module):
+    """ReLU, ReLU6, clips against scalars and a max of two tensors."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        a = nn.Conv(4, (3, 3), name="a")(x)
+        b = nn.Conv(4, (3, 3), name="b")(x)
+        y = nn.relu(a) + nn.relu6(b) + jnp.maximum(a, -0.25) + jnp.minimum(b, 0.5)
+        return y + jnp.maximum(a, b) + jnp.maximum(a, jnp.array([0.0, 0.1, 0.2, 0.3]))
+
+
+def test_onnx_scalar_bounds_become_relu_and_clip(tmp_path):
+    model, x = Bounds(), jnp.zeros((2, 8, 8, 3))
+    variables = _variables(model, x)
+    path = str(tmp_path / "bounds.onnx")
+    export.to_onnx(model, variables, x, path, train=False)
+    ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    # relu: Relu; relu6 (one Clip or a Relu and a Clip), max/min with a scalar: Clip;
+    # max of two tensors or of a per-channel constant: Max
+    assert ops["Relu"] >= 1 and ops["Clip"] >= 3 and ops["Max"] == 2 and "Min" not in ops
+    xr = np.random.default_rng(3).standard_normal((3, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(export.onnx_session(path).run(None, {"input": xr})[0],
+                               model.apply(variables, xr), rtol=1e-5, atol=1e-5)
 
 
 def test_stablehlo_runs_with_another_batch(tmp_path):
@@ -114,7 +140,8 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch):
 
     def corrupt(m):  # a wrong weight: the ONNX Runtime check must catch it
         n = real(m)
-        w = m.graph.initializer[0]
+        conv = next(node for node in m.graph.node if node.op_type == "Conv")
+        w = next(i for i in m.graph.initializer if i.name == conv.input[1])
         arr = onnx.numpy_helper.to_array(w) * 2 + 1
         w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
         return n
