@@ -8,6 +8,7 @@ followed by a ``(1, k)`` conv, stride, padding and dilation split as in lrjax.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 
@@ -123,4 +124,5 @@ def resnet18(ranks: Sequence[int | None] | None = None, num_classes: int = 100,
                           tnn.Linear(c, num_classes))
 
 
-BUILDERS = {"vgg16": vgg16, "nin": nin, "caffenet": caffenet, "resnet18": resnet18}
+BUILDERS = {"vgg16": vgg16, "vgg16-convs": functools.partial(vgg16, fc=16), "nin": nin,
+            "caffenet": caffenet, "resnet18": resnet18}

@@ -95,3 +95,27 @@ def test_gpu_check_smoke(tmp_path):
         med = r["median_s"]
         assert r["speedup_train_step"] == pytest.approx(med["full train step"]
                                                         / med["lowrank train step"])
+
+
+def test_runtimes_benchmark_smoke(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from benchmarks import runtimes
+
+    result = runtimes.bench_net("nin", 2, ("jax", "onnxruntime", "pytorch"), 1, 2,
+                                str(tmp_path), lambda s: None)
+    med = result["median_s"]
+    assert {"jax | full", "jax | lowrank", "onnxruntime | full", "onnxruntime | lowrank"} <= \
+        set(med)
+    assert result["speedups"]["onnxruntime | lowrank"] == pytest.approx(
+        med["onnxruntime | full"] / med["onnxruntime | lowrank"])
+    for label in ("full", "lowrank"):  # the profiler saw the convs of the call, not the warm-up
+        b = result["onnxruntime_breakdown"][label]
+        assert b["conv_ms"] > 0 and b["dense_ms"] == 0  # NIN has no dense layer
+        assert b["total_ms"] == pytest.approx(b["conv_ms"] + b["dense_ms"] + b["other_ms"])
+    head = runtimes.headline(result)
+    lowrank = {k.split(" | ")[0]: v for k, v in med.items() if k.endswith("| lowrank")}
+    assert head["fastest_lowrank_runtime"] == min(lowrank, key=lowrank.get)
+    if any(k.startswith("pytorch") for k in med):
+        assert head["over_pytorch_full"] == pytest.approx(
+            min(med["pytorch NCHW | full"], med["pytorch channels_last | full"])
+            / min(lowrank.values()))
