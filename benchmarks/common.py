@@ -60,12 +60,14 @@ def write_json(path: str, data) -> None:
 
 
 def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
-                      warmup: int = 1) -> dict[object, list[float]]:
+                      warmup: int = 1, settle_s: float = 0.0) -> dict[object, list[float]]:
     """Seconds of each zero-argument call (which must block until its result is ready), timed
     one call at a time with the contenders taking turns.
 
     Taking turns spreads the slow phases of a shared machine evenly over every contender, and
-    the median of single calls ignores the odd call a neighbour slowed down.
+    the median of single calls ignores the odd call a neighbour slowed down. ``settle_s``: a
+    pause before each timed call, so that the worker threads a runtime keeps spinning after its
+    call returns (ONNX Runtime's do) are idle when the next contender starts.
     """
     for run in calls.values():
         for _ in range(warmup):  # compile + warm-up
@@ -73,6 +75,8 @@ def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
     times = {key: [] for key in calls}
     for _ in range(rounds):
         for key, run in calls.items():
+            if settle_s:
+                time.sleep(settle_s)
             t0 = time.perf_counter()
             run()
             times[key].append(time.perf_counter() - t0)

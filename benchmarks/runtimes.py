@@ -33,6 +33,10 @@ NETS = {  # name: (family or "resnet18", input size, batches, model keyword argu
     "resnet18": ("resnet18", 112, (1,), {}),
 }
 RUNTIMES = ("jax", "onnxruntime", "litert", "pytorch")
+# Pause before each timed call: ONNX Runtime's worker threads keep spinning after a call returns
+# and, on 2 cores, slowed the LiteRT call that followed from 34 to 53 ms (low-rank VGG-16,
+# batch 1); 50 ms lets them go idle.
+SETTLE_S = 0.05
 
 
 def _net(name, seed=0):
@@ -87,9 +91,10 @@ def _onnx_call(module, variables, x, threads, tmp):
 def onnx_breakdown(path: str, x, threads: int, runs: int = 5) -> dict:
     """Where an ONNX model's time goes in ONNX Runtime, in context (its profiler).
 
-    Returns ``{"conv_ms", "dense_ms", "other_ms", "total_ms"}``: medians over ``runs`` calls of
-    the summed kernel times of the Conv nodes (after ONNX Runtime's fusions: bias, ReLU), of the
-    Gemm/MatMul nodes and of everything else (pools, layout reorders, reshapes).
+    Returns ``{"conv_ms", "dense_ms", "other_ms", "total_ms", "conv_nodes_ms"}``: medians over
+    ``runs`` calls of the summed kernel times of the Conv nodes (after ONNX Runtime's fusions:
+    bias, ReLU), of the Gemm/MatMul nodes and of everything else (pools, layout reorders,
+    reshapes); and each Conv node's median time, in execution order (a pair is two nodes).
     """
     import json
 
@@ -109,6 +114,7 @@ def onnx_breakdown(path: str, x, threads: int, runs: int = 5) -> dict:
         events = json.load(f)
     calls = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     per_call = {k: [0.0] * len(calls) for k in ("conv_ms", "dense_ms", "other_ms")}
+    conv_nodes: dict[str, list] = {}  # node name -> its time in each timed call
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
@@ -119,8 +125,11 @@ def onnx_breakdown(path: str, x, threads: int, runs: int = 5) -> dict:
         key = "conv_ms" if op in ("Conv", "FusedConv") else \
             "dense_ms" if op in ("Gemm", "FusedGemm", "MatMul", "FusedMatMul") else "other_ms"
         per_call[key][i] += e["dur"] / 1e3
+        if key == "conv_ms":
+            conv_nodes.setdefault(e["name"], []).append(e["dur"] / 1e3)
     out = {k: float(np.median(v[1:])) for k, v in per_call.items()}
     out["total_ms"] = sum(out.values())
+    out["conv_nodes_ms"] = [float(np.median(v)) for v in conv_nodes.values()]
     return out
 
 
@@ -182,7 +191,7 @@ def bench_net(name, batch, runtimes, repeats, threads, tmp, log, rounding=False)
                 calls[(f"pytorch {fmt}", label)] = _torch_call(
                     torch_models.BUILDERS[name],
                     None if order is None else order, x, threads, cl)
-    times = common.interleaved_times(calls, repeats)
+    times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S)
     med = {f"{rt} | {label}": common.median(t) for (rt, label), t in times.items()}
     result["median_s"] = med
     result["runs_s"] = {f"{rt} | {label}": t for (rt, label), t in times.items()}
@@ -249,7 +258,7 @@ def bench_layers(runtimes, repeats, threads, tmp, log, batch=1):
                         conv(xt)
 
                 calls[("pytorch channels_last", label)] = run
-        times = common.interleaved_times(calls, repeats)
+        times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S)
         row = {"layer": layer.name, "rank": r,
                "theoretical_speedup": costs.layer_speedup(layer, r)}
         for rt in sorted({rt for rt, _ in times}):
@@ -308,7 +317,8 @@ def main(argv=None):
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     result = {"machine": common.machine(), "runtime_versions": versions,
-              "threads": args.threads, "repeats": args.repeats, "nets": {}}
+              "threads": args.threads, "repeats": args.repeats, "settle_s": SETTLE_S,
+              "nets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.nets.split(","):
             for batch in NETS[name][2]:

@@ -66,6 +66,14 @@ def test_interleaved_times_take_turns():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
+def test_interleaved_times_settle_before_each_timed_call(monkeypatch):
+    order = []
+    monkeypatch.setattr(common.time, "sleep", lambda s: order.append(s))
+    common.interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                             rounds=2, warmup=1, settle_s=0.05)
+    assert order == ["a", "b"] + [0.05, "a", 0.05, "b"] * 2
+
+
 def test_flag_sets_name_real_xla_flags():
     assert xla_cpu_flags.FLAG_SETS["YNN fusion off"] == "--xla_cpu_experimental_ynn_fusion_type="
     assert all(v == "" or v.startswith("--xla_") for v in xla_cpu_flags.FLAG_SETS.values())
@@ -112,6 +120,7 @@ def test_runtimes_benchmark_smoke(tmp_path):
         b = result["onnxruntime_breakdown"][label]
         assert b["conv_ms"] > 0 and b["dense_ms"] == 0  # NIN has no dense layer
         assert b["total_ms"] == pytest.approx(b["conv_ms"] + b["dense_ms"] + b["other_ms"])
+        assert len(b["conv_nodes_ms"]) == (9 if label == "full" else 11)  # two pairs
     head = runtimes.headline(result)
     lowrank = {k.split(" | ")[0]: v for k, v in med.items() if k.endswith("| lowrank")}
     assert head["fastest_lowrank_runtime"] == min(lowrank, key=lowrank.get)
