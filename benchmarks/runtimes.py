@@ -215,6 +215,39 @@ def bench_net(name, batch, runtimes, repeats, threads, tmp, log, rounding=False)
     return result
 
 
+def bench_gated(name, batch, runtimes, repeats, threads, tmp, log):
+    """Full vs the authors' low-rank net vs the same with ``+measured:<runtime>`` (each pair kept
+    only where it is faster than its conv in that runtime, timed alone at this batch), per
+    runtime."""
+    from lrjax.surgery import decompose_linen
+
+    full, variables, rule, x1 = _net(name)
+    x = np.random.default_rng(0).standard_normal((batch, *x1.shape[1:])).astype(np.float32)
+    low, _ = _lowrank(full, variables, rule, x1)
+    makers = {"onnxruntime": _onnx_call, "litert": _litert_call}
+    out = {}
+    for rt in runtimes:
+        if rt not in makers:
+            continue
+        gated = decompose_linen(full, variables, x1, rule=f"{rule}+measured:{rt}",
+                                measure_batch=batch, train=False)
+        kept_full = sorted(set(low.ranks) - set(gated.ranks))
+        calls = {label: makers[rt](m, v, x, threads, tmp) for label, (m, v) in {
+            "full": (full, variables), "lowrank": (low.module, low.variables),
+            "lowrank gated": (gated.module, gated.variables)}.items()}
+        times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S)
+        med = {k: common.median(v) for k, v in times.items()}
+        out[rt] = {"kept_full": kept_full, "median_s": med,
+                   "theoretical_speedup_gated": gated.report.net.speedup,
+                   "speedup": med["full"] / med["lowrank"],
+                   "speedup_gated": med["full"] / med["lowrank gated"]}
+        log(f"{name}@{batch} {rt}: kept full {kept_full}; full {med['full'] * 1e3:.1f} ms, "
+            f"low-rank {med['lowrank'] * 1e3:.1f} ms ({out[rt]['speedup']:.2f}x), gated "
+            f"{med['lowrank gated'] * 1e3:.1f} ms ({out[rt]['speedup_gated']:.2f}x, theory "
+            f"{gated.report.net.speedup:.2f}x)")
+    return out
+
+
 def bench_layers(runtimes, repeats, threads, tmp, log, batch=1):
     """Each VGG-16 layer alone, full conv vs pair, in each runtime."""
     import flax.linen as nn
@@ -304,6 +337,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-layers", action="store_true")
+    parser.add_argument("--gated-only", action="store_true",
+                        help="only the '+measured:<runtime>' comparison (VGG-16, batch 1 and 8)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     runtimes = args.runtimes.split(",")
@@ -320,6 +355,13 @@ def main(argv=None):
               "threads": args.threads, "repeats": args.repeats, "settle_s": SETTLE_S,
               "nets": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.gated_only:
+            result["gated"] = {f"vgg16@{b}": bench_gated("vgg16", b, runtimes, args.repeats,
+                                                         args.threads, tmp, log)
+                               for b in NETS["vgg16"][2]}
+            if args.json:
+                common.write_json(args.json, result)
+            return result
         for name in args.nets.split(","):
             for batch in NETS[name][2]:
                 result["nets"][f"{name}@{batch}"] = bench_net(

@@ -40,6 +40,7 @@ def parse_fold_bn(text: str | None) -> dict[str, str] | None:
 def decompose_checkpoint(family: str, variables, rule, *, bn: bool = False,
                          image_size: int | None = None, multiple: int | None = None,
                          fold_bn: dict[str, str] | None = None, calibration=None,
+                         measure_batch: int = 1,
                          **model_kwargs) -> tuple[nn.Module, surgery.Decomposition]:
     """Check a zoo model's variables and decompose them with a rank rule.
 
@@ -55,6 +56,7 @@ def decompose_checkpoint(family: str, variables, rule, *, bn: bool = False,
       fold_bn: ``{conv: bn}`` norms to fold into their convs first (the result is then the
         ``bn=False`` model's).
       calibration: optional calibration batches (see :func:`lrjax.decompose_linen`).
+      measure_batch: batch of ``+measured`` timings.
       **model_kwargs: module fields (``num_classes``, ``widths``, ...).
 
     Returns:
@@ -72,7 +74,8 @@ def decompose_checkpoint(family: str, variables, rule, *, bn: bool = False,
         variables = surgery.fold_batch_norms(variables, fold_bn)
         full = models.get_model(family, bn=False, **model_kwargs)
     result = surgery.decompose_linen(full, variables, x, rule=rule, multiple=multiple,
-                                     calibration=calibration, train=False)
+                                     calibration=calibration, measure_batch=measure_batch,
+                                     train=False)
     return full, result
 
 

@@ -340,9 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ONNX Runtime's NCHWc conv kernels and XNNPACK pack output channels in blocks of 8 (AVX2/AVX-512
-# with this build: see BENCHMARKS.md, "ranks that suit the runtime").
+# ONNX Runtime's NCHWc conv kernels pad channels to blocks of 8 (AVX2) or 16 (AVX-512); ranks
+# rounded to 8 measured as fast as the unrounded ones in every runtime, at a lower error and
+# without extra MACs on AVX2 (BENCHMARKS.md, "ranks that suit the runtime").
 DEFAULT_MULTIPLE = 8
+# where a '+measured' rank rule times the layers, per export format
+MEASURED_RUNTIME = {"onnx": "onnxruntime", "tflite": "litert", "stablehlo": "jax"}
 
 
 def export_zoo(args) -> tuple[ExportResult, str]:
@@ -366,11 +369,20 @@ def export_zoo(args) -> tuple[ExportResult, str]:
     if args.ranks:
         multiple = None if args.multiple in (None, 1) else args.multiple
         common = dict(bn=args.bn, image_size=size, fold_bn=fold, **kwargs)
-        _, result = convert.decompose_checkpoint(args.model, variables, args.ranks,
-                                                 multiple=multiple, **common)
+        rule = args.ranks
+        if rule.endswith("+measured"):  # time the layers where the export will run
+            rule += ":" + MEASURED_RUNTIME[args.format]
+        _, result = convert.decompose_checkpoint(args.model, variables, rule,
+                                                 multiple=multiple, measure_batch=args.batch,
+                                                 **common)
         report = result.report.table()
         if multiple:  # what the rounding costs
-            _, plain = convert.decompose_checkpoint(args.model, variables, args.ranks, **common)
+            base = rule.partition("+measured")[0]
+            _, plain = convert.decompose_checkpoint(args.model, variables, base, **common)
+            if base != rule:  # the same layers as the gated result, at unrounded ranks
+                kept = {p: r for p, r in plain.ranks.items()
+                        if result.ranks.get(p) is not None}
+                _, plain = convert.decompose_checkpoint(args.model, variables, kept, **common)
             report += (f"\nranks rounded to multiples of {multiple}: mean relative kernel error "
                        f"{np.mean(list(result.report.errors.values())):.4f} (unrounded "
                        f"{np.mean(list(plain.report.errors.values())):.4f}); theoretical "

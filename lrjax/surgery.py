@@ -49,7 +49,8 @@ RULE_HELP = (
     "config (vgg16, caffenet, nin, cnn), 'energy:F' (keep fraction F of each layer's spectral "
     "energy) or 'speedup:S' (allocate ranks for S times fewer conv multiply-adds over the whole "
     "net); append '+measured' to keep a layer full rank where its pair is not faster on this "
-    "backend; or a rule object such as lrjax.ranks.EvalGuided"
+    "backend, or '+measured:onnxruntime' / '+measured:litert' to time the layers in that runtime "
+    "(each layer exported alone); or a rule object such as lrjax.ranks.EvalGuided"
 )
 
 
@@ -531,9 +532,13 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1) -> dict[
       ValueError: an unknown rule, a layer the model does not have (the message lists the
         decomposable ones), a layer that cannot be decomposed, or a rank out of range.
     """
-    measured = False
-    if isinstance(rule, str) and rule.endswith("+measured"):
-        rule, measured = rule[: -len("+measured")], True
+    measured = None  # the runtime that times the layers, when gated
+    if isinstance(rule, str) and "+measured" in rule:
+        rule, _, where = rule.rpartition("+measured")
+        if where and (not where.startswith(":") or where[1:] not in timing.RUNTIMES):
+            raise ValueError(f"bad '+measured' suffix {'+measured' + where!r}: expected "
+                             f"'+measured' or '+measured:R' with R in {timing.RUNTIMES}")
+        measured = where[1:] or "jax"
     if isinstance(rule, str) and rule in ("", "measured"):
         raise ValueError("'+measured' gates another rule: use e.g. 'vgg16+measured'")
     by_path = {s.path: s for s in problem.sites}
@@ -587,22 +592,26 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1) -> dict[
     if measured:
         gated, _ = measured_gate([by_path[p].shape for p, r in out.items() if r is not None],
                                  {p: r for p, r in out.items() if r is not None},
-                                 batch=measure_batch)
+                                 batch=measure_batch, runtime=measured)
         out.update(gated)
     return out
 
 
 def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: int = 3,
-                  dtype=jnp.float32):
-    """Keep a layer full rank where its pair is not faster on the current backend.
+                  dtype=jnp.float32, runtime: str = "jax"):
+    """Keep a layer full rank where its pair is not faster on the current backend, or in the
+    runtime the model is deployed to.
 
-    Each decomposed layer is timed alone (forward, jitted) as a full conv and as a pair.
+    Each decomposed layer is timed alone (forward) as a full conv and as a pair: jitted
+    (``runtime="jax"``), or exported and run in ONNX Runtime / LiteRT
+    (:func:`lrjax.timing.layer_times`).
 
     Returns:
       ``(ranks, times)``: the gated ranks (None = keep full rank) and
       ``{layer: (full s, pair s)}``.
     """
-    times = timing.layer_times(layers, ranks, batch=batch, dtype=dtype, repeats=repeats)
+    times = timing.layer_times(layers, ranks, batch=batch, dtype=dtype, repeats=repeats,
+                               runtime=runtime)
     gated = {}
     for name, rank in ranks.items():
         if name in times:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from lrjax import costs, formulations
 from lrjax.layers import LowRankConv
 
-__all__ = ["median_time", "layer_times"]
+__all__ = ["median_time", "layer_times", "RUNTIMES"]
 
 
 def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -37,6 +37,42 @@ def _layer_module(layer: costs.ConvShape, rank: int | None, dtype) -> nn.Module:
     return LowRankConv(layer.out_channels, layer.kernel_size, rank=rank, **kwargs)
 
 
+RUNTIMES = ("jax", "onnxruntime", "litert")
+
+
+class _Inference:
+    """A conv module with the ``train=`` keyword :mod:`lrjax.export` passes."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def apply(self, variables, x, train: bool = False):
+        del train
+        return self.module.apply(variables, x)
+
+
+def _runtime_call(module, variables, x, runtime: str) -> Callable[[], object]:
+    """A zero-argument call running ``module`` on ``x`` in an exported runtime (float32)."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from lrjax import export
+
+    xs = np.asarray(x, np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "layer")
+        if runtime == "onnxruntime":
+            export.to_onnx(_Inference(module), variables, xs, path, check=False)
+            session = export.onnx_session(path)
+            return lambda: session.run(None, {"input": xs})
+        export.to_tflite(_Inference(module), variables, xs, path, check=False)
+        with open(path, "rb") as f:
+            run = export.litert_runner(export.litert_interpreter(f.read()))
+        return lambda: run(xs)
+
+
 def layer_times(
     layers: Sequence[costs.ConvShape],
     ranks: Mapping[str, int | None],
@@ -45,15 +81,25 @@ def layer_times(
     dtype=jnp.float32,
     repeats: int = 5,
     backward: bool = False,
+    runtime: str = "jax",
 ) -> dict[str, tuple[float, float]]:
     """Median forward (or forward+backward) seconds of each decomposed layer, full and as a pair.
 
-    Each layer runs alone, jitted, on a random ``(batch, H, W, C)`` input of its own size, with
-    the formulations :mod:`lrjax.formulations`' policy picks.
+    Each layer runs alone on a random ``(batch, H, W, C)`` input of its own size: jitted, with
+    the formulations :mod:`lrjax.formulations`' policy picks (``runtime="jax"``), or exported
+    with :mod:`lrjax.export` and run in ONNX Runtime (``"onnxruntime"``) or LiteRT
+    (``"litert"``; forward only, float32). The full conv and its pair take turns.
 
     Returns:
       ``{layer: (full seconds, pair seconds)}``.
+
+    Raises:
+      ValueError: an unknown runtime, or ``backward`` outside JAX.
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {RUNTIMES}")
+    if backward and runtime != "jax":
+        raise ValueError(f"backward timings need runtime='jax'; got {runtime!r}")
     out = {}
     for layer in layers:
         rank = ranks.get(layer.name)
@@ -61,6 +107,14 @@ def layer_times(
             continue
         x = jax.random.normal(jax.random.key(0), (batch, *layer.input_hw, layer.in_channels),
                               dtype)
+        if runtime != "jax":
+            calls = []
+            for r in (None, rank):
+                module = _layer_module(layer, r, jnp.float32)
+                variables = module.init(jax.random.key(1), x[:1])
+                calls.append(_runtime_call(module, variables, x, runtime))
+            out[layer.name] = _alternating_medians(calls, repeats, settle_s=0.05)
+            continue
         pair = []
         for r in (None, rank):
             module = _layer_module(layer, r, dtype)
@@ -73,3 +127,22 @@ def layer_times(
             pair.append(median_time(fn, variables, x, repeats=repeats))
         out[layer.name] = tuple(pair)
     return out
+
+
+def _alternating_medians(calls, repeats: int, settle_s: float = 0.0) -> tuple[float, ...]:
+    """Median seconds of each zero-argument call, the calls taking turns after one warm-up.
+
+    ``settle_s``: a pause before each timed call, so that the worker threads another session
+    keeps spinning after its call (ONNX Runtime's do) are idle.
+    """
+    for call in calls:
+        call()
+    runs = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, times in zip(calls, runs, strict=True):
+            if settle_s:
+                time.sleep(settle_s)
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+    return tuple(statistics.median(t) for t in runs)

@@ -128,3 +128,17 @@ def test_runtimes_benchmark_smoke(tmp_path):
         assert head["over_pytorch_full"] == pytest.approx(
             min(med["pytorch NCHW | full"], med["pytorch channels_last | full"])
             / min(lowrank.values()))
+
+
+def test_runtimes_gated_smoke(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from benchmarks import runtimes
+
+    result = runtimes.bench_gated("nin", 2, ("onnxruntime", "jax"), 1, 2, str(tmp_path),
+                                  lambda s: None)
+    assert set(result) == {"onnxruntime"}  # JAX's gate is '+measured' itself
+    r = result["onnxruntime"]
+    assert set(r["median_s"]) == {"full", "lowrank", "lowrank gated"}
+    assert set(r["kept_full"]) <= {"conv1", "conv2"}
+    assert r["speedup_gated"] == pytest.approx(r["median_s"]["full"]
+                                               / r["median_s"]["lowrank gated"])

@@ -196,3 +196,26 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         export.main(["--model", "nin", "--format", "caffe", "--output", str(tmp_path / "c")])
     assert e.value.code == 2 and "invalid choice: 'caffe'" in capsys.readouterr().err
+
+
+def test_cli_measured_ranks_time_the_layers_in_the_target_runtime(tmp_path, capsys,
+                                                                   monkeypatch):
+    from lrjax import timing
+
+    calls = []
+
+    def fake_layer_times(layers, ranks, **kwargs):  # conv1's pair slower there, conv2's faster
+        calls.append((kwargs["runtime"], kwargs["batch"]))
+        return {"conv1": (1.0, 2.0), "conv2": (3.0, 1.0)}
+
+    monkeypatch.setattr(timing, "layer_times", fake_layer_times)
+    for fmt, runtime in (("onnx", "onnxruntime"), ("tflite", "litert")):
+        out = tmp_path / f"nin.{fmt}"
+        rc = export.main(["--model", "nin", "--ranks", "nin+measured", "--format", fmt,
+                          "--output", str(out), "--batch", "2"])
+        assert rc == 0, capsys.readouterr().err
+        assert calls[-1] == (runtime, 2)
+        printed = capsys.readouterr().out
+        assert "ranks rounded to multiples of 8" in printed
+    convs = [n for n in onnx.load(str(tmp_path / "nin.onnx")).graph.node if n.op_type == "Conv"]
+    assert len(convs) == 10  # conv1 kept full, conv2 a pair

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import checkpoint, convert, cost_report, decompose, models, surgery, timing
+from lrjax import checkpoint, convert, cost_report, costs, decompose, models, surgery, timing
 
 SMALL = {
     "vgg16": dict(widths=((8, 8), (16, 16), (16, 16, 16), (16, 16, 16), (16, 16, 16)),
@@ -160,13 +160,36 @@ def test_measured_gate_keeps_the_slower_pairs_full(monkeypatch):
     problem = _problem(full, variables, size)
     seen = {}
 
+    runtimes = []
+
     def fake_layer_times(layers, ranks, **kwargs):  # conv1's pair slower, conv2's faster
         seen.update(ranks)
+        runtimes.append(kwargs["runtime"])
         return {"conv1": (1.0, 2.0), "conv2": (3.0, 1.0)}
 
     monkeypatch.setattr(timing, "layer_times", fake_layer_times)
     assert surgery.select_ranks("nin+measured", problem) == {"conv1": None, "conv2": 51}
     assert seen == {"conv1": 10, "conv2": 51}
+    assert runtimes == ["jax"]
+    assert surgery.select_ranks("nin+measured:onnxruntime", problem) == {"conv1": None,
+                                                                         "conv2": 51}
+    assert runtimes == ["jax", "onnxruntime"]
+    with pytest.raises(ValueError, match=r"bad '\+measured' suffix '\+measured:tvm'"):
+        surgery.select_ranks("nin+measured:tvm", problem)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
+def test_layer_times_in_a_deployment_runtime(runtime):
+    pytest.importorskip("onnxruntime" if runtime == "onnxruntime" else "ai_edge_litert")
+    layer = costs.ConvShape("conv", in_channels=8, out_channels=16, kernel_size=(3, 3),
+                            input_hw=(12, 12), padding=((1, 1), (1, 1)))
+    times = timing.layer_times([layer], {"conv": 4}, batch=2, repeats=2, runtime=runtime)
+    full, pair = times["conv"]
+    assert 0 < full < 1 and 0 < pair < 1
+    with pytest.raises(ValueError, match="backward timings need runtime='jax'"):
+        timing.layer_times([layer], {"conv": 4}, runtime=runtime, backward=True)
+    with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
+        timing.layer_times([layer], {"conv": 4}, runtime="tvm")
 
 
 @pytest.mark.parametrize("fmt", ["npz", "orbax"])
