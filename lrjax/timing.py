@@ -40,17 +40,6 @@ def _layer_module(layer: costs.ConvShape, rank: int | None, dtype) -> nn.Module:
 RUNTIMES = ("jax", "onnxruntime", "litert")
 
 
-class _Inference:
-    """A conv module with the ``train=`` keyword :mod:`lrjax.export` passes."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def apply(self, variables, x, train: bool = False):
-        del train
-        return self.module.apply(variables, x)
-
-
 def _runtime_call(module, variables, x, runtime: str) -> Callable[[], object]:
     """A zero-argument call running ``module`` on ``x`` in an exported runtime (float32)."""
     import os
@@ -64,10 +53,10 @@ def _runtime_call(module, variables, x, runtime: str) -> Callable[[], object]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "layer")
         if runtime == "onnxruntime":
-            export.to_onnx(_Inference(module), variables, xs, path, check=False)
+            export.to_onnx(module, variables, xs, path, check=False)
             session = export.onnx_session(path)
             return lambda: session.run(None, {"input": xs})
-        export.to_tflite(_Inference(module), variables, xs, path, check=False)
+        export.to_tflite(module, variables, xs, path, check=False)
         with open(path, "rb") as f:
             run = export.litert_runner(export.litert_interpreter(f.read()))
         return lambda: run(xs)
