@@ -5,10 +5,13 @@ and no file.
 
     python -m lrjax.export --model vgg16 --ranks vgg16 --format onnx --output lowrank_vgg16.onnx
 
-Works for zoo models, for what :func:`lrjax.decompose_linen` returns, and for any linen module
-whose inference pass takes one NHWC image batch (``module.apply(variables, x, **apply_kwargs)``,
-e.g. ``train=False``). Exports are traced under the ``"portable"`` formulation policy (plain XLA
-ops: convs stay convs, so a pair becomes two ``Conv`` / ``CONV_2D`` nodes), in inference mode.
+Works for zoo models, for what :func:`lrjax.decompose_linen` and :func:`lrjax.decompose_nnx`
+return, and for any model whose inference pass takes one NHWC image batch: a linen module with its
+variables (``module.apply(variables, x, **apply_kwargs)``, e.g. ``train=False``) or an NNX model
+with ``variables=None`` (called as ``model(x, **apply_kwargs)`` on an eval-mode view: batch norm on
+its running statistics, dropout off; the model itself is not changed). Exports are traced under
+the ``"portable"`` formulation policy (plain XLA ops: convs stay convs, so a pair becomes two
+``Conv`` / ``CONV_2D`` nodes), in inference mode.
 """
 
 from __future__ import annotations
@@ -48,6 +51,21 @@ class ExportResult:
 
 
 def _fn(module, variables, apply_kwargs):
+    """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
+    model (``variables=None``) in eval mode."""
+    from flax import nnx
+
+    if isinstance(module, nnx.Module):
+        if variables is not None:
+            raise ExportError(f"{type(module).__name__} is an NNX model, which carries its own "
+                              f"state: pass variables=None (got a {type(variables).__name__})")
+        model = nnx.view(module, deterministic=True, use_running_average=True,
+                         raise_if_not_found=False)
+        return lambda x: model(x, **apply_kwargs)
+    if variables is None:
+        raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
+                          "(variables=None is for NNX models)")
+
     def forward(x):
         return module.apply(variables, x, **apply_kwargs)
 
@@ -218,6 +236,10 @@ def onnx_session(model_or_path, threads: int | None = None):
 def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
             check: bool = True, **apply_kwargs) -> ExportResult:
     """Export to ONNX (opset 17) with a symbolic ``batch`` input dimension.
+
+    ``module, variables``: a linen module and its variables, or an NNX model and ``None`` (run
+    in eval mode; the same for every exporter here). ``example_input``: an NHWC float32 batch
+    ``(N, H, W, C)``; ``**apply_kwargs`` go to the call (e.g. ``train=False``).
 
     The inference jaxpr is translated by :mod:`lrjax.onnx_convert` (convs as ONNX ``Conv`` in
     NCHW, groups and dilation mapped). With ``fold``, per-channel affine ops right after a conv

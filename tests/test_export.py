@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
+from flax import nnx
 
 import lrjax
 from benchmarks.user_models import resnet18
@@ -219,3 +220,68 @@ def test_cli_measured_ranks_time_the_layers_in_the_target_runtime(tmp_path, caps
         assert "ranks rounded to multiples of 8" in printed
     convs = [n for n in onnx.load(str(tmp_path / "nin.onnx")).graph.node if n.op_type == "Conv"]
     assert len(convs) == 10  # conv1 kept full, conv2 a pair
+
+
+class NNXNet(nnx.Module):
+    """A user's NNX CNN with batch norm (non-trivial running statistics) and dropout."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+        self.bn2 = nnx.BatchNorm(16, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.fc = nnx.Linear(16 * 8 * 8, 5, rngs=rngs)
+        for i, bn in enumerate((self.bn1, self.bn2)):
+            bn.mean[...] = jax.random.normal(jax.random.key(i), bn.mean.shape)
+            bn.var[...] = 0.5 + jax.random.uniform(jax.random.key(10 + i), bn.var.shape)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = nnx.max_pool(nnx.relu(self.bn2(self.conv2(x))), (2, 2), (2, 2))
+        return self.fc(self.drop(x.reshape(x.shape[0], -1)))
+
+
+@pytest.fixture(scope="module")
+def nnx_nets():
+    model = NNXNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    low, _ = lrjax.decompose_nnx(model, x, rule={"conv1": 2, "conv2": 4})
+    return {"full": model, "lowrank": low}, x
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_nnx_models_export_in_eval_mode(nnx_nets, fmt, tmp_path):
+    nets, x = nnx_nets
+    for name, model in nets.items():
+        path = str(tmp_path / f"{name}.{fmt}")
+        result = export.EXPORTERS[fmt](model, None, x, path)
+        assert os.path.getsize(path) == result.size_bytes
+        reference = nnx.clone(model)
+        reference.eval()  # running statistics, no dropout
+        xr = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+        want = np.asarray(reference(xr))
+        data = open(path, "rb").read()
+        if fmt == "onnx":
+            got = export.onnx_session(data).run(None, {"input": xr})[0]
+            ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+            # batch norm folded into the convs, dropout gone: only the dense layer's bias is left
+            assert ops["Conv"] == (2 if name == "full" else 4) and ops["Add"] == 1, ops
+            assert "Mul" not in ops and "Sub" not in ops, ops
+        elif fmt == "tflite":
+            got = export.litert_runner(export.litert_interpreter(data))(xr)
+        else:
+            got = jax.export.deserialize(bytearray(data)).call(xr)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+        # the user's model is left as it was: still in training mode
+        assert model.drop.deterministic is False and model.bn1.use_running_average is False
+
+
+def test_variables_must_match_the_kind_of_model(nnx_nets, tmp_path):
+    nets, x = nnx_nets
+    with pytest.raises(export.ExportError, match="NNXNet is an NNX model, .* pass variables=None"):
+        export.to_onnx(nets["full"], {"params": {}}, x, str(tmp_path / "a.onnx"))
+    model, _, x16 = CASES["grouped-dilated"]
+    with pytest.raises(export.ExportError, match="GroupedDilated is a linen module"):
+        export.to_tflite(model, None, x16, str(tmp_path / "b.tflite"))
+    assert not os.listdir(tmp_path)

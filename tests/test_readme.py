@@ -29,3 +29,18 @@ def test_readme_examples_run(title, capsys):
         assert namespace["result"].report.net.speedup >= 1.9
         assert namespace["small"](namespace["images"]).shape == (8, 10)
         assert set(namespace["report"].ranks) == {"body/layers/2", "blocks/0"}
+
+
+def test_readme_deploy_example_exports(capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("ai_edge_litert")
+    namespace = {}
+    exec(compile(_section_code("Deploy: ONNX, LiteRT, StableHLO"), "README.md: Deploy", "exec"),
+         namespace)
+    result = namespace["result"]
+    assert result.format == "tflite" and result.checked_batches == (1,)
+    assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
+    out = namespace["out"]
+    assert sorted(os.listdir(out)) == ["nin.onnx", "nin.shlo", "tiny.tflite"]
+    # the user's NNX model was exported in eval mode but is itself untouched
+    assert namespace["tiny"].drop.deterministic is False
