@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -60,18 +61,28 @@ def write_json(path: str, data) -> None:
 
 
 def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
-                      warmup: int = 1, settle_s: float = 0.0) -> dict[object, list[float]]:
+                      warmup: int = 1, settle_s: float = 0.0, min_time_s: float = 0.0,
+                      max_rounds: int = 100) -> dict[object, list[float]]:
     """Seconds of each zero-argument call (which must block until its result is ready), timed
     one call at a time with the contenders taking turns.
 
     Taking turns spreads the slow phases of a shared machine evenly over every contender, and
     the median of single calls ignores the odd call a neighbour slowed down. ``settle_s``: a
     pause before each timed call, so that the worker threads a runtime keeps spinning after its
-    call returns (ONNX Runtime's do) are idle when the next contender starts.
+    call returns (ONNX Runtime's do) are idle when the next contender starts. ``min_time_s``:
+    more rounds (up to ``max_rounds``) when the fastest contender's last warm-up call times
+    fewer than this many seconds in ``rounds`` calls, so that millisecond calls get a
+    median over enough of them.
     """
-    for run in calls.values():
+    last = {}
+    for key, run in calls.items():
         for _ in range(warmup):  # compile + warm-up
+            t0 = time.perf_counter()
             run()
+            last[key] = time.perf_counter() - t0
+    if min_time_s and last:
+        fastest = max(min(last.values()), 1e-6)
+        rounds = max(rounds, min(max_rounds, math.ceil(min_time_s / fastest)))
     times = {key: [] for key in calls}
     for _ in range(rounds):
         for key, run in calls.items():

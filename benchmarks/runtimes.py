@@ -37,6 +37,9 @@ RUNTIMES = ("jax", "onnxruntime", "litert", "pytorch")
 # and, on 2 cores, slowed the LiteRT call that followed from 34 to 53 ms (low-rank VGG-16,
 # batch 1); 50 ms lets them go idle.
 SETTLE_S = 0.05
+# Whole nets: at least this many seconds of timed calls per contender (at most 100 rounds), so
+# the few-millisecond nets (ResNet-18, CaffeNet, NIN) get a median over enough calls.
+MIN_TIME_S = 0.5
 
 
 def _net(name, seed=0):
@@ -191,7 +194,7 @@ def bench_net(name, batch, runtimes, repeats, threads, tmp, log, rounding=False)
                 calls[(f"pytorch {fmt}", label)] = _torch_call(
                     torch_models.BUILDERS[name],
                     None if order is None else order, x, threads, cl)
-    times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S)
+    times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S, min_time_s=MIN_TIME_S)
     med = {f"{rt} | {label}": common.median(t) for (rt, label), t in times.items()}
     result["median_s"] = med
     result["runs_s"] = {f"{rt} | {label}": t for (rt, label), t in times.items()}
@@ -235,7 +238,8 @@ def bench_gated(name, batch, runtimes, repeats, threads, tmp, log):
         calls = {label: makers[rt](m, v, x, threads, tmp) for label, (m, v) in {
             "full": (full, variables), "lowrank": (low.module, low.variables),
             "lowrank gated": (gated.module, gated.variables)}.items()}
-        times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S)
+        times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S,
+                                         min_time_s=MIN_TIME_S)
         med = {k: common.median(v) for k, v in times.items()}
         out[rt] = {"kept_full": kept_full, "median_s": med,
                    "theoretical_speedup_gated": gated.report.net.speedup,
@@ -353,6 +357,7 @@ def main(argv=None):
             versions[pkg] = None
     result = {"machine": common.machine(), "runtime_versions": versions,
               "threads": args.threads, "repeats": args.repeats, "settle_s": SETTLE_S,
+              "min_time_s": MIN_TIME_S,
               "nets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.gated_only:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -72,6 +73,16 @@ def test_interleaved_times_settle_before_each_timed_call(monkeypatch):
     common.interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
                              rounds=2, warmup=1, settle_s=0.05)
     assert order == ["a", "b"] + [0.05, "a", 0.05, "b"] * 2
+
+
+def test_interleaved_times_add_rounds_for_fast_calls():
+    calls = {"fast": lambda: time.sleep(0.002), "slow": lambda: time.sleep(0.01)}
+    times = common.interleaved_times(calls, rounds=2, min_time_s=0.02)
+    # the fast call took >= 2 ms: at most ceil(0.02 / 0.002) = 10 rounds, and more than 2
+    assert 2 < len(times["fast"]) == len(times["slow"]) <= 10
+    capped = common.interleaved_times(calls, rounds=2, min_time_s=10.0, max_rounds=4)
+    assert {k: len(v) for k, v in capped.items()} == {"fast": 4, "slow": 4}
+    assert len(common.interleaved_times(calls, rounds=3)["fast"]) == 3  # default: as asked
 
 
 def test_flag_sets_name_real_xla_flags():
