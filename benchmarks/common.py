@@ -62,18 +62,25 @@ def write_json(path: str, data) -> None:
 
 def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
                       warmup: int = 1, settle_s: float = 0.0, min_time_s: float = 0.0,
-                      max_rounds: int = 100) -> dict[object, list[float]]:
+                      max_rounds: int = 100, burst: int = 1,
+                      burst_warmup: int = 0) -> dict[object, list[float]]:
     """Seconds of each zero-argument call (which must block until its result is ready), timed
-    one call at a time with the contenders taking turns.
+    with the contenders taking turns.
 
     Taking turns spreads the slow phases of a shared machine evenly over every contender, and
-    the median of single calls ignores the odd call a neighbour slowed down. ``settle_s``: a
-    pause before each timed call, so that the worker threads a runtime keeps spinning after its
-    call returns (ONNX Runtime's do) are idle when the next contender starts. ``min_time_s``:
-    more rounds (up to ``max_rounds``) when the fastest contender's last warm-up call times
-    fewer than this many seconds in ``rounds`` calls, so that millisecond calls get a
-    median over enough of them.
+    the median of single calls ignores the odd call a neighbour slowed down. Each of the
+    ``rounds`` turns of a contender is: a pause of ``settle_s`` (so that the worker threads the
+    previous contender keeps spinning after its call returns, as ONNX Runtime's do, are idle),
+    ``burst_warmup`` untimed calls, then ``burst`` timed calls back to back. ``burst=1,
+    burst_warmup=0`` times each call after a pause (cold worker threads); a burst after an
+    untimed call times a runtime serving calls back to back (steady state). ``min_time_s``: more
+    rounds (up to ``max_rounds``) when the fastest contender's last warm-up call times fewer
+    than this many seconds over all its timed calls, so that millisecond calls get a median
+    over enough of them.
     """
+    if burst < 1 or burst_warmup < 0:
+        raise ValueError(f"burst must be >= 1 and burst_warmup >= 0; got {burst}, "
+                         f"{burst_warmup}")
     last = {}
     for key, run in calls.items():
         for _ in range(warmup):  # compile + warm-up
@@ -82,15 +89,19 @@ def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
             last[key] = time.perf_counter() - t0
     if min_time_s and last:
         fastest = max(min(last.values()), 1e-6)
-        rounds = max(rounds, min(max_rounds, math.ceil(min_time_s / fastest)))
+        wanted = math.ceil(math.ceil(min_time_s / fastest) / burst)
+        rounds = max(rounds, min(max_rounds, wanted))
     times = {key: [] for key in calls}
     for _ in range(rounds):
         for key, run in calls.items():
             if settle_s:
                 time.sleep(settle_s)
-            t0 = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - t0)
+            for _ in range(burst_warmup):
+                run()
+            for _ in range(burst):
+                t0 = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - t0)
     return times
 
 

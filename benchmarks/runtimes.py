@@ -1,8 +1,9 @@
 """Full vs low-rank nets in the runtimes they deploy to: JAX (XLA:CPU), ONNX Runtime (CPU EP),
 LiteRT (XNNPACK), with PyTorch eager on the same architecture as a reference point.
 
-Every net is timed full and low-rank side by side in each runtime (one call at a time, in turns,
-median of ``--repeats``), from the same weights: the JAX models are exported with
+Every net is timed full and low-rank side by side in each runtime (contenders in turns; whole
+nets in steady state, median of at least ``--repeats`` calls; see ``BURST``), from the same
+weights: the JAX models are exported with
 ``lrjax.export`` (each export checked against JAX before it is timed). Nets: VGG-16 (the
 authors' ranks; batch 1 and 8), its conv stack alone (``vgg16-convs``: the same net with a
 16-wide classifier, so that the 0.5 GB of memory-bound fully connected weights, read once per call
@@ -18,6 +19,7 @@ low-rank VGG-16 with ranks rounded to multiples of 8 and 16 (the runtimes' chann
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 
@@ -37,9 +39,21 @@ RUNTIMES = ("jax", "onnxruntime", "litert", "pytorch")
 # and, on 2 cores, slowed the LiteRT call that followed from 34 to 53 ms (low-rank VGG-16,
 # batch 1); 50 ms lets them go idle.
 SETTLE_S = 0.05
-# Whole nets: at least this many seconds of timed calls per contender (at most 100 rounds), so
-# the few-millisecond nets (ResNet-18, CaffeNet, NIN) get a median over enough calls.
+# Whole nets are timed in steady state: in each turn a contender makes one untimed call, then
+# BURST timed calls back to back (a runtime serving requests), after the settle pause. Timing one
+# call per turn instead measures calls after idle: their worker threads have gone to sleep, which
+# costs the few-millisecond nets up to ~30 us per node (ONNX Runtime, ResNet-18). At least
+# MIN_TIME_S seconds of timed calls per contender (at most 100 turns), so that those nets get a
+# median over enough calls.
+BURST, BURST_WARMUP = 3, 1
 MIN_TIME_S = 0.5
+
+
+def _whole_net_times(calls, repeats):
+    """Steady-state times of whole-net calls (about ``repeats`` per contender, or more)."""
+    return common.interleaved_times(calls, math.ceil(repeats / BURST), settle_s=SETTLE_S,
+                                    min_time_s=MIN_TIME_S, burst=BURST,
+                                    burst_warmup=BURST_WARMUP)
 
 
 def _net(name, seed=0):
@@ -194,7 +208,7 @@ def bench_net(name, batch, runtimes, repeats, threads, tmp, log, rounding=False)
                 calls[(f"pytorch {fmt}", label)] = _torch_call(
                     torch_models.BUILDERS[name],
                     None if order is None else order, x, threads, cl)
-    times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S, min_time_s=MIN_TIME_S)
+    times = _whole_net_times(calls, repeats)
     med = {f"{rt} | {label}": common.median(t) for (rt, label), t in times.items()}
     result["median_s"] = med
     result["runs_s"] = {f"{rt} | {label}": t for (rt, label), t in times.items()}
@@ -238,8 +252,7 @@ def bench_gated(name, batch, runtimes, repeats, threads, tmp, log):
         calls = {label: makers[rt](m, v, x, threads, tmp) for label, (m, v) in {
             "full": (full, variables), "lowrank": (low.module, low.variables),
             "lowrank gated": (gated.module, gated.variables)}.items()}
-        times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S,
-                                         min_time_s=MIN_TIME_S)
+        times = _whole_net_times(calls, repeats)
         med = {k: common.median(v) for k, v in times.items()}
         out[rt] = {"kept_full": kept_full, "median_s": med,
                    "theoretical_speedup_gated": gated.report.net.speedup,
@@ -357,7 +370,7 @@ def main(argv=None):
             versions[pkg] = None
     result = {"machine": common.machine(), "runtime_versions": versions,
               "threads": args.threads, "repeats": args.repeats, "settle_s": SETTLE_S,
-              "min_time_s": MIN_TIME_S,
+              "min_time_s": MIN_TIME_S, "burst": BURST, "burst_warmup": BURST_WARMUP,
               "nets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.gated_only:

@@ -85,6 +85,17 @@ def test_interleaved_times_add_rounds_for_fast_calls():
     assert len(common.interleaved_times(calls, rounds=3)["fast"]) == 3  # default: as asked
 
 
+def test_interleaved_times_in_bursts():
+    order = []
+    times = common.interleaved_times(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=2, warmup=1,
+        burst=3, burst_warmup=1)
+    assert order == ["a", "b"] + (["a"] * 4 + ["b"] * 4) * 2
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6}
+    with pytest.raises(ValueError, match="burst must be >= 1 .* got 0, 0"):
+        common.interleaved_times({"a": lambda: None}, rounds=1, burst=0)
+
+
 def test_flag_sets_name_real_xla_flags():
     assert xla_cpu_flags.FLAG_SETS["YNN fusion off"] == "--xla_cpu_experimental_ynn_fusion_type="
     assert all(v == "" or v.startswith("--xla_") for v in xla_cpu_flags.FLAG_SETS.values())
@@ -116,13 +127,15 @@ def test_gpu_check_smoke(tmp_path):
                                                         / med["lowrank train step"])
 
 
-def test_runtimes_benchmark_smoke(tmp_path):
+def test_runtimes_benchmark_smoke(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from benchmarks import runtimes
 
+    monkeypatch.setattr(runtimes, "MIN_TIME_S", 0.0)  # one turn: a burst of BURST timed calls
     result = runtimes.bench_net("nin", 2, ("jax", "onnxruntime", "pytorch"), 1, 2,
                                 str(tmp_path), lambda s: None)
     med = result["median_s"]
+    assert {len(v) for v in result["runs_s"].values()} == {runtimes.BURST}
     assert {"jax | full", "jax | lowrank", "onnxruntime | full", "onnxruntime | lowrank"} <= \
         set(med)
     assert result["speedups"]["onnxruntime | lowrank"] == pytest.approx(
@@ -141,9 +154,11 @@ def test_runtimes_benchmark_smoke(tmp_path):
             / min(lowrank.values()))
 
 
-def test_runtimes_gated_smoke(tmp_path):
+def test_runtimes_gated_smoke(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from benchmarks import runtimes
+
+    monkeypatch.setattr(runtimes, "MIN_TIME_S", 0.0)
 
     result = runtimes.bench_gated("nin", 2, ("onnxruntime", "jax"), 1, 2, str(tmp_path),
                                   lambda s: None)
