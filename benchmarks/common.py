@@ -73,10 +73,10 @@ def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
     previous contender keeps spinning after its call returns, as ONNX Runtime's do, are idle),
     ``burst_warmup`` untimed calls, then ``burst`` timed calls back to back. ``burst=1,
     burst_warmup=0`` times each call after a pause (cold worker threads); a burst after an
-    untimed call times a runtime serving calls back to back (steady state). ``min_time_s``: more
-    rounds (up to ``max_rounds``) when the fastest contender's last warm-up call times fewer
-    than this many seconds over all its timed calls, so that millisecond calls get a median
-    over enough of them.
+    untimed call times a runtime serving calls back to back (steady state). ``min_time_s``: at
+    least enough rounds (but no more than ``max_rounds``) for the fastest contender, at the
+    speed of its last warm-up call, to be timed this many seconds in all, so that millisecond
+    calls get a median over enough of them.
     """
     if burst < 1 or burst_warmup < 0:
         raise ValueError(f"burst must be >= 1 and burst_warmup >= 0; got {burst}, "
