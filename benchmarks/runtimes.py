@@ -1,17 +1,16 @@
 """Full vs low-rank nets in the runtimes they deploy to: JAX (XLA:CPU), ONNX Runtime (CPU EP),
 LiteRT (XNNPACK), with PyTorch eager on the same architecture as a reference point.
 
-Every net is timed full and low-rank side by side in each runtime (contenders in turns; whole
-nets in steady state, median of at least ``--repeats`` calls; see ``BURST``), from the same
-weights: the JAX models are exported with
-``lrjax.export`` (each export checked against JAX before it is timed). Nets: VGG-16 (the
-authors' ranks; batch 1 and 8), its conv stack alone (``vgg16-convs``: the same net with a
-16-wide classifier, so that the 0.5 GB of memory-bound fully connected weights, read once per call
-by full and low-rank nets alike, are out of the ratio), CaffeNet (the authors' ranks), NIN (the
-authors' ranks) and a ResNet-18 in the Flax examples' style compressed by ``decompose_linen``
-(``speedup:2``). Also:
-each VGG-16 layer alone, full conv vs pair, per runtime (theoretical vs actual speedup), and the
-low-rank VGG-16 with ranks rounded to multiples of 8 and 16 (the runtimes' channel blocks).
+Every net is timed full and low-rank side by side in each runtime (contenders in turns, in
+steady state, median of at least ``--repeats`` calls; see ``BURST``), from the same weights:
+the JAX models are exported with ``lrjax.export`` (each export checked against JAX before it is
+timed). Nets: VGG-16 (the authors' ranks; batch 1 and 8), its conv stack alone
+(``vgg16-convs``: the same net with a 16-wide classifier, so that the 0.5 GB of memory-bound
+fully connected weights, read once per call by full and low-rank nets alike, are out of the
+ratio), CaffeNet (the authors' ranks), NIN (the authors' ranks) and a ResNet-18 in the Flax
+examples' style compressed by ``decompose_linen`` (``speedup:2``). Also: each VGG-16 layer
+alone, full conv vs pair, per runtime (theoretical vs actual speedup; ``--layers-only``), and
+the low-rank VGG-16 with ranks rounded to multiples of 8 and 16 (the runtimes' channel blocks).
 
     python -m benchmarks.runtimes --json bench_results/runtimes.json
 """
@@ -39,18 +38,18 @@ RUNTIMES = ("jax", "onnxruntime", "litert", "pytorch")
 # and, on 2 cores, slowed the LiteRT call that followed from 34 to 53 ms (low-rank VGG-16,
 # batch 1); 50 ms lets them go idle.
 SETTLE_S = 0.05
-# Whole nets are timed in steady state: in each turn a contender makes one untimed call, then
+# Nets and layers are timed in steady state: in each turn a contender makes one untimed call, then
 # BURST timed calls back to back (a runtime serving requests), after the settle pause. Timing one
 # call per turn instead measures calls after idle: their worker threads have gone to sleep, which
 # costs the few-millisecond nets up to ~30 us per node (ONNX Runtime, ResNet-18). At least
-# MIN_TIME_S seconds of timed calls per contender (at most 100 turns), so that those nets get a
-# median over enough calls.
+# MIN_TIME_S seconds of timed calls per contender (at most 100 turns), so that those nets and the
+# single layers get a median over enough calls.
 BURST, BURST_WARMUP = 3, 1
 MIN_TIME_S = 0.5
 
 
-def _whole_net_times(calls, repeats):
-    """Steady-state times of whole-net calls (about ``repeats`` per contender, or more)."""
+def _steady_times(calls, repeats):
+    """Steady-state times of the calls (about ``repeats`` per contender, or more)."""
     return common.interleaved_times(calls, math.ceil(repeats / BURST), settle_s=SETTLE_S,
                                     min_time_s=MIN_TIME_S, burst=BURST,
                                     burst_warmup=BURST_WARMUP)
@@ -208,7 +207,7 @@ def bench_net(name, batch, runtimes, repeats, threads, tmp, log, rounding=False)
                 calls[(f"pytorch {fmt}", label)] = _torch_call(
                     torch_models.BUILDERS[name],
                     None if order is None else order, x, threads, cl)
-    times = _whole_net_times(calls, repeats)
+    times = _steady_times(calls, repeats)
     med = {f"{rt} | {label}": common.median(t) for (rt, label), t in times.items()}
     result["median_s"] = med
     result["runs_s"] = {f"{rt} | {label}": t for (rt, label), t in times.items()}
@@ -252,7 +251,7 @@ def bench_gated(name, batch, runtimes, repeats, threads, tmp, log):
         calls = {label: makers[rt](m, v, x, threads, tmp) for label, (m, v) in {
             "full": (full, variables), "lowrank": (low.module, low.variables),
             "lowrank gated": (gated.module, gated.variables)}.items()}
-        times = _whole_net_times(calls, repeats)
+        times = _steady_times(calls, repeats)
         med = {k: common.median(v) for k, v in times.items()}
         out[rt] = {"kept_full": kept_full, "median_s": med,
                    "theoretical_speedup_gated": gated.report.net.speedup,
@@ -308,7 +307,7 @@ def bench_layers(runtimes, repeats, threads, tmp, log, batch=1):
                         conv(xt)
 
                 calls[("pytorch channels_last", label)] = run
-        times = common.interleaved_times(calls, repeats, settle_s=SETTLE_S)
+        times = _steady_times(calls, repeats)
         row = {"layer": layer.name, "rank": r,
                "theoretical_speedup": costs.layer_speedup(layer, r)}
         for rt in sorted({rt for rt, _ in times}):
@@ -354,6 +353,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-layers", action="store_true")
+    parser.add_argument("--layers-only", action="store_true",
+                        help="only each VGG-16 layer alone, full conv vs pair")
     parser.add_argument("--gated-only", action="store_true",
                         help="only the '+measured:<runtime>' comparison (VGG-16, batch 1 and 8)")
     parser.add_argument("--json", default=None)
@@ -380,7 +381,7 @@ def main(argv=None):
             if args.json:
                 common.write_json(args.json, result)
             return result
-        for name in args.nets.split(","):
+        for name in [] if args.layers_only else args.nets.split(","):
             for batch in NETS[name][2]:
                 result["nets"][f"{name}@{batch}"] = bench_net(
                     name, batch, runtimes, args.repeats, args.threads, tmp, log,
