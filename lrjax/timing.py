@@ -1,7 +1,9 @@
-"""Wall-clock timing of jitted functions and of single conv layers (full vs low-rank pair)."""
+"""Wall-clock timing of jitted functions, of single conv layers (full vs low-rank pair) and of
+contenders taking turns."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 from lrjax import costs, formulations
 from lrjax.layers import LowRankConv
 
-__all__ = ["median_time", "layer_times", "RUNTIMES"]
+__all__ = ["median_time", "layer_times", "interleaved_times", "RUNTIMES"]
 
 
 def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -97,12 +99,13 @@ def layer_times(
         x = jax.random.normal(jax.random.key(0), (batch, *layer.input_hw, layer.in_channels),
                               dtype)
         if runtime != "jax":
-            calls = []
+            calls = {}
             for r in (None, rank):
                 module = _layer_module(layer, r, jnp.float32)
                 variables = module.init(jax.random.key(1), x[:1])
-                calls.append(_runtime_call(module, variables, x, runtime))
-            out[layer.name] = _alternating_medians(calls, repeats, settle_s=0.05)
+                calls[r] = _runtime_call(module, variables, x, runtime)
+            times = interleaved_times(calls, repeats, settle_s=0.05)
+            out[layer.name] = (statistics.median(times[None]), statistics.median(times[rank]))
             continue
         pair = []
         for r in (None, rank):
@@ -118,20 +121,46 @@ def layer_times(
     return out
 
 
-def _alternating_medians(calls, repeats: int, settle_s: float = 0.0) -> tuple[float, ...]:
-    """Median seconds of each zero-argument call, the calls taking turns after one warm-up.
+def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
+                      warmup: int = 1, settle_s: float = 0.0, min_time_s: float = 0.0,
+                      max_rounds: int = 100, burst: int = 1,
+                      burst_warmup: int = 0) -> dict[object, list[float]]:
+    """Seconds of each zero-argument call (which must block until its result is ready), timed
+    with the contenders taking turns.
 
-    ``settle_s``: a pause before each timed call, so that the worker threads another session
-    keeps spinning after its call (ONNX Runtime's do) are idle.
+    Taking turns spreads the slow phases of a shared machine evenly over every contender, and
+    the median of single calls ignores the odd call a neighbour slowed down. Each of the
+    ``rounds`` turns of a contender is: a pause of ``settle_s`` (so that the worker threads the
+    previous contender keeps spinning after its call returns, as ONNX Runtime's do, are idle),
+    ``burst_warmup`` untimed calls, then ``burst`` timed calls back to back. ``burst=1,
+    burst_warmup=0`` times each call after a pause (cold worker threads); a burst after an
+    untimed call times a runtime serving calls back to back (steady state). ``min_time_s``: at
+    least enough rounds (but no more than ``max_rounds``) for the fastest contender, at the
+    speed of its last warm-up call, to be timed this many seconds in all, so that millisecond
+    calls get a median over enough of them.
     """
-    for call in calls:
-        call()
-    runs = [[] for _ in calls]
-    for _ in range(repeats):
-        for call, times in zip(calls, runs, strict=True):
+    if burst < 1 or burst_warmup < 0:
+        raise ValueError(f"burst must be >= 1 and burst_warmup >= 0; got {burst}, "
+                         f"{burst_warmup}")
+    last = {}
+    for key, run in calls.items():
+        for _ in range(warmup):  # compile + warm-up
+            t0 = time.perf_counter()
+            run()
+            last[key] = time.perf_counter() - t0
+    if min_time_s and last:
+        fastest = max(min(last.values()), 1e-6)
+        wanted = math.ceil(math.ceil(min_time_s / fastest) / burst)
+        rounds = max(rounds, min(max_rounds, wanted))
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, run in calls.items():
             if settle_s:
                 time.sleep(settle_s)
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-    return tuple(statistics.median(t) for t in runs)
+            for _ in range(burst_warmup):
+                run()
+            for _ in range(burst):
+                t0 = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - t0)
+    return times

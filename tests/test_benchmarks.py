@@ -7,6 +7,7 @@ import time
 import pytest
 
 from benchmarks import common, gpu_check, speed, train_throughput, xla_cpu_flags
+from lrjax import timing
 
 
 def test_speed_benchmark_smoke(tmp_path):
@@ -69,7 +70,7 @@ def test_interleaved_times_take_turns():
 
 def test_interleaved_times_settle_before_each_timed_call(monkeypatch):
     order = []
-    monkeypatch.setattr(common.time, "sleep", lambda s: order.append(s))
+    monkeypatch.setattr(timing.time, "sleep", lambda s: order.append(s))
     common.interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
                              rounds=2, warmup=1, settle_s=0.05)
     assert order == ["a", "b"] + [0.05, "a", 0.05, "b"] * 2
