@@ -2,7 +2,7 @@
 LiteRT (XNNPACK), with PyTorch eager on the same architecture as a reference point.
 
 Every net is timed full and low-rank side by side in each runtime (contenders in turns, in
-steady state, median of at least ``--repeats`` calls; see ``BURST``), from the same weights:
+steady state, median of at least ``--repeats`` calls; see ``MIN_TIME_S``), from the same weights:
 the JAX models are exported with ``lrjax.export`` (each export checked against JAX before it is
 timed). Nets: VGG-16 (the authors' ranks; batch 1 and 8), its conv stack alone
 (``vgg16-convs``: the same net with a 16-wide classifier, so that the 0.5 GB of memory-bound
@@ -18,13 +18,13 @@ the low-rank VGG-16 with ranks rounded to multiples of 8 and 16 (the runtimes' c
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 
 import numpy as np
 
 from benchmarks import common
+from lrjax import timing
 
 NETS = {  # name: (family or "resnet18", input size, batches, model keyword arguments)
     "vgg16": ("vgg16", 224, (1, 8), {}),
@@ -34,25 +34,16 @@ NETS = {  # name: (family or "resnet18", input size, batches, model keyword argu
     "resnet18": ("resnet18", 112, (1,), {}),
 }
 RUNTIMES = ("jax", "onnxruntime", "litert", "pytorch")
-# Pause before each timed call: ONNX Runtime's worker threads keep spinning after a call returns
-# and, on 2 cores, slowed the LiteRT call that followed from 34 to 53 ms (low-rank VGG-16,
-# batch 1); 50 ms lets them go idle.
-SETTLE_S = 0.05
-# Nets and layers are timed in steady state: in each turn a contender makes one untimed call, then
-# BURST timed calls back to back (a runtime serving requests), after the settle pause. Timing one
-# call per turn instead measures calls after idle: their worker threads have gone to sleep, which
-# costs the few-millisecond nets up to ~30 us per node (ONNX Runtime, ResNet-18). At least
-# MIN_TIME_S seconds of timed calls per contender (at most 100 turns), so that those nets and the
-# single layers get a median over enough calls.
-BURST, BURST_WARMUP = 3, 1
+# Nets and layers are timed in steady state (``lrjax.timing.steady_times``: each turn a pause, one
+# untimed call, then a burst of timed calls back to back), with at least MIN_TIME_S seconds of
+# timed calls per contender (at most 100 turns), so that the few-millisecond nets and the single
+# layers get a median over enough calls.
 MIN_TIME_S = 0.5
 
 
 def _steady_times(calls, repeats):
     """Steady-state times of the calls (about ``repeats`` per contender, or more)."""
-    return common.interleaved_times(calls, math.ceil(repeats / BURST), settle_s=SETTLE_S,
-                                    min_time_s=MIN_TIME_S, burst=BURST,
-                                    burst_warmup=BURST_WARMUP)
+    return timing.steady_times(calls, repeats, min_time_s=MIN_TIME_S)
 
 
 def _net(name, seed=0):
@@ -370,8 +361,9 @@ def main(argv=None):
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     result = {"machine": common.machine(), "runtime_versions": versions,
-              "threads": args.threads, "repeats": args.repeats, "settle_s": SETTLE_S,
-              "min_time_s": MIN_TIME_S, "burst": BURST, "burst_warmup": BURST_WARMUP,
+              "threads": args.threads, "repeats": args.repeats, "settle_s": timing.SETTLE_S,
+              "min_time_s": MIN_TIME_S, "burst": timing.STEADY_BURST,
+              "burst_warmup": timing.STEADY_WARMUP,
               "nets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.gated_only:

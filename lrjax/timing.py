@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from lrjax import costs, formulations
 from lrjax.layers import LowRankConv
 
-__all__ = ["median_time", "layer_times", "interleaved_times", "RUNTIMES"]
+__all__ = ["median_time", "layer_times", "interleaved_times", "steady_times", "RUNTIMES"]
 
 
 def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -73,13 +73,16 @@ def layer_times(
     repeats: int = 5,
     backward: bool = False,
     runtime: str = "jax",
+    min_time_s: float = 0.1,
 ) -> dict[str, tuple[float, float]]:
     """Median forward (or forward+backward) seconds of each decomposed layer, full and as a pair.
 
     Each layer runs alone on a random ``(batch, H, W, C)`` input of its own size: jitted, with
     the formulations :mod:`lrjax.formulations`' policy picks (``runtime="jax"``), or exported
     with :mod:`lrjax.export` and run in ONNX Runtime (``"onnxruntime"``) or LiteRT
-    (``"litert"``; forward only, float32). The full conv and its pair take turns.
+    (``"litert"``; forward only, float32). The full conv and its pair take turns, timed in
+    steady state (:func:`steady_times`): at least ``repeats`` calls each, and at least
+    ``min_time_s`` seconds of calls for the faster of the two (at most 300 calls).
 
     Returns:
       ``{layer: (full seconds, pair seconds)}``.
@@ -98,27 +101,46 @@ def layer_times(
             continue
         x = jax.random.normal(jax.random.key(0), (batch, *layer.input_hw, layer.in_channels),
                               dtype)
-        if runtime != "jax":
-            calls = {}
-            for r in (None, rank):
-                module = _layer_module(layer, r, jnp.float32)
-                variables = module.init(jax.random.key(1), x[:1])
-                calls[r] = _runtime_call(module, variables, x, runtime)
-            times = interleaved_times(calls, repeats, settle_s=0.05)
-            out[layer.name] = (statistics.median(times[None]), statistics.median(times[rank]))
-            continue
-        pair = []
+        calls = {}
         for r in (None, rank):
-            module = _layer_module(layer, r, dtype)
+            module = _layer_module(layer, r, jnp.float32 if runtime != "jax" else dtype)
             variables = module.init(jax.random.key(1), x[:1])
+            if runtime != "jax":
+                calls[r] = _runtime_call(module, variables, x, runtime)
+                continue
             if backward:
                 fn = jax.jit(jax.grad(lambda v, x, m=module: jnp.sum(m.apply(v, x).astype(
                     jnp.float32) ** 2), argnums=(0, 1)))
             else:
                 fn = jax.jit(module.apply)
-            pair.append(median_time(fn, variables, x, repeats=repeats))
-        out[layer.name] = tuple(pair)
+            calls[r] = lambda fn=fn, v=variables, x=x: jax.block_until_ready(fn(v, x))
+        times = steady_times(calls, repeats, min_time_s=min_time_s)
+        out[layer.name] = (statistics.median(times[None]), statistics.median(times[rank]))
     return out
+
+
+# Steady state: each turn of a contender is a pause of SETTLE_S, STEADY_WARMUP untimed calls,
+# then STEADY_BURST timed calls back to back (a runtime serving requests). A pause is needed
+# because ONNX Runtime's worker threads keep spinning after a call returns and, on 2 cores,
+# slowed the LiteRT call that followed from 34 to 53 ms (low-rank VGG-16, batch 1); the untimed
+# call is needed because after the pause the runtimes' worker threads are asleep, and waking them
+# costs every parallel section (~30 us per node: a full ResNet-18 in ONNX Runtime took 3.56 ms
+# after a pause, 2.58 ms back to back; one conv1_1 in PyTorch 8.6 vs 0.4 ms).
+SETTLE_S = 0.05
+STEADY_BURST, STEADY_WARMUP = 3, 1
+
+
+def steady_times(calls: Mapping[object, Callable[[], object]], repeats: int,
+                 min_time_s: float = 0.0) -> dict[object, list[float]]:
+    """Seconds of each zero-argument call in steady state, the contenders taking turns.
+
+    At least ``repeats`` timed calls per contender (rounded up to whole bursts of
+    ``STEADY_BURST``), and more (up to 100 turns) until the fastest contender has been timed
+    ``min_time_s`` seconds in all. See :func:`interleaved_times` and ``SETTLE_S``.
+    """
+    return interleaved_times(calls, math.ceil(repeats / STEADY_BURST), settle_s=SETTLE_S,
+                             min_time_s=min_time_s, burst=STEADY_BURST,
+                             burst_warmup=STEADY_WARMUP)
 
 
 def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,

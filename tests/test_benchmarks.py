@@ -97,6 +97,18 @@ def test_interleaved_times_in_bursts():
         common.interleaved_times({"a": lambda: None}, rounds=1, burst=0)
 
 
+def test_steady_times_pause_warm_up_then_time_a_burst(monkeypatch):
+    order = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: order.append(s))
+    times = timing.steady_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                repeats=4)
+    burst, warm = timing.STEADY_BURST, timing.STEADY_WARMUP
+    rounds = -(-4 // burst)  # at least the calls asked for, in whole bursts
+    assert order == ["a", "b"] + ([timing.SETTLE_S] + ["a"] * (warm + burst)
+                                  + [timing.SETTLE_S] + ["b"] * (warm + burst)) * rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": rounds * burst, "b": rounds * burst}
+
+
 def test_flag_sets_name_real_xla_flags():
     assert xla_cpu_flags.FLAG_SETS["YNN fusion off"] == "--xla_cpu_experimental_ynn_fusion_type="
     assert all(v == "" or v.startswith("--xla_") for v in xla_cpu_flags.FLAG_SETS.values())
@@ -132,11 +144,11 @@ def test_runtimes_benchmark_smoke(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from benchmarks import runtimes
 
-    monkeypatch.setattr(runtimes, "MIN_TIME_S", 0.0)  # one turn: a burst of BURST timed calls
+    monkeypatch.setattr(runtimes, "MIN_TIME_S", 0.0)  # one turn: one burst of timed calls
     result = runtimes.bench_net("nin", 2, ("jax", "onnxruntime", "pytorch"), 1, 2,
                                 str(tmp_path), lambda s: None)
     med = result["median_s"]
-    assert {len(v) for v in result["runs_s"].values()} == {runtimes.BURST}
+    assert {len(v) for v in result["runs_s"].values()} == {timing.STEADY_BURST}
     assert {"jax | full", "jax | lowrank", "onnxruntime | full", "onnxruntime | lowrank"} <= \
         set(med)
     assert result["speedups"]["onnxruntime | lowrank"] == pytest.approx(

@@ -178,18 +178,35 @@ def test_measured_gate_keeps_the_slower_pairs_full(monkeypatch):
         surgery.select_ranks("nin+measured:tvm", problem)
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
-def test_layer_times_in_a_deployment_runtime(runtime):
-    pytest.importorskip("onnxruntime" if runtime == "onnxruntime" else "ai_edge_litert")
+@pytest.mark.parametrize("runtime", ["jax", "onnxruntime", "litert"])
+def test_layer_times_in_each_runtime(runtime, monkeypatch):
+    if runtime != "jax":
+        pytest.importorskip("onnxruntime" if runtime == "onnxruntime" else "ai_edge_litert")
     layer = costs.ConvShape("conv", in_channels=8, out_channels=16, kernel_size=(3, 3),
                             input_hw=(12, 12), padding=((1, 1), (1, 1)))
-    times = timing.layer_times([layer], {"conv": 4}, batch=2, repeats=2, runtime=runtime)
+    counts = []
+    steady_times = timing.steady_times
+
+    def counted(calls, repeats, **kwargs):  # the full conv and its pair, timed in steady state
+        times = steady_times(calls, repeats, **kwargs)
+        counts.append({k: len(v) for k, v in times.items()})
+        return times
+
+    monkeypatch.setattr(timing, "steady_times", counted)
+    times = timing.layer_times([layer], {"conv": 4}, batch=2, repeats=2, runtime=runtime,
+                               min_time_s=0.0)
     full, pair = times["conv"]
     assert 0 < full < 1 and 0 < pair < 1
-    with pytest.raises(ValueError, match="backward timings need runtime='jax'"):
-        timing.layer_times([layer], {"conv": 4}, runtime=runtime, backward=True)
+    assert counts == [{None: timing.STEADY_BURST, 4: timing.STEADY_BURST}]
     with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
         timing.layer_times([layer], {"conv": 4}, runtime="tvm")
+    if runtime == "jax":
+        full, pair = timing.layer_times([layer], {"conv": 4}, repeats=1, backward=True,
+                                        min_time_s=0.0)["conv"]
+        assert 0 < full < 1 and 0 < pair < 1
+    else:
+        with pytest.raises(ValueError, match="backward timings need runtime='jax'"):
+            timing.layer_times([layer], {"conv": 4}, runtime=runtime, backward=True)
 
 
 @pytest.mark.parametrize("fmt", ["npz", "orbax"])
