@@ -2,6 +2,7 @@
 
 import collections
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,7 @@ from flax import nnx
 
 import lrjax
 from benchmarks.user_models import resnet18
-from lrjax import checkpoint, export, models
+from lrjax import checkpoint, convert, export, models
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
@@ -220,6 +221,18 @@ def test_cli_measured_ranks_time_the_layers_in_the_target_runtime(tmp_path, caps
         assert "ranks rounded to multiples of 8" in printed
     convs = [n for n in onnx.load(str(tmp_path / "nin.onnx")).graph.node if n.op_type == "Conv"]
     assert len(convs) == 10  # conv1 kept full, conv2 a pair
+    # the rounding's cost is over the layers the gate split: conv2 alone, rank 51 -> 48
+    (error, unrounded_error, speedup, unrounded_speedup), = [
+        map(float, m) for m in re.findall(r"kernel error ([\d.]+) \(unrounded ([\d.]+)\); "
+                                          r"theoretical speedup ([\d.]+)x \(unrounded "
+                                          r"([\d.]+)x\)", printed)]
+    variables = models.init_variables(models.get_model("nin"), 32)
+    _, unrounded = convert.decompose_checkpoint("nin", variables, {"conv2": 51})
+    _, rounded = convert.decompose_checkpoint("nin", variables, {"conv2": 48})
+    assert unrounded_error == pytest.approx(unrounded.report.errors["conv2"], abs=1e-4)
+    assert error == pytest.approx(rounded.report.errors["conv2"], abs=1e-4)
+    assert unrounded_speedup == pytest.approx(unrounded.report.net.speedup, abs=0.01)
+    assert speedup == pytest.approx(rounded.report.net.speedup, abs=0.01)
 
 
 class NNXNet(nnx.Module):
