@@ -48,6 +48,7 @@ def machine(*extra_packages: str) -> dict:
         "versions": {p: _version(p) for p in packages},
         "xla_flags": xla_flags.flags_in_effect(),
         "ld_preload": os.environ.get("LD_PRELOAD"),  # e.g. tcmalloc: see BENCHMARKS.md
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # e.g. glibc.malloc.hugetlb=1
         "formulation_policy": formulations.get_policy(),
         "formulations_active": formulations.active(),
     }
