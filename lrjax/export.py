@@ -400,10 +400,10 @@ def export_zoo(args) -> tuple[ExportResult, str]:
                                                  multiple=multiple, measure_batch=args.batch,
                                                  **common)
         report = result.report.table()
-        if multiple:  # what the rounding costs, over the layers decomposed (a gate keeps some)
+        split = {p for p, r in result.ranks.items() if r is not None}
+        if multiple and split:  # what the rounding costs, over the layers split (a gate keeps some)
             base = rule.partition("+measured")[0]
             _, plain = convert.decompose_checkpoint(args.model, variables, base, **common)
-            split = {p for p, r in result.ranks.items() if r is not None}
             unrounded_error = np.mean([e for p, e in plain.report.errors.items() if p in split])
             layers = plain.report.net.layers
             unrounded_speedup = plain.report.net.full_macs / sum(

@@ -233,6 +233,12 @@ def test_cli_measured_ranks_time_the_layers_in_the_target_runtime(tmp_path, caps
     assert error == pytest.approx(rounded.report.errors["conv2"], abs=1e-4)
     assert unrounded_speedup == pytest.approx(unrounded.report.net.speedup, abs=0.01)
     assert speedup == pytest.approx(rounded.report.net.speedup, abs=0.01)
+    # every pair slower: nothing split, no rounding line (and no mean over no layers)
+    monkeypatch.setattr(timing, "layer_times",
+                        lambda layers, ranks, **kw: {n: (1.0, 2.0) for n in ranks})
+    assert export.main(["--model", "nin", "--ranks", "nin+measured", "--format", "onnx",
+                        "--output", str(tmp_path / "kept.onnx")]) == 0
+    assert "ranks rounded" not in capsys.readouterr().out
 
 
 class NNXNet(nnx.Module):
