@@ -21,10 +21,7 @@ import os
 from unittest import mock
 
 from benchmarks import common
-
-# Pause before each timed step, so that one runtime's spinning worker threads are idle when the
-# next contender starts (see benchmarks/runtimes.py).
-SETTLE_S = 0.05
+from lrjax import timing
 
 # Each CPU formulation, and how the ablation swaps it for the XLA op it replaces.
 ABLATIONS = ("1x1 convs as matmuls", "pairs as matmuls when differentiated",
@@ -172,7 +169,8 @@ def main(argv=None):
         if torch_version:
             steps[(name, "pytorch NCHW")] = torch_train_step(lowrank, args.batch)
             steps[(name, "pytorch channels_last")] = torch_train_step(lowrank, args.batch, True)
-    times = common.interleaved_times(steps, args.steps, settle_s=SETTLE_S)
+    # one step per turn, after lrjax.timing's pause (another runtime's spinning threads go idle)
+    times = common.interleaved_times(steps, args.steps, settle_s=timing.SETTLE_S)
     rows = {}
     for (name, variant), runs in times.items():
         rows.setdefault(name, {})[variant] = {"images_per_s": args.batch / common.median(runs),
@@ -198,7 +196,8 @@ def main(argv=None):
               f"{rows['lowrank_nin']['pytorch_best'] / rows['nin']['pytorch_best']:.2f}x")
     result = {"machine": {**common.machine("torch"), "torch_threads":
                           torch.get_num_threads() if torch_version else None},
-              "batch": args.batch, "steps": args.steps, "settle_s": SETTLE_S, "models": rows,
+              "batch": args.batch, "steps": args.steps, "settle_s": timing.SETTLE_S,
+              "models": rows,
               "lowrank_speedup_lrjax": lr_gain}
     if args.json:
         common.write_json(args.json, result)
