@@ -138,6 +138,8 @@ def steady_times(calls: Mapping[object, Callable[[], object]], repeats: int,
     ``STEADY_BURST``), and more (up to 100 turns) until the fastest contender has been timed
     ``min_time_s`` seconds in all. See :func:`interleaved_times` and ``SETTLE_S``.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
     return interleaved_times(calls, math.ceil(repeats / STEADY_BURST), settle_s=SETTLE_S,
                              min_time_s=min_time_s, burst=STEADY_BURST,
                              burst_warmup=STEADY_WARMUP)
@@ -161,6 +163,8 @@ def interleaved_times(calls: Mapping[object, Callable[[], object]], rounds: int,
     speed of its last warm-up call, to be timed this many seconds in all, so that millisecond
     calls get a median over enough of them.
     """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}")
     if burst < 1 or burst_warmup < 0:
         raise ValueError(f"burst must be >= 1 and burst_warmup >= 0; got {burst}, "
                          f"{burst_warmup}")

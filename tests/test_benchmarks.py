@@ -107,6 +107,10 @@ def test_steady_times_pause_warm_up_then_time_a_burst(monkeypatch):
     assert order == ["a", "b"] + ([timing.SETTLE_S] + ["a"] * (warm + burst)
                                   + [timing.SETTLE_S] + ["b"] * (warm + burst)) * rounds
     assert {k: len(v) for k, v in times.items()} == {"a": rounds * burst, "b": rounds * burst}
+    with pytest.raises(ValueError, match="repeats must be >= 1; got 0"):
+        timing.steady_times({"a": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="rounds must be >= 1; got 0"):
+        timing.interleaved_times({"a": lambda: None}, rounds=0)
 
 
 def test_flag_sets_name_real_xla_flags():
