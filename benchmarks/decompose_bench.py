@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import machine, setup, write_json
-from lrjax import costs, iterative, ranks
+from lrjax import cost_report, iterative, ranks
 from lrjax.decompose import (
     decompose_net,
     kernel_to_matrices,
@@ -68,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=1, help="ALS seeds per layer")
     args = parser.parse_args(argv)
 
-    layers = costs.vgg16_conv_shapes()
+    layers = cost_report.zoo_conv_shapes("vgg16")
     rank_map = ranks.load_ranks("vgg16")
     rng = np.random.default_rng(0)
     kernels = {

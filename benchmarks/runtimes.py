@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 
 from benchmarks import common
-from lrjax import timing
+from lrjax import cost_report, timing
 
 NETS = {  # name: (family or "resnet18", input size, batches, model keyword arguments)
     "vgg16": ("vgg16", 224, (1, 8), {}),
@@ -265,7 +265,7 @@ def bench_layers(runtimes, repeats, threads, tmp, log, batch=1):
 
     rank_map = ranks.load_ranks("vgg16")
     rows = []
-    for layer in costs.vgg16_conv_shapes(224):
+    for layer in cost_report.zoo_conv_shapes("vgg16", 224):
         r = rank_map[layer.name]
         x = np.random.default_rng(0).standard_normal(
             (batch, *layer.input_hw, layer.in_channels)).astype(np.float32)

@@ -2,7 +2,8 @@
 
 The convs are found by :func:`lrjax.surgery.find_convs` (a trace under ``jax.eval_shape``: no
 compute, no memory), so any linen model works, full rank, a :class:`lrjax.surgery.LowRankModel`,
-or one built with :class:`lrjax.layers.LowRankConv`.
+or one built with :class:`lrjax.layers.LowRankConv`. Layer geometry is never restated by hand:
+:func:`zoo_conv_shapes` reads a zoo model's convs off the model itself.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lrjax import costs
+from lrjax import costs, models, surgery
 
-__all__ = ["cost_report", "zoo_cost_report", "images"]
+__all__ = ["cost_report", "zoo_cost_report", "zoo_conv_shapes", "images"]
 
 
 def images(batch: int, size: int, channels: int = 3, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
@@ -30,8 +31,6 @@ def cost_report(model, *example_args, ranks=None, **example_kwargs) -> costs.Net
       ranks: optional ``{layer path: rank}`` to cost a full-rank model as if decomposed; by
         default the ranks of the model's own pairs.
     """
-    from lrjax import surgery
-
     sites = surgery.find_convs(model, *example_args, **example_kwargs)
     if ranks is None:
         ranks = {s.path: s.rank for s in sites if s.rank is not None}
@@ -40,8 +39,14 @@ def cost_report(model, *example_args, ranks=None, **example_kwargs) -> costs.Net
 
 def zoo_cost_report(family: str, *, lowrank: bool = True, **model_kwargs) -> costs.NetCost:
     """:func:`cost_report` of a zoo model (low-rank by default) at its native input size."""
-    from lrjax import models
-
     spec = models.model_spec(family)
     model = models.get_model(family, lowrank=lowrank, **model_kwargs)
     return cost_report(model, images(1, spec.image_size), train=False)
+
+
+def zoo_conv_shapes(family: str, image_size: int | None = None) -> list[costs.ConvShape]:
+    """Geometry of every 2-D conv of a zoo model (``"vgg16"``, ``"caffenet"``, ...) at a square
+    input size (default: the family's own), read off the model definition."""
+    size = image_size or models.model_spec(family).image_size
+    sites = surgery.find_convs(models.get_model(family), images(1, size), train=False)
+    return [s.shape for s in sites if s.shape is not None]

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 __all__ = [
+    "as_pair",
+    "check_kernel_shape",
+    "max_rank",
+    "check_rank",
     "ConvShape",
     "Cost",
     "LayerCost",
@@ -27,20 +32,79 @@ __all__ = [
     "breakeven_rank",
     "layer_speedup",
     "net_cost",
-    "vgg16_conv_shapes",
-    "caffenet_conv_shapes",
 ]
 
 _SAME_LIKE = ("SAME", "CIRCULAR", "REFLECT")
 
 
-def _pair(v, name) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(x) for x in v)
+def as_pair(v, name: str = "value") -> tuple[int, int]:
+    """A 2-D conv's per-dimension value: ``(v, v)`` for an int, the pair itself for a pair, and
+    ``(1, 1)`` for ``None`` (Flax's default stride / dilation).
+
+    Raises:
+      ValueError: anything else, naming ``name`` and the value.
+    """
+    if v is None:
+        return (1, 1)
+    if isinstance(v, numbers.Integral):
+        return (int(v), int(v))
+    try:
+        t = tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints; got {v!r}") from None
     if len(t) != 2:
-        raise ValueError(f"{name} must be an int or a pair; got {v!r}")
+        raise ValueError(f"{name} must be an int or a pair of ints for a 2-D conv; got {v!r}")
     return t
+
+
+def check_kernel_shape(shape, groups: int = 1) -> tuple[int, int, int, int]:
+    """Validate an HWIO kernel shape ``(kh, kw, C / groups, N)`` and its group count.
+
+    Raises:
+      ValueError: not 4-D, an empty dimension, a bad ``groups``, or ``N`` not divisible by it.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 4:
+        raise ValueError(f"kernel must be 4-D HWIO (kh, kw, C/groups, N); got shape {shape}")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int; got {groups!r}")
+    if min(shape) < 1:
+        raise ValueError(f"kernel has an empty dimension: shape {shape}")
+    if shape[3] % groups:
+        raise ValueError(f"output channels N={shape[3]} of kernel shape {shape} are not divisible "
+                         f"by groups={groups}")
+    return shape
+
+
+def max_rank(kernel_shape, *, groups: int = 1) -> int:
+    """The largest total rank for an HWIO kernel shape: ``groups * min(C_g * kh, kw * N_g)``."""
+    kh, kw, cg, n = check_kernel_shape(kernel_shape, groups)
+    return groups * min(cg * kh, kw * (n // groups))
+
+
+def check_rank(rank, kernel_shape, *, groups: int = 1, where: str = "") -> int:
+    """Validate a pair's total rank for an HWIO kernel shape; returns it as an int.
+
+    A valid rank is an int in ``[1, max_rank]`` divisible by ``groups`` (each group gets
+    ``rank / groups`` intermediate channels).
+
+    Raises:
+      ValueError: naming ``where`` (e.g. ``"layer 'conv1'"``), the rank, what is wrong, the
+        kernel shape and groups.
+    """
+    of = f" of {where}" if where else ""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise ValueError(f"rank{of} must be an int; got {rank!r}")
+    rank = int(rank)
+    top = max_rank(kernel_shape, groups=groups)
+    if not 1 <= rank <= top:
+        problem = f"out of range [1, {top}]"
+    elif rank % groups:
+        problem = f"not divisible by groups={groups}"
+    else:
+        return rank
+    raise ValueError(f"rank {rank} is invalid{' for ' + where if where else ''}: {problem} "
+                     f"(kernel {tuple(int(d) for d in kernel_shape)}, groups {groups})")
 
 
 def explicit_padding(padding, input_hw, kernel_size, strides=1, dilation=1):
@@ -51,9 +115,9 @@ def explicit_padding(padding, input_hw, kernel_size, strides=1, dilation=1):
         int, a pair of ints (one per spatial dim) or a pair of ``(low, high)`` pairs.
       input_hw, kernel_size, strides, dilation: ints or pairs.
     """
-    h, w = _pair(input_hw, "input_hw")
-    ks, st = _pair(kernel_size, "kernel_size"), _pair(strides, "strides")
-    dl = _pair(dilation, "dilation")
+    h, w = as_pair(input_hw, "input_hw")
+    ks, st = as_pair(kernel_size, "kernel_size"), as_pair(strides, "strides")
+    dl = as_pair(dilation, "dilation")
     if isinstance(padding, str):
         mode = padding.upper()
         if mode == "VALID":
@@ -71,15 +135,15 @@ def explicit_padding(padding, input_hw, kernel_size, strides=1, dilation=1):
     items = list(padding)
     if len(items) != 2:
         raise ValueError(f"padding must have one entry per spatial dim (2); got {padding!r}")
-    return tuple((int(p), int(p)) if isinstance(p, int) else _pair(p, "padding") for p in items)
+    return tuple((int(p), int(p)) if isinstance(p, int) else as_pair(p, "padding") for p in items)
 
 
 def output_size(input_hw, kernel_size, strides=1, padding="SAME", dilation=1) -> tuple[int, int]:
     """Output ``(H, W)`` of a 2-D conv (Flax ``nn.Conv`` semantics)."""
     pads = explicit_padding(padding, input_hw, kernel_size, strides, dilation)
     out = []
-    for size, k, s, d, (lo, hi) in zip(_pair(input_hw, "input_hw"), _pair(kernel_size, "k"),
-                                       _pair(strides, "s"), _pair(dilation, "d"), pads,
+    for size, k, s, d, (lo, hi) in zip(as_pair(input_hw, "input_hw"), as_pair(kernel_size, "k"),
+                                       as_pair(strides, "s"), as_pair(dilation, "d"), pads,
                                        strict=True):
         span = size + lo + hi - (k - 1) * d
         if span < 1:
@@ -133,18 +197,9 @@ def conv_cost(layer: ConvShape) -> Cost:
     return Cost(macs=ho * wo * kh * kw * cg * n, params=kh * kw * cg * n + n * layer.use_bias)
 
 
-def _check_rank(layer: ConvShape, rank: int):
-    from lrjax.decompose import max_rank  # local: keeps costs free of jax at import
-
-    top = max_rank(layer.kernel_shape, groups=layer.groups)
-    if not 1 <= rank <= top or rank % layer.groups:
-        raise ValueError(f"rank {rank} is invalid for layer {layer.name!r} "
-                         f"(kernel {layer.kernel_shape}, groups {layer.groups}, max rank {top})")
-
-
 def lowrank_cost(layer: ConvShape, rank: int) -> Cost:
     """Multiply-adds and parameters of the rank-``rank`` vertical/horizontal pair."""
-    _check_rank(layer, rank)
+    check_rank(rank, layer.kernel_shape, groups=layer.groups, where=f"layer {layer.name!r}")
     kh, kw, cg, n = layer.kernel_shape
     kg = rank // layer.groups
     hv, wv = layer.vertical_output_hw
@@ -164,8 +219,6 @@ def rank_cost_slope(layer: ConvShape) -> float:
 
 def breakeven_rank(layer: ConvShape) -> int:
     """Largest total rank (multiple of ``groups``) whose pair costs no more than the full conv."""
-    from lrjax.decompose import max_rank
-
     k = math.floor(conv_cost(layer).macs / rank_cost_slope(layer))
     k = min(k, max_rank(layer.kernel_shape, groups=layer.groups))
     return k - k % layer.groups
@@ -240,30 +293,3 @@ def net_cost(layers: Sequence[ConvShape], ranks: Mapping[str, int | None]) -> Ne
         out.append(LayerCost(layer.name, layer.kernel_shape, rank, full,
                              full if rank is None else lowrank_cost(layer, rank)))
     return NetCost(tuple(out))
-
-
-def vgg16_conv_shapes(image_size: int = 224) -> list[ConvShape]:
-    """The 13 conv layers of VGG-16 (Simonyan & Zisserman, config D) at a square input size."""
-    widths = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
-    layers, c, size = [], 3, image_size
-    for block, outs in enumerate(widths, start=1):
-        for i, n in enumerate(outs, start=1):
-            layers.append(ConvShape(f"conv{block}_{i}", (size, size), c, n, (3, 3)))
-            c = n
-        size //= 2
-    return layers
-
-
-def caffenet_conv_shapes(image_size: int = 227) -> list[ConvShape]:
-    """The 5 conv layers of CaffeNet (grouped conv2, conv4, conv5) at a square input size."""
-    s1 = output_size((image_size,) * 2, (11, 11), 4, "VALID")
-    p1 = ((s1[0] - 3) // 2 + 1,) * 2
-    s2 = output_size(p1, (5, 5), 1, 2)
-    p2 = ((s2[0] - 3) // 2 + 1,) * 2
-    return [
-        ConvShape("conv1", (image_size, image_size), 3, 96, (11, 11), (4, 4), "VALID"),
-        ConvShape("conv2", p1, 96, 256, (5, 5), padding=2, groups=2),
-        ConvShape("conv3", p2, 256, 384, (3, 3), padding=1),
-        ConvShape("conv4", p2, 384, 384, (3, 3), padding=1, groups=2),
-        ConvShape("conv5", p2, 384, 256, (3, 3), padding=1, groups=2),
-    ]

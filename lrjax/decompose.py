@@ -30,6 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrjax import costs
+from lrjax.costs import check_kernel_shape, check_rank, max_rank
+
 __all__ = [
     "Factors",
     "max_rank",
@@ -58,27 +61,9 @@ class Factors(NamedTuple):
     horizontal: jax.Array  # (1, kw, K // groups, N)
 
 
-def _check_shape(shape, groups) -> tuple[int, int, int, int]:
-    shape = tuple(int(d) for d in shape)
-    if len(shape) != 4:
-        raise ValueError(
-            f"kernel must be 4-D HWIO (kh, kw, C/groups, N); got shape {shape}"
-        )
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
-        raise ValueError(f"groups must be a positive int; got {groups!r}")
-    if min(shape) < 1:
-        raise ValueError(f"kernel has an empty dimension: shape {shape}")
-    if shape[3] % groups:
-        raise ValueError(
-            f"output channels N={shape[3]} of kernel shape {shape} are not divisible by "
-            f"groups={groups}"
-        )
-    return shape
-
-
 def _check_kernel(kernel, groups: int) -> tuple[int, int, int, int]:
     """Validate shape (always) and values (when concrete); returns ``(kh, kw, C_g, N)``."""
-    shape = _check_shape(np.shape(kernel), groups)
+    shape = check_kernel_shape(np.shape(kernel), groups)
     if not isinstance(kernel, jax.core.Tracer):
         values = np.asarray(kernel)
         finite = np.isfinite(values)
@@ -87,26 +72,6 @@ def _check_kernel(kernel, groups: int) -> tuple[int, int, int, int]:
                 f"kernel of shape {shape} contains {finite.size - finite.sum()} NaN/Inf value(s)"
             )
     return shape
-
-
-def max_rank(kernel_shape, *, groups: int = 1) -> int:
-    """The largest total rank for an HWIO kernel shape: ``groups * min(C_g * kh, kw * N_g)``."""
-    kh, kw, cg, n = _check_shape(kernel_shape, groups)
-    return groups * min(cg * kh, kw * (n // groups))
-
-
-def _check_rank(rank, shape, groups) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise ValueError(f"rank must be a Python int; got {rank!r}")
-    top = max_rank(shape, groups=groups)
-    if rank < 1 or rank > top:
-        raise ValueError(
-            f"rank={rank} is out of range [1, {top}] for kernel shape {tuple(shape)} "
-            f"with groups={groups}"
-        )
-    if rank % groups:
-        raise ValueError(f"rank={rank} is not divisible by groups={groups}")
-    return int(rank)
 
 
 def kernel_to_matrices(kernel: jax.Array, *, groups: int = 1) -> jax.Array:
@@ -204,7 +169,7 @@ def vh_decompose(
         kernel or covariance.
     """
     kh, kw, cg, n = _check_kernel(kernel, groups)
-    rank = _check_rank(rank, (kh, kw, cg, n), groups)
+    rank = check_rank(rank, (kh, kw, cg, n), groups=groups)
     kg = rank // groups
     mats = _to_matrices(kernel, groups)
     if input_cov is None:
@@ -271,8 +236,6 @@ def patch_moments(x: jax.Array, kernel_size, *, strides=1, padding="SAME", dilat
     Returns:
       ``(sums (groups, C_g * kh, C_g * kh) float32, count)``.
     """
-    from lrjax import costs  # local: costs stays importable without jax
-
     if x.ndim != 4:
         raise ValueError(f"patch_moments needs an NHWC input; got shape {x.shape}")
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -389,7 +352,8 @@ def decompose_net(
     groups = dict(groups or {})
     for name in ranks:  # validate everything before any work starts
         _check_kernel(kernels[name], groups.get(name, 1))
-        _check_rank(ranks[name], np.shape(kernels[name]), groups.get(name, 1))
+        check_rank(ranks[name], np.shape(kernels[name]), groups=groups.get(name, 1),
+                   where=f"layer {name!r}")
     # largest first, so the slowest layers do not end up last on one thread
     order = sorted(ranks, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
 

@@ -13,7 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lrjax.decompose import Factors, _check_kernel, _check_rank, _to_hwio, _to_matrices
+from lrjax.costs import check_rank
+from lrjax.decompose import Factors, _check_kernel, _to_hwio, _to_matrices
 
 __all__ = ["IterativeResult", "als_decompose"]
 
@@ -50,7 +51,7 @@ def als_decompose(
       :class:`IterativeResult` with HWIO factors of the same shapes as ``vh_decompose``'s.
     """
     kh, kw, cg, n = _check_kernel(kernel, groups)
-    rank = _check_rank(rank, (kh, kw, cg, n), groups)
+    rank = check_rank(rank, (kh, kw, cg, n), groups=groups)
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1; got {max_iters}")
     kg = rank // groups

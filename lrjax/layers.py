@@ -1,16 +1,17 @@
-"""Flax (linen) layers: the vertical/horizontal low-rank conv pair.
+r"""Flax (linen) layers: the vertical/horizontal low-rank conv pair.
 
 :class:`LowRankConv` is a ``kh x kw`` conv computed as a vertical ``kh x 1`` conv (``C -> K``, no
 bias) followed by a horizontal ``1 x kw`` conv (``K -> N``, with the bias). :func:`pair_forward`
 is the same computation for code that runs inside another module's scope: model surgery
 (:mod:`lrjax.surgery`) calls it inside an intercepted ``nn.Conv``, so that a decomposed conv's
 factors live under the conv's own path (``conv1_1/vertical/kernel``, ``conv1_1/horizontal/...``),
-the same variables as a ``LowRankConv`` of that name.
+the same variables as a ``LowRankConv`` of that name. :class:`LowRankModel` wraps any linen model
+and swaps its chosen ``nn.Conv``\s for pairs that way while it runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,22 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import formulations
-from lrjax.decompose import max_rank
+from lrjax.costs import as_pair, check_rank
+from lrjax.ranks import check_rank_map
 
-__all__ = ["LowRankConv", "FactorConv", "pair_forward", "split_padding", "check_pair_rank"]
+__all__ = ["LowRankConv", "FactorConv", "LowRankModel", "pair_forward", "split_padding",
+           "conv_skip_reason", "module_path"]
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's
-
-
-def _pair(v, what) -> tuple[int, int]:
-    if v is None:
-        return (1, 1)
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(v)
-    if len(t) != 2:
-        raise ValueError(f"{what} must be an int or a pair for a 2-D conv; got {v!r}")
-    return t
 
 
 def split_padding(padding) -> tuple[Any, Any]:
@@ -55,20 +47,6 @@ def split_padding(padding) -> tuple[Any, Any]:
         raise ValueError(f"padding must give 2 spatial dims for a 2-D conv; got {padding!r}")
     rows, cols = ((p, p) if isinstance(p, int) else tuple(p) for p in items)
     return (rows, (0, 0)), ((0, 0), cols)
-
-
-def check_pair_rank(rank, kernel_shape, groups: int, where: str) -> int:
-    """Validate a pair's total rank for an HWIO kernel shape; returns it as an int."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"{where}: rank must be an int; got {rank!r}")
-    top = max_rank(kernel_shape, groups=groups)
-    kh, kw, cg, n = kernel_shape
-    if not 1 <= rank <= top:
-        raise ValueError(f"{where}: rank={rank} is out of range [1, {top}] for a {kh}x{kw} conv "
-                         f"{cg * groups}->{n} with groups={groups}")
-    if rank % groups:
-        raise ValueError(f"{where}: rank={rank} is not divisible by feature_group_count={groups}")
-    return rank
 
 
 class FactorConv(nn.Conv):
@@ -100,9 +78,9 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
     Returns:
       ``(..., H_out, W_out, features)``.
     """
-    kh, kw = _pair(kernel_size, "kernel_size")
-    sh, sw = _pair(strides, "strides")
-    dh, dw = _pair(kernel_dilation, "kernel_dilation")
+    kh, kw = as_pair(kernel_size, "kernel_size")
+    sh, sw = as_pair(strides, "strides")
+    dh, dw = as_pair(kernel_dilation, "kernel_dilation")
     groups = feature_group_count
     c = x.shape[-1]
     if x.ndim < 3:
@@ -110,7 +88,7 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
     if c % groups:
         raise ValueError(f"{where}: input channels {c} (input shape {x.shape}) are not divisible "
                          f"by feature_group_count={groups}")
-    check_pair_rank(rank, (kh, kw, c // groups, features), groups, where)
+    check_rank(rank, (kh, kw, c // groups, features), groups=groups, where=where)
     pad_v, pad_h = split_padding(padding)
     common = dict(feature_group_count=groups, dtype=dtype, param_dtype=param_dtype,
                   precision=precision, kernel_init=kernel_init,
@@ -165,3 +143,107 @@ class LowRankConv(nn.Module):
             mid_norm=self.mid_norm, dtype=self.dtype, param_dtype=self.param_dtype,
             precision=self.precision, kernel_init=self.kernel_init, bias_init=self.bias_init,
             where=self.name or "LowRankConv")
+
+
+def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
+    """Why a conv (``nn.Conv`` or ``nnx.Conv``: same attribute names) cannot be split into a
+    pair, or None. ``base_type``: the only type decomposed (subclasses keep their own code)."""
+    size = conv.kernel_size
+    kernel = (size,) if isinstance(size, int) else tuple(size)
+    if len(kernel) != 2:
+        return f"not a 2-D conv (kernel_size {size})"
+    if type(conv) is not base_type:
+        return (f"{type(conv).__name__} (a subclass of {base_type.__name__}: its own computation "
+                "is kept)")
+    if kernel == (1, 1):
+        return "1x1 kernel: nothing to split"
+    if any(d != 1 for d in as_pair(conv.input_dilation)):
+        return f"input dilation {conv.input_dilation} (transposed conv)"
+    if conv.mask is not None:
+        return "masked kernel"
+    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
+        return "causal padding"
+    return None
+
+
+def module_path(module: nn.Module, root: tuple[str, ...] = ()) -> str:
+    """A bound module's path joined with ``/``, relative to ``root`` (a scope path prefix)."""
+    path = tuple(module.scope.path)
+    return "/".join(path[len(root):])
+
+
+def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[str, int], ...]:
+    ranks = check_rank_map(dict(ranks.items() if isinstance(ranks, Mapping) else ranks))
+    return tuple(sorted((path, rank) for path, rank in ranks.items() if rank is not None))
+
+
+class LowRankModel(nn.Module):
+    """Any linen model with some of its convs replaced by vertical/horizontal pairs.
+
+    Called exactly like ``base`` (same arguments, same outputs' meaning). While it runs, each
+    ``nn.Conv`` whose path is in ``ranks`` computes :func:`lrjax.layers.pair_forward` with that
+    rank, inside the conv's own scope. ``base``'s scope is shared (``nn.share_scope``), so the
+    variables are ``base``'s with ``{path}/kernel`` and ``{path}/bias`` replaced by
+    ``{path}/vertical/kernel``, ``{path}/horizontal/kernel`` and ``{path}/horizontal/bias``.
+
+    Build it with :meth:`wrap` (which normalises the rank map) or get it from
+    :func:`decompose_linen`. Only ``__call__`` is wrapped (``apply(..., method=...)`` with another
+    method of ``base`` runs that method undecomposed). A call that does not reach every conv of
+    the rank map raises ``ValueError`` (a misspelt path must not pass silently), so a map should
+    name only convs that every call runs.
+
+    Attributes:
+      base: the original module (unbound).
+      ranks: ``((path, rank), ...)``, sorted.
+      mid_norm: optional norm factory applied between the two halves of every pair.
+    """
+
+    base: nn.Module
+    ranks: tuple[tuple[str, int], ...] = ()
+    mid_norm: Callable[..., nn.Module] | None = None
+
+    @classmethod
+    def wrap(cls, base: nn.Module, ranks: Mapping[str, int | None], mid_norm=None):
+        """``LowRankModel(base, ranks)`` with ``ranks`` as a dict (``None`` entries dropped)."""
+        if isinstance(base, LowRankModel):
+            raise ValueError("the model is already a LowRankModel: wrap its .base instead")
+        return cls(base, _normalise_ranks(ranks), mid_norm)
+
+    def setup(self):
+        nn.share_scope(self, self.base)
+
+    def __call__(self, *args, **kwargs):
+        ranks = dict(self.ranks)
+        root = tuple(self.scope.path)
+        mid_norm = self.mid_norm
+        seen = set()
+
+        def decompose_conv(next_fun, call_args, call_kwargs, context):
+            module = context.module
+            if type(module) is not nn.Conv or context.method_name != "__call__":
+                return next_fun(*call_args, **call_kwargs)
+            path = module_path(module, root)
+            rank = ranks.get(path)
+            if rank is None:
+                return next_fun(*call_args, **call_kwargs)
+            reason = conv_skip_reason(module)
+            if reason is not None:
+                raise ValueError(f"layer {path!r} cannot be decomposed: {reason}")
+            seen.add(path)
+            x = call_args[0] if call_args else call_kwargs["inputs"]
+            return pair_forward(
+                x, features=module.features, kernel_size=module.kernel_size, rank=rank,
+                strides=module.strides, padding=module.padding,
+                kernel_dilation=module.kernel_dilation,
+                feature_group_count=module.feature_group_count, use_bias=module.use_bias,
+                mid_norm=mid_norm, dtype=module.dtype, param_dtype=module.param_dtype,
+                precision=module.precision, kernel_init=module.kernel_init,
+                bias_init=module.bias_init, where=path)
+
+        with nn.intercept_methods(decompose_conv):
+            out = self.base(*args, **kwargs)
+        missing = sorted(set(ranks) - seen)
+        if missing:
+            raise ValueError(f"rank map names layers the model never called as nn.Conv: "
+                             f"{missing}")
+        return out

@@ -1,7 +1,7 @@
 """Model zoo: NIN, the authors' CIFAR CNN, VGG-16 and CaffeNet, each with full and low-rank variants.
 
 Each family is one plain linen definition (``nn.Conv`` layers with names, an optional norm factory
-``norm``); its low-rank variant is the same definition wrapped by :class:`lrjax.surgery.LowRankModel`
+``norm``); its low-rank variant is the same definition wrapped by :class:`lrjax.layers.LowRankModel`
 with the authors' ranks (``get_model(family, lowrank=True)``), the machinery that compresses any
 user model. Convolutions and max pooling go through :mod:`lrjax.formulations` (plain XLA ops
 under the ``"portable"`` policy). Every model is called as ``model.apply(variables, images,
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import formulations
+from lrjax.layers import LowRankModel
 from lrjax.ranks import load_ranks
 
 __all__ = [
@@ -283,7 +284,7 @@ def get_model(family: str, *, lowrank: bool = False, bn: bool = False,
       family: a key of :data:`MODELS` (``"nin"``, ``"cnn"``, ``"vgg16"``, ``"caffenet"``,
         ``"alexnet"``).
       lowrank: the low-rank variant: the same definition wrapped by
-        :class:`lrjax.surgery.LowRankModel`, with ``ranks`` or else the authors' ranks.
+        :class:`lrjax.layers.LowRankModel`, with ``ranks`` or else the authors' ranks.
       bn: batch norm after the convs (each family's documented placement).
       ranks: ``{layer path: rank}`` of the low-rank variant (``None`` keeps a layer full rank);
         giving ranks implies ``lowrank=True``.
@@ -302,8 +303,6 @@ def get_model(family: str, *, lowrank: bool = False, bn: bool = False,
         if spec.ranks is None:
             raise ValueError(f"model {family!r} has no shipped ranks: pass ranks={{layer: rank}}")
         ranks = load_ranks(spec.ranks)
-    from lrjax.surgery import LowRankModel
-
     return LowRankModel.wrap(model, ranks)
 
 

@@ -3,8 +3,9 @@
 The NNX counterpart of :func:`lrjax.decompose_linen`, with the same rank rules, calibration and
 report: every ``nnx.Conv`` with a 2-D window larger than 1x1 is a candidate wherever it sits
 (attributes, ``nnx.List``, ``nnx.Sequential``), named by its graph path joined with ``/``
-(``blocks/1/conv1``, ``seq/layers/0``). The result is a copy of the model whose decomposed convs
-are :class:`LowRankConvNNX` pairs; the original is left untouched.
+(``blocks/1/conv1``, ``seq/layers/0``). The result (a :class:`lrjax.rules.Decomposition`) holds a
+copy of the model whose decomposed convs are :class:`LowRankConvNNX` pairs; the original is left
+untouched.
 """
 
 from __future__ import annotations
@@ -17,16 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import costs, decompose, formulations
-from lrjax.layers import split_padding
-from lrjax.surgery import (
-    ConvSite,
-    RankProblem,
-    SurgeryReport,
-    build_report,
-    conv_skip_reason,
-    select_ranks,
-)
+from lrjax import costs, decompose, formulations, rules
+from lrjax.costs import as_pair
+from lrjax.layers import conv_skip_reason, split_padding
+from lrjax.rules import ConvSite, Decomposition, RankProblem
 
 __all__ = ["LowRankConvNNX", "decompose_nnx", "find_convs_nnx"]
 
@@ -40,12 +35,6 @@ class LowRankConvNNX(nnx.Module):
 
     def __call__(self, x):
         return self.horizontal(self.vertical(x))
-
-
-def _pair(v, n=2):
-    if v is None:
-        return (1,) * n
-    return (v,) * n if isinstance(v, int) else tuple(v)
 
 
 def _path(path) -> str:
@@ -69,8 +58,8 @@ class _Probe(nnx.Module):
             self._record["seen"].add(self.path)
             conv = self.conv
             s, n = _moments(x.reshape((-1, *x.shape[-3:])), tuple(conv.kernel_size),
-                            _pair(conv.strides), _padding_key(conv.padding),
-                            _pair(conv.kernel_dilation), conv.feature_group_count)
+                            as_pair(conv.strides), _padding_key(conv.padding),
+                            as_pair(conv.kernel_dilation), conv.feature_group_count)
             sums = self._record["sums"]
             sums[self.path] = sums.get(self.path, 0.0) + np.asarray(s, np.float64)
             self._record["counts"][self.path] = self._record["counts"].get(self.path, 0.0) \
@@ -104,15 +93,15 @@ def _run_probed(model, batches, wanted: Sequence[str] = (), kwargs=None):
         return node
 
     probed = nnx.recursive_map(probe, nnx.clone(model))
-    for batch in batches:
+    for args in batches:
         record["seen"] = set()
-        probed(*(batch if isinstance(batch, tuple) else (batch,)), **(kwargs or {}))
+        probed(*args, **(kwargs or {}))
     return convs, record
 
 
 def find_convs_nnx(model, *example_args, **example_kwargs) -> list[ConvSite]:
     """Every ``nnx.Conv`` the model calls on the example inputs, in call order."""
-    convs, record = _run_probed(model, [example_args], kwargs=example_kwargs)
+    convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs)
     sites = []
     for path, shape in record["shapes"].items():
         conv = convs[path]
@@ -123,8 +112,8 @@ def find_convs_nnx(model, *example_args, **example_kwargs) -> list[ConvSite]:
         sites.append(ConvSite(path, costs.ConvShape(
             name=path, input_hw=tuple(shape[-3:-1]), in_channels=int(shape[-1]),
             out_channels=int(conv.out_features), kernel_size=tuple(conv.kernel_size),
-            strides=_pair(conv.strides), padding=conv.padding,
-            dilation=_pair(conv.kernel_dilation), groups=int(conv.feature_group_count),
+            strides=as_pair(conv.strides), padding=conv.padding,
+            dilation=as_pair(conv.kernel_dilation), groups=int(conv.feature_group_count),
             use_bias=bool(conv.use_bias)), skip=reason))
     return sites
 
@@ -132,8 +121,8 @@ def find_convs_nnx(model, *example_args, **example_kwargs) -> list[ConvSite]:
 def _pair_module(conv: nnx.Conv, factors: decompose.Factors) -> LowRankConvNNX:
     """A :class:`LowRankConvNNX` computing ``conv`` with the given factors."""
     kh, kw = tuple(conv.kernel_size)
-    sh, sw = _pair(conv.strides)
-    dh, dw = _pair(conv.kernel_dilation)
+    sh, sw = as_pair(conv.strides)
+    dh, dw = as_pair(conv.kernel_dilation)
     pad_v, pad_h = split_padding(conv.padding)
     rank = int(factors.vertical.shape[-1])
     common = dict(feature_group_count=conv.feature_group_count, dtype=conv.dtype,
@@ -165,46 +154,41 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
 
 def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
                   multiple: int | None = None, measure_batch: int = 1,
-                  **example_kwargs) -> tuple[nnx.Module, SurgeryReport]:
+                  **example_kwargs) -> Decomposition:
     """Compress a Flax NNX model: its decomposable ``nnx.Conv``\\s become vertical/horizontal pairs.
 
     Args:
       model: an ``nnx.Module`` (not modified).
       *example_args, **example_kwargs: an example call ``model(*example_args,
         **example_kwargs)`` (run once, on a copy, to find the convs and their input shapes).
-      rule: the rank rule (:data:`lrjax.surgery.RULE_HELP`), keyed by graph path; for
+      rule: the rank rule (:data:`lrjax.rules.RULE_HELP`), keyed by graph path; for
         :class:`lrjax.ranks.EvalGuided`, ``eval_fn(model) -> float``.
       calibration: optional batch (or iterable of batches) of inputs: calibration-aware factors
         (see :func:`lrjax.decompose.vh_decompose`).
-      multiple: round ranks to multiples of this.
+      multiple: round ranks to multiples of this; or the rule's ``multiple=`` option.
+      measure_batch: batch of ``+measured`` timings.
 
     Returns:
-      ``(new_model, report)``: a copy of ``model`` with the chosen convs replaced by
-      :class:`LowRankConvNNX` pairs, and a :class:`lrjax.surgery.SurgeryReport`.
+      A :class:`lrjax.rules.Decomposition`: ``.module`` is a copy of ``model`` with the chosen
+      convs replaced by :class:`LowRankConvNNX` pairs, ``.variables`` is ``None`` (the model
+      carries its state), ``.report`` the per-layer report.
 
     Raises:
       ValueError: a bad rule (unknown layer, rank out of range), or bad calibration data.
     """
+    rule = rules.parse_rule(rule, multiple=multiple)
     sites = find_convs_nnx(model, *example_args, **example_kwargs)
     graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Conv))
     candidates = [s.path for s in sites if s.candidate]
     kernels = {p: np.asarray(graph[p].kernel[...], np.float32) for p in candidates}
     covs = None
     if calibration is not None:
-        batches = [calibration] if isinstance(calibration, (jax.Array, np.ndarray, tuple)) \
-            else list(calibration)
-        if not batches:
-            raise ValueError("calibration is empty: give a batch or an iterable of batches")
-        for i, batch in enumerate(batches):
-            for a in batch if isinstance(batch, tuple) else (batch,):
-                if not np.isfinite(np.asarray(a)).all():
-                    raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains "
-                                     "NaN/Inf values")
+        batches = rules.calibration_batches(calibration)
         _, record = _run_probed(model, batches, candidates, example_kwargs)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
-    problem = RankProblem(sites, kernels, covs, multiple)
-    if getattr(rule, "eval_fn", None) is not None:
+    problem = RankProblem(sites, kernels, covs, rule.multiple)
+    if rule.eval_fn is not None:
         problem.score = lambda ranks: float(rule.eval_fn(_build(model, problem, ranks)[0]))
-    ranks = select_ranks(rule, problem, measure_batch=measure_batch)
+    ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch)
     new_model, factors = _build(model, problem, ranks)
-    return new_model, build_report(sites, ranks, factors, kernels, covs)
+    return Decomposition(new_model, None, rules.build_report(problem, ranks, factors), problem)

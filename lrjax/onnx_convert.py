@@ -7,7 +7,10 @@ activation produced by a conv or a pool stays NCHW *physically* while the jaxpr 
 element-wise ops, slices, pads and reductions are applied in that layout (their constants and axes
 permuted), so that a whole conv stack has one transpose at its input and one where it is
 flattened. Constant sub-expressions (batch-norm statistics, broadcast biases) are folded at
-export time. Anything outside that set raises ``ValueError`` naming the primitive.
+export time. Every primitive has one entry in :data:`HANDLERS` (primitive name -> handler);
+anything outside that table, or a form a handler does not cover, raises :class:`TranslationError`
+naming the primitive and the layer (module path) it comes from. :func:`fold_conv_affine` is the
+graph pass that folds per-channel affine ops into the convs before them.
 
 Why not jax2onnx: its release pins ``orbax-checkpoint<0.11.37`` (lrjax's checkpoints use a newer
 Orbax) and pulls netron, huggingface-hub, equinox and dm-pix; CNN inference needs the ~30
@@ -25,11 +28,16 @@ import onnx
 from jax.extend import core as jcore
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["jaxpr_to_onnx", "OPSET"]
+__all__ = ["jaxpr_to_onnx", "fold_conv_affine", "TranslationError", "HANDLERS", "OPSET"]
 
 OPSET = 17
 TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
 INT64_MAX = np.iinfo(np.int64).max
+
+
+class TranslationError(ValueError):
+    """A jaxpr the translator cannot express in ONNX: the message names the primitive and the
+    layer it comes from."""
 
 
 @dataclasses.dataclass
@@ -88,12 +96,19 @@ def _reshape_spec(in_shape, out_shape) -> list[int]:
         else:
             spec.append(-1)
     if spec.count(-1) > 1:
-        raise ValueError(f"cannot export a reshape {in_shape} -> {out_shape} with two symbolic "
-                         "dimensions")
+        raise TranslationError(f"a reshape {in_shape} -> {out_shape} with two symbolic "
+                               "dimensions")
     return spec
 
 
+# Primitives that wrap a sub-jaxpr: translated inline.
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+          "custom_vjp_call_jaxpr", "remat", "checkpoint")
+
+
 class _Converter:
+    """Walks a jaxpr, emitting ONNX nodes into a :class:`_Graph` (one handler per primitive)."""
+
     def __init__(self):
         self.g = _Graph()
 
@@ -120,13 +135,17 @@ class _Converter:
             value = value.reshape((1,) * (4 - value.ndim) + value.shape).transpose(TO_NCHW)
         return self.g.const(value)
 
+    def axis(self, t: _Tensor, axis: int) -> int:
+        """Physical axis of a logical (NHWC) axis."""
+        return TO_NCHW.index(axis) if t.nchw else axis
+
     # -- the walk ------------------------------------------------------------------------------
-    def run(self, jaxpr, consts, inputs):
+    def run(self, jaxpr, consts, inputs, scope: str = ""):
         env: dict[Any, Any] = {}
 
         def read(v):
-            if isinstance(v, jcore.Literal):
-                return np.asarray(v.val)
+            if isinstance(v, jcore.Literal):  # a Python scalar: take the jaxpr's dtype
+                return np.asarray(v.val, v.aval.dtype)
             return env[v]
 
         for var, c in zip(jaxpr.constvars, consts, strict=True):
@@ -135,138 +154,122 @@ class _Converter:
             env[var] = t
         for eqn in jaxpr.eqns:
             args = [read(v) for v in eqn.invars]
-            if all(not isinstance(a, _Tensor) for a in args) and eqn.primitive.name not in (
-                    "conv_general_dilated", "dot_general"):
-                outs = eqn.primitive.bind(*[jnp.asarray(a) for a in args], **eqn.params)
-                outs = outs if eqn.primitive.multiple_results else [outs]
-                for var, o in zip(eqn.outvars, outs, strict=True):
-                    env[var] = np.asarray(o)
-                continue
-            outs = self.eqn(eqn, args)
+            where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
+            outs = self.eqn(eqn, args, where)
             for var, o in zip(eqn.outvars, outs, strict=True):
                 env[var] = o
         return [read(v) for v in jaxpr.outvars]
 
-    def eqn(self, eqn, args) -> list:
+    def eqn(self, eqn, args, where: str) -> list:
+        """Translate one equation (or fold it, when every input is a constant)."""
         name = eqn.primitive.name
-        params = eqn.params
-        out_aval = eqn.outvars[0].aval
-        if name in ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
-                    "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint"):
-            sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
-            closed = sub if hasattr(sub, "consts") else None
-            inner = closed.jaxpr if closed is not None else sub
-            return self.run(inner, closed.consts if closed is not None else [], args)
-        handler = getattr(self, f"_{name}", None)
-        if handler is None:
-            raise ValueError(f"cannot export primitive {name!r} to ONNX (lrjax covers CNN "
-                             "inference: convs, pooling, dense, batch norm, element-wise ops)")
-        out = handler(args, params, out_aval)
+        place = f"primitive {name!r} (layer {where or '<top level>'})"
+        try:
+            if name in _CALLS:
+                params = eqn.params
+                sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
+                closed = sub if hasattr(sub, "consts") else None
+                inner = closed.jaxpr if closed is not None else sub
+                return self.run(inner, closed.consts if closed is not None else [], args, where)
+            if all(not isinstance(a, _Tensor) for a in args) and name not in (
+                    "conv_general_dilated", "dot_general"):  # a constant sub-expression
+                if name == "broadcast_in_dim":  # to 1 along a symbolic batch: ONNX broadcasts
+                    shape = [d if _concrete(d) else 1 for d in eqn.params["shape"]]
+                    ranked = [1] * len(shape)
+                    for i, d in zip(eqn.params["broadcast_dimensions"], np.shape(args[0]),
+                                    strict=True):
+                        ranked[i] = d
+                    return [np.broadcast_to(np.reshape(args[0], ranked), shape)
+                            .astype(eqn.outvars[0].aval.dtype)]
+                outs = eqn.primitive.bind(*[jnp.asarray(a) for a in args], **eqn.params)
+                outs = outs if eqn.primitive.multiple_results else [outs]
+                return [np.asarray(o) for o in outs]
+            handler = HANDLERS.get(name)
+            if handler is None:
+                raise TranslationError("it has no ONNX translation (lrjax covers CNN inference: "
+                                       "convs, pooling, dense, batch norm, element-wise ops)")
+            out = handler(self, args, eqn.params, eqn.outvars[0].aval)
+        except TranslationError as e:
+            if str(e).startswith("cannot export"):
+                raise
+            raise TranslationError(f"cannot export {place} to ONNX: {e}") from None
+        except Exception as e:  # a bug or an unforeseen form: still one line naming the layer
+            raise TranslationError(f"cannot export {place} to ONNX: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}") from None
         return out if isinstance(out, list) else [out]
 
     # -- element-wise --------------------------------------------------------------------------
-    def _elementwise(self, op, args, out_aval, **attrs):
+    def elementwise(self, op: str, args, aval, **attrs) -> _Tensor:
+        """An ONNX element-wise op on any number of operands, computed in NCHW when every 4-D
+        tensor operand is stored NCHW."""
         tensors = [a for a in args if isinstance(a, _Tensor)]
-        rank = len(out_aval.shape)
+        rank = len(aval.shape)
         nchw = rank == 4 and all(t.nchw for t in tensors if len(t.shape) == 4) and any(
             t.nchw for t in tensors)
         names = [self.operand(a, nchw, rank) for a in args]
-        return _Tensor(self.g.node(op, names, **attrs), tuple(out_aval.shape), nchw)
+        return _Tensor(self.g.node(op, names, **attrs), tuple(aval.shape), nchw)
 
-    def _binary(op):
-        return lambda self, args, params, aval: self._elementwise(op, args, aval)
-
-    _add = _binary("Add")
-    _sub = _binary("Sub")
-    _mul = _binary("Mul")
-    _div = _binary("Div")
-    def _max(self, args, params, aval):
-        return self._bound(args, aval, "min")
-
-    def _min(self, args, params, aval):
-        return self._bound(args, aval, "max")
-
-    def _bound(self, args, aval, side):
-        """max/min of a tensor and a scalar as Relu or Clip (which ONNX Runtime fuses into the
-        conv before it, keeping its blocked NCHWc layout); Max/Min otherwise."""
+    def clamp(self, args, aval, *, lower: bool) -> _Tensor:
+        """``max(x, c)`` (``lower``: ``c`` is a lower bound) or ``min(x, c)`` of a tensor and a
+        uniform constant as Relu (``max(x, 0)``) or Clip, which ONNX Runtime fuses into the conv
+        before it (keeping its blocked NCHWc layout); Max / Min otherwise."""
         tensors = [a for a in args if isinstance(a, _Tensor)]
         consts = [np.asarray(a) for a in args if not isinstance(a, _Tensor)]
         if len(tensors) == 1 and len(consts) == 1 and consts[0].size \
                 and np.all(consts[0] == consts[0].flat[0]) \
                 and tuple(tensors[0].shape) == tuple(aval.shape):
             t, bound = tensors[0], consts[0].flat[0]
-            if side == "min" and bound == 0:
+            if lower and bound == 0:
                 return _Tensor(self.g.node("Relu", [t.name], "relu"), t.shape, t.nchw)
             clip_bound = self.g.const(np.asarray(bound, aval.dtype), "bound")
-            inputs = [t.name, clip_bound] if side == "min" else [t.name, "", clip_bound]
+            inputs = [t.name, clip_bound] if lower else [t.name, "", clip_bound]
             return _Tensor(self.g.node("Clip", inputs, "clip"), t.shape, t.nchw)
-        return self._elementwise("Max" if side == "min" else "Min", args, aval)
+        return self.elementwise("Max" if lower else "Min", args, aval)
 
-    _pow = _binary("Pow")
-    _gt = _binary("Greater")
-    _lt = _binary("Less")
-    _eq = _binary("Equal")
-    _ge = _binary("GreaterOrEqual")
-    _le = _binary("LessOrEqual")
-    _and = _binary("And")
-    _or = _binary("Or")
-    _neg = _binary("Neg")
-    _exp = _binary("Exp")
-    _log = _binary("Log")
-    _sqrt = _binary("Sqrt")
-    _tanh = _binary("Tanh")
-    _logistic = _binary("Sigmoid")
-    _abs = _binary("Abs")
-    _erf = _binary("Erf")
-    _sign = _binary("Sign")
-    _floor = _binary("Floor")
-    _ceil = _binary("Ceil")
-
-    def _rsqrt(self, args, params, aval):
-        t = self._elementwise("Sqrt", args, aval)
+    def rsqrt(self, args, params, aval):
+        t = self.elementwise("Sqrt", args, aval)
         return _Tensor(self.g.node("Reciprocal", [t.name]), t.shape, t.nchw)
 
-    def _square(self, args, params, aval):
-        return self._elementwise("Mul", [args[0], args[0]], aval)
+    def erfc(self, args, params, aval):
+        t = self.elementwise("Erf", args, aval)
+        one = self.g.const(np.asarray(1, aval.dtype), "one")
+        return _Tensor(self.g.node("Sub", [one, t.name]), t.shape, t.nchw)
 
-    def _integer_pow(self, args, params, aval):
-        dtype = aval.dtype
-        return self._elementwise("Pow", [args[0], np.asarray(params["y"], dtype)], aval)
+    def square(self, args, params, aval):
+        return self.elementwise("Mul", [args[0], args[0]], aval)
 
-    def _copy(self, args, params, aval):
+    def integer_pow(self, args, params, aval):
+        return self.elementwise("Pow", [args[0], np.asarray(params["y"], aval.dtype)], aval)
+
+    def identity(self, args, params, aval):
         return args[0]
 
-    _copy_p = _copy
-
-    def _convert_element_type(self, args, params, aval):
+    def convert_element_type(self, args, params, aval):
         t = args[0]
         return _Tensor(self.g.node("Cast", [t.name], to=_onnx_dtype(params["new_dtype"])),
                        tuple(aval.shape), t.nchw)
 
-    def _select_n(self, args, params, aval):
+    def select_n(self, args, params, aval):
         if len(args) != 3:
-            raise ValueError("cannot export select_n with more than two cases to ONNX")
+            raise TranslationError("select_n with more than two cases")
         pred, on_false, on_true = args
         if not isinstance(pred, _Tensor):
             pred = np.asarray(pred, bool)
-        return self._elementwise("Where", [pred, on_true, on_false], aval)
+        return self.elementwise("Where", [pred, on_true, on_false], aval)
 
     # -- shapes --------------------------------------------------------------------------------
-    def _reshape(self, args, params, aval):
+    def reshape(self, args, params, aval):
         t = args[0]
         if params.get("dimensions") is not None:
-            raise ValueError("cannot export a reshape with dimensions to ONNX")
+            raise TranslationError("a reshape with dimensions")
         spec = _reshape_spec(t.shape, tuple(aval.shape))
         return _Tensor(self.g.node("Reshape", [self.nhwc(t), self.g.ints(spec)]),
                        tuple(aval.shape))
 
-    def _squeeze(self, args, params, aval):
-        return self._reshape(args, {}, aval)
+    def squeeze(self, args, params, aval):
+        return self.reshape(args, {}, aval)
 
-    def _expand_dims(self, args, params, aval):
-        return self._reshape(args, {}, aval)
-
-    def _broadcast_in_dim(self, args, params, aval):
+    def broadcast_in_dim(self, args, params, aval):
         t = args[0]
         shape, dims = tuple(aval.shape), tuple(params["broadcast_dimensions"])
         ranked = [1] * len(shape)  # the operand's dims in place, 1 elsewhere
@@ -279,23 +282,19 @@ class _Converter:
             target = []
             for want, have in zip(shape, ranked, strict=True):
                 if not _concrete(want) and want is not have:
-                    raise ValueError(f"cannot export a broadcast of {t.shape} to the symbolic "
-                                     f"batch dimension of {shape}")
+                    raise TranslationError(f"a broadcast of {t.shape} to the symbolic batch "
+                                           f"dimension of {shape}")
                 target.append(int(want) if _concrete(want) else 1)  # 1: Expand keeps the batch
             x = self.g.node("Expand", [x, self.g.ints(target)])
         return _Tensor(x, shape)
 
-    def _transpose(self, args, params, aval):
+    def transpose(self, args, params, aval):
         t = args[0]
         return _Tensor(self.g.node("Transpose", [self.nhwc(t)],
                                    perm=[int(p) for p in params["permutation"]]),
                        tuple(aval.shape))
 
-    def _axis(self, t: _Tensor, axis: int) -> int:
-        """Physical axis of a logical (NHWC) axis."""
-        return TO_NCHW.index(axis) if t.nchw else axis
-
-    def _slice(self, args, params, aval):
+    def slice(self, args, params, aval):
         t = args[0]
         starts, limits = params["start_indices"], params["limit_indices"]
         steps = params.get("strides") or (1,) * len(starts)
@@ -304,7 +303,7 @@ class _Converter:
             if a == 0 and c == 1 and (b is full or (_concrete(b) and _concrete(full)
                                                     and b == full)):
                 continue
-            axes.append(self._axis(t, ax))
+            axes.append(self.axis(t, ax))
             s.append(int(a))
             e.append(int(b) if _concrete(b) else INT64_MAX)
             st.append(int(c))
@@ -314,11 +313,11 @@ class _Converter:
                                     self.g.ints(st)])
         return _Tensor(out, tuple(aval.shape), t.nchw)
 
-    def _pad(self, args, params, aval):
+    def pad(self, args, params, aval):
         t, value = args
         config = params["padding_config"]
         if any(interior for _, _, interior in config):
-            raise ValueError("cannot export a pad with interior padding to ONNX")
+            raise TranslationError("a pad with interior padding")
         order = TO_NCHW if t.nchw else tuple(range(len(config)))
         lo = [int(config[ax][0]) for ax in order]
         hi = [int(config[ax][1]) for ax in order]
@@ -333,33 +332,28 @@ class _Converter:
             x = self.g.node("Pad", [x, self.g.ints(lo + hi), self.g.const(np.asarray(value))])
         return _Tensor(x, tuple(aval.shape), t.nchw)
 
-    def _concatenate(self, args, params, aval):
+    def concatenate(self, args, params, aval):
         tensors = [a for a in args if isinstance(a, _Tensor)]
         nchw = len(aval.shape) == 4 and all(t.nchw for t in tensors)
         axis = TO_NCHW.index(params["dimension"]) if nchw else params["dimension"]
         names = [self.operand(a, nchw, len(aval.shape)) for a in args]
         return _Tensor(self.g.node("Concat", names, axis=int(axis)), tuple(aval.shape), nchw)
 
-    def _reduce(self, op, args, params, aval):
+    def reduction(self, op: str, args, params, aval) -> _Tensor:
+        """``ReduceSum`` / ``ReduceMax`` / ``ReduceMin`` over the primitive's axes."""
         t = args[0]
-        axes = [self._axis(t, int(a)) for a in params["axes"]]
-        out = self.g.node(op, [t.name, self.g.ints(axes)], keepdims=0)
+        axes = [self.axis(t, int(a)) for a in params["axes"]]
+        if op == "ReduceSum":  # opset 13+: axes as an input
+            out = self.g.node(op, [t.name, self.g.ints(axes)], keepdims=0)
+        else:  # ReduceMax / ReduceMin take axes as an attribute until opset 18
+            out = self.g.node(op, [t.name], axes=axes, keepdims=0)
         kept = [a for a in (TO_NCHW if t.nchw else range(len(t.shape)))
                 if a not in params["axes"]]
         if kept != sorted(kept):  # physical order of the remaining axes differs: restore it
             out = self.g.node("Transpose", [out], perm=[kept.index(a) for a in sorted(kept)])
         return _Tensor(out, tuple(aval.shape))
 
-    def _reduce_sum(self, args, params, aval):
-        return self._reduce("ReduceSum", args, params, aval)
-
-    def _reduce_max(self, args, params, aval):
-        return self._reduce("ReduceMax", args, params, aval)
-
-    def _reduce_min(self, args, params, aval):
-        return self._reduce("ReduceMin", args, params, aval)
-
-    def _argmax(self, args, params, aval):
+    def argmax(self, args, params, aval):
         t = args[0]
         (axis,) = params["axes"]
         out = self.g.node("ArgMax", [self.nhwc(t)], axis=int(axis), keepdims=0)
@@ -367,16 +361,16 @@ class _Converter:
                        tuple(aval.shape))
 
     # -- convolutions, pooling, dense --------------------------------------------------------
-    def _conv_general_dilated(self, args, params, aval):
+    def conv(self, args, params, aval):
         x, w = args
         lhs, rhs, out = params["dimension_numbers"]
         if (tuple(lhs), tuple(rhs), tuple(out)) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
-            raise ValueError("ONNX export supports NHWC/HWIO convolutions (what nn.Conv emits); "
-                             f"got dimension numbers {params['dimension_numbers']}")
+            raise TranslationError("only NHWC/HWIO convolutions (what nn.Conv emits) are "
+                                   f"covered; got dimension numbers {params['dimension_numbers']}")
         if any(d != 1 for d in params["lhs_dilation"]):
-            raise ValueError("cannot export a conv with input dilation (transposed conv) to ONNX")
+            raise TranslationError("a conv with input dilation (transposed conv)")
         if params.get("batch_group_count", 1) != 1:
-            raise ValueError("cannot export a conv with batch_group_count != 1 to ONNX")
+            raise TranslationError("a conv with batch_group_count != 1")
         pads = [tuple(int(v) for v in p) for p in params["padding"]]
         attrs = dict(strides=[int(s) for s in params["window_strides"]],
                      dilations=[int(d) for d in params["rhs_dilation"]],
@@ -390,17 +384,19 @@ class _Converter:
         y = self.g.node("Conv", [self.nchw(x), weight], "conv", **attrs)
         return _Tensor(y, tuple(aval.shape), True)
 
-    def _pool(self, op, args, params, aval):
+    def pool(self, op: str, args, params, aval) -> _Tensor:
+        """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
+        (reduce_window_sum) over the spatial dims of an NHWC tensor."""
         x = args[0]
         dims, strides = params["window_dimensions"], params["window_strides"]
         pads = params["padding"]
         if len(dims) != 4 or dims[0] != 1 or dims[3] != 1 or tuple(pads[0]) != (0, 0) \
                 or tuple(pads[3]) != (0, 0):
-            raise ValueError(f"ONNX export supports spatial pooling of NHWC tensors; got window "
-                             f"{dims} with padding {pads}")
+            raise TranslationError(f"only spatial pooling of NHWC tensors is covered; got "
+                                   f"window {dims} with padding {pads}")
         if any(d != 1 for d in params["base_dilation"]) or \
                 any(d != 1 for d in params["window_dilation"]):
-            raise ValueError("cannot export a dilated pooling window to ONNX")
+            raise TranslationError("a dilated pooling window")
         attrs = dict(kernel_shape=[int(dims[1]), int(dims[2])],
                      strides=[int(strides[1]), int(strides[2])],
                      pads=[int(pads[1][0]), int(pads[2][0]), int(pads[1][1]), int(pads[2][1])])
@@ -412,13 +408,7 @@ class _Converter:
                                                                aval.dtype))])
         return _Tensor(y, tuple(aval.shape), True)
 
-    def _reduce_window_max(self, args, params, aval):
-        return self._pool("MaxPool", args, params, aval)
-
-    def _reduce_window_sum(self, args, params, aval):
-        return self._pool("AveragePool", args, params, aval)
-
-    def _dot_general(self, args, params, aval):
+    def matmul(self, args, params, aval):
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         lhs, rhs = args
         lhs_rank = len(lhs.shape) if isinstance(lhs, _Tensor) else np.ndim(lhs)
@@ -429,8 +419,55 @@ class _Converter:
                                                                              "weight")
                      for a in (lhs, rhs)]
             return _Tensor(self.g.node("MatMul", names, "matmul"), tuple(aval.shape))
-        raise ValueError(f"cannot export dot_general with dimension numbers "
-                         f"{params['dimension_numbers']} to ONNX")
+        raise TranslationError(f"dot_general with dimension numbers "
+                               f"{params['dimension_numbers']}")
+
+
+def _op(onnx_op: str):
+    """The handler of a primitive that is one ONNX element-wise op."""
+    return lambda c, args, params, aval: c.elementwise(onnx_op, args, aval)
+
+
+def _method(name: str, *extra):
+    return lambda c, args, params, aval: getattr(c, name)(*extra, args, params, aval)
+
+
+# primitive name -> handler(converter, args, params, out_aval) -> _Tensor
+HANDLERS: dict[str, Any] = {
+    # element-wise, one ONNX op each
+    **{prim: _op(op) for prim, op in {
+        "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow",
+        "gt": "Greater", "lt": "Less", "eq": "Equal", "ge": "GreaterOrEqual",
+        "le": "LessOrEqual", "and": "And", "or": "Or", "neg": "Neg", "exp": "Exp", "log": "Log",
+        "sqrt": "Sqrt", "tanh": "Tanh", "logistic": "Sigmoid", "abs": "Abs", "erf": "Erf",
+        "sign": "Sign", "floor": "Floor", "ceil": "Ceil"}.items()},
+    "max": lambda c, args, params, aval: c.clamp(args, aval, lower=True),
+    "min": lambda c, args, params, aval: c.clamp(args, aval, lower=False),
+    "rsqrt": _method("rsqrt"),
+    "erfc": _method("erfc"),
+    "square": _method("square"),
+    "integer_pow": _method("integer_pow"),
+    "copy": _method("identity"),
+    "convert_element_type": _method("convert_element_type"),
+    "select_n": _method("select_n"),
+    # shapes
+    "reshape": _method("reshape"),
+    "squeeze": _method("squeeze"),
+    "broadcast_in_dim": _method("broadcast_in_dim"),
+    "transpose": _method("transpose"),
+    "slice": _method("slice"),
+    "pad": _method("pad"),
+    "concatenate": _method("concatenate"),
+    "reduce_sum": _method("reduction", "ReduceSum"),
+    "reduce_max": _method("reduction", "ReduceMax"),
+    "reduce_min": _method("reduction", "ReduceMin"),
+    "argmax": _method("argmax"),
+    # convolutions, pooling, dense
+    "conv_general_dilated": _method("conv"),
+    "reduce_window_max": _method("pool", "MaxPool"),
+    "reduce_window_sum": _method("pool", "AveragePool"),
+    "dot_general": _method("matmul"),
+}
 
 
 def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_name: str = "output",
@@ -443,17 +480,18 @@ def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_name: str = "o
       input_name, output_name: the ONNX graph's tensor names.
 
     Raises:
-      ValueError: a primitive (or a form of one) the translation does not cover.
+      TranslationError: a primitive (or a form of one) the translation does not cover, naming
+        it and its layer.
     """
     jaxpr = closed_jaxpr.jaxpr
     if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
-        raise ValueError("ONNX export takes a function of one array returning one array")
+        raise TranslationError("ONNX export takes a function of one array returning one array")
     aval = jaxpr.invars[0].aval
     conv = _Converter()
     x = _Tensor(input_name, tuple(aval.shape))
     (out,) = conv.run(jaxpr, closed_jaxpr.consts, [x])
     if not isinstance(out, _Tensor):
-        raise ValueError("the exported function's output does not depend on its input")
+        raise TranslationError("the exported function's output does not depend on its input")
     final = conv.nhwc(out)
     conv.g.nodes.append(helper.make_node("Identity", [final], [output_name]))
 
@@ -470,5 +508,81 @@ def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_name: str = "o
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="lrjax")
     model.ir_version = min(model.ir_version, 9)  # readable by ONNX Runtime releases of 2024+
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:  # a translation bug: still one line
+        raise TranslationError(f"the translated graph fails ONNX's checker: "
+                               f"{str(e).splitlines()[0]}") from None
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph passes
+
+
+def _per_channel(value: np.ndarray, n: int):
+    """A constant as ``(n,)`` per-output-channel values of an NCHW tensor, or None."""
+    if value.size == 1:
+        return np.full((n,), value.reshape(()))
+    if value.shape in ((1, n, 1, 1), (n, 1, 1)):
+        return value.reshape(n)
+    return None
+
+
+def fold_conv_affine(model) -> int:
+    """Fold per-channel ``Mul``/``Add``/``Sub`` by constants that directly follow a ``Conv`` (batch
+    norm in inference, biases) into the conv's weight and bias, in place; returns how many were
+    folded. A conv whose output has any other use is left alone."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    folded = 0
+    while True:
+        consumers: dict[str, list] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        match = None
+        for node in graph.node:
+            users = consumers.get(node.output[0], [])
+            if node.op_type != "Conv" or node.output[0] in outputs or len(users) != 1:
+                continue
+            user = users[0]
+            if user.op_type not in ("Mul", "Add", "Sub") or len(user.input) != 2:
+                continue
+            const = user.input[1] if user.input[0] == node.output[0] else user.input[0]
+            if const not in inits or (user.op_type == "Sub" and user.input[1] != const):
+                continue
+            weight = numpy_helper.to_array(inits[node.input[1]])
+            values = _per_channel(numpy_helper.to_array(inits[const]), weight.shape[0])
+            if values is not None:
+                match = (node, user, weight, values.astype(weight.dtype))
+                break
+        if match is None:
+            break
+        node, user, weight, values = match
+        bias = (numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2
+                else np.zeros((weight.shape[0],), weight.dtype))
+        if user.op_type == "Mul":
+            weight, bias = weight * values.reshape(-1, 1, 1, 1), bias * values
+        else:
+            bias = bias + (values if user.op_type == "Add" else -values)
+        names = []
+        for kind, array in (("w", weight), ("b", bias)):
+            name = f"{user.output[0]}_{kind}"
+            tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            graph.initializer.append(tensor)
+            inits[name] = tensor
+            names.append(name)
+        conv = helper.make_node("Conv", [node.input[0], *names], [user.output[0]],
+                                **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        index = list(graph.node).index(node)
+        graph.node.remove(user)
+        graph.node.remove(node)
+        graph.node.insert(index, conv)
+        folded += 1
+    used = {name for n in graph.node for name in n.input}
+    for tensor in list(graph.initializer):
+        if tensor.name not in used:
+            graph.initializer.remove(tensor)
+    return folded

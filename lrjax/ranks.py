@@ -12,7 +12,8 @@ from importlib import resources
 import numpy as np
 
 from lrjax import costs
-from lrjax.decompose import max_rank, singular_values
+from lrjax.costs import max_rank
+from lrjax.decompose import singular_values
 
 __all__ = [
     "PUBLISHED",
@@ -22,7 +23,7 @@ __all__ = [
     "Allocation",
     "allocate_ranks",
     "candidate_ranks",
-    "search",
+    "check_rank_map",
     "search_problem",
     "EvalGuided",
     "SearchResult",
@@ -52,13 +53,25 @@ def load_ranks(name_or_path: str) -> dict[str, int]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source} is not valid JSON: {e}") from None
-    ranks = data.get("ranks", data) if isinstance(data, dict) else None
-    if not isinstance(ranks, dict) or not all(
-        isinstance(k, str) and (v is None or (isinstance(v, int) and not isinstance(v, bool)))
-        for k, v in ranks.items()
-    ):
-        raise ValueError(f"{source} must map layer names to integer ranks (or null for full)")
-    return dict(ranks)
+    ranks = data.get("ranks", data) if isinstance(data, dict) else data
+    return check_rank_map(ranks, source)
+
+
+def check_rank_map(ranks, source: str = "the rank map") -> dict[str, int | None]:
+    """``ranks`` as a dict, checked to map layer names (str) to integer ranks or ``None``.
+
+    Raises:
+      ValueError: naming ``source`` and the first offending entry.
+    """
+    if not isinstance(ranks, Mapping):
+        raise ValueError(f"{source} must map layer names to integer ranks (or null for full); "
+                         f"got {type(ranks).__name__}")
+    for k, v in ranks.items():
+        if not isinstance(k, str) or not (
+                v is None or (isinstance(v, (int, np.integer)) and not isinstance(v, bool))):
+            raise ValueError(f"{source} must map layer names to integer ranks (or null for "
+                             f"full); got {k!r}: {v!r}")
+    return {k: (None if v is None else int(v)) for k, v in ranks.items()}
 
 
 def round_rank(rank: int, multiple: int, *, top: int, groups: int = 1) -> int:
@@ -269,13 +282,9 @@ def candidate_ranks(layer: costs.ConvShape, candidates=None, multiple: int | Non
     if isinstance(candidates, Mapping):
         if layer.name not in candidates:
             return []
-        out = sorted({int(r) for r in candidates[layer.name]})
-        bad = [r for r in out if not 1 <= r <= top or r % layer.groups]
-        if bad:
-            raise ValueError(f"candidate ranks {bad} are invalid for layer {layer.name!r} "
-                             f"(kernel {layer.kernel_shape}, groups {layer.groups}, max rank "
-                             f"{top})")
-        return out
+        return sorted({costs.check_rank(r, layer.kernel_shape, groups=layer.groups,
+                                        where=f"layer {layer.name!r}")
+                       for r in candidates[layer.name]})
     fractions = DEFAULT_FRACTIONS if candidates is None else tuple(candidates)
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ValueError(f"candidate fractions must be in (0, 1]; got {fractions}")
@@ -312,7 +321,7 @@ def _choose(options: dict[str, list[tuple[int | None, int, float]]], budget: flo
 
 
 def search_problem(problem, *, target_speedup: float, candidates=None) -> SearchResult:
-    """Eval-guided rank selection on a :class:`lrjax.surgery.RankProblem` whose ``score`` is set.
+    """Eval-guided rank selection on a :class:`lrjax.rules.RankProblem` whose ``score`` is set.
 
     Each candidate layer is decomposed alone at each candidate rank and the model scored
     (``problem.score``); the per-layer score drops are then combined (assumed additive) to pick
@@ -392,27 +401,3 @@ class EvalGuided:
         self.result = search_problem(problem, target_speedup=self.target_speedup,
                                      candidates=self.candidates)
         return self.result.ranks
-
-
-def search(model, variables, *example_args, eval_fn, target_speedup: float, candidates=None,
-           calibration=None, multiple: int | None = None, **example_kwargs) -> SearchResult:
-    """Eval-guided per-layer ranks for a linen model (see :class:`EvalGuided`).
-
-    Args:
-      model, variables, *example_args, **example_kwargs: as for :func:`lrjax.decompose_linen`.
-      eval_fn: ``eval_fn(module, variables) -> float``, higher is better.
-      target_speedup: times fewer multiply-adds over all 2-D convs.
-      candidates: fractions of the break-even rank, or ``{path: [ranks]}``.
-      calibration: optional calibration batches (calibration-aware factors while searching).
-      multiple: round candidate ranks to multiples of this.
-
-    Returns:
-      A :class:`SearchResult`; its ``ranks`` can be passed as ``rule=`` to ``decompose_linen``.
-    """
-    from lrjax import surgery
-
-    surgery.check_variables(model, variables, *example_args, **example_kwargs)
-    problem = surgery.rank_problem(model, variables, example_args, example_kwargs,
-                                   calibration=calibration, multiple=multiple)
-    problem.score = surgery.linen_scorer(model, variables, problem, eval_fn)
-    return search_problem(problem, target_speedup=target_speedup, candidates=candidates)

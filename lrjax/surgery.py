@@ -6,12 +6,13 @@ One mechanism serves a user's model and lrjax's zoo alike, with no change to the
   method interceptor (``nn.intercept_methods``) that records every 2-D ``nn.Conv`` call: its full
   module path (``ResNetBlock_3/Conv_1``; auto-named convs included), input shape and
   hyper-parameters, and why it cannot be split if it cannot.
-* :class:`LowRankModel` wraps the model: while it runs, an interceptor replaces each conv named in
-  its rank map by a vertical/horizontal pair (:func:`lrjax.layers.pair_forward`) created *inside
-  the conv's own scope*, so the factors live under the conv's path (``conv1_1/vertical/kernel``,
-  ``conv1_1/horizontal/{kernel,bias}``) and every other variable keeps its place.
+* :class:`lrjax.layers.LowRankModel` wraps the model: while it runs, an interceptor replaces each
+  conv named in its rank map by a vertical/horizontal pair (:func:`lrjax.layers.pair_forward`)
+  created *inside the conv's own scope*, so the factors live under the conv's path
+  (``conv1_1/vertical/kernel``, ``conv1_1/horizontal/{kernel,bias}``) and every other variable
+  keeps its place.
 * :func:`decompose_linen` turns the model's trained variables into the low-rank model's: the rank
-  rule is resolved (:func:`select_ranks`), each chosen conv gets the closed-form factors
+  rule is resolved (:func:`lrjax.rules.select_ranks`), each chosen conv gets the closed-form factors
   (optionally calibration-aware: :func:`lrjax.decompose.vh_decompose`'s ``input_cov``), and the
   result is checked against the wrapped model's own variable structure.
 
@@ -22,8 +23,7 @@ rank files, the command line. The zoo's layers are top-level, so their paths are
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,94 +32,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lrjax import costs, decompose, timing
+from lrjax import costs, decompose, rules
 from lrjax import ranks as rank_lib
-from lrjax.layers import FactorConv, LowRankConv, pair_forward
+from lrjax.costs import as_pair
+from lrjax.layers import FactorConv, LowRankConv, LowRankModel, conv_skip_reason, module_path
+from lrjax.rules import ConvSite, Decomposition, RankProblem
 
 __all__ = [
-    "ConvSite", "find_convs", "conv_skip_reason", "LowRankModel", "check_variables", "RankProblem",
-    "select_ranks",
-    "decompose_linen", "Decomposition", "SurgeryReport", "calibration_moments", "rank_problem",
-    "linen_scorer", "build_report",
-    "fold_batch_norms", "measured_gate", "RULE_HELP",
+    "find_convs", "check_variables", "decompose_linen", "calibration_moments", "rank_problem",
+    "linen_scorer", "search", "fold_batch_norms",
 ]
-
-RULE_HELP = (
-    "a rank rule: {layer path: rank} (null keeps a layer full), a JSON file of that map, a shipped "
-    "config (vgg16, caffenet, nin, cnn), 'energy:F' (keep fraction F of each layer's spectral "
-    "energy) or 'speedup:S' (allocate ranks for S times fewer conv multiply-adds over the whole "
-    "net); append '+measured' to keep a layer full rank where its pair is not faster on this "
-    "backend, or '+measured:onnxruntime' / '+measured:litert' to time the layers in that runtime "
-    "(each layer exported alone); or a rule object such as lrjax.ranks.EvalGuided"
-)
 
 
 # ---------------------------------------------------------------------------------------------
 # Finding the convs of a model
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvSite:
-    """One conv of a model.
-
-    Attributes:
-      path: full module path joined with ``/`` (the layer's name everywhere in lrjax).
-      shape: geometry for costs (``shape.name == path``); ``None`` for convs that are not 2-D.
-      rank: the pair's rank when the conv already is one (a ``LowRankConv``, or a conv a
-        ``LowRankModel`` decomposes); ``None`` otherwise.
-      skip: why the conv cannot be decomposed (``None``: it can).
-    """
-
-    path: str
-    shape: costs.ConvShape | None
-    rank: int | None = None
-    skip: str | None = None
-
-    @property
-    def candidate(self) -> bool:
-        """Whether the conv can be replaced by a pair (2-D, window larger than 1x1, supported)."""
-        return self.skip is None and self.rank is None
-
-
-def _pair(v):
-    if v is None:
-        return (1, 1)
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
-    """Why a conv (``nn.Conv`` or ``nnx.Conv``: same attribute names) cannot be split into a
-    pair, or None. ``base_type``: the only type decomposed (subclasses keep their own code)."""
-    size = conv.kernel_size
-    kernel = (size,) if isinstance(size, int) else tuple(size)
-    if len(kernel) != 2:
-        return f"not a 2-D conv (kernel_size {size})"
-    if type(conv) is not base_type:
-        return (f"{type(conv).__name__} (a subclass of {base_type.__name__}: its own computation "
-                "is kept)")
-    if kernel == (1, 1):
-        return "1x1 kernel: nothing to split"
-    if any(d != 1 for d in _pair(conv.input_dilation)):
-        return f"input dilation {conv.input_dilation} (transposed conv)"
-    if conv.mask is not None:
-        return "masked kernel"
-    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
-        return "causal padding"
-    return None
-
-
 def _conv_shape(path: str, module, x) -> costs.ConvShape:
     return costs.ConvShape(
         name=path, input_hw=tuple(x.shape[-3:-1]), in_channels=int(x.shape[-1]),
-        out_channels=int(module.features), kernel_size=_pair(module.kernel_size),
-        strides=_pair(module.strides), padding=module.padding,
-        dilation=_pair(module.kernel_dilation), groups=int(module.feature_group_count),
+        out_channels=int(module.features), kernel_size=as_pair(module.kernel_size),
+        strides=as_pair(module.strides), padding=module.padding,
+        dilation=as_pair(module.kernel_dilation), groups=int(module.feature_group_count),
         use_bias=bool(module.use_bias))
-
-
-def _module_path(module: nn.Module, root: tuple[str, ...] = ()) -> str:
-    path = tuple(module.scope.path)
-    return "/".join(path[len(root):])
 
 
 def _split_static(args):
@@ -179,7 +114,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         module = context.module
         if context.method_name == "__call__" and isinstance(module, (nn.Conv, LowRankConv)) \
                 and not isinstance(module, FactorConv):
-            path = _module_path(module)
+            path = module_path(module)
             x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
             if path not in found:
                 if isinstance(module, LowRankConv):
@@ -193,94 +128,6 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
 
     _abstract_init(model, example_args, example_kwargs, record)
     return list(found.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# The low-rank model
-
-
-def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[str, int], ...]:
-    items = ranks.items() if isinstance(ranks, Mapping) else ranks
-    out = {}
-    for path, rank in items:
-        if rank is None:
-            continue
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-            raise ValueError(f"rank of layer {path!r} must be an int or None; got {rank!r}")
-        out[str(path)] = int(rank)
-    return tuple(sorted(out.items()))
-
-
-class LowRankModel(nn.Module):
-    """Any linen model with some of its convs replaced by vertical/horizontal pairs.
-
-    Called exactly like ``base`` (same arguments, same outputs' meaning). While it runs, each
-    ``nn.Conv`` whose path is in ``ranks`` computes :func:`lrjax.layers.pair_forward` with that
-    rank, inside the conv's own scope. ``base``'s scope is shared (``nn.share_scope``), so the
-    variables are ``base``'s with ``{path}/kernel`` and ``{path}/bias`` replaced by
-    ``{path}/vertical/kernel``, ``{path}/horizontal/kernel`` and ``{path}/horizontal/bias``.
-
-    Build it with :meth:`wrap` (which normalises the rank map) or get it from
-    :func:`decompose_linen`. Only ``__call__`` is wrapped (``apply(..., method=...)`` with another
-    method of ``base`` runs that method undecomposed). A call that does not reach every conv of
-    the rank map raises ``ValueError`` (a misspelt path must not pass silently), so a map should
-    name only convs that every call runs.
-
-    Attributes:
-      base: the original module (unbound).
-      ranks: ``((path, rank), ...)``, sorted.
-      mid_norm: optional norm factory applied between the two halves of every pair.
-    """
-
-    base: nn.Module
-    ranks: tuple[tuple[str, int], ...] = ()
-    mid_norm: Callable[..., nn.Module] | None = None
-
-    @classmethod
-    def wrap(cls, base: nn.Module, ranks: Mapping[str, int | None], mid_norm=None):
-        """``LowRankModel(base, ranks)`` with ``ranks`` as a dict (``None`` entries dropped)."""
-        if isinstance(base, LowRankModel):
-            raise ValueError("the model is already a LowRankModel: wrap its .base instead")
-        return cls(base, _normalise_ranks(ranks), mid_norm)
-
-    def setup(self):
-        nn.share_scope(self, self.base)
-
-    def __call__(self, *args, **kwargs):
-        ranks = dict(self.ranks)
-        root = tuple(self.scope.path)
-        mid_norm = self.mid_norm
-        seen = set()
-
-        def decompose_conv(next_fun, call_args, call_kwargs, context):
-            module = context.module
-            if type(module) is not nn.Conv or context.method_name != "__call__":
-                return next_fun(*call_args, **call_kwargs)
-            path = _module_path(module, root)
-            rank = ranks.get(path)
-            if rank is None:
-                return next_fun(*call_args, **call_kwargs)
-            reason = conv_skip_reason(module)
-            if reason is not None:
-                raise ValueError(f"layer {path!r} cannot be decomposed: {reason}")
-            seen.add(path)
-            x = call_args[0] if call_args else call_kwargs["inputs"]
-            return pair_forward(
-                x, features=module.features, kernel_size=module.kernel_size, rank=rank,
-                strides=module.strides, padding=module.padding,
-                kernel_dilation=module.kernel_dilation,
-                feature_group_count=module.feature_group_count, use_bias=module.use_bias,
-                mid_norm=mid_norm, dtype=module.dtype, param_dtype=module.param_dtype,
-                precision=module.precision, kernel_init=module.kernel_init,
-                bias_init=module.bias_init, where=path)
-
-        with nn.intercept_methods(decompose_conv):
-            out = self.base(*args, **kwargs)
-        missing = sorted(set(ranks) - seen)
-        if missing:
-            raise ValueError(f"rank map names layers the model never called as nn.Conv: "
-                             f"{missing}")
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,10 +219,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     """
     kwargs = dict(example_kwargs or {})
     wanted = set(paths)
-    batches = [calibration] if isinstance(calibration, (jax.Array, np.ndarray, tuple)) \
-        else list(calibration)
-    if not batches:
-        raise ValueError("calibration is empty: give a batch or an iterable of batches")
+    batches = rules.calibration_batches(calibration)
 
     def moments(variables, *args):
         out = {}
@@ -383,13 +227,13 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         def accumulate(next_fun, call_args, call_kwargs, context):
             module = context.module
             if context.method_name == "__call__" and type(module) is nn.Conv:
-                path = _module_path(module)
+                path = module_path(module)
                 if path in wanted and path not in out:
                     x = call_args[0] if call_args else call_kwargs["inputs"]
                     x = x.reshape((-1, *x.shape[-3:]))
                     out[path] = decompose.patch_moments(
-                        x, _pair(module.kernel_size), strides=_pair(module.strides),
-                        padding=module.padding, dilation=_pair(module.kernel_dilation),
+                        x, as_pair(module.kernel_size), strides=as_pair(module.strides),
+                        padding=module.padding, dilation=as_pair(module.kernel_dilation),
                         groups=module.feature_group_count)
             return next_fun(*call_args, **call_kwargs)
 
@@ -399,12 +243,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 
     fn = jax.jit(moments)
     sums, counts = {}, {}
-    for i, batch in enumerate(batches):
-        args = batch if isinstance(batch, tuple) else (batch,)
-        for a in args:
-            if isinstance(a, (jax.Array, np.ndarray)) and not np.isfinite(np.asarray(a)).all():
-                raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains NaN/Inf "
-                                 "values")
+    for args in batches:
         for path, (s, n) in fn(variables, *args).items():
             sums[path] = sums.get(path, 0.0) + np.asarray(s, np.float64)
             counts[path] = counts.get(path, 0.0) + float(n)
@@ -415,317 +254,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 
 
 # ---------------------------------------------------------------------------------------------
-# Rank rules
-
-
-@dataclasses.dataclass
-class RankProblem:
-    """What a rank rule sees: the model's convs, their kernels, optional calibration statistics,
-    and (for eval-guided rules) a way to score the model with a given rank map.
-
-    Attributes:
-      sites: every conv of the model (:class:`ConvSite`); rules choose among ``candidates``.
-      kernels: ``{path: HWIO kernel}`` of the candidates (NumPy float32).
-      covariances: ``{path: input_cov}`` when calibrated, else ``None``.
-      multiple: round ranks to multiples of this (hardware tiles), or ``None``.
-      score: ``score(ranks) -> float`` evaluates the model decomposed with ``ranks`` (only given
-        where the caller has an evaluation function), else ``None``.
-      factors: ``factors(path, rank) -> Factors`` (closed form, calibrated when ``covariances``),
-        computed once per layer at its largest requested rank and truncated.
-    """
-
-    sites: list[ConvSite]
-    kernels: dict[str, np.ndarray]
-    covariances: dict[str, np.ndarray] | None = None
-    multiple: int | None = None
-    score: Callable[[Mapping[str, int]], float] | None = None
-    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    @property
-    def candidates(self) -> list[ConvSite]:
-        return [s for s in self.sites if s.candidate]
-
-    @property
-    def fixed_macs(self) -> int:
-        """Multiply-adds of the 2-D convs no rule can change (1x1, skipped, already pairs)."""
-        total = 0
-        for s in self.sites:
-            if s.shape is None or s.candidate:
-                continue
-            total += (costs.conv_cost(s.shape) if s.rank is None
-                      else costs.lowrank_cost(s.shape, s.rank)).macs
-        return total
-
-    @property
-    def full_macs(self) -> int:
-        """Multiply-adds of every 2-D conv at full rank."""
-        return sum(costs.conv_cost(s.shape).macs for s in self.sites if s.shape is not None)
-
-    def site(self, path: str) -> ConvSite:
-        for s in self.sites:
-            if s.path == path:
-                return s
-        raise KeyError(path)
-
-    def spectrum(self, path: str) -> np.ndarray:
-        """Singular values ``(groups, R)`` of the layer's (whitened, when calibrated) matrix."""
-        key = ("spectrum", path)
-        if key not in self._cache:
-            groups = self.site(path).shape.groups
-            mats = decompose.kernel_to_matrices(self.kernels[path], groups=groups)
-            if self.covariances is not None:
-                root, _ = decompose.whitening(self.covariances[path], groups=groups)
-                mats = jnp.matmul(root, mats, precision=jax.lax.Precision.HIGHEST)
-            self._cache[key] = np.asarray(jnp.linalg.svd(mats, compute_uv=False), np.float64)
-        return self._cache[key]
-
-    def factors(self, path: str, rank: int) -> decompose.Factors:
-        """Closed-form factors of ``path`` at ``rank``, cached at the largest rank asked for so
-        far (smaller ranks are slices of it: truncated SVD factors are nested)."""
-        groups = self.site(path).shape.groups
-        cached = self._cache.get(("factors", path))
-        if cached is None or cached.vertical.shape[-1] < rank:
-            cov = None if self.covariances is None else self.covariances[path]
-            cached = decompose.vh_decompose(jnp.asarray(self.kernels[path]), rank, groups=groups,
-                                            input_cov=cov)
-            self._cache[("factors", path)] = cached
-        if cached.vertical.shape[-1] == rank:
-            return cached
-        return decompose.truncate(cached, rank, groups=groups)
-
-
-def _number(rule: str, prefix: str) -> float:
-    try:
-        value = float(rule[len(prefix):])
-    except ValueError:
-        raise ValueError(f"bad rank rule {rule!r}: {prefix!r} must be followed by a number") \
-            from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"bad rank rule {rule!r}: the number must be positive")
-    return value
-
-
-def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int]:
-    """``speedup:S``: the greedy allocation meeting ``S`` times fewer MACs over all 2-D convs."""
-    candidates = [s.shape for s in problem.candidates]
-    budget = problem.full_macs / target - problem.fixed_macs
-    if budget <= 0:
-        raise ValueError(f"speedup {target} is out of reach: the convs that cannot be decomposed "
-                         f"already cost {problem.fixed_macs:,} of the "
-                         f"{problem.full_macs / target:,.0f} multiply-adds allowed")
-    spectra = {s.name: problem.spectrum(s.name) for s in candidates}
-    alloc = rank_lib.allocate_ranks(candidates, problem.kernels, macs_budget=budget,
-                                    multiple=problem.multiple, spectra=spectra)
-    return alloc.ranks
-
-
-def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1) -> dict[str, int | None]:
-    """Resolve a rank rule to ``{path: rank or None}`` (see :data:`RULE_HELP`).
-
-    Args:
-      rule: a mapping, a string rule, a callable ``rule(problem) -> mapping`` or an object with a
-        ``select(problem)`` method (:class:`lrjax.ranks.EvalGuided`).
-      problem: the model's convs and kernels (:class:`RankProblem`).
-      measure_batch: batch of the ``+measured`` timings.
-
-    Raises:
-      ValueError: an unknown rule, a layer the model does not have (the message lists the
-        decomposable ones), a layer that cannot be decomposed, or a rank out of range.
-    """
-    measured = None  # the runtime that times the layers, when gated
-    if isinstance(rule, str) and "+measured" in rule:
-        rule, _, where = rule.rpartition("+measured")
-        if where and (not where.startswith(":") or where[1:] not in timing.RUNTIMES):
-            raise ValueError(f"bad '+measured' suffix {'+measured' + where!r}: expected "
-                             f"'+measured' or '+measured:R' with R in {timing.RUNTIMES}")
-        measured = where[1:] or "jax"
-    if isinstance(rule, str) and rule in ("", "measured"):
-        raise ValueError("'+measured' gates another rule: use e.g. 'vgg16+measured'")
-    by_path = {s.path: s for s in problem.sites}
-    candidates = {s.path for s in problem.candidates}
-    budgeted = isinstance(rule, str) and rule.startswith(("energy:", "speedup:"))
-    if isinstance(rule, Mapping):
-        ranks = dict(rule)
-    elif hasattr(rule, "select"):
-        ranks = dict(rule.select(problem))
-    elif callable(rule):
-        ranks = dict(rule(problem))
-    elif isinstance(rule, str) and rule.startswith("energy:"):
-        frac = _number(rule, "energy:")
-        if frac > 1:
-            raise ValueError(f"bad rank rule {rule!r}: the energy fraction must be in (0, 1]")
-        ranks = {}
-        for s in problem.candidates:
-            ranks[s.path] = rank_lib.energy_rank(problem.kernels[s.path], frac,
-                                                 groups=s.shape.groups, multiple=problem.multiple,
-                                                 spectrum=problem.spectrum(s.path))
-    elif isinstance(rule, str) and rule.startswith("speedup:"):
-        ranks = _budget_ranks(problem, _number(rule, "speedup:"))
-    elif isinstance(rule, str):
-        ranks = rank_lib.load_ranks(rule)
-    else:
-        raise ValueError(f"unknown rank rule {rule!r}; expected {RULE_HELP}")
-    unknown = sorted(set(ranks) - set(by_path))
-    if unknown:
-        raise ValueError(f"rank rule names unknown layers {unknown}; the model's decomposable "
-                         f"convs are {sorted(candidates)}")
-    out = {}
-    for path, r in ranks.items():
-        if r is None:
-            out[path] = None
-            continue
-        site = by_path[path]
-        if not site.candidate:
-            raise ValueError(f"layer {path!r} cannot be decomposed: "
-                             f"{site.skip or 'it already is a pair'}")
-        layer = site.shape
-        top = decompose.max_rank(layer.kernel_shape, groups=layer.groups)
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-            raise ValueError(f"rank of layer {path!r} must be an int or None; got {r!r}")
-        r = int(r)
-        if problem.multiple and not budgeted and 1 <= r <= top:
-            r = rank_lib.round_rank(r, problem.multiple, top=top, groups=layer.groups)
-        if not 1 <= r <= top or r % layer.groups:
-            raise ValueError(f"rank {r} is invalid for layer {path!r} (kernel "
-                             f"{layer.kernel_shape}, groups {layer.groups}, max rank {top})")
-        out[path] = r
-    if measured:
-        gated, _ = measured_gate([by_path[p].shape for p, r in out.items() if r is not None],
-                                 {p: r for p, r in out.items() if r is not None},
-                                 batch=measure_batch, runtime=measured)
-        out.update(gated)
-    return out
-
-
-def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: int = 3,
-                  dtype=jnp.float32, runtime: str = "jax"):
-    """Keep a layer full rank where its pair is not faster on the current backend, or in the
-    runtime the model is deployed to.
-
-    Each decomposed layer is timed alone (forward) as a full conv and as a pair: jitted
-    (``runtime="jax"``), or exported and run in ONNX Runtime / LiteRT
-    (:func:`lrjax.timing.layer_times`).
-
-    Returns:
-      ``(ranks, times)``: the gated ranks (None = keep full rank) and
-      ``{layer: (full s, pair s)}``.
-    """
-    times = timing.layer_times(layers, ranks, batch=batch, dtype=dtype, repeats=repeats,
-                               runtime=runtime)
-    gated = {}
-    for name, rank in ranks.items():
-        if name in times:
-            full, pair = times[name]
-            gated[name] = rank if pair < full else None
-        else:
-            gated[name] = rank
-    return gated, times
-
-
-# ---------------------------------------------------------------------------------------------
 # Decomposition
-
-
-@dataclasses.dataclass(frozen=True)
-class SurgeryReport:
-    """What a surgery did, layer by layer.
-
-    Attributes:
-      net: costs of every 2-D conv, full vs after (:class:`lrjax.costs.NetCost`).
-      errors: relative kernel error ``||W - W_K|| / ||W||`` of each decomposed layer.
-      weighted_errors: the calibration-weighted error (the output-error proxy) of each decomposed
-        layer, when calibrated.
-      skipped: ``{path: reason}`` of the convs left as they were because they cannot be split.
-      calibrated: whether the factors are calibration-aware.
-    """
-
-    net: costs.NetCost
-    errors: dict[str, float]
-    weighted_errors: dict[str, float] = dataclasses.field(default_factory=dict)
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
-    calibrated: bool = False
-
-    @property
-    def ranks(self) -> dict[str, int]:
-        return {lc.name: lc.rank for lc in self.net.layers if lc.rank is not None}
-
-    def table(self) -> str:
-        w = max([5] + [len(lc.name) for lc in self.net.layers]) + 2
-        extra = "w.err" if self.calibrated else ""
-        head = (f"{'layer':<{w}}{'kernel':>20}{'rank':>6}{'rel.err':>9}{extra:>9}"
-                f"{'MACs before':>15}{'MACs after':>15}{'params before':>15}{'params after':>14}"
-                f"{'speedup':>9}")
-        rows = [head, "-" * len(head)]
-        for lc in self.net.layers:
-            err, werr = self.errors.get(lc.name), self.weighted_errors.get(lc.name)
-            werr = ("-" if werr is None else f"{werr:.4f}") if self.calibrated else ""
-            rows.append(
-                f"{lc.name:<{w}}{str(lc.kernel_shape):>20}{lc.rank or 'full':>6}"
-                f"{'-' if err is None else f'{err:.4f}':>9}{werr:>9}{lc.full.macs:>15,}"
-                f"{lc.lowrank.macs:>15,}{lc.full.params:>15,}{lc.lowrank.params:>14,}"
-                f"{lc.speedup:>8.2f}x")
-        rows.append(f"{'total':<{w + 35 + (9 if self.calibrated else 0)}}"
-                    f"{self.net.full_macs:>15,}{self.net.lowrank_macs:>15,}"
-                    f"{self.net.full_params:>15,}{self.net.lowrank_params:>14,}"
-                    f"{self.net.speedup:>8.2f}x")
-        for path, reason in self.skipped.items():
-            rows.append(f"left as is: {path}: {reason}")
-        return "\n".join(rows)
-
-    def as_dict(self) -> dict:
-        return {
-            "layers": [{"name": lc.name, "kernel": list(lc.kernel_shape), "rank": lc.rank,
-                        "relative_error": self.errors.get(lc.name),
-                        "weighted_error": self.weighted_errors.get(lc.name),
-                        "macs_before": lc.full.macs, "macs_after": lc.lowrank.macs,
-                        "params_before": lc.full.params, "params_after": lc.lowrank.params,
-                        "speedup": lc.speedup} for lc in self.net.layers],
-            "skipped": dict(self.skipped),
-            "calibrated": self.calibrated,
-            "macs_before": self.net.full_macs, "macs_after": self.net.lowrank_macs,
-            "theoretical_speedup": self.net.speedup,
-        }
-
-
-def build_report(sites: Sequence[ConvSite], ranks: Mapping[str, int | None],
-                 factors: Mapping[str, decompose.Factors], kernels: Mapping[str, Any],
-                 covariances: Mapping[str, Any] | None) -> SurgeryReport:
-    """The report of a surgery (shared by the linen and NNX routes)."""
-    chosen = {p: r for p, r in ranks.items() if r is not None}
-    shapes = [s.shape for s in sites if s.shape is not None]
-    existing = {s.path: s.rank for s in sites if s.rank is not None}
-    net = costs.net_cost(shapes, {**existing, **chosen})
-    groups = {s.path: s.shape.groups for s in sites if s.shape is not None}
-    errors, weighted = {}, {}
-    for path in chosen:
-        approx = decompose.reconstruct(*factors[path], groups=groups[path])
-        errors[path] = float(decompose.relative_error(jnp.asarray(kernels[path]), approx))
-        if covariances is not None:
-            weighted[path] = float(decompose.weighted_relative_error(
-                kernels[path], approx, covariances[path], groups=groups[path]))
-    skipped = {s.path: s.skip for s in sites
-               if s.skip is not None and not s.skip.startswith("1x1")}
-    return SurgeryReport(net, errors, weighted, skipped, covariances is not None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Decomposition:
-    """The result of :func:`decompose_linen`.
-
-    Attributes:
-      module: a :class:`LowRankModel`; ``module.apply(variables, *args, **kwargs)`` takes what
-        ``model.apply`` took.
-      variables: its variables (the original ones, with the decomposed convs' factors).
-      report: per-layer ranks, errors, multiply-adds and parameters (:class:`SurgeryReport`).
-    """
-
-    module: LowRankModel
-    variables: dict
-    report: SurgeryReport
-
-    @property
-    def ranks(self) -> dict[str, int]:
-        return dict(self.module.ranks)
 
 
 def _kernels(flat, sites) -> dict[str, np.ndarray]:
@@ -808,16 +337,19 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
       variables: its variables (``{"params": ..., "batch_stats": ..., ...}``).
       *example_args, **example_kwargs: an example call of ``model.apply`` after the variables
         (e.g. ``images, train=False``); arrays or ``jax.ShapeDtypeStruct``\\s, traced only.
-      rule: the rank rule (:data:`RULE_HELP`), keyed by full module path.
+      rule: the rank rule (:data:`lrjax.rules.RULE_HELP`, or a parsed
+        :class:`lrjax.rules.RankRule`), keyed by full module path.
       calibration: optional batch (or iterable of batches) of model inputs. The factors then
         minimise each layer's output error instead of its kernel error (see
         :func:`lrjax.decompose.vh_decompose`), and the ``energy:``/``speedup:`` rules use the
         calibrated spectra. ``None``: the exact data-free closed form.
-      multiple: round ranks to multiples of this (hardware tiles).
+      multiple: round ranks to multiples of this (hardware tiles); or the rule's
+        ``multiple=`` option.
       measure_batch: batch of ``+measured`` timings.
 
     Returns:
-      A :class:`Decomposition` (``.module``, ``.variables``, ``.report``).
+      A :class:`lrjax.rules.Decomposition` (``.module``: a :class:`lrjax.layers.LowRankModel`,
+      ``.variables``, ``.report``).
 
     Raises:
       ValueError: variables that do not match the model, a bad rule (unknown layer, rank out of
@@ -825,12 +357,13 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     """
     if isinstance(model, LowRankModel):
         raise ValueError("decompose_linen takes the full-rank model, not a LowRankModel")
+    rule = rules.parse_rule(rule, multiple=multiple)
     check_variables(model, variables, *example_args, **example_kwargs)
     problem = rank_problem(model, variables, example_args, example_kwargs,
-                           calibration=calibration, multiple=multiple)
-    if getattr(rule, "eval_fn", None) is not None:
+                           calibration=calibration, multiple=rule.multiple)
+    if rule.eval_fn is not None:
         problem.score = linen_scorer(model, variables, problem, rule.eval_fn)
-    ranks = select_ranks(rule, problem, measure_batch=measure_batch)
+    ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch)
     flat, factors = _apply_factors(_flat(variables), problem, ranks)
     module = LowRankModel.wrap(model, ranks)
     expected = _flat(_abstract_init(module, example_args, example_kwargs))
@@ -840,5 +373,30 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
                              + "; ".join(problems))
     new_variables = traverse_util.unflatten_dict(
         {k: jnp.asarray(v, expected[k].dtype) for k, v in flat.items()})
-    report = build_report(problem.sites, ranks, factors, problem.kernels, problem.covariances)
-    return Decomposition(module, new_variables, report)
+    report = rules.build_report(problem, ranks, factors)
+    return Decomposition(module, new_variables, report, problem)
+
+
+def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: float,
+           candidates=None, calibration=None, multiple: int | None = None,
+           **example_kwargs) -> rank_lib.SearchResult:
+    """Eval-guided per-layer ranks for a linen model (see :class:`lrjax.ranks.EvalGuided`).
+
+    Args:
+      model, variables, *example_args, **example_kwargs: as for :func:`decompose_linen`.
+      eval_fn: ``eval_fn(module, variables) -> float``, higher is better.
+      target_speedup: times fewer multiply-adds over all 2-D convs.
+      candidates: fractions of the break-even rank, or ``{path: [ranks]}``.
+      calibration: optional calibration batches (calibration-aware factors while searching).
+      multiple: round candidate ranks to multiples of this.
+
+    Returns:
+      A :class:`lrjax.ranks.SearchResult`; its ``ranks`` can be passed as ``rule=`` to
+      :func:`decompose_linen`.
+    """
+    check_variables(model, variables, *example_args, **example_kwargs)
+    problem = rank_problem(model, variables, example_args, example_kwargs,
+                           calibration=calibration, multiple=multiple)
+    problem.score = linen_scorer(model, variables, problem, eval_fn)
+    return rank_lib.search_problem(problem, target_speedup=target_speedup,
+                                   candidates=candidates)

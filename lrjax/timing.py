@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from lrjax import costs, formulations
 from lrjax.layers import LowRankConv
 
-__all__ = ["median_time", "layer_times", "interleaved_times", "steady_times", "RUNTIMES"]
+__all__ = ["median_time", "layer_times", "interleaved_times", "steady_times"]
 
 
 def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -39,31 +39,6 @@ def _layer_module(layer: costs.ConvShape, rank: int | None, dtype) -> nn.Module:
     return LowRankConv(layer.out_channels, layer.kernel_size, rank=rank, **kwargs)
 
 
-RUNTIMES = ("jax", "onnxruntime", "litert")
-
-
-def _runtime_call(module, variables, x, runtime: str) -> Callable[[], object]:
-    """A zero-argument call running ``module`` on ``x`` in an exported runtime (float32)."""
-    import os
-    import tempfile
-
-    import numpy as np
-
-    from lrjax import export
-
-    xs = np.asarray(x, np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "layer")
-        if runtime == "onnxruntime":
-            export.to_onnx(module, variables, xs, path, check=False)
-            session = export.onnx_session(path)
-            return lambda: session.run(None, {"input": xs})
-        export.to_tflite(module, variables, xs, path, check=False)
-        with open(path, "rb") as f:
-            run = export.litert_runner(export.litert_interpreter(f.read()))
-        return lambda: run(xs)
-
-
 def layer_times(
     layers: Sequence[costs.ConvShape],
     ranks: Mapping[str, int | None],
@@ -72,15 +47,16 @@ def layer_times(
     dtype=jnp.float32,
     repeats: int = 5,
     backward: bool = False,
-    runtime: str = "jax",
+    call: Callable | None = None,
     min_time_s: float = 0.1,
 ) -> dict[str, tuple[float, float]]:
     """Median forward (or forward+backward) seconds of each decomposed layer, full and as a pair.
 
     Each layer runs alone on a random ``(batch, H, W, C)`` input of its own size: jitted, with
-    the formulations :mod:`lrjax.formulations`' policy picks (``runtime="jax"``), or exported
-    with :mod:`lrjax.export` and run in ONNX Runtime (``"onnxruntime"``) or LiteRT
-    (``"litert"``; forward only, float32). The full conv and its pair take turns, timed in
+    the formulations :mod:`lrjax.formulations`' policy picks (``call=None``), or in another
+    runtime: ``call(module, variables, x)`` returns a zero-argument call running the linen
+    ``module`` there (forward only, float32; e.g. :func:`lrjax.runtimes.layer_call`
+    ``("onnxruntime")``). The full conv and its pair take turns, timed in
     steady state (:func:`steady_times`): at least ``repeats`` calls each, and at least
     ``min_time_s`` seconds of calls for the faster of the two (at most 300 calls).
 
@@ -88,12 +64,10 @@ def layer_times(
       ``{layer: (full seconds, pair seconds)}``.
 
     Raises:
-      ValueError: an unknown runtime, or ``backward`` outside JAX.
+      ValueError: ``backward`` outside JAX.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; expected one of {RUNTIMES}")
-    if backward and runtime != "jax":
-        raise ValueError(f"backward timings need runtime='jax'; got {runtime!r}")
+    if backward and call is not None:
+        raise ValueError("backward timings run in JAX only (call=None)")
     out = {}
     for layer in layers:
         rank = ranks.get(layer.name)
@@ -103,10 +77,10 @@ def layer_times(
                               dtype)
         calls = {}
         for r in (None, rank):
-            module = _layer_module(layer, r, jnp.float32 if runtime != "jax" else dtype)
+            module = _layer_module(layer, r, dtype if call is None else jnp.float32)
             variables = module.init(jax.random.key(1), x[:1])
-            if runtime != "jax":
-                calls[r] = _runtime_call(module, variables, x, runtime)
+            if call is not None:
+                calls[r] = call(module, variables, x)
                 continue
             if backward:
                 fn = jax.jit(jax.grad(lambda v, x, m=module: jnp.sum(m.apply(v, x).astype(

@@ -28,12 +28,13 @@ from jax.sharding import PartitionSpec as P
 
 from lrjax import checkpoint, models
 from lrjax.cost_report import cost_report
+from lrjax.reporting import RunResult, SummaryWriter, progress_bar, write_results
 
 __all__ = [
     "TrainState", "TrainingDiverged", "make_optimizer", "lr_schedule", "scaled_lr_values",
     "create_train_state", "state_from_variables", "train_step", "evaluate", "setup",
     "restore_or_init", "train_loop", "train_and_evaluate", "validate_config", "build_model",
-    "Run", "Progress", "run_label",
+    "Run", "Progress", "RunResult", "run_label", "write_results",
 ]
 
 log = logging.getLogger("lrjax.train")
@@ -254,26 +255,6 @@ class _Sigterm:
 
 
 @dataclasses.dataclass
-class RunResult:
-    """What :func:`train_and_evaluate` returns and writes to ``results.json``."""
-
-    model: str
-    params: int
-    macs: int
-    full_macs: int
-    theoretical_speedup: float
-    best_test_top1: float
-    final_test_top1: float
-    train_seconds: float
-    history: list
-    status: str  # "completed" or "preempted"
-    state: Any = dataclasses.field(default=None, repr=False)
-
-    def as_dict(self):
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "state"}
-
-
-@dataclasses.dataclass
 class Run:
     """Everything a training run is made of, built once by :func:`setup`."""
 
@@ -419,7 +400,7 @@ def train_loop(run: Run, state: TrainState, progress: Progress) -> RunResult:
     config, dataset, ckpts = run.config, run.dataset, run.checkpoints
     spe = run.steps_per_epoch
     num_classes = dataset.num_classes
-    writer = _SummaryWriter(os.path.join(run.workdir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(run.workdir, "tensorboard"))
     boundaries = {b * spe for b in config.lr_boundaries_epochs}
 
     def to_global(batch):
@@ -431,7 +412,7 @@ def train_loop(run: Run, state: TrainState, progress: Progress) -> RunResult:
     train_iter = dataset.train_batches(config.batch_size // jax.process_count(),
                                        seed=config.seed, augment=config.augment,
                                        start_batch=progress.epoch * spe + progress.position)
-    bar = _progress(config, progress.epoch, progress.position, spe)
+    bar = progress_bar(config, run_label(config), progress.epoch, progress.position, spe)
     position = progress.position
     with _Sigterm() as sigterm:
         for epoch in range(progress.epoch, config.num_epochs):
@@ -444,8 +425,6 @@ def train_loop(run: Run, state: TrainState, progress: Progress) -> RunResult:
                     state = run.reset_momentum(state)
                 state, metrics = run.train_step(state, to_global(next(train_iter)), metrics)
                 bar.update(config.batch_size)
-                if config.get("debug_sigterm_at_step") == step + 1:
-                    os.kill(os.getpid(), signal.SIGTERM)  # tests: simulate a preemption
                 if (pos + 1) % config.log_every_steps == 0 or pos + 1 == spe:
                     m = _fetch(metrics, f"at step {step + 1}", run)
                     train_sums.append(m)
@@ -516,93 +495,3 @@ def train_and_evaluate(config, workdir: str, *, model=None, init_variables=None)
     run = setup(config, workdir, model=model)
     state, progress = restore_or_init(run, init_variables)
     return train_loop(run, state, progress)
-
-
-def _progress(config, start_epoch, position, steps_per_epoch):
-    from tqdm import tqdm
-
-    total = config.num_epochs * steps_per_epoch
-    done = start_epoch * steps_per_epoch + position
-    if not config.progress:
-        return _NoProgress()
-    # rate in images/s: one step is batch_size images
-    return tqdm(total=total * config.batch_size, initial=done * config.batch_size, unit="img",
-                unit_scale=True, dynamic_ncols=True, desc=run_label(config), smoothing=0.1)
-
-
-class _NoProgress:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def write(self, s):
-        log.info(s)
-
-    def close(self):
-        pass
-
-
-class _SummaryWriter:
-    """TensorBoard event files through ``tf.summary`` (TensorFlow is already a dependency)."""
-
-    def __init__(self, logdir):
-        import tensorflow as tf
-
-        self._tf = tf
-        self._writer = tf.summary.create_file_writer(logdir) if jax.process_index() == 0 else None
-
-    def scalars(self, step, values):
-        if self._writer is None:
-            return
-        with self._writer.as_default():
-            for k, v in values.items():
-                self._tf.summary.scalar(k, v, step=step)
-
-    def close(self):
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-
-
-def write_results(workdir: str, results: list[RunResult]) -> None:
-    """``results.json``, ``results.md`` (paper-style table) and ``curves.png`` in ``workdir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def atomic_write(name, text):
-        tmp = os.path.join(workdir, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(workdir, name))
-
-    atomic_write("results.json", json.dumps([r.as_dict() for r in results], indent=1))
-    base = results[0].full_macs
-    lines = ["| model | parameters | multiply-adds | theoretical speedup | best test top-1 (%) | "
-             "final test top-1 (%) | training time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r.model} | {r.params:,} | {r.macs / 1e6:.1f} M | {base / r.macs:.2f}x | "
-                     f"{100 * r.best_test_top1:.2f} | {100 * r.final_test_top1:.2f} | "
-                     f"{r.train_seconds:.0f} |")
-    atomic_write("results.md", "\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results:
-        epochs = [h["epoch"] for h in r.history]
-        axes[0].plot(epochs, [h.get("train_loss") for h in r.history], label=f"{r.model} train")
-        axes[0].plot(epochs, [h["test_loss"] for h in r.history], "--", label=f"{r.model} test")
-        axes[1].plot(epochs, [100 * h["test_top1"] for h in r.history], label=r.model)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
-    axes[1].set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = os.path.join(workdir, ".curves.png.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, os.path.join(workdir, "curves.png"))
-

@@ -184,7 +184,7 @@ def test_search_picks_the_layer_whose_decomposition_costs_least():
         got = module.apply(v, x)
         return -float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
-    result = ranks.search(model, variables, x, eval_fn=agreement, target_speedup=1.6,
+    result = surgery.search(model, variables, x, eval_fn=agreement, target_speedup=1.6,
                           candidates={"easy": [2, 8], "hard": [2, 8]})
     assert result.ranks == {"easy": 2, "hard": None}
     assert result.speedup >= 1.6 and result.predicted_drop == pytest.approx(0.0, abs=1e-4)
@@ -198,13 +198,13 @@ def test_search_picks_the_layer_whose_decomposition_costs_least():
     np.testing.assert_allclose(decomposed.module.apply(decomposed.variables, x), want,
                                rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="out of reach"):
-        ranks.search(model, variables, x, eval_fn=agreement, target_speedup=50,
+        surgery.search(model, variables, x, eval_fn=agreement, target_speedup=50,
                      candidates={"easy": [2, 8], "hard": [2, 8]})
     with pytest.raises(ValueError, match="invalid for layer 'easy'"):
-        ranks.search(model, variables, x, eval_fn=agreement, target_speedup=1.5,
+        surgery.search(model, variables, x, eval_fn=agreement, target_speedup=1.5,
                      candidates={"easy": [999]})
     with pytest.raises(ValueError, match=r"unknown layers \['nope'\]"):
-        ranks.search(model, variables, x, eval_fn=agreement, target_speedup=1.5,
+        surgery.search(model, variables, x, eval_fn=agreement, target_speedup=1.5,
                      candidates={"nope": [2]})
 
 
@@ -239,7 +239,9 @@ def test_nnx_full_rank_round_trip_and_original_untouched(nnx_model):
     before = np.asarray(model.stem.kernel[...])
     want = model(x)
     top = {"stem": 9, "body/layers/0": 48, "body/layers/2": 48, "blocks/0": 96, "blocks/1": 96}
-    new, report = lrjax.decompose_nnx(model, x, rule=top)
+    result = lrjax.decompose_nnx(model, x, rule=top)
+    new, report = result.module, result.report
+    assert result.variables is None and result.ranks == top
     np.testing.assert_allclose(new(x), want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
     assert isinstance(new.blocks[1], LowRankConvNNX) and isinstance(new.body.layers[2],
                                                                     LowRankConvNNX)
@@ -251,7 +253,8 @@ def test_nnx_full_rank_round_trip_and_original_untouched(nnx_model):
 
 def test_nnx_speedup_2_runs_under_jit(nnx_model):
     model, x = nnx_model
-    new, report = lrjax.decompose_nnx(model, x, rule="speedup:2")
+    result = lrjax.decompose_nnx(model, x, rule="speedup:2")
+    new, report = result.module, result.report
     assert report.net.speedup >= 1.9
     assert "head" not in report.ranks
     out = nnx.jit(lambda m, x: m(x))(new, x)
@@ -261,14 +264,14 @@ def test_nnx_speedup_2_runs_under_jit(nnx_model):
 def test_nnx_calibration_search_and_errors(nnx_model):
     model, x = nnx_model
     rule = {"body/layers/0": 4, "blocks/0": 8}
-    _, free = lrjax.decompose_nnx(model, x, rule=rule)
-    new, calib = lrjax.decompose_nnx(model, x, rule=rule, calibration=[x, x * 0.5])
+    free_model = lrjax.decompose_nnx(model, x, rule=rule).module
+    calibrated = lrjax.decompose_nnx(model, x, rule=rule, calibration=[x, x * 0.5])
+    new, calib = calibrated.module, calibrated.report
     want = model(x)
     assert calib.calibrated and set(calib.weighted_errors) == set(rule)
-    free_model, _ = lrjax.decompose_nnx(model, x, rule=rule)
     assert float(jnp.linalg.norm(new(x) - want)) < float(jnp.linalg.norm(free_model(x) - want))
     guided = ranks.EvalGuided(lambda m: -float(jnp.linalg.norm(m(x) - want)), target_speedup=1.3)
-    new, report = lrjax.decompose_nnx(model, x, rule=guided)
+    report = lrjax.decompose_nnx(model, x, rule=guided).report
     assert report.net.speedup >= 1.3 and guided.result.ranks == {
         k: v for k, v in guided.result.ranks.items()}
     for kwargs, match in [

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from lrjax import costs, ranks
+from lrjax import cost_report, costs, ranks
 from lrjax.decompose import max_rank, relative_errors
 
 
 def test_vgg16_authors_ranks_cost():
-    net = costs.net_cost(costs.vgg16_conv_shapes(224), ranks.load_ranks("vgg16"))
+    net = costs.net_cost(cost_report.zoo_conv_shapes("vgg16", 224), ranks.load_ranks("vgg16"))
     assert round(net.full_macs / 1e9, 2) == 15.35
     assert round(net.lowrank_macs / 1e9, 2) == 4.94
     assert round(net.speedup, 2) == 3.10
@@ -19,7 +19,7 @@ def test_vgg16_authors_ranks_cost():
 
 
 def test_caffenet_authors_ranks_cost():
-    net = costs.net_cost(costs.caffenet_conv_shapes(227), ranks.load_ranks("caffenet"))
+    net = costs.net_cost(cost_report.zoo_conv_shapes("caffenet", 227), ranks.load_ranks("caffenet"))
     assert round(net.full_macs / 1e9, 3) == 0.666
     assert round(net.lowrank_macs / 1e9, 3) == 0.126
     assert net.speedup == pytest.approx(5.29, abs=0.01)
@@ -54,7 +54,7 @@ def test_output_size_dilation_stride():
 
 def test_net_cost_rejects_unknown_layers():
     with pytest.raises(ValueError, match=r"unknown layers \['conv9'\]"):
-        costs.net_cost(costs.vgg16_conv_shapes(), {"conv9": 3})
+        costs.net_cost(cost_report.zoo_conv_shapes("vgg16"), {"conv9": 3})
 
 
 def test_load_ranks_files(tmp_path):
@@ -95,7 +95,7 @@ def test_energy_rank_and_rounding():
 
 def _vgg_kernels(image_size=32):
     rng = np.random.default_rng(0)
-    layers = costs.vgg16_conv_shapes(image_size)
+    layers = cost_report.zoo_conv_shapes("vgg16", image_size)
     # kernels with decaying spectra, like trained ones
     out = {}
     for layer in layers:

@@ -197,12 +197,12 @@ def test_fold_batch_norm():
 
 @pytest.mark.parametrize("args,kwargs,match", [
     ((np.zeros((3, 3, 4)), 2), {}, r"4-D HWIO.*\(3, 3, 4\)"),
-    ((np.ones((3, 3, 4, 4)), 0), {}, r"rank=0 is out of range \[1, 12\]"),
-    ((np.ones((3, 3, 4, 4)), 13), {}, r"rank=13 is out of range \[1, 12\]"),
-    ((np.ones((3, 3, 2, 4)), 3), {"groups": 2}, r"rank=3 is not divisible by groups=2"),
+    ((np.ones((3, 3, 4, 4)), 0), {}, r"rank 0 is invalid: out of range \[1, 12\]"),
+    ((np.ones((3, 3, 4, 4)), 13), {}, r"rank 13 is invalid: out of range \[1, 12\]"),
+    ((np.ones((3, 3, 2, 4)), 3), {"groups": 2}, r"rank 3 is invalid: not divisible by groups=2"),
     ((np.ones((3, 3, 2, 5)), 2), {"groups": 2}, r"N=5 .* not divisible by groups=2"),
     ((np.full((3, 3, 2, 4), np.nan), 2), {}, r"contains 72 NaN/Inf"),
-    ((np.ones((3, 3, 2, 4)), 2.0), {}, r"rank must be a Python int"),
+    ((np.ones((3, 3, 2, 4)), 2.0), {}, r"rank must be an int; got 2.0"),
     ((np.ones((3, 3, 2, 4)), 2), {"method": "qr"}, r"method must be"),
 ])
 def test_bad_input(args, kwargs, match):
@@ -212,7 +212,7 @@ def test_bad_input(args, kwargs, match):
 
 def test_shape_errors_raise_at_trace_time():
     dec = jax.jit(functools.partial(D.vh_decompose, rank=20))
-    with pytest.raises(ValueError, match=r"rank=20 is out of range \[1, 12\]"):
+    with pytest.raises(ValueError, match=r"rank 20 is invalid: out of range \[1, 12\]"):
         dec(jnp.ones((3, 3, 4, 4)))
     with pytest.raises(ValueError, match="inconsistent with groups=2"):
         D.reconstruct(jnp.ones((3, 1, 2, 4)), jnp.ones((1, 3, 4, 6)), groups=2)
@@ -238,5 +238,5 @@ def test_decompose_net_matches_per_layer():
                                    D.reconstruct(*ref, groups=g), atol=1e-5)
     with pytest.raises(ValueError, match=r"no kernel: \['z'\]"):
         D.decompose_net(ks, {"z": 2})
-    with pytest.raises(ValueError, match="rank=99"):
+    with pytest.raises(ValueError, match="rank 99 is invalid"):
         D.decompose_net(ks, {"a": 99})

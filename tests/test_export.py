@@ -14,7 +14,8 @@ from flax import nnx
 
 import lrjax
 from benchmarks.user_models import resnet18
-from lrjax import checkpoint, convert, export, models
+from lrjax import checkpoint, convert, export, models, onnx_convert
+from lrjax.cli import export as export_cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
@@ -138,7 +139,7 @@ def test_stablehlo_runs_with_another_batch(tmp_path):
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     model, variables, x = CASES["grouped-dilated"]
-    real = export.fold_conv_affine
+    real = onnx_convert.fold_conv_affine
 
     def corrupt(m):  # a wrong weight: the ONNX Runtime check must catch it
         n = real(m)
@@ -148,7 +149,7 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch):
         w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
         return n
 
-    monkeypatch.setattr(export, "fold_conv_affine", corrupt)
+    monkeypatch.setattr(onnx_convert, "fold_conv_affine", corrupt)
     path = tmp_path / "bad.onnx"
     with pytest.raises(export.ExportError, match="does not match JAX .* nothing written"):
         export.to_onnx(model, variables, x, str(path), train=False)
@@ -172,7 +173,7 @@ def test_unsupported_primitive_is_a_clear_error(tmp_path):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "nin.onnx"
-    rc = export.main(["--model", "nin", "--ranks", "nin", "--format", "onnx",
+    rc = export_cli.main(["--model", "nin", "--ranks", "nin", "--format", "onnx",
                       "--output", str(out), "--batch", "2"])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -180,7 +181,7 @@ def test_cli(tmp_path, capsys):
     assert "wrote" in printed and out.exists()
     convs = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"]
     assert len(convs) == 11
-    assert export.main(["--model", "nin", "--format", "stablehlo", "--output",
+    assert export_cli.main(["--model", "nin", "--format", "stablehlo", "--output",
                         str(tmp_path / "nin.shlo")]) == 0
     src = str(tmp_path / "cnn.npz")
     checkpoint.save_variables(src, models.init_variables(models.get_model("cnn"), 32))
@@ -190,30 +191,35 @@ def test_cli(tmp_path, capsys):
         (["--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--checkpoint", src],
          "variables do not match the model"),
         (["--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--ranks", "conv9:4"],
-         "cannot read rank file"),
+         "unknown rule kind 'conv9:'"),
+        (["--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--ranks", "ranks.json"],
+         "cannot read rank file 'ranks.json'"),
+        (["--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--ranks", "nin",
+          "--multiple", "0"], "multiple must be a positive int; got 0"),
     ]:
-        assert export.main(["--model", "nin", *argv]) == 2
+        assert export_cli.main(["--model", "nin", *argv]) == 2
         assert match in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(SystemExit) as e:
-        export.main(["--model", "nin", "--format", "caffe", "--output", str(tmp_path / "c")])
+        export_cli.main(["--model", "nin", "--format", "caffe", "--output", str(tmp_path / "c")])
     assert e.value.code == 2 and "invalid choice: 'caffe'" in capsys.readouterr().err
 
 
 def test_cli_measured_ranks_time_the_layers_in_the_target_runtime(tmp_path, capsys,
                                                                    monkeypatch):
-    from lrjax import timing
+    from lrjax import runtimes, timing
 
     calls = []
+    monkeypatch.setattr(runtimes, "layer_call", lambda runtime: runtime)
 
     def fake_layer_times(layers, ranks, **kwargs):  # conv1's pair slower there, conv2's faster
-        calls.append((kwargs["runtime"], kwargs["batch"]))
+        calls.append((kwargs["call"], kwargs["batch"]))
         return {"conv1": (1.0, 2.0), "conv2": (3.0, 1.0)}
 
     monkeypatch.setattr(timing, "layer_times", fake_layer_times)
     for fmt, runtime in (("onnx", "onnxruntime"), ("tflite", "litert")):
         out = tmp_path / f"nin.{fmt}"
-        rc = export.main(["--model", "nin", "--ranks", "nin+measured", "--format", fmt,
+        rc = export_cli.main(["--model", "nin", "--ranks", "nin+measured", "--format", fmt,
                           "--output", str(out), "--batch", "2"])
         assert rc == 0, capsys.readouterr().err
         assert calls[-1] == (runtime, 2)
@@ -236,7 +242,7 @@ def test_cli_measured_ranks_time_the_layers_in_the_target_runtime(tmp_path, caps
     # every pair slower: nothing split, no rounding line (and no mean over no layers)
     monkeypatch.setattr(timing, "layer_times",
                         lambda layers, ranks, **kw: {n: (1.0, 2.0) for n in ranks})
-    assert export.main(["--model", "nin", "--ranks", "nin+measured", "--format", "onnx",
+    assert export_cli.main(["--model", "nin", "--ranks", "nin+measured", "--format", "onnx",
                         "--output", str(tmp_path / "kept.onnx")]) == 0
     assert "ranks rounded" not in capsys.readouterr().out
 
@@ -265,7 +271,7 @@ class NNXNet(nnx.Module):
 def nnx_nets():
     model = NNXNet(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
-    low, _ = lrjax.decompose_nnx(model, x, rule={"conv1": 2, "conv2": 4})
+    low = lrjax.decompose_nnx(model, x, rule={"conv1": 2, "conv2": 4}).module
     return {"full": model, "lowrank": low}, x
 
 

@@ -61,19 +61,19 @@ def test_default_flow_through_cli(tmp_path):
                                  for i in range(1, n + 1)}
 
 
-def test_stage_resume_after_interruption(tmp_path):
+def test_stage_resume_after_interruption(tmp_path, preempt_at_step):
     weights = str(tmp_path / "vgg16.pth")
     write_torchvision_vgg(weights)
     with tfds.testing.mock_data(num_examples=8):
         config = vgg_config.get_config("tiny")
         config.weights = weights
         config.num_epochs = 2
-        config.debug_sigterm_at_step = 3  # preempted inside fine-tuning
+        preempt_at_step(3)  # preempted inside fine-tuning
         imagenet_workflow.run(config, str(tmp_path))
         steps = checkpoint.TrainCheckpoints(str(tmp_path / "finetune" / "checkpoints"),
                                             fingerprint={}).all_steps()
         assert steps[-1] == 3 and not (tmp_path / "finetune" / "results.json").exists()
-        config.debug_sigterm_at_step = None
+        preempt_at_step(None)
         rows = imagenet_workflow.run(config, str(tmp_path))
     history = json.load(open(tmp_path / "finetune" / "results.json"))[0]["history"]
     assert [h["epoch"] for h in history] == [1, 2]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import cost_report, decompose, models, surgery
+from lrjax import cost_report, decompose, layers, models, surgery
 from lrjax.layers import LowRankConv, split_padding
 
 PADDINGS = ["SAME", "VALID", "CIRCULAR", "SAME_LOWER", 1, 2, (1, 2), [(0, 2), (1, 0)],
@@ -55,8 +55,8 @@ def test_lowrank_conv_mid_norm_and_dtype():
 
 
 @pytest.mark.parametrize("rank,groups,match", [
-    (0, 1, r"rank=0 is out of range \[1, 9\]"),
-    (10, 1, r"rank=10 is out of range \[1, 9\]"),
+    (0, 1, r"rank 0 is invalid for LowRankConv: out of range \[1, 9\]"),
+    (10, 1, r"rank 10 is invalid for LowRankConv: out of range \[1, 9\]"),
     (3, 3, r"N=4 .* not divisible by groups=3"),
     (3, 1, None),
 ])
@@ -71,7 +71,7 @@ def test_lowrank_conv_bad_rank(rank, groups, match):
 
 
 def test_lowrank_conv_rank_not_divisible_by_groups():
-    with pytest.raises(ValueError, match="rank=3 is not divisible by feature_group_count=2"):
+    with pytest.raises(ValueError, match="rank 3 is invalid for .*not divisible by groups=2"):
         LowRankConv(4, (3, 3), rank=3, feature_group_count=2).init(
             jax.random.key(0), jnp.ones((1, 5, 5, 4)))
 
@@ -101,7 +101,7 @@ def test_exact_parameter_counts(name, count):
 
 def test_lowrank_vgg16_structure():
     model = models.get_model("vgg16", lowrank=True)
-    assert isinstance(model, surgery.LowRankModel) and isinstance(model.base, models.VGG16)
+    assert isinstance(model, layers.LowRankModel) and isinstance(model.base, models.VGG16)
     p = _shapes(model, 224)["params"]
     assert p["conv1_1"]["vertical"]["kernel"].shape == (3, 1, 3, 5)
     assert p["conv5_3"]["horizontal"]["kernel"].shape == (1, 3, 320, 512)
@@ -130,7 +130,7 @@ def test_lowrank_conv_and_lowrank_model_share_the_variable_layout():
 
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
     pair_vars = WithPair().init(jax.random.key(1), x)
-    wrapped = surgery.LowRankModel.wrap(WithConv(), {"conv": 4})
+    wrapped = layers.LowRankModel.wrap(WithConv(), {"conv": 4})
     assert jax.tree.structure(wrapped.init(jax.random.key(1), x)) == \
         jax.tree.structure(pair_vars)
     np.testing.assert_allclose(wrapped.apply(pair_vars, x), WithPair().apply(pair_vars, x),

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import checkpoint, convert, cost_report, costs, decompose, models, surgery, timing
+from lrjax import checkpoint, cost_report, costs, decompose, models, rules, runtimes, surgery, timing
+from lrjax.cli import convert as convert_cli
 
 SMALL = {
     "vgg16": dict(widths=((8, 8), (16, 16), (16, 16, 16), (16, 16, 16), (16, 16, 16)),
@@ -129,16 +130,16 @@ def test_surgery_rejects_mismatched_variables():
 def test_rank_rules(monkeypatch):
     _, size, full, variables = _setup("nin")
     problem = _problem(full, variables, size)
-    assert surgery.select_ranks("nin", problem) == {"conv1": 10, "conv2": 51}
-    assert set(surgery.select_ranks("energy:0.9", problem)) == {"conv1", "conv2", "conv3"}
+    assert rules.select_ranks("nin", problem) == {"conv1": 10, "conv2": 51}
+    assert set(rules.select_ranks("energy:0.9", problem)) == {"conv1", "conv2", "conv3"}
     problem8 = _problem(full, variables, size, multiple=8)
-    speed = surgery.select_ranks("speedup:1.6", problem8)
+    speed = rules.select_ranks("speedup:1.6", problem8)
     assert all(r % 8 == 0 or r == 15 for r in speed.values())  # 15: conv1's full rank
     net = cost_report.cost_report(full, cost_report.images(1, size), ranks=speed, train=False)
     assert net.speedup >= 1.6  # over every conv of the net, 1x1s included
-    assert surgery.select_ranks({"conv1": 15, "conv2": None}, problem) == \
+    assert rules.select_ranks({"conv1": 15, "conv2": None}, problem) == \
         {"conv1": 15, "conv2": None}
-    rounded = surgery.select_ranks({"conv2": 51}, problem8)
+    rounded = rules.select_ranks({"conv2": 51}, problem8)
     assert rounded == {"conv2": 48}
     for rule, match in [
         ({"conv9": 3}, r"unknown layers \['conv9'\]; the model's decomposable convs are "
@@ -152,7 +153,7 @@ def test_rank_rules(monkeypatch):
         (3.5, "unknown rank rule"),
     ]:
         with pytest.raises(ValueError, match=match):
-            surgery.select_ranks(rule, problem)
+            rules.select_ranks(rule, problem)
 
 
 def test_measured_gate_keeps_the_slower_pairs_full(monkeypatch):
@@ -160,22 +161,24 @@ def test_measured_gate_keeps_the_slower_pairs_full(monkeypatch):
     problem = _problem(full, variables, size)
     seen = {}
 
-    runtimes = []
+    calls = []
+    made = []
+    monkeypatch.setattr(runtimes, "layer_call", lambda name: made.append(name) or name)
 
     def fake_layer_times(layers, ranks, **kwargs):  # conv1's pair slower, conv2's faster
         seen.update(ranks)
-        runtimes.append(kwargs["runtime"])
+        calls.append(kwargs["call"])
         return {"conv1": (1.0, 2.0), "conv2": (3.0, 1.0)}
 
     monkeypatch.setattr(timing, "layer_times", fake_layer_times)
-    assert surgery.select_ranks("nin+measured", problem) == {"conv1": None, "conv2": 51}
+    assert rules.select_ranks("nin+measured", problem) == {"conv1": None, "conv2": 51}
     assert seen == {"conv1": 10, "conv2": 51}
-    assert runtimes == ["jax"]
-    assert surgery.select_ranks("nin+measured:onnxruntime", problem) == {"conv1": None,
+    assert calls == [None]  # timed in JAX
+    assert rules.select_ranks("nin+measured:onnxruntime", problem) == {"conv1": None,
                                                                          "conv2": 51}
-    assert runtimes == ["jax", "onnxruntime"]
-    with pytest.raises(ValueError, match=r"bad '\+measured' suffix '\+measured:tvm'"):
-        surgery.select_ranks("nin+measured:tvm", problem)
+    assert made == ["onnxruntime"] and calls == [None, "onnxruntime"]
+    with pytest.raises(ValueError, match=r"'\+measured:tvm' is not '\+measured' or"):
+        rules.select_ranks("nin+measured:tvm", problem)
 
 
 @pytest.mark.parametrize("runtime", ["jax", "onnxruntime", "litert"])
@@ -193,20 +196,21 @@ def test_layer_times_in_each_runtime(runtime, monkeypatch):
         return times
 
     monkeypatch.setattr(timing, "steady_times", counted)
-    times = timing.layer_times([layer], {"conv": 4}, batch=2, repeats=2, runtime=runtime,
+    call = None if runtime == "jax" else runtimes.layer_call(runtime)
+    times = timing.layer_times([layer], {"conv": 4}, batch=2, repeats=2, call=call,
                                min_time_s=0.0)
     full, pair = times["conv"]
     assert 0 < full < 1 and 0 < pair < 1
     assert counts == [{None: timing.STEADY_BURST, 4: timing.STEADY_BURST}]
     with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
-        timing.layer_times([layer], {"conv": 4}, runtime="tvm")
+        rules.measured_gate([layer], {"conv": 4}, runtime="tvm")
     if runtime == "jax":
         full, pair = timing.layer_times([layer], {"conv": 4}, repeats=1, backward=True,
                                         min_time_s=0.0)["conv"]
         assert 0 < full < 1 and 0 < pair < 1
     else:
-        with pytest.raises(ValueError, match="backward timings need runtime='jax'"):
-            timing.layer_times([layer], {"conv": 4}, runtime=runtime, backward=True)
+        with pytest.raises(ValueError, match="backward timings run in JAX only"):
+            timing.layer_times([layer], {"conv": 4}, call=call, backward=True)
 
 
 @pytest.mark.parametrize("fmt", ["npz", "orbax"])
@@ -240,7 +244,7 @@ def test_convert_cli_end_to_end(tmp_path, capsys):
     checkpoint.save_variables(src, variables)
     out = str(tmp_path / "lowrank")
     report = str(tmp_path / "report.json")
-    rc = convert.main(["--model", "nin", "--checkpoint", src, "--ranks", "nin", "--output", out,
+    rc = convert_cli.main(["--model", "nin", "--checkpoint", src, "--ranks", "nin", "--output", out,
                        "--json", report])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -268,7 +272,7 @@ def test_convert_cli_end_to_end(tmp_path, capsys):
         (["--model", "nin", "--ranks", "nin", "--fold-bn", "conv1:bn1"], "needs the BN variant"),
     ]:
         target = str(tmp_path / "should_not_exist.npz")
-        rc = convert.main(argv + ["--checkpoint", src, "--output", target])
+        rc = convert_cli.main(argv + ["--checkpoint", src, "--output", target])
         assert rc == 2
         assert match in capsys.readouterr().err
         assert not os.path.exists(target)
@@ -281,7 +285,7 @@ def test_convert_folds_batch_norms(tmp_path):
     out = str(tmp_path / "folded.npz")
     rank_file = tmp_path / "full.json"
     rank_file.write_text(json.dumps({"conv1": 15}))
-    assert convert.main(["--model", "nin", "--bn", "--checkpoint", src, "--ranks",
+    assert convert_cli.main(["--model", "nin", "--bn", "--checkpoint", src, "--ranks",
                          str(rank_file), "--output", out,
                          "--fold-bn", "conv1:bn1,cccp2:bn2,conv3:bn3,cccp5:bn4"]) == 0
     new = checkpoint.load_variables(out)

@@ -115,7 +115,7 @@ def test_lr_schedule_and_momentum_reset():
     assert traces and all(np.all(np.asarray(t) == 0) for t in traces)
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, mock_cifar):
+def test_kill_and_resume_matches_uninterrupted(tmp_path, mock_cifar, preempt_at_step):
     full = train.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
     assert full.status == "completed" and len(full.history) == 2
     # a training run's checkpoint directory reads as plain variables (e.g. for lrjax.convert)
@@ -123,7 +123,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, mock_cifar):
     for x, y in zip(_params(full.state), jax.tree.leaves(exported["params"]), strict=True):
         np.testing.assert_array_equal(x, np.asarray(y))
     # a SIGTERM in the middle of epoch 2 saves and stops; the rerun resumes from there
-    first = train.train_and_evaluate(tiny_config(debug_sigterm_at_step=4), str(tmp_path / "b"))
+    preempt_at_step(4)
+    first = train.train_and_evaluate(tiny_config(), str(tmp_path / "b"))
+    preempt_at_step(None)
     assert first.status == "preempted"
     assert checkpoint.TrainCheckpoints(str(tmp_path / "b" / "checkpoints"), fingerprint={}) \
         .latest_step() == 4

@@ -50,7 +50,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.multihost = False  # call jax.distributed.initialize() first
     c.compare = False  # train the model and its full-rank (or low-rank) twin, print both
     c.lr_reference_batch = ml_collections.FieldReference(None, field_type=int)  # lr scaling
-    c.debug_sigterm_at_step = ml_collections.FieldReference(None, field_type=int)  # tests only
     return c
 
 

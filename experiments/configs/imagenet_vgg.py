@@ -56,7 +56,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.multihost = False
     c.time_batch = 32  # the authors timed VGG-16 at batch 32
     c.time_repeats = 10
-    c.debug_sigterm_at_step = ml_collections.FieldReference(None, field_type=int)
 
     if variant == "scratch":  # the authors' CaffeNet-with-BN recipe, from scratch
         c.mode = "scratch"

@@ -1,0 +1,598 @@
+"""Rank rules, framework-neutral: the grammar, the rank problem, selection, the measured gate and
+the report.
+
+A rank rule is parsed once into a :class:`RankRule` (:func:`parse_rule`); the linen and NNX
+adapters (:mod:`lrjax.surgery`, :mod:`lrjax.nnx_surgery`) only find a model's convs, build its
+:class:`RankProblem` and apply the factors that :func:`select_ranks` chooses. The command lines
+take the same record.
+
+The grammar of a rule written as a string (Python and command line alike)::
+
+    BASE[+measured[:RUNTIME]][,OPTION=VALUE]...
+
+``BASE`` is ``energy:F`` (keep fraction ``F`` of each layer's spectral energy), ``speedup:S``
+(ranks for ``S`` times fewer multiply-adds over all 2-D convs), a shipped config (``vgg16``,
+``caffenet``, ``nin``, ``cnn``), a JSON rank file, or an inline JSON map (``{"conv1": 16}``).
+``+measured`` keeps a layer full where its pair is not faster when timed alone (``:jax``,
+``:onnxruntime`` or ``:litert``: where it is timed). Options: ``multiple=M`` (round ranks to
+multiples of ``M``), ``include=GLOB`` and ``exclude=GLOB`` (repeatable; layer paths, ``fnmatch``
+patterns: only matching layers / no matching layer may be decomposed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrjax import costs, decompose, runtimes, timing
+from lrjax import ranks as rank_lib
+
+__all__ = [
+    "RULE_HELP", "RankRule", "parse_rule", "ConvSite", "RankProblem", "select_ranks",
+    "measured_gate", "SurgeryReport", "build_report", "Decomposition", "calibration_batches",
+    "DEFAULT_RUNTIME",
+]
+
+RULE_HELP = (
+    "a rank rule: {layer path: rank} (null keeps a layer full; inline JSON on the command line), "
+    "a JSON file of that map, a shipped config (vgg16, caffenet, nin, cnn), 'energy:F' (keep "
+    "fraction F of each layer's spectral energy) or 'speedup:S' (allocate ranks for S times "
+    "fewer conv multiply-adds over the whole net); append '+measured' to keep a layer full rank "
+    "where its pair is not faster on this backend, or '+measured:onnxruntime' / "
+    "'+measured:litert' to time the layers in that runtime (each layer exported alone); then "
+    "options ',multiple=M', ',include=GLOB', ',exclude=GLOB'; or a rule object such as "
+    "lrjax.ranks.EvalGuided"
+)
+
+# '+measured' without a runtime: the backend the model runs on (JAX from Python; the export
+# format's runtime in `python -m lrjax.export`)
+DEFAULT_RUNTIME = "default"
+_KINDS = ("energy", "speedup")
+_OPTIONS = ("multiple", "include", "exclude")
+
+
+# ---------------------------------------------------------------------------------------------
+# The grammar
+
+
+@dataclasses.dataclass(frozen=True)
+class RankRule:
+    """A parsed rank rule.
+
+    Attributes:
+      kind: ``"map"`` (explicit ranks), ``"energy"``, ``"speedup"`` or ``"object"`` (a callable
+        ``rule(problem) -> {path: rank}`` or an object with ``select(problem)``, e.g.
+        :class:`lrjax.ranks.EvalGuided`).
+      ranks: ``{path: rank or None}`` for ``"map"``.
+      value: the energy fraction or the target speedup.
+      selector: the rule object for ``"object"``.
+      measured: where ``+measured`` times the layers (a runtime of
+        :data:`lrjax.runtimes.RUNTIMES` or :data:`DEFAULT_RUNTIME`), or ``None``: no gate.
+      multiple: round ranks to multiples of this, or ``None``.
+      include, exclude: ``fnmatch`` patterns of layer paths that may / may not be decomposed.
+      source: the rule as the user wrote it (for messages).
+    """
+
+    kind: str
+    ranks: Mapping[str, int | None] | None = None
+    value: float | None = None
+    selector: Any = None
+    measured: str | None = None
+    multiple: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    source: str = ""
+
+    @property
+    def eval_fn(self):
+        """The evaluation function of an eval-guided rule, else ``None``."""
+        return self.selector.eval_fn if isinstance(self.selector, rank_lib.EvalGuided) else None
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the rule chooses ranks itself under a budget (its ranks are not rounded)."""
+        return self.kind in _KINDS
+
+    def base(self) -> RankRule:
+        """The same rule without the gate and without rounding (what rounding is compared with)."""
+        return dataclasses.replace(self, measured=None, multiple=None)
+
+    def with_runtime(self, runtime: str) -> RankRule:
+        """``+measured`` without a runtime resolved to ``runtime``; other rules unchanged."""
+        if self.measured != DEFAULT_RUNTIME:
+            return self
+        return dataclasses.replace(self, measured=runtime)
+
+    def allows(self, path: str) -> bool:
+        """Whether ``include`` / ``exclude`` let the rule decompose layer ``path``."""
+        if self.include and not any(fnmatch.fnmatchcase(path, g) for g in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(path, g) for g in self.exclude)
+
+    def __str__(self) -> str:
+        return self.source or self.kind
+
+
+def _bad(rule: str, why: str) -> ValueError:
+    return ValueError(f"bad rank rule {rule!r}: {why}")
+
+
+def _number(rule: str, kind: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _bad(rule, f"'{kind}:' must be followed by a number; got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise _bad(rule, f"the number after '{kind}:' must be positive; got {text!r}")
+    if kind == "energy" and value > 1:
+        raise _bad(rule, f"the energy fraction must be in (0, 1]; got {value:g}")
+    return value
+
+
+def _split_options(rule: str) -> tuple[str, list[str]]:
+    """``'BASE,k=v,...'`` -> ``(BASE, ['k=v', ...])``; an inline JSON map may hold commas."""
+    text = rule.strip()
+    if text.startswith("{"):
+        try:
+            _, end = json.JSONDecoder().raw_decode(text)
+        except json.JSONDecodeError as e:
+            raise _bad(rule, f"inline rank map is not valid JSON: {e}") from None
+        rest = text[end:]
+        base, _, options = rest.partition(",")
+        return text[:end] + base, [o for o in options.split(",") if o] if options else []
+    base, *options = text.split(",")
+    return base, options
+
+
+def _parse_string(rule: str) -> dict:
+    base, options = _split_options(rule)
+    fields: dict[str, Any] = {"include": [], "exclude": []}
+    for option in options:
+        key, eq, value = option.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or key not in _OPTIONS or not value:
+            raise _bad(rule, f"option {option!r} is not one of "
+                             f"{', '.join(k + '=...' for k in _OPTIONS)}")
+        if key == "multiple":
+            try:
+                fields["multiple"] = int(value)
+            except ValueError:
+                raise _bad(rule, f"multiple must be an int; got {value!r}") from None
+        else:
+            fields[key].append(value)
+    if "+measured" in base:
+        base, _, where = base.rpartition("+measured")
+        if where and (not where.startswith(":") or where[1:] not in runtimes.RUNTIMES):
+            raise _bad(rule, f"'+measured{where}' is not '+measured' or '+measured:R' with R "
+                             f"in {runtimes.RUNTIMES}")
+        fields["measured"] = where[1:] or DEFAULT_RUNTIME
+    base = base.strip()
+    if base in ("", "measured"):
+        raise _bad(rule, "'+measured' gates another rule: use e.g. 'vgg16+measured'")
+    kind, colon, number = base.partition(":")
+    if colon and kind in _KINDS:
+        fields.update(kind=kind, value=_number(rule, kind, number))
+    elif base.startswith("{"):
+        try:
+            data = json.loads(base)
+        except json.JSONDecodeError as e:
+            raise _bad(rule, f"inline rank map is not valid JSON: {e}") from None
+        fields.update(kind="map", ranks=rank_lib.check_rank_map(data, "the inline rank map"))
+    elif base in rank_lib.PUBLISHED or os.path.exists(base) or base.endswith(".json"):
+        fields.update(kind="map", ranks=rank_lib.load_ranks(base))
+    elif colon:
+        raise _bad(rule, f"unknown rule kind {kind + ':'!r}; expected 'energy:F', 'speedup:S', "
+                         f"a shipped config ({', '.join(rank_lib.PUBLISHED)}), a JSON file or "
+                         "an inline JSON map")
+    else:
+        fields.update(kind="map", ranks=rank_lib.load_ranks(base))
+    return fields
+
+
+def parse_rule(rule, *, multiple: int | None = None) -> RankRule:
+    """Parse a rank rule (see the module docstring and :data:`RULE_HELP`) into a :class:`RankRule`.
+
+    Args:
+      rule: a :class:`RankRule` (returned as is, but for ``multiple``), a mapping
+        ``{path: rank or None}``, a string of the grammar, a callable ``rule(problem)`` or an
+        object with ``select(problem)``.
+      multiple: round ranks to multiples of this (the rule's own ``multiple=`` option wins when
+        both are given and agree; they must not disagree).
+
+    Raises:
+      ValueError: a malformed rule (naming it and what is wrong), an unreadable rank file, a
+        rank map that is not ``{str: int or null}``, or a bad ``multiple``.
+    """
+    if isinstance(rule, RankRule):
+        parsed = rule
+    elif isinstance(rule, Mapping):
+        parsed = RankRule("map", ranks=rank_lib.check_rank_map(dict(rule), "the rank map"),
+                          source="rank map")
+    elif isinstance(rule, str):
+        fields = _parse_string(rule)
+        parsed = RankRule(include=tuple(fields.pop("include")),
+                          exclude=tuple(fields.pop("exclude")), source=rule, **fields)
+    elif hasattr(rule, "select") or callable(rule):
+        parsed = RankRule("object", selector=rule, source=type(rule).__name__)
+    else:
+        raise ValueError(f"unknown rank rule {rule!r}; expected {RULE_HELP}")
+    if multiple is not None and parsed.multiple is not None and multiple != parsed.multiple:
+        raise ValueError(f"rank rule {parsed} asks for multiple={parsed.multiple} but "
+                         f"multiple={multiple} was given")
+    multiple = parsed.multiple if multiple is None else multiple
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int)
+                                 or multiple < 1):
+        raise ValueError(f"multiple must be a positive int; got {multiple!r}")
+    return dataclasses.replace(parsed, multiple=None if multiple == 1 else multiple)
+
+
+# ---------------------------------------------------------------------------------------------
+# The problem a rule solves
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSite:
+    """One conv of a model.
+
+    Attributes:
+      path: full module path joined with ``/`` (the layer's name everywhere in lrjax).
+      shape: geometry for costs (``shape.name == path``); ``None`` for convs that are not 2-D.
+      rank: the pair's rank when the conv already is one (a ``LowRankConv``, or a conv a
+        ``LowRankModel`` decomposes); ``None`` otherwise.
+      skip: why the conv cannot be decomposed (``None``: it can).
+    """
+
+    path: str
+    shape: costs.ConvShape | None
+    rank: int | None = None
+    skip: str | None = None
+
+    @property
+    def candidate(self) -> bool:
+        """Whether the conv can be replaced by a pair (2-D, window larger than 1x1, supported)."""
+        return self.skip is None and self.rank is None
+
+
+def calibration_batches(calibration) -> list[tuple]:
+    """Calibration data as a list of positional-argument tuples, checked.
+
+    Args:
+      calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
+        an iterable of such batches.
+
+    Raises:
+      ValueError: no batch, or a batch with NaN/Inf values (naming its index and shape).
+    """
+    batches = [calibration] if isinstance(calibration, (jax.Array, np.ndarray, tuple)) \
+        else list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty: give a batch or an iterable of batches")
+    out = []
+    for i, batch in enumerate(batches):
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for a in args:
+            if isinstance(a, (jax.Array, np.ndarray)) and not np.isfinite(np.asarray(a)).all():
+                raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains NaN/Inf "
+                                 "values")
+        out.append(args)
+    return out
+
+
+@dataclasses.dataclass
+class RankProblem:
+    """What a rank rule sees: the model's convs, their kernels, optional calibration statistics,
+    and (for eval-guided rules) a way to score the model with a given rank map.
+
+    Attributes:
+      sites: every conv of the model (:class:`ConvSite`); rules choose among ``candidates``.
+      kernels: ``{path: HWIO kernel}`` of the candidates (NumPy float32).
+      covariances: ``{path: input_cov}`` when calibrated, else ``None``.
+      multiple: round ranks to multiples of this (hardware tiles), or ``None``.
+      score: ``score(ranks) -> float`` evaluates the model decomposed with ``ranks`` (only given
+        where the caller has an evaluation function), else ``None``.
+
+    Spectra (:meth:`spectrum`) and factors (:meth:`factors`) are computed once per layer and
+    cached: a rule's choice and the factors applied after it share one SVD.
+    """
+
+    sites: list[ConvSite]
+    kernels: dict[str, np.ndarray]
+    covariances: dict[str, np.ndarray] | None = None
+    multiple: int | None = None
+    score: Callable[[Mapping[str, int]], float] | None = None
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def candidates(self) -> list[ConvSite]:
+        return [s for s in self.sites if s.candidate]
+
+    @property
+    def fixed_macs(self) -> int:
+        """Multiply-adds of the 2-D convs no rule can change (1x1, skipped, already pairs)."""
+        total = 0
+        for s in self.sites:
+            if s.shape is None or s.candidate:
+                continue
+            total += (costs.conv_cost(s.shape) if s.rank is None
+                      else costs.lowrank_cost(s.shape, s.rank)).macs
+        return total
+
+    @property
+    def full_macs(self) -> int:
+        """Multiply-adds of every 2-D conv at full rank."""
+        return sum(costs.conv_cost(s.shape).macs for s in self.sites if s.shape is not None)
+
+    def site(self, path: str) -> ConvSite:
+        return {s.path: s for s in self.sites}[path]
+
+    def restricted(self, rule: RankRule) -> RankProblem:
+        """The problem with the candidates ``rule``'s include/exclude rule out marked skipped
+        (their cost then counts as fixed); caches are shared."""
+        if not rule.include and not rule.exclude:
+            return self
+        sites = [dataclasses.replace(s, skip="excluded by the rank rule's include/exclude")
+                 if s.candidate and not rule.allows(s.path) else s for s in self.sites]
+        return dataclasses.replace(self, sites=sites)
+
+    def spectrum(self, path: str) -> np.ndarray:
+        """Singular values ``(groups, R)`` of the layer's (whitened, when calibrated) matrix."""
+        key = ("spectrum", path)
+        if key not in self._cache:
+            groups = self.site(path).shape.groups
+            mats = decompose.kernel_to_matrices(self.kernels[path], groups=groups)
+            if self.covariances is not None:
+                root, _ = decompose.whitening(self.covariances[path], groups=groups)
+                mats = jnp.matmul(root, mats, precision=jax.lax.Precision.HIGHEST)
+            self._cache[key] = np.asarray(jnp.linalg.svd(mats, compute_uv=False), np.float64)
+        return self._cache[key]
+
+    def spectral_error(self, path: str, rank: int) -> float:
+        """The relative error ``||W - W_K|| / ||W||`` at total rank ``rank`` read off the
+        (whitened, when calibrated) spectrum: the kernel error data-free, the weighted error
+        calibrated."""
+        s = np.square(self.spectrum(path))
+        k = rank // self.site(path).shape.groups
+        return float(np.sqrt(s[:, k:].sum() / max(s.sum(), np.finfo(np.float64).tiny)))
+
+    def factors(self, path: str, rank: int) -> decompose.Factors:
+        """Closed-form factors of ``path`` at ``rank``, cached at the largest rank asked for so
+        far (smaller ranks are slices of it: truncated SVD factors are nested)."""
+        groups = self.site(path).shape.groups
+        cached = self._cache.get(("factors", path))
+        if cached is None or cached.vertical.shape[-1] < rank:
+            cov = None if self.covariances is None else self.covariances[path]
+            cached = decompose.vh_decompose(jnp.asarray(self.kernels[path]), rank, groups=groups,
+                                            input_cov=cov)
+            self._cache[("factors", path)] = cached
+        if cached.vertical.shape[-1] == rank:
+            return cached
+        return decompose.truncate(cached, rank, groups=groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+
+def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int]:
+    """``speedup:S``: the greedy allocation meeting ``S`` times fewer MACs over all 2-D convs."""
+    candidates = [s.shape for s in problem.candidates]
+    budget = problem.full_macs / target - problem.fixed_macs
+    if budget <= 0:
+        raise ValueError(f"speedup {target} is out of reach: the convs that cannot be decomposed "
+                         f"already cost {problem.fixed_macs:,} of the "
+                         f"{problem.full_macs / target:,.0f} multiply-adds allowed")
+    spectra = {s.name: problem.spectrum(s.name) for s in candidates}
+    alloc = rank_lib.allocate_ranks(candidates, problem.kernels, macs_budget=budget,
+                                    multiple=problem.multiple, spectra=spectra)
+    return alloc.ranks
+
+
+def _base_ranks(rule: RankRule, problem: RankProblem) -> dict[str, int | None]:
+    if rule.kind == "map":
+        return {p: (r if rule.allows(p) else None) for p, r in rule.ranks.items()}
+    if rule.kind == "object":
+        select = getattr(rule.selector, "select", rule.selector)
+        return dict(select(problem))
+    if rule.kind == "energy":
+        return {s.path: rank_lib.energy_rank(problem.kernels[s.path], rule.value,
+                                             groups=s.shape.groups, multiple=problem.multiple,
+                                             spectrum=problem.spectrum(s.path))
+                for s in problem.candidates}
+    return _budget_ranks(problem, rule.value)
+
+
+def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1) -> dict[str, int | None]:
+    """Resolve a rank rule to ``{path: rank or None}`` (see :data:`RULE_HELP`).
+
+    Args:
+      rule: anything :func:`parse_rule` takes; its ``multiple`` must be the problem's.
+      problem: the model's convs and kernels (:class:`RankProblem`).
+      measure_batch: batch of the ``+measured`` timings.
+
+    Raises:
+      ValueError: a bad rule, a layer the model does not have (the message lists the
+        decomposable ones), a layer that cannot be decomposed, or a rank out of range.
+    """
+    rule = parse_rule(rule)
+    problem = problem.restricted(rule)
+    by_path = {s.path: s for s in problem.sites}
+    ranks = _base_ranks(rule, problem)
+    unknown = sorted(set(ranks) - set(by_path))
+    if unknown:
+        raise ValueError(f"rank rule names unknown layers {unknown}; the model's decomposable "
+                         f"convs are {sorted(s.path for s in problem.candidates)}")
+    out = {}
+    for path, r in ranks.items():
+        if r is None:
+            out[path] = None
+            continue
+        site = by_path[path]
+        if not site.candidate:
+            raise ValueError(f"layer {path!r} cannot be decomposed: "
+                             f"{site.skip or 'it already is a pair'}")
+        layer = site.shape
+        top = costs.max_rank(layer.kernel_shape, groups=layer.groups)
+        if problem.multiple and not rule.budgeted and isinstance(r, (int, np.integer)) \
+                and not isinstance(r, bool) and 1 <= r <= top:
+            r = rank_lib.round_rank(int(r), problem.multiple, top=top, groups=layer.groups)
+        out[path] = costs.check_rank(r, layer.kernel_shape, groups=layer.groups,
+                                     where=f"layer {path!r}")
+    if rule.measured:
+        runtime = "jax" if rule.measured == DEFAULT_RUNTIME else rule.measured
+        chosen = {p: r for p, r in out.items() if r is not None}
+        gated, _ = measured_gate([by_path[p].shape for p in chosen], chosen,
+                                 batch=measure_batch, runtime=runtime)
+        out.update(gated)
+    return out
+
+
+def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: int = 3,
+                  dtype=jnp.float32, runtime: str = "jax"):
+    """Keep a layer full rank where its pair is not faster on the current backend, or in the
+    runtime the model is deployed to.
+
+    Each decomposed layer is timed alone (forward) as a full conv and as a pair: jitted
+    (``runtime="jax"``), or exported and run in ONNX Runtime / LiteRT
+    (:func:`lrjax.timing.layer_times` with :func:`lrjax.runtimes.layer_call`).
+
+    Returns:
+      ``(ranks, times)``: the gated ranks (None = keep full rank) and
+      ``{layer: (full s, pair s)}``.
+    """
+    if runtime not in runtimes.RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; expected one of {runtimes.RUNTIMES}")
+    call = None if runtime == "jax" else runtimes.layer_call(runtime)
+    times = timing.layer_times(layers, ranks, batch=batch, dtype=dtype, repeats=repeats,
+                               call=call)
+    gated = {}
+    for name, rank in ranks.items():
+        if name in times:
+            full, pair = times[name]
+            gated[name] = rank if pair < full else None
+        else:
+            gated[name] = rank
+    return gated, times
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclasses.dataclass(frozen=True)
+class SurgeryReport:
+    """What a surgery did, layer by layer.
+
+    Attributes:
+      net: costs of every 2-D conv, full vs after (:class:`lrjax.costs.NetCost`).
+      errors: relative kernel error ``||W - W_K|| / ||W||`` of each decomposed layer.
+      weighted_errors: the calibration-weighted error (the output-error proxy, measured on the
+        calibration data) of each decomposed layer, when calibrated.
+      skipped: ``{path: reason}`` of the convs left as they were because they cannot be split.
+      calibrated: whether the factors are calibration-aware.
+    """
+
+    net: costs.NetCost
+    errors: dict[str, float]
+    weighted_errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    calibrated: bool = False
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {lc.name: lc.rank for lc in self.net.layers if lc.rank is not None}
+
+    def table(self) -> str:
+        w = max([5] + [len(lc.name) for lc in self.net.layers]) + 2
+        extra = "w.err" if self.calibrated else ""
+        head = (f"{'layer':<{w}}{'kernel':>20}{'rank':>6}{'rel.err':>9}{extra:>9}"
+                f"{'MACs before':>15}{'MACs after':>15}{'params before':>15}{'params after':>14}"
+                f"{'speedup':>9}")
+        rows = [head, "-" * len(head)]
+        for lc in self.net.layers:
+            err, werr = self.errors.get(lc.name), self.weighted_errors.get(lc.name)
+            werr = ("-" if werr is None else f"{werr:.4f}") if self.calibrated else ""
+            rows.append(
+                f"{lc.name:<{w}}{str(lc.kernel_shape):>20}{lc.rank or 'full':>6}"
+                f"{'-' if err is None else f'{err:.4f}':>9}{werr:>9}{lc.full.macs:>15,}"
+                f"{lc.lowrank.macs:>15,}{lc.full.params:>15,}{lc.lowrank.params:>14,}"
+                f"{lc.speedup:>8.2f}x")
+        rows.append(f"{'total':<{w + 35 + (9 if self.calibrated else 0)}}"
+                    f"{self.net.full_macs:>15,}{self.net.lowrank_macs:>15,}"
+                    f"{self.net.full_params:>15,}{self.net.lowrank_params:>14,}"
+                    f"{self.net.speedup:>8.2f}x")
+        for path, reason in self.skipped.items():
+            rows.append(f"left as is: {path}: {reason}")
+        return "\n".join(rows)
+
+    def as_dict(self) -> dict:
+        return {
+            "layers": [{"name": lc.name, "kernel": list(lc.kernel_shape), "rank": lc.rank,
+                        "relative_error": self.errors.get(lc.name),
+                        "weighted_error": self.weighted_errors.get(lc.name),
+                        "macs_before": lc.full.macs, "macs_after": lc.lowrank.macs,
+                        "params_before": lc.full.params, "params_after": lc.lowrank.params,
+                        "speedup": lc.speedup} for lc in self.net.layers],
+            "skipped": dict(self.skipped),
+            "calibrated": self.calibrated,
+            "macs_before": self.net.full_macs, "macs_after": self.net.lowrank_macs,
+            "theoretical_speedup": self.net.speedup,
+        }
+
+
+def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
+                 factors: Mapping[str, decompose.Factors]) -> SurgeryReport:
+    """The report of a surgery (shared by the linen and NNX routes)."""
+    chosen = {p: r for p, r in ranks.items() if r is not None}
+    sites = problem.sites
+    shapes = [s.shape for s in sites if s.shape is not None]
+    existing = {s.path: s.rank for s in sites if s.rank is not None}
+    net = costs.net_cost(shapes, {**existing, **chosen})
+    errors, weighted = {}, {}
+    for path in chosen:
+        groups = problem.site(path).shape.groups
+        kernel = problem.kernels[path]
+        approx = decompose.reconstruct(*factors[path], groups=groups)
+        errors[path] = float(decompose.relative_error(jnp.asarray(kernel), approx))
+        if problem.covariances is not None:
+            weighted[path] = float(decompose.weighted_relative_error(
+                kernel, approx, problem.covariances[path], groups=groups))
+    skipped = {s.path: s.skip for s in sites
+               if s.skip is not None and not s.skip.startswith("1x1")}
+    return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decomposition:
+    """The result of :func:`lrjax.decompose_linen` and :func:`lrjax.decompose_nnx`.
+
+    Attributes:
+      module: the low-rank model. Linen: a :class:`lrjax.layers.LowRankModel`, run as
+        ``module.apply(variables, *args, **kwargs)`` with what ``model.apply`` took. NNX: a copy
+        of the model with the chosen convs replaced by :class:`lrjax.nnx_surgery.LowRankConvNNX`
+        pairs (the original is untouched), called like the model.
+      variables: linen: the low-rank model's variables (the original ones, with each decomposed
+        conv's ``kernel``/``bias`` replaced by ``vertical/kernel``, ``horizontal/kernel`` and
+        ``horizontal/bias``). NNX: ``None`` (the model carries its state).
+      report: per-layer ranks, errors, multiply-adds and parameters (:class:`SurgeryReport`).
+      problem: the :class:`RankProblem` the rule saw (spectra and factors cached), to compare
+        other rules on the same model without decomposing it again.
+    """
+
+    module: Any
+    variables: dict | None
+    report: SurgeryReport
+    problem: RankProblem = dataclasses.field(repr=False, compare=False, default=None)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """``{path: rank}`` of the layers this surgery decomposed."""
+        return {p: r for p, r in self.report.ranks.items() if p in self.report.errors}

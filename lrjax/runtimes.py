@@ -1,0 +1,130 @@
+"""Build and run an inference function in the runtimes lrjax deploys to: ONNX Runtime and LiteRT.
+
+The conversions here are unchecked and write no file; :mod:`lrjax.export` adds the checks
+against JAX and the atomic writes. Both conversions trace under the ``"portable"`` formulation
+policy (plain XLA ops: a low-rank pair becomes two ``Conv`` / ``CONV_2D`` nodes). The runtimes'
+packages (``onnx``, ``onnxruntime``, ``tensorflow``, ``ai_edge_litert``) are optional
+dependencies, imported by the functions that need them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrjax import formulations
+
+__all__ = ["RUNTIMES", "symbolic_batch", "onnx_model", "onnx_session", "tflite_model",
+           "litert_interpreter", "litert_runner", "layer_call"]
+
+RUNTIMES = ("jax", "onnxruntime", "litert")
+
+
+def symbolic_batch(shape) -> jax.ShapeDtypeStruct:
+    """A float32 input of ``shape`` with a symbolic batch dimension ``b``."""
+    dims = ", ".join(map(str, shape[1:]))
+    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {dims}"), jnp.float32)
+
+
+def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str = "lrjax"):
+    """The ONNX model (opset :data:`lrjax.onnx_convert.OPSET`) of ``forward: x -> y`` for inputs
+    of ``shape`` with a symbolic batch dimension.
+
+    With ``fold``, per-channel affine ops right after a conv (batch norm in inference, biases)
+    are folded into it (:func:`lrjax.onnx_convert.fold_conv_affine`).
+
+    Raises:
+      lrjax.onnx_convert.TranslationError: a primitive or form the translator does not cover,
+        naming it and the layer it comes from.
+    """
+    from lrjax import onnx_convert
+
+    with formulations.policy("portable"):
+        closed = jax.make_jaxpr(forward)(symbolic_batch(shape))
+    model = onnx_convert.jaxpr_to_onnx(closed, graph_name=graph_name)
+    if fold:
+        onnx_convert.fold_conv_affine(model)
+    return model
+
+
+def onnx_session(model_or_path, threads: int | None = None):
+    """An ONNX Runtime CPU session (all graph optimisations), ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    data = model_or_path if isinstance(model_or_path, (str, bytes)) \
+        else model_or_path.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def tflite_model(forward: Callable, shape) -> bytes:
+    """A LiteRT (TFLite) flatbuffer of builtin ops computing ``forward`` on a float32 input of
+    the fixed ``shape``.
+
+    Route: ``jax2tf.convert`` -> ``tf.function`` -> ``TFLiteConverter`` (builtin ops only).
+
+    Raises:
+      Exception: whatever the TFLite converter raises for a graph it cannot convert.
+    """
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    with formulations.policy("portable"):
+        converted = jax2tf.convert(forward, with_gradient=False)
+        fn = tf.function(converted, autograph=False,
+                         input_signature=[tf.TensorSpec(tuple(shape), tf.float32)])
+        concrete = fn.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    return converter.convert()
+
+
+def litert_interpreter(model_content: bytes, threads: int | None = None):
+    """A LiteRT interpreter (``ai_edge_litert``; XNNPACK delegate by default), tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_content, num_threads=threads)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def litert_runner(interpreter):
+    """``x -> output`` through a LiteRT interpreter with one input and one output."""
+    inp = interpreter.get_input_details()[0]["index"]
+    out = interpreter.get_output_details()[0]["index"]
+
+    def run(x):
+        interpreter.set_tensor(inp, x)
+        interpreter.invoke()
+        return interpreter.get_tensor(out)
+
+    return run
+
+
+def layer_call(runtime: str) -> Callable:
+    """``call(module, variables, x)``: a zero-argument call running the linen ``module`` on ``x``
+    in ``runtime`` (``"onnxruntime"`` or ``"litert"``, float32), for
+    :func:`lrjax.timing.layer_times`.
+    """
+    if runtime not in ("onnxruntime", "litert"):
+        raise ValueError(f"layer_call runs 'onnxruntime' or 'litert'; got {runtime!r}")
+
+    def call(module, variables, x):
+        xs = np.asarray(x, np.float32)
+
+        def forward(v):
+            return module.apply(variables, v)
+
+        if runtime == "onnxruntime":
+            session = onnx_session(onnx_model(forward, xs.shape))
+            return lambda: session.run(None, {"input": xs})
+        run = litert_runner(litert_interpreter(tflite_model(forward, xs.shape)))
+        return lambda: run(xs)
+
+    return call
