@@ -1,11 +1,13 @@
 """lrjax: low-rank CNN compression in JAX/Flax (Tai et al., ICLR 2016).
 
 Top level: :func:`decompose_linen` and :func:`decompose_nnx` compress any Flax model (loaded on
-first use). Submodules: ``decompose`` (closed-form factors), ``costs`` (cost model), ``ranks``
-(rank selection), ``iterative`` (iterative baseline) are imported with the package; ``layers``,
-``formulations``, ``models``, ``surgery``, ``nnx_surgery``, ``cost_report``, ``convert``,
-``export``, ``checkpoint``, ``data``, ``train``, ``pretrained``, ``timing``, ``xla_flags`` on
-demand (``data`` imports TensorFlow).
+first use, so that ``import lrjax`` stays light). Submodules: ``decompose`` (closed-form factors),
+``costs`` (cost model), ``ranks`` (rank selection), ``iterative`` (iterative baseline) are
+imported with the package; ``rules``, ``layers``, ``formulations``, ``models``, ``surgery``,
+``nnx_surgery``, ``cost_report``, ``convert``, ``export``, ``runtimes``, ``onnx_convert``,
+``checkpoint``, ``data``, ``train``, ``reporting``, ``pretrained``, ``timing``, ``xla_flags`` and
+the command lines in ``cli`` on demand (``data`` imports TensorFlow). The README's module map
+gives each module's layer and responsibility.
 """
 
 from lrjax import costs, decompose, iterative, ranks

@@ -270,7 +270,8 @@ def test_nnx_calibration_search_and_errors(nnx_model):
     want = model(x)
     assert calib.calibrated and set(calib.weighted_errors) == set(rule)
     assert float(jnp.linalg.norm(new(x) - want)) < float(jnp.linalg.norm(free_model(x) - want))
-    guided = ranks.EvalGuided(lambda m: -float(jnp.linalg.norm(m(x) - want)), target_speedup=1.3)
+    guided = ranks.EvalGuided(lambda m: -float(jnp.linalg.norm(m(x) - want)), target_speedup=1.3,
+                              candidates=(0.2, 0.5))
     report = lrjax.decompose_nnx(model, x, rule=guided).report
     assert report.net.speedup >= 1.3 and guided.result.ranks == {
         k: v for k, v in guided.result.ranks.items()}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lrjax import cost_report, costs, ranks
-from lrjax.decompose import max_rank, relative_errors
+from lrjax.decompose import max_rank, relative_errors, singular_values
 
 
 def test_vgg16_authors_ranks_cost():
@@ -107,10 +107,19 @@ def _vgg_kernels(image_size=32):
     return layers, out
 
 
-@pytest.mark.parametrize("target", [2.0, 3.1, 5.0])
-def test_allocate_ranks_reaches_target(target):
+@pytest.fixture(scope="module")
+def vgg():
+    """VGG-16's layers at 32x32, kernels with decaying spectra, and their spectra (computed
+    once: the SVDs of VGG-16's kernels are the slow part of an allocation)."""
     layers, kernels = _vgg_kernels()
-    alloc = ranks.allocate_ranks(layers, kernels, target_speedup=target)
+    spectra = {n: np.asarray(singular_values(k)) for n, k in kernels.items()}
+    return layers, kernels, spectra
+
+
+@pytest.mark.parametrize("target", [2.0, 3.1, 5.0])
+def test_allocate_ranks_reaches_target(target, vgg):
+    layers, kernels, spectra = vgg
+    alloc = ranks.allocate_ranks(layers, kernels, target_speedup=target, spectra=spectra)
     assert alloc.speedup >= target
     # within rounding: one more rank unit on any layer would miss the target
     by = {layer.name: layer for layer in layers}
@@ -122,25 +131,28 @@ def test_allocate_ranks_reaches_target(target):
     assert net.lowrank_macs == alloc.lowrank_macs
 
 
-def test_allocate_ranks_prefers_compressible_layers():
-    layers, kernels = _vgg_kernels()
+def test_allocate_ranks_prefers_compressible_layers(vgg):
+    layers, kernels, spectra = vgg
     flat = dict(kernels)
     rng = np.random.default_rng(1)
     flat["conv3_2"] = rng.standard_normal(flat["conv3_2"].shape)  # incompressible
-    alloc = ranks.allocate_ranks(layers, flat, target_speedup=3.0)
-    ref = ranks.allocate_ranks(layers, kernels, target_speedup=3.0)
+    flat_spectra = {**spectra, "conv3_2": None}  # None: its own spectrum
+    alloc = ranks.allocate_ranks(layers, flat, target_speedup=3.0, spectra=flat_spectra)
+    ref = ranks.allocate_ranks(layers, kernels, target_speedup=3.0, spectra=spectra)
     assert alloc.ranks["conv3_2"] > ref.ranks["conv3_2"]
 
 
-def test_allocate_ranks_multiple_and_errors():
-    layers, kernels = _vgg_kernels()
-    alloc = ranks.allocate_ranks(layers, kernels, target_speedup=3.0, multiple=16)
+def test_allocate_ranks_multiple_and_errors(vgg):
+    layers, kernels, spectra = vgg
+    alloc = ranks.allocate_ranks(layers, kernels, target_speedup=3.0, multiple=16,
+                                 spectra=spectra)
     assert all(r % 16 == 0 or r == max_rank(by.kernel_shape)
                for by in layers for r in [alloc.ranks[by.name]])
-    budget = ranks.allocate_ranks(layers, kernels, macs_budget=alloc.full_macs // 4)
+    budget = ranks.allocate_ranks(layers, kernels, macs_budget=alloc.full_macs // 4,
+                                  spectra=spectra)
     assert budget.lowrank_macs <= alloc.full_macs // 4
     with pytest.raises(ValueError, match="out of reach"):
-        ranks.allocate_ranks(layers, kernels, target_speedup=1e6)
+        ranks.allocate_ranks(layers, kernels, target_speedup=1e6, spectra=spectra)
     with pytest.raises(ValueError, match="exactly one"):
         ranks.allocate_ranks(layers, kernels)
     with pytest.raises(ValueError, match="no kernel given for layer 'conv1_1'"):

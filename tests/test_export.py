@@ -1,6 +1,7 @@
 """Export to ONNX (ONNX Runtime), LiteRT and StableHLO: round trips and the command line."""
 
 import collections
+import functools
 import os
 import re
 
@@ -41,31 +42,36 @@ def _variables(model, x):
                                                                       a.shape)), v)
 
 
-def _cases():
-    grouped = GroupedDilated()
-    x16 = jnp.zeros((2, 16, 16, 3))
-    v = _variables(grouped, x16)
-    yield "grouped-dilated", grouped, v, x16
-    low = lrjax.decompose_linen(grouped, v, x16, rule={"conv1": 4, "grouped": 4, "dilated": 6,
-                                                        "strided": 6}, train=False)
-    yield "grouped-dilated lowrank", low.module, low.variables, x16
-    x32 = jnp.zeros((2, 32, 32, 3))
-    for lowrank in (False, True):
-        model = models.get_model("nin", lowrank=lowrank, bn=True)
-        yield f"nin lowrank={lowrank}", model, _variables(model, x32), x32
+@functools.cache
+def _case(name):
+    """``(module, variables, example input)`` of a named case, built on first use (not at
+    collection: every pytest-xdist worker collects this module)."""
+    x16, x32 = jnp.zeros((2, 16, 16, 3)), jnp.zeros((2, 32, 32, 3))
+    if name.startswith("grouped-dilated"):
+        grouped = GroupedDilated()
+        v = _variables(grouped, x16)
+        if name == "grouped-dilated":
+            return grouped, v, x16
+        low = lrjax.decompose_linen(grouped, v, x16, rule={"conv1": 4, "grouped": 4,
+                                                            "dilated": 6, "strided": 6},
+                                    train=False)
+        return low.module, low.variables, x16
+    if name.startswith("nin"):
+        model = models.get_model("nin", lowrank=name.endswith("True"), bn=True)
+        return model, _variables(model, x32), x32
     r18 = resnet18(num_classes=10, num_filters=8)
-    v = _variables(r18, x32)
-    low = lrjax.decompose_linen(r18, v, x32, rule="speedup:2", train=False)
-    yield "resnet18 decompose_linen", low.module, low.variables, x32
+    low = lrjax.decompose_linen(r18, _variables(r18, x32), x32, rule="speedup:2", train=False)
+    return low.module, low.variables, x32
 
 
-CASES = {name: (model, v, x) for name, model, v, x in _cases()}
+CASES = ("grouped-dilated", "grouped-dilated lowrank", "nin lowrank=False", "nin lowrank=True",
+         "resnet18 decompose_linen")
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_runtime_round_trips(case, fmt, tmp_path):
-    model, variables, x = CASES[case]
+    model, variables, x = _case(case)
     path = str(tmp_path / f"model.{fmt}")
     result = export.EXPORTERS[fmt](model, variables, x, path, train=False)
     assert os.path.getsize(path) == result.size_bytes
@@ -82,7 +88,7 @@ def test_runtime_round_trips(case, fmt, tmp_path):
 
 
 def test_onnx_graph_has_convs_and_folded_batch_norm(tmp_path):
-    model, variables, x = CASES["nin lowrank=True"]
+    model, variables, x = _case("nin lowrank=True")
     path = str(tmp_path / "nin.onnx")
     export.to_onnx(model, variables, x, path, train=False)
     graph = onnx.load(path).graph
@@ -94,7 +100,7 @@ def test_onnx_graph_has_convs_and_folded_batch_norm(tmp_path):
     convs = [n for n in graph.node if n.op_type == "Conv"]
     # every conv but the two vertical halves (no bias) carries its bias and folded BN
     assert sum(len(n.input) == 3 for n in convs) == 9
-    model, variables, x = CASES["grouped-dilated lowrank"]
+    model, variables, x = _case("grouped-dilated lowrank")
     export.to_onnx(model, variables, x, str(tmp_path / "g.onnx"), train=False)
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
              for n in onnx.load(str(tmp_path / "g.onnx")).graph.node if n.op_type == "Conv"]
@@ -128,7 +134,7 @@ def test_onnx_scalar_bounds_become_relu_and_clip(tmp_path):
 
 
 def test_stablehlo_runs_with_another_batch(tmp_path):
-    model, variables, x = CASES["resnet18 decompose_linen"]
+    model, variables, x = _case("resnet18 decompose_linen")
     path = str(tmp_path / "r18.stablehlo")
     export.to_stablehlo(model, variables, x, path, train=False)
     restored = jax.export.deserialize(bytearray(open(path, "rb").read()))
@@ -138,7 +144,7 @@ def test_stablehlo_runs_with_another_batch(tmp_path):
 
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
-    model, variables, x = CASES["grouped-dilated"]
+    model, variables, x = _case("grouped-dilated")
     real = onnx_convert.fold_conv_affine
 
     def corrupt(m):  # a wrong weight: the ONNX Runtime check must catch it
@@ -306,7 +312,7 @@ def test_variables_must_match_the_kind_of_model(nnx_nets, tmp_path):
     nets, x = nnx_nets
     with pytest.raises(export.ExportError, match="NNXNet is an NNX model, .* pass variables=None"):
         export.to_onnx(nets["full"], {"params": {}}, x, str(tmp_path / "a.onnx"))
-    model, _, x16 = CASES["grouped-dilated"]
+    model, _, x16 = _case("grouped-dilated")
     with pytest.raises(export.ExportError, match="GroupedDilated is a linen module"):
         export.to_tflite(model, None, x16, str(tmp_path / "b.tflite"))
     assert not os.listdir(tmp_path)

@@ -201,8 +201,8 @@ SMALL = {  # zoo families shrunk for tracing: (input size, overrides)
     "cnn": (32, {}),
     "vgg16": (32, {"widths": ((4, 4), (8, 8), (8, 8, 8), (8, 8, 8), (8, 8, 8)),
                    "fc_features": 16, "num_classes": 10}),
-    "caffenet": (227, {"widths": (8, 16, 16, 16, 16), "fc_features": 16, "num_classes": 10}),
-    "alexnet": (224, {"widths": (8, 16, 16, 16, 16), "fc_features": 16, "num_classes": 10}),
+    "caffenet": (67, {"widths": (8, 16, 16, 16, 16), "fc_features": 16, "num_classes": 10}),
+    "alexnet": (63, {"widths": (8, 16, 16, 16, 16), "fc_features": 16, "num_classes": 10}),
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments.configs import cifar_nin as cifar_config
-from lrjax import checkpoint, data, train
+from lrjax import checkpoint, data, train, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,12 +186,13 @@ def test_multi_device_matches_single_device(tmp_path):
         "from lrjax import train\n"
         "with tfds.testing.mock_data(num_examples=40):\n"
         "    r = train.train_and_evaluate(tiny_config(batch_size=8, steps_per_epoch=4, "
-        "num_epochs=2, model='nin', bn=True), sys.argv[1])\n"
+        "num_epochs=2, model='cnn', bn=True), sys.argv[1])\n"
         "import jax\n"
         "print(json.dumps({'devices': jax.device_count(), 'history': r.history}))\n")
     curves = {}
     for n in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                         f"--xla_force_host_platform_device_count={n}")
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path / str(n))], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -201,13 +202,17 @@ def test_multi_device_matches_single_device(tmp_path):
     np.testing.assert_allclose(curves[4], curves[1], rtol=2e-3)
 
 
-@pytest.mark.parametrize("lowrank", [True, False])
-def test_learns_real_digits(tmp_path, lowrank):
-    """Real data, offline: scikit-learn's digits through the same pipeline and engine."""
-    config = cifar_config.get_config("local")
-    config.lowrank = lowrank
-    config.num_epochs = 5
-    config.lr_boundaries_epochs = (4,)
-    config.progress = False
-    result = train.train_and_evaluate(config, str(tmp_path))
-    assert result.final_test_top1 >= 0.90, result.history
+def test_learns_real_digits(tmp_path):
+    """Real data, offline: scikit-learn's digits through the README's main job (the authors'
+    low-rank CIFAR CNN with batch norm here; 97% after 3 epochs), in its own process under the
+    recommended XLA flags alone (this test is bound by execution, not compilation)."""
+    env = dict(os.environ, XLA_FLAGS=xla_flags.RECOMMENDED)
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.cifar_nin", f"--workdir={tmp_path}",
+         "--config=experiments/configs/cifar_nin.py:local", "--config.model=cnn",
+         "--config.num_epochs=3", "--config.lr_boundaries_epochs=(2,)",
+         "--config.progress=false"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    history = json.load(open(tmp_path / "results.json"))[0]["history"]
+    assert history[-1]["test_top1"] >= 0.90, history
