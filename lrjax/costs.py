@@ -264,7 +264,8 @@ class NetCost:
 
     @property
     def speedup(self) -> float:
-        return self.full_macs / self.lowrank_macs
+        """``full / low-rank`` multiply-adds (1.0 for a net with no layer)."""
+        return self.full_macs / self.lowrank_macs if self.lowrank_macs else 1.0
 
     def table(self) -> str:
         """A plain-text per-layer table."""

@@ -3,7 +3,7 @@
 The NNX counterpart of :func:`lrjax.decompose_linen`, with the same rank rules, calibration and
 report: every ``nnx.Conv`` with a 2-D window larger than 1x1 is a candidate wherever it sits
 (attributes, ``nnx.List``, ``nnx.Sequential``), named by its graph path joined with ``/``
-(``blocks/1/conv1``, ``seq/layers/0``). The result (a :class:`lrjax.rules.Decomposition`) holds a
+(``blocks/1/conv1``, ``seq/layers/0``). The result (a :class:`lrjax.report.Decomposition`) holds a
 copy of the model whose decomposed convs are :class:`LowRankConvNNX` pairs; the original is left
 untouched.
 """
@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import costs, decompose, formulations, rules
+from lrjax import costs, decompose, formulations, macs, rules
 from lrjax.costs import as_pair
 from lrjax.layers import conv_skip_reason, split_padding
-from lrjax.rules import ConvSite, Decomposition, RankProblem
+from lrjax.report import Decomposition, build_report
+from lrjax.rules import ConvSite, RankProblem
 
 __all__ = ["LowRankConvNNX", "decompose_nnx", "find_convs_nnx"]
 
@@ -80,31 +81,52 @@ def _moments(x, kernel_size, strides, padding, dilation, groups):
                                    dilation=dilation, groups=groups)
 
 
-def _run_probed(model, batches, wanted: Sequence[str] = (), kwargs=None):
-    """Run a copy of ``model`` with every ``nnx.Conv`` (and subclass) behind a probe."""
+EVAL_NOTE = ("layers found and calibrated on an eval view of the model (batch norm on its "
+             "running statistics, dropout off)")
+
+
+def eval_view(model):
+    """An eval-mode view of an NNX model: batch norm on its running statistics, dropout off
+    (the model itself is unchanged)."""
+    return nnx.view(model, deterministic=True, use_running_average=True,
+                    raise_if_not_found=False)
+
+
+def _run_probed(model, batches, wanted: Sequence[str] = (), kwargs=None, eval_mode=True):
+    """Run a copy of ``model`` (an eval view of it with ``eval_mode``) with every ``nnx.Conv``
+    (and subclass) and ``nnx.ConvTranspose`` behind a probe."""
     record = {"shapes": {}, "sums": {}, "counts": {}, "wanted": set(wanted), "seen": set()}
     convs = {}
 
     def probe(path, node):
-        if isinstance(node, nnx.Conv):
+        if isinstance(node, (nnx.Conv, nnx.ConvTranspose)):
             name = _path(path)
             convs[name] = node
             return _Probe(node, name, record, bool(wanted))
         return node
 
     probed = nnx.recursive_map(probe, nnx.clone(model))
+    if eval_mode:
+        probed = eval_view(probed)
     for args in batches:
         record["seen"] = set()
         probed(*args, **(kwargs or {}))
     return convs, record
 
 
-def find_convs_nnx(model, *example_args, **example_kwargs) -> list[ConvSite]:
-    """Every ``nnx.Conv`` the model calls on the example inputs, in call order."""
-    convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs)
+def find_convs_nnx(model, *example_args, eval_mode: bool = True,
+                   **example_kwargs) -> list[ConvSite]:
+    """Every ``nnx.Conv`` (and ``nnx.ConvTranspose``, listed as not decomposed) the model calls
+    on the example inputs, in call order; run on an eval view of a copy with ``eval_mode``."""
+    convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
+                                eval_mode=eval_mode)
     sites = []
     for path, shape in record["shapes"].items():
         conv = convs[path]
+        if isinstance(conv, nnx.ConvTranspose):
+            sites.append(ConvSite(path, None, skip="ConvTranspose: a transposed conv (not "
+                                                   "decomposed)"))
+            continue
         reason = conv_skip_reason(conv, nnx.Conv)
         if reason and reason.startswith("not a 2-D"):
             sites.append(ConvSite(path, None, skip=reason))
@@ -152,8 +174,20 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
     return nnx.recursive_map(replace, nnx.clone(model)), factors
 
 
+def _net_macs(model, example_args, example_kwargs, eval_mode) -> int | None:
+    """Multiply-adds per example of the whole forward pass (traced on a copy), or ``None`` where
+    the call cannot be traced abstractly (a training-mode call updating its own state)."""
+    view = eval_view(nnx.clone(model)) if eval_mode else nnx.clone(model)
+    arrays = [a for a in example_args if isinstance(a, (jax.Array, np.ndarray))]
+    try:
+        counts = macs.traced_macs(lambda *a: view(*a, **example_kwargs), *example_args)
+    except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
+        return None
+    return counts["total"] // (int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1)
+
+
 def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
-                  multiple: int | None = None, measure_batch: int = 1,
+                  multiple: int | None = None, measure_batch: int = 1, eval_mode: bool = True,
                   **example_kwargs) -> Decomposition:
     """Compress a Flax NNX model: its decomposable ``nnx.Conv``\\s become vertical/horizontal pairs.
 
@@ -167,9 +201,13 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         (see :func:`lrjax.decompose.vh_decompose`).
       multiple: round ranks to multiples of this; or the rule's ``multiple=`` option.
       measure_batch: batch of ``+measured`` timings.
+      eval_mode: find the layers and calibrate on an eval view of the model (batch norm on its
+        running statistics, dropout off; NNX models are built in training mode, where
+        calibration statistics would be the batch's and dropout would corrupt them); the report
+        says so. ``False``: run the model as it is.
 
     Returns:
-      A :class:`lrjax.rules.Decomposition`: ``.module`` is a copy of ``model`` with the chosen
+      A :class:`lrjax.report.Decomposition`: ``.module`` is a copy of ``model`` with the chosen
       convs replaced by :class:`LowRankConvNNX` pairs, ``.variables`` is ``None`` (the model
       carries its state), ``.report`` the per-layer report.
 
@@ -177,18 +215,21 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
       ValueError: a bad rule (unknown layer, rank out of range), or bad calibration data.
     """
     rule = rules.parse_rule(rule, multiple=multiple)
-    sites = find_convs_nnx(model, *example_args, **example_kwargs)
+    sites = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
     graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Conv))
     candidates = [s.path for s in sites if s.candidate]
     kernels = {p: np.asarray(graph[p].kernel[...], np.float32) for p in candidates}
     covs = None
     if calibration is not None:
         batches = rules.calibration_batches(calibration)
-        _, record = _run_probed(model, batches, candidates, example_kwargs)
+        _, record = _run_probed(model, batches, candidates, example_kwargs, eval_mode)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
-    problem = RankProblem(sites, kernels, covs, rule.multiple)
+    problem = RankProblem(sites, kernels, covs, rule.multiple,
+                          net_macs=_net_macs(model, example_args, example_kwargs, eval_mode))
     if rule.eval_fn is not None:
         problem.score = lambda ranks: float(rule.eval_fn(_build(model, problem, ranks)[0]))
-    ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch)
+    kept_full = {}
+    ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     new_model, factors = _build(model, problem, ranks)
-    return Decomposition(new_model, None, rules.build_report(problem, ranks, factors), problem)
+    report = build_report(problem, ranks, factors, kept_full, [EVAL_NOTE] if eval_mode else [])
+    return Decomposition(new_model, None, report, problem)

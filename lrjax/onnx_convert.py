@@ -367,11 +367,15 @@ class _Converter:
         if (tuple(lhs), tuple(rhs), tuple(out)) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
             raise TranslationError("only NHWC/HWIO convolutions (what nn.Conv emits) are "
                                    f"covered; got dimension numbers {params['dimension_numbers']}")
-        if any(d != 1 for d in params["lhs_dilation"]):
-            raise TranslationError("a conv with input dilation (transposed conv)")
         if params.get("batch_group_count", 1) != 1:
             raise TranslationError("a conv with batch_group_count != 1")
         pads = [tuple(int(v) for v in p) for p in params["padding"]]
+        if min(v for p in pads for v in p) < 0:
+            raise TranslationError(f"a conv with negative padding {pads}")
+        source = self.nchw(x)
+        if any(d != 1 for d in params["lhs_dilation"]):  # a transposed conv (nn.ConvTranspose)
+            source = self.dilate(source, x.shape, [int(d) for d in params["lhs_dilation"]],
+                                 aval.dtype)
         attrs = dict(strides=[int(s) for s in params["window_strides"]],
                      dilations=[int(d) for d in params["rhs_dilation"]],
                      pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]],
@@ -381,8 +385,21 @@ class _Converter:
         else:
             weight = self.g.const(np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1)),
                                   "weight")
-        y = self.g.node("Conv", [self.nchw(x), weight], "conv", **attrs)
+        y = self.g.node("Conv", [source, weight], "conv", **attrs)
         return _Tensor(y, tuple(aval.shape), True)
+
+    def dilate(self, name: str, shape, factors, dtype) -> str:
+        """An NCHW tensor with ``factor - 1`` zeros between neighbours along H and W (what
+        ``lhs_dilation`` does before the conv): reshape to ``(N, C, H, 1, W, 1)``, pad the unit
+        dims to the factors, merge them back and drop the trailing zeros."""
+        (sh, sw), (h, w, c) = factors, (int(shape[1]), int(shape[2]), int(shape[3]))
+        x = self.g.node("Reshape", [name, self.g.ints([0, c, h, 1, w, 1])])
+        x = self.g.node("Pad", [x, self.g.ints([0, 0, 0, 0, 0, 0, 0, 0, 0, sh - 1, 0, sw - 1]),
+                                self.g.const(np.asarray(0, dtype))])
+        x = self.g.node("Reshape", [x, self.g.ints([0, c, h * sh, w * sw])])
+        return self.g.node("Slice", [x, self.g.ints([0, 0]),
+                                     self.g.ints([(h - 1) * sh + 1, (w - 1) * sw + 1]),
+                                     self.g.ints([2, 3])])
 
     def pool(self, op: str, args, params, aval) -> _Tensor:
         """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
@@ -443,21 +460,12 @@ HANDLERS: dict[str, Any] = {
         "sign": "Sign", "floor": "Floor", "ceil": "Ceil"}.items()},
     "max": lambda c, args, params, aval: c.clamp(args, aval, lower=True),
     "min": lambda c, args, params, aval: c.clamp(args, aval, lower=False),
-    "rsqrt": _method("rsqrt"),
-    "erfc": _method("erfc"),
-    "square": _method("square"),
-    "integer_pow": _method("integer_pow"),
+    # one converter method each, named after the primitive
+    **{prim: _method(prim) for prim in (
+        "rsqrt", "erfc", "square", "integer_pow", "convert_element_type", "select_n",
+        "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "pad", "concatenate",
+        "argmax")},
     "copy": _method("identity"),
-    "convert_element_type": _method("convert_element_type"),
-    "select_n": _method("select_n"),
-    # shapes
-    "reshape": _method("reshape"),
-    "squeeze": _method("squeeze"),
-    "broadcast_in_dim": _method("broadcast_in_dim"),
-    "transpose": _method("transpose"),
-    "slice": _method("slice"),
-    "pad": _method("pad"),
-    "concatenate": _method("concatenate"),
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
     "reduce_min": _method("reduction", "ReduceMin"),

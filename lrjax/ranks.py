@@ -21,6 +21,7 @@ __all__ = [
     "round_rank",
     "energy_rank",
     "Allocation",
+    "saving_rank",
     "allocate_ranks",
     "candidate_ranks",
     "check_rank_map",
@@ -124,7 +125,7 @@ def energy_rank(kernel, fraction: float, *, groups: int = 1, multiple: int | Non
 class Allocation:
     """Ranks chosen by :func:`allocate_ranks` and what they reach."""
 
-    ranks: dict[str, int]
+    ranks: dict[str, int | None]  # None: kept full rank
     full_macs: int
     lowrank_macs: int
     retained_energy: dict[str, float]
@@ -132,6 +133,17 @@ class Allocation:
     @property
     def speedup(self) -> float:
         return self.full_macs / self.lowrank_macs
+
+
+def saving_rank(layer: costs.ConvShape, unit: int = 1) -> int | None:
+    """The largest total rank, a multiple of ``unit``, whose pair costs strictly fewer
+    multiply-adds than the full conv; ``None`` if no pair of the layer saves anything."""
+    top = costs.max_rank(layer.kernel_shape, groups=layer.groups)
+    full = costs.conv_cost(layer).macs
+    rank = min(costs.breakeven_rank(layer), top) // unit * unit
+    while rank >= unit and costs.lowrank_cost(layer, rank).macs >= full:
+        rank -= unit
+    return rank if rank >= unit else None
 
 
 def allocate_ranks(
@@ -146,38 +158,45 @@ def allocate_ranks(
     """Allocate ranks across layers to meet a multiply-add budget while losing the least energy.
 
     Zhang et al. (2015)'s greedy criterion: maximise ``prod_l E_l(K_l)``, the product over layers of
-    the retained spectral energy, subject to the total multiply-adds of the pairs. Each layer starts
-    at its break-even rank (the largest rank whose pair is no costlier than the conv); the greedy
-    step removes one rank unit (``lcm(multiple, groups)``) from the layer that loses the least
-    log-energy per multiply-add saved, until the budget is met.
+    the retained spectral energy, subject to the total multiply-adds. Every layer starts full rank
+    (energy 1, the conv's cost); its first step is to its largest rank whose pair saves
+    multiply-adds (:func:`saving_rank`), each later step removes one rank unit
+    (``lcm(multiple, groups)``). The greedy step is taken on the layer that loses the least
+    log-energy per multiply-add saved, until the budget is met; layers it never needs stay full
+    (``None``): no layer is split for nothing.
 
     Args:
-      layers: conv geometries (:class:`lrjax.costs.ConvShape`); all are decomposed.
+      layers: conv geometries (:class:`lrjax.costs.ConvShape`); each may be decomposed.
       kernels: HWIO kernel of each layer by name (their spectra drive the choice).
-      target_speedup: whole-net theoretical speedup over ``layers`` to reach (or exceed).
+      target_speedup: whole-net theoretical speedup over ``layers`` to reach (or exceed); > 1.
       macs_budget: alternatively, the total multiply-adds allowed.
       multiple: round every rank to a multiple of this (hardware tiles).
       spectra: optional ``{name: (groups, R) singular values}`` replacing the kernels' own (e.g.
         calibration-whitened spectra).
 
     Returns:
-      An :class:`Allocation`; its ``speedup`` is the speedup reached (>= the target).
+      An :class:`Allocation`; its ``speedup`` is the speedup reached (>= the target); its ranks
+      are ``None`` for the layers kept full.
 
     Raises:
-      ValueError: neither or both targets given, a kernel missing or of the wrong shape, or a budget
-        that even the smallest ranks cannot meet (the message gives the largest reachable speedup).
+      ValueError: neither or both targets given, a target speedup not above 1, a kernel missing or
+        of the wrong shape, or a budget that even the smallest ranks cannot meet (the message
+        gives the largest reachable speedup).
     """
     if (target_speedup is None) == (macs_budget is None):
         raise ValueError("give exactly one of target_speedup or macs_budget")
     full_total = sum(costs.conv_cost(layer).macs for layer in layers)
     if target_speedup is not None:
-        if target_speedup <= 0:
-            raise ValueError(f"target_speedup must be > 0; got {target_speedup}")
+        if not target_speedup > 1:
+            raise ValueError(f"target_speedup must be > 1 (S times fewer multiply-adds); got "
+                             f"{target_speedup}")
         macs_budget = full_total / target_speedup
     if macs_budget <= 0:
         raise ValueError(f"macs_budget must be > 0; got {macs_budget}")
 
-    units, ranks, energies, slopes = {}, {}, {}, {}
+    by_name = {layer.name: layer for layer in layers}
+    units, first, energies = {}, {}, {}
+    ranks: dict[str, int | None] = {}
     for layer in layers:
         if layer.name not in kernels:
             raise ValueError(f"no kernel given for layer {layer.name!r}")
@@ -185,44 +204,48 @@ def allocate_ranks(
         if tuple(np.shape(kernel)) != layer.kernel_shape:
             raise ValueError(f"kernel for {layer.name!r} has shape {np.shape(kernel)}, "
                              f"expected {layer.kernel_shape}")
-        unit = math.lcm(multiple or 1, layer.groups)
-        top = max_rank(layer.kernel_shape, groups=layer.groups)
-        start = max(unit, costs.breakeven_rank(layer) // unit * unit)
-        units[layer.name] = unit
-        ranks[layer.name] = min(start, top)
+        units[layer.name] = math.lcm(multiple or 1, layer.groups)
+        first[layer.name] = saving_rank(layer, units[layer.name])
+        ranks[layer.name] = None  # full rank
         # cumulative energy as a function of total rank K: cum[K // groups]
         e = _group_energies(kernel, layer.groups, (spectra or {}).get(layer.name))
         energies[layer.name] = (np.concatenate([[0.0], np.cumsum(e)]), e.sum())
-        slopes[layer.name] = costs.rank_cost_slope(layer)
 
     def macs(name, rank):
-        return costs.lowrank_cost(by_name[name], rank).macs
-
-    by_name = {layer.name: layer for layer in layers}
+        layer = by_name[name]
+        return (costs.conv_cost(layer) if rank is None else costs.lowrank_cost(layer, rank)).macs
 
     def log_energy(name, rank):
+        if rank is None:
+            return 0.0
         cum, total = energies[name]
         kept = cum[rank // by_name[name].groups] / max(total, 1e-300)
         return math.log(max(kept, 1e-300))
 
+    def next_rank(name):
+        r = ranks[name]
+        if r is None:
+            return first[name]
+        return r - units[name] if r - units[name] >= units[name] else None
+
     def priority(name):
-        r, u = ranks[name], units[name]
-        if r - u < u:
+        nxt = next_rank(name)
+        if nxt is None:
             return None
-        loss = log_energy(name, r) - log_energy(name, r - u)
-        return loss / (slopes[name] * u)
+        loss = log_energy(name, ranks[name]) - log_energy(name, nxt)
+        return loss / (macs(name, ranks[name]) - macs(name, nxt))
 
     current = sum(macs(n, r) for n, r in ranks.items())
     heap = [(p, n) for n in ranks if (p := priority(n)) is not None]
     heapq.heapify(heap)
     while current > macs_budget:
         if not heap:
-            floor = sum(macs(n, units[n]) for n in ranks)
+            floor = sum(macs(n, units[n] if first[n] is not None else None) for n in ranks)
             raise ValueError(f"budget of {macs_budget:,.0f} multiply-adds is out of reach: the "
                              f"smallest ranks give {floor:,} (speedup {full_total / floor:.2f}x)")
         _, name = heapq.heappop(heap)
         before = macs(name, ranks[name])
-        ranks[name] -= units[name]
+        ranks[name] = next_rank(name)
         current += macs(name, ranks[name]) - before
         if (p := priority(name)) is not None:
             heapq.heappush(heap, (p, name))
@@ -331,8 +354,9 @@ def search_problem(problem, *, target_speedup: float, candidates=None) -> Search
     """
     if problem.score is None:
         raise ValueError("eval-guided selection needs an evaluation function (eval_fn)")
-    if not target_speedup > 0:
-        raise ValueError(f"target_speedup must be > 0; got {target_speedup}")
+    if not target_speedup > 1:
+        raise ValueError(f"target_speedup must be > 1 (S times fewer multiply-adds); got "
+                         f"{target_speedup}")
     layers = [s.shape for s in problem.candidates]
     if isinstance(candidates, Mapping):
         unknown = sorted(set(candidates) - {layer.name for layer in layers})
@@ -342,8 +366,9 @@ def search_problem(problem, *, target_speedup: float, candidates=None) -> Search
     baseline = float(problem.score({}))
     scores, options = {}, {}
     for layer in layers:
-        ranks = candidate_ranks(layer, candidates, problem.multiple)
         full = costs.conv_cost(layer).macs
+        ranks = [r for r in candidate_ranks(layer, candidates, problem.multiple)
+                 if costs.lowrank_cost(layer, r).macs < full]  # a pair must save something
         options[layer.name] = [(None, full, 0.0)]
         if not ranks:
             continue

@@ -1,5 +1,5 @@
-"""Rank rules, framework-neutral: the grammar, the rank problem, selection, the measured gate and
-the report.
+"""Rank rules, framework-neutral: the grammar, the rank problem, selection and the measured gate
+(what a surgery did is :mod:`lrjax.report`'s).
 
 A rank rule is parsed once into a :class:`RankRule` (:func:`parse_rule`); the linen and NNX
 adapters (:mod:`lrjax.surgery`, :mod:`lrjax.nnx_surgery`) only find a model's convs, build its
@@ -38,8 +38,7 @@ from lrjax import ranks as rank_lib
 
 __all__ = [
     "RULE_HELP", "RankRule", "parse_rule", "ConvSite", "RankProblem", "select_ranks",
-    "measured_gate", "SurgeryReport", "build_report", "Decomposition", "calibration_batches",
-    "DEFAULT_RUNTIME",
+    "measured_gate", "calibration_batches", "DEFAULT_RUNTIME",
 ]
 
 RULE_HELP = (
@@ -135,6 +134,9 @@ def _number(rule: str, kind: str, text: str) -> float:
         raise _bad(rule, f"the number after '{kind}:' must be positive; got {text!r}")
     if kind == "energy" and value > 1:
         raise _bad(rule, f"the energy fraction must be in (0, 1]; got {value:g}")
+    if kind == "speedup" and value <= 1:
+        raise _bad(rule, f"the target speedup must be > 1 (S times fewer multiply-adds); got "
+                         f"{value:g}")
     return value
 
 
@@ -299,6 +301,11 @@ class RankProblem:
       multiple: round ranks to multiples of this (hardware tiles), or ``None``.
       score: ``score(ranks) -> float`` evaluates the model decomposed with ``ranks`` (only given
         where the caller has an evaluation function), else ``None``.
+      net_macs: multiply-adds of the whole forward pass per example (every conv and matrix
+        product traced, :func:`lrjax.macs.traced_macs`), or ``None``: then only the 2-D convs
+        are counted. With it, ``speedup:S`` and eval-guided targets mean S times fewer
+        multiply-adds of the whole net, and whatever no rule can change (dense layers, 1x1
+        convs, attention's products) is fixed cost.
 
     Spectra (:meth:`spectrum`) and factors (:meth:`factors`) are computed once per layer and
     cached: a rule's choice and the factors applied after it share one SVD.
@@ -309,6 +316,7 @@ class RankProblem:
     covariances: dict[str, np.ndarray] | None = None
     multiple: int | None = None
     score: Callable[[Mapping[str, int]], float] | None = None
+    net_macs: int | None = None
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -317,7 +325,10 @@ class RankProblem:
 
     @property
     def fixed_macs(self) -> int:
-        """Multiply-adds of the 2-D convs no rule can change (1x1, skipped, already pairs)."""
+        """Multiply-adds no rule can change: the whole net's but the candidates' when
+        ``net_macs`` is known, else the 2-D convs' (1x1, skipped, already pairs)."""
+        if self.net_macs is not None:
+            return self.net_macs - sum(costs.conv_cost(s.shape).macs for s in self.candidates)
         total = 0
         for s in self.sites:
             if s.shape is None or s.candidate:
@@ -328,7 +339,10 @@ class RankProblem:
 
     @property
     def full_macs(self) -> int:
-        """Multiply-adds of every 2-D conv at full rank."""
+        """Multiply-adds before the surgery: the whole net's (``net_macs``) when known, else
+        every 2-D conv's at full rank."""
+        if self.net_macs is not None:
+            return self.net_macs
         return sum(costs.conv_cost(s.shape).macs for s in self.sites if s.shape is not None)
 
     def site(self, path: str) -> ConvSite:
@@ -382,16 +396,25 @@ class RankProblem:
 # Selection
 
 
-def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int]:
-    """``speedup:S``: the greedy allocation meeting ``S`` times fewer MACs over all 2-D convs."""
+def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
+    """``speedup:S``: the greedy allocation meeting ``S`` times fewer multiply-adds (of the whole
+    net when traced, else over all 2-D convs); out of reach: the largest reachable speedup."""
     candidates = [s.shape for s in problem.candidates]
-    budget = problem.full_macs / target - problem.fixed_macs
-    if budget <= 0:
-        raise ValueError(f"speedup {target} is out of reach: the convs that cannot be decomposed "
-                         f"already cost {problem.fixed_macs:,} of the "
-                         f"{problem.full_macs / target:,.0f} multiply-adds allowed")
+    floor = problem.fixed_macs  # every candidate at its smallest rank that saves
+    for layer in candidates:
+        unit = math.lcm(problem.multiple or 1, layer.groups)
+        smallest = unit if rank_lib.saving_rank(layer, unit) is not None else None
+        floor += (costs.conv_cost(layer) if smallest is None
+                  else costs.lowrank_cost(layer, smallest)).macs
+    if problem.full_macs / floor < target:
+        scope = "of the whole net" if problem.net_macs is not None else "over the 2-D convs"
+        raise ValueError(f"speedup {target} is out of reach: the smallest ranks give "
+                         f"{problem.full_macs / floor:.2f}x fewer multiply-adds {scope} "
+                         f"({floor:,} of {problem.full_macs:,}; {problem.fixed_macs:,} of them "
+                         "in layers no rule can change)")
     spectra = {s.name: problem.spectrum(s.name) for s in candidates}
-    alloc = rank_lib.allocate_ranks(candidates, problem.kernels, macs_budget=budget,
+    alloc = rank_lib.allocate_ranks(candidates, problem.kernels,
+                                    macs_budget=problem.full_macs / target - problem.fixed_macs,
                                     multiple=problem.multiple, spectra=spectra)
     return alloc.ranks
 
@@ -410,20 +433,38 @@ def _base_ranks(rule: RankRule, problem: RankProblem) -> dict[str, int | None]:
     return _budget_ranks(problem, rule.value)
 
 
-def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1) -> dict[str, int | None]:
+def _no_candidates(problem: RankProblem) -> ValueError:
+    found = "; ".join(f"{s.path}: {s.skip or 'already a pair'}" for s in problem.sites)
+    return ValueError("the model has no layer this rule can decompose"
+                      + (f" (found {found})" if found else " (it calls no conv)"))
+
+
+def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
+                 kept_full: dict | None = None) -> dict[str, int | None]:
     """Resolve a rank rule to ``{path: rank or None}`` (see :data:`RULE_HELP`).
+
+    A rule that chooses ranks itself (``energy:``, ``speedup:``, a rule object) never splits a
+    layer whose pair would cost as many multiply-adds as the conv or more: such a layer is kept
+    full. A rank map is applied as written.
 
     Args:
       rule: anything :func:`parse_rule` takes; its ``multiple`` must be the problem's.
       problem: the model's convs and kernels (:class:`RankProblem`).
       measure_batch: batch of the ``+measured`` timings.
+      kept_full: if given, filled with ``{path: why}`` of the candidates the rule left full.
 
     Raises:
-      ValueError: a bad rule, a layer the model does not have (the message lists the
-        decomposable ones), a layer that cannot be decomposed, or a rank out of range.
+      ValueError: a bad rule, a model with no layer the rule can decompose, a layer the model
+        does not have (the message lists the decomposable ones), a layer that cannot be
+        decomposed, or a rank out of range.
     """
     rule = parse_rule(rule)
+    kept_full = {} if kept_full is None else kept_full
+    kept_full.update({s.path: "excluded by the rule's include/exclude"
+                      for s in problem.candidates if not rule.allows(s.path)})
     problem = problem.restricted(rule)
+    if rule.kind != "map" and not problem.candidates:
+        raise _no_candidates(problem)
     by_path = {s.path: s for s in problem.sites}
     ranks = _base_ranks(rule, problem)
     unknown = sorted(set(ranks) - set(by_path))
@@ -444,13 +485,22 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1) -> dict[
         if problem.multiple and not rule.budgeted and isinstance(r, (int, np.integer)) \
                 and not isinstance(r, bool) and 1 <= r <= top:
             r = rank_lib.round_rank(int(r), problem.multiple, top=top, groups=layer.groups)
-        out[path] = costs.check_rank(r, layer.kernel_shape, groups=layer.groups,
-                                     where=f"layer {path!r}")
+        r = costs.check_rank(r, layer.kernel_shape, groups=layer.groups, where=f"layer {path!r}")
+        if rule.kind != "map" and costs.lowrank_cost(layer, r).macs >= \
+                costs.conv_cost(layer).macs:
+            kept_full[path] = f"rank {r} would save nothing (its pair costs as much as the conv)"
+            r = None
+        out[path] = r
+    for s in problem.candidates:
+        if rule.kind != "map" and out.get(s.path) is None and s.path not in kept_full:
+            kept_full[s.path] = "not needed by the rule"
     if rule.measured:
         runtime = "jax" if rule.measured == DEFAULT_RUNTIME else rule.measured
         chosen = {p: r for p, r in out.items() if r is not None}
         gated, _ = measured_gate([by_path[p].shape for p in chosen], chosen,
                                  batch=measure_batch, runtime=runtime)
+        kept_full.update({p: f"its pair was not faster, timed in {runtime}"
+                          for p, r in gated.items() if r is None})
         out.update(gated)
     return out
 
@@ -481,118 +531,3 @@ def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: 
         else:
             gated[name] = rank
     return gated, times
-
-
-# ---------------------------------------------------------------------------------------------
-# The report
-
-
-@dataclasses.dataclass(frozen=True)
-class SurgeryReport:
-    """What a surgery did, layer by layer.
-
-    Attributes:
-      net: costs of every 2-D conv, full vs after (:class:`lrjax.costs.NetCost`).
-      errors: relative kernel error ``||W - W_K|| / ||W||`` of each decomposed layer.
-      weighted_errors: the calibration-weighted error (the output-error proxy, measured on the
-        calibration data) of each decomposed layer, when calibrated.
-      skipped: ``{path: reason}`` of the convs left as they were because they cannot be split.
-      calibrated: whether the factors are calibration-aware.
-    """
-
-    net: costs.NetCost
-    errors: dict[str, float]
-    weighted_errors: dict[str, float] = dataclasses.field(default_factory=dict)
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
-    calibrated: bool = False
-
-    @property
-    def ranks(self) -> dict[str, int]:
-        return {lc.name: lc.rank for lc in self.net.layers if lc.rank is not None}
-
-    def table(self) -> str:
-        w = max([5] + [len(lc.name) for lc in self.net.layers]) + 2
-        extra = "w.err" if self.calibrated else ""
-        head = (f"{'layer':<{w}}{'kernel':>20}{'rank':>6}{'rel.err':>9}{extra:>9}"
-                f"{'MACs before':>15}{'MACs after':>15}{'params before':>15}{'params after':>14}"
-                f"{'speedup':>9}")
-        rows = [head, "-" * len(head)]
-        for lc in self.net.layers:
-            err, werr = self.errors.get(lc.name), self.weighted_errors.get(lc.name)
-            werr = ("-" if werr is None else f"{werr:.4f}") if self.calibrated else ""
-            rows.append(
-                f"{lc.name:<{w}}{str(lc.kernel_shape):>20}{lc.rank or 'full':>6}"
-                f"{'-' if err is None else f'{err:.4f}':>9}{werr:>9}{lc.full.macs:>15,}"
-                f"{lc.lowrank.macs:>15,}{lc.full.params:>15,}{lc.lowrank.params:>14,}"
-                f"{lc.speedup:>8.2f}x")
-        rows.append(f"{'total':<{w + 35 + (9 if self.calibrated else 0)}}"
-                    f"{self.net.full_macs:>15,}{self.net.lowrank_macs:>15,}"
-                    f"{self.net.full_params:>15,}{self.net.lowrank_params:>14,}"
-                    f"{self.net.speedup:>8.2f}x")
-        for path, reason in self.skipped.items():
-            rows.append(f"left as is: {path}: {reason}")
-        return "\n".join(rows)
-
-    def as_dict(self) -> dict:
-        return {
-            "layers": [{"name": lc.name, "kernel": list(lc.kernel_shape), "rank": lc.rank,
-                        "relative_error": self.errors.get(lc.name),
-                        "weighted_error": self.weighted_errors.get(lc.name),
-                        "macs_before": lc.full.macs, "macs_after": lc.lowrank.macs,
-                        "params_before": lc.full.params, "params_after": lc.lowrank.params,
-                        "speedup": lc.speedup} for lc in self.net.layers],
-            "skipped": dict(self.skipped),
-            "calibrated": self.calibrated,
-            "macs_before": self.net.full_macs, "macs_after": self.net.lowrank_macs,
-            "theoretical_speedup": self.net.speedup,
-        }
-
-
-def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
-                 factors: Mapping[str, decompose.Factors]) -> SurgeryReport:
-    """The report of a surgery (shared by the linen and NNX routes)."""
-    chosen = {p: r for p, r in ranks.items() if r is not None}
-    sites = problem.sites
-    shapes = [s.shape for s in sites if s.shape is not None]
-    existing = {s.path: s.rank for s in sites if s.rank is not None}
-    net = costs.net_cost(shapes, {**existing, **chosen})
-    errors, weighted = {}, {}
-    for path in chosen:
-        groups = problem.site(path).shape.groups
-        kernel = problem.kernels[path]
-        approx = decompose.reconstruct(*factors[path], groups=groups)
-        errors[path] = float(decompose.relative_error(jnp.asarray(kernel), approx))
-        if problem.covariances is not None:
-            weighted[path] = float(decompose.weighted_relative_error(
-                kernel, approx, problem.covariances[path], groups=groups))
-    skipped = {s.path: s.skip for s in sites
-               if s.skip is not None and not s.skip.startswith("1x1")}
-    return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Decomposition:
-    """The result of :func:`lrjax.decompose_linen` and :func:`lrjax.decompose_nnx`.
-
-    Attributes:
-      module: the low-rank model. Linen: a :class:`lrjax.layers.LowRankModel`, run as
-        ``module.apply(variables, *args, **kwargs)`` with what ``model.apply`` took. NNX: a copy
-        of the model with the chosen convs replaced by :class:`lrjax.nnx_surgery.LowRankConvNNX`
-        pairs (the original is untouched), called like the model.
-      variables: linen: the low-rank model's variables (the original ones, with each decomposed
-        conv's ``kernel``/``bias`` replaced by ``vertical/kernel``, ``horizontal/kernel`` and
-        ``horizontal/bias``). NNX: ``None`` (the model carries its state).
-      report: per-layer ranks, errors, multiply-adds and parameters (:class:`SurgeryReport`).
-      problem: the :class:`RankProblem` the rule saw (spectra and factors cached), to compare
-        other rules on the same model without decomposing it again.
-    """
-
-    module: Any
-    variables: dict | None
-    report: SurgeryReport
-    problem: RankProblem = dataclasses.field(repr=False, compare=False, default=None)
-
-    @property
-    def ranks(self) -> dict[str, int]:
-        """``{path: rank}`` of the layers this surgery decomposed."""
-        return {p: r for p, r in self.report.ranks.items() if p in self.report.errors}

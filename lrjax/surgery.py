@@ -23,24 +23,27 @@ rank files, the command line. The zoo's layers are top-level, so their paths are
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lrjax import costs, decompose, rules
+from lrjax import costs, decompose, macs, rules
 from lrjax import ranks as rank_lib
 from lrjax.costs import as_pair
 from lrjax.layers import FactorConv, LowRankConv, LowRankModel, conv_skip_reason, module_path
-from lrjax.rules import ConvSite, Decomposition, RankProblem
+from lrjax.report import Decomposition, build_report
+from lrjax.rules import ConvSite, RankProblem
 
 __all__ = [
-    "find_convs", "check_variables", "decompose_linen", "calibration_moments", "rank_problem",
-    "linen_scorer", "search", "fold_batch_norms",
+    "find_convs", "check_variables", "check_inference_call", "decompose_linen",
+    "calibration_moments", "rank_problem", "linen_scorer", "search", "fold_batch_norms",
 ]
 
 
@@ -90,6 +93,13 @@ def _abstract_init(model: nn.Module, args, kwargs, interceptor=None):
     return jax.eval_shape(trace, *arrays)
 
 
+# conv-like layers seen and left as they are, with the reason
+_UNSPLIT = {
+    nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
+    nn.ConvTranspose: "ConvTranspose: a transposed conv (not decomposed)",
+}
+
+
 def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSite]:
     """Every conv of a linen model, in call order, found by tracing it on example inputs.
 
@@ -112,6 +122,10 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
 
     def record(next_fun, args, kwargs, context):
         module = context.module
+        if context.method_name == "__call__" and type(module) in _UNSPLIT \
+                and module_path(module) not in found:
+            path = module_path(module)
+            found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
         if context.method_name == "__call__" and isinstance(module, (nn.Conv, LowRankConv)) \
                 and not isinstance(module, FactorConv):
             path = module_path(module)
@@ -149,11 +163,34 @@ def _structure_problems(expected: Mapping, got: Mapping) -> list[str]:
 
 
 def check_variables(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
-    """Raise ``ValueError`` unless ``variables`` has exactly ``model``'s arrays and shapes."""
+    """Raise ``ValueError`` unless ``variables`` has exactly ``model``'s arrays and shapes, and
+    the example call is an inference call (see :func:`check_inference_call`)."""
     expected = _flat(_abstract_init(model, example_args, example_kwargs))
     problems = _structure_problems(expected, _flat(variables))
     if problems:
         raise ValueError("variables do not match the model: " + "; ".join(problems))
+    check_inference_call(model, variables, *example_args, **example_kwargs)
+
+
+def check_inference_call(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
+    """Raise a one-line ``ValueError`` if ``model.apply(variables, *example_args,
+    **example_kwargs)`` writes a variable collection (batch statistics in training mode) or
+    draws randomness (active dropout): surgery, calibration and export run the inference call.
+    Traced abstractly (no compute)."""
+    arrays, rebuild = _split_static(example_args)
+    try:
+        jax.eval_shape(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs), variables,
+                       *arrays)
+    except flax.errors.ModifyScopeVariableError as e:
+        found = re.search(r'collection "(\w+)"', str(e))
+        what = f"its {found.group(1)!r} collection" if found else "a variable collection"
+        raise ValueError(f"the example call of {type(model).__name__} writes {what} (a "
+                         "training-mode call): pass the inference call's arguments, e.g. "
+                         "train=False") from None
+    except flax.errors.InvalidRngError as e:
+        raise ValueError(f"the example call of {type(model).__name__} draws randomness "
+                         f"({str(e).split(' (')[0]}; dropout in training mode): pass the "
+                         "inference call's arguments, e.g. train=False") from None
 
 
 def fold_batch_norms(variables, pairs: Mapping[str, str], *, eps: float = 1e-5) -> dict:
@@ -283,7 +320,11 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     if calibration is not None:
         covs = calibration_moments(model, variables, calibration, [s.path for s in candidates],
                                    example_kwargs)
-    return RankProblem(sites, kernels, covs, multiple, score)
+    arrays, rebuild = _split_static(example_args)
+    counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
+                              variables, *arrays)
+    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    return RankProblem(sites, kernels, covs, multiple, score, counts["total"] // batch)
 
 
 def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:
@@ -348,7 +389,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
       measure_batch: batch of ``+measured`` timings.
 
     Returns:
-      A :class:`lrjax.rules.Decomposition` (``.module``: a :class:`lrjax.layers.LowRankModel`,
+      A :class:`lrjax.report.Decomposition` (``.module``: a :class:`lrjax.layers.LowRankModel`,
       ``.variables``, ``.report``).
 
     Raises:
@@ -363,7 +404,8 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
                            calibration=calibration, multiple=rule.multiple)
     if rule.eval_fn is not None:
         problem.score = linen_scorer(model, variables, problem, rule.eval_fn)
-    ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch)
+    kept_full = {}
+    ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     flat, factors = _apply_factors(_flat(variables), problem, ranks)
     module = LowRankModel.wrap(model, ranks)
     expected = _flat(_abstract_init(module, example_args, example_kwargs))
@@ -373,7 +415,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
                              + "; ".join(problems))
     new_variables = traverse_util.unflatten_dict(
         {k: jnp.asarray(v, expected[k].dtype) for k, v in flat.items()})
-    report = rules.build_report(problem, ranks, factors)
+    report = build_report(problem, ranks, factors, kept_full)
     return Decomposition(module, new_variables, report, problem)
 
 

@@ -88,7 +88,10 @@ def test_unsplittable_convs_are_left_with_the_reason():
     assert sites["Conv_0"].startswith("input dilation")
     assert sites["Conv_1"] == "masked kernel"
     assert sites["Conv_2"].startswith("not a 2-D conv")
-    result = lrjax.decompose_linen(model, variables, x, rule="energy:0.5")
+    with pytest.raises(ValueError, match=r"no layer this rule can decompose \(found Conv_0: "
+                                         r"input dilation"):
+        lrjax.decompose_linen(model, variables, x, rule="energy:0.5")
+    result = lrjax.decompose_linen(model, variables, x, rule={})
     assert result.ranks == {}
     assert set(result.report.skipped) == {"Conv_0", "Conv_1", "Conv_2"}
     assert "left as is: Conv_1: masked kernel" in result.report.table()
@@ -161,7 +164,9 @@ def test_calibrated_energy_rule_uses_the_calibrated_spectrum():
     free = lrjax.decompose_linen(model, variables, images, rule="energy:0.95")
     calib = lrjax.decompose_linen(model, variables, images, rule="energy:0.95",
                                   calibration=images)
-    assert calib.ranks["a"] < free.ranks["a"]  # the data excite few input directions
+    # the data excite few input directions: calibrated, 'a' is split at a small rank; data-free,
+    # its rank is larger or it is kept full (a rank past break-even would save nothing)
+    assert calib.ranks["a"] < free.ranks.get("a", decompose.max_rank((3, 3, 8, 16)))
 
 
 class TwoLayers(nn.Module):

@@ -126,9 +126,40 @@ def test_allocate_ranks_reaches_target(target, vgg):
     slack = max(costs.rank_cost_slope(by[n]) for n in alloc.ranks)
     assert alloc.full_macs / (alloc.lowrank_macs + slack) < target
     for layer in layers:
-        assert 1 <= alloc.ranks[layer.name] <= max_rank(layer.kernel_shape)
+        rank = alloc.ranks[layer.name]  # None: kept full
+        assert rank is None or 1 <= rank <= max_rank(layer.kernel_shape)
     net = costs.net_cost(layers, alloc.ranks)
     assert net.lowrank_macs == alloc.lowrank_macs
+
+
+@pytest.mark.parametrize("target", [1.05, 1.3, 2.0])
+def test_allocate_ranks_never_splits_a_layer_for_nothing(target, vgg):
+    layers, kernels, spectra = vgg
+    alloc = ranks.allocate_ranks(layers, kernels, target_speedup=target, spectra=spectra)
+    assert alloc.speedup >= target
+    for layer in layers:
+        rank = alloc.ranks[layer.name]
+        if rank is not None:  # every pair chosen saves multiply-adds
+            assert costs.lowrank_cost(layer, rank).macs < costs.conv_cost(layer).macs
+        else:
+            assert alloc.retained_energy[layer.name] == 1.0
+    if target < 1.1:  # a small target is met by splitting few layers, the rest stay full
+        assert sum(r is None for r in alloc.ranks.values()) >= len(layers) // 2
+    for bad in (1.0, 0.5):
+        with pytest.raises(ValueError, match="target_speedup must be > 1"):
+            ranks.allocate_ranks(layers, kernels, target_speedup=bad, spectra=spectra)
+
+
+def test_saving_rank_is_the_largest_rank_that_saves(vgg):
+    layers, _, _ = vgg
+    for layer in layers:
+        rank = ranks.saving_rank(layer, 8)
+        full = costs.conv_cost(layer).macs
+        assert rank % 8 == 0 and costs.lowrank_cost(layer, rank).macs < full
+        if rank + 8 <= max_rank(layer.kernel_shape):
+            assert costs.lowrank_cost(layer, rank + 8).macs >= full
+    thin = costs.ConvShape("thin", (8, 8), 1, 1, (1, 3))  # 1 -> 1, 1x3: no pair saves
+    assert ranks.saving_rank(thin) is None
 
 
 def test_allocate_ranks_prefers_compressible_layers(vgg):
@@ -139,14 +170,15 @@ def test_allocate_ranks_prefers_compressible_layers(vgg):
     flat_spectra = {**spectra, "conv3_2": None}  # None: its own spectrum
     alloc = ranks.allocate_ranks(layers, flat, target_speedup=3.0, spectra=flat_spectra)
     ref = ranks.allocate_ranks(layers, kernels, target_speedup=3.0, spectra=spectra)
-    assert alloc.ranks["conv3_2"] > ref.ranks["conv3_2"]
+    assert ref.ranks["conv3_2"] is not None  # kept full (None) or a larger rank
+    assert alloc.ranks["conv3_2"] is None or alloc.ranks["conv3_2"] > ref.ranks["conv3_2"]
 
 
 def test_allocate_ranks_multiple_and_errors(vgg):
     layers, kernels, spectra = vgg
     alloc = ranks.allocate_ranks(layers, kernels, target_speedup=3.0, multiple=16,
                                  spectra=spectra)
-    assert all(r % 16 == 0 or r == max_rank(by.kernel_shape)
+    assert all(r is None or r % 16 == 0 or r == max_rank(by.kernel_shape)
                for by in layers for r in [alloc.ranks[by.name]])
     budget = ranks.allocate_ranks(layers, kernels, macs_budget=alloc.full_macs // 4,
                                   spectra=spectra)

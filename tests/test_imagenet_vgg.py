@@ -57,8 +57,8 @@ def test_default_flow_through_cli(tmp_path):
     assert rows[1]["top5_after"] is not None
     assert "conv5_3" in out.stdout and "| vgg16-lowrank |" in out.stdout
     dec = json.load(open(work / "decompose.json"))
-    assert set(dec["ranks"]) == {f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), 1)
-                                 for i in range(1, n + 1)}
+    convs = {f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1)}
+    assert dec["ranks"] and set(dec["ranks"]) <= convs  # speedup:2 splits only what it needs
 
 
 def test_stage_resume_after_interruption(tmp_path, preempt_at_step):

@@ -144,11 +144,23 @@ def test_unknown_primitive_names_it_and_the_layer(tmp_path):
 
 
 def test_uncovered_forms_are_one_line_errors(tmp_path):
-    def transposed(x):  # input dilation: a transposed conv
-        return jax.lax.conv_general_dilated(x, _W, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    def channels_first(x):  # another layout than nn.Conv's
+        return jax.lax.conv_general_dilated(x, np.ones((4, 6, 3, 3), np.float32), (1, 1), "SAME",
+                                            dimension_numbers=("NCHW", "OIHW", "NCHW"))
 
     with pytest.raises(onnx_convert.TranslationError,
-                       match=r"^cannot export primitive 'conv_general_dilated' .*: a conv with "
-                             r"input dilation"):
-        runtimes.onnx_model(transposed, SHAPE)
+                       match=r"^cannot export primitive 'conv_general_dilated' \(layer .*\) to "
+                             r"ONNX: only NHWC/HWIO convolutions"):
+        runtimes.onnx_model(channels_first, SHAPE)
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((3, 3), (2, 2), "SAME"), ((2, 2), (2, 2), "VALID"), ((4, 3), (2, 1), "SAME"),
+    ((3, 3), (3, 2), ((1, 2), (0, 1))), ((3, 3), (1, 1), "SAME")])
+def test_transposed_convs_export(kernel, strides, padding, tmp_path):
+    """nn.ConvTranspose (a U-Net's upsampler): input dilation as zero insertion, then a Conv."""
+    model = nn.ConvTranspose(5, kernel, strides=strides, padding=padding)
+    x = jnp.zeros(SHAPE)
+    variables = model.init(jax.random.key(0), x)
+    result = export.to_onnx(model, variables, x, str(tmp_path / "up.onnx"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale

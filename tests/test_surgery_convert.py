@@ -134,7 +134,7 @@ def test_rank_rules(monkeypatch):
     assert set(rules.select_ranks("energy:0.9", problem)) == {"conv1", "conv2", "conv3"}
     problem8 = _problem(full, variables, size, multiple=8)
     speed = rules.select_ranks("speedup:1.6", problem8)
-    assert all(r % 8 == 0 or r == 15 for r in speed.values())  # 15: conv1's full rank
+    assert all(r is None or r % 8 == 0 or r == 15 for r in speed.values())  # 15: conv1's top
     net = cost_report.cost_report(full, cost_report.images(1, size), ranks=speed, train=False)
     assert net.speedup >= 1.6  # over every conv of the net, 1x1s included
     assert rules.select_ranks({"conv1": 15, "conv2": None}, problem) == \
@@ -149,6 +149,11 @@ def test_rank_rules(monkeypatch):
         ("energy:1.5", r"must be in \(0, 1\]"),
         ({"conv1": 999}, "rank 999 is invalid for layer 'conv1'"),
         ("speedup:100", "out of reach"),
+        ("speedup:1", r"the target speedup must be > 1"),
+        ("speedup:0.5", r"the target speedup must be > 1"),
+        ("speedupp:2", "unknown rule kind 'speedupp:'"),
+        ("nin,multiple=0", "multiple must be a positive int; got 0"),
+        ("nin,colour=red", "option 'colour=red' is not one of"),
         ("measured", "gates another rule"),
         (3.5, "unknown rank rule"),
     ]:

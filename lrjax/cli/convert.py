@@ -18,6 +18,7 @@ import argparse
 from lrjax import checkpoint, models, rules
 from lrjax.cli import parse_fold_bn, run_cli
 from lrjax.convert import decompose_checkpoint
+from lrjax.report import SurgeryReport
 
 __all__ = ["build_parser", "convert", "main"]
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def convert(args) -> rules.SurgeryReport:
+def convert(args) -> SurgeryReport:
     """Run the conversion described by parsed command-line ``args``; returns the report."""
     rule = rules.parse_rule(args.ranks, multiple=args.multiple)
     fold = parse_fold_bn(args.fold_bn)

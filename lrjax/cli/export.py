@@ -17,6 +17,7 @@ from lrjax import checkpoint, costs, models, rules, surgery
 from lrjax.cli import parse_fold_bn, run_cli
 from lrjax.convert import decompose_checkpoint
 from lrjax.export import EXPORTERS, FORMATS, ExportError, ExportResult, writable_path
+from lrjax.report import Decomposition
 
 __all__ = ["build_parser", "export_zoo", "main", "DEFAULT_MULTIPLE", "MEASURED_RUNTIME"]
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rounding_line(result: rules.Decomposition, rule: rules.RankRule) -> str:
+def _rounding_line(result: Decomposition, rule: rules.RankRule) -> str:
     """What rounding the ranks to ``rule.multiple`` costs over the layers the rule split: mean
     kernel error and whole-net theoretical speedup against the same rule unrounded and ungated,
     read off the decomposition's cached spectra (no second decomposition)."""

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import models, surgery
-from lrjax.rules import Decomposition
+from lrjax.report import Decomposition
 
 __all__ = ["decompose_checkpoint"]
 

@@ -20,8 +20,10 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 
-from lrjax import checkpoint, formulations, runtimes
+from lrjax import checkpoint, formulations, runtimes, surgery
+from lrjax.nnx_surgery import eval_view
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
 __all__ = ["to_onnx", "to_tflite", "to_stablehlo", "ExportError", "ExportResult", "FORMATS",
@@ -48,21 +50,23 @@ class ExportResult:
     size_bytes: int
 
 
-def _fn(module, variables, apply_kwargs):
+def _fn(module, variables, apply_kwargs, shape):
     """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
     model (``variables=None``) in eval mode."""
-    from flax import nnx
-
     if isinstance(module, nnx.Module):
         if variables is not None:
             raise ExportError(f"{type(module).__name__} is an NNX model, which carries its own "
                               f"state: pass variables=None (got a {type(variables).__name__})")
-        model = nnx.view(module, deterministic=True, use_running_average=True,
-                         raise_if_not_found=False)
+        model = eval_view(module)
         return lambda x: model(x, **apply_kwargs)
     if variables is None:
         raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
                           "(variables=None is for NNX models)")
+    try:
+        surgery.check_inference_call(module, variables, jax.ShapeDtypeStruct(shape, np.float32),
+                                     **apply_kwargs)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
     def forward(x):
         return module.apply(variables, x, **apply_kwargs)
@@ -129,7 +133,7 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     """
     shape = _check_input(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs)
+    forward = _fn(module, variables, apply_kwargs, shape)
     spec = runtimes.symbolic_batch(shape)
     with formulations.policy("portable"):
         exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(spec)
@@ -164,7 +168,7 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
 
     shape = _check_input(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs)
+    forward = _fn(module, variables, apply_kwargs, shape)
     try:
         model = runtimes.onnx_model(forward, shape, fold=fold, graph_name=type(module).__name__)
     except onnx_convert.TranslationError as e:
@@ -196,7 +200,7 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     """
     shape = _check_input(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs)
+    forward = _fn(module, variables, apply_kwargs, shape)
     try:
         data = runtimes.tflite_model(forward, shape)
     except Exception as e:  # the converter raises several types for unsupported graphs

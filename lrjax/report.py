@@ -1,0 +1,166 @@
+"""What a surgery did and returns, framework-neutral: :class:`SurgeryReport` (per-layer ranks,
+errors, costs, the layers kept full or left as they are) and :class:`Decomposition`, the one
+result type of :func:`lrjax.decompose_linen` and :func:`lrjax.decompose_nnx`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from lrjax import costs, decompose
+from lrjax.rules import RankProblem
+
+__all__ = ["SurgeryReport", "build_report", "Decomposition"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SurgeryReport:
+    """What a surgery did, layer by layer.
+
+    Attributes:
+      net: costs of every 2-D conv, full vs after (:class:`lrjax.costs.NetCost`).
+      errors: relative kernel error ``||W - W_K|| / ||W||`` of each decomposed layer.
+      weighted_errors: the calibration-weighted error (the output-error proxy, measured on the
+        calibration data) of each decomposed layer, when calibrated.
+      skipped: ``{path: reason}`` of the convs left as they were because they cannot be split.
+      calibrated: whether the factors are calibration-aware.
+      kept_full: ``{path: why}`` of the layers that could be split but the rule kept full.
+      notes: how the surgery ran (e.g. on an eval view of an NNX model).
+      net_macs: ``(before, after)`` multiply-adds of the whole forward pass per example (every
+        conv and matrix product traced), or ``None`` where not traced. ``net`` covers the 2-D
+        convs only; :attr:`speedup` is the whole net's when known.
+    """
+
+    net: costs.NetCost
+    errors: dict[str, float]
+    weighted_errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    calibrated: bool = False
+    kept_full: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    net_macs: tuple[int, int] | None = None
+
+    @property
+    def speedup(self) -> float:
+        """Theoretical speedup: fewer multiply-adds of the whole forward pass (of the 2-D convs
+        when the whole net was not traced)."""
+        if self.net_macs is None:
+            return self.net.speedup
+        before, after = self.net_macs
+        return before / after if after else 1.0
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {lc.name: lc.rank for lc in self.net.layers if lc.rank is not None}
+
+    def table(self) -> str:
+        w = max([5] + [len(lc.name) for lc in self.net.layers]) + 2
+        extra = "w.err" if self.calibrated else ""
+        head = (f"{'layer':<{w}}{'kernel':>20}{'rank':>6}{'rel.err':>9}{extra:>9}"
+                f"{'MACs before':>15}{'MACs after':>15}{'params before':>15}{'params after':>14}"
+                f"{'speedup':>9}")
+        rows = [head, "-" * len(head)]
+        for lc in self.net.layers:
+            err, werr = self.errors.get(lc.name), self.weighted_errors.get(lc.name)
+            werr = ("-" if werr is None else f"{werr:.4f}") if self.calibrated else ""
+            rows.append(
+                f"{lc.name:<{w}}{str(lc.kernel_shape):>20}{lc.rank or 'full':>6}"
+                f"{'-' if err is None else f'{err:.4f}':>9}{werr:>9}{lc.full.macs:>15,}"
+                f"{lc.lowrank.macs:>15,}{lc.full.params:>15,}{lc.lowrank.params:>14,}"
+                f"{lc.speedup:>8.2f}x")
+        rows.append(f"{'total':<{w + 35 + (9 if self.calibrated else 0)}}"
+                    f"{self.net.full_macs:>15,}{self.net.lowrank_macs:>15,}"
+                    f"{self.net.full_params:>15,}{self.net.lowrank_params:>14,}"
+                    f"{self.net.speedup:>8.2f}x")
+        if self.net_macs is not None:
+            before, after = self.net_macs
+            convs = self.net.full_macs - self.net.lowrank_macs
+            rows.append(f"whole net: {before:,} -> {after:,} multiply-adds per example "
+                        f"({self.speedup:.2f}x); 2-D convs {self.net.full_macs:,} -> "
+                        f"{self.net.lowrank_macs:,}, everything else (dense, 1x1, other) "
+                        f"{before - self.net.full_macs:,}, unchanged"
+                        + ("" if before - after == convs else " (counts differ)"))
+        rows += [f"kept full: {path}: {why}" for path, why in self.kept_full.items()]
+        rows += [f"left as is: {path}: {reason}" for path, reason in self.skipped.items()]
+        rows += [f"note: {note}" for note in self.notes]
+        return "\n".join(rows)
+
+    def as_dict(self) -> dict:
+        return {
+            "layers": [{"name": lc.name, "kernel": list(lc.kernel_shape), "rank": lc.rank,
+                        "relative_error": self.errors.get(lc.name),
+                        "weighted_error": self.weighted_errors.get(lc.name),
+                        "macs_before": lc.full.macs, "macs_after": lc.lowrank.macs,
+                        "params_before": lc.full.params, "params_after": lc.lowrank.params,
+                        "speedup": lc.speedup} for lc in self.net.layers],
+            "skipped": dict(self.skipped),
+            "kept_full": dict(self.kept_full),
+            "notes": list(self.notes),
+            "calibrated": self.calibrated,
+            "macs_before": self.net.full_macs, "macs_after": self.net.lowrank_macs,
+            "conv_speedup": self.net.speedup,
+            "net_macs_before": None if self.net_macs is None else self.net_macs[0],
+            "net_macs_after": None if self.net_macs is None else self.net_macs[1],
+            "theoretical_speedup": self.speedup,
+        }
+
+
+def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
+                 factors: Mapping[str, decompose.Factors], kept_full: Mapping[str, str] = (),
+                 notes: Sequence[str] = ()) -> SurgeryReport:
+    """The report of a surgery (shared by the linen and NNX routes)."""
+    chosen = {p: r for p, r in ranks.items() if r is not None}
+    sites = problem.sites
+    shapes = [s.shape for s in sites if s.shape is not None]
+    existing = {s.path: s.rank for s in sites if s.rank is not None}
+    net = costs.net_cost(shapes, {**existing, **chosen})
+    errors, weighted = {}, {}
+    for path in chosen:
+        groups = problem.site(path).shape.groups
+        kernel = problem.kernels[path]
+        approx = decompose.reconstruct(*factors[path], groups=groups)
+        errors[path] = float(decompose.relative_error(jnp.asarray(kernel), approx))
+        if problem.covariances is not None:
+            weighted[path] = float(decompose.weighted_relative_error(
+                kernel, approx, problem.covariances[path], groups=groups))
+    skipped = {s.path: s.skip for s in sites
+               if s.skip is not None and not s.skip.startswith("1x1")}
+    whole = None
+    if problem.net_macs is not None:
+        saved = net.full_macs - net.lowrank_macs - sum(
+            costs.conv_cost(s.shape).macs - costs.lowrank_cost(s.shape, s.rank).macs
+            for s in sites if s.rank is not None)  # pairs already there are in net_macs
+        whole = (problem.net_macs, problem.net_macs - saved)
+    return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None,
+                         dict(kept_full), tuple(notes), whole)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decomposition:
+    """The result of :func:`lrjax.decompose_linen` and :func:`lrjax.decompose_nnx`.
+
+    Attributes:
+      module: the low-rank model. Linen: a :class:`lrjax.layers.LowRankModel`, run as
+        ``module.apply(variables, *args, **kwargs)`` with what ``model.apply`` took. NNX: a copy
+        of the model with the chosen convs replaced by :class:`lrjax.nnx_surgery.LowRankConvNNX`
+        pairs (the original is untouched), called like the model.
+      variables: linen: the low-rank model's variables (the original ones, with each decomposed
+        conv's ``kernel``/``bias`` replaced by ``vertical/kernel``, ``horizontal/kernel`` and
+        ``horizontal/bias``). NNX: ``None`` (the model carries its state).
+      report: per-layer ranks, errors, multiply-adds and parameters (:class:`SurgeryReport`).
+      problem: the :class:`RankProblem` the rule saw (spectra and factors cached), to compare
+        other rules on the same model without decomposing it again.
+    """
+
+    module: Any
+    variables: dict | None
+    report: SurgeryReport
+    problem: RankProblem = dataclasses.field(repr=False, compare=False, default=None)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """``{path: rank}`` of the layers this surgery decomposed."""
+        return {p: r for p, r in self.report.ranks.items() if p in self.report.errors}

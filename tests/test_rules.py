@@ -1,0 +1,209 @@
+"""Rank rules parsed once (lrjax.rules), nothing split for nothing, and the traps a model written
+by someone else sets: training-mode calls, layers that cannot be split, no candidate at all."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import costs, export, rules
+
+X = jnp.ones((2, 12, 12, 3))
+
+
+class Net(nn.Module):
+    """A small linen CNN with batch norm, dropout, a transposed conv and a locally connected
+    layer."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(16, (3, 3), name="stem")(x))
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+        x = nn.relu(nn.Conv(32, (3, 3), name="body")(x))
+        x = nn.Conv(32, (3, 3), name="head_conv")(x)
+        x = nn.ConvTranspose(8, (2, 2), strides=(2, 2), name="up")(x)
+        x = nn.ConvLocal(4, (3, 3), name="local")(x)
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return jnp.mean(x, axis=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = Net()
+    return model, model.init(jax.random.key(0), X)
+
+
+def test_parse_rule_grammar():
+    rule = rules.parse_rule("vgg16+measured:onnxruntime,multiple=8,exclude=conv1_*")
+    assert (rule.kind, rule.measured, rule.multiple, rule.exclude) == (
+        "map", "onnxruntime", 8, ("conv1_*",))
+    assert rule.ranks["conv2_1"] == 48 and str(rule).startswith("vgg16")
+    assert not rule.allows("conv1_2") and rule.allows("conv2_1")
+    assert rule.base().measured is None and rule.base().multiple is None
+    inline = rules.parse_rule('{"a": 4, "b": null},include=a,include=c*')
+    assert inline.ranks == {"a": 4, "b": None} and inline.include == ("a", "c*")
+    assert rules.parse_rule("speedup:2.5").value == 2.5
+    assert rules.parse_rule("energy:0.9+measured").with_runtime("litert").measured == "litert"
+    assert rules.parse_rule("nin", multiple=1).multiple is None
+    for bad, match in [("speedupp:2", "unknown rule kind 'speedupp:'"),
+                       ('{"a": 4', "inline rank map is not valid JSON"),
+                       ('{"a": 4.5}', "must map layer names to integer ranks"),
+                       ("nin,multiple=x", "multiple must be an int"),
+                       ("nin+measured:tvm", r"'\+measured:tvm' is not"),
+                       ("speedup:1", "must be > 1")]:
+        with pytest.raises(ValueError, match=match):
+            rules.parse_rule(bad)
+    with pytest.raises(ValueError, match="asks for multiple=8 but multiple=16 was given"):
+        rules.parse_rule("nin,multiple=8", multiple=16)
+
+
+def test_unsplittable_layers_are_listed_with_the_reason(net):
+    model, variables = net
+    result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5", train=False)
+    assert "ConvTranspose" in result.report.skipped["up"]
+    assert "ConvLocal" in result.report.skipped["local"]
+    table = result.report.table()
+    assert "left as is: up: ConvTranspose" in table and "left as is: local: ConvLocal" in table
+
+
+def test_rules_that_choose_never_split_for_nothing(net):
+    model, variables = net
+    # energy 1.0 asks for full energy: every rank at or past break-even is kept full
+    result = lrjax.decompose_linen(model, variables, X, rule="energy:1.0", train=False)
+    assert result.ranks == {}
+    assert set(result.report.kept_full) == {"stem", "body", "head_conv"}
+    assert "would save nothing" in result.report.kept_full["body"]
+    assert "kept full: body: rank" in result.report.table()
+    assert result.report.net.speedup == 1.0
+    # a map is applied as written, even at full rank (the round-trip tests rely on it)
+    top = costs.max_rank((3, 3, 16, 32))
+    mapped = lrjax.decompose_linen(model, variables, X, rule={"body": top}, train=False)
+    assert mapped.ranks == {"body": top} and mapped.report.kept_full == {}
+
+
+def test_include_and_exclude_restrict_the_rule(net):
+    model, variables = net
+    result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.3,exclude=stem",
+                                   train=False)
+    assert "stem" not in result.ranks and "excluded" in result.report.kept_full["stem"]
+    only = lrjax.decompose_linen(model, variables, X, rule='{"stem": 4, "body": 8},include=body',
+                                 train=False)
+    assert only.ranks == {"body": 8}
+
+
+def test_training_mode_calls_are_one_line_errors(net, tmp_path):
+    model, variables = net
+    for call in ({"train": True},):
+        with pytest.raises(ValueError, match=r"writes its 'batch_stats' collection .* "
+                                             r"train=False") as e:
+            lrjax.decompose_linen(model, variables, X, rule="speedup:1.5", calibration=X, **call)
+        assert "\n" not in str(e.value)
+        with pytest.raises(export.ExportError, match="train=False"):
+            export.to_onnx(model, variables, X, str(tmp_path / "m.onnx"), **call)
+    assert not (tmp_path / "m.onnx").exists()
+
+    class DropoutOnly(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dropout(0.5, deterministic=not train)(nn.Conv(8, (3, 3))(x))
+
+    drop = DropoutOnly()
+    with pytest.raises(ValueError, match=r"draws randomness .*dropout.* train=False"):
+        lrjax.decompose_linen(drop, drop.init(jax.random.key(0), X), X, rule="speedup:1.5",
+                              train=True)
+
+
+def test_no_candidates_is_a_clear_error():
+    class OnlyOneByOne(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(4, (1, 1))(x)
+
+    model = OnlyOneByOne()
+    variables = model.init(jax.random.key(0), X)
+    for rule in ("energy:0.9", "speedup:2"):
+        with pytest.raises(ValueError, match=r"no layer this rule can decompose \(found "
+                                             r"Conv_0: 1x1 kernel"):
+            lrjax.decompose_linen(model, variables, X, rule=rule)
+    empty = lrjax.decompose_linen(model, variables, X, rule={})
+    assert empty.report.net.speedup == 1.0 and "total" in empty.report.table()
+
+
+class NNXNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.drop = nnx.Dropout(0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+        self.up = nnx.ConvTranspose(16, 4, (2, 2), strides=(2, 2), rngs=rngs)
+
+    def __call__(self, x):
+        return self.up(self.conv2(self.drop(self.bn(self.conv1(x)))))
+
+
+def test_nnx_calibrates_on_an_eval_view():
+    model = NNXNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    model.bn.mean[...] = jnp.full((16,), 0.5)  # running statistics unlike the batch's
+    model.bn.var[...] = jnp.full((16,), 4.0)
+    rule = {"conv2": 4}
+    result = lrjax.decompose_nnx(model, x, rule=rule, calibration=x)
+    assert any("eval view" in n for n in result.report.notes)
+    assert "ConvTranspose" in result.report.skipped["up"]
+    raw = lrjax.decompose_nnx(model, x, rule=rule, calibration=x, eval_mode=False)
+    assert raw.report.notes == ()
+    # held-out error in eval mode: the eval-view calibration fits the statistics used there
+    view = lrjax.nnx_surgery.eval_view
+    held_out = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
+    want = view(model)(held_out)
+
+    def error(m):
+        return float(jnp.linalg.norm(view(m)(held_out) - want) / jnp.linalg.norm(want))
+
+    assert error(result.module) < error(raw.module)
+    assert model.drop.deterministic is False  # the user's model is untouched
+    np.testing.assert_array_equal(model.bn.mean[...], 0.5)
+
+
+class WithDense(nn.Module):
+    """Convs and a large classifier: the dense layers hold most of the multiply-adds. VALID
+    padding: XLA's flop count skips the taps that fall on padding, lrjax (like the papers)
+    counts every output's whole window, so the two agree exactly without padding."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3), padding="VALID", name="c1")(x))
+        x = nn.relu(nn.Conv(16, (3, 3), padding="VALID", name="c2")(x))
+        x = nn.relu(nn.Dense(256, name="fc1")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(10, name="fc2")(x)
+
+
+def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
+    model, x = WithDense(), jnp.ones((4, 12, 12, 3))
+    variables = model.init(jax.random.key(0), x)
+    counts = lrjax.macs.traced_macs(lambda v, x: model.apply(v, x), variables, x)
+    conv = 4 * 9 * (10 * 10 * 3 * 16 + 8 * 8 * 16 * 16)
+    dense = 4 * (8 * 8 * 16 * 256 + 256 * 10)
+    assert counts == {"conv": conv, "dot": dense, "total": conv + dense}
+    flops = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile() \
+        .cost_analysis()
+    flops = flops[0]["flops"] if isinstance(flops, list) else flops["flops"]
+    # XLA counts 2 flops per multiply-add, plus the element-wise work (biases, ReLUs): within 2%
+    assert 2 * counts["total"] <= flops <= 1.02 * 2 * counts["total"]
+    result = lrjax.decompose_linen(model, variables, x, rule={"c2": 4})
+    before, after = result.report.net_macs
+    assert before == (conv + dense) // 4
+    lowrank = lrjax.macs.traced_macs(lambda v, x: result.module.apply(v, x), result.variables, x)
+    assert after == lowrank["total"] // 4  # the report's 'after' is the decomposed net's trace
+    assert result.report.speedup == pytest.approx(before / after)
+    assert result.report.speedup < result.report.net.speedup  # convs alone would overstate it
+    assert "whole net:" in result.report.table()
+    # speedup:S is the whole net's: out of reach when the dense layers alone exceed 1/S
+    with pytest.raises(ValueError, match=r"speedup 2.0 is out of reach: the smallest ranks give "
+                                         r"1\.\d\dx fewer multiply-adds of the whole net"):
+        lrjax.decompose_linen(model, variables, x, rule="speedup:2")
+    reached = lrjax.decompose_linen(model, variables, x, rule="speedup:1.05")
+    assert reached.report.speedup >= 1.05
