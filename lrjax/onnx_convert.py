@@ -9,8 +9,8 @@ permuted), so that a whole conv stack has one transpose at its input and one whe
 flattened. Constant sub-expressions (batch-norm statistics, broadcast biases) are folded at
 export time. Every primitive has one entry in :data:`HANDLERS` (primitive name -> handler);
 anything outside that table, or a form a handler does not cover, raises :class:`TranslationError`
-naming the primitive and the layer (module path) it comes from. :func:`fold_conv_affine` is the
-graph pass that folds per-channel affine ops into the convs before them.
+naming the primitive and the layer (module path) it comes from. The graph passes run on the result
+(folding batch norm into convs) are :mod:`lrjax.onnx_passes`'.
 
 Why not jax2onnx: its release pins ``orbax-checkpoint<0.11.37`` (lrjax's checkpoints use a newer
 Orbax) and pulls netron, huggingface-hub, equinox and dm-pix; CNN inference needs the ~30
@@ -28,7 +28,7 @@ import onnx
 from jax.extend import core as jcore
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["jaxpr_to_onnx", "fold_conv_affine", "TranslationError", "HANDLERS", "OPSET"]
+__all__ = ["jaxpr_to_onnx", "TranslationError", "HANDLERS", "OPSET"]
 
 OPSET = 17
 TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
@@ -76,6 +76,14 @@ class _Graph:
 
 def _concrete(d) -> bool:
     return isinstance(d, (int, np.integer))
+
+
+def _same_dim(a, b) -> bool:
+    """Whether two dimensions (ints or symbolic) are known to be equal."""
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # an inconclusive symbolic comparison
+        return False
 
 
 def _onnx_dtype(dtype) -> int:
@@ -425,6 +433,29 @@ class _Converter:
                                                                aval.dtype))])
         return _Tensor(y, tuple(aval.shape), True)
 
+    def gather(self, args, params, aval):
+        """``jnp.take`` along one axis with constant indices (what a nearest-neighbour
+        ``jax.image.resize`` lowers to) as ONNX ``Gather``."""
+        x, idx = args
+        dn, sizes, rank = params["dimension_numbers"], params["slice_sizes"], len(x.shape)
+        if isinstance(idx, _Tensor) or dn.operand_batching_dims or \
+                len(dn.collapsed_slice_dims) != 1 or \
+                tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims) or \
+                np.ndim(idx) != 2 or np.shape(idx)[1] != 1:
+            raise TranslationError("only a gather of constant indices along one axis (jnp.take, a "
+                                   f"nearest resize) is covered; got {dn}")
+        (k,) = dn.collapsed_slice_dims
+        whole = all(s == 1 if i == k else _same_dim(s, d)
+                    for i, (s, d) in enumerate(zip(sizes, x.shape, strict=True)))
+        indices = np.asarray(idx).reshape(-1).astype(np.int64)
+        if not whole or tuple(dn.offset_dims) != tuple(i for i in range(rank) if i != k) or \
+                indices.min(initial=0) < 0 or indices.max(initial=0) >= int(x.shape[k]):
+            raise TranslationError(f"a gather of slices {sizes} at indices in "
+                                   f"[{indices.min(initial=0)}, {indices.max(initial=0)}] of "
+                                   f"{x.shape}")
+        y = self.g.node("Gather", [x.name, self.g.ints(indices)], axis=self.axis(x, k))
+        return _Tensor(y, tuple(aval.shape), x.nchw)
+
     def matmul(self, args, params, aval):
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         lhs, rhs = args
@@ -436,8 +467,26 @@ class _Converter:
                                                                              "weight")
                      for a in (lhs, rhs)]
             return _Tensor(self.g.node("MatMul", names, "matmul"), tuple(aval.shape))
-        raise TranslationError(f"dot_general with dimension numbers "
-                               f"{params['dimension_numbers']}")
+        return self.einsum(args, params, aval)
+
+    def einsum(self, args, params, aval):
+        """Any other ``dot_general`` (DenseGeneral, einsum layers, attention's products, a
+        bilinear resize's interpolation matrices) as one ONNX ``Einsum``: batch dims first, then
+        the lhs's free dims, then the rhs's, as in JAX."""
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        ranks = [len(a.shape) if isinstance(a, _Tensor) else np.ndim(a) for a in args]
+        letters = iter("abcdefghijklmnopqrstuvwxyz")
+        lhs = [next(letters) for _ in range(ranks[0])]
+        rhs = [next(letters) for _ in range(ranks[1])]
+        for i, j in zip(list(lc) + list(lb), list(rc) + list(rb), strict=True):
+            rhs[j] = lhs[i]
+        out = ([lhs[i] for i in lb] + [c for i, c in enumerate(lhs) if i not in (*lc, *lb)]
+               + [c for j, c in enumerate(rhs) if j not in (*rc, *rb)])
+        names = [self.nhwc(a) if isinstance(a, _Tensor) else self.g.const(np.asarray(a), "weight")
+                 for a in args]
+        equation = f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+        return _Tensor(self.g.node("Einsum", names, "einsum", equation=equation),
+                       tuple(aval.shape))
 
 
 def _op(onnx_op: str):
@@ -464,8 +513,9 @@ HANDLERS: dict[str, Any] = {
     **{prim: _method(prim) for prim in (
         "rsqrt", "erfc", "square", "integer_pow", "convert_element_type", "select_n",
         "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "pad", "concatenate",
-        "argmax")},
+        "argmax", "gather")},
     "copy": _method("identity"),
+    "stop_gradient": _method("identity"),
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
     "reduce_min": _method("reduction", "ReduceMin"),
@@ -522,75 +572,3 @@ def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_name: str = "o
         raise TranslationError(f"the translated graph fails ONNX's checker: "
                                f"{str(e).splitlines()[0]}") from None
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Graph passes
-
-
-def _per_channel(value: np.ndarray, n: int):
-    """A constant as ``(n,)`` per-output-channel values of an NCHW tensor, or None."""
-    if value.size == 1:
-        return np.full((n,), value.reshape(()))
-    if value.shape in ((1, n, 1, 1), (n, 1, 1)):
-        return value.reshape(n)
-    return None
-
-
-def fold_conv_affine(model) -> int:
-    """Fold per-channel ``Mul``/``Add``/``Sub`` by constants that directly follow a ``Conv`` (batch
-    norm in inference, biases) into the conv's weight and bias, in place; returns how many were
-    folded. A conv whose output has any other use is left alone."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    folded = 0
-    while True:
-        consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
-        match = None
-        for node in graph.node:
-            users = consumers.get(node.output[0], [])
-            if node.op_type != "Conv" or node.output[0] in outputs or len(users) != 1:
-                continue
-            user = users[0]
-            if user.op_type not in ("Mul", "Add", "Sub") or len(user.input) != 2:
-                continue
-            const = user.input[1] if user.input[0] == node.output[0] else user.input[0]
-            if const not in inits or (user.op_type == "Sub" and user.input[1] != const):
-                continue
-            weight = numpy_helper.to_array(inits[node.input[1]])
-            values = _per_channel(numpy_helper.to_array(inits[const]), weight.shape[0])
-            if values is not None:
-                match = (node, user, weight, values.astype(weight.dtype))
-                break
-        if match is None:
-            break
-        node, user, weight, values = match
-        bias = (numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2
-                else np.zeros((weight.shape[0],), weight.dtype))
-        if user.op_type == "Mul":
-            weight, bias = weight * values.reshape(-1, 1, 1, 1), bias * values
-        else:
-            bias = bias + (values if user.op_type == "Add" else -values)
-        names = []
-        for kind, array in (("w", weight), ("b", bias)):
-            name = f"{user.output[0]}_{kind}"
-            tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
-            graph.initializer.append(tensor)
-            inits[name] = tensor
-            names.append(name)
-        conv = helper.make_node("Conv", [node.input[0], *names], [user.output[0]],
-                                **{a.name: helper.get_attribute_value(a) for a in node.attribute})
-        index = list(graph.node).index(node)
-        graph.node.remove(user)
-        graph.node.remove(node)
-        graph.node.insert(index, conv)
-        folded += 1
-    used = {name for n in graph.node for name in n.input}
-    for tensor in list(graph.initializer):
-        if tensor.name not in used:
-            graph.initializer.remove(tensor)
-    return folded

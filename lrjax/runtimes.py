@@ -34,19 +34,19 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
     of ``shape`` with a symbolic batch dimension.
 
     With ``fold``, per-channel affine ops right after a conv (batch norm in inference, biases)
-    are folded into it (:func:`lrjax.onnx_convert.fold_conv_affine`).
+    are folded into it (:func:`lrjax.onnx_passes.fold_conv_affine`).
 
     Raises:
       lrjax.onnx_convert.TranslationError: a primitive or form the translator does not cover,
         naming it and the layer it comes from.
     """
-    from lrjax import onnx_convert
+    from lrjax import onnx_convert, onnx_passes
 
     with formulations.policy("portable"):
         closed = jax.make_jaxpr(forward)(symbolic_batch(shape))
     model = onnx_convert.jaxpr_to_onnx(closed, graph_name=graph_name)
     if fold:
-        onnx_convert.fold_conv_affine(model)
+        onnx_passes.fold_conv_affine(model)
     return model
 
 

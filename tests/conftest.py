@@ -63,3 +63,9 @@ def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core, at most 4 (each worker holds its own JAX runtime and
     TensorFlow; more workers only add memory on a small machine)."""
     return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (end-to-end runs, mostly in their own processes) run first, so that
+    pytest-xdist's workers share them and finish together instead of one waiting on the other."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

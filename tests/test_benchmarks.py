@@ -25,6 +25,7 @@ def test_speed_benchmark_smoke(tmp_path):
     assert machine["formulation_policy"] == "auto"
 
 
+@pytest.mark.slow
 def test_train_throughput_benchmark_smoke(tmp_path):
     pytest.importorskip("torch", reason="the PyTorch side of the comparison needs torch")
     path = str(tmp_path / "throughput.json")
@@ -38,6 +39,7 @@ def test_train_throughput_benchmark_smoke(tmp_path):
     assert result["lowrank_speedup_lrjax"] > 0
 
 
+@pytest.mark.slow
 def test_ablated_steps_compute_the_same_update():
     """Each ablation swaps a formulation for the XLA op it replaces: one train step from the same
     state and batch gives the same parameters and metrics."""
@@ -162,6 +164,7 @@ def test_runtimes_benchmark_smoke(tmp_path, monkeypatch):
     assert head["over_pytorch_full"] > 0  # torch is in requirements.txt (importorskip above)
 
 
+@pytest.mark.slow
 def test_runtimes_gated_smoke(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from benchmarks import runtimes

@@ -15,7 +15,7 @@ from flax import nnx
 
 import lrjax
 from benchmarks.user_models import resnet18
-from lrjax import checkpoint, convert, export, models, onnx_convert
+from lrjax import checkpoint, convert, export, models, onnx_passes
 from lrjax.cli import export as export_cli
 
 pytest.importorskip("onnxruntime")
@@ -145,7 +145,7 @@ def test_stablehlo_runs_with_another_batch(tmp_path):
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     model, variables, x = _case("grouped-dilated")
-    real = onnx_convert.fold_conv_affine
+    real = onnx_passes.fold_conv_affine
 
     def corrupt(m):  # a wrong weight: the ONNX Runtime check must catch it
         n = real(m)
@@ -155,7 +155,7 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch):
         w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
         return n
 
-    monkeypatch.setattr(onnx_convert, "fold_conv_affine", corrupt)
+    monkeypatch.setattr(onnx_passes, "fold_conv_affine", corrupt)
     path = tmp_path / "bad.onnx"
     with pytest.raises(export.ExportError, match="does not match JAX .* nothing written"):
         export.to_onnx(model, variables, x, str(path), train=False)

@@ -227,7 +227,7 @@ def _custom_rules(jaxpr: str) -> set[str]:
 
 def _train_step_jaxpr(model, x):
     tx = optax.sgd(0.1, momentum=0.9)
-    state = train.create_train_state(model, tx, x.shape[1:], 0)
+    state = jax.eval_shape(lambda: train.create_train_state(model, tx, x.shape[1:], 0))
     batch = {"image": x, "label": jnp.zeros((x.shape[0],), jnp.int32)}
     metrics = train.zero_metrics(10)
     return str(jax.make_jaxpr(train.train_step)(state, batch, metrics))
@@ -239,16 +239,18 @@ def _train_step_jaxpr(model, x):
     if not (family == "alexnet" and lowrank and bn)])  # one AlexNet low-rank case is enough
 def test_portable_zoo_train_step_has_no_custom_rules_and_forward_mode_works(family, lowrank, bn):
     model, x = _zoo(family, lowrank, bn)
-    variables = model.init(jax.random.key(1), x, train=False)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(1))
     with F.policy("portable"):
         jaxpr = _train_step_jaxpr(model, x)
         assert "custom_jvp_call" in jaxpr  # the check below sees custom rules (relu's)
         assert _custom_rules(jaxpr) == set()
         assert "select_and_scatter" in jaxpr  # nn.max_pool's own gradient
-        # forward mode through the whole net: jvp in the parameters, jacfwd in an input scale
-        _, tangent = jax.jvp(lambda v: model.apply(v, x), (variables,), (variables,))
+        # forward mode through the whole net (jitted: one compile instead of op-by-op): jvp in
+        # the parameters, jacfwd in an input scale
+        _, tangent = jax.jit(lambda v: jax.jvp(lambda v: model.apply(v, x), (v,), (v,)))(
+            variables)
         assert tangent.shape == (2, model_classes(model)) and bool(jnp.all(jnp.isfinite(tangent)))
-        jac = jax.jacfwd(lambda s: model.apply(variables, s * x))(1.0)
+        jac = jax.jit(jax.jacfwd(lambda s: model.apply(variables, s * x)))(1.0)
         assert jac.shape == tangent.shape and bool(jnp.all(jnp.isfinite(jac)))
 
 

@@ -39,6 +39,7 @@ def _cli(args, workdir, num_examples=8):
                           text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_default_flow_through_cli(tmp_path):
     weights = str(tmp_path / "vgg16.pth")
     write_torchvision_vgg(weights)
@@ -61,6 +62,7 @@ def test_default_flow_through_cli(tmp_path):
     assert dec["ranks"] and set(dec["ranks"]) <= convs  # speedup:2 splits only what it needs
 
 
+@pytest.mark.slow
 def test_stage_resume_after_interruption(tmp_path, preempt_at_step):
     weights = str(tmp_path / "vgg16.pth")
     write_torchvision_vgg(weights)
@@ -102,6 +104,7 @@ def test_clear_errors(tmp_path, overrides, match):
         imagenet_workflow.run(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_command_line_missing_dataset_is_one_error_line(tmp_path):
     weights = str(tmp_path / "vgg16.pth")
     write_torchvision_vgg(weights)

@@ -64,6 +64,8 @@ CASES = {
     "square": lambda x: jax.lax.square(conv(x)),
     "integer_pow": lambda x: conv(x) ** 3,
     "copy": lambda x: jnp.copy(conv(x)),
+    "stop_gradient": lambda x: jax.lax.stop_gradient(conv(x)) * 2,
+    "gather": lambda x: jnp.take(conv(x), np.array([2, 0, 1, 1, 5]), axis=2),
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
     "select_n": lambda x: jax.lax.select(conv(x) > 0, conv(x), first(x) * jnp.ones(4)),
     "reshape": lambda x: conv(x).reshape(x.shape[0], -1),
@@ -163,4 +165,51 @@ def test_transposed_convs_export(kernel, strides, padding, tmp_path):
     x = jnp.zeros(SHAPE)
     variables = model.init(jax.random.key(0), x)
     result = export.to_onnx(model, variables, x, str(tmp_path / "up.onnx"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+# what modern CNNs put after a conv: each exported on its own (a conv first, so the layout logic
+# is exercised), and all of them in one model for LiteRT
+ACTIVATIONS = {
+    "gelu (erf)": lambda x: nn.gelu(x, approximate=False),
+    "gelu (tanh)": lambda x: nn.gelu(x, approximate=True),
+    "silu": nn.silu,
+    "hard-swish": nn.hard_swish,
+    "softmax": lambda x: nn.softmax(x, axis=-1),
+    "layer norm": lambda x: nn.LayerNorm(name="ln")(x),
+    "resize (nearest)": lambda x: jax.image.resize(x, (x.shape[0], 9, 12, x.shape[3]), "nearest"),
+    "resize (bilinear)": lambda x: jax.image.resize(x, (x.shape[0], 12, 9, x.shape[3]),
+                                                    "bilinear"),
+    "dense on N,1,1,C (squeeze-excite)": lambda x: nn.Dense(4, name="se")(
+        jnp.mean(x, axis=(1, 2), keepdims=True)) * x,
+    "DenseGeneral over two axes": lambda x: nn.DenseGeneral((2, 3), axis=(-2, -1), name="dg")(x),
+    "einsum (attention scores)": lambda x: jnp.einsum(
+        "bqc,bkc->bqk", x.reshape(x.shape[0], -1, 4), x.reshape(x.shape[0], -1, 4)),
+}
+
+
+class After(nn.Module):
+    names: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), name="conv")(x)
+        outs = [ACTIVATIONS[n](x).reshape(x.shape[0], -1) for n in self.names]
+        return jnp.concatenate(outs, axis=-1)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_modern_cnn_layers_export_to_onnx(name, tmp_path):
+    model, x = After((name,)), jax.random.normal(jax.random.key(0), SHAPE)
+    variables = model.init(jax.random.key(1), x)
+    result = export.to_onnx(model, variables, x, str(tmp_path / "m.onnx"))
+    assert result.checked_batches == (2, 3)
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+def test_modern_cnn_layers_export_to_litert(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    model, x = After(tuple(sorted(ACTIVATIONS))), jax.random.normal(jax.random.key(0), SHAPE)
+    variables = model.init(jax.random.key(1), x)
+    result = export.to_tflite(model, variables, x, str(tmp_path / "m.tflite"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale

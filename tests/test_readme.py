@@ -17,6 +17,7 @@ def _section_code(title: str) -> str:
     return "\n".join(blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("title", ["Compress your own model", "The decomposition library",
                                    "Models, surgery and conversion"])
 def test_readme_examples_run(title, capsys):
