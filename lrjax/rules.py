@@ -345,6 +345,13 @@ class RankProblem:
             return self.net_macs
         return sum(costs.conv_cost(s.shape).macs for s in self.sites if s.shape is not None)
 
+    def macs_after(self, ranks: Mapping[str, int | None]) -> int:
+        """Multiply-adds (counted as :attr:`full_macs` is) with each candidate in ``ranks`` split
+        at its rank and every other candidate full."""
+        return self.fixed_macs + sum(
+            (costs.conv_cost(s.shape) if ranks.get(s.path) is None
+             else costs.lowrank_cost(s.shape, ranks[s.path])).macs for s in self.candidates)
+
     def site(self, path: str) -> ConvSite:
         return {s.path: s for s in self.sites}[path]
 
@@ -400,12 +407,10 @@ def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
     """``speedup:S``: the greedy allocation meeting ``S`` times fewer multiply-adds (of the whole
     net when traced, else over all 2-D convs); out of reach: the largest reachable speedup."""
     candidates = [s.shape for s in problem.candidates]
-    floor = problem.fixed_macs  # every candidate at its smallest rank that saves
-    for layer in candidates:
-        unit = math.lcm(problem.multiple or 1, layer.groups)
-        smallest = unit if rank_lib.saving_rank(layer, unit) is not None else None
-        floor += (costs.conv_cost(layer) if smallest is None
-                  else costs.lowrank_cost(layer, smallest)).macs
+    units = {layer.name: math.lcm(problem.multiple or 1, layer.groups) for layer in candidates}
+    floor = problem.macs_after({  # every candidate at its smallest rank that saves
+        layer.name: units[layer.name] for layer in candidates
+        if rank_lib.saving_rank(layer, units[layer.name]) is not None})
     if problem.full_macs / floor < target:
         scope = "of the whole net" if problem.net_macs is not None else "over the 2-D convs"
         raise ValueError(f"speedup {target} is out of reach: the smallest ranks give "

@@ -13,7 +13,7 @@ import os
 import jax
 import numpy as np
 
-from lrjax import checkpoint, costs, models, rules, surgery
+from lrjax import checkpoint, models, rules, surgery
 from lrjax.cli import parse_fold_bn, run_cli
 from lrjax.convert import decompose_checkpoint
 from lrjax.export import EXPORTERS, FORMATS, ExportError, ExportResult, writable_path
@@ -60,16 +60,11 @@ def _rounding_line(result: Decomposition, rule: rules.RankRule) -> str:
     split = set(result.ranks)
     unrounded = rules.select_ranks(rule.base(), dataclasses.replace(problem, multiple=None))
     errors = [problem.spectral_error(p, unrounded[p]) for p in split]
-    macs = 0
-    for s in problem.sites:
-        if s.shape is not None:
-            rank = unrounded[s.path] if s.path in split else s.rank
-            macs += (costs.conv_cost(s.shape) if rank is None
-                     else costs.lowrank_cost(s.shape, rank)).macs
+    speedup = problem.full_macs / problem.macs_after({p: unrounded[p] for p in split})
     rounded_error = np.mean([result.report.errors[p] for p in split])
     return (f"ranks rounded to multiples of {rule.multiple}: mean relative kernel error "
             f"{rounded_error:.4f} (unrounded {np.mean(errors):.4f}); theoretical speedup "
-            f"{result.report.net.speedup:.2f}x (unrounded {problem.full_macs / macs:.2f}x)")
+            f"{result.report.speedup:.2f}x (unrounded {speedup:.2f}x)")
 
 
 def export_zoo(args) -> tuple[ExportResult, str]:
