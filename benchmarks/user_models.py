@@ -1,9 +1,10 @@
 """Models written the way users write them, not through lrjax: what ``decompose_linen`` /
 ``decompose_nnx`` are tested and benchmarked on.
 
-* :class:`ResNet` / :func:`resnet18`: the Flax ImageNet example's style: a ``conv: ModuleDef =
-  nn.Conv`` field, convs called positionally without names (``self.conv(filters, (3, 3),
-  strides)``), BatchNorm, 1x1 projection shortcuts.
+* :class:`ResNet` / :func:`resnet18` / :func:`resnet50`: the Flax ImageNet example's style: a
+  ``conv: ModuleDef = nn.Conv`` field, convs called positionally without names
+  (``self.conv(filters, (3, 3), strides)``), BatchNorm, 1x1 projection shortcuts; ResNet-50's
+  bottleneck blocks are 1x1 -> 3x3 -> 1x1 (36 of its 53 convs are 1x1).
 * :class:`DigitsCNN`: a small linen CNN for scikit-learn's 8x8 digits.
 * :class:`NNXCNN`: an NNX CNN with convs in an ``nnx.Sequential`` and an ``nnx.List``.
 """
@@ -39,10 +40,32 @@ class BasicBlock(nn.Module):
         return nn.relu(shortcut + y)
 
 
+class BottleneckBlock(nn.Module):
+    """1x1 (reduce), 3x3 (strided), 1x1 (expand x4) and a shortcut (a 1x1 projection when the
+    shape changes)."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        shortcut = x
+        y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+        y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+        y = self.norm(scale_init=nn.initializers.zeros_init())(
+            self.conv(self.filters * 4, (1, 1))(y))
+        if shortcut.shape != y.shape:
+            shortcut = self.norm()(self.conv(self.filters * 4, (1, 1), self.strides)(shortcut))
+        return nn.relu(shortcut + y)
+
+
 class ResNet(nn.Module):
     """A ResNet in the Flax ImageNet example's style (stem, four stages, global pool, dense)."""
 
     stage_sizes: Sequence[int]
+    block_cls: ModuleDef = BasicBlock
     num_classes: int = 1000
     num_filters: int = 64
     dtype: Any = jnp.float32
@@ -59,8 +82,8 @@ class ResNet(nn.Module):
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
                 strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
-                x = BasicBlock(self.num_filters * 2 ** stage, conv=conv, norm=norm,
-                               strides=strides)(x)
+                x = self.block_cls(self.num_filters * 2 ** stage, conv=conv, norm=norm,
+                                   strides=strides)(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
@@ -68,6 +91,11 @@ class ResNet(nn.Module):
 def resnet18(**kwargs) -> ResNet:
     """ResNet-18: four stages of two basic blocks."""
     return ResNet(stage_sizes=(2, 2, 2, 2), **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+    """ResNet-50: stages of 3, 4, 6 and 3 bottleneck blocks."""
+    return ResNet(stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock, **kwargs)
 
 
 class DigitsCNN(nn.Module):

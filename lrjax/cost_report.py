@@ -21,8 +21,10 @@ def images(batch: int, size: int, channels: int = 3, dtype=jnp.float32) -> jax.S
     return jax.ShapeDtypeStruct((batch, size, size, channels), dtype)
 
 
-def cost_report(model, *example_args, ranks=None, **example_kwargs) -> costs.NetCost:
-    """Per-layer and whole-net multiply-adds, parameters and theoretical speedup of every 2-D conv.
+def cost_report(model, *example_args, ranks=None, dense: bool = False,
+                **example_kwargs) -> costs.NetCost:
+    """Per-layer and total multiply-adds, parameters and theoretical speedup of every 2-D conv
+    (the papers' tables), and of every dense layer with ``dense=True``.
 
     Args:
       model: any linen model.
@@ -30,8 +32,10 @@ def cost_report(model, *example_args, ranks=None, **example_kwargs) -> costs.Net
         1 gives per-example counts.
       ranks: optional ``{layer path: rank}`` to cost a full-rank model as if decomposed; by
         default the ranks of the model's own pairs.
+      dense: count the dense layers too (:data:`lrjax.sites.KINDS`).
     """
-    sites = surgery.find_convs(model, *example_args, **example_kwargs)
+    sites = [s for s in surgery.find_convs(model, *example_args, **example_kwargs)
+             if dense or s.kind != "dense"]
     if ranks is None:
         ranks = {s.path: s.rank for s in sites if s.rank is not None}
     return costs.net_cost([s.shape for s in sites if s.shape is not None], ranks)
@@ -49,4 +53,4 @@ def zoo_conv_shapes(family: str, image_size: int | None = None) -> list[costs.Co
     input size (default: the family's own), read off the model definition."""
     size = image_size or models.model_spec(family).image_size
     sites = surgery.find_convs(models.get_model(family), images(1, size), train=False)
-    return [s.shape for s in sites if s.shape is not None]
+    return [s.shape for s in sites if s.shape is not None and s.kind != "dense"]

@@ -5,7 +5,9 @@ A ``kh x kw`` conv with stride ``(sh, sw)``, padding ``((pt, pb), (pl, pr))`` an
 dilation ``(dh, 1)``) and a horizontal ``1 x kw`` conv (stride ``(1, sw)``, padding
 ``((0, 0), (pl, pr))``, dilation ``(1, dw)``). The vertical conv runs at the output height and the
 *input* width, so with a horizontal stride the pair costs more than the paper's
-``d K (C + N)`` per output pixel; the counts here are exact.
+``d K (C + N)`` per output pixel; the counts here are exact. A 1x1 conv (``d = 1``; dense layers
+are counted as one) becomes two 1x1 convs, the first taking both strides and the padding, so its
+pair costs exactly ``K (C + N)`` per output pixel.
 """
 
 from __future__ import annotations
@@ -180,7 +182,10 @@ class ConvShape:
 
     @property
     def vertical_output_hw(self) -> tuple[int, int]:
-        """Output of the vertical conv: output height, *input* width (after width padding 0)."""
+        """Output of the vertical conv: output height, *input* width (after width padding 0);
+        for a 1x1 conv the output (its first factor takes both strides)."""
+        if tuple(self.kernel_size) == (1, 1):
+            return self.output_hw
         return (self.output_hw[0], self.input_hw[1])
 
 

@@ -22,8 +22,9 @@ from lrjax import formulations
 from lrjax.costs import as_pair, check_rank
 from lrjax.ranks import check_rank_map
 
-__all__ = ["LowRankConv", "FactorConv", "LowRankModel", "pair_forward", "split_padding",
-           "conv_skip_reason", "module_path"]
+__all__ = ["LowRankConv", "FactorConv", "FactorDense", "LowRankModel", "pair_forward",
+           "dense_pair_forward", "pair_geometry", "split_padding", "conv_skip_reason",
+           "dense_skip_reason", "module_path"]
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's
 
@@ -49,6 +50,28 @@ def split_padding(padding) -> tuple[Any, Any]:
     return (rows, (0, 0)), ((0, 0), cols)
 
 
+def pair_geometry(kernel_size, strides=1, padding="SAME", kernel_dilation=1) -> tuple[dict, dict]:
+    """The two convs of a pair: ``(first, second)`` keyword arguments (``kernel_size``,
+    ``strides``, ``padding``, ``kernel_dilation``) of the vertical and horizontal convs.
+
+    A ``kh x kw`` conv splits as in the paper: rows (stride, padding, dilation) to the vertical
+    ``kh x 1`` conv, columns to the horizontal ``1 x kw`` one. A 1x1 conv becomes two 1x1 convs,
+    the first taking both strides and the padding (so the second runs on the output's pixels
+    only); the output shape equals the conv's for every padding form.
+    """
+    kh, kw = as_pair(kernel_size, "kernel_size")
+    sh, sw = as_pair(strides, "strides")
+    dh, dw = as_pair(kernel_dilation, "kernel_dilation")
+    if (kh, kw) == (1, 1):
+        return (dict(kernel_size=(1, 1), strides=(sh, sw), padding=padding,
+                     kernel_dilation=(1, 1)),
+                dict(kernel_size=(1, 1), strides=(1, 1), padding="VALID",
+                     kernel_dilation=(1, 1)))
+    pad_v, pad_h = split_padding(padding)
+    return (dict(kernel_size=(kh, 1), strides=(sh, 1), padding=pad_v, kernel_dilation=(dh, 1)),
+            dict(kernel_size=(1, kw), strides=(1, sw), padding=pad_h, kernel_dilation=(1, dw)))
+
+
 class FactorConv(nn.Conv):
     """An ``nn.Conv`` that is one half of a low-rank pair.
 
@@ -69,7 +92,8 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
     owns the pair's variables: ``vertical/kernel`` ``(kh, 1, C/groups, rank)``, optional
     ``mid_norm``, ``horizontal/kernel`` ``(1, kw, rank/groups, features)`` and ``horizontal/bias``.
     Stride, padding and dilation split as in the paper (rows to the vertical conv, columns to the
-    horizontal one), so the output shape equals ``nn.Conv``'s for every padding form.
+    horizontal one; a 1x1 conv's first half takes both, :func:`pair_geometry`), so the output
+    shape equals ``nn.Conv``'s for every padding form.
 
     Args:
       x: ``(..., H, W, C)``.
@@ -79,8 +103,6 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
       ``(..., H_out, W_out, features)``.
     """
     kh, kw = as_pair(kernel_size, "kernel_size")
-    sh, sw = as_pair(strides, "strides")
-    dh, dw = as_pair(kernel_dilation, "kernel_dilation")
     groups = feature_group_count
     c = x.shape[-1]
     if x.ndim < 3:
@@ -89,17 +111,54 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
         raise ValueError(f"{where}: input channels {c} (input shape {x.shape}) are not divisible "
                          f"by feature_group_count={groups}")
     check_rank(rank, (kh, kw, c // groups, features), groups=groups, where=where)
-    pad_v, pad_h = split_padding(padding)
+    first, second = pair_geometry(kernel_size, strides, padding, kernel_dilation)
     common = dict(feature_group_count=groups, dtype=dtype, param_dtype=param_dtype,
                   precision=precision, kernel_init=kernel_init,
                   conv_general_dilated=formulations.conv_general_dilated)
-    y = FactorConv(rank, (kh, 1), strides=(sh, 1), padding=pad_v, kernel_dilation=(dh, 1),
-                   use_bias=False, name="vertical", **common)(x)
+    y = FactorConv(rank, use_bias=False, name="vertical", **first, **common)(x)
     if mid_norm is not None:
         y = mid_norm(name="mid_norm")(y)
-    return FactorConv(features, (1, kw), strides=(1, sw), padding=pad_h,
-                      kernel_dilation=(1, dw), use_bias=use_bias, bias_init=bias_init,
-                      name="horizontal", **common)(y)
+    return FactorConv(features, use_bias=use_bias, bias_init=bias_init, name="horizontal",
+                      **second, **common)(y)
+
+
+class FactorDense(nn.DenseGeneral):
+    """An ``nn.DenseGeneral`` that is one half of a low-rank dense pair (a distinct type, so that
+    surgery never decomposes a pair's own factors)."""
+
+
+def dense_pair_forward(x: jax.Array, *, features, rank: int, axis=-1, use_bias: bool = True,
+                       mid_norm: Callable[..., nn.Module] | None = None, dtype=None,
+                       param_dtype=jnp.float32, precision=None,
+                       kernel_init: Callable = _DEFAULT_KERNEL_INIT,
+                       bias_init: Callable = nn.initializers.zeros,
+                       where: str = "pair") -> jax.Array:
+    """A dense layer (``nn.Dense``, or ``nn.DenseGeneral`` contracting ``axis``) as two: ``C -> K``
+    (no bias) then ``K -> N``, created in the current module's scope like :func:`pair_forward`.
+
+    Variables: ``vertical/kernel`` ``(*in_dims, K)``, optional ``mid_norm``, ``horizontal/kernel``
+    ``(K, *out_dims)`` and ``horizontal/bias`` ``out_dims``, where ``in_dims`` are ``x``'s
+    contracted dims and ``out_dims`` the layer's ``features``.
+
+    Returns:
+      What the dense layer returns: ``x``'s other dims followed by ``out_dims``.
+    """
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out_dims = (features,) if isinstance(features, int) else tuple(features)
+    c = 1
+    for a in axes:
+        c *= x.shape[a]
+    n = 1
+    for d in out_dims:
+        n *= d
+    check_rank(rank, (1, 1, c, n), where=where)
+    common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
+                  kernel_init=kernel_init)
+    y = FactorDense(rank, axis=axis, use_bias=False, name="vertical", **common)(x)
+    if mid_norm is not None:
+        y = mid_norm(name="mid_norm")(y)
+    return FactorDense(features, axis=-1, use_bias=use_bias, bias_init=bias_init,
+                       name="horizontal", **common)(y)
 
 
 class LowRankConv(nn.Module):
@@ -155,14 +214,27 @@ def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
     if type(conv) is not base_type:
         return (f"{type(conv).__name__} (a subclass of {base_type.__name__}: its own computation "
                 "is kept)")
-    if kernel == (1, 1):
-        return "1x1 kernel: nothing to split"
     if any(d != 1 for d in as_pair(conv.input_dilation)):
         return f"input dilation {conv.input_dilation} (transposed conv)"
     if conv.mask is not None:
         return "masked kernel"
     if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
         return "causal padding"
+    return None
+
+
+def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral)) -> str | None:
+    """Why a dense layer (``nn.Dense``/``nn.DenseGeneral``, ``nnx.Linear``/``nnx.LinearGeneral``)
+    cannot be split into a pair, or None. ``base_types``: the types decomposed (subclasses and
+    layers with their own matrix product, e.g. quantized ones, keep their computation)."""
+    if type(layer) not in base_types:
+        return (f"{type(layer).__name__} (a subclass of {base_types[0].__name__}: its own "
+                "computation is kept)")
+    if getattr(layer, "dot_general_cls", None) is not None or \
+            getattr(layer, "dot_general", None) not in (None, jax.lax.dot_general):
+        return "a custom dot_general (e.g. quantized): its own computation is kept"
+    if getattr(layer, "batch_dims", ()) or getattr(layer, "batch_axis", None):
+        return "batch dims: one kernel per batch index, no one matrix to split"
     return None
 
 
@@ -177,12 +249,17 @@ def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[
     return tuple(sorted((path, rank) for path, rank in ranks.items() if rank is not None))
 
 
+# the layer types a LowRankModel splits (exact types: subclasses keep their own computation)
+_DECOMPOSED = (nn.Conv, nn.Dense, nn.DenseGeneral)
+
+
 class LowRankModel(nn.Module):
-    """Any linen model with some of its convs replaced by vertical/horizontal pairs.
+    """Any linen model with some of its linear layers replaced by pairs.
 
     Called exactly like ``base`` (same arguments, same outputs' meaning). While it runs, each
     ``nn.Conv`` whose path is in ``ranks`` computes :func:`lrjax.layers.pair_forward` with that
-    rank, inside the conv's own scope. ``base``'s scope is shared (``nn.share_scope``), so the
+    rank, and each ``nn.Dense`` / ``nn.DenseGeneral`` :func:`dense_pair_forward`, inside the
+    layer's own scope. ``base``'s scope is shared (``nn.share_scope``), so the
     variables are ``base``'s with ``{path}/kernel`` and ``{path}/bias`` replaced by
     ``{path}/vertical/kernel``, ``{path}/horizontal/kernel`` and ``{path}/horizontal/bias``.
 
@@ -220,17 +297,24 @@ class LowRankModel(nn.Module):
 
         def decompose_conv(next_fun, call_args, call_kwargs, context):
             module = context.module
-            if type(module) is not nn.Conv or context.method_name != "__call__":
+            if type(module) not in _DECOMPOSED or context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             path = module_path(module, root)
             rank = ranks.get(path)
             if rank is None:
                 return next_fun(*call_args, **call_kwargs)
-            reason = conv_skip_reason(module)
+            dense = type(module) is not nn.Conv
+            reason = dense_skip_reason(module) if dense else conv_skip_reason(module)
             if reason is not None:
                 raise ValueError(f"layer {path!r} cannot be decomposed: {reason}")
             seen.add(path)
             x = call_args[0] if call_args else call_kwargs["inputs"]
+            if dense:
+                return dense_pair_forward(
+                    x, features=module.features, rank=rank, axis=getattr(module, "axis", -1),
+                    use_bias=module.use_bias, mid_norm=mid_norm, dtype=module.dtype,
+                    param_dtype=module.param_dtype, precision=module.precision,
+                    kernel_init=module.kernel_init, bias_init=module.bias_init, where=path)
             return pair_forward(
                 x, features=module.features, kernel_size=module.kernel_size, rank=rank,
                 strides=module.strides, padding=module.padding,
@@ -244,6 +328,6 @@ class LowRankModel(nn.Module):
             out = self.base(*args, **kwargs)
         missing = sorted(set(ranks) - seen)
         if missing:
-            raise ValueError(f"rank map names layers the model never called as nn.Conv: "
-                             f"{missing}")
+            raise ValueError(f"rank map names layers the model never called as nn.Conv, "
+                             f"nn.Dense or nn.DenseGeneral: {missing}")
         return out

@@ -1,11 +1,11 @@
 """Compress Flax NNX models: :func:`decompose_nnx`.
 
 The NNX counterpart of :func:`lrjax.decompose_linen`, with the same rank rules, calibration and
-report: every ``nnx.Conv`` with a 2-D window larger than 1x1 is a candidate wherever it sits
-(attributes, ``nnx.List``, ``nnx.Sequential``), named by its graph path joined with ``/``
-(``blocks/1/conv1``, ``seq/layers/0``). The result (a :class:`lrjax.report.Decomposition`) holds a
-copy of the model whose decomposed convs are :class:`LowRankConvNNX` pairs; the original is left
-untouched.
+report: every 2-D ``nnx.Conv`` (``k x k`` or 1x1), ``nnx.Linear`` and ``nnx.LinearGeneral`` is a
+candidate wherever it sits (attributes, ``nnx.List``, ``nnx.Sequential``), named by its graph
+path joined with ``/`` (``blocks/1/conv1``, ``seq/layers/0``). The result (a
+:class:`lrjax.report.Decomposition`) holds a copy of the model whose decomposed layers are
+:class:`LowRankConvNNX` / :class:`LowRankLinearNNX` pairs; the original is left untouched.
 """
 
 from __future__ import annotations
@@ -18,19 +18,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import costs, decompose, formulations, macs, rules
+from lrjax import costs, decompose, formulations, macs, rules, sites
 from lrjax.costs import as_pair
-from lrjax.layers import conv_skip_reason, split_padding
+from lrjax.layers import conv_skip_reason, dense_skip_reason, pair_geometry
 from lrjax.report import Decomposition, build_report
-from lrjax.rules import ConvSite, RankProblem
+from lrjax.rules import RankProblem
+from lrjax.sites import ConvSite
 
-__all__ = ["LowRankConvNNX", "decompose_nnx", "find_convs_nnx"]
+__all__ = ["LowRankConvNNX", "LowRankLinearNNX", "decompose_nnx", "find_convs_nnx", "eval_view"]
+
+_LINEAR = (nnx.Linear, nnx.LinearGeneral)
+# linear layers seen and left as they are, with the reason
+_UNSPLIT = {
+    nnx.ConvTranspose: "ConvTranspose: a transposed conv (not decomposed)",
+    nnx.Einsum: "Einsum: not decomposed (write it as nnx.LinearGeneral to have it split)",
+}
 
 
 class LowRankConvNNX(nnx.Module):
-    """A vertical ``kh x 1`` ``nnx.Conv`` (no bias) followed by a horizontal ``1 x kw`` one."""
+    """A conv as two: ``vertical`` (``kh x 1``, or the first 1x1; no bias) then ``horizontal``
+    (``1 x kw``, or the second 1x1), both ``nnx.Conv``."""
 
-    def __init__(self, vertical: nnx.Conv, horizontal: nnx.Conv):
+    def __init__(self, vertical: nnx.Module, horizontal: nnx.Module):
         self.vertical = vertical
         self.horizontal = horizontal
 
@@ -38,47 +47,77 @@ class LowRankConvNNX(nnx.Module):
         return self.horizontal(self.vertical(x))
 
 
+class LowRankLinearNNX(LowRankConvNNX):
+    """A dense layer as two: ``vertical`` (``C -> K``, no bias, contracting the layer's axes)
+    then ``horizontal`` (``K -> N``, the layer's bias)."""
+
+
 def _path(path) -> str:
     return "/".join(str(p) for p in path)
 
 
-class _Probe(nnx.Module):
-    """Stands in for a conv while the model runs once: records its input (and moments)."""
+def _axes(layer) -> tuple[int, ...]:
+    axis = getattr(layer, "axis", -1)
+    return (axis,) if isinstance(axis, int) else tuple(axis)
 
-    def __init__(self, conv: nnx.Conv, path: str, record: dict, moments: bool):
-        self.conv = conv
+
+def _site(path: str, layer, shape) -> ConvSite:
+    """The site of an NNX conv or linear layer first called on an input of ``shape``."""
+    if type(layer) in _UNSPLIT:
+        return ConvSite(path, None, skip=_UNSPLIT[type(layer)])
+    if isinstance(layer, _LINEAR):
+        reason = dense_skip_reason(layer, _LINEAR)
+        if reason is not None:
+            return ConvSite(path, None, skip=reason)
+        in_dims = tuple(int(shape[a]) for a in _axes(layer))
+        out = layer.out_features
+        out_dims = (int(out),) if isinstance(out, int) else tuple(int(d) for d in out)
+        return ConvSite(path, sites.dense_shape(path, shape, in_dims, out_dims,
+                                                bool(layer.use_bias)),
+                        dense_dims=(in_dims, out_dims))
+    reason = conv_skip_reason(layer, nnx.Conv)
+    if reason and reason.startswith("not a 2-D"):
+        return ConvSite(path, None, skip=reason)
+    return ConvSite(path, costs.ConvShape(
+        name=path, input_hw=tuple(shape[-3:-1]), in_channels=int(shape[-1]),
+        out_channels=int(layer.out_features), kernel_size=tuple(layer.kernel_size),
+        strides=as_pair(layer.strides), padding=_padding_key(layer.padding),
+        dilation=as_pair(layer.kernel_dilation), groups=int(layer.feature_group_count),
+        use_bias=bool(layer.use_bias)), skip=reason)
+
+
+class _Probe(nnx.Module):
+    """Stands in for a layer while the model runs: records its input shape (and moments)."""
+
+    def __init__(self, layer, path: str, record: dict):
+        self.layer = layer
         self.path = path
         self._record = record
-        self._moments = moments
 
     def __call__(self, x, *args, **kwargs):
-        if self.path not in self._record["shapes"]:
-            self._record["shapes"][self.path] = tuple(x.shape)
-        if self._moments and self.path in self._record["wanted"] \
-                and self.path not in self._record["seen"]:
-            self._record["seen"].add(self.path)
-            conv = self.conv
-            s, n = _moments(x.reshape((-1, *x.shape[-3:])), tuple(conv.kernel_size),
-                            as_pair(conv.strides), _padding_key(conv.padding),
-                            as_pair(conv.kernel_dilation), conv.feature_group_count)
-            sums = self._record["sums"]
-            sums[self.path] = sums.get(self.path, 0.0) + np.asarray(s, np.float64)
-            self._record["counts"][self.path] = self._record["counts"].get(self.path, 0.0) \
-                + float(n)
-        return self.conv(x, *args, **kwargs)
+        record = self._record
+        if self.path not in record["shapes"]:
+            record["shapes"][self.path] = tuple(x.shape)
+        site = record["wanted"].get(self.path)
+        if site is not None and self.path not in record["seen"]:
+            record["seen"].add(self.path)
+            s, n = _moments(x, site, _axes(self.layer))
+            record["sums"][self.path] = record["sums"].get(self.path, 0.0) \
+                + np.asarray(s, np.float64)
+            record["counts"][self.path] = record["counts"].get(self.path, 0.0) + float(n)
+        return self.layer(x, *args, **kwargs)
 
 
 def _padding_key(padding):
-    """A hashable form of a padding (for the jitted moments)."""
+    """A hashable form of a padding (sites are static arguments of the jitted moments)."""
     if isinstance(padding, (str, int)):
         return padding
     return tuple(p if isinstance(p, int) else tuple(p) for p in padding)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _moments(x, kernel_size, strides, padding, dilation, groups):
-    return decompose.patch_moments(x, kernel_size, strides=strides, padding=padding,
-                                   dilation=dilation, groups=groups)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _moments(x, site, axes):
+    return sites.input_moments(site, x, axes)
 
 
 EVAL_NOTE = ("layers found and calibrated on an eval view of the model (batch norm on its "
@@ -92,17 +131,18 @@ def eval_view(model):
                     raise_if_not_found=False)
 
 
-def _run_probed(model, batches, wanted: Sequence[str] = (), kwargs=None, eval_mode=True):
-    """Run a copy of ``model`` (an eval view of it with ``eval_mode``) with every ``nnx.Conv``
-    (and subclass) and ``nnx.ConvTranspose`` behind a probe."""
-    record = {"shapes": {}, "sums": {}, "counts": {}, "wanted": set(wanted), "seen": set()}
+def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, eval_mode=True):
+    """Run a copy of ``model`` (an eval view of it with ``eval_mode``) with every conv and linear
+    layer (subclasses included) behind a probe; the ``wanted`` sites' input moments summed."""
+    record = {"shapes": {}, "sums": {}, "counts": {}, "seen": set(),
+              "wanted": {s.path: s for s in wanted}}
     convs = {}
 
     def probe(path, node):
-        if isinstance(node, (nnx.Conv, nnx.ConvTranspose)):
+        if isinstance(node, (nnx.Conv, *_LINEAR, *_UNSPLIT)):
             name = _path(path)
             convs[name] = node
-            return _Probe(node, name, record, bool(wanted))
+            return _Probe(node, name, record)
         return node
 
     probed = nnx.recursive_map(probe, nnx.clone(model))
@@ -116,49 +156,40 @@ def _run_probed(model, batches, wanted: Sequence[str] = (), kwargs=None, eval_mo
 
 def find_convs_nnx(model, *example_args, eval_mode: bool = True,
                    **example_kwargs) -> list[ConvSite]:
-    """Every ``nnx.Conv`` (and ``nnx.ConvTranspose``, listed as not decomposed) the model calls
-    on the example inputs, in call order; run on an eval view of a copy with ``eval_mode``."""
+    """Every conv and linear layer (``nnx.Conv``, ``nnx.Linear``, ``nnx.LinearGeneral``, and
+    ``nnx.ConvTranspose`` / ``nnx.Einsum`` listed as not decomposed) the model calls on the
+    example inputs, in call order; run on an eval view of a copy with ``eval_mode``."""
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode)
-    sites = []
-    for path, shape in record["shapes"].items():
-        conv = convs[path]
-        if isinstance(conv, nnx.ConvTranspose):
-            sites.append(ConvSite(path, None, skip="ConvTranspose: a transposed conv (not "
-                                                   "decomposed)"))
-            continue
-        reason = conv_skip_reason(conv, nnx.Conv)
-        if reason and reason.startswith("not a 2-D"):
-            sites.append(ConvSite(path, None, skip=reason))
-            continue
-        sites.append(ConvSite(path, costs.ConvShape(
-            name=path, input_hw=tuple(shape[-3:-1]), in_channels=int(shape[-1]),
-            out_channels=int(conv.out_features), kernel_size=tuple(conv.kernel_size),
-            strides=as_pair(conv.strides), padding=conv.padding,
-            dilation=as_pair(conv.kernel_dilation), groups=int(conv.feature_group_count),
-            use_bias=bool(conv.use_bias)), skip=reason))
-    return sites
+    return [_site(path, convs[path], shape) for path, shape in record["shapes"].items()]
 
 
-def _pair_module(conv: nnx.Conv, factors: decompose.Factors) -> LowRankConvNNX:
-    """A :class:`LowRankConvNNX` computing ``conv`` with the given factors."""
-    kh, kw = tuple(conv.kernel_size)
-    sh, sw = as_pair(conv.strides)
-    dh, dw = as_pair(conv.kernel_dilation)
-    pad_v, pad_h = split_padding(conv.padding)
+def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankConvNNX:
+    """The pair computing ``layer`` (an ``nnx.Conv`` or linear layer) with the given factors."""
     rank = int(factors.vertical.shape[-1])
-    common = dict(feature_group_count=conv.feature_group_count, dtype=conv.dtype,
-                  param_dtype=conv.param_dtype, precision=conv.precision,
-                  conv_general_dilated=formulations.conv_general_dilated, rngs=nnx.Rngs(0))
-    vertical = nnx.Conv(conv.in_features, rank, (kh, 1), strides=(sh, 1), padding=pad_v,
-                        kernel_dilation=(dh, 1), use_bias=False, **common)
-    horizontal = nnx.Conv(rank, conv.out_features, (1, kw), strides=(1, sw), padding=pad_h,
-                          kernel_dilation=(1, dw), use_bias=conv.use_bias, **common)
-    vertical.kernel[...] = jnp.asarray(factors.vertical, conv.param_dtype)
-    horizontal.kernel[...] = jnp.asarray(factors.horizontal, conv.param_dtype)
-    if conv.use_bias:
-        horizontal.bias[...] = conv.bias[...]
-    return LowRankConvNNX(vertical, horizontal)
+    vertical_kernel, horizontal_kernel = site.factor_variables(factors)
+    common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
+                  rngs=nnx.Rngs(0))
+    if site.kind == "dense":
+        in_dims, out_dims = site.dense_dims
+        vertical = nnx.LinearGeneral(in_dims, rank, axis=_axes(layer), use_bias=False, **common)
+        horizontal = nnx.LinearGeneral(rank, out_dims, axis=-1, use_bias=layer.use_bias,
+                                       **common)
+        cls = LowRankLinearNNX
+    else:
+        first, second = pair_geometry(layer.kernel_size, layer.strides, layer.padding,
+                                      layer.kernel_dilation)
+        common.update(feature_group_count=layer.feature_group_count,
+                      conv_general_dilated=formulations.conv_general_dilated)
+        vertical = nnx.Conv(layer.in_features, rank, use_bias=False, **first, **common)
+        horizontal = nnx.Conv(rank, layer.out_features, use_bias=layer.use_bias, **second,
+                              **common)
+        cls = LowRankConvNNX
+    vertical.kernel[...] = jnp.asarray(vertical_kernel, layer.param_dtype)
+    horizontal.kernel[...] = jnp.asarray(horizontal_kernel, layer.param_dtype)
+    if layer.use_bias:
+        horizontal.bias[...] = layer.bias[...]
+    return cls(vertical, horizontal)
 
 
 def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
@@ -167,8 +198,8 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
 
     def replace(path, node):
         name = _path(path)
-        if type(node) is nnx.Conv and name in factors:
-            return _pair_module(node, factors[name])
+        if type(node) in (nnx.Conv, *_LINEAR) and name in factors:
+            return _pair_module(node, problem.site(name), factors[name])
         return node
 
     return nnx.recursive_map(replace, nnx.clone(model)), factors
@@ -189,7 +220,7 @@ def _net_macs(model, example_args, example_kwargs, eval_mode) -> int | None:
 def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
                   multiple: int | None = None, measure_batch: int = 1, eval_mode: bool = True,
                   **example_kwargs) -> Decomposition:
-    """Compress a Flax NNX model: its decomposable ``nnx.Conv``\\s become vertical/horizontal pairs.
+    """Compress a Flax NNX model: its convs and linear layers become pairs of smaller ones.
 
     Args:
       model: an ``nnx.Module`` (not modified).
@@ -208,23 +239,25 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
 
     Returns:
       A :class:`lrjax.report.Decomposition`: ``.module`` is a copy of ``model`` with the chosen
-      convs replaced by :class:`LowRankConvNNX` pairs, ``.variables`` is ``None`` (the model
-      carries its state), ``.report`` the per-layer report.
+      layers replaced by :class:`LowRankConvNNX` / :class:`LowRankLinearNNX` pairs,
+      ``.variables`` is ``None`` (the model carries its state), ``.report`` the per-layer
+      report.
 
     Raises:
       ValueError: a bad rule (unknown layer, rank out of range), or bad calibration data.
     """
     rule = rules.parse_rule(rule, multiple=multiple)
-    sites = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
-    graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Conv))
-    candidates = [s.path for s in sites if s.candidate]
-    kernels = {p: np.asarray(graph[p].kernel[...], np.float32) for p in candidates}
+    found = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
+    graph = dict((_path(p), n) for p, n in nnx.iter_graph(model)
+                 if isinstance(n, (nnx.Conv, *_LINEAR)))
+    candidates = [s for s in found if s.candidate]
+    kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
     covs = None
     if calibration is not None:
         batches = rules.calibration_batches(calibration)
         _, record = _run_probed(model, batches, candidates, example_kwargs, eval_mode)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
-    problem = RankProblem(sites, kernels, covs, rule.multiple,
+    problem = RankProblem(found, kernels, covs, rule.multiple,
                           net_macs=_net_macs(model, example_args, example_kwargs, eval_mode))
     if rule.eval_fn is not None:
         problem.score = lambda ranks: float(rule.eval_fn(_build(model, problem, ranks)[0]))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from lrjax import costs, decompose
 from lrjax.rules import RankProblem
+from lrjax.sites import KINDS
 
 __all__ = ["SurgeryReport", "build_report", "Decomposition"]
 
@@ -21,7 +22,8 @@ class SurgeryReport:
     """What a surgery did, layer by layer.
 
     Attributes:
-      net: costs of every 2-D conv, full vs after (:class:`lrjax.costs.NetCost`).
+      net: costs of every conv and dense layer found, full vs after
+        (:class:`lrjax.costs.NetCost`; ``kernel_shape`` is each layer's own kernel variable's).
       errors: relative kernel error ``||W - W_K|| / ||W||`` of each decomposed layer.
       weighted_errors: the calibration-weighted error (the output-error proxy, measured on the
         calibration data) of each decomposed layer, when calibrated.
@@ -30,8 +32,9 @@ class SurgeryReport:
       kept_full: ``{path: why}`` of the layers that could be split but the rule kept full.
       notes: how the surgery ran (e.g. on an eval view of an NNX model).
       net_macs: ``(before, after)`` multiply-adds of the whole forward pass per example (every
-        conv and matrix product traced), or ``None`` where not traced. ``net`` covers the 2-D
-        convs only; :attr:`speedup` is the whole net's when known.
+        conv and matrix product traced), or ``None`` where not traced. ``net`` covers the layers
+        found only; :attr:`speedup` is the whole net's when known.
+      kinds: ``{path: kind}`` of the layers in ``net`` (:data:`lrjax.sites.KINDS`).
     """
 
     net: costs.NetCost
@@ -42,6 +45,7 @@ class SurgeryReport:
     kept_full: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
     net_macs: tuple[int, int] | None = None
+    kinds: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -51,6 +55,21 @@ class SurgeryReport:
             return self.net.speedup
         before, after = self.net_macs
         return before / after if after else 1.0
+
+    def by_kind(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (macs before, macs after)}`` per example: each kind of layer found
+        (:data:`lrjax.sites.KINDS`), and ``"fixed"``: the rest of the traced forward pass
+        (attention's products, skipped layers), unchanged. Without a traced count, the layers
+        found only."""
+        out = {}
+        for lc in self.net.layers:
+            before, after = out.get(self.kinds.get(lc.name, "kxk"), (0, 0))
+            out[self.kinds.get(lc.name, "kxk")] = (before + lc.full.macs,
+                                                   after + lc.lowrank.macs)
+        if self.net_macs is not None:
+            fixed = self.net_macs[0] - self.net.full_macs
+            out["fixed"] = (fixed, fixed)
+        return out
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -77,12 +96,10 @@ class SurgeryReport:
                     f"{self.net.speedup:>8.2f}x")
         if self.net_macs is not None:
             before, after = self.net_macs
-            convs = self.net.full_macs - self.net.lowrank_macs
+            parts = [f"{KINDS.get(k, 'everything else (fixed)')} {b:,} -> {a:,}"
+                     for k, (b, a) in self.by_kind().items()]
             rows.append(f"whole net: {before:,} -> {after:,} multiply-adds per example "
-                        f"({self.speedup:.2f}x); 2-D convs {self.net.full_macs:,} -> "
-                        f"{self.net.lowrank_macs:,}, everything else (dense, 1x1, other) "
-                        f"{before - self.net.full_macs:,}, unchanged"
-                        + ("" if before - after == convs else " (counts differ)"))
+                        f"({self.speedup:.2f}x): " + "; ".join(parts))
         rows += [f"kept full: {path}: {why}" for path, why in self.kept_full.items()]
         rows += [f"left as is: {path}: {reason}" for path, reason in self.skipped.items()]
         rows += [f"note: {note}" for note in self.notes]
@@ -90,7 +107,8 @@ class SurgeryReport:
 
     def as_dict(self) -> dict:
         return {
-            "layers": [{"name": lc.name, "kernel": list(lc.kernel_shape), "rank": lc.rank,
+            "layers": [{"name": lc.name, "kind": self.kinds.get(lc.name),
+                        "kernel": list(lc.kernel_shape), "rank": lc.rank,
                         "relative_error": self.errors.get(lc.name),
                         "weighted_error": self.weighted_errors.get(lc.name),
                         "macs_before": lc.full.macs, "macs_after": lc.lowrank.macs,
@@ -101,7 +119,8 @@ class SurgeryReport:
             "notes": list(self.notes),
             "calibrated": self.calibrated,
             "macs_before": self.net.full_macs, "macs_after": self.net.lowrank_macs,
-            "conv_speedup": self.net.speedup,
+            "layers_speedup": self.net.speedup,
+            "macs_by_kind": {k: {"before": b, "after": a} for k, (b, a) in self.by_kind().items()},
             "net_macs_before": None if self.net_macs is None else self.net_macs[0],
             "net_macs_after": None if self.net_macs is None else self.net_macs[1],
             "theoretical_speedup": self.speedup,
@@ -117,6 +136,9 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
     shapes = [s.shape for s in sites if s.shape is not None]
     existing = {s.path: s.rank for s in sites if s.rank is not None}
     net = costs.net_cost(shapes, {**existing, **chosen})
+    by_path = {s.path: s for s in sites}
+    net = costs.NetCost(tuple(dataclasses.replace(  # each layer's own kernel layout
+        lc, kernel_shape=by_path[lc.name].kernel_variable_shape) for lc in net.layers))
     errors, weighted = {}, {}
     for path in chosen:
         groups = problem.site(path).shape.groups
@@ -126,8 +148,7 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
         if problem.covariances is not None:
             weighted[path] = float(decompose.weighted_relative_error(
                 kernel, approx, problem.covariances[path], groups=groups))
-    skipped = {s.path: s.skip for s in sites
-               if s.skip is not None and not s.skip.startswith("1x1")}
+    skipped = {s.path: s.skip for s in sites if s.skip is not None}
     whole = None
     if problem.net_macs is not None:
         saved = net.full_macs - net.lowrank_macs - sum(
@@ -135,7 +156,8 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
             for s in sites if s.rank is not None)  # pairs already there are in net_macs
         whole = (problem.net_macs, problem.net_macs - saved)
     return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None,
-                         dict(kept_full), tuple(notes), whole)
+                         dict(kept_full), tuple(notes), whole,
+                         {s.path: s.kind for s in sites if s.shape is not None})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +181,21 @@ class Decomposition:
     variables: dict | None
     report: SurgeryReport
     problem: RankProblem = dataclasses.field(repr=False, compare=False, default=None)
+
+    def by_kind(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (macs before, macs after)}`` per example: each kind of layer found
+        (:data:`lrjax.sites.KINDS`), and ``"fixed"``: the rest of the traced forward pass
+        (attention's products, skipped layers), unchanged. Without a traced count, the layers
+        found only."""
+        out = {}
+        for lc in self.net.layers:
+            before, after = out.get(self.kinds.get(lc.name, "kxk"), (0, 0))
+            out[self.kinds.get(lc.name, "kxk")] = (before + lc.full.macs,
+                                                   after + lc.lowrank.macs)
+        if self.net_macs is not None:
+            fixed = self.net_macs[0] - self.net.full_macs
+            out["fixed"] = (fixed, fixed)
+        return out
 
     @property
     def ranks(self) -> dict[str, int]:

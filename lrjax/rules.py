@@ -2,7 +2,8 @@
 (what a surgery did is :mod:`lrjax.report`'s).
 
 A rank rule is parsed once into a :class:`RankRule` (:func:`parse_rule`); the linen and NNX
-adapters (:mod:`lrjax.surgery`, :mod:`lrjax.nnx_surgery`) only find a model's convs, build its
+adapters (:mod:`lrjax.surgery`, :mod:`lrjax.nnx_surgery`) only find a model's linear layers
+(:class:`lrjax.sites.ConvSite`), build its
 :class:`RankProblem` and apply the factors that :func:`select_ranks` chooses. The command lines
 take the same record.
 
@@ -11,7 +12,7 @@ The grammar of a rule written as a string (Python and command line alike)::
     BASE[+measured[:RUNTIME]][,OPTION=VALUE]...
 
 ``BASE`` is ``energy:F`` (keep fraction ``F`` of each layer's spectral energy), ``speedup:S``
-(ranks for ``S`` times fewer multiply-adds over all 2-D convs), a shipped config (``vgg16``,
+(ranks for ``S`` times fewer multiply-adds of the whole forward pass), a shipped config (``vgg16``,
 ``caffenet``, ``nin``, ``cnn``), a JSON rank file, or an inline JSON map (``{"conv1": 16}``).
 ``+measured`` keeps a layer full where its pair is not faster when timed alone (``:jax``,
 ``:onnxruntime`` or ``:litert``: where it is timed). Options: ``multiple=M`` (round ranks to
@@ -35,6 +36,7 @@ import numpy as np
 
 from lrjax import costs, decompose, runtimes, timing
 from lrjax import ranks as rank_lib
+from lrjax.sites import ConvSite
 
 __all__ = [
     "RULE_HELP", "RankRule", "parse_rule", "ConvSite", "RankProblem", "select_ranks",
@@ -45,7 +47,7 @@ RULE_HELP = (
     "a rank rule: {layer path: rank} (null keeps a layer full; inline JSON on the command line), "
     "a JSON file of that map, a shipped config (vgg16, caffenet, nin, cnn), 'energy:F' (keep "
     "fraction F of each layer's spectral energy) or 'speedup:S' (allocate ranks for S times "
-    "fewer conv multiply-adds over the whole net); append '+measured' to keep a layer full rank "
+    "fewer multiply-adds of the whole forward pass); append '+measured' to keep a layer full rank "
     "where its pair is not faster on this backend, or '+measured:onnxruntime' / "
     "'+measured:litert' to time the layers in that runtime (each layer exported alone); then "
     "options ',multiple=M', ',include=GLOB', ',exclude=GLOB'; or a rule object such as "
@@ -241,29 +243,6 @@ def parse_rule(rule, *, multiple: int | None = None) -> RankRule:
 # The problem a rule solves
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvSite:
-    """One conv of a model.
-
-    Attributes:
-      path: full module path joined with ``/`` (the layer's name everywhere in lrjax).
-      shape: geometry for costs (``shape.name == path``); ``None`` for convs that are not 2-D.
-      rank: the pair's rank when the conv already is one (a ``LowRankConv``, or a conv a
-        ``LowRankModel`` decomposes); ``None`` otherwise.
-      skip: why the conv cannot be decomposed (``None``: it can).
-    """
-
-    path: str
-    shape: costs.ConvShape | None
-    rank: int | None = None
-    skip: str | None = None
-
-    @property
-    def candidate(self) -> bool:
-        """Whether the conv can be replaced by a pair (2-D, window larger than 1x1, supported)."""
-        return self.skip is None and self.rank is None
-
-
 def calibration_batches(calibration) -> list[tuple]:
     """Calibration data as a list of positional-argument tuples, checked.
 
@@ -291,21 +270,23 @@ def calibration_batches(calibration) -> list[tuple]:
 
 @dataclasses.dataclass
 class RankProblem:
-    """What a rank rule sees: the model's convs, their kernels, optional calibration statistics,
+    """What a rank rule sees: the model's linear layers, their kernels, optional calibration
+    statistics,
     and (for eval-guided rules) a way to score the model with a given rank map.
 
     Attributes:
-      sites: every conv of the model (:class:`ConvSite`); rules choose among ``candidates``.
+      sites: every conv and dense layer of the model (:class:`ConvSite`); rules choose among
+        ``candidates``.
       kernels: ``{path: HWIO kernel}`` of the candidates (NumPy float32).
       covariances: ``{path: input_cov}`` when calibrated, else ``None``.
       multiple: round ranks to multiples of this (hardware tiles), or ``None``.
       score: ``score(ranks) -> float`` evaluates the model decomposed with ``ranks`` (only given
         where the caller has an evaluation function), else ``None``.
       net_macs: multiply-adds of the whole forward pass per example (every conv and matrix
-        product traced, :func:`lrjax.macs.traced_macs`), or ``None``: then only the 2-D convs
+        product traced, :func:`lrjax.macs.traced_macs`), or ``None``: then only the sites
         are counted. With it, ``speedup:S`` and eval-guided targets mean S times fewer
-        multiply-adds of the whole net, and whatever no rule can change (dense layers, 1x1
-        convs, attention's products) is fixed cost.
+        multiply-adds of the whole net, and whatever no rule can change (skipped layers,
+        attention's products) is fixed cost.
 
     Spectra (:meth:`spectrum`) and factors (:meth:`factors`) are computed once per layer and
     cached: a rule's choice and the factors applied after it share one SVD.
@@ -326,7 +307,7 @@ class RankProblem:
     @property
     def fixed_macs(self) -> int:
         """Multiply-adds no rule can change: the whole net's but the candidates' when
-        ``net_macs`` is known, else the 2-D convs' (1x1, skipped, already pairs)."""
+        ``net_macs`` is known, else the other sites' (skipped, already pairs)."""
         if self.net_macs is not None:
             return self.net_macs - sum(costs.conv_cost(s.shape).macs for s in self.candidates)
         total = 0
@@ -340,7 +321,7 @@ class RankProblem:
     @property
     def full_macs(self) -> int:
         """Multiply-adds before the surgery: the whole net's (``net_macs``) when known, else
-        every 2-D conv's at full rank."""
+        every site's at full rank."""
         if self.net_macs is not None:
             return self.net_macs
         return sum(costs.conv_cost(s.shape).macs for s in self.sites if s.shape is not None)
@@ -405,14 +386,14 @@ class RankProblem:
 
 def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
     """``speedup:S``: the greedy allocation meeting ``S`` times fewer multiply-adds (of the whole
-    net when traced, else over all 2-D convs); out of reach: the largest reachable speedup."""
+    net when traced, else over the sites); out of reach: the largest reachable speedup."""
     candidates = [s.shape for s in problem.candidates]
     units = {layer.name: math.lcm(problem.multiple or 1, layer.groups) for layer in candidates}
     floor = problem.macs_after({  # every candidate at its smallest rank that saves
         layer.name: units[layer.name] for layer in candidates
         if rank_lib.saving_rank(layer, units[layer.name]) is not None})
     if problem.full_macs / floor < target:
-        scope = "of the whole net" if problem.net_macs is not None else "over the 2-D convs"
+        scope = "of the whole net" if problem.net_macs is not None else "over the model's linear layers"
         raise ValueError(f"speedup {target} is out of reach: the smallest ranks give "
                          f"{problem.full_macs / floor:.2f}x fewer multiply-adds {scope} "
                          f"({floor:,} of {problem.full_macs:,}; {problem.fixed_macs:,} of them "
@@ -441,7 +422,7 @@ def _base_ranks(rule: RankRule, problem: RankProblem) -> dict[str, int | None]:
 def _no_candidates(problem: RankProblem) -> ValueError:
     found = "; ".join(f"{s.path}: {s.skip or 'already a pair'}" for s in problem.sites)
     return ValueError("the model has no layer this rule can decompose"
-                      + (f" (found {found})" if found else " (it calls no conv)"))
+                      + (f" (found {found})" if found else " (it calls no conv or dense layer)"))
 
 
 def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
@@ -454,7 +435,7 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
 
     Args:
       rule: anything :func:`parse_rule` takes; its ``multiple`` must be the problem's.
-      problem: the model's convs and kernels (:class:`RankProblem`).
+      problem: the model's layers and kernels (:class:`RankProblem`).
       measure_batch: batch of the ``+measured`` timings.
       kept_full: if given, filled with ``{path: why}`` of the candidates the rule left full.
 
@@ -475,7 +456,7 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
     unknown = sorted(set(ranks) - set(by_path))
     if unknown:
         raise ValueError(f"rank rule names unknown layers {unknown}; the model's decomposable "
-                         f"convs are {sorted(s.path for s in problem.candidates)}")
+                         f"layers are {sorted(s.path for s in problem.candidates)}")
     out = {}
     for path, r in ranks.items():
         if r is None:
@@ -493,12 +474,15 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
         r = costs.check_rank(r, layer.kernel_shape, groups=layer.groups, where=f"layer {path!r}")
         if rule.kind != "map" and costs.lowrank_cost(layer, r).macs >= \
                 costs.conv_cost(layer).macs:
-            kept_full[path] = f"rank {r} would save nothing (its pair costs as much as the conv)"
+            kept_full[path] = f"rank {r} would save nothing (its pair costs as much as the layer)"
             r = None
         out[path] = r
     for s in problem.candidates:
         if rule.kind != "map" and out.get(s.path) is None and s.path not in kept_full:
-            kept_full[s.path] = "not needed by the rule"
+            unit = math.lcm(problem.multiple or 1, s.shape.groups)
+            kept_full[s.path] = ("no pair of it saves multiply-adds"
+                                 if rank_lib.saving_rank(s.shape, unit) is None
+                                 else "not needed by the rule")
     if rule.measured:
         runtime = "jax" if rule.measured == DEFAULT_RUNTIME else rule.measured
         chosen = {p: r for p, r in out.items() if r is not None}

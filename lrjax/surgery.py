@@ -34,12 +34,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lrjax import costs, decompose, macs, rules
+from lrjax import costs, decompose, macs, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.costs import as_pair
-from lrjax.layers import FactorConv, LowRankConv, LowRankModel, conv_skip_reason, module_path
+from lrjax.layers import (
+    FactorConv,
+    FactorDense,
+    LowRankConv,
+    LowRankModel,
+    conv_skip_reason,
+    dense_skip_reason,
+    module_path,
+)
 from lrjax.report import Decomposition, build_report
-from lrjax.rules import ConvSite, RankProblem
+from lrjax.rules import RankProblem
+from lrjax.sites import ConvSite
 
 __all__ = [
     "find_convs", "check_variables", "check_inference_call", "decompose_linen",
@@ -58,6 +67,38 @@ def _conv_shape(path: str, module, x) -> costs.ConvShape:
         strides=as_pair(module.strides), padding=module.padding,
         dilation=as_pair(module.kernel_dilation), groups=int(module.feature_group_count),
         use_bias=bool(module.use_bias))
+
+
+def _dense_axes(module) -> tuple[int, ...]:
+    axis = getattr(module, "axis", -1)
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+
+
+def _dense_site(path: str, module, x) -> ConvSite:
+    """The site of an ``nn.Dense`` / ``nn.DenseGeneral`` called on ``x``."""
+    reason = dense_skip_reason(module)
+    if reason is not None:
+        return ConvSite(path, None, skip=reason)
+    in_dims = tuple(int(x.shape[a]) for a in _dense_axes(module))
+    features = module.features
+    out_dims = (int(features),) if isinstance(features, int) else tuple(int(f) for f in features)
+    shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
+    return ConvSite(path, shape, dense_dims=(in_dims, out_dims))
+
+
+def _site(path: str, module, x) -> ConvSite:
+    """The site of a conv or dense layer called on ``x``."""
+    if isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        return _dense_site(path, module, x)
+    if isinstance(module, LowRankConv):
+        return ConvSite(path, _conv_shape(path, module, x), rank=module.rank)
+    reason = conv_skip_reason(module)
+    shape = None if reason and reason.startswith("not a 2-D") else _conv_shape(path, module, x)
+    return ConvSite(path, shape, skip=reason)
+
+
+def _layer_input(args, kwargs):
+    return args[0] if args else kwargs.get("inputs", kwargs.get("x"))
 
 
 def _split_static(args):
@@ -93,20 +134,22 @@ def _abstract_init(model: nn.Module, args, kwargs, interceptor=None):
     return jax.eval_shape(trace, *arrays)
 
 
-# conv-like layers seen and left as they are, with the reason
+# linear layers seen and left as they are, with the reason
 _UNSPLIT = {
     nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
     nn.ConvTranspose: "ConvTranspose: a transposed conv (not decomposed)",
+    nn.Einsum: "Einsum: not decomposed (write it as nn.DenseGeneral to have it split)",
 }
 
 
 def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSite]:
-    """Every conv of a linen model, in call order, found by tracing it on example inputs.
+    """Every linear layer of a linen model, in call order, found by tracing it on example inputs.
 
-    ``nn.Conv`` (and subclasses, listed as not decomposable) and ``LowRankConv`` calls are
-    recorded; a pair's own ``FactorConv`` halves are not. A conv called more than once is listed
-    once (its first call). For a :class:`LowRankModel` the sites are its base model's, with the
-    wrapper's ranks attached.
+    ``nn.Conv``, ``nn.Dense`` and ``nn.DenseGeneral`` (and subclasses, listed as not
+    decomposable), ``LowRankConv``, and layers seen but never split (``nn.ConvLocal``,
+    ``nn.ConvTranspose``, ``nn.Einsum``) are recorded; a pair's own halves are not. A layer
+    called more than once is listed once (its first call). For a :class:`LowRankModel` the
+    sites are its base model's, with the wrapper's ranks attached.
 
     Args:
       model: any ``flax.linen`` module.
@@ -122,22 +165,13 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and type(module) in _UNSPLIT \
-                and module_path(module) not in found:
+        if context.method_name == "__call__" and module_path(module) not in found:
             path = module_path(module)
-            found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
-        if context.method_name == "__call__" and isinstance(module, (nn.Conv, LowRankConv)) \
-                and not isinstance(module, FactorConv):
-            path = module_path(module)
-            x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
-            if path not in found:
-                if isinstance(module, LowRankConv):
-                    found[path] = ConvSite(path, _conv_shape(path, module, x), rank=module.rank)
-                else:
-                    reason = conv_skip_reason(module)
-                    shape = None if reason and reason.startswith("not a 2-D") \
-                        else _conv_shape(path, module, x)
-                    found[path] = ConvSite(path, shape, skip=reason)
+            if type(module) in _UNSPLIT:
+                found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
+            elif isinstance(module, (nn.Conv, LowRankConv, nn.Dense, nn.DenseGeneral)) \
+                    and not isinstance(module, (FactorConv, FactorDense)):
+                found[path] = _site(path, module, _layer_input(args, kwargs))
         return next_fun(*args, **kwargs)
 
     _abstract_init(model, example_args, example_kwargs, record)
@@ -237,11 +271,12 @@ def fold_batch_norms(variables, pairs: Mapping[str, str], *, eps: float = 1e-5) 
 
 def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
                         example_kwargs: Mapping | None = None) -> dict[str, np.ndarray]:
-    """Second moments ``E[p p^T]`` of the vertical input patches of each conv in ``paths``.
+    """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in ``paths``.
 
     The (full-rank) model runs on every calibration batch (jitted, once per batch shape) with an
-    interceptor that accumulates :func:`lrjax.decompose.patch_moments` of each listed conv's input;
-    sums are kept in float64 on the host.
+    interceptor that accumulates :func:`lrjax.sites.input_moments` of each listed layer's input
+    (a conv's vertical patches, a dense layer's input vectors); sums are kept in float64 on the
+    host.
 
     Args:
       calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
@@ -263,15 +298,13 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 
         def accumulate(next_fun, call_args, call_kwargs, context):
             module = context.module
-            if context.method_name == "__call__" and type(module) is nn.Conv:
+            if context.method_name == "__call__" \
+                    and type(module) in (nn.Conv, nn.Dense, nn.DenseGeneral):
                 path = module_path(module)
                 if path in wanted and path not in out:
-                    x = call_args[0] if call_args else call_kwargs["inputs"]
-                    x = x.reshape((-1, *x.shape[-3:]))
-                    out[path] = decompose.patch_moments(
-                        x, as_pair(module.kernel_size), strides=as_pair(module.strides),
-                        padding=module.padding, dilation=as_pair(module.kernel_dilation),
-                        groups=module.feature_group_count)
+                    x = _layer_input(call_args, call_kwargs)
+                    out[path] = sites.input_moments(_site(path, module, x), x,
+                                                    _dense_axes(module))
             return next_fun(*call_args, **call_kwargs)
 
         with nn.intercept_methods(accumulate):
@@ -286,7 +319,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
             counts[path] = counts.get(path, 0.0) + float(n)
     missing = sorted(wanted - set(sums))
     if missing:
-        raise ValueError(f"calibration never ran convs {missing}")
+        raise ValueError(f"calibration never ran layers {missing}")
     return {path: sums[path] / counts[path] for path in sums}
 
 
@@ -294,17 +327,14 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 # Decomposition
 
 
-def _kernels(flat, sites) -> dict[str, np.ndarray]:
+def _kernels(flat, candidates) -> dict[str, np.ndarray]:
+    """``{path: HWIO kernel}`` of the candidates, read from a flat variable dict."""
     out = {}
-    for s in sites:
+    for s in candidates:
         key = ("params", *s.path.split("/"), "kernel")
         if key not in flat:
-            raise ValueError(f"variables have no kernel for conv {s.path!r} ({'/'.join(key)})")
-        kernel = np.asarray(flat[key], np.float32)
-        if kernel.shape != s.shape.kernel_shape:
-            raise ValueError(f"{'/'.join(key)} has shape {kernel.shape}; the model's conv "
-                             f"expects {s.shape.kernel_shape}")
-        out[s.path] = kernel
+            raise ValueError(f"variables have no kernel for layer {s.path!r} ({'/'.join(key)})")
+        out[s.path] = s.to_hwio(flat[key])
     return out
 
 
@@ -312,9 +342,9 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                  calibration=None, multiple: int | None = None, sites=None,
                  score=None) -> RankProblem:
     """The :class:`RankProblem` of a linen model and its variables (calibrated if asked)."""
-    sites = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
+    found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
     flat = _flat(variables)
-    candidates = [s for s in sites if s.candidate]
+    candidates = [s for s in found if s.candidate]
     kernels = _kernels(flat, candidates)
     covs = None
     if calibration is not None:
@@ -324,7 +354,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                               variables, *arrays)
     batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
-    return RankProblem(sites, kernels, covs, multiple, score, counts["total"] // batch)
+    return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch)
 
 
 def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:
@@ -343,8 +373,9 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
         prefix = ("params", *path.split("/"))
         bias = out.pop((*prefix, "bias"), None)
         del out[(*prefix, "kernel")]
-        out[(*prefix, "vertical", "kernel")] = factors[path].vertical
-        out[(*prefix, "horizontal", "kernel")] = factors[path].horizontal
+        vertical, horizontal = problem.site(path).factor_variables(factors[path])
+        out[(*prefix, "vertical", "kernel")] = vertical
+        out[(*prefix, "horizontal", "kernel")] = horizontal
         if bias is not None:
             out[(*prefix, "horizontal", "bias")] = bias
     return out, factors
@@ -366,12 +397,14 @@ def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
 def decompose_linen(model: nn.Module, variables, *example_args, rule, calibration=None,
                     multiple: int | None = None, measure_batch: int = 1,
                     **example_kwargs) -> Decomposition:
-    """Compress any linen model: its decomposable convs become vertical/horizontal pairs.
+    """Compress any linen model: its linear layers become pairs of smaller ones.
 
-    No change to the model's code is needed: every 2-D ``nn.Conv`` with a window larger than 1x1
-    is a candidate wherever it sits (auto-named, in submodules, created in ``@nn.compact``);
-    convs that cannot be split (input dilation, masks, subclasses of ``nn.Conv``) are left as
-    they are and listed in the report with the reason.
+    No change to the model's code is needed: every 2-D ``nn.Conv`` (``k x k`` into a vertical /
+    horizontal pair, 1x1 into two 1x1 convs), ``nn.Dense`` and ``nn.DenseGeneral`` is a
+    candidate wherever it sits (auto-named, in submodules, created in ``@nn.compact``); the
+    variable layout is :mod:`lrjax.sites`'. Layers that cannot be split (input dilation, masks,
+    subclasses, custom ``dot_general``, ``ConvTranspose``, ``Einsum``) are left as they are and
+    listed in the report with the reason.
 
     Args:
       model: the full-rank linen module.

@@ -158,7 +158,8 @@ def test_cost_report_of_full_model_with_ranks():
     sites = surgery.find_convs(model, x, train=False)
     assert [s.path for s in sites][:3] == ["conv1", "cccp1", "cccp2"]
     assert sites[3].shape.input_hw == (16, 16)
-    assert sites[1].skip.startswith("1x1") and sites[0].candidate
+    assert sites[1].kind == "1x1" and sites[1].candidate and sites[0].kind == "kxk"
+    assert sites[-1].kind == "1x1" and all(s.candidate for s in sites)
 
 
 @pytest.mark.parametrize("lowrank", [False, True])
@@ -199,7 +200,8 @@ def test_registry_errors_and_custom_ranks():
     p = _shapes(model, 32)["params"]
     assert p["conv1"]["vertical"]["kernel"].shape == (5, 1, 3, 4)
     assert "kernel" in p["conv2"]
-    with pytest.raises(ValueError, match="never called as nn.Conv: \\['conv9'\\]"):
+    with pytest.raises(ValueError, match="never called as nn.Conv, nn.Dense or "
+                                         "nn.DenseGeneral: \\['conv9'\\]"):
         _shapes(models.get_model("nin", ranks={"conv9": 4}), 32)
 
 

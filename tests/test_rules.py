@@ -117,16 +117,16 @@ def test_training_mode_calls_are_one_line_errors(net, tmp_path):
 
 
 def test_no_candidates_is_a_clear_error():
-    class OnlyOneByOne(nn.Module):
+    class OnlyTransposed(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.Conv(4, (1, 1))(x)
+            return nn.ConvTranspose(4, (3, 3))(x)
 
-    model = OnlyOneByOne()
+    model = OnlyTransposed()
     variables = model.init(jax.random.key(0), X)
     for rule in ("energy:0.9", "speedup:2"):
         with pytest.raises(ValueError, match=r"no layer this rule can decompose \(found "
-                                             r"Conv_0: 1x1 kernel"):
+                                             r"ConvTranspose_0: ConvTranspose: a transposed"):
             lrjax.decompose_linen(model, variables, X, rule=rule)
     empty = lrjax.decompose_linen(model, variables, X, rule={})
     assert empty.report.net.speedup == 1.0 and "total" in empty.report.table()
@@ -199,11 +199,16 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     lowrank = lrjax.macs.traced_macs(lambda v, x: result.module.apply(v, x), result.variables, x)
     assert after == lowrank["total"] // 4  # the report's 'after' is the decomposed net's trace
     assert result.report.speedup == pytest.approx(before / after)
-    assert result.report.speedup < result.report.net.speedup  # convs alone would overstate it
-    assert "whole net:" in result.report.table()
-    # speedup:S is the whole net's: out of reach when the dense layers alone exceed 1/S
+    kinds = result.report.by_kind()
+    assert kinds == {"kxk": (conv // 4, conv // 4 - (8 * 8 * 9 * 16 * 16 - 8 * 10 * 3 * 16 * 4
+                                                      - 8 * 8 * 3 * 4 * 16)),
+                     "dense": (dense // 4, dense // 4), "fixed": (0, 0)}
+    assert "whole net:" in result.report.table() and "dense layers" in result.report.table()
+    # speedup:S is the whole net's: out of reach when the layers kept full exceed 1/S
     with pytest.raises(ValueError, match=r"speedup 2.0 is out of reach: the smallest ranks give "
                                          r"1\.\d\dx fewer multiply-adds of the whole net"):
-        lrjax.decompose_linen(model, variables, x, rule="speedup:2")
+        lrjax.decompose_linen(model, variables, x, rule="speedup:2,exclude=fc*")
+    dense_too = lrjax.decompose_linen(model, variables, x, rule="speedup:2")
+    assert dense_too.report.speedup >= 2 and "fc1" in dense_too.ranks
     reached = lrjax.decompose_linen(model, variables, x, rule="speedup:1.05")
     assert reached.report.speedup >= 1.05

@@ -65,7 +65,8 @@ def test_surgery_then_forward_for_every_zoo_model(family):
     assert bool(jnp.all(jnp.isfinite(logits)))
     assert set(result.report.errors) == set(result.ranks) and result.ranks
     # the report's speedup is the wrapped module's own cost report
-    own = cost_report.cost_report(result.module, cost_report.images(1, size), train=False)
+    own = cost_report.cost_report(result.module, cost_report.images(1, size), train=False,
+                                  dense=True)
     assert result.report.net.speedup == pytest.approx(own.speedup)
     assert own.speedup >= (2.0 if family in SMALL else 1.5)
 
@@ -131,7 +132,8 @@ def test_rank_rules(monkeypatch):
     _, size, full, variables = _setup("nin")
     problem = _problem(full, variables, size)
     assert rules.select_ranks("nin", problem) == {"conv1": 10, "conv2": 51}
-    assert set(rules.select_ranks("energy:0.9", problem)) == {"conv1", "conv2", "conv3"}
+    energy = rules.select_ranks("energy:0.9", problem)  # every conv, 1x1s (cccp*) included
+    assert set(energy) == {"conv1", "conv2", "conv3", *(f"cccp{i}" for i in range(1, 7))}
     problem8 = _problem(full, variables, size, multiple=8)
     speed = rules.select_ranks("speedup:1.6", problem8)
     assert all(r is None or r % 8 == 0 or r == 15 for r in speed.values())  # 15: conv1's top
@@ -142,9 +144,9 @@ def test_rank_rules(monkeypatch):
     rounded = rules.select_ranks({"conv2": 51}, problem8)
     assert rounded == {"conv2": 48}
     for rule, match in [
-        ({"conv9": 3}, r"unknown layers \['conv9'\]; the model's decomposable convs are "
-                       r"\['conv1', 'conv2', 'conv3'\]"),
-        ({"cccp1": 3}, "layer 'cccp1' cannot be decomposed: 1x1 kernel"),
+        ({"conv9": 3}, r"unknown layers \['conv9'\]; the model's decomposable layers are "
+                       r"\['cccp1', 'cccp2', .*'conv3'\]"),
+        ({"cccp1": 200}, r"rank 200 is invalid for layer 'cccp1': out of range \[1, 160\]"),
         ("energy:lots", "must be followed by a number"),
         ("energy:1.5", r"must be in \(0, 1\]"),
         ({"conv1": 999}, "rank 999 is invalid for layer 'conv1'"),

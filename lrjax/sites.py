@@ -1,0 +1,138 @@
+"""The layers a surgery can split, framework-neutral: :class:`ConvSite` and their variable layouts.
+
+Every linear layer is one matrix product between an input-channel group and an output group, so
+one closed form serves all of them (the paper's, at ``d = 1`` the truncated SVD). A site records
+the layer's geometry as a 2-D conv (:class:`lrjax.costs.ConvShape`), which is what the cost model,
+the rank rules and :func:`lrjax.decompose.vh_decompose` read:
+
+============  =====================================  ===========================================
+kind          the layer                              geometry as a conv
+============  =====================================  ===========================================
+``kxk``       ``nn.Conv`` / ``nnx.Conv``, window      itself; vertical ``kh x 1`` then horizontal
+              larger than 1x1                        ``1 x kw``
+``1x1``       a 1x1 ``nn.Conv`` / ``nnx.Conv`` (any  itself; two 1x1 convs ``C -> K -> N`` (the
+              stride, groups)                        first takes the stride and padding)
+``dense``     ``nn.Dense``, ``nn.DenseGeneral``,      a 1x1 conv over ``rows x 1`` pixels, ``rows``
+              ``nnx.Linear``, ``nnx.LinearGeneral``  the input's positions per example (tokens,
+                                                     pixels; 1 for a classifier's input)
+============  =====================================  ===========================================
+
+Variable layout of a split layer, in the layer's own scope: ``vertical/kernel`` (the first
+factor, no bias), ``horizontal/kernel`` and ``horizontal/bias`` (the layer's own bias). For convs
+the factors are HWIO kernels ``(kh, 1, C/groups, K)`` and ``(1, kw, K/groups, N)``; for dense
+layers ``(*in_dims, K)`` and ``(K, *out_dims)``, in the layer's own kernel layout
+(``nn.Dense``: ``(C, K)`` and ``(K, N)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrjax import costs, decompose
+
+__all__ = ["KINDS", "ConvSite", "dense_shape", "dense_rows", "input_moments"]
+
+# the kinds of layer a site can be, with the label reports use
+KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSite:
+    """One linear layer of a model (a conv or a dense layer).
+
+    Attributes:
+      path: full module path joined with ``/`` (the layer's name everywhere in lrjax).
+      shape: geometry for costs (``shape.name == path``); ``None`` for layers that are not 2-D
+        convs or dense layers (then ``skip`` says why).
+      rank: the pair's rank when the layer already is one (a ``LowRankConv``, or a layer a
+        ``LowRankModel`` decomposes); ``None`` otherwise.
+      skip: why the layer cannot be decomposed (``None``: it can).
+      dense_dims: ``(in_dims, out_dims)`` of a dense layer's kernel ``(*in_dims, *out_dims)``
+        (``((C,), (N,))`` for ``nn.Dense``); ``None`` for convs.
+    """
+
+    path: str
+    shape: costs.ConvShape | None
+    rank: int | None = None
+    skip: str | None = None
+    dense_dims: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    @property
+    def candidate(self) -> bool:
+        """Whether the layer can be replaced by a pair (supported, not a pair already)."""
+        return self.skip is None and self.rank is None and self.shape is not None
+
+    @property
+    def kind(self) -> str | None:
+        """``"kxk"``, ``"1x1"`` or ``"dense"`` (see :data:`KINDS`); ``None`` without a shape."""
+        if self.dense_dims is not None:
+            return "dense"
+        if self.shape is None:
+            return None
+        return "1x1" if tuple(self.shape.kernel_size) == (1, 1) else "kxk"
+
+    @property
+    def kernel_variable_shape(self) -> tuple[int, ...]:
+        """The shape of the layer's own ``kernel`` variable."""
+        if self.dense_dims is not None:
+            return (*self.dense_dims[0], *self.dense_dims[1])
+        return self.shape.kernel_shape
+
+    def to_hwio(self, kernel) -> np.ndarray:
+        """The layer's ``kernel`` variable as an HWIO conv kernel ``(kh, kw, C/groups, N)``.
+
+        Raises:
+          ValueError: a kernel whose shape is not the layer's, naming both.
+        """
+        kernel = np.asarray(kernel, np.float32)
+        if kernel.shape != self.kernel_variable_shape:
+            raise ValueError(f"the kernel of layer {self.path!r} has shape {kernel.shape}; the "
+                             f"model's layer expects {self.kernel_variable_shape}")
+        return kernel.reshape(self.shape.kernel_shape)
+
+    def factor_variables(self, factors: decompose.Factors) -> tuple[jax.Array, jax.Array]:
+        """``(vertical/kernel, horizontal/kernel)`` variables of the pair from HWIO factors."""
+        if self.dense_dims is None:
+            return factors.vertical, factors.horizontal
+        in_dims, out_dims = self.dense_dims
+        rank = factors.vertical.shape[-1]
+        return (jnp.reshape(factors.vertical, (*in_dims, rank)),
+                jnp.reshape(factors.horizontal, (rank, *out_dims)))
+
+
+def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> costs.ConvShape:
+    """The conv geometry of a dense layer contracting ``in_dims`` of an input of
+    ``input_shape`` (leading dim: the batch) into ``out_dims``: a 1x1 conv on ``rows x 1``."""
+    c, n = math.prod(in_dims), math.prod(out_dims)
+    rows = max(math.prod(int(d) for d in input_shape[1:]) // c, 1) if len(input_shape) > 1 else 1
+    return costs.ConvShape(name=path, input_hw=(rows, 1), in_channels=c, out_channels=n,
+                           kernel_size=(1, 1), padding="VALID", use_bias=use_bias)
+
+
+def dense_rows(x: jax.Array, axes) -> jax.Array:
+    """A dense layer's input as ``(M, 1, 1, C)``: the contracted ``axes`` (in order) moved last
+    and flattened, every other position a row."""
+    axes = tuple(a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes))
+    rest = [a for a in range(x.ndim) if a not in axes]
+    c = math.prod(x.shape[a] for a in axes)
+    return jnp.transpose(x, (*rest, *axes)).reshape(-1, 1, 1, c)
+
+
+def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax.Array]:
+    """Sum and count of ``p p^T`` over the first factor's input patches of ``site`` in one call's
+    input ``x`` (:func:`lrjax.decompose.patch_moments`): the statistic of calibrated factors.
+    ``axes``: the contracted axes of a dense layer's input."""
+    layer = site.shape
+    if site.kind == "dense":
+        return decompose.patch_moments(dense_rows(x, axes), (1, 1), padding="VALID")
+    x = x.reshape((-1, *x.shape[-3:]))
+    if site.kind == "1x1":  # the first 1x1 conv takes both strides: only those columns count
+        x = x[:, :, ::layer.strides[1]]
+    return decompose.patch_moments(x, layer.kernel_size, strides=layer.strides,
+                                   padding=layer.padding, dilation=layer.dilation,
+                                   groups=layer.groups)

@@ -1,0 +1,201 @@
+"""Every linear layer is a candidate: 1x1 convs (any stride, groups), ``nn.Dense``,
+``nn.DenseGeneral``, ``nnx.Linear``, ``nnx.LinearGeneral``; the closed form at d = 1, data-free
+and calibrated; the documented variable layout; whole-net costs by kind; ONNX export."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import costs, export, macs, surgery
+from lrjax.sites import ConvSite
+
+
+class Mixed(nn.Module):
+    """The layer kinds of today's CNNs and ViT/Mixer heads, written the usual way."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(16, (3, 3), name="stem")(x))                        # k x k
+        x = nn.relu(nn.Conv(32, (1, 1), strides=2, name="down")(x))             # strided 1x1
+        x = nn.relu(nn.Conv(32, (1, 1), feature_group_count=2, name="grouped")(x))
+        x = nn.relu(nn.Conv(32, (3, 3), feature_group_count=32, name="depthwise")(x))
+        x = nn.Conv(32, (1, 1), feature_group_count=32, name="scale")(x)        # per channel
+        se = nn.Dense(32, name="excite")(x.mean((1, 2), keepdims=True))      # Dense on (N,1,1,C)
+        x = x * nn.sigmoid(se)
+        tokens = x.reshape(x.shape[0], -1, 2 * x.shape[-1])                   # (N, 18, 64)
+        tokens = nn.DenseGeneral((4, 6), axis=-1, name="heads")(tokens)        # (N, 18, 4, 6)
+        tokens = nn.DenseGeneral(48, axis=(-2, -1), name="merge")(tokens)      # (N, 18, 48)
+        mixed = nn.Einsum((18, 18), "btc,ts->bsc", name="mix")(tokens)     # seen, not split
+        h = nn.gelu(nn.Dense(64, name="fc1")(mixed.mean(1)))
+        return nn.Dense(10, name="head")(h)
+
+
+X = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
+CALIB = jax.random.normal(jax.random.key(1), (16, 12, 12, 8))
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    model = Mixed()
+    return model, model.init(jax.random.key(2), X)
+
+
+def _top(sites):
+    return {s.path: costs.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
+            for s in sites if s.candidate}
+
+
+def test_every_linear_layer_is_found_with_its_kind(mixed):
+    model, _ = mixed
+    sites = {s.path: s for s in surgery.find_convs(model, X)}
+    assert {p: s.kind for p, s in sites.items() if s.candidate} == {
+        "stem": "kxk", "down": "1x1", "grouped": "1x1", "depthwise": "kxk", "scale": "1x1",
+        "excite": "dense",
+        "heads": "dense", "merge": "dense", "fc1": "dense", "head": "dense"}
+    assert sites["mix"].skip.startswith("Einsum")
+    assert sites["heads"].dense_dims == ((64,), (4, 6))
+    assert sites["merge"].dense_dims == ((4, 6), (48,))
+    assert sites["merge"].shape.input_hw == (18, 1)  # 18 tokens per example
+    assert sites["excite"].shape.input_hw == (1, 1)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_full_rank_pairs_reproduce_the_model(mixed, calibrated):
+    model, variables = mixed
+    top = _top(surgery.find_convs(model, X))
+    result = lrjax.decompose_linen(model, variables, X, rule=top,
+                                   calibration=CALIB if calibrated else None)
+    want = model.apply(variables, X)
+    got = result.module.apply(result.variables, X)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    params = jax.tree.map(jnp.shape, result.variables["params"])
+    # the documented layout: each layer's own kernel layout, the bias on the second factor
+    assert params["fc1"] == {"vertical": {"kernel": (48, 48)},
+                             "horizontal": {"kernel": (48, 64), "bias": (64,)}}
+    assert params["merge"]["vertical"]["kernel"] == (4, 6, 24)
+    assert params["merge"]["horizontal"]["kernel"] == (24, 48)
+    assert params["heads"]["horizontal"]["kernel"] == (24, 4, 6)
+    assert params["down"]["vertical"]["kernel"] == (1, 1, 16, 16)
+    assert params["grouped"]["vertical"]["kernel"] == (1, 1, 16, 32)  # 2 groups of 16
+    assert "kernel" in params["mix"]  # left as is
+
+
+def test_calibrated_dense_factors_fit_the_data(mixed):
+    """At d = 1 the calibrated closed form is the whitened SVD: lower output error on data from
+    the calibration distribution than the data-free truncated SVD at the same ranks."""
+    model, variables = mixed
+    ranks = {"fc1": 4, "merge": 6, "down": 4}
+    free = lrjax.decompose_linen(model, variables, X, rule=ranks)
+    calibrated = lrjax.decompose_linen(model, variables, X, rule=ranks, calibration=CALIB)
+    held_out = jax.random.normal(jax.random.key(7), (16, 12, 12, 8))
+    want = model.apply(variables, held_out)
+
+    def error(result):
+        return float(jnp.linalg.norm(result.module.apply(result.variables, held_out) - want))
+
+    assert error(calibrated) < error(free)
+    assert set(calibrated.report.weighted_errors) == set(ranks)
+    for path in ranks:  # the weighted error is the one the calibrated factors minimise
+        assert calibrated.report.weighted_errors[path] <= free.report.errors[path] + 1e-6 or \
+            calibrated.report.errors[path] >= free.report.errors[path]
+
+
+def test_whole_net_speedup_counts_every_kind(mixed):
+    model, variables = mixed
+    result = lrjax.decompose_linen(model, variables, X, rule="speedup:2")
+    before, after = result.report.net_macs
+    traced = macs.traced_macs(lambda v, x: result.module.apply(v, x), result.variables, X)
+    assert after == traced["total"] // 2 and before / after >= 2.0
+    kinds = result.report.by_kind()
+    assert set(kinds) == {"kxk", "1x1", "dense", "fixed"}
+    assert kinds["fixed"][0] == kinds["fixed"][1] == 18 * 18 * 48  # the Einsum, per example
+    assert sum(b for b, _ in kinds.values()) == before
+    assert sum(a for _, a in kinds.values()) == after
+    # a per-channel 1x1 conv has no pair that saves: kept full, and said so
+    assert "scale" not in result.ranks
+    assert result.report.kept_full["scale"] == "no pair of it saves multiply-adds"
+    # a depthwise 3x3 conv's separable pair (rank 1 per channel) saves 1.5x: a candidate
+    depthwise = {s.path: s for s in result.problem.sites}["depthwise"].shape
+    assert costs.layer_speedup(depthwise, 32) == pytest.approx(1.5)
+    table = result.report.table()
+    assert "1x1 convs" in table and "dense layers" in table and "left as is: mix" in table
+
+
+def test_one_by_one_pair_costs_k_times_c_plus_n(mixed):
+    model, _ = mixed
+    down = {s.path: s for s in surgery.find_convs(model, X)}["down"].shape
+    assert down.output_hw == (6, 6)
+    assert costs.lowrank_cost(down, 8).macs == 6 * 6 * 8 * (16 + 32)  # first conv strided
+    assert costs.breakeven_rank(down) == 10  # 16 * 32 / 48
+
+
+def test_include_and_exclude_pick_by_kind_and_path(mixed):
+    model, variables = mixed
+    convs_only = lrjax.decompose_linen(model, variables, X, rule="energy:0.6,exclude=fc1,"
+                                                                 "exclude=head,exclude=merge,"
+                                                                 "exclude=heads,exclude=excite")
+    assert convs_only.ranks and all(
+        convs_only.report.kinds[p] != "dense" for p in convs_only.ranks)
+
+
+def test_onnx_export_of_split_dense_and_1x1_layers(tmp_path):
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(24, (1, 1), strides=2)(x))
+            x = nn.DenseGeneral(16, axis=(-2, -1))(x)
+            return nn.Dense(10)(nn.relu(nn.Dense(32)(x.mean(1))))
+
+    model = Net()
+    variables = model.init(jax.random.key(0), X)
+    result = lrjax.decompose_linen(model, variables, X, rule={"Conv_0": 6, "DenseGeneral_0": 8,
+                                                             "Dense_0": 5, "Dense_1": 4})
+    done = export.to_onnx(result.module, result.variables, X, str(tmp_path / "m.onnx"))
+    assert done.max_abs_error <= 1e-4 * max(done.scale, 1.0)
+
+
+class NNXMixed(nnx.Module):
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+        self.down = nnx.Conv(16, 32, (1, 1), strides=2, rngs=rngs)
+        self.merge = nnx.LinearGeneral((6, 32), 24, axis=(-2, -1), rngs=rngs)
+        self.fc = nnx.Linear(24, 40, rngs=rngs)
+        self.mix = nnx.Einsum("bc,cd->bd", (40, 40), rngs=rngs)
+        self.head = nnx.Linear(40, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.down(nnx.relu(self.stem(x)))
+        x = self.merge(x).mean(1)
+        return self.head(self.mix(nnx.relu(self.fc(x))))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_nnx_linear_layers_round_trip(calibrated):
+    model = NNXMixed(nnx.Rngs(0))
+    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
+    assert {p: s.kind for p, s in found.items() if s.candidate} == {
+        "stem": "kxk", "down": "1x1", "merge": "dense", "fc": "dense", "head": "dense"}
+    assert found["mix"].skip.startswith("Einsum")
+    top = _top(found.values())
+    result = lrjax.decompose_nnx(model, X, rule=top, calibration=CALIB if calibrated else None)
+    np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-4)
+    assert isinstance(result.module.fc, lrjax.nnx_surgery.LowRankLinearNNX)
+    assert result.module.merge.vertical.kernel.shape == (6, 32, 24)
+    assert result.module.fc.horizontal.bias.shape == (40,)
+    small = lrjax.decompose_nnx(model, X, rule="speedup:1.5", calibration=CALIB)
+    assert small.report.speedup >= 1.5 and np.isfinite(np.asarray(small.module(X))).all()
+
+
+def test_sites_convert_kernels_and_name_bad_shapes():
+    site = surgery.find_convs(Mixed(), X)[6]  # heads
+    assert isinstance(site, ConvSite) and site.path == "heads"
+    kernel = np.arange(64 * 24, dtype=np.float32).reshape(64, 4, 6)
+    hwio = site.to_hwio(kernel)
+    assert hwio.shape == (1, 1, 64, 24) and hwio[0, 0, 1, 7] == kernel[1, 1, 1]
+    with pytest.raises(ValueError, match=r"kernel of layer 'heads' has shape \(64, 24\); the "
+                                         r"model's layer expects \(64, 4, 6\)"):
+        site.to_hwio(np.zeros((64, 24)))
