@@ -34,6 +34,8 @@ from lrjax import costs
 from lrjax.costs import check_kernel_shape, check_rank, max_rank
 
 __all__ = [
+    "spectrum_and_factors",
+    "spectra_and_factors",
     "Factors",
     "max_rank",
     "kernel_to_matrices",
@@ -101,6 +103,12 @@ def _truncated_factors(mats: jax.Array, k: int, method: str) -> tuple[jax.Array,
 
     Each column pair is scaled by ``sqrt(s)`` so that the singular value is split equally.
     """
+    a, b, _ = _factors_and_values(mats, k, method)
+    return a, b
+
+
+def _factors_and_values(mats: jax.Array, k: int, method: str):
+    """:func:`_truncated_factors` and every singular value ``(g, min(m, n))``, descending."""
     m, n = mats.shape[-2:]
     if method == "auto":
         method = "gram" if min(m, n) >= _GRAM_MIN_DIM else "svd"
@@ -109,7 +117,7 @@ def _truncated_factors(mats: jax.Array, k: int, method: str) -> tuple[jax.Array,
         root = jnp.sqrt(s[..., :k])
         a = u[..., :, :k] * root[..., None, :]
         b = jnp.swapaxes(vt[..., :k, :], -1, -2) * root[..., None, :]
-        return a, b
+        return a, b, s
     if method != "gram":
         raise ValueError(f"method must be 'auto', 'svd' or 'gram'; got {method!r}")
     # Eigen-solve of the smaller Gram matrix: M M^T = U diag(s^2) U^T. The factors are written as a
@@ -120,13 +128,14 @@ def _truncated_factors(mats: jax.Array, k: int, method: str) -> tuple[jax.Array,
     gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=hi)
     evals, evecs = jnp.linalg.eigh(gram)  # ascending
     u = evecs[..., :, ::-1][..., :, :k]
-    s = jnp.sqrt(jnp.clip(evals[..., ::-1][..., :k], 0.0, None))
+    values = jnp.sqrt(jnp.clip(evals[..., ::-1], 0.0, None))
+    s = values[..., :k]
     proj = jnp.matmul(jnp.swapaxes(x, -1, -2), u, precision=hi)  # (.., other, k) = Q_k s_k
     tiny = jnp.finfo(s.dtype).tiny ** 0.5
     root = jnp.where(s > tiny, jnp.sqrt(s), 1.0)
     left = u * root[..., None, :]
     right = proj / root[..., None, :]
-    return (right, left) if transpose else (left, right)
+    return ((right, left) if transpose else (left, right)) + (values,)
 
 
 def vh_decompose(
@@ -181,6 +190,35 @@ def vh_decompose(
                                   method)
         a = jnp.matmul(inv_root, a, precision=hi)
     return _to_hwio(a, b, (kh, kw, cg, n), kernel.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "method", "cov_eps"))
+def spectrum_and_factors(kernel: jax.Array, *, groups: int = 1, input_cov: jax.Array | None = None,
+                         cov_eps: float = 1e-3, method: str = "auto") -> tuple[jax.Array, Factors]:
+    """One decomposition of a kernel: the singular values of its (whitened, with ``input_cov``)
+    matrices and the closed-form factors at the largest rank, from which every smaller rank's
+    factors are slices (:func:`truncate`). What a rank rule reads (the spectrum) and what it
+    applies (the factors) then cost one SVD per layer. Jitted (one compile per shape).
+
+    Args:
+      kernel, groups, input_cov, cov_eps, method: as for :func:`vh_decompose`.
+
+    Returns:
+      ``(singular values (groups, min(C_g * kh, kw * N_g)) float32, descending,
+      Factors at rank max_rank)``.
+    """
+    kh, kw, cg, n = _check_kernel(kernel, groups)
+    kg = min(cg * kh, kw * (n // groups))
+    mats = _to_matrices(kernel, groups)
+    if input_cov is None:
+        a, b, values = _factors_and_values(mats, kg, method)
+    else:
+        root, inv_root = whitening(input_cov, groups=groups, size=cg * kh, eps=cov_eps)
+        hi = jax.lax.Precision.HIGHEST
+        a, b, values = _factors_and_values(
+            jnp.matmul(root, mats.astype(root.dtype), precision=hi), kg, method)
+        a = jnp.matmul(inv_root, a, precision=hi)
+    return values.astype(jnp.float32), _to_hwio(a, b, (kh, kw, cg, n), kernel.dtype)
 
 
 def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
@@ -358,16 +396,35 @@ def decompose_net(
     order = sorted(ranks, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
 
     def run(name):
-        return name, _vh_decompose_jit(kernels[name], ranks[name], groups.get(name, 1), method)
+        return _vh_decompose_jit(kernels[name], ranks[name], groups.get(name, 1), method)
 
+    return _per_layer(run, order, workers)
+
+
+def _per_layer(run, order, workers=None) -> dict:
+    """``{name: run(name)}``: on CPU on host threads with one BLAS thread each (LAPACK's
+    eigen-solvers scale poorly across cores), elsewhere dispatched in order."""
     if jax.default_backend() != "cpu":
-        return dict(map(run, order))
+        return {name: run(name) for name in order}
     from threadpoolctl import threadpool_limits
 
     workers = workers or os.cpu_count() or 1
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        done = dict(pool.map(lambda n: jax.block_until_ready(run(n)), order))
-    return {name: done[name] for name in ranks}
+        done = pool.map(lambda n: (n, jax.block_until_ready(run(n))), order)
+        return dict(done)
+
+
+def spectra_and_factors(kernels: Mapping[str, jax.Array], *,
+                        groups: Mapping[str, int] | None = None,
+                        input_covs: Mapping[str, jax.Array] | None = None,
+                        method: str = "auto", workers: int | None = None) -> dict:
+    """:func:`spectrum_and_factors` of many layers (largest first, on host threads on CPU as
+    :func:`decompose_net`): ``{name: (singular values, Factors at max rank)}``."""
+    groups, covs = dict(groups or {}), dict(input_covs or {})
+    order = sorted(kernels, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
+    return _per_layer(lambda n: spectrum_and_factors(
+        kernels[n], groups=groups.get(n, 1), input_cov=covs.get(n), method=method),
+        order, workers)
 
 
 def reconstruct(vertical: jax.Array, horizontal: jax.Array, *, groups: int = 1) -> jax.Array:

@@ -345,17 +345,27 @@ class RankProblem:
                  if s.candidate and not rule.allows(s.path) else s for s in self.sites]
         return dataclasses.replace(self, sites=sites)
 
+    def prepare(self, paths=None) -> None:
+        """Decompose the layers in ``paths`` (default: every candidate) once each, in parallel
+        on CPU (:func:`lrjax.decompose.spectra_and_factors`): the spectrum a rule reads and the
+        factors at the largest rank, whose slices are every smaller rank's factors."""
+        paths = [s.path for s in self.candidates] if paths is None else list(paths)
+        todo = [p for p in paths if ("spectrum", p) not in self._cache]
+        if not todo:
+            return
+        done = decompose.spectra_and_factors(
+            {p: jnp.asarray(self.kernels[p]) for p in todo},
+            groups={p: self.site(p).shape.groups for p in todo},
+            input_covs=None if self.covariances is None
+            else {p: self.covariances[p] for p in todo})
+        for path, (values, factors) in done.items():
+            self._cache[("spectrum", path)] = np.asarray(values, np.float64)
+            self._cache[("factors", path)] = factors
+
     def spectrum(self, path: str) -> np.ndarray:
         """Singular values ``(groups, R)`` of the layer's (whitened, when calibrated) matrix."""
-        key = ("spectrum", path)
-        if key not in self._cache:
-            groups = self.site(path).shape.groups
-            mats = decompose.kernel_to_matrices(self.kernels[path], groups=groups)
-            if self.covariances is not None:
-                root, _ = decompose.whitening(self.covariances[path], groups=groups)
-                mats = jnp.matmul(root, mats, precision=jax.lax.Precision.HIGHEST)
-            self._cache[key] = np.asarray(jnp.linalg.svd(mats, compute_uv=False), np.float64)
-        return self._cache[key]
+        self.prepare([path])
+        return self._cache[("spectrum", path)]
 
     def spectral_error(self, path: str, rank: int) -> float:
         """The relative error ``||W - W_K|| / ||W||`` at total rank ``rank`` read off the
@@ -398,6 +408,7 @@ def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
                          f"{problem.full_macs / floor:.2f}x fewer multiply-adds {scope} "
                          f"({floor:,} of {problem.full_macs:,}; {problem.fixed_macs:,} of them "
                          "in layers no rule can change)")
+    problem.prepare()
     spectra = {s.name: problem.spectrum(s.name) for s in candidates}
     alloc = rank_lib.allocate_ranks(candidates, problem.kernels,
                                     macs_budget=problem.full_macs / target - problem.fixed_macs,
@@ -412,6 +423,7 @@ def _base_ranks(rule: RankRule, problem: RankProblem) -> dict[str, int | None]:
         select = getattr(rule.selector, "select", rule.selector)
         return dict(select(problem))
     if rule.kind == "energy":
+        problem.prepare()
         return {s.path: rank_lib.energy_rank(problem.kernels[s.path], rule.value,
                                              groups=s.shape.groups, multiple=problem.multiple,
                                              spectrum=problem.spectrum(s.path))

@@ -240,3 +240,28 @@ def test_decompose_net_matches_per_layer():
         D.decompose_net(ks, {"z": 2})
     with pytest.raises(ValueError, match="rank 99 is invalid"):
         D.decompose_net(ks, {"a": 99})
+
+
+@pytest.mark.parametrize("method", ["svd", "gram"])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_one_decomposition_gives_the_spectrum_and_every_ranks_factors(method, calibrated):
+    key = jax.random.key(3)
+    kernel = jax.random.normal(key, (3, 3, 8, 12))
+    x = jax.random.normal(jax.random.key(4), (4, 10, 10, 16))
+    cov = None
+    if calibrated:
+        sums, count = D.patch_moments(x, (3, 3), groups=2)
+        cov = sums / count
+    values, top = D.spectrum_and_factors(kernel, groups=2, input_cov=cov, method=method)
+    assert values.shape == (2, 18) and top.vertical.shape == (3, 1, 8, 36)
+    mats = D.kernel_to_matrices(kernel, groups=2)
+    if calibrated:
+        root, _ = D.whitening(cov, groups=2)
+        mats = jnp.matmul(root, mats, precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(values, jnp.linalg.svd(mats, compute_uv=False), rtol=1e-3,
+                               atol=1e-4)
+    for rank in (2, 10):  # the same product as a decomposition at that rank
+        want = D.reconstruct(*D.vh_decompose(kernel, rank, groups=2, input_cov=cov,
+                                             method=method), groups=2)
+        got = D.reconstruct(*D.truncate(top, rank, groups=2), groups=2)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)

@@ -212,3 +212,21 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     assert dense_too.report.speedup >= 2 and "fc1" in dense_too.ranks
     reached = lrjax.decompose_linen(model, variables, x, rule="speedup:1.05")
     assert reached.report.speedup >= 1.05
+
+
+def test_each_layer_is_decomposed_once(net, monkeypatch):
+    """A rule's spectra and the factors applied after it come from one decomposition per layer,
+    calibrated or not."""
+    model, variables = net
+    calls = []
+    real = lrjax.decompose.spectrum_and_factors
+    monkeypatch.setattr(lrjax.decompose, "spectrum_and_factors",
+                        lambda kernel, **kw: calls.append(kernel.shape) or real(kernel, **kw))
+    monkeypatch.setattr(lrjax.decompose, "vh_decompose",
+                        lambda *a, **k: pytest.fail("a second decomposition"))
+    for calibration in (None, X):
+        calls.clear()
+        result = lrjax.decompose_linen(model, variables, X, rule="energy:0.8",
+                                       calibration=calibration)
+        candidates = [s for s in result.problem.sites if s.candidate]
+        assert len(calls) == len(candidates) and result.ranks
