@@ -34,6 +34,7 @@ from lrjax import costs
 from lrjax.costs import check_kernel_shape, check_rank, max_rank
 
 __all__ = [
+    "factor_errors",
     "spectrum_and_factors",
     "spectra_and_factors",
     "Factors",
@@ -451,6 +452,38 @@ def reconstruct(vertical: jax.Array, horizontal: jax.Array, *, groups: int = 1) 
     h = jnp.reshape(horizontal[0], (kw, kg, groups, ng))  # [j, k, g, n]
     w = jnp.einsum("icgk,jkgn->ijcgn", v, h, precision=jax.lax.Precision.HIGHEST)
     return jnp.reshape(w, (kh, kw, cg, n))
+
+
+def factor_errors(kernel, factors: Factors, *, groups: int = 1,
+                  input_cov=None) -> tuple[float, float | None]:
+    """The relative kernel error ``||W - W_K|| / ||W||`` of factors and, with ``input_cov``,
+    their calibration-weighted error (:func:`weighted_relative_error`), computed on the host in
+    float64 NumPy: what reports print, without a compile per layer shape."""
+    kernel = np.asarray(kernel, np.float64)
+    kh, kw, cg, n = kernel.shape
+    ng = n // groups
+
+    def matrices(w):  # NumPy mirror of kernel_to_matrices
+        w = np.transpose(np.reshape(w, (kh, kw, cg, groups, ng)), (3, 2, 0, 1, 4))
+        return np.reshape(w, (groups, cg * kh, kw * ng))
+
+    vertical = np.asarray(factors.vertical, np.float64)
+    horizontal = np.asarray(factors.horizontal, np.float64)
+    kg = vertical.shape[-1] // groups
+    # the pair's matrix factors: a [(c, i), k] and b [(j, n), k] per group, product a b^T
+    a = np.transpose(np.reshape(vertical[:, 0], (kh, cg, groups, kg)), (2, 1, 0, 3))
+    b = np.transpose(np.reshape(horizontal[0], (kw, kg, groups, ng)), (2, 0, 3, 1))
+    mats = matrices(kernel)
+    diff = mats - np.matmul(a.reshape(groups, cg * kh, kg),
+                            np.swapaxes(b.reshape(groups, kw * ng, kg), -1, -2))
+    relative = float(np.linalg.norm(diff) / max(np.linalg.norm(mats), np.finfo(float).tiny))
+    if input_cov is None:
+        return relative, None
+    cov = np.asarray(input_cov, np.float64)
+    cov = cov[None] if cov.ndim == 2 else cov
+    num = np.einsum("gmk,gmn,gnk->", diff, cov, diff)
+    den = np.einsum("gmk,gmn,gnk->", mats, cov, mats)
+    return relative, float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
 def singular_values(kernel: jax.Array, *, groups: int = 1) -> jax.Array:

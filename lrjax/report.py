@@ -8,8 +8,6 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax.numpy as jnp
-
 from lrjax import costs, decompose
 from lrjax.rules import RankProblem
 from lrjax.sites import KINDS
@@ -141,13 +139,12 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
         lc, kernel_shape=by_path[lc.name].kernel_variable_shape) for lc in net.layers))
     errors, weighted = {}, {}
     for path in chosen:
-        groups = problem.site(path).shape.groups
-        kernel = problem.kernels[path]
-        approx = decompose.reconstruct(*factors[path], groups=groups)
-        errors[path] = float(decompose.relative_error(jnp.asarray(kernel), approx))
-        if problem.covariances is not None:
-            weighted[path] = float(decompose.weighted_relative_error(
-                kernel, approx, problem.covariances[path], groups=groups))
+        cov = None if problem.covariances is None else problem.covariances[path]
+        errors[path], weighted_error = decompose.factor_errors(
+            problem.kernels[path], factors[path], groups=problem.site(path).shape.groups,
+            input_cov=cov)
+        if weighted_error is not None:
+            weighted[path] = weighted_error
     skipped = {s.path: s.skip for s in sites if s.skip is not None}
     whole = None
     if problem.net_macs is not None:

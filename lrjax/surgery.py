@@ -327,15 +327,32 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 # Decomposition
 
 
-def _kernels(flat, candidates) -> dict[str, np.ndarray]:
-    """``{path: HWIO kernel}`` of the candidates, read from a flat variable dict."""
-    out = {}
-    for s in candidates:
-        key = ("params", *s.path.split("/"), "kernel")
-        if key not in flat:
-            raise ValueError(f"variables have no kernel for layer {s.path!r} ({'/'.join(key)})")
-        out[s.path] = s.to_hwio(flat[key])
-    return out
+class _Kernels(Mapping):
+    """``{path: HWIO kernel}`` of the candidates, read from a flat variable dict when first
+    asked for (a rank map naming a few layers never copies the others' kernels, e.g. VGG-16's
+    400 MB fc6); names and shapes are checked up front."""
+
+    def __init__(self, flat, candidates):
+        self._sites, self._arrays, self._done = {}, {}, {}
+        for s in candidates:
+            key = ("params", *s.path.split("/"), "kernel")
+            if key not in flat:
+                raise ValueError(f"variables have no kernel for layer {s.path!r} "
+                                 f"({'/'.join(key)})")
+            if tuple(np.shape(flat[key])) != s.kernel_variable_shape:
+                s.to_hwio(np.zeros(np.shape(flat[key]), np.float32))  # raises, naming both
+            self._sites[s.path], self._arrays[s.path] = s, flat[key]
+
+    def __getitem__(self, path):
+        if path not in self._done:
+            self._done[path] = self._sites[path].to_hwio(self._arrays[path])
+        return self._done[path]
+
+    def __iter__(self):
+        return iter(self._sites)
+
+    def __len__(self):
+        return len(self._sites)
 
 
 def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
@@ -345,7 +362,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
     flat = _flat(variables)
     candidates = [s for s in found if s.candidate]
-    kernels = _kernels(flat, candidates)
+    kernels = _Kernels(flat, candidates)
     covs = None
     if calibration is not None:
         covs = calibration_moments(model, variables, calibration, [s.path for s in candidates],

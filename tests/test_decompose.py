@@ -265,3 +265,16 @@ def test_one_decomposition_gives_the_spectrum_and_every_ranks_factors(method, ca
                                              method=method), groups=2)
         got = D.reconstruct(*D.truncate(top, rank, groups=2), groups=2)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_factor_errors_match_the_jax_errors():
+    kernel = jax.random.normal(jax.random.key(5), (3, 3, 6, 8))
+    x = jax.random.normal(jax.random.key(6), (2, 9, 9, 12))
+    sums, count = D.patch_moments(x, (3, 3), groups=2)
+    factors = D.vh_decompose(kernel, 6, groups=2)
+    approx = D.reconstruct(*factors, groups=2)
+    relative, weighted = D.factor_errors(kernel, factors, groups=2, input_cov=sums / count)
+    assert relative == pytest.approx(float(D.relative_error(kernel, approx)), rel=1e-4)
+    assert weighted == pytest.approx(float(D.weighted_relative_error(
+        kernel, approx, sums / count, groups=2)), rel=1e-4)
+    assert D.factor_errors(kernel, factors, groups=2)[1] is None

@@ -1,0 +1,160 @@
+"""Modern CNNs end to end: decomposition time and measured speed with every linear layer in scope.
+
+In one run, on random weights (speed and decomposition time do not depend on the values):
+
+* **decomposition time** of ``decompose_linen`` (first call, compiles included, as a user meets
+  it): a Flax-examples-style ResNet-50 at 64x64 with a whole-net ``speedup:2``, data-free and
+  calibrated on 8 images; VGG-16 at 224 with the authors' conv ranks.
+* **measured speed**, full vs low-rank, in JAX (``jax.jit``, the recommended XLA flags) and in
+  ONNX Runtime (the export of the same modules): ResNet-50 at 224 with a whole-net
+  ``speedup:2`` (1x1 convs and the classifier are candidates) at batch 1 and 8; VGG-16 at 224
+  with the authors' conv ranks, and with fc6/fc7 factorized too, at batch 1. Both sides run the
+  same flags and formulations; times are medians of steady-state calls taken in turns.
+
+    python -m benchmarks.modern_cnns --json bench_results/modern_cnns.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+from benchmarks.common import machine, median, setup, write_json
+
+# fc6/fc7 ranks of the VGG-16 variant with its classifier factorized: 7x and 4x fewer
+# multiply-adds in those two layers
+VGG_FC_RANKS = {"fc6": 512, "fc7": 512}
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decomposition_times(log) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.user_models import resnet50
+    from lrjax import decompose_linen, models
+
+    out = {}
+    net = resnet50(num_classes=1000)
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x)
+    calib = jax.random.normal(jax.random.key(1), (8, 64, 64, 3))
+    for name, cal in (("resnet50_64_speedup2_data_free", None),
+                      ("resnet50_64_speedup2_calibrated_8", calib)):
+        result = {}
+        seconds = _time(lambda cal=cal, result=result: result.update(r=decompose_linen(
+            net, variables, x, rule="speedup:2", calibration=cal, train=False)))
+        out[name] = {"seconds": seconds, "layers_split": len(result["r"].ranks),
+                     "speedup": result["r"].report.speedup}
+        log(f"{name:<40} {seconds:6.1f} s  ({len(result['r'].ranks)} layers, "
+            f"{result['r'].report.speedup:.2f}x)")
+    vgg = models.get_model("vgg16")
+    variables = models.init_variables(vgg, 224, 0)
+    seconds = _time(lambda: decompose_linen(vgg, variables, jnp.zeros((1, 224, 224, 3)),
+                                            rule="vgg16", train=False))
+    out["vgg16_224_authors_ranks"] = {"seconds": seconds}
+    log(f"{'vgg16_224_authors_ranks':<40} {seconds:6.1f} s")
+    return out
+
+
+def _calls(module, variables, x, tmp, threads):
+    import jax
+    import numpy as np
+
+    from lrjax import export
+
+    fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    path = os.path.join(tmp, f"m{len(os.listdir(tmp))}.onnx")
+    export.to_onnx(module, variables, x, path, train=False)
+    session = export.onnx_session(path, threads)
+    xs = np.asarray(x)
+    return {"jax": lambda: jax.block_until_ready(fn(variables, x)),
+            "onnxruntime": lambda: session.run(None, {"input": xs})}
+
+
+def speed(name, full, variables, variants, batches, repeats, threads, log) -> dict:
+    """Full vs each low-rank variant (``{label: Decomposition}``), in JAX and ONNX Runtime."""
+    import jax
+
+    from lrjax import timing
+
+    out = {}
+    for batch in batches:
+        x = jax.random.normal(jax.random.key(batch), (batch, *full_shape(name)))
+        with tempfile.TemporaryDirectory() as tmp:
+            contenders = {"full": _calls(full, variables, x, tmp, threads)}
+            for label, result in variants.items():
+                contenders[label] = _calls(result.module, result.variables, x, tmp, threads)
+            for runtime in ("jax", "onnxruntime"):
+                calls = {label: c[runtime] for label, c in contenders.items()}
+                times = timing.steady_times(calls, repeats, min_time_s=1.0)
+                base = median(times["full"])
+                row = {"full_ms": 1e3 * base}
+                for label in variants:
+                    t = median(times[label])
+                    row[f"{label}_ms"] = 1e3 * t
+                    row[f"{label}_speedup"] = base / t
+                    log(f"{name:<9} batch {batch}  {runtime:<12} {label:<22} "
+                        f"{1e3 * base:9.1f} -> {1e3 * t:9.1f} ms  {base / t:5.2f}x "
+                        f"(theory {variants[label].report.speedup:.2f}x)")
+                out[f"batch{batch}_{runtime}"] = row
+        del x
+    out["theoretical"] = {label: r.report.speedup for label, r in variants.items()}
+    out["by_kind"] = {label: {k: list(v) for k, v in r.report.by_kind().items()}
+                      for label, r in variants.items()}
+    return out
+
+
+def full_shape(name):
+    return (224, 224, 3)
+
+
+def main(argv=None) -> dict:
+    setup()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default="bench_results/modern_cnns.json")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.user_models import resnet50
+    from lrjax import decompose_linen, models
+    from lrjax.ranks import load_ranks
+
+    result = {"machine": machine("onnxruntime", "onnx"), "command": "python -m "
+              "benchmarks.modern_cnns", "vgg_fc_ranks": VGG_FC_RANKS}
+    result["decomposition_time"] = decomposition_times(print)
+    if not args.skip_speed:
+        x = jnp.zeros((1, 224, 224, 3))
+        net = resnet50(num_classes=1000)
+        variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x)
+        low = decompose_linen(net, variables, x, rule="speedup:2", train=False)
+        result["resnet50"] = speed("resnet50", net, variables, {"speedup2": low}, (1, 8),
+                                   args.repeats, args.threads, print)
+        del low, variables
+        vgg = models.get_model("vgg16")
+        variables = models.init_variables(vgg, 224, 0)
+        ranks = load_ranks("vgg16")
+        convs = decompose_linen(vgg, variables, x, rule=ranks, train=False)
+        with_fc = decompose_linen(vgg, variables, x, rule={**ranks, **VGG_FC_RANKS},
+                                  train=False)
+        result["vgg16"] = speed("vgg16", vgg, variables,
+                                {"authors_convs": convs, "authors_convs_fc6_fc7": with_fc},
+                                (1,), args.repeats, args.threads, print)
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
