@@ -481,8 +481,8 @@ def factor_errors(kernel, factors: Factors, *, groups: int = 1,
         return relative, None
     cov = np.asarray(input_cov, np.float64)
     cov = cov[None] if cov.ndim == 2 else cov
-    num = np.einsum("gmk,gmn,gnk->", diff, cov, diff)
-    den = np.einsum("gmk,gmn,gnk->", mats, cov, mats)
+    num = float(np.sum(diff * np.matmul(cov, diff)))  # tr(D^T S D), by BLAS
+    den = float(np.sum(mats * np.matmul(cov, mats)))
     return relative, float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
