@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import lrjax
-from benchmarks.user_models import NNXCNN, resnet18
+from benchmarks.user_models import NNXCNN, resnet18, resnet50
 from lrjax import decompose, ranks, surgery, train
 from lrjax.nnx_surgery import LowRankConvNNX
 
@@ -43,6 +43,21 @@ def test_resnet_convs_are_found_by_their_full_paths(resnet):
     assert kinds["Dense_0"] == "dense" and sites[-1].dense_dims == ((64,), (10,))
     stem = sites[0].shape
     assert stem.kernel_size == (7, 7) and stem.strides == (2, 2) and stem.input_hw == (32, 32)
+
+
+def test_resnet50_every_layer_is_a_candidate_and_the_cost_is_the_whole_nets():
+    """The Flax examples' ResNet-50: 36 of its 53 convs are 1x1; every conv and the classifier
+    are candidates, and their multiply-adds are the whole traced forward pass's."""
+    model = resnet50(num_classes=1000)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    sites = surgery.find_convs(model, x, train=False)
+    kinds = [s.kind for s in sites if s.candidate]
+    assert len(sites) == 54 and (kinds.count("1x1"), kinds.count("kxk"), kinds.count("dense")) \
+        == (36, 17, 1)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    traced = lrjax.macs.traced_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert traced["total"] == sum(lrjax.costs.conv_cost(s.shape).macs for s in sites)
+    assert 4.0e9 < traced["total"] < 4.2e9  # ResNet-50's published ~4.1 G multiply-adds
 
 
 def test_resnet_full_rank_round_trip_equals_the_original(resnet):
