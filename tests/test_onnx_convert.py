@@ -213,3 +213,17 @@ def test_modern_cnn_layers_export_to_litert(tmp_path):
     variables = model.init(jax.random.key(1), x)
     result = export.to_tflite(model, variables, x, str(tmp_path / "m.tflite"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+def test_dense_on_one_pixel_exports_to_litert_at_batch_1(tmp_path):
+    """A dense layer on (1, 1, 1, C) (squeeze-excite at batch 1) becomes a rank-4 batch_matmul
+    the TFLite converter rejects; the export computes it as the 1x1 conv it is, split or not."""
+    pytest.importorskip("ai_edge_litert")
+    import lrjax
+
+    model, x = After(("dense on N,1,1,C (squeeze-excite)",)), jnp.ones((1, *SHAPE[1:]))
+    variables = model.init(jax.random.key(1), x)
+    split = lrjax.decompose_linen(model, variables, x, rule={"se": 2})
+    for module, v in ((model, variables), (split.module, split.variables)):
+        result = export.to_tflite(module, v, x, str(tmp_path / "se.tflite"))
+        assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale

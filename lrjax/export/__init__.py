@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -50,9 +52,33 @@ class ExportResult:
     size_bytes: int
 
 
-def _fn(module, variables, apply_kwargs, shape):
+def _dense_as_conv(next_fun, args, kwargs, context):
+    """Method interceptor: a linen dense layer contracting the last axis of an NHWC-shaped
+    (rank-4) input is computed as the 1x1 conv it is (same numbers). The TFLite converter turns
+    a dense layer on ``(1, 1, 1, C)`` (squeeze-excite at batch 1) into a rank-4
+    ``batch_matmul`` it then rejects; a 1x1 ``CONV_2D`` converts."""
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)) \
+            or getattr(module, "axis", -1) not in (-1, (-1,)) \
+            or getattr(module, "batch_dims", ()) or module.is_initializing():
+        return next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    params = module.variables.get("params", {})
+    if x.ndim != 4 or "kernel" not in params:  # no kernel: a layer a LowRankModel splits
+        return next_fun(*args, **kwargs)
+    kernel = jnp.reshape(params["kernel"], (x.shape[-1], -1))
+    y = jax.lax.conv_general_dilated(
+        x, kernel[None, None].astype(x.dtype), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=module.precision)
+    if "bias" in params:
+        y = y + jnp.reshape(params["bias"], (-1,)).astype(y.dtype)
+    return jnp.reshape(y, (*x.shape[:-1], *np.shape(params["kernel"])[1:]))
+
+
+def _fn(module, variables, apply_kwargs, shape, dense_as_conv: bool = False):
     """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
-    model (``variables=None``) in eval mode."""
+    model (``variables=None``) in eval mode; ``dense_as_conv``: linen dense layers on rank-4
+    inputs computed as 1x1 convs (:func:`_dense_as_conv`)."""
     if isinstance(module, nnx.Module):
         if variables is not None:
             raise ExportError(f"{type(module).__name__} is an NNX model, which carries its own "
@@ -69,6 +95,9 @@ def _fn(module, variables, apply_kwargs, shape):
         raise ExportError(str(e)) from None
 
     def forward(x):
+        if dense_as_conv:
+            with nn.intercept_methods(_dense_as_conv):
+                return module.apply(variables, x, **apply_kwargs)
         return module.apply(variables, x, **apply_kwargs)
 
     return forward
@@ -200,7 +229,7 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     """
     shape = _check_input(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape)
+    forward = _fn(module, variables, apply_kwargs, shape, dense_as_conv=True)
     try:
         data = runtimes.tflite_model(forward, shape)
     except Exception as e:  # the converter raises several types for unsupported graphs
