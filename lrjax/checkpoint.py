@@ -16,12 +16,14 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
 __all__ = ["save_variables", "load_variables", "CheckpointError", "TrainCheckpoints",
+           "OUTPUT_SUFFIXES", "variables_format", "is_lrjax_output", "check_output",
            "latest_train_variables", "write_json", "write_text", "atomic_write"]
 
 
@@ -70,15 +72,140 @@ def _to_numpy_tree(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def save_variables(path: str, variables, *, overwrite: bool = False) -> str:
-    """Write a variable tree to ``path`` (``.npz`` file, else an Orbax directory), atomically."""
+# the suffixes of each kind of file or folder lrjax writes ("": a folder name without a suffix)
+OUTPUT_SUFFIXES = {"npz": (".npz",), "orbax": ("",), "onnx": (".onnx",),
+                   "tflite": (".tflite",), "stablehlo": (".shlo", ".stablehlo"),
+                   "json": (".json",)}
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA")
+
+
+def variables_format(path: str) -> str:
+    """``"npz"`` for a ``.npz`` path, ``"orbax"`` for a name without a suffix (a folder).
+
+    Raises:
+      CheckpointError: any other suffix, naming it (``out.onnx`` is not a variables checkpoint).
+    """
+    suffix = os.path.splitext(os.path.basename(os.path.normpath(path)))[1]
+    if suffix == ".npz":
+        return "npz"
+    if not suffix:
+        return "orbax"
+    raise CheckpointError(f"{path!r} has the suffix {suffix!r}: a variables checkpoint is a "
+                          ".npz file or an Orbax folder (a name without a suffix)")
+
+
+def is_lrjax_output(path: str, kind: str) -> bool:
+    """Whether ``path`` holds an output of ``kind`` (:data:`OUTPUT_SUFFIXES`) of the sort lrjax
+    writes: a ``.npz`` archive of arrays, an Orbax checkpoint folder, an ONNX model, a TFLite
+    flatbuffer, a serialized ``jax.export`` artifact. Read only as far as needed to tell."""
+    if kind == "orbax":
+        return os.path.isdir(path) and any(
+            os.path.exists(os.path.join(path, m)) for m in _ORBAX_MARKERS)
+    if not os.path.isfile(path):
+        return False
+    try:
+        if kind == "npz":
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            return bool(names) and all(n.endswith(".npy") for n in names)
+        if kind == "tflite":
+            with open(path, "rb") as f:
+                return f.read(8)[4:8] == b"TFL3"  # the flatbuffer file identifier
+        if kind == "onnx":
+            import onnx
+
+            onnx.load_model(path, load_external_data=False)
+            return True
+        if kind == "json":
+            with open(path) as f:
+                json.load(f)
+            return True
+        if kind == "stablehlo":
+            import jax
+
+            with open(path, "rb") as f:
+                jax.export.deserialize(bytearray(f.read()))
+            return True
+    except Exception:  # noqa: BLE001 - unreadable as that kind: not one lrjax wrote
+        return False
+    raise ValueError(f"unknown output kind {kind!r}; expected one of {sorted(OUTPUT_SUFFIXES)}")
+
+
+def check_output(path: str, kind: str, *, overwrite: bool = False,
+                 flag: str = "overwrite=True") -> str:
+    """Check, before any work, that an output of ``kind`` may be written at ``path``.
+
+    The name must carry one of the kind's suffixes (:data:`OUTPUT_SUFFIXES`), its folder must
+    exist and be writable, and an existing ``path`` is replaced only with ``overwrite`` and only
+    if it is an output of the same kind lrjax wrote (:func:`is_lrjax_output`): an ordinary folder
+    or a foreign file is never replaced.
+
+    Args:
+      flag: how the caller spells "overwrite" in messages (``"--overwrite"`` on command lines).
+
+    Returns:
+      The absolute path.
+
+    Raises:
+      CheckpointError: naming the path and what is wrong; nothing has been written.
+    """
+    suffixes = OUTPUT_SUFFIXES[kind]
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"{path} exists; pass overwrite=True to replace it")
+    suffix = os.path.splitext(os.path.basename(path))[1]
+    if suffix not in suffixes:
+        want = " or ".join(repr(x) if x else "no suffix (a folder)" for x in suffixes)
+        raise CheckpointError(f"{path} has the suffix {suffix or 'none'!r}; a {kind} output "
+                              f"needs {want}")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot write {path}: folder {parent} is not writable")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise CheckpointError(f"{path} exists; pass {flag} to replace it")
+        if not is_lrjax_output(path, kind):
+            what = "a folder" if os.path.isdir(path) else "a file"
+            raise CheckpointError(f"refusing to replace {path}: it is {what} that is not a "
+                                  f"{kind} output lrjax wrote ({flag} replaces only those)")
+    return path
+
+
+def _replace_folder(new: str, path: str) -> None:
+    """Put folder ``new`` at ``path``: a folder already there is renamed aside first and removed
+    only once ``new`` is in place, so a failure leaves one of the two whole."""
+    old = None
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".old-ckpt-")
+        os.rmdir(old)
+        os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_variables(path: str, variables, *, overwrite: bool = False,
+                   flag: str = "overwrite=True") -> str:
+    """Write a variable tree to ``path``, atomically: a ``.npz`` file, or an Orbax folder for a
+    name without a suffix (:func:`variables_format`). Missing parent folders are created; an
+    existing ``path`` is replaced only with ``overwrite`` and only if it is a checkpoint of the
+    same format (:func:`check_output`).
+
+    Raises:
+      CheckpointError: an unknown suffix, or an existing ``path`` that may not be replaced.
+    """
+    fmt = variables_format(path)
+    path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    check_output(path, fmt, overwrite=overwrite, flag=flag)
     variables = _to_numpy_tree(dict(variables))
-    if path.endswith(".npz"):
+    if fmt == "npz":
         flat = traverse_util.flatten_dict(variables, sep="/")
         return atomic_write(path, lambda f: np.savez(f, **flat), binary=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
@@ -86,9 +213,7 @@ def save_variables(path: str, variables, *, overwrite: bool = False) -> str:
         target = os.path.join(tmp, "variables")
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
             ckptr.save(target, args=ocp.args.StandardSave(variables))
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(target, path)
+        _replace_folder(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -104,8 +229,10 @@ def load_variables(path: str):
         try:
             with np.load(path, allow_pickle=False) as data:
                 flat = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path!r} is not a readable .npz checkpoint: {e}") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            why = "it holds pickled objects, not arrays" if "allow_pickle" in str(e) \
+                else str(e).split("\n")[0]
+            raise CheckpointError(f"{path!r} is not a readable .npz checkpoint ({why})") from None
         if not flat:
             raise CheckpointError(f"{path!r} holds no arrays")
         return traverse_util.unflatten_dict(flat, sep="/")

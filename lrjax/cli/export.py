@@ -16,7 +16,7 @@ import numpy as np
 from lrjax import checkpoint, models, rules, surgery
 from lrjax.cli import parse_fold_bn, run_cli
 from lrjax.convert import decompose_checkpoint
-from lrjax.export import EXPORTERS, FORMATS, ExportError, ExportResult, writable_path
+from lrjax.export import EXPORTERS, FORMATS, ExportError, ExportResult
 from lrjax.report import Decomposition
 
 __all__ = ["build_parser", "export_zoo", "main", "DEFAULT_MULTIPLE", "MEASURED_RUNTIME"]
@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lrjax.export",
                                 description=__doc__.split("\n")[0].strip('`" '))
     p.add_argument("--model", required=True, help=f"zoo family: {', '.join(models.MODELS)}")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--output", required=True)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx (ONNX Runtime), tflite (LiteRT) or stablehlo (jax.export)")
+    p.add_argument("--output", required=True,
+                   help="the file to write: .onnx, .tflite, or .shlo / .stablehlo for "
+                        "--format stablehlo; its folder must exist")
     p.add_argument("--checkpoint", default=None,
                    help="full-rank variables (.npz / Orbax); default: random weights")
     p.add_argument("--ranks", default=None,
@@ -46,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-bn", default=None, help="fold batch norms first: 'conv1:bn1,...'")
     p.add_argument("--batch", type=int, default=1, help="batch of the check (and of a TFLite "
                                                        "model; ONNX/StableHLO batches are free)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height and width (default: the model's own)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the classifier (default: the model's own)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output, only if it is an export of the same "
+                        "format (never a folder or a foreign file); the replacement is atomic")
     return p
 
 
@@ -74,9 +81,10 @@ def export_zoo(args) -> tuple[ExportResult, str]:
     size = args.image_size or spec.image_size
     if args.batch < 1:
         raise ExportError(f"--batch must be positive; got {args.batch}")
-    path = writable_path(args.output)
-    if os.path.exists(path) and not args.overwrite:
-        raise ExportError(f"{path} exists; pass --overwrite to replace it")
+    path = checkpoint.check_output(args.output, args.format, overwrite=args.overwrite,
+                                   flag="--overwrite")
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint!r} does not exist")
     fold = parse_fold_bn(args.fold_bn)
     rule = None
     if args.ranks:  # '+measured' times the layers where the export will run
