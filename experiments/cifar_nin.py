@@ -11,14 +11,14 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
+from experiments import entry
 from lrjax import checkpoint, train, xla_flags
 from lrjax.data import DataError
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = entry.define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "cifar_nin.py"),
     "Config file (optionally ':local'); override fields with --config.FIELD=VALUE.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.",
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    entry.run(main)

@@ -13,15 +13,14 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-from experiments import imagenet_workflow
+from experiments import entry, imagenet_workflow
 from lrjax import checkpoint, train, xla_flags
 from lrjax.data import DataError
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = entry.define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "imagenet_vgg.py"),
     "Config file (optionally ':scratch'); override fields with --config.FIELD=VALUE.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all stage outputs.", required=True)
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    entry.run(main)

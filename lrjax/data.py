@@ -11,6 +11,9 @@ Training streams are seeded and deterministic, and each process reads its own pa
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import socket
 from collections.abc import Iterator
 
 import jax
@@ -190,12 +193,49 @@ def _count(ds: tf.data.Dataset) -> int:
     return int(ds.reduce(np.int64(0), lambda x, _: x + 1))
 
 
-def _tfds_splits(name: str, data_dir: str | None, download: bool, how_to_get: str):
-    """This process's share of the train and test/validation splits of a TFDS dataset."""
+# where a TFDS download goes first (its GCS mirror) and CIFAR-10's own host: reachable in
+# seconds or not at all (no retry storm before the error)
+DOWNLOAD_HOSTS = (("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443))
+
+
+def network_reachable(hosts=DOWNLOAD_HOSTS, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to any of ``hosts`` opens within ``timeout`` seconds each."""
+    for host, port in hosts:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _new_paths(root: str) -> list[str]:
+    """The folders a TFDS download into ``root`` may create that do not exist yet."""
+    return [p for p in (os.path.join(root, name) for name in ("downloads",)) if not
+            os.path.exists(p)]
+
+
+def _tfds_splits(name: str, data_dir: str | None, download: bool, how_to_get: str,
+                 needs_network: bool = True):
+    """This process's share of the train and test/validation splits of a TFDS dataset.
+
+    A dataset that is not prepared is downloaded only when the network answers within seconds
+    (``needs_network``); a failed download removes the folders it created."""
+    root = data_dir or tfds.core.constants.DATA_DIR
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        if download:
-            builder.download_and_prepare()
+        if download and not builder.is_prepared():
+            if needs_network and not network_reachable():
+                raise OSError("not prepared there, and the network is unreachable (no "
+                              "connection to " + ", ".join(h for h, _ in DOWNLOAD_HOSTS) + ")")
+            created = [p for p in (os.path.join(root, name), *_new_paths(root))
+                       if not os.path.exists(p)]
+            try:
+                builder.download_and_prepare()
+            except BaseException:
+                for path in created:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
         splits = {}
         for split in ("train", "validation" if name == "imagenet2012" else "test"):
             ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False,
@@ -231,7 +271,7 @@ def _tfds_imagenet(data_dir: str | None, image_size: int, resize: int, normalisa
         "imagenet2012", data_dir, True,
         "ImageNet needs a manual download: get ILSVRC2012_img_train.tar and "
         f"ILSVRC2012_img_val.tar from image-net.org, put them in {manual}/ and run again (TFDS "
-        "then prepares the dataset, once, in data_dir).")
+        "then prepares the dataset, once, in data_dir).", needs_network=False)
     norm = NORMALISATION[normalisation]
     return Dataset("imagenet2012", 1000, image_size, _count(train), _count(val),
                    train.enumerate(), val, norm["mean"], norm["std"], bgr=norm["bgr"],

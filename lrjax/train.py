@@ -323,11 +323,11 @@ def setup(config, workdir: str, *, model=None) -> Run:
         jax.distributed.initialize()
     devices = jax.devices()
     validate_config(config, len(devices), zoo_model=model is None)
-    os.makedirs(workdir, exist_ok=True)
-    dataset = data_lib.load_dataset(
+    dataset = data_lib.load_dataset(  # before the workdir: no empty run folder on a data error
         config.dataset, data_dir=config.data_dir, download=config.download,
         **({k: config[k] for k in ("image_size", "resize", "normalisation", "scale_augment")}
            if config.dataset == "imagenet2012" else {}))
+    os.makedirs(workdir, exist_ok=True)
     local_batch = config.batch_size // jax.process_count()
     steps_per_epoch = config.steps_per_epoch or dataset.num_train // local_batch
     if steps_per_epoch < 1:

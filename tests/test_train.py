@@ -83,6 +83,33 @@ def test_missing_dataset_message(tmp_path):
         data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
 
 
+def test_offline_download_fails_fast_and_leaves_nothing(tmp_path, monkeypatch):
+    """No network: the error comes at once (no retry storm), with no dataset folder, no empty
+    run folder left behind; the real probe answers within its timeout here (no internet)."""
+    import time
+
+    start = time.perf_counter()
+    reachable = data.network_reachable(timeout=1.0)
+    assert time.perf_counter() - start < 2 * len(data.DOWNLOAD_HOSTS) + 1
+    if reachable:
+        monkeypatch.setattr(data, "network_reachable", lambda *a, **k: False)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted offline")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    config = cifar_config.get_config()
+    assert config.dataset == "cifar10" and config.download
+    config.data_dir = str(tmp_path / "tfds")
+    os.makedirs(config.data_dir)
+    workdir = str(tmp_path / "run")
+    start = time.perf_counter()
+    with pytest.raises(data.DataError, match="network is unreachable.*dataset=digits"):
+        train.setup(config, workdir)
+    assert time.perf_counter() - start < 30
+    assert not os.path.exists(workdir) and os.listdir(config.data_dir) == []
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("model", "resnet", "unknown model 'resnet'"),
     ("batch_size", 0, "batch_size must be a positive integer"),
