@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-__all__ = ["run", "check_flags", "define_config_file"]
+__all__ = ["run", "parse_flags", "check_flags", "define_config_file"]
 
 _HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
@@ -51,23 +51,28 @@ def define_config_file(name: str, default: str, help_string: str):
         sys.exit(2)
 
 
-def check_flags(argv: list[str]) -> None:
-    """Parse ``argv`` with absl's flags as ``app.run`` would; exit 0 after ``--help``, exit 2
-    with one ``error:`` line for anything that does not parse."""
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse ``argv`` with absl's flags (what ``app.run`` does; its ``flags_parser`` here):
+    exit 0 after ``--help``, exit 2 with one ``error:`` line for anything that does not parse.
+    Returns the arguments left over."""
     if any(a in _HELP for a in argv[1:]):
         print(flags.FLAGS.main_module_help() or flags.FLAGS.get_help())
         sys.exit(0)
     try:
-        flags.FLAGS(argv)
+        return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - absl and ml_collections raise many types
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_flags(argv: list[str]) -> None:
+    """:func:`parse_flags`, then the flags back to unparsed (for tests)."""
+    try:
+        parse_flags(argv)
     finally:
         flags.FLAGS.unparse_flags()
 
 
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    """``app.run(main)`` after :func:`check_flags`."""
-    argv = list(sys.argv if argv is None else argv)
-    check_flags(argv)
-    app.run(main, argv=argv)
+    """``app.run(main)`` with :func:`parse_flags` as its flag parser."""
+    app.run(main, argv=argv, flags_parser=parse_flags)

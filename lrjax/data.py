@@ -61,6 +61,11 @@ class Dataset:
     bgr: bool = False  # reverse RGB -> BGR before normalising (Caffe / Keras weights)
     eval_resize: int | None = None  # resize the short side to this, then centre-crop
     train_crop: str = "pad"  # "pad" (CIFAR: optional pad-4 crop+flip), "resize", "scale"
+    # (process index, process count) when train_source holds the whole training split and each
+    # process takes its rows of every global batch (in-memory data: the batches, and so the
+    # run, are the same for any number of processes); None: train_source is this process's
+    # share already (TFDS's split_for_jax_process)
+    batch_shard: tuple[int, int] | None = None
 
     def train_batches(self, batch_size: int, *, seed: int, augment: bool = False,
                       start_batch: int = 0) -> Iterator[dict]:
@@ -70,17 +75,23 @@ class Dataset:
         ``seed``; ``start_batch`` resumes it at that many batches from the start, exactly where an
         uninterrupted run would be.
         """
-        per_pass = self.num_train // batch_size
+        index, count = self.batch_shard or (0, 1)
+        size = int(self.train_source.cardinality()) if self.batch_shard else self.num_train
+        global_batch = batch_size * count if self.batch_shard else batch_size
+        per_pass = size // global_batch
         if per_pass < 1:
             raise ValueError(f"batch size {batch_size} exceeds the {self.num_train} training "
                              "examples")
         data_pass, skip = divmod(start_batch, per_pass)
         while True:
-            ds = self.train_source.shuffle(self.num_train, seed=seed + data_pass,
+            ds = self.train_source.shuffle(size, seed=seed + data_pass,
                                            reshuffle_each_iteration=False)
-            ds = ds.skip(skip * batch_size)
+            ds = ds.skip(skip * global_batch)
+            if self.batch_shard:  # this process's rows of each global batch, before any work
+                ds = ds.enumerate().filter(
+                    lambda i, _: (i % global_batch) // batch_size == index).map(lambda i, e: e)
             ds = ds.map(self._train_fn(augment, seed + data_pass), num_parallel_calls=1)
-            ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
+            ds = ds.batch(batch_size, drop_remainder=True).take(per_pass - skip).prefetch(2)
             ds = ds.with_options(_deterministic())
             yield from tfds.as_numpy(ds)
             data_pass, skip = data_pass + 1, 0
@@ -290,16 +301,16 @@ def _digits(test_fraction: float = 0.25) -> Dataset:
     labels = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=test_fraction, stratify=labels, random_state=0)
-    # this process's share
-    pi, pc = jax.process_index(), jax.process_count()
-    x_train, y_train = x_train[pi::pc], y_train[pi::pc]
-    x_test, y_test = x_test[pi::pc], y_test[pi::pc]
-    mean = tuple(float(m) for m in x_train.mean(axis=(0, 1, 2)))
+    mean = tuple(float(m) for m in x_train.mean(axis=(0, 1, 2)))  # of the whole split
     std = tuple(float(s) + 1e-6 for s in x_train.std(axis=(0, 1, 2)))
+    # every process holds the training split and takes its rows of each global batch; the test
+    # split is sharded (evaluation sums over processes)
+    pi, pc = jax.process_index(), jax.process_count()
+    x_test, y_test = x_test[pi::pc], y_test[pi::pc]
     train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
     test = tf.data.Dataset.from_tensor_slices((x_test, y_test))
-    return Dataset("digits", 10, 32, len(y_train), len(y_test), train.enumerate(), test, mean,
-                   std)
+    return Dataset("digits", 10, 32, len(y_train) // pc, len(y_test), train.enumerate(), test,
+                   mean, std, batch_shard=(pi, pc) if pc > 1 else None)
 
 
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = True,

@@ -194,6 +194,34 @@ def evaluate(model, variables, dataset, batch_size: int, *, eval_sums=None) -> d
     return {k: v / n for k, v in m.items()}
 
 
+def initialize_distributed(config) -> None:
+    """``jax.distributed.initialize`` for a run over several processes (hosts), before JAX
+    touches a device: coordinator address, process count and id from the config where set
+    (``coordinator_address``, ``num_processes``, ``process_id``), else JAX's own cluster
+    detection (SLURM, Open MPI, Kubernetes, TPU pods). CPU processes exchange their collectives
+    through gloo. A process that stops answering is detected by the others within
+    ``heartbeat_timeout_seconds`` (they then exit with JAX's error instead of waiting forever).
+    Nothing happens if JAX's distributed runtime is already up.
+
+    Raises:
+      ValueError: a coordinator without a process count and id, or an id out of range.
+    """
+    if jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    address = config.get("coordinator_address") or ""
+    count, index = config.get("num_processes", 0) or 0, config.get("process_id", -1)
+    if address:
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"config.coordinator_address={address!r} needs config.num_processes"
+                             f" >= 1 and 0 <= config.process_id < num_processes; got "
+                             f"num_processes={count}, process_id={index}")
+        kwargs.update(coordinator_address=address, num_processes=count, process_id=index)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        **kwargs, heartbeat_timeout_seconds=int(config.get("heartbeat_timeout_seconds", 100)))
+
+
 def validate_config(config, num_devices: int, *, zoo_model: bool = True) -> None:
     """Raise ``ValueError`` with a clear message for a config that cannot run.
 
@@ -320,7 +348,7 @@ def setup(config, workdir: str, *, model=None) -> Run:
     from lrjax import data as data_lib  # TensorFlow is imported only when training
 
     if config.multihost:
-        jax.distributed.initialize()
+        initialize_distributed(config)
     devices = jax.devices()
     validate_config(config, len(devices), zoo_model=model is None)
     dataset = data_lib.load_dataset(  # before the workdir: no empty run folder on a data error

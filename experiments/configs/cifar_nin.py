@@ -47,7 +47,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.checkpoint_every_epochs = 10
     c.keep_checkpoints = 2  # latest N, plus the best by test accuracy
     c.progress = True  # progress bar with ETA and images/s
-    c.multihost = False  # call jax.distributed.initialize() first
+    c.multihost = False  # several processes (hosts): jax.distributed first
+    c.coordinator_address = ""  # 'host:port' of process 0; '': JAX's cluster detection
+    c.num_processes = 0  # with coordinator_address: how many processes
+    c.process_id = -1  # with coordinator_address: this process's index
+    c.heartbeat_timeout_seconds = 100  # a silent process is declared dead after this
     c.compare = False  # train the model and its full-rank (or low-rank) twin, print both
     c.lr_reference_batch = ml_collections.FieldReference(None, field_type=int)  # lr scaling
     return c

@@ -53,7 +53,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.checkpoint_every_epochs = 1
     c.keep_checkpoints = 2
     c.progress = True
-    c.multihost = False
+    c.multihost = False  # several processes (hosts): jax.distributed first
+    c.coordinator_address = ""  # 'host:port' of process 0; '': JAX's cluster detection
+    c.num_processes = 0  # with coordinator_address: how many processes
+    c.process_id = -1  # with coordinator_address: this process's index
+    c.heartbeat_timeout_seconds = 100  # a silent process is declared dead after this
     c.time_batch = 32  # the authors timed VGG-16 at batch 32
     c.time_repeats = 10
 

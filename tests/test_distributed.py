@@ -1,0 +1,139 @@
+"""Training over several processes, tested here with local CPU processes: two processes with one
+CPU device each (gloo collectives, ``jax.distributed``) on the offline digits config run the
+same computation as one process with two devices, write one checkpoint, and resume it."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+
+from lrjax import checkpoint, data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# one training run: tiny CNN on digits, its final parameters (this process's replica) and facts
+SCRIPT = """
+import json, sys
+import numpy as np
+import jax
+from flax import traverse_util
+from experiments.configs import cifar_nin
+from lrjax import train
+
+workdir, out, epochs, processes, pid, port = sys.argv[1:7]
+c = cifar_nin.get_config("local")
+c.model, c.lowrank, c.bn = "cnn", True, True
+c.batch_size, c.eval_batch_size, c.steps_per_epoch = 32, 50, 4
+c.num_epochs, c.lr_boundaries_epochs, c.lr_values = int(epochs), (), (0.05,)
+c.progress = False
+c.log_every_steps, c.checkpoint_every_epochs = 2, 1
+if int(processes) > 1:
+    c.multihost, c.coordinator_address = True, f"localhost:{port}"
+    c.num_processes, c.process_id, c.heartbeat_timeout_seconds = int(processes), int(pid), 10
+r = train.train_and_evaluate(c, workdir)
+flat = traverse_util.flatten_dict(r.state.params, sep="/")
+np.savez(out, **{k: np.asarray(v.addressable_data(0)) for k, v in flat.items()})
+print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                  "devices": jax.device_count(), "status": r.status,
+                  "history": r.history}))
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, out, epochs, processes, devices, pid=0, port=0):
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                     f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(workdir), str(out), str(epochs),
+                             str(processes), str(pid), str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, timeout=300) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()  # a failed peer must not leave this one waiting
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _params(path) -> dict:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_digits_shards_are_disjoint_and_cover_each_global_batch():
+    """Each process takes its rows of every global batch: together, the single-process batch."""
+    whole = next(data.load_dataset("digits").train_batches(32, seed=3, start_batch=5))
+    parts, tests = [], []
+    for index in range(2):
+        with mock.patch.object(jax, "process_index", return_value=index), \
+                mock.patch.object(jax, "process_count", return_value=2):
+            shard = data.load_dataset("digits")
+        parts.append(next(shard.train_batches(16, seed=3, start_batch=5)))
+        tests.append(shard.as_arrays("test")[1])
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
+    np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), whole["label"])
+    full_test = data.load_dataset("digits").as_arrays("test")[1]
+    assert len(tests[0]) + len(tests[1]) == len(full_test)  # the test split, split in two
+    assert sorted(np.concatenate(tests)) == sorted(full_test)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_two_devices_and_resume(tmp_path):
+    port = _port()
+    procs = [_launch(tmp_path / "multi", tmp_path / f"p{i}.npz", 1, 2, 1, i, port)
+             for i in range(2)]
+    results = [_finish(p) for p in procs]
+    single = _finish(_launch(tmp_path / "single", tmp_path / "s.npz", 1, 1, 2))
+    assert [(r["process"], r["processes"], r["devices"]) for r in results] == [(0, 2, 2),
+                                                                               (1, 2, 2)]
+    assert single["devices"] == 2 and all(r["status"] == "completed" for r in results)
+    p0, p1, ps = (_params(tmp_path / n) for n in ("p0.npz", "p1.npz", "s.npz"))
+    for key in p0:  # the processes hold the same parameters, and those of the 2-device run
+        np.testing.assert_array_equal(p0[key], p1[key])
+        np.testing.assert_allclose(p0[key], ps[key], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([h["test_loss"] for h in results[0]["history"]],
+                               [h["test_loss"] for h in single["history"]], rtol=1e-4)
+    # one checkpoint, written once; a rerun for a second epoch resumes from it
+    steps = checkpoint.TrainCheckpoints(str(tmp_path / "multi" / "checkpoints"),
+                                        fingerprint={}).all_steps()
+    assert steps == [4]
+    # a rerun for more epochs resumes; one process killed after epoch 2's checkpoint: the other
+    # exits with JAX's heartbeat error within seconds (no hang)
+    ckpts = tmp_path / "multi" / "checkpoints"
+    port = _port()
+    procs = [_launch(tmp_path / "multi", tmp_path / f"q{i}.npz", 30, 2, 1, i, port)
+             for i in range(2)]
+    try:
+        start = time.monotonic()
+        while not (ckpts / "8").exists():
+            assert time.monotonic() - start < 240 and procs[0].poll() is None, "no progress"
+            time.sleep(0.2)
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode != 0 and "heartbeat timeout" in err
+        assert time.monotonic() - killed < 60
+    finally:
+        for p in procs:
+            p.kill()
+    port = _port()
+    procs = [_launch(tmp_path / "multi", tmp_path / f"q{i}.npz", 3, 2, 1, i, port)
+             for i in range(2)]
+    resumed = [_finish(p) for p in procs]
+    assert [len(r["history"]) for r in resumed] == [3, 3]  # 2 epochs restored, 1 trained
+    assert resumed[0]["history"][0] == results[0]["history"][0]
+    assert max(checkpoint.TrainCheckpoints(str(ckpts), fingerprint={}).all_steps()) == 12
