@@ -30,7 +30,27 @@ __all__ = ["run", "STAGES"]
 
 STAGES = ("import", "decompose", "evaluate", "finetune", "time")
 log = logging.getLogger("lrjax.imagenet")
-_write_json = checkpoint.write_json
+
+
+def _primary(what: str, write) -> None:
+    """Run ``write`` on process 0 only, then let every process pass once it is done (several
+    processes share the workdir; single-process runs just write)."""
+    if jax.process_count() == 1:
+        write()
+        return
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        write()
+    multihost_utils.sync_global_devices(f"lrjax:{what}")
+
+
+def _write_json(path, data) -> None:
+    _primary(path, lambda: checkpoint.write_json(path, data))
+
+
+def _save_variables(path, variables) -> None:
+    _primary(path, lambda: checkpoint.save_variables(path, variables))
 
 
 def _read_json(path):
@@ -65,6 +85,8 @@ def _stages(config) -> list[str]:
 def run(config, workdir: str) -> dict:
     """Run the configured stages in ``workdir``; returns the results table's rows."""
     models.model_spec(config.model)  # unknown model: clear error before any work
+    if config.multihost:  # before any JAX computation (the stages before fine-tuning run some)
+        train.initialize_distributed(config)
     if config.mode == "scratch":
         return _scratch(config, workdir)
     if config.mode != "decompose":
@@ -83,7 +105,7 @@ def run(config, workdir: str) -> dict:
                              ".safetensors, or Keras .h5)")
         variables = pretrained.load_pretrained(config.weights, config.model)
         surgery.check_variables(full, variables, x, train=False)
-        checkpoint.save_variables(full_path, variables)
+        _save_variables(full_path, variables)
         log.info("imported %s -> %s", config.weights, full_path)
 
     def full_variables():
@@ -98,7 +120,7 @@ def run(config, workdir: str) -> dict:
             config.model, full_variables(), config.rank_rule, image_size=config.image_size,
             multiple=config.rank_multiple, **dict(config.model_kwargs or {}))
         print(result.report.table(), flush=True)
-        checkpoint.save_variables(init_path, result.variables)
+        _save_variables(init_path, result.variables)
         _write_json(dec_path, {"rank_rule": str(config.rank_rule), "ranks": result.ranks,
                                **result.report.as_dict()})
 
