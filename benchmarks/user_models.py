@@ -6,6 +6,8 @@
   (``self.conv(filters, (3, 3), strides)``), BatchNorm, 1x1 projection shortcuts; ResNet-50's
   bottleneck blocks are 1x1 -> 3x3 -> 1x1 (36 of its 53 convs are 1x1).
 * :class:`DigitsCNN`: a small linen CNN for scikit-learn's 8x8 digits.
+* :class:`Mixer`: an MLP-Mixer (patch embedding conv, token- and channel-mixing ``nn.Dense``
+  MLPs, LayerNorm), written like the Flax/big_vision Mixers; every layer but the stem is dense.
 * :class:`NNXCNN`: an NNX CNN with convs in an ``nnx.Sequential`` and an ``nnx.List``.
 """
 
@@ -96,6 +98,58 @@ def resnet18(**kwargs) -> ResNet:
 def resnet50(**kwargs) -> ResNet:
     """ResNet-50: stages of 3, 4, 6 and 3 bottleneck blocks."""
     return ResNet(stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock, **kwargs)
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(self.mlp_dim)(x)
+        y = nn.gelu(y)
+        return nn.Dense(x.shape[-1])(y)
+
+
+class MixerBlock(nn.Module):
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm()(x)
+        y = jnp.swapaxes(y, 1, 2)
+        y = MlpBlock(self.tokens_mlp_dim, name="token_mixing")(y)
+        y = jnp.swapaxes(y, 1, 2)
+        x = x + y
+        y = nn.LayerNorm()(x)
+        return x + MlpBlock(self.channels_mlp_dim, name="channel_mixing")(y)
+
+
+class Mixer(nn.Module):
+    """An MLP-Mixer for small images: ``patch x patch`` stem conv, mixer blocks, a dense head."""
+
+    num_classes: int = 10
+    patch: int = 4
+    hidden_dim: int = 64
+    num_blocks: int = 2
+    tokens_mlp_dim: int = 64
+    channels_mlp_dim: int = 128
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = nn.Conv(self.hidden_dim, (self.patch, self.patch), strides=self.patch,
+                    name="stem")(x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        for _ in range(self.num_blocks):
+            x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim)(x)
+        x = nn.LayerNorm(name="pre_head_layer_norm")(x)
+        return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=1))
+
+
+def small_bottleneck_resnet(**kwargs) -> ResNet:
+    """A three-stage bottleneck ResNet (one block per stage, 16 base filters) for 32x32 inputs."""
+    return ResNet(stage_sizes=(1, 1, 1), block_cls=BottleneckBlock, num_filters=16, **kwargs)
 
 
 class DigitsCNN(nn.Module):

@@ -199,3 +199,22 @@ def test_sites_convert_kernels_and_name_bad_shapes():
     with pytest.raises(ValueError, match=r"kernel of layer 'heads' has shape \(64, 24\); the "
                                          r"model's layer expects \(64, 4, 6\)"):
         site.to_hwio(np.zeros((64, 24)))
+
+
+def test_mixer_written_by_others_is_all_dense_but_its_stem():
+    """An MLP-Mixer (token and channel mixing as ``nn.Dense`` on (N, tokens, C) and transposed
+    (N, C, tokens) inputs): every dense layer is a candidate and the whole-net rule reaches 2x."""
+    from benchmarks.user_models import Mixer
+
+    model, x = Mixer(), jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x)
+    sites = surgery.find_convs(model, x)
+    kinds = [s.kind for s in sites if s.candidate]
+    assert kinds.count("dense") == 9 and kinds.count("kxk") == 1  # 2 blocks x 4 + head
+    token = {s.path: s for s in sites}["MixerBlock_0/token_mixing/Dense_0"]
+    assert token.dense_dims == ((64,), (64,)) and token.shape.input_hw == (64, 1)  # 64 channels
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:2", calibration=x)
+    before, after = result.report.net_macs
+    assert before / after >= 2.0
+    assert after == macs.traced_macs(lambda v, x: result.module.apply(v, x), result.variables,
+                                     x)["total"] // 2
