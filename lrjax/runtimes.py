@@ -63,11 +63,15 @@ def onnx_session(model_or_path, threads: int | None = None):
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def tflite_model(forward: Callable, shape) -> bytes:
+def tflite_model(forward: Callable, shape, params=None) -> bytes:
     """A LiteRT (TFLite) flatbuffer of builtin ops computing ``forward`` on a float32 input of
     the fixed ``shape``.
 
     Route: ``jax2tf.convert`` -> ``tf.function`` -> ``TFLiteConverter`` (builtin ops only).
+    With ``params`` (a pytree of arrays), ``forward(params, x)`` is converted with the params
+    held as TensorFlow variables rather than as constants baked into the traced module: the
+    converter then keeps far fewer copies of the weights (the low-rank VGG-16: 4.6 GB peak
+    instead of 11.6 GB, 18 s instead of 65 s).
 
     Raises:
       Exception: whatever the TFLite converter raises for a graph it cannot convert.
@@ -75,12 +79,20 @@ def tflite_model(forward: Callable, shape) -> bytes:
     import tensorflow as tf
     from jax.experimental import jax2tf
 
+    spec = [tf.TensorSpec(tuple(shape), tf.float32)]
     with formulations.policy("portable"):
         converted = jax2tf.convert(forward, with_gradient=False)
-        fn = tf.function(converted, autograph=False,
-                         input_signature=[tf.TensorSpec(tuple(shape), tf.float32)])
-        concrete = fn.get_concrete_function()
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
+        if params is None:
+            holder = tf.function(converted, autograph=False, input_signature=spec)
+            concrete = holder.get_concrete_function()
+        else:
+            holder = tf.Module()
+            holder.params = tf.nest.map_structure(
+                lambda a: tf.Variable(np.asarray(a), trainable=False), params)
+            holder.forward = tf.function(lambda x: converted(holder.params, x),
+                                         autograph=False, input_signature=spec)
+            concrete = holder.forward.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     return converter.convert()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 
 import jax
@@ -103,6 +104,8 @@ def export_zoo(args) -> tuple[ExportResult, str]:
         if rule.multiple and result.ranks:  # a gate may have kept every layer full
             report += "\n" + _rounding_line(result, rule)
         module, variables = result.module, result.variables
+        del result  # its rank problem holds the full-rank weights: free them before exporting
+        gc.collect()
     else:
         surgery.check_variables(full, variables, jax.ShapeDtypeStruct((1, size, size, 3),
                                                                       np.float32), train=False)

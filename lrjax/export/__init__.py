@@ -94,13 +94,19 @@ def _fn(module, variables, apply_kwargs, shape, dense_as_conv: bool = False):
     except ValueError as e:
         raise ExportError(str(e)) from None
 
-    def forward(x):
+    apply = _linen_apply(module, apply_kwargs, dense_as_conv)
+    return lambda x: apply(variables, x)
+
+
+def _linen_apply(module, apply_kwargs, dense_as_conv: bool = False):
+    """``(variables, x) -> output`` of a linen module's inference call."""
+    def apply(variables, x):
         if dense_as_conv:
             with nn.intercept_methods(_dense_as_conv):
                 return module.apply(variables, x, **apply_kwargs)
         return module.apply(variables, x, **apply_kwargs)
 
-    return forward
+    return apply
 
 
 def _check_input(example_input):
@@ -231,7 +237,11 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, dense_as_conv=True)
     try:
-        data = runtimes.tflite_model(forward, shape)
+        if isinstance(module, nnx.Module):
+            data = runtimes.tflite_model(forward, shape)
+        else:  # the weights as variables: a fraction of the converter's memory
+            data = runtimes.tflite_model(_linen_apply(module, apply_kwargs, True), shape,
+                                         params=variables)
     except Exception as e:  # the converter raises several types for unsupported graphs
         raise ExportError(f"the TFLite converter failed: {str(e).splitlines()[0]}") from None
     batches = (shape[0],)
