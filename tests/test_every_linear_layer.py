@@ -218,3 +218,36 @@ def test_mixer_written_by_others_is_all_dense_but_its_stem():
     assert before / after >= 2.0
     assert after == macs.traced_macs(lambda v, x: result.module.apply(v, x), result.variables,
                                      x)["total"] // 2
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, one pre-norm transformer block with Flax's own multi-head attention
+    (its query/key/value/out projections are ``nn.DenseGeneral``), an MLP and a head."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(32, (4, 4), strides=4, name="embed")(x)
+        x = x.reshape(x.shape[0], -1, 32)
+        y = nn.MultiHeadDotProductAttention(num_heads=4, name="attention")(nn.LayerNorm()(x))
+        x = x + y
+        x = x + nn.Dense(32, name="mlp_out")(nn.gelu(nn.Dense(64, name="mlp_in")(
+            nn.LayerNorm()(x))))
+        return nn.Dense(10, name="head")(x.mean(1))
+
+
+def test_attention_projections_are_split_and_its_products_are_fixed_cost():
+    model, x = TinyViT(), jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+    variables = model.init(jax.random.key(1), x)
+    sites = {s.path: s for s in surgery.find_convs(model, x)}
+    projections = {p: s.dense_dims for p, s in sites.items() if p.startswith("attention/")}
+    assert projections == {"attention/query": ((32,), (4, 8)), "attention/key": ((32,), (4, 8)),
+                           "attention/value": ((32,), (4, 8)),
+                           "attention/out": ((4, 8), (32,))}
+    top = _top(sites.values())
+    result = lrjax.decompose_linen(model, variables, x, rule=top, calibration=x)
+    np.testing.assert_allclose(result.module.apply(result.variables, x), model.apply(variables, x),
+                               rtol=1e-4, atol=1e-4)
+    fixed = result.report.by_kind()["fixed"][0]
+    assert fixed == 2 * 9 * 9 * 32  # q.k and a.v: 9 tokens x 9 tokens x 32 channels, twice
+    small = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5,exclude=embed")
+    assert small.report.speedup >= 1.5 and any(p.startswith("attention/") for p in small.ranks)
