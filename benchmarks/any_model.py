@@ -84,12 +84,22 @@ def _train(module, variables, images, labels, *, epochs, lr, batch, seed):
     return train._variables(state)
 
 
+def _compress(model, variables, method, target, calib, val_eval, example):
+    """``decompose_linen`` of a model at ``target`` by one of :data:`METHODS`."""
+    from lrjax import ranks
+    from lrjax.surgery import decompose_linen
+
+    kwargs = {} if method == "data-free" else {"calibration": calib}
+    rule = (ranks.EvalGuided(lambda m, v: val_eval(m, v), target_speedup=target)
+            if "eval-guided" in method else f"speedup:{target}")
+    return decompose_linen(model, variables, example, rule=rule, train=False, **kwargs)
+
+
 def digits_study(targets, log, *, epochs=12, finetune_epochs=2, seed=0) -> dict:
     import jax
 
     from benchmarks.user_models import DigitsCNN
-    from lrjax import data, ranks
-    from lrjax.surgery import decompose_linen
+    from lrjax import data
 
     ds = data.load_dataset("digits")
     train_x, train_y = ds.as_arrays("train")
@@ -109,11 +119,8 @@ def digits_study(targets, log, *, epochs=12, finetune_epochs=2, seed=0) -> dict:
     rows = []
     for target in targets:
         for method in METHODS:
-            kwargs = {} if method == "data-free" else {"calibration": calib}
-            rule = (ranks.EvalGuided(lambda m, v: val_eval(m, v), target_speedup=target)
-                    if "eval-guided" in method else f"speedup:{target}")
-            result = decompose_linen(model, variables, train_x[:2], rule=rule, train=False,
-                                     **kwargs)
+            result = _compress(model, variables, method, target, calib, val_eval,
+                               train_x[:2])
             acc = _accuracy(result.module, result.variables, test_x, test_y)
             agree = float((_predictions(result.module, result.variables, test_x)
                            == full_pred).mean())
@@ -141,8 +148,7 @@ def modern_study(log, *, target=2.0, epochs=12, seed=0) -> dict:
     import jax
 
     from benchmarks.user_models import Mixer, small_bottleneck_resnet
-    from lrjax import data, ranks
-    from lrjax.surgery import decompose_linen
+    from lrjax import data
 
     ds = data.load_dataset("digits")
     train_x, train_y = ds.as_arrays("train")
@@ -161,11 +167,8 @@ def modern_study(log, *, target=2.0, epochs=12, seed=0) -> dict:
         log(f"{name}: full-rank test accuracy {100 * full_acc:.2f}% after {epochs} epochs")
         rows = []
         for method in METHODS:
-            kwargs = {} if method == "data-free" else {"calibration": calib}
-            rule = (ranks.EvalGuided(lambda m, v: val_eval(m, v), target_speedup=target)
-                    if "eval-guided" in method else f"speedup:{target}")
-            result = decompose_linen(model, variables, train_x[:2], rule=rule, train=False,
-                                     **kwargs)
+            result = _compress(model, variables, method, target, calib, val_eval,
+                               train_x[:2])
             acc = _accuracy(result.module, result.variables, test_x, test_y)
             kinds = {k: list(v) for k, v in result.report.by_kind().items()}
             split = {k: sum(1 for p in result.ranks if result.report.kinds[p] == k)

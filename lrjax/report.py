@@ -179,21 +179,6 @@ class Decomposition:
     report: SurgeryReport
     problem: RankProblem = dataclasses.field(repr=False, compare=False, default=None)
 
-    def by_kind(self) -> dict[str, tuple[int, int]]:
-        """``{kind: (macs before, macs after)}`` per example: each kind of layer found
-        (:data:`lrjax.sites.KINDS`), and ``"fixed"``: the rest of the traced forward pass
-        (attention's products, skipped layers), unchanged. Without a traced count, the layers
-        found only."""
-        out = {}
-        for lc in self.net.layers:
-            before, after = out.get(self.kinds.get(lc.name, "kxk"), (0, 0))
-            out[self.kinds.get(lc.name, "kxk")] = (before + lc.full.macs,
-                                                   after + lc.lowrank.macs)
-        if self.net_macs is not None:
-            fixed = self.net_macs[0] - self.net.full_macs
-            out["fixed"] = (fixed, fixed)
-        return out
-
     @property
     def ranks(self) -> dict[str, int]:
         """``{path: rank}`` of the layers this surgery decomposed."""

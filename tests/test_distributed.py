@@ -96,8 +96,9 @@ def test_two_processes_match_one_process_with_two_devices_and_resume(tmp_path):
     port = _port()
     procs = [_launch(tmp_path / "multi", tmp_path / f"p{i}.npz", 1, 2, 1, i, port)
              for i in range(2)]
+    alone = _launch(tmp_path / "single", tmp_path / "s.npz", 1, 1, 2)  # at the same time
     results = [_finish(p) for p in procs]
-    single = _finish(_launch(tmp_path / "single", tmp_path / "s.npz", 1, 1, 2))
+    single = _finish(alone)
     assert [(r["process"], r["processes"], r["devices"]) for r in results] == [(0, 2, 2),
                                                                                (1, 2, 2)]
     assert single["devices"] == 2 and all(r["status"] == "completed" for r in results)

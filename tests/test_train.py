@@ -200,11 +200,7 @@ def test_cli_end_to_end(tmp_path):
         assert os.listdir(run / "checkpoints") and os.listdir(run / "tensorboard")
     results = json.load(open(tmp_path / "results.json"))
     assert [r["model"] for r in results] == ["cnn", "cnn-lowrank"]
-    assert results[1]["theoretical_speedup"] > 5
-    bad = subprocess.run([sys.executable, "-m", "experiments.cifar_nin",
-                          f"--workdir={tmp_path / 'bad'}", "--config.model=resnet"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "unknown model 'resnet'" in bad.stderr
+    assert results[1]["theoretical_speedup"] > 5  # bad inputs: tests/test_experiments_cli.py
 
 
 @pytest.mark.slow
