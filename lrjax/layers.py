@@ -22,9 +22,9 @@ from lrjax import formulations
 from lrjax.costs import as_pair, check_rank
 from lrjax.ranks import check_rank_map
 
-__all__ = ["LowRankConv", "FactorConv", "FactorDense", "LowRankModel", "pair_forward",
-           "dense_pair_forward", "pair_geometry", "split_padding", "conv_skip_reason",
-           "dense_skip_reason", "module_path"]
+__all__ = ["LowRankConv", "FactorConv", "FactorDense", "FactorEinsum", "LowRankModel",
+           "pair_forward", "dense_pair_forward", "einsum_pair_forward", "pair_geometry",
+           "split_padding", "conv_skip_reason", "dense_skip_reason", "module_path"]
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's
 
@@ -161,6 +161,43 @@ def dense_pair_forward(x: jax.Array, *, features, rank: int, axis=-1, use_bias: 
                        name="horizontal", **common)(y)
 
 
+class FactorEinsum(nn.Einsum):
+    """An ``nn.Einsum`` that is one half of a split einsum (never decomposed itself)."""
+
+
+def einsum_pair_forward(x: jax.Array, module: nn.Einsum, rank: int, einsum_str: str | None = None,
+                        mid_norm: Callable[..., nn.Module] | None = None,
+                        where: str = "pair") -> jax.Array:
+    """An ``nn.Einsum`` whose equation is one product of input axes into output axes
+    (:func:`lrjax.sites.einsum_split`) as two einsums through ``rank`` channels, created in the
+    current module's scope: ``vertical/kernel (*contracted dims, K)`` (no bias), then
+    ``horizontal/kernel (K, *produced dims)`` with the layer's own bias."""
+    from lrjax.sites import einsum_split
+
+    equation = einsum_str or module.einsum_str
+    split = einsum_split(equation)
+    if isinstance(split, str):
+        raise ValueError(f"{where}: {split}")
+    rhs = equation.replace(" ", "").split("->")[0].split(",")[1]
+    dims = dict(zip(rhs, module.shape, strict=True))
+    contracted = tuple(dims[c] for c in split.contracted)
+    produced = tuple(dims[c] for c in split.produced)
+    c = n = 1
+    for d in contracted:
+        c *= d
+    for d in produced:
+        n *= d
+    check_rank(rank, (1, 1, c, n), where=where)
+    common = dict(dtype=module.dtype, param_dtype=module.param_dtype, precision=module.precision,
+                  kernel_init=module.kernel_init)
+    y = FactorEinsum((*contracted, rank), split.first, use_bias=False, name="vertical",
+                     **common)(x)
+    if mid_norm is not None:
+        y = mid_norm(name="mid_norm")(y)
+    return FactorEinsum((rank, *produced), split.second, use_bias=module.use_bias,
+                        bias_init=module.bias_init, name="horizontal", **common)(y)
+
+
 class LowRankConv(nn.Module):
     """A ``kh x kw`` conv as a vertical ``kh x 1`` conv (no bias) then a horizontal ``1 x kw`` conv.
 
@@ -223,10 +260,12 @@ def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
     return None
 
 
-def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral)) -> str | None:
-    """Why a dense layer (``nn.Dense``/``nn.DenseGeneral``, ``nnx.Linear``/``nnx.LinearGeneral``)
-    cannot be split into a pair, or None. ``base_types``: the types decomposed (subclasses and
-    layers with their own matrix product, e.g. quantized ones, keep their computation)."""
+def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral, nn.Einsum)) -> str | None:
+    """Why a dense layer (``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum``,
+    ``nnx.Linear``/``nnx.LinearGeneral``) cannot be split into a pair, or None (an einsum's
+    equation is checked by :func:`lrjax.sites.einsum_split`). ``base_types``: the types
+    decomposed (subclasses and layers with their own matrix product, e.g. quantized ones, keep
+    their computation)."""
     if type(layer) not in base_types:
         return (f"{type(layer).__name__} (a subclass of {base_types[0].__name__}: its own "
                 "computation is kept)")
@@ -250,7 +289,7 @@ def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[
 
 
 # the layer types a LowRankModel splits (exact types: subclasses keep their own computation)
-_DECOMPOSED = (nn.Conv, nn.Dense, nn.DenseGeneral)
+_DECOMPOSED = (nn.Conv, nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 
 class LowRankModel(nn.Module):
@@ -309,6 +348,9 @@ class LowRankModel(nn.Module):
                 raise ValueError(f"layer {path!r} cannot be decomposed: {reason}")
             seen.add(path)
             x = call_args[0] if call_args else call_kwargs["inputs"]
+            if type(module) is nn.Einsum:
+                equation = call_args[1] if len(call_args) > 1 else call_kwargs.get("einsum_str")
+                return einsum_pair_forward(x, module, rank, equation, mid_norm, where=path)
             if dense:
                 return dense_pair_forward(
                     x, features=module.features, rank=rank, axis=getattr(module, "axis", -1),
@@ -329,5 +371,5 @@ class LowRankModel(nn.Module):
         missing = sorted(set(ranks) - seen)
         if missing:
             raise ValueError(f"rank map names layers the model never called as nn.Conv, "
-                             f"nn.Dense or nn.DenseGeneral: {missing}")
+                             f"nn.Dense, nn.DenseGeneral or nn.Einsum: {missing}")
         return out

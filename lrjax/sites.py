@@ -13,8 +13,8 @@ kind          the layer                              geometry as a conv
 ``1x1``       a 1x1 ``nn.Conv`` / ``nnx.Conv`` (any  itself; two 1x1 convs ``C -> K -> N`` (the
               stride, groups)                        first takes the stride and padding)
 ``dense``     ``nn.Dense``, ``nn.DenseGeneral``,      a 1x1 conv over ``rows x 1`` pixels, ``rows``
-              ``nnx.Linear``, ``nnx.LinearGeneral``  the input's positions per example (tokens,
-                                                     pixels; 1 for a classifier's input)
+              ``nnx.Linear``, ``nnx.LinearGeneral``, the input's positions per example (tokens,
+              ``nn.Einsum`` (:func:`einsum_split`)   pixels; 1 for a classifier's input)
 ============  =====================================  ===========================================
 
 Variable layout of a split layer, in the layer's own scope: ``vertical/kernel`` (the first
@@ -35,7 +35,8 @@ import numpy as np
 
 from lrjax import costs, decompose
 
-__all__ = ["KINDS", "ConvSite", "dense_shape", "dense_rows", "input_moments"]
+__all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "dense_shape", "dense_rows",
+           "input_moments"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers"}
@@ -54,6 +55,8 @@ class ConvSite:
       skip: why the layer cannot be decomposed (``None``: it can).
       dense_dims: ``(in_dims, out_dims)`` of a dense layer's kernel ``(*in_dims, *out_dims)``
         (``((C,), (N,))`` for ``nn.Dense``); ``None`` for convs.
+      kernel_axes: for an einsum whose kernel interleaves contracted and output axes, the
+        permutation that brings the kernel variable to ``(*in_dims, *out_dims)``; else ``None``.
     """
 
     path: str
@@ -61,6 +64,7 @@ class ConvSite:
     rank: int | None = None
     skip: str | None = None
     dense_dims: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    kernel_axes: tuple[int, ...] | None = None
 
     @property
     def candidate(self) -> bool:
@@ -80,7 +84,13 @@ class ConvSite:
     def kernel_variable_shape(self) -> tuple[int, ...]:
         """The shape of the layer's own ``kernel`` variable."""
         if self.dense_dims is not None:
-            return (*self.dense_dims[0], *self.dense_dims[1])
+            dims = (*self.dense_dims[0], *self.dense_dims[1])
+            if self.kernel_axes is None:
+                return dims
+            shape = [0] * len(dims)
+            for position, axis in enumerate(self.kernel_axes):
+                shape[axis] = dims[position]
+            return tuple(shape)
         return self.shape.kernel_shape
 
     def to_hwio(self, kernel) -> np.ndarray:
@@ -93,6 +103,8 @@ class ConvSite:
         if kernel.shape != self.kernel_variable_shape:
             raise ValueError(f"the kernel of layer {self.path!r} has shape {kernel.shape}; the "
                              f"model's layer expects {self.kernel_variable_shape}")
+        if self.kernel_axes is not None:
+            kernel = np.transpose(kernel, self.kernel_axes)
         return kernel.reshape(self.shape.kernel_shape)
 
     def factor_variables(self, factors: decompose.Factors) -> tuple[jax.Array, jax.Array]:
@@ -103,6 +115,55 @@ class ConvSite:
         rank = factors.vertical.shape[-1]
         return (jnp.reshape(factors.vertical, (*in_dims, rank)),
                 jnp.reshape(factors.horizontal, (rank, *out_dims)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumSplit:
+    """An einsum ``lhs,rhs->out`` (``rhs`` the kernel) as one matrix product between its
+    contracted letters and its kernel's output letters, split in two through a new letter.
+
+    Attributes:
+      first, second: the two factors' equations (``lhs,C z->free z`` and ``free z,z O->out``).
+      contracted, produced: the kernel's contracted and output letters, in kernel order.
+      kernel_axes: kernel axes in ``(*contracted, *produced)`` order, or ``None`` if already so.
+      input_axes: positions in ``lhs`` of the contracted letters, in kernel order.
+    """
+
+    first: str
+    second: str
+    contracted: str
+    produced: str
+    kernel_axes: tuple[int, ...] | None
+    input_axes: tuple[int, ...]
+
+
+def einsum_split(equation: str) -> EinsumSplit | str:
+    """The :class:`EinsumSplit` of an ``nn.Einsum`` / ``nnx.Einsum`` equation, or why it cannot
+    be split (a letter shared by input, kernel and output: a batch of kernels; ellipses;
+    repeated letters; no contracted or no produced letter)."""
+    text = equation.replace(" ", "")
+    if "..." in text or "->" not in text or text.count(",") != 1:
+        return f"einsum {equation!r}: only explicit two-operand equations without '...' split"
+    operands, out = text.split("->")
+    lhs, rhs = operands.split(",")
+    if any(len(set(t)) != len(t) for t in (lhs, rhs, out)):
+        return f"einsum {equation!r}: a repeated letter (a trace or diagonal)"
+    shared = [c for c in rhs if c in lhs and c in out]
+    if shared:
+        return f"einsum {equation!r}: kernel letters {''.join(shared)!r} are batch dims"
+    contracted = "".join(c for c in rhs if c in lhs)
+    produced = "".join(c for c in rhs if c in out)
+    if not contracted or not produced or len(contracted) + len(produced) != len(rhs) or \
+            any(c not in rhs and c not in out for c in lhs):
+        return f"einsum {equation!r}: not one product of input axes into output axes"
+    z = next(c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA"
+             if c not in text)
+    free = "".join(c for c in lhs if c not in contracted)
+    order = tuple(rhs.index(c) for c in contracted + produced)
+    return EinsumSplit(f"{lhs},{contracted}{z}->{free}{z}", f"{free}{z},{z}{produced}->{out}",
+                       contracted, produced,
+                       None if order == tuple(range(len(rhs))) else order,
+                       tuple(lhs.index(c) for c in contracted))
 
 
 def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> costs.ConvShape:

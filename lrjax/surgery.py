@@ -40,6 +40,7 @@ from lrjax.costs import as_pair
 from lrjax.layers import (
     FactorConv,
     FactorDense,
+    FactorEinsum,
     LowRankConv,
     LowRankModel,
     conv_skip_reason,
@@ -74,6 +75,24 @@ def _dense_axes(module) -> tuple[int, ...]:
     return (axis,) if isinstance(axis, int) else tuple(axis)
 
 
+def _einsum_site(path: str, module, x, equation) -> ConvSite:
+    """The site of an ``nn.Einsum`` called on ``x``."""
+    reason = dense_skip_reason(module)
+    split = sites.einsum_split(equation or module.einsum_str)
+    if reason is not None or isinstance(split, str):
+        return ConvSite(path, None, skip=reason or split)
+    rhs = (equation or module.einsum_str).replace(" ", "").split("->")[0].split(",")[1]
+    dims = dict(zip(rhs, (int(d) for d in module.shape), strict=True))
+    in_dims = tuple(dims[c] for c in split.contracted)
+    out_dims = tuple(dims[c] for c in split.produced)
+    shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
+    return ConvSite(path, shape, dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes)
+
+
+def _einsum_equation(module, args, kwargs):
+    return args[1] if len(args) > 1 else kwargs.get("einsum_str") or module.einsum_str
+
+
 def _dense_site(path: str, module, x) -> ConvSite:
     """The site of an ``nn.Dense`` / ``nn.DenseGeneral`` called on ``x``."""
     reason = dense_skip_reason(module)
@@ -86,8 +105,10 @@ def _dense_site(path: str, module, x) -> ConvSite:
     return ConvSite(path, shape, dense_dims=(in_dims, out_dims))
 
 
-def _site(path: str, module, x) -> ConvSite:
-    """The site of a conv or dense layer called on ``x``."""
+def _site(path: str, module, x, equation=None) -> ConvSite:
+    """The site of a conv or dense layer called on ``x`` (``equation``: an einsum's)."""
+    if isinstance(module, nn.Einsum):
+        return _einsum_site(path, module, x, equation)
     if isinstance(module, (nn.Dense, nn.DenseGeneral)):
         return _dense_site(path, module, x)
     if isinstance(module, LowRankConv):
@@ -138,16 +159,15 @@ def _abstract_init(model: nn.Module, args, kwargs, interceptor=None):
 _UNSPLIT = {
     nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
     nn.ConvTranspose: "ConvTranspose: a transposed conv (not decomposed)",
-    nn.Einsum: "Einsum: not decomposed (write it as nn.DenseGeneral to have it split)",
 }
 
 
 def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSite]:
     """Every linear layer of a linen model, in call order, found by tracing it on example inputs.
 
-    ``nn.Conv``, ``nn.Dense`` and ``nn.DenseGeneral`` (and subclasses, listed as not
-    decomposable), ``LowRankConv``, and layers seen but never split (``nn.ConvLocal``,
-    ``nn.ConvTranspose``, ``nn.Einsum``) are recorded; a pair's own halves are not. A layer
+    ``nn.Conv``, ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` (and subclasses, listed as
+    not decomposable), ``LowRankConv``, and layers seen but never split (``nn.ConvLocal``,
+    ``nn.ConvTranspose``) are recorded; a pair's own halves are not. A layer
     called more than once is listed once (its first call). For a :class:`LowRankModel` the
     sites are its base model's, with the wrapper's ranks attached.
 
@@ -169,9 +189,12 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             path = module_path(module)
             if type(module) in _UNSPLIT:
                 found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
-            elif isinstance(module, (nn.Conv, LowRankConv, nn.Dense, nn.DenseGeneral)) \
-                    and not isinstance(module, (FactorConv, FactorDense)):
-                found[path] = _site(path, module, _layer_input(args, kwargs))
+            elif isinstance(module, (nn.Conv, LowRankConv, nn.Dense, nn.DenseGeneral,
+                                     nn.Einsum)) \
+                    and not isinstance(module, (FactorConv, FactorDense, FactorEinsum)):
+                equation = _einsum_equation(module, args, kwargs) \
+                    if isinstance(module, nn.Einsum) else None
+                found[path] = _site(path, module, _layer_input(args, kwargs), equation)
         return next_fun(*args, **kwargs)
 
     _abstract_init(model, example_args, example_kwargs, record)
@@ -299,12 +322,16 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         def accumulate(next_fun, call_args, call_kwargs, context):
             module = context.module
             if context.method_name == "__call__" \
-                    and type(module) in (nn.Conv, nn.Dense, nn.DenseGeneral):
+                    and type(module) in (nn.Conv, nn.Dense, nn.DenseGeneral, nn.Einsum):
                 path = module_path(module)
                 if path in wanted and path not in out:
                     x = _layer_input(call_args, call_kwargs)
-                    out[path] = sites.input_moments(_site(path, module, x), x,
-                                                    _dense_axes(module))
+                    axes = _dense_axes(module)
+                    equation = None
+                    if type(module) is nn.Einsum:
+                        equation = _einsum_equation(module, call_args, call_kwargs)
+                        axes = sites.einsum_split(equation).input_axes
+                    out[path] = sites.input_moments(_site(path, module, x, equation), x, axes)
             return next_fun(*call_args, **call_kwargs)
 
         with nn.intercept_methods(accumulate):
@@ -419,9 +446,11 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     No change to the model's code is needed: every 2-D ``nn.Conv`` (``k x k`` into a vertical /
     horizontal pair, 1x1 into two 1x1 convs), ``nn.Dense`` and ``nn.DenseGeneral`` is a
     candidate wherever it sits (auto-named, in submodules, created in ``@nn.compact``); the
-    variable layout is :mod:`lrjax.sites`'. Layers that cannot be split (input dilation, masks,
-    subclasses, custom ``dot_general``, ``ConvTranspose``, ``Einsum``) are left as they are and
-    listed in the report with the reason.
+    variable layout is :mod:`lrjax.sites`'; an ``nn.Einsum`` is a candidate when its equation is
+    one product of input axes into output axes (:func:`lrjax.sites.einsum_split`). Layers that
+    cannot be split (input dilation, masks, subclasses, custom ``dot_general``,
+    ``ConvTranspose``, batched einsums) are left as they are and listed in the report with the
+    reason.
 
     Args:
       model: the full-rank linen module.
