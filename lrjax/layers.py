@@ -11,6 +11,7 @@ and swaps its chosen ``nn.Conv``\s for pairs that way while it runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -145,12 +146,7 @@ def dense_pair_forward(x: jax.Array, *, features, rank: int, axis=-1, use_bias: 
     """
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     out_dims = (features,) if isinstance(features, int) else tuple(features)
-    c = 1
-    for a in axes:
-        c *= x.shape[a]
-    n = 1
-    for d in out_dims:
-        n *= d
+    c, n = math.prod(x.shape[a] for a in axes), math.prod(out_dims)
     check_rank(rank, (1, 1, c, n), where=where)
     common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
                   kernel_init=kernel_init)
@@ -178,16 +174,8 @@ def einsum_pair_forward(x: jax.Array, module: nn.Einsum, rank: int, einsum_str: 
     split = einsum_split(equation)
     if isinstance(split, str):
         raise ValueError(f"{where}: {split}")
-    rhs = equation.replace(" ", "").split("->")[0].split(",")[1]
-    dims = dict(zip(rhs, module.shape, strict=True))
-    contracted = tuple(dims[c] for c in split.contracted)
-    produced = tuple(dims[c] for c in split.produced)
-    c = n = 1
-    for d in contracted:
-        c *= d
-    for d in produced:
-        n *= d
-    check_rank(rank, (1, 1, c, n), where=where)
+    contracted, produced = split.dims(module.shape)
+    check_rank(rank, (1, 1, math.prod(contracted), math.prod(produced)), where=where)
     common = dict(dtype=module.dtype, param_dtype=module.param_dtype, precision=module.precision,
                   kernel_init=module.kernel_init)
     y = FactorEinsum((*contracted, rank), split.first, use_bias=False, name="vertical",

@@ -56,11 +56,6 @@ def _path(path) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _axes(layer) -> tuple[int, ...]:
-    axis = getattr(layer, "axis", -1)
-    return (axis,) if isinstance(axis, int) else tuple(axis)
-
-
 def _site(path: str, layer, shape) -> ConvSite:
     """The site of an NNX conv or linear layer first called on an input of ``shape``."""
     if type(layer) in _UNSPLIT:
@@ -69,7 +64,7 @@ def _site(path: str, layer, shape) -> ConvSite:
         reason = dense_skip_reason(layer, _LINEAR)
         if reason is not None:
             return ConvSite(path, None, skip=reason)
-        in_dims = tuple(int(shape[a]) for a in _axes(layer))
+        in_dims = tuple(int(shape[a]) for a in sites.contracted_axes(layer))
         out = layer.out_features
         out_dims = (int(out),) if isinstance(out, int) else tuple(int(d) for d in out)
         return ConvSite(path, sites.dense_shape(path, shape, in_dims, out_dims,
@@ -101,7 +96,7 @@ class _Probe(nnx.Module):
         site = record["wanted"].get(self.path)
         if site is not None and self.path not in record["seen"]:
             record["seen"].add(self.path)
-            s, n = _moments(x, site, _axes(self.layer))
+            s, n = _moments(x, site, sites.contracted_axes(self.layer))
             record["sums"][self.path] = record["sums"].get(self.path, 0.0) \
                 + np.asarray(s, np.float64)
             record["counts"][self.path] = record["counts"].get(self.path, 0.0) + float(n)
@@ -172,7 +167,8 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankCo
                   rngs=nnx.Rngs(0))
     if site.kind == "dense":
         in_dims, out_dims = site.dense_dims
-        vertical = nnx.LinearGeneral(in_dims, rank, axis=_axes(layer), use_bias=False, **common)
+        vertical = nnx.LinearGeneral(in_dims, rank, axis=sites.contracted_axes(layer),
+                                     use_bias=False, **common)
         horizontal = nnx.LinearGeneral(rank, out_dims, axis=-1, use_bias=layer.use_bias,
                                        **common)
         cls = LowRankLinearNNX

@@ -61,9 +61,9 @@ class SurgeryReport:
         found only."""
         out = {}
         for lc in self.net.layers:
-            before, after = out.get(self.kinds.get(lc.name, "kxk"), (0, 0))
-            out[self.kinds.get(lc.name, "kxk")] = (before + lc.full.macs,
-                                                   after + lc.lowrank.macs)
+            kind = self.kinds.get(lc.name, "kxk")
+            before, after = out.get(kind, (0, 0))
+            out[kind] = (before + lc.full.macs, after + lc.lowrank.macs)
         if self.net_macs is not None:
             fixed = self.net_macs[0] - self.net.full_macs
             out["fixed"] = (fixed, fixed)

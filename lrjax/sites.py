@@ -35,8 +35,8 @@ import numpy as np
 
 from lrjax import costs, decompose
 
-__all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "dense_shape", "dense_rows",
-           "input_moments"]
+__all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "contracted_axes", "dense_shape",
+           "dense_rows", "input_moments"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers"}
@@ -93,6 +93,12 @@ class ConvSite:
             return tuple(shape)
         return self.shape.kernel_shape
 
+    def check_kernel_shape(self, shape) -> None:
+        """Raise ``ValueError`` naming both shapes unless ``shape`` is the layer's kernel's."""
+        if tuple(shape) != self.kernel_variable_shape:
+            raise ValueError(f"the kernel of layer {self.path!r} has shape {tuple(shape)}; the "
+                             f"model's layer expects {self.kernel_variable_shape}")
+
     def to_hwio(self, kernel) -> np.ndarray:
         """The layer's ``kernel`` variable as an HWIO conv kernel ``(kh, kw, C/groups, N)``.
 
@@ -100,9 +106,7 @@ class ConvSite:
           ValueError: a kernel whose shape is not the layer's, naming both.
         """
         kernel = np.asarray(kernel, np.float32)
-        if kernel.shape != self.kernel_variable_shape:
-            raise ValueError(f"the kernel of layer {self.path!r} has shape {kernel.shape}; the "
-                             f"model's layer expects {self.kernel_variable_shape}")
+        self.check_kernel_shape(kernel.shape)
         if self.kernel_axes is not None:
             kernel = np.transpose(kernel, self.kernel_axes)
         return kernel.reshape(self.shape.kernel_shape)
@@ -127,6 +131,7 @@ class EinsumSplit:
       contracted, produced: the kernel's contracted and output letters, in kernel order.
       kernel_axes: kernel axes in ``(*contracted, *produced)`` order, or ``None`` if already so.
       input_axes: positions in ``lhs`` of the contracted letters, in kernel order.
+      kernel: the kernel's letters (``rhs``).
     """
 
     first: str
@@ -135,6 +140,12 @@ class EinsumSplit:
     produced: str
     kernel_axes: tuple[int, ...] | None
     input_axes: tuple[int, ...]
+    kernel: str
+
+    def dims(self, kernel_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(contracted dims, produced dims)`` of a kernel of ``kernel_shape``."""
+        size = dict(zip(self.kernel, (int(d) for d in kernel_shape), strict=True))
+        return (tuple(size[c] for c in self.contracted), tuple(size[c] for c in self.produced))
 
 
 def einsum_split(equation: str) -> EinsumSplit | str:
@@ -163,7 +174,7 @@ def einsum_split(equation: str) -> EinsumSplit | str:
     return EinsumSplit(f"{lhs},{contracted}{z}->{free}{z}", f"{free}{z},{z}{produced}->{out}",
                        contracted, produced,
                        None if order == tuple(range(len(rhs))) else order,
-                       tuple(lhs.index(c) for c in contracted))
+                       tuple(lhs.index(c) for c in contracted), rhs)
 
 
 def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> costs.ConvShape:
@@ -173,6 +184,13 @@ def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> co
     rows = max(math.prod(int(d) for d in input_shape[1:]) // c, 1) if len(input_shape) > 1 else 1
     return costs.ConvShape(name=path, input_hw=(rows, 1), in_channels=c, out_channels=n,
                            kernel_size=(1, 1), padding="VALID", use_bias=use_bias)
+
+
+def contracted_axes(layer) -> tuple[int, ...]:
+    """The input axes a dense layer contracts (``axis``: ``nn.DenseGeneral``,
+    ``nnx.LinearGeneral``; the last one otherwise)."""
+    axis = getattr(layer, "axis", -1)
+    return (axis,) if isinstance(axis, int) else tuple(axis)
 
 
 def dense_rows(x: jax.Array, axes) -> jax.Array:

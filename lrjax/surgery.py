@@ -70,21 +70,13 @@ def _conv_shape(path: str, module, x) -> costs.ConvShape:
         use_bias=bool(module.use_bias))
 
 
-def _dense_axes(module) -> tuple[int, ...]:
-    axis = getattr(module, "axis", -1)
-    return (axis,) if isinstance(axis, int) else tuple(axis)
-
-
 def _einsum_site(path: str, module, x, equation) -> ConvSite:
     """The site of an ``nn.Einsum`` called on ``x``."""
     reason = dense_skip_reason(module)
     split = sites.einsum_split(equation or module.einsum_str)
     if reason is not None or isinstance(split, str):
         return ConvSite(path, None, skip=reason or split)
-    rhs = (equation or module.einsum_str).replace(" ", "").split("->")[0].split(",")[1]
-    dims = dict(zip(rhs, (int(d) for d in module.shape), strict=True))
-    in_dims = tuple(dims[c] for c in split.contracted)
-    out_dims = tuple(dims[c] for c in split.produced)
+    in_dims, out_dims = split.dims(module.shape)
     shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
     return ConvSite(path, shape, dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes)
 
@@ -98,7 +90,7 @@ def _dense_site(path: str, module, x) -> ConvSite:
     reason = dense_skip_reason(module)
     if reason is not None:
         return ConvSite(path, None, skip=reason)
-    in_dims = tuple(int(x.shape[a]) for a in _dense_axes(module))
+    in_dims = tuple(int(x.shape[a]) for a in sites.contracted_axes(module))
     features = module.features
     out_dims = (int(features),) if isinstance(features, int) else tuple(int(f) for f in features)
     shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
@@ -177,10 +169,10 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         variables (arrays or ``jax.ShapeDtypeStruct``\\s; other values are passed as they are).
     """
     if isinstance(model, LowRankModel):
-        sites = find_convs(model.base, *example_args, **example_kwargs)
+        base_sites = find_convs(model.base, *example_args, **example_kwargs)
         ranks = dict(model.ranks)
         return [dataclasses.replace(s, rank=ranks[s.path]) if s.path in ranks else s
-                for s in sites]
+                for s in base_sites]
     found: dict[str, ConvSite] = {}
 
     def record(next_fun, args, kwargs, context):
@@ -326,7 +318,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
                 path = module_path(module)
                 if path in wanted and path not in out:
                     x = _layer_input(call_args, call_kwargs)
-                    axes = _dense_axes(module)
+                    axes = sites.contracted_axes(module)
                     equation = None
                     if type(module) is nn.Einsum:
                         equation = _einsum_equation(module, call_args, call_kwargs)
@@ -366,8 +358,7 @@ class _Kernels(Mapping):
             if key not in flat:
                 raise ValueError(f"variables have no kernel for layer {s.path!r} "
                                  f"({'/'.join(key)})")
-            if tuple(np.shape(flat[key])) != s.kernel_variable_shape:
-                s.to_hwio(np.zeros(np.shape(flat[key]), np.float32))  # raises, naming both
+            s.check_kernel_shape(np.shape(flat[key]))
             self._sites[s.path], self._arrays[s.path] = s, flat[key]
 
     def __getitem__(self, path):
