@@ -176,11 +176,16 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
         span = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dils, strict=True)]
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], span, window_strides, padding)
     padding = [tuple(p) for p in padding]
-    other = 3 - axis  # the axis with kernel size 1: only its padding and stride apply
-    if padding[other - 1] != (0, 0) or tuple(window_strides)[other - 1] != 1:
-        lhs = jnp.pad(lhs, [(0, 0)] + [padding[0] if other == 1 else (0, 0),
-                                       padding[1] if other == 2 else (0, 0)] + [(0, 0)])
-        lhs = jax.lax.slice_in_dim(lhs, 0, None, tuple(window_strides)[other - 1], axis=other)
+    # the axes with kernel size 1 (both for a 1x1 kernel): only their padding and stride apply,
+    # taken before the product so that it runs on the output's pixels only
+    for other in (1, 2) if taps == 1 else (3 - axis,):
+        if padding[other - 1] != (0, 0) or tuple(window_strides)[other - 1] != 1:
+            lhs = jnp.pad(lhs, [(0, 0)] + [padding[0] if other == 1 else (0, 0),
+                                           padding[1] if other == 2 else (0, 0)] + [(0, 0)])
+            lhs = jax.lax.slice_in_dim(lhs, 0, None, tuple(window_strides)[other - 1],
+                                       axis=other)
+    if taps == 1:
+        return channel_matmul(lhs, rhs.reshape(c, k_out), precision)
     pads = [(0, 0)] * 4
     pads[axis] = padding[axis - 1]
     n_out = (lhs.shape[axis] + sum(pads[axis]) - (taps - 1) * dil - 1) // stride + 1
@@ -192,8 +197,6 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
 
     if k_out < c:
         y = channel_matmul(lhs, jnp.transpose(w, (1, 0, 2)).reshape(c, taps * k_out), precision)
-        if taps == 1 and pads[axis] == (0, 0) and stride == 1:
-            return y
         y = jnp.pad(y, pads)
         return sum(shifted(y[..., i * k_out:(i + 1) * k_out], i) for i in range(taps))
     xp = jnp.pad(lhs, pads) if pads[axis] != (0, 0) else lhs

@@ -2,11 +2,10 @@
 (``dot_general``: dense layers, einsums, attention's q·k and a·v) in its jaxpr, sub-jaxprs
 included. What :mod:`lrjax.costs` counts per conv layer, counted here for the whole net, so that
 a reported speedup is the whole forward pass's. Element-wise work (norms, activations, pooling)
-is not counted. A conv counts every output position's whole window (the papers' convention, and
-:mod:`lrjax.costs`'); XLA's own flop count (``jax.jit(f).lower(...).compile().cost_analysis()``)
-is twice the multiply-adds that touch the input, plus the element-wise work: equal to within the
-element-wise share without padding, lower by the padded taps' share with it (11% for 3x3 SAME
-convs on 12x12 maps, under 2% at 224x224).
+is not counted. A conv counts the taps that land on its input, not those on padding or on a
+transposed conv's dilation holes (:func:`lrjax.costs.valid_taps`), as XLA does: XLA's own flop
+count (``jax.jit(f).lower(...).compile().cost_analysis()["flops"]``) is twice these multiply-adds
+plus the element-wise work (a few percent of a CNN's).
 """
 
 from __future__ import annotations
@@ -16,17 +15,26 @@ from collections.abc import Callable
 
 import jax
 
+from lrjax import costs
+
 __all__ = ["jaxpr_macs", "traced_macs"]
 
 
 def _conv_macs(eqn) -> int:
     lhs, rhs = (v.aval for v in eqn.invars)
     out = eqn.outvars[0].aval
-    _, rhs_spec, _ = eqn.params["dimension_numbers"]
-    # rhs_spec: (out feature dim, in feature dim, spatial dims...)
-    window = math.prod(int(rhs.shape[d]) for d in rhs_spec[2:])
+    params = eqn.params
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    # specs: (batch or out feature dim, feature dim, spatial dims...)
+    taps = math.prod(
+        costs.valid_taps(int(lhs.shape[ld]), int(rhs.shape[rd]), int(stride), int(low),
+                         int(dilation), int(out.shape[od]), int(input_dilation))
+        for ld, rd, od, stride, (low, _), dilation, input_dilation in zip(
+            lhs_spec[2:], rhs_spec[2:], out_spec[2:], params["window_strides"],
+            params["padding"], params["rhs_dilation"], params["lhs_dilation"], strict=True))
     in_per_group = int(rhs.shape[rhs_spec[1]])
-    return math.prod(int(d) for d in out.shape) * window * in_per_group
+    batch_and_features = int(out.shape[out_spec[0]]) * int(out.shape[out_spec[1]])
+    return batch_and_features * taps * in_per_group
 
 
 def _dot_macs(eqn) -> int:

@@ -57,7 +57,8 @@ def test_resnet50_every_layer_is_a_candidate_and_the_cost_is_the_whole_nets():
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     traced = lrjax.macs.traced_macs(lambda v, x: model.apply(v, x, train=False), variables, x)
     assert traced["total"] == sum(lrjax.costs.conv_cost(s.shape).macs for s in sites)
-    assert 4.0e9 < traced["total"] < 4.2e9  # ResNet-50's published ~4.1 G multiply-adds
+    # ResNet-50's published ~4.1 G multiply-adds count whole windows; 3.95 G land on the input
+    assert 3.9e9 < traced["total"] < 4.0e9
 
 
 def test_resnet_full_rank_round_trip_equals_the_original(resnet):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from lrjax import formulations as F
-from lrjax import models, surgery, train
+from lrjax import macs, models, surgery, train
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
                             reason="asserts what the 'auto' policy picks on the CPU backend")
@@ -80,6 +80,7 @@ def test_channel_matmul_matches_einsum(p, o):
 
 @pytest.mark.parametrize("kernel,strides,padding,dilation", [
     ((1, 1), (1, 1), "SAME", (1, 1)), ((1, 1), (2, 2), "VALID", (1, 1)),
+    ((1, 1), (2, 3), ((0, 0), (0, 0)), (1, 1)), ((1, 1), (2, 3), ((1, 0), (0, 2)), (1, 1)),
     ((5, 1), (1, 1), "SAME", (1, 1)), ((3, 1), (2, 1), ((2, 1), (0, 0)), (2, 1)),
     ((1, 3), (2, 2), ((0, 0), (1, 2)), (1, 1)), ((1, 3), (1, 1), "VALID", (1, 2)),
 ])
@@ -96,6 +97,10 @@ def test_conv1d_as_matmul_matches_lax(kernel, strides, padding, dilation, cin, c
         _close(jax.value_and_grad(functools.partial(loss, fn), (0, 1))(x, w),
                jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated),
                                   (0, 1))(x, w))
+    if kernel == (1, 1) and padding != ((1, 0), (0, 2)):  # strides first: no wasted products
+        ours, lax = (macs.traced_macs(functools.partial(loss, fn), x, w)["total"]
+                     for fn in (F.conv1d_as_matmul, jax.lax.conv_general_dilated))
+        assert ours == lax
 
 
 def test_conv1d_matmul_when_differentiated_is_a_conv_alone_and_matmuls_in_gradients():

@@ -137,12 +137,12 @@ def test_lowrank_conv_and_lowrank_model_share_the_variable_layout():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("family,expect", [
-    ("vgg16", (15.35e9, 4.94e9, 3.10)),
-    ("caffenet", (0.666e9, 0.126e9, 5.29)),
-    ("nin", (222.5e6, 118.6e6, 1.88)),
+@pytest.mark.parametrize("family,expect", [  # whole windows counted: 15.35 G -> 4.94 G (3.10x),
+    ("vgg16", (14.85e9, 4.86e9, 3.06)),        # 0.666 G -> 0.126 G (5.29x), 222.5 M -> 118.6 M
+    ("caffenet", (0.613e9, 0.121e9, 5.06)),    # (1.88x): the papers' arithmetic
+    ("nin", (201.0e6, 113.4e6, 1.77)),
 ])
-def test_cost_reports_match_paper(family, expect):
+def test_cost_reports_of_the_authors_ranks(family, expect):
     full, low, speed = expect
     report = cost_report.zoo_cost_report(family)
     assert report.full_macs == pytest.approx(full, rel=2e-3)
@@ -154,7 +154,7 @@ def test_cost_report_of_full_model_with_ranks():
     model = models.get_model("nin")
     x = cost_report.images(1, 32)
     report = cost_report.cost_report(model, x, ranks={"conv1": 10, "conv2": 51}, train=False)
-    assert report.lowrank_macs == 118_560_768
+    assert report.lowrank_macs == 113_384_832
     sites = surgery.find_convs(model, x, train=False)
     assert [s.path for s in sites][:3] == ["conv1", "cccp1", "cccp2"]
     assert sites[3].shape.input_hw == (16, 16)

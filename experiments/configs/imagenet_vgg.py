@@ -3,7 +3,7 @@
     python -m experiments.imagenet_vgg --workdir runs/vgg --config.weights=vgg16-397923af.pth \\
         --config.data_dir=/data/tfds
 
-imports torchvision's VGG-16, decomposes it with the authors' ranks (3.10x fewer conv
+imports torchvision's VGG-16, decomposes it with the authors' ranks (3.06x fewer conv
 multiply-adds), evaluates both nets on the 50,000 validation images, fine-tunes the low-rank net
 with the authors' recipe (SGD lr 0.01, x0.1 every 50k iterations, 120k iterations at batch 64,
 momentum 0.9, weight decay 5e-4; the learning rate scales linearly with the batch) and times both.
