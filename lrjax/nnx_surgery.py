@@ -1,11 +1,13 @@
 """Compress Flax NNX models: :func:`decompose_nnx`.
 
 The NNX counterpart of :func:`lrjax.decompose_linen`, with the same rank rules, calibration and
-report: every 2-D ``nnx.Conv`` (``k x k`` or 1x1), ``nnx.Linear`` and ``nnx.LinearGeneral`` is a
-candidate wherever it sits (attributes, ``nnx.List``, ``nnx.Sequential``), named by its graph
+report: every 2-D ``nnx.Conv`` (``k x k`` or 1x1), ``nnx.Linear``, ``nnx.LinearGeneral`` and
+``nnx.Einsum`` whose equation is one product of input axes into output axes
+(:func:`lrjax.sites.einsum_split`) is a candidate wherever it sits (attributes, ``nnx.List``, ``nnx.Sequential``), named by its graph
 path joined with ``/`` (``blocks/1/conv1``, ``seq/layers/0``). The result (a
 :class:`lrjax.report.Decomposition`) holds a copy of the model whose decomposed layers are
-:class:`LowRankConvNNX` / :class:`LowRankLinearNNX` pairs; the original is left untouched.
+:class:`LowRankConvNNX` / :class:`LowRankLinearNNX` / :class:`LowRankEinsumNNX` pairs; the
+original is left untouched.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite
 
-__all__ = ["LowRankConvNNX", "LowRankLinearNNX", "decompose_nnx", "find_convs_nnx", "eval_view"]
+__all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_nnx",
+           "find_convs_nnx", "eval_view"]
 
 _LINEAR = (nnx.Linear, nnx.LinearGeneral)
+_SPLIT = (nnx.Conv, *_LINEAR, nnx.Einsum)  # the exact types a pair replaces
 # linear layers seen and left as they are, with the reason
 _UNSPLIT = {
     nnx.ConvTranspose: "ConvTranspose: a transposed conv (not decomposed)",
-    nnx.Einsum: "Einsum: not decomposed (write it as nnx.LinearGeneral to have it split)",
 }
 
 
@@ -52,14 +55,62 @@ class LowRankLinearNNX(LowRankConvNNX):
     then ``horizontal`` (``K -> N``, the layer's bias)."""
 
 
+class LowRankEinsumNNX(LowRankConvNNX):
+    """An ``nnx.Einsum`` as two (:class:`lrjax.sites.EinsumSplit`): ``vertical``
+    (``lhs,Cz->free z``, kernel ``(*contracted dims, K)``, no bias) then ``horizontal``
+    (``free z,zO->out``, kernel ``(K, *produced dims)``, the layer's bias). ``equation`` is the
+    one it was split for; a call naming another is an error."""
+
+    def __init__(self, vertical: nnx.Module, horizontal: nnx.Module, equation: str):
+        super().__init__(vertical, horizontal)
+        self.equation = equation
+
+    def __call__(self, x, einsum_str: str | None = None, **kwargs):
+        if einsum_str is not None and einsum_str.replace(" ", "") != self.equation:
+            raise ValueError(f"this pair was split for {self.equation!r}; called with "
+                             f"einsum_str={einsum_str!r}")
+        return self.horizontal(self.vertical(x, **kwargs), **kwargs)
+
+
+def _einsum_equation(layer, args, kwargs) -> str | None:
+    """The equation an ``nnx.Einsum`` is called with (its own unless the call gives one)."""
+    equation = args[0] if args else kwargs.get("einsum_str")
+    equation = equation or layer.einsum_str
+    return None if equation is None else equation.replace(" ", "")
+
+
+def _input_axes(layer, equation) -> tuple[int, ...]:
+    """The input axes a linear layer contracts (an einsum's from its equation)."""
+    if isinstance(layer, nnx.Einsum):
+        return sites.einsum_split(equation).input_axes
+    return sites.contracted_axes(layer)
+
+
 def _path(path) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _site(path: str, layer, shape) -> ConvSite:
-    """The site of an NNX conv or linear layer first called on an input of ``shape``."""
+def _einsum_site(path: str, layer, shape, equation) -> ConvSite:
+    """The site of an ``nnx.Einsum`` called with ``equation`` on an input of ``shape``."""
+    reason = dense_skip_reason(layer, (nnx.Einsum,))
+    if reason is None and layer.einsum_op is not jnp.einsum:
+        reason = "a custom einsum_op: its own computation is kept"
+    split = sites.einsum_split(equation or "")
+    if reason is not None or isinstance(split, str):
+        return ConvSite(path, None, skip=reason or split, equation=equation)
+    in_dims, out_dims = split.dims(layer.kernel[...].shape)
+    return ConvSite(path, sites.dense_shape(path, shape, in_dims, out_dims, layer.bias is not None),
+                    dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes,
+                    equation=equation)
+
+
+def _site(path: str, layer, shape, equation=None) -> ConvSite:
+    """The site of an NNX conv or linear layer first called on an input of ``shape``
+    (``equation``: an einsum's)."""
     if type(layer) in _UNSPLIT:
         return ConvSite(path, None, skip=_UNSPLIT[type(layer)])
+    if isinstance(layer, nnx.Einsum):
+        return _einsum_site(path, layer, shape, equation)
     if isinstance(layer, _LINEAR):
         reason = dense_skip_reason(layer, _LINEAR)
         if reason is not None:
@@ -93,10 +144,12 @@ class _Probe(nnx.Module):
         record = self._record
         if self.path not in record["shapes"]:
             record["shapes"][self.path] = tuple(x.shape)
+            if isinstance(self.layer, nnx.Einsum):
+                record["equations"][self.path] = _einsum_equation(self.layer, args, kwargs)
         site = record["wanted"].get(self.path)
         if site is not None and self.path not in record["seen"]:
             record["seen"].add(self.path)
-            s, n = _moments(x, site, sites.contracted_axes(self.layer))
+            s, n = _moments(x, site, _input_axes(self.layer, site.equation))
             record["sums"][self.path] = record["sums"].get(self.path, 0.0) \
                 + np.asarray(s, np.float64)
             record["counts"][self.path] = record["counts"].get(self.path, 0.0) + float(n)
@@ -129,12 +182,12 @@ def eval_view(model):
 def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, eval_mode=True):
     """Run a copy of ``model`` (an eval view of it with ``eval_mode``) with every conv and linear
     layer (subclasses included) behind a probe; the ``wanted`` sites' input moments summed."""
-    record = {"shapes": {}, "sums": {}, "counts": {}, "seen": set(),
+    record = {"shapes": {}, "equations": {}, "sums": {}, "counts": {}, "seen": set(),
               "wanted": {s.path: s for s in wanted}}
     convs = {}
 
     def probe(path, node):
-        if isinstance(node, (nnx.Conv, *_LINEAR, *_UNSPLIT)):
+        if isinstance(node, (*_SPLIT, *_UNSPLIT)):
             name = _path(path)
             convs[name] = node
             return _Probe(node, name, record)
@@ -151,12 +204,13 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
 
 def find_convs_nnx(model, *example_args, eval_mode: bool = True,
                    **example_kwargs) -> list[ConvSite]:
-    """Every conv and linear layer (``nnx.Conv``, ``nnx.Linear``, ``nnx.LinearGeneral``, and
-    ``nnx.ConvTranspose`` / ``nnx.Einsum`` listed as not decomposed) the model calls on the
+    """Every conv and linear layer (``nnx.Conv``, ``nnx.Linear``, ``nnx.LinearGeneral``,
+    ``nnx.Einsum``, and ``nnx.ConvTranspose`` listed as not decomposed) the model calls on the
     example inputs, in call order; run on an eval view of a copy with ``eval_mode``."""
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode)
-    return [_site(path, convs[path], shape) for path, shape in record["shapes"].items()]
+    return [_site(path, convs[path], shape, record["equations"].get(path))
+            for path, shape in record["shapes"].items()]
 
 
 def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankConvNNX:
@@ -165,6 +219,19 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankCo
     vertical_kernel, horizontal_kernel = site.factor_variables(factors)
     common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
                   rngs=nnx.Rngs(0))
+    if isinstance(layer, nnx.Einsum):
+        split = sites.einsum_split(site.equation)
+        in_dims, out_dims = site.dense_dims
+        common.update(promote_dtype=layer.promote_dtype,
+                      preferred_element_type=layer.preferred_element_type)
+        vertical = nnx.Einsum(split.first, (*in_dims, rank), **common)
+        horizontal = nnx.Einsum(split.second, (rank, *out_dims),
+                                None if layer.bias is None else layer.bias[...].shape, **common)
+        vertical.kernel[...] = jnp.asarray(vertical_kernel, layer.param_dtype)
+        horizontal.kernel[...] = jnp.asarray(horizontal_kernel, layer.param_dtype)
+        if layer.bias is not None:
+            horizontal.bias[...] = layer.bias[...]
+        return LowRankEinsumNNX(vertical, horizontal, site.equation)
     if site.kind == "dense":
         in_dims, out_dims = site.dense_dims
         vertical = nnx.LinearGeneral(in_dims, rank, axis=sites.contracted_axes(layer),
@@ -194,7 +261,7 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
 
     def replace(path, node):
         name = _path(path)
-        if type(node) in (nnx.Conv, *_LINEAR) and name in factors:
+        if type(node) in _SPLIT and name in factors:
             return _pair_module(node, problem.site(name), factors[name])
         return node
 
@@ -235,7 +302,8 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
 
     Returns:
       A :class:`lrjax.report.Decomposition`: ``.module`` is a copy of ``model`` with the chosen
-      layers replaced by :class:`LowRankConvNNX` / :class:`LowRankLinearNNX` pairs,
+      layers replaced by :class:`LowRankConvNNX` / :class:`LowRankLinearNNX` /
+      :class:`LowRankEinsumNNX` pairs,
       ``.variables`` is ``None`` (the model carries its state), ``.report`` the per-layer
       report.
 
@@ -244,8 +312,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     """
     rule = rules.parse_rule(rule, multiple=multiple)
     found = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
-    graph = dict((_path(p), n) for p, n in nnx.iter_graph(model)
-                 if isinstance(n, (nnx.Conv, *_LINEAR)))
+    graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, _SPLIT))
     candidates = [s for s in found if s.candidate]
     kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
     covs = None

@@ -57,6 +57,7 @@ class ConvSite:
         (``((C,), (N,))`` for ``nn.Dense``); ``None`` for convs.
       kernel_axes: for an einsum whose kernel interleaves contracted and output axes, the
         permutation that brings the kernel variable to ``(*in_dims, *out_dims)``; else ``None``.
+      equation: an einsum's equation as it was called (``None`` for other layers).
     """
 
     path: str
@@ -65,6 +66,7 @@ class ConvSite:
     skip: str | None = None
     dense_dims: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     kernel_axes: tuple[int, ...] | None = None
+    equation: str | None = None
 
     @property
     def candidate(self) -> bool:

@@ -118,9 +118,11 @@ def test_whole_net_speedup_counts_every_kind(mixed):
     # a per-channel 1x1 conv has no pair that saves: kept full, and said so
     assert "scale" not in result.ranks
     assert result.report.kept_full["scale"] == "no pair of it saves multiply-adds"
-    # a depthwise 3x3 conv's separable pair (rank 1 per channel) saves 1.5x: a candidate
+    # a depthwise 3x3 conv's separable pair (rank 1 per channel) saves 9 / 6 taps away from the
+    # edges; on its 6x6 map (SAME: 16 of 18 taps per axis on the input) 16 * 16 / (2 * 16 * 6)
     depthwise = {s.path: s for s in result.problem.sites}["depthwise"].shape
-    assert costs.layer_speedup(depthwise, 32) == pytest.approx(1.5)
+    assert depthwise.input_hw == (6, 6)
+    assert costs.layer_speedup(depthwise, 32) == pytest.approx(16 * 16 / (16 * 6 + 6 * 16))
     table = result.report.table()
     assert "1x1 convs" in table and "dense layers" in table and "left as is: mix" in table
 
@@ -178,14 +180,15 @@ def test_nnx_linear_layers_round_trip(calibrated):
     model = NNXMixed(nnx.Rngs(0))
     found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
     assert {p: s.kind for p, s in found.items() if s.candidate} == {
-        "stem": "kxk", "down": "1x1", "merge": "dense", "fc": "dense", "head": "dense"}
-    assert found["mix"].skip.startswith("Einsum")
+        "stem": "kxk", "down": "1x1", "merge": "dense", "fc": "dense", "mix": "dense",
+        "head": "dense"}
     top = _top(found.values())
     result = lrjax.decompose_nnx(model, X, rule=top, calibration=CALIB if calibrated else None)
     np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-4)
     assert isinstance(result.module.fc, lrjax.nnx_surgery.LowRankLinearNNX)
     assert result.module.merge.vertical.kernel.shape == (6, 32, 24)
     assert result.module.fc.horizontal.bias.shape == (40,)
+    assert isinstance(result.module.mix, lrjax.nnx_surgery.LowRankEinsumNNX)
     small = lrjax.decompose_nnx(model, X, rule="speedup:1.5", calibration=CALIB)
     assert small.report.speedup >= 1.5 and np.isfinite(np.asarray(small.module(X))).all()
 
@@ -265,6 +268,50 @@ class EinsumAttention(nn.Module):
         scores = jax.nn.softmax(jnp.einsum("bqnh,bknh->bnqk", q, k))
         return nn.Einsum((4, 8, 16), "btnh,nhd->btd", name="o")(
             jnp.einsum("bnqk,bknh->bqnh", scores, v))
+
+
+class NNXEinsumAttention(nnx.Module):
+    """:class:`EinsumAttention` in NNX, with a per-token einsum (a batch of kernels: left as it
+    is) and an output projection called with an equation of its own (which wins)."""
+
+    def __init__(self, rngs):
+        self.q = nnx.Einsum("btd,dnh->btnh", (16, 4, 8), (4, 8), rngs=rngs)
+        self.k = nnx.Einsum("btd,ndh->btnh", (4, 16, 8), (4, 8), rngs=rngs)
+        self.v = nnx.Einsum("btd,dnh->btnh", (16, 4, 8), rngs=rngs)
+        self.gate = nnx.Einsum("btd,td->bd", (6, 16), rngs=rngs)
+        self.o = nnx.Einsum("btnh,nhd->btd", (4, 8, 16), (16,), rngs=rngs)
+
+    def __call__(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        scores = jax.nn.softmax(jnp.einsum("bqnh,bknh->bnqk", q, k))
+        y = self.o(jnp.einsum("bnqk,bknh->bqnh", scores, v), einsum_str="bqnh,nhd->bqd")
+        return y + self.gate(x)[:, None]
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_nnx_einsum_projections_split_in_their_own_layout(calibrated):
+    model, x = NNXEinsumAttention(nnx.Rngs(0)), jax.random.normal(jax.random.key(0), (2, 6, 16))
+    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, x)}
+    assert {p: (s.kind, s.dense_dims) for p, s in found.items() if s.candidate} == {
+        "q": ("dense", ((16,), (4, 8))), "k": ("dense", ((16,), (4, 8))),
+        "v": ("dense", ((16,), (4, 8))), "o": ("dense", ((4, 8), (16,)))}
+    assert found["k"].kernel_axes == (1, 0, 2)
+    assert "batch dims" in found["gate"].skip
+    result = lrjax.decompose_nnx(model, x, rule=_top(found.values()),
+                                 calibration=x if calibrated else None)
+    np.testing.assert_allclose(result.module(x), model(x), rtol=1e-4, atol=1e-5)
+    k = result.module.k
+    assert isinstance(k, lrjax.nnx_surgery.LowRankEinsumNNX)
+    assert (k.vertical.kernel.shape, k.horizontal.kernel.shape, k.horizontal.bias.shape) == \
+        ((16, 16), (16, 4, 8), (4, 8))
+    assert result.module.v.horizontal.bias is None
+    assert result.report.skipped["gate"] == found["gate"].skip
+    small = lrjax.decompose_nnx(model, x, rule="speedup:1.2")
+    before, after = small.report.net_macs
+    assert before / after >= 1.2 and np.isfinite(np.asarray(small.module(x))).all()
+    assert found["o"].equation == "bqnh,nhd->bqd"
+    with pytest.raises(ValueError, match="split for 'bqnh,nhd->bqd'"):
+        result.module.o(jnp.ones((2, 6, 4, 8)), einsum_str="btnh,nhd->bdt")
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
