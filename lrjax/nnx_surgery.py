@@ -3,8 +3,9 @@
 The NNX counterpart of :func:`lrjax.decompose_linen`, with the same rank rules, calibration and
 report: every 2-D ``nnx.Conv`` (``k x k`` or 1x1), ``nnx.Linear``, ``nnx.LinearGeneral`` and
 ``nnx.Einsum`` whose equation is one product of input axes into output axes
-(:func:`lrjax.sites.einsum_split`) is a candidate wherever it sits (attributes, ``nnx.List``, ``nnx.Sequential``), named by its graph
-path joined with ``/`` (``blocks/1/conv1``, ``seq/layers/0``). The result (a
+(:func:`lrjax.sites.einsum_split`) is a candidate wherever it sits (attributes, ``nnx.List``,
+``nnx.Sequential``), named by its graph path joined with ``/`` (``blocks/1/conv1``,
+``seq/layers/0``). The result (a
 :class:`lrjax.report.Decomposition`) holds a copy of the model whose decomposed layers are
 :class:`LowRankConvNNX` / :class:`LowRankLinearNNX` / :class:`LowRankEinsumNNX` pairs; the
 original is left untouched.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lrjax import cost_report, costs, macs, ranks
-from lrjax.decompose import max_rank, relative_errors, singular_values
+from lrjax.decompose import kernel_to_matrices, max_rank, relative_errors
 
 
 def test_vgg16_authors_ranks_cost():
@@ -147,9 +147,11 @@ def _vgg_kernels(image_size=32):
 @pytest.fixture(scope="module")
 def vgg():
     """VGG-16's layers at 32x32, kernels with decaying spectra, and their spectra (computed
-    once: the SVDs of VGG-16's kernels are the slow part of an allocation)."""
+    once, by LAPACK: the SVDs of VGG-16's kernels are the slow part of an allocation;
+    ``singular_values`` itself is tested against NumPy's in test_decompose.py)."""
     layers, kernels = _vgg_kernels()
-    spectra = {n: np.asarray(singular_values(k)) for n, k in kernels.items()}
+    spectra = {n: np.linalg.svd(np.asarray(kernel_to_matrices(k)), compute_uv=False)
+               for n, k in kernels.items()}
     return layers, kernels, spectra
 
 
