@@ -7,9 +7,11 @@ In one run, on random weights (speed and decomposition time do not depend on the
   calibrated on 8 images; VGG-16 at 224 with the authors' conv ranks.
 * **measured speed**, full vs low-rank, in JAX (``jax.jit``, the recommended XLA flags) and in
   ONNX Runtime (the export of the same modules): ResNet-50 at 224 with a whole-net
-  ``speedup:2`` (1x1 convs and the classifier are candidates) at batch 1 and 8; VGG-16 at 224
-  with the authors' conv ranks, and with fc6/fc7 factorized too, at batch 1. Both sides run the
-  same flags and formulations; times are medians of steady-state calls taken in turns.
+  ``speedup:2`` (1x1 convs and the classifier are candidates), with ``speedup:2,multiple=16``,
+  and with the ``speedup:2`` ranks of one layer kind only (k x k, 1x1, dense: the time each
+  kind's pairs save against the multiply-adds they save), at batch 1 and 8; VGG-16 at 224 with
+  the authors' conv ranks, and with fc6/fc7 factorized too, at batch 1. Both sides run the same
+  flags and formulations; times are medians of steady-state calls taken in turns.
 
     python -m benchmarks.modern_cnns --json bench_results/modern_cnns.json
 """
@@ -112,6 +114,30 @@ def speed(name, full, variables, variants, batches, repeats, threads, log) -> di
     return out
 
 
+def time_by_kind(rows: dict, log) -> dict:
+    """Per runtime and batch: for each ``*_only`` variant (one layer kind split), the time its
+    pairs save and the multiply-adds they save, as fractions of the full net's."""
+    out = {}
+    by_kind = rows["by_kind"]
+    full_macs = sum(before for before, _ in by_kind["speedup2"].values())
+    for key, row in rows.items():
+        if not key.startswith("batch"):
+            continue
+        for label in by_kind:
+            if not label.endswith("_only"):
+                continue
+            kind = label[len("speedup2_"):-len("_only")]
+            before, after = by_kind[label][kind]
+            saved_ms = row["full_ms"] - row[f"{label}_ms"]
+            out.setdefault(key, {})[kind] = {
+                "macs_saved_fraction": (before - after) / full_macs,
+                "time_saved_fraction": saved_ms / row["full_ms"], "time_saved_ms": saved_ms}
+            log(f"resnet50 {key:<20} {kind:<6} multiply-adds saved "
+                f"{(before - after) / full_macs:6.1%}  time saved {saved_ms / row['full_ms']:6.1%}"
+                f" ({saved_ms:.1f} ms)")
+    return out
+
+
 def full_shape(name):
     return (224, 224, 3)
 
@@ -140,9 +166,19 @@ def main(argv=None) -> dict:
         net = resnet50(num_classes=1000)
         variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x)
         low = decompose_linen(net, variables, x, rule="speedup:2", train=False)
-        result["resnet50"] = speed("resnet50", net, variables, {"speedup2": low}, (1, 8),
+        variants = {"speedup2": low,
+                    "speedup2_multiple16": decompose_linen(net, variables, x,
+                                                           rule="speedup:2,multiple=16",
+                                                           train=False)}
+        for kind in ("kxk", "1x1", "dense"):  # the same ranks, one kind of layer at a time
+            ranks = {p: r for p, r in low.ranks.items() if low.report.kinds[p] == kind}
+            if ranks:
+                variants[f"speedup2_{kind}_only"] = decompose_linen(net, variables, x,
+                                                                    rule=ranks, train=False)
+        result["resnet50"] = speed("resnet50", net, variables, variants, (1, 8),
                                    args.repeats, args.threads, print)
-        del low, variables
+        result["resnet50"]["time_by_kind"] = time_by_kind(result["resnet50"], print)
+        del low, variants, variables
         vgg = models.get_model("vgg16")
         variables = models.init_variables(vgg, 224, 0)
         ranks = load_ranks("vgg16")

@@ -179,3 +179,18 @@ def test_runtimes_gated_smoke(tmp_path, monkeypatch):
     assert set(r["kept_full"]) <= {"conv1", "conv2"}
     assert r["speedup_gated"] == pytest.approx(r["median_s"]["full"]
                                                / r["median_s"]["lowrank gated"])
+
+
+def test_modern_cnns_time_by_kind():
+    """Each one-kind variant's saving, as fractions of the full net's time and multiply-adds."""
+    from benchmarks import modern_cnns
+
+    rows = {"batch1_jax": {"full_ms": 50.0, "speedup2_ms": 30.0, "speedup2_kxk_only_ms": 45.0,
+                           "speedup2_1x1_only_ms": 40.0},
+            "by_kind": {"speedup2": {"kxk": [60, 40], "1x1": [40, 20], "fixed": [0, 0]},
+                        "speedup2_kxk_only": {"kxk": [60, 40], "1x1": [40, 40]},
+                        "speedup2_1x1_only": {"kxk": [60, 60], "1x1": [40, 20]}}}
+    out = modern_cnns.time_by_kind(rows, lambda line: None)["batch1_jax"]
+    assert out["kxk"] == {"macs_saved_fraction": 0.2, "time_saved_fraction": 0.1,
+                          "time_saved_ms": 5.0}
+    assert out["1x1"]["macs_saved_fraction"] == 0.2 and out["1x1"]["time_saved_ms"] == 10.0
