@@ -180,6 +180,17 @@ def vh_decompose(
     """
     kh, kw, cg, n = _check_kernel(kernel, groups)
     rank = check_rank(rank, (kh, kw, cg, n), groups=groups)
+    if input_cov is not None:
+        input_cov = _checked_cov(input_cov, groups, cg * kh)
+    return _vh_decompose(kernel, rank, groups=groups, method=method, input_cov=input_cov,
+                         cov_eps=cov_eps)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "groups", "method", "cov_eps"))
+def _vh_decompose(kernel, rank, *, groups, method, input_cov, cov_eps) -> Factors:
+    """:func:`vh_decompose` on checked arguments, jitted: one compile per shape and rank
+    instead of one per operation when called eagerly."""
+    kh, kw, cg, n = kernel.shape
     kg = rank // groups
     mats = _to_matrices(kernel, groups)
     if input_cov is None:
@@ -222,13 +233,9 @@ def spectrum_and_factors(kernel: jax.Array, *, groups: int = 1, input_cov: jax.A
     return values.astype(jnp.float32), _to_hwio(a, b, (kh, kw, cg, n), kernel.dtype)
 
 
-def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
-              eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
-    """``(S^{1/2}, S^{-1/2})`` of a regularised patch covariance, ``(groups, m, m)`` each.
-
-    ``S`` is ``input_cov + eps * tr(input_cov) / m * I`` (symmetrised), computed by an eigen-solve
-    in the covariance's dtype (pass float64 with ``jax_enable_x64`` for the most accuracy).
-    """
+def _checked_cov(input_cov, groups: int, size: int | None) -> jax.Array:
+    """``input_cov`` as ``(groups, m, m)``; ``ValueError`` naming a wrong shape, or NaN/Inf values
+    in a concrete one."""
     cov = jnp.asarray(input_cov)
     if cov.ndim == 2:
         cov = cov[None]
@@ -239,6 +246,18 @@ def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
                          f"{tuple(np.shape(input_cov))}")
     if not isinstance(cov, jax.core.Tracer) and not np.isfinite(np.asarray(cov)).all():
         raise ValueError(f"input_cov of shape {tuple(cov.shape)} contains NaN/Inf values")
+    return cov
+
+
+def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
+              eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+    """``(S^{1/2}, S^{-1/2})`` of a regularised patch covariance, ``(groups, m, m)`` each.
+
+    ``S`` is ``input_cov + eps * tr(input_cov) / m * I`` (symmetrised), computed by an eigen-solve
+    in the covariance's dtype (pass float64 with ``jax_enable_x64`` for the most accuracy).
+    """
+    cov = _checked_cov(input_cov, groups, size)
+    m = cov.shape[-1]
     if not jnp.issubdtype(cov.dtype, jnp.floating):
         cov = cov.astype(jnp.float32)
     cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
