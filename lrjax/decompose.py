@@ -332,7 +332,8 @@ def truncate(factors: Factors, rank: int, *, groups: int = 1) -> Factors:
     directions of each group.
 
     Truncated SVD factors are nested, so ``truncate(vh_decompose(W, R), K)`` equals
-    ``vh_decompose(W, K)`` (up to sign conventions), with or without ``input_cov``.
+    ``vh_decompose(W, K)`` (up to sign conventions), with or without ``input_cov``. Slices of the
+    arrays given: JAX arrays give JAX arrays, NumPy arrays NumPy arrays (no compile).
     """
     vertical, horizontal = factors
     k_total = vertical.shape[-1]
@@ -341,7 +342,7 @@ def truncate(factors: Factors, rank: int, *, groups: int = 1) -> Factors:
                          f"groups={groups}")
     kg_old, kg = k_total // groups, rank // groups
     kh, _, cg, _ = vertical.shape
-    v = jnp.reshape(vertical, (kh, 1, cg, groups, kg_old))[..., :kg].reshape(kh, 1, cg, rank)
+    v = vertical.reshape(kh, 1, cg, groups, kg_old)[..., :kg].reshape(kh, 1, cg, rank)
     h = horizontal[:, :, :kg, :]  # (1, kw, K_g, N): each group's input channels are its own
     return Factors(v, h)
 

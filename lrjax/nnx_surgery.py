@@ -14,6 +14,7 @@ original is left untouched.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -214,46 +215,55 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
             for path, shape in record["shapes"].items()]
 
 
+def _given(value):
+    """An initializer returning ``value`` (the layers of a pair are built with their factors,
+    without drawing random weights first)."""
+
+    def init(key, shape, dtype):  # nnx.LinearGeneral asks for its kernel as a matrix
+        if math.prod(shape) != value.size:
+            raise ValueError(f"factor of shape {tuple(value.shape)} for a variable of shape "
+                             f"{tuple(shape)}")
+        return jnp.asarray(value, dtype).reshape(shape)
+
+    return init
+
+
 def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankConvNNX:
     """The pair computing ``layer`` (an ``nnx.Conv`` or linear layer) with the given factors."""
     rank = int(factors.vertical.shape[-1])
     vertical_kernel, horizontal_kernel = site.factor_variables(factors)
     common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
                   rngs=nnx.Rngs(0))
+    first = dict(kernel_init=_given(vertical_kernel))
+    second = dict(kernel_init=_given(horizontal_kernel))
+    if layer.bias is not None:
+        second["bias_init"] = _given(layer.bias[...])
     if isinstance(layer, nnx.Einsum):
         split = sites.einsum_split(site.equation)
         in_dims, out_dims = site.dense_dims
         common.update(promote_dtype=layer.promote_dtype,
                       preferred_element_type=layer.preferred_element_type)
-        vertical = nnx.Einsum(split.first, (*in_dims, rank), **common)
+        vertical = nnx.Einsum(split.first, (*in_dims, rank), **first, **common)
         horizontal = nnx.Einsum(split.second, (rank, *out_dims),
-                                None if layer.bias is None else layer.bias[...].shape, **common)
-        vertical.kernel[...] = jnp.asarray(vertical_kernel, layer.param_dtype)
-        horizontal.kernel[...] = jnp.asarray(horizontal_kernel, layer.param_dtype)
-        if layer.bias is not None:
-            horizontal.bias[...] = layer.bias[...]
+                                None if layer.bias is None else layer.bias[...].shape,
+                                **second, **common)
         return LowRankEinsumNNX(vertical, horizontal, site.equation)
     if site.kind == "dense":
         in_dims, out_dims = site.dense_dims
         vertical = nnx.LinearGeneral(in_dims, rank, axis=sites.contracted_axes(layer),
-                                     use_bias=False, **common)
+                                     use_bias=False, **first, **common)
         horizontal = nnx.LinearGeneral(rank, out_dims, axis=-1, use_bias=layer.use_bias,
-                                       **common)
-        cls = LowRankLinearNNX
-    else:
-        first, second = pair_geometry(layer.kernel_size, layer.strides, layer.padding,
-                                      layer.kernel_dilation)
-        common.update(feature_group_count=layer.feature_group_count,
-                      conv_general_dilated=formulations.conv_general_dilated)
-        vertical = nnx.Conv(layer.in_features, rank, use_bias=False, **first, **common)
-        horizontal = nnx.Conv(rank, layer.out_features, use_bias=layer.use_bias, **second,
-                              **common)
-        cls = LowRankConvNNX
-    vertical.kernel[...] = jnp.asarray(vertical_kernel, layer.param_dtype)
-    horizontal.kernel[...] = jnp.asarray(horizontal_kernel, layer.param_dtype)
-    if layer.use_bias:
-        horizontal.bias[...] = layer.bias[...]
-    return cls(vertical, horizontal)
+                                       **second, **common)
+        return LowRankLinearNNX(vertical, horizontal)
+    geometry = pair_geometry(layer.kernel_size, layer.strides, layer.padding,
+                             layer.kernel_dilation)
+    common.update(feature_group_count=layer.feature_group_count,
+                  conv_general_dilated=formulations.conv_general_dilated)
+    vertical = nnx.Conv(layer.in_features, rank, use_bias=False, **geometry[0], **first,
+                        **common)
+    horizontal = nnx.Conv(rank, layer.out_features, use_bias=layer.use_bias, **geometry[1],
+                          **second, **common)
+    return LowRankConvNNX(vertical, horizontal)
 
 
 def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:

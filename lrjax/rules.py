@@ -360,7 +360,7 @@ class RankProblem:
             else {p: self.covariances[p] for p in todo})
         for path, (values, factors) in done.items():
             self._cache[("spectrum", path)] = np.asarray(values, np.float64)
-            self._cache[("factors", path)] = factors
+            self._cache[("factors", path)] = _on_host(factors)
 
     def spectrum(self, path: str) -> np.ndarray:
         """Singular values ``(groups, R)`` of the layer's (whitened, when calibrated) matrix."""
@@ -376,18 +376,24 @@ class RankProblem:
         return float(np.sqrt(s[:, k:].sum() / max(s.sum(), np.finfo(np.float64).tiny)))
 
     def factors(self, path: str, rank: int) -> decompose.Factors:
-        """Closed-form factors of ``path`` at ``rank``, cached at the largest rank asked for so
-        far (smaller ranks are slices of it: truncated SVD factors are nested)."""
+        """Closed-form factors of ``path`` at ``rank`` (NumPy arrays), cached at the largest rank
+        asked for so far (smaller ranks are slices of it, taken on the host: truncated SVD
+        factors are nested)."""
         groups = self.site(path).shape.groups
         cached = self._cache.get(("factors", path))
         if cached is None or cached.vertical.shape[-1] < rank:
             cov = None if self.covariances is None else self.covariances[path]
-            cached = decompose.vh_decompose(jnp.asarray(self.kernels[path]), rank, groups=groups,
-                                            input_cov=cov)
+            cached = _on_host(decompose.vh_decompose(jnp.asarray(self.kernels[path]), rank,
+                                                     groups=groups, input_cov=cov))
             self._cache[("factors", path)] = cached
         if cached.vertical.shape[-1] == rank:
             return cached
         return decompose.truncate(cached, rank, groups=groups)
+
+
+def _on_host(factors: decompose.Factors) -> decompose.Factors:
+    """Factors as NumPy arrays: slicing and reshaping them then compiles nothing."""
+    return decompose.Factors(*(np.asarray(f) for f in factors))
 
 
 # ---------------------------------------------------------------------------------------------

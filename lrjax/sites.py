@@ -114,13 +114,15 @@ class ConvSite:
         return kernel.reshape(self.shape.kernel_shape)
 
     def factor_variables(self, factors: decompose.Factors) -> tuple[jax.Array, jax.Array]:
-        """``(vertical/kernel, horizontal/kernel)`` variables of the pair from HWIO factors."""
-        if self.dense_dims is None:
-            return factors.vertical, factors.horizontal
-        in_dims, out_dims = self.dense_dims
-        rank = factors.vertical.shape[-1]
-        return (jnp.reshape(factors.vertical, (*in_dims, rank)),
-                jnp.reshape(factors.horizontal, (rank, *out_dims)))
+        """``(vertical/kernel, horizontal/kernel)`` variables of the pair from HWIO factors
+        (JAX arrays; reshaped on the host when the factors are NumPy arrays)."""
+        vertical, horizontal = factors.vertical, factors.horizontal
+        if self.dense_dims is not None:
+            in_dims, out_dims = self.dense_dims
+            rank = vertical.shape[-1]
+            vertical = vertical.reshape(*in_dims, rank)
+            horizontal = horizontal.reshape(rank, *out_dims)
+        return jnp.asarray(vertical), jnp.asarray(horizontal)
 
 
 @dataclasses.dataclass(frozen=True)
