@@ -13,13 +13,14 @@ import lrjax
 from benchmarks.user_models import NNXCNN, resnet18, resnet50
 from lrjax import decompose, ranks, surgery, train
 from lrjax.nnx_surgery import LowRankConvNNX
+from tests.helpers import init
 
 
 @pytest.fixture(scope="module")
 def resnet():
     model = resnet18(num_classes=10, num_filters=8)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    variables = model.init(jax.random.key(1), x, train=False)
+    variables = init(model, 1, x, train=False)
     # non-trivial batch statistics and scales, so that BN does something
     variables = jax.tree.map(lambda a: a + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2),
                                                                             a.shape)), variables)
@@ -100,7 +101,7 @@ def test_unsplittable_convs_are_left_with_the_reason():
 
     x = jnp.ones((1, 6, 6, 3))
     model = Odd()
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, 0, x)
     sites = {s.path: s.skip for s in surgery.find_convs(model, x)}
     assert sites["Conv_0"].startswith("input dilation")
     assert sites["Conv_1"] == "masked kernel"
@@ -147,7 +148,7 @@ def test_calibrated_factors_lower_the_output_error():
     mixing = rng.standard_normal((8, 8)) * np.geomspace(0.05, 3.0, 8)  # strongly correlated
     images = jnp.asarray(rng.standard_normal((16, 12, 12, 8)) @ mixing, jnp.float32)
     model = Correlated()
-    variables = model.init(jax.random.key(0), images)
+    variables = init(model, 0, images)
     want = model.apply(variables, images)
 
     def output_error(result, x):
@@ -177,7 +178,7 @@ def test_calibrated_energy_rule_uses_the_calibrated_spectrum():
     mixing = rng.standard_normal((8, 8)) * np.geomspace(0.01, 3.0, 8)
     images = jnp.asarray(rng.standard_normal((8, 12, 12, 8)) @ mixing, jnp.float32)
     model = Correlated()
-    variables = model.init(jax.random.key(0), images)
+    variables = init(model, 0, images)
     free = lrjax.decompose_linen(model, variables, images, rule="energy:0.95")
     calib = lrjax.decompose_linen(model, variables, images, rule="energy:0.95",
                                   calibration=images)
@@ -196,7 +197,7 @@ class TwoLayers(nn.Module):
 def test_search_picks_the_layer_whose_decomposition_costs_least():
     model = TwoLayers()
     x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
-    variables = model.init(jax.random.key(1), x)
+    variables = init(model, 1, x)
     # 'easy' is exactly rank 2; 'hard' has a flat spectrum
     v, h = decompose.vh_decompose(variables["params"]["easy"]["kernel"], 2)
     variables["params"]["easy"]["kernel"] = decompose.reconstruct(v, h)

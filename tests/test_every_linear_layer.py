@@ -12,6 +12,7 @@ from flax import nnx
 import lrjax
 from lrjax import costs, export, macs, surgery
 from lrjax.sites import ConvSite
+from tests.helpers import init
 
 
 class Mixed(nn.Module):
@@ -41,7 +42,7 @@ CALIB = jax.random.normal(jax.random.key(1), (16, 12, 12, 8))
 @pytest.fixture(scope="module")
 def mixed():
     model = Mixed()
-    return model, model.init(jax.random.key(2), X)
+    return model, init(model, 2, X)
 
 
 def _top(sites):
@@ -153,7 +154,7 @@ def test_onnx_export_of_split_dense_and_1x1_layers(tmp_path):
             return nn.Dense(10)(nn.relu(nn.Dense(32)(x.mean(1))))
 
     model = Net()
-    variables = model.init(jax.random.key(0), X)
+    variables = init(model, 0, X)
     result = lrjax.decompose_linen(model, variables, X, rule={"Conv_0": 6, "DenseGeneral_0": 8,
                                                              "Dense_0": 5, "Dense_1": 4})
     done = export.to_onnx(result.module, result.variables, X, str(tmp_path / "m.onnx"))
@@ -210,7 +211,7 @@ def test_mixer_written_by_others_is_all_dense_but_its_stem():
     from benchmarks.user_models import Mixer
 
     model, x = Mixer(), jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    variables = model.init(jax.random.key(1), x)
+    variables = init(model, 1, x)
     sites = surgery.find_convs(model, x)
     kinds = [s.kind for s in sites if s.candidate]
     assert kinds.count("dense") == 9 and kinds.count("kxk") == 1  # 2 blocks x 4 + head
@@ -240,7 +241,7 @@ class TinyViT(nn.Module):
 
 def test_attention_projections_are_split_and_its_products_are_fixed_cost():
     model, x = TinyViT(), jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
-    variables = model.init(jax.random.key(1), x)
+    variables = init(model, 1, x)
     sites = {s.path: s for s in surgery.find_convs(model, x)}
     projections = {p: s.dense_dims for p, s in sites.items() if p.startswith("attention/")}
     assert projections == {"attention/query": ((32,), (4, 8)), "attention/key": ((32,), (4, 8)),
@@ -317,7 +318,7 @@ def test_nnx_einsum_projections_split_in_their_own_layout(calibrated):
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_einsum_projections_split_in_their_own_layout(calibrated):
     model, x = EinsumAttention(), jax.random.normal(jax.random.key(0), (2, 6, 16))
-    variables = model.init(jax.random.key(1), x)
+    variables = init(model, 1, x)
     sites = {s.path: s for s in surgery.find_convs(model, x)}
     assert {p: (s.kind, s.dense_dims) for p, s in sites.items()} == {
         "q": ("dense", ((16,), (4, 8))), "k": ("dense", ((16,), (4, 8))),

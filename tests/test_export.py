@@ -17,6 +17,7 @@ import lrjax
 from benchmarks.user_models import resnet18
 from lrjax import checkpoint, convert, export, models, onnx_passes
 from lrjax.cli import export as export_cli
+from tests.helpers import init
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
@@ -36,10 +37,14 @@ class GroupedDilated(nn.Module):
         return nn.Dense(5, name="fc")(x)
 
 
-def _variables(model, x):
-    v = model.init(jax.random.key(0), x, train=False)
+@jax.jit
+def _perturbed(variables):
     return jax.tree.map(lambda a: a + 0.05 * jnp.abs(jax.random.normal(jax.random.key(1),
-                                                                      a.shape)), v)
+                                                                      a.shape)), variables)
+
+
+def _variables(model, x):
+    return _perturbed(init(model, 0, x, train=False))
 
 
 @functools.cache
@@ -173,7 +178,7 @@ def test_unsupported_primitive_is_a_clear_error(tmp_path):
     x = jnp.zeros((1, 8, 8, 3))
     model = Sorts()
     with pytest.raises(export.ExportError, match="cannot export primitive 'sort'"):
-        export.to_onnx(model, model.init(jax.random.key(0), x), x, str(tmp_path / "s.onnx"))
+        export.to_onnx(model, init(model, 0, x), x, str(tmp_path / "s.onnx"))
     assert not (tmp_path / "s.onnx").exists()
 
 

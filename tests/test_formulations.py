@@ -12,6 +12,7 @@ import pytest
 
 from lrjax import formulations as F
 from lrjax import macs, models, surgery, train
+from tests.helpers import init
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
                             reason="asserts what the 'auto' policy picks on the CPU backend")
@@ -133,7 +134,7 @@ def test_conv_general_dilated_dispatch(kernel, groups, padding, expect_cpu):
     conv = nn.Conv(6, kernel, padding=padding, feature_group_count=groups,
                    conv_general_dilated=F.conv_general_dilated)
     ref = nn.Conv(6, kernel, padding=padding, feature_group_count=groups)
-    variables = ref.init(jax.random.key(1), x)
+    variables = init(ref, 1, x)
 
     def loss(m, v):
         return jnp.sum(jnp.sin(m.apply(v, x)))

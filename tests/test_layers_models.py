@@ -8,6 +8,7 @@ import pytest
 
 from lrjax import cost_report, decompose, layers, models, surgery
 from lrjax.layers import LowRankConv, split_padding
+from tests.helpers import init
 
 PADDINGS = ["SAME", "VALID", "CIRCULAR", "SAME_LOWER", 1, 2, (1, 2), [(0, 2), (1, 0)],
             ((2, 1), (0, 3))]
@@ -26,12 +27,12 @@ def test_lowrank_conv_matches_conv(padding, strides, dilation, groups):
     x = jax.random.normal(jax.random.key(0), (2, 11, 10, 4))
     conv = nn.Conv(6, (3, 5), strides=strides, padding=padding, kernel_dilation=dilation,
                    feature_group_count=groups)
-    cv = conv.init(jax.random.key(1), x)
+    cv = init(conv, 1, x)
     cv = jax.tree.map(lambda a: a + 0.1, cv)  # non-zero bias
     top = decompose.max_rank(cv["params"]["kernel"].shape, groups=groups)
     pair = LowRankConv(6, (3, 5), rank=top, strides=strides, padding=padding,
                        kernel_dilation=dilation, feature_group_count=groups)
-    pv = pair.init(jax.random.key(2), x)
+    pv = init(pair, 2, x)
     assert pv["params"]["vertical"]["kernel"].shape == (3, 1, 4 // groups, top)
     assert "bias" not in pv["params"]["vertical"]
     want = conv.apply(cv, x)
@@ -47,7 +48,7 @@ def test_lowrank_conv_mid_norm_and_dtype():
     x = jnp.ones((2, 8, 8, 3))
     layer = LowRankConv(8, (3, 3), rank=4, mid_norm=lambda name: nn.LayerNorm(name=name),
                         dtype=jnp.bfloat16)
-    v = layer.init(jax.random.key(0), x)
+    v = init(layer, 0, x)
     assert "mid_norm" in v["params"]
     y = layer.apply(v, x)
     assert y.dtype == jnp.bfloat16 and y.shape == (2, 8, 8, 8)
@@ -129,9 +130,9 @@ def test_lowrank_conv_and_lowrank_model_share_the_variable_layout():
             return nn.Conv(8, (3, 3), name="conv")(x)
 
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
-    pair_vars = WithPair().init(jax.random.key(1), x)
+    pair_vars = init(WithPair(), 1, x)
     wrapped = layers.LowRankModel.wrap(WithConv(), {"conv": 4})
-    assert jax.tree.structure(wrapped.init(jax.random.key(1), x)) == \
+    assert jax.tree.structure(init(wrapped, 1, x)) == \
         jax.tree.structure(pair_vars)
     np.testing.assert_allclose(wrapped.apply(pair_vars, x), WithPair().apply(pair_vars, x),
                                rtol=1e-6)
@@ -167,7 +168,7 @@ def test_cost_report_of_full_model_with_ranks():
 def test_cifar_models_forward_train_and_eval(family, bn, lowrank):
     model = models.get_model(family, lowrank=lowrank, bn=bn)
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-    variables = model.init(jax.random.key(1), x, train=False)
+    variables = init(model, 1, x, train=False)
     assert ("batch_stats" in variables) == bn
     assert ("vertical" in variables["params"]["conv1"]) == lowrank
     logits = model.apply(variables, x, train=False)
@@ -185,7 +186,7 @@ def test_cifar_models_forward_train_and_eval(family, bn, lowrank):
 def test_bfloat16_compute():
     model = models.get_model("nin", lowrank=True, dtype=jnp.bfloat16)
     x = jnp.ones((2, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, 0, x)
     assert jax.tree.leaves(variables)[0].dtype == jnp.float32
     assert model.apply(variables, x).dtype == jnp.float32
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lrjax import export, onnx_convert, runtimes
+from tests.helpers import init
 
 pytest.importorskip("onnxruntime")
 
@@ -137,7 +138,7 @@ class Cumulative(nn.Module):
 
 def test_unknown_primitive_names_it_and_the_layer(tmp_path):
     model, x = Odd(), jnp.zeros(SHAPE)
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, 0, x)
     with pytest.raises(export.ExportError) as e:
         export.to_onnx(model, variables, x, str(tmp_path / "odd.onnx"))
     message = str(e.value)
@@ -163,7 +164,7 @@ def test_transposed_convs_export(kernel, strides, padding, tmp_path):
     """nn.ConvTranspose (a U-Net's upsampler): input dilation as zero insertion, then a Conv."""
     model = nn.ConvTranspose(5, kernel, strides=strides, padding=padding)
     x = jnp.zeros(SHAPE)
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, 0, x)
     result = export.to_onnx(model, variables, x, str(tmp_path / "up.onnx"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
@@ -201,7 +202,7 @@ class After(nn.Module):
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_modern_cnn_layers_export_to_onnx(name, tmp_path):
     model, x = After((name,)), jax.random.normal(jax.random.key(0), SHAPE)
-    variables = model.init(jax.random.key(1), x)
+    variables = init(model, 1, x)
     result = export.to_onnx(model, variables, x, str(tmp_path / "m.onnx"))
     assert result.checked_batches == (2, 3)
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
@@ -210,7 +211,7 @@ def test_modern_cnn_layers_export_to_onnx(name, tmp_path):
 def test_modern_cnn_layers_export_to_litert(tmp_path):
     pytest.importorskip("ai_edge_litert")
     model, x = After(tuple(sorted(ACTIVATIONS))), jax.random.normal(jax.random.key(0), SHAPE)
-    variables = model.init(jax.random.key(1), x)
+    variables = init(model, 1, x)
     result = export.to_tflite(model, variables, x, str(tmp_path / "m.tflite"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
@@ -222,7 +223,7 @@ def test_dense_on_one_pixel_exports_to_litert_at_batch_1(tmp_path):
     import lrjax
 
     model, x = After(("dense on N,1,1,C (squeeze-excite)",)), jnp.ones((1, *SHAPE[1:]))
-    variables = model.init(jax.random.key(1), x)
+    variables = init(model, 1, x)
     split = lrjax.decompose_linen(model, variables, x, rule={"se": 2})
     for module, v in ((model, variables), (split.module, split.variables)):
         result = export.to_tflite(module, v, x, str(tmp_path / "se.tflite"))

@@ -10,6 +10,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import costs, export, rules
+from tests.helpers import init
 
 X = jnp.ones((2, 12, 12, 3))
 
@@ -33,7 +34,7 @@ class Net(nn.Module):
 @pytest.fixture(scope="module")
 def net():
     model = Net()
-    return model, model.init(jax.random.key(0), X)
+    return model, init(model, 0, X)
 
 
 def test_parse_rule_grammar():
@@ -112,7 +113,7 @@ def test_training_mode_calls_are_one_line_errors(net, tmp_path):
 
     drop = DropoutOnly()
     with pytest.raises(ValueError, match=r"draws randomness .*dropout.* train=False"):
-        lrjax.decompose_linen(drop, drop.init(jax.random.key(0), X), X, rule="speedup:1.5",
+        lrjax.decompose_linen(drop, init(drop, 0, X), X, rule="speedup:1.5",
                               train=True)
 
 
@@ -123,7 +124,7 @@ def test_no_candidates_is_a_clear_error():
             return nn.ConvTranspose(4, (3, 3))(x)
 
     model = OnlyTransposed()
-    variables = model.init(jax.random.key(0), X)
+    variables = init(model, 0, X)
     for rule in ("energy:0.9", "speedup:2"):
         with pytest.raises(ValueError, match=r"no layer this rule can decompose \(found "
                                              r"ConvTranspose_0: ConvTranspose: a transposed"):
@@ -187,7 +188,7 @@ def _xla_flops(fn, *args):
 
 def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     model, x = WithDense(), jnp.ones((4, 12, 12, 3))
-    variables = model.init(jax.random.key(0), x)
+    variables = init(model, 0, x)
     counts = lrjax.macs.traced_macs(lambda v, x: model.apply(v, x), variables, x)
     taps = 3 * 10 - 2  # c2's taps on its 10x10 input per axis: one off each edge
     conv = 4 * (10 * 10 * 9 * 3 * 16 + taps * taps * 16 * 16)

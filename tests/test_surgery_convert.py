@@ -11,6 +11,7 @@ import pytest
 
 from lrjax import checkpoint, cost_report, costs, decompose, models, rules, runtimes, surgery, timing
 from lrjax.cli import convert as convert_cli
+from tests.helpers import init
 
 SMALL = {
     "vgg16": dict(widths=((8, 8), (16, 16), (16, 16, 16), (16, 16, 16), (16, 16, 16)),
@@ -74,7 +75,7 @@ def test_surgery_then_forward_for_every_zoo_model(family):
 def test_output_error_tracks_kernel_error():
     x = jax.random.normal(jax.random.key(0), (4, 24, 24, 16))
     conv = nn.Conv(32, (3, 3), use_bias=False)
-    cv = conv.init(jax.random.key(1), x)
+    cv = init(conv, 1, x)
     ref = conv.apply(cv, x)
     for rank in (4, 16, 32, 47):
         v, h = decompose.vh_decompose(cv["params"]["kernel"], rank)
@@ -100,7 +101,7 @@ class FoldNet(nn.Module):
 def test_fold_batch_norms_then_decompose():
     net = FoldNet()
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
-    variables = net.init(jax.random.key(1), x)
+    variables = init(net, 1, x)
     variables = jax.tree.map(lambda a: a + jnp.abs(jax.random.normal(jax.random.key(2), a.shape)),
                              variables)
     folded = surgery.fold_batch_norms(variables, {"conv1": "bn1"})
