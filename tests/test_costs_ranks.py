@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lrjax import cost_report, costs, macs, ranks
-from lrjax.decompose import kernel_to_matrices, max_rank, relative_errors
+from lrjax.decompose import max_rank, relative_errors, singular_values
 
 
 def test_vgg16_authors_ranks_cost():
@@ -131,28 +131,34 @@ def test_energy_rank_and_rounding():
 
 
 def _vgg_kernels(image_size=32):
+    """VGG-16's layers and kernels ``U diag(s) V^T`` (reshaped to HWIO) with orthonormal random
+    ``U``, ``V`` and decaying singular values ``s``, like trained ones: ``{name: s}`` is their
+    exact spectrum, no SVD needed."""
     rng = np.random.default_rng(0)
     layers = cost_report.zoo_conv_shapes("vgg16", image_size)
-    # kernels with decaying spectra, like trained ones
-    out = {}
+    kernels, spectra = {}, {}
     for layer in layers:
         kh, kw, c, n = layer.kernel_shape
-        u = rng.standard_normal((c * kh, c * kh))
-        decay = np.exp(-np.arange(min(c * kh, kw * n)) / (0.1 * min(c * kh, kw * n)))
-        m = (u[:, : decay.size] * decay) @ rng.standard_normal((decay.size, kw * n))
-        out[layer.name] = m.reshape(c, kh, kw, n).transpose(1, 2, 0, 3)
-    return layers, out
+        r = min(c * kh, kw * n)
+        decay = np.exp(-np.arange(r) / (0.1 * r)).astype(np.float32)
+        u = np.linalg.qr(rng.standard_normal((c * kh, r), np.float32))[0]
+        v = np.linalg.qr(rng.standard_normal((kw * n, r), np.float32))[0]
+        kernels[layer.name] = ((u * decay) @ v.T).reshape(c, kh, kw, n).transpose(1, 2, 0, 3)
+        spectra[layer.name] = decay[None]
+    return layers, kernels, spectra
 
 
 @pytest.fixture(scope="module")
 def vgg():
-    """VGG-16's layers at 32x32, kernels with decaying spectra, and their spectra (computed
-    once, by LAPACK: the SVDs of VGG-16's kernels are the slow part of an allocation;
-    ``singular_values`` itself is tested against NumPy's in test_decompose.py)."""
-    layers, kernels = _vgg_kernels()
-    spectra = {n: np.linalg.svd(np.asarray(kernel_to_matrices(k)), compute_uv=False)
-               for n, k in kernels.items()}
-    return layers, kernels, spectra
+    """VGG-16's layers at 32x32, kernels with decaying spectra, and their spectra."""
+    return _vgg_kernels()
+
+
+def test_vgg_kernels_have_the_spectra_given(vgg):
+    _, kernels, spectra = vgg
+    for name in ("conv1_1", "conv3_1"):  # two small ones: SVDs of the large ones are slow
+        np.testing.assert_allclose(singular_values(kernels[name]), spectra[name], rtol=1e-4,
+                                   atol=1e-5)
 
 
 @pytest.mark.parametrize("target", [2.0, 3.1, 5.0])
