@@ -94,10 +94,12 @@ def test_conv1d_as_matmul_matches_lax(kernel, strides, padding, dilation, cin, c
         return jnp.sum(jnp.sin(conv(x, w, strides, padding, rhs_dilation=dilation,
                                     dimension_numbers=DN)))
 
+    def value_and_grad(fn):  # jitted: one compile instead of one per operation
+        return jax.jit(jax.value_and_grad(functools.partial(loss, fn), (0, 1)))(x, w)
+
+    want = value_and_grad(jax.lax.conv_general_dilated)
     for fn in (F.conv1d_as_matmul, F.conv1d_matmul_when_differentiated):
-        _close(jax.value_and_grad(functools.partial(loss, fn), (0, 1))(x, w),
-               jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated),
-                                  (0, 1))(x, w))
+        _close(value_and_grad(fn), want)
     if kernel == (1, 1) and padding != ((1, 0), (0, 2)):  # strides first: no wasted products
         ours, lax = (macs.traced_macs(functools.partial(loss, fn), x, w)["total"]
                      for fn in (F.conv1d_as_matmul, jax.lax.conv_general_dilated))
@@ -160,11 +162,17 @@ def test_max_pool_matches_flax(window, strides, padding, shape, name):
     x = jax.random.normal(jax.random.key(0), shape)  # continuous values: no ties
     ours = functools.partial(F.max_pool, window_shape=window, strides=strides, padding=padding)
     ref = functools.partial(nn.max_pool, window_shape=window, strides=strides, padding=padding)
+    cotangent = jax.random.normal(jax.random.key(1), jax.eval_shape(ref, x).shape)
+
+    @functools.partial(jax.jit, static_argnums=0)  # traced under the policy in force
+    def value_and_grad(pool, x):
+        y, vjp = jax.vjp(pool, x)
+        return y, vjp(cotangent)[0]
+
     with F.policy(name):
-        np.testing.assert_array_equal(ours(x), ref(x))
-        cotangent = jax.random.normal(jax.random.key(1), ref(x).shape)
-        grad_ours = jax.vjp(ours, x)[1](cotangent)[0]
-    grad_ref = jax.vjp(ref, x)[1](cotangent)[0]
+        y_ours, grad_ours = value_and_grad(ours, x)
+    y_ref, grad_ref = value_and_grad(ref, x)
+    np.testing.assert_array_equal(y_ours, y_ref)
     np.testing.assert_allclose(grad_ours, grad_ref, rtol=1e-6, atol=1e-6)
 
 
@@ -251,10 +259,15 @@ def test_portable_zoo_train_step_has_no_custom_rules_and_forward_mode_works(fami
         assert "custom_jvp_call" in jaxpr  # the check below sees custom rules (relu's)
         assert _custom_rules(jaxpr) == set()
         assert "select_and_scatter" in jaxpr  # nn.max_pool's own gradient
-        # forward mode through the whole net (jitted: one compile instead of op-by-op), in the
-        # parameters and the input at once
-        _, tangent = jax.jit(lambda v: jax.jvp(model.apply, (v, x), (v, x)))(variables)
-        assert tangent.shape == (2, model_classes(model)) and bool(jnp.all(jnp.isfinite(tangent)))
+        # forward mode through the whole net, in the parameters and the input at once: a
+        # custom_vjp anywhere would fail the trace; computed (and finite) for one family
+        def jvp(v):
+            return jax.jvp(model.apply, (v, x), (v, x))[1]
+
+        tangent = jax.eval_shape(jvp, variables)
+        assert tangent.shape == (2, model_classes(model))
+        if (family, lowrank, bn) == ("nin", True, True):
+            assert bool(jnp.all(jnp.isfinite(jax.jit(jvp)(variables))))
 
 
 def model_classes(model):
