@@ -13,7 +13,7 @@ import lrjax
 from benchmarks.user_models import NNXCNN, resnet18, resnet50
 from lrjax import decompose, ranks, surgery, train
 from lrjax.nnx_surgery import LowRankConvNNX
-from tests.helpers import init
+from tests.helpers import apply, init
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_resnet_full_rank_round_trip_equals_the_original(resnet):
     model, variables, x = resnet
     top = _top_ranks(surgery.find_convs(model, x, train=False))
     result = lrjax.decompose_linen(model, variables, x, rule=top, train=False)
-    want = model.apply(variables, x, train=False)
-    got = result.module.apply(result.variables, x, train=False)
+    want = apply(model, variables, x, train=False)
+    got = apply(result.module, result.variables, x, train=False)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
     flat = result.variables["params"]["BasicBlock_3"]["Conv_1"]
     assert set(flat) == {"vertical", "horizontal"}  # use_bias=False: no horizontal bias
@@ -86,7 +86,7 @@ def test_resnet_speedup_2_runs_under_jit(resnet):
     logits = jax.jit(lambda v, x: result.module.apply(v, x, train=False))(result.variables, x)
     assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
     # training mode with mutable batch statistics works through the wrapper too
-    out, updates = result.module.apply(result.variables, x, train=True, mutable=["batch_stats"])
+    out, updates = apply(result.module, result.variables, x, train=True, mutable=["batch_stats"])
     assert out.shape == (2, 10) and "batch_stats" in updates
 
 
@@ -149,12 +149,12 @@ def test_calibrated_factors_lower_the_output_error():
     images = jnp.asarray(rng.standard_normal((16, 12, 12, 8)) @ mixing, jnp.float32)
     model = Correlated()
     variables = init(model, 0, images)
-    want = model.apply(variables, images)
+    want = apply(model, variables, images)
 
     def output_error(result, x):
-        got = result.module.apply(result.variables, x)
-        return float(jnp.linalg.norm(got - model.apply(variables, x)) / jnp.linalg.norm(
-            model.apply(variables, x)))
+        got = apply(result.module, result.variables, x)
+        return float(jnp.linalg.norm(got - apply(model, variables, x)) / jnp.linalg.norm(
+            apply(model, variables, x)))
 
     rule = {"a": 6, "b": 10}
     free = lrjax.decompose_linen(model, variables, images, rule=rule)
@@ -169,7 +169,7 @@ def test_calibrated_factors_lower_the_output_error():
     # exact at full rank, calibrated or not
     top = {"a": 24, "b": 48}
     full = lrjax.decompose_linen(model, variables, images, rule=top, calibration=images)
-    np.testing.assert_allclose(full.module.apply(full.variables, images), want, rtol=1e-3,
+    np.testing.assert_allclose(apply(full.module, full.variables, images), want, rtol=1e-3,
                                atol=1e-3 * float(jnp.abs(want).max()))
 
 
@@ -201,7 +201,7 @@ def test_search_picks_the_layer_whose_decomposition_costs_least():
     # 'easy' is exactly rank 2; 'hard' has a flat spectrum
     v, h = decompose.vh_decompose(variables["params"]["easy"]["kernel"], 2)
     variables["params"]["easy"]["kernel"] = decompose.reconstruct(v, h)
-    want = model.apply(variables, x)
+    want = apply(model, variables, x)
 
     def agreement(module, v):
         got = module.apply(v, x)
@@ -218,7 +218,7 @@ def test_search_picks_the_layer_whose_decomposition_costs_least():
                             candidates={"easy": [2, 8], "hard": [2, 8]})
     decomposed = lrjax.decompose_linen(model, variables, x, rule=rule)
     assert decomposed.ranks == {"easy": 2} and rule.result.ranks == result.ranks
-    np.testing.assert_allclose(decomposed.module.apply(decomposed.variables, x), want,
+    np.testing.assert_allclose(apply(decomposed.module, decomposed.variables, x), want,
                                rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="out of reach"):
         surgery.search(model, variables, x, eval_fn=agreement, target_speedup=50,

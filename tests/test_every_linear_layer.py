@@ -12,7 +12,7 @@ from flax import nnx
 import lrjax
 from lrjax import costs, export, macs, surgery
 from lrjax.sites import ConvSite
-from tests.helpers import init
+from tests.helpers import apply, init
 
 
 class Mixed(nn.Module):
@@ -70,8 +70,8 @@ def test_full_rank_pairs_reproduce_the_model(mixed, calibrated):
     top = _top(surgery.find_convs(model, X))
     result = lrjax.decompose_linen(model, variables, X, rule=top,
                                    calibration=CALIB if calibrated else None)
-    want = model.apply(variables, X)
-    got = result.module.apply(result.variables, X)
+    want = apply(model, variables, X)
+    got = apply(result.module, result.variables, X)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
     params = jax.tree.map(jnp.shape, result.variables["params"])
     # the documented layout: each layer's own kernel layout, the bias on the second factor
@@ -93,10 +93,10 @@ def test_calibrated_dense_factors_fit_the_data(mixed):
     free = lrjax.decompose_linen(model, variables, X, rule=ranks)
     calibrated = lrjax.decompose_linen(model, variables, X, rule=ranks, calibration=CALIB)
     held_out = jax.random.normal(jax.random.key(7), (16, 12, 12, 8))
-    want = model.apply(variables, held_out)
+    want = apply(model, variables, held_out)
 
     def error(result):
-        return float(jnp.linalg.norm(result.module.apply(result.variables, held_out) - want))
+        return float(jnp.linalg.norm(apply(result.module, result.variables, held_out) - want))
 
     assert error(calibrated) < error(free)
     assert set(calibrated.report.weighted_errors) == set(ranks)
@@ -249,7 +249,7 @@ def test_attention_projections_are_split_and_its_products_are_fixed_cost():
                            "attention/out": ((4, 8), (32,))}
     top = _top(sites.values())
     result = lrjax.decompose_linen(model, variables, x, rule=top, calibration=x)
-    np.testing.assert_allclose(result.module.apply(result.variables, x), model.apply(variables, x),
+    np.testing.assert_allclose(apply(result.module, result.variables, x), apply(model, variables, x),
                                rtol=1e-4, atol=1e-4)
     fixed = result.report.by_kind()["fixed"][0]
     assert fixed == 2 * 9 * 9 * 32  # q.k and a.v: 9 tokens x 9 tokens x 32 channels, twice
@@ -327,8 +327,8 @@ def test_einsum_projections_split_in_their_own_layout(calibrated):
     calibration = x if calibrated else None
     result = lrjax.decompose_linen(model, variables, x, rule=_top(sites.values()),
                                    calibration=calibration)
-    np.testing.assert_allclose(result.module.apply(result.variables, x),
-                               model.apply(variables, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(apply(result.module, result.variables, x),
+                               apply(model, variables, x), rtol=1e-4, atol=1e-5)
     params = jax.tree.map(jnp.shape, result.variables["params"])
     assert params["k"] == {"vertical": {"kernel": (16, 16)},
                            "horizontal": {"kernel": (16, 4, 8), "bias": (4, 8)}}

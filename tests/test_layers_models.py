@@ -8,7 +8,7 @@ import pytest
 
 from lrjax import cost_report, decompose, layers, models, surgery
 from lrjax.layers import LowRankConv, split_padding
-from tests.helpers import init
+from tests.helpers import apply, init
 
 PADDINGS = ["SAME", "VALID", "CIRCULAR", "SAME_LOWER", 1, 2, (1, 2), [(0, 2), (1, 0)],
             ((2, 1), (0, 3))]
@@ -171,9 +171,9 @@ def test_cifar_models_forward_train_and_eval(family, bn, lowrank):
     variables = init(model, 1, x, train=False)
     assert ("batch_stats" in variables) == bn
     assert ("vertical" in variables["params"]["conv1"]) == lowrank
-    logits = model.apply(variables, x, train=False)
+    logits = apply(model, variables, x, train=False)
     assert logits.shape == (4, 10) and logits.dtype == jnp.float32
-    out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
+    out, updates = apply(model, variables, x, train=True, rngs={"dropout": jax.random.key(2)},
                                mutable=["batch_stats"])
     assert out.shape == (4, 10) and bool(jnp.all(jnp.isfinite(out)))
     if bn:
@@ -188,7 +188,7 @@ def test_bfloat16_compute():
     x = jnp.ones((2, 32, 32, 3))
     variables = init(model, 0, x)
     assert jax.tree.leaves(variables)[0].dtype == jnp.float32
-    assert model.apply(variables, x).dtype == jnp.float32
+    assert apply(model, variables, x).dtype == jnp.float32
 
 
 def test_registry_errors_and_custom_ranks():

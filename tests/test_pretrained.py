@@ -8,6 +8,7 @@ import pytest
 from lrjax import models, pretrained, surgery
 from lrjax.checkpoint import CheckpointError
 from lrjax.cost_report import images
+from tests.helpers import apply
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -83,7 +84,7 @@ def test_torchvision_import_matches_torch(tmp_path, arch, fmt):
     x = np.random.default_rng(0).standard_normal((2, SIZE, SIZE, 3)).astype(np.float32)
     with torch.no_grad():
         want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    got = np.asarray(model.apply(variables, x))
+    got = np.asarray(apply(model, variables, x))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 

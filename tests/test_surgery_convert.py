@@ -11,7 +11,7 @@ import pytest
 
 from lrjax import checkpoint, cost_report, costs, decompose, models, rules, runtimes, surgery, timing
 from lrjax.cli import convert as convert_cli
-from tests.helpers import init
+from tests.helpers import apply, init
 
 SMALL = {
     "vgg16": dict(widths=((8, 8), (16, 16), (16, 16, 16), (16, 16, 16), (16, 16, 16)),
@@ -45,8 +45,8 @@ def test_full_rank_surgery_gives_original_logits(family, bn):
     top = {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
            for s in surgery.find_convs(full, x, train=False) if s.candidate}
     result = surgery.decompose_linen(full, variables, x, rule=top, train=False)
-    want = full.apply(variables, x)
-    got = result.module.apply(result.variables, x)
+    want = apply(full, variables, x)
+    got = apply(result.module, result.variables, x)
     np.testing.assert_allclose(got, want, atol=2e-4 * float(jnp.abs(want).max()) + 1e-5)
     assert set(result.report.errors) == set(top)
     assert all(err < 1e-5 for err in result.report.errors.values())
@@ -61,7 +61,7 @@ def test_surgery_then_forward_for_every_zoo_model(family):
     rule = "speedup:2" if family in SMALL else spec.ranks
     x = jnp.ones((2, size, size, 3))
     result = surgery.decompose_linen(full, variables, x, rule=rule, train=False)
-    logits = result.module.apply(result.variables, x)
+    logits = apply(result.module, result.variables, x)
     assert logits.shape == (2, kwargs.get("num_classes", spec.num_classes))
     assert bool(jnp.all(jnp.isfinite(logits)))
     assert set(result.report.errors) == set(result.ranks) and result.ranks
@@ -107,9 +107,9 @@ def test_fold_batch_norms_then_decompose():
     folded = surgery.fold_batch_norms(variables, {"conv1": "bn1"})
     assert set(folded) == {"params"} and set(folded["params"]) == {"conv1"}
     plain = FoldNet(with_bn=False)
-    np.testing.assert_allclose(plain.apply(folded, x), net.apply(variables, x), atol=1e-4)
+    np.testing.assert_allclose(apply(plain, folded, x), apply(net, variables, x), atol=1e-4)
     result = surgery.decompose_linen(plain, folded, x, rule={"conv1": 9})  # full rank
-    np.testing.assert_allclose(result.module.apply(result.variables, x), net.apply(variables, x),
+    np.testing.assert_allclose(apply(result.module, result.variables, x), apply(net, variables, x),
                                atol=1e-4)
     with pytest.raises(ValueError, match="bn9/mean is missing"):
         surgery.fold_batch_norms(variables, {"conv1": "bn9"})
@@ -267,8 +267,8 @@ def test_convert_cli_end_to_end(tmp_path, capsys):
     logits = lowrank.apply(new, x)
     assert logits.shape == (2, 10)
     # the converted model stays close to the original (these random weights: 55% / 86% error)
-    assert float(jnp.linalg.norm(logits - full.apply(variables, x))) < \
-        float(jnp.linalg.norm(full.apply(variables, x)))
+    assert float(jnp.linalg.norm(logits - apply(full, variables, x))) < \
+        float(jnp.linalg.norm(apply(full, variables, x)))
     # rank file naming unknown layers, wrong model, mismatched checkpoint: message, nothing written
     rank_file = tmp_path / "bad_ranks.json"
     rank_file.write_text(json.dumps({"conv1": 4, "conv7": 3}))
@@ -300,6 +300,6 @@ def test_convert_folds_batch_norms(tmp_path):
     assert "batch_stats" not in new
     lowrank = models.get_model("nin", ranks={"conv1": 15})  # full rank: exact
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    want = full_bn.apply(variables, x)
+    want = apply(full_bn, variables, x)
     np.testing.assert_allclose(lowrank.apply(new, x), want,
                                atol=1e-4 * float(jnp.abs(want).max()) + 1e-5)
