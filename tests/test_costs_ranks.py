@@ -131,9 +131,9 @@ def test_energy_rank_and_rounding():
 
 
 def _vgg_kernels(image_size=32):
-    """VGG-16's layers and kernels ``U diag(s) V^T`` (reshaped to HWIO) with orthonormal random
-    ``U``, ``V`` and decaying singular values ``s``, like trained ones: ``{name: s}`` is their
-    exact spectrum, no SVD needed."""
+    """VGG-16's layers and kernels ``U diag(s) V^T`` (reshaped to HWIO) with decaying singular
+    values ``s``, like trained ones, and random signed permutations ``U``, ``V`` (orthonormal and
+    cheap): ``{name: s}`` is their exact spectrum, no SVD needed."""
     rng = np.random.default_rng(0)
     layers = cost_report.zoo_conv_shapes("vgg16", image_size)
     kernels, spectra = {}, {}
@@ -141,9 +141,10 @@ def _vgg_kernels(image_size=32):
         kh, kw, c, n = layer.kernel_shape
         r = min(c * kh, kw * n)
         decay = np.exp(-np.arange(r) / (0.1 * r)).astype(np.float32)
-        u = np.linalg.qr(rng.standard_normal((c * kh, r), np.float32))[0]
-        v = np.linalg.qr(rng.standard_normal((kw * n, r), np.float32))[0]
-        kernels[layer.name] = ((u * decay) @ v.T).reshape(c, kh, kw, n).transpose(1, 2, 0, 3)
+        m = np.zeros((c * kh, kw * n), np.float32)
+        m[rng.permutation(c * kh)[:r], rng.permutation(kw * n)[:r]] = \
+            decay * rng.choice([-1.0, 1.0], r)
+        kernels[layer.name] = m.reshape(c, kh, kw, n).transpose(1, 2, 0, 3)
         spectra[layer.name] = decay[None]
     return layers, kernels, spectra
 
