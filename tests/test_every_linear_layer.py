@@ -190,8 +190,9 @@ def test_nnx_linear_layers_round_trip(calibrated):
     assert result.module.merge.vertical.kernel.shape == (6, 32, 24)
     assert result.module.fc.horizontal.bias.shape == (40,)
     assert isinstance(result.module.mix, lrjax.nnx_surgery.LowRankEinsumNNX)
-    small = lrjax.decompose_nnx(model, X, rule="speedup:1.5", calibration=CALIB)
-    assert small.report.speedup >= 1.5 and np.isfinite(np.asarray(small.module(X))).all()
+    if calibrated:  # a whole-net rule, calibrated
+        small = lrjax.decompose_nnx(model, X, rule="speedup:1.5", calibration=CALIB)
+        assert small.report.speedup >= 1.5 and np.isfinite(np.asarray(small.module(X))).all()
 
 
 def test_sites_convert_kernels_and_name_bad_shapes():
