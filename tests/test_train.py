@@ -207,7 +207,7 @@ def test_cli_end_to_end(tmp_path):
 def test_multi_device_matches_single_device(tmp_path):
     """Data parallel over 4 host devices (in a process of its own) gives this process's
     single-device loss curve."""
-    config = dict(batch_size=8, steps_per_epoch=4, num_epochs=2, model="cnn", bn=True)
+    config = dict(batch_size=8, steps_per_epoch=4, num_epochs=1, model="cnn", bn=True)
     script = (
         "import json, sys, tensorflow_datasets as tfds\n"
         "from tests.test_train import tiny_config\n"
