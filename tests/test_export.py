@@ -321,3 +321,33 @@ def test_variables_must_match_the_kind_of_model(nnx_nets, tmp_path):
     with pytest.raises(export.ExportError, match="GroupedDilated is a linen module"):
         export.to_tflite(model, None, x16, str(tmp_path / "b.tflite"))
     assert not os.listdir(tmp_path)
+
+
+class Spectral(nn.Module):
+    """A layer computing an FFT, which LiteRT's builtin ops lack."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.fft.fft(nn.Dense(4, name="proj")(x)).real
+
+
+class WithSpectral(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Spectral(name="spectral")(nn.Conv(4, (3, 3), name="conv1")(x))
+
+
+def test_tflite_converter_failure_names_the_layer(tmp_path):
+    model, x = WithSpectral(), jnp.ones((1, 8, 8, 3))
+    with pytest.raises(export.ExportError) as info:
+        export.to_tflite(model, init(model, 0, x), x, str(tmp_path / "m.tflite"))
+    message = str(info.value)
+    assert re.match(r"the TFLite converter failed at layer '[\w/]*spectral' "
+                    r"\(test_export\.py:\d+\): .*fft", message), message
+    assert "\n" not in message and not os.listdir(tmp_path)
+
+
+def test_converter_failure_without_a_source_line_keeps_the_first_line():
+    error = RuntimeError("Some converter failure\nwith details")
+    assert export.converter_failure(error, lambda x: x, (1, 2, 2, 1)) == \
+        "the TFLite converter failed: Some converter failure"

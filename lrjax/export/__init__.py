@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend import source_info_util
 
 from lrjax import checkpoint, formulations, runtimes, surgery
 from lrjax.nnx_surgery import eval_view
@@ -107,6 +109,49 @@ def _linen_apply(module, apply_kwargs, dense_as_conv: bool = False):
         return module.apply(variables, x, **apply_kwargs)
 
     return apply
+
+
+# the converter's first error: the source line JAX recorded for the op it cannot convert
+_CONVERTER_ERROR = re.compile(r"([^\s:]+\.py):(\d+):\d+: error: (.*)")
+_USER_FRAME = re.compile(r"(.+?):(\d+)(?::\d+)? ")
+
+
+def converter_failure(error: Exception, forward, shape) -> str:
+    """One line for a TFLite converter failure, naming the user's layers: the converter reports
+    the source line of the op it cannot convert; the equations of ``forward``'s trace at that
+    line give the layer paths (their name stacks)."""
+    text = str(error).strip()
+    found = _CONVERTER_ERROR.search(text)
+    if not found:
+        first = text.splitlines()[0] if text else type(error).__name__
+        return f"the TFLite converter failed: {first}"
+    file, line, what = found.group(1), int(found.group(2)), found.group(3).strip()
+    try:
+        jaxpr = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct(shape, np.float32))
+        layers = sorted(_layers_at(jaxpr.jaxpr, file, line))
+    except Exception:  # noqa: BLE001 - the message without the layer is still the converter's
+        layers = []
+    where = f" at layer {', '.join(repr(p) for p in layers)}" if layers else ""
+    return f"the TFLite converter failed{where} ({os.path.basename(file)}:{line}): {what}"
+
+
+def _layers_at(jaxpr, file: str, line: int, scope: str = "") -> set[str]:
+    """Name stacks (``/``-joined layer paths) of the equations whose user source line is
+    ``file:line``, sub-jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
+        # "file:line:column (function)" of the user frame, as JAX names it in locations
+        at = _USER_FRAME.match(source_info_util.summarize(eqn.source_info))
+        if at and int(at.group(2)) == line and \
+                os.path.basename(at.group(1)) == os.path.basename(file):
+            found.add(where or "<top level>")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found |= _layers_at(inner, file, line, where)
+    return found
 
 
 def _check_input(example_input):
@@ -243,7 +288,7 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
             data = runtimes.tflite_model(_linen_apply(module, apply_kwargs, True), shape,
                                          params=variables)
     except Exception as e:  # the converter raises several types for unsupported graphs
-        raise ExportError(f"the TFLite converter failed: {str(e).splitlines()[0]}") from None
+        raise ExportError(converter_failure(e, forward, shape)) from None
     batches = (shape[0],)
     err, scale = 0.0, 0.0
     if check:
