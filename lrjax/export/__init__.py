@@ -32,7 +32,7 @@ from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
 __all__ = ["to_onnx", "to_tflite", "to_stablehlo", "ExportError", "ExportResult", "FORMATS",
            "EXPORTERS", "onnx_session", "litert_interpreter", "litert_runner", "writable_path",
-           "RTOL", "ATOL"]
+           "converter_failure", "RTOL", "ATOL"]
 
 FORMATS = ("onnx", "tflite", "stablehlo")
 RTOL, ATOL = 1e-4, 1e-5  # |runtime - JAX| <= ATOL + RTOL * max|JAX| (float32)
