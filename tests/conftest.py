@@ -28,6 +28,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the se
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
+@pytest.fixture(autouse=True)
+def _short_settle(monkeypatch):
+    """No test measures speed: the pause before each contender's turn in a timing
+    (``lrjax.timing.SETTLE_S``, 50 ms, so that a runtime's worker threads fall asleep as between
+    real calls) is 0.1 ms here, instead of seconds of sleep per timed layer."""
+    from lrjax import timing
+
+    monkeypatch.setattr(timing, "SETTLE_S", 1e-4)
+
+
 @pytest.fixture
 def preempt_at_step(monkeypatch):
     """``preempt_at_step(n)``: runs set up by ``lrjax.train.setup`` from then on receive a SIGTERM
