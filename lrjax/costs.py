@@ -209,7 +209,7 @@ class ConvShape:
         return output_size(self.input_hw, self.kernel_size, self.strides, self.padding,
                            self.dilation)
 
-    @property
+    @functools.cached_property
     def taps_hw(self) -> tuple[int, int]:
         """:func:`valid_taps` of the height and of the width: the full conv performs
         ``taps_hw[0] * taps_hw[1] * C / groups * N`` multiply-adds."""

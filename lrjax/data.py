@@ -220,12 +220,6 @@ def network_reachable(hosts=DOWNLOAD_HOSTS, timeout: float = 3.0) -> bool:
     return False
 
 
-def _new_paths(root: str) -> list[str]:
-    """The folders a TFDS download into ``root`` may create that do not exist yet."""
-    return [p for p in (os.path.join(root, name) for name in ("downloads",)) if not
-            os.path.exists(p)]
-
-
 def _tfds_splits(name: str, data_dir: str | None, download: bool, how_to_get: str,
                  needs_network: bool = True):
     """This process's share of the train and test/validation splits of a TFDS dataset.
@@ -239,8 +233,8 @@ def _tfds_splits(name: str, data_dir: str | None, download: bool, how_to_get: st
             if needs_network and not network_reachable():
                 raise OSError("not prepared there, and the network is unreachable (no "
                               "connection to " + ", ".join(h for h, _ in DOWNLOAD_HOSTS) + ")")
-            created = [p for p in (os.path.join(root, name), *_new_paths(root))
-                       if not os.path.exists(p)]
+            created = [p for p in (os.path.join(root, name), os.path.join(root, "downloads"))
+                       if not os.path.exists(p)]  # what a failed download must not leave
             try:
                 builder.download_and_prepare()
             except BaseException:

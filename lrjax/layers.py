@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from lrjax import formulations
 from lrjax.costs import as_pair, check_rank
 from lrjax.ranks import check_rank_map
+from lrjax.sites import called_equation, einsum_split
 
 __all__ = ["LowRankConv", "FactorConv", "FactorDense", "FactorEinsum", "LowRankModel",
            "pair_forward", "dense_pair_forward", "einsum_pair_forward", "pair_geometry",
@@ -168,8 +169,6 @@ def einsum_pair_forward(x: jax.Array, module: nn.Einsum, rank: int, einsum_str: 
     (:func:`lrjax.sites.einsum_split`) as two einsums through ``rank`` channels, created in the
     current module's scope: ``vertical/kernel (*contracted dims, K)`` (no bias), then
     ``horizontal/kernel (K, *produced dims)`` with the layer's own bias."""
-    from lrjax.sites import einsum_split
-
     equation = einsum_str or module.einsum_str
     split = einsum_split(equation)
     if isinstance(split, str):
@@ -337,7 +336,7 @@ class LowRankModel(nn.Module):
             seen.add(path)
             x = call_args[0] if call_args else call_kwargs["inputs"]
             if type(module) is nn.Einsum:
-                equation = call_args[1] if len(call_args) > 1 else call_kwargs.get("einsum_str")
+                equation = called_equation(module.einsum_str, call_args[1:], call_kwargs)
                 return einsum_pair_forward(x, module, rank, equation, mid_norm, where=path)
             if dense:
                 return dense_pair_forward(

@@ -17,7 +17,7 @@ import jax
 
 from lrjax import costs
 
-__all__ = ["jaxpr_macs", "traced_macs"]
+__all__ = ["iter_eqns", "jaxpr_macs", "traced_macs"]
 
 
 def _conv_macs(eqn) -> int:
@@ -44,22 +44,29 @@ def _dot_macs(eqn) -> int:
     return math.prod(int(d) for d in out.shape) * math.prod(int(lhs.shape[d]) for d in contract)
 
 
+def iter_eqns(jaxpr, scope: str = ""):
+    """``(equation, layer path)`` of every equation of a (closed) jaxpr, sub-jaxprs included
+    (``pjit``, ``custom_vjp`` and control-flow bodies); the path is the ``/``-joined name stack
+    (Flax's module path), ``""`` at the top level."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
+        yield eqn, where
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from iter_eqns(inner, where)
+
+
 def jaxpr_macs(jaxpr) -> dict[str, int]:
     """``{"conv": macs, "dot": macs}`` of a (closed) jaxpr with concrete shapes."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     out = {"conv": 0, "dot": 0}
-    for eqn in jaxpr.eqns:
+    for eqn, _ in iter_eqns(jaxpr):
         name = eqn.primitive.name
         if name == "conv_general_dilated":
             out["conv"] += _conv_macs(eqn)
         elif name == "dot_general":
             out["dot"] += _dot_macs(eqn)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    for kind, n in jaxpr_macs(inner).items():
-                        out[kind] += n
     return out
 
 

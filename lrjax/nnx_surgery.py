@@ -74,13 +74,6 @@ class LowRankEinsumNNX(LowRankConvNNX):
         return self.horizontal(self.vertical(x, **kwargs), **kwargs)
 
 
-def _einsum_equation(layer, args, kwargs) -> str | None:
-    """The equation an ``nnx.Einsum`` is called with (its own unless the call gives one)."""
-    equation = args[0] if args else kwargs.get("einsum_str")
-    equation = equation or layer.einsum_str
-    return None if equation is None else equation.replace(" ", "")
-
-
 def _input_axes(layer, equation) -> tuple[int, ...]:
     """The input axes a linear layer contracts (an einsum's from its equation)."""
     if isinstance(layer, nnx.Einsum):
@@ -147,7 +140,8 @@ class _Probe(nnx.Module):
         if self.path not in record["shapes"]:
             record["shapes"][self.path] = tuple(x.shape)
             if isinstance(self.layer, nnx.Einsum):
-                record["equations"][self.path] = _einsum_equation(self.layer, args, kwargs)
+                record["equations"][self.path] = sites.called_equation(
+                    self.layer.einsum_str, args, kwargs)
         site = record["wanted"].get(self.path)
         if site is not None and self.path not in record["seen"]:
             record["seen"].add(self.path)

@@ -35,8 +35,8 @@ import numpy as np
 
 from lrjax import costs, decompose
 
-__all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "contracted_axes", "dense_shape",
-           "dense_rows", "input_moments"]
+__all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
+           "contracted_axes", "dense_shape", "dense_rows", "input_moments"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers"}
@@ -179,6 +179,14 @@ def einsum_split(equation: str) -> EinsumSplit | str:
                        contracted, produced,
                        None if order == tuple(range(len(rhs))) else order,
                        tuple(lhs.index(c) for c in contracted), rhs)
+
+
+def called_equation(own: str | None, args, kwargs) -> str | None:
+    """The equation an einsum layer (``nn.Einsum``, ``nnx.Einsum``) is called with: the call's
+    (``args``: the arguments after the input; ``einsum_str=``), else its own ``own``; spaces
+    removed."""
+    equation = (args[0] if args else kwargs.get("einsum_str")) or own
+    return None if equation is None else equation.replace(" ", "")
 
 
 def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> costs.ConvShape:

@@ -81,10 +81,6 @@ def _einsum_site(path: str, module, x, equation) -> ConvSite:
     return ConvSite(path, shape, dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes)
 
 
-def _einsum_equation(module, args, kwargs):
-    return args[1] if len(args) > 1 else kwargs.get("einsum_str") or module.einsum_str
-
-
 def _dense_site(path: str, module, x) -> ConvSite:
     """The site of an ``nn.Dense`` / ``nn.DenseGeneral`` called on ``x``."""
     reason = dense_skip_reason(module)
@@ -184,7 +180,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             elif isinstance(module, (nn.Conv, LowRankConv, nn.Dense, nn.DenseGeneral,
                                      nn.Einsum)) \
                     and not isinstance(module, (FactorConv, FactorDense, FactorEinsum)):
-                equation = _einsum_equation(module, args, kwargs) \
+                equation = sites.called_equation(module.einsum_str, args[1:], kwargs) \
                     if isinstance(module, nn.Einsum) else None
                 found[path] = _site(path, module, _layer_input(args, kwargs), equation)
         return next_fun(*args, **kwargs)
@@ -321,7 +317,8 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
                     axes = sites.contracted_axes(module)
                     equation = None
                     if type(module) is nn.Einsum:
-                        equation = _einsum_equation(module, call_args, call_kwargs)
+                        equation = sites.called_equation(module.einsum_str, call_args[1:],
+                                                          call_kwargs)
                         axes = sites.einsum_split(equation).input_axes
                     out[path] = sites.input_moments(_site(path, module, x, equation), x, axes)
             return next_fun(*call_args, **call_kwargs)

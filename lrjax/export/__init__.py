@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.extend import source_info_util
 
-from lrjax import checkpoint, formulations, runtimes, surgery
+from lrjax import checkpoint, formulations, macs, runtimes, surgery
 from lrjax.nnx_surgery import eval_view
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
@@ -128,29 +128,22 @@ def converter_failure(error: Exception, forward, shape) -> str:
     file, line, what = found.group(1), int(found.group(2)), found.group(3).strip()
     try:
         jaxpr = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct(shape, np.float32))
-        layers = sorted(_layers_at(jaxpr.jaxpr, file, line))
+        layers = sorted(_layers_at(jaxpr, file, line))
     except Exception:  # noqa: BLE001 - the message without the layer is still the converter's
         layers = []
     where = f" at layer {', '.join(repr(p) for p in layers)}" if layers else ""
     return f"the TFLite converter failed{where} ({os.path.basename(file)}:{line}): {what}"
 
 
-def _layers_at(jaxpr, file: str, line: int, scope: str = "") -> set[str]:
-    """Name stacks (``/``-joined layer paths) of the equations whose user source line is
-    ``file:line``, sub-jaxprs included."""
+def _layers_at(jaxpr, file: str, line: int) -> set[str]:
+    """Layer paths of the equations whose user source line is ``file:line``."""
     found = set()
-    for eqn in jaxpr.eqns:
-        where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
+    for eqn, where in macs.iter_eqns(jaxpr):
         # "file:line:column (function)" of the user frame, as JAX names it in locations
         at = _USER_FRAME.match(source_info_util.summarize(eqn.source_info))
         if at and int(at.group(2)) == line and \
                 os.path.basename(at.group(1)) == os.path.basename(file):
             found.add(where or "<top level>")
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    found |= _layers_at(inner, file, line, where)
     return found
 
 
