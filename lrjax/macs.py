@@ -1,11 +1,11 @@
-"""Multiply-adds of a whole traced computation: every convolution and every matrix product
-(``dot_general``: dense layers, einsums, attention's q·k and a·v) in its jaxpr, sub-jaxprs
-included. What :mod:`lrjax.costs` counts per conv layer, counted here for the whole net, so that
-a reported speedup is the whole forward pass's. Element-wise work (norms, activations, pooling)
-is not counted. A conv counts the taps that land on its input, not those on padding or on a
-transposed conv's dilation holes (:func:`lrjax.costs.valid_taps`), as XLA does: XLA's own flop
-count (``jax.jit(f).lower(...).compile().cost_analysis()["flops"]``) is twice these multiply-adds
-plus the element-wise work (a few percent of a CNN's).
+"""The cost of a whole traced computation: the multiply-adds of every convolution and every
+matrix product (``dot_general``: dense layers, einsums, attention's q·k and a·v) in its jaxpr,
+sub-jaxprs included, and the element-wise work around them (norms, activations, pooling) as XLA
+counts it. What :mod:`lrjax.costs` counts per conv layer, counted here for the whole net, so that
+a reported speedup is the whole forward pass's. A conv counts the taps that land on its input, not
+those on padding or on a transposed conv's dilation holes (:func:`lrjax.costs.valid_taps`), as
+XLA does: XLA's own flop count (``jax.jit(f).lower(...).compile().cost_analysis()["flops"]``) is
+twice these multiply-adds plus the element-wise flops.
 """
 
 from __future__ import annotations
@@ -71,7 +71,20 @@ def jaxpr_macs(jaxpr) -> dict[str, int]:
 
 
 def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
-    """``{"conv": ..., "dot": ..., "total": ...}`` multiply-adds of ``fn(*args, **kwargs)``,
-    traced with ``jax.make_jaxpr`` (no compute; arrays or ``jax.ShapeDtypeStruct``\\s)."""
-    counts = jaxpr_macs(jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args))
-    return {**counts, "total": counts["conv"] + counts["dot"]}
+    """The cost of ``fn(*args, **kwargs)``, traced (no compute; arrays or
+    ``jax.ShapeDtypeStruct``\\s): ``{"conv", "dot", "total"}`` multiply-adds, and
+    ``"elementwise"``: the flops of everything else, XLA's count of the lowered computation
+    (``Lowered.cost_analysis()``, no compilation) less two per multiply-add; 0 where the backend
+    gives no count. XLA counts one flop per element of an arithmetic op (a bias, a ReLU, a norm's
+    steps), the polynomial of ``erf`` (exact GELU, ~66 flops an element), and none for
+    transcendentals (``exp``, ``tanh``: its ``"transcendentals"``) or data movement."""
+    traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
+    counts = jaxpr_macs(traced.jaxpr)
+    total = counts["conv"] + counts["dot"]
+    try:
+        analysis = traced.lower().cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without a cost model: multiply-adds only
+        analysis = None
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
+    flops = float((analysis or {}).get("flops", 0.0))
+    return {**counts, "total": total, "elementwise": max(round(flops) - 2 * total, 0)}

@@ -273,16 +273,20 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
     return nnx.recursive_map(replace, nnx.clone(model)), factors
 
 
-def _net_macs(model, example_args, example_kwargs, eval_mode) -> int | None:
-    """Multiply-adds per example of the whole forward pass (traced on a copy), or ``None`` where
-    the call cannot be traced abstractly (a training-mode call updating its own state)."""
+def _net_cost(model, example_args, example_kwargs, eval_mode) -> tuple[int | None, int]:
+    """Multiply-adds and element-wise flops per example of the whole forward pass (traced on a
+    copy, :func:`lrjax.macs.traced_macs`), or ``(None, 0)`` where the call cannot be traced
+    abstractly (a training-mode call updating its own state)."""
     view = eval_view(nnx.clone(model)) if eval_mode else nnx.clone(model)
+    graphdef, state = nnx.split(view)
     arrays = [a for a in example_args if isinstance(a, (jax.Array, np.ndarray))]
-    try:
-        counts = macs.traced_macs(lambda *a: view(*a, **example_kwargs), *example_args)
+    try:  # the state as an argument: the weights are not constants of the lowered module
+        counts = macs.traced_macs(
+            lambda st, *a: nnx.merge(graphdef, st)(*a, **example_kwargs), state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
-        return None
-    return counts["total"] // (int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1)
+        return None, 0
+    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    return counts["total"] // batch, counts["elementwise"] // batch
 
 
 def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
@@ -325,8 +329,9 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         batches = rules.calibration_batches(calibration)
         _, record = _run_probed(model, batches, candidates, example_kwargs, eval_mode)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
-    problem = RankProblem(found, kernels, covs, rule.multiple,
-                          net_macs=_net_macs(model, example_args, example_kwargs, eval_mode))
+    net_macs, net_elementwise = _net_cost(model, example_args, example_kwargs, eval_mode)
+    problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
+                          net_elementwise=net_elementwise)
     if rule.eval_fn is not None:
         problem.score = lambda ranks: float(rule.eval_fn(_build(model, problem, ranks)[0]))
     kept_full = {}

@@ -348,14 +348,15 @@ def search_problem(problem, *, target_speedup: float, candidates=None) -> Search
 
     Each candidate layer is decomposed alone at each candidate rank and the model scored
     (``problem.score``); the per-layer score drops are then combined (assumed additive) to pick
-    the ranks meeting ``target_speedup`` times fewer multiply-adds over all 2-D convs with the
+    the ranks meeting ``target_speedup`` times lower cost (:attr:`RankProblem.full_macs`: the
+    whole net's flops as XLA counts them when traced) with the
     least predicted drop (an exact multiple-choice knapsack over a discretised budget). Scores
     above the baseline count as no drop, and among equal drops the least compression wins.
     """
     if problem.score is None:
         raise ValueError("eval-guided selection needs an evaluation function (eval_fn)")
     if not target_speedup > 1:
-        raise ValueError(f"target_speedup must be > 1 (S times fewer multiply-adds); got "
+        raise ValueError(f"target_speedup must be > 1 (S times lower cost); got "
                          f"{target_speedup}")
     layers = [s.shape for s in problem.candidates]
     if isinstance(candidates, Mapping):
@@ -407,7 +408,7 @@ class EvalGuided:
       eval_fn: for :func:`lrjax.decompose_linen`, ``eval_fn(module, variables) -> float``; for
         :func:`lrjax.decompose_nnx`, ``eval_fn(model) -> float``. Higher is better (accuracy,
         agreement with the full model, negative loss).
-      target_speedup: times fewer multiply-adds over all 2-D convs.
+      target_speedup: times fewer flops of the whole net (see ``speedup:S``).
       candidates: fractions of each layer's break-even rank (default
         :data:`DEFAULT_FRACTIONS`) or ``{path: [ranks]}``.
 

@@ -32,6 +32,8 @@ class SurgeryReport:
       net_macs: ``(before, after)`` multiply-adds of the whole forward pass per example (every
         conv and matrix product traced), or ``None`` where not traced. ``net`` covers the layers
         found only; :attr:`speedup` is the whole net's when known.
+      net_elementwise: XLA's flops per example of the forward pass's element-wise work (norms,
+        activations, pooling, biases; unchanged by the surgery), 0 when unknown.
       kinds: ``{path: kind}`` of the layers in ``net`` (:data:`lrjax.sites.KINDS`).
     """
 
@@ -44,11 +46,31 @@ class SurgeryReport:
     notes: tuple[str, ...] = ()
     net_macs: tuple[int, int] | None = None
     kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    net_elementwise: int = 0
+
+    @property
+    def net_flops(self) -> tuple[int, int] | None:
+        """``(before, after)`` flops per example of the whole forward pass as XLA counts them
+        (``cost_analysis()["flops"]``: two per multiply-add, plus the element-wise work), or
+        ``None`` where not traced."""
+        if self.net_macs is None:
+            return None
+        return tuple(2 * m + self.net_elementwise for m in self.net_macs)
 
     @property
     def speedup(self) -> float:
-        """Theoretical speedup: fewer multiply-adds of the whole forward pass (of the 2-D convs
-        when the whole net was not traced)."""
+        """Theoretical speedup: the whole forward pass's flops before over after, as XLA counts
+        them (:attr:`net_flops`; what ``speedup:S`` targets), or the layers' multiply-adds when
+        the whole net was not traced. Fewer multiply-adds alone: :attr:`macs_speedup`."""
+        if self.net_macs is None:
+            return self.net.speedup
+        before, after = self.net_flops
+        return before / after if after else 1.0
+
+    @property
+    def macs_speedup(self) -> float:
+        """The whole net's multiply-adds before over after (at least :attr:`speedup`: the
+        element-wise work is a fixed cost), or the layers' when the net was not traced."""
         if self.net_macs is None:
             return self.net.speedup
         before, after = self.net_macs
@@ -97,7 +119,11 @@ class SurgeryReport:
             parts = [f"{KINDS.get(k, 'everything else (fixed)')} {b:,} -> {a:,}"
                      for k, (b, a) in self.by_kind().items()]
             rows.append(f"whole net: {before:,} -> {after:,} multiply-adds per example "
-                        f"({self.speedup:.2f}x): " + "; ".join(parts))
+                        f"({self.macs_speedup:.2f}x): " + "; ".join(parts))
+            flops_before, flops_after = self.net_flops
+            rows.append(f"whole net, XLA's flop count (2 per multiply-add and "
+                        f"{self.net_elementwise:,} element-wise): {flops_before:,} -> "
+                        f"{flops_after:,} ({self.speedup:.2f}x)")
         rows += [f"kept full: {path}: {why}" for path, why in self.kept_full.items()]
         rows += [f"left as is: {path}: {reason}" for path, reason in self.skipped.items()]
         rows += [f"note: {note}" for note in self.notes]
@@ -121,6 +147,10 @@ class SurgeryReport:
             "macs_by_kind": {k: {"before": b, "after": a} for k, (b, a) in self.by_kind().items()},
             "net_macs_before": None if self.net_macs is None else self.net_macs[0],
             "net_macs_after": None if self.net_macs is None else self.net_macs[1],
+            "net_elementwise_flops": self.net_elementwise,
+            "net_flops_before": None if self.net_macs is None else self.net_flops[0],
+            "net_flops_after": None if self.net_macs is None else self.net_flops[1],
+            "macs_speedup": self.macs_speedup,
             "theoretical_speedup": self.speedup,
         }
 
@@ -154,7 +184,8 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
         whole = (problem.net_macs, problem.net_macs - saved)
     return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None,
                          dict(kept_full), tuple(notes), whole,
-                         {s.path: s.kind for s in sites if s.shape is not None})
+                         {s.path: s.kind for s in sites if s.shape is not None},
+                         problem.net_elementwise if whole is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,8 @@ The grammar of a rule written as a string (Python and command line alike)::
     BASE[+measured[:RUNTIME]][,OPTION=VALUE]...
 
 ``BASE`` is ``energy:F`` (keep fraction ``F`` of each layer's spectral energy), ``speedup:S``
-(ranks for ``S`` times fewer multiply-adds of the whole forward pass), a shipped config (``vgg16``,
+(ranks for ``S`` times fewer flops of the whole forward pass, XLA's count: two per multiply-add
+and the element-wise work, which is fixed), a shipped config (``vgg16``,
 ``caffenet``, ``nin``, ``cnn``), a JSON rank file, or an inline JSON map (``{"conv1": 16}``).
 ``+measured`` keeps a layer full where its pair is not faster when timed alone (``:jax``,
 ``:onnxruntime`` or ``:litert``: where it is timed). Options: ``multiple=M`` (round ranks to
@@ -47,8 +48,8 @@ RULE_HELP = (
     "a rank rule: {layer path: rank} (null keeps a layer full; inline JSON on the command line), "
     "a JSON file of that map, a shipped config (vgg16, caffenet, nin, cnn), 'energy:F' (keep "
     "fraction F of each layer's spectral energy) or 'speedup:S' (allocate ranks for S times "
-    "fewer multiply-adds of the whole forward pass); append '+measured' to keep a layer full rank "
-    "where its pair is not faster on this backend, or '+measured:onnxruntime' / "
+    "fewer flops of the whole forward pass, as XLA counts them); append '+measured' to keep a "
+    "layer full rank where its pair is not faster on this backend, or '+measured:onnxruntime' / "
     "'+measured:litert' to time the layers in that runtime (each layer exported alone); then "
     "options ',multiple=M', ',include=GLOB', ',exclude=GLOB'; or a rule object such as "
     "lrjax.ranks.EvalGuided"
@@ -137,7 +138,7 @@ def _number(rule: str, kind: str, text: str) -> float:
     if kind == "energy" and value > 1:
         raise _bad(rule, f"the energy fraction must be in (0, 1]; got {value:g}")
     if kind == "speedup" and value <= 1:
-        raise _bad(rule, f"the target speedup must be > 1 (S times fewer multiply-adds); got "
+        raise _bad(rule, f"the target speedup must be > 1 (S times fewer flops); got "
                          f"{value:g}")
     return value
 
@@ -284,9 +285,16 @@ class RankProblem:
         where the caller has an evaluation function), else ``None``.
       net_macs: multiply-adds of the whole forward pass per example (every conv and matrix
         product traced, :func:`lrjax.macs.traced_macs`), or ``None``: then only the sites
-        are counted. With it, ``speedup:S`` and eval-guided targets mean S times fewer
-        multiply-adds of the whole net, and whatever no rule can change (skipped layers,
-        attention's products) is fixed cost.
+        are counted. With it, ``speedup:S`` and eval-guided targets mean S times fewer flops of
+        the whole net as XLA counts them (two per multiply-add, plus ``net_elementwise``), and
+        whatever no rule can change (skipped layers, attention's products, the element-wise
+        work) is fixed cost.
+      net_elementwise: XLA's flops per example of the forward pass's element-wise work (norms,
+        activations, pooling, biases), which no rank changes; 0 when unknown.
+
+    Costs (:attr:`full_macs`, :attr:`fixed_macs`, :meth:`macs_after`) are multiply-adds with
+    the element-wise flops counted as half a multiply-add each (a multiply-add is two flops), so
+    their ratios are the ratios of XLA's flop counts.
 
     Spectra (:meth:`spectrum`) and factors (:meth:`factors`) are computed once per layer and
     cached: a rule's choice and the factors applied after it share one SVD.
@@ -298,6 +306,7 @@ class RankProblem:
     multiple: int | None = None
     score: Callable[[Mapping[str, int]], float] | None = None
     net_macs: int | None = None
+    net_elementwise: int = 0
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -307,9 +316,10 @@ class RankProblem:
     @property
     def fixed_macs(self) -> int:
         """Multiply-adds no rule can change: the whole net's but the candidates' when
-        ``net_macs`` is known, else the other sites' (skipped, already pairs)."""
+        ``net_macs`` is known (element-wise work included), else the other sites' (skipped,
+        already pairs)."""
         if self.net_macs is not None:
-            return self.net_macs - sum(costs.conv_cost(s.shape).macs for s in self.candidates)
+            return self.full_macs - sum(costs.conv_cost(s.shape).macs for s in self.candidates)
         total = 0
         for s in self.sites:
             if s.shape is None or s.candidate:
@@ -320,10 +330,10 @@ class RankProblem:
 
     @property
     def full_macs(self) -> int:
-        """Multiply-adds before the surgery: the whole net's (``net_macs``) when known, else
-        every site's at full rank."""
+        """Multiply-adds before the surgery: the whole net's (``net_macs``, with the
+        element-wise work) when known, else every site's at full rank."""
         if self.net_macs is not None:
-            return self.net_macs
+            return self.net_macs + self.net_elementwise // 2
         return sum(costs.conv_cost(s.shape).macs for s in self.sites if s.shape is not None)
 
     def macs_after(self, ranks: Mapping[str, int | None]) -> int:
@@ -401,19 +411,22 @@ def _on_host(factors: decompose.Factors) -> decompose.Factors:
 
 
 def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
-    """``speedup:S``: the greedy allocation meeting ``S`` times fewer multiply-adds (of the whole
-    net when traced, else over the sites); out of reach: the largest reachable speedup."""
+    """``speedup:S``: the greedy allocation meeting ``S`` times fewer flops of the whole net
+    when traced (:class:`RankProblem`), else multiply-adds over the sites; out of reach: the
+    largest reachable speedup."""
     candidates = [s.shape for s in problem.candidates]
     units = {layer.name: math.lcm(problem.multiple or 1, layer.groups) for layer in candidates}
     floor = problem.macs_after({  # every candidate at its smallest rank that saves
         layer.name: units[layer.name] for layer in candidates
         if rank_lib.saving_rank(layer, units[layer.name]) is not None})
     if problem.full_macs / floor < target:
-        scope = "of the whole net" if problem.net_macs is not None else "over the model's linear layers"
+        scope = ("flops of the whole net (XLA's count: 2 per multiply-add and the element-wise "
+                 "work)" if problem.net_macs is not None
+                 else "multiply-adds over the model's linear layers")
         raise ValueError(f"speedup {target} is out of reach: the smallest ranks give "
-                         f"{problem.full_macs / floor:.2f}x fewer multiply-adds {scope} "
-                         f"({floor:,} of {problem.full_macs:,}; {problem.fixed_macs:,} of them "
-                         "in layers no rule can change)")
+                         f"{problem.full_macs / floor:.2f}x fewer {scope}; "
+                         f"{problem.fixed_macs / problem.full_macs:.0%} of it is in what no "
+                         "rule can change")
     problem.prepare()
     spectra = {s.name: problem.spectrum(s.name) for s in candidates}
     alloc = rank_lib.allocate_ranks(candidates, problem.kernels,

@@ -386,7 +386,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                               variables, *arrays)
     batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
-    return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch)
+    return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
+                       counts["elementwise"] // batch)
 
 
 def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:
@@ -494,7 +495,7 @@ def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: 
     Args:
       model, variables, *example_args, **example_kwargs: as for :func:`decompose_linen`.
       eval_fn: ``eval_fn(module, variables) -> float``, higher is better.
-      target_speedup: times fewer multiply-adds over all 2-D convs.
+      target_speedup: times fewer flops of the whole net (see ``speedup:S``).
       candidates: fractions of the break-even rank, or ``{path: [ranks]}``.
       calibration: optional calibration batches (calibration-aware factors while searching).
       multiple: round candidate ranks to multiples of this.

@@ -341,3 +341,65 @@ def test_einsum_projections_split_in_their_own_layout(calibrated):
     assert before / after >= 1.3 and small.report.by_kind()["fixed"][0] == 2 * 6 * 6 * 32
     assert after == macs.traced_macs(lambda v, x: small.module.apply(v, x), small.variables,
                                      x)["total"] // 2
+
+
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block as written in public Flax ports: depthwise 7x7, LayerNorm, a pointwise
+    MLP (``nn.Dense``) with exact GELU, a residual: element-wise work is a large share of its
+    flops (XLA counts erf's polynomial)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(32, (2, 2), strides=2, name="stem")(x)
+        y = nn.Conv(32, (7, 7), feature_group_count=32, name="dwconv")(x)
+        y = nn.gelu(nn.Dense(128, name="pwconv1")(nn.LayerNorm(name="norm")(y)),
+                    approximate=False)
+        x = x + nn.Dense(32, name="pwconv2")(y)
+        return nn.Dense(10, name="head")(nn.LayerNorm(name="final_norm")(x.mean((1, 2))))
+
+
+class NNXConvNeXtBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(8, 32, (2, 2), strides=2, rngs=rngs)
+        self.norm = nnx.LayerNorm(32, rngs=rngs)
+        self.pwconv1 = nnx.Linear(32, 128, rngs=rngs)
+        self.pwconv2 = nnx.Linear(128, 32, rngs=rngs)
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.stem(x)
+        x = x + self.pwconv2(nnx.gelu(self.pwconv1(self.norm(x)), approximate=False))
+        return self.head(x.mean((1, 2)))
+
+
+def _compiled_flops(fn, *args):
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def test_speedup_is_xlas_flop_ratio_with_the_elementwise_work_fixed():
+    """``speedup:S`` and the report's speedup are the whole net's flops as XLA counts them: the
+    element-wise work (norms, exact GELU) is fixed cost, so the multiply-adds go down by more."""
+    model = ConvNeXtBlock()
+    variables = init(model, 0, X)
+    full = _compiled_flops(lambda v, x: model.apply(v, x), variables, X)
+    result = lrjax.decompose_linen(model, variables, X, rule="speedup:2")
+    low = _compiled_flops(lambda v, x: result.module.apply(v, x), result.variables, X)
+    report = result.report
+    assert report.net_elementwise > 0.1 * report.net_flops[0]  # erf: a large share here
+    assert report.speedup >= 2.0
+    assert report.speedup == pytest.approx(full / low, rel=0.01)
+    assert report.macs_speedup > report.speedup + 0.2
+    assert "XLA's flop count" in report.table()
+    as_dict = report.as_dict()
+    assert as_dict["theoretical_speedup"] == report.speedup
+    assert as_dict["net_flops_before"] == report.net_flops[0]
+
+    nnx_model = NNXConvNeXtBlock(nnx.Rngs(0))
+    graphdef, state = nnx.split(nnx_model)
+    nnx_full = _compiled_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
+    nnx_result = lrjax.decompose_nnx(nnx_model, X, rule="speedup:2")
+    graphdef, state = nnx.split(nnx_result.module)
+    nnx_low = _compiled_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
+    assert nnx_result.report.speedup >= 2.0
+    assert nnx_result.report.speedup == pytest.approx(nnx_full / nnx_low, rel=0.01)
