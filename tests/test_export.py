@@ -15,7 +15,7 @@ from flax import nnx
 
 import lrjax
 from benchmarks.user_models import resnet18
-from lrjax import checkpoint, convert, export, models, onnx_passes
+from lrjax import checkpoint, convert, export, models, onnx_passes, runtimes
 from lrjax.cli import export as export_cli
 from tests.helpers import init
 
@@ -351,3 +351,29 @@ def test_converter_failure_without_a_source_line_keeps_the_first_line():
     error = RuntimeError("Some converter failure\nwith details")
     assert export.converter_failure(error, lambda x: x, (1, 2, 2, 1)) == \
         "the TFLite converter failed: Some converter failure"
+
+
+def _uses_buffer_offsets(data: bytes) -> bool:
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    return any(m.name.decode() == "buffer_location" for m in model.metadata or ())
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_large_tflite_models_keep_their_weights_at_buffer_offsets(offsets, monkeypatch, tmp_path):
+    """Weights of BUFFER_OFFSET_BYTES or more go after the flatbuffer (the converter's large-model
+    layout, fewer copies while converting); LiteRT reads them, smaller models keep the plain
+    layout. The threshold is lowered here to make a small model 'large'."""
+    model, variables, x = _case("nin lowrank=True")
+    if offsets:
+        monkeypatch.setattr(runtimes, "BUFFER_OFFSET_BYTES", runtimes.weight_bytes(variables))
+    path = str(tmp_path / "m.tflite")
+    result = export.to_tflite(model, variables, x, path, train=False)
+    data = open(path, "rb").read()
+    assert _uses_buffer_offsets(data) == offsets
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    xr = np.random.default_rng(7).standard_normal(x.shape).astype(np.float32)
+    want = np.asarray(model.apply(variables, xr, train=False))
+    got = export.litert_runner(export.litert_interpreter(data))(xr)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))

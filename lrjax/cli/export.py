@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
 
 import jax
@@ -19,6 +18,7 @@ from lrjax.cli import parse_fold_bn, run_cli
 from lrjax.convert import decompose_checkpoint
 from lrjax.export import EXPORTERS, FORMATS, ExportError, ExportResult
 from lrjax.report import Decomposition
+from lrjax.runtimes import release_memory
 
 __all__ = ["build_parser", "export_zoo", "main", "DEFAULT_MULTIPLE", "MEASURED_RUNTIME"]
 
@@ -105,7 +105,7 @@ def export_zoo(args) -> tuple[ExportResult, str]:
             report += "\n" + _rounding_line(result, rule)
         module, variables = result.module, result.variables
         del result  # its rank problem holds the full-rank weights: free them before exporting
-        gc.collect()
+        release_memory()
     else:
         surgery.check_variables(full, variables, jax.ShapeDtypeStruct((1, size, size, 3),
                                                                       np.float32), train=False)

@@ -275,8 +275,9 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, dense_as_conv=True)
     try:
-        if isinstance(module, nnx.Module):
-            data = runtimes.tflite_model(forward, shape)
+        if isinstance(module, nnx.Module):  # the weights are constants of the traced module
+            data = runtimes.tflite_model(forward, shape, buffer_offsets=runtimes.weight_bytes(
+                nnx.state(module)) >= runtimes.BUFFER_OFFSET_BYTES)
         else:  # the weights as variables: a fraction of the converter's memory
             data = runtimes.tflite_model(_linen_apply(module, apply_kwargs, True), shape,
                                          params=variables)
