@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from lrjax import checkpoint, data
+from lrjax import checkpoint, data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,26 +24,34 @@ import json, sys
 import numpy as np
 import jax
 from flax import traverse_util
-from experiments.configs import cifar_nin
 from lrjax import train
+from tests.test_distributed import digits_config
 
 workdir, out, epochs, processes, pid, port = sys.argv[1:7]
-c = cifar_nin.get_config("local")
-c.model, c.lowrank, c.bn = "cnn", True, True
-c.batch_size, c.eval_batch_size, c.steps_per_epoch = 32, 50, 4
-c.num_epochs, c.lr_boundaries_epochs, c.lr_values = int(epochs), (), (0.05,)
-c.progress = False
-c.log_every_steps, c.checkpoint_every_epochs = 2, 1
-if int(processes) > 1:
-    c.multihost, c.coordinator_address = True, f"localhost:{port}"
-    c.num_processes, c.process_id, c.heartbeat_timeout_seconds = int(processes), int(pid), 10
-r = train.train_and_evaluate(c, workdir)
+r = train.train_and_evaluate(digits_config(int(epochs), int(processes), int(pid), port), workdir)
 flat = traverse_util.flatten_dict(r.state.params, sep="/")
 np.savez(out, **{k: np.asarray(v.addressable_data(0)) for k, v in flat.items()})
 print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                   "devices": jax.device_count(), "status": r.status,
                   "history": r.history}))
 """
+
+
+def digits_config(epochs: int, processes: int = 1, pid: int = 0, port: str = "0"):
+    """A tiny CNN on the offline digits (the README's main job, shortened), as ``processes``
+    processes of a ``jax.distributed`` run when more than one."""
+    from experiments.configs import cifar_nin
+
+    c = cifar_nin.get_config("local")
+    c.model, c.lowrank, c.bn = "cnn", True, True
+    c.batch_size, c.eval_batch_size, c.steps_per_epoch = 32, 50, 4
+    c.num_epochs, c.lr_boundaries_epochs, c.lr_values = epochs, (), (0.01,)
+    c.progress = False
+    c.log_every_steps, c.checkpoint_every_epochs = 2, 1
+    if processes > 1:
+        c.multihost, c.coordinator_address = True, f"localhost:{port}"
+        c.num_processes, c.process_id, c.heartbeat_timeout_seconds = processes, pid, 10
+    return c
 
 
 def _port() -> int:
@@ -96,12 +104,15 @@ def test_two_processes_match_one_process_with_two_devices_and_resume(tmp_path):
     """Two processes and one process with two devices train side by side. One of the two is
     killed after the first epoch's checkpoint: the other exits with JAX's heartbeat error within
     seconds (no hang). A rerun of the pair resumes from that checkpoint and ends where the
-    one-process run ended."""
+    one-process run ended, which is where this process, with one device, ends too (data
+    parallelism over devices and over processes is the single-device computation)."""
     port = _port()
     ckpts = tmp_path / "multi" / "checkpoints"
     procs = [_launch(tmp_path / "multi", tmp_path / f"p{i}.npz", 30, 2, 1, i, port)
              for i in range(2)]
     alone = _launch(tmp_path / "single", tmp_path / "s.npz", 2, 1, 2)  # at the same time
+    assert jax.device_count() == 1  # and this process, meanwhile, with one device
+    one_device = train.train_and_evaluate(digits_config(2), str(tmp_path / "one_device"))
     try:
         start = time.monotonic()
         while not (ckpts / "4").exists():
@@ -118,6 +129,9 @@ def test_two_processes_match_one_process_with_two_devices_and_resume(tmp_path):
             p.kill()
     single = _finish(alone)
     assert single["devices"] == 2 and single["status"] == "completed"
+    np.testing.assert_allclose([(h["train_loss"], h["test_loss"]) for h in single["history"]],
+                               [(h["train_loss"], h["test_loss"]) for h in one_device.history],
+                               rtol=5e-3)  # 8 steps of float reduction-order noise: ~0.3%
     written = checkpoint.TrainCheckpoints(str(ckpts), fingerprint={}).all_steps()
     assert written and written[0] == 4  # one checkpoint per epoch, written once for both
     port = _port()
