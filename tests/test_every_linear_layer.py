@@ -12,7 +12,7 @@ from flax import nnx
 import lrjax
 from lrjax import costs, export, macs, surgery
 from lrjax.sites import ConvSite
-from tests.helpers import apply, init
+from tests.helpers import apply, init, xla_flops
 
 
 class Mixed(nn.Module):
@@ -372,19 +372,14 @@ class NNXConvNeXtBlock(nnx.Module):
         return self.head(x.mean((1, 2)))
 
 
-def _compiled_flops(fn, *args):
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
-
-
 def test_speedup_is_xlas_flop_ratio_with_the_elementwise_work_fixed():
     """``speedup:S`` and the report's speedup are the whole net's flops as XLA counts them: the
     element-wise work (norms, exact GELU) is fixed cost, so the multiply-adds go down by more."""
     model = ConvNeXtBlock()
     variables = init(model, 0, X)
-    full = _compiled_flops(lambda v, x: model.apply(v, x), variables, X)
+    full = xla_flops(lambda v, x: model.apply(v, x), variables, X)
     result = lrjax.decompose_linen(model, variables, X, rule="speedup:2")
-    low = _compiled_flops(lambda v, x: result.module.apply(v, x), result.variables, X)
+    low = xla_flops(lambda v, x: result.module.apply(v, x), result.variables, X)
     report = result.report
     assert report.net_elementwise > 0.1 * report.net_flops[0]  # erf: a large share here
     assert report.speedup >= 2.0
@@ -397,9 +392,9 @@ def test_speedup_is_xlas_flop_ratio_with_the_elementwise_work_fixed():
 
     nnx_model = NNXConvNeXtBlock(nnx.Rngs(0))
     graphdef, state = nnx.split(nnx_model)
-    nnx_full = _compiled_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
+    nnx_full = xla_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
     nnx_result = lrjax.decompose_nnx(nnx_model, X, rule="speedup:2")
     graphdef, state = nnx.split(nnx_result.module)
-    nnx_low = _compiled_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
+    nnx_low = xla_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
     assert nnx_result.report.speedup >= 2.0
     assert nnx_result.report.speedup == pytest.approx(nnx_full / nnx_low, rel=0.01)

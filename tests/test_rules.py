@@ -10,7 +10,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import costs, export, rules
-from tests.helpers import init
+from tests.helpers import init, xla_flops
 
 X = jnp.ones((2, 12, 12, 3))
 
@@ -181,11 +181,6 @@ class WithDense(nn.Module):
         return nn.Dense(10, name="fc2")(x)
 
 
-def _xla_flops(fn, *args):
-    flops = jax.jit(fn).lower(*args).compile().cost_analysis()
-    return (flops[0] if isinstance(flops, list) else flops)["flops"]
-
-
 def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     model, x = WithDense(), jnp.ones((4, 12, 12, 3))
     variables = init(model, 0, x)
@@ -198,7 +193,7 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     assert counts == {"conv": conv, "dot": dense, "total": conv + dense,
                       "elementwise": elementwise}
     # XLA's own (compiled) flop count: 2 per multiply-add, plus the element-wise work
-    assert _xla_flops(lambda v, x: model.apply(v, x), variables, x) == 2 * (conv + dense) + elementwise
+    assert xla_flops(lambda v, x: model.apply(v, x), variables, x) == 2 * (conv + dense) + elementwise
     result = lrjax.decompose_linen(model, variables, x, rule={"c2": 4})
     before, after = result.report.net_macs
     assert before == (conv + dense) // 4
@@ -206,7 +201,7 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     assert after == lowrank["total"] // 4  # the report's 'after' is the decomposed net's trace
     assert lowrank["elementwise"] == elementwise  # the surgery adds no element-wise work
     assert result.report.macs_speedup == pytest.approx(before / after)
-    flops_after = _xla_flops(lambda v, x: result.module.apply(v, x), result.variables, x)
+    flops_after = xla_flops(lambda v, x: result.module.apply(v, x), result.variables, x)
     assert result.report.net_flops == ((2 * (conv + dense) + elementwise) // 4, flops_after // 4)
     assert result.report.speedup == pytest.approx((2 * (conv + dense) + elementwise) / flops_after)
     pair = taps * 10 * 16 * 4 + 10 * taps * 4 * 16  # vertical at the input width, horizontal
