@@ -268,15 +268,16 @@ class SearchResult:
         score drop (the sum of the per-layer drops).
       baseline: the score of the undecomposed model.
       scores: ``{path: {rank: score}}``, each with only that layer decomposed.
-      full_macs, macs: multiply-adds of all 2-D convs before and after.
+      full_macs, macs: the cost before and after (:attr:`lrjax.rules.RankProblem.full_macs`:
+        the whole net's when traced, each element-wise flop counted as half a multiply-add).
       predicted_drop: ``sum`` of the chosen layers' drops.
     """
 
     ranks: dict[str, int | None]
     baseline: float
     scores: dict[str, dict[int, float]]
-    full_macs: int
-    macs: int
+    full_macs: float
+    macs: float
     predicted_drop: float
 
     @property
@@ -287,7 +288,7 @@ class SearchResult:
         """Per-layer sensitivity: score drop at each candidate rank, and the chosen rank."""
         w = max([5] + [len(p) for p in self.scores]) + 2
         rows = [f"baseline score {self.baseline:.4f}; chosen ranks give {self.speedup:.2f}x "
-                f"fewer conv MACs, predicted drop {self.predicted_drop:.4f}",
+                f"lower cost, predicted drop {self.predicted_drop:.4f}",
                 f"{'layer':<{w}}chosen  drop at rank"]
         for path, by_rank in self.scores.items():
             cells = "  ".join(f"{r}:{self.baseline - s:+.4f}" for r, s in sorted(by_rank.items()))

@@ -314,7 +314,7 @@ class RankProblem:
         return [s for s in self.sites if s.candidate]
 
     @property
-    def fixed_macs(self) -> int:
+    def fixed_macs(self) -> float:
         """Multiply-adds no rule can change: the whole net's but the candidates' when
         ``net_macs`` is known (element-wise work included), else the other sites' (skipped,
         already pairs)."""
@@ -329,14 +329,14 @@ class RankProblem:
         return total
 
     @property
-    def full_macs(self) -> int:
+    def full_macs(self) -> float:
         """Multiply-adds before the surgery: the whole net's (``net_macs``, with the
         element-wise work) when known, else every site's at full rank."""
         if self.net_macs is not None:
-            return self.net_macs + self.net_elementwise // 2
+            return self.net_macs + self.net_elementwise / 2
         return sum(costs.conv_cost(s.shape).macs for s in self.sites if s.shape is not None)
 
-    def macs_after(self, ranks: Mapping[str, int | None]) -> int:
+    def macs_after(self, ranks: Mapping[str, int | None]) -> float:
         """Multiply-adds (counted as :attr:`full_macs` is) with each candidate in ``ranks`` split
         at its rank and every other candidate full."""
         return self.fixed_macs + sum(
