@@ -22,8 +22,8 @@ def resnet():
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     variables = init(model, 1, x, train=False)
     # non-trivial batch statistics and scales, so that BN does something
-    variables = jax.tree.map(lambda a: a + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2),
-                                                                            a.shape)), variables)
+    variables = jax.jit(lambda v: jax.tree.map(
+        lambda a: a + 0.1 * jnp.abs(jax.random.normal(jax.random.key(2), a.shape)), v))(variables)
     return model, variables, x
 
 

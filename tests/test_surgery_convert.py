@@ -25,11 +25,16 @@ def _setup(family, bn=False):
     kwargs = SMALL.get(family, {})
     size = 32 if family == "vgg16" else models.model_spec(family).image_size
     full = models.get_model(family, bn=bn, **kwargs)
-    variables = models.init_variables(full, size)
+    return kwargs, size, full, _perturbed(models.init_variables(full, size))
+
+
+@jax.jit
+def _perturbed(variables):
+    """Non-trivial biases and BN statistics (positive where 1-D, as variances must be); jitted:
+    one compile per model instead of one per operation and shape."""
     variables = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(5), a.shape),
-                             variables)  # non-trivial biases and BN statistics
-    variables = jax.tree.map(lambda a: jnp.abs(a) if a.ndim == 1 else a, variables)
-    return kwargs, size, full, variables
+                             variables)
+    return jax.tree.map(lambda a: jnp.abs(a) if a.ndim == 1 else a, variables)
 
 
 def _problem(full, variables, size, **kw):
@@ -102,8 +107,8 @@ def test_fold_batch_norms_then_decompose():
     net = FoldNet()
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
     variables = init(net, 1, x)
-    variables = jax.tree.map(lambda a: a + jnp.abs(jax.random.normal(jax.random.key(2), a.shape)),
-                             variables)
+    variables = jax.jit(lambda v: jax.tree.map(
+        lambda a: a + jnp.abs(jax.random.normal(jax.random.key(2), a.shape)), v))(variables)
     folded = surgery.fold_batch_norms(variables, {"conv1": "bn1"})
     assert set(folded) == {"params"} and set(folded["params"]) == {"conv1"}
     plain = FoldNet(with_bn=False)
