@@ -89,7 +89,7 @@ def tflite_model(forward: Callable, shape, params=None, *,
         held copies of every weight. ``None``: when ``params`` hold :data:`BUFFER_OFFSET_BYTES` or
         more (without ``params`` only if asked: :func:`lrjax.export.to_tflite` asks for an NNX
         model by the size of its state). The low-rank VGG-16 (516 MB):
-        3.8 GiB peak for the whole export instead of 5.2 GB.
+        3.0 GiB peak for the whole export instead of 5.2 GB (README, "Memory and time").
 
     Raises:
       Exception: whatever the TFLite converter raises for a graph it cannot convert.
