@@ -185,7 +185,7 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
     return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None,
                          dict(kept_full), tuple(notes), whole,
                          {s.path: s.kind for s in sites if s.shape is not None},
-                         problem.net_elementwise if whole is not None else 0)
+                         problem.net_elementwise)
 
 
 @dataclasses.dataclass(frozen=True)

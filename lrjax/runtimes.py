@@ -72,7 +72,7 @@ def onnx_session(model_or_path, threads: int | None = None):
 
 
 def tflite_model(forward: Callable, shape, params=None, *,
-                 buffer_offsets: bool | None = None) -> bytes:
+                 buffer_offsets: bool = False) -> bytes:
     """A LiteRT (TFLite) flatbuffer of builtin ops computing ``forward`` on a float32 input of
     the fixed ``shape``.
 
@@ -86,9 +86,8 @@ def tflite_model(forward: Callable, shape, params=None, *,
       buffer_offsets: write the weights after the flatbuffer, at offsets (the converter's
         large-model layout, read by LiteRT and TFLite 2.14 or later): the converter then skips
         its Python passes over the whole model (buffer deduplication, metadata), each of which
-        held copies of every weight. ``None``: when ``params`` hold :data:`BUFFER_OFFSET_BYTES` or
-        more (without ``params`` only if asked: :func:`lrjax.export.to_tflite` asks for an NNX
-        model by the size of its state). The low-rank VGG-16 (516 MB):
+        held copies of every weight. :func:`lrjax.export.to_tflite` asks for it when the
+        weights are :data:`BUFFER_OFFSET_BYTES` or more. The low-rank VGG-16 (516 MB):
         3.0 GiB peak for the whole export instead of 5.2 GB (README, "Memory and time").
 
     Raises:
@@ -98,8 +97,6 @@ def tflite_model(forward: Callable, shape, params=None, *,
     from jax.experimental import jax2tf
 
     spec = [tf.TensorSpec(tuple(shape), tf.float32)]
-    if buffer_offsets is None:
-        buffer_offsets = params is not None and weight_bytes(params) >= BUFFER_OFFSET_BYTES
     with formulations.policy("portable"):
         converted = jax2tf.convert(forward, with_gradient=False)
         if params is None:

@@ -274,13 +274,15 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     shape = _check_input(example_input)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, dense_as_conv=True)
+    nnx_model = isinstance(module, nnx.Module)
+    large = runtimes.weight_bytes(nnx.state(module) if nnx_model else variables) \
+        >= runtimes.BUFFER_OFFSET_BYTES
     try:
-        if isinstance(module, nnx.Module):  # the weights are constants of the traced module
-            data = runtimes.tflite_model(forward, shape, buffer_offsets=runtimes.weight_bytes(
-                nnx.state(module)) >= runtimes.BUFFER_OFFSET_BYTES)
+        if nnx_model:  # the weights are constants of the traced module
+            data = runtimes.tflite_model(forward, shape, buffer_offsets=large)
         else:  # the weights as variables: a fraction of the converter's memory
             data = runtimes.tflite_model(_linen_apply(module, apply_kwargs, True), shape,
-                                         params=variables)
+                                         params=variables, buffer_offsets=large)
     except Exception as e:  # the converter raises several types for unsupported graphs
         raise ExportError(converter_failure(e, forward, shape)) from None
     batches = (shape[0],)
