@@ -4,6 +4,7 @@ same computation as one process with two devices, write one checkpoint, and resu
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,14 +21,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # one training run: tiny CNN on digits, its final parameters (this process's replica) and facts
 SCRIPT = """
-import json, sys
+import json, os, signal, sys, time
 import numpy as np
 import jax
 from flax import traverse_util
 from lrjax import train
 from tests.test_distributed import digits_config
 
-workdir, out, epochs, processes, pid, port = sys.argv[1:7]
+workdir, out, epochs, processes, pid, port, die_at = sys.argv[1:8]
+if int(die_at):  # this process dies (SIGKILL) after that step, once the first checkpoint is in
+    real_setup = train.setup
+
+    def setup(*args, **kwargs):
+        run = real_setup(*args, **kwargs)
+        step = run.train_step
+
+        def train_step(state, batch, metrics):
+            state, metrics = step(state, batch, metrics)
+            if int(state.step) == int(die_at):
+                while not os.path.exists(os.path.join(workdir, "checkpoints", "4")):
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return state, metrics
+
+        run.train_step = train_step
+        return run
+
+    train.setup = setup
 r = train.train_and_evaluate(digits_config(int(epochs), int(processes), int(pid), port), workdir)
 flat = traverse_util.flatten_dict(r.state.params, sep="/")
 np.savez(out, **{k: np.asarray(v.addressable_data(0)) for k, v in flat.items()})
@@ -60,11 +80,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, out, epochs, processes, devices, pid=0, port=0):
+def _launch(workdir, out, epochs, processes, devices, pid=0, port=0, die_at=0):
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
                                      f"--xla_force_host_platform_device_count={devices}")
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(workdir), str(out), str(epochs),
-                             str(processes), str(pid), str(port)], cwd=ROOT, env=env,
+                             str(processes), str(pid), str(port), str(die_at)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -101,32 +121,32 @@ def test_digits_shards_are_disjoint_and_cover_each_global_batch():
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_two_devices_and_resume(tmp_path):
-    """Two processes and one process with two devices train side by side. One of the two is
-    killed after the first epoch's checkpoint: the other exits with JAX's heartbeat error within
-    seconds (no hang). A rerun of the pair resumes from that checkpoint and ends where the
-    one-process run ended, which is where this process, with one device, ends too (data
-    parallelism over devices and over processes is the single-device computation)."""
+    """Two processes and one process with two devices train side by side. One of the two dies
+    (SIGKILL) in the second epoch, after the first epoch's checkpoint: the other exits with JAX's
+    heartbeat error within seconds (no hang). A rerun of the pair resumes from that checkpoint
+    and ends where the one-process run ended, which is where this process, with one device, ends
+    too (data parallelism over devices and over processes is the single-device computation)."""
     port = _port()
     ckpts = tmp_path / "multi" / "checkpoints"
-    procs = [_launch(tmp_path / "multi", tmp_path / f"p{i}.npz", 30, 2, 1, i, port)
-             for i in range(2)]
+    procs = [_launch(tmp_path / "multi", tmp_path / f"p{i}.npz", 2, 2, 1, i, port,
+                     die_at=6 * i) for i in range(2)]
     alone = _launch(tmp_path / "single", tmp_path / "s.npz", 2, 1, 2)  # at the same time
-    assert jax.device_count() == 1  # and this process, meanwhile, with one device
-    one_device = train.train_and_evaluate(digits_config(2), str(tmp_path / "one_device"))
     try:
-        start = time.monotonic()
-        while not (ckpts / "4").exists():
-            assert time.monotonic() - start < 240 and procs[0].poll() is None, \
-                "no progress: " + (procs[0].poll() is not None and procs[0].stderr.read()[-3000:])
-            time.sleep(0.2)
-        procs[1].kill()
+        procs[1].communicate(timeout=240)
         killed = time.monotonic()
+        assert procs[1].returncode == -signal.SIGKILL
         _, err = procs[0].communicate(timeout=120)
         assert procs[0].returncode != 0 and "heartbeat timeout" in err
         assert time.monotonic() - killed < 60
     finally:
         for p in procs:
             p.kill()
+    port = _port()
+    procs = [_launch(tmp_path / "multi", tmp_path / f"q{i}.npz", 2, 2, 1, i, port)
+             for i in range(2)]
+    assert jax.device_count() == 1  # and this process, meanwhile, with one device
+    one_device = train.train_and_evaluate(digits_config(2), str(tmp_path / "one_device"))
+    resumed = [_finish(p) for p in procs]
     single = _finish(alone)
     assert single["devices"] == 2 and single["status"] == "completed"
     np.testing.assert_allclose([(h["train_loss"], h["test_loss"]) for h in single["history"]],
@@ -134,10 +154,6 @@ def test_two_processes_match_one_process_with_two_devices_and_resume(tmp_path):
                                rtol=5e-3)  # 8 steps of float reduction-order noise: ~0.3%
     written = checkpoint.TrainCheckpoints(str(ckpts), fingerprint={}).all_steps()
     assert written and written[0] == 4  # one checkpoint per epoch, written once for both
-    port = _port()
-    procs = [_launch(tmp_path / "multi", tmp_path / f"q{i}.npz", 2, 2, 1, i, port)
-             for i in range(2)]
-    resumed = [_finish(p) for p in procs]
     assert [(r["process"], r["processes"], r["devices"]) for r in resumed] == [(0, 2, 2),
                                                                                (1, 2, 2)]
     assert all(r["status"] == "completed" for r in resumed)
