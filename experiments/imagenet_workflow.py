@@ -97,7 +97,11 @@ def run(config, workdir: str) -> dict:
     full_path = os.path.join(workdir, "full_variables")
     init_path = os.path.join(workdir, "lowrank_init")
     dec_path = os.path.join(workdir, "decompose.json")
+    eval_path = os.path.join(workdir, "eval_before.json")
     full, _ = _models(config)
+    # a stage that reads the dataset: a missing one is an error before the import and decompose
+    needs_data = "finetune" in stages or ("evaluate" in stages and not os.path.exists(eval_path))
+    dataset = _dataset(config) if needs_data else None
 
     if "import" in stages and not os.path.exists(full_path):
         if not config.weights:
@@ -131,9 +135,7 @@ def run(config, workdir: str) -> dict:
         _, lowrank = _models(config, ranks)
         return ranks, lowrank, checkpoint.load_variables(init_path)
 
-    eval_path = os.path.join(workdir, "eval_before.json")
     if "evaluate" in stages and not os.path.exists(eval_path):
-        dataset = _dataset(config)
         _, lowrank, lowrank_variables = lowrank_setup()
         before = {"full": train.evaluate(full, full_variables(), dataset, config.eval_batch_size),
                   "lowrank": train.evaluate(lowrank, lowrank_variables, dataset,

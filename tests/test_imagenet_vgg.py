@@ -117,6 +117,7 @@ def test_command_line_missing_dataset_is_one_error_line(tmp_path):
     assert out.returncode == 2
     assert "ImageNet needs a manual download" in out.stderr
     assert "Traceback" not in out.stderr
+    assert not (tmp_path / "b" / "full_variables").exists()  # checked before any stage ran
 
 
 def test_scratch_mode_trains_lowrank_bn_net(tmp_path):
