@@ -52,8 +52,10 @@ def decomposition_times(log) -> dict:
     out = {}
     net = resnet50(num_classes=1000)
     x = jnp.zeros((1, 64, 64, 3))
-    variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x)
-    calib = jax.random.normal(jax.random.key(1), (8, 64, 64, 3))
+    # initialised before the clock starts (dispatch is asynchronous)
+    variables = jax.block_until_ready(
+        jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x))
+    calib = jax.block_until_ready(jax.random.normal(jax.random.key(1), (8, 64, 64, 3)))
     for name, cal in (("resnet50_64_speedup2_data_free", None),
                       ("resnet50_64_speedup2_calibrated_8", calib)):
         result = {}
@@ -64,11 +66,11 @@ def decomposition_times(log) -> dict:
         log(f"{name:<40} {seconds:6.1f} s  ({len(result['r'].ranks)} layers, "
             f"{result['r'].report.speedup:.2f}x)")
     vgg = models.get_model("vgg16")
-    variables = models.init_variables(vgg, 224, 0)
-    seconds = _time(lambda: decompose_linen(vgg, variables, jnp.zeros((1, 224, 224, 3)),
-                                            rule="vgg16", train=False))
-    out["vgg16_224_authors_ranks"] = {"seconds": seconds}
-    log(f"{'vgg16_224_authors_ranks':<40} {seconds:6.1f} s")
+    variables = jax.block_until_ready(models.init_variables(vgg, 224, 0))
+    times = [_time(lambda: decompose_linen(vgg, variables, jnp.zeros((1, 224, 224, 3)),
+                                           rule="vgg16", train=False)) for _ in range(2)]
+    out["vgg16_224_authors_ranks"] = {"seconds": times[0], "seconds_second_call": times[1]}
+    log(f"{'vgg16_224_authors_ranks':<40} {times[0]:6.1f} s  (second call {times[1]:.1f} s)")
     return out
 
 
