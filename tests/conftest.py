@@ -44,24 +44,15 @@ def preempt_at_step(monkeypatch):
     right after their step ``n`` (global step), as a preempted job would; ``preempt_at_step(None)``
     stops that. The training loop itself has no test hook."""
     from lrjax import train
+    from tests.helpers import after_each_step
 
     wanted = {"step": None}
-    real_setup = train.setup
 
-    def setup(*args, **kwargs):
-        run = real_setup(*args, **kwargs)
-        real_step = run.train_step
+    def preempt(step):
+        if wanted["step"] is not None and step == wanted["step"]:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-        def train_step(state, batch, metrics):
-            state, metrics = real_step(state, batch, metrics)
-            if wanted["step"] is not None and int(state.step) == wanted["step"]:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return state, metrics
-
-        run.train_step = train_step
-        return run
-
-    monkeypatch.setattr(train, "setup", setup)
+    monkeypatch.setattr(train, "setup", after_each_step(train.setup, preempt))
 
     def arm(step):
         wanted["step"] = step

@@ -21,3 +21,24 @@ def xla_flops(fn, *args) -> float:
     (``cost_analysis()["flops"]``): what lrjax's whole-net cost is checked against."""
     analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
     return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def after_each_step(setup, hook):
+    """``lrjax.train.setup`` whose runs call ``hook(step)`` (the global step, an int) right after
+    each train step: how tests preempt or kill a run at a given step (the training loop itself
+    has no test hook)."""
+
+    @functools.wraps(setup)
+    def hooked_setup(*args, **kwargs):
+        run = setup(*args, **kwargs)
+        train_step = run.train_step
+
+        def step_then_hook(state, batch, metrics):
+            state, metrics = train_step(state, batch, metrics)
+            hook(int(state.step))
+            return state, metrics
+
+        run.train_step = step_then_hook
+        return run
+
+    return hooked_setup

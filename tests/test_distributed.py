@@ -26,28 +26,18 @@ import numpy as np
 import jax
 from flax import traverse_util
 from lrjax import train
+from tests.helpers import after_each_step
 from tests.test_distributed import digits_config
 
 workdir, out, epochs, processes, pid, port, die_at = sys.argv[1:8]
 if int(die_at):  # this process dies (SIGKILL) after that step, once the first checkpoint is in
-    real_setup = train.setup
+    def die_after(step):
+        if step == int(die_at):
+            while not os.path.exists(os.path.join(workdir, "checkpoints", "4")):
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
 
-    def setup(*args, **kwargs):
-        run = real_setup(*args, **kwargs)
-        step = run.train_step
-
-        def train_step(state, batch, metrics):
-            state, metrics = step(state, batch, metrics)
-            if int(state.step) == int(die_at):
-                while not os.path.exists(os.path.join(workdir, "checkpoints", "4")):
-                    time.sleep(0.05)
-                os.kill(os.getpid(), signal.SIGKILL)
-            return state, metrics
-
-        run.train_step = train_step
-        return run
-
-    train.setup = setup
+    train.setup = after_each_step(train.setup, die_after)
 r = train.train_and_evaluate(digits_config(int(epochs), int(processes), int(pid), port), workdir)
 flat = traverse_util.flatten_dict(r.state.params, sep="/")
 np.savez(out, **{k: np.asarray(v.addressable_data(0)) for k, v in flat.items()})
