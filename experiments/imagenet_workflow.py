@@ -58,15 +58,6 @@ def _read_json(path):
         return json.load(f)
 
 
-def _dataset(config):
-    from lrjax import data
-
-    return data.load_dataset(config.dataset, data_dir=config.data_dir, download=config.download,
-                             image_size=config.image_size, resize=config.resize,
-                             normalisation=config.normalisation,
-                             scale_augment=config.scale_augment)
-
-
 def _models(config, ranks=None, **overrides):
     kwargs = {**dict(config.model_kwargs or {}), **overrides}
     full = models.get_model(config.model, **kwargs)
@@ -101,7 +92,7 @@ def run(config, workdir: str) -> dict:
     full, _ = _models(config)
     # a stage that reads the dataset: a missing one is an error before the import and decompose
     needs_data = "finetune" in stages or ("evaluate" in stages and not os.path.exists(eval_path))
-    dataset = _dataset(config) if needs_data else None
+    dataset = train.load_config_dataset(config) if needs_data else None
 
     if "import" in stages and not os.path.exists(full_path):
         if not config.weights:
@@ -149,7 +140,7 @@ def run(config, workdir: str) -> dict:
         ft = config.copy_and_resolve_references()
         ft.ranks, ft.lowrank = ranks, True
         finetune = train.train_and_evaluate(ft, os.path.join(workdir, "finetune"),
-                                            init_variables=lowrank_variables)
+                                            init_variables=lowrank_variables, dataset=dataset)
 
     time_path = os.path.join(workdir, "timing.json")
     if "time" in stages and not os.path.exists(time_path):

@@ -148,8 +148,8 @@ class SurgeryReport:
             "net_macs_before": None if self.net_macs is None else self.net_macs[0],
             "net_macs_after": None if self.net_macs is None else self.net_macs[1],
             "net_elementwise_flops": self.net_elementwise,
-            "net_flops_before": None if self.net_macs is None else self.net_flops[0],
-            "net_flops_after": None if self.net_macs is None else self.net_flops[1],
+            "net_flops_before": (self.net_flops or (None, None))[0],
+            "net_flops_after": (self.net_flops or (None, None))[1],
             "macs_speedup": self.macs_speedup,
             "theoretical_speedup": self.speedup,
         }

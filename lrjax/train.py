@@ -33,7 +33,8 @@ from lrjax.reporting import RunResult, SummaryWriter, progress_bar, write_result
 __all__ = [
     "TrainState", "TrainingDiverged", "make_optimizer", "lr_schedule", "scaled_lr_values",
     "create_train_state", "state_from_variables", "train_step", "evaluate", "setup",
-    "restore_or_init", "train_loop", "train_and_evaluate", "validate_config", "build_model",
+    "load_config_dataset", "restore_or_init", "train_loop", "train_and_evaluate",
+    "validate_config", "build_model",
     "Run", "Progress", "RunResult", "run_label", "write_results",
 ]
 
@@ -336,7 +337,22 @@ def build_model(config, num_classes: int):
     return models.get_model(config.model, **kwargs)
 
 
-def setup(config, workdir: str, *, model=None) -> Run:
+def load_config_dataset(config):
+    """The dataset ``config`` trains on (:func:`lrjax.data.load_dataset` with the config's
+    dataset fields; the ImageNet ones only for ``imagenet2012``).
+
+    Raises:
+      ValueError: unknown dataset. DataError: missing data (the message says how to get it).
+    """
+    from lrjax import data as data_lib  # TensorFlow is imported only when training
+
+    return data_lib.load_dataset(
+        config.dataset, data_dir=config.data_dir, download=config.download,
+        **({k: config[k] for k in ("image_size", "resize", "normalisation", "scale_augment")}
+           if config.dataset == "imagenet2012" else {}))
+
+
+def setup(config, workdir: str, *, model=None, dataset=None) -> Run:
     """Validate the config, load the data and build the model, the jitted steps and the
     checkpoint manager of a run.
 
@@ -344,17 +360,14 @@ def setup(config, workdir: str, *, model=None) -> Run:
       model: a linen model to train instead of the one the config names (e.g. the ``.module``
         of :func:`lrjax.decompose_linen`); called as ``model.apply(variables, images,
         train=...)``. ``config.model`` is then only its label.
+      dataset: the config's dataset, loaded already (:func:`load_config_dataset`).
     """
-    from lrjax import data as data_lib  # TensorFlow is imported only when training
-
     if config.multihost:
         initialize_distributed(config)
     devices = jax.devices()
     validate_config(config, len(devices), zoo_model=model is None)
-    dataset = data_lib.load_dataset(  # before the workdir: no empty run folder on a data error
-        config.dataset, data_dir=config.data_dir, download=config.download,
-        **({k: config[k] for k in ("image_size", "resize", "normalisation", "scale_augment")}
-           if config.dataset == "imagenet2012" else {}))
+    if dataset is None:  # before the workdir: no empty run folder on a data error
+        dataset = load_config_dataset(config)
     os.makedirs(workdir, exist_ok=True)
     local_batch = config.batch_size // jax.process_count()
     steps_per_epoch = config.steps_per_epoch or dataset.num_train // local_batch
@@ -504,7 +517,8 @@ def train_loop(run: Run, state: TrainState, progress: Progress) -> RunResult:
     return result
 
 
-def train_and_evaluate(config, workdir: str, *, model=None, init_variables=None) -> RunResult:
+def train_and_evaluate(config, workdir: str, *, model=None, init_variables=None,
+                       dataset=None) -> RunResult:
     """Train on ``config.dataset``, evaluating and checkpointing every epoch.
 
     :func:`setup`, then :func:`restore_or_init`: the latest checkpoint in
@@ -515,11 +529,12 @@ def train_and_evaluate(config, workdir: str, *, model=None, init_variables=None)
     Args:
       model: train this linen model instead of the zoo model the config names (e.g. a
         decomposed user model); ``init_variables`` then usually are its variables.
+      dataset: the config's dataset, loaded already (see :func:`setup`).
 
     Raises:
       ValueError: a bad config. DataError: missing data. CheckpointError: a checkpoint from a
       different model or config. TrainingDiverged: NaN/Inf loss (the last good checkpoint stays).
     """
-    run = setup(config, workdir, model=model)
+    run = setup(config, workdir, model=model, dataset=dataset)
     state, progress = restore_or_init(run, init_variables)
     return train_loop(run, state, progress)
