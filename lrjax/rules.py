@@ -16,7 +16,9 @@ The grammar of a rule written as a string (Python and command line alike)::
 and the element-wise work, which is fixed), a shipped config (``vgg16``,
 ``caffenet``, ``nin``, ``cnn``), a JSON rank file, or an inline JSON map (``{"conv1": 16}``).
 ``+measured`` keeps a layer full where its pair is not faster when timed alone (``:jax``,
-``:onnxruntime`` or ``:litert``: where it is timed). Options: ``multiple=M`` (round ranks to
+``:onnxruntime`` or ``:litert``: where it is timed); under ``speedup:S`` it keeps full the
+layers whose pairs save less than a third of the time their multiply-adds promise, and the
+budget goes to the other layers, so the whole-net target still holds. Options: ``multiple=M`` (round ranks to
 multiples of ``M``), ``include=GLOB`` and ``exclude=GLOB`` (repeatable; layer paths, ``fnmatch``
 patterns: only matching layers / no matching layer may be decomposed).
 """
@@ -49,7 +51,9 @@ RULE_HELP = (
     "a JSON file of that map, a shipped config (vgg16, caffenet, nin, cnn), 'energy:F' (keep "
     "fraction F of each layer's spectral energy) or 'speedup:S' (allocate ranks for S times "
     "fewer flops of the whole forward pass, as XLA counts them); append '+measured' to keep a "
-    "layer full rank where its pair is not faster on this backend, or '+measured:onnxruntime' / "
+    "layer full rank where its pair is not faster on this backend (under 'speedup:S': saves "
+    "less than a third of the time its multiply-adds promise, and the budget goes to the other "
+    "layers), or '+measured:onnxruntime' / "
     "'+measured:litert' to time the layers in that runtime (each layer exported alone); then "
     "options ',multiple=M', ',include=GLOB', ',exclude=GLOB'; or a rule object such as "
     "lrjax.ranks.EvalGuided"
@@ -349,10 +353,16 @@ class RankProblem:
     def restricted(self, rule: RankRule) -> RankProblem:
         """The problem with the candidates ``rule``'s include/exclude rule out marked skipped
         (their cost then counts as fixed); caches are shared."""
-        if not rule.include and not rule.exclude:
+        return self.keeping_full({s.path: "excluded by the rank rule's include/exclude"
+                                  for s in self.candidates if not rule.allows(s.path)})
+
+    def keeping_full(self, why: Mapping[str, str]) -> RankProblem:
+        """The problem with the candidates in ``why`` (``{path: reason}``) marked skipped
+        (their cost then counts as fixed); caches are shared."""
+        if not why:
             return self
-        sites = [dataclasses.replace(s, skip="excluded by the rank rule's include/exclude")
-                 if s.candidate and not rule.allows(s.path) else s for s in self.sites]
+        sites = [dataclasses.replace(s, skip=why[s.path]) if s.candidate and s.path in why
+                 else s for s in self.sites]
         return dataclasses.replace(self, sites=sites)
 
     def prepare(self, paths=None) -> None:
@@ -462,7 +472,11 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
 
     A rule that chooses ranks itself (``energy:``, ``speedup:``, a rule object) never splits a
     layer whose pair would cost as many multiply-adds as the conv or more: such a layer is kept
-    full. A rank map is applied as written.
+    full. A rank map is applied as written. With ``+measured`` the layers whose pairs are not
+    faster when timed alone stay full; under ``speedup:S`` a layer stays full where its pair
+    saves less than a third of the time its multiply-adds promise, and the budget is allocated
+    again over the other layers until every pair chosen returns that much (each layer timed
+    once per rank).
 
     Args:
       rule: anything :func:`parse_rule` takes; its ``multiple`` must be the problem's.
@@ -482,6 +496,8 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
     problem = problem.restricted(rule)
     if rule.kind != "map" and not problem.candidates:
         raise _no_candidates(problem)
+    if rule.measured and rule.kind == "speedup":
+        return _measured_budget(rule, problem, _runtime(rule), measure_batch, kept_full)
     by_path = {s.path: s for s in problem.sites}
     ranks = _base_ranks(rule, problem)
     unknown = sorted(set(ranks) - set(by_path))
@@ -515,7 +531,7 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
                                  if rank_lib.saving_rank(s.shape, unit) is None
                                  else "not needed by the rule")
     if rule.measured:
-        runtime = "jax" if rule.measured == DEFAULT_RUNTIME else rule.measured
+        runtime = _runtime(rule)
         chosen = {p: r for p, r in out.items() if r is not None}
         gated, _ = measured_gate([by_path[p].shape for p in chosen], chosen,
                                  batch=measure_batch, runtime=runtime)
@@ -523,6 +539,62 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
                           for p, r in gated.items() if r is None})
         out.update(gated)
     return out
+
+
+# Under 'speedup:S+measured', a pair must save at least this fraction of the time its
+# multiply-adds promise (timed alone): the budget is fungible, and a cut that saves
+# multiply-adds but little time is better spent on a layer whose pair runs near its count.
+_MIN_RETURN = 1 / 3
+
+
+def _runtime(rule: RankRule) -> str:
+    """Where a ``+measured`` rule times the layers."""
+    return "jax" if rule.measured == DEFAULT_RUNTIME else rule.measured
+
+
+def _measured_budget(rule: RankRule, problem: RankProblem, runtime: str, batch: int,
+                     kept_full: dict) -> dict[str, int | None]:
+    """``speedup:S+measured``: the budget allocated over the layers whose pairs pay off.
+
+    The layers the allocation splits are timed alone at their ranks (:func:`measured_gate`);
+    those whose pair saves less than ``_MIN_RETURN`` (a third) of the time its multiply-adds
+    promise are kept full and the budget is allocated again over the others (the whole-net
+    target still holds), until every pair chosen returns that much. Each ``(layer, rank)`` is
+    timed once."""
+    ungated = dataclasses.replace(rule, measured=None)
+    by_path = {s.path: s for s in problem.sites}
+    times, slow = {}, {}
+    while True:
+        notes = {}
+        try:
+            ranks = select_ranks(ungated, problem.keeping_full(slow), kept_full=notes)
+        except ValueError as e:
+            if not slow:
+                raise
+            raise ValueError(f"{e}, once the {len(slow)} layers whose pairs saved less than a "
+                             f"third of the time their multiply-adds promise (timed in {runtime} "
+                             f"at batch {batch}) are kept full ({', '.join(sorted(slow))})"
+                             ) from None
+        chosen = {p: r for p, r in ranks.items() if r is not None}
+        todo = {p: r for p, r in chosen.items() if (p, r) not in times}
+        if todo:
+            _, timed = measured_gate([by_path[p].shape for p in todo], todo, batch=batch,
+                                     runtime=runtime)
+            times.update({(p, todo[p]): t for p, t in timed.items()})
+        newly = {p: f"its pair (rank {r}) saved {1 - pair / full:.0%} of the layer's time for "
+                    f"{saved:.0%} of its multiply-adds, timed in {runtime} at batch {batch}; "
+                    "the rule's budget went to other layers"
+                 for p, r in chosen.items() if (p, r) in times
+                 for full, pair in [times[(p, r)]]
+                 for saved in [1 - costs.lowrank_cost(by_path[p].shape, r).macs
+                               / costs.conv_cost(by_path[p].shape).macs]
+                 if full - pair < _MIN_RETURN * saved * full}
+        if not newly:
+            break
+        slow.update(newly)
+    kept_full.update(notes)
+    kept_full.update(slow)
+    return {**ranks, **{p: None for p in slow}}
 
 
 def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: int = 3,

@@ -310,3 +310,36 @@ def test_convert_folds_batch_norms(tmp_path):
     want = apply(full_bn, variables, x)
     np.testing.assert_allclose(lowrank.apply(new, x), want,
                                atol=1e-4 * float(jnp.abs(want).max()) + 1e-5)
+
+
+def test_measured_speedup_reallocates_the_budget_to_the_faster_pairs(monkeypatch):
+    """'speedup:S+measured': a layer whose pair saves too little time stays full and the budget
+    goes to the others, so the whole-net target still holds; every (layer, rank) is timed
+    once."""
+    _, size, full, variables = _setup("nin")
+    problem = _problem(full, variables, size)
+    plain = rules.select_ranks("speedup:1.5", problem)
+    slow = max((p for p, r in plain.items() if r is not None),
+               key=lambda p: costs.conv_cost(problem.site(p).shape).macs)
+    timed = []
+
+    def fake_layer_times(layers, ranks, **kwargs):  # the biggest layer's pair: 3% faster
+        timed.extend(ranks.items())
+        return {p: (1.0, 0.97 if p == slow else 0.5) for p in ranks}
+
+    monkeypatch.setattr(timing, "layer_times", fake_layer_times)
+    kept = {}
+    gated = rules.select_ranks("speedup:1.5+measured", problem, measure_batch=4, kept_full=kept)
+    assert gated[slow] is None and "saved 3% of the layer's time" in kept[slow] \
+        and "timed in jax at batch 4" in kept[slow]
+    assert problem.full_macs / problem.macs_after(gated) >= 1.5  # the target still holds
+    assert {p for p, r in gated.items() if r is not None} - {slow} and \
+        any(gated[p] != plain[p] for p in gated if p != slow)  # others cut deeper
+    assert len(timed) == len(set(timed))  # each (layer, rank) timed once
+    assert all((p, r) in timed for p, r in gated.items() if r is not None)
+    # every pair slower: nothing can reach the target, and the message says why
+    monkeypatch.setattr(timing, "layer_times",
+                        lambda layers, ranks, **kw: {p: (1.0, 2.0) for p in ranks})
+    with pytest.raises(ValueError, match=r"out of reach.*once the \d+ layers whose pairs saved "
+                                         r"less than a third .* batch 1\) are kept full"):
+        rules.select_ranks("speedup:1.5+measured", problem)
