@@ -476,7 +476,8 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
     faster when timed alone stay full; under ``speedup:S`` a layer stays full where its pair
     saves less than a third of the time its multiply-adds promise, and the budget is allocated
     again over the other layers until every pair chosen returns that much (each layer timed
-    once per rank).
+    once per rank); where that puts ``S`` out of reach, the pairs that returned the most are let
+    back in.
 
     Args:
       rule: anything :func:`parse_rule` takes; its ``multiple`` must be the problem's.
@@ -558,37 +559,42 @@ def _measured_budget(rule: RankRule, problem: RankProblem, runtime: str, batch: 
 
     The layers the allocation splits are timed alone at their ranks (:func:`measured_gate`);
     those whose pair saves less than ``_MIN_RETURN`` (a third) of the time its multiply-adds
-    promise are kept full and the budget is allocated again over the others (the whole-net
-    target still holds), until every pair chosen returns that much. Each ``(layer, rank)`` is
-    timed once."""
+    promise are kept full and the budget is allocated again over the others, until every pair
+    chosen returns that much. The whole-net target holds throughout: where keeping them all
+    full puts it out of reach, the one that returned the most is let back in (and not gated
+    again) until it is reachable. Each ``(layer, rank)`` is timed once."""
     ungated = dataclasses.replace(rule, measured=None)
     by_path = {s.path: s for s in problem.sites}
-    times, slow = {}, {}
+    times, slow, returns, let_back = {}, {}, {}, set()
     while True:
         notes = {}
         try:
             ranks = select_ranks(ungated, problem.keeping_full(slow), kept_full=notes)
-        except ValueError as e:
+        except ValueError:
             if not slow:
                 raise
-            raise ValueError(f"{e}, once the {len(slow)} layers whose pairs saved less than a "
-                             f"third of the time their multiply-adds promise (timed in {runtime} "
-                             f"at batch {batch}) are kept full ({', '.join(sorted(slow))})"
-                             ) from None
+            best = max(slow, key=returns.__getitem__)
+            del slow[best]
+            let_back.add(best)
+            continue
         chosen = {p: r for p, r in ranks.items() if r is not None}
         todo = {p: r for p, r in chosen.items() if (p, r) not in times}
         if todo:
             _, timed = measured_gate([by_path[p].shape for p in todo], todo, batch=batch,
                                      runtime=runtime)
             times.update({(p, todo[p]): t for p, t in timed.items()})
-        newly = {p: f"its pair (rank {r}) saved {1 - pair / full:.0%} of the layer's time for "
-                    f"{saved:.0%} of its multiply-adds, timed in {runtime} at batch {batch}; "
-                    "the rule's budget went to other layers"
-                 for p, r in chosen.items() if (p, r) in times
-                 for full, pair in [times[(p, r)]]
-                 for saved in [1 - costs.lowrank_cost(by_path[p].shape, r).macs
-                               / costs.conv_cost(by_path[p].shape).macs]
-                 if full - pair < _MIN_RETURN * saved * full}
+        newly = {}
+        for p, r in chosen.items():
+            if p in let_back or (p, r) not in times:
+                continue
+            full, pair = times[(p, r)]
+            shape = by_path[p].shape
+            saved = 1 - costs.lowrank_cost(shape, r).macs / costs.conv_cost(shape).macs
+            returns[p] = (full - pair) / (saved * full)
+            if returns[p] < _MIN_RETURN:
+                newly[p] = (f"its pair (rank {r}) saved {1 - pair / full:.0%} of the layer's "
+                            f"time for {saved:.0%} of its multiply-adds, timed in {runtime} at "
+                            f"batch {batch}; the rule's budget went to other layers")
         if not newly:
             break
         slow.update(newly)
