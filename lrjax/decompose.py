@@ -432,20 +432,26 @@ def decompose_net(
 def _per_layer(fn, args, order, workers=None) -> dict:
     """``{name: fn(*a, **kw)}`` with ``(a, kw) = args(name)``, for a jitted ``fn``.
 
-    On CPU every program is compiled first, one after another on this thread, then the layers
-    run on host threads with one BLAS thread each (LAPACK's eigen-solvers scale poorly across
-    cores); elsewhere they are dispatched in order. Compiling up front matters on a first
-    call: XLA compiles running beside other layers' LAPACK calls slow both (VGG-16's 13
-    layers in a fresh process, 2 cores: 3.4 s compiling on the worker threads, 2.4 s
+    On CPU every program is compiled first (lowered on this thread, compiled on host threads),
+    then the layers run on host threads with one BLAS thread each (LAPACK's eigen-solvers scale
+    poorly across cores); elsewhere they are dispatched in order. Compiling up front matters on
+    a first call: XLA compiles running beside other layers' LAPACK calls slow both (VGG-16's
+    13 layers in a fresh process, 2 cores: 3.4 s compiling on the worker threads, 2.4 s
     compiling first; 1.0 s once compiled)."""
     if jax.default_backend() != "cpu":
         return {name: fn(*args(name)[0], **args(name)[1]) for name in order}
     from threadpoolctl import threadpool_limits
 
-    for name in order:  # cached: the calls below and later ones reuse these executables
-        a, kw = args(name)
-        fn.lower(*a, **kw).compile()
     workers = workers or os.cpu_count() or 1
+    programs = {}  # one per signature; cached: the calls below and later ones reuse them
+    for name in order:
+        a, kw = args(name)
+        signature = repr(jax.tree.map(
+            lambda v: (np.shape(v), str(v.dtype)) if hasattr(v, "dtype") else v, (a, kw)))
+        if signature not in programs:
+            programs[signature] = fn.lower(*a, **kw)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda lowered: lowered.compile(), programs.values()))
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         def run(name):
             a, kw = args(name)
