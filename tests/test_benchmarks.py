@@ -116,14 +116,17 @@ def test_flag_sets_name_real_xla_flags():
 
 
 def test_recommended_flags_respect_the_user(monkeypatch):
+    import jax
+
     from lrjax import xla_flags
 
+    jax.devices()  # JAX's backends run in this process, whichever test ran before this one
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert xla_flags.use_recommended_flags() == "--xla_force_host_platform_device_count=2"
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.delenv("LRJAX_XLA_FLAGS_SOURCE", raising=False)
-    with pytest.warns(UserWarning, match="already running"):  # this test process runs JAX
+    with pytest.warns(UserWarning, match="already running"):
         assert xla_flags.use_recommended_flags() == ""
     assert xla_flags.flags_in_effect() == {"XLA_FLAGS": None, "source": "unset"}
 
