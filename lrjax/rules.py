@@ -18,9 +18,10 @@ and the element-wise work, which is fixed), a shipped config (``vgg16``,
 ``+measured`` keeps a layer full where its pair is not faster when timed alone (``:jax``,
 ``:onnxruntime`` or ``:litert``: where it is timed); under ``speedup:S`` it keeps full the
 layers whose pairs save less than a third of the time their multiply-adds promise, and the
-budget goes to the other layers, so the whole-net target still holds. Options: ``multiple=M`` (round ranks to
-multiples of ``M``), ``include=GLOB`` and ``exclude=GLOB`` (repeatable; layer paths, ``fnmatch``
-patterns: only matching layers / no matching layer may be decomposed).
+budget goes to the other layers, so the whole-net target still holds. Options:
+``multiple=M`` (round ranks to multiples of ``M``), ``include=GLOB`` and ``exclude=GLOB``
+(repeatable; layer paths, ``fnmatch`` patterns: only matching layers / no matching layer may be
+decomposed).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax import costs, decompose, runtimes, timing
+from lrjax import costs, decompose, gate, runtimes
 from lrjax import ranks as rank_lib
+from lrjax.gate import measured_gate
 from lrjax.sites import ConvSite
 
 __all__ = [
@@ -534,18 +536,12 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
     if rule.measured:
         runtime = _runtime(rule)
         chosen = {p: r for p, r in out.items() if r is not None}
-        gated, _ = measured_gate([by_path[p].shape for p in chosen], chosen,
-                                 batch=measure_batch, runtime=runtime)
+        gated, _ = gate.measured_gate([by_path[p].shape for p in chosen], chosen,
+                                      batch=measure_batch, runtime=runtime)
         kept_full.update({p: f"its pair was not faster, timed in {runtime}"
                           for p, r in gated.items() if r is None})
         out.update(gated)
     return out
-
-
-# Under 'speedup:S+measured', a pair must save at least this fraction of the time its
-# multiply-adds promise (timed alone): the budget is fungible, and a cut that saves
-# multiply-adds but little time is better spent on a layer whose pair runs near its count.
-_MIN_RETURN = 1 / 3
 
 
 def _runtime(rule: RankRule) -> str:
@@ -558,8 +554,8 @@ def _measured_budget(rule: RankRule, problem: RankProblem, runtime: str, batch: 
     """``speedup:S+measured``: the budget allocated over the layers whose pairs pay off.
 
     The layers the allocation splits are timed alone at their ranks (:func:`measured_gate`);
-    those whose pair saves less than ``_MIN_RETURN`` (a third) of the time its multiply-adds
-    promise are kept full and the budget is allocated again over the others, until every pair
+    those whose pair saves less than :data:`lrjax.gate.MIN_RETURN` (a third) of the time its
+    multiply-adds promise are kept full and the budget is allocated again over the others, until every pair
     chosen returns that much. The whole-net target holds throughout: where keeping them all
     full puts it out of reach, the one that returned the most is let back in (and not gated
     again) until it is reachable. Each ``(layer, rank)`` is timed once."""
@@ -580,52 +576,16 @@ def _measured_budget(rule: RankRule, problem: RankProblem, runtime: str, batch: 
         chosen = {p: r for p, r in ranks.items() if r is not None}
         todo = {p: r for p, r in chosen.items() if (p, r) not in times}
         if todo:
-            _, timed = measured_gate([by_path[p].shape for p in todo], todo, batch=batch,
-                                     runtime=runtime)
+            _, timed = gate.measured_gate([by_path[p].shape for p in todo], todo,
+                                          batch=batch, runtime=runtime)
             times.update({(p, todo[p]): t for p, t in timed.items()})
-        newly = {}
-        for p, r in chosen.items():
-            if p in let_back or (p, r) not in times:
-                continue
-            full, pair = times[(p, r)]
-            shape = by_path[p].shape
-            saved = 1 - costs.lowrank_cost(shape, r).macs / costs.conv_cost(shape).macs
-            returns[p] = (full - pair) / (saved * full)
-            if returns[p] < _MIN_RETURN:
-                newly[p] = (f"its pair (rank {r}) saved {1 - pair / full:.0%} of the layer's "
-                            f"time for {saved:.0%} of its multiply-adds, timed in {runtime} at "
-                            f"batch {batch}; the rule's budget went to other layers")
+        judged = {p: r for p, r in chosen.items() if p not in let_back and (p, r) in times}
+        newly = gate.poor_returns({p: by_path[p].shape for p in judged}, judged,
+                                  {p: times[(p, r)] for p, r in judged.items()}, returns,
+                                  where=f"timed in {runtime} at batch {batch}")
         if not newly:
             break
         slow.update(newly)
     kept_full.update(notes)
     kept_full.update(slow)
     return {**ranks, **{p: None for p in slow}}
-
-
-def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: int = 3,
-                  dtype=jnp.float32, runtime: str = "jax"):
-    """Keep a layer full rank where its pair is not faster on the current backend, or in the
-    runtime the model is deployed to.
-
-    Each decomposed layer is timed alone (forward) as a full conv and as a pair: jitted
-    (``runtime="jax"``), or exported and run in ONNX Runtime / LiteRT
-    (:func:`lrjax.timing.layer_times` with :func:`lrjax.runtimes.layer_call`).
-
-    Returns:
-      ``(ranks, times)``: the gated ranks (None = keep full rank) and
-      ``{layer: (full s, pair s)}``.
-    """
-    if runtime not in runtimes.RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; expected one of {runtimes.RUNTIMES}")
-    call = None if runtime == "jax" else runtimes.layer_call(runtime)
-    times = timing.layer_times(layers, ranks, batch=batch, dtype=dtype, repeats=repeats,
-                               call=call)
-    gated = {}
-    for name, rank in ranks.items():
-        if name in times:
-            full, pair = times[name]
-            gated[name] = rank if pair < full else None
-        else:
-            gated[name] = rank
-    return gated, times
