@@ -438,8 +438,12 @@ def _per_layer(fn, args, order, workers=None) -> dict:
     a first call: XLA compiles running beside other layers' LAPACK calls slow both (VGG-16's
     13 layers in a fresh process, 2 cores: 3.4 s compiling on the worker threads, 2.4 s
     compiling first; 1.0 s once compiled)."""
+    def call(name):
+        a, kw = args(name)
+        return fn(*a, **kw)
+
     if jax.default_backend() != "cpu":
-        return {name: fn(*args(name)[0], **args(name)[1]) for name in order}
+        return {name: call(name) for name in order}
     from threadpoolctl import threadpool_limits
 
     workers = workers or os.cpu_count() or 1
@@ -453,11 +457,7 @@ def _per_layer(fn, args, order, workers=None) -> dict:
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda lowered: lowered.compile(), programs.values()))
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        def run(name):
-            a, kw = args(name)
-            return name, jax.block_until_ready(fn(*a, **kw))
-
-        return dict(pool.map(run, order))
+        return dict(pool.map(lambda n: (n, jax.block_until_ready(call(n))), order))
 
 
 def spectra_and_factors(kernels: Mapping[str, jax.Array], *,

@@ -47,18 +47,21 @@ def measured_gate(layers, ranks: Mapping[str, int], *, batch: int = 1, repeats: 
 
 
 def poor_returns(layers: Mapping[str, costs.ConvShape], ranks: Mapping[str, int],
-                 times: Mapping[str, tuple[float, float]], returns: dict, *,
-                 where: str) -> dict[str, str]:
+                 times: Mapping[str, tuple[float, float]], *,
+                 where: str) -> tuple[dict[str, str], dict[str, float]]:
     """The layers whose pair saves less than :data:`MIN_RETURN` of the time its multiply-adds
-    promise, with the reason (``{path: why}``).
+    promise.
 
     Args:
       layers: ``{path: ConvShape}``; ranks: ``{path: rank}`` of their pairs.
       times: ``{path: (full s, pair s)}`` as :func:`measured_gate` returns them.
-      returns: filled with ``{path: time saved / time promised}`` of every layer judged.
       where: how the layers were timed (for the reason).
+
+    Returns:
+      ``(poor, returns)``: ``{path: why}`` of the poor ones and ``{path: time saved / time
+      promised}`` of every layer judged.
     """
-    poor = {}
+    poor, returns = {}, {}
     for path, rank in ranks.items():
         full, pair = times[path]
         shape = layers[path]
@@ -68,4 +71,4 @@ def poor_returns(layers: Mapping[str, costs.ConvShape], ranks: Mapping[str, int]
             poor[path] = (f"its pair (rank {rank}) saved {1 - pair / full:.0%} of the layer's "
                           f"time for {saved:.0%} of its multiply-adds, {where}; the rule's "
                           "budget went to other layers")
-    return poor
+    return poor, returns

@@ -555,10 +555,10 @@ def _measured_budget(rule: RankRule, problem: RankProblem, runtime: str, batch: 
 
     The layers the allocation splits are timed alone at their ranks (:func:`measured_gate`);
     those whose pair saves less than :data:`lrjax.gate.MIN_RETURN` (a third) of the time its
-    multiply-adds promise are kept full and the budget is allocated again over the others, until every pair
-    chosen returns that much. The whole-net target holds throughout: where keeping them all
-    full puts it out of reach, the one that returned the most is let back in (and not gated
-    again) until it is reachable. Each ``(layer, rank)`` is timed once."""
+    multiply-adds promise are kept full and the budget is allocated again over the others,
+    until every pair chosen returns that much. The whole-net target holds throughout: where
+    keeping them all full puts it out of reach, the one that returned the most is let back in
+    (and not gated again) until it is reachable. Each ``(layer, rank)`` is timed once."""
     ungated = dataclasses.replace(rule, measured=None)
     by_path = {s.path: s for s in problem.sites}
     times, slow, returns, let_back = {}, {}, {}, set()
@@ -580,9 +580,11 @@ def _measured_budget(rule: RankRule, problem: RankProblem, runtime: str, batch: 
                                           batch=batch, runtime=runtime)
             times.update({(p, todo[p]): t for p, t in timed.items()})
         judged = {p: r for p, r in chosen.items() if p not in let_back and (p, r) in times}
-        newly = gate.poor_returns({p: by_path[p].shape for p in judged}, judged,
-                                  {p: times[(p, r)] for p, r in judged.items()}, returns,
-                                  where=f"timed in {runtime} at batch {batch}")
+        newly, judged_returns = gate.poor_returns(
+            {p: by_path[p].shape for p in judged}, judged,
+            {p: times[(p, r)] for p, r in judged.items()},
+            where=f"timed in {runtime} at batch {batch}")
+        returns.update(judged_returns)
         if not newly:
             break
         slow.update(newly)
