@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax import costs
+from lrjax import lapack
 from lrjax.costs import check_kernel_shape, check_rank, max_rank
+from lrjax.moments import checked_cov, patch_moments, whitening
 
 __all__ = [
     "factor_errors",
@@ -93,15 +94,23 @@ def kernel_to_matrices(kernel: jax.Array, *, groups: int = 1) -> jax.Array:
       ``(groups, C_g * kh, kw * N_g)`` with entry ``[g, (c, i), (j, n)] = W[i, j, c, g * N_g + n]``.
     """
     _check_kernel(kernel, groups)
-    return _to_matrices(kernel, groups)
+    return _to_matrices(jnp.asarray(kernel), groups)
 
 
 def _to_matrices(kernel, groups):
+    """:func:`kernel_to_matrices` by array methods: a NumPy kernel gives NumPy matrices."""
     kh, kw, cg, n = np.shape(kernel)
     ng = n // groups
-    w = jnp.reshape(kernel, (kh, kw, cg, groups, ng))
-    w = jnp.transpose(w, (3, 2, 0, 1, 4))  # (g, c, i, j, n)
-    return jnp.reshape(w, (groups, cg * kh, kw * ng))
+    w = kernel.reshape(kh, kw, cg, groups, ng).transpose(3, 2, 0, 1, 4)  # (g, c, i, j, n)
+    return w.reshape(groups, cg * kh, kw * ng)
+
+
+def _resolve_method(method: str, m: int, n: int) -> str:
+    if method == "auto":
+        return "gram" if min(m, n) >= _GRAM_MIN_DIM else "svd"
+    if method not in ("svd", "gram"):
+        raise ValueError(f"method must be 'auto', 'svd' or 'gram'; got {method!r}")
+    return method
 
 
 def _truncated_factors(mats: jax.Array, k: int, method: str) -> tuple[jax.Array, jax.Array]:
@@ -116,16 +125,12 @@ def _truncated_factors(mats: jax.Array, k: int, method: str) -> tuple[jax.Array,
 def _factors_and_values(mats: jax.Array, k: int, method: str):
     """:func:`_truncated_factors` and every singular value ``(g, min(m, n))``, descending."""
     m, n = mats.shape[-2:]
-    if method == "auto":
-        method = "gram" if min(m, n) >= _GRAM_MIN_DIM else "svd"
-    if method == "svd":
+    if _resolve_method(method, m, n) == "svd":
         u, s, vt = jnp.linalg.svd(mats, full_matrices=False)
         root = jnp.sqrt(s[..., :k])
         a = u[..., :, :k] * root[..., None, :]
         b = jnp.swapaxes(vt[..., :k, :], -1, -2) * root[..., None, :]
         return a, b, s
-    if method != "gram":
-        raise ValueError(f"method must be 'auto', 'svd' or 'gram'; got {method!r}")
     # Eigen-solve of the smaller Gram matrix: M M^T = U diag(s^2) U^T. The factors are written as a
     # projection, A B^T = U_k U_k^T M, so the product is exact even where s is tiny.
     transpose = m > n
@@ -142,6 +147,57 @@ def _factors_and_values(mats: jax.Array, k: int, method: str):
     left = u * root[..., None, :]
     right = proj / root[..., None, :]
     return ((right, left) if transpose else (left, right)) + (values,)
+
+
+def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool = True):
+    """:func:`_factors_and_values` of NumPy matrices, by LAPACK on this thread
+    (:mod:`lrjax.lapack`, NumPy's SVD): no XLA program to compile, the GIL released (the CPU
+    route of :func:`decompose_net` and :func:`spectra_and_factors`). Without ``values``
+    (``None`` returned) and for ``k`` up to half the Gram matrix's size, only the top ``k``
+    eigenpairs are computed (``syevr``: about 30% less work than all of them)."""
+    m, n = mats.shape[-2:]
+    method = _resolve_method(method, m, n)
+    mats = mats.astype(np.promote_types(mats.dtype, np.float32))
+    out = []
+    for x in mats:  # one group at a time: 2-D products (x @ x.T is a BLAS syrk)
+        if method == "svd":
+            u, s, vt = np.linalg.svd(x, full_matrices=False)
+            root = np.sqrt(s[:k])
+            out.append((u[:, :k] * root, vt[:k].T * root, s))
+            continue
+        transpose = m > n
+        x = x.T if transpose else x
+        gram = x @ x.T  # a new C-contiguous array, which the solver overwrites
+        # top k only where k is at most half: syevr's vectors are a little less orthogonal
+        # than syevd's, which shows at full rank (2e-5 relative error instead of 1e-6)
+        top = not values and 2 * k <= gram.shape[0]
+        evals, evecs = lapack.eigh_top(gram, k) if top else lapack.eigh(gram)  # ascending
+        u = np.ascontiguousarray(evecs[:, ::-1][:, :k])
+        s_all = np.sqrt(np.clip(evals[::-1], 0.0, None))
+        s = s_all[:k]
+        tiny = np.finfo(s.dtype).tiny ** 0.5
+        root = np.where(s > tiny, np.sqrt(s), 1.0).astype(s.dtype)
+        left, right = u * root, (x.T @ u) / root  # A B^T = U_k U_k^T M, as on the device
+        out.append(((right, left) if transpose else (left, right)) + (s_all,))
+    a, b, s = (np.stack(parts) for parts in zip(*out, strict=True))
+    return a, b, (s if values else None)
+
+
+def _host_decompose(kernel, rank: int, groups: int, method: str) -> Factors:
+    """:func:`vh_decompose` (data-free) on the host: NumPy factors in the kernel's dtype."""
+    kernel = np.asarray(kernel)
+    a, b, _ = _host_factors_and_values(_to_matrices(kernel, groups), rank // groups, method,
+                                       values=False)
+    return _to_hwio(a, b, kernel.shape, kernel.dtype)
+
+
+def _host_spectrum_and_factors(kernel, groups: int, method: str):
+    """:func:`spectrum_and_factors` (data-free) on the host, in NumPy."""
+    kernel = np.asarray(kernel)
+    kh, kw, cg, n = _check_kernel(kernel, groups)
+    a, b, values = _host_factors_and_values(_to_matrices(kernel, groups),
+                                            min(cg * kh, kw * (n // groups)), method)
+    return values.astype(np.float32), _to_hwio(a, b, kernel.shape, kernel.dtype)
 
 
 def vh_decompose(
@@ -186,7 +242,7 @@ def vh_decompose(
     kh, kw, cg, n = _check_kernel(kernel, groups)
     rank = check_rank(rank, (kh, kw, cg, n), groups=groups)
     if input_cov is not None:
-        input_cov = _checked_cov(input_cov, groups, cg * kh)
+        input_cov = checked_cov(input_cov, groups, cg * kh)
     return _vh_decompose(kernel, rank, groups=groups, method=method, input_cov=input_cov,
                          cov_eps=cov_eps)
 
@@ -239,100 +295,6 @@ def spectrum_and_factors(kernel: jax.Array, *, groups: int = 1, input_cov: jax.A
     return values.astype(jnp.float32), _to_hwio(a, b, (kh, kw, cg, n), kernel.dtype)
 
 
-def _checked_cov(input_cov, groups: int, size: int | None) -> jax.Array:
-    """``input_cov`` as ``(groups, m, m)``; ``ValueError`` naming a wrong shape, or NaN/Inf values
-    in a concrete one."""
-    cov = jnp.asarray(input_cov)
-    if cov.ndim == 2:
-        cov = cov[None]
-    m = cov.shape[-1]
-    if cov.ndim != 3 or cov.shape != (groups, m, m) or (size is not None and m != size):
-        want = f"({groups}, {size}, {size})" if size is not None else f"({groups}, m, m)"
-        raise ValueError(f"input_cov must have shape {want} (groups, C_g * kh, C_g * kh); got "
-                         f"{tuple(np.shape(input_cov))}")
-    if not isinstance(cov, jax.core.Tracer) and not np.isfinite(np.asarray(cov)).all():
-        raise ValueError(f"input_cov of shape {tuple(cov.shape)} contains NaN/Inf values")
-    return cov
-
-
-def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
-              eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
-    """``(S^{1/2}, S^{-1/2})`` of a regularised patch covariance, ``(groups, m, m)`` each.
-
-    ``S`` is ``input_cov + eps * tr(input_cov) / m * I`` (symmetrised), computed by an eigen-solve
-    in the covariance's dtype (pass float64 with ``jax_enable_x64`` for the most accuracy).
-    """
-    cov = _checked_cov(input_cov, groups, size)
-    m = cov.shape[-1]
-    if not jnp.issubdtype(cov.dtype, jnp.floating):
-        cov = cov.astype(jnp.float32)
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    scale = jnp.trace(cov, axis1=-2, axis2=-1) / m
-    scale = jnp.where(scale > 0, scale, 1.0)
-    cov = cov + (eps * scale)[:, None, None] * jnp.eye(m, dtype=cov.dtype)
-    evals, evecs = jnp.linalg.eigh(cov)
-    floor = (eps * scale)[:, None]
-    evals = jnp.maximum(evals, floor)  # eigh of an ill-conditioned matrix: clip rounding below eps
-    hi = jax.lax.Precision.HIGHEST
-    root = jnp.matmul(evecs * jnp.sqrt(evals)[:, None, :], jnp.swapaxes(evecs, -1, -2),
-                      precision=hi)
-    inv_root = jnp.matmul(evecs / jnp.sqrt(evals)[:, None, :], jnp.swapaxes(evecs, -1, -2),
-                          precision=hi)
-    return root, inv_root
-
-
-def patch_moments(x: jax.Array, kernel_size, *, strides=1, padding="SAME", dilation=1,
-                  groups: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Sum of ``p p^T`` over the vertical input patches of a conv's input, and their count.
-
-    The vertical conv of a pair sees, at each (output row, input column), the ``kh`` input rows
-    it covers: the patch ``p[(c, i)] = x_padded[n, h * sh + i * dh, w, c]``, ordered like the rows
-    of :func:`kernel_to_matrices`. This is the statistic of the calibration-aware factors
-    (:func:`vh_decompose`'s ``input_cov`` is ``sums / count``). Computed as ``kh^2`` channel
-    products of shifted row views, without materialising the patches. Pure and jit-able.
-
-    Args:
-      x: the conv's input ``(N, H, W, C)`` (NHWC).
-      kernel_size, strides, padding, dilation: the conv's (``nn.Conv`` forms; ``CIRCULAR`` and
-        ``REFLECT`` pad the rows as ``nn.Conv`` does).
-      groups: feature group count.
-
-    Returns:
-      ``(sums (groups, C_g * kh, C_g * kh) float32, count)``.
-    """
-    if x.ndim != 4:
-        raise ValueError(f"patch_moments needs an NHWC input; got shape {x.shape}")
-    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-    sh = strides if isinstance(strides, int) else tuple(strides)[0]
-    dh = dilation if isinstance(dilation, int) else tuple(dilation)[0]
-    n, h, w, c = x.shape
-    if c % groups:
-        raise ValueError(f"input channels {c} (shape {x.shape}) are not divisible by "
-                         f"groups={groups}")
-    x = x.astype(jnp.float32)
-    mode = padding.upper() if isinstance(padding, str) else None
-    if mode in ("CIRCULAR", "REFLECT"):
-        span = (kh - 1) * dh + 1
-        x = jnp.pad(x, ((0, 0), ((span - 1) // 2, span // 2), (0, 0), (0, 0)),
-                    mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[mode])
-    else:
-        (top, bottom), _ = costs.explicit_padding(padding, (h, w), (kh, kw), (sh, 1), (dh, 1))
-        x = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
-    rows = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-    if rows < 1:
-        raise ValueError(f"input of shape {(n, h, w, c)} is too small for kernel {kernel_size}")
-    cg = c // groups
-    views = [jax.lax.slice_in_dim(x, i * dh, i * dh + (rows - 1) * sh + 1, sh, axis=1)
-             .reshape(-1, groups, cg) for i in range(kh)]
-    hi = jax.lax.Precision.HIGHEST
-    blocks = [[jnp.einsum("rgc,rgd->gcd", views[i], views[j], precision=hi) for j in range(kh)]
-              for i in range(kh)]
-    # blocks[i][j][g, c, d] -> (g, c, i, d, j): rows (c, i), columns (d, j)
-    sums = jnp.stack([jnp.stack(row, axis=-1) for row in blocks], axis=2)
-    sums = sums.reshape(groups, cg * kh, cg * kh)
-    return sums, jnp.asarray(views[0].shape[0], jnp.float32)
-
-
 def truncate(factors: Factors, rank: int, *, groups: int = 1) -> Factors:
     """The rank-``rank`` factors contained in higher-rank ones: the first ``rank / groups``
     directions of each group.
@@ -372,11 +334,10 @@ def _to_hwio(a, b, kernel_shape, dtype) -> Factors:
     """Matrix factors ``a (g, C_g * kh, K_g)`` [(c, i), k] and ``b (g, kw * N_g, K_g)`` [(j, n), k]
     to HWIO vertical ``(kh, 1, C_g, K)`` and horizontal ``(1, kw, K_g, N)`` kernels."""
     kh, kw, cg, n = kernel_shape
-    groups, _, kg = a.shape
-    vertical = jnp.reshape(a, (groups, cg, kh, kg))
-    vertical = jnp.transpose(vertical, (2, 1, 0, 3)).reshape(kh, 1, cg, groups * kg)
-    horizontal = jnp.reshape(b, (groups, kw, n // groups, kg))
-    horizontal = jnp.transpose(horizontal, (1, 3, 0, 2)).reshape(1, kw, kg, n)
+    groups, _, kg = a.shape  # array methods only: NumPy factors stay NumPy
+    vertical = a.reshape(groups, cg, kh, kg).transpose(2, 1, 0, 3).reshape(kh, 1, cg, groups * kg)
+    horizontal = b.reshape(groups, kw, n // groups, kg).transpose(1, 3, 0, 2)
+    horizontal = horizontal.reshape(1, kw, kg, n)
     return Factors(vertical.astype(dtype), horizontal.astype(dtype))
 
 
@@ -396,11 +357,13 @@ def decompose_net(
 ) -> dict[str, Factors]:
     """Decompose many layers at once: ``{name: vh_decompose(kernels[name], ranks[name])}``.
 
-    Each layer runs through one cached ``jit`` of :func:`vh_decompose` (one compile per shape and
-    rank). On the CPU backend the layers run on ``workers`` host threads (default: the number of
+    On the CPU backend the same closed form runs on the host, by LAPACK (:mod:`lrjax.lapack`:
+    the top ``K`` eigenpairs of each Gram matrix), with no XLA program to compile: a first call
+    costs what later ones do. The layers run on ``workers`` host threads (default: the number of
     cores) with BLAS/LAPACK limited to one thread each for the duration of the call: LAPACK's
     eigen-solvers scale poorly across cores, so layer-level parallelism is about 1.4x faster on
-    2 cores. On accelerators the layers are dispatched asynchronously in order.
+    2 cores. On accelerators each layer runs through one cached ``jit`` of :func:`vh_decompose`
+    (one compile per shape and rank), dispatched asynchronously in order.
 
     Args:
       kernels: HWIO kernel of each layer.
@@ -410,7 +373,7 @@ def decompose_net(
       workers: host threads on CPU.
 
     Returns:
-      ``{name: Factors}`` for every layer in ``ranks``.
+      ``{name: Factors}`` (JAX arrays) for every layer in ``ranks``.
     """
     missing = sorted(set(ranks) - set(kernels))
     if missing:
@@ -422,6 +385,9 @@ def decompose_net(
                    where=f"layer {name!r}")
     # largest first, so the slowest layers do not end up last on one thread
     order = sorted(ranks, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
+    if jax.default_backend() == "cpu":
+        return _on_host_threads(lambda n: _host_decompose(
+            kernels[n], ranks[n], groups.get(n, 1), method), order, workers)
 
     def args(name):
         return (kernels[name], ranks[name], groups.get(name, 1), method), {}
@@ -429,24 +395,31 @@ def decompose_net(
     return _per_layer(_vh_decompose_jit, args, order, workers)
 
 
+def _on_host_threads(fn, order, workers=None) -> dict:
+    """``{name: fn(name)}`` on ``workers`` host threads with one BLAS thread each (LAPACK's
+    eigen-solvers scale poorly across cores), NumPy results moved to the device."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"), \
+            ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        done = dict(pool.map(lambda name: (name, fn(name)), order))
+    return {name: jax.tree.map(jax.device_put, out) for name, out in done.items()}
+
+
 def _per_layer(fn, args, order, workers=None) -> dict:
     """``{name: fn(*a, **kw)}`` with ``(a, kw) = args(name)``, for a jitted ``fn``.
 
     On CPU every program is compiled first (lowered on this thread, compiled on host threads),
-    then the layers run on host threads with one BLAS thread each (LAPACK's eigen-solvers scale
-    poorly across cores); elsewhere they are dispatched in order. Compiling up front matters on
-    a first call: XLA compiles running beside other layers' LAPACK calls slow both (VGG-16's
-    13 layers in a fresh process, 2 cores: 3.4 s compiling on the worker threads, 2.4 s
-    compiling first; 1.0 s once compiled)."""
+    then the layers run as :func:`_on_host_threads`; elsewhere they are dispatched in order.
+    Compiling up front matters on a first call: XLA compiles running beside other layers' LAPACK
+    calls slow both (VGG-16's 13 layers in a fresh process, 2 cores: 3.4 s compiling on the
+    worker threads, 2.4 s compiling first; 1.0 s once compiled)."""
     def call(name):
         a, kw = args(name)
         return fn(*a, **kw)
 
     if jax.default_backend() != "cpu":
         return {name: call(name) for name in order}
-    from threadpoolctl import threadpool_limits
-
-    workers = workers or os.cpu_count() or 1
     programs = {}  # one per signature; cached: the calls below and later ones reuse them
     for name in order:
         a, kw = args(name)
@@ -454,10 +427,9 @@ def _per_layer(fn, args, order, workers=None) -> dict:
             lambda v: (np.shape(v), str(v.dtype)) if hasattr(v, "dtype") else v, (a, kw)))
         if signature not in programs:
             programs[signature] = fn.lower(*a, **kw)
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         list(pool.map(lambda lowered: lowered.compile(), programs.values()))
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        return dict(pool.map(lambda n: (n, jax.block_until_ready(call(n))), order))
+    return _on_host_threads(lambda n: jax.block_until_ready(call(n)), order, workers)
 
 
 def spectra_and_factors(kernels: Mapping[str, jax.Array], *,
@@ -465,9 +437,13 @@ def spectra_and_factors(kernels: Mapping[str, jax.Array], *,
                         input_covs: Mapping[str, jax.Array] | None = None,
                         method: str = "auto", workers: int | None = None) -> dict:
     """:func:`spectrum_and_factors` of many layers (largest first, on host threads on CPU as
-    :func:`decompose_net`): ``{name: (singular values, Factors at max rank)}``."""
+    :func:`decompose_net`; data-free, on the host by LAPACK without compiling, like it):
+    ``{name: (singular values, Factors at max rank)}``."""
     groups, covs = dict(groups or {}), dict(input_covs or {})
     order = sorted(kernels, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
+    if jax.default_backend() == "cpu" and all(cov is None for cov in covs.values()):
+        return _on_host_threads(lambda n: _host_spectrum_and_factors(
+            kernels[n], groups.get(n, 1), method), order, workers)
     return _per_layer(spectrum_and_factors, lambda n: ((kernels[n],), dict(
         groups=groups.get(n, 1), input_cov=covs.get(n), method=method)), order, workers)
 
@@ -502,32 +478,36 @@ def factor_errors(kernel, factors: Factors, *, groups: int = 1,
                   input_cov=None) -> tuple[float, float | None]:
     """The relative kernel error ``||W - W_K|| / ||W||`` of factors and, with ``input_cov``,
     their calibration-weighted error (:func:`weighted_relative_error`), computed on the host in
-    float64 NumPy: what reports print, without a compile per layer shape."""
-    kernel = np.asarray(kernel, np.float64)
+    float64 NumPy: what reports print, without a compile per layer shape. The residual is
+    formed a few columns at a time (about 2 MB each), not as whole float64 matrices: fresh
+    allocations of that size cost more than the arithmetic on some hosts."""
+    kernel = np.asarray(kernel)
     kh, kw, cg, n = kernel.shape
     ng = n // groups
-
-    def matrices(w):  # NumPy mirror of kernel_to_matrices
-        w = np.transpose(np.reshape(w, (kh, kw, cg, groups, ng)), (3, 2, 0, 1, 4))
-        return np.reshape(w, (groups, cg * kh, kw * ng))
-
     vertical = np.asarray(factors.vertical, np.float64)
     horizontal = np.asarray(factors.horizontal, np.float64)
     kg = vertical.shape[-1] // groups
     # the pair's matrix factors: a [(c, i), k] and b [(j, n), k] per group, product a b^T
     a = np.transpose(np.reshape(vertical[:, 0], (kh, cg, groups, kg)), (2, 1, 0, 3))
+    a = a.reshape(groups, cg * kh, kg)
     b = np.transpose(np.reshape(horizontal[0], (kw, kg, groups, ng)), (2, 0, 3, 1))
-    mats = matrices(kernel)
-    diff = mats - np.matmul(a.reshape(groups, cg * kh, kg),
-                            np.swapaxes(b.reshape(groups, kw * ng, kg), -1, -2))
-    relative = float(np.linalg.norm(diff) / max(np.linalg.norm(mats), np.finfo(float).tiny))
-    if input_cov is None:
+    b = b.reshape(groups, kw * ng, kg)
+    mats = _to_matrices(kernel, groups)  # (g, m, cols), the kernel's dtype
+    cov = None if input_cov is None else np.asarray(input_cov, np.float64)
+    cov = cov[None] if cov is not None and cov.ndim == 2 else cov
+    sums = np.zeros(4)  # ||D||^2, ||M||^2, tr(D^T S D), tr(M^T S M)
+    step = max(1, 2**18 // (groups * cg * kh))
+    for start in range(0, mats.shape[-1], step):
+        cols = slice(start, start + step)
+        block = mats[..., cols].astype(np.float64)
+        diff = block - np.matmul(a, np.swapaxes(b[:, cols], -1, -2))
+        sums[:2] += np.sum(np.square(diff)), np.sum(np.square(block))
+        if cov is not None:  # by BLAS
+            sums[2:] += np.sum(diff * np.matmul(cov, diff)), np.sum(block * np.matmul(cov, block))
+    relative = float(np.sqrt(sums[0]) / max(np.sqrt(sums[1]), np.finfo(float).tiny))
+    if cov is None:
         return relative, None
-    cov = np.asarray(input_cov, np.float64)
-    cov = cov[None] if cov.ndim == 2 else cov
-    num = float(np.sum(diff * np.matmul(cov, diff)))  # tr(D^T S D), by BLAS
-    den = float(np.sum(mats * np.matmul(cov, mats)))
-    return relative, float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    return relative, float(np.sqrt(max(sums[2], 0.0) / sums[3])) if sums[3] > 0 else 0.0
 
 
 def singular_values(kernel: jax.Array, *, groups: int = 1) -> jax.Array:

@@ -56,7 +56,7 @@ def als_decompose(
         raise ValueError(f"max_iters must be >= 1; got {max_iters}")
     kg = rank // groups
     hi = jax.lax.Precision.HIGHEST
-    mats = _to_matrices(kernel, groups)  # (g, m, n)
+    mats = _to_matrices(jnp.asarray(kernel), groups)  # (g, m, n)
     norm2 = jnp.sum(jnp.square(mats))
     eye = jnp.eye(kg, dtype=mats.dtype)
 

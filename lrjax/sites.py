@@ -36,7 +36,7 @@ import numpy as np
 from lrjax import costs, decompose
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
-           "contracted_axes", "dense_shape", "dense_rows", "input_moments"]
+           "contracted_axes", "dense_shape", "dense_rows", "input_moments", "device_array"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers"}
@@ -122,7 +122,17 @@ class ConvSite:
             rank = vertical.shape[-1]
             vertical = vertical.reshape(*in_dims, rank)
             horizontal = horizontal.reshape(rank, *out_dims)
-        return jnp.asarray(vertical), jnp.asarray(horizontal)
+        return device_array(vertical), device_array(horizontal)
+
+
+def device_array(x, dtype=None) -> jax.Array:
+    """``x`` (a NumPy or JAX array) as a JAX array of ``dtype`` (default: its own), copied to
+    the device by ``jax.device_put``. ``jnp.asarray`` on a NumPy array compiles an identity
+    program per shape (JAX 0.10): about 25 ms each on CPU, which a surgery over dozens of
+    kernel and factor shapes would pay on every first call."""
+    if isinstance(x, jax.Array) and (dtype is None or x.dtype == dtype):
+        return x
+    return jax.device_put(np.asarray(x, dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,6 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -256,7 +255,7 @@ def fold_batch_norms(variables, pairs: Mapping[str, str], *, eps: float = 1e-5) 
             if required:
                 raise ValueError(f"cannot fold batch norm {what}: {'/'.join(key)} is missing")
             return None
-        return jnp.asarray(flat[key])
+        return sites.device_array(flat[key])
 
     for conv, bn in pairs.items():
         cpath, bpath = tuple(conv.split("/")), tuple(bn.split("/"))
@@ -399,7 +398,7 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
     if plain:  # many layers, data-free: decompose_net runs them on parallel host threads
         groups = {p: problem.site(p).shape.groups for p in plain}
         factors.update(decompose.decompose_net(
-            {p: jnp.asarray(problem.kernels[p]) for p in plain}, plain, groups=groups))
+            {p: sites.device_array(problem.kernels[p]) for p in plain}, plain, groups=groups))
     for path, rank in chosen.items():
         if path not in factors:
             factors[path] = problem.factors(path, rank)
@@ -482,7 +481,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
         raise AssertionError("decomposed variables do not match the low-rank model: "
                              + "; ".join(problems))
     new_variables = traverse_util.unflatten_dict(
-        {k: jnp.asarray(v, expected[k].dtype) for k, v in flat.items()})
+        {k: sites.device_array(v, expected[k].dtype) for k, v in flat.items()})
     report = build_report(problem, ranks, factors, kept_full)
     return Decomposition(module, new_variables, report, problem)
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lrjax.lapack
 from lrjax import decompose as D
 from lrjax import iterative
 
@@ -240,6 +241,65 @@ def test_decompose_net_matches_per_layer():
         D.decompose_net(ks, {"z": 2})
     with pytest.raises(ValueError, match="rank 99 is invalid"):
         D.decompose_net(ks, {"a": 99})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cpu_route_is_the_closed_form_without_compiling(method, dtype):
+    """On CPU, decompose_net and spectra_and_factors (data-free) run LAPACK on host threads:
+    the same optimum as the NumPy reference, in the kernel's dtype, and no XLA compile."""
+    kernels = {f"w{i}": random_kernel(shape, seed=i, dtype=dtype)
+               for i, (shape, _, _) in enumerate(CASES)}
+    ranks = {f"w{i}": rank for i, (_, rank, _) in enumerate(CASES)}
+    groups = {f"w{i}": g for i, (_, _, g) in enumerate(CASES)}
+    compiles = []
+
+    def listen(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        factors = D.decompose_net(kernels, ranks, groups=groups, method=method)
+        spectra = D.spectra_and_factors(kernels, groups=groups, method=method)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+    tol = 1e-4 if dtype == np.float32 else 1e-9
+    for name, w in kernels.items():
+        rank, g = ranks[name], groups[name]
+        ref_kernel, ref_err = numpy_reference(w, rank, g)
+        assert factors[name].vertical.dtype == dtype
+        assert D.factor_errors(w, factors[name], groups=g)[0] == pytest.approx(
+            ref_err, rel=tol, abs=tol)
+        np.testing.assert_allclose(D.reconstruct(*factors[name], groups=g), ref_kernel,
+                                   atol=tol * 20 * np.abs(w).max())
+        values, top = spectra[name]
+        want = np.linalg.svd(np.asarray(D.kernel_to_matrices(w, groups=g)), compute_uv=False)
+        np.testing.assert_allclose(values, want, rtol=1e-4, atol=1e-4 * want.max())
+        np.testing.assert_allclose(
+            D.reconstruct(*D.truncate(top, rank, groups=g), groups=g), ref_kernel,
+            atol=tol * 20 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lapack_eigen_solvers(dtype):
+    x = random_kernel((40, 30), dtype=dtype)
+    a = x @ x.T + np.diag(np.arange(40, dtype=dtype))  # distinct eigenvalues
+    want = np.linalg.eigvalsh(a)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for (values, vectors), k in ((lrjax.lapack.eigh(a.copy()), 40),
+                                 (lrjax.lapack.eigh_top(a.copy(), 7), 7)):
+        assert values.dtype == vectors.dtype == dtype and vectors.shape == (40, k)
+        np.testing.assert_allclose(values, want[-k:], rtol=tol, atol=tol * want[-1])
+        np.testing.assert_allclose(a @ vectors, vectors * values, atol=tol * want[-1])
+        np.testing.assert_allclose(vectors.T @ vectors, np.eye(k), atol=tol)
+    for bad, match in ((np.ones((3, 4), dtype), r"shape \(3, 4\)"),
+                       (np.ones((3, 3), np.int32), "dtype int32"),
+                       (np.ones((4, 4), dtype).T[:3, :3], r"shape \(3, 3\)")):
+        with pytest.raises(ValueError, match=match):
+            lrjax.lapack.eigh(bad)
+    with pytest.raises(ValueError, match="k must be in"):
+        lrjax.lapack.eigh_top(a.copy(), 41)
 
 
 @pytest.mark.parametrize("method", ["svd", "gram"])

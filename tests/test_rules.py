@@ -234,6 +234,9 @@ def test_each_layer_is_decomposed_once(net, monkeypatch):
             return real(kernel, **kw)
 
     monkeypatch.setattr(lrjax.decompose, "spectrum_and_factors", Spy())
+    host = lrjax.decompose._host_spectrum_and_factors  # the CPU route, data-free
+    monkeypatch.setattr(lrjax.decompose, "_host_spectrum_and_factors",
+                        lambda kernel, *a: calls.append(kernel.shape) or host(kernel, *a))
     monkeypatch.setattr(lrjax.decompose, "vh_decompose",
                         lambda *a, **k: pytest.fail("a second decomposition"))
     for calibration in (None, X):

@@ -1,0 +1,103 @@
+"""LAPACK's symmetric eigen-solvers on the host, for the CPU route of the closed form.
+
+:func:`lrjax.decompose.decompose_net` on the CPU backend decomposes many layers at once on host
+threads. XLA's ``eigh`` would need one compiled program per matrix size (about a third of a
+first call's time on VGG-16), and SciPy's ``scipy.linalg.eigh`` holds the GIL while LAPACK runs,
+so two host threads take as long as one. These call the same LAPACK routines (SciPy's own
+build, through the function pointers that ``scipy.linalg.cython_lapack`` exports, as jaxlib does)
+with ``ctypes``, which releases the GIL for the call: no compile, and the threads run in
+parallel.
+
+Both take a symmetric matrix as a C-contiguous NumPy array of float32 or float64 and overwrite
+it; eigenvalues come back ascending, eigenvectors as columns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+import scipy.linalg.cython_lapack
+
+__all__ = ["eigh", "eigh_top"]
+
+_INT = ctypes.POINTER(ctypes.c_int)
+_PTR = ctypes.c_void_p
+_REAL = {np.dtype(np.float32): ("s", ctypes.c_float), np.dtype(np.float64): ("d", ctypes.c_double)}
+
+
+@functools.cache
+def _routine(name: str, *argtypes):
+    """The LAPACK routine ``name`` of SciPy's build as a ctypes function (Fortran ABI: every
+    argument by pointer)."""
+    capsule = scipy.linalg.cython_lapack.__pyx_capi__[name]
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object,
+                                                                  ctypes.c_char_p]
+    return ctypes.CFUNCTYPE(None, *argtypes)(get_pointer(capsule, get_name(capsule)))
+
+
+def _checked(a: np.ndarray) -> tuple[str, type, int]:
+    a_dtype = np.dtype(a.dtype)
+    if a_dtype not in _REAL or a.ndim != 2 or a.shape[0] != a.shape[1] \
+            or not a.flags.c_contiguous or not a.flags.writeable:
+        raise ValueError(f"need a writable C-contiguous square float32/float64 matrix; got "
+                         f"shape {a.shape}, dtype {a.dtype}")
+    prefix, real = _REAL[a_dtype]
+    return prefix, real, a.shape[0]
+
+
+def _int(value: int):
+    return ctypes.byref(ctypes.c_int(value))
+
+
+def _call(fn, name: str, dtype, args) -> None:
+    """``fn(*args(work, lwork, iwork, liwork, info))`` after LAPACK's workspace query."""
+    work, iwork, info = np.empty(1, dtype), np.empty(1, np.int32), ctypes.c_int(0)
+    fn(*args(work, -1, iwork, -1, info))
+    if info.value == 0:
+        work = np.empty(max(int(work[0]), 1), dtype)
+        iwork = np.empty(max(int(iwork[0]), 1), np.int32)
+        fn(*args(work, work.size, iwork, iwork.size, info))
+    if info.value != 0:
+        raise np.linalg.LinAlgError(f"LAPACK {name} failed with info={info.value}")
+
+
+def eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All eigenpairs of a symmetric ``(n, n)`` matrix (``?syevd``, divide and conquer),
+    overwriting ``a``: ``(eigenvalues (n,) ascending, eigenvectors (n, n) as columns)``."""
+    prefix, _, n = _checked(a)
+    fn = _routine(f"{prefix}syevd", ctypes.c_char_p, ctypes.c_char_p, _INT, _PTR, _INT, _PTR,
+                  _PTR, _INT, _PTR, _INT, ctypes.POINTER(ctypes.c_int))
+    w = np.empty(n, a.dtype)
+    _call(fn, f"{prefix}syevd", a.dtype, lambda work, lwork, iwork, liwork, info: (
+        b"V", b"U", _int(n), a.ctypes.data, _int(n), w.ctypes.data, work.ctypes.data,
+        _int(lwork), iwork.ctypes.data, _int(liwork), ctypes.byref(info)))
+    return w, a.T  # column-major eigenvectors: the rows of the C-ordered buffer
+
+
+def eigh_top(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest eigenpairs of a symmetric ``(n, n)`` matrix (``?syevr``, only those
+    eigenvectors computed), overwriting ``a``: ``(eigenvalues (k,) ascending, eigenvectors
+    (n, k) as columns)``."""
+    prefix, real, n = _checked(a)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for a matrix of shape {a.shape}; got {k}")
+    fn = _routine(f"{prefix}syevr", ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, _INT,
+                  _PTR, _INT, ctypes.POINTER(real), ctypes.POINTER(real), _INT, _INT,
+                  ctypes.POINTER(real), _INT, _PTR, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _INT,
+                  ctypes.POINTER(ctypes.c_int))
+    w, z = np.empty(n, a.dtype), np.empty((k, n), a.dtype)  # z: (n, k) column-major
+    support, found, bound = np.empty(2 * k, np.int32), ctypes.c_int(0), real(0.0)
+    _call(fn, f"{prefix}syevr", a.dtype, lambda work, lwork, iwork, liwork, info: (
+        b"V", b"I", b"U", _int(n), a.ctypes.data, _int(n), ctypes.byref(bound),
+        ctypes.byref(bound), _int(n - k + 1), _int(n), ctypes.byref(bound), ctypes.byref(found),
+        w.ctypes.data, z.ctypes.data, _int(n), support.ctypes.data, work.ctypes.data,
+        _int(lwork), iwork.ctypes.data, _int(liwork), ctypes.byref(info)))
+    if found.value != k:
+        raise np.linalg.LinAlgError(f"LAPACK {prefix}syevr found {found.value} of {k} "
+                                    "eigenpairs")
+    return w[:k], z.T

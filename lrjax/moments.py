@@ -1,0 +1,112 @@
+"""Calibration statistics of the closed form: the second moment of a layer's vertical input
+patches (:func:`patch_moments`) and the whitening it defines (:func:`whitening`).
+
+Calibrated factors (:func:`lrjax.decompose.vh_decompose` with ``input_cov``) minimise a layer's
+output error on data instead of its kernel error; these are the statistics they read. Pure and
+jit-able; re-exported by :mod:`lrjax.decompose`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lrjax import costs
+
+__all__ = ["patch_moments", "whitening", "checked_cov"]
+
+
+def checked_cov(input_cov, groups: int, size: int | None) -> jax.Array:
+    """``input_cov`` as ``(groups, m, m)``; ``ValueError`` naming a wrong shape, or NaN/Inf values
+    in a concrete one."""
+    cov = jnp.asarray(input_cov)
+    if cov.ndim == 2:
+        cov = cov[None]
+    m = cov.shape[-1]
+    if cov.ndim != 3 or cov.shape != (groups, m, m) or (size is not None and m != size):
+        want = f"({groups}, {size}, {size})" if size is not None else f"({groups}, m, m)"
+        raise ValueError(f"input_cov must have shape {want} (groups, C_g * kh, C_g * kh); got "
+                         f"{tuple(np.shape(input_cov))}")
+    if not isinstance(cov, jax.core.Tracer) and not np.isfinite(np.asarray(cov)).all():
+        raise ValueError(f"input_cov of shape {tuple(cov.shape)} contains NaN/Inf values")
+    return cov
+
+
+def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
+              eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+    """``(S^{1/2}, S^{-1/2})`` of a regularised patch covariance, ``(groups, m, m)`` each.
+
+    ``S`` is ``input_cov + eps * tr(input_cov) / m * I`` (symmetrised), computed by an eigen-solve
+    in the covariance's dtype (pass float64 with ``jax_enable_x64`` for the most accuracy).
+    """
+    cov = checked_cov(input_cov, groups, size)
+    m = cov.shape[-1]
+    if not jnp.issubdtype(cov.dtype, jnp.floating):
+        cov = cov.astype(jnp.float32)
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    scale = jnp.trace(cov, axis1=-2, axis2=-1) / m
+    scale = jnp.where(scale > 0, scale, 1.0)
+    cov = cov + (eps * scale)[:, None, None] * jnp.eye(m, dtype=cov.dtype)
+    evals, evecs = jnp.linalg.eigh(cov)
+    floor = (eps * scale)[:, None]
+    evals = jnp.maximum(evals, floor)  # eigh of an ill-conditioned matrix: clip rounding below eps
+    hi = jax.lax.Precision.HIGHEST
+    root = jnp.matmul(evecs * jnp.sqrt(evals)[:, None, :], jnp.swapaxes(evecs, -1, -2),
+                      precision=hi)
+    inv_root = jnp.matmul(evecs / jnp.sqrt(evals)[:, None, :], jnp.swapaxes(evecs, -1, -2),
+                          precision=hi)
+    return root, inv_root
+
+
+def patch_moments(x: jax.Array, kernel_size, *, strides=1, padding="SAME", dilation=1,
+                  groups: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Sum of ``p p^T`` over the vertical input patches of a conv's input, and their count.
+
+    The vertical conv of a pair sees, at each (output row, input column), the ``kh`` input rows
+    it covers: the patch ``p[(c, i)] = x_padded[n, h * sh + i * dh, w, c]``, ordered like the rows
+    of :func:`lrjax.decompose.kernel_to_matrices`. This is the statistic of the
+    calibration-aware factors (:func:`lrjax.decompose.vh_decompose`'s ``input_cov`` is
+    ``sums / count``). Computed as ``kh^2`` channel products of shifted row views, without
+    materialising the patches. Pure and jit-able.
+
+    Args:
+      x: the conv's input ``(N, H, W, C)`` (NHWC).
+      kernel_size, strides, padding, dilation: the conv's (``nn.Conv`` forms; ``CIRCULAR`` and
+        ``REFLECT`` pad the rows as ``nn.Conv`` does).
+      groups: feature group count.
+
+    Returns:
+      ``(sums (groups, C_g * kh, C_g * kh) float32, count)``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"patch_moments needs an NHWC input; got shape {x.shape}")
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    sh = strides if isinstance(strides, int) else tuple(strides)[0]
+    dh = dilation if isinstance(dilation, int) else tuple(dilation)[0]
+    n, h, w, c = x.shape
+    if c % groups:
+        raise ValueError(f"input channels {c} (shape {x.shape}) are not divisible by "
+                         f"groups={groups}")
+    x = x.astype(jnp.float32)
+    mode = padding.upper() if isinstance(padding, str) else None
+    if mode in ("CIRCULAR", "REFLECT"):
+        span = (kh - 1) * dh + 1
+        x = jnp.pad(x, ((0, 0), ((span - 1) // 2, span // 2), (0, 0), (0, 0)),
+                    mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[mode])
+    else:
+        (top, bottom), _ = costs.explicit_padding(padding, (h, w), (kh, kw), (sh, 1), (dh, 1))
+        x = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
+    rows = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    if rows < 1:
+        raise ValueError(f"input of shape {(n, h, w, c)} is too small for kernel {kernel_size}")
+    cg = c // groups
+    views = [jax.lax.slice_in_dim(x, i * dh, i * dh + (rows - 1) * sh + 1, sh, axis=1)
+             .reshape(-1, groups, cg) for i in range(kh)]
+    hi = jax.lax.Precision.HIGHEST
+    blocks = [[jnp.einsum("rgc,rgd->gcd", views[i], views[j], precision=hi) for j in range(kh)]
+              for i in range(kh)]
+    # blocks[i][j][g, c, d] -> (g, c, i, d, j): rows (c, i), columns (d, j)
+    sums = jnp.stack([jnp.stack(row, axis=-1) for row in blocks], axis=2)
+    sums = sums.reshape(groups, cg * kh, cg * kh)
+    return sums, jnp.asarray(views[0].shape[0], jnp.float32)
