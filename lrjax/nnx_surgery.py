@@ -217,7 +217,7 @@ def _given(value):
         if math.prod(shape) != value.size:
             raise ValueError(f"factor of shape {tuple(value.shape)} for a variable of shape "
                              f"{tuple(shape)}")
-        return jnp.asarray(value, dtype).reshape(shape)
+        return sites.device_array(np.reshape(value, shape), dtype)
 
     return init
 
