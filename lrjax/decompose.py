@@ -13,9 +13,11 @@ For each group the kernel is reshaped to the ``(C_g * kh) x (kw * N_g)`` matrix
 ``V = U_K sqrt(s_K)`` and ``H = Q_K sqrt(s_K)`` (Eckart-Young): the error
 ``||W - W_K||_F = sqrt(sum_{k > K} s_k^2)`` is the smallest any such pair can reach.
 
-Every function here but ``decompose_net`` is pure and jit-able with ``rank``/``groups``/``method``
-static. Shape checks run at trace time; the NaN/Inf check runs only where the kernel's values are
-concrete.
+Every function here but the many-layer drivers (``decompose_net``, ``spectra_and_factors``) and
+the host-side ``factor_errors`` is pure and jit-able with ``rank``/``groups``/``method`` static.
+Shape checks run at trace time; the NaN/Inf check runs only where the kernel's values are
+concrete. On the CPU backend the drivers compute the same closed form on host threads with
+LAPACK (:mod:`lrjax.lapack`), without compiling; elsewhere they run the jitted functions.
 """
 
 from __future__ import annotations
