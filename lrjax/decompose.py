@@ -34,7 +34,7 @@ import numpy as np
 
 from lrjax import lapack
 from lrjax.costs import check_kernel_shape, check_rank, max_rank
-from lrjax.moments import checked_cov, patch_moments, whitening
+from lrjax.moments import checked_cov, patch_moments, whitening, whitening_on_host
 
 __all__ = [
     "factor_errors",
@@ -193,12 +193,18 @@ def _host_decompose(kernel, rank: int, groups: int, method: str) -> Factors:
     return _to_hwio(a, b, kernel.shape, kernel.dtype)
 
 
-def _host_spectrum_and_factors(kernel, groups: int, method: str):
-    """:func:`spectrum_and_factors` (data-free) on the host, in NumPy."""
+def _host_spectrum_and_factors(kernel, groups: int, method: str, input_cov=None,
+                               cov_eps: float = 1e-3):
+    """:func:`spectrum_and_factors` on the host, in NumPy."""
     kernel = np.asarray(kernel)
     kh, kw, cg, n = _check_kernel(kernel, groups)
-    a, b, values = _host_factors_and_values(_to_matrices(kernel, groups),
-                                            min(cg * kh, kw * (n // groups)), method)
+    mats = _to_matrices(kernel, groups)
+    if input_cov is not None:
+        root, inv_root = whitening_on_host(checked_cov(input_cov, groups, cg * kh), eps=cov_eps)
+        mats = np.matmul(root, mats.astype(root.dtype))
+    a, b, values = _host_factors_and_values(mats, min(cg * kh, kw * (n // groups)), method)
+    if input_cov is not None:
+        a = np.matmul(inv_root, a)
     return values.astype(np.float32), _to_hwio(a, b, kernel.shape, kernel.dtype)
 
 
@@ -390,11 +396,7 @@ def decompose_net(
     if jax.default_backend() == "cpu":
         return _on_host_threads(lambda n: _host_decompose(
             kernels[n], ranks[n], groups.get(n, 1), method), order, workers)
-
-    def args(name):
-        return (kernels[name], ranks[name], groups.get(name, 1), method), {}
-
-    return _per_layer(_vh_decompose_jit, args, order, workers)
+    return {n: _vh_decompose_jit(kernels[n], ranks[n], groups.get(n, 1), method) for n in order}
 
 
 def _on_host_threads(fn, order, workers=None) -> dict:
@@ -408,46 +410,20 @@ def _on_host_threads(fn, order, workers=None) -> dict:
     return {name: jax.tree.map(jax.device_put, out) for name, out in done.items()}
 
 
-def _per_layer(fn, args, order, workers=None) -> dict:
-    """``{name: fn(*a, **kw)}`` with ``(a, kw) = args(name)``, for a jitted ``fn``.
-
-    On CPU every program is compiled first (lowered on this thread, compiled on host threads),
-    then the layers run as :func:`_on_host_threads`; elsewhere they are dispatched in order.
-    Compiling up front matters on a first call: XLA compiles running beside other layers' LAPACK
-    calls slow both (VGG-16's 13 layers in a fresh process, 2 cores: 3.4 s compiling on the
-    worker threads, 2.4 s compiling first; 1.0 s once compiled)."""
-    def call(name):
-        a, kw = args(name)
-        return fn(*a, **kw)
-
-    if jax.default_backend() != "cpu":
-        return {name: call(name) for name in order}
-    programs = {}  # one per signature; cached: the calls below and later ones reuse them
-    for name in order:
-        a, kw = args(name)
-        signature = repr(jax.tree.map(
-            lambda v: (np.shape(v), str(v.dtype)) if hasattr(v, "dtype") else v, (a, kw)))
-        if signature not in programs:
-            programs[signature] = fn.lower(*a, **kw)
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        list(pool.map(lambda lowered: lowered.compile(), programs.values()))
-    return _on_host_threads(lambda n: jax.block_until_ready(call(n)), order, workers)
-
-
 def spectra_and_factors(kernels: Mapping[str, jax.Array], *,
                         groups: Mapping[str, int] | None = None,
                         input_covs: Mapping[str, jax.Array] | None = None,
                         method: str = "auto", workers: int | None = None) -> dict:
-    """:func:`spectrum_and_factors` of many layers (largest first, on host threads on CPU as
-    :func:`decompose_net`; data-free, on the host by LAPACK without compiling, like it):
+    """:func:`spectrum_and_factors` of many layers (largest first; on CPU on host threads by
+    LAPACK without compiling, as :func:`decompose_net`, calibrated or not):
     ``{name: (singular values, Factors at max rank)}``."""
     groups, covs = dict(groups or {}), dict(input_covs or {})
     order = sorted(kernels, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
-    if jax.default_backend() == "cpu" and all(cov is None for cov in covs.values()):
+    if jax.default_backend() == "cpu":
         return _on_host_threads(lambda n: _host_spectrum_and_factors(
-            kernels[n], groups.get(n, 1), method), order, workers)
-    return _per_layer(spectrum_and_factors, lambda n: ((kernels[n],), dict(
-        groups=groups.get(n, 1), input_cov=covs.get(n), method=method)), order, workers)
+            kernels[n], groups.get(n, 1), method, covs.get(n)), order, workers)
+    return {n: spectrum_and_factors(kernels[n], groups=groups.get(n, 1), input_cov=covs.get(n),
+                                    method=method) for n in order}
 
 
 def reconstruct(vertical: jax.Array, horizontal: jax.Array, *, groups: int = 1) -> jax.Array:

@@ -12,15 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax import costs
+from lrjax import costs, lapack
 
-__all__ = ["patch_moments", "whitening", "checked_cov"]
+__all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov"]
 
 
 def checked_cov(input_cov, groups: int, size: int | None) -> jax.Array:
-    """``input_cov`` as ``(groups, m, m)``; ``ValueError`` naming a wrong shape, or NaN/Inf values
-    in a concrete one."""
-    cov = jnp.asarray(input_cov)
+    """``input_cov`` as ``(groups, m, m)`` (a JAX array or tracer stays one, anything else
+    becomes a NumPy array); ``ValueError`` naming a wrong shape, or NaN/Inf values in a concrete
+    one."""
+    cov = input_cov if isinstance(input_cov, jax.Array) else np.asarray(input_cov)
     if cov.ndim == 2:
         cov = cov[None]
     m = cov.shape[-1]
@@ -57,6 +58,25 @@ def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
     inv_root = jnp.matmul(evecs / jnp.sqrt(evals)[:, None, :], jnp.swapaxes(evecs, -1, -2),
                           precision=hi)
     return root, inv_root
+
+
+def whitening_on_host(input_cov, *, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`whitening` of a checked ``(groups, m, m)`` covariance in NumPy, by LAPACK on this
+    thread (:mod:`lrjax.lapack`; no compile): the CPU route of
+    :func:`lrjax.decompose.spectra_and_factors`."""
+    cov = np.asarray(input_cov)  # in the dtype JAX would compute in (float32 without x64)
+    cov = cov.astype(jax.dtypes.canonicalize_dtype(np.promote_types(cov.dtype, np.float32)))
+    m = cov.shape[-1]
+    cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+    scale = np.trace(cov, axis1=-2, axis2=-1) / m
+    scale = np.where(scale > 0, scale, 1.0).astype(cov.dtype)
+    cov = cov + (eps * scale)[:, None, None] * np.eye(m, dtype=cov.dtype)
+    roots = []
+    for group, floor in zip(cov, eps * scale, strict=True):
+        evals, evecs = lapack.eigh(np.ascontiguousarray(group))
+        evals = np.sqrt(np.maximum(evals, floor))  # as whitening(): rounding below eps clipped
+        roots.append(((evecs * evals) @ evecs.T, (evecs / evals) @ evecs.T))
+    return tuple(np.stack(parts) for parts in zip(*roots, strict=True))
 
 
 def patch_moments(x: jax.Array, kernel_size, *, strides=1, padding="SAME", dilation=1,

@@ -277,6 +277,25 @@ def test_cpu_route_is_the_closed_form_without_compiling(method, dtype):
         np.testing.assert_allclose(spectra[name][0], want, rtol=1e-4, atol=1e-4 * want.max())
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_cpu_route_calibrated_matches_the_jitted_one(method):
+    """Calibrated spectra on the CPU route (whitening by LAPACK on the host) are the jitted
+    spectrum_and_factors': the same whitened spectrum, factors with the same weighted error."""
+    kernel = random_kernel((3, 3, 8, 12), seed=3)
+    x = jax.random.normal(jax.random.key(4), (4, 10, 10, 16))
+    sums, count = D.patch_moments(x, (3, 3), groups=2)
+    cov = np.asarray(sums / count)
+    values, top = D.spectra_and_factors({"w": kernel}, groups={"w": 2}, input_covs={"w": cov},
+                                        method=method)["w"]
+    want_values, want_top = D.spectrum_and_factors(kernel, groups=2, input_cov=cov,
+                                                   method=method)
+    np.testing.assert_allclose(values, want_values, rtol=1e-4, atol=1e-5)
+    for rank in (2, 10):
+        got, want = (D.factor_errors(kernel, D.truncate(f, rank, groups=2), groups=2,
+                                     input_cov=cov) for f in (top, want_top))
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lapack_eigen_solvers(dtype):
     x = random_kernel((40, 30), dtype=dtype)

@@ -224,21 +224,12 @@ def test_each_layer_is_decomposed_once(net, monkeypatch):
     calibrated or not."""
     model, variables = net
     calls = []
-    real = lrjax.decompose.spectrum_and_factors
-
-    class Spy:  # counts runs; compiling ahead (lower) is not a decomposition
-        lower = staticmethod(real.lower)
-
-        def __call__(self, kernel, **kw):
-            calls.append(kernel.shape)
-            return real(kernel, **kw)
-
-    monkeypatch.setattr(lrjax.decompose, "spectrum_and_factors", Spy())
-    host = lrjax.decompose._host_spectrum_and_factors  # the CPU route, data-free
+    host = lrjax.decompose._host_spectrum_and_factors  # the CPU route, calibrated or not
     monkeypatch.setattr(lrjax.decompose, "_host_spectrum_and_factors",
                         lambda kernel, *a: calls.append(kernel.shape) or host(kernel, *a))
-    monkeypatch.setattr(lrjax.decompose, "vh_decompose",
-                        lambda *a, **k: pytest.fail("a second decomposition"))
+    for name in ("spectrum_and_factors", "vh_decompose", "_host_decompose"):
+        monkeypatch.setattr(lrjax.decompose, name,
+                            lambda *a, **k: pytest.fail("a second decomposition"))
     for calibration in (None, X):
         calls.clear()
         result = lrjax.decompose_linen(model, variables, X, rule="energy:0.8",
