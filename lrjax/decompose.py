@@ -159,7 +159,7 @@ def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool
     eigenpairs are computed (``syevr``: about 30% less work than all of them)."""
     m, n = mats.shape[-2:]
     method = _resolve_method(method, m, n)
-    mats = mats.astype(np.promote_types(mats.dtype, np.float32))
+    mats = mats.astype(np.promote_types(mats.dtype, np.float32), copy=False)
     out = []
     for x in mats:  # one group at a time: 2-D products (x @ x.T is a BLAS syrk)
         if method == "svd":
@@ -185,9 +185,16 @@ def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool
     return a, b, (s if values else None)
 
 
+def _host_array(x) -> np.ndarray:
+    """``x`` as a NumPy array in the dtype JAX computes in (float32 for float64 without x64).
+    Called on the calling thread: JAX's x64 setting can be thread-local (``jax.enable_x64``)."""
+    x = np.asarray(x)
+    return x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+
+
 def _host_decompose(kernel, rank: int, groups: int, method: str) -> Factors:
-    """:func:`vh_decompose` (data-free) on the host: NumPy factors in the kernel's dtype."""
-    kernel = np.asarray(kernel)
+    """:func:`vh_decompose` (data-free) of a :func:`_host_array` on the host: NumPy factors in
+    the kernel's dtype."""
     a, b, _ = _host_factors_and_values(_to_matrices(kernel, groups), rank // groups, method,
                                        values=False)
     return _to_hwio(a, b, kernel.shape, kernel.dtype)
@@ -195,8 +202,7 @@ def _host_decompose(kernel, rank: int, groups: int, method: str) -> Factors:
 
 def _host_spectrum_and_factors(kernel, groups: int, method: str, input_cov=None,
                                cov_eps: float = 1e-3):
-    """:func:`spectrum_and_factors` on the host, in NumPy."""
-    kernel = np.asarray(kernel)
+    """:func:`spectrum_and_factors` on the host, in NumPy, of :func:`_host_array` inputs."""
     kh, kw, cg, n = _check_kernel(kernel, groups)
     mats = _to_matrices(kernel, groups)
     if input_cov is not None:
@@ -394,8 +400,9 @@ def decompose_net(
     # largest first, so the slowest layers do not end up last on one thread
     order = sorted(ranks, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
     if jax.default_backend() == "cpu":
+        host = {n: _host_array(kernels[n]) for n in order}
         return _on_host_threads(lambda n: _host_decompose(
-            kernels[n], ranks[n], groups.get(n, 1), method), order, workers)
+            host[n], ranks[n], groups.get(n, 1), method), order, workers)
     return {n: _vh_decompose_jit(kernels[n], ranks[n], groups.get(n, 1), method) for n in order}
 
 
@@ -420,8 +427,10 @@ def spectra_and_factors(kernels: Mapping[str, jax.Array], *,
     groups, covs = dict(groups or {}), dict(input_covs or {})
     order = sorted(kernels, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
     if jax.default_backend() == "cpu":
+        host = {n: _host_array(kernels[n]) for n in order}
+        host_covs = {n: _host_array(covs[n]) for n in order if covs.get(n) is not None}
         return _on_host_threads(lambda n: _host_spectrum_and_factors(
-            kernels[n], groups.get(n, 1), method, covs.get(n)), order, workers)
+            host[n], groups.get(n, 1), method, host_covs.get(n)), order, workers)
     return {n: spectrum_and_factors(kernels[n], groups=groups.get(n, 1), input_cov=covs.get(n),
                                     method=method) for n in order}
 

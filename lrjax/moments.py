@@ -64,8 +64,8 @@ def whitening_on_host(input_cov, *, eps: float = 1e-3) -> tuple[np.ndarray, np.n
     """:func:`whitening` of a checked ``(groups, m, m)`` covariance in NumPy, by LAPACK on this
     thread (:mod:`lrjax.lapack`; no compile): the CPU route of
     :func:`lrjax.decompose.spectra_and_factors`."""
-    cov = np.asarray(input_cov)  # in the dtype JAX would compute in (float32 without x64)
-    cov = cov.astype(jax.dtypes.canonicalize_dtype(np.promote_types(cov.dtype, np.float32)))
+    cov = np.asarray(input_cov)  # its dtype, at least float32 (callers pass JAX's working one)
+    cov = cov.astype(np.promote_types(cov.dtype, np.float32), copy=False)
     m = cov.shape[-1]
     cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
     scale = np.trace(cov, axis1=-2, axis2=-1) / m
