@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lrjax import costs, decompose, gate, runtimes, sites
+from lrjax import costs, decompose, gate, runtimes
 from lrjax import ranks as rank_lib
 from lrjax.gate import measured_gate
 from lrjax.sites import ConvSite
@@ -375,7 +375,7 @@ class RankProblem:
         if not todo:
             return
         done = decompose.spectra_and_factors(
-            {p: sites.device_array(self.kernels[p]) for p in todo},
+            {p: self.kernels[p] for p in todo},  # host arrays: the CPU route reads them there
             groups={p: self.site(p).shape.groups for p in todo},
             input_covs=None if self.covariances is None
             else {p: self.covariances[p] for p in todo})
@@ -404,8 +404,8 @@ class RankProblem:
         cached = self._cache.get(("factors", path))
         if cached is None or cached.vertical.shape[-1] < rank:
             cov = None if self.covariances is None else self.covariances[path]
-            cached = _on_host(decompose.vh_decompose(sites.device_array(self.kernels[path]), rank,
-                                                     groups=groups, input_cov=cov))
+            cached = _on_host(decompose.vh_decompose(self.kernels[path], rank, groups=groups,
+                                                     input_cov=cov))
             self._cache[("factors", path)] = cached
         if cached.vertical.shape[-1] == rank:
             return cached

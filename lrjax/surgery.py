@@ -398,7 +398,7 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
     if plain:  # many layers, data-free: decompose_net runs them on parallel host threads
         groups = {p: problem.site(p).shape.groups for p in plain}
         factors.update(decompose.decompose_net(
-            {p: sites.device_array(problem.kernels[p]) for p in plain}, plain, groups=groups))
+            {p: problem.kernels[p] for p in plain}, plain, groups=groups))
     for path, rank in chosen.items():
         if path not in factors:
             factors[path] = problem.factors(path, rank)
