@@ -9,6 +9,12 @@ dilation ``(dh, 1)``) and a horizontal ``1 x kw`` conv (stride ``(1, sw)``, padd
 are counted as one) becomes two 1x1 convs, the first taking both strides and the padding, so its
 pair costs exactly ``K (C + N)`` per output pixel.
 
+A transposed conv (``nn.ConvTranspose``, ``transposed=True``) is a conv with stride 1 on its input
+dilated by its strides (:func:`transpose_padding` gives that conv's padding); its pair is a
+vertical ``kh x 1`` transposed conv (strides ``(sh, 1)``, the row padding) then a horizontal
+``1 x kw`` one (strides ``(1, sw)``, the column padding): input dilation is separable, so the
+split is exact, and the counts here are exact for it too (a 1x1 kernel included).
+
 Multiply-adds are the ones performed: a tap that falls on padding multiplies a zero and is not
 counted (:func:`valid_taps`), which is how XLA counts a convolution's flops
 (``jax.jit(f).lower(...).compile().cost_analysis()["flops"]`` is twice the multiply-adds plus the
@@ -34,6 +40,7 @@ __all__ = [
     "LayerCost",
     "NetCost",
     "explicit_padding",
+    "transpose_padding",
     "output_size",
     "valid_taps",
     "conv_cost",
@@ -148,6 +155,34 @@ def explicit_padding(padding, input_hw, kernel_size, strides=1, dilation=1):
     return tuple((int(p), int(p)) if isinstance(p, int) else as_pair(p, "padding") for p in items)
 
 
+def transpose_padding(padding, kernel_size, strides=1, dilation=1):
+    """Explicit ``((top, bottom), (left, right))`` padding of the conv a transposed conv runs on
+    its stride-dilated input (``lax.conv_transpose``'s, as ``nn.ConvTranspose`` calls it).
+
+    Args:
+      padding: ``"SAME"``, ``"VALID"`` (per dim: ``lax.conv_transpose``'s rule for the dilated
+        kernel), an int, or one ``(low, high)`` pair (or int) per spatial dim (used as given).
+      kernel_size, strides, dilation: ints or pairs.
+    """
+    ks, st = as_pair(kernel_size, "kernel_size"), as_pair(strides, "strides")
+    dl = as_pair(dilation, "dilation")
+    if not isinstance(padding, str):
+        return explicit_padding(padding, (1, 1), ks)
+    mode = padding.upper()
+    if mode not in ("SAME", "VALID"):
+        raise ValueError(f"unsupported padding {padding!r} for a transposed conv")
+    pads = []
+    for k, s, d in zip(ks, st, dl, strict=True):
+        k = (k - 1) * d + 1
+        if mode == "SAME":
+            total = k + s - 2
+            low = k - 1 if s > k - 1 else -(-total // 2)
+        else:
+            total, low = k + s - 2 + max(k - s, 0), k - 1
+        pads.append((low, total - low))
+    return tuple(pads)
+
+
 def output_size(input_hw, kernel_size, strides=1, padding="SAME", dilation=1) -> tuple[int, int]:
     """Output ``(H, W)`` of a 2-D conv (Flax ``nn.Conv`` semantics)."""
     pads = explicit_padding(padding, input_hw, kernel_size, strides, dilation)
@@ -198,6 +233,7 @@ class ConvShape:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     use_bias: bool = True
+    transposed: bool = False
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -205,29 +241,49 @@ class ConvShape:
         return (*self.kernel_size, self.in_channels // self.groups, self.out_channels)
 
     @property
+    def conv_padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Explicit padding of the conv computed (a transposed conv's on its dilated input)."""
+        if self.transposed:
+            return transpose_padding(self.padding, self.kernel_size, self.strides, self.dilation)
+        return explicit_padding(self.padding, self.input_hw, self.kernel_size, self.strides,
+                                self.dilation)
+
+    @property
     def output_hw(self) -> tuple[int, int]:
-        return output_size(self.input_hw, self.kernel_size, self.strides, self.padding,
-                           self.dilation)
+        if not self.transposed:
+            return output_size(self.input_hw, self.kernel_size, self.strides, self.padding,
+                               self.dilation)
+        out = []
+        for size, k, s, d, (lo, hi) in zip(self.input_hw, self.kernel_size, self.strides,
+                                           self.dilation, self.conv_padding, strict=True):
+            span = (size - 1) * s + 1 + lo + hi - (k - 1) * d
+            if span < 1:
+                raise ValueError(f"input size {self.input_hw} is too small for transposed conv "
+                                 f"{self.name!r} (kernel {self.kernel_size}, padding "
+                                 f"{self.padding!r})")
+            out.append(span)
+        return tuple(out)
 
     @functools.cached_property
     def taps_hw(self) -> tuple[int, int]:
         """:func:`valid_taps` of the height and of the width: the full conv performs
-        ``taps_hw[0] * taps_hw[1] * C / groups * N`` multiply-adds."""
-        pads = explicit_padding(self.padding, self.input_hw, self.kernel_size, self.strides,
-                                self.dilation)
-        return tuple(valid_taps(size, k, s, lo, d, out) for size, k, s, d, (lo, _), out in zip(
-            self.input_hw, self.kernel_size, self.strides, self.dilation, pads, self.output_hw,
-            strict=True))
+        ``taps_hw[0] * taps_hw[1] * C / groups * N`` multiply-adds (a transposed conv's taps
+        on its dilation holes are not counted)."""
+        strides, dilated = ((1, 1), self.strides) if self.transposed else (self.strides, (1, 1))
+        return tuple(valid_taps(size, k, s, lo, d, out, i)
+                     for size, k, s, d, (lo, _), out, i in zip(
+                         self.input_hw, self.kernel_size, strides, self.dilation,
+                         self.conv_padding, self.output_hw, dilated, strict=True))
 
     def _pair_terms(self) -> tuple[int, int]:
         """Multiply-adds per unit of rank of the pair's first and second conv, divided by
         ``C / groups`` and by ``N / groups``: the first conv (``kh x 1``, or the 1x1 taking the
         strides and padding) performs ``taps_h * W_in`` (``taps_h * taps_w`` for a 1x1) window
         positions; the second (``1 x kw`` without vertical padding, or a plain 1x1) ``H_out *
-        taps_w`` (``H_out * W_out``)."""
+        taps_w`` (``H_out * W_out``). A transposed conv always splits into rows and columns."""
         th, tw = self.taps_hw
         ho, wo = self.output_hw
-        if tuple(self.kernel_size) == (1, 1):
+        if tuple(self.kernel_size) == (1, 1) and not self.transposed:
             return th * tw, ho * wo
         return th * self.input_hw[1], ho * tw
 

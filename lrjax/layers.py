@@ -20,13 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import formulations
-from lrjax.costs import as_pair, check_rank
+from lrjax.costs import ConvShape, as_pair, check_rank, explicit_padding
 from lrjax.ranks import check_rank_map
-from lrjax.sites import called_equation, einsum_split
+from lrjax.sites import ConvSite, called_equation, einsum_split
 
-__all__ = ["LowRankConv", "FactorConv", "FactorDense", "FactorEinsum", "LowRankModel",
-           "pair_forward", "dense_pair_forward", "einsum_pair_forward", "pair_geometry",
-           "split_padding", "conv_skip_reason", "dense_skip_reason", "module_path"]
+__all__ = ["LowRankConv", "LowRankConvTranspose", "FactorConv", "FactorConvTranspose",
+           "FactorDense", "FactorEinsum", "LowRankModel", "pair_forward",
+           "transposed_pair_forward", "dense_pair_forward", "einsum_pair_forward",
+           "pair_geometry", "transposed_pair_geometry", "split_padding", "conv_skip_reason",
+           "transposed_skip_reason", "transposed_site", "dense_skip_reason", "module_path"]
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's
 
@@ -69,6 +71,24 @@ def pair_geometry(kernel_size, strides=1, padding="SAME", kernel_dilation=1) -> 
                      kernel_dilation=(1, 1)),
                 dict(kernel_size=(1, 1), strides=(1, 1), padding="VALID",
                      kernel_dilation=(1, 1)))
+    pad_v, pad_h = split_padding(padding)
+    return (dict(kernel_size=(kh, 1), strides=(sh, 1), padding=pad_v, kernel_dilation=(dh, 1)),
+            dict(kernel_size=(1, kw), strides=(1, sw), padding=pad_h, kernel_dilation=(1, dw)))
+
+
+def transposed_pair_geometry(kernel_size, strides=1, padding="SAME",
+                             kernel_dilation=1) -> tuple[dict, dict]:
+    """The two transposed convs of a transposed conv's pair: ``(first, second)`` keyword
+    arguments (``kernel_size``, ``strides``, ``padding``, ``kernel_dilation``).
+
+    A transposed conv is a conv on its input dilated by its strides; that dilation is separable,
+    so rows (stride, padding, dilation) go to a vertical ``kh x 1`` transposed conv and columns
+    to a horizontal ``1 x kw`` one, for every kernel size (1x1 included). String paddings pass
+    through (a size-1, stride-1 axis gets no padding under ``SAME`` or ``VALID``).
+    """
+    kh, kw = as_pair(kernel_size, "kernel_size")
+    sh, sw = as_pair(strides, "strides")
+    dh, dw = as_pair(kernel_dilation, "kernel_dilation")
     pad_v, pad_h = split_padding(padding)
     return (dict(kernel_size=(kh, 1), strides=(sh, 1), padding=pad_v, kernel_dilation=(dh, 1)),
             dict(kernel_size=(1, kw), strides=(1, sw), padding=pad_h, kernel_dilation=(1, dw)))
@@ -122,6 +142,47 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
         y = mid_norm(name="mid_norm")(y)
     return FactorConv(features, use_bias=use_bias, bias_init=bias_init, name="horizontal",
                       **second, **common)(y)
+
+
+class FactorConvTranspose(nn.ConvTranspose):
+    """An ``nn.ConvTranspose`` that is one half of a transposed conv's pair (a distinct type, so
+    that surgery never decomposes a pair's own factors)."""
+
+
+def transposed_pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides=1,
+                            padding="SAME", kernel_dilation=1, use_bias: bool = True,
+                            transpose_kernel: bool = False,
+                            mid_norm: Callable[..., nn.Module] | None = None, dtype=None,
+                            param_dtype=jnp.float32, precision=None,
+                            kernel_init: Callable = _DEFAULT_KERNEL_INIT,
+                            bias_init: Callable = nn.initializers.zeros,
+                            where: str = "pair") -> jax.Array:
+    """A transposed conv (``nn.ConvTranspose``) as a vertical then a horizontal transposed conv
+    (:func:`transposed_pair_geometry`), created in the current module's scope like
+    :func:`pair_forward`.
+
+    Variables: ``vertical/kernel`` ``(kh, 1, C, K)`` and ``horizontal/kernel`` ``(1, kw, K, N)``
+    (with ``transpose_kernel``: ``(kh, 1, K, C)`` and ``(1, kw, N, K)``, each flipped as
+    ``nn.ConvTranspose`` reads it), ``horizontal/bias``.
+
+    Args:
+      x: ``(..., H, W, C)``.
+
+    Returns:
+      ``(..., H_out, W_out, features)``: ``nn.ConvTranspose``'s output shape.
+    """
+    kh, kw = as_pair(kernel_size, "kernel_size")
+    if x.ndim < 3:
+        raise ValueError(f"{where}: input must be (..., H, W, C); got shape {x.shape}")
+    check_rank(rank, (kh, kw, x.shape[-1], features), where=where)
+    first, second = transposed_pair_geometry(kernel_size, strides, padding, kernel_dilation)
+    common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
+                  kernel_init=kernel_init, transpose_kernel=transpose_kernel)
+    y = FactorConvTranspose(rank, use_bias=False, name="vertical", **first, **common)(x)
+    if mid_norm is not None:
+        y = mid_norm(name="mid_norm")(y)
+    return FactorConvTranspose(features, use_bias=use_bias, bias_init=bias_init,
+                               name="horizontal", **second, **common)(y)
 
 
 class FactorDense(nn.DenseGeneral):
@@ -228,6 +289,89 @@ class LowRankConv(nn.Module):
             where=self.name or "LowRankConv")
 
 
+class LowRankConvTranspose(nn.Module):
+    """A ``kh x kw`` transposed conv as a vertical ``kh x 1`` then a horizontal ``1 x kw``
+    transposed conv (:func:`transposed_pair_forward`). Arguments mean what they mean for
+    ``nn.ConvTranspose``; with :func:`lrjax.decompose.vh_decompose`'s factors of its kernel at
+    full rank the output equals ``nn.ConvTranspose``'s.
+
+    Attributes:
+      features: output channels ``N``.
+      kernel_size: ``(kh, kw)``.
+      rank: intermediate channels ``K``.
+      mid_norm: optional factory ``mid_norm(name=...)`` of a norm layer applied between the two.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    rank: int
+    strides: int | Sequence[int] | None = 1
+    padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] | None = 1
+    use_bias: bool = True
+    transpose_kernel: bool = False
+    mid_norm: Callable[..., nn.Module] | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = _DEFAULT_KERNEL_INIT
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(..., H, W, C)`` -> ``(..., H_out, W_out, features)``."""
+        return transposed_pair_forward(
+            x, features=self.features, kernel_size=self.kernel_size, rank=self.rank,
+            strides=self.strides, padding=self.padding, kernel_dilation=self.kernel_dilation,
+            use_bias=self.use_bias, transpose_kernel=self.transpose_kernel,
+            mid_norm=self.mid_norm, dtype=self.dtype, param_dtype=self.param_dtype,
+            precision=self.precision, kernel_init=self.kernel_init, bias_init=self.bias_init,
+            where=self.name or "LowRankConvTranspose")
+
+
+def transposed_skip_reason(conv, base_type=nn.ConvTranspose) -> str | None:
+    """Why a transposed conv (``nn.ConvTranspose`` or ``nnx.ConvTranspose``) cannot be split
+    into a pair, or None."""
+    size = conv.kernel_size
+    kernel = (size,) if isinstance(size, int) else tuple(size)
+    if len(kernel) != 2:
+        return f"not a 2-D transposed conv (kernel_size {size})"
+    if type(conv) is not base_type:
+        return (f"{type(conv).__name__} (a subclass of {base_type.__name__}: its own "
+                "computation is kept)")
+    if conv.mask is not None:
+        return "masked kernel"
+    if isinstance(conv.padding, str) and conv.padding.upper() not in ("SAME", "VALID"):
+        return f"{conv.padding} padding of a transposed conv (wraps its output; not split)"
+    if getattr(conv, "preferred_element_type", None) is not None:
+        return "a preferred_element_type: its own computation is kept"
+    return None
+
+
+def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) -> ConvSite:
+    """The site of a transposed conv (``nn.ConvTranspose``, or ``nnx.ConvTranspose`` with
+    ``base_type``) called on an input of ``input_shape`` ``(..., H, W, C)``: its geometry as
+    ``ConvShape(transposed=True)`` with the layer's own strides and padding (explicit padding as
+    ``((top, bottom), (left, right))``; ``CIRCULAR``: the ``VALID`` conv it runs, not split), or
+    ``shape=None`` for a conv that is not 2-D."""
+    reason = transposed_skip_reason(conv, base_type)
+    size = conv.kernel_size
+    kernel = (size,) if isinstance(size, int) else tuple(size)
+    if len(kernel) != 2:
+        return ConvSite(path, None, skip=reason)
+    padding = conv.padding if isinstance(conv.padding, str) else \
+        explicit_padding(conv.padding, (1, 1), kernel)
+    if isinstance(padding, str) and padding.upper() == "CIRCULAR":
+        padding = "VALID"  # the conv it runs (Flax wraps the VALID output; not split)
+    features = conv.out_features if hasattr(conv, "out_features") else conv.features
+    shape = ConvShape(
+        name=path, input_hw=tuple(int(d) for d in input_shape[-3:-1]),
+        in_channels=int(input_shape[-1]), out_channels=int(features), kernel_size=kernel,
+        strides=as_pair(conv.strides), padding=padding, dilation=as_pair(conv.kernel_dilation),
+        use_bias=bool(conv.use_bias), transposed=True)
+    return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
+
+
 def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
     """Why a conv (``nn.Conv`` or ``nnx.Conv``: same attribute names) cannot be split into a
     pair, or None. ``base_type``: the only type decomposed (subclasses keep their own code)."""
@@ -276,7 +420,7 @@ def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[
 
 
 # the layer types a LowRankModel splits (exact types: subclasses keep their own computation)
-_DECOMPOSED = (nn.Conv, nn.Dense, nn.DenseGeneral, nn.Einsum)
+_DECOMPOSED = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 
 class LowRankModel(nn.Module):
@@ -284,10 +428,12 @@ class LowRankModel(nn.Module):
 
     Called exactly like ``base`` (same arguments, same outputs' meaning). While it runs, each
     ``nn.Conv`` whose path is in ``ranks`` computes :func:`lrjax.layers.pair_forward` with that
-    rank, and each ``nn.Dense`` / ``nn.DenseGeneral`` :func:`dense_pair_forward`, inside the
-    layer's own scope. ``base``'s scope is shared (``nn.share_scope``), so the
-    variables are ``base``'s with ``{path}/kernel`` and ``{path}/bias`` replaced by
-    ``{path}/vertical/kernel``, ``{path}/horizontal/kernel`` and ``{path}/horizontal/bias``.
+    rank, each ``nn.ConvTranspose`` :func:`transposed_pair_forward`, each ``nn.Dense`` /
+    ``nn.DenseGeneral`` :func:`dense_pair_forward` and each ``nn.Einsum``
+    :func:`einsum_pair_forward`, inside the layer's own scope. ``base``'s scope is shared
+    (``nn.share_scope``), so the variables are ``base``'s with ``{path}/kernel`` and
+    ``{path}/bias`` replaced by ``{path}/vertical/kernel``, ``{path}/horizontal/kernel`` and
+    ``{path}/horizontal/bias``.
 
     Build it with :meth:`wrap` (which normalises the rank map) or get it from
     :func:`decompose_linen`. Only ``__call__`` is wrapped (``apply(..., method=...)`` with another
@@ -329,8 +475,10 @@ class LowRankModel(nn.Module):
             rank = ranks.get(path)
             if rank is None:
                 return next_fun(*call_args, **call_kwargs)
-            dense = type(module) is not nn.Conv
-            reason = dense_skip_reason(module) if dense else conv_skip_reason(module)
+            transposed = type(module) is nn.ConvTranspose
+            dense = type(module) not in (nn.Conv, nn.ConvTranspose)
+            reason = (dense_skip_reason(module) if dense else transposed_skip_reason(module)
+                      if transposed else conv_skip_reason(module))
             if reason is not None:
                 raise ValueError(f"layer {path!r} cannot be decomposed: {reason}")
             seen.add(path)
@@ -338,6 +486,15 @@ class LowRankModel(nn.Module):
             if type(module) is nn.Einsum:
                 equation = called_equation(module.einsum_str, call_args[1:], call_kwargs)
                 return einsum_pair_forward(x, module, rank, equation, mid_norm, where=path)
+            if transposed:
+                return transposed_pair_forward(
+                    x, features=module.features, kernel_size=module.kernel_size, rank=rank,
+                    strides=module.strides, padding=module.padding,
+                    kernel_dilation=module.kernel_dilation, use_bias=module.use_bias,
+                    transpose_kernel=module.transpose_kernel, mid_norm=mid_norm,
+                    dtype=module.dtype, param_dtype=module.param_dtype,
+                    precision=module.precision, kernel_init=module.kernel_init,
+                    bias_init=module.bias_init, where=path)
             if dense:
                 return dense_pair_forward(
                     x, features=module.features, rank=rank, axis=getattr(module, "axis", -1),
@@ -358,5 +515,6 @@ class LowRankModel(nn.Module):
         missing = sorted(set(ranks) - seen)
         if missing:
             raise ValueError(f"rank map names layers the model never called as nn.Conv, "
-                             f"nn.Dense, nn.DenseGeneral or nn.Einsum: {missing}")
+                             f"nn.ConvTranspose, nn.Dense, nn.DenseGeneral or nn.Einsum: "
+                             f"{missing}")
         return out

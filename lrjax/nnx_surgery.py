@@ -1,14 +1,13 @@
 """Compress Flax NNX models: :func:`decompose_nnx`.
 
 The NNX counterpart of :func:`lrjax.decompose_linen`, with the same rank rules, calibration and
-report: every 2-D ``nnx.Conv`` (``k x k`` or 1x1), ``nnx.Linear``, ``nnx.LinearGeneral`` and
-``nnx.Einsum`` whose equation is one product of input axes into output axes
-(:func:`lrjax.sites.einsum_split`) is a candidate wherever it sits (attributes, ``nnx.List``,
-``nnx.Sequential``), named by its graph path joined with ``/`` (``blocks/1/conv1``,
-``seq/layers/0``). The result (a
-:class:`lrjax.report.Decomposition`) holds a copy of the model whose decomposed layers are
-:class:`LowRankConvNNX` / :class:`LowRankLinearNNX` / :class:`LowRankEinsumNNX` pairs; the
-original is left untouched.
+report: every 2-D ``nnx.Conv`` (``k x k`` or 1x1), ``nnx.ConvTranspose``, ``nnx.Linear``,
+``nnx.LinearGeneral`` and ``nnx.Einsum`` whose equation is one product of input axes into output
+axes (:func:`lrjax.sites.einsum_split`) is a candidate wherever it sits (attributes,
+``nnx.List``, ``nnx.Sequential``), named by its graph path joined with ``/``
+(``blocks/1/conv1``, ``seq/layers/0``). The result (a :class:`lrjax.report.Decomposition`)
+holds a copy of the model whose decomposed layers are :class:`LowRankConvNNX` /
+:class:`LowRankLinearNNX` / :class:`LowRankEinsumNNX` pairs; the original is left untouched.
 """
 
 from __future__ import annotations
@@ -24,7 +23,13 @@ from flax import nnx
 
 from lrjax import costs, decompose, formulations, macs, rules, sites
 from lrjax.costs import as_pair
-from lrjax.layers import conv_skip_reason, dense_skip_reason, pair_geometry
+from lrjax.layers import (
+    conv_skip_reason,
+    dense_skip_reason,
+    pair_geometry,
+    transposed_pair_geometry,
+    transposed_site,
+)
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite
@@ -33,16 +38,15 @@ __all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_
            "find_convs_nnx", "eval_view"]
 
 _LINEAR = (nnx.Linear, nnx.LinearGeneral)
-_SPLIT = (nnx.Conv, *_LINEAR, nnx.Einsum)  # the exact types a pair replaces
+_SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum)  # the exact types a pair replaces
 # linear layers seen and left as they are, with the reason
-_UNSPLIT = {
-    nnx.ConvTranspose: "ConvTranspose: a transposed conv (not decomposed)",
-}
+_UNSPLIT: dict[type, str] = {}
 
 
 class LowRankConvNNX(nnx.Module):
     """A conv as two: ``vertical`` (``kh x 1``, or the first 1x1; no bias) then ``horizontal``
-    (``1 x kw``, or the second 1x1), both ``nnx.Conv``."""
+    (``1 x kw``, or the second 1x1), both ``nnx.Conv`` (both ``nnx.ConvTranspose`` for a
+    transposed conv)."""
 
     def __init__(self, vertical: nnx.Module, horizontal: nnx.Module):
         self.vertical = vertical
@@ -106,6 +110,8 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
         return ConvSite(path, None, skip=_UNSPLIT[type(layer)])
     if isinstance(layer, nnx.Einsum):
         return _einsum_site(path, layer, shape, equation)
+    if isinstance(layer, nnx.ConvTranspose):
+        return transposed_site(path, layer, shape, nnx.ConvTranspose)
     if isinstance(layer, _LINEAR):
         reason = dense_skip_reason(layer, _LINEAR)
         if reason is not None:
@@ -200,9 +206,9 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
 
 def find_convs_nnx(model, *example_args, eval_mode: bool = True,
                    **example_kwargs) -> list[ConvSite]:
-    """Every conv and linear layer (``nnx.Conv``, ``nnx.Linear``, ``nnx.LinearGeneral``,
-    ``nnx.Einsum``, and ``nnx.ConvTranspose`` listed as not decomposed) the model calls on the
-    example inputs, in call order; run on an eval view of a copy with ``eval_mode``."""
+    """Every conv and linear layer (``nnx.Conv``, ``nnx.ConvTranspose``, ``nnx.Linear``,
+    ``nnx.LinearGeneral``, ``nnx.Einsum``) the model calls on the example inputs, in
+    call order; run on an eval view of a copy with ``eval_mode``."""
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode)
     return [_site(path, convs[path], shape, record["equations"].get(path))
@@ -249,6 +255,15 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankCo
         horizontal = nnx.LinearGeneral(rank, out_dims, axis=-1, use_bias=layer.use_bias,
                                        **second, **common)
         return LowRankLinearNNX(vertical, horizontal)
+    if site.kind == "transposed":
+        geometry = transposed_pair_geometry(layer.kernel_size, layer.strides, layer.padding,
+                                            layer.kernel_dilation)
+        common.update(transpose_kernel=layer.transpose_kernel)
+        vertical = nnx.ConvTranspose(layer.in_features, rank, use_bias=False, **geometry[0],
+                                     **first, **common)
+        horizontal = nnx.ConvTranspose(rank, layer.out_features, use_bias=layer.use_bias,
+                                       **geometry[1], **second, **common)
+        return LowRankConvNNX(vertical, horizontal)
     geometry = pair_geometry(layer.kernel_size, layer.strides, layer.padding,
                              layer.kernel_dilation)
     common.update(feature_group_count=layer.feature_group_count,

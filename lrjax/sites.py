@@ -5,23 +5,29 @@ one closed form serves all of them (the paper's, at ``d = 1`` the truncated SVD)
 the layer's geometry as a 2-D conv (:class:`lrjax.costs.ConvShape`), which is what the cost model,
 the rank rules and :func:`lrjax.decompose.vh_decompose` read:
 
-============  =====================================  ===========================================
-kind          the layer                              geometry as a conv
-============  =====================================  ===========================================
-``kxk``       ``nn.Conv`` / ``nnx.Conv``, window      itself; vertical ``kh x 1`` then horizontal
-              larger than 1x1                        ``1 x kw``
-``1x1``       a 1x1 ``nn.Conv`` / ``nnx.Conv`` (any  itself; two 1x1 convs ``C -> K -> N`` (the
-              stride, groups)                        first takes the stride and padding)
-``dense``     ``nn.Dense``, ``nn.DenseGeneral``,      a 1x1 conv over ``rows x 1`` pixels, ``rows``
-              ``nnx.Linear``, ``nnx.LinearGeneral``, the input's positions per example (tokens,
-              ``nn.Einsum`` (:func:`einsum_split`)   pixels; 1 for a classifier's input)
-============  =====================================  ===========================================
+==============  =====================================  ===========================================
+kind            the layer                              geometry as a conv
+==============  =====================================  ===========================================
+``kxk``         ``nn.Conv`` / ``nnx.Conv``, window      itself; vertical ``kh x 1`` then horizontal
+                larger than 1x1                        ``1 x kw``
+``1x1``         a 1x1 ``nn.Conv`` / ``nnx.Conv`` (any  itself; two 1x1 convs ``C -> K -> N`` (the
+                stride, groups)                        first takes the stride and padding)
+``dense``       ``nn.Dense``, ``nn.DenseGeneral``,      a 1x1 conv over ``rows x 1`` pixels, ``rows``
+                ``nnx.Linear``, ``nnx.LinearGeneral``, the input's positions per example (tokens,
+                ``nn.Einsum`` (:func:`einsum_split`)   pixels; 1 for a classifier's input)
+``transposed``  ``nn.ConvTranspose`` /                 a conv on the input dilated by the strides
+                ``nnx.ConvTranspose`` (SAME, VALID or  (``ConvShape.transposed``); vertical ``kh x 1``
+                explicit padding)                      then horizontal ``1 x kw`` transposed convs
+==============  =====================================  ===========================================
 
 Variable layout of a split layer, in the layer's own scope: ``vertical/kernel`` (the first
 factor, no bias), ``horizontal/kernel`` and ``horizontal/bias`` (the layer's own bias). For convs
 the factors are HWIO kernels ``(kh, 1, C/groups, K)`` and ``(1, kw, K/groups, N)``; for dense
 layers ``(*in_dims, K)`` and ``(K, *out_dims)``, in the layer's own kernel layout
-(``nn.Dense``: ``(C, K)`` and ``(K, N)``).
+(``nn.Dense``: ``(C, K)`` and ``(K, N)``). A transposed conv's kernel ``(kh, kw, C, N)`` is the
+HWIO kernel of the conv it computes; with ``transpose_kernel=True`` its kernel ``(kh, kw, N, C)``
+is read flipped and transposed (as ``lax.conv_transpose`` does), and so are its factors
+``(kh, 1, K, C)`` and ``(1, kw, N, K)``.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation"
            "contracted_axes", "dense_shape", "dense_rows", "input_moments", "device_array"]
 
 # the kinds of layer a site can be, with the label reports use
-KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers"}
+KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
+         "transposed": "transposed convs"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +65,8 @@ class ConvSite:
       kernel_axes: for an einsum whose kernel interleaves contracted and output axes, the
         permutation that brings the kernel variable to ``(*in_dims, *out_dims)``; else ``None``.
       equation: an einsum's equation as it was called (``None`` for other layers).
+      transpose_kernel: a transposed conv whose kernel variable is ``(kh, kw, N, C)``, read
+        flipped (``nn.ConvTranspose(transpose_kernel=True)``).
     """
 
     path: str
@@ -67,6 +76,7 @@ class ConvSite:
     dense_dims: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     kernel_axes: tuple[int, ...] | None = None
     equation: str | None = None
+    transpose_kernel: bool = False
 
     @property
     def candidate(self) -> bool:
@@ -75,11 +85,14 @@ class ConvSite:
 
     @property
     def kind(self) -> str | None:
-        """``"kxk"``, ``"1x1"`` or ``"dense"`` (see :data:`KINDS`); ``None`` without a shape."""
+        """``"kxk"``, ``"1x1"``, ``"dense"`` or ``"transposed"`` (see :data:`KINDS`); ``None``
+        without a shape."""
         if self.dense_dims is not None:
             return "dense"
         if self.shape is None:
             return None
+        if self.shape.transposed:
+            return "transposed"
         return "1x1" if tuple(self.shape.kernel_size) == (1, 1) else "kxk"
 
     @property
@@ -93,7 +106,8 @@ class ConvSite:
             for position, axis in enumerate(self.kernel_axes):
                 shape[axis] = dims[position]
             return tuple(shape)
-        return self.shape.kernel_shape
+        kh, kw, c, n = self.shape.kernel_shape
+        return (kh, kw, n, c) if self.transpose_kernel else (kh, kw, c, n)
 
     def check_kernel_shape(self, shape) -> None:
         """Raise ``ValueError`` naming both shapes unless ``shape`` is the layer's kernel's."""
@@ -111,6 +125,8 @@ class ConvSite:
         self.check_kernel_shape(kernel.shape)
         if self.kernel_axes is not None:
             kernel = np.transpose(kernel, self.kernel_axes)
+        if self.transpose_kernel:
+            kernel = np.ascontiguousarray(np.swapaxes(kernel[::-1, ::-1], 2, 3))
         return kernel.reshape(self.shape.kernel_shape)
 
     def factor_variables(self, factors: decompose.Factors) -> tuple[jax.Array, jax.Array]:
@@ -122,6 +138,9 @@ class ConvSite:
             rank = vertical.shape[-1]
             vertical = vertical.reshape(*in_dims, rank)
             horizontal = horizontal.reshape(rank, *out_dims)
+        elif self.transpose_kernel:  # as nn.ConvTranspose(transpose_kernel=True) reads them
+            vertical = np.swapaxes(np.asarray(vertical)[::-1], 2, 3)
+            horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], 2, 3)
         return device_array(vertical), device_array(horizontal)
 
 
@@ -232,6 +251,12 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
     if site.kind == "dense":
         return decompose.patch_moments(dense_rows(x, axes), (1, 1), padding="VALID")
     x = x.reshape((-1, *x.shape[-3:]))
+    if layer.transposed:  # the vertical conv reads the input dilated along its rows
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                        [(0, 0, 0), (0, 0, layer.strides[0] - 1), (0, 0, 0), (0, 0, 0)])
+        return decompose.patch_moments(x, layer.kernel_size, padding=(layer.conv_padding[0],
+                                                                      (0, 0)),
+                                       dilation=layer.dilation)
     if site.kind == "1x1":  # the first 1x1 conv takes both strides: only those columns count
         x = x[:, :, ::layer.strides[1]]
     return decompose.patch_moments(x, layer.kernel_size, strides=layer.strides,

@@ -38,6 +38,7 @@ from lrjax import ranks as rank_lib
 from lrjax.costs import as_pair
 from lrjax.layers import (
     FactorConv,
+    FactorConvTranspose,
     FactorDense,
     FactorEinsum,
     LowRankConv,
@@ -45,6 +46,7 @@ from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
     module_path,
+    transposed_site,
 )
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
@@ -96,6 +98,8 @@ def _site(path: str, module, x, equation=None) -> ConvSite:
     """The site of a conv or dense layer called on ``x`` (``equation``: an einsum's)."""
     if isinstance(module, nn.Einsum):
         return _einsum_site(path, module, x, equation)
+    if isinstance(module, nn.ConvTranspose):
+        return transposed_site(path, module, x.shape, nn.ConvTranspose)
     if isinstance(module, (nn.Dense, nn.DenseGeneral)):
         return _dense_site(path, module, x)
     if isinstance(module, LowRankConv):
@@ -145,16 +149,15 @@ def _abstract_init(model: nn.Module, args, kwargs, interceptor=None):
 # linear layers seen and left as they are, with the reason
 _UNSPLIT = {
     nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
-    nn.ConvTranspose: "ConvTranspose: a transposed conv (not decomposed)",
 }
 
 
 def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSite]:
     """Every linear layer of a linen model, in call order, found by tracing it on example inputs.
 
-    ``nn.Conv``, ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` (and subclasses, listed as
-    not decomposable), ``LowRankConv``, and layers seen but never split (``nn.ConvLocal``,
-    ``nn.ConvTranspose``) are recorded; a pair's own halves are not. A layer
+    ``nn.Conv``, ``nn.ConvTranspose``, ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` (and
+    subclasses, listed as not decomposable), ``LowRankConv``, and layers seen but never split
+    (``nn.ConvLocal``) are recorded; a pair's own halves are not. A layer
     called more than once is listed once (its first call). For a :class:`LowRankModel` the
     sites are its base model's, with the wrapper's ranks attached.
 
@@ -176,9 +179,10 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             path = module_path(module)
             if type(module) in _UNSPLIT:
                 found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
-            elif isinstance(module, (nn.Conv, LowRankConv, nn.Dense, nn.DenseGeneral,
-                                     nn.Einsum)) \
-                    and not isinstance(module, (FactorConv, FactorDense, FactorEinsum)):
+            elif isinstance(module, (nn.Conv, nn.ConvTranspose, LowRankConv, nn.Dense,
+                                     nn.DenseGeneral, nn.Einsum)) \
+                    and not isinstance(module, (FactorConv, FactorConvTranspose, FactorDense,
+                                                FactorEinsum)):
                 equation = sites.called_equation(module.einsum_str, args[1:], kwargs) \
                     if isinstance(module, nn.Einsum) else None
                 found[path] = _site(path, module, _layer_input(args, kwargs), equation)
@@ -309,7 +313,8 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         def accumulate(next_fun, call_args, call_kwargs, context):
             module = context.module
             if context.method_name == "__call__" \
-                    and type(module) in (nn.Conv, nn.Dense, nn.DenseGeneral, nn.Einsum):
+                    and type(module) in (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral,
+                                         nn.Einsum):
                 path = module_path(module)
                 if path in wanted and path not in out:
                     x = _layer_input(call_args, call_kwargs)
@@ -435,10 +440,11 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     horizontal pair, 1x1 into two 1x1 convs), ``nn.Dense`` and ``nn.DenseGeneral`` is a
     candidate wherever it sits (auto-named, in submodules, created in ``@nn.compact``); the
     variable layout is :mod:`lrjax.sites`'; an ``nn.Einsum`` is a candidate when its equation is
-    one product of input axes into output axes (:func:`lrjax.sites.einsum_split`). Layers that
-    cannot be split (input dilation, masks, subclasses, custom ``dot_general``,
-    ``ConvTranspose``, batched einsums) are left as they are and listed in the report with the
-    reason.
+    one product of input axes into output axes (:func:`lrjax.sites.einsum_split`), and an
+    ``nn.ConvTranspose`` becomes a vertical / horizontal pair of transposed convs. Layers that
+    cannot be split (input dilation, masks, subclasses, custom ``dot_general``, circular
+    transposed convs, ``nn.ConvLocal``, batched einsums) are left as they are and listed in the
+    report with the reason.
 
     Args:
       model: the full-rank linen module.

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import costs, formulations
-from lrjax.layers import LowRankConv
+from lrjax.layers import LowRankConv, LowRankConvTranspose
 
 __all__ = ["median_time", "layer_times", "interleaved_times", "steady_times"]
 
@@ -31,6 +31,12 @@ def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float
 
 
 def _layer_module(layer: costs.ConvShape, rank: int | None, dtype) -> nn.Module:
+    if layer.transposed:
+        kwargs = dict(strides=layer.strides, padding=layer.padding,
+                      kernel_dilation=layer.dilation, use_bias=layer.use_bias, dtype=dtype)
+        if rank is None:
+            return nn.ConvTranspose(layer.out_channels, layer.kernel_size, **kwargs)
+        return LowRankConvTranspose(layer.out_channels, layer.kernel_size, rank=rank, **kwargs)
     kwargs = dict(strides=layer.strides, padding=layer.padding, kernel_dilation=layer.dilation,
                   feature_group_count=layer.groups, use_bias=layer.use_bias, dtype=dtype)
     if rank is None:

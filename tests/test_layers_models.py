@@ -201,8 +201,8 @@ def test_registry_errors_and_custom_ranks():
     p = _shapes(model, 32)["params"]
     assert p["conv1"]["vertical"]["kernel"].shape == (5, 1, 3, 4)
     assert "kernel" in p["conv2"]
-    with pytest.raises(ValueError, match="never called as nn.Conv, nn.Dense, nn.DenseGeneral "
-                                         "or nn.Einsum: \\['conv9'\\]"):
+    with pytest.raises(ValueError, match="never called as nn.Conv, nn.ConvTranspose, nn.Dense, "
+                                         "nn.DenseGeneral or nn.Einsum: \\['conv9'\\]"):
         _shapes(models.get_model("nin", ranks={"conv9": 4}), 32)
 
 

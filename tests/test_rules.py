@@ -16,8 +16,8 @@ X = jnp.ones((2, 12, 12, 3))
 
 
 class Net(nn.Module):
-    """A small linen CNN with batch norm, dropout, a transposed conv and a locally connected
-    layer."""
+    """A small linen CNN with batch norm, dropout, a circular transposed conv and a locally
+    connected layer (neither can be split)."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -25,7 +25,7 @@ class Net(nn.Module):
         x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
         x = nn.relu(nn.Conv(32, (3, 3), name="body")(x))
         x = nn.Conv(32, (3, 3), name="head_conv")(x)
-        x = nn.ConvTranspose(8, (2, 2), strides=(2, 2), name="up")(x)
+        x = nn.ConvTranspose(8, (2, 2), strides=(2, 2), padding="CIRCULAR", name="up")(x)
         x = nn.ConvLocal(4, (3, 3), name="local")(x)
         x = nn.Dropout(0.5, deterministic=not train)(x)
         return jnp.mean(x, axis=(1, 2))
@@ -64,10 +64,10 @@ def test_parse_rule_grammar():
 def test_unsplittable_layers_are_listed_with_the_reason(net):
     model, variables = net
     result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5", train=False)
-    assert "ConvTranspose" in result.report.skipped["up"]
+    assert "CIRCULAR padding of a transposed conv" in result.report.skipped["up"]
     assert "ConvLocal" in result.report.skipped["local"]
     table = result.report.table()
-    assert "left as is: up: ConvTranspose" in table and "left as is: local: ConvLocal" in table
+    assert "left as is: up: CIRCULAR" in table and "left as is: local: ConvLocal" in table
 
 
 def test_rules_that_choose_never_split_for_nothing(net):
@@ -118,16 +118,16 @@ def test_training_mode_calls_are_one_line_errors(net, tmp_path):
 
 
 def test_no_candidates_is_a_clear_error():
-    class OnlyTransposed(nn.Module):
+    class OnlyLocal(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.ConvTranspose(4, (3, 3))(x)
+            return nn.ConvLocal(4, (3, 3))(x)
 
-    model = OnlyTransposed()
+    model = OnlyLocal()
     variables = init(model, 0, X)
     for rule in ("energy:0.9", "speedup:2"):
         with pytest.raises(ValueError, match=r"no layer this rule can decompose \(found "
-                                             r"ConvTranspose_0: ConvTranspose: a transposed"):
+                                             r"ConvLocal_0: ConvLocal: unshared weights"):
             lrjax.decompose_linen(model, variables, X, rule=rule)
     empty = lrjax.decompose_linen(model, variables, X, rule={})
     assert empty.report.net.speedup == 1.0 and "total" in empty.report.table()
@@ -139,7 +139,8 @@ class NNXNet(nnx.Module):
         self.bn = nnx.BatchNorm(16, rngs=rngs)
         self.drop = nnx.Dropout(0.9, rngs=rngs)
         self.conv2 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
-        self.up = nnx.ConvTranspose(16, 4, (2, 2), strides=(2, 2), rngs=rngs)
+        self.up = nnx.ConvTranspose(16, 4, (2, 2), strides=(2, 2), padding="CIRCULAR",
+                                    rngs=rngs)
 
     def __call__(self, x):
         return self.up(self.conv2(self.drop(self.bn(self.conv1(x)))))
@@ -153,7 +154,7 @@ def test_nnx_calibrates_on_an_eval_view():
     rule = {"conv2": 4}
     result = lrjax.decompose_nnx(model, x, rule=rule, calibration=x)
     assert any("eval view" in n for n in result.report.notes)
-    assert "ConvTranspose" in result.report.skipped["up"]
+    assert "CIRCULAR" in result.report.skipped["up"]
     raw = lrjax.decompose_nnx(model, x, rule=rule, calibration=x, eval_mode=False)
     assert raw.report.notes == ()
     # held-out error in eval mode: the eval-view calibration fits the statistics used there

@@ -1,0 +1,160 @@
+"""Transposed convs (``nn.ConvTranspose``, ``nnx.ConvTranspose``: a U-Net's upsamplers) split into a
+vertical and a horizontal transposed conv: exact at full rank for every padding form, stride,
+dilation and ``transpose_kernel``, costed as XLA counts them, calibrated, gated by timing and
+exported to ONNX Runtime."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import costs, export, macs, surgery, timing
+from lrjax.layers import LowRankConvTranspose, LowRankModel, transposed_pair_geometry
+from tests.helpers import apply, init
+
+X = jax.random.normal(jax.random.key(1), (2, 5, 6, 4))
+
+# the forms U-Nets use (2x2 and 3x3 stride-2 upsamplers, PyTorch ports with transpose_kernel and
+# an int padding), and the less common ones
+CASES = [
+    dict(kernel_size=(2, 2), strides=(2, 2)),
+    dict(kernel_size=(3, 3), strides=(2, 2)),
+    dict(kernel_size=(4, 3), strides=(2, 1), padding="VALID"),
+    dict(kernel_size=(3, 3), strides=(2, 2), padding=((1, 2), (0, 1)), kernel_dilation=(2, 1)),
+    dict(kernel_size=(1, 1), strides=(2, 2)),
+    dict(kernel_size=(4, 4), strides=(2, 2), padding=1, transpose_kernel=True),
+]
+
+
+class Up(nn.Module):
+    kwargs: dict
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.ConvTranspose(6, name="up", **self.kwargs)(nn.relu(x))
+
+
+class UpNNX(nnx.Module):
+    def __init__(self, kwargs, rngs):
+        self.up = nnx.ConvTranspose(4, 6, rngs=rngs, **kwargs)
+
+    def __call__(self, x):
+        return self.up(nnx.relu(x))
+
+
+def _traced(fn, *args) -> int:
+    return macs.traced_macs(fn, *args)["total"] // X.shape[0]
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()))
+def test_transposed_convs_split_exactly_and_cost_what_xla_counts(kwargs):
+    model = Up(kwargs)
+    variables = init(model, 0, X)
+    (site,) = surgery.find_convs(model, X)
+    assert site.candidate and site.kind == "transposed" and site.shape.transposed
+    top = costs.max_rank(site.shape.kernel_shape)
+    result = lrjax.decompose_linen(model, variables, X, rule={"up": top})
+    want = apply(model, variables, X)
+    got = apply(result.module, result.variables, X)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
+    params = result.variables["params"]["up"]
+    kh, kw = kwargs["kernel_size"]
+    flipped = kwargs.get("transpose_kernel", False)
+    assert params["vertical"]["kernel"].shape == ((kh, 1, top, 4) if flipped else (kh, 1, 4, top))
+    assert params["horizontal"]["kernel"].shape == ((1, kw, 6, top) if flipped
+                                                    else (1, kw, top, 6))
+    # the cost model counts what XLA performs: taps on the dilation holes and padding excluded
+    assert costs.conv_cost(site.shape).macs == _traced(
+        lambda v, x: model.apply(v, x), variables, X)
+    assert costs.lowrank_cost(site.shape, top).macs == _traced(
+        lambda v, x: result.module.apply(v, x), result.variables, X)
+    assert result.report.by_kind()["transposed"][0] == costs.conv_cost(site.shape).macs
+
+    # NNX: the same split of the same layer
+    nnx_model = UpNNX(kwargs, nnx.Rngs(0))
+    nnx_result = lrjax.decompose_nnx(nnx_model, X, rule={"up": top})
+    want = nnx_model(X)
+    np.testing.assert_allclose(nnx_result.module(X), want, atol=2e-5 * float(jnp.abs(want).max()))
+    assert type(nnx_result.module.up.vertical) is nnx.ConvTranspose
+
+
+def test_transposed_calibration_fits_the_layer_output():
+    """Calibrated factors (whitened by the row-dilated input's patch moments) beat the data-free
+    ones on the calibration data's output, in linen and NNX."""
+    calib = jax.random.normal(jax.random.key(2), (8, 5, 6, 4)) * jnp.linspace(0.1, 3.0, 4)
+    for kwargs in (CASES[1], CASES[5]):
+        model = Up(kwargs)
+        variables = init(model, 0, X)
+        want = apply(model, variables, calib)
+
+        errors = [float(jnp.linalg.norm(apply(r.module, r.variables, calib) - want)
+                        / jnp.linalg.norm(want))
+                  for r in (lrjax.decompose_linen(model, variables, X, rule={"up": 3},
+                                                  calibration=c) for c in (None, calib))]
+        assert errors[1] < 0.9 * errors[0]
+        nnx_model = UpNNX(kwargs, nnx.Rngs(0))
+        nnx_want = nnx_model(calib)
+        nnx_errors = [float(jnp.linalg.norm(r.module(calib) - nnx_want) / jnp.linalg.norm(nnx_want))
+                      for r in (lrjax.decompose_nnx(nnx_model, X, rule={"up": 3}, calibration=c)
+                                for c in (None, calib))]
+        assert nnx_errors[1] < 0.9 * nnx_errors[0]
+
+
+def test_transposed_convs_that_stay_whole_say_why():
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.ConvTranspose(4, (3, 3), strides=2, padding="CIRCULAR", name="circular")(x)
+            mask = jnp.ones((3, 3, 4, 4))
+            return nn.ConvTranspose(4, (3, 3), mask=mask, name="masked")(x)
+
+    model = Odd()
+    found = {s.path: s.skip for s in surgery.find_convs(model, X)}
+    assert "CIRCULAR padding" in found["circular"] and found["masked"] == "masked kernel"
+    with pytest.raises(ValueError, match="layer 'circular' cannot be decomposed: CIRCULAR"):
+        apply(LowRankModel.wrap(model, {"circular": 2}), init(model, 0, X), X)
+
+
+def test_transposed_pair_module_geometry_and_timing():
+    first, second = transposed_pair_geometry((3, 2), (2, 3), ((1, 0), (2, 1)), (1, 2))
+    assert first == dict(kernel_size=(3, 1), strides=(2, 1), padding=((1, 0), (0, 0)),
+                         kernel_dilation=(1, 1))
+    assert second == dict(kernel_size=(1, 2), strides=(1, 3), padding=((0, 0), (2, 1)),
+                          kernel_dilation=(1, 2))
+    x = jnp.ones((1, 4, 4, 8))
+    pair = LowRankConvTranspose(8, (3, 3), rank=2, strides=2)
+    assert apply(pair, init(pair, 0, x), x).shape == (1, 8, 8, 8)
+    with pytest.raises(ValueError, match="rank 30 is invalid"):
+        init(LowRankConvTranspose(8, (3, 3), rank=30), 0, x)
+    # +measured times a transposed layer against its own pair
+    (site,) = surgery.find_convs(Up(CASES[1]), X)
+    times = timing.layer_times([site.shape], {"up": 2}, repeats=1, min_time_s=0.0)
+    assert set(times) == {"up"} and all(t > 0 for t in times["up"])
+
+
+class UNetish(nn.Module):
+    """An encoder, a strided conv and two upsamplers (one flipped, as PyTorch ports write it)."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = nn.relu(nn.Conv(16, (3, 3), name="enc")(x))
+        b = nn.relu(nn.Conv(32, (3, 3), strides=2, name="down")(a))
+        u = nn.ConvTranspose(16, (2, 2), strides=(2, 2), name="up")(b)
+        v = nn.ConvTranspose(16, (3, 3), strides=(2, 2), transpose_kernel=True, name="up_t")(b)
+        return nn.Conv(3, (1, 1), name="head")(jnp.concatenate([a, u + v], -1))
+
+
+def test_unet_whole_net_rule_and_onnx_export(tmp_path):
+    x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    model = UNetish()
+    variables = init(model, 0, x)
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5,include=up*",
+                                   calibration=x)
+    assert set(result.ranks) <= {"up", "up_t"} and result.ranks
+    assert result.report.speedup >= 1.5
+    onnx = export.to_onnx(result.module, result.variables, x, str(tmp_path / "unet.onnx"))
+    assert onnx.max_abs_error <= 1e-5 * max(onnx.scale, 1.0)
