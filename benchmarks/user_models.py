@@ -9,6 +9,9 @@
 * :class:`Mixer`: an MLP-Mixer (patch embedding conv, token- and channel-mixing ``nn.Dense``
   MLPs, LayerNorm), written like the Flax/big_vision Mixers; every layer but the stem is dense.
 * :class:`NNXCNN`: an NNX CNN with convs in an ``nnx.Sequential`` and an ``nnx.List``.
+* :class:`UNet`: a U-Net as segmentation code writes it (Ronneberger et al.): two 3x3 conv /
+  BatchNorm / ReLU per level, max pooling down, ``nn.ConvTranspose`` 2x2 stride-2 upsamplers,
+  skip connections concatenated, a 1x1 head.
 """
 
 from __future__ import annotations
@@ -186,3 +189,37 @@ class NNXCNN(nnx.Module):
         for conv in self.blocks:
             x = x + self.act(conv(x))
         return jnp.mean(self.head(x), axis=(1, 2))
+
+
+class DoubleConv(nn.Module):
+    """Two 3x3 conv -> BatchNorm -> ReLU."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for _ in range(2):
+            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False)(x)
+            x = nn.BatchNorm(use_running_average=not train)(x)
+            x = nn.relu(x)
+        return x
+
+
+class UNet(nn.Module):
+    """A U-Net: ``len(widths) - 1`` poolings, a transposed-conv upsampler per level."""
+
+    num_classes: int = 2
+    widths: Sequence[int] = (32, 64, 128, 256, 512)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        skips = []
+        for width in self.widths[:-1]:
+            x = DoubleConv(width)(x, train)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = DoubleConv(self.widths[-1])(x, train)
+        for width, skip in zip(reversed(self.widths[:-1]), reversed(skips), strict=True):
+            x = nn.ConvTranspose(width, (2, 2), strides=(2, 2))(x)
+            x = DoubleConv(width)(jnp.concatenate([skip, x], axis=-1), train)
+        return nn.Conv(self.num_classes, (1, 1))(x)

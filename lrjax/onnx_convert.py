@@ -382,6 +382,9 @@ class _Converter:
             raise TranslationError(f"a conv with negative padding {pads}")
         source = self.nchw(x)
         if any(d != 1 for d in params["lhs_dilation"]):  # a transposed conv (nn.ConvTranspose)
+            native = self.conv_transpose(source, w, params, aval)
+            if native is not None:
+                return native
             source = self.dilate(source, x.shape, [int(d) for d in params["lhs_dilation"]],
                                  aval.dtype)
         attrs = dict(strides=[int(s) for s in params["window_strides"]],
@@ -394,6 +397,28 @@ class _Converter:
             weight = self.g.const(np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1)),
                                   "weight")
         y = self.g.node("Conv", [source, weight], "conv", **attrs)
+        return _Tensor(y, tuple(aval.shape), True)
+
+    def conv_transpose(self, source: str, w, params, aval) -> _Tensor | None:
+        """An input-dilated conv (``nn.ConvTranspose``) as ONNX ``ConvTranspose`` (zero insertion
+        then ``Conv`` also multiplies the holes: ~4x the work at stride 2): stride ``s``, the
+        kernel flipped, ``pads`` ``k_eff - 1 - lo`` / ``k_eff - 1 - hi`` (``k_eff``: the dilated
+        kernel's extent). ``None`` where that does not apply (window strides, groups, padding
+        beyond ``k_eff - 1``, a traced kernel): the caller inserts the zeros."""
+        if any(int(s) != 1 for s in params["window_strides"]) or \
+                int(params["feature_group_count"]) != 1 or isinstance(w, _Tensor):
+            return None
+        kernel = np.asarray(w)
+        pads = [((k - 1) * d - int(lo), (k - 1) * d - int(hi)) for k, d, (lo, hi) in zip(
+            kernel.shape[:2], params["rhs_dilation"], params["padding"], strict=True)]
+        if min(v for p in pads for v in p) < 0:
+            return None
+        weight = self.g.const(np.ascontiguousarray(
+            kernel[::-1, ::-1].transpose(2, 3, 0, 1)), "weight")  # (C, N, kh, kw), flipped
+        y = self.g.node("ConvTranspose", [source, weight], "conv_transpose",
+                        strides=[int(d) for d in params["lhs_dilation"]],
+                        dilations=[int(d) for d in params["rhs_dilation"]],
+                        pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
         return _Tensor(y, tuple(aval.shape), True)
 
     def dilate(self, name: str, shape, factors, dtype) -> str:

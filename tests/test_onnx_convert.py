@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 
 from lrjax import export, onnx_convert, runtimes
@@ -157,16 +158,22 @@ def test_uncovered_forms_are_one_line_errors(tmp_path):
         runtimes.onnx_model(channels_first, SHAPE)
 
 
-@pytest.mark.parametrize("kernel,strides,padding", [
-    ((3, 3), (2, 2), "SAME"), ((2, 2), (2, 2), "VALID"), ((4, 3), (2, 1), "SAME"),
-    ((3, 3), (3, 2), ((1, 2), (0, 1))), ((3, 3), (1, 1), "SAME")])
-def test_transposed_convs_export(kernel, strides, padding, tmp_path):
-    """nn.ConvTranspose (a U-Net's upsampler): input dilation as zero insertion, then a Conv."""
-    model = nn.ConvTranspose(5, kernel, strides=strides, padding=padding)
-    x = jnp.zeros(SHAPE)
+@pytest.mark.parametrize("kernel,strides,padding,dilation", [
+    ((3, 3), (2, 2), "SAME", 1), ((2, 2), (2, 2), "VALID", 1), ((4, 3), (2, 1), "SAME", 1),
+    ((3, 3), (3, 2), ((1, 2), (0, 1)), (2, 1)), ((3, 3), (1, 1), "SAME", 1),
+    ((3, 3), (2, 2), ((3, 1), (0, 4)), 1)])
+def test_transposed_convs_export(kernel, strides, padding, dilation, tmp_path):
+    """nn.ConvTranspose (a U-Net's upsampler) as ONNX's own ConvTranspose (only the real input
+    elements multiplied); padding beyond the kernel's extent as zero insertion, then a Conv."""
+    model = nn.ConvTranspose(5, kernel, strides=strides, padding=padding,
+                             kernel_dilation=dilation)
+    x = jax.random.normal(jax.random.key(0), SHAPE)
     variables = init(model, 0, x)
     result = export.to_onnx(model, variables, x, str(tmp_path / "up.onnx"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    ops = {node.op_type for node in onnx.load(result.path).graph.node}
+    native = strides != (1, 1) and padding != ((3, 1), (0, 4))
+    assert ("ConvTranspose" in ops) == native and ("Conv" in ops) == (not native)
 
 
 # what modern CNNs put after a conv: each exported on its own (a conv first, so the layout logic
