@@ -14,8 +14,12 @@ In one run, on random weights (speed and decomposition time do not depend on the
   variant per batch), and with the ``speedup:2`` ranks of one layer kind only (k x k,
   1x1, dense: the time each kind's pairs save against the multiply-adds they save), at batch 1
   and 8; VGG-16 at 224 with the authors' conv ranks, with fc6/fc7 factorized too, and with both
-  behind the ``+measured`` gate (JAX, batch 1), at batch 1. Both sides run the same flags and
-  formulations; times are medians of steady-state calls taken in turns.
+  behind the ``+measured`` gate (JAX, batch 1), at batch 1; the U-Net of
+  :mod:`benchmarks.user_models` at 128x128 (four ``nn.ConvTranspose`` upsamplers) with a
+  whole-net ``speedup:2``, the same behind the ``+measured`` gate, and its transposed convs
+  alone split at half their break-even rank, at batch 1 and 8, plus each upsampler timed alone
+  against its pair. Both sides run the same flags and formulations; times are medians of
+  steady-state calls taken in turns. ``--models`` picks a subset (``resnet50,vgg16,unet``).
 
     python -m benchmarks.modern_cnns --json bench_results/modern_cnns.json
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m benchmarks.modern_cnns \
@@ -40,6 +44,7 @@ from benchmarks.common import machine, median, setup, write_json
 # fc6/fc7 ranks of the VGG-16 variant with its classifier factorized: 7x and 4x fewer
 # multiply-adds in those two layers
 VGG_FC_RANKS = {"fc6": 512, "fc7": 512}
+MODELS = "resnet50,vgg16,unet"
 
 
 def _time(fn) -> float:
@@ -175,7 +180,75 @@ def time_by_kind(rows: dict, log) -> dict:
 
 
 def full_shape(name):
-    return (224, 224, 3)
+    return (128, 128, 3) if name == "unet" else (224, 224, 3)
+
+
+def unet_decomposition_times(log) -> dict:
+    """Seconds of ``decompose_linen`` on the U-Net at 128x128, ``speedup:2``, data-free and
+    calibrated on 8 images (first calls)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.user_models import UNet
+    from lrjax import decompose_linen
+
+    net, x = UNet(), jnp.zeros((1, *full_shape("unet")))
+    variables = jax.block_until_ready(
+        jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x))
+    calib = jax.block_until_ready(jax.random.normal(jax.random.key(1), (8, *full_shape("unet"))))
+    out = {}
+    for name, cal in (("unet_128_speedup2_data_free", None),
+                      ("unet_128_speedup2_calibrated_8", calib)):
+        result = {}
+        seconds = _time(lambda cal=cal, result=result: result.update(r=decompose_linen(
+            net, variables, x, rule="speedup:2", calibration=cal, train=False)))
+        out[name] = {"seconds": seconds, "layers_split": len(result["r"].ranks),
+                     "speedup": result["r"].report.speedup}
+        log(f"{name:<40} {seconds:6.1f} s  ({len(result['r'].ranks)} layers, "
+            f"{result['r'].report.speedup:.2f}x)")
+    return out
+
+
+def unet_speed(repeats, threads, log) -> dict:
+    """The U-Net full vs low-rank (whole net, gated, transposed convs only), and each transposed
+    conv alone against its pair, in JAX and ONNX Runtime."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.user_models import UNet
+    from lrjax import costs, decompose_linen, runtimes, timing
+
+    net, x = UNet(), jnp.zeros((1, *full_shape("unet")))
+    variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x)
+    low = decompose_linen(net, variables, x, rule="speedup:2", train=False)
+    transposed = [s for s in low.problem.sites if s.kind == "transposed"]
+    half = {s.path: max(16, costs.breakeven_rank(s.shape) // 32 * 16) for s in transposed}
+    variants = {"speedup2": low,
+                "speedup2_measured_b1": decompose_linen(net, variables, x, train=False,
+                                                        rule="speedup:2+measured"),
+                "transposed_half_breakeven": decompose_linen(net, variables, x, rule=half,
+                                                             train=False)}
+    out = speed("unet", net, variables, variants, (1, 8), repeats, threads, log)
+    out["transposed_ranks"] = half
+    layers = {}
+    for batch in (1, 8):
+        for runtime, call in (("jax", None), ("onnxruntime", runtimes.layer_call("onnxruntime"))):
+            times = timing.layer_times([s.shape for s in transposed], half, batch=batch,
+                                       call=call)
+            for s in transposed:
+                full_s, pair_s = times[s.path]
+                theory = costs.layer_speedup(s.shape, half[s.path])
+                layers.setdefault(s.path, {"kernel": list(s.shape.kernel_shape),
+                                           "input_hw": list(s.shape.input_hw),
+                                           "rank": half[s.path], "theory": theory})[
+                    f"batch{batch}_{runtime}"] = {"full_ms": 1e3 * full_s,
+                                                  "pair_ms": 1e3 * pair_s,
+                                                  "speedup": full_s / pair_s}
+                log(f"unet layer {s.path:<16} batch {batch} {runtime:<12} rank {half[s.path]:>4}"
+                    f" {1e3 * full_s:7.2f} -> {1e3 * pair_s:7.2f} ms  {full_s / pair_s:5.2f}x "
+                    f"(theory {theory:.2f}x)")
+    out["transposed_layers"] = layers
+    return out
 
 
 def main(argv=None) -> dict:
@@ -185,6 +258,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--models", default=MODELS,
+                        help="comma-separated subset of resnet50,vgg16,unet")
     parser.add_argument("--vgg-decomposition-only", action="store_true",
                         help="print VGG-16's two decomposition times as JSON (what the run "
                         "measures in a fresh process)")
@@ -202,10 +277,21 @@ def main(argv=None) -> dict:
     from lrjax.ranks import load_ranks
     from lrjax.rules import RankRule
 
+    models_run = set(args.models.split(","))
+    unknown = models_run - {"resnet50", "vgg16", "unet"}
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from resnet50, vgg16, unet")
     result = {"machine": machine("onnxruntime", "onnx"), "command": "python -m "
-              "benchmarks.modern_cnns", "vgg_fc_ranks": VGG_FC_RANKS}
-    result["decomposition_time"] = decomposition_times(print)
-    if not args.skip_speed:
+              "benchmarks.modern_cnns" + (f" --models {args.models}" if args.models != MODELS
+                                          else ""), "vgg_fc_ranks": VGG_FC_RANKS}
+    result["decomposition_time"] = {}
+    if models_run & {"resnet50", "vgg16"}:
+        result["decomposition_time"] = decomposition_times(print)
+    if "unet" in models_run:
+        result["decomposition_time"].update(unet_decomposition_times(print))
+    if "unet" in models_run and not args.skip_speed:
+        result["unet"] = unet_speed(args.repeats, args.threads, print)
+    if "resnet50" in models_run and not args.skip_speed:
         x = jnp.zeros((1, 224, 224, 3))
         net = resnet50(num_classes=1000)
         variables = jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x)
@@ -240,6 +326,8 @@ def main(argv=None) -> dict:
         result["resnet50"]["time_by_kind"] = time_by_kind(result["resnet50"], print)
         result["resnet50"]["measured_gate"] = gate
         del low, variants, variables
+    if "vgg16" in models_run and not args.skip_speed:
+        x = jnp.zeros((1, 224, 224, 3))
         vgg = models.get_model("vgg16")
         variables = models.init_variables(vgg, 224, 0)
         ranks = load_ranks("vgg16")

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import costs, export, macs, surgery, timing
+from benchmarks.user_models import UNet
+from lrjax import costs, export, macs, nnx_surgery, surgery, timing
 from lrjax.layers import LowRankConvTranspose, LowRankModel, transposed_pair_geometry
 from tests.helpers import apply, init
 
@@ -74,12 +75,17 @@ def test_transposed_convs_split_exactly_and_cost_what_xla_counts(kwargs):
         lambda v, x: result.module.apply(v, x), result.variables, X)
     assert result.report.by_kind()["transposed"][0] == costs.conv_cost(site.shape).macs
 
-    # NNX: the same split of the same layer
-    nnx_model = UpNNX(kwargs, nnx.Rngs(0))
-    nnx_result = lrjax.decompose_nnx(nnx_model, X, rule={"up": top})
-    want = nnx_model(X)
-    np.testing.assert_allclose(nnx_result.module(X), want, atol=2e-5 * float(jnp.abs(want).max()))
-    assert type(nnx_result.module.up.vertical) is nnx.ConvTranspose
+
+
+@pytest.mark.parametrize("kwargs", [CASES[0], CASES[5]], ids=("2x2", "4x4 transpose_kernel"))
+def test_nnx_transposed_convs_split_exactly(kwargs):
+    model = UpNNX(kwargs, nnx.Rngs(0))
+    (site,) = nnx_surgery.find_convs_nnx(model, X)
+    result = lrjax.decompose_nnx(model, X, rule={"up": costs.max_rank(site.shape.kernel_shape)})
+    want = model(X)
+    np.testing.assert_allclose(result.module(X), want, atol=2e-5 * float(jnp.abs(want).max()))
+    assert type(result.module.up.vertical) is nnx.ConvTranspose
+    assert result.report.by_kind()["transposed"][0] == costs.conv_cost(site.shape).macs
 
 
 def test_transposed_calibration_fits_the_layer_output():
@@ -136,25 +142,20 @@ def test_transposed_pair_module_geometry_and_timing():
     assert set(times) == {"up"} and all(t > 0 for t in times["up"])
 
 
-class UNetish(nn.Module):
-    """An encoder, a strided conv and two upsamplers (one flipped, as PyTorch ports write it)."""
-
-    @nn.compact
-    def __call__(self, x):
-        a = nn.relu(nn.Conv(16, (3, 3), name="enc")(x))
-        b = nn.relu(nn.Conv(32, (3, 3), strides=2, name="down")(a))
-        u = nn.ConvTranspose(16, (2, 2), strides=(2, 2), name="up")(b)
-        v = nn.ConvTranspose(16, (3, 3), strides=(2, 2), transpose_kernel=True, name="up_t")(b)
-        return nn.Conv(3, (1, 1), name="head")(jnp.concatenate([a, u + v], -1))
-
-
 def test_unet_whole_net_rule_and_onnx_export(tmp_path):
+    """A U-Net as segmentation code writes it (benchmarks.user_models.UNet): a whole-net rule
+    with its upsamplers among the candidates, and its split upsamplers in ONNX Runtime."""
     x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
-    model = UNetish()
-    variables = init(model, 0, x)
-    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5,include=up*",
-                                   calibration=x)
-    assert set(result.ranks) <= {"up", "up_t"} and result.ranks
-    assert result.report.speedup >= 1.5
-    onnx = export.to_onnx(result.module, result.variables, x, str(tmp_path / "unet.onnx"))
-    assert onnx.max_abs_error <= 1e-5 * max(onnx.scale, 1.0)
+    model = UNet(widths=(8, 16, 32))
+    variables = init(model, 0, x, train=False)
+    found = {s.path: s for s in surgery.find_convs(model, x, train=False)}
+    ups = sorted(p for p, s in found.items() if s.kind == "transposed")
+    assert ups == ["ConvTranspose_0", "ConvTranspose_1"] and all(found[p].candidate for p in ups)
+    whole = lrjax.decompose_linen(model, variables, x, rule="speedup:2", train=False)
+    assert whole.report.speedup >= 2.0 and "transposed" in whole.report.by_kind()
+    ranks = {p: costs.breakeven_rank(found[p].shape) // 2 for p in ups}
+    upsamplers = lrjax.decompose_linen(model, variables, x, rule=ranks, train=False)
+    assert upsamplers.ranks == ranks
+    onnx = export.to_onnx(upsamplers.module, upsamplers.variables, x,
+                          str(tmp_path / "unet.onnx"), train=False)
+    assert onnx.max_abs_error <= export.ATOL + export.RTOL * onnx.scale
