@@ -159,3 +159,24 @@ def test_unet_whole_net_rule_and_onnx_export(tmp_path):
     onnx = export.to_onnx(upsamplers.module, upsamplers.variables, x,
                           str(tmp_path / "unet.onnx"), train=False)
     assert onnx.max_abs_error <= export.ATOL + export.RTOL * onnx.scale
+
+
+class TwoUpsamplers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y = nn.ConvTranspose(4, (3, 3), strides=2, transpose_kernel=True, name="full")(x)
+        return y + LowRankConvTranspose(4, (3, 3), rank=2, strides=2, name="pair")(x)
+
+
+def test_transposed_convs_export_to_litert(tmp_path):
+    """3x3 stride-2 SAME upsamplers (rows and columns padded (2, 1), whose output shape the TFLite
+    converter gets wrong as written) reach LiteRT, full and split, linen and NNX."""
+    model = TwoUpsamplers()
+    x = jax.random.normal(jax.random.key(4), (1, 5, 6, 4))
+    result = export.to_tflite(model, init(model, 0, x), x, str(tmp_path / "up.tflite"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    nnx_model = UpNNX(CASES[1], nnx.Rngs(0))
+    split = lrjax.decompose_nnx(nnx_model, X, rule={"up": 3}).module
+    result = export.to_tflite(split, None, X, str(tmp_path / "nnx.tflite"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    assert type(split.up.vertical) is nnx.ConvTranspose  # the export worked on a copy
