@@ -14,15 +14,18 @@ import gc
 import tempfile
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from lrjax import formulations
+from lrjax import costs, formulations
 
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "symbolic_batch", "onnx_model", "onnx_session",
            "tflite_model", "weight_bytes", "release_memory", "litert_interpreter",
-           "litert_runner", "layer_call"]
+           "litert_runner", "layer_call", "litert_conv_transpose", "litert_transposed",
+           "LiteRTConvTranspose"]
 
 RUNTIMES = ("jax", "onnxruntime", "litert")
 
@@ -188,6 +191,60 @@ def litert_runner(interpreter):
     return run
 
 
+def litert_conv_transpose(layer, x, kernel, bias):
+    """A transposed conv (``nn.ConvTranspose`` / ``nnx.ConvTranspose`` ``layer`` with its
+    ``kernel`` and ``bias``) in the form the TFLite converter takes, or ``None`` where the
+    layer's own form converts. Where the padding is larger before than after along a strided
+    axis (``kernel_size=(3, 3), strides=2``: rows padded ``(2, 1)``), the converter gets the
+    output shape wrong (14x14 for 12x12); the larger padding on both sides, then the extra
+    output rows and columns sliced off, converts (same numbers)."""
+    if layer.mask is not None or x.ndim != 4 or np.ndim(kernel) != 4 or \
+            (isinstance(layer.padding, str) and layer.padding.upper() == "CIRCULAR"):
+        return None
+    strides, dilation = costs.as_pair(layer.strides), costs.as_pair(layer.kernel_dilation)
+    pads = costs.transpose_padding(layer.padding, kernel.shape[:2], strides, dilation)
+    if all(lo <= hi or s == 1 for (lo, hi), s in zip(pads, strides, strict=True)):
+        return None
+    if layer.transpose_kernel:  # as lax.conv_transpose reads it
+        kernel = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+    y = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), (1, 1), [(lo, max(lo, hi)) for lo, hi in pads],
+        lhs_dilation=strides, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=layer.precision)
+    out_hw = [(n - 1) * s + 1 + lo + hi - (k - 1) * d for n, s, (lo, hi), k, d in zip(
+        x.shape[1:3], strides, pads, kernel.shape[:2], dilation, strict=True)]
+    y = y[:, :out_hw[0], :out_hw[1]]
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def litert_transposed(next_fun, args, kwargs, context):
+    """Method interceptor: a linen ``nn.ConvTranspose`` in the form the TFLite converter takes
+    (:func:`litert_conv_transpose`)."""
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, nn.ConvTranspose) \
+            and not module.is_initializing():
+        params = module.variables.get("params", {})
+        if "kernel" in params:
+            x = args[0] if args else kwargs["inputs"]
+            y = litert_conv_transpose(module, x, params["kernel"], params.get("bias"))
+            if y is not None:
+                return y
+    return next_fun(*args, **kwargs)
+
+
+class LiteRTConvTranspose(nnx.Module):
+    """An ``nnx.ConvTranspose`` in the form the TFLite converter takes (:func:`litert_conv_transpose`)."""
+
+    def __init__(self, layer: nnx.ConvTranspose):
+        self.layer = layer
+
+    def __call__(self, x):
+        layer = self.layer
+        y = litert_conv_transpose(layer, x, layer.kernel[...],
+                               None if layer.bias is None else layer.bias[...])
+        return layer(x) if y is None else y
+
+
 def layer_call(runtime: str) -> Callable:
     """``call(module, variables, x)``: a zero-argument call running the linen ``module`` on ``x``
     in ``runtime`` (``"onnxruntime"`` or ``"litert"``, float32), for
@@ -205,7 +262,12 @@ def layer_call(runtime: str) -> Callable:
         if runtime == "onnxruntime":
             session = onnx_session(onnx_model(forward, xs.shape))
             return lambda: session.run(None, {"input": xs})
-        run = litert_runner(litert_interpreter(tflite_model(forward, xs.shape)))
+
+        def converted(v):  # transposed convs in the form the converter takes
+            with nn.intercept_methods(litert_transposed):
+                return forward(v)
+
+        run = litert_runner(litert_interpreter(tflite_model(converted, xs.shape)))
         return lambda: run(xs)
 
     return call

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.extend import source_info_util
 
-from lrjax import checkpoint, costs, formulations, macs, runtimes, surgery
+from lrjax import checkpoint, formulations, macs, runtimes, surgery
 from lrjax.nnx_surgery import eval_view
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
@@ -77,60 +77,6 @@ def _dense_as_conv(next_fun, args, kwargs, context):
     return jnp.reshape(y, (*x.shape[:-1], *np.shape(params["kernel"])[1:]))
 
 
-def _litert_transposed(layer, x, kernel, bias):
-    """A transposed conv (``nn.ConvTranspose`` / ``nnx.ConvTranspose`` ``layer`` with its
-    ``kernel`` and ``bias``) in the form the TFLite converter takes, or ``None`` where the
-    layer's own form converts. Where the padding is larger before than after along a strided
-    axis (``kernel_size=(3, 3), strides=2``: rows padded ``(2, 1)``), the converter gets the
-    output shape wrong (14x14 for 12x12); the larger padding on both sides, then the extra
-    output rows and columns sliced off, converts (same numbers)."""
-    if layer.mask is not None or x.ndim != 4 or np.ndim(kernel) != 4 or \
-            (isinstance(layer.padding, str) and layer.padding.upper() == "CIRCULAR"):
-        return None
-    strides, dilation = costs.as_pair(layer.strides), costs.as_pair(layer.kernel_dilation)
-    pads = costs.transpose_padding(layer.padding, kernel.shape[:2], strides, dilation)
-    if all(lo <= hi or s == 1 for (lo, hi), s in zip(pads, strides, strict=True)):
-        return None
-    if layer.transpose_kernel:  # as lax.conv_transpose reads it
-        kernel = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-    y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), (1, 1), [(lo, max(lo, hi)) for lo, hi in pads],
-        lhs_dilation=strides, rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=layer.precision)
-    out_hw = [(n - 1) * s + 1 + lo + hi - (k - 1) * d for n, s, (lo, hi), k, d in zip(
-        x.shape[1:3], strides, pads, kernel.shape[:2], dilation, strict=True)]
-    y = y[:, :out_hw[0], :out_hw[1]]
-    return y if bias is None else y + bias.astype(y.dtype)
-
-
-def _transposed_for_litert(next_fun, args, kwargs, context):
-    """Method interceptor: a linen ``nn.ConvTranspose`` in the form the TFLite converter takes
-    (:func:`_litert_transposed`)."""
-    module = context.module
-    if context.method_name == "__call__" and isinstance(module, nn.ConvTranspose) \
-            and not module.is_initializing():
-        params = module.variables.get("params", {})
-        if "kernel" in params:
-            x = args[0] if args else kwargs["inputs"]
-            y = _litert_transposed(module, x, params["kernel"], params.get("bias"))
-            if y is not None:
-                return y
-    return next_fun(*args, **kwargs)
-
-
-class _LiteRTConvTranspose(nnx.Module):
-    """An ``nnx.ConvTranspose`` in the form the TFLite converter takes (:func:`_litert_transposed`)."""
-
-    def __init__(self, layer: nnx.ConvTranspose):
-        self.layer = layer
-
-    def __call__(self, x):
-        layer = self.layer
-        y = _litert_transposed(layer, x, layer.kernel[...],
-                               None if layer.bias is None else layer.bias[...])
-        return layer(x) if y is None else y
-
-
 def _fn(module, variables, apply_kwargs, shape, dense_as_conv: bool = False):
     """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
     model (``variables=None``) in eval mode; ``dense_as_conv``: linen dense layers on rank-4
@@ -141,7 +87,7 @@ def _fn(module, variables, apply_kwargs, shape, dense_as_conv: bool = False):
                               f"state: pass variables=None (got a {type(variables).__name__})")
         if dense_as_conv:  # the forms the TFLite converter takes, on a copy
             module = nnx.recursive_map(
-                lambda _, node: _LiteRTConvTranspose(node)
+                lambda _, node: runtimes.LiteRTConvTranspose(node)
                 if type(node) is nnx.ConvTranspose else node, nnx.clone(module))
         model = eval_view(module)
         return lambda x: model(x, **apply_kwargs)
@@ -163,7 +109,7 @@ def _linen_apply(module, apply_kwargs, dense_as_conv: bool = False):
     def apply(variables, x):
         if dense_as_conv:  # and transposed convs: the forms the TFLite converter takes
             with nn.intercept_methods(_dense_as_conv), \
-                    nn.intercept_methods(_transposed_for_litert):
+                    nn.intercept_methods(runtimes.litert_transposed):
                 return module.apply(variables, x, **apply_kwargs)
         return module.apply(variables, x, **apply_kwargs)
 
