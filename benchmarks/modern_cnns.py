@@ -53,22 +53,22 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def decomposition_times(log) -> dict:
+def speedup2_times(prefix: str, net, size: int, log) -> dict:
+    """Seconds of ``decompose_linen(net, ..., rule="speedup:2")`` on a ``size`` x ``size`` input,
+    data-free and calibrated on 8 images (first calls); ``{f"{prefix}_...": {...}}``."""
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.user_models import resnet50
     from lrjax import decompose_linen
 
-    out = {}
-    net = resnet50(num_classes=1000)
-    x = jnp.zeros((1, 64, 64, 3))
+    x = jnp.zeros((1, size, size, 3))
     # initialised before the clock starts (dispatch is asynchronous)
     variables = jax.block_until_ready(
         jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x))
-    calib = jax.block_until_ready(jax.random.normal(jax.random.key(1), (8, 64, 64, 3)))
-    for name, cal in (("resnet50_64_speedup2_data_free", None),
-                      ("resnet50_64_speedup2_calibrated_8", calib)):
+    calib = jax.block_until_ready(jax.random.normal(jax.random.key(1), (8, size, size, 3)))
+    out = {}
+    for name, cal in ((f"{prefix}_speedup2_data_free", None),
+                      (f"{prefix}_speedup2_calibrated_8", calib)):
         result = {}
         seconds = _time(lambda cal=cal, result=result: result.update(r=decompose_linen(
             net, variables, x, rule="speedup:2", calibration=cal, train=False)))
@@ -76,6 +76,13 @@ def decomposition_times(log) -> dict:
                      "speedup": result["r"].report.speedup}
         log(f"{name:<40} {seconds:6.1f} s  ({len(result['r'].ranks)} layers, "
             f"{result['r'].report.speedup:.2f}x)")
+    return out
+
+
+def decomposition_times(log) -> dict:
+    from benchmarks.user_models import resnet50
+
+    out = speedup2_times("resnet50_64", resnet50(num_classes=1000), 64, log)
     times = vgg_decomposition_times()
     fresh = [_fresh_vgg_decomposition()[0] for _ in range(3)]
     out["vgg16_224_authors_ranks"] = {
@@ -183,32 +190,6 @@ def full_shape(name):
     return (128, 128, 3) if name == "unet" else (224, 224, 3)
 
 
-def unet_decomposition_times(log) -> dict:
-    """Seconds of ``decompose_linen`` on the U-Net at 128x128, ``speedup:2``, data-free and
-    calibrated on 8 images (first calls)."""
-    import jax
-    import jax.numpy as jnp
-
-    from benchmarks.user_models import UNet
-    from lrjax import decompose_linen
-
-    net, x = UNet(), jnp.zeros((1, *full_shape("unet")))
-    variables = jax.block_until_ready(
-        jax.jit(lambda x: net.init(jax.random.key(0), x, train=False))(x))
-    calib = jax.block_until_ready(jax.random.normal(jax.random.key(1), (8, *full_shape("unet"))))
-    out = {}
-    for name, cal in (("unet_128_speedup2_data_free", None),
-                      ("unet_128_speedup2_calibrated_8", calib)):
-        result = {}
-        seconds = _time(lambda cal=cal, result=result: result.update(r=decompose_linen(
-            net, variables, x, rule="speedup:2", calibration=cal, train=False)))
-        out[name] = {"seconds": seconds, "layers_split": len(result["r"].ranks),
-                     "speedup": result["r"].report.speedup}
-        log(f"{name:<40} {seconds:6.1f} s  ({len(result['r'].ranks)} layers, "
-            f"{result['r'].report.speedup:.2f}x)")
-    return out
-
-
 def unet_speed(repeats, threads, log) -> dict:
     """The U-Net full vs low-rank (whole net, gated, transposed convs only), and each transposed
     conv alone against its pair, in JAX and ONNX Runtime."""
@@ -288,7 +269,9 @@ def main(argv=None) -> dict:
     if models_run & {"resnet50", "vgg16"}:
         result["decomposition_time"] = decomposition_times(print)
     if "unet" in models_run:
-        result["decomposition_time"].update(unet_decomposition_times(print))
+        from benchmarks.user_models import UNet
+
+        result["decomposition_time"].update(speedup2_times("unet_128", UNet(), 128, print))
     if "unet" in models_run and not args.skip_speed:
         result["unet"] = unet_speed(args.repeats, args.threads, print)
     if "resnet50" in models_run and not args.skip_speed:
