@@ -254,8 +254,8 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
     if layer.transposed:  # the vertical conv reads the input dilated along its rows
         x = jax.lax.pad(x, jnp.zeros((), x.dtype),
                         [(0, 0, 0), (0, 0, layer.strides[0] - 1), (0, 0, 0), (0, 0, 0)])
-        return decompose.patch_moments(x, layer.kernel_size, padding=(layer.conv_padding[0],
-                                                                      (0, 0)),
+        rows_only = (layer.conv_padding[0], (0, 0))
+        return decompose.patch_moments(x, layer.kernel_size, padding=rows_only,
                                        dilation=layer.dilation)
     if site.kind == "1x1":  # the first 1x1 conv takes both strides: only those columns count
         x = x[:, :, ::layer.strides[1]]
