@@ -253,16 +253,8 @@ class ConvShape:
         if not self.transposed:
             return output_size(self.input_hw, self.kernel_size, self.strides, self.padding,
                                self.dilation)
-        out = []
-        for size, k, s, d, (lo, hi) in zip(self.input_hw, self.kernel_size, self.strides,
-                                           self.dilation, self.conv_padding, strict=True):
-            span = (size - 1) * s + 1 + lo + hi - (k - 1) * d
-            if span < 1:
-                raise ValueError(f"input size {self.input_hw} is too small for transposed conv "
-                                 f"{self.name!r} (kernel {self.kernel_size}, padding "
-                                 f"{self.padding!r})")
-            out.append(span)
-        return tuple(out)
+        dilated = tuple((n - 1) * s + 1 for n, s in zip(self.input_hw, self.strides, strict=True))
+        return output_size(dilated, self.kernel_size, 1, self.conv_padding, self.dilation)
 
     @functools.cached_property
     def taps_hw(self) -> tuple[int, int]:

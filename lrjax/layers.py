@@ -24,7 +24,7 @@ from lrjax.costs import ConvShape, as_pair, check_rank, explicit_padding
 from lrjax.ranks import check_rank_map
 from lrjax.sites import ConvSite, called_equation, einsum_split
 
-__all__ = ["LowRankConv", "LowRankConvTranspose", "FactorConv", "FactorConvTranspose",
+__all__ = ["SPLIT_TYPES", "LowRankConv", "LowRankConvTranspose", "FactorConv", "FactorConvTranspose",
            "FactorDense", "FactorEinsum", "LowRankModel", "pair_forward",
            "transposed_pair_forward", "dense_pair_forward", "einsum_pair_forward",
            "pair_geometry", "transposed_pair_geometry", "split_padding", "conv_skip_reason",
@@ -420,7 +420,7 @@ def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[
 
 
 # the layer types a LowRankModel splits (exact types: subclasses keep their own computation)
-_DECOMPOSED = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
+SPLIT_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
 
 
 class LowRankModel(nn.Module):
@@ -469,7 +469,7 @@ class LowRankModel(nn.Module):
 
         def decompose_conv(next_fun, call_args, call_kwargs, context):
             module = context.module
-            if type(module) not in _DECOMPOSED or context.method_name != "__call__":
+            if type(module) not in SPLIT_TYPES or context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             path = module_path(module, root)
             rank = ranks.get(path)

@@ -211,9 +211,8 @@ def litert_conv_transpose(layer, x, kernel, bias):
         x, kernel.astype(x.dtype), (1, 1), [(lo, max(lo, hi)) for lo, hi in pads],
         lhs_dilation=strides, rhs_dilation=dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=layer.precision)
-    out_hw = [(n - 1) * s + 1 + lo + hi - (k - 1) * d for n, s, (lo, hi), k, d in zip(
-        x.shape[1:3], strides, pads, kernel.shape[:2], dilation, strict=True)]
-    y = y[:, :out_hw[0], :out_hw[1]]
+    (top, bottom), (left, right) = pads  # drop what the larger padding added at the end
+    y = y[:, :y.shape[1] - max(top - bottom, 0), :y.shape[2] - max(left - right, 0)]
     return y if bias is None else y + bias.astype(y.dtype)
 
 
@@ -241,7 +240,7 @@ class LiteRTConvTranspose(nnx.Module):
     def __call__(self, x):
         layer = self.layer
         y = litert_conv_transpose(layer, x, layer.kernel[...],
-                               None if layer.bias is None else layer.bias[...])
+                                  None if layer.bias is None else layer.bias[...])
         return layer(x) if y is None else y
 
 

@@ -37,6 +37,7 @@ from lrjax import costs, decompose, macs, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.costs import as_pair
 from lrjax.layers import (
+    SPLIT_TYPES,
     FactorConv,
     FactorConvTranspose,
     FactorDense,
@@ -313,8 +314,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         def accumulate(next_fun, call_args, call_kwargs, context):
             module = context.module
             if context.method_name == "__call__" \
-                    and type(module) in (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral,
-                                         nn.Einsum):
+                    and type(module) in SPLIT_TYPES:
                 path = module_path(module)
                 if path in wanted and path not in out:
                     x = _layer_input(call_args, call_kwargs)

@@ -14,7 +14,7 @@ import lrjax
 from benchmarks.user_models import UNet
 from lrjax import costs, export, macs, nnx_surgery, surgery, timing
 from lrjax.layers import LowRankConvTranspose, LowRankModel, transposed_pair_geometry
-from tests.helpers import apply, init
+from tests.helpers import apply, init, xla_flops
 
 X = jax.random.normal(jax.random.key(1), (2, 5, 6, 4))
 
@@ -144,7 +144,8 @@ def test_transposed_pair_module_geometry_and_timing():
 
 def test_unet_whole_net_rule_and_onnx_export(tmp_path):
     """A U-Net as segmentation code writes it (benchmarks.user_models.UNet): a whole-net rule
-    with its upsamplers among the candidates, and its split upsamplers in ONNX Runtime."""
+    with its upsamplers among the candidates, and its split upsamplers against XLA's own flop
+    count and in ONNX Runtime."""
     x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
     model = UNet(widths=(8, 16, 32))
     variables = init(model, 0, x, train=False)
@@ -156,6 +157,10 @@ def test_unet_whole_net_rule_and_onnx_export(tmp_path):
     ranks = {p: costs.breakeven_rank(found[p].shape) // 2 for p in ups}
     upsamplers = lrjax.decompose_linen(model, variables, x, rule=ranks, train=False)
     assert upsamplers.ranks == ranks
+    # the whole net's speedup as the report gives it is XLA's own flop count's
+    flops = [xla_flops(lambda v, x, m=m: m.apply(v, x, train=False), v, x)
+             for m, v in ((model, variables), (upsamplers.module, upsamplers.variables))]
+    assert flops[0] / flops[1] == pytest.approx(upsamplers.report.speedup, rel=1e-3)
     onnx = export.to_onnx(upsamplers.module, upsamplers.variables, x,
                           str(tmp_path / "unet.onnx"), train=False)
     assert onnx.max_abs_error <= export.ATOL + export.RTOL * onnx.scale

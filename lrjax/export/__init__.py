@@ -77,15 +77,16 @@ def _dense_as_conv(next_fun, args, kwargs, context):
     return jnp.reshape(y, (*x.shape[:-1], *np.shape(params["kernel"])[1:]))
 
 
-def _fn(module, variables, apply_kwargs, shape, dense_as_conv: bool = False):
+def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False):
     """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
-    model (``variables=None``) in eval mode; ``dense_as_conv``: linen dense layers on rank-4
-    inputs computed as 1x1 convs (:func:`_dense_as_conv`)."""
+    model (``variables=None``) in eval mode; ``for_litert``: in the forms the TFLite converter
+    takes (linen dense layers on rank-4 inputs as 1x1 convs, :func:`_dense_as_conv`; transposed
+    convs as :func:`lrjax.runtimes.litert_conv_transpose` writes them)."""
     if isinstance(module, nnx.Module):
         if variables is not None:
             raise ExportError(f"{type(module).__name__} is an NNX model, which carries its own "
                               f"state: pass variables=None (got a {type(variables).__name__})")
-        if dense_as_conv:  # the forms the TFLite converter takes, on a copy
+        if for_litert:  # on a copy
             module = nnx.recursive_map(
                 lambda _, node: runtimes.LiteRTConvTranspose(node)
                 if type(node) is nnx.ConvTranspose else node, nnx.clone(module))
@@ -100,14 +101,14 @@ def _fn(module, variables, apply_kwargs, shape, dense_as_conv: bool = False):
     except ValueError as e:
         raise ExportError(str(e)) from None
 
-    apply = _linen_apply(module, apply_kwargs, dense_as_conv)
+    apply = _linen_apply(module, apply_kwargs, for_litert)
     return lambda x: apply(variables, x)
 
 
-def _linen_apply(module, apply_kwargs, dense_as_conv: bool = False):
+def _linen_apply(module, apply_kwargs, for_litert: bool = False):
     """``(variables, x) -> output`` of a linen module's inference call."""
     def apply(variables, x):
-        if dense_as_conv:  # and transposed convs: the forms the TFLite converter takes
+        if for_litert:
             with nn.intercept_methods(_dense_as_conv), \
                     nn.intercept_methods(runtimes.litert_transposed):
                 return module.apply(variables, x, **apply_kwargs)
@@ -278,7 +279,7 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     """
     shape = _check_input(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape, dense_as_conv=True)
+    forward = _fn(module, variables, apply_kwargs, shape, for_litert=True)
     nnx_model = isinstance(module, nnx.Module)
     large = runtimes.weight_bytes(nnx.state(module) if nnx_model else variables) \
         >= runtimes.BUFFER_OFFSET_BYTES
