@@ -5,7 +5,8 @@ counts it. What :mod:`lrjax.costs` counts per conv layer, counted here for the w
 a reported speedup is the whole forward pass's. A conv counts the taps that land on its input, not
 those on padding or on a transposed conv's dilation holes (:func:`lrjax.costs.valid_taps`), as
 XLA does: XLA's own flop count (``jax.jit(f).lower(...).compile().cost_analysis()["flops"]``) is
-twice these multiply-adds plus the element-wise flops.
+twice these multiply-adds plus the element-wise flops, for a net without loops: XLA counts a
+loop body once, lrjax counts a ``scan`` body (``nn.scan``, ``nnx.scan``) once per iteration.
 """
 
 from __future__ import annotations
@@ -44,29 +45,40 @@ def _dot_macs(eqn) -> int:
     return math.prod(int(d) for d in out.shape) * math.prod(int(lhs.shape[d]) for d in contract)
 
 
-def iter_eqns(jaxpr, scope: str = ""):
-    """``(equation, layer path)`` of every equation of a (closed) jaxpr, sub-jaxprs included
-    (``pjit``, ``custom_vjp`` and control-flow bodies); the path is the ``/``-joined name stack
-    (Flax's module path), ``""`` at the top level."""
+def _walk(jaxpr, scope: str, trips: int):
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
         where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
-        yield eqn, where
+        yield eqn, where, trips
+        inner_trips = trips * int(eqn.params["length"]) if eqn.primitive.name == "scan" else trips
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    yield from iter_eqns(inner, where)
+                    yield from _walk(inner, where, inner_trips)
 
 
-def jaxpr_macs(jaxpr) -> dict[str, int]:
-    """``{"conv": macs, "dot": macs}`` of a (closed) jaxpr with concrete shapes."""
+def iter_eqns(jaxpr, scope: str = ""):
+    """``(equation, layer path)`` of every equation of a (closed) jaxpr, sub-jaxprs included
+    (``pjit``, ``custom_vjp`` and control-flow bodies); the path is the ``/``-joined name stack
+    (Flax's module path), ``""`` at the top level."""
+    for eqn, where, _ in _walk(jaxpr, scope, 1):
+        yield eqn, where
+
+
+def jaxpr_macs(jaxpr, *, loop_trips: bool = True) -> dict[str, int]:
+    """``{"conv": macs, "dot": macs}`` of a (closed) jaxpr with concrete shapes.
+
+    A ``scan`` body (``lax.scan``, ``nn.scan``, ``nnx.scan``, a ``fori_loop`` with static bounds)
+    counts once per iteration; a ``while_loop`` body, whose trip count is not in the jaxpr, once.
+    ``loop_trips=False`` counts every body once, as XLA's ``cost_analysis()`` does."""
     out = {"conv": 0, "dot": 0}
-    for eqn, _ in iter_eqns(jaxpr):
+    for eqn, _, trips in _walk(jaxpr, "", 1):
         name = eqn.primitive.name
+        times = trips if loop_trips else 1
         if name == "conv_general_dilated":
-            out["conv"] += _conv_macs(eqn)
+            out["conv"] += times * _conv_macs(eqn)
         elif name == "dot_general":
-            out["dot"] += _dot_macs(eqn)
+            out["dot"] += times * _dot_macs(eqn)
     return out
 
 
@@ -77,14 +89,17 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     (``Lowered.cost_analysis()``, no compilation) less two per multiply-add; 0 where the backend
     gives no count. XLA counts one flop per element of an arithmetic op (a bias, a ReLU, a norm's
     steps), the polynomial of ``erf`` (exact GELU, ~66 flops an element), and none for
-    transcendentals (``exp``, ``tanh``: its ``"transcendentals"``) or data movement."""
+    transcendentals (``exp``, ``tanh``: its ``"transcendentals"``) or data movement. The
+    multiply-adds count a ``scan`` body once per iteration (:func:`jaxpr_macs`); the element-wise
+    flops are XLA's, which count a loop body once."""
     traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
     counts = jaxpr_macs(traced.jaxpr)
     total = counts["conv"] + counts["dot"]
+    once = sum(jaxpr_macs(traced.jaxpr, loop_trips=False).values())  # as XLA counts loop bodies
     try:
         analysis = traced.lower().cost_analysis()
     except Exception:  # noqa: BLE001 - a backend without a cost model: multiply-adds only
         analysis = None
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
     flops = float((analysis or {}).get("flops", 0.0))
-    return {**counts, "total": total, "elementwise": max(round(flops) - 2 * total, 0)}
+    return {**counts, "total": total, "elementwise": max(round(flops) - 2 * once, 0)}

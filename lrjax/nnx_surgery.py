@@ -211,8 +211,10 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     call order; run on an eval view of a copy with ``eval_mode``."""
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode)
-    return [_site(path, convs[path], shape, record["equations"].get(path))
-            for path, shape in record["shapes"].items()]
+    found = [_site(path, convs[path], shape, record["equations"].get(path))
+             for path, shape in record["shapes"].items()]
+    return [sites.unless_stacked(site, getattr(getattr(convs[site.path], "kernel", None), "shape",
+                                               None)) for site in found]
 
 
 def _given(value):

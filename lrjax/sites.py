@@ -42,7 +42,8 @@ import numpy as np
 from lrjax import costs, decompose
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
-           "contracted_axes", "dense_shape", "dense_rows", "input_moments", "device_array"]
+           "contracted_axes", "dense_shape", "dense_rows", "input_moments", "unless_stacked",
+           "device_array"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -142,6 +143,21 @@ class ConvSite:
             vertical = np.swapaxes(np.asarray(vertical)[::-1], 2, 3)
             horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], 2, 3)
         return device_array(vertical), device_array(horizontal)
+
+
+def unless_stacked(site: ConvSite, kernel_shape) -> ConvSite:
+    """``site``, or ``site`` left as is with the reason when its kernel variable's shape
+    (``kernel_shape``; ``None``: not known) has leading axes the layer does not see: a layer
+    stacked by a lifted transform (``nn.scan``, ``nn.vmap``, ``nnx.scan`` over ``nnx.vmap``-made
+    layers), whose call sees one slice."""
+    if not site.candidate or kernel_shape is None:
+        return site
+    shape, expected = tuple(kernel_shape), site.kernel_variable_shape
+    if shape == expected:
+        return site
+    return dataclasses.replace(site, skip=(
+        f"kernel {shape} stacked over leading axes by a lifted transform (scan / vmap) for a "
+        f"{expected} layer: stacked layers are left as they are"))
 
 
 def device_array(x, dtype=None) -> jax.Array:

@@ -189,8 +189,10 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                 found[path] = _site(path, module, _layer_input(args, kwargs), equation)
         return next_fun(*args, **kwargs)
 
-    _abstract_init(model, example_args, example_kwargs, record)
-    return list(found.values())
+    shapes = _flat(_abstract_init(model, example_args, example_kwargs, record).get("params", {}))
+    return [sites.unless_stacked(site, getattr(shapes.get((*site.path.split("/"), "kernel")),
+                                               "shape", None))
+            for site in found.values()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,3 +237,74 @@ def test_each_layer_is_decomposed_once(net, monkeypatch):
                                        calibration=calibration)
         candidates = [s for s in result.problem.sites if s.candidate]
         assert len(calls) == len(candidates) and result.ranks
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(256, name="up")(nn.relu(nn.Dense(32, name="down")(x))), None
+
+
+class Scanned(nn.Module):
+    """A dense layer, then three residual blocks stacked by ``nn.scan`` (kernels (3, 256, 32) and
+    (3, 32, 256)), as scanned transformer stacks are written."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(256, name="inp")(x)
+        x, _ = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)(name="blocks")(x, None)
+        return nn.Dense(10, name="out")(x)
+
+
+class NNXScanBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.down = nnx.Linear(256, 32, rngs=rngs)
+        self.up = nnx.Linear(32, 256, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.up(nnx.relu(self.down(x)))
+
+
+class NNXScanned(nnx.Module):
+    """``Scanned`` in NNX: blocks made by ``nnx.vmap``, run by ``nnx.scan``."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(256, 256, rngs=rngs)
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def blocks(rngs):
+            return NNXScanBlock(rngs)
+
+        self.blocks = blocks(rngs)
+        self.out = nnx.Linear(256, 10, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(x, block):
+            return block(x)
+
+        return self.out(run(self.inp(x), self.blocks))
+
+
+def test_stacked_layers_are_left_as_is_and_counted_per_iteration():
+    x = jax.random.normal(jax.random.key(1), (4, 256))
+    per_example = 256 * 256 + 3 * (256 * 32 + 32 * 256) + 256 * 10  # the scan body 3 times
+    model = Scanned()
+    variables = init(model, 0, x)
+    assert lrjax.macs.traced_macs(lambda v, x: model.apply(v, x), variables, x)["total"] \
+        == 4 * per_example
+    linen = lrjax.decompose_linen(model, variables, x, rule="speedup:1.4")
+    nnx_model = NNXScanned(nnx.Rngs(0))
+    split = lrjax.decompose_nnx(nnx_model, x, rule="speedup:1.4")
+    for result in (linen, split):
+        report = result.report
+        assert "stacked over leading axes" in report.skipped["blocks/up"]
+        assert "(3, 32, 256) " in report.skipped["blocks/up"]
+        assert set(report.ranks) == {"inp"}  # only the unstacked layers are candidates
+        assert report.net_macs[0] == per_example and report.speedup >= 1.4
+    assert linen.variables["params"]["blocks"] == variables["params"]["blocks"]
+    assert linen.module.apply(linen.variables, x).shape == split.module(x).shape == (4, 10)
+    with pytest.raises(ValueError, match=r"largest reachable|out of reach"):
+        lrjax.decompose_linen(model, variables, x, rule="speedup:3")
