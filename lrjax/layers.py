@@ -409,8 +409,19 @@ def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral, nn.Einsum)) 
 
 
 def module_path(module: nn.Module, root: tuple[str, ...] = ()) -> str:
-    """A bound module's path joined with ``/``, relative to ``root`` (a scope path prefix)."""
-    path = tuple(module.scope.path)
+    """A bound module's variable path joined with ``/``, relative to ``root`` (a scope path
+    prefix).
+
+    Read from the scope's parent chain, not ``scope.path``: ``nn.share_scope`` (how
+    :class:`LowRankModel` wraps a model) re-parents the scopes of modules held in fields (an
+    ``nn.Sequential``'s layers) without updating their recorded ``path``. A lifted
+    transform's scope (``nn.scan``, ``nn.remat``) has no parent; its recorded path is the
+    variables' path."""
+    scope, names = module.scope, []
+    while scope.parent is not None:
+        names.append(scope.name)
+        scope = scope.parent
+    path = (*scope.path, *reversed(names))
     return "/".join(path[len(root):])
 
 

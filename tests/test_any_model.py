@@ -90,6 +90,41 @@ def test_resnet_speedup_2_runs_under_jit(resnet):
     assert out.shape == (2, 10) and "batch_stats" in updates
 
 
+class SeqBlock(nn.Module):
+    """A conv block whose batch norm reads its mode from the collection's mutability, as
+    n2cholas/jax-resnet's ``ConvBlock`` does."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.features, (3, 3), use_bias=False)(x)
+        x = nn.BatchNorm(use_running_average=not self.is_mutable_collection("batch_stats"))(x)
+        return nn.relu(x)
+
+
+def test_sequential_of_blocks_in_a_list(tmp_path):
+    """A net built as ``nn.Sequential([...])`` of module instances, a function and a head (the
+    layers are fields of the Sequential, so ``nn.share_scope`` leaves their recorded scope path
+    stale): paths match the variables, and the pairs reproduce it at full rank, data-free and
+    calibrated, and export."""
+    model = nn.Sequential([SeqBlock(8), SeqBlock(16), lambda x: jnp.mean(x, axis=(1, 2)),
+                           nn.Dense(10)])
+    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 3))
+    variables = init(model, 1, x)
+    sites = surgery.find_convs(model, x)
+    assert [s.path for s in sites] == ["layers_0/Conv_0", "layers_1/Conv_0", "layers_3"]
+    want = apply(model, variables, x)
+    for calibration in (None, x):
+        result = lrjax.decompose_linen(model, variables, x, rule=_top_ranks(sites),
+                                       calibration=calibration)
+        np.testing.assert_allclose(apply(result.module, result.variables, x), want, rtol=1e-4,
+                                   atol=1e-4 * float(jnp.abs(want).max()))
+        assert result.variables["params"]["layers_1"]["Conv_0"]["vertical"]["kernel"].shape \
+            == (3, 1, 8, 24)
+    exported = lrjax.export.to_onnx(result.module, result.variables, x, str(tmp_path / "s.onnx"))
+    assert exported.max_abs_error <= 1e-4 * exported.scale
+
+
 def test_unsplittable_convs_are_left_with_the_reason():
     class Odd(nn.Module):
         @nn.compact
