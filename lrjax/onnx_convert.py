@@ -19,122 +19,56 @@ translations below, each tested against ONNX Runtime.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
 from jax.extend import core as jcore
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
+
+from lrjax.onnx_graph import (
+    INT64_MAX,
+    Graph,
+    Tensor,
+    TranslationError,
+    concrete,
+    onnx_dtype,
+    reshape_spec,
+    same_dim,
+)
 
 __all__ = ["jaxpr_to_onnx", "TranslationError", "HANDLERS", "OPSET"]
 
 OPSET = 17
 TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
-INT64_MAX = np.iinfo(np.int64).max
-
-
-class TranslationError(ValueError):
-    """A jaxpr the translator cannot express in ONNX: the message names the primitive and the
-    layer it comes from."""
-
-
-@dataclasses.dataclass
-class _Tensor:
-    """A non-constant value: its ONNX name, logical (jaxpr) shape and physical layout."""
-
-    name: str
-    shape: tuple  # logical shape; symbolic dims (the batch) are not ints
-    nchw: bool = False  # a 4-D value stored NCHW while the jaxpr sees NHWC
-
-
-class _Graph:
-    def __init__(self):
-        self.nodes, self.initializers = [], []
-        self._names: dict[str, int] = {}
-
-    def name(self, hint: str) -> str:
-        i = self._names.get(hint, 0)
-        self._names[hint] = i + 1
-        return f"{hint}_{i}"
-
-    def node(self, op: str, inputs, hint: str | None = None, **attrs) -> str:
-        out = self.name(hint or op.lower())
-        self.nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
-        return out
-
-    def const(self, value, hint: str = "const") -> str:
-        """An initializer holding ``value``; its name."""
-        name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def ints(self, values, hint="shape") -> str:
-        return self.const(np.asarray(values, np.int64), hint)
-
-
-def _concrete(d) -> bool:
-    return isinstance(d, (int, np.integer))
-
-
-def _same_dim(a, b) -> bool:
-    """Whether two dimensions (ints or symbolic) are known to be equal."""
-    try:
-        return a is b or bool(a == b)
-    except Exception:  # an inconclusive symbolic comparison
-        return False
-
-
-def _onnx_dtype(dtype) -> int:
-    dtype = np.dtype(dtype)
-    if dtype == np.dtype(jnp.bfloat16):
-        return TensorProto.BFLOAT16
-    return helper.np_dtype_to_tensor_dtype(dtype)
-
-
-def _reshape_spec(in_shape, out_shape) -> list[int]:
-    """ONNX Reshape's shape input: 0 copies the (symbolic) batch, -1 infers one dim."""
-    spec = []
-    for i, d in enumerate(out_shape):
-        if _concrete(d):
-            spec.append(int(d))
-        elif i < len(in_shape) and in_shape[i] is d:
-            spec.append(0)
-        else:
-            spec.append(-1)
-    if spec.count(-1) > 1:
-        raise TranslationError(f"a reshape {in_shape} -> {out_shape} with two symbolic "
-                               "dimensions")
-    return spec
-
-
 # Primitives that wrap a sub-jaxpr: translated inline.
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "remat", "checkpoint")
 
 
 class _Converter:
-    """Walks a jaxpr, emitting ONNX nodes into a :class:`_Graph` (one handler per primitive)."""
+    """Walks a jaxpr, emitting ONNX nodes into a :class:`Graph` (one handler per primitive)."""
 
     def __init__(self):
-        self.g = _Graph()
+        self.g = Graph()
 
     # -- values --------------------------------------------------------------------------------
-    def nhwc(self, t: _Tensor) -> str:
+    def nhwc(self, t: Tensor) -> str:
         """The tensor's name in its logical (NHWC) layout."""
         if not t.nchw:
             return t.name
         return self.g.node("Transpose", [t.name], "to_nhwc", perm=list(TO_NHWC))
 
-    def nchw(self, t: _Tensor) -> str:
+    def nchw(self, t: Tensor) -> str:
         if t.nchw:
             return t.name
         return self.g.node("Transpose", [t.name], "to_nchw", perm=list(TO_NCHW))
 
     def operand(self, v, layout_nchw: bool, rank: int) -> str:
         """An operand of an element-wise op computed in NCHW (or not)."""
-        if isinstance(v, _Tensor):
+        if isinstance(v, Tensor):
             return self.nchw(v) if layout_nchw else self.nhwc(v)
         value = np.asarray(v)
         if layout_nchw and value.ndim == 4:
@@ -143,7 +77,7 @@ class _Converter:
             value = value.reshape((1,) * (4 - value.ndim) + value.shape).transpose(TO_NCHW)
         return self.g.const(value)
 
-    def axis(self, t: _Tensor, axis: int) -> int:
+    def axis(self, t: Tensor, axis: int) -> int:
         """Physical axis of a logical (NHWC) axis."""
         return TO_NCHW.index(axis) if t.nchw else axis
 
@@ -179,10 +113,10 @@ class _Converter:
                 closed = sub if hasattr(sub, "consts") else None
                 inner = closed.jaxpr if closed is not None else sub
                 return self.run(inner, closed.consts if closed is not None else [], args, where)
-            if all(not isinstance(a, _Tensor) for a in args) and name not in (
+            if all(not isinstance(a, Tensor) for a in args) and name not in (
                     "conv_general_dilated", "dot_general"):  # a constant sub-expression
                 if name == "broadcast_in_dim":  # to 1 along a symbolic batch: ONNX broadcasts
-                    shape = [d if _concrete(d) else 1 for d in eqn.params["shape"]]
+                    shape = [d if concrete(d) else 1 for d in eqn.params["shape"]]
                     ranked = [1] * len(shape)
                     for i, d in zip(eqn.params["broadcast_dimensions"], np.shape(args[0]),
                                     strict=True):
@@ -207,41 +141,41 @@ class _Converter:
         return out if isinstance(out, list) else [out]
 
     # -- element-wise --------------------------------------------------------------------------
-    def elementwise(self, op: str, args, aval, **attrs) -> _Tensor:
+    def elementwise(self, op: str, args, aval, **attrs) -> Tensor:
         """An ONNX element-wise op on any number of operands, computed in NCHW when every 4-D
         tensor operand is stored NCHW."""
-        tensors = [a for a in args if isinstance(a, _Tensor)]
+        tensors = [a for a in args if isinstance(a, Tensor)]
         rank = len(aval.shape)
         nchw = rank == 4 and all(t.nchw for t in tensors if len(t.shape) == 4) and any(
             t.nchw for t in tensors)
         names = [self.operand(a, nchw, rank) for a in args]
-        return _Tensor(self.g.node(op, names, **attrs), tuple(aval.shape), nchw)
+        return Tensor(self.g.node(op, names, **attrs), tuple(aval.shape), nchw)
 
-    def clamp(self, args, aval, *, lower: bool) -> _Tensor:
+    def clamp(self, args, aval, *, lower: bool) -> Tensor:
         """``max(x, c)`` (``lower``: ``c`` is a lower bound) or ``min(x, c)`` of a tensor and a
         uniform constant as Relu (``max(x, 0)``) or Clip, which ONNX Runtime fuses into the conv
         before it (keeping its blocked NCHWc layout); Max / Min otherwise."""
-        tensors = [a for a in args if isinstance(a, _Tensor)]
-        consts = [np.asarray(a) for a in args if not isinstance(a, _Tensor)]
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        consts = [np.asarray(a) for a in args if not isinstance(a, Tensor)]
         if len(tensors) == 1 and len(consts) == 1 and consts[0].size \
                 and np.all(consts[0] == consts[0].flat[0]) \
                 and tuple(tensors[0].shape) == tuple(aval.shape):
             t, bound = tensors[0], consts[0].flat[0]
             if lower and bound == 0:
-                return _Tensor(self.g.node("Relu", [t.name], "relu"), t.shape, t.nchw)
+                return Tensor(self.g.node("Relu", [t.name], "relu"), t.shape, t.nchw)
             clip_bound = self.g.const(np.asarray(bound, aval.dtype), "bound")
             inputs = [t.name, clip_bound] if lower else [t.name, "", clip_bound]
-            return _Tensor(self.g.node("Clip", inputs, "clip"), t.shape, t.nchw)
+            return Tensor(self.g.node("Clip", inputs, "clip"), t.shape, t.nchw)
         return self.elementwise("Max" if lower else "Min", args, aval)
 
     def rsqrt(self, args, params, aval):
         t = self.elementwise("Sqrt", args, aval)
-        return _Tensor(self.g.node("Reciprocal", [t.name]), t.shape, t.nchw)
+        return Tensor(self.g.node("Reciprocal", [t.name]), t.shape, t.nchw)
 
     def erfc(self, args, params, aval):
         t = self.elementwise("Erf", args, aval)
         one = self.g.const(np.asarray(1, aval.dtype), "one")
-        return _Tensor(self.g.node("Sub", [one, t.name]), t.shape, t.nchw)
+        return Tensor(self.g.node("Sub", [one, t.name]), t.shape, t.nchw)
 
     def square(self, args, params, aval):
         return self.elementwise("Mul", [args[0], args[0]], aval)
@@ -254,14 +188,14 @@ class _Converter:
 
     def convert_element_type(self, args, params, aval):
         t = args[0]
-        return _Tensor(self.g.node("Cast", [t.name], to=_onnx_dtype(params["new_dtype"])),
+        return Tensor(self.g.node("Cast", [t.name], to=onnx_dtype(params["new_dtype"])),
                        tuple(aval.shape), t.nchw)
 
     def select_n(self, args, params, aval):
         if len(args) != 3:
             raise TranslationError("select_n with more than two cases")
         pred, on_false, on_true = args
-        if not isinstance(pred, _Tensor):
+        if not isinstance(pred, Tensor):
             pred = np.asarray(pred, bool)
         return self.elementwise("Where", [pred, on_true, on_false], aval)
 
@@ -270,8 +204,8 @@ class _Converter:
         t = args[0]
         if params.get("dimensions") is not None:
             raise TranslationError("a reshape with dimensions")
-        spec = _reshape_spec(t.shape, tuple(aval.shape))
-        return _Tensor(self.g.node("Reshape", [self.nhwc(t), self.g.ints(spec)]),
+        spec = reshape_spec(t.shape, tuple(aval.shape))
+        return Tensor(self.g.node("Reshape", [self.nhwc(t), self.g.ints(spec)]),
                        tuple(aval.shape))
 
     def squeeze(self, args, params, aval):
@@ -285,20 +219,20 @@ class _Converter:
             ranked[i] = d
         x = self.nhwc(t)
         if tuple(ranked) != tuple(t.shape):
-            x = self.g.node("Reshape", [x, self.g.ints(_reshape_spec(t.shape, ranked))])
+            x = self.g.node("Reshape", [x, self.g.ints(reshape_spec(t.shape, ranked))])
         if tuple(ranked) != shape:
             target = []
             for want, have in zip(shape, ranked, strict=True):
-                if not _concrete(want) and want is not have:
+                if not concrete(want) and want is not have:
                     raise TranslationError(f"a broadcast of {t.shape} to the symbolic batch "
                                            f"dimension of {shape}")
-                target.append(int(want) if _concrete(want) else 1)  # 1: Expand keeps the batch
+                target.append(int(want) if concrete(want) else 1)  # 1: Expand keeps the batch
             x = self.g.node("Expand", [x, self.g.ints(target)])
-        return _Tensor(x, shape)
+        return Tensor(x, shape)
 
     def transpose(self, args, params, aval):
         t = args[0]
-        return _Tensor(self.g.node("Transpose", [self.nhwc(t)],
+        return Tensor(self.g.node("Transpose", [self.nhwc(t)],
                                    perm=[int(p) for p in params["permutation"]]),
                        tuple(aval.shape))
 
@@ -308,18 +242,30 @@ class _Converter:
         steps = params.get("strides") or (1,) * len(starts)
         axes, s, e, st = [], [], [], []
         for ax, (a, b, c, full) in enumerate(zip(starts, limits, steps, t.shape, strict=True)):
-            if a == 0 and c == 1 and (b is full or (_concrete(b) and _concrete(full)
+            if a == 0 and c == 1 and (b is full or (concrete(b) and concrete(full)
                                                     and b == full)):
                 continue
             axes.append(self.axis(t, ax))
             s.append(int(a))
-            e.append(int(b) if _concrete(b) else INT64_MAX)
+            e.append(int(b) if concrete(b) else INT64_MAX)
             st.append(int(c))
         if not axes:
             return t
         out = self.g.node("Slice", [t.name, self.g.ints(s), self.g.ints(e), self.g.ints(axes),
                                     self.g.ints(st)])
-        return _Tensor(out, tuple(aval.shape), t.nchw)
+        return Tensor(out, tuple(aval.shape), t.nchw)
+
+    def split(self, args, params, aval):
+        """``jnp.split`` (the ``split`` primitive) as one ``Slice`` per piece."""
+        t, axis, start, pieces = args[0], int(params["axis"]), 0, []
+        for size in params["sizes"]:
+            starts, limits = [0] * len(t.shape), list(t.shape)
+            starts[axis], limits[axis] = start, start + int(size)
+            piece = jax.ShapeDtypeStruct(tuple(limits[:axis]) + (int(size),)
+                                         + tuple(limits[axis + 1:]), aval.dtype)
+            pieces.append(self.slice([t], dict(start_indices=starts, limit_indices=limits), piece))
+            start += int(size)
+        return pieces
 
     def pad(self, args, params, aval):
         t, value = args
@@ -338,16 +284,16 @@ class _Converter:
             lo, hi = [max(0, v) for v in lo], [max(0, v) for v in hi]
         if max(lo + hi) > 0:
             x = self.g.node("Pad", [x, self.g.ints(lo + hi), self.g.const(np.asarray(value))])
-        return _Tensor(x, tuple(aval.shape), t.nchw)
+        return Tensor(x, tuple(aval.shape), t.nchw)
 
     def concatenate(self, args, params, aval):
-        tensors = [a for a in args if isinstance(a, _Tensor)]
+        tensors = [a for a in args if isinstance(a, Tensor)]
         nchw = len(aval.shape) == 4 and all(t.nchw for t in tensors)
         axis = TO_NCHW.index(params["dimension"]) if nchw else params["dimension"]
         names = [self.operand(a, nchw, len(aval.shape)) for a in args]
-        return _Tensor(self.g.node("Concat", names, axis=int(axis)), tuple(aval.shape), nchw)
+        return Tensor(self.g.node("Concat", names, axis=int(axis)), tuple(aval.shape), nchw)
 
-    def reduction(self, op: str, args, params, aval) -> _Tensor:
+    def reduction(self, op: str, args, params, aval) -> Tensor:
         """``ReduceSum`` / ``ReduceMax`` / ``ReduceMin`` over the primitive's axes."""
         t = args[0]
         axes = [self.axis(t, int(a)) for a in params["axes"]]
@@ -359,13 +305,13 @@ class _Converter:
                 if a not in params["axes"]]
         if kept != sorted(kept):  # physical order of the remaining axes differs: restore it
             out = self.g.node("Transpose", [out], perm=[kept.index(a) for a in sorted(kept)])
-        return _Tensor(out, tuple(aval.shape))
+        return Tensor(out, tuple(aval.shape))
 
     def argmax(self, args, params, aval):
         t = args[0]
         (axis,) = params["axes"]
         out = self.g.node("ArgMax", [self.nhwc(t)], axis=int(axis), keepdims=0)
-        return _Tensor(self.g.node("Cast", [out], to=_onnx_dtype(params["index_dtype"])),
+        return Tensor(self.g.node("Cast", [out], to=onnx_dtype(params["index_dtype"])),
                        tuple(aval.shape))
 
     # -- convolutions, pooling, dense --------------------------------------------------------
@@ -391,22 +337,22 @@ class _Converter:
                      dilations=[int(d) for d in params["rhs_dilation"]],
                      pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]],
                      group=int(params["feature_group_count"]))
-        if isinstance(w, _Tensor):
+        if isinstance(w, Tensor):
             weight = self.g.node("Transpose", [self.nhwc(w)], perm=[3, 2, 0, 1])
         else:
             weight = self.g.const(np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1)),
                                   "weight")
         y = self.g.node("Conv", [source, weight], "conv", **attrs)
-        return _Tensor(y, tuple(aval.shape), True)
+        return Tensor(y, tuple(aval.shape), True)
 
-    def conv_transpose(self, source: str, w, params, aval) -> _Tensor | None:
+    def conv_transpose(self, source: str, w, params, aval) -> Tensor | None:
         """An input-dilated conv (``nn.ConvTranspose``) as ONNX ``ConvTranspose`` (zero insertion
         then ``Conv`` also multiplies the holes: ~4x the work at stride 2): stride ``s``, the
         kernel flipped, ``pads`` ``k_eff - 1 - lo`` / ``k_eff - 1 - hi`` (``k_eff``: the dilated
         kernel's extent). ``None`` where that does not apply (window strides, groups, padding
         beyond ``k_eff - 1``, a traced kernel): the caller inserts the zeros."""
         if any(int(s) != 1 for s in params["window_strides"]) or \
-                int(params["feature_group_count"]) != 1 or isinstance(w, _Tensor):
+                int(params["feature_group_count"]) != 1 or isinstance(w, Tensor):
             return None
         kernel = np.asarray(w)
         pads = [((k - 1) * d - int(lo), (k - 1) * d - int(hi)) for k, d, (lo, hi) in zip(
@@ -419,7 +365,7 @@ class _Converter:
                         strides=[int(d) for d in params["lhs_dilation"]],
                         dilations=[int(d) for d in params["rhs_dilation"]],
                         pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
-        return _Tensor(y, tuple(aval.shape), True)
+        return Tensor(y, tuple(aval.shape), True)
 
     def dilate(self, name: str, shape, factors, dtype) -> str:
         """An NCHW tensor with ``factor - 1`` zeros between neighbours along H and W (what
@@ -434,7 +380,7 @@ class _Converter:
                                      self.g.ints([(h - 1) * sh + 1, (w - 1) * sw + 1]),
                                      self.g.ints([2, 3])])
 
-    def pool(self, op: str, args, params, aval) -> _Tensor:
+    def pool(self, op: str, args, params, aval) -> Tensor:
         """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
         (reduce_window_sum) over the spatial dims of an NHWC tensor."""
         x = args[0]
@@ -456,21 +402,21 @@ class _Converter:
         if op == "AveragePool":  # reduce_window_sum: the average times the window size
             y = self.g.node("Mul", [y, self.g.const(np.asarray(int(dims[1]) * int(dims[2]),
                                                                aval.dtype))])
-        return _Tensor(y, tuple(aval.shape), True)
+        return Tensor(y, tuple(aval.shape), True)
 
     def gather(self, args, params, aval):
         """``jnp.take`` along one axis with constant indices (what a nearest-neighbour
         ``jax.image.resize`` lowers to) as ONNX ``Gather``."""
         x, idx = args
         dn, sizes, rank = params["dimension_numbers"], params["slice_sizes"], len(x.shape)
-        if isinstance(idx, _Tensor) or dn.operand_batching_dims or \
+        if isinstance(idx, Tensor) or dn.operand_batching_dims or \
                 len(dn.collapsed_slice_dims) != 1 or \
                 tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims) or \
                 np.ndim(idx) != 2 or np.shape(idx)[1] != 1:
             raise TranslationError("only a gather of constant indices along one axis (jnp.take, a "
                                    f"nearest resize) is covered; got {dn}")
         (k,) = dn.collapsed_slice_dims
-        whole = all(s == 1 if i == k else _same_dim(s, d)
+        whole = all(s == 1 if i == k else same_dim(s, d)
                     for i, (s, d) in enumerate(zip(sizes, x.shape, strict=True)))
         indices = np.asarray(idx).reshape(-1).astype(np.int64)
         if not whole or tuple(dn.offset_dims) != tuple(i for i in range(rank) if i != k) or \
@@ -479,19 +425,19 @@ class _Converter:
                                    f"[{indices.min(initial=0)}, {indices.max(initial=0)}] of "
                                    f"{x.shape}")
         y = self.g.node("Gather", [x.name, self.g.ints(indices)], axis=self.axis(x, k))
-        return _Tensor(y, tuple(aval.shape), x.nchw)
+        return Tensor(y, tuple(aval.shape), x.nchw)
 
     def matmul(self, args, params, aval):
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         lhs, rhs = args
-        lhs_rank = len(lhs.shape) if isinstance(lhs, _Tensor) else np.ndim(lhs)
-        rhs_rank = len(rhs.shape) if isinstance(rhs, _Tensor) else np.ndim(rhs)
+        lhs_rank = len(lhs.shape) if isinstance(lhs, Tensor) else np.ndim(lhs)
+        rhs_rank = len(rhs.shape) if isinstance(rhs, Tensor) else np.ndim(rhs)
         if not lb and not rb and tuple(lc) == (lhs_rank - 1,) and tuple(rc) == (0,) \
                 and rhs_rank == 2:
-            names = [self.nhwc(a) if isinstance(a, _Tensor) else self.g.const(np.asarray(a),
+            names = [self.nhwc(a) if isinstance(a, Tensor) else self.g.const(np.asarray(a),
                                                                              "weight")
                      for a in (lhs, rhs)]
-            return _Tensor(self.g.node("MatMul", names, "matmul"), tuple(aval.shape))
+            return Tensor(self.g.node("MatMul", names, "matmul"), tuple(aval.shape))
         return self.einsum(args, params, aval)
 
     def einsum(self, args, params, aval):
@@ -499,7 +445,7 @@ class _Converter:
         bilinear resize's interpolation matrices) as one ONNX ``Einsum``: batch dims first, then
         the lhs's free dims, then the rhs's, as in JAX."""
         (lc, rc), (lb, rb) = params["dimension_numbers"]
-        ranks = [len(a.shape) if isinstance(a, _Tensor) else np.ndim(a) for a in args]
+        ranks = [len(a.shape) if isinstance(a, Tensor) else np.ndim(a) for a in args]
         letters = iter("abcdefghijklmnopqrstuvwxyz")
         lhs = [next(letters) for _ in range(ranks[0])]
         rhs = [next(letters) for _ in range(ranks[1])]
@@ -507,10 +453,10 @@ class _Converter:
             rhs[j] = lhs[i]
         out = ([lhs[i] for i in lb] + [c for i, c in enumerate(lhs) if i not in (*lc, *lb)]
                + [c for j, c in enumerate(rhs) if j not in (*rc, *rb)])
-        names = [self.nhwc(a) if isinstance(a, _Tensor) else self.g.const(np.asarray(a), "weight")
+        names = [self.nhwc(a) if isinstance(a, Tensor) else self.g.const(np.asarray(a), "weight")
                  for a in args]
         equation = f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
-        return _Tensor(self.g.node("Einsum", names, "einsum", equation=equation),
+        return Tensor(self.g.node("Einsum", names, "einsum", equation=equation),
                        tuple(aval.shape))
 
 
@@ -523,7 +469,7 @@ def _method(name: str, *extra):
     return lambda c, args, params, aval: getattr(c, name)(*extra, args, params, aval)
 
 
-# primitive name -> handler(converter, args, params, out_aval) -> _Tensor
+# primitive name -> handler(converter, args, params, out_aval) -> Tensor
 HANDLERS: dict[str, Any] = {
     # element-wise, one ONNX op each
     **{prim: _op(op) for prim, op in {
@@ -537,7 +483,7 @@ HANDLERS: dict[str, Any] = {
     # one converter method each, named after the primitive
     **{prim: _method(prim) for prim in (
         "rsqrt", "erfc", "square", "integer_pow", "convert_element_type", "select_n",
-        "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "pad", "concatenate",
+        "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "split", "pad", "concatenate",
         "argmax", "gather")},
     "copy": _method("identity"),
     "stop_gradient": _method("identity"),
@@ -571,21 +517,21 @@ def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_name: str = "o
         raise TranslationError("ONNX export takes a function of one array returning one array")
     aval = jaxpr.invars[0].aval
     conv = _Converter()
-    x = _Tensor(input_name, tuple(aval.shape))
+    x = Tensor(input_name, tuple(aval.shape))
     (out,) = conv.run(jaxpr, closed_jaxpr.consts, [x])
-    if not isinstance(out, _Tensor):
+    if not isinstance(out, Tensor):
         raise TranslationError("the exported function's output does not depend on its input")
     final = conv.nhwc(out)
     conv.g.nodes.append(helper.make_node("Identity", [final], [output_name]))
 
     def dims(shape):
-        return ["batch" if not _concrete(d) else int(d) for d in shape]
+        return ["batch" if not concrete(d) else int(d) for d in shape]
 
     out_aval = jaxpr.outvars[0].aval
     graph = helper.make_graph(
         conv.g.nodes, graph_name,
-        [helper.make_tensor_value_info(input_name, _onnx_dtype(aval.dtype), dims(aval.shape))],
-        [helper.make_tensor_value_info(output_name, _onnx_dtype(out_aval.dtype),
+        [helper.make_tensor_value_info(input_name, onnx_dtype(aval.dtype), dims(aval.shape))],
+        [helper.make_tensor_value_info(output_name, onnx_dtype(out_aval.dtype),
                                        dims(out_aval.shape))],
         conv.g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],

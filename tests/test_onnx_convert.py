@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+import lrjax
 from lrjax import export, onnx_convert, runtimes
 from tests.helpers import init
 
@@ -75,6 +76,8 @@ CASES = {
     "broadcast_in_dim": lambda x: conv(x) + first(jnp.mean(x, axis=(1, 2), keepdims=True)),
     "transpose": lambda x: jnp.transpose(conv(x), (0, 3, 1, 2)),
     "slice": lambda x: jax.lax.slice(conv(x), (0, 1, 0, 1), (x.shape[0], 5, 6, 3), (1, 2, 2, 1)),
+    "split": lambda x: jnp.concatenate(jnp.split(conv(x), [1, 3], axis=-1)[::-1], axis=-1)
+    + first(jnp.concatenate(jnp.split(x, [3], axis=1)[::-1], axis=1)),
     "pad": lambda x: jnp.pad(conv(x), ((0, 0), (1, 2), (0, 1), (0, 0)), constant_values=0.5),
     "concatenate": lambda x: jnp.concatenate([conv(x), x], axis=-1),
     "reduce_sum": lambda x: jnp.sum(conv(x), axis=(1, 2)),
@@ -143,8 +146,12 @@ def test_unknown_primitive_names_it_and_the_layer(tmp_path):
     with pytest.raises(export.ExportError) as e:
         export.to_onnx(model, variables, x, str(tmp_path / "odd.onnx"))
     message = str(e.value)
-    assert "\n" not in message and "'cumsum'" in message and "Odd/head" in message
+    # the layer as the user's variables name it (not the name stack's "Odd/head")
+    assert "\n" not in message and "'cumsum'" in message and "(layer head)" in message
     assert not (tmp_path / "odd.onnx").exists()
+    split = lrjax.decompose_linen(model, variables, x, rule={"stem": 2})  # a LowRankModel
+    with pytest.raises(export.ExportError, match=r"'cumsum' \(layer head\)"):
+        export.to_onnx(split.module, split.variables, x, str(tmp_path / "odd.onnx"))
 
 
 def test_uncovered_forms_are_one_line_errors(tmp_path):

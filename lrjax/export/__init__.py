@@ -27,12 +27,13 @@ from flax import nnx
 from jax.extend import source_info_util
 
 from lrjax import checkpoint, formulations, macs, runtimes, surgery
+from lrjax.layers import LowRankModel
 from lrjax.nnx_surgery import eval_view
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
 __all__ = ["to_onnx", "to_tflite", "to_stablehlo", "ExportError", "ExportResult", "FORMATS",
            "EXPORTERS", "onnx_session", "litert_interpreter", "litert_runner", "writable_path",
-           "converter_failure", "RTOL", "ATOL"]
+           "converter_failure", "user_layer", "RTOL", "ATOL"]
 
 FORMATS = ("onnx", "tflite", "stablehlo")
 RTOL, ATOL = 1e-4, 1e-5  # |runtime - JAX| <= ATOL + RTOL * max|JAX| (float32)
@@ -122,10 +123,22 @@ _CONVERTER_ERROR = re.compile(r"([^\s:]+\.py):(\d+):\d+: error: (.*)")
 _USER_FRAME = re.compile(r"(.+?):(\d+)(?::\d+)? ")
 
 
-def converter_failure(error: Exception, forward, shape) -> str:
+def user_layer(where: str, module=None) -> str:
+    """A layer path as a name stack gives it (``Net/block/conv``), as the user's variables name
+    it (``block/conv``): without the root module's class name, nor a ``LowRankModel``'s
+    ``base``."""
+    parts = [p for p in where.split("/") if p]
+    if module is not None and not isinstance(module, nnx.Module):
+        root = [type(module).__name__] + (["base"] if isinstance(module, LowRankModel) else [])
+        if parts[:len(root)] == root:
+            parts = parts[len(root):]
+    return "/".join(parts) or "<top level>"
+
+
+def converter_failure(error: Exception, forward, shape, module=None) -> str:
     """One line for a TFLite converter failure, naming the user's layers: the converter reports
     the source line of the op it cannot convert; the equations of ``forward``'s trace at that
-    line give the layer paths (their name stacks)."""
+    line give the layer paths (their name stacks, as :func:`user_layer` of ``module``)."""
     text = str(error).strip()
     found = _CONVERTER_ERROR.search(text)
     if not found:
@@ -134,7 +147,7 @@ def converter_failure(error: Exception, forward, shape) -> str:
     file, line, what = found.group(1), int(found.group(2)), found.group(3).strip()
     try:
         jaxpr = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct(shape, np.float32))
-        layers = sorted(_layers_at(jaxpr, file, line))
+        layers = sorted({user_layer(p, module) for p in _layers_at(jaxpr, file, line)})
     except Exception:  # noqa: BLE001 - the message without the layer is still the converter's
         layers = []
     where = f" at layer {', '.join(repr(p) for p in layers)}" if layers else ""
@@ -251,7 +264,9 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     try:
         model = runtimes.onnx_model(forward, shape, fold=fold, graph_name=type(module).__name__)
     except onnx_convert.TranslationError as e:
-        raise ExportError(str(e)) from None
+        raise ExportError(re.sub(r"\(layer ([^)]*)\)",
+                                 lambda m: f"(layer {user_layer(m.group(1), module)})",
+                                 str(e), count=1)) from None
     data = model.SerializeToString()
     batches = (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
@@ -290,7 +305,7 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
             data = runtimes.tflite_model(_linen_apply(module, apply_kwargs, True), shape,
                                          params=variables, buffer_offsets=large)
     except Exception as e:  # the converter raises several types for unsupported graphs
-        raise ExportError(converter_failure(e, forward, shape)) from None
+        raise ExportError(converter_failure(e, forward, shape, module)) from None
     batches = (shape[0],)
     err, scale = 0.0, 0.0
     if check:

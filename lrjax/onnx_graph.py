@@ -1,0 +1,92 @@
+"""The ONNX graph a translation builds (:mod:`lrjax.onnx_convert`): nodes and initializers with
+unique names, the values flowing between them (name, logical shape, physical layout), and the
+small conversions the handlers share (dtypes, reshape specs, symbolic dimensions)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["INT64_MAX", "TranslationError", "Tensor", "Graph", "concrete", "same_dim",
+           "onnx_dtype", "reshape_spec"]
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class TranslationError(ValueError):
+    """A jaxpr the translator cannot express in ONNX: the message names the primitive and the
+    layer it comes from."""
+
+
+@dataclasses.dataclass
+class Tensor:
+    """A non-constant value: its ONNX name, logical (jaxpr) shape and physical layout."""
+
+    name: str
+    shape: tuple  # logical shape; symbolic dims (the batch) are not ints
+    nchw: bool = False  # a 4-D value stored NCHW while the jaxpr sees NHWC
+
+
+class Graph:
+    """The nodes and initializers of the graph being built."""
+
+    def __init__(self):
+        self.nodes, self.initializers = [], []
+        self._names: dict[str, int] = {}
+
+    def name(self, hint: str) -> str:
+        i = self._names.get(hint, 0)
+        self._names[hint] = i + 1
+        return f"{hint}_{i}"
+
+    def node(self, op: str, inputs, hint: str | None = None, **attrs) -> str:
+        out = self.name(hint or op.lower())
+        self.nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, hint: str = "const") -> str:
+        """An initializer holding ``value``; its name."""
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def ints(self, values, hint="shape") -> str:
+        return self.const(np.asarray(values, np.int64), hint)
+
+
+def concrete(d) -> bool:
+    return isinstance(d, (int, np.integer))
+
+
+def same_dim(a, b) -> bool:
+    """Whether two dimensions (ints or symbolic) are known to be equal."""
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # an inconclusive symbolic comparison
+        return False
+
+
+def onnx_dtype(dtype) -> int:
+    dtype = np.dtype(dtype)
+    if dtype == np.dtype(jnp.bfloat16):
+        return TensorProto.BFLOAT16
+    return helper.np_dtype_to_tensor_dtype(dtype)
+
+
+def reshape_spec(in_shape, out_shape) -> list[int]:
+    """ONNX Reshape's shape input: 0 copies the (symbolic) batch, -1 infers one dim."""
+    spec = []
+    for i, d in enumerate(out_shape):
+        if concrete(d):
+            spec.append(int(d))
+        elif i < len(in_shape) and in_shape[i] is d:
+            spec.append(0)
+        else:
+            spec.append(-1)
+    if spec.count(-1) > 1:
+        raise TranslationError(f"a reshape {in_shape} -> {out_shape} with two symbolic "
+                               "dimensions")
+    return spec
