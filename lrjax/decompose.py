@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -151,15 +151,23 @@ def _factors_and_values(mats: jax.Array, k: int, method: str):
     return ((right, left) if transpose else (left, right)) + (values,)
 
 
-def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool = True):
+def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool = True,
+                             vectors: bool = True):
     """:func:`_factors_and_values` of NumPy matrices, by LAPACK on this thread
     (:mod:`lrjax.lapack`, NumPy's SVD): no XLA program to compile, the GIL released (the CPU
     route of :func:`decompose_net` and :func:`spectra_and_factors`). Without ``values``
     (``None`` returned) and for ``k`` up to half the Gram matrix's size, only the top ``k``
-    eigenpairs are computed (``syevr``: about 30% less work than all of them)."""
+    eigenpairs are computed (``syevr``: about 30% less work than all of them). Without
+    ``vectors``, only the singular values: ``(None, None, values)`` (LAPACK's two-stage solver,
+    :func:`lrjax.lapack.eigvalsh`)."""
     m, n = mats.shape[-2:]
     method = _resolve_method(method, m, n)
     mats = mats.astype(np.promote_types(mats.dtype, np.float32), copy=False)
+    if not vectors:
+        grams = (x.T @ x if m > n else x @ x.T for x in mats)
+        values = [np.linalg.svd(x, compute_uv=False) for x in mats] if method == "svd" else \
+            [np.sqrt(np.clip(lapack.eigvalsh(g)[::-1], 0.0, None)) for g in grams]
+        return None, None, np.stack(values)
     out = []
     for x in mats:  # one group at a time: 2-D products (x @ x.T is a BLAS syrk)
         if method == "svd":
@@ -192,26 +200,23 @@ def _host_array(x) -> np.ndarray:
     return x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
 
 
-def _host_decompose(kernel, rank: int, groups: int, method: str) -> Factors:
-    """:func:`vh_decompose` (data-free) of a :func:`_host_array` on the host: NumPy factors in
-    the kernel's dtype."""
-    a, b, _ = _host_factors_and_values(_to_matrices(kernel, groups), rank // groups, method,
-                                       values=False)
-    return _to_hwio(a, b, kernel.shape, kernel.dtype)
-
-
-def _host_spectrum_and_factors(kernel, groups: int, method: str, input_cov=None,
-                               cov_eps: float = 1e-3):
-    """:func:`spectrum_and_factors` on the host, in NumPy, of :func:`_host_array` inputs."""
+def _host_decompose(kernel, rank: int | None, groups: int, method: str, input_cov=None,
+                    cov_eps: float = 1e-3, values: bool = False):
+    """:func:`vh_decompose` of :func:`_host_array` inputs on the host (NumPy factors in the
+    kernel's dtype); with ``values``, ``(singular values, factors)`` as
+    :func:`spectrum_and_factors` (``rank=None``: the largest; ``0``: the values alone, factors
+    ``None``)."""
     kh, kw, cg, n = _check_kernel(kernel, groups)
     mats = _to_matrices(kernel, groups)
     if input_cov is not None:
         root, inv_root = whitening_on_host(checked_cov(input_cov, groups, cg * kh), eps=cov_eps)
         mats = np.matmul(root, mats.astype(root.dtype))
-    a, b, values = _host_factors_and_values(mats, min(cg * kh, kw * (n // groups)), method)
-    if input_cov is not None:
+    k = min(cg * kh, kw * (n // groups)) if rank is None else rank // groups
+    a, b, s = _host_factors_and_values(mats, k, method, values, vectors=k > 0)
+    if a is not None and input_cov is not None:
         a = np.matmul(inv_root, a)
-    return values.astype(np.float32), _to_hwio(a, b, kernel.shape, kernel.dtype)
+    factors = None if a is None else _to_hwio(a, b, kernel.shape, kernel.dtype)
+    return (s.astype(np.float32), factors) if values else factors
 
 
 def vh_decompose(
@@ -357,8 +362,8 @@ def _to_hwio(a, b, kernel_shape, dtype) -> Factors:
 
 @functools.partial(jax.jit, static_argnames=("rank", "groups", "method"),
                    compiler_options=_DECOMPOSE_COMPILER_OPTIONS)
-def _vh_decompose_jit(kernel, rank, groups, method):
-    return vh_decompose(kernel, rank, groups=groups, method=method)
+def _vh_decompose_jit(kernel, rank, groups, method, input_cov=None):
+    return vh_decompose(kernel, rank, groups=groups, method=method, input_cov=input_cov)
 
 
 def decompose_net(
@@ -366,6 +371,7 @@ def decompose_net(
     ranks: Mapping[str, int],
     *,
     groups: Mapping[str, int] | None = None,
+    input_covs: Mapping[str, jax.Array] | None = None,
     method: str = "auto",
     workers: int | None = None,
 ) -> dict[str, Factors]:
@@ -383,6 +389,8 @@ def decompose_net(
       kernels: HWIO kernel of each layer.
       ranks: total rank of each layer to decompose; layers absent from ``ranks`` are skipped.
       groups: feature group count by layer name (default 1).
+      input_covs: a layer's input covariance (:func:`vh_decompose`'s ``input_cov``) by name:
+        its factors are the calibrated ones.
       method: as for :func:`vh_decompose`.
       workers: host threads on CPU.
 
@@ -399,11 +407,14 @@ def decompose_net(
                    where=f"layer {name!r}")
     # largest first, so the slowest layers do not end up last on one thread
     order = sorted(ranks, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
+    covs = {n: c for n, c in (input_covs or {}).items() if c is not None and n in ranks}
     if jax.default_backend() == "cpu":
         host = {n: _host_array(kernels[n]) for n in order}
+        host_covs = {n: _host_array(c) for n, c in covs.items()}
         return _on_host_threads(lambda n: _host_decompose(
-            host[n], ranks[n], groups.get(n, 1), method), order, workers)
-    return {n: _vh_decompose_jit(kernels[n], ranks[n], groups.get(n, 1), method) for n in order}
+            host[n], ranks[n], groups.get(n, 1), method, host_covs.get(n)), order, workers)
+    return {n: _vh_decompose_jit(kernels[n], ranks[n], groups.get(n, 1), method, covs.get(n))
+            for n in order}
 
 
 def _on_host_threads(fn, order, workers=None) -> dict:
@@ -420,17 +431,21 @@ def _on_host_threads(fn, order, workers=None) -> dict:
 def spectra_and_factors(kernels: Mapping[str, jax.Array], *,
                         groups: Mapping[str, int] | None = None,
                         input_covs: Mapping[str, jax.Array] | None = None,
-                        method: str = "auto", workers: int | None = None) -> dict:
+                        method: str = "auto", workers: int | None = None,
+                        values_only: Collection[str] = ()) -> dict:
     """:func:`spectrum_and_factors` of many layers (largest first; on CPU on host threads by
     LAPACK without compiling, as :func:`decompose_net`, calibrated or not):
-    ``{name: (singular values, Factors at max rank)}``."""
+    ``{name: (singular values, Factors at max rank)}``. On CPU the layers in ``values_only``
+    get their singular values alone (factors ``None``; LAPACK's two-stage eigenvalue solver),
+    for layers whose factors may never be needed."""
     groups, covs = dict(groups or {}), dict(input_covs or {})
     order = sorted(kernels, key=lambda n: -int(np.prod(np.shape(kernels[n]))))
     if jax.default_backend() == "cpu":
         host = {n: _host_array(kernels[n]) for n in order}
         host_covs = {n: _host_array(covs[n]) for n in order if covs.get(n) is not None}
-        return _on_host_threads(lambda n: _host_spectrum_and_factors(
-            host[n], groups.get(n, 1), method, host_covs.get(n)), order, workers)
+        return _on_host_threads(lambda n: _host_decompose(
+            host[n], 0 if n in values_only else None, groups.get(n, 1), method,
+            host_covs.get(n), values=True), order, workers)
     return {n: spectrum_and_factors(kernels[n], groups=groups.get(n, 1), input_cov=covs.get(n),
                                     method=method) for n in order}
 
@@ -466,8 +481,10 @@ def factor_errors(kernel, factors: Factors, *, groups: int = 1,
     """The relative kernel error ``||W - W_K|| / ||W||`` of factors and, with ``input_cov``,
     their calibration-weighted error (:func:`weighted_relative_error`), computed on the host in
     float64 NumPy: what reports print, without a compile per layer shape. The residual is
-    formed a few columns at a time (about 2 MB each), not as whole float64 matrices: fresh
-    allocations of that size cost more than the arithmetic on some hosts."""
+    formed in blocks of about 4 MB (rows, or columns with ``input_cov``), not as whole float64
+    matrices: fresh allocations of large arrays cost more than the arithmetic on some hosts, and
+    blocks of a few columns make BLAS crawl (VGG-16's fc6 at rank 3270: 66 s in blocks of ten
+    columns, 13 s in blocks of rows)."""
     kernel = np.asarray(kernel)
     kh, kw, cg, n = kernel.shape
     ng = n // groups
@@ -483,13 +500,23 @@ def factor_errors(kernel, factors: Factors, *, groups: int = 1,
     cov = None if input_cov is None else np.asarray(input_cov, np.float64)
     cov = cov[None] if cov is not None and cov.ndim == 2 else cov
     sums = np.zeros(4)  # ||D||^2, ||M||^2, tr(D^T S D), tr(M^T S M)
-    step = max(1, 2**18 // (groups * cg * kh))
-    for start in range(0, mats.shape[-1], step):
-        cols = slice(start, start + step)
-        block = mats[..., cols].astype(np.float64)
-        diff = block - np.matmul(a, np.swapaxes(b[:, cols], -1, -2))
-        sums[:2] += np.sum(np.square(diff)), np.sum(np.square(block))
-        if cov is not None:  # by BLAS
+    m, cols = mats.shape[-2:]
+    if cov is None:  # blocks of rows: each a BLAS-3 product over every column
+        rows = max(1, min(m, 2**19 // (groups * cols)))
+        bt = np.ascontiguousarray(np.swapaxes(b, -1, -2))
+        product = np.empty((groups, rows, cols))
+        for start in range(0, m, rows):
+            block = mats[:, start:start + rows].astype(np.float64)
+            diff = product[:, :block.shape[1]]
+            np.matmul(a[:, start:start + rows], bt, out=diff)
+            np.subtract(block, diff, out=diff)
+            sums[:2] += np.sum(np.square(diff)), np.sum(np.square(block))
+    else:  # the covariance couples the rows: blocks of columns
+        step = max(1, min(cols, 2**19 // (groups * m)))
+        for start in range(0, cols, step):
+            block = mats[..., start:start + step].astype(np.float64)
+            diff = block - np.matmul(a, np.swapaxes(b[:, start:start + step], -1, -2))
+            sums[:2] += np.sum(np.square(diff)), np.sum(np.square(block))
             sums[2:] += np.sum(diff * np.matmul(cov, diff)), np.sum(block * np.matmul(cov, block))
     relative = float(np.sqrt(sums[0]) / max(np.sqrt(sums[1]), np.finfo(float).tiny))
     if cov is None:

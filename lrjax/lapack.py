@@ -11,7 +11,10 @@ parallel.
 Both take a symmetric matrix as a C-contiguous NumPy array of float32 or float64 and overwrite
 it; eigenvalues come back ascending, eigenvectors as columns. They read its lower triangle in
 LAPACK's (column-major) terms: on two threads ``syevd`` then runs a quarter faster than on the
-upper one (0.15 s against 0.20 s per 1536x1536 matrix here).
+upper one (0.15 s against 0.20 s per 1536x1536 matrix here). :func:`eigvalsh` (eigenvalues
+only) uses LAPACK's two-stage solver, ``?syevd_2stage``, which SciPy does not export: it is
+looked up in the LAPACK that SciPy's extension links, and ``?syevd`` stands in where it is not
+there.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import threading
 import numpy as np
 import scipy.linalg.cython_lapack
 
-__all__ = ["eigh", "eigh_top"]
+__all__ = ["eigh", "eigh_top", "eigvalsh"]
 
 _INT = ctypes.POINTER(ctypes.c_int)
 _PTR = ctypes.c_void_p
@@ -116,3 +119,47 @@ def eigh_top(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         raise np.linalg.LinAlgError(f"LAPACK {prefix}syevr found {found.value} of {k} "
                                     "eigenpairs")
     return w[:k], z.T
+
+
+# how LAPACK symbols are decorated in the library SciPy links (SciPy's wheels: scipy_ssyevd_);
+# 32-bit integers only (an ILP64 build's symbols end in 64_, and are not tried)
+_DECORATIONS = ("scipy_{}_", "{}_")
+
+
+@functools.cache
+def _two_stage(prefix: str):
+    """``?syevd_2stage`` of the LAPACK that ``scipy.linalg.cython_lapack`` links (found through
+    that extension's dependencies), or ``None``."""
+    try:
+        library = ctypes.CDLL(scipy.linalg.cython_lapack.__file__)
+    except OSError:
+        return None
+    for decoration in _DECORATIONS:
+        try:
+            getattr(library, decoration.format(f"{prefix}syevd"))  # the same LAPACK's syevd
+            fn = getattr(library, decoration.format(f"{prefix}syevd_2stage"))
+        except AttributeError:
+            continue
+        fn.restype = None
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, _INT, _PTR, _INT, _PTR, _PTR, _INT,
+                       _PTR, _INT, ctypes.POINTER(ctypes.c_int)]
+        return fn
+    return None
+
+
+def eigvalsh(a: np.ndarray) -> np.ndarray:
+    """The eigenvalues ``(n,)`` (ascending) of a symmetric ``(n, n)`` matrix, overwriting ``a``:
+    LAPACK's two-stage reduction (``?syevd_2stage``, BLAS-3 band reduction: 1.6 s for a
+    4096x4096 float32 matrix on one thread here, against 5.8 s for the one-stage ``?syevd``
+    without vectors), or ``?syevd`` where the library lacks it."""
+    prefix, _, n = _checked(a)
+    fn, name = _two_stage(prefix), f"{prefix}syevd_2stage"
+    if fn is None:
+        fn = _routine(f"{prefix}syevd", ctypes.c_char_p, ctypes.c_char_p, _INT, _PTR, _INT,
+                      _PTR, _PTR, _INT, _PTR, _INT, ctypes.POINTER(ctypes.c_int))
+        name = f"{prefix}syevd"
+    w = np.empty(n, a.dtype)
+    _call(fn, name, a.dtype, lambda work, lwork, iwork, liwork, info: (
+        b"N", b"L", _int(n), a.ctypes.data, _int(n), w.ctypes.data, work.ctypes.data,
+        _int(lwork), iwork.ctypes.data, _int(liwork), ctypes.byref(info)))
+    return w

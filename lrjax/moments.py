@@ -1,5 +1,6 @@
 """Calibration statistics of the closed form: the second moment of a layer's vertical input
-patches (:func:`patch_moments`) and the whitening it defines (:func:`whitening`).
+patches (:func:`patch_moments`) and the whitening it defines (:func:`whitening`); calibration
+data checked (:func:`calibration_batches`).
 
 Calibrated factors (:func:`lrjax.decompose.vh_decompose` with ``input_cov``) minimise a layer's
 output error on data instead of its kernel error; these are the statistics they read. Pure and
@@ -14,7 +15,7 @@ import numpy as np
 
 from lrjax import costs, lapack
 
-__all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov"]
+__all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov", "calibration_batches"]
 
 
 def checked_cov(input_cov, groups: int, size: int | None) -> jax.Array:
@@ -130,3 +131,28 @@ def patch_moments(x: jax.Array, kernel_size, *, strides=1, padding="SAME", dilat
     sums = jnp.stack([jnp.stack(row, axis=-1) for row in blocks], axis=2)
     sums = sums.reshape(groups, cg * kh, cg * kh)
     return sums, jnp.asarray(views[0].shape[0], jnp.float32)
+
+
+def calibration_batches(calibration) -> list[tuple]:
+    """Calibration data as a list of positional-argument tuples, checked.
+
+    Args:
+      calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
+        an iterable of such batches.
+
+    Raises:
+      ValueError: no batch, or a batch with NaN/Inf values (naming its index and shape).
+    """
+    batches = [calibration] if isinstance(calibration, (jax.Array, np.ndarray, tuple)) \
+        else list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty: give a batch or an iterable of batches")
+    out = []
+    for i, batch in enumerate(batches):
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for a in args:
+            if isinstance(a, (jax.Array, np.ndarray)) and not np.isfinite(np.asarray(a)).all():
+                raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains NaN/Inf "
+                                 "values")
+        out.append(args)
+    return out

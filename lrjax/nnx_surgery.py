@@ -279,6 +279,7 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankCo
 
 def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
     chosen = {p: r for p, r in ranks.items() if r is not None}
+    problem.prepare_factors(chosen)  # the layers not decomposed yet, in parallel on CPU
     factors = {p: problem.factors(p, r) for p, r in chosen.items()}
 
     def replace(path, node):

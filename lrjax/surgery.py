@@ -400,15 +400,10 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
     """Replace each decomposed conv's kernel/bias in a flat variable dict by its factors."""
     out, factors = dict(flat), {}
     chosen = {p: r for p, r in ranks.items() if r is not None}
-    plain = {p: r for p, r in chosen.items() if batch and problem.covariances is None
-             and ("factors", p) not in problem._cache}
-    if plain:  # many layers, data-free: decompose_net runs them on parallel host threads
-        groups = {p: problem.site(p).shape.groups for p in plain}
-        factors.update(decompose.decompose_net(
-            {p: problem.kernels[p] for p in plain}, plain, groups=groups))
+    if batch:  # the layers not decomposed yet, on parallel host threads on CPU
+        problem.prepare_factors(chosen)
     for path, rank in chosen.items():
-        if path not in factors:
-            factors[path] = problem.factors(path, rank)
+        factors[path] = problem.factors(path, rank)
         prefix = ("params", *path.split("/"))
         bias = out.pop((*prefix, "bias"), None)
         del out[(*prefix, "kernel")]

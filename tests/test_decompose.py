@@ -308,11 +308,18 @@ def test_lapack_eigen_solvers(dtype):
         np.testing.assert_allclose(values, want[-k:], rtol=tol, atol=tol * want[-1])
         np.testing.assert_allclose(a @ vectors, vectors * values, atol=tol * want[-1])
         np.testing.assert_allclose(vectors.T @ vectors, np.eye(k), atol=tol)
+    values = lrjax.lapack.eigvalsh(a.copy())  # two-stage, no vectors
+    assert values.dtype == dtype
+    np.testing.assert_allclose(values, want, rtol=tol, atol=tol * want[-1])
+    # the two-stage routine is found in the LAPACK SciPy links (else ?syevd stands in)
+    assert lrjax.lapack._two_stage("s" if dtype == np.float32 else "d") is not None
     for bad, match in ((np.ones((3, 4), dtype), r"shape \(3, 4\)"),
                        (np.ones((3, 3), np.int32), "dtype int32"),
                        (np.ones((4, 4), dtype).T[:3, :3], r"shape \(3, 3\)")):
         with pytest.raises(ValueError, match=match):
             lrjax.lapack.eigh(bad)
+        with pytest.raises(ValueError, match=match):
+            lrjax.lapack.eigvalsh(bad)
     with pytest.raises(ValueError, match="k must be in"):
         lrjax.lapack.eigh_top(a.copy(), 41)
 

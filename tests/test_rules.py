@@ -10,7 +10,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import costs, export, rules
-from tests.helpers import init, xla_flops
+from tests.helpers import apply, init, xla_flops
 
 X = jnp.ones((2, 12, 12, 3))
 
@@ -222,21 +222,39 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
 
 def test_each_layer_is_decomposed_once(net, monkeypatch):
     """A rule's spectra and the factors applied after it come from one decomposition per layer,
-    calibrated or not."""
+    calibrated or not; on CPU a layer of SPECTRUM_FIRST or more gets its spectrum alone (no
+    vectors) and its factors only when it is split, at the rank chosen, with the same result."""
     model, variables = net
     calls = []
-    host = lrjax.decompose._host_spectrum_and_factors  # the CPU route, calibrated or not
-    monkeypatch.setattr(lrjax.decompose, "_host_spectrum_and_factors",
-                        lambda kernel, *a: calls.append(kernel.shape) or host(kernel, *a))
-    for name in ("spectrum_and_factors", "vh_decompose", "_host_decompose"):
+    host = lrjax.decompose._host_decompose  # the CPU route, calibrated or not
+    monkeypatch.setattr(lrjax.decompose, "_host_decompose", lambda kernel, rank, *a, **k: (
+        calls.append((kernel.shape, rank, k.get("values", False))) or host(kernel, rank, *a, **k)))
+    for name in ("spectrum_and_factors", "vh_decompose"):
         monkeypatch.setattr(lrjax.decompose, name,
                             lambda *a, **k: pytest.fail("a second decomposition"))
     for calibration in (None, X):
         calls.clear()
-        result = lrjax.decompose_linen(model, variables, X, rule="energy:0.8",
-                                       calibration=calibration)
-        candidates = [s for s in result.problem.sites if s.candidate]
-        assert len(calls) == len(candidates) and result.ranks
+        one_pass = lrjax.decompose_linen(model, variables, X, rule="energy:0.8",
+                                         calibration=calibration)
+        candidates = [s for s in one_pass.problem.sites if s.candidate]
+        assert calls == [(c.shape.kernel_shape, None, True) for c in sorted(
+            candidates, key=lambda c: -np.prod(c.shape.kernel_shape))] and one_pass.ranks
+        with monkeypatch.context() as m:
+            m.setattr(rules, "SPECTRUM_FIRST", 27)  # body (48 x 96), head_conv (96 x 96)
+            calls.clear()
+            spectrum_first = lrjax.decompose_linen(model, variables, X, rule="energy:0.8",
+                                                   calibration=calibration)
+        assert spectrum_first.ranks == one_pass.ranks
+        ranks = {p: r for p, r in one_pass.ranks.items() if r is not None}
+        large = {"body", "head_conv"}
+        assert large & set(ranks)  # a large layer split: its factors come after the rule
+        assert sorted(calls) == sorted(
+            [(s.shape.kernel_shape, 0 if s.path in large else None, True) for s in candidates]
+            + [(s.shape.kernel_shape, ranks[s.path], False) for s in candidates
+               if s.path in large and s.path in ranks])
+        want = apply(one_pass.module, one_pass.variables, X)
+        np.testing.assert_allclose(apply(spectrum_first.module, spectrum_first.variables, X),
+                                   want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
 class ScanBlock(nn.Module):
