@@ -5,7 +5,8 @@ In one run, on random weights (speed and decomposition time do not depend on the
 * **decomposition time** of ``decompose_linen`` (first call, compiles included, as a user meets
   it): a Flax-examples-style ResNet-50 at 64x64 with a whole-net ``speedup:2``, data-free and
   calibrated on 8 images; VGG-16 at 224 with the authors' conv ranks (first and second call in
-  this process, and the first call in three fresh ones).
+  this process, and the first call in three fresh ones), and with a whole-net ``speedup:2``
+  (classifier included) on lrjax's route and with every spectrum and its factors in one pass.
 * **measured speed**, full vs low-rank, in JAX (``jax.jit``, the recommended XLA flags) and in
   ONNX Runtime (the export of the same modules): ResNet-50 at 224 with a whole-net
   ``speedup:2`` (1x1 convs and the classifier are candidates), with ``speedup:2,multiple=16``
@@ -90,6 +91,40 @@ def decomposition_times(log) -> dict:
         "seconds_fresh_process": sorted(fresh)[1], "seconds_fresh_process_runs": fresh}
     log(f"{'vgg16_224_authors_ranks':<40} {times[0]:6.1f} s  (second call {times[1]:.1f} s, "
         f"first call in three fresh processes {' / '.join(f'{t:.2f}' for t in fresh)} s)")
+    out.update(vgg_rule_times(log))
+    return out
+
+
+def vgg_rule_times(log) -> dict:
+    """Seconds of ``decompose_linen`` on VGG-16 at 224 with a whole-net ``speedup:2`` (its
+    classifier included: fc6 is 25088 x 4096), data-free, on the route lrjax takes (the
+    spectrum first for matrices of ``rules.SPECTRUM_FIRST`` or more on a side, their factors
+    only if split) and with every layer's spectrum and factors in one pass; two calls each, in
+    turns, the faster kept."""
+    import jax
+    import jax.numpy as jnp
+
+    from lrjax import decompose_linen, models, rules
+
+    vgg = models.get_model("vgg16")
+    variables = jax.block_until_ready(models.init_variables(vgg, 224, 0))
+    routes = {"spectrum_first": rules.SPECTRUM_FIRST, "one_pass": 10**9}
+    seconds, result = {route: [] for route in routes}, {}
+    for _ in range(2):
+        for route, first in routes.items():
+            rules.SPECTRUM_FIRST = first
+            try:
+                seconds[route].append(_time(lambda route=route: result.update({
+                    route: decompose_linen(vgg, variables, jnp.zeros((1, 224, 224, 3)),
+                                           rule="speedup:2", train=False)})))
+            finally:
+                rules.SPECTRUM_FIRST = routes["spectrum_first"]
+    out = {f"vgg16_224_speedup2_{route}": {"seconds": min(t), "runs": t,
+                                           "layers_split": sorted(result[route].ranks)}
+           for route, t in seconds.items()}
+    for name, row in out.items():
+        log(f"{name:<40} {row['seconds']:6.1f} s  (runs {' / '.join(f'{t:.1f}' for t in row['runs'])}"
+            f" s; {len(row['layers_split'])} layers split)")
     return out
 
 
