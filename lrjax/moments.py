@@ -62,9 +62,16 @@ def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
 
 
 def whitening_on_host(input_cov, *, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`whitening` of a checked ``(groups, m, m)`` covariance in NumPy, by LAPACK on this
-    thread (:mod:`lrjax.lapack`; no compile): the CPU route of
-    :func:`lrjax.decompose.spectra_and_factors`."""
+    """A whitening ``(R, R^{-1})`` with ``R^T R = S`` of a checked ``(groups, m, m)`` covariance,
+    ``S`` regularised as in :func:`whitening`, in NumPy by LAPACK on this thread
+    (:mod:`lrjax.lapack`; no compile): the CPU route of
+    :func:`lrjax.decompose.spectra_and_factors`.
+
+    ``R`` is the Cholesky factor (computed in float64), not the symmetric root: any ``R`` with
+    ``R^T R = S`` gives the same calibrated factors and spectrum (``||R Z|| = ||S^{1/2} Z||``
+    for every ``Z``, so ``R (W - W_K)`` is minimised by the same ``W_K``), for a quarter of an
+    eigen-solve's time. A covariance that is not numerically positive definite gets the
+    symmetric root of :func:`whitening` (eigenvalues below ``eps`` clipped)."""
     cov = np.asarray(input_cov)  # its dtype, at least float32 (callers pass JAX's working one)
     cov = cov.astype(np.promote_types(cov.dtype, np.float32), copy=False)
     m = cov.shape[-1]
@@ -74,6 +81,12 @@ def whitening_on_host(input_cov, *, eps: float = 1e-3) -> tuple[np.ndarray, np.n
     cov = cov + (eps * scale)[:, None, None] * np.eye(m, dtype=cov.dtype)
     roots = []
     for group, floor in zip(cov, eps * scale, strict=True):
+        try:
+            roots.append(tuple(r.astype(cov.dtype) for r in lapack.cholesky_root(
+                np.array(group, np.float64, order="C"))))
+            continue
+        except np.linalg.LinAlgError:
+            pass
         evals, evecs = lapack.eigh(np.ascontiguousarray(group))
         evals = np.sqrt(np.maximum(evals, floor))  # as whitening(): rounding below eps clipped
         roots.append(((evecs * evals) @ evecs.T, (evecs / evals) @ evecs.T))

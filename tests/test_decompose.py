@@ -324,6 +324,23 @@ def test_lapack_eigen_solvers(dtype):
         lrjax.lapack.eigh_top(a.copy(), 41)
 
 
+def test_host_whitening_is_a_cholesky_root_with_a_symmetric_fallback():
+    x = random_kernel((60, 24), dtype=np.float64)
+    cov = (x.T @ x)[None] / 60
+    regularised = cov[0] + 1e-3 * np.trace(cov[0]) / 24 * np.eye(24)
+    root, inverse = lrjax.moments.whitening_on_host(cov)
+    assert root.shape == inverse.shape == (1, 24, 24)
+    np.testing.assert_allclose(np.tril(root[0], -1), 0.0)  # the Cholesky factor R, upper
+    np.testing.assert_allclose(root[0].T @ root[0], regularised, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(inverse[0] @ root[0], np.eye(24), atol=1e-10)
+    # not positive definite even after regularising: the symmetric root, eigenvalues clipped
+    root, inverse = lrjax.moments.whitening_on_host(-np.eye(5)[None])
+    np.testing.assert_allclose(root[0], root[0].T)
+    np.testing.assert_allclose(inverse[0] @ root[0], np.eye(5), atol=1e-6)
+    with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
+        lrjax.lapack.cholesky_root(-np.eye(3))
+
+
 @pytest.mark.parametrize("method", ["svd", "gram"])
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_one_decomposition_gives_the_spectrum_and_every_ranks_factors(method, calibrated):
