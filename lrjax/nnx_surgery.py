@@ -52,8 +52,10 @@ class LowRankConvNNX(nnx.Module):
         self.vertical = vertical
         self.horizontal = horizontal
 
-    def __call__(self, x):
-        return self.horizontal(self.vertical(x))
+    def __call__(self, x, out_sharding=None):
+        """``horizontal(vertical(x))``; ``out_sharding`` (as the layer's own ``__call__`` takes
+        it, e.g. from ``nnx.MultiHeadAttention``) is the output's, given to ``horizontal``."""
+        return self.horizontal(self.vertical(x), out_sharding=out_sharding)
 
 
 class LowRankLinearNNX(LowRankConvNNX):
@@ -71,11 +73,11 @@ class LowRankEinsumNNX(LowRankConvNNX):
         super().__init__(vertical, horizontal)
         self.equation = equation
 
-    def __call__(self, x, einsum_str: str | None = None, **kwargs):
+    def __call__(self, x, einsum_str: str | None = None, out_sharding=None):
         if einsum_str is not None and einsum_str.replace(" ", "") != self.equation:
             raise ValueError(f"this pair was split for {self.equation!r}; called with "
                              f"einsum_str={einsum_str!r}")
-        return self.horizontal(self.vertical(x, **kwargs), **kwargs)
+        return self.horizontal(self.vertical(x), out_sharding=out_sharding)
 
 
 def _input_axes(layer, equation) -> tuple[int, ...]:

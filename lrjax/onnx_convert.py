@@ -51,8 +51,11 @@ _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_
 class _Converter:
     """Walks a jaxpr, emitting ONNX nodes into a :class:`Graph` (one handler per primitive)."""
 
-    def __init__(self):
+    def __init__(self, input_name: str = "input", input_shape: tuple = ()):
         self.g = Graph()
+        # the graph input, whose leading dimension is the (symbolic) batch
+        self.input_name, self.input_shape = input_name, input_shape
+        self._batch = None
 
     # -- values --------------------------------------------------------------------------------
     def nhwc(self, t: Tensor) -> str:
@@ -114,7 +117,8 @@ class _Converter:
                 inner = closed.jaxpr if closed is not None else sub
                 return self.run(inner, closed.consts if closed is not None else [], args, where)
             if all(not isinstance(a, Tensor) for a in args) and name not in (
-                    "conv_general_dilated", "dot_general"):  # a constant sub-expression
+                    "conv_general_dilated", "dot_general") and not (
+                    name == "tile" and not all(map(concrete, eqn.params["reps"]))):  # constant
                 if name == "broadcast_in_dim":  # to 1 along a symbolic batch: ONNX broadcasts
                     shape = [d if concrete(d) else 1 for d in eqn.params["shape"]]
                     ranked = [1] * len(shape)
@@ -254,6 +258,26 @@ class _Converter:
         out = self.g.node("Slice", [t.name, self.g.ints(s), self.g.ints(e), self.g.ints(axes),
                                     self.g.ints(st)])
         return Tensor(out, tuple(aval.shape), t.nchw)
+
+    def shape_tensor(self, dims) -> str:
+        """A 1-D int64 tensor of ``dims``, a symbolic one being the graph input's batch."""
+        if all(map(concrete, dims)):
+            return self.g.ints([int(d) for d in dims])
+        if self._batch is None:
+            self._batch = self.g.node("Shape", [self.input_name], "batch", start=0, end=1)
+        parts = []
+        for d in dims:
+            if not concrete(d) and not same_dim(d, self.input_shape[0]):
+                raise TranslationError(f"a dimension {d} other than the batch")
+            parts.append(self.g.ints([int(d)]) if concrete(d) else self._batch)
+        return self.g.node("Concat", parts, "dims", axis=0)
+
+    def tile(self, args, params, aval):
+        """``jnp.tile`` (a class token repeated over the batch) as ONNX ``Tile``."""
+        x = args[0]
+        name = self.nhwc(x) if isinstance(x, Tensor) else self.g.const(np.asarray(x))
+        out = self.g.node("Tile", [name, self.shape_tensor(params["reps"])])
+        return Tensor(out, tuple(aval.shape))
 
     def split(self, args, params, aval):
         """``jnp.split`` (the ``split`` primitive) as one ``Slice`` per piece."""
@@ -406,24 +430,30 @@ class _Converter:
 
     def gather(self, args, params, aval):
         """``jnp.take`` along one axis with constant indices (what a nearest-neighbour
-        ``jax.image.resize`` lowers to) as ONNX ``Gather``."""
+        ``jax.image.resize`` lowers to), or one constant index (``x[:, 0]``: a ViT's class
+        token), as ONNX ``Gather``."""
         x, idx = args
         dn, sizes, rank = params["dimension_numbers"], params["slice_sizes"], len(x.shape)
+        single = np.ndim(idx) == 1  # one index vector: the axis is dropped
         if isinstance(idx, Tensor) or dn.operand_batching_dims or \
                 len(dn.collapsed_slice_dims) != 1 or \
                 tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims) or \
-                np.ndim(idx) != 2 or np.shape(idx)[1] != 1:
+                np.ndim(idx) not in (1, 2) or np.shape(idx)[-1] != 1:
             raise TranslationError("only a gather of constant indices along one axis (jnp.take, a "
                                    f"nearest resize) is covered; got {dn}")
         (k,) = dn.collapsed_slice_dims
         whole = all(s == 1 if i == k else same_dim(s, d)
                     for i, (s, d) in enumerate(zip(sizes, x.shape, strict=True)))
         indices = np.asarray(idx).reshape(-1).astype(np.int64)
-        if not whole or tuple(dn.offset_dims) != tuple(i for i in range(rank) if i != k) or \
+        offsets = tuple(range(rank - 1)) if single else tuple(i for i in range(rank) if i != k)
+        if not whole or tuple(dn.offset_dims) != offsets or \
                 indices.min(initial=0) < 0 or indices.max(initial=0) >= int(x.shape[k]):
             raise TranslationError(f"a gather of slices {sizes} at indices in "
                                    f"[{indices.min(initial=0)}, {indices.max(initial=0)}] of "
                                    f"{x.shape}")
+        if single:  # in the logical layout: the dropped axis changes the rank
+            y = self.g.node("Gather", [self.nhwc(x), self.g.const(indices[0])], axis=k)
+            return Tensor(y, tuple(aval.shape))
         y = self.g.node("Gather", [x.name, self.g.ints(indices)], axis=self.axis(x, k))
         return Tensor(y, tuple(aval.shape), x.nchw)
 
@@ -483,8 +513,8 @@ HANDLERS: dict[str, Any] = {
     # one converter method each, named after the primitive
     **{prim: _method(prim) for prim in (
         "rsqrt", "erfc", "square", "integer_pow", "convert_element_type", "select_n",
-        "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "split", "pad", "concatenate",
-        "argmax", "gather")},
+        "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "split", "tile", "pad",
+        "concatenate", "argmax", "gather")},
     "copy": _method("identity"),
     "stop_gradient": _method("identity"),
     "reduce_sum": _method("reduction", "ReduceSum"),
@@ -516,7 +546,7 @@ def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_name: str = "o
     if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
         raise TranslationError("ONNX export takes a function of one array returning one array")
     aval = jaxpr.invars[0].aval
-    conv = _Converter()
+    conv = _Converter(input_name, tuple(aval.shape))
     x = Tensor(input_name, tuple(aval.shape))
     (out,) = conv.run(jaxpr, closed_jaxpr.consts, [x])
     if not isinstance(out, Tensor):

@@ -398,3 +398,38 @@ def test_speedup_is_xlas_flop_ratio_with_the_elementwise_work_fixed():
     nnx_low = xla_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
     assert nnx_result.report.speedup >= 2.0
     assert nnx_result.report.speedup == pytest.approx(nnx_full / nnx_low, rel=0.01)
+
+
+class TinyViT(nnx.Module):
+    """A ViT as public NNX ports write one (jax-ml/bonsai's): a patch conv, a class token tiled
+    over the batch, ``nnx.MultiHeadAttention`` (which calls its projections with
+    ``out_sharding=``), an MLP, the class token's row to the head."""
+
+    def __init__(self, rngs):
+        self.patch = nnx.Conv(3, 16, (4, 4), strides=(4, 4), rngs=rngs)
+        self.cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, 16)))
+        self.attention = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False,
+                                                rngs=rngs)
+        self.mlp = nnx.Sequential(nnx.Linear(16, 32, rngs=rngs), nnx.gelu,
+                                  nnx.Linear(32, 16, rngs=rngs))
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.patch(x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = jnp.concatenate([jnp.tile(self.cls[...], (x.shape[0], 1, 1)), x], axis=1)
+        x = x + self.attention(x)
+        x = x + self.mlp(x)
+        return self.head(x[:, 0])
+
+
+def test_nnx_attention_layers_split_and_export(tmp_path):
+    model, x = TinyViT(nnx.Rngs(0)), jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    found = lrjax.nnx_surgery.find_convs_nnx(model, x)
+    assert {s.path for s in found if s.candidate} >= {
+        "attention/query", "attention/key", "attention/value", "attention/out", "mlp/layers/0"}
+    result = lrjax.decompose_nnx(model, x, rule=_top(found))
+    np.testing.assert_allclose(result.module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(result.module.attention.query, lrjax.nnx_surgery.LowRankLinearNNX)
+    exported = export.to_onnx(result.module, None, x, str(tmp_path / "vit.onnx"))
+    assert exported.max_abs_error <= 1e-4 * exported.scale

@@ -68,7 +68,8 @@ CASES = {
     "integer_pow": lambda x: conv(x) ** 3,
     "copy": lambda x: jnp.copy(conv(x)),
     "stop_gradient": lambda x: jax.lax.stop_gradient(conv(x)) * 2,
-    "gather": lambda x: jnp.take(conv(x), np.array([2, 0, 1, 1, 5]), axis=2),
+    "gather": lambda x: jnp.take(conv(x), np.array([2, 0, 1, 1, 5]), axis=2)
+    + jnp.expand_dims(conv(x)[:, 1], 2),  # one index (x[:, 1]: a ViT's class token)
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
     "select_n": lambda x: jax.lax.select(conv(x) > 0, conv(x), first(x) * jnp.ones(4)),
     "reshape": lambda x: conv(x).reshape(x.shape[0], -1),
@@ -78,6 +79,9 @@ CASES = {
     "slice": lambda x: jax.lax.slice(conv(x), (0, 1, 0, 1), (x.shape[0], 5, 6, 3), (1, 2, 2, 1)),
     "split": lambda x: jnp.concatenate(jnp.split(conv(x), [1, 3], axis=-1)[::-1], axis=-1)
     + first(jnp.concatenate(jnp.split(x, [3], axis=1)[::-1], axis=1)),
+    # a constant repeated over the (symbolic) batch, as a ViT's class token; a tensor tiled
+    "tile": lambda x: jnp.tile(jnp.arange(4.0).reshape(1, 1, 1, 4), (x.shape[0], 6, 8, 1))
+    + jnp.tile(jax.lax.slice_in_dim(conv(x), 0, 4, axis=2), (1, 1, 2, 1)),
     "pad": lambda x: jnp.pad(conv(x), ((0, 0), (1, 2), (0, 1), (0, 0)), constant_values=0.5),
     "concatenate": lambda x: jnp.concatenate([conv(x), x], axis=-1),
     "reduce_sum": lambda x: jnp.sum(conv(x), axis=(1, 2)),
