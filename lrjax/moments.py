@@ -15,7 +15,14 @@ import numpy as np
 
 from lrjax import costs, lapack
 
-__all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov", "calibration_batches"]
+__all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov", "calibration_batches",
+           "MAX_CALIBRATED_INPUT", "calibrated_paths"]
+
+# Calibration leaves out layers whose first factor reads more values than this per sample
+# (VGG-16's fc6: 25088): their input covariance would be m x m (2.5 GB for fc6) and its
+# factorization O(m^3), for a statistic that a few hundred samples barely constrain (a dense
+# layer gets one sample per example); they keep the data-free closed form, and the report says so
+MAX_CALIBRATED_INPUT = 8192
 
 
 def checked_cov(input_cov, groups: int, size: int | None) -> jax.Array:
@@ -169,3 +176,16 @@ def calibration_batches(calibration) -> list[tuple]:
                                  "values")
         out.append(args)
     return out
+
+
+def calibrated_paths(candidates) -> tuple[list[str], str | None]:
+    """The paths of the candidate sites (:class:`lrjax.sites.ConvSite`) to calibrate: those
+    whose first factor's input (``C_g * kh`` values: a dense layer's input width) is at most
+    :data:`MAX_CALIBRATED_INPUT`; and a report note naming the others (``None`` if none)."""
+    width = {s.path: s.shape.kernel_shape[2] * s.shape.kernel_shape[0] for s in candidates}
+    wide = [f"{p} ({m})" for p, m in width.items() if m > MAX_CALIBRATED_INPUT]
+    note = None if not wide else (
+        f"data-free factors for layers whose inputs are wider than {MAX_CALIBRATED_INPUT} "
+        f"values (no input covariance: {', '.join(wide)})")
+    return [p for p, m in width.items() if m <= MAX_CALIBRATED_INPUT], note
+

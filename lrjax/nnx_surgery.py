@@ -30,6 +30,7 @@ from lrjax.layers import (
     transposed_pair_geometry,
     transposed_site,
 )
+from lrjax.moments import calibrated_paths
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite
@@ -361,14 +362,16 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, _SPLIT))
     candidates = [s for s in found if s.candidate]
     kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
-    covs = None
+    covs, note = None, None
     if calibration is not None:
         batches = rules.calibration_batches(calibration)
-        _, record = _run_probed(model, batches, candidates, example_kwargs, eval_mode)
+        paths, note = calibrated_paths(candidates)
+        _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
+                                example_kwargs, eval_mode)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
     net_macs, net_elementwise = _net_cost(model, example_args, example_kwargs, eval_mode)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
-                          net_elementwise=net_elementwise)
+                          net_elementwise=net_elementwise, notes=(note,) if note else ())
     if rule.eval_fn is not None:
         problem.score = lambda ranks: float(rule.eval_fn(_build(model, problem, ranks)[0]))
     kept_full = {}

@@ -169,7 +169,7 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
         lc, kernel_shape=by_path[lc.name].kernel_variable_shape) for lc in net.layers))
     errors, weighted = {}, {}
     for path in chosen:
-        cov = None if problem.covariances is None else problem.covariances[path]
+        cov = None if problem.covariances is None else problem.covariances.get(path)
         errors[path], weighted_error = decompose.factor_errors(
             problem.kernels[path], factors[path], groups=problem.site(path).shape.groups,
             input_cov=cov)
@@ -183,7 +183,7 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
             for s in sites if s.rank is not None)  # pairs already there are in net_macs
         whole = (problem.net_macs, problem.net_macs - saved)
     return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None,
-                         dict(kept_full), tuple(notes), whole,
+                         dict(kept_full), (*problem.notes, *notes), whole,
                          {s.path: s.kind for s in sites if s.shape is not None},
                          problem.net_elementwise)
 

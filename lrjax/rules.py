@@ -290,6 +290,7 @@ class RankProblem:
     score: Callable[[Mapping[str, int]], float] | None = None
     net_macs: int | None = None
     net_elementwise: int = 0
+    notes: tuple[str, ...] = ()
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -365,7 +366,7 @@ class RankProblem:
                 self._cache[("factors", path)] = _on_host(factors)
 
     def _covs(self, paths):
-        return None if self.covariances is None else {p: self.covariances[p] for p in paths}
+        return None if self.covariances is None else {p: self.covariances.get(p) for p in paths}
 
     def prepare_factors(self, ranks: Mapping[str, int | None]) -> None:
         """Compute, in parallel on CPU, the factors at ``ranks`` no cached factors hold."""

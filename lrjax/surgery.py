@@ -49,6 +49,7 @@ from lrjax.layers import (
     module_path,
     transposed_site,
 )
+from lrjax.moments import calibrated_paths
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite
@@ -384,16 +385,16 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     flat = _flat(variables)
     candidates = [s for s in found if s.candidate]
     kernels = _Kernels(flat, candidates)
-    covs = None
+    covs, note = None, None
     if calibration is not None:
-        covs = calibration_moments(model, variables, calibration, [s.path for s in candidates],
-                                   example_kwargs)
+        paths, note = calibrated_paths(candidates)
+        covs = calibration_moments(model, variables, calibration, paths, example_kwargs)
     arrays, rebuild = _split_static(example_args)
     counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                               variables, *arrays)
     batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
-                       counts["elementwise"] // batch)
+                       counts["elementwise"] // batch, notes=(note,) if note else ())
 
 
 def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:

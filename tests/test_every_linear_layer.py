@@ -105,6 +105,25 @@ def test_calibrated_dense_factors_fit_the_data(mixed):
             calibrated.report.errors[path] >= free.report.errors[path]
 
 
+def test_inputs_too_wide_to_calibrate_keep_the_data_free_factors(mixed, monkeypatch):
+    """A layer whose input is wider than MAX_CALIBRATED_INPUT (VGG's fc6: 25088) gets no
+    covariance (m x m) and keeps the data-free factors; the report names it."""
+    model, variables = mixed
+    monkeypatch.setattr(lrjax.moments, "MAX_CALIBRATED_INPUT", 40)  # fc1 reads 48 values
+    ranks = {"fc1": 4, "merge": 6}
+    free = lrjax.decompose_linen(model, variables, X, rule=ranks)
+    calibrated = lrjax.decompose_linen(model, variables, X, rule=ranks, calibration=CALIB)
+    params, free_params = calibrated.variables["params"], free.variables["params"]
+    np.testing.assert_allclose(params["fc1"]["vertical"]["kernel"],
+                               free_params["fc1"]["vertical"]["kernel"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(params["merge"]["vertical"]["kernel"],
+                           free_params["merge"]["vertical"]["kernel"], atol=1e-3)
+    assert set(calibrated.report.weighted_errors) == {"merge"}
+    assert calibrated.report.notes == ("data-free factors for layers whose inputs are wider than "
+                                       "40 values (no input covariance: heads (64), fc1 (48), "
+                                       "head (64))",)
+
+
 def test_whole_net_speedup_counts_every_kind(mixed):
     model, variables = mixed
     result = lrjax.decompose_linen(model, variables, X, rule="speedup:2")
@@ -400,7 +419,7 @@ def test_speedup_is_xlas_flop_ratio_with_the_elementwise_work_fixed():
     assert nnx_result.report.speedup == pytest.approx(nnx_full / nnx_low, rel=0.01)
 
 
-class TinyViT(nnx.Module):
+class NNXViT(nnx.Module):
     """A ViT as public NNX ports write one (jax-ml/bonsai's): a patch conv, a class token tiled
     over the batch, ``nnx.MultiHeadAttention`` (which calls its projections with
     ``out_sharding=``), an MLP, the class token's row to the head."""
@@ -424,7 +443,7 @@ class TinyViT(nnx.Module):
 
 
 def test_nnx_attention_layers_split_and_export(tmp_path):
-    model, x = TinyViT(nnx.Rngs(0)), jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    model, x = NNXViT(nnx.Rngs(0)), jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
     found = lrjax.nnx_surgery.find_convs_nnx(model, x)
     assert {s.path for s in found if s.candidate} >= {
         "attention/query", "attention/key", "attention/value", "attention/out", "mlp/layers/0"}
