@@ -55,8 +55,11 @@ class LowRankConvNNX(nnx.Module):
 
     def __call__(self, x, out_sharding=None):
         """``horizontal(vertical(x))``; ``out_sharding`` (as the layer's own ``__call__`` takes
-        it, e.g. from ``nnx.MultiHeadAttention``) is the output's, given to ``horizontal``."""
-        return self.horizontal(self.vertical(x), out_sharding=out_sharding)
+        it, e.g. from ``nnx.MultiHeadAttention``) is the output's, given to ``horizontal``
+        (``nnx.ConvTranspose`` takes none)."""
+        y = self.vertical(x)
+        return self.horizontal(y) if out_sharding is None else \
+            self.horizontal(y, out_sharding=out_sharding)
 
 
 class LowRankLinearNNX(LowRankConvNNX):
@@ -78,7 +81,7 @@ class LowRankEinsumNNX(LowRankConvNNX):
         if einsum_str is not None and einsum_str.replace(" ", "") != self.equation:
             raise ValueError(f"this pair was split for {self.equation!r}; called with "
                              f"einsum_str={einsum_str!r}")
-        return self.horizontal(self.vertical(x), out_sharding=out_sharding)
+        return super().__call__(x, out_sharding)
 
 
 def _input_axes(layer, equation) -> tuple[int, ...]:
