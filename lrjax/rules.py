@@ -280,7 +280,8 @@ class RankProblem:
     their ratios are the ratios of XLA's flop counts.
 
     Spectra (:meth:`spectrum`) and factors (:meth:`factors`) are computed once per layer and
-    cached: a rule's choice and the factors applied after it share one SVD.
+    cached: a rule's choice and the factors applied after it share one SVD (on CPU, a layer
+    of :data:`SPECTRUM_FIRST` or more gets its spectrum alone first, see :meth:`prepare`).
     """
 
     sites: list[ConvSite]
