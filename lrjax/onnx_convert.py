@@ -173,13 +173,35 @@ class _Converter:
         return self.elementwise("Max" if lower else "Min", args, aval)
 
     def rsqrt(self, args, params, aval):
-        t = self.elementwise("Sqrt", args, aval)
-        return Tensor(self.g.node("Reciprocal", [t.name]), t.shape, t.nchw)
+        return self.then(self.elementwise("Sqrt", args, aval), "Reciprocal")
 
     def erfc(self, args, params, aval):
         t = self.elementwise("Erf", args, aval)
         one = self.g.const(np.asarray(1, aval.dtype), "one")
         return Tensor(self.g.node("Sub", [one, t.name]), t.shape, t.nchw)
+
+    def then(self, t: Tensor, op: str, *constants) -> Tensor:
+        """``op(t, *constants)`` (``(value, dtype)`` pairs) on an element-wise result."""
+        names = [t.name, *(self.g.const(np.asarray(c, dtype)) for c, dtype in constants)]
+        return Tensor(self.g.node(op, names), t.shape, t.nchw)
+
+    def expm1(self, args, params, aval):  # ELU, SELU, CELU
+        return self.then(self.elementwise("Exp", args, aval), "Sub", (1, aval.dtype))
+
+    def log1p(self, args, params, aval):  # softplus, mish
+        return self.then(self.elementwise("Add", [args[0], np.asarray(1, aval.dtype)], aval),
+                         "Log")
+
+    def ne(self, args, params, aval):
+        return self.then(self.elementwise("Equal", args, aval), "Not")
+
+    def round(self, args, params, aval):  # ONNX Round is half to even, as jnp.round
+        """Half away from zero (``lax.round``'s default) as ``sign(x) * floor(|x| + 0.5)``."""
+        if params["rounding_method"] == jax.lax.RoundingMethod.TO_NEAREST_EVEN:
+            return self.elementwise("Round", args, aval)
+        shifted = self.then(self.elementwise("Abs", args, aval), "Add", (0.5, aval.dtype))
+        return self.elementwise("Mul", [self.then(shifted, "Floor"),
+                                        self.elementwise("Sign", args, aval)], aval)
 
     def square(self, args, params, aval):
         return self.elementwise("Mul", [args[0], args[0]], aval)
@@ -507,12 +529,15 @@ HANDLERS: dict[str, Any] = {
         "gt": "Greater", "lt": "Less", "eq": "Equal", "ge": "GreaterOrEqual",
         "le": "LessOrEqual", "and": "And", "or": "Or", "neg": "Neg", "exp": "Exp", "log": "Log",
         "sqrt": "Sqrt", "tanh": "Tanh", "logistic": "Sigmoid", "abs": "Abs", "erf": "Erf",
-        "sign": "Sign", "floor": "Floor", "ceil": "Ceil"}.items()},
+        "sign": "Sign", "floor": "Floor", "ceil": "Ceil", "sin": "Sin", "cos": "Cos"}.items()},
+    "exp2": lambda c, args, params, aval: c.elementwise("Pow", [np.asarray(2, aval.dtype),
+                                                                args[0]], aval),
     "max": lambda c, args, params, aval: c.clamp(args, aval, lower=True),
     "min": lambda c, args, params, aval: c.clamp(args, aval, lower=False),
     # one converter method each, named after the primitive
     **{prim: _method(prim) for prim in (
-        "rsqrt", "erfc", "square", "integer_pow", "convert_element_type", "select_n",
+        "rsqrt", "erfc", "expm1", "log1p", "ne", "round", "square", "integer_pow",
+        "convert_element_type", "select_n",
         "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "split", "tile", "pad",
         "concatenate", "argmax", "gather")},
     "copy": _method("identity"),

@@ -343,7 +343,7 @@ def test_tflite_converter_failure_names_the_layer(tmp_path):
     with pytest.raises(export.ExportError) as info:
         export.to_tflite(model, init(model, 0, x), x, str(tmp_path / "m.tflite"))
     message = str(info.value)
-    assert re.match(r"the TFLite converter failed at layer '[\w/]*spectral' "
+    assert re.match(r"the TFLite converter failed at layer 'spectral' "
                     r"\(test_export\.py:\d+\): .*fft", message), message
     assert "\n" not in message and not os.listdir(tmp_path)
 

@@ -60,6 +60,14 @@ CASES = {
     "erf": lambda x: jax.lax.erf(conv(x)),
     "erfc": lambda x: jax.lax.erfc(conv(x)),
     "sign": lambda x: jnp.sign(conv(x)),
+    "ne": lambda x: jnp.where(jnp.floor(conv(x)) != 0.0, conv(x), 2.0),
+    "expm1": lambda x: jax.nn.elu(conv(x)),
+    "log1p": lambda x: jax.nn.softplus(conv(x)),
+    "sin": lambda x: jnp.sin(conv(x)),
+    "cos": lambda x: jnp.cos(conv(x)),
+    "exp2": lambda x: jnp.exp2(conv(x)),
+    "round": lambda x: jax.lax.round(jnp.floor(conv(x) * 4) / 2)  # halves: away from zero
+    + 10 * jnp.round(jnp.floor(conv(x) * 4) / 2),  # and to even
     "floor": lambda x: jnp.floor(conv(x) * 3),
     "ceil": lambda x: jnp.ceil(conv(x) * 3),
     "max": lambda x: jnp.maximum(conv(x), first(x)),
