@@ -164,10 +164,10 @@ def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool
     method = _resolve_method(method, m, n)
     mats = mats.astype(np.promote_types(mats.dtype, np.float32), copy=False)
     if not vectors:
-        grams = (x.T @ x if m > n else x @ x.T for x in mats)
-        values = [np.linalg.svd(x, compute_uv=False) for x in mats] if method == "svd" else \
-            [np.sqrt(np.clip(lapack.eigvalsh(g)[::-1], 0.0, None)) for g in grams]
-        return None, None, np.stack(values)
+        if method == "svd":
+            return None, None, np.stack([np.linalg.svd(x, compute_uv=False) for x in mats])
+        return None, None, np.stack([np.sqrt(np.clip(lapack.eigvalsh(
+            x.T @ x if m > n else x @ x.T)[::-1], 0.0, None)) for x in mats])
     out = []
     for x in mats:  # one group at a time: 2-D products (x @ x.T is a BLAS syrk)
         if method == "svd":

@@ -65,21 +65,26 @@ def iter_eqns(jaxpr, scope: str = ""):
         yield eqn, where
 
 
-def jaxpr_macs(jaxpr, *, loop_trips: bool = True) -> dict[str, int]:
+def _macs(jaxpr) -> tuple[dict[str, int], int]:
+    """``{"conv", "dot"}`` multiply-adds with a ``scan`` body once per iteration, and their total
+    with every body counted once (as XLA counts them), in one walk."""
+    out, once = {"conv": 0, "dot": 0}, 0
+    for eqn, _, trips in _walk(jaxpr, "", 1):
+        kind = {"conv_general_dilated": "conv", "dot_general": "dot"}.get(eqn.primitive.name)
+        if kind is not None:
+            macs = _conv_macs(eqn) if kind == "conv" else _dot_macs(eqn)
+            out[kind] += trips * macs
+            once += macs
+    return out, once
+
+
+def jaxpr_macs(jaxpr) -> dict[str, int]:
     """``{"conv": macs, "dot": macs}`` of a (closed) jaxpr with concrete shapes.
 
     A ``scan`` body (``lax.scan``, ``nn.scan``, ``nnx.scan``, a ``fori_loop`` with static bounds)
-    counts once per iteration; a ``while_loop`` body, whose trip count is not in the jaxpr, once.
-    ``loop_trips=False`` counts every body once, as XLA's ``cost_analysis()`` does."""
-    out = {"conv": 0, "dot": 0}
-    for eqn, _, trips in _walk(jaxpr, "", 1):
-        name = eqn.primitive.name
-        times = trips if loop_trips else 1
-        if name == "conv_general_dilated":
-            out["conv"] += times * _conv_macs(eqn)
-        elif name == "dot_general":
-            out["dot"] += times * _dot_macs(eqn)
-    return out
+    counts once per iteration; a ``while_loop`` body, whose trip count is not in the jaxpr, once
+    (XLA's ``cost_analysis()`` counts every loop body once)."""
+    return _macs(jaxpr)[0]
 
 
 def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
@@ -93,9 +98,8 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     multiply-adds count a ``scan`` body once per iteration (:func:`jaxpr_macs`); the element-wise
     flops are XLA's, which count a loop body once."""
     traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
-    counts = jaxpr_macs(traced.jaxpr)
+    counts, once = _macs(traced.jaxpr)  # once: loop bodies counted once, as XLA does
     total = counts["conv"] + counts["dot"]
-    once = sum(jaxpr_macs(traced.jaxpr, loop_trips=False).values())  # as XLA counts loop bodies
     try:
         analysis = traced.lower().cost_analysis()
     except Exception:  # noqa: BLE001 - a backend without a cost model: multiply-adds only

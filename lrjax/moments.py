@@ -89,14 +89,12 @@ def whitening_on_host(input_cov, *, eps: float = 1e-3) -> tuple[np.ndarray, np.n
     roots = []
     for group, floor in zip(cov, eps * scale, strict=True):
         try:
-            roots.append(tuple(r.astype(cov.dtype) for r in lapack.cholesky_root(
-                np.array(group, np.float64, order="C"))))
-            continue
+            root = lapack.cholesky_root(np.array(group, np.float64, order="C"))
+            roots.append(tuple(r.astype(cov.dtype) for r in root))
         except np.linalg.LinAlgError:
-            pass
-        evals, evecs = lapack.eigh(np.ascontiguousarray(group))
-        evals = np.sqrt(np.maximum(evals, floor))  # as whitening(): rounding below eps clipped
-        roots.append(((evecs * evals) @ evecs.T, (evecs / evals) @ evecs.T))
+            evals, evecs = lapack.eigh(np.ascontiguousarray(group))
+            evals = np.sqrt(np.maximum(evals, floor))  # as whitening(): rounding below eps
+            roots.append(((evecs * evals) @ evecs.T, (evecs / evals) @ evecs.T))
     return tuple(np.stack(parts) for parts in zip(*roots, strict=True))
 
 
