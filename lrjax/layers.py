@@ -22,13 +22,14 @@ import jax.numpy as jnp
 from lrjax import formulations
 from lrjax.costs import ConvShape, as_pair, check_rank, explicit_padding
 from lrjax.ranks import check_rank_map
-from lrjax.sites import ConvSite, called_equation, einsum_split
+from lrjax.sites import ConvSite, called_equation, computes_as, einsum_split, subclass_reason
 
 __all__ = ["SPLIT_TYPES", "LowRankConv", "LowRankConvTranspose", "FactorConv", "FactorConvTranspose",
            "FactorDense", "FactorEinsum", "LowRankModel", "pair_forward",
            "transposed_pair_forward", "dense_pair_forward", "einsum_pair_forward",
            "pair_geometry", "transposed_pair_geometry", "split_padding", "conv_skip_reason",
-           "transposed_skip_reason", "transposed_site", "dense_skip_reason", "module_path"]
+           "transposed_skip_reason", "transposed_site", "dense_skip_reason", "module_path",
+           "split_type"]
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's
 
@@ -336,9 +337,8 @@ def transposed_skip_reason(conv, base_type=nn.ConvTranspose) -> str | None:
     kernel = (size,) if isinstance(size, int) else tuple(size)
     if len(kernel) != 2:
         return f"not a 2-D transposed conv (kernel_size {size})"
-    if type(conv) is not base_type:
-        return (f"{type(conv).__name__} (a subclass of {base_type.__name__}: its own "
-                "computation is kept)")
+    if computes_as(conv, (base_type,)) is None:
+        return subclass_reason(conv, base_type)
     if conv.mask is not None:
         return "masked kernel"
     if isinstance(conv.padding, str) and conv.padding.upper() not in ("SAME", "VALID"):
@@ -374,14 +374,14 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
 
 def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
     """Why a conv (``nn.Conv`` or ``nnx.Conv``: same attribute names) cannot be split into a
-    pair, or None. ``base_type``: the only type decomposed (subclasses keep their own code)."""
+    pair, or None. ``base_type``: the type decomposed (with its subclasses that compute as it
+    does, :func:`computes_as`)."""
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
     if len(kernel) != 2:
         return f"not a 2-D conv (kernel_size {size})"
-    if type(conv) is not base_type:
-        return (f"{type(conv).__name__} (a subclass of {base_type.__name__}: its own computation "
-                "is kept)")
+    if computes_as(conv, (base_type,)) is None:
+        return subclass_reason(conv, base_type)
     if any(d != 1 for d in as_pair(conv.input_dilation)):
         return f"input dilation {conv.input_dilation} (transposed conv)"
     if conv.mask is not None:
@@ -395,11 +395,12 @@ def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral, nn.Einsum)) 
     """Why a dense layer (``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum``,
     ``nnx.Linear``/``nnx.LinearGeneral``) cannot be split into a pair, or None (an einsum's
     equation is checked by :func:`lrjax.sites.einsum_split`). ``base_types``: the types
-    decomposed (subclasses and layers with their own matrix product, e.g. quantized ones, keep
-    their computation)."""
-    if type(layer) not in base_types:
-        return (f"{type(layer).__name__} (a subclass of {base_types[0].__name__}: its own "
-                "computation is kept)")
+    decomposed (with their subclasses that compute as they do, :func:`computes_as`; other
+    subclasses and layers with their own matrix product, e.g. quantized ones, keep their
+    computation)."""
+    if computes_as(layer, base_types) is None:
+        return subclass_reason(layer, next((b for b in base_types if isinstance(layer, b)),
+                                           base_types[0]))
     if getattr(layer, "dot_general_cls", None) is not None or \
             getattr(layer, "dot_general", None) not in (None, jax.lax.dot_general):
         return "a custom dot_general (e.g. quantized): its own computation is kept"
@@ -430,8 +431,16 @@ def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[
     return tuple(sorted((path, rank) for path, rank in ranks.items() if rank is not None))
 
 
-# the layer types a LowRankModel splits (exact types: subclasses keep their own computation)
+# the layer types a LowRankModel splits (and their subclasses that compute as they do)
 SPLIT_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum)
+
+
+def split_type(module) -> type | None:
+    """The type of :data:`SPLIT_TYPES` whose computation a linen layer runs
+    (:func:`computes_as`); None for other modules and for a pair's own halves."""
+    if isinstance(module, (FactorConv, FactorConvTranspose, FactorDense, FactorEinsum)):
+        return None
+    return computes_as(module, SPLIT_TYPES)
 
 
 class LowRankModel(nn.Module):
@@ -480,21 +489,22 @@ class LowRankModel(nn.Module):
 
         def decompose_conv(next_fun, call_args, call_kwargs, context):
             module = context.module
-            if type(module) not in SPLIT_TYPES or context.method_name != "__call__":
+            base = split_type(module)
+            if base is None or context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             path = module_path(module, root)
             rank = ranks.get(path)
             if rank is None:
                 return next_fun(*call_args, **call_kwargs)
-            transposed = type(module) is nn.ConvTranspose
-            dense = type(module) not in (nn.Conv, nn.ConvTranspose)
+            transposed = base is nn.ConvTranspose
+            dense = base not in (nn.Conv, nn.ConvTranspose)
             reason = (dense_skip_reason(module) if dense else transposed_skip_reason(module)
                       if transposed else conv_skip_reason(module))
             if reason is not None:
                 raise ValueError(f"layer {path!r} cannot be decomposed: {reason}")
             seen.add(path)
             x = call_args[0] if call_args else call_kwargs["inputs"]
-            if type(module) is nn.Einsum:
+            if base is nn.Einsum:
                 equation = called_equation(module.einsum_str, call_args[1:], call_kwargs)
                 return einsum_pair_forward(x, module, rank, equation, mid_norm, where=path)
             if transposed:

@@ -33,13 +33,13 @@ from lrjax.layers import (
 from lrjax.moments import calibrated_paths
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
-from lrjax.sites import ConvSite
+from lrjax.sites import ConvSite, computes_as
 
 __all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_nnx",
            "find_convs_nnx", "eval_view"]
 
 _LINEAR = (nnx.Linear, nnx.LinearGeneral)
-_SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum)  # the exact types a pair replaces
+_SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum)  # the types a pair replaces
 # linear layers seen and left as they are, with the reason
 _UNSPLIT: dict[type, str] = {}
 
@@ -305,13 +305,20 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
     problem.prepare_factors(chosen)  # the layers not decomposed yet, in parallel on CPU
     factors = {p: problem.factors(p, r) for p, r in chosen.items()}
 
+    replaced = set()
+
     def replace(path, node):
         name = _path(path)
-        if type(node) in _SPLIT and name in factors:
+        if name in factors and computes_as(node, _SPLIT) is not None:
+            replaced.add(name)
             return _pair_module(node, problem.site(name), factors[name])
         return node
 
-    return nnx.recursive_map(replace, nnx.clone(model)), factors
+    new_model = nnx.recursive_map(replace, nnx.clone(model))
+    if replaced != set(factors):
+        raise ValueError(f"layers {sorted(set(factors) - replaced)} were decomposed but not "
+                         "found in the model's graph")
+    return new_model, factors
 
 
 def _net_cost(model, example_args, example_kwargs, eval_mode) -> tuple[int | None, int]:

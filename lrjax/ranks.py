@@ -154,6 +154,7 @@ def allocate_ranks(
     macs_budget: int | None = None,
     multiple: int | None = None,
     spectra: Mapping[str, object] | None = None,
+    overhead: Mapping[str, float] | None = None,
 ) -> Allocation:
     """Allocate ranks across layers to meet a multiply-add budget while losing the least energy.
 
@@ -173,6 +174,9 @@ def allocate_ranks(
       multiple: round every rank to a multiple of this (hardware tiles).
       spectra: optional ``{name: (groups, R) singular values}`` replacing the kernels' own (e.g.
         calibration-whitened spectra).
+      overhead: optional ``{name: multiply-adds}`` a layer costs beyond its product while it
+        stays full and saves once split (a weight parametrization:
+        :attr:`lrjax.sites.ConvSite.parametrization_flops`).
 
     Returns:
       An :class:`Allocation`; its ``speedup`` is the speedup reached (>= the target); its ranks
@@ -185,7 +189,8 @@ def allocate_ranks(
     """
     if (target_speedup is None) == (macs_budget is None):
         raise ValueError("give exactly one of target_speedup or macs_budget")
-    full_total = sum(costs.conv_cost(layer).macs for layer in layers)
+    overhead = dict(overhead or {})
+    full_total = sum(costs.conv_cost(layer).macs + overhead.get(layer.name, 0) for layer in layers)
     if target_speedup is not None:
         if not target_speedup > 1:
             raise ValueError(f"target_speedup must be > 1 (S times fewer multiply-adds); got "
@@ -213,7 +218,9 @@ def allocate_ranks(
 
     def macs(name, rank):
         layer = by_name[name]
-        return (costs.conv_cost(layer) if rank is None else costs.lowrank_cost(layer, rank)).macs
+        if rank is None:
+            return costs.conv_cost(layer).macs + overhead.get(name, 0)
+        return costs.lowrank_cost(layer, rank).macs
 
     def log_energy(name, rank):
         if rank is None:

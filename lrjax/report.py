@@ -180,7 +180,8 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
     if problem.net_macs is not None:
         saved = net.full_macs - net.lowrank_macs - sum(
             costs.conv_cost(s.shape).macs - costs.lowrank_cost(s.shape, s.rank).macs
-            for s in sites if s.rank is not None)  # pairs already there are in net_macs
+            for s in sites if s.rank is not None) + sum(  # pairs already there are in net_macs
+            by_path[path].parametrization_flops / 2 for path in chosen)  # split: plain weights
         whole = (problem.net_macs, problem.net_macs - saved)
     return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None,
                          dict(kept_full), (*problem.notes, *notes), whole,

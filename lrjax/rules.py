@@ -304,7 +304,7 @@ class RankProblem:
         ``net_macs`` is known (element-wise work included), else the other sites' (skipped,
         already pairs)."""
         if self.net_macs is not None:
-            return self.full_macs - sum(costs.conv_cost(s.shape).macs for s in self.candidates)
+            return self.full_macs - sum(s.full_macs for s in self.candidates)
         total = 0
         for s in self.sites:
             if s.shape is None or s.candidate:
@@ -325,8 +325,8 @@ class RankProblem:
         """Multiply-adds (counted as :attr:`full_macs` is) with each candidate in ``ranks`` split
         at its rank and every other candidate full."""
         return self.fixed_macs + sum(
-            (costs.conv_cost(s.shape) if ranks.get(s.path) is None
-             else costs.lowrank_cost(s.shape, ranks[s.path])).macs for s in self.candidates)
+            s.full_macs if ranks.get(s.path) is None
+            else costs.lowrank_cost(s.shape, ranks[s.path]).macs for s in self.candidates)
 
     def site(self, path: str) -> ConvSite:
         return {s.path: s for s in self.sites}[path]
@@ -433,7 +433,9 @@ def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
     spectra = {s.name: problem.spectrum(s.name) for s in candidates}
     alloc = rank_lib.allocate_ranks(candidates, problem.kernels,
                                     macs_budget=problem.full_macs / target - problem.fixed_macs,
-                                    multiple=problem.multiple, spectra=spectra)
+                                    multiple=problem.multiple, spectra=spectra,
+                                    overhead={s.path: s.parametrization_flops / 2
+                                              for s in problem.candidates})
     return alloc.ranks
 
 

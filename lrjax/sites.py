@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ from lrjax import costs, decompose
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
            "contracted_axes", "dense_shape", "dense_rows", "input_moments", "unless_stacked",
-           "device_array"]
+           "device_array", "redefined", "computes_as", "reparametrizes", "subclass_reason"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -68,6 +69,11 @@ class ConvSite:
       equation: an einsum's equation as it was called (``None`` for other layers).
       transpose_kernel: a transposed conv whose kernel variable is ``(kh, kw, N, C)``, read
         flipped (``nn.ConvTranspose(transpose_kernel=True)``).
+      parametrization: for a linen subclass that redefines ``param`` (weight standardization),
+        a function from the layer's stored parameters ``{"kernel": ..., "bias": ...}`` to the
+        ones its computation uses, which the closed form factors; ``None``: used as stored.
+      parametrization_flops: XLA's flops per example of that parametrization (work the model
+        does on every call, which a split saves: the pair's factors are plain weights).
     """
 
     path: str
@@ -78,6 +84,8 @@ class ConvSite:
     kernel_axes: tuple[int, ...] | None = None
     equation: str | None = None
     transpose_kernel: bool = False
+    parametrization: Callable[[dict], dict] | None = dataclasses.field(default=None, compare=False)
+    parametrization_flops: float = 0.0
 
     @property
     def candidate(self) -> bool:
@@ -95,6 +103,12 @@ class ConvSite:
         if self.shape.transposed:
             return "transposed"
         return "1x1" if tuple(self.shape.kernel_size) == (1, 1) else "kxk"
+
+    @property
+    def full_macs(self) -> float:
+        """Multiply-adds per example of the layer as it is: its product at full rank, plus its
+        parametrization's flops counted as half a multiply-add each."""
+        return costs.conv_cost(self.shape).macs + self.parametrization_flops / 2
 
     @property
     def kernel_variable_shape(self) -> tuple[int, ...]:
@@ -143,6 +157,62 @@ class ConvSite:
             vertical = np.swapaxes(np.asarray(vertical)[::-1], 2, 3)
             horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], 2, 3)
         return device_array(vertical), device_array(horizontal)
+
+
+# what a subclass may define and still run its Flax base type's computation: the dataclass and
+# constructor machinery (field defaults are not methods), and in linen ``param``, which
+# reparametrizes the stored weights (weight standardization, as BiT's ``StdConv``): the closed
+# form then factors the weights ``param`` returns (:attr:`ConvSite.parametrization`)
+_CONSTRUCTION = frozenset({"__init__", "__eq__", "__hash__", "__repr__"})
+
+
+def redefined(cls: type, base_type: type) -> list[str]:
+    """The methods of ``base_type`` that its subclass ``cls`` redefines (sorted), leaving out
+    the dataclass and constructor machinery and dataclass field defaults."""
+    fields = getattr(base_type, "__dataclass_fields__", {})
+    names = set()
+    for klass in cls.__mro__:
+        if klass is base_type:
+            break
+        for name, value in vars(klass).items():
+            if name in _CONSTRUCTION or name in fields or not hasattr(base_type, name):
+                continue
+            if callable(value) or isinstance(value, (property, staticmethod, classmethod)):
+                names.add(name)
+    return sorted(names)
+
+
+def computes_as(layer, base_types: Sequence[type]) -> type | None:
+    """The type of ``base_types`` whose computation ``layer`` runs, or None.
+
+    Its own type, or the type a subclass derives from when the subclass redefines none of its
+    methods (new fields, other defaults and new helper methods change nothing the layer
+    computes), except, for linen layers, ``param``: then the computation is the base type's on
+    the weights ``param`` returns (:func:`reparametrizes`). A pair's own halves
+    (``Factor*``) compute as their base type too; callers that must not split them exclude them.
+    """
+    for base in base_types:
+        if type(layer) is base:
+            return base
+    for base in base_types:
+        if isinstance(layer, base):
+            allowed = {"param"} if hasattr(base, "param") else set()  # linen
+            return base if set(redefined(type(layer), base)) <= allowed else None
+    return None
+
+
+def reparametrizes(layer, base_type: type) -> bool:
+    """Whether a linen layer is a subclass of ``base_type`` that redefines ``param`` (its
+    computation reads weights derived from the stored ones)."""
+    return type(layer) is not base_type and "param" in redefined(type(layer), base_type)
+
+
+def subclass_reason(layer, base_type: type) -> str:
+    """The skip reason of a subclass that does not compute as ``base_type``, naming what it
+    redefines."""
+    names = ", ".join(redefined(type(layer), base_type))
+    return (f"{type(layer).__name__} (a subclass of {base_type.__name__} that redefines "
+            f"{names}: its own computation is kept)")
 
 
 def unless_stacked(site: ConvSite, kernel_shape) -> ConvSite:

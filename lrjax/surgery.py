@@ -23,6 +23,7 @@ rank files, the command line. The zoo's layers are top-level, so their paths are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -37,7 +39,6 @@ from lrjax import costs, decompose, macs, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.costs import as_pair
 from lrjax.layers import (
-    SPLIT_TYPES,
     FactorConv,
     FactorConvTranspose,
     FactorDense,
@@ -47,6 +48,7 @@ from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
     module_path,
+    split_type,
     transposed_site,
 )
 from lrjax.moments import calibrated_paths
@@ -96,8 +98,32 @@ def _dense_site(path: str, module, x) -> ConvSite:
     return ConvSite(path, shape, dense_dims=(in_dims, out_dims))
 
 
+def used_parameters(layer: nn.Module, params: Mapping[str, Any]) -> dict:
+    """``{"kernel": ..., "bias": ...}`` as a linen layer's own ``param`` returns them for its
+    stored ``params``: the weights its computation uses, for a subclass that redefines
+    ``param`` (BiT's weight-standardized ``StdConv``). Read inside the layer's ``__call__``
+    (intercepted; the layer itself does not run)."""
+    def read(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":  # the subclass's own param, wrapped by Flax
+            return next_fun(*args, **kwargs)
+        return {name: context.module.param(name, lambda *_, v=v: v, np.shape(v), v.dtype)
+                for name, v in params.items() if name in ("kernel", "bias")}
+
+    with nn.intercept_methods(read):
+        return layer.apply({"params": dict(params)}, jnp.zeros((1,)))
+
+
 def _site(path: str, module, x, equation=None) -> ConvSite:
     """The site of a conv or dense layer called on ``x`` (``equation``: an einsum's)."""
+    site = _plain_site(path, module, x, equation)
+    base = split_type(module)
+    if site.candidate and base is not None and sites.reparametrizes(module, base):
+        layer = module.clone(parent=None)
+        site = dataclasses.replace(site, parametrization=functools.partial(used_parameters, layer))
+    return site
+
+
+def _plain_site(path: str, module, x, equation=None) -> ConvSite:
     if isinstance(module, nn.Einsum):
         return _einsum_site(path, module, x, equation)
     if isinstance(module, nn.ConvTranspose):
@@ -316,14 +342,13 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 
         def accumulate(next_fun, call_args, call_kwargs, context):
             module = context.module
-            if context.method_name == "__call__" \
-                    and type(module) in SPLIT_TYPES:
+            if context.method_name == "__call__" and split_type(module) is not None:
                 path = module_path(module)
                 if path in wanted and path not in out:
                     x = _layer_input(call_args, call_kwargs)
                     axes = sites.contracted_axes(module)
                     equation = None
-                    if type(module) is nn.Einsum:
+                    if isinstance(module, nn.Einsum):
                         equation = sites.called_equation(module.einsum_str, call_args[1:],
                                                           call_kwargs)
                         axes = sites.einsum_split(equation).input_axes
@@ -350,13 +375,41 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 # Decomposition
 
 
+def _stored_parameters(flat, path: str) -> dict:
+    prefix = ("params", *path.split("/"))
+    return {key[-1]: value for key, value in flat.items()
+            if len(key) == len(prefix) + 1 and key[:-1] == prefix}
+
+
+def _site_parameters(flat, site: ConvSite) -> dict:
+    """A parametrized layer's kernel and bias as its computation uses them."""
+    return site.parametrization(_stored_parameters(flat, site.path))
+
+
+def _with_parametrization_flops(found: list[ConvSite], flat, batch: int) -> list[ConvSite]:
+    """The sites with :attr:`ConvSite.parametrization_flops` set: XLA's count of each
+    parametrization, lowered (one count per layer type and parameter shapes), per example."""
+    counted, out = {}, []
+    for site in found:
+        if site.candidate and site.parametrization is not None:
+            stored = _stored_parameters(flat, site.path)
+            key = (type(site.parametrization.args[0]),
+                   tuple(sorted((k, np.shape(v)) for k, v in stored.items())))
+            if key not in counted:
+                analysis = jax.jit(site.parametrization).lower(stored).cost_analysis()
+                counted[key] = float((analysis or {}).get("flops", 0.0))
+            site = dataclasses.replace(site, parametrization_flops=counted[key] / batch)
+        out.append(site)
+    return out
+
+
 class _Kernels(Mapping):
     """``{path: HWIO kernel}`` of the candidates, read from a flat variable dict when first
     asked for (a rank map naming a few layers never copies the others' kernels, e.g. VGG-16's
     400 MB fc6); names and shapes are checked up front."""
 
     def __init__(self, flat, candidates):
-        self._sites, self._arrays, self._done = {}, {}, {}
+        self._flat, self._sites, self._arrays, self._done = flat, {}, {}, {}
         for s in candidates:
             key = ("params", *s.path.split("/"), "kernel")
             if key not in flat:
@@ -367,7 +420,10 @@ class _Kernels(Mapping):
 
     def __getitem__(self, path):
         if path not in self._done:
-            self._done[path] = self._sites[path].to_hwio(self._arrays[path])
+            site = self._sites[path]
+            kernel = self._arrays[path] if site.parametrization is None else \
+                _site_parameters(self._flat, site)["kernel"]
+            self._done[path] = site.to_hwio(kernel)
         return self._done[path]
 
     def __iter__(self):
@@ -383,16 +439,17 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     """The :class:`RankProblem` of a linen model and its variables (calibrated if asked)."""
     found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
     flat = _flat(variables)
+    arrays, rebuild = _split_static(example_args)
+    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    found = _with_parametrization_flops(found, flat, batch)
     candidates = [s for s in found if s.candidate]
     kernels = _Kernels(flat, candidates)
     covs, note = None, None
     if calibration is not None:
         paths, note = calibrated_paths(candidates)
         covs = calibration_moments(model, variables, calibration, paths, example_kwargs)
-    arrays, rebuild = _split_static(example_args)
     counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                               variables, *arrays)
-    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
                        counts["elementwise"] // batch, notes=(note,) if note else ())
 
@@ -406,6 +463,8 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
     for path, rank in chosen.items():
         factors[path] = problem.factors(path, rank)
         prefix = ("params", *path.split("/"))
+        if problem.site(path).parametrization is not None and (*prefix, "bias") in out:
+            out[(*prefix, "bias")] = _site_parameters(flat, problem.site(path))["bias"]
         bias = out.pop((*prefix, "bias"), None)
         del out[(*prefix, "kernel")]
         vertical, horizontal = problem.site(path).factor_variables(factors[path])

@@ -11,7 +11,7 @@ from flax import nnx
 
 import lrjax
 from benchmarks.user_models import NNXCNN, resnet18, resnet50
-from lrjax import decompose, ranks, surgery, train
+from lrjax import decompose, export, ranks, surgery, train
 from lrjax.nnx_surgery import LowRankConvNNX
 from tests.helpers import apply, init
 
@@ -342,3 +342,108 @@ def test_nnx_calibration_search_and_errors(nnx_model):
     ]:
         with pytest.raises(ValueError, match=match):
             lrjax.decompose_nnx(model, x, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subclasses of Flax's layers
+
+
+class StdConv(nn.Conv):
+    """BiT's weight-standardized conv, as google-research/vision_transformer writes it."""
+
+    def param(self, name, init_fn, *init_args):
+        param = super().param(name, init_fn, *init_args)
+        if name == "kernel":
+            param = param - jnp.mean(param, axis=(0, 1, 2))
+            param = param / (jnp.std(param, axis=(0, 1, 2)) + 1e-5)
+        return param
+
+
+class NormedDense(nn.Dense):
+    """A dense layer whose columns are normalised and whose bias is scaled, in ``param``."""
+
+    def param(self, name, *args, **kwargs):
+        value = super().param(name, *args, **kwargs)
+        return value * 0.5 if name == "bias" else value / jnp.linalg.norm(value, axis=0)
+
+
+class Conv3(nn.Conv):
+    """Only another default: computes as ``nn.Conv``."""
+    kernel_size: tuple = (3, 3)
+
+
+class ShiftedConv(nn.Conv):
+    """Its own computation (``__call__`` redefined): never split."""
+
+    def __call__(self, x):
+        return super().__call__(x + 1.0)
+
+
+class BiTLike(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.GroupNorm(num_groups=4)(StdConv(16, (3, 3), use_bias=False)(x)))
+        x = nn.relu(StdConv(24, (1, 1), use_bias=False)(x))
+        x = nn.relu(Conv3(24)(x))
+        x = ShiftedConv(8, (3, 3))(x)
+        return NormedDense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+def _lowered_flops(fn, *args) -> float:
+    return jax.jit(fn).lower(*args).cost_analysis()["flops"]
+
+
+def test_subclasses_that_compute_as_their_layer_are_split_on_the_weights_they_use(tmp_path):
+    """A subclass that redefines only ``param`` (weight standardization) is split on the weights
+    ``param`` returns, and the whole-net cost saves the standardization of the layers split;
+    one with only other defaults is an ``nn.Conv``; one that redefines ``__call__`` is kept."""
+    model, x = BiTLike(), jax.random.normal(jax.random.key(0), (1, 12, 12, 3))
+    variables = init(model, 1, x)
+    variables = jax.tree.map(lambda v: v + 0.3, variables)  # kernels far from standardized
+    sites = {s.path: s for s in surgery.find_convs(model, x)}
+    assert [p for p, s in sites.items() if s.candidate] == [
+        "StdConv_0", "StdConv_1", "Conv3_0", "NormedDense_0"]
+    assert sites["StdConv_0"].parametrization is not None and sites["Conv3_0"].parametrization \
+        is None
+    assert sites["ShiftedConv_0"].skip == ("ShiftedConv (a subclass of Conv that redefines "
+                                           "__call__: its own computation is kept)")
+    want = apply(model, variables, x)
+    top = _top_ranks(list(sites.values()))
+    for calibration in (None, jnp.concatenate([x, x * 0.5, x + 1.0, -x])):
+        result = lrjax.decompose_linen(model, variables, x, rule=top, calibration=calibration)
+        np.testing.assert_allclose(apply(result.module, result.variables, x), want, rtol=1e-4,
+                                   atol=1e-4 * float(jnp.abs(want).max()))
+        assert max(result.report.errors.values()) < 1e-5  # of the standardized kernels
+    assert result.variables["params"]["NormedDense_0"]["horizontal"]["bias"].shape == (10,)
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5")
+    low = _lowered_flops(lambda v, x: result.module.apply(v, x), result.variables, x)
+    before, after = result.report.net_flops
+    assert before == _lowered_flops(lambda v, x: model.apply(v, x), variables, x)
+    assert abs(after - low) <= 1e-6 * low and result.report.speedup >= 1.5
+    exported = export.to_onnx(result.module, result.variables, x, str(tmp_path / "b.onnx"))
+    assert exported.max_abs_error <= 1e-4 * exported.scale
+
+
+def test_nnx_subclasses_that_compute_as_their_layer_are_split():
+    class Conv3NNX(nnx.Conv):
+        def __init__(self, cin, cout, *, rngs):
+            super().__init__(cin, cout, (3, 3), rngs=rngs)
+
+    class ShiftedLinear(nnx.Linear):
+        def __call__(self, x):
+            return super().__call__(x + 1.0)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = Conv3NNX(3, 16, rngs=rngs)
+            self.head = ShiftedLinear(16, 10, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(jnp.mean(nnx.relu(self.conv(x)), axis=(1, 2)))
+
+    model, x = Net(nnx.Rngs(0)), jax.random.normal(jax.random.key(0), (2, 10, 10, 3))
+    result = lrjax.decompose_nnx(model, x, rule={"conv": 9})
+    np.testing.assert_allclose(result.module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(result.module.conv, LowRankConvNNX)
+    assert result.report.skipped == {"head": "ShiftedLinear (a subclass of Linear that redefines "
+                                             "__call__: its own computation is kept)"}
