@@ -554,40 +554,38 @@ HANDLERS: dict[str, Any] = {
 }
 
 
-def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_name: str = "output",
+def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_names=("output",),
                   *, graph_name: str = "lrjax", opset: int = OPSET) -> onnx.ModelProto:
-    """An ONNX model computing a closed jaxpr of one array input and one array output.
+    """An ONNX model computing a closed jaxpr of one array input and one or more array outputs.
 
     Args:
       closed_jaxpr: e.g. ``jax.make_jaxpr(f)(jax.ShapeDtypeStruct(symbolic_shape, float32))``;
         a symbolic leading dimension becomes the ONNX input's ``batch`` dimension.
-      input_name, output_name: the ONNX graph's tensor names.
+      input_name, output_names: the ONNX graph's tensor names (one per jaxpr output, in order).
 
     Raises:
       TranslationError: a primitive (or a form of one) the translation does not cover, naming
         it and its layer.
     """
     jaxpr = closed_jaxpr.jaxpr
-    if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
-        raise TranslationError("ONNX export takes a function of one array returning one array")
+    if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != len(output_names):
+        raise TranslationError(f"ONNX export takes a function of one array returning "
+                               f"{len(output_names)} arrays")
     aval = jaxpr.invars[0].aval
     conv = _Converter(input_name, tuple(aval.shape))
-    x = Tensor(input_name, tuple(aval.shape))
-    (out,) = conv.run(jaxpr, closed_jaxpr.consts, [x])
-    if not isinstance(out, Tensor):
-        raise TranslationError("the exported function's output does not depend on its input")
-    final = conv.nhwc(out)
-    conv.g.nodes.append(helper.make_node("Identity", [final], [output_name]))
+    outs = conv.run(jaxpr, closed_jaxpr.consts, [Tensor(input_name, tuple(aval.shape))])
+    if not all(isinstance(out, Tensor) for out in outs):
+        raise TranslationError("an output of the exported function does not depend on its input")
+    for out, name in zip(outs, output_names, strict=True):
+        conv.g.nodes.append(helper.make_node("Identity", [conv.nhwc(out)], [name]))
 
-    def dims(shape):
-        return ["batch" if not concrete(d) else int(d) for d in shape]
+    def value_info(name, aval):
+        dims = ["batch" if not concrete(d) else int(d) for d in aval.shape]
+        return helper.make_tensor_value_info(name, onnx_dtype(aval.dtype), dims)
 
-    out_aval = jaxpr.outvars[0].aval
     graph = helper.make_graph(
-        conv.g.nodes, graph_name,
-        [helper.make_tensor_value_info(input_name, onnx_dtype(aval.dtype), dims(aval.shape))],
-        [helper.make_tensor_value_info(output_name, onnx_dtype(out_aval.dtype),
-                                       dims(out_aval.shape))],
+        conv.g.nodes, graph_name, [value_info(input_name, aval)],
+        [value_info(name, v.aval) for name, v in zip(output_names, jaxpr.outvars, strict=True)],
         conv.g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="lrjax")

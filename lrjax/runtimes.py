@@ -40,9 +40,20 @@ def symbolic_batch(shape) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {dims}"), jnp.float32)
 
 
+def output_names(tree) -> list[str]:
+    """The names of a function's outputs, one per array of its output pytree in
+    ``jax.tree.leaves`` order: ``["output"]`` for one array, else each array's path in the tree
+    (``("0", "1/stem")`` for ``(logits, {"stem": ...})``)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if len(leaves) == 1 and not leaves[0][0]:
+        return ["output"]
+    return [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
+
+
 def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str = "lrjax"):
     """The ONNX model (opset :data:`lrjax.onnx_convert.OPSET`) of ``forward: x -> y`` for inputs
-    of ``shape`` with a symbolic batch dimension.
+    of ``shape`` with a symbolic batch dimension; ``y`` an array or a pytree of arrays (one
+    graph output each, named by :func:`output_names`).
 
     With ``fold``, per-channel affine ops right after a conv (batch norm in inference, biases)
     are folded into it (:func:`lrjax.onnx_passes.fold_conv_affine`).
@@ -54,8 +65,9 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
     from lrjax import onnx_convert, onnx_passes
 
     with formulations.policy("portable"):
-        closed = jax.make_jaxpr(forward)(symbolic_batch(shape))
-    model = onnx_convert.jaxpr_to_onnx(closed, graph_name=graph_name)
+        closed, out_shapes = jax.make_jaxpr(forward, return_shape=True)(symbolic_batch(shape))
+    model = onnx_convert.jaxpr_to_onnx(closed, output_names=output_names(out_shapes),
+                                       graph_name=graph_name)
     if fold:
         onnx_passes.fold_conv_affine(model)
     return model

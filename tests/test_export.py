@@ -376,3 +376,37 @@ def test_large_tflite_models_keep_their_weights_at_buffer_offsets(monkeypatch, t
     want = np.asarray(model.apply(variables, xr, train=False))
     got = export.litert_runner(export.litert_interpreter(data))(xr)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+class Outputs(nn.Module):
+    """Returns ``(logits, {"stem": ..., "pooled": ...})``, as big_vision's models do; the stem
+    conv's output is an output and feeds a batch norm (which must not fold into it)."""
+
+    @nn.compact
+    def __call__(self, x):
+        stem = nn.Conv(8, (3, 3))(x)
+        y = nn.relu(nn.BatchNorm(use_running_average=True)(stem))
+        pooled = jnp.mean(y, axis=(1, 2))
+        return nn.Dense(5)(pooled), {"stem": stem, "pooled": pooled}
+
+
+def test_models_returning_a_pytree_export_every_output(tmp_path):
+    model, x = Outputs(), jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = _perturbed(init(model, 0, x))
+    result = lrjax.decompose_linen(model, variables, x, rule={"Conv_0": 4, "Dense_0": 3})
+    path = str(tmp_path / "m.onnx")
+    exported = export.to_onnx(result.module, result.variables, x, path)
+    graph = onnx.load(path).graph
+    assert [o.name for o in graph.output] == ["0", "1/pooled", "1/stem"]
+    assert [d.dim_param or d.dim_value for d in graph.output[2].type.tensor_type.shape.dim] \
+        == ["batch", 8, 8, 8]
+    want = jax.tree.leaves(result.module.apply(result.variables, x))
+    got = runtimes.onnx_session(path).run(None, {"input": np.asarray(x)})
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert exported.max_abs_error <= 1e-5 * exported.scale + 1e-6
+    export.to_stablehlo(result.module, result.variables, x, str(tmp_path / "m.hlo"))
+    with pytest.raises(export.ExportError, match=r"^LiteRT export takes a model returning one "
+                                                 r"array; this one returns 3 \(0, 1/pooled, "
+                                                 r"1/stem\)"):
+        export.to_tflite(result.module, result.variables, x, str(tmp_path / "m.tflite"))

@@ -194,20 +194,27 @@ def _write(path: str, data: bytes) -> int:
 
 
 def _compare(run, forward, shape, batches, what) -> tuple[float, float]:
-    """Run the export and JAX on random batches; raise ExportError past the tolerance."""
+    """Run the export and JAX on random batches; raise ExportError past the tolerance. ``run``
+    returns the outputs as a list in ``jax.tree.leaves`` order of JAX's (each output is checked
+    against its own scale)."""
     worst, scale = 0.0, 0.0
     for i, b in enumerate(batches):
         x = np.random.default_rng(i).standard_normal((b, *shape[1:])).astype(np.float32)
-        want = np.asarray(forward(x), np.float32)
-        got = np.asarray(run(x), np.float32)
-        if got.shape != want.shape:
-            raise ExportError(f"{what} output has shape {got.shape}, JAX's {want.shape}")
-        err = float(np.max(np.abs(got - want))) if want.size else 0.0
-        top = float(np.max(np.abs(want))) if want.size else 0.0
-        if not np.isfinite(err) or err > ATOL + RTOL * top:
-            raise ExportError(f"{what} does not match JAX on a batch of {b}: max |difference| "
-                              f"{err:.3g} > {ATOL:g} + {RTOL:g} * {top:.3g}; nothing written")
-        worst, scale = max(worst, err), max(scale, top)
+        tree = forward(x)
+        wanted = jax.tree.leaves(tree)
+        names = runtimes.output_names(tree) if len(wanted) > 1 else [""]
+        for name, want, got in zip(names, wanted, run(x), strict=True):
+            want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+            where = f"{what} output {name}" if name else f"{what} output"
+            if got.shape != want.shape:
+                raise ExportError(f"{where} has shape {got.shape}, JAX's {want.shape}")
+            err = float(np.max(np.abs(got - want))) if want.size else 0.0
+            top = float(np.max(np.abs(want))) if want.size else 0.0
+            if not np.isfinite(err) or err > ATOL + RTOL * top:
+                raise ExportError(f"{where} does not match JAX on a batch of {b}: max "
+                                  f"|difference| {err:.3g} > {ATOL:g} + {RTOL:g} * {top:.3g}; "
+                                  "nothing written")
+            worst, scale = max(worst, err), max(scale, top)
     return worst, scale
 
 
@@ -234,7 +241,8 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     err, scale = 0.0, 0.0
     if check and "cpu" in platforms:
         restored = jax.export.deserialize(bytearray(data))
-        err, scale = _compare(restored.call, forward, shape, batches, "the StableHLO artifact")
+        err, scale = _compare(lambda x: jax.tree.leaves(restored.call(x)), forward, shape,
+                              batches, "the StableHLO artifact")
     size = _write(path, data)
     return ExportResult(path, "stablehlo", err, scale, batches if check else (), size)
 
@@ -253,8 +261,10 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
 
     The inference jaxpr is translated by :mod:`lrjax.onnx_convert` (convs as ONNX ``Conv`` in
     NCHW, groups and dilation mapped). With ``fold``, per-channel affine ops right after a conv
-    (batch norm in inference) are folded into it. Checked with ONNX Runtime on batches of the
-    example's size and one more.
+    (batch norm in inference) are folded into it. A model returning a pytree of arrays (big_vision's
+    ``(logits, {"stem": ..., ...})``) gets one graph output per array, named by its path in the
+    tree (:func:`lrjax.runtimes.output_names`). Checked with ONNX Runtime on batches of the
+    example's size and one more, every output against its own scale.
     """
     from lrjax import onnx_convert
 
@@ -272,7 +282,7 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     err, scale = 0.0, 0.0
     if check:
         session = onnx_session(data)
-        err, scale = _compare(lambda x: session.run(None, {"input": x})[0], forward, shape,
+        err, scale = _compare(lambda x: session.run(None, {"input": x}), forward, shape,
                               batches, "ONNX Runtime")
     size = _write(path, data)
     return ExportResult(path, "onnx", err, scale, batches if check else (), size)
@@ -295,6 +305,12 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     shape = _check_input(example_input)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, for_litert=True)
+    outputs = jax.eval_shape(forward, jax.ShapeDtypeStruct(shape, np.float32))
+    if len(jax.tree.leaves(outputs)) != 1:
+        raise ExportError(f"LiteRT export takes a model returning one array; this one returns "
+                          f"{len(jax.tree.leaves(outputs))} ({', '.join(runtimes.output_names(outputs))}): "
+                          "export a function of the model that returns the one you deploy "
+                          "(ONNX and StableHLO take them all)")
     nnx_model = isinstance(module, nnx.Module)
     large = runtimes.weight_bytes(nnx.state(module) if nnx_model else variables) \
         >= runtimes.BUFFER_OFFSET_BYTES
@@ -310,7 +326,7 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     err, scale = 0.0, 0.0
     if check:
         run = litert_runner(litert_interpreter(data))
-        err, scale = _compare(run, forward, shape, batches, "LiteRT")
+        err, scale = _compare(lambda x: [run(x)], forward, shape, batches, "LiteRT")
     size = _write(path, data)
     return ExportResult(path, "tflite", err, scale, batches if check else (), size)
 
