@@ -366,6 +366,7 @@ def _vh_decompose_jit(kernel, rank, groups, method, input_cov=None):
     return vh_decompose(kernel, rank, groups=groups, method=method, input_cov=input_cov)
 
 
+@lapack.small_pages()
 def decompose_net(
     kernels: Mapping[str, jax.Array],
     ranks: Mapping[str, int],

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import costs, decompose, formulations, macs, rules, sites
+from lrjax import costs, decompose, formulations, lapack, macs, rules, sites
 from lrjax.costs import as_pair
 from lrjax.layers import (
     conv_skip_reason,
@@ -337,6 +337,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode) -> tuple[int | Non
     return counts["total"] // batch, counts["elementwise"] // batch
 
 
+@lapack.small_pages()
 def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
                   multiple: int | None = None, measure_batch: int = 1, eval_mode: bool = True,
                   **example_kwargs) -> Decomposition:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lrjax import costs, decompose, macs, rules, sites
+from lrjax import costs, decompose, lapack, macs, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.costs import as_pair
 from lrjax.layers import (
@@ -488,6 +488,7 @@ def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
     return score
 
 
+@lapack.small_pages()
 def decompose_linen(model: nn.Module, variables, *example_args, rule, calibration=None,
                     multiple: int | None = None, measure_batch: int = 1,
                     **example_kwargs) -> Decomposition:

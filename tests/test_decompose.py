@@ -377,3 +377,25 @@ def test_factor_errors_match_the_jax_errors():
     assert weighted == pytest.approx(float(D.weighted_relative_error(
         kernel, approx, sums / count, groups=2)), rel=1e-4)
     assert D.factor_errors(kernel, factors, groups=2)[1] is None
+
+
+def test_small_pages_turns_numpys_hugepage_advice_off_and_restores_it():
+    from numpy._core import multiarray
+
+    from lrjax import lapack
+
+    previous = multiarray._set_madvise_hugepage(True)
+    try:
+        with lapack.small_pages():
+            with lapack.small_pages():  # reentrant: the inner block restores nothing
+                pass
+            assert multiarray._set_madvise_hugepage(False) is False  # still off
+        assert multiarray._set_madvise_hugepage(True) is True  # restored
+
+        @lapack.small_pages()
+        def advice_inside():
+            return multiarray._set_madvise_hugepage(False)
+
+        assert advice_inside() is False and multiarray._set_madvise_hugepage(True) is True
+    finally:
+        multiarray._set_madvise_hugepage(previous)
