@@ -221,7 +221,12 @@ def valid_taps(input_size: int, kernel: int, stride: int = 1, pad_low: int = 0, 
 
 @dataclasses.dataclass(frozen=True)
 class ConvShape:
-    """Geometry of one 2-D conv layer (enough to count its cost)."""
+    """Geometry of one 2-D conv layer (enough to count its cost).
+
+    ``images``: how many inputs of ``input_hw`` the layer runs per example of the model (1 for
+    a layer called on the model's batch; more for a layer called on windows or frames folded
+    into the batch, or on a flattened ``(batch * tokens, C)`` input; less for one called on an
+    unbatched input). Costs count all of them."""
 
     name: str
     input_hw: tuple[int, int]
@@ -234,6 +239,7 @@ class ConvShape:
     groups: int = 1
     use_bias: bool = True
     transposed: bool = False
+    images: float = 1
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -290,7 +296,12 @@ def conv_cost(layer: ConvShape) -> Cost:
     """Multiply-adds and parameters (bias included when ``use_bias``) of the full conv."""
     kh, kw, cg, n = layer.kernel_shape
     th, tw = layer.taps_hw
-    return Cost(macs=th * tw * cg * n, params=kh * kw * cg * n + n * layer.use_bias)
+    return Cost(macs=_per_example(th * tw * cg * n, layer),
+                params=kh * kw * cg * n + n * layer.use_bias)
+
+
+def _per_example(macs: int, layer: ConvShape):
+    return macs if layer.images == 1 else macs * layer.images
 
 
 def lowrank_cost(layer: ConvShape, rank: int) -> Cost:
@@ -301,14 +312,14 @@ def lowrank_cost(layer: ConvShape, rank: int) -> Cost:
     first, second = layer._pair_terms()
     macs = first * cg * rank + second * kg * n
     params = kh * cg * rank + kw * kg * n + n * layer.use_bias
-    return Cost(macs=macs, params=params)
+    return Cost(macs=_per_example(macs, layer), params=params)
 
 
 def rank_cost_slope(layer: ConvShape) -> float:
     """Multiply-adds added by one more unit of total rank (the pair's cost is linear in K)."""
     _, _, cg, n = layer.kernel_shape
     first, second = layer._pair_terms()
-    return first * cg + second * n / layer.groups
+    return _per_example(first * cg + second * n / layer.groups, layer)
 
 
 def breakeven_rank(layer: ConvShape) -> int:

@@ -179,10 +179,8 @@ def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool
         transpose = m > n
         x = x.T if transpose else x
         gram = x @ x.T  # a new C-contiguous array, which the solver overwrites
-        # top k only where k is at most 0.3 of the size: for a partial spectrum syevr runs
-        # bisection and inverse iteration, faster than syevd's whole solve only up to there
-        # (m = 4608, one thread: 4.6 s at k = m/4, 8.6 s at m/2 against 6.2 s for all), and
-        # its vectors are a little less orthogonal (at full rank 2e-5 relative error, not 1e-6)
+        # top k only up to 0.3 of the size: syevr's partial solve beats syevd's whole one up to
+        # there (m = 4608: 4.6 s at m/4, 8.6 s at m/2, 6.2 s for all; vectors less orthogonal)
         top = not values and 10 * k <= 3 * gram.shape[0]
         evals, evecs = lapack.eigh_top(gram, k) if top else lapack.eigh(gram)  # ascending
         u = np.ascontiguousarray(evecs[:, ::-1][:, :k])
@@ -488,9 +486,8 @@ def factor_errors(kernel, factors: Factors, *, groups: int = 1,
     float64, in blocks of about 4 MB (rows, or columns with ``input_cov``), not as whole
     matrices: fresh allocations of large arrays cost more than the arithmetic on some hosts, and
     blocks of a few columns make BLAS crawl (VGG-16's fc6 at rank 3270: 66 s in blocks of ten
-    columns, 13 s in blocks of rows). The covariance's products with the residual (the
-    ``O(m^2 n)`` part) run in float32 and are summed in float64: half the time of float64 ones,
-    agreeing to about 1e-6 relative."""
+    columns, 13 s in blocks of rows). The covariance's products (``O(m^2 n)``) run in float32,
+    summed in float64: half the time of float64 ones, agreeing to about 1e-6 relative."""
     kernel = np.asarray(kernel)
     kh, kw, cg, n = kernel.shape
     ng = n // groups

@@ -368,7 +368,7 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
         name=path, input_hw=tuple(int(d) for d in input_shape[-3:-1]),
         in_channels=int(input_shape[-1]), out_channels=int(features), kernel_size=kernel,
         strides=as_pair(conv.strides), padding=padding, dilation=as_pair(conv.kernel_dilation),
-        use_bias=bool(conv.use_bias), transposed=True)
+        use_bias=bool(conv.use_bias), transposed=True, images=math.prod(input_shape[:-3]))
     return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
 
 

@@ -136,7 +136,7 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
         out_channels=int(layer.out_features), kernel_size=tuple(layer.kernel_size),
         strides=as_pair(layer.strides), padding=_padding_key(layer.padding),
         dilation=as_pair(layer.kernel_dilation), groups=int(layer.feature_group_count),
-        use_bias=bool(layer.use_bias)), skip=reason)
+        use_bias=bool(layer.use_bias), images=math.prod(shape[:-3])), skip=reason)
 
 
 class _Probe(nnx.Module):
@@ -236,8 +236,11 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
                                 eval_mode=eval_mode)
     found = [_site(path, convs[path], shape, record["equations"].get(path))
              for path, shape in record["shapes"].items()]
-    return [sites.unless_stacked(site, getattr(getattr(convs[site.path], "kernel", None), "shape",
-                                               None)) for site in found]
+    arrays = [a for a in example_args if isinstance(a, (jax.Array, np.ndarray))]
+    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    return [sites.per_example(sites.unless_stacked(
+        site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)), batch)
+        for site in found]
 
 
 def _given(value):

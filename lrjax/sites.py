@@ -44,7 +44,7 @@ from lrjax import costs, decompose
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
            "contracted_axes", "dense_shape", "dense_rows", "input_moments", "unless_stacked",
-           "device_array", "redefined", "computes_as", "reparametrizes", "subclass_reason"]
+           "device_array", "per_example", "redefined", "computes_as", "reparametrizes", "subclass_reason"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -310,7 +310,20 @@ def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> co
     c, n = math.prod(in_dims), math.prod(out_dims)
     rows = max(math.prod(int(d) for d in input_shape[1:]) // c, 1) if len(input_shape) > 1 else 1
     return costs.ConvShape(name=path, input_hw=(rows, 1), in_channels=c, out_channels=n,
-                           kernel_size=(1, 1), padding="VALID", use_bias=use_bias)
+                           kernel_size=(1, 1), padding="VALID", use_bias=use_bias,
+                           images=int(input_shape[0]) if len(input_shape) > 1 else 1)
+
+
+def per_example(site: ConvSite, batch: int) -> ConvSite:
+    """``site`` with its geometry's ``images``, counted per call of the layer (the call's
+    leading dims), made per example of a model called on ``batch`` examples: 1 for a layer
+    called on the model's batch, more for one called on windows or frames folded into the
+    batch or on a flattened ``(batch * tokens, C)`` input, less for one called unbatched."""
+    if site.shape is None or batch == 1:
+        return site
+    images = site.shape.images / batch
+    images = int(images) if float(images).is_integer() else images
+    return dataclasses.replace(site, shape=dataclasses.replace(site.shape, images=images))
 
 
 def contracted_axes(layer) -> tuple[int, ...]:

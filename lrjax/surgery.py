@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -72,7 +73,7 @@ def _conv_shape(path: str, module, x) -> costs.ConvShape:
         out_channels=int(module.features), kernel_size=as_pair(module.kernel_size),
         strides=as_pair(module.strides), padding=module.padding,
         dilation=as_pair(module.kernel_dilation), groups=int(module.feature_group_count),
-        use_bias=bool(module.use_bias))
+        use_bias=bool(module.use_bias), images=math.prod(x.shape[:-3]))
 
 
 def _einsum_site(path: str, module, x, equation) -> ConvSite:
@@ -217,9 +218,11 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         return next_fun(*args, **kwargs)
 
     shapes = _flat(_abstract_init(model, example_args, example_kwargs, record).get("params", {}))
-    return [sites.unless_stacked(site, getattr(shapes.get((*site.path.split("/"), "kernel")),
-                                               "shape", None))
-            for site in found.values()]
+    arrays, _ = _split_static(example_args)
+    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    return [sites.per_example(sites.unless_stacked(
+        site, getattr(shapes.get((*site.path.split("/"), "kernel")), "shape", None)), batch)
+        for site in found.values()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -452,3 +452,38 @@ def test_nnx_attention_layers_split_and_export(tmp_path):
     assert isinstance(result.module.attention.query, lrjax.nnx_surgery.LowRankLinearNNX)
     exported = export.to_onnx(result.module, None, x, str(tmp_path / "vit.onnx"))
     assert exported.max_abs_error <= 1e-4 * exported.scale
+
+
+class FoldedCalls(nn.Module):
+    """Layers called on other batches than the model's, as public models write them: a conv on
+    windows folded into the batch (Swin), a dense layer on a flattened ``(batch * tokens, C)``
+    input, and a 1x1 conv on an unbatched ``(H, W, C)`` input whose first axis is the batch
+    (jax-models' MPViT calls ``nn.Conv`` on its ``(batch, tokens, C)`` tokens)."""
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        windows = x.reshape(b, 2, h // 2, 2, w // 2, c).transpose(0, 1, 3, 2, 4, 5)
+        windows = nn.relu(nn.Conv(24, (3, 3))(windows.reshape(b * 4, h // 2, w // 2, c)))
+        tokens = windows.reshape(b, -1, 24)
+        flat = nn.relu(nn.Dense(32)(tokens.reshape(-1, 24))).reshape(b, -1, 32)
+        mixed = nn.relu(nn.Conv(32, (1, 1))(flat))  # (b, tokens, 32): an unbatched 2-D conv
+        return nn.Dense(10)(jnp.mean(mixed, axis=1))
+
+
+def test_layers_called_on_folded_or_unbatched_inputs_are_costed_per_example():
+    model, x = FoldedCalls(), jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+    variables = init(model, 0, x)
+    images = {s.path: s.shape.images for s in surgery.find_convs(model, x)}
+    assert images == {"Conv_0": 4, "Dense_0": 64, "Conv_1": 0.25, "Dense_1": 1}
+
+    def lowered(fn, *args):
+        return jax.jit(fn).lower(*args).cost_analysis()["flops"]
+
+    full = lowered(lambda v, x: model.apply(v, x), variables, x)
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.6")
+    low = lowered(lambda v, x: result.module.apply(v, x), result.variables, x)
+    assert set(result.ranks) >= {"Conv_0", "Conv_1"}
+    assert result.report.net_flops[0] * 4 == full
+    assert result.report.speedup >= 1.6
+    assert result.report.speedup == pytest.approx(full / low, rel=1e-3)
