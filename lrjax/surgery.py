@@ -25,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -172,7 +174,24 @@ def _abstract_init(model: nn.Module, args, kwargs, interceptor=None):
         with nn.intercept_methods(interceptor):
             return model.init(_init_rngs(), *rebuild(traced), **kwargs)
 
-    return jax.eval_shape(trace, *arrays)
+    try:
+        return jax.eval_shape(trace, *arrays)
+    except jax.errors.ConcretizationTypeError as e:
+        raise ValueError(untraceable(e)) from None
+
+
+def untraceable(error: Exception) -> str:
+    """The one-line message for a model whose call cannot be traced (it needs a concrete value
+    of a traced array: ``.item()``, ``float()``, Python control flow on values), naming the
+    model's own source line."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not re.search(r"[/\\](jax|jaxlib|flax|lrjax)[/\\]", f.filename)]
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} " \
+            f"({frames[-1].line})" if frames else ""
+    return (f"the model cannot be traced (lrjax finds its layers and counts its cost with "
+            f"jax.eval_shape and jax.jit, as jax.jit(model.apply) would): it needs a concrete "
+            f"value of a traced array{where} ({type(error).__name__}); compute such values from "
+            "static fields or with NumPy")
 
 
 # linear layers seen and left as they are, with the reason
