@@ -236,8 +236,7 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
                                 eval_mode=eval_mode)
     found = [_site(path, convs[path], shape, record["equations"].get(path))
              for path, shape in record["shapes"].items()]
-    arrays = [a for a in example_args if isinstance(a, (jax.Array, np.ndarray))]
-    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
         site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)), batch)
         for site in found]
@@ -330,13 +329,12 @@ def _net_cost(model, example_args, example_kwargs, eval_mode) -> tuple[int | Non
     abstractly (a training-mode call updating its own state)."""
     view = eval_view(nnx.clone(model)) if eval_mode else nnx.clone(model)
     graphdef, state = nnx.split(view)
-    arrays = [a for a in example_args if isinstance(a, (jax.Array, np.ndarray))]
     try:  # the state as an argument: the weights are not constants of the lowered module
         counts = macs.traced_macs(
             lambda st, *a: nnx.merge(graphdef, st)(*a, **example_kwargs), state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
         return None, 0
-    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    batch = sites.example_batch(example_args)
     return counts["total"] // batch, counts["elementwise"] // batch
 
 

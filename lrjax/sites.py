@@ -44,7 +44,8 @@ from lrjax import costs, decompose
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
            "contracted_axes", "dense_shape", "dense_rows", "input_moments", "unless_stacked",
-           "device_array", "per_example", "redefined", "computes_as", "reparametrizes", "subclass_reason"]
+           "device_array", "example_batch", "per_example", "redefined", "computes_as",
+           "reparametrizes", "subclass_reason"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -312,6 +313,15 @@ def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> co
     return costs.ConvShape(name=path, input_hw=(rows, 1), in_channels=c, out_channels=n,
                            kernel_size=(1, 1), padding="VALID", use_bias=use_bias,
                            images=int(input_shape[0]) if len(input_shape) > 1 else 1)
+
+
+def example_batch(args) -> int:
+    """The batch of a model call's positional arguments: the leading dim of the first array
+    among them (1 without one, or for a scalar)."""
+    for a in args:
+        if isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+            return int(a.shape[0]) if a.shape else 1
+    return 1
 
 
 def per_example(site: ConvSite, batch: int) -> ConvSite:

@@ -57,7 +57,7 @@ from lrjax.layers import (
 from lrjax.moments import calibrated_paths
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
-from lrjax.sites import ConvSite
+from lrjax.sites import ConvSite, example_batch
 
 __all__ = [
     "find_convs", "check_variables", "check_inference_call", "decompose_linen",
@@ -237,8 +237,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         return next_fun(*args, **kwargs)
 
     shapes = _flat(_abstract_init(model, example_args, example_kwargs, record).get("params", {}))
-    arrays, _ = _split_static(example_args)
-    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    batch = example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
         site, getattr(shapes.get((*site.path.split("/"), "kernel")), "shape", None)), batch)
         for site in found.values()]
@@ -462,7 +461,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
     flat = _flat(variables)
     arrays, rebuild = _split_static(example_args)
-    batch = int(arrays[0].shape[0]) if arrays and arrays[0].shape else 1
+    batch = example_batch(arrays)
     found = _with_parametrization_flops(found, flat, batch)
     candidates = [s for s in found if s.candidate]
     kernels = _Kernels(flat, candidates)
