@@ -28,8 +28,8 @@ __all__ = ["SPLIT_TYPES", "LowRankConv", "LowRankConvTranspose", "FactorConv", "
            "FactorDense", "FactorEinsum", "LowRankModel", "pair_forward",
            "transposed_pair_forward", "dense_pair_forward", "einsum_pair_forward",
            "pair_geometry", "transposed_pair_geometry", "split_padding", "conv_skip_reason",
-           "transposed_skip_reason", "transposed_site", "dense_skip_reason", "module_path",
-           "split_type"]
+           "transposed_skip_reason", "transposed_site", "input_dilated", "dilated_conv_site",
+           "dense_skip_reason", "module_path", "split_type"]
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's
 
@@ -372,6 +372,31 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
     return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
 
 
+def input_dilated(conv) -> bool:
+    """Whether a conv (``nn.Conv`` / ``nnx.Conv``) runs on its input dilated by
+    ``input_dilation``: a transposed conv written as a conv (JAX requires explicit padding for
+    it). With stride 1 and one feature group it is ``nn.ConvTranspose(strides=input_dilation,
+    padding=padding)`` with the same kernel, and is split as one (:func:`dilated_conv_site`)."""
+    return any(d != 1 for d in as_pair(conv.input_dilation or 1))
+
+
+def dilated_conv_site(path: str, conv, input_shape, base_type=nn.Conv) -> ConvSite:
+    """The site of an input-dilated conv (:func:`input_dilated`) called on ``input_shape``
+    ``(..., H, W, C)``: a transposed conv's (``kind == "transposed"``), strides the input
+    dilation, padding the conv's explicit ``((top, bottom), (left, right))``."""
+    kernel = tuple(conv.kernel_size)
+    padding = conv.padding if isinstance(conv.padding, str) else \
+        explicit_padding(conv.padding, (1, 1), kernel)
+    features = conv.out_features if hasattr(conv, "out_features") else conv.features
+    shape = ConvShape(
+        name=path, input_hw=tuple(int(d) for d in input_shape[-3:-1]),
+        in_channels=int(input_shape[-1]), out_channels=int(features), kernel_size=kernel,
+        strides=as_pair(conv.input_dilation), padding=padding,
+        dilation=as_pair(conv.kernel_dilation), use_bias=bool(conv.use_bias), transposed=True,
+        images=math.prod(input_shape[:-3]))
+    return ConvSite(path, shape, skip=conv_skip_reason(conv, base_type))
+
+
 def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
     """Why a conv (``nn.Conv`` or ``nnx.Conv``: same attribute names) cannot be split into a
     pair, or None. ``base_type``: the type decomposed (with its subclasses that compute as it
@@ -382,8 +407,14 @@ def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
         return f"not a 2-D conv (kernel_size {size})"
     if computes_as(conv, (base_type,)) is None:
         return subclass_reason(conv, base_type)
-    if any(d != 1 for d in as_pair(conv.input_dilation)):
-        return f"input dilation {conv.input_dilation} (transposed conv)"
+    if input_dilated(conv):
+        if isinstance(conv.padding, str):
+            return f"input dilation {conv.input_dilation} with {conv.padding!r} padding"
+        if any(s != 1 for s in as_pair(conv.strides or 1)):
+            return f"input dilation {conv.input_dilation} with strides {conv.strides}"
+        if conv.feature_group_count != 1:
+            return (f"input dilation {conv.input_dilation} with "
+                    f"feature_group_count={conv.feature_group_count}")
     if conv.mask is not None:
         return "masked kernel"
     if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
@@ -507,12 +538,13 @@ class LowRankModel(nn.Module):
             if base is nn.Einsum:
                 equation = called_equation(module.einsum_str, call_args[1:], call_kwargs)
                 return einsum_pair_forward(x, module, rank, equation, mid_norm, where=path)
-            if transposed:
+            if transposed or (base is nn.Conv and input_dilated(module)):
                 return transposed_pair_forward(
                     x, features=module.features, kernel_size=module.kernel_size, rank=rank,
-                    strides=module.strides, padding=module.padding,
-                    kernel_dilation=module.kernel_dilation, use_bias=module.use_bias,
-                    transpose_kernel=module.transpose_kernel, mid_norm=mid_norm,
+                    strides=module.strides if transposed else module.input_dilation,
+                    padding=module.padding, kernel_dilation=module.kernel_dilation,
+                    use_bias=module.use_bias,
+                    transpose_kernel=transposed and module.transpose_kernel, mid_norm=mid_norm,
                     dtype=module.dtype, param_dtype=module.param_dtype,
                     precision=module.precision, kernel_init=module.kernel_init,
                     bias_init=module.bias_init, where=path)

@@ -26,6 +26,8 @@ from lrjax.costs import as_pair
 from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
+    dilated_conv_site,
+    input_dilated,
     pair_geometry,
     transposed_pair_geometry,
     transposed_site,
@@ -131,6 +133,8 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
     reason = conv_skip_reason(layer, nnx.Conv)
     if reason and reason.startswith("not a 2-D"):
         return ConvSite(path, None, skip=reason)
+    if reason is None and input_dilated(layer):
+        return dilated_conv_site(path, layer, shape, nnx.Conv)
     return ConvSite(path, costs.ConvShape(
         name=path, input_hw=tuple(shape[-3:-1]), in_channels=int(shape[-1]),
         out_channels=int(layer.out_features), kernel_size=tuple(layer.kernel_size),
@@ -282,10 +286,12 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankCo
         horizontal = nnx.LinearGeneral(rank, out_dims, axis=-1, use_bias=layer.use_bias,
                                        **second, **common)
         return LowRankLinearNNX(vertical, horizontal)
-    if site.kind == "transposed":
-        geometry = transposed_pair_geometry(layer.kernel_size, layer.strides, layer.padding,
-                                            layer.kernel_dilation)
-        common.update(transpose_kernel=layer.transpose_kernel)
+    if site.kind == "transposed":  # an nnx.ConvTranspose, or an input-dilated nnx.Conv
+        conv = isinstance(layer, nnx.Conv)
+        geometry = transposed_pair_geometry(
+            layer.kernel_size, layer.input_dilation if conv else layer.strides, layer.padding,
+            layer.kernel_dilation)
+        common.update(transpose_kernel=not conv and layer.transpose_kernel)
         vertical = nnx.ConvTranspose(layer.in_features, rank, use_bias=False, **geometry[0],
                                      **first, **common)
         horizontal = nnx.ConvTranspose(rank, layer.out_features, use_bias=layer.use_bias,

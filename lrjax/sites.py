@@ -17,7 +17,8 @@ kind            the layer                              geometry as a conv
                 ``nn.Einsum`` (:func:`einsum_split`)   pixels; 1 for a classifier's input)
 ``transposed``  ``nn.ConvTranspose`` /                 a conv on the input dilated by the strides
                 ``nnx.ConvTranspose`` (SAME, VALID or  (``ConvShape.transposed``); vertical ``kh x 1``
-                explicit padding)                      then horizontal ``1 x kw`` transposed convs
+                explicit padding); a conv with         then horizontal ``1 x kw`` transposed convs
+                ``input_dilation`` (its strides)
 ==============  =====================================  ===========================================
 
 Variable layout of a split layer, in the layer's own scope: ``vertical/kernel`` (the first

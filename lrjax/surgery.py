@@ -50,6 +50,8 @@ from lrjax.layers import (
     LowRankModel,
     conv_skip_reason,
     dense_skip_reason,
+    dilated_conv_site,
+    input_dilated,
     module_path,
     split_type,
     transposed_site,
@@ -136,6 +138,8 @@ def _plain_site(path: str, module, x, equation=None) -> ConvSite:
     if isinstance(module, LowRankConv):
         return ConvSite(path, _conv_shape(path, module, x), rank=module.rank)
     reason = conv_skip_reason(module)
+    if reason is None and input_dilated(module):
+        return dilated_conv_site(path, module, x.shape)
     shape = None if reason and reason.startswith("not a 2-D") else _conv_shape(path, module, x)
     return ConvSite(path, shape, skip=reason)
 

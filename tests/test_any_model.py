@@ -129,7 +129,7 @@ def test_unsplittable_convs_are_left_with_the_reason():
     class Odd(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.Conv(4, (3, 3), input_dilation=2, padding=1)(x)
+            x = nn.Conv(4, (3, 3), input_dilation=2, strides=2, padding=1)(x)
             x = nn.Conv(4, (3, 3), mask=jnp.ones((3, 3, 4, 4)))(x)
             x = nn.Conv(4, (3,))(x.reshape(x.shape[0], -1, 4))  # 1-D
             return x
@@ -138,7 +138,7 @@ def test_unsplittable_convs_are_left_with_the_reason():
     model = Odd()
     variables = init(model, 0, x)
     sites = {s.path: s.skip for s in surgery.find_convs(model, x)}
-    assert sites["Conv_0"].startswith("input dilation")
+    assert sites["Conv_0"] == "input dilation 2 with strides 2"
     assert sites["Conv_1"] == "masked kernel"
     assert sites["Conv_2"].startswith("not a 2-D conv")
     with pytest.raises(ValueError, match=r"no layer this rule can decompose \(found Conv_0: "

@@ -185,3 +185,72 @@ def test_transposed_convs_export_to_litert(tmp_path):
     result = export.to_tflite(split, None, X, str(tmp_path / "nnx.tflite"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
     assert type(split.up.vertical) is nnx.ConvTranspose  # the export worked on a copy
+
+
+class Dilated(nn.Module):
+    """An upsampler written as a conv on its dilated input (scenic's U-Net ``DeConv3x3``)."""
+    kwargs: dict
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(6, name="up", **self.kwargs)(nn.relu(x))
+
+
+class DilatedNNX(nnx.Module):
+    def __init__(self, kwargs, rngs):
+        self.up = nnx.Conv(4, 6, rngs=rngs, **kwargs)
+
+    def __call__(self, x):
+        return self.up(nnx.relu(x))
+
+
+DILATED = [dict(kernel_size=(3, 3), input_dilation=(2, 2), padding=((1, 2), (1, 2))),
+           dict(kernel_size=(3, 2), input_dilation=(2, 1), padding=((2, 1), (0, 1)),
+                kernel_dilation=(1, 2))]
+
+
+@pytest.mark.parametrize("kwargs", DILATED, ids=("3x3 deconv", "3x2 rows only"))
+def test_input_dilated_convs_split_as_transposed_convs(kwargs, tmp_path):
+    """``nn.Conv(input_dilation=d)`` is ``nn.ConvTranspose(strides=d)`` with the same kernel and
+    explicit padding: split, costed, calibrated and exported as one, in linen and NNX."""
+    model = Dilated(kwargs)
+    variables = init(model, 0, X)
+    (site,) = surgery.find_convs(model, X)
+    assert site.candidate and site.kind == "transposed" and not site.transpose_kernel
+    assert site.shape.strides == kwargs["input_dilation"]
+    top = costs.max_rank(site.shape.kernel_shape)
+    result = lrjax.decompose_linen(model, variables, X, rule={"up": top})
+    want = apply(model, variables, X)
+    np.testing.assert_allclose(apply(result.module, result.variables, X), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+    kh, kw = kwargs["kernel_size"]
+    assert result.variables["params"]["up"]["vertical"]["kernel"].shape == (kh, 1, 4, top)
+    assert costs.conv_cost(site.shape).macs == _traced(
+        lambda v, x: model.apply(v, x), variables, X)
+    assert costs.lowrank_cost(site.shape, 2).macs == _traced(
+        lambda v, x: r2.module.apply(v, x), (r2 := lrjax.decompose_linen(
+            model, variables, X, rule={"up": 2})).variables, X)
+    calib = jax.random.normal(jax.random.key(2), (8, 5, 6, 4)) * jnp.linspace(0.1, 3.0, 4)
+    want = apply(model, variables, calib)
+    errors = [float(jnp.linalg.norm(apply(r.module, r.variables, calib) - want)
+                    / jnp.linalg.norm(want))
+              for r in (lrjax.decompose_linen(model, variables, X, rule={"up": 4},
+                                              calibration=c) for c in (None, calib))]
+    assert errors[1] < 0.85 * errors[0]
+    onnx = export.to_onnx(r2.module, r2.variables, X, str(tmp_path / "pair.onnx"))
+    assert onnx.max_abs_error <= export.ATOL + export.RTOL * onnx.scale
+    nnx_model = DilatedNNX(kwargs, nnx.Rngs(0))
+    (nnx_site,) = nnx_surgery.find_convs_nnx(nnx_model, X)
+    assert nnx_site.kind == "transposed" and nnx_site.shape == site.shape
+    nnx_result = lrjax.decompose_nnx(nnx_model, X, rule={"up": top})
+    nnx_want = nnx_model(X)
+    np.testing.assert_allclose(nnx_result.module(X), nnx_want,
+                               atol=2e-5 * float(jnp.abs(nnx_want).max()))
+
+
+def test_input_dilated_convs_that_stay_whole_say_why():
+    strided = Dilated(dict(kernel_size=(3, 3), input_dilation=2, strides=2, padding=1))
+    (site,) = surgery.find_convs(strided, X)
+    assert not site.candidate and "input dilation 2 with strides 2" in site.skip
+    with pytest.raises(ValueError, match="layer 'up' cannot be decomposed: input dilation"):
+        apply(LowRankModel.wrap(strided, {"up": 2}), init(strided, 0, X), X)
