@@ -133,7 +133,7 @@ def test_recommended_flags_respect_the_user(monkeypatch):
 
 def test_gpu_check_smoke(tmp_path):
     path = str(tmp_path / "gpu.json")
-    gpu_check.main(["--models", "nin", "--batches", "nin=4", "--dtypes", "float32",
+    gpu_check.main(["--models", "cnn", "--batches", "cnn=4", "--dtypes", "float32",
                     "--repeats", "1", "--json", path])
     runs = json.load(open(path))["runs"]
     assert [(r["policy"], r["dtype"]) for r in runs] == [("portable", "float32"),
