@@ -22,7 +22,14 @@ import jax.numpy as jnp
 from lrjax import formulations
 from lrjax.costs import ConvShape, as_pair, check_rank, explicit_padding
 from lrjax.ranks import check_rank_map
-from lrjax.sites import ConvSite, called_equation, computes_as, einsum_split, subclass_reason
+from lrjax.sites import (
+    ConvSite,
+    called_equation,
+    computes_as,
+    conv_view,
+    einsum_split,
+    subclass_reason,
+)
 
 __all__ = ["SPLIT_TYPES", "LowRankConv", "LowRankConvTranspose", "FactorConv", "FactorConvTranspose",
            "FactorDense", "FactorEinsum", "LowRankModel", "pair_forward",
@@ -62,8 +69,16 @@ def pair_geometry(kernel_size, strides=1, padding="SAME", kernel_dilation=1) -> 
     A ``kh x kw`` conv splits as in the paper: rows (stride, padding, dilation) to the vertical
     ``kh x 1`` conv, columns to the horizontal ``1 x kw`` one. A 1x1 conv becomes two 1x1 convs,
     the first taking both strides and the padding (so the second runs on the output's pixels
-    only); the output shape equals the conv's for every padding form.
+    only); the output shape equals the conv's for every padding form. A 1-D conv (and a
+    pointwise N-D one) becomes the conv itself at ``C -> K`` then a pointwise ``K -> N``
+    (:func:`lrjax.sites.conv_view`).
     """
+    kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    if len(kernel) != 2:  # 1-D, or pointwise N-D: the first conv takes it all (conv_view)
+        ones = (1,) * len(kernel)
+        return (dict(kernel_size=kernel, strides=strides, padding=padding,
+                     kernel_dilation=kernel_dilation),
+                dict(kernel_size=ones, strides=ones, padding="VALID", kernel_dilation=ones))
     kh, kw = as_pair(kernel_size, "kernel_size")
     sh, sw = as_pair(strides, "strides")
     dh, dw = as_pair(kernel_dilation, "kernel_dilation")
@@ -125,11 +140,13 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
     Returns:
       ``(..., H_out, W_out, features)``.
     """
-    kh, kw = as_pair(kernel_size, "kernel_size")
+    kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    kh, kw = (kernel[0], 1) if len(kernel) == 1 else (1, 1) if len(kernel) > 2 else kernel
     groups = feature_group_count
     c = x.shape[-1]
-    if x.ndim < 3:
-        raise ValueError(f"{where}: input must be (..., H, W, C); got shape {x.shape}")
+    if x.ndim < len(kernel) + 1:
+        raise ValueError(f"{where}: input must be (..., {len(kernel)} spatial dims, C); got "
+                         f"shape {x.shape}")
     if c % groups:
         raise ValueError(f"{where}: input channels {c} (input shape {x.shape}) are not divisible "
                          f"by feature_group_count={groups}")
@@ -377,7 +394,8 @@ def input_dilated(conv) -> bool:
     ``input_dilation``: a transposed conv written as a conv (JAX requires explicit padding for
     it). With stride 1 and one feature group it is ``nn.ConvTranspose(strides=input_dilation,
     padding=padding)`` with the same kernel, and is split as one (:func:`dilated_conv_site`)."""
-    return any(d != 1 for d in as_pair(conv.input_dilation or 1))
+    dilation = conv.input_dilation or 1
+    return any(d != 1 for d in ((dilation,) if isinstance(dilation, int) else dilation))
 
 
 def dilated_conv_site(path: str, conv, input_shape, base_type=nn.Conv) -> ConvSite:
@@ -403,11 +421,15 @@ def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
     does, :func:`computes_as`)."""
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
-    if len(kernel) != 2:
-        return f"not a 2-D conv (kernel_size {size})"
+    if len(kernel) > 2:
+        view = conv_view(kernel, conv.strides, conv.padding, 1, (1,) * (len(kernel) + 2))
+        if isinstance(view, str):
+            return view
     if computes_as(conv, (base_type,)) is None:
         return subclass_reason(conv, base_type)
     if input_dilated(conv):
+        if len(kernel) != 2:
+            return f"input dilation {conv.input_dilation} of a {len(kernel)}-D conv"
         if isinstance(conv.padding, str):
             return f"input dilation {conv.input_dilation} with {conv.padding!r} padding"
         if any(s != 1 for s in as_pair(conv.strides or 1)):
@@ -417,7 +439,7 @@ def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
                     f"feature_group_count={conv.feature_group_count}")
     if conv.mask is not None:
         return "masked kernel"
-    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL":
+    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL" and len(kernel) != 1:
         return "causal padding"
     return None
 

@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from lrjax import costs, decompose, formulations, lapack, macs, rules, sites
-from lrjax.costs import as_pair
 from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
@@ -131,16 +130,17 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
                                                 bool(layer.use_bias)),
                         dense_dims=(in_dims, out_dims))
     reason = conv_skip_reason(layer, nnx.Conv)
-    if reason and reason.startswith("not a 2-D"):
-        return ConvSite(path, None, skip=reason)
+    dims = sites.spatial_dims(layer.kernel_size)
+    if reason is not None and dims != 2:
+        return ConvSite(path, None, skip=reason, conv_dims=dims)
     if reason is None and input_dilated(layer):
         return dilated_conv_site(path, layer, shape, nnx.Conv)
+    view = sites.conv_view(layer.kernel_size, layer.strides, _padding_key(layer.padding),
+                           layer.kernel_dilation, shape)
     return ConvSite(path, costs.ConvShape(
-        name=path, input_hw=tuple(shape[-3:-1]), in_channels=int(shape[-1]),
-        out_channels=int(layer.out_features), kernel_size=tuple(layer.kernel_size),
-        strides=as_pair(layer.strides), padding=_padding_key(layer.padding),
-        dilation=as_pair(layer.kernel_dilation), groups=int(layer.feature_group_count),
-        use_bias=bool(layer.use_bias), images=math.prod(shape[:-3])), skip=reason)
+        name=path, in_channels=int(shape[-1]), out_channels=int(layer.out_features),
+        groups=int(layer.feature_group_count), use_bias=bool(layer.use_bias), **view),
+        skip=reason, conv_dims=dims)
 
 
 class _Probe(nnx.Module):

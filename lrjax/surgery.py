@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 import traceback
@@ -40,7 +39,6 @@ from flax import traverse_util
 
 from lrjax import costs, decompose, lapack, macs, rules, sites
 from lrjax import ranks as rank_lib
-from lrjax.costs import as_pair
 from lrjax.layers import (
     FactorConv,
     FactorConvTranspose,
@@ -72,12 +70,12 @@ __all__ = [
 
 
 def _conv_shape(path: str, module, x) -> costs.ConvShape:
-    return costs.ConvShape(
-        name=path, input_hw=tuple(x.shape[-3:-1]), in_channels=int(x.shape[-1]),
-        out_channels=int(module.features), kernel_size=as_pair(module.kernel_size),
-        strides=as_pair(module.strides), padding=module.padding,
-        dilation=as_pair(module.kernel_dilation), groups=int(module.feature_group_count),
-        use_bias=bool(module.use_bias), images=math.prod(x.shape[:-3]))
+    view = sites.conv_view(module.kernel_size, module.strides, module.padding,
+                           module.kernel_dilation, x.shape)
+    return costs.ConvShape(name=path, in_channels=int(x.shape[-1]),
+                           out_channels=int(module.features),
+                           groups=int(module.feature_group_count),
+                           use_bias=bool(module.use_bias), **view)
 
 
 def _einsum_site(path: str, module, x, equation) -> ConvSite:
@@ -140,8 +138,9 @@ def _plain_site(path: str, module, x, equation=None) -> ConvSite:
     reason = conv_skip_reason(module)
     if reason is None and input_dilated(module):
         return dilated_conv_site(path, module, x.shape)
-    shape = None if reason and reason.startswith("not a 2-D") else _conv_shape(path, module, x)
-    return ConvSite(path, shape, skip=reason)
+    dims = sites.spatial_dims(module.kernel_size)
+    shape = _conv_shape(path, module, x) if reason is None or dims == 2 else None
+    return ConvSite(path, shape, skip=reason, conv_dims=dims)
 
 
 def _layer_input(args, kwargs):

@@ -1,0 +1,164 @@
+"""1-D convs (audio front ends, temporal convs: any window, stride, dilation, groups, explicit
+or causal padding) and pointwise N-D convs (a video net's 1x1x1) are candidates: the closed form
+on their 2-D view (a ``(k, 1)`` window; a 1x1 conv over the last two spatial dims), in the
+layer's own kernel rank, costed as XLA counts them, data-free and calibrated, linen and NNX.
+N-D convs with a larger window stay whole with the reason."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import costs, macs, nnx_surgery, surgery
+from tests.helpers import apply, init
+
+ONE_D = {  # name: nn.Conv arguments, as audio and sequence models write them
+    "frontend": dict(features=24, kernel_size=(10,), strides=5, padding="VALID"),
+    "dilated": dict(features=32, kernel_size=(3,), strides=2, padding=[(1, 0)],
+                    kernel_dilation=2),
+    "causal": dict(features=32, kernel_size=(3,), padding="CAUSAL", feature_group_count=4),
+    "pointwise": dict(features=40, kernel_size=1),
+}
+
+
+class Temporal(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for name, kwargs in ONE_D.items():
+            x = nn.gelu(nn.Conv(name=name, **kwargs)(x))
+        return nn.Dense(10, name="head")(x.mean(1))
+
+
+class TemporalNNX(nnx.Module):
+    def __init__(self, rngs):
+        channels, convs = 3, []
+        for kwargs in ONE_D.values():
+            kwargs = dict(kwargs)
+            features = kwargs.pop("features")
+            convs.append(nnx.Conv(channels, features, rngs=rngs, **kwargs))
+            channels = features
+        self.convs = nnx.List(convs)
+        self.head = nnx.Linear(channels, 10, rngs=rngs)
+
+    def __call__(self, x):
+        for conv in self.convs:
+            x = nnx.gelu(conv(x))
+        return self.head(x.mean(1))
+
+
+class Video(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (2, 4, 4), strides=(2, 4, 4), name="tubelet")(x)
+        x = nn.relu(nn.Conv(32, (1, 1, 1), name="expand")(x))
+        x = nn.relu(nn.Conv(24, (1, 1, 1), name="project")(x))
+        return nn.Dense(10, name="head")(x.mean((1, 2, 3)))
+
+
+X = jax.random.normal(jax.random.key(0), (2, 200, 3))
+CALIB = jax.random.normal(jax.random.key(1), (8, 200, 3)) * jnp.array([0.2, 1.0, 3.0])
+CLIP = jax.random.normal(jax.random.key(2), (2, 4, 16, 16, 3))
+
+
+def _top(sites):
+    return {s.path: costs.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
+            for s in sites if s.candidate}
+
+
+def _lowered_flops(fn, *args) -> float:
+    """XLA's flop count of the lowered program: what the report's whole-net cost is (the
+    compiled module's differs by its fusions' recomputed element-wise work)."""
+    analysis = jax.jit(fn).lower(*args).cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def _traced(fn, *args) -> int:
+    return macs.traced_macs(fn, *args)["total"] // args[-1].shape[0]
+
+
+def test_one_d_convs_split_exactly_in_their_own_kernel_rank_and_cost_what_xla_counts():
+    model = Temporal()
+    variables = init(model, 0, X)
+    sites = surgery.find_convs(model, X)
+    assert [(s.path, s.kind, s.conv_dims) for s in sites if s.path != "head"] == [
+        ("frontend", "kxk", 1), ("dilated", "kxk", 1), ("causal", "kxk", 1),
+        ("pointwise", "1x1", 1)]
+    assert all(s.candidate for s in sites)
+    top = _top(sites)
+    result = lrjax.decompose_linen(model, variables, X, rule=top)
+    want = apply(model, variables, X)
+    np.testing.assert_allclose(apply(result.module, result.variables, X), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+    params = result.variables["params"]
+    assert params["frontend"]["vertical"]["kernel"].shape == (10, 3, top["frontend"])
+    assert params["frontend"]["horizontal"]["kernel"].shape == (1, top["frontend"], 24)
+    assert params["causal"]["vertical"]["kernel"].shape == (3, 8, top["causal"])
+    # each layer as XLA counts it (a causal conv's padding is part of its input, as Flax pads)
+    for site in sites[:-1]:
+        layer = nn.Sequential([nn.Conv(**ONE_D[site.path])])
+        x = jnp.zeros((1, 50, site.shape.in_channels))
+        (one,) = surgery.find_convs(layer, x)
+        v = init(layer, 0, x)
+        pair = lrjax.decompose_linen(layer, v, x, rule={"layers_0": 4})
+        assert costs.conv_cost(one.shape).macs == _traced(
+            lambda v, x, m=layer: m.apply(v, x), v, x)
+        assert costs.lowrank_cost(one.shape, 4).macs == _traced(
+            lambda v, x, m=pair.module: m.apply(v, x), pair.variables, x)
+    # a whole-net rule's speedup is XLA's flop ratio
+    whole = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5")
+    flops = [_lowered_flops(lambda v, x, m=m: m.apply(v, x), v, X)
+             for m, v in ((model, variables), (whole.module, whole.variables))]
+    assert flops[0] / flops[1] == pytest.approx(whole.report.speedup, rel=1e-5)
+    assert whole.report.speedup >= 1.5
+
+
+def test_one_d_calibration_fits_the_layer_outputs_in_linen_and_nnx():
+    model = Temporal()
+    variables = init(model, 0, X)
+    ranks = {"frontend": 3, "dilated": 6, "causal": 8, "pointwise": 6}
+    want = apply(model, variables, CALIB)
+    errors = [float(jnp.linalg.norm(apply(r.module, r.variables, CALIB) - want)
+                    / jnp.linalg.norm(want))
+              for r in (lrjax.decompose_linen(model, variables, X, rule=ranks, calibration=c)
+                        for c in (None, CALIB))]
+    assert errors[1] < 0.8 * errors[0]
+    nnx_model = TemporalNNX(nnx.Rngs(0))
+    linen_sites = {s.path: s.shape for s in surgery.find_convs(model, X)}
+    nnx_sites = nnx_surgery.find_convs_nnx(nnx_model, X)
+    assert [s.shape.kernel_shape for s in nnx_sites] == [
+        linen_sites[p].kernel_shape for p in (*ONE_D, "head")]
+    paths = {p: s.path for p, s in zip(ONE_D, nnx_sites, strict=False)}
+    top = lrjax.decompose_nnx(nnx_model, X, rule=_top(nnx_sites))
+    nnx_want = nnx_model(X)
+    np.testing.assert_allclose(top.module(X), nnx_want, atol=2e-5 * float(jnp.abs(nnx_want).max()))
+    nnx_ranks = {paths[p]: r for p, r in ranks.items()}
+    nnx_want = nnx_model(CALIB)
+    nnx_errors = [float(jnp.linalg.norm(r.module(CALIB) - nnx_want) / jnp.linalg.norm(nnx_want))
+                  for r in (lrjax.decompose_nnx(nnx_model, X, rule=nnx_ranks, calibration=c)
+                            for c in (None, CALIB))]
+    assert nnx_errors[1] < 0.8 * nnx_errors[0]
+
+
+def test_pointwise_n_d_convs_split_and_larger_windows_say_why():
+    model = Video()
+    variables = init(model, 0, CLIP)
+    sites = {s.path: s for s in surgery.find_convs(model, CLIP)}
+    assert not sites["tubelet"].candidate and "a 3-D conv (kernel_size (2, 4, 4)" in \
+        sites["tubelet"].skip
+    assert sites["expand"].kind == "1x1" and sites["expand"].conv_dims == 3
+    top = _top(sites.values())
+    result = lrjax.decompose_linen(model, variables, CLIP, rule=top)
+    want = apply(model, variables, CLIP)
+    np.testing.assert_allclose(apply(result.module, result.variables, CLIP), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+    assert result.variables["params"]["expand"]["vertical"]["kernel"].shape == \
+        (1, 1, 1, 16, top["expand"])
+    whole = lrjax.decompose_linen(model, variables, CLIP, rule="speedup:1.3", calibration=CLIP)
+    assert set(whole.ranks) <= {"expand", "project", "head"}
+    assert "tubelet" in whole.report.skipped
+    flops = [_lowered_flops(lambda v, x, m=m: m.apply(v, x), v, CLIP)
+             for m, v in ((model, variables), (whole.module, whole.variables))]
+    assert flops[0] / flops[1] == pytest.approx(whole.report.speedup, rel=1e-5)
