@@ -21,6 +21,10 @@ kind            the layer                              geometry as a conv
                 ``input_dilation`` (its strides)
 ==============  =====================================  ===========================================
 
+A 1-D conv is costed and factored as the ``(k, 1)`` conv of its 2-D view and a pointwise N-D
+conv as a 1x1 conv (:func:`conv_view`); their factors keep the layer's own kernel rank
+(``(k, C/groups, K)`` and ``(1, K/groups, N)``).
+
 Variable layout of a split layer, in the layer's own scope: ``vertical/kernel`` (the first
 factor, no bias), ``horizontal/kernel`` and ``horizontal/bias`` (the layer's own bias). For convs
 the factors are HWIO kernels ``(kh, 1, C/groups, K)`` and ``(1, kw, K/groups, N)``; for dense
