@@ -15,8 +15,10 @@ from absl import flags
 from absl import logging as absl_logging
 
 from experiments import entry
-from lrjax import checkpoint, train, xla_flags
-from lrjax.data import DataError
+from lrjax import xla_flags
+
+# lrjax.train (and with it TensorFlow, Orbax) loads once the flags parse: a bad flag is one
+# error line in about a second, not after five seconds of imports
 
 _CONFIG = entry.define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "cifar_nin.py"),
@@ -26,6 +28,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 
 
 def run(config, workdir: str) -> list:
+    from lrjax import train
+
     if not config.compare:
         return [train.train_and_evaluate(config, workdir)]
     results = []
@@ -44,6 +48,9 @@ def main(argv):
     xla_flags.use_recommended_flags()
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     logging.getLogger("lrjax").setLevel(logging.INFO)
+    from lrjax import checkpoint, train
+    from lrjax.data import DataError
+
     try:
         results = run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, DataError, checkpoint.CheckpointError, train.TrainingDiverged) as e:

@@ -16,9 +16,11 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 
-from experiments import entry, imagenet_workflow
-from lrjax import checkpoint, train, xla_flags
-from lrjax.data import DataError
+from experiments import entry
+from lrjax import xla_flags
+
+# the workflow (and with it TensorFlow, Orbax) loads once the flags parse: a bad flag is one
+# error line in about a second
 
 _CONFIG = entry.define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "imagenet_vgg.py"),
@@ -31,6 +33,10 @@ def main(argv):
     xla_flags.use_recommended_flags()
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("lrjax").setLevel(logging.INFO)
+    from experiments import imagenet_workflow
+    from lrjax import checkpoint, train
+    from lrjax.data import DataError
+
     try:
         imagenet_workflow.run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, DataError, checkpoint.CheckpointError, train.TrainingDiverged) as e:
