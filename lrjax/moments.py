@@ -9,6 +9,8 @@ jit-able; re-exported by :mod:`lrjax.decompose`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,29 +153,49 @@ def patch_moments(x: jax.Array, kernel_size, *, strides=1, padding="SAME", dilat
     return sums, jnp.asarray(views[0].shape[0], jnp.float32)
 
 
-def calibration_batches(calibration) -> list[tuple]:
+def calibration_batches(calibration, example_args: tuple | None = None) -> list[tuple]:
     """Calibration data as a list of positional-argument tuples, checked.
 
     Args:
-      calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
-        an iterable of such batches.
+      calibration: one batch of model inputs (an array, a dict for a model that takes one, or a
+        tuple of positional arguments), or an iterable (a list, a generator) of such batches.
+      example_args: the model's example call's positional arguments: each batch must give as
+        many, each with the same structure and the same shapes but for the leading (batch)
+        dim.
 
     Raises:
-      ValueError: no batch, or a batch with NaN/Inf values (naming its index and shape).
+      ValueError: no batch, a batch with NaN/Inf values (naming its index and shape), or a
+        batch that does not fit ``example_args`` (naming both).
     """
-    batches = [calibration] if isinstance(calibration, (jax.Array, np.ndarray, tuple)) \
-        else list(calibration)
+    one = (jax.Array, np.ndarray, tuple, Mapping)
+    batches = [calibration] if isinstance(calibration, one) else list(calibration)
     if not batches:
         raise ValueError("calibration is empty: give a batch or an iterable of batches")
     out = []
     for i, batch in enumerate(batches):
         args = batch if isinstance(batch, tuple) else (batch,)
-        for a in args:
+        for a in jax.tree.leaves(args):
             if isinstance(a, (jax.Array, np.ndarray)) and not np.isfinite(np.asarray(a)).all():
                 raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains NaN/Inf "
                                  "values")
+        if example_args is not None and _layout(args) != _layout(example_args):
+            raise ValueError(
+                f"calibration batch {i} is {_describe(args)}; the model's example call takes "
+                f"{_describe(example_args)} (give each batch as the model's positional "
+                "arguments, a tuple when there are several; any batch size)")
         out.append(args)
     return out
+
+
+def _layout(args: tuple):
+    """Structure and per-example shapes of positional arguments (arrays' leading dim dropped)."""
+    leaves, tree = jax.tree.flatten(args)
+    return tree, [tuple(np.shape(a)[1:]) if np.ndim(a) else None for a in leaves]
+
+
+def _describe(args: tuple) -> str:
+    shapes = jax.tree.map(lambda a: tuple(np.shape(a)) if np.ndim(a) else a, args)
+    return f"{len(args)} positional argument(s) {shapes}"
 
 
 def calibrated_paths(candidates) -> tuple[list[str], str | None]:

@@ -143,6 +143,11 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
         skip=reason, conv_dims=dims)
 
 
+class _Moments(nnx.Variable):
+    """A probe's input moments of the current batch: state, not a Python side effect, so that
+    they leave the traces of transforms around the layer (``nnx.remat``, ``nnx.jit``)."""
+
+
 class _Probe(nnx.Module):
     """Stands in for a layer while the model runs: records its input shape (and moments)."""
 
@@ -150,6 +155,7 @@ class _Probe(nnx.Module):
         self.layer = layer
         self.path = path
         self._record = record
+        self.moments = _Moments(None)
 
     def __call__(self, x, *args, **kwargs):
         record = self._record
@@ -160,7 +166,8 @@ class _Probe(nnx.Module):
                     self.layer.einsum_str, args, kwargs)
         site = record["wanted"].get(self.path)
         if site is not None and self.path not in record["batch"]:  # its first call per batch
-            record["batch"][self.path] = _moments(x, site, _input_axes(self.layer, site.equation))
+            record["batch"][self.path] = True
+            self.moments.value = _moments(x, site, _input_axes(self.layer, site.equation))
         return self.layer(x, *args, **kwargs)
 
 
@@ -214,8 +221,10 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
 
     def run(state, *args):
         record["batch"] = {}
-        nnx.merge(graphdef, state)(*args, **(kwargs or {}))
-        return record["batch"]
+        module = nnx.merge(graphdef, state)
+        module(*args, **(kwargs or {}))
+        return {p.path: p.moments.value for _, p in nnx.iter_graph(module)
+                if isinstance(p, _Probe) and p.path in record["batch"]}
 
     traced = jax.jit(run) if wanted else functools.partial(jax.eval_shape, run)
     for args in batches:
@@ -382,7 +391,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
     covs, note = None, None
     if calibration is not None:
-        batches = rules.calibration_batches(calibration)
+        batches = rules.calibration_batches(calibration, example_args)
         paths, note = calibrated_paths(candidates)
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
                                 example_kwargs, eval_mode)

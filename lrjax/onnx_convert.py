@@ -45,7 +45,7 @@ OPSET = 17
 TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
 # Primitives that wrap a sub-jaxpr: translated inline.
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-          "custom_vjp_call_jaxpr", "remat", "checkpoint")
+          "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint")
 
 
 class _Converter:

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lrjax import costs, decompose, lapack, macs, rules, sites
+from lrjax import costs, lapack, macs, rules, sites
 from lrjax import ranks as rank_lib
+from lrjax.batchnorm import fold_batch_norms
 from lrjax.layers import (
     FactorConv,
     FactorConvTranspose,
@@ -295,50 +296,16 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
                          "inference call's arguments, e.g. train=False") from None
 
 
-def fold_batch_norms(variables, pairs: Mapping[str, str], *, eps: float = 1e-5) -> dict:
-    """Fold each batch norm that directly follows a conv into the conv's kernel and bias.
-
-    ``pairs`` maps a conv path to the path of the ``nn.BatchNorm`` applied to its output
-    (``{"conv1": "bn1"}``). The folded norms' variables are dropped; the caller runs a model
-    without those norms (e.g. the zoo's ``bn=False`` twin). Each conv must have a bias.
-
-    Raises:
-      ValueError: a path without its arrays, or a conv without a bias.
-    """
-    flat = _flat(variables)
-    out = dict(flat)
-
-    def get(key, what, required=True):
-        if key not in flat:
-            if required:
-                raise ValueError(f"cannot fold batch norm {what}: {'/'.join(key)} is missing")
-            return None
-        return sites.device_array(flat[key])
-
-    for conv, bn in pairs.items():
-        cpath, bpath = tuple(conv.split("/")), tuple(bn.split("/"))
-        what = f"{bn!r} into {conv!r}"
-        if ("params", *cpath, "bias") not in flat:
-            raise ValueError(f"cannot fold batch norm {what}: the conv has no bias")
-        kernel, bias = decompose.fold_batch_norm(
-            get(("params", *cpath, "kernel"), what), get(("params", *cpath, "bias"), what),
-            get(("params", *bpath, "scale"), what, False),
-            get(("params", *bpath, "bias"), what, False),
-            get(("batch_stats", *bpath, "mean"), what), get(("batch_stats", *bpath, "var"), what),
-            eps)
-        out[("params", *cpath, "kernel")], out[("params", *cpath, "bias")] = kernel, bias
-        for key in list(out):
-            if key[1:len(bpath) + 1] == bpath:
-                del out[key]
-    return traverse_util.unflatten_dict(out)
-
-
 # ---------------------------------------------------------------------------------------------
 # Calibration
 
 
+_MOMENTS = "lrjax_calibration"  # the collection calibration statistics are sown into
+
+
 def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
-                        example_kwargs: Mapping | None = None) -> dict[str, np.ndarray]:
+                        example_kwargs: Mapping | None = None,
+                        example_args: tuple | None = None) -> dict[str, np.ndarray]:
     """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in ``paths``.
 
     The (full-rank) model runs on every calibration batch (jitted, once per batch shape) with an
@@ -350,6 +317,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
       calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
         an iterable of such batches.
       example_kwargs: keyword arguments of every call (e.g. ``train=False``).
+      example_args: the example call's positional arguments, which each batch must match.
 
     Returns:
       ``{path: (groups, C_g * kh, C_g * kh) float64}``.
@@ -359,16 +327,16 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     """
     kwargs = dict(example_kwargs or {})
     wanted = set(paths)
-    batches = rules.calibration_batches(calibration)
+    batches = rules.calibration_batches(calibration, example_args)
 
     def moments(variables, *args):
-        out = {}
-
+        # sown into a collection, not kept aside: a layer inside a lifted transform (nn.remat,
+        # nn.jit) runs in that transform's trace, and only its collections leave it
         def accumulate(next_fun, call_args, call_kwargs, context):
             module = context.module
             if context.method_name == "__call__" and split_type(module) is not None:
                 path = module_path(module)
-                if path in wanted and path not in out:
+                if path in wanted:
                     x = _layer_input(call_args, call_kwargs)
                     axes = sites.contracted_axes(module)
                     equation = None
@@ -376,12 +344,14 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
                         equation = sites.called_equation(module.einsum_str, call_args[1:],
                                                           call_kwargs)
                         axes = sites.einsum_split(equation).input_axes
-                    out[path] = sites.input_moments(_site(path, module, x, equation), x, axes)
+                    module.sow(_MOMENTS, path,
+                               sites.input_moments(_site(path, module, x, equation), x, axes))
             return next_fun(*call_args, **call_kwargs)
 
         with nn.intercept_methods(accumulate):
-            model.apply(variables, *args, **kwargs)
-        return out
+            _, state = model.apply(variables, *args, mutable=[_MOMENTS], **kwargs)
+        sown = traverse_util.flatten_dict(flax.core.unfreeze(state.get(_MOMENTS, {})))
+        return {key[-1]: calls[0] for key, calls in sown.items()}  # a layer's first call
 
     fn = jax.jit(moments)
     sums, counts = {}, {}
@@ -471,7 +441,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     covs, note = None, None
     if calibration is not None:
         paths, note = calibrated_paths(candidates)
-        covs = calibration_moments(model, variables, calibration, paths, example_kwargs)
+        covs = calibration_moments(model, variables, calibration, paths, example_kwargs,
+                                   example_args)
     counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                               variables, *arrays)
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,

@@ -1,0 +1,125 @@
+"""How others write models: blocks under ``nn.remat`` / ``nn.jit`` / ``nnx.remat`` (gradient
+checkpointing), a dict input, several inputs. Calibration runs through the lifted transforms
+(its statistics are sown into a collection, or NNX state, not kept aside), an exported remat'ed
+model is its computation, and a calibration batch that does not fit the model's call says so."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import export
+from tests.helpers import apply, init
+
+X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
+CALIB = jax.random.normal(jax.random.key(1), (8, 12, 12, 8)) * jnp.linspace(0.1, 3.0, 8)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Conv(16, (3, 3), name="b")(nn.relu(nn.Conv(16, (3, 3), name="a")(x)))
+
+
+class Lifted(nn.Module):
+    transform: str
+
+    @nn.compact
+    def __call__(self, x):
+        lift = {"remat": nn.remat, "jit": nn.jit}[self.transform]
+        x = nn.Conv(16, (3, 3), name="stem")(x)
+        for i in range(2):
+            x = lift(Block)(name=f"block{i}")(x)
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def _output_error(model, result, variables, x):
+    want = apply(model, variables, x)
+    return float(jnp.linalg.norm(apply(result.module, result.variables, x) - want)
+                 / jnp.linalg.norm(want))
+
+
+@pytest.mark.parametrize("transform", ["remat", "jit"])
+def test_calibration_runs_through_lifted_transforms(transform, tmp_path):
+    model = Lifted(transform)
+    variables = init(model, 0, X)
+    ranks = {"block0/a": 4, "block1/b": 4, "stem": 4}
+    results = [lrjax.decompose_linen(model, variables, X, rule=ranks, calibration=c)
+               for c in (None, CALIB)]
+    errors = [_output_error(model, r, variables, CALIB) for r in results]
+    assert errors[1] < 0.9 * errors[0]
+    onnx = export.to_onnx(results[1].module, results[1].variables, X, str(tmp_path / "m.onnx"))
+    assert onnx.max_abs_error <= export.ATOL + export.RTOL * onnx.scale
+
+
+class BlockNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+        self.b = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.b(nnx.relu(self.a(x)))
+
+
+class RematNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+        self.blocks = nnx.List([BlockNNX(rngs) for _ in range(2)])
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = nnx.remat(lambda b, y: b(y))(block, x)
+        return self.head(x.mean((1, 2)))
+
+
+def test_nnx_calibration_runs_through_remat():
+    model = RematNNX(nnx.Rngs(0))
+    ranks = {"blocks/0/a": 4, "blocks/1/b": 4, "stem": 4}
+    want = model(CALIB)
+    errors = [float(jnp.linalg.norm(r.module(CALIB) - want) / jnp.linalg.norm(want))
+              for r in (lrjax.decompose_nnx(model, X, rule=ranks, calibration=c)
+                        for c in (None, CALIB))]
+    assert errors[1] < 0.9 * errors[0]
+
+
+class DictInput(nn.Module):
+    @nn.compact
+    def __call__(self, batch, train: bool = False):
+        x = Block(name="block")(nn.Conv(16, (3, 3), name="stem")(batch["image"]))
+        features = jnp.concatenate([x.mean((1, 2)), batch["meta"]], -1)
+        return nn.Dense(10, name="head")(features)
+
+
+class TwoInputs(nn.Module):
+    @nn.compact
+    def __call__(self, a, b):
+        x = nn.Conv(16, (3, 3), name="ca")(a) + nn.Conv(16, (3, 3), name="cb")(b)
+        return nn.Dense(10, name="head")(Block(name="block")(x).mean((1, 2)))
+
+
+def test_calibration_batches_take_the_models_inputs_and_say_when_they_do_not_fit():
+    batch = {"image": X, "meta": jnp.ones((4, 3))}
+    model = DictInput()
+    variables = init(model, 0, batch, train=False)
+    calib = {"image": CALIB, "meta": jnp.ones((8, 3))}  # a dict is one batch, not its keys
+    for c in (calib, [calib, calib]):
+        result = lrjax.decompose_linen(model, variables, batch, rule={"block/a": 4},
+                                       calibration=c, train=False)
+        assert result.ranks == {"block/a": 4}
+    two = TwoInputs()
+    two_variables = init(two, 0, X, X)
+    result = lrjax.decompose_linen(two, two_variables, X, X, rule={"cb": 4},
+                                   calibration=(CALIB, CALIB))
+    np.testing.assert_allclose(apply(result.module, result.variables, X, X).shape, (4, 10))
+    with pytest.raises(ValueError, match=r"calibration batch 0 is 1 positional argument\(s\) "
+                                         r"\(\(8, 12, 12, 8\),\); the model's example call takes "
+                                         r"2 positional"):
+        lrjax.decompose_linen(two, two_variables, X, X, rule={"cb": 4}, calibration=CALIB)
+    with pytest.raises(ValueError, match=r"calibration batch 1 is .*\(8, 12, 12, 3\)"):
+        lrjax.decompose_linen(model, variables, batch, rule={"block/a": 4}, train=False,
+                              calibration=[calib, {"image": CALIB[..., :3], "meta": calib["meta"]}])
