@@ -1,6 +1,8 @@
 """Training over several processes, tested here with local CPU processes: two processes with one
 CPU device each (gloo collectives, ``jax.distributed``) on the offline digits config run the
-same computation as one process with two devices, write one checkpoint, and resume it."""
+computation of one process with one device (up to reduction order), write one checkpoint, and
+resume it. (A mesh over two devices of one process, the same sharded program without
+``jax.distributed``, is not run here: a third training process cost the 2-core suite ~10 s.)"""
 
 import json
 import os
@@ -14,6 +16,7 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from lrjax import checkpoint, data, train
 
@@ -110,17 +113,17 @@ def test_digits_shards_are_disjoint_and_cover_each_global_batch():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_two_devices_and_resume(tmp_path):
-    """Two processes and one process with two devices train side by side. One of the two dies
-    (SIGKILL) in the second epoch, after the first epoch's checkpoint: the other exits with JAX's
-    heartbeat error within seconds (no hang). A rerun of the pair resumes from that checkpoint
-    and ends where the one-process run ended, which is where this process, with one device, ends
-    too (data parallelism over devices and over processes is the single-device computation)."""
+def test_two_processes_match_one_device_and_resume(tmp_path):
+    """Two processes (one CPU device each) train the digits config; one of them dies (SIGKILL)
+    in the second epoch, after the first epoch's checkpoint: the other exits with JAX's heartbeat error within
+    seconds (no hang). A rerun of the pair resumes from that checkpoint and ends where this
+    process, with one device, ends the same run (data parallelism over processes is the
+    single-device computation: gradients averaged, not summed; every process holds the same
+    parameters; one checkpoint per epoch, written once for both)."""
     port = _port()
     ckpts = tmp_path / "multi" / "checkpoints"
     procs = [_launch(tmp_path / "multi", tmp_path / f"p{i}.npz", 2, 2, 1, i, port,
                      die_at=6 * i) for i in range(2)]
-    alone = _launch(tmp_path / "single", tmp_path / "s.npz", 2, 1, 2)  # at the same time
     try:
         procs[1].communicate(timeout=240)
         killed = time.monotonic()
@@ -137,21 +140,20 @@ def test_two_processes_match_one_process_with_two_devices_and_resume(tmp_path):
     assert jax.device_count() == 1  # and this process, meanwhile, with one device
     one_device = train.train_and_evaluate(digits_config(2), str(tmp_path / "one_device"))
     resumed = [_finish(p) for p in procs]
-    single = _finish(alone)
-    assert single["devices"] == 2 and single["status"] == "completed"
-    np.testing.assert_allclose([(h["train_loss"], h["test_loss"]) for h in single["history"]],
-                               [(h["train_loss"], h["test_loss"]) for h in one_device.history],
-                               rtol=5e-3)  # 8 steps of float reduction-order noise: ~0.3%
     written = checkpoint.TrainCheckpoints(str(ckpts), fingerprint={}).all_steps()
     assert written and written[0] == 4  # one checkpoint per epoch, written once for both
     assert [(r["process"], r["processes"], r["devices"]) for r in resumed] == [(0, 2, 2),
                                                                                (1, 2, 2)]
     assert all(r["status"] == "completed" for r in resumed)
     assert [len(r["history"]) for r in resumed] == [2, 2]  # epoch 1 restored (2 if written)
-    np.testing.assert_allclose([h["test_loss"] for h in resumed[0]["history"]],
-                               [h["test_loss"] for h in single["history"]], rtol=1e-4)
-    q0, q1, ps = (_params(tmp_path / n) for n in ("q0.npz", "q1.npz", "s.npz"))
-    for key in q0:  # the processes hold the same parameters, and those of the 2-device run
-        np.testing.assert_array_equal(q0[key], q1[key])
-        np.testing.assert_allclose(q0[key], ps[key], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(  # 8 steps of float reduction-order noise: ~0.3%
+        [(h["train_loss"], h["test_loss"]) for h in resumed[0]["history"]],
+        [(h["train_loss"], h["test_loss"]) for h in one_device.history], rtol=5e-3)
+    q0, q1 = (_params(tmp_path / n) for n in ("q0.npz", "q1.npz"))
+    alone = traverse_util.flatten_dict(jax.device_get(one_device.state.params), sep="/")
+    for key in q0:  # the processes hold the same parameters, those of the one-device run up
+        np.testing.assert_array_equal(q0[key], q1[key])  # to reduction-order noise (~1e-3)
+        np.testing.assert_allclose(q0[key], alone[key], rtol=0, atol=5e-3, err_msg=key)
+    gap = np.sqrt(sum(np.sum((q0[k] - alone[k]) ** 2) for k in q0))
+    assert gap < 1e-2 * np.sqrt(sum(np.sum(alone[k] ** 2) for k in q0))  # measured: 0.25%
     assert max(checkpoint.TrainCheckpoints(str(ckpts), fingerprint={}).all_steps()) == 8
