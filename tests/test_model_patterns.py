@@ -123,3 +123,13 @@ def test_calibration_batches_take_the_models_inputs_and_say_when_they_do_not_fit
     with pytest.raises(ValueError, match=r"calibration batch 1 is .*\(8, 12, 12, 3\)"):
         lrjax.decompose_linen(model, variables, batch, rule={"block/a": 4}, train=False,
                               calibration=[calib, {"image": CALIB[..., :3], "meta": calib["meta"]}])
+
+
+def test_a_bfloat16_model_gets_one_export_error_line(tmp_path):
+    """ONNX Runtime's CPU convs take no bfloat16: one ExportError line saying what to export."""
+    model = nn.Sequential([nn.Conv(8, (3, 3), dtype=jnp.bfloat16), nn.relu])
+    variables = init(model, 0, X)
+    with pytest.raises(export.ExportError, match=r"^ONNX Runtime cannot load the exported graph: "
+                                                 r".*bfloat16.*export a float32 copy") as info:
+        export.to_onnx(model, variables, X, str(tmp_path / "bf16.onnx"))
+    assert "\n" not in str(info.value) and not (tmp_path / "bf16.onnx").exists()

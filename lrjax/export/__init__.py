@@ -281,7 +281,15 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     batches = (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
     if check:
-        session = onnx_session(data)
+        try:
+            session = onnx_session(data)
+        except Exception as e:  # onnxruntime's own types: InvalidGraph, NotImplemented, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = ("; the model computes in bfloat16, which ONNX Runtime's CPU convs and "
+                    "matmuls do not take: export a float32 copy (dtype=jnp.float32)"
+                    if "bfloat16" in first else "")
+            raise ExportError(f"ONNX Runtime cannot load the exported graph: {first}{hint}") \
+                from None
         err, scale = _compare(lambda x: session.run(None, {"input": x}), forward, shape,
                               batches, "ONNX Runtime")
     size = _write(path, data)
