@@ -167,7 +167,7 @@ class _Probe(nnx.Module):
         site = record["wanted"].get(self.path)
         if site is not None and self.path not in record["batch"]:  # its first call per batch
             record["batch"][self.path] = True
-            self.moments.value = _moments(x, site, _input_axes(self.layer, site.equation))
+            self.moments.set_value(_moments(x, site, _input_axes(self.layer, site.equation)))
         return self.layer(x, *args, **kwargs)
 
 
@@ -223,7 +223,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         record["batch"] = {}
         module = nnx.merge(graphdef, state)
         module(*args, **(kwargs or {}))
-        return {p.path: p.moments.value for _, p in nnx.iter_graph(module)
+        return {p.path: p.moments.get_value() for _, p in nnx.iter_graph(module)
                 if isinstance(p, _Probe) and p.path in record["batch"]}
 
     traced = jax.jit(run) if wanted else functools.partial(jax.eval_shape, run)
