@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 import experiments.cifar_nin  # noqa: F401  (defines --config and --workdir)
@@ -59,3 +60,19 @@ def test_the_real_command_line(tmp_path):
     assert errors == ["error: flag --config.num_epochs=abc: invalid literal for int() with "
                       "base 10: 'abc'"]
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("module,variants", [("cifar_nin", ("", "local")),
+                                             ("imagenet_vgg", ("", "scratch", "tiny"))])
+def test_every_config_field_can_be_overridden_on_the_command_line(module, variants):
+    """A field a variant leaves ``None`` keeps a type (a typed ``FieldReference``): otherwise
+    ``--config.FIELD=...`` fails with ml_collections' "NoneType ... not supported"."""
+    import importlib
+
+    configs = importlib.import_module(f"experiments.configs.{module}")
+    for variant in variants:
+        config = configs.get_config(variant)
+        untyped = [name for name, value in config.items()
+                   if value is None and not isinstance(config._fields[name],
+                                                       ml_collections.FieldReference)]
+        assert untyped == [], (variant, untyped)

@@ -32,7 +32,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.batch_size = 128  # global batch, split over all devices
     c.eval_batch_size = 500
-    c.steps_per_epoch = 500  # the authors' "epoch": 500 iterations (64,000 images); None = 1 pass
+    # the authors' "epoch": 500 iterations (64,000 images); None = 1 pass (typed, so that
+    # --config.steps_per_epoch=N overrides a variant's None)
+    c.steps_per_epoch = ml_collections.FieldReference(500, field_type=int)
     c.num_epochs = 790
     c.lr_values = (5e-2, 1e-2, 1e-3, 1e-4, 1e-5)
     c.lr_boundaries_epochs = (450, 700, 730, 760)
