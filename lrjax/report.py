@@ -96,7 +96,7 @@ class SurgeryReport:
         return {lc.name: lc.rank for lc in self.net.layers if lc.rank is not None}
 
     def table(self) -> str:
-        w = max([5] + [len(lc.name) for lc in self.net.layers]) + 2
+        w = max([7] + [len(lc.name) for lc in self.net.layers]) + 2
         extra = "w.err" if self.calibrated else ""
         head = (f"{'layer':<{w}}{'kernel':>20}{'rank':>6}{'rel.err':>9}{extra:>9}"
                 f"{'MACs before':>15}{'MACs after':>15}{'params before':>15}{'params after':>14}"
@@ -106,7 +106,7 @@ class SurgeryReport:
             err, werr = self.errors.get(lc.name), self.weighted_errors.get(lc.name)
             werr = ("-" if werr is None else f"{werr:.4f}") if self.calibrated else ""
             rows.append(
-                f"{lc.name:<{w}}{str(lc.kernel_shape):>20}{lc.rank or 'full':>6}"
+                f"{lc.name or '(model)':<{w}}{str(lc.kernel_shape):>20}{lc.rank or 'full':>6}"
                 f"{'-' if err is None else f'{err:.4f}':>9}{werr:>9}{lc.full.macs:>15,}"
                 f"{lc.lowrank.macs:>15,}{lc.full.params:>15,}{lc.lowrank.params:>14,}"
                 f"{lc.speedup:>8.2f}x")

@@ -243,12 +243,17 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     shapes = _flat(_abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(shapes.get((*site.path.split("/"), "kernel")), "shape", None)), batch)
+        site, getattr(shapes.get((*_key(site.path), "kernel")), "shape", None)), batch)
         for site in found.values()]
 
 
 # ---------------------------------------------------------------------------------------------
 # Variables
+
+
+def _key(path: str) -> tuple[str, ...]:
+    """A layer path as variable-tree keys (``""``: the model is the layer itself)."""
+    return tuple(path.split("/")) if path else ()
 
 
 def _flat(tree) -> dict[tuple[str, ...], Any]:
@@ -370,7 +375,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 
 
 def _stored_parameters(flat, path: str) -> dict:
-    prefix = ("params", *path.split("/"))
+    prefix = ("params", *_key(path))
     return {key[-1]: value for key, value in flat.items()
             if len(key) == len(prefix) + 1 and key[:-1] == prefix}
 
@@ -405,7 +410,7 @@ class _Kernels(Mapping):
     def __init__(self, flat, candidates):
         self._flat, self._sites, self._arrays, self._done = flat, {}, {}, {}
         for s in candidates:
-            key = ("params", *s.path.split("/"), "kernel")
+            key = ("params", *_key(s.path), "kernel")
             if key not in flat:
                 raise ValueError(f"variables have no kernel for layer {s.path!r} "
                                  f"({'/'.join(key)})")
@@ -457,7 +462,7 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
         problem.prepare_factors(chosen)
     for path, rank in chosen.items():
         factors[path] = problem.factors(path, rank)
-        prefix = ("params", *path.split("/"))
+        prefix = ("params", *_key(path))
         if problem.site(path).parametrization is not None and (*prefix, "bias") in out:
             out[(*prefix, "bias")] = _site_parameters(flat, problem.site(path))["bias"]
         bias = out.pop((*prefix, "bias"), None)

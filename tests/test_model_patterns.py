@@ -133,3 +133,24 @@ def test_a_bfloat16_model_gets_one_export_error_line(tmp_path):
                                                  r".*bfloat16.*export a float32 copy") as info:
         export.to_onnx(model, variables, X, str(tmp_path / "bf16.onnx"))
     assert "\n" not in str(info.value) and not (tmp_path / "bf16.onnx").exists()
+
+
+@pytest.mark.parametrize("layer", [nn.Conv(24, (3, 3)), nn.Dense(20)], ids=("conv", "dense"))
+def test_a_model_that_is_one_layer_is_split_in_its_own_scope(layer):
+    """``decompose_linen(nn.Conv(...), ...)``: the layer's path is ``""`` and its pair's variables
+    are the model's own ``vertical`` / ``horizontal``."""
+    variables = init(layer, 0, X)
+    (site,) = lrjax.surgery.find_convs(layer, X)
+    assert site.path == "" and site.candidate
+    top = lrjax.costs.max_rank(site.shape.kernel_shape)
+    for calibration in (None, CALIB):
+        result = lrjax.decompose_linen(layer, variables, X, rule={"": top},
+                                       calibration=calibration)
+        assert set(result.variables["params"]) == {"vertical", "horizontal"}
+        want = apply(layer, variables, X)
+        np.testing.assert_allclose(apply(result.module, result.variables, X), want,
+                                   atol=2e-5 * float(jnp.abs(want).max()))
+    assert result.report.table().splitlines()[2].startswith("(model)")
+    nnx_layer = nnx.Conv(8, 24, (3, 3), rngs=nnx.Rngs(0))
+    split = lrjax.decompose_nnx(nnx_layer, X, rule={"": 24}).module
+    np.testing.assert_allclose(split(X), nnx_layer(X), atol=2e-5 * float(jnp.abs(nnx_layer(X)).max()))
