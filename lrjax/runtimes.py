@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import tempfile
+import types
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -206,25 +207,31 @@ def litert_runner(interpreter):
 def litert_conv_transpose(layer, x, kernel, bias):
     """A transposed conv (``nn.ConvTranspose`` / ``nnx.ConvTranspose`` ``layer`` with its
     ``kernel`` and ``bias``) in the form the TFLite converter takes, or ``None`` where the
-    layer's own form converts. Where the padding is larger before than after along a strided
-    axis (``kernel_size=(3, 3), strides=2``: rows padded ``(2, 1)``), the converter gets the
-    output shape wrong (14x14 for 12x12); the larger padding on both sides, then the extra
-    output rows and columns sliced off, converts (same numbers)."""
+    layer's own form converts. The converter takes a strided axis padded ``k - 1`` on both
+    sides (``k``: the dilated kernel's extent; TF's "full" transposed conv) and gets others wrong:
+    the output shape for ``(2, 1)`` (a 3x3 stride-2 ``SAME`` conv: 14x14 for 12x12), the numbers
+    for ``(1, 2)``, and it fails to convert ``(1, 1)`` or ``(0, 0)``. Any padding within ``k - 1``
+    is that full form with its extra output rows and columns sliced off (same numbers)."""
     if layer.mask is not None or x.ndim != 4 or np.ndim(kernel) != 4 or \
             (isinstance(layer.padding, str) and layer.padding.upper() == "CIRCULAR"):
         return None
     strides, dilation = costs.as_pair(layer.strides), costs.as_pair(layer.kernel_dilation)
     pads = costs.transpose_padding(layer.padding, kernel.shape[:2], strides, dilation)
-    if all(lo <= hi or s == 1 for (lo, hi), s in zip(pads, strides, strict=True)):
+    full = [(k - 1) * d for k, d in zip(kernel.shape[:2], dilation, strict=True)]
+    converted = [(f, f) if s > 1 else (lo, hi)
+                 for (lo, hi), s, f in zip(pads, strides, full, strict=True)]
+    if list(pads) == converted or any(
+            not (0 <= lo <= f and 0 <= hi <= f) for (lo, hi), f in zip(pads, full, strict=True)):
         return None
     if layer.transpose_kernel:  # as lax.conv_transpose reads it
         kernel = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
     y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), (1, 1), [(lo, max(lo, hi)) for lo, hi in pads],
-        lhs_dilation=strides, rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=layer.precision)
-    (top, bottom), (left, right) = pads  # drop what the larger padding added at the end
-    y = y[:, :y.shape[1] - max(top - bottom, 0), :y.shape[2] - max(left - right, 0)]
+        x, kernel.astype(x.dtype), (1, 1), converted, lhs_dilation=strides,
+        rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=layer.precision)
+    (top, bottom), (left, right) = [(c_lo - lo, c_hi - hi) for (lo, hi), (c_lo, c_hi)
+                                    in zip(pads, converted, strict=True)]
+    y = y[:, top:y.shape[1] - bottom, left:y.shape[2] - right]
     return y if bias is None else y + bias.astype(y.dtype)
 
 
@@ -232,15 +239,31 @@ def litert_transposed(next_fun, args, kwargs, context):
     """Method interceptor: a linen ``nn.ConvTranspose`` in the form the TFLite converter takes
     (:func:`litert_conv_transpose`)."""
     module = context.module
-    if context.method_name == "__call__" and isinstance(module, nn.ConvTranspose) \
+    layer = module if isinstance(module, nn.ConvTranspose) else _as_transposed(module)
+    if context.method_name == "__call__" and layer is not None \
             and not module.is_initializing():
         params = module.variables.get("params", {})
         if "kernel" in params:
             x = args[0] if args else kwargs["inputs"]
-            y = litert_conv_transpose(module, x, params["kernel"], params.get("bias"))
+            y = litert_conv_transpose(layer, x, params["kernel"], params.get("bias"))
             if y is not None:
                 return y
     return next_fun(*args, **kwargs)
+
+
+def _as_transposed(module):
+    """An input-dilated ``nn.Conv`` (stride 1, one group, explicit padding) as the transposed
+    conv it is (strides = input dilation), for :func:`litert_conv_transpose`; else ``None``."""
+    if type(module) is not nn.Conv or module.feature_group_count != 1 or \
+            isinstance(module.padding, str) or np.ndim(module.kernel_size) != 1 or \
+            len(module.kernel_size) != 2 or costs.as_pair(module.strides or 1) != (1, 1):
+        return None
+    dilation = costs.as_pair(module.input_dilation or 1)
+    if dilation == (1, 1):
+        return None
+    return types.SimpleNamespace(mask=module.mask, padding=module.padding, strides=dilation,
+                                 kernel_dilation=module.kernel_dilation, transpose_kernel=False,
+                                 precision=module.precision)
 
 
 class LiteRTConvTranspose(nnx.Module):

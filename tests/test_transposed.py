@@ -254,3 +254,28 @@ def test_input_dilated_convs_that_stay_whole_say_why():
     assert not site.candidate and "input dilation 2 with strides 2" in site.skip
     with pytest.raises(ValueError, match="layer 'up' cannot be decomposed: input dilation"):
         apply(LowRankModel.wrap(strided, {"up": 2}), init(strided, 0, X), X)
+
+
+class Upsamplers(nn.Module):
+    """Explicitly padded upsamplers the TFLite converter takes only in its full-padding form."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.ConvTranspose(4, (4, 4), strides=2, padding=1, transpose_kernel=True,
+                             name="torch_style")(x)
+        x = nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 2), (1, 2)), name="deconv")(x)
+        return nn.ConvTranspose(4, (3, 3), strides=2, padding=((1, 2), (0, 0)), name="lopsided")(x)
+
+
+def test_explicitly_padded_and_input_dilated_upsamplers_export_to_litert(tmp_path):
+    """Padding (1, 2), (1, 1) or (0, 0) along a strided axis converted wrong or not at all;
+    each runs as the full-padding transposed conv, cropped (same numbers): whole and split."""
+    model = Upsamplers()
+    x = jax.random.normal(jax.random.key(5), (1, 3, 4, 4))
+    variables = init(model, 0, x)
+    split = lrjax.decompose_linen(model, variables, x,
+                                  rule={"torch_style": 3, "deconv": 3, "lopsided": 3})
+    for name, (m, v) in {"whole": (model, variables),
+                         "split": (split.module, split.variables)}.items():
+        result = export.to_tflite(m, v, x, str(tmp_path / f"{name}.tflite"))
+        assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
