@@ -26,7 +26,7 @@ from lrjax import costs, formulations
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "symbolic_batch", "onnx_model", "onnx_session",
            "tflite_model", "weight_bytes", "release_memory", "litert_interpreter",
            "litert_runner", "layer_call", "litert_conv_transpose", "litert_transposed",
-           "LiteRTConvTranspose"]
+           "LiteRTConvTranspose", "as_transposed"]
 
 RUNTIMES = ("jax", "onnxruntime", "litert")
 
@@ -239,7 +239,7 @@ def litert_transposed(next_fun, args, kwargs, context):
     """Method interceptor: a linen ``nn.ConvTranspose`` in the form the TFLite converter takes
     (:func:`litert_conv_transpose`)."""
     module = context.module
-    layer = module if isinstance(module, nn.ConvTranspose) else _as_transposed(module)
+    layer = module if isinstance(module, nn.ConvTranspose) else as_transposed(module)
     if context.method_name == "__call__" and layer is not None \
             and not module.is_initializing():
         params = module.variables.get("params", {})
@@ -251,10 +251,11 @@ def litert_transposed(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def _as_transposed(module):
-    """An input-dilated ``nn.Conv`` (stride 1, one group, explicit padding) as the transposed
-    conv it is (strides = input dilation), for :func:`litert_conv_transpose`; else ``None``."""
-    if type(module) is not nn.Conv or module.feature_group_count != 1 or \
+def as_transposed(module):
+    """An input-dilated ``nn.Conv`` / ``nnx.Conv`` (stride 1, one group, explicit padding) as
+    the transposed conv it is (strides = input dilation), for :func:`litert_conv_transpose`;
+    else ``None``."""
+    if type(module) not in (nn.Conv, nnx.Conv) or module.feature_group_count != 1 or \
             isinstance(module.padding, str) or np.ndim(module.kernel_size) != 1 or \
             len(module.kernel_size) != 2 or costs.as_pair(module.strides or 1) != (1, 1):
         return None
@@ -267,15 +268,17 @@ def _as_transposed(module):
 
 
 class LiteRTConvTranspose(nnx.Module):
-    """An ``nnx.ConvTranspose`` in the form the TFLite converter takes (:func:`litert_conv_transpose`)."""
+    """An ``nnx.ConvTranspose`` (or an input-dilated ``nnx.Conv``, :func:`as_transposed`) in the
+    form the TFLite converter takes (:func:`litert_conv_transpose`)."""
 
-    def __init__(self, layer: nnx.ConvTranspose):
+    def __init__(self, layer: nnx.ConvTranspose | nnx.Conv):
         self.layer = layer
 
     def __call__(self, x):
         layer = self.layer
-        y = litert_conv_transpose(layer, x, layer.kernel[...],
-                                  None if layer.bias is None else layer.bias[...])
+        spec = layer if isinstance(layer, nnx.ConvTranspose) else as_transposed(layer)
+        y = None if spec is None else litert_conv_transpose(
+            spec, x, layer.kernel[...], None if layer.bias is None else layer.bias[...])
         return layer(x) if y is None else y
 
 

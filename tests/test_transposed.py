@@ -279,3 +279,6 @@ def test_explicitly_padded_and_input_dilated_upsamplers_export_to_litert(tmp_pat
                          "split": (split.module, split.variables)}.items():
         result = export.to_tflite(m, v, x, str(tmp_path / f"{name}.tflite"))
         assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    nnx_model = DilatedNNX(DILATED[0], nnx.Rngs(0))  # an nnx.Conv with input_dilation
+    result = export.to_tflite(nnx_model, None, X[:1], str(tmp_path / "nnx.tflite"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale

@@ -90,7 +90,8 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False):
         if for_litert:  # on a copy
             module = nnx.recursive_map(
                 lambda _, node: runtimes.LiteRTConvTranspose(node)
-                if type(node) is nnx.ConvTranspose else node, nnx.clone(module))
+                if type(node) is nnx.ConvTranspose or runtimes.as_transposed(node) is not None
+                else node, nnx.clone(module))
         model = eval_view(module)
         return lambda x: model(x, **apply_kwargs)
     if variables is None:
