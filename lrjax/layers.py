@@ -376,17 +376,23 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
     kernel = (size,) if isinstance(size, int) else tuple(size)
     if len(kernel) != 2:
         return ConvSite(path, None, skip=reason)
+    shape = _transposed_shape(path, conv, input_shape, conv.strides)
+    return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
+
+
+def _transposed_shape(path: str, conv, input_shape, strides) -> ConvShape:
+    """``ConvShape(transposed=True)`` of a 2-D conv on its input dilated by ``strides``."""
+    kernel = tuple(conv.kernel_size)
     padding = conv.padding if isinstance(conv.padding, str) else \
         explicit_padding(conv.padding, (1, 1), kernel)
     if isinstance(padding, str) and padding.upper() == "CIRCULAR":
         padding = "VALID"  # the conv it runs (Flax wraps the VALID output; not split)
     features = conv.out_features if hasattr(conv, "out_features") else conv.features
-    shape = ConvShape(
+    return ConvShape(
         name=path, input_hw=tuple(int(d) for d in input_shape[-3:-1]),
         in_channels=int(input_shape[-1]), out_channels=int(features), kernel_size=kernel,
-        strides=as_pair(conv.strides), padding=padding, dilation=as_pair(conv.kernel_dilation),
+        strides=as_pair(strides), padding=padding, dilation=as_pair(conv.kernel_dilation),
         use_bias=bool(conv.use_bias), transposed=True, images=math.prod(input_shape[:-3]))
-    return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
 
 
 def input_dilated(conv) -> bool:
@@ -402,17 +408,8 @@ def dilated_conv_site(path: str, conv, input_shape, base_type=nn.Conv) -> ConvSi
     """The site of an input-dilated conv (:func:`input_dilated`) called on ``input_shape``
     ``(..., H, W, C)``: a transposed conv's (``kind == "transposed"``), strides the input
     dilation, padding the conv's explicit ``((top, bottom), (left, right))``."""
-    kernel = tuple(conv.kernel_size)
-    padding = conv.padding if isinstance(conv.padding, str) else \
-        explicit_padding(conv.padding, (1, 1), kernel)
-    features = conv.out_features if hasattr(conv, "out_features") else conv.features
-    shape = ConvShape(
-        name=path, input_hw=tuple(int(d) for d in input_shape[-3:-1]),
-        in_channels=int(input_shape[-1]), out_channels=int(features), kernel_size=kernel,
-        strides=as_pair(conv.input_dilation), padding=padding,
-        dilation=as_pair(conv.kernel_dilation), use_bias=bool(conv.use_bias), transposed=True,
-        images=math.prod(input_shape[:-3]))
-    return ConvSite(path, shape, skip=conv_skip_reason(conv, base_type))
+    return ConvSite(path, _transposed_shape(path, conv, input_shape, conv.input_dilation),
+                    skip=conv_skip_reason(conv, base_type))
 
 
 def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import costs, formulations
+from lrjax.layers import conv_skip_reason, input_dilated
 
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "symbolic_batch", "onnx_model", "onnx_session",
            "tflite_model", "weight_bytes", "release_memory", "litert_interpreter",
@@ -252,17 +253,15 @@ def litert_transposed(next_fun, args, kwargs, context):
 
 
 def as_transposed(module):
-    """An input-dilated ``nn.Conv`` / ``nnx.Conv`` (stride 1, one group, explicit padding) as
-    the transposed conv it is (strides = input dilation), for :func:`litert_conv_transpose`;
-    else ``None``."""
-    if type(module) not in (nn.Conv, nnx.Conv) or module.feature_group_count != 1 or \
-            isinstance(module.padding, str) or np.ndim(module.kernel_size) != 1 or \
-            len(module.kernel_size) != 2 or costs.as_pair(module.strides or 1) != (1, 1):
+    """An input-dilated ``nn.Conv`` / ``nnx.Conv`` that lrjax splits as a transposed conv
+    (:func:`lrjax.layers.input_dilated`: stride 1, one group, explicit padding), as that
+    transposed conv (strides = input dilation), for :func:`litert_conv_transpose`; else
+    ``None``."""
+    if type(module) not in (nn.Conv, nnx.Conv) or not input_dilated(module) or \
+            conv_skip_reason(module, type(module)) is not None:
         return None
-    dilation = costs.as_pair(module.input_dilation or 1)
-    if dilation == (1, 1):
-        return None
-    return types.SimpleNamespace(mask=module.mask, padding=module.padding, strides=dilation,
+    return types.SimpleNamespace(mask=module.mask, padding=module.padding,
+                                 strides=module.input_dilation,
                                  kernel_dilation=module.kernel_dilation, transpose_kernel=False,
                                  precision=module.precision)
 
