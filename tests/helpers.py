@@ -4,6 +4,10 @@ import functools
 
 import jax
 
+# XLA:CPU's older loop emitters instead of its fusion emitters: the same results, compiled
+# 15-25% faster (the suite's flags, tests/conftest.py)
+LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
 
 def init(model, seed: int, *args, **kwargs):
     """``model.init(jax.random.key(seed), *args, **kwargs)``, jitted: one compile instead of one

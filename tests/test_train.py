@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from experiments.configs import cifar_nin as cifar_config
 from lrjax import checkpoint, data, train, xla_flags
+from tests.helpers import LOOP_EMITTERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,9 +208,9 @@ def test_cli_end_to_end(tmp_path):
 def test_learns_real_digits(tmp_path):
     """Real data, offline: scikit-learn's digits through the README's main job (the authors'
     low-rank CIFAR CNN with batch norm here: 80% after one epoch from 10% chance, 91% after two,
-    98% after the README's run), in its own process under the recommended XLA flags alone (this
-    test is bound by execution, not compilation)."""
-    env = dict(os.environ, XLA_FLAGS=xla_flags.RECOMMENDED)
+    98% after the README's run), in its own process under the recommended XLA flags and the
+    suite's loop emitters, without its -O0 (this test is bound by execution, not compilation)."""
+    env = dict(os.environ, XLA_FLAGS=f"{xla_flags.RECOMMENDED} {LOOP_EMITTERS}")
     out = subprocess.run(
         [sys.executable, "-m", "experiments.cifar_nin", f"--workdir={tmp_path}",
          "--config=experiments/configs/cifar_nin.py:local", "--config.model=cnn",
