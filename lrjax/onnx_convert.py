@@ -337,6 +337,12 @@ class _Converter:
         nchw = len(aval.shape) == 4 and all(t.nchw for t in tensors)
         axis = TO_NCHW.index(params["dimension"]) if nchw else params["dimension"]
         names = [self.operand(a, nchw, len(aval.shape)) for a in args]
+        for i, a in enumerate(args):  # a constant (a class token) folded to 1 along the batch
+            if not isinstance(a, Tensor) and not all(map(concrete, aval.shape)):
+                dims = [np.shape(a)[k] if k == params["dimension"] else d
+                        for k, d in enumerate(aval.shape)]
+                dims = [dims[k] for k in TO_NCHW] if nchw else dims
+                names[i] = self.g.node("Expand", [names[i], self.shape_tensor(dims)])
         return Tensor(self.g.node("Concat", names, axis=int(axis)), tuple(aval.shape), nchw)
 
     def reduction(self, op: str, args, params, aval) -> Tensor:
@@ -377,7 +383,7 @@ class _Converter:
             native = self.conv_transpose(source, w, params, aval)
             if native is not None:
                 return native
-            source = self.dilate(source, x.shape, [int(d) for d in params["lhs_dilation"]],
+            source = self.g.dilate(source, x.shape, [int(d) for d in params["lhs_dilation"]],
                                  aval.dtype)
         attrs = dict(strides=[int(s) for s in params["window_strides"]],
                      dilations=[int(d) for d in params["rhs_dilation"]],
@@ -413,19 +419,6 @@ class _Converter:
                         pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
         return Tensor(y, tuple(aval.shape), True)
 
-    def dilate(self, name: str, shape, factors, dtype) -> str:
-        """An NCHW tensor with ``factor - 1`` zeros between neighbours along H and W (what
-        ``lhs_dilation`` does before the conv): reshape to ``(N, C, H, 1, W, 1)``, pad the unit
-        dims to the factors, merge them back and drop the trailing zeros."""
-        (sh, sw), (h, w, c) = factors, (int(shape[1]), int(shape[2]), int(shape[3]))
-        x = self.g.node("Reshape", [name, self.g.ints([0, c, h, 1, w, 1])])
-        x = self.g.node("Pad", [x, self.g.ints([0, 0, 0, 0, 0, 0, 0, 0, 0, sh - 1, 0, sw - 1]),
-                                self.g.const(np.asarray(0, dtype))])
-        x = self.g.node("Reshape", [x, self.g.ints([0, c, h * sh, w * sw])])
-        return self.g.node("Slice", [x, self.g.ints([0, 0]),
-                                     self.g.ints([(h - 1) * sh + 1, (w - 1) * sw + 1]),
-                                     self.g.ints([2, 3])])
-
     def pool(self, op: str, args, params, aval) -> Tensor:
         """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
         (reduce_window_sum) over the spatial dims of an NHWC tensor."""
@@ -451,32 +444,41 @@ class _Converter:
         return Tensor(y, tuple(aval.shape), True)
 
     def gather(self, args, params, aval):
-        """``jnp.take`` along one axis with constant indices (what a nearest-neighbour
-        ``jax.image.resize`` lowers to), or one constant index (``x[:, 0]``: a ViT's class
-        token), as ONNX ``Gather``."""
+        """``jnp.take`` along one axis with constant indices (a nearest ``jax.image.resize``) as
+        ONNX ``Gather``; a gather from one constant start (static indexing traced with a symbolic
+        batch: ``x[:, 1:]``, ``x[:, 0]`` (a ViT's class token), ``x[:, :, 0, 0]``) as ``Slice``
+        then ``Squeeze`` of the indexed axes it drops."""
         x, idx = args
         dn, sizes, rank = params["dimension_numbers"], params["slice_sizes"], len(x.shape)
-        single = np.ndim(idx) == 1  # one index vector: the axis is dropped
-        if isinstance(idx, Tensor) or dn.operand_batching_dims or \
-                len(dn.collapsed_slice_dims) != 1 or \
-                tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims) or \
-                np.ndim(idx) not in (1, 2) or np.shape(idx)[-1] != 1:
+        axes, dropped = tuple(dn.start_index_map), tuple(dn.collapsed_slice_dims)
+        point = np.ndim(idx) == 1  # one start: a static slice
+        if isinstance(idx, Tensor) or dn.operand_batching_dims or not axes or \
+                np.ndim(idx) not in (1, 2) or np.shape(idx)[-1] != len(axes) or \
+                not set(dropped) <= set(axes) or not all(concrete(sizes[a]) for a in axes) or \
+                (not point and (len(axes) != 1 or dropped != axes)):
             raise TranslationError("only a gather of constant indices along one axis (jnp.take, a "
-                                   f"nearest resize) is covered; got {dn}")
-        (k,) = dn.collapsed_slice_dims
-        whole = all(s == 1 if i == k else same_dim(s, d)
+                                   f"nearest resize) or a static slice is covered; got {dn}")
+        starts = np.asarray(idx).reshape(-1, len(axes)).astype(np.int64)
+        ends = starts + [int(sizes[a]) for a in axes]
+        whole = all(s == 1 if i in dropped else i in axes or same_dim(s, d)
                     for i, (s, d) in enumerate(zip(sizes, x.shape, strict=True)))
-        indices = np.asarray(idx).reshape(-1).astype(np.int64)
-        offsets = tuple(range(rank - 1)) if single else tuple(i for i in range(rank) if i != k)
-        if not whole or tuple(dn.offset_dims) != offsets or \
-                indices.min(initial=0) < 0 or indices.max(initial=0) >= int(x.shape[k]):
+        offsets = tuple(range(rank - len(dropped))) if point else \
+            tuple(i for i in range(rank) if i != axes[0])
+        if not whole or tuple(dn.offset_dims) != offsets or starts.min(initial=0) < 0 or \
+                np.any(ends > [int(x.shape[a]) for a in axes]):
             raise TranslationError(f"a gather of slices {sizes} at indices in "
-                                   f"[{indices.min(initial=0)}, {indices.max(initial=0)}] of "
+                                   f"[{starts.min(initial=0)}, {starts.max(initial=0)}] of "
                                    f"{x.shape}")
-        if single:  # in the logical layout: the dropped axis changes the rank
-            y = self.g.node("Gather", [self.nhwc(x), self.g.const(indices[0])], axis=k)
-            return Tensor(y, tuple(aval.shape))
-        y = self.g.node("Gather", [x.name, self.g.ints(indices)], axis=self.axis(x, k))
+        if point:  # dropped axes change the rank: then in the logical layout
+            nchw = x.nchw and not dropped
+            y = self.g.node("Slice", [x.name if nchw else self.nhwc(x), self.g.ints(starts[0]),
+                                      self.g.ints(ends[0]), self.g.ints(
+                                          [TO_NCHW.index(a) if nchw else a for a in axes])])
+            if dropped:
+                y = self.g.node("Squeeze", [y, self.g.ints(dropped)])
+            return Tensor(y, tuple(aval.shape), nchw)
+        y = self.g.node("Gather", [x.name, self.g.ints(starts[:, 0])],
+                        axis=self.axis(x, axes[0]))
         return Tensor(y, tuple(aval.shape), x.nchw)
 
     def matmul(self, args, params, aval):

@@ -56,6 +56,19 @@ class Graph:
     def ints(self, values, hint="shape") -> str:
         return self.const(np.asarray(values, np.int64), hint)
 
+    def dilate(self, name: str, shape, factors, dtype) -> str:
+        """An NCHW tensor with ``factor - 1`` zeros between neighbours along H and W (what
+        ``lhs_dilation`` does before the conv): reshape to ``(N, C, H, 1, W, 1)``, pad the unit
+        dims to the factors, merge them back and drop the trailing zeros."""
+        (sh, sw), (h, w, c) = factors, (int(shape[1]), int(shape[2]), int(shape[3]))
+        x = self.node("Reshape", [name, self.ints([0, c, h, 1, w, 1])])
+        x = self.node("Pad", [x, self.ints([0, 0, 0, 0, 0, 0, 0, 0, 0, sh - 1, 0, sw - 1]),
+                              self.const(np.asarray(0, dtype))])
+        x = self.node("Reshape", [x, self.ints([0, c, h * sh, w * sw])])
+        return self.node("Slice", [x, self.ints([0, 0]),
+                                   self.ints([(h - 1) * sh + 1, (w - 1) * sw + 1]),
+                                   self.ints([2, 3])])
+
 
 def concrete(d) -> bool:
     return isinstance(d, (int, np.integer))

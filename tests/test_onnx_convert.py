@@ -76,8 +76,10 @@ CASES = {
     "integer_pow": lambda x: conv(x) ** 3,
     "copy": lambda x: jnp.copy(conv(x)),
     "stop_gradient": lambda x: jax.lax.stop_gradient(conv(x)) * 2,
+    # static indexing traced with a symbolic batch is a gather from one start: one index
+    # (x[:, 1]: a ViT's class token), a point on two axes (Hugging Face's ResNet pooler), a slice
     "gather": lambda x: jnp.take(conv(x), np.array([2, 0, 1, 1, 5]), axis=2)
-    + jnp.expand_dims(conv(x)[:, 1], 2),  # one index (x[:, 1]: a ViT's class token)
+    + jnp.expand_dims(conv(x)[:, 1], 2) + conv(x)[:, 2, 3][:, None, None] + conv(x)[:, :, 1:],
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
     "select_n": lambda x: jax.lax.select(conv(x) > 0, conv(x), first(x) * jnp.ones(4)),
     "reshape": lambda x: conv(x).reshape(x.shape[0], -1),
@@ -91,7 +93,10 @@ CASES = {
     "tile": lambda x: jnp.tile(jnp.arange(4.0).reshape(1, 1, 1, 4), (x.shape[0], 6, 8, 1))
     + jnp.tile(jax.lax.slice_in_dim(conv(x), 0, 4, axis=2), (1, 1, 2, 1)),
     "pad": lambda x: jnp.pad(conv(x), ((0, 0), (1, 2), (0, 1), (0, 0)), constant_values=0.5),
-    "concatenate": lambda x: jnp.concatenate([conv(x), x], axis=-1),
+    # and a constant broadcast over the (symbolic) batch first (Hugging Face's ViT class token)
+    "concatenate": lambda x: jnp.concatenate([
+        jnp.broadcast_to(jnp.arange(42.0).reshape(1, 1, 6, 7), (x.shape[0], 1, 6, 7)),
+        jnp.concatenate([conv(x), x], axis=-1)], axis=1),
     "reduce_sum": lambda x: jnp.sum(conv(x), axis=(1, 2)),
     "reduce_max": lambda x: jnp.max(conv(x), axis=(1, 3)),
     "reduce_min": lambda x: jnp.min(conv(x), axis=-1),
