@@ -198,6 +198,8 @@ def untraceable(error: Exception) -> str:
             "static fields or with NumPy")
 
 
+DETACHED = ("applied inside another layer with the parameters that layer gives it "
+            "(module.apply, e.g. weight normalization): no kernel variable of the model to split")
 # linear layers seen and left as they are, with the reason
 _UNSPLIT = {
     nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
@@ -209,7 +211,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
 
     ``nn.Conv``, ``nn.ConvTranspose``, ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` (and
     subclasses, listed as not decomposable), ``LowRankConv``, and layers seen but never split
-    (``nn.ConvLocal``) are recorded; a pair's own halves are not. A layer
+    (``nn.ConvLocal``, layers another layer applies with the parameters it computes:
+    ``self.conv.apply({"params": ...}, x)``) are recorded; a pair's own halves are not. A layer
     called more than once is listed once (its first call). For a :class:`LowRankModel` the
     sites are its base model's, with the wrapper's ranks attached.
 
@@ -224,12 +227,30 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         return [dataclasses.replace(s, rank=ranks[s.path]) if s.path in ranks else s
                 for s in base_sites]
     found: dict[str, ConvSite] = {}
+    running: list[tuple[str, bool]] = []  # (path, detached) of the modules being called
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and module_path(module) not in found:
-            path = module_path(module)
-            if type(module) in _UNSPLIT:
+        path, detached = module_path(module), bool(running and running[-1][1])
+        if running and module.scope.parent is None and not module.scope.path:
+            # a module applied inside another with the parameters it is given
+            # (``self.conv.apply({"params": ...}, x)``, e.g. a weight-normalized conv)
+            path, detached = "/".join(p for p in (running[-1][0], module.name) if p), True
+        elif detached:
+            path = "/".join(p for p in (running[-1][0], path) if p)
+        running.append((path, detached))
+        try:
+            _record(module, path, detached, args, kwargs, context)
+            return next_fun(*args, **kwargs)
+        finally:
+            running.pop()
+
+    def _record(module, path, detached, args, kwargs, context):
+        if context.method_name == "__call__" and path not in found:
+            if detached and isinstance(module, (nn.Conv, nn.ConvTranspose, nn.Dense,
+                                                nn.DenseGeneral, nn.Einsum, nn.ConvLocal)):
+                found[path] = ConvSite(path, None, skip=DETACHED)
+            elif type(module) in _UNSPLIT:
                 found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
             elif isinstance(module, (nn.Conv, nn.ConvTranspose, LowRankConv, nn.Dense,
                                      nn.DenseGeneral, nn.Einsum)) \
@@ -238,7 +259,6 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                 equation = sites.called_equation(module.einsum_str, args[1:], kwargs) \
                     if isinstance(module, nn.Einsum) else None
                 found[path] = _site(path, module, _layer_input(args, kwargs), equation)
-        return next_fun(*args, **kwargs)
 
     shapes = _flat(_abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
@@ -501,8 +521,8 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     one product of input axes into output axes (:func:`lrjax.sites.einsum_split`), and an
     ``nn.ConvTranspose`` becomes a vertical / horizontal pair of transposed convs. Layers that
     cannot be split (input dilation, masks, subclasses, custom ``dot_general``, circular
-    transposed convs, ``nn.ConvLocal``, batched einsums) are left as they are and listed in the
-    report with the reason.
+    transposed convs, ``nn.ConvLocal``, batched einsums, layers applied by another with given
+    parameters) are left as they are and listed in the report with the reason.
 
     Args:
       model: the full-rank linen module.

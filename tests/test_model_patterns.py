@@ -154,3 +154,51 @@ def test_a_model_that_is_one_layer_is_split_in_its_own_scope(layer):
     nnx_layer = nnx.Conv(8, 24, (3, 3), rngs=nnx.Rngs(0))
     split = lrjax.decompose_nnx(nnx_layer, X, rule={"": 24}).module
     np.testing.assert_allclose(split(X), nnx_layer(X), atol=2e-5 * float(jnp.abs(nnx_layer(X)).max()))
+
+
+class WeightNormConv(nn.Module):
+    """Hugging Face's wav2vec2 positional conv, as written there: the kernel is computed from
+    ``weight_v`` / ``weight_g`` and applied through a conv's own ``apply``."""
+
+    def setup(self):
+        self.conv = nn.Conv(16, (3, 3), padding="SAME")
+        self.weight_v = self.param("weight_v", nn.initializers.lecun_normal(), (3, 3, 16, 16))
+        self.weight_g = self.param("weight_g", nn.initializers.ones, (16,))
+        self.block = Block()
+
+    def __call__(self, x):
+        kernel = self.weight_v * self.weight_g / jnp.sqrt(jnp.sum(self.weight_v ** 2, (0, 1, 2)))
+        x = self.conv.apply({"params": {"kernel": kernel, "bias": jnp.zeros(16)}}, x)
+        # a block of layers applied the same way: its convs are not the model's variables either
+        return self.block.apply({"params": {"a": {"kernel": kernel, "bias": jnp.zeros(16)},
+                                            "b": {"kernel": kernel, "bias": jnp.zeros(16)}}}, x)
+
+
+class WithWeightNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), name="stem")(x)
+        return nn.Conv(16, (3, 3), name="out")(WeightNormConv(name="pos")(x))
+
+
+def test_layers_applied_inside_another_with_given_parameters_are_listed_and_kept():
+    """A layer a module applies with parameters it computes (``self.conv.apply(...)``) has no
+    kernel among the model's variables: listed as kept (under its full path), never split; the
+    model's own layers are split, data-free and calibrated, and the whole net is costed."""
+    model = WithWeightNorm()
+    variables = init(model, 0, X)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, X)}
+    assert sorted(found) == ["out", "pos/block/a", "pos/block/b", "pos/conv", "stem"]
+    for path in ("pos/conv", "pos/block/a", "pos/block/b"):
+        assert not found[path].candidate and "applied inside another layer" in found[path].skip
+    assert found["stem"].candidate and found["out"].candidate
+    for calibration in (None, CALIB):
+        result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.3",
+                                       calibration=calibration)
+        assert set(result.ranks) <= {"stem", "out"} and result.ranks
+        assert "pos/conv" in result.report.table()
+        assert result.report.speedup >= 1.3
+    full = lrjax.decompose_linen(model, variables, X, rule={"stem": 8 * 3, "out": 16 * 3})  # full rank
+    want = apply(model, variables, X)
+    np.testing.assert_allclose(apply(full.module, full.variables, X), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
