@@ -5,6 +5,7 @@ import functools
 import os
 import re
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -352,6 +353,35 @@ def test_converter_failure_without_a_source_line_keeps_the_first_line():
     error = RuntimeError("Some converter failure\nwith details")
     assert export.converter_failure(error, lambda x: x, (1, 2, 2, 1)) == \
         "the TFLite converter failed: Some converter failure"
+    staged = RuntimeError("in user code:\n\n    File \"x.py\", line 4\n\n    "
+                          "FrozenInstanceError: cannot assign to field 'logits'\n")
+    assert export.converter_failure(staged, lambda x: x, (1, 2, 2, 1)) == \
+        "the TFLite converter failed: FrozenInstanceError: cannot assign to field 'logits'"
+
+
+@flax.struct.dataclass
+class Output:
+    """A model output as Hugging Face's Flax models return it: a frozen dataclass, unused
+    fields ``None``."""
+
+    logits: jax.Array
+    hidden_states: jax.Array | None = None
+
+
+class ReturnsDataclass(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Output(logits=nn.Dense(10)(nn.Conv(8, (3, 3))(x).mean((1, 2))))
+
+
+def test_a_dataclass_output_exports(tmp_path):
+    """One array in a frozen dataclass goes to LiteRT (TensorFlow cannot rebuild the dataclass
+    around the converted output) and to ONNX."""
+    model, x = ReturnsDataclass(), jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = init(model, 0, x)
+    for exporter in (export.to_tflite, export.to_onnx):
+        result = exporter(model, variables, x, str(tmp_path / exporter.__name__))
+        assert result.max_abs_error <= 1e-5 * max(1.0, result.scale)
 
 
 def _uses_buffer_offsets(data: bytes) -> bool:

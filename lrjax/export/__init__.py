@@ -93,7 +93,8 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False):
                 if type(node) is nnx.ConvTranspose or runtimes.as_transposed(node) is not None
                 else node, nnx.clone(module))
         model = eval_view(module)
-        return lambda x: model(x, **apply_kwargs)
+        return lambda x: _litert_output(model(x, **apply_kwargs)) if for_litert else \
+            model(x, **apply_kwargs)
     if variables is None:
         raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
                           "(variables=None is for NNX models)")
@@ -113,10 +114,18 @@ def _linen_apply(module, apply_kwargs, for_litert: bool = False):
         if for_litert:
             with nn.intercept_methods(_dense_as_conv), \
                     nn.intercept_methods(runtimes.litert_transposed):
-                return module.apply(variables, x, **apply_kwargs)
+                return _litert_output(module.apply(variables, x, **apply_kwargs))
         return module.apply(variables, x, **apply_kwargs)
 
     return apply
+
+
+def _litert_output(out):
+    """A one-array output as that array: TensorFlow cannot rebuild a frozen dataclass around
+    it (Hugging Face's ``ModelOutput``, a ``flax.struct`` dataclass holding ``logits`` and
+    ``None`` fields)."""
+    leaves = jax.tree.leaves(out)
+    return leaves[0] if len(leaves) == 1 else out
 
 
 # the converter's first error: the source line JAX recorded for the op it cannot convert
@@ -142,9 +151,9 @@ def converter_failure(error: Exception, forward, shape, module=None) -> str:
     line give the layer paths (their name stacks, as :func:`user_layer` of ``module``)."""
     text = str(error).strip()
     found = _CONVERTER_ERROR.search(text)
-    if not found:
-        first = text.splitlines()[0] if text else type(error).__name__
-        return f"the TFLite converter failed: {first}"
+    if not found:  # its first line, or its last under a header ("in user code:" ... error)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(error).__name__]
+        return f"the TFLite converter failed: {lines[-1] if lines[0].endswith(':') else lines[0]}"
     file, line, what = found.group(1), int(found.group(2)), found.group(3).strip()
     try:
         jaxpr = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct(shape, np.float32))
