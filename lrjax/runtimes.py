@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import re
 import tempfile
 import types
 from collections.abc import Callable
@@ -26,8 +27,8 @@ from lrjax.layers import conv_skip_reason, input_dilated
 
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "symbolic_batch", "onnx_model", "onnx_session",
            "tflite_model", "weight_bytes", "release_memory", "litert_interpreter",
-           "litert_runner", "layer_call", "litert_conv_transpose", "litert_transposed",
-           "LiteRTConvTranspose", "as_transposed"]
+           "litert_runner", "litert_outputs", "layer_call", "litert_conv_transpose",
+           "litert_transposed", "LiteRTConvTranspose", "as_transposed"]
 
 RUNTIMES = ("jax", "onnxruntime", "litert")
 
@@ -203,6 +204,35 @@ def litert_runner(interpreter):
         return interpreter.get_tensor(out)
 
     return run
+
+
+def litert_outputs(interpreter):
+    """``x -> [outputs]`` through a LiteRT interpreter with one input, the outputs in the order
+    of the converted function's (a tuple's). A SavedModel's signature names them ``output_<i>``,
+    and ``get_output_details`` lists them in another order (``output_10`` before ``output_2``);
+    a concrete function's graph names them ``Identity``, ``Identity_<i>`` in order."""
+    signatures = interpreter.get_signature_list()
+    if signatures:
+        (key, signature), = signatures.items()
+        runner, (name,) = interpreter.get_signature_runner(key), signature["inputs"]
+        order = sorted(signature["outputs"], key=_number)
+        return lambda x: list(map(runner(**{name: x}).get, order))
+    inp = interpreter.get_input_details()[0]["index"]
+    outs = [d["index"] for d in sorted(interpreter.get_output_details(),
+                                       key=lambda d: _number(d["name"]))]
+
+    def run(x):
+        interpreter.set_tensor(inp, x)
+        interpreter.invoke()
+        return [interpreter.get_tensor(i) for i in outs]
+
+    return run
+
+
+def _number(name: str) -> int:
+    """The number that ends an output's name (``output_10``: 10), 0 if none (``Identity``)."""
+    found = re.search(r"(\d+)$", name)
+    return int(found.group(1)) if found else 0
 
 
 def litert_conv_transpose(layer, x, kernel, bias):

@@ -436,7 +436,45 @@ def test_models_returning_a_pytree_export_every_output(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert exported.max_abs_error <= 1e-5 * exported.scale + 1e-6
     export.to_stablehlo(result.module, result.variables, x, str(tmp_path / "m.hlo"))
-    with pytest.raises(export.ExportError, match=r"^LiteRT export takes a model returning one "
-                                                 r"array; this one returns 3 \(0, 1/pooled, "
-                                                 r"1/stem\)"):
-        export.to_tflite(result.module, result.variables, x, str(tmp_path / "m.tflite"))
+    lite = export.to_tflite(result.module, result.variables, x, str(tmp_path / "m.tflite"))
+    assert lite.max_abs_error <= 1e-5 * lite.scale + 1e-6
+
+
+class Twelve(nn.Module):
+    """Twelve outputs: a LiteRT signature lists ``output_10`` before ``output_2``."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(4, (3, 3))(x)
+        return [y[..., i % 4:] * (i + 1) for i in range(12)]
+
+
+class TwelveNNX(nnx.Module):
+    def __init__(self):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        y = self.conv(x)
+        return [y[..., i % 4:] * (i + 1) for i in range(12)]
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_litert_exports_every_output_in_order(api, tmp_path):
+    """LiteRT export of a model with several outputs: one tensor each, in the model's order
+    (``jax.tree.leaves``), through the SavedModel route (linen) and the concrete-function one
+    (NNX), whose graphs name and list their outputs differently."""
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 3))
+    if api == "linen":
+        model = Twelve()
+        variables = init(model, 0, x)
+        want = model.apply(variables, x)
+    else:
+        model, variables = TwelveNNX(), None
+        want = model(x)
+    path = str(tmp_path / "m.tflite")
+    export.to_tflite(model, variables, x, path)
+    got = runtimes.litert_outputs(export.litert_interpreter(open(path, "rb").read()))(
+        np.asarray(x))
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))

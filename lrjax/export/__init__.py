@@ -93,8 +93,7 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False):
                 if type(node) is nnx.ConvTranspose or runtimes.as_transposed(node) is not None
                 else node, nnx.clone(module))
         model = eval_view(module)
-        return lambda x: _litert_output(model(x, **apply_kwargs)) if for_litert else \
-            model(x, **apply_kwargs)
+        return lambda x: model(x, **apply_kwargs)
     if variables is None:
         raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
                           "(variables=None is for NNX models)")
@@ -114,18 +113,21 @@ def _linen_apply(module, apply_kwargs, for_litert: bool = False):
         if for_litert:
             with nn.intercept_methods(_dense_as_conv), \
                     nn.intercept_methods(runtimes.litert_transposed):
-                return _litert_output(module.apply(variables, x, **apply_kwargs))
+                return module.apply(variables, x, **apply_kwargs)
         return module.apply(variables, x, **apply_kwargs)
 
     return apply
 
 
-def _litert_output(out):
-    """A one-array output as that array: TensorFlow cannot rebuild a frozen dataclass around
-    it (Hugging Face's ``ModelOutput``, a ``flax.struct`` dataclass holding ``logits`` and
-    ``None`` fields)."""
-    leaves = jax.tree.leaves(out)
-    return leaves[0] if len(leaves) == 1 else out
+def _flat_outputs(fn):
+    """``fn`` returning its output's arrays (``jax.tree.leaves``): one array as itself, several
+    as a tuple. TensorFlow cannot rebuild a frozen dataclass around converted outputs (Hugging
+    Face's ``ModelOutput``, a ``flax.struct`` dataclass with ``None`` fields)."""
+    def flat(*args):
+        leaves = jax.tree.leaves(fn(*args))
+        return leaves[0] if len(leaves) == 1 else tuple(leaves)
+
+    return flat
 
 
 # the converter's first error: the source line JAX recorded for the op it cannot convert
@@ -319,32 +321,28 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     batch of the example's size. The batch is fixed on purpose: the same VGG-16 converted with a
     dynamic batch (``polymorphic_shapes``, input signature ``[-1, 224, 224, 3]``) ran 2.4x
     (full) and 4.7x (low-rank) slower in LiteRT at batch 8 (514 -> 1245 ms, 202 -> 960 ms).
+    A model returning a pytree of arrays gets one output tensor per array, in
+    ``jax.tree.leaves`` order (:func:`lrjax.runtimes.litert_outputs` runs them in that order).
     """
     shape = _check_input(example_input)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, for_litert=True)
-    outputs = jax.eval_shape(forward, jax.ShapeDtypeStruct(shape, np.float32))
-    if len(jax.tree.leaves(outputs)) != 1:
-        raise ExportError(f"LiteRT export takes a model returning one array; this one returns "
-                          f"{len(jax.tree.leaves(outputs))} ({', '.join(runtimes.output_names(outputs))}): "
-                          "export a function of the model that returns the one you deploy "
-                          "(ONNX and StableHLO take them all)")
     nnx_model = isinstance(module, nnx.Module)
     large = runtimes.weight_bytes(nnx.state(module) if nnx_model else variables) \
         >= runtimes.BUFFER_OFFSET_BYTES
     try:
         if nnx_model:  # the weights are constants of the traced module
-            data = runtimes.tflite_model(forward, shape, buffer_offsets=large)
+            data = runtimes.tflite_model(_flat_outputs(forward), shape, buffer_offsets=large)
         else:  # the weights as variables: a fraction of the converter's memory
-            data = runtimes.tflite_model(_linen_apply(module, apply_kwargs, True), shape,
-                                         params=variables, buffer_offsets=large)
+            data = runtimes.tflite_model(_flat_outputs(_linen_apply(module, apply_kwargs, True)),
+                                         shape, params=variables, buffer_offsets=large)
     except Exception as e:  # the converter raises several types for unsupported graphs
         raise ExportError(converter_failure(e, forward, shape, module)) from None
     batches = (shape[0],)
     err, scale = 0.0, 0.0
     if check:
-        run = litert_runner(litert_interpreter(data))
-        err, scale = _compare(lambda x: [run(x)], forward, shape, batches, "LiteRT")
+        run = runtimes.litert_outputs(litert_interpreter(data))
+        err, scale = _compare(run, forward, shape, batches, "LiteRT")
     size = _write(path, data)
     return ExportResult(path, "tflite", err, scale, batches if check else (), size)
 
