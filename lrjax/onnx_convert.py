@@ -37,6 +37,7 @@ from lrjax.onnx_graph import (
     onnx_dtype,
     reshape_spec,
     same_dim,
+    value_info,
 )
 
 __all__ = ["jaxpr_to_onnx", "TranslationError", "HANDLERS", "OPSET"]
@@ -556,37 +557,35 @@ HANDLERS: dict[str, Any] = {
 }
 
 
-def jaxpr_to_onnx(closed_jaxpr, input_name: str = "input", output_names=("output",),
+def jaxpr_to_onnx(closed_jaxpr, input_names=("input",), output_names=("output",),
                   *, graph_name: str = "lrjax", opset: int = OPSET) -> onnx.ModelProto:
-    """An ONNX model computing a closed jaxpr of one array input and one or more array outputs.
+    """An ONNX model computing a closed jaxpr of array inputs (one or more, the batch first in
+    each) and one or more array outputs.
 
     Args:
       closed_jaxpr: e.g. ``jax.make_jaxpr(f)(jax.ShapeDtypeStruct(symbolic_shape, float32))``;
-        a symbolic leading dimension becomes the ONNX input's ``batch`` dimension.
-      input_name, output_names: the ONNX graph's tensor names (one per jaxpr output, in order).
+        a symbolic leading dimension (one symbol for every input) becomes ``batch``.
+      input_names, output_names: the ONNX graph's tensor names, one per jaxpr input / output.
 
     Raises:
       TranslationError: a primitive (or a form of one) the translation does not cover, naming
         it and its layer.
     """
-    jaxpr = closed_jaxpr.jaxpr
-    if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != len(output_names):
-        raise TranslationError(f"ONNX export takes a function of one array returning "
-                               f"{len(output_names)} arrays")
-    aval = jaxpr.invars[0].aval
-    conv = _Converter(input_name, tuple(aval.shape))
-    outs = conv.run(jaxpr, closed_jaxpr.consts, [Tensor(input_name, tuple(aval.shape))])
+    jaxpr, input_names = closed_jaxpr.jaxpr, list(input_names)
+    if len(jaxpr.invars) != len(input_names) or len(jaxpr.outvars) != len(output_names):
+        raise TranslationError(f"ONNX export takes a function of {len(input_names)} arrays "
+                               f"returning {len(output_names)}")
+    shapes = [tuple(v.aval.shape) for v in jaxpr.invars]
+    conv = _Converter(input_names[0], shapes[0])
+    outs = conv.run(jaxpr, closed_jaxpr.consts,
+                    [Tensor(n, s) for n, s in zip(input_names, shapes, strict=True)])
     if not all(isinstance(out, Tensor) for out in outs):
         raise TranslationError("an output of the exported function does not depend on its input")
     for out, name in zip(outs, output_names, strict=True):
         conv.g.nodes.append(helper.make_node("Identity", [conv.nhwc(out)], [name]))
-
-    def value_info(name, aval):
-        dims = ["batch" if not concrete(d) else int(d) for d in aval.shape]
-        return helper.make_tensor_value_info(name, onnx_dtype(aval.dtype), dims)
-
     graph = helper.make_graph(
-        conv.g.nodes, graph_name, [value_info(input_name, aval)],
+        conv.g.nodes, graph_name, [value_info(n, v.aval) for n, v in zip(
+            input_names, jaxpr.invars, strict=True)],
         [value_info(name, v.aval) for name, v in zip(output_names, jaxpr.outvars, strict=True)],
         conv.g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],

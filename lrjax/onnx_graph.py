@@ -11,7 +11,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["INT64_MAX", "TranslationError", "Tensor", "Graph", "concrete", "same_dim",
-           "onnx_dtype", "reshape_spec"]
+           "onnx_dtype", "reshape_spec", "value_info"]
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -80,6 +80,12 @@ def same_dim(a, b) -> bool:
         return a is b or bool(a == b)
     except Exception:  # an inconclusive symbolic comparison
         return False
+
+
+def value_info(name: str, aval):
+    """A graph input's or output's ONNX type: its dtype and shape, a symbolic dim ``batch``."""
+    dims = ["batch" if not concrete(d) else int(d) for d in aval.shape]
+    return helper.make_tensor_value_info(name, onnx_dtype(aval.dtype), dims)
 
 
 def onnx_dtype(dtype) -> int:

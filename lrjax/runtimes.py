@@ -37,10 +37,11 @@ RUNTIMES = ("jax", "onnxruntime", "litert")
 BUFFER_OFFSET_BYTES = 1 << 28
 
 
-def symbolic_batch(shape) -> jax.ShapeDtypeStruct:
-    """A float32 input of ``shape`` with a symbolic batch dimension ``b``."""
-    dims = ", ".join(map(str, shape[1:]))
-    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {dims}"), jnp.float32)
+def symbolic_batch(shape, dtype=jnp.float32, scope=None) -> jax.ShapeDtypeStruct:
+    """An input of ``shape`` and ``dtype`` (default float32) with a symbolic batch dimension
+    ``b`` (``scope``: a ``jax.export.SymbolicScope`` shared by several inputs)."""
+    spec = ", ".join(["b", *map(str, shape[1:])])
+    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(spec, scope=scope), dtype)
 
 
 def output_names(tree) -> list[str]:
@@ -53,10 +54,13 @@ def output_names(tree) -> list[str]:
     return [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves]
 
 
-def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str = "lrjax"):
+def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str = "lrjax",
+               inputs=None):
     """The ONNX model (opset :data:`lrjax.onnx_convert.OPSET`) of ``forward: x -> y`` for inputs
     of ``shape`` with a symbolic batch dimension; ``y`` an array or a pytree of arrays (one
-    graph output each, named by :func:`output_names`).
+    graph output each, named by :func:`output_names`). ``inputs``: several inputs instead
+    (``forward(*xs)``; shapes and dtypes as ``jax.ShapeDtypeStruct`` each, batch first, one
+    symbolic batch for all), graph inputs ``input_0``, ``input_1``, ...
 
     With ``fold``, per-channel affine ops right after a conv (batch norm in inference, biases)
     are folded into it (:func:`lrjax.onnx_passes.fold_conv_affine`).
@@ -68,8 +72,12 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
     from lrjax import onnx_convert, onnx_passes
 
     with formulations.policy("portable"):
-        closed, out_shapes = jax.make_jaxpr(forward, return_shape=True)(symbolic_batch(shape))
-    model = onnx_convert.jaxpr_to_onnx(closed, output_names=output_names(out_shapes),
+        scope = jax.export.SymbolicScope()
+        specs = [symbolic_batch(shape)] if inputs is None else \
+            [symbolic_batch(i.shape, i.dtype, scope) for i in inputs]
+        closed, out_shapes = jax.make_jaxpr(forward, return_shape=True)(*specs)
+    names = ["input"] if inputs is None else [f"input_{i}" for i in range(len(inputs))]
+    model = onnx_convert.jaxpr_to_onnx(closed, names, output_names(out_shapes),
                                        graph_name=graph_name)
     if fold:
         onnx_passes.fold_conv_affine(model)

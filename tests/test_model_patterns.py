@@ -3,15 +3,18 @@ checkpointing), a dict input, several inputs. Calibration runs through the lifte
 (its statistics are sown into a collection, or NNX state, not kept aside), an exported remat'ed
 model is its computation, and a calibration batch that does not fit the model's call says so."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import export
+from lrjax import export, runtimes
 from tests.helpers import apply, init
 
 X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
@@ -202,3 +205,55 @@ def test_layers_applied_inside_another_with_given_parameters_are_listed_and_kept
     want = apply(model, variables, X)
     np.testing.assert_allclose(apply(full.module, full.variables, X), want,
                                atol=2e-5 * float(jnp.abs(want).max()))
+
+
+class Conditioned(nn.Module):
+    """A diffusion U-Net's call, as diffusers' Flax ``UNet2DConditionModel`` takes it: NCHW
+    latents, integer timesteps ``(batch,)``, text states ``(batch, tokens, features)``."""
+
+    @nn.compact
+    def __call__(self, sample, timesteps, context, train: bool = False):
+        x = nn.Conv(16, (3, 3), name="conv_in")(jnp.transpose(sample, (0, 2, 3, 1)))
+        freqs = jnp.exp(-jnp.arange(8) / 8.0)
+        t = timesteps[:, None].astype(jnp.float32) * freqs
+        x = x + nn.Dense(16, name="time")(jnp.concatenate([jnp.sin(t), jnp.cos(t)], -1))[
+            :, None, None]
+        q = nn.Dense(16, name="to_q")(x.reshape(x.shape[0], -1, 16))
+        k, v = nn.Dense(16, name="to_k")(context), nn.Dense(16, name="to_v")(context)
+        attn = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / 4.0)
+        x = x + jnp.einsum("bqk,bkc->bqc", attn, v).reshape(x.shape)
+        return jnp.transpose(nn.Conv(4, (3, 3), name="conv_out")(Block(name="block")(x)),
+                             (0, 3, 1, 2))
+
+
+def test_a_model_of_several_inputs_exports_to_onnx(tmp_path):
+    """A tuple of example inputs: one ONNX graph input each (``input_0``, ...; their own dtypes
+    and ranks, one symbolic batch), checked on the examples' own rows at their batch and one
+    more; the split model too. Arrays given as keyword arguments instead are constants of the
+    graph: one line saying so. LiteRT takes one input: one line."""
+    model = Conditioned()
+    inputs = (jax.random.normal(jax.random.key(0), (3, 4, 8, 8)), jnp.array([1, 500, 999]),
+              jax.random.normal(jax.random.key(1), (3, 5, 12)))
+    variables = init(model, 0, *inputs)
+    split = lrjax.decompose_linen(model, variables, *inputs, rule="speedup:1.5")
+    assert {"conv_in", "block/a", "block/b", "to_q"} & set(split.ranks)
+    for name, module, params in (("full", model, variables),
+                                 ("split", split.module, split.variables)):
+        result = export.to_onnx(module, params, inputs, str(tmp_path / f"{name}.onnx"))
+        assert result.checked_batches == (3, 4)
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
+        graph = onnx.load(str(tmp_path / f"{name}.onnx")).graph
+        assert [i.name for i in graph.input] == ["input_0", "input_1", "input_2"]
+        assert graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT32
+        session = runtimes.onnx_session(str(tmp_path / f"{name}.onnx"))
+        rows = [np.asarray(a)[[2, 0]] for a in inputs]  # another batch, other rows
+        got = session.run(None, dict(zip(("input_0", "input_1", "input_2"), rows, strict=True)))[0]
+        want = apply(module, params, *map(jnp.asarray, rows))
+        np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
+    with pytest.raises(export.ExportError, match=r"^the model does not trace with a symbolic "
+                                                 r"batch.*keyword arguments are constants"):
+        export.to_onnx(model, variables, inputs[0], str(tmp_path / "kw.onnx"),
+                       timesteps=inputs[1], context=inputs[2])
+    with pytest.raises(export.ExportError, match=r"^this exporter takes one NHWC input"):
+        export.to_tflite(model, variables, inputs, str(tmp_path / "m.tflite"))
+    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "split.onnx"]

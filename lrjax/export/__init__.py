@@ -78,7 +78,7 @@ def _dense_as_conv(next_fun, args, kwargs, context):
     return jnp.reshape(y, (*x.shape[:-1], *np.shape(params["kernel"])[1:]))
 
 
-def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False):
+def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs=None):
     """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
     model (``variables=None``) in eval mode; ``for_litert``: in the forms the TFLite converter
     takes (linen dense layers on rank-4 inputs as 1x1 convs, :func:`_dense_as_conv`; transposed
@@ -93,28 +93,28 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False):
                 if type(node) is nnx.ConvTranspose or runtimes.as_transposed(node) is not None
                 else node, nnx.clone(module))
         model = eval_view(module)
-        return lambda x: model(x, **apply_kwargs)
+        return lambda *xs: model(*xs, **apply_kwargs)
     if variables is None:
         raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
                           "(variables=None is for NNX models)")
     try:
-        surgery.check_inference_call(module, variables, jax.ShapeDtypeStruct(shape, np.float32),
-                                     **apply_kwargs)
+        surgery.check_inference_call(module, variables, *(inputs or [jax.ShapeDtypeStruct(
+            shape, np.float32)]), **apply_kwargs)
     except ValueError as e:
         raise ExportError(str(e)) from None
 
     apply = _linen_apply(module, apply_kwargs, for_litert)
-    return lambda x: apply(variables, x)
+    return lambda *xs: apply(variables, *xs)
 
 
 def _linen_apply(module, apply_kwargs, for_litert: bool = False):
     """``(variables, x) -> output`` of a linen module's inference call."""
-    def apply(variables, x):
+    def apply(variables, *xs):
         if for_litert:
             with nn.intercept_methods(_dense_as_conv), \
                     nn.intercept_methods(runtimes.litert_transposed):
-                return module.apply(variables, x, **apply_kwargs)
-        return module.apply(variables, x, **apply_kwargs)
+                return module.apply(variables, *xs, **apply_kwargs)
+        return module.apply(variables, *xs, **apply_kwargs)
 
     return apply
 
@@ -179,10 +179,24 @@ def _layers_at(jaxpr, file: str, line: int) -> set[str]:
 
 
 def _check_input(example_input):
+    if isinstance(example_input, (tuple, list)):
+        raise ExportError("this exporter takes one NHWC input; a model of several inputs exports "
+                          "to ONNX (to_onnx with a tuple of example inputs)")
     shape = tuple(np.shape(example_input))
     if len(shape) != 4:
         raise ExportError(f"example_input must be an NHWC batch (N, H, W, C); got shape {shape}")
     return shape
+
+
+def _check_inputs(example_inputs) -> list[np.ndarray]:
+    """Several example inputs (a model called as ``model(x0, x1, ...)``): arrays sharing their
+    leading (batch) dimension."""
+    arrays = [np.asarray(a) for a in example_inputs]
+    batches = {a.shape[0] if a.ndim else None for a in arrays}
+    if not arrays or len(batches) != 1 or None in batches:
+        raise ExportError(f"example inputs must share their leading (batch) dimension; got "
+                          f"shapes {[a.shape for a in arrays]}")
+    return arrays
 
 
 def writable_path(path: str) -> str:
@@ -205,17 +219,18 @@ def _write(path: str, data: bytes) -> int:
     return len(data)
 
 
-def _compare(run, forward, shape, batches, what) -> tuple[float, float]:
-    """Run the export and JAX on random batches; raise ExportError past the tolerance. ``run``
-    returns the outputs as a list in ``jax.tree.leaves`` order of JAX's (each output is checked
-    against its own scale)."""
+def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, float]:
+    """Run the export and JAX on random batches (with several inputs, ``examples``: their rows
+    repeated to each batch); raise ExportError past the tolerance. ``run`` returns the outputs
+    as a list in ``jax.tree.leaves`` order of JAX's (each checked against its own scale)."""
     worst, scale = 0.0, 0.0
     for i, b in enumerate(batches):
-        x = np.random.default_rng(i).standard_normal((b, *shape[1:])).astype(np.float32)
-        tree = forward(x)
+        xs = [np.random.default_rng(i).standard_normal((b, *shape[1:])).astype(np.float32)] \
+            if examples is None else [np.take(a, np.arange(b) % len(a), axis=0) for a in examples]
+        tree = forward(*map(jnp.asarray, xs))  # JAX arrays, as the model is called with
         wanted = jax.tree.leaves(tree)
         names = runtimes.output_names(tree) if len(wanted) > 1 else [""]
-        for name, want, got in zip(names, wanted, run(x), strict=True):
+        for name, want, got in zip(names, wanted, run(*xs), strict=True):
             want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
             where = f"{what} output {name}" if name else f"{what} output"
             if got.shape != want.shape:
@@ -269,7 +284,10 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
 
     ``module, variables``: a linen module and its variables, or an NNX model and ``None`` (run
     in eval mode; the same for every exporter here). ``example_input``: an NHWC float32 batch
-    ``(N, H, W, C)``; ``**apply_kwargs`` go to the call (e.g. ``train=False``).
+    ``(N, H, W, C)``, or a tuple of the model's positional inputs (any ranks and dtypes, the
+    batch first in each: a diffusion U-Net's latents, timesteps and text states; graph inputs
+    ``input_0``, ``input_1``, ..., checked on the examples' own rows); ``**apply_kwargs`` go to
+    the call (e.g. ``train=False``).
 
     The inference jaxpr is translated by :mod:`lrjax.onnx_convert` (convs as ONNX ``Conv`` in
     NCHW, groups and dilation mapped). With ``fold``, per-channel affine ops right after a conv
@@ -280,15 +298,25 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     """
     from lrjax import onnx_convert
 
-    shape = _check_input(example_input)
+    examples = _check_inputs(example_input) if isinstance(example_input, (tuple, list)) \
+        else None
+    shape = _check_input(example_input) if examples is None else examples[0].shape
+    inputs = None if examples is None else \
+        [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in examples]
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape)
+    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs)
     try:
-        model = runtimes.onnx_model(forward, shape, fold=fold, graph_name=type(module).__name__)
+        model = runtimes.onnx_model(forward, shape, fold=fold, graph_name=type(module).__name__,
+                                    inputs=inputs)
     except onnx_convert.TranslationError as e:
         raise ExportError(re.sub(r"\(layer ([^)]*)\)",
                                  lambda m: f"(layer {user_layer(m.group(1), module)})",
                                  str(e), count=1)) from None
+    except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"the model does not trace with a symbolic batch, which ONNX export "
+                          f"keeps free: {first} (arrays passed as keyword arguments are "
+                          f"constants of the graph, with their own batch)") from None
     data = model.SerializeToString()
     batches = (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
@@ -302,8 +330,9 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
                     if "bfloat16" in first else "")
             raise ExportError(f"ONNX Runtime cannot load the exported graph: {first}{hint}") \
                 from None
-        err, scale = _compare(lambda x: session.run(None, {"input": x}), forward, shape,
-                              batches, "ONNX Runtime")
+        names = [i.name for i in session.get_inputs()]
+        err, scale = _compare(lambda *xs: session.run(None, dict(zip(names, xs, strict=True))),
+                              forward, shape, batches, "ONNX Runtime", examples)
     size = _write(path, data)
     return ExportResult(path, "onnx", err, scale, batches if check else (), size)
 
