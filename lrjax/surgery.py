@@ -227,18 +227,19 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         return [dataclasses.replace(s, rank=ranks[s.path]) if s.path in ranks else s
                 for s in base_sites]
     found: dict[str, ConvSite] = {}
-    running: list[tuple[str, bool]] = []  # (path, detached) of the modules being called
+    running: list[tuple[str, bool, Any]] = []  # (path, detached, scope) of the modules running
 
     def record(next_fun, args, kwargs, context):
         module = context.module
         path, detached = module_path(module), bool(running and running[-1][1])
-        if running and module.scope.parent is None and not module.scope.path:
+        if running and module.scope.parent is None and not module.scope.path and \
+                module.scope is not running[0][2]:  # not the model (its own methods)
             # a module applied inside another with the parameters it is given
             # (``self.conv.apply({"params": ...}, x)``, e.g. a weight-normalized conv)
             path, detached = "/".join(p for p in (running[-1][0], module.name) if p), True
         elif detached:
             path = "/".join(p for p in (running[-1][0], path) if p)
-        running.append((path, detached))
+        running.append((path, detached, module.scope))
         try:
             _record(module, path, detached, args, kwargs, context)
             return next_fun(*args, **kwargs)

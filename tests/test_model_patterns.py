@@ -178,10 +178,17 @@ class WeightNormConv(nn.Module):
 
 
 class WithWeightNorm(nn.Module):
-    @nn.compact
+    """Its call runs another of its methods, as diffusers' ``FlaxAutoencoderKL`` runs
+    ``self.encode`` and ``self.decode``: that is the model itself, not a module applied apart."""
+
+    def setup(self):
+        self.stem, self.pos, self.out = nn.Conv(16, (3, 3)), WeightNormConv(), nn.Conv(16, (3, 3))
+
+    def encode(self, x):
+        return self.pos(self.stem(x))
+
     def __call__(self, x):
-        x = nn.Conv(16, (3, 3), name="stem")(x)
-        return nn.Conv(16, (3, 3), name="out")(WeightNormConv(name="pos")(x))
+        return self.out(self.encode(x))
 
 
 def test_layers_applied_inside_another_with_given_parameters_are_listed_and_kept():
