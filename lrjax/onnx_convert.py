@@ -173,9 +173,6 @@ class _Converter:
             return Tensor(self.g.node("Clip", inputs, "clip"), t.shape, t.nchw)
         return self.elementwise("Max" if lower else "Min", args, aval)
 
-    def rsqrt(self, args, params, aval):
-        return self.then(self.elementwise("Sqrt", args, aval), "Reciprocal")
-
     def erfc(self, args, params, aval):
         t = self.elementwise("Erf", args, aval)
         one = self.g.const(np.asarray(1, aval.dtype), "one")
@@ -186,15 +183,9 @@ class _Converter:
         names = [t.name, *(self.g.const(np.asarray(c, dtype)) for c, dtype in constants)]
         return Tensor(self.g.node(op, names), t.shape, t.nchw)
 
-    def expm1(self, args, params, aval):  # ELU, SELU, CELU
-        return self.then(self.elementwise("Exp", args, aval), "Sub", (1, aval.dtype))
-
     def log1p(self, args, params, aval):  # softplus, mish
         return self.then(self.elementwise("Add", [args[0], np.asarray(1, aval.dtype)], aval),
                          "Log")
-
-    def ne(self, args, params, aval):
-        return self.then(self.elementwise("Equal", args, aval), "Not")
 
     def round(self, args, params, aval):  # ONNX Round is half to even, as jnp.round
         """Half away from zero (``lax.round``'s default) as ``sign(x) * floor(|x| + 0.5)``."""
@@ -203,15 +194,6 @@ class _Converter:
         shifted = self.then(self.elementwise("Abs", args, aval), "Add", (0.5, aval.dtype))
         return self.elementwise("Mul", [self.then(shifted, "Floor"),
                                         self.elementwise("Sign", args, aval)], aval)
-
-    def square(self, args, params, aval):
-        return self.elementwise("Mul", [args[0], args[0]], aval)
-
-    def integer_pow(self, args, params, aval):
-        return self.elementwise("Pow", [args[0], np.asarray(params["y"], aval.dtype)], aval)
-
-    def identity(self, args, params, aval):
-        return args[0]
 
     def convert_element_type(self, args, params, aval):
         t = args[0]
@@ -370,15 +352,23 @@ class _Converter:
     # -- convolutions, pooling, dense --------------------------------------------------------
     def conv(self, args, params, aval):
         x, w = args
-        lhs, rhs, out = params["dimension_numbers"]
-        if (tuple(lhs), tuple(rhs), tuple(out)) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
-            raise TranslationError("only NHWC/HWIO convolutions (what nn.Conv emits) are "
-                                   f"covered; got dimension numbers {params['dimension_numbers']}")
-        if params.get("batch_group_count", 1) != 1:
-            raise TranslationError("a conv with batch_group_count != 1")
+        lhs, rhs, out = (tuple(d) for d in params["dimension_numbers"])
         pads = [tuple(int(v) for v in p) for p in params["padding"]]
-        if min(v for p in pads for v in p) < 0:
-            raise TranslationError(f"a conv with negative padding {pads}")
+        if params.get("batch_group_count", 1) != 1 or min(v for p in pads for v in p) < 0:
+            raise TranslationError(f"a conv with batch_group_count != 1 or padding {pads}")
+        if (lhs, rhs, out) == ((0, 2, 1), (2, 1, 0), (0, 2, 1)) and \
+                tuple(params["lhs_dilation"]) == (1,):  # 1-D (NWC/WIO), as ONNX's (N, C, W)
+            weight = self.g.node("Transpose", [self.nhwc(w)], perm=[2, 1, 0]) if isinstance(
+                w, Tensor) else self.g.const(np.asarray(w).transpose(2, 1, 0), "weight")
+            y = self.g.node("Conv", [self.g.node("Transpose", [self.nhwc(x)], perm=[0, 2, 1]),
+                                     weight], "conv", pads=list(pads[0]),
+                            strides=[int(params["window_strides"][0])],
+                            dilations=[int(params["rhs_dilation"][0])],
+                            group=int(params["feature_group_count"]))
+            return Tensor(self.g.node("Transpose", [y], perm=[0, 2, 1]), tuple(aval.shape))
+        if (lhs, rhs, out) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
+            raise TranslationError("only NHWC/HWIO and 1-D NWC/WIO convolutions (what nn.Conv "
+                                   f"emits) are covered; got {params['dimension_numbers']}")
         source = self.nchw(x)
         if any(d != 1 for d in params["lhs_dilation"]):  # a transposed conv (nn.ConvTranspose)
             native = self.conv_transpose(source, w, params, aval)
@@ -535,16 +525,22 @@ HANDLERS: dict[str, Any] = {
         "sign": "Sign", "floor": "Floor", "ceil": "Ceil", "sin": "Sin", "cos": "Cos"}.items()},
     "exp2": lambda c, args, params, aval: c.elementwise("Pow", [np.asarray(2, aval.dtype),
                                                                 args[0]], aval),
+    "rsqrt": lambda c, args, params, aval: c.then(c.elementwise("Sqrt", args, aval),
+                                                  "Reciprocal"),
+    "expm1": lambda c, args, params, aval: c.then(c.elementwise("Exp", args, aval), "Sub",
+                                                  (1, aval.dtype)),  # ELU, SELU, CELU
+    "ne": lambda c, args, params, aval: c.then(c.elementwise("Equal", args, aval), "Not"),
+    "square": lambda c, args, params, aval: c.elementwise("Mul", [args[0], args[0]], aval),
+    "integer_pow": lambda c, args, params, aval: c.elementwise(
+        "Pow", [args[0], np.asarray(params["y"], aval.dtype)], aval),
+    **{prim: (lambda c, args, params, aval: args[0]) for prim in ("copy", "stop_gradient")},
     "max": lambda c, args, params, aval: c.clamp(args, aval, lower=True),
     "min": lambda c, args, params, aval: c.clamp(args, aval, lower=False),
     # one converter method each, named after the primitive
     **{prim: _method(prim) for prim in (
-        "rsqrt", "erfc", "expm1", "log1p", "ne", "round", "square", "integer_pow",
-        "convert_element_type", "select_n",
+        "erfc", "log1p", "round", "convert_element_type", "select_n",
         "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "split", "tile", "pad",
         "concatenate", "argmax", "gather")},
-    "copy": _method("identity"),
-    "stop_gradient": _method("identity"),
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
     "reduce_min": _method("reduction", "ReduceMin"),

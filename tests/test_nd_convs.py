@@ -4,15 +4,18 @@ on their 2-D view (a ``(k, 1)`` window; a 1x1 conv over the last two spatial dim
 layer's own kernel rank, costed as XLA counts them, data-free and calibrated, linen and NNX.
 N-D convs with a larger window stay whole with the reason."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import costs, macs, nnx_surgery, surgery
+from lrjax import costs, export, macs, nnx_surgery, surgery
 from tests.helpers import apply, init
 
 ONE_D = {  # name: nn.Conv arguments, as audio and sequence models write them
@@ -162,3 +165,28 @@ def test_pointwise_n_d_convs_split_and_larger_windows_say_why():
     flops = [_lowered_flops(lambda v, x, m=m: m.apply(v, x), v, CLIP)
              for m, v in ((model, variables), (whole.module, whole.variables))]
     assert flops[0] / flops[1] == pytest.approx(whole.report.speedup, rel=1e-5)
+
+
+def test_one_d_conv_nets_export_to_onnx(tmp_path):
+    """A 1-D conv net (every form above) and its split export to ONNX as 1-D ``Conv``s, the
+    input given as a 1-tuple (a single array must be an NHWC batch: a forgotten batch axis is
+    caught); the video net's 3-D conv is one line naming the layer. LiteRT: one line."""
+    model = Temporal()
+    variables = init(model, 0, X)
+    split = lrjax.decompose_linen(model, variables, X, rule={"frontend": 3, "dilated": 6,
+                                                             "causal": 8, "pointwise": 6})
+    for name, module, params in (("full", model, variables),
+                                 ("split", split.module, split.variables)):
+        result = export.to_onnx(module, params, (X,), str(tmp_path / f"{name}.onnx"))
+        assert result.checked_batches == (2, 3)
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
+        ops = {n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node}
+        assert "Conv" in ops
+    with pytest.raises(export.ExportError, match=r"NHWC batch .*a tuple\); got shape \(2, 200"):
+        export.to_onnx(model, variables, X, str(tmp_path / "one.onnx"))
+    with pytest.raises(export.ExportError, match=r"^cannot export primitive "
+                                                 r"'conv_general_dilated' \(layer tubelet\)"):
+        export.to_onnx(Video(), init(Video(), 0, CLIP), (CLIP,), str(tmp_path / "video.onnx"))
+    with pytest.raises(export.ExportError, match=r"^example_input must be an NHWC batch"):
+        export.to_tflite(model, variables, X, str(tmp_path / "m.tflite"))
+    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "split.onnx"]

@@ -178,13 +178,15 @@ def _layers_at(jaxpr, file: str, line: int) -> set[str]:
     return found
 
 
-def _check_input(example_input):
+def _check_input(example_input, other: str = ""):
+    """The shape of one NHWC example batch (``other``: how to pass another kind of input)."""
     if isinstance(example_input, (tuple, list)):
         raise ExportError("this exporter takes one NHWC input; a model of several inputs exports "
                           "to ONNX (to_onnx with a tuple of example inputs)")
     shape = tuple(np.shape(example_input))
     if len(shape) != 4:
-        raise ExportError(f"example_input must be an NHWC batch (N, H, W, C); got shape {shape}")
+        raise ExportError(f"example_input must be an NHWC batch (N, H, W, C){other}; got shape "
+                          f"{shape}")
     return shape
 
 
@@ -285,9 +287,9 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     ``module, variables``: a linen module and its variables, or an NNX model and ``None`` (run
     in eval mode; the same for every exporter here). ``example_input``: an NHWC float32 batch
     ``(N, H, W, C)``, or a tuple of the model's positional inputs (any ranks and dtypes, the
-    batch first in each: a diffusion U-Net's latents, timesteps and text states; graph inputs
-    ``input_0``, ``input_1``, ..., checked on the examples' own rows); ``**apply_kwargs`` go to
-    the call (e.g. ``train=False``).
+    batch first in each: a diffusion U-Net's latents, timesteps and text states; a 1-D conv
+    net's ``(N, W, C)`` as a 1-tuple; graph inputs ``input_0``, ``input_1``, ..., checked on the
+    examples' own rows); ``**apply_kwargs`` go to the call (e.g. ``train=False``).
 
     The inference jaxpr is translated by :mod:`lrjax.onnx_convert` (convs as ONNX ``Conv`` in
     NCHW, groups and dilation mapped). With ``fold``, per-channel affine ops right after a conv
@@ -300,7 +302,8 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
 
     examples = _check_inputs(example_input) if isinstance(example_input, (tuple, list)) \
         else None
-    shape = _check_input(example_input) if examples is None else examples[0].shape
+    shape = examples[0].shape if examples is not None else _check_input(
+        example_input, " (inputs of other ranks, e.g. a 1-D conv net's (N, W, C): a tuple)")
     inputs = None if examples is None else \
         [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in examples]
     path = writable_path(path)
