@@ -375,7 +375,7 @@ class _Converter:
             if native is not None:
                 return native
             source = self.g.dilate(source, x.shape, [int(d) for d in params["lhs_dilation"]],
-                                 aval.dtype)
+                                   aval.dtype)
         attrs = dict(strides=[int(s) for s in params["window_strides"]],
                      dilations=[int(d) for d in params["rhs_dilation"]],
                      pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]],

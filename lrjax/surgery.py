@@ -227,21 +227,23 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         return [dataclasses.replace(s, rank=ranks[s.path]) if s.path in ranks else s
                 for s in base_sites]
     found: dict[str, ConvSite] = {}
-    running: list[tuple[str, bool, Any]] = []  # (path, detached, scope) of the modules running
+    # (path, prefix, scope) of the modules running; prefix: the path of the module applied
+    # apart that this one is in (None: in the model)
+    running: list[tuple[str, str | None, Any]] = []
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        path, detached = module_path(module), bool(running and running[-1][1])
+        prefix = running[-1][1] if running else None
         if running and module.scope.parent is None and not module.scope.path and \
                 module.scope is not running[0][2]:  # not the model (its own methods)
             # a module applied inside another with the parameters it is given
             # (``self.conv.apply({"params": ...}, x)``, e.g. a weight-normalized conv)
-            path, detached = "/".join(p for p in (running[-1][0], module.name) if p), True
-        elif detached:
-            path = "/".join(p for p in (running[-1][0], path) if p)
-        running.append((path, detached, module.scope))
+            prefix = "/".join(p for p in (running[-1][0], module.name) if p)
+        path = module_path(module) if prefix is None else \
+            "/".join(p for p in (prefix, module_path(module)) if p)
+        running.append((path, prefix, module.scope))
         try:
-            _record(module, path, detached, args, kwargs, context)
+            _record(module, path, prefix is not None, args, kwargs, context)
             return next_fun(*args, **kwargs)
         finally:
             running.pop()

@@ -167,14 +167,20 @@ class WeightNormConv(nn.Module):
         self.conv = nn.Conv(16, (3, 3), padding="SAME")
         self.weight_v = self.param("weight_v", nn.initializers.lecun_normal(), (3, 3, 16, 16))
         self.weight_g = self.param("weight_g", nn.initializers.ones, (16,))
-        self.block = Block()
+        self.block = Pair()
 
     def __call__(self, x):
         kernel = self.weight_v * self.weight_g / jnp.sqrt(jnp.sum(self.weight_v ** 2, (0, 1, 2)))
         x = self.conv.apply({"params": {"kernel": kernel, "bias": jnp.zeros(16)}}, x)
         # a block of layers applied the same way: its convs are not the model's variables either
-        return self.block.apply({"params": {"a": {"kernel": kernel, "bias": jnp.zeros(16)},
-                                            "b": {"kernel": kernel, "bias": jnp.zeros(16)}}}, x)
+        given = {"kernel": kernel, "bias": jnp.zeros(16)}
+        return self.block.apply({"params": {"inner": {"a": given, "b": given}}}, x)
+
+
+class Pair(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Block(name="inner")(x)
 
 
 class WithWeightNorm(nn.Module):
@@ -198,8 +204,8 @@ def test_layers_applied_inside_another_with_given_parameters_are_listed_and_kept
     model = WithWeightNorm()
     variables = init(model, 0, X)
     found = {s.path: s for s in lrjax.surgery.find_convs(model, X)}
-    assert sorted(found) == ["out", "pos/block/a", "pos/block/b", "pos/conv", "stem"]
-    for path in ("pos/conv", "pos/block/a", "pos/block/b"):
+    assert sorted(found) == ["out", "pos/block/inner/a", "pos/block/inner/b", "pos/conv", "stem"]
+    for path in ("pos/conv", "pos/block/inner/a", "pos/block/inner/b"):
         assert not found[path].candidate and "applied inside another layer" in found[path].skip
     assert found["stem"].candidate and found["out"].candidate
     for calibration in (None, CALIB):
