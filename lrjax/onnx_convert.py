@@ -173,19 +173,10 @@ class _Converter:
             return Tensor(self.g.node("Clip", inputs, "clip"), t.shape, t.nchw)
         return self.elementwise("Max" if lower else "Min", args, aval)
 
-    def erfc(self, args, params, aval):
-        t = self.elementwise("Erf", args, aval)
-        one = self.g.const(np.asarray(1, aval.dtype), "one")
-        return Tensor(self.g.node("Sub", [one, t.name]), t.shape, t.nchw)
-
     def then(self, t: Tensor, op: str, *constants) -> Tensor:
         """``op(t, *constants)`` (``(value, dtype)`` pairs) on an element-wise result."""
         names = [t.name, *(self.g.const(np.asarray(c, dtype)) for c, dtype in constants)]
         return Tensor(self.g.node(op, names), t.shape, t.nchw)
-
-    def log1p(self, args, params, aval):  # softplus, mish
-        return self.then(self.elementwise("Add", [args[0], np.asarray(1, aval.dtype)], aval),
-                         "Log")
 
     def round(self, args, params, aval):  # ONNX Round is half to even, as jnp.round
         """Half away from zero (``lax.round``'s default) as ``sign(x) * floor(|x| + 0.5)``."""
@@ -412,26 +403,29 @@ class _Converter:
 
     def pool(self, op: str, args, params, aval) -> Tensor:
         """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
-        (reduce_window_sum) over the spatial dims of an NHWC tensor."""
-        x = args[0]
-        dims, strides = params["window_dimensions"], params["window_strides"]
-        pads = params["padding"]
-        if len(dims) != 4 or dims[0] != 1 or dims[3] != 1 or tuple(pads[0]) != (0, 0) \
-                or tuple(pads[3]) != (0, 0):
-            raise TranslationError(f"only spatial pooling of NHWC tensors is covered; got "
-                                   f"window {dims} with padding {pads}")
+        (reduce_window_sum) over the spatial dims of an NHWC (or 1-D NWC) tensor."""
+        x, rank = args[0], len(args[0].shape)
+        dims, strides, pads = params["window_dimensions"], params["window_strides"], \
+            [tuple(int(v) for v in p) for p in params["padding"]]
+        if rank not in (3, 4) or dims[0] != 1 or dims[-1] != 1 or pads[0] != (0, 0) \
+                or pads[-1] != (0, 0):
+            raise TranslationError(f"only spatial pooling of NHWC or NWC tensors is covered; "
+                                   f"got window {dims} with padding {pads}")
         if any(d != 1 for d in params["base_dilation"]) or \
                 any(d != 1 for d in params["window_dilation"]):
             raise TranslationError("a dilated pooling window")
-        attrs = dict(kernel_shape=[int(dims[1]), int(dims[2])],
-                     strides=[int(strides[1]), int(strides[2])],
-                     pads=[int(pads[1][0]), int(pads[2][0]), int(pads[1][1]), int(pads[2][1])])
+        space = range(1, rank - 1)
+        attrs = dict(kernel_shape=[int(dims[i]) for i in space],
+                     strides=[int(strides[i]) for i in space],
+                     pads=[pads[i][0] for i in space] + [pads[i][1] for i in space])
         if op == "AveragePool":
             attrs["count_include_pad"] = 1
-        y = self.g.node(op, [self.nchw(x)], op.lower(), **attrs)
+        source = self.nchw(x) if rank == 4 else self.g.node("Transpose", [x.name], perm=[0, 2, 1])
+        y = self.g.node(op, [source], op.lower(), **attrs)
         if op == "AveragePool":  # reduce_window_sum: the average times the window size
-            y = self.g.node("Mul", [y, self.g.const(np.asarray(int(dims[1]) * int(dims[2]),
-                                                               aval.dtype))])
+            y = self.g.node("Mul", [y, self.g.const(np.asarray(np.prod(dims), aval.dtype))])
+        if rank == 3:
+            return Tensor(self.g.node("Transpose", [y], perm=[0, 2, 1]), tuple(aval.shape))
         return Tensor(y, tuple(aval.shape), True)
 
     def gather(self, args, params, aval):
@@ -530,6 +524,10 @@ HANDLERS: dict[str, Any] = {
     "expm1": lambda c, args, params, aval: c.then(c.elementwise("Exp", args, aval), "Sub",
                                                   (1, aval.dtype)),  # ELU, SELU, CELU
     "ne": lambda c, args, params, aval: c.then(c.elementwise("Equal", args, aval), "Not"),
+    "erfc": lambda c, args, params, aval: c.then(c.then(c.elementwise("Erf", args, aval), "Neg"),
+                                                 "Add", (1, aval.dtype)),
+    "log1p": lambda c, args, params, aval: c.then(c.elementwise(  # softplus, mish
+        "Add", [args[0], np.asarray(1, aval.dtype)], aval), "Log"),
     "square": lambda c, args, params, aval: c.elementwise("Mul", [args[0], args[0]], aval),
     "integer_pow": lambda c, args, params, aval: c.elementwise(
         "Pow", [args[0], np.asarray(params["y"], aval.dtype)], aval),
@@ -538,7 +536,7 @@ HANDLERS: dict[str, Any] = {
     "min": lambda c, args, params, aval: c.clamp(args, aval, lower=False),
     # one converter method each, named after the primitive
     **{prim: _method(prim) for prim in (
-        "erfc", "log1p", "round", "convert_element_type", "select_n",
+        "round", "convert_element_type", "select_n",
         "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "split", "tile", "pad",
         "concatenate", "argmax", "gather")},
     "reduce_sum": _method("reduction", "ReduceSum"),

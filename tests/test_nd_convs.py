@@ -168,9 +168,10 @@ def test_pointwise_n_d_convs_split_and_larger_windows_say_why():
 
 
 def test_one_d_conv_nets_export_to_onnx(tmp_path):
-    """A 1-D conv net (every form above) and its split export to ONNX as 1-D ``Conv``s, the
-    input given as a 1-tuple (a single array must be an NHWC batch: a forgotten batch axis is
-    caught); the video net's 3-D conv is one line naming the layer. LiteRT: one line."""
+    """A 1-D conv net (every form above) and its split export to ONNX as 1-D ``Conv``s, and one
+    with pooling as 1-D ``MaxPool`` / ``AveragePool``; the input given as a 1-tuple (a single
+    array must be an NHWC batch: a forgotten batch axis is caught); the video net's 3-D conv is
+    one line naming the layer. LiteRT: one line."""
     model = Temporal()
     variables = init(model, 0, X)
     split = lrjax.decompose_linen(model, variables, X, rule={"frontend": 3, "dilated": 6,
@@ -182,6 +183,12 @@ def test_one_d_conv_nets_export_to_onnx(tmp_path):
         assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
         ops = {n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node}
         assert "Conv" in ops
+    pooled = Pooled1D()
+    pooled_variables = init(pooled, 0, X)
+    result = export.to_onnx(pooled, pooled_variables, (X,), str(tmp_path / "pooled.onnx"))
+    assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "pooled.onnx")).graph.node}
+    assert {"MaxPool", "AveragePool"} <= ops
     with pytest.raises(export.ExportError, match=r"NHWC batch .*a tuple\); got shape \(2, 200"):
         export.to_onnx(model, variables, X, str(tmp_path / "one.onnx"))
     with pytest.raises(export.ExportError, match=r"^cannot export primitive "
@@ -189,4 +196,14 @@ def test_one_d_conv_nets_export_to_onnx(tmp_path):
         export.to_onnx(Video(), init(Video(), 0, CLIP), (CLIP,), str(tmp_path / "video.onnx"))
     with pytest.raises(export.ExportError, match=r"^example_input must be an NHWC batch"):
         export.to_tflite(model, variables, X, str(tmp_path / "m.tflite"))
-    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "split.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "pooled.onnx", "split.onnx"]
+
+
+class Pooled1D(nn.Module):
+    """A 1-D CNN as text and audio classifiers write it: conv, max pool, conv, average pool."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(nn.relu(nn.Conv(16, (5,))(x)), (3,), strides=(2,), padding="SAME")
+        x = nn.avg_pool(nn.Conv(16, (3,), feature_group_count=4)(x), (4,), strides=(4,))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
