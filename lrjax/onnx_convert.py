@@ -349,10 +349,8 @@ class _Converter:
             raise TranslationError(f"a conv with batch_group_count != 1 or padding {pads}")
         if (lhs, rhs, out) == ((0, 2, 1), (2, 1, 0), (0, 2, 1)) and \
                 tuple(params["lhs_dilation"]) == (1,):  # 1-D (NWC/WIO), as ONNX's (N, C, W)
-            weight = self.g.node("Transpose", [self.nhwc(w)], perm=[2, 1, 0]) if isinstance(
-                w, Tensor) else self.g.const(np.asarray(w).transpose(2, 1, 0), "weight")
             y = self.g.node("Conv", [self.g.node("Transpose", [self.nhwc(x)], perm=[0, 2, 1]),
-                                     weight], "conv", pads=list(pads[0]),
+                                     self.kernel(w, (2, 1, 0))], "conv", pads=list(pads[0]),
                             strides=[int(params["window_strides"][0])],
                             dilations=[int(params["rhs_dilation"][0])],
                             group=int(params["feature_group_count"]))
@@ -371,13 +369,14 @@ class _Converter:
                      dilations=[int(d) for d in params["rhs_dilation"]],
                      pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]],
                      group=int(params["feature_group_count"]))
-        if isinstance(w, Tensor):
-            weight = self.g.node("Transpose", [self.nhwc(w)], perm=[3, 2, 0, 1])
-        else:
-            weight = self.g.const(np.ascontiguousarray(np.asarray(w).transpose(3, 2, 0, 1)),
-                                  "weight")
-        y = self.g.node("Conv", [source, weight], "conv", **attrs)
+        y = self.g.node("Conv", [source, self.kernel(w, (3, 2, 0, 1))], "conv", **attrs)
         return Tensor(y, tuple(aval.shape), True)
+
+    def kernel(self, w, perm) -> str:
+        """A conv kernel (``...IO``, a constant or a traced tensor) in ONNX's ``(O, I, ...)``."""
+        if isinstance(w, Tensor):
+            return self.g.node("Transpose", [self.nhwc(w)], perm=list(perm))
+        return self.g.const(np.ascontiguousarray(np.asarray(w).transpose(perm)), "weight")
 
     def conv_transpose(self, source: str, w, params, aval) -> Tensor | None:
         """An input-dilated conv (``nn.ConvTranspose``) as ONNX ``ConvTranspose`` (zero insertion
