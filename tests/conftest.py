@@ -70,6 +70,7 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` (end-to-end runs, mostly in their own processes) run first, so that
-    pytest-xdist's workers share them and finish together instead of one waiting on the other."""
+    """In a run that includes tests marked ``slow`` (end-to-end runs, mostly in their own
+    processes; ``-m slow``), those run first, so that pytest-xdist's workers share them and finish
+    together instead of one waiting on the other."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

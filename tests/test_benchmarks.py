@@ -10,6 +10,7 @@ from benchmarks import common, gpu_check, speed, train_throughput, xla_cpu_flags
 from lrjax import timing
 
 
+@pytest.mark.slow
 def test_speed_benchmark_smoke(tmp_path):
     path = str(tmp_path / "speed.json")
     speed.main(["--preset", "smoke", "--json", path])
@@ -131,6 +132,7 @@ def test_recommended_flags_respect_the_user(monkeypatch):
     assert xla_flags.flags_in_effect() == {"XLA_FLAGS": None, "source": "unset"}
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
     path = str(tmp_path / "gpu.json")
     gpu_check.main(["--models", "cnn", "--batches", "cnn=4", "--dtypes", "float32",
@@ -143,6 +145,7 @@ def test_gpu_check_smoke(tmp_path):
         assert r["speedup_train_step"] > 0
 
 
+@pytest.mark.slow
 def test_runtimes_benchmark_smoke(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch", reason="the PyTorch contender needs torch")

@@ -217,6 +217,7 @@ def test_cli(tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'caffe'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_measured_ranks_time_the_layers_in_the_target_runtime(tmp_path, capsys,
                                                                    monkeypatch):
     from lrjax import runtimes, timing

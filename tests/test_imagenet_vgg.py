@@ -120,6 +120,7 @@ def test_command_line_missing_dataset_is_one_error_line(tmp_path):
     assert not (tmp_path / "b" / "full_variables").exists()  # checked before any stage ran
 
 
+@pytest.mark.slow
 def test_scratch_mode_trains_lowrank_bn_net(tmp_path):
     with tfds.testing.mock_data(num_examples=8):
         config = vgg_config.get_config("tiny")

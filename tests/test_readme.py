@@ -33,7 +33,6 @@ def test_readme_zoo_example_runs_as_a_user_runs_it():
     assert "total" in done.stdout and "3.06x" in done.stdout  # the cost report, then the table
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("title", ["Compress your own model", "The decomposition library"])
 def test_readme_examples_run(title, capsys):
     namespace = {}

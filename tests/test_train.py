@@ -168,6 +168,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, mock_cifar, preempt_at_
         train.train_and_evaluate(tiny_config(lowrank=False), str(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, mock_cifar):
     cfg = tiny_config(num_epochs=1)
     train.train_and_evaluate(cfg, str(tmp_path))
