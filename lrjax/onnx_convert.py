@@ -39,6 +39,7 @@ from lrjax.onnx_graph import (
     same_dim,
     value_info,
 )
+from lrjax.onnx_loops import unroll_scan
 
 __all__ = ["jaxpr_to_onnx", "TranslationError", "HANDLERS", "OPSET"]
 
@@ -117,6 +118,8 @@ class _Converter:
                 closed = sub if hasattr(sub, "consts") else None
                 inner = closed.jaxpr if closed is not None else sub
                 return self.run(inner, closed.consts if closed is not None else [], args, where)
+            if name == "scan" and any(isinstance(a, Tensor) for a in args):
+                return unroll_scan(self, eqn, args, where)
             if all(not isinstance(a, Tensor) for a in args) and name not in (
                     "conv_general_dilated", "dot_general") and not (
                     name == "tile" and not all(map(concrete, eqn.params["reps"]))):  # constant

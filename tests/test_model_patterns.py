@@ -270,3 +270,54 @@ def test_a_model_of_several_inputs_exports_to_onnx(tmp_path):
     with pytest.raises(export.ExportError, match=r"^this exporter takes one NHWC input"):
         export.to_tflite(model, variables, inputs, str(tmp_path / "m.tflite"))
     assert sorted(os.listdir(tmp_path)) == ["full.onnx", "split.onnx"]
+
+
+class ScanBlock(nn.Module):
+    """A residual 3x3 conv block with a per-iteration output (the block's pooled features)."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        x = x + nn.Conv(16, (3, 3), name="conv")(nn.relu(x))
+        return x, x.mean((1, 2))
+
+
+class ScannedConvs(nn.Module):
+    """Blocks stacked by ``nn.scan`` (kernels (3, 3, 3, 16, 16)), their pooled features
+    collected, and a reversed ``lax.scan`` over the rows of an activation."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), name="stem")(x)
+        x, pooled = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=3)(name="blocks")(x, None)
+        rows = jnp.swapaxes(x, 0, 1)  # (H, N, W, C): scanned over H, last row first
+        last, running = jax.lax.scan(lambda c, r: (c * 0.5 + r, c), jnp.zeros_like(rows[0]),
+                                     rows, reverse=True)
+        features = jnp.concatenate([pooled.mean(0), last.mean(1), running.mean((0, 2))], -1)
+        return nn.Dense(10, name="head")(features)
+
+
+def test_scanned_blocks_export_to_onnx_unrolled(tmp_path):
+    """A scan (``nn.scan`` / ``nnx.scan`` stacks, ``lax.scan`` over an activation, reversed)
+    is exported unrolled: each iteration's conv gets its own constant kernel (one ONNX ``Conv``
+    per iteration) and ONNX Runtime computes the model (checked at two batch sizes)."""
+    from tests.test_rules import NNXScanned
+
+    module = ScannedConvs()
+    variables = init(module, 0, X)
+    split = lrjax.decompose_linen(module, variables, X, rule="speedup:1.05")
+    assert "stacked over leading axes" in split.report.skipped["blocks/conv"]
+    for name, (model, params) in {"full": (module, variables),
+                                  "split": (split.module, split.variables)}.items():
+        result = export.to_onnx(model, params, X, str(tmp_path / f"{name}.onnx"))
+        assert result.max_abs_error < 1e-4 * result.scale and result.checked_batches == (4, 5)
+        graph = onnx.load(result.path).graph
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        assert len(convs) == (4 if name == "full" else 5)  # stem (a pair once split) + 3 blocks
+        assert not [n for n in graph.node if n.op_type in ("Loop", "Scan")]
+    x = jax.random.normal(jax.random.key(2), (4, 256))
+    nnx_model = NNXScanned(nnx.Rngs(0))
+    result = export.to_onnx(nnx_model, None, (x,), str(tmp_path / "nnx.onnx"))
+    assert result.max_abs_error < 1e-4 * result.scale
+    matmuls = [n for n in onnx.load(result.path).graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert len(matmuls) == 2 + 3 * 2  # in, out, and each iteration's down and up

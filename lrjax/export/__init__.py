@@ -92,8 +92,10 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs
                 lambda _, node: runtimes.LiteRTConvTranspose(node)
                 if type(node) is nnx.ConvTranspose or runtimes.as_transposed(node) is not None
                 else node, nnx.clone(module))
-        model = eval_view(module)
-        return lambda *xs: model(*xs, **apply_kwargs)
+        # merged (as fresh variables) inside each trace: NNX's lifted transforms (nnx.scan
+        # over nnx.vmap-made blocks) refuse variables made outside the trace that runs them
+        graphdef, state = nnx.split(eval_view(module))
+        return lambda *xs: nnx.merge(graphdef, state, copy=True)(*xs, **apply_kwargs)
     if variables is None:
         raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
                           "(variables=None is for NNX models)")
