@@ -33,6 +33,8 @@ from lrjax.onnx_graph import (
     Graph,
     Tensor,
     TranslationError,
+    channels_first,
+    channels_last,
     concrete,
     onnx_dtype,
     reshape_spec,
@@ -350,16 +352,18 @@ class _Converter:
         pads = [tuple(int(v) for v in p) for p in params["padding"]]
         if params.get("batch_group_count", 1) != 1 or min(v for p in pads for v in p) < 0:
             raise TranslationError(f"a conv with batch_group_count != 1 or padding {pads}")
-        if (lhs, rhs, out) == ((0, 2, 1), (2, 1, 0), (0, 2, 1)) and \
-                tuple(params["lhs_dilation"]) == (1,):  # 1-D (NWC/WIO), as ONNX's (N, C, W)
-            y = self.g.node("Conv", [self.g.node("Transpose", [self.nhwc(x)], perm=[0, 2, 1]),
-                                     self.kernel(w, (2, 1, 0))], "conv", pads=list(pads[0]),
-                            strides=[int(params["window_strides"][0])],
-                            dilations=[int(params["rhs_dilation"][0])],
+        n = len(pads)  # spatial dims; 1-D and 3-D+ (N...C / ...IO) as ONNX's (N, C, ...)
+        if n != 2 and (lhs, rhs, out) == (channels_first(n), (n + 1, n, *range(n)), channels_first(n)) and \
+                all(d == 1 for d in params["lhs_dilation"]):
+            y = self.g.node("Conv", [self.g.node("Transpose", [self.nhwc(x)], perm=channels_first(n)),
+                                     self.kernel(w, (n + 1, n, *range(n)))], "conv",
+                            pads=[p[0] for p in pads] + [p[1] for p in pads],
+                            strides=[int(v) for v in params["window_strides"]],
+                            dilations=[int(v) for v in params["rhs_dilation"]],
                             group=int(params["feature_group_count"]))
-            return Tensor(self.g.node("Transpose", [y], perm=[0, 2, 1]), tuple(aval.shape))
+            return Tensor(self.g.node("Transpose", [y], perm=channels_last(n)), tuple(aval.shape))
         if (lhs, rhs, out) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
-            raise TranslationError("only NHWC/HWIO and 1-D NWC/WIO convolutions (what nn.Conv "
+            raise TranslationError("only channels-last convolutions N...C / ...IO (what nn.Conv "
                                    f"emits) are covered; got {params['dimension_numbers']}")
         source = self.nchw(x)
         if any(d != 1 for d in params["lhs_dilation"]):  # a transposed conv (nn.ConvTranspose)
@@ -405,13 +409,13 @@ class _Converter:
 
     def pool(self, op: str, args, params, aval) -> Tensor:
         """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
-        (reduce_window_sum) over the spatial dims of an NHWC (or 1-D NWC) tensor."""
+        (reduce_window_sum) over the spatial dims of a channels-last tensor (NHWC, NWC, NDHWC)."""
         x, rank = args[0], len(args[0].shape)
         dims, strides, pads = params["window_dimensions"], params["window_strides"], \
             [tuple(int(v) for v in p) for p in params["padding"]]
-        if rank not in (3, 4) or dims[0] != 1 or dims[-1] != 1 or pads[0] != (0, 0) \
+        if rank < 3 or dims[0] != 1 or dims[-1] != 1 or pads[0] != (0, 0) \
                 or pads[-1] != (0, 0):
-            raise TranslationError(f"only spatial pooling of NHWC or NWC tensors is covered; "
+            raise TranslationError(f"only spatial pooling of channels-last tensors is covered; "
                                    f"got window {dims} with padding {pads}")
         if any(d != 1 for d in params["base_dilation"]) or \
                 any(d != 1 for d in params["window_dilation"]):
@@ -422,12 +426,13 @@ class _Converter:
                      pads=[pads[i][0] for i in space] + [pads[i][1] for i in space])
         if op == "AveragePool":
             attrs["count_include_pad"] = 1
-        source = self.nchw(x) if rank == 4 else self.g.node("Transpose", [x.name], perm=[0, 2, 1])
+        source = self.nchw(x) if rank == 4 else \
+            self.g.node("Transpose", [x.name], perm=channels_first(rank - 2))
         y = self.g.node(op, [source], op.lower(), **attrs)
         if op == "AveragePool":  # reduce_window_sum: the average times the window size
             y = self.g.node("Mul", [y, self.g.const(np.asarray(np.prod(dims), aval.dtype))])
-        if rank == 3:
-            return Tensor(self.g.node("Transpose", [y], perm=[0, 2, 1]), tuple(aval.shape))
+        if rank != 4:
+            return Tensor(self.g.node("Transpose", [y], perm=channels_last(rank - 2)), tuple(aval.shape))
         return Tensor(y, tuple(aval.shape), True)
 
     def gather(self, args, params, aval):

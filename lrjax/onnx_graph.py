@@ -11,7 +11,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["INT64_MAX", "TranslationError", "Tensor", "Graph", "concrete", "same_dim",
-           "onnx_dtype", "reshape_spec", "value_info"]
+           "onnx_dtype", "reshape_spec", "value_info", "channels_first", "channels_last"]
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -68,6 +68,17 @@ class Graph:
         return self.node("Slice", [x, self.ints([0, 0]),
                                    self.ints([(h - 1) * sh + 1, (w - 1) * sw + 1]),
                                    self.ints([2, 3])])
+
+
+def channels_first(n: int) -> tuple:
+    """The permutation taking an ``(N, *spatial[n], C)`` tensor (Flax's channels-last layout,
+    as a jaxpr's conv dimension numbers write it) to ONNX's ``(N, C, *spatial)``."""
+    return (0, n + 1, *range(1, n + 1))
+
+
+def channels_last(n: int) -> list:
+    """The inverse of :func:`channels_first`: ``(N, C, *spatial[n])`` to ``(N, *spatial, C)``."""
+    return [0, *range(2, n + 2), 1]
 
 
 def concrete(d) -> bool:

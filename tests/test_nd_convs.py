@@ -56,6 +56,7 @@ class Video(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Conv(16, (2, 4, 4), strides=(2, 4, 4), name="tubelet")(x)
+        x = nn.max_pool(x, (1, 2, 2), strides=(1, 1, 1), padding="SAME")
         x = nn.relu(nn.Conv(32, (1, 1, 1), name="expand")(x))
         x = nn.relu(nn.Conv(24, (1, 1, 1), name="project")(x))
         return nn.Dense(10, name="head")(x.mean((1, 2, 3)))
@@ -170,8 +171,9 @@ def test_pointwise_n_d_convs_split_and_larger_windows_say_why():
 def test_one_d_conv_nets_export_to_onnx(tmp_path):
     """A 1-D conv net (every form above) and its split export to ONNX as 1-D ``Conv``s, and one
     with pooling as 1-D ``MaxPool`` / ``AveragePool``; the input given as a 1-tuple (a single
-    array must be an NHWC batch: a forgotten batch axis is caught); the video net's 3-D conv is
-    one line naming the layer. LiteRT: one line."""
+    array must be an NHWC batch: a forgotten batch axis is caught); the video net (a 3-D
+    tubelet conv and pooling, its pointwise convs split) as 3-D ``Conv`` / ``MaxPool``. LiteRT:
+    one line."""
     model = Temporal()
     variables = init(model, 0, X)
     split = lrjax.decompose_linen(model, variables, X, rule={"frontend": 3, "dilated": 6,
@@ -191,12 +193,22 @@ def test_one_d_conv_nets_export_to_onnx(tmp_path):
     assert {"MaxPool", "AveragePool"} <= ops
     with pytest.raises(export.ExportError, match=r"NHWC batch .*a tuple\); got shape \(2, 200"):
         export.to_onnx(model, variables, X, str(tmp_path / "one.onnx"))
-    with pytest.raises(export.ExportError, match=r"^cannot export primitive "
-                                                 r"'conv_general_dilated' \(layer tubelet\)"):
-        export.to_onnx(Video(), init(Video(), 0, CLIP), (CLIP,), str(tmp_path / "video.onnx"))
+    video = Video()
+    video_variables = init(video, 0, CLIP)
+    video_split = lrjax.decompose_linen(video, video_variables, CLIP, rule="speedup:1.3")
+    for name, module, params in (("video", video, video_variables),
+                                 ("video_split", video_split.module, video_split.variables)):
+        result = export.to_onnx(module, params, (CLIP,), str(tmp_path / f"{name}.onnx"))
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
+        graph = onnx.load(result.path).graph
+        weights = {i.name: i.dims for i in graph.initializer}
+        assert [weights[n.input[1]] for n in graph.node if n.op_type == "Conv"][0] == \
+            [16, 3, 2, 4, 4]  # the tubelet as a 3-D Conv, (O, I, T, H, W)
+        assert "MaxPool" in {n.op_type for n in graph.node}
     with pytest.raises(export.ExportError, match=r"^example_input must be an NHWC batch"):
         export.to_tflite(model, variables, X, str(tmp_path / "m.tflite"))
-    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "pooled.onnx", "split.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "pooled.onnx", "split.onnx",
+                                            "video.onnx", "video_split.onnx"]
 
 
 class Pooled1D(nn.Module):
