@@ -178,7 +178,7 @@ def test_uncovered_forms_are_one_line_errors(tmp_path):
 
     with pytest.raises(onnx_convert.TranslationError,
                        match=r"^cannot export primitive 'conv_general_dilated' \(layer .*\) to "
-                             r"ONNX: only NHWC/HWIO and 1-D NWC/WIO convolutions"):
+                             r"ONNX: only channels-last convolutions N...C / ...IO"):
         runtimes.onnx_model(channels_first, SHAPE)
 
 
