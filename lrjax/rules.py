@@ -412,6 +412,14 @@ def _on_host(factors: decompose.Factors) -> decompose.Factors:
 # Selection
 
 
+def _left_as_is(sites) -> str:
+    """``", including N layers left as they are (the first: path: reason)"``, or ``""``."""
+    skipped = [s for s in sites if not s.candidate and s.skip]
+    return (f", including {len(skipped)} layer{'s' * (len(skipped) > 1)} left as "
+            f"{'they are' if len(skipped) > 1 else 'it is'} (the first: {skipped[0].path}: "
+            f"{skipped[0].skip})") if skipped else ""
+
+
 def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
     """``speedup:S``: the greedy allocation meeting ``S`` times fewer flops of the whole net
     when traced (:class:`RankProblem`), else multiply-adds over the sites; out of reach: the
@@ -428,7 +436,7 @@ def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
         raise ValueError(f"speedup {target} is out of reach: the smallest ranks give "
                          f"{problem.full_macs / floor:.2f}x fewer {scope}; "
                          f"{problem.fixed_macs / problem.full_macs:.0%} of it is in what no "
-                         "rule can change")
+                         f"rule can change{_left_as_is(problem.sites)}")
     problem.prepare()
     spectra = {s.name: problem.spectrum(s.name) for s in candidates}
     alloc = rank_lib.allocate_ranks(candidates, problem.kernels,
