@@ -6,7 +6,8 @@ a reported speedup is the whole forward pass's. A conv counts the taps that land
 those on padding or on a transposed conv's dilation holes (:func:`lrjax.costs.valid_taps`), as
 XLA does: XLA's own flop count (``jax.jit(f).lower(...).compile().cost_analysis()["flops"]``) is
 twice these multiply-adds plus the element-wise flops, for a net without loops: XLA counts a
-loop body once, lrjax counts a ``scan`` body (``nn.scan``, ``nnx.scan``) once per iteration.
+loop body once, lrjax counts a ``scan`` body (``nn.scan``, ``nnx.scan``) once per iteration, its
+multiply-adds and its element-wise work.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 from collections.abc import Callable
 
 import jax
+from jax.extend import core as jcore
 
 from lrjax import costs
 
@@ -95,8 +97,9 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     gives no count. XLA counts one flop per element of an arithmetic op (a bias, a ReLU, a norm's
     steps), the polynomial of ``erf`` (exact GELU, ~66 flops an element), and none for
     transcendentals (``exp``, ``tanh``: its ``"transcendentals"``) or data movement. The
-    multiply-adds count a ``scan`` body once per iteration (:func:`jaxpr_macs`); the element-wise
-    flops are XLA's, which count a loop body once."""
+    multiply-adds count a ``scan`` body once per iteration (:func:`jaxpr_macs`), and so do the
+    element-wise flops (XLA's count of the whole, which has each loop body once, plus its count
+    of each scan body for the other iterations); a ``while_loop`` body counts once."""
     traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
     counts, once = _macs(traced.jaxpr)  # once: loop bodies counted once, as XLA does
     total = counts["conv"] + counts["dot"]
@@ -106,4 +109,18 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
         analysis = None
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
     flops = float((analysis or {}).get("flops", 0.0))
+    if flops:  # XLA counts a scan body once: its element-wise work for the other iterations
+        flops += sum((int(eqn.params["length"]) - 1) * trips * _elementwise(eqn.params["jaxpr"])
+                     for eqn, _, trips in _walk(traced.jaxpr, "", 1)
+                     if eqn.primitive.name == "scan")
     return {**counts, "total": total, "elementwise": max(round(flops) - 2 * once, 0)}
+
+
+def _elementwise(closed) -> float:
+    """XLA's element-wise flops of one run of a closed jaxpr (a scan body; its own loop bodies
+    once), two per multiply-add taken off."""
+    fn = jcore.jaxpr_as_fun(closed)
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    analysis = jax.jit(fn).trace(*avals).lower().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
+    return max(float((analysis or {}).get("flops", 0.0)) - 2 * _macs(closed)[1], 0.0)

@@ -83,6 +83,12 @@ class ConvSite:
       conv_dims: a conv's own number of spatial dims (:func:`conv_view`): 1 for a 1-D conv
         (kernel ``(k, C/groups, N)``, costed as ``(k, 1)``), 3 or more for a pointwise N-D conv
         (kernel ``(1, ..., 1, C, N)``, costed as 1x1 on its last two spatial dims).
+      stack: how many iterations of a linen ``nn.scan`` run the layer, each with its own slice
+        of a kernel variable stacked on a leading axis (1: not stacked). The stack is costed
+        and decomposed as one grouped conv of ``stack`` times the layer's groups (each
+        iteration's matrix a group: ``shape`` holds ``stack`` times the channels), so a rank
+        counts every iteration's intermediate channels, as a grouped conv's counts every
+        group's, and one rank per iteration is shared by all of them.
     """
 
     path: str
@@ -96,6 +102,7 @@ class ConvSite:
     parametrization: Callable[[dict], dict] | None = dataclasses.field(default=None, compare=False)
     parametrization_flops: float = 0.0
     conv_dims: int = 2
+    stack: int = 1
 
     @property
     def candidate(self) -> bool:
@@ -122,7 +129,13 @@ class ConvSite:
 
     @property
     def kernel_variable_shape(self) -> tuple[int, ...]:
-        """The shape of the layer's own ``kernel`` variable."""
+        """The shape of the layer's own ``kernel`` variable (stacked: with the iterations
+        first)."""
+        if self.stack > 1:
+            return (self.stack, *self._slice_variable_shape())
+        return self._slice_variable_shape()
+
+    def _slice_variable_shape(self) -> tuple[int, ...]:
         if self.dense_dims is not None:
             dims = (*self.dense_dims[0], *self.dense_dims[1])
             if self.kernel_axes is None:
@@ -132,6 +145,7 @@ class ConvSite:
                 shape[axis] = dims[position]
             return tuple(shape)
         kh, kw, c, n = self.shape.kernel_shape
+        n //= self.stack
         if self.conv_dims != 2:
             return (*self._spatial(kh, kw), c, n)
         return (kh, kw, n, c) if self.transpose_kernel else (kh, kw, c, n)
@@ -155,16 +169,33 @@ class ConvSite:
         """
         kernel = np.asarray(kernel, np.float32)
         self.check_kernel_shape(kernel.shape)
+        if self.stack > 1:  # each iteration's kernel a group of output channels
+            return np.concatenate([self._slice_hwio(k) for k in kernel], axis=-1)
+        return self._slice_hwio(kernel)
+
+    def _slice_hwio(self, kernel: np.ndarray) -> np.ndarray:
+        kh, kw, c, n = self.shape.kernel_shape
         if self.kernel_axes is not None:
             kernel = np.transpose(kernel, self.kernel_axes)
         if self.transpose_kernel:
             kernel = np.ascontiguousarray(np.swapaxes(kernel[::-1, ::-1], 2, 3))
-        return kernel.reshape(self.shape.kernel_shape)
+        return kernel.reshape(kh, kw, c, n // self.stack)
 
     def factor_variables(self, factors: decompose.Factors) -> tuple[jax.Array, jax.Array]:
         """``(vertical/kernel, horizontal/kernel)`` variables of the pair from HWIO factors
-        (JAX arrays; reshaped on the host when the factors are NumPy arrays)."""
-        vertical, horizontal = factors.vertical, factors.horizontal
+        (JAX arrays; reshaped on the host when the factors are NumPy arrays); a stack's with the
+        iterations first (its factors' groups, split)."""
+        if self.stack > 1:
+            slices = zip(np.split(np.asarray(factors.vertical), self.stack, axis=-1),
+                         np.split(np.asarray(factors.horizontal), self.stack, axis=-1),
+                         strict=True)
+            vertical, horizontal = zip(*(self._slice_factors(v, h) for v, h in slices),
+                                       strict=True)
+            return device_array(np.stack(vertical)), device_array(np.stack(horizontal))
+        return tuple(map(device_array, self._slice_factors(factors.vertical,
+                                                           factors.horizontal)))
+
+    def _slice_factors(self, vertical, horizontal) -> tuple:
         if self.dense_dims is not None:
             in_dims, out_dims = self.dense_dims
             rank = vertical.shape[-1]
@@ -176,7 +207,14 @@ class ConvSite:
         elif self.conv_dims != 2:  # a k-conv then a pointwise one, in the layer's own rank
             vertical = vertical.reshape(*self._spatial(*vertical.shape[:2]), *vertical.shape[2:])
             horizontal = horizontal.reshape(*self._spatial(1, 1), *horizontal.shape[2:])
-        return device_array(vertical), device_array(horizontal)
+        return vertical, horizontal
+
+    def stacked(self, iterations: int) -> ConvSite:
+        """The site of this layer run by ``iterations`` iterations of a scan (see ``stack``)."""
+        shape = dataclasses.replace(self.shape, in_channels=self.shape.in_channels * iterations,
+                                    out_channels=self.shape.out_channels * iterations,
+                                    groups=self.shape.groups * iterations)
+        return dataclasses.replace(self, shape=shape, stack=iterations)
 
 
 # what a subclass may define and still run its Flax base type's computation: the dataclass and
@@ -235,16 +273,20 @@ def subclass_reason(layer, base_type: type) -> str:
             f"{names}: its own computation is kept)")
 
 
-def unless_stacked(site: ConvSite, kernel_shape) -> ConvSite:
+def unless_stacked(site: ConvSite, kernel_shape, split: bool = False) -> ConvSite:
     """``site``, or ``site`` left as is with the reason when its kernel variable's shape
     (``kernel_shape``; ``None``: not known) has leading axes the layer does not see: a layer
     stacked by a lifted transform (``nn.scan``, ``nn.vmap``, ``nnx.scan`` over ``nnx.vmap``-made
-    layers), whose call sees one slice."""
+    layers), whose call sees one slice. With ``split`` (linen), a layer whose kernel has one
+    leading axis (``nn.scan``'s iterations) is the :meth:`ConvSite.stacked` site instead,
+    unless it reparametrizes its weights."""
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape
     if shape == expected:
         return site
+    if split and shape[1:] == expected and site.parametrization is None:
+        return site.stacked(shape[0])
     return dataclasses.replace(site, skip=(
         f"kernel {shape} stacked over leading axes by a lifted transform (scan / vmap) for a "
         f"{expected} layer: stacked layers are left as they are"))

@@ -2,22 +2,20 @@
 
 One mechanism serves a user's model and lrjax's zoo alike, with no change to the model's code:
 
-* :func:`find_convs` traces the model once with ``jax.eval_shape`` (no compute, no memory) under a
-  method interceptor (``nn.intercept_methods``) that records every 2-D ``nn.Conv`` call: its full
-  module path (``ResNetBlock_3/Conv_1``; auto-named convs included), input shape and
-  hyper-parameters, and why it cannot be split if it cannot.
+* :func:`find_convs` traces the model once with ``jax.eval_shape`` under a method interceptor
+  that records every linear layer's call: its full module path (``ResNetBlock_3/Conv_1``), input
+  shape and hyper-parameters, and why it cannot be split if it cannot.
 * :class:`lrjax.layers.LowRankModel` wraps the model: while it runs, an interceptor replaces each
   conv named in its rank map by a vertical/horizontal pair (:func:`lrjax.layers.pair_forward`)
   created *inside the conv's own scope*, so the factors live under the conv's path
   (``conv1_1/vertical/kernel``, ``conv1_1/horizontal/{kernel,bias}``) and every other variable
   keeps its place.
 * :func:`decompose_linen` turns the model's trained variables into the low-rank model's: the rank
-  rule is resolved (:func:`lrjax.rules.select_ranks`), each chosen conv gets the closed-form factors
-  (optionally calibration-aware: :func:`lrjax.decompose.vh_decompose`'s ``input_cov``), and the
-  result is checked against the wrapped model's own variable structure.
+  rule is resolved (:func:`lrjax.rules.select_ranks`), each chosen layer gets the closed-form
+  factors (data-free or calibrated), checked against the wrapped model's variable structure.
 
-Layers are named by their full module path joined with ``/`` everywhere: rank maps, reports, JSON
-rank files, the command line. The zoo's layers are top-level, so their paths are their names.
+Layers are named by their full module path joined with ``/`` everywhere (rank maps, reports,
+JSON rank files, the command line).
 """
 
 from __future__ import annotations
@@ -60,10 +58,8 @@ from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, example_batch
 
-__all__ = [
-    "find_convs", "check_variables", "check_inference_call", "decompose_linen",
-    "calibration_moments", "rank_problem", "linen_scorer", "search", "fold_batch_norms",
-]
+__all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_linen",
+           "calibration_moments", "rank_problem", "linen_scorer", "search", "fold_batch_norms"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +219,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     """
     if isinstance(model, LowRankModel):
         base_sites = find_convs(model.base, *example_args, **example_kwargs)
-        ranks = dict(model.ranks)
-        return [dataclasses.replace(s, rank=ranks[s.path]) if s.path in ranks else s
+        ranks = dict(model.ranks)  # each iteration's, for a stacked layer
+        return [dataclasses.replace(s, rank=ranks[s.path] * s.stack) if s.path in ranks else s
                 for s in base_sites]
     found: dict[str, ConvSite] = {}
     # (path, prefix, scope) of the modules running; prefix: the path of the module applied
@@ -266,8 +262,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     shapes = _flat(_abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(shapes.get((*_key(site.path), "kernel")), "shape", None)), batch)
-        for site in found.values()]
+        site, getattr(shapes.get((*_key(site.path), "kernel")), "shape", None), split=True),
+        batch) for site in found.values()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,6 +494,11 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
     return out, factors
 
 
+def _call_ranks(problem: RankProblem, ranks) -> dict:
+    """Ranks per call: a stacked layer's covers its iterations (``ConvSite.stack``)."""
+    return {p: None if r is None else r // problem.site(p).stack for p, r in ranks.items()}
+
+
 def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
     """``score(ranks) = eval_fn(module, variables)`` of the model decomposed with ``ranks``
     (factors from ``problem``'s cache), for eval-guided rank selection."""
@@ -505,7 +506,7 @@ def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
 
     def score(ranks):
         new_flat, _ = _apply_factors(flat, problem, ranks, batch=False)
-        return float(eval_fn(LowRankModel.wrap(model, ranks),
+        return float(eval_fn(LowRankModel.wrap(model, _call_ranks(problem, ranks)),
                              traverse_util.unflatten_dict(new_flat)))
 
     return score
@@ -561,7 +562,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     kept_full = {}
     ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     flat, factors = _apply_factors(_flat(variables), problem, ranks)
-    module = LowRankModel.wrap(model, ranks)
+    module = LowRankModel.wrap(model, _call_ranks(problem, ranks))
     expected = _flat(_abstract_init(module, example_args, example_kwargs))
     problems = _structure_problems(expected, flat)
     if problems:  # a bug, not a user error: the two structures are built from the same sites

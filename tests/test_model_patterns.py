@@ -299,21 +299,22 @@ class ScannedConvs(nn.Module):
 
 def test_scanned_blocks_export_to_onnx_unrolled(tmp_path):
     """A scan (``nn.scan`` / ``nnx.scan`` stacks, ``lax.scan`` over an activation, reversed)
-    is exported unrolled: each iteration's conv gets its own constant kernel (one ONNX ``Conv``
-    per iteration) and ONNX Runtime computes the model (checked at two batch sizes)."""
+    is exported unrolled: each iteration's conv (or pair, the stack split) gets its own
+    constant kernels and ONNX Runtime computes the model (checked at two batch sizes)."""
     from tests.test_rules import NNXScanned
 
     module = ScannedConvs()
     variables = init(module, 0, X)
-    split = lrjax.decompose_linen(module, variables, X, rule="speedup:1.05")
-    assert "stacked over leading axes" in split.report.skipped["blocks/conv"]
+    split = lrjax.decompose_linen(module, variables, X, rule={"stem": 8, "blocks/conv": 24})
+    assert split.variables["params"]["blocks"]["conv"]["vertical"]["kernel"].shape == \
+        (3, 3, 1, 16, 8)  # each iteration at rank 8
     for name, (model, params) in {"full": (module, variables),
                                   "split": (split.module, split.variables)}.items():
         result = export.to_onnx(model, params, X, str(tmp_path / f"{name}.onnx"))
         assert result.max_abs_error < 1e-4 * result.scale and result.checked_batches == (4, 5)
         graph = onnx.load(result.path).graph
         convs = [n for n in graph.node if n.op_type == "Conv"]
-        assert len(convs) == (4 if name == "full" else 5)  # stem (a pair once split) + 3 blocks
+        assert len(convs) == (4 if name == "full" else 8)  # the stem, then 3 iterations
         assert not [n for n in graph.node if n.op_type in ("Loop", "Scan")]
     x = jax.random.normal(jax.random.key(2), (4, 256))
     nnx_model = NNXScanned(nnx.Rngs(0))

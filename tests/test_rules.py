@@ -306,24 +306,73 @@ class NNXScanned(nnx.Module):
         return self.out(run(self.inp(x), self.blocks))
 
 
-def test_stacked_layers_are_left_as_is_and_counted_per_iteration():
+def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
+    """Linen layers stacked by ``nn.scan`` are split as one layer of ``stack`` groups (a rank
+    shared by the iterations, counted over all of them; stacked factors, data-free when
+    calibrated, with a note); exact at full rank. NNX's ``nnx.scan`` over ``nnx.vmap``-made
+    blocks are left as is, with the reason."""
     x = jax.random.normal(jax.random.key(1), (4, 256))
     per_example = 256 * 256 + 3 * (256 * 32 + 32 * 256) + 256 * 10  # the scan body 3 times
     model = Scanned()
     variables = init(model, 0, x)
     assert lrjax.macs.traced_macs(lambda v, x: model.apply(v, x), variables, x)["total"] \
         == 4 * per_example
-    linen = lrjax.decompose_linen(model, variables, x, rule="speedup:1.4")
-    nnx_model = NNXScanned(nnx.Rngs(0))
-    split = lrjax.decompose_nnx(nnx_model, x, rule="speedup:1.4")
-    for result in (linen, split):
-        report = result.report
-        assert "stacked over leading axes" in report.skipped["blocks/up"]
-        assert "(3, 32, 256) " in report.skipped["blocks/up"]
-        assert set(report.ranks) == {"inp"}  # only the unstacked layers are candidates
-        assert report.net_macs[0] == per_example and report.speedup >= 1.4
-    assert linen.variables["params"]["blocks"] == variables["params"]["blocks"]
-    assert linen.module.apply(linen.variables, x).shape == split.module(x).shape == (4, 10)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, x)}
+    assert found["blocks/down"].stack == 3 and found["blocks/down"].shape.groups == 3
+    assert found["blocks/down"].full_macs == 3 * 256 * 32
+    want = model.apply(variables, x)
+    exact = lrjax.decompose_linen(model, variables, x, rule={"blocks/down": 96, "blocks/up": 96})
+    assert exact.variables["params"]["blocks"]["down"]["vertical"]["kernel"].shape == (3, 256, 32)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, x), want, rtol=0,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+    linen = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5,exclude=inp",
+                                  calibration=x)
+    assert {"blocks/down", "blocks/up"} <= set(linen.ranks) and "inp" not in linen.ranks
+    assert all(linen.ranks[p] % 3 == 0 for p in ("blocks/down", "blocks/up"))
+    assert "stacked by nn.scan" in " ".join(linen.report.notes)
+    assert linen.report.net_macs[0] == per_example and linen.report.speedup >= 1.5
+    after = lrjax.macs.traced_macs(lambda v, x: linen.module.apply(v, x), linen.variables, x)
+    assert 4 * linen.report.net_macs[1] == after["total"]  # the report counts every iteration
+    down = linen.variables["params"]["blocks"]["down"]
+    rank = linen.ranks["blocks/down"] // 3
+    assert down["vertical"]["kernel"].shape == (3, 256, rank)
+    assert down["horizontal"]["kernel"].shape == (3, rank, 32)
+    for i in range(3):  # iteration i's factors are its own kernel's truncated SVD
+        kernel = np.asarray(variables["params"]["blocks"]["down"]["kernel"][i])
+        product = np.asarray(down["vertical"]["kernel"][i] @ down["horizontal"]["kernel"][i])
+        s = np.linalg.svd(kernel, compute_uv=False)
+        assert np.linalg.norm(kernel - product) == pytest.approx(
+            np.sqrt(np.sum(s[rank:] ** 2)), rel=1e-3)
+    split = lrjax.decompose_nnx(NNXScanned(nnx.Rngs(0)), x, rule="speedup:1.4")
+    assert "stacked over leading axes" in split.report.skipped["blocks/up"]
+    assert "(3, 32, 256) " in split.report.skipped["blocks/up"]
+    assert set(split.report.ranks) == {"inp"}  # only the unstacked layers are candidates
+    assert split.module(x).shape == (4, 10)
     with pytest.raises(ValueError, match=r"out of reach: .* including 2 layers left as they "
                                          r"are \(the first: blocks/down: kernel \(3, 256, 32\)"):
-        lrjax.decompose_linen(model, variables, x, rule="speedup:3")
+        lrjax.decompose_nnx(NNXScanned(nnx.Rngs(0)), x, rule="speedup:3")
+
+
+def test_a_scan_body_counts_once_per_iteration_elementwise_work_too():
+    """XLA's cost analysis counts a loop body once; lrjax's whole-net cost counts a scan body's
+    multiply-adds and element-wise work once per iteration, as the same loop unrolled counts."""
+    w = jax.random.normal(jax.random.key(0), (5, 64, 64))
+    x = jax.random.normal(jax.random.key(1), (8, 64))
+
+    def body(h, wi):
+        return jax.nn.gelu(h @ wi, approximate=False) * 0.5 + h, jnp.tanh(h).sum()
+
+    def scanned(w, x):
+        return jax.lax.scan(body, x, w)
+
+    def unrolled(w, x):
+        ys = []
+        for i in range(5):
+            x, y = body(x, w[i])
+            ys.append(y)
+        return x, jnp.stack(ys)
+
+    counts = [lrjax.macs.traced_macs(f, w, x) for f in (scanned, unrolled)]
+    assert counts[0]["total"] == counts[1]["total"] == 5 * 8 * 64 * 64
+    assert counts[1]["elementwise"] > 5 * 8 * 64 * 60  # exact GELU's erf: ~66 flops an element
+    assert counts[0]["elementwise"] == pytest.approx(counts[1]["elementwise"], rel=0.01)
