@@ -201,7 +201,7 @@ def _describe(args: tuple) -> str:
 def calibrated_paths(candidates) -> tuple[list[str], str | None]:
     """The paths of the candidate sites (:class:`lrjax.sites.ConvSite`) to calibrate: those
     whose first factor's input (``C_g * kh`` values: a dense layer's input width) is at most
-    :data:`MAX_CALIBRATED_INPUT`, not stacked by ``nn.scan``; and a report note naming the
+    :data:`MAX_CALIBRATED_INPUT`, not stacked by a scan; and a report note naming the
     others (``None`` if none)."""
     width = {s.path: s.shape.kernel_shape[2] * s.shape.kernel_shape[0] for s in candidates
              if s.stack == 1}
@@ -209,7 +209,7 @@ def calibrated_paths(candidates) -> tuple[list[str], str | None]:
     stacked = [s.path for s in candidates if s.stack > 1]
     notes = [f"data-free factors for layers whose inputs are wider than "
              f"{MAX_CALIBRATED_INPUT} values (no input covariance: {', '.join(wide)})"] * bool(wide)
-    notes += [f"data-free factors for layers stacked by nn.scan (each iteration has its own "
+    notes += [f"data-free factors for layers stacked by a scan (each iteration has its own "
               f"inputs: {', '.join(stacked)})"] * bool(stacked)
     return [p for p, m in width.items() if m <= MAX_CALIBRATED_INPUT], "; ".join(notes) or None
 

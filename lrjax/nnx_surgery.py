@@ -251,8 +251,8 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
              for path, shape in record["shapes"].items()]
     batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)), batch)
-        for site in found]
+        site, getattr(getattr(convs[site.path], "kernel", None), "shape", None), split=True),
+        batch) for site in found]
 
 
 def _given(value):
@@ -268,16 +268,30 @@ def _given(value):
     return init
 
 
-def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankConvNNX:
-    """The pair computing ``layer`` (an ``nnx.Conv`` or linear layer) with the given factors."""
+def _pair_module(layer, site: ConvSite, factors: decompose.Factors,
+                 bias=None) -> LowRankConvNNX:
+    """The pair computing ``layer`` (an ``nnx.Conv`` or linear layer) with the given factors
+    (and ``bias``, default the layer's). A stacked layer's (``nnx.scan`` over ``nnx.vmap``-made
+    blocks) is built as one iteration's pair, then given every iteration's factors, stacked."""
+    if site.stack > 1:
+        vertical, horizontal = site.factor_variables(factors)
+        k, n = (int(f.shape[-1]) // site.stack for f in factors)
+        pair = _pair_module(layer, site.sliced(), decompose.Factors(
+            factors.vertical[..., :k], factors.horizontal[..., :n]),
+            None if layer.bias is None else layer.bias[...][0])
+        pair.vertical.kernel.value, pair.horizontal.kernel.value = vertical, horizontal
+        if layer.bias is not None:
+            pair.horizontal.bias.value = layer.bias[...]
+        return pair
+    bias = None if layer.bias is None else layer.bias[...] if bias is None else bias
     rank = int(factors.vertical.shape[-1])
     vertical_kernel, horizontal_kernel = site.factor_variables(factors)
     common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
                   rngs=nnx.Rngs(0))
     first = dict(kernel_init=_given(vertical_kernel))
     second = dict(kernel_init=_given(horizontal_kernel))
-    if layer.bias is not None:
-        second["bias_init"] = _given(layer.bias[...])
+    if bias is not None:
+        second["bias_init"] = _given(bias)
     if isinstance(layer, nnx.Einsum):
         split = sites.einsum_split(site.equation)
         in_dims, out_dims = site.dense_dims
@@ -285,7 +299,7 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors) -> LowRankCo
                       preferred_element_type=layer.preferred_element_type)
         vertical = nnx.Einsum(split.first, (*in_dims, rank), **first, **common)
         horizontal = nnx.Einsum(split.second, (rank, *out_dims),
-                                None if layer.bias is None else layer.bias[...].shape,
+                                None if bias is None else bias.shape,
                                 **second, **common)
         return LowRankEinsumNNX(vertical, horizontal, site.equation)
     if site.kind == "dense":

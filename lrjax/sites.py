@@ -216,6 +216,13 @@ class ConvSite:
                                     groups=self.shape.groups * iterations)
         return dataclasses.replace(self, shape=shape, stack=iterations)
 
+    def sliced(self) -> ConvSite:
+        """One iteration's site of a stacked layer (the inverse of :meth:`stacked`)."""
+        shape = dataclasses.replace(self.shape, in_channels=self.shape.in_channels // self.stack,
+                                    out_channels=self.shape.out_channels // self.stack,
+                                    groups=self.shape.groups // self.stack)
+        return dataclasses.replace(self, shape=shape, stack=1)
+
 
 # what a subclass may define and still run its Flax base type's computation: the dataclass and
 # constructor machinery (field defaults are not methods), and in linen ``param``, which
@@ -277,9 +284,9 @@ def unless_stacked(site: ConvSite, kernel_shape, split: bool = False) -> ConvSit
     """``site``, or ``site`` left as is with the reason when its kernel variable's shape
     (``kernel_shape``; ``None``: not known) has leading axes the layer does not see: a layer
     stacked by a lifted transform (``nn.scan``, ``nn.vmap``, ``nnx.scan`` over ``nnx.vmap``-made
-    layers), whose call sees one slice. With ``split`` (linen), a layer whose kernel has one
-    leading axis (``nn.scan``'s iterations) is the :meth:`ConvSite.stacked` site instead,
-    unless it reparametrizes its weights."""
+    layers), whose call sees one slice. With ``split``, a layer whose kernel has one leading
+    axis (the scan's iterations) is the :meth:`ConvSite.stacked` site instead, unless it
+    reparametrizes its weights."""
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape

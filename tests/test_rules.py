@@ -310,7 +310,7 @@ def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
     """Linen layers stacked by ``nn.scan`` are split as one layer of ``stack`` groups (a rank
     shared by the iterations, counted over all of them; stacked factors, data-free when
     calibrated, with a note); exact at full rank. NNX's ``nnx.scan`` over ``nnx.vmap``-made
-    blocks are left as is, with the reason."""
+    blocks the same."""
     x = jax.random.normal(jax.random.key(1), (4, 256))
     per_example = 256 * 256 + 3 * (256 * 32 + 32 * 256) + 256 * 10  # the scan body 3 times
     model = Scanned()
@@ -329,7 +329,7 @@ def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
                                   calibration=x)
     assert {"blocks/down", "blocks/up"} <= set(linen.ranks) and "inp" not in linen.ranks
     assert all(linen.ranks[p] % 3 == 0 for p in ("blocks/down", "blocks/up"))
-    assert "stacked by nn.scan" in " ".join(linen.report.notes)
+    assert "stacked by a scan" in " ".join(linen.report.notes)
     assert linen.report.net_macs[0] == per_example and linen.report.speedup >= 1.5
     after = lrjax.macs.traced_macs(lambda v, x: linen.module.apply(v, x), linen.variables, x)
     assert 4 * linen.report.net_macs[1] == after["total"]  # the report counts every iteration
@@ -343,14 +343,34 @@ def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
         s = np.linalg.svd(kernel, compute_uv=False)
         assert np.linalg.norm(kernel - product) == pytest.approx(
             np.sqrt(np.sum(s[rank:] ** 2)), rel=1e-3)
-    split = lrjax.decompose_nnx(NNXScanned(nnx.Rngs(0)), x, rule="speedup:1.4")
-    assert "stacked over leading axes" in split.report.skipped["blocks/up"]
-    assert "(3, 32, 256) " in split.report.skipped["blocks/up"]
-    assert set(split.report.ranks) == {"inp"}  # only the unstacked layers are candidates
-    assert split.module(x).shape == (4, 10)
-    with pytest.raises(ValueError, match=r"out of reach: .* including 2 layers left as they "
-                                         r"are \(the first: blocks/down: kernel \(3, 256, 32\)"):
-        lrjax.decompose_nnx(NNXScanned(nnx.Rngs(0)), x, rule="speedup:3")
+    nnx_model = NNXScanned(nnx.Rngs(0))  # nnx.scan over nnx.vmap-made blocks: the same
+    split = lrjax.decompose_nnx(nnx_model, x, rule={"blocks/down": 48, "blocks/up": 48})
+    pair = split.module.blocks.down
+    assert pair.vertical.kernel[...].shape == (3, 256, 16)
+    assert pair.horizontal.bias[...].shape == (3, 32)
+    kernel = np.asarray(nnx_model.blocks.down.kernel[...][2])
+    s = np.linalg.svd(kernel, compute_uv=False)
+    assert np.linalg.norm(kernel - np.asarray(
+        pair.vertical.kernel[...][2] @ pair.horizontal.kernel[...][2])) == pytest.approx(
+        np.sqrt(np.sum(s[16:] ** 2)), rel=1e-3)
+    exact = lrjax.decompose_nnx(nnx_model, x, rule={"blocks/down": 96, "blocks/up": 96})
+    want = nnx_model(x)
+    np.testing.assert_allclose(exact.module(x), want, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+class LocallyConnected(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.ConvLocal(8, (3, 3), name="local")(x))
+        return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_out_of_reach_names_the_layers_left_as_they_are():
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    model = LocallyConnected()
+    with pytest.raises(ValueError, match=r"out of reach: .* including 1 layer left as it is "
+                                         r"\(the first: local: ConvLocal: unshared weights"):
+        lrjax.decompose_linen(model, init(model, 0, x), x, rule="speedup:3")
 
 
 def test_a_scan_body_counts_once_per_iteration_elementwise_work_too():
