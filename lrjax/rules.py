@@ -521,7 +521,9 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
         if problem.multiple and not rule.budgeted and isinstance(r, (int, np.integer)) \
                 and not isinstance(r, bool) and 1 <= r <= top:
             r = rank_lib.round_rank(int(r), problem.multiple, top=top, groups=layer.groups)
-        r = costs.check_rank(r, layer.kernel_shape, groups=layer.groups, where=f"layer {path!r}")
+        where = f"layer {path!r}" + (f" (stacked: {site.stack} iterations of a scan, as groups; "
+                                     f"its rank counts all of them)" if site.stack > 1 else "")
+        r = costs.check_rank(r, layer.kernel_shape, groups=layer.groups, where=where)
         if rule.kind != "map" and costs.lowrank_cost(layer, r).macs >= \
                 costs.conv_cost(layer).macs:
             kept_full[path] = f"rank {r} would save nothing (its pair costs as much as the layer)"

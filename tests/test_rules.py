@@ -322,6 +322,9 @@ def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
     assert found["blocks/down"].full_macs == 3 * 256 * 32
     want = model.apply(variables, x)
     exact = lrjax.decompose_linen(model, variables, x, rule={"blocks/down": 96, "blocks/up": 96})
+    with pytest.raises(ValueError, match=r"'blocks/down' \(stacked: 3 iterations of a scan, as "
+                                         r"groups; its rank counts all of them\): not divisible"):
+        lrjax.decompose_linen(model, variables, x, rule={"blocks/down": 16})
     assert exact.variables["params"]["blocks"]["down"]["vertical"]["kernel"].shape == (3, 256, 32)
     np.testing.assert_allclose(exact.module.apply(exact.variables, x), want, rtol=0,
                                atol=1e-5 * float(jnp.abs(want).max()))
