@@ -152,7 +152,7 @@ def allocate_ranks(
     *,
     target_speedup: float | None = None,
     macs_budget: int | None = None,
-    multiple: int | None = None,
+    multiple: int | Mapping[str, int | None] | None = None,
     spectra: Mapping[str, object] | None = None,
     overhead: Mapping[str, float] | None = None,
 ) -> Allocation:
@@ -171,7 +171,7 @@ def allocate_ranks(
       kernels: HWIO kernel of each layer by name (their spectra drive the choice).
       target_speedup: whole-net theoretical speedup over ``layers`` to reach (or exceed); > 1.
       macs_budget: alternatively, the total multiply-adds allowed.
-      multiple: round every rank to a multiple of this (hardware tiles).
+      multiple: round every rank to a multiple of this (hardware tiles); or ``{name: multiple}``.
       spectra: optional ``{name: (groups, R) singular values}`` replacing the kernels' own (e.g.
         calibration-whitened spectra).
       overhead: optional ``{name: multiply-adds}`` a layer costs beyond its product while it
@@ -209,7 +209,8 @@ def allocate_ranks(
         if tuple(np.shape(kernel)) != layer.kernel_shape:
             raise ValueError(f"kernel for {layer.name!r} has shape {np.shape(kernel)}, "
                              f"expected {layer.kernel_shape}")
-        units[layer.name] = math.lcm(multiple or 1, layer.groups)
+        units[layer.name] = math.lcm((multiple.get(layer.name) if isinstance(multiple, Mapping)
+                                      else multiple) or 1, layer.groups)
         first[layer.name] = saving_rank(layer, units[layer.name])
         ranks[layer.name] = None  # full rank
         # cumulative energy as a function of total rank K: cum[K // groups]
@@ -376,7 +377,7 @@ def search_problem(problem, *, target_speedup: float, candidates=None) -> Search
     scores, options = {}, {}
     for layer in layers:
         full = costs.conv_cost(layer).macs
-        ranks = [r for r in candidate_ranks(layer, candidates, problem.multiple)
+        ranks = [r for r in candidate_ranks(layer, candidates, problem.multiple_of(layer.name))
                  if costs.lowrank_cost(layer, r).macs < full]  # a pair must save something
         options[layer.name] = [(None, full, 0.0)]
         if not ranks:

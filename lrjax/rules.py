@@ -255,8 +255,7 @@ def parse_rule(rule, *, multiple: int | None = None) -> RankRule:
 @dataclasses.dataclass
 class RankProblem:
     """What a rank rule sees: the model's linear layers, their kernels, optional calibration
-    statistics,
-    and (for eval-guided rules) a way to score the model with a given rank map.
+    statistics, and (for eval-guided rules) a way to score the model with a given rank map.
 
     Attributes:
       sites: every conv and dense layer of the model (:class:`ConvSite`); rules choose among
@@ -330,6 +329,10 @@ class RankProblem:
 
     def site(self, path: str) -> ConvSite:
         return {s.path: s for s in self.sites}[path]
+
+    def multiple_of(self, path: str) -> int | None:
+        """``multiple`` for the layer's rank: for each iteration of a stacked layer's."""
+        return self.multiple and self.multiple * self.site(path).stack
 
     def restricted(self, rule: RankRule) -> RankProblem:
         """The problem with the candidates ``rule``'s include/exclude rule out marked skipped
@@ -425,7 +428,8 @@ def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
     when traced (:class:`RankProblem`), else multiply-adds over the sites; out of reach: the
     largest reachable speedup."""
     candidates = [s.shape for s in problem.candidates]
-    units = {layer.name: math.lcm(problem.multiple or 1, layer.groups) for layer in candidates}
+    units = {layer.name: math.lcm(problem.multiple_of(layer.name) or 1, layer.groups)
+             for layer in candidates}
     floor = problem.macs_after({  # every candidate at its smallest rank that saves
         layer.name: units[layer.name] for layer in candidates
         if rank_lib.saving_rank(layer, units[layer.name]) is not None})
@@ -441,7 +445,8 @@ def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
     spectra = {s.name: problem.spectrum(s.name) for s in candidates}
     alloc = rank_lib.allocate_ranks(candidates, problem.kernels,
                                     macs_budget=problem.full_macs / target - problem.fixed_macs,
-                                    multiple=problem.multiple, spectra=spectra,
+                                    multiple={s.path: problem.multiple_of(s.path)
+                                              for s in problem.candidates}, spectra=spectra,
                                     overhead={s.path: s.parametrization_flops / 2
                                               for s in problem.candidates})
     return alloc.ranks
@@ -456,7 +461,7 @@ def _base_ranks(rule: RankRule, problem: RankProblem) -> dict[str, int | None]:
     if rule.kind == "energy":
         problem.prepare()
         return {s.path: rank_lib.energy_rank(problem.kernels[s.path], rule.value,
-                                             groups=s.shape.groups, multiple=problem.multiple,
+                                             groups=s.shape.groups, multiple=problem.multiple_of(s.path),
                                              spectrum=problem.spectrum(s.path))
                 for s in problem.candidates}
     return _budget_ranks(problem, rule.value)
@@ -520,10 +525,9 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
         top = costs.max_rank(layer.kernel_shape, groups=layer.groups)
         if problem.multiple and not rule.budgeted and isinstance(r, (int, np.integer)) \
                 and not isinstance(r, bool) and 1 <= r <= top:
-            r = rank_lib.round_rank(int(r), problem.multiple, top=top, groups=layer.groups)
-        where = f"layer {path!r}" + (f" (stacked: {site.stack} iterations of a scan, as groups; "
-                                     f"its rank counts all of them)" if site.stack > 1 else "")
-        r = costs.check_rank(r, layer.kernel_shape, groups=layer.groups, where=where)
+            r = rank_lib.round_rank(int(r), problem.multiple_of(path), top=top,
+                                    groups=layer.groups)
+        r = costs.check_rank(r, layer.kernel_shape, groups=layer.groups, where=site.where)
         if rule.kind != "map" and costs.lowrank_cost(layer, r).macs >= \
                 costs.conv_cost(layer).macs:
             kept_full[path] = f"rank {r} would save nothing (its pair costs as much as the layer)"
@@ -531,7 +535,7 @@ def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,
         out[path] = r
     for s in problem.candidates:
         if rule.kind != "map" and out.get(s.path) is None and s.path not in kept_full:
-            unit = math.lcm(problem.multiple or 1, s.shape.groups)
+            unit = math.lcm(problem.multiple_of(s.path) or 1, s.shape.groups)
             kept_full[s.path] = ("no pair of it saves multiply-adds"
                                  if rank_lib.saving_rank(s.shape, unit) is None
                                  else "not needed by the rule")

@@ -110,6 +110,13 @@ class ConvSite:
         return self.skip is None and self.rank is None and self.shape is not None
 
     @property
+    def where(self) -> str:
+        """The layer as error messages name it (a stacked one says so)."""
+        return f"layer {self.path!r}" + (
+            f" (stacked: {self.stack} iterations of a scan, as groups; its rank counts all of "
+            f"them)" if self.stack > 1 else "")
+
+    @property
     def kind(self) -> str | None:
         """``"kxk"``, ``"1x1"``, ``"dense"`` or ``"transposed"`` (see :data:`KINDS`); ``None``
         without a shape."""

@@ -322,6 +322,9 @@ def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
     assert found["blocks/down"].full_macs == 3 * 256 * 32
     want = model.apply(variables, x)
     exact = lrjax.decompose_linen(model, variables, x, rule={"blocks/down": 96, "blocks/up": 96})
+    tiled = lrjax.decompose_linen(model, variables, x, rule="speedup:1.2,multiple=12,exclude=inp")
+    assert tiled.ranks and all(r % 36 == 0 for p, r in tiled.ranks.items()  # 12 per iteration
+                               if p.startswith("blocks/"))
     with pytest.raises(ValueError, match=r"'blocks/down' \(stacked: 3 iterations of a scan, as "
                                          r"groups; its rank counts all of them\): not divisible"):
         lrjax.decompose_linen(model, variables, x, rule={"blocks/down": 16})
