@@ -251,7 +251,7 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
              for path, shape in record["shapes"].items()]
     batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(getattr(convs[site.path], "kernel", None), "shape", None), split=True),
+        site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)),
         batch) for site in found]
 
 

@@ -83,8 +83,9 @@ class ConvSite:
       conv_dims: a conv's own number of spatial dims (:func:`conv_view`): 1 for a 1-D conv
         (kernel ``(k, C/groups, N)``, costed as ``(k, 1)``), 3 or more for a pointwise N-D conv
         (kernel ``(1, ..., 1, C, N)``, costed as 1x1 on its last two spatial dims).
-      stack: how many iterations of a linen ``nn.scan`` run the layer, each with its own slice
-        of a kernel variable stacked on a leading axis (1: not stacked). The stack is costed
+      stack: how many iterations of a scan run the layer (linen's ``nn.scan``, NNX's
+        ``nnx.scan`` over ``nnx.vmap``-made blocks; or members of an ``nn.vmap``), each with its
+        own slice of a kernel variable stacked on a leading axis (1: not stacked). The stack is costed
         and decomposed as one grouped conv of ``stack`` times the layer's groups (each
         iteration's matrix a group: ``shape`` holds ``stack`` times the channels), so a rank
         counts every iteration's intermediate channels, as a grouped conv's counts every
@@ -287,19 +288,18 @@ def subclass_reason(layer, base_type: type) -> str:
             f"{names}: its own computation is kept)")
 
 
-def unless_stacked(site: ConvSite, kernel_shape, split: bool = False) -> ConvSite:
+def unless_stacked(site: ConvSite, kernel_shape) -> ConvSite:
     """``site``, or ``site`` left as is with the reason when its kernel variable's shape
     (``kernel_shape``; ``None``: not known) has leading axes the layer does not see: a layer
     stacked by a lifted transform (``nn.scan``, ``nn.vmap``, ``nnx.scan`` over ``nnx.vmap``-made
-    layers), whose call sees one slice. With ``split``, a layer whose kernel has one leading
-    axis (the scan's iterations) is the :meth:`ConvSite.stacked` site instead, unless it
-    reparametrizes its weights."""
+    layers), whose call sees one slice; but a layer whose kernel has one leading axis (a scan's
+    iterations) is the :meth:`ConvSite.stacked` site, unless it reparametrizes its weights."""
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape
     if shape == expected:
         return site
-    if split and shape[1:] == expected and site.parametrization is None:
+    if shape[1:] == expected and site.parametrization is None:
         return site.stacked(shape[0])
     return dataclasses.replace(site, skip=(
         f"kernel {shape} stacked over leading axes by a lifted transform (scan / vmap) for a "

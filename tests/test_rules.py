@@ -402,3 +402,39 @@ def test_a_scan_body_counts_once_per_iteration_elementwise_work_too():
     assert counts[0]["total"] == counts[1]["total"] == 5 * 8 * 64 * 64
     assert counts[1]["elementwise"] > 5 * 8 * 64 * 60  # exact GELU's erf: ~66 flops an element
     assert counts[0]["elementwise"] == pytest.approx(counts[1]["elementwise"], rel=0.01)
+
+
+class Member(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(32, (3, 3), name="conv")(x))
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+class Ensemble(nn.Module):
+    """Four members stacked by ``nn.vmap`` (one leading axis on their kernels), one input."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), name="stem")(x)
+        return nn.vmap(Member, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=None, out_axes=0, axis_size=4)(name="members")(x).mean(0)
+
+
+def test_vmapped_members_split_like_scanned_layers():
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    model = Ensemble()
+    variables = init(model, 0, x)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, x)}
+    assert found["members/conv"].stack == 4 and found["members/conv"].kind == "kxk"
+    full = {p: lrjax.costs.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
+            for p, s in found.items() if s.candidate}
+    exact = lrjax.decompose_linen(model, variables, x, rule=full)
+    want = model.apply(variables, x)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, x), want, rtol=0,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+    split = lrjax.decompose_linen(model, variables, x, rule="speedup:2")
+    assert "members/conv" in split.ranks and split.ranks["members/conv"] % 4 == 0
+    flops = [jax.jit(lambda v, x, m=m: m.apply(v, x)).lower(v, x).cost_analysis()["flops"]
+             for m, v in ((model, variables), (split.module, split.variables))]
+    assert flops[0] / flops[1] == pytest.approx(split.report.speedup, rel=1e-6)
