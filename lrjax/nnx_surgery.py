@@ -279,9 +279,10 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors,
         pair = _pair_module(layer, site.sliced(), decompose.Factors(
             factors.vertical[..., :k], factors.horizontal[..., :n]),
             None if layer.bias is None else layer.bias[...][0])
-        pair.vertical.kernel.value, pair.horizontal.kernel.value = vertical, horizontal
+        pair.vertical.kernel.set_value(vertical)
+        pair.horizontal.kernel.set_value(horizontal)
         if layer.bias is not None:
-            pair.horizontal.bias.value = layer.bias[...]
+            pair.horizontal.bias.set_value(layer.bias[...])
         return pair
     bias = None if layer.bias is None else layer.bias[...] if bias is None else bias
     rank = int(factors.vertical.shape[-1])
