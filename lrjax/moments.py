@@ -207,9 +207,12 @@ def calibrated_paths(candidates) -> tuple[list[str], str | None]:
              if s.stack == 1}
     wide = [f"{p} ({m})" for p, m in width.items() if m > MAX_CALIBRATED_INPUT]
     stacked = [s.path for s in candidates if s.stack > 1]
-    notes = [f"data-free factors for layers whose inputs are wider than "
-             f"{MAX_CALIBRATED_INPUT} values (no input covariance: {', '.join(wide)})"] * bool(wide)
-    notes += [f"data-free factors for layers stacked by a scan or vmap (each iteration has its own "
-              f"inputs: {', '.join(stacked)})"] * bool(stacked)
+    notes = []
+    if wide:
+        notes.append(f"data-free factors for layers whose inputs are wider than "
+                     f"{MAX_CALIBRATED_INPUT} values (no input covariance: {', '.join(wide)})")
+    if stacked:
+        notes.append(f"data-free factors for layers stacked by a scan or vmap (each iteration "
+                     f"has its own inputs: {', '.join(stacked)})")
     return [p for p, m in width.items() if m <= MAX_CALIBRATED_INPUT], "; ".join(notes) or None
 

@@ -251,8 +251,8 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
              for path, shape in record["shapes"].items()]
     batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)),
-        batch) for site in found]
+        site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)), batch)
+        for site in found]
 
 
 def _given(value):
@@ -276,7 +276,7 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors,
     if site.stack > 1:
         vertical, horizontal = site.factor_variables(factors)
         k, n = (int(f.shape[-1]) // site.stack for f in factors)
-        pair = _pair_module(layer, site.sliced(), decompose.Factors(
+        pair = _pair_module(layer, site.restacked(1), decompose.Factors(
             factors.vertical[..., :k], factors.horizontal[..., :n]),
             None if layer.bias is None else layer.bias[...][0])
         pair.vertical.kernel.set_value(vertical)
@@ -284,7 +284,8 @@ def _pair_module(layer, site: ConvSite, factors: decompose.Factors,
         if layer.bias is not None:
             pair.horizontal.bias.set_value(layer.bias[...])
         return pair
-    bias = None if layer.bias is None else layer.bias[...] if bias is None else bias
+    if bias is None and layer.bias is not None:
+        bias = layer.bias[...]
     rank = int(factors.vertical.shape[-1])
     vertical_kernel, horizontal_kernel = site.factor_variables(factors)
     common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,

@@ -353,10 +353,11 @@ class _Converter:
         if params.get("batch_group_count", 1) != 1 or min(v for p in pads for v in p) < 0:
             raise TranslationError(f"a conv with batch_group_count != 1 or padding {pads}")
         n = len(pads)  # spatial dims; 1-D and 3-D+ (N...C / ...IO) as ONNX's (N, C, ...)
-        if n != 2 and (lhs, rhs, out) == (channels_first(n), (n + 1, n, *range(n)), channels_first(n)) and \
+        first, kernel_perm = channels_first(n), (n + 1, n, *range(n))
+        if n != 2 and (lhs, rhs, out) == (first, kernel_perm, first) and \
                 all(d == 1 for d in params["lhs_dilation"]):
-            y = self.g.node("Conv", [self.g.node("Transpose", [self.nhwc(x)], perm=channels_first(n)),
-                                     self.kernel(w, (n + 1, n, *range(n)))], "conv",
+            y = self.g.node("Conv", [self.g.node("Transpose", [self.nhwc(x)], perm=first),
+                                     self.kernel(w, kernel_perm)], "conv",
                             pads=[p[0] for p in pads] + [p[1] for p in pads],
                             strides=[int(v) for v in params["window_strides"]],
                             dilations=[int(v) for v in params["rhs_dilation"]],

@@ -217,19 +217,16 @@ class ConvSite:
             horizontal = horizontal.reshape(*self._spatial(1, 1), *horizontal.shape[2:])
         return vertical, horizontal
 
-    def stacked(self, iterations: int) -> ConvSite:
-        """The site of this layer run by ``iterations`` iterations of a scan (see ``stack``)."""
-        shape = dataclasses.replace(self.shape, in_channels=self.shape.in_channels * iterations,
-                                    out_channels=self.shape.out_channels * iterations,
-                                    groups=self.shape.groups * iterations)
-        return dataclasses.replace(self, shape=shape, stack=iterations)
+    def restacked(self, stack: int) -> ConvSite:
+        """This layer's site as run by ``stack`` iterations of a scan (see ``stack``; 1: one
+        iteration's)."""
+        def scaled(value: int) -> int:
+            return value // self.stack * stack
 
-    def sliced(self) -> ConvSite:
-        """One iteration's site of a stacked layer (the inverse of :meth:`stacked`)."""
-        shape = dataclasses.replace(self.shape, in_channels=self.shape.in_channels // self.stack,
-                                    out_channels=self.shape.out_channels // self.stack,
-                                    groups=self.shape.groups // self.stack)
-        return dataclasses.replace(self, shape=shape, stack=1)
+        shape = dataclasses.replace(self.shape, in_channels=scaled(self.shape.in_channels),
+                                    out_channels=scaled(self.shape.out_channels),
+                                    groups=scaled(self.shape.groups))
+        return dataclasses.replace(self, shape=shape, stack=stack)
 
 
 # what a subclass may define and still run its Flax base type's computation: the dataclass and
@@ -293,14 +290,14 @@ def unless_stacked(site: ConvSite, kernel_shape) -> ConvSite:
     (``kernel_shape``; ``None``: not known) has leading axes the layer does not see: a layer
     stacked by a lifted transform (``nn.scan``, ``nn.vmap``, ``nnx.scan`` over ``nnx.vmap``-made
     layers), whose call sees one slice; but a layer whose kernel has one leading axis (a scan's
-    iterations) is the :meth:`ConvSite.stacked` site, unless it reparametrizes its weights."""
+    iterations) is the :meth:`ConvSite.restacked` site, unless it reparametrizes its weights."""
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape
     if shape == expected:
         return site
     if shape[1:] == expected and site.parametrization is None:
-        return site.stacked(shape[0])
+        return site.restacked(shape[0])
     return dataclasses.replace(site, skip=(
         f"kernel {shape} stacked over leading axes by a lifted transform (scan / vmap) for a "
         f"{expected} layer: stacked layers are left as they are"))

@@ -262,8 +262,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     shapes = _flat(_abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(shapes.get((*_key(site.path), "kernel")), "shape", None)),
-        batch) for site in found.values()]
+        site, getattr(shapes.get((*_key(site.path), "kernel")), "shape", None)), batch)
+        for site in found.values()]
 
 
 # ---------------------------------------------------------------------------------------------
