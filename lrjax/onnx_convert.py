@@ -354,8 +354,7 @@ class _Converter:
             raise TranslationError(f"a conv with batch_group_count != 1 or padding {pads}")
         n = len(pads)  # spatial dims; 1-D and 3-D+ (N...C / ...IO) as ONNX's (N, C, ...)
         first, kernel_perm = channels_first(n), (n + 1, n, *range(n))
-        if n != 2 and (lhs, rhs, out) == (first, kernel_perm, first) and \
-                all(d == 1 for d in params["lhs_dilation"]):
+        if n != 2 and (lhs, rhs, out) == (first, kernel_perm, first) and max(params["lhs_dilation"]) == 1:
             y = self.g.node("Conv", [self.g.node("Transpose", [self.nhwc(x)], perm=first),
                                      self.kernel(w, kernel_perm)], "conv",
                             pads=[p[0] for p in pads] + [p[1] for p in pads],
