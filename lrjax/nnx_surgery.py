@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import costs, decompose, formulations, lapack, macs, rules, sites
+from lrjax import boxes, costs, decompose, formulations, lapack, macs, rules, sites
 from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
@@ -43,6 +43,8 @@ _LINEAR = (nnx.Linear, nnx.LinearGeneral)
 _SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum)  # the types a pair replaces
 # linear layers seen and left as they are, with the reason
 _UNSPLIT: dict[type, str] = {}
+# wrappers that re-parametrize the layer they run (``layer_instance``): it is left as it is
+_WRAPPERS = (nnx.WeightNorm, nnx.SpectralNorm)
 
 
 class LowRankConvNNX(nnx.Module):
@@ -115,6 +117,8 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
     (``equation``: an einsum's)."""
     if type(layer) in _UNSPLIT:
         return ConvSite(path, None, skip=_UNSPLIT[type(layer)])
+    if isinstance(layer, _WRAPPERS):
+        return ConvSite(path, None, skip=sites.wrapped_reason(layer))
     if isinstance(layer, nnx.Einsum):
         return _einsum_site(path, layer, shape, equation)
     if isinstance(layer, nnx.ConvTranspose):
@@ -207,7 +211,15 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
               "wanted": {s.path: s for s in wanted}}
     convs = {}
 
+    wrapped = {tuple(p) for p, n in nnx.iter_graph(model) if isinstance(n, _WRAPPERS)}
+
     def probe(path, node):
+        if isinstance(node, _WRAPPERS) and isinstance(node.layer_instance, _SPLIT):
+            name = _path((*path, "layer_instance"))  # the layer, run through its wrapper
+            convs[name] = node
+            return _Probe(node, name, record)
+        if tuple(path[:-1]) in wrapped and path[-1:] == ("layer_instance",):
+            return node
         if isinstance(node, (*_SPLIT, *_UNSPLIT)):
             name = _path(path)
             convs[name] = node
@@ -344,7 +356,9 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
         name = _path(path)
         if name in factors and computes_as(node, _SPLIT) is not None:
             replaced.add(name)
-            return _pair_module(node, problem.site(name), factors[name])
+            pair = _pair_module(node, problem.site(name), factors[name])
+            boxes.shard_pair_like(node, pair, problem.site(name))
+            return pair
         return node
 
     new_model = nnx.recursive_map(replace, nnx.clone(model))

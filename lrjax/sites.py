@@ -50,7 +50,7 @@ from lrjax import costs, decompose
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
            "contracted_axes", "spatial_dims", "conv_view", "dense_shape", "dense_rows", "input_moments",
            "unless_stacked", "device_array", "example_batch", "per_example", "redefined", "computes_as",
-           "reparametrizes", "subclass_reason"]
+           "reparametrizes", "subclass_reason", "wrapped_reason"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -275,6 +275,13 @@ def reparametrizes(layer, base_type: type) -> bool:
     """Whether a linen layer is a subclass of ``base_type`` that redefines ``param`` (its
     computation reads weights derived from the stored ones)."""
     return type(layer) is not base_type and "param" in redefined(type(layer), base_type)
+
+
+def wrapped_reason(wrapper) -> str:
+    """The skip reason of a layer run by a wrapper that re-parametrizes its weights (Flax's
+    ``WeightNorm``, ``SpectralNorm``, linen and NNX)."""
+    return (f"its weights are re-parametrized by the {type(wrapper).__name__} around it "
+            "(the stored kernel is not the one it computes with): its own computation is kept")
 
 
 def subclass_reason(layer, base_type: type) -> str:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
-import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lrjax import costs, lapack, macs, rules, sites
+from lrjax import boxes, costs, lapack, macs, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.batchnorm import fold_batch_norms
 from lrjax.layers import (
@@ -53,6 +51,7 @@ from lrjax.layers import (
     split_type,
     transposed_site,
 )
+from lrjax.linen_trace import abstract_init, layer_input, split_static
 from lrjax.moments import calibrated_paths
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
@@ -140,62 +139,10 @@ def _plain_site(path: str, module, x, equation=None) -> ConvSite:
     return ConvSite(path, shape, skip=reason, conv_dims=dims)
 
 
-def _layer_input(args, kwargs):
-    return args[0] if args else kwargs.get("inputs", kwargs.get("x"))
-
-
-def _split_static(args):
-    """Array-like positional arguments (traced) and a function rebuilding the full list."""
-    def is_array(a):
-        return isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-
-    flags = [is_array(a) for a in args]
-    arrays = [a for a, f in zip(args, flags, strict=True) if f]
-
-    def rebuild(traced):
-        it = iter(traced)
-        return [next(it) if f else a for a, f in zip(args, flags, strict=True)]
-
-    return arrays, rebuild
-
-
-def _init_rngs():
-    key = jax.random.key(0)
-    return {"params": key, "dropout": key}
-
-
-def _abstract_init(model: nn.Module, args, kwargs, interceptor=None):
-    """``jax.eval_shape`` of ``model.init`` on the example inputs, under an optional interceptor."""
-    arrays, rebuild = _split_static(args)
-
-    def trace(*traced):
-        if interceptor is None:
-            return model.init(_init_rngs(), *rebuild(traced), **kwargs)
-        with nn.intercept_methods(interceptor):
-            return model.init(_init_rngs(), *rebuild(traced), **kwargs)
-
-    try:
-        return jax.eval_shape(trace, *arrays)
-    except jax.errors.ConcretizationTypeError as e:
-        raise ValueError(untraceable(e)) from None
-
-
-def untraceable(error: Exception) -> str:
-    """The one-line message for a model whose call cannot be traced (it needs a concrete value
-    of a traced array: ``.item()``, ``float()``, Python control flow on values), naming the
-    model's own source line."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if not re.search(r"[/\\](jax|jaxlib|flax|lrjax)[/\\]", f.filename)]
-    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} " \
-            f"({frames[-1].line})" if frames else ""
-    return (f"the model cannot be traced (lrjax finds its layers and counts its cost with "
-            f"jax.eval_shape and jax.jit, as jax.jit(model.apply) would): it needs a concrete "
-            f"value of a traced array{where} ({type(error).__name__}); compute such values from "
-            "static fields or with NumPy")
-
-
 DETACHED = ("applied inside another layer with the parameters that layer gives it "
             "(module.apply, e.g. weight normalization): no kernel variable of the model to split")
+# wrappers that re-parametrize the weights of the layers they run: those are left as they are
+_WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
 # linear layers seen and left as they are, with the reason
 _UNSPLIT = {
     nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
@@ -237,18 +184,21 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             prefix = "/".join(p for p in (running[-1][0], module.name) if p)
         path = module_path(module) if prefix is None else \
             "/".join(p for p in (prefix, module_path(module)) if p)
-        running.append((path, prefix, module.scope))
+        wrapper = module if isinstance(module, _WRAPPERS) else running[-1][3] if running else None
+        running.append((path, prefix, module.scope, wrapper))
         try:
-            _record(module, path, prefix is not None, args, kwargs, context)
+            _record(module, path, prefix is not None, wrapper, args, kwargs, context)
             return next_fun(*args, **kwargs)
         finally:
             running.pop()
 
-    def _record(module, path, detached, args, kwargs, context):
+    def _record(module, path, detached, wrapper, args, kwargs, context):
         if context.method_name == "__call__" and path not in found:
-            if detached and isinstance(module, (nn.Conv, nn.ConvTranspose, nn.Dense,
-                                                nn.DenseGeneral, nn.Einsum, nn.ConvLocal)):
-                found[path] = ConvSite(path, None, skip=DETACHED)
+            linear = isinstance(module, (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral,
+                                         nn.Einsum, nn.ConvLocal))
+            if linear and (detached or wrapper is not None):
+                found[path] = ConvSite(path, None, skip=DETACHED if detached else
+                                       sites.wrapped_reason(wrapper))
             elif type(module) in _UNSPLIT:
                 found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
             elif isinstance(module, (nn.Conv, nn.ConvTranspose, LowRankConv, nn.Dense,
@@ -257,9 +207,9 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                                                 FactorEinsum)):
                 equation = sites.called_equation(module.einsum_str, args[1:], kwargs) \
                     if isinstance(module, nn.Einsum) else None
-                found[path] = _site(path, module, _layer_input(args, kwargs), equation)
+                found[path] = _site(path, module, layer_input(args, kwargs), equation)
 
-    shapes = _flat(_abstract_init(model, example_args, example_kwargs, record).get("params", {}))
+    shapes = _flat(abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
         site, getattr(shapes.get((*_key(site.path), "kernel")), "shape", None)), batch)
@@ -276,7 +226,8 @@ def _key(path: str) -> tuple[str, ...]:
 
 
 def _flat(tree) -> dict[tuple[str, ...], Any]:
-    return traverse_util.flatten_dict(dict(tree)) if tree else {}
+    """A variable tree as a flat dict of plain arrays (partitioning boxes taken off)."""
+    return traverse_util.flatten_dict(dict(boxes.unboxed(tree))) if tree else {}
 
 
 def _structure_problems(expected: Mapping, got: Mapping) -> list[str]:
@@ -292,7 +243,7 @@ def _structure_problems(expected: Mapping, got: Mapping) -> list[str]:
 def check_variables(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
     """Raise ``ValueError`` unless ``variables`` has exactly ``model``'s arrays and shapes, and
     the example call is an inference call (see :func:`check_inference_call`)."""
-    expected = _flat(_abstract_init(model, example_args, example_kwargs))
+    expected = _flat(abstract_init(model, example_args, example_kwargs))
     problems = _structure_problems(expected, _flat(variables))
     if problems:
         raise ValueError("variables do not match the model: " + "; ".join(problems))
@@ -304,7 +255,7 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
     **example_kwargs)`` writes a variable collection (batch statistics in training mode) or
     draws randomness (active dropout): surgery, calibration and export run the inference call.
     Traced abstractly (no compute)."""
-    arrays, rebuild = _split_static(example_args)
+    arrays, rebuild = split_static(example_args)
     try:
         jax.eval_shape(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs), variables,
                        *arrays)
@@ -361,7 +312,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
             if context.method_name == "__call__" and split_type(module) is not None:
                 path = module_path(module)
                 if path in wanted:
-                    x = _layer_input(call_args, call_kwargs)
+                    x = layer_input(call_args, call_kwargs)
                     axes = sites.contracted_axes(module)
                     equation = None
                     if isinstance(module, nn.Einsum):
@@ -456,8 +407,9 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                  score=None) -> RankProblem:
     """The :class:`RankProblem` of a linen model and its variables (calibrated if asked)."""
     found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
+    variables = boxes.unboxed(variables)
     flat = _flat(variables)
-    arrays, rebuild = _split_static(example_args)
+    arrays, rebuild = split_static(example_args)
     batch = example_batch(arrays)
     found = _with_parametrization_flops(found, flat, batch)
     candidates = [s for s in found if s.candidate]
@@ -555,6 +507,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
         raise ValueError("decompose_linen takes the full-rank model, not a LowRankModel")
     rule = rules.parse_rule(rule, multiple=multiple)
     check_variables(model, variables, *example_args, **example_kwargs)
+    boxed = traverse_util.flatten_dict(dict(variables))  # boxes given back to the factors
     problem = rank_problem(model, variables, example_args, example_kwargs,
                            calibration=calibration, multiple=rule.multiple)
     if rule.eval_fn is not None:
@@ -563,13 +516,14 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     flat, factors = _apply_factors(_flat(variables), problem, ranks)
     module = LowRankModel.wrap(model, _call_ranks(problem, ranks))
-    expected = _flat(_abstract_init(module, example_args, example_kwargs))
+    expected = _flat(abstract_init(module, example_args, example_kwargs))
     problems = _structure_problems(expected, flat)
     if problems:  # a bug, not a user error: the two structures are built from the same sites
         raise AssertionError("decomposed variables do not match the low-rank model: "
                              + "; ".join(problems))
-    new_variables = traverse_util.unflatten_dict(
-        {k: sites.device_array(v, expected[k].dtype) for k, v in flat.items()})
+    flat = {k: sites.device_array(v, expected[k].dtype) for k, v in flat.items()}
+    new_variables = traverse_util.unflatten_dict(boxes.reboxed(
+        flat, boxed, {p: problem.site(p) for p in factors}))
     report = build_report(problem, ranks, factors, kept_full)
     return Decomposition(module, new_variables, report, problem)
 
