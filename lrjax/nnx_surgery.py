@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx import bridge
 
 from lrjax import boxes, costs, decompose, formulations, lapack, macs, rules, sites
 from lrjax.layers import (
@@ -45,6 +46,8 @@ _SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum)  # the types a pair
 _UNSPLIT: dict[type, str] = {}
 # wrappers that re-parametrize the layer they run (``layer_instance``): it is left as it is
 _WRAPPERS = (nnx.WeightNorm, nnx.SpectralNorm)
+BRIDGED = ("a linen module run inside nnx.bridge.ToNNX: lrjax does not reach into the bridge "
+           "(its layers are left as they are); decompose that linen module with decompose_linen")
 
 
 class LowRankConvNNX(nnx.Module):
@@ -119,6 +122,8 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
         return ConvSite(path, None, skip=_UNSPLIT[type(layer)])
     if isinstance(layer, _WRAPPERS):
         return ConvSite(path, None, skip=sites.wrapped_reason(layer))
+    if isinstance(layer, bridge.ToNNX):
+        return ConvSite(path, None, skip=BRIDGED)
     if isinstance(layer, nnx.Einsum):
         return _einsum_site(path, layer, shape, equation)
     if isinstance(layer, nnx.ConvTranspose):
@@ -220,7 +225,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             return _Probe(node, name, record)
         if tuple(path[:-1]) in wrapped and path[-1:] == ("layer_instance",):
             return node
-        if isinstance(node, (*_SPLIT, *_UNSPLIT)):
+        if isinstance(node, (*_SPLIT, *_UNSPLIT, bridge.ToNNX)):
             name = _path(path)
             convs[name] = node
             return _Probe(node, name, record)

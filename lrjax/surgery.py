@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.nnx import bridge
 
 from lrjax import boxes, costs, lapack, macs, rules, sites
 from lrjax import ranks as rank_lib
@@ -143,6 +144,8 @@ DETACHED = ("applied inside another layer with the parameters that layer gives i
             "(module.apply, e.g. weight normalization): no kernel variable of the model to split")
 # wrappers that re-parametrize the weights of the layers they run: those are left as they are
 _WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
+BRIDGED = ("an NNX module run inside nnx.bridge.ToLinen: lrjax does not reach into the bridge "
+           "(its layers are left as they are); decompose that NNX module with decompose_nnx")
 # linear layers seen and left as they are, with the reason
 _UNSPLIT = {
     nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
@@ -199,6 +202,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             if linear and (detached or wrapper is not None):
                 found[path] = ConvSite(path, None, skip=DETACHED if detached else
                                        sites.wrapped_reason(wrapper))
+            elif isinstance(module, bridge.ToLinen):
+                found[path] = ConvSite(path, None, skip=BRIDGED)
             elif type(module) in _UNSPLIT:
                 found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
             elif isinstance(module, (nn.Conv, nn.ConvTranspose, LowRankConv, nn.Dense,

@@ -322,3 +322,59 @@ def test_scanned_blocks_export_to_onnx_unrolled(tmp_path):
     assert result.max_abs_error < 1e-4 * result.scale
     matmuls = [n for n in onnx.load(result.path).graph.node if n.op_type in ("MatMul", "Gemm")]
     assert len(matmuls) == 2 + 3 * 2  # in, out, and each iteration's down and up
+
+
+class LinenInside(nnx.Module):
+    """An NNX model with a linen block through ``nnx.bridge.ToNNX`` (Flax's migration path)."""
+
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+        self.block = nnx.bridge.ToNNX(Block(), rngs=rngs)
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.block(self.stem(x)).mean((1, 2)))
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+        self.b = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.b(nnx.relu(self.a(x)))
+
+
+class NNXInside(nn.Module):
+    """A linen model with an NNX block through ``nnx.bridge.to_linen``."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), name="stem")(x)
+        x = nnx.bridge.to_linen(NNXBlock, name="block")(x)
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def test_modules_across_the_nnx_bridge_are_listed_and_kept():
+    """Before: the bridged block's layers were neither found nor listed; the cost put them in
+    "what no rule can change" without a word."""
+    model = LinenInside(nnx.Rngs(0))
+    nnx.bridge.lazy_init(model, X)
+    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
+    assert not found["block"].candidate and "nnx.bridge.ToNNX" in found["block"].skip
+    assert found["stem"].candidate
+    result = lrjax.decompose_nnx(model, X, rule={"stem": 24})
+    np.testing.assert_allclose(result.module(X), model(X), atol=1e-4)
+    assert "left as is: block: a linen module run inside nnx.bridge.ToNNX" in result.report.table()
+    with pytest.raises(ValueError, match="left as it is .*block: a linen module run inside"):
+        lrjax.decompose_nnx(model, X, rule="speedup:1.8")
+
+    linen_model = NNXInside()
+    variables = init(linen_model, 0, X)
+    found = {s.path: s for s in lrjax.surgery.find_convs(linen_model, X)}
+    assert not found["block"].candidate and "nnx.bridge.ToLinen" in found["block"].skip
+    result = lrjax.decompose_linen(linen_model, variables, X, rule={"stem": 24})
+    np.testing.assert_allclose(apply(result.module, result.variables, X),
+                               apply(linen_model, variables, X), atol=1e-4)
+    assert "left as is: block: an NNX module run inside nnx.bridge.ToLinen" in \
+        result.report.table()
