@@ -7,12 +7,15 @@ those on padding or on a transposed conv's dilation holes (:func:`lrjax.costs.va
 XLA does: XLA's own flop count (``jax.jit(f).lower(...).compile().cost_analysis()["flops"]``) is
 twice these multiply-adds plus the element-wise flops, for a net without loops: XLA counts a
 loop body once, lrjax counts a ``scan`` body (``nn.scan``, ``nnx.scan``) once per iteration, its
-multiply-adds and its element-wise work.
+multiply-adds and its element-wise work. A conditional (``lax.cond`` / ``switch``) counts as its
+costliest branch, as XLA counts it. Work traced inside a :func:`layer_scope` is also counted per
+layer, over all the layer's runs.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import jax
@@ -20,7 +23,16 @@ from jax.extend import core as jcore
 
 from lrjax import costs
 
-__all__ = ["iter_eqns", "jaxpr_macs", "traced_macs"]
+__all__ = ["iter_eqns", "jaxpr_macs", "traced_macs", "layer_scope"]
+
+_LAYER = re.compile(r"lrjax_layer_(\d+)")
+
+
+def layer_scope(index: int):
+    """A ``jax.named_scope`` marking the work traced inside it as layer ``index``'s:
+    :func:`traced_macs` then reports the multiply-adds of each marked layer over all its runs
+    (``"layers"``), so that a layer called twice, or inside a loop, is counted as it runs."""
+    return jax.named_scope(f"lrjax_layer_{index}")
 
 
 def _conv_macs(eqn) -> int:
@@ -67,21 +79,55 @@ def iter_eqns(jaxpr, scope: str = ""):
         yield eqn, where
 
 
-def _macs(jaxpr) -> tuple[dict[str, int], int]:
-    """``{"conv", "dot"}`` multiply-adds with a ``scan`` body once per iteration, and their total
-    with every body counted once (as XLA counts them), in one walk."""
-    out, once = {"conv": 0, "dot": 0}, 0
-    for eqn, _, trips in _walk(jaxpr, "", 1):
+def _macs(jaxpr, scope: str = "", trips: int = 1) -> tuple[dict, int]:
+    """``{"conv", "dot"}`` multiply-adds with a ``scan`` body once per iteration and a ``cond``
+    as its costliest branch, as XLA counts one (``"layers"``: those of each
+    :func:`layer_scope`, its innermost; ``"branched"``: the layers with work inside a
+    ``cond`` branch), and their total with every loop body counted once (as XLA counts them)."""
+    out, once = {"conv": 0, "dot": 0, "layers": {}, "branched": set()}, 0
+
+    def add(counts, body_once):
+        nonlocal once
+        out["conv"] += counts["conv"]
+        out["dot"] += counts["dot"]
+        for i, m in counts["layers"].items():
+            out["layers"][i] = out["layers"].get(i, 0) + m
+        out["branched"] |= counts["branched"]
+        once += body_once
+
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
         kind = {"conv_general_dilated": "conv", "dot_general": "dot"}.get(eqn.primitive.name)
         if kind is not None:
             macs = _conv_macs(eqn) if kind == "conv" else _dot_macs(eqn)
-            out[kind] += trips * macs
-            once += macs
+            marks = _LAYER.findall(where)
+            add({"conv": 0, "dot": 0, kind: trips * macs, "branched": set(),
+                 "layers": {int(marks[-1]): trips * macs} if marks else {}}, macs)
+        if eqn.primitive.name == "cond":
+            branches = [_macs(b, where, trips) for b in eqn.params["branches"]]
+            costliest = max(branches, key=lambda b: b[0]["conv"] + b[0]["dot"])
+            add(costliest[0], costliest[1])
+            out["branched"] |= {i for b, _ in branches for i in (*b["layers"], *b["branched"])}
+            continue
+        scan = eqn.primitive.name == "scan"
+        inner_trips = trips * int(eqn.params["length"]) if scan else trips
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    counts, body_once = _macs(sub, where, inner_trips)
+                    add(counts, body_once * (_xla_copies(eqn) if scan else 1))
     return out, once
 
 
+def _xla_copies(scan) -> int:
+    """How many copies of a scan's body XLA counts: one loop body of ``unroll`` copies and the
+    ``length % unroll`` peeled after it (all ``length`` when the loop would run once)."""
+    length, unroll = int(scan.params["length"]), max(1, int(scan.params.get("unroll", 1)))
+    return min(length, unroll + length % unroll)
+
+
 def jaxpr_macs(jaxpr) -> dict[str, int]:
-    """``{"conv": macs, "dot": macs}`` of a (closed) jaxpr with concrete shapes.
+    """``{"conv": macs, "dot": macs, "layers": {}}`` of a (closed) jaxpr with concrete shapes.
 
     A ``scan`` body (``lax.scan``, ``nn.scan``, ``nnx.scan``, a ``fori_loop`` with static bounds)
     counts once per iteration; a ``while_loop`` body, whose trip count is not in the jaxpr, once
@@ -102,7 +148,7 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     of each scan body for the other iterations); a ``while_loop`` body counts once."""
     traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
     counts, once = _macs(traced.jaxpr)  # once: loop bodies counted once, as XLA does
-    total = counts["conv"] + counts["dot"]
+    total = counts["conv"] + counts["dot"]  # ("layers": of each layer_scope, over its runs)
     try:
         analysis = traced.lower().cost_analysis()
     except Exception:  # noqa: BLE001 - a backend without a cost model: multiply-adds only
@@ -110,7 +156,8 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
     flops = float((analysis or {}).get("flops", 0.0))
     if flops:  # XLA counts a scan body once: its element-wise work for the other iterations
-        flops += sum((int(eqn.params["length"]) - 1) * trips * _elementwise(eqn.params["jaxpr"])
+        flops += sum((int(eqn.params["length"]) - _xla_copies(eqn)) * trips
+                     * _elementwise(eqn.params["jaxpr"])
                      for eqn, _, trips in _walk(traced.jaxpr, "", 1)
                      if eqn.primitive.name == "scan")
     return {**counts, "total": total, "elementwise": max(round(flops) - 2 * once, 0)}

@@ -241,7 +241,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         module = nnx.merge(graphdef, state)
         module(*args, **(kwargs or {}))
         return {p.path: p.moments.get_value() for _, p in nnx.iter_graph(module)
-                if isinstance(p, _Probe) and p.path in record["batch"]}
+                if isinstance(p, _Probe) and p.path in record["batch"]
+                and p.moments.get_value() is not None}  # None: set inside a loop, lost
 
     traced = jax.jit(run) if wanted else functools.partial(jax.eval_shape, run)
     for args in batches:
@@ -373,19 +374,42 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
     return new_model, factors
 
 
-def _net_cost(model, example_args, example_kwargs, eval_mode) -> tuple[int | None, int]:
+class _Scoped(nnx.Module):
+    """Stands in for a candidate layer while the net is costed: its work marked as its own
+    (:func:`lrjax.macs.layer_scope`), counted over all its runs."""
+
+    def __init__(self, layer, index: int):
+        self.layer, self.index = layer, index
+
+    def __call__(self, *args, **kwargs):
+        with macs.layer_scope(self.index):
+            return self.layer(*args, **kwargs)
+
+
+def _net_cost(model, example_args, example_kwargs, eval_mode,
+              found: Sequence[ConvSite]) -> tuple[int | None, int, list[ConvSite]]:
     """Multiply-adds and element-wise flops per example of the whole forward pass (traced on a
     copy, :func:`lrjax.macs.traced_macs`), or ``(None, 0)`` where the call cannot be traced
-    abstractly (a training-mode call updating its own state)."""
-    view = eval_view(nnx.clone(model)) if eval_mode else nnx.clone(model)
-    graphdef, state = nnx.split(view)
+    abstractly (a training-mode call updating its own state); and the sites ``found`` costed
+    for every run of their layers (:func:`lrjax.sites.counted_as_run`)."""
+    index = {s.path: i for i, s in enumerate(found) if s.candidate}
+
+    def scoped(path, node):
+        i = index.get(_path(path))
+        return _Scoped(node, i) if i is not None and isinstance(node, _SPLIT) else node
+
+    view = nnx.recursive_map(scoped, nnx.clone(model))
+    graphdef, state = nnx.split(eval_view(view) if eval_mode else view)
     try:  # the state as an argument: the weights are not constants of the lowered module
         counts = macs.traced_macs(
             lambda st, *a: nnx.merge(graphdef, st)(*a, **example_kwargs), state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
-        return None, 0
+        return None, 0, list(found)
     batch = sites.example_batch(example_args)
-    return counts["total"] // batch, counts["elementwise"] // batch
+    found = [sites.counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
+                                 index.get(s.path) in counts["branched"])
+             for s in found]
+    return counts["total"] // batch, counts["elementwise"] // batch, found
 
 
 @lapack.small_pages()
@@ -431,7 +455,12 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
                                 example_kwargs, eval_mode)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
-    net_macs, net_elementwise = _net_cost(model, example_args, example_kwargs, eval_mode)
+        if set(paths) - set(covs):
+            note = "; ".join(filter(None, (note, f"{sorted(set(paths) - set(covs))}: data-free "
+                                            "factors (calibration statistics do not leave the "
+                                            "loop they run in)")))
+    net_macs, net_elementwise, found = _net_cost(model, example_args, example_kwargs,
+                                                 eval_mode, found)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
                           net_elementwise=net_elementwise, notes=(note,) if note else ())
     if rule.eval_fn is not None:

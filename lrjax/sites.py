@@ -50,7 +50,7 @@ from lrjax import costs, decompose
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
            "contracted_axes", "spatial_dims", "conv_view", "dense_shape", "dense_rows", "input_moments",
            "unless_stacked", "device_array", "example_batch", "per_example", "redefined", "computes_as",
-           "reparametrizes", "subclass_reason", "wrapped_reason"]
+           "reparametrizes", "subclass_reason", "wrapped_reason", "counted_as_run"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -464,6 +464,30 @@ def per_example(site: ConvSite, batch: int) -> ConvSite:
     images = site.shape.images / batch
     images = int(images) if float(images).is_integer() else images
     return dataclasses.replace(site, shape=dataclasses.replace(site.shape, images=images))
+
+
+BRANCHED = ("run inside a conditional branch (lax.cond / lax.switch, nn.cond, nnx.cond): which "
+            "branch runs depends on the data, and the net's cost counts a conditional as its "
+            "costliest branch (as XLA does), so what splitting it saves cannot be counted")
+
+
+def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -> ConvSite:
+    """``site`` costed for every run of its layer: ``traced_macs`` is its multiply-adds per
+    example over all its runs in the traced forward pass (:func:`lrjax.macs.layer_scope`). A
+    layer called more than once (shared weights) or inside a loop body (a ``scan`` with
+    broadcast parameters, a ``fori_loop``) runs more often than the one call a site records:
+    its geometry's ``images`` are scaled by the ratio, so that its cost, and what splitting it
+    saves, is what the net runs (exact when its runs share its first call's geometry). A layer
+    ``branched`` (run inside a conditional) is left as it is (:data:`BRANCHED`)."""
+    if site.candidate and branched:
+        return dataclasses.replace(site, skip=BRANCHED)
+    if not site.candidate or traced_macs <= 0:
+        return site
+    runs = traced_macs / costs.conv_cost(site.shape).macs
+    if runs < 1 + 1e-6:
+        return site
+    return dataclasses.replace(site, shape=dataclasses.replace(
+        site.shape, images=site.shape.images * runs))
 
 
 def contracted_axes(layer) -> tuple[int, ...]:

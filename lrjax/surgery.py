@@ -56,7 +56,7 @@ from lrjax.linen_trace import abstract_init, layer_input, split_static
 from lrjax.moments import calibrated_paths
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
-from lrjax.sites import ConvSite, example_batch
+from lrjax.sites import ConvSite, counted_as_run, example_batch
 
 __all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_linen",
            "calibration_moments", "rank_problem", "linen_scorer", "search", "fold_batch_norms"]
@@ -285,7 +285,8 @@ _MOMENTS = "lrjax_calibration"  # the collection calibration statistics are sown
 
 def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
                         example_kwargs: Mapping | None = None,
-                        example_args: tuple | None = None) -> dict[str, np.ndarray]:
+                        example_args: tuple | None = None,
+                        strict: bool = True) -> dict[str, np.ndarray]:
     """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in ``paths``.
 
     The (full-rank) model runs on every calibration batch (jitted, once per batch shape) with an
@@ -303,7 +304,10 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
       ``{path: (groups, C_g * kh, C_g * kh) float64}``.
 
     Raises:
-      ValueError: no batch, a batch with NaN/Inf values, or a listed conv that never ran.
+      ValueError: no batch, a batch with NaN/Inf values, or (``strict``) a listed layer whose
+        statistics never came back (without ``strict`` it is left out: a layer inside a lifted
+        transform whose collections do not leave it, e.g. an ``nn.scan`` with broadcast
+        parameters, sows into nothing).
     """
     kwargs = dict(example_kwargs or {})
     wanted = set(paths)
@@ -340,7 +344,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
             sums[path] = sums.get(path, 0.0) + np.asarray(s, np.float64)
             counts[path] = counts.get(path, 0.0) + float(n)
     missing = sorted(wanted - set(sums))
-    if missing:
+    if missing and strict:
         raise ValueError(f"calibration never ran layers {missing}")
     return {path: sums[path] / counts[path] for path in sums}
 
@@ -423,9 +427,26 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     if calibration is not None:
         paths, note = calibrated_paths(candidates)
         covs = calibration_moments(model, variables, calibration, paths, example_kwargs,
-                                   example_args)
-    counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
-                              variables, *arrays)
+                                   example_args, strict=False)
+        if set(paths) - set(covs):
+            note = "; ".join(filter(None, (note, f"{sorted(set(paths) - set(covs))}: data-free "
+                                            "factors (calibration statistics do not leave the "
+                                            "lifted transform they run in)")))
+    index = {s.path: i for i, s in enumerate(found) if s.candidate}
+
+    def scoped(next_fun, args, kwargs, context):  # each layer's runs counted (layer_scope)
+        i = index.get(module_path(context.module)) if context.method_name == "__call__" else None
+        if i is None:
+            return next_fun(*args, **kwargs)
+        with macs.layer_scope(i):
+            return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(scoped):
+        counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
+                                  variables, *arrays)
+    found = [counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
+                                 index.get(s.path) in counts["branched"])
+             for s in found]
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
                        counts["elementwise"] // batch, notes=(note,) if note else ())
 

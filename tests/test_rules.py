@@ -192,7 +192,7 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     # element-wise: the biases and ReLUs of c1 and c2 (10x10x16 each), fc1 (256) and fc2's bias
     elementwise = 4 * (2 * 2 * 10 * 10 * 16 + 2 * 256 + 10)
     assert counts == {"conv": conv, "dot": dense, "total": conv + dense,
-                      "elementwise": elementwise}
+                      "elementwise": elementwise, "layers": {}, "branched": set()}
     # XLA's own (compiled) flop count: 2 per multiply-add, plus the element-wise work
     assert xla_flops(lambda v, x: model.apply(v, x), variables, x) == 2 * (conv + dense) + elementwise
     result = lrjax.decompose_linen(model, variables, x, rule={"c2": 4})
