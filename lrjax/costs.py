@@ -268,8 +268,10 @@ class ConvShape:
         ``taps_hw[0] * taps_hw[1] * C / groups * N`` multiply-adds (a transposed conv's taps
         on its dilation holes are not counted)."""
         strides, dilated = ((1, 1), self.strides) if self.transposed else (self.strides, (1, 1))
-        return tuple(valid_taps(size, k, s, lo, d, out, i)
-                     for size, k, s, d, (lo, _), out, i in zip(
+        # CIRCULAR / REFLECT: Flax pads the input with data, then runs a VALID conv
+        data = isinstance(self.padding, str) and self.padding.upper() in ("CIRCULAR", "REFLECT")
+        return tuple(valid_taps(size + (lo + hi if data else 0), k, s, 0 if data else lo, d, out, i)
+                     for size, k, s, d, (lo, hi), out, i in zip(
                          self.input_hw, self.kernel_size, strides, self.dilation,
                          self.conv_padding, self.output_hw, dilated, strict=True))
 

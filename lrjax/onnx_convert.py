@@ -28,6 +28,7 @@ import onnx
 from jax.extend import core as jcore
 from onnx import helper
 
+from lrjax import onnx_arrays
 from lrjax.onnx_graph import (
     INT64_MAX,
     Graph,
@@ -279,18 +280,6 @@ class _Converter:
         name = self.nhwc(x) if isinstance(x, Tensor) else self.g.const(np.asarray(x))
         out = self.g.node("Tile", [name, self.shape_tensor(params["reps"])])
         return Tensor(out, tuple(aval.shape))
-
-    def split(self, args, params, aval):
-        """``jnp.split`` (the ``split`` primitive) as one ``Slice`` per piece."""
-        t, axis, start, pieces = args[0], int(params["axis"]), 0, []
-        for size in params["sizes"]:
-            starts, limits = [0] * len(t.shape), list(t.shape)
-            starts[axis], limits[axis] = start, start + int(size)
-            piece = jax.ShapeDtypeStruct(tuple(limits[:axis]) + (int(size),)
-                                         + tuple(limits[axis + 1:]), aval.dtype)
-            pieces.append(self.slice([t], dict(start_indices=starts, limit_indices=limits), piece))
-            start += int(size)
-        return pieces
 
     def pad(self, args, params, aval):
         t, value = args
@@ -544,8 +533,9 @@ HANDLERS: dict[str, Any] = {
     # one converter method each, named after the primitive
     **{prim: _method(prim) for prim in (
         "round", "convert_element_type", "select_n",
-        "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "split", "tile", "pad",
+        "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "tile", "pad",
         "concatenate", "argmax", "gather")},
+    "split": onnx_arrays.split, "stack": onnx_arrays.stack, "rev": onnx_arrays.rev,
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
     "reduce_min": _method("reduction", "ReduceMin"),

@@ -89,6 +89,12 @@ CASES = {
     "slice": lambda x: jax.lax.slice(conv(x), (0, 1, 0, 1), (x.shape[0], 5, 6, 3), (1, 2, 2, 1)),
     "split": lambda x: jnp.concatenate(jnp.split(conv(x), [1, 3], axis=-1)[::-1], axis=-1)
     + first(jnp.concatenate(jnp.split(x, [3], axis=1)[::-1], axis=1)),
+    # per-frame outputs stacked (NCHW conv outputs given a new axis, then the channels last)
+    "stack": lambda x: jnp.stack([conv(x), first(x) * jnp.ones(4)], axis=1)
+    .sum(1) + jnp.stack([conv(x), conv(x) * 3], axis=-1)[..., 1],
+    # reflect padding (built from flips), and a flip of the channels
+    "rev": lambda x: jnp.pad(conv(x), ((0, 0), (2, 1), (1, 2), (0, 0)), mode="reflect")[:, :8, :8]
+    + jnp.flip(conv(x), axis=-1)[:, :1, :1],
     # a constant repeated over the (symbolic) batch, as a ViT's class token; a tensor tiled
     "tile": lambda x: jnp.tile(jnp.arange(4.0).reshape(1, 1, 1, 4), (x.shape[0], 6, 8, 1))
     + jnp.tile(jax.lax.slice_in_dim(conv(x), 0, 4, axis=2), (1, 1, 2, 1)),
