@@ -268,12 +268,26 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
         found = re.search(r'collection "(\w+)"', str(e))
         what = f"its {found.group(1)!r} collection" if found else "a variable collection"
         raise ValueError(f"the example call of {type(model).__name__} writes {what} (a "
-                         "training-mode call): pass the inference call's arguments, e.g. "
-                         "train=False") from None
+                         f"training-mode call): {_inference_hint(model)}") from None
     except flax.errors.InvalidRngError as e:
         raise ValueError(f"the example call of {type(model).__name__} draws randomness "
-                         f"({str(e).split(' (')[0]}; dropout in training mode): pass the "
-                         "inference call's arguments, e.g. train=False") from None
+                         f"({str(e).split(' (')[0]}; dropout in training mode): "
+                         f"{_inference_hint(model)}") from None
+
+
+# a model's own fields that put it in training mode when set so (``Generator(training=True)``)
+_TRAINING_FIELDS = {"train": True, "training": True, "is_training": True, "deterministic": False,
+                    "use_running_average": False}
+
+
+def _inference_hint(model: nn.Module) -> str:
+    """How to make the call an inference call: the model's own training-mode field if it has
+    one set so, else the call's arguments."""
+    for name, training in _TRAINING_FIELDS.items():
+        if getattr(model, name, None) is training and name in model.__dataclass_fields__:
+            return (f"build the model in inference mode ({type(model).__name__}(..., "
+                    f"{name}={not training})): its field {name} is {training}")
+    return "pass the inference call's arguments, e.g. train=False"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,6 +116,19 @@ def test_training_mode_calls_are_one_line_errors(net, tmp_path):
         lrjax.decompose_linen(drop, init(drop, 0, X), X, rule="speedup:1.5",
                               train=True)
 
+    class ModeField(nn.Module):  # the mode a field of the model (GAN and DCGAN code does so)
+        training: bool = True
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(not self.training)(nn.Conv(8, (3, 3))(x))
+
+    field = ModeField()
+    with pytest.raises(ValueError, match=r"writes its 'batch_stats' collection .*build the model "
+                                         r"in inference mode \(ModeField\(\.\.\., "
+                                         r"training=False\)\): its field training is True"):
+        lrjax.decompose_linen(field, init(field, 0, X), X, rule="speedup:1.5")
+
 
 def test_no_candidates_is_a_clear_error():
     class OnlyLocal(nn.Module):
