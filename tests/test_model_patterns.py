@@ -137,6 +137,17 @@ def test_a_bfloat16_model_gets_one_export_error_line(tmp_path):
         export.to_onnx(model, variables, X, str(tmp_path / "bf16.onnx"))
     assert "\n" not in str(info.value) and not (tmp_path / "bf16.onnx").exists()
 
+    class Casts(nn.Module):  # float32 weights, a product cast to bfloat16 (bonsai's DINOv3 RoPE)
+        @nn.compact
+        def __call__(self, x):
+            y = nn.Conv(8, (3, 3))(x).astype(jnp.bfloat16) * jnp.arange(8, dtype=jnp.bfloat16)
+            return y.astype(jnp.float32)
+
+    model = Casts()
+    with pytest.raises(export.ExportError, match=r"^ONNX Runtime cannot load the exported graph: "
+                                                 r".*computes in bfloat16 .*a cast in its code"):
+        export.to_onnx(model, init(model, 0, X), X, str(tmp_path / "cast.onnx"))
+
 
 @pytest.mark.parametrize("layer", [nn.Conv(24, (3, 3)), nn.Dense(20)], ids=("conv", "dense"))
 def test_a_model_that_is_one_layer_is_split_in_its_own_scope(layer):

@@ -330,9 +330,10 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
             session = onnx_session(data)
         except Exception as e:  # onnxruntime's own types: InvalidGraph, NotImplemented, ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = ("; the model computes in bfloat16, which ONNX Runtime's CPU convs and "
-                    "matmuls do not take: export a float32 copy (dtype=jnp.float32)"
-                    if "bfloat16" in first else "")
+            hint = ("; the model computes in bfloat16 (its dtype, or a cast in its code), which "
+                    "ONNX Runtime's CPU kernels do not take for every op: export a float32 copy "
+                    "(dtype=jnp.float32, no casts to bfloat16)"
+                    if "bfloat16" in first or _computes_in_bfloat16(model) else "")
             raise ExportError(f"ONNX Runtime cannot load the exported graph: {first}{hint}") \
                 from None
         names = [i.name for i in session.get_inputs()]
@@ -340,6 +341,16 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
                               forward, shape, batches, "ONNX Runtime", examples)
     size = _write(path, data)
     return ExportResult(path, "onnx", err, scale, batches if check else (), size)
+
+
+def _computes_in_bfloat16(model) -> bool:
+    """Whether an ONNX graph holds bfloat16 constants or casts to bfloat16."""
+    import onnx
+
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(t.data_type == bf16 for t in model.graph.initializer) or any(
+        a.name == "to" and a.i == bf16 for n in model.graph.node if n.op_type == "Cast"
+        for a in n.attribute)
 
 
 # ---------------------------------------------------------------------------------------------
