@@ -123,6 +123,9 @@ class _Converter:
                 return self.run(inner, closed.consts if closed is not None else [], args, where)
             if name == "scan" and any(isinstance(a, Tensor) for a in args):
                 return unroll_scan(self, eqn, args, where)
+            if all(not isinstance(a, Tensor) for a in args) and name != "broadcast_in_dim" and \
+                    not all(concrete(d) for o in eqn.outvars for d in o.aval.shape):
+                args = [self.batched(a, v.aval) for a, v in zip(args, eqn.invars, strict=True)]
             if all(not isinstance(a, Tensor) for a in args) and name not in (
                     "conv_general_dilated", "dot_general") and not (
                     name == "tile" and not all(map(concrete, eqn.params["reps"]))):  # constant
@@ -150,6 +153,12 @@ class _Converter:
             raise TranslationError(f"cannot export {place} to ONNX: {type(e).__name__}: "
                                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
         return out if isinstance(out, list) else [out]
+
+    def batched(self, value, aval):
+        """A constant folded to 1 along the symbolic batch (a learned token broadcast) as a tensor
+        of the batch, for a primitive whose result has the batch (a reshape of it)."""
+        return value if all(map(concrete, aval.shape)) else Tensor(self.g.node("Expand", [
+            self.g.const(np.asarray(value)), self.shape_tensor(aval.shape)]), tuple(aval.shape))
 
     # -- element-wise --------------------------------------------------------------------------
     def elementwise(self, op: str, args, aval, **attrs) -> Tensor:

@@ -177,6 +177,25 @@ def test_unknown_primitive_names_it_and_the_layer(tmp_path):
         export.to_onnx(split.module, split.variables, x, str(tmp_path / "odd.onnx"))
 
 
+def test_dead_code_and_batch_broadcast_constants_are_exported():
+    """Work whose result the outputs never use needs no translation (bonsai's V-JEPA 2 computes
+    masked states its classifier drops: a cumulative sum here); a learned token broadcast to the
+    symbolic batch and then reshaped is a tensor of the batch (before: 'reshape' failed with
+    JAX's UnexpectedDimVar)."""
+    token = np.arange(8.0, dtype=np.float32).reshape(1, 2, 4)
+
+    def fn(x):
+        dropped = jnp.cumsum(conv(x), axis=1)  # noqa: F841 - computed, never returned
+        batched = jnp.broadcast_to(token, (x.shape[0], 2, 4)).reshape(x.shape[0], 1, 2, 4)
+        return conv(x)[:, :2, :2] + batched
+
+    session = runtimes.onnx_session(runtimes.onnx_model(fn, SHAPE))
+    for batch in (SHAPE[0], 3):
+        x = np.random.default_rng(batch).standard_normal((batch, *SHAPE[1:])).astype(np.float32)
+        np.testing.assert_allclose(session.run(None, {"input": x})[0], fn(x), rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_uncovered_forms_are_one_line_errors(tmp_path):
     def channels_first(x):  # another layout than nn.Conv's
         return jax.lax.conv_general_dilated(x, np.ones((4, 6, 3, 3), np.float32), (1, 1), "SAME",
