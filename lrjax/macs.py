@@ -127,7 +127,8 @@ def _xla_copies(scan) -> int:
 
 
 def jaxpr_macs(jaxpr) -> dict[str, int]:
-    """``{"conv": macs, "dot": macs, "layers": {}}`` of a (closed) jaxpr with concrete shapes.
+    """``{"conv": macs, "dot": macs, "layers": {...}, "branched": {...}}`` of a (closed) jaxpr
+    with concrete shapes (``"layers"`` and ``"branched"``: see :func:`layer_scope`).
 
     A ``scan`` body (``lax.scan``, ``nn.scan``, ``nnx.scan``, a ``fori_loop`` with static bounds)
     counts once per iteration; a ``while_loop`` body, whose trip count is not in the jaxpr, once

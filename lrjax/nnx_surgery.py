@@ -223,8 +223,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             name = _path((*path, "layer_instance"))  # the layer, run through its wrapper
             convs[name] = node
             return _Probe(node, name, record)
-        if tuple(path[:-1]) in wrapped and path[-1:] == ("layer_instance",):
-            return node
+        if any(tuple(path[:len(w) + 1]) == (*w, "layer_instance") for w in wrapped):
+            return node  # inside a wrapper, which reads its layer's variables by their paths
         if isinstance(node, (*_SPLIT, *_UNSPLIT, bridge.ToNNX)):
             name = _path(path)
             convs[name] = node
@@ -391,7 +391,8 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     """Multiply-adds and element-wise flops per example of the whole forward pass (traced on a
     copy, :func:`lrjax.macs.traced_macs`), or ``(None, 0)`` where the call cannot be traced
     abstractly (a training-mode call updating its own state); and the sites ``found`` costed
-    for every run of their layers (:func:`lrjax.sites.counted_as_run`)."""
+    for every run of their layers (:func:`lrjax.sites.counted_as_run`; as they are where not
+    traced)."""
     index = {s.path: i for i, s in enumerate(found) if s.candidate}
 
     def scoped(path, node):
