@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, lapack, macs, rules, sites
+from lrjax import boxes, costs, lapack, linen_moments, macs, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.batchnorm import fold_batch_norms
 from lrjax.layers import (
@@ -294,73 +294,24 @@ def _inference_hint(model: nn.Module) -> str:
 # Calibration
 
 
-_MOMENTS = "lrjax_calibration"  # the collection calibration statistics are sown into
-
-
 def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
                         example_kwargs: Mapping | None = None,
                         example_args: tuple | None = None,
                         strict: bool = True) -> dict[str, np.ndarray]:
-    """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in ``paths``.
-
-    The (full-rank) model runs on every calibration batch (jitted, once per batch shape) with an
-    interceptor that accumulates :func:`lrjax.sites.input_moments` of each listed layer's input
-    (a conv's vertical patches, a dense layer's input vectors); sums are kept in float64 on the
-    host.
-
-    Args:
-      calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
-        an iterable of such batches.
-      example_kwargs: keyword arguments of every call (e.g. ``train=False``).
-      example_args: the example call's positional arguments, which each batch must match.
+    """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in ``paths``
+    (:func:`lrjax.linen_moments.calibration_moments`, with this module's sites): sown from each
+    listed layer's first call, or, for a layer inside a loop body (a recurrence, a stacked
+    layer), summed over every run on the host (a stacked layer's by iteration).
 
     Returns:
       ``{path: (groups, C_g * kh, C_g * kh) float64}``.
 
     Raises:
       ValueError: no batch, a batch with NaN/Inf values, or (``strict``) a listed layer whose
-        statistics never came back (without ``strict`` it is left out: a layer inside a lifted
-        transform whose collections do not leave it, e.g. an ``nn.scan`` with broadcast
-        parameters, sows into nothing).
+        statistics never came back.
     """
-    kwargs = dict(example_kwargs or {})
-    wanted = set(paths)
-    batches = rules.calibration_batches(calibration, example_args)
-
-    def moments(variables, *args):
-        # sown into a collection, not kept aside: a layer inside a lifted transform (nn.remat,
-        # nn.jit) runs in that transform's trace, and only its collections leave it
-        def accumulate(next_fun, call_args, call_kwargs, context):
-            module = context.module
-            if context.method_name == "__call__" and split_type(module) is not None:
-                path = module_path(module)
-                if path in wanted:
-                    x = layer_input(call_args, call_kwargs)
-                    axes = sites.contracted_axes(module)
-                    equation = None
-                    if isinstance(module, nn.Einsum):
-                        equation = sites.called_equation(module.einsum_str, call_args[1:],
-                                                          call_kwargs)
-                        axes = sites.einsum_split(equation).input_axes
-                    module.sow(_MOMENTS, path,
-                               sites.input_moments(_site(path, module, x, equation), x, axes))
-            return next_fun(*call_args, **call_kwargs)
-
-        with nn.intercept_methods(accumulate):
-            _, state = model.apply(variables, *args, mutable=[_MOMENTS], **kwargs)
-        sown = traverse_util.flatten_dict(flax.core.unfreeze(state.get(_MOMENTS, {})))
-        return {key[-1]: calls[0] for key, calls in sown.items()}  # a layer's first call
-
-    fn = jax.jit(moments)
-    sums, counts = {}, {}
-    for args in batches:
-        for path, (s, n) in fn(variables, *args).items():
-            sums[path] = sums.get(path, 0.0) + np.asarray(s, np.float64)
-            counts[path] = counts.get(path, 0.0) + float(n)
-    missing = sorted(wanted - set(sums))
-    if missing and strict:
-        raise ValueError(f"calibration never ran layers {missing}")
-    return {path: sums[path] / counts[path] for path in sums}
+    return linen_moments.calibration_moments(model, variables, calibration, paths,
+                                             example_kwargs, example_args, strict, site_of=_site)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,13 +390,12 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     kernels = _Kernels(flat, candidates)
     covs, note = None, None
     if calibration is not None:
-        paths, note = calibrated_paths(candidates)
+        paths, note = calibrated_paths(candidates, stacked=True)
         covs = calibration_moments(model, variables, calibration, paths, example_kwargs,
                                    example_args, strict=False)
         if set(paths) - set(covs):
             note = "; ".join(filter(None, (note, f"{sorted(set(paths) - set(covs))}: data-free "
-                                            "factors (calibration statistics do not leave the "
-                                            "lifted transform they run in)")))
+                                            "factors (calibration never ran them)")))
     index = {s.path: i for i, s in enumerate(found) if s.candidate}
 
     def scoped(next_fun, args, kwargs, context):  # each layer's runs counted (layer_scope)

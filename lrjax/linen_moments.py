@@ -1,0 +1,155 @@
+"""Calibration statistics of a linen model's layers: the second moments of each layer's first
+factor's input over calibration batches (:func:`calibration_moments`).
+
+Two passes, both jitted once per batch shape. The first sows each listed layer's moments into a
+collection (a layer under ``nn.remat`` or ``nn.jit`` runs in that transform's trace, and only
+its collections leave it), summed over its calls (a layer applied twice is fitted to both
+inputs). A layer inside a loop body, whose sown values do not leave the loop
+(``nn.scan`` with broadcast parameters: a weight-tied recurrence, Flax's ``nn.RNN`` cells; a
+layer stacked by ``nn.scan`` / ``nn.vmap``), gets a second pass that hands each run's moments to
+the host (``jax.debug.callback``): all runs are summed, and a stacked layer's runs go to the
+iteration (or ensemble member) whose kernel slice ran, identified by its values, so that each
+iteration's closed form is calibrated on its own inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from lrjax import sites
+from lrjax.layers import module_path, split_type
+from lrjax.linen_trace import layer_input
+from lrjax.moments import calibration_batches
+
+__all__ = ["calibration_moments"]
+
+_MOMENTS = "lrjax_calibration"  # the collection calibration statistics are sown into
+_KEY = 8  # values of a kernel slice that identify which iteration of a stack ran
+
+
+def _layer_moments(module, path, call_args, call_kwargs, site_of):
+    """The moments of one call's input, in the layer's geometry as it runs (one slice of a
+    stack)."""
+    x = layer_input(call_args, call_kwargs)
+    axes, equation = sites.contracted_axes(module), None
+    if isinstance(module, nn.Einsum):
+        equation = sites.called_equation(module.einsum_str, call_args[1:], call_kwargs)
+        axes = sites.einsum_split(equation).input_axes
+    return sites.input_moments(site_of(path, module, x, equation), x, axes)
+
+
+def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
+                        example_kwargs: Mapping | None = None,
+                        example_args: tuple | None = None, strict: bool = True, *,
+                        site_of: Callable) -> dict[str, np.ndarray]:
+    """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in
+    ``paths`` (see the module docstring); sums in float64 on the host.
+
+    Args:
+      calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
+        an iterable of such batches.
+      example_kwargs: keyword arguments of every call (e.g. ``train=False``).
+      example_args: the example call's positional arguments, which each batch must match.
+      site_of: ``site_of(path, module, x, equation)``, the :class:`lrjax.sites.ConvSite` of a
+        layer's call.
+
+    Returns:
+      ``{path: (groups, C_g * kh, C_g * kh) float64}``; a stacked layer's groups are its
+      iterations' (each iteration's own groups, in order).
+
+    Raises:
+      ValueError: no batch, a batch with NaN/Inf values, or (``strict``) a listed layer whose
+        statistics never came back (without ``strict`` it is left out).
+    """
+    kwargs = dict(example_kwargs or {})
+    wanted = set(paths)
+    batches = calibration_batches(calibration, example_args)
+
+    def moments(variables, *args):
+        def accumulate(next_fun, call_args, call_kwargs, context):
+            module = context.module
+            if context.method_name == "__call__" and split_type(module) is not None:
+                path = module_path(module)
+                if path in wanted:
+                    module.sow(_MOMENTS, path, _layer_moments(module, path, call_args,
+                                                              call_kwargs, site_of))
+            return next_fun(*call_args, **call_kwargs)
+
+        with nn.intercept_methods(accumulate):
+            _, state = model.apply(variables, *args, mutable=[_MOMENTS], **kwargs)
+        sown = traverse_util.flatten_dict(flax.core.unfreeze(state.get(_MOMENTS, {})))
+        return {key[-1]: (sum(c[0] for c in calls), sum(c[1] for c in calls))  # every call
+                for key, calls in sown.items()}
+
+    fn = jax.jit(moments)
+    sums, counts = {}, {}
+    for args in batches:
+        for path, (s, n) in fn(variables, *args).items():
+            sums[path] = sums.get(path, 0.0) + np.asarray(s, np.float64)
+            counts[path] = counts.get(path, 0.0) + float(n)
+    covs = {path: sums[path] / counts[path] for path in sums}
+    if wanted - set(covs):
+        covs.update(_looped_moments(model, variables, batches, kwargs, wanted - set(covs),
+                                    site_of))
+    missing = sorted(wanted - set(covs))
+    if missing and strict:
+        raise ValueError(f"calibration never ran layers {missing}")
+    return covs
+
+
+def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
+    """The second pass (see the module docstring): every run's moments summed on the host, a
+    stacked layer's by iteration."""
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(dict(variables))))
+    stored = {p: np.asarray(flat[("params", *p.split("/"), "kernel")]) for p in wanted
+              if ("params", *p.split("/"), "kernel") in flat}
+    sums, counts, runs = {}, {}, {}
+
+    def host(path, s, n, key, ndim):
+        s, kernel = np.asarray(s, np.float64), stored.get(path)
+        slots = 1 if kernel is None or int(ndim) in (0, kernel.ndim) else kernel.shape[0]
+        slot = 0
+        if slots > 1:  # the iteration whose kernel slice this is; in call order if ambiguous
+            gaps = np.abs(kernel.reshape(slots, -1)[:, :_KEY] - np.asarray(key)).sum(1)
+            slot = int(np.argmin(gaps)) if np.sum(gaps == gaps.min()) == 1 else \
+                runs.get(path, 0) % slots
+            runs[path] = runs.get(path, 0) + 1
+        g = s.shape[0]
+        total = sums.setdefault(path, np.zeros((slots * g, *s.shape[1:])))
+        total[slot * g:(slot + 1) * g] += s
+        count = counts.setdefault(path, np.zeros(slots))
+        count[slot] += float(n)
+
+    def moments(variables, *args):
+        def accumulate(next_fun, call_args, call_kwargs, context):
+            module = context.module
+            if context.method_name == "__call__" and split_type(module) is not None:
+                path = module_path(module)
+                if path in wanted:
+                    s, n = _layer_moments(module, path, call_args, call_kwargs, site_of)
+                    kernel = module.get_variable("params", "kernel")
+                    key, ndim = (np.zeros(1), 0) if kernel is None else \
+                        (kernel.ravel()[:_KEY], kernel.ndim)  # ndim 0: no kernel, one slot
+                    jax.debug.callback(host, path, s, n, key, ndim)
+            return next_fun(*call_args, **call_kwargs)
+
+        with nn.intercept_methods(accumulate):
+            model.apply(variables, *args, **kwargs)
+
+    fn = jax.jit(moments)
+    for args in batches:
+        fn(variables, *args)
+    jax.effects_barrier()
+    out = {}
+    for path, total in sums.items():
+        count = counts[path]
+        if np.all(count > 0):
+            g = total.shape[0] // len(count)
+            out[path] = total / np.repeat(count, g)[:, None, None]
+    return out
