@@ -14,6 +14,7 @@ iteration's closed form is calibrated on its own inputs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import flax
@@ -25,12 +26,11 @@ from flax import traverse_util
 from lrjax import sites
 from lrjax.layers import module_path, split_type
 from lrjax.linen_trace import layer_input
-from lrjax.moments import calibration_batches
+from lrjax.moments import RunSums, calibration_batches
 
 __all__ = ["calibration_moments"]
 
 _MOMENTS = "lrjax_calibration"  # the collection calibration statistics are sown into
-_KEY = 8  # values of a kernel slice that identify which iteration of a stack ran
 
 
 def _layer_moments(module, path, call_args, call_kwargs, site_of):
@@ -105,26 +105,10 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 
 def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
     """The second pass (see the module docstring): every run's moments summed on the host, a
-    stacked layer's by iteration."""
+    stacked layer's by iteration (:class:`lrjax.moments.RunSums`)."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(dict(variables))))
-    stored = {p: np.asarray(flat[("params", *p.split("/"), "kernel")]) for p in wanted
-              if ("params", *p.split("/"), "kernel") in flat}
-    sums, counts, runs = {}, {}, {}
-
-    def host(path, s, n, key, ndim):
-        s, kernel = np.asarray(s, np.float64), stored.get(path)
-        slots = 1 if kernel is None or int(ndim) in (0, kernel.ndim) else kernel.shape[0]
-        slot = 0
-        if slots > 1:  # the iteration whose kernel slice this is; in call order if ambiguous
-            gaps = np.abs(kernel.reshape(slots, -1)[:, :_KEY] - np.asarray(key)).sum(1)
-            slot = int(np.argmin(gaps)) if np.sum(gaps == gaps.min()) == 1 else \
-                runs.get(path, 0) % slots
-            runs[path] = runs.get(path, 0) + 1
-        g = s.shape[0]
-        total = sums.setdefault(path, np.zeros((slots * g, *s.shape[1:])))
-        total[slot * g:(slot + 1) * g] += s
-        count = counts.setdefault(path, np.zeros(slots))
-        count[slot] += float(n)
+    sums = RunSums({p: flat[("params", *p.split("/"), "kernel")] for p in wanted
+                    if ("params", *p.split("/"), "kernel") in flat})
 
     def moments(variables, *args):
         def accumulate(next_fun, call_args, call_kwargs, context):
@@ -133,10 +117,8 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
                 path = module_path(module)
                 if path in wanted:
                     s, n = _layer_moments(module, path, call_args, call_kwargs, site_of)
-                    kernel = module.get_variable("params", "kernel")
-                    key, ndim = (np.zeros(1), 0) if kernel is None else \
-                        (kernel.ravel()[:_KEY], kernel.ndim)  # ndim 0: no kernel, one slot
-                    jax.debug.callback(host, path, s, n, key, ndim)
+                    key, ndim = RunSums.key(module.get_variable("params", "kernel"))
+                    jax.debug.callback(functools.partial(sums.add, path), s, n, key, ndim)
             return next_fun(*call_args, **call_kwargs)
 
         with nn.intercept_methods(accumulate):
@@ -146,10 +128,4 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
     for args in batches:
         fn(variables, *args)
     jax.effects_barrier()
-    out = {}
-    for path, total in sums.items():
-        count = counts[path]
-        if np.all(count > 0):
-            g = total.shape[0] // len(count)
-            out[path] = total / np.repeat(count, g)[:, None, None]
-    return out
+    return sums.covariances()

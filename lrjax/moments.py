@@ -18,7 +18,7 @@ import numpy as np
 from lrjax import costs, lapack
 
 __all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov", "calibration_batches",
-           "MAX_CALIBRATED_INPUT", "calibrated_paths"]
+           "MAX_CALIBRATED_INPUT", "calibrated_paths", "RunSums"]
 
 # Calibration leaves out layers whose first factor reads more values than this per sample
 # (VGG-16's fc6: 25088): their input covariance would be m x m (2.5 GB for fc6) and its
@@ -216,4 +216,53 @@ def calibrated_paths(candidates, stacked: bool = False) -> tuple[list[str], str 
         notes.append(f"data-free factors for layers stacked by a scan or vmap (each iteration "
                      f"has its own inputs: {', '.join(stacked)})")
     return [p for p, m in width.items() if m <= MAX_CALIBRATED_INPUT], "; ".join(notes) or None
+
+
+class RunSums:
+    """Host-side sums of calibration moments handed out of loops, one call per run of a layer
+    (``jax.debug.callback(sums.add, path, s, n, key, ndim)``): every run of a layer summed, and
+    a stacked layer's runs (its kernel variable has the iterations first) summed per iteration,
+    the iteration found from the first :data:`KEY` values of the kernel slice that ran (in call
+    order where those are ambiguous).
+
+    Args:
+      kernels: ``{path: stored kernel variable}`` (a stacked one with the iterations first).
+    """
+
+    KEY = 8  # values of a kernel slice that identify which iteration of a stack ran
+
+    def __init__(self, kernels: Mapping[str, np.ndarray]):
+        self._kernels = {p: np.asarray(k) for p, k in kernels.items()}
+        self._sums, self._counts, self._runs = {}, {}, {}
+
+    @classmethod
+    def key(cls, kernel) -> tuple:
+        """``(key, ndim)`` of the kernel slice a run reads (``ndim`` 0: none, one slot)."""
+        if kernel is None:
+            return np.zeros(1, np.float32), 0
+        return kernel.ravel()[:cls.KEY], kernel.ndim
+
+    def add(self, path, s, n, key, ndim) -> None:
+        """One run's moments ``(s, n)`` (:func:`lrjax.sites.input_moments`) of layer ``path``."""
+        s, kernel = np.asarray(s, np.float64), self._kernels.get(path)
+        slots = 1 if kernel is None or int(ndim) in (0, kernel.ndim) else kernel.shape[0]
+        slot = 0
+        if slots > 1:
+            gaps = np.abs(kernel.reshape(slots, -1)[:, :self.KEY] - np.asarray(key)).sum(1)
+            slot = int(np.argmin(gaps)) if np.sum(gaps == gaps.min()) == 1 else \
+                self._runs.get(path, 0) % slots
+            self._runs[path] = self._runs.get(path, 0) + 1
+        g = s.shape[0]
+        total = self._sums.setdefault(path, np.zeros((slots * g, *s.shape[1:])))
+        total[slot * g:(slot + 1) * g] += s
+        self._counts.setdefault(path, np.zeros(slots))[slot] += float(n)
+
+    def covariances(self) -> dict[str, np.ndarray]:
+        """``{path: (groups, m, m)}`` second moments of the layers every slot of which ran."""
+        out = {}
+        for path, total in self._sums.items():
+            count = self._counts[path]
+            if np.all(count > 0):
+                out[path] = total / np.repeat(count, total.shape[0] // len(count))[:, None, None]
+        return out
 

@@ -32,7 +32,7 @@ from lrjax.layers import (
     transposed_pair_geometry,
     transposed_site,
 )
-from lrjax.moments import calibrated_paths
+from lrjax.moments import RunSums, calibrated_paths
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, computes_as
@@ -174,9 +174,19 @@ class _Probe(nnx.Module):
                 record["equations"][self.path] = sites.called_equation(
                     self.layer.einsum_str, args, kwargs)
         site = record["wanted"].get(self.path)
-        if site is not None and self.path not in record["batch"]:  # its first call per batch
-            record["batch"][self.path] = True
-            self.moments.set_value(_moments(x, site, _input_axes(self.layer, site.equation)))
+        if site is not None:  # in the geometry of one run (a stacked layer's: one slice)
+            s, n = _moments(x, site.restacked(1) if site.stack > 1 else site,
+                            _input_axes(self.layer, site.equation))
+            if record.get("host") is not None:  # inside a loop: each run to the host
+                kernel = getattr(self.layer, "kernel", None)
+                key, ndim = RunSums.key(None if kernel is None else kernel[...])
+                jax.debug.callback(functools.partial(record["host"].add, self.path), s, n,
+                                   key, ndim)
+            else:  # its first call per batch; a layer called again goes to the host pass
+                record["calls"][self.path] = record["calls"].get(self.path, 0) + 1
+                if self.path not in record["batch"]:
+                    record["batch"][self.path] = True
+                    self.moments.set_value((s, n))
         return self.layer(x, *args, **kwargs)
 
 
@@ -212,7 +222,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     shapes (eager execution compiled each op's own program: 15 s of a ConvNeXt-T's first
     calibrated decomposition at 64x64). A call that cannot be traced (Python control flow on
     values, arguments that are not arrays) runs eagerly instead."""
-    record = {"shapes": {}, "equations": {}, "sums": {}, "counts": {}, "batch": {},
+    record = {"shapes": {}, "equations": {}, "sums": {}, "counts": {}, "batch": {}, "calls": {},
               "wanted": {s.path: s for s in wanted}}
     convs = {}
 
@@ -237,7 +247,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     graphdef, state = nnx.split(probed)
 
     def run(state, *args):
-        record["batch"] = {}
+        record["batch"], record["calls"] = {}, {}
         module = nnx.merge(graphdef, state)
         module(*args, **(kwargs or {}))
         return {p.path: p.moments.get_value() for _, p in nnx.iter_graph(module)
@@ -253,8 +263,27 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         except (TypeError, jax.errors.ConcretizationTypeError):
             moments = run(state, *args)
         for path, (sums, count) in (moments if wanted else {}).items():
-            record["sums"][path] = record["sums"].get(path, 0.0) + np.asarray(sums, np.float64)
-            record["counts"][path] = record["counts"].get(path, 0.0) + float(count)
+            sums, count = np.asarray(sums, np.float64), np.asarray(count, np.float64)
+            if count.ndim:  # a probe stacked by nnx.vmap / nnx.scan: one per iteration
+                sums = sums.reshape(-1, *sums.shape[-2:])
+                count = np.repeat(count, sums.shape[0] // count.size)[:, None, None]
+            record["sums"][path] = record["sums"].get(path, 0.0) + sums
+            record["counts"][path] = record["counts"].get(path, 0.0) + count
+    # set inside a loop (lost), or called more than once: a second pass, each run's moments
+    # to the host (lrjax.moments.RunSums)
+    looped = {p for p in record["wanted"] if p not in record["sums"] or record["calls"][p] > 1}
+    if looped:
+        record["host"] = RunSums({p: convs[p].kernel[...] for p in looped
+                                  if getattr(convs[p], "kernel", None) is not None})
+        record["wanted"] = {p: record["wanted"][p] for p in looped}
+        hosted = jax.jit(lambda st, *a: run(st, *a))
+        for args in batches:
+            hosted(state, *args)
+        jax.effects_barrier()
+        for path in looped:
+            record["sums"].pop(path, None)
+        for path, cov in record.pop("host").covariances().items():
+            record["sums"][path], record["counts"][path] = cov, 1.0
     return convs, record
 
 
@@ -452,14 +481,13 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     covs, note = None, None
     if calibration is not None:
         batches = rules.calibration_batches(calibration, example_args)
-        paths, note = calibrated_paths(candidates)
+        paths, note = calibrated_paths(candidates, stacked=True)
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
                                 example_kwargs, eval_mode)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
         if set(paths) - set(covs):
             note = "; ".join(filter(None, (note, f"{sorted(set(paths) - set(covs))}: data-free "
-                                            "factors (calibration statistics do not leave the "
-                                            "loop they run in)")))
+                                            "factors (calibration never ran them)")))
     net_macs, net_elementwise, found = _net_cost(model, example_args, example_kwargs,
                                                  eval_mode, found)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,

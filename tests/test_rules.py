@@ -334,8 +334,7 @@ def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
     """Linen layers stacked by ``nn.scan`` are split as one layer of ``stack`` groups (a rank
     shared by the iterations, counted over all of them; stacked factors; calibrated, each
     iteration on its own inputs, as its unrolled twin's layers are); exact at full rank. NNX's
-    ``nnx.scan`` over ``nnx.vmap``-made blocks the same (data-free when calibrated, with a
-    note)."""
+    ``nnx.scan`` over ``nnx.vmap``-made blocks the same."""
     x = jax.random.normal(jax.random.key(1), (4, 256))
     per_example = 256 * 256 + 3 * (256 * 32 + 32 * 256) + 256 * 10  # the scan body 3 times
     model = Scanned()
@@ -404,6 +403,18 @@ def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
     exact = lrjax.decompose_nnx(nnx_model, x, rule={"blocks/down": 96, "blocks/up": 96})
     want = nnx_model(x)
     np.testing.assert_allclose(exact.module(x), want, atol=1e-5 * float(jnp.abs(want).max()))
+    # calibrated per iteration, as the linen model holding the same weights is
+    calibrated = lrjax.decompose_nnx(nnx_model, x, rule=dict(linen.ranks), calibration=x)
+    assert not [n for n in calibrated.report.notes if "data-free" in n]
+
+    def dense(layer):
+        return {"kernel": layer.kernel[...], "bias": layer.bias[...]}
+
+    same = {"params": {"inp": dense(nnx_model.inp), "out": dense(nnx_model.out), "blocks": {
+        "down": dense(nnx_model.blocks.down), "up": dense(nnx_model.blocks.up)}}}
+    twin = lrjax.decompose_linen(model, same, x, rule=dict(linen.ranks), calibration=x)
+    np.testing.assert_allclose(calibrated.module(x), twin.module.apply(twin.variables, x),
+                               atol=1e-4)
 
 
 class LocallyConnected(nn.Module):
