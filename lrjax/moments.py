@@ -198,24 +198,16 @@ def _describe(args: tuple) -> str:
     return f"{len(args)} positional argument(s) {shapes}"
 
 
-def calibrated_paths(candidates, stacked: bool = False) -> tuple[list[str], str | None]:
+def calibrated_paths(candidates) -> tuple[list[str], str | None]:
     """The paths of the candidate sites (:class:`lrjax.sites.ConvSite`) to calibrate: those
-    whose first factor's input (``C_g * kh`` values: a dense layer's input width) is at most
-    :data:`MAX_CALIBRATED_INPUT`, and (unless ``stacked``: the surgery calibrates each
-    iteration of a stack on its own inputs) not stacked by a scan; and a report note naming the
-    others (``None`` if none)."""
-    width = {s.path: s.shape.kernel_shape[2] * s.shape.kernel_shape[0] for s in candidates
-             if stacked or s.stack == 1}
+    whose first factor's input (``C_g * kh`` values: a dense layer's input width; one
+    iteration's for a stacked layer, each calibrated on its own inputs) is at most
+    :data:`MAX_CALIBRATED_INPUT`; and a report note naming the others (``None`` if none)."""
+    width = {s.path: s.shape.kernel_shape[2] * s.shape.kernel_shape[0] for s in candidates}
     wide = [f"{p} ({m})" for p, m in width.items() if m > MAX_CALIBRATED_INPUT]
-    stacked = [s.path for s in candidates if s.stack > 1 and not stacked]
-    notes = []
-    if wide:
-        notes.append(f"data-free factors for layers whose inputs are wider than "
-                     f"{MAX_CALIBRATED_INPUT} values (no input covariance: {', '.join(wide)})")
-    if stacked:
-        notes.append(f"data-free factors for layers stacked by a scan or vmap (each iteration "
-                     f"has its own inputs: {', '.join(stacked)})")
-    return [p for p, m in width.items() if m <= MAX_CALIBRATED_INPUT], "; ".join(notes) or None
+    note = (f"data-free factors for layers whose inputs are wider than {MAX_CALIBRATED_INPUT} "
+            f"values (no input covariance: {', '.join(wide)})") if wide else None
+    return [p for p, m in width.items() if m <= MAX_CALIBRATED_INPUT], note
 
 
 class RunSums:

@@ -481,7 +481,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     covs, note = None, None
     if calibration is not None:
         batches = rules.calibration_batches(calibration, example_args)
-        paths, note = calibrated_paths(candidates, stacked=True)
+        paths, note = calibrated_paths(candidates)
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
                                 example_kwargs, eval_mode)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}

@@ -390,7 +390,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     kernels = _Kernels(flat, candidates)
     covs, note = None, None
     if calibration is not None:
-        paths, note = calibrated_paths(candidates, stacked=True)
+        paths, note = calibrated_paths(candidates)
         covs = calibration_moments(model, variables, calibration, paths, example_kwargs,
                                    example_args, strict=False)
         if set(paths) - set(covs):
