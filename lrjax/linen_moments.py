@@ -44,6 +44,20 @@ def _layer_moments(module, path, call_args, call_kwargs, site_of):
     return sites.input_moments(site_of(path, module, x, equation), x, axes)
 
 
+def _wanted_calls(wanted, site_of, take):
+    """A method interceptor calling ``take(module, path, moments)`` on each call of a layer in
+    ``wanted`` (its input's moments, :func:`_layer_moments`), then the layer itself."""
+    def intercept(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and split_type(module) is not None:
+            path = module_path(module)
+            if path in wanted:
+                take(module, path, _layer_moments(module, path, call_args, call_kwargs, site_of))
+        return next_fun(*call_args, **call_kwargs)
+
+    return intercept
+
+
 def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
                         example_kwargs: Mapping | None = None,
                         example_args: tuple | None = None, strict: bool = True, *,
@@ -72,16 +86,10 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     batches = calibration_batches(calibration, example_args)
 
     def moments(variables, *args):
-        def accumulate(next_fun, call_args, call_kwargs, context):
-            module = context.module
-            if context.method_name == "__call__" and split_type(module) is not None:
-                path = module_path(module)
-                if path in wanted:
-                    module.sow(_MOMENTS, path, _layer_moments(module, path, call_args,
-                                                              call_kwargs, site_of))
-            return next_fun(*call_args, **call_kwargs)
+        def sow(module, path, moments):
+            module.sow(_MOMENTS, path, moments)
 
-        with nn.intercept_methods(accumulate):
+        with nn.intercept_methods(_wanted_calls(wanted, site_of, sow)):
             _, state = model.apply(variables, *args, mutable=[_MOMENTS], **kwargs)
         sown = traverse_util.flatten_dict(flax.core.unfreeze(state.get(_MOMENTS, {})))
         return {key[-1]: (sum(c[0] for c in calls), sum(c[1] for c in calls))  # every call
@@ -111,17 +119,11 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
                     if ("params", *p.split("/"), "kernel") in flat})
 
     def moments(variables, *args):
-        def accumulate(next_fun, call_args, call_kwargs, context):
-            module = context.module
-            if context.method_name == "__call__" and split_type(module) is not None:
-                path = module_path(module)
-                if path in wanted:
-                    s, n = _layer_moments(module, path, call_args, call_kwargs, site_of)
-                    key, ndim = RunSums.key(module.get_variable("params", "kernel"))
-                    jax.debug.callback(functools.partial(sums.add, path), s, n, key, ndim)
-            return next_fun(*call_args, **call_kwargs)
+        def to_host(module, path, moments):
+            key, ndim = RunSums.key(module.get_variable("params", "kernel"))
+            jax.debug.callback(functools.partial(sums.add, path), *moments, key, ndim)
 
-        with nn.intercept_methods(accumulate):
+        with nn.intercept_methods(_wanted_calls(wanted, site_of, to_host)):
             model.apply(variables, *args, **kwargs)
 
     fn = jax.jit(moments)
