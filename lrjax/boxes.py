@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from lrjax.sites import ConvSite
+from lrjax.sites import ConvSite, variable_key
 
 __all__ = ["unboxed", "reboxed", "factor_names", "shard_pair_like"]
 
@@ -73,10 +73,6 @@ def factor_names(site: ConvSite, names, kernel_shape, vertical_shape,
     return out[0], out[1]
 
 
-def _key(path: str) -> tuple[str, ...]:
-    return tuple(p for p in path.split("/") if p)
-
-
 def reboxed(flat: Mapping[tuple, Any], boxed: Mapping[tuple, Any],
             split: Mapping[str, ConvSite]) -> dict:
     """The flat decomposed variables ``flat`` boxed as the model's own ``boxed`` ones were:
@@ -87,7 +83,7 @@ def reboxed(flat: Mapping[tuple, Any], boxed: Mapping[tuple, Any],
         box = boxed.get(key)
         out[key] = box.replace_boxed(value) if isinstance(box, nn.meta.AxisMetadata) else value
     for path, site in split.items():
-        prefix = ("params", *_key(path))
+        prefix = ("params", *variable_key(path))
         bias, moved = boxed.get((*prefix, "bias")), (*prefix, "horizontal", "bias")
         if isinstance(bias, nn.meta.AxisMetadata) and moved in flat:
             out[moved] = bias.replace_boxed(flat[moved])

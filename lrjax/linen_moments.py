@@ -115,8 +115,8 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
     """The second pass (see the module docstring): every run's moments summed on the host, a
     stacked layer's by iteration (:class:`lrjax.moments.RunSums`)."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(dict(variables))))
-    sums = RunSums({p: flat[("params", *p.split("/"), "kernel")] for p in wanted
-                    if ("params", *p.split("/"), "kernel") in flat})
+    keys = {p: ("params", *sites.variable_key(p), "kernel") for p in wanted}
+    sums = RunSums({p: flat[k] for p, k in keys.items() if k in flat})
 
     def moments(variables, *args):
         def to_host(module, path, moments):

@@ -18,7 +18,7 @@ import numpy as np
 from lrjax import costs, lapack
 
 __all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov", "calibration_batches",
-           "MAX_CALIBRATED_INPUT", "calibrated_paths", "RunSums"]
+           "MAX_CALIBRATED_INPUT", "calibrated_paths", "uncalibrated_note", "RunSums"]
 
 # Calibration leaves out layers whose first factor reads more values than this per sample
 # (VGG-16's fc6: 25088): their input covariance would be m x m (2.5 GB for fc6) and its
@@ -208,6 +208,16 @@ def calibrated_paths(candidates) -> tuple[list[str], str | None]:
     note = (f"data-free factors for layers whose inputs are wider than {MAX_CALIBRATED_INPUT} "
             f"values (no input covariance: {', '.join(wide)})") if wide else None
     return [p for p, m in width.items() if m <= MAX_CALIBRATED_INPUT], note
+
+
+def uncalibrated_note(note: str | None, paths, covs) -> str | None:
+    """``note`` (from :func:`calibrated_paths`) with the ``paths`` calibration never reached
+    (no statistics in ``covs``: they keep the data-free factors) named too."""
+    missing = sorted(set(paths) - set(covs))
+    if not missing:
+        return note
+    return "; ".join(filter(None, (note, f"{missing}: data-free factors (calibration never "
+                                         "ran them)")))
 
 
 class RunSums:

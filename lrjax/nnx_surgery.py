@@ -32,7 +32,7 @@ from lrjax.layers import (
     transposed_pair_geometry,
     transposed_site,
 )
-from lrjax.moments import RunSums, calibrated_paths
+from lrjax.moments import RunSums, calibrated_paths, uncalibrated_note
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, computes_as
@@ -173,20 +173,20 @@ class _Probe(nnx.Module):
             if isinstance(self.layer, nnx.Einsum):
                 record["equations"][self.path] = sites.called_equation(
                     self.layer.einsum_str, args, kwargs)
-        site = record["wanted"].get(self.path)
-        if site is not None:  # in the geometry of one run (a stacked layer's: one slice)
+        site, host = record["wanted"].get(self.path), record.get("host")
+        if site is not None and host is None:  # a layer called again goes to the host pass
+            record["calls"][self.path] = record["calls"].get(self.path, 0) + 1
+        if site is not None and (host is not None or self.path not in record["batch"]):
+            # in the geometry of one run (a stacked layer's: one slice)
             s, n = _moments(x, site.restacked(1) if site.stack > 1 else site,
                             _input_axes(self.layer, site.equation))
-            if record.get("host") is not None:  # inside a loop: each run to the host
+            if host is not None:  # inside a loop: each run to the host
                 kernel = getattr(self.layer, "kernel", None)
                 key, ndim = RunSums.key(None if kernel is None else kernel[...])
-                jax.debug.callback(functools.partial(record["host"].add, self.path), s, n,
-                                   key, ndim)
-            else:  # its first call per batch; a layer called again goes to the host pass
-                record["calls"][self.path] = record["calls"].get(self.path, 0) + 1
-                if self.path not in record["batch"]:
-                    record["batch"][self.path] = True
-                    self.moments.set_value((s, n))
+                jax.debug.callback(functools.partial(host.add, self.path), s, n, key, ndim)
+            else:  # its first call per batch
+                record["batch"][self.path] = True
+                self.moments.set_value((s, n))
         return self.layer(x, *args, **kwargs)
 
 
@@ -422,7 +422,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     abstractly (a training-mode call updating its own state); and the sites ``found`` costed
     for every run of their layers (:func:`lrjax.sites.counted_as_run`; as they are where not
     traced)."""
-    index = {s.path: i for i, s in enumerate(found) if s.candidate}
+    index = sites.layer_indices(found)
 
     def scoped(path, node):
         i = index.get(_path(path))
@@ -436,9 +436,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
         return None, 0, list(found)
     batch = sites.example_batch(example_args)
-    found = [sites.counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
-                                 index.get(s.path) in counts["branched"])
-             for s in found]
+    found = sites.costed_as_run(found, counts, batch)
     return counts["total"] // batch, counts["elementwise"] // batch, found
 
 
@@ -485,9 +483,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
                                 example_kwargs, eval_mode)
         covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
-        if set(paths) - set(covs):
-            note = "; ".join(filter(None, (note, f"{sorted(set(paths) - set(covs))}: data-free "
-                                            "factors (calibration never ran them)")))
+        note = uncalibrated_note(note, paths, covs)
     net_macs, net_elementwise, found = _net_cost(model, example_args, example_kwargs,
                                                  eval_mode, found)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,

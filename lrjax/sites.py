@@ -50,7 +50,8 @@ from lrjax import costs, decompose
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
            "contracted_axes", "spatial_dims", "conv_view", "dense_shape", "dense_rows", "input_moments",
            "unless_stacked", "device_array", "example_batch", "per_example", "redefined", "computes_as",
-           "reparametrizes", "subclass_reason", "wrapped_reason", "counted_as_run"]
+           "reparametrizes", "subclass_reason", "wrapped_reason", "counted_as_run", "costed_as_run",
+           "layer_indices", "variable_key"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -469,6 +470,26 @@ def per_example(site: ConvSite, batch: int) -> ConvSite:
 BRANCHED = ("run inside a conditional branch (lax.cond / lax.switch, nn.cond, nnx.cond): which "
             "branch runs depends on the data, and the net's cost counts a conditional as its "
             "costliest branch (as XLA does), so what splitting it saves cannot be counted")
+
+
+def variable_key(path: str) -> tuple[str, ...]:
+    """A layer path as keys of a variable tree (``""``: the model is the layer itself)."""
+    return tuple(path.split("/")) if path else ()
+
+
+def layer_indices(found: Sequence[ConvSite]) -> dict[str, int]:
+    """``{path: index}`` of the candidates among ``found``: the marks of their traced work
+    (:func:`lrjax.macs.layer_scope`)."""
+    return {s.path: i for i, s in enumerate(found) if s.candidate}
+
+
+def costed_as_run(found: Sequence[ConvSite], counts: dict, batch: int) -> list[ConvSite]:
+    """Every site of ``found`` through :func:`counted_as_run`, from a whole-net count
+    (:func:`lrjax.macs.traced_macs` of a pass whose candidates were marked by their
+    :func:`layer_indices`) of a batch of ``batch`` examples."""
+    index = layer_indices(found)
+    return [counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
+                           index.get(s.path) in counts["branched"]) for s in found]
 
 
 def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -> ConvSite:

@@ -53,10 +53,10 @@ from lrjax.layers import (
     transposed_site,
 )
 from lrjax.linen_trace import abstract_init, layer_input, split_static
-from lrjax.moments import calibrated_paths
+from lrjax.moments import calibrated_paths, uncalibrated_note
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
-from lrjax.sites import ConvSite, counted_as_run, example_batch
+from lrjax.sites import ConvSite, costed_as_run, example_batch, layer_indices, variable_key
 
 __all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_linen",
            "calibration_moments", "rank_problem", "linen_scorer", "search", "fold_batch_norms"]
@@ -217,17 +217,12 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     shapes = _flat(abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(shapes.get((*_key(site.path), "kernel")), "shape", None)), batch)
+        site, getattr(shapes.get((*variable_key(site.path), "kernel")), "shape", None)), batch)
         for site in found.values()]
 
 
 # ---------------------------------------------------------------------------------------------
 # Variables
-
-
-def _key(path: str) -> tuple[str, ...]:
-    """A layer path as variable-tree keys (``""``: the model is the layer itself)."""
-    return tuple(path.split("/")) if path else ()
 
 
 def _flat(tree) -> dict[tuple[str, ...], Any]:
@@ -319,7 +314,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 
 
 def _stored_parameters(flat, path: str) -> dict:
-    prefix = ("params", *_key(path))
+    prefix = ("params", *variable_key(path))
     return {key[-1]: value for key, value in flat.items()
             if len(key) == len(prefix) + 1 and key[:-1] == prefix}
 
@@ -354,7 +349,7 @@ class _Kernels(Mapping):
     def __init__(self, flat, candidates):
         self._flat, self._sites, self._arrays, self._done = flat, {}, {}, {}
         for s in candidates:
-            key = ("params", *_key(s.path), "kernel")
+            key = ("params", *variable_key(s.path), "kernel")
             if key not in flat:
                 raise ValueError(f"variables have no kernel for layer {s.path!r} "
                                  f"({'/'.join(key)})")
@@ -393,10 +388,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
         paths, note = calibrated_paths(candidates)
         covs = calibration_moments(model, variables, calibration, paths, example_kwargs,
                                    example_args, strict=False)
-        if set(paths) - set(covs):
-            note = "; ".join(filter(None, (note, f"{sorted(set(paths) - set(covs))}: data-free "
-                                            "factors (calibration never ran them)")))
-    index = {s.path: i for i, s in enumerate(found) if s.candidate}
+        note = uncalibrated_note(note, paths, covs)
+    index = layer_indices(found)
 
     def scoped(next_fun, args, kwargs, context):  # each layer's runs counted (layer_scope)
         i = index.get(module_path(context.module)) if context.method_name == "__call__" else None
@@ -408,9 +401,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     with nn.intercept_methods(scoped):
         counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                                   variables, *arrays)
-    found = [counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
-                                 index.get(s.path) in counts["branched"])
-             for s in found]
+    found = costed_as_run(found, counts, batch)
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
                        counts["elementwise"] // batch, notes=(note,) if note else ())
 
@@ -423,7 +414,7 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
         problem.prepare_factors(chosen)
     for path, rank in chosen.items():
         factors[path] = problem.factors(path, rank)
-        prefix = ("params", *_key(path))
+        prefix = ("params", *variable_key(path))
         if problem.site(path).parametrization is not None and (*prefix, "bias") in out:
             out[(*prefix, "bias")] = _site_parameters(flat, problem.site(path))["bias"]
         bias = out.pop((*prefix, "bias"), None)
