@@ -9,7 +9,8 @@ inputs). A layer inside a loop body, whose sown values do not leave the loop
 layer stacked by ``nn.scan`` / ``nn.vmap``), gets a second pass that hands each run's moments to
 the host (``jax.debug.callback``): all runs are summed, and a stacked layer's runs go to the
 iteration (or ensemble member) whose kernel slice ran, identified by its values, so that each
-iteration's closed form is calibrated on its own inputs.
+iteration's closed form is calibrated on its own inputs. A model whose call fails when a
+collection is mutable (Flax's ``nn.map_variables(..., init=True)``) gets the second pass alone.
 """
 
 from __future__ import annotations
@@ -97,10 +98,15 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 
     fn = jax.jit(moments)
     sums, counts = {}, {}
-    for args in batches:
-        for path, (s, n) in fn(variables, *args).items():
-            sums[path] = sums.get(path, 0.0) + np.asarray(s, np.float64)
-            counts[path] = counts.get(path, 0.0) + float(n)
+    try:
+        for args in batches:
+            for path, (s, n) in fn(variables, *args).items():
+                sums[path] = sums.get(path, 0.0) + np.asarray(s, np.float64)
+                counts[path] = counts.get(path, 0.0) + float(n)
+    except flax.errors.ScopeCollectionNotFound:
+        # a model whose call fails with a mutable collection (``nn.map_variables(...,
+        # init=True)`` re-initializes then): every layer's moments through the host instead
+        sums, counts = {}, {}
     covs = {path: sums[path] / counts[path] for path in sums}
     if wanted - set(covs):
         covs.update(_looped_moments(model, variables, batches, kwargs, wanted - set(covs),

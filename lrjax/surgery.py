@@ -144,12 +144,21 @@ DETACHED = ("applied inside another layer with the parameters that layer gives i
             "(module.apply, e.g. weight normalization): no kernel variable of the model to split")
 # wrappers that re-parametrize the weights of the layers they run: those are left as they are
 _WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
+MAPPED = ("its variables pass through nn.map_variables: it computes with trans_in_fn of the "
+          "stored kernel, not the kernel lrjax would split")
 BRIDGED = ("an NNX module run inside nnx.bridge.ToLinen: lrjax does not reach into the bridge "
            "(its layers are left as they are); decompose that NNX module with decompose_nnx")
 # linear layers seen and left as they are, with the reason
 _UNSPLIT = {
     nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
 }
+
+
+def _mapped(module: nn.Module) -> bool:
+    """Whether a bound module runs inside ``nn.map_variables`` (Flax records each lifted
+    transform a scope was made by in its ``debug_path``, e.g. ``'map_variables(Conv_0)'``)."""
+    return any(str(part).startswith("map_variables(")
+               for part in getattr(module.scope, "debug_path", ()))
 
 
 def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSite]:
@@ -202,6 +211,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             if linear and (detached or wrapper is not None):
                 found[path] = ConvSite(path, None, skip=DETACHED if detached else
                                        sites.wrapped_reason(wrapper))
+            elif linear and _mapped(module):
+                found[path] = ConvSite(path, None, skip=MAPPED)
             elif isinstance(module, bridge.ToLinen):
                 found[path] = ConvSite(path, None, skip=BRIDGED)
             elif type(module) in _UNSPLIT:
