@@ -1,16 +1,19 @@
-"""ONNX translations of the primitives that rearrange arrays without computing: ``split``
-(``jnp.split``), ``stack`` (``jnp.stack``) and ``rev`` (``jnp.flip``; reflect padding is built
-from it). Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
+"""ONNX translations of the primitives that rearrange, select or scan along one axis: ``split``
+(``jnp.split``), ``stack`` (``jnp.stack``), ``rev`` (``jnp.flip``; reflect padding is built
+from it), ``argmax``, ``top_k`` (``lax.top_k``: a mixture-of-experts router's choice) and ``cumsum``
+(``jnp.cumsum``: an expert's buffer positions); :func:`as_dtype` casts a ``dot_general``'s
+operands of other dtypes. Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
 out_aval)``, in the converter's layout (an NCHW tensor stays NCHW where the result is 4-D)."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+from onnx import helper
 
-from lrjax.onnx_graph import INT64_MAX, Tensor
+from lrjax.onnx_graph import INT64_MAX, Tensor, onnx_dtype
 
-__all__ = ["split", "stack", "rev"]
+__all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum"]
 
 
 def split(c, args, params, aval):
@@ -46,3 +49,46 @@ def rev(c, args, params, aval):
     out = c.g.node("Slice", [t.name, c.g.ints([-1] * n), c.g.ints([-INT64_MAX] * n),
                              c.g.ints(axes), c.g.ints([-1] * n)])
     return Tensor(out, tuple(aval.shape), t.nchw)
+
+
+def top_k(c, args, params, aval):
+    """``lax.top_k``: ONNX ``TopK`` (largest first; equal values in index order, as JAX), its
+    indices cast to the primitive's integer type."""
+    t, k = args[0], int(params["k"])
+    axis = c.axis(t, int(params.get("axis", len(t.shape) - 1)))
+    values, indices = c.g.name("topk_values"), c.g.name("topk_indices")
+    c.g.nodes.append(helper.make_node("TopK", [t.name, c.g.ints([k])], [values, indices],
+                                      axis=axis, largest=1, sorted=1))
+    cast = c.g.node("Cast", [indices], to=onnx_dtype(np.int32))
+    return [Tensor(values, tuple(aval.shape), t.nchw), Tensor(cast, tuple(aval.shape), t.nchw)]
+
+
+def cumsum(c, args, params, aval):
+    """``jnp.cumsum`` (``reverse=`` too): ONNX ``CumSum`` along the primitive's axis."""
+    t = args[0]
+    axis = c.g.const(np.asarray(c.axis(t, int(params["axis"])), np.int64), "axis")
+    out = c.g.node("CumSum", [t.name, axis], reverse=int(bool(params.get("reverse", False))))
+    return Tensor(out, tuple(aval.shape), t.nchw)
+
+
+def argmax(c, args, params, aval):
+    """``jnp.argmax``: ONNX ``ArgMax`` (on the NHWC value), cast to the index dtype."""
+    (axis,) = params["axes"]
+    out = c.g.node("ArgMax", [c.nhwc(args[0])], axis=int(axis), keepdims=0)
+    return Tensor(c.g.node("Cast", [out], to=onnx_dtype(params["index_dtype"])),
+                  tuple(aval.shape))
+
+
+def as_dtype(c, args, invars, dtype) -> list:
+    """``args`` (of the jaxpr variables ``invars``) in ``dtype``: JAX multiplies a boolean or
+    integer operand with a float one (``preferred_element_type``), ONNX's ``MatMul`` / ``Einsum``
+    do not."""
+    out = []
+    for a, v in zip(args, invars, strict=True):
+        if v.aval.dtype == dtype:
+            out.append(a)
+        elif isinstance(a, Tensor):
+            out.append(Tensor(c.g.node("Cast", [a.name], to=onnx_dtype(dtype)), a.shape, a.nchw))
+        else:
+            out.append(np.asarray(a).astype(dtype))
+    return out

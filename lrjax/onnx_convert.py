@@ -140,6 +140,8 @@ class _Converter:
                 outs = eqn.primitive.bind(*[jnp.asarray(a) for a in args], **eqn.params)
                 outs = outs if eqn.primitive.multiple_results else [outs]
                 return [np.asarray(o) for o in outs]
+            if name == "dot_general":  # operands of other dtypes (a bool mask) cast first
+                args = onnx_arrays.as_dtype(self, args, eqn.invars, eqn.outvars[0].aval.dtype)
             handler = HANDLERS.get(name)
             if handler is None:
                 raise TranslationError("it has no ONNX translation (lrjax covers CNN inference: "
@@ -335,13 +337,6 @@ class _Converter:
         if kept != sorted(kept):  # physical order of the remaining axes differs: restore it
             out = self.g.node("Transpose", [out], perm=[kept.index(a) for a in sorted(kept)])
         return Tensor(out, tuple(aval.shape))
-
-    def argmax(self, args, params, aval):
-        t = args[0]
-        (axis,) = params["axes"]
-        out = self.g.node("ArgMax", [self.nhwc(t)], axis=int(axis), keepdims=0)
-        return Tensor(self.g.node("Cast", [out], to=onnx_dtype(params["index_dtype"])),
-                       tuple(aval.shape))
 
     # -- convolutions, pooling, dense --------------------------------------------------------
     def conv(self, args, params, aval):
@@ -543,12 +538,11 @@ HANDLERS: dict[str, Any] = {
     **{prim: _method(prim) for prim in (
         "round", "convert_element_type", "select_n",
         "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "tile", "pad",
-        "concatenate", "argmax", "gather")},
-    "split": onnx_arrays.split, "stack": onnx_arrays.stack, "rev": onnx_arrays.rev,
+        "concatenate", "gather")},
+    **{prim: getattr(onnx_arrays, prim) for prim in onnx_arrays.__all__},
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
     "reduce_min": _method("reduction", "ReduceMin"),
-    "argmax": _method("argmax"),
     # convolutions, pooling, dense
     "conv_general_dilated": _method("conv"),
     "reduce_window_max": _method("pool", "MaxPool"),

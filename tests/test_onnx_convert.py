@@ -107,12 +107,22 @@ CASES = {
     "reduce_max": lambda x: jnp.max(conv(x), axis=(1, 3)),
     "reduce_min": lambda x: jnp.min(conv(x), axis=-1),
     "argmax": lambda x: jnp.argmax(conv(x), axis=-1).astype(jnp.float32),
+    # a mixture-of-experts router: the top 2 of the channels (values and indices), and the
+    # channels in their order of the spatial axes; cumulative sums, forward and reversed
+    "top_k": lambda x: jax.lax.top_k(conv(x), 2)[0] * jax.lax.top_k(conv(x), 2)[1]
+    + jnp.swapaxes(jax.lax.top_k(jnp.swapaxes(conv(x), 1, 3), 3)[0], 1, 3)[:, :1, :1, :2],
+    "cumsum": lambda x: jnp.cumsum(conv(x), axis=1) + jax.lax.cumsum(conv(x), 3, reverse=True),
     "conv_general_dilated": lambda x: jax.lax.conv_general_dilated(
         x, np.ones((3, 3, 1, 6), np.float32), (2, 1), ((1, 1), (2, 2)), rhs_dilation=(1, 2),
         feature_group_count=3, dimension_numbers=("NHWC", "HWIO", "NHWC")),
     "reduce_window_max": lambda x: nn.max_pool(conv(x), (2, 2), (2, 2)),
     "reduce_window_sum": lambda x: nn.avg_pool(conv(x), (3, 3), (1, 1), padding="SAME"),
-    "dot_general": lambda x: jnp.mean(conv(x), axis=(1, 2)) @ _D,
+    # and a boolean mask times a float tensor (a mixture-of-experts dispatch), a constant mask
+    "dot_general": lambda x: (jnp.mean(conv(x), axis=(1, 2)) @ _D)[:, None] + jax.lax.dot_general(
+        conv(x)[:, 0] > 0, conv(x)[:, 1], (((1,), (1,)), ((0,), (0,))),
+        preferred_element_type=jnp.float32)[:, :, :1] + jax.lax.dot_general(
+        np.eye(4, dtype=bool), jnp.mean(conv(x), axis=1), (((1,), (2,)), ((), ())),
+        preferred_element_type=jnp.float32)[:, :, :1].transpose(1, 0, 2)[:, :1, :],
 }
 
 
@@ -149,7 +159,7 @@ def test_primitive_against_onnx_runtime(primitive):
 
 
 class Odd(nn.Module):
-    """A net with a primitive the translator lacks (a cumulative sum) in a named layer."""
+    """A net with a primitive the translator lacks (a cumulative maximum) in a named layer."""
 
     @nn.compact
     def __call__(self, x):
@@ -160,7 +170,7 @@ class Odd(nn.Module):
 class Cumulative(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return jnp.cumsum(x, axis=-1)
+        return jax.lax.cummax(x, axis=3)
 
 
 def test_unknown_primitive_names_it_and_the_layer(tmp_path):
@@ -170,22 +180,22 @@ def test_unknown_primitive_names_it_and_the_layer(tmp_path):
         export.to_onnx(model, variables, x, str(tmp_path / "odd.onnx"))
     message = str(e.value)
     # the layer as the user's variables name it (not the name stack's "Odd/head")
-    assert "\n" not in message and "'cumsum'" in message and "(layer head)" in message
+    assert "\n" not in message and "'cummax'" in message and "(layer head)" in message
     assert not (tmp_path / "odd.onnx").exists()
     split = lrjax.decompose_linen(model, variables, x, rule={"stem": 2})  # a LowRankModel
-    with pytest.raises(export.ExportError, match=r"'cumsum' \(layer head\)"):
+    with pytest.raises(export.ExportError, match=r"'cummax' \(layer head\)"):
         export.to_onnx(split.module, split.variables, x, str(tmp_path / "odd.onnx"))
 
 
 def test_dead_code_and_batch_broadcast_constants_are_exported():
     """Work whose result the outputs never use needs no translation (bonsai's V-JEPA 2 computes
-    masked states its classifier drops: a cumulative sum here); a learned token broadcast to the
+    masked states its classifier drops: a cumulative maximum here); a learned token broadcast to the
     symbolic batch and then reshaped is a tensor of the batch (before: 'reshape' failed with
     JAX's UnexpectedDimVar)."""
     token = np.arange(8.0, dtype=np.float32).reshape(1, 2, 4)
 
     def fn(x):
-        dropped = jnp.cumsum(conv(x), axis=1)  # noqa: F841 - computed, never returned
+        dropped = jax.lax.cummax(conv(x), axis=1)  # noqa: F841 - computed, never returned
         batched = jnp.broadcast_to(token, (x.shape[0], 2, 4)).reshape(x.shape[0], 1, 2, 4)
         return conv(x)[:, :2, :2] + batched
 
