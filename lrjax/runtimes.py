@@ -112,9 +112,10 @@ def onnx_session(model_or_path, threads: int | None = None):
 
 
 def tflite_model(forward: Callable, shape, params=None, *,
-                 buffer_offsets: bool = False) -> bytes:
+                 buffer_offsets: bool = False, inputs=None) -> bytes:
     """A LiteRT (TFLite) flatbuffer of builtin ops computing ``forward`` on a float32 input of
-    the fixed ``shape``.
+    the fixed ``shape`` (``inputs``: several inputs instead, ``forward(*xs)``, each a
+    ``jax.ShapeDtypeStruct``; the model's inputs ``input_0``, ``input_1``, ...).
 
     Route: ``jax2tf.convert`` -> ``tf.function`` -> ``TFLiteConverter`` (builtin ops only).
     With ``params`` (a pytree of arrays), ``forward(params, x)`` is converted with the params
@@ -136,7 +137,9 @@ def tflite_model(forward: Callable, shape, params=None, *,
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    spec = [tf.TensorSpec(tuple(shape), tf.float32)]
+    spec = [tf.TensorSpec(tuple(shape), tf.float32)] if inputs is None else [
+        tf.TensorSpec(tuple(i.shape), tf.as_dtype(i.dtype), name=f"input_{n}")
+        for n, i in enumerate(inputs)]
     with formulations.policy("portable"):
         converted = jax2tf.convert(forward, with_gradient=False)
         if params is None:
@@ -157,7 +160,7 @@ def _save_model(converted: Callable, params, spec, path: str) -> None:
     holder = tf.Module()
     holder.params = tf.nest.map_structure(
         lambda a: tf.Variable(np.asarray(a), trainable=False), params)
-    holder.forward = tf.function(lambda x: converted(holder.params, x), autograph=False,
+    holder.forward = tf.function(lambda *xs: converted(holder.params, *xs), autograph=False,
                                  input_signature=spec)
     tf.saved_model.save(holder, path, signatures=holder.forward.get_concrete_function())
 
@@ -229,22 +232,27 @@ def litert_runner(interpreter):
 
 
 def litert_outputs(interpreter):
-    """``x -> [outputs]`` through a LiteRT interpreter with one input, the outputs in the order
-    of the converted function's (a tuple's). A SavedModel's signature names them ``output_<i>``,
-    and ``get_output_details`` lists them in another order (``output_10`` before ``output_2``);
-    a concrete function's graph names them ``Identity``, ``Identity_<i>`` in order."""
+    """``*xs -> [outputs]`` through a LiteRT interpreter, the inputs in the order of the
+    converted function's (named ``input_<i>`` by :func:`tflite_model` when there are several),
+    the outputs in the order of its outputs (a tuple's). A SavedModel's signature names them
+    ``output_<i>``, and ``get_output_details`` lists them in another order (``output_10`` before
+    ``output_2``); a concrete function's graph names them ``Identity``, ``Identity_<i>`` in
+    order."""
     signatures = interpreter.get_signature_list()
     if signatures:
         (key, signature), = signatures.items()
-        runner, (name,) = interpreter.get_signature_runner(key), signature["inputs"]
+        runner = interpreter.get_signature_runner(key)
+        names = sorted(signature["inputs"], key=_number)
         order = sorted(signature["outputs"], key=_number)
-        return lambda x: list(map(runner(**{name: x}).get, order))
-    inp = interpreter.get_input_details()[0]["index"]
+        return lambda *xs: list(map(runner(**dict(zip(names, xs, strict=True))).get, order))
+    ins = [d["index"] for d in sorted(interpreter.get_input_details(),
+                                      key=lambda d: _number(d["name"].split(":")[0]))]
     outs = [d["index"] for d in sorted(interpreter.get_output_details(),
                                        key=lambda d: _number(d["name"]))]
 
-    def run(x):
-        interpreter.set_tensor(inp, x)
+    def run(*xs):
+        for i, x in zip(ins, xs, strict=True):
+            interpreter.set_tensor(i, x)
         interpreter.invoke()
         return [interpreter.get_tensor(i) for i in outs]
 

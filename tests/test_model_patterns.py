@@ -307,7 +307,8 @@ def test_a_model_of_several_inputs_exports_to_onnx(tmp_path):
     """A tuple of example inputs: one ONNX graph input each (``input_0``, ...; their own dtypes
     and ranks, one symbolic batch), checked on the examples' own rows at their batch and one
     more; the split model too. Arrays given as keyword arguments instead are constants of the
-    graph: one line saying so. LiteRT takes one input: one line."""
+    graph: one line saying so. LiteRT and StableHLO take the same tuple (LiteRT's inputs
+    ``input_0``, ... at the examples' batch; StableHLO's with one symbolic batch)."""
     model = Conditioned()
     inputs = (jax.random.normal(jax.random.key(0), (3, 4, 8, 8)), jnp.array([1, 500, 999]),
               jax.random.normal(jax.random.key(1), (3, 5, 12)))
@@ -331,9 +332,48 @@ def test_a_model_of_several_inputs_exports_to_onnx(tmp_path):
                                                  r"batch.*keyword arguments are constants"):
         export.to_onnx(model, variables, inputs[0], str(tmp_path / "kw.onnx"),
                        timesteps=inputs[1], context=inputs[2])
-    with pytest.raises(export.ExportError, match=r"^this exporter takes one NHWC input"):
-        export.to_tflite(model, variables, inputs, str(tmp_path / "m.tflite"))
     assert sorted(os.listdir(tmp_path)) == ["full.onnx", "split.onnx"]
+    for exporter, batches in ((export.to_tflite, (3,)), (export.to_stablehlo, (3, 4))):
+        result = exporter(split.module, split.variables, inputs, str(tmp_path / "split.bin"))
+        assert result.checked_batches == batches
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
+    rows = [np.asarray(a)[[2, 0, 1]] for a in inputs]
+    want = apply(split.module, split.variables, *map(jnp.asarray, rows))
+    export.to_tflite(split.module, split.variables, inputs, str(tmp_path / "split.tflite"))
+    run = runtimes.litert_outputs(export.litert_interpreter(
+        open(tmp_path / "split.tflite", "rb").read()))
+    np.testing.assert_allclose(run(*rows)[0], want, atol=2e-5 * float(jnp.abs(want).max()))
+
+
+class ConditionedNNX(nnx.Module):
+    """:class:`Conditioned`'s first layers in NNX: a time embedding and a text projection."""
+
+    def __init__(self, rngs):
+        self.conv_in = nnx.Conv(4, 16, (3, 3), rngs=rngs)
+        self.time = nnx.Linear(16, 16, rngs=rngs)
+        self.to_k = nnx.Linear(12, 16, rngs=rngs)
+        self.conv_out = nnx.Conv(16, 4, (3, 3), rngs=rngs)
+
+    def __call__(self, sample, timesteps, context):
+        t = timesteps[:, None].astype(jnp.float32) * jnp.exp(-jnp.arange(8) / 8.0)
+        x = self.conv_in(jnp.transpose(sample, (0, 2, 3, 1)))
+        x = x + self.time(jnp.concatenate([jnp.sin(t), jnp.cos(t)], -1))[:, None, None]
+        x = x + self.to_k(context).mean(1)[:, None, None]
+        return self.conv_out(nnx.relu(x))
+
+
+def test_an_nnx_model_of_several_inputs_exports_to_every_runtime(tmp_path):
+    """The same tuple of inputs for an NNX model (its weights constants of the trace, the
+    LiteRT route without variables): ONNX, LiteRT and StableHLO, each checked on the examples'
+    rows."""
+    model = ConditionedNNX(nnx.Rngs(0))
+    inputs = (jax.random.normal(jax.random.key(0), (3, 4, 8, 8)), jnp.array([1, 500, 999]),
+              jax.random.normal(jax.random.key(1), (3, 5, 12)))
+    split = lrjax.decompose_nnx(model, *inputs, rule="speedup:1.5")
+    assert split.ranks
+    for exporter in (export.to_onnx, export.to_tflite, export.to_stablehlo):
+        result = exporter(split.module, None, inputs, str(tmp_path / "split.bin"))
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
 
 
 class ScanBlock(nn.Module):

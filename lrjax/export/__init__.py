@@ -149,10 +149,11 @@ def user_layer(where: str, module=None) -> str:
     return "/".join(parts) or "<top level>"
 
 
-def converter_failure(error: Exception, forward, shape, module=None) -> str:
+def converter_failure(error: Exception, forward, inputs, module=None) -> str:
     """One line for a TFLite converter failure, naming the user's layers: the converter reports
-    the source line of the op it cannot convert; the equations of ``forward``'s trace at that
-    line give the layer paths (their name stacks, as :func:`user_layer` of ``module``)."""
+    the source line of the op it cannot convert; the equations of ``forward``'s trace (on
+    ``inputs``, ``jax.ShapeDtypeStruct``\\s) at that line give the layer paths (their name
+    stacks, as :func:`user_layer` of ``module``)."""
     text = str(error).strip()
     found = _CONVERTER_ERROR.search(text)
     if not found:  # its first line, or its last under a header ("in user code:" ... error)
@@ -160,7 +161,7 @@ def converter_failure(error: Exception, forward, shape, module=None) -> str:
         return f"the TFLite converter failed: {lines[-1] if lines[0].endswith(':') else lines[0]}"
     file, line, what = found.group(1), int(found.group(2)), found.group(3).strip()
     try:
-        jaxpr = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct(shape, np.float32))
+        jaxpr = jax.make_jaxpr(forward)(*inputs)
         layers = sorted({user_layer(p, module) for p in _layers_at(jaxpr, file, line)})
     except Exception:  # noqa: BLE001 - the message without the layer is still the converter's
         layers = []
@@ -180,16 +181,19 @@ def _layers_at(jaxpr, file: str, line: int) -> set[str]:
     return found
 
 
-def _check_input(example_input, other: str = ""):
-    """The shape of one NHWC example batch (``other``: how to pass another kind of input)."""
+def _example_inputs(example_input):
+    """``(shape, examples, inputs)`` of an exporter's ``example_input``: one NHWC batch (its
+    shape; ``None``, ``None``), or a tuple of the model's positional inputs (the first one's
+    shape, the arrays (:func:`_check_inputs`) and their ``jax.ShapeDtypeStruct``\\s)."""
     if isinstance(example_input, (tuple, list)):
-        raise ExportError("this exporter takes one NHWC input; a model of several inputs exports "
-                          "to ONNX (to_onnx with a tuple of example inputs)")
+        examples = _check_inputs(example_input)
+        return examples[0].shape, examples, [jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                             for a in examples]
     shape = tuple(np.shape(example_input))
     if len(shape) != 4:
-        raise ExportError(f"example_input must be an NHWC batch (N, H, W, C){other}; got shape "
-                          f"{shape}")
-    return shape
+        raise ExportError(f"example_input must be an NHWC batch (N, H, W, C) (inputs of other "
+                          f"ranks, e.g. a 1-D conv net's (N, W, C): a tuple); got shape {shape}")
+    return shape, None, None
 
 
 def _check_inputs(example_inputs) -> list[np.ndarray]:
@@ -261,19 +265,21 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     runs it (any batch size). Checked by deserializing it and running batches of the example's
     size and one more.
     """
-    shape = _check_input(example_input)
+    shape, examples, inputs = _example_inputs(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape)
-    spec = runtimes.symbolic_batch(shape)
+    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs)
+    scope = jax.export.SymbolicScope()  # one batch symbol for every input
+    specs = [runtimes.symbolic_batch(shape)] if inputs is None else \
+        [runtimes.symbolic_batch(i.shape, i.dtype, scope) for i in inputs]
     with formulations.policy("portable"):
-        exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(spec)
+        exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(*specs)
     data = bytes(exported.serialize())
     batches = (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
     if check and "cpu" in platforms:
         restored = jax.export.deserialize(bytearray(data))
-        err, scale = _compare(lambda x: jax.tree.leaves(restored.call(x)), forward, shape,
-                              batches, "the StableHLO artifact")
+        err, scale = _compare(lambda *xs: jax.tree.leaves(restored.call(*xs)), forward, shape,
+                              batches, "the StableHLO artifact", examples)
     size = _write(path, data)
     return ExportResult(path, "stablehlo", err, scale, batches if check else (), size)
 
@@ -302,12 +308,7 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     """
     from lrjax import onnx_convert
 
-    examples = _check_inputs(example_input) if isinstance(example_input, (tuple, list)) \
-        else None
-    shape = examples[0].shape if examples is not None else _check_input(
-        example_input, " (inputs of other ranks, e.g. a 1-D conv net's (N, W, C): a tuple)")
-    inputs = None if examples is None else \
-        [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in examples]
+    shape, examples, inputs = _example_inputs(example_input)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs)
     try:
@@ -369,25 +370,28 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     A model returning a pytree of arrays gets one output tensor per array, in
     ``jax.tree.leaves`` order (:func:`lrjax.runtimes.litert_outputs` runs them in that order).
     """
-    shape = _check_input(example_input)
+    shape, examples, inputs = _example_inputs(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape, for_litert=True)
+    forward = _fn(module, variables, apply_kwargs, shape, for_litert=True, inputs=inputs)
     nnx_model = isinstance(module, nnx.Module)
     large = runtimes.weight_bytes(nnx.state(module) if nnx_model else variables) \
         >= runtimes.BUFFER_OFFSET_BYTES
     try:
         if nnx_model:  # the weights are constants of the traced module
-            data = runtimes.tflite_model(_flat_outputs(forward), shape, buffer_offsets=large)
+            data = runtimes.tflite_model(_flat_outputs(forward), shape, buffer_offsets=large,
+                                         inputs=inputs)
         else:  # the weights as variables: a fraction of the converter's memory
             data = runtimes.tflite_model(_flat_outputs(_linen_apply(module, apply_kwargs, True)),
-                                         shape, params=variables, buffer_offsets=large)
+                                         shape, params=variables, buffer_offsets=large,
+                                         inputs=inputs)
     except Exception as e:  # the converter raises several types for unsupported graphs
-        raise ExportError(converter_failure(e, forward, shape, module)) from None
+        raise ExportError(converter_failure(
+            e, forward, inputs or [jax.ShapeDtypeStruct(shape, np.float32)], module)) from None
     batches = (shape[0],)
     err, scale = 0.0, 0.0
     if check:
         run = runtimes.litert_outputs(litert_interpreter(data))
-        err, scale = _compare(run, forward, shape, batches, "LiteRT")
+        err, scale = _compare(run, forward, shape, batches, "LiteRT", examples)
     size = _write(path, data)
     return ExportResult(path, "tflite", err, scale, batches if check else (), size)
 
