@@ -172,8 +172,8 @@ def test_one_d_conv_nets_export_to_onnx(tmp_path):
     """A 1-D conv net (every form above) and its split export to ONNX as 1-D ``Conv``s, and one
     with pooling as 1-D ``MaxPool`` / ``AveragePool``; the input given as a 1-tuple (a single
     array must be an NHWC batch: a forgotten batch axis is caught); the video net (a 3-D
-    tubelet conv and pooling, its pointwise convs split) as 3-D ``Conv`` / ``MaxPool``. LiteRT:
-    one line."""
+    tubelet conv and pooling, its pointwise convs split) as 3-D ``Conv`` / ``MaxPool``. LiteRT
+    takes the 1-D nets from the same 1-tuple (a single array: one line)."""
     model = Temporal()
     variables = init(model, 0, X)
     split = lrjax.decompose_linen(model, variables, X, rule={"frontend": 3, "dilated": 6,
@@ -209,6 +209,9 @@ def test_one_d_conv_nets_export_to_onnx(tmp_path):
         export.to_tflite(model, variables, X, str(tmp_path / "m.tflite"))
     assert sorted(os.listdir(tmp_path)) == ["full.onnx", "pooled.onnx", "split.onnx",
                                             "video.onnx", "video_split.onnx"]
+    for module, params in ((split.module, split.variables), (pooled, pooled_variables)):
+        result = export.to_tflite(module, params, (X,), str(tmp_path / "one_d.tflite"))
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
 
 
 class Pooled1D(nn.Module):
