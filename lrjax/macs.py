@@ -23,6 +23,10 @@ from jax.extend import core as jcore
 
 from lrjax import costs
 
+# primitives that call a sub-jaxpr once with their operands (inlined by jaxpr interpreters)
+CALL_PRIMITIVES = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
+                   "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint")
+
 __all__ = ["iter_eqns", "jaxpr_macs", "traced_macs", "layer_scope"]
 
 _LAYER = re.compile(r"lrjax_layer_(\d+)")

@@ -28,7 +28,7 @@ import onnx
 from jax.extend import core as jcore
 from onnx import helper
 
-from lrjax import onnx_arrays
+from lrjax import macs, onnx_arrays
 from lrjax.onnx_graph import (
     INT64_MAX,
     Graph,
@@ -49,8 +49,7 @@ __all__ = ["jaxpr_to_onnx", "TranslationError", "HANDLERS", "OPSET"]
 OPSET = 17
 TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
 # Primitives that wrap a sub-jaxpr: translated inline.
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-          "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint")
+_CALLS = macs.CALL_PRIMITIVES
 
 
 class _Converter:

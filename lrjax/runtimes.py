@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend import core as jcore
+from jax.extend import source_info_util
 
-from lrjax import costs, formulations
+from lrjax import costs, formulations, macs
 from lrjax.layers import conv_skip_reason, input_dilated
 
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "symbolic_batch", "onnx_model", "onnx_session",
@@ -137,6 +139,7 @@ def tflite_model(forward: Callable, shape, params=None, *,
     import tensorflow as tf
     from jax.experimental import jax2tf
 
+    forward = litert_primitives(forward)
     spec = [tf.TensorSpec(tuple(shape), tf.float32)] if inputs is None else [
         tf.TensorSpec(tuple(i.shape), tf.as_dtype(i.dtype), name=f"input_{n}")
         for n, i in enumerate(inputs)]
@@ -151,6 +154,53 @@ def tflite_model(forward: Callable, shape, params=None, *,
             _save_model(converted, params, spec, saved)
             release_memory()  # the variables' copies of the weights
             return _convert(_saved_model_converter(saved), buffer_offsets)
+
+
+def litert_primitives(fn: Callable) -> Callable:
+    """``fn`` with the primitives the TFLite converter cannot legalize written with ones it can:
+    ``erf(x)`` as ``1 - erfc(x)`` (an exact GELU written with ``lax.erf``, as Hugging Face's and
+    bonsai's Whisper write it: "'tf.XlaCallModule' op is neither a custom op nor a flex op";
+    absolute error of float32 rounding). Call-like primitives are inlined; the rest are
+    bound as they are."""
+    def run(jaxpr, consts, args, caller=None):
+        env = dict(zip(jaxpr.constvars, consts, strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+
+        def read(v):
+            return v.val if isinstance(v, jcore.Literal) else env[v]
+
+        for eqn in jaxpr.eqns:
+            ins, name = [read(v) for v in eqn.invars], eqn.primitive.name
+            sub = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or \
+                eqn.params.get("fun_jaxpr")
+            # each equation keeps its source line and layer (converter errors name them); an
+            # inlined call's equations have the call's line
+            info = eqn.source_info
+            own = info.traceback is not None and source_info_util.summarize(info)
+            traceback = info.traceback if own or caller is None else caller.traceback
+            names = caller.name_stack + info.name_stack if caller else info.name_stack
+            with source_info_util.user_context(traceback, name_stack=names):
+                if name == "erf":
+                    outs = [1 - jax.lax.erfc(ins[0])]
+                elif name in macs.CALL_PRIMITIVES and sub is not None:
+                    closed = sub if hasattr(sub, "consts") else None
+                    outs = run(closed.jaxpr if closed else sub,
+                               closed.consts if closed else [], ins,
+                               info.replace(traceback=traceback, name_stack=names))
+                else:
+                    outs = eqn.primitive.bind(*ins, **eqn.params)
+                    outs = outs if eqn.primitive.multiple_results else [outs]
+            env.update(zip(eqn.outvars, outs, strict=True))
+        return [read(v) for v in jaxpr.outvars]
+
+    def rewritten(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        if not any(e.primitive.name == "erf" for e, _ in macs.iter_eqns(closed)):
+            return fn(*args)  # nothing to rewrite: traced as it is
+        flat = run(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
+
+    return rewritten
 
 
 def _save_model(converted: Callable, params, spec, path: str) -> None:

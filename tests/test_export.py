@@ -331,7 +331,8 @@ class Spectral(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return jnp.fft.fft(nn.Dense(4, name="proj")(x)).real
+        x = jax.lax.erf(nn.Dense(4, name="proj")(x))  # rewritten for the converter first
+        return jnp.fft.fft(x).real
 
 
 class WithSpectral(nn.Module):
@@ -341,6 +342,9 @@ class WithSpectral(nn.Module):
 
 
 def test_tflite_converter_failure_names_the_layer(tmp_path):
+    """The converter's error names the op's source line; the layer comes from the trace (also
+    through the rewrite of ``erf`` for the converter, :func:`lrjax.runtimes.litert_primitives`,
+    which keeps each equation's source line)."""
     model, x = WithSpectral(), jnp.ones((1, 8, 8, 3))
     with pytest.raises(export.ExportError) as info:
         export.to_tflite(model, init(model, 0, x), x, str(tmp_path / "m.tflite"))

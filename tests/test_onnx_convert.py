@@ -240,6 +240,8 @@ def test_transposed_convs_export(kernel, strides, padding, dilation, tmp_path):
 ACTIVATIONS = {
     "gelu (erf)": lambda x: nn.gelu(x, approximate=False),
     "gelu (tanh)": lambda x: nn.gelu(x, approximate=True),
+    # as Hugging Face's and bonsai's Whisper write it (LiteRT's converter has erfc, not erf)
+    "gelu (lax.erf)": lambda x: x * 0.5 * (1.0 + jax.lax.erf(x / np.sqrt(2.0))),
     "silu": nn.silu,
     "hard-swish": nn.hard_swish,
     "softmax": lambda x: nn.softmax(x, axis=-1),
