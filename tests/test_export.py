@@ -354,6 +354,41 @@ def test_tflite_converter_failure_names_the_layer(tmp_path):
     assert "\n" not in message and not os.listdir(tmp_path)
 
 
+class Routed(nn.Module):
+    """A mixture-of-experts router as V-MoE writes it: top-2 experts per token, chosen under a
+    ``jax.vmap`` over groups, their gates scattered into a dense dispatch weight."""
+
+    @nn.compact
+    def __call__(self, x):
+        tokens = nn.Conv(8, (3, 3), name="conv")(x).reshape(x.shape[0], -1, 8)
+        gates = jax.nn.softmax(Router(name="router")(tokens))
+        return jnp.einsum("bte,btc->bec", gates, tokens)
+
+
+class Router(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        logits = nn.Dense(4, name="dense")(tokens)
+        values, experts = jax.vmap(lambda g: jax.lax.top_k(g, 2))(logits)
+        chosen = jnp.sum(jax.nn.one_hot(experts, 4) * values[..., None], axis=-2)
+        return jnp.where(chosen != 0, chosen, -1e9)
+
+
+def test_a_router_exports_to_onnx_and_litert_says_which_op_it_lacks(tmp_path):
+    """``top_k`` exports to ONNX (``TopK``); the TFLite converter cannot legalize it and names
+    only its ``XlaCallModule``: the error names the op and the user's layer (a ``jax.vmap``'s
+    mark taken off the path), in one line."""
+    model, x = Routed(), jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    variables = init(model, 0, x)
+    result = export.to_onnx(model, variables, x, str(tmp_path / "routed.onnx"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    with pytest.raises(export.ExportError) as info:
+        export.to_tflite(model, variables, x, str(tmp_path / "routed.tflite"))
+    assert str(info.value) == ("the TFLite converter failed at layer 'router': it cannot "
+                               "convert 'top_k' to LiteRT's builtin ops")
+    assert sorted(os.listdir(tmp_path)) == ["routed.onnx"]
+
+
 def test_converter_failure_without_a_source_line_keeps_the_first_line():
     error = RuntimeError("Some converter failure\nwith details")
     assert export.converter_failure(error, lambda x: x, []) == \

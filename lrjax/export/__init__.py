@@ -137,11 +137,19 @@ _CONVERTER_ERROR = re.compile(r"([^\s:]+\.py):(\d+):\d+: error: (.*)")
 _USER_FRAME = re.compile(r"(.+?):(\d+)(?::\d+)? ")
 
 
+_TRANSFORMED = re.compile(r"^[a-z_]+\((.*)\)$")  # a name stack's 'vmap(...)', 'jvp(...)'
+
+
 def user_layer(where: str, module=None) -> str:
     """A layer path as a name stack gives it (``Net/block/conv``), as the user's variables name
     it (``block/conv``): without the root module's class name, nor a ``LowRankModel``'s
-    ``base``."""
-    parts = [p for p in where.split("/") if p]
+    ``base``, nor JAX's transform marks (``vmap(...)``, a ``jax.vmap`` inside a layer)."""
+    parts = []
+    for part in where.split("/"):
+        while (marked := _TRANSFORMED.match(part)) is not None:
+            part = marked.group(1)
+        if part:
+            parts.append(part)
     if module is not None and not isinstance(module, nnx.Module):
         root = [type(module).__name__] + (["base"] if isinstance(module, LowRankModel) else [])
         if parts[:len(root)] == root:
@@ -156,17 +164,29 @@ def converter_failure(error: Exception, forward, inputs, module=None) -> str:
     stacks, as :func:`user_layer` of ``module``)."""
     text = str(error).strip()
     found = _CONVERTER_ERROR.search(text)
+    try:
+        jaxpr = jax.make_jaxpr(forward)(*inputs)
+    except Exception:  # noqa: BLE001 - the message without the layer is still the converter's
+        jaxpr = None
+    lacking = [(eqn.primitive.name, where) for eqn, where in macs.iter_eqns(jaxpr)
+               if eqn.primitive.name in _LITERT_LACKS] if jaxpr is not None else []
+    if lacking and (not found or "XlaCallModule" in found.group(3)):
+        # the converter names only the module it could not legalize: name the op and layer
+        name, where = lacking[0]
+        return (f"the TFLite converter failed at layer {user_layer(where, module)!r}: it "
+                f"cannot convert {name!r} to LiteRT's builtin ops")
     if not found:  # its first line, or its last under a header ("in user code:" ... error)
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(error).__name__]
         return f"the TFLite converter failed: {lines[-1] if lines[0].endswith(':') else lines[0]}"
     file, line, what = found.group(1), int(found.group(2)), found.group(3).strip()
-    try:
-        jaxpr = jax.make_jaxpr(forward)(*inputs)
-        layers = sorted({user_layer(p, module) for p in _layers_at(jaxpr, file, line)})
-    except Exception:  # noqa: BLE001 - the message without the layer is still the converter's
-        layers = []
+    layers = sorted({user_layer(p, module) for p in _layers_at(jaxpr, file, line)}) \
+        if jaxpr is not None else []
     where = f" at layer {', '.join(repr(p) for p in layers)}" if layers else ""
     return f"the TFLite converter failed{where} ({os.path.basename(file)}:{line}): {what}"
+
+
+# primitives the TFLite converter cannot legalize and names only as its XlaCallModule
+_LITERT_LACKS = ("top_k", "sort")
 
 
 def _layers_at(jaxpr, file: str, line: int) -> set[str]:
