@@ -1,10 +1,12 @@
 """Tracing a linen model abstractly on its example call: the inputs split into traced arrays and
 static values (:func:`split_static`), ``model.init`` under ``jax.eval_shape`` (:func:`abstract_init`,
-optionally under a method interceptor), and the one-line message for a model that cannot be traced
-(:func:`untraceable`)."""
+optionally under a method interceptor), the one-line message for a model that cannot be traced
+(:func:`untraceable`), and a model ``nn.jit``-ed as a whole seen as the plain module it wraps
+(:func:`unjitted`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import traceback
@@ -13,7 +15,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-__all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "untraceable"]
+__all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "untraceable",
+           "unjitted"]
 
 
 def layer_input(args, kwargs):
@@ -70,3 +73,20 @@ def untraceable(error: Exception) -> str:
             f"jax.eval_shape and jax.jit, as jax.jit(model.apply) would): it needs a concrete "
             f"value of a traced array{where} ({type(error).__name__}); compute such values from "
             "static fields or with NumPy")
+
+
+def unjitted(model: nn.Module) -> nn.Module:
+    """``nn.jit(Net)(...)`` as ``Net(...)`` with the same fields (the same variables and
+    computation); any other model as it is.
+
+    ``nn.jit`` on the whole model caches its trace per model: a second call with the same
+    shapes runs the cached trace, so lrjax's method interceptors (which find the layers, mark
+    their work and gather their statistics) would see none of its layers. ``nn.jit`` on a
+    submodule re-traces with its parent and needs nothing."""
+    cls = type(model)
+    if cls.__module__ != nn.transforms.__name__ or not cls.__name__.startswith("Jit") or \
+            len(cls.__mro__) < 2 or not issubclass(cls.__mro__[1], nn.Module):
+        return model
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+              if f.init and f.name != "parent"}
+    return cls.__mro__[1](**fields)

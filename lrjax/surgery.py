@@ -52,7 +52,7 @@ from lrjax.layers import (
     split_type,
     transposed_site,
 )
-from lrjax.linen_trace import abstract_init, layer_input, split_static
+from lrjax.linen_trace import abstract_init, layer_input, split_static, unjitted
 from lrjax.moments import calibrated_paths, uncalibrated_note
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
@@ -176,6 +176,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
       *example_args, **example_kwargs: what ``model.init`` / ``model.apply`` take after the
         variables (arrays or ``jax.ShapeDtypeStruct``\\s; other values are passed as they are).
     """
+    model = unjitted(model)
     if isinstance(model, LowRankModel):
         base_sites = find_convs(model.base, *example_args, **example_kwargs)
         ranks = dict(model.ranks)  # each iteration's, for a stacked layer
@@ -386,6 +387,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                  calibration=None, multiple: int | None = None, sites=None,
                  score=None) -> RankProblem:
     """The :class:`RankProblem` of a linen model and its variables (calibrated if asked)."""
+    model = unjitted(model)
     found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
     variables = boxes.unboxed(variables)
     flat = _flat(variables)
@@ -497,6 +499,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     """
     if isinstance(model, LowRankModel):
         raise ValueError("decompose_linen takes the full-rank model, not a LowRankModel")
+    model = unjitted(model)  # nn.jit(Net)(): Net (the same variables), so its calls are seen
     rule = rules.parse_rule(rule, multiple=multiple)
     check_variables(model, variables, *example_args, **example_kwargs)
     boxed = traverse_util.flatten_dict(dict(variables))  # boxes given back to the factors
@@ -537,6 +540,7 @@ def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: 
       A :class:`lrjax.ranks.SearchResult`; its ``ranks`` can be passed as ``rule=`` to
       :func:`decompose_linen`.
     """
+    model = unjitted(model)
     check_variables(model, variables, *example_args, **example_kwargs)
     problem = rank_problem(model, variables, example_args, example_kwargs,
                            calibration=calibration, multiple=multiple)

@@ -80,6 +80,29 @@ class RematNNX(nnx.Module):
         return self.head(x.mean((1, 2)))
 
 
+def test_a_model_jitted_as_a_whole_is_decomposed_as_the_module_it_wraps():
+    """``nn.jit(Net)()`` caches its trace per model, so a second call with the same shapes runs
+    no Python: lrjax saw none of its layers ("the model has no layer this rule can decompose").
+    It is decomposed as ``Net`` (the same variables): found, split data-free and calibrated,
+    costed as XLA counts it, exact at full rank."""
+    model = nn.jit(Lifted)(transform="remat")
+    variables = init(model, 0, X)
+    found = [s.path for s in lrjax.surgery.find_convs(model, X)]
+    assert found == ["stem", "block0/a", "block0/b", "block1/a", "block1/b", "head"]
+    for calibration in (None, CALIB):
+        result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5",
+                                       calibration=calibration)
+        assert result.ranks and result.report.speedup >= 1.5
+        assert result.report.speedup == pytest.approx(
+            _lowered_flops(model.apply, variables, X)
+            / _lowered_flops(result.module.apply, result.variables, X), rel=1e-5)
+    assert "calibration never ran" not in result.report.table()
+    full = lrjax.decompose_linen(model, variables, X, rule={"stem": 8 * 3, "block0/a": 16 * 3})
+    want = apply(model, variables, X)
+    np.testing.assert_allclose(apply(full.module, full.variables, X), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+
+
 def test_nnx_calibration_runs_through_remat():
     model = RematNNX(nnx.Rngs(0))
     ranks = {"blocks/0/a": 4, "blocks/1/b": 4, "stem": 4}
