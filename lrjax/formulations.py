@@ -176,16 +176,16 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
         span = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dils, strict=True)]
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], span, window_strides, padding)
     padding = [tuple(p) for p in padding]
-    # the axes with kernel size 1 (both for a 1x1 kernel): only their padding and stride apply,
-    # taken before the product so that it runs on the output's pixels only
+    # the axes with kernel size 1 (both for a 1x1 kernel): only their padding and stride apply.
+    # The input rows that reach the output are taken before the product, so that it runs on
+    # those only; the output rows that see only padding are zeros, added after it
+    out_pads = [(0, 0)] * 4
     for other in (1, 2) if taps == 1 else (3 - axis,):
         if padding[other - 1] != (0, 0) or tuple(window_strides)[other - 1] != 1:
-            lhs = jnp.pad(lhs, [(0, 0)] + [padding[0] if other == 1 else (0, 0),
-                                           padding[1] if other == 2 else (0, 0)] + [(0, 0)])
-            lhs = jax.lax.slice_in_dim(lhs, 0, None, tuple(window_strides)[other - 1],
-                                       axis=other)
+            lhs, out_pads[other] = _rows_reached(lhs, other, padding[other - 1],
+                                                 tuple(window_strides)[other - 1])
     if taps == 1:
-        return channel_matmul(lhs, rhs.reshape(c, k_out), precision)
+        return _zero_rows(channel_matmul(lhs, rhs.reshape(c, k_out), precision), out_pads)
     pads = [(0, 0)] * 4
     pads[axis] = padding[axis - 1]
     n_out = (lhs.shape[axis] + sum(pads[axis]) - (taps - 1) * dil - 1) // stride + 1
@@ -197,12 +197,38 @@ def conv1d_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_d
 
     if k_out < c:
         y = channel_matmul(lhs, jnp.transpose(w, (1, 0, 2)).reshape(c, taps * k_out), precision)
-        y = jnp.pad(y, pads)
-        return sum(shifted(y[..., i * k_out:(i + 1) * k_out], i) for i in range(taps))
-    xp = jnp.pad(lhs, pads) if pads[axis] != (0, 0) else lhs
+        y = _zero_rows(y, pads)
+        return _zero_rows(sum(shifted(y[..., i * k_out:(i + 1) * k_out], i)
+                              for i in range(taps)), out_pads)
+    xp = _zero_rows(lhs, pads)
     cols = [shifted(xp, i) for i in range(taps)]
     cols = cols[0] if taps == 1 else jnp.concatenate(cols, axis=-1)
-    return channel_matmul(cols, w.reshape(taps * c, k_out), precision)
+    return _zero_rows(channel_matmul(cols, w.reshape(taps * c, k_out), precision), out_pads)
+
+
+def _rows_reached(x, axis: int, pad: tuple, stride: int):
+    """The input rows along ``axis`` (kernel size 1 there) that output rows read, and the
+    ``(before, after)`` counts of output rows that read only padding. Output row ``o`` reads
+    input row ``o * stride - pad[0]`` when it lies inside the input (padding may be negative:
+    a crop)."""
+    size = x.shape[axis]
+    n_out = (size + pad[0] + pad[1] - 1) // stride + 1
+    first = max(0, -(-pad[0] // stride))  # the first output row inside the input
+    last = min(n_out, (size - 1 + pad[0]) // stride + 1)  # one past the last
+    if last <= first:  # every output row reads padding
+        return jax.lax.slice_in_dim(x, 0, 0, axis=axis), (n_out, 0)
+    start = first * stride - pad[0]
+    rows = jax.lax.slice_in_dim(x, start, start + (last - first - 1) * stride + 1, stride,
+                                axis=axis)
+    return rows, (first, n_out - last)
+
+
+def _zero_rows(y, pads):
+    """``y`` with ``pads[axis]`` rows of zeros before / after along each axis (negative: rows
+    cropped, as ``lax.conv_general_dilated``'s padding may)."""
+    if all(tuple(p) == (0, 0) for p in pads):
+        return y
+    return jax.lax.pad(y, jnp.zeros((), y.dtype), [(int(lo), int(hi), 0) for lo, hi in pads])
 
 
 def conv1d_matmul_when_differentiated(lhs, rhs, window_strides, padding, lhs_dilation=None,
