@@ -555,7 +555,8 @@ class LowRankModel(nn.Module):
             seen.add(path)
             x = call_args[0] if call_args else call_kwargs["inputs"]
             if base is nn.Einsum:
-                equation = called_equation(module.einsum_str, call_args[1:], call_kwargs)
+                equation = called_equation(module.einsum_str, call_args[1:], call_kwargs,
+                                           jnp.ndim(x))
                 return einsum_pair_forward(x, module, rank, equation, mid_norm, where=path)
             if transposed or (base is nn.Conv and input_dilated(module)):
                 return transposed_pair_forward(

@@ -40,7 +40,8 @@ def _layer_moments(module, path, call_args, call_kwargs, site_of):
     x = layer_input(call_args, call_kwargs)
     axes, equation = sites.contracted_axes(module), None
     if isinstance(module, nn.Einsum):
-        equation = sites.called_equation(module.einsum_str, call_args[1:], call_kwargs)
+        equation = sites.called_equation(module.einsum_str, call_args[1:], call_kwargs,
+                                         x.ndim)
         axes = sites.einsum_split(equation).input_axes
     return sites.input_moments(site_of(path, module, x, equation), x, axes)
 

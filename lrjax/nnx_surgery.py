@@ -172,7 +172,7 @@ class _Probe(nnx.Module):
             record["shapes"][self.path] = tuple(x.shape)
             if isinstance(self.layer, nnx.Einsum):
                 record["equations"][self.path] = sites.called_equation(
-                    self.layer.einsum_str, args, kwargs)
+                    self.layer.einsum_str, args, kwargs, x.ndim)
         site, host = record["wanted"].get(self.path), record.get("host")
         if site is not None and host is None:  # a layer called again goes to the host pass
             record["calls"][self.path] = record["calls"].get(self.path, 0) + 1

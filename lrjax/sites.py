@@ -350,8 +350,9 @@ class EinsumSplit:
 
 def einsum_split(equation: str) -> EinsumSplit | str:
     """The :class:`EinsumSplit` of an ``nn.Einsum`` / ``nnx.Einsum`` equation, or why it cannot
-    be split (a letter shared by input, kernel and output: a batch of kernels; ellipses;
-    repeated letters; no contracted or no produced letter)."""
+    be split (a letter shared by input, kernel and output: a batch of kernels; an ellipsis not
+    written out (:func:`called_equation` does, for the input's rank); repeated letters; no
+    contracted or no produced letter)."""
     text = equation.replace(" ", "")
     if "..." in text or "->" not in text or text.count(",") != 1:
         return f"einsum {equation!r}: only explicit two-operand equations without '...' split"
@@ -377,12 +378,37 @@ def einsum_split(equation: str) -> EinsumSplit | str:
                        tuple(lhs.index(c) for c in contracted), rhs)
 
 
-def called_equation(own: str | None, args, kwargs) -> str | None:
+def called_equation(own: str | None, args, kwargs, ndim: int | None = None) -> str | None:
     """The equation an einsum layer (``nn.Einsum``, ``nnx.Einsum``) is called with: the call's
     (``args``: the arguments after the input; ``einsum_str=``), else its own ``own``; spaces
-    removed."""
+    removed. With the input's ``ndim``, an ellipsis over the input's leading axes
+    (``'...d,dk->...k'``) is written out in letters of its own (``'abd,dk->abk'``) for that
+    rank."""
     equation = (args[0] if args else kwargs.get("einsum_str")) or own
-    return None if equation is None else equation.replace(" ", "")
+    if equation is None:
+        return None
+    equation = equation.replace(" ", "")
+    return _without_ellipsis(equation, ndim) if ndim is not None else equation
+
+
+def _without_ellipsis(equation: str, ndim: int) -> str:
+    """``equation`` with its input's and output's ``...`` written out for an input of ``ndim``
+    axes; as it is when the kernel has one, the output lacks it, or the rank does not fit."""
+    if "->" not in equation or equation.count(",") != 1:
+        return equation
+    operands, out = equation.split("->")
+    lhs, rhs = operands.split(",")
+    if "..." not in lhs or "..." in rhs or out.count("...") != 1 or lhs.count("...") != 1:
+        return equation
+    count = ndim - (len(lhs) - 3)
+    if count < 0:
+        return equation
+    spare = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+             if c not in equation][:count]
+    if len(spare) < count:
+        return equation
+    axes = "".join(spare)
+    return f"{lhs.replace('...', axes)},{rhs}->{out.replace('...', axes)}"
 
 
 def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> costs.ConvShape:

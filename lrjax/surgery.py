@@ -222,7 +222,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                                      nn.DenseGeneral, nn.Einsum)) \
                     and not isinstance(module, (FactorConv, FactorConvTranspose, FactorDense,
                                                 FactorEinsum)):
-                equation = sites.called_equation(module.einsum_str, args[1:], kwargs) \
+                equation = sites.called_equation(
+                    module.einsum_str, args[1:], kwargs, jnp.ndim(layer_input(args, kwargs))) \
                     if isinstance(module, nn.Einsum) else None
                 found[path] = _site(path, module, layer_input(args, kwargs), equation)
 

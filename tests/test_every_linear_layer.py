@@ -279,13 +279,14 @@ def test_attention_projections_are_split_and_its_products_are_fixed_cost():
 
 class EinsumAttention(nn.Module):
     """Attention written with ``nn.Einsum`` projections (as Gemma-style Flax code does): one
-    kernel interleaves its contracted and output axes (``ndh``); the scores are fixed cost."""
+    kernel interleaves its contracted and output axes (``ndh``), one equation has an ellipsis
+    over the leading axes (written out for the input's rank); the scores are fixed cost."""
 
     @nn.compact
     def __call__(self, x):
         q = nn.Einsum((16, 4, 8), "btd,dnh->btnh", name="q")(x)
         k = nn.Einsum((4, 16, 8), "btd,ndh->btnh", name="k")(x)
-        v = nn.Einsum((16, 4, 8), "btd,dnh->btnh", use_bias=False, name="v")(x)
+        v = nn.Einsum((16, 4, 8), "...d,dnh->...nh", use_bias=False, name="v")(x)  # ellipsis
         scores = jax.nn.softmax(jnp.einsum("bqnh,bknh->bnqk", q, k))
         return nn.Einsum((4, 8, 16), "btnh,nhd->btd", name="o")(
             jnp.einsum("bnqk,bknh->bqnh", scores, v))
@@ -298,7 +299,7 @@ class NNXEinsumAttention(nnx.Module):
     def __init__(self, rngs):
         self.q = nnx.Einsum("btd,dnh->btnh", (16, 4, 8), (4, 8), rngs=rngs)
         self.k = nnx.Einsum("btd,ndh->btnh", (4, 16, 8), (4, 8), rngs=rngs)
-        self.v = nnx.Einsum("btd,dnh->btnh", (16, 4, 8), rngs=rngs)
+        self.v = nnx.Einsum("...d,dnh->...nh", (16, 4, 8), rngs=rngs)  # an ellipsis
         self.gate = nnx.Einsum("btd,td->bd", (6, 16), rngs=rngs)
         self.o = nnx.Einsum("btnh,nhd->btd", (4, 8, 16), (16,), rngs=rngs)
 
