@@ -322,7 +322,9 @@ def litert_conv_transpose(layer, x, kernel, bias):
     sides (``k``: the dilated kernel's extent; TF's "full" transposed conv) and gets others wrong:
     the output shape for ``(2, 1)`` (a 3x3 stride-2 ``SAME`` conv: 14x14 for 12x12), the numbers
     for ``(1, 2)``, and it fails to convert ``(1, 1)`` or ``(0, 0)``. Any padding within ``k - 1``
-    is that full form with its extra output rows and columns sliced off (same numbers)."""
+    is that full form with its extra output rows and columns sliced off (same numbers). A
+    dilated kernel on a strided layer (input and kernel dilation in one conv: the converter
+    cannot legalize it) is written out with its zeros."""
     if layer.mask is not None or x.ndim != 4 or np.ndim(kernel) != 4 or \
             (isinstance(layer.padding, str) and layer.padding.upper() == "CIRCULAR"):
         return None
@@ -331,11 +333,16 @@ def litert_conv_transpose(layer, x, kernel, bias):
     full = [(k - 1) * d for k, d in zip(kernel.shape[:2], dilation, strict=True)]
     converted = [(f, f) if s > 1 else (lo, hi)
                  for (lo, hi), s, f in zip(pads, strides, full, strict=True)]
-    if list(pads) == converted or any(
+    both = max(strides) > 1 and max(dilation) > 1
+    if (list(pads) == converted and not both) or any(
             not (0 <= lo <= f and 0 <= hi <= f) for (lo, hi), f in zip(pads, full, strict=True)):
         return None
     if layer.transpose_kernel:  # as lax.conv_transpose reads it
         kernel = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+    if both:  # the dilation written out: zeros between the taps
+        kernel = jnp.zeros((full[0] + 1, full[1] + 1, *kernel.shape[2:]), kernel.dtype).at[
+            ::dilation[0], ::dilation[1]].set(kernel)
+        dilation = (1, 1)
     y = jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), (1, 1), converted, lhs_dilation=strides,
         rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),

@@ -264,17 +264,22 @@ class Upsamplers(nn.Module):
         x = nn.ConvTranspose(4, (4, 4), strides=2, padding=1, transpose_kernel=True,
                              name="torch_style")(x)
         x = nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 2), (1, 2)), name="deconv")(x)
-        return nn.ConvTranspose(4, (3, 3), strides=2, padding=((1, 2), (0, 0)), name="lopsided")(x)
+        x = nn.ConvTranspose(4, (3, 3), strides=2, padding=((1, 2), (0, 0)), name="lopsided")(x)
+        return nn.ConvTranspose(4, (3, 3), strides=2, padding=1, kernel_dilation=2,
+                                name="dilated")(x)  # input and kernel dilation in one conv
 
 
 def test_explicitly_padded_and_input_dilated_upsamplers_export_to_litert(tmp_path):
     """Padding (1, 2), (1, 1) or (0, 0) along a strided axis converted wrong or not at all;
-    each runs as the full-padding transposed conv, cropped (same numbers): whole and split."""
+    each runs as the full-padding transposed conv, cropped (same numbers): whole and split. A
+    strided transposed conv with a dilated kernel did not convert ('failed to legalize
+    mhlo.convolution'); its kernel is written out with its zeros."""
     model = Upsamplers()
     x = jax.random.normal(jax.random.key(5), (1, 3, 4, 4))
     variables = init(model, 0, x)
     split = lrjax.decompose_linen(model, variables, x,
-                                  rule={"torch_style": 3, "deconv": 3, "lopsided": 3})
+                                  rule={"torch_style": 3, "deconv": 3, "lopsided": 3,
+                                        "dilated": 3})
     for name, (m, v) in {"whole": (model, variables),
                          "split": (split.module, split.variables)}.items():
         result = export.to_tflite(m, v, x, str(tmp_path / f"{name}.tflite"))
