@@ -280,6 +280,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     type or an output sharding, as ``nnx.Conv`` may pass), it is ``lax.conv_general_dilated``
     itself.
     """
+    lhs, padding = _negative_padding_cropped(lhs, rhs, padding, lhs_dilation, dimension_numbers)
     kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                   dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                   precision=precision)
@@ -296,6 +297,20 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if rhs.shape[:2] == (1, 1):
         return _pointwise(lhs, rhs, window_strides, padding, **kwargs)
     return _pair_half(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def _negative_padding_cropped(lhs, rhs, padding, lhs_dilation, dimension_numbers):
+    """``(lhs, padding)`` with negative padding (a crop) taken off the input by a slice: XLA:CPU
+    computes some convs with negative padding wrong (a 3x1 kernel, padding ((-1, 1), (0, 0)),
+    JAX 0.10.2: inf and garbage from outside the input; the same conv on the cropped input is
+    right). Padding as it is when it is a string, non-negative, or the input is dilated."""
+    if isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding) or (
+            lhs_dilation is not None and any(d != 1 for d in lhs_dilation)):
+        return lhs, padding
+    spec = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers).lhs_spec
+    for axis, (lo, hi) in zip(spec[2:], padding, strict=True):
+        lhs = jax.lax.slice_in_dim(lhs, max(-lo, 0), lhs.shape[axis] - max(-hi, 0), axis=axis)
+    return lhs, [(max(lo, 0), max(hi, 0)) for lo, hi in padding]
 
 
 # What conv_general_dilated runs under "cpu" for 1x1 convs and for the halves of a pair (module

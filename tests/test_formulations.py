@@ -126,6 +126,28 @@ def test_conv1d_matmul_when_differentiated_is_a_conv_alone_and_matmuls_in_gradie
         F.conv1d_as_matmul(x, jnp.zeros((3, 1, 2, 6)), (1, 1), "SAME", feature_group_count=2)
 
 
+@pytest.mark.parametrize("policy", ["cpu", "portable"])
+@pytest.mark.parametrize("kernel,padding", [
+    ((3, 1), ((-1, 1), (0, 0))), ((1, 3), ((0, 0), (1, -2))), ((3, 3), ((-1, 1), (1, -1))),
+    ((1, 1), ((-2, 0), (0, -1))),
+])
+def test_negative_padding_is_a_crop_of_the_input(kernel, padding, policy):
+    """Negative padding crops the input. XLA:CPU computed a 3x1 conv padded ((-1, 1), (0, 0))
+    wrong (inf, or values from outside the input, varying run to run); lrjax's convs (a
+    pair's halves, the zoo's) slice the input first, so the conv it runs has none."""
+    x = jax.random.normal(jax.random.key(0), (4, 16, 10, 16))
+    w = jax.random.normal(jax.random.key(1), (*kernel, 16, 8))
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    cropped = x[:, max(-lo_h, 0):16 - max(-hi_h, 0), max(-lo_w, 0):10 - max(-hi_w, 0)]
+    want = jax.lax.conv_general_dilated(
+        cropped, w, (1, 1), [(max(lo_h, 0), max(hi_h, 0)), (max(lo_w, 0), max(hi_w, 0))],
+        dimension_numbers=DN)
+    with F.policy(policy):
+        got = jax.jit(lambda x, w: F.conv_general_dilated(x, w, (1, 1), padding,
+                                                          dimension_numbers=DN))(x, w)
+    _close(got, want, 1e-5)
+
+
 @pytest.mark.parametrize("kernel,groups,padding,expect_cpu", [
     ((1, 1), 1, "SAME", "dot_general"),
     ((3, 1), 1, "SAME", "custom_vjp"),
