@@ -225,10 +225,14 @@ def _rows_reached(x, axis: int, pad: tuple, stride: int):
 
 def _zero_rows(y, pads):
     """``y`` with ``pads[axis]`` rows of zeros before / after along each axis (negative: rows
-    cropped, as ``lax.conv_general_dilated``'s padding may)."""
-    if all(tuple(p) == (0, 0) for p in pads):
-        return y
-    return jax.lax.pad(y, jnp.zeros((), y.dtype), [(int(lo), int(hi), 0) for lo, hi in pads])
+    cropped, as ``lax.conv_general_dilated``'s padding may; by a slice, not a negative
+    ``lax.pad``, which XLA's simplifier may fold wrongly into a following window op:
+    openxla/xla#48715)."""
+    for axis, (lo, hi) in enumerate(pads):
+        if lo < 0 or hi < 0:
+            y = jax.lax.slice_in_dim(y, max(-lo, 0), y.shape[axis] - max(-hi, 0), axis=axis)
+    pads = [(max(int(lo), 0), max(int(hi), 0)) for lo, hi in pads]
+    return jnp.pad(y, pads) if any(p != (0, 0) for p in pads) else y
 
 
 def conv1d_matmul_when_differentiated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -302,8 +306,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 def _negative_padding_cropped(lhs, rhs, padding, lhs_dilation, dimension_numbers):
     """``(lhs, padding)`` with negative padding (a crop) taken off the input by a slice: XLA:CPU
     computes some convs with negative padding wrong (a 3x1 kernel, padding ((-1, 1), (0, 0)),
-    JAX 0.10.2: inf and garbage from outside the input; the same conv on the cropped input is
-    right). Padding as it is when it is a string, non-negative, or the input is dilated."""
+    JAX 0.10.2: inf and garbage from outside the input, openxla/xla#48713; the same conv on the
+    cropped input is right). Padding as it is when it is a string, non-negative, or the input is dilated."""
     if isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding) or (
             lhs_dilation is not None and any(d != 1 for d in lhs_dilation)):
         return lhs, padding
