@@ -152,13 +152,19 @@ def test_calibration_batches_take_the_models_inputs_and_say_when_they_do_not_fit
 
 
 def test_a_bfloat16_model_gets_one_export_error_line(tmp_path):
-    """ONNX Runtime's CPU convs take no bfloat16: one ExportError line saying what to export."""
-    model = nn.Sequential([nn.Conv(8, (3, 3), dtype=jnp.bfloat16), nn.relu])
+    """ONNX Runtime's CPU convs take no bfloat16, nor does the TFLite converter's conv: one
+    ExportError line saying what to export (the converter's names at most three layers)."""
+    model = nn.Sequential([nn.Conv(8, (3, 3), dtype=jnp.bfloat16) for _ in range(4)])
     variables = init(model, 0, X)
     with pytest.raises(export.ExportError, match=r"^ONNX Runtime cannot load the exported graph: "
                                                  r".*bfloat16.*export a float32 copy") as info:
         export.to_onnx(model, variables, X, str(tmp_path / "bf16.onnx"))
     assert "\n" not in str(info.value) and not (tmp_path / "bf16.onnx").exists()
+    with pytest.raises(export.ExportError, match=r"^the TFLite converter failed at layer "
+                                                 r"'layers_0', 'layers_1', 'layers_2' and 1 more "
+                                                 r"\(linear.py:\d+\): .*computes in bfloat16"):
+        export.to_tflite(model, variables, X, str(tmp_path / "bf16.tflite"))
+    assert not os.listdir(tmp_path)
 
     class Casts(nn.Module):  # float32 weights, a product cast to bfloat16 (bonsai's DINOv3 RoPE)
         @nn.compact

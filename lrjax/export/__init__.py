@@ -181,8 +181,17 @@ def converter_failure(error: Exception, forward, inputs, module=None) -> str:
     file, line, what = found.group(1), int(found.group(2)), found.group(3).strip()
     layers = sorted({user_layer(p, module) for p in _layers_at(jaxpr, file, line)}) \
         if jaxpr is not None else []
-    where = f" at layer {', '.join(repr(p) for p in layers)}" if layers else ""
-    return f"the TFLite converter failed{where} ({os.path.basename(file)}:{line}): {what}"
+    named = ", ".join(repr(p) for p in layers[:3]) + (
+        f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    where = f" at layer {named}" if layers else ""
+    bf16 = jaxpr is not None and any(
+        getattr(v.aval, "dtype", None) == jnp.bfloat16
+        for eqn, _ in macs.iter_eqns(jaxpr) for v in eqn.outvars)
+    hint = ("; the model computes in bfloat16 (its dtype, or a cast in its code), which the "
+            "converter does not take for every op: export a float32 copy (dtype=jnp.float32)"
+            if bf16 else "")
+    return (f"the TFLite converter failed{where} ({os.path.basename(file)}:{line}): "
+            f"{what}{hint}")
 
 
 # primitives the TFLite converter cannot legalize and names only as its XlaCallModule
