@@ -231,8 +231,10 @@ def _zero_rows(y, pads):
     for axis, (lo, hi) in enumerate(pads):
         if lo < 0 or hi < 0:
             y = jax.lax.slice_in_dim(y, max(-lo, 0), y.shape[axis] - max(-hi, 0), axis=axis)
-    pads = [(max(int(lo), 0), max(int(hi), 0)) for lo, hi in pads]
-    return jnp.pad(y, pads) if any(p != (0, 0) for p in pads) else y
+    pads = [(max(int(lo), 0), max(int(hi), 0), 0) for lo, hi in pads]
+    if all(p == (0, 0, 0) for p in pads):
+        return y
+    return jax.lax.pad(y, jnp.zeros((), y.dtype), pads)
 
 
 def conv1d_matmul_when_differentiated(lhs, rhs, window_strides, padding, lhs_dilation=None,

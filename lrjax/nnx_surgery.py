@@ -294,7 +294,8 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     call order; run on an eval view of a copy with ``eval_mode``."""
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode)
-    found = [_site(path, convs[path], shape, record["equations"].get(path))
+    found = [sites.with_param_casts(_site(path, convs[path], shape,
+                                          record["equations"].get(path)), convs[path])
              for path, shape in record["shapes"].items()]
     batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(

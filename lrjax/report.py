@@ -181,7 +181,10 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
         saved = net.full_macs - net.lowrank_macs - sum(
             costs.conv_cost(s.shape).macs - costs.lowrank_cost(s.shape, s.rank).macs
             for s in sites if s.rank is not None) + sum(  # pairs already there are in net_macs
-            by_path[path].parametrization_flops / 2 for path in chosen)  # split: plain weights
+            by_path[path].parametrization_flops / 2 for path in chosen) + sum(  # plain weights
+            (costs.conv_cost(by_path[p].shape).params  # fewer parameters cast to bfloat16
+             - costs.lowrank_cost(by_path[p].shape, r).params) * by_path[p].param_cast_flops / 2
+            for p, r in chosen.items())
         whole = (problem.net_macs, problem.net_macs - saved)
     return SurgeryReport(net, errors, weighted, skipped, problem.covariances is not None,
                          dict(kept_full), (*problem.notes, *notes), whole,

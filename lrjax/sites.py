@@ -81,6 +81,10 @@ class ConvSite:
         ones its computation uses, which the closed form factors; ``None``: used as stored.
       parametrization_flops: XLA's flops per example of that parametrization (work the model
         does on every call, which a split saves: the pair's factors are plain weights).
+      param_cast_flops: XLA's flops per example, per parameter, of casting the layer's
+        parameters to the dtype it computes in (``dtype=jnp.bfloat16`` with float32 parameters:
+        one convert per parameter on every call); what a split changes with the parameter
+        count (the pair casts its factors). 0: no cast.
       conv_dims: a conv's own number of spatial dims (:func:`conv_view`): 1 for a 1-D conv
         (kernel ``(k, C/groups, N)``, costed as ``(k, 1)``), 3 or more for a pointwise N-D conv
         (kernel ``(1, ..., 1, C, N)``, costed as 1x1 on its last two spatial dims).
@@ -103,6 +107,7 @@ class ConvSite:
     transpose_kernel: bool = False
     parametrization: Callable[[dict], dict] | None = dataclasses.field(default=None, compare=False)
     parametrization_flops: float = 0.0
+    param_cast_flops: float = 0.0
     conv_dims: int = 2
     stack: int = 1
 
@@ -490,7 +495,18 @@ def per_example(site: ConvSite, batch: int) -> ConvSite:
         return site
     images = site.shape.images / batch
     images = int(images) if float(images).is_integer() else images
-    return dataclasses.replace(site, shape=dataclasses.replace(site.shape, images=images))
+    return dataclasses.replace(site, shape=dataclasses.replace(site.shape, images=images),
+                               param_cast_flops=site.param_cast_flops / batch)
+
+
+def with_param_casts(site: ConvSite, layer) -> ConvSite:
+    """``site`` with :attr:`ConvSite.param_cast_flops` of one call (1 per parameter) when the
+    layer (linen or NNX) computes in a dtype other than its parameters'."""
+    dtype, param_dtype = getattr(layer, "dtype", None), getattr(layer, "param_dtype", None)
+    if not site.candidate or dtype is None or param_dtype is None or \
+            jnp.dtype(dtype) == jnp.dtype(param_dtype):
+        return site
+    return dataclasses.replace(site, param_cast_flops=1.0)
 
 
 BRANCHED = ("run inside a conditional branch (lax.cond / lax.switch, nn.cond, nnx.cond): which "
@@ -534,7 +550,8 @@ def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -
     if runs < 1 + 1e-6:
         return site
     return dataclasses.replace(site, shape=dataclasses.replace(
-        site.shape, images=site.shape.images * runs))
+        site.shape, images=site.shape.images * runs),
+        param_cast_flops=site.param_cast_flops * runs)
 
 
 def contracted_axes(layer) -> tuple[int, ...]:

@@ -115,7 +115,7 @@ def used_parameters(layer: nn.Module, params: Mapping[str, Any]) -> dict:
 
 def _site(path: str, module, x, equation=None) -> ConvSite:
     """The site of a conv or dense layer called on ``x`` (``equation``: an einsum's)."""
-    site = _plain_site(path, module, x, equation)
+    site = sites.with_param_casts(_plain_site(path, module, x, equation), module)
     base = split_type(module)
     if site.candidate and base is not None and sites.reparametrizes(module, base):
         layer = module.clone(parent=None)

@@ -3,6 +3,7 @@ checkpointing), a dict input, several inputs. Calibration runs through the lifte
 (its statistics are sown into a collection, or NNX state, not kept aside), an exported remat'ed
 model is its computation, and a calibration batch that does not fit the model's call says so."""
 
+import functools
 import os
 
 import flax.linen as nn
@@ -738,3 +739,48 @@ def test_padding_on_an_axis_the_kernel_does_not_span_is_costed_as_xla_counts_it(
         assert result.report.speedup == pytest.approx(
             _lowered_flops(model.apply, variables, X)
             / _lowered_flops(result.module.apply, result.variables, X), rel=1e-6)
+
+
+class HalfPrecision(nn.Module):
+    """A net as Flax's ImageNet example builds it with ``half_precision``: float32 parameters,
+    every layer computing in bfloat16 (``dtype=``), the logits cast back."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=jnp.bfloat16)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=jnp.bfloat16)(
+            conv(32, (3, 3), name="stem")(x)))
+        x = nn.relu(conv(64, (1, 1), name="expand")(x))
+        x = nn.relu(conv(64, (3, 3), name="conv")(x))
+        return nn.Dense(10, dtype=jnp.bfloat16, name="head")(x.mean((1, 2))).astype(jnp.float32)
+
+
+class HalfPrecisionNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(8, 32, (3, 3), dtype=jnp.bfloat16, rngs=rngs)
+        self.conv = nnx.Conv(32, 64, (3, 3), dtype=jnp.bfloat16, rngs=rngs)
+        self.head = nnx.Linear(64, 10, dtype=jnp.bfloat16, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv(nnx.relu(self.stem(x))))
+        return self.head(x.mean((1, 2))).astype(jnp.float32)
+
+
+def test_layers_computing_in_bfloat16_are_costed_with_their_parameter_casts():
+    """A layer with ``dtype=bfloat16`` and float32 parameters casts every parameter on every
+    call, which XLA counts (one flop each); a pair casts its factors instead. Uncounted, the
+    report of a half-precision ResNet-50 at 64x64 (batch 4) said 2.000x where XLA's count
+    moved 2.006x data-free, 2.023x calibrated. Report = XLA's count, linen and NNX."""
+    model = HalfPrecision()
+    variables = init(model, 0, X)
+    for calibration in (None, CALIB):
+        result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5",
+                                       calibration=calibration)
+        assert result.report.speedup == pytest.approx(
+            _lowered_flops(model.apply, variables, X)
+            / _lowered_flops(result.module.apply, result.variables, X), rel=1e-6)
+    nnx_model = HalfPrecisionNNX(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(nnx_model, X, rule="speedup:1.5", calibration=CALIB)
+    assert result.report.speedup == pytest.approx(
+        _nnx_flops(nnx_model, _lowered_flops) / _nnx_flops(result.module, _lowered_flops),
+        rel=1e-6)
