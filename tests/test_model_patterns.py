@@ -40,6 +40,24 @@ class Lifted(nn.Module):
         return nn.Dense(10, name="head")(x.mean((1, 2)))
 
 
+def _lowered_flops(fn, *args):
+    return jax.jit(fn).lower(*args).cost_analysis()["flops"]
+
+
+def _reproduces(model, variables, ranks):
+    """The model split at ``ranks`` (full rank) computes what it did."""
+    full = lrjax.decompose_linen(model, variables, X, rule=ranks)
+    want = apply(model, variables, X)
+    np.testing.assert_allclose(apply(full.module, full.variables, X), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+
+
+def _lowered_ratio(model, variables, result):
+    """XLA's lowered flop count of the model over the split one's, on ``X``."""
+    return _lowered_flops(model.apply, variables, X) / _lowered_flops(
+        result.module.apply, result.variables, X)
+
+
 def _output_error(model, result, variables, x):
     want = apply(model, variables, x)
     return float(jnp.linalg.norm(apply(result.module, result.variables, x) - want)
@@ -95,13 +113,9 @@ def test_a_model_jitted_as_a_whole_is_decomposed_as_the_module_it_wraps():
                                        calibration=calibration)
         assert result.ranks and result.report.speedup >= 1.5
         assert result.report.speedup == pytest.approx(
-            _lowered_flops(model.apply, variables, X)
-            / _lowered_flops(result.module.apply, result.variables, X), rel=1e-5)
+            _lowered_ratio(model, variables, result), rel=1e-5)
     assert "calibration never ran" not in result.report.table()
-    full = lrjax.decompose_linen(model, variables, X, rule={"stem": 8 * 3, "block0/a": 16 * 3})
-    want = apply(model, variables, X)
-    np.testing.assert_allclose(apply(full.module, full.variables, X), want,
-                               atol=2e-5 * float(jnp.abs(want).max()))
+    _reproduces(model, variables, {"stem": 8 * 3, "block0/a": 16 * 3})
 
 
 def test_nnx_calibration_runs_through_remat():
@@ -255,10 +269,7 @@ def test_layers_applied_inside_another_with_given_parameters_are_listed_and_kept
         assert set(result.ranks) <= {"stem", "out"} and result.ranks
         assert "pos/conv" in result.report.table()
         assert result.report.speedup >= 1.3
-    full = lrjax.decompose_linen(model, variables, X, rule={"stem": 8 * 3, "out": 16 * 3})  # full rank
-    want = apply(model, variables, X)
-    np.testing.assert_allclose(apply(full.module, full.variables, X), want,
-                               atol=2e-5 * float(jnp.abs(want).max()))
+    _reproduces(model, variables, {"stem": 8 * 3, "out": 16 * 3})
 
 
 def _standardized(tree):
@@ -304,14 +315,10 @@ def test_layers_whose_variables_are_mapped_are_left_as_they_are():
         assert set(result.ranks) <= {"stem", "out"} and result.ranks
         assert "left as is: std: its variables pass through nn.map_variables" in \
             result.report.table()
-        theory = _lowered_flops(model.apply, variables, X) / _lowered_flops(
-            result.module.apply, result.variables, X)
         assert result.report.speedup >= 1.15
-        assert result.report.speedup == pytest.approx(theory, rel=1e-5)
-    full = lrjax.decompose_linen(model, variables, X, rule={"stem": 8 * 3, "out": 16 * 3})
-    want = apply(model, variables, X)
-    np.testing.assert_allclose(apply(full.module, full.variables, X), want,
-                               atol=2e-5 * float(jnp.abs(want).max()))
+        assert result.report.speedup == pytest.approx(
+            _lowered_ratio(model, variables, result), rel=1e-5)
+    _reproduces(model, variables, {"stem": 8 * 3, "out": 16 * 3})
 
 
 class Conditioned(nn.Module):
@@ -570,10 +577,6 @@ def nnx_twin(model: SharedAndLoopedNNX) -> dict:
                        "conv": conv(model.recur), "head": conv(model.head)}}
 
 
-def _lowered_flops(fn, *args):
-    return jax.jit(fn).lower(*args).cost_analysis()["flops"]
-
-
 def _nnx_flops(model, count=xla_flops):
     graphdef, state = nnx.split(model)
     return count(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
@@ -729,16 +732,12 @@ def test_padding_on_an_axis_the_kernel_does_not_span_is_costed_as_xla_counts_it(
     rows added as zeros. Full rank is exact, the report is XLA's count, and the crop works."""
     model = PaddedEverywhere()
     variables = init(model, 0, X)
-    full = lrjax.decompose_linen(model, variables, X, rule={
+    _reproduces(model, variables, {
         "wide": 8, "tall": 16, "border": 16, "crop": 24})
-    want = apply(model, variables, X)
-    np.testing.assert_allclose(apply(full.module, full.variables, X), want,
-                               atol=2e-5 * float(jnp.abs(want).max()))
     for rule in ({"wide": 3, "tall": 6, "border": 4, "crop": 12}, "speedup:1.5"):
         result = lrjax.decompose_linen(model, variables, X, rule=rule)
         assert result.report.speedup == pytest.approx(
-            _lowered_flops(model.apply, variables, X)
-            / _lowered_flops(result.module.apply, result.variables, X), rel=1e-6)
+            _lowered_ratio(model, variables, result), rel=1e-6)
 
 
 class HalfPrecision(nn.Module):
@@ -777,8 +776,7 @@ def test_layers_computing_in_bfloat16_are_costed_with_their_parameter_casts():
         result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5",
                                        calibration=calibration)
         assert result.report.speedup == pytest.approx(
-            _lowered_flops(model.apply, variables, X)
-            / _lowered_flops(result.module.apply, result.variables, X), rel=1e-6)
+            _lowered_ratio(model, variables, result), rel=1e-6)
     nnx_model = HalfPrecisionNNX(nnx.Rngs(0))
     result = lrjax.decompose_nnx(nnx_model, X, rule="speedup:1.5", calibration=CALIB)
     assert result.report.speedup == pytest.approx(
