@@ -27,7 +27,7 @@ from lrjax import costs
 CALL_PRIMITIVES = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
                    "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint")
 
-__all__ = ["iter_eqns", "jaxpr_macs", "traced_macs", "layer_scope"]
+__all__ = ["iter_eqns", "jaxpr_macs", "traced_macs", "layer_scope", "weighted_products"]
 
 _LAYER = re.compile(r"lrjax_layer_(\d+)")
 
@@ -150,9 +150,14 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     transcendentals (``exp``, ``tanh``: its ``"transcendentals"``) or data movement. The
     multiply-adds count a ``scan`` body once per iteration (:func:`jaxpr_macs`), and so do the
     element-wise flops (XLA's count of the whole, which has each loop body once, plus its count
-    of each scan body for the other iterations); a ``while_loop`` body counts once."""
+    of each scan body for the other iterations); a ``while_loop`` body counts once.
+    ``"weighted"``: :func:`weighted_products` with the first argument's leaves (a model's
+    variables) as the weights."""
     traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
     counts, once = _macs(traced.jaxpr)  # once: loop bodies counted once, as XLA does
+    weights = len(jax.tree_util.tree_leaves(args[0])) if args else 0
+    counts["weighted"] = weighted_products(
+        traced.jaxpr, [i < weights for i in range(len(traced.jaxpr.jaxpr.invars))])
     total = counts["conv"] + counts["dot"]  # ("layers": of each layer_scope, over its runs)
     try:
         analysis = traced.lower().cost_analysis()
@@ -176,3 +181,60 @@ def _elementwise(closed) -> float:
     analysis = jax.jit(fn).trace(*avals).lower().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
     return max(float((analysis or {}).get("flops", 0.0)) - 2 * _macs(closed)[1], 0.0)
+
+
+_DATA = "data"  # the kind of a value computed from the data (kinds of others: weight indices)
+
+
+def weighted_products(jaxpr, weights) -> list[tuple[frozenset, str, int, str]]:
+    """The convolutions and matrix products of a (closed) jaxpr that multiply the data by weights
+    outside any :func:`layer_scope`: one operand computed from the data (the inputs not marked in
+    ``weights``), the other from weight inputs alone (a parameter, through any casts, scalings,
+    reshapes or normalizations of weights). What a layer computes with its own code from its
+    parameters (``lax.conv_general_dilated(x, self.param(...))``, ``x @ w``) looks so; a
+    product of two data values (attention's q·k) or with a constant (a fixed filter) does not.
+
+    Args:
+      jaxpr: a closed jaxpr (sub-jaxprs are followed: calls, loop bodies, branches).
+      weights: one bool per input of the jaxpr: whether it is a weight.
+
+    Returns:
+      ``(weight input indices, primitive name, multiply-adds over its runs, name stack)`` of each
+      such product, in trace order.
+    """
+    inner = getattr(jaxpr, "jaxpr", jaxpr)
+    kinds = [frozenset((i,)) if w else _DATA for i, w in enumerate(weights)]
+    found: list = []
+    _weighted(inner, kinds, "", 1, found)
+    return found
+
+
+def _kind_of(kinds: dict, var):
+    return None if isinstance(var, jcore.Literal) else kinds.get(var)
+
+
+def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> None:
+    kinds = dict(zip(jaxpr.invars, in_kinds, strict=True))
+    for eqn in jaxpr.eqns:
+        where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
+        operands = [_kind_of(kinds, v) for v in eqn.invars]
+        data = any(k is _DATA for k in operands)
+        sources = frozenset().union(*(k for k in operands if isinstance(k, frozenset)))
+        name = eqn.primitive.name
+        if name in ("conv_general_dilated", "dot_general") and not _LAYER.search(where):
+            a, b = operands
+            weight = a if b is _DATA else b if a is _DATA else None
+            if isinstance(weight, frozenset):
+                macs = _conv_macs(eqn) if name == "conv_general_dilated" else _dot_macs(eqn)
+                found.append((weight, name, trips * macs, where))
+        inner_trips = trips * int(eqn.params["length"]) if name == "scan" else trips
+        for key, value in eqn.params.items():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                body = getattr(sub, "jaxpr", sub)
+                if key != "cond_jaxpr" and hasattr(body, "eqns") and \
+                        len(body.invars) <= len(operands):  # a branch or loop body: a suffix
+                    _weighted(body, operands[len(operands) - len(body.invars):], where,
+                              inner_trips, found)
+        out = _DATA if data else sources or None
+        for var in eqn.outvars:
+            kinds[var] = out

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, decompose, formulations, lapack, macs, rules, sites
+from lrjax import boxes, costs, decompose, formulations, lapack, macs, own_code, rules, sites
 from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
@@ -437,7 +437,9 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
         return None, 0, list(found)
     batch = sites.example_batch(example_args)
-    found = sites.costed_as_run(found, counts, batch)
+    found = own_code.with_own_code(sites.costed_as_run(found, counts, batch), counts["weighted"],
+                                   own_code.variable_names(state, collections=False),
+                                   counts["total"])
     return counts["total"] // batch, counts["elementwise"] // batch, found
 
 

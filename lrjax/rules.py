@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lrjax import costs, decompose, gate, runtimes
+from lrjax import costs, decompose, gate, own_code, runtimes
 from lrjax import ranks as rank_lib
 from lrjax.gate import measured_gate
 from lrjax.moments import calibration_batches
@@ -468,7 +468,7 @@ def _base_ranks(rule: RankRule, problem: RankProblem) -> dict[str, int | None]:
 
 
 def _no_candidates(problem: RankProblem) -> ValueError:
-    found = "; ".join(f"{s.path}: {s.skip or 'already a pair'}" for s in problem.sites)
+    found = own_code.grouped(problem.sites)
     return ValueError("the model has no layer this rule can decompose"
                       + (f" (found {found})" if found else " (it calls no conv or dense layer)"))
 

@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, lapack, linen_moments, macs, rules, sites
+from lrjax import boxes, costs, lapack, linen_moments, macs, own_code, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.batchnorm import fold_batch_norms
 from lrjax.layers import (
@@ -168,8 +168,9 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     subclasses, listed as not decomposable), ``LowRankConv``, and layers seen but never split
     (``nn.ConvLocal``, layers another layer applies with the parameters it computes:
     ``self.conv.apply({"params": ...}, x)``) are recorded; a pair's own halves are not. A layer
-    called more than once is listed once (its first call). For a :class:`LowRankModel` the
-    sites are its base model's, with the wrapper's ranks attached.
+    called more than once is listed once (its first call); products a module's own code computes
+    from its parameters are found when the net is costed (:mod:`lrjax.own_code`). For a
+    :class:`LowRankModel` the sites are its base model's, with the wrapper's ranks attached.
 
     Args:
       model: any ``flax.linen`` module.
@@ -415,7 +416,9 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     with nn.intercept_methods(scoped):
         counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                                   variables, *arrays)
-    found = costed_as_run(found, counts, batch)
+    found = own_code.with_own_code(costed_as_run(found, counts, batch), counts["weighted"],
+                                   own_code.variable_names(variables, collections=True),
+                                   counts["total"])
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
                        counts["elementwise"] // batch, notes=(note,) if note else ())
 

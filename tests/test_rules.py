@@ -204,6 +204,10 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     dense = 4 * (10 * 10 * 16 * 256 + 256 * 10)
     # element-wise: the biases and ReLUs of c1 and c2 (10x10x16 each), fc1 (256) and fc2's bias
     elementwise = 4 * (2 * 2 * 10 * 10 * 16 + 2 * 256 + 10)
+    # every product here multiplies the data by parameters (counted outside a surgery's marks)
+    weighted = counts.pop("weighted")
+    assert [p for _, p, _, _ in weighted] == ["conv_general_dilated"] * 2 + ["dot_general"] * 2
+    assert sum(m for _, _, m, _ in weighted) == conv + dense
     assert counts == {"conv": conv, "dot": dense, "total": conv + dense,
                       "elementwise": elementwise, "layers": {}, "branched": set()}
     # XLA's own (compiled) flop count: 2 per multiply-add, plus the element-wise work

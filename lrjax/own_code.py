@@ -1,0 +1,81 @@
+"""Layers whose own code multiplies the data by their parameters
+(``lax.conv_general_dilated(x, self.param(...))``, ``x @ self.w``, ``Embed.attend``): found in
+the traced forward pass (:func:`lrjax.macs.weighted_products`) and listed as left as they are,
+with the reason, so that a report's skipped layers and a "nothing to decompose" message name
+them. Their multiply-adds are part of the whole net's fixed cost, as before: lrjax splits
+Flax's conv, dense and einsum layers, whose computation it knows, not products written by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+
+from lrjax.sites import ConvSite
+
+__all__ = ["OWN_CODE", "variable_names", "with_own_code", "grouped"]
+
+OWN_CODE = ("its own code multiplies the data by its parameters (a product written by hand: "
+            "lrjax splits Flax's conv, dense and einsum layers, linen or NNX), so it is left as "
+            "it is, a fixed cost")
+_DETAIL = "; here "  # what follows it in a reason is the layer's own (names, ops, share)
+
+
+def variable_names(tree, *, collections: bool) -> list[tuple[str, ...]]:
+    """The path of each leaf of a variable tree, in :func:`jax.tree_util.tree_leaves` order, as
+    names (a module path then the variable's name): linen's ``{"params": {...}}`` without its
+    collection (``collections=True``), NNX's ``State`` without the variables' ``.value``."""
+    names = []
+    for keys, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = tuple(str(getattr(k, "key", getattr(k, "idx", None))) for k in keys
+                      if not isinstance(k, jax.tree_util.GetAttrKey))
+        names.append(parts[1:] if collections else parts)
+    return names
+
+
+def _inside(path: str, sites: Sequence[str]) -> bool:
+    return any(path == s or path.startswith(s + "/") for s in sites)
+
+
+def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str, ...]],
+                  net_macs: int) -> list[ConvSite]:
+    """``found`` and, after them, one site left as it is for each module whose own code
+    multiplies the data by its parameters (``weighted``: :func:`lrjax.macs.weighted_products` of
+    the traced forward pass whose first inputs are the variables named ``names``), in trace
+    order; products fed by a variable of a layer in ``found`` (its own work) are not listed.
+    ``net_macs``: the whole pass's multiply-adds (each layer's share is stated)."""
+    paths = [s.path for s in found]
+    layers: dict[str, dict] = {}
+    for sources, primitive, macs, _ in weighted:
+        variables = [names[i] for i in sorted(sources) if i < len(names)]
+        owners = ["/".join(v[:-1]) for v in variables]
+        if not variables or any(_inside(o, paths) for o in owners):
+            continue
+        layer = layers.setdefault(owners[0] or variables[0][-1],
+                                  {"names": {}, "ops": {}, "macs": 0})
+        for v in variables:
+            layer["names"][v[-1]] = None
+        layer["ops"][primitive] = layer["ops"].get(primitive, 0) + 1
+        layer["macs"] += macs
+    own = []
+    for path, layer in layers.items():
+        names_ = list(layer["names"])
+        ops = ", ".join(f"{p} x{n}" if n > 1 else p for p, n in layer["ops"].items())
+        share = layer["macs"] / net_macs if net_macs else 0.0
+        own.append(ConvSite(path, None, skip=(
+            f"{OWN_CODE}{_DETAIL}{', '.join(repr(n) for n in names_)} in {ops}, "
+            f"{f'{share:.1%}' if share >= 0.001 else '<0.1%'} of the net's multiply-adds")))
+    return [*found, *own]
+
+
+def grouped(found: Sequence[ConvSite], most: int = 4) -> str:
+    """``found`` as ``"path, path and N more: reason; ..."``, one entry per reason (at most
+    ``most`` paths each; a layer's own details left off), for one-line messages."""
+    by_reason: dict[str, list[str]] = {}
+    for site in found:
+        by_reason.setdefault((site.skip or "already a pair").split(_DETAIL)[0], []).append(
+            site.path)
+    return "; ".join(
+        ", ".join(paths[:most]) + (f" and {len(paths) - most} more" if len(paths) > most else "")
+        + f": {reason}" for reason, paths in by_reason.items())

@@ -1,0 +1,124 @@
+"""Layers written by hand: a module that multiplies the data by its own parameters
+(``lax.conv_general_dilated(x, self.param(...))`` as StyleGAN2's equalized-learning-rate layers
+do, ``x @ w``) is seen in the traced forward pass and listed as left as it is, with the reason,
+linen and NNX; products that are not weights times data (attention's q·k, a fixed filter) are
+not listed."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import macs, own_code
+from tests.helpers import init
+
+X = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+
+
+class ScaledConv(nn.Module):
+    """A conv as StyleGAN2 writes it: a raw parameter, scaled at run time, then lax."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.normal(1.0), (3, 3, x.shape[-1], self.features))
+        w = w * (1 / np.sqrt(9 * x.shape[-1]))
+        return jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Blur(nn.Module):
+    """A fixed 3x3 box filter per channel (a constant, not a weight)."""
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        f = jnp.ones((3, 3, 1, c)) / 9.0
+        return jax.lax.conv_general_dilated(x, f, (1, 1), "SAME", feature_group_count=c,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(32, (3, 3), name="stem")(x))
+        x = Blur(name="blur")(x)
+        x = nn.relu(ScaledConv(32, name="own_conv")(x))
+        x = nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x.reshape(2, 64, 32))
+        w = self.param("head_w", nn.initializers.lecun_normal(), (32, 10))
+        return x.mean(1) @ w  # a hand-written classifier, at the top level
+
+
+def test_hand_written_products_are_listed_as_left_as_they_are():
+    model = Mixed()
+    variables = init(model, 0, X)
+    result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.3")
+    skipped = result.report.skipped
+    assert set(skipped) == {"own_conv", "head_w"}  # not the blur, not attention's products
+    assert skipped["own_conv"].startswith(own_code.OWN_CODE)
+    assert "'weight' in conv_general_dilated" in skipped["own_conv"]
+    assert "'head_w' in dot_general" in skipped["head_w"]
+    share = float(skipped["own_conv"].split(", ")[-1].split("%")[0]) / 100
+    own = 2 * (3 * 8 - 2) ** 2 * 32 * 32  # its multiply-adds: the taps on the 8x8 input, batch 2
+    net = macs.traced_macs(model.apply, variables, X)["total"]
+    assert share == pytest.approx(own / net, abs=1e-3)
+    # their work stays fixed cost: the report is still XLA's count of the two passes
+    lowered = (jax.jit(model.apply).lower(variables, X).cost_analysis()["flops"]
+               / jax.jit(result.module.apply).lower(result.variables, X).cost_analysis()["flops"])
+    assert result.report.speedup == pytest.approx(lowered, rel=1e-6)
+    assert "left as is: own_conv: its own code" in result.report.table()
+
+
+class OnlyHandWritten(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(5):
+            x = nn.relu(ScaledConv(8, name=f"conv{i}")(x))
+        return x
+
+
+def test_a_net_of_hand_written_layers_says_so_in_one_line():
+    model = OnlyHandWritten()
+    with pytest.raises(ValueError) as e:
+        lrjax.decompose_linen(model, init(model, 0, X), X, rule="speedup:2")
+    message = str(e.value)
+    assert "\n" not in message and "it calls no conv or dense layer" not in message
+    assert "conv0, conv1, conv2, conv3 and 1 more: its own code multiplies" in message
+
+
+class HandWrittenNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(4, 16, (3, 3), rngs=rngs)
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (16, 16)))
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv(x))
+        x = nnx.relu(x @ self.w[...])
+        return self.head(x.mean((1, 2)))
+
+
+def test_nnx_hand_written_products_are_listed_too():
+    model = HandWrittenNNX(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule="speedup:1.2")
+    assert list(result.report.skipped) == ["w"]
+    assert "'w' in dot_general" in result.report.skipped["w"]
+
+
+def test_weighted_products_follow_weights_through_calls_and_loops():
+    def fn(w, x):
+        scaled = jax.jit(lambda w: w * 2.0)(w)  # a weight through a call
+
+        def body(h, _):
+            return jnp.tanh(h @ scaled), None  # a weight-tied recurrence
+
+        h, _ = jax.lax.scan(body, x, None, length=3)
+        return h @ h.T  # data times data: not a weighted product
+
+    w, x = jnp.ones((4, 4)), jnp.ones((2, 4))
+    traced = jax.jit(fn).trace(w, x).jaxpr
+    found = macs.weighted_products(traced, [True, False])
+    assert [(sorted(s), p, m) for s, p, m, _ in found] == [([0], "dot_general", 3 * 2 * 4 * 4)]
