@@ -34,26 +34,13 @@ import numpy as np
 
 from lrjax import lapack
 from lrjax.costs import check_kernel_shape, check_rank, max_rank
-from lrjax.moments import checked_cov, patch_moments, whitening, whitening_on_host
+from lrjax.moments import COV_EPS, checked_cov, patch_moments, whitening, whitening_on_host
 
 __all__ = [
-    "factor_errors",
-    "spectrum_and_factors",
-    "spectra_and_factors",
-    "Factors",
-    "max_rank",
-    "kernel_to_matrices",
-    "vh_decompose",
-    "patch_moments",
-    "whitening",
-    "truncate",
-    "weighted_relative_error",
-    "decompose_net",
-    "reconstruct",
-    "singular_values",
-    "relative_errors",
-    "relative_error",
-    "fold_batch_norm",
+    "factor_errors", "spectrum_and_factors", "spectra_and_factors", "Factors", "max_rank",
+    "kernel_to_matrices", "vh_decompose", "patch_moments", "whitening", "truncate",
+    "weighted_relative_error", "decompose_net", "reconstruct", "singular_values", "relative_errors",
+    "relative_error", "fold_batch_norm",
 ]
 
 # Below this many rows of the smaller Gram side, a plain SVD is as fast as the Gram route.
@@ -152,43 +139,51 @@ def _factors_and_values(mats: jax.Array, k: int, method: str):
 
 
 def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool = True,
-                             vectors: bool = True):
-    """:func:`_factors_and_values` of NumPy matrices, by LAPACK on this thread
-    (:mod:`lrjax.lapack`, NumPy's SVD): no XLA program to compile, the GIL released (the CPU
-    route of :func:`decompose_net` and :func:`spectra_and_factors`). Without ``values``
-    (``None`` returned) and for ``k`` up to 0.3 of the Gram matrix's size, only the top ``k``
-    eigenpairs are computed (``syevr``: half the time of all of them at a twentieth, a quarter
-    less at a quarter). Without
-    ``vectors``, only the singular values: ``(None, None, values)`` (LAPACK's two-stage solver,
-    :func:`lrjax.lapack.eigvalsh`)."""
+                             vectors: bool = True, roots: np.ndarray | None = None):
+    """:func:`_factors_and_values` of NumPy matrices (whitened, ``roots @ mats``, if given) by
+    LAPACK on this thread (:mod:`lrjax.lapack`): no compile, the GIL released (the CPU route of
+    :func:`decompose_net`, :func:`spectra_and_factors`). Without ``values`` (``None`` returned)
+    and for ``k`` up to 0.3 of the Gram matrix's size, only the top ``k`` eigenpairs are solved
+    (``syevr``); without ``vectors``, only the singular values (LAPACK's two-stage solver). A
+    wide ``R M`` is never formed: its Gram matrix is ``R (M M^T) R^T``, its right factor
+    ``M^T (R^T U)`` (a VGG classifier conv, 3584 x 28672: half the time)."""
     m, n = mats.shape[-2:]
     method = _resolve_method(method, m, n)
     mats = mats.astype(np.promote_types(mats.dtype, np.float32), copy=False)
+    if roots is not None and (method == "svd" or m > n):
+        mats, roots = np.matmul(roots, mats.astype(roots.dtype)), None
+
+    def gram(x, g):  # of the (whitened) matrix, on its smaller side; x @ x.T is a BLAS syrk
+        if m > n:
+            return x.T @ x
+        return x @ x.T if roots is None else (roots[g] @ (x @ x.T).astype(roots.dtype)) @ roots[g].T
+
     if not vectors:
         if method == "svd":
             return None, None, np.stack([np.linalg.svd(x, compute_uv=False) for x in mats])
-        return None, None, np.stack([np.sqrt(np.clip(lapack.eigvalsh(
-            x.T @ x if m > n else x @ x.T)[::-1], 0.0, None)) for x in mats])
+        return None, None, np.stack([np.sqrt(np.clip(lapack.eigvalsh(gram(x, g))[::-1], 0.0, None))
+                                     for g, x in enumerate(mats)])
     out = []
-    for x in mats:  # one group at a time: 2-D products (x @ x.T is a BLAS syrk)
+    for g, x in enumerate(mats):  # one group at a time: 2-D products
         if method == "svd":
             u, s, vt = np.linalg.svd(x, full_matrices=False)
             root = np.sqrt(s[:k])
             out.append((u[:, :k] * root, vt[:k].T * root, s))
             continue
         transpose = m > n
+        square = np.ascontiguousarray(gram(x, g))  # a new array, which the solver overwrites
         x = x.T if transpose else x
-        gram = x @ x.T  # a new C-contiguous array, which the solver overwrites
         # top k only up to 0.3 of the size: syevr's partial solve beats syevd's whole one up to
         # there (m = 4608: 4.6 s at m/4, 8.6 s at m/2, 6.2 s for all; vectors less orthogonal)
-        top = not values and 10 * k <= 3 * gram.shape[0]
-        evals, evecs = lapack.eigh_top(gram, k) if top else lapack.eigh(gram)  # ascending
+        top = not values and 10 * k <= 3 * square.shape[0]
+        evals, evecs = lapack.eigh_top(square, k) if top else lapack.eigh(square)  # ascending
         u = np.ascontiguousarray(evecs[:, ::-1][:, :k])
         s_all = np.sqrt(np.clip(evals[::-1], 0.0, None))
         s = s_all[:k]
         tiny = np.finfo(s.dtype).tiny ** 0.5
         root = np.where(s > tiny, np.sqrt(s), 1.0).astype(s.dtype)
-        left, right = u * root, (x.T @ u) / root  # A B^T = U_k U_k^T M, as on the device
+        u_in = u if roots is None else (roots[g].T @ u).astype(x.dtype)  # (R x)^T u = x^T R^T u
+        left, right = u * root, (x.T @ u_in) / root  # A B^T = U_k U_k^T M, as on the device
         out.append(((right, left) if transpose else (left, right)) + (s_all,))
     a, b, s = (np.stack(parts) for parts in zip(*out, strict=True))
     return a, b, (s if values else None)
@@ -202,18 +197,18 @@ def _host_array(x) -> np.ndarray:
 
 
 def _host_decompose(kernel, rank: int | None, groups: int, method: str, input_cov=None,
-                    cov_eps: float = 1e-3, values: bool = False):
+                    cov_eps: float = COV_EPS, values: bool = False):
     """:func:`vh_decompose` of :func:`_host_array` inputs on the host (NumPy factors in the
     kernel's dtype); with ``values``, ``(singular values, factors)`` as
     :func:`spectrum_and_factors` (``rank=None``: the largest; ``0``: the values alone, factors
     ``None``)."""
     kh, kw, cg, n = _check_kernel(kernel, groups)
     mats = _to_matrices(kernel, groups)
+    root = None
     if input_cov is not None:
         root, inv_root = whitening_on_host(checked_cov(input_cov, groups, cg * kh), eps=cov_eps)
-        mats = np.matmul(root, mats.astype(root.dtype))
     k = min(cg * kh, kw * (n // groups)) if rank is None else rank // groups
-    a, b, s = _host_factors_and_values(mats, k, method, values, vectors=k > 0)
+    a, b, s = _host_factors_and_values(mats, k, method, values, vectors=k > 0, roots=root)
     if a is not None and input_cov is not None:
         a = np.matmul(inv_root, a)
     factors = None if a is None else _to_hwio(a, b, kernel.shape, kernel.dtype)
@@ -222,7 +217,7 @@ def _host_decompose(kernel, rank: int | None, groups: int, method: str, input_co
 
 def vh_decompose(
     kernel: jax.Array, rank: int, *, groups: int = 1, method: str = "auto",
-    input_cov: jax.Array | None = None, cov_eps: float = 1e-3,
+    input_cov: jax.Array | None = None, cov_eps: float = COV_EPS,
 ) -> Factors:
     """Closed-form optimal rank-``rank`` vertical/horizontal factors of a conv kernel.
 
@@ -288,7 +283,7 @@ def _vh_decompose(kernel, rank, *, groups, method, input_cov, cov_eps) -> Factor
 @functools.partial(jax.jit, static_argnames=("groups", "method", "cov_eps"),
                    compiler_options=_DECOMPOSE_COMPILER_OPTIONS)
 def spectrum_and_factors(kernel: jax.Array, *, groups: int = 1, input_cov: jax.Array | None = None,
-                         cov_eps: float = 1e-3, method: str = "auto") -> tuple[jax.Array, Factors]:
+                         cov_eps: float = COV_EPS, method: str = "auto") -> tuple[jax.Array, Factors]:
     """One decomposition of a kernel: the singular values of its (whitened, with ``input_cov``)
     matrices and the closed-form factors at the largest rank, from which every smaller rank's
     factors are slices (:func:`truncate`). What a rank rule reads (the spectrum) and what it
@@ -483,11 +478,9 @@ def factor_errors(kernel, factors: Factors, *, groups: int = 1,
     """The relative kernel error ``||W - W_K|| / ||W||`` of factors and, with ``input_cov``,
     their calibration-weighted error (:func:`weighted_relative_error`), computed on the host in
     NumPy: what reports print, without a compile per layer shape. The residual is formed in
-    float64, in blocks of about 4 MB (rows, or columns with ``input_cov``), not as whole
-    matrices: fresh allocations of large arrays cost more than the arithmetic on some hosts, and
-    blocks of a few columns make BLAS crawl (VGG-16's fc6 at rank 3270: 66 s in blocks of ten
-    columns, 13 s in blocks of rows). The covariance's products (``O(m^2 n)``) run in float32,
-    summed in float64: half the time of float64 ones, agreeing to about 1e-6 relative."""
+    float64, in blocks of about 4 MB (rows, or columns with ``input_cov``): fresh allocations of
+    large arrays cost more than the arithmetic on some hosts, and blocks of a few columns make
+    BLAS crawl. The covariance's products (``O(m^2 n)``) run in float32, summed in float64."""
     kernel = np.asarray(kernel)
     kh, kw, cg, n = kernel.shape
     ng = n // groups

@@ -18,7 +18,10 @@ import numpy as np
 from lrjax import costs, lapack
 
 __all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov", "calibration_batches",
-           "MAX_CALIBRATED_INPUT", "calibrated_paths", "uncalibrated_note", "RunSums"]
+           "MAX_CALIBRATED_INPUT", "COV_EPS", "calibrated_paths", "uncalibrated_note", "RunSums"]
+
+# the whitening's ridge: eps * tr(S) / m is added to a patch covariance S's diagonal
+COV_EPS = 1e-3
 
 # Calibration leaves out layers whose first factor reads more values than this per sample
 # (VGG-16's fc6: 25088): their input covariance would be m x m (2.5 GB for fc6) and its
@@ -45,7 +48,7 @@ def checked_cov(input_cov, groups: int, size: int | None) -> jax.Array:
 
 
 def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
-              eps: float = 1e-3) -> tuple[jax.Array, jax.Array]:
+              eps: float = COV_EPS) -> tuple[jax.Array, jax.Array]:
     """``(S^{1/2}, S^{-1/2})`` of a regularised patch covariance, ``(groups, m, m)`` each.
 
     ``S`` is ``input_cov + eps * tr(input_cov) / m * I`` (symmetrised), computed by an eigen-solve
@@ -70,7 +73,7 @@ def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
     return root, inv_root
 
 
-def whitening_on_host(input_cov, *, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+def whitening_on_host(input_cov, *, eps: float = COV_EPS) -> tuple[np.ndarray, np.ndarray]:
     """A whitening ``(R, R^{-1})`` with ``R^T R = S`` of a checked ``(groups, m, m)`` covariance,
     ``S`` regularised as in :func:`whitening`, in NumPy by LAPACK on this thread
     (:mod:`lrjax.lapack`; no compile): the CPU route of

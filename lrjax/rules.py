@@ -64,9 +64,7 @@ RULE_HELP = (
 # format's runtime in `python -m lrjax.export`)
 DEFAULT_RUNTIME = "default"
 _KINDS = ("energy", "speedup")
-# on CPU, layers whose per-group matrix has a smaller side this large: spectrum first (see
-# RankProblem.prepare)
-SPECTRUM_FIRST = 2048
+SPECTRUM_FIRST = 2048  # on CPU, a layer's matrix side this large: spectrum first (prepare)
 _OPTIONS = ("multiple", "include", "exclude")
 
 
@@ -381,10 +379,12 @@ class RankProblem:
             groups={p: self.site(p).shape.groups for p in todo}) if todo else {}
         self._cache.update({("factors", p): _on_host(f) for p, f in done.items()})
 
-    def spectrum(self, path: str) -> np.ndarray:
-        """Singular values ``(groups, R)`` of the layer's (whitened, when calibrated) matrix."""
-        self.prepare([path])
-        return self._cache[("spectrum", path)]
+    def spectrum(self, path: str, compute: bool = True) -> np.ndarray | None:
+        """Singular values ``(groups, R)`` of the layer's (whitened, when calibrated) matrix
+        (``compute=False``: ``None`` unless already computed)."""
+        if compute:
+            self.prepare([path])
+        return self._cache.get(("spectrum", path))
 
     def spectral_error(self, path: str, rank: int) -> float:
         """The relative error ``||W - W_K|| / ||W||`` at total rank ``rank`` read off the

@@ -208,6 +208,31 @@ def test_calibrated_factors_lower_the_output_error():
                                atol=1e-3 * float(jnp.abs(want).max()))
 
 
+class ThreeKinds(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(48, (3, 3))(x))
+        x = nn.relu(nn.Conv(64, (3, 3), feature_group_count=2)(x))
+        x = nn.relu(nn.Conv(64, (1, 1))(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_reported_weighted_errors_read_off_the_spectrum_are_the_weighted_errors():
+    """A calibrated rule's report reads each one-group layer's weighted error off its whitened
+    spectrum (no m x m products over the residual): the error computed from the factors."""
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16)) * jnp.linspace(0.1, 3.0, 16)
+    model = ThreeKinds()
+    result = lrjax.decompose_linen(model, init(model, 0, x), x, rule="speedup:2", calibration=x)
+    problem, weighted = result.problem, result.report.weighted_errors
+    assert len(weighted) == 4
+    for path, error in weighted.items():
+        rank, groups = result.report.ranks[path], problem.site(path).shape.groups
+        want = lrjax.decompose.factor_errors(problem.kernels[path], problem.factors(path, rank),
+                                             groups=groups, input_cov=problem.covariances[path])
+        assert result.report.errors[path] == pytest.approx(want[0], rel=1e-9)
+        assert error == pytest.approx(want[1], rel=1e-5, abs=1e-6)
+
+
 def test_calibrated_energy_rule_uses_the_calibrated_spectrum():
     rng = np.random.default_rng(1)
     mixing = rng.standard_normal((8, 8)) * np.geomspace(0.01, 3.0, 8)

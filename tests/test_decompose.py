@@ -290,6 +290,10 @@ def test_cpu_route_calibrated_matches_the_jitted_one(method):
     want_values, want_top = D.spectrum_and_factors(kernel, groups=2, input_cov=cov,
                                                    method=method)
     np.testing.assert_allclose(values, want_values, rtol=1e-4, atol=1e-5)
+    alone, none = D.spectra_and_factors({"w": kernel}, groups={"w": 2}, input_covs={"w": cov},
+                                        method=method, values_only={"w"})["w"]
+    assert none is None  # the values alone (as for the largest layers): the same spectrum
+    np.testing.assert_allclose(alone, want_values, rtol=1e-4, atol=1e-5)
     for rank in (2, 10):
         got, want = (D.factor_errors(kernel, D.truncate(f, rank, groups=2), groups=2,
                                      input_cov=cov) for f in (top, want_top))
