@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax import lapack
+from lrjax import lapack, moments
 from lrjax.costs import check_kernel_shape, check_rank, max_rank
 from lrjax.moments import COV_EPS, checked_cov, patch_moments, whitening, whitening_on_host
 
@@ -139,23 +139,27 @@ def _factors_and_values(mats: jax.Array, k: int, method: str):
 
 
 def _host_factors_and_values(mats: np.ndarray, k: int, method: str, values: bool = True,
-                             vectors: bool = True, roots: np.ndarray | None = None):
+                             vectors: bool = True, roots: np.ndarray | None = None,
+                             covs: np.ndarray | None = None):
     """:func:`_factors_and_values` of NumPy matrices (whitened, ``roots @ mats``, if given) by
     LAPACK on this thread (:mod:`lrjax.lapack`): no compile, the GIL released (the CPU route of
     :func:`decompose_net`, :func:`spectra_and_factors`). Without ``values`` (``None`` returned)
     and for ``k`` up to 0.3 of the Gram matrix's size, only the top ``k`` eigenpairs are solved
     (``syevr``); without ``vectors``, only the singular values (LAPACK's two-stage solver). A
     wide ``R M`` is never formed: its Gram matrix is ``R (M M^T) R^T``, its right factor
-    ``M^T (R^T U)`` (a VGG classifier conv, 3584 x 28672: half the time)."""
+    ``M^T (R^T U)`` (a VGG classifier conv, 3584 x 28672: half the time). A tall one needs no
+    root: given ``covs`` (``S = R^T R``), its Gram matrix is ``M^T S M`` and the factors
+    ``M V_K``, ``V_K`` are the calibrated ones, unwhitened (a 7744 -> 512 dense layer: no
+    7744^3 Cholesky factorization and inverse)."""
     m, n = mats.shape[-2:]
-    method = _resolve_method(method, m, n)
+    method = "gram" if covs is not None else _resolve_method(method, m, n)
     mats = mats.astype(np.promote_types(mats.dtype, np.float32), copy=False)
     if roots is not None and (method == "svd" or m > n):
         mats, roots = np.matmul(roots, mats.astype(roots.dtype)), None
 
     def gram(x, g):  # of the (whitened) matrix, on its smaller side; x @ x.T is a BLAS syrk
         if m > n:
-            return x.T @ x
+            return x.T @ x if covs is None else x.T @ (covs[g] @ x.astype(covs.dtype))
         return x @ x.T if roots is None else (roots[g] @ (x @ x.T).astype(roots.dtype)) @ roots[g].T
 
     if not vectors:
@@ -204,12 +208,16 @@ def _host_decompose(kernel, rank: int | None, groups: int, method: str, input_co
     ``None``)."""
     kh, kw, cg, n = _check_kernel(kernel, groups)
     mats = _to_matrices(kernel, groups)
-    root = None
-    if input_cov is not None:
-        root, inv_root = whitening_on_host(checked_cov(input_cov, groups, cg * kh), eps=cov_eps)
-    k = min(cg * kh, kw * (n // groups)) if rank is None else rank // groups
-    a, b, s = _host_factors_and_values(mats, k, method, values, vectors=k > 0, roots=root)
-    if a is not None and input_cov is not None:
+    root = covs = None
+    m, cols = cg * kh, kw * (n // groups)
+    if input_cov is not None and m > cols and _resolve_method(method, m, cols) == "gram":
+        covs = moments.regularized_on_host(checked_cov(input_cov, groups, m), eps=cov_eps)
+    elif input_cov is not None:
+        root, inv_root = whitening_on_host(checked_cov(input_cov, groups, m), eps=cov_eps)
+    k = min(m, cols) if rank is None else rank // groups
+    a, b, s = _host_factors_and_values(mats, k, method, values, vectors=k > 0, roots=root,
+                                       covs=covs)
+    if a is not None and root is not None:
         a = np.matmul(inv_root, a)
     factors = None if a is None else _to_hwio(a, b, kernel.shape, kernel.dtype)
     return (s.astype(np.float32), factors) if values else factors

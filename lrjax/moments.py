@@ -17,8 +17,9 @@ import numpy as np
 
 from lrjax import costs, lapack
 
-__all__ = ["patch_moments", "whitening", "whitening_on_host", "checked_cov", "calibration_batches",
-           "MAX_CALIBRATED_INPUT", "COV_EPS", "calibrated_paths", "uncalibrated_note", "RunSums"]
+__all__ = ["patch_moments", "whitening", "whitening_on_host", "regularized_on_host", "checked_cov",
+           "calibration_batches", "MAX_CALIBRATED_INPUT", "COV_EPS", "calibrated_paths",
+           "uncalibrated_note", "RunSums"]
 
 # the whitening's ridge: eps * tr(S) / m is added to a patch covariance S's diagonal
 COV_EPS = 1e-3
@@ -73,6 +74,25 @@ def whitening(input_cov: jax.Array, *, groups: int = 1, size: int | None = None,
     return root, inv_root
 
 
+def _regularized(input_cov, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """A checked ``(groups, m, m)`` covariance symmetrised with the ridge of :func:`whitening`
+    added, in NumPy (its dtype, at least float32), and ``tr(S) / m`` per group."""
+    cov = np.asarray(input_cov)  # its dtype, at least float32 (callers pass JAX's working one)
+    cov = cov.astype(np.promote_types(cov.dtype, np.float32), copy=False)
+    m = cov.shape[-1]
+    cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+    scale = np.trace(cov, axis1=-2, axis2=-1) / m
+    scale = np.where(scale > 0, scale, 1.0).astype(cov.dtype)
+    return cov + (eps * scale)[:, None, None] * np.eye(m, dtype=cov.dtype), scale
+
+
+def regularized_on_host(input_cov, *, eps: float = COV_EPS) -> np.ndarray:
+    """The regularised covariance ``S`` of :func:`whitening` of a checked ``(groups, m, m)`` one,
+    in NumPy: what a layer's calibrated factors need where its matrix is taller than wide (the
+    right singular vectors of ``R M`` are the eigenvectors of ``M^T S M``; no root)."""
+    return _regularized(input_cov, eps)[0]
+
+
 def whitening_on_host(input_cov, *, eps: float = COV_EPS) -> tuple[np.ndarray, np.ndarray]:
     """A whitening ``(R, R^{-1})`` with ``R^T R = S`` of a checked ``(groups, m, m)`` covariance,
     ``S`` regularised as in :func:`whitening`, in NumPy by LAPACK on this thread
@@ -84,13 +104,7 @@ def whitening_on_host(input_cov, *, eps: float = COV_EPS) -> tuple[np.ndarray, n
     for every ``Z``, so ``R (W - W_K)`` is minimised by the same ``W_K``), for a quarter of an
     eigen-solve's time. A covariance that is not numerically positive definite gets the
     symmetric root of :func:`whitening` (eigenvalues below ``eps`` clipped)."""
-    cov = np.asarray(input_cov)  # its dtype, at least float32 (callers pass JAX's working one)
-    cov = cov.astype(np.promote_types(cov.dtype, np.float32), copy=False)
-    m = cov.shape[-1]
-    cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
-    scale = np.trace(cov, axis1=-2, axis2=-1) / m
-    scale = np.where(scale > 0, scale, 1.0).astype(cov.dtype)
-    cov = cov + (eps * scale)[:, None, None] * np.eye(m, dtype=cov.dtype)
+    cov, scale = _regularized(input_cov, eps)
     roots = []
     for group, floor in zip(cov, eps * scale, strict=True):
         try:

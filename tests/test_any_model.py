@@ -230,7 +230,8 @@ def test_reported_weighted_errors_read_off_the_spectrum_are_the_weighted_errors(
         want = lrjax.decompose.factor_errors(problem.kernels[path], problem.factors(path, rank),
                                              groups=groups, input_cov=problem.covariances[path])
         assert result.report.errors[path] == pytest.approx(want[0], rel=1e-9)
-        assert error == pytest.approx(want[1], rel=1e-5, abs=1e-6)
+        # (the explicit product sums float32 products: near 0 it resolves ~sqrt(1e-7))
+        assert error == pytest.approx(want[1], rel=1e-5, abs=1e-3)
 
 
 def test_calibrated_energy_rule_uses_the_calibrated_spectrum():

@@ -298,6 +298,18 @@ def test_cpu_route_calibrated_matches_the_jitted_one(method):
         got, want = (D.factor_errors(kernel, D.truncate(f, rank, groups=2), groups=2,
                                      input_cov=cov) for f in (top, want_top))
         assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    # a tall matrix (a dense layer 48 -> 20): the CPU route's Gram method needs no whitening
+    # root (the eigenvectors of M^T S M), the same spectrum and factors
+    tall = random_kernel((1, 1, 48, 20), seed=5)
+    x = np.asarray(jax.random.normal(jax.random.key(6), (64, 48))) * np.linspace(0.1, 3, 48)
+    cov = x.T @ x / 64
+    values, top = D.spectra_and_factors({"w": tall}, input_covs={"w": cov}, method=method)["w"]
+    want_values, want_top = D.spectrum_and_factors(tall, input_cov=cov, method=method)
+    np.testing.assert_allclose(values, want_values, rtol=1e-4, atol=1e-5 * want_values.max())
+    for rank in (3, 12):
+        got, want = (D.factor_errors(tall, D.truncate(f, rank), input_cov=cov)
+                     for f in (top, want_top))
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
