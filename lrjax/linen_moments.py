@@ -102,13 +102,14 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     try:
         for args in batches:
             for path, (s, n) in fn(variables, *args).items():
-                sums[path] = sums.get(path, 0.0) + np.asarray(s, np.float64)
+                s = np.array(s, np.float64)  # a writable copy, summed in place: no new m x m array
+                sums[path] = np.add(sums[path], s, out=sums[path]) if path in sums else s
                 counts[path] = counts.get(path, 0.0) + float(n)
     except flax.errors.ScopeCollectionNotFound:
         # a model whose call fails with a mutable collection (``nn.map_variables(...,
         # init=True)`` re-initializes then): every layer's moments through the host instead
         sums, counts = {}, {}
-    covs = {path: sums[path] / counts[path] for path in sums}
+    covs = {path: np.divide(sums[path], counts[path], out=sums[path]) for path in sums}
     if wanted - set(covs):
         covs.update(_looped_moments(model, variables, batches, kwargs, wanted - set(covs),
                                     site_of))

@@ -263,11 +263,12 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         except (TypeError, jax.errors.ConcretizationTypeError):
             moments = run(state, *args)
         for path, (sums, count) in (moments if wanted else {}).items():
-            sums, count = np.asarray(sums, np.float64), np.asarray(count, np.float64)
+            sums, count = np.array(sums, np.float64), np.asarray(count, np.float64)  # writable
             if count.ndim:  # a probe stacked by nnx.vmap / nnx.scan: one per iteration
                 sums = sums.reshape(-1, *sums.shape[-2:])
                 count = np.repeat(count, sums.shape[0] // count.size)[:, None, None]
-            record["sums"][path] = record["sums"].get(path, 0.0) + sums
+            held = record["sums"].get(path)  # summed in place: no new m x m array a batch
+            record["sums"][path] = sums if held is None else np.add(held, sums, out=held)
             record["counts"][path] = record["counts"].get(path, 0.0) + count
     # set inside a loop (lost), or called more than once: a second pass, each run's moments
     # to the host (lrjax.moments.RunSums)
@@ -485,7 +486,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         paths, note = calibrated_paths(candidates)
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
                                 example_kwargs, eval_mode)
-        covs = {p: record["sums"][p] / record["counts"][p] for p in record["sums"]}
+        covs = {p: np.divide(s, record["counts"][p], out=s) for p, s in record["sums"].items()}
         note = uncalibrated_note(note, paths, covs)
     net_macs, net_elementwise, found = _net_cost(model, example_args, example_kwargs,
                                                  eval_mode, found)
