@@ -18,7 +18,7 @@ import numpy as np
 from lrjax import costs, lapack
 
 __all__ = ["patch_moments", "whitening", "whitening_on_host", "regularized_on_host", "checked_cov",
-           "calibration_batches", "MAX_CALIBRATED_INPUT", "COV_EPS", "calibrated_paths",
+           "calibration_batches", "MAX_CALIBRATED_INPUT", "COV_EPS", "ridge", "calibrated_paths",
            "uncalibrated_note", "RunSums"]
 
 # the whitening's ridge: eps * tr(S) / m is added to a patch covariance S's diagonal
@@ -81,9 +81,16 @@ def _regularized(input_cov, eps: float) -> tuple[np.ndarray, np.ndarray]:
     cov = cov.astype(np.promote_types(cov.dtype, np.float32), copy=False)
     m = cov.shape[-1]
     cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
-    scale = np.trace(cov, axis1=-2, axis2=-1) / m
-    scale = np.where(scale > 0, scale, 1.0).astype(cov.dtype)
+    scale = ridge(cov, eps=1.0).astype(cov.dtype)
     return cov + (eps * scale)[:, None, None] * np.eye(m, dtype=cov.dtype), scale
+
+
+def ridge(input_cov, *, eps: float = COV_EPS) -> np.ndarray:
+    """``eps * tr(S) / m`` of each group of a ``(groups, m, m)`` (or ``(m, m)``) covariance
+    (``eps`` where the trace is not positive): the ridge :func:`whitening` adds to it."""
+    cov = np.asarray(input_cov)
+    scale = np.trace(cov, axis1=-2, axis2=-1) / cov.shape[-1]
+    return eps * np.where(scale > 0, scale, 1.0)
 
 
 def regularized_on_host(input_cov, *, eps: float = COV_EPS) -> np.ndarray:

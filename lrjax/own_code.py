@@ -48,9 +48,9 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
     paths = [s.path for s in found]
     layers: dict[str, dict] = {}
     for sources, primitive, macs, _ in weighted:
-        variables = [names[i] for i in sorted(sources) if i < len(names)]
+        variables = [names[i] for i in sorted(sources)]
         owners = ["/".join(v[:-1]) for v in variables]
-        if not variables or any(_inside(o, paths) for o in owners):
+        if any(_inside(o, paths) for o in owners):
             continue
         layer = layers.setdefault(owners[0] or variables[0][-1],
                                   {"names": {}, "ops": {}, "macs": 0})

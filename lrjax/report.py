@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lrjax import costs, decompose
-from lrjax.moments import COV_EPS
+from lrjax import costs, decompose, moments
 from lrjax.rules import RankProblem
 from lrjax.sites import KINDS
 
@@ -175,7 +174,7 @@ def build_report(problem: RankProblem, ranks: Mapping[str, int | None],
         cov = None if problem.covariances is None else problem.covariances.get(path)
         groups = problem.site(path).shape.groups
         spectrum = problem.spectrum(path, compute=False) if cov is not None else None
-        closed_form = spectrum is not None and groups == 1 and path in problem.kernels
+        closed_form = spectrum is not None and groups == 1
         errors[path], weighted_error = decompose.factor_errors(
             problem.kernels[path], factors[path], groups=groups,
             input_cov=None if closed_form else cov)
@@ -209,9 +208,7 @@ def _weighted_from_spectrum(kernel, kernel_error: float, spectrum, cov, rank: in
     closed form leaves ``||R D||^2 = sum_{i>K} s_i^2`` of the residual ``D``, and
     ``tr(D^T S D) = ||R D||^2 - r ||D||^2`` (``||D||`` from the kernel error); the same for
     ``W``."""
-    cov = np.asarray(cov, np.float64).reshape(np.shape(cov)[-2:])
-    scale = np.trace(cov) / cov.shape[-1]
-    ridge = COV_EPS * (scale if scale > 0 else 1.0)
+    ridge = float(moments.ridge(np.asarray(cov, np.float64).reshape(np.shape(cov)[-2:])))
     energy = np.square(np.asarray(spectrum, np.float64)[0])
     kernel_sq = float(np.sum(np.square(np.asarray(kernel, np.float64))))
     residual = energy[rank:].sum() - ridge * kernel_error ** 2 * kernel_sq
