@@ -27,7 +27,7 @@ from flax import traverse_util
 from lrjax import sites
 from lrjax.layers import module_path, split_type
 from lrjax.linen_trace import layer_input
-from lrjax.moments import RunSums, calibration_batches
+from lrjax.moments import RunSums, calibration_batches, static_argument
 
 __all__ = ["calibration_moments"]
 
@@ -97,11 +97,11 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         return {key[-1]: (sum(c[0] for c in calls), sum(c[1] for c in calls))  # every call
                 for key, calls in sown.items()}
 
-    fn = jax.jit(moments)
+    fn = jax.jit(moments, static_argnums=_static_argnums(batches))
     sums, counts = {}, {}
     try:
-        for args in batches:
-            for path, (s, n) in fn(variables, *args).items():
+        for i, args in enumerate(batches):
+            for path, (s, n) in _run(fn, variables, args, i, example_args).items():
                 s = np.array(s, np.float64)  # a writable copy, summed in place: no new m x m array
                 sums[path] = np.add(sums[path], s, out=sums[path]) if path in sums else s
                 counts[path] = counts.get(path, 0.0) + float(n)
@@ -119,6 +119,27 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     return covs
 
 
+def _static_argnums(batches) -> tuple[int, ...]:
+    """The positions (after the variables) of the calls' static arguments (``False`` in
+    ``model.apply(v, x, False)``): Python values the model branches on, not traced."""
+    return tuple(1 + i for i, a in enumerate(batches[0]) if static_argument(a))
+
+
+def _run(fn, variables, args, index: int, example_args):
+    """``fn(variables, *args)`` on calibration batch ``index``, with a one-line error for a
+    model that cannot run at this batch size (a parameter shaped by the batch)."""
+    try:
+        return fn(variables, *args)
+    except flax.errors.ScopeParamShapeError as e:
+        sizes = {np.shape(a)[0] for a in args if np.ndim(a)}
+        example = {np.shape(a)[0] for a in example_args or () if np.ndim(a)}
+        raise ValueError(
+            f"the model does not run on calibration batch {index} (batch size "
+            f"{', '.join(map(str, sorted(sizes)))}): {str(e).split(' (https')[0]} -- a "
+            f"parameter shaped by the batch size; give calibration batches of the example "
+            f"call's size ({', '.join(map(str, sorted(example)))}), e.g. a list of them") from None
+
+
 def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
     """The second pass (see the module docstring): every run's moments summed on the host, a
     stacked layer's by iteration (:class:`lrjax.moments.RunSums`)."""
@@ -134,7 +155,7 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
         with nn.intercept_methods(_wanted_calls(wanted, site_of, to_host)):
             model.apply(variables, *args, **kwargs)
 
-    fn = jax.jit(moments)
+    fn = jax.jit(moments, static_argnums=_static_argnums(batches))
     for args in batches:
         fn(variables, *args)
     jax.effects_barrier()

@@ -1,22 +1,26 @@
 """Tracing a linen model abstractly on its example call: the inputs split into traced arrays and
 static values (:func:`split_static`), ``model.init`` under ``jax.eval_shape`` (:func:`abstract_init`,
 optionally under a method interceptor), the one-line message for a model that cannot be traced
-(:func:`untraceable`), and a model ``nn.jit``-ed as a whole seen as the plain module it wraps
+(:func:`untraceable`) and the retry that evaluates a model's computations on constants while tracing
+(:func:`constants_evaluated`), and a model ``nn.jit``-ed as a whole seen as the plain module it wraps
 (:func:`unjitted`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
+import threading
 import traceback
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax._src import config as jax_config
 
-__all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "untraceable",
-           "unjitted"]
+__all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "Untraceable",
+           "untraceable", "constants_evaluated", "evaluating_constants", "unjitted"]
 
 
 def layer_input(args, kwargs):
@@ -46,19 +50,29 @@ def init_rngs():
 
 
 def abstract_init(model: nn.Module, args, kwargs, interceptor=None):
-    """``jax.eval_shape`` of ``model.init`` on the example inputs, under an optional interceptor."""
+    """``jax.eval_shape`` of ``model.init`` on the example inputs, under an optional interceptor.
+    The call's own ``rngs=`` (keys a model draws from at inference: MAE's random masking) join
+    :func:`init_rngs`."""
     arrays, rebuild = split_static(args)
+    kwargs = dict(kwargs)
+    given = kwargs.pop("rngs", None)
+    rngs = {**init_rngs(), **(given if isinstance(given, dict) else
+                              {} if given is None else {"params": given})}
 
-    def trace(*traced):
+    def trace(rngs, *traced):  # the keys traced too: no initializer runs on concrete values
         if interceptor is None:
-            return model.init(init_rngs(), *rebuild(traced), **kwargs)
+            return model.init(rngs, *rebuild(traced), **kwargs)
         with nn.intercept_methods(interceptor):
-            return model.init(init_rngs(), *rebuild(traced), **kwargs)
+            return model.init(rngs, *rebuild(traced), **kwargs)
 
     try:
-        return jax.eval_shape(trace, *arrays)
+        return jax.eval_shape(trace, rngs, *arrays)
     except jax.errors.ConcretizationTypeError as e:
-        raise ValueError(untraceable(e)) from None
+        raise Untraceable(untraceable(e)) from None
+
+
+class Untraceable(ValueError):
+    """A model whose call cannot be traced (:func:`untraceable` gives the message)."""
 
 
 def untraceable(error: Exception) -> str:
@@ -73,6 +87,60 @@ def untraceable(error: Exception) -> str:
             f"jax.eval_shape and jax.jit, as jax.jit(model.apply) would): it needs a concrete "
             f"value of a traced array{where} ({type(error).__name__}); compute such values from "
             "static fields or with NumPy")
+
+
+_RETRY = threading.local()
+
+
+def _flax_layers_staged(next_fun, args, kwargs, context):
+    """Flax's own layers traced as usual inside :func:`constants_evaluated`'s retry: each
+    ``self.param`` checks its stored shape against ``jax.eval_shape`` of its initializer on a
+    concrete key, which compile-time evaluation would run op by op (~15 ms an op)."""
+    if type(context.module).__module__.startswith("flax."):
+        with jax_config.eager_constant_folding(False):
+            return next_fun(*args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+
+def evaluating_constants() -> bool:
+    """Whether this is :func:`constants_evaluated`'s retry (then weights closed over by a
+    traced function are concrete, and ops on them alone run as they are traced)."""
+    return getattr(_RETRY, "active", False)
+
+
+def constants_evaluated(fn):
+    """``fn`` (an lrjax entry point that traces a linen model) run once more, with the model's
+    computations on constants evaluated as it is traced, when its first run met a model whose
+    call needs a concrete value.
+
+    ``dpr = [x.item() for x in jnp.linspace(0, self.drop_path, sum(self.depths))]`` in a
+    model's ``__call__`` (the stochastic-depth rates of timm's models and their Flax ports:
+    VAN, PVT, Swin, SegFormer) runs eagerly but not under ``jax.jit`` or ``jax.eval_shape``,
+    where every array is traced. Under ``jax.ensure_compile_time_eval()`` the arrays computed
+    from constants only are concrete again, and the model is traced as ``model.apply`` runs it.
+    A value that depends on the inputs or the weights cannot be: then :class:`Untraceable`,
+    one line naming the model's source line."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if getattr(_RETRY, "depth", 0):  # inside another entry point: the outermost retries
+            return fn(*args, **kwargs)
+        _RETRY.depth = 1
+        try:
+            return fn(*args, **kwargs)
+        except (jax.errors.ConcretizationTypeError, Untraceable):
+            pass
+        finally:
+            _RETRY.depth = 0
+        _RETRY.active, _RETRY.depth = True, 1
+        try:
+            with jax.ensure_compile_time_eval(), nn.intercept_methods(_flax_layers_staged):
+                return fn(*args, **kwargs)
+        except jax.errors.ConcretizationTypeError as e:
+            raise Untraceable(untraceable(e)) from None
+        finally:
+            _RETRY.active, _RETRY.depth = False, 0
+
+    return wrapper
 
 
 def unjitted(model: nn.Module) -> nn.Module:

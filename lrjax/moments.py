@@ -185,7 +185,8 @@ def calibration_batches(calibration, example_args: tuple | None = None) -> list[
         tuple of positional arguments), or an iterable (a list, a generator) of such batches.
       example_args: the model's example call's positional arguments: each batch must give as
         many, each with the same structure and the same shapes but for the leading (batch)
-        dim.
+        dim; or only its arrays, when the call also takes static values (``model.apply(v, x,
+        False)``: batches of ``x`` alone), which are then the example's.
 
     Raises:
       ValueError: no batch, a batch with NaN/Inf values (naming its index and shape), or a
@@ -197,7 +198,7 @@ def calibration_batches(calibration, example_args: tuple | None = None) -> list[
         raise ValueError("calibration is empty: give a batch or an iterable of batches")
     out = []
     for i, batch in enumerate(batches):
-        args = batch if isinstance(batch, tuple) else (batch,)
+        args = _with_static(batch if isinstance(batch, tuple) else (batch,), example_args)
         for a in jax.tree.leaves(args):
             if isinstance(a, (jax.Array, np.ndarray)) and not np.isfinite(np.asarray(a)).all():
                 raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains NaN/Inf "
@@ -209,6 +210,22 @@ def calibration_batches(calibration, example_args: tuple | None = None) -> list[
                 "arguments, a tuple when there are several; any batch size)")
         out.append(args)
     return out
+
+
+def static_argument(arg) -> bool:
+    """A positional argument holding no array (``False``, ``"eval"``, ``None``)."""
+    return not any(hasattr(leaf, "shape") for leaf in jax.tree.leaves(arg))
+
+
+def _with_static(args: tuple, example_args: tuple | None) -> tuple:
+    """A batch of the example call's arrays only, with its static arguments put back."""
+    if example_args is None or len(args) == len(example_args):
+        return args
+    static = [static_argument(a) for a in example_args]
+    if not any(static) or len(args) != static.count(False):
+        return args
+    given = iter(args)
+    return tuple(a if s else next(given) for a, s in zip(example_args, static, strict=True))
 
 
 def _layout(args: tuple):

@@ -32,7 +32,7 @@ from lrjax.layers import (
     transposed_pair_geometry,
     transposed_site,
 )
-from lrjax.moments import RunSums, calibrated_paths, uncalibrated_note
+from lrjax.moments import RunSums, calibrated_paths, static_argument, uncalibrated_note
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, computes_as
@@ -254,10 +254,14 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
                 if isinstance(p, _Probe) and p.path in record["batch"]
                 and p.moments.get_value() is not None}  # None: set inside a loop, lost
 
-    traced = jax.jit(run) if wanted else functools.partial(jax.eval_shape, run)
+    static = tuple(1 + i for i, a in enumerate(batches[0]) if static_argument(a)) \
+        if batches else ()  # model(x, False): the flag not traced
+    traced = jax.jit(run, static_argnums=static) if wanted else \
+        functools.partial(jax.eval_shape, run)
     for args in batches:
         try:
-            if not all(isinstance(a, (jax.Array, np.ndarray)) for a in args):
+            if not all(isinstance(a, (jax.Array, np.ndarray)) for i, a in enumerate(args)
+                       if 1 + i not in static or not wanted):
                 raise TypeError("arguments that are not arrays")
             moments = traced(state, *args)
         except (TypeError, jax.errors.ConcretizationTypeError):

@@ -57,9 +57,10 @@ def output_names(tree) -> list[str]:
 
 
 def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str = "lrjax",
-               inputs=None):
+               inputs=None, fixed_batch: bool = False):
     """The ONNX model (opset :data:`lrjax.onnx_convert.OPSET`) of ``forward: x -> y`` for inputs
-    of ``shape`` with a symbolic batch dimension; ``y`` an array or a pytree of arrays (one
+    of ``shape`` with a symbolic batch dimension (``fixed_batch``: the batch of ``shape``,
+    for code that computes with the batch size); ``y`` an array or a pytree of arrays (one
     graph output each, named by :func:`output_names`). ``inputs``: several inputs instead
     (``forward(*xs)``; shapes and dtypes as ``jax.ShapeDtypeStruct`` each, batch first, one
     symbolic batch for all), graph inputs ``input_0``, ``input_1``, ...
@@ -75,8 +76,10 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
 
     with formulations.policy("portable"):
         scope = jax.export.SymbolicScope()
-        specs = [symbolic_batch(shape)] if inputs is None else \
-            [symbolic_batch(i.shape, i.dtype, scope) for i in inputs]
+        spec = (lambda shp, dtype=jnp.float32, _=None: jax.ShapeDtypeStruct(shp, dtype)) \
+            if fixed_batch else symbolic_batch
+        specs = [spec(shape)] if inputs is None else \
+            [spec(i.shape, i.dtype, scope) for i in inputs]
         closed, out_shapes = jax.make_jaxpr(forward, return_shape=True)(*specs)
     closed = _live(closed)
     names = ["input"] if inputs is None else [f"input_{i}" for i in range(len(inputs))]
@@ -208,8 +211,8 @@ def _save_model(converted: Callable, params, spec, path: str) -> None:
     import tensorflow as tf
 
     holder = tf.Module()
-    holder.params = tf.nest.map_structure(
-        lambda a: tf.Variable(np.asarray(a), trainable=False), params)
+    holder.params = tf.nest.map_structure(  # None: a variable set to None (Swin's mask)
+        lambda a: None if a is None else tf.Variable(np.asarray(a), trainable=False), params)
     holder.forward = tf.function(lambda *xs: converted(holder.params, *xs), autograph=False,
                                  input_signature=spec)
     tf.saved_model.save(holder, path, signatures=holder.forward.get_concrete_function())

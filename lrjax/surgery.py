@@ -52,7 +52,13 @@ from lrjax.layers import (
     split_type,
     transposed_site,
 )
-from lrjax.linen_trace import abstract_init, layer_input, split_static, unjitted
+from lrjax.linen_trace import (
+    abstract_init,
+    constants_evaluated,
+    layer_input,
+    split_static,
+    unjitted,
+)
 from lrjax.moments import calibrated_paths, uncalibrated_note
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
@@ -161,6 +167,7 @@ def _mapped(module: nn.Module) -> bool:
                for part in getattr(module.scope, "debug_path", ()))
 
 
+@constants_evaluated
 def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSite]:
     """Every linear layer of a linen model, in call order, found by tracing it on example inputs.
 
@@ -244,16 +251,21 @@ def _flat(tree) -> dict[tuple[str, ...], Any]:
     return traverse_util.flatten_dict(dict(boxes.unboxed(tree))) if tree else {}
 
 
+def _shape(leaf) -> tuple | None:
+    return None if leaf is None else tuple(np.shape(leaf))  # a variable set to None (a mask)
+
+
 def _structure_problems(expected: Mapping, got: Mapping) -> list[str]:
     missing = sorted("/".join(k) for k in expected if k not in got)
     extra = sorted("/".join(k) for k in got if k not in expected)
-    wrong = sorted(f"{'/'.join(k)} {tuple(np.shape(got[k]))} (expected {tuple(v.shape)})"
-                   for k, v in expected.items() if k in got and tuple(np.shape(got[k])) != v.shape)
+    wrong = sorted(f"{'/'.join(k)} {_shape(got[k])} (expected {_shape(v)})"
+                   for k, v in expected.items() if k in got and _shape(got[k]) != _shape(v))
     return [f"{what}: {items[:4]}{' ...' if len(items) > 4 else ''}"
             for what, items in (("missing", missing), ("unexpected", extra),
                                 ("wrong shape", wrong)) if items]
 
 
+@constants_evaluated
 def check_variables(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
     """Raise ``ValueError`` unless ``variables`` has exactly ``model``'s arrays and shapes, and
     the example call is an inference call (see :func:`check_inference_call`)."""
@@ -264,6 +276,7 @@ def check_variables(model: nn.Module, variables, *example_args, **example_kwargs
     check_inference_call(model, variables, *example_args, **example_kwargs)
 
 
+@constants_evaluated
 def check_inference_call(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
     """Raise a one-line ``ValueError`` if ``model.apply(variables, *example_args,
     **example_kwargs)`` writes a variable collection (batch statistics in training mode) or
@@ -281,7 +294,8 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
     except flax.errors.InvalidRngError as e:
         raise ValueError(f"the example call of {type(model).__name__} draws randomness "
                          f"({str(e).split(' (')[0]}; dropout in training mode): "
-                         f"{_inference_hint(model)}") from None
+                         f"{_inference_hint(model)}; or, for randomness the model draws at "
+                         f"inference, pass its keys as the call's rngs=") from None
 
 
 # a model's own fields that put it in training mode when set so (``Generator(training=True)``)
@@ -463,6 +477,7 @@ def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
 
 
 @lapack.small_pages()
+@constants_evaluated
 def decompose_linen(model: nn.Module, variables, *example_args, rule, calibration=None,
                     multiple: int | None = None, measure_batch: int = 1,
                     **example_kwargs) -> Decomposition:
@@ -520,13 +535,15 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     if problems:  # a bug, not a user error: the two structures are built from the same sites
         raise AssertionError("decomposed variables do not match the low-rank model: "
                              + "; ".join(problems))
-    flat = {k: sites.device_array(v, expected[k].dtype) for k, v in flat.items()}
+    flat = {k: v if v is None else sites.device_array(v, expected[k].dtype)  # None: a mask
+            for k, v in flat.items()}
     new_variables = traverse_util.unflatten_dict(boxes.reboxed(
         flat, boxed, {p: problem.site(p) for p in factors}))
     report = build_report(problem, ranks, factors, kept_full)
     return Decomposition(module, new_variables, report, problem)
 
 
+@constants_evaluated
 def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: float,
            candidates=None, calibration=None, multiple: int | None = None,
            **example_kwargs) -> rank_lib.SearchResult:

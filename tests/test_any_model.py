@@ -473,16 +473,3 @@ def test_nnx_subclasses_that_compute_as_their_layer_are_split():
     assert isinstance(result.module.conv, LowRankConvNNX)
     assert result.report.skipped == {"head": "ShiftedLinear (a subclass of Linear that redefines "
                                              "__call__: its own computation is kept)"}
-
-
-def test_a_model_that_cannot_be_traced_gets_one_line_naming_its_source_line():
-    class Untraceable(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            rates = [r.item() for r in jnp.linspace(0.0, 0.1, 2)]  # needs concrete values
-            return nn.Dense(4)(x) * (1 - rates[0])
-
-    x = jnp.ones((2, 3))
-    with pytest.raises(ValueError, match=r"^the model cannot be traced .* needs a concrete value "
-                                         r"of a traced array at test_any_model\.py:\d+ \(rates = "):
-        surgery.find_convs(Untraceable(), x)

@@ -26,8 +26,9 @@ import numpy as np
 from flax import nnx
 from jax.extend import source_info_util
 
-from lrjax import checkpoint, formulations, macs, runtimes, surgery
+from lrjax import checkpoint, formulations, linen_trace, macs, runtimes, surgery
 from lrjax.layers import LowRankModel
+from lrjax.linen_trace import constants_evaluated
 from lrjax.nnx_surgery import eval_view
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
@@ -106,6 +107,8 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs
         raise ExportError(str(e)) from None
 
     apply = _linen_apply(module, apply_kwargs, for_litert)
+    if linen_trace.evaluating_constants():  # the weights traced (a jit's arguments): concrete,
+        apply = jax.jit(apply)  # ops on them would run eagerly, at no symbolic batch size
     return lambda *xs: apply(variables, *xs)
 
 
@@ -282,10 +285,21 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
     return worst, scale
 
 
+def _symbolic_failure(error: Exception, what: str, fix: str) -> str:
+    """The one line for a model that traced at the example's batch (:func:`_fn` checks) and not
+    with a symbolic one."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"the model does not trace with a symbolic batch, which {what} export keeps free: "
+            f"{first} (arrays passed as keyword arguments are constants of the graph, with "
+            f"their own batch; code computing with the batch size, e.g. int(x.shape[0] / n), "
+            f"needs a fixed one: {fix})")
+
+
 # ---------------------------------------------------------------------------------------------
 # StableHLO
 
 
+@constants_evaluated
 def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu",),
                  check: bool = True, **apply_kwargs) -> ExportResult:
     """Serialize the inference function with ``jax.export``, batch dimension symbolic.
@@ -300,8 +314,14 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     scope = jax.export.SymbolicScope()  # one batch symbol for every input
     specs = [runtimes.symbolic_batch(shape)] if inputs is None else \
         [runtimes.symbolic_batch(i.shape, i.dtype, scope) for i in inputs]
-    with formulations.policy("portable"):
-        exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(*specs)
+    try:
+        with formulations.policy("portable"):
+            exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(*specs)
+    except jax.errors.ConcretizationTypeError:
+        raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
+    except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
+        raise ExportError(_symbolic_failure(
+            e, "StableHLO", "to_onnx(..., fixed_batch=True) or to_tflite")) from None
     data = bytes(exported.serialize())
     batches = (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
@@ -317,9 +337,12 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
 # ONNX
 
 
+@constants_evaluated
 def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
-            check: bool = True, **apply_kwargs) -> ExportResult:
-    """Export to ONNX (opset 17) with a symbolic ``batch`` input dimension.
+            check: bool = True, fixed_batch: bool = False, **apply_kwargs) -> ExportResult:
+    """Export to ONNX (opset 17) with a symbolic ``batch`` input dimension (``fixed_batch``:
+    the example's, for a model whose code computes with its batch size, e.g. Swin's window
+    partition ``int(windows.shape[0] / n)``).
 
     ``module, variables``: a linen module and its variables, or an NNX model and ``None`` (run
     in eval mode; the same for every exporter here). ``example_input``: an NHWC float32 batch
@@ -342,18 +365,17 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs)
     try:
         model = runtimes.onnx_model(forward, shape, fold=fold, graph_name=type(module).__name__,
-                                    inputs=inputs)
+                                    inputs=inputs, fixed_batch=fixed_batch)
     except onnx_convert.TranslationError as e:
         raise ExportError(re.sub(r"\(layer ([^)]*)\)",
                                  lambda m: f"(layer {user_layer(m.group(1), module)})",
                                  str(e), count=1)) from None
+    except jax.errors.ConcretizationTypeError:
+        raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
     except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"the model does not trace with a symbolic batch, which ONNX export "
-                          f"keeps free: {first} (arrays passed as keyword arguments are "
-                          f"constants of the graph, with their own batch)") from None
+        raise ExportError(_symbolic_failure(e, "ONNX", "fixed_batch=True")) from None
     data = model.SerializeToString()
-    batches = (shape[0], shape[0] + 1)
+    batches = (shape[0],) if fixed_batch else (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
     if check:
         try:
@@ -387,6 +409,7 @@ def _computes_in_bfloat16(model) -> bool:
 # LiteRT
 
 
+@constants_evaluated
 def to_tflite(module, variables, example_input, path: str, *, check: bool = True,
               **apply_kwargs) -> ExportResult:
     """Export to a LiteRT (TFLite) flatbuffer of builtin ops, at the example's batch size.

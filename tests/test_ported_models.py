@@ -1,0 +1,231 @@
+"""Habits of models ported from PyTorch (timm-style Flax ports such as jax-models' VAN, PVT,
+Swin, SegFormer, MAE, PatchConvNet): stochastic-depth rates read with ``.item()`` inside
+``__call__``, the inference flag passed positionally (``model.apply(v, x, True)``), a variable
+set to ``None``, randomness drawn at inference, a parameter shaped by the batch, and code that
+computes with the batch size. Each is decomposed, calibrated and exported as it is written."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import export
+
+X = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+CALIB = jax.random.normal(jax.random.key(1), (6, 8, 8, 3))
+
+
+class DropPath(nn.Module):
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(self.make_rng("drop_path"), 1 - self.rate, (x.shape[0],))
+        return x * keep[:, None, None, None] / (1 - self.rate)
+
+
+class Block(nn.Module):
+    dim: int
+    drop_path: float
+
+    @nn.compact
+    def __call__(self, x, deterministic):
+        mask = self.variable("attention_mask", "mask", lambda: None)  # Swin's unshifted blocks
+        assert mask.value is None
+        y = nn.Conv(self.dim, (3, 3), name="conv")(nn.LayerNorm()(x))
+        y = nn.Dense(self.dim * 2, name="fc1")(nn.gelu(y))
+        y = nn.Dense(self.dim, name="fc2")(nn.gelu(y))
+        return x + DropPath(self.drop_path)(y, deterministic)
+
+
+class StochasticDepthNet(nn.Module):
+    """A timm-style stage stack: the rates are concrete values computed in ``__call__``."""
+    depths: tuple = (2, 1)
+    dims: tuple = (16, 24)
+    drop_path: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, deterministic=None):
+        dpr = [r.item() for r in jnp.linspace(0, self.drop_path, sum(self.depths))]
+        k = 0
+        for depth, dim in zip(self.depths, self.dims, strict=True):
+            x = nn.Conv(dim, (2, 2), strides=2)(x)
+            for _ in range(depth):
+                x = Block(dim, dpr[k])(x, deterministic)
+                k += 1
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def _variables(model, *args, **kwargs):
+    return model.init({"params": jax.random.key(0), "drop_path": jax.random.key(1)}, *args,
+                      **kwargs)
+
+
+def _lowered_flops(fn, *args) -> float:
+    with jax.ensure_compile_time_eval():  # the model's .item(): as lrjax traces it
+        return jax.jit(fn).lower(*args).cost_analysis()["flops"]
+
+
+def test_item_of_constants_in_call_is_traced_decomposed_calibrated_and_exported(tmp_path):
+    """``[r.item() for r in jnp.linspace(...)]`` cannot run under ``jax.jit``; lrjax traces such
+    a model with its constant-only computations evaluated, so it is decomposed (the flag given
+    positionally, calibration batches of the images alone), costed as XLA counts it, and
+    exported with a symbolic batch."""
+    model = StochasticDepthNet()
+    variables = _variables(model, X, True)
+    assert variables["attention_mask"]["Block_0"]["mask"] is None
+    with pytest.raises(jax.errors.ConcretizationTypeError):
+        jax.jit(lambda v, x: model.apply(v, x, True))(variables, X)
+    want = model.apply(variables, X, True)
+
+    full = lrjax.decompose_linen(model, variables, X, True, rule="energy:1.0")
+    np.testing.assert_allclose(full.module.apply(full.variables, X, True), want, rtol=1e-4,
+                               atol=1e-5)
+    free = lrjax.decompose_linen(model, variables, X, True, rule="speedup:1.5")
+    calibrated = lrjax.decompose_linen(model, variables, X, True, rule="speedup:1.5",
+                                       calibration=CALIB)
+    as_tuple = lrjax.decompose_linen(model, variables, X, True, rule="speedup:1.5",
+                                     calibration=(CALIB, True))
+    assert calibrated.report.ranks == as_tuple.report.ranks
+    for a, b in zip(jax.tree.leaves(calibrated.variables), jax.tree.leaves(as_tuple.variables),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    for result in (free, calibrated):
+        assert len(result.report.ranks) >= 2 and result.report.speedup >= 1.5
+        before = _lowered_flops(lambda v, x: model.apply(v, x, True), variables, X)
+        after = _lowered_flops(lambda v, x, m=result.module: m.apply(v, x, True),
+                               result.variables, X)
+        assert result.report.net_flops == (before / len(X), after / len(X))  # per example
+    err = [float(jnp.linalg.norm(r.module.apply(r.variables, CALIB, True)
+                                 - model.apply(variables, CALIB, True))) for r in (free, calibrated)]
+    assert err[1] < err[0]  # fitted to the calibration data it is measured on
+
+    for exporter in (export.to_onnx, export.to_stablehlo):
+        done = exporter(calibrated.module, calibrated.variables, X,
+                        str(tmp_path / exporter.__name__), deterministic=True)
+        assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-4 * done.scale
+
+
+def test_a_value_of_the_data_in_python_control_flow_gets_one_line_naming_its_source_line():
+    class Untraceable(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            if jnp.mean(x) > 0:  # a value of the data: no trace can have it
+                x = -x
+            return nn.Dense(4)(x)
+
+    x = jnp.ones((2, 3))
+    for call in (lambda: lrjax.surgery.find_convs(Untraceable(), x),
+                 lambda: lrjax.decompose_linen(Untraceable(), _variables(Untraceable(), -x), x,
+                                               rule="speedup:1.5")):
+        with pytest.raises(ValueError, match=r"^the model cannot be traced .* needs a concrete "
+                                             r"value of a traced array at test_ported_models\.py"
+                                             r":\d+ \(if jnp\.mean\(x\) > 0:"):
+            call()
+
+
+class WindowNet(nn.Module):
+    """Swin's window partition: the batch size recovered by arithmetic on shapes."""
+    window: int = 4
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        b, h, w, c = x.shape
+        assert self.variable("attention_mask", "mask", lambda: None).value is None
+        x = nn.Conv(16, (3, 3))(x)
+        n = (h // self.window) * (w // self.window)
+        windows = x.reshape(b * n, self.window * self.window, 16)
+        windows = nn.Dense(16, name="proj")(windows)
+        batch = int(windows.shape[0] / n)
+        return windows.reshape(batch, h, w, 16).mean((1, 2))
+
+
+def test_code_computing_with_the_batch_size_exports_with_a_fixed_batch(tmp_path):
+    """ONNX with ``fixed_batch=True`` (the symbolic batch's error says so), and LiteRT, whose
+    batch is fixed, with a variable set to ``None`` among the converter's variables."""
+    model = WindowNet()
+    variables = _variables(model, X)
+    result = lrjax.decompose_linen(model, variables, X, rule={"Conv_0": 4, "proj": 4})
+    with pytest.raises(export.ExportError, match=r"^the model does not trace with a symbolic "
+                                                 r"batch, which ONNX export keeps free: .*"
+                                                 r"fixed_batch=True\)$"):
+        export.to_onnx(result.module, result.variables, X, str(tmp_path / "a.onnx"))
+    done = export.to_onnx(result.module, result.variables, X, str(tmp_path / "a.onnx"),
+                          fixed_batch=True)
+    assert done.checked_batches == (2,) and done.max_abs_error <= 1e-5 * max(done.scale, 1)
+    import onnx
+
+    dims = onnx.load(done.path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 8, 8, 3]
+    done = export.to_tflite(result.module, result.variables, X, str(tmp_path / "a.tflite"))
+    assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
+
+
+class RandomMasking(nn.Module):
+    """MAE's encoder: a random subset of the patches kept, at inference too."""
+    @nn.compact
+    def __call__(self, x):
+        tokens = nn.Dense(16, name="embed")(x.reshape(x.shape[0], -1, x.shape[-1]))
+        noise = jax.random.uniform(self.make_rng("noise"), tokens.shape[:2])
+        keep = jnp.argsort(noise, axis=1)[:, : tokens.shape[1] // 2]
+        tokens = jnp.take_along_axis(tokens, keep[..., None], axis=1)
+        return nn.Dense(16, name="mlp")(nn.gelu(tokens))
+
+
+def test_randomness_drawn_at_inference_is_given_as_the_calls_rngs():
+    model = RandomMasking()
+    rngs = {"noise": jax.random.key(7)}
+    variables = model.init({"params": jax.random.key(0), **rngs}, X)
+    with pytest.raises(ValueError, match=r"draws randomness \(Mask|draws randomness .*pass its "
+                                         r"keys as the call's rngs=$"):
+        lrjax.decompose_linen(model, variables, X, rule="speedup:1.5")
+    result = lrjax.decompose_linen(model, variables, X, rule={"embed": 3, "mlp": 16},
+                                   calibration=CALIB, rngs=rngs)
+    assert result.report.ranks == {"embed": 3, "mlp": 16}
+    want = model.apply(variables, X, rngs=rngs)
+    got = result.module.apply(result.variables, X, rngs=rngs)
+    assert got.shape == want.shape and float(jnp.linalg.norm(got - want)) < float(
+        jnp.linalg.norm(want))
+
+
+class ClassToken(nn.Module):
+    """A class token created with the batch in its shape (PatchConvNet, MPViT)."""
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3))(x).reshape(x.shape[0], -1, 16)
+        token = self.param("cls_token", nn.initializers.zeros, (x.shape[0], 1, 16))
+        return nn.Dense(10)(jnp.concatenate([token, x], axis=1)[:, 0])
+
+
+def test_a_parameter_shaped_by_the_batch_asks_for_calibration_batches_of_that_size():
+    model = ClassToken()
+    variables = _variables(model, X)
+    with pytest.raises(ValueError, match=r"^the model does not run on calibration batch 0 "
+                                         r"\(batch size 6\): .*cls_token.* give calibration "
+                                         r"batches of the example call's size \(2\)"):
+        lrjax.decompose_linen(model, variables, X, rule={"Conv_0": 4}, calibration=CALIB)
+    result = lrjax.decompose_linen(model, variables, X, rule={"Conv_0": 4},
+                                   calibration=[CALIB[:2], CALIB[2:4], CALIB[4:]])
+    assert result.report.ranks == {"Conv_0": 4}
+
+
+def test_nnx_calibration_takes_the_images_alone_when_the_call_has_a_flag():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+            self.head = nnx.Linear(16, 10, rngs=rngs)
+
+        def __call__(self, x, doubled):
+            x = nnx.relu(self.conv(x))
+            return self.head((x * 2 if doubled else x).mean((1, 2)))
+
+    results = [lrjax.decompose_nnx(Net(nnx.Rngs(0)), X, True, rule={"conv": 4, "head": 3},
+                                   calibration=c) for c in (CALIB, (CALIB, True))]
+    for a, b in zip(jax.tree.leaves(nnx.state(results[0].module)),
+                    jax.tree.leaves(nnx.state(results[1].module)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
