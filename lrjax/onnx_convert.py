@@ -98,7 +98,7 @@ class _Converter:
             return env[v]
 
         for var, c in zip(jaxpr.constvars, consts, strict=True):
-            env[var] = np.asarray(c)
+            env[var] = _host(c)
         for var, t in zip(jaxpr.invars, inputs, strict=True):
             env[var] = t
         for eqn in jaxpr.eqns:
@@ -138,7 +138,7 @@ class _Converter:
                             .astype(eqn.outvars[0].aval.dtype)]
                 outs = eqn.primitive.bind(*[jnp.asarray(a) for a in args], **eqn.params)
                 outs = outs if eqn.primitive.multiple_results else [outs]
-                return [np.asarray(o) for o in outs]
+                return [_host(o) for o in outs]
             if name == "dot_general":  # operands of other dtypes (a bool mask) cast first
                 args = onnx_arrays.as_dtype(self, args, eqn.invars, eqn.outvars[0].aval.dtype)
             handler = HANDLERS.get(name)
@@ -548,6 +548,12 @@ HANDLERS: dict[str, Any] = {
     "reduce_window_sum": _method("pool", "AveragePool"),
     "dot_general": _method("matmul"),
 }
+
+
+def _host(value):
+    """A constant as a NumPy array; a ``jax.random`` key as it is (folded by its primitives: a
+    fixed key's draws are constants of the graph)."""
+    return value if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else np.asarray(value)
 
 
 def jaxpr_to_onnx(closed_jaxpr, input_names=("input",), output_names=("output",),

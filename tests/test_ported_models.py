@@ -193,6 +193,26 @@ def test_randomness_drawn_at_inference_is_given_as_the_calls_rngs():
         jnp.linalg.norm(want))
 
 
+class Noised(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3))(x)
+        return x + 0.1 * jax.random.normal(self.make_rng("noise"), x.shape)
+
+
+def test_draws_from_a_given_key_export_as_constants_at_a_fixed_batch(tmp_path):
+    """The key given as the call's ``rngs=`` is a constant of the graph: its draws fold into
+    constants where their shape is fixed; with a symbolic batch, one line naming the layer."""
+    model, rngs = Noised(), {"noise": jax.random.key(3)}
+    variables = model.init({"params": jax.random.key(0), **rngs}, X)
+    with pytest.raises(export.ExportError, match=r"^cannot export primitive 'random_bits' "
+                                                 r"\(layer <top level>\) to ONNX"):
+        export.to_onnx(model, variables, X, str(tmp_path / "n.onnx"), rngs=rngs)
+    done = export.to_onnx(model, variables, X, str(tmp_path / "n.onnx"), rngs=rngs,
+                          fixed_batch=True)
+    assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
+
+
 class ClassToken(nn.Module):
     """A class token created with the batch in its shape (PatchConvNet, MPViT)."""
     @nn.compact
