@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+import jax
 import pytest
 
 from benchmarks import common, gpu_check, speed, train_throughput, xla_cpu_flags
@@ -200,3 +201,25 @@ def test_modern_cnns_time_by_kind():
     assert out["kxk"] == {"macs_saved_fraction": 0.2, "time_saved_fraction": 0.1,
                           "time_saved_ms": 5.0}
     assert out["1x1"]["macs_saved_fraction"] == 0.2 and out["1x1"]["time_saved_ms"] == 10.0
+
+
+@pytest.mark.slow  # 13 s: two decompositions, six XLA counts, an ONNX export
+def test_public_models_row_checks_the_report_against_xla_and_exports(tmp_path):
+    """One row of ``benchmarks.public_models`` on a model with the same habit (``.item()`` in
+    ``__call__``, the flag positional): the report is XLA's lowered ratio, the export is checked."""
+    from benchmarks import public_models
+    from tests.test_ported_models import CALIB, StochasticDepthNet, X
+
+    model = StochasticDepthNet()
+    variables = model.init({"params": jax.random.key(0)}, X, True)
+    row = public_models.measure(model, variables, (X, True), CALIB, tmp_dir=str(tmp_path),
+                                exporters=("onnx",))
+    assert row["candidates_by_kind"] == {"kxk": 5, "dense": 7}
+    assert row["full_rank_max_error"] <= 1e-4 * row["output_scale"]
+    for method in ("data-free", "calibrated"):
+        assert row[method]["report_speedup"] == pytest.approx(
+            row[method]["xla_lowered_speedup"], rel=1e-9)
+        assert row[method]["report_speedup"] >= 2.0 and row[method]["layers_split"] >= 2
+    assert row["onnx"]["batches"] == [2, 3] and row["onnx"]["max_abs_error"] < 1e-4
+    with pytest.raises(SystemExit):
+        public_models.main(["--jax-models", str(tmp_path)])  # no checkout there: exit 2

@@ -1,0 +1,166 @@
+"""Models written by others, as published: found layers, whole-net `speedup:2` data-free and
+calibrated (seconds, the report against XLA's own flop count), and the export to ONNX Runtime
+and LiteRT.
+
+The models are DarshanDeshpande/jax-models' timm-style ports (VAN, PVTv2, SegFormer, Swin), which
+read their stochastic-depth rates with ``.item()`` inside ``__call__`` and so cannot run under
+``jax.jit`` as written (lrjax traces them with their constant-only computations evaluated:
+:func:`lrjax.linen_trace.constants_evaluated`). They are imported unmodified from a checkout given
+by path (this machine has no network: ``git clone https://github.com/DarshanDeshpande/jax-models``
+elsewhere), random weights, called as their own tests call them (``model.apply(v, x, True)``).
+
+XLA's counts are of ``jax.jit(...).lower()`` (and ``.compile()``) under
+``jax.ensure_compile_time_eval()``, as lrjax traces them: plain ``jax.jit`` fails on them.
+
+    python -m benchmarks.public_models --jax-models ~/src/jax-models \\
+        --json bench_results/public_models.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from benchmarks.common import machine, setup, write_json
+
+# name: (registry function, input size, to_onnx keywords)
+MODELS = {
+    "van_tiny": ("van.van_tiny", 64, {}),
+    "pvit_b0": ("pvit.pvit_b0", 64, {}),
+    "segformer_b0": ("segformer.segformer_b0", 64, {}),
+    "swin_tiny_224": ("swin_transformer.swin_tiny_224", 224, {"fixed_batch": True}),  # int(b / n)
+}
+
+
+def _first(y):
+    """A model's main output: the last of a list (SegFormer's stages)."""
+    return y[-1] if isinstance(y, (list, tuple)) else y
+
+
+def xla_flops(model, variables, args, compiled: bool) -> float:
+    """XLA's flop count of ``model.apply(variables, *args)`` (lowered or compiled), traced as lrjax
+    traces it."""
+    import jax
+
+    static = tuple(1 + i for i, a in enumerate(args) if not hasattr(a, "shape"))  # the flag
+    with jax.ensure_compile_time_eval():
+        lowered = jax.jit(lambda v, *a: model.apply(v, *a), static_argnums=static).lower(
+            variables, *args)
+        return (lowered.compile() if compiled else lowered).cost_analysis()["flops"]
+
+
+def measure(model, variables, args, calibration, *, tmp_dir: str, exporters=("onnx", "tflite"),
+            onnx_kwargs=None) -> dict:
+    """One model's row: ``args`` its example call's positional arguments (the batch first)."""
+    import jax.numpy as jnp
+
+    import lrjax
+    from lrjax import decompose, export, surgery
+
+    found = [s for s in surgery.find_convs(model, *args) if s.candidate]
+    top = {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups) for s in found}
+    want = _first(model.apply(variables, *args))
+    full = lrjax.decompose_linen(model, variables, *args, rule=top)
+    row = {"candidates_by_kind": {}, "full_rank_max_error": float(jnp.max(jnp.abs(
+        _first(full.module.apply(full.variables, *args)) - want))),
+        "output_scale": float(jnp.max(jnp.abs(want)))}
+    for site in found:
+        row["candidates_by_kind"][site.kind] = row["candidates_by_kind"].get(site.kind, 0) + 1
+    flops_full = {c: xla_flops(model, variables, args, c) for c in (False, True)}
+    for method, calib in (("data-free", None), ("calibrated", calibration)):
+        start = time.perf_counter()
+        result = lrjax.decompose_linen(model, variables, *args, rule="speedup:2",
+                                       calibration=calib)
+        seconds = time.perf_counter() - start
+        row[method] = {
+            "seconds": seconds, "report_speedup": result.report.speedup,
+            "xla_lowered_speedup": flops_full[False] / xla_flops(result.module, result.variables,
+                                                                 args, False),
+            "xla_compiled_speedup": flops_full[True] / xla_flops(result.module, result.variables,
+                                                                 args, True),
+            "layers_split": len(result.report.ranks), "left_as_is": len(result.report.skipped)}
+    kwargs = {"deterministic": True} if args[1:] == (True,) else {}
+    for fmt in exporters:
+        extra = dict(onnx_kwargs or {}) if fmt == "onnx" else {}
+        try:
+            done = export.EXPORTERS[fmt](result.module, result.variables, args[0],
+                                         os.path.join(tmp_dir, f"model.{fmt}"), **kwargs, **extra)
+            row[fmt] = {"max_abs_error": done.max_abs_error, "scale": done.scale,
+                        "batches": list(done.checked_batches), **extra}
+        except export.ExportError as e:
+            row[fmt] = {"error": str(e)}
+    return row
+
+
+def _table(rows: dict) -> str:
+    lines = [f"{'model':<15}{'k×k/1×1/dense':>15}{'full rank':>11}{'data-free':>26}"
+             f"{'calibrated':>26}{'ONNX':>10}{'LiteRT':>10}"]
+    for name, r in rows.items():
+        kinds = r["candidates_by_kind"]
+        cells = [f"{kinds.get('kxk', 0)}/{kinds.get('1x1', 0)}/{kinds.get('dense', 0)}",
+                 f"{r['full_rank_max_error']:.1e}"]
+        for method in ("data-free", "calibrated"):
+            m = r[method]
+            cells.append(f"{m['seconds']:.1f} s {m['report_speedup']:.3f} vs "
+                         f"{m['xla_compiled_speedup']:.3f}")
+        for fmt in ("onnx", "tflite"):
+            e = r.get(fmt, {})
+            cells.append(f"{e['max_abs_error']:.1e}" if "max_abs_error" in e else
+                         ("error" if e else "-"))
+        lines.append(f"{name:<15}{cells[0]:>15}{cells[1]:>11}{cells[2]:>26}{cells[3]:>26}"
+                     f"{cells[4]:>10}{cells[5]:>10}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    setup()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jax-models", required=True,
+                        help="a checkout of github.com/DarshanDeshpande/jax-models")
+    parser.add_argument("--json", default="bench_results/public_models.json")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--calibration-images", type=int, default=8)
+    args = parser.parse_args(argv)
+    names = args.models.split(",")
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    if not os.path.isdir(os.path.join(args.jax_models, "jax_models", "models")):
+        parser.error(f"--jax-models {args.jax_models}: no jax_models/models folder there")
+    if args.batch < 1 or args.calibration_images < 1:
+        parser.error("--batch and --calibration-images must be at least 1")
+
+    import importlib
+    import tempfile
+
+    import jax
+
+    sys.path.insert(0, os.path.abspath(args.jax_models))
+    result = {"machine": machine("onnxruntime", "tensorflow_cpu", "ai-edge-litert"),
+              "command": "python -m benchmarks.public_models " + " ".join(argv or sys.argv[1:]),
+              "jax_models": os.path.abspath(args.jax_models), "models": {}}
+    for name in names:
+        factory, size, onnx_kwargs = MODELS[name]
+        module, function = factory.split(".")
+        model = getattr(importlib.import_module(f"jax_models.models.{module}"), function)(
+            num_classes=10)
+        x = jax.random.normal(jax.random.key(0), (args.batch, size, size, 3))
+        calibration = jax.random.normal(jax.random.key(1),
+                                        (args.calibration_images, size, size, 3))
+        variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1),
+                                "drop_path": jax.random.key(2)}, x, True)
+        with tempfile.TemporaryDirectory() as tmp:
+            result["models"][name] = measure(model, variables, (x, True), calibration,
+                                             tmp_dir=tmp, onnx_kwargs=onnx_kwargs)
+        print(_table({name: result["models"][name]}).splitlines()[-1], flush=True)
+    print(_table(result["models"]))
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
