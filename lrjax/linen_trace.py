@@ -20,7 +20,8 @@ import numpy as np
 from jax._src import config as jax_config
 
 __all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "Untraceable",
-           "untraceable", "constants_evaluated", "evaluating_constants", "unjitted"]
+           "untraceable", "constants_evaluated", "with_constants_evaluated", "evaluating_constants",
+           "unjitted"]
 
 
 def layer_input(args, kwargs):
@@ -100,6 +101,17 @@ def _flax_layers_staged(next_fun, args, kwargs, context):
         with jax_config.eager_constant_folding(False):
             return next_fun(*args, **kwargs)
     return next_fun(*args, **kwargs)
+
+
+def with_constants_evaluated(fn, *args):
+    """``fn(*args)``, once more under ``jax.ensure_compile_time_eval()`` if it needed a concrete
+    value (a trace whose model reads ``.item()`` of constants; NNX's state passed as an argument
+    stays traced)."""
+    try:
+        return fn(*args)
+    except jax.errors.ConcretizationTypeError:
+        with jax.ensure_compile_time_eval():
+            return fn(*args)
 
 
 def evaluating_constants() -> bool:

@@ -32,6 +32,7 @@ from lrjax.layers import (
     transposed_pair_geometry,
     transposed_site,
 )
+from lrjax.linen_trace import with_constants_evaluated
 from lrjax.moments import RunSums, calibrated_paths, static_argument, uncalibrated_note
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
@@ -263,7 +264,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             if not all(isinstance(a, (jax.Array, np.ndarray)) for i, a in enumerate(args)
                        if 1 + i not in static or not wanted):
                 raise TypeError("arguments that are not arrays")
-            moments = traced(state, *args)
+            moments = with_constants_evaluated(traced, state, *args)  # .item() of constants
         except (TypeError, jax.errors.ConcretizationTypeError):
             moments = run(state, *args)
         for path, (sums, count) in (moments if wanted else {}).items():
@@ -437,8 +438,8 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     view = nnx.recursive_map(scoped, nnx.clone(model))
     graphdef, state = nnx.split(eval_view(view) if eval_mode else view)
     try:  # the state as an argument: the weights are not constants of the lowered module
-        counts = macs.traced_macs(
-            lambda st, *a: nnx.merge(graphdef, st)(*a, **example_kwargs), state, *example_args)
+        counts = with_constants_evaluated(macs.traced_macs, lambda st, *a: nnx.merge(
+            graphdef, st)(*a, **example_kwargs), state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
         return None, 0, list(found)
     batch = sites.example_batch(example_args)

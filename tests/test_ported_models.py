@@ -249,3 +249,28 @@ def test_nnx_calibration_takes_the_images_alone_when_the_call_has_a_flag():
     for a, b in zip(jax.tree.leaves(nnx.state(results[0].module)),
                     jax.tree.leaves(nnx.state(results[1].module)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_an_nnx_model_reading_item_in_call_is_costed_whole_and_calibrated_traced():
+    """The NNX twin of the first test: its whole-net cost (it fell back to the layers' count)
+    and its calibration pass (it ran op by op) are traced with the constants evaluated."""
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.convs = nnx.List([nnx.Conv(3, 16, (3, 3), rngs=rngs),
+                                   nnx.Conv(16, 16, (3, 3), rngs=rngs)])
+            self.head = nnx.Linear(16, 10, rngs=rngs)
+
+        def __call__(self, x):
+            dpr = [r.item() for r in jnp.linspace(0, 0.1, 2)]
+            for conv, rate in zip(self.convs, dpr, strict=True):
+                x = nnx.relu(conv(x)) * (1 - rate)
+            return self.head(x.mean((1, 2)))
+
+    model = Net(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule="speedup:1.5", calibration=CALIB)
+    graphdef, state = nnx.split(model)
+    low_graphdef, low_state = nnx.split(result.module)
+    before = _lowered_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
+    after = _lowered_flops(lambda s, x: nnx.merge(low_graphdef, s)(x), low_state, X)
+    assert result.report.net_flops == (before / len(X), after / len(X))
+    assert result.report.speedup >= 1.5
