@@ -1,7 +1,8 @@
 """ONNX translations of the primitives that rearrange, select or scan along one axis: ``split``
 (``jnp.split``), ``stack`` (``jnp.stack``), ``rev`` (``jnp.flip``; reflect padding is built
 from it), ``argmax``, ``top_k`` (``lax.top_k``: a mixture-of-experts router's choice) and ``cumsum``
-(``jnp.cumsum``: an expert's buffer positions); :func:`as_dtype` casts a ``dot_general``'s
+(``jnp.cumsum``: an expert's buffer positions), ``take`` (a gather at indices of the data: an
+embedding lookup of class labels); :func:`as_dtype` casts a ``dot_general``'s
 operands of other dtypes. Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
 out_aval)``, in the converter's layout (an NCHW tensor stays NCHW where the result is 4-D)."""
 
@@ -11,9 +12,9 @@ import jax
 import numpy as np
 from onnx import helper
 
-from lrjax.onnx_graph import INT64_MAX, Tensor, onnx_dtype
+from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, onnx_dtype
 
-__all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum"]
+__all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum", "take"]
 
 
 def split(c, args, params, aval):
@@ -77,6 +78,27 @@ def argmax(c, args, params, aval):
     out = c.g.node("ArgMax", [c.nhwc(args[0])], axis=int(axis), keepdims=0)
     return Tensor(c.g.node("Cast", [out], to=onnx_dtype(params["index_dtype"])),
                   tuple(aval.shape))
+
+
+def take(c, args, params, aval):
+    """``jnp.take(x, indices, axis)`` with indices of the data (``nnx.Embed`` / ``nn.Embed`` of
+    class labels or timesteps) as ONNX ``Gather``; indices past the end fail there, where JAX
+    fills them (an embedding's indices are in range)."""
+    x, idx = args
+    dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+    rank, batch = len(np.shape(x)), len(idx.shape) - 1
+    axes = tuple(dn.start_index_map)
+    if len(axes) != 1 or tuple(dn.collapsed_slice_dims) != axes or dn.operand_batching_dims or \
+            idx.shape[-1] != 1 or tuple(dn.offset_dims) != tuple(
+                i for i in range(rank - 1 + batch) if not axes[0] <= i < axes[0] + batch) or \
+            any(s != (1 if i == axes[0] else d) for i, (s, d) in enumerate(zip(
+                sizes, np.shape(x), strict=True))):
+        raise TranslationError(f"only jnp.take along one axis at indices of the data is "
+                               f"covered; got {dn}")
+    data = c.nhwc(x) if isinstance(x, Tensor) else c.g.const(np.asarray(x))
+    indices = c.g.node("Cast", [c.g.node("Squeeze", [c.nhwc(idx), c.g.ints([batch])])],
+                       to=onnx_dtype(np.int64))
+    return Tensor(c.g.node("Gather", [data, indices], axis=axes[0]), tuple(aval.shape))
 
 
 def as_dtype(c, args, invars, dtype) -> list:

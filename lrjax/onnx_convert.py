@@ -433,10 +433,12 @@ class _Converter:
         batch: ``x[:, 1:]``, ``x[:, 0]`` (a ViT's class token), ``x[:, :, 0, 0]``) as ``Slice``
         then ``Squeeze`` of the indexed axes it drops."""
         x, idx = args
+        if isinstance(idx, Tensor):
+            return onnx_arrays.take(self, args, params, aval)
         dn, sizes, rank = params["dimension_numbers"], params["slice_sizes"], len(x.shape)
         axes, dropped = tuple(dn.start_index_map), tuple(dn.collapsed_slice_dims)
         point = np.ndim(idx) == 1  # one start: a static slice
-        if isinstance(idx, Tensor) or dn.operand_batching_dims or not axes or \
+        if dn.operand_batching_dims or not axes or \
                 np.ndim(idx) not in (1, 2) or np.shape(idx)[-1] != len(axes) or \
                 not set(dropped) <= set(axes) or not all(concrete(sizes[a]) for a in axes) or \
                 (not point and (len(axes) != 1 or dropped != axes)):

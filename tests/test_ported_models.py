@@ -1,8 +1,9 @@
 """Habits of models ported from PyTorch (timm-style Flax ports such as jax-models' VAN, PVT,
 Swin, SegFormer, MAE, PatchConvNet): stochastic-depth rates read with ``.item()`` inside
 ``__call__``, the inference flag passed positionally (``model.apply(v, x, True)``), a variable
-set to ``None``, randomness drawn at inference, a parameter shaped by the batch, and code that
-computes with the batch size. Each is decomposed, calibrated and exported as it is written."""
+set to ``None``, randomness drawn at inference, a parameter shaped by the batch, code that
+computes with the batch size or is written for one (a DiT's ``reshape(self.batch_size, ...)``),
+and an embedding lookup of class labels. Each is decomposed, calibrated and exported as it is written."""
 
 import flax.linen as nn
 import jax
@@ -274,3 +275,33 @@ def test_an_nnx_model_reading_item_in_call_is_costed_whole_and_calibrated_traced
     after = _lowered_flops(lambda s, x: nnx.merge(low_graphdef, s)(x), low_state, X)
     assert result.report.net_flops == (before / len(X), after / len(X))
     assert result.report.speedup >= 1.5
+
+
+class LabelConditioned(nnx.Module):
+    """A DiT's habits: class labels looked up in an ``nnx.Embed``, the output reshaped with the
+    batch size it was configured for."""
+    def __init__(self, batch_size, rngs):
+        self.batch_size = batch_size
+        self.embed = nnx.Embed(10, 16, rngs=rngs)
+        self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.out = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x, labels):
+        h = self.conv(x) * (1 + self.embed(labels)[:, None, None, :])
+        return self.out(h).reshape(self.batch_size, h.shape[1] * h.shape[2] * 4)
+
+
+def test_an_embedding_of_labels_exports_and_a_one_batch_model_says_fixed_batch(tmp_path):
+    labels = jnp.array([3, 9])
+    model = LabelConditioned(len(X), nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, labels, rule={"conv": 4, "out": 2})
+    with pytest.raises(export.ExportError, match=r"^the model does not run on a batch of 3 \(the "
+                                                 r"export is checked on the example's batch and "
+                                                 r"one more\): .*fixed_batch=True$"):
+        export.to_onnx(result.module, None, (X, labels), str(tmp_path / "a.onnx"))
+    done = export.to_onnx(result.module, None, (X, labels), str(tmp_path / "a.onnx"),
+                          fixed_batch=True)
+    assert done.checked_batches == (2,) and done.max_abs_error <= 1e-5 * max(done.scale, 1)
+    free = LabelConditioned(-1, nnx.Rngs(0))  # reshape(-1, ...): any batch
+    done = export.to_onnx(free, None, (X, labels), str(tmp_path / "b.onnx"))
+    assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-5 * max(done.scale, 1)

@@ -267,7 +267,17 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
     for i, b in enumerate(batches):
         xs = [np.random.default_rng(i).standard_normal((b, *shape[1:])).astype(np.float32)] \
             if examples is None else [np.take(a, np.arange(b) % len(a), axis=0) for a in examples]
-        tree = forward(*map(jnp.asarray, xs))  # JAX arrays, as the model is called with
+        try:
+            tree = forward(*map(jnp.asarray, xs))  # JAX arrays, as the model is called with
+        except Exception as e:  # noqa: BLE001 - the model's own code, at another batch
+            if i == 0:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"the model does not run on a batch of {b} (the export is checked "
+                              f"on the example's batch and one more): {first}; a model written "
+                              f"for one batch size: " + ("fixed_batch=True" if "ONNX" in what
+                                                         else "to_onnx(..., fixed_batch=True) "
+                                                         "or to_tflite")) from None
         wanted = jax.tree.leaves(tree)
         names = runtimes.output_names(tree) if len(wanted) > 1 else [""]
         for name, want, got in zip(names, wanted, run(*xs), strict=True):
