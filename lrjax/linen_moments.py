@@ -63,7 +63,8 @@ def _wanted_calls(wanted, site_of, take):
 def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
                         example_kwargs: Mapping | None = None,
                         example_args: tuple | None = None, strict: bool = True, *,
-                        site_of: Callable) -> dict[str, np.ndarray]:
+                        site_of: Callable, counts_out: dict | None = None
+                        ) -> dict[str, np.ndarray]:
     """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in
     ``paths`` (see the module docstring); sums in float64 on the host.
 
@@ -74,6 +75,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
       example_args: the example call's positional arguments, which each batch must match.
       site_of: ``site_of(path, module, x, equation)``, the :class:`lrjax.sites.ConvSite` of a
         layer's call.
+      counts_out: filled with ``{path: input vectors seen}`` (first pass only).
 
     Returns:
       ``{path: (groups, C_g * kh, C_g * kh) float64}``; a stacked layer's groups are its
@@ -110,6 +112,8 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         # init=True)`` re-initializes then): every layer's moments through the host instead
         sums, counts = {}, {}
     covs = {path: np.divide(sums[path], counts[path], out=sums[path]) for path in sums}
+    if counts_out is not None:
+        counts_out.update(counts)
     if wanted - set(covs):
         covs.update(_looped_moments(model, variables, batches, kwargs, wanted - set(covs),
                                     site_of))

@@ -19,7 +19,7 @@ from lrjax import costs, lapack
 
 __all__ = ["patch_moments", "whitening", "whitening_on_host", "regularized_on_host", "checked_cov",
            "calibration_batches", "MAX_CALIBRATED_INPUT", "COV_EPS", "ridge", "calibrated_paths",
-           "uncalibrated_note", "RunSums"]
+           "uncalibrated_note", "undersampled_note", "RunSums"]
 
 # the whitening's ridge: eps * tr(S) / m is added to a patch covariance S's diagonal
 COV_EPS = 1e-3
@@ -259,6 +259,23 @@ def uncalibrated_note(note: str | None, paths, covs) -> str | None:
         return note
     return "; ".join(filter(None, (note, f"{missing}: data-free factors (calibration never "
                                          "ran them)")))
+
+
+def undersampled_note(counts: Mapping, candidates) -> str | None:
+    """A report note naming the calibrated layers that saw fewer input vectors (``counts``:
+    ``{path: vectors}``, per iteration for a stacked layer) than their first factor has inputs
+    (``C_g * kh``): a dense layer on per-example vectors (a DiT's conditioning) calibrated on a
+    few examples. Their factors fit the directions the data spans; the others are kept only
+    through the small regulariser (:func:`ridge`). ``None`` if none."""
+    width = {s.path: s.shape.kernel_shape[2] * s.shape.kernel_shape[0] for s in candidates}
+    few = [f"{p} ({int(np.min(n))} for {width[p]})" for p, n in counts.items()
+           if p in width and np.min(n) < width[p]]
+    if not few:
+        return None
+    shown = ", ".join(few[:4]) + (f" and {len(few) - 4} more" if len(few) > 4 else "")
+    return (f"calibrated on fewer input vectors than inputs (directions the calibration data "
+            f"does not span are kept only through a small regulariser: give more examples): "
+            f"{shown}")
 
 
 class RunSums:

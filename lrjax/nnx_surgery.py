@@ -33,7 +33,13 @@ from lrjax.layers import (
     transposed_site,
 )
 from lrjax.linen_trace import with_constants_evaluated
-from lrjax.moments import RunSums, calibrated_paths, static_argument, uncalibrated_note
+from lrjax.moments import (
+    RunSums,
+    calibrated_paths,
+    static_argument,
+    uncalibrated_note,
+    undersampled_note,
+)
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, computes_as
@@ -485,7 +491,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, _SPLIT))
     candidates = [s for s in found if s.candidate]
     kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
-    covs, note = None, None
+    covs, note, few = None, None, None
     if calibration is not None:
         batches = rules.calibration_batches(calibration, example_args)
         paths, note = calibrated_paths(candidates)
@@ -493,10 +499,11 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
                                 example_kwargs, eval_mode)
         covs = {p: np.divide(s, record["counts"][p], out=s) for p, s in record["sums"].items()}
         note = uncalibrated_note(note, paths, covs)
+        few = undersampled_note(record["counts"], candidates)
     net_macs, net_elementwise, found = _net_cost(model, example_args, example_kwargs,
                                                  eval_mode, found)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
-                          net_elementwise=net_elementwise, notes=(note,) if note else ())
+                          net_elementwise=net_elementwise, notes=tuple(filter(None, (note, few))))
     if rule.eval_fn is not None:
         problem.score = lambda ranks: float(rule.eval_fn(_build(model, problem, ranks)[0]))
     kept_full = {}

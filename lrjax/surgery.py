@@ -59,7 +59,7 @@ from lrjax.linen_trace import (
     split_static,
     unjitted,
 )
-from lrjax.moments import calibrated_paths, uncalibrated_note
+from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
 from lrjax.report import Decomposition, build_report
 from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, costed_as_run, example_batch, layer_indices, variable_key
@@ -320,7 +320,8 @@ def _inference_hint(model: nn.Module) -> str:
 def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
                         example_kwargs: Mapping | None = None,
                         example_args: tuple | None = None,
-                        strict: bool = True) -> dict[str, np.ndarray]:
+                        strict: bool = True, counts_out: dict | None = None
+                        ) -> dict[str, np.ndarray]:
     """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in ``paths``
     (:func:`lrjax.linen_moments.calibration_moments`, with this module's sites): sown from each
     listed layer's first call, or, for a layer inside a loop body (a recurrence, a stacked
@@ -334,7 +335,8 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         statistics never came back.
     """
     return linen_moments.calibration_moments(model, variables, calibration, paths,
-                                             example_kwargs, example_args, strict, site_of=_site)
+                                             example_kwargs, example_args, strict, site_of=_site,
+                                             counts_out=counts_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,12 +414,14 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     found = _with_parametrization_flops(found, flat, batch)
     candidates = [s for s in found if s.candidate]
     kernels = _Kernels(flat, candidates)
-    covs, note = None, None
+    covs, note, few = None, None, None
     if calibration is not None:
         paths, note = calibrated_paths(candidates)
+        seen = {}
         covs = calibration_moments(model, variables, calibration, paths, example_kwargs,
-                                   example_args, strict=False)
+                                   example_args, strict=False, counts_out=seen)
         note = uncalibrated_note(note, paths, covs)
+        few = undersampled_note(seen, candidates)
     index = layer_indices(found)
 
     def scoped(next_fun, args, kwargs, context):  # each layer's runs counted (layer_scope)
@@ -434,7 +438,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                                    own_code.variable_names(variables, collections=True),
                                    counts["total"])
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
-                       counts["elementwise"] // batch, notes=(note,) if note else ())
+                       counts["elementwise"] // batch, notes=tuple(filter(None, (note, few))))
 
 
 def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:

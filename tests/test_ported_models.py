@@ -305,3 +305,40 @@ def test_an_embedding_of_labels_exports_and_a_one_batch_model_says_fixed_batch(t
     free = LabelConditioned(-1, nnx.Rngs(0))  # reshape(-1, ...): any batch
     done = export.to_onnx(free, None, (X, labels), str(tmp_path / "b.onnx"))
     assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-5 * max(done.scale, 1)
+
+
+def test_layers_calibrated_on_fewer_vectors_than_inputs_are_named_in_the_report():
+    """A DiT's conditioning MLP sees one vector per example: calibrated on six examples, its
+    16-wide layer is named; the conv (a vector per pixel) is not."""
+    class Conditioned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scale = nn.Dense(16, name="adaln")(x.mean((1, 2)) @ jnp.ones((3, 16)))
+            return nn.Conv(16, (3, 3), name="conv")(x) * scale[:, None, None, :]
+
+    model = Conditioned()
+    variables = _variables(model, X)
+    result = lrjax.decompose_linen(model, variables, X, rule={"adaln": 2, "conv": 4},
+                                   calibration=CALIB)
+    assert [n for n in result.report.notes if "fewer input vectors" in n] == [
+        "calibrated on fewer input vectors than inputs (directions the calibration data does "
+        "not span are kept only through a small regulariser: give more examples): adaln "
+        "(6 for 16)"]
+    many = jnp.concatenate([CALIB] * 3)
+    assert not any("fewer input vectors" in n for n in lrjax.decompose_linen(
+        model, variables, X, rule={"adaln": 2, "conv": 4}, calibration=many).report.notes)
+
+
+def test_nnx_layers_calibrated_on_fewer_vectors_than_inputs_are_named_too():
+    class Conditioned(nnx.Module):
+        def __init__(self, rngs):
+            self.adaln = nnx.Linear(3, 16, rngs=rngs)
+            self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.conv(x) * self.adaln(x.mean((1, 2)))[:, None, None, :]
+
+    result = lrjax.decompose_nnx(Conditioned(nnx.Rngs(0)), X, rule={"adaln": 2, "conv": 4},
+                                 calibration=CALIB[:2])
+    assert [n.split(": ")[-1] for n in result.report.notes if "fewer input vectors" in n] == [
+        "adaln (2 for 3)"]
