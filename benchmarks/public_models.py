@@ -10,7 +10,8 @@ by path (this machine has no network: ``git clone https://github.com/DarshanDesh
 elsewhere), random weights, called as their own tests call them (``model.apply(v, x, True)``).
 
 XLA's counts are of ``jax.jit(...).lower()`` (and ``.compile()``) under
-``jax.ensure_compile_time_eval()``, as lrjax traces them: plain ``jax.jit`` fails on them.
+:func:`lrjax.linen_trace.compile_time_constants`, as lrjax traces them: plain ``jax.jit`` fails
+on them.
 
     python -m benchmarks.public_models --jax-models ~/src/jax-models \\
         --json bench_results/public_models.json
@@ -44,8 +45,10 @@ def xla_flops(model, variables, args, compiled: bool) -> float:
     traces it."""
     import jax
 
+    from lrjax.linen_trace import compile_time_constants
+
     static = tuple(1 + i for i, a in enumerate(args) if not hasattr(a, "shape"))  # the flag
-    with jax.ensure_compile_time_eval():
+    with compile_time_constants():
         lowered = jax.jit(lambda v, *a: model.apply(v, *a), static_argnums=static).lower(
             variables, *args)
         return (lowered.compile() if compiled else lowered).cost_analysis()["flops"]
@@ -139,6 +142,8 @@ def main(argv=None) -> dict:
 
     import jax
 
+    from lrjax.linen_trace import compile_time_constants
+
     sys.path.insert(0, os.path.abspath(args.jax_models))
     result = {"machine": machine("onnxruntime", "tensorflow_cpu", "ai-edge-litert"),
               "command": "python -m benchmarks.public_models " + " ".join(argv or sys.argv[1:]),
@@ -151,8 +156,10 @@ def main(argv=None) -> dict:
         x = jax.random.normal(jax.random.key(0), (args.batch, size, size, 3))
         calibration = jax.random.normal(jax.random.key(1),
                                         (args.calibration_images, size, size, 3))
-        variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1),
-                                "drop_path": jax.random.key(2)}, x, True)
+        with compile_time_constants():  # compiled: eagerly, every initializer op by op
+            variables = jax.jit(lambda rngs, x, m=model: m.init(rngs, x, True))(
+                {"params": jax.random.key(0), "dropout": jax.random.key(1),
+                 "drop_path": jax.random.key(2)}, x)
         with tempfile.TemporaryDirectory() as tmp:
             result["models"][name] = measure(model, variables, (x, True), calibration,
                                              tmp_dir=tmp, onnx_kwargs=onnx_kwargs)

@@ -7,6 +7,7 @@ optionally under a method interceptor), the one-line message for a model that ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -20,8 +21,8 @@ import numpy as np
 from jax._src import config as jax_config
 
 __all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "Untraceable",
-           "untraceable", "constants_evaluated", "with_constants_evaluated", "evaluating_constants",
-           "unjitted"]
+           "untraceable", "constants_evaluated", "compile_time_constants", "with_constants_evaluated",
+           "evaluating_constants", "unjitted"]
 
 
 def layer_input(args, kwargs):
@@ -103,6 +104,17 @@ def _flax_layers_staged(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def compile_time_constants():
+    """``jax.ensure_compile_time_eval()`` for tracing a linen model whose call reads concrete
+    values off constant arrays (``.item()`` of a ``jnp.linspace``), with Flax's own layers
+    traced as usual: ``with compile_time_constants(): jax.jit(model.apply)(variables, x)``
+    where plain ``jax.jit`` fails. Pass the weights (and ``init``'s keys) as arguments: what is
+    closed over is concrete, and computed op by op."""
+    with jax.ensure_compile_time_eval(), nn.intercept_methods(_flax_layers_staged):
+        yield
+
+
 def with_constants_evaluated(fn, *args):
     """``fn(*args)``, once more under ``jax.ensure_compile_time_eval()`` if it needed a concrete
     value (a trace whose model reads ``.item()`` of constants; NNX's state passed as an argument
@@ -145,7 +157,7 @@ def constants_evaluated(fn):
             _RETRY.depth = 0
         _RETRY.active, _RETRY.depth = True, 1
         try:
-            with jax.ensure_compile_time_eval(), nn.intercept_methods(_flax_layers_staged):
+            with compile_time_constants():
                 return fn(*args, **kwargs)
         except jax.errors.ConcretizationTypeError as e:
             raise Untraceable(untraceable(e)) from None

@@ -1,8 +1,8 @@
 """ONNX translations of the primitives that rearrange, select or scan along one axis: ``split``
 (``jnp.split``), ``stack`` (``jnp.stack``), ``rev`` (``jnp.flip``; reflect padding is built
 from it), ``argmax``, ``top_k`` (``lax.top_k``: a mixture-of-experts router's choice) and ``cumsum``
-(``jnp.cumsum``: an expert's buffer positions), ``take`` (a gather at indices of the data: an
-embedding lookup of class labels); :func:`as_dtype` casts a ``dot_general``'s
+(``jnp.cumsum``: an expert's buffer positions); :func:`take`, the ``gather`` handler's case of
+indices of the data (an embedding lookup of class labels); :func:`as_dtype` casts a ``dot_general``'s
 operands of other dtypes. Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
 out_aval)``, in the converter's layout (an NCHW tensor stays NCHW where the result is 4-D)."""
 
@@ -14,7 +14,7 @@ from onnx import helper
 
 from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, onnx_dtype
 
-__all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum", "take"]
+__all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum"]  # handlers, by primitive
 
 
 def split(c, args, params, aval):

@@ -119,9 +119,9 @@ def test_inputs_too_wide_to_calibrate_keep_the_data_free_factors(mixed, monkeypa
     assert not np.allclose(params["merge"]["vertical"]["kernel"],
                            free_params["merge"]["vertical"]["kernel"], atol=1e-3)
     assert set(calibrated.report.weighted_errors) == {"merge"}
-    assert calibrated.report.notes == ("data-free factors for layers whose inputs are wider than "
-                                       "40 values (no input covariance: heads (64), fc1 (48), "
-                                       "head (64))",)
+    assert calibrated.report.notes[0] == ("data-free factors for layers whose inputs are wider "
+                                          "than 40 values (no input covariance: heads (64), fc1 "
+                                          "(48), head (64))")
 
 
 def test_whole_net_speedup_counts_every_kind(mixed):

