@@ -87,8 +87,8 @@ def untraceable(error: Exception) -> str:
             f"({frames[-1].line})" if frames else ""
     return (f"the model cannot be traced (lrjax finds its layers and counts its cost with "
             f"jax.eval_shape and jax.jit, as jax.jit(model.apply) would): it needs a concrete "
-            f"value of a traced array{where} ({type(error).__name__}); compute such values from "
-            "static fields or with NumPy")
+            f"value of a traced array{where} ({type(error).__name__}); a value of the inputs or "
+            "the weights needs jnp.where or lax.cond instead of Python control flow")
 
 
 _RETRY = threading.local()
