@@ -27,7 +27,7 @@ from flax import traverse_util
 from lrjax import sites
 from lrjax.layers import module_path, split_type
 from lrjax.linen_trace import layer_input
-from lrjax.moments import RunSums, calibration_batches, static_argument
+from lrjax.moments import RunSums, calibration_batches, static_argnums
 
 __all__ = ["calibration_moments"]
 
@@ -99,7 +99,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         return {key[-1]: (sum(c[0] for c in calls), sum(c[1] for c in calls))  # every call
                 for key, calls in sown.items()}
 
-    fn = jax.jit(moments, static_argnums=_static_argnums(batches))
+    fn = jax.jit(moments, static_argnums=static_argnums(batches))
     sums, counts = {}, {}
     try:
         for i, args in enumerate(batches):
@@ -121,12 +121,6 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     if missing and strict:
         raise ValueError(f"calibration never ran layers {missing}")
     return covs
-
-
-def _static_argnums(batches) -> tuple[int, ...]:
-    """The positions (after the variables) of the calls' static arguments (``False`` in
-    ``model.apply(v, x, False)``): Python values the model branches on, not traced."""
-    return tuple(1 + i for i, a in enumerate(batches[0]) if static_argument(a))
 
 
 def _run(fn, variables, args, index: int, example_args):
@@ -159,7 +153,7 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
         with nn.intercept_methods(_wanted_calls(wanted, site_of, to_host)):
             model.apply(variables, *args, **kwargs)
 
-    fn = jax.jit(moments, static_argnums=_static_argnums(batches))
+    fn = jax.jit(moments, static_argnums=static_argnums(batches))
     for args in batches:
         fn(variables, *args)
     jax.effects_barrier()

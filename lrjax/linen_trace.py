@@ -116,13 +116,13 @@ def compile_time_constants():
 
 
 def with_constants_evaluated(fn, *args):
-    """``fn(*args)``, once more under ``jax.ensure_compile_time_eval()`` if it needed a concrete
+    """``fn(*args)``, once more under :func:`compile_time_constants` if it needed a concrete
     value (a trace whose model reads ``.item()`` of constants; NNX's state passed as an argument
     stays traced)."""
     try:
         return fn(*args)
     except jax.errors.ConcretizationTypeError:
-        with jax.ensure_compile_time_eval():
+        with compile_time_constants():
             return fn(*args)
 
 

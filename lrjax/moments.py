@@ -18,8 +18,9 @@ import numpy as np
 from lrjax import costs, lapack
 
 __all__ = ["patch_moments", "whitening", "whitening_on_host", "regularized_on_host", "checked_cov",
-           "calibration_batches", "MAX_CALIBRATED_INPUT", "COV_EPS", "ridge", "calibrated_paths",
-           "uncalibrated_note", "undersampled_note", "RunSums"]
+           "calibration_batches", "static_argument", "static_argnums", "MAX_CALIBRATED_INPUT",
+           "COV_EPS", "ridge", "calibrated_paths", "uncalibrated_note", "undersampled_note",
+           "RunSums"]
 
 # the whitening's ridge: eps * tr(S) / m is added to a patch covariance S's diagonal
 COV_EPS = 1e-3
@@ -215,6 +216,14 @@ def calibration_batches(calibration, example_args: tuple | None = None) -> list[
 def static_argument(arg) -> bool:
     """A positional argument holding no array (``False``, ``"eval"``, ``None``)."""
     return not any(hasattr(leaf, "shape") for leaf in jax.tree.leaves(arg))
+
+
+def static_argnums(batches, offset: int = 1) -> tuple[int, ...]:
+    """``jax.jit``'s ``static_argnums`` for calls ``fn(first, *batch)`` on these calibration
+    batches (``offset`` arguments before the batch's): the flag in ``model.apply(v, x, False)``
+    that the model branches on, not traced."""
+    return tuple(offset + i for i, a in enumerate(batches[0]) if static_argument(a)) \
+        if batches else ()
 
 
 def _with_static(args: tuple, example_args: tuple | None) -> tuple:

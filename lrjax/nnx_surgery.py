@@ -36,7 +36,7 @@ from lrjax.linen_trace import with_constants_evaluated
 from lrjax.moments import (
     RunSums,
     calibrated_paths,
-    static_argument,
+    static_argnums,
     uncalibrated_note,
     undersampled_note,
 )
@@ -261,8 +261,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
                 if isinstance(p, _Probe) and p.path in record["batch"]
                 and p.moments.get_value() is not None}  # None: set inside a loop, lost
 
-    static = tuple(1 + i for i, a in enumerate(batches[0]) if static_argument(a)) \
-        if batches else ()  # model(x, False): the flag not traced
+    static = static_argnums(batches)  # model(x, False): the flag not traced
     traced = jax.jit(run, static_argnums=static) if wanted else \
         functools.partial(jax.eval_shape, run)
     for args in batches:

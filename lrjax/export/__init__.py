@@ -272,12 +272,11 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
         except Exception as e:  # noqa: BLE001 - the model's own code, at another batch
             if i == 0:
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            fix = "fixed_batch=True" if "ONNX" in what else \
+                "to_onnx(..., fixed_batch=True) or to_tflite"
             raise ExportError(f"the model does not run on a batch of {b} (the export is checked "
-                              f"on the example's batch and one more): {first}; a model written "
-                              f"for one batch size: " + ("fixed_batch=True" if "ONNX" in what
-                                                         else "to_onnx(..., fixed_batch=True) "
-                                                         "or to_tflite")) from None
+                              f"on the example's batch and one more): {_first_line(e)}; a model "
+                              f"written for one batch size: {fix}") from None
         wanted = jax.tree.leaves(tree)
         names = runtimes.output_names(tree) if len(wanted) > 1 else [""]
         for name, want, got in zip(names, wanted, run(*xs), strict=True):
@@ -295,12 +294,16 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
     return worst, scale
 
 
+def _first_line(error: Exception) -> str:
+    """An error's first line (its type's name when it says nothing)."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def _symbolic_failure(error: Exception, what: str, fix: str) -> str:
     """The one line for a model that traced at the example's batch (:func:`_fn` checks) and not
     with a symbolic one."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"the model does not trace with a symbolic batch, which {what} export keeps free: "
-            f"{first} (arrays passed as keyword arguments are constants of the graph, with "
+            f"{_first_line(error)} (arrays passed as keyword arguments are constants of the graph, with "
             f"their own batch; code computing with the batch size, e.g. int(x.shape[0] / n), "
             f"needs a fixed one: {fix})")
 
@@ -391,7 +394,7 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
         try:
             session = onnx_session(data)
         except Exception as e:  # onnxruntime's own types: InvalidGraph, NotImplemented, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = _first_line(e)
             hint = ("; the model computes in bfloat16 (its dtype, or a cast in its code), which "
                     "ONNX Runtime's CPU kernels do not take for every op: export a float32 copy "
                     "(dtype=jnp.float32, no casts to bfloat16)"
