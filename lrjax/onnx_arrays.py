@@ -2,7 +2,9 @@
 (``jnp.split``), ``stack`` (``jnp.stack``), ``rev`` (``jnp.flip``; reflect padding is built
 from it), ``argmax``, ``top_k`` (``lax.top_k``: a mixture-of-experts router's choice) and ``cumsum``
 (``jnp.cumsum``: an expert's buffer positions); :func:`take`, the ``gather`` handler's case of
-indices of the data (an embedding lookup of class labels); :func:`as_dtype` casts a ``dot_general``'s
+indices of the data (an embedding lookup of class labels), and :func:`gather_nd`, any gather of
+single elements or whole trailing slices (``jnp.take_along_axis``, ``x[rows, cols]``: a masked
+autoencoder's kept tokens) as ONNX ``GatherND``; :func:`as_dtype` casts a ``dot_general``'s
 operands of other dtypes. Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
 out_aval)``, in the converter's layout (an NCHW tensor stays NCHW where the result is 4-D)."""
 
@@ -12,9 +14,10 @@ import jax
 import numpy as np
 from onnx import helper
 
-from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, onnx_dtype
+from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, concrete, onnx_dtype, same_dim
 
-__all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum"]  # handlers, by primitive
+__all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum", "gather", "iota",
+           "dim_as_value"]  # handlers, by primitive
 
 
 def split(c, args, params, aval):
@@ -80,6 +83,45 @@ def argmax(c, args, params, aval):
                   tuple(aval.shape))
 
 
+def gather(c, args, params, aval):
+    """``jnp.take`` along one axis with constant indices (a nearest ``jax.image.resize``) as
+    ONNX ``Gather``; a gather from one constant start (static indexing traced with a symbolic
+    batch: ``x[:, 1:]``, ``x[:, 0]`` (a ViT's class token), ``x[:, :, 0, 0]``) as ``Slice``
+    then ``Squeeze`` of the indexed axes it drops; others: :func:`gather_nd`."""
+    x, idx = args
+    if isinstance(idx, Tensor):
+        return take(c, args, params, aval)
+    dn, sizes, rank = params["dimension_numbers"], params["slice_sizes"], len(x.shape)
+    axes, dropped = tuple(dn.start_index_map), tuple(dn.collapsed_slice_dims)
+    point = np.ndim(idx) == 1  # one start: a static slice
+    if dn.operand_batching_dims or not axes or \
+            np.ndim(idx) not in (1, 2) or np.shape(idx)[-1] != len(axes) or \
+            not set(dropped) <= set(axes) or not all(concrete(sizes[a]) for a in axes) or \
+            (not point and (len(axes) != 1 or dropped != axes)):
+        return gather_nd(c, args, params, aval)  # take_along_axis, ...
+    starts = np.asarray(idx).reshape(-1, len(axes)).astype(np.int64)
+    ends = starts + [int(sizes[a]) for a in axes]
+    whole = all(s == 1 if i in dropped else i in axes or same_dim(s, d)
+                for i, (s, d) in enumerate(zip(sizes, x.shape, strict=True)))
+    offsets = tuple(range(rank - len(dropped))) if point else \
+        tuple(i for i in range(rank) if i != axes[0])
+    if not whole or tuple(dn.offset_dims) != offsets or starts.min(initial=0) < 0 or \
+            np.any(ends > [int(x.shape[a]) for a in axes]):
+        raise TranslationError(f"a gather of slices {sizes} at indices in "
+                               f"[{starts.min(initial=0)}, {starts.max(initial=0)}] of "
+                               f"{x.shape}")
+    if point:  # dropped axes change the rank: then in the logical layout
+        nchw = x.nchw and not dropped
+        y = c.g.node("Slice", [x.name if nchw else c.nhwc(x), c.g.ints(starts[0]),
+                               c.g.ints(ends[0]), c.g.ints(
+                                   [(0, 3, 1, 2).index(a) if nchw else a for a in axes])])
+        if dropped:
+            y = c.g.node("Squeeze", [y, c.g.ints(dropped)])
+        return Tensor(y, tuple(aval.shape), nchw)
+    y = c.g.node("Gather", [x.name, c.g.ints(starts[:, 0])], axis=c.axis(x, axes[0]))
+    return Tensor(y, tuple(aval.shape), x.nchw)
+
+
 def take(c, args, params, aval):
     """``jnp.take(x, indices, axis)`` with indices of the data (``nnx.Embed`` / ``nn.Embed`` of
     class labels or timesteps) as ONNX ``Gather``; indices past the end fail there, where JAX
@@ -93,12 +135,74 @@ def take(c, args, params, aval):
                 i for i in range(rank - 1 + batch) if not axes[0] <= i < axes[0] + batch) or \
             any(s != (1 if i == axes[0] else d) for i, (s, d) in enumerate(zip(
                 sizes, np.shape(x), strict=True))):
-        raise TranslationError(f"only jnp.take along one axis at indices of the data is "
-                               f"covered; got {dn}")
+        return gather_nd(c, args, params, aval)
     data = c.nhwc(x) if isinstance(x, Tensor) else c.g.const(np.asarray(x))
     indices = c.g.node("Cast", [c.g.node("Squeeze", [c.nhwc(idx), c.g.ints([batch])])],
                        to=onnx_dtype(np.int64))
     return Tensor(c.g.node("Gather", [data, indices], axis=axes[0]), tuple(aval.shape))
+
+
+def gather_nd(c, args, params, aval):
+    """A ``gather`` whose every indexed or batching axis is taken one element at a time and whose
+    other axes are taken whole (``jnp.take_along_axis``, ``x[jnp.arange(n), idx]``, integer
+    indexing of several axes) as one ONNX ``GatherND``: the operand transposed to (batching axes,
+    indexed axes, the rest), the indices to (their batching axes, the others, the index vector),
+    ``batch_dims`` the batching axes, the result transposed to the gather's order. Constant
+    indices out of range fail here; indices of the data must be in range (ONNX Runtime rejects
+    others, where JAX fills or clips them)."""
+    x, idx = args
+    dn, sizes, shape = params["dimension_numbers"], params["slice_sizes"], np.shape(x)
+    batching, indexed = tuple(dn.operand_batching_dims), tuple(dn.start_index_map)
+    rest = [i for i in range(len(shape)) if i not in batching + indexed]
+    if not indexed or set(dn.collapsed_slice_dims) != set(indexed) or len(set(indexed)) != len(
+            indexed) or any(sizes[i] != 1 for i in batching + indexed) or not all(
+            same_dim(sizes[i], shape[i]) for i in rest):
+        raise TranslationError(f"only gathers of single elements along the indexed axes (whole "
+                               f"slices along the others) are covered; got {dn}, slices {sizes}")
+    if not isinstance(idx, Tensor):
+        bound = np.asarray([shape[i] for i in indexed])
+        if np.any(np.asarray(idx) < 0) or np.any(np.asarray(idx) >= bound):
+            raise TranslationError(f"a gather at constant indices outside {tuple(bound)}")
+    idx_rank = len(np.shape(idx))
+    idx_order = list(dn.start_indices_batching_dims) + [
+        i for i in range(idx_rank - 1) if i not in dn.start_indices_batching_dims]
+    data = c.nhwc(x) if isinstance(x, Tensor) else c.g.const(np.asarray(x))
+    data = c.g.node("Transpose", [data], perm=list(batching + indexed) + rest)
+    index = c.nhwc(idx) if isinstance(idx, Tensor) else c.g.const(np.asarray(idx))
+    index = c.g.node("Transpose", [c.g.node("Cast", [index], to=onnx_dtype(np.int64))],
+                     perm=idx_order + [idx_rank - 1])
+    y = c.g.node("GatherND", [data, index], batch_dims=len(batching))
+    offsets, out_perm, k = tuple(dn.offset_dims), [], 0
+    for p in range(len(aval.shape)):  # each output axis: where GatherND put it
+        if p in offsets:
+            out_perm.append(len(idx_order) + offsets.index(p))
+        else:
+            out_perm.append(idx_order.index(k))
+            k += 1
+    return Tensor(c.g.node("Transpose", [y], perm=out_perm), tuple(aval.shape))
+
+
+def iota(c, args, params, aval):
+    """``jnp.arange`` of the symbolic batch's size or broadcast over it (the row indices of
+    ``x[jnp.arange(len(x)), idx]``): ONNX ``Range`` up to the batch, or the constant values,
+    reshaped onto the primitive's axis and expanded to its shape."""
+    shape, axis = tuple(params["shape"]), int(params["dimension"])
+    if concrete(shape[axis]):
+        values = c.g.const(np.arange(shape[axis], dtype=aval.dtype))
+    else:
+        size = c.g.node("Squeeze", [c.shape_tensor((shape[axis],))])
+        values = c.g.node("Range", [c.g.ints(0), size, c.g.ints(1)])
+        values = c.g.node("Cast", [values], to=onnx_dtype(aval.dtype))
+    ranked = c.g.ints([-1 if i == axis else 1 for i in range(len(shape))])
+    y = c.g.node("Expand", [c.g.node("Reshape", [values, ranked]), c.shape_tensor(shape)])
+    return Tensor(y, tuple(aval.shape))
+
+
+def dim_as_value(c, args, params, aval):
+    """The symbolic batch's size as a value (``x.shape[0]`` in arithmetic: negative indices
+    wrapped by ``jnp`` indexing): a scalar of the graph input's shape."""
+    size = c.g.node("Squeeze", [c.shape_tensor((params["dim"],))])
+    return Tensor(c.g.node("Cast", [size], to=onnx_dtype(aval.dtype)), ())
 
 
 def as_dtype(c, args, invars, dtype) -> list:

@@ -76,7 +76,7 @@ class _Converter:
     def operand(self, v, layout_nchw: bool, rank: int) -> str:
         """An operand of an element-wise op computed in NCHW (or not)."""
         if isinstance(v, Tensor):
-            return self.nchw(v) if layout_nchw else self.nhwc(v)
+            return self.nchw(v) if layout_nchw and v.shape else self.nhwc(v)  # a scalar as is
         value = np.asarray(v)
         if layout_nchw and value.ndim == 4:
             value = value.transpose(TO_NCHW)
@@ -125,9 +125,10 @@ class _Converter:
             if all(not isinstance(a, Tensor) for a in args) and name != "broadcast_in_dim" and \
                     not all(concrete(d) for o in eqn.outvars for d in o.aval.shape):
                 args = [self.batched(a, v.aval) for a, v in zip(args, eqn.invars, strict=True)]
-            if all(not isinstance(a, Tensor) for a in args) and name not in (
-                    "conv_general_dilated", "dot_general") and not (
-                    name == "tile" and not all(map(concrete, eqn.params["reps"]))):  # constant
+            symbolic = {"tile": "reps", "iota": "shape", "dim_as_value": "dim"}.get(name)
+            if all(not isinstance(a, Tensor) for a in args) and name not in (  # constant, or
+                    "conv_general_dilated", "dot_general") and not (  # built of the batch
+                    symbolic and not all(map(concrete, jax.tree.leaves(eqn.params[symbolic])))):
                 if name == "broadcast_in_dim":  # to 1 along a symbolic batch: ONNX broadcasts
                     shape = [d if concrete(d) else 1 for d in eqn.params["shape"]]
                     ranked = [1] * len(shape)
@@ -151,7 +152,10 @@ class _Converter:
                 raise
             raise TranslationError(f"cannot export {place} to ONNX: {e}") from None
         except Exception as e:  # a bug or an unforeseen form: still one line naming the layer
-            raise TranslationError(f"cannot export {place} to ONNX: {type(e).__name__}: "
+            hint = " (it computes values of the batch's shape from constants, e.g. a random " \
+                "draw: export with fixed_batch=True)" if not any(isinstance(a, Tensor) for a in args) \
+                and not all(concrete(d) for o in eqn.outvars for d in o.aval.shape) else ""
+            raise TranslationError(f"cannot export {place} to ONNX{hint}: {type(e).__name__}: "
                                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
         return out if isinstance(out, list) else [out]
 
@@ -239,7 +243,7 @@ class _Converter:
         if tuple(ranked) != shape:
             target = []
             for want, have in zip(shape, ranked, strict=True):
-                if not concrete(want) and want is not have:
+                if not concrete(want) and not same_dim(want, have):
                     raise TranslationError(f"a broadcast of {t.shape} to the symbolic batch "
                                            f"dimension of {shape}")
                 target.append(int(want) if concrete(want) else 1)  # 1: Expand keeps the batch
@@ -427,46 +431,6 @@ class _Converter:
             return Tensor(self.g.node("Transpose", [y], perm=channels_last(rank - 2)), tuple(aval.shape))
         return Tensor(y, tuple(aval.shape), True)
 
-    def gather(self, args, params, aval):
-        """``jnp.take`` along one axis with constant indices (a nearest ``jax.image.resize``) as
-        ONNX ``Gather``; a gather from one constant start (static indexing traced with a symbolic
-        batch: ``x[:, 1:]``, ``x[:, 0]`` (a ViT's class token), ``x[:, :, 0, 0]``) as ``Slice``
-        then ``Squeeze`` of the indexed axes it drops."""
-        x, idx = args
-        if isinstance(idx, Tensor):
-            return onnx_arrays.take(self, args, params, aval)
-        dn, sizes, rank = params["dimension_numbers"], params["slice_sizes"], len(x.shape)
-        axes, dropped = tuple(dn.start_index_map), tuple(dn.collapsed_slice_dims)
-        point = np.ndim(idx) == 1  # one start: a static slice
-        if dn.operand_batching_dims or not axes or \
-                np.ndim(idx) not in (1, 2) or np.shape(idx)[-1] != len(axes) or \
-                not set(dropped) <= set(axes) or not all(concrete(sizes[a]) for a in axes) or \
-                (not point and (len(axes) != 1 or dropped != axes)):
-            raise TranslationError("only a gather of constant indices along one axis (jnp.take, a "
-                                   f"nearest resize) or a static slice is covered; got {dn}")
-        starts = np.asarray(idx).reshape(-1, len(axes)).astype(np.int64)
-        ends = starts + [int(sizes[a]) for a in axes]
-        whole = all(s == 1 if i in dropped else i in axes or same_dim(s, d)
-                    for i, (s, d) in enumerate(zip(sizes, x.shape, strict=True)))
-        offsets = tuple(range(rank - len(dropped))) if point else \
-            tuple(i for i in range(rank) if i != axes[0])
-        if not whole or tuple(dn.offset_dims) != offsets or starts.min(initial=0) < 0 or \
-                np.any(ends > [int(x.shape[a]) for a in axes]):
-            raise TranslationError(f"a gather of slices {sizes} at indices in "
-                                   f"[{starts.min(initial=0)}, {starts.max(initial=0)}] of "
-                                   f"{x.shape}")
-        if point:  # dropped axes change the rank: then in the logical layout
-            nchw = x.nchw and not dropped
-            y = self.g.node("Slice", [x.name if nchw else self.nhwc(x), self.g.ints(starts[0]),
-                                      self.g.ints(ends[0]), self.g.ints(
-                                          [TO_NCHW.index(a) if nchw else a for a in axes])])
-            if dropped:
-                y = self.g.node("Squeeze", [y, self.g.ints(dropped)])
-            return Tensor(y, tuple(aval.shape), nchw)
-        y = self.g.node("Gather", [x.name, self.g.ints(starts[:, 0])],
-                        axis=self.axis(x, axes[0]))
-        return Tensor(y, tuple(aval.shape), x.nchw)
-
     def matmul(self, args, params, aval):
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         lhs, rhs = args
@@ -539,7 +503,7 @@ HANDLERS: dict[str, Any] = {
     **{prim: _method(prim) for prim in (
         "round", "convert_element_type", "select_n",
         "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "tile", "pad",
-        "concatenate", "gather")},
+        "concatenate")},
     **{prim: getattr(onnx_arrays, prim) for prim in onnx_arrays.__all__},
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
@@ -553,8 +517,7 @@ HANDLERS: dict[str, Any] = {
 
 
 def _host(value):
-    """A constant as a NumPy array; a ``jax.random`` key as it is (folded by its primitives: a
-    fixed key's draws are constants of the graph)."""
+    """A constant as a NumPy array; a ``jax.random`` key as it is (a fixed key's draws fold)."""
     return value if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) else np.asarray(value)
 
 
@@ -580,10 +543,9 @@ def jaxpr_to_onnx(closed_jaxpr, input_names=("input",), output_names=("output",)
     conv = _Converter(input_names[0], shapes[0])
     outs = conv.run(jaxpr, closed_jaxpr.consts,
                     [Tensor(n, s) for n, s in zip(input_names, shapes, strict=True)])
-    if not all(isinstance(out, Tensor) for out in outs):
-        raise TranslationError("an output of the exported function does not depend on its input")
-    for out, name in zip(outs, output_names, strict=True):
-        conv.g.nodes.append(helper.make_node("Identity", [conv.nhwc(out)], [name]))
+    for out, name in zip(outs, output_names, strict=True):  # an output of constants: stored
+        source = conv.nhwc(out) if isinstance(out, Tensor) else conv.g.const(np.asarray(out))
+        conv.g.nodes.append(helper.make_node("Identity", [source], [name]))
     graph = helper.make_graph(
         conv.g.nodes, graph_name, [value_info(n, v.aval) for n, v in zip(
             input_names, jaxpr.invars, strict=True)],

@@ -163,8 +163,10 @@ def litert_primitives(fn: Callable) -> Callable:
     """``fn`` with the primitives the TFLite converter cannot legalize written with ones it can:
     ``erf(x)`` as ``1 - erfc(x)`` (an exact GELU written with ``lax.erf``, as Hugging Face's and
     bonsai's Whisper write it: "'tf.XlaCallModule' op is neither a custom op nor a flex op";
-    absolute error of float32 rounding). Call-like primitives are inlined; the rest are
-    bound as they are."""
+    absolute error of float32 rounding); random draws from a key given as a constant (the
+    call's ``rngs=``: a masked autoencoder's shuffle) evaluated into constants, as everything
+    computed from constants alone (the converter has no unsigned multiply). Call-like
+    primitives are inlined; the rest are bound as they are."""
     def run(jaxpr, consts, args, caller=None):
         env = dict(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
@@ -185,6 +187,10 @@ def litert_primitives(fn: Callable) -> Callable:
             with source_info_util.user_context(traceback, name_stack=names):
                 if name == "erf":
                     outs = [1 - jax.lax.erfc(ins[0])]
+                elif not any(isinstance(a, jax.core.Tracer) for a in ins):  # constants alone
+                    with jax.ensure_compile_time_eval():
+                        outs = eqn.primitive.bind(*ins, **eqn.params)
+                    outs = outs if eqn.primitive.multiple_results else [outs]
                 elif name in macs.CALL_PRIMITIVES and sub is not None:
                     closed = sub if hasattr(sub, "consts") else None
                     outs = run(closed.jaxpr if closed else sub,
@@ -198,7 +204,7 @@ def litert_primitives(fn: Callable) -> Callable:
 
     def rewritten(*args):
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        if not any(e.primitive.name == "erf" for e, _ in macs.iter_eqns(closed)):
+        if not any(e.primitive.name in ("erf", "random_bits") for e, _ in macs.iter_eqns(closed)):
             return fn(*args)  # nothing to rewrite: traced as it is
         flat = run(closed.jaxpr, closed.consts, jax.tree.leaves(args))
         return jax.tree.unflatten(jax.tree.structure(out_shape), flat)

@@ -35,6 +35,14 @@ def pos(x):
     return jnp.abs(conv(x)) + 0.5
 
 
+def tokens(x):
+    """The conv's output as a sequence of 36 tokens of width 4."""
+    return conv(x).reshape(x.shape[0], -1, 4)
+
+
+_ORDER = np.random.default_rng(2).permutation(36)
+
+
 # primitive -> a function of an NHWC batch whose jaxpr holds that primitive
 CASES = {
     "add": lambda x: conv(x) + first(x),
@@ -80,6 +88,17 @@ CASES = {
     # (x[:, 1]: a ViT's class token), a point on two axes (Hugging Face's ResNet pooler), a slice
     "gather": lambda x: jnp.take(conv(x), np.array([2, 0, 1, 1, 5]), axis=2)
     + jnp.expand_dims(conv(x)[:, 1], 2) + conv(x)[:, 2, 3][:, None, None] + conv(x)[:, :, 1:],
+    # gathers of single elements (GatherND): tokens picked by a score (jnp.take_along_axis), a
+    # masked autoencoder's fixed shuffle, several axes indexed at once, one channel per pixel
+    "gather_nd": lambda x: jnp.take_along_axis(tokens(x), jax.lax.top_k(
+        tokens(x).mean(-1), 3)[1][..., None], axis=1) + jnp.take_along_axis(
+        tokens(x), _ORDER[None, :3, None], axis=1) + conv(x)[:, [0, 2, 5], [1, 1, 3]]
+    + jnp.take_along_axis(conv(x), jnp.argmax(conv(x), -1, keepdims=True), -1)[:, 0, :3],
+    # the row indices of x[jnp.arange(len(x)), idx] (and the batch's size wrapping negative ones)
+    "iota": lambda x: tokens(x)[jnp.arange(x.shape[0])[:, None], jax.lax.top_k(
+        tokens(x).mean(-1), 5)[1]],
+    "dim_as_value": lambda x: conv(x) * x.shape[0] + tokens(x)[jnp.arange(x.shape[0]) - 1][
+        :, :6, None],
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
     "select_n": lambda x: jax.lax.select(conv(x) > 0, conv(x), first(x) * jnp.ones(4)),
     "reshape": lambda x: conv(x).reshape(x.shape[0], -1),
@@ -148,8 +167,10 @@ def test_every_handler_has_a_case():
 @pytest.mark.parametrize("primitive", sorted(CASES))
 def test_primitive_against_onnx_runtime(primitive):
     fn = CASES[primitive]
-    closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(SHAPE, jnp.float32))
-    assert primitive in _primitives(closed)
+    batch = jax.export.symbolic_shape("b")  # traced as the export traces it
+    closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((*batch, *SHAPE[1:]), jnp.float32))
+    assert primitive in _primitives(closed) or primitive == "gather_nd" and "gather" in \
+        _primitives(closed)
     session = runtimes.onnx_session(runtimes.onnx_model(fn, SHAPE))
     for batch in (SHAPE[0], 3):  # the batch dimension is symbolic
         x = np.random.default_rng(batch).standard_normal((batch, *SHAPE[1:])).astype(np.float32)

@@ -216,11 +216,53 @@ def test_draws_from_a_given_key_export_as_constants_at_a_fixed_batch(tmp_path):
     model, rngs = Noised(), {"noise": jax.random.key(3)}
     variables = model.init({"params": jax.random.key(0), **rngs}, X)
     with pytest.raises(export.ExportError, match=r"^cannot export primitive 'random_bits' "
-                                                 r"\(layer <top level>\) to ONNX"):
+                                                 r"\(layer <top level>\) to ONNX \(.*a random "
+                                                 r"draw: export with fixed_batch=True\)"):
         export.to_onnx(model, variables, X, str(tmp_path / "n.onnx"), rngs=rngs)
     done = export.to_onnx(model, variables, X, str(tmp_path / "n.onnx"), rngs=rngs,
                           fixed_batch=True)
     assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
+
+
+class MaskedAutoencoder(nn.Module):
+    """jax-models' MAE: patches shuffled by random noise at inference, the kept ones gathered
+    with ``jnp.take_along_axis``, restored in the decoder; returns the prediction and the mask
+    (which depends on the key alone)."""
+    @nn.compact
+    def __call__(self, x):
+        tokens = nn.Dense(16, name="embed")(x.reshape(x.shape[0], -1, x.shape[-1]))
+        batch, length, dim = tokens.shape
+        noise = jax.random.uniform(self.make_rng("noise"), (batch, length))
+        shuffle = jnp.argsort(noise, axis=1)
+        restore = jnp.argsort(shuffle, axis=1)
+        kept = jnp.take_along_axis(tokens, jnp.tile(shuffle[:, : length // 4, None], (1, 1, dim)),
+                                   axis=1)
+        kept = nn.Dense(16, name="encoder")(nn.gelu(kept))
+        mask_tokens = jnp.zeros((batch, length - length // 4, dim))
+        full = jnp.take_along_axis(jnp.concatenate([kept, mask_tokens], axis=1),
+                                   jnp.tile(restore[..., None], (1, 1, dim)), axis=1)
+        mask = jnp.take_along_axis(jnp.ones((batch, length)).at[:, : length // 4].set(0),
+                                   restore, axis=1)
+        return nn.Dense(3, name="decoder")(full), mask
+
+
+def test_a_masked_autoencoder_exports_at_a_fixed_batch_to_onnx_and_litert(tmp_path):
+    """Its draws fold into constants (ONNX and LiteRT, whose converter has no unsigned multiply
+    for the draw), the gathers at indices along a batching axis are ONNX ``GatherND``, and the
+    mask is an output of constants; with a symbolic batch, one line asking for a fixed one."""
+    model, rngs = MaskedAutoencoder(), {"noise": jax.random.key(5)}
+    variables = model.init({"params": jax.random.key(0), **rngs}, X)
+    with pytest.raises(export.ExportError, match=r"^cannot export primitive 'random_bits' .*"
+                                                 r"export with fixed_batch=True\)"):
+        export.to_onnx(model, variables, X, str(tmp_path / "m.onnx"), rngs=rngs)
+    result = lrjax.decompose_linen(model, variables, X, rule={"encoder": 4, "decoder": 2},
+                                   rngs=rngs)
+    done = [export.to_onnx(module, values, X, str(tmp_path / "m.onnx"), rngs=rngs,
+                           fixed_batch=True)
+            for module, values in ((model, variables), (result.module, result.variables))]
+    done.append(export.to_tflite(result.module, result.variables, X, str(tmp_path / "m.tflite"),
+                                 rngs=rngs))
+    assert all(d.max_abs_error <= 1e-5 * max(d.scale, 1) for d in done)
 
 
 class ClassToken(nn.Module):
