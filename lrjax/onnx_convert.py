@@ -126,8 +126,10 @@ class _Converter:
                     not all(concrete(d) for o in eqn.outvars for d in o.aval.shape):
                 args = [self.batched(a, v.aval) for a, v in zip(args, eqn.invars, strict=True)]
             symbolic = {"tile": "reps", "iota": "shape", "dim_as_value": "dim"}.get(name)
-            if all(not isinstance(a, Tensor) for a in args) and name not in (  # constant, or
-                    "conv_general_dilated", "dot_general") and not (  # built of the batch
+            size = eqn.outvars[0].aval.shape  # a product of constants folds (a kernel resampled)
+            expands = name in ("conv_general_dilated", "dot_general") and not (  # but factors
+                all(map(concrete, size)) and np.prod(size) <= sum(map(np.size, args)))  # u @ v
+            if all(not isinstance(a, Tensor) for a in args) and not expands and not (  # constant,
                     symbolic and not all(map(concrete, jax.tree.leaves(eqn.params[symbolic])))):
                 if name == "broadcast_in_dim":  # to 1 along a symbolic batch: ONNX broadcasts
                     shape = [d if concrete(d) else 1 for d in eqn.params["shape"]]

@@ -39,7 +39,8 @@ def fold_conv_affine(model) -> int:
             if user.op_type not in ("Mul", "Add", "Sub") or len(user.input) != 2:
                 continue
             const = user.input[1] if user.input[0] == node.output[0] else user.input[0]
-            if const not in inits or (user.op_type == "Sub" and user.input[1] != const):
+            if const not in inits or (user.op_type == "Sub" and user.input[1] != const) or \
+                    any(w not in inits for w in node.input[1:]):  # a weight computed in the graph
                 continue
             weight = numpy_helper.to_array(inits[node.input[1]])
             values = _per_channel(numpy_helper.to_array(inits[const]), weight.shape[0])

@@ -14,7 +14,7 @@ import gc
 import re
 import tempfile
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -142,11 +142,15 @@ def tflite_model(forward: Callable, shape, params=None, *,
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    forward = litert_primitives(forward)
     spec = [tf.TensorSpec(tuple(shape), tf.float32)] if inputs is None else [
         tf.TensorSpec(tuple(i.shape), tf.as_dtype(i.dtype), name=f"input_{n}")
         for n, i in enumerate(inputs)]
+    example = [jax.ShapeDtypeStruct(tuple(shape), np.float32)] if inputs is None else list(inputs)
+    if params is not None:
+        example.insert(0, jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                       params))
     with formulations.policy("portable"):
+        forward = litert_primitives(forward, example)  # traced here: outside TensorFlow's graph
         converted = jax2tf.convert(forward, with_gradient=False)
         if params is None:
             fn = tf.function(converted, autograph=False, input_signature=spec)
@@ -159,14 +163,18 @@ def tflite_model(forward: Callable, shape, params=None, *,
             return _convert(_saved_model_converter(saved), buffer_offsets)
 
 
-def litert_primitives(fn: Callable) -> Callable:
+def litert_primitives(fn: Callable, example=None) -> Callable:
     """``fn`` with the primitives the TFLite converter cannot legalize written with ones it can:
     ``erf(x)`` as ``1 - erfc(x)`` (an exact GELU written with ``lax.erf``, as Hugging Face's and
     bonsai's Whisper write it: "'tf.XlaCallModule' op is neither a custom op nor a flex op";
     absolute error of float32 rounding); random draws from a key given as a constant (the
     call's ``rngs=``: a masked autoencoder's shuffle) evaluated into constants, as everything
     computed from constants alone (the converter has no unsigned multiply). Call-like
-    primitives are inlined; the rest are bound as they are."""
+    primitives are inlined; the rest are bound as they are. With ``example`` (the arguments'
+    ``jax.ShapeDtypeStruct`` pytrees) ``fn`` is traced now, eagerly, and the result replays
+    its program: a model that runs TensorFlow ops eagerly while it is traced (big_vision's
+    FlexiViT builds its patch-kernel resize matrix with ``tf.image.resize(...).numpy()``)
+    cannot be traced inside the converter's ``tf.function``."""
     def run(jaxpr, consts, args, caller=None):
         env = dict(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
@@ -202,14 +210,28 @@ def litert_primitives(fn: Callable) -> Callable:
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(v) for v in jaxpr.outvars]
 
-    def rewritten(*args):
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        if not any(e.primitive.name in ("erf", "random_bits") for e, _ in macs.iter_eqns(closed)):
+    def rewritten(*args, traced=None):
+        closed, out_shape = traced or jax.make_jaxpr(fn, return_shape=True)(*args)
+        if traced is None and not any(e.primitive.name in ("erf", "random_bits")
+                                      for e, _ in macs.iter_eqns(closed)):
             return fn(*args)  # nothing to rewrite: traced as it is
         flat = run(closed.jaxpr, closed.consts, jax.tree.leaves(args))
         return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
 
-    return rewritten
+    if example is None:
+        return rewritten
+    traced = jax.make_jaxpr(fn, return_shape=True)(*_plain(example))
+    return lambda *args: rewritten(*_plain(args), traced=traced)
+
+
+def _plain(tree):
+    """``tree`` with its mappings as dicts (TensorFlow's tracked ``_DictWrapper`` of a
+    SavedModel's variables is one leaf to ``jax.tree``), so it flattens as its example did."""
+    if isinstance(tree, Mapping):
+        return {k: _plain(v) for k, v in tree.items()}
+    if isinstance(tree, list) or type(tree) is tuple:  # its ListWrapper too
+        return type(tree)(map(_plain, tree)) if type(tree) is tuple else list(map(_plain, tree))
+    return tree
 
 
 def _save_model(converted: Callable, params, spec, path: str) -> None:

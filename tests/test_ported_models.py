@@ -3,12 +3,15 @@ Swin, SegFormer, MAE, PatchConvNet): stochastic-depth rates read with ``.item()`
 ``__call__``, the inference flag passed positionally (``model.apply(v, x, True)``), a variable
 set to ``None``, randomness drawn at inference, a parameter shaped by the batch, code that
 computes with the batch size or is written for one (a DiT's ``reshape(self.batch_size, ...)``),
-and an embedding lookup of class labels. Each is decomposed, calibrated and exported as it is written."""
+an embedding lookup of class labels, random masking (MAE), and kernels computed from parameters
+with TensorFlow run eagerly (FlexiViT). Each is decomposed, calibrated and exported as it is
+written."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 from flax import nnx
 
@@ -393,3 +396,48 @@ def test_nnx_layers_calibrated_on_fewer_vectors_than_inputs_are_named_too():
                                  calibration=CALIB[:2])
     assert [n.split(": ")[-1] for n in result.report.notes if "fewer input vectors" in n] == [
         "adaln (2 for 3)"]
+
+
+class FlexiStyle(nn.Module):
+    """big_vision's FlexiViT patch embedding: a 4×4 kernel resampled to 2×2 by a constant matrix
+    built with TensorFlow run eagerly (``tf.image.resize(...).numpy()``), as its own
+    ``lax.conv``; then a 1×1 conv whose kernel is a product of two parameters (``u @ v``, wider
+    than its factors) plus a bias, and a dense head."""
+    @nn.compact
+    def __call__(self, x):
+        import tensorflow as tf
+
+        basis = np.eye(16, dtype=np.float32).reshape(16, 4, 4, 1)
+        resize = tf.image.resize(tf.constant(basis), (2, 2), method="bilinear").numpy()
+        kernel = self.param("kernel", nn.initializers.normal(0.2), (4, 4, x.shape[-1], 16))
+        small = jnp.tensordot(np.linalg.pinv(resize.reshape(16, 4)), kernel.reshape(16, -1),
+                              axes=1).reshape(2, 2, x.shape[-1], 16)
+        dn = ("NHWC", "HWIO", "NHWC")
+        x = jax.lax.conv_general_dilated(x, small, (2, 2), "VALID", dimension_numbers=dn)
+        u = self.param("u", nn.initializers.normal(0.3), (16, 2))
+        v = self.param("v", nn.initializers.normal(0.3), (2, 16))
+        x = jax.lax.conv_general_dilated(nn.relu(x), (u @ v).reshape(1, 1, 16, 16), (1, 1),
+                                         "VALID", dimension_numbers=dn)
+        x = x + self.param("bias", nn.initializers.normal(0.1), (16,))
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def test_kernels_computed_from_parameters_export_to_onnx_and_litert(tmp_path):
+    """A product of constants that does not widen (the resampled kernel) is folded into the
+    conv's weight; one that does (``u @ v``) stays a product in the graph, and the conv after it
+    keeps its bias (before: a ``KeyError`` from folding it into a weight that is not stored).
+    LiteRT traces the model before TensorFlow's ``tf.function`` (before: "'SymbolicTensor' object
+    has no attribute 'numpy'")."""
+    model = FlexiStyle()
+    variables = model.init(jax.random.key(0), X)
+    result = lrjax.decompose_linen(model, variables, X, rule={"head": 4})
+    for module, values in ((model, variables), (result.module, result.variables)):
+        done = export.to_onnx(module, values, X, str(tmp_path / "f.onnx"))
+        assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
+    graph = onnx.load(str(tmp_path / "f.onnx")).graph
+    stored = {t.name: tuple(t.dims) for t in graph.initializer}
+    weights = [stored.get(n.input[1]) for n in graph.node if n.op_type == "Conv"]
+    assert weights[0] == (16, 3, 2, 2) and weights[1] is None  # folded; u @ v computed
+    assert any(n.op_type == "MatMul" and all(i in stored for i in n.input) for n in graph.node)
+    done = export.to_tflite(result.module, result.variables, X, str(tmp_path / "f.tflite"))
+    assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
