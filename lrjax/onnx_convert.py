@@ -223,12 +223,13 @@ class _Converter:
 
     # -- shapes --------------------------------------------------------------------------------
     def reshape(self, args, params, aval):
-        t = args[0]
-        if params.get("dimensions") is not None:
-            raise TranslationError("a reshape with dimensions")
-        spec = reshape_spec(t.shape, tuple(aval.shape))
-        return Tensor(self.g.node("Reshape", [self.nhwc(t), self.g.ints(spec)]),
-                       tuple(aval.shape))
+        t, order = args[0], params.get("dimensions")  # order: lax.reshape's transpose first
+        name, shape = self.nhwc(t), tuple(t.shape)
+        if order is not None and tuple(order) != tuple(range(len(shape))):  # (vmap's batching)
+            name = self.g.node("Transpose", [name], perm=[int(i) for i in order])
+            shape = tuple(shape[i] for i in order)
+        spec = reshape_spec(shape, tuple(aval.shape))
+        return Tensor(self.g.node("Reshape", [name, self.g.ints(spec)]), tuple(aval.shape))
 
     def squeeze(self, args, params, aval):
         return self.reshape(args, {}, aval)

@@ -782,3 +782,47 @@ def test_layers_computing_in_bfloat16_are_costed_with_their_parameter_casts():
     assert result.report.speedup == pytest.approx(
         _nnx_flops(nnx_model, _lowered_flops) / _nnx_flops(result.module, _lowered_flops),
         rel=1e-6)
+
+
+class FrameEncoder(nn.Module):
+    @nn.compact
+    def __call__(self, frame):
+        return nn.Conv(8, (1, 1), name="mix")(nn.relu(nn.Conv(16, (3, 3), name="conv")(frame)))
+
+
+class TimeDistributed(nn.Module):
+    """SAVi's (google-research/slot-attention-video) frame encoder: one conv net ``nn.vmap``-ed
+    over the frames of an ``(N, T, H, W, C)`` video, its parameters shared."""
+
+    @nn.compact
+    def __call__(self, video):
+        encoder = nn.vmap(FrameEncoder, in_axes=1, out_axes=1, variable_axes={"params": None},
+                          split_rngs={"params": False})
+        return nn.Dense(4, name="head")(encoder(name="frames")(video).mean((2, 3)))
+
+
+def test_a_conv_net_vmapped_over_frames_is_split_and_exports_with_a_symbolic_batch(tmp_path):
+    """vmap folds the frames into the batch with a transposing reshape (``lax.reshape`` with
+    ``dimensions``), which the ONNX export lacked ("a reshape with dimensions")."""
+    model, video = TimeDistributed(), jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 3))
+    variables = init(model, 0, video)
+    result = lrjax.decompose_linen(model, variables, video, rule={"frames/conv": 4, "head": 2})
+    assert result.report.ranks == {"frames/conv": 4, "head": 2}
+    for module, values in ((model, variables), (result.module, result.variables)):
+        done = export.to_onnx(module, values, (video,), str(tmp_path / "v.onnx"))
+        assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-5 * max(done.scale, 1)
+
+    class Cumulative(nn.Module):  # a primitive ONNX lacks, inside the vmapped layer
+        @nn.compact
+        def __call__(self, frame):
+            return jax.lax.cummax(nn.Conv(4, (3, 3), name="conv")(frame), axis=1)
+
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, video):
+            return nn.vmap(Cumulative, in_axes=1, out_axes=1, variable_axes={"params": None},
+                           split_rngs={"params": False})(name="frames")(video)
+
+    with pytest.raises(export.ExportError, match=r"^cannot export primitive 'cummax' \(layer "
+                                                 r"frames\) to ONNX"):  # the user's path
+        export.to_onnx(Odd(), init(Odd(), 0, video), (video,), str(tmp_path / "o.onnx"))

@@ -380,8 +380,8 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
         model = runtimes.onnx_model(forward, shape, fold=fold, graph_name=type(module).__name__,
                                     inputs=inputs, fixed_batch=fixed_batch)
     except onnx_convert.TranslationError as e:
-        raise ExportError(re.sub(r"\(layer ([^)]*)\)",
-                                 lambda m: f"(layer {user_layer(m.group(1), module)})",
+        raise ExportError(re.sub(r"\(layer (.*?)\) to ONNX",  # the layer may be vmap(...)/...
+                                 lambda m: f"(layer {user_layer(m.group(1), module)}) to ONNX",
                                  str(e), count=1)) from None
     except jax.errors.ConcretizationTypeError:
         raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
