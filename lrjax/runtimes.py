@@ -27,9 +27,9 @@ from jax.extend import source_info_util
 from lrjax import costs, formulations, macs
 from lrjax.layers import conv_skip_reason, input_dilated
 
-__all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "symbolic_batch", "onnx_model", "onnx_session",
-           "tflite_model", "weight_bytes", "release_memory", "litert_interpreter",
-           "litert_runner", "litert_outputs", "layer_call", "litert_conv_transpose",
+__all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "SAVED_MODEL_BYTES", "symbolic_batch",
+           "onnx_model", "onnx_session", "tflite_model", "weight_bytes", "release_memory",
+           "litert_interpreter", "litert_runner", "litert_outputs", "layer_call", "litert_conv_transpose",
            "litert_transposed", "LiteRTConvTranspose", "as_transposed"]
 
 RUNTIMES = ("jax", "onnxruntime", "litert")
@@ -37,6 +37,9 @@ RUNTIMES = ("jax", "onnxruntime", "litert")
 # weights of this size or more are written to a TFLite flatbuffer at buffer offsets
 # (:func:`tflite_model`)
 BUFFER_OFFSET_BYTES = 1 << 28
+# linen weights of this size or more are converted as a SavedModel's variables, smaller ones as
+# constants of the traced function (:func:`lrjax.export.to_tflite`: no SavedModel written)
+SAVED_MODEL_BYTES = 1 << 24
 
 
 def symbolic_batch(shape, dtype=jnp.float32, scope=None) -> jax.ShapeDtypeStruct:

@@ -412,6 +412,7 @@ def test_large_tflite_models_keep_their_weights_at_buffer_offsets(monkeypatch, t
     to make a small model 'large' (smaller models keep the plain layout: the NNX export test)."""
     model, variables, x = _case("grouped-dilated lowrank")
     monkeypatch.setattr(runtimes, "BUFFER_OFFSET_BYTES", runtimes.weight_bytes(variables))
+    monkeypatch.setattr(runtimes, "SAVED_MODEL_BYTES", runtimes.weight_bytes(variables))
     path = str(tmp_path / "m.tflite")
     result = export.to_tflite(model, variables, x, path, train=False)
     data = open(path, "rb").read()
@@ -483,10 +484,12 @@ class TwelveNNX(nnx.Module):
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
-def test_litert_exports_every_output_in_order(api, tmp_path):
+def test_litert_exports_every_output_in_order(api, monkeypatch, tmp_path):
     """LiteRT export of a model with several outputs (linen: in a frozen dataclass): one tensor
-    each, in the model's order (``jax.tree.leaves``), through the SavedModel route (linen) and
-    the concrete-function one (NNX), whose graphs name and list their outputs differently."""
+    each, in the model's order (``jax.tree.leaves``), through the SavedModel route (linen, its
+    threshold lowered to this model's weights) and the concrete-function one (NNX, and linen
+    models of smaller weights), whose graphs name and list their outputs differently."""
+    monkeypatch.setattr(runtimes, "SAVED_MODEL_BYTES", 0)
     x = jax.random.normal(jax.random.key(0), (1, 6, 6, 3))
     if api == "linen":
         model = Twelve()
