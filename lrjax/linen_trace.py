@@ -31,9 +31,12 @@ def layer_input(args, kwargs):
 
 
 def split_static(args):
-    """Array-like positional arguments (traced) and a function rebuilding the full list."""
+    """Array-like positional arguments (traced: arrays, or pytrees of arrays such as NaFlex's
+    ``(patches, types, rows, columns)``) and a function rebuilding the full list."""
     def is_array(a):
-        return isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+        leaves = jax.tree.leaves(a)
+        return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+                                    for x in leaves)
 
     flags = [is_array(a) for a in args]
     arrays = [a for a, f in zip(args, flags, strict=True) if f]

@@ -183,7 +183,8 @@ def calibration_batches(calibration, example_args: tuple | None = None) -> list[
 
     Args:
       calibration: one batch of model inputs (an array, a dict for a model that takes one, or a
-        tuple of positional arguments), or an iterable (a list, a generator) of such batches.
+        tuple of positional arguments, or the one argument of a model that takes a tuple), or an
+        iterable (a list, a generator) of such batches.
       example_args: the model's example call's positional arguments: each batch must give as
         many, each with the same structure and the same shapes but for the leading (batch)
         dim; or only its arrays, when the call also takes static values (``model.apply(v, x,
@@ -200,6 +201,10 @@ def calibration_batches(calibration, example_args: tuple | None = None) -> list[
     out = []
     for i, batch in enumerate(batches):
         args = _with_static(batch if isinstance(batch, tuple) else (batch,), example_args)
+        if isinstance(batch, tuple) and example_args is not None and \
+                _layout(args) != _layout(example_args) and \
+                _layout((batch,)) == _layout(example_args):  # the model's one argument is a tuple
+            args = (batch,)  # (NaFlex's (patches, types, rows, columns))
         for a in jax.tree.leaves(args):
             if isinstance(a, (jax.Array, np.ndarray)) and not np.isfinite(np.asarray(a)).all():
                 raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains NaN/Inf "

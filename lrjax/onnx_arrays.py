@@ -152,13 +152,21 @@ def gather_nd(c, args, params, aval):
     others, where JAX fills or clips them)."""
     x, idx = args
     dn, sizes, shape = params["dimension_numbers"], params["slice_sizes"], np.shape(x)
-    batching, indexed = tuple(dn.operand_batching_dims), tuple(dn.start_index_map)
+    batching, mapped = tuple(dn.operand_batching_dims), tuple(int(i) for i in dn.start_index_map)
+    # an indexed axis taken whole has its start clamped to 0: its index is dropped (NaFlex pads
+    # its coordinates with one for the features)
+    keep = [k for k, i in enumerate(mapped) if i in dn.collapsed_slice_dims]
+    indexed = tuple(mapped[k] for k in keep)
     rest = [i for i in range(len(shape)) if i not in batching + indexed]
-    if not indexed or set(dn.collapsed_slice_dims) != set(indexed) or len(set(indexed)) != len(
-            indexed) or any(sizes[i] != 1 for i in batching + indexed) or not all(
+    if not indexed or set(dn.collapsed_slice_dims) != set(indexed) or len(set(mapped)) != len(
+            mapped) or any(sizes[i] != 1 for i in batching + indexed) or not all(
             same_dim(sizes[i], shape[i]) for i in rest):
         raise TranslationError(f"only gathers of single elements along the indexed axes (whole "
                                f"slices along the others) are covered; got {dn}, slices {sizes}")
+    if len(keep) < len(mapped):
+        idx = Tensor(c.g.node("Gather", [c.nhwc(idx), c.g.ints(keep)], axis=len(idx.shape) - 1),
+                     (*idx.shape[:-1], len(keep))) if isinstance(idx, Tensor) \
+            else np.asarray(idx)[..., keep]
     if not isinstance(idx, Tensor):
         bound = np.asarray([shape[i] for i in indexed])
         if np.any(np.asarray(idx) < 0) or np.any(np.asarray(idx) >= bound):

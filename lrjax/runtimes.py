@@ -321,7 +321,7 @@ def litert_outputs(interpreter):
     the outputs in the order of its outputs (a tuple's). A SavedModel's signature names them
     ``output_<i>``, and ``get_output_details`` lists them in another order (``output_10`` before
     ``output_2``); a concrete function's graph names them ``Identity``, ``Identity_<i>`` in
-    order."""
+    order (an array returned twice: one name, at both places in the list)."""
     signatures = interpreter.get_signature_list()
     if signatures:
         (key, signature), = signatures.items()
@@ -331,8 +331,12 @@ def litert_outputs(interpreter):
         return lambda *xs: list(map(runner(**dict(zip(names, xs, strict=True))).get, order))
     ins = [d["index"] for d in sorted(interpreter.get_input_details(),
                                       key=lambda d: _number(d["name"].split(":")[0]))]
-    outs = [d["index"] for d in sorted(interpreter.get_output_details(),
-                                       key=lambda d: _number(d["name"]))]
+    details = interpreter.get_output_details()
+    if len({d["name"] for d in details}) == len(details):
+        details = sorted(details, key=lambda d: _number(d["name"]))
+    # else an array returned twice (NaFlex's logits, also out["logits"]) is one tensor, named
+    # once for both places: the list is in the function's order
+    outs = [d["index"] for d in details]
 
     def run(*xs):
         for i, x in zip(ins, xs, strict=True):

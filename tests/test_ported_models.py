@@ -441,3 +441,66 @@ def test_kernels_computed_from_parameters_export_to_onnx_and_litert(tmp_path):
     assert any(n.op_type == "MatMul" and all(i in stored for i in n.input) for n in graph.node)
     done = export.to_tflite(result.module, result.variables, X, str(tmp_path / "f.tflite"))
     assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
+
+
+def _posemb_at(posemb, coords):
+    """NaFlex's posemb lookup (without its resize of the grid to each image's): gathered at each
+    patch's (row, column), the coordinates padded with a 0 for the features (an indexed axis
+    taken whole)."""
+    numbers = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0, 1),
+                                             start_index_map=(0, 1, 2))
+    return jax.vmap(lambda at: jax.lax.gather(posemb, jnp.pad(at, [[0, 0], [0, 1]]), numbers,
+                                              (1, 1, posemb.shape[-1]), mode="fill"))(coords)
+
+
+class NaFlexStyle(nn.Module):
+    """big_vision's NaFlex ViT (SigLIP 2): one positional argument, the tuple ``(patches, types,
+    rows, columns)`` of a batch of images of their own patch grids padded to one length; returns
+    the logits and a dict holding them again."""
+    @nn.compact
+    def __call__(self, image):
+        patches, types, rows, columns = image
+        tokens = nn.Dense(16, name="embedding")(patches)
+        posemb = self.param("pos_embedding", nn.initializers.normal(0.5), (4, 4, 16))
+        coords = jnp.stack([rows, columns], axis=-1)
+        x = tokens + _posemb_at(posemb, coords)
+        x = nn.Dense(16, name="mlp")(nn.gelu(x))
+        keep = (types == 1)[..., None]
+        logits = nn.Dense(10, name="head")(jnp.sum(x * keep, axis=1) / jnp.sum(keep, axis=1))
+        return logits, {"logits": logits, "tokens": x}
+
+
+def _naflex_batch(key, n):
+    """``n`` images of 2×3 and 3×3 patches (of 12 values), padded to 10 tokens."""
+    types, rows, columns = (np.zeros((n, 10), np.int32) for _ in range(3))
+    for i in range(n):
+        h, w = (2, 3) if i % 2 else (3, 3)
+        types[i, :h * w] = 1
+        rows[i, :h * w], columns[i, :h * w] = np.divmod(np.arange(h * w), w)
+    return (jax.random.normal(key, (n, 10, 12)), jnp.asarray(types), jnp.asarray(rows),
+            jnp.asarray(columns))
+
+
+def test_a_model_taking_one_tuple_is_calibrated_and_exported(tmp_path):
+    """Calibration batches are the tuple itself (before: read as four positional arguments);
+    the export's graph takes one input per array of it (before: the tuple could not be an
+    example input, and traced as a constant); the per-image posemb lookup at coordinates of the
+    data is ONNX ``GatherND`` with a symbolic batch; LiteRT's outputs keep their places when an
+    array is returned twice (the converter names both places once)."""
+    model = NaFlexStyle()
+    image = _naflex_batch(jax.random.key(0), 2)
+    variables = jax.jit(model.init)(jax.random.key(0), image)
+    result = lrjax.decompose_linen(model, variables, image, rule={"embedding": 6, "mlp": 8},
+                                   calibration=[_naflex_batch(jax.random.key(k), 4)
+                                                for k in (1, 2)])
+    assert not any("data-free" in n for n in result.report.notes)
+    want = model.apply(variables, image)[0]
+    got = result.module.apply(result.variables, image)[0]
+    assert float(jnp.linalg.norm(got - want)) < 0.5 * float(jnp.linalg.norm(want))
+    done = [export.to_onnx(result.module, result.variables, (image,), str(tmp_path / "n.onnx")),
+            export.to_tflite(result.module, result.variables, (image,),
+                             str(tmp_path / "n.tflite"))]
+    assert done[0].checked_batches == (2, 3)
+    assert all(d.max_abs_error <= 1e-5 * max(d.scale, 1) for d in done)
+    graph = onnx.load(str(tmp_path / "n.onnx")).graph
+    assert len(graph.input) == 4 and "GatherND" in {n.op_type for n in graph.node}

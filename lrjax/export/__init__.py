@@ -79,7 +79,8 @@ def _dense_as_conv(next_fun, args, kwargs, context):
     return jnp.reshape(y, (*x.shape[:-1], *np.shape(params["kernel"])[1:]))
 
 
-def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs=None):
+def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs=None,
+        tree=None):
     """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
     model (``variables=None``) in eval mode; ``for_litert``: in the forms the TFLite converter
     takes (linen dense layers on rank-4 inputs as 1x1 convs, :func:`_dense_as_conv`; transposed
@@ -96,20 +97,20 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs
         # merged (as fresh variables) inside each trace: NNX's lifted transforms (nnx.scan
         # over nnx.vmap-made blocks) refuse variables made outside the trace that runs them
         graphdef, state = nnx.split(eval_view(module))
-        return lambda *xs: nnx.merge(graphdef, state, copy=True)(*xs, **apply_kwargs)
+        return lambda *xs: nnx.merge(graphdef, state, copy=True)(*_args(tree, xs), **apply_kwargs)
     if variables is None:
         raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
                           "(variables=None is for NNX models)")
     try:
-        surgery.check_inference_call(module, variables, *(inputs or [jax.ShapeDtypeStruct(
-            shape, np.float32)]), **apply_kwargs)
+        surgery.check_inference_call(module, variables, *_args(tree, inputs or [
+            jax.ShapeDtypeStruct(shape, np.float32)]), **apply_kwargs)
     except ValueError as e:
         raise ExportError(str(e)) from None
 
     apply = _linen_apply(module, apply_kwargs, for_litert)
     if linen_trace.evaluating_constants():  # the weights traced (a jit's arguments): concrete,
         apply = jax.jit(apply)  # ops on them would run eagerly, at no symbolic batch size
-    return lambda *xs: apply(variables, *xs)
+    return lambda *xs: apply(variables, *_args(tree, xs))
 
 
 def _linen_apply(module, apply_kwargs, for_litert: bool = False):
@@ -214,18 +215,27 @@ def _layers_at(jaxpr, file: str, line: int) -> set[str]:
 
 
 def _example_inputs(example_input):
-    """``(shape, examples, inputs)`` of an exporter's ``example_input``: one NHWC batch (its
-    shape; ``None``, ``None``), or a tuple of the model's positional inputs (the first one's
-    shape, the arrays (:func:`_check_inputs`) and their ``jax.ShapeDtypeStruct``\\s)."""
+    """``(shape, examples, inputs, tree)`` of an exporter's ``example_input``: one NHWC batch
+    (its shape; ``None``, ``None``, ``None``), or a tuple of the model's positional inputs, each
+    an array or a pytree of arrays (NaFlex's ``(patches, types, rows, columns)``): the first
+    array's shape, the arrays in ``jax.tree.leaves`` order (:func:`_check_inputs`: one graph
+    input each), their ``jax.ShapeDtypeStruct``\\s, and the tuple's tree (:func:`_args`)."""
     if isinstance(example_input, (tuple, list)):
-        examples = _check_inputs(example_input)
+        leaves, tree = jax.tree.flatten(tuple(example_input))
+        examples = _check_inputs(leaves)
         return examples[0].shape, examples, [jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                             for a in examples]
+                                             for a in examples], tree
     shape = tuple(np.shape(example_input))
     if len(shape) != 4:
         raise ExportError(f"example_input must be an NHWC batch (N, H, W, C) (inputs of other "
                           f"ranks, e.g. a 1-D conv net's (N, W, C): a tuple); got shape {shape}")
-    return shape, None, None
+    return shape, None, None, None
+
+
+def _args(tree, arrays) -> tuple:
+    """The model's positional arguments from the graph's input ``arrays`` (a ``tree`` of
+    :func:`_example_inputs`; ``None``: the arrays themselves)."""
+    return tuple(arrays) if tree is None else jax.tree.unflatten(tree, arrays)
 
 
 def _check_inputs(example_inputs) -> list[np.ndarray]:
@@ -321,9 +331,9 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     runs it (any batch size). Checked by deserializing it and running batches of the example's
     size and one more.
     """
-    shape, examples, inputs = _example_inputs(example_input)
+    shape, examples, inputs, tree = _example_inputs(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs)
+    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree)
     scope = jax.export.SymbolicScope()  # one batch symbol for every input
     specs = [runtimes.symbolic_batch(shape)] if inputs is None else \
         [runtimes.symbolic_batch(i.shape, i.dtype, scope) for i in inputs]
@@ -373,9 +383,9 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     """
     from lrjax import onnx_convert
 
-    shape, examples, inputs = _example_inputs(example_input)
+    shape, examples, inputs, tree = _example_inputs(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs)
+    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree)
     try:
         model = runtimes.onnx_model(forward, shape, fold=fold, graph_name=type(module).__name__,
                                     inputs=inputs, fixed_batch=fixed_batch)
@@ -435,9 +445,10 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     A model returning a pytree of arrays gets one output tensor per array, in
     ``jax.tree.leaves`` order (:func:`lrjax.runtimes.litert_outputs` runs them in that order).
     """
-    shape, examples, inputs = _example_inputs(example_input)
+    shape, examples, inputs, tree = _example_inputs(example_input)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape, for_litert=True, inputs=inputs)
+    forward = _fn(module, variables, apply_kwargs, shape, for_litert=True, inputs=inputs,
+                  tree=tree)
     nnx_model = isinstance(module, nnx.Module)
     size = runtimes.weight_bytes(nnx.state(module) if nnx_model else variables)
     large = size >= runtimes.BUFFER_OFFSET_BYTES
@@ -446,7 +457,8 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
             data = runtimes.tflite_model(_flat_outputs(forward), shape, buffer_offsets=large,
                                          inputs=inputs)
         else:  # the weights as variables: a fraction of the converter's memory
-            data = runtimes.tflite_model(_flat_outputs(_linen_apply(module, apply_kwargs, True)),
+            apply = _linen_apply(module, apply_kwargs, True)
+            data = runtimes.tflite_model(_flat_outputs(lambda v, *xs: apply(v, *_args(tree, xs))),
                                          shape, params=variables, buffer_offsets=large,
                                          inputs=inputs)
     except Exception as e:  # the converter raises several types for unsupported graphs
