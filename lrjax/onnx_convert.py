@@ -122,6 +122,10 @@ class _Converter:
                 return self.run(inner, closed.consts if closed is not None else [], args, where)
             if name == "scan" and any(isinstance(a, Tensor) for a in args):
                 return unroll_scan(self, eqn, args, where)
+            if name == "cond" and not isinstance(args[0], Tensor):  # a branch known at export
+                branch = eqn.params["branches"][int(np.clip(args[0], 0, len(  # (Jet's coupling
+                    eqn.params["branches"]) - 1))]  # kind, per unrolled scan iteration)
+                return self.run(branch.jaxpr, branch.consts, args[1:], where)
             if all(not isinstance(a, Tensor) for a in args) and name != "broadcast_in_dim" and \
                     not all(concrete(d) for o in eqn.outvars for d in o.aval.shape):
                 args = [self.batched(a, v.aval) for a, v in zip(args, eqn.invars, strict=True)]

@@ -255,9 +255,9 @@ def _shape(leaf) -> tuple | None:
     return None if leaf is None else tuple(np.shape(leaf))  # a variable set to None (a mask)
 
 
-def _structure_problems(expected: Mapping, got: Mapping) -> list[str]:
+def _structure_problems(expected: Mapping, got: Mapping, extra_ok: bool = False) -> list[str]:
     missing = sorted("/".join(k) for k in expected if k not in got)
-    extra = sorted("/".join(k) for k in got if k not in expected)
+    extra = [] if extra_ok else sorted("/".join(k) for k in got if k not in expected)
     wrong = sorted(f"{'/'.join(k)} {_shape(got[k])} (expected {_shape(v)})"
                    for k, v in expected.items() if k in got and _shape(got[k]) != _shape(v))
     return [f"{what}: {items[:4]}{' ...' if len(items) > 4 else ''}"
@@ -268,9 +268,12 @@ def _structure_problems(expected: Mapping, got: Mapping) -> list[str]:
 @constants_evaluated
 def check_variables(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
     """Raise ``ValueError`` unless ``variables`` has exactly ``model``'s arrays and shapes, and
-    the example call is an inference call (see :func:`check_inference_call`)."""
+    the example call is an inference call (see :func:`check_inference_call`). A call of another
+    method (``method="encode"``) may leave variables unused (a VAE's decoder): only missing and
+    misshapen ones are problems then."""
     expected = _flat(abstract_init(model, example_args, example_kwargs))
-    problems = _structure_problems(expected, _flat(variables))
+    other = example_kwargs.get("method") not in (None, "__call__")
+    problems = _structure_problems(expected, _flat(variables), extra_ok=other)
     if problems:
         raise ValueError("variables do not match the model: " + "; ".join(problems))
     check_inference_call(model, variables, *example_args, **example_kwargs)
@@ -535,12 +538,13 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     flat, factors = _apply_factors(_flat(variables), problem, ranks)
     module = LowRankModel.wrap(model, _call_ranks(problem, ranks))
     expected = _flat(abstract_init(module, example_args, example_kwargs))
-    problems = _structure_problems(expected, flat)
+    problems = _structure_problems(expected, flat, extra_ok=example_kwargs.get("method") not in (
+        None, "__call__"))  # another method may leave variables unused (a VAE's decoder)
     if problems:  # a bug, not a user error: the two structures are built from the same sites
         raise AssertionError("decomposed variables do not match the low-rank model: "
                              + "; ".join(problems))
-    flat = {k: v if v is None else sites.device_array(v, expected[k].dtype)  # None: a mask
-            for k, v in flat.items()}
+    flat = {k: v if v is None or k not in expected else  # None: a mask; unused: as given
+            sites.device_array(v, expected[k].dtype) for k, v in flat.items()}
     new_variables = traverse_util.unflatten_dict(boxes.reboxed(
         flat, boxed, {p: problem.site(p) for p in factors}))
     report = build_report(problem, ranks, factors, kept_full)

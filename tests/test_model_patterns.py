@@ -826,3 +826,52 @@ def test_a_conv_net_vmapped_over_frames_is_split_and_exports_with_a_symbolic_bat
     with pytest.raises(export.ExportError, match=r"^cannot export primitive 'cummax' \(layer "
                                                  r"frames\) to ONNX"):  # the user's path
         export.to_onnx(Odd(), init(Odd(), 0, video), (video,), str(tmp_path / "o.onnx"))
+
+
+class Coupling(nn.Module):
+    """A flow's coupling, its kind chosen per scanned step by ``lax.switch`` (big_vision's Jet)."""
+
+    @nn.compact
+    def __call__(self, x, kind):
+        shift = nn.Dense(x.shape[-1], name="net")(nn.gelu(x))
+        return jax.lax.switch(kind, [lambda: x + shift, lambda: x - 0.5 * shift]), None
+
+
+class TwoMethods(nn.Module):
+    """A VAE-like model used through ``encode`` (``apply(..., method="encode")``) as well as its
+    ``__call__``; ``encode`` runs two scanned couplings."""
+
+    def setup(self):
+        self.stem = nn.Conv(8, (3, 3))
+        self.couplings = nn.scan(Coupling, variable_axes={"params": 0},
+                                 split_rngs={"params": True}, length=2)()
+        self.head = nn.Dense(4)
+
+    def encode(self, x):
+        z, _ = self.couplings(self.stem(x), jnp.arange(2) % 2)
+        return z
+
+    def __call__(self, x):
+        return self.head(self.encode(x).mean((1, 2)))
+
+
+def test_a_models_other_method_is_decomposed_and_exported(tmp_path):
+    """``decompose_linen(..., method="encode")``: its layers found, costed and split through that
+    method, and the LowRankModel runs any of the model's methods decomposed (a name or the
+    function); the scanned coupling's ``lax.switch`` on a constant kind exports to ONNX as the
+    branch it takes (before: "'LowRankModel' object has no attribute 'encode'", then no ONNX
+    translation of 'cond')."""
+    model, x = TwoMethods(), jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = init(model, 0, x)
+    result = lrjax.decompose_linen(model, variables, x, rule={"stem": 8, "couplings/net": 8},
+                                   method="encode")
+    assert result.report.ranks == {"stem": 8, "couplings/net": 8}
+    want = model.apply(variables, x, method="encode")
+    got = [result.module.apply(result.variables, x, method=m) for m in ("encode",
+                                                                        TwoMethods.encode)]
+    np.testing.assert_array_equal(got[0], got[1])
+    assert 0 < float(jnp.linalg.norm(got[0] - want)) < 0.5 * float(jnp.linalg.norm(want))
+    assert result.module.apply(result.variables, x).shape == (2, 4)  # __call__: head kept
+    done = export.to_onnx(result.module, result.variables, x, str(tmp_path / "e.onnx"),
+                          method="encode")
+    assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-5 * max(done.scale, 1)

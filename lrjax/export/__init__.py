@@ -142,16 +142,23 @@ _USER_FRAME = re.compile(r"(.+?):(\d+)(?::\d+)? ")
 
 
 _TRANSFORMED = re.compile(r"^[a-z_]+\((.*)\)$")  # a name stack's 'vmap(...)', 'jvp(...)'
+_METHOD = re.compile(r"^(\w+)\.\w+(?:\[\d+\])?$")  # 'Net.encode', 'base.forward[0]'
 
 
 def user_layer(where: str, module=None) -> str:
     """A layer path as a name stack gives it (``Net/block/conv``), as the user's variables name
     it (``block/conv``): without the root module's class name, nor a ``LowRankModel``'s
-    ``base``, nor JAX's transform marks (``vmap(...)``, a ``jax.vmap`` inside a layer)."""
+    ``base``, nor JAX's transform marks (``vmap(...)``, a ``jax.vmap`` inside a layer), nor the
+    names of the methods other than ``__call__`` that ran (``couplings.forward``)."""
     parts = []
     for part in where.split("/"):
         while (marked := _TRANSFORMED.match(part)) is not None:
             part = marked.group(1)
+        method = _METHOD.match(part)  # a module's other method: 'couplings.forward[0]'
+        if method is not None:
+            part = method.group(1)
+            if parts and parts[-1] == part:
+                continue  # the same module's methods calling each other
         if part:
             parts.append(part)
     if module is not None and not isinstance(module, nnx.Module):

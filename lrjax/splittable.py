@@ -1,0 +1,130 @@
+"""Which Flax layers can be split into a pair, and why not (``conv_skip_reason``,
+``transposed_skip_reason``, ``dense_skip_reason``: one line each, shown in the report); the sites
+(:class:`lrjax.sites.ConvSite`) of transposed convs and of convs written with ``input_dilation``
+(a transposed conv as a conv), whose geometry is the transposed conv's. Linen and NNX layers
+share the attribute names read here. Re-exported by :mod:`lrjax.layers`."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+
+from lrjax.costs import ConvShape, as_pair, explicit_padding
+from lrjax.sites import ConvSite, computes_as, conv_view, subclass_reason
+
+__all__ = ["conv_skip_reason", "transposed_skip_reason", "dense_skip_reason", "transposed_site",
+           "dilated_conv_site", "input_dilated"]
+
+
+def transposed_skip_reason(conv, base_type=nn.ConvTranspose) -> str | None:
+    """Why a transposed conv (``nn.ConvTranspose`` or ``nnx.ConvTranspose``) cannot be split
+    into a pair, or None."""
+    size = conv.kernel_size
+    kernel = (size,) if isinstance(size, int) else tuple(size)
+    if len(kernel) != 2:
+        return f"not a 2-D transposed conv (kernel_size {size})"
+    if computes_as(conv, (base_type,)) is None:
+        return subclass_reason(conv, base_type)
+    if conv.mask is not None:
+        return "masked kernel"
+    if isinstance(conv.padding, str) and conv.padding.upper() not in ("SAME", "VALID"):
+        return f"{conv.padding} padding of a transposed conv (wraps its output; not split)"
+    if getattr(conv, "preferred_element_type", None) is not None:
+        return "a preferred_element_type: its own computation is kept"
+    return None
+
+
+def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) -> ConvSite:
+    """The site of a transposed conv (``nn.ConvTranspose``, or ``nnx.ConvTranspose`` with
+    ``base_type``) called on an input of ``input_shape`` ``(..., H, W, C)``: its geometry as
+    ``ConvShape(transposed=True)`` with the layer's own strides and padding (explicit padding as
+    ``((top, bottom), (left, right))``; ``CIRCULAR``: the ``VALID`` conv it runs, not split), or
+    ``shape=None`` for a conv that is not 2-D."""
+    reason = transposed_skip_reason(conv, base_type)
+    size = conv.kernel_size
+    kernel = (size,) if isinstance(size, int) else tuple(size)
+    if len(kernel) != 2:
+        return ConvSite(path, None, skip=reason)
+    shape = _transposed_shape(path, conv, input_shape, conv.strides)
+    return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
+
+
+def _transposed_shape(path: str, conv, input_shape, strides) -> ConvShape:
+    """``ConvShape(transposed=True)`` of a 2-D conv on its input dilated by ``strides``."""
+    kernel = tuple(conv.kernel_size)
+    padding = conv.padding if isinstance(conv.padding, str) else \
+        explicit_padding(conv.padding, (1, 1), kernel)
+    if isinstance(padding, str) and padding.upper() == "CIRCULAR":
+        padding = "VALID"  # the conv it runs (Flax wraps the VALID output; not split)
+    features = conv.out_features if hasattr(conv, "out_features") else conv.features
+    return ConvShape(
+        name=path, input_hw=tuple(int(d) for d in input_shape[-3:-1]),
+        in_channels=int(input_shape[-1]), out_channels=int(features), kernel_size=kernel,
+        strides=as_pair(strides), padding=padding, dilation=as_pair(conv.kernel_dilation),
+        use_bias=bool(conv.use_bias), transposed=True, images=math.prod(input_shape[:-3]))
+
+
+def input_dilated(conv) -> bool:
+    """Whether a conv (``nn.Conv`` / ``nnx.Conv``) runs on its input dilated by
+    ``input_dilation``: a transposed conv written as a conv (JAX requires explicit padding for
+    it). With stride 1 and one feature group it is ``nn.ConvTranspose(strides=input_dilation,
+    padding=padding)`` with the same kernel, and is split as one (:func:`dilated_conv_site`)."""
+    dilation = conv.input_dilation or 1
+    return any(d != 1 for d in ((dilation,) if isinstance(dilation, int) else dilation))
+
+
+def dilated_conv_site(path: str, conv, input_shape, base_type=nn.Conv) -> ConvSite:
+    """The site of an input-dilated conv (:func:`input_dilated`) called on ``input_shape``
+    ``(..., H, W, C)``: a transposed conv's (``kind == "transposed"``), strides the input
+    dilation, padding the conv's explicit ``((top, bottom), (left, right))``."""
+    return ConvSite(path, _transposed_shape(path, conv, input_shape, conv.input_dilation),
+                    skip=conv_skip_reason(conv, base_type))
+
+
+def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
+    """Why a conv (``nn.Conv`` or ``nnx.Conv``: same attribute names) cannot be split into a
+    pair, or None. ``base_type``: the type decomposed (with its subclasses that compute as it
+    does, :func:`computes_as`)."""
+    size = conv.kernel_size
+    kernel = (size,) if isinstance(size, int) else tuple(size)
+    if len(kernel) > 2:
+        view = conv_view(kernel, conv.strides, conv.padding, 1, (1,) * (len(kernel) + 2))
+        if isinstance(view, str):
+            return view
+    if computes_as(conv, (base_type,)) is None:
+        return subclass_reason(conv, base_type)
+    if input_dilated(conv):
+        if len(kernel) != 2:
+            return f"input dilation {conv.input_dilation} of a {len(kernel)}-D conv"
+        if isinstance(conv.padding, str):
+            return f"input dilation {conv.input_dilation} with {conv.padding!r} padding"
+        if any(s != 1 for s in as_pair(conv.strides or 1)):
+            return f"input dilation {conv.input_dilation} with strides {conv.strides}"
+        if conv.feature_group_count != 1:
+            return (f"input dilation {conv.input_dilation} with "
+                    f"feature_group_count={conv.feature_group_count}")
+    if conv.mask is not None:
+        return "masked kernel"
+    if isinstance(conv.padding, str) and conv.padding.upper() == "CAUSAL" and len(kernel) != 1:
+        return "causal padding"
+    return None
+
+
+def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral, nn.Einsum)) -> str | None:
+    """Why a dense layer (``nn.Dense``/``nn.DenseGeneral``/``nn.Einsum``,
+    ``nnx.Linear``/``nnx.LinearGeneral``) cannot be split into a pair, or None (an einsum's
+    equation is checked by :func:`lrjax.sites.einsum_split`). ``base_types``: the types
+    decomposed (with their subclasses that compute as they do, :func:`computes_as`; other
+    subclasses and layers with their own matrix product, e.g. quantized ones, keep their
+    computation)."""
+    if computes_as(layer, base_types) is None:
+        return subclass_reason(layer, next((b for b in base_types if isinstance(layer, b)),
+                                           base_types[0]))
+    if getattr(layer, "dot_general_cls", None) is not None or \
+            getattr(layer, "dot_general", None) not in (None, jax.lax.dot_general):
+        return "a custom dot_general (e.g. quantized): its own computation is kept"
+    if getattr(layer, "batch_dims", ()) or getattr(layer, "batch_axis", None):
+        return "batch dims: one kernel per batch index, no one matrix to split"
+    return None
