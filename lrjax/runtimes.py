@@ -207,6 +207,15 @@ def litert_primitives(fn: Callable, example=None) -> Callable:
                     outs = run(closed.jaxpr if closed else sub,
                                closed.consts if closed else [], ins,
                                info.replace(traceback=traceback, name_stack=names))
+                elif name == "cond" and not isinstance(ins[0], jax.core.Tracer):  # known branch
+                    branches = eqn.params["branches"]
+                    branch = branches[int(np.clip(ins[0], 0, len(branches) - 1))]
+                    outs = run(branch.jaxpr, branch.consts, ins[1:],
+                               info.replace(traceback=traceback, name_stack=names))
+                elif name == "scan" and any(e.primitive.name == "cond" for e, _ in
+                                            macs.iter_eqns(eqn.params["jaxpr"])):
+                    outs = _unrolled(run, eqn, ins, info.replace(traceback=traceback,
+                                                                 name_stack=names))
                 else:
                     outs = eqn.primitive.bind(*ins, **eqn.params)
                     outs = outs if eqn.primitive.multiple_results else [outs]
@@ -225,6 +234,23 @@ def litert_primitives(fn: Callable, example=None) -> Callable:
         return rewritten
     traced = jax.make_jaxpr(fn, return_shape=True)(*_plain(example))
     return lambda *args: rewritten(*_plain(args), traced=traced)
+
+
+def _unrolled(run, eqn, ins, caller) -> list:
+    """A ``scan`` equation run step by step with ``run`` (:func:`litert_primitives`): each
+    step's ``cond`` sees its own index (a Jet coupling's kind), which XNNPack cannot prepare as
+    the converter's ``IF`` inside its ``WHILE``."""
+    params = eqn.params
+    consts, carry = ins[:params["num_consts"]], ins[params["num_consts"]:][:params["num_carry"]]
+    xs, body, steps = ins[params["num_consts"] + params["num_carry"]:], params["jaxpr"], []
+    for i in (reversed if params["reverse"] else iter)(range(params["length"])):
+        with jax.ensure_compile_time_eval():  # a constant's slice stays a constant
+            step = [x[i] if isinstance(x, jax.core.Tracer) else jnp.asarray(x)[i] for x in xs]
+        out = run(body.jaxpr, body.consts, [*consts, *carry, *step], caller)
+        carry, ys = out[:len(carry)], out[len(carry):]
+        steps.append(ys)
+    steps = steps[::-1] if params["reverse"] else steps
+    return [*carry, *(jnp.stack(col) for col in zip(*steps, strict=True))] if steps else carry
 
 
 def _plain(tree):

@@ -858,9 +858,9 @@ class TwoMethods(nn.Module):
 def test_a_models_other_method_is_decomposed_and_exported(tmp_path):
     """``decompose_linen(..., method="encode")``: its layers found, costed and split through that
     method, and the LowRankModel runs any of the model's methods decomposed (a name or the
-    function); the scanned coupling's ``lax.switch`` on a constant kind exports to ONNX as the
-    branch it takes (before: "'LowRankModel' object has no attribute 'encode'", then no ONNX
-    translation of 'cond')."""
+    function); the scanned coupling's ``lax.switch`` on a constant kind exports to ONNX and
+    LiteRT as the branch it takes (before: "'LowRankModel' object has no attribute 'encode'",
+    then no ONNX translation of 'cond', and LiteRT failed at run time)."""
     model, x = TwoMethods(), jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     variables = init(model, 0, x)
     result = lrjax.decompose_linen(model, variables, x, rule={"stem": 8, "couplings/net": 8},
@@ -875,3 +875,8 @@ def test_a_models_other_method_is_decomposed_and_exported(tmp_path):
     done = export.to_onnx(result.module, result.variables, x, str(tmp_path / "e.onnx"),
                           method="encode")
     assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-5 * max(done.scale, 1)
+    # LiteRT: the scan run step by step, each switch on its own kind (XNNPack could not prepare
+    # the converter's IF inside its WHILE)
+    done = export.to_tflite(result.module, result.variables, x, str(tmp_path / "e.tflite"),
+                            method="encode")
+    assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
