@@ -550,7 +550,9 @@ def jaxpr_to_onnx(closed_jaxpr, input_names=("input",), output_names=("output",)
     conv = _Converter(input_names[0], shapes[0])
     outs = conv.run(jaxpr, closed_jaxpr.consts,
                     [Tensor(n, s) for n, s in zip(input_names, shapes, strict=True)])
-    for out, name in zip(outs, output_names, strict=True):  # an output of constants: stored
+    for out, name, var in zip(outs, output_names, jaxpr.outvars, strict=True):
+        if not isinstance(out, Tensor):  # an output of constants: stored (expanded to the batch
+            out = conv.batched(out, var.aval)  # where its shape has it: SAM 2's position code)
         source = conv.nhwc(out) if isinstance(out, Tensor) else conv.g.const(np.asarray(out))
         conv.g.nodes.append(helper.make_node("Identity", [source], [name]))
     graph = helper.make_graph(

@@ -504,3 +504,21 @@ def test_a_model_taking_one_tuple_is_calibrated_and_exported(tmp_path):
     assert all(d.max_abs_error <= 1e-5 * max(d.scale, 1) for d in done)
     graph = onnx.load(str(tmp_path / "n.onnx")).graph
     assert len(graph.input) == 4 and "GatherND" in {n.op_type for n in graph.node}
+
+
+class WithPositionCode(nn.Module):
+    """SAM 2's image encoder returns its features and their sine position code, which depends on
+    the features' shape alone: an output of constants with the batch in its shape."""
+    @nn.compact
+    def __call__(self, x):
+        features = nn.Conv(8, (3, 3))(x)
+        rows = jnp.sin(jnp.arange(features.shape[1], dtype=jnp.float32))[None, :, None, None]
+        return features, jnp.broadcast_to(rows, features.shape)
+
+
+def test_an_output_of_constants_with_the_batch_in_its_shape_exports_with_a_symbolic_batch(
+        tmp_path):
+    model = WithPositionCode()
+    variables = model.init(jax.random.key(0), X)
+    done = export.to_onnx(model, variables, X, str(tmp_path / "p.onnx"))  # before: its shape
+    assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-6  # had batch 1
