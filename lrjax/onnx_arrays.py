@@ -114,7 +114,7 @@ def gather(c, args, params, aval):
         nchw = x.nchw and not dropped
         y = c.g.node("Slice", [x.name if nchw else c.nhwc(x), c.g.ints(starts[0]),
                                c.g.ints(ends[0]), c.g.ints(
-                                   [(0, 3, 1, 2).index(a) if nchw else a for a in axes])])
+                                   [c.axis(x, a) if nchw else a for a in axes])])
         if dropped:
             y = c.g.node("Squeeze", [y, c.g.ints(dropped)])
         return Tensor(y, tuple(aval.shape), nchw)

@@ -166,18 +166,18 @@ def tflite_model(forward: Callable, shape, params=None, *,
             return _convert(_saved_model_converter(saved), buffer_offsets)
 
 
-def litert_primitives(fn: Callable, example=None) -> Callable:
+def litert_primitives(fn: Callable, example) -> Callable:
     """``fn`` with the primitives the TFLite converter cannot legalize written with ones it can:
     ``erf(x)`` as ``1 - erfc(x)`` (an exact GELU written with ``lax.erf``, as Hugging Face's and
     bonsai's Whisper write it: "'tf.XlaCallModule' op is neither a custom op nor a flex op";
     absolute error of float32 rounding); random draws from a key given as a constant (the
     call's ``rngs=``: a masked autoencoder's shuffle) evaluated into constants, as everything
     computed from constants alone (the converter has no unsigned multiply). Call-like
-    primitives are inlined; the rest are bound as they are. With ``example`` (the arguments'
-    ``jax.ShapeDtypeStruct`` pytrees) ``fn`` is traced now, eagerly, and the result replays
-    its program: a model that runs TensorFlow ops eagerly while it is traced (big_vision's
-    FlexiViT builds its patch-kernel resize matrix with ``tf.image.resize(...).numpy()``)
-    cannot be traced inside the converter's ``tf.function``."""
+    primitives are inlined; the rest are bound as they are. ``fn`` is traced here, eagerly, on
+    ``example`` (the arguments' ``jax.ShapeDtypeStruct`` pytrees), and the result replays its
+    program: a model that runs TensorFlow ops eagerly while it is traced (big_vision's FlexiViT
+    builds its patch-kernel resize matrix with ``tf.image.resize(...).numpy()``) cannot be
+    traced inside the converter's ``tf.function``."""
     def run(jaxpr, consts, args, caller=None):
         env = dict(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
@@ -222,18 +222,10 @@ def litert_primitives(fn: Callable, example=None) -> Callable:
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(v) for v in jaxpr.outvars]
 
-    def rewritten(*args, traced=None):
-        closed, out_shape = traced or jax.make_jaxpr(fn, return_shape=True)(*args)
-        if traced is None and not any(e.primitive.name in ("erf", "random_bits")
-                                      for e, _ in macs.iter_eqns(closed)):
-            return fn(*args)  # nothing to rewrite: traced as it is
-        flat = run(closed.jaxpr, closed.consts, jax.tree.leaves(args))
-        return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
-
-    if example is None:
-        return rewritten
-    traced = jax.make_jaxpr(fn, return_shape=True)(*_plain(example))
-    return lambda *args: rewritten(*_plain(args), traced=traced)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*_plain(example))
+    tree = jax.tree.structure(out_shape)
+    return lambda *args: jax.tree.unflatten(
+        tree, run(closed.jaxpr, closed.consts, jax.tree.leaves(_plain(args))))
 
 
 def _unrolled(run, eqn, ins, caller) -> list:

@@ -255,6 +255,12 @@ def _shape(leaf) -> tuple | None:
     return None if leaf is None else tuple(np.shape(leaf))  # a variable set to None (a mask)
 
 
+def _other_method(call_kwargs: Mapping) -> bool:
+    """Whether a call runs a method other than ``__call__`` (``method="encode"``), which may
+    leave variables unused (a VAE's decoder)."""
+    return call_kwargs.get("method") not in (None, "__call__")
+
+
 def _structure_problems(expected: Mapping, got: Mapping, extra_ok: bool = False) -> list[str]:
     missing = sorted("/".join(k) for k in expected if k not in got)
     extra = [] if extra_ok else sorted("/".join(k) for k in got if k not in expected)
@@ -272,8 +278,8 @@ def check_variables(model: nn.Module, variables, *example_args, **example_kwargs
     method (``method="encode"``) may leave variables unused (a VAE's decoder): only missing and
     misshapen ones are problems then."""
     expected = _flat(abstract_init(model, example_args, example_kwargs))
-    other = example_kwargs.get("method") not in (None, "__call__")
-    problems = _structure_problems(expected, _flat(variables), extra_ok=other)
+    problems = _structure_problems(expected, _flat(variables),
+                                   extra_ok=_other_method(example_kwargs))
     if problems:
         raise ValueError("variables do not match the model: " + "; ".join(problems))
     check_inference_call(model, variables, *example_args, **example_kwargs)
@@ -538,8 +544,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     flat, factors = _apply_factors(_flat(variables), problem, ranks)
     module = LowRankModel.wrap(model, _call_ranks(problem, ranks))
     expected = _flat(abstract_init(module, example_args, example_kwargs))
-    problems = _structure_problems(expected, flat, extra_ok=example_kwargs.get("method") not in (
-        None, "__call__"))  # another method may leave variables unused (a VAE's decoder)
+    problems = _structure_problems(expected, flat, extra_ok=_other_method(example_kwargs))
     if problems:  # a bug, not a user error: the two structures are built from the same sites
         raise AssertionError("decomposed variables do not match the low-rank model: "
                              + "; ".join(problems))
