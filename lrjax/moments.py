@@ -206,7 +206,8 @@ def calibration_batches(calibration, example_args: tuple | None = None) -> list[
                 _layout((batch,)) == _layout(example_args):  # the model's one argument is a tuple
             args = (batch,)  # (NaFlex's (patches, types, rows, columns))
         for a in jax.tree.leaves(args):
-            if isinstance(a, (jax.Array, np.ndarray)) and not np.isfinite(np.asarray(a)).all():
+            if isinstance(a, (jax.Array, np.ndarray)) and jnp.issubdtype(a.dtype, jnp.inexact) \
+                    and not np.isfinite(np.asarray(a)).all():
                 raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains NaN/Inf "
                                  "values")
         if example_args is not None and _layout(args) != _layout(example_args):
@@ -249,8 +250,21 @@ def _layout(args: tuple):
 
 
 def _describe(args: tuple) -> str:
-    shapes = jax.tree.map(lambda a: tuple(np.shape(a)) if np.ndim(a) else a, args)
+    shapes = jax.tree.map(_shown, args, is_leaf=lambda a: not isinstance(a, (tuple, list, dict)))
     return f"{len(args)} positional argument(s) {shapes}"
+
+
+def _shown(a):
+    """An argument as messages show it: an array by its shape, a container by its parts, any
+    other value as it prints, by its type's name when that runs long (an NNX ``Rngs``)."""
+    if isinstance(a, (jax.Array, np.ndarray)):
+        return tuple(a.shape) if a.ndim else a
+    return a if len(repr(a)) <= 60 else _Named(type(a).__name__)
+
+
+class _Named(str):
+    def __repr__(self):
+        return str(self)
 
 
 def calibrated_paths(candidates) -> tuple[list[str], str | None]:

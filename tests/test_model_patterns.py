@@ -413,6 +413,65 @@ def test_an_nnx_model_of_several_inputs_exports_to_every_runtime(tmp_path):
         assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
 
 
+class RngsInCall(nnx.Module):
+    """As Flax's NNX MNIST example writes its CNN: dropout given the ``nnx.Rngs`` at call time,
+    ``model(x, rngs)``."""
+
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(16, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5)
+        self.conv2 = nnx.Conv(16, 32, (3, 3), rngs=rngs)
+        self.linear = nnx.Linear(32 * 6 * 6, 10, rngs=rngs)
+
+    def __call__(self, x, rngs: nnx.Rngs):
+        x = nnx.avg_pool(nnx.relu(self.norm(self.dropout(self.conv1(x), rngs=rngs))), (2, 2),
+                         (2, 2))
+        x = nnx.relu(self.conv2(x))
+        return self.linear(x.reshape(x.shape[0], -1))
+
+
+def test_an_nnx_model_taking_its_rngs_in_the_call_calibrates_and_exports(tmp_path):
+    """The ``nnx.Rngs`` positional argument of the call: calibration batches give it as the
+    example does (the NaN check skipped its key arrays: a ``TypeError`` before), a batch without
+    it says so naming it by its type (its repr ran to 15 lines), and every exporter passes it to
+    the call, not as a graph input (``np.asarray`` of its keys failed: ``TypeError``)."""
+    model = RngsInCall(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 3))
+    rngs = nnx.Rngs(dropout=1)
+    calib = jax.random.normal(jax.random.key(1), (6, 12, 12, 3))
+    split = lrjax.decompose_nnx(model, x, rngs, rule="speedup:1.5", calibration=[(calib, rngs)])
+    assert split.ranks
+    with pytest.raises(ValueError, match=r"calibration batch 0 is 1 positional argument\(s\) "
+                       r"\(\(6, 12, 12, 3\),\); the model's example call takes 2 positional "
+                       r"argument\(s\) \(\(4, 12, 12, 3\), Rngs\) \("):
+        lrjax.decompose_nnx(model, x, rngs, rule="speedup:1.5", calibration=calib)
+    for exporter in (export.to_onnx, export.to_tflite, export.to_stablehlo):
+        path = str(tmp_path / f"split.{exporter.__name__}")
+        result = exporter(split.module, None, (x, rngs), path)
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
+    assert [i.name for i in onnx.load(str(tmp_path / "split.to_onnx")).graph.input] == ["input_0"]
+
+
+class FlagInCall(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x))
+        return nn.Dense(3)(nn.Dropout(0.5, deterministic=not train)(x).mean((1, 2)))
+
+
+def test_a_positional_flag_of_the_call_is_passed_to_the_export_not_an_input(tmp_path):
+    """``to_onnx(model, variables, (x, False), path)`` for ``__call__(x, train)`` (before: "example
+    inputs must share their leading (batch) dimension"); ``True`` gets the training-mode line."""
+    x = jnp.ones((2, 8, 8, 3))
+    variables = FlagInCall().init(jax.random.key(0), x, False)
+    result = export.to_onnx(FlagInCall(), variables, (x, False), str(tmp_path / "m.onnx"))
+    assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
+    assert len(onnx.load(str(tmp_path / "m.onnx")).graph.input) == 1
+    with pytest.raises(export.ExportError, match="writes its 'batch_stats' collection"):
+        export.to_onnx(FlagInCall(), variables, (x, True), str(tmp_path / "t.onnx"))
+
+
 class ScanBlock(nn.Module):
     """A residual 3x3 conv block with a per-iteration output (the block's pooled features)."""
 

@@ -226,12 +226,16 @@ def _example_inputs(example_input):
     (its shape; ``None``, ``None``, ``None``), or a tuple of the model's positional inputs, each
     an array or a pytree of arrays (NaFlex's ``(patches, types, rows, columns)``): the first
     array's shape, the arrays in ``jax.tree.leaves`` order (:func:`_check_inputs`: one graph
-    input each), their ``jax.ShapeDtypeStruct``\\s, and the tuple's tree (:func:`_args`)."""
+    input each), their ``jax.ShapeDtypeStruct``\\s, and the tuple's tree (:func:`_args`).
+    Positional arguments that are not arrays (a flag, ``None``, the ``nnx.Rngs`` an NNX model's
+    ``__call__(x, rngs)`` takes for its dropout, off in eval mode) are passed to every call as
+    given, not graph inputs."""
     if isinstance(example_input, (tuple, list)):
-        leaves, tree = jax.tree.flatten(tuple(example_input))
-        examples = _check_inputs(leaves)
+        leaves, treedef = jax.tree.flatten(tuple(example_input), is_leaf=_bound)
+        bound = {i: a for i, a in enumerate(leaves) if _bound(a)}
+        examples = _check_inputs([a for i, a in enumerate(leaves) if i not in bound])
         return examples[0].shape, examples, [jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                             for a in examples], tree
+                                             for a in examples], (treedef, bound)
     shape = tuple(np.shape(example_input))
     if len(shape) != 4:
         raise ExportError(f"example_input must be an NHWC batch (N, H, W, C) (inputs of other "
@@ -239,10 +243,21 @@ def _example_inputs(example_input):
     return shape, None, None, None
 
 
+def _bound(arg) -> bool:
+    """A positional argument passed as it is, not a graph input: neither an array nor a
+    container (``False``, ``None``, an ``nnx.Rngs``)."""
+    return not isinstance(arg, (jax.Array, np.ndarray, jax.ShapeDtypeStruct, tuple, list, dict))
+
+
 def _args(tree, arrays) -> tuple:
     """The model's positional arguments from the graph's input ``arrays`` (a ``tree`` of
     :func:`_example_inputs`; ``None``: the arrays themselves)."""
-    return tuple(arrays) if tree is None else jax.tree.unflatten(tree, arrays)
+    if tree is None:
+        return tuple(arrays)
+    treedef, bound = tree
+    given = iter(arrays)
+    return jax.tree.unflatten(treedef, [bound[i] if i in bound else next(given)
+                                        for i in range(treedef.num_leaves)])
 
 
 def _check_inputs(example_inputs) -> list[np.ndarray]:
@@ -379,7 +394,9 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     ``(N, H, W, C)``, or a tuple of the model's positional inputs (any ranks and dtypes, the
     batch first in each: a diffusion U-Net's latents, timesteps and text states; a 1-D conv
     net's ``(N, W, C)`` as a 1-tuple; graph inputs ``input_0``, ``input_1``, ..., checked on the
-    examples' own rows); ``**apply_kwargs`` go to the call (e.g. ``train=False``).
+    examples' own rows; arguments that are not arrays, such as a ``False`` flag or the
+    ``nnx.Rngs`` of an NNX ``__call__(x, rngs)``, are passed to the call as given);
+    ``**apply_kwargs`` go to the call (e.g. ``train=False``).
 
     The inference jaxpr is translated by :mod:`lrjax.onnx_convert` (convs as ONNX ``Conv`` in
     NCHW, groups and dilation mapped). With ``fold``, per-channel affine ops right after a conv
