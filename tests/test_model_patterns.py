@@ -472,6 +472,38 @@ def test_a_positional_flag_of_the_call_is_passed_to_the_export_not_an_input(tmp_
         export.to_onnx(FlagInCall(), variables, (x, True), str(tmp_path / "t.onnx"))
 
 
+class Reparametrized(nn.Module):
+    """As Flax's VAE example: ``__call__(x, z_rng)`` draws the latent from the key it is given."""
+
+    @nn.compact
+    def __call__(self, x, z_rng):
+        mean, logvar = jnp.split(nn.Dense(16, name="encoder")(x), 2, axis=-1)
+        z = mean + jax.random.normal(z_rng, logvar.shape) * jnp.exp(0.5 * logvar)
+        return nn.Dense(24, name="decoder")(z)
+
+
+def test_a_key_argument_of_the_call_is_calibrated_and_exported_as_a_constant(tmp_path):
+    """A typed key ``jax.random.key`` is passed to the call, its draw a constant of the graph
+    (ONNX at a fixed batch: the draw has the batch's shape); a uint32 key's line says how to
+    give it (keyword, or typed key)."""
+    x = jax.random.normal(jax.random.key(0), (4, 24))
+    key = jax.random.key(1)
+    variables = Reparametrized().init(jax.random.key(2), x, key)
+    split = lrjax.decompose_linen(Reparametrized(), variables, x, key, rule="speedup:1.5",
+                                  calibration=[(x, key)])
+    assert split.ranks
+    onnx_result = export.to_onnx(split.module, split.variables, (x, key),
+                                 str(tmp_path / "m.onnx"), fixed_batch=True)
+    litert_result = export.to_tflite(split.module, split.variables, (x, key),
+                                     str(tmp_path / "m.tflite"))
+    for result in (onnx_result, litert_result):
+        assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
+    with pytest.raises(export.ExportError, match=r"\[\(4, 24\), \(2,\)\] \(an argument without the "
+                       r"batch, such as a uint32 PRNG key .* name=value"):
+        export.to_onnx(split.module, split.variables, (x, jax.random.PRNGKey(1)),
+                       str(tmp_path / "raw.onnx"), fixed_batch=True)
+
+
 class ScanBlock(nn.Module):
     """A residual 3x3 conv block with a per-iteration output (the block's pooled features)."""
 

@@ -228,8 +228,8 @@ def _example_inputs(example_input):
     array's shape, the arrays in ``jax.tree.leaves`` order (:func:`_check_inputs`: one graph
     input each), their ``jax.ShapeDtypeStruct``\\s, and the tuple's tree (:func:`_args`).
     Positional arguments that are not arrays (a flag, ``None``, the ``nnx.Rngs`` an NNX model's
-    ``__call__(x, rngs)`` takes for its dropout, off in eval mode) are passed to every call as
-    given, not graph inputs."""
+    ``__call__(x, rngs)`` takes for its dropout, off in eval mode) and typed PRNG keys are passed
+    to every call as given, not graph inputs."""
     if isinstance(example_input, (tuple, list)):
         leaves, treedef = jax.tree.flatten(tuple(example_input), is_leaf=_bound)
         bound = {i: a for i, a in enumerate(leaves) if _bound(a)}
@@ -245,8 +245,11 @@ def _example_inputs(example_input):
 
 def _bound(arg) -> bool:
     """A positional argument passed as it is, not a graph input: neither an array nor a
-    container (``False``, ``None``, an ``nnx.Rngs``)."""
-    return not isinstance(arg, (jax.Array, np.ndarray, jax.ShapeDtypeStruct, tuple, list, dict))
+    container (``False``, ``None``, an ``nnx.Rngs``), or a typed PRNG key (``jax.random.key``:
+    a VAE's ``__call__(x, z_rng)``; its draws are constants of the graph)."""
+    if isinstance(arg, jax.Array):
+        return jax.dtypes.issubdtype(arg.dtype, jax.dtypes.prng_key)
+    return not isinstance(arg, (np.ndarray, jax.ShapeDtypeStruct, tuple, list, dict))
 
 
 def _args(tree, arrays) -> tuple:
@@ -267,7 +270,10 @@ def _check_inputs(example_inputs) -> list[np.ndarray]:
     batches = {a.shape[0] if a.ndim else None for a in arrays}
     if not arrays or len(batches) != 1 or None in batches:
         raise ExportError(f"example inputs must share their leading (batch) dimension; got "
-                          f"shapes {[a.shape for a in arrays]}")
+                          f"shapes {[a.shape for a in arrays]} (an argument without the batch, "
+                          "such as a uint32 PRNG key or a scalar, is given to the exporter as a "
+                          "keyword of the call, name=value, or as a typed key, jax.random.key: "
+                          "passed to the call as given)")
     return arrays
 
 
