@@ -62,8 +62,11 @@ def factor_names(site: ConvSite, names, kernel_shape, vertical_shape,
                  horizontal_shape) -> tuple[tuple, tuple]:
     """The axis names of a split layer's ``(vertical/kernel, horizontal/kernel)`` from its
     kernel's ``names`` (see the module docstring): a factor's axis keeps a name where it is
-    that kernel axis at the kernel's size."""
-    layout = _layout(site, tuple(zip(names, kernel_shape, strict=True)))
+    that kernel axis at the kernel's size. Names that do not match the kernel's rank (Flax
+    checks them only when it shards: Flax's lm1b example names its 3-D attention kernels
+    ``("embed", "kv")``) name no factor axis."""
+    layout = _layout(site, tuple(zip(names, kernel_shape, strict=True))) \
+        if len(names) == len(kernel_shape) else None
     out = []
     for i, shape in enumerate((vertical_shape, horizontal_shape)):
         axes = layout[i] if layout is not None and len(layout[i]) == len(shape) else \

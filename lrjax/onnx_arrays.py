@@ -17,7 +17,7 @@ from onnx import helper
 from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, concrete, onnx_dtype, same_dim
 
 __all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum", "gather", "iota",
-           "dim_as_value"]  # handlers, by primitive
+           "dim_as_value", "dynamic_slice"]  # handlers, by primitive
 
 
 def split(c, args, params, aval):
@@ -211,6 +211,49 @@ def dim_as_value(c, args, params, aval):
     wrapped by ``jnp`` indexing): a scalar of the graph input's shape."""
     size = c.g.node("Squeeze", [c.shape_tensor((params["dim"],))])
     return Tensor(c.g.node("Cast", [size], to=onnx_dtype(aval.dtype)), ())
+
+
+def dynamic_slice(c, args, params, aval):
+    """``lax.dynamic_slice`` (Flax's lm1b example shifts its tokens right with
+    ``dynamic_slice_in_dim(padded, 0, ...)``; ``x[0]`` of a symbolic batch starts at an index
+    wrapped by the batch's size): a ``Slice``, each start clamped as JAX clamps it (into
+    ``[0, dim - size]``), in the graph (``Max``, ``Min``) where the start or the dim is not
+    known at export."""
+    t, starts, sizes = args[0], args[1:], tuple(params["slice_sizes"])
+    known = all(not isinstance(s, Tensor) for s in starts)
+    if not isinstance(t, Tensor):  # a table of constants (position codes) read at an index
+        if known:
+            return np.asarray(jax.lax.dynamic_slice(np.asarray(t), [np.asarray(s) for s in starts],
+                                                    sizes))
+        t = Tensor(c.g.const(np.asarray(t)), tuple(np.shape(t)))
+    cut = [(ax, s, size, dim) for ax, (s, size, dim) in
+           enumerate(zip(starts, sizes, t.shape, strict=True)) if not same_dim(size, dim)]
+    if not cut:
+        return t
+    if known and all(concrete(dim) for _, _, _, dim in cut):
+        first = {ax: min(max(int(np.asarray(s)), 0), int(dim) - int(size))
+                 for ax, s, size, dim in cut}
+        return c.slice([t], dict(
+            start_indices=[first.get(ax, 0) for ax in range(len(sizes))],
+            limit_indices=[first[ax] + int(sizes[ax]) if ax in first else dim
+                           for ax, dim in enumerate(t.shape)]), aval)
+    begin, end = [], []
+    for _, s, size, dim in cut:
+        if not concrete(size):
+            raise TranslationError(f"a slice of size {size} not known at export")
+        if isinstance(s, Tensor):
+            start = c.g.node("Cast", [c.g.node("Reshape", [s.name, c.g.ints([1])])], to=7)
+        else:
+            start = c.g.ints([int(np.asarray(s))])
+        last = c.g.ints([int(dim) - int(size)]) if concrete(dim) else \
+            c.g.node("Sub", [c.shape_tensor((dim,)), c.g.ints([int(size)])])
+        first = c.g.node("Min", [c.g.node("Max", [start, c.g.ints([0])]), last])
+        begin.append(first)
+        end.append(c.g.node("Add", [first, c.g.ints([int(size)])]))
+    out = c.g.node("Slice", [t.name, c.g.node("Concat", begin, axis=0),
+                             c.g.node("Concat", end, axis=0),
+                             c.g.ints([c.axis(t, ax) for ax, _, _, _ in cut])])
+    return Tensor(out, tuple(aval.shape), t.nchw)
 
 
 def as_dtype(c, args, invars, dtype) -> list:

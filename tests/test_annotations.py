@@ -109,6 +109,30 @@ def test_factor_names_leave_axes_of_another_size_unnamed():
                               (1, 1, 2, 8))[0] == ("h", None, None, None)
 
 
+class MisNamed(nn.Module):
+    """As Flax's lm1b example annotates its attention: two names for the 3-D query, key and
+    value kernels ``(embed, heads, head_dim)`` (Flax checks names only when it shards)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(32, name="embed")(x)
+        return nn.MultiHeadDotProductAttention(num_heads=4, kernel_init=nn.with_logical_partitioning(
+            INIT, ("embed", "kv")), name="attention")(x)
+
+
+def test_annotations_that_do_not_fit_the_kernel_name_no_factor_axis():
+    """Before: ``ValueError: zip() argument 2 is longer than argument 1`` from the reboxing."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    model = MisNamed()
+    variables = model.init(jax.random.key(1), x)
+    result = lrjax.decompose_linen(model, variables, x, rule={"attention/query": 8})
+    query = result.variables["params"]["attention"]["query"]
+    assert query["vertical"]["kernel"].names == (None, None)
+    assert query["horizontal"]["kernel"].names == (None, None, None)
+    assert np.shape(query["horizontal"]["kernel"].value) == (8, 4, 8)
+    assert result.module.apply(result.variables, x).shape == (2, 6, 32)
+
+
 def test_nnx_sharding_metadata_is_given_to_the_pair():
     mesh = jax.make_mesh((1, 1), ("data", "model"),
                          axis_types=(jax.sharding.AxisType.Explicit,) * 2)

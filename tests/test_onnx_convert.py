@@ -99,6 +99,14 @@ CASES = {
         tokens(x).mean(-1), 5)[1]],
     "dim_as_value": lambda x: conv(x) * x.shape[0] + tokens(x)[jnp.arange(x.shape[0]) - 1][
         :, :6, None],
+    # tokens shifted right (Flax's lm1b: dynamic_slice_in_dim(padded, 0, ...)), a start past the
+    # end (clamped, as JAX clamps it), a start computed from the data, a constant table read there
+    "dynamic_slice": lambda x: jax.lax.dynamic_slice_in_dim(jnp.pad(
+        conv(x), ((0, 0), (1, 0), (0, 0), (0, 0))), 0, 6, axis=1) + jax.lax.dynamic_slice_in_dim(
+        conv(x), 5, 2, axis=2)[:, :, :1] + jax.lax.dynamic_slice_in_dim(
+        conv(x), jnp.argmax(conv(x)[0, 0, :, 0]), 3, axis=2)[:, :, :1] + jax.lax.dynamic_slice(
+        np.arange(40.0, dtype=np.float32).reshape(10, 4), (jnp.argmax(conv(x)[0, 0, 0]) + 8, 0),
+        (1, 4)),
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
     "select_n": lambda x: jax.lax.select(conv(x) > 0, conv(x), first(x) * jnp.ones(4)),
     "reshape": lambda x: conv(x).reshape(x.shape[0], -1),
