@@ -213,7 +213,9 @@ def _kind_of(kinds: dict, var):
     return None if isinstance(var, jcore.Literal) else kinds.get(var)
 
 
-def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> None:
+def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
+    """Append the weighted products of ``jaxpr`` (its inputs of kinds ``in_kinds``) to
+    ``found``; return its outputs' kinds."""
     kinds = dict(zip(jaxpr.invars, in_kinds, strict=True))
     for eqn in jaxpr.eqns:
         where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
@@ -233,8 +235,27 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> None:
                 body = getattr(sub, "jaxpr", sub)
                 if key != "cond_jaxpr" and hasattr(body, "eqns") and \
                         len(body.invars) <= len(operands):  # a branch or loop body: a suffix
-                    _weighted(body, operands[len(operands) - len(body.invars):], where,
-                              inner_trips, found)
+                    body_kinds = _carried(eqn, body, operands[len(operands) - len(body.invars):])
+                    _weighted(body, body_kinds, where, inner_trips, found)
         out = _DATA if data else sources or None
         for var in eqn.outvars:
             kinds[var] = out
+    return [_kind_of(kinds, v) for v in jaxpr.outvars]
+
+
+def _carried(eqn, body, in_kinds: list) -> list:
+    """A loop body's input kinds with each carry that the body makes data marked data: an
+    LSTM's hidden state starts as zeros (a constant) and is data from the second step, so its
+    product with the recurrent kernel is a weighted product."""
+    if eqn.primitive.name == "scan":
+        first, count = int(eqn.params["num_consts"]), int(eqn.params["num_carry"])
+    elif eqn.primitive.name == "while":
+        first, count = int(eqn.params["body_nconsts"]), len(eqn.outvars)
+    else:
+        return in_kinds
+    out = _weighted(body, in_kinds, "", 1, [])
+    kinds = list(in_kinds)
+    for i in range(count):
+        if out[i] is _DATA:
+            kinds[first + i] = _DATA
+    return kinds

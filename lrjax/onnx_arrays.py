@@ -161,6 +161,8 @@ def gather_nd(c, args, params, aval):
     if not indexed or set(dn.collapsed_slice_dims) != set(indexed) or len(set(mapped)) != len(
             mapped) or any(sizes[i] != 1 for i in batching + indexed) or not all(
             same_dim(sizes[i], shape[i]) for i in rest):
+        if _batched_windows(dn, sizes, len(shape), np.shape(idx)):
+            return windows(c, args, params, aval)
         raise TranslationError(f"only gathers of single elements along the indexed axes (whole "
                                f"slices along the others) are covered; got {dn}, slices {sizes}")
     if len(keep) < len(mapped):
@@ -188,6 +190,55 @@ def gather_nd(c, args, params, aval):
             out_perm.append(idx_order.index(k))
             k += 1
     return Tensor(c.g.node("Transpose", [y], perm=out_perm), tuple(aval.shape))
+
+
+def _batched_windows(dn, sizes, rank: int, idx_shape) -> bool:
+    """Whether a gather is a ``dynamic_slice`` under ``jax.vmap``: the leading batching axes
+    taken one row at a time, each row a window (whole along unindexed axes) from its own start,
+    nothing dropped, the output (batch, the operand's other axes)."""
+    batching = tuple(int(i) for i in dn.operand_batching_dims)
+    nb = len(batching)
+    return bool(batching) and batching == tuple(range(nb)) and not dn.collapsed_slice_dims \
+        and tuple(dn.start_indices_batching_dims) == tuple(range(nb)) \
+        and len(idx_shape) == nb + 1 and all(sizes[i] == 1 for i in batching) \
+        and tuple(dn.offset_dims) == tuple(range(nb, rank)) \
+        and not set(int(i) for i in dn.start_index_map) & set(batching)
+
+
+def windows(c, args, params, aval):
+    """A ``dynamic_slice`` under ``jax.vmap`` (``jnp.roll`` by each row's own shift: Flax's
+    sst2 example flips each padded sequence within its length) as ONNX ``GatherElements``, one
+    per windowed axis: each row's start clamped into ``[0, dim - size]`` (the gather's ``CLIP``
+    mode, as ``dynamic_slice`` clamps), plus ``0 .. size - 1``, broadcast over the other axes."""
+    x, idx = args
+    dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+    nb, rank = len(dn.operand_batching_dims), len(np.shape(x))
+    data = c.nhwc(x) if isinstance(x, Tensor) else c.g.const(np.asarray(x))
+    index = c.nhwc(idx) if isinstance(idx, Tensor) else c.g.const(np.asarray(idx))
+    index = c.g.node("Cast", [index], to=onnx_dtype(np.int64))
+    shape = list(np.shape(x))
+    for k, axis in enumerate(int(a) for a in dn.start_index_map):
+        size, dim = sizes[axis], shape[axis]
+        if same_dim(size, dim):
+            continue  # a start on an axis taken whole is clamped to 0
+        if not (concrete(size) and concrete(dim)):
+            raise TranslationError(f"a window of {size} of an axis of size {dim}")
+        start = c.g.node("Gather", [index, c.g.ints([k])], axis=nb)  # (*batch, 1)
+        start = c.g.node("Min", [c.g.node("Max", [start, c.g.ints([0])]),
+                                 c.g.ints([int(dim) - int(size)])])
+        positions = c.g.node("Add", [start, c.g.ints(np.arange(int(size)).reshape(
+            (1,) * nb + (int(size),)))])  # (*batch, size)
+        ranked = c.g.node("Unsqueeze", [positions, c.g.ints(list(range(nb + 1, rank)))]) \
+            if rank > nb + 1 else positions  # (*batch, size, 1, ...)
+        if axis != nb:  # the window's axis into its place
+            perm = list(range(rank))
+            perm.insert(axis, perm.pop(nb))
+            ranked = c.g.node("Transpose", [ranked], perm=perm)
+        shape[axis] = int(size)
+        target = c.shape_tensor(tuple(shape))
+        data = c.g.node("GatherElements", [data, c.g.node("Expand", [ranked, target])],
+                        axis=axis)
+    return Tensor(data, tuple(aval.shape))
 
 
 def iota(c, args, params, aval):

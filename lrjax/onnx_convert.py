@@ -501,6 +501,8 @@ HANDLERS: dict[str, Any] = {
     "log1p": lambda c, args, params, aval: c.then(c.elementwise(  # softplus, mish
         "Add", [args[0], np.asarray(1, aval.dtype)], aval), "Log"),
     "square": lambda c, args, params, aval: c.elementwise("Mul", [args[0], args[0]], aval),
+    # lax.rem keeps the dividend's sign (C's fmod), as ONNX's Mod with fmod=1, ints included
+    "rem": lambda c, args, params, aval: c.elementwise("Mod", args, aval, fmod=1),
     "integer_pow": lambda c, args, params, aval: c.elementwise(
         "Pow", [args[0], np.asarray(params["y"], aval.dtype)], aval),
     **{prim: (lambda c, args, params, aval: args[0]) for prim in ("copy", "stop_gradient")},

@@ -5,6 +5,7 @@ small conversions the handlers share (dtypes, reshape specs, symbolic dimensions
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +37,7 @@ class Graph:
     def __init__(self):
         self.nodes, self.initializers = [], []
         self._names: dict[str, int] = {}
+        self._stored: dict[tuple, str] = {}  # (dtype, shape, bytes' digest) -> initializer
 
     def name(self, hint: str) -> str:
         i = self._names.get(hint, 0)
@@ -48,10 +50,14 @@ class Graph:
         return out
 
     def const(self, value, hint: str = "const") -> str:
-        """An initializer holding ``value``; its name."""
-        name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
+        """An initializer holding ``value``; its name. Equal values are stored once: a scan's
+        broadcast weights (an LSTM's kernels) are read by every unrolled step."""
+        value = np.asarray(value)  # (np.ascontiguousarray makes a scalar 1-D)
+        key = (value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).digest())
+        if key not in self._stored:
+            self._stored[key] = self.name(hint)
+            self.initializers.append(numpy_helper.from_array(value, self._stored[key]))
+        return self._stored[key]
 
     def ints(self, values, hint="shape") -> str:
         return self.const(np.asarray(values, np.int64), hint)

@@ -38,6 +38,18 @@ def _inside(path: str, sites: Sequence[str]) -> bool:
     return any(path == s or path.startswith(s + "/") for s in sites)
 
 
+def _common(paths) -> tuple[str, ...]:
+    """The longest common leading part of module paths (tuples of names)."""
+    paths = list(paths)
+    common = paths[0]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return tuple(common)
+
+
 def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str, ...]],
                   net_macs: int) -> list[ConvSite]:
     """``found`` and, after them, one site left as it is for each module whose own code
@@ -52,10 +64,11 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
         owners = ["/".join(v[:-1]) for v in variables]
         if any(_inside(o, paths) for o in owners):
             continue
-        layer = layers.setdefault(owners[0] or variables[0][-1],
+        owner = _common(v[:-1] for v in variables)  # one module's weights, or its parts'
+        layer = layers.setdefault("/".join(owner) or variables[0][-1],  # (OptimizedLSTMCell)
                                   {"names": {}, "ops": {}, "macs": 0})
         for v in variables:
-            layer["names"][v[-1]] = None
+            layer["names"]["/".join(v[len(owner):])] = None
         layer["ops"][primitive] = layer["ops"].get(primitive, 0) + 1
         layer["macs"] += macs
     own = []

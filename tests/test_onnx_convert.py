@@ -81,6 +81,9 @@ CASES = {
     "max": lambda x: jnp.maximum(conv(x), first(x)),
     "min": lambda x: jnp.minimum(conv(x), 0.5),
     "square": lambda x: jax.lax.square(conv(x)),
+    # the dividend's sign (floats, and ints: Flax's flip_sequences wraps its indices by length)
+    "rem": lambda x: jax.lax.rem(conv(x) * 3, 0.7) + jax.lax.rem(
+        jnp.floor(conv(x) * 5).astype(jnp.int32), 3).astype(jnp.float32),
     "integer_pow": lambda x: conv(x) ** 3,
     "copy": lambda x: jnp.copy(conv(x)),
     "stop_gradient": lambda x: jax.lax.stop_gradient(conv(x)) * 2,
@@ -94,6 +97,12 @@ CASES = {
         tokens(x).mean(-1), 3)[1][..., None], axis=1) + jnp.take_along_axis(
         tokens(x), _ORDER[None, :3, None], axis=1) + conv(x)[:, [0, 2, 5], [1, 1, 3]]
     + jnp.take_along_axis(conv(x), jnp.argmax(conv(x), -1, keepdims=True), -1)[:, 0, :3],
+    # each row rolled by its own shift (jnp.roll under jax.vmap: Flax's sst2 example flips each
+    # padded sequence within its length), a window on a middle axis with a start past the end
+    "windows": lambda x: jax.vmap(lambda t, n: jnp.roll(t, n, axis=0))(
+        tokens(x), jnp.argmax(tokens(x)[:, :, 0], axis=1)) + jnp.tile(jax.vmap(
+        lambda t, n: jax.lax.dynamic_slice_in_dim(t, n, 2, axis=1))(
+        tokens(x), jnp.argmax(tokens(x)[:, :, 1], axis=1) * 3), (1, 1, 2)),
     # the row indices of x[jnp.arange(len(x)), idx] (and the batch's size wrapping negative ones)
     "iota": lambda x: tokens(x)[jnp.arange(x.shape[0])[:, None], jax.lax.top_k(
         tokens(x).mean(-1), 5)[1]],
@@ -177,8 +186,8 @@ def test_primitive_against_onnx_runtime(primitive):
     fn = CASES[primitive]
     batch = jax.export.symbolic_shape("b")  # traced as the export traces it
     closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((*batch, *SHAPE[1:]), jnp.float32))
-    assert primitive in _primitives(closed) or primitive == "gather_nd" and "gather" in \
-        _primitives(closed)
+    assert primitive in _primitives(closed) or primitive in ("gather_nd", "windows") and \
+        "gather" in _primitives(closed)
     session = runtimes.onnx_session(runtimes.onnx_model(fn, SHAPE))
     for batch in (SHAPE[0], 3):  # the batch dimension is symbolic
         x = np.random.default_rng(batch).standard_normal((batch, *SHAPE[1:])).astype(np.float32)
