@@ -148,6 +148,8 @@ class _Converter:
                 return [_host(o) for o in outs]
             if name == "dot_general":  # operands of other dtypes (a bool mask) cast first
                 args = onnx_arrays.as_dtype(self, args, eqn.invars, eqn.outvars[0].aval.dtype)
+            if name in ("argmax", "argmin") and eqn.invars[0].aval.dtype == bool:  # the first
+                args = onnx_arrays.as_dtype(self, args, eqn.invars, np.int32)  # True (seq2seq)
             handler = HANDLERS.get(name)
             if handler is None:
                 raise TranslationError("it has no ONNX translation (lrjax covers CNN inference: "

@@ -12,6 +12,7 @@ ONNX Runtime optimises each as a plain layer. The per-iteration outputs are stac
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from lrjax.onnx_graph import Tensor, TranslationError
@@ -49,8 +50,8 @@ def unroll_scan(converter, eqn, args, where: str) -> list:
 def _row(converter, x, i: int):
     """Row ``i`` of a scanned-over input: a NumPy slice of a constant, a ``Gather`` of a tensor
     (in its logical layout; axis 0 is the iterations)."""
-    if not isinstance(x, Tensor):
-        return np.asarray(x)[i]
+    if not isinstance(x, Tensor):  # a key array (a key per step, split_rngs) stays one
+        return x[i] if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x)[i]
     index = converter.g.const(np.asarray(i, np.int64), "iteration")
     return Tensor(converter.g.node("Gather", [converter.nhwc(x), index], "row", axis=0),
                   tuple(x.shape[1:]))
@@ -59,6 +60,8 @@ def _row(converter, x, i: int):
 def _stack(converter, ys: list, aval):
     """The per-iteration outputs ``ys`` stacked on a new leading axis, as ``aval``."""
     if not any(isinstance(y, Tensor) for y in ys):
+        if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
+            return jax.numpy.stack(ys)  # (keys of the steps, for a later scan)
         return np.stack([np.asarray(y) for y in ys]).astype(aval.dtype)
     axis0, names = converter.g.ints([0], "axes"), []
     for y in ys:

@@ -212,7 +212,7 @@ def litert_primitives(fn: Callable, example) -> Callable:
                     branch = branches[int(np.clip(ins[0], 0, len(branches) - 1))]
                     outs = run(branch.jaxpr, branch.consts, ins[1:],
                                info.replace(traceback=traceback, name_stack=names))
-                elif name == "scan" and any(e.primitive.name == "cond" for e, _ in
+                elif name == "scan" and any(e.primitive.name in _STEPWISE for e, _ in
                                             macs.iter_eqns(eqn.params["jaxpr"])):
                     outs = _unrolled(run, eqn, ins, info.replace(traceback=traceback,
                                                                  name_stack=names))
@@ -228,10 +228,16 @@ def litert_primitives(fn: Callable, example) -> Callable:
         tree, run(closed.jaxpr, closed.consts, jax.tree.leaves(_plain(args))))
 
 
+# a scan whose body holds one of these runs step by step in LiteRT (:func:`_unrolled`)
+_STEPWISE = frozenset({"cond", "random_bits", "threefry2x32"})
+
+
 def _unrolled(run, eqn, ins, caller) -> list:
     """A ``scan`` equation run step by step with ``run`` (:func:`litert_primitives`): each
     step's ``cond`` sees its own index (a Jet coupling's kind), which XNNPack cannot prepare as
-    the converter's ``IF`` inside its ``WHILE``."""
+    the converter's ``IF`` inside its ``WHILE``, and each step's random draw its own key (Flax's
+    seq2seq decoder samples a token per step from keys split per step), which folds, where the
+    converter has no unsigned multiply for the draw itself."""
     params = eqn.params
     consts, carry = ins[:params["num_consts"]], ins[params["num_consts"]:][:params["num_carry"]]
     xs, body, steps = ins[params["num_consts"] + params["num_carry"]:], params["jaxpr"], []

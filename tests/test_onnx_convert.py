@@ -142,7 +142,9 @@ CASES = {
     "reduce_sum": lambda x: jnp.sum(conv(x), axis=(1, 2)),
     "reduce_max": lambda x: jnp.max(conv(x), axis=(1, 3)),
     "reduce_min": lambda x: jnp.min(conv(x), axis=-1),
-    "argmax": lambda x: jnp.argmax(conv(x), axis=-1).astype(jnp.float32),
+    # and of a boolean, the first True (Flax's seq2seq example: each sequence's end)
+    "argmax": lambda x: jnp.argmax(conv(x), axis=-1).astype(jnp.float32)
+    + jnp.argmax(conv(x) > 0.2, axis=-1),
     # a mixture-of-experts router: the top 2 of the channels (values and indices), and the
     # channels in their order of the spatial axes; cumulative sums, forward and reversed
     "top_k": lambda x: jax.lax.top_k(conv(x), 2)[0] * jax.lax.top_k(conv(x), 2)[1]

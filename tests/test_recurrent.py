@@ -71,3 +71,53 @@ def test_optimized_lstm_cells_are_listed_with_both_products_and_stored_once(tmp_
                  for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer)
     weights = sum(a.nbytes for a in jax.tree.leaves(variables))  # the kernels: 2/3 of them
     assert stored < 1.5 * weights, (stored, weights)  # before: 4x, once per step
+
+
+class SamplingCell(nn.RNNCellBase):
+    """As Flax's seq2seq example's decoder: an LSTM step, logits, a token sampled from them with
+    a key split per step (``split_rngs={"lstm": True}``), fed back one-hot."""
+
+    features: int
+    vocab: int
+
+    @nn.compact
+    def __call__(self, carry, x):
+        state, last = carry
+        state, y = nn.LSTMCell(self.features)(state, last)
+        logits = nn.Dense(self.vocab)(y)
+        token = jax.random.categorical(self.make_rng("lstm"), logits)
+        prediction = jax.nn.one_hot(token, self.vocab, dtype=jnp.float32)
+        return (state, prediction), (logits, prediction)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class Seq2seq(nn.Module):
+    @nn.compact
+    def __call__(self, source, target):
+        lengths = jnp.argmax(source[:, :, 1] == 1.0, axis=-1)  # the first end token
+        state, _ = nn.RNN(nn.LSTMCell(16), return_carry=True, name="encoder")(
+            source, seq_lengths=lengths)
+        return nn.RNN(SamplingCell(16, source.shape[-1]), split_rngs={"params": False,
+                                                                     "lstm": True},
+                      name="decoder")(target[:, :-1], initial_carry=(state, target[:, 0]))
+
+
+def test_a_decoder_sampling_a_token_per_step_exports_to_onnx_and_litert(tmp_path):
+    """Before: ONNX failed on the per-step keys (``np.asarray`` of a key array) and on
+    ``ArgMax`` of a boolean; LiteRT's converter on the draw inside its ``WHILE`` (no unsigned
+    multiply). Each step's draw now folds (ONNX at a fixed batch), as at the top level."""
+    source = jax.nn.one_hot(jax.random.randint(jax.random.key(0), (3, 7), 0, 9), 9)
+    target = jax.nn.one_hot(jax.random.randint(jax.random.key(1), (3, 5), 0, 9), 9)
+    rngs = {"lstm": jax.random.key(2)}
+    model = Seq2seq()
+    variables = model.init({"params": jax.random.key(3), **rngs}, source, target)
+    split = lrjax.decompose_linen(model, variables, source, target, rule="speedup:1.3",
+                                  rngs=rngs)
+    assert split.ranks
+    for exporter, options in ((export.to_onnx, {"fixed_batch": True}), (export.to_tflite, {})):
+        result = exporter(split.module, split.variables, (source, target),
+                          str(tmp_path / f"m.{exporter.__name__}"), rngs=rngs, **options)
+        assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
