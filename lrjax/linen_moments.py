@@ -27,7 +27,7 @@ from flax import traverse_util
 from lrjax import sites
 from lrjax.layers import module_path, split_type
 from lrjax.linen_trace import layer_input
-from lrjax.moments import RunSums, calibration_batches, static_argnums
+from lrjax.moments import RunSums, calibration_batches, split_keywords, static_argnums
 
 __all__ = ["calibration_moments"]
 
@@ -87,14 +87,15 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     """
     kwargs = dict(example_kwargs or {})
     wanted = set(paths)
-    batches = calibration_batches(calibration, example_args)
+    batches = calibration_batches(calibration, example_args, kwargs)
 
-    def moments(variables, *args):
+    def moments(variables, *batch):
         def sow(module, path, moments):
             module.sow(_MOMENTS, path, moments)
 
+        args, keywords = split_keywords(batch, kwargs)
         with nn.intercept_methods(_wanted_calls(wanted, site_of, sow)):
-            _, state = model.apply(variables, *args, mutable=[_MOMENTS], **kwargs)
+            _, state = model.apply(variables, *args, mutable=[_MOMENTS], **keywords)
         sown = traverse_util.flatten_dict(flax.core.unfreeze(state.get(_MOMENTS, {})))
         return {key[-1]: (sum(c[0] for c in calls), sum(c[1] for c in calls))  # every call
                 for key, calls in sown.items()}
@@ -145,13 +146,14 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
     keys = {p: ("params", *sites.variable_key(p), "kernel") for p in wanted}
     sums = RunSums({p: flat[k] for p, k in keys.items() if k in flat})
 
-    def moments(variables, *args):
+    def moments(variables, *batch):
         def to_host(module, path, moments):
             key, ndim = RunSums.key(module.get_variable("params", "kernel"))
             jax.debug.callback(functools.partial(sums.add, path), *moments, key, ndim)
 
+        args, keywords = split_keywords(batch, kwargs)
         with nn.intercept_methods(_wanted_calls(wanted, site_of, to_host)):
-            model.apply(variables, *args, **kwargs)
+            model.apply(variables, *args, **keywords)
 
     fn = jax.jit(moments, static_argnums=static_argnums(batches))
     for args in batches:

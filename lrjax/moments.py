@@ -178,17 +178,55 @@ def patch_moments(x: jax.Array, kernel_size, *, strides=1, padding="SAME", dilat
     return sums, jnp.asarray(views[0].shape[0], jnp.float32)
 
 
-def calibration_batches(calibration, example_args: tuple | None = None) -> list[tuple]:
+class KeywordInputs(dict):
+    """The keyword inputs of a calibration batch (a call such as Flax's nlp_seq example's
+    ``model.apply(v, inputs=x, train=False)``): the last of the batch's positional arguments,
+    traced with them; :func:`split_keywords` takes it off for the call."""
+
+
+jax.tree_util.register_pytree_with_keys(
+    KeywordInputs,
+    lambda d: ([(jax.tree_util.DictKey(k), d[k]) for k in sorted(d)], tuple(sorted(d))),
+    lambda keys, values: KeywordInputs(zip(keys, values, strict=True)))
+
+
+def keyword_inputs(example_kwargs) -> dict:
+    """The keyword arguments of an example call that are inputs: arrays (or pytrees of arrays)
+    with a leading (batch) axis, not keys."""
+    def batched(value):
+        leaves = jax.tree.leaves(value)
+        return bool(leaves) and all(
+            isinstance(a, (jax.Array, np.ndarray)) and np.ndim(a) >= 1
+            and not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) for a in leaves)
+
+    return {k: v for k, v in (example_kwargs or {}).items() if k != "rngs" and batched(v)}
+
+
+def split_keywords(args: tuple, kwargs: Mapping | None = None) -> tuple[tuple, dict]:
+    """A calibration batch's positional arguments and the call's keyword arguments
+    (``kwargs``, with the batch's :class:`KeywordInputs` in place of the example's)."""
+    if args and isinstance(args[-1], KeywordInputs):
+        return tuple(args[:-1]), {**(kwargs or {}), **args[-1]}
+    return tuple(args), dict(kwargs or {})
+
+
+def calibration_batches(calibration, example_args: tuple | None = None,
+                        example_kwargs: Mapping | None = None) -> list[tuple]:
     """Calibration data as a list of positional-argument tuples, checked.
 
     Args:
       calibration: one batch of model inputs (an array, a dict for a model that takes one, or a
         tuple of positional arguments, or the one argument of a model that takes a tuple), or an
-        iterable (a list, a generator) of such batches.
+        iterable (a list, a generator) of such batches. For a call whose inputs are keyword
+        arguments (``example_kwargs`` holding arrays: ``model.apply(v, inputs=x, train=False)``)
+        a batch gives them as a dict ``{"inputs": x}`` (after its positional arrays, if any,
+        as the tuple's last item), or as the array alone where there is one and no positional
+        array; they come back as a :class:`KeywordInputs`, the tuple's last item.
       example_args: the model's example call's positional arguments: each batch must give as
         many, each with the same structure and the same shapes but for the leading (batch)
         dim; or only its arrays, when the call also takes static values (``model.apply(v, x,
         False)``: batches of ``x`` alone), which are then the example's.
+      example_kwargs: the example call's keyword arguments.
 
     Raises:
       ValueError: no batch, a batch with NaN/Inf values (naming its index and shape), or a
@@ -198,25 +236,48 @@ def calibration_batches(calibration, example_args: tuple | None = None) -> list[
     batches = [calibration] if isinstance(calibration, one) else list(calibration)
     if not batches:
         raise ValueError("calibration is empty: give a batch or an iterable of batches")
+    keyword = keyword_inputs(example_kwargs)
+    example = example_args
+    if keyword and example_args is not None:
+        example = (*example_args, KeywordInputs(keyword))
     out = []
     for i, batch in enumerate(batches):
-        args = _with_static(batch if isinstance(batch, tuple) else (batch,), example_args)
-        if isinstance(batch, tuple) and example_args is not None and \
-                _layout(args) != _layout(example_args) and \
-                _layout((batch,)) == _layout(example_args):  # the model's one argument is a tuple
+        if keyword:
+            batch = _keyword_batch(batch, keyword, example_args or ())
+        args = _with_static(batch if isinstance(batch, tuple) else (batch,), example)
+        if isinstance(batch, tuple) and example is not None and \
+                _layout(args) != _layout(example) and \
+                _layout((batch,)) == _layout(example):  # the model's one argument is a tuple
             args = (batch,)  # (NaFlex's (patches, types, rows, columns))
         for a in jax.tree.leaves(args):
             if isinstance(a, (jax.Array, np.ndarray)) and jnp.issubdtype(a.dtype, jnp.inexact) \
                     and not np.isfinite(np.asarray(a)).all():
                 raise ValueError(f"calibration batch {i} (shape {np.shape(a)}) contains NaN/Inf "
                                  "values")
-        if example_args is not None and _layout(args) != _layout(example_args):
+        if example is not None and _layout(args) != _layout(example):
             raise ValueError(
                 f"calibration batch {i} is {_describe(args)}; the model's example call takes "
-                f"{_describe(example_args)} (give each batch as the model's positional "
-                "arguments, a tuple when there are several; any batch size)")
+                f"{_describe(example)} (give each batch as the model's positional "
+                "arguments, a tuple when there are several; any batch size"
+                + (f"; its keyword inputs as a dict, {{{', '.join(map(repr, keyword))}: ...}}"
+                   if keyword else "") + ")")
         out.append(args)
     return out
+
+
+def _keyword_batch(batch, keyword: Mapping, example_args: tuple):
+    """A batch for a call with keyword inputs, its keyword part made a :class:`KeywordInputs`:
+    a dict of them (alone, or a tuple's last item), or one array standing for the one keyword
+    input of a call without positional arrays."""
+    if isinstance(batch, Mapping) and set(batch) == set(keyword):
+        return (KeywordInputs(batch),)
+    if isinstance(batch, tuple) and batch and isinstance(batch[-1], Mapping) and \
+            set(batch[-1]) == set(keyword):
+        return (*batch[:-1], KeywordInputs(batch[-1]))
+    if len(keyword) == 1 and all(static_argument(a) for a in example_args) and \
+            isinstance(batch, (jax.Array, np.ndarray)):
+        return (KeywordInputs({next(iter(keyword)): batch}),)
+    return batch
 
 
 def static_argument(arg) -> bool:

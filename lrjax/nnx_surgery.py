@@ -34,8 +34,10 @@ from lrjax.layers import (
 )
 from lrjax.linen_trace import with_constants_evaluated
 from lrjax.moments import (
+    KeywordInputs,
     RunSums,
     calibrated_paths,
+    split_keywords,
     static_argnums,
     uncalibrated_note,
     undersampled_note,
@@ -253,10 +255,11 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         probed = eval_view(probed)
     graphdef, state = nnx.split(probed)
 
-    def run(state, *args):
+    def run(state, *batch):
         record["batch"], record["calls"] = {}, {}
         module = nnx.merge(graphdef, state)
-        module(*args, **(kwargs or {}))
+        args, keywords = split_keywords(batch, kwargs)
+        module(*args, **keywords)
         return {p.path: p.moments.get_value() for _, p in nnx.iter_graph(module)
                 if isinstance(p, _Probe) and p.path in record["batch"]
                 and p.moments.get_value() is not None}  # None: set inside a loop, lost
@@ -266,8 +269,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         functools.partial(jax.eval_shape, run)
     for args in batches:
         try:
-            if not all(isinstance(a, (jax.Array, np.ndarray)) for i, a in enumerate(args)
-                       if 1 + i not in static or not wanted):
+            if not all(isinstance(a, (jax.Array, np.ndarray, KeywordInputs))
+                       for i, a in enumerate(args) if 1 + i not in static or not wanted):
                 raise TypeError("arguments that are not arrays")
             moments = with_constants_evaluated(traced, state, *args)  # .item() of constants
         except (TypeError, jax.errors.ConcretizationTypeError):
@@ -492,7 +495,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
     covs, note, few = None, None, None
     if calibration is not None:
-        batches = rules.calibration_batches(calibration, example_args)
+        batches = rules.calibration_batches(calibration, example_args, example_kwargs)
         paths, note = calibrated_paths(candidates)
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
                                 example_kwargs, eval_mode)

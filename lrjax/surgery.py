@@ -291,10 +291,15 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
     **example_kwargs)`` writes a variable collection (batch statistics in training mode) or
     draws randomness (active dropout): surgery, calibration and export run the inference call.
     Traced abstractly (no compute)."""
-    arrays, rebuild = split_static(example_args)
+    n, names = len(example_args), list(example_kwargs)
+    arrays, rebuild = split_static((*example_args, *example_kwargs.values()))  # keyword inputs
+
+    def call(v, *traced):  # (given as shapes by the exporters) traced too
+        args = rebuild(traced)
+        return model.apply(v, *args[:n], **dict(zip(names, args[n:], strict=True)))
+
     try:
-        jax.eval_shape(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs), variables,
-                       *arrays)
+        jax.eval_shape(call, variables, *arrays)
     except flax.errors.ModifyScopeVariableError as e:
         found = re.search(r'collection "(\w+)"', str(e))
         what = f"its {found.group(1)!r} collection" if found else "a variable collection"
@@ -516,7 +521,8 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
       calibration: optional batch (or iterable of batches) of model inputs. The factors then
         minimise each layer's output error instead of its kernel error (see
         :func:`lrjax.decompose.vh_decompose`), and the ``energy:``/``speedup:`` rules use the
-        calibrated spectra. ``None``: the exact data-free closed form.
+        calibrated spectra. ``None``: the exact data-free closed form. Batches are given as
+        :func:`lrjax.moments.calibration_batches` reads them (keyword inputs as a dict).
       multiple: round ranks to multiples of this (hardware tiles); or the rule's
         ``multiple=`` option.
       measure_batch: batch of ``+measured`` timings.

@@ -343,9 +343,10 @@ class Conditioned(nn.Module):
 def test_a_model_of_several_inputs_exports_to_onnx(tmp_path):
     """A tuple of example inputs: one ONNX graph input each (``input_0``, ...; their own dtypes
     and ranks, one symbolic batch), checked on the examples' own rows at their batch and one
-    more; the split model too. Arrays given as keyword arguments instead are constants of the
-    graph: one line saying so. LiteRT and StableHLO take the same tuple (LiteRT's inputs
-    ``input_0``, ... at the examples' batch; StableHLO's with one symbolic batch)."""
+    more; the split model too. Arrays given as keyword arguments are graph inputs too, after the
+    positional ones (before: constants of the graph, one line saying so). LiteRT and StableHLO
+    take the same tuple (LiteRT's inputs ``input_0``, ... at the examples' batch; StableHLO's
+    with one symbolic batch)."""
     model = Conditioned()
     inputs = (jax.random.normal(jax.random.key(0), (3, 4, 8, 8)), jnp.array([1, 500, 999]),
               jax.random.normal(jax.random.key(1), (3, 5, 12)))
@@ -365,11 +366,13 @@ def test_a_model_of_several_inputs_exports_to_onnx(tmp_path):
         got = session.run(None, dict(zip(("input_0", "input_1", "input_2"), rows, strict=True)))[0]
         want = apply(module, params, *map(jnp.asarray, rows))
         np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
-    with pytest.raises(export.ExportError, match=r"^the model does not trace with a symbolic "
-                                                 r"batch.*keyword arguments are constants"):
-        export.to_onnx(model, variables, inputs[0], str(tmp_path / "kw.onnx"),
-                       timesteps=inputs[1], context=inputs[2])
-    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "split.onnx"]
+    result = export.to_onnx(model, variables, inputs[0], str(tmp_path / "kw.onnx"),
+                            timesteps=inputs[1], context=inputs[2])
+    assert result.checked_batches == (3, 4) and result.max_abs_error <= 1e-5 + 1e-4 * result.scale
+    graph = onnx.load(str(tmp_path / "kw.onnx")).graph  # the keywords after, in sorted order
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [
+        onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.INT32]
+    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "kw.onnx", "split.onnx"]
     for exporter, batches in ((export.to_tflite, (3,)), (export.to_stablehlo, (3, 4))):
         result = exporter(split.module, split.variables, inputs,
                           str(tmp_path / f"split.{exporter.__name__}"))
@@ -470,6 +473,61 @@ def test_a_positional_flag_of_the_call_is_passed_to_the_export_not_an_input(tmp_
     assert len(onnx.load(str(tmp_path / "m.onnx")).graph.input) == 1
     with pytest.raises(export.ExportError, match="writes its 'batch_stats' collection"):
         export.to_onnx(FlagInCall(), variables, (x, True), str(tmp_path / "t.onnx"))
+
+
+class KeywordOnly(nn.Module):
+    """As Flax's nlp_seq example: ``__call__(self, *, inputs, train)``, token inputs."""
+
+    @nn.compact
+    def __call__(self, *, inputs, train):
+        x = nn.Embed(40, 16)(inputs)
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(32, name="mlp")(x)))
+        return nn.Dense(5, name="out")(x)
+
+
+class MaskedNNX(nnx.Module):
+    """A positional input and a keyword one (a padding mask), NNX."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x, *, mask):
+        return self.head((self.conv(x) * mask[..., None]).mean((1, 2)))
+
+
+def test_keyword_inputs_are_calibrated_and_exported_as_graph_inputs(tmp_path):
+    """A call whose inputs are keyword arguments: calibration batches give them as a dict (or,
+    for the one keyword input of a call without positional arrays, as the array), and every
+    exporter makes arrays passed as keywords with the batch graph inputs (before: calibration
+    "takes 0 positional argument(s)", export "example inputs must share their leading (batch)
+    dimension; got shapes []" or, with a positional input, constants of the graph)."""
+    tokens = jax.random.randint(jax.random.key(0), (4, 6), 0, 40)
+    model = KeywordOnly()
+    variables = model.init(jax.random.key(1), inputs=tokens, train=False)
+    more = jax.random.randint(jax.random.key(2), (3, 6), 0, 40)
+    split = lrjax.decompose_linen(model, variables, inputs=tokens, train=False,
+                                  rule={"mlp": 4}, calibration=[tokens, {"inputs": more}])
+    assert split.report.calibrated and "mlp" in split.report.weighted_errors
+    with pytest.raises(ValueError, match=r"its keyword inputs as a dict, \{'inputs': \.\.\.\}"):
+        lrjax.decompose_linen(model, variables, inputs=tokens, train=False, rule={"mlp": 4},
+                              calibration=[{"tokens": more}])
+    for exporter in (export.to_onnx, export.to_tflite):
+        path = str(tmp_path / f"m.{exporter.__name__}")
+        result = exporter(split.module, split.variables, (), path, inputs=tokens, train=False)
+        assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
+    assert len(onnx.load(str(tmp_path / "m.to_onnx")).graph.input) == 1
+
+    nnx_model = MaskedNNX(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    mask = (jax.random.uniform(jax.random.key(4), (2, 8, 8)) > 0.3).astype(jnp.float32)
+    nnx_split = lrjax.decompose_nnx(nnx_model, x, mask=mask, rule={"conv": 4},
+                                    calibration=[(x, {"mask": mask})])
+    assert nnx_split.report.calibrated
+    result = export.to_onnx(nnx_split.module, None, (x,), str(tmp_path / "n.onnx"), mask=mask)
+    assert result.max_abs_error <= 1e-5 * result.scale
+    assert [i.name for i in onnx.load(str(tmp_path / "n.onnx")).graph.input] == [
+        "input_0", "input_1"]
 
 
 class Reparametrized(nn.Module):

@@ -16,6 +16,7 @@ the ``"portable"`` formulation policy (plain XLA ops: convs stay convs, so a pai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 
@@ -97,30 +98,30 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs
         # merged (as fresh variables) inside each trace: NNX's lifted transforms (nnx.scan
         # over nnx.vmap-made blocks) refuse variables made outside the trace that runs them
         graphdef, state = nnx.split(eval_view(module))
-        return lambda *xs: nnx.merge(graphdef, state, copy=True)(*_args(tree, xs), **apply_kwargs)
+        return lambda *xs: _call(nnx.merge(graphdef, state, copy=True), tree, xs, apply_kwargs)
     if variables is None:
         raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
                           "(variables=None is for NNX models)")
     try:
-        surgery.check_inference_call(module, variables, *_args(tree, inputs or [
-            jax.ShapeDtypeStruct(shape, np.float32)]), **apply_kwargs)
+        _call(functools.partial(surgery.check_inference_call, module, variables), tree,
+              inputs or [jax.ShapeDtypeStruct(shape, np.float32)], apply_kwargs)
     except ValueError as e:
         raise ExportError(str(e)) from None
 
     apply = _linen_apply(module, apply_kwargs, for_litert)
     if linen_trace.evaluating_constants():  # the weights traced (a jit's arguments): concrete,
         apply = jax.jit(apply)  # ops on them would run eagerly, at no symbolic batch size
-    return lambda *xs: apply(variables, *_args(tree, xs))
+    return lambda *xs: _call(functools.partial(apply, variables), tree, xs, {})
 
 
 def _linen_apply(module, apply_kwargs, for_litert: bool = False):
-    """``(variables, x) -> output`` of a linen module's inference call."""
-    def apply(variables, *xs):
+    """``(variables, *xs, **keyword_inputs) -> output`` of a linen module's inference call."""
+    def apply(variables, *xs, **keyword_inputs):
         if for_litert:
             with nn.intercept_methods(_dense_as_conv), \
                     nn.intercept_methods(runtimes.litert_transposed):
-                return module.apply(variables, *xs, **apply_kwargs)
-        return module.apply(variables, *xs, **apply_kwargs)
+                return module.apply(variables, *xs, **keyword_inputs, **apply_kwargs)
+        return module.apply(variables, *xs, **keyword_inputs, **apply_kwargs)
 
     return apply
 
@@ -221,26 +222,48 @@ def _layers_at(jaxpr, file: str, line: int) -> set[str]:
     return found
 
 
-def _example_inputs(example_input):
-    """``(shape, examples, inputs, tree)`` of an exporter's ``example_input``: one NHWC batch
-    (its shape; ``None``, ``None``, ``None``), or a tuple of the model's positional inputs, each
-    an array or a pytree of arrays (NaFlex's ``(patches, types, rows, columns)``): the first
-    array's shape, the arrays in ``jax.tree.leaves`` order (:func:`_check_inputs`: one graph
-    input each), their ``jax.ShapeDtypeStruct``\\s, and the tuple's tree (:func:`_args`).
-    Positional arguments that are not arrays (a flag, ``None``, the ``nnx.Rngs`` an NNX model's
-    ``__call__(x, rngs)`` takes for its dropout, off in eval mode) and typed PRNG keys are passed
-    to every call as given, not graph inputs."""
-    if isinstance(example_input, (tuple, list)):
-        leaves, treedef = jax.tree.flatten(tuple(example_input), is_leaf=_bound)
+def _example_inputs(example_input, apply_kwargs):
+    """``(shape, examples, inputs, tree, kwargs)`` of an exporter's ``example_input`` and the
+    call's keyword arguments: one NHWC batch (its shape; ``None``, ``None``, ``None``), or a
+    tuple of the model's positional inputs, each an array or a pytree of arrays (NaFlex's
+    ``(patches, types, rows, columns)``): the first array's shape, the arrays in
+    ``jax.tree.leaves`` order (:func:`_check_inputs`: one graph input each), their
+    ``jax.ShapeDtypeStruct``\\s, and the call's tree (:func:`_call`). Positional arguments that
+    are not arrays (a flag, ``None``, the ``nnx.Rngs`` an NNX model's ``__call__(x, rngs)``
+    takes for its dropout, off in eval mode) and typed PRNG keys are passed to every call as
+    given, not graph inputs. Keyword arguments holding arrays with a leading (batch) axis, the
+    inputs of a call such as Flax's nlp_seq example's ``__call__(*, inputs, train)``, are graph
+    inputs after the positional ones (in the keywords' sorted order); ``kwargs``: the others,
+    passed as given."""
+    positional = jax.tree.leaves(example_input, is_leaf=_bound)
+    sizes = [np.shape(a)[0] for a in positional if not _bound(a) and np.ndim(a)] or [
+        np.shape(a)[0] for v in apply_kwargs.values() if _batched(v) for a in jax.tree.leaves(v)]
+    batch = max(sizes, key=sizes.count) if sizes else None  # (a uint32 key's 2 is no batch)
+    keyword = {k: v for k, v in apply_kwargs.items()
+               if _batched(v) and all(np.shape(a)[0] == batch for a in jax.tree.leaves(v))}
+    kwargs = {k: v for k, v in apply_kwargs.items() if k not in keyword}
+    if isinstance(example_input, (tuple, list)) or keyword:
+        positional = tuple(example_input) if isinstance(example_input, (tuple, list)) else (
+            example_input,)
+        leaves, treedef = jax.tree.flatten((positional, dict(sorted(keyword.items()))),
+                                           is_leaf=_bound)
         bound = {i: a for i, a in enumerate(leaves) if _bound(a)}
         examples = _check_inputs([a for i, a in enumerate(leaves) if i not in bound])
         return examples[0].shape, examples, [jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                             for a in examples], (treedef, bound)
+                                             for a in examples], (treedef, bound), kwargs
     shape = tuple(np.shape(example_input))
     if len(shape) != 4:
         raise ExportError(f"example_input must be an NHWC batch (N, H, W, C) (inputs of other "
                           f"ranks, e.g. a 1-D conv net's (N, W, C): a tuple); got shape {shape}")
-    return shape, None, None, None
+    return shape, None, None, None, kwargs
+
+
+def _batched(value) -> bool:
+    """A keyword argument that is an input: arrays (or a pytree of them), each with a leading
+    axis, none of them a key."""
+    leaves = jax.tree.leaves(value)
+    return bool(leaves) and all(isinstance(a, (jax.Array, np.ndarray)) and np.ndim(a) >= 1
+                                and not _bound(a) for a in leaves)
 
 
 def _bound(arg) -> bool:
@@ -252,15 +275,17 @@ def _bound(arg) -> bool:
     return not isinstance(arg, (np.ndarray, jax.ShapeDtypeStruct, tuple, list, dict))
 
 
-def _args(tree, arrays) -> tuple:
-    """The model's positional arguments from the graph's input ``arrays`` (a ``tree`` of
-    :func:`_example_inputs`; ``None``: the arrays themselves)."""
+def _call(fn, tree, arrays, kwargs):
+    """``fn`` called with the model's arguments rebuilt from the graph's input ``arrays`` (a
+    ``tree`` of :func:`_example_inputs`; ``None``: the arrays themselves, positionally) and
+    ``kwargs``."""
     if tree is None:
-        return tuple(arrays)
+        return fn(*arrays, **kwargs)
     treedef, bound = tree
     given = iter(arrays)
-    return jax.tree.unflatten(treedef, [bound[i] if i in bound else next(given)
-                                        for i in range(treedef.num_leaves)])
+    args, keyword = jax.tree.unflatten(treedef, [bound[i] if i in bound else next(given)
+                                                 for i in range(treedef.num_leaves)])
+    return fn(*args, **keyword, **kwargs)
 
 
 def _check_inputs(example_inputs) -> list[np.ndarray]:
@@ -341,9 +366,8 @@ def _symbolic_failure(error: Exception, what: str, fix: str) -> str:
     """The one line for a model that traced at the example's batch (:func:`_fn` checks) and not
     with a symbolic one."""
     return (f"the model does not trace with a symbolic batch, which {what} export keeps free: "
-            f"{_first_line(error)} (arrays passed as keyword arguments are constants of the graph, with "
-            f"their own batch; code computing with the batch size, e.g. int(x.shape[0] / n), "
-            f"needs a fixed one: {fix})")
+            f"{_first_line(error)} (code computing with the batch size, e.g. "
+            f"int(x.shape[0] / n), needs a fixed one: {fix})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +383,7 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     runs it (any batch size). Checked by deserializing it and running batches of the example's
     size and one more.
     """
-    shape, examples, inputs, tree = _example_inputs(example_input)
+    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree)
     scope = jax.export.SymbolicScope()  # one batch symbol for every input
@@ -413,7 +437,7 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     """
     from lrjax import onnx_convert
 
-    shape, examples, inputs, tree = _example_inputs(example_input)
+    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree)
     try:
@@ -475,7 +499,7 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     A model returning a pytree of arrays gets one output tensor per array, in
     ``jax.tree.leaves`` order (:func:`lrjax.runtimes.litert_outputs` runs them in that order).
     """
-    shape, examples, inputs, tree = _example_inputs(example_input)
+    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, for_litert=True, inputs=inputs,
                   tree=tree)
@@ -488,7 +512,8 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
                                          inputs=inputs)
         else:  # the weights as variables: a fraction of the converter's memory
             apply = _linen_apply(module, apply_kwargs, True)
-            data = runtimes.tflite_model(_flat_outputs(lambda v, *xs: apply(v, *_args(tree, xs))),
+            data = runtimes.tflite_model(_flat_outputs(
+                lambda v, *xs: _call(functools.partial(apply, v), tree, xs, {})),
                                          shape, params=variables, buffer_offsets=large,
                                          inputs=inputs)
     except Exception as e:  # the converter raises several types for unsupported graphs
