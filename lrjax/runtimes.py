@@ -198,6 +198,9 @@ def litert_primitives(fn: Callable, example) -> Callable:
             with source_info_util.user_context(traceback, name_stack=names):
                 if name == "erf":
                     outs = [1 - jax.lax.erfc(ins[0])]
+                elif name == "dot_general" and _unconvertible_dot(eqn):
+                    outs = [_batched_matmul(*ins, eqn.params["dimension_numbers"],
+                                            eqn.outvars[0].aval.dtype)]
                 elif not any(isinstance(a, jax.core.Tracer) for a in ins):  # constants alone
                     with jax.ensure_compile_time_eval():
                         outs = eqn.primitive.bind(*ins, **eqn.params)
@@ -226,6 +229,32 @@ def litert_primitives(fn: Callable, example) -> Callable:
     tree = jax.tree.structure(out_shape)
     return lambda *args: jax.tree.unflatten(
         tree, run(closed.jaxpr, closed.consts, jax.tree.leaves(_plain(args))))
+
+
+def _unconvertible_dot(eqn) -> bool:
+    """A ``dot_general`` the TFLite converter cannot legalize as it is (``failed to legalize
+    operation 'tfl.batch_matmul'``): operands of rank 5 and up, or no contracted axis (an
+    element-wise product written as an einsum: Mamba 2's ``bclhn,bcshn,bhcls,bcshp->bclhp``)."""
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    return not contract or max(len(v.aval.shape) for v in eqn.invars) > 4
+
+
+def _batched_matmul(lhs, rhs, dimension_numbers, dtype):
+    """``lax.dot_general`` as one 3-D batched matmul: each operand transposed to (batch, free,
+    contracted) / (batch, contracted, free) and reshaped to rank 3, the product reshaped back to
+    ``dot_general``'s (batch, lhs free, rhs free)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    lf = [i for i in range(lhs.ndim) if i not in (*lc, *lb)]
+    rf = [i for i in range(rhs.ndim) if i not in (*rc, *rb)]
+    batch = [lhs.shape[i] for i in lb]
+    size = int(np.prod(batch, dtype=np.int64))
+    m = int(np.prod([lhs.shape[i] for i in lf], dtype=np.int64))
+    n = int(np.prod([rhs.shape[i] for i in rf], dtype=np.int64))
+    k = int(np.prod([lhs.shape[i] for i in lc], dtype=np.int64))
+    a = jnp.transpose(lhs, (*lb, *lf, *lc)).reshape(size, m, k).astype(dtype)
+    b = jnp.transpose(rhs, (*rb, *rc, *rf)).reshape(size, k, n).astype(dtype)
+    out = a * b if k == 1 else jnp.matmul(a, b)  # k == 1: outer (element-wise) products
+    return out.reshape(*batch, *[lhs.shape[i] for i in lf], *[rhs.shape[i] for i in rf])
 
 
 # a scan whose body holds one of these runs step by step in LiteRT (:func:`_unrolled`)

@@ -505,3 +505,33 @@ def test_litert_exports_every_output_in_order(api, monkeypatch, tmp_path):
     assert [g.shape for g in got] == [w.shape for w in want]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+class StateSpace(nn.Module):
+    """Mamba 2's chunked scan (bonsai's ``ssd_forward``) in small: einsums of rank-5 operands,
+    some of them element-wise products (no contracted axis), between two dense layers."""
+
+    @nn.compact
+    def __call__(self, x):  # (batch, 8, 6)
+        b = x.shape[0]
+        h = nn.Dense(12, name="in_proj")(x).reshape(b, 2, 4, 2, 6)  # (b, chunk, len, head, n)
+        decay = jnp.exp(-jnp.abs(h)).mean(-1)  # (b, chunk, len, head)
+        mixing = jnp.tril(jnp.ones((4, 4))) * decay.transpose(0, 3, 1, 2)[..., None]
+        scores = jnp.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", h, h, mixing, h)
+        outer = jnp.einsum("bclh,bcln->bclhn", decay, h.mean(3))
+        return nn.Dense(5, name="out_proj")((scores + outer).reshape(b, 8, 12))
+
+
+def test_rank_five_and_element_wise_einsums_export_to_litert(tmp_path):
+    """The TFLite converter could not legalize their ``dot_general``s (``failed to legalize
+    operation 'tfl.batch_matmul'``): they are replayed as one 3-D batched matmul each (an
+    element-wise one as a broadcast product)."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 6))
+    model = StateSpace()
+    variables = model.init(jax.random.key(1), x)
+    split = lrjax.decompose_linen(model, variables, x, rule={"in_proj": 3})
+    assert split.ranks == {"in_proj": 3}
+    for exporter in (export.to_tflite, export.to_onnx):
+        result = exporter(split.module, split.variables, (x,),
+                          str(tmp_path / f"m.{exporter.__name__}"))
+        assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
