@@ -71,7 +71,7 @@ def _case(name):
 
 
 CASES = ("grouped-dilated", "grouped-dilated lowrank", "nin lowrank=False", "nin lowrank=True",
-         "resnet18 decompose_linen")
+         pytest.param("resnet18 decompose_linen", marks=pytest.mark.slow))  # 12 s: a decomposition
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])

@@ -310,6 +310,7 @@ def test_auto_zoo_train_step_uses_the_cpu_formulations():
     assert "select_and_scatter" not in jaxpr  # max pooling differentiated through slices
 
 
+@pytest.mark.slow  # 9 s: two compiled train steps of the zoo's NIN
 @pytest.mark.parametrize("family", ["nin"])  # 5x5 pairs, 1x1 convs, max and average pooling
 def test_policies_give_the_same_train_step(family):
     model, x = _zoo(family, True, False)

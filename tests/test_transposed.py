@@ -269,6 +269,7 @@ class Upsamplers(nn.Module):
                                 name="dilated")(x)  # input and kernel dilation in one conv
 
 
+@pytest.mark.slow  # 8 s: two LiteRT conversions
 def test_explicitly_padded_and_input_dilated_upsamplers_export_to_litert(tmp_path):
     """Padding (1, 2), (1, 1) or (0, 0) along a strided axis converted wrong or not at all;
     each runs as the full-padding transposed conv, cropped (same numbers): whole and split. A
