@@ -9,9 +9,12 @@ dependencies, imported by the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import os
 import re
+import sys
 import tempfile
 import types
 from collections.abc import Callable, Mapping
@@ -325,10 +328,34 @@ def _convert(converter, buffer_offsets: bool) -> bytes:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if buffer_offsets:
         converter._experimental_use_buffer_offset = True  # noqa: SLF001 - no public switch
-    data = converter.convert()
+    with _diagnostics_held():
+        data = converter.convert()
     del converter
     release_memory()
     return data
+
+
+@contextlib.contextmanager
+def _diagnostics_held():
+    """The converter's own diagnostics, which its C++ writes to the process's stderr: on a
+    failure, every failing op's location chain (2.6 k characters for one FFT), which the
+    export's one ``ExportError`` line summarizes (its layer, source line and first error), so
+    they are dropped; after a conversion that succeeds, written out as they came."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        converted = False
+        try:
+            yield
+            converted = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if converted:
+                held.seek(0)
+                os.write(2, held.read())
 
 
 def weight_bytes(tree) -> int:
