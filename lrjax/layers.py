@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lrjax import formulations
+from lrjax import formulations, linen_cells
 from lrjax.costs import as_pair, check_rank
 from lrjax.ranks import check_rank_map
 from lrjax.sites import called_equation, computes_as, einsum_split
@@ -494,7 +494,7 @@ class LowRankModel(nn.Module):
                 precision=module.precision, kernel_init=module.kernel_init,
                 bias_init=module.bias_init, where=path)
 
-        with nn.intercept_methods(decompose_conv):
+        with linen_cells.as_sublayers(), nn.intercept_methods(decompose_conv):
             out = getattr(self.base, method)(*args, **kwargs)
         missing = sorted(set(ranks) - seen)
         if missing:

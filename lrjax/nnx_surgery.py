@@ -222,6 +222,9 @@ def eval_view(model):
                     raise_if_not_found=False)
 
 
+_CARRIED = "carry input and carry output"  # JAX's scan error: the carry changed structure
+
+
 def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, eval_mode=True):
     """Run a copy of ``model`` (an eval view of it with ``eval_mode``) with every conv and linear
     layer (subclasses included) behind a probe; the ``wanted`` sites' input moments summed.
@@ -267,13 +270,17 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     static = static_argnums(batches)  # model(x, False): the flag not traced
     traced = jax.jit(run, static_argnums=static) if wanted else \
         functools.partial(jax.eval_shape, run)
-    for args in batches:
+    carried = False  # a layer whose module a scan carries (nnx.RNN's cell): its moments go
+    for args in batches:  # to the host, as a loop's (they would change the carry's structure)
         try:
             if not all(isinstance(a, (jax.Array, np.ndarray, KeywordInputs))
                        for i, a in enumerate(args) if 1 + i not in static or not wanted):
                 raise TypeError("arguments that are not arrays")
             moments = with_constants_evaluated(traced, state, *args)  # .item() of constants
-        except (TypeError, jax.errors.ConcretizationTypeError):
+        except (TypeError, jax.errors.ConcretizationTypeError) as e:
+            carried = _CARRIED in str(e)
+            if carried:
+                break
             moments = run(state, *args)
         for path, (sums, count) in (moments if wanted else {}).items():
             sums, count = np.array(sums, np.float64), np.asarray(count, np.float64)  # writable
@@ -285,7 +292,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             record["counts"][path] = record["counts"].get(path, 0.0) + count
     # set inside a loop (lost), or called more than once: a second pass, each run's moments
     # to the host (lrjax.moments.RunSums)
-    looped = {p for p in record["wanted"] if p not in record["sums"] or record["calls"][p] > 1}
+    looped = set(record["wanted"]) if carried else {
+        p for p in record["wanted"] if p not in record["sums"] or record["calls"][p] > 1}
     if looped:
         record["host"] = RunSums({p: convs[p].kernel[...] for p in looped
                                   if getattr(convs[p], "kernel", None) is not None})

@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, lapack, linen_moments, macs, own_code, rules, sites
+from lrjax import boxes, costs, lapack, linen_cells, linen_moments, macs, own_code, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.batchnorm import fold_batch_norms
 from lrjax.layers import (
@@ -167,6 +167,7 @@ def _mapped(module: nn.Module) -> bool:
                for part in getattr(module.scope, "debug_path", ()))
 
 
+@linen_cells.as_sublayers()
 @constants_evaluated
 def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSite]:
     """Every linear layer of a linen model, in call order, found by tracing it on example inputs.
@@ -271,6 +272,7 @@ def _structure_problems(expected: Mapping, got: Mapping, extra_ok: bool = False)
                                 ("wrong shape", wrong)) if items]
 
 
+@linen_cells.as_sublayers()
 @constants_evaluated
 def check_variables(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
     """Raise ``ValueError`` unless ``variables`` has exactly ``model``'s arrays and shapes, and
@@ -285,6 +287,7 @@ def check_variables(model: nn.Module, variables, *example_args, **example_kwargs
     check_inference_call(model, variables, *example_args, **example_kwargs)
 
 
+@linen_cells.as_sublayers()
 @constants_evaluated
 def check_inference_call(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
     """Raise a one-line ``ValueError`` if ``model.apply(variables, *example_args,
@@ -331,6 +334,7 @@ def _inference_hint(model: nn.Module) -> str:
 # Calibration
 
 
+@linen_cells.as_sublayers()
 def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
                         example_kwargs: Mapping | None = None,
                         example_args: tuple | None = None,
@@ -415,6 +419,7 @@ class _Kernels(Mapping):
         return len(self._sites)
 
 
+@linen_cells.as_sublayers()
 def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                  calibration=None, multiple: int | None = None, sites=None,
                  score=None) -> RankProblem:
@@ -494,6 +499,7 @@ def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
     return score
 
 
+@linen_cells.as_sublayers()
 @lapack.small_pages()
 @constants_evaluated
 def decompose_linen(model: nn.Module, variables, *example_args, rule, calibration=None,
@@ -562,6 +568,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     return Decomposition(module, new_variables, report, problem)
 
 
+@linen_cells.as_sublayers()
 @constants_evaluated
 def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: float,
            candidates=None, calibration=None, multiple: int | None = None,

@@ -1,15 +1,17 @@
 """Recurrent nets as Flax's own sst2 example writes them: an embedding, a forward and a backward
 LSTM under ``nn.RNN`` (the backward one reading each padded sequence flipped within its length,
 ``jnp.roll`` by each row's own shift under ``jax.vmap``), a dense head. ``nn.LSTMCell``'s dense
-layers are split; ``nn.OptimizedLSTMCell`` multiplies the data by its concatenated kernels in its
-own code and is listed, both of its products counted (the recurrent one's hidden state starts as
-zeros, a constant, and is data from the second step); the net exports to ONNX with each LSTM
-kernel stored once, not once per unrolled step."""
+layers are split, and ``nn.OptimizedLSTMCell``'s gates as they are (it runs as ``nn.LSTMCell``
+over the same variables); a cell written by hand is listed with both of its products (the
+recurrent one's hidden state starts as zeros, a constant, and is data from the second step);
+the net exports to ONNX with each LSTM kernel stored once, not once per unrolled step."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import onnx
+from flax import nnx
 from onnx import numpy_helper
 
 import lrjax
@@ -52,25 +54,77 @@ def test_lstm_cells_dense_layers_are_split_and_the_net_exports(tmp_path):
     assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
 
 
-def test_optimized_lstm_cells_are_listed_with_both_products_and_stored_once(tmp_path):
-    """Before: the recurrent product was missed (its share counted nowhere), the entry named one
-    of the eight kernels' modules (``.../if``), and ONNX stored the kernels once per step."""
+def test_optimized_lstm_cells_are_split_as_their_gates_and_stored_once(tmp_path):
+    """``nn.OptimizedLSTMCell`` multiplies by its gates' kernels concatenated, in its own code;
+    it runs as ``nn.LSTMCell`` computes (``lrjax.linen_cells``), from the same variables, so its
+    gates are split as dense layers (before: listed as a fixed cost, 77% of this net). Exported
+    to ONNX, each kernel is stored once, not once per unrolled step (before: 4x)."""
     model = BiLSTMClassifier(nn.OptimizedLSTMCell)
     variables = model.init(jax.random.key(1), TOKENS, LENGTHS)
-    result = lrjax.decompose_linen(model, variables, TOKENS, LENGTHS, rule={"hidden": 4})
-    left = result.report.skipped
-    assert sorted(left) == ["OptimizedLSTMCell_0", "OptimizedLSTMCell_1"]
-    assert all(f"'{k}/kernel'" in reason for reason in left.values()
-               for k in ("hi", "ii", "io", "ho"))
-    assert all("in dot_general x2, 38.3% of the net's multiply-adds" in reason
-               for reason in left.values())
-    onnx_result = export.to_onnx(result.module, result.variables, (TOKENS, LENGTHS),
-                                 str(tmp_path / "m.onnx"))
-    assert onnx_result.max_abs_error <= 1e-5 * onnx_result.scale
+    full = lrjax.decompose_linen(model, variables, TOKENS, LENGTHS, rule="energy:1.0")
+    gates = {f"OptimizedLSTMCell_{i}/{k}" for i in (0, 1) for k in ("ii", "if", "hg", "ho")}
+    assert gates <= set(full.report.kinds) and not full.report.skipped
+    ranks = {p: min(np.shape(k)[-2:]) for p, k in full.problem.kernels.items() if "Cell" in p}
+    exact = lrjax.decompose_linen(model, variables, TOKENS, LENGTHS, rule=ranks)
+    want = model.apply(variables, TOKENS, LENGTHS)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, TOKENS, LENGTHS), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+    split = lrjax.decompose_linen(model, variables, TOKENS, LENGTHS, rule="speedup:1.5",
+                                  calibration=[(TOKENS, LENGTHS)])
+    assert any("Cell" in p for p in split.ranks)
+    result = export.to_onnx(split.module, split.variables, (TOKENS, LENGTHS),
+                            str(tmp_path / "m.onnx"))
+    assert result.max_abs_error <= 1e-5 * result.scale
     stored = sum(numpy_helper.to_array(t).nbytes
                  for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer)
-    weights = sum(a.nbytes for a in jax.tree.leaves(variables))  # the kernels: 2/3 of them
+    weights = sum(a.nbytes for a in jax.tree.leaves(split.variables))
     assert stored < 1.5 * weights, (stored, weights)  # before: 4x, once per step
+
+
+class Kernel(nn.Module):
+    shape: tuple
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.lecun_normal(), self.shape)
+
+
+class FusedCell(nn.RNNCellBase):
+    """A recurrent cell written by hand: its sublayers' kernels multiplied into the input and
+    the hidden state in the cell's own code."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, carry, x):
+        half = (self.features, self.features // 2)
+        recurrent = jnp.concatenate([Kernel(half, name="wa")(), Kernel(half, name="wb")()], 1)
+        y = x @ Kernel((x.shape[-1], self.features), name="wi")() + carry @ recurrent
+        return jnp.tanh(y), jnp.tanh(y)
+
+    def initialize_carry(self, rng, input_shape):
+        return jnp.zeros((*input_shape[:-1], self.features))
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class HandWrittenRNN(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        return nn.Dense(2, name="head")(nn.RNN(FusedCell(12))(nn.Embed(50, 8)(tokens)).mean(1))
+
+
+def test_a_hand_written_cell_is_listed_with_both_products():
+    """Before: the recurrent product was missed (the hidden state starts as zeros, a constant,
+    and is data from the second step); a product of two sublayers' kernels concatenated is
+    named after the module holding both (before: after one of them, ``FusedCell_0/wa``)."""
+    model = HandWrittenRNN()
+    variables = model.init(jax.random.key(1), TOKENS)
+    left = lrjax.decompose_linen(model, variables, TOKENS, rule="energy:1.0").report.skipped
+    assert sorted(left) == ["FusedCell_0", "FusedCell_0/wi"]
+    assert "here 'wa/kernel', 'wb/kernel' in dot_general, " in left["FusedCell_0"]
 
 
 class SamplingCell(nn.RNNCellBase):
@@ -121,3 +175,26 @@ def test_a_decoder_sampling_a_token_per_step_exports_to_onnx_and_litert(tmp_path
         result = exporter(split.module, split.variables, (source, target),
                           str(tmp_path / f"m.{exporter.__name__}"), rngs=rngs, **options)
         assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
+
+
+class NNXRecurrent(nnx.Module):
+    def __init__(self, rngs):
+        self.rnn = nnx.RNN(nnx.OptimizedLSTMCell(8, 16, rngs=rngs))
+        self.head = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.rnn(x).mean(1))
+
+
+def test_nnx_lstm_cells_are_calibrated_through_the_scan_that_carries_them(tmp_path):
+    """``nnx.RNN`` carries its cell through ``nnx.scan``: the probes' moments, set inside, changed
+    the carry's structure (JAX's "carry input and carry output must have the same pytree
+    structure"); they now go to the host, each step's, as a loop's do."""
+    model = NNXRecurrent(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (3, 6, 8))
+    split = lrjax.decompose_nnx(model, x, rule={"rnn/cell/dense_i": 4, "rnn/cell/dense_h": 6},
+                                calibration=x)
+    assert split.report.calibrated
+    assert set(split.report.weighted_errors) == {"rnn/cell/dense_i", "rnn/cell/dense_h"}
+    result = export.to_onnx(split.module, None, (x,), str(tmp_path / "m.onnx"))
+    assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0

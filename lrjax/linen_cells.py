@@ -1,0 +1,54 @@
+"""Flax linen layers that multiply by their sublayers' parameters in their own code, run as those
+sublayers so that their products can be split: ``nn.OptimizedLSTMCell`` concatenates the kernels
+of its eight ``DenseParams`` (``ii``, ``if``, ``ig``, ``io`` without bias, ``hi`` ... ``ho``
+with) into one matrix per side; run under :func:`as_sublayers` it computes what ``nn.LSTMCell``
+computes, with ``nn.Dense`` layers of the same names over the same variables, which lrjax finds,
+costs, calibrates and splits as any dense layer. Its variables are the cell's own, unchanged;
+the outputs agree to float32 rounding (the gates' products summed in another order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+
+__all__ = ["as_sublayers"]
+
+_GATES = "ifgo"
+
+
+def _lstm_as_dense(next_fun, args, kwargs, context):
+    """An interceptor: ``nn.OptimizedLSTMCell.__call__`` as ``nn.LSTMCell``'s computation."""
+    cell = context.module
+    if type(cell) is not nn.OptimizedLSTMCell or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    if kwargs or len(args) != 2:
+        return next_fun(*args, **kwargs)
+    (c, h), inputs = args
+    features = h.shape[-1]
+
+    def dense(name: str, x, recurrent: bool):
+        return nn.Dense(features, use_bias=recurrent, dtype=cell.dtype,
+                        param_dtype=cell.param_dtype,
+                        kernel_init=cell.recurrent_kernel_init if recurrent else cell.kernel_init,
+                        bias_init=cell.bias_init, name=name, parent=cell)(x)
+
+    # each gate's input product then its recurrent one, created in the cell's own order
+    pre = {}
+    for gate in _GATES:
+        pre[gate] = dense(f"i{gate}", inputs, False)
+        pre[gate] = pre[gate] + dense(f"h{gate}", h, True)
+    i, f, o = (cell.gate_fn(pre[g]) for g in "ifo")
+    g = cell.activation_fn(pre["g"])
+    new_c = f * c + i * g
+    new_h = o * cell.activation_fn(new_c)
+    return (new_c, new_h), new_h
+
+
+@contextlib.contextmanager
+def as_sublayers():
+    """Within it, the layers of this module run as their sublayers (``nn.OptimizedLSTMCell`` as
+    its gates' ``nn.Dense`` layers); usable as a decorator."""
+    with nn.intercept_methods(_lstm_as_dense):
+        yield
