@@ -235,27 +235,32 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
                 body = getattr(sub, "jaxpr", sub)
                 if key != "cond_jaxpr" and hasattr(body, "eqns") and \
                         len(body.invars) <= len(operands):  # a branch or loop body: a suffix
-                    body_kinds = _carried(eqn, body, operands[len(operands) - len(body.invars):])
-                    _weighted(body, body_kinds, where, inner_trips, found)
+                    body_kinds, inside = operands[len(operands) - len(body.invars):], []
+                    out_kinds = _weighted(body, body_kinds, where, inner_trips, inside)
+                    carried = _carried(eqn, body_kinds, out_kinds)
+                    if carried != body_kinds:  # again, with the carries the body makes data
+                        inside = []
+                        _weighted(body, carried, where, inner_trips, inside)
+                    found.extend(inside)
         out = _DATA if data else sources or None
         for var in eqn.outvars:
             kinds[var] = out
     return [_kind_of(kinds, v) for v in jaxpr.outvars]
 
 
-def _carried(eqn, body, in_kinds: list) -> list:
-    """A loop body's input kinds with each carry that the body makes data marked data: an
-    LSTM's hidden state starts as zeros (a constant) and is data from the second step, so its
-    product with the recurrent kernel is a weighted product."""
+def _carried(eqn, in_kinds: list, out_kinds: list) -> list:
+    """A loop body's input kinds with each carry that the body makes data (``out_kinds``: its
+    outputs' kinds) marked data: an LSTM's hidden state starts as zeros (a constant) and is
+    data from the second step, so its product with the recurrent kernel is a weighted
+    product."""
     if eqn.primitive.name == "scan":
         first, count = int(eqn.params["num_consts"]), int(eqn.params["num_carry"])
     elif eqn.primitive.name == "while":
         first, count = int(eqn.params["body_nconsts"]), len(eqn.outvars)
     else:
         return in_kinds
-    out = _weighted(body, in_kinds, "", 1, [])
     kinds = list(in_kinds)
     for i in range(count):
-        if out[i] is _DATA:
+        if out_kinds[i] is _DATA:
             kinds[first + i] = _DATA
     return kinds

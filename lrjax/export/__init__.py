@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.extend import source_info_util
 
-from lrjax import checkpoint, formulations, linen_trace, macs, runtimes, surgery
+from lrjax import checkpoint, formulations, linen_trace, macs, moments, runtimes, surgery
 from lrjax.layers import LowRankModel
 from lrjax.linen_trace import constants_evaluated
 from lrjax.nnx_surgery import eval_view
@@ -235,12 +235,13 @@ def _example_inputs(example_input, apply_kwargs):
     inputs of a call such as Flax's nlp_seq example's ``__call__(*, inputs, train)``, are graph
     inputs after the positional ones (in the keywords' sorted order); ``kwargs``: the others,
     passed as given."""
-    positional = jax.tree.leaves(example_input, is_leaf=_bound)
-    sizes = [np.shape(a)[0] for a in positional if not _bound(a) and np.ndim(a)] or [
-        np.shape(a)[0] for v in apply_kwargs.values() if _batched(v) for a in jax.tree.leaves(v)]
+    candidates = moments.keyword_inputs(apply_kwargs)  # arrays with a leading axis
+    sizes = [np.shape(a)[0] for a in jax.tree.leaves(example_input, is_leaf=_bound)
+             if not _bound(a) and np.ndim(a)] or [
+        np.shape(a)[0] for a in jax.tree.leaves(candidates)]
     batch = max(sizes, key=sizes.count) if sizes else None  # (a uint32 key's 2 is no batch)
-    keyword = {k: v for k, v in apply_kwargs.items()
-               if _batched(v) and all(np.shape(a)[0] == batch for a in jax.tree.leaves(v))}
+    keyword = {k: v for k, v in candidates.items()
+               if all(np.shape(a)[0] == batch for a in jax.tree.leaves(v))}
     kwargs = {k: v for k, v in apply_kwargs.items() if k not in keyword}
     if isinstance(example_input, (tuple, list)) or keyword:
         positional = tuple(example_input) if isinstance(example_input, (tuple, list)) else (
@@ -256,14 +257,6 @@ def _example_inputs(example_input, apply_kwargs):
         raise ExportError(f"example_input must be an NHWC batch (N, H, W, C) (inputs of other "
                           f"ranks, e.g. a 1-D conv net's (N, W, C): a tuple); got shape {shape}")
     return shape, None, None, None, kwargs
-
-
-def _batched(value) -> bool:
-    """A keyword argument that is an input: arrays (or a pytree of them), each with a leading
-    axis, none of them a key."""
-    leaves = jax.tree.leaves(value)
-    return bool(leaves) and all(isinstance(a, (jax.Array, np.ndarray)) and np.ndim(a) >= 1
-                                and not _bound(a) for a in leaves)
 
 
 def _bound(arg) -> bool:
