@@ -24,10 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.extend import core as jcore
-from jax.extend import source_info_util
 
-from lrjax import costs, formulations, macs
+from lrjax import costs, formulations, macs, replay
 from lrjax.layers import conv_skip_reason, input_dilated
 
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "SAVED_MODEL_BYTES", "symbolic_batch",
@@ -181,57 +179,29 @@ def litert_primitives(fn: Callable, example) -> Callable:
     program: a model that runs TensorFlow ops eagerly while it is traced (big_vision's FlexiViT
     builds its patch-kernel resize matrix with ``tf.image.resize(...).numpy()``) cannot be
     traced inside the converter's ``tf.function``."""
-    def run(jaxpr, consts, args, caller=None):
-        env = dict(zip(jaxpr.constvars, consts, strict=True))
-        env.update(zip(jaxpr.invars, args, strict=True))
-
-        def read(v):
-            return v.val if isinstance(v, jcore.Literal) else env[v]
-
-        for eqn in jaxpr.eqns:
-            ins, name = [read(v) for v in eqn.invars], eqn.primitive.name
-            sub = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or \
-                eqn.params.get("fun_jaxpr")
-            # each equation keeps its source line and layer (converter errors name them); an
-            # inlined call's equations have the call's line
-            info = eqn.source_info
-            own = info.traceback is not None and source_info_util.summarize(info)
-            traceback = info.traceback if own or caller is None else caller.traceback
-            names = caller.name_stack + info.name_stack if caller else info.name_stack
-            with source_info_util.user_context(traceback, name_stack=names):
-                if name == "erf":
-                    outs = [1 - jax.lax.erfc(ins[0])]
-                elif name == "dot_general" and _unconvertible_dot(eqn):
-                    outs = [_batched_matmul(*ins, eqn.params["dimension_numbers"],
-                                            eqn.outvars[0].aval.dtype)]
-                elif not any(isinstance(a, jax.core.Tracer) for a in ins):  # constants alone
-                    with jax.ensure_compile_time_eval():
-                        outs = eqn.primitive.bind(*ins, **eqn.params)
-                    outs = outs if eqn.primitive.multiple_results else [outs]
-                elif name in macs.CALL_PRIMITIVES and sub is not None:
-                    closed = sub if hasattr(sub, "consts") else None
-                    outs = run(closed.jaxpr if closed else sub,
-                               closed.consts if closed else [], ins,
-                               info.replace(traceback=traceback, name_stack=names))
-                elif name == "cond" and not isinstance(ins[0], jax.core.Tracer):  # known branch
-                    branches = eqn.params["branches"]
-                    branch = branches[int(np.clip(ins[0], 0, len(branches) - 1))]
-                    outs = run(branch.jaxpr, branch.consts, ins[1:],
-                               info.replace(traceback=traceback, name_stack=names))
-                elif name == "scan" and any(e.primitive.name in _STEPWISE for e, _ in
-                                            macs.iter_eqns(eqn.params["jaxpr"])):
-                    outs = _unrolled(run, eqn, ins, info.replace(traceback=traceback,
-                                                                 name_stack=names))
-                else:
-                    outs = eqn.primitive.bind(*ins, **eqn.params)
-                    outs = outs if eqn.primitive.multiple_results else [outs]
-            env.update(zip(eqn.outvars, outs, strict=True))
-        return [read(v) for v in jaxpr.outvars]
+    def rule(eqn, ins, here):
+        name = eqn.primitive.name
+        if name == "erf":
+            return [1 - jax.lax.erfc(ins[0])]
+        if name == "dot_general" and _unconvertible_dot(eqn):
+            return [_batched_matmul(*ins, eqn.params["dimension_numbers"],
+                                    eqn.outvars[0].aval.dtype)]
+        if not any(isinstance(a, jax.core.Tracer) for a in ins):  # constants alone
+            with jax.ensure_compile_time_eval():
+                return replay.bind(eqn, ins)
+        if name == "cond" and not isinstance(ins[0], jax.core.Tracer):  # a known branch
+            branches = eqn.params["branches"]
+            branch = branches[int(np.clip(ins[0], 0, len(branches) - 1))]
+            return replay.run(branch.jaxpr, branch.consts, ins[1:], rule, here)
+        if name == "scan" and any(e.primitive.name in _STEPWISE for e, _ in
+                                  macs.iter_eqns(eqn.params["jaxpr"])):
+            return _unrolled(rule, eqn, ins, here)
+        return None  # a call inlined, the rest bound as they are
 
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*_plain(example))
     tree = jax.tree.structure(out_shape)
     return lambda *args: jax.tree.unflatten(
-        tree, run(closed.jaxpr, closed.consts, jax.tree.leaves(_plain(args))))
+        tree, replay.run(closed.jaxpr, closed.consts, jax.tree.leaves(_plain(args)), rule))
 
 
 def _unconvertible_dot(eqn) -> bool:
@@ -264,8 +234,8 @@ def _batched_matmul(lhs, rhs, dimension_numbers, dtype):
 _STEPWISE = frozenset({"cond", "random_bits", "threefry2x32"})
 
 
-def _unrolled(run, eqn, ins, caller) -> list:
-    """A ``scan`` equation run step by step with ``run`` (:func:`litert_primitives`): each
+def _unrolled(rule, eqn, ins, caller) -> list:
+    """A ``scan`` equation run step by step with ``rule`` (:func:`litert_primitives`): each
     step's ``cond`` sees its own index (a Jet coupling's kind), which XNNPack cannot prepare as
     the converter's ``IF`` inside its ``WHILE``, and each step's random draw its own key (Flax's
     seq2seq decoder samples a token per step from keys split per step), which folds, where the
@@ -276,7 +246,7 @@ def _unrolled(run, eqn, ins, caller) -> list:
     for i in (reversed if params["reverse"] else iter)(range(params["length"])):
         with jax.ensure_compile_time_eval():  # a constant's slice stays a constant
             step = [x[i] if isinstance(x, jax.core.Tracer) else jnp.asarray(x)[i] for x in xs]
-        out = run(body.jaxpr, body.consts, [*consts, *carry, *step], caller)
+        out = replay.run(body.jaxpr, body.consts, [*consts, *carry, *step], rule, caller)
         carry, ys = out[:len(carry)], out[len(carry):]
         steps.append(ys)
     steps = steps[::-1] if params["reverse"] else steps

@@ -168,11 +168,13 @@ def test_calibration_batches_take_the_models_inputs_and_say_when_they_do_not_fit
 
 def test_a_bfloat16_model_gets_one_export_error_line(tmp_path):
     """ONNX Runtime's CPU convs take no bfloat16, nor does the TFLite converter's conv: one
-    ExportError line saying what to export (the converter's names at most three layers)."""
+    ExportError line saying how to export it (the converter's names at most three layers), and
+    ``compute_dtype=jnp.float32`` exports it computing in float32."""
     model = nn.Sequential([nn.Conv(8, (3, 3), dtype=jnp.bfloat16) for _ in range(4)])
     variables = init(model, 0, X)
     with pytest.raises(export.ExportError, match=r"^ONNX Runtime cannot load the exported graph: "
-                                                 r".*bfloat16.*export a float32 copy") as info:
+                                                 r".*bfloat16.*export with "
+                                                 r"compute_dtype=jnp.float32") as info:
         export.to_onnx(model, variables, X, str(tmp_path / "bf16.onnx"))
     assert "\n" not in str(info.value) and not (tmp_path / "bf16.onnx").exists()
     with pytest.raises(export.ExportError, match=r"^the TFLite converter failed at layer "
@@ -191,6 +193,9 @@ def test_a_bfloat16_model_gets_one_export_error_line(tmp_path):
     with pytest.raises(export.ExportError, match=r"^ONNX Runtime cannot load the exported graph: "
                                                  r".*computes in bfloat16 .*a cast in its code"):
         export.to_onnx(model, init(model, 0, X), X, str(tmp_path / "cast.onnx"))
+    result = export.to_onnx(model, init(model, 0, X), X, str(tmp_path / "cast.onnx"),
+                            compute_dtype=jnp.float32)
+    assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
 
 
 @pytest.mark.parametrize("layer", [nn.Conv(24, (3, 3)), nn.Dense(20)], ids=("conv", "dense"))

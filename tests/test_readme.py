@@ -56,6 +56,6 @@ def test_readme_deploy_example_exports(capsys):
     assert result.format == "tflite" and result.checked_batches == (1,)
     assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
     out = namespace["out"]
-    assert sorted(os.listdir(out)) == ["nin.onnx", "nin.shlo", "tiny.tflite"]
+    assert sorted(os.listdir(out)) == ["nin.onnx", "nin.shlo", "nin_bf16.onnx", "tiny.tflite"]
     # the user's NNX model was exported in eval mode but is itself untouched
     assert namespace["tiny"].drop.deterministic is False

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.extend import source_info_util
 
-from lrjax import checkpoint, formulations, linen_trace, macs, moments, runtimes, surgery
+from lrjax import checkpoint, formulations, linen_trace, macs, moments, replay, runtimes, surgery
 from lrjax.layers import LowRankModel
 from lrjax.linen_trace import constants_evaluated
 from lrjax.nnx_surgery import eval_view
@@ -81,11 +81,38 @@ def _dense_as_conv(next_fun, args, kwargs, context):
 
 
 def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs=None,
-        tree=None):
+        tree=None, compute_dtype=None):
     """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
     model (``variables=None``) in eval mode; ``for_litert``: in the forms the TFLite converter
     takes (linen dense layers on rank-4 inputs as 1x1 convs, :func:`_dense_as_conv`; transposed
-    convs as :func:`lrjax.runtimes.litert_conv_transpose` writes them)."""
+    convs as :func:`lrjax.runtimes.litert_conv_transpose` writes them); ``compute_dtype``:
+    :func:`_in_compute_dtype`."""
+    return _in_compute_dtype(_inference_fn(module, variables, apply_kwargs, shape, for_litert,
+                                           inputs, tree), compute_dtype, shape, inputs)
+
+
+def _in_compute_dtype(forward, compute_dtype, shape, inputs):
+    """``forward`` as is (``compute_dtype=None``: as the model computes), or computing in float32
+    where it computes in bfloat16 or float16 (``compute_dtype=jnp.float32``:
+    :func:`lrjax.replay.in_float32`), checked by tracing it once on the example's shapes."""
+    if compute_dtype is None:
+        return forward
+    try:
+        float32 = np.dtype(compute_dtype) == np.float32
+    except TypeError:
+        float32 = False
+    if not float32:
+        raise ExportError(f"compute_dtype must be None (as the model computes) or float32; got "
+                          f"{compute_dtype!r}")
+    forward = replay.in_float32(forward)
+    try:
+        jax.eval_shape(forward, *(inputs or [jax.ShapeDtypeStruct(shape, np.float32)]))
+    except replay.ReplayError as e:
+        raise ExportError(str(e)) from None
+    return forward
+
+
+def _inference_fn(module, variables, apply_kwargs, shape, for_litert, inputs, tree):
     if isinstance(module, nnx.Module):
         if variables is not None:
             raise ExportError(f"{type(module).__name__} is an NNX model, which carries its own "
@@ -177,7 +204,8 @@ def converter_failure(error: Exception, forward, inputs, module=None) -> str:
     text = str(error).strip()
     found = _CONVERTER_ERROR.search(text)
     try:
-        jaxpr = jax.make_jaxpr(forward)(*inputs)
+        with formulations.policy("portable"):  # as the converter traced it
+            jaxpr = jax.make_jaxpr(forward)(*inputs)
     except Exception:  # noqa: BLE001 - the message without the layer is still the converter's
         jaxpr = None
     lacking = [(eqn.primitive.name, where) for eqn, where in macs.iter_eqns(jaxpr)
@@ -200,7 +228,8 @@ def converter_failure(error: Exception, forward, inputs, module=None) -> str:
         getattr(v.aval, "dtype", None) == jnp.bfloat16
         for eqn, _ in macs.iter_eqns(jaxpr) for v in eqn.outvars)
     hint = ("; the model computes in bfloat16 (its dtype, or a cast in its code), which the "
-            "converter does not take for every op: export a float32 copy (dtype=jnp.float32)"
+            "converter does not take for every op: export with compute_dtype=jnp.float32 (the "
+            "graph computes in float32 where the model computes in bfloat16)"
             if bf16 else "")
     return (f"the TFLite converter failed{where} ({os.path.basename(file)}:{line}): "
             f"{what}{hint}")
@@ -319,10 +348,12 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
     """Run the export and JAX on random batches (with several inputs, ``examples``: their rows
     repeated to each batch); raise ExportError past the tolerance. ``run`` returns the outputs
     as a list in ``jax.tree.leaves`` order of JAX's (each checked against its own scale)."""
-    worst, scale = 0.0, 0.0
+    worst, scale, rtol, low = 0.0, 0.0, RTOL, ""
     for i, b in enumerate(batches):
         xs = [np.random.default_rng(i).standard_normal((b, *shape[1:])).astype(np.float32)] \
             if examples is None else [np.take(a, np.arange(b) % len(a), axis=0) for a in examples]
+        if i == 0:
+            rtol, low = _tolerance(forward, xs)
         try:
             tree = forward(*map(jnp.asarray, xs))  # JAX arrays, as the model is called with
         except Exception as e:  # noqa: BLE001 - the model's own code, at another batch
@@ -342,12 +373,25 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
                 raise ExportError(f"{where} has shape {got.shape}, JAX's {want.shape}")
             err = float(np.max(np.abs(got - want))) if want.size else 0.0
             top = float(np.max(np.abs(want))) if want.size else 0.0
-            if not np.isfinite(err) or err > ATOL + RTOL * top:
+            if not np.isfinite(err) or err > ATOL + rtol * top:
                 raise ExportError(f"{where} does not match JAX on a batch of {b}: max "
-                                  f"|difference| {err:.3g} > {ATOL:g} + {RTOL:g} * {top:.3g}; "
-                                  "nothing written")
+                                  f"|difference| {err:.3g} > {ATOL:g} + {rtol:g} * {top:.3g}"
+                                  f"{low}; nothing written")
             worst, scale = max(worst, err), max(scale, top)
     return worst, scale
+
+
+def _tolerance(forward, xs) -> tuple[float, str]:
+    """The relative tolerance of :func:`_compare` for ``forward`` on ``xs``: :data:`RTOL`, or 4
+    units of rounding of the least precise dtype it computes in (bfloat16: 2^-5; the runtime and
+    JAX may round in different places), and the words saying so."""
+    try:
+        low = replay.lowest_precision(jax.make_jaxpr(forward)(*xs))
+    except Exception:  # noqa: BLE001 - the comparison itself reports what does not run
+        low = None
+    if low is None:
+        return RTOL, ""
+    return max(RTOL, 4 * float(jnp.finfo(low).eps)), f" (the model computes in {low})"
 
 
 def _first_line(error: Exception) -> str:
@@ -369,16 +413,17 @@ def _symbolic_failure(error: Exception, what: str, fix: str) -> str:
 
 @constants_evaluated
 def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu",),
-                 check: bool = True, **apply_kwargs) -> ExportResult:
+                 check: bool = True, compute_dtype=None, **apply_kwargs) -> ExportResult:
     """Serialize the inference function with ``jax.export``, batch dimension symbolic.
 
     The artifact holds StableHLO for ``platforms``; ``jax.export.deserialize(data).call(x)``
     runs it (any batch size). Checked by deserializing it and running batches of the example's
-    size and one more.
+    size and one more. ``compute_dtype``: as :func:`to_onnx`'s.
     """
     shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree)
+    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree,
+                  compute_dtype=compute_dtype)
     scope = jax.export.SymbolicScope()  # one batch symbol for every input
     specs = [runtimes.symbolic_batch(shape)] if inputs is None else \
         [runtimes.symbolic_batch(i.shape, i.dtype, scope) for i in inputs]
@@ -407,7 +452,8 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
 
 @constants_evaluated
 def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
-            check: bool = True, fixed_batch: bool = False, **apply_kwargs) -> ExportResult:
+            check: bool = True, fixed_batch: bool = False, compute_dtype=None,
+            **apply_kwargs) -> ExportResult:
     """Export to ONNX (opset 17) with a symbolic ``batch`` input dimension (``fixed_batch``:
     the example's, for a model whose code computes with its batch size, e.g. Swin's window
     partition ``int(windows.shape[0] / n)``).
@@ -427,12 +473,20 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     ``(logits, {"stem": ..., ...})``) gets one graph output per array, named by its path in the
     tree (:func:`lrjax.runtimes.output_names`). Checked with ONNX Runtime on batches of the
     example's size and one more, every output against its own scale.
+
+    ``compute_dtype=jnp.float32``: a model computing in bfloat16 or float16 (a Flax layer's
+    ``dtype=jnp.bfloat16``, casts in its code; ONNX Runtime's CPU kernels take neither for
+    convs) is exported computing in float32 wherever it computes in those
+    (:func:`lrjax.replay.in_float32`), and checked against JAX computing the same way; its
+    outputs are a float32 copy's, not the bfloat16 model's rounded ones. The same for every
+    exporter here. ``None``: as the model computes.
     """
     from lrjax import onnx_convert
 
     shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
     path = writable_path(path)
-    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree)
+    forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree,
+                  compute_dtype=compute_dtype)
     try:
         model = runtimes.onnx_model(forward, shape, fold=fold, graph_name=type(module).__name__,
                                     inputs=inputs, fixed_batch=fixed_batch)
@@ -453,8 +507,9 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
         except Exception as e:  # onnxruntime's own types: InvalidGraph, NotImplemented, ...
             first = _first_line(e)
             hint = ("; the model computes in bfloat16 (its dtype, or a cast in its code), which "
-                    "ONNX Runtime's CPU kernels do not take for every op: export a float32 copy "
-                    "(dtype=jnp.float32, no casts to bfloat16)"
+                    "ONNX Runtime's CPU kernels do not take for every op: export with "
+                    "compute_dtype=jnp.float32 (the graph computes in float32 where the model "
+                    "computes in bfloat16)"
                     if "bfloat16" in first or _computes_in_bfloat16(model) else "")
             raise ExportError(f"ONNX Runtime cannot load the exported graph: {first}{hint}") \
                 from None
@@ -481,7 +536,7 @@ def _computes_in_bfloat16(model) -> bool:
 
 @constants_evaluated
 def to_tflite(module, variables, example_input, path: str, *, check: bool = True,
-              **apply_kwargs) -> ExportResult:
+              compute_dtype=None, **apply_kwargs) -> ExportResult:
     """Export to a LiteRT (TFLite) flatbuffer of builtin ops, at the example's batch size.
 
     Route: :func:`lrjax.runtimes.tflite_model` (builtin ops only, so a pair becomes two
@@ -491,11 +546,12 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     (full) and 4.7x (low-rank) slower in LiteRT at batch 8 (514 -> 1245 ms, 202 -> 960 ms).
     A model returning a pytree of arrays gets one output tensor per array, in
     ``jax.tree.leaves`` order (:func:`lrjax.runtimes.litert_outputs` runs them in that order).
+    ``compute_dtype``: as :func:`to_onnx`'s.
     """
     shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, for_litert=True, inputs=inputs,
-                  tree=tree)
+                  tree=tree, compute_dtype=compute_dtype)
     nnx_model = isinstance(module, nnx.Module)
     size = runtimes.weight_bytes(nnx.state(module) if nnx_model else variables)
     large = size >= runtimes.BUFFER_OFFSET_BYTES
@@ -505,10 +561,11 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
                                          inputs=inputs)
         else:  # the weights as variables: a fraction of the converter's memory
             apply = _linen_apply(module, apply_kwargs, True)
-            data = runtimes.tflite_model(_flat_outputs(
-                lambda v, *xs: _call(functools.partial(apply, v), tree, xs, {})),
-                                         shape, params=variables, buffer_offsets=large,
-                                         inputs=inputs)
+            with_params = lambda v, *xs: _call(functools.partial(apply, v), tree, xs, {})  # noqa: E731
+            if compute_dtype is not None:  # (checked by _fn)
+                with_params = replay.in_float32(with_params)
+            data = runtimes.tflite_model(_flat_outputs(with_params), shape, params=variables,
+                                         buffer_offsets=large, inputs=inputs)
     except Exception as e:  # the converter raises several types for unsupported graphs
         raise ExportError(converter_failure(
             e, forward, inputs or [jax.ShapeDtypeStruct(shape, np.float32)], module)) from None

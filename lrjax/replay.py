@@ -1,0 +1,196 @@
+"""Replaying a traced program with some of its equations rewritten.
+
+:func:`run` evaluates a jaxpr equation by equation under the current trace, each equation under
+its own source line and layer (name stack), so what traces the replay (ONNX's translator, the
+TFLite converter) still names the user's layer; a ``rule`` may compute an equation another way.
+Two rewrites use it: :func:`lrjax.runtimes.litert_primitives` (ops the TFLite converter cannot
+legalize, written with ones it can) and :func:`in_float32` here (a model computing in bfloat16 or
+float16, exported to runtimes whose CPU kernels are float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+from jax.extend import source_info_util
+
+from lrjax import macs
+
+__all__ = ["run", "call_jaxpr", "bind", "in_float32", "lowest_precision", "ReplayError",
+           "LOW_PRECISION"]
+
+# a rule: (equation, its input values, its source info) -> output values, or None for the
+# default (a call inlined, anything else bound as it is)
+Rule = Callable[[jcore.JaxprEqn, list, object], "list | None"]
+
+LOW_PRECISION = (np.dtype(jax.numpy.bfloat16), np.dtype(np.float16))
+
+
+class ReplayError(ValueError):
+    """A program that cannot be replayed as asked (:func:`in_float32`), naming the op."""
+
+
+def call_jaxpr(eqn) -> jcore.ClosedJaxpr | None:
+    """The body of a call-like equation (``jit``, ``custom_jvp_call``, ``remat``, ...; the
+    primitives :data:`lrjax.macs.CALL_PRIMITIVES` names) as a closed jaxpr, else ``None``."""
+    if eqn.primitive.name not in macs.CALL_PRIMITIVES:
+        return None
+    sub = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+    if sub is None:
+        return None
+    return sub if hasattr(sub, "consts") else jcore.ClosedJaxpr(sub, ())
+
+
+def run(jaxpr, consts, args, rule: Rule | None = None, caller=None) -> list:
+    """``jaxpr``'s outputs on ``args`` (its ``consts`` given), evaluated equation by equation
+    with ``rule`` tried first on each; calls are inlined (``caller``: the source info of the
+    call being inlined, whose line its equations take when they have none of the user's)."""
+    env = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for eqn in jaxpr.eqns:
+        ins, info = [read(v) for v in eqn.invars], eqn.source_info
+        # each equation keeps its source line and layer (converter errors name them); an
+        # inlined call's equations have the call's line
+        own = info.traceback is not None and source_info_util.summarize(info)
+        traceback = info.traceback if own or caller is None else caller.traceback
+        names = caller.name_stack + info.name_stack if caller else info.name_stack
+        here = info.replace(traceback=traceback, name_stack=names)
+        with source_info_util.user_context(traceback, name_stack=names):
+            outs = rule(eqn, ins, here) if rule is not None else None
+            if outs is None:
+                sub = call_jaxpr(eqn)
+                outs = run(sub.jaxpr, sub.consts, ins, rule, here) if sub is not None \
+                    else bind(eqn, ins)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def bind(eqn, ins, params=None) -> list:
+    """``eqn``'s primitive applied to ``ins`` (with ``params``: instead of its own), as a list."""
+    outs = eqn.primitive.bind(*ins, **(eqn.params if params is None else params))
+    return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 compute
+
+
+def in_float32(fn: Callable) -> Callable:
+    """``fn`` computing in float32 wherever it computes in bfloat16 or float16: every value of
+    those dtypes (casts in the model's code, a Flax layer's ``dtype=jnp.bfloat16``, constants)
+    is float32 instead, and each op runs on float32 operands; other dtypes are untouched. The
+    outputs are those a float32 copy of the model would give, not the bfloat16 model's rounded
+    ones (they differ by its rounding: ~1e-2 relative for bfloat16). Constants the traced program
+    holds in bfloat16 keep their rounding (a Python float the code multiplied a bfloat16 value
+    by, e.g. an exact GELU's 1/sqrt(2) as 0.70703125).
+
+    ``fn`` takes and returns pytrees of arrays; it is traced on each call's arguments (any
+    trace: symbolic batch sizes included) and replayed with :func:`run`. Loops (``scan``,
+    ``while``) and conditionals (``cond``) are rebuilt around their float32 bodies; calls are
+    inlined.
+
+    Raises:
+      ReplayError: an op that reinterprets a bfloat16 or float16 value's bits
+        (``lax.bitcast_convert_type``), or a higher-order primitive holding such values that is
+        not a call, loop or conditional; naming it.
+    """
+    def wrapped(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        outs = run(closed.jaxpr, [_up(c) for c in closed.consts],
+                   [_up(a) for a in jax.tree.leaves(args)], _float32_rule)
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return wrapped
+
+
+def lowest_precision(jaxpr) -> np.dtype | None:
+    """The least precise of bfloat16 and float16 that ``jaxpr`` (a closed jaxpr, its calls,
+    loops and conditionals included) computes a value in, or ``None``."""
+    found = {np.dtype(v.aval.dtype) for eqn, _ in macs.iter_eqns(jaxpr) for v in eqn.outvars
+             if _low(getattr(v.aval, "dtype", None))}
+    return max(found, key=lambda d: float(jax.numpy.finfo(d).eps), default=None)
+
+
+def _low(dtype) -> bool:
+    try:
+        return np.dtype(dtype) in LOW_PRECISION
+    except TypeError:  # an extended dtype (a PRNG key's)
+        return False
+
+
+def _up(x):
+    """``x`` as float32 if it is bfloat16 or float16, else as it is."""
+    if not _low(getattr(x, "dtype", None)):
+        return x
+    if isinstance(x, jax.core.Tracer) or isinstance(x, jax.Array):
+        return jax.lax.convert_element_type(x, np.float32)
+    return np.asarray(x, np.float32)
+
+
+def _retyped(value):
+    """A parameter with bfloat16 / float16 dtypes as float32 (``new_dtype``,
+    ``preferred_element_type``, ``iota``'s ``dtype``)."""
+    if isinstance(value, (np.dtype, type)) and _low(value):
+        return np.dtype(np.float32)
+    return value
+
+
+def _body(closed):
+    """A closed jaxpr as a function of its inputs' values, in float32."""
+    consts = [_up(c) for c in closed.consts]
+    return lambda *xs: run(closed.jaxpr, consts, [_up(x) for x in xs], _float32_rule)
+
+
+def _float32_rule(eqn, ins, here):
+    ins = [_up(x) for x in ins]
+    name, params = eqn.primitive.name, eqn.params
+    if name == "bitcast_convert_type" and (
+            _low(params["new_dtype"]) or any(_low(v.aval.dtype) for v in eqn.invars)):
+        raise ReplayError(f"cannot compute in float32: lax.bitcast_convert_type reinterprets a "
+                         f"{eqn.invars[0].aval.dtype} value's bits as {params['new_dtype']} "
+                         f"(at {source_info_util.summarize(here)})")
+    sub = call_jaxpr(eqn)
+    if sub is not None:
+        return run(sub.jaxpr, [_up(c) for c in sub.consts], ins, _float32_rule, here)
+    if name == "scan":
+        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        consts, init = ins[:n_consts], ins[n_consts:n_consts + n_carry]
+        body = _body(params["jaxpr"])
+
+        def step(carry, x):
+            out = body(*consts, *carry, *x)
+            return out[:n_carry], out[n_carry:]
+
+        carry, ys = jax.lax.scan(step, init, ins[n_consts + n_carry:], length=params["length"],
+                                 reverse=params["reverse"], unroll=params["unroll"])
+        return [*carry, *ys]
+    if name == "while":
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        cond, body = _body(params["cond_jaxpr"]), _body(params["body_jaxpr"])
+        cond_consts, body_consts = ins[:nc], ins[nc:nc + nb]
+        return list(jax.lax.while_loop(lambda c: cond(*cond_consts, *c)[0],
+                                       lambda c: tuple(body(*body_consts, *c)),
+                                       tuple(ins[nc + nb:])))
+    if name == "cond":
+        branches = [_body(b) for b in params["branches"]]
+        return list(jax.lax.switch(ins[0], [lambda *xs, b=b: tuple(b(*xs)) for b in branches],
+                                   *ins[1:]))
+    low = [a.dtype for s in jcore.jaxprs_in_params(params) for a in _avals(s) if _low(a.dtype)]
+    if low:
+        raise ReplayError(f"cannot compute {name!r} in float32: its body computes in {low[0]} "
+                         f"(at {source_info_util.summarize(here)})")
+    return bind(eqn, ins, {k: _retyped(v) for k, v in params.items()})
+
+
+def _avals(jaxpr):
+    """The abstract values of a jaxpr's variables that carry dtypes."""
+    for v in (*jaxpr.invars, *jaxpr.constvars, *(o for e in jaxpr.eqns for o in e.outvars)):
+        if hasattr(v.aval, "dtype"):
+            yield v.aval
