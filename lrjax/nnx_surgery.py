@@ -47,7 +47,7 @@ from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, computes_as
 
 __all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_nnx",
-           "find_convs_nnx", "eval_view"]
+           "find_convs_nnx", "eval_view", "graph_keywords"]
 
 _LINEAR = (nnx.Linear, nnx.LinearGeneral)
 _SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum)  # the types a pair replaces
@@ -64,9 +64,22 @@ class LowRankConvNNX(nnx.Module):
     (``1 x kw``, or the second 1x1), both ``nnx.Conv`` (both ``nnx.ConvTranspose`` for a
     transposed conv)."""
 
+    kernel_shape: tuple[int, ...] | None = None  # the replaced layer's (set by the surgery)
+    kernel_dtype: str = "float32"
+
     def __init__(self, vertical: nnx.Module, horizontal: nnx.Module):
         self.vertical = vertical
         self.horizontal = horizontal
+
+    @property
+    def kernel(self) -> jax.ShapeDtypeStruct:
+        """The replaced layer's kernel, as its shape and dtype: model code that reads
+        ``layer.kernel.shape`` runs on (bonsai's Qwen 3 reads its head counts from
+        ``o_proj.kernel.shape``). The pair holds no such array: its factors are
+        ``vertical.kernel`` and ``horizontal.kernel``."""
+        if self.kernel_shape is None:
+            raise AttributeError("this pair was built without the replaced layer's kernel shape")
+        return jax.ShapeDtypeStruct(self.kernel_shape, np.dtype(self.kernel_dtype))
 
     def __call__(self, x, out_sharding=None):
         """``horizontal(vertical(x))``; ``out_sharding`` (as the layer's own ``__call__`` takes
@@ -175,6 +188,11 @@ class _Probe(nnx.Module):
         self._record = record
         self.moments = _Moments(None)
 
+    def __getattr__(self, name):  # model code reading its layer's attributes: o_proj.kernel
+        if name.startswith("_") or name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
     def __call__(self, x, *args, **kwargs):
         record = self._record
         if self.path not in record["shapes"]:
@@ -213,6 +231,21 @@ def _moments(x, site, axes):
 
 EVAL_NOTE = ("layers found and calibrated on an eval view of the model (batch norm on its "
              "running statistics, dropout off)")
+
+
+def graph_keywords(kwargs) -> tuple[dict, dict]:
+    """A call's keyword arguments split into the rest and those holding NNX objects (a KV cache
+    of ``nnx.Cache`` variables the call updates: bonsai's Qwen 3 ``model(tokens, cache=[...],
+    segment_ids=...)``). lrjax's traces split the latter with the model and merge them inside
+    (a trace cannot update variables made outside it): each trace updates copies, and the
+    caller's objects are left as they were."""
+    def holds_nnx(value):
+        return any(isinstance(leaf, (nnx.Module, nnx.Variable)) for leaf in jax.tree.leaves(
+            value, is_leaf=lambda x: isinstance(x, (nnx.Module, nnx.Variable))))
+
+    kwargs = dict(kwargs or {})
+    nodes = {k: v for k, v in kwargs.items() if holds_nnx(v)}
+    return {k: v for k, v in kwargs.items() if k not in nodes}, nodes
 
 
 def eval_view(model):
@@ -256,13 +289,14 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     probed = nnx.recursive_map(probe, nnx.clone(model))
     if eval_mode:
         probed = eval_view(probed)
-    graphdef, state = nnx.split(probed)
+    kwargs, nodes = graph_keywords(kwargs)
+    graphdef, state = nnx.split((probed, nodes))
 
     def run(state, *batch):
         record["batch"], record["calls"] = {}, {}
-        module = nnx.merge(graphdef, state)
+        module, copies = nnx.merge(graphdef, state)
         args, keywords = split_keywords(batch, kwargs)
-        module(*args, **keywords)
+        module(*args, **keywords, **copies)
         return {p.path: p.moments.get_value() for _, p in nnx.iter_graph(module)
                 if isinstance(p, _Probe) and p.path in record["batch"]
                 and p.moments.get_value() is not None}  # None: set inside a loop, lost
@@ -341,7 +375,16 @@ def _given(value):
 def _pair_module(layer, site: ConvSite, factors: decompose.Factors,
                  bias=None) -> LowRankConvNNX:
     """The pair computing ``layer`` (an ``nnx.Conv`` or linear layer) with the given factors
-    (and ``bias``, default the layer's). A stacked layer's (``nnx.scan`` over ``nnx.vmap``-made
+    (and ``bias``, default the layer's), knowing the layer's kernel shape and dtype
+    (:attr:`LowRankConvNNX.kernel`)."""
+    pair = _built_pair(layer, site, factors, bias)
+    pair.kernel_shape = tuple(int(d) for d in layer.kernel.shape)
+    pair.kernel_dtype = str(np.dtype(layer.kernel.dtype))
+    return pair
+
+
+def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowRankConvNNX:
+    """:func:`_pair_module`'s pair. A stacked layer's (``nnx.scan`` over ``nnx.vmap``-made
     blocks) is built as one iteration's pair, then given every iteration's factors, stacked."""
     if site.stack > 1:
         vertical, horizontal = site.factor_variables(factors)
@@ -433,6 +476,8 @@ class _Scoped(nnx.Module):
     def __init__(self, layer, index: int):
         self.layer, self.index = layer, index
 
+    __getattr__ = _Probe.__getattr__
+
     def __call__(self, *args, **kwargs):
         with macs.layer_scope(self.index):
             return self.layer(*args, **kwargs)
@@ -452,15 +497,21 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
         return _Scoped(node, i) if i is not None and isinstance(node, _SPLIT) else node
 
     view = nnx.recursive_map(scoped, nnx.clone(model))
-    graphdef, state = nnx.split(eval_view(view) if eval_mode else view)
+    example_kwargs, nodes = graph_keywords(example_kwargs)
+    graphdef, state = nnx.split((eval_view(view) if eval_mode else view, nodes))
+
+    def call(state, *args):
+        module, copies = nnx.merge(graphdef, state)
+        return module(*args, **example_kwargs, **copies)
+
     try:  # the state as an argument: the weights are not constants of the lowered module
-        counts = with_constants_evaluated(macs.traced_macs, lambda st, *a: nnx.merge(
-            graphdef, st)(*a, **example_kwargs), state, *example_args)
+        counts = with_constants_evaluated(macs.traced_macs, call, state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
         return None, 0, list(found)
     batch = sites.example_batch(example_args)
     found = own_code.with_own_code(sites.costed_as_run(found, counts, batch), counts["weighted"],
-                                   own_code.variable_names(state, collections=False),
+                                   [n[1:] if n[:1] == ("0",) else ("<keywords>", *n[1:])
+                                    for n in own_code.variable_names(state, collections=False)],
                                    counts["total"])
     return counts["total"] // batch, counts["elementwise"] // batch, found
 

@@ -125,6 +125,7 @@ def test_to_onnx_of_a_bfloat16_model_needs_and_takes_compute_dtype(tmp_path):
     np.testing.assert_allclose(got, half, atol=2e-2 * float(np.max(np.abs(half))))
 
 
+@pytest.mark.slow
 def test_to_tflite_of_a_bfloat16_model_with_compute_dtype(tmp_path):
     pytest.importorskip("ai_edge_litert")
     module, variables, x = _decomposed_half()

@@ -1034,3 +1034,46 @@ def test_a_models_other_method_is_decomposed_and_exported(tmp_path):
     done = export.to_tflite(result.module, result.variables, x, str(tmp_path / "e.tflite"),
                             method="encode")
     assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
+
+
+class _Memory(nnx.Module):
+    """A cache the call updates, passed as a keyword (as bonsai's Qwen 3 takes its KV cache)."""
+
+    def __init__(self):
+        self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+        self.last = nnx.Cache(jnp.zeros((8,)))
+
+
+class _Cached(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Linear(8, 64, rngs=rngs)
+        self.out = nnx.Linear(64, 8, rngs=rngs)
+
+    @property
+    def width(self):  # read from a layer's kernel, as Qwen 3 reads its head counts
+        return self.proj.kernel.shape[1]
+
+    def __call__(self, x, *, memory):
+        h = nnx.relu(self.proj(x + memory.last[...]))
+        memory.last.set_value(h.mean(0)[:8])
+        memory.calls.set_value(memory.calls[...] + 1)
+        return self.out(h) * (self.width / 64)
+
+
+def test_nnx_call_updating_a_keyword_cache_and_reading_a_kernel_shape(tmp_path):
+    """The cache is split with the model inside each of lrjax's traces (a trace cannot update
+    variables made outside it: Flax's TraceContextError), and the user's is left as it was;
+    code reading ``layer.kernel.shape`` runs on probes and on the pairs."""
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    model, memory = _Cached(nnx.Rngs(0)), _Memory()
+    for calibration in (None, [x, x]):
+        result = lrjax.decompose_nnx(model, x, memory=memory, rule={"proj": 4, "out": 4},
+                                     calibration=calibration)
+        assert result.ranks == {"proj": 4, "out": 4}
+        assert int(memory.calls[...]) == 0 and not np.any(memory.last[...])
+    assert result.module.proj.kernel.shape == (8, 64) and result.module.width == 64
+    assert result.module(x, memory=_Memory()).shape == (4, 8)
+    done = export.to_onnx(result.module, None, (x,), str(tmp_path / "cached.onnx"),
+                          memory=_Memory())
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    assert int(memory.calls[...]) == 0

@@ -30,7 +30,7 @@ from jax.extend import source_info_util
 from lrjax import checkpoint, formulations, linen_trace, macs, moments, replay, runtimes, surgery
 from lrjax.layers import LowRankModel
 from lrjax.linen_trace import constants_evaluated
-from lrjax.nnx_surgery import eval_view
+from lrjax.nnx_surgery import eval_view, graph_keywords
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
 __all__ = ["to_onnx", "to_tflite", "to_stablehlo", "ExportError", "ExportResult", "FORMATS",
@@ -124,8 +124,14 @@ def _inference_fn(module, variables, apply_kwargs, shape, for_litert, inputs, tr
                 else node, nnx.clone(module))
         # merged (as fresh variables) inside each trace: NNX's lifted transforms (nnx.scan
         # over nnx.vmap-made blocks) refuse variables made outside the trace that runs them
-        graphdef, state = nnx.split(eval_view(module))
-        return lambda *xs: _call(nnx.merge(graphdef, state, copy=True), tree, xs, apply_kwargs)
+        apply_kwargs, nodes = graph_keywords(apply_kwargs)  # a KV cache the call updates
+        graphdef, state = nnx.split((eval_view(module), nodes))
+
+        def call(*xs):
+            model, copies = nnx.merge(graphdef, state, copy=True)
+            return _call(model, tree, xs, {**apply_kwargs, **copies})
+
+        return call
     if variables is None:
         raise ExportError(f"{type(module).__name__} is a linen module: pass its variables "
                           "(variables=None is for NNX models)")
