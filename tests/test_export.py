@@ -139,8 +139,10 @@ def test_onnx_scalar_bounds_become_relu_and_clip(tmp_path):
                                model.apply(variables, xr), rtol=1e-5, atol=1e-5)
 
 
-def test_stablehlo_runs_with_another_batch(tmp_path):
-    model, variables, x = _case("resnet18 decompose_linen")
+@pytest.mark.parametrize("case", ["grouped-dilated lowrank",
+                                  pytest.param("resnet18 decompose_linen", marks=pytest.mark.slow)])
+def test_stablehlo_runs_with_another_batch(case, tmp_path):
+    model, variables, x = _case(case)
     path = str(tmp_path / "r18.stablehlo")
     export.to_stablehlo(model, variables, x, path, train=False)
     restored = jax.export.deserialize(bytearray(open(path, "rb").read()))

@@ -171,9 +171,8 @@ def test_pointwise_n_d_convs_split_and_larger_windows_say_why():
 def test_one_d_conv_nets_export_to_onnx(tmp_path):
     """A 1-D conv net (every form above) and its split export to ONNX as 1-D ``Conv``s, and one
     with pooling as 1-D ``MaxPool`` / ``AveragePool``; the input given as a 1-tuple (a single
-    array must be an NHWC batch: a forgotten batch axis is caught); the video net (a 3-D
-    tubelet conv and pooling, its pointwise convs split) as 3-D ``Conv`` / ``MaxPool``. LiteRT
-    takes the 1-D nets from the same 1-tuple (a single array: one line)."""
+    array must be an NHWC batch: a forgotten batch axis is caught). LiteRT takes the 1-D nets
+    from the same 1-tuple (a single array: one line)."""
     model = Temporal()
     variables = init(model, 0, X)
     split = lrjax.decompose_linen(model, variables, X, rule={"frontend": 3, "dilated": 6,
@@ -193,6 +192,18 @@ def test_one_d_conv_nets_export_to_onnx(tmp_path):
     assert {"MaxPool", "AveragePool"} <= ops
     with pytest.raises(export.ExportError, match=r"NHWC batch .*a tuple\); got shape \(2, 200"):
         export.to_onnx(model, variables, X, str(tmp_path / "one.onnx"))
+    with pytest.raises(export.ExportError, match=r"^example_input must be an NHWC batch"):
+        export.to_tflite(model, variables, X, str(tmp_path / "m.tflite"))
+    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "pooled.onnx", "split.onnx"]
+    for module, params in ((split.module, split.variables), (pooled, pooled_variables)):
+        result = export.to_tflite(module, params, (X,), str(tmp_path / "one_d.tflite"))
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
+
+
+@pytest.mark.slow  # 4 s: two 3-D exports
+def test_video_nets_export_to_onnx_as_three_d_convs(tmp_path):
+    """The video net (a 3-D tubelet conv and pooling, its pointwise convs split) and its split
+    export to ONNX as 3-D ``Conv`` / ``MaxPool``."""
     video = Video()
     video_variables = init(video, 0, CLIP)
     video_split = lrjax.decompose_linen(video, video_variables, CLIP, rule="speedup:1.3")
@@ -205,13 +216,6 @@ def test_one_d_conv_nets_export_to_onnx(tmp_path):
         assert [weights[n.input[1]] for n in graph.node if n.op_type == "Conv"][0] == \
             [16, 3, 2, 4, 4]  # the tubelet as a 3-D Conv, (O, I, T, H, W)
         assert "MaxPool" in {n.op_type for n in graph.node}
-    with pytest.raises(export.ExportError, match=r"^example_input must be an NHWC batch"):
-        export.to_tflite(model, variables, X, str(tmp_path / "m.tflite"))
-    assert sorted(os.listdir(tmp_path)) == ["full.onnx", "pooled.onnx", "split.onnx",
-                                            "video.onnx", "video_split.onnx"]
-    for module, params in ((split.module, split.variables), (pooled, pooled_variables)):
-        result = export.to_tflite(module, params, (X,), str(tmp_path / "one_d.tflite"))
-        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
 
 
 class Pooled1D(nn.Module):

@@ -46,6 +46,7 @@ def test_readme_examples_run(title, capsys):
         assert set(namespace["report"].ranks) == {"body/layers/2", "blocks/0"}
 
 
+@pytest.mark.slow  # 9 s: four exports, each checked in its runtime
 def test_readme_deploy_example_exports(capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("ai_edge_litert")
