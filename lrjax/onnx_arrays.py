@@ -4,7 +4,8 @@ from it), ``argmax``, ``top_k`` (``lax.top_k``: a mixture-of-experts router's ch
 (``jnp.cumsum``: an expert's buffer positions); :func:`take`, the ``gather`` handler's case of
 indices of the data (an embedding lookup of class labels), and :func:`gather_nd`, any gather of
 single elements or whole trailing slices (``jnp.take_along_axis``, ``x[rows, cols]``: a masked
-autoencoder's kept tokens) as ONNX ``GatherND``; :func:`as_dtype` casts a ``dot_general``'s
+autoencoder's kept tokens) as ONNX ``GatherND``; ``dynamic_slice`` and ``dynamic_update_slice``
+(a KV cache read and written at the decoding position); :func:`as_dtype` casts a ``dot_general``'s
 operands of other dtypes. Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
 out_aval)``, in the converter's layout (an NCHW tensor stays NCHW where the result is 4-D)."""
 
@@ -17,7 +18,7 @@ from onnx import helper
 from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, concrete, onnx_dtype, same_dim
 
 __all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum", "gather", "iota",
-           "dim_as_value", "dynamic_slice"]  # handlers, by primitive
+           "dim_as_value", "dynamic_slice", "dynamic_update_slice"]  # handlers, by primitive
 
 
 def split(c, args, params, aval):
@@ -290,21 +291,58 @@ def dynamic_slice(c, args, params, aval):
                            for ax, dim in enumerate(t.shape)]), aval)
     begin, end = [], []
     for _, s, size, dim in cut:
-        if not concrete(size):
-            raise TranslationError(f"a slice of size {size} not known at export")
-        if isinstance(s, Tensor):
-            start = c.g.node("Cast", [c.g.node("Reshape", [s.name, c.g.ints([1])])], to=7)
-        else:
-            start = c.g.ints([int(np.asarray(s))])
-        last = c.g.ints([int(dim) - int(size)]) if concrete(dim) else \
-            c.g.node("Sub", [c.shape_tensor((dim,)), c.g.ints([int(size)])])
-        first = c.g.node("Min", [c.g.node("Max", [start, c.g.ints([0])]), last])
+        first = _clamped_start(c, s, size, dim)
         begin.append(first)
         end.append(c.g.node("Add", [first, c.g.ints([int(size)])]))
     out = c.g.node("Slice", [t.name, c.g.node("Concat", begin, axis=0),
                              c.g.node("Concat", end, axis=0),
                              c.g.ints([c.axis(t, ax) for ax, _, _, _ in cut])])
     return Tensor(out, tuple(aval.shape), t.nchw)
+
+
+def dynamic_update_slice(c, args, params, aval):
+    """``lax.dynamic_update_slice`` (a KV cache written at the decoding position: bonsai's
+    Qwen 3, Flax's attention with ``decode=True``): the update padded to the operand's shape
+    (``Pad``), each start clamped as JAX clamps it (into ``[0, dim - size]``), and taken where
+    the written window's mask is true (``Where``); starts and dims may be unknown at export."""
+    t, u, starts = args[0], args[1], args[2:]
+    t, u = (a if isinstance(a, Tensor) else Tensor(c.g.const(np.asarray(a, aval.dtype)),
+                                                   tuple(np.shape(a))) for a in (t, u))
+    cut = [(ax, s, size, dim) for ax, (s, size, dim) in
+           enumerate(zip(starts, u.shape, t.shape, strict=True)) if not same_dim(size, dim)]
+    if not cut:  # the whole operand written
+        return Tensor(c.nhwc(u), tuple(aval.shape))
+    rank, zero = len(aval.shape), c.g.ints([0])
+    before, after, mask = [zero] * rank, [zero] * rank, None
+    for ax, s, size, dim in cut:
+        first = _clamped_start(c, s, size, dim)
+        last = c.g.node("Add", [first, c.g.ints([int(size)])])
+        extent = c.g.ints([int(dim)]) if concrete(dim) else c.shape_tensor((dim,))
+        before[ax], after[ax] = first, c.g.node("Sub", [extent, last])
+        positions = c.g.node("Range", [c.g.const(np.asarray(0, np.int64)),
+                                       c.g.node("Squeeze", [extent, c.g.ints([0])]),
+                                       c.g.const(np.asarray(1, np.int64))])
+        inside = c.g.node("And", [c.g.node("GreaterOrEqual", [positions, first]),
+                                  c.g.node("Less", [positions, last])])
+        inside = c.g.node("Reshape", [inside, c.g.ints([-1 if i == ax else 1
+                                                        for i in range(rank)])])
+        mask = inside if mask is None else c.g.node("And", [mask, inside])
+    padded = c.g.node("Pad", [c.nhwc(u), c.g.node("Concat", before + after, axis=0)])
+    return Tensor(c.g.node("Where", [mask, padded, c.nhwc(t)]), tuple(aval.shape))
+
+
+def _clamped_start(c, s, size, dim) -> str:
+    """A 1-element int64 tensor: the start ``s`` (a graph scalar or a constant) of a window of
+    ``size`` along an axis of ``dim``, clamped into ``[0, dim - size]`` as ``lax`` clamps it."""
+    if not concrete(size):
+        raise TranslationError(f"a slice of size {size} not known at export")
+    if isinstance(s, Tensor):
+        start = c.g.node("Cast", [c.g.node("Reshape", [s.name, c.g.ints([1])])], to=7)
+    else:
+        start = c.g.ints([int(np.asarray(s))])
+    last = c.g.ints([int(dim) - int(size)]) if concrete(dim) else \
+        c.g.node("Sub", [c.shape_tensor((dim,)), c.g.ints([int(size)])])
+    return c.g.node("Min", [c.g.node("Max", [start, c.g.ints([0])]), last])
 
 
 def as_dtype(c, args, invars, dtype) -> list:

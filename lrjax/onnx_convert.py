@@ -42,7 +42,7 @@ from lrjax.onnx_graph import (
     same_dim,
     value_info,
 )
-from lrjax.onnx_loops import unroll_scan
+from lrjax.onnx_loops import select_branch, unroll_scan
 
 __all__ = ["jaxpr_to_onnx", "TranslationError", "HANDLERS", "OPSET"]
 
@@ -126,6 +126,8 @@ class _Converter:
                 branch = eqn.params["branches"][int(np.clip(args[0], 0, len(  # (Jet's coupling
                     eqn.params["branches"]) - 1))]  # kind, per unrolled scan iteration)
                 return self.run(branch.jaxpr, branch.consts, args[1:], where)
+            if name == "cond":  # on data: every branch, then Where
+                return select_branch(self, eqn, args, where)
             if all(not isinstance(a, Tensor) for a in args) and name != "broadcast_in_dim" and \
                     not all(concrete(d) for o in eqn.outvars for d in o.aval.shape):
                 args = [self.batched(a, v.aval) for a, v in zip(args, eqn.invars, strict=True)]
@@ -146,6 +148,9 @@ class _Converter:
                 outs = eqn.primitive.bind(*[jnp.asarray(a) for a in args], **eqn.params)
                 outs = outs if eqn.primitive.multiple_results else [outs]
                 return [_host(o) for o in outs]
+            if name == "dynamic_update_slice":  # a constant folded to 1 along the batch
+                args = [a if isinstance(a, Tensor) else self.batched(a, v.aval)
+                        for a, v in zip(args, eqn.invars, strict=True)]
             if name == "dot_general":  # operands of other dtypes (a bool mask) cast first
                 args = onnx_arrays.as_dtype(self, args, eqn.invars, eqn.outvars[0].aval.dtype)
             if name in ("argmax", "argmin") and eqn.invars[0].aval.dtype == bool:  # the first
@@ -508,6 +513,8 @@ HANDLERS: dict[str, Any] = {
     "integer_pow": lambda c, args, params, aval: c.elementwise(
         "Pow", [args[0], np.asarray(params["y"], aval.dtype)], aval),
     **{prim: (lambda c, args, params, aval: args[0]) for prim in ("copy", "stop_gradient")},
+    "clamp": lambda c, args, params, aval: c.elementwise("Max", [c.elementwise(  # lax.clamp
+        "Min", args[1:], aval), args[0]], aval),
     "max": lambda c, args, params, aval: c.clamp(args, aval, lower=True),
     "min": lambda c, args, params, aval: c.clamp(args, aval, lower=False),
     # one converter method each, named after the primitive

@@ -1,4 +1,5 @@
-"""``lax.scan`` in an ONNX graph (:mod:`lrjax.onnx_convert`), unrolled.
+"""``lax.scan`` in an ONNX graph (:mod:`lrjax.onnx_convert`), unrolled; ``lax.cond`` on data,
+every branch computed and the taken one selected.
 
 A scan of static length (``nn.scan`` / ``nnx.scan`` stacks of identical blocks, a ``fori_loop``
 with static bounds) is translated as its body once per iteration: the body's stacked inputs
@@ -8,6 +9,12 @@ ONNX Runtime optimises each as a plain layer. The per-iteration outputs are stac
 (``Unsqueeze`` + ``Concat``). ONNX's own ``Loop`` would keep one body but read its weights by a
 ``Gather`` per iteration, which ONNX Runtime cannot pre-pack or fuse. A ``while`` loop (a
 ``fori_loop`` with traced bounds) has no static length and is not translated.
+
+A ``cond`` whose branch index is known at export runs that branch alone (the converter's own
+case); one whose index is a value of the graph (``lax.cond(x.mean() > 0, ...)``, ``lax.switch``
+on a computed index) computes every branch and selects each output with ``Where`` (inference
+branches are side-effect free in a jaxpr; ONNX's ``If`` would hide their weights from ONNX
+Runtime's constant folding and fusion, as ``Loop`` does).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import numpy as np
 
 from lrjax.onnx_graph import Tensor, TranslationError
 
-__all__ = ["unroll_scan"]
+__all__ = ["unroll_scan", "select_branch"]
 
 
 def unroll_scan(converter, eqn, args, where: str) -> list:
@@ -73,3 +80,24 @@ def _stack(converter, ys: list, aval):
                 row = converter.g.node("Expand", [row, converter.shape_tensor(aval.shape[1:])])
         names.append(converter.g.node("Unsqueeze", [row, axis0], "stack_row"))
     return Tensor(converter.g.node("Concat", names, "stacked", axis=0), tuple(aval.shape))
+
+
+def select_branch(converter, eqn, args, where: str) -> list:
+    """The outputs of a ``cond`` equation whose branch index ``args[0]`` is a graph value: every
+    branch translated by ``converter.run`` on ``args[1:]``, and output ``j`` the taken branch's
+    (the index clamped into ``[0, branches - 1]``, as ``lax.switch`` clamps it; a boolean
+    predicate is index 0 or 1)."""
+    branches = eqn.params["branches"]
+    index = converter.g.node("Cast", [converter.nhwc(args[0])], to=7)  # int64
+    last = len(branches) - 1
+    index = converter.g.node("Min", [converter.g.node("Max", [
+        index, converter.g.const(np.asarray(0, np.int64))]),
+        converter.g.const(np.asarray(last, np.int64))])
+    outs = [converter.run(b.jaxpr, b.consts, args[1:], where) for b in branches]
+    selected = list(outs[last])
+    for k in reversed(range(last)):
+        taken = Tensor(converter.g.node("Equal", [index, converter.g.const(
+            np.asarray(k, np.int64))]), ())
+        selected = [converter.elementwise("Where", [taken, mine, other], var.aval)
+                    for mine, other, var in zip(outs[k], selected, eqn.outvars, strict=True)]
+    return selected

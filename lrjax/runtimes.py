@@ -173,7 +173,8 @@ def litert_primitives(fn: Callable, example) -> Callable:
     bonsai's Whisper write it: "'tf.XlaCallModule' op is neither a custom op nor a flex op";
     absolute error of float32 rounding); random draws from a key given as a constant (the
     call's ``rngs=``: a masked autoencoder's shuffle) evaluated into constants, as everything
-    computed from constants alone (the converter has no unsigned multiply). Call-like
+    computed from constants alone (the converter has no unsigned multiply); a ``cond`` on data
+    as every branch and ``select_n`` (as the ONNX export computes it). Call-like
     primitives are inlined; the rest are bound as they are. ``fn`` is traced here, eagerly, on
     ``example`` (the arguments' ``jax.ShapeDtypeStruct`` pytrees), and the result replays its
     program: a model that runs TensorFlow ops eagerly while it is traced (big_vision's FlexiViT
@@ -193,6 +194,11 @@ def litert_primitives(fn: Callable, example) -> Callable:
             branches = eqn.params["branches"]
             branch = branches[int(np.clip(ins[0], 0, len(branches) - 1))]
             return replay.run(branch.jaxpr, branch.consts, ins[1:], rule, here)
+        if name == "cond":  # on data: every branch, the taken one selected (the converter's
+            branches = eqn.params["branches"]  # STABLEHLO_CASE fails to prepare in LiteRT)
+            index = jnp.clip(ins[0].astype(jnp.int32), 0, len(branches) - 1)
+            outs = [replay.run(b.jaxpr, b.consts, ins[1:], rule, here) for b in branches]
+            return [jax.lax.select_n(index, *col) for col in zip(*outs, strict=True)]
         if name == "scan" and any(e.primitive.name in _STEPWISE for e, _ in
                                   macs.iter_eqns(eqn.params["jaxpr"])):
             return _unrolled(rule, eqn, ins, here)

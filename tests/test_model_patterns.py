@@ -1042,6 +1042,7 @@ class _Memory(nnx.Module):
     def __init__(self):
         self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
         self.last = nnx.Cache(jnp.zeros((8,)))
+        self.keys = nnx.Cache(jnp.ones((3, 64)))  # a row written per call, as a KV cache
 
 
 class _Cached(nnx.Module):
@@ -1056,14 +1057,19 @@ class _Cached(nnx.Module):
     def __call__(self, x, *, memory):
         h = nnx.relu(self.proj(x + memory.last[...]))
         memory.last.set_value(h.mean(0)[:8])
+        keys = jax.lax.dynamic_update_slice(memory.keys[...], h.mean(0)[None],
+                                            (memory.calls[...], 0))
+        memory.keys.set_value(keys)
         memory.calls.set_value(memory.calls[...] + 1)
-        return self.out(h) * (self.width / 64)
+        return self.out(h + keys.mean(0)) * (self.width / 64)
 
 
 def test_nnx_call_updating_a_keyword_cache_and_reading_a_kernel_shape(tmp_path):
     """The cache is split with the model inside each of lrjax's traces (a trace cannot update
     variables made outside it: Flax's TraceContextError), and the user's is left as it was;
-    code reading ``layer.kernel.shape`` runs on probes and on the pairs."""
+    code reading ``layer.kernel.shape`` runs on probes and on the pairs; the cache's row written
+    at the call's position (``lax.dynamic_update_slice``) exports to ONNX (before: no translation)
+    and to StableHLO."""
     x = jax.random.normal(jax.random.key(0), (4, 8))
     model, memory = _Cached(nnx.Rngs(0)), _Memory()
     for calibration in (None, [x, x]):
@@ -1075,5 +1081,8 @@ def test_nnx_call_updating_a_keyword_cache_and_reading_a_kernel_shape(tmp_path):
     assert result.module(x, memory=_Memory()).shape == (4, 8)
     done = export.to_onnx(result.module, None, (x,), str(tmp_path / "cached.onnx"),
                           memory=_Memory())
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    done = export.to_stablehlo(result.module, None, (x,), str(tmp_path / "cached.shlo"),
+                               memory=_Memory())
     assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
     assert int(memory.calls[...]) == 0

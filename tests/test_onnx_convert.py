@@ -116,6 +116,16 @@ CASES = {
         conv(x), jnp.argmax(conv(x)[0, 0, :, 0]), 3, axis=2)[:, :, :1] + jax.lax.dynamic_slice(
         np.arange(40.0, dtype=np.float32).reshape(10, 4), (jnp.argmax(conv(x)[0, 0, 0]) + 8, 0),
         (1, 4)),
+    # a cache over the batch written at a start computed from the data (clamped past the end,
+    # as JAX clamps it; a KV cache written at the decoding position), one row of a batch written
+    # with a constant, a constant table written with a tensor
+    "dynamic_update_slice": lambda x: jax.lax.dynamic_update_slice_in_dim(
+        jnp.zeros((x.shape[0], 10, 6, 4)), conv(x)[:, :2], jnp.argmax(conv(x)[0, 0, :, 0]) * 3,
+        axis=1)[:, 2:8] + jax.lax.dynamic_update_slice(conv(x), jnp.ones((1, 2, 2, 4)),
+                                                        (0, 1, jnp.argmax(x[0, 0, :, 0]), 0))
+    + jax.lax.dynamic_update_slice(jnp.ones((6, 4)), conv(x)[0, 0, :2], (3, 0)),
+    "clamp": lambda x: jax.lax.clamp(np.float32(-0.3), conv(x), np.float32(0.4))
+    + jax.lax.clamp(first(x) * jnp.ones(4), conv(x), first(x) * jnp.ones(4) + 1),
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
     "select_n": lambda x: jax.lax.select(conv(x) > 0, conv(x), first(x) * jnp.ones(4)),
     "reshape": lambda x: conv(x).reshape(x.shape[0], -1),
@@ -196,6 +206,58 @@ def test_primitive_against_onnx_runtime(primitive):
         want = np.asarray(fn(x))
         got = session.run(None, {"input": x})[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
+def _branching(x):
+    """``lax.cond`` on a predicate of the data, ``lax.switch`` on an index of the data."""
+    y = jax.lax.cond(x[0].mean() > 0, lambda t: t * 2.0, lambda t: jnp.tanh(t) - 1.0, conv(x))
+    index = jnp.floor(x[0, 0, 0, 0]).astype(jnp.int32)
+    return jax.lax.switch(index, [lambda t: t, lambda t: -t, lambda t: t * t], y)
+
+
+def _every_branch(run, batch: int):
+    """``run`` matches JAX on inputs taking every branch of :func:`_branching` (the switch's
+    index out of range too: clamped, as JAX clamps it)."""
+    rng, taken = np.random.default_rng(0), set()
+    for sign in (1.0, -1.0):
+        for index in (-3, 0, 1, 2, 7):
+            x = np.abs(rng.standard_normal((batch, *SHAPE[1:]))).astype(np.float32) * sign
+            x[0, 0, 0, 0] = index + 0.5
+            taken.add((float(x[0].mean()) > 0, int(np.clip(index, 0, 2))))
+            np.testing.assert_allclose(run(x), _branching(x), rtol=1e-5, atol=1e-5)
+    assert taken == {(p, i) for p in (True, False) for i in range(3)}
+
+
+def test_conditionals_on_data_compute_every_branch_and_select():
+    """ONNX: every branch, then ``Where`` (no ``If``: its branches' weights would be hidden from
+    ONNX Runtime's folding and fusion); any batch."""
+    model = runtimes.onnx_model(_branching, SHAPE)
+    assert {"Where"} <= {n.op_type for n in model.graph.node} and \
+        "If" not in {n.op_type for n in model.graph.node}
+    session = runtimes.onnx_session(model)
+    _every_branch(lambda x: session.run(None, {"input": x})[0], 3)
+
+
+def test_conditionals_on_data_export_to_litert():
+    """LiteRT: the same (the converter's ``STABLEHLO_CASE`` failed to prepare in LiteRT's
+    interpreter, a raw RuntimeError)."""
+    pytest.importorskip("ai_edge_litert")
+    data = runtimes.tflite_model(_branching, SHAPE)
+    _every_branch(runtimes.litert_runner(runtimes.litert_interpreter(data)), SHAPE[0])
+
+
+def test_a_model_litert_cannot_run_is_one_line(tmp_path, monkeypatch):
+    def fails(data, threads=None):
+        raise RuntimeError("tflite/kernels/x.cc:78 2 != 3\nNode number 20 (X) failed to prepare.")
+
+    monkeypatch.setattr(export, "litert_interpreter", fails)
+    x = jnp.zeros(SHAPE)
+    with pytest.raises(export.ExportError, match=r"^LiteRT's interpreter cannot run the "
+                                                 r"converted model: tflite/kernels/x.cc:78 2 != "
+                                                 r"3; nothing written$"):
+        export.to_tflite(nn.Conv(4, (3, 3)), init(nn.Conv(4, (3, 3)), 0, x), x,
+                         str(tmp_path / "m.tflite"))
+    assert not list(tmp_path.iterdir())
 
 
 class Odd(nn.Module):

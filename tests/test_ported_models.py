@@ -159,8 +159,9 @@ class WindowNet(nn.Module):
 
 
 def test_code_computing_with_the_batch_size_exports_with_a_fixed_batch(tmp_path):
-    """ONNX with ``fixed_batch=True`` (the symbolic batch's error says so), and LiteRT, whose
-    batch is fixed, with a variable set to ``None`` among the converter's variables."""
+    """ONNX and StableHLO with ``fixed_batch=True`` (the symbolic batch's error says so), and
+    LiteRT, whose batch is fixed, with a variable set to ``None`` among the converter's
+    variables."""
     model = WindowNet()
     variables = _variables(model, X)
     result = lrjax.decompose_linen(model, variables, X, rule={"Conv_0": 4, "proj": 4})
@@ -177,6 +178,14 @@ def test_code_computing_with_the_batch_size_exports_with_a_fixed_batch(tmp_path)
     assert [d.dim_value for d in dims] == [2, 8, 8, 3]
     done = export.to_tflite(result.module, result.variables, X, str(tmp_path / "a.tflite"))
     assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
+    with pytest.raises(export.ExportError, match=r"which StableHLO export keeps free: .*"
+                                                 r"fixed_batch=True\)$"):
+        export.to_stablehlo(result.module, result.variables, X, str(tmp_path / "a.shlo"))
+    done = export.to_stablehlo(result.module, result.variables, X, str(tmp_path / "a.shlo"),
+                               fixed_batch=True)
+    assert done.checked_batches == (2,) and done.max_abs_error <= 1e-5 * max(done.scale, 1)
+    restored = jax.export.deserialize(bytearray(open(done.path, "rb").read()))
+    assert restored.in_avals[0].shape == (2, 8, 8, 3)
 
 
 class RandomMasking(nn.Module):

@@ -365,14 +365,17 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
         except Exception as e:  # noqa: BLE001 - the model's own code, at another batch
             if i == 0:
                 raise
-            fix = "fixed_batch=True" if "ONNX" in what else \
-                "to_onnx(..., fixed_batch=True) or to_tflite"
             raise ExportError(f"the model does not run on a batch of {b} (the export is checked "
                               f"on the example's batch and one more): {_first_line(e)}; a model "
-                              f"written for one batch size: {fix}") from None
+                              f"written for one batch size: fixed_batch=True") from None
         wanted = jax.tree.leaves(tree)
         names = runtimes.output_names(tree) if len(wanted) > 1 else [""]
-        for name, want, got in zip(names, wanted, run(*xs), strict=True):
+        try:
+            outputs = run(*xs)
+        except Exception as e:  # noqa: BLE001 - the runtime's own types
+            raise ExportError(f"{what} fails to run the export on a batch of {b}: "
+                              f"{_first_line(e)}; nothing written") from None
+        for name, want, got in zip(names, wanted, outputs, strict=True):
             want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
             where = f"{what} output {name}" if name else f"{what} output"
             if got.shape != want.shape:
@@ -419,12 +422,15 @@ def _symbolic_failure(error: Exception, what: str, fix: str) -> str:
 
 @constants_evaluated
 def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu",),
-                 check: bool = True, compute_dtype=None, **apply_kwargs) -> ExportResult:
+                 check: bool = True, fixed_batch: bool = False, compute_dtype=None,
+                 **apply_kwargs) -> ExportResult:
     """Serialize the inference function with ``jax.export``, batch dimension symbolic.
 
     The artifact holds StableHLO for ``platforms``; ``jax.export.deserialize(data).call(x)``
     runs it (any batch size). Checked by deserializing it and running batches of the example's
-    size and one more. ``compute_dtype``: as :func:`to_onnx`'s.
+    size and one more. ``fixed_batch``: the example's batch only (a model whose code computes
+    with its batch size, or whose keyword inputs hold it: a KV cache); ``compute_dtype``: as
+    :func:`to_onnx`'s.
     """
     shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
     path = writable_path(path)
@@ -433,6 +439,9 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     scope = jax.export.SymbolicScope()  # one batch symbol for every input
     specs = [runtimes.symbolic_batch(shape)] if inputs is None else \
         [runtimes.symbolic_batch(i.shape, i.dtype, scope) for i in inputs]
+    if fixed_batch:
+        specs = [jax.ShapeDtypeStruct(tuple(shape), jnp.float32)] if inputs is None else \
+            [jax.ShapeDtypeStruct(tuple(i.shape), i.dtype) for i in inputs]
     try:
         with formulations.policy("portable"):
             exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(*specs)
@@ -440,9 +449,9 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
         raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
     except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
         raise ExportError(_symbolic_failure(
-            e, "StableHLO", "to_onnx(..., fixed_batch=True) or to_tflite")) from None
+            e, "StableHLO", "fixed_batch=True")) from None
     data = bytes(exported.serialize())
-    batches = (shape[0], shape[0] + 1)
+    batches = (shape[0],) if fixed_batch else (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
     if check and "cpu" in platforms:
         restored = jax.export.deserialize(bytearray(data))
@@ -578,7 +587,11 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     batches = (shape[0],)
     err, scale = 0.0, 0.0
     if check:
-        run = runtimes.litert_outputs(litert_interpreter(data))
+        try:
+            run = runtimes.litert_outputs(litert_interpreter(data))
+        except Exception as e:  # noqa: BLE001 - a kernel failing to prepare: RuntimeError
+            raise ExportError(f"LiteRT's interpreter cannot run the converted model: "
+                              f"{_first_line(e)}; nothing written") from None
         err, scale = _compare(run, forward, shape, batches, "LiteRT", examples)
     size = _write(path, data)
     return ExportResult(path, "tflite", err, scale, batches if check else (), size)
