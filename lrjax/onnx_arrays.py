@@ -5,11 +5,15 @@ from it), ``argmax``, ``top_k`` (``lax.top_k``: a mixture-of-experts router's ch
 indices of the data (an embedding lookup of class labels), and :func:`gather_nd`, any gather of
 single elements or whole trailing slices (``jnp.take_along_axis``, ``x[rows, cols]``: a masked
 autoencoder's kept tokens) as ONNX ``GatherND``; ``dynamic_slice`` and ``dynamic_update_slice``
-(a KV cache read and written at the decoding position); :func:`as_dtype` casts a ``dot_general``'s
+(a KV cache read and written at the decoding position); :func:`pool_folded`, a pooling window over
+more than 3 axes with its unit-window axes folded into the batch; :func:`as_dtype` casts a ``dot_general``'s
 operands of other dtypes. Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
 out_aval)``, in the converter's layout (an NCHW tensor stays NCHW where the result is 4-D)."""
 
 from __future__ import annotations
+
+import functools
+import operator
 
 import jax
 import numpy as np
@@ -343,6 +347,36 @@ def _clamped_start(c, s, size, dim) -> str:
     last = c.g.ints([int(dim) - int(size)]) if concrete(dim) else \
         c.g.node("Sub", [c.shape_tensor((dim,)), c.g.ints([int(size)])])
     return c.g.node("Min", [c.g.node("Max", [start, c.g.ints([0])]), last])
+
+
+def pool_folded(c, op: str, args, params, aval):
+    """A pooling window over more than 3 axes (Flax's pool of a 5-D tensor with a 4-D window,
+    which it takes as unbatched: Gemma 3's multimodal projector, ``nnx.avg_pool(x[..., None],
+    (1, 1, k, k))``): the axes of unit window (size and stride 1, no padding) moved next to the
+    leading one and folded into it (``Transpose``, ``Reshape``), the others pooled by
+    ``converter.pool``, and the result unfolded."""
+    x, rank = args[0], len(args[0].shape)
+    dims, strides, pads = (params[k] for k in ("window_dimensions", "window_strides", "padding"))
+    unit = [i for i in range(1, rank - 1) if dims[i] == 1 and strides[i] == 1
+            and tuple(pads[i]) == (0, 0)]
+    pooled = [i for i in range(1, rank - 1) if i not in unit]
+    if len(pooled) > 3:
+        raise TranslationError(f"pooling over {len(pooled)} axes (ONNX's take 3 at most): "
+                               f"window {tuple(dims)}")
+    order, lead = [0, *unit, *pooled, rank - 1], functools.reduce(
+        operator.mul, [x.shape[i] for i in (0, *unit)])
+    moved = c.transpose([x], {"permutation": order}, jax.ShapeDtypeStruct(
+        tuple(x.shape[i] for i in order), aval.dtype))
+    flat = c.reshape([moved], {}, jax.ShapeDtypeStruct(
+        (lead, *(x.shape[i] for i in pooled), x.shape[-1]), aval.dtype))
+    window = dict(params, window_dimensions=(1, *(dims[i] for i in pooled), 1),
+                  window_strides=(1, *(strides[i] for i in pooled), 1),
+                  padding=((0, 0), *(pads[i] for i in pooled), (0, 0)),
+                  base_dilation=(1,) * (len(pooled) + 2), window_dilation=(1,) * (len(pooled) + 2))
+    y = c.pool(op, [flat], window, jax.ShapeDtypeStruct(
+        (lead, *(aval.shape[i] for i in pooled), aval.shape[-1]), aval.dtype))
+    y = c.reshape([y], {}, jax.ShapeDtypeStruct(tuple(aval.shape[i] for i in order), aval.dtype))
+    return c.transpose([y], {"permutation": [int(i) for i in np.argsort(order)]}, aval)
 
 
 def as_dtype(c, args, invars, dtype) -> list:

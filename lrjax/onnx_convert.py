@@ -421,6 +421,8 @@ class _Converter:
         """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
         (reduce_window_sum) over the spatial dims of a channels-last tensor (NHWC, NWC, NDHWC)."""
         x, rank = args[0], len(args[0].shape)
+        if rank > 5:  # over more than 3 axes (ONNX Runtime's most): unit windows to the batch
+            return onnx_arrays.pool_folded(self, op, args, params, aval)
         dims, strides, pads = params["window_dimensions"], params["window_strides"], \
             [tuple(int(v) for v in p) for p in params["padding"]]
         if rank < 3 or dims[0] != 1 or dims[-1] != 1 or pads[0] != (0, 0) \

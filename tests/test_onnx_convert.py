@@ -40,6 +40,11 @@ def tokens(x):
     return conv(x).reshape(x.shape[0], -1, 4)
 
 
+def images(x):
+    """The tokens as 4 channel images of 6×6, with a unit feature axis: ``(N, 4, 6, 6, 1)``."""
+    return jnp.swapaxes(tokens(x), 1, 2).reshape(x.shape[0], 4, 6, 6)[..., None]
+
+
 _ORDER = np.random.default_rng(2).permutation(36)
 
 
@@ -163,8 +168,14 @@ CASES = {
     "conv_general_dilated": lambda x: jax.lax.conv_general_dilated(
         x, np.ones((3, 3, 1, 6), np.float32), (2, 1), ((1, 1), (2, 2)), rhs_dilation=(1, 2),
         feature_group_count=3, dimension_numbers=("NHWC", "HWIO", "NHWC")),
-    "reduce_window_max": lambda x: nn.max_pool(conv(x), (2, 2), (2, 2)),
-    "reduce_window_sum": lambda x: nn.avg_pool(conv(x), (3, 3), (1, 1), padding="SAME"),
+    # and a window over 4 axes of a 5-D tensor (unbatched to Flax: Gemma 3's projector pools its
+    # image tokens as nnx.avg_pool(x[..., None], (1, 1, k, k))): unit windows folded to the batch
+    "reduce_window_max": lambda x: jnp.concatenate([nn.max_pool(conv(x), (2, 2), (2, 2)).reshape(
+        x.shape[0], -1), nn.max_pool(images(x), (1, 1, 3, 3), padding="SAME").reshape(
+        x.shape[0], -1)], axis=1),
+    "reduce_window_sum": lambda x: jnp.concatenate([nn.avg_pool(
+        conv(x), (3, 3), (1, 1), padding="SAME").reshape(x.shape[0], -1), nn.avg_pool(
+        images(x), (1, 1, 2, 2), (1, 1, 2, 2)).reshape(x.shape[0], -1)], axis=1),
     # and a boolean mask times a float tensor (a mixture-of-experts dispatch), a constant mask
     "dot_general": lambda x: (jnp.mean(conv(x), axis=(1, 2)) @ _D)[:, None] + jax.lax.dot_general(
         conv(x)[:, 0] > 0, conv(x)[:, 1], (((1,), (1,)), ((0,), (0,))),
