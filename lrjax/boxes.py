@@ -117,5 +117,6 @@ def shard_pair_like(layer, pair, site: ConvSite) -> None:
         vertical.set_metadata(**{_SHARDING: factor[0]})
         horizontal.set_metadata(**{_SHARDING: factor[1]})
     bias = getattr(layer, "bias", None)
-    if bias is not None and bias.has_metadata(_SHARDING) and pair.horizontal.bias is not None:
+    if hasattr(bias, "has_metadata") and bias.has_metadata(_SHARDING) and \
+            pair.horizontal.bias is not None:  # (a bias of zeros may be a plain array)
         pair.horizontal.bias.set_metadata(**{_SHARDING: bias.get_metadata()[_SHARDING]})

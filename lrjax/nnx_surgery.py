@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, decompose, formulations, lapack, macs, own_code, rules, sites
+from lrjax import boxes, costs, decompose, formulations, lapack, macs, nnx_written, own_code, rules, sites
 from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
@@ -55,6 +55,7 @@ _SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum)  # the types a pair
 _UNSPLIT: dict[type, str] = {}
 # wrappers that re-parametrize the layer they run (``layer_instance``): it is left as it is
 _WRAPPERS = (nnx.WeightNorm, nnx.SpectralNorm)
+_FLAX_LAYERS = (*_SPLIT, *_WRAPPERS, bridge.ToNNX)  # matched by type; others may be written
 BRIDGED = ("a linen module run inside nnx.bridge.ToNNX: lrjax does not reach into the bridge "
            "(its layers are left as they are); decompose that linen module with decompose_linen")
 
@@ -112,8 +113,16 @@ class LowRankEinsumNNX(LowRankConvNNX):
         return super().__call__(x, out_sharding)
 
 
+def _splits(node) -> bool:
+    """Whether ``node`` is a layer a pair replaces: of a type in ``_SPLIT`` (or a subclass), or
+    a dense layer written by hand (:func:`lrjax.nnx_written.is_written`)."""
+    return isinstance(node, _SPLIT) or nnx_written.is_written(node, _FLAX_LAYERS)
+
+
 def _input_axes(layer, equation) -> tuple[int, ...]:
     """The input axes a linear layer contracts (an einsum's from its equation)."""
+    if nnx_written.is_written(layer, _FLAX_LAYERS):
+        return (-1,)
     if isinstance(layer, nnx.Einsum):
         return sites.einsum_split(equation).input_axes
     return sites.contracted_axes(layer)
@@ -197,6 +206,7 @@ class _Probe(nnx.Module):
         record = self._record
         if self.path not in record["shapes"]:
             record["shapes"][self.path] = tuple(x.shape)
+            record["keywords"][self.path] = nnx_written.call_of(args, kwargs)
             if isinstance(self.layer, nnx.Einsum):
                 record["equations"][self.path] = sites.called_equation(
                     self.layer.einsum_str, args, kwargs, x.ndim)
@@ -267,8 +277,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     shapes (eager execution compiled each op's own program: 15 s of a ConvNeXt-T's first
     calibrated decomposition at 64x64). A call that cannot be traced (Python control flow on
     values, arguments that are not arrays) runs eagerly instead."""
-    record = {"shapes": {}, "equations": {}, "sums": {}, "counts": {}, "batch": {}, "calls": {},
-              "wanted": {s.path: s for s in wanted}}
+    record = {"shapes": {}, "equations": {}, "keywords": {}, "sums": {}, "counts": {},
+              "batch": {}, "calls": {}, "wanted": {s.path: s for s in wanted}}
     convs = {}
 
     wrapped = {tuple(p) for p, n in nnx.iter_graph(model) if isinstance(n, _WRAPPERS)}
@@ -280,7 +290,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             return _Probe(node, name, record)
         if any(tuple(path[:len(w) + 1]) == (*w, "layer_instance") for w in wrapped):
             return node  # inside a wrapper, which reads its layer's variables by their paths
-        if isinstance(node, (*_SPLIT, *_UNSPLIT, bridge.ToNNX)):
+        if isinstance(node, (*_SPLIT, *_UNSPLIT, bridge.ToNNX)) or _splits(node):
             name = _path(path)
             convs[name] = node
             return _Probe(node, name, record)
@@ -350,9 +360,14 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     call order; run on an eval view of a copy with ``eval_mode``."""
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode)
-    found = [sites.with_param_casts(_site(path, convs[path], shape,
-                                          record["equations"].get(path)), convs[path])
-             for path, shape in record["shapes"].items()]
+    def site_of(path, layer, shape):  # None: a written layer that is not a dense one
+        if nnx_written.is_written(layer, _FLAX_LAYERS):
+            return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path))
+        return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)),
+                                      layer)
+
+    found = [s for s in (site_of(p, convs[p], shape) for p, shape in record["shapes"].items())
+             if s is not None]
     batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
         site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)), batch)
@@ -455,9 +470,11 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
 
     def replace(path, node):
         name = _path(path)
-        if name in factors and computes_as(node, _SPLIT) is not None:
+        written = nnx_written.is_written(node, _FLAX_LAYERS)
+        if name in factors and (written or computes_as(node, _SPLIT) is not None):
             replaced.add(name)
-            pair = _pair_module(node, problem.site(name), factors[name])
+            pair = _pair_module(nnx_written.as_linear(node) if written else node,
+                                problem.site(name), factors[name])
             boxes.shard_pair_like(node, pair, problem.site(name))
             return pair
         return node
@@ -494,7 +511,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
 
     def scoped(path, node):
         i = index.get(_path(path))
-        return _Scoped(node, i) if i is not None and isinstance(node, _SPLIT) else node
+        return _Scoped(node, i) if i is not None and _splits(node) else node
 
     view = nnx.recursive_map(scoped, nnx.clone(model))
     example_kwargs, nodes = graph_keywords(example_kwargs)
@@ -549,7 +566,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     """
     rule = rules.parse_rule(rule, multiple=multiple)
     found = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
-    graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, _SPLIT))
+    graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if _splits(n))
     candidates = [s for s in found if s.candidate]
     kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
     covs, note, few = None, None, None

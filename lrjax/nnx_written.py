@@ -1,0 +1,95 @@
+"""Dense layers written by hand in NNX: a module of the user's own whose call computes
+``x @ kernel + bias`` (bonsai's ``ShardedLinear`` in Qwen 3-VL and LLaDA: ``nnx.Linear``'s
+variables, its own ``__call__(x, *, out_sharding)`` multiplying with ``jnp.matmul``).
+
+Such a module is split as ``nnx.Linear`` is when (1) it is not a Flax layer (those are matched by
+type) and holds, as variables, exactly a 2-D ``kernel`` ``nnx.Param`` ``(C, N)`` and a ``bias``
+``nnx.Param`` of shape ``(N,)`` or ``None``, and no module; (2) its first call in the model passes
+the data alone (and at most an ``out_sharding=`` keyword, which the pair passes on); (3) on a
+random input of that call's shape it computes ``x @ kernel + bias`` (to a few units of
+rounding). Anything else it computes (a transposed kernel, an activation, a scale) fails (3):
+the module is left as it is, listed with its own code's products (:mod:`lrjax.own_code`).
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrjax import sites
+from lrjax.sites import ConvSite
+
+__all__ = ["is_written", "call_of", "linear_site", "as_linear"]
+
+_KEYWORDS = frozenset({"out_sharding"})  # what a pair's __call__ takes besides the input
+
+
+def is_written(node, flax_layers: tuple[type, ...]) -> bool:
+    """Whether ``node`` is a module of the user's own holding exactly a 2-D ``kernel`` param
+    and a 1-D ``bias`` param (of the kernel's output size) or ``None``: condition (1) above.
+    ``flax_layers``: the Flax types matched by type (their subclasses are not "written"). A
+    ``bias`` of zeros that is not a variable (LLaDA's ``nnx.data(jnp.zeros(...))`` when it has
+    no bias) counts as none."""
+    if not isinstance(node, nnx.Module) or isinstance(node, flax_layers) or \
+            type(node).__module__.partition(".")[0] in ("flax", "lrjax"):
+        return False
+    kernel, bias = getattr(node, "kernel", None), getattr(node, "bias", None)
+    if not isinstance(kernel, nnx.Param) or len(kernel.shape) != 2:
+        return False
+    if bias is not None and tuple(getattr(bias, "shape", ())) != (kernel.shape[1],):
+        return False
+    if bias is not None and not isinstance(bias, nnx.Param) and (
+            not isinstance(bias, (jax.Array, np.ndarray)) or np.any(np.asarray(bias))):
+        return False
+    held = [n for p, n in nnx.iter_graph(node) if p and isinstance(n, (nnx.Module, nnx.Variable))]
+    return all(n is kernel or n is bias for n in held)
+
+
+def call_of(args, kwargs) -> dict | None:
+    """The keywords of a written layer's first call, if they are what a pair takes (condition
+    (2)), else ``None``."""
+    if args or set(kwargs) - _KEYWORDS or any(isinstance(v, jax.Array) for v in kwargs.values()):
+        return None
+    return dict(kwargs)
+
+
+def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite | None:
+    """The dense site of a written layer first called on an input of ``shape`` with
+    ``keywords`` (:func:`call_of`), or ``None`` when it does not compute ``x @ kernel + bias``
+    there (conditions (2), (3))."""
+    if keywords is None:
+        return None
+    kernel, bias = np.asarray(layer.kernel[...]), _bias(layer)
+    bias = None if bias is None else np.asarray(bias[...])
+    x = np.random.default_rng(0).standard_normal(tuple(shape)).astype(kernel.dtype)
+    try:
+        got = np.asarray(layer(jnp.asarray(x), **keywords), np.float64)
+    except Exception:  # noqa: BLE001 - it does not run as a dense layer would be run
+        return None
+    want = x.astype(np.float64) @ kernel.astype(np.float64)
+    want = want if bias is None else want + bias.astype(np.float64)
+    eps = float(jnp.finfo(jnp.result_type(kernel.dtype, jnp.float32)).eps)
+    bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(kernel.shape[0])
+    if got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
+        return None
+    c, n = (int(d) for d in kernel.shape)
+    return ConvSite(path, sites.dense_shape(path, shape, (c,), (n,), bias is not None),
+                    dense_dims=((c,), (n,)))
+
+
+def as_linear(layer) -> types.SimpleNamespace:
+    """A written layer seen as the ``nnx.Linear`` it computes as: its ``kernel`` and ``bias``
+    variables, contracting the input's last axis, computing in its parameters' dtype."""
+    return types.SimpleNamespace(kernel=layer.kernel, bias=_bias(layer), axis=-1,
+                                 use_bias=_bias(layer) is not None, dtype=None,
+                                 param_dtype=layer.kernel.dtype, precision=None)
+
+
+def _bias(layer):
+    """A written layer's ``bias`` variable, or ``None`` (none, or zeros that are not one)."""
+    bias = getattr(layer, "bias", None)
+    return bias if isinstance(bias, nnx.Param) else None

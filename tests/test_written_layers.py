@@ -1,0 +1,128 @@
+"""Dense layers written by hand in NNX (:mod:`lrjax.nnx_written`): a module of the user's own
+computing ``x @ kernel + bias`` is split as ``nnx.Linear`` is (bonsai's ``ShardedLinear`` in
+Qwen 3-VL and LLaDA); one that computes anything else is left as it is, a fixed cost."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import export
+from tests.helpers import xla_flops
+
+
+class ShardedLinear(nnx.Module):
+    """As bonsai's: ``nnx.Linear``'s variables, its own call (``out_sharding`` keyword-only), a
+    bias of zeros that is not a variable when it has none (LLaDA's)."""
+
+    def __init__(self, i, o, *, use_bias=True, rngs):
+        self.kernel = nnx.Param(jax.nn.initializers.lecun_normal()(rngs.params(), (i, o)))
+        self.bias = nnx.Param(0.1 * jax.random.normal(rngs.params(), (o,))) if use_bias \
+            else nnx.data(jnp.zeros((o,)))
+
+    def __call__(self, x, *, out_sharding):
+        return jnp.matmul(x, self.kernel[...], out_sharding=out_sharding) + self.bias[...]
+
+
+class Activated(ShardedLinear):
+    """Holds a kernel and a bias, computes ``gelu(x @ kernel + bias)``: not a dense layer."""
+
+    def __call__(self, x, *, out_sharding):
+        return jax.nn.gelu(super().__call__(x, out_sharding=out_sharding))
+
+
+class Transposed(nnx.Module):
+    """A PyTorch-style ``(out, in)`` kernel used as ``x @ kernel.T``: not ``x @ kernel``."""
+
+    def __init__(self, i, o, rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (o, i)) / np.sqrt(i))
+
+    def __call__(self, x):
+        return x @ self.kernel[...].T
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.up = ShardedLinear(32, 96, rngs=rngs)
+        self.act = Activated(96, 96, rngs=rngs)
+        self.down = ShardedLinear(96, 32, use_bias=False, rngs=rngs)
+        self.square = Transposed(32, 32, rngs)
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.up(x, out_sharding=None)
+        h = self.down(self.act(h, out_sharding=None), out_sharding=None)
+        return self.head(self.square(h).mean(1))
+
+
+X = jax.random.normal(jax.random.key(1), (4, 12, 32))
+
+
+def test_written_dense_layers_are_found_split_and_the_others_left_as_they_are():
+    model = Block(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule={"up": 8, "down": 8})
+    assert result.ranks == {"up": 8, "down": 8}
+    skipped = dict(result.report.skipped)
+    assert set(skipped) == {"act", "square"}
+    assert all("its own code multiplies the data" in skipped[p] for p in skipped)
+    up = result.module.up
+    assert isinstance(up, lrjax.nnx_surgery.LowRankLinearNNX)
+    assert up.vertical.kernel.shape == (32, 8) and up.horizontal.kernel.shape == (8, 96)
+    assert up.kernel.shape == (32, 96)  # the replaced kernel's shape, as code may read it
+    np.testing.assert_allclose(up.horizontal.bias[...], model.up.bias[...])
+    assert result.module.down.horizontal.bias is None  # LLaDA's zeros: no bias variable
+    assert isinstance(result.module.act, Activated)
+    # the whole-net speedup is XLA's flop ratio (the weights arguments, not folded constants)
+    flops = []
+    for m in (model, result.module):
+        graphdef, state = nnx.split(m)
+        flops.append(xla_flops(lambda s, x, g=graphdef: nnx.merge(g, s)(x), state, X))
+    assert flops[0] / flops[1] == pytest.approx(result.report.speedup, rel=0.01)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_full_rank_written_pairs_reproduce_the_model(calibrated):
+    model = Block(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule={"up": 32, "down": 32},
+                                 calibration=[X] if calibrated else None)
+    np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
+
+
+def test_calibrated_written_factors_fit_the_data_better():
+    """At a low rank, the calibrated pair's output error on the calibration data is lower."""
+    model = Block(nnx.Rngs(0))
+    errors = []
+    for calibration in (None, [X]):
+        result = lrjax.decompose_nnx(model, X, rule={"up": 6}, calibration=calibration)
+        want = model.up(X, out_sharding=None)
+        errors.append(float(jnp.linalg.norm(result.module.up(X, out_sharding=None) - want)))
+    assert errors[1] < 0.9 * errors[0]
+
+
+def test_a_written_layer_called_with_other_arguments_is_left_as_it_is():
+    class Flagged(ShardedLinear):
+        def __call__(self, x, scale=1.0, *, out_sharding=None):
+            return super().__call__(x, out_sharding=out_sharding) * scale
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = Flagged(32, 32, rngs=rngs)
+
+        def __call__(self, x):
+            return self.proj(x, 2.0)
+
+    with pytest.raises(ValueError, match="'proj' cannot be decomposed: its own code multiplies"):
+        lrjax.decompose_nnx(Net(nnx.Rngs(0)), X, rule={"proj": 4})
+
+
+def test_split_written_layers_export_to_onnx(tmp_path):
+    model = Block(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule="speedup:1.1")
+    assert {"up", "down"} & set(result.ranks)
+    done = export.to_onnx(result.module, None, (X,), str(tmp_path / "w.onnx"))
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    names = {i.name for i in onnx.load(done.path).graph.initializer}
+    assert names  # the factors are stored as constants of the graph
