@@ -514,7 +514,8 @@ HANDLERS: dict[str, Any] = {
     "rem": lambda c, args, params, aval: c.elementwise("Mod", args, aval, fmod=1),
     "integer_pow": lambda c, args, params, aval: c.elementwise(
         "Pow", [args[0], np.asarray(params["y"], aval.dtype)], aval),
-    **{prim: (lambda c, args, params, aval: args[0]) for prim in ("copy", "stop_gradient")},
+    **{prim: (lambda c, args, params, aval: args[0]) for prim in (  # sharding: none in a graph
+        "copy", "stop_gradient", "reshard", "sharding_constraint")},
     "clamp": lambda c, args, params, aval: c.elementwise("Max", [c.elementwise(  # lax.clamp
         "Min", args[1:], aval), args[0]], aval),
     "max": lambda c, args, params, aval: c.clamp(args, aval, lower=True),

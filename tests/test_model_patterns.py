@@ -1086,3 +1086,27 @@ def test_nnx_call_updating_a_keyword_cache_and_reading_a_kernel_shape(tmp_path):
                                memory=_Memory())
     assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
     assert int(memory.calls[...]) == 0
+
+
+class _ReturnsItsKey(nnx.Module):
+    """Returns the key it split, as bonsai's LLaDA returns ``(logits, key, hidden_states)``."""
+
+    def __init__(self, rngs):
+        self.proj = nnx.Linear(8, 4, rngs=rngs)
+        self.drop = nnx.Dropout(0.5)
+
+    def __call__(self, x, key):
+        key, sub = jax.random.split(key)
+        return self.drop(self.proj(x), rngs=sub), key
+
+
+def test_a_returned_prng_key_is_exported_as_its_key_data(tmp_path):
+    """A runtime's outputs are arrays of numbers: a key among the outputs is exported as
+    ``jax.random.key_data`` (before: "JAX array with PRNGKey dtype cannot be converted")."""
+    x, key = jax.random.normal(jax.random.key(0), (2, 8)), jax.random.key(3)
+    model = _ReturnsItsKey(nnx.Rngs(0))
+    done = export.to_onnx(model, None, (x, key), str(tmp_path / "k.onnx"))
+    session = export.onnx_session(done.path)
+    logits, data = session.run(None, {session.get_inputs()[0].name: np.asarray(x)})
+    np.testing.assert_array_equal(data, jax.random.key_data(jax.random.split(key)[0]))
+    np.testing.assert_allclose(logits, model.proj(x), rtol=1e-5, atol=1e-6)  # dropout off

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import lrjax
 from lrjax import export, onnx_convert, runtimes
@@ -46,6 +48,7 @@ def images(x):
 
 
 _ORDER = np.random.default_rng(2).permutation(36)
+_MESH = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
 
 
 # primitive -> a function of an NHWC batch whose jaxpr holds that primitive
@@ -91,6 +94,10 @@ CASES = {
         jnp.floor(conv(x) * 5).astype(jnp.int32), 3).astype(jnp.float32),
     "integer_pow": lambda x: conv(x) ** 3,
     "copy": lambda x: jnp.copy(conv(x)),
+    # sharding on one device (bonsai's LLaDA runs under an explicit mesh): nothing in a graph
+    "reshard": lambda x: jax.sharding.reshard(conv(x), NamedSharding(_MESH, P())),
+    "sharding_constraint": lambda x: jax.lax.with_sharding_constraint(
+        conv(x), NamedSharding(_MESH, P())),
     "stop_gradient": lambda x: jax.lax.stop_gradient(conv(x)) * 2,
     # static indexing traced with a symbolic batch is a gather from one start: one index
     # (x[:, 1]: a ViT's class token), a point on two axes (Hugging Face's ResNet pooler), a slice

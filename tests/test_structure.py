@@ -18,9 +18,10 @@ LAYERS = {
     "onnx_passes": 1, "boxes": 1, "linen_trace": 1, "onnx_arrays": 1, "splittable": 1,
     "linen_cells": 1,
     "runtimes": 1, "timing": 1, "gate": 1, "checkpoint": 1, "pretrained": 1, "data": 1,
-    "rules": 2, "report": 2, "surgery": 2, "linen_moments": 2, "nnx_surgery": 2, "cost_report": 2,
+    "rules": 2, "report": 2, "surgery": 2, "linen_moments": 2, "nnx_surgery": 2, "nnx_written": 2,
+    "cost_report": 2,
     "convert": 2,
-    "export": 3, "train": 3, "reporting": 3,
+    "export": 3, "export.failures": 3, "train": 3, "reporting": 3,
     "cli": 4, "cli.convert": 4, "cli.export": 4, "convert.__main__": 4, "export.__main__": 4,
 }
 

@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.extend import source_info_util
 
-from lrjax import checkpoint, formulations, linen_trace, macs, moments, replay, runtimes, surgery
-from lrjax.layers import LowRankModel
+from lrjax import checkpoint, formulations, linen_trace, moments, replay, runtimes, surgery
+from lrjax.export.failures import converter_failure, user_layer
 from lrjax.linen_trace import constants_evaluated
 from lrjax.nnx_surgery import eval_view, graph_keywords
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
@@ -87,8 +86,19 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs
     takes (linen dense layers on rank-4 inputs as 1x1 convs, :func:`_dense_as_conv`; transposed
     convs as :func:`lrjax.runtimes.litert_conv_transpose` writes them); ``compute_dtype``:
     :func:`_in_compute_dtype`."""
-    return _in_compute_dtype(_inference_fn(module, variables, apply_kwargs, shape, for_litert,
-                                           inputs, tree), compute_dtype, shape, inputs)
+    return _keys_as_data(_in_compute_dtype(_inference_fn(
+        module, variables, apply_kwargs, shape, for_litert, inputs, tree), compute_dtype, shape,
+        inputs))
+
+
+def _keys_as_data(forward):
+    """``forward`` returning each PRNG key of its output as ``jax.random.key_data`` (uint32): a
+    runtime's outputs are arrays of numbers (bonsai's LLaDA returns the key it split)."""
+    def call(*xs):
+        return jax.tree.map(lambda a: jax.random.key_data(a) if jax.dtypes.issubdtype(
+            getattr(a, "dtype", None), jax.dtypes.prng_key) else a, forward(*xs))
+
+    return call
 
 
 def _in_compute_dtype(forward, compute_dtype, shape, inputs):
@@ -168,93 +178,6 @@ def _flat_outputs(fn):
         return leaves[0] if len(leaves) == 1 else tuple(leaves)
 
     return flat
-
-
-# the converter's first error: the source line JAX recorded for the op it cannot convert
-_CONVERTER_ERROR = re.compile(r"([^\s:]+\.py):(\d+):\d+: error: (.*)")
-_USER_FRAME = re.compile(r"(.+?):(\d+)(?::\d+)? ")
-
-
-_TRANSFORMED = re.compile(r"^[a-z_]+\((.*)\)$")  # a name stack's 'vmap(...)', 'jvp(...)'
-_METHOD = re.compile(r"^(\w+)\.\w+(?:\[\d+\])?$")  # 'Net.encode', 'base.forward[0]'
-
-
-def user_layer(where: str, module=None) -> str:
-    """A layer path as a name stack gives it (``Net/block/conv``), as the user's variables name
-    it (``block/conv``): without the root module's class name, nor a ``LowRankModel``'s
-    ``base``, nor JAX's transform marks (``vmap(...)``, a ``jax.vmap`` inside a layer), nor the
-    names of the methods other than ``__call__`` that ran (``couplings.forward``)."""
-    parts = []
-    for part in where.split("/"):
-        while (marked := _TRANSFORMED.match(part)) is not None:
-            part = marked.group(1)
-        method = _METHOD.match(part)  # a module's other method: 'couplings.forward[0]'
-        if method is not None:
-            part = method.group(1)
-            if parts and parts[-1] == part:
-                continue  # the same module's methods calling each other
-        if part:
-            parts.append(part)
-    if module is not None and not isinstance(module, nnx.Module):
-        root = [type(module).__name__] + (["base"] if isinstance(module, LowRankModel) else [])
-        if parts[:len(root)] == root:
-            parts = parts[len(root):]
-    return "/".join(parts) or "<top level>"
-
-
-def converter_failure(error: Exception, forward, inputs, module=None) -> str:
-    """One line for a TFLite converter failure, naming the user's layers: the converter reports
-    the source line of the op it cannot convert; the equations of ``forward``'s trace (on
-    ``inputs``, ``jax.ShapeDtypeStruct``\\s) at that line give the layer paths (their name
-    stacks, as :func:`user_layer` of ``module``)."""
-    text = str(error).strip()
-    found = _CONVERTER_ERROR.search(text)
-    try:
-        with formulations.policy("portable"):  # as the converter traced it
-            jaxpr = jax.make_jaxpr(forward)(*inputs)
-    except Exception:  # noqa: BLE001 - the message without the layer is still the converter's
-        jaxpr = None
-    lacking = [(eqn.primitive.name, where) for eqn, where in macs.iter_eqns(jaxpr)
-               if eqn.primitive.name in _LITERT_LACKS] if jaxpr is not None else []
-    if lacking and (not found or "XlaCallModule" in found.group(3)):
-        # the converter names only the module it could not legalize: name the op and layer
-        name, where = lacking[0]
-        return (f"the TFLite converter failed at layer {user_layer(where, module)!r}: it "
-                f"cannot convert {name!r} to LiteRT's builtin ops")
-    if not found:  # its first line, or its last under a header ("in user code:" ... error)
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(error).__name__]
-        return f"the TFLite converter failed: {lines[-1] if lines[0].endswith(':') else lines[0]}"
-    file, line, what = found.group(1), int(found.group(2)), found.group(3).strip()
-    layers = sorted({user_layer(p, module) for p in _layers_at(jaxpr, file, line)}) \
-        if jaxpr is not None else []
-    named = ", ".join(repr(p) for p in layers[:3]) + (
-        f" and {len(layers) - 3} more" if len(layers) > 3 else "")
-    where = f" at layer {named}" if layers else ""
-    bf16 = jaxpr is not None and any(
-        getattr(v.aval, "dtype", None) == jnp.bfloat16
-        for eqn, _ in macs.iter_eqns(jaxpr) for v in eqn.outvars)
-    hint = ("; the model computes in bfloat16 (its dtype, or a cast in its code), which the "
-            "converter does not take for every op: export with compute_dtype=jnp.float32 (the "
-            "graph computes in float32 where the model computes in bfloat16)"
-            if bf16 else "")
-    return (f"the TFLite converter failed{where} ({os.path.basename(file)}:{line}): "
-            f"{what}{hint}")
-
-
-# primitives the TFLite converter cannot legalize and names only as its XlaCallModule
-_LITERT_LACKS = ("top_k", "sort")
-
-
-def _layers_at(jaxpr, file: str, line: int) -> set[str]:
-    """Layer paths of the equations whose user source line is ``file:line``."""
-    found = set()
-    for eqn, where in macs.iter_eqns(jaxpr):
-        # "file:line:column (function)" of the user frame, as JAX names it in locations
-        at = _USER_FRAME.match(source_info_util.summarize(eqn.source_info))
-        if at and int(at.group(2)) == line and \
-                os.path.basename(at.group(1)) == os.path.basename(file):
-            found.add(where or "<top level>")
-    return found
 
 
 def _example_inputs(example_input, apply_kwargs):
@@ -408,9 +331,11 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def _symbolic_failure(error: Exception, what: str, fix: str) -> str:
+def _symbolic_failure(error: Exception, what: str, fix: str, fixed: bool = False) -> str:
     """The one line for a model that traced at the example's batch (:func:`_fn` checks) and not
-    with a symbolic one."""
+    with a symbolic one (``fixed``: not for the export at that batch either)."""
+    if fixed:
+        return f"the model does not trace for {what} export: {_first_line(error)}"
     return (f"the model does not trace with a symbolic batch, which {what} export keeps free: "
             f"{_first_line(error)} (code computing with the batch size, e.g. "
             f"int(x.shape[0] / n), needs a fixed one: {fix})")
@@ -449,7 +374,7 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
         raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
     except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
         raise ExportError(_symbolic_failure(
-            e, "StableHLO", "fixed_batch=True")) from None
+            e, "StableHLO", "fixed_batch=True", fixed_batch)) from None
     data = bytes(exported.serialize())
     batches = (shape[0],) if fixed_batch else (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
@@ -512,7 +437,8 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     except jax.errors.ConcretizationTypeError:
         raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
     except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
-        raise ExportError(_symbolic_failure(e, "ONNX", "fixed_batch=True")) from None
+        raise ExportError(_symbolic_failure(e, "ONNX", "fixed_batch=True", fixed_batch)) \
+            from None
     data = model.SerializeToString()
     batches = (shape[0],) if fixed_batch else (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
