@@ -85,7 +85,11 @@ class LowRankConvNNX(nnx.Module):
     def __call__(self, x, out_sharding=None):
         """``horizontal(vertical(x))``; ``out_sharding`` (as the layer's own ``__call__`` takes
         it, e.g. from ``nnx.MultiHeadAttention``) is the output's, given to ``horizontal``
-        (``nnx.ConvTranspose`` takes none)."""
+        (``nnx.ConvTranspose`` takes none); a ``PartitionSpec`` outside a mesh, none (as
+        bonsai's ``ShardedLinear`` reads it: JAX refuses one there)."""
+        if isinstance(out_sharding, jax.sharding.PartitionSpec) and \
+                jax.sharding.get_abstract_mesh().empty:
+            out_sharding = None
         y = self.vertical(x)
         return self.horizontal(y) if out_sharding is None else \
             self.horizontal(y, out_sharding=out_sharding)

@@ -5,7 +5,8 @@ from it), ``argmax``, ``top_k`` (``lax.top_k``: a mixture-of-experts router's ch
 indices of the data (an embedding lookup of class labels), and :func:`gather_nd`, any gather of
 single elements or whole trailing slices (``jnp.take_along_axis``, ``x[rows, cols]``: a masked
 autoencoder's kept tokens) as ONNX ``GatherND``; ``dynamic_slice`` and ``dynamic_update_slice``
-(a KV cache read and written at the decoding position); :func:`pool_folded`, a pooling window over
+(a KV cache read and written at the decoding position), ``scatter`` of one window
+(``x.at[...].set(y)``); :func:`pool_folded`, a pooling window over
 more than 3 axes with its unit-window axes folded into the batch; :func:`as_dtype` casts a ``dot_general``'s
 operands of other dtypes. Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
 out_aval)``, in the converter's layout (an NCHW tensor stays NCHW where the result is 4-D)."""
@@ -22,7 +23,7 @@ from onnx import helper
 from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, concrete, onnx_dtype, same_dim
 
 __all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum", "gather", "iota",
-           "dim_as_value", "dynamic_slice", "dynamic_update_slice"]  # handlers, by primitive
+           "dim_as_value", "dynamic_slice", "dynamic_update_slice", "scatter"]  # handlers, by primitive
 
 
 def split(c, args, params, aval):
@@ -333,6 +334,36 @@ def dynamic_update_slice(c, args, params, aval):
         mask = inside if mask is None else c.g.node("And", [mask, inside])
     padded = c.g.node("Pad", [c.nhwc(u), c.g.node("Concat", before + after, axis=0)])
     return Tensor(c.g.node("Where", [mask, padded, c.nhwc(t)]), tuple(aval.shape))
+
+
+def scatter(c, args, params, aval):
+    """A ``scatter`` that writes one window at one start: ``x.at[...].set(y)`` (an NNX variable
+    assigned as ``v[...] = y``: Qwen 3-VL writes its KV cache so), ``x.at[a:b].set(y)`` or
+    ``x.at[:, i].set(y)``,
+    translated as :func:`dynamic_update_slice`; a window past the end is dropped, as JAX's
+    ``FILL_OR_DROP`` mode drops it (``CLIP``: clamped)."""
+    operand, indices, update = args
+    dn, rank = params["dimension_numbers"], len(aval.shape)
+    inserted = tuple(dn.inserted_window_dims)  # x.at[:, 5].set(y): y without that axis
+    if dn.operand_batching_dims or isinstance(indices, Tensor) or np.ndim(indices) != 1 or \
+            tuple(dn.update_window_dims) != tuple(range(rank - len(inserted))) or \
+            params.get("update_jaxpr") is not None:
+        raise TranslationError("a scatter other than one window written at a start known at "
+                               "export (x.at[...].set(y), x.at[a:b].set(y), x.at[:, i].set(y))")
+    if inserted:
+        size = iter(update.shape if isinstance(update, Tensor) else np.shape(update))
+        unit = tuple(1 if i in inserted else next(size) for i in range(rank))
+        update = c.reshape([update], {}, jax.ShapeDtypeStruct(unit, aval.dtype)) \
+            if isinstance(update, Tensor) else np.reshape(update, unit)
+    starts = [0] * rank
+    for k, axis in enumerate(dn.scatter_dims_to_operand_dims):
+        starts[axis] = int(np.asarray(indices)[k])
+    size = update.shape if isinstance(update, Tensor) else np.shape(update)
+    inside = all(not concrete(d) or 0 <= s <= int(d) - int(n)
+                 for s, n, d in zip(starts, size, aval.shape, strict=True))
+    if not inside and "FILL_OR_DROP" in str(params["mode"]):
+        return operand
+    return dynamic_update_slice(c, [operand, update, *map(np.asarray, starts)], {}, aval)
 
 
 def _clamped_start(c, s, size, dim) -> str:

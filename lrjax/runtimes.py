@@ -173,7 +173,8 @@ def litert_primitives(fn: Callable, example) -> Callable:
     bonsai's Whisper write it: "'tf.XlaCallModule' op is neither a custom op nor a flex op";
     absolute error of float32 rounding); random draws from a key given as a constant (the
     call's ``rngs=``: a masked autoencoder's shuffle) evaluated into constants, as everything
-    computed from constants alone (the converter has no unsigned multiply); a ``cond`` on data
+    computed from constants alone (the converter has no unsigned multiply); a ``tile`` of more
+    than 4 axes as concatenated copies (Qwen 3-VL's ``repeat_kv``); a ``cond`` on data
     as every branch and ``select_n`` (as the ONNX export computes it). Call-like
     primitives are inlined; the rest are bound as they are. ``fn`` is traced here, eagerly, on
     ``example`` (the arguments' ``jax.ShapeDtypeStruct`` pytrees), and the result replays its
@@ -184,6 +185,11 @@ def litert_primitives(fn: Callable, example) -> Callable:
         name = eqn.primitive.name
         if name == "erf":
             return [1 - jax.lax.erfc(ins[0])]
+        if name == "tile" and 2 * len(eqn.params["reps"]) > 8:  # converted as a broadcast to
+            y = ins[0]  # twice its rank; LiteRT's BROADCAST_TO takes 8 axes at most: copies
+            for axis, reps in enumerate(eqn.params["reps"]):  # concatenated along each axis
+                y = jnp.concatenate([y] * int(reps), axis=axis) if int(reps) > 1 else y
+            return [y]
         if name == "dot_general" and _unconvertible_dot(eqn):
             return [_batched_matmul(*ins, eqn.params["dimension_numbers"],
                                     eqn.outvars[0].aval.dtype)]

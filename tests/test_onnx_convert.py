@@ -136,6 +136,11 @@ CASES = {
         axis=1)[:, 2:8] + jax.lax.dynamic_update_slice(conv(x), jnp.ones((1, 2, 2, 4)),
                                                         (0, 1, jnp.argmax(x[0, 0, :, 0]), 0))
     + jax.lax.dynamic_update_slice(jnp.ones((6, 4)), conv(x)[0, 0, :2], (3, 0)),
+    # one window written at a known start (an NNX variable assigned as v[...] = y: Qwen 3-VL's
+    # KV cache), and a window past the end, dropped as JAX drops it
+    "scatter": lambda x: conv(x).at[:, 1:3].set(first(x)[:, :2] * jnp.ones(4)).at[...].set(
+        conv(x) * 2).at[:, :, 4:].set(-conv(x)[:, :, :2]) + jnp.zeros((x.shape[0], 6, 6, 4)).at[
+        :, 5].set(jnp.ones((x.shape[0], 6, 4))).at[:, jnp.asarray(7)].set(conv(x)[:, 0]),
     "clamp": lambda x: jax.lax.clamp(np.float32(-0.3), conv(x), np.float32(0.4))
     + jax.lax.clamp(first(x) * jnp.ones(4), conv(x), first(x) * jnp.ones(4) + 1),
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
@@ -262,6 +267,26 @@ def test_conditionals_on_data_export_to_litert():
     pytest.importorskip("ai_edge_litert")
     data = runtimes.tflite_model(_branching, SHAPE)
     _every_branch(runtimes.litert_runner(runtimes.litert_interpreter(data)), SHAPE[0])
+
+
+def _repeat_kv(x):
+    """Qwen 3-VL's grouped-query ``repeat_kv``: ``jnp.tile`` of a 5-D tensor, which broadcasts
+    to 10 axes."""
+    b, t, heads, dim = x.shape
+    return jnp.tile(x[:, :, :, None, :], (1, 1, 1, 3, 1)).reshape(b, t, heads * 3, dim) * 2
+
+
+def test_a_tile_of_five_axes_exports_to_onnx_and_litert():
+    """The converter turns a ``tile`` into a broadcast to twice its rank, and LiteRT's
+    ``BROADCAST_TO`` takes 8 axes at most (before: "'tfl.broadcast_to' op failed to verify that
+    operand 0 is at most 8-D"): it is exported as copies concatenated along each axis."""
+    pytest.importorskip("ai_edge_litert")
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    session = runtimes.onnx_session(runtimes.onnx_model(_repeat_kv, SHAPE))
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], _repeat_kv(x), rtol=1e-6)
+    run = runtimes.litert_runner(runtimes.litert_interpreter(runtimes.tflite_model(
+        _repeat_kv, SHAPE)))
+    np.testing.assert_allclose(run(x), _repeat_kv(x), rtol=1e-6)
 
 
 def test_a_model_litert_cannot_run_is_one_line(tmp_path, monkeypatch):

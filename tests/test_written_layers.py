@@ -126,3 +126,28 @@ def test_split_written_layers_export_to_onnx(tmp_path):
     assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
     names = {i.name for i in onnx.load(done.path).graph.initializer}
     assert names  # the factors are stored as constants of the graph
+
+
+class MeshAware(ShardedLinear):
+    """As Qwen 3-VL's: its ``out_sharding`` (a ``PartitionSpec``) is used only under a mesh."""
+
+    def __call__(self, x, *, out_sharding):
+        if jax.sharding.get_abstract_mesh().empty:
+            return jnp.matmul(x, self.kernel[...]) + self.bias[...]
+        return jnp.matmul(x, self.kernel[...], out_sharding=out_sharding) + self.bias[...]
+
+
+def test_a_partition_spec_outside_a_mesh_is_no_sharding_for_the_pair():
+    """The model passes ``out_sharding=P(None, None, None)`` with no mesh, which its own layer
+    ignores; the pair does the same (before: JAX's "Using PartitionSpec when you are not under a
+    mesh context is not allowed")."""
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = MeshAware(32, 32, rngs=rngs)
+
+        def __call__(self, x):
+            return self.proj(x, out_sharding=jax.sharding.PartitionSpec(None, None, None))
+
+    model = Net(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule={"proj": 32})
+    np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
