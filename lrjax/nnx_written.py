@@ -8,7 +8,9 @@ type) and holds, as variables, exactly a 2-D ``kernel`` ``nnx.Param`` ``(C, N)``
 the data alone (and at most an ``out_sharding=`` keyword, which the pair passes on); (3) on a
 random input of that call's shape it computes ``x @ kernel + bias`` (to a few units of
 rounding). Anything else it computes (a transposed kernel, an activation, a scale) fails (3):
-the module is left as it is, listed with its own code's products (:mod:`lrjax.own_code`).
+the module is left as it is, listed with its own code's products (:mod:`lrjax.own_code`). A bias
+of zeros that is not a variable is left out of the pair; the adds it cost on every call are
+what a split saves besides the product (:attr:`lrjax.sites.ConvSite.parametrization_flops`).
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite | No
     if got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
         return None
     c, n = (int(d) for d in kernel.shape)
+    shape = tuple(int(d) for d in shape)
+    added = getattr(layer, "bias", None) is not None and bias is None  # zeros, added per call
     return ConvSite(path, sites.dense_shape(path, shape, (c,), (n,), bias is not None),
-                    dense_dims=((c,), (n,)))
+                    dense_dims=((c,), (n,)), parametrization_flops=float(
+                        np.prod(shape[1:-1]) * n if added and len(shape) > 1 else 0.0))
 
 
 def as_linear(layer) -> types.SimpleNamespace:

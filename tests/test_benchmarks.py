@@ -223,3 +223,28 @@ def test_public_models_row_checks_the_report_against_xla_and_exports(tmp_path):
     assert row["onnx"]["batches"] == [2, 3] and row["onnx"]["max_abs_error"] < 1e-4
     with pytest.raises(SystemExit):
         public_models.main(["--jax-models", str(tmp_path)])  # no checkout there: exit 2
+
+
+@pytest.mark.slow  # 8 s: two decompositions, four XLA counts, two exports
+def test_bonsai_llms_row_checks_the_report_against_xla_and_exports(tmp_path):
+    """One row of ``benchmarks.bonsai_llms`` on an NNX model updating a cache passed as a keyword
+    (made afresh for each call): the report is XLA's lowered ratio, the exports are checked."""
+    from flax import nnx
+
+    from benchmarks import bonsai_llms
+    from tests.test_model_patterns import _Cached, _Memory
+
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    row = bonsai_llms.measure(_Cached(nnx.Rngs(0)), (x,), lambda: {"memory": _Memory()}, [x],
+                              tmp_dir=str(tmp_path), rule="speedup:1.5",
+                              exporters=("onnx", "stablehlo"))
+    calibrated = row["calibrated"]
+    assert calibrated["report_speedup"] >= 1.5 and calibrated["layers_split"] >= 1
+    # (XLA counts this toy's 2,360 flops per example 8 fewer than lrjax, in both nets: the
+    # element-wise work of its cache update, fixed cost)
+    assert calibrated["report_speedup"] == pytest.approx(calibrated["xla_lowered_speedup"],
+                                                         rel=0.005)
+    for fmt in ("onnx", "stablehlo"):
+        assert row[fmt]["max_abs_error"] <= 1e-5 + 1e-4 * row[fmt]["scale"]
+    with pytest.raises(SystemExit):
+        bonsai_llms.main(["--bonsai", str(tmp_path)])  # no checkout there: exit 2

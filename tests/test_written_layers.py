@@ -74,6 +74,9 @@ def test_written_dense_layers_are_found_split_and_the_others_left_as_they_are():
     assert up.kernel.shape == (32, 96)  # the replaced kernel's shape, as code may read it
     np.testing.assert_allclose(up.horizontal.bias[...], model.up.bias[...])
     assert result.module.down.horizontal.bias is None  # LLaDA's zeros: no bias variable
+    # whose adds (12 rows of 32 per example) the split saves, as XLA counts them
+    assert result.problem.site("down").parametrization_flops == 12 * 32
+    assert result.problem.site("up").parametrization_flops == 0
     assert isinstance(result.module.act, Activated)
     # the whole-net speedup is XLA's flop ratio (the weights arguments, not folded constants)
     flops = []
