@@ -364,14 +364,13 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     call order; run on an eval view of a copy with ``eval_mode``."""
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode)
-    def site_of(path, layer, shape):  # None: a written layer that is not a dense one
+    def site_of(path, layer, shape):
         if nnx_written.is_written(layer, _FLAX_LAYERS):
             return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path))
         return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)),
                                       layer)
 
-    found = [s for s in (site_of(p, convs[p], shape) for p, shape in record["shapes"].items())
-             if s is not None]
+    found = [site_of(p, convs[p], shape) for p, shape in record["shapes"].items()]
     batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
         site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)), batch)

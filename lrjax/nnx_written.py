@@ -8,7 +8,7 @@ type) and holds, as variables, exactly a 2-D ``kernel`` ``nnx.Param`` ``(C, N)``
 the data alone (and at most an ``out_sharding=`` keyword, which the pair passes on); (3) on a
 random input of that call's shape it computes ``x @ kernel + bias`` (to a few units of
 rounding). Anything else it computes (a transposed kernel, an activation, a scale) fails (3):
-the module is left as it is, listed with its own code's products (:mod:`lrjax.own_code`). A bias
+the module is left as it is, listed in the report with the condition it fails. A bias
 of zeros that is not a variable is left out of the pair; the adds it cost on every call are
 what a split saves besides the product (:attr:`lrjax.sites.ConvSite.parametrization_flops`).
 """
@@ -28,6 +28,8 @@ from lrjax.sites import ConvSite
 __all__ = ["is_written", "call_of", "linear_site", "as_linear"]
 
 _KEYWORDS = frozenset({"out_sharding"})  # what a pair's __call__ takes besides the input
+WRITTEN = "a module of its own holding a kernel (and a bias)"
+KEPT = "its own computation is kept, a fixed cost"
 
 
 def is_written(node, flax_layers: tuple[type, ...]) -> bool:
@@ -59,25 +61,28 @@ def call_of(args, kwargs) -> dict | None:
     return dict(kwargs)
 
 
-def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite | None:
+def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
     """The dense site of a written layer first called on an input of ``shape`` with
-    ``keywords`` (:func:`call_of`), or ``None`` when it does not compute ``x @ kernel + bias``
-    there (conditions (2), (3))."""
+    ``keywords`` (:func:`call_of`), or the site left as it is, with the reason, when it does not
+    compute ``x @ kernel + bias`` there (conditions (2), (3))."""
     if keywords is None:
-        return None
+        return ConvSite(path, None, skip=f"{WRITTEN}, called with arguments other than the data "
+                        f"(and out_sharding=), which a pair would not take: {KEPT}")
     kernel, bias = np.asarray(layer.kernel[...]), _bias(layer)
     bias = None if bias is None else np.asarray(bias[...])
     x = np.random.default_rng(0).standard_normal(tuple(shape)).astype(kernel.dtype)
     try:
         got = np.asarray(layer(jnp.asarray(x), **keywords), np.float64)
-    except Exception:  # noqa: BLE001 - it does not run as a dense layer would be run
-        return None
+    except Exception as e:  # noqa: BLE001 - it does not run as a dense layer would be run
+        return ConvSite(path, None, skip=f"{WRITTEN}, which fails on a random input of its "
+                        f"call's shape ({type(e).__name__}): {KEPT}")
     want = x.astype(np.float64) @ kernel.astype(np.float64)
     want = want if bias is None else want + bias.astype(np.float64)
     eps = float(jnp.finfo(jnp.result_type(kernel.dtype, jnp.float32)).eps)
     bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(kernel.shape[0])
     if got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
-        return None
+        return ConvSite(path, None, skip=f"{WRITTEN}, which does not compute x @ kernel + bias "
+                        f"(checked on a random input of its call's shape): {KEPT}")
     c, n = (int(d) for d in kernel.shape)
     shape = tuple(int(d) for d in shape)
     added = getattr(layer, "bias", None) is not None and bias is None  # zeros, added per call

@@ -185,6 +185,7 @@ def test_unsupported_primitive_is_a_clear_error(tmp_path):
     assert not (tmp_path / "s.onnx").exists()
 
 
+@pytest.mark.slow  # 6 s: the export CLI run three times
 def test_cli(tmp_path, capsys):
     out = tmp_path / "nin.onnx"
     rc = export_cli.main(["--model", "nin", "--ranks", "nin", "--format", "onnx",

@@ -345,6 +345,7 @@ class Conditioned(nn.Module):
                              (0, 3, 1, 2))
 
 
+@pytest.mark.slow  # 6 s: exports to three runtimes
 def test_a_model_of_several_inputs_exports_to_onnx(tmp_path):
     """A tuple of example inputs: one ONNX graph input each (``input_0``, ...; their own dtypes
     and ranks, one symbolic batch), checked on the examples' own rows at their batch and one

@@ -258,6 +258,7 @@ class MaskedAutoencoder(nn.Module):
         return nn.Dense(3, name="decoder")(full), mask
 
 
+@pytest.mark.slow  # 5 s: two exports of a ViT
 def test_a_masked_autoencoder_exports_at_a_fixed_batch_to_onnx_and_litert(tmp_path):
     """Its draws fold into constants (ONNX and LiteRT, whose converter has no unsigned multiply
     for the draw), the gathers at indices along a batching axis are ONNX ``GatherND``, and the

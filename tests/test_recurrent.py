@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
+import pytest
 from flax import nnx
 from onnx import numpy_helper
 
@@ -159,6 +160,7 @@ class Seq2seq(nn.Module):
                       name="decoder")(target[:, :-1], initial_carry=(state, target[:, 0]))
 
 
+@pytest.mark.slow  # 7 s: a scan unrolled for ONNX and run step by step for LiteRT
 def test_a_decoder_sampling_a_token_per_step_exports_to_onnx_and_litert(tmp_path):
     """Before: ONNX failed on the per-step keys (``np.asarray`` of a key array) and on
     ``ArgMax`` of a boolean; LiteRT's converter on the draw inside its ``WHILE`` (no unsigned
