@@ -46,9 +46,13 @@ def is_written(node, flax_layers: tuple[type, ...]) -> bool:
         return False
     if bias is not None and tuple(getattr(bias, "shape", ())) != (kernel.shape[1],):
         return False
-    if bias is not None and not isinstance(bias, nnx.Param) and (
-            not isinstance(bias, (jax.Array, np.ndarray)) or np.any(np.asarray(bias))):
-        return False
+    if bias is not None and not isinstance(bias, nnx.Param):
+        try:
+            zeros = isinstance(bias, (jax.Array, np.ndarray)) and not np.any(np.asarray(bias))
+        except jax.errors.TracerArrayConversionError:  # inside a trace: not known
+            zeros = False
+        if not zeros:
+            return False
     held = [n for p, n in nnx.iter_graph(node) if p and isinstance(n, (nnx.Module, nnx.Variable))]
     return all(n is kernel or n is bias for n in held)
 

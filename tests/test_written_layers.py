@@ -157,3 +157,22 @@ def test_a_partition_spec_outside_a_mesh_is_no_sharding_for_the_pair():
     model = Net(nnx.Rngs(0))
     result = lrjax.decompose_nnx(model, X, rule={"proj": 32})
     np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
+
+
+def test_a_zero_bias_read_inside_a_trace_is_not_an_error():
+    """Inside lrjax's jitted calibration pass, LLaDA's zero bias (not a variable) is a tracer:
+    whether it is zeros is not known there, which must not raise (before: the tracer's
+    conversion error sent the whole calibration to eager execution, 4.6 s instead of 1.0 s)."""
+    from lrjax import nnx_written
+
+    layer = ShardedLinear(4, 4, use_bias=False, rngs=nnx.Rngs(0))
+    assert nnx_written.is_written(layer, ())
+    graphdef, state = nnx.split(layer)
+    seen = []
+
+    def traced(state):
+        seen.append(nnx_written.is_written(nnx.merge(graphdef, state), ()))
+        return 0
+
+    jax.jit(traced)(state)
+    assert seen == [False]
