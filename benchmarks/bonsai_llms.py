@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import machine, setup, write_json
+from benchmarks.common import chosen_models, machine, setup, write_json
 
 MODELS = ("qwen3", "gemma3", "qwen3_vl", "llada")
 EXPORTERS = ("onnx", "tflite", "stablehlo")
@@ -179,10 +179,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated subset of {','.join(MODELS)}")
     args = parser.parse_args(argv)
-    names = args.models.split(",")
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    names = chosen_models(parser, args.models, MODELS)
     if not os.path.isdir(os.path.join(args.bonsai, "bonsai", "models")):
         parser.error(f"--bonsai {args.bonsai}: no bonsai/models folder there")
 

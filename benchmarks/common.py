@@ -59,5 +59,15 @@ def write_json(path: str, data) -> None:
     checkpoint.write_json(path, data)
 
 
+def chosen_models(parser, value: str, known) -> list[str]:
+    """The models of a comma-separated ``--models`` value, each one of ``known``; otherwise the
+    command line's one ``error:`` line (exit 2)."""
+    names = value.split(",")
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(known)}")
+    return names
+
+
 def median(values) -> float:
     return statistics.median(values)

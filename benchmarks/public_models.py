@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import machine, setup, write_json
+from benchmarks.common import chosen_models, machine, setup, write_json
 
 # name: (registry function, input size, to_onnx keywords)
 MODELS = {
@@ -128,10 +128,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--calibration-images", type=int, default=8)
     args = parser.parse_args(argv)
-    names = args.models.split(",")
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    names = chosen_models(parser, args.models, MODELS)
     if not os.path.isdir(os.path.join(args.jax_models, "jax_models", "models")):
         parser.error(f"--jax-models {args.jax_models}: no jax_models/models folder there")
     if args.batch < 1 or args.calibration_images < 1:
