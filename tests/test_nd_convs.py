@@ -171,8 +171,7 @@ def test_pointwise_n_d_convs_split_and_larger_windows_say_why():
 def test_one_d_conv_nets_export_to_onnx(tmp_path):
     """A 1-D conv net (every form above) and its split export to ONNX as 1-D ``Conv``s, and one
     with pooling as 1-D ``MaxPool`` / ``AveragePool``; the input given as a 1-tuple (a single
-    array must be an NHWC batch: a forgotten batch axis is caught). LiteRT takes the 1-D nets
-    from the same 1-tuple (a single array: one line)."""
+    array must be an NHWC batch: a forgotten batch axis is caught; LiteRT's too, one line)."""
     model = Temporal()
     variables = init(model, 0, X)
     split = lrjax.decompose_linen(model, variables, X, rule={"frontend": 3, "dilated": 6,
@@ -195,7 +194,16 @@ def test_one_d_conv_nets_export_to_onnx(tmp_path):
     with pytest.raises(export.ExportError, match=r"^example_input must be an NHWC batch"):
         export.to_tflite(model, variables, X, str(tmp_path / "m.tflite"))
     assert sorted(os.listdir(tmp_path)) == ["full.onnx", "pooled.onnx", "split.onnx"]
-    for module, params in ((split.module, split.variables), (pooled, pooled_variables)):
+
+
+@pytest.mark.slow  # 5 s: two TFLite conversions
+def test_one_d_conv_nets_export_to_litert(tmp_path):
+    """LiteRT takes the split 1-D net and the pooled one from a 1-tuple."""
+    model = Temporal()
+    split = lrjax.decompose_linen(model, init(model, 0, X), X, rule={
+        "frontend": 3, "dilated": 6, "causal": 8, "pointwise": 6})
+    pooled = Pooled1D()
+    for module, params in ((split.module, split.variables), (pooled, init(pooled, 0, X))):
         result = export.to_tflite(module, params, (X,), str(tmp_path / "one_d.tflite"))
         assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
 

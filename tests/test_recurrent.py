@@ -41,6 +41,8 @@ class BiLSTMClassifier(nn.Module):
             jnp.concatenate([forward, backward], -1)).mean(1))
 
 
+@pytest.mark.slow  # 7 s: three decompositions and an unrolled export (the optimized cells'
+# test below covers the same net's split and ONNX export in the quick run)
 def test_lstm_cells_dense_layers_are_split_and_the_net_exports(tmp_path):
     model = BiLSTMClassifier(nn.LSTMCell)
     variables = model.init(jax.random.key(1), TOKENS, LENGTHS)
