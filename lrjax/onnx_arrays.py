@@ -339,31 +339,49 @@ def dynamic_update_slice(c, args, params, aval):
 def scatter(c, args, params, aval):
     """A ``scatter`` that writes one window at one start: ``x.at[...].set(y)`` (an NNX variable
     assigned as ``v[...] = y``: Qwen 3-VL writes its KV cache so), ``x.at[a:b].set(y)`` or
-    ``x.at[:, i].set(y)``,
-    translated as :func:`dynamic_update_slice`; a window past the end is dropped, as JAX's
-    ``FILL_OR_DROP`` mode drops it (``CLIP``: clamped)."""
+    ``x.at[:, i].set(y)``, ``i`` known at export or a value of the graph (a decoder writing its
+    cache at a computed position), translated as :func:`dynamic_update_slice`; a window past
+    the end is dropped, as JAX's ``FILL_OR_DROP`` mode drops it (``CLIP``: clamped)."""
     operand, indices, update = args
     dn, rank = params["dimension_numbers"], len(aval.shape)
     inserted = tuple(dn.inserted_window_dims)  # x.at[:, 5].set(y): y without that axis
-    if dn.operand_batching_dims or isinstance(indices, Tensor) or np.ndim(indices) != 1 or \
+    if dn.operand_batching_dims or len(np.shape(indices) if not isinstance(
+            indices, Tensor) else indices.shape) != 1 or \
             tuple(dn.update_window_dims) != tuple(range(rank - len(inserted))) or \
             params.get("update_jaxpr") is not None:
-        raise TranslationError("a scatter other than one window written at a start known at "
-                               "export (x.at[...].set(y), x.at[a:b].set(y), x.at[:, i].set(y))")
+        raise TranslationError("a scatter other than one window written at one start "
+                               "(x.at[...].set(y), x.at[a:b].set(y), x.at[:, i].set(y))")
     if inserted:
         size = iter(update.shape if isinstance(update, Tensor) else np.shape(update))
         unit = tuple(1 if i in inserted else next(size) for i in range(rank))
         update = c.reshape([update], {}, jax.ShapeDtypeStruct(unit, aval.dtype)) \
             if isinstance(update, Tensor) else np.reshape(update, unit)
-    starts = [0] * rank
+    starts: list = [np.asarray(0)] * rank
     for k, axis in enumerate(dn.scatter_dims_to_operand_dims):
-        starts[axis] = int(np.asarray(indices)[k])
+        starts[axis] = Tensor(c.g.node("Slice", [c.nhwc(indices), c.g.ints([k]), c.g.ints(
+            [k + 1])]), (1,)) if isinstance(indices, Tensor) else np.asarray(indices)[k]
     size = update.shape if isinstance(update, Tensor) else np.shape(update)
-    inside = all(not concrete(d) or 0 <= s <= int(d) - int(n)
-                 for s, n, d in zip(starts, size, aval.shape, strict=True))
-    if not inside and "FILL_OR_DROP" in str(params["mode"]):
-        return operand
-    return dynamic_update_slice(c, [operand, update, *map(np.asarray, starts)], {}, aval)
+    drop = "FILL_OR_DROP" in str(params["mode"])
+    if not isinstance(indices, Tensor):
+        inside = all(not concrete(d) or 0 <= int(s) <= int(d) - int(n)
+                     for s, n, d in zip(starts, size, aval.shape, strict=True))
+        if not inside and drop:
+            return operand
+    written = dynamic_update_slice(c, [operand, update, *starts], {}, aval)
+    if not isinstance(indices, Tensor) or not drop:
+        return written
+    inside = None  # in the graph: each computed start within [0, dim - size]
+    for s, n, d in zip(starts, size, aval.shape, strict=True):
+        if isinstance(s, Tensor):
+            if not concrete(d):
+                raise TranslationError(f"a scatter at a computed start along a dim {d}")
+            start = c.g.node("Cast", [s.name], to=7)
+            ok = c.g.node("And", [c.g.node("GreaterOrEqual", [start, c.g.ints([0])]),
+                                  c.g.node("LessOrEqual", [start, c.g.ints([int(d) - int(n)])])])
+            inside = ok if inside is None else c.g.node("And", [inside, ok])
+    kept = operand if isinstance(operand, Tensor) else Tensor(
+        c.g.const(np.asarray(operand, aval.dtype)), tuple(np.shape(operand)))
+    return Tensor(c.g.node("Where", [inside, written.name, c.nhwc(kept)]), tuple(aval.shape))
 
 
 def _clamped_start(c, s, size, dim) -> str:

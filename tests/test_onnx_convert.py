@@ -140,7 +140,10 @@ CASES = {
     # KV cache), and a window past the end, dropped as JAX drops it
     "scatter": lambda x: conv(x).at[:, 1:3].set(first(x)[:, :2] * jnp.ones(4)).at[...].set(
         conv(x) * 2).at[:, :, 4:].set(-conv(x)[:, :, :2]) + jnp.zeros((x.shape[0], 6, 6, 4)).at[
-        :, 5].set(jnp.ones((x.shape[0], 6, 4))).at[:, jnp.asarray(7)].set(conv(x)[:, 0]),
+        :, 5].set(jnp.ones((x.shape[0], 6, 4))).at[:, jnp.asarray(7)].set(conv(x)[:, 0])
+    # and at a position computed from the data (0 to 10: past the end dropped), as a decoder
+    # writes its cache
+    + conv(x).at[:, jnp.argmax(x[0, 0, :, 0]) * 2].set(first(x)[:, 0] * jnp.ones(4)),
     "clamp": lambda x: jax.lax.clamp(np.float32(-0.3), conv(x), np.float32(0.4))
     + jax.lax.clamp(first(x) * jnp.ones(4), conv(x), first(x) * jnp.ones(4) + 1),
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
@@ -267,6 +270,23 @@ def test_conditionals_on_data_export_to_litert():
     pytest.importorskip("ai_edge_litert")
     data = runtimes.tflite_model(_branching, SHAPE)
     _every_branch(runtimes.litert_runner(runtimes.litert_interpreter(data)), SHAPE[0])
+
+
+def test_a_scatter_at_a_computed_position_drops_a_window_past_the_end():
+    """``x.at[:, i].set(y)`` with ``i`` computed from the data: written where ``i`` is inside,
+    dropped past the end (JAX's ``FILL_OR_DROP``), never clamped."""
+    def fn(x):
+        return conv(x).at[:, jnp.argmax(x[0, 0, :, 0]) * 2].set(first(x)[:, 0] * jnp.ones(4))
+
+    session = runtimes.onnx_session(runtimes.onnx_model(fn, SHAPE))
+    for position in range(6):  # written at rows 0, 2, 4; dropped at 6, 8, 10
+        x = np.random.default_rng(position).standard_normal(SHAPE).astype(np.float32)
+        x[0, 0, :, 0] = 0.0
+        x[0, 0, position, 0] = 5.0
+        want = np.asarray(fn(x))
+        assert np.array_equal(want, np.asarray(conv(x))) == (position >= 3)
+        np.testing.assert_allclose(session.run(None, {"input": x})[0], want, rtol=1e-5,
+                                   atol=1e-5)
 
 
 def _repeat_kv(x):
