@@ -125,8 +125,6 @@ def _splits(node) -> bool:
 
 def _input_axes(layer, equation) -> tuple[int, ...]:
     """The input axes a linear layer contracts (an einsum's from its equation)."""
-    if nnx_written.is_written(layer, _FLAX_LAYERS):
-        return (-1,)
     if isinstance(layer, nnx.Einsum):
         return sites.einsum_split(equation).input_axes
     return sites.contracted_axes(layer)
@@ -200,6 +198,8 @@ class _Probe(nnx.Module):
         self.path = path
         self._record = record
         self.moments = _Moments(None)
+        # a dense layer written by hand contracts the last axis (known here, outside the traces)
+        self.written = nnx_written.is_written(layer, _FLAX_LAYERS)
 
     def __getattr__(self, name):  # model code reading its layer's attributes: o_proj.kernel
         if name.startswith("_") or name == "layer":
@@ -220,7 +220,7 @@ class _Probe(nnx.Module):
         if site is not None and (host is not None or self.path not in record["batch"]):
             # in the geometry of one run (a stacked layer's: one slice)
             s, n = _moments(x, site.restacked(1) if site.stack > 1 else site,
-                            _input_axes(self.layer, site.equation))
+                            (-1,) if self.written else _input_axes(self.layer, site.equation))
             if host is not None:  # inside a loop: each run to the host
                 kernel = getattr(self.layer, "kernel", None)
                 key, ndim = RunSums.key(None if kernel is None else kernel[...])
@@ -294,7 +294,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             return _Probe(node, name, record)
         if any(tuple(path[:len(w) + 1]) == (*w, "layer_instance") for w in wrapped):
             return node  # inside a wrapper, which reads its layer's variables by their paths
-        if isinstance(node, (*_SPLIT, *_UNSPLIT, bridge.ToNNX)) or _splits(node):
+        if isinstance(node, (*_UNSPLIT, bridge.ToNNX)) or _splits(node):
             name = _path(path)
             convs[name] = node
             return _Probe(node, name, record)
@@ -473,7 +473,7 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
 
     def replace(path, node):
         name = _path(path)
-        written = nnx_written.is_written(node, _FLAX_LAYERS)
+        written = name in factors and nnx_written.is_written(node, _FLAX_LAYERS)
         if name in factors and (written or computes_as(node, _SPLIT) is not None):
             replaced.add(name)
             pair = _pair_module(nnx_written.as_linear(node) if written else node,
