@@ -45,6 +45,7 @@ def machine(*extra_packages: str) -> dict:
     return {
         "platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
         "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "versions": {p: _version(p) for p in packages},
         "xla_flags": xla_flags.flags_in_effect(),
         "ld_preload": os.environ.get("LD_PRELOAD"),  # e.g. tcmalloc: see BENCHMARKS.md

@@ -136,14 +136,24 @@ def test_recommended_flags_respect_the_user(monkeypatch):
 @pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
     path = str(tmp_path / "gpu.json")
-    gpu_check.main(["--models", "cnn", "--batches", "cnn=4", "--dtypes", "float32",
-                    "--repeats", "1", "--json", path])
-    runs = json.load(open(path))["runs"]
+    gpu_check.main(["--models", "cnn,resnet50", "--batches", "cnn=4", "--dtypes", "float32",
+                    "--resnet-batches", "1,2", "--resnet-size", "32", "--repeats", "1",
+                    "--json", path])
+    result = json.load(open(path))
+    resnet, runs = result["runs"][:2], result["runs"][2:]
     assert [(r["policy"], r["dtype"]) for r in runs] == [("portable", "float32"),
                                                          ("cpu", "float32")]
     for r in runs:
         assert {"full train step", "lowrank train step"} <= set(r["median_s"])
         assert r["speedup_train_step"] > 0
+    assert [(r["model"], r["batch"]) for r in resnet] == [("resnet50", 1), ("resnet50", 2)]
+    for r in resnet:
+        assert set(r["median_s"]) == {"full", *gpu_check.RESNET_RULES}
+        for label in gpu_check.RESNET_RULES:  # whole-net 2x, as XLA's own count sees it
+            assert r["theoretical_speedup"][label] >= 2.0
+            assert r["xla_flops_speedup"][label] == pytest.approx(
+                r["theoretical_speedup"][label], rel=0.02)
+    assert result["machine"]["device_kind"]
 
 
 @pytest.mark.slow
