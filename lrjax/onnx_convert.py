@@ -28,7 +28,7 @@ import onnx
 from jax.extend import core as jcore
 from onnx import helper
 
-from lrjax import macs, onnx_arrays
+from lrjax import macs, onnx_arrays, onnx_math
 from lrjax.onnx_graph import (
     INT64_MAX,
     Graph,
@@ -312,8 +312,8 @@ class _Converter:
     def pad(self, args, params, aval):
         t, value = args
         config = params["padding_config"]
-        if any(interior for _, _, interior in config):
-            raise TranslationError("a pad with interior padding")
+        if any(interior for _, _, interior in config):  # values between neighbours first
+            t = onnx_math.dilated(self, t, config, value)
         order = TO_NCHW if t.nchw else tuple(range(len(config)))
         lo = [int(config[ax][0]) for ax in order]
         hi = [int(config[ax][1]) for ax in order]
@@ -526,6 +526,7 @@ HANDLERS: dict[str, Any] = {
         "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "tile", "pad",
         "concatenate")},
     **{prim: getattr(onnx_arrays, prim) for prim in onnx_arrays.__all__},
+    **onnx_math.HANDLERS,  # trigonometry, cumulative reductions, sort, ...
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
     "reduce_min": _method("reduction", "ReduceMin"),

@@ -164,7 +164,9 @@ CASES = {
     # a constant repeated over the (symbolic) batch, as a ViT's class token; a tensor tiled
     "tile": lambda x: jnp.tile(jnp.arange(4.0).reshape(1, 1, 1, 4), (x.shape[0], 6, 8, 1))
     + jnp.tile(jax.lax.slice_in_dim(conv(x), 0, 4, axis=2), (1, 1, 2, 1)),
-    "pad": lambda x: jnp.pad(conv(x), ((0, 0), (1, 2), (0, 1), (0, 0)), constant_values=0.5),
+    # and interior padding (values between neighbours: a zero-inserting upsampler), cropped too
+    "pad": lambda x: jnp.pad(conv(x), ((0, 0), (1, 2), (0, 1), (0, 0)), constant_values=0.5)
+    + jax.lax.pad(conv(x), -1.0, ((0, 0, 0), (1, -2, 1), (0, -4, 1), (0, 0, 0)))[:, :9, :7],
     # and a constant broadcast over the (symbolic) batch first (Hugging Face's ViT class token)
     "concatenate": lambda x: jnp.concatenate([
         jnp.broadcast_to(jnp.arange(42.0).reshape(1, 1, 6, 7), (x.shape[0], 1, 6, 7)),
@@ -180,6 +182,27 @@ CASES = {
     "top_k": lambda x: jax.lax.top_k(conv(x), 2)[0] * jax.lax.top_k(conv(x), 2)[1]
     + jnp.swapaxes(jax.lax.top_k(jnp.swapaxes(conv(x), 1, 3), 3)[0], 1, 3)[:, :1, :1, :2],
     "cumsum": lambda x: jnp.cumsum(conv(x), axis=1) + jax.lax.cumsum(conv(x), 3, reverse=True),
+    # the rarer math of lrjax.onnx_math
+    **{prim: (lambda x, f=f: f(jnp.tanh(conv(x)) * 0.9)) for prim, f in {
+        "tan": jnp.tan, "asin": jnp.arcsin, "acos": jnp.arccos, "atan": jnp.arctan,
+        "sinh": jnp.sinh, "cosh": jnp.cosh, "asinh": jnp.arcsinh, "atanh": jnp.arctanh,
+        "acosh": lambda t: jnp.arccosh(2 + t), "cbrt": lambda t: jnp.cbrt(t - 0.3)}.items()},
+    # rounded: zeros of both signs on both axes (atan2's ±0 and ±π), ties (a stable argsort)
+    "atan2": lambda x: jnp.arctan2(jnp.round(conv(x)), jnp.round(conv(x)[..., ::-1])),
+    "is_finite": lambda x: jnp.where(jnp.isfinite(1 / jnp.round(conv(x))), conv(x), 0.0),
+    "not": lambda x: (~(conv(x) > 0)).astype(jnp.float32) + ~jnp.argmax(conv(x), axis=-1)[
+        ..., None],
+    "xor": lambda x: jnp.logical_xor(conv(x) > 0, conv(x) > 0.5).astype(jnp.float32),
+    "argmin": lambda x: jnp.argmin(conv(x), axis=1).astype(jnp.float32),
+    "reduce_prod": lambda x: jnp.prod(jnp.tanh(conv(x)), axis=(1, 2)),
+    "reduce_and": lambda x: jnp.all(conv(x) > -1, axis=(1, 3)).astype(jnp.float32),
+    "reduce_or": lambda x: jnp.any(conv(x) > 1, axis=-1).astype(jnp.float32),
+    "cummax": lambda x: jax.lax.cummax(conv(x), 1) + jax.lax.cummax(conv(x), 3, reverse=True),
+    "cummin": lambda x: jax.lax.cummin(conv(x), 2),
+    "cumprod": lambda x: jax.lax.cumprod(jnp.tanh(conv(x)), 2, reverse=True),
+    "cumlogsumexp": lambda x: jax.lax.cumlogsumexp(conv(x), 1),
+    "sort": lambda x: jnp.sort(conv(x), axis=1) + jnp.argsort(jnp.round(conv(x)), axis=-1)
+    + jnp.median(conv(x), axis=-1, keepdims=True),
     "conv_general_dilated": lambda x: jax.lax.conv_general_dilated(
         x, np.ones((3, 3, 1, 6), np.float32), (2, 1), ((1, 1), (2, 2)), rhs_dilation=(1, 2),
         feature_group_count=3, dimension_numbers=("NHWC", "HWIO", "NHWC")),
@@ -324,7 +347,8 @@ def test_a_model_litert_cannot_run_is_one_line(tmp_path, monkeypatch):
 
 
 class Odd(nn.Module):
-    """A net with a primitive the translator lacks (a cumulative maximum) in a named layer."""
+    """A net with a primitive the translator lacks (an inverse error function) in a named
+    layer."""
 
     @nn.compact
     def __call__(self, x):
@@ -335,7 +359,7 @@ class Odd(nn.Module):
 class Cumulative(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return jax.lax.cummax(x, axis=3)
+        return jax.lax.erf_inv(jnp.tanh(x))
 
 
 def test_unknown_primitive_names_it_and_the_layer(tmp_path):
@@ -345,22 +369,22 @@ def test_unknown_primitive_names_it_and_the_layer(tmp_path):
         export.to_onnx(model, variables, x, str(tmp_path / "odd.onnx"))
     message = str(e.value)
     # the layer as the user's variables name it (not the name stack's "Odd/head")
-    assert "\n" not in message and "'cummax'" in message and "(layer head)" in message
+    assert "\n" not in message and "'erf_inv'" in message and "(layer head)" in message
     assert not (tmp_path / "odd.onnx").exists()
     split = lrjax.decompose_linen(model, variables, x, rule={"stem": 2})  # a LowRankModel
-    with pytest.raises(export.ExportError, match=r"'cummax' \(layer head\)"):
+    with pytest.raises(export.ExportError, match=r"'erf_inv' \(layer head\)"):
         export.to_onnx(split.module, split.variables, x, str(tmp_path / "odd.onnx"))
 
 
 def test_dead_code_and_batch_broadcast_constants_are_exported():
     """Work whose result the outputs never use needs no translation (bonsai's V-JEPA 2 computes
-    masked states its classifier drops: a cumulative maximum here); a learned token broadcast to the
+    masked states its classifier drops: an inverse error function here); a learned token broadcast to the
     symbolic batch and then reshaped is a tensor of the batch (before: 'reshape' failed with
     JAX's UnexpectedDimVar)."""
     token = np.arange(8.0, dtype=np.float32).reshape(1, 2, 4)
 
     def fn(x):
-        dropped = jax.lax.cummax(conv(x), axis=1)  # noqa: F841 - computed, never returned
+        dropped = jax.lax.erf_inv(jnp.tanh(conv(x)))  # noqa: F841 - computed, never returned
         batched = jnp.broadcast_to(token, (x.shape[0], 2, 4)).reshape(x.shape[0], 1, 2, 4)
         return conv(x)[:, :2, :2] + batched
 

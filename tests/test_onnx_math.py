@@ -1,0 +1,78 @@
+"""The rarer math a model's own code uses, exported and checked against JAX in each runtime:
+trigonometry and ``atan2`` (zeros of either sign included), ``cbrt``, ``is_finite``, logical and
+bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min /
+product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, and interior
+padding, on a conv's output (stored NCHW in the ONNX graph) and on the input."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrjax import export
+
+
+class MathOps(nn.Module):
+    sort: bool = True  # sort, argsort, median and cumlogsumexp: ONNX only
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(4, (3, 3))(x)
+        r, t = jnp.round(h), jnp.tanh(h)  # r: ties, +0 and -0
+        out = {
+            "trig": jnp.tan(t) + jnp.arcsin(0.9 * t) + jnp.arccos(0.9 * t) + jnp.arctan(h)
+            + jnp.sinh(t) + jnp.cosh(t) + jnp.arcsinh(h) + jnp.arctanh(0.9 * t)
+            + jnp.arccosh(1 + jnp.abs(h)),
+            "atan2": jnp.arctan2(r, jnp.round(h[..., ::-1])) + jnp.arctan2(x[..., :1], x[..., 1:2]),
+            "cbrt": jnp.cbrt(h),
+            "finite": jnp.where(jnp.isfinite(1 / r), h, 0.0),
+            "logic": (jnp.logical_xor(h > 0, r > 0) | ~(h < -1)).astype(jnp.float32),
+            "invert": jnp.invert(jnp.argmax(h, -1)).astype(jnp.float32),
+            "argmin": jnp.argmin(h, axis=1).astype(jnp.float32),
+            "reductions": jnp.prod(t, axis=(1, 2)) + jnp.all(h > -2, axis=(1, 2))
+            + jnp.any(h > 1, axis=(1, 2)),
+            "cumulative": jax.lax.cummax(h, 1) + jax.lax.cummin(h, 2, reverse=True)
+            + jax.lax.cumprod(t, 1),
+            "dilated": jax.lax.pad(h, 0.5, [(0, 0, 0), (1, -1, 1), (0, 0, 2), (0, 0, 0)]),
+            "dilated_input": jax.lax.pad(x, -1.0, [(0, 0, 0), (0, 0, 1), (2, 1, 1), (0, 0, 0)]),
+        }
+        if self.sort:
+            out.update(sorted=jnp.sort(h, axis=1), argsort=jnp.argsort(r, axis=-1),
+                       median=jnp.median(h, axis=-1), logsumexp=jax.nn.logsumexp(h, axis=-1),
+                       cumlogsumexp=jax.lax.cumlogsumexp(h, 2))
+        return out
+
+
+def _model(sort=True):
+    x = jax.random.normal(jax.random.key(0), (2, 6, 7, 3)) * 2
+    model = MathOps(sort=sort)
+    return model, model.init(jax.random.key(1), x), x
+
+
+@pytest.mark.slow  # each primitive has its quick case in test_onnx_convert.CASES
+def test_rarer_math_exports_to_onnx_and_matches_jax(tmp_path):
+    model, variables, x = _model()
+    path = str(tmp_path / "math.onnx")
+    result = export.to_onnx(model, variables, x, path)
+    assert result.checked_batches == (2, 3)
+    want = model.apply(variables, x)
+    session = export.onnx_session(path)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"input": np.asarray(x)}), strict=True))
+    assert sorted(got) == sorted(want)  # one graph output per entry, by its key
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], np.asarray(value, np.float32), rtol=1e-5,
+                                   atol=1e-5, err_msg=key)
+    # the edge cases the inputs hold: ties, both zeros, the atan2 axes
+    r = np.round(np.asarray(nn.Conv(4, (3, 3)).apply(
+        {"params": variables["params"]["Conv_0"]}, x)))
+    assert (r == 0).any() and np.signbit(r[r == 0]).any() and not np.signbit(r[r == 0]).all()
+    assert (np.diff(np.sort(r, axis=-1), axis=-1) == 0).any()
+
+
+@pytest.mark.slow
+def test_rarer_math_exports_to_litert(tmp_path):
+    model, variables, x = _model(sort=False)
+    result = export.to_tflite(model, variables, x, str(tmp_path / "math.tflite"))
+    assert result.max_abs_error <= 1e-5 * max(1.0, result.scale)
