@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import costs, formulations, macs, replay
+from lrjax import costs, formulations, litert_math, macs, replay
 from lrjax.layers import conv_skip_reason, input_dilated
 
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "SAVED_MODEL_BYTES", "symbolic_batch",
@@ -169,15 +169,13 @@ def tflite_model(forward: Callable, shape, params=None, *,
 
 def litert_primitives(fn: Callable, example) -> Callable:
     """``fn`` with the primitives the TFLite converter cannot legalize written with ones it can:
-    ``erf(x)`` as ``1 - erfc(x)`` (an exact GELU written with ``lax.erf``, as Hugging Face's and
-    bonsai's Whisper write it: "'tf.XlaCallModule' op is neither a custom op nor a flex op";
-    absolute error of float32 rounding), ``asin`` / ``acos`` through ``atan2``, the hyperbolic
-    functions and their inverses through ``exp`` and ``log``, ``cbrt`` of ``|x|`` (as a power
-    it is NaN below 0) and a boolean ``xor`` as ``!=``; random draws from a key given as a
-    constant (the call's ``rngs=``: a masked autoencoder's shuffle) evaluated into constants, as everything
-    computed from constants alone (the converter has no unsigned multiply); a ``tile`` of more
-    than 4 axes as concatenated copies (Qwen 3-VL's ``repeat_kv``); a ``cond`` on data
-    as every branch and ``select_n`` (as the ONNX export computes it). Call-like
+    those of :mod:`lrjax.litert_math` (``erf`` as ``1 - erfc``, inverse trigonometric and
+    hyperbolic functions, ``cbrt``, ``xor``, ``sort`` and ``top_k`` by comparisons); random
+    draws from a key given as a constant (the call's ``rngs=``: a masked autoencoder's
+    shuffle) evaluated into constants, as everything computed from constants alone (the
+    converter has no unsigned multiply); a ``tile`` of more than 4 axes as concatenated copies
+    (Qwen 3-VL's ``repeat_kv``); a ``cond`` on data as every branch and ``select_n`` (as the
+    ONNX export computes it). Call-like
     primitives are inlined; the rest are bound as they are. ``fn`` is traced here, eagerly, on
     ``example`` (the arguments' ``jax.ShapeDtypeStruct`` pytrees), and the result replays its
     program: a model that runs TensorFlow ops eagerly while it is traced (big_vision's FlexiViT
@@ -185,8 +183,9 @@ def litert_primitives(fn: Callable, example) -> Callable:
     traced inside the converter's ``tf.function``."""
     def rule(eqn, ins, here):
         name = eqn.primitive.name
-        if name in _LITERT_MATH and (name != "xor" or eqn.outvars[0].aval.dtype == bool):
-            return [_LITERT_MATH[name](*ins)]
+        rewritten = litert_math.rewrite(eqn, ins)
+        if rewritten is not None:
+            return rewritten
         if name == "tile" and 2 * len(eqn.params["reps"]) > 8:  # converted as a broadcast to
             y = ins[0]  # twice its rank; LiteRT's BROADCAST_TO takes 8 axes at most: copies
             for axis, reps in enumerate(eqn.params["reps"]):  # concatenated along each axis
@@ -216,23 +215,6 @@ def litert_primitives(fn: Callable, example) -> Callable:
     tree = jax.tree.structure(out_shape)
     return lambda *args: jax.tree.unflatten(
         tree, replay.run(closed.jaxpr, closed.consts, jax.tree.leaves(_plain(args)), rule))
-
-
-# element-wise primitives the converter cannot legalize ("'tf.XlaCallModule' op is neither a
-# custom op nor a flex op", "'vhlo.xor_v1' op is not part of the vhlo support") or converts
-# to NaN for negative inputs (cbrt as a power), written with ones it converts
-_LITERT_MATH = {
-    "erf": lambda x: 1 - jax.lax.erfc(x),
-    "cbrt": lambda x: jnp.sign(x) * jnp.abs(x) ** np.asarray(1 / 3, x.dtype),
-    "asin": lambda x: jnp.arctan2(x, jnp.sqrt((1 - x) * (1 + x))),
-    "acos": lambda x: jnp.arctan2(jnp.sqrt((1 - x) * (1 + x)), x),
-    "xor": lambda x, y: x != y,  # booleans
-    "sinh": lambda x: (jnp.exp(x) - jnp.exp(-x)) / 2,
-    "cosh": lambda x: (jnp.exp(x) + jnp.exp(-x)) / 2,
-    "asinh": lambda x: jnp.sign(x) * jnp.log(jnp.abs(x) + jnp.sqrt(x * x + 1)),
-    "acosh": lambda x: jnp.log(x + jnp.sqrt((x - 1) * (x + 1))),
-    "atanh": lambda x: jnp.log((1 + x) / (1 - x)) / 2,
-}
 
 
 def _unconvertible_dot(eqn) -> bool:

@@ -380,19 +380,38 @@ class Router(nn.Module):
         return jnp.where(chosen != 0, chosen, -1e9)
 
 
-def test_a_router_exports_to_onnx_and_litert_says_which_op_it_lacks(tmp_path):
-    """``top_k`` exports to ONNX (``TopK``); the TFLite converter cannot legalize it and names
-    only its ``XlaCallModule``: the error names the op and the user's layer (a ``jax.vmap``'s
-    mark taken off the path), in one line."""
+def test_a_router_exports_to_onnx_and_litert(tmp_path):
+    """``top_k`` exports to ONNX (``TopK``) and, by comparisons (:mod:`lrjax.litert_math`: the
+    TFLite converter cannot legalize it), to LiteRT."""
     model, x = Routed(), jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
     variables = init(model, 0, x)
-    result = export.to_onnx(model, variables, x, str(tmp_path / "routed.onnx"))
-    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    for to, name in ((export.to_onnx, "routed.onnx"), (export.to_tflite, "routed.tflite")):
+        result = to(model, variables, x, str(tmp_path / name))
+        assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+class TwoKeys(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(4, (3, 3), name="conv")(x)
+        return Lexicographic(name="order")(h)
+
+
+class Lexicographic(nn.Module):
+    def __call__(self, h):
+        return jax.lax.sort((jnp.round(h), h), dimension=3, num_keys=2)[1]
+
+
+def test_litert_says_which_op_it_lacks_and_where(tmp_path):
+    """A sort on two keys is left to the TFLite converter, which cannot legalize it: the error
+    names the op, the user's layer and its line, in one line."""
+    model, x = TwoKeys(), jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
     with pytest.raises(export.ExportError) as info:
-        export.to_tflite(model, variables, x, str(tmp_path / "routed.tflite"))
-    assert str(info.value) == ("the TFLite converter failed at layer 'router': it cannot "
-                               "convert 'top_k' to LiteRT's builtin ops")
-    assert sorted(os.listdir(tmp_path)) == ["routed.onnx"]
+        export.to_tflite(model, init(model, 0, x), x, str(tmp_path / "sorted.tflite"))
+    message = str(info.value)
+    assert message.startswith("the TFLite converter failed at layer 'order' (test_export.py:")
+    assert "\n" not in message and "sort" in message
+    assert os.listdir(tmp_path) == []
 
 
 def test_converter_failure_without_a_source_line_keeps_the_first_line():

@@ -1,8 +1,9 @@
 """The rarer math a model's own code uses, exported and checked against JAX in each runtime:
 trigonometry and ``atan2`` (zeros of either sign included), ``cbrt``, ``is_finite``, logical and
 bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min /
-product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, and interior
-padding, on a conv's output (stored NCHW in the ONNX graph) and on the input."""
+product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``, and
+interior padding, on a conv's output (stored NCHW in the ONNX graph) and on the input; LiteRT
+through :mod:`lrjax.litert_math`'s rewrites."""
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,7 @@ from lrjax import export
 
 
 class MathOps(nn.Module):
-    sort: bool = True  # sort, argsort, median and cumlogsumexp: ONNX only
+    cumlogsumexp: bool = True  # ONNX only
 
     @nn.compact
     def __call__(self, x):
@@ -37,16 +38,17 @@ class MathOps(nn.Module):
             "dilated": jax.lax.pad(h, 0.5, [(0, 0, 0), (1, -1, 1), (0, 0, 2), (0, 0, 0)]),
             "dilated_input": jax.lax.pad(x, -1.0, [(0, 0, 0), (0, 0, 1), (2, 1, 1), (0, 0, 0)]),
         }
-        if self.sort:
-            out.update(sorted=jnp.sort(h, axis=1), argsort=jnp.argsort(r, axis=-1),
-                       median=jnp.median(h, axis=-1), logsumexp=jax.nn.logsumexp(h, axis=-1),
-                       cumlogsumexp=jax.lax.cumlogsumexp(h, 2))
+        out.update(sorted=jnp.sort(h, axis=1), argsort=jnp.argsort(r, axis=-1),
+                   median=jnp.median(h, axis=-1), logsumexp=jax.nn.logsumexp(h, axis=-1),
+                   top_k=jax.lax.top_k(h, 3)[0] + jax.lax.top_k(r + 0.0, 3)[1])  # ties, no -0
+        if self.cumlogsumexp:
+            out["cumlogsumexp"] = jax.lax.cumlogsumexp(h, 2)
         return out
 
 
-def _model(sort=True):
+def _model(cumlogsumexp=True):
     x = jax.random.normal(jax.random.key(0), (2, 6, 7, 3)) * 2
-    model = MathOps(sort=sort)
+    model = MathOps(cumlogsumexp=cumlogsumexp)
     return model, model.init(jax.random.key(1), x), x
 
 
@@ -73,6 +75,6 @@ def test_rarer_math_exports_to_onnx_and_matches_jax(tmp_path):
 
 @pytest.mark.slow
 def test_rarer_math_exports_to_litert(tmp_path):
-    model, variables, x = _model(sort=False)
+    model, variables, x = _model(cumlogsumexp=False)
     result = export.to_tflite(model, variables, x, str(tmp_path / "math.tflite"))
     assert result.max_abs_error <= 1e-5 * max(1.0, result.scale)

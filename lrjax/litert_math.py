@@ -1,0 +1,87 @@
+"""Primitives the TFLite converter cannot legalize, written with ones it can, for LiteRT export
+(:func:`lrjax.runtimes.litert_primitives` applies :func:`rewrite` to every equation).
+
+* element-wise: ``erf(x)`` as ``1 - erfc(x)`` (an exact GELU written with ``lax.erf``, as Hugging
+  Face's and bonsai's Whisper write it: "'tf.XlaCallModule' op is neither a custom op nor a flex
+  op"), ``asin`` / ``acos`` through ``atan2``, the hyperbolic functions and their inverses
+  through ``exp`` and ``log``, ``cbrt`` of ``|x|`` (as a power it came out NaN below 0) and a
+  boolean ``xor`` as ``!=`` ("'vhlo.xor_v1' op is not part of the vhlo support yet");
+* ``sort`` on one key (``jnp.sort``, ``jnp.argsort``, ``jnp.median``: "'vhlo.sort_v1' op is not
+  part of the vhlo support yet") and ``top_k`` (a mixture-of-experts router) by comparisons:
+  each element's place is the number of elements that sort before it (equal ones in index
+  order, as JAX's stable sort and ``top_k``), and each output position gathers the element
+  whose place it is (``-0`` and ``+0`` tie, as in ONNX's ``TopK``, where JAX's ``top_k`` puts
+  ``+0`` first). ``L x L`` comparisons along an axis of length ``L``: for the short axes
+  models sort (experts, channels, a window's values).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["rewrite"]
+
+ELEMENTWISE = {
+    "erf": lambda x: 1 - jax.lax.erfc(x),
+    "cbrt": lambda x: jnp.sign(x) * jnp.abs(x) ** np.asarray(1 / 3, x.dtype),
+    "asin": lambda x: jnp.arctan2(x, jnp.sqrt((1 - x) * (1 + x))),
+    "acos": lambda x: jnp.arctan2(jnp.sqrt((1 - x) * (1 + x)), x),
+    "sinh": lambda x: (jnp.exp(x) - jnp.exp(-x)) / 2,
+    "cosh": lambda x: (jnp.exp(x) + jnp.exp(-x)) / 2,
+    "asinh": lambda x: jnp.sign(x) * jnp.log(jnp.abs(x) + jnp.sqrt(x * x + 1)),
+    "acosh": lambda x: jnp.log(x + jnp.sqrt((x - 1) * (x + 1))),
+    "atanh": lambda x: jnp.log((1 + x) / (1 - x)) / 2,
+}
+
+
+def places(x: jax.Array, descending: bool = False) -> jax.Array:
+    """The place of each element of ``x`` along its last axis in sorted order (ascending, or
+    ``descending``; equal elements in index order): ``(..., L)`` int32."""
+    i, j = x[..., :, None], x[..., None, :]
+    index = np.arange(x.shape[-1])
+    earlier = index[None, :] < index[:, None]  # j before i in the input
+    ahead = (j > i) if descending else (j < i)
+    return jnp.sum(ahead | ((j == i) & earlier), axis=-1, dtype=jnp.int32)
+
+
+def _gathered(values: jax.Array, place: jax.Array, count: int) -> jax.Array:
+    """``out[..., k] = values[..., i]`` where ``place[..., i] == k``, for ``k < count``."""
+    chosen = place[..., :, None] == np.arange(count)  # (..., L, count)
+    if values.dtype == bool:
+        return jnp.any(chosen & values[..., :, None], axis=-2)
+    return jnp.sum(jnp.where(chosen, values[..., :, None], jnp.zeros((), values.dtype)), axis=-2,
+                   dtype=values.dtype)
+
+
+def sort(operands, dimension: int, num_keys: int):
+    """``lax.sort``'s outputs on one key (None for several keys: left to the converter)."""
+    if num_keys != 1:
+        return None
+    moved = [jnp.moveaxis(o, dimension, -1) for o in operands]
+    place = places(moved[0])
+    length = moved[0].shape[-1]
+    return [jnp.moveaxis(_gathered(o, place, length), -1, dimension) for o in moved]
+
+
+def top_k(x: jax.Array, k: int):
+    """``lax.top_k``'s values and int32 indices along the last axis."""
+    place = places(x, descending=True)
+    index = jnp.broadcast_to(np.arange(x.shape[-1], dtype=np.int32), x.shape)
+    return [_gathered(x, place, k), _gathered(index, place, k)]
+
+
+def rewrite(eqn, ins) -> list | None:
+    """The outputs of ``eqn`` on ``ins`` computed with convertible primitives, or None where it
+    is converted as it is."""
+    name = eqn.primitive.name
+    if name in ELEMENTWISE:
+        return [ELEMENTWISE[name](*ins)]
+    if name == "xor" and eqn.outvars[0].aval.dtype == bool:
+        return [ins[0] != ins[1]]
+    if name == "sort":
+        return sort(ins, int(eqn.params["dimension"]), int(eqn.params["num_keys"]))
+    if name == "top_k" and int(eqn.params.get("axis", -1)) in (-1, len(ins[0].shape) - 1):
+        return top_k(ins[0], int(eqn.params["k"]))
+    return None
