@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from onnx import helper
 
+from lrjax import onnx_scatter
 from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, concrete, onnx_dtype, same_dim
 
 __all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum", "gather", "iota",
@@ -349,8 +350,7 @@ def scatter(c, args, params, aval):
             indices, Tensor) else indices.shape) != 1 or \
             tuple(dn.update_window_dims) != tuple(range(rank - len(inserted))) or \
             params.get("update_jaxpr") is not None:
-        raise TranslationError("a scatter other than one window written at one start "
-                               "(x.at[...].set(y), x.at[a:b].set(y), x.at[:, i].set(y))")
+        return onnx_scatter.scatter_nd(c, args, params, aval)  # any other: ScatterND
     if inserted:
         size = iter(update.shape if isinstance(update, Tensor) else np.shape(update))
         unit = tuple(1 if i in inserted else next(size) for i in range(rank))

@@ -28,7 +28,7 @@ import onnx
 from jax.extend import core as jcore
 from onnx import helper
 
-from lrjax import macs, onnx_arrays, onnx_math
+from lrjax import macs, onnx_arrays, onnx_math, onnx_scatter
 from lrjax.onnx_graph import (
     INT64_MAX,
     Graph,
@@ -148,7 +148,8 @@ class _Converter:
                 outs = eqn.primitive.bind(*[jnp.asarray(a) for a in args], **eqn.params)
                 outs = outs if eqn.primitive.multiple_results else [outs]
                 return [_host(o) for o in outs]
-            if name == "dynamic_update_slice":  # a constant folded to 1 along the batch
+            if name in ("dynamic_update_slice", "scatter", "scatter-add", "scatter-mul"):
+                # a constant folded to 1 along the batch: expanded to it
                 args = [a if isinstance(a, Tensor) else self.batched(a, v.aval)
                         for a, v in zip(args, eqn.invars, strict=True)]
             if name == "dot_general":  # operands of other dtypes (a bool mask) cast first
@@ -527,6 +528,7 @@ HANDLERS: dict[str, Any] = {
         "concatenate")},
     **{prim: getattr(onnx_arrays, prim) for prim in onnx_arrays.__all__},
     **onnx_math.HANDLERS,  # trigonometry, cumulative reductions, sort, ...
+    **onnx_scatter.HANDLERS,  # scatter-add, scatter-mul (scatter: onnx_arrays.scatter)
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
     "reduce_min": _method("reduction", "ReduceMin"),

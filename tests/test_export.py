@@ -431,6 +431,7 @@ def _uses_buffer_offsets(data: bytes) -> bool:
     return any(m.name.decode() == "buffer_location" for m in model.metadata or ())
 
 
+@pytest.mark.slow  # 3 s: a LiteRT conversion (the quick run stays under 5 minutes)
 def test_large_tflite_models_keep_their_weights_at_buffer_offsets(monkeypatch, tmp_path):
     """Weights of BUFFER_OFFSET_BYTES or more go after the flatbuffer (the converter's large-model
     layout, fewer copies while converting), and LiteRT reads them; the threshold is lowered here
@@ -508,6 +509,7 @@ class TwelveNNX(nnx.Module):
         return [y[..., i % 4:] * (i + 1) for i in range(12)]
 
 
+@pytest.mark.slow  # 6 s: two LiteRT conversions
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_litert_exports_every_output_in_order(api, monkeypatch, tmp_path):
     """LiteRT export of a model with several outputs (linen: in a frozen dataclass): one tensor
@@ -547,6 +549,7 @@ class StateSpace(nn.Module):
         return nn.Dense(5, name="out_proj")((scores + outer).reshape(b, 8, 12))
 
 
+@pytest.mark.slow  # 3 s: a LiteRT conversion
 def test_rank_five_and_element_wise_einsums_export_to_litert(tmp_path):
     """The TFLite converter could not legalize their ``dot_general``s (``failed to legalize
     operation 'tfl.batch_matmul'``): they are replayed as one 3-D batched matmul each (an

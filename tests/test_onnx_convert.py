@@ -47,6 +47,20 @@ def images(x):
     return jnp.swapaxes(tokens(x), 1, 2).reshape(x.shape[0], 4, 6, 6)[..., None]
 
 
+def _scattered(x):
+    """Scatters other than one window at one start (``ScatterND``): points at constant indices
+    (two outside, dropped), at indices of the data (a token unshuffle), clipped, and windows
+    per example under ``jax.vmap`` (operand batching axes), at starts clamped."""
+    h, n = conv(x), x.shape[0]
+    points = h.at[:, :, np.array([4, 0, 9, 2, -7])].set(-h[:, :, :5] * 2)
+    order = jnp.argsort(h[..., 0].reshape(n, 36), axis=1)
+    unshuffled = jnp.zeros_like(tokens(x)).at[jnp.arange(n)[:, None], order].set(tokens(x))
+    clipped = h.at[:, np.array([1, 8])].set(7.0, mode="clip")
+    windows = jax.vmap(lambda row, i: jax.lax.dynamic_update_slice(
+        row, jnp.ones((2, 2, 4)), (i, i, 0)))(h, jnp.argmax(h[:, 0, :, 0], axis=-1))
+    return points + unshuffled.reshape(n, 6, 6, 4) + clipped + windows
+
+
 _ORDER = np.random.default_rng(2).permutation(36)
 _MESH = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
 
@@ -143,7 +157,13 @@ CASES = {
         :, 5].set(jnp.ones((x.shape[0], 6, 4))).at[:, jnp.asarray(7)].set(conv(x)[:, 0])
     # and at a position computed from the data (0 to 10: past the end dropped), as a decoder
     # writes its cache
-    + conv(x).at[:, jnp.argmax(x[0, 0, :, 0]) * 2].set(first(x)[:, 0] * jnp.ones(4)),
+    + conv(x).at[:, jnp.argmax(x[0, 0, :, 0]) * 2].set(first(x)[:, 0] * jnp.ones(4))
+    + _scattered(x),
+    # repeated indices accumulate; past the end dropped; a segment sum; indices of the data
+    "scatter-add": lambda x: conv(x).at[:, :, np.array([4, 0, 4, 9])].add(conv(x)[:, :, :4])
+    + jax.ops.segment_sum(tokens(x).transpose(1, 0, 2), np.arange(36) % 6, 6).transpose(
+        1, 0, 2)[:, :, None, :] + conv(x).at[:, :, jnp.argmax(x[:, 0, 0], axis=-1) * 4].add(1.0),
+    "scatter-mul": lambda x: conv(x).at[:, np.array([1, 1, 3])].multiply(first(x)[:, :3] + 2),
     "clamp": lambda x: jax.lax.clamp(np.float32(-0.3), conv(x), np.float32(0.4))
     + jax.lax.clamp(first(x) * jnp.ones(4), conv(x), first(x) * jnp.ones(4) + 1),
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
