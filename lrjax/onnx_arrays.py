@@ -6,7 +6,8 @@ indices of the data (an embedding lookup of class labels), and :func:`gather_nd`
 single elements or whole trailing slices (``jnp.take_along_axis``, ``x[rows, cols]``: a masked
 autoencoder's kept tokens) as ONNX ``GatherND``; ``dynamic_slice`` and ``dynamic_update_slice``
 (a KV cache read and written at the decoding position), ``scatter`` of one window
-(``x.at[...].set(y)``); :func:`pool_folded`, a pooling window over
+(``x.at[...].set(y)``); :func:`pool`, pooling windows (dilated too: ``MaxPool``'s
+dilations, a sum as a depthwise conv of ones), and :func:`pool_folded`, a pooling window over
 more than 3 axes with its unit-window axes folded into the batch; :func:`as_dtype` casts a ``dot_general``'s
 operands of other dtypes. Handlers of :data:`lrjax.onnx_convert.HANDLERS`: ``handler(converter, args, params,
 out_aval)``, in the converter's layout (an NCHW tensor stays NCHW where the result is 4-D)."""
@@ -21,7 +22,16 @@ import numpy as np
 from onnx import helper
 
 from lrjax import onnx_scatter
-from lrjax.onnx_graph import INT64_MAX, Tensor, TranslationError, concrete, onnx_dtype, same_dim
+from lrjax.onnx_graph import (
+    INT64_MAX,
+    Tensor,
+    TranslationError,
+    channels_first,
+    channels_last,
+    concrete,
+    onnx_dtype,
+    same_dim,
+)
 
 __all__ = ["split", "stack", "rev", "argmax", "top_k", "cumsum", "gather", "iota",
            "dim_as_value", "dynamic_slice", "dynamic_update_slice", "scatter"]  # handlers, by primitive
@@ -422,7 +432,7 @@ def pool_folded(c, op: str, args, params, aval):
                   window_strides=(1, *(strides[i] for i in pooled), 1),
                   padding=((0, 0), *(pads[i] for i in pooled), (0, 0)),
                   base_dilation=(1,) * (len(pooled) + 2), window_dilation=(1,) * (len(pooled) + 2))
-    y = c.pool(op, [flat], window, jax.ShapeDtypeStruct(
+    y = pool(c, op, [flat], window, jax.ShapeDtypeStruct(
         (lead, *(aval.shape[i] for i in pooled), aval.shape[-1]), aval.dtype))
     y = c.reshape([y], {}, jax.ShapeDtypeStruct(tuple(aval.shape[i] for i in order), aval.dtype))
     return c.transpose([y], {"permutation": [int(i) for i in np.argsort(order)]}, aval)
@@ -441,3 +451,43 @@ def as_dtype(c, args, invars, dtype) -> list:
         else:
             out.append(np.asarray(a).astype(dtype))
     return out
+
+
+def pool(c, op: str, args, params, aval) -> Tensor:
+    """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
+    (reduce_window_sum) over the spatial dims of a channels-last tensor (NHWC, NWC, NDHWC)."""
+    x, rank = args[0], len(args[0].shape)
+    if rank > 5:  # over more than 3 axes (ONNX Runtime's most): unit windows to the batch
+        return pool_folded(c, op, args, params, aval)
+    dims, strides, pads = params["window_dimensions"], params["window_strides"], \
+        [tuple(int(v) for v in p) for p in params["padding"]]
+    if rank < 3 or dims[0] != 1 or dims[-1] != 1 or pads[0] != (0, 0) \
+            or pads[-1] != (0, 0):
+        raise TranslationError(f"only spatial pooling of channels-last tensors is covered; "
+                               f"got window {dims} with padding {pads}")
+    dilation = [int(d) for d in params["window_dilation"]]
+    if any(d != 1 for d in params["base_dilation"]) or dilation[0] != 1 or dilation[-1] != 1:
+        raise TranslationError("a pooling window over a dilated input")
+    space = range(1, rank - 1)
+    attrs = dict(kernel_shape=[int(dims[i]) for i in space],
+                 strides=[int(strides[i]) for i in space],
+                 pads=[pads[i][0] for i in space] + [pads[i][1] for i in space])
+    source = c.nchw(x) if rank == 4 else \
+        c.g.node("Transpose", [x.name], perm=channels_first(rank - 2))
+    if any(d != 1 for d in dilation):  # a dilated window (MaxPool's dilations; a sum as a
+        attrs["dilations"] = [dilation[i] for i in space]  # depthwise conv of ones: ONNX's
+        if op == "AveragePool":  # AveragePool takes dilations from opset 19)
+            channels = int(x.shape[-1])
+            ones = np.ones((channels, 1, *attrs.pop("kernel_shape")), aval.dtype)
+            y = c.g.node("Conv", [source, c.g.const(ones)], "window_sum",
+                            group=channels, **attrs)
+            op = "Conv"
+    if op != "Conv":
+        if op == "AveragePool":
+            attrs["count_include_pad"] = 1
+        y = c.g.node(op, [source], op.lower(), **attrs)
+    if op == "AveragePool":  # reduce_window_sum: the average times the window size
+        y = c.g.node("Mul", [y, c.g.const(np.asarray(np.prod(dims), aval.dtype))])
+    if rank != 4:
+        return Tensor(c.g.node("Transpose", [y], perm=channels_last(rank - 2)), tuple(aval.shape))
+    return Tensor(y, tuple(aval.shape), True)

@@ -128,6 +128,10 @@ class _Converter:
                 return self.run(branch.jaxpr, branch.consts, args[1:], where)
             if name == "cond":  # on data: every branch, then Where
                 return select_branch(self, eqn, args, where)
+            shapes = [tuple(getattr(o.aval, "shape", (1,))) for o in eqn.outvars]
+            if all(all(map(concrete, s)) and 0 in s for s in shapes):  # empty (jnp.pad's edge
+                return [np.zeros(s, o.aval.dtype) for s, o in zip(  # mode): no values to
+                    shapes, eqn.outvars, strict=True)]  # compute (ONNX's Reshape reads 0 as "keep")
             if all(not isinstance(a, Tensor) for a in args) and name != "broadcast_in_dim" and \
                     not all(concrete(d) for o in eqn.outvars for d in o.aval.shape):
                 args = [self.batched(a, v.aval) for a, v in zip(args, eqn.invars, strict=True)]
@@ -281,13 +285,13 @@ class _Converter:
                                                     and b == full)):
                 continue
             axes.append(self.axis(t, ax))
-            s.append(int(a))
-            e.append(int(b) if concrete(b) else INT64_MAX)
+            s.append(a)  # symbolic bounds (b - 1) computed from the batch
+            e.append(INT64_MAX if not concrete(b) and same_dim(b, full) else b)
             st.append(int(c))
         if not axes:
             return t
-        out = self.g.node("Slice", [t.name, self.g.ints(s), self.g.ints(e), self.g.ints(axes),
-                                    self.g.ints(st)])
+        out = self.g.node("Slice", [t.name, self.shape_tensor(s), self.shape_tensor(e),
+                                    self.g.ints(axes), self.g.ints(st)])
         return Tensor(out, tuple(aval.shape), t.nchw)
 
     def shape_tensor(self, dims) -> str:
@@ -296,12 +300,19 @@ class _Converter:
             return self.g.ints([int(d) for d in dims])
         if self._batch is None:
             self._batch = self.g.node("Shape", [self.input_name], "batch", start=0, end=1)
-        parts = []
-        for d in dims:
-            if not concrete(d) and not same_dim(d, self.input_shape[0]):
-                raise TranslationError(f"a dimension {d} other than the batch")
-            parts.append(self.g.ints([int(d)]) if concrete(d) else self._batch)
+        parts = [self.g.ints([int(d)]) if concrete(d) else self._affine(d) for d in dims]
         return self.g.node("Concat", parts, "dims", axis=0)
+
+    def _affine(self, d) -> str:
+        """A symbolic dimension ``a * batch + k`` (``b - 1``: jnp.pad's edge slice) as a
+        1-element int64 tensor."""
+        for a in range(1, 9):
+            k = d - a * self.input_shape[0]
+            if concrete(k):
+                scaled = self._batch if a == 1 else self.g.node("Mul", [self._batch,
+                                                                        self.g.ints([a])])
+                return scaled if k == 0 else self.g.node("Add", [scaled, self.g.ints([int(k)])])
+        raise TranslationError(f"a dimension {d} other than a multiple of the batch")
 
     def tile(self, args, params, aval):
         """``jnp.tile`` (a class token repeated over the batch) as ONNX ``Tile``."""
@@ -330,6 +341,8 @@ class _Converter:
         return Tensor(x, tuple(aval.shape), t.nchw)
 
     def concatenate(self, args, params, aval):
+        args = [a for a in args if not (lambda n: concrete(n) and n == 0)(  # empty pieces
+            (a.shape if isinstance(a, Tensor) else np.shape(a))[params["dimension"]])]
         tensors = [a for a in args if isinstance(a, Tensor)]
         nchw = len(aval.shape) == 4 and all(t.nchw for t in tensors)
         axis = TO_NCHW.index(params["dimension"]) if nchw else params["dimension"]
@@ -418,36 +431,6 @@ class _Converter:
                         pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
         return Tensor(y, tuple(aval.shape), True)
 
-    def pool(self, op: str, args, params, aval) -> Tensor:
-        """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
-        (reduce_window_sum) over the spatial dims of a channels-last tensor (NHWC, NWC, NDHWC)."""
-        x, rank = args[0], len(args[0].shape)
-        if rank > 5:  # over more than 3 axes (ONNX Runtime's most): unit windows to the batch
-            return onnx_arrays.pool_folded(self, op, args, params, aval)
-        dims, strides, pads = params["window_dimensions"], params["window_strides"], \
-            [tuple(int(v) for v in p) for p in params["padding"]]
-        if rank < 3 or dims[0] != 1 or dims[-1] != 1 or pads[0] != (0, 0) \
-                or pads[-1] != (0, 0):
-            raise TranslationError(f"only spatial pooling of channels-last tensors is covered; "
-                                   f"got window {dims} with padding {pads}")
-        if any(d != 1 for d in params["base_dilation"]) or \
-                any(d != 1 for d in params["window_dilation"]):
-            raise TranslationError("a dilated pooling window")
-        space = range(1, rank - 1)
-        attrs = dict(kernel_shape=[int(dims[i]) for i in space],
-                     strides=[int(strides[i]) for i in space],
-                     pads=[pads[i][0] for i in space] + [pads[i][1] for i in space])
-        if op == "AveragePool":
-            attrs["count_include_pad"] = 1
-        source = self.nchw(x) if rank == 4 else \
-            self.g.node("Transpose", [x.name], perm=channels_first(rank - 2))
-        y = self.g.node(op, [source], op.lower(), **attrs)
-        if op == "AveragePool":  # reduce_window_sum: the average times the window size
-            y = self.g.node("Mul", [y, self.g.const(np.asarray(np.prod(dims), aval.dtype))])
-        if rank != 4:
-            return Tensor(self.g.node("Transpose", [y], perm=channels_last(rank - 2)), tuple(aval.shape))
-        return Tensor(y, tuple(aval.shape), True)
-
     def matmul(self, args, params, aval):
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         lhs, rhs = args
@@ -534,8 +517,10 @@ HANDLERS: dict[str, Any] = {
     "reduce_min": _method("reduction", "ReduceMin"),
     # convolutions, pooling, dense
     "conv_general_dilated": _method("conv"),
-    "reduce_window_max": _method("pool", "MaxPool"),
-    "reduce_window_sum": _method("pool", "AveragePool"),
+    "reduce_window_max": lambda c, args, params, aval: onnx_arrays.pool(c, "MaxPool", args,
+                                                                        params, aval),
+    "reduce_window_sum": lambda c, args, params, aval: onnx_arrays.pool(c, "AveragePool", args,
+                                                                        params, aval),
     "dot_general": _method("matmul"),
 }
 

@@ -172,7 +172,11 @@ CASES = {
     "squeeze": lambda x: jnp.squeeze(jax.lax.slice_in_dim(conv(x), 0, 1, axis=1), axis=1),
     "broadcast_in_dim": lambda x: conv(x) + first(jnp.mean(x, axis=(1, 2), keepdims=True)),
     "transpose": lambda x: jnp.transpose(conv(x), (0, 3, 1, 2)),
-    "slice": lambda x: jax.lax.slice(conv(x), (0, 1, 0, 1), (x.shape[0], 5, 6, 3), (1, 2, 2, 1)),
+    # and bounds computed from the symbolic batch, empty pieces concatenated (jnp.pad's edge
+    # mode slices x[b-1:b] along every axis, the batch too, and repeats it 0 times there)
+    "slice": lambda x: jax.lax.slice(conv(x), (0, 1, 0, 1), (x.shape[0], 5, 6, 3), (1, 2, 2, 1))
+    + jnp.pad(conv(x), ((0, 0), (1, 2), (0, 2), (0, 0)), mode="edge")[:, :2, 1:4, 1:3]
+    + jax.lax.slice_in_dim(conv(x), x.shape[0] - 1, x.shape[0], axis=0)[:, :2, :3, :2],
     "split": lambda x: jnp.concatenate(jnp.split(conv(x), [1, 3], axis=-1)[::-1], axis=-1)
     + first(jnp.concatenate(jnp.split(x, [3], axis=1)[::-1], axis=1)),
     # per-frame outputs stacked (NCHW conv outputs given a new axis, then the channels last)
@@ -228,12 +232,16 @@ CASES = {
         feature_group_count=3, dimension_numbers=("NHWC", "HWIO", "NHWC")),
     # and a window over 4 axes of a 5-D tensor (unbatched to Flax: Gemma 3's projector pools its
     # image tokens as nnx.avg_pool(x[..., None], (1, 1, k, k))): unit windows folded to the batch
+    # and dilated windows (MaxPool's dilations; a sum as a depthwise conv of ones)
     "reduce_window_max": lambda x: jnp.concatenate([nn.max_pool(conv(x), (2, 2), (2, 2)).reshape(
         x.shape[0], -1), nn.max_pool(images(x), (1, 1, 3, 3), padding="SAME").reshape(
-        x.shape[0], -1)], axis=1),
+        x.shape[0], -1), jax.lax.reduce_window(conv(x), -jnp.inf, jax.lax.max, (1, 2, 3, 1), (
+            1, 2, 1, 1), "SAME", window_dilation=(1, 2, 2, 1)).reshape(x.shape[0], -1)], axis=1),
     "reduce_window_sum": lambda x: jnp.concatenate([nn.avg_pool(
         conv(x), (3, 3), (1, 1), padding="SAME").reshape(x.shape[0], -1), nn.avg_pool(
-        images(x), (1, 1, 2, 2), (1, 1, 2, 2)).reshape(x.shape[0], -1)], axis=1),
+        images(x), (1, 1, 2, 2), (1, 1, 2, 2)).reshape(x.shape[0], -1), jax.lax.reduce_window(
+        conv(x), 0.0, jax.lax.add, (1, 3, 2, 1), (1, 1, 2, 1), ((0, 0), (2, 2), (1, 1), (0, 0)),
+        window_dilation=(1, 2, 3, 1)).reshape(x.shape[0], -1)], axis=1),
     # and a boolean mask times a float tensor (a mixture-of-experts dispatch), a constant mask
     "dot_general": lambda x: (jnp.mean(conv(x), axis=(1, 2)) @ _D)[:, None] + jax.lax.dot_general(
         conv(x)[:, 0] > 0, conv(x)[:, 1], (((1,), (1,)), ((0,), (0,))),
