@@ -11,8 +11,8 @@
   each element's place is the number of elements that sort before it (equal ones in index
   order, as JAX's stable sort and ``top_k``), and each output position gathers the element
   whose place it is (``-0`` and ``+0`` tie, as in ONNX's ``TopK``, where JAX's ``top_k`` puts
-  ``+0`` first). ``L x L`` comparisons along an axis of length ``L``: for the short axes
-  models sort (experts, channels, a window's values).
+  ``+0`` first; a NaN has no place: sort data without them). ``L x L`` comparisons along an
+  axis of length ``L``: for the short axes models sort (experts, channels, a window's values).
 """
 
 from __future__ import annotations

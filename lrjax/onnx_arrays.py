@@ -92,12 +92,18 @@ def cumsum(c, args, params, aval):
     return Tensor(out, tuple(aval.shape), t.nchw)
 
 
-def argmax(c, args, params, aval):
-    """``jnp.argmax``: ONNX ``ArgMax`` (on the NHWC value), cast to the index dtype."""
-    (axis,) = params["axes"]
-    out = c.g.node("ArgMax", [c.nhwc(args[0])], axis=int(axis), keepdims=0)
-    return Tensor(c.g.node("Cast", [out], to=onnx_dtype(params["index_dtype"])),
-                  tuple(aval.shape))
+def arg_reduction(op: str):
+    """The handler of ``jnp.argmax`` / ``jnp.argmin``: ONNX ``ArgMax`` / ``ArgMin`` (on the
+    NHWC value), cast to the index dtype."""
+    def handler(c, args, params, aval):
+        (axis,) = params["axes"]
+        out = c.g.node(op, [c.nhwc(args[0])], axis=int(axis), keepdims=0)
+        return Tensor(c.g.node("Cast", [out], to=onnx_dtype(params["index_dtype"])),
+                      tuple(aval.shape))
+    return handler
+
+
+argmax = arg_reduction("ArgMax")
 
 
 def gather(c, args, params, aval):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lrjax import onnx_arrays
 from lrjax.onnx_graph import Tensor, TranslationError, concrete, onnx_dtype, reshape_spec
 
 __all__ = ["HANDLERS", "dilated"]
@@ -74,14 +75,6 @@ def xor(c, args, params, aval):
     if np.dtype(aval.dtype) != np.bool_:
         raise TranslationError(f"a bitwise xor of {np.dtype(aval.dtype)} values")
     return c.elementwise("Xor", args, aval)
-
-
-def argmin(c, args, params, aval):
-    """``jnp.argmin``: ONNX ``ArgMin`` (on the NHWC value), cast to the index dtype."""
-    (axis,) = params["axes"]
-    out = c.g.node("ArgMin", [c.nhwc(args[0])], axis=int(axis), keepdims=0)
-    return Tensor(c.g.node("Cast", [out], to=onnx_dtype(params["index_dtype"])),
-                  tuple(aval.shape))
 
 
 def reduce_prod(c, args, params, aval):
@@ -190,7 +183,7 @@ def dilated(c, t: Tensor, config, value) -> Tensor:
 HANDLERS = {
     **{prim: _unary(op) for prim, op in _ONE_OP.items()},
     "atan2": atan2, "cbrt": cbrt, "is_finite": is_finite, "not": not_, "xor": xor,
-    "argmin": argmin, "reduce_prod": reduce_prod,
+    "argmin": onnx_arrays.arg_reduction("ArgMin"), "reduce_prod": reduce_prod,
     "reduce_and": _logical_reduction("ReduceMin"), "reduce_or": _logical_reduction("ReduceMax"),
     "cummax": _cumulative("ReduceMax", _lowest), "cummin": _cumulative("ReduceMin", _highest),
     "cumprod": _cumulative("ReduceProd", lambda dtype: 1),
