@@ -6,6 +6,7 @@
   op"), ``asin`` / ``acos`` through ``atan2``, the hyperbolic functions and their inverses
   through ``exp`` and ``log``, ``cbrt`` of ``|x|`` (as a power it came out NaN below 0) and a
   boolean ``xor`` as ``!=`` ("'vhlo.xor_v1' op is not part of the vhlo support yet");
+* ``cumlogsumexp`` as a log-sum-exp over a masked ``L x L`` view;
 * ``sort`` on one key (``jnp.sort``, ``jnp.argsort``, ``jnp.median``: "'vhlo.sort_v1' op is not
   part of the vhlo support yet") and ``top_k`` (a mixture-of-experts router) by comparisons:
   each element's place is the number of elements that sort before it (equal ones in index
@@ -72,6 +73,17 @@ def top_k(x: jax.Array, k: int):
     return [_gathered(x, place, k), _gathered(index, place, k)]
 
 
+def cumlogsumexp(x: jax.Array, axis: int, reverse: bool) -> jax.Array:
+    """``lax.cumlogsumexp`` as a log-sum-exp over an ``L x L`` view whose entries past each
+    position (before it, ``reverse``) are ``-inf`` (LiteRT cannot run the converter's
+    ``reduce_window`` of several ops)."""
+    moved = jnp.moveaxis(x, axis, -1)
+    index = np.arange(moved.shape[-1])
+    keep = (index[None, :] >= index[:, None]) if reverse else (index[None, :] <= index[:, None])
+    masked = jnp.where(keep, moved[..., None, :], -jnp.inf)
+    return jnp.moveaxis(jax.nn.logsumexp(masked, axis=-1), -1, axis)
+
+
 def rewrite(eqn, ins) -> list | None:
     """The outputs of ``eqn`` on ``ins`` computed with convertible primitives, or None where it
     is converted as it is."""
@@ -82,6 +94,8 @@ def rewrite(eqn, ins) -> list | None:
         return [ins[0] != ins[1]]
     if name == "sort":
         return sort(ins, int(eqn.params["dimension"]), int(eqn.params["num_keys"]))
+    if name == "cumlogsumexp":
+        return [cumlogsumexp(ins[0], int(eqn.params["axis"]), bool(eqn.params["reverse"]))]
     if name == "top_k" and int(eqn.params.get("axis", -1)) in (-1, len(ins[0].shape) - 1):
         return top_k(ins[0], int(eqn.params["k"]))
     return None

@@ -15,7 +15,6 @@ from lrjax import export
 
 
 class MathOps(nn.Module):
-    cumlogsumexp: bool = True  # ONNX only
 
     @nn.compact
     def __call__(self, x):
@@ -40,15 +39,15 @@ class MathOps(nn.Module):
         }
         out.update(sorted=jnp.sort(h, axis=1), argsort=jnp.argsort(r, axis=-1),
                    median=jnp.median(h, axis=-1), logsumexp=jax.nn.logsumexp(h, axis=-1),
-                   top_k=jax.lax.top_k(h, 3)[0] + jax.lax.top_k(r + 0.0, 3)[1])  # ties, no -0
-        if self.cumlogsumexp:
-            out["cumlogsumexp"] = jax.lax.cumlogsumexp(h, 2)
+                   top_k=jax.lax.top_k(h, 3)[0] + jax.lax.top_k(r + 0.0, 3)[1],  # ties, no -0
+                   cumlogsumexp=jax.lax.cumlogsumexp(h, 2)
+                   + jax.lax.cumlogsumexp(h, 1, reverse=True))
         return out
 
 
-def _model(cumlogsumexp=True):
+def _model():
     x = jax.random.normal(jax.random.key(0), (2, 6, 7, 3)) * 2
-    model = MathOps(cumlogsumexp=cumlogsumexp)
+    model = MathOps()
     return model, model.init(jax.random.key(1), x), x
 
 
@@ -75,6 +74,6 @@ def test_rarer_math_exports_to_onnx_and_matches_jax(tmp_path):
 
 @pytest.mark.slow
 def test_rarer_math_exports_to_litert(tmp_path):
-    model, variables, x = _model(cumlogsumexp=False)
+    model, variables, x = _model()
     result = export.to_tflite(model, variables, x, str(tmp_path / "math.tflite"))
     assert result.max_abs_error <= 1e-5 * max(1.0, result.scale)
