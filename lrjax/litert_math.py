@@ -7,6 +7,9 @@
   through ``exp`` and ``log``, ``cbrt`` of ``|x|`` (as a power it came out NaN below 0) and a
   boolean ``xor`` as ``!=`` ("'vhlo.xor_v1' op is not part of the vhlo support yet");
 * ``cumlogsumexp`` as a log-sum-exp over a masked ``L x L`` view;
+* a scatter that adds points along one axis (``x.at[:, idx].add(y)``, ``segment_sum``) as a
+  one-hot matrix product ("Only update, Add, Multiply, Maximum and Minimum operations are
+  currently supported for stablehlo.scatter", though it adds);
 * ``sort`` on one key (``jnp.sort``, ``jnp.argsort``, ``jnp.median``: "'vhlo.sort_v1' op is not
   part of the vhlo support yet") and ``top_k`` (a mixture-of-experts router) by comparisons:
   each element's place is the number of elements that sort before it (equal ones in index
@@ -84,6 +87,22 @@ def cumlogsumexp(x: jax.Array, axis: int, reverse: bool) -> jax.Array:
     return jnp.moveaxis(jax.nn.logsumexp(masked, axis=-1), -1, axis)
 
 
+def scatter_add(operand, indices, updates, dimension_numbers):
+    """``lax.scatter_add`` of points along one axis (``x.at[:, idx].add(y)``,
+    ``jax.ops.segment_sum``) as ``operand`` plus a one-hot matrix of the indices times the
+    updates (indices outside the axis select nothing: dropped, as JAX drops them); None for
+    other forms. LiteRT's interpreter fails to prepare the converter's adding scatter."""
+    dn = dimension_numbers
+    if dn.operand_batching_dims or len(dn.scatter_dims_to_operand_dims) != 1 or \
+            tuple(dn.inserted_window_dims) != tuple(dn.scatter_dims_to_operand_dims):
+        return None
+    axis = int(dn.scatter_dims_to_operand_dims[0])
+    scattered = [d for d in range(updates.ndim) if d not in dn.update_window_dims]
+    chosen = jax.nn.one_hot(indices[..., 0], operand.shape[axis], dtype=updates.dtype)
+    summed = jnp.tensordot(chosen, updates, axes=(list(range(len(scattered))), scattered))
+    return operand + jnp.moveaxis(summed, 0, axis)  # (n, *the other axes) in place
+
+
 def rewrite(eqn, ins) -> list | None:
     """The outputs of ``eqn`` on ``ins`` computed with convertible primitives, or None where it
     is converted as it is."""
@@ -94,6 +113,9 @@ def rewrite(eqn, ins) -> list | None:
         return [ins[0] != ins[1]]
     if name == "sort":
         return sort(ins, int(eqn.params["dimension"]), int(eqn.params["num_keys"]))
+    if name == "scatter-add" and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating):
+        out = scatter_add(*ins, eqn.params["dimension_numbers"])
+        return None if out is None else [out]
     if name == "cumlogsumexp":
         return [cumlogsumexp(ins[0], int(eqn.params["axis"]), bool(eqn.params["reverse"]))]
     if name == "top_k" and int(eqn.params.get("axis", -1)) in (-1, len(ins[0].shape) - 1):

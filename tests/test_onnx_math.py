@@ -1,8 +1,8 @@
 """The rarer math a model's own code uses, exported and checked against JAX in each runtime:
 trigonometry and ``atan2`` (zeros of either sign included), ``cbrt``, ``is_finite``, logical and
 bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min /
-product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``, and
-interior padding, on a conv's output (stored NCHW in the ONNX graph) and on the input; LiteRT
+product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``,
+scatters that add, and interior padding, on a conv's output (stored NCHW in the ONNX graph) and on the input; LiteRT
 through :mod:`lrjax.litert_math`'s rewrites."""
 
 import flax.linen as nn
@@ -41,7 +41,10 @@ class MathOps(nn.Module):
                    median=jnp.median(h, axis=-1), logsumexp=jax.nn.logsumexp(h, axis=-1),
                    top_k=jax.lax.top_k(h, 3)[0] + jax.lax.top_k(r + 0.0, 3)[1],  # ties, no -0
                    cumlogsumexp=jax.lax.cumlogsumexp(h, 2)
-                   + jax.lax.cumlogsumexp(h, 1, reverse=True))
+                   + jax.lax.cumlogsumexp(h, 1, reverse=True),
+                   # repeated indices accumulate, one past the end is dropped; a segment sum
+                   scatter_add=h.at[:, :, np.array([4, 0, 4, 9])].add(h[:, :, :4]),
+                   segment_sum=jax.ops.segment_sum(jnp.swapaxes(h, 0, 2), np.arange(7) % 3, 3))
         return out
 
 
