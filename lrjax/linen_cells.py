@@ -13,6 +13,8 @@ import contextlib
 
 import flax.linen as nn
 
+from lrjax import linen_written
+
 __all__ = ["as_sublayers"]
 
 _GATES = "ifgo"
@@ -49,6 +51,7 @@ def _lstm_as_dense(next_fun, args, kwargs, context):
 @contextlib.contextmanager
 def as_sublayers():
     """Within it, the layers of this module run as their sublayers (``nn.OptimizedLSTMCell`` as
-    its gates' ``nn.Dense`` layers); usable as a decorator."""
-    with nn.intercept_methods(_lstm_as_dense):
+    its gates' ``nn.Dense`` layers), and dense layers written by hand as ``nn.Dense``
+    (:mod:`lrjax.linen_written`); usable as a decorator."""
+    with nn.intercept_methods(linen_written.as_dense), nn.intercept_methods(_lstm_as_dense):
         yield

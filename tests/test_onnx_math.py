@@ -2,8 +2,8 @@
 trigonometry and ``atan2`` (zeros of either sign included), ``cbrt``, ``is_finite``, logical and
 bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min /
 product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``,
-scatters that add, and interior padding, on a conv's output (stored NCHW in the ONNX graph) and on the input; LiteRT
-through :mod:`lrjax.litert_math`'s rewrites."""
+scatters that add, and interior padding, on a conv's output (stored NCHW in the ONNX graph)
+and on the input; LiteRT through :mod:`lrjax.litert_math`'s rewrites."""
 
 import flax.linen as nn
 import jax
