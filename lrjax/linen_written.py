@@ -98,11 +98,25 @@ def _checked(layer: nn.Module, shape: tuple, dtype) -> tuple | None:
     return int(kernel.shape[1]), bias is not None, kernel.dtype
 
 
+def _was_split(module: nn.Module) -> bool:
+    """A written layer whose variables are a pair's (``vertical``, ``horizontal``)."""
+    if type(module).__module__.partition(".")[0] in ("flax", "lrjax") or \
+            not _reads_param(module) or module.scope is None or module.is_initializing():
+        return False
+    params = module.variables.get("params", {})
+    return "kernel" not in params and "vertical" in params and "horizontal" in params
+
+
 def as_dense(next_fun, args, kwargs, context):
     """A method interceptor: a written dense layer's ``__call__`` as ``nn.Dense`` in its own
     scope (conditions above); every other call as it is."""
     module = context.module
     x = args[0] if len(args) == 1 else None
+    if context.method_name == "__call__" and (kwargs or x is None) and _was_split(module):
+        raise ValueError(f"layer {'/'.join(module.scope.path)!r} was split as the dense layer "
+                         "its one-array call computes; called with other arguments "
+                         f"({len(args)} positional, keywords {sorted(kwargs)}), its own code "
+                         "would need the kernel it no longer has: call it as it was decomposed")
     if context.method_name != "__call__" or kwargs or \
             x is None or not hasattr(x, "shape") or not getattr(x, "ndim", 0) or \
             not jnp.issubdtype(getattr(x, "dtype", np.int32), jnp.floating) or \

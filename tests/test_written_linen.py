@@ -28,6 +28,20 @@ class Linear(nn.Module):
         return y
 
 
+class LowPrecisionDense(nn.Module):
+    """Parameters stored in bfloat16, ``lax.dot_general`` of the float32 input with them (as
+    TPU-minded codebases write their own ``Dense``)."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                            jnp.bfloat16)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y + self.param("bias", nn.initializers.normal(0.1), (self.features,),
+                              jnp.bfloat16)
+
+
 class SetupLinear(nn.Module):
     """The same with its parameters declared in ``setup``: runs its own code (its parameter
     names are held in the scope a ``nn.Dense`` would take over), a fixed cost."""
@@ -67,6 +81,7 @@ class Net(nn.Module):
         x = nn.relu(Linear(48, name="fc1")(x))
         x = nn.relu(SetupLinear(48, 48, name="fc2")(x))
         x = nn.relu(Linear(48, use_bias=False, name="fc3")(x))
+        x = nn.relu(LowPrecisionDense(48, name="bf16")(x))
         x = TorchStyle(48, name="torch")(Activated(48, name="act")(x))
         return Linear(10, name="head")(x)
 
@@ -81,15 +96,17 @@ def net():
 def test_written_dense_layers_are_found_and_split_as_dense_layers(net):
     model, variables, x = net
     sites = {s.path: s for s in surgery.find_convs(model, x)}
-    assert sorted(p for p, s in sites.items() if s.candidate) == ["Conv_0", "fc1", "fc3", "head"]
+    assert sorted(p for p, s in sites.items() if s.candidate) == ["Conv_0", "bf16", "fc1", "fc3",
+                                                                   "head"]
     assert not {"act", "torch", "fc2"} & set(sites)  # their own code: fixed costs
-    result = lrjax.decompose_linen(model, variables, x, rule={"fc1": 8, "fc3": 8})
+    result = lrjax.decompose_linen(model, variables, x, rule={"fc1": 8, "fc3": 8, "bf16": 8})
     assert {p: result.report.kinds[p] for p in result.ranks} == dict.fromkeys(
-        ("fc1", "fc3"), "dense")
+        ("fc1", "fc3", "bf16"), "dense")
     shapes = jax.tree.map(jnp.shape, result.variables["params"])
     assert shapes["fc1"] == {"vertical": {"kernel": (16, 8)},
                              "horizontal": {"kernel": (8, 48), "bias": (48,)}}
     assert shapes["fc3"] == {"vertical": {"kernel": (48, 8)}, "horizontal": {"kernel": (8, 48)}}
+    assert result.variables["params"]["bf16"]["vertical"]["kernel"].dtype == jnp.bfloat16
     assert shapes["act"] == {"kernel": (48, 48), "bias": (48,)}  # left as they are
     left = "\n".join(result.report.table().splitlines())
     assert all(f"left as is: {p}" in left for p in ("act", "torch", "fc2"))
@@ -98,7 +115,8 @@ def test_written_dense_layers_are_found_and_split_as_dense_layers(net):
 def test_full_rank_written_pairs_reproduce_the_model(net):
     model, variables, x = net
     result = lrjax.decompose_linen(model, variables, x,
-                                   rule={"fc1": 16, "fc3": 48, "head": 10})
+                                   rule={"fc1": 16, "fc3": 48, "head": 10})  # (bf16's factors
+    # are stored in bfloat16: rounded as an nn.Dense's with param_dtype=jnp.bfloat16 would be)
     np.testing.assert_allclose(result.module.apply(result.variables, x), model.apply(variables, x),
                                rtol=1e-4, atol=1e-5)
 
@@ -118,3 +136,32 @@ def test_a_calibrated_whole_net_rule_is_xlas_ratio_and_exports(net, tmp_path):
         lowered(model, variables) / lowered(result.module, result.variables), rel=0.02)
     done = export.to_onnx(result.module, result.variables, x, str(tmp_path / "written.onnx"))
     assert done.checked_batches == (4, 5) and done.max_abs_error <= 1e-5 * max(1.0, done.scale)
+
+
+class Clipped(nn.Module):
+    """A dense layer that clips its kernel when trained (``__call__(x, train=False)``)."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1],
+                                                                        self.features))
+        return x @ (jnp.clip(kernel, -0.1, 0.1) if train else kernel)
+
+
+class ClippedNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        layer = Clipped(16, name="clipped")
+        return layer(x, train=True) if train else layer(x)
+
+
+def test_a_split_written_layer_called_otherwise_is_a_clear_error():
+    """Split on its one-array call, a written layer called with other arguments (its training
+    path) cannot run its own code: one error naming it, not Flax's missing-parameter error."""
+    model, x = ClippedNet(), jax.random.normal(jax.random.key(0), (4, 24))
+    variables = model.init(jax.random.key(1), x)
+    result = lrjax.decompose_linen(model, variables, x, rule={"clipped": 4})
+    result.module.apply(result.variables, x)
+    with pytest.raises(ValueError, match="'clipped' was split as the dense layer"):
+        result.module.apply(result.variables, x, train=True)
