@@ -14,7 +14,9 @@ random parameters and a random input of that shape it computes ``x @ kernel + bi
 units of rounding, in ``nn.Dense``'s output dtype). The verdict is formed in a thread of its
 own (no interceptor, no trace) and kept per module configuration and input shape. Anything
 else it computes (an activation, a scale, a transposed kernel) fails (3) and the module runs
-its own code, a fixed cost found by :mod:`lrjax.own_code`.
+its own code, a fixed cost found by :mod:`lrjax.own_code`. A layer split on its one-array call
+and then called with other arguments (``layer(x, train=True)``) raises ``ValueError`` naming
+it: its own code would need the kernel it no longer has.
 """
 
 from __future__ import annotations
