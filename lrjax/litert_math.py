@@ -7,9 +7,10 @@
   through ``exp`` and ``log``, ``cbrt`` of ``|x|`` (as a power it came out NaN below 0) and a
   boolean ``xor`` as ``!=`` ("'vhlo.xor_v1' op is not part of the vhlo support yet");
 * ``cumlogsumexp`` as a log-sum-exp over a masked ``L x L`` view;
-* a scatter that adds points along one axis (``x.at[:, idx].add(y)``, ``segment_sum``) as a
-  one-hot matrix product ("Only update, Add, Multiply, Maximum and Minimum operations are
-  currently supported for stablehlo.scatter", though it adds);
+* a scatter that adds points along one axis (``x.at[:, idx].add(y)``, ``segment_sum``, per
+  example under ``jax.vmap``) as an einsum with a one-hot array of the indices ("Only update,
+  Add, Multiply, Maximum and Minimum operations are currently supported for
+  stablehlo.scatter", though it adds);
 * ``sort`` on one key (``jnp.sort``, ``jnp.argsort``, ``jnp.median``: "'vhlo.sort_v1' op is not
   part of the vhlo support yet") and ``top_k`` (a mixture-of-experts router) by comparisons:
   each element's place is the number of elements that sort before it (equal ones in index
@@ -89,18 +90,32 @@ def cumlogsumexp(x: jax.Array, axis: int, reverse: bool) -> jax.Array:
 
 def scatter_add(operand, indices, updates, dimension_numbers):
     """``lax.scatter_add`` of points along one axis (``x.at[:, idx].add(y)``,
-    ``jax.ops.segment_sum``) as ``operand`` plus a one-hot matrix of the indices times the
-    updates (indices outside the axis select nothing: dropped, as JAX drops them); None for
-    other forms. LiteRT's interpreter fails to prepare the converter's adding scatter."""
+    ``jax.ops.segment_sum``, per example under ``jax.vmap``) as ``operand`` plus an einsum of a
+    one-hot array of the indices with the updates (indices outside the axis select nothing:
+    dropped, as JAX drops them); None for other forms. LiteRT's interpreter fails to prepare
+    the converter's adding scatter."""
     dn = dimension_numbers
-    if dn.operand_batching_dims or len(dn.scatter_dims_to_operand_dims) != 1 or \
+    if len(dn.scatter_dims_to_operand_dims) != 1 or \
             tuple(dn.inserted_window_dims) != tuple(dn.scatter_dims_to_operand_dims):
         return None
     axis = int(dn.scatter_dims_to_operand_dims[0])
+    letters = iter("abcdefghijklmopqrstuvwxyz")  # n: the scattered axis
+    index_letters = [next(letters) for _ in range(indices.ndim - 1)]
     scattered = [d for d in range(updates.ndim) if d not in dn.update_window_dims]
+    window = [d for d in range(operand.ndim) if d != axis and d not in dn.operand_batching_dims]
+    operand_letters = {d: next(letters) for d in window}
+    for od, idim in zip(dn.operand_batching_dims, dn.scatter_indices_batching_dims, strict=True):
+        operand_letters[int(od)] = index_letters[int(idim)]
+    operand_letters[axis] = "n"
+    update_letters = [""] * updates.ndim
+    for d, letter in zip(scattered, index_letters, strict=True):
+        update_letters[d] = letter
+    for d, od in zip(dn.update_window_dims, window, strict=True):
+        update_letters[d] = operand_letters[od]
     chosen = jax.nn.one_hot(indices[..., 0], operand.shape[axis], dtype=updates.dtype)
-    summed = jnp.tensordot(chosen, updates, axes=(list(range(len(scattered))), scattered))
-    return operand + jnp.moveaxis(summed, 0, axis)  # (n, *the other axes) in place
+    spec = (f"{''.join(index_letters)}n,{''.join(update_letters)}->"
+            f"{''.join(operand_letters[d] for d in range(operand.ndim))}")
+    return operand + jnp.einsum(spec, chosen, updates)
 
 
 def rewrite(eqn, ins) -> list | None:

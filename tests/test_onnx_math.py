@@ -44,7 +44,9 @@ class MathOps(nn.Module):
                    + jax.lax.cumlogsumexp(h, 1, reverse=True),
                    # repeated indices accumulate, one past the end is dropped; a segment sum
                    scatter_add=h.at[:, :, np.array([4, 0, 4, 9])].add(h[:, :, :4]),
-                   segment_sum=jax.ops.segment_sum(jnp.swapaxes(h, 0, 2), np.arange(7) % 3, 3))
+                   segment_sum=jax.ops.segment_sum(jnp.swapaxes(h, 0, 2), np.arange(7) % 3, 3),
+                   per_example=jax.vmap(lambda row, i: row.at[:, i].add(1.0))(  # batching axes
+                       h, jnp.argmax(h[:, 0, :, 0], axis=-1)))
         return out
 
 
