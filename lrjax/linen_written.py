@@ -22,6 +22,7 @@ it: its own code would need the kernel it no longer has.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import inspect
 
 import flax.linen as nn
@@ -35,12 +36,17 @@ _VERDICTS: dict = {}
 
 
 def _reads_param(module: nn.Module) -> bool:
-    """Condition (1)'s cheap part: the class's ``__call__`` names ``param`` and it has no
-    ``setup`` (parameters declared there hold their names in the scope the ``nn.Dense`` would
+    return _class_reads_param(type(module))
+
+
+@functools.cache
+def _class_reads_param(cls: type) -> bool:
+    """Condition (1)'s cheap part, once per class: its ``__call__`` names ``param`` and it has
+    no ``setup`` (parameters declared there hold their names in the scope the ``nn.Dense`` would
     take over)."""
-    if type(module).setup is not nn.Module.setup:
+    if cls.setup is not nn.Module.setup:
         return False
-    code = getattr(inspect.unwrap(type(module).__call__), "__code__", None)  # past Flax's wraps
+    code = getattr(inspect.unwrap(cls.__call__), "__code__", None)  # past Flax's wraps
     return code is not None and "param" in code.co_names
 
 

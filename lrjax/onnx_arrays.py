@@ -480,20 +480,18 @@ def pool(c, op: str, args, params, aval) -> Tensor:
                  pads=[pads[i][0] for i in space] + [pads[i][1] for i in space])
     source = c.nchw(x) if rank == 4 else \
         c.g.node("Transpose", [x.name], perm=channels_first(rank - 2))
-    if any(d != 1 for d in dilation):  # a dilated window (MaxPool's dilations; a sum as a
-        attrs["dilations"] = [dilation[i] for i in space]  # depthwise conv of ones: ONNX's
-        if op == "AveragePool":  # AveragePool takes dilations from opset 19)
-            channels = int(x.shape[-1])
-            ones = np.ones((channels, 1, *attrs.pop("kernel_shape")), aval.dtype)
-            y = c.g.node("Conv", [source, c.g.const(ones)], "window_sum",
-                            group=channels, **attrs)
-            op = "Conv"
-    if op != "Conv":
-        if op == "AveragePool":
-            attrs["count_include_pad"] = 1
-        y = c.g.node(op, [source], op.lower(), **attrs)
-    if op == "AveragePool":  # reduce_window_sum: the average times the window size
+    dilated = any(d != 1 for d in dilation)
+    if dilated:  # MaxPool's dilations (AveragePool takes them from opset 19 only)
+        attrs["dilations"] = [dilation[i] for i in space]
+    if op == "AveragePool" and dilated:  # the window's sum as a depthwise conv of ones
+        channels = int(x.shape[-1])
+        ones = np.ones((channels, 1, *attrs.pop("kernel_shape")), aval.dtype)
+        y = c.g.node("Conv", [source, c.g.const(ones)], "window_sum", group=channels, **attrs)
+    elif op == "AveragePool":  # reduce_window_sum: the average times the window size
+        y = c.g.node(op, [source], op.lower(), count_include_pad=1, **attrs)
         y = c.g.node("Mul", [y, c.g.const(np.asarray(np.prod(dims), aval.dtype))])
+    else:
+        y = c.g.node(op, [source], op.lower(), **attrs)
     if rank != 4:
         return Tensor(c.g.node("Transpose", [y], perm=channels_last(rank - 2)), tuple(aval.shape))
     return Tensor(y, tuple(aval.shape), True)

@@ -341,8 +341,8 @@ class _Converter:
         return Tensor(x, tuple(aval.shape), t.nchw)
 
     def concatenate(self, args, params, aval):
-        args = [a for a in args if not (lambda n: concrete(n) and n == 0)(  # empty pieces
-            (a.shape if isinstance(a, Tensor) else np.shape(a))[params["dimension"]])]
+        axis = params["dimension"]  # empty pieces (jnp.pad's edge mode) add nothing
+        args = [a for a in args if not _empty_along(a, axis)]
         tensors = [a for a in args if isinstance(a, Tensor)]
         nchw = len(aval.shape) == 4 and all(t.nchw for t in tensors)
         axis = TO_NCHW.index(params["dimension"]) if nchw else params["dimension"]
@@ -523,6 +523,12 @@ HANDLERS: dict[str, Any] = {
                                                                         params, aval),
     "dot_general": _method("matmul"),
 }
+
+
+def _empty_along(value, axis: int) -> bool:
+    """Whether a concatenation's piece has no entries along ``axis`` (known at export)."""
+    n = (value.shape if isinstance(value, Tensor) else np.shape(value))[axis]
+    return concrete(n) and n == 0
 
 
 def _host(value):

@@ -84,7 +84,7 @@ def scatter_nd(c, args, params, aval, reduction: str = "none"):
             part = index[..., p]
         return _placed(c, part, scattered, urank)
 
-    starts, coords, valid = {}, [], True
+    coords, valid = [], True
     for od in range(rank):
         start = None
         if od in dn.scatter_dims_to_operand_dims:
@@ -112,7 +112,6 @@ def scatter_nd(c, args, params, aval, reduction: str = "none"):
         if od in receiving:
             offset = _iota(c, size, window[receiving.index(od)], urank)
             coord = offset if coord is None else _binary(c, "Add", coord, offset)
-        starts[od] = start
         coords.append(coord if coord is not None else np.zeros((1,) * urank, np.int64))
     if not isinstance(valid, Tensor) and np.all(valid):
         valid = True
