@@ -35,7 +35,6 @@ from lrjax.onnx_graph import (
     Tensor,
     TranslationError,
     channels_first,
-    channels_last,
     concrete,
     onnx_dtype,
     reshape_spec,
@@ -371,37 +370,48 @@ class _Converter:
 
     # -- convolutions, pooling, dense --------------------------------------------------------
     def conv(self, args, params, aval):
+        """``conv_general_dilated`` in any layout (``nn.Conv``'s channels-last ``N...C`` /
+        ``...IO``, a PyTorch port's ``NCHW`` / ``OIHW``, ``jnp.convolve``'s ``NCW``) as ONNX's
+        ``Conv`` on ``(N, C, *spatial)``: each operand transposed by its dimension numbers (no
+        transpose where it is already there), the output back to the jaxpr's layout. A 2-D
+        input-dilated conv (a transposed conv) as :meth:`conv_transpose`, or zero insertion."""
         x, w = args
         lhs, rhs, out = (tuple(d) for d in params["dimension_numbers"])
         pads = [tuple(int(v) for v in p) for p in params["padding"]]
         if params.get("batch_group_count", 1) != 1 or min(v for p in pads for v in p) < 0:
             raise TranslationError(f"a conv with batch_group_count != 1 or padding {pads}")
-        n = len(pads)  # spatial dims; 1-D and 3-D+ (N...C / ...IO) as ONNX's (N, C, ...)
-        first, kernel_perm = channels_first(n), (n + 1, n, *range(n))
-        if n != 2 and (lhs, rhs, out) == (first, kernel_perm, first) and max(params["lhs_dilation"]) == 1:
-            y = self.g.node("Conv", [self.g.node("Transpose", [self.nhwc(x)], perm=first),
-                                     self.kernel(w, kernel_perm)], "conv",
-                            pads=[p[0] for p in pads] + [p[1] for p in pads],
-                            strides=[int(v) for v in params["window_strides"]],
-                            dilations=[int(v) for v in params["rhs_dilation"]],
-                            group=int(params["feature_group_count"]))
-            return Tensor(self.g.node("Transpose", [y], perm=channels_last(n)), tuple(aval.shape))
-        if (lhs, rhs, out) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
-            raise TranslationError("only channels-last convolutions N...C / ...IO (what nn.Conv "
-                                   f"emits) are covered; got {params['dimension_numbers']}")
-        source = self.nchw(x)
+        n = len(pads)  # spatial dims: 1-D, 2-D and 3-D+ as ONNX's (N, C, ...)
+        nhwc = channels_first(2)  # Flax's 2-D layout, held in NCHW between layers (Tensor.nchw)
+        source = self.nchw(x) if n == 2 and lhs == nhwc else self._permuted(self.nhwc(x), lhs)
         if any(d != 1 for d in params["lhs_dilation"]):  # a transposed conv (nn.ConvTranspose)
-            native = self.conv_transpose(source, w, params, aval)
+            if n != 2:
+                raise TranslationError(f"a transposed (input-dilated) conv of {n} spatial "
+                                       "dimensions (2-D ones are covered)")
+            native = self.conv_transpose(source, w, rhs, params)
             if native is not None:
-                return native
-            source = self.g.dilate(source, x.shape, [int(d) for d in params["lhs_dilation"]],
+                return self._laid_out(native, out, aval)
+            shape = [x.shape[i] for i in (lhs[0], lhs[2], lhs[3], lhs[1])]  # (N, H, W, C)
+            source = self.g.dilate(source, shape, [int(d) for d in params["lhs_dilation"]],
                                    aval.dtype)
-        attrs = dict(strides=[int(s) for s in params["window_strides"]],
-                     dilations=[int(d) for d in params["rhs_dilation"]],
-                     pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]],
-                     group=int(params["feature_group_count"]))
-        y = self.g.node("Conv", [source, self.kernel(w, (3, 2, 0, 1))], "conv", **attrs)
-        return Tensor(y, tuple(aval.shape), True)
+        y = self.g.node("Conv", [source, self.kernel(w, rhs)], "conv",
+                        pads=[p[0] for p in pads] + [p[1] for p in pads],
+                        strides=[int(s) for s in params["window_strides"]],
+                        dilations=[int(d) for d in params["rhs_dilation"]],
+                        group=int(params["feature_group_count"]))
+        return self._laid_out(y, out, aval)
+
+    def _permuted(self, name: str, perm) -> str:
+        """``name`` transposed by ``perm`` (no node for the identity)."""
+        if tuple(perm) == tuple(range(len(perm))):
+            return name
+        return self.g.node("Transpose", [name], perm=list(perm))
+
+    def _laid_out(self, y: str, out_spec, aval) -> Tensor:
+        """A conv's ONNX output ``(N, C, *spatial)`` as a Tensor of the jaxpr's ``out_spec``
+        layout: a 2-D channels-last one left in NCHW (:attr:`Tensor.nchw`), others transposed."""
+        if out_spec == channels_first(2):
+            return Tensor(y, tuple(aval.shape), True)
+        return Tensor(self._permuted(y, np.argsort(out_spec)), tuple(aval.shape))
 
     def kernel(self, w, perm) -> str:
         """A conv kernel (``...IO``, a constant or a traced tensor) in ONNX's ``(O, I, ...)``."""
@@ -409,7 +419,7 @@ class _Converter:
             return self.g.node("Transpose", [self.nhwc(w)], perm=list(perm))
         return self.g.const(np.ascontiguousarray(np.asarray(w).transpose(perm)), "weight")
 
-    def conv_transpose(self, source: str, w, params, aval) -> Tensor | None:
+    def conv_transpose(self, source: str, w, rhs_spec, params) -> str | None:
         """An input-dilated conv (``nn.ConvTranspose``) as ONNX ``ConvTranspose`` (zero insertion
         then ``Conv`` also multiplies the holes: ~4x the work at stride 2): stride ``s``, the
         kernel flipped, ``pads`` ``k_eff - 1 - lo`` / ``k_eff - 1 - hi`` (``k_eff``: the dilated
@@ -418,7 +428,7 @@ class _Converter:
         if any(int(s) != 1 for s in params["window_strides"]) or \
                 int(params["feature_group_count"]) != 1 or isinstance(w, Tensor):
             return None
-        kernel = np.asarray(w)
+        kernel = np.asarray(w).transpose(*rhs_spec[2:], *rhs_spec[1::-1])  # as HWIO
         pads = [((k - 1) * d - int(lo), (k - 1) * d - int(hi)) for k, d, (lo, hi) in zip(
             kernel.shape[:2], params["rhs_dilation"], params["padding"], strict=True)]
         if min(v for p in pads for v in p) < 0:
@@ -429,7 +439,7 @@ class _Converter:
                         strides=[int(d) for d in params["lhs_dilation"]],
                         dilations=[int(d) for d in params["rhs_dilation"]],
                         pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
-        return Tensor(y, tuple(aval.shape), True)
+        return y
 
     def matmul(self, args, params, aval):
         (lc, rc), (lb, rb) = params["dimension_numbers"]

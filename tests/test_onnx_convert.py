@@ -61,6 +61,21 @@ def _scattered(x):
     return points + unshuffled.reshape(n, 6, 6, 4) + clipped + windows
 
 
+def _layouts(x):
+    """Convs in layouts other than ``nn.Conv``'s, each summed to ``(N, 8)``."""
+    nchw, k = jnp.transpose(conv(x), (0, 3, 1, 2)), _W.transpose(3, 2, 0, 1)[:, :, ::-1]
+    outs = [jax.lax.conv(nchw[:, :3], k, (1, 2), "SAME"),  # (N, 4, 6, 3)
+            jax.lax.conv_general_dilated(nchw[:, :3], k, (1, 1), ((0, 1), (2, 0)),
+                                         dimension_numbers=("NCHW", "OIHW", "NHWC")),
+            jax.lax.conv_transpose(nchw[:, :3], k[:, :, :2, :2], (2, 2), "SAME",
+                                   dimension_numbers=("NCHW", "OIHW", "NCHW")),
+            jax.lax.conv_transpose(nchw[:, :3], k * x[:, :1, :1, :1].mean(), (2, 1), "VALID",
+                                   dimension_numbers=("NCHW", "OIHW", "NCHW")),
+            jax.vmap(lambda r: jnp.convolve(r, np.array([1.0, -2.0, 0.5]), mode="same"))(
+                tokens(x)[..., 0])]
+    return sum(o.reshape(x.shape[0], -1)[:, :8] for o in outs)
+
+
 _ORDER = np.random.default_rng(2).permutation(36)
 _MESH = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
 
@@ -227,9 +242,13 @@ CASES = {
     "cumlogsumexp": lambda x: jax.lax.cumlogsumexp(conv(x), 1),
     "sort": lambda x: jnp.sort(conv(x), axis=1) + jnp.argsort(jnp.round(conv(x)), axis=-1)
     + jnp.median(conv(x), axis=-1, keepdims=True),
+    # and other layouts, as model code calls lax itself: a PyTorch port's NCHW / OIHW
+    # (``lax.conv``'s default), into NHWC, transposed (``lax.conv_transpose`` of a constant and
+    # of a traced kernel), 1-D ``NCW`` (``jnp.convolve``)
     "conv_general_dilated": lambda x: jax.lax.conv_general_dilated(
         x, np.ones((3, 3, 1, 6), np.float32), (2, 1), ((1, 1), (2, 2)), rhs_dilation=(1, 2),
-        feature_group_count=3, dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        feature_group_count=3, dimension_numbers=("NHWC", "HWIO", "NHWC")).reshape(
+        x.shape[0], -1)[:, :8] + _layouts(x),
     # and a window over 4 axes of a 5-D tensor (unbatched to Flax: Gemma 3's projector pools its
     # image tokens as nnx.avg_pool(x[..., None], (1, 1, k, k))): unit windows folded to the batch
     # and dilated windows (MaxPool's dilations; a sum as a depthwise conv of ones)
@@ -424,14 +443,14 @@ def test_dead_code_and_batch_broadcast_constants_are_exported():
 
 
 def test_uncovered_forms_are_one_line_errors(tmp_path):
-    def channels_first(x):  # another layout than nn.Conv's
-        return jax.lax.conv_general_dilated(x, np.ones((4, 6, 3, 3), np.float32), (1, 1), "SAME",
-                                            dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    def transposed_1d(x):  # an input-dilated conv of one spatial axis
+        return jax.lax.conv_transpose(tokens(x), np.ones((3, 4, 2), np.float32), (2,), "SAME",
+                                      dimension_numbers=("NWC", "WIO", "NWC"))
 
     with pytest.raises(onnx_convert.TranslationError,
                        match=r"^cannot export primitive 'conv_general_dilated' \(layer .*\) to "
-                             r"ONNX: only channels-last convolutions N...C / ...IO"):
-        runtimes.onnx_model(channels_first, SHAPE)
+                             r"ONNX: a transposed \(input-dilated\) conv of 1 spatial dim"):
+        runtimes.onnx_model(transposed_1d, SHAPE)
 
 
 @pytest.mark.parametrize("kernel,strides,padding,dilation", [
