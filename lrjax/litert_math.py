@@ -17,7 +17,10 @@
   order, as JAX's stable sort and ``top_k``), and each output position gathers the element
   whose place it is (``-0`` and ``+0`` tie, as in ONNX's ``TopK``, where JAX's ``top_k`` puts
   ``+0`` first; a NaN has no place: sort data without them). ``L x L`` comparisons along an
-  axis of length ``L``: for the short axes models sort (experts, channels, a window's values).
+  axis of length ``L``: for the short axes models sort (experts, channels, a window's values);
+* a transposed conv (an input-dilated 2-D conv: ``nn.ConvTranspose``, an upsampling ``nn.Conv``
+  with ``input_dilation``, ``lax.conv_transpose`` in any layout) in the one padding the
+  converter gets right, its extra rows and columns sliced off (:func:`conv_transpose`).
 """
 
 from __future__ import annotations
@@ -118,6 +121,52 @@ def scatter_add(operand, indices, updates, dimension_numbers):
     return operand + jnp.einsum(spec, chosen, updates)
 
 
+def conv_transpose(x, kernel, params):
+    """An input-dilated 2-D ``conv_general_dilated`` (``params``: its equation's) in the form the
+    TFLite converter takes, or None where its own form converts (or it is no transposed conv).
+
+    The converter takes a strided axis padded ``k - 1`` on both sides (``k``: the dilated
+    kernel's extent; TF's "full" transposed conv) and gets others wrong: the output shape for
+    ``(2, 1)`` (a 3x3 stride-2 ``SAME`` conv: 14x14 for 12x12), the numbers for ``(1, 2)``, and
+    it fails to convert ``(1, 1)`` or ``(0, 0)``. Any padding within ``k - 1`` is that full form
+    with its extra output rows and columns sliced off (same numbers). Input and kernel dilation
+    in one conv (which it cannot legalize) has the kernel's zeros written out. Operands in any
+    layout (a PyTorch port's ``NCHW`` / ``OIHW``) are transposed to ``NHWC`` / ``HWIO`` and the
+    output back."""
+    lhs, rhs, out = params["dimension_numbers"]
+    strides = tuple(int(d) for d in params["lhs_dilation"])
+    dilation = tuple(int(d) for d in params["rhs_dilation"])
+    if len(strides) != 2 or max(strides) == 1 or any(int(s) != 1 for s in
+                                                     params["window_strides"]) or \
+            int(params["feature_group_count"]) != 1 or int(params["batch_group_count"]) != 1:
+        return None
+    pads = [tuple(int(v) for v in p) for p in params["padding"]]
+    kernel = jnp.transpose(kernel, (rhs[2], rhs[3], rhs[1], rhs[0]))  # HWIO
+    full = [(k - 1) * d for k, d in zip(kernel.shape[:2], dilation, strict=True)]
+    converted = [(f, f) if s > 1 else (lo, hi)
+                 for (lo, hi), s, f in zip(pads, strides, full, strict=True)]
+    both = max(dilation) > 1
+    if (pads == converted and not both) or any(
+            not (0 <= lo <= f and 0 <= hi <= f) for (lo, hi), f in zip(pads, full, strict=True)):
+        return None
+    if both:  # the dilation written out: zeros between the taps
+        kernel = jnp.zeros((full[0] + 1, full[1] + 1, *kernel.shape[2:]), kernel.dtype).at[
+            ::dilation[0], ::dilation[1]].set(kernel)
+        dilation = (1, 1)
+    y = jax.lax.conv_general_dilated(
+        jnp.transpose(x, (lhs[0], lhs[2], lhs[3], lhs[1])), kernel, (1, 1), converted,
+        lhs_dilation=strides, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=params["precision"],
+        preferred_element_type=params["preferred_element_type"])
+    (top, bottom), (left, right) = [(c_lo - lo, c_hi - hi) for (lo, hi), (c_lo, c_hi)
+                                    in zip(pads, converted, strict=True)]
+    y = y[:, top:y.shape[1] - bottom, left:y.shape[2] - right]
+    perm = [0] * 4  # NHWC to the output's layout
+    for source, axis in zip((0, 3, 1, 2), out, strict=True):
+        perm[axis] = source
+    return jnp.transpose(y, perm)
+
+
 def rewrite(eqn, ins) -> list | None:
     """The outputs of ``eqn`` on ``ins`` computed with convertible primitives, or None where it
     is converted as it is."""
@@ -135,4 +184,7 @@ def rewrite(eqn, ins) -> list | None:
         return [cumlogsumexp(ins[0], int(eqn.params["axis"]), bool(eqn.params["reverse"]))]
     if name == "top_k" and int(eqn.params.get("axis", -1)) in (-1, len(ins[0].shape) - 1):
         return top_k(ins[0], int(eqn.params["k"]))
+    if name == "conv_general_dilated":
+        out = conv_transpose(*ins, eqn.params)
+        return None if out is None else [out]
     return None

@@ -16,22 +16,17 @@ import os
 import re
 import sys
 import tempfile
-import types
 from collections.abc import Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lrjax import costs, formulations, litert_math, macs, replay
-from lrjax.layers import conv_skip_reason, input_dilated
+from lrjax import formulations, litert_math, macs, replay
 
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "SAVED_MODEL_BYTES", "symbolic_batch",
            "onnx_model", "onnx_session", "tflite_model", "weight_bytes", "release_memory",
-           "litert_interpreter", "litert_runner", "litert_outputs", "layer_call", "litert_conv_transpose",
-           "litert_transposed", "LiteRTConvTranspose", "as_transposed"]
+           "litert_interpreter", "litert_runner", "litert_outputs", "layer_call"]
 
 RUNTIMES = ("jax", "onnxruntime", "litert")
 
@@ -170,7 +165,8 @@ def tflite_model(forward: Callable, shape, params=None, *,
 def litert_primitives(fn: Callable, example) -> Callable:
     """``fn`` with the primitives the TFLite converter cannot legalize written with ones it can:
     those of :mod:`lrjax.litert_math` (``erf`` as ``1 - erfc``, inverse trigonometric and
-    hyperbolic functions, ``cbrt``, ``xor``, ``sort`` and ``top_k`` by comparisons); random
+    hyperbolic functions, ``cbrt``, ``xor``, ``sort`` and ``top_k`` by comparisons, transposed
+    convs in the one padding the converter gets right); random
     draws from a key given as a constant (the call's ``rngs=``: a masked autoencoder's
     shuffle) evaluated into constants, as everything computed from constants alone (the
     converter has no unsigned multiply); a ``tile`` of more than 4 axes as concatenated copies
@@ -416,89 +412,6 @@ def _number(name: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def litert_conv_transpose(layer, x, kernel, bias):
-    """A transposed conv (``nn.ConvTranspose`` / ``nnx.ConvTranspose`` ``layer`` with its
-    ``kernel`` and ``bias``) in the form the TFLite converter takes, or ``None`` where the
-    layer's own form converts. The converter takes a strided axis padded ``k - 1`` on both
-    sides (``k``: the dilated kernel's extent; TF's "full" transposed conv) and gets others wrong:
-    the output shape for ``(2, 1)`` (a 3x3 stride-2 ``SAME`` conv: 14x14 for 12x12), the numbers
-    for ``(1, 2)``, and it fails to convert ``(1, 1)`` or ``(0, 0)``. Any padding within ``k - 1``
-    is that full form with its extra output rows and columns sliced off (same numbers). A
-    dilated kernel on a strided layer (input and kernel dilation in one conv: the converter
-    cannot legalize it) is written out with its zeros."""
-    if layer.mask is not None or x.ndim != 4 or np.ndim(kernel) != 4 or \
-            (isinstance(layer.padding, str) and layer.padding.upper() == "CIRCULAR"):
-        return None
-    strides, dilation = costs.as_pair(layer.strides), costs.as_pair(layer.kernel_dilation)
-    pads = costs.transpose_padding(layer.padding, kernel.shape[:2], strides, dilation)
-    full = [(k - 1) * d for k, d in zip(kernel.shape[:2], dilation, strict=True)]
-    converted = [(f, f) if s > 1 else (lo, hi)
-                 for (lo, hi), s, f in zip(pads, strides, full, strict=True)]
-    both = max(strides) > 1 and max(dilation) > 1
-    if (list(pads) == converted and not both) or any(
-            not (0 <= lo <= f and 0 <= hi <= f) for (lo, hi), f in zip(pads, full, strict=True)):
-        return None
-    if layer.transpose_kernel:  # as lax.conv_transpose reads it
-        kernel = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-    if both:  # the dilation written out: zeros between the taps
-        kernel = jnp.zeros((full[0] + 1, full[1] + 1, *kernel.shape[2:]), kernel.dtype).at[
-            ::dilation[0], ::dilation[1]].set(kernel)
-        dilation = (1, 1)
-    y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), (1, 1), converted, lhs_dilation=strides,
-        rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=layer.precision)
-    (top, bottom), (left, right) = [(c_lo - lo, c_hi - hi) for (lo, hi), (c_lo, c_hi)
-                                    in zip(pads, converted, strict=True)]
-    y = y[:, top:y.shape[1] - bottom, left:y.shape[2] - right]
-    return y if bias is None else y + bias.astype(y.dtype)
-
-
-def litert_transposed(next_fun, args, kwargs, context):
-    """Method interceptor: a linen ``nn.ConvTranspose`` in the form the TFLite converter takes
-    (:func:`litert_conv_transpose`)."""
-    module = context.module
-    layer = module if isinstance(module, nn.ConvTranspose) else as_transposed(module)
-    if context.method_name == "__call__" and layer is not None \
-            and not module.is_initializing():
-        params = module.variables.get("params", {})
-        if "kernel" in params:
-            x = args[0] if args else kwargs["inputs"]
-            y = litert_conv_transpose(layer, x, params["kernel"], params.get("bias"))
-            if y is not None:
-                return y
-    return next_fun(*args, **kwargs)
-
-
-def as_transposed(module):
-    """An input-dilated ``nn.Conv`` / ``nnx.Conv`` that lrjax splits as a transposed conv
-    (:func:`lrjax.layers.input_dilated`: stride 1, one group, explicit padding), as that
-    transposed conv (strides = input dilation), for :func:`litert_conv_transpose`; else
-    ``None``."""
-    if type(module) not in (nn.Conv, nnx.Conv) or not input_dilated(module) or \
-            conv_skip_reason(module, type(module)) is not None:
-        return None
-    return types.SimpleNamespace(mask=module.mask, padding=module.padding,
-                                 strides=module.input_dilation,
-                                 kernel_dilation=module.kernel_dilation, transpose_kernel=False,
-                                 precision=module.precision)
-
-
-class LiteRTConvTranspose(nnx.Module):
-    """An ``nnx.ConvTranspose`` (or an input-dilated ``nnx.Conv``, :func:`as_transposed`) in the
-    form the TFLite converter takes (:func:`litert_conv_transpose`)."""
-
-    def __init__(self, layer: nnx.ConvTranspose | nnx.Conv):
-        self.layer = layer
-
-    def __call__(self, x):
-        layer = self.layer
-        spec = layer if isinstance(layer, nnx.ConvTranspose) else as_transposed(layer)
-        y = None if spec is None else litert_conv_transpose(
-            spec, x, layer.kernel[...], None if layer.bias is None else layer.bias[...])
-        return layer(x) if y is None else y
-
-
 def layer_call(runtime: str) -> Callable:
     """``call(module, variables, x)``: a zero-argument call running the linen ``module`` on ``x``
     in ``runtime`` (``"onnxruntime"`` or ``"litert"``, float32), for
@@ -517,11 +430,7 @@ def layer_call(runtime: str) -> Callable:
             session = onnx_session(onnx_model(forward, xs.shape))
             return lambda: session.run(None, {"input": xs})
 
-        def converted(v):  # transposed convs in the form the converter takes
-            with nn.intercept_methods(litert_transposed):
-                return forward(v)
-
-        run = litert_runner(litert_interpreter(tflite_model(converted, xs.shape)))
+        run = litert_runner(litert_interpreter(tflite_model(forward, xs.shape)))
         return lambda: run(xs)
 
     return call

@@ -170,12 +170,19 @@ class TwoUpsamplers(nn.Module):
     @nn.compact
     def __call__(self, x):
         y = nn.ConvTranspose(4, (3, 3), strides=2, transpose_kernel=True, name="full")(x)
-        return y + LowRankConvTranspose(4, (3, 3), rank=2, strides=2, name="pair")(x)
+        # and a PyTorch port's own upsampler: lax.conv_transpose of NCHW by an OIHW kernel
+        w = self.param("torch_kernel", nn.initializers.lecun_normal(), (4, 4, 3, 3))
+        own = jax.lax.conv_transpose(jnp.transpose(x, (0, 3, 1, 2)), w, (2, 2), "SAME",
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        pair = LowRankConvTranspose(4, (3, 3), rank=2, strides=2, name="pair")(x)
+        return y + pair + jnp.transpose(own, (0, 2, 3, 1))
 
 
 def test_transposed_convs_export_to_litert(tmp_path):
     """3x3 stride-2 SAME upsamplers (rows and columns padded (2, 1), whose output shape the TFLite
-    converter gets wrong as written) reach LiteRT, full and split, linen and NNX."""
+    converter gets wrong as written) reach LiteRT, full and split, linen and NNX, Flax's layers
+    and a model's own ``lax.conv_transpose`` in another layout alike (each input-dilated conv is
+    rewritten where the export traces it, :func:`lrjax.litert_math.conv_transpose`)."""
     model = TwoUpsamplers()
     x = jax.random.normal(jax.random.key(4), (1, 5, 6, 4))
     result = export.to_tflite(model, init(model, 0, x), x, str(tmp_path / "up.tflite"))

@@ -83,9 +83,9 @@ def _fn(module, variables, apply_kwargs, shape, for_litert: bool = False, inputs
         tree=None, compute_dtype=None):
     """The inference function ``x -> output`` of a linen module and its variables, or of an NNX
     model (``variables=None``) in eval mode; ``for_litert``: in the forms the TFLite converter
-    takes (linen dense layers on rank-4 inputs as 1x1 convs, :func:`_dense_as_conv`; transposed
-    convs as :func:`lrjax.runtimes.litert_conv_transpose` writes them); ``compute_dtype``:
-    :func:`_in_compute_dtype`."""
+    takes (linen dense layers on rank-4 inputs as 1x1 convs, :func:`_dense_as_conv`; the rest is
+    rewritten primitive by primitive, :func:`lrjax.runtimes.litert_primitives`);
+    ``compute_dtype``: :func:`_in_compute_dtype`."""
     return _keys_as_data(_in_compute_dtype(_inference_fn(
         module, variables, apply_kwargs, shape, for_litert, inputs, tree), compute_dtype, shape,
         inputs))
@@ -127,11 +127,6 @@ def _inference_fn(module, variables, apply_kwargs, shape, for_litert, inputs, tr
         if variables is not None:
             raise ExportError(f"{type(module).__name__} is an NNX model, which carries its own "
                               f"state: pass variables=None (got a {type(variables).__name__})")
-        if for_litert:  # on a copy
-            module = nnx.recursive_map(
-                lambda _, node: runtimes.LiteRTConvTranspose(node)
-                if type(node) is nnx.ConvTranspose or runtimes.as_transposed(node) is not None
-                else node, nnx.clone(module))
         # merged (as fresh variables) inside each trace: NNX's lifted transforms (nnx.scan
         # over nnx.vmap-made blocks) refuse variables made outside the trace that runs them
         apply_kwargs, nodes = graph_keywords(apply_kwargs)  # a KV cache the call updates
@@ -161,8 +156,7 @@ def _linen_apply(module, apply_kwargs, for_litert: bool = False):
     """``(variables, *xs, **keyword_inputs) -> output`` of a linen module's inference call."""
     def apply(variables, *xs, **keyword_inputs):
         if for_litert:
-            with nn.intercept_methods(_dense_as_conv), \
-                    nn.intercept_methods(runtimes.litert_transposed):
+            with nn.intercept_methods(_dense_as_conv):
                 return module.apply(variables, *xs, **keyword_inputs, **apply_kwargs)
         return module.apply(variables, *xs, **keyword_inputs, **apply_kwargs)
 
