@@ -7,10 +7,11 @@
   through ``exp`` and ``log``, ``cbrt`` of ``|x|`` (as a power it came out NaN below 0) and a
   boolean ``xor`` as ``!=`` ("'vhlo.xor_v1' op is not part of the vhlo support yet");
 * ``cumlogsumexp`` as a log-sum-exp over a masked ``L x L`` view;
-* a scatter that adds points along one axis (``x.at[:, idx].add(y)``, ``segment_sum``, per
-  example under ``jax.vmap``) as an einsum with a one-hot array of the indices ("Only update,
-  Add, Multiply, Maximum and Minimum operations are currently supported for
-  stablehlo.scatter", though it adds);
+* ``reduce_precision`` to bfloat16's or float16's bits as a cast there and back;
+* a scatter that adds (or subtracts) points along one axis (``x.at[:, idx].add(y)``,
+  ``segment_sum``, per example under ``jax.vmap``) as an einsum with a one-hot array of the
+  indices ("Only update, Add, Multiply, Maximum and Minimum operations are currently supported
+  for stablehlo.scatter", though it adds);
 * ``sort`` on one key (``jnp.sort``, ``jnp.argsort``, ``jnp.median``: "'vhlo.sort_v1' op is not
   part of the vhlo support yet") and ``top_k`` (a mixture-of-experts router) by comparisons:
   each element's place is the number of elements that sort before it (equal ones in index
@@ -177,9 +178,16 @@ def rewrite(eqn, ins) -> list | None:
         return [ins[0] != ins[1]]
     if name == "sort":
         return sort(ins, int(eqn.params["dimension"]), int(eqn.params["num_keys"]))
-    if name == "scatter-add" and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating):
-        out = scatter_add(*ins, eqn.params["dimension_numbers"])
+    if name in ("scatter-add", "scatter-sub") and jnp.issubdtype(eqn.outvars[0].aval.dtype,
+                                                                 jnp.floating):
+        operand, indices, updates = ins
+        out = scatter_add(operand, indices, -updates if name == "scatter-sub" else updates,
+                          eqn.params["dimension_numbers"])
         return None if out is None else [out]
+    if name == "reduce_precision":  # "'vhlo.reduce_precision_v1' op is not part of the vhlo
+        bits = (int(eqn.params["exponent_bits"]), int(eqn.params["mantissa_bits"]))  # support"
+        narrow = {(8, 7): jnp.bfloat16, (5, 10): jnp.float16}.get(bits)
+        return None if narrow is None else [ins[0].astype(narrow).astype(ins[0].dtype)]
     if name == "cumlogsumexp":
         return [cumlogsumexp(ins[0], int(eqn.params["axis"]), bool(eqn.params["reverse"]))]
     if name == "top_k" and int(eqn.params.get("axis", -1)) in (-1, len(ins[0].shape) - 1):

@@ -1,6 +1,6 @@
 """ONNX translation of any ``scatter`` (``x.at[idx].set(y)`` with index arrays, ``.add``,
-``.multiply``; ``jax.ops.segment_sum``; a token unshuffle written as a scatter at indices of the
-data) as one ``ScatterND`` of single elements: every element of the updates gets its full
+``.subtract``, ``.multiply``; ``jax.ops.segment_sum``; a token unshuffle written as a scatter at
+indices of the data) as one ``ScatterND`` of single elements: every element of the updates gets its full
 operand coordinate, built from the scatter's indices, its window offsets and its batching
 axes, and JAX's ``FILL_OR_DROP`` mode (windows not wholly inside dropped) and ``CLIP`` mode
 (starts clamped) are computed in the graph. :func:`lrjax.onnx_arrays.scatter` keeps its
@@ -15,7 +15,7 @@ import numpy as np
 
 from lrjax.onnx_graph import Tensor, TranslationError, concrete, reshape_spec
 
-__all__ = ["scatter_nd", "HANDLERS"]
+__all__ = ["scatter_nd", "scatter_sub", "HANDLERS"]
 
 _INT64 = 7  # onnx.TensorProto.INT64
 
@@ -150,7 +150,16 @@ def scatter_nd(c, args, params, aval, reduction: str = "none"):
     return Tensor(out, tuple(aval.shape))
 
 
+def scatter_sub(c, args, params, aval):
+    """``x.at[idx].subtract(y)``: the updates negated, added."""
+    operand, indices, updates = args
+    negated = Tensor(c.g.node("Neg", [c.nhwc(updates)]), tuple(updates.shape)) \
+        if isinstance(updates, Tensor) else -np.asarray(updates)
+    return scatter_nd(c, [operand, indices, negated], params, aval, reduction="add")
+
+
 HANDLERS = {
     "scatter-add": functools.partial(scatter_nd, reduction="add"),
+    "scatter-sub": scatter_sub,
     "scatter-mul": functools.partial(scatter_nd, reduction="mul"),
 }  # scatter-min / scatter-max: ScatterND's reductions of opset 18, newer than the graph's

@@ -179,6 +179,14 @@ CASES = {
     + jax.ops.segment_sum(tokens(x).transpose(1, 0, 2), np.arange(36) % 6, 6).transpose(
         1, 0, 2)[:, :, None, :] + conv(x).at[:, :, jnp.argmax(x[:, 0, 0], axis=-1) * 4].add(1.0),
     "scatter-mul": lambda x: conv(x).at[:, np.array([1, 1, 3])].multiply(first(x)[:, :3] + 2),
+    "scatter-sub": lambda x: conv(x).at[:, :, np.array([4, 0, 4])].subtract(conv(x)[:, :, :3])
+    + conv(x).at[:, np.array([2, 7])].subtract(1.5),
+    # a scheduling hint (a remat policy's): its operands as they are
+    "optimization_barrier": lambda x: sum(jax.lax.optimization_barrier((conv(x), first(x)))),
+    # a model simulating bfloat16 or float16 arithmetic in float32
+    # (of values both runtimes compute alike: rounding would magnify a last-bit difference)
+    "reduce_precision": lambda x: jax.lax.reduce_precision(x * 1.001, 8, 7)
+    + jax.lax.reduce_precision(x * 0.999, 5, 10) + jax.lax.reduce_precision(x, 8, 23),
     "clamp": lambda x: jax.lax.clamp(np.float32(-0.3), conv(x), np.float32(0.4))
     + jax.lax.clamp(first(x) * jnp.ones(4), conv(x), first(x) * jnp.ones(4) + 1),
     "convert_element_type": lambda x: conv(x).astype(jnp.int32).astype(jnp.float32),
@@ -256,6 +264,10 @@ CASES = {
         x.shape[0], -1), nn.max_pool(images(x), (1, 1, 3, 3), padding="SAME").reshape(
         x.shape[0], -1), jax.lax.reduce_window(conv(x), -jnp.inf, jax.lax.max, (1, 2, 3, 1), (
             1, 2, 1, 1), "SAME", window_dilation=(1, 2, 2, 1)).reshape(x.shape[0], -1)], axis=1),
+    # min pooling (an erosion): the padding ignored, as -inf in MaxPool
+    "reduce_window_min": lambda x: jax.lax.reduce_window(conv(x), jnp.inf, jax.lax.min, (
+        1, 3, 2, 1), (1, 1, 1, 1), "SAME") + jax.lax.reduce_window(x, jnp.inf, jax.lax.min, (
+            1, 2, 2, 1), (1, 1, 1, 1), ((0, 0), (1, 0), (0, 1), (0, 0)))[..., :1],
     "reduce_window_sum": lambda x: jnp.concatenate([nn.avg_pool(
         conv(x), (3, 3), (1, 1), padding="SAME").reshape(x.shape[0], -1), nn.avg_pool(
         images(x), (1, 1, 2, 2), (1, 1, 2, 2)).reshape(x.shape[0], -1), jax.lax.reduce_window(

@@ -2,7 +2,8 @@
 trigonometry and ``atan2`` (zeros of either sign included), ``cbrt``, ``is_finite``, logical and
 bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min /
 product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``,
-scatters that add, and interior padding, on a conv's output (stored NCHW in the ONNX graph)
+scatters that add or subtract, min pooling, ``reduce_precision``, ``optimization_barrier``
+and interior padding, on a conv's output (stored NCHW in the ONNX graph)
 and on the input; LiteRT through :mod:`lrjax.litert_math`'s rewrites."""
 
 import flax.linen as nn
@@ -46,7 +47,13 @@ class MathOps(nn.Module):
                    scatter_add=h.at[:, :, np.array([4, 0, 4, 9])].add(h[:, :, :4]),
                    segment_sum=jax.ops.segment_sum(jnp.swapaxes(h, 0, 2), np.arange(7) % 3, 3),
                    per_example=jax.vmap(lambda row, i: row.at[:, i].add(1.0))(  # batching axes
-                       h, jnp.argmax(h[:, 0, :, 0], axis=-1)))
+                       h, jnp.argmax(h[:, 0, :, 0], axis=-1)),
+                   subtract=h.at[:, np.array([1, 1, 5])].subtract(h[:, :3]),
+                   min_pool=jax.lax.reduce_window(h, jnp.inf, jax.lax.min, (1, 2, 3, 1),
+                                                  (1, 1, 2, 1), "SAME"),
+                   barrier=jax.lax.optimization_barrier((h, t))[1],
+                   bfloat16=jax.lax.reduce_precision(x * 1.001, 8, 7),  # (rounding would
+                   float16=jax.lax.reduce_precision(x * 0.999, 5, 10))  # magnify conv noise)
         return out
 
 
