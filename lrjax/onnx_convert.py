@@ -216,19 +216,6 @@ class _Converter:
         names = [t.name, *(self.g.const(np.asarray(c, dtype)) for c, dtype in constants)]
         return Tensor(self.g.node(op, names), t.shape, t.nchw)
 
-    def reduce_precision(self, t: Tensor, params, aval) -> Tensor:
-        """``lax.reduce_precision`` to bfloat16's or float16's bits as a ``Cast`` there and back
-        (rounding to nearest even, as XLA); a float32 value to float32's own bits as itself."""
-        bits = (int(params["exponent_bits"]), int(params["mantissa_bits"]))
-        narrow = {(8, 7): onnx.TensorProto.BFLOAT16, (5, 10): onnx.TensorProto.FLOAT16}
-        if bits == (8, 23) and aval.dtype == np.float32:
-            return t
-        if bits not in narrow:
-            raise TranslationError(f"reduce_precision to {bits[0]} exponent and {bits[1]} "
-                                   "mantissa bits (bfloat16's and float16's are covered)")
-        down = self.g.node("Cast", [t.name], to=narrow[bits])
-        return Tensor(self.g.node("Cast", [down], to=onnx_dtype(aval.dtype)), t.shape, t.nchw)
-
     def round(self, args, params, aval):  # ONNX Round is half to even, as jnp.round
         """Half away from zero (``lax.round``'s default) as ``sign(x) * floor(|x| + 0.5)``."""
         if params["rounding_method"] == jax.lax.RoundingMethod.TO_NEAREST_EVEN:
@@ -524,8 +511,6 @@ HANDLERS: dict[str, Any] = {
         "Pow", [args[0], np.asarray(params["y"], aval.dtype)], aval),
     **{prim: (lambda c, args, params, aval: args[0]) for prim in (  # sharding: none in a graph
         "copy", "stop_gradient", "reshard", "sharding_constraint")},
-    "optimization_barrier": lambda c, args, params, aval: list(args),  # a scheduling hint
-    "reduce_precision": lambda c, args, params, aval: c.reduce_precision(args[0], params, aval),
     "clamp": lambda c, args, params, aval: c.elementwise("Max", [c.elementwise(  # lax.clamp
         "Min", args[1:], aval), args[0]], aval),
     "max": lambda c, args, params, aval: c.clamp(args, aval, lower=True),
@@ -536,7 +521,7 @@ HANDLERS: dict[str, Any] = {
         "reshape", "squeeze", "broadcast_in_dim", "transpose", "slice", "tile", "pad",
         "concatenate")},
     **{prim: getattr(onnx_arrays, prim) for prim in onnx_arrays.__all__},
-    **onnx_math.HANDLERS,  # trigonometry, cumulative reductions, sort, ...
+    **onnx_math.HANDLERS,  # trigonometry, cumulative reductions, sort, min pooling, ...
     **onnx_scatter.HANDLERS,  # scatter-add, scatter-mul (scatter: onnx_arrays.scatter)
     "reduce_sum": _method("reduction", "ReduceSum"),
     "reduce_max": _method("reduction", "ReduceMax"),
@@ -547,8 +532,6 @@ HANDLERS: dict[str, Any] = {
                                                                         params, aval),
     "reduce_window_sum": lambda c, args, params, aval: onnx_arrays.pool(c, "AveragePool", args,
                                                                         params, aval),
-    "reduce_window_min": lambda c, args, params, aval: c.then(onnx_arrays.pool(  # -max(-x)
-        c, "MaxPool", [c.then(args[0], "Neg")], params, aval), "Neg"),
     "dot_general": _method("matmul"),
 }
 

@@ -4,13 +4,16 @@ coordinates, rotary and Fourier features), ``cbrt``, ``is_finite`` (``jax.nn.log
 ``not`` and ``xor``, ``argmin``, ``reduce_prod`` / ``reduce_and`` / ``reduce_or``
 (``jnp.prod``, ``jnp.all``, ``jnp.any``; ``jnp.median``'s NaN check), the cumulative
 ``cummax`` / ``cummin`` / ``cumprod`` / ``cumlogsumexp``, ``sort`` (``jnp.sort``, ``jnp.argsort``,
-``jnp.median``) and a pad with interior padding (values between neighbours: a zero-inserting
-upsampler). Handlers of :data:`lrjax.onnx_convert.HANDLERS`, keyed by primitive name in
-:data:`HANDLERS`: ``handler(converter, args, params, out_aval)``."""
+``jnp.median``), a pad with interior padding (values between neighbours: a zero-inserting
+upsampler), min pooling, ``reduce_precision`` (a model simulating bfloat16 arithmetic) and
+``optimization_barrier`` (a scheduling hint: its operands as they are). Handlers of
+:data:`lrjax.onnx_convert.HANDLERS`, keyed by primitive name in :data:`HANDLERS`:
+``handler(converter, args, params, out_aval)``."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from lrjax import onnx_arrays
 from lrjax.onnx_graph import Tensor, TranslationError, concrete, onnx_dtype, reshape_spec
@@ -180,6 +183,25 @@ def dilated(c, t: Tensor, config, value) -> Tensor:
     return Tensor(x, tuple(shape))
 
 
+def reduce_precision(c, args, params, aval):
+    """``lax.reduce_precision`` to bfloat16's or float16's bits as a ``Cast`` there and back
+    (rounding to nearest even, as XLA); a float32 value to float32's own bits as itself."""
+    t, bits = args[0], (int(params["exponent_bits"]), int(params["mantissa_bits"]))
+    narrow = {(8, 7): onnx.TensorProto.BFLOAT16, (5, 10): onnx.TensorProto.FLOAT16}
+    if bits == (8, 23) and aval.dtype == np.float32:
+        return t
+    if bits not in narrow:
+        raise TranslationError(f"reduce_precision to {bits[0]} exponent and {bits[1]} mantissa "
+                               "bits (bfloat16's and float16's are covered)")
+    down = c.g.node("Cast", [t.name], to=narrow[bits])
+    return Tensor(c.g.node("Cast", [down], to=onnx_dtype(aval.dtype)), t.shape, t.nchw)
+
+
+def min_pool(c, args, params, aval):
+    """``reduce_window_min`` (an erosion) as ``-MaxPool(-x)``: padding ignored either way."""
+    return c.then(onnx_arrays.pool(c, "MaxPool", [c.then(args[0], "Neg")], params, aval), "Neg")
+
+
 HANDLERS = {
     **{prim: _unary(op) for prim, op in _ONE_OP.items()},
     "atan2": atan2, "cbrt": cbrt, "is_finite": is_finite, "not": not_, "xor": xor,
@@ -188,5 +210,6 @@ HANDLERS = {
     "cummax": _cumulative("ReduceMax", _lowest), "cummin": _cumulative("ReduceMin", _highest),
     "cumprod": _cumulative("ReduceProd", lambda dtype: 1),
     "cumlogsumexp": _cumulative("ReduceLogSumExp", _lowest),
-    "sort": sort,
+    "sort": sort, "reduce_window_min": min_pool, "reduce_precision": reduce_precision,
+    "optimization_barrier": lambda c, args, params, aval: list(args),
 }

@@ -1,7 +1,7 @@
 """ONNX translation of any ``scatter`` (``x.at[idx].set(y)`` with index arrays, ``.add``,
 ``.subtract``, ``.multiply``; ``jax.ops.segment_sum``; a token unshuffle written as a scatter at
-indices of the data) as one ``ScatterND`` of single elements: every element of the updates gets its full
-operand coordinate, built from the scatter's indices, its window offsets and its batching
+indices of the data) as one ``ScatterND`` of single elements: every element of the updates gets
+its full operand coordinate, built from the scatter's indices, its window offsets and its batching
 axes, and JAX's ``FILL_OR_DROP`` mode (windows not wholly inside dropped) and ``CLIP`` mode
 (starts clamped) are computed in the graph. :func:`lrjax.onnx_arrays.scatter` keeps its
 ``dynamic_update_slice`` form for one window at one start; handlers of
