@@ -8,6 +8,7 @@
   boolean ``xor`` as ``!=`` ("'vhlo.xor_v1' op is not part of the vhlo support yet");
 * ``cumlogsumexp`` as a log-sum-exp over a masked ``L x L`` view;
 * ``reduce_precision`` to bfloat16's or float16's bits as a cast there and back;
+* a gather at constant indices with its starts clamped, as JAX clamps them;
 * a scatter that adds (or subtracts) points along one axis (``x.at[:, idx].add(y)``,
   ``segment_sum``, per example under ``jax.vmap``) as an einsum with a one-hot array of the
   indices ("Only update, Add, Multiply, Maximum and Minimum operations are currently supported
@@ -168,6 +169,17 @@ def conv_transpose(x, kernel, params):
     return jnp.transpose(y, perm)
 
 
+def clamped_gather(operand, indices, params):
+    """A ``gather`` at constant indices with its starts clamped into range, as JAX clamps them
+    (``jnp.take(..., mode="clip")``): LiteRT's ``GATHER_ND`` rejects negative ones."""
+    dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+    bound = [operand.shape[a] - sizes[a] for a in dn.start_index_map]
+    return jax.lax.gather(operand, np.clip(np.asarray(indices), 0, bound).astype(indices.dtype),
+                          dn, sizes, mode=params["mode"], fill_value=params["fill_value"],
+                          indices_are_sorted=params["indices_are_sorted"],
+                          unique_indices=params["unique_indices"])
+
+
 def rewrite(eqn, ins) -> list | None:
     """The outputs of ``eqn`` on ``ins`` computed with convertible primitives, or None where it
     is converted as it is."""
@@ -192,6 +204,9 @@ def rewrite(eqn, ins) -> list | None:
         return [cumlogsumexp(ins[0], int(eqn.params["axis"]), bool(eqn.params["reverse"]))]
     if name == "top_k" and int(eqn.params.get("axis", -1)) in (-1, len(ins[0].shape) - 1):
         return top_k(ins[0], int(eqn.params["k"]))
+    if name == "gather" and not isinstance(ins[1], jax.core.Tracer) and \
+            eqn.params["mode"] != jax.lax.GatherScatterMode.FILL_OR_DROP:
+        return [clamped_gather(*ins, eqn.params)]
     if name == "conv_general_dilated":
         out = conv_transpose(*ins, eqn.params)
         return None if out is None else [out]

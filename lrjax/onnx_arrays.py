@@ -123,13 +123,19 @@ def gather(c, args, params, aval):
             (not point and (len(axes) != 1 or dropped != axes)):
         return gather_nd(c, args, params, aval)  # take_along_axis, ...
     starts = np.asarray(idx).reshape(-1, len(axes)).astype(np.int64)
+    if params["mode"] != jax.lax.GatherScatterMode.FILL_OR_DROP and all(
+            concrete(x.shape[a]) for a in axes):  # clamped, as JAX clamps them
+        starts = np.clip(starts, 0, [int(x.shape[a]) - int(sizes[a]) for a in axes])
     ends = starts + [int(sizes[a]) for a in axes]
     whole = all(s == 1 if i in dropped else i in axes or same_dim(s, d)
                 for i, (s, d) in enumerate(zip(sizes, x.shape, strict=True)))
-    offsets = tuple(range(rank - len(dropped))) if point else \
-        tuple(i for i in range(rank) if i != axes[0])
+    # the indices' axis: in the gathered axis's place (jnp.take), or elsewhere (jnp.percentile
+    # of several q puts it first)
+    placed = next((p for p in range(rank) if tuple(dn.offset_dims) == tuple(
+        i for i in range(rank) if i != p)), None)
+    offsets = tuple(range(rank - len(dropped))) if point else tuple(dn.offset_dims)
     if not whole or tuple(dn.offset_dims) != offsets or starts.min(initial=0) < 0 or \
-            np.any(ends > [int(x.shape[a]) for a in axes]):
+            (not point and placed is None) or np.any(ends > [int(x.shape[a]) for a in axes]):
         raise TranslationError(f"a gather of slices {sizes} at indices in "
                                f"[{starts.min(initial=0)}, {starts.max(initial=0)}] of "
                                f"{x.shape}")
@@ -141,8 +147,13 @@ def gather(c, args, params, aval):
         if dropped:
             y = c.g.node("Squeeze", [y, c.g.ints(dropped)])
         return Tensor(y, tuple(aval.shape), nchw)
-    y = c.g.node("Gather", [x.name, c.g.ints(starts[:, 0])], axis=c.axis(x, axes[0]))
-    return Tensor(y, tuple(aval.shape), x.nchw)
+    if placed == axes[0]:
+        y = c.g.node("Gather", [x.name, c.g.ints(starts[:, 0])], axis=c.axis(x, axes[0]))
+        return Tensor(y, tuple(aval.shape), x.nchw)
+    y = c.g.node("Gather", [c.nhwc(x), c.g.ints(starts[:, 0])], axis=axes[0])
+    order = [i for i in range(rank) if i != axes[0]]
+    order.insert(placed, axes[0])
+    return Tensor(c.g.node("Transpose", [y], perm=order), tuple(aval.shape))
 
 
 def take(c, args, params, aval):
@@ -194,6 +205,8 @@ def gather_nd(c, args, params, aval):
             else np.asarray(idx)[..., keep]
     if not isinstance(idx, Tensor):
         bound = np.asarray([shape[i] for i in indexed])
+        if params["mode"] != jax.lax.GatherScatterMode.FILL_OR_DROP:  # clamped, as in JAX
+            idx = np.clip(idx, 0, bound - 1)
         if np.any(np.asarray(idx) < 0) or np.any(np.asarray(idx) >= bound):
             raise TranslationError(f"a gather at constant indices outside {tuple(bound)}")
     idx_rank = len(np.shape(idx))

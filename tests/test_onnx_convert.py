@@ -131,7 +131,11 @@ CASES = {
     # static indexing traced with a symbolic batch is a gather from one start: one index
     # (x[:, 1]: a ViT's class token), a point on two axes (Hugging Face's ResNet pooler), a slice
     "gather": lambda x: jnp.take(conv(x), np.array([2, 0, 1, 1, 5]), axis=2)
-    + jnp.expand_dims(conv(x)[:, 1], 2) + conv(x)[:, 2, 3][:, None, None] + conv(x)[:, :, 1:],
+    + jnp.expand_dims(conv(x)[:, 1], 2) + conv(x)[:, 2, 3][:, None, None] + conv(x)[:, :, 1:]
+    # indices clamped (mode="clip"), and the indices' axis first (percentiles of several q)
+    + jnp.take(conv(x), np.array([-1, 9, 3, 0, 2]), axis=2, mode="clip")
+    + jnp.percentile(conv(x), np.array([10.0, 90.0]), axis=2).transpose(1, 2, 0, 3)[
+        :, :, :1],
     # gathers of single elements (GatherND): tokens picked by a score (jnp.take_along_axis), a
     # masked autoencoder's fixed shuffle, several axes indexed at once, one channel per pixel
     "gather_nd": lambda x: jnp.take_along_axis(tokens(x), jax.lax.top_k(

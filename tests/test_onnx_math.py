@@ -2,9 +2,9 @@
 trigonometry and ``atan2`` (zeros of either sign included), ``cbrt``, ``is_finite``, logical and
 bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min /
 product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``,
-scatters that add or subtract, min pooling, ``reduce_precision``, ``optimization_barrier``
-and interior padding, on a conv's output (stored NCHW in the ONNX graph)
-and on the input; LiteRT through :mod:`lrjax.litert_math`'s rewrites."""
+scatters that add or subtract, gathers at clamped constant indices, min pooling,
+``reduce_precision``, ``optimization_barrier`` and interior padding, on a conv's output (stored
+NCHW in the ONNX graph) and on the input; LiteRT through :mod:`lrjax.litert_math`'s rewrites."""
 
 import flax.linen as nn
 import jax
@@ -52,6 +52,8 @@ class MathOps(nn.Module):
                    min_pool=jax.lax.reduce_window(h, jnp.inf, jax.lax.min, (1, 2, 3, 1),
                                                   (1, 1, 2, 1), "SAME"),
                    barrier=jax.lax.optimization_barrier((h, t))[1],
+                   clipped=jnp.take(h, np.array([-1, 9, 3]), axis=2, mode="clip"),
+                   percentiles=jnp.percentile(h, np.array([10.0, 90.0]), axis=-1),
                    bfloat16=jax.lax.reduce_precision(x * 1.001, 8, 7),  # (rounding would
                    float16=jax.lax.reduce_precision(x * 0.999, 5, 10))  # magnify conv noise)
         return out
