@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrjax import formulations, litert_math, macs, replay
+from lrjax import complex_real, formulations, litert_math, macs, replay
 
 __all__ = ["RUNTIMES", "BUFFER_OFFSET_BYTES", "SAVED_MODEL_BYTES", "symbolic_batch",
            "onnx_model", "onnx_session", "tflite_model", "weight_bytes", "release_memory",
@@ -80,6 +80,13 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
         specs = [spec(shape)] if inputs is None else \
             [spec(i.shape, i.dtype, scope) for i in inputs]
         closed, out_shapes = jax.make_jaxpr(forward, return_shape=True)(*specs)
+        if complex_real.holds_complex(closed):  # spectral layers: real and imaginary parts
+            try:
+                closed = jax.make_jaxpr(complex_real.replayed(closed))(*specs)
+            except complex_real.ComplexError as e:
+                raise onnx_convert.TranslationError(
+                    f"cannot export primitive {e.primitive!r} (layer {e.layer}) to ONNX: "
+                    f"{e.reason}") from None
     closed = _live(closed)
     names = ["input"] if inputs is None else [f"input_{i}" for i in range(len(inputs))]
     model = onnx_convert.jaxpr_to_onnx(closed, names, output_names(out_shapes),
@@ -166,7 +173,8 @@ def litert_primitives(fn: Callable, example) -> Callable:
     """``fn`` with the primitives the TFLite converter cannot legalize written with ones it can:
     those of :mod:`lrjax.litert_math` (``erf`` as ``1 - erfc``, inverse trigonometric and
     hyperbolic functions, ``cbrt``, ``xor``, ``sort`` and ``top_k`` by comparisons, transposed
-    convs in the one padding the converter gets right); random
+    convs in the one padding the converter gets right); complex values as real and imaginary
+    parts, FFTs as DFT matrix products (:mod:`lrjax.complex_real`); random
     draws from a key given as a constant (the call's ``rngs=``: a masked autoencoder's
     shuffle) evaluated into constants, as everything computed from constants alone (the
     converter has no unsigned multiply); a ``tile`` of more than 4 axes as concatenated copies
@@ -208,6 +216,8 @@ def litert_primitives(fn: Callable, example) -> Callable:
         return None  # a call inlined, the rest bound as they are
 
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*_plain(example))
+    if complex_real.holds_complex(closed):  # spectral layers: real and imaginary parts
+        closed = jax.make_jaxpr(complex_real.replayed(closed))(*jax.tree.leaves(_plain(example)))
     tree = jax.tree.structure(out_shape)
     return lambda *args: jax.tree.unflatten(
         tree, replay.run(closed.jaxpr, closed.consts, jax.tree.leaves(_plain(args)), rule))

@@ -1,0 +1,142 @@
+"""Spectral layers (complex values between real inputs and outputs) exported to ONNX Runtime and
+LiteRT, neither of which takes complex tensors: :mod:`lrjax.complex_real` replays them with real
+and imaginary parts and each FFT as products with the DFT's cosine and sine matrices."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrjax
+from lrjax import complex_real, export
+from tests.helpers import init, xla_flops
+
+pytest.importorskip("onnxruntime")
+
+
+class FNetMixing(nn.Module):
+    """FNet's token mixing (``jnp.fft.fftn`` over tokens and features, real part) between two
+    dense layers, on ``(batch, tokens, features)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16, name="embed")(x)
+        return nn.Dense(8, name="head")(jax.vmap(jnp.fft.fftn)(x).real + x)
+
+
+class GlobalFilter(nn.Module):
+    """GFNet's global filter on NHWC: ``irfft2(rfft2(x) * w)`` with a learned complex ``w``
+    stored as its two real parts, next to a 1x1 conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        h, w, c = x.shape[1:]
+        weight = self.param("complex_weight", nn.initializers.normal(0.5), (h, w // 2 + 1, c, 2))
+        spectrum = jnp.fft.rfft2(x, axes=(1, 2), norm="ortho")
+        spectrum = spectrum * jax.lax.complex(weight[..., 0], weight[..., 1])
+        return jnp.fft.irfft2(spectrum, s=(h, w), axes=(1, 2), norm="ortho") + nn.Conv(
+            c, (1, 1), name="pointwise")(x)
+
+
+class LongConv(nn.Module):
+    """S4's / Hyena's long convolution by FFT on ``(batch, length, channels)``: an odd and an
+    even transform length, then a dense layer."""
+
+    @nn.compact
+    def __call__(self, u):
+        length = u.shape[1]
+        kernel = self.param("kernel", nn.initializers.normal(0.3), (length, u.shape[2]))
+        y = jnp.fft.irfft(jnp.fft.rfft(u, n=2 * length, axis=1) * jnp.fft.rfft(
+            kernel, n=2 * length, axis=0), n=2 * length, axis=1)[:, :length]
+        odd = jnp.fft.irfft(jnp.fft.rfft(u, n=2 * length + 1, axis=1), n=2 * length + 1,
+                            axis=1)[:, :length]
+        return nn.Dense(u.shape[2], name="out")(y + odd)
+
+
+class ComplexMath(nn.Module):
+    """Complex arithmetic between FFTs: a complex input built from two real ones, products,
+    quotients, ``exp``, ``conj``, ``abs``, inverse FFTs over one and two axes, odd lengths."""
+
+    @nn.compact
+    def __call__(self, x):
+        z = jnp.fft.fft(x[..., :5] + 1j * x[..., 1:6], axis=-1)
+        w = jnp.exp(z * 0.1j) / (z + 2.0) * jnp.conj(z)
+        return jnp.abs(jnp.fft.ifft(w, axis=-2)) + jnp.real(jnp.fft.ifft2(z, axes=(1, 2)))
+
+
+MODELS = {"fnet": (FNetMixing, (2, 12, 6)), "global filter": (GlobalFilter, (2, 8, 6, 4)),
+          "long conv": (LongConv, (2, 10, 4)), "complex math": (ComplexMath, (2, 7, 5, 6))}
+
+
+def _example(name):
+    cls, shape = MODELS[name]
+    model, x = cls(), jax.random.normal(jax.random.key(0), shape)
+    return model, init(model, 1, x), x if len(shape) == 4 else (x,)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_spectral_layers_export_to_onnx(name, tmp_path):
+    model, variables, x = _example(name)
+    result = export.to_onnx(model, variables, x, str(tmp_path / "m.onnx"))
+    assert result.checked_batches == (2, 3)
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+@pytest.mark.slow  # four LiteRT conversions
+def test_spectral_layers_export_to_litert(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    for name in sorted(MODELS):
+        model, variables, x = _example(name)
+        result = export.to_tflite(model, variables, x, str(tmp_path / "m.tflite"))
+        assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale, name
+
+
+def test_the_dft_matrices_match_numpys_transforms():
+    """Each FFT type against NumPy's on a complex or real array, several axes and odd and even
+    lengths, through the replay of a traced program."""
+    rng = np.random.default_rng(0)
+    z = (rng.standard_normal((3, 5, 6)) + 1j * rng.standard_normal((3, 5, 6))).astype(np.complex64)
+    r = rng.standard_normal((3, 5, 6)).astype(np.float32)
+    cases = {
+        "fft": (lambda a: jnp.fft.fftn(a, axes=(1, 2)), z, np.fft.fftn(z, axes=(1, 2))),
+        "ifft": (lambda a: jnp.fft.ifft(a, axis=-1), z, np.fft.ifft(z, axis=-1)),
+        "rfft": (lambda a: jnp.fft.rfftn(a, axes=(1, 2)), r, np.fft.rfftn(r, axes=(1, 2))),
+        "irfft": (lambda a: jnp.fft.irfftn(a, s=(5, 7), axes=(1, 2)), z[:, :, :4],
+                  np.fft.irfftn(z[:, :, :4], s=(5, 7), axes=(1, 2))),
+    }
+    for kind, (fn, value, want) in cases.items():
+        closed = jax.make_jaxpr(lambda a, fn=fn: (jnp.real(fn(a)), jnp.imag(fn(a))))(value)
+        assert complex_real.holds_complex(closed)
+        got = complex_real.replayed(closed)(value)
+        np.testing.assert_allclose(got[0] + 1j * got[1], want, rtol=1e-4, atol=1e-4,
+                                   err_msg=kind)
+
+
+def test_uncovered_complex_ops_are_one_line_errors(tmp_path):
+    class Sqrt(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.real(jnp.sqrt(jnp.fft.fft(nn.Dense(4, name="proj")(x), axis=-1)))
+
+    class ComplexOut(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.fft.fft(x, axis=-1)
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    for model, pattern in ((Sqrt(), r"^cannot export primitive 'sqrt' \(layer .*\) to ONNX: "
+                                     r"complex values in it have no real form"),
+                           (ComplexOut(), r"a complex output: return its real and imaginary")):
+        with pytest.raises(export.ExportError, match=pattern) as caught:
+            export.to_onnx(model, init(model, 0, x), (x,), str(tmp_path / "m.onnx"))
+        assert "\n" not in str(caught.value)
+
+
+def test_spectral_nets_decompose_with_the_whole_net_cost():
+    """The dense layers around FNet's mixing split; the report's whole-net speedup is XLA's."""
+    model, variables, (x,) = _example("fnet")
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.2")
+    flops = [xla_flops(lambda v, a, m=m: m.apply(v, a), v, x)
+             for m, v in ((model, variables), (result.module, result.variables))]
+    assert flops[0] / flops[1] == pytest.approx(result.report.speedup, rel=5e-3)
