@@ -91,12 +91,12 @@ def _real_dtype(aval):
 
 def _rule(eqn, ins, here):
     name = eqn.primitive.name
+    if not any(isinstance(a, (Pair, jax.core.Tracer)) for a in ins):  # constants alone (S4's
+        with jax.ensure_compile_time_eval():  # HiPPO matrix, its kernel from the weights):
+            return replay.bind(eqn, ins)  # evaluated, complex ones kept as they are
     touches = any(isinstance(a, Pair) for a in ins) or any(_complex(v.aval) for v in eqn.outvars)
     if not touches or replay.call_jaxpr(eqn) is not None:
         return None  # real values (or a call: inlined, each equation seen here)
-    if not any(isinstance(a, (Pair, jax.core.Tracer)) for a in ins):  # constants alone
-        with jax.ensure_compile_time_eval():
-            return replay.bind(eqn, ins)
     avals = [v.aval for v in eqn.invars]
     if name in _SEPARABLE:
         parts = [_parts(a, v) for a, v in zip(ins, avals, strict=True)]

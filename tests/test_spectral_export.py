@@ -56,13 +56,19 @@ class LongConv(nn.Module):
 
 class ComplexMath(nn.Module):
     """Complex arithmetic between FFTs: a complex input built from two real ones, products,
-    quotients, ``exp``, ``conj``, ``abs``, inverse FFTs over one and two axes, odd lengths."""
+    quotients, ``exp``, ``conj``, ``abs``, inverse FFTs over one and two axes, odd lengths; and a
+    basis computed in the call from constants alone, as S4 computes its HiPPO basis (``eigh`` of
+    a complex Hermitian matrix: evaluated at export, then a complex matrix product)."""
 
     @nn.compact
     def __call__(self, x):
         z = jnp.fft.fft(x[..., :5] + 1j * x[..., 1:6], axis=-1)
         w = jnp.exp(z * 0.1j) / (z + 2.0) * jnp.conj(z)
-        return jnp.abs(jnp.fft.ifft(w, axis=-2)) + jnp.real(jnp.fft.ifft2(z, axes=(1, 2)))
+        n = jnp.arange(5.0)
+        _, basis = jnp.linalg.eigh(jnp.sqrt(n[:, None] + n[None, :] + 1) * (
+            1j * jnp.sign(n[:, None] - n[None, :])))
+        return jnp.abs(jnp.fft.ifft(w, axis=-2)) + jnp.real(jnp.fft.ifft2(z, axes=(1, 2))) \
+            + jnp.imag(z @ basis)
 
 
 MODELS = {"fnet": (FNetMixing, (2, 12, 6)), "global filter": (GlobalFilter, (2, 8, 6, 4)),
