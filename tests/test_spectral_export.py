@@ -56,9 +56,10 @@ class LongConv(nn.Module):
 
 class ComplexMath(nn.Module):
     """Complex arithmetic between FFTs: a complex input built from two real ones, products,
-    quotients, ``exp``, ``conj``, ``abs``, inverse FFTs over one and two axes, odd lengths; and a
-    basis computed in the call from constants alone, as S4 computes its HiPPO basis (``eigh`` of
-    a complex Hermitian matrix: evaluated at export, then a complex matrix product)."""
+    quotients, ``exp``, ``conj``, ``abs``, a cast to float, inverse FFTs over one and two axes,
+    odd lengths; and a basis computed in the call from constants alone, as S4 computes its HiPPO
+    basis (``eigh`` of a complex Hermitian matrix: evaluated at export, then a complex matrix
+    product)."""
 
     @nn.compact
     def __call__(self, x):
@@ -68,7 +69,7 @@ class ComplexMath(nn.Module):
         _, basis = jnp.linalg.eigh(jnp.sqrt(n[:, None] + n[None, :] + 1) * (
             1j * jnp.sign(n[:, None] - n[None, :])))
         return jnp.abs(jnp.fft.ifft(w, axis=-2)) + jnp.real(jnp.fft.ifft2(z, axes=(1, 2))) \
-            + jnp.imag(z @ basis)
+            + jnp.imag(z @ basis) + jax.lax.convert_element_type(z, jnp.float32)  # real part
 
 
 MODELS = {"fnet": (FNetMixing, (2, 12, 6)), "global filter": (GlobalFilter, (2, 8, 6, 4)),
