@@ -1,8 +1,9 @@
 """ONNX translations of the less common element-wise, reduction and scan primitives a model's
 own code uses: trigonometric and hyperbolic functions (``tan``, ``asin``, ..., ``atan2``: polar
-coordinates, rotary and Fourier features), ``cbrt``, ``is_finite`` (``jax.nn.logsumexp``'s guard),
-``not`` and ``xor``, ``argmin``, ``reduce_prod`` / ``reduce_and`` / ``reduce_or``
-(``jnp.prod``, ``jnp.all``, ``jnp.any``; ``jnp.median``'s NaN check), the cumulative
+coordinates, rotary and Fourier features), ``cbrt``, ``erf_inv``, ``is_finite``
+(``jax.nn.logsumexp``'s guard), ``not`` and ``xor``, ``argmin``, ``reduce_prod`` /
+``reduce_and`` / ``reduce_or`` (``jnp.prod``, ``jnp.all``, ``jnp.any``; ``jnp.median``'s NaN
+check), the cumulative
 ``cummax`` / ``cummin`` / ``cumprod`` / ``cumlogsumexp``, ``sort`` (``jnp.sort``, ``jnp.argsort``,
 ``jnp.median``), a pad with interior padding (values between neighbours: a zero-inserting
 upsampler), min pooling, ``reduce_precision`` (a model simulating bfloat16 arithmetic) and
@@ -53,6 +54,36 @@ def cbrt(c, args, params, aval):
     root = c.elementwise("Pow", [c.elementwise("Abs", args, aval),
                                  np.asarray(1 / 3, aval.dtype)], aval)
     return c.elementwise("Mul", [root, c.elementwise("Sign", args, aval)], aval)
+
+
+# Giles (2010), "Approximating the erfinv function": single precision, as XLA computes erf_inv
+_ERF_INV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06,
+                    0.00021858087, -0.00125372503, -0.00417768164, 0.246640727, 1.50140941)
+_ERF_INV_TAIL = (-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+                 -0.0076224613, 0.00943887047, 1.00167406, 2.83297682)
+
+
+def erf_inv(c, args, params, aval):
+    """``erf_inv(x)`` by XLA's own polynomials in ``w = -log(1 - x^2)`` (one for ``w < 5``, one
+    in ``sqrt(w)`` beyond), both computed and one selected; ``±inf`` at ``±1``. Within two units
+    in the last place of JAX's (``jax.random.truncated_normal``, probit transforms)."""
+    x, dtype = args[0], aval.dtype
+
+    def op(name, *operands):
+        return c.elementwise(name, list(operands), aval)
+
+    def horner(coefficients, w):
+        p = np.asarray(coefficients[0], dtype)
+        for k in coefficients[1:]:
+            p = op("Add", op("Mul", p, w), np.asarray(k, dtype))
+        return p
+
+    w = op("Neg", op("Log", op("Sub", np.asarray(1, dtype), op("Mul", x, x))))
+    central = horner(_ERF_INV_CENTRAL, op("Sub", w, np.asarray(2.5, dtype)))
+    tail = horner(_ERF_INV_TAIL, op("Sub", op("Sqrt", w), np.asarray(3, dtype)))
+    p = op("Where", op("Less", w, np.asarray(5, dtype)), central, tail)
+    edge = op("Equal", op("Abs", x), np.asarray(1, dtype))
+    return op("Where", edge, op("Mul", x, np.asarray(np.inf, dtype)), op("Mul", p, x))
 
 
 def is_finite(c, args, params, aval):
@@ -204,7 +235,8 @@ def min_pool(c, args, params, aval):
 
 HANDLERS = {
     **{prim: _unary(op) for prim, op in _ONE_OP.items()},
-    "atan2": atan2, "cbrt": cbrt, "is_finite": is_finite, "not": not_, "xor": xor,
+    "atan2": atan2, "cbrt": cbrt, "erf_inv": erf_inv, "is_finite": is_finite, "not": not_,
+    "xor": xor,
     "argmin": onnx_arrays.arg_reduction("ArgMin"), "reduce_prod": reduce_prod,
     "reduce_and": _logical_reduction("ReduceMin"), "reduce_or": _logical_reduction("ReduceMax"),
     "cummax": _cumulative("ReduceMax", _lowest), "cummin": _cumulative("ReduceMin", _highest),
