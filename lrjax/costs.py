@@ -226,7 +226,12 @@ class ConvShape:
     ``images``: how many inputs of ``input_hw`` the layer runs per example of the model (1 for
     a layer called on the model's batch; more for a layer called on windows or frames folded
     into the batch, or on a flattened ``(batch * tokens, C)`` input; less for one called on an
-    unbatched input). Costs count all of them."""
+    unbatched input). Costs count all of them.
+
+    ``view_taps``: for an N-D conv costed as a ``(V, 1)`` column over its output positions
+    (:func:`lrjax.conv_views.conv_view`), the taps that land on its input, summed over its outputs
+    (the product of :func:`valid_taps` over its dims: its padding's taps are not counted, as
+    XLA counts them); ``taps_hw`` is then ``(view_taps, 1)``."""
 
     name: str
     input_hw: tuple[int, int]
@@ -240,6 +245,7 @@ class ConvShape:
     use_bias: bool = True
     transposed: bool = False
     images: float = 1
+    view_taps: int | None = None
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -267,6 +273,8 @@ class ConvShape:
         """:func:`valid_taps` of the height and of the width: the full conv performs
         ``taps_hw[0] * taps_hw[1] * C / groups * N`` multiply-adds (a transposed conv's taps
         on its dilation holes are not counted)."""
+        if self.view_taps is not None:
+            return self.view_taps, 1
         strides, dilated = ((1, 1), self.strides) if self.transposed else (self.strides, (1, 1))
         # CIRCULAR / REFLECT: Flax pads the input with data, then runs a VALID conv
         data = isinstance(self.padding, str) and self.padding.upper() in ("CIRCULAR", "REFLECT")

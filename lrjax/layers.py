@@ -71,12 +71,12 @@ def pair_geometry(kernel_size, strides=1, padding="SAME", kernel_dilation=1) -> 
     A ``kh x kw`` conv splits as in the paper: rows (stride, padding, dilation) to the vertical
     ``kh x 1`` conv, columns to the horizontal ``1 x kw`` one. A 1x1 conv becomes two 1x1 convs,
     the first taking both strides and the padding (so the second runs on the output's pixels
-    only); the output shape equals the conv's for every padding form. A 1-D conv (and a
-    pointwise N-D one) becomes the conv itself at ``C -> K`` then a pointwise ``K -> N``
-    (:func:`lrjax.sites.conv_view`).
+    only); the output shape equals the conv's for every padding form. A 1-D conv (and an N-D
+    one) becomes the conv itself at ``C -> K`` then a pointwise ``K -> N``
+    (:func:`lrjax.conv_views.conv_view`).
     """
     kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    if len(kernel) != 2:  # 1-D, or pointwise N-D: the first conv takes it all (conv_view)
+    if len(kernel) != 2:  # 1-D, or N-D: the first conv takes it all (conv_view)
         ones = (1,) * len(kernel)
         return (dict(kernel_size=kernel, strides=strides, padding=padding,
                      kernel_dilation=kernel_dilation),
@@ -143,7 +143,8 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
       ``(..., H_out, W_out, features)``.
     """
     kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    kh, kw = (kernel[0], 1) if len(kernel) == 1 else (1, 1) if len(kernel) > 2 else kernel
+    kh, kw = (kernel[0], 1) if len(kernel) == 1 else (math.prod(kernel), 1) if len(kernel) > 2 \
+        else kernel  # an N-D window's whole volume in the first conv (conv_views.conv_view)
     groups = feature_group_count
     c = x.shape[-1]
     if x.ndim < len(kernel) + 1:

@@ -23,6 +23,7 @@ from flax import nnx
 from flax.nnx import bridge
 
 from lrjax import boxes, costs, decompose, formulations, lapack, macs, nnx_written, own_code, rules, sites
+from lrjax.conv_views import conv_view, nd_geometry, spatial_dims
 from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
@@ -172,17 +173,18 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
                                                 bool(layer.use_bias)),
                         dense_dims=(in_dims, out_dims))
     reason = conv_skip_reason(layer, nnx.Conv)
-    dims = sites.spatial_dims(layer.kernel_size)
+    dims = spatial_dims(layer.kernel_size)
     if reason is not None and dims != 2:
         return ConvSite(path, None, skip=reason, conv_dims=dims)
     if reason is None and input_dilated(layer):
         return dilated_conv_site(path, layer, shape, nnx.Conv)
-    view = sites.conv_view(layer.kernel_size, layer.strides, _padding_key(layer.padding),
+    view = conv_view(layer.kernel_size, layer.strides, _padding_key(layer.padding),
                            layer.kernel_dilation, shape)
     return ConvSite(path, costs.ConvShape(
         name=path, in_channels=int(shape[-1]), out_channels=int(layer.out_features),
         groups=int(layer.feature_group_count), use_bias=bool(layer.use_bias), **view),
-        skip=reason, conv_dims=dims)
+        skip=reason, conv_dims=dims, nd_geometry=nd_geometry(
+            layer.kernel_size, layer.strides, _padding_key(layer.padding), layer.kernel_dilation))
 
 
 class _Moments(nnx.Variable):

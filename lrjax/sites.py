@@ -46,9 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import costs, decompose
+from lrjax.conv_views import nd_patches
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
-           "contracted_axes", "spatial_dims", "conv_view", "dense_shape", "dense_rows", "input_moments",
+           "contracted_axes", "dense_shape", "dense_rows", "input_moments",
            "unless_stacked", "device_array", "example_batch", "per_example", "redefined", "computes_as",
            "reparametrizes", "subclass_reason", "wrapped_reason", "counted_as_run", "costed_as_run",
            "layer_indices", "variable_key"]
@@ -88,6 +89,10 @@ class ConvSite:
       conv_dims: a conv's own number of spatial dims (:func:`conv_view`): 1 for a 1-D conv
         (kernel ``(k, C/groups, N)``, costed as ``(k, 1)``), 3 or more for a pointwise N-D conv
         (kernel ``(1, ..., 1, C, N)``, costed as 1x1 on its last two spatial dims).
+      nd_geometry: ``(window, strides, padding, dilation)`` of an N-D conv with a window or
+        stride (:func:`nd_geometry`), costed and factored as the ``(V, 1)`` conv of
+        :func:`conv_view`: its calibration reads its own patches, its factors' variables are
+        in the layer's rank (``(*window, C, K)``, ``(1, ..., 1, K, N)``); else ``None``.
       stack: how many iterations of a scan run the layer (linen's ``nn.scan``, NNX's
         ``nnx.scan`` over ``nnx.vmap``-made blocks; or members of an ``nn.vmap``), each with its
         own slice of a kernel variable stacked on a leading axis (1: not stacked). The stack is costed
@@ -110,6 +115,7 @@ class ConvSite:
     param_cast_flops: float = 0.0
     conv_dims: int = 2
     stack: int = 1
+    nd_geometry: tuple | None = None
 
     @property
     def candidate(self) -> bool:
@@ -166,8 +172,9 @@ class ConvSite:
 
     def _spatial(self, kh: int, kw: int) -> tuple[int, ...]:
         """The layer's own kernel window for the 2-D view's ``(kh, kw)``."""
-        return (kh,) if self.conv_dims == 1 else (1,) * self.conv_dims if self.conv_dims > 2 \
-            else (kh, kw)
+        if self.conv_dims > 2:
+            return self.nd_geometry[0] if self.nd_geometry else (1,) * self.conv_dims
+        return (kh,) if self.conv_dims == 1 else (kh, kw)
 
     def check_kernel_shape(self, shape) -> None:
         """Raise ``ValueError`` naming both shapes unless ``shape`` is the layer's kernel's."""
@@ -220,7 +227,7 @@ class ConvSite:
             horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], 2, 3)
         elif self.conv_dims != 2:  # a k-conv then a pointwise one, in the layer's own rank
             vertical = vertical.reshape(*self._spatial(*vertical.shape[:2]), *vertical.shape[2:])
-            horizontal = horizontal.reshape(*self._spatial(1, 1), *horizontal.shape[2:])
+            horizontal = horizontal.reshape(*(1,) * self.conv_dims, *horizontal.shape[2:])
         return vertical, horizontal
 
     def restacked(self, stack: int) -> ConvSite:
@@ -426,57 +433,6 @@ def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> co
                            images=int(input_shape[0]) if len(input_shape) > 1 else 1)
 
 
-def spatial_dims(kernel_size) -> int:
-    """A conv's number of spatial dims from its ``kernel_size`` (an int: 1-D, as Flax reads it)."""
-    return 1 if isinstance(kernel_size, int) else len(tuple(kernel_size))
-
-
-def conv_view(kernel_size, strides, padding, dilation, input_shape) -> dict | str:
-    """A conv's geometry as the 2-D conv lrjax costs, calibrates and factors: keyword arguments
-    of :class:`lrjax.costs.ConvShape` (``input_hw``, ``kernel_size``, ``strides``, ``padding``,
-    ``dilation``, ``images``), or why the conv is not split.
-
-    A 2-D conv is itself. A 1-D conv on ``(..., L, C)`` is the ``(k, 1)`` conv on ``(..., L, 1,
-    C)`` (``CAUSAL`` padding: a ``VALID`` conv on the input padded by ``(k - 1) * dilation``
-    before, as Flax runs it): the paper's closed form at that
-    window is a ``k``-wide conv ``C -> K`` then a pointwise one ``K -> N``. A pointwise N-D conv
-    (every window and stride 1: a 3-D video net's ``1x1x1``) is a 1x1 conv on its last two spatial
-    dims, the others folded into ``images``. Other N-D convs are not split.
-    """
-    kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    n = len(kernel)
-
-    def per_dim(v):
-        return (v,) * n if isinstance(v, int) or v is None else tuple(v)
-
-    strides, dilation = per_dim(strides or 1), per_dim(dilation or 1)
-    if n == 2:
-        return dict(input_hw=tuple(int(d) for d in input_shape[-3:-1]), kernel_size=kernel,
-                    strides=strides, padding=padding, dilation=dilation,
-                    images=math.prod(input_shape[:-3]))
-    if n == 1:
-        length = int(input_shape[-2])
-        if isinstance(padding, str):
-            if padding.upper() == "CAUSAL":  # Flax pads the input itself, then runs VALID
-                length, padding = length + (kernel[0] - 1) * dilation[0], "VALID"
-        else:
-            pads = [padding] if isinstance(padding, int) else list(padding)
-            rows = pads[0] if len(pads) == 1 else tuple(pads)
-            padding = (((rows, rows) if isinstance(rows, int) else tuple(rows)), (0, 0))
-        return dict(input_hw=(length, 1), kernel_size=(kernel[0], 1),
-                    strides=(strides[0], 1), padding=padding, dilation=(dilation[0], 1),
-                    images=math.prod(input_shape[:-2]))
-    zero = isinstance(padding, str) or all(
-        (p == 0) if isinstance(p, int) else tuple(p) == (0, 0)
-        for p in ([padding] * n if isinstance(padding, int) else padding))
-    if set(kernel) != {1} or set(strides) != {1} or not zero:
-        return (f"a {n}-D conv (kernel_size {kernel_size}, strides {strides}, padding "
-                f"{padding}): 1-D, 2-D and pointwise N-D convs are split")
-    return dict(input_hw=tuple(int(d) for d in input_shape[-3:-1]), kernel_size=(1, 1),
-                strides=(1, 1), padding="VALID", dilation=(1, 1),
-                images=math.prod(input_shape[:-3]))
-
-
 def example_batch(args) -> int:
     """The batch of a model call's positional arguments: the leading dim of the first array
     among them (1 without one, or for a scalar)."""
@@ -577,6 +533,9 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
     layer = site.shape
     if site.kind == "dense":
         return decompose.patch_moments(dense_rows(x, axes), (1, 1), padding="VALID")
+    if site.nd_geometry is not None:  # its own patches, as (rows, 1, 1, V C)
+        return decompose.patch_moments(nd_patches(x, *site.nd_geometry), (1, 1),
+                                       padding="VALID")
     if site.conv_dims == 1:  # (..., L, C) as (..., L, 1, C); CAUSAL: padded before, as Flax does
         before = layer.input_hw[0] - x.shape[-2]
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(before, 0), (0, 0)])[..., None, :]

@@ -37,6 +37,7 @@ from flax.nnx import bridge
 from lrjax import boxes, costs, lapack, linen_cells, linen_moments, macs, own_code, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.batchnorm import fold_batch_norms
+from lrjax.conv_views import conv_view, nd_geometry, spatial_dims
 from lrjax.layers import (
     FactorConv,
     FactorConvTranspose,
@@ -73,7 +74,7 @@ __all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_l
 
 
 def _conv_shape(path: str, module, x) -> costs.ConvShape:
-    view = sites.conv_view(module.kernel_size, module.strides, module.padding,
+    view = conv_view(module.kernel_size, module.strides, module.padding,
                            module.kernel_dilation, x.shape)
     return costs.ConvShape(name=path, in_channels=int(x.shape[-1]),
                            out_channels=int(module.features),
@@ -141,9 +142,10 @@ def _plain_site(path: str, module, x, equation=None) -> ConvSite:
     reason = conv_skip_reason(module)
     if reason is None and input_dilated(module):
         return dilated_conv_site(path, module, x.shape)
-    dims = sites.spatial_dims(module.kernel_size)
+    dims = spatial_dims(module.kernel_size)
     shape = _conv_shape(path, module, x) if reason is None or dims == 2 else None
-    return ConvSite(path, shape, skip=reason, conv_dims=dims)
+    return ConvSite(path, shape, skip=reason, conv_dims=dims, nd_geometry=nd_geometry(
+        module.kernel_size, module.strides, module.padding, module.kernel_dilation))
 
 
 DETACHED = ("applied inside another layer with the parameters that layer gives it "
