@@ -37,21 +37,24 @@ class Temporal(nn.Module):
         return nn.Dense(10, name="head")(x.mean(1))
 
 
-class TemporalNNX(nnx.Module):
-    def __init__(self, rngs):
+class ConvStackNNX(nnx.Module):
+    """The NNX counterpart of a linen stack of ``nn.Conv`` layers (``specs``: their arguments),
+    an activation after each, the spatial mean, a dense head."""
+
+    def __init__(self, specs, activation, rngs):
         channels, convs = 3, []
-        for kwargs in ONE_D.values():
+        for kwargs in specs.values():
             kwargs = dict(kwargs)
             features = kwargs.pop("features")
             convs.append(nnx.Conv(channels, features, rngs=rngs, **kwargs))
             channels = features
-        self.convs = nnx.List(convs)
+        self.convs, self.activation = nnx.List(convs), activation
         self.head = nnx.Linear(channels, 10, rngs=rngs)
 
     def __call__(self, x):
         for conv in self.convs:
-            x = nnx.gelu(conv(x))
-        return self.head(x.mean(1))
+            x = self.activation(conv(x))
+        return self.head(x.mean(tuple(range(1, x.ndim - 1))))
 
 
 class Video(nn.Module):
@@ -131,7 +134,7 @@ def test_one_d_calibration_fits_the_layer_outputs_in_linen_and_nnx():
               for r in (lrjax.decompose_linen(model, variables, X, rule=ranks, calibration=c)
                         for c in (None, CALIB))]
     assert errors[1] < 0.8 * errors[0]
-    nnx_model = TemporalNNX(nnx.Rngs(0))
+    nnx_model = ConvStackNNX(ONE_D, nnx.gelu, nnx.Rngs(0))
     linen_sites = {s.path: s.shape for s in surgery.find_convs(model, X)}
     nnx_sites = nnx_surgery.find_convs_nnx(nnx_model, X)
     assert [s.shape.kernel_shape for s in nnx_sites] == [
@@ -187,23 +190,6 @@ class Volumetric(nn.Module):
         return nn.Dense(10, name="head")(x.mean((1, 2, 3)))
 
 
-class VolumetricNNX(nnx.Module):
-    def __init__(self, rngs):
-        channels, convs = 3, []
-        for kwargs in THREE_D.values():
-            kwargs = dict(kwargs)
-            features = kwargs.pop("features")
-            convs.append(nnx.Conv(channels, features, rngs=rngs, **kwargs))
-            channels = features
-        self.convs = nnx.List(convs)
-        self.head = nnx.Linear(channels, 10, rngs=rngs)
-
-    def __call__(self, x):
-        for conv in self.convs:
-            x = nnx.relu(conv(x))
-        return self.head(x.mean((1, 2, 3)))
-
-
 VOLUME = jax.random.normal(jax.random.key(3), (2, 8, 16, 16, 3))
 VOLUME_CALIB = jax.random.normal(jax.random.key(4), (4, 8, 16, 16, 3)) * jnp.array(
     [0.2, 1.0, 3.0])
@@ -253,7 +239,7 @@ def test_n_d_convs_with_a_window_split_as_the_conv_then_a_pointwise_one():
     flops = [_lowered_flops(lambda v, x, m=m: m.apply(v, x), v, VOLUME)
              for m, v in ((model, variables), (whole.module, whole.variables))]
     assert flops[0] / flops[1] == pytest.approx(whole.report.speedup, rel=1e-5)
-    nnx_model = VolumetricNNX(nnx.Rngs(0))
+    nnx_model = ConvStackNNX(THREE_D, nnx.relu, nnx.Rngs(0))
     nnx_sites = nnx_surgery.find_convs_nnx(nnx_model, VOLUME)
     assert [s.shape.kernel_shape for s in nnx_sites] == [
         sites[p].shape.kernel_shape for p in (*THREE_D, "head")]
