@@ -82,6 +82,7 @@ def _example(name):
     return model, init(model, 1, x), x if len(shape) == 4 else (x,)
 
 
+@pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")  # the cast, on purpose
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_spectral_layers_export_to_onnx(name, tmp_path):
     model, variables, x = _example(name)
@@ -91,6 +92,7 @@ def test_spectral_layers_export_to_onnx(name, tmp_path):
 
 
 @pytest.mark.slow  # four LiteRT conversions
+@pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")
 def test_spectral_layers_export_to_litert(tmp_path):
     pytest.importorskip("ai_edge_litert")
     for name in sorted(MODELS):
