@@ -526,6 +526,26 @@ def dense_rows(x: jax.Array, axes) -> jax.Array:
     return jnp.transpose(x, (*rest, *axes)).reshape(-1, 1, 1, c)
 
 
+# the most patch entries an N-D conv's calibration materialises at once (1 GiB of float32)
+ND_PATCH_ENTRIES = 1 << 28
+
+
+def _nd_moments(x: jax.Array, geometry, layer: costs.ConvShape):
+    """:func:`input_moments` of an N-D conv: its patches (:func:`nd_patches`) a slice of the
+    examples at a time, so that no more than :data:`ND_PATCH_ENTRIES` exist at once (a video
+    net's 3x3x3 conv on 16 frames of 56x56 has ~87 M entries per example at 64 channels)."""
+    x = x.reshape((-1, *x.shape[-len(geometry[0]) - 1:]))
+    per_example = max(int(layer.output_hw[0]) * layer.kernel_size[0] * layer.in_channels, 1)
+    step = max(1, ND_PATCH_ENTRIES // per_example)
+    sums, count = None, 0.0
+    for start in range(0, x.shape[0], step):
+        part = decompose.patch_moments(nd_patches(x[start:start + step], *geometry), (1, 1),
+                                       padding="VALID")
+        sums = part[0] if sums is None else sums + part[0]
+        count = count + part[1]
+    return sums, count
+
+
 def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax.Array]:
     """Sum and count of ``p p^T`` over the first factor's input patches of ``site`` in one call's
     input ``x`` (:func:`lrjax.decompose.patch_moments`): the statistic of calibrated factors.
@@ -533,9 +553,8 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
     layer = site.shape
     if site.kind == "dense":
         return decompose.patch_moments(dense_rows(x, axes), (1, 1), padding="VALID")
-    if site.nd_geometry is not None:  # its own patches, as (rows, 1, 1, V C)
-        return decompose.patch_moments(nd_patches(x, *site.nd_geometry), (1, 1),
-                                       padding="VALID")
+    if site.nd_geometry is not None:  # its own patches, as (rows, 1, 1, V C), a few
+        return _nd_moments(x, site.nd_geometry, layer)  # examples at a time
     if site.conv_dims == 1:  # (..., L, C) as (..., L, 1, C); CAUSAL: padded before, as Flax does
         before = layer.input_hw[0] - x.shape[-2]
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(before, 0), (0, 0)])[..., None, :]

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import costs, export, macs, nnx_surgery, surgery
+from lrjax import costs, export, macs, nnx_surgery, sites, surgery
 from tests.helpers import apply, init
 
 ONE_D = {  # name: nn.Conv arguments, as audio and sequence models write them
@@ -317,3 +317,16 @@ class Pooled1D(nn.Module):
         x = nn.max_pool(nn.relu(nn.Conv(16, (5,))(x)), (3,), strides=(2,), padding="SAME")
         x = nn.avg_pool(nn.Conv(16, (3,), feature_group_count=4)(x), (4,), strides=(4,))
         return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_n_d_calibration_statistics_are_summed_a_few_examples_at_a_time(monkeypatch):
+    """An N-D conv's patches are materialised a slice of the examples at a time (a video net's
+    would not fit at once): the same statistics whatever the slice."""
+    model = Volumetric()
+    site = next(s for s in surgery.find_convs(model, VOLUME) if s.path == "c3")
+    x = jax.random.normal(jax.random.key(5), (4, 8, 8, 8, 16))
+    whole = sites.input_moments(site, x)
+    monkeypatch.setattr(sites, "ND_PATCH_ENTRIES", 1)  # one example at a time
+    sliced = sites.input_moments(site, x)
+    assert float(sliced[1]) == float(whole[1]) == 4 * 8 * 8 * 8
+    np.testing.assert_allclose(sliced[0], whole[0], rtol=1e-5, atol=1e-3)
