@@ -54,6 +54,12 @@ def _layout(site: ConvSite, axes: tuple) -> tuple[tuple, tuple] | None:
         if len(axes) != 4:
             return None
         return (axes[0], _RANK, axes[2], _RANK), (_RANK, axes[1], _RANK, axes[3])
+    if site.nd_geometry is not None and set(site.nd_geometry[0]) != {1}:  # N-D: leading dims
+        n = site.conv_dims  # and input channels; the last dim and output channels
+        if len(axes) != n + 2:
+            return None
+        return ((*axes[:n - 1], _RANK, axes[n], _RANK),
+                (*(_RANK,) * (n - 1), axes[n - 1], _RANK, axes[n + 1]))
     # a k-conv in the layer's own rank, then a pointwise one
     return (*axes[:-1], _RANK), (_RANK,) * (len(axes) - 1) + (axes[-1],)
 

@@ -13,7 +13,7 @@ import jax
 
 from lrjax import costs
 
-__all__ = ["spatial_dims", "conv_view", "nd_geometry", "nd_patches"]
+__all__ = ["spatial_dims", "conv_view", "nd_geometry", "vertical_geometry", "nd_patches"]
 
 
 def spatial_dims(kernel_size) -> int:
@@ -32,11 +32,12 @@ def conv_view(kernel_size, strides, padding, dilation, input_shape) -> dict | st
     window is a ``k``-wide conv ``C -> K`` then a pointwise one ``K -> N``. A pointwise N-D conv
     (every window and stride 1: a 3-D video net's ``1x1x1``) is a 1x1 conv on its last two spatial
     dims, the others folded into ``images``. Any other N-D conv (a video net's ``3x3x3``, a
-    tubelet embedding) is split the same way, its whole window in the first conv: it is costed
-    as the ``(V, 1)`` conv (``V`` the window's volume) over a column of its ``P`` output
-    positions, its taps those that land on its input (``view_taps``: ``T C N`` multiply-adds,
-    as XLA counts the conv), and factored as the ``(V C) x N`` matrix of its kernel; not split
-    with ``CIRCULAR`` padding (the conv runs on a wrapped copy of its input).
+    tubelet embedding) splits as the paper splits a 2-D one: a vertical conv over its leading
+    dims (``3x3x1``) then a horizontal one over its last (``1x1x3``). It is costed as the 2-D
+    conv of window ``(V', k_last)`` (``V'`` the leading window's volume) on a column of its
+    ``P'`` leading output positions by its last dim, its taps those that land on its input
+    (``view_taps``, as XLA counts the conv), and factored as that 2-D kernel; not split with
+    ``CIRCULAR`` padding (the conv runs on a wrapped copy of its input).
     """
     kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     n = len(kernel)
@@ -94,8 +95,10 @@ def nd_geometry(kernel_size, strides, padding, dilation) -> tuple | None:
 
 
 def _windowed_view(kernel, strides, padding, dilation, input_shape) -> dict | str:
-    """An N-D conv with a window or stride as the ``(V, 1)`` conv over a column of its output
-    positions (:func:`conv_view`), or why it is not split."""
+    """An N-D conv with a window or stride as the 2-D conv lrjax costs (:func:`conv_view`): its
+    leading spatial dims as one column of ``P'`` output positions under a ``V'`` window (``V'``
+    the leading window's volume), its last dim as the width; ``view_taps`` the taps that land on
+    the input along each; or why it is not split."""
     n = len(kernel)
     if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
         return (f"a {n}-D conv with {padding!r} padding (kernel_size {tuple(kernel)}): it runs "
@@ -108,12 +111,24 @@ def _windowed_view(kernel, strides, padding, dilation, input_shape) -> dict | st
         pads = nd_geometry(kernel, strides, padding, dilation)[2]
     out = [max((d + lo + hi - e) // s + 1, 0) for d, (lo, hi), e, s in zip(
         spatial, pads, extent, strides, strict=True)]
-    taps = math.prod(costs.valid_taps(d, k, s, lo, dl, o) for d, k, s, (lo, _), dl, o in zip(
-        spatial, kernel, strides, pads, dilation, out, strict=True))
-    positions, volume = max(math.prod(out), 1), math.prod(kernel)
-    return dict(input_hw=(positions + volume - 1, 1), kernel_size=(volume, 1), strides=(1, 1),
-                padding="VALID", dilation=(1, 1), images=math.prod(input_shape[:-n - 1]),
-                view_taps=taps)
+    taps = [costs.valid_taps(d, k, s, lo, dl, o) for d, k, s, (lo, _), dl, o in zip(
+        spatial, kernel, strides, pads, dilation, out, strict=True)]
+    positions, volume = max(math.prod(out[:-1]), 1), math.prod(kernel[:-1])
+    return dict(input_hw=(positions + volume - 1, spatial[-1]), kernel_size=(volume, kernel[-1]),
+                strides=(1, strides[-1]), padding=((0, 0), tuple(pads[-1])),
+                dilation=(1, dilation[-1]), images=math.prod(input_shape[:-n - 1]),
+                view_taps=(math.prod(taps[:-1]), taps[-1]))
+
+
+def vertical_geometry(geometry) -> tuple:
+    """The ``(window, strides, padding, dilation)`` of the first conv of an N-D conv's pair
+    (``geometry``: :func:`nd_geometry`'s): the leading dims' window, strides, padding and
+    dilation, the last dim untouched; a pointwise conv's whole (its first conv takes all)."""
+    window, strides, padding, dilation = geometry
+    if set(window) == {1}:
+        return geometry
+    rows = padding if isinstance(padding, str) else (*padding[:-1], (0, 0))  # SAME: 0 at 1
+    return (*window[:-1], 1), (*strides[:-1], 1), rows, (*dilation[:-1], 1)
 
 
 def nd_patches(x: jax.Array, window, strides, padding, dilation) -> jax.Array:

@@ -228,10 +228,10 @@ class ConvShape:
     into the batch, or on a flattened ``(batch * tokens, C)`` input; less for one called on an
     unbatched input). Costs count all of them.
 
-    ``view_taps``: for an N-D conv costed as a ``(V, 1)`` column over its output positions
-    (:func:`lrjax.conv_views.conv_view`), the taps that land on its input, summed over its outputs
-    (the product of :func:`valid_taps` over its dims: its padding's taps are not counted, as
-    XLA counts them); ``taps_hw`` is then ``(view_taps, 1)``."""
+    ``view_taps``: for an N-D conv costed as a 2-D one (its leading dims as one column, its last
+    as the width: :func:`lrjax.conv_views.conv_view`), the taps that land on its input summed
+    over its outputs, along the leading dims (the product of :func:`valid_taps` over them) and
+    along the last: ``taps_hw`` (its padding's taps are not counted, as XLA counts them)."""
 
     name: str
     input_hw: tuple[int, int]
@@ -245,7 +245,7 @@ class ConvShape:
     use_bias: bool = True
     transposed: bool = False
     images: float = 1
-    view_taps: int | None = None
+    view_taps: tuple[int, int] | None = None
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -274,7 +274,7 @@ class ConvShape:
         ``taps_hw[0] * taps_hw[1] * C / groups * N`` multiply-adds (a transposed conv's taps
         on its dilation holes are not counted)."""
         if self.view_taps is not None:
-            return self.view_taps, 1
+            return tuple(self.view_taps)
         strides, dilated = ((1, 1), self.strides) if self.transposed else (self.strides, (1, 1))
         # CIRCULAR / REFLECT: Flax pads the input with data, then runs a VALID conv
         data = isinstance(self.padding, str) and self.padding.upper() in ("CIRCULAR", "REFLECT")

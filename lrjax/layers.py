@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from lrjax import formulations, linen_cells
+from lrjax.conv_views import nd_geometry, vertical_geometry
 from lrjax.costs import as_pair, check_rank
 from lrjax.ranks import check_rank_map
 from lrjax.sites import called_equation, computes_as, einsum_split
@@ -71,12 +72,23 @@ def pair_geometry(kernel_size, strides=1, padding="SAME", kernel_dilation=1) -> 
     A ``kh x kw`` conv splits as in the paper: rows (stride, padding, dilation) to the vertical
     ``kh x 1`` conv, columns to the horizontal ``1 x kw`` one. A 1x1 conv becomes two 1x1 convs,
     the first taking both strides and the padding (so the second runs on the output's pixels
-    only); the output shape equals the conv's for every padding form. A 1-D conv (and an N-D
-    one) becomes the conv itself at ``C -> K`` then a pointwise ``K -> N``
-    (:func:`lrjax.conv_views.conv_view`).
+    only); the output shape equals the conv's for every padding form. An N-D conv splits the
+    same way, its leading dims to the vertical conv (``3x3x1``), its last to the horizontal one
+    (``1x1x3``); a 1-D conv (and a pointwise N-D one) becomes the conv itself at ``C -> K`` then
+    a pointwise ``K -> N`` (:func:`lrjax.conv_views.conv_view`).
     """
     kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    if len(kernel) != 2:  # 1-D, or N-D: the first conv takes it all (conv_view)
+    geometry = nd_geometry(kernel, strides, padding, kernel_dilation)
+    if geometry is not None and set(kernel) != {1}:  # N-D: leading dims, then the last
+        window, steps, pads, dilation = geometry
+        first = vertical_geometry(geometry)
+        lead = (1,) * (len(kernel) - 1)
+        cols = pads if isinstance(pads, str) else (((0, 0),) * len(lead) + (pads[-1],))
+        return (dict(zip(("kernel_size", "strides", "padding", "kernel_dilation"), first,
+                         strict=True)),
+                dict(kernel_size=(*lead, window[-1]), strides=(*lead, steps[-1]), padding=cols,
+                     kernel_dilation=(*lead, dilation[-1])))
+    if len(kernel) != 2:  # 1-D, or pointwise N-D: the first conv takes it all (conv_view)
         ones = (1,) * len(kernel)
         return (dict(kernel_size=kernel, strides=strides, padding=padding,
                      kernel_dilation=kernel_dilation),
@@ -143,8 +155,8 @@ def pair_forward(x: jax.Array, *, features: int, kernel_size, rank: int, strides
       ``(..., H_out, W_out, features)``.
     """
     kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    kh, kw = (kernel[0], 1) if len(kernel) == 1 else (math.prod(kernel), 1) if len(kernel) > 2 \
-        else kernel  # an N-D window's whole volume in the first conv (conv_views.conv_view)
+    kh, kw = (kernel[0], 1) if len(kernel) == 1 else (math.prod(kernel[:-1]), kernel[-1]) \
+        if len(kernel) > 2 else kernel  # N-D: its 2-D view's (conv_views.conv_view)
     groups = feature_group_count
     c = x.shape[-1]
     if x.ndim < len(kernel) + 1:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrjax import costs, decompose
-from lrjax.conv_views import nd_patches
+from lrjax.conv_views import nd_patches, vertical_geometry
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
            "contracted_axes", "dense_shape", "dense_rows", "input_moments",
@@ -90,9 +90,10 @@ class ConvSite:
         (kernel ``(k, C/groups, N)``, costed as ``(k, 1)``), 3 or more for a pointwise N-D conv
         (kernel ``(1, ..., 1, C, N)``, costed as 1x1 on its last two spatial dims).
       nd_geometry: ``(window, strides, padding, dilation)`` of an N-D conv with a window or
-        stride (:func:`nd_geometry`), costed and factored as the ``(V, 1)`` conv of
-        :func:`conv_view`: its calibration reads its own patches, its factors' variables are
-        in the layer's rank (``(*window, C, K)``, ``(1, ..., 1, K, N)``); else ``None``.
+        stride (:func:`lrjax.conv_views.nd_geometry`), costed and factored as the 2-D conv of
+        :func:`lrjax.conv_views.conv_view`: its calibration reads its own patches, its factors'
+        variables are in the layer's rank (``(k1, ..., 1, C, K)``, ``(1, ..., k_last, K, N)``);
+        else ``None``.
       stack: how many iterations of a scan run the layer (linen's ``nn.scan``, NNX's
         ``nnx.scan`` over ``nnx.vmap``-made blocks; or members of an ``nn.vmap``), each with its
         own slice of a kernel variable stacked on a leading axis (1: not stacked). The stack is costed
@@ -225,6 +226,12 @@ class ConvSite:
         elif self.transpose_kernel:  # as nn.ConvTranspose(transpose_kernel=True) reads them
             vertical = np.swapaxes(np.asarray(vertical)[::-1], 2, 3)
             horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], 2, 3)
+        elif self.nd_geometry is not None:  # N-D: leading dims, then the last, in its rank
+            window, lead = self.nd_geometry[0], (1,) * (self.conv_dims - 1)
+            if set(window) == {1}:  # pointwise: the first conv takes the strides
+                window = lead + (1,)
+            vertical = vertical.reshape(*window[:-1], 1, *vertical.shape[2:])
+            horizontal = horizontal.reshape(*lead, window[-1], *horizontal.shape[2:])
         elif self.conv_dims != 2:  # a k-conv then a pointwise one, in the layer's own rank
             vertical = vertical.reshape(*self._spatial(*vertical.shape[:2]), *vertical.shape[2:])
             horizontal = horizontal.reshape(*(1,) * self.conv_dims, *horizontal.shape[2:])
@@ -535,12 +542,13 @@ def _nd_moments(x: jax.Array, geometry, layer: costs.ConvShape):
     examples at a time, so that no more than :data:`ND_PATCH_ENTRIES` exist at once (a video
     net's 3x3x3 conv on 16 frames of 56x56 has ~87 M entries per example at 64 channels)."""
     x = x.reshape((-1, *x.shape[-len(geometry[0]) - 1:]))
-    per_example = max(int(layer.output_hw[0]) * layer.kernel_size[0] * layer.in_channels, 1)
+    rows = int(layer.output_hw[0]) * int(layer.input_hw[1])  # the vertical conv's outputs
+    per_example = max(rows * layer.kernel_size[0] * layer.in_channels, 1)
     step = max(1, ND_PATCH_ENTRIES // per_example)
     sums, count = None, 0.0
     for start in range(0, x.shape[0], step):
-        part = decompose.patch_moments(nd_patches(x[start:start + step], *geometry), (1, 1),
-                                       padding="VALID")
+        part = decompose.patch_moments(nd_patches(x[start:start + step], *vertical_geometry(
+            geometry)), (1, 1), padding="VALID")
         sums = part[0] if sums is None else sums + part[0]
         count = count + part[1]
     return sums, count
@@ -553,8 +561,8 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
     layer = site.shape
     if site.kind == "dense":
         return decompose.patch_moments(dense_rows(x, axes), (1, 1), padding="VALID")
-    if site.nd_geometry is not None:  # its own patches, as (rows, 1, 1, V C), a few
-        return _nd_moments(x, site.nd_geometry, layer)  # examples at a time
+    if site.nd_geometry is not None:  # its vertical conv's own patches, as (rows, 1, 1, C V'),
+        return _nd_moments(x, site.nd_geometry, layer)  # a few examples at a time
     if site.conv_dims == 1:  # (..., L, C) as (..., L, 1, C); CAUSAL: padded before, as Flax does
         before = layer.input_hw[0] - x.shape[-2]
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(before, 0), (0, 0)])[..., None, :]

@@ -214,8 +214,8 @@ def test_n_d_convs_with_a_window_split_as_the_conv_then_a_pointwise_one():
     np.testing.assert_allclose(apply(result.module, result.variables, VOLUME), want,
                                atol=2e-5 * float(jnp.abs(want).max()))
     params = result.variables["params"]
-    assert params["c3"]["vertical"]["kernel"].shape == (3, 3, 3, 16, top["c3"])
-    assert params["c3"]["horizontal"]["kernel"].shape == (1, 1, 1, top["c3"], 24)
+    assert params["c3"]["vertical"]["kernel"].shape == (3, 3, 1, 16, top["c3"])
+    assert params["c3"]["horizontal"]["kernel"].shape == (1, 1, 3, top["c3"], 24)
     for name, kwargs in THREE_D.items():  # each layer's full and split cost: XLA's count
         layer = nn.Sequential([nn.Conv(**kwargs)])
         x = jnp.zeros((1, 6, 10, 9, 5))
@@ -330,3 +330,20 @@ def test_n_d_calibration_statistics_are_summed_a_few_examples_at_a_time(monkeypa
     sliced = sites.input_moments(site, x)
     assert float(sliced[1]) == float(whole[1]) == 4 * 8 * 8 * 8
     np.testing.assert_allclose(sliced[0], whole[0], rtol=1e-5, atol=1e-3)
+
+
+def test_n_d_factors_keep_their_axis_names():
+    """A 3-D kernel named for sharding: the vertical factor keeps its leading dims' and input
+    channels' names, the horizontal one its last dim's and output channels'."""
+    class Named(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(24, (3, 3, 3), kernel_init=nn.with_partitioning(
+                nn.initializers.lecun_normal(), ("t", "h", "w", "in", "out")))(x)
+
+    x = jnp.ones((2, 4, 8, 8, 16))
+    model = Named()
+    result = lrjax.decompose_linen(model, init(model, 0, x), x, rule={"Conv_0": 8})
+    pair = result.variables["params"]["Conv_0"]
+    assert pair["vertical"]["kernel"].names == ("t", "h", None, "in", None)
+    assert pair["horizontal"]["kernel"].names == (None, None, "w", None, "out")
