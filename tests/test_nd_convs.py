@@ -347,3 +347,13 @@ def test_n_d_factors_keep_their_axis_names():
     pair = result.variables["params"]["Conv_0"]
     assert pair["vertical"]["kernel"].names == ("t", "h", None, "in", None)
     assert pair["horizontal"]["kernel"].names == (None, None, "w", None, "out")
+
+
+@pytest.mark.slow  # 6 s: a 3-D net split, to ONNX and LiteRT
+def test_split_n_d_conv_nets_export_to_onnx_and_litert(tmp_path):
+    """Every form of THREE_D split (NNX) exports: ONNX's 3-D ``Conv``, LiteRT's ``CONV_3D``."""
+    split = lrjax.decompose_nnx(ConvStackNNX(THREE_D, nnx.relu, nnx.Rngs(0)), VOLUME,
+                                rule={"convs/0": 6, "convs/1": 12, "convs/2": 10, "convs/3": 12})
+    for fmt in ("onnx", "tflite"):
+        result = export.EXPORTERS[fmt](split.module, None, (VOLUME,), str(tmp_path / f"m.{fmt}"))
+        assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
