@@ -171,10 +171,14 @@ def conv_transpose(x, kernel, params):
 
 def clamped_gather(operand, indices, params):
     """A ``gather`` at constant indices with its starts clamped into range, as JAX clamps them
-    (``jnp.take(..., mode="clip")``): LiteRT's ``GATHER_ND`` rejects negative ones."""
+    (``jnp.take(..., mode="clip")``): LiteRT's ``GATHER_ND`` rejects negative ones; None where
+    every start is in range already."""
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
     bound = [operand.shape[a] - sizes[a] for a in dn.start_index_map]
-    return jax.lax.gather(operand, np.clip(np.asarray(indices), 0, bound).astype(indices.dtype),
+    clamped = np.clip(np.asarray(indices), 0, bound)
+    if np.array_equal(clamped, np.asarray(indices)):
+        return None
+    return jax.lax.gather(operand, clamped.astype(indices.dtype),
                           dn, sizes, mode=params["mode"], fill_value=params["fill_value"],
                           indices_are_sorted=params["indices_are_sorted"],
                           unique_indices=params["unique_indices"])
@@ -206,7 +210,8 @@ def rewrite(eqn, ins) -> list | None:
         return top_k(ins[0], int(eqn.params["k"]))
     if name == "gather" and not isinstance(ins[1], jax.core.Tracer) and \
             eqn.params["mode"] != jax.lax.GatherScatterMode.FILL_OR_DROP:
-        return [clamped_gather(*ins, eqn.params)]
+        out = clamped_gather(*ins, eqn.params)
+        return None if out is None else [out]
     if name == "conv_general_dilated":
         out = conv_transpose(*ins, eqn.params)
         return None if out is None else [out]

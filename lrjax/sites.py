@@ -228,8 +228,6 @@ class ConvSite:
             horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], 2, 3)
         elif self.nd_geometry is not None:  # N-D: leading dims, then the last, in its rank
             window, lead = self.nd_geometry[0], (1,) * (self.conv_dims - 1)
-            if set(window) == {1}:  # pointwise: the first conv takes the strides
-                window = lead + (1,)
             vertical = vertical.reshape(*window[:-1], 1, *vertical.shape[2:])
             horizontal = horizontal.reshape(*lead, window[-1], *horizontal.shape[2:])
         elif self.conv_dims != 2:  # a k-conv then a pointwise one, in the layer's own rank
