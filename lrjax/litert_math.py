@@ -22,7 +22,9 @@
   axis of length ``L``: for the short axes models sort (experts, channels, a window's values);
 * a transposed conv (an input-dilated 2-D conv: ``nn.ConvTranspose``, an upsampling ``nn.Conv``
   with ``input_dilation``, ``lax.conv_transpose`` in any layout) in the one padding the
-  converter gets right, its extra rows and columns sliced off (:func:`conv_transpose`).
+  converter gets right, its extra rows and columns sliced off (:func:`conv_transpose`);
+* a grouped conv over 3 or more spatial dims (a video net's depthwise 3x3x3) as a sum over its
+  taps or one conv per group (:func:`grouped_conv`).
 """
 
 from __future__ import annotations
@@ -169,6 +171,51 @@ def conv_transpose(x, kernel, params):
     return jnp.transpose(y, perm)
 
 
+def grouped_conv(x, kernel, params, dtype):
+    """A grouped ``conv_general_dilated`` over 3 or more spatial dims (``params``: its
+    equation's) in ops the TFLite converter takes, or None where it converts as it is: its
+    ``CONV_3D`` has no feature groups ("'tf.Conv3D' op is neither a custom op nor a flex op").
+    A depthwise one (one input channel a group: a video net's 3x3x3) is a sum over its taps of
+    the input's strided slices times the tap's per-channel weights; any other, one conv per
+    group, concatenated. Operands in any layout; the output in the equation's and ``dtype``."""
+    lhs, rhs, out = params["dimension_numbers"]
+    groups, n = int(params["feature_group_count"]), len(lhs) - 2
+    if n < 3 or groups == 1 or int(params["batch_group_count"]) != 1 or any(
+            int(d) != 1 for d in params["lhs_dilation"]):
+        return None
+    x = jnp.transpose(x, (lhs[0], *lhs[2:], lhs[1]))  # (N, *spatial, C)
+    kernel = jnp.transpose(kernel, (*rhs[2:], rhs[1], rhs[0]))  # (*window, C/groups, O)
+    strides = tuple(int(s) for s in params["window_strides"])
+    dilation = tuple(int(d) for d in params["rhs_dilation"])
+    pads = [(0, 0, 0), *((int(lo), int(hi), 0) for lo, hi in params["padding"]), (0, 0, 0)]
+    if kernel.shape[-2] == 1:  # depthwise: output channel o reads input channel o // multiplier
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
+        x = jnp.repeat(x, kernel.shape[-1] // groups, axis=-1) if kernel.shape[-1] > groups else x
+        window = kernel.shape[:n]
+        size = [(d - (k - 1) * r - 1) // s + 1 for d, k, r, s in zip(
+            x.shape[1:-1], window, dilation, strides, strict=True)]
+        y = None
+        for tap in np.ndindex(*window):
+            start = [0, *(i * r for i, r in zip(tap, dilation, strict=True)), 0]
+            limit = [x.shape[0], *(b + (m - 1) * s + 1 for b, m, s in zip(
+                start[1:-1], size, strides, strict=True)), x.shape[-1]]
+            term = jax.lax.slice(x, start, limit, (1, *strides, 1)) * kernel[(*tap, 0)]
+            y = term if y is None else y + term
+    else:
+        numbers = jax.lax.ConvDimensionNumbers((0, n + 1, *range(1, n + 1)),
+                                               (n + 1, n, *range(n)), (0, n + 1, *range(1, n + 1)))
+        y = jnp.concatenate([jax.lax.conv_general_dilated(
+            part, weights, strides, [p[:2] for p in pads[1:-1]], rhs_dilation=dilation,
+            dimension_numbers=numbers, precision=params["precision"],
+            preferred_element_type=params["preferred_element_type"])
+            for part, weights in zip(jnp.split(x, groups, axis=-1),
+                                     jnp.split(kernel, groups, axis=-1), strict=True)], axis=-1)
+    perm = [0] * (n + 2)  # channels-last to the output's layout
+    for source, axis in zip((0, n + 1, *range(1, n + 1)), out, strict=True):
+        perm[axis] = source
+    return jnp.transpose(y, perm).astype(dtype)
+
+
 def clamped_gather(operand, indices, params):
     """A ``gather`` at constant indices with its starts clamped into range, as JAX clamps them
     (``jnp.take(..., mode="clip")``): LiteRT's ``GATHER_ND`` rejects negative ones; None where
@@ -214,5 +261,7 @@ def rewrite(eqn, ins) -> list | None:
         return None if out is None else [out]
     if name == "conv_general_dilated":
         out = conv_transpose(*ins, eqn.params)
+        if out is None:
+            out = grouped_conv(*ins, eqn.params, eqn.outvars[0].aval.dtype)
         return None if out is None else [out]
     return None

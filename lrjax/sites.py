@@ -546,7 +546,7 @@ def _nd_moments(x: jax.Array, geometry, layer: costs.ConvShape):
     sums, count = None, 0.0
     for start in range(0, x.shape[0], step):
         part = decompose.patch_moments(nd_patches(x[start:start + step], *vertical_geometry(
-            geometry)), (1, 1), padding="VALID")
+            geometry)), (1, 1), padding="VALID", groups=layer.groups)
         sums = part[0] if sums is None else sums + part[0]
         count = count + part[1]
     return sums, count

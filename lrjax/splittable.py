@@ -11,7 +11,7 @@ import math
 import flax.linen as nn
 import jax
 
-from lrjax.conv_views import conv_view, nd_geometry
+from lrjax.conv_views import conv_view
 from lrjax.costs import ConvShape, as_pair, explicit_padding
 from lrjax.sites import ConvSite, computes_as, subclass_reason
 
@@ -94,11 +94,6 @@ def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
         view = conv_view(kernel, conv.strides, conv.padding, 1, (1,) * (len(kernel) + 2))
         if isinstance(view, str):
             return view
-        if conv.feature_group_count != 1 and nd_geometry(
-                kernel, conv.strides, conv.padding, conv.kernel_dilation) is not None:
-            return (f"a grouped {len(kernel)}-D conv with a window or stride "
-                    f"(feature_group_count={conv.feature_group_count}): its split, the conv "
-                    "per group then a pointwise one, saves little (a depthwise one nothing)")
     if computes_as(conv, (base_type,)) is None:
         return subclass_reason(conv, base_type)
     if input_dilated(conv):

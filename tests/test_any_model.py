@@ -131,7 +131,7 @@ def test_unsplittable_convs_are_left_with_the_reason():
         def __call__(self, x):
             x = nn.Conv(4, (3, 3), input_dilation=2, strides=2, padding=1)(x)
             x = nn.Conv(4, (3, 3), mask=jnp.ones((3, 3, 4, 4)))(x)
-            x = nn.Conv(4, (3, 3, 1), feature_group_count=2)(x[..., None, :])  # grouped 3-D
+            x = nn.Conv(4, (3, 3, 1), padding="CIRCULAR")(x[..., None, :])  # a wrapped copy
             return x
 
     x = jnp.ones((1, 6, 6, 3))
@@ -140,7 +140,7 @@ def test_unsplittable_convs_are_left_with_the_reason():
     sites = {s.path: s.skip for s in surgery.find_convs(model, x)}
     assert sites["Conv_0"] == "input dilation 2 with strides 2"
     assert sites["Conv_1"] == "masked kernel"
-    assert sites["Conv_2"].startswith("a grouped 3-D conv with a window or stride")
+    assert sites["Conv_2"].startswith("a 3-D conv with 'CIRCULAR' padding")
     with pytest.raises(ValueError, match=r"no layer this rule can decompose \(found Conv_0: "
                                          r"input dilation"):
         lrjax.decompose_linen(model, variables, x, rule="energy:0.5")

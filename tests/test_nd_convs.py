@@ -2,9 +2,10 @@
 or causal padding) and pointwise N-D convs (a video net's 1x1x1) are candidates: the closed form
 on their 2-D view (a ``(k, 1)`` window; a 1x1 conv over the last two spatial dims), in the
 layer's own kernel rank, costed as XLA counts them, data-free and calibrated, linen and NNX.
-N-D convs with a window or stride (a 3x3x3, a tubelet embedding) split as the conv itself to
-``K`` channels then a pointwise conv: the closed form on their ``(V C) x N`` kernel; grouped and
-circular ones stay whole with the reason."""
+N-D convs with a window or stride (a 3x3x3, a tubelet embedding, a video net's depthwise
+3x3x3) split as the paper splits a 2-D conv: a vertical conv over the leading dims
+(``kt x kh x 1``) then a horizontal one over the last (``1 x 1 x kw``), per feature group, the
+closed form on their 2-D view; circular ones stay whole with the reason."""
 
 import os
 
@@ -17,7 +18,7 @@ import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import costs, export, macs, nnx_surgery, sites, surgery
+from lrjax import costs, export, litert_math, macs, nnx_surgery, sites, surgery
 from tests.helpers import apply, init
 
 ONE_D = {  # name: nn.Conv arguments, as audio and sequence models write them
@@ -177,6 +178,9 @@ THREE_D = {  # name: nn.Conv arguments, as video and volumetric nets write them
                      kernel_dilation=(2, 1, 1)),
     "spatial": dict(features=32, kernel_size=(1, 3, 3), strides=(1, 2, 2), padding=1),
     "pointwise_strided": dict(features=32, kernel_size=(1, 1, 1), strides=(1, 2, 2)),
+    "grouped": dict(features=32, kernel_size=(3, 3, 3), feature_group_count=4),
+    "depthwise": dict(features=32, kernel_size=(3, 3, 3), strides=(1, 2, 2),  # X3D's, MoViNet's
+                      feature_group_count=32),
 }
 
 
@@ -185,7 +189,6 @@ class Volumetric(nn.Module):
     def __call__(self, x):
         for name, kwargs in THREE_D.items():
             x = nn.relu(nn.Conv(name=name, **kwargs)(x))
-        x = nn.Conv(32, (3, 3, 3), feature_group_count=4, name="grouped")(x)
         x = nn.Conv(32, (1, 3, 3), padding="CIRCULAR", name="circular")(x)
         return nn.Dense(10, name="head")(x.mean((1, 2, 3)))
 
@@ -196,17 +199,18 @@ VOLUME_CALIB = jax.random.normal(jax.random.key(4), (4, 8, 16, 16, 3)) * jnp.arr
 
 
 def test_n_d_convs_with_a_window_split_as_the_conv_then_a_pointwise_one():
-    """A 3-D conv with a window or stride: its whole window in the first conv (``C -> K``), a
-    pointwise ``K -> N`` after, the closed form on its ``(V C) x N`` kernel, exact at full rank;
-    costed as XLA counts it (padding taps not counted), layer by layer and whole-net; data-free
-    and calibrated, linen and NNX; grouped and circular ones stay whole with the reason."""
+    """A 3-D conv with a window or stride: a vertical conv over the leading dims then a
+    horizontal one over the last, per feature group (a depthwise one's pair saves: 9 + 3 taps
+    a channel at rank 1 against 27), the closed form on its 2-D view, exact at full rank; costed
+    as XLA counts it (padding taps not counted), layer by layer and whole-net; data-free and
+    calibrated, linen and NNX; circular ones stay whole with the reason."""
     model = Volumetric()
     variables = init(model, 0, VOLUME)
     sites = {s.path: s for s in surgery.find_convs(model, VOLUME)}
     assert [(p, s.kind) for p, s in sites.items() if s.candidate] == [
         ("tubelet", "kxk"), ("c3", "kxk"), ("temporal", "kxk"), ("spatial", "kxk"),
-        ("pointwise_strided", "1x1"), ("head", "dense")]
-    assert "a grouped 3-D conv with a window" in sites["grouped"].skip
+        ("pointwise_strided", "1x1"), ("grouped", "kxk"), ("depthwise", "kxk"),
+        ("head", "dense")]
     assert "'CIRCULAR' padding" in sites["circular"].skip
     top = _top(sites.values())
     result = lrjax.decompose_linen(model, variables, VOLUME, rule=top)
@@ -216,17 +220,24 @@ def test_n_d_convs_with_a_window_split_as_the_conv_then_a_pointwise_one():
     params = result.variables["params"]
     assert params["c3"]["vertical"]["kernel"].shape == (3, 3, 1, 16, top["c3"])
     assert params["c3"]["horizontal"]["kernel"].shape == (1, 1, 3, top["c3"], 24)
+    assert params["depthwise"]["vertical"]["kernel"].shape == (3, 3, 1, 1, 96)  # 3 per channel
+    assert params["depthwise"]["horizontal"]["kernel"].shape == (1, 1, 3, 3, 32)
     for name, kwargs in THREE_D.items():  # each layer's full and split cost: XLA's count
         layer = nn.Sequential([nn.Conv(**kwargs)])
-        x = jnp.zeros((1, 6, 10, 9, 5))
+        x = jnp.zeros((1, 6, 10, 9, 32 if "feature_group_count" in kwargs else 5))
         (one,) = surgery.find_convs(layer, x)
         v = init(layer, 0, x)
-        pair = lrjax.decompose_linen(layer, v, x, rule={"layers_0": 3})
         assert costs.conv_cost(one.shape).macs == _traced(
             lambda v, x, m=layer: m.apply(v, x), v, x), name
-        assert costs.lowrank_cost(one.shape, 3).macs == _traced(
+        if name == "depthwise":  # at rank 1 a channel, 3x3x1 taps on every column then 1x1x3
+            # on every other one, against 3x3x3 on every other one (fewer at the borders)
+            assert costs.lowrank_cost(one.shape, 32).macs < 0.85 * costs.conv_cost(one.shape).macs
+        rank = 3 * kwargs.get("feature_group_count", 1)
+        pair = lrjax.decompose_linen(layer, v, x, rule={"layers_0": rank})
+        assert costs.lowrank_cost(one.shape, rank).macs == _traced(
             lambda v, x, m=pair.module: m.apply(v, x), pair.variables, x), name
-    ranks = {"tubelet": 6, "c3": 12, "temporal": 10, "spatial": 12}
+    ranks = {"tubelet": 6, "c3": 12, "temporal": 10, "spatial": 12, "grouped": 16,
+             "depthwise": 32}
     calib_want = apply(model, variables, VOLUME_CALIB)
     errors = []
     for calibration in (None, VOLUME_CALIB):
@@ -349,11 +360,51 @@ def test_n_d_factors_keep_their_axis_names():
     assert pair["horizontal"]["kernel"].names == (None, None, "w", None, "out")
 
 
+GROUPED = {  # (groups, output channels, strides, padding, dilation, layout)
+    "depthwise": (8, 8, (1, 2, 2), "SAME", (1, 1, 1), "NDHWC"),
+    "depthwise x2, NCDHW": (8, 16, (2, 1, 1), ((1, 1), (0, 2), (2, 0)), (1, 2, 1), "NCDHW"),
+    "4 groups": (4, 12, (1, 1, 2), "VALID", (2, 1, 1), "NDHWC"),
+    "2 groups, NCDHW": (2, 6, (1, 1, 1), ((1, 0), (1, 1), (0, 1)), (1, 1, 2), "NCDHW"),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPED), ids=list(GROUPED))
+def test_grouped_3d_convs_are_written_with_ops_the_litert_converter_takes(case):
+    """The TFLite converter has no grouped ``CONV_3D``: a depthwise conv becomes a sum over its
+    taps of strided slices, any other one conv per group; the same numbers in any layout,
+    stride, padding and dilation (:func:`lrjax.litert_math.grouped_conv`, no converter here)."""
+    groups, out, strides, padding, dilation, layout = GROUPED[case]
+    x = jax.random.normal(jax.random.key(6), (2, 5, 7, 6, 8))
+    kernel = jax.random.normal(jax.random.key(7), (3, 2, 3, 8 // groups, out))
+    numbers = ("NCDHW", "OIDHW", "NCDHW") if layout == "NCDHW" else ("NDHWC", "DHWIO", "NDHWC")
+    if layout == "NCDHW":
+        x, kernel = jnp.transpose(x, (0, 4, 1, 2, 3)), jnp.transpose(kernel, (4, 3, 0, 1, 2))
+
+    def conv(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                            dimension_numbers=numbers, feature_group_count=groups)
+
+    (eqn,) = jax.make_jaxpr(conv)(x, kernel).eqns
+    rewritten = litert_math.rewrite(eqn, (x, kernel))
+    assert rewritten is not None
+    ops = {e.primitive.name for e in jax.make_jaxpr(
+        lambda x, k: litert_math.rewrite(eqn, (x, k)))(x, kernel).eqns}
+    assert ("conv_general_dilated" not in ops) == case.startswith("depthwise")
+    np.testing.assert_allclose(rewritten[0], conv(x, kernel), rtol=1e-5, atol=1e-5)
+    whole = jnp.zeros((3, 2, 3, 8, 4))  # one group: converted as it is
+    (plain,) = jax.make_jaxpr(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")))(
+        jnp.zeros((2, 5, 7, 6, 8)), whole).eqns
+    assert litert_math.rewrite(plain, (jnp.zeros((2, 5, 7, 6, 8)), whole)) is None
+
+
 @pytest.mark.slow  # 6 s: a 3-D net split, to ONNX and LiteRT
 def test_split_n_d_conv_nets_export_to_onnx_and_litert(tmp_path):
-    """Every form of THREE_D split (NNX) exports: ONNX's 3-D ``Conv``, LiteRT's ``CONV_3D``."""
+    """Every form of THREE_D split (NNX) exports: ONNX's 3-D ``Conv``, LiteRT's ``CONV_3D``
+    (its grouped and depthwise pairs as one conv per group and a sum over taps)."""
     split = lrjax.decompose_nnx(ConvStackNNX(THREE_D, nnx.relu, nnx.Rngs(0)), VOLUME,
-                                rule={"convs/0": 6, "convs/1": 12, "convs/2": 10, "convs/3": 12})
+                                rule={"convs/0": 6, "convs/1": 12, "convs/2": 10, "convs/3": 12,
+                                      "convs/5": 16, "convs/6": 32})
     for fmt in ("onnx", "tflite"):
         result = export.EXPORTERS[fmt](split.module, None, (VOLUME,), str(tmp_path / f"m.{fmt}"))
         assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale and result.scale > 0
