@@ -109,23 +109,23 @@ class SurgeryReport:
             werr = ("-" if werr is None else f"{werr:.4f}") if self.calibrated else ""
             rows.append(
                 f"{lc.name or '(model)':<{w}}{str(lc.kernel_shape):>20}{lc.rank or 'full':>6}"
-                f"{'-' if err is None else f'{err:.4f}':>9}{werr:>9}{lc.full.macs:>15,}"
-                f"{lc.lowrank.macs:>15,}{lc.full.params:>15,}{lc.lowrank.params:>14,}"
+                f"{'-' if err is None else f'{err:.4f}':>9}{werr:>9}{_count(lc.full.macs):>15}"
+                f"{_count(lc.lowrank.macs):>15}{lc.full.params:>15,}{lc.lowrank.params:>14,}"
                 f"{lc.speedup:>8.2f}x")
         rows.append(f"{'total':<{w + 35 + (9 if self.calibrated else 0)}}"
-                    f"{self.net.full_macs:>15,}{self.net.lowrank_macs:>15,}"
+                    f"{_count(self.net.full_macs):>15}{_count(self.net.lowrank_macs):>15}"
                     f"{self.net.full_params:>15,}{self.net.lowrank_params:>14,}"
                     f"{self.net.speedup:>8.2f}x")
         if self.net_macs is not None:
             before, after = self.net_macs
-            parts = [f"{KINDS.get(k, 'everything else (fixed)')} {b:,} -> {a:,}"
+            parts = [f"{KINDS.get(k, 'everything else (fixed)')} {_count(b)} -> {_count(a)}"
                      for k, (b, a) in self.by_kind().items()]
-            rows.append(f"whole net: {before:,} -> {after:,} multiply-adds per example "
+            rows.append(f"whole net: {_count(before)} -> {_count(after)} multiply-adds per example "
                         f"({self.macs_speedup:.2f}x): " + "; ".join(parts))
             flops_before, flops_after = self.net_flops
             rows.append(f"whole net, XLA's flop count (2 per multiply-add and "
-                        f"{self.net_elementwise:,} element-wise): {flops_before:,} -> "
-                        f"{flops_after:,} ({self.speedup:.2f}x)")
+                        f"{_count(self.net_elementwise)} element-wise): {_count(flops_before)} -> "
+                        f"{_count(flops_after)} ({self.speedup:.2f}x)")
         rows += [f"kept full: {path}: {why}" for path, why in self.kept_full.items()]
         rows += [f"left as is: {path}: {reason}" for path, reason in self.skipped.items()]
         rows += [f"note: {note}" for note in self.notes]
@@ -155,6 +155,12 @@ class SurgeryReport:
             "macs_speedup": self.macs_speedup,
             "theoretical_speedup": self.speedup,
         }
+
+
+def _count(value) -> str:
+    """A per-example count with thousands separators: whole when it is whole (a float sum of
+    whole counts), to one decimal otherwise (a layer run on fewer rows than the examples)."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.1f}"
 
 
 def build_report(problem: RankProblem, ranks: Mapping[str, int | None],

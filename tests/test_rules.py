@@ -226,7 +226,10 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     kinds = result.report.by_kind()
     assert kinds == {"kxk": (conv // 4, conv // 4 - taps * taps * 16 * 16 + pair),
                      "dense": (dense // 4, dense // 4), "fixed": (0, 0)}
-    assert "whole net:" in result.report.table() and "dense layers" in result.report.table()
+    table = result.report.table()
+    assert "whole net:" in table and "dense layers" in table
+    assert f"{before:,} -> {int(after):,} multiply-adds per example" in table  # no "1,234.0"
+    assert ".0 " not in table and ".0)" not in table
     # speedup:S is the whole net's: out of reach when the layers kept full exceed 1/S
     with pytest.raises(ValueError, match=r"speedup 2.0 is out of reach: the smallest ranks give "
                                          r"1\.\d\dx fewer flops of the whole net \(XLA's count"):
