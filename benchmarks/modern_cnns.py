@@ -4,9 +4,11 @@ In one run, on random weights (speed and decomposition time do not depend on the
 
 * **decomposition time** of ``decompose_linen`` (first call, compiles included, as a user meets
   it): a Flax-examples-style ResNet-50 at 64x64 with a whole-net ``speedup:2``, data-free and
-  calibrated on 8 images; VGG-16 at 224 with the authors' conv ranks (first and second call in
-  this process, and the first call in three fresh ones), and with a whole-net ``speedup:2``
-  (classifier included) on lrjax's route and with every spectrum and its factors in one pass.
+  calibrated on 8 images, then ``speedup:1.5`` and ``speedup:3`` calibrated afresh and with the
+  calibrated result's ``problem=`` (a sweep of rules); VGG-16 at 224 with the authors' conv
+  ranks (first and second call in this process, and the first call in three fresh ones), and
+  with a whole-net ``speedup:2`` (classifier included) on lrjax's route and with every spectrum
+  and its factors in one pass.
 * **measured speed**, full vs low-rank, in JAX (``jax.jit``, the recommended XLA flags) and in
   ONNX Runtime (the export of the same modules): ResNet-50 at 224 with a whole-net
   ``speedup:2`` (1x1 convs and the classifier are candidates), with ``speedup:2,multiple=16``
@@ -77,6 +79,20 @@ def speedup2_times(prefix: str, net, size: int, log) -> dict:
                      "speedup": result["r"].report.speedup}
         log(f"{name:<40} {seconds:6.1f} s  ({len(result['r'].ranks)} layers, "
             f"{result['r'].report.speedup:.2f}x)")
+    calibrated = result["r"]  # a sweep of rules: calibrated afresh, or its problem reused
+    for rule in ("speedup:1.5", "speedup:3"):
+        row = {}
+        for how, kwargs in (("afresh", {"calibration": calib}),
+                            ("reused", {"problem": calibrated.problem})):
+            found = {}
+            row[f"seconds_{how}"] = _time(lambda kwargs=kwargs, found=found, rule=rule: found.update(
+                r=decompose_linen(net, variables, x, rule=rule, train=False, **kwargs)))
+            row[f"ranks_{how}"] = found["r"].ranks
+        row["same_ranks"] = row.pop("ranks_afresh") == row.pop("ranks_reused")
+        out[f"{prefix}_{rule.replace(':', '').replace('.', '_')}_calibrated_8_sweep"] = row
+        log(f"{prefix} {rule} calibrated: {row['seconds_afresh']:.1f} s afresh, "
+            f"{row['seconds_reused']:.1f} s with the speedup:2 result's problem "
+            f"(same ranks: {row['same_ranks']})")
     return out
 
 
@@ -98,27 +114,27 @@ def decomposition_times(log) -> dict:
 def vgg_rule_times(log) -> dict:
     """Seconds of ``decompose_linen`` on VGG-16 at 224 with a whole-net ``speedup:2`` (its
     classifier included: fc6 is 25088 x 4096), data-free, on the route lrjax takes (the
-    spectrum first for matrices of ``rules.SPECTRUM_FIRST`` or more on a side, their factors
+    spectrum first for matrices of ``problem.SPECTRUM_FIRST`` or more on a side, their factors
     only if split) and with every layer's spectrum and factors in one pass; two calls each, in
     turns, the faster kept."""
     import jax
     import jax.numpy as jnp
 
-    from lrjax import decompose_linen, models, rules
+    from lrjax import decompose_linen, models, problem
 
     vgg = models.get_model("vgg16")
     variables = jax.block_until_ready(models.init_variables(vgg, 224, 0))
-    routes = {"spectrum_first": rules.SPECTRUM_FIRST, "one_pass": 10**9}
+    routes = {"spectrum_first": problem.SPECTRUM_FIRST, "one_pass": 10**9}
     seconds, result = {route: [] for route in routes}, {}
     for _ in range(2):
         for route, first in routes.items():
-            rules.SPECTRUM_FIRST = first
+            problem.SPECTRUM_FIRST = first
             try:
                 seconds[route].append(_time(lambda route=route: result.update({
                     route: decompose_linen(vgg, variables, jnp.zeros((1, 224, 224, 3)),
                                            rule="speedup:2", train=False)})))
             finally:
-                rules.SPECTRUM_FIRST = routes["spectrum_first"]
+                problem.SPECTRUM_FIRST = routes["spectrum_first"]
     out = {f"vgg16_224_speedup2_{route}": {"seconds": min(t), "runs": t,
                                            "layers_split": sorted(result[route].ranks)}
            for route, t in seconds.items()}

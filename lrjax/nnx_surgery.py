@@ -1,13 +1,12 @@
 """Compress Flax NNX models: :func:`decompose_nnx`.
 
 The NNX counterpart of :func:`lrjax.decompose_linen`, with the same rank rules, calibration and
-report: every 2-D ``nnx.Conv`` (``k x k`` or 1x1), ``nnx.ConvTranspose``, ``nnx.Linear``,
-``nnx.LinearGeneral`` and ``nnx.Einsum`` whose equation is one product of input axes into output
-axes (:func:`lrjax.sites.einsum_split`) is a candidate wherever it sits (attributes,
-``nnx.List``, ``nnx.Sequential``), named by its graph path joined with ``/``
-(``blocks/1/conv1``, ``seq/layers/0``). The result (a :class:`lrjax.report.Decomposition`)
-holds a copy of the model whose decomposed layers are :class:`LowRankConvNNX` /
-:class:`LowRankLinearNNX` / :class:`LowRankEinsumNNX` pairs; the original is left untouched.
+report: every linear layer :mod:`lrjax.sites` lists (``nnx.Conv``, ``nnx.ConvTranspose``,
+``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``) is a candidate wherever it sits (attributes,
+``nnx.List``, ``nnx.Sequential``), named by its graph path joined with ``/`` (``blocks/1/conv1``).
+The result (a :class:`lrjax.report.Decomposition`) holds a copy of the model whose decomposed
+layers are :class:`LowRankConvNNX` / :class:`LowRankLinearNNX` / :class:`LowRankEinsumNNX` pairs;
+the original is left untouched.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ from lrjax.moments import (
     uncalibrated_note,
     undersampled_note,
 )
+from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
-from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, computes_as
 
 __all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_nnx",
@@ -541,7 +540,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
 @lapack.small_pages()
 def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
                   multiple: int | None = None, measure_batch: int = 1, eval_mode: bool = True,
-                  **example_kwargs) -> Decomposition:
+                  problem=None, **example_kwargs) -> Decomposition:
     """Compress a Flax NNX model: its convs and linear layers become pairs of smaller ones.
 
     Args:
@@ -558,6 +557,9 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         running statistics, dropout off; NNX models are built in training mode, where
         calibration statistics would be the batch's and dropout would corrupt them); the report
         says so. ``False``: run the model as it is.
+      problem: the ``.problem`` of an earlier result for this model (same weights): its
+        calibration and every layer's SVD are reused (:meth:`lrjax.problem.RankProblem.reusing`);
+        ``calibration`` must then be ``None``.
 
     Returns:
       A :class:`lrjax.report.Decomposition`: ``.module`` is a copy of ``model`` with the chosen
@@ -575,7 +577,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     candidates = [s for s in found if s.candidate]
     kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
     covs, note, few = None, None, None
-    if calibration is not None:
+    if calibration is not None and problem is None:
         batches = rules.calibration_batches(calibration, example_args, example_kwargs)
         paths, note = calibrated_paths(candidates)
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
@@ -586,7 +588,9 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     net_macs, net_elementwise, found = _net_cost(model, example_args, example_kwargs,
                                                  eval_mode, found)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
-                          net_elementwise=net_elementwise, notes=tuple(filter(None, (note, few))))
+                          net_elementwise=net_elementwise, notes=tuple(filter(None, (note, few))),
+                          source=variable_leaves(nnx.state(model, nnx.Not(nnx.RngState)))
+                          ).reusing(problem, calibration)
     if rule.eval_fn is not None:
         problem.score = lambda ranks: float(rule.eval_fn(_build(model, problem, ranks)[0]))
     kept_full = {}

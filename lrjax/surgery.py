@@ -53,16 +53,10 @@ from lrjax.layers import (
     split_type,
     transposed_site,
 )
-from lrjax.linen_trace import (
-    abstract_init,
-    constants_evaluated,
-    layer_input,
-    split_static,
-    unjitted,
-)
+from lrjax.linen_trace import abstract_init, constants_evaluated, layer_input, split_static, unjitted
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
+from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
-from lrjax.rules import RankProblem
 from lrjax.sites import ConvSite, costed_as_run, example_batch, layer_indices, variable_key
 
 __all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_linen",
@@ -459,7 +453,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                                    own_code.variable_names(variables, collections=True),
                                    counts["total"])
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
-                       counts["elementwise"] // batch, notes=tuple(filter(None, (note, few))))
+                       counts["elementwise"] // batch, notes=tuple(filter(None, (note, few))),
+                       source=variable_leaves(variables))
 
 
 def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:
@@ -505,7 +500,7 @@ def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
 @lapack.small_pages()
 @constants_evaluated
 def decompose_linen(model: nn.Module, variables, *example_args, rule, calibration=None,
-                    multiple: int | None = None, measure_batch: int = 1,
+                    multiple: int | None = None, measure_batch: int = 1, problem=None,
                     **example_kwargs) -> Decomposition:
     """Compress any linen model: its linear layers become pairs of smaller ones.
 
@@ -534,6 +529,9 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
       multiple: round ranks to multiples of this (hardware tiles); or the rule's
         ``multiple=`` option.
       measure_batch: batch of ``+measured`` timings.
+      problem: the ``.problem`` of an earlier result for this model and these variables: its
+        calibration and every layer's SVD are reused (a sweep of rules pays for them once;
+        :meth:`lrjax.problem.RankProblem.reusing`); ``calibration`` must then be ``None``.
 
     Returns:
       A :class:`lrjax.report.Decomposition` (``.module``: a :class:`lrjax.layers.LowRankModel`,
@@ -549,8 +547,8 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     rule = rules.parse_rule(rule, multiple=multiple)
     check_variables(model, variables, *example_args, **example_kwargs)
     boxed = traverse_util.flatten_dict(dict(variables))  # boxes given back to the factors
-    problem = rank_problem(model, variables, example_args, example_kwargs,
-                           calibration=calibration, multiple=rule.multiple)
+    problem = rank_problem(model, variables, example_args, example_kwargs, multiple=rule.multiple,
+                           calibration=None if problem else calibration).reusing(problem, calibration)
     if rule.eval_fn is not None:
         problem.score = linen_scorer(model, variables, problem, rule.eval_fn)
     kept_full = {}

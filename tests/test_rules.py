@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import costs, export, rules
+from lrjax import costs, export, problem, rules
 from tests.helpers import apply, init, xla_flops
 
 X = jnp.ones((2, 12, 12, 3))
@@ -260,7 +260,7 @@ def test_each_layer_is_decomposed_once(net, monkeypatch):
         assert calls == [(c.shape.kernel_shape, None, True) for c in sorted(
             candidates, key=lambda c: -np.prod(c.shape.kernel_shape))] and one_pass.ranks
         with monkeypatch.context() as m:
-            m.setattr(rules, "SPECTRUM_FIRST", 27)  # body (48 x 96), head_conv (96 x 96)
+            m.setattr(problem, "SPECTRUM_FIRST", 27)  # body (48 x 96), head_conv (96 x 96)
             calls.clear()
             spectrum_first = lrjax.decompose_linen(model, variables, X, rule="energy:0.8",
                                                    calibration=calibration)
