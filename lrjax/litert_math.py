@@ -23,6 +23,7 @@
 * a transposed conv (an input-dilated 2-D conv: ``nn.ConvTranspose``, an upsampling ``nn.Conv``
   with ``input_dilation``, ``lax.conv_transpose`` in any layout) in the one padding the
   converter gets right, its extra rows and columns sliced off (:func:`conv_transpose`);
+* a ``pad`` of more than 5 axes with its unpadded runs of axes merged (:func:`merged_pad`);
 * a grouped conv over 3 or more spatial dims (a video net's depthwise 3x3x3) as a sum over its
   taps or one conv per group (:func:`grouped_conv`).
 """
@@ -216,6 +217,27 @@ def grouped_conv(x, kernel, params, dtype):
     return jnp.transpose(y, perm).astype(dtype)
 
 
+def merged_pad(x, value, config, shape):
+    """A ``pad`` of more than 5 axes (the converter's ``tfl.pad`` takes 5 at most: an
+    upsampler that inserts zeros by padding an ``(N, H, 1, W, 1, C)`` view, as StyleGAN's and
+    score_sde's ``upfirdn2d`` do) with each run of axes it does not pad merged into one, back to
+    ``shape`` after; None where it has 5 axes or fewer, or more than 5 remain."""
+    if x.ndim <= 5:
+        return None
+    groups: list[tuple[list[int], tuple | None]] = []
+    for axis, pads in enumerate(config):
+        pads = tuple(int(p) for p in pads)
+        if pads == (0, 0, 0) and groups and groups[-1][1] is None:
+            groups[-1][0].append(axis)
+        else:
+            groups.append(([axis], None if pads == (0, 0, 0) else pads))
+    if len(groups) > 5:
+        return None
+    merged = [int(np.prod([x.shape[a] for a in axes])) for axes, _ in groups]
+    return jax.lax.pad(x.reshape(merged), value,
+                       [pads or (0, 0, 0) for _, pads in groups]).reshape(shape)
+
+
 def clamped_gather(operand, indices, params):
     """A ``gather`` at constant indices with its starts clamped into range, as JAX clamps them
     (``jnp.take(..., mode="clip")``): LiteRT's ``GATHER_ND`` rejects negative ones; None where
@@ -258,6 +280,9 @@ def rewrite(eqn, ins) -> list | None:
     if name == "gather" and not isinstance(ins[1], jax.core.Tracer) and \
             eqn.params["mode"] != jax.lax.GatherScatterMode.FILL_OR_DROP:
         out = clamped_gather(*ins, eqn.params)
+        return None if out is None else [out]
+    if name == "pad":
+        out = merged_pad(*ins, eqn.params["padding_config"], eqn.outvars[0].aval.shape)
         return None if out is None else [out]
     if name == "conv_general_dilated":
         out = conv_transpose(*ins, eqn.params)

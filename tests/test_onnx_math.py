@@ -3,8 +3,9 @@ trigonometry and ``atan2`` (zeros of either sign included), ``cbrt``, ``is_finit
 bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min /
 product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``,
 scatters that add or subtract, gathers at clamped constant indices, min pooling,
-``reduce_precision``, ``optimization_barrier`` and interior padding, on a conv's output (stored
-NCHW in the ONNX graph) and on the input; LiteRT through :mod:`lrjax.litert_math`'s rewrites."""
+``reduce_precision``, ``optimization_barrier``, interior padding and padding of 6 axes, on a
+conv's output (stored NCHW in the ONNX graph) and on the input; LiteRT through
+:mod:`lrjax.litert_math`'s rewrites."""
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lrjax import export
+from lrjax import export, litert_math
 
 
 class MathOps(nn.Module):
@@ -54,6 +55,9 @@ class MathOps(nn.Module):
                    barrier=jax.lax.optimization_barrier((h, t))[1],
                    clipped=jnp.take(h, np.array([-1, 9, 3]), axis=2, mode="clip"),
                    percentiles=jnp.percentile(h, np.array([10.0, 90.0]), axis=-1),
+                   # upfirdn2d's zero insertion (StyleGAN2's, score_sde's): a 6-D pad
+                   zero_insert=jnp.pad(h.reshape(-1, 6, 1, 7, 1, 4), [(0, 0), (0, 0), (0, 1),
+                                                                      (0, 0), (0, 1), (0, 0)]),
                    bfloat16=jax.lax.reduce_precision(x * 1.001, 8, 7),  # (rounding would
                    float16=jax.lax.reduce_precision(x * 0.999, 5, 10))  # magnify conv noise)
         return out
@@ -91,3 +95,22 @@ def test_rarer_math_exports_to_litert(tmp_path):
     model, variables, x = _model()
     result = export.to_tflite(model, variables, x, str(tmp_path / "math.tflite"))
     assert result.max_abs_error <= 1e-5 * max(1.0, result.scale)
+
+
+def test_pads_of_more_than_five_axes_are_written_for_litert_with_their_unpadded_runs_merged():
+    """LiteRT's PAD takes 5 axes at most: a 6-D pad (upfirdn2d's zero insertion) is the same pad
+    on the view whose runs of unpadded axes are merged; one with 6 padded runs is left as it is
+    (:func:`lrjax.litert_math.merged_pad`)."""
+    x = jax.random.normal(jax.random.key(2), (2, 3, 1, 4, 1, 5))
+    for config, merged in (([(0, 0, 0), (0, 0, 0), (0, 1, 0), (0, 0, 0), (0, 1, 0), (0, 0, 0)], 5),
+                           ([(1, 0, 0), (0, 0, 0), (0, 2, 1), (0, 0, 0), (0, 0, 0), (0, 0, 0)], 4),
+                           ([(1, 0, 0), (0, 1, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (2, 0, 0)], None)):
+        (eqn,) = jax.make_jaxpr(lambda x, c=config: jax.lax.pad(x, 0.5, c))(x).eqns
+        rewritten = litert_math.rewrite(eqn, (x, jnp.float32(0.5)))
+        if merged is None:
+            assert rewritten is None
+            continue
+        np.testing.assert_array_equal(rewritten[0], jax.lax.pad(x, 0.5, config))
+        traced = jax.make_jaxpr(lambda x, e=eqn: litert_math.rewrite(e, (x, jnp.float32(0.5))))(x)
+        pads = [e for e in traced.eqns if e.primitive.name == "pad"]
+        assert [len(e.params["padding_config"]) for e in pads] == [merged]
