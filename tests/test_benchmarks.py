@@ -4,7 +4,9 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import common, gpu_check, speed, train_throughput, xla_cpu_flags
@@ -233,6 +235,45 @@ def test_public_models_row_checks_the_report_against_xla_and_exports(tmp_path):
     assert row["onnx"]["batches"] == [2, 3] and row["onnx"]["max_abs_error"] < 1e-4
     with pytest.raises(SystemExit):
         public_models.main(["--jax-models", str(tmp_path)])  # no checkout there: exit 2
+
+
+class TwoInputs(nn.Module):
+    """A score model's call: images and noise levels, ``train`` a keyword; an attention-style
+    dense layer written by hand (``W`` and ``b``, as score_sde's ``NIN``)."""
+
+    @nn.compact
+    def __call__(self, x, sigmas, train=True):
+        temb = nn.Dense(8)(jnp.stack([jnp.sin(sigmas), jnp.cos(sigmas)], -1))
+        h = nn.swish(nn.Conv(8, (3, 3))(x) + temb[:, None, None, :])
+        w = self.param("W", nn.initializers.lecun_normal(), (8, 8))
+        h = h + jnp.einsum("bhwc,cn->bhwn", h, w)
+        h = nn.Dropout(0.1, deterministic=not train)(nn.Conv(16, (3, 3), strides=2)(h))
+        return nn.Conv(3, (1, 1))(nn.swish(h))
+
+
+@pytest.mark.slow  # 10 s: two decompositions, six XLA counts, an ONNX export
+def test_score_sde_row_checks_the_report_against_xla_and_exports(tmp_path):
+    """One row of ``benchmarks.score_sde`` on a model called as score_sde's are (two arrays,
+    ``train=False``): the report is XLA's lowered ratio, the own product listed, the export of
+    both inputs checked; no checkout: one error line."""
+    from benchmarks import score_sde
+
+    model = TwoInputs()
+    x, sigmas = jax.random.normal(jax.random.key(0), (2, 16, 16, 3)), jnp.array([0.5, 3.0])
+    calibration = (jax.random.normal(jax.random.key(1), (8, 16, 16, 3)), jnp.linspace(0.5, 5, 8))
+    variables = model.init(jax.random.key(2), x, sigmas, train=False)
+    row = score_sde.measure(model, variables, (x, sigmas), calibration, tmp_dir=str(tmp_path),
+                            exporters=("onnx",))
+    assert row["candidates_by_kind"] == {"kxk": 2, "1x1": 1, "dense": 1}
+    assert row["left_as_is"] == ["W"]  # the hand-written product, by its parameter
+    assert row["full_rank_max_error"] <= 1e-4 * row["output_scale"]
+    for method in ("data-free", "calibrated"):
+        assert row[method]["report_speedup"] == pytest.approx(
+            row[method]["xla_lowered_speedup"], rel=1e-9)
+        assert row[method]["report_speedup"] >= 1.99
+    assert row["onnx"]["batches"] == [2, 3] and row["onnx"]["max_abs_error"] < 1e-4
+    with pytest.raises(SystemExit):
+        score_sde.main(["--score-sde", str(tmp_path)])  # no checkout there: exit 2
 
 
 @pytest.mark.slow  # 8 s: two decompositions, four XLA counts, two exports

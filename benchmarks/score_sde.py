@@ -1,0 +1,151 @@
+"""Score-based diffusion U-Nets written by others, as published: found layers, whole-net
+`speedup:2` data-free and calibrated (seconds, the report against XLA's own flop count), and the
+export to ONNX Runtime and LiteRT.
+
+The models are yang-song/score_sde's NCSN++, DDPM++ and DDPM (linen, 2021: two inputs, images
+and noise levels; GroupNorm, attention written with its own ``NIN`` dense layers, FIR up and
+down sampling by its own ``upfirdn2d``), imported unmodified from a checkout given by path (this
+machine has no network: ``git clone https://github.com/yang-song/score_sde`` elsewhere; its
+``models/utils.py`` annotates a field with ``flax.optim.Optimizer``, removed from Flax in 2022,
+so a stand-in is set before the import). Their CIFAR-10 configs are shrunk (nf 32, ``ch_mult``
+(1, 2, 2), one res block per stage, attention at 8x8, 16x16 images) and ``init_scale`` set to 1
+(the published 0 zero-initialises the output convs: every comparison would be vacuous; DDPM's
+last conv has its scale written in its code, so its outputs are of order 1e-5 and its errors
+are read relative to them); random weights, called as ``model.apply(v, x, sigmas,
+train=False)``.
+
+    python -m benchmarks.score_sde --score-sde ~/src/score_sde --json bench_results/score_sde.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from benchmarks.common import chosen_models, machine, setup, write_json
+
+# name: its config module
+MODELS = {
+    "ncsnpp": "configs.ve.cifar10_ncsnpp_continuous",
+    "ddpmpp": "configs.vp.cifar10_ddpmpp_continuous",
+    "ddpm": "configs.vp.ddpm.cifar10_continuous",
+}
+SIZE = 16
+
+
+def xla_flops(model, variables, args, compiled: bool) -> float:
+    """XLA's flop count of ``model.apply(variables, *args, train=False)``, lowered or compiled."""
+    import jax
+
+    lowered = jax.jit(lambda v, *a: model.apply(v, *a, train=False)).lower(variables, *args)
+    return (lowered.compile() if compiled else lowered).cost_analysis()["flops"]
+
+
+def measure(model, variables, args, calibration, *, tmp_dir: str,
+            exporters=("onnx", "tflite")) -> dict:
+    """One model's row: ``args`` its example call's arrays (images and noise levels, the batch
+    first in each), called with ``train=False``; ``calibration`` a tuple of such arrays."""
+    import jax.numpy as jnp
+
+    import lrjax
+    from lrjax import decompose, export, surgery
+
+    found = surgery.find_convs(model, *args, train=False)
+    top = {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
+           for s in found if s.candidate}
+    want = model.apply(variables, *args, train=False)
+    full = lrjax.decompose_linen(model, variables, *args, rule=top, train=False)
+    row = {"candidates_by_kind": {}, "left_as_is": sorted(full.report.skipped),
+           "full_rank_max_error": float(jnp.max(jnp.abs(
+               full.module.apply(full.variables, *args, train=False) - want))),
+           "output_scale": float(jnp.max(jnp.abs(want)))}
+    for site in found:
+        if site.candidate:
+            row["candidates_by_kind"][site.kind] = row["candidates_by_kind"].get(site.kind, 0) + 1
+    flops_full = {c: xla_flops(model, variables, args, c) for c in (False, True)}
+    for method, calib in (("data-free", None), ("calibrated", [calibration])):
+        start = time.perf_counter()
+        result = lrjax.decompose_linen(model, variables, *args, rule="speedup:2",
+                                       calibration=calib, train=False)
+        seconds = time.perf_counter() - start
+        row[method] = {
+            "seconds": seconds, "report_speedup": result.report.speedup,
+            "xla_lowered_speedup": flops_full[False] / xla_flops(result.module, result.variables,
+                                                                 args, False),
+            "xla_compiled_speedup": flops_full[True] / xla_flops(result.module, result.variables,
+                                                                 args, True),
+            "layers_split": len(result.report.ranks), "left_as_is": len(result.report.skipped)}
+    for fmt in exporters:
+        try:
+            done = export.EXPORTERS[fmt](result.module, result.variables, tuple(args),
+                                         os.path.join(tmp_dir, f"model.{fmt}"), train=False)
+            row[fmt] = {"max_abs_error": done.max_abs_error, "scale": done.scale,
+                        "batches": list(done.checked_batches)}
+        except export.ExportError as e:
+            row[fmt] = {"error": str(e)}
+    return row
+
+
+def main(argv=None) -> dict:
+    setup()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--score-sde", required=True,
+                        help="a checkout of github.com/yang-song/score_sde")
+    parser.add_argument("--json", default="bench_results/score_sde.json")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--calibration-images", type=int, default=8)
+    args = parser.parse_args(argv)
+    names = chosen_models(parser, args.models, MODELS)
+    if not os.path.isfile(os.path.join(args.score_sde, "models", "ncsnpp.py")):
+        parser.error(f"--score-sde {args.score_sde}: no models/ncsnpp.py there")
+    if args.batch < 1 or args.calibration_images < 1:
+        parser.error("--batch and --calibration-images must be at least 1")
+
+    import importlib
+    import tempfile
+    import types
+
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.public_models import _table
+
+    if not hasattr(flax, "optim"):  # an annotation of its State dataclass, nothing more
+        flax.optim = types.SimpleNamespace(Optimizer=object)
+    sys.path.insert(0, os.path.abspath(args.score_sde))
+    from models import ddpm, ncsnpp, utils  # noqa: F401 - registers the models
+
+    result = {"machine": machine("onnxruntime", "tensorflow_cpu", "ai-edge-litert"),
+              "command": "python -m benchmarks.score_sde " + " ".join(argv or sys.argv[1:]),
+              "score_sde": os.path.abspath(args.score_sde), "models": {}}
+    for name in names:
+        config = importlib.import_module(MODELS[name]).get_config()
+        config.model.nf, config.model.num_res_blocks = 32, 1
+        config.model.ch_mult, config.model.attn_resolutions = (1, 2, 2), (SIZE // 2,)
+        config.model.init_scale, config.data.image_size = 1.0, SIZE
+        model = utils.get_model(config.model.name)(config=config)
+
+        def inputs(n, seed):
+            x = jax.random.normal(jax.random.key(seed), (n, SIZE, SIZE, 3))
+            return x, jnp.linspace(0.5, 5.0, n)  # noise levels (a Fourier embedding's sigmas)
+
+        example = inputs(args.batch, 0)
+        variables = jax.jit(lambda x, t, m=model: m.init(
+            {"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, t, train=False))(
+            *example)
+        with tempfile.TemporaryDirectory() as tmp:
+            result["models"][name] = measure(model, variables, example,
+                                             inputs(args.calibration_images, 3), tmp_dir=tmp)
+        print(_table({name: result["models"][name]}).splitlines()[-1], flush=True)
+    print(_table(result["models"]))
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
