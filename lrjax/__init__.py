@@ -1,7 +1,8 @@
 """lrjax: low-rank CNN compression in JAX/Flax (Tai et al., ICLR 2016).
 
-Top level: :func:`decompose_linen` and :func:`decompose_nnx` compress any Flax model (loaded on
-first use, so that ``import lrjax`` stays light). Submodules: ``decompose`` (closed-form factors),
+Top level: :func:`decompose_linen` and :func:`decompose_nnx` compress any Flax model,
+:func:`save_decomposed` and :func:`load_decomposed` keep the result for another process (loaded
+on first use, so that ``import lrjax`` stays light). Submodules: ``decompose`` (closed-form factors),
 ``costs`` (cost model), ``ranks`` (rank selection), ``iterative`` (iterative baseline) are
 imported with the package; ``rules``, ``layers``, ``formulations``, ``models``, ``surgery``,
 ``nnx_surgery``, ``cost_report``, ``convert``, ``export``, ``runtimes``, ``onnx_convert``,
@@ -23,7 +24,8 @@ from lrjax import costs, decompose, iterative, ranks  # noqa: E402
 
 __version__ = "0.2.0"
 
-__all__ = ["costs", "decompose", "iterative", "ranks", "decompose_linen", "decompose_nnx"]
+__all__ = ["costs", "decompose", "iterative", "ranks", "decompose_linen", "decompose_nnx",
+           "save_decomposed", "load_decomposed"]
 
 
 def __getattr__(name):
@@ -35,4 +37,8 @@ def __getattr__(name):
         from lrjax.nnx_surgery import decompose_nnx
 
         return decompose_nnx
+    if name in ("save_decomposed", "load_decomposed"):
+        from lrjax import saved
+
+        return getattr(saved, name)
     raise AttributeError(f"module 'lrjax' has no attribute {name!r}")

@@ -8,6 +8,9 @@ Two kinds of files:
   left behind on failure. A training run's checkpoint directory is accepted on reading.
 * **training checkpoints** (:class:`TrainCheckpoints`): an Orbax ``CheckpointManager`` over a run's
   directory, keeping the last N steps plus the best by test accuracy.
+* **decomposed models** (:func:`save_decomposed_folder` / :func:`load_decomposed_folder`, used by
+  :mod:`lrjax.saved`): a folder holding ``lrjax_decomposed.json`` (the rank map and the API)
+  and the variables as an Orbax checkpoint in ``variables/``, written atomically.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from flax import traverse_util
 
 __all__ = ["save_variables", "load_variables", "CheckpointError", "TrainCheckpoints",
            "OUTPUT_SUFFIXES", "variables_format", "is_lrjax_output", "check_output",
-           "latest_train_variables", "write_json", "write_text", "atomic_write"]
+           "latest_train_variables", "write_json", "write_text", "atomic_write",
+           "save_decomposed_folder", "load_decomposed_folder", "DECOMPOSED_MARKER"]
 
 
 class CheckpointError(ValueError):
@@ -75,8 +79,9 @@ def _to_numpy_tree(tree):
 # the suffixes of each kind of file or folder lrjax writes ("": a folder name without a suffix)
 OUTPUT_SUFFIXES = {"npz": (".npz",), "orbax": ("",), "onnx": (".onnx",),
                    "tflite": (".tflite",), "stablehlo": (".shlo", ".stablehlo"),
-                   "json": (".json",)}
+                   "json": (".json",), "decomposed": ("",)}
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA")
+DECOMPOSED_MARKER = "lrjax_decomposed.json"  # a decomposed model's folder: its rank map, its API
 
 
 def variables_format(path: str) -> str:
@@ -101,6 +106,8 @@ def is_lrjax_output(path: str, kind: str) -> bool:
     if kind == "orbax":
         return os.path.isdir(path) and any(
             os.path.exists(os.path.join(path, m)) for m in _ORBAX_MARKERS)
+    if kind == "decomposed":
+        return _decomposed_meta(path) is not None
     if not os.path.isfile(path):
         return False
     try:
@@ -247,6 +254,64 @@ def load_variables(path: str):
             return ckptr.restore(os.path.abspath(path), args=ocp.args.StandardRestore())
     except Exception as e:  # Orbax raises many types for a foreign directory
         raise CheckpointError(f"{path!r} is not an Orbax variables checkpoint: {e}") from None
+
+
+def _decomposed_meta(path: str) -> dict | None:
+    """The marker of a decomposed model's folder, or None where ``path`` is not one."""
+    try:
+        with open(os.path.join(path, DECOMPOSED_MARKER)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == DECOMPOSED_MARKER else None
+
+
+def save_decomposed_folder(path: str, meta: dict, variables, *, overwrite: bool = False,
+                           flag: str = "overwrite=True") -> str:
+    """Write a decomposed model's folder at ``path`` (a name without a suffix), atomically:
+    ``meta`` (JSON-serializable: the rank map, the API) as :data:`DECOMPOSED_MARKER` and the
+    ``variables`` tree as an Orbax checkpoint in ``variables/``. An existing ``path`` is replaced
+    only with ``overwrite`` and only if it is such a folder (:func:`check_output`).
+
+    Raises:
+      CheckpointError: a suffix, a missing parent folder, an existing ``path`` that may not be
+        replaced; nothing has been written.
+    """
+    path = check_output(path, "decomposed", overwrite=overwrite, flag=flag)
+    variables = _to_numpy_tree(dict(variables))
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-decomposed-")
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(os.path.join(tmp, "variables"), args=ocp.args.StandardSave(variables))
+        with open(os.path.join(tmp, DECOMPOSED_MARKER), "w") as f:
+            json.dump({"format": DECOMPOSED_MARKER, **meta}, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700, as a folder made by hand would be
+        _replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_decomposed_folder(path: str) -> tuple[dict, dict]:
+    """``(meta, variables)`` of a folder :func:`save_decomposed_folder` wrote.
+
+    Raises:
+      CheckpointError: ``path`` missing, or not such a folder (naming what it lacks).
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path!r} does not exist")
+    meta = _decomposed_meta(path)
+    if meta is None:
+        raise CheckpointError(f"{path!r} is not a decomposed model lrjax saved (no readable "
+                              f"{DECOMPOSED_MARKER} in it)")
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            variables = ckptr.restore(os.path.abspath(os.path.join(path, "variables")),
+                                      args=ocp.args.StandardRestore())
+    except Exception as e:  # Orbax raises many types for a damaged checkpoint
+        raise CheckpointError(f"{path!r}: its variables cannot be read: {e}") from None
+    return meta, variables
 
 
 class TrainCheckpoints:

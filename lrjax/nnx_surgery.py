@@ -12,7 +12,6 @@ the original is left untouched.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -21,15 +20,13 @@ import numpy as np
 from flax import nnx
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, decompose, formulations, lapack, macs, nnx_written, own_code, rules, sites
+from lrjax import boxes, costs, lapack, macs, nnx_written, own_code, rules, sites
 from lrjax.conv_views import conv_view, nd_geometry, spatial_dims
 from lrjax.layers import (
     conv_skip_reason,
     dense_skip_reason,
     dilated_conv_site,
     input_dilated,
-    pair_geometry,
-    transposed_pair_geometry,
     transposed_site,
 )
 from lrjax.linen_trace import with_constants_evaluated
@@ -42,11 +39,12 @@ from lrjax.moments import (
     uncalibrated_note,
     undersampled_note,
 )
+from lrjax.nnx_layers import LowRankConvNNX, LowRankEinsumNNX, LowRankLinearNNX, pair_module
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
 from lrjax.sites import ConvSite, computes_as
 
-__all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_nnx",
+__all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_nnx", "with_pairs",
            "find_convs_nnx", "eval_view", "graph_keywords"]
 
 _LINEAR = (nnx.Linear, nnx.LinearGeneral)
@@ -58,63 +56,6 @@ _WRAPPERS = (nnx.WeightNorm, nnx.SpectralNorm)
 _FLAX_LAYERS = (*_SPLIT, *_WRAPPERS, bridge.ToNNX)  # matched by type; others may be written
 BRIDGED = ("a linen module run inside nnx.bridge.ToNNX: lrjax does not reach into the bridge "
            "(its layers are left as they are); decompose that linen module with decompose_linen")
-
-
-class LowRankConvNNX(nnx.Module):
-    """A conv as two: ``vertical`` (``kh x 1``, or the first 1x1; no bias) then ``horizontal``
-    (``1 x kw``, or the second 1x1), both ``nnx.Conv`` (both ``nnx.ConvTranspose`` for a
-    transposed conv)."""
-
-    kernel_shape: tuple[int, ...] | None = None  # the replaced layer's (set by the surgery)
-    kernel_dtype: str = "float32"
-
-    def __init__(self, vertical: nnx.Module, horizontal: nnx.Module):
-        self.vertical = vertical
-        self.horizontal = horizontal
-
-    @property
-    def kernel(self) -> jax.ShapeDtypeStruct:
-        """The replaced layer's kernel, as its shape and dtype: model code that reads
-        ``layer.kernel.shape`` runs on (bonsai's Qwen 3 reads its head counts from
-        ``o_proj.kernel.shape``). The pair holds no such array: its factors are
-        ``vertical.kernel`` and ``horizontal.kernel``."""
-        if self.kernel_shape is None:
-            raise AttributeError("this pair was built without the replaced layer's kernel shape")
-        return jax.ShapeDtypeStruct(self.kernel_shape, np.dtype(self.kernel_dtype))
-
-    def __call__(self, x, out_sharding=None):
-        """``horizontal(vertical(x))``; ``out_sharding`` (as the layer's own ``__call__`` takes
-        it, e.g. from ``nnx.MultiHeadAttention``) is the output's, given to ``horizontal``
-        (``nnx.ConvTranspose`` takes none); a ``PartitionSpec`` outside a mesh, none (as
-        bonsai's ``ShardedLinear`` reads it: JAX refuses one there)."""
-        if isinstance(out_sharding, jax.sharding.PartitionSpec) and \
-                jax.sharding.get_abstract_mesh().empty:
-            out_sharding = None
-        y = self.vertical(x)
-        return self.horizontal(y) if out_sharding is None else \
-            self.horizontal(y, out_sharding=out_sharding)
-
-
-class LowRankLinearNNX(LowRankConvNNX):
-    """A dense layer as two: ``vertical`` (``C -> K``, no bias, contracting the layer's axes)
-    then ``horizontal`` (``K -> N``, the layer's bias)."""
-
-
-class LowRankEinsumNNX(LowRankConvNNX):
-    """An ``nnx.Einsum`` as two (:class:`lrjax.sites.EinsumSplit`): ``vertical``
-    (``lhs,Cz->free z``, kernel ``(*contracted dims, K)``, no bias) then ``horizontal``
-    (``free z,zO->out``, kernel ``(K, *produced dims)``, the layer's bias). ``equation`` is the
-    one it was split for; a call naming another is an error."""
-
-    def __init__(self, vertical: nnx.Module, horizontal: nnx.Module, equation: str):
-        super().__init__(vertical, horizontal)
-        self.equation = equation
-
-    def __call__(self, x, einsum_str: str | None = None, out_sharding=None):
-        if einsum_str is not None and einsum_str.replace(" ", "") != self.equation:
-            raise ValueError(f"this pair was split for {self.equation!r}; called with "
-                             f"einsum_str={einsum_str!r}")
-        return super().__call__(x, out_sharding)
 
 
 def _splits(node) -> bool:
@@ -378,98 +319,16 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
         for site in found]
 
 
-def _given(value):
-    """An initializer returning ``value`` (the layers of a pair are built with their factors,
-    without drawing random weights first)."""
-
-    def init(key, shape, dtype):  # nnx.LinearGeneral asks for its kernel as a matrix
-        if math.prod(shape) != value.size:
-            raise ValueError(f"factor of shape {tuple(value.shape)} for a variable of shape "
-                             f"{tuple(shape)}")
-        return sites.device_array(np.reshape(value, shape), dtype)
-
-    return init
-
-
-def _pair_module(layer, site: ConvSite, factors: decompose.Factors,
-                 bias=None) -> LowRankConvNNX:
-    """The pair computing ``layer`` (an ``nnx.Conv`` or linear layer) with the given factors
-    (and ``bias``, default the layer's), knowing the layer's kernel shape and dtype
-    (:attr:`LowRankConvNNX.kernel`)."""
-    pair = _built_pair(layer, site, factors, bias)
-    pair.kernel_shape = tuple(int(d) for d in layer.kernel.shape)
-    pair.kernel_dtype = str(np.dtype(layer.kernel.dtype))
-    return pair
-
-
-def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowRankConvNNX:
-    """:func:`_pair_module`'s pair. A stacked layer's (``nnx.scan`` over ``nnx.vmap``-made
-    blocks) is built as one iteration's pair, then given every iteration's factors, stacked."""
-    if site.stack > 1:
-        vertical, horizontal = site.factor_variables(factors)
-        k, n = (int(f.shape[-1]) // site.stack for f in factors)
-        pair = _pair_module(layer, site.restacked(1), decompose.Factors(
-            factors.vertical[..., :k], factors.horizontal[..., :n]),
-            None if layer.bias is None else layer.bias[...][0])
-        pair.vertical.kernel.set_value(vertical)
-        pair.horizontal.kernel.set_value(horizontal)
-        if layer.bias is not None:
-            pair.horizontal.bias.set_value(layer.bias[...])
-        return pair
-    if bias is None and layer.bias is not None:
-        bias = layer.bias[...]
-    rank = int(factors.vertical.shape[-1])
-    vertical_kernel, horizontal_kernel = site.factor_variables(factors)
-    common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
-                  rngs=nnx.Rngs(0))
-    first = dict(kernel_init=_given(vertical_kernel))
-    second = dict(kernel_init=_given(horizontal_kernel))
-    if bias is not None:
-        second["bias_init"] = _given(bias)
-    if isinstance(layer, nnx.Einsum):
-        split = sites.einsum_split(site.equation)
-        in_dims, out_dims = site.dense_dims
-        common.update(promote_dtype=layer.promote_dtype,
-                      preferred_element_type=layer.preferred_element_type)
-        vertical = nnx.Einsum(split.first, (*in_dims, rank), **first, **common)
-        horizontal = nnx.Einsum(split.second, (rank, *out_dims),
-                                None if bias is None else bias.shape,
-                                **second, **common)
-        return LowRankEinsumNNX(vertical, horizontal, site.equation)
-    if site.kind == "dense":
-        in_dims, out_dims = site.dense_dims
-        vertical = nnx.LinearGeneral(in_dims, rank, axis=sites.contracted_axes(layer),
-                                     use_bias=False, **first, **common)
-        horizontal = nnx.LinearGeneral(rank, out_dims, axis=-1, use_bias=layer.use_bias,
-                                       **second, **common)
-        return LowRankLinearNNX(vertical, horizontal)
-    if site.kind == "transposed":  # an nnx.ConvTranspose, or an input-dilated nnx.Conv
-        conv = isinstance(layer, nnx.Conv)
-        geometry = transposed_pair_geometry(
-            layer.kernel_size, layer.input_dilation if conv else layer.strides, layer.padding,
-            layer.kernel_dilation)
-        common.update(transpose_kernel=not conv and layer.transpose_kernel)
-        vertical = nnx.ConvTranspose(layer.in_features, rank, use_bias=False, **geometry[0],
-                                     **first, **common)
-        horizontal = nnx.ConvTranspose(rank, layer.out_features, use_bias=layer.use_bias,
-                                       **geometry[1], **second, **common)
-        return LowRankConvNNX(vertical, horizontal)
-    geometry = pair_geometry(layer.kernel_size, layer.strides, layer.padding,
-                             layer.kernel_dilation)
-    common.update(feature_group_count=layer.feature_group_count,
-                  conv_general_dilated=formulations.conv_general_dilated)
-    vertical = nnx.Conv(layer.in_features, rank, use_bias=False, **geometry[0], **first,
-                        **common)
-    horizontal = nnx.Conv(rank, layer.out_features, use_bias=layer.use_bias, **geometry[1],
-                          **second, **common)
-    return LowRankConvNNX(vertical, horizontal)
-
-
 def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
     chosen = {p: r for p, r in ranks.items() if r is not None}
     problem.prepare_factors(chosen)  # the layers not decomposed yet, in parallel on CPU
     factors = {p: problem.factors(p, r) for p, r in chosen.items()}
+    return with_pairs(model, {p: problem.site(p) for p in factors}, factors), factors
 
+
+def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
+    """A copy of ``model`` with each layer named in ``factors`` (``{path: Factors}``) replaced
+    by its pair (:func:`lrjax.nnx_layers.pair_module`; ``found``: its site)."""
     replaced = set()
 
     def replace(path, node):
@@ -477,9 +336,9 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
         written = name in factors and nnx_written.is_written(node, _FLAX_LAYERS)
         if name in factors and (written or computes_as(node, _SPLIT) is not None):
             replaced.add(name)
-            pair = _pair_module(nnx_written.as_linear(node) if written else node,
-                                problem.site(name), factors[name])
-            boxes.shard_pair_like(node, pair, problem.site(name))
+            pair = pair_module(nnx_written.as_linear(node) if written else node, found[name],
+                               factors[name])
+            boxes.shard_pair_like(node, pair, found[name])
             return pair
         return node
 
@@ -487,7 +346,7 @@ def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
     if replaced != set(factors):
         raise ValueError(f"layers {sorted(set(factors) - replaced)} were decomposed but not "
                          "found in the model's graph")
-    return new_model, factors
+    return new_model
 
 
 class _Scoped(nnx.Module):

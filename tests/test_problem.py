@@ -114,6 +114,6 @@ def test_an_nnx_sweep_calibrates_and_decomposes_once(monkeypatch):
         reused = lrjax.decompose_nnx(model, X, rule="speedup:1.5", problem=first.problem)
     assert reused.ranks == fresh.ranks
     assert _leaves_equal(nnx.state(reused.module, nnx.Param), nnx.state(fresh.module, nnx.Param))
-    model.c1.kernel.value = model.c1.kernel.value * 2
+    model.c1.kernel.set_value(model.c1.kernel[...] * 2)
     with pytest.raises(ValueError, match=r"other weights: variable .*'c1'.*'kernel'"):
         lrjax.decompose_nnx(model, X, rule="speedup:1.5", problem=first.problem)
