@@ -11,6 +11,9 @@ and swaps its chosen ``nn.Conv``\s for pairs that way while it runs.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,7 +27,7 @@ from lrjax import formulations, linen_cells
 from lrjax.conv_views import nd_geometry, vertical_geometry
 from lrjax.costs import as_pair, check_rank
 from lrjax.ranks import check_rank_map
-from lrjax.sites import called_equation, computes_as, einsum_split
+from lrjax.sites import called_equation, computes_as, einsum_split, redefined
 from lrjax.splittable import (
     conv_skip_reason,
     dense_skip_reason,
@@ -39,7 +42,8 @@ __all__ = ["SPLIT_TYPES", "LowRankConv", "LowRankConvTranspose", "FactorConv", "
            "transposed_pair_forward", "dense_pair_forward", "einsum_pair_forward",
            "pair_geometry", "transposed_pair_geometry", "split_padding", "conv_skip_reason",
            "transposed_skip_reason", "transposed_site", "input_dilated", "dilated_conv_site",
-           "dense_skip_reason", "module_path", "split_type"]
+           "dense_skip_reason", "module_path", "split_type", "delegated_base", "delegates",
+           "as_base"]
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's
 
@@ -396,6 +400,40 @@ def split_type(module) -> type | None:
     return computes_as(module, SPLIT_TYPES)
 
 
+@functools.cache
+def _delegating_base(cls: type) -> type | None:
+    for base in SPLIT_TYPES:
+        if issubclass(cls, base) and cls is not base and redefined(cls, base) == ["__call__"]:
+            return base
+    return None
+
+
+def delegated_base(module, context) -> type | None:
+    """For a linen subclass of a type of :data:`SPLIT_TYPES` that redefines only ``__call__``
+    and runs its base's in it (``super().__call__(x)`` on a padded input, as MAGVIT's and
+    VQGAN-style ``Conv`` subclasses do): that base type while ``context`` (an intercepted call,
+    ``nn.intercept_methods``) runs the base's own ``__call__``; None in the subclass's own
+    ``__call__`` (whose code runs as written around the pair) and for any other module."""
+    base = _delegating_base(type(module))
+    if base is None or context.method_name != "__call__":
+        return None
+    called = getattr(context.orig_method, "func", None)
+    return base if called is inspect.unwrap(base.__call__) else None
+
+
+def delegates(module) -> bool:
+    """Whether ``module`` is a subclass :func:`delegated_base` splits in its base's call."""
+    return _delegating_base(type(module)) is not None
+
+
+def as_base(module, base: type):
+    """``module``'s fields on an unbound instance of ``base``: what its base's call computes, for
+    the sites and skip reasons of a subclass split there (:func:`delegated_base`)."""
+    names = [f.name for f in dataclasses.fields(base) if f.init and f.name not in
+             ("parent", "name")]
+    return base(**{n: getattr(module, n) for n in names}, name=module.name, parent=None)
+
+
 class LowRankModel(nn.Module):
     """Any linen model with some of its linear layers replaced by pairs.
 
@@ -463,7 +501,7 @@ class LowRankModel(nn.Module):
 
         def decompose_conv(next_fun, call_args, call_kwargs, context):
             module = context.module
-            base = split_type(module)
+            base = split_type(module) or delegated_base(module, context)
             if base is None or context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             path = module_path(module, root)
@@ -472,8 +510,9 @@ class LowRankModel(nn.Module):
                 return next_fun(*call_args, **call_kwargs)
             transposed = base is nn.ConvTranspose
             dense = base not in (nn.Conv, nn.ConvTranspose)
-            reason = (dense_skip_reason(module) if dense else transposed_skip_reason(module)
-                      if transposed else conv_skip_reason(module))
+            layer = module if split_type(module) else as_base(module, base)
+            reason = (dense_skip_reason(layer) if dense else transposed_skip_reason(layer)
+                      if transposed else conv_skip_reason(layer))
             if reason is not None:
                 raise ValueError(f"layer {path!r} cannot be decomposed: {reason}")
             seen.add(path)

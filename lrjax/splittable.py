@@ -11,12 +11,13 @@ import math
 import flax.linen as nn
 import jax
 
-from lrjax.conv_views import conv_view
+from lrjax import sites
+from lrjax.conv_views import conv_view, nd_geometry, spatial_dims
 from lrjax.costs import ConvShape, as_pair, explicit_padding
 from lrjax.sites import ConvSite, computes_as, subclass_reason
 
 __all__ = ["conv_skip_reason", "transposed_skip_reason", "dense_skip_reason", "transposed_site",
-           "dilated_conv_site", "input_dilated"]
+           "dilated_conv_site", "input_dilated", "conv_shape", "linen_site"]
 
 
 def transposed_skip_reason(conv, base_type=nn.ConvTranspose) -> str | None:
@@ -129,3 +130,54 @@ def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral, nn.Einsum)) 
     if getattr(layer, "batch_dims", ()) or getattr(layer, "batch_axis", None):
         return "batch dims: one kernel per batch index, no one matrix to split"
     return None
+
+
+def conv_shape(path: str, module, x) -> ConvShape:
+    """The 2-D view (:func:`lrjax.conv_views.conv_view`) of a linen conv called on ``x``."""
+    view = conv_view(module.kernel_size, module.strides, module.padding,
+                     module.kernel_dilation, x.shape)
+    return ConvShape(name=path, in_channels=int(x.shape[-1]), out_channels=int(module.features),
+                     groups=int(module.feature_group_count), use_bias=bool(module.use_bias),
+                     **view)
+
+
+def _einsum_site(path: str, module, x, equation) -> ConvSite:
+    """The site of an ``nn.Einsum`` called on ``x``."""
+    reason = dense_skip_reason(module)
+    split = sites.einsum_split(equation or module.einsum_str)
+    if reason is not None or isinstance(split, str):
+        return ConvSite(path, None, skip=reason or split)
+    in_dims, out_dims = split.dims(module.shape)
+    shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
+    return ConvSite(path, shape, dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes)
+
+
+def _dense_site(path: str, module, x) -> ConvSite:
+    """The site of an ``nn.Dense`` / ``nn.DenseGeneral`` called on ``x``."""
+    reason = dense_skip_reason(module)
+    if reason is not None:
+        return ConvSite(path, None, skip=reason)
+    in_dims = tuple(int(x.shape[a]) for a in sites.contracted_axes(module))
+    features = module.features
+    out_dims = (int(features),) if isinstance(features, int) else tuple(int(f) for f in features)
+    shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
+    return ConvSite(path, shape, dense_dims=(in_dims, out_dims))
+
+
+def linen_site(path: str, module, x, equation=None) -> ConvSite:
+    """The site of a linen ``nn.Conv`` / ``nn.ConvTranspose`` / ``nn.Dense`` /
+    ``nn.DenseGeneral`` / ``nn.Einsum`` called on ``x`` (``equation``: an einsum's as called),
+    with the reason when it cannot be split."""
+    if isinstance(module, nn.Einsum):
+        return _einsum_site(path, module, x, equation)
+    if isinstance(module, nn.ConvTranspose):
+        return transposed_site(path, module, x.shape, nn.ConvTranspose)
+    if isinstance(module, (nn.Dense, nn.DenseGeneral)):
+        return _dense_site(path, module, x)
+    reason = conv_skip_reason(module)
+    if reason is None and input_dilated(module):
+        return dilated_conv_site(path, module, x.shape)
+    dims = spatial_dims(module.kernel_size)
+    shape = conv_shape(path, module, x) if reason is None or dims == 2 else None
+    return ConvSite(path, shape, skip=reason, conv_dims=dims, nd_geometry=nd_geometry(
+        module.kernel_size, module.strides, module.padding, module.kernel_dilation))

@@ -1,21 +1,20 @@
 """Model surgery for any Flax linen model: find its convs, decompose them, run the low-rank model.
 
-One mechanism serves a user's model and lrjax's zoo alike, with no change to the model's code:
+One mechanism serves a user's model and lrjax's zoo alike, with no change to the model's code;
+layers are named by their full module path joined with ``/`` everywhere (rank maps, reports,
+JSON rank files, the command line):
 
 * :func:`find_convs` traces the model once with ``jax.eval_shape`` under a method interceptor
-  that records every linear layer's call: its full module path (``ResNetBlock_3/Conv_1``), input
-  shape and hyper-parameters, and why it cannot be split if it cannot.
-* :class:`lrjax.layers.LowRankModel` wraps the model: while it runs, an interceptor replaces each
-  conv named in its rank map by a vertical/horizontal pair (:func:`lrjax.layers.pair_forward`)
-  created *inside the conv's own scope*, so the factors live under the conv's path
+  that records every linear layer's call: its full module path (``ResNetBlock_3/Conv_1``),
+  input shape and hyper-parameters, and why it cannot be split if it cannot.
+* :class:`lrjax.layers.LowRankModel` wraps the model: while it runs, an interceptor replaces
+  each conv named in its rank map by a vertical/horizontal pair created *inside the conv's own
+  scope* (:func:`lrjax.layers.pair_forward`), so the factors live under the conv's path
   (``conv1_1/vertical/kernel``, ``conv1_1/horizontal/{kernel,bias}``) and every other variable
   keeps its place.
-* :func:`decompose_linen` turns the model's trained variables into the low-rank model's: the rank
-  rule is resolved (:func:`lrjax.rules.select_ranks`), each chosen layer gets the closed-form
-  factors (data-free or calibrated), checked against the wrapped model's variable structure.
-
-Layers are named by their full module path joined with ``/`` everywhere (rank maps, reports,
-JSON rank files, the command line).
+* :func:`decompose_linen` turns the model's trained variables into the low-rank model's: the
+  rank rule is resolved (:func:`lrjax.rules.select_ranks`), each chosen layer gets the
+  closed-form factors (data-free or calibrated), checked against the wrapped model's variables.
 """
 
 from __future__ import annotations
@@ -34,10 +33,9 @@ import numpy as np
 from flax import traverse_util
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, lapack, linen_cells, linen_moments, macs, own_code, rules, sites
+from lrjax import boxes, lapack, linen_cells, linen_moments, macs, own_code, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.batchnorm import fold_batch_norms
-from lrjax.conv_views import conv_view, nd_geometry, spatial_dims
 from lrjax.layers import (
     FactorConv,
     FactorConvTranspose,
@@ -45,19 +43,18 @@ from lrjax.layers import (
     FactorEinsum,
     LowRankConv,
     LowRankModel,
-    conv_skip_reason,
-    dense_skip_reason,
-    dilated_conv_site,
-    input_dilated,
+    as_base,
+    delegated_base,
+    delegates,
     module_path,
     split_type,
-    transposed_site,
 )
 from lrjax.linen_trace import abstract_init, constants_evaluated, layer_input, split_static, unjitted
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
 from lrjax.sites import ConvSite, costed_as_run, example_batch, layer_indices, variable_key
+from lrjax.splittable import conv_shape, linen_site
 
 __all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_linen",
            "calibration_moments", "rank_problem", "linen_scorer", "search", "fold_batch_norms"]
@@ -65,38 +62,6 @@ __all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_l
 
 # ---------------------------------------------------------------------------------------------
 # Finding the convs of a model
-
-
-def _conv_shape(path: str, module, x) -> costs.ConvShape:
-    view = conv_view(module.kernel_size, module.strides, module.padding,
-                           module.kernel_dilation, x.shape)
-    return costs.ConvShape(name=path, in_channels=int(x.shape[-1]),
-                           out_channels=int(module.features),
-                           groups=int(module.feature_group_count),
-                           use_bias=bool(module.use_bias), **view)
-
-
-def _einsum_site(path: str, module, x, equation) -> ConvSite:
-    """The site of an ``nn.Einsum`` called on ``x``."""
-    reason = dense_skip_reason(module)
-    split = sites.einsum_split(equation or module.einsum_str)
-    if reason is not None or isinstance(split, str):
-        return ConvSite(path, None, skip=reason or split)
-    in_dims, out_dims = split.dims(module.shape)
-    shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
-    return ConvSite(path, shape, dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes)
-
-
-def _dense_site(path: str, module, x) -> ConvSite:
-    """The site of an ``nn.Dense`` / ``nn.DenseGeneral`` called on ``x``."""
-    reason = dense_skip_reason(module)
-    if reason is not None:
-        return ConvSite(path, None, skip=reason)
-    in_dims = tuple(int(x.shape[a]) for a in sites.contracted_axes(module))
-    features = module.features
-    out_dims = (int(features),) if isinstance(features, int) else tuple(int(f) for f in features)
-    shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
-    return ConvSite(path, shape, dense_dims=(in_dims, out_dims))
 
 
 def used_parameters(layer: nn.Module, params: Mapping[str, Any]) -> dict:
@@ -125,21 +90,9 @@ def _site(path: str, module, x, equation=None) -> ConvSite:
 
 
 def _plain_site(path: str, module, x, equation=None) -> ConvSite:
-    if isinstance(module, nn.Einsum):
-        return _einsum_site(path, module, x, equation)
-    if isinstance(module, nn.ConvTranspose):
-        return transposed_site(path, module, x.shape, nn.ConvTranspose)
-    if isinstance(module, (nn.Dense, nn.DenseGeneral)):
-        return _dense_site(path, module, x)
     if isinstance(module, LowRankConv):
-        return ConvSite(path, _conv_shape(path, module, x), rank=module.rank)
-    reason = conv_skip_reason(module)
-    if reason is None and input_dilated(module):
-        return dilated_conv_site(path, module, x.shape)
-    dims = spatial_dims(module.kernel_size)
-    shape = _conv_shape(path, module, x) if reason is None or dims == 2 else None
-    return ConvSite(path, shape, skip=reason, conv_dims=dims, nd_geometry=nd_geometry(
-        module.kernel_size, module.strides, module.padding, module.kernel_dilation))
+        return ConvSite(path, conv_shape(path, module, x), rank=module.rank)
+    return linen_site(path, module, x, equation)
 
 
 DETACHED = ("applied inside another layer with the parameters that layer gives it "
@@ -188,6 +141,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         return [dataclasses.replace(s, rank=ranks[s.path] * s.stack) if s.path in ranks else s
                 for s in base_sites]
     found: dict[str, ConvSite] = {}
+    delegated: set[str] = set()
     # (path, prefix, scope) of the modules running; prefix: the path of the module applied
     # apart that this one is in (None: in the model)
     running: list[tuple[str, str | None, Any]] = []
@@ -211,6 +165,11 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             running.pop()
 
     def _record(module, path, detached, wrapper, args, kwargs, context):
+        base = delegated_base(module, context)  # a subclass's super().__call__: as its base
+        if base is not None and path not in delegated:
+            delegated.add(path)
+            module = as_base(module, base)
+            found.pop(path, None)  # its own __call__'s entry (left as is) replaced
         if context.method_name == "__call__" and path not in found:
             linear = isinstance(module, (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral,
                                          nn.Einsum, nn.ConvLocal))
@@ -440,7 +399,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     index = layer_indices(found)
 
     def scoped(next_fun, args, kwargs, context):  # each layer's runs counted (layer_scope)
-        i = index.get(module_path(context.module)) if context.method_name == "__call__" else None
+        i = index.get(module_path(context.module)) if context.method_name == "__call__" and (
+            not delegates(context.module) or delegated_base(context.module, context)) else None
         if i is None:
             return next_fun(*args, **kwargs)
         with macs.layer_scope(i):

@@ -399,10 +399,20 @@ class Conv3(nn.Conv):
 
 
 class ShiftedConv(nn.Conv):
-    """Its own computation (``__call__`` redefined): never split."""
+    """Its own code around its base's call (MAGVIT's and VQGAN ports' padding ``Conv``): split
+    in that call, on the input it is given there; the shift runs as written."""
 
     def __call__(self, x):
-        return super().__call__(x + 1.0)
+        return super().__call__(x + 1.0) * 0.5
+
+
+class DoubledConv(nn.Conv):
+    """Its own computation, without its base's call: never split."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+        return 2.0 * jnp.einsum("...c,cn->...n", x, kernel[0, 0])
 
 
 class BiTLike(nn.Module):
@@ -411,7 +421,8 @@ class BiTLike(nn.Module):
         x = nn.relu(nn.GroupNorm(num_groups=4)(StdConv(16, (3, 3), use_bias=False)(x)))
         x = nn.relu(StdConv(24, (1, 1), use_bias=False)(x))
         x = nn.relu(Conv3(24)(x))
-        x = ShiftedConv(8, (3, 3))(x)
+        x = ShiftedConv(8, (3, 3), padding="VALID")(x)
+        x = DoubledConv(8, (1, 1))(x)
         return NormedDense(10)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -422,16 +433,18 @@ def _lowered_flops(fn, *args) -> float:
 def test_subclasses_that_compute_as_their_layer_are_split_on_the_weights_they_use(tmp_path):
     """A subclass that redefines only ``param`` (weight standardization) is split on the weights
     ``param`` returns, and the whole-net cost saves the standardization of the layers split;
-    one with only other defaults is an ``nn.Conv``; one that redefines ``__call__`` is kept."""
+    one with only other defaults is an ``nn.Conv``; one that redefines ``__call__`` is split in
+    its base's call (``super().__call__``) if it makes one, kept otherwise."""
     model, x = BiTLike(), jax.random.normal(jax.random.key(0), (1, 12, 12, 3))
     variables = init(model, 1, x)
     variables = jax.tree.map(lambda v: v + 0.3, variables)  # kernels far from standardized
     sites = {s.path: s for s in surgery.find_convs(model, x)}
     assert [p for p, s in sites.items() if s.candidate] == [
-        "StdConv_0", "StdConv_1", "Conv3_0", "NormedDense_0"]
+        "StdConv_0", "StdConv_1", "Conv3_0", "ShiftedConv_0", "NormedDense_0"]
     assert sites["StdConv_0"].parametrization is not None and sites["Conv3_0"].parametrization \
         is None
-    assert sites["ShiftedConv_0"].skip == ("ShiftedConv (a subclass of Conv that redefines "
+    assert sites["ShiftedConv_0"].shape.input_hw == (12, 12)  # VALID: its output 10x10
+    assert sites["DoubledConv_0"].skip == ("DoubledConv (a subclass of Conv that redefines "
                                            "__call__: its own computation is kept)")
     want = apply(model, variables, x)
     top = _top_ranks(list(sites.values()))
