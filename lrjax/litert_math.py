@@ -12,7 +12,8 @@
 * a scatter that adds (or subtracts) points along one axis (``x.at[:, idx].add(y)``,
   ``segment_sum``, per example under ``jax.vmap``) as an einsum with a one-hot array of the
   indices ("Only update, Add, Multiply, Maximum and Minimum operations are currently supported
-  for stablehlo.scatter", though it adds);
+  for stablehlo.scatter", though it adds), and one that takes the max, the min or the product
+  (``segment_max``, ``.at[].multiply``) by the same array, reduced (:func:`scatter_combine`);
 * ``sort`` on one key (``jnp.sort``, ``jnp.argsort``, ``jnp.median``: "'vhlo.sort_v1' op is not
   part of the vhlo support yet") and ``top_k`` (a mixture-of-experts router) by comparisons:
   each element's place is the number of elements that sort before it (equal ones in index
@@ -96,13 +97,11 @@ def cumlogsumexp(x: jax.Array, axis: int, reverse: bool) -> jax.Array:
     return jnp.moveaxis(jax.nn.logsumexp(masked, axis=-1), -1, axis)
 
 
-def scatter_add(operand, indices, updates, dimension_numbers):
-    """``lax.scatter_add`` of points along one axis (``x.at[:, idx].add(y)``,
-    ``jax.ops.segment_sum``, per example under ``jax.vmap``) as ``operand`` plus an einsum of a
-    one-hot array of the indices with the updates (indices outside the axis select nothing:
-    dropped, as JAX drops them); None for other forms. LiteRT's interpreter fails to prepare
-    the converter's adding scatter."""
-    dn = dimension_numbers
+def _along_one_axis(operand, indices, updates, dn):
+    """``(chosen, spec)`` of a scatter of points along one axis: ``chosen`` the one-hot array of
+    the indices ``(*index dims, n)`` (indices outside the axis select nothing: dropped, as JAX
+    drops them), ``spec`` the einsum of ``chosen`` and the updates into the operand's shape
+    without summing over the points (their free index letters first); None for other forms."""
     if len(dn.scatter_dims_to_operand_dims) != 1 or \
             tuple(dn.inserted_window_dims) != tuple(dn.scatter_dims_to_operand_dims):
         return None
@@ -120,10 +119,47 @@ def scatter_add(operand, indices, updates, dimension_numbers):
         update_letters[d] = letter
     for d, od in zip(dn.update_window_dims, window, strict=True):
         update_letters[d] = operand_letters[od]
+    out = "".join(operand_letters[d] for d in range(operand.ndim))
+    free = "".join(c for c in index_letters if c not in out)
     chosen = jax.nn.one_hot(indices[..., 0], operand.shape[axis], dtype=updates.dtype)
-    spec = (f"{''.join(index_letters)}n,{''.join(update_letters)}->"
-            f"{''.join(operand_letters[d] for d in range(operand.ndim))}")
-    return operand + jnp.einsum(spec, chosen, updates)
+    return chosen, f"{''.join(index_letters)}n,{''.join(update_letters)}->{free}{out}"
+
+
+def scatter_add(operand, indices, updates, dimension_numbers):
+    """``lax.scatter_add`` of points along one axis (``x.at[:, idx].add(y)``,
+    ``jax.ops.segment_sum``, per example under ``jax.vmap``) as ``operand`` plus an einsum of a
+    one-hot array of the indices with the updates; None for other forms. LiteRT's interpreter
+    fails to prepare the converter's adding scatter."""
+    found = _along_one_axis(operand, indices, updates, dimension_numbers)
+    if found is None:
+        return None
+    chosen, spec = found
+    inputs, out = spec.split("->")
+    return operand + jnp.einsum(f"{inputs}->{out[len(out) - operand.ndim:]}", chosen, updates)
+
+
+_COMBINE = {"scatter-max": (jnp.maximum, jnp.max, -np.inf),
+            "scatter-min": (jnp.minimum, jnp.min, np.inf),
+            "scatter-mul": (jnp.multiply, jnp.prod, 1.0)}
+
+
+def scatter_combine(operand, indices, updates, dimension_numbers, name: str):
+    """``scatter-max`` / ``scatter-min`` / ``scatter-mul`` of points along one axis
+    (``x.at[:, idx].max(y)``, ``jax.ops.segment_max``) as each operand position's updates
+    picked by a one-hot array of the indices (the rest set to the reduction's identity),
+    reduced over the points and combined with the operand; None for other forms. LiteRT's
+    interpreter fails to prepare the converter's scatters, ONNX's ``ScatterND`` reduces by max
+    and min only from opset 18."""
+    found = _along_one_axis(operand, indices, updates, dimension_numbers)
+    if found is None or not jnp.issubdtype(updates.dtype, jnp.floating):
+        return None
+    chosen, spec = found
+    combine, reduce, identity = _COMBINE[name]
+    free = len(spec.split("->")[1]) - operand.ndim
+    picked = jnp.einsum(spec, chosen, updates)
+    mask = jnp.einsum(spec, chosen, jnp.ones_like(updates)) > 0
+    values = jnp.where(mask, picked, jnp.asarray(identity, picked.dtype))
+    return combine(operand, reduce(values, axis=tuple(range(free))))
 
 
 def conv_transpose(x, kernel, params):
@@ -268,6 +304,9 @@ def rewrite(eqn, ins) -> list | None:
         operand, indices, updates = ins
         out = scatter_add(operand, indices, -updates if name == "scatter-sub" else updates,
                           eqn.params["dimension_numbers"])
+        return None if out is None else [out]
+    if name in _COMBINE:
+        out = scatter_combine(*ins, eqn.params["dimension_numbers"], name)
         return None if out is None else [out]
     if name == "reduce_precision":  # "'vhlo.reduce_precision_v1' op is not part of the vhlo
         bits = (int(eqn.params["exponent_bits"]), int(eqn.params["mantissa_bits"]))  # support"

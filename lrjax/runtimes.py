@@ -87,6 +87,7 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
                 raise onnx_convert.TranslationError(
                     f"cannot export primitive {e.primitive!r} (layer {e.layer}) to ONNX: "
                     f"{e.reason}") from None
+        closed = _onnx_rewritten(closed, specs)
     closed = _live(closed)
     names = ["input"] if inputs is None else [f"input_{i}" for i in range(len(inputs))]
     model = onnx_convert.jaxpr_to_onnx(closed, names, output_names(out_shapes),
@@ -94,6 +95,27 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
     if fold:
         onnx_passes.fold_conv_affine(model)
     return model
+
+
+_ONNX_REWRITES = ("scatter-max", "scatter-min")  # ScatterND reduces by max / min in opset 18
+
+
+def _onnx_rewritten(closed, specs):
+    """``closed`` with the primitives of :data:`_ONNX_REWRITES` replayed in ops the graph's opset
+    has (:func:`lrjax.litert_math.scatter_combine`), where they are of its form; as it is when it
+    holds none (the translator then names what it lacks)."""
+    if not any(e.primitive.name in _ONNX_REWRITES for e, _ in macs.iter_eqns(closed.jaxpr)):
+        return closed
+
+    def rule(eqn, ins, here):
+        if eqn.primitive.name not in _ONNX_REWRITES:
+            return None
+        out = litert_math.scatter_combine(*ins, eqn.params["dimension_numbers"],
+                                          eqn.primitive.name)
+        return None if out is None else [out]
+
+    return jax.make_jaxpr(lambda *args: replay.run(closed.jaxpr, closed.consts, list(args),
+                                                   rule))(*specs)
 
 
 def _live(closed):

@@ -187,6 +187,12 @@ CASES = {
     + jax.ops.segment_sum(tokens(x).transpose(1, 0, 2), np.arange(36) % 6, 6).transpose(
         1, 0, 2)[:, :, None, :] + conv(x).at[:, :, jnp.argmax(x[:, 0, 0], axis=-1) * 4].add(1.0),
     "scatter-mul": lambda x: conv(x).at[:, np.array([1, 1, 3])].multiply(first(x)[:, :3] + 2),
+    # ScatterND's max / min are opset 18's: a one-hot pick reduced (runtimes._onnx_rewritten);
+    # repeated indices, one past the end dropped; a segment max over every segment
+    "scatter-max": lambda x: conv(x).at[:, :, np.array([4, 0, 4, 9])].max(conv(x)[:, :, :4] * 3)
+    + jax.ops.segment_max(tokens(x).transpose(1, 0, 2), np.arange(36) % 6, 6).transpose(
+        1, 0, 2)[:, :, None, :],
+    "scatter-min": lambda x: conv(x).at[:, np.array([1, 1, 5])].min(first(x)[:, :3] - 1),
     "scatter-sub": lambda x: conv(x).at[:, :, np.array([4, 0, 4])].subtract(conv(x)[:, :, :3])
     + conv(x).at[:, np.array([2, 7])].subtract(1.5),
     # a scheduling hint (a remat policy's): its operands as they are

@@ -1,10 +1,10 @@
 """The rarer math a model's own code uses, exported and checked against JAX in each runtime:
 trigonometry and ``atan2`` (zeros of either sign included), ``cbrt``, ``is_finite``, logical and
-bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min /
-product / log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``,
-scatters that add or subtract, gathers at clamped constant indices, min pooling,
-``reduce_precision``, ``optimization_barrier``, interior padding and padding of 6 axes, on a
-conv's output (stored NCHW in the ONNX graph) and on the input; LiteRT through
+bitwise ``not`` / ``xor``, ``argmin``, ``prod`` / ``all`` / ``any``, cumulative max / min / product
+/ log-sum-exp, ``sort`` / ``argsort`` (ties kept in order) / ``median``, ``top_k``, scatters that
+add, subtract, take the max, the min or the product, gathers at clamped constant indices, min
+pooling, ``reduce_precision``, ``optimization_barrier``, interior padding and padding of 6 axes, on
+a conv's output (stored NCHW in the ONNX graph) and on the input; LiteRT through
 :mod:`lrjax.litert_math`'s rewrites."""
 
 import flax.linen as nn
@@ -50,6 +50,10 @@ class MathOps(nn.Module):
                    per_example=jax.vmap(lambda row, i: row.at[:, i].add(1.0))(  # batching axes
                        h, jnp.argmax(h[:, 0, :, 0], axis=-1)),
                    subtract=h.at[:, np.array([1, 1, 5])].subtract(h[:, :3]),
+                   extremes=h.at[:, :, np.array([4, 0, 4, 9])].max(h[:, :, :4] * 3)
+                   + h.at[:, np.array([1, 1, 5])].min(h[:, :3] - 1)
+                   + h.at[:, np.array([2, 2])].multiply(h[:, :2] + 2),
+                   segment_max=jax.ops.segment_max(jnp.swapaxes(h, 0, 2), np.arange(7) % 3, 3),
                    min_pool=jax.lax.reduce_window(h, jnp.inf, jax.lax.min, (1, 2, 3, 1),
                                                   (1, 1, 2, 1), "SAME"),
                    barrier=jax.lax.optimization_barrier((h, t))[1],
