@@ -279,6 +279,9 @@ class SearchResult:
       full_macs, macs: the cost before and after (:attr:`lrjax.rules.RankProblem.full_macs`:
         the whole net's when traced, each element-wise flop counted as half a multiply-add).
       predicted_drop: ``sum`` of the chosen layers' drops.
+      problem: the :class:`lrjax.problem.RankProblem` searched (its calibration and every
+        layer's SVD cached): ``decompose_linen(..., rule=result.ranks, problem=result.problem)``
+        applies the chosen ranks without calibrating or factoring again.
     """
 
     ranks: dict[str, int | None]
@@ -287,6 +290,7 @@ class SearchResult:
     full_macs: float
     macs: float
     predicted_drop: float
+    problem: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def speedup(self) -> float:
@@ -403,7 +407,7 @@ def search_problem(problem, *, target_speedup: float, candidates=None) -> Search
                          f"ranks: the smallest reach {problem.full_macs / floor:.2f}x")
     macs = problem.fixed_macs + sum(m for _, m, _ in chosen.values())
     return SearchResult({name: r for name, (r, _, _) in chosen.items()}, baseline, scores,
-                        problem.full_macs, macs, sum(d for _, _, d in chosen.values()))
+                        problem.full_macs, macs, sum(d for _, _, d in chosen.values()), problem)
 
 
 class EvalGuided:

@@ -255,7 +255,12 @@ class TwoLayers(nn.Module):
         return nn.Conv(16, (3, 3), use_bias=False, name="hard")(x)
 
 
-def test_search_picks_the_layer_whose_decomposition_costs_least():
+def _leaves_equal(a, b) -> bool:
+    return all(np.array_equal(u, w) for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                    strict=True))
+
+
+def test_search_picks_the_layer_whose_decomposition_costs_least(monkeypatch):
     model = TwoLayers()
     x = jax.random.normal(jax.random.key(0), (4, 10, 10, 16))
     variables = init(model, 1, x)
@@ -281,6 +286,12 @@ def test_search_picks_the_layer_whose_decomposition_costs_least():
     assert decomposed.ranks == {"easy": 2} and rule.result.ranks == result.ranks
     np.testing.assert_allclose(apply(decomposed.module, decomposed.variables, x), want,
                                rtol=1e-3, atol=1e-3)
+    with monkeypatch.context() as patch:  # the search's ranks applied on its own problem
+        patch.setattr(decompose, "decompose_net", lambda *a, **k: pytest.fail("decomposed"))
+        patch.setattr(decompose, "spectra_and_factors", lambda *a, **k: pytest.fail("again"))
+        applied = lrjax.decompose_linen(model, variables, x, rule=result.ranks,
+                                        problem=result.problem)
+    assert _leaves_equal(applied.variables, decomposed.variables)
     with pytest.raises(ValueError, match="out of reach"):
         surgery.search(model, variables, x, eval_fn=agreement, target_speedup=50,
                      candidates={"easy": [2, 8], "hard": [2, 8]})
