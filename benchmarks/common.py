@@ -70,5 +70,26 @@ def chosen_models(parser, value: str, known) -> list[str]:
     return names
 
 
+def checkout_args(parser, argv, *, flag: str, help: str, found: str, models, json: str):
+    """The command line of a benchmark over models from a checkout given by path (``flag``,
+    ``found``: a file or folder the checkout holds), ``--json``, ``--models`` (of ``models``),
+    ``--batch`` and ``--calibration-images``, each checked: ``(args, model names)``, or the
+    command line's one ``error:`` line (exit 2)."""
+    parser.add_argument(flag, required=True, help=help)
+    parser.add_argument("--json", default=json)
+    parser.add_argument("--models", default=",".join(models),
+                        help=f"comma-separated subset of {','.join(models)}")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--calibration-images", type=int, default=8)
+    args = parser.parse_args(argv)
+    names = chosen_models(parser, args.models, models)
+    checkout = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if not os.path.exists(os.path.join(checkout, found)):
+        parser.error(f"{flag} {checkout}: no {found} there")
+    if args.batch < 1 or args.calibration_images < 1:
+        parser.error("--batch and --calibration-images must be at least 1")
+    return args, names
+
+
 def median(values) -> float:
     return statistics.median(values)

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import chosen_models, machine, setup, write_json
+from benchmarks.common import checkout_args, machine, setup, write_json
 
 # name: (registry function, input size, to_onnx keywords)
 MODELS = {
@@ -120,19 +120,10 @@ def _table(rows: dict) -> str:
 def main(argv=None) -> dict:
     setup()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--jax-models", required=True,
-                        help="a checkout of github.com/DarshanDeshpande/jax-models")
-    parser.add_argument("--json", default="bench_results/public_models.json")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--calibration-images", type=int, default=8)
-    args = parser.parse_args(argv)
-    names = chosen_models(parser, args.models, MODELS)
-    if not os.path.isdir(os.path.join(args.jax_models, "jax_models", "models")):
-        parser.error(f"--jax-models {args.jax_models}: no jax_models/models folder there")
-    if args.batch < 1 or args.calibration_images < 1:
-        parser.error("--batch and --calibration-images must be at least 1")
+    args, names = checkout_args(
+        parser, argv, flag="--jax-models", found=os.path.join("jax_models", "models"),
+        help="a checkout of github.com/DarshanDeshpande/jax-models", models=MODELS,
+        json="bench_results/public_models.json")
 
     import importlib
     import tempfile

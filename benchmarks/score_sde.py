@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import chosen_models, machine, setup, write_json
+from benchmarks.common import checkout_args, machine, setup, write_json
 
 # name: its config module
 MODELS = {
@@ -91,19 +91,10 @@ def measure(model, variables, args, calibration, *, tmp_dir: str,
 def main(argv=None) -> dict:
     setup()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--score-sde", required=True,
-                        help="a checkout of github.com/yang-song/score_sde")
-    parser.add_argument("--json", default="bench_results/score_sde.json")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--calibration-images", type=int, default=8)
-    args = parser.parse_args(argv)
-    names = chosen_models(parser, args.models, MODELS)
-    if not os.path.isfile(os.path.join(args.score_sde, "models", "ncsnpp.py")):
-        parser.error(f"--score-sde {args.score_sde}: no models/ncsnpp.py there")
-    if args.batch < 1 or args.calibration_images < 1:
-        parser.error("--batch and --calibration-images must be at least 1")
+    args, names = checkout_args(
+        parser, argv, flag="--score-sde", found=os.path.join("models", "ncsnpp.py"),
+        help="a checkout of github.com/yang-song/score_sde", models=MODELS,
+        json="bench_results/score_sde.json")
 
     import importlib
     import tempfile
