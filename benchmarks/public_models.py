@@ -54,36 +54,51 @@ def xla_flops(model, variables, args, compiled: bool) -> float:
         return (lowered.compile() if compiled else lowered).cost_analysis()["flops"]
 
 
-def measure(model, variables, args, calibration, *, tmp_dir: str, exporters=("onnx", "tflite"),
-            onnx_kwargs=None) -> dict:
-    """One model's row: ``args`` its example call's positional arguments (the batch first)."""
+def decomposition_row(model, variables, args, calibration, flops, **keywords) -> dict:
+    """A model's found layers by kind, its full-rank error and its whole-net `speedup:2`
+    data-free and calibrated (seconds, the report against ``flops(module, variables,
+    compiled)``'s ratios), called as ``model.apply(variables, *args, **keywords)`` (its main
+    output: the last of a list); ``"result"``: the calibrated decomposition."""
     import jax.numpy as jnp
 
     import lrjax
-    from lrjax import decompose, export, surgery
+    from lrjax import decompose, surgery
 
-    found = [s for s in surgery.find_convs(model, *args) if s.candidate]
+    found = [s for s in surgery.find_convs(model, *args, **keywords) if s.candidate]
     top = {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups) for s in found}
-    want = _first(model.apply(variables, *args))
-    full = lrjax.decompose_linen(model, variables, *args, rule=top)
-    row = {"candidates_by_kind": {}, "full_rank_max_error": float(jnp.max(jnp.abs(
-        _first(full.module.apply(full.variables, *args)) - want))),
-        "output_scale": float(jnp.max(jnp.abs(want)))}
+    want = _first(model.apply(variables, *args, **keywords))
+    full = lrjax.decompose_linen(model, variables, *args, rule=top, **keywords)
+    row = {"candidates_by_kind": {}, "left_as_is": sorted(full.report.skipped),
+           "full_rank_max_error": float(jnp.max(jnp.abs(_first(
+               full.module.apply(full.variables, *args, **keywords)) - want))),
+           "output_scale": float(jnp.max(jnp.abs(want)))}
     for site in found:
         row["candidates_by_kind"][site.kind] = row["candidates_by_kind"].get(site.kind, 0) + 1
-    flops_full = {c: xla_flops(model, variables, args, c) for c in (False, True)}
+    flops_full = {c: flops(model, variables, c) for c in (False, True)}
     for method, calib in (("data-free", None), ("calibrated", calibration)):
         start = time.perf_counter()
         result = lrjax.decompose_linen(model, variables, *args, rule="speedup:2",
-                                       calibration=calib)
+                                       calibration=calib, **keywords)
         seconds = time.perf_counter() - start
         row[method] = {
             "seconds": seconds, "report_speedup": result.report.speedup,
-            "xla_lowered_speedup": flops_full[False] / xla_flops(result.module, result.variables,
-                                                                 args, False),
-            "xla_compiled_speedup": flops_full[True] / xla_flops(result.module, result.variables,
-                                                                 args, True),
+            "xla_lowered_speedup": flops_full[False] / flops(result.module, result.variables,
+                                                             False),
+            "xla_compiled_speedup": flops_full[True] / flops(result.module, result.variables,
+                                                             True),
             "layers_split": len(result.report.ranks), "left_as_is": len(result.report.skipped)}
+    row["result"] = result
+    return row
+
+
+def measure(model, variables, args, calibration, *, tmp_dir: str, exporters=("onnx", "tflite"),
+            onnx_kwargs=None) -> dict:
+    """One model's row: ``args`` its example call's positional arguments (the batch first)."""
+    from lrjax import export
+
+    row = decomposition_row(model, variables, args, calibration,
+                            lambda m, v, c: xla_flops(m, v, args, c))
+    result = row.pop("result")
     kwargs = {"deterministic": True} if args[1:] == (True,) else {}
     for fmt in exporters:
         extra = dict(onnx_kwargs or {}) if fmt == "onnx" else {}

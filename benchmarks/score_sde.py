@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from benchmarks.common import checkout_args, machine, setup, write_json
 
@@ -47,36 +46,12 @@ def measure(model, variables, args, calibration, *, tmp_dir: str,
             exporters=("onnx", "tflite")) -> dict:
     """One model's row: ``args`` its example call's arrays (images and noise levels, the batch
     first in each), called with ``train=False``; ``calibration`` a tuple of such arrays."""
-    import jax.numpy as jnp
+    from benchmarks.public_models import decomposition_row
+    from lrjax import export
 
-    import lrjax
-    from lrjax import decompose, export, surgery
-
-    found = surgery.find_convs(model, *args, train=False)
-    top = {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
-           for s in found if s.candidate}
-    want = model.apply(variables, *args, train=False)
-    full = lrjax.decompose_linen(model, variables, *args, rule=top, train=False)
-    row = {"candidates_by_kind": {}, "left_as_is": sorted(full.report.skipped),
-           "full_rank_max_error": float(jnp.max(jnp.abs(
-               full.module.apply(full.variables, *args, train=False) - want))),
-           "output_scale": float(jnp.max(jnp.abs(want)))}
-    for site in found:
-        if site.candidate:
-            row["candidates_by_kind"][site.kind] = row["candidates_by_kind"].get(site.kind, 0) + 1
-    flops_full = {c: xla_flops(model, variables, args, c) for c in (False, True)}
-    for method, calib in (("data-free", None), ("calibrated", [calibration])):
-        start = time.perf_counter()
-        result = lrjax.decompose_linen(model, variables, *args, rule="speedup:2",
-                                       calibration=calib, train=False)
-        seconds = time.perf_counter() - start
-        row[method] = {
-            "seconds": seconds, "report_speedup": result.report.speedup,
-            "xla_lowered_speedup": flops_full[False] / xla_flops(result.module, result.variables,
-                                                                 args, False),
-            "xla_compiled_speedup": flops_full[True] / xla_flops(result.module, result.variables,
-                                                                 args, True),
-            "layers_split": len(result.report.ranks), "left_as_is": len(result.report.skipped)}
+    row = decomposition_row(model, variables, args, [calibration],
+                            lambda m, v, c: xla_flops(m, v, args, c), train=False)
+    result = row.pop("result")
     for fmt in exporters:
         try:
             done = export.EXPORTERS[fmt](result.module, result.variables, tuple(args),
