@@ -138,3 +138,16 @@ def test_folders_are_written_atomically_and_replaced_only_when_asked(tmp_path):
     with pytest.raises(ValueError, match="a variable dict of the low-rank model; got NetNNX"):
         lrjax.save_decomposed(str(tmp_path / "c"), result, NetNNX(nnx.Rngs(0)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "mine"]  # nothing half-written
+
+
+def test_a_stacked_nnx_layer_is_rebuilt_per_iteration(tmp_path):
+    """``nnx.scan`` over ``nnx.vmap``-made blocks: the pairs' stacked factors rebuilt as saved."""
+    from tests.test_rules import NNXScanned
+
+    x = jax.random.normal(jax.random.key(1), (4, 256))
+    result = lrjax.decompose_nnx(NNXScanned(nnx.Rngs(0)), x,
+                                 rule={"blocks/down": 48, "blocks/up": 48, "inp": 32})
+    loaded = lrjax.load_decomposed(lrjax.save_decomposed(str(tmp_path / "s"), result),
+                                   NNXScanned(nnx.Rngs(5)), x)
+    assert loaded.blocks.down.vertical.kernel[...].shape == (3, 256, 16)
+    np.testing.assert_array_equal(loaded(x), result.module(x))
