@@ -1,14 +1,14 @@
 """lrjax: low-rank CNN compression in JAX/Flax (Tai et al., ICLR 2016).
 
-Top level: :func:`decompose_linen` and :func:`decompose_nnx` compress any Flax model,
-:func:`save_decomposed` and :func:`load_decomposed` keep the result for another process (loaded
-on first use, so that ``import lrjax`` stays light). Submodules: ``decompose`` (closed-form factors),
-``costs`` (cost model), ``ranks`` (rank selection), ``iterative`` (iterative baseline) are
-imported with the package; ``rules``, ``layers``, ``formulations``, ``models``, ``surgery``,
-``nnx_surgery``, ``cost_report``, ``convert``, ``export``, ``runtimes``, ``onnx_convert``,
-``checkpoint``, ``data``, ``train``, ``reporting``, ``pretrained``, ``timing``, ``xla_flags`` and
-the command lines in ``cli`` on demand (``data`` imports TensorFlow). The README's module map
-gives each module's layer and responsibility.
+Top level: :func:`decompose_linen` and :func:`decompose_nnx` compress any Flax model, and
+:func:`save_decomposed` and :func:`load_decomposed` keep the result for another process (loaded on
+first use, so that ``import lrjax`` stays light). Submodules: ``decompose`` (closed-form factors),
+``costs`` (cost model), ``ranks`` (rank selection), ``iterative`` (iterative baseline) are imported
+with the package; ``rules``, ``problem``, ``layers``, ``nnx_layers``, ``formulations``, ``models``,
+``surgery``, ``nnx_surgery``, ``saved``, ``cost_report``, ``convert``, ``export``, ``runtimes``,
+``onnx_convert``, ``checkpoint``, ``data``, ``train``, ``reporting``, ``pretrained``, ``timing``,
+``xla_flags`` and the command lines in ``cli`` on demand (``data`` imports TensorFlow). The
+README's module map gives each module's layer and responsibility.
 
 TensorFlow (``tf.data`` input pipelines, the LiteRT converter) runs without oneDNN's custom ops
 unless ``TF_ENABLE_ONEDNN_OPTS`` is set before lrjax is imported: lrjax runs no TensorFlow compute
