@@ -97,10 +97,10 @@ def load_decomposed(path: str, model, *example_args, **example_kwargs):
       ValueError: the folder was saved from the other API, or from another model (a layer of
         its rank map is not in this one, or the variables do not fit), naming the difference.
     """
-    meta, variables = checkpoint.load_decomposed_folder(path)
-    api = "nnx" if isinstance(model, nnx.Module) else "linen"
     if not isinstance(model, (nnx.Module, nn.Module)):
         raise ValueError(f"model must be a linen or NNX module; got {type(model).__name__}")
+    meta, variables = checkpoint.load_decomposed_folder(path)
+    api = "nnx" if isinstance(model, nnx.Module) else "linen"
     if meta.get("api") != api:
         raise ValueError(f"{path!r} holds a {meta.get('api')} model; this model is {api}")
     ranks = meta["ranks"]
