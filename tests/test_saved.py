@@ -151,3 +151,29 @@ def test_a_stacked_nnx_layer_is_rebuilt_per_iteration(tmp_path):
                                    NNXScanned(nnx.Rngs(5)), x)
     assert loaded.blocks.down.vertical.kernel[...].shape == (3, 256, 16)
     np.testing.assert_array_equal(loaded(x), result.module(x))
+
+
+class Kinds(nnx.Module):
+    """A pair of every NNX kind: transposed convs (either kernel layout), an einsum, a grouped
+    conv, a 3-D conv."""
+
+    def __init__(self, rngs):
+        self.up = nnx.ConvTranspose(3, 8, (3, 3), strides=(2, 2), rngs=rngs)
+        self.upk = nnx.ConvTranspose(8, 8, (3, 3), transpose_kernel=True, rngs=rngs)
+        self.mix = nnx.Einsum("btd,dnh->btnh", (8, 2, 4), (2, 4), rngs=rngs)
+        self.grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=4, rngs=rngs)
+        self.video = nnx.Conv(8, 8, (3, 3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        h = self.grouped(self.upk(self.up(x)))
+        t = self.mix(h.reshape(h.shape[0], -1, 8))
+        return t.mean((1, 2, 3)) + self.video(h[:, None].repeat(3, 1)).mean((1, 2, 3, 4))
+
+
+def test_every_kind_of_nnx_pair_is_rebuilt(tmp_path):
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    result = lrjax.decompose_nnx(Kinds(nnx.Rngs(0)), x, rule={
+        "up": 4, "upk": 4, "mix": 4, "grouped": 8, "video": 8})
+    loaded = lrjax.load_decomposed(lrjax.save_decomposed(str(tmp_path / "k"), result),
+                                   Kinds(nnx.Rngs(3)), x)
+    np.testing.assert_array_equal(loaded(x), result.module(x))
