@@ -141,7 +141,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         return [dataclasses.replace(s, rank=ranks[s.path] * s.stack) if s.path in ranks else s
                 for s in base_sites]
     found: dict[str, ConvSite] = {}
-    delegated: set[str] = set()
+    delegated: dict[str, str] = {}  # path: the subclass split in its base's call
     # (path, prefix, scope) of the modules running; prefix: the path of the module applied
     # apart that this one is in (None: in the model)
     running: list[tuple[str, str | None, Any]] = []
@@ -167,7 +167,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     def _record(module, path, detached, wrapper, args, kwargs, context):
         base = delegated_base(module, context)  # a subclass's super().__call__: as its base
         if base is not None and path not in delegated:
-            delegated.add(path)
+            delegated[path] = type(module).__name__
             module = as_base(module, base)
             found.pop(path, None)  # its own __call__'s entry (left as is) replaced
         if context.method_name == "__call__" and path not in found:
@@ -193,9 +193,28 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
 
     shapes = _flat(abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
+    found.update(_reading_their_kernels(model, example_args, example_kwargs, {
+        p: (found[p], name) for p, name in delegated.items() if found[p].candidate}))
     return [sites.per_example(sites.unless_stacked(
         site, getattr(shapes.get((*variable_key(site.path), "kernel")), "shape", None)), batch)
         for site in found.values()]
+
+
+def _reading_their_kernels(model, example_args, example_kwargs, split) -> dict[str, ConvSite]:
+    """The sites of subclasses split in their base's call (``split``: ``{path: (site, class
+    name)}``) whose own code reads the layer's kernel too (normalizing by it, say), left as they
+    are: traced once with all of them split, a kernel still made, or a call that fails, tells."""
+    def kept(paths) -> set[str]:
+        trial = LowRankModel.wrap(model, {p: split[p][0].shape.groups for p in paths})
+        try:
+            made = _flat(abstract_init(trial, example_args, example_kwargs).get("params", {}))
+        except Exception:  # noqa: BLE001 - its own code needs what the pair no longer holds
+            return set(paths) if len(paths) == 1 else set().union(*(kept([p]) for p in paths))
+        return {p for p in paths if (*variable_key(p), "kernel") in made}
+
+    return {p: ConvSite(p, None, skip=f"{split[p][1]} (a subclass that runs its base's __call__ "
+                        "but also reads its kernel: its own computation is kept)")
+            for p in (kept(list(split)) if split else ())}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -426,6 +426,13 @@ class DoubledConv(nn.Conv):
         return 2.0 * jnp.einsum("...c,cn->...n", x, kernel[0, 0])
 
 
+class NormalizedConv(nn.Conv):
+    """Its base's call, then its own code reading the kernel: never split."""
+
+    def __call__(self, x):
+        return super().__call__(x) / jnp.linalg.norm(self.variables["params"]["kernel"])
+
+
 class BiTLike(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -434,6 +441,7 @@ class BiTLike(nn.Module):
         x = nn.relu(Conv3(24)(x))
         x = ShiftedConv(8, (3, 3), padding="VALID")(x)
         x = DoubledConv(8, (1, 1))(x)
+        x = NormalizedConv(8, (3, 3))(x)
         return NormedDense(10)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -445,7 +453,8 @@ def test_subclasses_that_compute_as_their_layer_are_split_on_the_weights_they_us
     """A subclass that redefines only ``param`` (weight standardization) is split on the weights
     ``param`` returns, and the whole-net cost saves the standardization of the layers split;
     one with only other defaults is an ``nn.Conv``; one that redefines ``__call__`` is split in
-    its base's call (``super().__call__``) if it makes one, kept otherwise."""
+    its base's call (``super().__call__``) if it makes one and reads no kernel of its own, kept
+    otherwise."""
     model, x = BiTLike(), jax.random.normal(jax.random.key(0), (1, 12, 12, 3))
     variables = init(model, 1, x)
     variables = jax.tree.map(lambda v: v + 0.3, variables)  # kernels far from standardized
@@ -457,6 +466,9 @@ def test_subclasses_that_compute_as_their_layer_are_split_on_the_weights_they_us
     assert sites["ShiftedConv_0"].shape.input_hw == (12, 12)  # VALID: its output 10x10
     assert sites["DoubledConv_0"].skip == ("DoubledConv (a subclass of Conv that redefines "
                                            "__call__: its own computation is kept)")
+    assert sites["NormalizedConv_0"].skip == ("NormalizedConv (a subclass that runs its base's "
+                                              "__call__ but also reads its kernel: its own "
+                                              "computation is kept)")
     want = apply(model, variables, x)
     top = _top_ranks(list(sites.values()))
     result = lrjax.decompose_linen(model, variables, x, rule=top,
