@@ -7,6 +7,7 @@ of :mod:`lrjax.layers`. :func:`lrjax.nnx_surgery.decompose_nnx` builds them.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -15,10 +16,13 @@ from flax import nnx
 
 from lrjax import decompose, formulations, sites
 from lrjax.layers import pair_geometry, transposed_pair_geometry
-from lrjax.sites import ConvSite
+from lrjax.sites import ConvSite, redefined
 
 __all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "pair_module",
-           "placeholder_factors"]
+           "placeholder_factors", "delegating_base", "hooked", "base_view", "paired_in_place"]
+
+# the NNX layers whose subclasses may be split in their base's call (``super().__call__``)
+_DELEGATES = (nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.LinearGeneral)
 
 
 class LowRankConvNNX(nnx.Module):
@@ -172,3 +176,58 @@ def placeholder_factors(site: ConvSite, rank: int) -> decompose.Factors:
     kh, kw, c, n = site.shape.kernel_shape
     return decompose.Factors(np.zeros((kh, 1, c, rank), np.float32),
                              np.zeros((1, kw, rank // site.shape.groups, n), np.float32))
+
+
+@functools.cache
+def delegating_base(cls: type) -> type | None:
+    """The NNX conv or linear type a subclass ``cls`` runs in its ``__call__`` when it redefines
+    only ``__call__`` (``super().__call__(x)`` on a padded or scaled input), else None."""
+    for base in _DELEGATES:
+        if issubclass(cls, base) and cls is not base and redefined(cls, base) == ["__call__"]:
+            return base
+    return None
+
+
+@functools.cache
+def hooked(cls: type, base: type) -> type:
+    """``cls`` whose base's ``__call__`` (what its own reaches by ``super()``) calls
+    ``self.lrjax_hook(self, base_call, *args, **kwargs)`` instead: the layer's own code runs as
+    written, and lrjax sees (and may replace) the base's computation, as linen's interceptors
+    do. Instances are made by swapping ``__class__`` on a copy."""
+    def inner(self, *args, **kwargs):
+        return self.lrjax_hook(self, functools.partial(base.__call__, self), *args, **kwargs)
+
+    hook = type(f"_{base.__name__}Hooked", (base,), {"__call__": inner, "__module__": __name__})
+    return type(cls.__name__, (cls, hook), {"__module__": cls.__module__})
+
+
+@functools.cache
+def _paired(cls: type, base: type, pair_type: type) -> type:
+    """``cls`` whose base's ``__call__`` is a pair's (its ``vertical`` and ``horizontal``)."""
+    def inner(self, *args, **kwargs):
+        return pair_type.__call__(self, *args, **kwargs)
+
+    hook = type(f"_{base.__name__}Paired", (base,), {
+        "__call__": inner, "kernel": LowRankConvNNX.kernel, "__module__": __name__})
+    return type(cls.__name__, (cls, hook), {"__module__": cls.__module__})
+
+
+def base_view(layer, base: type):
+    """An unattached ``base`` instance holding ``layer``'s attributes: what its base's call
+    computes, for its site and skip reasons (read, never run)."""
+    view = object.__new__(base)
+    view.__dict__.update(vars(layer))
+    return view
+
+
+def paired_in_place(layer, pair: LowRankConvNNX, base: type):
+    """``layer`` (a copy: it is changed) as a subclass computing ``pair`` in its base's call,
+    its own code kept around it; its kernel and bias replaced by the pair's ``vertical`` and
+    ``horizontal`` (the variable layout of :class:`LowRankConvNNX`)."""
+    for name in ("kernel", "bias"):
+        if name in vars(layer):
+            delattr(layer, name)
+    layer.__class__ = _paired(type(layer), base, type(pair))
+    layer.vertical, layer.horizontal = pair.vertical, pair.horizontal
+    layer.kernel_shape, layer.kernel_dtype = pair.kernel_shape, pair.kernel_dtype
+    return layer

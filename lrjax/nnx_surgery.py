@@ -39,7 +39,17 @@ from lrjax.moments import (
     uncalibrated_note,
     undersampled_note,
 )
-from lrjax.nnx_layers import LowRankConvNNX, LowRankEinsumNNX, LowRankLinearNNX, pair_module
+from lrjax.nnx_layers import (
+    LowRankConvNNX,
+    LowRankEinsumNNX,
+    LowRankLinearNNX,
+    base_view,
+    delegating_base,
+    hooked,
+    pair_module,
+    paired_in_place,
+    placeholder_factors,
+)
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
 from lrjax.sites import ConvSite, computes_as
@@ -149,28 +159,50 @@ class _Probe(nnx.Module):
         return getattr(self.layer, name)
 
     def __call__(self, x, *args, **kwargs):
+        if delegating_base(type(self.layer)) is None:  # else its base's call is observed
+            self._observe(self.layer, x, args, kwargs)
+        elif self.path not in self._record["shapes"]:  # (if it makes one: else its own code's)
+            self._record["shapes"][self.path] = tuple(x.shape)
+        return self.layer(x, *args, **kwargs)
+
+    def _observe(self, layer, x, args, kwargs):
         record = self._record
-        if self.path not in record["shapes"]:
+        inner = self.path in record["inner"] - record["seen"]  # its base's first call
+        if self.path not in record["shapes"] or inner:
+            if inner:
+                record["seen"].add(self.path)
             record["shapes"][self.path] = tuple(x.shape)
             record["keywords"][self.path] = nnx_written.call_of(args, kwargs)
-            if isinstance(self.layer, nnx.Einsum):
+            if isinstance(layer, nnx.Einsum):
                 record["equations"][self.path] = sites.called_equation(
-                    self.layer.einsum_str, args, kwargs, x.ndim)
+                    layer.einsum_str, args, kwargs, x.ndim)
         site, host = record["wanted"].get(self.path), record.get("host")
         if site is not None and host is None:  # a layer called again goes to the host pass
             record["calls"][self.path] = record["calls"].get(self.path, 0) + 1
         if site is not None and (host is not None or self.path not in record["batch"]):
             # in the geometry of one run (a stacked layer's: one slice)
             s, n = _moments(x, site.restacked(1) if site.stack > 1 else site,
-                            (-1,) if self.written else _input_axes(self.layer, site.equation))
+                            (-1,) if self.written else _input_axes(layer, site.equation))
             if host is not None:  # inside a loop: each run to the host
-                kernel = getattr(self.layer, "kernel", None)
+                kernel = getattr(layer, "kernel", None)
                 key, ndim = RunSums.key(None if kernel is None else kernel[...])
                 jax.debug.callback(functools.partial(host.add, self.path), s, n, key, ndim)
             else:  # its first call per batch
                 record["batch"][self.path] = True
                 self.moments.set_value((s, n))
-        return self.layer(x, *args, **kwargs)
+
+
+class _InnerProbe(_Probe):
+    """A subclass's probe in its base's call (:func:`lrjax.nnx_layers.hooked`): the input the
+    base's computation gets (padded, say), the layer's own code running around it."""
+
+    def __init__(self, path: str, record: dict):
+        super().__init__(None, path, record)
+        record["inner"].add(path)
+
+    def __call__(self, layer, base_call, x, *args, **kwargs):
+        self._observe(layer, x, args, kwargs)
+        return base_call(x, *args, **kwargs)
 
 
 def _padding_key(padding):
@@ -224,7 +256,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     calibrated decomposition at 64x64). A call that cannot be traced (Python control flow on
     values, arguments that are not arrays) runs eagerly instead."""
     record = {"shapes": {}, "equations": {}, "keywords": {}, "sums": {}, "counts": {},
-              "batch": {}, "calls": {}, "wanted": {s.path: s for s in wanted}}
+              "batch": {}, "calls": {}, "wanted": {s.path: s for s in wanted}, "inner": set(),
+              "seen": set()}
     convs = {}
 
     wrapped = {tuple(p) for p, n in nnx.iter_graph(model) if isinstance(n, _WRAPPERS)}
@@ -239,6 +272,10 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         if isinstance(node, (*_UNSPLIT, bridge.ToNNX)) or _splits(node):
             name = _path(path)
             convs[name] = node
+            base = delegating_base(type(node))
+            if base is not None:  # observed in its base's call, if it makes one
+                node.__class__ = hooked(type(node), base)
+                node.lrjax_hook = _InnerProbe(name, record)
             return _Probe(node, name, record)
         return node
 
@@ -309,14 +346,47 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     def site_of(path, layer, shape):
         if nnx_written.is_written(layer, _FLAX_LAYERS):
             return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path))
+        if path in record["seen"]:  # a subclass, split in its base's call: as its base
+            layer = base_view(layer, delegating_base(type(layer)))
         return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)),
                                       layer)
 
     found = [site_of(p, convs[p], shape) for p, shape in record["shapes"].items()]
+    split = {s.path: s for s in found if s.path in record["seen"] and s.candidate}
+    kept = _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode)
+    found = [ConvSite(s.path, None, skip=f"{type(convs[s.path]).__name__} (a subclass that runs "
+                      "its base's __call__ but also reads its kernel: its own computation is "
+                      "kept)") if s.path in kept else s for s in found]
     batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
         site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)), batch)
         for site in found]
+
+
+def _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode) -> set[str]:
+    """The paths of subclasses split in their base's call (``split``: their sites) whose own
+    code reads the layer's kernel too: the model with them split fails to trace (each tried
+    alone where all together fail)."""
+    kwargs, nodes = graph_keywords(example_kwargs)
+
+    def fails(paths) -> bool:
+        trial = with_pairs(model, split, {p: placeholder_factors(split[p], split[p].shape.groups)
+                                          for p in paths})
+        graphdef, state = nnx.split((eval_view(trial) if eval_mode else trial, nodes))
+
+        def call(state, *args):
+            module, copies = nnx.merge(graphdef, state)
+            return module(*args, **kwargs, **copies)
+
+        try:
+            with_constants_evaluated(jax.eval_shape, call, state, *example_args)
+        except Exception:  # noqa: BLE001 - its own code needs what the pair no longer holds
+            return True
+        return False
+
+    if not split or not fails(list(split)):
+        return set()
+    return {p for p in split if len(split) == 1 or fails([p])}
 
 
 def _build(model, problem: RankProblem, ranks) -> tuple[nnx.Module, dict]:
@@ -334,12 +404,13 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
     def replace(path, node):
         name = _path(path)
         written = name in factors and nnx_written.is_written(node, _FLAX_LAYERS)
-        if name in factors and (written or computes_as(node, _SPLIT) is not None):
+        base = None if written or computes_as(node, _SPLIT) else delegating_base(type(node))
+        if name in factors and (written or computes_as(node, _SPLIT) is not None or base):
             replaced.add(name)
             pair = pair_module(nnx_written.as_linear(node) if written else node, found[name],
                                factors[name])
             boxes.shard_pair_like(node, pair, found[name])
-            return pair
+            return pair if base is None else paired_in_place(node, pair, base)
         return node
 
     new_model = nnx.recursive_map(replace, nnx.clone(model))
@@ -363,6 +434,17 @@ class _Scoped(nnx.Module):
             return self.layer(*args, **kwargs)
 
 
+class _InnerScoped(nnx.Module):
+    """:class:`_Scoped` in a subclass's base's call (:func:`lrjax.nnx_layers.hooked`)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, layer, base_call, *args, **kwargs):
+        with macs.layer_scope(self.index):
+            return base_call(*args, **kwargs)
+
+
 def _net_cost(model, example_args, example_kwargs, eval_mode,
               found: Sequence[ConvSite]) -> tuple[int | None, int, list[ConvSite]]:
     """Multiply-adds and element-wise flops per example of the whole forward pass (traced on a
@@ -374,6 +456,11 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
 
     def scoped(path, node):
         i = index.get(_path(path))
+        base = delegating_base(type(node))
+        if i is not None and base is not None:  # its base's call is the layer's work
+            node.__class__ = hooked(type(node), base)
+            node.lrjax_hook = _InnerScoped(i)
+            return node
         return _Scoped(node, i) if i is not None and _splits(node) else node
 
     view = nnx.recursive_map(scoped, nnx.clone(model))

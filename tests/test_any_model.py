@@ -11,7 +11,7 @@ from flax import nnx
 
 import lrjax
 from benchmarks.user_models import NNXCNN, resnet18, resnet50
-from lrjax import decompose, export, ranks, surgery, train
+from lrjax import costs, decompose, export, nnx_surgery, ranks, surgery, train
 from lrjax.nnx_surgery import LowRankConvNNX
 from tests.helpers import apply, init
 
@@ -486,26 +486,65 @@ def test_subclasses_that_compute_as_their_layer_are_split_on_the_weights_they_us
     assert exported.max_abs_error <= 1e-4 * exported.scale
 
 
-def test_nnx_subclasses_that_compute_as_their_layer_are_split():
+def test_nnx_subclasses_that_compute_as_their_layer_are_split(tmp_path):
+    """NNX: a subclass with another ``__init__`` is its base; one whose ``__call__`` runs its
+    base's (``super().__call__`` on a padded or shifted input) is split in that call, its own
+    code kept around the pair (its class swapped for one whose base call is the pair's), to
+    ONNX and back from a saved folder; one computing on its own, or reading its kernel besides,
+    is kept."""
     class Conv3NNX(nnx.Conv):
         def __init__(self, cin, cout, *, rngs):
             super().__init__(cin, cout, (3, 3), rngs=rngs)
 
+    class ReflectConv(nnx.Conv):
+        def __call__(self, x):
+            return super().__call__(jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], "reflect"))
+
     class ShiftedLinear(nnx.Linear):
         def __call__(self, x):
-            return super().__call__(x + 1.0)
+            return super().__call__(x + 1.0) * 0.5
+
+    class NormalizedLinear(nnx.Linear):
+        def __call__(self, x):
+            return super().__call__(x) / jnp.linalg.norm(self.kernel[...])
+
+    class OwnConv(nnx.Conv):
+        def __call__(self, x):
+            return 2.0 * jnp.einsum("...c,cn->...n", x, self.kernel[0, 0])
 
     class Net(nnx.Module):
         def __init__(self, rngs):
             self.conv = Conv3NNX(3, 16, rngs=rngs)
+            self.pad = ReflectConv(16, 16, (3, 3), padding="VALID", rngs=rngs)
+            self.own = OwnConv(16, 16, (1, 1), rngs=rngs)
+            self.norm = NormalizedLinear(16, 16, rngs=rngs)
             self.head = ShiftedLinear(16, 10, rngs=rngs)
 
         def __call__(self, x):
-            return self.head(jnp.mean(nnx.relu(self.conv(x)), axis=(1, 2)))
+            x = self.own(self.pad(nnx.relu(self.conv(x))))
+            return self.head(self.norm(jnp.mean(x, axis=(1, 2))))
 
     model, x = Net(nnx.Rngs(0)), jax.random.normal(jax.random.key(0), (2, 10, 10, 3))
-    result = lrjax.decompose_nnx(model, x, rule={"conv": 9})
+    found = {s.path: s for s in nnx_surgery.find_convs_nnx(model, x)}
+    assert [p for p, s in found.items() if s.candidate] == ["conv", "pad", "head"]
+    assert found["pad"].shape.input_hw == (12, 12)  # the padded input its base's call gets
+    assert found["own"].skip == ("OwnConv (a subclass of Conv that redefines __call__: its "
+                                 "own computation is kept)")
+    assert found["norm"].skip == ("NormalizedLinear (a subclass that runs its base's __call__ "
+                                  "but also reads its kernel: its own computation is kept)")
+    top = {p: costs.max_rank(s.shape.kernel_shape) for p, s in found.items() if s.candidate}
+    result = lrjax.decompose_nnx(model, x, rule=top, calibration=x)
     np.testing.assert_allclose(result.module(x), model(x), rtol=1e-4, atol=1e-5)
     assert isinstance(result.module.conv, LowRankConvNNX)
-    assert result.report.skipped == {"head": "ShiftedLinear (a subclass of Linear that redefines "
-                                             "__call__: its own computation is kept)"}
+    assert isinstance(result.module.pad, ReflectConv) and \
+        result.module.pad.vertical.kernel[...].shape == (3, 1, 16, top["pad"])
+    split = lrjax.decompose_nnx(model, x, rule={"pad": 4, "head": 2})
+    graphs = [nnx.split(m) for m in (model, split.module)]
+    flops = [_lowered_flops(lambda s, x, g=g: nnx.merge(g, s)(x), s, x) for g, s in graphs]
+    # (to one flop: the kernel's norm, computed once a call, is not a per-example cost)
+    assert flops[0] / flops[1] == pytest.approx(split.report.speedup, rel=1e-5)
+    exported = export.to_onnx(split.module, None, x, str(tmp_path / "n.onnx"))
+    assert exported.max_abs_error <= 1e-5 + 1e-4 * exported.scale
+    loaded = lrjax.load_decomposed(lrjax.save_decomposed(str(tmp_path / "s"), split),
+                                   Net(nnx.Rngs(1)), x)
+    np.testing.assert_array_equal(loaded(x), split.module(x))
