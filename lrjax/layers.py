@@ -43,7 +43,7 @@ __all__ = ["SPLIT_TYPES", "LowRankConv", "LowRankConvTranspose", "FactorConv", "
            "pair_geometry", "transposed_pair_geometry", "split_padding", "conv_skip_reason",
            "transposed_skip_reason", "transposed_site", "input_dilated", "dilated_conv_site",
            "dense_skip_reason", "module_path", "split_type", "delegated_base", "delegates",
-           "as_base"]
+           "as_base", "split_call"]
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # nn.Conv's
 
@@ -426,6 +426,20 @@ def delegates(module) -> bool:
     return _delegating_base(type(module)) is not None
 
 
+def split_call(module, context) -> tuple[type, Any] | None:
+    """``(type, layer)`` of an intercepted call that runs a split type's own computation: the
+    module's ``__call__`` when it computes as one of :data:`SPLIT_TYPES` (``layer``: the module),
+    or a delegating subclass's base call (:func:`delegated_base`; ``layer``: its fields as that
+    base, :func:`as_base`); None for any other call."""
+    if context.method_name != "__call__":
+        return None
+    own = split_type(module)
+    if own is not None:
+        return own, module
+    base = delegated_base(module, context)
+    return None if base is None else (base, as_base(module, base))
+
+
 def as_base(module, base: type):
     """``module``'s fields on an unbound instance of ``base``: what its base's call computes, for
     the sites and skip reasons of a subclass split there (:func:`delegated_base`)."""
@@ -501,16 +515,16 @@ class LowRankModel(nn.Module):
 
         def decompose_conv(next_fun, call_args, call_kwargs, context):
             module = context.module
-            base = split_type(module) or delegated_base(module, context)
-            if base is None or context.method_name != "__call__":
+            found = split_call(module, context)
+            if found is None:
                 return next_fun(*call_args, **call_kwargs)
+            base, layer = found
             path = module_path(module, root)
             rank = ranks.get(path)
             if rank is None:
                 return next_fun(*call_args, **call_kwargs)
             transposed = base is nn.ConvTranspose
             dense = base not in (nn.Conv, nn.ConvTranspose)
-            layer = module if split_type(module) else as_base(module, base)
             reason = (dense_skip_reason(layer) if dense else transposed_skip_reason(layer)
                       if transposed else conv_skip_reason(layer))
             if reason is not None:

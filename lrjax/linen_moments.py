@@ -25,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from lrjax import sites
-from lrjax.layers import as_base, delegated_base, module_path, split_type
+from lrjax.layers import module_path, split_call
 from lrjax.linen_trace import layer_input
 from lrjax.moments import RunSums, calibration_batches, split_keywords, static_argnums
 
@@ -51,12 +51,12 @@ def _wanted_calls(wanted, site_of, take):
     ``wanted`` (its input's moments, :func:`_layer_moments`), then the layer itself."""
     def intercept(next_fun, call_args, call_kwargs, context):
         module = context.module
-        base = split_type(module) or delegated_base(module, context)  # (a subclass: its base's
-        if context.method_name == "__call__" and base is not None:  # call, super().__call__)
+        found = split_call(module, context)  # (a subclass: its base's call, super().__call__)
+        if found is not None:
             path = module_path(module)
             if path in wanted:
-                layer = module if split_type(module) else as_base(module, base)
-                take(module, path, _layer_moments(layer, path, call_args, call_kwargs, site_of))
+                take(module, path, _layer_moments(found[1], path, call_args, call_kwargs,
+                                                  site_of))
         return next_fun(*call_args, **call_kwargs)
 
     return intercept

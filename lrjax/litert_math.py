@@ -98,10 +98,11 @@ def cumlogsumexp(x: jax.Array, axis: int, reverse: bool) -> jax.Array:
 
 
 def _along_one_axis(operand, indices, updates, dn):
-    """``(chosen, spec)`` of a scatter of points along one axis: ``chosen`` the one-hot array of
-    the indices ``(*index dims, n)`` (indices outside the axis select nothing: dropped, as JAX
-    drops them), ``spec`` the einsum of ``chosen`` and the updates into the operand's shape
-    without summing over the points (their free index letters first); None for other forms."""
+    """``(chosen, inputs, free, out)`` of a scatter of points along one axis: ``chosen`` the
+    one-hot array of the indices ``(*index dims, n)`` (indices outside the axis select nothing:
+    dropped, as JAX drops them), ``inputs`` the einsum letters of ``chosen`` and the updates,
+    ``out`` the operand's, ``free`` the points' (index letters the operand lacks); None for
+    other forms."""
     if len(dn.scatter_dims_to_operand_dims) != 1 or \
             tuple(dn.inserted_window_dims) != tuple(dn.scatter_dims_to_operand_dims):
         return None
@@ -122,7 +123,7 @@ def _along_one_axis(operand, indices, updates, dn):
     out = "".join(operand_letters[d] for d in range(operand.ndim))
     free = "".join(c for c in index_letters if c not in out)
     chosen = jax.nn.one_hot(indices[..., 0], operand.shape[axis], dtype=updates.dtype)
-    return chosen, f"{''.join(index_letters)}n,{''.join(update_letters)}->{free}{out}"
+    return chosen, f"{''.join(index_letters)}n,{''.join(update_letters)}", free, out
 
 
 def scatter_add(operand, indices, updates, dimension_numbers):
@@ -133,9 +134,8 @@ def scatter_add(operand, indices, updates, dimension_numbers):
     found = _along_one_axis(operand, indices, updates, dimension_numbers)
     if found is None:
         return None
-    chosen, spec = found
-    inputs, out = spec.split("->")
-    return operand + jnp.einsum(f"{inputs}->{out[len(out) - operand.ndim:]}", chosen, updates)
+    chosen, inputs, _, out = found
+    return operand + jnp.einsum(f"{inputs}->{out}", chosen, updates)
 
 
 _COMBINE = {"scatter-max": (jnp.maximum, jnp.max, -np.inf),
@@ -153,13 +153,13 @@ def scatter_combine(operand, indices, updates, dimension_numbers, name: str):
     found = _along_one_axis(operand, indices, updates, dimension_numbers)
     if found is None or not jnp.issubdtype(updates.dtype, jnp.floating):
         return None
-    chosen, spec = found
+    chosen, inputs, free, out = found
     combine, reduce, identity = _COMBINE[name]
-    free = len(spec.split("->")[1]) - operand.ndim
+    spec = f"{inputs}->{free}{out}"  # each point kept apart, then reduced
     picked = jnp.einsum(spec, chosen, updates)
     mask = jnp.einsum(spec, chosen, jnp.ones_like(updates)) > 0
     values = jnp.where(mask, picked, jnp.asarray(identity, picked.dtype))
-    return combine(operand, reduce(values, axis=tuple(range(free))))
+    return combine(operand, reduce(values, axis=tuple(range(len(free)))))
 
 
 def conv_transpose(x, kernel, params):

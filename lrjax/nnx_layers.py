@@ -188,6 +188,14 @@ def delegating_base(cls: type) -> type | None:
     return None
 
 
+def _with_base_call(cls: type, base: type, suffix: str, inner, **attributes) -> type:
+    """``cls`` (a subclass of ``base``) with ``inner`` as its base's ``__call__``: a class
+    between them in its method order, so that ``super().__call__`` in ``cls`` reaches it."""
+    hook = type(f"_{base.__name__}{suffix}", (base,), {"__call__": inner,
+                                                       "__module__": __name__, **attributes})
+    return type(cls.__name__, (cls, hook), {"__module__": cls.__module__})
+
+
 @functools.cache
 def hooked(cls: type, base: type) -> type:
     """``cls`` whose base's ``__call__`` (what its own reaches by ``super()``) calls
@@ -197,8 +205,7 @@ def hooked(cls: type, base: type) -> type:
     def inner(self, *args, **kwargs):
         return self.lrjax_hook(self, functools.partial(base.__call__, self), *args, **kwargs)
 
-    hook = type(f"_{base.__name__}Hooked", (base,), {"__call__": inner, "__module__": __name__})
-    return type(cls.__name__, (cls, hook), {"__module__": cls.__module__})
+    return _with_base_call(cls, base, "Hooked", inner)
 
 
 @functools.cache
@@ -207,9 +214,7 @@ def _paired(cls: type, base: type, pair_type: type) -> type:
     def inner(self, *args, **kwargs):
         return pair_type.__call__(self, *args, **kwargs)
 
-    hook = type(f"_{base.__name__}Paired", (base,), {
-        "__call__": inner, "kernel": LowRankConvNNX.kernel, "__module__": __name__})
-    return type(cls.__name__, (cls, hook), {"__module__": cls.__module__})
+    return _with_base_call(cls, base, "Paired", inner, kernel=LowRankConvNNX.kernel)
 
 
 def base_view(layer, base: type):

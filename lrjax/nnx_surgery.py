@@ -404,8 +404,9 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
     def replace(path, node):
         name = _path(path)
         written = name in factors and nnx_written.is_written(node, _FLAX_LAYERS)
-        base = None if written or computes_as(node, _SPLIT) else delegating_base(type(node))
-        if name in factors and (written or computes_as(node, _SPLIT) is not None or base):
+        own = written or computes_as(node, _SPLIT) is not None
+        base = None if own else delegating_base(type(node))
+        if name in factors and (own or base is not None):
             replaced.add(name)
             pair = pair_module(nnx_written.as_linear(node) if written else node, found[name],
                                factors[name])
