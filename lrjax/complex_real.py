@@ -85,15 +85,24 @@ def _parts(value, aval):
     return value, value
 
 
+def _sized(eqn) -> bool:
+    """Whether ``eqn`` holds no symbolic size: an array made from constants alone but as long
+    as the symbolic batch (``jnp.zeros(x.shape)``), or the batch's size as a value (the lengths
+    of a padded batch), is staged, not evaluated."""
+    return eqn.primitive.name != "dim_as_value" and all(
+        isinstance(d, (int, np.integer)) for v in eqn.outvars
+        for d in getattr(v.aval, "shape", ()))
+
+
 def _real_dtype(aval):
     return jnp.finfo(aval.dtype).dtype
 
 
 def _rule(eqn, ins, here):
     name = eqn.primitive.name
-    if not any(isinstance(a, (Pair, jax.core.Tracer)) for a in ins):  # constants alone (S4's
-        with jax.ensure_compile_time_eval():  # HiPPO matrix, its kernel from the weights):
-            return replay.bind(eqn, ins)  # evaluated, complex ones kept as they are
+    if not any(isinstance(a, (Pair, jax.core.Tracer)) for a in ins) and _sized(eqn):
+        with jax.ensure_compile_time_eval():  # constants alone (S4's HiPPO matrix, its kernel
+            return replay.bind(eqn, ins)  # from the weights): evaluated, complex ones kept
     touches = any(isinstance(a, Pair) for a in ins) or any(_complex(v.aval) for v in eqn.outvars)
     if not touches or replay.call_jaxpr(eqn) is not None:
         return None  # real values (or a call: inlined, each equation seen here)

@@ -427,6 +427,21 @@ def _clamped_start(c, s, size, dim) -> str:
     return c.g.node("Min", [c.g.node("Max", [start, c.g.ints([0])]), last])
 
 
+def _pool_widened(c, op: str, x: Tensor, params, aval) -> Tensor:
+    """A window over the leading or the last axis, or over a 1-D or 2-D array (the padding
+    flags of a framed signal, ``(batch, samples)`` pooled along the samples): pooled with a unit
+    axis put first and last (``Reshape``), so that every window axis is spatial."""
+    def widened(key, unit):
+        return (unit, *params[key], unit)
+
+    window = dict(params, **{k: widened(k, 1) for k in (
+        "window_dimensions", "window_strides", "base_dilation", "window_dilation")},
+        padding=widened("padding", (0, 0)))
+    wide = c.reshape([x], {}, jax.ShapeDtypeStruct((1, *x.shape, 1), aval.dtype))
+    y = pool(c, op, [wide], window, jax.ShapeDtypeStruct((1, *aval.shape, 1), aval.dtype))
+    return c.reshape([y], {}, aval)
+
+
 def pool_folded(c, op: str, args, params, aval):
     """A pooling window over more than 3 axes (Flax's pool of a 5-D tensor with a 4-D window,
     which it takes as unbatched: Gemma 3's multimodal projector, ``nnx.avg_pool(x[..., None],
@@ -476,14 +491,12 @@ def pool(c, op: str, args, params, aval) -> Tensor:
     """``MaxPool`` (reduce_window_max) or ``AveragePool`` times the window size
     (reduce_window_sum) over the spatial dims of a channels-last tensor (NHWC, NWC, NDHWC)."""
     x, rank = args[0], len(args[0].shape)
-    if rank > 5:  # over more than 3 axes (ONNX Runtime's most): unit windows to the batch
-        return pool_folded(c, op, args, params, aval)
     dims, strides, pads = params["window_dimensions"], params["window_strides"], \
         [tuple(int(v) for v in p) for p in params["padding"]]
-    if rank < 3 or dims[0] != 1 or dims[-1] != 1 or pads[0] != (0, 0) \
-            or pads[-1] != (0, 0):
-        raise TranslationError(f"only spatial pooling of channels-last tensors is covered; "
-                               f"got window {dims} with padding {pads}")
+    if rank < 3 or dims[0] != 1 or dims[-1] != 1 or pads[0] != (0, 0) or pads[-1] != (0, 0):
+        return _pool_widened(c, op, x, params, aval)
+    if rank > 5:  # over more than 3 axes (ONNX Runtime's most): unit windows to the batch
+        return pool_folded(c, op, args, params, aval)
     dilation = [int(d) for d in params["window_dilation"]]
     if any(d != 1 for d in params["base_dilation"]) or dilation[0] != 1 or dilation[-1] != 1:
         raise TranslationError("a pooling window over a dilated input")

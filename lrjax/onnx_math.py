@@ -233,6 +233,36 @@ def min_pool(c, args, params, aval):
     return c.then(onnx_arrays.pool(c, "MaxPool", [c.then(args[0], "Neg")], params, aval), "Neg")
 
 
+_WINDOW_BODIES = {"min": ("MaxPool", "Min"), "max": ("MaxPool", "Max"),
+                  "add": ("AveragePool", "Add")}
+
+
+def reduce_window(c, args, params, aval):
+    """A ``reduce_window`` of one ``min``, ``max`` or ``add`` from a constant init value
+    (``lax.reduce_window(paddings, 1.0, lax.min, ...)``, which JAX keeps general where the init
+    is not the op's identity) as that pooling, then combined with the init once: a window's
+    padded taps hold the init, which that covers for a min or a max; a sum with padding takes
+    an init of 0 only."""
+    body = params["jaxpr"]
+    eqns = getattr(body, "jaxpr", body).eqns
+    name = eqns[0].primitive.name if len(eqns) == 1 else None
+    if len(args) != 2 or name not in _WINDOW_BODIES or isinstance(args[1], Tensor):
+        raise TranslationError(f"a reduce_window of {[e.primitive.name for e in eqns]} over "
+                               f"{len(args) // 2} operand(s) (covered: one min, max or add, "
+                               "from a constant init value)")
+    init = np.asarray(args[1], aval.dtype)
+    padded = any(tuple(int(v) for v in p) != (0, 0) for p in params["padding"])
+    if name == "add" and padded and init != 0:
+        raise TranslationError(f"a padded window sum from init {init} (each padded tap adds it)")
+    window = {k: params[k] for k in ("window_dimensions", "window_strides", "padding",
+                                     "base_dilation", "window_dilation")}
+    pooled = min_pool(c, args[:1], window, aval) if name == "min" else \
+        onnx_arrays.pool(c, _WINDOW_BODIES[name][0], args[:1], window, aval)
+    if name == "add" and init == 0:
+        return pooled
+    return c.then(pooled, _WINDOW_BODIES[name][1], (init, aval.dtype))
+
+
 HANDLERS = {
     **{prim: _unary(op) for prim, op in _ONE_OP.items()},
     "atan2": atan2, "cbrt": cbrt, "erf_inv": erf_inv, "is_finite": is_finite, "not": not_,
@@ -242,6 +272,7 @@ HANDLERS = {
     "cummax": _cumulative("ReduceMax", _lowest), "cummin": _cumulative("ReduceMin", _highest),
     "cumprod": _cumulative("ReduceProd", lambda dtype: 1),
     "cumlogsumexp": _cumulative("ReduceLogSumExp", _lowest),
-    "sort": sort, "reduce_window_min": min_pool, "reduce_precision": reduce_precision,
+    "sort": sort, "reduce_window_min": min_pool, "reduce_window": reduce_window,
+    "reduce_precision": reduce_precision,
     "optimization_barrier": lambda c, args, params, aval: list(args),
 }

@@ -282,6 +282,13 @@ CASES = {
     "reduce_window_min": lambda x: jax.lax.reduce_window(conv(x), jnp.inf, jax.lax.min, (
         1, 3, 2, 1), (1, 1, 1, 1), "SAME") + jax.lax.reduce_window(x, jnp.inf, jax.lax.min, (
             1, 2, 2, 1), (1, 1, 1, 1), ((0, 0), (1, 0), (0, 1), (0, 0)))[..., :1],
+    # a pooling JAX keeps general, its init not the op's identity (the padding flags of a framed
+    # signal: lax.reduce_window(paddings, 1.0, lax.min, ...)), along the last axis of a 2-D array
+    "reduce_window": lambda x: jnp.concatenate([jax.lax.reduce_window(
+        conv(x).reshape(x.shape[0], -1), init, op, (1, size), (1, stride), padding)
+        for init, op, size, stride, padding in ((0.5, jax.lax.min, 4, 2, "VALID"),
+                                                 (0.3, jax.lax.max, 3, 1, "SAME"),
+                                                 (1.5, jax.lax.add, 5, 3, "VALID"))], axis=1),
     "reduce_window_sum": lambda x: jnp.concatenate([nn.avg_pool(
         conv(x), (3, 3), (1, 1), padding="SAME").reshape(x.shape[0], -1), nn.avg_pool(
         images(x), (1, 1, 2, 2), (1, 1, 2, 2)).reshape(x.shape[0], -1), jax.lax.reduce_window(
@@ -328,6 +335,19 @@ def test_primitive_against_onnx_runtime(primitive):
         want = np.asarray(fn(x))
         got = session.run(None, {"input": x})[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
+def test_a_general_window_reduction_it_cannot_write_is_named():
+    """A window product, or a padded window sum from a nonzero init (each padded tap adds it),
+    is a translation error naming it."""
+    for op, start, match in ((jax.lax.mul, 1.0, r"reduce_window of \['mul'\]"),
+                              (jax.lax.add, 1.5, r"padded window sum from init 1\.5")):
+        def fn(x, op=op, start=start):
+            return jax.lax.reduce_window(conv(x).reshape(x.shape[0], -1), start, op, (1, 3),
+                                         (1, 1), "SAME")
+
+        with pytest.raises(onnx_convert.TranslationError, match=match):
+            runtimes.onnx_model(fn, SHAPE)
 
 
 def _branching(x):

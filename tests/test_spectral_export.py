@@ -72,8 +72,24 @@ class ComplexMath(nn.Module):
             + jnp.imag(z @ basis) + jax.lax.convert_element_type(z, jnp.float32)  # real part
 
 
+class Spectrogram(nn.Module):
+    """An audio front end as AlgoPerf's Conformer computes one on ``(batch, samples)``: frames
+    of the signal plus a noise term made from constants alone but as long as the batch
+    (``jnp.zeros(frames.shape)``: symbolic at export, staged, not evaluated), the magnitude of
+    their real FFT, its log, then a dense layer; and the batch's size as a value (DeepSpeech's
+    lengths of a padded batch)."""
+
+    @nn.compact
+    def __call__(self, x):
+        frames = x.reshape(x.shape[0], -1, 8)
+        noise = jnp.zeros(frames.shape) * jnp.asarray(x.shape[0], jnp.float32)
+        spectrum = jnp.abs(jnp.fft.rfft(frames + noise, 16, axis=2))
+        return nn.Dense(4, name="proj")(jnp.log(jnp.maximum(spectrum, 1e-5)))
+
+
 MODELS = {"fnet": (FNetMixing, (2, 12, 6)), "global filter": (GlobalFilter, (2, 8, 6, 4)),
-          "long conv": (LongConv, (2, 10, 4)), "complex math": (ComplexMath, (2, 7, 5, 6))}
+          "long conv": (LongConv, (2, 10, 4)), "complex math": (ComplexMath, (2, 7, 5, 6)),
+          "spectrogram": (Spectrogram, (2, 48))}
 
 
 def _example(name):
@@ -91,7 +107,7 @@ def test_spectral_layers_export_to_onnx(name, tmp_path):
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
 
-@pytest.mark.slow  # four LiteRT conversions
+@pytest.mark.slow  # five LiteRT conversions
 @pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")
 def test_spectral_layers_export_to_litert(tmp_path):
     pytest.importorskip("ai_edge_litert")
