@@ -78,7 +78,8 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
         share = layer["macs"] / net_macs if net_macs else 0.0
         own.append(ConvSite(path, None, skip=(
             f"{OWN_CODE}{_DETAIL}{', '.join(repr(n) for n in names_)} in {ops}, "
-            f"{f'{share:.1%}' if share >= 0.001 else '<0.1%'} of the net's multiply-adds")))
+            f"{f'{share:.1%}' if share >= 0.001 else '<0.1%'} of the net's multiply-adds"),
+            share=share))
     return [*found, *own]
 
 

@@ -251,11 +251,18 @@ def parse_rule(rule, *, multiple: int | None = None) -> RankRule:
 
 
 def _left_as_is(sites) -> str:
-    """``", including N layers left as they are (the first: path: reason)"``, or ``""``."""
+    """``", including N layers left as they are (the largest: path: reason)"``: the one holding
+    the largest share of the net's multiply-adds where shares are known (products the model's
+    own code computes), else the first; or ``""``."""
     skipped = [s for s in sites if not s.candidate and s.skip]
+    if not skipped:
+        return ""
+    largest = max(skipped, key=lambda s: -1.0 if s.share is None else s.share)
+    which = "the largest" if len(skipped) > 1 and largest.share is not None else "the first"
+    named = largest if largest.share is not None else skipped[0]
     return (f", including {len(skipped)} layer{'s' * (len(skipped) > 1)} left as "
-            f"{'they are' if len(skipped) > 1 else 'it is'} (the first: {skipped[0].path}: "
-            f"{skipped[0].skip})") if skipped else ""
+            f"{'they are' if len(skipped) > 1 else 'it is'} ({which}: {named.path}: "
+            f"{named.skip})")
 
 
 def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:

@@ -101,6 +101,9 @@ class ConvSite:
         iteration's matrix a group: ``shape`` holds ``stack`` times the channels), so a rank
         counts every iteration's intermediate channels, as a grouped conv's counts every
         group's, and one rank per iteration is shared by all of them.
+      share: for a layer left as it is whose work was counted in the traced pass (a product
+        the model's own code computes, :mod:`lrjax.own_code`), its share of the whole net's
+        multiply-adds; ``None`` otherwise.
     """
 
     path: str
@@ -117,6 +120,7 @@ class ConvSite:
     conv_dims: int = 2
     stack: int = 1
     nd_geometry: tuple | None = None
+    share: float | None = None
 
     @property
     def candidate(self) -> bool:
