@@ -11,9 +11,11 @@ lrjax's, it is called with one floating array and nothing else, its ``__call__``
 code); (2) initialized alone on that call's shape, its only variables are a 2-D ``params``
 ``kernel`` ``(C, N)`` (``C`` the input's last axis) and a ``bias`` ``(N,)`` or none; (3) on
 random parameters and a random input of that shape it computes ``x @ kernel + bias`` (to a few
-units of rounding, in ``nn.Dense``'s output dtype). The verdict is formed in a thread of its
+units of rounding, in ``nn.Dense``'s output dtype); or, its kernel in PyTorch's ``(N, C)``
+layout, ``x @ kernel.T + bias`` (Hugging Face's GPT-2 ``FlaxConv1D``): then it runs as an
+``nn.Einsum("...c,nc->...n")`` over the same variables. The verdict is formed in a thread of its
 own (no interceptor, no trace) and kept per module configuration and input shape. Anything
-else it computes (an activation, a scale, a transposed kernel) fails (3) and the module runs
+else it computes (an activation, a scale) fails (3) and the module runs
 its own code, a fixed cost found by :mod:`lrjax.own_code`. A layer split on its one-array call
 and then called with other arguments (``layer(x, train=True)``) raises ``ValueError`` naming
 it: its own code would need the kernel it no longer has.
@@ -58,8 +60,9 @@ def _checked_or_none(layer, shape, dtype):
 
 
 def dense_verdict(module: nn.Module, shape, dtype) -> tuple | None:
-    """``(features, use_bias, param_dtype)`` of a module computing ``x @ kernel + bias`` on an
-    input of ``shape`` and ``dtype`` (conditions (2) and (3)), else ``None``."""
+    """``(features, use_bias, param_dtype, transposed)`` of a module computing ``x @ kernel +
+    bias`` (``transposed``: ``x @ kernel.T + bias``) on an input of ``shape`` and ``dtype``
+    (conditions (2) and (3)), else ``None``."""
     layer = module.clone(parent=None)
     shape = tuple(d if isinstance(d, (int, np.integer)) else 2 for d in shape)  # (a symbolic
     try:  # batch, as the exporters trace it: checked at 2)
@@ -85,8 +88,13 @@ def _checked(layer: nn.Module, shape: tuple, dtype) -> tuple | None:
     if set(made) != {"params"} or set(params) not in ({"kernel"}, {"kernel", "bias"}):
         return None
     kernel, bias = params["kernel"], params.get("bias")
-    if getattr(kernel, "ndim", 0) != 2 or kernel.shape[0] != shape[-1] or \
-            (bias is not None and tuple(getattr(bias, "shape", ())) != (kernel.shape[1],)):
+    if getattr(kernel, "ndim", 0) != 2:
+        return None
+    layouts = [transposed for transposed in (False, True)  # (C, N), or PyTorch's (N, C)
+               if kernel.shape[transposed] == shape[-1] and (
+                   bias is None or tuple(getattr(bias, "shape", ())) == (
+                       kernel.shape[not transposed],))]
+    if not layouts:
         return None
     rng = np.random.default_rng(0)
     values = {"kernel": rng.standard_normal(kernel.shape).astype(kernel.dtype)}
@@ -96,14 +104,16 @@ def _checked(layer: nn.Module, shape: tuple, dtype) -> tuple | None:
     got = layer.apply({"params": values}, jnp.asarray(x))
     if getattr(got, "dtype", None) != jnp.result_type(dtype, *(v.dtype for v in values.values())):
         return None  # not what nn.Dense would compute in
-    want = x.astype(np.float64) @ values["kernel"].astype(np.float64)
-    want = want + values["bias"].astype(np.float64) if bias is not None else want
     eps = float(jnp.finfo(got.dtype).eps)
     got = np.asarray(got, np.float64)
-    bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(shape[-1])
-    if got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
-        return None
-    return int(kernel.shape[1]), bias is not None, kernel.dtype
+    for transposed in layouts:
+        matrix = values["kernel"].astype(np.float64)
+        want = x.astype(np.float64) @ (matrix.T if transposed else matrix)
+        want = want + values["bias"].astype(np.float64) if bias is not None else want
+        bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(shape[-1])
+        if got.shape == want.shape and np.all(np.abs(got - want) <= bound):
+            return int(kernel.shape[not transposed]), bias is not None, kernel.dtype, transposed
+    return None
 
 
 def _was_split(module: nn.Module) -> bool:
@@ -134,6 +144,9 @@ def as_dense(next_fun, args, kwargs, context):
     verdict = dense_verdict(module, x.shape, x.dtype)
     if verdict is None:
         return next_fun(*args, **kwargs)
-    features, use_bias, param_dtype = verdict
+    features, use_bias, param_dtype, transposed = verdict
+    if transposed:  # the kernel's axes as stored, (N, C)
+        return nn.Einsum((features, x.shape[-1]), "...c,nc->...n", use_bias=use_bias,
+                         param_dtype=param_dtype, parent=module.scope)(x)
     return nn.Dense(features, use_bias=use_bias, param_dtype=param_dtype,
                     parent=module.scope)(x)

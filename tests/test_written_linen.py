@@ -1,7 +1,8 @@
 """Dense layers written by hand in linen (:mod:`lrjax.linen_written`): a module of the user's own
 computing ``x @ kernel + bias`` with its own ``self.param`` runs as ``nn.Dense`` over the same
-variables, so it is found, costed, calibrated and split as one; a module computing anything else
-(an activation, a transposed kernel) runs its own code, a fixed cost."""
+variables (``x @ kernel.T + bias``, PyTorch's ``(out, in)`` layout, as an ``nn.Einsum``), so it is
+found, costed, calibrated and split as one; a module computing anything else (an activation) or
+declaring its parameters in ``setup`` runs its own code, a fixed cost."""
 
 import flax.linen as nn
 import jax
@@ -65,13 +66,30 @@ class Activated(Linear):
 
 
 class TorchStyle(nn.Module):
-    """A ``(out, in)`` kernel used as ``x @ kernel.T``: not ``x @ kernel``."""
+    """A ``(out, in)`` kernel used as ``x @ kernel.T``, as PyTorch stores a linear layer's."""
     features: int
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.features, self.features))
         return x @ kernel.T
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``FlaxConv1D``, written as it is: a ``(features, C)`` kernel transposed
+    into ``lax.dot_general``, the input cast to its dtype, a bias."""
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs):
+        inputs = jnp.asarray(inputs, self.dtype)
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (self.features,
+                                                                       inputs.shape[-1]))
+        kernel = jnp.asarray(kernel.transpose(), self.dtype)
+        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+        return y + jnp.asarray(self.param("bias", nn.initializers.normal(0.1),
+                                          (self.features,)), self.dtype)
 
 
 class Net(nn.Module):
@@ -83,6 +101,7 @@ class Net(nn.Module):
         x = nn.relu(Linear(48, use_bias=False, name="fc3")(x))
         x = nn.relu(LowPrecisionDense(48, name="bf16")(x))
         x = TorchStyle(48, name="torch")(Activated(48, name="act")(x))
+        x = Conv1D(40, name="conv1d")(x[:, None, :])[:, 0]  # on (batch, tokens, C)
         return Linear(10, name="head")(x)
 
 
@@ -96,26 +115,32 @@ def net():
 def test_written_dense_layers_are_found_and_split_as_dense_layers(net):
     model, variables, x = net
     sites = {s.path: s for s in surgery.find_convs(model, x)}
-    assert sorted(p for p, s in sites.items() if s.candidate) == ["Conv_0", "bf16", "fc1", "fc3",
-                                                                   "head"]
-    assert not {"act", "torch", "fc2"} & set(sites)  # their own code: fixed costs
-    result = lrjax.decompose_linen(model, variables, x, rule={"fc1": 8, "fc3": 8, "bf16": 8})
+    assert sorted(p for p, s in sites.items() if s.candidate) == [
+        "Conv_0", "bf16", "conv1d", "fc1", "fc3", "head", "torch"]
+    assert not {"act", "fc2"} & set(sites)  # their own code: fixed costs
+    result = lrjax.decompose_linen(model, variables, x, rule={
+        "fc1": 8, "fc3": 8, "bf16": 8, "torch": 8, "conv1d": 8})
     assert {p: result.report.kinds[p] for p in result.ranks} == dict.fromkeys(
-        ("fc1", "fc3", "bf16"), "dense")
+        ("fc1", "fc3", "bf16", "torch", "conv1d"), "dense")
     shapes = jax.tree.map(jnp.shape, result.variables["params"])
     assert shapes["fc1"] == {"vertical": {"kernel": (16, 8)},
                              "horizontal": {"kernel": (8, 48), "bias": (48,)}}
     assert shapes["fc3"] == {"vertical": {"kernel": (48, 8)}, "horizontal": {"kernel": (8, 48)}}
     assert result.variables["params"]["bf16"]["vertical"]["kernel"].dtype == jnp.bfloat16
+    # PyTorch's layout: the pair's factors in the usual (C, K), (K, N)
+    assert shapes["torch"] == {"vertical": {"kernel": (48, 8)}, "horizontal": {"kernel": (8, 48)}}
+    assert shapes["conv1d"] == {"vertical": {"kernel": (48, 8)},
+                                "horizontal": {"kernel": (8, 40), "bias": (40,)}}
     assert shapes["act"] == {"kernel": (48, 48), "bias": (48,)}  # left as they are
     left = "\n".join(result.report.table().splitlines())
-    assert all(f"left as is: {p}" in left for p in ("act", "torch", "fc2"))
+    assert all(f"left as is: {p}" in left for p in ("act", "fc2"))
 
 
 def test_full_rank_written_pairs_reproduce_the_model(net):
     model, variables, x = net
     result = lrjax.decompose_linen(model, variables, x,
-                                   rule={"fc1": 16, "fc3": 48, "head": 10})  # (bf16's factors
+                                   rule={"fc1": 16, "fc3": 48, "head": 10, "torch": 48,
+                                         "conv1d": 40})  # (bf16's factors
     # are stored in bfloat16: rounded as an nn.Dense's with param_dtype=jnp.bfloat16 would be)
     np.testing.assert_allclose(result.module.apply(result.variables, x), model.apply(variables, x),
                                rtol=1e-4, atol=1e-5)
