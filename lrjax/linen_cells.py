@@ -13,7 +13,7 @@ import contextlib
 
 import flax.linen as nn
 
-from lrjax import linen_written
+from lrjax import linen_products, linen_written
 
 __all__ = ["as_sublayers"]
 
@@ -51,7 +51,9 @@ def _lstm_as_dense(next_fun, args, kwargs, context):
 @contextlib.contextmanager
 def as_sublayers():
     """Within it, the layers of this module run as their sublayers (``nn.OptimizedLSTMCell`` as
-    its gates' ``nn.Dense`` layers), and dense layers written by hand as ``nn.Dense``
-    (:mod:`lrjax.linen_written`); usable as a decorator."""
-    with nn.intercept_methods(linen_written.as_dense), nn.intercept_methods(_lstm_as_dense):
+    its gates' ``nn.Dense`` layers), dense layers written by hand as ``nn.Dense``
+    (:mod:`lrjax.linen_written`), and products of a ``kernel`` declared in ``setup`` as Flax
+    layers (:mod:`lrjax.linen_products`); usable as a decorator."""
+    with nn.intercept_methods(linen_products.as_layer), \
+            nn.intercept_methods(linen_written.as_dense), nn.intercept_methods(_lstm_as_dense):
         yield

@@ -33,7 +33,7 @@ import numpy as np
 from flax import traverse_util
 from flax.nnx import bridge
 
-from lrjax import boxes, lapack, linen_cells, linen_moments, macs, own_code, rules, sites
+from lrjax import boxes, lapack, linen_cells, linen_moments, linen_products, macs, own_code, rules, sites
 from lrjax import ranks as rank_lib
 from lrjax.batchnorm import fold_batch_norms
 from lrjax.layers import (
@@ -190,6 +190,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                     module.einsum_str, args[1:], kwargs, jnp.ndim(layer_input(args, kwargs))) \
                     if isinstance(module, nn.Einsum) else None
                 found[path] = _site(path, module, layer_input(args, kwargs), equation)
+                if linen_products.is_written_layer(module):  # a module's own product
+                    found[path] = dataclasses.replace(found[path], written=True)
 
     shapes = _flat(abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
@@ -419,7 +421,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
 
     def scoped(next_fun, args, kwargs, context):  # each layer's runs counted (layer_scope)
         i = index.get(module_path(context.module)) if context.method_name == "__call__" and (
-            not delegates(context.module) or delegated_base(context.module, context)) else None
+            not delegates(context.module) or delegated_base(context.module, context)) and \
+            not linen_products.runs_as_layer(context.module) else None  # (its layer's call is)
         if i is None:
             return next_fun(*args, **kwargs)
         with macs.layer_scope(i):
@@ -447,7 +450,8 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
         prefix = ("params", *variable_key(path))
         if problem.site(path).parametrization is not None and (*prefix, "bias") in out:
             out[(*prefix, "bias")] = _site_parameters(flat, problem.site(path))["bias"]
-        bias = out.pop((*prefix, "bias"), None)
+        bias = out.pop((*prefix, "bias"), None) if problem.site(path).shape.use_bias else None
+        # (a product written by hand has no bias of its own: the module's stays the module's)
         del out[(*prefix, "kernel")]
         vertical, horizontal = problem.site(path).factor_variables(factors[path])
         out[(*prefix, "vertical", "kernel")] = vertical
@@ -543,6 +547,10 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
             sites.device_array(v, expected[k].dtype) for k, v in flat.items()}
     new_variables = traverse_util.unflatten_dict(boxes.reboxed(
         flat, boxed, {p: problem.site(p) for p in factors}))
+    if any(problem.site(p).written for p in factors):  # their kernel read elsewhere: an error
+        arrays, rebuild = split_static(example_args)
+        linen_products.check_unread(
+            lambda v, *t: module.apply(v, *rebuild(t), **example_kwargs), new_variables, *arrays)
     report = build_report(problem, ranks, factors, kept_full)
     return Decomposition(module, new_variables, report, problem)
 

@@ -1,0 +1,190 @@
+"""Products written by hand in linen modules that declare their ``kernel`` in ``setup``
+(:mod:`lrjax.linen_products`): AlgoPerf's Conformer and DeepSpeech subsample with such a conv,
+next to a ReLU, a mask and a second output. The product runs as an ``nn.Conv`` (``nn.Dense``)
+bound to the module's scope, so it is found, costed, calibrated, split and exported as that layer;
+the rest of the module's code runs as written. A kernel used otherwise stays the module's own
+product, a fixed cost."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrjax
+from lrjax import export, surgery
+from tests.helpers import init
+
+
+class Subsampling(nn.Module):
+    """AlgoPerf's ``Conv2dSubsampling`` as written: kernel and bias declared in ``setup``, a
+    strided conv of the kernel, the bias, a ReLU, and the paddings subsampled by a conv with a
+    constant kernel (a second output)."""
+    input_channels: int
+    output_channels: int
+
+    def setup(self):
+        self.filter_shape = (3, 3, self.input_channels, self.output_channels)
+        self.kernel = self.param("kernel", nn.initializers.xavier_uniform(), self.filter_shape)
+        self.bias = self.param("bias", nn.initializers.normal(0.1), (self.output_channels,))
+
+    @nn.compact
+    def __call__(self, inputs, paddings):
+        groups = inputs.shape[3] // self.filter_shape[2]
+        outputs = jax.lax.conv_general_dilated(
+            lhs=inputs, rhs=self.kernel, window_strides=(2, 2), padding="SAME",
+            rhs_dilation=(1, 1), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups)
+        outputs = nn.relu(outputs + jnp.reshape(self.bias, (1,) * (outputs.ndim - 1) + (-1,)))
+        length = paddings.shape[1]
+        pad_len = (length + 1) // 2 * 2 - length
+        out_padding = jax.lax.conv_general_dilated(
+            lhs=paddings[:, :, None], rhs=jnp.ones([1, 1, 1]), window_strides=(2,),
+            padding=[(0, pad_len)], dimension_numbers=("NHC", "HIO", "NHC"))[..., 0]
+        return outputs * (1.0 - out_padding[:, :, None, None]), out_padding
+
+
+class Projection(nn.Module):
+    """A dense product written by hand, kernel declared in ``setup``, then a tanh."""
+    features_in: int
+    features: int
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                                 (self.features_in, self.features))
+
+    def __call__(self, x):
+        return jnp.tanh(x @ self.kernel)
+
+
+class Transposed(Projection):
+    """Its kernel transposed before the product: not the layer's own form, kept."""
+
+    def __call__(self, x):
+        return x @ self.kernel.T
+
+    def norm(self):
+        return jnp.sum(self.kernel ** 2)
+
+
+class Speech(nn.Module):
+    @nn.compact
+    def __call__(self, x, paddings):
+        x, paddings = Subsampling(1, 16, name="sub1")(x[..., None], paddings)
+        x, paddings = Subsampling(16, 32, name="sub2")(x, paddings)
+        x = x.reshape(*x.shape[:2], -1)
+        x = Projection(x.shape[-1], 24, name="proj")(x)
+        x = Transposed(24, 24, name="kept")(x)
+        return nn.Dense(10, name="head")(x), paddings
+
+
+class WithNorm(Projection):
+    def norm_of(self, x):
+        return x * jnp.sum(self.kernel ** 2)
+
+
+class Method(nn.Module):
+    """Calls its layer's other method when asked."""
+
+    @nn.compact
+    def __call__(self, x, norm: bool = False):
+        layer = WithNorm(24, 24, name="layer")
+        return layer.norm_of(x) if norm else layer(x)
+
+
+X = jax.random.normal(jax.random.key(0), (2, 32, 16))
+PADDINGS = jnp.zeros((2, 32)).at[1, 24:].set(1.0)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    model = Speech()
+    return model, init(model, 1, X, PADDINGS)
+
+
+def _lowered(model, variables):
+    return jax.jit(lambda x, p: model.apply(variables, x, p)).lower(
+        X, PADDINGS).cost_analysis()["flops"]
+
+
+def test_written_products_are_found_as_the_layers_they_compute(speech):
+    model, _ = speech
+    found = {s.path: s for s in surgery.find_convs(model, X, PADDINGS)}
+    assert {p: s.kind for p, s in found.items() if s.candidate} == {
+        "sub1": "kxk", "sub2": "kxk", "proj": "dense", "head": "dense"}
+    assert found["sub2"].shape.kernel_size == (3, 3) and found["sub2"].shape.strides == (2, 2)
+    assert found["sub2"].shape.use_bias is False  # the module adds its bias in its own code
+    assert "kept" not in found
+
+
+def test_full_rank_pairs_reproduce_the_model_the_bias_stays_the_modules(speech):
+    model, variables = speech
+    want = model.apply(variables, X, PADDINGS)
+    result = lrjax.decompose_linen(model, variables, X, PADDINGS,
+                                   rule={"sub1": 3, "sub2": 48, "proj": 24})
+    shapes = jax.tree.map(jnp.shape, result.variables["params"])
+    assert shapes["sub2"] == {"bias": (32,), "vertical": {"kernel": (3, 1, 16, 48)},
+                              "horizontal": {"kernel": (1, 3, 48, 32)}}
+    assert shapes["proj"] == {"vertical": {"kernel": (128, 24)},
+                              "horizontal": {"kernel": (24, 24)}}
+    got = result.module.apply(result.variables, X, PADDINGS)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[1], want[1])
+    assert "left as is: kept" in result.report.table()  # its own product: a fixed cost
+
+
+def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(speech, tmp_path):
+    model, variables = speech
+    calibration = [(jax.random.normal(jax.random.key(2), (8, 32, 16)), jnp.zeros((8, 32)))]
+    free = lrjax.decompose_linen(model, variables, X, PADDINGS, rule="speedup:1.5")
+    fitted = lrjax.decompose_linen(model, variables, X, PADDINGS, rule="speedup:1.5",
+                                   calibration=calibration)
+    for result in (free, fitted):  # (XLA's lowered count leaves out the dense head's bias
+        assert {"sub1", "sub2"} & set(result.ranks)  # adds, which lrjax counts: 0.01% here)
+        assert result.report.speedup == pytest.approx(
+            _lowered(model, variables) / _lowered(result.module, result.variables), rel=5e-4)
+    done = export.to_onnx(fitted.module, fitted.variables, (X, PADDINGS),
+                          str(tmp_path / "speech.onnx"))
+    assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-5 * max(1.0, done.scale)
+    lrjax.save_decomposed(str(tmp_path / "saved"), fitted)
+    module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X, PADDINGS)
+    np.testing.assert_array_equal(module.apply(loaded, X, PADDINGS)[0],
+                                  fitted.module.apply(fitted.variables, X, PADDINGS)[0])
+
+
+def test_a_kernel_read_besides_its_product_is_kept_or_a_clear_error():
+    """A module holding a kernel declared in ``setup`` may be called by another method as written
+    (the kernel stored as its own ``param`` stores it); a split module whose kernel its parent
+    reads (``layer.kernel``) is an error naming the layer when decomposed, and one called by
+    another method when that method runs: each would compute with a kernel it no longer has."""
+
+    class Norms(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            layer = Transposed(24, 24, name="layer")
+            return layer(x) + layer.norm()
+
+    x = jax.random.normal(jax.random.key(3), (2, 24))
+    norms = Norms()
+    norms_variables = init(norms, 0, x)
+    assert not [s for s in surgery.find_convs(norms, x) if s.candidate]
+    lrjax.decompose_linen(norms, norms_variables, x, rule={})  # runs as written
+
+    class Called(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            layer = Projection(24, 24, name="layer")
+            return layer(x) + jnp.sum(layer.kernel)
+
+    called = Called()
+    with pytest.raises(ValueError, match=r"layers \['layer'\] were split as the product of their "
+                                         r"kernel .* reads that kernel elsewhere"):
+        lrjax.decompose_linen(called, init(called, 0, x), x, rule={"layer": 4})
+
+    method = Method()
+    variables = init(method, 0, x)
+    result = lrjax.decompose_linen(method, variables, x, rule={"layer": 4})
+    result.module.apply(result.variables, x)
+    with pytest.raises(ValueError, match=r"'layer' was split as the product of its kernel that "
+                                         r"its __call__ computes; its method 'norm_of'"):
+        result.module.apply(result.variables, x, norm=True)
