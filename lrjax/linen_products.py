@@ -189,13 +189,14 @@ def _product(closed, kernel):
     if eqn.invars[1] is not kernel_vars[0] or eqn.invars[0] is kernel_vars[0]:
         raise _Ineligible("its kernel is not the product's second operand")
     x, params = eqn.invars[0].aval, eqn.params
+    if eqn.outvars[0].aval.dtype != jax.numpy.result_type(x.dtype, kernel.dtype):
+        raise _Ineligible("a product computed in another dtype (preferred_element_type)")
     if eqn.primitive.name == "conv_general_dilated":
         ndim = len(x.shape)
         lhs = (0, ndim - 1, *range(1, ndim - 1))  # Flax's: channels last, HWIO
         flax_layout = (lhs, (ndim - 1, ndim - 2, *range(ndim - 2)), lhs)
         if tuple(tuple(s) for s in params["dimension_numbers"]) != flax_layout or \
-                any(d != 1 for d in params["lhs_dilation"]) or params["batch_group_count"] != 1 \
-                or params.get("preferred_element_type") is not None:
+                any(d != 1 for d in params["lhs_dilation"]) or params["batch_group_count"] != 1:
             raise _Ineligible("a conv in another layout, input-dilated or batch-grouped")
         return eqn
     if eqn.primitive.name == "dot_general":

@@ -460,8 +460,8 @@ class TwoWrittenConvs(nn.Module):
 
 def test_out_of_reach_names_the_largest_layer_left_as_it_is():
     """Of the layers left as they are, the message names the one holding the most multiply-adds
-    (AlgoPerf's Conformer: its second hand-written subsampling conv, 59.5% of the net, not the
-    first, 0.5%)."""
+    (as AlgoPerf's Conformer's hand-written subsampling convs were before lrjax split them:
+    59.5% of the net in the second, 0.5% in the first, which the message named)."""
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     model = TwoWrittenConvs()
     with pytest.raises(ValueError, match=r"including 2 layers left as they are \(the largest: "
