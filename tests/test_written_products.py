@@ -188,3 +188,32 @@ def test_a_kernel_read_besides_its_product_is_kept_or_a_clear_error():
     with pytest.raises(ValueError, match=r"'layer' was split as the product of its kernel that "
                                          r"its __call__ computes; its method 'norm_of'"):
         result.module.apply(result.variables, x, norm=True)
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return Projection(16, 16, name="proj")(x) + x, None
+
+
+class Scanned(nn.Module):
+    """A written product in a block stacked by ``nn.scan`` (its kernel per iteration)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x, _ = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)()(nn.Dense(16)(x), None)
+        return nn.Dense(4)(x)
+
+
+def test_a_written_product_stacked_by_scan_splits_per_iteration():
+    x = jax.random.normal(jax.random.key(4), (4, 8))
+    model = Scanned()
+    variables = init(model, 0, x)
+    (site,) = [s for s in surgery.find_convs(model, x) if s.written]
+    assert site.path == "ScanScanBlock_0/proj" and site.stack == 3
+    result = lrjax.decompose_linen(model, variables, x, rule={site.path: 48})
+    assert jax.tree.map(jnp.shape, result.variables["params"]["ScanScanBlock_0"]["proj"]) == {
+        "vertical": {"kernel": (3, 16, 16)}, "horizontal": {"kernel": (3, 16, 16)}}
+    np.testing.assert_allclose(result.module.apply(result.variables, x),
+                               model.apply(variables, x), rtol=1e-5, atol=1e-5)
