@@ -66,31 +66,34 @@ def _split_in(module: nn.Module) -> bool:
     return _KERNEL not in params and "vertical" in params and "horizontal" in params
 
 
+def _kernel(module: nn.Module, init_fn, init_args, init_kwargs):
+    """``(value, is a placeholder)`` of a hooked module's ``kernel``, read or made without
+    reserving its name: the stored one; in an init, a new one (stored by the layer, or by
+    :func:`_stored` when the call runs as written); in a decomposed model, whose pair computes
+    the product, zeros of its shape. ``None``: none of these (Flax's own ``param`` then)."""
+    scope = module.scope
+    if scope.has_variable("params", _KERNEL):
+        return scope.get_variable("params", _KERNEL), False
+    if module.is_initializing():
+        return init_fn(module.make_rng("params"), *init_args, **init_kwargs), False
+    if not _split_in(module):
+        return None
+    shaped = jax.eval_shape(lambda: init_fn(jax.random.key(0), *init_args, **init_kwargs))
+    with jax.named_scope(_UNSPLIT + "|".join(scope.path)):  # (check_unread)
+        return jax.numpy.zeros(shaped.shape, shaped.dtype), True
+
+
 def _hooked(cls: type) -> type:
     """``cls`` with a ``param`` reading (or creating) ``kernel`` without reserving its name,
     so that the Flax layer bound to the module's scope can take it as its own."""
     if cls not in _HOOKED:
         def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
-            if name != _KERNEL:
+            made = _kernel(self, init_fn, init_args, init_kwargs) if name == _KERNEL else None
+            if made is None:
                 return super(hooked, self).param(name, init_fn, *init_args, unbox=unbox,
                                                  **init_kwargs)
-            scope = self.scope
-            if scope.has_variable("params", name):
-                value, placeholder = scope.get_variable("params", name), False
-            elif self.is_initializing():  # stored by the layer, or the call run as written
-                value = init_fn(self.make_rng("params"), *init_args, **init_kwargs)
-                placeholder = False
-            elif _split_in(self):  # a decomposed model: its pair computes the product
-                shaped = jax.eval_shape(lambda: init_fn(jax.random.key(0), *init_args,
-                                                        **init_kwargs))
-                with jax.named_scope(_UNSPLIT + "|".join(scope.path)):  # (check_unread)
-                    value = jax.numpy.zeros(shaped.shape, shaped.dtype)
-                placeholder = True
-            else:
-                return super(hooked, self).param(name, init_fn, *init_args, unbox=unbox,
-                                                 **init_kwargs)
-            value = nn.meta.unbox(value) if unbox else value
-            object.__setattr__(self, _STATE, (value, placeholder))
+            value = nn.meta.unbox(made[0]) if unbox else made[0]
+            object.__setattr__(self, _STATE, (value, made[1]))
             return value
 
         hooked = type(cls.__name__, (cls,), {"param": param, "__module__": cls.__module__,
