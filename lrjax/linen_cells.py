@@ -54,6 +54,8 @@ def as_sublayers():
     its gates' ``nn.Dense`` layers), dense layers written by hand as ``nn.Dense``
     (:mod:`lrjax.linen_written`), and products of a ``kernel`` declared in ``setup`` as Flax
     layers (:mod:`lrjax.linen_products`); usable as a decorator."""
-    with nn.intercept_methods(linen_products.as_layer), \
-            nn.intercept_methods(linen_written.as_dense), nn.intercept_methods(_lstm_as_dense):
+    # (the first one entered is the outermost: a dense layer written by hand runs as nn.Dense
+    # before its call could be traced as a written product)
+    with nn.intercept_methods(linen_written.as_dense), \
+            nn.intercept_methods(linen_products.as_layer), nn.intercept_methods(_lstm_as_dense):
         yield

@@ -1,34 +1,48 @@
-"""Convs and dense products written by hand in linen modules that declare their ``kernel`` in
-``setup``, run as Flax layers so that they can be split: AlgoPerf's Conformer and DeepSpeech
-subsample with such a module (``self.kernel = self.param("kernel", ...)`` in ``setup``, then
-``lax.conv_general_dilated(inputs, self.kernel, ...)`` among other work in ``__call__``: a ReLU,
-a mask, a second output).
+"""Convs and dense products written by hand in linen modules, run as Flax layers so that they
+can be split. Two ways of writing them are seen in others' models:
+
+* a ``kernel`` declared in ``setup`` (AlgoPerf's Conformer and DeepSpeech subsample with
+  ``self.kernel = self.param("kernel", ...)``, then ``lax.conv_general_dilated(inputs,
+  self.kernel, ...)`` among other work in ``__call__``: a ReLU, a mask, a second output);
+* a compact ``__call__`` declaring its parameters under any names and computing with them
+  (flaxmodels' StyleGAN2 layers: ``w = self.param("weight", ...)`` scaled by a constant, the
+  equalized learning rate, then a conv or ``jnp.matmul``, a bias, an activation; score_sde's
+  ``NIN``: ``W``, ``b`` and an einsum).
 
 Inside :func:`lrjax.linen_cells.as_sublayers` (every stage of the linen surgery and every call of
-a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax's and has a
-``setup``:
+a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax's:
 
-* its ``setup`` runs with ``self.param("kernel", ...)`` reading the stored kernel without
-  reserving its name (creating it in an init, in the module's own variables as before; in a
-  decomposed model, whose variables hold the pair instead, returning zeros of its shape that
-  nothing computes with);
-* its ``__call__`` is traced (``jax.make_jaxpr``; a call that cannot be, e.g. one creating
-  variables, runs as written) and, when the kernel's one use is the second operand of a
-  ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``; any strides, explicit
-  padding, dilation and feature groups; no input dilation) or of a ``dot_general`` contracting
-  the data's last axis with its first, the traced program is replayed with that product computed
-  by an ``nn.Conv`` (``nn.Dense``) without bias bound to the module's own scope: its kernel is the
-  module's ``kernel``, and lrjax finds, costs, calibrates and splits it as that layer, named by
-  the module's path, its pair's variables ``vertical/kernel`` and ``horizontal/kernel`` in the
-  module's scope next to the module's other variables (its bias stays its own). The rest of the
-  module's code runs as written, on the layer's output.
+* its parameters are read (or, in an init, made as Flax's ``param`` makes them, from the same
+  random stream) without reserving their names; a ``setup`` module's ``kernel`` only, every
+  parameter of a compact module that holds nothing else (no submodule, no other collection);
+* its ``__call__`` is traced (``jax.make_jaxpr``, calls inlined; a call that cannot be, e.g.
+  one drawing randomness, runs as written) and, when one parameter's one use, through
+  multiplications and divisions by constants and casts (:class:`Step`), is the second operand
+  of a ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``; any strides,
+  explicit padding, dilation and feature groups; no input dilation) or of a ``dot_general``
+  contracting the data's last axis with its first, the traced program is replayed with that
+  product computed by an ``nn.Conv`` (``nn.Dense``) without bias bound to the module's own
+  scope. Its kernel is the module's parameter (:class:`WrittenConv` / :class:`WrittenDense`
+  when it has another name or is scaled: the layer reads it under its own name and computes
+  with it scaled, a re-parametrization the closed form factors as it factors BiT's
+  standardized kernels), and lrjax finds, costs, calibrates and splits it as that layer, named
+  by the module's path, its pair's variables ``vertical/kernel`` and ``horizontal/kernel`` in
+  the module's scope next to the module's other variables (its bias stays its own). The rest
+  of the module's code runs as written, on the layer's output.
 
-A kernel used in any other way (transposed, scaled, in two products) leaves the module as it
-is: its products are its own, a fixed cost (:mod:`lrjax.own_code`); a decomposed module that
-can no longer be traced so is a ``ValueError`` naming it.
+A kernel used in any other way (transposed, multiplied by data, in two products) leaves the
+module as it is: its products are its own, a fixed cost (:mod:`lrjax.own_code`); a decomposed
+module that can no longer be traced so is a ``ValueError`` naming it. In an init under lrjax a
+compact module's variables are the ones its own code would make (same values, same names).
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -37,40 +51,119 @@ from jax.extend import core as jcore
 
 from lrjax import replay
 
-__all__ = ["as_layer", "runs_as_layer", "is_written_layer", "check_unread"]
+__all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name", "check_unread",
+           "Step", "WrittenConv", "WrittenDense"]
 
 _KERNEL = "kernel"
 _STATE = "_lrjax_written_kernel"  # (kernel value, is a placeholder) set on the module by setup
+_PARAMS = "_lrjax_written_params"  # (made, given) while a compact module's call is hooked
 _CHILD = "_lrjax_written_layer"  # the Flax layer its product runs as, once per module
 _WRITTEN = "_lrjax_written"  # set on that layer
 _HOOKED: dict[type, type] = {}
 _RUNNING: set[int] = set()  # the modules whose setup or call this interceptor is running
 _UNSPLIT = "lrjax_split_kernel:"  # the scope of a split module's kernel placeholder
+_PAIR = ("vertical", "horizontal")
+_STEPS = ("mul", "div", "convert_element_type", "copy", "copy_p")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Step:
+    """One operation between a written kernel and its product: ``primitive`` applied with
+    ``params`` to ``operands``, the kernel at ``position`` and constants (scalars) elsewhere."""
+    primitive: Any
+    params: dict
+    operands: tuple
+    position: int
+
+    def __call__(self, kernel):
+        ins = list(self.operands)
+        ins[self.position] = kernel
+        return self.primitive.bind(*ins, **self.params)
+
+
+def _used(kernel, steps):
+    for step in steps:
+        kernel = step(kernel)
+    return kernel
+
+
+def _written_param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    stored = self.stored if name == _KERNEL else name
+    value = nn.Module.param(self, stored, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    return _used(value, self.steps) if name == _KERNEL else value
+
+
+class WrittenDense(nn.Dense):
+    """``nn.Dense`` whose kernel is its module's parameter ``stored`` as ``steps`` make it (a
+    product written by hand in a module's own code; its variables are the module's)."""
+    stored: str = _KERNEL
+    steps: tuple = ()
+
+    param = _written_param
+
+
+class WrittenConv(nn.Conv):
+    """``nn.Conv`` whose kernel is its module's parameter ``stored`` as ``steps`` make it."""
+    stored: str = _KERNEL
+    steps: tuple = ()
+
+    param = _written_param
+
+
+def kernel_name(layer: nn.Module) -> str:
+    """The name of the variable holding ``layer``'s kernel in its scope (a written product's:
+    its module's parameter)."""
+    return getattr(layer, "stored", _KERNEL) if isinstance(layer, (WrittenDense, WrittenConv)) \
+        else _KERNEL
+
+
+@functools.cache
+def _compact(cls: type) -> bool:
+    """A module without ``setup`` whose own code (its ``__call__``, a base class's, a helper
+    method) declares parameters: ``self.param``."""
+    if cls.setup is not nn.Module.setup:
+        return False
+    for klass in cls.__mro__:
+        if klass.__module__.partition(".")[0] in ("flax", "lrjax", "builtins"):
+            continue
+        for value in vars(klass).values():
+            code = getattr(inspect.unwrap(value), "__code__", None) if callable(value) else None
+            if code is not None and "param" in code.co_names:
+                return True
+    return False
+
+
+@functools.cache
+def _eligible_class(cls: type) -> bool:
+    """A module class of the user's own, not derived from a Flax layer (a subclass of
+    ``nn.Conv`` is split or kept as one: :func:`lrjax.layers.delegated_base`), with a ``setup``
+    or compact parameters."""
+    flax_bases = [k for k in cls.__mro__ if k.__module__.partition(".")[0] in ("flax", "lrjax")
+                  and k not in nn.Module.__mro__]
+    return not flax_bases and (cls.setup is not nn.Module.setup or _compact(cls))
 
 
 def _eligible(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__module__.partition(".")[0] not in ("flax", "lrjax") and \
-        cls.setup is not nn.Module.setup
+    return _eligible_class(type(module))
 
 
 def runs_as_layer(module: nn.Module) -> bool:
     """Whether ``module``'s own call may run with its product as a Flax layer bound to its
-    scope (it holds a ``kernel`` declared in ``setup``): the layer, not the module, is the one
-    named by its path (costed, calibrated and split)."""
-    return _STATE in module.__dict__
+    scope: the layer, not the module, is the one named by its path (costed, calibrated and
+    split)."""
+    return _STATE in module.__dict__ or (_eligible(module) and _compact(type(module)))
 
 
 def _split_in(module: nn.Module) -> bool:
     params = module.variables.get("params", {}) if module.scope is not None else {}
-    return _KERNEL not in params and "vertical" in params and "horizontal" in params
+    return _KERNEL not in params and all(p in params for p in _PAIR)
 
 
 def _kernel(module: nn.Module, init_fn, init_args, init_kwargs):
-    """``(value, is a placeholder)`` of a hooked module's ``kernel``, read or made without
-    reserving its name: the stored one; in an init, a new one (stored by the layer, or by
-    :func:`_stored` when the call runs as written); in a decomposed model, whose pair computes
-    the product, zeros of its shape. ``None``: none of these (Flax's own ``param`` then)."""
+    """``(value, is a placeholder)`` of a hooked ``setup`` module's ``kernel``, read or made
+    without reserving its name: the stored one; in an init, a new one (stored by the layer, or
+    by :func:`_stored` when the call runs as written); in a decomposed model, whose pair
+    computes the product, zeros of its shape. ``None``: none of these (Flax's own ``param``)."""
     scope = module.scope
     if scope.has_variable("params", _KERNEL):
         return scope.get_variable("params", _KERNEL), False
@@ -78,16 +171,26 @@ def _kernel(module: nn.Module, init_fn, init_args, init_kwargs):
         return init_fn(module.make_rng("params"), *init_args, **init_kwargs), False
     if not _split_in(module):
         return None
+    return _placeholder(module, init_fn, init_args, init_kwargs), True
+
+
+def _placeholder(module, init_fn, init_args, init_kwargs):
+    """Zeros in place of a split kernel, made in a named scope :func:`check_unread` finds."""
     shaped = jax.eval_shape(lambda: init_fn(jax.random.key(0), *init_args, **init_kwargs))
-    with jax.named_scope(_UNSPLIT + "|".join(scope.path)):  # (check_unread)
-        return jax.numpy.zeros(shaped.shape, shaped.dtype), True
+    shaped = nn.meta.unbox(shaped)
+    with jax.named_scope(_UNSPLIT + "|".join(module.scope.path)):
+        return jax.numpy.zeros(shaped.shape, shaped.dtype)
 
 
 def _hooked(cls: type) -> type:
-    """``cls`` with a ``param`` reading (or creating) ``kernel`` without reserving its name,
-    so that the Flax layer bound to the module's scope can take it as its own."""
+    """``cls`` with a ``param`` that reserves no name: a ``setup`` module's ``kernel``
+    (:func:`_kernel`), or, while a compact module's call is hooked (``_PARAMS``), every
+    parameter: the traced one given, else read or made and recorded."""
     if cls not in _HOOKED:
         def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+            hook = self.__dict__.get(_PARAMS)
+            if hook is not None:
+                return _compact_param(self, hook, name, init_fn, init_args, init_kwargs, unbox)
             made = _kernel(self, init_fn, init_args, init_kwargs) if name == _KERNEL else None
             if made is None:
                 return super(hooked, self).param(name, init_fn, *init_args, unbox=unbox,
@@ -102,24 +205,54 @@ def _hooked(cls: type) -> type:
     return _HOOKED[cls]
 
 
+def _compact_param(module, hook, name, init_fn, init_args, init_kwargs, unbox):
+    made, given = hook
+    if given is not None and name in given:
+        return given[name]
+    scope = module.scope
+    if scope.has_variable("params", name):
+        value = scope.get_variable("params", name)
+    elif module.is_initializing():  # as Flax's param makes it: the same stream of keys
+        value = init_fn(module.make_rng("params"), *init_args, **init_kwargs)
+    elif given is not None and _split_in(module):  # the split kernel (one only: _traced)
+        value = _placeholder(module, init_fn, init_args, init_kwargs)
+    else:
+        return nn.Module.param(module, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    if made is not None:
+        made[name] = value
+    return nn.meta.unbox(value) if unbox else value
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, hook=None):
+    """``module`` of its hooked class (:func:`_hooked`), with ``hook`` for a compact call."""
+    own = type(module)
+    object.__setattr__(module, "__class__", _hooked(own))
+    if hook is not None:
+        object.__setattr__(module, _PARAMS, hook)
+    try:
+        yield
+    finally:
+        object.__setattr__(module, "__class__", own)
+        module.__dict__.pop(_PARAMS, None)
+
+
 def as_layer(next_fun, args, kwargs, context):
     """A method interceptor: an eligible module's ``setup`` with the hooked ``param``, its
     ``__call__`` with its product as a Flax layer (the module's docstring)."""
     module, method = context.module, context.method_name
-    if not _eligible(module) or method == "param" or \
-            id(module) in _RUNNING:  # (nested: the interceptor is entered once per stage)
+    if method == "param" or id(module) in _RUNNING or \
+            not _eligible(module):  # (nested: the interceptor is entered once per stage)
         return next_fun(*args, **kwargs)
     _RUNNING.add(id(module))
     try:
         if method == "setup":
-            own = type(module)
-            object.__setattr__(module, "__class__", _hooked(own))
-            try:
+            with _swapped(module):
                 return next_fun(*args, **kwargs)
-            finally:
-                object.__setattr__(module, "__class__", own)
         state = module.__dict__.get(_STATE)
         if state is None:
+            if method == "__call__" and _compact(type(module)):
+                return _compact_call(module, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)
         if method == "__call__":
             return _replayed(module, next_fun, args, kwargs)
@@ -128,50 +261,164 @@ def as_layer(next_fun, args, kwargs, context):
                              f"of its kernel that its __call__ computes; its method {method!r} "
                              "would need the kernel it no longer has: call it as it was "
                              "decomposed")
-        _stored(module, state[0])  # another method computes with it as written
+        _stored(module, {_KERNEL: state[0]})  # another method computes with it as written
         return next_fun(*args, **kwargs)
     finally:
         _RUNNING.discard(id(module))
 
 
-def _stored(module: nn.Module, kernel) -> None:
-    """In an init, the kernel stored as the module's own ``param`` would have stored it."""
-    if module.is_initializing() and not module.scope.has_variable("params", _KERNEL):
-        module.scope.put_variable("params", _KERNEL, kernel)
+def _stored(module: nn.Module, made: dict) -> None:
+    """In an init, parameters stored as the module's own ``param`` would have stored them."""
+    if module.is_initializing():
+        for name, value in made.items():
+            if not module.scope.has_variable("params", name):
+                module.scope.put_variable("params", name, value)
 
 
-def _replayed(module: nn.Module, next_fun, args, kwargs):
-    kernel, placeholder = module.__dict__[_STATE]
+def _dynamic(args, kwargs):
+    """The call's arrays, and a function of them giving back ``(args, kwargs)``."""
     flat, treedef = jax.tree.flatten((args, kwargs))
     dynamic = [i for i, a in enumerate(flat) if isinstance(a, (jax.Array, np.ndarray))]
 
-    def body(*arrays):
+    def rebuild(arrays):
         full = list(flat)
         for i, a in zip(dynamic, arrays, strict=True):
             full[i] = a
-        call_args, call_kwargs = jax.tree.unflatten(treedef, full)
+        return jax.tree.unflatten(treedef, full)
+
+    return [flat[i] for i in dynamic], rebuild
+
+
+def _traced(fn, *args):
+    """``fn``'s closed jaxpr on ``args`` with its calls inlined, and its output shapes."""
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    flat = jax.make_jaxpr(lambda *a: replay.run(closed.jaxpr, closed.consts, a))(*avals)
+    return flat, shapes
+
+
+def _replayed(module: nn.Module, next_fun, args, kwargs):
+    """A ``setup`` module's call with its product as a Flax layer (or as written)."""
+    kernel, placeholder = module.__dict__[_STATE]
+    arrays, rebuild = _dynamic(args, kwargs)
+
+    def body(*arrays):
+        call_args, call_kwargs = rebuild(arrays)
         return next_fun(*call_args, **call_kwargs)
 
     try:
-        closed, shapes = jax.make_jaxpr(body, return_shape=True)(*(flat[i] for i in dynamic))
-        product = _product(closed, kernel)
+        closed, shapes = _traced(body, *arrays)
+        found = [v for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True)
+                 if c is kernel]
+        if len(found) != 1:
+            raise _Ineligible("its kernel is used otherwise than in one product")
+        product = _product(closed, found[0])
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if placeholder:
-            raise ValueError(f"layer {'/'.join(module.scope.path)!r} was split as the product "
-                             f"of its kernel that its code computes, but its call no longer "
-                             f"traces so: {str(e).splitlines()[0] if str(e) else type(e)}") \
-                from None
-        _stored(module, kernel)
+            raise _no_longer(module, e) from None
+        _stored(module, {_KERNEL: kernel})
         return next_fun(*args, **kwargs)
+    return _run_as_layer(module, closed, shapes, arrays, product, _KERNEL, kernel)
+
+
+def _no_longer(module, e) -> ValueError:
+    return ValueError(f"layer {'/'.join(module.scope.path)!r} was split as the product of its "
+                      f"kernel that its code computes, but its call no longer traces so: "
+                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def _own_params(module: nn.Module) -> dict | None:
+    """A compact module's stored parameters ``{name: value}`` (a split one's pair included),
+    or ``None`` when it holds anything else (a submodule's or another collection's)."""
+    held = module.variables
+    params = dict(held.get("params", {}))
+    if set(held) - {"params"}:
+        return None
+    nested = {n for n, v in params.items() if isinstance(v, dict) or hasattr(v, "items")}
+    return params if not nested or (nested == set(_PAIR) and _KERNEL not in params) else None
+
+
+def _compact_call(module: nn.Module, next_fun, args, kwargs):
+    """A compact module's call with its product as a Flax layer (or as written)."""
+    arrays, rebuild = _dynamic(args, kwargs)
+    made, out = {}, None
+    if module.is_initializing():  # as written, its parameters made but not stored
+        with _swapped(module, (made, None)):
+            out = next_fun(*args, **kwargs)
+        if not made or module.variables:  # nothing declared, or it holds a submodule
+            _stored(module, made)
+            return out
+        given = {n: nn.meta.unbox(v) for n, v in made.items()}
+    else:
+        own = _own_params(module)
+        if own is None:
+            return next_fun(*args, **kwargs)
+        given = {n: nn.meta.unbox(v) for n, v in own.items() if n not in _PAIR}
+    split = not module.is_initializing() and _split_in(module)
+    names = list(given)
+
+    def body(values, *arrays):
+        call_args, call_kwargs = rebuild(arrays)
+        with _swapped(module, (None, dict(zip(names, values, strict=True)))):
+            return next_fun(*call_args, **call_kwargs)
+
+    try:
+        if split:  # the kernel the pair replaced, as zeros: its name and shape from a trace
+            missing = {}
+            with _swapped(module, (missing, given)):
+                jax.make_jaxpr(lambda *a: next_fun(*rebuild(a)[0], **rebuild(a)[1]))(*arrays)
+            if len(missing) != 1:
+                raise _Ineligible(f"parameters {sorted(missing)} missing")
+            (name, shaped), = missing.items()
+            with jax.named_scope(_UNSPLIT + "|".join(module.scope.path)):
+                given[name] = jax.numpy.zeros(shaped.shape, shaped.dtype)
+            names = list(given)
+        closed, shapes = _traced(body, [given[n] for n in names], *arrays)
+        found = _one_product(closed, names)
+    except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
+        if split:
+            raise _no_longer(module, e) from None
+        if out is not None:
+            _stored(module, made)
+            return out
+        return next_fun(*args, **kwargs)
+    name, product = found
+    _stored(module, {n: v for n, v in made.items() if n != name})
+    return _run_as_layer(module, closed, shapes, [given[n] for n in names] + list(arrays),
+                         product, name, made.get(name, given[name]))
+
+
+def _one_product(closed, names):
+    """``(name, product)`` (:func:`_product`) of the one parameter (``closed``'s first
+    inputs, named ``names``) whose one use is a product as a Flax layer computes it."""
+    found = []
+    for name, var in zip(names, closed.jaxpr.invars, strict=False):
+        try:
+            found.append((name, _product(closed, var)))
+        except _Ineligible:
+            continue
+    if len(found) != 1:
+        raise _Ineligible(f"{len(found)} parameters used in one product each")
+    return found[0]
+
+
+def _run_as_layer(module, closed, shapes, inputs, product, name, kernel):
+    """``closed`` replayed on ``inputs`` with ``product`` (:func:`_product`) computed by the
+    module's layer; the steps to its kernel are the layer's (skipped here: a split kernel's
+    zeros are never computed with)."""
+    eqn, steps, chain = product
     layer = module.__dict__.get(_CHILD)
     if layer is None:
-        layer = _layer(product, kernel, module)
+        layer = _layer(eqn, kernel, module, name, steps)
         object.__setattr__(module, _CHILD, layer)
+    skipped = {id(e): position for e, position in chain}
 
-    def rule(eqn, ins, here):
-        return [layer(ins[0])] if eqn is product else None
+    def rule(e, ins, here):
+        if e is eqn:
+            return [layer(ins[0])]
+        return [ins[skipped[id(e)]]] if id(e) in skipped else None
 
-    outs = replay.run(closed.jaxpr, closed.consts, [flat[i] for i in dynamic], rule)
+    outs = replay.run(closed.jaxpr, closed.consts, inputs, rule)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
 
@@ -179,19 +426,47 @@ class _Ineligible(Exception):
     pass
 
 
-def _product(closed, kernel):
-    """The one top-level equation of ``closed`` using ``kernel`` (a constant of it), when that is
-    a product of the data by it as a Flax layer computes it; else :class:`_Ineligible`."""
-    kernel_vars = [v for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True)
-                   if c is kernel]
-    uses = [e for e in closed.jaxpr.eqns if any(v in kernel_vars for v in e.invars
-                                                if not isinstance(v, jcore.Literal))]
-    if len(kernel_vars) != 1 or len(uses) != 1 or kernel_vars[0] in closed.jaxpr.outvars:
-        raise _Ineligible("its kernel is used otherwise than in one product")
-    eqn = uses[0]
-    if eqn.invars[1] is not kernel_vars[0] or eqn.invars[0] is kernel_vars[0]:
+def _uses(jaxpr, var) -> list:
+    if var in jaxpr.outvars:
+        return [None]
+    return [e for e in jaxpr.eqns
+            if any(v is var for v in e.invars if not isinstance(v, jcore.Literal))]
+
+
+def _constant(closed, v):
+    """A scalar operand's value (a literal, or a concrete constant of one element)."""
+    if isinstance(v, jcore.Literal):
+        return v.val
+    consts = dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+    value = consts.get(v)
+    if value is None or isinstance(value, jax.core.Tracer) or np.size(value) != 1:
+        raise _Ineligible("its kernel is combined with data")
+    return np.asarray(value)
+
+
+def _product(closed, var):
+    """``(product, steps, chain)``: the equation of ``closed`` where ``var`` (a kernel), through
+    ``steps`` (:class:`Step`, computed by the equations ``chain``), is the second operand of a
+    product of the data by it as a Flax layer computes it; else :class:`_Ineligible`."""
+    jaxpr, steps, chain = closed.jaxpr, [], []
+    while True:
+        uses = _uses(jaxpr, var)
+        if len(uses) != 1 or uses[0] is None:
+            raise _Ineligible("its kernel is used otherwise than in one product")
+        eqn = uses[0]
+        if eqn.primitive.name not in _STEPS:
+            break
+        position = [i for i, v in enumerate(eqn.invars) if v is var]
+        if len(position) != 1 or (eqn.primitive.name == "div" and position[0] != 0):
+            raise _Ineligible(f"its kernel goes to {eqn.primitive.name}")
+        others = [None if i == position[0] else _constant(closed, v)
+                  for i, v in enumerate(eqn.invars)]
+        steps.append(Step(eqn.primitive, dict(eqn.params), tuple(others), position[0]))
+        chain.append((eqn, position[0]))
+        var = eqn.outvars[0]
+    if len(eqn.invars) < 2 or eqn.invars[1] is not var or eqn.invars[0] is var:
         raise _Ineligible("its kernel is not the product's second operand")
-    x, params = eqn.invars[0].aval, eqn.params
+    x, params, kernel = eqn.invars[0].aval, eqn.params, var.aval
     if eqn.outvars[0].aval.dtype != jax.numpy.result_type(x.dtype, kernel.dtype):
         raise _Ineligible("a product computed in another dtype (preferred_element_type)")
     if eqn.primitive.name == "conv_general_dilated":
@@ -201,38 +476,41 @@ def _product(closed, kernel):
         if tuple(tuple(s) for s in params["dimension_numbers"]) != flax_layout or \
                 any(d != 1 for d in params["lhs_dilation"]) or params["batch_group_count"] != 1:
             raise _Ineligible("a conv in another layout, input-dilated or batch-grouped")
-        return eqn
+        return eqn, tuple(steps), chain
     if eqn.primitive.name == "dot_general":
         (contracted, batched) = params["dimension_numbers"]
         if len(kernel.shape) != 2 or tuple(contracted[0]) != (len(x.shape) - 1,) or \
                 tuple(contracted[1]) != (0,) or any(batched):
             raise _Ineligible("a product of other axes")
-        return eqn
+        return eqn, tuple(steps), chain
     raise _Ineligible(f"its kernel goes to {eqn.primitive.name}")
 
 
-def _layer(eqn, kernel, module: nn.Module) -> nn.Module:
-    """The Flax layer (no bias) computing ``eqn``, bound to ``module``'s own scope; in an init,
-    its kernel is the one the module's ``param`` made."""
-    params = eqn.params
+def _layer(eqn, kernel, module: nn.Module, name: str, steps: tuple) -> nn.Module:
+    """The Flax layer (no bias) computing ``eqn`` with the module's parameter ``name`` as
+    ``steps`` make it, bound to ``module``'s own scope; in an init, its kernel is the one the
+    module's ``param`` made."""
+    params, shape = eqn.params, tuple(np.shape(nn.meta.unbox(kernel)))
+    dtype = nn.meta.unbox(kernel).dtype
 
-    def made(key, shape, dtype=None):  # (a pair built in its place inits its own factors)
-        if tuple(shape) == tuple(kernel.shape):
+    def made(key, wanted, wanted_dtype=None):  # (a pair in its place inits its own factors)
+        if tuple(wanted) == shape:
             return kernel
-        return nn.initializers.lecun_normal()(key, shape, dtype or kernel.dtype)
+        return nn.initializers.lecun_normal()(key, wanted, wanted_dtype or dtype)
 
+    renamed = {"stored": name, "steps": steps} if name != _KERNEL or steps else {}
     if eqn.primitive.name == "dot_general":
-        layer = nn.Dense(kernel.shape[1], use_bias=False, param_dtype=kernel.dtype,
-                         precision=params["precision"], kernel_init=made, parent=module.scope)
-        object.__setattr__(layer, _WRITTEN, True)
-        return layer
-    layer = nn.Conv(kernel.shape[-1], tuple(kernel.shape[:-2]),
-                   strides=tuple(params["window_strides"]),
-                   padding=[tuple(int(v) for v in p) for p in params["padding"]],
-                   kernel_dilation=tuple(params["rhs_dilation"]),
-                   feature_group_count=params["feature_group_count"], use_bias=False,
-                   param_dtype=kernel.dtype, precision=params["precision"], kernel_init=made,
-                   parent=module.scope)
+        kind = WrittenDense if renamed else nn.Dense
+        layer = kind(shape[1], use_bias=False, param_dtype=dtype, precision=params["precision"],
+                     kernel_init=made, parent=module.scope, **renamed)
+    else:
+        kind = WrittenConv if renamed else nn.Conv
+        layer = kind(shape[-1], shape[:-2], strides=tuple(params["window_strides"]),
+                     padding=[tuple(int(v) for v in p) for p in params["padding"]],
+                     kernel_dilation=tuple(params["rhs_dilation"]),
+                     feature_group_count=params["feature_group_count"], use_bias=False,
+                     param_dtype=dtype, precision=params["precision"], kernel_init=made,
+                     parent=module.scope, **renamed)
     object.__setattr__(layer, _WRITTEN, True)
     return layer
 

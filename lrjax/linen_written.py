@@ -16,9 +16,11 @@ layout, ``x @ kernel.T + bias`` (Hugging Face's GPT-2 ``FlaxConv1D``): then it r
 ``nn.Einsum("...c,nc->...n")`` over the same variables. The verdict is formed in a thread of its
 own (no interceptor, no trace) and kept per module configuration and input shape. Anything
 else it computes (an activation, a scale) fails (3) and the module runs
-its own code, a fixed cost found by :mod:`lrjax.own_code`. A layer split on its one-array call
-and then called with other arguments (``layer(x, train=True)``) raises ``ValueError`` naming
-it: its own code would need the kernel it no longer has.
+its own code, its product found by :mod:`lrjax.linen_products` (or, if it is not one a Flax
+layer computes, by :mod:`lrjax.own_code`, a fixed cost). A layer split on its one-array call
+and then called with other arguments (``layer(x, train=True)``) runs its own code, with its
+product as the pair, or raises ``ValueError`` naming it when that code needs the kernel it no
+longer has (:mod:`lrjax.linen_products`).
 """
 
 from __future__ import annotations
@@ -116,25 +118,11 @@ def _checked(layer: nn.Module, shape: tuple, dtype) -> tuple | None:
     return None
 
 
-def _was_split(module: nn.Module) -> bool:
-    """A written layer whose variables are a pair's (``vertical``, ``horizontal``)."""
-    if type(module).__module__.partition(".")[0] in ("flax", "lrjax") or \
-            not _reads_param(module) or module.scope is None or module.is_initializing():
-        return False
-    params = module.variables.get("params", {})
-    return "kernel" not in params and "vertical" in params and "horizontal" in params
-
-
 def as_dense(next_fun, args, kwargs, context):
     """A method interceptor: a written dense layer's ``__call__`` as ``nn.Dense`` in its own
     scope (conditions above); every other call as it is."""
     module = context.module
     x = args[0] if len(args) == 1 else None
-    if context.method_name == "__call__" and (kwargs or x is None) and _was_split(module):
-        raise ValueError(f"layer {'/'.join(module.scope.path)!r} was split as the dense layer "
-                         "its one-array call computes; called with other arguments "
-                         f"({len(args)} positional, keywords {sorted(kwargs)}), its own code "
-                         "would need the kernel it no longer has: call it as it was decomposed")
     if context.method_name != "__call__" or kwargs or \
             x is None or not hasattr(x, "shape") or not getattr(x, "ndim", 0) or \
             not jnp.issubdtype(getattr(x, "dtype", np.int32), jnp.floating) or \

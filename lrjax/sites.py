@@ -101,8 +101,10 @@ class ConvSite:
         iteration's matrix a group: ``shape`` holds ``stack`` times the channels), so a rank
         counts every iteration's intermediate channels, as a grouped conv's counts every
         group's, and one rank per iteration is shared by all of them.
-      written: a product a module's own code computes with a ``kernel`` it declares in
-        ``setup``, run as this layer (:mod:`lrjax.linen_products`).
+      written: a product a module's own code computes with a parameter it declares, run as
+        this layer (:mod:`lrjax.linen_products`).
+      kernel_name: the name of the variable holding the layer's kernel in its scope (a written
+        product's: its module's parameter, e.g. ``"weight"``).
       share: for a layer left as it is whose work was counted in the traced pass (a product
         the model's own code computes, :mod:`lrjax.own_code`), its share of the whole net's
         multiply-adds; ``None`` otherwise.
@@ -124,6 +126,7 @@ class ConvSite:
     nd_geometry: tuple | None = None
     share: float | None = None
     written: bool = False
+    kernel_name: str = "kernel"
 
     @property
     def candidate(self) -> bool:

@@ -69,11 +69,15 @@ def used_parameters(layer: nn.Module, params: Mapping[str, Any]) -> dict:
     stored ``params``: the weights its computation uses, for a subclass that redefines
     ``param`` (BiT's weight-standardized ``StdConv``). Read inside the layer's ``__call__``
     (intercepted; the layer itself does not run)."""
+    stored = {"kernel": linen_products.kernel_name(layer), "bias": "bias"}  # (a written one's)
+
     def read(next_fun, args, kwargs, context):
         if context.method_name != "__call__":  # the subclass's own param, wrapped by Flax
             return next_fun(*args, **kwargs)
-        return {name: context.module.param(name, lambda *_, v=v: v, np.shape(v), v.dtype)
-                for name, v in params.items() if name in ("kernel", "bias")}
+        return {name: context.module.param(name, lambda *_, v=params[key]: v,
+                                           np.shape(params[key]), params[key].dtype)
+                for name, key in stored.items() if key in params and
+                (name == "kernel" or getattr(layer, "use_bias", True))}
 
     with nn.intercept_methods(read):
         return layer.apply({"params": dict(params)}, jnp.zeros((1,)))
@@ -191,14 +195,16 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                     if isinstance(module, nn.Einsum) else None
                 found[path] = _site(path, module, layer_input(args, kwargs), equation)
                 if linen_products.is_written_layer(module):  # a module's own product
-                    found[path] = dataclasses.replace(found[path], written=True)
+                    found[path] = dataclasses.replace(
+                        found[path], written=True, kernel_name=linen_products.kernel_name(module))
 
     shapes = _flat(abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
     found.update(_reading_their_kernels(model, example_args, example_kwargs, {
         p: (found[p], name) for p, name in delegated.items() if found[p].candidate}))
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(shapes.get((*variable_key(site.path), "kernel")), "shape", None)), batch)
+        site, getattr(shapes.get((*variable_key(site.path), site.kernel_name)), "shape", None)),
+        batch)
         for site in found.values()]
 
 
@@ -373,7 +379,7 @@ class _Kernels(Mapping):
     def __init__(self, flat, candidates):
         self._flat, self._sites, self._arrays, self._done = flat, {}, {}, {}
         for s in candidates:
-            key = ("params", *variable_key(s.path), "kernel")
+            key = ("params", *variable_key(s.path), s.kernel_name)
             if key not in flat:
                 raise ValueError(f"variables have no kernel for layer {s.path!r} "
                                  f"({'/'.join(key)})")
@@ -448,11 +454,12 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
     for path, rank in chosen.items():
         factors[path] = problem.factors(path, rank)
         prefix = ("params", *variable_key(path))
-        if problem.site(path).parametrization is not None and (*prefix, "bias") in out:
-            out[(*prefix, "bias")] = _site_parameters(flat, problem.site(path))["bias"]
-        bias = out.pop((*prefix, "bias"), None) if problem.site(path).shape.use_bias else None
+        site = problem.site(path)
+        bias = out.pop((*prefix, "bias"), None) if site.shape.use_bias else None
         # (a product written by hand has no bias of its own: the module's stays the module's)
-        del out[(*prefix, "kernel")]
+        if site.parametrization is not None and bias is not None:
+            bias = _site_parameters(flat, site)["bias"]
+        del out[(*prefix, site.kernel_name)]
         vertical, horizontal = problem.site(path).factor_variables(factors[path])
         out[(*prefix, "vertical", "kernel")] = vertical
         out[(*prefix, "horizontal", "kernel")] = horizontal

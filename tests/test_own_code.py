@@ -1,8 +1,9 @@
-"""Layers written by hand: a module that multiplies the data by its own parameters
-(``lax.conv_general_dilated(x, self.param(...))`` as StyleGAN2's equalized-learning-rate layers
-do, ``x @ w``) is seen in the traced forward pass and listed as left as it is, with the reason,
-linen and NNX; products that are not weights times data (attention's q·k, a fixed filter) are
-not listed."""
+"""Layers written by hand that lrjax cannot run as a Flax layer: a module that multiplies the
+data by its own parameters in a form no Flax layer computes (a PyTorch port's ``OIHW`` conv, a
+parameter of a module that holds layers too) is seen in the traced forward pass and listed as
+left as it is, with the reason, linen and NNX; products that are not weights times data
+(attention's q·k, a fixed filter) are not listed. (A product a Flax layer computes is split:
+:mod:`lrjax.linen_products`.)"""
 
 import flax.linen as nn
 import jax
@@ -19,15 +20,17 @@ X = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
 
 
 class ScaledConv(nn.Module):
-    """A conv as StyleGAN2 writes it: a raw parameter, scaled at run time, then lax."""
+    """A conv as a PyTorch port writes it: a raw ``(out, in, kh, kw)`` parameter, scaled at run
+    time (StyleGAN2's equalized learning rate), then lax in the ``OIHW`` layout, which no Flax
+    layer computes."""
     features: int
 
     @nn.compact
     def __call__(self, x):
-        w = self.param("weight", nn.initializers.normal(1.0), (3, 3, x.shape[-1], self.features))
+        w = self.param("weight", nn.initializers.normal(1.0), (self.features, x.shape[-1], 3, 3))
         w = w * (1 / np.sqrt(9 * x.shape[-1]))
         return jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                            dimension_numbers=("NHWC", "OIHW", "NHWC"))
 
 
 class Blur(nn.Module):

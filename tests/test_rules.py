@@ -441,14 +441,15 @@ def test_out_of_reach_names_the_layers_left_as_they_are():
 
 
 class WrittenConv(nn.Module):
-    """A conv written by hand (a raw parameter in ``lax.conv_general_dilated``): a fixed cost."""
+    """A conv written by hand in PyTorch's layout (a raw ``(out, in, kh, kw)`` parameter in
+    ``lax.conv_general_dilated``, which no Flax layer computes): a fixed cost."""
     features: int
 
     @nn.compact
     def __call__(self, x):
-        w = self.param("w", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        w = self.param("w", nn.initializers.lecun_normal(), (self.features, x.shape[-1], 3, 3))
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                            dimension_numbers=("NHWC", "OIHW", "NHWC"))
 
 
 class TwoWrittenConvs(nn.Module):

@@ -1,8 +1,8 @@
 """Dense layers written by hand in linen (:mod:`lrjax.linen_written`): a module of the user's own
 computing ``x @ kernel + bias`` with its own ``self.param`` runs as ``nn.Dense`` over the same
 variables (``x @ kernel.T + bias``, PyTorch's ``(out, in)`` layout, as an ``nn.Einsum``), so it is
-found, costed, calibrated and split as one; a module computing anything else (an activation)
-runs its own code, a fixed cost (one declaring its kernel in ``setup``: :mod:`lrjax.linen_products`)."""
+found, costed, calibrated and split as one; a module computing anything else (an activation) runs
+its own code around its product (:mod:`lrjax.linen_products`)."""
 
 import flax.linen as nn
 import jax
@@ -116,9 +116,9 @@ def test_written_dense_layers_are_found_and_split_as_dense_layers(net):
     model, variables, x = net
     sites = {s.path: s for s in surgery.find_convs(model, x)}
     assert sorted(p for p, s in sites.items() if s.candidate) == [
-        "Conv_0", "bf16", "conv1d", "fc1", "fc2", "fc3", "head", "torch"]
-    assert sites["fc2"].written and not sites["fc1"].written
-    assert "act" not in sites  # its own code: a fixed cost
+        "Conv_0", "act", "bf16", "conv1d", "fc1", "fc2", "fc3", "head", "torch"]
+    # its own code around its product (a tanh): the product as an nn.Dense without bias
+    assert sites["fc2"].written and sites["act"].written and not sites["fc1"].written
     result = lrjax.decompose_linen(model, variables, x, rule={
         "fc1": 8, "fc3": 8, "bf16": 8, "torch": 8, "conv1d": 8})
     assert {p: result.report.kinds[p] for p in result.ranks} == dict.fromkeys(
@@ -132,9 +132,8 @@ def test_written_dense_layers_are_found_and_split_as_dense_layers(net):
     assert shapes["torch"] == {"vertical": {"kernel": (48, 8)}, "horizontal": {"kernel": (8, 48)}}
     assert shapes["conv1d"] == {"vertical": {"kernel": (48, 8)},
                                 "horizontal": {"kernel": (8, 40), "bias": (40,)}}
-    assert shapes["act"] == {"kernel": (48, 48), "bias": (48,)}  # left as they are
-    left = "\n".join(result.report.table().splitlines())
-    assert "left as is: act" in left and "left as is: fc2" not in left
+    assert shapes["act"] == {"kernel": (48, 48), "bias": (48,)}  # not chosen: as they are
+    assert "left as is" not in result.report.table()
 
 
 def test_full_rank_written_pairs_reproduce_the_model(net):
@@ -189,5 +188,5 @@ def test_a_split_written_layer_called_otherwise_is_a_clear_error():
     variables = model.init(jax.random.key(1), x)
     result = lrjax.decompose_linen(model, variables, x, rule={"clipped": 4})
     result.module.apply(result.variables, x)
-    with pytest.raises(ValueError, match="'clipped' was split as the dense layer"):
+    with pytest.raises(ValueError, match="'clipped' was split as the product of its kernel"):
         result.module.apply(result.variables, x, train=True)

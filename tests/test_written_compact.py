@@ -1,0 +1,198 @@
+"""Products written by hand in compact linen modules, under any parameter name
+(:mod:`lrjax.linen_products`): flaxmodels' StyleGAN2 layers (``self.param("weight", ...)``
+scaled by a constant, the equalized learning rate, then ``lax.conv_general_dilated`` or
+``jnp.matmul``, a bias, an activation) and score_sde's ``NIN`` (``W``, ``b``, an einsum) are
+split as the Flax layers their products are; the scale is a re-parametrization the closed form
+factors (the pair computes with the scaled kernel). A kernel normalized by its norm, or in a
+layout no Flax layer computes, stays the module's own product."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrjax
+from lrjax import export, linen_cells, surgery
+from tests.helpers import init
+
+
+def _leaky(x):
+    return jnp.where(x >= 0, x, 0.2 * x) * np.sqrt(2.0)
+
+
+class EqualizedConv(nn.Module):
+    """StyleGAN2's ``DiscriminatorLayer`` as written: a unit-variance ``weight`` scaled at run
+    time by ``lr_multiplier / sqrt(fan_in)``, cast, a conv (strided when it downsamples), its
+    bias scaled too, a leaky ReLU."""
+    fmaps: int
+    kernel: int = 3
+    down: bool = False
+    lr_multiplier: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (self.kernel, self.kernel, x.shape[-1], self.fmaps)
+        w = self.param("weight", nn.initializers.normal(1.0 / self.lr_multiplier), shape)
+        b = self.param("bias", nn.initializers.normal(0.1), (self.fmaps,))
+        w = w * (self.lr_multiplier / np.sqrt(np.prod(shape[:-1])))
+        x = jax.lax.conv_general_dilated(
+            x, w.astype(x.dtype), (2, 2) if self.down else (1, 1), "SAME",
+            dimension_numbers=nn.linear._conv_dimension_numbers(x.shape))
+        return _leaky(x + (b * self.lr_multiplier).astype(x.dtype))
+
+
+class EqualizedLinear(nn.Module):
+    """StyleGAN2's ``LinearLayer``: ``jnp.matmul`` of the scaled weight, bias, a constant."""
+    features: int
+    lr_multiplier: float = 0.01
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.normal(1.0 / self.lr_multiplier),
+                       (x.shape[-1], self.features))
+        x = jnp.matmul(x, (w * (self.lr_multiplier / np.sqrt(x.shape[-1]))).astype(x.dtype))
+        b = self.param("bias", nn.initializers.normal(10.0), (self.features,))
+        return _leaky(x + b * self.lr_multiplier + 0.5)
+
+
+class NIN(nn.Module):
+    """score_sde's ``NIN``: ``W`` and ``b``, contracted by an einsum over the channels."""
+    num_units: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("W", nn.initializers.lecun_normal(), (x.shape[-1], self.num_units))
+        b = self.param("b", nn.initializers.normal(0.1), (self.num_units,))
+        return jnp.einsum("bhwc,cn->bhwn", x, w) + b
+
+
+class Normalized(nn.Module):
+    """A kernel divided by its own norm (weight normalization written by hand): no Flax layer
+    computes that, its own product stays, listed."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.lecun_normal(), (x.shape[-1], x.shape[-1]))
+        return x @ (w / jnp.linalg.norm(w, axis=0))
+
+
+class Discriminator(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = EqualizedConv(16, kernel=1, name="fromrgb")(x)
+        x = EqualizedConv(16, name="conv0")(x)
+        x = EqualizedConv(32, down=True, name="down")(x)
+        x = x + NIN(32, name="nin")(x)
+        x = EqualizedConv(32, name="conv1")(x).mean((1, 2))
+        x = Normalized(name="normalized")(x)
+        x = EqualizedLinear(32, name="fc")(x)
+        return EqualizedLinear(1, lr_multiplier=1.0, name="out")(x)
+
+
+X = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+WRITTEN = {"fromrgb": "1x1", "conv0": "kxk", "down": "kxk", "nin": "dense", "conv1": "kxk",
+           "fc": "dense", "out": "dense"}
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = Discriminator()
+    return model, init(model, 1, X)
+
+
+def _lowered(model, variables):
+    """XLA's count of the forward pass, lowered, the variables its arguments (closed over, the
+    scaling of constant weights would be left out of the count)."""
+    return jax.jit(model.apply).lower(variables, X).cost_analysis()["flops"]
+
+
+def test_written_products_under_any_name_are_found_and_init_as_written(net):
+    model, variables = net
+    found = {s.path: s for s in surgery.find_convs(model, X)}
+    assert {p: s.kind for p, s in found.items() if s.candidate} == WRITTEN
+    assert all(found[p].written for p in WRITTEN) and found["nin"].kernel_name == "W"
+    assert found["conv0"].kernel_name == "weight" and found["conv0"].parametrization is not None
+    assert found["down"].shape.strides == (2, 2) and not found["down"].shape.use_bias
+    with linen_cells.as_sublayers():  # the module's own variables, from the same keys
+        under = init(model, 1, X)
+    jax.tree.map(np.testing.assert_array_equal, under, variables)
+
+
+def test_full_rank_pairs_factor_the_scaled_kernels(net):
+    model, variables = net
+    full = {"fromrgb": 3, "conv0": 48, "down": 48, "nin": 32, "conv1": 96, "fc": 32, "out": 1}
+    result = lrjax.decompose_linen(model, variables, X, rule=full)
+    shapes = jax.tree.map(jnp.shape, result.variables["params"])
+    assert shapes["conv0"] == {"bias": (16,), "vertical": {"kernel": (3, 1, 16, 48)},
+                               "horizontal": {"kernel": (1, 3, 48, 16)}}
+    assert shapes["nin"] == {"b": (32,), "vertical": {"kernel": (32, 32)},
+                             "horizontal": {"kernel": (32, 32)}}
+    np.testing.assert_allclose(result.module.apply(result.variables, X),
+                               model.apply(variables, X), rtol=1e-4, atol=1e-5)
+    # the pair computes with the kernel as scaled: its product is the scaled kernel's
+    w = variables["params"]["fc"]["weight"] * (0.01 / np.sqrt(32))
+    pair = result.variables["params"]["fc"]
+    np.testing.assert_allclose(pair["vertical"]["kernel"] @ pair["horizontal"]["kernel"], w,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(net, tmp_path):
+    model, variables = net
+    calibration = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
+    free = lrjax.decompose_linen(model, variables, X, rule="speedup:2")
+    fitted = lrjax.decompose_linen(model, variables, X, rule="speedup:2",
+                                   calibration=calibration)
+    for result in (free, fitted):  # (the scaling each call does counts as the layer's work)
+        assert len(set(result.ranks) & set(WRITTEN)) >= 2
+        assert result.report.speedup == pytest.approx(
+            _lowered(model, variables) / _lowered(result.module, result.variables), rel=1e-6)
+        assert "left as is: normalized: its own code" in result.report.table()
+    done = export.to_onnx(fitted.module, fitted.variables, X, str(tmp_path / "d.onnx"))
+    assert done.checked_batches == (2, 3) and done.max_abs_error <= 1e-5 * max(1.0, done.scale)
+    lrjax.save_decomposed(str(tmp_path / "saved"), fitted)
+    module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
+    np.testing.assert_array_equal(module.apply(loaded, X),
+                                  fitted.module.apply(fitted.variables, X))
+
+
+class Clipped(nn.Module):
+    """Its kernel clipped when trained: the inference call's product is a dense layer's."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 16))
+        return jnp.tanh(x @ (jnp.clip(w, -0.1, 0.1) if train else w))
+
+
+class Holder(nn.Module):
+    """A parameter next to a layer of its own, and dropout drawing a key: runs as written."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 16))
+        x = nn.Dropout(0.5, deterministic=not train)(x @ w)
+        return nn.Dense(16)(x)
+
+
+class Trained(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return Holder(name="holder")(Clipped(name="clipped")(x, train=train), train=train)
+
+
+def test_other_calls_run_as_written_or_fail_naming_the_layer():
+    x, model = jax.random.normal(jax.random.key(3), (4, 24)), Trained()
+    variables = init(model, 0, x)
+    found = {s.path: s for s in surgery.find_convs(model, x)}
+    assert found["clipped"].written and not found["holder/Dense_0"].written
+    with linen_cells.as_sublayers():  # a training call draws its dropout key as written
+        train = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(5)})
+    np.testing.assert_array_equal(
+        train, model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(5)}))
+    result = lrjax.decompose_linen(model, variables, x, rule={"clipped": 4})
+    assert "holder" in result.report.skipped  # its own product, listed
+    result.module.apply(result.variables, x)
+    with pytest.raises(ValueError, match=r"'clipped' was split as the product of its kernel that "
+                                         r"its code computes, but its call no longer traces so"):
+        result.module.apply(result.variables, x, train=True, rngs={"dropout": jax.random.key(5)})
