@@ -154,9 +154,14 @@ def runs_as_layer(module: nn.Module) -> bool:
     return _STATE in module.__dict__ or (_eligible(module) and _compact(type(module)))
 
 
-def _split_in(module: nn.Module) -> bool:
+def _has_pair(module: nn.Module) -> bool:
     params = module.variables.get("params", {}) if module.scope is not None else {}
-    return _KERNEL not in params and all(p in params for p in _PAIR)
+    return all(p in params for p in _PAIR)
+
+
+def _split_in(module: nn.Module) -> bool:
+    """A ``setup`` module whose variables hold a pair instead of its ``kernel``."""
+    return _has_pair(module) and _KERNEL not in module.variables.get("params", {})
 
 
 def _kernel(module: nn.Module, init_fn, init_args, init_kwargs):
@@ -212,9 +217,10 @@ def _compact_param(module, hook, name, init_fn, init_args, init_kwargs, unbox):
     scope = module.scope
     if scope.has_variable("params", name):
         value = scope.get_variable("params", name)
-    elif module.is_initializing():  # as Flax's param makes it: the same stream of keys
+    elif module.is_initializing():  # as Flax's param makes and stores it (same keys)
         value = init_fn(module.make_rng("params"), *init_args, **init_kwargs)
-    elif given is not None and _split_in(module):  # the split kernel (one only: _traced)
+        scope.put_variable("params", name, value)  # (its own code may read self.variables)
+    elif given is not None and _has_pair(module):  # the split kernel (one only: _traced)
         value = _placeholder(module, init_fn, init_args, init_kwargs)
     else:
         return nn.Module.param(module, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
@@ -342,11 +348,10 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     """A compact module's call with its product as a Flax layer (or as written)."""
     arrays, rebuild = _dynamic(args, kwargs)
     made, out = {}, None
-    if module.is_initializing():  # as written, its parameters made but not stored
+    if module.is_initializing():  # as written, its parameters made, stored, not reserved
         with _swapped(module, (made, None)):
             out = next_fun(*args, **kwargs)
-        if not made or module.variables:  # nothing declared, or it holds a submodule
-            _stored(module, made)
+        if not made or _own_params(module) is None:  # nothing declared, or a submodule
             return out
         given = {n: nn.meta.unbox(v) for n, v in made.items()}
     else:
@@ -354,7 +359,7 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
         if own is None:
             return next_fun(*args, **kwargs)
         given = {n: nn.meta.unbox(v) for n, v in own.items() if n not in _PAIR}
-    split = not module.is_initializing() and _split_in(module)
+    split = not module.is_initializing() and _has_pair(module)
     names = list(given)
 
     def body(values, *arrays):
@@ -378,14 +383,13 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
             raise _no_longer(module, e) from None
-        if out is not None:
-            _stored(module, made)
-            return out
-        return next_fun(*args, **kwargs)
+        return out if out is not None else next_fun(*args, **kwargs)
     name, product = found
-    _stored(module, {n: v for n, v in made.items() if n != name})
-    return _run_as_layer(module, closed, shapes, [given[n] for n in names] + list(arrays),
-                         product, name, made.get(name, given[name]))
+    result = _run_as_layer(module, closed, shapes, [given[n] for n in names] + list(arrays),
+                           product, name, made.get(name, given[name]))
+    if made and _has_pair(module):  # an init of a decomposed model: its pair, not the kernel
+        module.scope._mutable_collection("params").pop(name, None)  # (Flax deletes nothing)
+    return result
 
 
 def _one_product(closed, names):

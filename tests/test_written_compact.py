@@ -196,3 +196,32 @@ def test_other_calls_run_as_written_or_fail_naming_the_layer():
     with pytest.raises(ValueError, match=r"'clipped' was split as the product of its kernel that "
                                          r"its code computes, but its call no longer traces so"):
         result.module.apply(result.variables, x, train=True, rngs={"dropout": jax.random.key(5)})
+
+
+class Quantizer(nn.Module):
+    """MAGVIT's vector quantizer: declares its codebook, then reads it back through
+    ``self.variables`` in a helper (in an init too), and multiplies by it twice: its own."""
+
+    @nn.compact
+    def __call__(self, x):
+        self.param("codebook", nn.initializers.normal(1.0), (8, x.shape[-1]))
+        codebook = self.variables["params"]["codebook"]
+        codes = jnp.argmin(-2 * x @ codebook.T + jnp.sum(codebook ** 2, axis=1), axis=-1)
+        return jnp.take(codebook, codes, axis=0) + 0 * (x @ codebook.T).sum()
+
+
+class Coded(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Quantizer(name="quantizer")(EqualizedLinear(24, name="fc")(x))
+
+
+def test_a_module_reading_its_own_variables_runs_as_written():
+    x, model = jax.random.normal(jax.random.key(3), (4, 24)), Coded()
+    variables = init(model, 0, x)
+    with linen_cells.as_sublayers():  # (its parameters stored as they are made)
+        jax.tree.map(np.testing.assert_array_equal, init(model, 0, x), variables)
+    result = lrjax.decompose_linen(model, variables, x, rule={"fc": 4})
+    assert "quantizer" in result.report.skipped and result.ranks == {"fc": 4}
+    assert jax.tree.map(jnp.shape, result.variables["params"]["fc"]) == {
+        "bias": (24,), "vertical": {"kernel": (24, 4)}, "horizontal": {"kernel": (4, 24)}}
