@@ -20,15 +20,18 @@ a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax'
   multiplications and divisions by constants and casts (:class:`Step`), is the second operand
   of a ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``; any strides,
   explicit padding, dilation and feature groups; no input dilation) or of a ``dot_general``
-  contracting the data's last axis with its first, the traced program is replayed with that
-  product computed by an ``nn.Conv`` (``nn.Dense``) without bias bound to the module's own
-  scope. Its kernel is the module's parameter (:class:`WrittenConv` / :class:`WrittenDense`
-  when it has another name or is scaled: the layer reads it under its own name and computes
-  with it scaled, a re-parametrization the closed form factors as it factors BiT's
-  standardized kernels), and lrjax finds, costs, calibrates and splits it as that layer, named
-  by the module's path, its pair's variables ``vertical/kernel`` and ``horizontal/kernel`` in
-  the module's scope next to the module's other variables (its bias stays its own). The rest
-  of the module's code runs as written, on the layer's output.
+  contracting the data's last axes with its first ones (t5x's and MaxText's ``DenseGeneral``:
+  a ``(embed, heads, head_dim)`` kernel), the traced program is replayed with that product
+  computed by an ``nn.Conv`` (``nn.Dense``, ``nn.DenseGeneral``) without bias bound to the
+  module's own scope. Its kernel is the module's parameter (:class:`WrittenConv`,
+  :class:`WrittenDense`, :class:`WrittenDenseGeneral` when it has another name or is scaled:
+  the layer reads it under its own name and computes with it scaled, a re-parametrization the
+  closed form factors as it factors BiT's standardized kernels), and lrjax finds, costs,
+  calibrates and splits it as that layer, named by the module's path, its pair's variables
+  ``vertical/kernel`` and ``horizontal/kernel`` in the module's scope next to the module's
+  other variables (its bias stays its own). The rest of the module's code runs as written, on
+  the layer's output. A compact call found to hold no such product (a norm's, a layer
+  scale's) runs as written at once the next times it is made alike.
 
 A kernel used in any other way (transposed, multiplied by data, in two products) leaves the
 module as it is: its products are its own, a fixed cost (:mod:`lrjax.own_code`); a decomposed
@@ -52,7 +55,7 @@ from jax.extend import core as jcore
 from lrjax import replay
 
 __all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name", "check_unread",
-           "Step", "WrittenConv", "WrittenDense"]
+           "Step", "WrittenConv", "WrittenDense", "WrittenDenseGeneral"]
 
 _KERNEL = "kernel"
 _STATE = "_lrjax_written_kernel"  # (kernel value, is a placeholder) set on the module by setup
@@ -63,6 +66,7 @@ _HOOKED: dict[type, type] = {}
 _RUNNING: set[int] = set()  # the modules whose setup or call this interceptor is running
 _UNSPLIT = "lrjax_split_kernel:"  # the scope of a split module's kernel placeholder
 _PAIR = ("vertical", "horizontal")
+_AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) holding no product
 _STEPS = ("mul", "div", "convert_element_type", "copy", "copy_p")
 
 
@@ -102,6 +106,15 @@ class WrittenDense(nn.Dense):
     param = _written_param
 
 
+class WrittenDenseGeneral(nn.DenseGeneral):
+    """``nn.DenseGeneral`` whose kernel is its module's parameter ``stored`` as ``steps`` make
+    it."""
+    stored: str = _KERNEL
+    steps: tuple = ()
+
+    param = _written_param
+
+
 class WrittenConv(nn.Conv):
     """``nn.Conv`` whose kernel is its module's parameter ``stored`` as ``steps`` make it."""
     stored: str = _KERNEL
@@ -113,8 +126,8 @@ class WrittenConv(nn.Conv):
 def kernel_name(layer: nn.Module) -> str:
     """The name of the variable holding ``layer``'s kernel in its scope (a written product's:
     its module's parameter)."""
-    return getattr(layer, "stored", _KERNEL) if isinstance(layer, (WrittenDense, WrittenConv)) \
-        else _KERNEL
+    return getattr(layer, "stored", _KERNEL) if isinstance(
+        layer, (WrittenDense, WrittenDenseGeneral, WrittenConv)) else _KERNEL
 
 
 @functools.cache
@@ -344,8 +357,27 @@ def _own_params(module: nn.Module) -> dict | None:
     return params if not nested or (nested == set(_PAIR) and _KERNEL not in params) else None
 
 
+def _call_key(module: nn.Module, args, kwargs):
+    """What a compact call's trace depends on: the module's class and configuration, its
+    arguments' shapes and dtypes and its static arguments (``None``: not hashable)."""
+    try:
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        key = (type(module), repr(module.clone(parent=None)), str(treedef), tuple(
+            (tuple(a.shape), str(a.dtype)) if isinstance(a, (jax.Array, np.ndarray)) else a
+            for a in leaves))
+        hash(key)
+        return key
+    except Exception:  # noqa: BLE001 - traced every time
+        return None
+
+
 def _compact_call(module: nn.Module, next_fun, args, kwargs):
-    """A compact module's call with its product as a Flax layer (or as written)."""
+    """A compact module's call with its product as a Flax layer (or as written, at once when
+    the same call was found to hold none: a norm's, a layer scale's)."""
+    split = not module.is_initializing() and _has_pair(module)
+    key = _call_key(module, args, kwargs)
+    if key is not None and key in _AS_WRITTEN and not split:
+        return next_fun(*args, **kwargs)
     arrays, rebuild = _dynamic(args, kwargs)
     made, out = {}, None
     if module.is_initializing():  # as written, its parameters made, stored, not reserved
@@ -359,7 +391,6 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
         if own is None:
             return next_fun(*args, **kwargs)
         given = {n: nn.meta.unbox(v) for n, v in own.items() if n not in _PAIR}
-    split = not module.is_initializing() and _has_pair(module)
     names = list(given)
 
     def body(values, *arrays):
@@ -383,6 +414,8 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
             raise _no_longer(module, e) from None
+        if key is not None:
+            _AS_WRITTEN.add(key)
         return out if out is not None else next_fun(*args, **kwargs)
     name, product = found
     result = _run_as_layer(module, closed, shapes, [given[n] for n in names] + list(arrays),
@@ -481,10 +514,12 @@ def _product(closed, var):
                 any(d != 1 for d in params["lhs_dilation"]) or params["batch_group_count"] != 1:
             raise _Ineligible("a conv in another layout, input-dilated or batch-grouped")
         return eqn, tuple(steps), chain
-    if eqn.primitive.name == "dot_general":
+    if eqn.primitive.name == "dot_general":  # the data's last k axes with the kernel's first k
         (contracted, batched) = params["dimension_numbers"]
-        if len(kernel.shape) != 2 or tuple(contracted[0]) != (len(x.shape) - 1,) or \
-                tuple(contracted[1]) != (0,) or any(batched):
+        k = len(contracted[0])
+        if not 0 < k < len(kernel.shape) or any(batched) or \
+                tuple(contracted[0]) != tuple(range(len(x.shape) - k, len(x.shape))) or \
+                tuple(contracted[1]) != tuple(range(k)):
             raise _Ineligible("a product of other axes")
         return eqn, tuple(steps), chain
     raise _Ineligible(f"its kernel goes to {eqn.primitive.name}")
@@ -503,10 +538,16 @@ def _layer(eqn, kernel, module: nn.Module, name: str, steps: tuple) -> nn.Module
         return nn.initializers.lecun_normal()(key, wanted, wanted_dtype or dtype)
 
     renamed = {"stored": name, "steps": steps} if name != _KERNEL or steps else {}
-    if eqn.primitive.name == "dot_general":
+    if eqn.primitive.name == "dot_general" and len(shape) == 2:
         kind = WrittenDense if renamed else nn.Dense
         layer = kind(shape[1], use_bias=False, param_dtype=dtype, precision=params["precision"],
                      kernel_init=made, parent=module.scope, **renamed)
+    elif eqn.primitive.name == "dot_general":  # (t5x's and MaxText's DenseGeneral)
+        k = len(params["dimension_numbers"][0][0])
+        kind = WrittenDenseGeneral if renamed else nn.DenseGeneral
+        layer = kind(shape[k:], axis=tuple(range(-k, 0)), use_bias=False, param_dtype=dtype,
+                     precision=params["precision"], kernel_init=made, parent=module.scope,
+                     **renamed)
     else:
         kind = WrittenConv if renamed else nn.Conv
         layer = kind(shape[-1], shape[:-2], strides=tuple(params["window_strides"]),

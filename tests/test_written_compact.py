@@ -225,3 +225,81 @@ def test_a_module_reading_its_own_variables_runs_as_written():
     assert "quantizer" in result.report.skipped and result.ranks == {"fc": 4}
     assert jax.tree.map(jnp.shape, result.variables["params"]["fc"]) == {
         "bias": (24,), "vertical": {"kernel": (24, 4)}, "horizontal": {"kernel": (4, 24)}}
+
+
+class DenseGeneral(nn.Module):
+    """t5x's ``DenseGeneral`` as written: a kernel of the contracted axes then the features
+    (``(embed, heads, head_dim)``, or ``(heads, head_dim, embed)`` out of attention), cast,
+    ``lax.dot_general`` of the data's last axes with its first."""
+    features: tuple
+    axis: tuple = (-1,)
+
+    @nn.compact
+    def __call__(self, inputs):
+        axis = tuple(a % inputs.ndim for a in self.axis)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            tuple(inputs.shape[a] for a in axis) + tuple(self.features))
+        return jax.lax.dot_general(inputs, jnp.asarray(kernel, jnp.float32),
+                                   ((axis, tuple(range(len(axis)))), ((), ())))
+
+
+class Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        q, k, v = (DenseGeneral((4, 16), name=n)(x) for n in ("query", "key", "value"))
+        weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0)
+        return DenseGeneral((64,), axis=(-2, -1), name="out")(
+            jnp.einsum("bhqk,bkhd->bqhd", weights, v))
+
+
+def test_hand_written_general_dense_layers_split_as_dense_general():
+    x, model = jax.random.normal(jax.random.key(0), (2, 10, 64)), Attention()
+    variables = init(model, 1, x)
+    found = {s.path: s.dense_dims for s in surgery.find_convs(model, x) if s.candidate}
+    assert found == {"query": ((64,), (4, 16)), "key": ((64,), (4, 16)),
+                     "value": ((64,), (4, 16)), "out": ((4, 16), (64,))}
+    full = lrjax.decompose_linen(model, variables, x, rule=dict.fromkeys(found, 64))
+    assert jax.tree.map(jnp.shape, full.variables["params"]["out"]) == {
+        "vertical": {"kernel": (4, 16, 64)}, "horizontal": {"kernel": (64, 64)}}
+    np.testing.assert_allclose(full.module.apply(full.variables, x), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-6)
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5",
+                                   calibration=jax.random.normal(jax.random.key(3), (8, 10, 64)))
+    lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
+               for m, v in ((model, variables), (result.module, result.variables))]
+    assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
+
+
+class Scale(nn.Module):
+    """A layer scale: a parameter, no product."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x * self.param("gamma", nn.initializers.constant(0.1), (x.shape[-1],))
+
+
+class Scaled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(6):
+            x = Scale()(nn.Dense(8)(x))
+        return x
+
+
+def test_a_call_holding_no_product_is_traced_once_per_configuration(monkeypatch):
+    """Each compact module's call is traced to look for its product; one found to hold none
+    (a norm's, a layer scale's) runs as written at once the next times (the same class,
+    configuration and argument shapes): six layer scales, every stage of a decomposition, one
+    trace."""
+    from lrjax import linen_products
+    real, traced = linen_products._traced, []
+
+    def counted(fn, *args):
+        traced.append(fn)
+        return real(fn, *args)
+
+    monkeypatch.setattr(linen_products, "_traced", counted)
+    monkeypatch.setattr(linen_products, "_AS_WRITTEN", set())  # nothing seen yet
+    x, model = jax.random.normal(jax.random.key(0), (2, 8)), Scaled()
+    lrjax.decompose_linen(model, init(model, 0, x), x, rule="speedup:1.5")
+    assert len(traced) == 1
