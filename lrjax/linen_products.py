@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 from typing import Any
 
 import flax.linen as nn
@@ -67,7 +66,7 @@ _RUNNING: set[int] = set()  # the modules whose setup or call this interceptor i
 _UNSPLIT = "lrjax_split_kernel:"  # the scope of a split module's kernel placeholder
 _PAIR = ("vertical", "horizontal")
 _AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) holding no product
-_STEPS = ("mul", "div", "convert_element_type", "copy", "copy_p")
+_STEPS = ("mul", "div", "convert_element_type", "copy", "copy_p", "reshape", "squeeze")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,9 +91,17 @@ def _used(kernel, steps):
 
 
 def _written_param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
-    stored = self.stored if name == _KERNEL else name
-    value = nn.Module.param(self, stored, init_fn, *init_args, unbox=unbox, **init_kwargs)
-    return _used(value, self.steps) if name == _KERNEL else value
+    """The layer's kernel: its module's stored parameter (in a shape of its own when the
+    module's code reshapes it, t5x's flattened ``DenseGeneral`` kernel) as ``steps`` make it."""
+    if name != _KERNEL:
+        return nn.Module.param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    if self.scope.has_variable("params", self.stored):  # (always, but in a pair's init)
+        value = self.scope.get_variable("params", self.stored)
+        value = nn.meta.unbox(value) if unbox else value
+    else:
+        value = nn.Module.param(self, self.stored, init_fn, *init_args, unbox=unbox,
+                                **init_kwargs)
+    return _used(value, self.steps)
 
 
 class WrittenDense(nn.Dense):
@@ -130,20 +137,10 @@ def kernel_name(layer: nn.Module) -> str:
         layer, (WrittenDense, WrittenDenseGeneral, WrittenConv)) else _KERNEL
 
 
-@functools.cache
 def _compact(cls: type) -> bool:
-    """A module without ``setup`` whose own code (its ``__call__``, a base class's, a helper
-    method) declares parameters: ``self.param``."""
-    if cls.setup is not nn.Module.setup:
-        return False
-    for klass in cls.__mro__:
-        if klass.__module__.partition(".")[0] in ("flax", "lrjax", "builtins"):
-            continue
-        for value in vars(klass).values():
-            code = getattr(inspect.unwrap(value), "__code__", None) if callable(value) else None
-            if code is not None and "param" in code.co_names:
-                return True
-    return False
+    """A module without ``setup``: its parameters, if any, are declared in its calls (by
+    ``self.param``, or a helper of its codebase: t5x's ``param_with_axes``)."""
+    return cls.setup is nn.Module.setup
 
 
 @functools.cache
@@ -217,7 +214,14 @@ def _hooked(cls: type) -> type:
             object.__setattr__(self, _STATE, (value, made[1]))
             return value
 
-        hooked = type(cls.__name__, (cls,), {"param": param, "__module__": cls.__module__,
+        def sow(self, *args, **kwargs):  # traced: what its run as written sows, it sowed
+            hook = self.__dict__.get(_PARAMS)
+            if hook is not None and hook[1] is not None:
+                return False
+            return super(hooked, self).sow(*args, **kwargs)
+
+        hooked = type(cls.__name__, (cls,), {"param": param, "sow": sow,
+                                             "__module__": cls.__module__,
                                              "__qualname__": cls.__qualname__})
         _HOOKED[cls] = hooked
     return _HOOKED[cls]
@@ -337,6 +341,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
             raise _no_longer(module, e) from None
         _stored(module, {_KERNEL: kernel})
         return next_fun(*args, **kwargs)
+    _stored(module, {_KERNEL: kernel})  # (in an init: the layer reads it)
     return _run_as_layer(module, closed, shapes, arrays, product, _KERNEL, kernel)
 
 
@@ -348,13 +353,14 @@ def _no_longer(module, e) -> ValueError:
 
 def _own_params(module: nn.Module) -> dict | None:
     """A compact module's stored parameters ``{name: value}`` (a split one's pair included),
-    or ``None`` when it holds anything else (a submodule's or another collection's)."""
+    or ``None`` when it holds a submodule's variables (its own in other collections are
+    fine: t5x's ``params_axes``, which its ``param_with_axes`` sows)."""
     held = module.variables
     params = dict(held.get("params", {}))
-    if set(held) - {"params"}:
+    if any(hasattr(v, "items") for c, vs in held.items() if c != "params" for v in vs.values()):
         return None
-    nested = {n for n, v in params.items() if isinstance(v, dict) or hasattr(v, "items")}
-    return params if not nested or (nested == set(_PAIR) and _KERNEL not in params) else None
+    nested = {n for n, v in params.items() if hasattr(v, "items")}
+    return params if not nested or nested == set(_PAIR) else None
 
 
 def _call_key(module: nn.Module, args, kwargs):
@@ -418,11 +424,8 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
             _AS_WRITTEN.add(key)
         return out if out is not None else next_fun(*args, **kwargs)
     name, product = found
-    result = _run_as_layer(module, closed, shapes, [given[n] for n in names] + list(arrays),
-                           product, name, made.get(name, given[name]))
-    if made and _has_pair(module):  # an init of a decomposed model: its pair, not the kernel
-        module.scope._mutable_collection("params").pop(name, None)  # (Flax deletes nothing)
-    return result
+    return _run_as_layer(module, closed, shapes, [given[n] for n in names] + list(arrays),
+                         product, name, made.get(name, given[name]))
 
 
 def _one_product(closed, names):
@@ -456,6 +459,8 @@ def _run_as_layer(module, closed, shapes, inputs, product, name, kernel):
         return [ins[skipped[id(e)]]] if id(e) in skipped else None
 
     outs = replay.run(closed.jaxpr, closed.consts, inputs, rule)
+    if module.is_initializing() and _has_pair(module):  # a decomposed model's init: the pair
+        module.scope._mutable_collection("params").pop(name, None)  # (Flax deletes nothing)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
 
@@ -529,13 +534,12 @@ def _layer(eqn, kernel, module: nn.Module, name: str, steps: tuple) -> nn.Module
     """The Flax layer (no bias) computing ``eqn`` with the module's parameter ``name`` as
     ``steps`` make it, bound to ``module``'s own scope; in an init, its kernel is the one the
     module's ``param`` made."""
-    params, shape = eqn.params, tuple(np.shape(nn.meta.unbox(kernel)))
+    params, shape = eqn.params, tuple(eqn.invars[1].aval.shape)  # (the kernel as used)
     dtype = nn.meta.unbox(kernel).dtype
 
-    def made(key, wanted, wanted_dtype=None):  # (a pair in its place inits its own factors)
-        if tuple(wanted) == shape:
-            return kernel
-        return nn.initializers.lecun_normal()(key, wanted, wanted_dtype or dtype)
+    def made(key, wanted, wanted_dtype=None):  # (a pair in its place inits its own factors;
+        return nn.initializers.lecun_normal()(key, wanted, wanted_dtype or dtype)  # the
+    # layer's own kernel is stored before it runs: _replayed, _compact_param)
 
     renamed = {"stored": name, "steps": steps} if name != _KERNEL or steps else {}
     if eqn.primitive.name == "dot_general" and len(shape) == 2:

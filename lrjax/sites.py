@@ -329,7 +329,8 @@ def unless_stacked(site: ConvSite, kernel_shape) -> ConvSite:
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape
-    if shape == expected:
+    if shape == expected or (site.parametrization is not None and  # reshaped by its code
+                             np.prod(shape) == np.prod(expected)):
         return site
     if shape[1:] == expected and site.parametrization is None:
         return site.restacked(shape[0])

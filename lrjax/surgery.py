@@ -383,7 +383,8 @@ class _Kernels(Mapping):
             if key not in flat:
                 raise ValueError(f"variables have no kernel for layer {s.path!r} "
                                  f"({'/'.join(key)})")
-            s.check_kernel_shape(np.shape(flat[key]))
+            if s.parametrization is None:  # (else the kernel as used is checked: to_hwio)
+                s.check_kernel_shape(np.shape(flat[key]))
             self._sites[s.path], self._arrays[s.path] = s, flat[key]
 
     def __getitem__(self, path):
@@ -550,8 +551,9 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     if problems:  # a bug, not a user error: the two structures are built from the same sites
         raise AssertionError("decomposed variables do not match the low-rank model: "
                              + "; ".join(problems))
-    flat = {k: v if v is None or k not in expected else  # None: a mask; unused: as given
-            sites.device_array(v, expected[k].dtype) for k, v in flat.items()}
+    flat = {k: v if v is None or not hasattr(expected.get(k), "dtype") else  # None: a mask;
+            sites.device_array(v, expected[k].dtype) for k, v in flat.items()}  # unused, or
+    # metadata (t5x's params_axes): as given
     new_variables = traverse_util.unflatten_dict(boxes.reboxed(
         flat, boxed, {p: problem.site(p) for p in factors}))
     if any(problem.site(p).written for p in factors):  # their kernel read elsewhere: an error

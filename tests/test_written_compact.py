@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.linen import partitioning as nn_partitioning
 
 import lrjax
 from lrjax import export, linen_cells, surgery
@@ -228,9 +229,9 @@ def test_a_module_reading_its_own_variables_runs_as_written():
 
 
 class DenseGeneral(nn.Module):
-    """t5x's ``DenseGeneral`` as written: a kernel of the contracted axes then the features
-    (``(embed, heads, head_dim)``, or ``(heads, head_dim, embed)`` out of attention), cast,
-    ``lax.dot_general`` of the data's last axes with its first."""
+    """MaxText's ``DenseGeneral`` as written: a kernel of the contracted axes then the features
+    (``(embed, heads, head_dim)``), cast, ``lax.dot_general`` of the data's last axes with its
+    first."""
     features: tuple
     axis: tuple = (-1,)
 
@@ -243,12 +244,27 @@ class DenseGeneral(nn.Module):
                                    ((axis, tuple(range(len(axis)))), ((), ())))
 
 
+class FlatDenseGeneral(DenseGeneral):
+    """t5x's: the kernel stored flattened to 2-D by ``param_with_axes`` (its axis names sown in
+    ``params_axes``), reshaped to ``(heads, head_dim, embed)`` in its call."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        axis = tuple(a % inputs.ndim for a in self.axis)
+        shape = tuple(inputs.shape[a] for a in axis) + tuple(self.features)
+        flat = (int(np.prod(shape[:len(axis)])), int(np.prod(self.features)))
+        kernel = nn_partitioning.param_with_axes(
+            "kernel", nn.initializers.lecun_normal(), flat, jnp.float32, axes=("joined", "embed"))
+        return jax.lax.dot_general(inputs, jnp.reshape(kernel, shape),
+                                   ((axis, tuple(range(len(axis)))), ((), ())))
+
+
 class Attention(nn.Module):
     @nn.compact
     def __call__(self, x):
         q, k, v = (DenseGeneral((4, 16), name=n)(x) for n in ("query", "key", "value"))
         weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0)
-        return DenseGeneral((64,), axis=(-2, -1), name="out")(
+        return FlatDenseGeneral((64,), axis=(-2, -1), name="out")(
             jnp.einsum("bhqk,bkhd->bqhd", weights, v))
 
 
@@ -258,9 +274,11 @@ def test_hand_written_general_dense_layers_split_as_dense_general():
     found = {s.path: s.dense_dims for s in surgery.find_convs(model, x) if s.candidate}
     assert found == {"query": ((64,), (4, 16)), "key": ((64,), (4, 16)),
                      "value": ((64,), (4, 16)), "out": ((4, 16), (64,))}
+    assert variables["params"]["out"]["kernel"].shape == (64, 64)  # stored flattened
     full = lrjax.decompose_linen(model, variables, x, rule=dict.fromkeys(found, 64))
     assert jax.tree.map(jnp.shape, full.variables["params"]["out"]) == {
         "vertical": {"kernel": (4, 16, 64)}, "horizontal": {"kernel": (64, 64)}}
+    assert "params_axes" in full.variables  # (sown by t5x's param_with_axes: kept as given)
     np.testing.assert_allclose(full.module.apply(full.variables, x), model.apply(variables, x),
                                rtol=1e-5, atol=1e-6)
     result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5",
