@@ -7,18 +7,22 @@ can be split. Two ways of writing them are seen in others' models:
 * a compact ``__call__`` declaring its parameters under any names and computing with them
   (flaxmodels' StyleGAN2 layers: ``w = self.param("weight", ...)`` scaled by a constant, the
   equalized learning rate, then a conv or ``jnp.matmul``, a bias, an activation; score_sde's
-  ``NIN``: ``W``, ``b`` and an einsum).
+  ``NIN``: ``W``, ``b`` and an einsum; t5x's and MaxText's ``DenseGeneral``: a kernel of
+  several input or output axes in ``lax.dot_general``).
 
 Inside :func:`lrjax.linen_cells.as_sublayers` (every stage of the linen surgery and every call of
 a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax's:
 
-* its parameters are read (or, in an init, made as Flax's ``param`` makes them, from the same
-  random stream) without reserving their names; a ``setup`` module's ``kernel`` only, every
-  parameter of a compact module that holds nothing else (no submodule, no other collection);
+* its parameters are read (or, in an init, made and stored as Flax's ``param`` makes them,
+  from the same random stream) without reserving their names; a ``setup`` module's ``kernel``
+  only, every parameter of a compact module that holds no submodule (its own variables in
+  other collections are fine: t5x's sown ``params_axes``, which its run as written sows in an
+  init; a replayed call sows nothing);
 * its ``__call__`` is traced (``jax.make_jaxpr``, calls inlined; a call that cannot be, e.g.
   one drawing randomness, runs as written) and, when one parameter's one use, through
-  multiplications and divisions by constants and casts (:class:`Step`), is the second operand
-  of a ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``; any strides,
+  multiplications and divisions by constants, casts and reshapes (:class:`Step`; t5x stores
+  its ``DenseGeneral`` kernels flattened to 2-D), is the second operand of a
+  ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``; any strides,
   explicit padding, dilation and feature groups; no input dilation) or of a ``dot_general``
   contracting the data's last axes with its first ones (t5x's and MaxText's ``DenseGeneral``:
   a ``(embed, heads, head_dim)`` kernel), the traced program is replayed with that product
@@ -380,22 +384,23 @@ def _call_key(module: nn.Module, args, kwargs):
 def _compact_call(module: nn.Module, next_fun, args, kwargs):
     """A compact module's call with its product as a Flax layer (or as written, at once when
     the same call was found to hold none: a norm's, a layer scale's)."""
-    split = not module.is_initializing() and _has_pair(module)
+    initializing = module.is_initializing()
+    own = None if initializing else _own_params(module)
+    if not initializing and not own:  # a submodule's variables, or no parameter
+        return next_fun(*args, **kwargs)
+    split = not initializing and _has_pair(module)
     key = _call_key(module, args, kwargs)
     if key is not None and key in _AS_WRITTEN and not split:
         return next_fun(*args, **kwargs)
     arrays, rebuild = _dynamic(args, kwargs)
     made, out = {}, None
-    if module.is_initializing():  # as written, its parameters made, stored, not reserved
+    if initializing:  # as written, its parameters made, stored, not reserved
         with _swapped(module, (made, None)):
             out = next_fun(*args, **kwargs)
         if not made or _own_params(module) is None:  # nothing declared, or a submodule
             return out
         given = {n: nn.meta.unbox(v) for n, v in made.items()}
     else:
-        own = _own_params(module)
-        if own is None:
-            return next_fun(*args, **kwargs)
         given = {n: nn.meta.unbox(v) for n, v in own.items() if n not in _PAIR}
     names = list(given)
 
