@@ -99,7 +99,7 @@ def _written_param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
     module's code reshapes it, t5x's flattened ``DenseGeneral`` kernel) as ``steps`` make it."""
     if name != _KERNEL:
         return nn.Module.param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
-    if self.scope.has_variable("params", self.stored):  # (always, but in a pair's init)
+    if self.scope.has_variable("params", self.stored):  # (stored before the layer runs)
         value = self.scope.get_variable("params", self.stored)
         value = nn.meta.unbox(value) if unbox else value
     else:
