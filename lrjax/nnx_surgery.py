@@ -184,7 +184,7 @@ class _Probe(nnx.Module):
             s, n = _moments(x, site.restacked(1) if site.stack > 1 else site,
                             (-1,) if self.written else _input_axes(layer, site.equation))
             if host is not None:  # inside a loop: each run to the host
-                kernel = getattr(layer, "kernel", None)
+                kernel = nnx_written.kernel_of(layer)
                 key, ndim = RunSums.key(None if kernel is None else kernel[...])
                 jax.debug.callback(functools.partial(host.add, self.path), s, n, key, ndim)
             else:  # its first call per batch
@@ -322,8 +322,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     looped = set(record["wanted"]) if carried else {
         p for p in record["wanted"] if p not in record["sums"] or record["calls"][p] > 1}
     if looped:
-        record["host"] = RunSums({p: convs[p].kernel[...] for p in looped
-                                  if getattr(convs[p], "kernel", None) is not None})
+        record["host"] = RunSums({p: nnx_written.kernel_of(convs[p])[...] for p in looped
+                                  if nnx_written.kernel_of(convs[p]) is not None})
         record["wanted"] = {p: record["wanted"][p] for p in looped}
         hosted = jax.jit(lambda st, *a: run(st, *a))
         for args in batches:
@@ -351,7 +351,8 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
         return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)),
                                       layer)
 
-    found = [site_of(p, convs[p], shape) for p, shape in record["shapes"].items()]
+    found = [s for s in (site_of(p, convs[p], shape) for p, shape in record["shapes"].items())
+             if s is not None]
     split = {s.path: s for s in found if s.path in record["seen"] and s.candidate}
     kept = _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode)
     found = [ConvSite(s.path, None, skip=f"{type(convs[s.path]).__name__} (a subclass that runs "
@@ -359,7 +360,7 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
                       "kept)") if s.path in kept else s for s in found]
     batch = sites.example_batch(example_args)
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(getattr(convs[site.path], "kernel", None), "shape", None)), batch)
+        site, getattr(nnx_written.kernel_of(convs[site.path]), "shape", None)), batch)
         for site in found]
 
 
@@ -408,9 +409,9 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
         base = None if own else delegating_base(type(node))
         if name in factors and (own or base is not None):
             replaced.add(name)
-            pair = pair_module(nnx_written.as_linear(node) if written else node, found[name],
-                               factors[name])
-            boxes.shard_pair_like(node, pair, found[name])
+            layer = nnx_written.as_linear(node) if written else node  # (its own names)
+            pair = pair_module(layer, found[name], factors[name])
+            boxes.shard_pair_like(layer, pair, found[name])
             return pair if base is None else paired_in_place(node, pair, base)
         return node
 
@@ -522,7 +523,8 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     found = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
     graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if _splits(n))
     candidates = [s for s in found if s.candidate]
-    kernels = {s.path: s.to_hwio(graph[s.path].kernel[...]) for s in candidates}
+    kernels = {s.path: s.to_hwio(nnx_written.kernel_of(graph[s.path])[...])
+               for s in candidates}
     covs, note, few = None, None, None
     if calibration is not None and problem is None:
         batches = rules.calibration_batches(calibration, example_args, example_kwargs)

@@ -3,8 +3,9 @@
 variables, its own ``__call__(x, *, out_sharding)`` multiplying with ``jnp.matmul``).
 
 Such a module is split as ``nnx.Linear`` is when (1) it is not a Flax layer (those are matched by
-type) and holds, as variables, exactly a 2-D ``kernel`` ``nnx.Param`` ``(C, N)`` and a ``bias``
-``nnx.Param`` of shape ``(N,)`` or ``None``, and no module; (2) its first call in the model passes
+type) and holds, as variables, exactly a 2-D kernel ``nnx.Param`` ``(C, N)`` and a bias
+``nnx.Param`` of shape ``(N,)`` or none, under any names (``kernel`` and ``bias``, ``w`` and
+``b``), and no module; (2) its first call in the model passes
 the data alone (and at most an ``out_sharding=`` keyword, which the pair passes on); (3) on a
 random input of that call's shape it computes ``x @ kernel + bias`` (to a few units of
 rounding). Anything else it computes (a transposed kernel, an activation, a scale) fails (3):
@@ -25,25 +26,51 @@ from flax import nnx
 from lrjax import sites
 from lrjax.sites import ConvSite
 
-__all__ = ["is_written", "call_of", "linear_site", "as_linear"]
+__all__ = ["is_written", "call_of", "linear_site", "as_linear", "kernel_of"]
 
 _KEYWORDS = frozenset({"out_sharding"})  # what a pair's __call__ takes besides the input
 WRITTEN = "a module of its own holding a kernel (and a bias)"
 KEPT = "its own computation is kept, a fixed cost"
 
 
+def _named(node) -> tuple[str | None, str | None]:
+    """The attribute names of a module's kernel (its one 2-D ``nnx.Param``) and bias (its one
+    other ``nnx.Param``, or ``bias``), any names (``w`` and ``b`` as well as ``kernel`` and
+    ``bias``); ``None`` where there is none, or more than one candidate."""
+    params = {n: v for n, v in vars(node).items() if isinstance(v, nnx.Param)}
+    kernels = [n for n, v in params.items() if len(v.shape) == 2]
+    if len(kernels) != 1:
+        return None, None
+    others = [n for n in params if n != kernels[0]]
+    if len(others) > 1:
+        return kernels[0], None
+    return kernels[0], others[0] if others else ("bias" if "bias" in vars(node) else None)
+
+
+def kernel_of(node):
+    """A layer's kernel variable: a Flax layer's ``kernel``, a written one's 2-D parameter under
+    whatever name it has."""
+    kernel = getattr(node, "kernel", None)
+    if isinstance(kernel, nnx.Variable) or not isinstance(node, nnx.Module):
+        return kernel
+    name = _named(node)[0]
+    return None if name is None else getattr(node, name)
+
+
 def is_written(node, flax_layers: tuple[type, ...]) -> bool:
-    """Whether ``node`` is a module of the user's own holding exactly a 2-D ``kernel`` param
-    and a 1-D ``bias`` param (of the kernel's output size) or ``None``: condition (1) above.
-    ``flax_layers``: the Flax types matched by type (their subclasses are not "written"). A
-    ``bias`` of zeros that is not a variable (LLaDA's ``nnx.data(jnp.zeros(...))`` when it has
-    no bias) counts as none."""
+    """Whether ``node`` is a module of the user's own holding exactly a 2-D kernel ``nnx.Param``
+    and at most a 1-D bias ``nnx.Param`` (of the kernel's output size), under any names, or no
+    bias: condition (1) above. ``flax_layers``: the Flax types matched by type (their
+    subclasses are not "written"). A ``bias`` of zeros that is not a variable (LLaDA's
+    ``nnx.data(jnp.zeros(...))`` when it has no bias) counts as none."""
     if not isinstance(node, nnx.Module) or isinstance(node, flax_layers) or \
             type(node).__module__.partition(".")[0] in ("flax", "lrjax"):
         return False
-    kernel, bias = getattr(node, "kernel", None), getattr(node, "bias", None)
-    if not isinstance(kernel, nnx.Param) or len(kernel.shape) != 2:
+    kernel_name, bias_name = _named(node)
+    if kernel_name is None:
         return False
+    kernel = getattr(node, kernel_name)
+    bias = None if bias_name is None else getattr(node, bias_name, None)
     if bias is not None and tuple(getattr(bias, "shape", ())) != (kernel.shape[1],):
         return False
     if bias is not None and not isinstance(bias, nnx.Param):
@@ -65,14 +92,21 @@ def call_of(args, kwargs) -> dict | None:
     return dict(kwargs)
 
 
-def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
+def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite | None:
     """The dense site of a written layer first called on an input of ``shape`` with
     ``keywords`` (:func:`call_of`), or the site left as it is, with the reason, when it does not
-    compute ``x @ kernel + bias`` there (conditions (2), (3))."""
+    compute ``x @ kernel + bias`` there (conditions (2), (3)); ``None`` for such a module whose
+    2-D parameter is not named ``kernel`` (an embedding table, a position code: not a layer,
+    nothing to list)."""
+    site = _linear_site(path, layer, shape, keywords)
+    return site if site.candidate or _named(layer)[0] == "kernel" else None
+
+
+def _linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
     if keywords is None:
         return ConvSite(path, None, skip=f"{WRITTEN}, called with arguments other than the data "
                         f"(and out_sharding=), which a pair would not take: {KEPT}")
-    kernel, bias = np.asarray(layer.kernel[...]), _bias(layer)
+    kernel, bias = np.asarray(kernel_of(layer)[...]), _bias(layer)
     bias = None if bias is None else np.asarray(bias[...])
     x = np.random.default_rng(0).standard_normal(tuple(shape)).astype(kernel.dtype)
     try:
@@ -80,11 +114,13 @@ def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
     except Exception as e:  # noqa: BLE001 - it does not run as a dense layer would be run
         return ConvSite(path, None, skip=f"{WRITTEN}, which fails on a random input of its "
                         f"call's shape ({type(e).__name__}): {KEPT}")
-    want = x.astype(np.float64) @ kernel.astype(np.float64)
-    want = want if bias is None else want + bias.astype(np.float64)
+    fits = bool(x.ndim) and x.shape[-1] == kernel.shape[0]  # (else not x @ kernel at all)
+    want = x.astype(np.float64) @ kernel.astype(np.float64) if fits else None
+    want = want if bias is None or want is None else want + bias.astype(np.float64)
     eps = float(jnp.finfo(jnp.result_type(kernel.dtype, jnp.float32)).eps)
-    bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(kernel.shape[0])
-    if got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
+    bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(
+        kernel.shape[0]) if fits else 0.0
+    if not fits or got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
         return ConvSite(path, None, skip=f"{WRITTEN}, which does not compute x @ kernel + bias "
                         f"(checked on a random input of its call's shape): {KEPT}")
     c, n = (int(d) for d in kernel.shape)
@@ -98,12 +134,14 @@ def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
 def as_linear(layer) -> types.SimpleNamespace:
     """A written layer seen as the ``nnx.Linear`` it computes as: its ``kernel`` and ``bias``
     variables, contracting the input's last axis, computing in its parameters' dtype."""
-    return types.SimpleNamespace(kernel=layer.kernel, bias=_bias(layer), axis=-1,
+    kernel = kernel_of(layer)
+    return types.SimpleNamespace(kernel=kernel, bias=_bias(layer), axis=-1,
                                  use_bias=_bias(layer) is not None, dtype=None,
-                                 param_dtype=layer.kernel.dtype, precision=None)
+                                 param_dtype=kernel.dtype, precision=None)
 
 
 def _bias(layer):
-    """A written layer's ``bias`` variable, or ``None`` (none, or zeros that are not one)."""
-    bias = getattr(layer, "bias", None)
+    """A written layer's bias variable, or ``None`` (none, or zeros that are not one)."""
+    name = _named(layer)[1]
+    bias = None if name is None else getattr(layer, name, None)
     return bias if isinstance(bias, nnx.Param) else None

@@ -176,3 +176,71 @@ def test_a_zero_bias_read_inside_a_trace_is_not_an_error():
 
     jax.jit(traced)(state)
     assert seen == [False]
+
+
+class Named(nnx.Module):
+    """A dense layer written with parameters of other names (``w``, ``b``), as PyTorch-minded
+    NNX code names them."""
+
+    def __init__(self, i, o, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (i, o)) / np.sqrt(i))
+        self.b = nnx.Param(0.1 * jax.random.normal(rngs.params(), (o,)))
+
+    def __call__(self, x):
+        return x @ self.w[...] + self.b[...]
+
+
+class NamedNet(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = Named(32, 64, rngs)
+        self.head = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.fc(x)).mean(1))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_written_layers_under_other_names_are_split(calibrated):
+    model = NamedNet(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule={"fc": 32},
+                                 calibration=[X] if calibrated else None)
+    fc = result.module.fc
+    assert fc.vertical.kernel.shape == (32, 32) and fc.horizontal.kernel.shape == (32, 64)
+    np.testing.assert_allclose(fc.horizontal.bias[...], model.fc.b[...])
+    np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
+
+
+class Embedder(nnx.Module):
+    """An embedding table of its own: a 2-D parameter, but no dense layer."""
+
+    def __init__(self, rngs):
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (50, 32)))
+
+    def __call__(self, tokens):
+        return self.table[...][tokens]
+
+
+class PositionCode(nnx.Module):
+    """A learned position code, added: a 2-D parameter, no dense layer either."""
+
+    def __init__(self, rngs):
+        self.code = nnx.Param(jax.random.normal(rngs.params(), (12, 32)))
+
+    def __call__(self, x):
+        return x + self.code[...]
+
+
+class Tokens(nnx.Module):
+    def __init__(self, rngs):
+        self.embed, self.position = Embedder(rngs), PositionCode(rngs)
+        self.fc = Named(32, 64, rngs)
+
+    def __call__(self, tokens):
+        return self.fc(self.position(self.embed(tokens))).mean(1)
+
+
+def test_other_modules_holding_a_2d_parameter_are_not_listed_as_layers():
+    model = Tokens(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 12), 0, 50)
+    result = lrjax.decompose_nnx(model, tokens, rule={"fc": 16})
+    assert result.ranks == {"fc": 16} and not result.report.skipped
