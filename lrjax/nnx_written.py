@@ -5,13 +5,14 @@ variables, its own ``__call__(x, *, out_sharding)`` multiplying with ``jnp.matmu
 Such a module is split as ``nnx.Linear`` is when (1) it is not a Flax layer (those are matched by
 type) and holds, as variables, exactly a 2-D kernel ``nnx.Param`` ``(C, N)`` and a bias
 ``nnx.Param`` of shape ``(N,)`` or none, under any names (``kernel`` and ``bias``, ``w`` and
-``b``), and no module; (2) its first call in the model passes
-the data alone (and at most an ``out_sharding=`` keyword, which the pair passes on); (3) on a
-random input of that call's shape it computes ``x @ kernel + bias`` (to a few units of
-rounding). Anything else it computes (a transposed kernel, an activation, a scale) fails (3):
-the module is left as it is, listed in the report with the condition it fails. A bias
-of zeros that is not a variable is left out of the pair; the adds it cost on every call are
-what a split saves besides the product (:attr:`lrjax.sites.ConvSite.parametrization_flops`).
+``b``), and no module; (2) its first call in the model passes the data alone (and at most an
+``out_sharding=`` keyword, which the pair passes on); (3) on a random input of that call's
+shape it computes ``x @ kernel + bias`` (to a few units of rounding). Anything else it computes
+(a transposed kernel, an activation, a scale) fails (3): the module is left as it is, listed in
+the report with the condition it fails (unless its 2-D parameter is not named ``kernel``: an
+embedding table, a position code, not listed). A bias of zeros that is not a variable is left
+out of the pair; the adds it cost on every call are what a split saves besides the product
+(:attr:`lrjax.sites.ConvSite.parametrization_flops`).
 """
 
 from __future__ import annotations
