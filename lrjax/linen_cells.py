@@ -52,8 +52,8 @@ def _lstm_as_dense(next_fun, args, kwargs, context):
 def as_sublayers():
     """Within it, the layers of this module run as their sublayers (``nn.OptimizedLSTMCell`` as
     its gates' ``nn.Dense`` layers), dense layers written by hand as ``nn.Dense``
-    (:mod:`lrjax.linen_written`), and products of a ``kernel`` declared in ``setup`` as Flax
-    layers (:mod:`lrjax.linen_products`); usable as a decorator."""
+    (:mod:`lrjax.linen_written`), and products a module's own code computes with its
+    parameters as Flax layers (:mod:`lrjax.linen_products`); usable as a decorator."""
     # (the first one entered is the outermost: a dense layer written by hand runs as nn.Dense
     # before its call could be traced as a written product)
     with nn.intercept_methods(linen_written.as_dense), \

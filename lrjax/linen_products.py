@@ -150,11 +150,9 @@ def _compact(cls: type) -> bool:
 @functools.cache
 def _eligible_class(cls: type) -> bool:
     """A module class of the user's own, not derived from a Flax layer (a subclass of
-    ``nn.Conv`` is split or kept as one: :func:`lrjax.layers.delegated_base`), with a ``setup``
-    or compact parameters."""
-    flax_bases = [k for k in cls.__mro__ if k.__module__.partition(".")[0] in ("flax", "lrjax")
-                  and k not in nn.Module.__mro__]
-    return not flax_bases and (cls.setup is not nn.Module.setup or _compact(cls))
+    ``nn.Conv`` is split or kept as one: :func:`lrjax.layers.delegated_base`)."""
+    return not [k for k in cls.__mro__ if k.__module__.partition(".")[0] in ("flax", "lrjax")
+                and k not in nn.Module.__mro__]
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -180,9 +178,9 @@ def _split_in(module: nn.Module) -> bool:
 
 def _kernel(module: nn.Module, init_fn, init_args, init_kwargs):
     """``(value, is a placeholder)`` of a hooked ``setup`` module's ``kernel``, read or made
-    without reserving its name: the stored one; in an init, a new one (stored by the layer, or
-    by :func:`_stored` when the call runs as written); in a decomposed model, whose pair
-    computes the product, zeros of its shape. ``None``: none of these (Flax's own ``param``)."""
+    without reserving its name: the stored one; in an init, a new one (stored by
+    :func:`_replayed`); in a decomposed model, whose pair computes the product, zeros of its
+    shape. ``None``: none of these (Flax's own ``param``)."""
     scope = module.scope
     if scope.has_variable("params", _KERNEL):
         return scope.get_variable("params", _KERNEL), False
@@ -302,18 +300,20 @@ def _stored(module: nn.Module, made: dict) -> None:
                 module.scope.put_variable("params", name, value)
 
 
-def _dynamic(args, kwargs):
-    """The call's arrays, and a function of them giving back ``(args, kwargs)``."""
+def _dynamic(next_fun, args, kwargs):
+    """The call's arrays, and ``next_fun`` as a function of them (its other arguments as
+    given), to be traced."""
     flat, treedef = jax.tree.flatten((args, kwargs))
     dynamic = [i for i, a in enumerate(flat) if isinstance(a, (jax.Array, np.ndarray))]
 
-    def rebuild(arrays):
+    def call(*arrays):
         full = list(flat)
         for i, a in zip(dynamic, arrays, strict=True):
             full[i] = a
-        return jax.tree.unflatten(treedef, full)
+        call_args, call_kwargs = jax.tree.unflatten(treedef, full)
+        return next_fun(*call_args, **call_kwargs)
 
-    return [flat[i] for i in dynamic], rebuild
+    return [flat[i] for i in dynamic], call
 
 
 def _traced(fn, *args):
@@ -327,14 +327,10 @@ def _traced(fn, *args):
 def _replayed(module: nn.Module, next_fun, args, kwargs):
     """A ``setup`` module's call with its product as a Flax layer (or as written)."""
     kernel, placeholder = module.__dict__[_STATE]
-    arrays, rebuild = _dynamic(args, kwargs)
-
-    def body(*arrays):
-        call_args, call_kwargs = rebuild(arrays)
-        return next_fun(*call_args, **call_kwargs)
-
+    arrays, call = _dynamic(next_fun, args, kwargs)
+    _stored(module, {_KERNEL: kernel})  # (in an init: the layer, or its own code, reads it)
     try:
-        closed, shapes = _traced(body, *arrays)
+        closed, shapes = _traced(call, *arrays)
         found = [v for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True)
                  if c is kernel]
         if len(found) != 1:
@@ -343,9 +339,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if placeholder:
             raise _no_longer(module, e) from None
-        _stored(module, {_KERNEL: kernel})
         return next_fun(*args, **kwargs)
-    _stored(module, {_KERNEL: kernel})  # (in an init: the layer reads it)
     return _run_as_layer(module, closed, shapes, arrays, product, _KERNEL, kernel)
 
 
@@ -392,7 +386,7 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     key = _call_key(module, args, kwargs)
     if key is not None and key in _AS_WRITTEN and not split:
         return next_fun(*args, **kwargs)
-    arrays, rebuild = _dynamic(args, kwargs)
+    arrays, call = _dynamic(next_fun, args, kwargs)
     made, out = {}, None
     if initializing:  # as written, its parameters made, stored, not reserved
         with _swapped(module, (made, None)):
@@ -405,15 +399,14 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     names = list(given)
 
     def body(values, *arrays):
-        call_args, call_kwargs = rebuild(arrays)
         with _swapped(module, (None, dict(zip(names, values, strict=True)))):
-            return next_fun(*call_args, **call_kwargs)
+            return call(*arrays)
 
     try:
         if split:  # the kernel the pair replaced, as zeros: its name and shape from a trace
             missing = {}
             with _swapped(module, (missing, given)):
-                jax.make_jaxpr(lambda *a: next_fun(*rebuild(a)[0], **rebuild(a)[1]))(*arrays)
+                jax.make_jaxpr(call)(*arrays)
             if len(missing) != 1:
                 raise _Ineligible(f"parameters {sorted(missing)} missing")
             (name, shaped), = missing.items()

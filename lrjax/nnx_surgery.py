@@ -322,8 +322,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     looped = set(record["wanted"]) if carried else {
         p for p in record["wanted"] if p not in record["sums"] or record["calls"][p] > 1}
     if looped:
-        record["host"] = RunSums({p: nnx_written.kernel_of(convs[p])[...] for p in looped
-                                  if nnx_written.kernel_of(convs[p]) is not None})
+        kernels = {p: nnx_written.kernel_of(convs[p]) for p in looped}
+        record["host"] = RunSums({p: k[...] for p, k in kernels.items() if k is not None})
         record["wanted"] = {p: record["wanted"][p] for p in looped}
         hosted = jax.jit(lambda st, *a: run(st, *a))
         for args in batches:

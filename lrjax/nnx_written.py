@@ -115,15 +115,16 @@ def _linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
     except Exception as e:  # noqa: BLE001 - it does not run as a dense layer would be run
         return ConvSite(path, None, skip=f"{WRITTEN}, which fails on a random input of its "
                         f"call's shape ({type(e).__name__}): {KEPT}")
-    fits = bool(x.ndim) and x.shape[-1] == kernel.shape[0]  # (else not x @ kernel at all)
-    want = x.astype(np.float64) @ kernel.astype(np.float64) if fits else None
-    want = want if bias is None or want is None else want + bias.astype(np.float64)
+    not_dense = ConvSite(path, None, skip=f"{WRITTEN}, which does not compute x @ kernel + "
+                         f"bias (checked on a random input of its call's shape): {KEPT}")
+    if not x.ndim or x.shape[-1] != kernel.shape[0]:  # not x @ kernel at all
+        return not_dense
+    want = x.astype(np.float64) @ kernel.astype(np.float64)
+    want = want if bias is None else want + bias.astype(np.float64)
     eps = float(jnp.finfo(jnp.result_type(kernel.dtype, jnp.float32)).eps)
-    bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(
-        kernel.shape[0]) if fits else 0.0
-    if not fits or got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
-        return ConvSite(path, None, skip=f"{WRITTEN}, which does not compute x @ kernel + bias "
-                        f"(checked on a random input of its call's shape): {KEPT}")
+    bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(kernel.shape[0])
+    if got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
+        return not_dense
     c, n = (int(d) for d in kernel.shape)
     shape = tuple(int(d) for d in shape)
     added = getattr(layer, "bias", None) is not None and bias is None  # zeros, added per call
@@ -135,10 +136,9 @@ def _linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
 def as_linear(layer) -> types.SimpleNamespace:
     """A written layer seen as the ``nnx.Linear`` it computes as: its ``kernel`` and ``bias``
     variables, contracting the input's last axis, computing in its parameters' dtype."""
-    kernel = kernel_of(layer)
-    return types.SimpleNamespace(kernel=kernel, bias=_bias(layer), axis=-1,
-                                 use_bias=_bias(layer) is not None, dtype=None,
-                                 param_dtype=kernel.dtype, precision=None)
+    kernel, bias = kernel_of(layer), _bias(layer)
+    return types.SimpleNamespace(kernel=kernel, bias=bias, axis=-1, use_bias=bias is not None,
+                                 dtype=None, param_dtype=kernel.dtype, precision=None)
 
 
 def _bias(layer):
