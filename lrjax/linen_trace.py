@@ -2,14 +2,16 @@
 static values (:func:`split_static`), ``model.init`` under ``jax.eval_shape`` (:func:`abstract_init`,
 optionally under a method interceptor), the one-line message for a model that cannot be traced
 (:func:`untraceable`) and the retry that evaluates a model's computations on constants while tracing
-(:func:`constants_evaluated`), and a model ``nn.jit``-ed as a whole seen as the plain module it wraps
-(:func:`unjitted`)."""
+(:func:`constants_evaluated`), a model ``nn.jit``-ed as a whole seen as the plain module it wraps
+(:func:`unjitted`), and ``nn.jit``-ed methods traced afresh at every call
+(:func:`retraced_lifted_jit`)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import re
 import threading
@@ -22,7 +24,7 @@ from jax._src import config as jax_config
 
 __all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "Untraceable",
            "untraceable", "constants_evaluated", "compile_time_constants", "with_constants_evaluated",
-           "evaluating_constants", "unjitted"]
+           "evaluating_constants", "unjitted", "retraced_lifted_jit"]
 
 
 def layer_input(args, kwargs):
@@ -185,3 +187,37 @@ def unjitted(model: nn.Module) -> nn.Module:
     fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
               if f.init and f.name != "parent"}
     return cls.__mro__[1](**fields)
+
+
+_PROXY = nn.transforms._HashableProxy  # what nn.jit keys its cached traces on
+_LIFTED = {"depth": 0, "lock": threading.Lock(), "calls": itertools.count()}
+
+
+def _fresh_proxy(cls, module):
+    proxy = _FROM_MODULE(module)
+    return dataclasses.replace(proxy, hash_key=hash((proxy.hash_key, next(_LIFTED["calls"]))))
+
+
+_FROM_MODULE = _PROXY.from_module
+
+
+@contextlib.contextmanager
+def retraced_lifted_jit():
+    """Within it, every call of an ``nn.jit``-ed method or module traces its function again
+    (as if it were not jitted; re-entrant).
+
+    ``nn.jit`` caches a trace per module configuration (its fields and scope state), not per
+    method interceptor: run again under lrjax's interceptors, a method jitted so (Gemma's
+    ``Transformer.__call__``) would replay the trace of an earlier call, whose layers were not
+    found, marked or split. Inside lrjax's own traces its calls are traced with the caller."""
+    with _LIFTED["lock"]:
+        if _LIFTED["depth"] == 0:
+            _PROXY.from_module = classmethod(_fresh_proxy)
+        _LIFTED["depth"] += 1
+    try:
+        yield
+    finally:
+        with _LIFTED["lock"]:
+            _LIFTED["depth"] -= 1
+            if _LIFTED["depth"] == 0:
+                _PROXY.from_module = _FROM_MODULE

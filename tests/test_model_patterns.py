@@ -118,6 +118,39 @@ def test_a_model_jitted_as_a_whole_is_decomposed_as_the_module_it_wraps():
     _reproduces(model, variables, {"stem": 8 * 3, "block0/a": 16 * 3})
 
 
+class JittedCall(nn.Module):
+    """A ``__call__`` ``nn.jit``-ed in its class, as google-deepmind/gemma's ``Transformer``."""
+
+    def setup(self):
+        self.stem = nn.Conv(16, (3, 3))
+        self.blocks = [Block() for _ in range(2)]
+        self.head = nn.Dense(10)
+
+    @functools.partial(nn.jit, static_argnames=("self",))
+    def __call__(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((1, 2)))
+
+
+def test_a_call_jitted_in_its_class_is_traced_at_each_lrjax_call():
+    """``nn.jit`` keys its cached trace on the module's configuration, not on lrjax's method
+    interceptors: the layers found by one stage were unmarked in the next ("no layer this rule
+    can decompose"). Under lrjax each call traces it again: found, split data-free and
+    calibrated, costed as XLA counts it, exact at full rank."""
+    model = JittedCall()
+    variables = init(model, 0, X)
+    found = [s.path for s in lrjax.surgery.find_convs(model, X)]
+    assert found == ["stem", "blocks_0/a", "blocks_0/b", "blocks_1/a", "blocks_1/b", "head"]
+    for calibration in (None, CALIB):
+        result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5",
+                                       calibration=calibration)
+        assert result.report.speedup == pytest.approx(
+            _lowered_ratio(model, variables, result), rel=1e-5)
+    _reproduces(model, variables, {"stem": 8 * 3, "blocks_0/a": 16 * 3})
+
+
 def test_nnx_calibration_runs_through_remat():
     model = RematNNX(nnx.Rngs(0))
     ranks = {"blocks/0/a": 4, "blocks/1/b": 4, "stem": 4}
