@@ -96,7 +96,7 @@ def reboxed(flat: Mapping[tuple, Any], boxed: Mapping[tuple, Any],
         bias, moved = boxed.get((*prefix, "bias")), (*prefix, "horizontal", "bias")
         if isinstance(bias, nn.meta.AxisMetadata) and moved in flat:
             out[moved] = bias.replace_boxed(flat[moved])
-        box = boxed.get((*prefix, site.kernel_name))
+        box = boxed.get(("params", *site.kernel_key))
         if not isinstance(box, nn.Partitioned):
             continue
         vkey, hkey = (*prefix, "vertical", "kernel"), (*prefix, "horizontal", "kernel")

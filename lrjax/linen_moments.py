@@ -26,9 +26,9 @@ from flax import traverse_util
 
 from lrjax import sites
 from lrjax.layers import module_path, split_call
-from lrjax.linen_products import kernel_name
 from lrjax.linen_trace import layer_input
 from lrjax.moments import RunSums, calibration_batches, split_keywords, static_argnums
+from lrjax.written_products import stored_kernel
 
 __all__ = ["calibration_moments"]
 
@@ -151,7 +151,7 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
 
     def moments(variables, *batch):
         def to_host(module, path, moments):
-            key, ndim = RunSums.key(module.get_variable("params", kernel_name(module)))
+            key, ndim = RunSums.key(stored_kernel(module))
             jax.debug.callback(functools.partial(sums.add, path), *moments, key, ndim)
 
         args, keywords = split_keywords(batch, kwargs)

@@ -46,9 +46,8 @@ compact module's variables are the ones its own code would make (same values, sa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import copy
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -56,89 +55,29 @@ import numpy as np
 from jax.extend import core as jcore
 
 from lrjax import replay
+from lrjax.written_products import KERNEL as _KERNEL
+from lrjax.written_products import NotALayer as _Ineligible
+from lrjax.written_products import (
+    is_pair,
+    is_written_layer,
+    kernel_name,
+    layer_for,
+    product_of,
+    set_aside,
+    stored_kernel,
+)
 
-__all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name", "check_unread",
-           "Step", "WrittenConv", "WrittenDense", "WrittenDenseGeneral"]
+__all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name", "check_unread"]
 
-_KERNEL = "kernel"
 _STATE = "_lrjax_written_kernel"  # (kernel value, is a placeholder) set on the module by setup
 _PARAMS = "_lrjax_written_params"  # (made, given) while a compact module's call is hooked
 _CHILD = "_lrjax_written_layer"  # the Flax layer its product runs as, once per module
-_WRITTEN = "_lrjax_written"  # set on that layer
 _HOOKED: dict[type, type] = {}
 _RUNNING: set[int] = set()  # the modules whose setup or call this interceptor is running
 _UNSPLIT = "lrjax_split_kernel:"  # the scope of a split module's kernel placeholder
 _PAIR = ("vertical", "horizontal")
+_TRACING: list = []  # the compact modules whose own code is being traced
 _AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) holding no product
-_STEPS = ("mul", "div", "convert_element_type", "copy", "copy_p", "reshape", "squeeze")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Step:
-    """One operation between a written kernel and its product: ``primitive`` applied with
-    ``params`` to ``operands``, the kernel at ``position`` and constants (scalars) elsewhere."""
-    primitive: Any
-    params: dict
-    operands: tuple
-    position: int
-
-    def __call__(self, kernel):
-        ins = list(self.operands)
-        ins[self.position] = kernel
-        return self.primitive.bind(*ins, **self.params)
-
-
-def _used(kernel, steps):
-    for step in steps:
-        kernel = step(kernel)
-    return kernel
-
-
-def _written_param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
-    """The layer's kernel: its module's stored parameter (in a shape of its own when the
-    module's code reshapes it, t5x's flattened ``DenseGeneral`` kernel) as ``steps`` make it."""
-    if name != _KERNEL:
-        return nn.Module.param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
-    if self.scope.has_variable("params", self.stored):  # (stored before the layer runs)
-        value = self.scope.get_variable("params", self.stored)
-        value = nn.meta.unbox(value) if unbox else value
-    else:
-        value = nn.Module.param(self, self.stored, init_fn, *init_args, unbox=unbox,
-                                **init_kwargs)
-    return _used(value, self.steps)
-
-
-class WrittenDense(nn.Dense):
-    """``nn.Dense`` whose kernel is its module's parameter ``stored`` as ``steps`` make it (a
-    product written by hand in a module's own code; its variables are the module's)."""
-    stored: str = _KERNEL
-    steps: tuple = ()
-
-    param = _written_param
-
-
-class WrittenDenseGeneral(nn.DenseGeneral):
-    """``nn.DenseGeneral`` whose kernel is its module's parameter ``stored`` as ``steps`` make
-    it."""
-    stored: str = _KERNEL
-    steps: tuple = ()
-
-    param = _written_param
-
-
-class WrittenConv(nn.Conv):
-    """``nn.Conv`` whose kernel is its module's parameter ``stored`` as ``steps`` make it."""
-    stored: str = _KERNEL
-    steps: tuple = ()
-
-    param = _written_param
-
-
-def kernel_name(layer: nn.Module) -> str:
-    """The name of the variable holding ``layer``'s kernel in its scope (a written product's:
-    its module's parameter)."""
-    return getattr(layer, "stored", _KERNEL) if isinstance(
-        layer, (WrittenDense, WrittenDenseGeneral, WrittenConv)) else _KERNEL
 
 
 def _compact(cls: type) -> bool:
@@ -167,8 +106,19 @@ def runs_as_layer(module: nn.Module) -> bool:
 
 
 def _has_pair(module: nn.Module) -> bool:
+    """A pair's variables in ``module``'s scope: in its own place, or in a parameter's (a
+    module sharing its scope, :func:`_shares_scope`)."""
     params = module.variables.get("params", {}) if module.scope is not None else {}
-    return all(p in params for p in _PAIR)
+    return all(p in params for p in _PAIR) or (
+        _shares_scope(module) and any(is_pair(v) for v in params.values()))
+
+
+def _shares_scope(module: nn.Module) -> bool:
+    """Whether ``module`` computes in its parent's scope (``nn.share_scope``: Gemma's
+    feed-forward shares its own with its two products), the parent a module of the user's."""
+    parent = module.parent
+    return isinstance(parent, nn.Module) and parent.scope is not None and \
+        _eligible(parent) and tuple(module.scope.path) == tuple(parent.scope.path)
 
 
 def _split_in(module: nn.Module) -> bool:
@@ -234,7 +184,7 @@ def _compact_param(module, hook, name, init_fn, init_args, init_kwargs, unbox):
     if given is not None and name in given:
         return given[name]
     scope = module.scope
-    if scope.has_variable("params", name):
+    if scope.has_variable("params", name) and not is_pair(scope.get_variable("params", name)):
         value = scope.get_variable("params", name)
     elif module.is_initializing():  # as Flax's param makes and stores it (same keys)
         value = init_fn(module.make_rng("params"), *init_args, **init_kwargs)
@@ -266,6 +216,10 @@ def as_layer(next_fun, args, kwargs, context):
     """A method interceptor: an eligible module's ``setup`` with the hooked ``param``, its
     ``__call__`` with its product as a Flax layer (the module's docstring)."""
     module, method = context.module, context.method_name
+    if _TRACING and module is not _TRACING[-1] and module.scope is not None and \
+            tuple(module.scope.path) == tuple(_TRACING[-1].scope.path):
+        raise _RunsOthers(f"its call runs {type(module).__name__} in its scope "
+                          "(nn.share_scope)")
     if method == "param" or id(module) in _RUNNING or \
             not _eligible(module):  # (nested: the interceptor is entered once per stage)
         return next_fun(*args, **kwargs)
@@ -335,7 +289,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
                  if c is kernel]
         if len(found) != 1:
             raise _Ineligible("its kernel is used otherwise than in one product")
-        product = _product(closed, found[0])
+        product = product_of(closed, found[0])
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if placeholder:
             raise _no_longer(module, e) from None
@@ -358,7 +312,8 @@ def _own_params(module: nn.Module) -> dict | None:
     if any(hasattr(v, "items") for c, vs in held.items() if c != "params" for v in vs.values()):
         return None
     nested = {n for n, v in params.items() if hasattr(v, "items")}
-    return params if not nested or nested == set(_PAIR) else None
+    return params if not nested or nested == set(_PAIR) or (  # (a submodule's pair, unless
+        _shares_scope(module) and all(is_pair(params[n]) for n in nested)) else None  # shared)
 
 
 def _call_key(module: nn.Module, args, kwargs):
@@ -382,11 +337,14 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     own = None if initializing else _own_params(module)
     if not initializing and not own:  # a submodule's variables, or no parameter
         return next_fun(*args, **kwargs)
-    split = not initializing and _has_pair(module)
+    arrays, call = _dynamic(next_fun, args, kwargs)
+    given = {} if initializing else {n: nn.meta.unbox(v) for n, v in own.items()
+                                     if n not in _PAIR and not is_pair(v)}
+    split = None if initializing or not _has_pair(module) else \
+        _split_kernel(module, call, arrays, given)
     key = _call_key(module, args, kwargs)
     if key is not None and key in _AS_WRITTEN and not split:
         return next_fun(*args, **kwargs)
-    arrays, call = _dynamic(next_fun, args, kwargs)
     made, out = {}, None
     if initializing:  # as written, its parameters made, stored, not reserved
         with _swapped(module, (made, None)):
@@ -394,8 +352,7 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
         if not made or _own_params(module) is None:  # nothing declared, or a submodule
             return out
         given = {n: nn.meta.unbox(v) for n, v in made.items()}
-    else:
-        given = {n: nn.meta.unbox(v) for n, v in own.items() if n not in _PAIR}
+    given.update(split or {})
     names = list(given)
 
     def body(values, *arrays):
@@ -403,17 +360,8 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
             return call(*arrays)
 
     try:
-        if split:  # the kernel the pair replaced, as zeros: its name and shape from a trace
-            missing = {}
-            with _swapped(module, (missing, given)):
-                jax.make_jaxpr(call)(*arrays)
-            if len(missing) != 1:
-                raise _Ineligible(f"parameters {sorted(missing)} missing")
-            (name, shaped), = missing.items()
-            with jax.named_scope(_UNSPLIT + "|".join(module.scope.path)):
-                given[name] = jax.numpy.zeros(shaped.shape, shaped.dtype)
-            names = list(given)
-        closed, shapes = _traced(body, [given[n] for n in names], *arrays)
+        with _attempt(module):
+            closed, shapes = _traced(body, [given[n] for n in names], *arrays)
         found = _one_product(closed, names)
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
@@ -426,13 +374,79 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
                          product, name, made.get(name, given[name]))
 
 
+def _split_kernel(module: nn.Module, call, arrays, given) -> dict:
+    """``{name: zeros}`` in place of the kernel that a pair in ``module``'s scope replaced,
+    its name and shape from a trace reading the parameters ``given``; ``{}`` when the module
+    reads none that is missing (another module sharing its scope was split)."""
+    missing = {}
+    try:
+        with _swapped(module, (missing, given)), _attempt(module, probe=True):
+            jax.make_jaxpr(call)(*arrays)
+    except _RunsOthers:
+        return {}
+    except Exception as e:  # noqa: BLE001
+        raise _no_longer(module, e) from None
+    if len(missing) > 1:
+        raise _no_longer(module, _Ineligible(f"parameters {sorted(missing)} missing"))
+    with jax.named_scope(_UNSPLIT + "|".join(module.scope.path)):
+        return {name: jax.numpy.zeros(shaped.shape, shaped.dtype)
+                for name, shaped in missing.items()}
+
+
+class _RunsOthers(_Ineligible):
+    pass
+
+
+@contextlib.contextmanager
+def _attempt(module: nn.Module, probe: bool = False):
+    """A trace of ``module``'s own code, ended by the call of another module in its scope (a
+    module running others is no layer; ``nn.share_scope`` hides them from its variables),
+    that leaves its scope as it found it when it fails (its call then runs as written), or
+    always for a ``probe``: no name reserved, no random stream drawn, no submodule named."""
+    scope, state = module.scope, module._state
+    reserved = {n: set(c) for n, c in scope.reservations.items()}
+    counters = copy.deepcopy(scope.rng_counters)
+    names = (dict(state.autoname_cursor), dict(state.children))
+    _TRACING.append(module)
+
+    def rewind():
+        scope.reservations.clear()
+        scope.reservations.update(reserved)
+        _restore(scope.rng_counters, counters)
+        state.autoname_cursor, state.children = names
+
+    try:
+        yield
+    except BaseException:
+        rewind()
+        raise
+    else:
+        if probe:
+            rewind()
+    finally:
+        _TRACING.pop()
+
+
+def _restore(current: dict, saved: dict) -> None:
+    """``current`` (nested dicts of counters, shared with child scopes) back to ``saved``, in
+    place."""
+    for k in [k for k in current if k not in saved]:
+        del current[k]
+    for k, v in saved.items():
+        if isinstance(v, dict) and isinstance(current.get(k), dict):
+            _restore(current[k], v)
+        else:
+            current[k] = v
+
+
 def _one_product(closed, names):
-    """``(name, product)`` (:func:`_product`) of the one parameter (``closed``'s first
-    inputs, named ``names``) whose one use is a product as a Flax layer computes it."""
+    """``(name, product)`` (:func:`lrjax.written_products.product_of`) of the one parameter
+    (``closed``'s first inputs, named ``names``) whose one use is a product as a Flax layer
+    computes it."""
     found = []
     for name, var in zip(names, closed.jaxpr.invars, strict=False):
         try:
-            found.append((name, _product(closed, var)))
+            found.append((name, product_of(closed, var)))
         except _Ineligible:
             continue
     if len(found) != 1:
@@ -441,130 +455,32 @@ def _one_product(closed, names):
 
 
 def _run_as_layer(module, closed, shapes, inputs, product, name, kernel):
-    """``closed`` replayed on ``inputs`` with ``product`` (:func:`_product`) computed by the
+    """``closed`` replayed on ``inputs`` with ``product`` (a ``Product``) computed by the
     module's layer; the steps to its kernel are the layer's (skipped here: a split kernel's
     zeros are never computed with)."""
-    eqn, steps, chain = product
+    nested = _shares_scope(module)
     layer = module.__dict__.get(_CHILD)
     if layer is None:
-        layer = _layer(eqn, kernel, module, name, steps)
+        layer = layer_for(product, kernel, module.scope, name, named_by_kernel=nested)
         object.__setattr__(module, _CHILD, layer)
-    skipped = {id(e): position for e, position in chain}
+    skipped = {id(e): position for e, position in product.chain}
 
     def rule(e, ins, here):
-        if e is eqn:
-            return [layer(ins[0])]
+        if e is product.eqn:
+            return [layer(ins[product.data])]
         return [ins[skipped[id(e)]]] if id(e) in skipped else None
 
+    params = module.scope._mutable_collection("params") if module.is_initializing() else None
+    if nested and params is not None and not is_pair(params.get(name)):  # (a pair may take
+        set_aside(layer, params.pop(name, None))  # its name: its kernel held by the layer)
     outs = replay.run(closed.jaxpr, closed.consts, inputs, rule)
-    if module.is_initializing() and _has_pair(module):  # a decomposed model's init: the pair
-        module.scope._mutable_collection("params").pop(name, None)  # (Flax deletes nothing)
+    if nested and params is not None:
+        if name not in params:  # (no pair took its place)
+            params[name] = stored_kernel(layer)
+        set_aside(layer, None)
+    elif params is not None and _has_pair(module):  # a decomposed model's init: the pair
+        params.pop(name, None)  # (Flax deletes nothing)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs)
-
-
-class _Ineligible(Exception):
-    pass
-
-
-def _uses(jaxpr, var) -> list:
-    if var in jaxpr.outvars:
-        return [None]
-    return [e for e in jaxpr.eqns
-            if any(v is var for v in e.invars if not isinstance(v, jcore.Literal))]
-
-
-def _constant(closed, v):
-    """A scalar operand's value (a literal, or a concrete constant of one element)."""
-    if isinstance(v, jcore.Literal):
-        return v.val
-    consts = dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
-    value = consts.get(v)
-    if value is None or isinstance(value, jax.core.Tracer) or np.size(value) != 1:
-        raise _Ineligible("its kernel is combined with data")
-    return np.asarray(value)
-
-
-def _product(closed, var):
-    """``(product, steps, chain)``: the equation of ``closed`` where ``var`` (a kernel), through
-    ``steps`` (:class:`Step`, computed by the equations ``chain``), is the second operand of a
-    product of the data by it as a Flax layer computes it; else :class:`_Ineligible`."""
-    jaxpr, steps, chain = closed.jaxpr, [], []
-    while True:
-        uses = _uses(jaxpr, var)
-        if len(uses) != 1 or uses[0] is None:
-            raise _Ineligible("its kernel is used otherwise than in one product")
-        eqn = uses[0]
-        if eqn.primitive.name not in _STEPS:
-            break
-        position = [i for i, v in enumerate(eqn.invars) if v is var]
-        if len(position) != 1 or (eqn.primitive.name == "div" and position[0] != 0):
-            raise _Ineligible(f"its kernel goes to {eqn.primitive.name}")
-        others = [None if i == position[0] else _constant(closed, v)
-                  for i, v in enumerate(eqn.invars)]
-        steps.append(Step(eqn.primitive, dict(eqn.params), tuple(others), position[0]))
-        chain.append((eqn, position[0]))
-        var = eqn.outvars[0]
-    if len(eqn.invars) < 2 or eqn.invars[1] is not var or eqn.invars[0] is var:
-        raise _Ineligible("its kernel is not the product's second operand")
-    x, params, kernel = eqn.invars[0].aval, eqn.params, var.aval
-    if eqn.outvars[0].aval.dtype != jax.numpy.result_type(x.dtype, kernel.dtype):
-        raise _Ineligible("a product computed in another dtype (preferred_element_type)")
-    if eqn.primitive.name == "conv_general_dilated":
-        ndim = len(x.shape)
-        lhs = (0, ndim - 1, *range(1, ndim - 1))  # Flax's: channels last, HWIO
-        flax_layout = (lhs, (ndim - 1, ndim - 2, *range(ndim - 2)), lhs)
-        if tuple(tuple(s) for s in params["dimension_numbers"]) != flax_layout or \
-                any(d != 1 for d in params["lhs_dilation"]) or params["batch_group_count"] != 1:
-            raise _Ineligible("a conv in another layout, input-dilated or batch-grouped")
-        return eqn, tuple(steps), chain
-    if eqn.primitive.name == "dot_general":  # the data's last k axes with the kernel's first k
-        (contracted, batched) = params["dimension_numbers"]
-        k = len(contracted[0])
-        if not 0 < k < len(kernel.shape) or any(batched) or \
-                tuple(contracted[0]) != tuple(range(len(x.shape) - k, len(x.shape))) or \
-                tuple(contracted[1]) != tuple(range(k)):
-            raise _Ineligible("a product of other axes")
-        return eqn, tuple(steps), chain
-    raise _Ineligible(f"its kernel goes to {eqn.primitive.name}")
-
-
-def _layer(eqn, kernel, module: nn.Module, name: str, steps: tuple) -> nn.Module:
-    """The Flax layer (no bias) computing ``eqn`` with the module's parameter ``name`` as
-    ``steps`` make it, bound to ``module``'s own scope; in an init, its kernel is the one the
-    module's ``param`` made."""
-    params, shape = eqn.params, tuple(eqn.invars[1].aval.shape)  # (the kernel as used)
-    dtype = nn.meta.unbox(kernel).dtype
-
-    def made(key, wanted, wanted_dtype=None):  # (a pair in its place inits its own factors;
-        return nn.initializers.lecun_normal()(key, wanted, wanted_dtype or dtype)  # the
-    # layer's own kernel is stored before it runs: _replayed, _compact_param)
-
-    renamed = {"stored": name, "steps": steps} if name != _KERNEL or steps else {}
-    if eqn.primitive.name == "dot_general" and len(shape) == 2:
-        kind = WrittenDense if renamed else nn.Dense
-        layer = kind(shape[1], use_bias=False, param_dtype=dtype, precision=params["precision"],
-                     kernel_init=made, parent=module.scope, **renamed)
-    elif eqn.primitive.name == "dot_general":  # (t5x's and MaxText's DenseGeneral)
-        k = len(params["dimension_numbers"][0][0])
-        kind = WrittenDenseGeneral if renamed else nn.DenseGeneral
-        layer = kind(shape[k:], axis=tuple(range(-k, 0)), use_bias=False, param_dtype=dtype,
-                     precision=params["precision"], kernel_init=made, parent=module.scope,
-                     **renamed)
-    else:
-        kind = WrittenConv if renamed else nn.Conv
-        layer = kind(shape[-1], shape[:-2], strides=tuple(params["window_strides"]),
-                     padding=[tuple(int(v) for v in p) for p in params["padding"]],
-                     kernel_dilation=tuple(params["rhs_dilation"]),
-                     feature_group_count=params["feature_group_count"], use_bias=False,
-                     param_dtype=dtype, precision=params["precision"], kernel_init=made,
-                     parent=module.scope, **renamed)
-    object.__setattr__(layer, _WRITTEN, True)
-    return layer
-
-
-def is_written_layer(layer: nn.Module) -> bool:
-    """Whether ``layer`` is the Flax layer a module's own product runs as."""
-    return bool(layer.__dict__.get(_WRITTEN))
 
 
 def check_unread(fn, *args) -> None:

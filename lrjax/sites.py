@@ -105,6 +105,9 @@ class ConvSite:
         this layer (:mod:`lrjax.linen_products`).
       kernel_name: the name of the variable holding the layer's kernel in its scope (a written
         product's: its module's parameter, e.g. ``"weight"``).
+      named_by_kernel: a written product of a module sharing its parent's scope
+        (``nn.share_scope``), named by its kernel: ``path`` is the kernel variable's own
+        (:attr:`kernel_key`), its pair's variables take its place.
       share: for a layer left as it is whose work was counted in the traced pass (a product
         the model's own code computes, :mod:`lrjax.own_code`), its share of the whole net's
         multiply-adds; ``None`` otherwise.
@@ -127,11 +130,18 @@ class ConvSite:
     share: float | None = None
     written: bool = False
     kernel_name: str = "kernel"
+    named_by_kernel: bool = False
 
     @property
     def candidate(self) -> bool:
         """Whether the layer can be replaced by a pair (supported, not a pair already)."""
         return self.skip is None and self.rank is None and self.shape is not None
+
+    @property
+    def kernel_key(self) -> tuple[str, ...]:
+        """The layer's kernel variable as keys of the ``params`` tree."""
+        key = variable_key(self.path)
+        return key if self.named_by_kernel else (*key, self.kernel_name)
 
     @property
     def where(self) -> str:

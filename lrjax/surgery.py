@@ -196,14 +196,15 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                 found[path] = _site(path, module, layer_input(args, kwargs), equation)
                 if linen_products.is_written_layer(module):  # a module's own product
                     found[path] = dataclasses.replace(
-                        found[path], written=True, kernel_name=linen_products.kernel_name(module))
+                        found[path], written=True, kernel_name=linen_products.kernel_name(module),
+                        named_by_kernel=getattr(module, "named_by_kernel", False))
 
     shapes = _flat(abstract_init(model, example_args, example_kwargs, record).get("params", {}))
     batch = example_batch(example_args)
     found.update(_reading_their_kernels(model, example_args, example_kwargs, {
         p: (found[p], name) for p, name in delegated.items() if found[p].candidate}))
     return [sites.per_example(sites.unless_stacked(
-        site, getattr(shapes.get((*variable_key(site.path), site.kernel_name)), "shape", None)),
+        site, getattr(shapes.get(site.kernel_key), "shape", None)),
         batch)
         for site in found.values()]
 
@@ -343,15 +344,16 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
 # Decomposition
 
 
-def _stored_parameters(flat, path: str) -> dict:
-    prefix = ("params", *variable_key(path))
+def _stored_parameters(flat, site: ConvSite) -> dict:
+    """The parameters of the scope holding ``site``'s kernel, by name."""
+    prefix = ("params", *site.kernel_key[:-1])
     return {key[-1]: value for key, value in flat.items()
             if len(key) == len(prefix) + 1 and key[:-1] == prefix}
 
 
 def _site_parameters(flat, site: ConvSite) -> dict:
     """A parametrized layer's kernel and bias as its computation uses them."""
-    return site.parametrization(_stored_parameters(flat, site.path))
+    return site.parametrization(_stored_parameters(flat, site))
 
 
 def _with_parametrization_flops(found: list[ConvSite], flat, batch: int) -> list[ConvSite]:
@@ -360,7 +362,7 @@ def _with_parametrization_flops(found: list[ConvSite], flat, batch: int) -> list
     counted, out = {}, []
     for site in found:
         if site.candidate and site.parametrization is not None:
-            stored = _stored_parameters(flat, site.path)
+            stored = _stored_parameters(flat, site)
             key = (type(site.parametrization.args[0]),
                    tuple(sorted((k, np.shape(v)) for k, v in stored.items())))
             if key not in counted:
@@ -379,7 +381,7 @@ class _Kernels(Mapping):
     def __init__(self, flat, candidates):
         self._flat, self._sites, self._arrays, self._done = flat, {}, {}, {}
         for s in candidates:
-            key = ("params", *variable_key(s.path), s.kernel_name)
+            key = ("params", *s.kernel_key)
             if key not in flat:
                 raise ValueError(f"variables have no kernel for layer {s.path!r} "
                                  f"({'/'.join(key)})")
@@ -460,7 +462,7 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
         # (a product written by hand has no bias of its own: the module's stays the module's)
         if site.parametrization is not None and bias is not None:
             bias = _site_parameters(flat, site)["bias"]
-        del out[(*prefix, site.kernel_name)]
+        del out[("params", *site.kernel_key)]
         vertical, horizontal = problem.site(path).factor_variables(factors[path])
         out[(*prefix, "vertical", "kernel")] = vertical
         out[(*prefix, "horizontal", "kernel")] = horizontal

@@ -57,11 +57,11 @@ class Projection(nn.Module):
         return jnp.tanh(x @ self.kernel)
 
 
-class Transposed(Projection):
-    """Its kernel transposed before the product: not the layer's own form, kept."""
+class Twice(Projection):
+    """Its kernel in two products (a weight-tied pair of layers): no one layer's, kept."""
 
     def __call__(self, x):
-        return x @ self.kernel.T
+        return jnp.tanh(x @ self.kernel) @ self.kernel
 
     def norm(self):
         return jnp.sum(self.kernel ** 2)
@@ -74,7 +74,7 @@ class Speech(nn.Module):
         x, paddings = Subsampling(16, 32, name="sub2")(x, paddings)
         x = x.reshape(*x.shape[:2], -1)
         x = Projection(x.shape[-1], 24, name="proj")(x)
-        x = Transposed(24, 24, name="kept")(x)
+        x = Twice(24, 24, name="kept")(x)
         return nn.Dense(10, name="head")(x), paddings
 
 
@@ -161,7 +161,7 @@ def test_a_kernel_read_besides_its_product_is_kept_or_a_clear_error():
     class Norms(nn.Module):
         @nn.compact
         def __call__(self, x):
-            layer = Transposed(24, 24, name="layer")
+            layer = Twice(24, 24, name="layer")
             return layer(x) + layer.norm()
 
     x = jax.random.normal(jax.random.key(3), (2, 24))

@@ -1,0 +1,318 @@
+"""The Flax layer that a product written by hand computes: which products of a parameter are
+one, and the layer they run as (:mod:`lrjax.linen_products` finds them in a module's traced
+call and replays the call with the layer in the product's place).
+
+A parameter is a layer's kernel when its one use, through multiplications and divisions by
+constants, casts, transposes and reshapes (:class:`Step`: StyleGAN2's equalized learning rate,
+t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed), is
+
+* the second operand of a ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``;
+  any strides, explicit padding, dilation and feature groups; no input dilation): an
+  ``nn.Conv``;
+* an operand of a ``dot_general`` with the data, without batch dimensions, contracting some
+  of the kernel's axes with some of the data's and keeping at least one of each: the data's
+  last axes with the kernel's first ones is an ``nn.Dense`` (``nn.DenseGeneral``: t5x's and
+  MaxText's ``(embed, heads, head_dim)`` kernels); any other axes, or the kernel first, an
+  ``nn.Einsum`` whose equation gives the product's own output order (Gemma's
+  ``jnp.einsum('BTD,NDH->BTNH', x, w)``: the kernel's middle axis contracted).
+
+The layer is :class:`WrittenConv` / :class:`WrittenDense` / :class:`WrittenDenseGeneral` /
+:class:`WrittenEinsum` when the parameter has another name than ``kernel`` or takes steps: it
+reads the module's variable under its stored name and shape and applies the steps (a
+re-parametrization the closed form factors as it factors BiT's standardized kernels); Flax's
+own layer otherwise. A kernel that takes a batch of products (one per head: a block-diagonal
+``'BTHi,Hij->BTHj'``), is multiplied by data, or is used twice is none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
+           "WrittenDenseGeneral", "WrittenEinsum", "is_pair", "is_written_layer", "kernel_name",
+           "layer_for", "product_of", "set_aside", "stored_kernel"]
+
+KERNEL = "kernel"
+_WRITTEN = "_lrjax_written"  # set on a layer made by layer_for
+_STASHED = "_lrjax_stashed_kernel"  # a kernel set aside while a pair may take its name (init)
+_STEPS = ("mul", "div", "convert_element_type", "copy", "copy_p", "reshape", "squeeze",
+          "transpose")
+
+
+class NotALayer(Exception):
+    """A parameter's use that no Flax layer computes (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Step:
+    """One operation between a written kernel and its product: ``primitive`` applied with
+    ``params`` to ``operands``, the kernel at ``position`` and constants (scalars) elsewhere."""
+    primitive: Any
+    params: dict
+    operands: tuple
+    position: int
+
+    def __call__(self, kernel):
+        ins = list(self.operands)
+        ins[self.position] = kernel
+        return self.primitive.bind(*ins, **self.params)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Product:
+    """A parameter's one product: the equation ``eqn`` computing it, the ``steps`` from the
+    stored parameter to its operand there (computed by the equations ``chain``, as
+    ``(equation, the parameter's position)``), and the position of the data operand."""
+    eqn: Any
+    steps: tuple
+    chain: tuple
+    data: int
+
+
+def _used(kernel, steps):
+    for step in steps:
+        kernel = step(kernel)
+    return kernel
+
+
+def _home(layer: nn.Module):
+    """The scope holding a written layer's kernel: its module's (the layer's own, or its
+    parent when the layer is named by its kernel and bound inside the module's)."""
+    nested = getattr(layer, "named_by_kernel", False) and layer.scope.parent is not None
+    return layer.scope.parent if nested else layer.scope
+
+
+def is_pair(value) -> bool:
+    """Whether a variable tree entry holds a pair's variables (``vertical``, ``horizontal``,
+    an optional ``mid_norm``) in place of a kernel."""
+    return hasattr(value, "items") and {"vertical", "horizontal"} <= set(value) <= {
+        "vertical", "horizontal", "mid_norm"}
+
+
+def stored_kernel(layer: nn.Module):
+    """``layer``'s kernel variable as stored (a written layer's: its module's parameter, in
+    its stored shape); ``None`` when there is none (split, or not made yet)."""
+    home, name = (_home(layer), layer.stored) if isinstance(layer, _RENAMED) else \
+        (layer.scope, KERNEL)
+    if not home.has_variable("params", name):
+        return layer.__dict__.get(_STASHED)
+    value = home.get_variable("params", name)
+    return None if is_pair(value) else value
+
+
+def _written_param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    """The layer's kernel: its module's stored parameter (in a shape of its own when the
+    module's code reshapes it, t5x's flattened ``DenseGeneral`` kernel) as ``steps`` make it."""
+    if name != KERNEL:
+        return nn.Module.param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    value = stored_kernel(self)  # (stored before the layer runs)
+    if value is None:
+        value = nn.Module.param(self, self.stored, init_fn, *init_args, unbox=unbox,
+                                **init_kwargs)
+    return _used(nn.meta.unbox(value) if unbox else value, self.steps)
+
+
+class WrittenDense(nn.Dense):
+    """``nn.Dense`` whose kernel is its module's parameter ``stored`` as ``steps`` make it (a
+    product written by hand in a module's own code; its variables are the module's)."""
+    stored: str = KERNEL
+    steps: tuple = ()
+    named_by_kernel: bool = False
+
+    param = _written_param
+
+
+class WrittenDenseGeneral(nn.DenseGeneral):
+    """``nn.DenseGeneral`` whose kernel is its module's parameter ``stored`` as ``steps`` make
+    it."""
+    stored: str = KERNEL
+    steps: tuple = ()
+    named_by_kernel: bool = False
+
+    param = _written_param
+
+
+class WrittenEinsum(nn.Einsum):
+    """``nn.Einsum`` whose kernel is its module's parameter ``stored`` as ``steps`` make it."""
+    stored: str = KERNEL
+    steps: tuple = ()
+    named_by_kernel: bool = False
+
+    param = _written_param
+
+
+class WrittenConv(nn.Conv):
+    """``nn.Conv`` whose kernel is its module's parameter ``stored`` as ``steps`` make it."""
+    stored: str = KERNEL
+    steps: tuple = ()
+    named_by_kernel: bool = False
+
+    param = _written_param
+
+
+_RENAMED = (WrittenDense, WrittenDenseGeneral, WrittenEinsum, WrittenConv)
+
+
+def kernel_name(layer: nn.Module) -> str:
+    """The name of the variable holding ``layer``'s kernel in its scope (a written product's:
+    its module's parameter)."""
+    return getattr(layer, "stored", KERNEL) if isinstance(layer, _RENAMED) else KERNEL
+
+
+def is_written_layer(layer: nn.Module) -> bool:
+    """Whether ``layer`` is the Flax layer a module's own product runs as."""
+    return bool(layer.__dict__.get(_WRITTEN))
+
+
+def _uses(jaxpr, var) -> list:
+    if var in jaxpr.outvars:
+        return [None]
+    return [e for e in jaxpr.eqns
+            if any(v is var for v in e.invars if not isinstance(v, jcore.Literal))]
+
+
+def _constant(closed, v):
+    """A scalar operand's value (a literal, or a concrete constant of one element)."""
+    if isinstance(v, jcore.Literal):
+        return v.val
+    consts = dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+    value = consts.get(v)
+    if value is None or isinstance(value, jax.core.Tracer) or np.size(value) != 1:
+        raise NotALayer("its kernel is combined with data")
+    return np.asarray(value)
+
+
+def product_of(closed, var) -> Product:
+    """The :class:`Product` of ``closed`` (a closed jaxpr) that ``var``, a parameter, goes to
+    through steps, when a Flax layer computes it (the module's docstring); else
+    :class:`NotALayer`."""
+    jaxpr, steps, chain = closed.jaxpr, [], []
+    while True:
+        uses = _uses(jaxpr, var)
+        if len(uses) != 1 or uses[0] is None:
+            raise NotALayer("its kernel is used otherwise than in one product")
+        eqn = uses[0]
+        if eqn.primitive.name not in _STEPS:
+            break
+        position = [i for i, v in enumerate(eqn.invars) if v is var]
+        if len(position) != 1 or (eqn.primitive.name == "div" and position[0] != 0):
+            raise NotALayer(f"its kernel goes to {eqn.primitive.name}")
+        others = [None if i == position[0] else _constant(closed, v)
+                  for i, v in enumerate(eqn.invars)]
+        steps.append(Step(eqn.primitive, dict(eqn.params), tuple(others), position[0]))
+        chain.append((eqn, position[0]))
+        var = eqn.outvars[0]
+    at = [i for i, v in enumerate(eqn.invars) if v is var]
+    if len(eqn.invars) < 2 or len(at) != 1 or at[0] > 1:
+        raise NotALayer("its kernel is not one operand of a product")
+    data = 1 - at[0]
+    x, params, kernel = eqn.invars[data].aval, eqn.params, var.aval
+    if eqn.outvars[0].aval.dtype != jax.numpy.result_type(x.dtype, kernel.dtype):
+        raise NotALayer("a product computed in another dtype (preferred_element_type)")
+    found = Product(eqn, tuple(steps), tuple(chain), data)
+    if eqn.primitive.name == "conv_general_dilated":
+        ndim = len(x.shape)
+        lhs = (0, ndim - 1, *range(1, ndim - 1))  # Flax's: channels last, HWIO
+        flax_layout = (lhs, (ndim - 1, ndim - 2, *range(ndim - 2)), lhs)
+        if data != 0 or tuple(tuple(s) for s in params["dimension_numbers"]) != flax_layout \
+                or any(d != 1 for d in params["lhs_dilation"]) or \
+                params["batch_group_count"] != 1:
+            raise NotALayer("a conv in another layout, input-dilated or batch-grouped")
+        return found
+    if eqn.primitive.name == "dot_general":
+        contracted, batched = params["dimension_numbers"]
+        if any(batched):
+            raise NotALayer("a batch of products (the kernel's and the data's batch axes)")
+        if not 0 < len(contracted[at[0]]) < len(kernel.shape) or \
+                len(contracted[data]) == len(x.shape):
+            raise NotALayer("a product keeping none of the kernel's or the data's axes")
+        return found
+    raise NotALayer(f"its kernel goes to {eqn.primitive.name}")
+
+
+def _dense_axes(product: Product) -> int | None:
+    """``k`` when ``product`` contracts the data's last ``k`` axes with the kernel's first
+    ``k`` (the kernel second): a dense layer's product; else ``None``."""
+    eqn = product.eqn
+    if eqn.primitive.name != "dot_general" or product.data != 0:
+        return None
+    contracted = eqn.params["dimension_numbers"][0]
+    k, ndim = len(contracted[0]), len(eqn.invars[0].aval.shape)
+    first = tuple(contracted[0]) == tuple(range(ndim - k, ndim))
+    return k if first and tuple(contracted[1]) == tuple(range(k)) else None
+
+
+def _equation(product: Product) -> str:
+    """The einsum ``data,kernel->out`` of ``product``'s ``dot_general``, ``out`` in the
+    product's own order (the first operand's kept axes, then the second's)."""
+    eqn, data = product.eqn, product.data
+    contracted = eqn.params["dimension_numbers"][0]
+    x = list(string.ascii_lowercase[:len(eqn.invars[data].aval.shape)])
+    kernel_ndim = len(eqn.invars[1 - data].aval.shape)
+    fresh = iter(string.ascii_uppercase)
+    k = [None] * kernel_ndim
+    for xa, ka in zip(contracted[data], contracted[1 - data], strict=True):
+        k[ka] = x[xa]
+    k = [c if c is not None else next(fresh) for c in k]
+    kept_x = [c for i, c in enumerate(x) if i not in contracted[data]]
+    kept_k = [c for i, c in enumerate(k) if i not in contracted[1 - data]]
+    out = kept_x + kept_k if data == 0 else kept_k + kept_x
+    return f"{''.join(x)},{''.join(k)}->{''.join(out)}"
+
+
+def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bool = False
+              ) -> nn.Module:
+    """The Flax layer (no bias) computing ``product`` with the parameter ``name`` of the
+    module whose ``scope`` it is bound to, as the product's steps make it; in an init, its
+    kernel is the one the module's ``param`` made (``kernel``: its value, for its dtype).
+
+    ``named_by_kernel``: the layer is bound to a scope named ``name`` inside ``scope`` (the
+    module's scope is shared with others, ``nn.share_scope``: Gemma's feed-forward holds two
+    products), its path ``{module path}/{name}``; a pair in its place replaces the variable
+    ``name`` by ``name/vertical``, ``name/horizontal``."""
+    eqn, steps = product.eqn, product.steps
+    params, shape = eqn.params, tuple(eqn.invars[1 - product.data].aval.shape)  # (as used)
+    dtype = nn.meta.unbox(kernel).dtype
+
+    def made(key, wanted, dtype=dtype):  # (a pair in its place inits its own factors; the
+        return nn.initializers.lecun_normal()(key, wanted, dtype)  # layer's own kernel is
+    # stored before it runs: linen_products)
+
+    renamed = {"stored": name, "steps": steps} if name != KERNEL or steps else {}
+    if named_by_kernel:
+        renamed = {"stored": name, "steps": steps, "named_by_kernel": True}
+        scope = scope.push(name, reuse=True)
+    common = dict(use_bias=False, param_dtype=dtype, precision=params["precision"],
+                  kernel_init=made, parent=scope, **renamed)
+    k = _dense_axes(product)
+    if eqn.primitive.name == "dot_general" and k == 1 and len(shape) == 2:
+        layer = (WrittenDense if renamed else nn.Dense)(shape[1], **common)
+    elif eqn.primitive.name == "dot_general" and k is not None:  # (t5x's, MaxText's)
+        layer = (WrittenDenseGeneral if renamed else nn.DenseGeneral)(
+            shape[k:], axis=tuple(range(-k, 0)), **common)
+    elif eqn.primitive.name == "dot_general":  # (Gemma's: any axes)
+        layer = (WrittenEinsum if renamed else nn.Einsum)(shape, _equation(product), **common)
+    else:
+        layer = (WrittenConv if renamed else nn.Conv)(
+            shape[-1], shape[:-2], strides=tuple(params["window_strides"]),
+            padding=[tuple(int(v) for v in p) for p in params["padding"]],
+            kernel_dilation=tuple(params["rhs_dilation"]),
+            feature_group_count=params["feature_group_count"], **common)
+    object.__setattr__(layer, _WRITTEN, True)
+    return layer
+
+
+def set_aside(layer: nn.Module, kernel) -> None:
+    """Hold ``kernel`` for ``layer`` (named by its kernel) while its variable is removed from
+    its module's scope, so that a pair may take its name in an init; ``None``: release it."""
+    if kernel is None:
+        layer.__dict__.pop(_STASHED, None)
+    else:
+        object.__setattr__(layer, _STASHED, kernel)

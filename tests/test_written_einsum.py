@@ -1,0 +1,205 @@
+"""Einsums written by hand (:mod:`lrjax.written_products`), as google-deepmind/gemma writes its
+layers: one ``Einsum`` module holding a parameter ``w`` and called with the equation,
+``jnp.einsum(eqn, x, w)``, whose kernel axes are contracted in any position (``'BTD,NDH->BTNH'``:
+the middle one) and whose output may be reordered (``'BSD,CKDH->CBSKH'``); a feed-forward
+whose two einsums share its scope (``nn.share_scope``: their kernels are its variables
+``gating_einsum`` and ``linear``); the model's ``__call__`` under ``nn.jit``. A kernel
+transposed on its way (PyTorch's layout) is a dense layer too; a batch of per-head kernels
+(block-diagonal) is no layer, and a module sharing its scope with a Flax layer it runs (the
+Flax docs' LoRA) runs as written."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrjax
+from lrjax import export, linen_cells, surgery
+from tests.helpers import init
+
+
+class Einsum(nn.Module):
+    """Gemma's ``_layers.Einsum``: the equation is the call's first argument."""
+    shape: tuple
+    weight_name: str = "w"
+
+    @nn.compact
+    def __call__(self, eqn, x):
+        w = self.param(self.weight_name, nn.initializers.normal(0.2), self.shape)
+        return jnp.einsum(eqn, x, w)
+
+
+class FeedForward(nn.Module):
+    """Gemma's: both einsums in this module's own scope."""
+    features: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):
+        gating = Einsum((2, self.features, self.hidden), weight_name="gating_einsum")
+        nn.share_scope(self, gating)
+        gate = gating("...F,NFH->...NH", x)
+        linear = Einsum((self.hidden, self.features), weight_name="linear")
+        nn.share_scope(self, linear)
+        return linear("...H,HF->...F", nn.gelu(gate[..., 0, :]) * gate[..., 1, :])
+
+
+class PerHead(nn.Module):
+    """One kernel per head (block-diagonal): no Flax layer, its own product."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(0.2), (x.shape[-2], x.shape[-1], x.shape[-1]))
+        return jnp.einsum("BTHi,Hij->BTHj", x, w)
+
+
+class Block(nn.Module):
+    def setup(self):
+        self.q_einsum = Einsum((4, 32, 8))
+        self.kv_einsum = Einsum((2, 4, 32, 8))
+        self.per_head = PerHead()
+        self.attn_vec_einsum = Einsum((4, 8, 32))
+        self.mlp = FeedForward(32, 64)
+
+    def __call__(self, x):
+        q = self.q_einsum("BTD,NDH->BTNH", x)
+        k, v = self.kv_einsum("BSD,CKDH->CBSKH", x)
+        probs = jax.nn.softmax(jnp.einsum("BTNH,BSNH->BTNS", q, k) / 8.0)
+        encoded = self.per_head(jnp.einsum("BTNS,BSNH->BTNH", probs, v))
+        x = x + self.attn_vec_einsum("BTNH,NHD->BTD", encoded)
+        return x + self.mlp(x)
+
+
+class Transformer(nn.Module):
+    """Gemma's ``Transformer.__call__`` is ``nn.jit``-ed."""
+
+    def setup(self):
+        self.blocks = [Block(name=f"layer_{i}") for i in range(2)]
+
+    @functools.partial(nn.jit, static_argnames=("self",))
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+X = jax.random.normal(jax.random.key(0), (2, 6, 32))
+SPLIT = {f"layer_{i}/{name}": shape for i in range(2) for name, shape in (
+    ("q_einsum", ((32,), (4, 8))), ("kv_einsum", ((32,), (2, 4, 8))),
+    ("attn_vec_einsum", ((4, 8), (32,))), ("mlp/gating_einsum", ((32,), (2, 64))),
+    ("mlp/linear", ((64,), (32,))))}
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = Transformer()
+    return model, init(model, 1, X)
+
+
+def _lowered(model, variables):
+    return jax.jit(model.apply).lower(variables, X).cost_analysis()["flops"]
+
+
+def test_gemma_einsums_are_found_named_by_their_kernels_and_init_as_written(net):
+    model, variables = net
+    found = {s.path: s for s in surgery.find_convs(model, X)}
+    assert {p: s.dense_dims for p, s in found.items() if s.candidate} == SPLIT
+    assert "layer_0/per_head" not in found  # a batch of kernels: its own product
+    gating = found["layer_1/mlp/gating_einsum"]
+    assert gating.named_by_kernel and gating.kernel_key == ("layer_1", "mlp", "gating_einsum")
+    assert found["layer_1/q_einsum"].kernel_key == ("layer_1", "q_einsum", "w")
+    with linen_cells.as_sublayers():  # the model's own variables, from the same keys
+        jax.tree.map(np.testing.assert_array_equal, init(model, 1, X), variables)
+
+
+def test_full_rank_pairs_replace_the_kernels_in_place(net):
+    model, variables = net
+    full = {p: min(int(np.prod(c)), int(np.prod(n))) for p, (c, n) in SPLIT.items()}
+    result = lrjax.decompose_linen(model, variables, X, rule=full)
+    shapes = jax.tree.map(jnp.shape, result.variables["params"]["layer_0"])
+    assert shapes["mlp"] == {
+        "gating_einsum": {"vertical": {"kernel": (32, 32)}, "horizontal": {"kernel": (32, 2, 64)}},
+        "linear": {"vertical": {"kernel": (64, 32)}, "horizontal": {"kernel": (32, 32)}}}
+    assert shapes["q_einsum"] == {"vertical": {"kernel": (32, 32)},
+                                  "horizontal": {"kernel": (32, 4, 8)}}
+    np.testing.assert_allclose(result.module.apply(result.variables, X),
+                               model.apply(variables, X), rtol=1e-4, atol=1e-5)
+
+
+def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(net, tmp_path):
+    model, variables = net
+    calibration = jax.random.normal(jax.random.key(2), (8, 6, 32))
+    free = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5")
+    fitted = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5",
+                                   calibration=calibration)
+    for result in (free, fitted):
+        assert {p.rsplit("/", 1)[-1] for p in result.ranks} >= {"gating_einsum", "attn_vec_einsum"}
+        assert result.report.speedup == pytest.approx(
+            _lowered(model, variables) / _lowered(result.module, result.variables), rel=1e-6)
+        assert "left as is: layer_0/per_head: its own code" in result.report.table()
+    done = export.to_onnx(fitted.module, fitted.variables, (X,), str(tmp_path / "g.onnx"))
+    assert done.max_abs_error <= 1e-5 * max(1.0, done.scale)
+    lrjax.save_decomposed(str(tmp_path / "saved"), fitted)
+    module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
+    np.testing.assert_array_equal(module.apply(loaded, X),
+                                  fitted.module.apply(fitted.variables, X))
+
+
+def test_a_jitted_model_keeps_its_cached_trace_outside_lrjax(net):
+    """Under lrjax every ``nn.jit``-ed call is traced again (its cache knows no interceptor);
+    outside, the user's model caches as before."""
+    model, variables = net
+    lrjax.decompose_linen(model, variables, X, rule="speedup:1.5")
+    proxy = nn.transforms._HashableProxy
+    assert proxy.from_module(model).hash_key == proxy.from_module(model).hash_key
+
+
+class TorchLinear(nn.Module):
+    """A kernel stored in PyTorch's ``(out, in)`` layout, transposed in the call among other
+    work: a dense layer of the transposed kernel."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.normal(0.2), (self.features, x.shape[-1]))
+        b = self.param("bias", nn.initializers.normal(0.1), (self.features,))
+        return jax.nn.relu(x @ w.T + b)
+
+
+class DenseLoRA(nn.Module):
+    """The Flax docs' ``nn.share_scope`` example: a Dense and its adapters in one scope; the
+    adapters' products run as written (the module runs another module)."""
+
+    def setup(self):
+        self.child = nn.Dense(24)
+        nn.share_scope(self, self.child)
+
+    @nn.compact
+    def __call__(self, x):
+        a = self.param("A", nn.initializers.normal(0.1), (x.shape[-1], 2))
+        b = self.param("B", nn.initializers.normal(0.1), (2, 24))
+        return self.child(x) + x @ a @ b
+
+
+class Adapted(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return DenseLoRA(name="lora")(TorchLinear(24, name="torch")(x))
+
+
+def test_a_transposed_kernel_splits_and_a_module_running_others_runs_as_written():
+    x, model = jax.random.normal(jax.random.key(3), (4, 24)), Adapted()
+    variables = init(model, 0, x)
+    found = {s.path: s for s in surgery.find_convs(model, x)}
+    assert found["torch"].candidate and found["torch"].kernel_name == "weight"
+    assert found["lora"].candidate and not found["lora"].written  # the Dense itself
+    full = lrjax.decompose_linen(model, variables, x, rule={"torch": 24, "lora": 24})
+    np.testing.assert_allclose(full.module.apply(full.variables, x), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+    pair = full.variables["params"]["torch"]
+    np.testing.assert_allclose(pair["vertical"]["kernel"] @ pair["horizontal"]["kernel"],
+                               variables["params"]["torch"]["weight"].T, rtol=1e-4, atol=1e-5)
+    assert set(full.variables["params"]["lora"]) == {"A", "B", "vertical", "horizontal"}
