@@ -289,7 +289,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
                  if c is kernel]
         if len(found) != 1:
             raise _Ineligible("its kernel is used otherwise than in one product")
-        product = product_of(closed, found[0])
+        product = product_of(closed, found[0], closed.jaxpr.invars)
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if placeholder:
             raise _no_longer(module, e) from None
@@ -446,7 +446,7 @@ def _one_product(closed, names):
     found = []
     for name, var in zip(names, closed.jaxpr.invars, strict=False):
         try:
-            found.append((name, product_of(closed, var)))
+            found.append((name, product_of(closed, var, closed.jaxpr.invars[len(names):])))
         except _Ineligible:
             continue
     if len(found) != 1:

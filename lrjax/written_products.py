@@ -21,7 +21,9 @@ The layer is :class:`WrittenConv` / :class:`WrittenDense` / :class:`WrittenDense
 reads the module's variable under its stored name and shape and applies the steps (a
 re-parametrization the closed form factors as it factors BiT's standardized kernels); Flax's
 own layer otherwise. A kernel that takes a batch of products (one per head: a block-diagonal
-``'BTHi,Hij->BTHj'``), is multiplied by data, or is used twice is none.
+``'BTHi,Hij->BTHj'``), is multiplied by data, or is used twice is none, and so is a product
+whose other operand no input of the call computes (t5x's relative-position table contracted
+with a one-hot of positions built from integers: a lookup).
 """
 
 from __future__ import annotations
@@ -189,10 +191,21 @@ def _constant(closed, v):
     return np.asarray(value)
 
 
-def product_of(closed, var) -> Product:
+def _depending(jaxpr, inputs) -> set:
+    """The variables of ``jaxpr`` computed from any of ``inputs``."""
+    found = set(inputs)
+    for e in jaxpr.eqns:
+        if any(not isinstance(v, jcore.Literal) and v in found for v in e.invars):
+            found.update(e.outvars)
+    return found
+
+
+def product_of(closed, var, inputs) -> Product:
     """The :class:`Product` of ``closed`` (a closed jaxpr) that ``var``, a parameter, goes to
-    through steps, when a Flax layer computes it (the module's docstring); else
-    :class:`NotALayer`."""
+    through steps, when a Flax layer computes it (the module's docstring) on data computed
+    from ``inputs`` (the call's arrays among ``closed``'s inputs: a product with a constant,
+    t5x's relative-position table contracted with a one-hot of positions, is a lookup);
+    else :class:`NotALayer`."""
     jaxpr, steps, chain = closed.jaxpr, [], []
     while True:
         uses = _uses(jaxpr, var)
@@ -213,6 +226,9 @@ def product_of(closed, var) -> Product:
     if len(eqn.invars) < 2 or len(at) != 1 or at[0] > 1:
         raise NotALayer("its kernel is not one operand of a product")
     data = 1 - at[0]
+    operand = eqn.invars[data]
+    if isinstance(operand, jcore.Literal) or operand not in _depending(jaxpr, inputs):
+        raise NotALayer("its product's other operand is computed from no input (a lookup)")
     x, params, kernel = eqn.invars[data].aval, eqn.params, var.aval
     if eqn.outvars[0].aval.dtype != jax.numpy.result_type(x.dtype, kernel.dtype):
         raise NotALayer("a product computed in another dtype (preferred_element_type)")

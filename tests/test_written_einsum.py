@@ -203,3 +203,31 @@ def test_a_transposed_kernel_splits_and_a_module_running_others_runs_as_written(
     np.testing.assert_allclose(pair["vertical"]["kernel"] @ pair["horizontal"]["kernel"],
                                variables["params"]["torch"]["weight"].T, rtol=1e-4, atol=1e-5)
     assert set(full.variables["params"]["lora"]) == {"A", "B", "vertical", "horizontal"}
+
+
+class RelativeBias(nn.Module):
+    """t5x's ``RelativePositionBiases``: its table contracted with a one-hot of bucketed
+    positions built from the call's integers (a gather written as a product): a lookup."""
+
+    @nn.compact
+    def __call__(self, qlen, klen):
+        table = self.param("rel_embedding", nn.initializers.normal(0.2), (4, 8))
+        buckets = jnp.clip(jnp.arange(klen)[None] - jnp.arange(qlen)[:, None], -4, 3) + 4
+        one_hot = (buckets[None] == jnp.arange(8)[:, None, None]).astype(jnp.float32)
+        return jax.lax.dot_general(table, one_hot, (((1,), (0,)), ((), ())))
+
+
+class Biased(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16)(x)
+        bias = RelativeBias(name="relpos")(x.shape[1], x.shape[1])
+        return x + jnp.einsum("hqk,bkd->bqd", jax.nn.softmax(bias), x)
+
+
+def test_a_parameter_contracted_with_no_input_is_a_lookup_not_a_layer():
+    x, model = jax.random.normal(jax.random.key(3), (2, 6, 16)), Biased()
+    variables = init(model, 0, x)
+    assert [s.path for s in surgery.find_convs(model, x)] == ["Dense_0"]
+    result = lrjax.decompose_linen(model, variables, x, rule={"Dense_0": 4})
+    assert "relpos" in result.report.skipped
