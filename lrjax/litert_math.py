@@ -7,7 +7,8 @@
   through ``exp`` and ``log``, ``cbrt`` of ``|x|`` (as a power it came out NaN below 0) and a
   boolean ``xor`` as ``!=`` ("'vhlo.xor_v1' op is not part of the vhlo support yet");
 * ``cumlogsumexp`` as a log-sum-exp over a masked ``L x L`` view;
-* ``reduce_precision`` to bfloat16's or float16's bits as a cast there and back;
+* ``reduce_precision`` to bfloat16's or float16's bits as a cast there and back, to the
+  value's own bits as itself;
 * a gather at constant indices with its starts clamped, as JAX clamps them;
 * a scatter that adds (or subtracts) points along one axis (``x.at[:, idx].add(y)``,
   ``segment_sum``, per example under ``jax.vmap``) as an einsum with a one-hot array of the
@@ -310,6 +311,9 @@ def rewrite(eqn, ins) -> list | None:
         return None if out is None else [out]
     if name == "reduce_precision":  # "'vhlo.reduce_precision_v1' op is not part of the vhlo
         bits = (int(eqn.params["exponent_bits"]), int(eqn.params["mantissa_bits"]))  # support"
+        own = jnp.finfo(ins[0].dtype)
+        if bits == (own.nexp, own.nmant):  # (Gemma 3n guards against excess precision so)
+            return [ins[0]]
         narrow = {(8, 7): jnp.bfloat16, (5, 10): jnp.float16}.get(bits)
         return None if narrow is None else [ins[0].astype(narrow).astype(ins[0].dtype)]
     if name == "cumlogsumexp":

@@ -63,7 +63,8 @@ class MathOps(nn.Module):
                    zero_insert=jnp.pad(h.reshape(-1, 6, 1, 7, 1, 4), [(0, 0), (0, 0), (0, 1),
                                                                       (0, 0), (0, 1), (0, 0)]),
                    bfloat16=jax.lax.reduce_precision(x * 1.001, 8, 7),  # (rounding would
-                   float16=jax.lax.reduce_precision(x * 0.999, 5, 10))  # magnify conv noise)
+                   float16=jax.lax.reduce_precision(x * 0.999, 5, 10),  # magnify conv noise)
+                   own_bits=jax.lax.reduce_precision(x * 0.998, 8, 23))
         return out
 
 
