@@ -1,46 +1,46 @@
 """Convs and dense products written by hand in linen modules, run as Flax layers so that they
 can be split. Two ways of writing them are seen in others' models:
 
-* a ``kernel`` declared in ``setup`` (AlgoPerf's Conformer and DeepSpeech subsample with
+* parameters declared in ``setup`` (AlgoPerf's Conformer and DeepSpeech subsample with
   ``self.kernel = self.param("kernel", ...)``, then ``lax.conv_general_dilated(inputs,
-  self.kernel, ...)`` among other work in ``__call__``: a ReLU, a mask, a second output);
+  self.kernel, ...)`` among other work in ``__call__``: a ReLU, a mask, a second output;
+  google-deepmind/recurrentgemma's ``Einsum``: ``w`` and ``b``, ``jnp.einsum(eqn, x, w) + b``);
 * a compact ``__call__`` declaring its parameters under any names and computing with them
   (flaxmodels' StyleGAN2 layers: ``w = self.param("weight", ...)`` scaled by a constant, the
   equalized learning rate, then a conv or ``jnp.matmul``, a bias, an activation; score_sde's
   ``NIN``: ``W``, ``b`` and an einsum; t5x's and MaxText's ``DenseGeneral``: a kernel of
-  several input or output axes in ``lax.dot_general``).
+  several input or output axes in ``lax.dot_general``; google-deepmind/gemma's ``Einsum``,
+  called with its equation, two of them sharing their parent's scope in its feed-forward).
 
 Inside :func:`lrjax.linen_cells.as_sublayers` (every stage of the linen surgery and every call of
 a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax's:
 
-* its parameters are read (or, in an init, made and stored as Flax's ``param`` makes them,
-  from the same random stream) without reserving their names; a ``setup`` module's ``kernel``
-  only, every parameter of a compact module that holds no submodule (its own variables in
-  other collections are fine: t5x's sown ``params_axes``, which its run as written sows in an
-  init; a replayed call sows nothing);
+* its parameters are recorded: a ``setup`` module's as declared (a ``kernel`` read or, in an
+  init, made without reserving its name, as the layer reads it under that name), a compact
+  module's (one that holds no submodule; its own variables in other collections are fine:
+  t5x's sown ``params_axes``, which its run as written sows in an init; a replayed call sows
+  nothing) read or made and stored as Flax's ``param`` makes them, from the same random
+  stream, without reserving their names;
 * its ``__call__`` is traced (``jax.make_jaxpr``, calls inlined; a call that cannot be, e.g.
-  one drawing randomness, runs as written) and, when one parameter's one use, through
-  multiplications and divisions by constants, casts and reshapes (:class:`Step`; t5x stores
-  its ``DenseGeneral`` kernels flattened to 2-D), is the second operand of a
-  ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``; any strides,
-  explicit padding, dilation and feature groups; no input dilation) or of a ``dot_general``
-  contracting the data's last axes with its first ones (t5x's and MaxText's ``DenseGeneral``:
-  a ``(embed, heads, head_dim)`` kernel), the traced program is replayed with that product
-  computed by an ``nn.Conv`` (``nn.Dense``, ``nn.DenseGeneral``) without bias bound to the
-  module's own scope. Its kernel is the module's parameter (:class:`WrittenConv`,
-  :class:`WrittenDense`, :class:`WrittenDenseGeneral` when it has another name or is scaled:
-  the layer reads it under its own name and computes with it scaled, a re-parametrization the
-  closed form factors as it factors BiT's standardized kernels), and lrjax finds, costs,
-  calibrates and splits it as that layer, named by the module's path, its pair's variables
-  ``vertical/kernel`` and ``horizontal/kernel`` in the module's scope next to the module's
-  other variables (its bias stays its own). The rest of the module's code runs as written, on
-  the layer's output. A compact call found to hold no such product (a norm's, a layer
-  scale's) runs as written at once the next times it is made alike.
+  one drawing randomness, runs as written, its scope as it was) and, when one parameter's one
+  use is a product that a Flax layer computes (:mod:`lrjax.written_products`: a conv in
+  Flax's layouts, a ``dot_general`` of some of the data's axes with some of the kernel's,
+  through scales, casts, transposes and reshapes), the traced program is replayed with that
+  product computed by an ``nn.Conv`` (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``)
+  without bias bound to the module's own scope, reading the module's parameter (under its
+  own name, scaled as the code scales it: a re-parametrization the closed form factors as it
+  factors BiT's standardized kernels). lrjax finds, costs, calibrates and splits it as that
+  layer, named by the module's path, its pair's variables ``vertical/kernel`` and
+  ``horizontal/kernel`` in the module's scope next to the module's other variables (its bias
+  stays its own); in a scope shared with others (``nn.share_scope``) the layer is named by
+  its kernel (``{path}/{name}``) and its pair takes that variable's place. The rest of the
+  module's code runs as written, on the layer's output. A call found to hold no such product
+  (a norm's, a layer scale's) runs as written at once the next times it is made alike.
 
-A kernel used in any other way (transposed, multiplied by data, in two products) leaves the
+A kernel used in any other way (multiplied by data, in two products, per head) leaves the
 module as it is: its products are its own, a fixed cost (:mod:`lrjax.own_code`); a decomposed
 module that can no longer be traced so is a ``ValueError`` naming it. In an init under lrjax a
-compact module's variables are the ones its own code would make (same values, same names).
+module's variables are the ones its own code would make (same values, same names).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from lrjax.written_products import (
 
 __all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name", "check_unread"]
 
-_STATE = "_lrjax_written_kernel"  # (kernel value, is a placeholder) set on the module by setup
+_STATE = "_lrjax_setup_params"  # {name: (value, is a placeholder)} its setup declared
 _PARAMS = "_lrjax_written_params"  # (made, given) while a compact module's call is hooked
 _CHILD = "_lrjax_written_layer"  # the Flax layer its product runs as, once per module
 _HOOKED: dict[type, type] = {}
@@ -121,24 +121,23 @@ def _shares_scope(module: nn.Module) -> bool:
         _eligible(parent) and tuple(module.scope.path) == tuple(parent.scope.path)
 
 
-def _split_in(module: nn.Module) -> bool:
-    """A ``setup`` module whose variables hold a pair instead of its ``kernel``."""
-    return _has_pair(module) and _KERNEL not in module.variables.get("params", {})
-
-
-def _kernel(module: nn.Module, init_fn, init_args, init_kwargs):
-    """``(value, is a placeholder)`` of a hooked ``setup`` module's ``kernel``, read or made
-    without reserving its name: the stored one; in an init, a new one (stored by
-    :func:`_replayed`); in a decomposed model, whose pair computes the product, zeros of its
-    shape. ``None``: none of these (Flax's own ``param``)."""
+def _setup_param(module: nn.Module, name, init_fn, init_args, init_kwargs, flax_param):
+    """``(value, is a placeholder)`` of a hooked ``setup`` module's parameter: in a decomposed
+    model whose pair replaced it, zeros of its shape; its ``kernel`` read or made without
+    reserving its name (the layer its product runs as reads it under that name; stored by
+    :func:`_replayed`); another as Flax's ``param`` (``flax_param()``) makes it. ``None``:
+    Flax's own ``param``, unrecorded."""
     scope = module.scope
+    if not scope.has_variable("params", name) and not module.is_initializing() and \
+            _has_pair(module):
+        return _placeholder(module, init_fn, init_args, init_kwargs), True
+    if name != _KERNEL:
+        return flax_param(), False
     if scope.has_variable("params", _KERNEL):
-        return scope.get_variable("params", _KERNEL), False
+        return nn.meta.unbox(scope.get_variable("params", _KERNEL)), False
     if module.is_initializing():
-        return init_fn(module.make_rng("params"), *init_args, **init_kwargs), False
-    if not _split_in(module):
-        return None
-    return _placeholder(module, init_fn, init_args, init_kwargs), True
+        return nn.meta.unbox(init_fn(module.make_rng("params"), *init_args, **init_kwargs)), False
+    return None
 
 
 def _placeholder(module, init_fn, init_args, init_kwargs):
@@ -158,13 +157,17 @@ def _hooked(cls: type) -> type:
             hook = self.__dict__.get(_PARAMS)
             if hook is not None:
                 return _compact_param(self, hook, name, init_fn, init_args, init_kwargs, unbox)
-            made = _kernel(self, init_fn, init_args, init_kwargs) if name == _KERNEL else None
-            if made is None:
+            def flax_param():
                 return super(hooked, self).param(name, init_fn, *init_args, unbox=unbox,
                                                  **init_kwargs)
-            value = nn.meta.unbox(made[0]) if unbox else made[0]
-            object.__setattr__(self, _STATE, (value, made[1]))
-            return value
+
+            made = _setup_param(self, name, init_fn, init_args, init_kwargs, flax_param)
+            if made is None:
+                return flax_param()
+            if _STATE not in self.__dict__:
+                object.__setattr__(self, _STATE, {})
+            self.__dict__[_STATE][name] = made
+            return made[0]
 
         def sow(self, *args, **kwargs):  # traced: what its run as written sows, it sowed
             hook = self.__dict__.get(_PARAMS)
@@ -235,21 +238,24 @@ def as_layer(next_fun, args, kwargs, context):
             return next_fun(*args, **kwargs)
         if method == "__call__":
             return _replayed(module, next_fun, args, kwargs)
-        if state[1]:
+        if any(placeholder for _, placeholder in state.values()):
             raise ValueError(f"layer {'/'.join(module.scope.path)!r} was split as the product "
                              f"of its kernel that its __call__ computes; its method {method!r} "
                              "would need the kernel it no longer has: call it as it was "
                              "decomposed")
-        _stored(module, {_KERNEL: state[0]})  # another method computes with it as written
+        _stored(module, state)  # another method computes with it as written
         return next_fun(*args, **kwargs)
     finally:
         _RUNNING.discard(id(module))
 
 
 def _stored(module: nn.Module, made: dict) -> None:
-    """In an init, parameters stored as the module's own ``param`` would have stored them."""
+    """In an init, parameters stored as the module's own ``param`` would have stored them
+    (``made``: ``{name: value}``, or a setup module's ``{name: (value, placeholder)}``, whose
+    ``kernel`` alone was not stored)."""
     if module.is_initializing():
         for name, value in made.items():
+            value = value[0] if isinstance(value, tuple) else value
             if not module.scope.has_variable("params", name):
                 module.scope.put_variable("params", name, value)
 
@@ -279,22 +285,40 @@ def _traced(fn, *args):
 
 
 def _replayed(module: nn.Module, next_fun, args, kwargs):
-    """A ``setup`` module's call with its product as a Flax layer (or as written)."""
-    kernel, placeholder = module.__dict__[_STATE]
-    arrays, call = _dynamic(next_fun, args, kwargs)
-    _stored(module, {_KERNEL: kernel})  # (in an init: the layer, or its own code, reads it)
-    try:
-        closed, shapes = _traced(call, *arrays)
-        found = [v for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True)
-                 if c is kernel]
-        if len(found) != 1:
-            raise _Ineligible("its kernel is used otherwise than in one product")
-        product = product_of(closed, found[0], closed.jaxpr.invars)
-    except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
-        if placeholder:
-            raise _no_longer(module, e) from None
+    """A ``setup`` module's call with the product of one of its parameters as a Flax layer (or
+    as written, at once when the same call was found to hold none)."""
+    state = module.__dict__[_STATE]
+    split = any(placeholder for _, placeholder in state.values())
+    _stored(module, state)  # (in an init: the layer, or its own code, reads its kernel)
+    key = _call_key(module, args, kwargs)
+    if not split and key is not None and key in _AS_WRITTEN:
         return next_fun(*args, **kwargs)
-    return _run_as_layer(module, closed, shapes, arrays, product, _KERNEL, kernel)
+    arrays, call = _dynamic(next_fun, args, kwargs)
+    try:
+        with _attempt(module):
+            closed, shapes = _traced(call, *arrays)
+        named = {id(value): name for name, (value, _) in state.items()}
+        uses: dict = {}
+        for var, const in zip(closed.jaxpr.constvars, closed.consts, strict=True):
+            if id(const) in named:
+                uses.setdefault(named[id(const)], []).append(var)
+        found = []
+        for name, (var, *more) in uses.items():
+            try:
+                if not more:
+                    found.append((name, product_of(closed, var, closed.jaxpr.invars)))
+            except _Ineligible:
+                continue
+        if len(found) != 1:
+            raise _Ineligible(f"{len(found)} parameters used in one product each")
+    except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
+        if split:
+            raise _no_longer(module, e) from None
+        if key is not None:
+            _AS_WRITTEN.add(key)
+        return next_fun(*args, **kwargs)
+    (name, product), = found
+    return _run_as_layer(module, closed, shapes, arrays, product, name, state[name][0])
 
 
 def _no_longer(module, e) -> ValueError:

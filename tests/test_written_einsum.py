@@ -231,3 +231,46 @@ def test_a_parameter_contracted_with_no_input_is_a_lookup_not_a_layer():
     assert [s.path for s in surgery.find_convs(model, x)] == ["Dense_0"]
     result = lrjax.decompose_linen(model, variables, x, rule={"Dense_0": 4})
     assert "relpos" in result.report.skipped
+
+
+class SetupEinsum(nn.Module):
+    """google-deepmind/recurrentgemma's ``layers.Einsum``: ``w`` and ``b`` declared in
+    ``setup``, the equation a field (its MLP's ``'...td,cdD->c...tD'``: a reordered output)."""
+    w_shape: tuple
+    b_shape: tuple
+    eqn: str
+
+    def setup(self):
+        self.w = self.param("w", nn.initializers.normal(0.2), self.w_shape)
+        self.b = self.param("b", nn.initializers.normal(0.1), self.b_shape)
+
+    def __call__(self, x):
+        return jnp.einsum(self.eqn, x, self.w) + self.b
+
+
+class GriffinMLP(nn.Module):
+    def setup(self):
+        self.ffw_up = SetupEinsum((2, 16, 48), (2, 1, 1, 48), "...td,cdD->c...tD")
+        self.ffw_down = nn.Dense(16)
+
+    def __call__(self, x):
+        gate, up = self.ffw_up(x)
+        return self.ffw_down(nn.gelu(gate) * up)
+
+
+def test_a_setup_parameter_under_another_name_splits_its_bias_stays():
+    x, model = jax.random.normal(jax.random.key(3), (2, 6, 16)), GriffinMLP()
+    variables = init(model, 0, x)
+    found = {s.path: s for s in surgery.find_convs(model, x)}
+    assert found["ffw_up"].kernel_name == "w" and found["ffw_up"].dense_dims == ((16,), (2, 48))
+    with linen_cells.as_sublayers():  # the model's own variables, from the same keys
+        jax.tree.map(np.testing.assert_array_equal, init(model, 0, x), variables)
+    full = lrjax.decompose_linen(model, variables, x, rule={"ffw_up": 16})
+    assert jax.tree.map(jnp.shape, full.variables["params"]["ffw_up"]) == {
+        "b": (2, 1, 1, 48), "vertical": {"kernel": (16, 16)}, "horizontal": {"kernel": (16, 2, 48)}}
+    np.testing.assert_allclose(full.module.apply(full.variables, x), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5", calibration=x * 2)
+    lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
+               for m, v in ((model, variables), (result.module, result.variables))]
+    assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
