@@ -55,6 +55,7 @@ from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
 from lrjax.sites import ConvSite, costed_as_run, example_batch, layer_indices, variable_key
 from lrjax.splittable import conv_shape, linen_site
+from lrjax.written_products import keep_read_elsewhere
 
 __all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_linen",
            "calibration_moments", "rank_problem", "linen_scorer", "search", "fold_batch_norms"]
@@ -149,6 +150,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     # (path, prefix, scope) of the modules running; prefix: the path of the module applied
     # apart that this one is in (None: in the model)
     running: list[tuple[str, str | None, Any]] = []
+    elsewhere: dict[str, str] = {}  # path: another method of a module whose product is a layer
 
     def record(next_fun, args, kwargs, context):
         module = context.module
@@ -161,6 +163,9 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         path = module_path(module) if prefix is None else \
             "/".join(p for p in (prefix, module_path(module)) if p)
         wrapper = module if isinstance(module, _WRAPPERS) else running[-1][3] if running else None
+        if context.method_name not in ("__call__", "setup") and linen_products.runs_as_layer(
+                module) and not hasattr(nn.Module, context.method_name):  # (a tied embedding)
+            elsewhere.setdefault(path, context.method_name)
         running.append((path, prefix, module.scope, wrapper))
         try:
             _record(module, path, prefix is not None, wrapper, args, kwargs, context)
@@ -203,6 +208,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     batch = example_batch(example_args)
     found.update(_reading_their_kernels(model, example_args, example_kwargs, {
         p: (found[p], name) for p, name in delegated.items() if found[p].candidate}))
+    keep_read_elsewhere(found, elsewhere)
     return [sites.per_example(sites.unless_stacked(
         site, getattr(shapes.get(site.kernel_key), "shape", None)),
         batch)

@@ -37,9 +37,11 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from lrjax.sites import ConvSite
+
 __all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
-           "WrittenDenseGeneral", "WrittenEinsum", "is_pair", "is_written_layer", "kernel_name",
-           "layer_for", "product_of", "set_aside", "stored_kernel"]
+           "WrittenDenseGeneral", "WrittenEinsum", "is_pair", "is_written_layer", "keep_read_elsewhere",
+           "kernel_name", "layer_for", "product_of", "set_aside", "stored_kernel"]
 
 KERNEL = "kernel"
 _WRITTEN = "_lrjax_written"  # set on a layer made by layer_for
@@ -332,3 +334,16 @@ def set_aside(layer: nn.Module, kernel) -> None:
         layer.__dict__.pop(_STASHED, None)
     else:
         object.__setattr__(layer, _STASHED, kernel)
+
+
+def keep_read_elsewhere(found: dict[str, ConvSite], elsewhere: dict[str, str]) -> None:
+    """Leave as they are, in ``found`` (``{path: site}``), the written products of modules that
+    ran another method too (``elsewhere``: ``{module path: method}``): a tied embedding's
+    ``attend`` reads the table its ``__call__`` multiplies by, which a pair would replace."""
+    for path, site in found.items():
+        module = path.rsplit("/", 1)[0] if site.named_by_kernel else path
+        if site.written and site.candidate and module in elsewhere:
+            found[path] = ConvSite(path, None, skip=(
+                f"a product its module's own code computes, whose method "
+                f"{elsewhere[module]!r} runs too and may read the same parameters (a tied "
+                "embedding's attend): its own computation is kept"))

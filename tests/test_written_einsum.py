@@ -274,3 +274,51 @@ def test_a_setup_parameter_under_another_name_splits_its_bias_stays():
     lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
                for m, v in ((model, variables), (result.module, result.variables))]
     assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
+
+
+class OneHotEmbed(nn.Module):
+    """t5x's ``Embed``: its table declared in ``setup``, looked up as a one-hot product (a
+    dense layer of the token ids' one-hot vectors), and read by ``attend`` for tied logits."""
+    tied: bool
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.initializers.normal(1.0), (32, 16))
+
+    def __call__(self, ids):
+        return (ids[..., None] == jnp.arange(32)).astype(jnp.float32) @ self.embedding
+
+    def attend(self, query):
+        return query @ self.embedding.T
+
+
+class TiedLM(nn.Module):
+    tied: bool
+
+    def setup(self):
+        self.embedder = OneHotEmbed(self.tied)
+        self.hidden = nn.Dense(16)
+        self.logits = nn.Dense(32)
+
+    def __call__(self, ids):
+        x = jnp.tanh(self.hidden(self.embedder(ids)))
+        return self.embedder.attend(x) if self.tied else self.logits(x)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_table_its_module_also_reads_in_another_method_is_kept(tied):
+    ids = jax.random.randint(jax.random.key(0), (2, 6), 0, 32)
+    model = TiedLM(tied)
+    variables = init(model, 0, ids)
+    found = {s.path: s for s in surgery.find_convs(model, ids)}
+    assert found["embedder"].candidate is not tied  # (a one-hot product: a dense layer)
+    if tied:
+        assert "method 'attend' runs too" in found["embedder"].skip
+    if tied:
+        with pytest.raises(ValueError, match="'embedder' cannot be decomposed: .* 'attend'"):
+            lrjax.decompose_linen(model, variables, ids, rule={"embedder": 4})
+    result = lrjax.decompose_linen(model, variables, ids, rule="speedup:1.2" if tied else {
+        "embedder": 4, "hidden": 4})
+    assert ("embedder" in result.ranks) is not tied
+    lowered = [jax.jit(m.apply).lower(v, ids).cost_analysis()["flops"]
+               for m, v in ((model, variables), (result.module, result.variables))]
+    assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
