@@ -305,10 +305,11 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
         found = []
         for name, (var, *more) in uses.items():
             try:
-                if not more:
-                    found.append((name, product_of(closed, var, closed.jaxpr.invars)))
+                found.append((name, product_of(closed, var, closed.jaxpr.invars)))
             except _Ineligible:
                 continue
+            if more:  # (read twice: not one product)
+                found.pop()
         if len(found) != 1:
             raise _Ineligible(f"{len(found)} parameters used in one product each")
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)

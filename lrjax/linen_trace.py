@@ -189,16 +189,14 @@ def unjitted(model: nn.Module) -> nn.Module:
     return cls.__mro__[1](**fields)
 
 
-_PROXY = nn.transforms._HashableProxy  # what nn.jit keys its cached traces on
+_PROXY = getattr(nn.transforms, "_HashableProxy", None)  # what nn.jit keys its traces on
+_FROM_MODULE = getattr(_PROXY, "from_module", None)
 _LIFTED = {"depth": 0, "lock": threading.Lock(), "calls": itertools.count()}
 
 
 def _fresh_proxy(cls, module):
     proxy = _FROM_MODULE(module)
     return dataclasses.replace(proxy, hash_key=hash((proxy.hash_key, next(_LIFTED["calls"]))))
-
-
-_FROM_MODULE = _PROXY.from_module
 
 
 @contextlib.contextmanager
@@ -209,7 +207,11 @@ def retraced_lifted_jit():
     ``nn.jit`` caches a trace per module configuration (its fields and scope state), not per
     method interceptor: run again under lrjax's interceptors, a method jitted so (Gemma's
     ``Transformer.__call__``) would replay the trace of an earlier call, whose layers were not
-    found, marked or split. Inside lrjax's own traces its calls are traced with the caller."""
+    found, marked or split. Inside lrjax's own traces its calls are traced with the caller.
+    (A Flax without that key, ``_HashableProxy.from_module``, is left as it is.)"""
+    if _FROM_MODULE is None:
+        yield
+        return
     with _LIFTED["lock"]:
         if _LIFTED["depth"] == 0:
             _PROXY.from_module = classmethod(_fresh_proxy)
