@@ -156,9 +156,9 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         module = context.module
         prefix = running[-1][1] if running else None
         if running and module.scope.parent is None and not module.scope.path and \
-                module.scope is not running[0][2]:  # not the model (its own methods)
-            # a module applied inside another with the parameters it is given
-            # (``self.conv.apply({"params": ...}, x)``, e.g. a weight-normalized conv)
+                module.scope is not running[0][2] and type(module) is not type(model):
+            # a module applied inside another with the parameters it is given (a weight-normed
+            # conv's self.conv.apply); not the model (its methods, nn.jit(Net.body)(self, x))
             prefix = "/".join(p for p in (running[-1][0], module.name) if p)
         path = module_path(module) if prefix is None else \
             "/".join(p for p in (prefix, module_path(module)) if p)

@@ -134,12 +134,21 @@ class JittedCall(nn.Module):
         return self.head(x.mean((1, 2)))
 
 
-def test_a_call_jitted_in_its_class_is_traced_at_each_lrjax_call():
+class InlineJit(JittedCall):
+    """Its own method ``nn.jit``-ed inline (a clone of the model in a lifted root scope)."""
+
+    def __call__(self, x):
+        return nn.jit(JittedCall.__call__.__wrapped__)(self, x)
+
+
+@pytest.mark.parametrize("cls", [JittedCall, InlineJit])
+def test_a_call_jitted_in_its_class_is_traced_at_each_lrjax_call(cls):
     """``nn.jit`` keys its cached trace on the module's configuration, not on lrjax's method
     interceptors: the layers found by one stage were unmarked in the next ("no layer this rule
     can decompose"). Under lrjax each call traces it again: found, split data-free and
-    calibrated, costed as XLA counts it, exact at full rank."""
-    model = JittedCall()
+    calibrated, costed as XLA counts it, exact at full rank. Lifted inline, the model's clone
+    is the model, not a module applied inside it with given parameters."""
+    model = cls()
     variables = init(model, 0, X)
     found = [s.path for s in lrjax.surgery.find_convs(model, X)]
     assert found == ["stem", "blocks_0/a", "blocks_0/b", "blocks_1/a", "blocks_1/b", "head"]
