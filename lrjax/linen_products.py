@@ -164,10 +164,12 @@ def _hooked(cls: type) -> type:
             made = _setup_param(self, name, init_fn, init_args, init_kwargs, flax_param)
             if made is None:
                 return flax_param()
+            value = made[0]  # (a NumPy one, from a loaded tree, as the array a trace keeps)
+            value = jax.device_put(value) if isinstance(value, np.ndarray) else value
             if _STATE not in self.__dict__:
                 object.__setattr__(self, _STATE, {})
-            self.__dict__[_STATE][name] = made
-            return made[0]
+            self.__dict__[_STATE][name] = (value, made[1])
+            return value
 
         def sow(self, *args, **kwargs):  # traced: what its run as written sows, it sowed
             hook = self.__dict__.get(_PARAMS)
@@ -294,11 +296,11 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     if not split and key is not None and key in _AS_WRITTEN:
         return next_fun(*args, **kwargs)
     arrays, call = _dynamic(next_fun, args, kwargs)
+    uses: dict = {}
     try:
         with _attempt(module):
             closed, shapes = _traced(call, *arrays)
         named = {id(value): name for name, (value, _) in state.items()}
-        uses: dict = {}
         for var, const in zip(closed.jaxpr.constvars, closed.consts, strict=True):
             if id(const) in named:
                 uses.setdefault(named[id(const)], []).append(var)
@@ -315,7 +317,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
             raise _no_longer(module, e) from None
-        if key is not None:
+        if key is not None and len(uses) == len(state):  # (each parameter seen in the trace)
             _AS_WRITTEN.add(key)
         return next_fun(*args, **kwargs)
     (name, product), = found

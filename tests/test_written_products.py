@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import lrjax
-from lrjax import export, surgery
+from lrjax import export, linen_cells, linen_products, surgery
 from tests.helpers import init
 
 
@@ -217,3 +217,24 @@ def test_a_written_product_stacked_by_scan_splits_per_iteration():
         "vertical": {"kernel": (3, 16, 16)}, "horizontal": {"kernel": (3, 16, 16)}}
     np.testing.assert_allclose(result.module.apply(result.variables, x),
                                model.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_variables_run_the_products_as_layers_and_leave_no_verdict(speech):
+    """A loaded tree holds NumPy arrays: the products of ``setup`` parameters still run as their
+    layers (the trace keeps the arrays it is given), and no call records "no product" for the
+    layers a later trace finds."""
+    model, variables = speech
+    layers = []
+
+    def seen(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and linen_products.is_written_layer(context.module):
+            layers.append(context.module.scope.path[-1])
+        return next_fun(*args, **kwargs)
+
+    with linen_cells.as_sublayers(), nn.intercept_methods(seen):
+        got = model.apply(jax.tree.map(np.asarray, variables), X, PADDINGS)
+    assert {"sub1", "sub2", "proj"} <= set(layers)
+    np.testing.assert_allclose(got[0], model.apply(variables, X, PADDINGS)[0], rtol=1e-5,
+                               atol=1e-6)
+    found = {s.path for s in surgery.find_convs(model, X, PADDINGS) if s.candidate}
+    assert {"sub1", "sub2", "proj"} <= found
