@@ -104,10 +104,15 @@ def test_a_model_jitted_as_a_whole_is_decomposed_as_the_module_it_wraps():
     no Python: lrjax saw none of its layers ("the model has no layer this rule can decompose").
     It is decomposed as ``Net`` (the same variables): found, split data-free and calibrated,
     costed as XLA counts it, exact at full rank."""
-    model = nn.jit(Lifted)(transform="remat")
+    _found_split_and_costed(nn.jit(Lifted)(transform="remat"), "block")
+
+
+def _found_split_and_costed(model, block: str):
+    """``model``'s layers found, split at ``speedup:1.5`` data-free and calibrated, costed as
+    XLA counts it, exact at full rank."""
     variables = init(model, 0, X)
     found = [s.path for s in lrjax.surgery.find_convs(model, X)]
-    assert found == ["stem", "block0/a", "block0/b", "block1/a", "block1/b", "head"]
+    assert found == ["stem", *(f"{block}{i}/{c}" for i in range(2) for c in "ab"), "head"]
     for calibration in (None, CALIB):
         result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5",
                                        calibration=calibration)
@@ -115,7 +120,7 @@ def test_a_model_jitted_as_a_whole_is_decomposed_as_the_module_it_wraps():
         assert result.report.speedup == pytest.approx(
             _lowered_ratio(model, variables, result), rel=1e-5)
     assert "calibration never ran" not in result.report.table()
-    _reproduces(model, variables, {"stem": 8 * 3, "block0/a": 16 * 3})
+    _reproduces(model, variables, {"stem": 8 * 3, f"{block}0/a": 16 * 3})
 
 
 class JittedCall(nn.Module):
@@ -148,16 +153,7 @@ def test_a_call_jitted_in_its_class_is_traced_at_each_lrjax_call(cls):
     can decompose"). Under lrjax each call traces it again: found, split data-free and
     calibrated, costed as XLA counts it, exact at full rank. Lifted inline, the model's clone
     is the model, not a module applied inside it with given parameters."""
-    model = cls()
-    variables = init(model, 0, X)
-    found = [s.path for s in lrjax.surgery.find_convs(model, X)]
-    assert found == ["stem", "blocks_0/a", "blocks_0/b", "blocks_1/a", "blocks_1/b", "head"]
-    for calibration in (None, CALIB):
-        result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5",
-                                       calibration=calibration)
-        assert result.report.speedup == pytest.approx(
-            _lowered_ratio(model, variables, result), rel=1e-5)
-    _reproduces(model, variables, {"stem": 8 * 3, "blocks_0/a": 16 * 3})
+    _found_split_and_costed(cls(), "blocks_")
 
 
 def test_nnx_calibration_runs_through_remat():
