@@ -245,7 +245,7 @@ def as_layer(next_fun, args, kwargs, context):
                              f"of its kernel that its __call__ computes; its method {method!r} "
                              "would need the kernel it no longer has: call it as it was "
                              "decomposed")
-        _stored(module, state)  # another method computes with it as written
+        _stored(module, _values(state))  # another method computes with it as written
         return next_fun(*args, **kwargs)
     finally:
         _RUNNING.discard(id(module))
@@ -253,13 +253,16 @@ def as_layer(next_fun, args, kwargs, context):
 
 def _stored(module: nn.Module, made: dict) -> None:
     """In an init, parameters stored as the module's own ``param`` would have stored them
-    (``made``: ``{name: value}``, or a setup module's ``{name: (value, placeholder)}``, whose
-    ``kernel`` alone was not stored)."""
+    (``made``: ``{name: value}``; a setup module's ``kernel`` alone was not stored yet)."""
     if module.is_initializing():
         for name, value in made.items():
-            value = value[0] if isinstance(value, tuple) else value
             if not module.scope.has_variable("params", name):
                 module.scope.put_variable("params", name, value)
+
+
+def _values(state: dict) -> dict:
+    """``{name: value}`` of a setup module's recorded ``{name: (value, placeholder)}``."""
+    return {name: value for name, (value, _) in state.items()}
 
 
 def _dynamic(next_fun, args, kwargs):
@@ -291,7 +294,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     as written, at once when the same call was found to hold none)."""
     state = module.__dict__[_STATE]
     split = any(placeholder for _, placeholder in state.values())
-    _stored(module, state)  # (in an init: the layer, or its own code, reads its kernel)
+    _stored(module, _values(state))  # (in an init: the layer, or its own code, reads it)
     key = _call_key(module, args, kwargs)
     if not split and key is not None and key in _AS_WRITTEN:
         return next_fun(*args, **kwargs)
@@ -306,12 +309,12 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
                 uses.setdefault(named[id(const)], []).append(var)
         found = []
         for name, (var, *more) in uses.items():
+            if more:  # (read twice: not one product)
+                continue
             try:
                 found.append((name, product_of(closed, var, closed.jaxpr.invars)))
             except _Ineligible:
                 continue
-            if more:  # (read twice: not one product)
-                found.pop()
         if len(found) != 1:
             raise _Ineligible(f"{len(found)} parameters used in one product each")
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)

@@ -303,9 +303,10 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
         return nn.initializers.lecun_normal()(key, wanted, dtype)  # layer's own kernel is
     # stored before it runs: linen_products)
 
-    renamed = {"stored": name, "steps": steps} if name != KERNEL or steps else {}
+    renamed = {"stored": name, "steps": steps} if name != KERNEL or steps or \
+        named_by_kernel else {}
     if named_by_kernel:
-        renamed = {"stored": name, "steps": steps, "named_by_kernel": True}
+        renamed["named_by_kernel"] = True
         scope = scope.push(name, reuse=True)
     common = dict(use_bias=False, param_dtype=dtype, precision=params["precision"],
                   kernel_init=made, parent=scope, **renamed)
