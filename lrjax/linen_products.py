@@ -16,7 +16,8 @@ Inside :func:`lrjax.linen_cells.as_sublayers` (every stage of the linen surgery 
 a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax's:
 
 * its parameters are recorded: a ``setup`` module's as declared (a ``kernel`` read or, in an
-  init, made without reserving its name, as the layer reads it under that name), a compact
+  init, made without reserving its name, as the layer reads it under that name; one holding
+  submodules runs as written, its own products a fixed cost: HF BART's bias), a compact
   module's (one that holds no submodule; its own variables in other collections are fine:
   t5x's sown ``params_axes``, which its run as written sows in an init; a replayed call sows
   nothing) read or made and stored as Flax's ``param`` makes them, from the same random
@@ -102,7 +103,15 @@ def runs_as_layer(module: nn.Module) -> bool:
     """Whether ``module``'s own call may run with its product as a Flax layer bound to its
     scope: the layer, not the module, is the one named by its path (costed, calibrated and
     split)."""
-    return _STATE in module.__dict__ or (_eligible(module) and _compact(type(module)))
+    return (_STATE in module.__dict__ and not _holds_submodules(module)) or (
+        _eligible(module) and _compact(type(module)))
+
+
+def _holds_submodules(module: nn.Module) -> bool:
+    """Whether a ``setup`` module holds other modules (declared in its ``setup`` or given as
+    fields): its call runs them, so its own code is no layer (a trace of it would hold theirs,
+    and set them up inside it: HF BART's top module declares a bias and runs the model)."""
+    return any(isinstance(c, nn.Module) for c in module._state.children.values())
 
 
 def _has_pair(module: nn.Module) -> bool:
@@ -239,6 +248,9 @@ def as_layer(next_fun, args, kwargs, context):
                 return _compact_call(module, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)
         if method == "__call__":
+            if _holds_submodules(module):  # (its parameters as its own code reads them)
+                _stored(module, _values(state))
+                return next_fun(*args, **kwargs)
             return _replayed(module, next_fun, args, kwargs)
         if any(placeholder for _, placeholder in state.values()):
             raise ValueError(f"layer {'/'.join(module.scope.path)!r} was split as the product "

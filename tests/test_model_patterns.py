@@ -156,6 +156,55 @@ def test_a_call_jitted_in_its_class_is_traced_at_each_lrjax_call(cls):
     _found_split_and_costed(cls(), "blocks_")
 
 
+class MaskedBlock(nn.Module):
+    """Hugging Face's BART attention: an array computed in ``setup`` (its causal mask)."""
+
+    def setup(self):
+        self.a = nn.Conv(16, (3, 3))
+        self.b = nn.Conv(16, (3, 3))
+        self.mask = jnp.tril(jnp.ones((16, 16))) / 4
+
+    def __call__(self, x):
+        return x + self.b(nn.relu(self.a(x))) @ self.mask
+
+
+class DeclaresBesideBlocks(nn.Module):
+    """Hugging Face's BART model: a parameter declared in ``setup`` beside the modules its call
+    runs (its ``final_logits_bias``; here a bias, or a kernel its own code multiplies by)."""
+    own: str
+
+    def setup(self):
+        self.stem = nn.Conv(16, (3, 3))
+        self.blocks = [MaskedBlock() for _ in range(2)]
+        self.head = nn.Dense(10)
+        shape = (10,) if self.own == "bias" else (10, 10)
+        setattr(self, self.own, self.param(self.own, nn.initializers.normal(0.1), shape))
+
+    def __call__(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        y = self.head(x.mean((1, 2)))
+        return y + self.bias if self.own == "bias" else y @ self.kernel
+
+
+@pytest.mark.parametrize("own", ["bias", "kernel"])
+def test_a_setup_module_running_others_runs_its_own_code_as_written(own):
+    """A ``setup`` module declaring a parameter was traced as one that might compute with it
+    as a layer: its blocks were set up inside that trace, their mask a leaked tracer
+    (``UnexpectedTracerError`` on every Hugging Face BART, mBART, Marian, Pegasus,
+    Blenderbot). A module holding submodules runs as written (its own product, if any, a fixed
+    cost, listed); its blocks are found, split, costed as XLA counts it, exact at full rank,
+    and the split model's init makes the variables it is given."""
+    model = DeclaresBesideBlocks(own)
+    _found_split_and_costed(model, "blocks_")
+    variables = init(model, 0, X)
+    result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5")
+    assert (own == "kernel") == ("left as is: kernel" in result.report.table())
+    made = result.module.init(jax.random.key(3), X)
+    assert jax.tree.map(jnp.shape, made) == jax.tree.map(jnp.shape, result.variables)
+
+
 def test_nnx_calibration_runs_through_remat():
     model = RematNNX(nnx.Rngs(0))
     ranks = {"blocks/0/a": 4, "blocks/1/b": 4, "stem": 4}
