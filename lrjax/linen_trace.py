@@ -20,6 +20,7 @@ import traceback
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import nnx
 from jax._src import config as jax_config
 
 __all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "Untraceable",
@@ -172,14 +173,38 @@ def constants_evaluated(fn):
     return wrapper
 
 
+def check_model_kind(model, kind: str) -> None:
+    """Raise ``TypeError`` naming the entry point that takes ``model`` when it is not a
+    ``kind`` (``"linen"``, ``"nnx"`` or ``"flax"``: either) module: an NNX model given to the
+    linen API, a linen one to the NNX API, a Hugging Face ``FlaxPreTrainedModel`` (its
+    ``.module`` is the linen module, ``{"params": model.params}`` its variables)."""
+    wanted = {"linen": (nn.Module,), "nnx": (nnx.Module,), "flax": (nn.Module, nnx.Module)}
+    if isinstance(model, wanted[kind]):
+        return
+    if isinstance(model, nnx.Module):
+        hint = ("an NNX model: use lrjax's NNX API (lrjax.decompose_nnx(model, *example_args, "
+                "rule=...), lrjax.nnx_surgery.find_convs_nnx)")
+    elif isinstance(model, nn.Module):
+        hint = ("a linen module: use lrjax's linen API (lrjax.decompose_linen(model, variables, "
+                "*example_args, rule=...), lrjax.surgery.find_convs)")
+    elif isinstance(getattr(model, "module", None), nn.Module) and hasattr(model, "params"):
+        hint = ("a wrapper of a linen module (Hugging Face's FlaxPreTrainedModel): give lrjax "
+                "its .module, with {'params': model.params} as its variables")
+    else:
+        hint = "not a Flax module (flax.linen or flax.nnx)"
+    raise TypeError(f"{type(model).__name__} is {hint}")
+
+
 def unjitted(model: nn.Module) -> nn.Module:
     """``nn.jit(Net)(...)`` as ``Net(...)`` with the same fields (the same variables and
-    computation); any other model as it is.
+    computation); any other model as it is (a ``TypeError`` if it is no linen module:
+    :func:`check_model_kind`).
 
     ``nn.jit`` on the whole model caches its trace per model: a second call with the same
     shapes runs the cached trace, so lrjax's method interceptors (which find the layers, mark
     their work and gather their statistics) would see none of its layers. ``nn.jit`` on a
     submodule re-traces with its parent and needs nothing."""
+    check_model_kind(model, "linen")
     cls = type(model)
     if cls.__module__ != nn.transforms.__name__ or not cls.__name__.startswith("Jit") or \
             len(cls.__mro__) < 2 or not issubclass(cls.__mro__[1], nn.Module):

@@ -29,7 +29,7 @@ from lrjax.layers import (
     input_dilated,
     transposed_site,
 )
-from lrjax.linen_trace import with_constants_evaluated
+from lrjax.linen_trace import check_model_kind, with_constants_evaluated
 from lrjax.moments import (
     KeywordInputs,
     RunSums,
@@ -255,6 +255,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     shapes (eager execution compiled each op's own program: 15 s of a ConvNeXt-T's first
     calibrated decomposition at 64x64). A call that cannot be traced (Python control flow on
     values, arguments that are not arrays) runs eagerly instead."""
+    check_model_kind(model, "nnx")
     record = {"shapes": {}, "equations": {}, "keywords": {}, "sums": {}, "counts": {},
               "batch": {}, "calls": {}, "wanted": {s.path: s for s in wanted}, "inner": set(),
               "seen": set()}

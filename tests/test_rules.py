@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import costs, export, problem, rules
+from lrjax import costs, export, nnx_surgery, problem, rules, surgery
 from tests.helpers import apply, init, xla_flops
 
 X = jnp.ones((2, 12, 12, 3))
@@ -128,6 +128,35 @@ def test_training_mode_calls_are_one_line_errors(net, tmp_path):
                                          r"in inference mode \(ModeField\(\.\.\., "
                                          r"training=False\)\): its field training is True"):
         lrjax.decompose_linen(field, init(field, 0, X), X, rule="speedup:1.5")
+
+
+def test_a_model_given_to_the_other_api_is_one_line_naming_the_right_one(tmp_path):
+    """An NNX model given to the linen API, a linen one to the NNX API, a Hugging Face
+    ``FlaxPreTrainedModel`` (its ``.module`` is the linen module) to either: a ``TypeError``
+    naming the entry point that takes it (before: ``'Linear' object has no attribute 'init'``,
+    Flax's ``CallCompactUnboundModuleError``); the exporters say it as an ``ExportError`` and
+    write nothing."""
+    x = jnp.ones((2, 4))
+    linear, dense = nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nn.Dense(4)
+
+    class PreTrained:  # what transformers' FlaxBertModel holds
+        module = dense
+        params = {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}
+
+    cases = [(lambda: surgery.find_convs(linear, x), "an NNX model: .*decompose_nnx"),
+             (lambda: lrjax.decompose_linen(linear, {}, x, rule="speedup:2"), "an NNX model"),
+             (lambda: nnx_surgery.find_convs_nnx(dense, x), "a linen module: .*linen API"),
+             (lambda: lrjax.decompose_nnx(dense, x, rule="speedup:2"), "decompose_linen"),
+             (lambda: lrjax.decompose_linen(PreTrained(), {}, x, rule="speedup:2"),
+              r"PreTrained is a wrapper .*its \.module, with \{'params': model\.params\}")]
+    for call, match in cases:
+        with pytest.raises(TypeError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
+    for exporter in (export.to_onnx, export.to_tflite):
+        with pytest.raises(export.ExportError, match=r"PreTrained is a wrapper"):
+            exporter(PreTrained(), {}, (x,), str(tmp_path / "m"))
+    assert not list(tmp_path.iterdir())
 
 
 def test_no_candidates_is_a_clear_error():

@@ -28,7 +28,7 @@ from flax import nnx
 
 from lrjax import checkpoint, formulations, linen_trace, moments, replay, runtimes, surgery
 from lrjax.export.failures import converter_failure, user_layer
-from lrjax.linen_trace import constants_evaluated
+from lrjax.linen_trace import check_model_kind, constants_evaluated
 from lrjax.nnx_surgery import eval_view, graph_keywords
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
@@ -123,6 +123,10 @@ def _in_compute_dtype(forward, compute_dtype, shape, inputs):
 
 
 def _inference_fn(module, variables, apply_kwargs, shape, for_litert, inputs, tree):
+    try:
+        check_model_kind(module, "flax")
+    except TypeError as e:
+        raise ExportError(str(e)) from None
     if isinstance(module, nnx.Module):
         if variables is not None:
             raise ExportError(f"{type(module).__name__} is an NNX model, which carries its own "
