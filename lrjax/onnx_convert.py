@@ -233,9 +233,18 @@ class _Converter:
         if len(args) != 3:
             raise TranslationError("select_n with more than two cases")
         pred, on_false, on_true = args
+        return self.where(pred, on_true, on_false, aval)
+
+    def where(self, pred, on_true, on_false, aval) -> Tensor:
+        """``on_true`` where ``pred`` holds, else ``on_false``: ``Where``, or for booleans (ONNX
+        Runtime has no boolean ``Where``: Gemma's sliding-window masks) their logic."""
         if not isinstance(pred, Tensor):
             pred = np.asarray(pred, bool)
-        return self.elementwise("Where", [pred, on_true, on_false], aval)
+        if np.dtype(aval.dtype) != np.bool_:
+            return self.elementwise("Where", [pred, on_true, on_false], aval)
+        negated = self.then(pred, "Not") if isinstance(pred, Tensor) else ~pred
+        return self.elementwise("Or", [self.elementwise("And", [pred, on_true], aval),
+                                       self.elementwise("And", [negated, on_false], aval)], aval)
 
     # -- shapes --------------------------------------------------------------------------------
     def reshape(self, args, params, aval):

@@ -98,6 +98,6 @@ def select_branch(converter, eqn, args, where: str) -> list:
     for k in reversed(range(last)):
         taken = Tensor(converter.g.node("Equal", [index, converter.g.const(
             np.asarray(k, np.int64))]), ())
-        selected = [converter.elementwise("Where", [taken, mine, other], var.aval)
+        selected = [converter.where(taken, mine, other, var.aval)
                     for mine, other, var in zip(outs[k], selected, eqn.outvars, strict=True)]
     return selected

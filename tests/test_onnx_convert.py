@@ -337,6 +337,28 @@ def test_primitive_against_onnx_runtime(primitive):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
 
 
+BOOLEAN_SELECTS = {  # ONNX Runtime has no boolean Where (Flax's Gemma example's window mask)
+    "select": lambda x: jnp.where(conv(x) > 0, conv(x) < 1, first(x) > 0),
+    "constant case": lambda x: jnp.where(conv(x) > 0, jnp.tril(jnp.ones((6, 4), bool)),
+                                         first(x) > 0),
+    "branch": lambda x: jax.lax.switch(jnp.clip(jnp.sum(x > 0) % 3, 0, 2),
+                                       [lambda y: y > 0, lambda y: y < 0.5, lambda y: y < -0.5],
+                                       conv(x)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOOLEAN_SELECTS))
+def test_boolean_selects_run_in_onnx_runtime(case):
+    """A select (or a branch taken on data) between boolean arrays is their logic in ONNX (ONNX
+    Runtime refused the model: "Could not find an implementation for Where(16)")."""
+    fn = lambda x: BOOLEAN_SELECTS[case](x).astype(jnp.float32)  # noqa: E731
+    model = runtimes.onnx_model(fn, SHAPE)
+    session = runtimes.onnx_session(model)
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32) * (seed + 1)
+        np.testing.assert_array_equal(session.run(None, {"input": x})[0], np.asarray(fn(x)))
+
+
 def test_a_general_window_reduction_it_cannot_write_is_named():
     """A window product, or a padded window sum from a nonzero init (each padded tap adds it),
     is a translation error naming it."""
