@@ -11,10 +11,11 @@
   value's own bits as itself;
 * a gather at constant indices with its starts clamped, as JAX clamps them;
 * a scatter that adds (or subtracts) points along one axis (``x.at[:, idx].add(y)``,
-  ``segment_sum``, per example under ``jax.vmap``) as an einsum with a one-hot array of the
-  indices ("Only update, Add, Multiply, Maximum and Minimum operations are currently supported
-  for stablehlo.scatter", though it adds), and one that takes the max, the min or the product
-  (``segment_max``, ``.at[].multiply``) by the same array, reduced (:func:`scatter_combine`);
+  ``segment_sum``, per example under ``jax.vmap``; integers too: a graph net's degrees) as an
+  einsum with a one-hot array of the indices ("Only update, Add, Multiply, Maximum and Minimum
+  operations are currently supported for stablehlo.scatter", though it adds), and one that
+  takes the max, the min or the product (``segment_max``, ``.at[].multiply``) by the same
+  array, reduced (:func:`scatter_combine`);
 * ``sort`` on one key (``jnp.sort``, ``jnp.argsort``, ``jnp.median``: "'vhlo.sort_v1' op is not
   part of the vhlo support yet") and ``top_k`` (a mixture-of-experts router) by comparisons:
   each element's place is the number of elements that sort before it (equal ones in index
@@ -131,12 +132,32 @@ def scatter_add(operand, indices, updates, dimension_numbers):
     """``lax.scatter_add`` of points along one axis (``x.at[:, idx].add(y)``,
     ``jax.ops.segment_sum``, per example under ``jax.vmap``) as ``operand`` plus an einsum of a
     one-hot array of the indices with the updates; None for other forms. LiteRT's interpreter
-    fails to prepare the converter's adding scatter."""
+    fails to prepare the converter's adding scatter. Integers (a graph net's node degrees,
+    ``jnp.repeat`` by counts of the data) are multiplied only element-wise, each point apart,
+    then summed over the points: LiteRT has no integer matmul."""
     found = _along_one_axis(operand, indices, updates, dimension_numbers)
     if found is None:
         return None
-    chosen, inputs, _, out = found
-    return operand + jnp.einsum(f"{inputs}->{out}", chosen, updates)
+    chosen, inputs, free, out = found
+    if jnp.issubdtype(updates.dtype, jnp.floating):
+        return operand + jnp.einsum(f"{inputs}->{out}", chosen, updates)
+    picked = _outer(f"{inputs}->{free}{out}", chosen, updates)
+    return operand + jnp.sum(picked, axis=tuple(range(len(free))), dtype=operand.dtype)
+
+
+def _outer(spec: str, a, b):
+    """An einsum that contracts nothing (every letter of ``spec``'s operands is an output
+    letter) as a broadcast multiply, no ``dot_general``."""
+    inputs, out = spec.split("->")
+
+    def placed(x, letters):
+        order = sorted(range(len(letters)), key=lambda i: out.index(letters[i]))
+        kept = {out.index(letters[i]) for i in order}
+        return jnp.expand_dims(jnp.transpose(x, order),
+                               [d for d in range(len(out)) if d not in kept])
+
+    first, second = inputs.split(",")
+    return placed(a, first) * placed(b, second)
 
 
 _COMBINE = {"scatter-max": (jnp.maximum, jnp.max, -np.inf),
@@ -300,8 +321,7 @@ def rewrite(eqn, ins) -> list | None:
         return [ins[0] != ins[1]]
     if name == "sort":
         return sort(ins, int(eqn.params["dimension"]), int(eqn.params["num_keys"]))
-    if name in ("scatter-add", "scatter-sub") and jnp.issubdtype(eqn.outvars[0].aval.dtype,
-                                                                 jnp.floating):
+    if name in ("scatter-add", "scatter-sub") and eqn.outvars[0].aval.dtype != bool:
         operand, indices, updates = ins
         out = scatter_add(operand, indices, -updates if name == "scatter-sub" else updates,
                           eqn.params["dimension_numbers"])

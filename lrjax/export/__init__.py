@@ -178,7 +178,7 @@ def _flat_outputs(fn):
     return flat
 
 
-def _example_inputs(example_input, apply_kwargs):
+def _example_inputs(example_input, apply_kwargs, fixed_batch: bool = False):
     """``(shape, examples, inputs, tree, kwargs)`` of an exporter's ``example_input`` and the
     call's keyword arguments: one NHWC batch (its shape; ``None``, ``None``, ``None``), or a
     tuple of the model's positional inputs, each an array or a pytree of arrays (NaFlex's
@@ -190,7 +190,8 @@ def _example_inputs(example_input, apply_kwargs):
     given, not graph inputs. Keyword arguments holding arrays with a leading (batch) axis, the
     inputs of a call such as Flax's nlp_seq example's ``__call__(*, inputs, train)``, are graph
     inputs after the positional ones (in the keywords' sorted order); ``kwargs``: the others,
-    passed as given."""
+    passed as given. At a ``fixed_batch`` the inputs' leading dimensions may differ (a graph
+    net's nodes, edges and graphs: jraph's ``GraphsTuple``)."""
     candidates = moments.keyword_inputs(apply_kwargs)  # arrays with a leading axis
     sizes = [np.shape(a)[0] for a in jax.tree.leaves(example_input, is_leaf=_bound)
              if not _bound(a) and np.ndim(a)] or [
@@ -205,7 +206,8 @@ def _example_inputs(example_input, apply_kwargs):
         leaves, treedef = jax.tree.flatten((positional, dict(sorted(keyword.items()))),
                                            is_leaf=_bound)
         bound = {i: a for i, a in enumerate(leaves) if _bound(a)}
-        examples = _check_inputs([a for i, a in enumerate(leaves) if i not in bound])
+        examples = _check_inputs([a for i, a in enumerate(leaves) if i not in bound],
+                                 fixed_batch)
         return examples[0].shape, examples, [jax.ShapeDtypeStruct(a.shape, a.dtype)
                                              for a in examples], (treedef, bound), kwargs
     shape = tuple(np.shape(example_input))
@@ -237,17 +239,18 @@ def _call(fn, tree, arrays, kwargs):
     return fn(*args, **keyword, **kwargs)
 
 
-def _check_inputs(example_inputs) -> list[np.ndarray]:
+def _check_inputs(example_inputs, fixed_batch: bool = False) -> list[np.ndarray]:
     """Several example inputs (a model called as ``model(x0, x1, ...)``): arrays sharing their
-    leading (batch) dimension."""
+    leading (batch) dimension, unless the export is at a ``fixed_batch``."""
     arrays = [np.asarray(a) for a in example_inputs]
     batches = {a.shape[0] if a.ndim else None for a in arrays}
-    if not arrays or len(batches) != 1 or None in batches:
+    if not arrays or not fixed_batch and (len(batches) != 1 or None in batches):
         raise ExportError(f"example inputs must share their leading (batch) dimension; got "
                           f"shapes {[a.shape for a in arrays]} (an argument without the batch, "
                           "such as a uint32 PRNG key or a scalar, is given to the exporter as a "
                           "keyword of the call, name=value, or as a typed key, jax.random.key: "
-                          "passed to the call as given)")
+                          "passed to the call as given; inputs of other sizes, such as a graph "
+                          "net's nodes and edges: fixed_batch=True, the example's shapes only)")
     return arrays
 
 
@@ -278,7 +281,8 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
     worst, scale, rtol, low = 0.0, 0.0, RTOL, ""
     for i, b in enumerate(batches):
         xs = [np.random.default_rng(i).standard_normal((b, *shape[1:])).astype(np.float32)] \
-            if examples is None else [np.take(a, np.arange(b) % len(a), axis=0) for a in examples]
+            if examples is None else [a if b == shape[0] else np.take(a, np.arange(b) % len(a), 0)
+                                      for a in examples]  # (the example's own, as given)
         if i == 0:
             rtol, low = _tolerance(forward, xs)
         try:
@@ -353,9 +357,12 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     runs it (any batch size). Checked by deserializing it and running batches of the example's
     size and one more. ``fixed_batch``: the example's batch only (a model whose code computes
     with its batch size, or whose keyword inputs hold it: a KV cache); ``compute_dtype``: as
-    :func:`to_onnx`'s.
+    :func:`to_onnx`'s. An output of types ``jax.export`` cannot serialize (a namedtuple such as
+    jraph's ``GraphsTuple``, a dataclass such as Hugging Face's ``ModelOutput``) comes back as
+    its arrays, a tuple in ``jax.tree.leaves`` order (one array: itself), as from LiteRT.
     """
-    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
+    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs,
+                                                                  fixed_batch)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree,
                   compute_dtype=compute_dtype)
@@ -365,15 +372,23 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     if fixed_batch:
         specs = [jax.ShapeDtypeStruct(tuple(shape), jnp.float32)] if inputs is None else \
             [jax.ShapeDtypeStruct(tuple(i.shape), i.dtype) for i in inputs]
+    def serialized(fn) -> bytes:
+        try:
+            with formulations.policy("portable"):
+                exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*specs)
+        except jax.errors.ConcretizationTypeError:
+            raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
+        except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
+            raise ExportError(_symbolic_failure(
+                e, "StableHLO", "fixed_batch=True", fixed_batch)) from None
+        return bytes(exported.serialize())
+
     try:
-        with formulations.policy("portable"):
-            exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(*specs)
-    except jax.errors.ConcretizationTypeError:
-        raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
-    except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
-        raise ExportError(_symbolic_failure(
-            e, "StableHLO", "fixed_batch=True", fixed_batch)) from None
-    data = bytes(exported.serialize())
+        data = serialized(forward)
+    except ValueError as e:  # an output type jax.export cannot serialize: its arrays, flat
+        if "unregistered type" not in str(e):
+            raise
+        data = serialized(_flat_outputs(forward))
     batches = (shape[0],) if fixed_batch else (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
     if check and "cpu" in platforms:
@@ -421,7 +436,8 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     """
     from lrjax import onnx_convert
 
-    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
+    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs,
+                                                                  fixed_batch)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, inputs=inputs, tree=tree,
                   compute_dtype=compute_dtype)
@@ -487,7 +503,8 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
     ``jax.tree.leaves`` order (:func:`lrjax.runtimes.litert_outputs` runs them in that order).
     ``compute_dtype``: as :func:`to_onnx`'s.
     """
-    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs)
+    shape, examples, inputs, tree, apply_kwargs = _example_inputs(example_input, apply_kwargs,
+                                                                  True)
     path = writable_path(path)
     forward = _fn(module, variables, apply_kwargs, shape, for_litert=True, inputs=inputs,
                   tree=tree, compute_dtype=compute_dtype)
