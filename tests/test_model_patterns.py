@@ -635,8 +635,9 @@ class Reparametrized(nn.Module):
 
 def test_a_key_argument_of_the_call_is_calibrated_and_exported_as_a_constant(tmp_path):
     """A typed key ``jax.random.key`` is passed to the call, its draw a constant of the graph
-    (ONNX at a fixed batch: the draw has the batch's shape); a uint32 key's line says how to
-    give it (keyword, or typed key)."""
+    (ONNX at a fixed batch: the draw has the batch's shape); a raw uint32 key's line says how
+    to give it (keyword, or typed key), at a fixed batch too (where inputs' leading dimensions
+    may differ)."""
     x = jax.random.normal(jax.random.key(0), (4, 24))
     key = jax.random.key(1)
     variables = Reparametrized().init(jax.random.key(2), x, key)
@@ -649,10 +650,12 @@ def test_a_key_argument_of_the_call_is_calibrated_and_exported_as_a_constant(tmp
                                      str(tmp_path / "m.tflite"))
     for result in (onnx_result, litert_result):
         assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
-    with pytest.raises(export.ExportError, match=r"\[\(4, 24\), \(2,\)\] \(an argument without the "
-                       r"batch, such as a uint32 PRNG key .* name=value"):
-        export.to_onnx(split.module, split.variables, (x, jax.random.PRNGKey(1)),
-                       str(tmp_path / "raw.onnx"), fixed_batch=True)
+    for exporter, flags in ((export.to_onnx, {"fixed_batch": True}), (export.to_onnx, {}),
+                            (export.to_tflite, {})):
+        with pytest.raises(export.ExportError, match=r"example input 1 \(uint32, shape \(2,\)\) "
+                           r"is a raw PRNG key .* name=value, or as a typed key, jax.random.key"):
+            exporter(split.module, split.variables, (x, jax.random.PRNGKey(1)),
+                     str(tmp_path / "raw"), **flags)
 
 
 class ScanBlock(nn.Module):

@@ -241,9 +241,18 @@ def _call(fn, tree, arrays, kwargs):
 
 def _check_inputs(example_inputs, fixed_batch: bool = False) -> list[np.ndarray]:
     """Several example inputs (a model called as ``model(x0, x1, ...)``): arrays sharing their
-    leading (batch) dimension, unless the export is at a ``fixed_batch``."""
+    leading (batch) dimension, unless the export is at a ``fixed_batch``; none a raw PRNG key
+    (``jax.random.PRNGKey``'s ``uint32`` data: no graph draws from it)."""
     arrays = [np.asarray(a) for a in example_inputs]
     batches = {a.shape[0] if a.ndim else None for a in arrays}
+    raw_key = jax.random.key_data(jax.random.key(0)).shape
+    keys = [i for i, a in enumerate(arrays) if a.dtype == np.uint32 and a.shape == raw_key]
+    if keys:
+        raise ExportError(f"example input {keys[0]} (uint32, shape {raw_key}) is a raw PRNG key "
+                          "(jax.random.PRNGKey), which no exported graph draws from: give it to "
+                          "the exporter as a keyword of the call, name=value, or as a typed key, "
+                          "jax.random.key (passed to the call as given: its draws are constants "
+                          "of the graph)")
     if not arrays or not fixed_batch and (len(batches) != 1 or None in batches):
         raise ExportError(f"example inputs must share their leading (batch) dimension; got "
                           f"shapes {[a.shape for a in arrays]} (an argument without the batch, "
