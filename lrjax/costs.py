@@ -354,7 +354,9 @@ class LayerCost:
 
     @property
     def speedup(self) -> float:
-        return self.full.macs / self.lowrank.macs
+        """Multiply-adds before over after (1 for a layer that costs nothing: one whose work
+        the model never uses, :data:`lrjax.sites.UNUSED`)."""
+        return self.full.macs / self.lowrank.macs if self.lowrank.macs else 1.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,12 +152,17 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     element-wise flops (XLA's count of the whole, which has each loop body once, plus its count
     of each scan body for the other iterations); a ``while_loop`` body counts once.
     ``"weighted"``: :func:`weighted_products` with the first argument's leaves (a model's
-    variables) as the weights."""
+    variables) as the weights. Only work the outputs use is counted (:func:`live`, as ``jax.jit``
+    lowers it); ``"dead"``: the :func:`layer_scope` marks whose layers' work all goes unused (a
+    pooler whose output the model drops)."""
     traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
-    counts, once = _macs(traced.jaxpr)  # once: loop bodies counted once, as XLA does
+    closed = live(traced.jaxpr)  # what the outputs use, as jit lowers it
+    counts, once = _macs(closed)  # once: loop bodies counted once, as XLA does
+    counts["dead"] = {i for i, m in _macs(traced.jaxpr)[0]["layers"].items()
+                      if m > 0 and counts["layers"].get(i, 0) <= 0}
     weights = len(jax.tree_util.tree_leaves(args[0])) if args else 0
     counts["weighted"] = weighted_products(
-        traced.jaxpr, [i < weights for i in range(len(traced.jaxpr.jaxpr.invars))])
+        closed, [i < weights for i in range(len(closed.jaxpr.invars))])
     total = counts["conv"] + counts["dot"]  # ("layers": of each layer_scope, over its runs)
     try:
         analysis = traced.lower().cost_analysis()
@@ -171,6 +176,19 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
                      for eqn, _, trips in _walk(traced.jaxpr, "", 1)
                      if eqn.primitive.name == "scan")
     return {**counts, "total": total, "elementwise": max(round(flops) - 2 * once, 0)}
+
+
+def live(closed):
+    """A closed jaxpr without the equations its outputs do not use (``jax.jit`` drops them when
+    it lowers: a model's outputs computed and dropped); as it is where JAX's dead-code
+    elimination is not available."""
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), True)
+        return closed.replace(jaxpr=jaxpr)
+    except Exception:  # noqa: BLE001 - a JAX without it: every equation
+        return closed
 
 
 def _elementwise(closed) -> float:

@@ -88,7 +88,7 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
                     f"cannot export primitive {e.primitive!r} (layer {e.layer}) to ONNX: "
                     f"{e.reason}") from None
         closed = _onnx_rewritten(closed, specs)
-    closed = _live(closed)
+    closed = macs.live(closed)
     names = ["input"] if inputs is None else [f"input_{i}" for i in range(len(inputs))]
     model = onnx_convert.jaxpr_to_onnx(closed, names, output_names(out_shapes),
                                        graph_name=graph_name)
@@ -116,19 +116,6 @@ def _onnx_rewritten(closed, specs):
 
     return jax.make_jaxpr(lambda *args: replay.run(closed.jaxpr, closed.consts, list(args),
                                                    rule))(*specs)
-
-
-def _live(closed):
-    """A closed jaxpr without the equations its outputs do not use (a model's outputs computed
-    and dropped, e.g. masked states a classifier never returns), which then need no ONNX
-    translation; as it is where JAX's dead-code elimination is not available."""
-    try:
-        from jax._src.interpreters import partial_eval as pe
-
-        jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), True)
-        return closed.replace(jaxpr=jaxpr)
-    except Exception:  # noqa: BLE001 - a JAX without it: translate every equation
-        return closed
 
 
 def onnx_session(model_or_path, threads: int | None = None):

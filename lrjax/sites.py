@@ -491,6 +491,9 @@ def with_param_casts(site: ConvSite, layer) -> ConvSite:
     return dataclasses.replace(site, param_cast_flops=1.0)
 
 
+UNUSED = ("its output reaches none of the model's outputs (jax.jit computes none of its work: "
+          "an output computed and dropped, such as a pooler whose result the model does not "
+          "return): splitting it saves nothing")
 BRANCHED = ("run inside a conditional branch (lax.cond / lax.switch, nn.cond, nnx.cond): which "
             "branch runs depends on the data, and the net's cost counts a conditional as its "
             "costliest branch (as XLA does), so what splitting it saves cannot be counted")
@@ -512,8 +515,16 @@ def costed_as_run(found: Sequence[ConvSite], counts: dict, batch: int) -> list[C
     (:func:`lrjax.macs.traced_macs` of a pass whose candidates were marked by their
     :func:`layer_indices`) of a batch of ``batch`` examples."""
     index = layer_indices(found)
-    return [counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
+    return [unused(s) if s.candidate and index.get(s.path) in counts.get("dead", ()) else
+            counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
                            index.get(s.path) in counts["branched"]) for s in found]
+
+
+def unused(site: ConvSite) -> ConvSite:
+    """``site`` left as it is (:data:`UNUSED`) and costed at nothing: ``jax.jit`` computes none
+    of its work."""
+    return dataclasses.replace(site, skip=UNUSED,
+                               shape=dataclasses.replace(site.shape, images=0))
 
 
 def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -> ConvSite:

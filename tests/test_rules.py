@@ -238,7 +238,8 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     assert [p for _, p, _, _ in weighted] == ["conv_general_dilated"] * 2 + ["dot_general"] * 2
     assert sum(m for _, _, m, _ in weighted) == conv + dense
     assert counts == {"conv": conv, "dot": dense, "total": conv + dense,
-                      "elementwise": elementwise, "layers": {}, "branched": set()}
+                      "elementwise": elementwise, "layers": {}, "branched": set(),
+                      "dead": set()}
     # XLA's own (compiled) flop count: 2 per multiply-add, plus the element-wise work
     assert xla_flops(lambda v, x: model.apply(v, x), variables, x) == 2 * (conv + dense) + elementwise
     result = lrjax.decompose_linen(model, variables, x, rule={"c2": 4})
