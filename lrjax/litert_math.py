@@ -16,6 +16,8 @@
   operations are currently supported for stablehlo.scatter", though it adds), and one that
   takes the max, the min or the product (``segment_max``, ``.at[].multiply``) by the same
   array, reduced (:func:`scatter_combine`);
+* ``approx_top_k`` as the exact top k (:func:`exact_top_k`), ``ragged_dot`` as a dense product
+  masked by group (:func:`dense_ragged_dot`; ONNX too): Gemma 4's mixture of experts;
 * ``sort`` on one key (``jnp.sort``, ``jnp.argsort``, ``jnp.median``: "'vhlo.sort_v1' op is not
   part of the vhlo support yet") and ``top_k`` (a mixture-of-experts router) by comparisons:
   each element's place is the number of elements that sort before it (equal ones in index
@@ -86,6 +88,40 @@ def top_k(x: jax.Array, k: int):
     place = places(x, descending=True)
     index = jnp.broadcast_to(np.arange(x.shape[-1], dtype=np.int32), x.shape)
     return [_gathered(x, place, k), _gathered(index, place, k)]
+
+
+def exact_top_k(x: jax.Array, params, top_k_fn=jax.lax.top_k):
+    """``lax.approx_max_k`` / ``approx_min_k`` (the ``approx_top_k`` primitive: Gemma 4's
+    mixture-of-experts router) as the exact top k along its axis, which is what JAX computes
+    on CPU (``top_k_fn``: ``lax.top_k``, or :func:`top_k` by comparisons); None where it returns
+    more than k (``aggregate_to_topk=False``)."""
+    if not params["aggregate_to_topk"]:
+        return None
+    axis = int(params["reduction_dimension"]) % x.ndim
+    moved = jnp.moveaxis(x, axis, -1)
+    values, indices = top_k_fn(moved if params["is_max_k"] else -moved, int(params["k"]))
+    values = values if params["is_max_k"] else -values
+    return [jnp.moveaxis(values, -1, axis), jnp.moveaxis(indices, -1, axis)]
+
+
+def dense_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, params):
+    """``lax.ragged_dot`` (``ragged_dot_general`` of ``(m, k)`` rows in consecutive groups by
+    ``(g, k, n)`` weights: a mixture of experts' FFW on tokens sorted by expert) as every row's
+    product with every group's weights, each row keeping its own group's (rows past the groups:
+    zeros, as ``ragged_dot``); ``g`` times its multiply-adds, in ops ONNX and LiteRT have. None
+    for other forms (group offsets, other axes)."""
+    dn = params["ragged_dot_dimension_numbers"]
+    standard = (tuple(map(tuple, dn.dot_dimension_numbers[0])) == ((1,), (1,)) and
+                not any(dn.dot_dimension_numbers[1]) and tuple(dn.lhs_ragged_dimensions) == (0,)
+                and tuple(dn.rhs_group_dimensions) == (0,))
+    if not standard or params.get("group_offset") is not None or lhs.ndim != 2 or rhs.ndim != 3:
+        return None
+    ends = jnp.cumsum(group_sizes)
+    group = jnp.sum(jnp.arange(lhs.shape[0])[:, None] >= ends[None, :], axis=1)
+    chosen = jax.nn.one_hot(group, rhs.shape[0], dtype=lhs.dtype)
+    dtype = params.get("preferred_element_type") or jnp.result_type(lhs, rhs)
+    every = jnp.einsum("mk,gkn->mgn", lhs, rhs, preferred_element_type=dtype)
+    return jnp.einsum("mgn,mg->mn", every, chosen.astype(dtype))
 
 
 def cumlogsumexp(x: jax.Array, axis: int, reverse: bool) -> jax.Array:
@@ -340,6 +376,11 @@ def rewrite(eqn, ins) -> list | None:
         return [cumlogsumexp(ins[0], int(eqn.params["axis"]), bool(eqn.params["reverse"]))]
     if name == "top_k" and int(eqn.params.get("axis", -1)) in (-1, len(ins[0].shape) - 1):
         return top_k(ins[0], int(eqn.params["k"]))
+    if name == "approx_top_k":
+        return exact_top_k(ins[0], eqn.params, top_k)
+    if name == "ragged_dot_general":
+        out = dense_ragged_dot(*ins, eqn.params)
+        return None if out is None else [out]
     if name == "gather" and not isinstance(ins[1], jax.core.Tracer) and \
             eqn.params["mode"] != jax.lax.GatherScatterMode.FILL_OR_DROP:
         out = clamped_gather(*ins, eqn.params)

@@ -315,9 +315,12 @@ class _Converter:
     def _affine(self, d) -> str:
         """A symbolic dimension ``a * batch + k`` (``b - 1``: jnp.pad's edge slice) as a
         1-element int64 tensor."""
-        for a in range(1, 9):
-            k = d - a * self.input_shape[0]
-            if concrete(k):
+        batch = self.input_shape[0]
+        for offset in range(-8, 9):  # a from (d - k) // batch: a MoE's 32*b routed tokens too
+            a = (d - offset) // batch
+            k = d - a * batch if concrete(a) and int(a) > 0 else None
+            if k is not None and concrete(k):
+                a = int(a)
                 scaled = self._batch if a == 1 else self.g.node("Mul", [self._batch,
                                                                         self.g.ints([a])])
                 return scaled if k == 0 else self.g.node("Add", [scaled, self.g.ints([int(k)])])

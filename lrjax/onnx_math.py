@@ -166,10 +166,9 @@ def sort(c, args, params, aval):
     key = args[0]
     if operands[0] is None:
         raise TranslationError("a sort of constants by a key of the data")
-    length = key.shape[axis]
-    if not concrete(length):
-        raise TranslationError("a sort along the symbolic batch axis")
-    values, order = c.g.node("TopK", [c.nhwc(key), c.g.ints([int(length)])], "sorted",
+    length = key.shape[axis]  # (along the batch axis, a multiple of it: a MoE's routed tokens)
+    length = c.g.ints([int(length)]) if concrete(length) else c.shape_tensor([length])
+    values, order = c.g.node("TopK", [c.nhwc(key), length], "sorted",
                              axis=axis, largest=0, sorted=1), c.g.name("order")
     c.g.nodes[-1].output.append(order)
     outs = [Tensor(values, tuple(key.shape))]

@@ -121,13 +121,18 @@ def scatter_nd(c, args, params, aval, reduction: str = "none"):
         np.asarray(operand, aval.dtype))
     pad_axis = None
     if valid is not True:  # dropped elements go to one extra slot of a padded axis, cut after
-        pad_axis = max(d for d in range(rank) if concrete(aval.shape[d]))
+        known = [d for d in range(rank) if concrete(aval.shape[d])]
+        pad_axis = max(known) if known else 0  # (none known: a multiple of the batch)
         pads = [0] * (2 * rank)
         pads[rank + pad_axis] = 1
         data = c.g.node("Pad", [data, c.g.ints(pads)])
+        size = aval.shape[pad_axis]
+        end = c.g.ints([int(size)]) if concrete(size) else c.shape_tensor((size,))
+        spare_slot = np.int64(size) if concrete(size) else Tensor(
+            c.g.node("Reshape", [end, c.g.ints([1] * urank)]), (1,) * urank)
         for od, coord in enumerate(coords):  # at 0 along the others, the spare slot along it
-            spare = np.int64(aval.shape[pad_axis] if od == pad_axis else 0)
-            if isinstance(valid, Tensor) or isinstance(coord, Tensor):
+            spare = spare_slot if od == pad_axis else np.int64(0)
+            if any(isinstance(v, Tensor) for v in (valid, coord, spare)):
                 names = [v.name if isinstance(v, Tensor) else c.g.const(np.asarray(v))
                          for v in (valid, coord, spare)]
                 coords[od] = Tensor(c.g.node("Where", names), (1,) * urank)  # expanded below
@@ -145,8 +150,7 @@ def scatter_nd(c, args, params, aval, reduction: str = "none"):
     attrs = {} if reduction == "none" else {"reduction": reduction}
     out = c.g.node("ScatterND", [data, where, values], **attrs)
     if pad_axis is not None:
-        out = c.g.node("Slice", [out, c.g.ints([0]), c.g.ints([int(aval.shape[pad_axis])]),
-                                 c.g.ints([pad_axis])])
+        out = c.g.node("Slice", [out, c.g.ints([0]), end, c.g.ints([pad_axis])])
     return Tensor(out, tuple(aval.shape))
 
 

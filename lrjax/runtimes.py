@@ -97,21 +97,28 @@ def onnx_model(forward: Callable, shape, *, fold: bool = True, graph_name: str =
     return model
 
 
-_ONNX_REWRITES = ("scatter-max", "scatter-min")  # ScatterND reduces by max / min in opset 18
+_ONNX_REWRITES = ("scatter-max", "scatter-min",  # ScatterND reduces by max / min in opset 18
+                  "approx_top_k", "ragged_dot_general")  # (no ONNX op)
 
 
 def _onnx_rewritten(closed, specs):
     """``closed`` with the primitives of :data:`_ONNX_REWRITES` replayed in ops the graph's opset
-    has (:func:`lrjax.litert_math.scatter_combine`), where they are of its form; as it is when it
+    has (:func:`lrjax.litert_math.scatter_combine`, :func:`~lrjax.litert_math.exact_top_k`,
+    :func:`~lrjax.litert_math.dense_ragged_dot`), where they are of its form; as it is when it
     holds none (the translator then names what it lacks)."""
     if not any(e.primitive.name in _ONNX_REWRITES for e, _ in macs.iter_eqns(closed.jaxpr)):
         return closed
 
     def rule(eqn, ins, here):
-        if eqn.primitive.name not in _ONNX_REWRITES:
+        name = eqn.primitive.name
+        if name == "approx_top_k":
+            return litert_math.exact_top_k(ins[0], eqn.params)
+        if name == "ragged_dot_general":
+            out = litert_math.dense_ragged_dot(*ins, eqn.params)
+        elif name in _ONNX_REWRITES:
+            out = litert_math.scatter_combine(*ins, eqn.params["dimension_numbers"], name)
+        else:
             return None
-        out = litert_math.scatter_combine(*ins, eqn.params["dimension_numbers"],
-                                          eqn.primitive.name)
         return None if out is None else [out]
 
     return jax.make_jaxpr(lambda *args: replay.run(closed.jaxpr, closed.consts, list(args),

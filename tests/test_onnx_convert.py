@@ -410,6 +410,47 @@ def test_conditionals_on_data_export_to_litert():
     _every_branch(runtimes.litert_runner(runtimes.litert_interpreter(data)), SHAPE[0])
 
 
+EXPERTS, TOP = 4, 2
+_EXPERT_W = np.random.default_rng(5).standard_normal((EXPERTS, 3, 5)).astype(np.float32)
+
+
+def _mixture_of_experts(x):
+    """Gemma 4's routing, written as its ``_moe.py`` writes it: each of the ``b * 36`` pixels
+    picks its top-2 experts (``approx_max_k``), the routed rows are sorted by expert (an
+    argsort along a multiple of the batch), each expert's weights multiply its rows
+    (``ragged_dot``), a per-expert scale is gathered by ``jnp.repeat`` of the counts (a scatter
+    onto a multiple of the batch), and the rows go back in order, weighted."""
+    rows = x.reshape(-1, 3)
+    probs = jax.nn.softmax(rows @ _EXPERT_W[:, :, 0].T, axis=-1)
+    weights, choices = jax.lax.approx_max_k(probs, TOP)
+    _, least = jax.lax.approx_min_k(probs.T, 1, reduction_dimension=0)  # (1, rows): argmin
+    order = choices.ravel().argsort()
+    counts = jnp.sum(jax.nn.one_hot(choices, EXPERTS, dtype=jnp.int32), axis=(0, 1))
+    routed = jax.lax.ragged_dot(jnp.repeat(rows, TOP, axis=0)[order], _EXPERT_W,
+                                group_sizes=counts)
+    scale = jnp.repeat(jnp.arange(1, EXPERTS + 1, dtype=jnp.float32), counts,
+                       total_repeat_length=routed.shape[0])
+    back = (routed * scale[:, None])[order.argsort()].reshape(-1, TOP, 5)
+    out = jnp.einsum("rkd,rk->rd", back, weights) + least.T.astype(jnp.float32)
+    return out.reshape(*x.shape[:3], 5)
+
+
+def test_a_mixture_of_experts_exports_to_onnx_and_litert():
+    """``approx_top_k`` as the exact top k (what JAX computes on CPU), ``ragged_dot`` as a
+    dense product masked by group (neither has an ONNX op or a LiteRT kernel: Gemma 4's MoE
+    failed both), and a sort, an iota and a scatter along a multiple of the symbolic batch
+    (``TopK`` of the whole axis; the scatter's dropped rows sent to a spare slot past it)."""
+    for batch in (SHAPE[0], 3):
+        x = np.random.default_rng(batch).standard_normal((batch, *SHAPE[1:])).astype(np.float32)
+        if batch == SHAPE[0]:
+            session = runtimes.onnx_session(runtimes.onnx_model(_mixture_of_experts, SHAPE))
+            litert = runtimes.litert_runner(runtimes.litert_interpreter(
+                runtimes.tflite_model(_mixture_of_experts, SHAPE)))
+            np.testing.assert_allclose(litert(x), _mixture_of_experts(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(session.run(None, {"input": x})[0], _mixture_of_experts(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_a_scatter_at_a_computed_position_drops_a_window_past_the_end():
     """``x.at[:, i].set(y)`` with ``i`` computed from the data: written where ``i`` is inside,
     dropped past the end (JAX's ``FILL_OR_DROP``), never clamped."""
