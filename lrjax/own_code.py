@@ -55,18 +55,30 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
     """``found`` and, after them, one site left as it is for each module whose own code
     multiplies the data by its parameters (``weighted``: :func:`lrjax.macs.weighted_products` of
     the traced forward pass whose first inputs are the variables named ``names``), in trace
-    order; products fed by a variable of a layer in ``found`` (its own work) are not listed.
+    order; products fed by a layer's kernel or a variable of its parts (its own work) are not
+    listed, but those fed by another parameter of a written layer's module are.
     ``net_macs``: the whole pass's multiply-adds (each layer's share is stated)."""
     paths = [s.path for s in found]
+    kernels = {s.kernel_key for s in found}
+
+    def layers_own(variable) -> bool:
+        """A layer's kernel, or a variable of its parts (a pair's halves); a written layer's
+        module's other parameters are its own code's (big_vision's Gemma feed-forward: its
+        gating products beside the product split as a layer)."""
+        owner = "/".join(variable[:-1])
+        return tuple(variable) in kernels or any(
+            owner.startswith(p + "/") if p else bool(owner) for p in paths)
+
     layers: dict[str, dict] = {}
     for sources, primitive, macs, _ in weighted:
         variables = [names[i] for i in sorted(sources)]
-        owners = ["/".join(v[:-1]) for v in variables]
-        if any(_inside(o, paths) for o in owners):
+        if any(layers_own(v) for v in variables):
             continue
         owner = _common(v[:-1] for v in variables)  # one module's weights, or its parts'
-        layer = layers.setdefault("/".join(owner) or variables[0][-1],  # (OptimizedLSTMCell)
-                                  {"names": {}, "ops": {}, "macs": 0})
+        where = "/".join(owner) or variables[0][-1]  # (OptimizedLSTMCell)
+        if where in paths:  # a written layer's module: named by its parameters, as shared ones
+            where += "/" + "+".join(sorted({v[len(owner)] for v in variables}))
+        layer = layers.setdefault(where, {"names": {}, "ops": {}, "macs": 0})
         for v in variables:
             layer["names"]["/".join(v[len(owner):])] = None
         layer["ops"][primitive] = layer["ops"].get(primitive, 0) + 1

@@ -321,3 +321,38 @@ def test_a_call_holding_no_product_is_traced_once_per_configuration(monkeypatch)
     x, model = jax.random.normal(jax.random.key(0), (2, 8)), Scaled()
     lrjax.decompose_linen(model, init(model, 0, x), x, rule="speedup:1.5")
     assert len(traced) == 1
+
+
+class GatedFeedForward(nn.Module):
+    """big_vision's Gemma ``FeedForward`` as written: a ``(2, C, H)`` gating parameter whose two
+    slices are two products (``jnp.dot(x, w[0])``, ``jnp.dot(x, w[1])``), and a ``linear``
+    parameter in one product."""
+
+    @nn.compact
+    def __call__(self, x):
+        gating = self.param("gating_einsum", nn.initializers.normal(0.1), (2, 16, 32))
+        hidden = nn.gelu(jnp.dot(x, gating[0])) * jnp.dot(x, gating[1])
+        return jnp.dot(hidden, self.param("linear", nn.initializers.normal(0.1), (32, 16)))
+
+
+class GatedNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return GatedFeedForward(name="mlp")(nn.Dense(16, name="embed")(x))
+
+
+def test_a_written_modules_other_products_are_listed_as_its_own_code():
+    """The product of ``linear`` is split as a dense layer named by the module; the gating
+    products beside it in the same module were left out of the report (the module's path was
+    the layer's): they are listed as its own code, named by their parameter, with their share
+    of the net; the whole net's cost is XLA's."""
+    x = jax.random.normal(jax.random.key(0), (2, 10, 8))
+    model = GatedNet()
+    variables = init(model, 1, x)
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.2")
+    assert "mlp" in result.ranks
+    reason = result.report.skipped["mlp/gating_einsum"]
+    assert "its own code multiplies" in reason and "'gating_einsum' in dot_general x2" in reason
+    lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
+               for m, v in ((model, variables), (result.module, result.variables))]
+    assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
