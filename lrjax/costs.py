@@ -355,7 +355,7 @@ class LayerCost:
     @property
     def speedup(self) -> float:
         """Multiply-adds before over after (1 for a layer that costs nothing: one whose work
-        the model never uses, :data:`lrjax.sites.UNUSED`)."""
+        the model never uses, :data:`lrjax.site_runs.UNUSED`)."""
         return self.full.macs / self.lowrank.macs if self.lowrank.macs else 1.0
 
 

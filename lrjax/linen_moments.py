@@ -72,6 +72,8 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     ``paths`` (see the module docstring); sums in float64 on the host.
 
     Args:
+      paths: the layers' paths, or ``{path: its kernel variable's keys}`` (a written layer's
+        kernel is its module's parameter, under its own name).
       calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
         an iterable of such batches.
       example_kwargs: keyword arguments of every call (e.g. ``train=False``).
@@ -90,6 +92,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     """
     kwargs = dict(example_kwargs or {})
     wanted = set(paths)
+    kernel_keys = dict(paths) if isinstance(paths, Mapping) else {}
     batches = calibration_batches(calibration, example_args, kwargs)
 
     def moments(variables, *batch):
@@ -120,7 +123,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         counts_out.update(counts)
     if wanted - set(covs):
         covs.update(_looped_moments(model, variables, batches, kwargs, wanted - set(covs),
-                                    site_of))
+                                    site_of, kernel_keys))
     missing = sorted(wanted - set(covs))
     if missing and strict:
         raise ValueError(f"calibration never ran layers {missing}")
@@ -142,11 +145,13 @@ def _run(fn, variables, args, index: int, example_args):
             f"call's size ({', '.join(map(str, sorted(example)))}), e.g. a list of them") from None
 
 
-def _looped_moments(model, variables, batches, kwargs, wanted, site_of) -> dict:
+def _looped_moments(model, variables, batches, kwargs, wanted, site_of, kernel_keys) -> dict:
     """The second pass (see the module docstring): every run's moments summed on the host, a
-    stacked layer's by iteration (:class:`lrjax.moments.RunSums`)."""
+    stacked layer's by iteration (:class:`lrjax.moments.RunSums`: by its kernel variable,
+    ``kernel_keys`` or ``{path}/kernel``)."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(dict(variables))))
-    keys = {p: ("params", *sites.variable_key(p), "kernel") for p in wanted}
+    keys = {p: ("params", *kernel_keys.get(p, (*sites.variable_key(p), "kernel")))
+            for p in wanted}
     sums = RunSums({p: flat[k] for p, k in keys.items() if k in flat})
 
     def moments(variables, *batch):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, lapack, macs, nnx_written, own_code, rules, sites
+from lrjax import boxes, costs, lapack, macs, nnx_written, own_code, rules, site_runs, sites
 from lrjax.conv_views import conv_view, nd_geometry, spatial_dims
 from lrjax.layers import (
     conv_skip_reason,
@@ -359,8 +359,8 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     found = [ConvSite(s.path, None, skip=f"{type(convs[s.path]).__name__} (a subclass that runs "
                       "its base's __call__ but also reads its kernel: its own computation is "
                       "kept)") if s.path in kept else s for s in found]
-    batch = sites.example_batch(example_args)
-    return [sites.per_example(sites.unless_stacked(
+    batch = site_runs.example_batch(example_args)
+    return [site_runs.per_example(sites.unless_stacked(
         site, getattr(nnx_written.kernel_of(convs[site.path]), "shape", None)), batch)
         for site in found]
 
@@ -453,9 +453,9 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     """Multiply-adds and element-wise flops per example of the whole forward pass (traced on a
     copy, :func:`lrjax.macs.traced_macs`), or ``(None, 0)`` where the call cannot be traced
     abstractly (a training-mode call updating its own state); and the sites ``found`` costed
-    for every run of their layers (:func:`lrjax.sites.counted_as_run`; as they are where not
+    for every run of their layers (:func:`lrjax.site_runs.counted_as_run`; as they are where not
     traced)."""
-    index = sites.layer_indices(found)
+    index = site_runs.layer_indices(found)
 
     def scoped(path, node):
         i = index.get(_path(path))
@@ -478,8 +478,8 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
         counts = with_constants_evaluated(macs.traced_macs, call, state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
         return None, 0, list(found)
-    batch = sites.example_batch(example_args)
-    found = own_code.with_own_code(sites.costed_as_run(found, counts, batch), counts["weighted"],
+    batch = site_runs.example_batch(example_args)
+    found = own_code.with_own_code(site_runs.costed_as_run(found, counts, batch), counts["weighted"],
                                    [n[1:] if n[:1] == ("0",) else ("<keywords>", *n[1:])
                                     for n in own_code.variable_names(state, collections=False)],
                                    counts["total"])

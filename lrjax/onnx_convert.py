@@ -238,8 +238,7 @@ class _Converter:
     def where(self, pred, on_true, on_false, aval) -> Tensor:
         """``on_true`` where ``pred`` holds, else ``on_false``: ``Where``, or for booleans (ONNX
         Runtime has no boolean ``Where``: Gemma's sliding-window masks) their logic."""
-        if not isinstance(pred, Tensor):
-            pred = np.asarray(pred, bool)
+        pred = pred if isinstance(pred, Tensor) else np.asarray(pred, bool)
         if np.dtype(aval.dtype) != np.bool_:
             return self.elementwise("Where", [pred, on_true, on_false], aval)
         negated = self.then(pred, "Not") if isinstance(pred, Tensor) else ~pred
@@ -315,10 +314,9 @@ class _Converter:
     def _affine(self, d) -> str:
         """A symbolic dimension ``a * batch + k`` (``b - 1``: jnp.pad's edge slice) as a
         1-element int64 tensor."""
-        batch = self.input_shape[0]
-        for offset in range(-8, 9):  # a from (d - k) // batch: a MoE's 32*b routed tokens too
-            a = (d - offset) // batch
-            k = d - a * batch if concrete(a) and int(a) > 0 else None
+        for offset in range(-8, 9):  # a = (d - k) // batch: a MoE's 32*b routed tokens too
+            a = (d - offset) // self.input_shape[0]
+            k = d - a * self.input_shape[0] if concrete(a) and int(a) > 0 else None
             if k is not None and concrete(k):
                 a = int(a)
                 scaled = self._batch if a == 1 else self.g.node("Mul", [self._batch,

@@ -38,6 +38,7 @@ is read flipped and transposed (as ``lax.conv_transpose`` does), and so are its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -50,9 +51,8 @@ from lrjax.conv_views import nd_patches, vertical_geometry
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
            "contracted_axes", "dense_shape", "dense_rows", "input_moments",
-           "unless_stacked", "device_array", "example_batch", "per_example", "redefined", "computes_as",
-           "reparametrizes", "subclass_reason", "wrapped_reason", "counted_as_run", "costed_as_run",
-           "layer_indices", "variable_key"]
+           "unless_stacked", "device_array", "redefined", "computes_as", "reparametrizes",
+           "subclass_reason", "wrapped_reason", "variable_key"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -335,18 +335,37 @@ def unless_stacked(site: ConvSite, kernel_shape) -> ConvSite:
     (``kernel_shape``; ``None``: not known) has leading axes the layer does not see: a layer
     stacked by a lifted transform (``nn.scan``, ``nn.vmap``, ``nnx.scan`` over ``nnx.vmap``-made
     layers), whose call sees one slice; but a layer whose kernel has one leading axis (a scan's
-    iterations) is the :meth:`ConvSite.restacked` site, unless it reparametrizes its weights."""
+    iterations) is the :meth:`ConvSite.restacked` site (one that reparametrizes its weights, a
+    written layer whose code scales or transposes its kernel: each iteration's, vmapped)."""
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape
     if shape == expected or (site.parametrization is not None and  # reshaped by its code
                              np.prod(shape) == np.prod(expected)):
         return site
-    if shape[1:] == expected and site.parametrization is None:
-        return site.restacked(shape[0])
+    if shape[1:] == expected:
+        stacked = site.restacked(shape[0])
+        if site.parametrization is None:
+            return stacked
+        return dataclasses.replace(stacked, parametrization=functools.partial(
+            _each_iteration, site.parametrization))
     return dataclasses.replace(site, skip=(
         f"kernel {shape} stacked over leading axes by a lifted transform (scan / vmap) for a "
         f"{expected} layer: stacked layers are left as they are"))
+
+
+def _each_iteration(parametrization, params: dict) -> dict:
+    """A stacked layer's ``parametrization`` of each iteration's stored weights (the leading
+    axis of every parameter of its scope: a lifted transform stacks them all)."""
+    return jax.vmap(parametrization)(params)
+
+
+def parametrization_key(parametrization) -> tuple:
+    """What a parametrization computes, besides its weights' shapes: a
+    ``functools.partial`` of a function on a layer (its type), or of that per iteration."""
+    stacked = parametrization.func is _each_iteration
+    inner = parametrization.args[0] if stacked else parametrization
+    return stacked, inner.func, type(inner.args[0])
 
 
 def device_array(x, dtype=None) -> jax.Array:
@@ -459,28 +478,6 @@ def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> co
                            images=int(input_shape[0]) if len(input_shape) > 1 else 1)
 
 
-def example_batch(args) -> int:
-    """The batch of a model call's positional arguments: the leading dim of the first array
-    among them (1 without one, or for a scalar)."""
-    for a in args:
-        if isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
-            return int(a.shape[0]) if a.shape else 1
-    return 1
-
-
-def per_example(site: ConvSite, batch: int) -> ConvSite:
-    """``site`` with its geometry's ``images``, counted per call of the layer (the call's
-    leading dims), made per example of a model called on ``batch`` examples: 1 for a layer
-    called on the model's batch, more for one called on windows or frames folded into the
-    batch or on a flattened ``(batch * tokens, C)`` input, less for one called unbatched."""
-    if site.shape is None or batch == 1:
-        return site
-    images = site.shape.images / batch
-    images = int(images) if float(images).is_integer() else images
-    return dataclasses.replace(site, shape=dataclasses.replace(site.shape, images=images),
-                               param_cast_flops=site.param_cast_flops / batch)
-
-
 def with_param_casts(site: ConvSite, layer) -> ConvSite:
     """``site`` with :attr:`ConvSite.param_cast_flops` of one call (1 per parameter) when the
     layer (linen or NNX) computes in a dtype other than its parameters'."""
@@ -491,60 +488,9 @@ def with_param_casts(site: ConvSite, layer) -> ConvSite:
     return dataclasses.replace(site, param_cast_flops=1.0)
 
 
-UNUSED = ("its output reaches none of the model's outputs (jax.jit computes none of its work: "
-          "an output computed and dropped, such as a pooler whose result the model does not "
-          "return): splitting it saves nothing")
-BRANCHED = ("run inside a conditional branch (lax.cond / lax.switch, nn.cond, nnx.cond): which "
-            "branch runs depends on the data, and the net's cost counts a conditional as its "
-            "costliest branch (as XLA does), so what splitting it saves cannot be counted")
-
-
 def variable_key(path: str) -> tuple[str, ...]:
     """A layer path as keys of a variable tree (``""``: the model is the layer itself)."""
     return tuple(path.split("/")) if path else ()
-
-
-def layer_indices(found: Sequence[ConvSite]) -> dict[str, int]:
-    """``{path: index}`` of the candidates among ``found``: the marks of their traced work
-    (:func:`lrjax.macs.layer_scope`)."""
-    return {s.path: i for i, s in enumerate(found) if s.candidate}
-
-
-def costed_as_run(found: Sequence[ConvSite], counts: dict, batch: int) -> list[ConvSite]:
-    """Every site of ``found`` through :func:`counted_as_run`, from a whole-net count
-    (:func:`lrjax.macs.traced_macs` of a pass whose candidates were marked by their
-    :func:`layer_indices`) of a batch of ``batch`` examples."""
-    index = layer_indices(found)
-    return [unused(s) if s.candidate and index.get(s.path) in counts.get("dead", ()) else
-            counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
-                           index.get(s.path) in counts["branched"]) for s in found]
-
-
-def unused(site: ConvSite) -> ConvSite:
-    """``site`` left as it is (:data:`UNUSED`) and costed at nothing: ``jax.jit`` computes none
-    of its work."""
-    return dataclasses.replace(site, skip=UNUSED,
-                               shape=dataclasses.replace(site.shape, images=0))
-
-
-def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -> ConvSite:
-    """``site`` costed for every run of its layer: ``traced_macs`` is its multiply-adds per
-    example over all its runs in the traced forward pass (:func:`lrjax.macs.layer_scope`). A
-    layer called more than once (shared weights) or inside a loop body (a ``scan`` with
-    broadcast parameters, a ``fori_loop``) runs more often than the one call a site records:
-    its geometry's ``images`` are scaled by the ratio, so that its cost, and what splitting it
-    saves, is what the net runs (exact when its runs share its first call's geometry). A layer
-    ``branched`` (run inside a conditional) is left as it is (:data:`BRANCHED`)."""
-    if site.candidate and branched:
-        return dataclasses.replace(site, skip=BRANCHED)
-    if not site.candidate or traced_macs <= 0:
-        return site
-    runs = traced_macs / costs.conv_cost(site.shape).macs
-    if runs < 1 + 1e-6:
-        return site
-    return dataclasses.replace(site, shape=dataclasses.replace(
-        site.shape, images=site.shape.images * runs),
-        param_cast_flops=site.param_cast_flops * runs)
 
 
 def contracted_axes(layer) -> tuple[int, ...]:

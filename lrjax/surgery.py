@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -53,7 +53,8 @@ from lrjax.linen_trace import abstract_init, constants_evaluated, layer_input, s
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
-from lrjax.sites import ConvSite, costed_as_run, example_batch, layer_indices, variable_key
+from lrjax.site_runs import costed_as_run, example_batch, layer_indices, per_example
+from lrjax.sites import ConvSite, variable_key
 from lrjax.splittable import conv_shape, linen_site
 from lrjax.written_products import keep_read_elsewhere
 
@@ -209,9 +210,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     found.update(_reading_their_kernels(model, example_args, example_kwargs, {
         p: (found[p], name) for p, name in delegated.items() if found[p].candidate}))
     keep_read_elsewhere(found, elsewhere)
-    return [sites.per_example(sites.unless_stacked(
-        site, getattr(shapes.get(site.kernel_key), "shape", None)),
-        batch)
+    return [per_example(sites.unless_stacked(
+        site, getattr(shapes.get(site.kernel_key), "shape", None)), batch)
         for site in found.values()]
 
 
@@ -269,8 +269,7 @@ def check_variables(model: nn.Module, variables, *example_args, **example_kwargs
     method (``method="encode"``) may leave variables unused (a VAE's decoder): only missing and
     misshapen ones are problems then."""
     expected = _flat(abstract_init(model, example_args, example_kwargs))
-    problems = _structure_problems(expected, _flat(variables),
-                                   extra_ok=_other_method(example_kwargs))
+    problems = _structure_problems(expected, _flat(variables), extra_ok=_other_method(example_kwargs))
     if problems:
         raise ValueError("variables do not match the model: " + "; ".join(problems))
     check_inference_call(model, variables, *example_args, **example_kwargs)
@@ -324,15 +323,15 @@ def _inference_hint(model: nn.Module) -> str:
 
 
 @linen_cells.as_sublayers()
-def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
+def calibration_moments(model: nn.Module, variables, calibration, paths,
                         example_kwargs: Mapping | None = None,
                         example_args: tuple | None = None,
                         strict: bool = True, counts_out: dict | None = None
                         ) -> dict[str, np.ndarray]:
     """Second moments ``E[p p^T]`` of the first factor's input patches of each layer in ``paths``
-    (:func:`lrjax.linen_moments.calibration_moments`, with this module's sites): sown from each
-    listed layer's first call, or, for a layer inside a loop body (a recurrence, a stacked
-    layer), summed over every run on the host (a stacked layer's by iteration).
+    (:func:`lrjax.linen_moments.calibration_moments`, with this module's sites; ``paths`` as
+    there): sown from each listed layer's first call, or, for a layer inside a loop body (a
+    recurrence, a stacked layer), summed over every run on the host (by iteration).
 
     Returns:
       ``{path: (groups, C_g * kh, C_g * kh) float64}``.
@@ -369,7 +368,7 @@ def _with_parametrization_flops(found: list[ConvSite], flat, batch: int) -> list
     for site in found:
         if site.candidate and site.parametrization is not None:
             stored = _stored_parameters(flat, site)
-            key = (type(site.parametrization.args[0]),
+            key = (sites.parametrization_key(site.parametrization),
                    tuple(sorted((k, np.shape(v)) for k, v in stored.items())))
             if key not in counted:
                 analysis = jax.jit(site.parametrization).lower(stored).cost_analysis()
@@ -428,7 +427,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     if calibration is not None:
         paths, note = calibrated_paths(candidates)
         seen = {}
-        covs = calibration_moments(model, variables, calibration, paths, example_kwargs,
+        keys = {s.path: s.kernel_key for s in candidates if s.path in paths}  # (written)
+        covs = calibration_moments(model, variables, calibration, keys, example_kwargs,
                                    example_args, strict=False, counts_out=seen)
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(seen, candidates)

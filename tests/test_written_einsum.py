@@ -322,3 +322,44 @@ def test_a_table_its_module_also_reads_in_another_method_is_kept(tied):
     lowered = [jax.jit(m.apply).lower(v, ids).cost_analysis()["flops"]
                for m, v in ((model, variables), (result.module, result.variables))]
     assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
+
+
+class ScanBlock(Block):
+    def __call__(self, x, _):
+        return super().__call__(x), None
+
+
+class Scanned(nn.Module):
+    """The blocks stacked by ``nn.scan`` (big_vision's Gemma with ``scan=True``): each einsum's
+    kernel has the iterations first, ``(3, 4, 32, 8)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)(name="layers")(x, None)[0]
+
+
+def test_written_einsums_stacked_by_scan_split_per_iteration():
+    """A written layer whose code reorders its kernel's axes (its re-parametrization) was left
+    as it is once stacked by ``nn.scan`` ("stacked layers are left as they are"): each
+    iteration's kernel is now read as its code reads it, factored in its own closed form
+    (calibrated on its own inputs: each iteration's statistics are told apart by its kernel
+    variable, under its own name), exact at full rank."""
+    model = Scanned()
+    variables = init(model, 1, X)
+    found = {s.path: s for s in surgery.find_convs(model, X) if s.candidate}
+    assert {p: s.stack for p, s in found.items()} == {f"layers/{n}": 3 for n in (
+        "q_einsum", "kv_einsum", "attn_vec_einsum", "mlp/gating_einsum", "mlp/linear")}
+    full = lrjax.decompose_linen(model, variables, X, rule={
+        p: 3 * min(s.shape.in_channels, s.shape.out_channels) // 3 for p, s in found.items()})
+    want = model.apply(variables, X)
+    np.testing.assert_allclose(full.module.apply(full.variables, X), want,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+    calib = jax.random.normal(jax.random.key(7), (16, 6, 32)) * jnp.linspace(0.01, 0.3, 32)
+    ranks = {p: 3 * 8 for p in found}
+    errors = []
+    for calibration in (None, calib):
+        split = lrjax.decompose_linen(model, variables, X, rule=ranks, calibration=calibration)
+        got, wanted = split.module.apply(split.variables, calib), model.apply(variables, calib)
+        errors.append(float(jnp.linalg.norm(got - wanted) / jnp.linalg.norm(wanted)))
+    assert errors[1] < 0.8 * errors[0]

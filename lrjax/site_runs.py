@@ -1,0 +1,92 @@
+"""Sites costed as the traced net runs them: per example of the model's call, for every run of a
+layer (shared weights, loop bodies), and left as they are where what splitting them saves cannot
+be counted (inside a conditional branch) or is nothing (their output reaches none of the
+model's outputs). Used by the linen and NNX surgeries after one traced count of the whole net
+(:func:`lrjax.macs.traced_macs`, its layers marked by :func:`layer_indices`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from lrjax import costs
+from lrjax.sites import ConvSite
+
+__all__ = ["UNUSED", "BRANCHED", "example_batch", "per_example", "layer_indices",
+           "costed_as_run", "counted_as_run", "unused"]
+
+
+def example_batch(args) -> int:
+    """The batch of a model call's positional arguments: the leading dim of the first array
+    among them (1 without one, or for a scalar)."""
+    for a in args:
+        if isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+            return int(a.shape[0]) if a.shape else 1
+    return 1
+
+
+def per_example(site: ConvSite, batch: int) -> ConvSite:
+    """``site`` with its geometry's ``images``, counted per call of the layer (the call's
+    leading dims), made per example of a model called on ``batch`` examples: 1 for a layer
+    called on the model's batch, more for one called on windows or frames folded into the
+    batch or on a flattened ``(batch * tokens, C)`` input, less for one called unbatched."""
+    if site.shape is None or batch == 1:
+        return site
+    images = site.shape.images / batch
+    images = int(images) if float(images).is_integer() else images
+    return dataclasses.replace(site, shape=dataclasses.replace(site.shape, images=images),
+                               param_cast_flops=site.param_cast_flops / batch)
+
+
+UNUSED = ("its output reaches none of the model's outputs (jax.jit computes none of its work: "
+          "an output computed and dropped, such as a pooler whose result the model does not "
+          "return): splitting it saves nothing")
+BRANCHED = ("run inside a conditional branch (lax.cond / lax.switch, nn.cond, nnx.cond): which "
+            "branch runs depends on the data, and the net's cost counts a conditional as its "
+            "costliest branch (as XLA does), so what splitting it saves cannot be counted")
+
+
+def layer_indices(found: Sequence[ConvSite]) -> dict[str, int]:
+    """``{path: index}`` of the candidates among ``found``: the marks of their traced work
+    (:func:`lrjax.macs.layer_scope`)."""
+    return {s.path: i for i, s in enumerate(found) if s.candidate}
+
+
+def costed_as_run(found: Sequence[ConvSite], counts: dict, batch: int) -> list[ConvSite]:
+    """Every site of ``found`` through :func:`counted_as_run`, from a whole-net count
+    (:func:`lrjax.macs.traced_macs` of a pass whose candidates were marked by their
+    :func:`layer_indices`) of a batch of ``batch`` examples."""
+    index = layer_indices(found)
+    return [unused(s) if s.candidate and index.get(s.path) in counts.get("dead", ()) else
+            counted_as_run(s, counts["layers"].get(index.get(s.path), 0) / batch,
+                           index.get(s.path) in counts["branched"]) for s in found]
+
+
+def unused(site: ConvSite) -> ConvSite:
+    """``site`` left as it is (:data:`UNUSED`) and costed at nothing: ``jax.jit`` computes none
+    of its work."""
+    return dataclasses.replace(site, skip=UNUSED,
+                               shape=dataclasses.replace(site.shape, images=0))
+
+
+def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -> ConvSite:
+    """``site`` costed for every run of its layer: ``traced_macs`` is its multiply-adds per
+    example over all its runs in the traced forward pass (:func:`lrjax.macs.layer_scope`). A
+    layer called more than once (shared weights) or inside a loop body (a ``scan`` with
+    broadcast parameters, a ``fori_loop``) runs more often than the one call a site records:
+    its geometry's ``images`` are scaled by the ratio, so that its cost, and what splitting it
+    saves, is what the net runs (exact when its runs share its first call's geometry). A layer
+    ``branched`` (run inside a conditional) is left as it is (:data:`BRANCHED`)."""
+    if site.candidate and branched:
+        return dataclasses.replace(site, skip=BRANCHED)
+    if not site.candidate or traced_macs <= 0:
+        return site
+    runs = traced_macs / costs.conv_cost(site.shape).macs
+    if runs < 1 + 1e-6:
+        return site
+    return dataclasses.replace(site, shape=dataclasses.replace(
+        site.shape, images=site.shape.images * runs),
+        param_cast_flops=site.param_cast_flops * runs)
