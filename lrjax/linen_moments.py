@@ -72,8 +72,9 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     ``paths`` (see the module docstring); sums in float64 on the host.
 
     Args:
-      paths: the layers' paths, or ``{path: its kernel variable's keys}`` (a written layer's
-        kernel is its module's parameter, under its own name).
+      paths: the layers' paths, or ``{path: its site}`` (:class:`lrjax.sites.ConvSite`: a
+        written layer's kernel is its module's parameter, under its own name; a stacked one's
+        iterations may be on another axis than the first).
       calibration: one batch of model inputs (an array, or a tuple of positional arguments), or
         an iterable of such batches.
       example_kwargs: keyword arguments of every call (e.g. ``train=False``).
@@ -92,7 +93,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
     """
     kwargs = dict(example_kwargs or {})
     wanted = set(paths)
-    kernel_keys = dict(paths) if isinstance(paths, Mapping) else {}
+    found = dict(paths) if isinstance(paths, Mapping) else {}
     batches = calibration_batches(calibration, example_args, kwargs)
 
     def moments(variables, *batch):
@@ -123,7 +124,7 @@ def calibration_moments(model: nn.Module, variables, calibration, paths: Sequenc
         counts_out.update(counts)
     if wanted - set(covs):
         covs.update(_looped_moments(model, variables, batches, kwargs, wanted - set(covs),
-                                    site_of, kernel_keys))
+                                    site_of, found))
     missing = sorted(wanted - set(covs))
     if missing and strict:
         raise ValueError(f"calibration never ran layers {missing}")
@@ -145,14 +146,16 @@ def _run(fn, variables, args, index: int, example_args):
             f"call's size ({', '.join(map(str, sorted(example)))}), e.g. a list of them") from None
 
 
-def _looped_moments(model, variables, batches, kwargs, wanted, site_of, kernel_keys) -> dict:
+def _looped_moments(model, variables, batches, kwargs, wanted, site_of, found) -> dict:
     """The second pass (see the module docstring): every run's moments summed on the host, a
-    stacked layer's by iteration (:class:`lrjax.moments.RunSums`: by its kernel variable,
-    ``kernel_keys`` or ``{path}/kernel``)."""
+    stacked layer's by iteration (:class:`lrjax.moments.RunSums`: by its kernel variable, as
+    its site in ``found`` names it, its iterations at the site's ``stack_axis``; else
+    ``{path}/kernel``, iterations first)."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(dict(variables))))
-    keys = {p: ("params", *kernel_keys.get(p, (*sites.variable_key(p), "kernel")))
-            for p in wanted}
-    sums = RunSums({p: flat[k] for p, k in keys.items() if k in flat})
+    keys = {p: ("params", *(found[p].kernel_key if p in found else
+                            (*sites.variable_key(p), "kernel"))) for p in wanted}
+    sums = RunSums({p: np.moveaxis(flat[k], found[p].stack_axis if p in found else 0, 0)
+                    for p, k in keys.items() if k in flat})
 
     def moments(variables, *batch):
         def to_host(module, path, moments):

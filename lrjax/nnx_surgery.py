@@ -361,8 +361,8 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
                       "kept)") if s.path in kept else s for s in found]
     batch = site_runs.example_batch(example_args)
     return [site_runs.per_example(sites.unless_stacked(
-        site, getattr(nnx_written.kernel_of(convs[site.path]), "shape", None)), batch)
-        for site in found]
+        site, getattr(nnx_written.kernel_of(convs[site.path]), "shape", None), any_axis=False),
+        batch) for site in found]
 
 
 def _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode) -> set[str]:

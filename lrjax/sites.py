@@ -96,7 +96,8 @@ class ConvSite:
         else ``None``.
       stack: how many iterations of a scan run the layer (linen's ``nn.scan``, NNX's
         ``nnx.scan`` over ``nnx.vmap``-made blocks; or members of an ``nn.vmap``), each with its
-        own slice of a kernel variable stacked on a leading axis (1: not stacked). The stack is costed
+        own slice of a kernel variable stacked on one axis, ``stack_axis`` (the leading one, or
+        MaxText's ``param_scan_axis``; 1: not stacked). The stack is costed
         and decomposed as one grouped conv of ``stack`` times the layer's groups (each
         iteration's matrix a group: ``shape`` holds ``stack`` times the channels), so a rank
         counts every iteration's intermediate channels, as a grouped conv's counts every
@@ -126,6 +127,7 @@ class ConvSite:
     param_cast_flops: float = 0.0
     conv_dims: int = 2
     stack: int = 1
+    stack_axis: int = 0
     nd_geometry: tuple | None = None
     share: float | None = None
     written: bool = False
@@ -170,11 +172,12 @@ class ConvSite:
 
     @property
     def kernel_variable_shape(self) -> tuple[int, ...]:
-        """The shape of the layer's own ``kernel`` variable (stacked: with the iterations
-        first)."""
+        """The shape of the layer's own ``kernel`` variable (stacked: with the iterations at
+        ``stack_axis``)."""
+        shape = list(self._slice_variable_shape())
         if self.stack > 1:
-            return (self.stack, *self._slice_variable_shape())
-        return self._slice_variable_shape()
+            shape.insert(self.stack_axis, self.stack)
+        return tuple(shape)
 
     def _slice_variable_shape(self) -> tuple[int, ...]:
         if self.dense_dims is not None:
@@ -212,7 +215,8 @@ class ConvSite:
         kernel = np.asarray(kernel, np.float32)
         self.check_kernel_shape(kernel.shape)
         if self.stack > 1:  # each iteration's kernel a group of output channels
-            return np.concatenate([self._slice_hwio(k) for k in kernel], axis=-1)
+            return np.concatenate([self._slice_hwio(k) for k in
+                                   np.moveaxis(kernel, self.stack_axis, 0)], axis=-1)
         return self._slice_hwio(kernel)
 
     def _slice_hwio(self, kernel: np.ndarray) -> np.ndarray:
@@ -226,14 +230,15 @@ class ConvSite:
     def factor_variables(self, factors: decompose.Factors) -> tuple[jax.Array, jax.Array]:
         """``(vertical/kernel, horizontal/kernel)`` variables of the pair from HWIO factors
         (JAX arrays; reshaped on the host when the factors are NumPy arrays); a stack's with the
-        iterations first (its factors' groups, split)."""
+        iterations at its ``stack_axis`` (its factors' groups, split)."""
         if self.stack > 1:
             slices = zip(np.split(np.asarray(factors.vertical), self.stack, axis=-1),
                          np.split(np.asarray(factors.horizontal), self.stack, axis=-1),
                          strict=True)
             vertical, horizontal = zip(*(self._slice_factors(v, h) for v, h in slices),
                                        strict=True)
-            return device_array(np.stack(vertical)), device_array(np.stack(horizontal))
+            return (device_array(np.stack(vertical, axis=self.stack_axis)),
+                    device_array(np.stack(horizontal, axis=self.stack_axis)))
         return tuple(map(device_array, self._slice_factors(factors.vertical,
                                                            factors.horizontal)))
 
@@ -330,34 +335,44 @@ def subclass_reason(layer, base_type: type) -> str:
             f"{names}: its own computation is kept)")
 
 
-def unless_stacked(site: ConvSite, kernel_shape) -> ConvSite:
+def unless_stacked(site: ConvSite, kernel_shape, any_axis: bool = True) -> ConvSite:
     """``site``, or ``site`` left as is with the reason when its kernel variable's shape
     (``kernel_shape``; ``None``: not known) has leading axes the layer does not see: a layer
     stacked by a lifted transform (``nn.scan``, ``nn.vmap``, ``nnx.scan`` over ``nnx.vmap``-made
-    layers), whose call sees one slice; but a layer whose kernel has one leading axis (a scan's
-    iterations) is the :meth:`ConvSite.restacked` site (one that reparametrizes its weights, a
-    written layer whose code scales or transposes its kernel: each iteration's, vmapped)."""
+    layers), whose call sees one slice; but a layer whose kernel has one axis more (a scan's
+    iterations: first, as ``nn.scan`` stacks them, or at another place, as MaxText and
+    big_vision's CapPa scan with ``param_scan_axis = 1``; where the first and another axis of
+    the same length could be it, the first; where only later ones could, none) is the
+    :meth:`ConvSite.restacked` site (one that
+    reparametrizes its weights, a written layer whose code scales or transposes its kernel:
+    each iteration's, vmapped). ``any_axis=False``: the first axis only (NNX's stacks)."""
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape
     if shape == expected or (site.parametrization is not None and  # reshaped by its code
                              np.prod(shape) == np.prod(expected)):
         return site
-    if shape[1:] == expected:
-        stacked = site.restacked(shape[0])
+    axes = [a for a in range(len(shape) if any_axis else 1)
+            if shape[:a] + shape[a + 1:] == expected]
+    if axes and (axes[0] == 0 or len(axes) == 1):  # (else two axes of its length, neither first)
+        stacked = dataclasses.replace(site.restacked(shape[axes[0]]), stack_axis=axes[0])
         if site.parametrization is None:
             return stacked
         return dataclasses.replace(stacked, parametrization=functools.partial(
-            _each_iteration, site.parametrization))
+            _each_iteration, site.parametrization, axes[0]))
+    if axes:
+        return dataclasses.replace(site, skip=(
+            f"kernel {shape} stacked by a lifted transform (scan / vmap) for a {expected} layer "
+            f"on one of its axes {axes}, which their lengths cannot tell apart: left as it is"))
     return dataclasses.replace(site, skip=(
         f"kernel {shape} stacked over leading axes by a lifted transform (scan / vmap) for a "
         f"{expected} layer: stacked layers are left as they are"))
 
 
-def _each_iteration(parametrization, params: dict) -> dict:
-    """A stacked layer's ``parametrization`` of each iteration's stored weights (the leading
-    axis of every parameter of its scope: a lifted transform stacks them all)."""
-    return jax.vmap(parametrization)(params)
+def _each_iteration(parametrization, axis: int, params: dict) -> dict:
+    """A stacked layer's ``parametrization`` of each iteration's stored weights (``axis`` of
+    every parameter of its scope: a lifted transform stacks them all), stacked there."""
+    return jax.vmap(parametrization, in_axes=axis, out_axes=axis)(params)
 
 
 def parametrization_key(parametrization) -> tuple:

@@ -427,8 +427,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     if calibration is not None:
         paths, note = calibrated_paths(candidates)
         seen = {}
-        keys = {s.path: s.kernel_key for s in candidates if s.path in paths}  # (written)
-        covs = calibration_moments(model, variables, calibration, keys, example_kwargs,
+        wanted = {s.path: s for s in candidates if s.path in paths}  # (their kernels)
+        covs = calibration_moments(model, variables, calibration, wanted, example_kwargs,
                                    example_args, strict=False, counts_out=seen)
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(seen, candidates)

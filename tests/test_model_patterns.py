@@ -1201,3 +1201,47 @@ def test_a_returned_prng_key_is_exported_as_its_key_data(tmp_path):
     logits, data = session.run(None, {session.get_inputs()[0].name: np.asarray(x)})
     np.testing.assert_array_equal(data, jax.random.key_data(jax.random.split(key)[0]))
     np.testing.assert_allclose(logits, model.proj(x), rtol=1e-5, atol=1e-6)  # dropout off
+
+
+class MaxTextBlock(nn.Module):
+    """A residual MLP block, as MaxText and big_vision's CapPa decoder write theirs."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(16, name="down")(nn.gelu(nn.Dense(48, name="up")(x))), None
+
+
+class ScannedOnAxisOne(nn.Module):
+    """Blocks stacked by ``nn.scan`` with ``param_scan_axis = 1`` (MaxText's default): the
+    iterations are the kernels' second axis, ``up/kernel (16, 3, 48)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.scan(MaxTextBlock, variable_axes={"params": 1}, split_rngs={"params": True},
+                       length=3)(name="layers")(x, None)[0]
+
+
+def test_layers_scanned_on_another_axis_split_per_iteration():
+    """Each iteration's kernel is its slice along the scan's axis (before: "stacked layers are
+    left as they are"); the pair's variables hold the iterations on that axis too, the
+    calibration tells the iterations apart, and the split model is exact at full rank."""
+    x = jax.random.normal(jax.random.key(0), (4, 6, 16))
+    model = ScannedOnAxisOne()
+    variables = init(model, 0, x)
+    assert variables["params"]["layers"]["up"]["kernel"].shape == (16, 3, 48)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, x)}
+    assert {p: (s.stack, s.stack_axis) for p, s in found.items()} == {
+        "layers/up": (3, 1), "layers/down": (3, 1)}
+    full = lrjax.decompose_linen(model, variables, x, rule={"layers/up": 48, "layers/down": 48})
+    assert full.variables["params"]["layers"]["up"]["vertical"]["kernel"].shape == (16, 3, 16)
+    want = model.apply(variables, x)
+    np.testing.assert_allclose(full.module.apply(full.variables, x), want, atol=1e-5)
+    calib = jax.random.normal(jax.random.key(1), (16, 6, 16)) * jnp.linspace(0.05, 1.0, 16)
+    errors = []
+    for calibration in (None, calib):
+        split = lrjax.decompose_linen(model, variables, x, rule={"layers/up": 12,
+                                                                "layers/down": 12},
+                                      calibration=calibration)
+        got, wanted = split.module.apply(split.variables, calib), model.apply(variables, calib)
+        errors.append(float(jnp.linalg.norm(got - wanted) / jnp.linalg.norm(wanted)))
+    assert errors[1] < 0.8 * errors[0]
