@@ -63,7 +63,8 @@ def _wanted_calls(wanted, site_of, take):
     return intercept
 
 
-def calibration_moments(model: nn.Module, variables, calibration, paths: Sequence[str],
+def calibration_moments(model: nn.Module, variables, calibration,
+                        paths: Sequence[str] | Mapping[str, sites.ConvSite],
                         example_kwargs: Mapping | None = None,
                         example_args: tuple | None = None, strict: bool = True, *,
                         site_of: Callable, counts_out: dict | None = None

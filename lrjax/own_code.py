@@ -34,10 +34,6 @@ def variable_names(tree, *, collections: bool) -> list[tuple[str, ...]]:
     return names
 
 
-def _inside(path: str, sites: Sequence[str]) -> bool:
-    return any(path == s or path.startswith(s + "/") for s in sites)
-
-
 def _common(paths) -> tuple[str, ...]:
     """The longest common leading part of module paths (tuples of names)."""
     paths = list(paths)

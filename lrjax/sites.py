@@ -343,9 +343,10 @@ def unless_stacked(site: ConvSite, kernel_shape, any_axis: bool = True) -> ConvS
     iterations: first, as ``nn.scan`` stacks them, or at another place, as MaxText and
     big_vision's CapPa scan with ``param_scan_axis = 1``; where the first and another axis of
     the same length could be it, the first; where only later ones could, none) is the
-    :meth:`ConvSite.restacked` site (one that
-    reparametrizes its weights, a written layer whose code scales or transposes its kernel:
-    each iteration's, vmapped). ``any_axis=False``: the first axis only (NNX's stacks)."""
+    :meth:`ConvSite.restacked` site, its ``stack_axis`` that axis (a layer that reparametrizes
+    its weights, or a written one whose code scales or transposes its kernel, reads each
+    iteration's weights so: its parametrization vmapped). ``any_axis=False``: the first axis
+    only (NNX's stacks)."""
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape
