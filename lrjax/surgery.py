@@ -131,9 +131,10 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     subclasses, listed as not decomposable), ``LowRankConv``, and layers seen but never split
     (``nn.ConvLocal``, layers another layer applies with the parameters it computes:
     ``self.conv.apply({"params": ...}, x)``) are recorded; a pair's own halves are not. A layer
-    called more than once is listed once (its first call); products a module's own code computes
-    from its parameters are found when the net is costed (:mod:`lrjax.own_code`). For a
-    :class:`LowRankModel` the sites are its base model's, with the wrapper's ranks attached.
+    called more than once is listed once (its first call); a module's own products, and layers
+    left for how the net runs them (in a conditional, their output dropped), are found when it is
+    costed (:mod:`lrjax.own_code`, :mod:`lrjax.site_runs`). For a :class:`LowRankModel` the
+    sites are its base model's, with the wrapper's ranks attached.
 
     Args:
       model: any ``flax.linen`` module.
@@ -193,9 +194,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             elif type(module) in _UNSPLIT:
                 found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
             elif isinstance(module, (nn.Conv, nn.ConvTranspose, LowRankConv, nn.Dense,
-                                     nn.DenseGeneral, nn.Einsum)) \
-                    and not isinstance(module, (FactorConv, FactorConvTranspose, FactorDense,
-                                                FactorEinsum)):
+                                     nn.DenseGeneral, nn.Einsum)) and not isinstance(
+                    module, (FactorConv, FactorConvTranspose, FactorDense, FactorEinsum)):
                 equation = sites.called_equation(
                     module.einsum_str, args[1:], kwargs, jnp.ndim(layer_input(args, kwargs))) \
                     if isinstance(module, nn.Einsum) else None
