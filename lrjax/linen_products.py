@@ -175,9 +175,7 @@ def _hooked(cls: type) -> type:
                 return flax_param()
             value = made[0]  # (a NumPy one, from a loaded tree, as the array a trace keeps)
             value = jax.device_put(value) if isinstance(value, np.ndarray) else value
-            if _STATE not in self.__dict__:
-                object.__setattr__(self, _STATE, {})
-            self.__dict__[_STATE][name] = (value, made[1])
+            self.__dict__.setdefault(_STATE, {})[name] = (value, made[1])
             return value
 
         def sow(self, *args, **kwargs):  # traced: what its run as written sows, it sowed
@@ -247,17 +245,14 @@ def as_layer(next_fun, args, kwargs, context):
             if method == "__call__" and _compact(type(module)):
                 return _compact_call(module, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)
-        if method == "__call__":
-            if _holds_submodules(module):  # (its parameters as its own code reads them)
-                _stored(module, _values(state))
-                return next_fun(*args, **kwargs)
+        if method == "__call__" and not _holds_submodules(module):
             return _replayed(module, next_fun, args, kwargs)
         if any(placeholder for _, placeholder in state.values()):
             raise ValueError(f"layer {'/'.join(module.scope.path)!r} was split as the product "
                              f"of its kernel that its __call__ computes; its method {method!r} "
                              "would need the kernel it no longer has: call it as it was "
                              "decomposed")
-        _stored(module, _values(state))  # another method computes with it as written
+        _stored(module, _values(state))  # another method, or a module running others, as written
         return next_fun(*args, **kwargs)
     finally:
         _RUNNING.discard(id(module))
@@ -319,23 +314,14 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
         for var, const in zip(closed.jaxpr.constvars, closed.consts, strict=True):
             if id(const) in named:
                 uses.setdefault(named[id(const)], []).append(var)
-        found = []
-        for name, (var, *more) in uses.items():
-            if more:  # (read twice: not one product)
-                continue
-            try:
-                found.append((name, product_of(closed, var, closed.jaxpr.invars)))
-            except _Ineligible:
-                continue
-        if len(found) != 1:
-            raise _Ineligible(f"{len(found)} parameters used in one product each")
+        once = [(n, vs[0]) for n, vs in uses.items() if len(vs) == 1]  # (twice: no product)
+        name, product = _one_product(closed, once, closed.jaxpr.invars)
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
             raise _no_longer(module, e) from None
         if key is not None and len(uses) == len(state):  # (each parameter seen in the trace)
             _AS_WRITTEN.add(key)
         return next_fun(*args, **kwargs)
-    (name, product), = found
     return _run_as_layer(module, closed, shapes, arrays, product, name, state[name][0])
 
 
@@ -404,7 +390,8 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     try:
         with _attempt(module):
             closed, shapes = _traced(body, [given[n] for n in names], *arrays)
-        found = _one_product(closed, names)
+        found = _one_product(closed, zip(names, closed.jaxpr.invars, strict=False),
+                             closed.jaxpr.invars[len(names):])
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
             raise _no_longer(module, e) from None
@@ -481,14 +468,14 @@ def _restore(current: dict, saved: dict) -> None:
             current[k] = v
 
 
-def _one_product(closed, names):
-    """``(name, product)`` (:func:`lrjax.written_products.product_of`) of the one parameter
-    (``closed``'s first inputs, named ``names``) whose one use is a product as a Flax layer
-    computes it."""
+def _one_product(closed, candidates, inputs):
+    """``(name, product)`` (:func:`lrjax.written_products.product_of`, its data computed from
+    ``inputs``) of the one parameter among ``candidates`` (``(name, var)`` of ``closed``) whose
+    one use is a product as a Flax layer computes it."""
     found = []
-    for name, var in zip(names, closed.jaxpr.invars, strict=False):
+    for name, var in candidates:
         try:
-            found.append((name, product_of(closed, var, closed.jaxpr.invars[len(names):])))
+            found.append((name, product_of(closed, var, inputs)))
         except _Ineligible:
             continue
     if len(found) != 1:
