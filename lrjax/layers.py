@@ -463,7 +463,8 @@ class LowRankModel(nn.Module):
     Build it with :meth:`wrap` (which normalises the rank map) or get it from
     :func:`decompose_linen`. Every method of ``base`` runs decomposed: ``apply(v, x)`` its
     ``__call__``, ``apply(v, x, method="encode")`` (or ``method=Base.encode``) its ``encode``
-    (a VAE's encoder, big_vision's Jet ``forward``). A call that does not reach every conv of
+    (a VAE's encoder, big_vision's Jet ``forward``), ``method=lambda m, x: ...`` that function
+    of the model. A call that does not reach every conv of
     the rank map raises ``ValueError`` (a misspelt path must not pass silently), so a map should
     name only convs that every call of that method runs.
 
@@ -498,16 +499,31 @@ class LowRankModel(nn.Module):
 
     @nn.nowrap
     def apply(self, variables, *args, method=None, **kwargs):
-        """``nn.Module.apply``; ``method`` may be one of ``base``'s (``Base.encode``) or its name."""
-        if callable(method) and getattr(type(self.base), getattr(method, "__name__", ""), None) \
-                is getattr(method, "__func__", method):
-            method = method.__name__
-        return super().apply(variables, *args, method=method, **kwargs)
+        """``nn.Module.apply``; ``method`` as Flax takes it for ``base``: a name, one of ``base``'s
+        methods (``Base.encode``, ``model.encode``) or a function of the module
+        (``lambda m, x: m.decode(m.encode(x))``), run decomposed."""
+        return super().apply(variables, *args, method=self._decomposed(method), **kwargs)
+
+    @nn.nowrap
+    def init_with_output(self, rngs, *args, method=None, **kwargs):
+        """``nn.Module.init_with_output`` (and so ``init``); ``method`` as for :meth:`apply`."""
+        return super().init_with_output(rngs, *args, method=self._decomposed(method), **kwargs)
+
+    @nn.nowrap
+    def _decomposed(self, method):
+        """``method`` (None, a name, a function) as one of this module's: ``base``'s methods by
+        name, any other function run on ``base`` under the pairs (:meth:`_run`)."""
+        if method is None or isinstance(method, str) or not callable(method):
+            return method
+        if getattr(type(self.base), getattr(method, "__name__", ""), None) is getattr(
+                method, "__func__", method):
+            return method.__name__
+        return lambda module, *args, **kwargs: module._run(method, args, kwargs)
 
     def __call__(self, *args, **kwargs):
         return self._run("__call__", args, kwargs)
 
-    def _run(self, method: str, args, kwargs):
+    def _run(self, method: str | Callable, args, kwargs):
         ranks = dict(self.ranks)
         root = tuple(self.scope.path)
         mid_norm = self.mid_norm
@@ -561,7 +577,9 @@ class LowRankModel(nn.Module):
                 bias_init=module.bias_init, where=path)
 
         with linen_cells.as_sublayers(), nn.intercept_methods(decompose_conv):
-            out = getattr(self.base, method)(*args, **kwargs)
+            call = getattr(self.base, method) if isinstance(method, str) else \
+                functools.partial(method, self.base)
+            out = call(*args, **kwargs)
         missing = sorted(set(ranks) - seen)
         if missing:
             raise ValueError(f"rank map names layers the model never called as nn.Conv, "

@@ -1127,6 +1127,31 @@ def test_a_models_other_method_is_decomposed_and_exported(tmp_path):
     assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
 
 
+@pytest.mark.parametrize("method", [TwoMethods.encode, lambda m, x: m.head(m.encode(x).mean((1, 2)))],
+                         ids=["class function", "lambda"])
+def test_a_method_given_as_a_function_is_decomposed_and_exported(method, tmp_path):
+    """``method=Base.encode`` (MaskGIT's VQ tokenizer: ``apply(v, x, method=VQVAE.encode)``) and
+    ``method=lambda m, x: ...`` (Flax's "a function of the module"), in ``decompose_linen``, the
+    result's ``init`` and ``apply`` and the exporters (before: "LowRankModel object has no
+    attribute 'stem'": the function ran on the wrapper, not on the model)."""
+    model, x = TwoMethods(), jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = init(model, 0, x)
+    result = lrjax.decompose_linen(model, variables, x, rule={"stem": 8}, method=method)
+    assert result.report.ranks == {"stem": 8}
+    by_name = lrjax.decompose_linen(model, variables, x, rule={"stem": 8}, method="encode")
+    want = model.apply(variables, x, method=method)
+    got = result.module.apply(result.variables, x, method=method)
+    assert got.shape == want.shape
+    assert 0 < float(jnp.linalg.norm(got - want)) < 0.5 * float(jnp.linalg.norm(want))
+    if method is TwoMethods.encode:
+        np.testing.assert_array_equal(got, by_name.module.apply(by_name.variables, x,
+                                                                method="encode"))
+    made = result.module.init(jax.random.key(1), x, method=method)["params"]
+    assert set(made["stem"]) == {"vertical", "horizontal"}
+    done = export.to_onnx(result.module, result.variables, x, str(tmp_path / "m.onnx"),
+                          method=method)
+    assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
+
 class _Memory(nnx.Module):
     """A cache the call updates, passed as a keyword (as bonsai's Qwen 3 takes its KV cache)."""
 
