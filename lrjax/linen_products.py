@@ -33,13 +33,16 @@ a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax'
   factors BiT's standardized kernels). lrjax finds, costs, calibrates and splits it as that
   layer, named by the module's path, its pair's variables ``vertical/kernel`` and
   ``horizontal/kernel`` in the module's scope next to the module's other variables (its bias
-  stays its own); in a scope shared with others (``nn.share_scope``) the layer is named by
-  its kernel (``{path}/{name}``) and its pair takes that variable's place. The rest of the
-  module's code runs as written, on the layer's output. A call found to hold no such product
-  (a norm's, a layer scale's) runs as written at once the next times it is made alike.
+  stays its own); in a scope shared with others (``nn.share_scope``), or when several of the
+  module's parameters are products so (a hand-written attention's ``wq``, ``wk``, ...), each
+  layer is named by its kernel (``{path}/{name}``) and its pair takes that variable's place;
+  a parameter whose slices are products of the same data (big_vision's Gemma gating,
+  ``jnp.dot(x, w[0])``, ``jnp.dot(x, w[1])``) is one layer of the whole parameter. The rest
+  of the module's code runs as written, on the layers' outputs. A call found to hold no such
+  product (a norm's, a layer scale's) runs as written at once the next times it is made alike.
 
-A kernel used in any other way (multiplied by data, in two products, per head) leaves the
-module as it is: its products are its own, a fixed cost (:mod:`lrjax.own_code`); a decomposed
+A kernel used in any other way (multiplied by data, in two products other than such slices,
+per head) stays in its own code's products, a fixed cost (:mod:`lrjax.own_code`); a decomposed
 module that can no longer be traced so is a ``ValueError`` naming it. In an init under lrjax a
 module's variables are the ones its own code would make (same values, same names).
 """
@@ -65,6 +68,7 @@ from lrjax.written_products import (
     layer_for,
     product_of,
     set_aside,
+    sliced_out_axis,
     stored_kernel,
 )
 
@@ -72,13 +76,15 @@ __all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name", "chec
 
 _STATE = "_lrjax_setup_params"  # {name: (value, is a placeholder)} its setup declared
 _PARAMS = "_lrjax_written_params"  # (made, given) while a compact module's call is hooked
-_CHILD = "_lrjax_written_layer"  # the Flax layer its product runs as, once per module
+_CHILD = "_lrjax_written_layers"  # {parameter: the Flax layer its product runs as}
 _HOOKED: dict[type, type] = {}
 _RUNNING: set[int] = set()  # the modules whose setup or call this interceptor is running
 _UNSPLIT = "lrjax_split_kernel:"  # the scope of a split module's kernel placeholder
 _PAIR = ("vertical", "horizontal")
 _TRACING: list = []  # the compact modules whose own code is being traced
 _AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) holding no product
+_HOLDERS: set = set()  # the compact calls making submodules, whose split pairs are theirs
+_HOLDS = object()  # what _split_kernel finds for such a call
 
 
 def _compact(cls: type) -> bool:
@@ -116,10 +122,15 @@ def _holds_submodules(module: nn.Module) -> bool:
 
 def _has_pair(module: nn.Module) -> bool:
     """A pair's variables in ``module``'s scope: in its own place, or in a parameter's (a
-    module sharing its scope, :func:`_shares_scope`)."""
+    module sharing its scope, :func:`_shares_scope`, or holding several products)."""
     params = module.variables.get("params", {}) if module.scope is not None else {}
-    return all(p in params for p in _PAIR) or (
-        _shares_scope(module) and any(is_pair(v) for v in params.values()))
+    return all(p in params for p in _PAIR) or any(_written_pair(v) for v in params.values())
+
+
+def _written_pair(value) -> bool:
+    """A pair in a parameter's place: a written layer's (no bias: its module's stays its own),
+    not a split submodule's (a Flax layer's, biased as a rule)."""
+    return is_pair(value) and "bias" not in value["horizontal"]
 
 
 def _shares_scope(module: nn.Module) -> bool:
@@ -137,8 +148,9 @@ def _setup_param(module: nn.Module, name, init_fn, init_args, init_kwargs, flax_
     :func:`_replayed`); another as Flax's ``param`` (``flax_param()``) makes it. ``None``:
     Flax's own ``param``, unrecorded."""
     scope = module.scope
-    if not scope.has_variable("params", name) and not module.is_initializing() and \
-            _has_pair(module):
+    if not module.is_initializing() and _has_pair(module) and (
+            not scope.has_variable("params", name) or
+            _written_pair(scope.get_variable("params", name))):
         return _placeholder(module, init_fn, init_args, init_kwargs), True
     if name != _KERNEL:
         return flax_param(), False
@@ -308,21 +320,21 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     arrays, call = _dynamic(next_fun, args, kwargs)
     uses: dict = {}
     try:
-        with _attempt(module):
+        with _attempt(module):  # (no product found: its scope as it was)
             closed, shapes = _traced(call, *arrays)
-        named = {id(value): name for name, (value, _) in state.items()}
-        for var, const in zip(closed.jaxpr.constvars, closed.consts, strict=True):
-            if id(const) in named:
-                uses.setdefault(named[id(const)], []).append(var)
-        once = [(n, vs[0]) for n, vs in uses.items() if len(vs) == 1]  # (twice: no product)
-        name, product = _one_product(closed, once, closed.jaxpr.invars)
+            named = {id(value): name for name, (value, _) in state.items()}
+            for var, const in zip(closed.jaxpr.constvars, closed.consts, strict=True):
+                if id(const) in named:
+                    uses.setdefault(named[id(const)], []).append(var)
+            once = [(n, vs[0]) for n, vs in uses.items() if len(vs) == 1]  # (twice: none)
+            products = _products(closed, once, closed.jaxpr.invars)
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
             raise _no_longer(module, e) from None
         if key is not None and len(uses) == len(state):  # (each parameter seen in the trace)
             _AS_WRITTEN.add(key)
         return next_fun(*args, **kwargs)
-    return _run_as_layer(module, closed, shapes, arrays, product, name, state[name][0])
+    return _run_as_layer(module, closed, shapes, arrays, products, _values(state))
 
 
 def _no_longer(module, e) -> ValueError:
@@ -340,8 +352,8 @@ def _own_params(module: nn.Module) -> dict | None:
     if any(hasattr(v, "items") for c, vs in held.items() if c != "params" for v in vs.values()):
         return None
     nested = {n for n, v in params.items() if hasattr(v, "items")}
-    return params if not nested or nested == set(_PAIR) or (  # (a submodule's pair, unless
-        _shares_scope(module) and all(is_pair(params[n]) for n in nested)) else None  # shared)
+    return params if not nested or nested == set(_PAIR) or all(  # (pairs in its parameters'
+        _written_pair(params[n]) for n in nested) else None  # places, not a submodule's)
 
 
 def _call_key(module: nn.Module, args, kwargs):
@@ -368,9 +380,15 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     arrays, call = _dynamic(next_fun, args, kwargs)
     given = {} if initializing else {n: nn.meta.unbox(v) for n, v in own.items()
                                      if n not in _PAIR and not is_pair(v)}
+    key = _call_key(module, args, kwargs)
+    if key is not None and key in _HOLDERS:
+        return next_fun(*args, **kwargs)
     split = None if initializing or not _has_pair(module) else \
         _split_kernel(module, call, arrays, given)
-    key = _call_key(module, args, kwargs)
+    if split is _HOLDS:  # (the pairs are its submodules')
+        if key is not None:
+            _HOLDERS.add(key)
+        return next_fun(*args, **kwargs)
     if key is not None and key in _AS_WRITTEN and not split:
         return next_fun(*args, **kwargs)
     made, out = {}, None
@@ -388,35 +406,41 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
             return call(*arrays)
 
     try:
-        with _attempt(module):
+        with _attempt(module):  # (no product found: its scope as it was)
             closed, shapes = _traced(body, [given[n] for n in names], *arrays)
-        found = _one_product(closed, zip(names, closed.jaxpr.invars, strict=False),
-                             closed.jaxpr.invars[len(names):])
+            products = _products(closed, zip(names, closed.jaxpr.invars, strict=False),
+                                 closed.jaxpr.invars[len(names):])
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
             raise _no_longer(module, e) from None
         if key is not None:
             _AS_WRITTEN.add(key)
         return out if out is not None else next_fun(*args, **kwargs)
-    name, product = found
     return _run_as_layer(module, closed, shapes, [given[n] for n in names] + list(arrays),
-                         product, name, made.get(name, given[name]))
+                         products, {**given, **made})
 
 
-def _split_kernel(module: nn.Module, call, arrays, given) -> dict:
-    """``{name: zeros}`` in place of the kernel that a pair in ``module``'s scope replaced,
-    its name and shape from a trace reading the parameters ``given``; ``{}`` when the module
-    reads none that is missing (another module sharing its scope was split)."""
-    missing = {}
+def _split_kernel(module: nn.Module, call, arrays, given):
+    """``{name: zeros}`` in place of the kernels that pairs in ``module``'s scope replaced,
+    their names and shapes from a trace reading the parameters ``given``; ``{}`` when the
+    module reads none that is missing (another module sharing its scope was split);
+    :data:`_HOLDS` when its call makes submodules (the pairs are theirs)."""
+    missing, children, made = {}, module._state.children, []
+    before = set(children)
     try:
         with _swapped(module, (missing, given)), _attempt(module, probe=True):
-            jax.make_jaxpr(call)(*arrays)
+            try:
+                jax.make_jaxpr(call)(*arrays)
+            finally:
+                made.append(bool(set(children) - before))
     except _RunsOthers:
         return {}
     except Exception as e:  # noqa: BLE001
+        if made and made[0]:
+            return _HOLDS
         raise _no_longer(module, e) from None
-    if len(missing) > 1:
-        raise _no_longer(module, _Ineligible(f"parameters {sorted(missing)} missing"))
+    if made[0]:
+        return _HOLDS
     with jax.named_scope(_UNSPLIT + "|".join(module.scope.path)):
         return {name: jax.numpy.zeros(shaped.shape, shaped.dtype)
                 for name, shaped in missing.items()}
@@ -468,47 +492,65 @@ def _restore(current: dict, saved: dict) -> None:
             current[k] = v
 
 
-def _one_product(closed, candidates, inputs):
-    """``(name, product)`` (:func:`lrjax.written_products.product_of`, its data computed from
-    ``inputs``) of the one parameter among ``candidates`` (``(name, var)`` of ``closed``) whose
-    one use is a product as a Flax layer computes it."""
+def _products(closed, candidates, inputs) -> list:
+    """``[(name, product), ...]`` (:func:`lrjax.written_products.product_of`, their data
+    computed from ``inputs``) of the parameters among ``candidates`` (``(name, var)`` of
+    ``closed``) whose one use is a product as a Flax layer computes it (at least one)."""
     found = []
     for name, var in candidates:
         try:
             found.append((name, product_of(closed, var, inputs)))
         except _Ineligible:
             continue
-    if len(found) != 1:
-        raise _Ineligible(f"{len(found)} parameters used in one product each")
-    return found[0]
+    if not found:
+        raise _Ineligible("no parameter used in one product")
+    return found
 
 
-def _run_as_layer(module, closed, shapes, inputs, product, name, kernel):
-    """``closed`` replayed on ``inputs`` with ``product`` (a ``Product``) computed by the
-    module's layer; the steps to its kernel are the layer's (skipped here: a split kernel's
-    zeros are never computed with)."""
-    nested = _shares_scope(module)
-    layer = module.__dict__.get(_CHILD)
-    if layer is None:
-        layer = layer_for(product, kernel, module.scope, name, named_by_kernel=nested)
-        object.__setattr__(module, _CHILD, layer)
-    skipped = {id(e): position for e, position in product.chain}
+def _run_as_layer(module, closed, shapes, inputs, products, kernels):
+    """``closed`` replayed on ``inputs`` with each of ``products`` (``(name, Product)``)
+    computed by a layer of the module's (``kernels``: ``{name: value}``, for their dtypes);
+    the steps to a kernel are its layer's (skipped here: a split kernel's zeros are never
+    computed with). One product: its layer is named by the module's path; several (a
+    hand-written attention's ``wq``, ``wk``, ...), or in a shared scope: each is named by its
+    kernel, ``{path}/{name}``. A sliced parameter's layer runs once, each slice's product
+    taken from its output."""
+    nested = _shares_scope(module) or len(products) > 1
+    layers = module.__dict__.setdefault(_CHILD, {})
+    replaced, skipped = {}, {}
+    for name, product in products:
+        if name not in layers:
+            layers[name] = layer_for(product, kernels[name], module.scope, name,
+                                     named_by_kernel=nested)
+        for eqn, index in product.slices or ((product.eqn, None),):
+            replaced[id(eqn)] = (layers[name], product, index)
+        skipped.update({id(e): position for e, position in product.chain})
+    computed = {}
 
     def rule(e, ins, here):
-        if e is product.eqn:
+        if id(e) not in replaced:
+            return [ins[skipped[id(e)]]] if id(e) in skipped else None
+        layer, product, index = replaced[id(e)]
+        if index is None:
             return [layer(ins[product.data])]
-        return [ins[skipped[id(e)]]] if id(e) in skipped else None
+        if id(layer) not in computed:  # (every slice's data is the same)
+            computed[id(layer)] = layer(ins[product.data])
+        return [jax.lax.index_in_dim(computed[id(layer)], index, sliced_out_axis(product),
+                                     keepdims=False)]
 
     params = module.scope._mutable_collection("params") if module.is_initializing() else None
-    if nested and params is not None and not is_pair(params.get(name)):  # (a pair may take
-        set_aside(layer, params.pop(name, None))  # its name: its kernel held by the layer)
+    if nested and params is not None:  # (a pair may take a kernel's name: the kernel held
+        for name, _ in products:  # by its layer meanwhile)
+            if not is_pair(params.get(name)):
+                set_aside(layers[name], params.pop(name, None))
     outs = replay.run(closed.jaxpr, closed.consts, inputs, rule)
     if nested and params is not None:
-        if name not in params:  # (no pair took its place)
-            params[name] = stored_kernel(layer)
-        set_aside(layer, None)
+        for name, _ in products:
+            if name not in params:  # (no pair took its place)
+                params[name] = stored_kernel(layers[name])
+            set_aside(layers[name], None)
     elif params is not None and _has_pair(module):  # a decomposed model's init: the pair
-        params.pop(name, None)  # (Flax deletes nothing)
+        params.pop(products[0][0], None)  # (Flax deletes nothing)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
 

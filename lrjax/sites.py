@@ -107,7 +107,7 @@ class ConvSite:
       kernel_name: the name of the variable holding the layer's kernel in its scope (a written
         product's: its module's parameter, e.g. ``"weight"``).
       named_by_kernel: a written product of a module sharing its parent's scope
-        (``nn.share_scope``), named by its kernel: ``path`` is the kernel variable's own
+        (``nn.share_scope``) or computing several, named by its kernel: ``path`` is the kernel variable's own
         (:attr:`kernel_key`), its pair's variables take its place.
       share: for a layer left as it is whose work was counted in the traced pass (a product
         the model's own code computes, :mod:`lrjax.own_code`), its share of the whole net's

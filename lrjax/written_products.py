@@ -16,6 +16,12 @@ t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed), is
   ``nn.Einsum`` whose equation gives the product's own output order (Gemma's
   ``jnp.einsum('BTD,NDH->BTNH', x, w)``: the kernel's middle axis contracted).
 
+A parameter whose uses are its slices along one axis, one index each, every index once, each
+squeezed and (through scalings and casts) a ``dot_general`` of the same data alike, is one
+product of the whole parameter (big_vision's Gemma gating, ``jnp.dot(x, w[0])`` and
+``jnp.dot(x, w[1])``): an ``nn.Einsum`` keeping the sliced axis in its output, from which each
+slice's product is taken.
+
 The layer is :class:`WrittenConv` / :class:`WrittenDense` / :class:`WrittenDenseGeneral` /
 :class:`WrittenEinsum` when the parameter has another name than ``kernel`` or takes steps: it
 reads the module's variable under its stored name and shape and applies the steps (a
@@ -41,7 +47,8 @@ from lrjax.sites import ConvSite
 
 __all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
            "WrittenDenseGeneral", "WrittenEinsum", "is_pair", "is_written_layer", "keep_read_elsewhere",
-           "kernel_name", "layer_for", "product_of", "set_aside", "stored_kernel"]
+           "kernel_name", "layer_for", "product_of", "set_aside", "sliced_out_axis",
+           "stored_kernel"]
 
 KERNEL = "kernel"
 _WRITTEN = "_lrjax_written"  # set on a layer made by layer_for
@@ -73,11 +80,19 @@ class Step:
 class Product:
     """A parameter's one product: the equation ``eqn`` computing it, the ``steps`` from the
     stored parameter to its operand there (computed by the equations ``chain``, as
-    ``(equation, the parameter's position)``), and the position of the data operand."""
+    ``(equation, the parameter's position)``), and the position of the data operand.
+
+    A parameter whose slices along one axis are products of the same data, alike (big_vision's
+    Gemma gating: ``jnp.dot(x, w[0])``, ``jnp.dot(x, w[1])``), is one product of the whole
+    parameter, that axis kept in its output (``sliced``: the kernel axis; ``slices``:
+    ``(equation, index)`` of each slice's product, ``eqn`` the first; ``chain`` holds every
+    slice's)."""
     eqn: Any
     steps: tuple
     chain: tuple
     data: int
+    sliced: int | None = None
+    slices: tuple = ()
 
 
 def _used(kernel, steps):
@@ -209,6 +224,9 @@ def product_of(closed, var, inputs) -> Product:
     t5x's relative-position table contracted with a one-hot of positions, is a lookup);
     else :class:`NotALayer`."""
     jaxpr, steps, chain = closed.jaxpr, [], []
+    uses = _uses(jaxpr, var)
+    if len(uses) > 1 and all(u is not None and u.primitive.name == "slice" for u in uses):
+        return _sliced(closed, var, uses, inputs)
     while True:
         uses = _uses(jaxpr, var)
         if len(uses) != 1 or uses[0] is None:
@@ -255,6 +273,59 @@ def product_of(closed, var, inputs) -> Product:
     raise NotALayer(f"its kernel goes to {eqn.primitive.name}")
 
 
+def _sliced(closed, var, uses, inputs) -> Product:
+    """The one :class:`Product` of the parameter ``var`` whose ``uses`` are slices along one
+    axis, each of one index, squeezed and (through scalings and casts) a ``dot_general`` of
+    the same data, alike; every index once (the whole parameter computes what they did)."""
+    shape, parts = var.aval.shape, {}
+    for use in uses:
+        start, limit, strides = (use.params[k] for k in ("start_indices", "limit_indices",
+                                                         "strides"))
+        cut = [a for a in range(len(shape)) if (start[a], limit[a]) != (0, shape[a])]
+        if len(cut) != 1 or limit[cut[0]] - start[cut[0]] != 1 or (
+                strides is not None and set(strides) != {1}):
+            raise NotALayer("its kernel is sliced otherwise than one index at a time")
+        squeezed = _uses(closed.jaxpr, use.outvars[0])
+        if len(squeezed) != 1 or squeezed[0] is None or squeezed[0].primitive.name != \
+                "squeeze" or tuple(squeezed[0].params["dimensions"]) != tuple(cut):
+            raise NotALayer("a slice of its kernel is used otherwise than squeezed")
+        part = product_of(closed, squeezed[0].outvars[0], inputs)
+        parts[(cut[0], start[cut[0]])] = (part, ((use, 0), (squeezed[0], 0), *part.chain))
+    axis = min(parts)[0]
+    first = parts[min(parts)][0]
+
+    def alike(part) -> bool:
+        return part.eqn.primitive.name == "dot_general" and part.data == first.data and \
+            part.eqn.invars[part.data] is first.eqn.invars[first.data] and \
+            part.eqn.params == first.eqn.params and _signature(part) == _signature(first)
+
+    if sorted(parts) != [(axis, i) for i in range(shape[axis])] or not all(
+            alike(part) for part, _ in parts.values()):
+        raise NotALayer("its kernel's slices are not the same product of the same data, each "
+                        "index once")
+    return Product(first.eqn, first.steps, tuple(c for _, chain in parts.values() for c in chain),
+                   first.data, sliced=axis,
+                   slices=tuple((parts[(axis, i)][0].eqn, i) for i in range(shape[axis])))
+
+
+def _signature(product: Product):
+    """A slice's steps as comparable values; a reshape or transpose is none (it would move the
+    sliced axis): :class:`NotALayer`."""
+    if any(s.primitive.name not in ("mul", "div", "convert_element_type", "copy", "copy_p")
+           for s in product.steps):
+        raise NotALayer("a slice of its kernel is reshaped or transposed")
+    return [(s.primitive.name, sorted(map(str, s.params.items())), s.position,
+             [None if o is None else np.asarray(o).tolist() for o in s.operands])
+            for s in product.steps]
+
+
+def sliced_out_axis(product: Product) -> int:
+    """The axis of a sliced product's layer output (:func:`layer_for`) holding its slices."""
+    equation = _equation(product)
+    kernel, out = equation.split(",")[1].split("->")
+    return out.index(kernel[product.sliced])
+
+
 def _dense_axes(product: Product) -> int | None:
     """``k`` when ``product`` contracts the data's last ``k`` axes with the kernel's first
     ``k`` (the kernel second): a dense layer's product; else ``None``."""
@@ -279,8 +350,12 @@ def _equation(product: Product) -> str:
     for xa, ka in zip(contracted[data], contracted[1 - data], strict=True):
         k[ka] = x[xa]
     k = [c if c is not None else next(fresh) for c in k]
+    summed = list(contracted[1 - data])
+    if product.sliced is not None:  # the whole parameter: its sliced axis kept
+        k.insert(product.sliced, next(fresh))
+        summed = [a + (a >= product.sliced) for a in summed]
     kept_x = [c for i, c in enumerate(x) if i not in contracted[data]]
-    kept_k = [c for i, c in enumerate(k) if i not in contracted[1 - data]]
+    kept_k = [c for i, c in enumerate(k) if i not in summed]
     out = kept_x + kept_k if data == 0 else kept_k + kept_x
     return f"{''.join(x)},{''.join(k)}->{''.join(out)}"
 
@@ -297,6 +372,8 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
     ``name`` by ``name/vertical``, ``name/horizontal``."""
     eqn, steps = product.eqn, product.steps
     params, shape = eqn.params, tuple(eqn.invars[1 - product.data].aval.shape)  # (as used)
+    if product.sliced is not None:  # the whole parameter (its steps scale or cast it)
+        shape = (*shape[:product.sliced], len(product.slices), *shape[product.sliced:])
     dtype = nn.meta.unbox(kernel).dtype
 
     def made(key, wanted, dtype=dtype):  # (a pair in its place inits its own factors; the
@@ -310,7 +387,7 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
         scope = scope.push(name, reuse=True)
     common = dict(use_bias=False, param_dtype=dtype, precision=params["precision"],
                   kernel_init=made, parent=scope, **renamed)
-    k = _dense_axes(product)
+    k = None if product.sliced is not None else _dense_axes(product)
     if eqn.primitive.name == "dot_general" and k == 1 and len(shape) == 2:
         layer = (WrittenDense if renamed else nn.Dense)(shape[1], **common)
     elif eqn.primitive.name == "dot_general" and k is not None:  # (t5x's, MaxText's)

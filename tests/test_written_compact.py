@@ -335,24 +335,89 @@ class GatedFeedForward(nn.Module):
         return jnp.dot(hidden, self.param("linear", nn.initializers.normal(0.1), (32, 16)))
 
 
+class HandAttention(nn.Module):
+    """Self-attention written by hand in one compact module: four projections, ``x @ w``."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = {n: self.param(n, nn.initializers.lecun_normal(), (16, 16))
+             for n in ("wq", "wk", "wv", "wo")}
+        q, k, v = x @ w["wq"], x @ w["wk"], x @ w["wv"]
+        a = jax.nn.softmax(q @ k.swapaxes(-1, -2) / 4.0)
+        return (a @ v) @ w["wo"]
+
+
 class GatedNet(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return GatedFeedForward(name="mlp")(nn.Dense(16, name="embed")(x))
+        x = nn.Dense(16, name="embed")(x)
+        x = x + HandAttention(name="attn")(x)
+        return x + GatedFeedForward(name="mlp")(x)
 
 
-def test_a_written_modules_other_products_are_listed_as_its_own_code():
-    """The product of ``linear`` is split as a dense layer named by the module; the gating
-    products beside it in the same module were left out of the report (the module's path was
-    the layer's): they are listed as its own code, named by their parameter, with their share
-    of the net; the whole net's cost is XLA's."""
+GATED = {"embed": (8, 16), "attn/wq": (16, 16), "attn/wk": (16, 16), "attn/wv": (16, 16),
+         "attn/wo": (16, 16), "mlp/gating_einsum": (2, 16, 32), "mlp/linear": (32, 16)}
+
+
+def test_a_modules_several_products_split_each_named_by_its_parameter(tmp_path):
+    """A module whose own code computes several products (a hand-written attention's four
+    projections; a gated feed-forward's ``linear`` and its gating parameter, whose two slices
+    are one product of the whole parameter, the slice axis kept in its output): each is a
+    layer named ``{module}/{parameter}``, its pair in that parameter's place (before: the
+    attention was left as one fixed cost, "4 parameters used in one product each", and the
+    gating slices were listed as the module's own code beside ``linear``); at full rank the
+    model is reproduced; a whole-net rule is XLA's ratio, data-free and calibrated; it
+    exports."""
     x = jax.random.normal(jax.random.key(0), (2, 10, 8))
     model = GatedNet()
     variables = init(model, 1, x)
-    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.2")
-    assert "mlp" in result.ranks
-    reason = result.report.skipped["mlp/gating_einsum"]
-    assert "its own code multiplies" in reason and "'gating_einsum' in dot_general x2" in reason
-    lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
-               for m, v in ((model, variables), (result.module, result.variables))]
-    assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
+    found = {s.path: s for s in surgery.find_convs(model, x)}
+    assert {p: s.shape.kernel_shape[-2:] for p, s in found.items() if s.candidate} == {
+        p: (int(np.prod(k[:-1])) if p != "mlp/gating_einsum" else 16,
+            k[-1] if p != "mlp/gating_einsum" else 64) for p, k in GATED.items()}
+    full = {"attn/wq": 16, "mlp/gating_einsum": 16, "mlp/linear": 16}
+    result = lrjax.decompose_linen(model, variables, x, rule=full)
+    shapes = jax.tree.map(jnp.shape, result.variables["params"])
+    assert shapes["mlp"]["gating_einsum"] == {"vertical": {"kernel": (16, 16)},
+                                              "horizontal": {"kernel": (16, 2, 32)}}
+    assert shapes["attn"]["wq"] == {"vertical": {"kernel": (16, 16)},
+                                    "horizontal": {"kernel": (16, 16)}}
+    assert shapes["attn"]["wk"] == (16, 16) and shapes["mlp"]["linear"] == {
+        "vertical": {"kernel": (32, 16)}, "horizontal": {"kernel": (16, 16)}}
+    np.testing.assert_allclose(result.module.apply(result.variables, x),
+                               model.apply(variables, x), rtol=1e-4, atol=1e-5)
+    made = result.module.init(jax.random.key(3), x)["params"]
+    assert jax.tree.map(jnp.shape, made) == shapes  # its init makes the same variables
+    calibration = jax.random.normal(jax.random.key(2), (8, 10, 8))
+    for given in (None, calibration):
+        done = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5",
+                                     calibration=given)
+        assert {"mlp/gating_einsum", "mlp/linear"} <= set(done.report.kinds)
+        assert not done.report.skipped
+        lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
+                   for m, v in ((model, variables), (done.module, done.variables))]
+        assert done.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
+    exported = export.to_onnx(done.module, done.variables, (x,), str(tmp_path / "g.onnx"))
+    assert exported.max_abs_error <= 1e-5 * max(1.0, exported.scale)
+
+
+class PartlySliced(nn.Module):
+    """Slices of a parameter that are not one product of the whole: one index of three unused,
+    or two slices multiplying different data."""
+    other_data: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(0.1), (3 - self.other_data, 8, 8))
+        return jnp.dot(x, w[0]) + jnp.dot(jnp.tanh(x) if self.other_data else x, w[1])
+
+
+@pytest.mark.parametrize("other_data", [False, True], ids=["an index unused", "other data"])
+def test_slices_that_are_not_one_product_stay_the_modules_own_code(other_data):
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    model = PartlySliced(other_data)
+    variables = init(model, 0, x)
+    found = surgery.find_convs(model, x)
+    assert not [s for s in found if s.candidate]
+    result = lrjax.decompose_linen(model, variables, x, rule={})
+    assert "its own code multiplies" in result.report.skipped["w"]
