@@ -56,6 +56,7 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
     ``net_macs``: the whole pass's multiply-adds (each layer's share is stated)."""
     paths = [s.path for s in found]
     kernels = {s.kernel_key for s in found}
+    holders = {s.path.rpartition("/")[0] for s in found if s.written and s.named_by_kernel}
 
     def layers_own(variable) -> bool:
         """A layer's kernel, or a variable of its parts (a pair's halves); a written layer's
@@ -72,8 +73,11 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
             continue
         owner = _common(v[:-1] for v in variables)  # one module's weights, or its parts'
         where = "/".join(owner) or variables[0][-1]  # (OptimizedLSTMCell)
+        named = "+".join(sorted({v[len(owner)] for v in variables}))
         if where in paths:  # a written layer's module: named by its parameters, as shared ones
-            where += "/" + "+".join(sorted({v[len(owner)] for v in variables}))
+            where += "/" + named
+        elif "/".join(owner) in holders:  # a module holding written layers named so
+            where = "/".join((*owner, named))
         layer = layers.setdefault(where, {"names": {}, "ops": {}, "macs": 0})
         for v in variables:
             layer["names"]["/".join(v[len(owner):])] = None

@@ -421,3 +421,40 @@ def test_slices_that_are_not_one_product_stay_the_modules_own_code(other_data):
     assert not [s for s in found if s.candidate]
     result = lrjax.decompose_linen(model, variables, x, rule={})
     assert "its own code multiplies" in result.report.skipped["w"]
+
+
+class Mixed(nn.Module):
+    """Two projections split, beside a parameter in two products (tied) and one per head (a
+    batch of products): those stay its own code."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = {n: self.param(n, nn.initializers.lecun_normal(), (16, 4, 4)) for n in ("wq", "wk")}
+        tied = self.param("tied", nn.initializers.lecun_normal(), (16, 16))
+        heads = self.param("heads", nn.initializers.lecun_normal(), (4, 4, 4))
+        q, k = (jnp.einsum("btd,dhk->bthk", x, w[n]) for n in ("wq", "wk"))
+        q = jnp.einsum("bthk,hkj->bthj", q, heads)
+        a = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q, k))
+        y = jnp.einsum("bhts,bshk->bthk", a, k).reshape(x.shape)
+        return jnp.tanh(y @ tied) @ tied.T
+
+
+class MixedNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Mixed(name="attn")(x)
+
+
+def test_a_modules_other_products_beside_its_layers_are_named_by_their_parameters():
+    """Listed as ``attn/tied`` and ``attn/heads`` (before: as ``attn``, "left as it is",
+    though its projections were split)."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    model = MixedNet()
+    variables = init(model, 0, x)
+    result = lrjax.decompose_linen(model, variables, x, rule={"attn/wq": 4, "attn/wk": 4})
+    assert result.report.ranks == {"attn/wq": 4, "attn/wk": 4}
+    assert set(result.report.skipped) == {"attn/heads", "attn/tied"}
+    assert "'tied' in dot_general x2" in result.report.skipped["attn/tied"]
+    lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
+               for m, v in ((model, variables), (result.module, result.variables))]
+    assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
