@@ -66,9 +66,9 @@ from lrjax.written_products import (
     is_written_layer,
     kernel_name,
     layer_for,
+    piece_of,
     product_of,
     set_aside,
-    sliced_out_axis,
     stored_kernel,
 )
 
@@ -522,21 +522,20 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels):
         if name not in layers:
             layers[name] = layer_for(product, kernels[name], module.scope, name,
                                      named_by_kernel=nested)
-        for eqn, index in product.slices or ((product.eqn, None),):
-            replaced[id(eqn)] = (layers[name], product, index)
+        for eqn, *span in product.slices or ((product.eqn, None, None),):
+            replaced[id(eqn)] = (layers[name], product, span)
         skipped.update({id(e): position for e, position in product.chain})
     computed = {}
 
     def rule(e, ins, here):
-        if id(e) not in replaced:
-            return [ins[skipped[id(e)]]] if id(e) in skipped else None
-        layer, product, index = replaced[id(e)]
-        if index is None:
+        if id(e) not in replaced:  # (a step to a kernel: passed on, never computed with)
+            return [ins[skipped[id(e)]]] * len(e.outvars) if id(e) in skipped else None
+        layer, product, span = replaced[id(e)]
+        if product.sliced is None:
             return [layer(ins[product.data])]
-        if id(layer) not in computed:  # (every slice's data is the same)
+        if id(layer) not in computed:  # (every piece's data is the same)
             computed[id(layer)] = layer(ins[product.data])
-        return [jax.lax.index_in_dim(computed[id(layer)], index, sliced_out_axis(product),
-                                     keepdims=False)]
+        return [piece_of(product, computed[id(layer)], *span)]
 
     params = module.scope._mutable_collection("params") if module.is_initializing() else None
     if nested and params is not None:  # (a pair may take a kernel's name: the kernel held

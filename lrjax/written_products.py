@@ -16,11 +16,13 @@ t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed), is
   ``nn.Einsum`` whose equation gives the product's own output order (Gemma's
   ``jnp.einsum('BTD,NDH->BTNH', x, w)``: the kernel's middle axis contracted).
 
-A parameter whose uses are its slices along one axis, one index each, every index once, each
-squeezed and (through scalings and casts) a ``dot_general`` of the same data alike, is one
-product of the whole parameter (big_vision's Gemma gating, ``jnp.dot(x, w[0])`` and
-``jnp.dot(x, w[1])``): an ``nn.Einsum`` keeping the sliced axis in its output, from which each
-slice's product is taken.
+A parameter cut along one axis into pieces that tile it (``slice``s, a ``split``, an
+``unstack``), each (through scalings and casts) a ``dot_general`` of the same data alike, is
+one product of the whole parameter, from whose output each piece's product is taken:
+one-index pieces squeezed away (big_vision's Gemma gating, ``jnp.dot(x, w[0])`` and
+``jnp.dot(x, w[1])``; ``a, b = w``; ``jnp.unstack(w)``) make an ``nn.Einsum`` keeping that
+axis; ranges of an axis the product keeps (a fused ``(C, 2H)`` kernel cut as ``w[:, :h]`` and
+``w[:, h:]``, or by ``jnp.split``) the layer of the whole kernel.
 
 The layer is :class:`WrittenConv` / :class:`WrittenDense` / :class:`WrittenDenseGeneral` /
 :class:`WrittenEinsum` when the parameter has another name than ``kernel`` or takes steps: it
@@ -47,7 +49,7 @@ from lrjax.sites import ConvSite
 
 __all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
            "WrittenDenseGeneral", "WrittenEinsum", "is_pair", "is_written_layer", "keep_read_elsewhere",
-           "kernel_name", "layer_for", "product_of", "set_aside", "sliced_out_axis",
+           "kernel_name", "layer_for", "product_of", "piece_of", "set_aside",
            "stored_kernel"]
 
 KERNEL = "kernel"
@@ -82,16 +84,17 @@ class Product:
     stored parameter to its operand there (computed by the equations ``chain``, as
     ``(equation, the parameter's position)``), and the position of the data operand.
 
-    A parameter whose slices along one axis are products of the same data, alike (big_vision's
+    A parameter whose pieces along one axis are products of the same data, alike (big_vision's
     Gemma gating: ``jnp.dot(x, w[0])``, ``jnp.dot(x, w[1])``), is one product of the whole
-    parameter, that axis kept in its output (``sliced``: the kernel axis; ``slices``:
-    ``(equation, index)`` of each slice's product, ``eqn`` the first; ``chain`` holds every
-    slice's)."""
+    parameter, that axis kept in its output (``sliced``: the kernel axis; ``squeezed``: the
+    pieces are single indices without it; ``slices``: ``(equation, start, limit)`` of each
+    piece's product, ``eqn`` the first's; ``chain`` holds every piece's)."""
     eqn: Any
     steps: tuple
     chain: tuple
     data: int
     sliced: int | None = None
+    squeezed: bool = False
     slices: tuple = ()
 
 
@@ -225,7 +228,8 @@ def product_of(closed, var, inputs) -> Product:
     else :class:`NotALayer`."""
     jaxpr, steps, chain = closed.jaxpr, [], []
     uses = _uses(jaxpr, var)
-    if len(uses) > 1 and all(u is not None and u.primitive.name == "slice" for u in uses):
+    cuts = [u is not None and u.primitive.name in ("slice", "split", "unstack") for u in uses]
+    if cuts and all(cuts) and (len(uses) > 1 or uses[0].primitive.name != "slice"):
         return _sliced(closed, var, uses, inputs)
     while True:
         uses = _uses(jaxpr, var)
@@ -273,39 +277,79 @@ def product_of(closed, var, inputs) -> Product:
     raise NotALayer(f"its kernel goes to {eqn.primitive.name}")
 
 
-def _sliced(closed, var, uses, inputs) -> Product:
-    """The one :class:`Product` of the parameter ``var`` whose ``uses`` are slices along one
-    axis, each of one index, squeezed and (through scalings and casts) a ``dot_general`` of
-    the same data, alike; every index once (the whole parameter computes what they did)."""
-    shape, parts = var.aval.shape, {}
+def _pieces(closed, var, uses):
+    """``[(axis, start, limit, output, chain, squeezed)]`` of the parameter ``var`` cut by its
+    ``uses`` (``slice``s, a ``split``, an ``unstack``) along one axis each: ``output`` the
+    piece's variable, ``squeezed`` when it is one index without that axis (``w[0]``,
+    ``jnp.unstack``), ``chain`` the equations to it as ``(equation, the parameter's
+    position)``."""
+    shape, found = var.aval.shape, []
     for use in uses:
-        start, limit, strides = (use.params[k] for k in ("start_indices", "limit_indices",
-                                                         "strides"))
-        cut = [a for a in range(len(shape)) if (start[a], limit[a]) != (0, shape[a])]
-        if len(cut) != 1 or limit[cut[0]] - start[cut[0]] != 1 or (
-                strides is not None and set(strides) != {1}):
-            raise NotALayer("its kernel is sliced otherwise than one index at a time")
-        squeezed = _uses(closed.jaxpr, use.outvars[0])
-        if len(squeezed) != 1 or squeezed[0] is None or squeezed[0].primitive.name != \
-                "squeeze" or tuple(squeezed[0].params["dimensions"]) != tuple(cut):
-            raise NotALayer("a slice of its kernel is used otherwise than squeezed")
-        part = product_of(closed, squeezed[0].outvars[0], inputs)
-        parts[(cut[0], start[cut[0]])] = (part, ((use, 0), (squeezed[0], 0), *part.chain))
-    axis = min(parts)[0]
-    first = parts[min(parts)][0]
+        name = use.primitive.name
+        if name == "slice":
+            start, limit, strides = (use.params[k] for k in ("start_indices", "limit_indices",
+                                                             "strides"))
+            cut = [a for a in range(len(shape)) if (start[a], limit[a]) != (0, shape[a])]
+            if len(cut) != 1 or (strides is not None and set(strides) != {1}):
+                raise NotALayer("its kernel is sliced along several axes or strided")
+            found.append((cut[0], start[cut[0]], limit[cut[0]], use.outvars[0]))
+        elif name == "split":
+            offsets = np.cumsum([0, *use.params["sizes"]])
+            found += [(use.params["axis"], int(a), int(b), out) for a, b, out in
+                      zip(offsets[:-1], offsets[1:], use.outvars, strict=True)]
+        elif name == "unstack":
+            found += [(use.params["axis"] % len(shape), i, i + 1, out)
+                      for i, out in enumerate(use.outvars)]
+        else:
+            raise NotALayer(f"its kernel goes to {name} besides its slices")
+    pieces = []
+    for (axis, start, limit, out), use in zip(found, [u for u in uses for _ in u.outvars],
+                                              strict=True):
+        chain, squeezed = [(use, 0)], use.primitive.name == "unstack"
+        after = _uses(closed.jaxpr, out)
+        if not squeezed and limit - start == 1 and len(after) == 1 and after[0] is not None \
+                and after[0].primitive.name == "squeeze" and \
+                tuple(after[0].params["dimensions"]) == (axis,):
+            chain.append((after[0], 0))
+            out, squeezed = after[0].outvars[0], True
+        pieces.append((axis, start, limit, out, tuple(chain), squeezed))
+    return pieces
+
+
+def _sliced(closed, var, uses, inputs) -> Product:
+    """The one :class:`Product` of the parameter ``var`` whose ``uses`` cut it along one axis
+    into pieces (``w[0]``, ``w[:, :h]``, ``jnp.split``, ``jnp.unstack``) that tile it, each
+    (through scalings and casts) a ``dot_general`` of the same data, alike: the whole
+    parameter computes what they did, a one-index piece squeezed away keeping the axis in the
+    layer's output, a range being a range of its output."""
+    pieces = _pieces(closed, var, uses)
+    axes, squeezed = {p[0] for p in pieces}, {p[5] for p in pieces}
+    spans = sorted((start, limit) for _, start, limit, *_ in pieces)
+    ends = [0] + [limit for _, limit in spans]
+    if len(axes) != 1 or len(squeezed) != 1 or [a for a, _ in spans] != ends[:-1] or \
+            ends[-1] != var.aval.shape[min(axes)]:
+        raise NotALayer("its kernel's pieces do not tile one of its axes, each cut alike")
+    axis, squeezed = min(axes), squeezed.pop()
+    parts = {}
+    for _, start, limit, out, chain, _ in pieces:
+        part = product_of(closed, out, inputs)
+        parts[start] = (part, limit, chain + part.chain)
+    first = parts[0][0]
 
     def alike(part) -> bool:
         return part.eqn.primitive.name == "dot_general" and part.data == first.data and \
             part.eqn.invars[part.data] is first.eqn.invars[first.data] and \
             part.eqn.params == first.eqn.params and _signature(part) == _signature(first)
 
-    if sorted(parts) != [(axis, i) for i in range(shape[axis])] or not all(
-            alike(part) for part, _ in parts.values()):
-        raise NotALayer("its kernel's slices are not the same product of the same data, each "
-                        "index once")
-    return Product(first.eqn, first.steps, tuple(c for _, chain in parts.values() for c in chain),
-                   first.data, sliced=axis,
-                   slices=tuple((parts[(axis, i)][0].eqn, i) for i in range(shape[axis])))
+    contracted = first.eqn.params["dimension_numbers"][0][1 - first.data]
+    if not all(alike(part) for part, _, _ in parts.values()) or (
+            not squeezed and axis in contracted):
+        raise NotALayer("its kernel's pieces are not the same product of the same data (a "
+                        "range of an axis it contracts, or other data)")
+    return Product(first.eqn, first.steps, tuple(c for _, _, chain in parts.values()
+                                                 for c in chain),
+                   first.data, sliced=axis, squeezed=squeezed,
+                   slices=tuple((parts[a][0].eqn, a, parts[a][1]) for a in sorted(parts)))
 
 
 def _signature(product: Product):
@@ -319,11 +363,14 @@ def _signature(product: Product):
             for s in product.steps]
 
 
-def sliced_out_axis(product: Product) -> int:
-    """The axis of a sliced product's layer output (:func:`layer_for`) holding its slices."""
-    equation = _equation(product)
-    kernel, out = equation.split(",")[1].split("->")
-    return out.index(kernel[product.sliced])
+def piece_of(product: Product, output, start: int, limit: int):
+    """A piece's product (``start:limit`` of the sliced axis) from the output of the whole
+    parameter's layer (:func:`layer_for`)."""
+    kernel, out = _equation(product).split(",")[1].split("->")
+    axis = out.index(kernel[product.sliced])
+    if product.squeezed:
+        return jax.lax.index_in_dim(output, start, axis, keepdims=False)
+    return jax.lax.slice_in_dim(output, start, limit, axis=axis)
 
 
 def _dense_axes(product: Product) -> int | None:
@@ -351,7 +398,7 @@ def _equation(product: Product) -> str:
         k[ka] = x[xa]
     k = [c if c is not None else next(fresh) for c in k]
     summed = list(contracted[1 - data])
-    if product.sliced is not None:  # the whole parameter: its sliced axis kept
+    if product.squeezed:  # the whole parameter: its sliced axis kept
         k.insert(product.sliced, next(fresh))
         summed = [a + (a >= product.sliced) for a in summed]
     kept_x = [c for i, c in enumerate(x) if i not in contracted[data]]
@@ -373,7 +420,9 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
     eqn, steps = product.eqn, product.steps
     params, shape = eqn.params, tuple(eqn.invars[1 - product.data].aval.shape)  # (as used)
     if product.sliced is not None:  # the whole parameter (its steps scale or cast it)
-        shape = (*shape[:product.sliced], len(product.slices), *shape[product.sliced:])
+        shape = tuple(eqn.invars[1 - product.data].aval.shape)
+        shape = (*shape[:product.sliced], product.slices[-1][2],  # (inserted, or widened)
+                 *shape[product.sliced + (not product.squeezed):])
     dtype = nn.meta.unbox(kernel).dtype
 
     def made(key, wanted, dtype=dtype):  # (a pair in its place inits its own factors; the
@@ -387,7 +436,7 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
         scope = scope.push(name, reuse=True)
     common = dict(use_bias=False, param_dtype=dtype, precision=params["precision"],
                   kernel_init=made, parent=scope, **renamed)
-    k = None if product.sliced is not None else _dense_axes(product)
+    k = None if product.squeezed else _dense_axes(product)
     if eqn.primitive.name == "dot_general" and k == 1 and len(shape) == 2:
         layer = (WrittenDense if renamed else nn.Dense)(shape[1], **common)
     elif eqn.primitive.name == "dot_general" and k is not None:  # (t5x's, MaxText's)

@@ -401,6 +401,51 @@ def test_a_modules_several_products_split_each_named_by_its_parameter(tmp_path):
     assert exported.max_abs_error <= 1e-5 * max(1.0, exported.scale)
 
 
+class GatedForms(nn.Module):
+    """A gated feed-forward whose gating parameter is cut as others write it: ``w[0]`` and
+    ``w[1]``, ``a, b = w``, ``jnp.unstack``, or one ``(C, 2H)`` kernel cut into halves of its
+    output axis (``w[:, :h]``, ``jnp.split``)."""
+    form: str
+
+    @nn.compact
+    def __call__(self, x):
+        fused = self.form in ("range", "split")
+        w = self.param("w", nn.initializers.normal(0.3), (16, 64) if fused else (2, 16, 32))
+        if self.form == "index":
+            gate, up = w[0], w[1]
+        elif self.form == "unpack":
+            gate, up = w
+        elif self.form == "unstack":
+            gate, up = jnp.unstack(w)
+        elif self.form == "range":
+            gate, up = w[:, :32], w[:, 32:]
+        else:
+            gate, up = jnp.split(w, 2, axis=-1)
+        return nn.gelu(x @ gate) * (x @ up) @ self.param("out", nn.initializers.normal(0.1),
+                                                         (32, 16))
+
+
+@pytest.mark.parametrize("form", ["index", "unpack", "unstack", "range", "split"])
+def test_a_parameter_cut_into_products_of_the_same_data_is_one_layer(form):
+    """Each form is one layer of the whole parameter (a one-index piece: an einsum keeping the
+    axis; a range of the output axis: the dense layer of the whole kernel); at full rank the
+    model is reproduced and a rule's cost is XLA's (before: its own code, a fixed cost)."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    model = GatedForms(form)
+    variables = init(model, 0, x)
+    found = {s.path: s for s in surgery.find_convs(model, x) if s.candidate}
+    assert set(found) == {"w", "out"} and found["w"].shape.kernel_shape[-2:] == (16, 64)
+    result = lrjax.decompose_linen(model, variables, x, rule={"w": 16})
+    want = (16, 64) if form in ("range", "split") else (16, 2, 32)
+    assert result.variables["params"]["w"]["horizontal"]["kernel"].shape == want
+    np.testing.assert_allclose(result.module.apply(result.variables, x),
+                               model.apply(variables, x), rtol=1e-4, atol=1e-5)
+    done = lrjax.decompose_linen(model, variables, x, rule={"w": 4})
+    lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
+               for m, v in ((model, variables), (done.module, done.variables))]
+    assert done.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
+
+
 class PartlySliced(nn.Module):
     """Slices of a parameter that are not one product of the whole: one index of three unused,
     or two slices multiplying different data."""
