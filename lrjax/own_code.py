@@ -14,11 +14,14 @@ import jax
 
 from lrjax.sites import ConvSite
 
-__all__ = ["OWN_CODE", "variable_names", "with_own_code", "grouped"]
+__all__ = ["OWN_CODE", "READ_ELSEWHERE", "variable_names", "with_own_code", "grouped"]
 
 OWN_CODE = ("its own code multiplies the data by its parameters (a product written by hand: "
             "lrjax splits Flax's conv, dense and einsum layers, linen or NNX), so it is left as "
             "it is, a fixed cost")
+READ_ELSEWHERE = ("its kernel is also multiplied into the data outside the layer's own call "
+                  "(a tied output layer reading it through .variables): kept, as a pair would "
+                  "remove the kernel that product reads")
 _DETAIL = "; here "  # what follows it in a reason is the layer's own (names, ops, share)
 
 
@@ -52,7 +55,10 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
     multiplies the data by its parameters (``weighted``: :func:`lrjax.macs.weighted_products` of
     the traced forward pass whose first inputs are the variables named ``names``), in trace
     order; products fed by a layer's kernel or a variable of its parts (its own work) are not
-    listed, but those fed by another parameter of a written layer's module are.
+    listed, but those fed by another parameter of a written layer's module are. A candidate
+    layer whose kernel feeds such a product (outside its own call: whisper-jax's tied head
+    multiplies by the one-hot embedding's table, read through ``.variables``) is left as it is,
+    :data:`READ_ELSEWHERE`.
     ``net_macs``: the whole pass's multiply-adds (each layer's share is stated)."""
     paths = [s.path for s in found]
     kernels = {s.kernel_key for s in found}
@@ -66,9 +72,12 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
         return tuple(variable) in kernels or any(
             owner.startswith(p + "/") if p else bool(owner) for p in paths)
 
+    candidates = {s.kernel_key: s.path for s in found if s.candidate}
+    read: set = set()  # the candidates whose kernel another product reads
     layers: dict[str, dict] = {}
     for sources, primitive, macs, _ in weighted:
         variables = [names[i] for i in sorted(sources)]
+        read.update(candidates[tuple(v)] for v in variables if tuple(v) in candidates)
         if any(layers_own(v) for v in variables):
             continue
         owner = _common(v[:-1] for v in variables)  # one module's weights, or its parts'
@@ -92,6 +101,8 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
             f"{OWN_CODE}{_DETAIL}{', '.join(repr(n) for n in names_)} in {ops}, "
             f"{f'{share:.1%}' if share >= 0.001 else '<0.1%'} of the net's multiply-adds"),
             share=share))
+    found = [ConvSite(s.path, None, skip=READ_ELSEWHERE) if s.path in read and s.candidate else s
+             for s in found]
     return [*found, *own]
 
 

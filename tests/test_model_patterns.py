@@ -1270,3 +1270,31 @@ def test_layers_scanned_on_another_axis_split_per_iteration():
         got, wanted = split.module.apply(split.variables, calib), model.apply(variables, calib)
         errors.append(float(jnp.linalg.norm(got - wanted) / jnp.linalg.norm(wanted)))
     assert errors[1] < 0.8 * errors[0]
+
+
+class TiedHead(nn.Module):
+    """An output layer tied to a dense layer's kernel, read through ``.variables`` (whisper-jax's
+    LM head multiplies by its one-hot embedding's table so)."""
+
+    @nn.compact
+    def __call__(self, x):
+        encode = nn.Dense(16, name="encode")
+        hidden = nn.Dense(16, name="mix")(jnp.tanh(encode(x)))
+        return hidden @ encode.variables["params"]["kernel"].T
+
+
+def test_a_kernel_read_through_variables_by_another_product_is_kept():
+    """Before: the split layer lost the kernel its parent reads (a raw KeyError from the
+    model's own code); now it is left as it is with the reason, a whole-net rule splits the
+    others, and an explicit rank for it is a ValueError naming it."""
+    x = jax.random.normal(jax.random.key(0), (4, 24))
+    model = TiedHead()
+    variables = init(model, 0, x)
+    result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.2")
+    assert "also multiplied into the data outside" in result.report.skipped["encode"]
+    assert set(result.ranks) == {"mix"}
+    lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
+               for m, v in ((model, variables), (result.module, result.variables))]
+    assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
+    with pytest.raises(ValueError, match="encode"):
+        lrjax.decompose_linen(model, variables, x, rule={"encode": 4})
