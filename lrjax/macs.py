@@ -202,6 +202,7 @@ def _elementwise(closed) -> float:
 
 
 _DATA = "data"  # the kind of a value computed from the data (kinds of others: weight indices)
+_THROUGH = -1  # among a weight value's indices: a layer's work computed it
 
 
 def weighted_products(jaxpr, weights) -> list[tuple[frozenset, str, int, str]]:
@@ -217,14 +218,18 @@ def weighted_products(jaxpr, weights) -> list[tuple[frozenset, str, int, str]]:
       weights: one bool per input of the jaxpr: whether it is a weight.
 
     Returns:
-      ``(weight input indices, primitive name, multiply-adds over its runs, name stack)`` of each
-      such product, in trace order.
+      ``(weight input indices, primitive name, multiply-adds over its runs, name stack,
+      direct)`` of each such product, in trace order; ``direct``: its weight operand is computed
+      from the weights without a layer's work (a tied head's ``x @ layer_kernel.T``; not a
+      product with the output of a layer computing from weights alone, such as a MAP head's
+      query of its learned probe).
     """
     inner = getattr(jaxpr, "jaxpr", jaxpr)
     kinds = [frozenset((i,)) if w else _DATA for i, w in enumerate(weights)]
     found: list = []
     _weighted(inner, kinds, "", 1, found)
-    return found
+    return [(sources - {_THROUGH}, name, macs, where, _THROUGH not in sources)
+            for sources, name, macs, where in found]
 
 
 def _kind_of(kinds: dict, var):
@@ -261,6 +266,8 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
                         _weighted(body, carried, where, inner_trips, inside)
                     found.extend(inside)
         out = _DATA if data else sources or None
+        if out not in (_DATA, None) and _LAYER.search(where):
+            out = out | {_THROUGH}
         for var in eqn.outvars:
             kinds[var] = out
     return [_kind_of(kinds, v) for v in jaxpr.outvars]

@@ -456,6 +456,8 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     for every run of their layers (:func:`lrjax.site_runs.counted_as_run`; as they are where not
     traced)."""
     index = site_runs.layer_indices(found)
+    wrapped = set()  # the paths of the layers stood in for by a _Scoped (their variables
+    # under .layer)
 
     def scoped(path, node):
         i = index.get(_path(path))
@@ -464,7 +466,10 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
             node.__class__ = hooked(type(node), base)
             node.lrjax_hook = _InnerScoped(i)
             return node
-        return _Scoped(node, i) if i is not None and _splits(node) else node
+        if i is not None and _splits(node):
+            wrapped.add(tuple(str(p) for p in path))
+            return _Scoped(node, i)
+        return node
 
     view = nnx.recursive_map(scoped, nnx.clone(model))
     example_kwargs, nodes = graph_keywords(example_kwargs)
@@ -479,10 +484,12 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
         return None, 0, list(found)
     batch = site_runs.example_batch(example_args)
+    names = [n[1:] if n[:1] == ("0",) else ("<keywords>", *n[1:])
+             for n in own_code.variable_names(state, collections=False)]
+    names = [next((n[:k] + n[k + 1:] for k in range(len(n)) if n[:k] in wrapped and
+                   n[k] == "layer"), n) for n in names]  # (as the layers' own: their kernel keys)
     found = own_code.with_own_code(site_runs.costed_as_run(found, counts, batch), counts["weighted"],
-                                   [n[1:] if n[:1] == ("0",) else ("<keywords>", *n[1:])
-                                    for n in own_code.variable_names(state, collections=False)],
-                                   counts["total"])
+                                   names, counts["total"])
     return counts["total"] // batch, counts["elementwise"] // batch, found
 
 

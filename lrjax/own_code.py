@@ -20,8 +20,8 @@ OWN_CODE = ("its own code multiplies the data by its parameters (a product writt
             "lrjax splits Flax's conv, dense and einsum layers, linen or NNX), so it is left as "
             "it is, a fixed cost")
 READ_ELSEWHERE = ("its kernel is also multiplied into the data outside the layer's own call "
-                  "(a tied output layer reading it through .variables): kept, as a pair would "
-                  "remove the kernel that product reads")
+                  "(a tied output layer reading it: layer.variables in linen, layer.kernel in "
+                  "NNX): kept, as a pair would remove the kernel that product reads")
 _DETAIL = "; here "  # what follows it in a reason is the layer's own (names, ops, share)
 
 
@@ -75,9 +75,10 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
     candidates = {s.kernel_key: s.path for s in found if s.candidate}
     read: set = set()  # the candidates whose kernel another product reads
     layers: dict[str, dict] = {}
-    for sources, primitive, macs, _ in weighted:
+    for sources, primitive, macs, _, direct in weighted:
         variables = [names[i] for i in sorted(sources)]
-        read.update(candidates[tuple(v)] for v in variables if tuple(v) in candidates)
+        if direct:  # (a product with a layer's output is not a read of its kernel)
+            read.update(candidates[tuple(v)] for v in variables if tuple(v) in candidates)
         if any(layers_own(v) for v in variables):
             continue
         owner = _common(v[:-1] for v in variables)  # one module's weights, or its parts'

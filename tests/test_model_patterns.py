@@ -1298,3 +1298,25 @@ def test_a_kernel_read_through_variables_by_another_product_is_kept():
     assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
     with pytest.raises(ValueError, match="encode"):
         lrjax.decompose_linen(model, variables, x, rule={"encode": 4})
+
+
+class _TiedNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.encode = nnx.Linear(24, 16, rngs=rngs)
+        self.mix = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.mix(jnp.tanh(self.encode(x))) @ self.encode.kernel.value.T
+
+
+def test_an_nnx_kernel_read_by_another_product_is_kept():
+    """NNX: ``self.encode.kernel.value.T`` in the model's own product (before: split, and the
+    decomposed model failed when called: the pair has no kernel)."""
+    model, x = _TiedNNX(nnx.Rngs(0)), jax.random.normal(jax.random.key(0), (4, 24))
+    want = model(x)
+    result = lrjax.decompose_nnx(model, x, rule="speedup:1.2")
+    assert "also multiplied into the data outside" in result.report.skipped["encode"]
+    assert set(result.report.ranks) == {"mix"}
+    got = result.module(x)
+    assert got.shape == want.shape and float(jnp.abs(got - want).max()) < float(
+        jnp.abs(want).max())

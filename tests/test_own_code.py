@@ -124,4 +124,13 @@ def test_weighted_products_follow_weights_through_calls_and_loops():
     w, x = jnp.ones((4, 4)), jnp.ones((2, 4))
     traced = jax.jit(fn).trace(w, x).jaxpr
     found = macs.weighted_products(traced, [True, False])
-    assert [(sorted(s), p, m) for s, p, m, _ in found] == [([0], "dot_general", 3 * 2 * 4 * 4)]
+    assert [(sorted(s), p, m, d) for s, p, m, _, d in found] == [
+        ([0], "dot_general", 3 * 2 * 4 * 4, True)]
+
+    def probed(w, x):  # a product with what a layer computed from weights alone (a MAP head's
+        with macs.layer_scope(0):  # query of its learned probe): not a read of its kernel
+            query = jnp.tanh(w) @ w
+        return x @ query
+
+    traced = jax.jit(probed).trace(w, x).jaxpr
+    assert [d for *_, d in macs.weighted_products(traced, [True, False])] == [False]
