@@ -227,12 +227,13 @@ def product_of(closed, var, inputs) -> Product:
     t5x's relative-position table contracted with a one-hot of positions, is a lookup);
     else :class:`NotALayer`."""
     jaxpr, steps, chain = closed.jaxpr, [], []
-    uses = _uses(jaxpr, var)
-    cuts = [u is not None and u.primitive.name in ("slice", "split", "unstack") for u in uses]
-    if cuts and all(cuts) and (len(uses) > 1 or uses[0].primitive.name != "slice"):
-        return _sliced(closed, var, uses, inputs)
     while True:
         uses = _uses(jaxpr, var)
+        cuts = [u is not None and u.primitive.name in ("slice", "split", "unstack") for u in uses]
+        if cuts and all(cuts) and (len(uses) > 1 or uses[0].primitive.name != "slice"):
+            whole = _sliced(closed, var, uses, inputs)  # (after any steps of the whole)
+            return dataclasses.replace(whole, steps=(*steps, *whole.steps),
+                                       chain=(*chain, *whole.chain))
         if len(uses) != 1 or uses[0] is None:
             raise NotALayer("its kernel is used otherwise than in one product")
         eqn = uses[0]
@@ -420,7 +421,6 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
     eqn, steps = product.eqn, product.steps
     params, shape = eqn.params, tuple(eqn.invars[1 - product.data].aval.shape)  # (as used)
     if product.sliced is not None:  # the whole parameter (its steps scale or cast it)
-        shape = tuple(eqn.invars[1 - product.data].aval.shape)
         shape = (*shape[:product.sliced], product.slices[-1][2],  # (inserted, or widened)
                  *shape[product.sliced + (not product.squeezed):])
     dtype = nn.meta.unbox(kernel).dtype

@@ -403,8 +403,8 @@ def test_a_modules_several_products_split_each_named_by_its_parameter(tmp_path):
 
 class GatedForms(nn.Module):
     """A gated feed-forward whose gating parameter is cut as others write it: ``w[0]`` and
-    ``w[1]``, ``a, b = w``, ``jnp.unstack``, or one ``(C, 2H)`` kernel cut into halves of its
-    output axis (``w[:, :h]``, ``jnp.split``)."""
+    ``w[1]``, ``a, b = w``, ``jnp.unstack`` (of the parameter scaled by a constant first), or
+    one ``(C, 2H)`` kernel cut into halves of its output axis (``w[:, :h]``, ``jnp.split``)."""
     form: str
 
     @nn.compact
@@ -416,7 +416,7 @@ class GatedForms(nn.Module):
         elif self.form == "unpack":
             gate, up = w
         elif self.form == "unstack":
-            gate, up = jnp.unstack(w)
+            gate, up = jnp.unstack(w * 0.5)
         elif self.form == "range":
             gate, up = w[:, :32], w[:, 32:]
         else:
