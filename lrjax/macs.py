@@ -205,7 +205,7 @@ _DATA = "data"  # the kind of a value computed from the data (kinds of others: w
 _THROUGH = -1  # among a weight value's indices: a layer's work computed it
 
 
-def weighted_products(jaxpr, weights) -> list[tuple[frozenset, str, int, str]]:
+def weighted_products(jaxpr, weights) -> list[tuple[frozenset, str, int, str, bool]]:
     """The convolutions and matrix products of a (closed) jaxpr that multiply the data by weights
     outside any :func:`layer_scope`: one operand computed from the data (the inputs not marked in
     ``weights``), the other from weight inputs alone (a parameter, through any casts, scalings,

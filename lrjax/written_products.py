@@ -293,19 +293,18 @@ def _pieces(closed, var, uses):
             cut = [a for a in range(len(shape)) if (start[a], limit[a]) != (0, shape[a])]
             if len(cut) != 1 or (strides is not None and set(strides) != {1}):
                 raise NotALayer("its kernel is sliced along several axes or strided")
-            found.append((cut[0], start[cut[0]], limit[cut[0]], use.outvars[0]))
+            found.append((cut[0], start[cut[0]], limit[cut[0]], use.outvars[0], use))
         elif name == "split":
             offsets = np.cumsum([0, *use.params["sizes"]])
-            found += [(use.params["axis"], int(a), int(b), out) for a, b, out in
+            found += [(use.params["axis"], int(a), int(b), out, use) for a, b, out in
                       zip(offsets[:-1], offsets[1:], use.outvars, strict=True)]
         elif name == "unstack":
-            found += [(use.params["axis"] % len(shape), i, i + 1, out)
+            found += [(use.params["axis"] % len(shape), i, i + 1, out, use)
                       for i, out in enumerate(use.outvars)]
         else:
             raise NotALayer(f"its kernel goes to {name} besides its slices")
     pieces = []
-    for (axis, start, limit, out), use in zip(found, [u for u in uses for _ in u.outvars],
-                                              strict=True):
+    for axis, start, limit, out, use in found:
         chain, squeezed = [(use, 0)], use.primitive.name == "unstack"
         after = _uses(closed.jaxpr, out)
         if not squeezed and limit - start == 1 and len(after) == 1 and after[0] is not None \
