@@ -182,7 +182,8 @@ class _Probe(nnx.Module):
         if site is not None and (host is not None or self.path not in record["batch"]):
             # in the geometry of one run (a stacked layer's: one slice)
             s, n = _moments(x, site.restacked(1) if site.stack > 1 else site,
-                            (-1,) if self.written else _input_axes(layer, site.equation))
+                            nnx_written.input_axes(site) if self.written else
+                            _input_axes(layer, site.equation))
             if host is not None:  # inside a loop: each run to the host
                 kernel = nnx_written.kernel_of(layer)
                 key, ndim = RunSums.key(None if kernel is None else kernel[...])
@@ -410,9 +411,11 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
         base = None if own else delegating_base(type(node))
         if name in factors and (own or base is not None):
             replaced.add(name)
-            layer = nnx_written.as_linear(node) if written else node  # (its own names)
+            layer = nnx_written.as_layer(node, found[name]) if written else node
             pair = pair_module(layer, found[name], factors[name])
             boxes.shard_pair_like(layer, pair, found[name])
+            if written:
+                nnx_written.keep_attributes(node, pair)
             return pair if base is None else paired_in_place(node, pair, base)
         return node
 

@@ -17,6 +17,7 @@ out of the pair; the adds it cost on every call are what a split saves besides t
 
 from __future__ import annotations
 
+import math
 import types
 
 import jax
@@ -24,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import sites
+from lrjax import sites, written_products
 from lrjax.sites import ConvSite
 
-__all__ = ["is_written", "call_of", "linear_site", "as_linear", "kernel_of"]
+__all__ = ["is_written", "call_of", "linear_site", "as_linear", "as_einsum", "as_layer",
+           "equation_of", "input_axes", "keep_attributes", "kernel_of"]
 
 _KEYWORDS = frozenset({"out_sharding"})  # what a pair's __call__ takes besides the input
 WRITTEN = "a module of its own holding a kernel (and a bias)"
@@ -39,7 +41,7 @@ def _named(node) -> tuple[str | None, str | None]:
     other ``nnx.Param``, or ``bias``), any names (``w`` and ``b`` as well as ``kernel`` and
     ``bias``); ``None`` where there is none, or more than one candidate."""
     params = {n: v for n, v in vars(node).items() if isinstance(v, nnx.Param)}
-    kernels = [n for n, v in params.items() if len(v.shape) == 2]
+    kernels = [n for n, v in params.items() if len(v.shape) >= 2]
     if len(kernels) != 1:
         return None, None
     others = [n for n in params if n != kernels[0]]
@@ -72,8 +74,9 @@ def is_written(node, flax_layers: tuple[type, ...]) -> bool:
         return False
     kernel = getattr(node, kernel_name)
     bias = None if bias_name is None else getattr(node, bias_name, None)
-    if bias is not None and tuple(getattr(bias, "shape", ())) != (kernel.shape[1],):
-        return False
+    if bias is not None and len(kernel.shape) == 2 and \
+            tuple(getattr(bias, "shape", ())) != (kernel.shape[1],):
+        return False  # (an einsum's bias: checked with its equation, in linear_site)
     if bias is not None and not isinstance(bias, nnx.Param):
         try:
             zeros = isinstance(bias, (jax.Array, np.ndarray)) and not np.any(np.asarray(bias))
@@ -115,22 +118,120 @@ def _linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
     except Exception as e:  # noqa: BLE001 - it does not run as a dense layer would be run
         return ConvSite(path, None, skip=f"{WRITTEN}, which fails on a random input of its "
                         f"call's shape ({type(e).__name__}): {KEPT}")
-    not_dense = ConvSite(path, None, skip=f"{WRITTEN}, which does not compute x @ kernel + "
-                         f"bias (checked on a random input of its call's shape): {KEPT}")
-    if not x.ndim or x.shape[-1] != kernel.shape[0]:  # not x @ kernel at all
-        return not_dense
-    want = x.astype(np.float64) @ kernel.astype(np.float64)
-    want = want if bias is None else want + bias.astype(np.float64)
-    eps = float(jnp.finfo(jnp.result_type(kernel.dtype, jnp.float32)).eps)
-    bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(kernel.shape[0])
-    if got.shape != want.shape or not np.all(np.abs(got - want) <= bound):
-        return not_dense
+    if kernel.ndim != 2 or not x.ndim or x.shape[-1] != kernel.shape[0] or not _close(
+            got, _dense(x, kernel, bias), kernel.dtype, kernel.shape[0]):  # not x @ kernel
+        return _einsum_site(path, layer, x, got, keywords)
     c, n = (int(d) for d in kernel.shape)
     shape = tuple(int(d) for d in shape)
     added = getattr(layer, "bias", None) is not None and bias is None  # zeros, added per call
     return ConvSite(path, sites.dense_shape(path, shape, (c,), (n,), bias is not None),
                     dense_dims=((c,), (n,)), parametrization_flops=float(
                         np.prod(shape[1:-1]) * n if added and len(shape) > 1 else 0.0))
+
+
+def _dense(x, kernel, bias):
+    want = x.astype(np.float64) @ kernel.astype(np.float64)
+    return want if bias is None else want + bias.astype(np.float64)
+
+
+def _close(got, want, dtype, contracted: int) -> bool:
+    """Whether ``got`` is ``want`` to a few units of rounding of a product over ``contracted``
+    terms in ``dtype``."""
+    eps = float(jnp.finfo(jnp.result_type(dtype, jnp.float32)).eps)
+    bound = 16 * eps * max(float(np.abs(want).max(initial=0.0)), 1.0) * np.sqrt(contracted)
+    return got.shape == want.shape and bool(np.all(np.abs(got - want) <= bound))
+
+
+def _einsum_site(path: str, layer, x, got, keywords: dict) -> ConvSite:
+    """The einsum site of a written layer whose call on ``x`` (giving ``got``) is one
+    ``jnp.einsum`` of the data and its kernel (plus its bias): an ``nnx.Einsum`` of the equation
+    its traced call computes (:func:`equation_of`), checked to compute ``got`` too; else the
+    site left as it is, with the reason."""
+    equation = equation_of(layer, x, keywords)
+    split = None if equation is None else sites.einsum_split(equation)
+    if isinstance(split, sites.EinsumSplit):
+        in_dims, out_dims = split.dims(kernel_of(layer).shape)
+        want = np.asarray(as_einsum(layer, equation)(jnp.asarray(x)), np.float64)
+        if _close(got, want, x.dtype, math.prod(in_dims)):
+            return ConvSite(path, sites.dense_shape(path, x.shape, in_dims, out_dims,
+                                                    _bias(layer) is not None),
+                            dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes,
+                            equation=equation)
+    return ConvSite(path, None, skip=f"{WRITTEN}, which computes neither x @ kernel + bias nor "
+                    "one einsum of the data and its kernel (plus its bias), checked on a random "
+                    f"input of its call's shape: {KEPT}", equation=equation)
+
+
+def equation_of(layer, x, keywords: dict) -> str | None:
+    """The einsum ``data,kernel->out`` that a written layer's call on ``x`` (with
+    ``keywords``) computes with its kernel, read from its traced call: the kernel's one use, a
+    ``dot_general`` with data (:func:`lrjax.written_products.product_of`), its kernel possibly
+    transposed on its way and its output transposed after; ``None`` for any other use (the
+    caller checks that the einsum computes the call's output)."""
+    graphdef, state = nnx.split(layer)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    name = _named(layer)[0]
+    at = [i for i, (p, _) in enumerate(flat) if getattr(p[0], "key", None) == name]
+    if len(at) != 1:
+        return None
+
+    def call(x, leaves):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x, **keywords)
+
+    closed = jax.make_jaxpr(call)(jnp.asarray(x), [v for _, v in flat])
+    data, *leaves = closed.jaxpr.invars
+    try:
+        product = written_products.product_of(closed, leaves[at[0]], [data])
+    except written_products.NotALayer:
+        return None
+    if product.eqn.primitive.name != "dot_general" or product.sliced is not None or \
+            any(step.primitive.name != "transpose" for step in product.steps):
+        return None
+    lhs, rest = written_products.equation_of(product).split(",")
+    kernel, out = rest.split("->")
+    for step in reversed(product.steps):  # the stored kernel's letters
+        stored = [""] * len(kernel)
+        for i, axis in enumerate(step.params["permutation"]):
+            stored[axis] = kernel[i]
+        kernel = "".join(stored)
+    var = product.eqn.outvars[0]
+    while True:  # its output transposed after
+        uses = [e for e in closed.jaxpr.eqns if var in e.invars]
+        if len(uses) != 1 or uses[0].primitive.name != "transpose":
+            break
+        out = "".join(out[axis] for axis in uses[0].params["permutation"])
+        var = uses[0].outvars[0]
+    return f"{lhs},{kernel}->{out}"
+
+
+def as_einsum(layer, equation: str) -> nnx.Einsum:
+    """A written layer seen as the ``nnx.Einsum`` of ``equation`` it computes as: its kernel
+    and bias variables (shared, under Flax's names), computing in its parameters' dtype."""
+    kernel, bias = kernel_of(layer), _bias(layer)
+    view = nnx.Einsum(equation, tuple(kernel.shape), None if bias is None else tuple(bias.shape),
+                      param_dtype=kernel.dtype, rngs=nnx.Rngs(0))
+    view.kernel, view.bias = kernel, bias
+    return view
+
+
+def as_layer(layer, site: ConvSite):
+    """A written layer seen as the Flax layer its ``site`` found it computes as."""
+    return as_linear(layer) if site.equation is None else as_einsum(layer, site.equation)
+
+
+def keep_attributes(layer, pair) -> None:
+    """Gives a written layer's ``pair`` the layer's plain attributes (neither variables, nor
+    modules, nor arrays) that it lacks: model code reads them (tunix's attention takes its head
+    size from ``self.o_proj.shape``)."""
+    for name, value in vars(layer).items():
+        if not name.startswith("_") and not hasattr(pair, name) and not isinstance(
+                value, (nnx.Variable, nnx.Module, jax.Array, np.ndarray)):
+            setattr(pair, name, value)
+
+
+def input_axes(site: ConvSite) -> tuple[int, ...]:
+    """The input axes a written layer's product contracts (its ``site``'s)."""
+    return (-1,) if site.equation is None else sites.einsum_split(site.equation).input_axes
 
 
 def as_linear(layer) -> types.SimpleNamespace:

@@ -48,9 +48,9 @@ from jax.extend import core as jcore
 from lrjax.sites import ConvSite
 
 __all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
-           "WrittenDenseGeneral", "WrittenEinsum", "is_pair", "is_written_layer", "keep_read_elsewhere",
-           "kernel_name", "layer_for", "product_of", "piece_of", "set_aside",
-           "stored_kernel"]
+           "WrittenDenseGeneral", "WrittenEinsum", "equation_of", "is_pair", "is_written_layer",
+           "keep_read_elsewhere", "kernel_name", "layer_for", "product_of", "piece_of",
+           "set_aside", "stored_kernel"]
 
 KERNEL = "kernel"
 _WRITTEN = "_lrjax_written"  # set on a layer made by layer_for
@@ -366,7 +366,7 @@ def _signature(product: Product):
 def piece_of(product: Product, output, start: int, limit: int):
     """A piece's product (``start:limit`` of the sliced axis) from the output of the whole
     parameter's layer (:func:`layer_for`)."""
-    kernel, out = _equation(product).split(",")[1].split("->")
+    kernel, out = equation_of(product).split(",")[1].split("->")
     axis = out.index(kernel[product.sliced])
     if product.squeezed:
         return jax.lax.index_in_dim(output, start, axis, keepdims=False)
@@ -385,7 +385,7 @@ def _dense_axes(product: Product) -> int | None:
     return k if first and tuple(contracted[1]) == tuple(range(k)) else None
 
 
-def _equation(product: Product) -> str:
+def equation_of(product: Product) -> str:
     """The einsum ``data,kernel->out`` of ``product``'s ``dot_general``, ``out`` in the
     product's own order (the first operand's kept axes, then the second's)."""
     eqn, data = product.eqn, product.data
@@ -442,7 +442,7 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
         layer = (WrittenDenseGeneral if renamed else nn.DenseGeneral)(
             shape[k:], axis=tuple(range(-k, 0)), **common)
     elif eqn.primitive.name == "dot_general":  # (Gemma's: any axes)
-        layer = (WrittenEinsum if renamed else nn.Einsum)(shape, _equation(product), **common)
+        layer = (WrittenEinsum if renamed else nn.Einsum)(shape, equation_of(product), **common)
     else:
         layer = (WrittenConv if renamed else nn.Conv)(
             shape[-1], shape[:-2], strides=tuple(params["window_strides"]),

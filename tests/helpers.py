@@ -27,6 +27,12 @@ def xla_flops(fn, *args) -> float:
     return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
 
+def lowered_flops(fn, *args) -> float:
+    """XLA's flop count of ``jax.jit(fn)`` lowered for ``args``, before compilation (the count
+    lrjax's whole-net cost equals; compilation's fusions move it by a few element-wise ops)."""
+    return jax.jit(fn).lower(*args).cost_analysis()["flops"]
+
+
 def after_each_step(setup, hook):
     """``lrjax.train.setup`` whose runs call ``hook(step)`` (the global step, an int) right after
     each train step: how tests preempt or kill a run at a given step (the training loop itself

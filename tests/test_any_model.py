@@ -13,7 +13,7 @@ import lrjax
 from benchmarks.user_models import NNXCNN, resnet18, resnet50
 from lrjax import costs, decompose, export, nnx_surgery, ranks, surgery, train
 from lrjax.nnx_surgery import LowRankConvNNX
-from tests.helpers import apply, init
+from tests.helpers import apply, init, lowered_flops
 
 
 @pytest.fixture(scope="module")
@@ -445,10 +445,6 @@ class BiTLike(nn.Module):
         return NormedDense(10)(jnp.mean(x, axis=(1, 2)))
 
 
-def _lowered_flops(fn, *args) -> float:
-    return jax.jit(fn).lower(*args).cost_analysis()["flops"]
-
-
 def test_subclasses_that_compute_as_their_layer_are_split_on_the_weights_they_use(tmp_path):
     """A subclass that redefines only ``param`` (weight standardization) is split on the weights
     ``param`` returns, and the whole-net cost saves the standardization of the layers split;
@@ -478,9 +474,9 @@ def test_subclasses_that_compute_as_their_layer_are_split_on_the_weights_they_us
     assert max(result.report.errors.values()) < 1e-5  # of the standardized kernels
     assert result.variables["params"]["NormedDense_0"]["horizontal"]["bias"].shape == (10,)
     result = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5")
-    low = _lowered_flops(lambda v, x: result.module.apply(v, x), result.variables, x)
+    low = lowered_flops(lambda v, x: result.module.apply(v, x), result.variables, x)
     before, after = result.report.net_flops
-    assert before == _lowered_flops(lambda v, x: model.apply(v, x), variables, x)
+    assert before == lowered_flops(lambda v, x: model.apply(v, x), variables, x)
     assert abs(after - low) <= 1e-6 * low and result.report.speedup >= 1.5
     exported = export.to_onnx(result.module, result.variables, x, str(tmp_path / "b.onnx"))
     assert exported.max_abs_error <= 1e-4 * exported.scale
@@ -540,7 +536,7 @@ def test_nnx_subclasses_that_compute_as_their_layer_are_split(tmp_path):
         result.module.pad.vertical.kernel[...].shape == (3, 1, 16, top["pad"])
     split = lrjax.decompose_nnx(model, x, rule={"pad": 4, "head": 2})
     graphs = [nnx.split(m) for m in (model, split.module)]
-    flops = [_lowered_flops(lambda s, x, g=g: nnx.merge(g, s)(x), s, x) for g, s in graphs]
+    flops = [lowered_flops(lambda s, x, g=g: nnx.merge(g, s)(x), s, x) for g, s in graphs]
     # (to one flop: the kernel's norm, computed once a call, is not a per-example cost)
     assert flops[0] / flops[1] == pytest.approx(split.report.speedup, rel=1e-5)
     exported = export.to_onnx(split.module, None, x, str(tmp_path / "n.onnx"))

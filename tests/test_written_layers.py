@@ -1,6 +1,8 @@
-"""Dense layers written by hand in NNX (:mod:`lrjax.nnx_written`): a module of the user's own
+"""Linear layers written by hand in NNX (:mod:`lrjax.nnx_written`): a module of the user's own
 computing ``x @ kernel + bias`` is split as ``nnx.Linear`` is (bonsai's ``ShardedLinear`` in
-Qwen 3-VL and LLaDA); one that computes anything else is left as it is, a fixed cost."""
+Qwen 3-VL and LLaDA), one computing one einsum of the data and its kernel as ``nnx.Einsum`` is
+(tunix's ``Einsum`` in its Llama 3, Qwen and Gemma models; a PyTorch-layout ``x @ kernel.T``);
+one that computes anything else is left as it is, a fixed cost."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import export
-from tests.helpers import xla_flops
+from tests.helpers import lowered_flops, xla_flops
 
 
 class ShardedLinear(nnx.Module):
@@ -35,7 +37,8 @@ class Activated(ShardedLinear):
 
 
 class Transposed(nnx.Module):
-    """A PyTorch-style ``(out, in)`` kernel used as ``x @ kernel.T``: not ``x @ kernel``."""
+    """A PyTorch-style ``(out, in)`` kernel used as ``x @ kernel.T``: not ``x @ kernel``, the
+    einsum ``abc,Ac->abA``."""
 
     def __init__(self, i, o, rngs):
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (o, i)) / np.sqrt(i))
@@ -63,12 +66,15 @@ X = jax.random.normal(jax.random.key(1), (4, 12, 32))
 
 def test_written_dense_layers_are_found_split_and_the_others_left_as_they_are():
     model = Block(nnx.Rngs(0))
-    result = lrjax.decompose_nnx(model, X, rule={"up": 8, "down": 8})
-    assert result.ranks == {"up": 8, "down": 8}
+    result = lrjax.decompose_nnx(model, X, rule={"up": 8, "down": 8, "square": 8})
+    assert result.ranks == {"up": 8, "down": 8, "square": 8}
     skipped = dict(result.report.skipped)
-    assert set(skipped) == {"act", "square"}
-    assert all(skipped[p].startswith("a module of its own holding a kernel (and a bias), which "
-                                     "does not compute x @ kernel + bias") for p in skipped)
+    assert set(skipped) == {"act"}
+    assert skipped["act"].startswith("a module of its own holding a kernel (and a bias), which "
+                                     "computes neither x @ kernel + bias nor one einsum")
+    assert result.problem.site("square").equation == "abc,Ac->abA"
+    square = result.module.square
+    assert square.vertical.kernel.shape == (32, 8) and square.horizontal.kernel.shape == (8, 32)
     up = result.module.up
     assert isinstance(up, lrjax.nnx_surgery.LowRankLinearNNX)
     assert up.vertical.kernel.shape == (32, 8) and up.horizontal.kernel.shape == (8, 96)
@@ -90,7 +96,7 @@ def test_written_dense_layers_are_found_split_and_the_others_left_as_they_are():
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_full_rank_written_pairs_reproduce_the_model(calibrated):
     model = Block(nnx.Rngs(0))
-    result = lrjax.decompose_nnx(model, X, rule={"up": 32, "down": 32},
+    result = lrjax.decompose_nnx(model, X, rule={"up": 32, "down": 32, "square": 32},
                                  calibration=[X] if calibrated else None)
     np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
 
@@ -244,3 +250,89 @@ def test_other_modules_holding_a_2d_parameter_are_not_listed_as_layers():
     tokens = jax.random.randint(jax.random.key(1), (4, 12), 0, 50)
     result = lrjax.decompose_nnx(model, tokens, rule={"fc": 16})
     assert result.ranks == {"fc": 16} and not result.report.skipped
+
+
+class Einsum(nnx.Module):
+    """As tunix's (its Llama 3, Qwen 2 / 3 and Gemma models): one parameter ``w`` of any
+    shape, the equation and the shape kept as plain attributes."""
+
+    def __init__(self, einsum_str, shape, rngs, bias=False):
+        self.einsum_str, self.shape = einsum_str, shape
+        self.w = nnx.Param(jax.random.normal(rngs.params(), shape) / np.sqrt(shape[-2]))
+        self.b = nnx.Param(0.1 * jax.random.normal(rngs.params(), shape[-1:])) if bias else None
+
+    def __call__(self, x):
+        y = jnp.einsum(self.einsum_str, x, self.w[...])
+        return y if self.b is None else y + self.b[...]
+
+
+class GatedEinsum(Einsum):
+    """An einsum then an activation: not one einsum."""
+
+    def __call__(self, x):
+        return jax.nn.silu(super().__call__(x))
+
+
+class EinsumAttention(nnx.Module):
+    """Grouped-query attention written with such modules: Gemma's fused key-value einsum (its
+    stacking axis a kernel output axis), a head reading ``o.shape``, an output transposed by
+    its equation, a per-head (batched) einsum, a biased one, one gated."""
+
+    def __init__(self, rngs):
+        self.q = Einsum("BTD,DNH->BTNH", (32, 4, 8), rngs)
+        self.kv = Einsum("BSD,CKDH->CBSKH", (2, 2, 32, 8), rngs)
+        self.o = Einsum("BTNH,NHD->BTD", (4, 8, 32), rngs)
+        self.per_head = Einsum("BTNH,NHG->BTNG", (4, 8, 8), rngs)
+        self.up = Einsum("BTD,DF->BTF", (32, 48), rngs, bias=True)
+        self.gated = GatedEinsum("BTF,FD->BTD", (48, 32), rngs)
+        self.head = Einsum("BTD,DV->BVT", (32, 10), rngs)
+
+    def __call__(self, x):
+        q, (k, v) = self.q(x), self.kv(x)
+        k, v = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        head_dim = self.o.shape[1]  # model code reading its layer's attribute, as tunix's does
+        a = jax.nn.softmax(jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(head_dim), axis=-1)
+        x = x + self.o(self.per_head(jnp.einsum("BNTS,BSNH->BTNH", a, v)))
+        return self.head(x + self.gated(jax.nn.gelu(self.up(x))))
+
+
+SPLIT_EINSUMS = {"q": "BTD,DNH->BTNH", "kv": "BSD,CKDH->CBSKH", "o": "BTNH,NHD->BTD",
+                 "up": "BTD,DF->BTF", "head": "BTD,DV->BVT"}
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_written_einsums_are_split_as_nnx_einsums(calibrated):
+    model = EinsumAttention(nnx.Rngs(0))
+    full = {"q": 32, "kv": 32, "o": 32, "up": 32, "head": 10}
+    result = lrjax.decompose_nnx(model, X, rule=full, calibration=[X] if calibrated else None)
+    assert set(result.ranks) == set(SPLIT_EINSUMS)
+    # the equations read from the traced calls (the data's axes a, b, ..., the kernel's A, B,
+    # ...): each its layer's, the head's transposed output included
+    equations = {p: result.problem.site(p).equation for p in SPLIT_EINSUMS}
+    assert equations.pop("up") is None  # a dense layer: x @ kernel + bias
+    assert equations == {"q": "abc,cAB->abAB", "kv": "abc,ABcC->AabBC", "o": "abcd,cdA->abA",
+                         "head": "abc,cA->aAb"}
+    skipped = dict(result.report.skipped)
+    assert set(skipped) == {"per_head", "gated"}
+    # listed as the products of their own code (their parameter is not named kernel)
+    assert all(skipped[p].startswith("its own code multiplies the data by its parameters") and
+               "'w' in dot_general" in skipped[p] for p in skipped)
+    np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
+    kv = result.module.kv
+    assert isinstance(kv, lrjax.nnx_surgery.LowRankEinsumNNX)
+    assert kv.vertical.kernel.shape == (32, 32) and kv.horizontal.kernel.shape == (32, 2, 2, 8)
+    assert result.module.o.shape == (4, 8, 32)  # the layer's plain attributes, kept
+    np.testing.assert_allclose(result.module.up.horizontal.bias[...], model.up.b[...])
+
+
+def test_written_einsums_whole_net_cost_and_export(tmp_path):
+    model = EinsumAttention(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule="speedup:1.3", calibration=[X])
+    assert set(result.ranks) <= set(SPLIT_EINSUMS) and len(result.ranks) >= 2
+    flops = []
+    for m in (model, result.module):
+        graphdef, state = nnx.split(m)
+        flops.append(lowered_flops(lambda s, x, g=graphdef: nnx.merge(g, s)(x), state, X))
+    assert flops[0] / flops[1] == pytest.approx(result.report.speedup, rel=1e-6)
+    done = export.to_onnx(result.module, None, (X,), str(tmp_path / "e.onnx"))
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
