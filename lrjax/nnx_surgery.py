@@ -345,9 +345,12 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     call order; run on an eval view of a copy with ``eval_mode``."""
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode)
+    batch = site_runs.example_batch(example_args)
+
     def site_of(path, layer, shape):
         if nnx_written.is_written(layer, _FLAX_LAYERS):
-            return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path))
+            return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path),
+                                           batch)
         if path in record["seen"]:  # a subclass, split in its base's call: as its base
             layer = base_view(layer, delegating_base(type(layer)))
         return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)),
@@ -360,7 +363,6 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     found = [ConvSite(s.path, None, skip=f"{type(convs[s.path]).__name__} (a subclass that runs "
                       "its base's __call__ but also reads its kernel: its own computation is "
                       "kept)") if s.path in kept else s for s in found]
-    batch = site_runs.example_batch(example_args)
     return [site_runs.per_example(sites.unless_stacked(
         site, getattr(nnx_written.kernel_of(convs[site.path]), "shape", None), any_axis=False),
         batch) for site in found]
@@ -534,8 +536,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     found = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
     graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if _splits(n))
     candidates = [s for s in found if s.candidate]
-    kernels = {s.path: s.to_hwio(nnx_written.kernel_of(graph[s.path])[...])
-               for s in candidates}
+    kernels = {s.path: s.to_hwio(nnx_written.used_kernel(graph[s.path], s)) for s in candidates}
     covs, note, few = None, None, None
     if calibration is not None and problem is None:
         batches = rules.calibration_batches(calibration, example_args, example_kwargs)

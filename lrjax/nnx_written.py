@@ -17,8 +17,10 @@ out of the pair; the adds it cost on every call are what a split saves besides t
 
 from __future__ import annotations
 
+import functools
 import math
 import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +31,11 @@ from lrjax import sites, written_products
 from lrjax.sites import ConvSite
 
 __all__ = ["is_written", "call_of", "linear_site", "as_linear", "as_einsum", "as_layer",
-           "equation_of", "input_axes", "keep_attributes", "kernel_of"]
+           "product_einsum", "used_kernel", "input_axes", "keep_attributes", "kernel_of"]
 
 _KEYWORDS = frozenset({"out_sharding"})  # what a pair's __call__ takes besides the input
 WRITTEN = "a module of its own holding a kernel (and a bias)"
+_ELEMENTWISE = ("mul", "div", "convert_element_type", "copy", "copy_p")  # steps of a kernel
 KEPT = "its own computation is kept, a fixed cost"
 
 
@@ -96,17 +99,18 @@ def call_of(args, kwargs) -> dict | None:
     return dict(kwargs)
 
 
-def linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite | None:
-    """The dense site of a written layer first called on an input of ``shape`` with
-    ``keywords`` (:func:`call_of`), or the site left as it is, with the reason, when it does not
-    compute ``x @ kernel + bias`` there (conditions (2), (3)); ``None`` for such a module whose
-    2-D parameter is not named ``kernel`` (an embedding table, a position code: not a layer,
-    nothing to list)."""
-    site = _linear_site(path, layer, shape, keywords)
+def linear_site(path: str, layer, shape, keywords: dict | None,
+                batch: int = 1) -> ConvSite | None:
+    """The dense (or einsum) site of a written layer first called on an input of ``shape`` with
+    ``keywords`` (:func:`call_of`) in a model called on ``batch`` examples, or the site left as
+    it is, with the reason, when it computes neither ``x @ kernel + bias`` nor one einsum there
+    (conditions (2), (3)); ``None`` for such a module whose parameter is not named ``kernel``
+    (an embedding table, a position code: not a layer, nothing to list)."""
+    site = _linear_site(path, layer, shape, keywords, batch)
     return site if site.candidate or _named(layer)[0] == "kernel" else None
 
 
-def _linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
+def _linear_site(path: str, layer, shape, keywords: dict | None, batch: int) -> ConvSite:
     if keywords is None:
         return ConvSite(path, None, skip=f"{WRITTEN}, called with arguments other than the data "
                         f"(and out_sharding=), which a pair would not take: {KEPT}")
@@ -120,7 +124,7 @@ def _linear_site(path: str, layer, shape, keywords: dict | None) -> ConvSite:
                         f"call's shape ({type(e).__name__}): {KEPT}")
     if kernel.ndim != 2 or not x.ndim or x.shape[-1] != kernel.shape[0] or not _close(
             got, _dense(x, kernel, bias), kernel.dtype, kernel.shape[0]):  # not x @ kernel
-        return _einsum_site(path, layer, x, got, keywords)
+        return _einsum_site(path, layer, x, got, keywords, batch)
     c, n = (int(d) for d in kernel.shape)
     shape = tuple(int(d) for d in shape)
     added = getattr(layer, "bias", None) is not None and bias is None  # zeros, added per call
@@ -142,32 +146,56 @@ def _close(got, want, dtype, contracted: int) -> bool:
     return got.shape == want.shape and bool(np.all(np.abs(got - want) <= bound))
 
 
-def _einsum_site(path: str, layer, x, got, keywords: dict) -> ConvSite:
+def _einsum_site(path: str, layer, x, got, keywords: dict, batch: int) -> ConvSite:
     """The einsum site of a written layer whose call on ``x`` (giving ``got``) is one
     ``jnp.einsum`` of the data and its kernel (plus its bias): an ``nnx.Einsum`` of the equation
-    its traced call computes (:func:`equation_of`), checked to compute ``got`` too; else the
-    site left as it is, with the reason."""
-    equation = equation_of(layer, x, keywords)
+    its traced call computes (:func:`product_einsum`) on its kernel as used, checked to compute
+    ``got`` too; else the site left as it is, with the reason. A kernel scaled or cast on its
+    way gets that step as its :attr:`ConvSite.parametrization`, its flops per example of the
+    model's ``batch`` what a split saves."""
+    found = product_einsum(layer, x, keywords)
+    equation, used = found if found is not None else (None, None)
     split = None if equation is None else sites.einsum_split(equation)
     if isinstance(split, sites.EinsumSplit):
-        in_dims, out_dims = split.dims(kernel_of(layer).shape)
-        want = np.asarray(as_einsum(layer, equation)(jnp.asarray(x)), np.float64)
-        if _close(got, want, x.dtype, math.prod(in_dims)):
+        kernel = kernel_of(layer)
+        in_dims, out_dims = split.dims(kernel.shape)
+        view = as_einsum(layer, equation)
+        if used is not None:  # checked with the kernel as its code uses it
+            view.kernel = nnx.Param(used(kernel[...]))
+        if _close(got, np.asarray(view(jnp.asarray(x)), np.float64), x.dtype,
+                  math.prod(in_dims)):
+            flops = 0.0 if used is None else float(jax.jit(used).lower(
+                kernel[...]).cost_analysis()["flops"]) / batch
             return ConvSite(path, sites.dense_shape(path, x.shape, in_dims, out_dims,
                                                     _bias(layer) is not None),
                             dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes,
-                            equation=equation)
+                            equation=equation, parametrization=None if used is None else
+                            functools.partial(_parametrized, used),
+                            parametrization_flops=flops)
     return ConvSite(path, None, skip=f"{WRITTEN}, which computes neither x @ kernel + bias nor "
                     "one einsum of the data and its kernel (plus its bias), checked on a random "
                     f"input of its call's shape: {KEPT}", equation=equation)
 
 
-def equation_of(layer, x, keywords: dict) -> str | None:
+def _parametrized(used, params: dict) -> dict:
+    """A written layer's parameters as its code uses them (:attr:`ConvSite.parametrization`)."""
+    return {**params, "kernel": used(params["kernel"])}
+
+
+def _steps(steps, kernel):
+    for step in steps:
+        kernel = step(kernel)
+    return kernel
+
+
+def product_einsum(layer, x, keywords: dict) -> tuple[str, Callable | None] | None:
     """The einsum ``data,kernel->out`` that a written layer's call on ``x`` (with
     ``keywords``) computes with its kernel, read from its traced call: the kernel's one use, a
     ``dot_general`` with data (:func:`lrjax.written_products.product_of`), its kernel possibly
-    transposed on its way and its output transposed after; ``None`` for any other use (the
-    caller checks that the einsum computes the call's output)."""
+    transposed, scaled by constants and cast on its way, its output transposed after; and the
+    function from the stored kernel to the one it uses (its scalings and casts, in the stored
+    layout), or ``None`` where it is used as stored. ``None`` for any other use (the caller
+    checks that the einsum computes the call's output)."""
     graphdef, state = nnx.split(layer)
     flat, treedef = jax.tree_util.tree_flatten_with_path(state)
     name = _named(layer)[0]
@@ -184,16 +212,21 @@ def equation_of(layer, x, keywords: dict) -> str | None:
         product = written_products.product_of(closed, leaves[at[0]], [data])
     except written_products.NotALayer:
         return None
+    names = [step.primitive.name for step in product.steps]
     if product.eqn.primitive.name != "dot_general" or product.sliced is not None or \
-            any(step.primitive.name != "transpose" for step in product.steps):
+            any(n not in _ELEMENTWISE + ("transpose",) for n in names):
         return None
     lhs, rest = written_products.equation_of(product).split(",")
     kernel, out = rest.split("->")
     for step in reversed(product.steps):  # the stored kernel's letters
+        if step.primitive.name != "transpose":
+            continue
         stored = [""] * len(kernel)
         for i, axis in enumerate(step.params["permutation"]):
             stored[axis] = kernel[i]
         kernel = "".join(stored)
+    # scalars and casts commute with the transposes: applied to the stored kernel
+    scaled = tuple(step for step in product.steps if step.primitive.name in _ELEMENTWISE)
     var = product.eqn.outvars[0]
     while True:  # its output transposed after
         uses = [e for e in closed.jaxpr.eqns if var in e.invars]
@@ -201,7 +234,7 @@ def equation_of(layer, x, keywords: dict) -> str | None:
             break
         out = "".join(out[axis] for axis in uses[0].params["permutation"])
         var = uses[0].outvars[0]
-    return f"{lhs},{kernel}->{out}"
+    return f"{lhs},{kernel}->{out}", (functools.partial(_steps, scaled) if scaled else None)
 
 
 def as_einsum(layer, equation: str) -> nnx.Einsum:
@@ -227,6 +260,14 @@ def keep_attributes(layer, pair) -> None:
         if not name.startswith("_") and not hasattr(pair, name) and not isinstance(
                 value, (nnx.Variable, nnx.Module, jax.Array, np.ndarray)):
             setattr(pair, name, value)
+
+
+def used_kernel(layer, site: ConvSite):
+    """A written layer's kernel as its code uses it: the stored one, scaled and cast as its
+    ``site`` found (:attr:`ConvSite.parametrization`)."""
+    kernel = kernel_of(layer)[...]
+    return kernel if site.parametrization is None else \
+        site.parametrization({"kernel": kernel})["kernel"]
 
 
 def input_axes(site: ConvSite) -> tuple[int, ...]:

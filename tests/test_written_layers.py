@@ -336,3 +336,38 @@ def test_written_einsums_whole_net_cost_and_export(tmp_path):
     assert flops[0] / flops[1] == pytest.approx(result.report.speedup, rel=1e-6)
     done = export.to_onnx(result.module, None, (X,), str(tmp_path / "e.onnx"))
     assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+
+
+class ScaledEinsum(Einsum):
+    """As tunix's Gemma 4 ``Einsum(w_scale=...)``: the kernel scaled by a constant and cast,
+    then one einsum."""
+
+    def __call__(self, x):
+        w = jnp.astype(self.w[...] * (self.shape[0] ** -0.5), jnp.float32)
+        return jnp.einsum(self.einsum_str, x, w)
+
+
+class Projected(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = ScaledEinsum("BTD,DNH->BTNH", (32, 4, 16), rngs)
+        self.head = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.gelu(self.proj(x)).reshape(*x.shape[:2], 64))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_written_einsum_of_a_scaled_kernel_is_split_on_the_kernel_it_uses(calibrated):
+    """The pair factors the kernel as the code uses it (scaled); the scaling, which the model
+    computes on every call, is saved in the whole net's cost, as XLA counts it."""
+    model = Projected(nnx.Rngs(0))
+    calibration = [X] if calibrated else None
+    full = lrjax.decompose_nnx(model, X, rule={"proj": 32}, calibration=calibration)
+    np.testing.assert_allclose(full.module(X), model(X), rtol=1e-4, atol=1e-5)
+    site = full.problem.site("proj")
+    assert site.equation == "abc,cAB->abAB" and site.parametrization is not None
+    assert site.parametrization_flops > 0
+    low = lrjax.decompose_nnx(model, X, rule={"proj": 8}, calibration=calibration)
+    flops = [lowered_flops(lambda s, x, g=g: nnx.merge(g, s)(x), s, X)
+             for g, s in (nnx.split(m) for m in (model, low.module))]
+    assert flops[0] / flops[1] == pytest.approx(low.report.speedup, rel=1e-6)
