@@ -40,11 +40,13 @@ KEPT = "its own computation is kept, a fixed cost"
 
 
 def _named(node) -> tuple[str | None, str | None]:
-    """The attribute names of a module's kernel (its one 2-D ``nnx.Param``) and bias (its one
-    other ``nnx.Param``, or ``bias``), any names (``w`` and ``b`` as well as ``kernel`` and
-    ``bias``); ``None`` where there is none, or more than one candidate."""
+    """The attribute names of a module's kernel (its one ``nnx.Param`` of the most axes, two or
+    more) and bias (its one other ``nnx.Param``, or ``bias``), any names (``w`` and ``b`` as
+    well as ``kernel`` and ``bias``); ``None`` where there is none, or more than one
+    candidate."""
     params = {n: v for n, v in vars(node).items() if isinstance(v, nnx.Param)}
-    kernels = [n for n, v in params.items() if len(v.shape) >= 2]
+    most = max((len(v.shape) for v in params.values()), default=0)
+    kernels = [n for n, v in params.items() if len(v.shape) == most >= 2]
     if len(kernels) != 1:
         return None, None
     others = [n for n in params if n != kernels[0]]
@@ -107,7 +109,22 @@ def linear_site(path: str, layer, shape, keywords: dict | None,
     (conditions (2), (3)); ``None`` for such a module whose parameter is not named ``kernel``
     (an embedding table, a position code: not a layer, nothing to list)."""
     site = _linear_site(path, layer, shape, keywords, batch)
+    if not site.candidate and len(kernel_of(layer).shape) > 2:  # one layer of a stack?
+        one = _iteration(layer)  # (the stack itself: ``lrjax.sites.unless_stacked``)
+        stacked = None if one is None else _linear_site(path, one, shape, keywords, batch)
+        site = stacked if stacked is not None and stacked.candidate else site
     return site if site.candidate or _named(layer)[0] == "kernel" else None
+
+
+def _iteration(layer):
+    """The first iteration of a written layer stacked on its variables' leading axis
+    (``nnx.vmap``-made blocks run by ``nnx.scan``), or ``None`` when its variables do not share
+    one."""
+    graphdef, state = nnx.split(layer)
+    leaves = jax.tree.leaves(state)
+    if not leaves or any(np.ndim(v) < 2 or v.shape[0] != leaves[0].shape[0] for v in leaves):
+        return None
+    return nnx.merge(graphdef, jax.tree.map(lambda v: v[0], state))
 
 
 def _linear_site(path: str, layer, shape, keywords: dict | None, batch: int) -> ConvSite:

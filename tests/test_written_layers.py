@@ -371,3 +371,37 @@ def test_a_written_einsum_of_a_scaled_kernel_is_split_on_the_kernel_it_uses(cali
     flops = [lowered_flops(lambda s, x, g=g: nnx.merge(g, s)(x), s, X)
              for g, s in (nnx.split(m) for m in (model, low.module))]
     assert flops[0] / flops[1] == pytest.approx(low.report.speedup, rel=1e-6)
+
+
+class ScannedBlocks(nnx.Module):
+    """Written dense layers in blocks made by ``nnx.vmap`` and run by ``nnx.scan`` (Flax's
+    ``06_scan_over_layers`` with a hand-written layer): a stack of 3, kernel ``(3, 32, 32)``,
+    bias ``(3, 32)``."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(axis_size=3)
+        def block(rngs):
+            return Named(32, 32, rngs)
+
+        self.blocks, self.head = block(rngs), nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan
+        def step(x, layer):
+            return jax.nn.gelu(layer(x)), None
+
+        return self.head(step(x, self.blocks)[0].mean(1))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_stacked_written_layers_are_split_per_iteration(calibrated):
+    model = ScannedBlocks(nnx.Rngs(0))
+    calibration = [X] if calibrated else None
+    full = lrjax.decompose_nnx(model, X, rule={"blocks": 96}, calibration=calibration)
+    assert full.problem.site("blocks").stack == 3
+    np.testing.assert_allclose(full.module(X), model(X), rtol=1e-4, atol=1e-5)
+    low = lrjax.decompose_nnx(model, X, rule={"blocks": 24}, calibration=calibration)
+    blocks = low.module.blocks
+    assert blocks.vertical.kernel.shape == (3, 32, 8) and blocks.horizontal.kernel.shape == (3, 8, 32)
+    np.testing.assert_allclose(blocks.horizontal.bias[...], model.blocks.b[...])
