@@ -161,8 +161,9 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     counts["dead"] = {i for i, m in _macs(traced.jaxpr)[0]["layers"].items()
                       if m > 0 and counts["layers"].get(i, 0) <= 0}
     weights = len(jax.tree_util.tree_leaves(args[0])) if args else 0
-    counts["weighted"] = weighted_products(
-        closed, [i < weights for i in range(len(closed.jaxpr.invars))])
+    products = _products(closed, [i < weights for i in range(len(closed.jaxpr.invars))])
+    counts["weighted"] = [p for p in products if p[0] is not _CONSTANT]
+    counts["constant"] = sum(p[2] for p in products if p[0] is _CONSTANT)
     total = counts["conv"] + counts["dot"]  # ("layers": of each layer_scope, over its runs)
     try:
         analysis = traced.lower().cost_analysis()
@@ -203,6 +204,7 @@ def _elementwise(closed) -> float:
 
 _DATA = "data"  # the kind of a value computed from the data (kinds of others: weight indices)
 _THROUGH = -1  # among a weight value's indices: a layer's work computed it
+_CONSTANT = frozenset({-2})  # a product's "weights": constants (no input computes them)
 
 
 def weighted_products(jaxpr, weights) -> list[tuple[frozenset, str, int, str, bool]]:
@@ -224,12 +226,19 @@ def weighted_products(jaxpr, weights) -> list[tuple[frozenset, str, int, str, bo
       product with the output of a layer computing from weights alone, such as a MAP head's
       query of its learned probe).
     """
+    return [p for p in _products(jaxpr, weights) if p[0] is not _CONSTANT]
+
+
+def _products(jaxpr, weights) -> list:
+    """:func:`weighted_products`, and the products of the data with constants (computed from
+    no input: a fixed filter, or weights the model holds outside its variables), their weight
+    indices :data:`_CONSTANT`."""
     inner = getattr(jaxpr, "jaxpr", jaxpr)
     kinds = [frozenset((i,)) if w else _DATA for i, w in enumerate(weights)]
     found: list = []
     _weighted(inner, kinds, "", 1, found)
-    return [(sources - {_THROUGH}, name, macs, where, _THROUGH not in sources)
-            for sources, name, macs, where in found]
+    return [(sources if sources is _CONSTANT else sources - {_THROUGH}, name, macs, where,
+             _THROUGH not in sources) for sources, name, macs, where in found]
 
 
 def _kind_of(kinds: dict, var):
@@ -248,10 +257,11 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
         name = eqn.primitive.name
         if name in ("conv_general_dilated", "dot_general") and not _LAYER.search(where):
             a, b = operands
-            weight = a if b is _DATA else b if a is _DATA else None
-            if isinstance(weight, frozenset):
+            weight = a if b is _DATA else b if a is _DATA else _DATA
+            if isinstance(weight, frozenset) or weight is None:  # (None: a constant)
                 macs = _conv_macs(eqn) if name == "conv_general_dilated" else _dot_macs(eqn)
-                found.append((weight, name, trips * macs, where))
+                found.append((_CONSTANT if weight is None else weight, name, trips * macs,
+                              where))
         inner_trips = trips * int(eqn.params["length"]) if name == "scan" else trips
         for key, value in eqn.params.items():
             for sub in value if isinstance(value, (tuple, list)) else (value,):

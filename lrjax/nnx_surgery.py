@@ -454,9 +454,10 @@ class _InnerScoped(nnx.Module):
 
 
 def _net_cost(model, example_args, example_kwargs, eval_mode,
-              found: Sequence[ConvSite]) -> tuple[int | None, int, list[ConvSite]]:
-    """Multiply-adds and element-wise flops per example of the whole forward pass (traced on a
-    copy, :func:`lrjax.macs.traced_macs`), or ``(None, 0)`` where the call cannot be traced
+              found: Sequence[ConvSite]) -> tuple[int | None, int, int, list[ConvSite]]:
+    """Multiply-adds, element-wise flops and multiply-adds of products with constants per
+    example of the whole forward pass (traced on a copy, :func:`lrjax.macs.traced_macs`), or
+    ``(None, 0, 0)`` where the call cannot be traced
     abstractly (a training-mode call updating its own state); and the sites ``found`` costed
     for every run of their layers (:func:`lrjax.site_runs.counted_as_run`; as they are where not
     traced)."""
@@ -487,7 +488,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     try:  # the state as an argument: the weights are not constants of the lowered module
         counts = with_constants_evaluated(macs.traced_macs, call, state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
-        return None, 0, list(found)
+        return None, 0, 0, list(found)
     batch = site_runs.example_batch(example_args)
     names = [n[1:] if n[:1] == ("0",) else ("<keywords>", *n[1:])
              for n in own_code.variable_names(state, collections=False)]
@@ -495,7 +496,8 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
                    n[k] == "layer"), n) for n in names]  # (as the layers' own: their kernel keys)
     found = own_code.with_own_code(site_runs.costed_as_run(found, counts, batch), counts["weighted"],
                                    names, counts["total"])
-    return counts["total"] // batch, counts["elementwise"] // batch, found
+    return (counts["total"] // batch, counts["elementwise"] // batch, counts["constant"] // batch,
+            found)
 
 
 @lapack.small_pages()
@@ -546,10 +548,11 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         covs = {p: np.divide(s, record["counts"][p], out=s) for p, s in record["sums"].items()}
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(record["counts"], candidates)
-    net_macs, net_elementwise, found = _net_cost(model, example_args, example_kwargs,
-                                                 eval_mode, found)
+    net_macs, net_elementwise, net_constant, found = _net_cost(
+        model, example_args, example_kwargs, eval_mode, found)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
-                          net_elementwise=net_elementwise, notes=tuple(filter(None, (note, few))),
+                          net_elementwise=net_elementwise, net_constant=net_constant,
+                          notes=tuple(filter(None, (note, few))),
                           source=variable_leaves(nnx.state(model, nnx.Not(nnx.RngState)))
                           ).reusing(problem, calibration)
     if rule.eval_fn is not None:

@@ -49,6 +49,9 @@ class RankProblem:
         work) is fixed cost.
       net_elementwise: XLA's flops per example of the forward pass's element-wise work (norms,
         activations, pooling, biases), which no rank changes; 0 when unknown.
+      net_constant: multiply-adds per example (of ``net_macs``) in products of the data with
+        constants: a fixed filter, or weights the model holds outside its variables (layers kept
+        in a closure, which Flax does not see); 0 when unknown.
       source: ``(path, array)`` of every variable the problem was made from (references, no
         copies: :func:`variable_leaves`), checked by :meth:`reusing`.
 
@@ -68,6 +71,7 @@ class RankProblem:
     score: Callable[[Mapping[str, int]], float] | None = None
     net_macs: int | None = None
     net_elementwise: int = 0
+    net_constant: int = 0
     notes: tuple[str, ...] = ()
     source: tuple = dataclasses.field(default=(), repr=False)
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)

@@ -265,6 +265,18 @@ def _left_as_is(sites) -> str:
             f"{named.skip})")
 
 
+def _constant(problem: RankProblem) -> str:
+    """What an "out of reach" message says of the net's products with constants, where they
+    hold a tenth or more of its cost; else ``""``."""
+    share = problem.net_constant / problem.full_macs if problem.full_macs else 0.0
+    if share < 0.1:
+        return ""
+    return (f"; {share:.0%} of the net's cost multiplies the data by constants, which are no "
+            "layer: a fixed filter, or weights the model holds outside its variables (layers "
+            "kept in a closure, which Flax does not see as part of the model: make them "
+            "attributes of a module to have them found)")
+
+
 def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
     """``speedup:S``: the greedy allocation meeting ``S`` times fewer flops of the whole net
     when traced (:class:`RankProblem`), else multiply-adds over the sites; out of reach: the
@@ -282,7 +294,7 @@ def _budget_ranks(problem: RankProblem, target: float) -> dict[str, int | None]:
         raise ValueError(f"speedup {target} is out of reach: the smallest ranks give "
                          f"{problem.full_macs / floor:.2f}x fewer {scope}; "
                          f"{problem.fixed_macs / problem.full_macs:.0%} of it is in what no "
-                         f"rule can change{_left_as_is(problem.sites)}")
+                         f"rule can change{_left_as_is(problem.sites)}{_constant(problem)}")
     problem.prepare()
     spectra = {s.name: problem.spectrum(s.name) for s in candidates}
     alloc = rank_lib.allocate_ranks(candidates, problem.kernels,
@@ -312,7 +324,8 @@ def _base_ranks(rule: RankRule, problem: RankProblem) -> dict[str, int | None]:
 def _no_candidates(problem: RankProblem) -> ValueError:
     found = own_code.grouped(problem.sites)
     return ValueError("the model has no layer this rule can decompose"
-                      + (f" (found {found})" if found else " (it calls no conv or dense layer)"))
+                      + (f" (found {found})" if found else " (it calls no conv or dense layer)")
+                      + _constant(problem))
 
 
 def select_ranks(rule, problem: RankProblem, *, measure_batch: int = 1,

@@ -450,8 +450,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                                    own_code.variable_names(variables, collections=True),
                                    counts["total"])
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
-                       counts["elementwise"] // batch, notes=tuple(filter(None, (note, few))),
-                       source=variable_leaves(variables))
+                       counts["elementwise"] // batch, counts["constant"] // batch,
+                       tuple(filter(None, (note, few))), source=variable_leaves(variables))
 
 
 def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:

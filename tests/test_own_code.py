@@ -134,3 +134,32 @@ def test_weighted_products_follow_weights_through_calls_and_loops():
 
     traced = jax.jit(probed).trace(w, x).jaxpr
     assert [d for *_, d in macs.weighted_products(traced, [True, False])] == [False]
+
+
+class ClosedOver(nnx.Module):
+    """Layers kept in a closure, as jax-ai-stack's digits diffusion U-Net keeps its residual
+    blocks (``self.down_conv1 = forward``, a function closing over its ``nnx.Conv``\\s): NNX does
+    not see them as part of the model, so their weights are constants of the trace."""
+
+    def __init__(self, rngs):
+        conv = nnx.Conv(4, 32, (3, 3), rngs=rngs)
+        self.block = lambda x: nnx.relu(conv(x))
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.block(x).mean((1, 2)))
+
+
+def test_products_with_constants_are_counted_and_named_when_out_of_reach():
+    """Their work is fixed cost (no variable of the model holds the weights); when it puts a
+    rule out of reach, the message says how much of the net it is and why."""
+    model = ClosedOver(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    counts = macs.traced_macs(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
+    assert counts["constant"] == 2 * 22 * 22 * 4 * 32  # (SAME: 22 taps on a row of 8, as XLA)
+    assert sum(m for _, _, m, *_ in counts["weighted"]) == 2 * 32 * 10  # the head alone
+    with pytest.raises(ValueError, match=r"out of reach: .*; (9\d)% of the net's cost multiplies "
+                                         r"the data by constants, which are no layer: .*closure"):
+        lrjax.decompose_nnx(model, X, rule="speedup:2")
+    result = lrjax.decompose_nnx(model, X, rule={"head": 4})  # the layer it sees is split
+    assert result.problem.net_constant == counts["constant"] // 2
