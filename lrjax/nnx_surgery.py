@@ -239,9 +239,22 @@ def graph_keywords(kwargs) -> tuple[dict, dict]:
 
 def eval_view(model):
     """An eval-mode view of an NNX model: batch norm on its running statistics, dropout off
-    (the model itself is unchanged)."""
-    return nnx.view(model, deterministic=True, use_running_average=True,
+    (the model itself is unchanged). Modules of the user's own holding a ``deterministic`` or
+    ``use_running_average`` flag (a stochastic depth, a dropout of its own) get it set too, as
+    Flax's own ``Module.eval`` sets them; ``nnx.view`` reaches only the modules that define
+    ``set_view`` (Flax's layers)."""
+    view = nnx.view(model, deterministic=True, use_running_average=True,
                     raise_if_not_found=False)
+    if view is model:  # (not a copy: nothing to set on it)
+        return view
+    for _, module in nnx.iter_modules(view):
+        for name in _EVAL_FLAGS:
+            if vars(module).get(name) is False:
+                setattr(module, name, True)
+    return view
+
+
+_EVAL_FLAGS = ("deterministic", "use_running_average")
 
 
 _CARRIED = "carry input and carry output"  # JAX's scan error: the carry changed structure

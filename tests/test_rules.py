@@ -212,6 +212,48 @@ def test_nnx_calibrates_on_an_eval_view():
     np.testing.assert_array_equal(model.bn.mean[...], 0.5)
 
 
+class StochasticDepth(nnx.Module):
+    """A stochastic depth of the user's own (jax-ai-stack's MaxViT port): a plain
+    ``deterministic`` flag, which Flax's ``Module.eval`` sets but ``nnx.view`` does not."""
+
+    def __init__(self, p, rngs):
+        self.p, self.deterministic, self.rngs = p, False, rngs
+
+    def __call__(self, x):
+        if self.deterministic:
+            return x
+        keep = jax.random.bernoulli(self.rngs.dropout(), 1 - self.p, (x.shape[0], 1, 1, 1))
+        return x * keep / (1 - self.p)
+
+
+class DeepNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.drop = StochasticDepth(0.5, rngs)
+        self.conv2 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return self.conv2(x := self.conv1(x)) + self.drop(x)
+
+
+def test_the_eval_view_sets_the_users_own_deterministic_flags(tmp_path):
+    """Before, the user's stochastic depth stayed in training mode under lrjax's eval view: its
+    random draws went into the calibration statistics, and ONNX export failed on them."""
+    model = DeepNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    view = lrjax.nnx_surgery.eval_view(model)
+    assert view.drop.deterministic is True and model.drop.deterministic is False
+    np.testing.assert_allclose(view(x), view(x))  # no draw left
+    result = lrjax.decompose_nnx(model, x, rule={"conv2": 48}, calibration=[x])  # full rank
+    np.testing.assert_allclose(lrjax.nnx_surgery.eval_view(result.module)(x), view(x),
+                               rtol=1e-4, atol=1e-5)
+    from lrjax import export
+
+    done = export.to_onnx(result.module, None, x, str(tmp_path / "d.onnx"))
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    assert model.drop.deterministic is False  # the user's model is untouched
+
+
 class WithDense(nn.Module):
     """Convs and a large classifier: the dense layers hold most of the multiply-adds. c2 pads:
     the taps on padding are not multiply-adds, for XLA's flop count as for lrjax."""
