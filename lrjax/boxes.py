@@ -12,7 +12,9 @@ split layer its own, and the factors the names of the kernel axes they carry
 dense layer's input axes), ``horizontal/kernel`` the output side's (a conv's columns and output
 channels, a dense layer's output axes), both the stack axis of a scanned layer, and the new rank
 axis none (replicated). An axis whose size is not the kernel axis's, or a kernel whose layout is
-not one of those (an einsum's interleaved axes, a transposed kernel), is left unnamed.
+not one of those (an einsum's interleaved axes, a transposed kernel), is left unnamed. NNX
+annotations given as a ``PartitionSpec`` or a ``NamedSharding`` are read by their spec and given
+back in that form.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from lrjax.sites import ConvSite, variable_key
@@ -115,14 +118,31 @@ def shard_pair_like(layer, pair, site: ConvSite) -> None:
     (``nnx.with_partitioning``): the factors the names of the kernel axes they carry
     (:func:`factor_names`), the bias its own. Layers without it are left as they are."""
     kernel = layer.kernel
-    names = kernel.get_metadata().get(_SHARDING) if kernel.has_metadata(_SHARDING) else None
-    if names is not None:
+    sharding = kernel.get_metadata().get(_SHARDING) if kernel.has_metadata(_SHARDING) else None
+    if sharding is not None:
+        names, rebuilt = _spec(sharding, len(kernel.shape))
         vertical, horizontal = pair.vertical.kernel, pair.horizontal.kernel
-        factor = factor_names(site, tuple(names), kernel.shape, vertical.shape,
-                              horizontal.shape)
-        vertical.set_metadata(**{_SHARDING: factor[0]})
-        horizontal.set_metadata(**{_SHARDING: factor[1]})
+        factor = factor_names(site, names, kernel.shape, vertical.shape, horizontal.shape)
+        vertical.set_metadata(**{_SHARDING: rebuilt(factor[0])})
+        horizontal.set_metadata(**{_SHARDING: rebuilt(factor[1])})
     bias = getattr(layer, "bias", None)
     if hasattr(bias, "has_metadata") and bias.has_metadata(_SHARDING) and \
             pair.horizontal.bias is not None:  # (a bias of zeros may be a plain array)
         pair.horizontal.bias.set_metadata(**{_SHARDING: bias.get_metadata()[_SHARDING]})
+
+
+def _spec(sharding, ndim: int):
+    """``(names, rebuilt)`` of an NNX ``out_sharding``: one mesh-axis name per axis, and the
+    function giving names back in the annotation's own form. A tuple of names (as
+    ``nnx.with_partitioning(init, ("embed", "mlp"))`` stores it) is read as it is; a
+    ``PartitionSpec``, or a ``NamedSharding`` (jax-ai-stack's miniGPT: ``NamedSharding(mesh,
+    P(None, "model"))``), by its spec, unnamed trailing axes as ``None``."""
+    spec, mesh = sharding, None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec, mesh = sharding.spec, sharding.mesh
+    if not isinstance(spec, jax.sharding.PartitionSpec):
+        return tuple(spec), tuple
+    names = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+    if mesh is None:
+        return names, lambda n: jax.sharding.PartitionSpec(*n)
+    return names, lambda n: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*n))

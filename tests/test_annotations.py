@@ -6,6 +6,8 @@ factors come back annotated (:mod:`lrjax.boxes`); layers run by ``WeightNorm`` /
 compute with a kernel other than the stored one and are left as they are, with the reason.
 """
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import boxes
+from lrjax import boxes, surgery
 
 X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
 P = nn.with_partitioning
@@ -102,7 +104,7 @@ def test_a_scanned_stack_keeps_its_stack_axis_name_on_both_factors():
 
 
 def test_factor_names_leave_axes_of_another_size_unnamed():
-    site = lrjax.surgery.find_convs(nn.Conv(8, (3, 1)), X)[0]  # a 3x1 conv: kw = 1
+    site = surgery.find_convs(nn.Conv(8, (3, 1)), X)[0]  # a 3x1 conv: kw = 1
     assert boxes.factor_names(site, ("h", "w", "in", "out"), (3, 1, 8, 8), (3, 1, 8, 2),
                               (1, 1, 2, 8)) == (("h", None, "in", None), (None, "w", None, "out"))
     assert boxes.factor_names(site, ("h", "w", "in", "out"), (3, 1, 8, 8), (3, 1, 6, 2),
@@ -156,6 +158,36 @@ def test_nnx_sharding_metadata_is_given_to_the_pair():
     assert conv.horizontal.kernel.get_metadata()["out_sharding"] == (None, None, None, "model")
     assert head.vertical.kernel.get_metadata()["out_sharding"] == ("model", None)
     assert head.horizontal.kernel.get_metadata()["out_sharding"] == (None, None)
+
+
+def test_nnx_shardings_given_as_named_shardings_or_specs_keep_their_form():
+    """jax-ai-stack's miniGPT annotates ``nnx.with_partitioning(init, NamedSharding(mesh,
+    P(None, "model")))``: before, a ``TypeError`` ('NamedSharding' object is not iterable)."""
+    mesh = jax.make_mesh((1, 1), ("batch", "model"))
+    spec = jax.sharding.PartitionSpec
+
+    def named(*names):
+        return jax.sharding.NamedSharding(mesh, spec(*names))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs, form):
+            self.up = nnx.Linear(8, 32, rngs=rngs, kernel_init=nnx.with_partitioning(
+                INIT, form(None, "model")), bias_init=nnx.with_partitioning(
+                nnx.initializers.zeros_init(), form("model")))
+
+        def __call__(self, x):
+            return nnx.relu(self.up(x))
+
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    for form in (named, spec):
+        with jax.set_mesh(mesh) if form is spec else contextlib.nullcontext():
+            model = Net(nnx.Rngs(0), form)  # (a bare spec needs a mesh to create it)
+            result = lrjax.decompose_nnx(model, x, rule={"up": 8})
+            np.testing.assert_allclose(result.module(x), model(x), atol=1e-5)
+        up = result.module.up
+        assert up.vertical.kernel.get_metadata()["out_sharding"] == form(None, None)
+        assert up.horizontal.kernel.get_metadata()["out_sharding"] == form(None, "model")
+        assert up.horizontal.bias.get_metadata()["out_sharding"] == form("model")
 
 
 class Wrapped(nn.Module):
