@@ -242,7 +242,9 @@ def eval_view(model):
     (the model itself is unchanged). Modules of the user's own holding a ``deterministic`` or
     ``use_running_average`` flag (a stochastic depth, a dropout of its own) get it set too, as
     Flax's own ``Module.eval`` sets them; ``nnx.view`` reaches only the modules that define
-    ``set_view`` (Flax's layers)."""
+    ``set_view`` (Flax's layers). Its ``nnx.Dropout`` layers get rate 0: off even where the
+    model's call passes them ``deterministic=False`` (jax-ai-stack's translation model, whose
+    ``__call__(..., deterministic=False)`` gives its dropout that flag by default)."""
     view = nnx.view(model, deterministic=True, use_running_average=True,
                     raise_if_not_found=False)
     if view is model:  # (not a copy: nothing to set on it)
@@ -251,6 +253,8 @@ def eval_view(model):
         for name in _EVAL_FLAGS:
             if vars(module).get(name) is False:
                 setattr(module, name, True)
+        if isinstance(module, nnx.Dropout):
+            module.rate = 0.0
     return view
 
 

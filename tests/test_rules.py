@@ -254,6 +254,33 @@ def test_the_eval_view_sets_the_users_own_deterministic_flags(tmp_path):
     assert model.drop.deterministic is False  # the user's model is untouched
 
 
+class Translator(nnx.Module):
+    """As jax-ai-stack's translation model: ``__call__(..., deterministic=False)`` passes the
+    flag to its dropout, which wins over the layer's own attribute."""
+
+    def __init__(self, rngs):
+        self.up, self.down = nnx.Linear(8, 32, rngs=rngs), nnx.Linear(32, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x, deterministic: bool = False):
+        return self.down(self.drop(nnx.relu(self.up(x)), deterministic=deterministic))
+
+
+def test_the_eval_view_turns_dropout_off_whatever_the_call_passes(tmp_path):
+    model = Translator(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 6, 8))
+    view = lrjax.nnx_surgery.eval_view(model)
+    want = model.down(nnx.relu(model.up(x)))  # no dropout
+    np.testing.assert_allclose(view(x), want, rtol=1e-6)
+    result = lrjax.decompose_nnx(model, x, rule={"up": 8, "down": 8}, calibration=[x])
+    np.testing.assert_allclose(lrjax.nnx_surgery.eval_view(result.module)(x), want, atol=1e-5)
+    from lrjax import export
+
+    done = export.to_onnx(result.module, None, (x,), str(tmp_path / "t.onnx"))  # (no draw)
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    assert model.drop.rate == 0.5
+
+
 class WithDense(nn.Module):
     """Convs and a large classifier: the dense layers hold most of the multiply-adds. c2 pads:
     the taps on padding are not multiply-adds, for XLA's flop count as for lrjax."""
