@@ -405,3 +405,27 @@ def test_stacked_written_layers_are_split_per_iteration(calibrated):
     blocks = low.module.blocks
     assert blocks.vertical.kernel.shape == (3, 32, 8) and blocks.horizontal.kernel.shape == (3, 8, 32)
     np.testing.assert_allclose(blocks.horizontal.bias[...], model.blocks.b[...])
+
+
+class PositionBiased(nnx.Module):
+    """An einsum plus a bias per position (``(tokens, N * H)``): no ``nnx.Einsum`` computes it
+    (its bias is not the kernel's output axes); left as it is, never an error."""
+
+    def __init__(self, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (32, 4, 8)) / np.sqrt(32))
+        self.b = nnx.Param(jax.random.normal(rngs.params(), (12, 32)))
+
+    def __call__(self, x):
+        return jnp.einsum("btd,dnh->btnh", x, self.w[...]) + self.b[...].reshape(12, 4, 8)
+
+
+def test_a_written_einsum_with_a_bias_no_einsum_layer_takes_is_left_as_it_is():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.proj, self.head = PositionBiased(rngs), nnx.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.proj(x).reshape(*x.shape[:2], 32))
+
+    result = lrjax.decompose_nnx(Net(nnx.Rngs(0)), X, rule={"head": 4})
+    assert "proj" in result.report.skipped and result.ranks == {"head": 4}
