@@ -242,9 +242,11 @@ def eval_view(model):
     (the model itself is unchanged). Modules of the user's own holding a ``deterministic`` or
     ``use_running_average`` flag (a stochastic depth, a dropout of its own) get it set too, as
     Flax's own ``Module.eval`` sets them; ``nnx.view`` reaches only the modules that define
-    ``set_view`` (Flax's layers). Its ``nnx.Dropout`` layers get rate 0: off even where the
-    model's call passes them ``deterministic=False`` (jax-ai-stack's translation model, whose
-    ``__call__(..., deterministic=False)`` gives its dropout that flag by default)."""
+    ``set_view`` (Flax's layers). Its ``nnx.Dropout`` layers get rate 0 and its
+    ``nnx.BatchNorm`` layers use their running statistics even where the model's call passes
+    them ``deterministic=False`` / ``use_running_average=False`` (jax-ai-stack's translation
+    model, whose ``__call__(..., deterministic=False)`` gives its dropout that flag by default;
+    ``self.bn(x, use_running_average=not train)`` under a call's default ``train=True``)."""
     view = nnx.view(model, deterministic=True, use_running_average=True,
                     raise_if_not_found=False)
     if view is model:  # (not a copy: nothing to set on it)
@@ -255,10 +257,20 @@ def eval_view(model):
                 setattr(module, name, True)
         if isinstance(module, nnx.Dropout):
             module.rate = 0.0
+        if type(module) is nnx.BatchNorm:
+            module.__class__ = _RunningBatchNorm
     return view
 
 
 _EVAL_FLAGS = ("deterministic", "use_running_average")
+
+
+class _RunningBatchNorm(nnx.BatchNorm):
+    """An ``nnx.BatchNorm`` of an eval view: on its running statistics, whatever its call
+    passes."""
+
+    def __call__(self, x, use_running_average=None, **kwargs):
+        return super().__call__(x, True, **kwargs)
 
 
 _CARRIED = "carry input and carry output"  # JAX's scan error: the carry changed structure

@@ -281,6 +281,31 @@ def test_the_eval_view_turns_dropout_off_whatever_the_call_passes(tmp_path):
     assert model.drop.rate == 0.5
 
 
+class Trained(nnx.Module):
+    """Batch norm given its mode by the call (``use_running_average=not train``), the call's
+    default training."""
+
+    def __init__(self, rngs):
+        self.conv1, self.bn = nnx.Conv(3, 16, (3, 3), rngs=rngs), nnx.BatchNorm(16, rngs=rngs)
+        self.conv2 = nnx.Conv(16, 8, (3, 3), rngs=rngs)
+
+    def __call__(self, x, train: bool = True):
+        return self.conv2(nnx.relu(self.bn(self.conv1(x), use_running_average=not train)))
+
+
+def test_the_eval_view_uses_running_statistics_whatever_the_call_passes():
+    model = Trained(nnx.Rngs(0))
+    model.bn.mean[...] = jnp.full((16,), 0.5)  # running statistics unlike the batch's
+    model.bn.var[...] = jnp.full((16,), 4.0)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    want = model(x, train=False)
+    np.testing.assert_allclose(lrjax.nnx_surgery.eval_view(model)(x), want, rtol=1e-6)
+    result = lrjax.decompose_nnx(model, x, rule={"conv2": 24}, calibration=[x])  # full rank
+    np.testing.assert_allclose(result.module(x, train=False), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(model.bn.mean[...], 0.5)  # the user's model is untouched
+    assert type(model.bn) is nnx.BatchNorm
+
+
 class WithDense(nn.Module):
     """Convs and a large classifier: the dense layers hold most of the multiply-adds. c2 pads:
     the taps on padding are not multiply-adds, for XLA's flop count as for lrjax."""
