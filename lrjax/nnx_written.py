@@ -147,7 +147,8 @@ def _linear_site(path: str, layer, shape, keywords: dict | None, batch: int) -> 
     added = getattr(layer, "bias", None) is not None and bias is None  # zeros, added per call
     return ConvSite(path, sites.dense_shape(path, shape, (c,), (n,), bias is not None),
                     dense_dims=((c,), (n,)), parametrization_flops=float(
-                        np.prod(shape[1:-1]) * n if added and len(shape) > 1 else 0.0))
+                        np.prod(shape[1:-1]) * n if added and len(shape) > 1 else 0.0),
+                    kernel_name=_named(layer)[0])
 
 
 def _dense(x, kernel, bias):
@@ -191,7 +192,7 @@ def _einsum_site(path: str, layer, x, got, keywords: dict, batch: int) -> ConvSi
                             dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes,
                             equation=equation, parametrization=None if used is None else
                             functools.partial(_parametrized, used),
-                            parametrization_flops=flops)
+                            parametrization_flops=flops, kernel_name=_named(layer)[0])
     return ConvSite(path, None, skip=f"{WRITTEN}, which computes neither x @ kernel + bias nor "
                     "one einsum of the data and its kernel (plus its bias), checked on a random "
                     f"input of its call's shape: {KEPT}", equation=equation)

@@ -429,3 +429,25 @@ def test_a_written_einsum_with_a_bias_no_einsum_layer_takes_is_left_as_it_is():
 
     result = lrjax.decompose_nnx(Net(nnx.Rngs(0)), X, rule={"head": 4})
     assert "proj" in result.report.skipped and result.ranks == {"head": 4}
+
+
+def test_a_written_layer_whose_kernel_is_read_elsewhere_is_kept():
+    """A tied output product reading a written layer's kernel under its own name
+    (``h @ self.proj.w[...].T``): splitting the layer would remove ``w`` (before: the rank was
+    taken, and the decomposed model failed when called, no attribute 'w')."""
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = Einsum("BTD,DV->BTV", (32, 48), rngs)
+            self.mid = nnx.Linear(48, 48, rngs=rngs)
+
+        def __call__(self, x):
+            return self.mid(self.proj(x)) @ self.proj.w[...].T
+
+    model = Tied(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule="speedup:1.2")
+    assert "proj" not in result.ranks and "proj" in result.report.skipped
+    assert "outside the layer's own call" in result.report.skipped["proj"]
+    assert result.module(X).shape == model(X).shape
+    with pytest.raises(ValueError, match=r"layer 'proj' cannot be decomposed: its kernel is also "
+                                         r"multiplied into the data outside"):
+        lrjax.decompose_nnx(model, X, rule={"proj": 8})
