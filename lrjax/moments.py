@@ -242,6 +242,7 @@ def calibration_batches(calibration, example_args: tuple | None = None,
         example = (*example_args, KeywordInputs(keyword))
     out = []
     for i, batch in enumerate(batches):
+        given = batch if isinstance(batch, tuple) else (batch,)  # (as messages show it)
         if keyword:
             batch = _keyword_batch(batch, keyword, example_args or ())
         args = _with_static(batch if isinstance(batch, tuple) else (batch,), example)
@@ -256,7 +257,7 @@ def calibration_batches(calibration, example_args: tuple | None = None,
                                  "values")
         if example is not None and _layout(args) != _layout(example):
             raise ValueError(
-                f"calibration batch {i} is {_describe(args)}; the model's example call takes "
+                f"calibration batch {i} is {_describe(given)}; the model's example call takes "
                 f"{_describe(example)} (give each batch as the model's positional "
                 "arguments, a tuple when there are several; any batch size"
                 + (f"; its keyword inputs as a dict, {{{', '.join(map(repr, keyword))}: ...}}"

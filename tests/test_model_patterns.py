@@ -1320,3 +1320,31 @@ def test_an_nnx_kernel_read_by_another_product_is_kept():
     got = result.module(x)
     assert got.shape == want.shape and float(jnp.abs(got - want).max()) < float(
         jnp.abs(want).max())
+
+
+class CachedCall(nnx.Module):
+    """As tunix's models: ``__call__(tokens, positions, cache, mask, *, images=None)``, the
+    cache ``None``."""
+
+    def __init__(self, rngs):
+        self.fc, self.img = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(3, 8, rngs=rngs)
+
+    def __call__(self, x, positions, cache, mask, *, images=None):
+        y = self.fc(x) * mask + positions
+        return y if images is None else y + self.img(images).mean(1, keepdims=True)
+
+
+def test_a_calibration_batch_that_misses_keyword_inputs_is_shown_as_given():
+    """The message shows the batch as given (before: with the example's static ``None`` put
+    back among its arrays, a fifth argument the user never gave)."""
+    model = CachedCall(nnx.Rngs(0))
+    x, pos, mask = (jnp.ones((2, 4, 8)) for _ in range(3))
+    images = jnp.ones((2, 5, 3))
+    with pytest.raises(ValueError, match=r"calibration batch 0 is 4 positional argument\(s\) "
+                       r"\(\(2, 4, 8\), \(2, 4, 8\), None, \(2, 4, 8\)\); the model's example "
+                       r"call takes 5 .*its keyword inputs as a dict, \{'images': \.\.\.\}"):
+        lrjax.decompose_nnx(model, x, pos, None, mask, images=images, rule={"fc": 4},
+                            calibration=[(x, pos, None, mask)])
+    split = lrjax.decompose_nnx(model, x, pos, None, mask, images=images, rule={"fc": 4},
+                                calibration=[(x, pos, None, mask, {"images": images})])
+    assert split.ranks == {"fc": 4}
