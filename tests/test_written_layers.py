@@ -451,3 +451,15 @@ def test_a_written_layer_whose_kernel_is_read_elsewhere_is_kept():
     with pytest.raises(ValueError, match=r"layer 'proj' cannot be decomposed: its kernel is also "
                                          r"multiplied into the data outside"):
         lrjax.decompose_nnx(model, X, rule={"proj": 8})
+
+
+@pytest.mark.parametrize("net, rule", [(EinsumAttention, {"q": 8, "kv": 8, "o": 8, "head": 4}),
+                                       (Projected, {"proj": 8}),
+                                       (ScannedBlocks, {"blocks": 24})])
+def test_split_written_einsums_save_and_load(net, rule, tmp_path):
+    """A decomposed model with written einsums (scaled, stacked) rebuilt in another process's
+    way: on a fresh instance of the model, from the saved folder."""
+    result = lrjax.decompose_nnx(net(nnx.Rngs(0)), X, rule=rule)
+    path = lrjax.save_decomposed(str(tmp_path / "m"), result)
+    loaded = lrjax.load_decomposed(path, net(nnx.Rngs(1)), X)
+    np.testing.assert_allclose(loaded(X), result.module(X), rtol=1e-6, atol=1e-6)
