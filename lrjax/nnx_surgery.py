@@ -237,6 +237,9 @@ def graph_keywords(kwargs) -> tuple[dict, dict]:
     return {k: v for k, v in kwargs.items() if k not in nodes}, nodes
 
 
+_EVAL_FLAGS = ("deterministic", "use_running_average")  # the user's own modules' mode flags
+
+
 def eval_view(model):
     """An eval-mode view of an NNX model: batch norm on its running statistics, dropout off
     (the model itself is unchanged). Modules of the user's own holding a ``deterministic`` or
@@ -260,9 +263,6 @@ def eval_view(model):
         if type(module) is nnx.BatchNorm:
             module.__class__ = _RunningBatchNorm
     return view
-
-
-_EVAL_FLAGS = ("deterministic", "use_running_average")
 
 
 class _RunningBatchNorm(nnx.BatchNorm):

@@ -263,7 +263,9 @@ def as_einsum(layer, equation: str) -> nnx.Einsum:
     and bias variables (shared, under Flax's names), computing in its parameters' dtype."""
     kernel, bias = kernel_of(layer), _bias(layer)
     view = nnx.Einsum(equation, tuple(kernel.shape), None if bias is None else tuple(bias.shape),
-                      param_dtype=kernel.dtype, rngs=nnx.Rngs(0))
+                      param_dtype=kernel.dtype, rngs=nnx.Rngs(0),
+                      kernel_init=lambda *_: kernel[...],  # (no weights drawn to be dropped:
+                      bias_init=lambda *_: bias[...])      # a vocabulary-sized head is large)
     view.kernel, view.bias = kernel, bias
     return view
 
