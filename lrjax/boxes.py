@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lrjax.sites import ConvSite, variable_key
+from lrjax.sites import ConvSite, batch_position, variable_key
 
 __all__ = ["unboxed", "reboxed", "factor_names", "shard_pair_like"]
 
@@ -43,9 +43,12 @@ _RANK = (None, None)  # the factors' new axis: unnamed, and no size of the kerne
 def _layout(site: ConvSite, axes: tuple) -> tuple[tuple, tuple] | None:
     """The kernel's ``axes`` (``(name, size)`` pairs) laid out as the two factors' axes, or None
     where the layout is not a plain one (see the module docstring)."""
-    if site.stack > 1:
-        inner = _layout(dataclasses.replace(site, stack=1), axes[1:])
-        return None if inner is None else tuple((axes[0], *a) for a in inner)
+    if site.stack > 1:  # the stack's axis where the factors have it (batch_position)
+        at = site.stack_axis
+        inner = _layout(dataclasses.replace(site, stack=1), axes[:at] + axes[at + 1:])
+        return None if inner is None else tuple(
+            (*a[:batch_position(at, len(a))], axes[at], *a[batch_position(at, len(a)):])
+            for a in inner)
     if site.kernel_axes is not None or site.transpose_kernel:
         return None
     if site.dense_dims is not None:

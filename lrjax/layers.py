@@ -266,20 +266,21 @@ def einsum_pair_forward(x: jax.Array, module: nn.Einsum, rank: int, einsum_str: 
     """An ``nn.Einsum`` whose equation is one product of input axes into output axes
     (:func:`lrjax.sites.einsum_split`) as two einsums through ``rank`` channels, created in the
     current module's scope: ``vertical/kernel (*contracted dims, K)`` (no bias), then
-    ``horizontal/kernel (K, *produced dims)`` with the layer's own bias."""
+    ``horizontal/kernel (K, *produced dims)`` with the layer's own bias; with a batch letter
+    (a batch of kernels), ``rank`` is each matrix's and both factors keep the batch axis."""
     equation = einsum_str or module.einsum_str
     split = einsum_split(equation)
     if isinstance(split, str):
         raise ValueError(f"{where}: {split}")
     contracted, produced = split.dims(module.shape)
     check_rank(rank, (1, 1, math.prod(contracted), math.prod(produced)), where=where)
+    first, second = split.factor_shapes(module.shape, rank)
     common = dict(dtype=module.dtype, param_dtype=module.param_dtype, precision=module.precision,
                   kernel_init=module.kernel_init)
-    y = FactorEinsum((*contracted, rank), split.first, use_bias=False, name="vertical",
-                     **common)(x)
+    y = FactorEinsum(first, split.first, use_bias=False, name="vertical", **common)(x)
     if mid_norm is not None:
         y = mid_norm(name="mid_norm")(y)
-    return FactorEinsum((rank, *produced), split.second, use_bias=module.use_bias,
+    return FactorEinsum(second, split.second, use_bias=module.use_bias,
                         bias_init=module.bias_init, name="horizontal", **common)(y)
 
 

@@ -109,7 +109,7 @@ def pair_module(layer, site: ConvSite, factors: decompose.Factors,
 def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowRankConvNNX:
     """:func:`pair_module`'s pair. A stacked layer's (``nnx.scan`` over ``nnx.vmap``-made
     blocks) is built as one iteration's pair, then given every iteration's factors, stacked."""
-    if site.stack > 1:
+    if site.stack > 1 and not site.batched:
         vertical, horizontal = site.factor_variables(factors)
         k, n = (int(f.shape[-1]) // site.stack for f in factors)
         pair = pair_module(layer, site.restacked(1), decompose.Factors(
@@ -122,7 +122,7 @@ def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowR
         return pair
     if bias is None and layer.bias is not None:
         bias = layer.bias[...]
-    rank = int(factors.vertical.shape[-1])
+    rank = int(factors.vertical.shape[-1]) // (site.stack if site.batched else 1)
     vertical_kernel, horizontal_kernel = site.factor_variables(factors)
     common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
                   rngs=nnx.Rngs(0))
@@ -132,11 +132,11 @@ def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowR
         second["bias_init"] = _given(bias)
     if isinstance(layer, nnx.Einsum):
         split = sites.einsum_split(site.equation)
-        in_dims, out_dims = site.dense_dims
+        shapes = split.factor_shapes(site.kernel_variable_shape, rank)
         common.update(promote_dtype=layer.promote_dtype,
                       preferred_element_type=layer.preferred_element_type)
-        vertical = nnx.Einsum(split.first, (*in_dims, rank), **first, **common)
-        horizontal = nnx.Einsum(split.second, (rank, *out_dims),
+        vertical = nnx.Einsum(split.first, shapes[0], **first, **common)
+        horizontal = nnx.Einsum(split.second, shapes[1],
                                 None if bias is None else bias.shape,
                                 **second, **common)
         return LowRankEinsumNNX(vertical, horizontal, site.equation)

@@ -93,10 +93,8 @@ def _einsum_site(path: str, layer, shape, equation) -> ConvSite:
     split = sites.einsum_split(equation or "")
     if reason is not None or isinstance(split, str):
         return ConvSite(path, None, skip=reason or split, equation=equation)
-    in_dims, out_dims = split.dims(layer.kernel[...].shape)
-    return ConvSite(path, sites.dense_shape(path, shape, in_dims, out_dims, layer.bias is not None),
-                    dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes,
-                    equation=equation)
+    return sites.einsum_site(path, shape, split, layer.kernel[...].shape, layer.bias is not None,
+                             equation=equation)
 
 
 def _site(path: str, layer, shape, equation=None) -> ConvSite:
@@ -181,7 +179,7 @@ class _Probe(nnx.Module):
             record["calls"][self.path] = record["calls"].get(self.path, 0) + 1
         if site is not None and (host is not None or self.path not in record["batch"]):
             # in the geometry of one run (a stacked layer's: one slice)
-            s, n = _moments(x, site.restacked(1) if site.stack > 1 else site,
+            s, n = _moments(x, site.restacked(1) if site.stack > 1 and not site.batched else site,
                             nnx_written.input_axes(site) if self.written else
                             _input_axes(layer, site.equation))
             if host is not None:  # inside a loop: each run to the host

@@ -187,12 +187,11 @@ def _einsum_site(path: str, layer, x, got, keywords: dict, batch: int) -> ConvSi
         if want is not None and _close(got, want, x.dtype, math.prod(in_dims)):
             flops = 0.0 if used is None else float(jax.jit(used).lower(
                 kernel[...]).cost_analysis()["flops"]) / batch
-            return ConvSite(path, sites.dense_shape(path, x.shape, in_dims, out_dims,
-                                                    _bias(layer) is not None),
-                            dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes,
-                            equation=equation, parametrization=None if used is None else
-                            functools.partial(_parametrized, used),
-                            parametrization_flops=flops, kernel_name=_named(layer)[0])
+            return sites.einsum_site(path, x.shape, split, kernel.shape,
+                                     _bias(layer) is not None, equation=equation,
+                                     parametrization=None if used is None else
+                                     functools.partial(_parametrized, used),
+                                     parametrization_flops=flops, kernel_name=_named(layer)[0])
     return ConvSite(path, None, skip=f"{WRITTEN}, which computes neither x @ kernel + bias nor "
                     "one einsum of the data and its kernel (plus its bias), checked on a random "
                     f"input of its call's shape: {KEPT}", equation=equation)

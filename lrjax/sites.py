@@ -48,8 +48,10 @@ import numpy as np
 
 from lrjax import costs, decompose
 from lrjax.conv_views import nd_patches, vertical_geometry
+from lrjax.einsums import EinsumSplit, batch_position, called_equation, einsum_split
 
-__all__ = ["KINDS", "ConvSite", "EinsumSplit", "einsum_split", "called_equation",
+__all__ = ["KINDS", "ConvSite", "EinsumSplit", "batch_position", "einsum_site", "einsum_split",
+           "called_equation",
            "contracted_axes", "dense_shape", "dense_rows", "input_moments",
            "unless_stacked", "device_array", "redefined", "computes_as", "reparametrizes",
            "subclass_reason", "wrapped_reason", "variable_key"]
@@ -102,6 +104,8 @@ class ConvSite:
         iteration's matrix a group: ``shape`` holds ``stack`` times the channels), so a rank
         counts every iteration's intermediate channels, as a grouped conv's counts every
         group's, and one rank per iteration is shared by all of them.
+      batched: the stack is an einsum's batch of kernels (:class:`EinsumSplit`'s ``batch``
+        letter, at ``stack_axis``): one call runs every matrix, each on its slice of the input.
       written: a product a module's own code computes with a parameter it declares, run as
         this layer (:mod:`lrjax.linen_products`).
       kernel_name: the name of the variable holding the layer's kernel in its scope (a written
@@ -133,6 +137,7 @@ class ConvSite:
     written: bool = False
     kernel_name: str = "kernel"
     named_by_kernel: bool = False
+    batched: bool = False
 
     @property
     def candidate(self) -> bool:
@@ -148,6 +153,9 @@ class ConvSite:
     @property
     def where(self) -> str:
         """The layer as error messages name it (a stacked one says so)."""
+        if self.batched:
+            return (f"layer {self.path!r} (a batch of {self.stack} kernels, as groups; its rank "
+                    f"counts all of them)")
         return f"layer {self.path!r}" + (
             f" (stacked: {self.stack} iterations of a scan, as groups; its rank counts all of "
             f"them)" if self.stack > 1 else "")
@@ -237,8 +245,9 @@ class ConvSite:
                          strict=True)
             vertical, horizontal = zip(*(self._slice_factors(v, h) for v, h in slices),
                                        strict=True)
-            return (device_array(np.stack(vertical, axis=self.stack_axis)),
-                    device_array(np.stack(horizontal, axis=self.stack_axis)))
+            return tuple(device_array(np.stack(f, axis=batch_position(self.stack_axis,
+                                                                      f[0].ndim)))
+                         for f in (vertical, horizontal))
         return tuple(map(device_array, self._slice_factors(factors.vertical,
                                                            factors.horizontal)))
 
@@ -350,6 +359,10 @@ def unless_stacked(site: ConvSite, kernel_shape, any_axis: bool = True) -> ConvS
     if not site.candidate or kernel_shape is None:
         return site
     shape, expected = tuple(kernel_shape), site.kernel_variable_shape
+    if site.batched and shape != expected:
+        return dataclasses.replace(site, skip=(
+            f"kernel {shape}: a batch of kernels {expected} stacked again by a lifted transform "
+            f"(scan / vmap): left as it is"))
     if shape == expected or (site.parametrization is not None and  # reshaped by its code
                              np.prod(shape) == np.prod(expected)):
         return site
@@ -394,94 +407,21 @@ def device_array(x, dtype=None) -> jax.Array:
     return jax.device_put(np.asarray(x, dtype))
 
 
-@dataclasses.dataclass(frozen=True)
-class EinsumSplit:
-    """An einsum ``lhs,rhs->out`` (``rhs`` the kernel) as one matrix product between its
-    contracted letters and its kernel's output letters, split in two through a new letter.
-
-    Attributes:
-      first, second: the two factors' equations (``lhs,C z->free z`` and ``free z,z O->out``).
-      contracted, produced: the kernel's contracted and output letters, in kernel order.
-      kernel_axes: kernel axes in ``(*contracted, *produced)`` order, or ``None`` if already so.
-      input_axes: positions in ``lhs`` of the contracted letters, in kernel order.
-      kernel: the kernel's letters (``rhs``).
-    """
-
-    first: str
-    second: str
-    contracted: str
-    produced: str
-    kernel_axes: tuple[int, ...] | None
-    input_axes: tuple[int, ...]
-    kernel: str
-
-    def dims(self, kernel_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """``(contracted dims, produced dims)`` of a kernel of ``kernel_shape``."""
-        size = dict(zip(self.kernel, (int(d) for d in kernel_shape), strict=True))
-        return (tuple(size[c] for c in self.contracted), tuple(size[c] for c in self.produced))
-
-
-def einsum_split(equation: str) -> EinsumSplit | str:
-    """The :class:`EinsumSplit` of an ``nn.Einsum`` / ``nnx.Einsum`` equation, or why it cannot
-    be split (a letter shared by input, kernel and output: a batch of kernels; an ellipsis not
-    written out (:func:`called_equation` does, for the input's rank); repeated letters; no
-    contracted or no produced letter)."""
-    text = equation.replace(" ", "")
-    if "..." in text or "->" not in text or text.count(",") != 1:
-        return f"einsum {equation!r}: only explicit two-operand equations without '...' split"
-    operands, out = text.split("->")
-    lhs, rhs = operands.split(",")
-    if any(len(set(t)) != len(t) for t in (lhs, rhs, out)):
-        return f"einsum {equation!r}: a repeated letter (a trace or diagonal)"
-    shared = [c for c in rhs if c in lhs and c in out]
-    if shared:
-        return f"einsum {equation!r}: kernel letters {''.join(shared)!r} are batch dims"
-    contracted = "".join(c for c in rhs if c in lhs)
-    produced = "".join(c for c in rhs if c in out)
-    if not contracted or not produced or len(contracted) + len(produced) != len(rhs) or \
-            any(c not in rhs and c not in out for c in lhs):
-        return f"einsum {equation!r}: not one product of input axes into output axes"
-    z = next(c for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA"
-             if c not in text)
-    free = "".join(c for c in lhs if c not in contracted)
-    order = tuple(rhs.index(c) for c in contracted + produced)
-    return EinsumSplit(f"{lhs},{contracted}{z}->{free}{z}", f"{free}{z},{z}{produced}->{out}",
-                       contracted, produced,
-                       None if order == tuple(range(len(rhs))) else order,
-                       tuple(lhs.index(c) for c in contracted), rhs)
-
-
-def called_equation(own: str | None, args, kwargs, ndim: int | None = None) -> str | None:
-    """The equation an einsum layer (``nn.Einsum``, ``nnx.Einsum``) is called with: the call's
-    (``args``: the arguments after the input; ``einsum_str=``), else its own ``own``; spaces
-    removed. With the input's ``ndim``, an ellipsis over the input's leading axes
-    (``'...d,dk->...k'``) is written out in letters of its own (``'abd,dk->abk'``) for that
-    rank."""
-    equation = (args[0] if args else kwargs.get("einsum_str")) or own
-    if equation is None:
-        return None
-    equation = equation.replace(" ", "")
-    return _without_ellipsis(equation, ndim) if ndim is not None else equation
-
-
-def _without_ellipsis(equation: str, ndim: int) -> str:
-    """``equation`` with its input's and output's ``...`` written out for an input of ``ndim``
-    axes; as it is when the kernel has one, the output lacks it, or the rank does not fit."""
-    if "->" not in equation or equation.count(",") != 1:
-        return equation
-    operands, out = equation.split("->")
-    lhs, rhs = operands.split(",")
-    if "..." not in lhs or "..." in rhs or out.count("...") != 1 or lhs.count("...") != 1:
-        return equation
-    count = ndim - (len(lhs) - 3)
-    if count < 0:
-        return equation
-    spare = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-             if c not in equation][:count]
-    if len(spare) < count:
-        return equation
-    axes = "".join(spare)
-    return f"{lhs.replace('...', axes)},{rhs}->{out.replace('...', axes)}"
+def einsum_site(path: str, input_shape, split: EinsumSplit, kernel_shape, use_bias: bool,
+                **fields) -> ConvSite:
+    """The site of an einsum layer split by ``split`` called on an input of ``input_shape``
+    (``fields``: more :class:`ConvSite` fields); with a batch letter, the
+    :meth:`ConvSite.restacked` site of its matrices (``batched``), costed as groups."""
+    in_dims, out_dims = split.dims(kernel_shape)
+    if not split.batch:
+        return ConvSite(path, dense_shape(path, input_shape, in_dims, out_dims, use_bias),
+                        dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes, **fields)
+    length = int(kernel_shape[split.batch_axis])
+    lead = (1, *input_shape) if split.batch_input_axis == 0 else tuple(input_shape)
+    shape = dense_shape(path, lead, (length, *in_dims), out_dims, use_bias)
+    one = ConvSite(path, dataclasses.replace(shape, in_channels=math.prod(in_dims)),
+                   dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes, **fields)
+    return dataclasses.replace(one.restacked(length), stack_axis=split.batch_axis, batched=True)
 
 
 def dense_shape(path: str, input_shape, in_dims, out_dims, use_bias: bool) -> costs.ConvShape:
@@ -551,6 +491,10 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
     input ``x`` (:func:`lrjax.decompose.patch_moments`): the statistic of calibrated factors.
     ``axes``: the contracted axes of a dense layer's input."""
     layer = site.shape
+    if site.batched:  # each matrix a group: its rows' slices at the batch letter's axis
+        batch = einsum_split(site.equation).batch_input_axis
+        return decompose.patch_moments(dense_rows(x, (batch, *axes)), (1, 1), padding="VALID",
+                                       groups=site.stack)
     if site.kind == "dense":
         return decompose.patch_moments(dense_rows(x, axes), (1, 1), padding="VALID")
     if site.nd_geometry is not None:  # its vertical conv's own patches, as (rows, 1, 1, C V'),

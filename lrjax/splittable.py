@@ -144,12 +144,12 @@ def conv_shape(path: str, module, x) -> ConvShape:
 def _einsum_site(path: str, module, x, equation) -> ConvSite:
     """The site of an ``nn.Einsum`` called on ``x``."""
     reason = dense_skip_reason(module)
-    split = sites.einsum_split(equation or module.einsum_str)
+    equation = equation or module.einsum_str
+    split = sites.einsum_split(equation)
     if reason is not None or isinstance(split, str):
         return ConvSite(path, None, skip=reason or split)
-    in_dims, out_dims = split.dims(module.shape)
-    shape = sites.dense_shape(path, x.shape, in_dims, out_dims, bool(module.use_bias))
-    return ConvSite(path, shape, dense_dims=(in_dims, out_dims), kernel_axes=split.kernel_axes)
+    return sites.einsum_site(path, x.shape, split, module.shape, bool(module.use_bias),
+                             equation=equation.replace(" ", ""))
 
 
 def _dense_site(path: str, module, x) -> ConvSite:

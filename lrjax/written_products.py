@@ -9,7 +9,7 @@ t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed), is
 * the second operand of a ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``;
   any strides, explicit padding, dilation and feature groups; no input dilation): an
   ``nn.Conv``;
-* an operand of a ``dot_general`` with the data, without batch dimensions, contracting some
+* an operand of a ``dot_general`` with the data, with one batch dimension or none, contracting some
   of the kernel's axes with some of the data's and keeping at least one of each: the data's
   last axes with the kernel's first ones is an ``nn.Dense`` (``nn.DenseGeneral``: t5x's and
   MaxText's ``(embed, heads, head_dim)`` kernels); any other axes, or the kernel first, an
@@ -28,8 +28,10 @@ The layer is :class:`WrittenConv` / :class:`WrittenDense` / :class:`WrittenDense
 :class:`WrittenEinsum` when the parameter has another name than ``kernel`` or takes steps: it
 reads the module's variable under its stored name and shape and applies the steps (a
 re-parametrization the closed form factors as it factors BiT's standardized kernels); Flax's
-own layer otherwise. A kernel that takes a batch of products (one per head: a block-diagonal
-``'BTHi,Hij->BTHj'``), is multiplied by data, or is used twice is none, and so is a product
+own layer otherwise. A product over one batch axis of the data and the kernel (a batch of
+kernels: one per head, a block-diagonal ``'BTHi,Hij->BTHj'``; one per expert,
+``'ecd,edf->ecf'``) is an ``nn.Einsum`` of that batch letter (:class:`lrjax.einsums.EinsumSplit`).
+A kernel batched over several axes, multiplied by data, or used twice is none, and so is a product
 whose other operand no input of the call computes (t5x's relative-position table contracted
 with a one-hot of positions built from integers: a lookup).
 """
@@ -269,10 +271,11 @@ def product_of(closed, var, inputs) -> Product:
         return found
     if eqn.primitive.name == "dot_general":
         contracted, batched = params["dimension_numbers"]
-        if any(batched):
-            raise NotALayer("a batch of products (the kernel's and the data's batch axes)")
-        if not 0 < len(contracted[at[0]]) < len(kernel.shape) or \
-                len(contracted[data]) == len(x.shape):
+        if len(batched[0]) > 1:
+            raise NotALayer("a batch of products over several axes (the kernel's and the "
+                            "data's batch axes)")
+        if not 0 < len(contracted[at[0]]) < len(kernel.shape) - len(batched[0]) or \
+                len(contracted[data]) + len(batched[0]) == len(x.shape):
             raise NotALayer("a product keeping none of the kernel's or the data's axes")
         return found
     raise NotALayer(f"its kernel goes to {eqn.primitive.name}")
@@ -342,6 +345,8 @@ def _sliced(closed, var, uses, inputs) -> Product:
             part.eqn.params == first.eqn.params and _signature(part) == _signature(first)
 
     contracted = first.eqn.params["dimension_numbers"][0][1 - first.data]
+    if first.eqn.params["dimension_numbers"][1][0]:
+        raise NotALayer("its kernel's pieces are each a batch of products")
     if not all(alike(part) for part, _, _ in parts.values()) or (
             not squeezed and axis in contracted):
         raise NotALayer("its kernel's pieces are not the same product of the same data (a "
@@ -379,7 +384,9 @@ def _dense_axes(product: Product) -> int | None:
     eqn = product.eqn
     if eqn.primitive.name != "dot_general" or product.data != 0:
         return None
-    contracted = eqn.params["dimension_numbers"][0]
+    contracted, batched = eqn.params["dimension_numbers"]
+    if batched[0]:
+        return None
     k, ndim = len(contracted[0]), len(eqn.invars[0].aval.shape)
     first = tuple(contracted[0]) == tuple(range(ndim - k, ndim))
     return k if first and tuple(contracted[1]) == tuple(range(k)) else None
@@ -389,21 +396,22 @@ def equation_of(product: Product) -> str:
     """The einsum ``data,kernel->out`` of ``product``'s ``dot_general``, ``out`` in the
     product's own order (the first operand's kept axes, then the second's)."""
     eqn, data = product.eqn, product.data
-    contracted = eqn.params["dimension_numbers"][0]
+    contracted, batched = eqn.params["dimension_numbers"]
     x = list(string.ascii_lowercase[:len(eqn.invars[data].aval.shape)])
     kernel_ndim = len(eqn.invars[1 - data].aval.shape)
     fresh = iter(string.ascii_uppercase)
     k = [None] * kernel_ndim
-    for xa, ka in zip(contracted[data], contracted[1 - data], strict=True):
+    for xa, ka in zip((*contracted[data], *batched[data]),
+                      (*contracted[1 - data], *batched[1 - data]), strict=True):
         k[ka] = x[xa]
     k = [c if c is not None else next(fresh) for c in k]
-    summed = list(contracted[1 - data])
+    summed, shared = list(contracted[1 - data]), list(batched[1 - data])
     if product.squeezed:  # the whole parameter: its sliced axis kept
         k.insert(product.sliced, next(fresh))
         summed = [a + (a >= product.sliced) for a in summed]
-    kept_x = [c for i, c in enumerate(x) if i not in contracted[data]]
-    kept_k = [c for i, c in enumerate(k) if i not in summed]
-    out = kept_x + kept_k if data == 0 else kept_k + kept_x
+    kept_x = [c for i, c in enumerate(x) if i not in (*contracted[data], *batched[data])]
+    kept_k = [c for i, c in enumerate(k) if i not in (*summed, *shared)]
+    out = [x[a] for a in batched[data]] + (kept_x + kept_k if data == 0 else kept_k + kept_x)
     return f"{''.join(x)},{''.join(k)}->{''.join(out)}"
 
 

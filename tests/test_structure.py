@@ -14,7 +14,7 @@ PACKAGE = ROOT / "lrjax"
 LAYERS = {
     "costs": 0, "decompose": 0, "ranks": 0, "iterative": 0, "xla_flags": 0, "macs": 0,
     "sites": 0, "moments": 0, "lapack": 0, "batchnorm": 0, "own_code": 0, "replay": 0,
-    "conv_views": 0, "site_runs": 0,
+    "conv_views": 0, "site_runs": 0, "einsums": 0,
     "formulations": 1, "layers": 1, "models": 1, "onnx_graph": 1, "onnx_loops": 1, "onnx_convert": 1,
     "onnx_passes": 1, "boxes": 1, "linen_trace": 1, "onnx_arrays": 1, "onnx_math": 1, "onnx_scatter": 1,
     "litert_math": 1, "complex_real": 1, "splittable": 1, "linen_cells": 1, "linen_written": 1,

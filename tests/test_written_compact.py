@@ -469,8 +469,8 @@ def test_slices_that_are_not_one_product_stay_the_modules_own_code(other_data):
 
 
 class Mixed(nn.Module):
-    """Two projections split, beside a parameter in two products (tied) and one per head (a
-    batch of products): those stay its own code."""
+    """Two projections split, beside a parameter in two products (tied: its own code) and one
+    per head (a batch of kernels: an einsum with a batch letter, a layer)."""
 
     @nn.compact
     def __call__(self, x):
@@ -491,14 +491,15 @@ class MixedNet(nn.Module):
 
 
 def test_a_modules_other_products_beside_its_layers_are_named_by_their_parameters():
-    """Listed as ``attn/tied`` and ``attn/heads`` (before: as ``attn``, "left as it is",
-    though its projections were split)."""
+    """Listed as ``attn/tied`` (before: as ``attn``, "left as it is", though its projections
+    were split); ``attn/heads``, a batch of per-head kernels, is a layer kept full."""
     x = jax.random.normal(jax.random.key(0), (2, 6, 16))
     model = MixedNet()
     variables = init(model, 0, x)
     result = lrjax.decompose_linen(model, variables, x, rule={"attn/wq": 4, "attn/wk": 4})
     assert result.report.ranks == {"attn/wq": 4, "attn/wk": 4}
-    assert set(result.report.skipped) == {"attn/heads", "attn/tied"}
+    assert set(result.report.skipped) == {"attn/tied"}
+    assert result.problem.site("attn/heads").batched and "attn/heads" in result.report.kinds
     assert "'tied' in dot_general x2" in result.report.skipped["attn/tied"]
     lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
                for m, v in ((model, variables), (result.module, result.variables))]

@@ -5,8 +5,8 @@ the middle one) and whose output may be reordered (``'BSD,CKDH->CBSKH'``); a fee
 whose two einsums share its scope (``nn.share_scope``: their kernels are its variables
 ``gating_einsum`` and ``linear``); the model's ``__call__`` under ``nn.jit``. A kernel
 transposed on its way (PyTorch's layout) is a dense layer too; a batch of per-head kernels
-(block-diagonal) is no layer, and a module sharing its scope with a Flax layer it runs (the
-Flax docs' LoRA) runs as written."""
+(block-diagonal) is an ``nn.Einsum`` with a batch letter, each head's matrix split; a module
+sharing its scope with a Flax layer it runs (the Flax docs' LoRA) runs as written."""
 
 import functools
 
@@ -48,7 +48,7 @@ class FeedForward(nn.Module):
 
 
 class PerHead(nn.Module):
-    """One kernel per head (block-diagonal): no Flax layer, its own product."""
+    """One kernel per head (block-diagonal): an ``nn.Einsum`` with a batch letter."""
 
     @nn.compact
     def __call__(self, x):
@@ -90,7 +90,7 @@ X = jax.random.normal(jax.random.key(0), (2, 6, 32))
 SPLIT = {f"layer_{i}/{name}": shape for i in range(2) for name, shape in (
     ("q_einsum", ((32,), (4, 8))), ("kv_einsum", ((32,), (2, 4, 8))),
     ("attn_vec_einsum", ((4, 8), (32,))), ("mlp/gating_einsum", ((32,), (2, 64))),
-    ("mlp/linear", ((64,), (32,))))}
+    ("mlp/linear", ((64,), (32,))), ("per_head", ((8,), (8,))))}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,8 @@ def test_gemma_einsums_are_found_named_by_their_kernels_and_init_as_written(net)
     model, variables = net
     found = {s.path: s for s in surgery.find_convs(model, X)}
     assert {p: s.dense_dims for p, s in found.items() if s.candidate} == SPLIT
-    assert "layer_0/per_head" not in found  # a batch of kernels: its own product
+    per_head = found["layer_0/per_head"]  # a batch of 4 kernels (8, 8), one per head
+    assert (per_head.batched, per_head.stack, per_head.stack_axis) == (True, 4, 0)
     gating = found["layer_1/mlp/gating_einsum"]
     assert gating.named_by_kernel and gating.kernel_key == ("layer_1", "mlp", "gating_einsum")
     assert found["layer_1/q_einsum"].kernel_key == ("layer_1", "q_einsum", "w")
@@ -117,9 +118,12 @@ def test_gemma_einsums_are_found_named_by_their_kernels_and_init_as_written(net)
 
 def test_full_rank_pairs_replace_the_kernels_in_place(net):
     model, variables = net
-    full = {p: min(int(np.prod(c)), int(np.prod(n))) for p, (c, n) in SPLIT.items()}
+    full = {p: min(int(np.prod(c)), int(np.prod(n))) * (4 if "per_head" in p else 1)
+            for p, (c, n) in SPLIT.items()}
     result = lrjax.decompose_linen(model, variables, X, rule=full)
     shapes = jax.tree.map(jnp.shape, result.variables["params"]["layer_0"])
+    assert shapes["per_head"] == {"vertical": {"kernel": (4, 8, 8)},
+                                  "horizontal": {"kernel": (4, 8, 8)}}
     assert shapes["mlp"] == {
         "gating_einsum": {"vertical": {"kernel": (32, 32)}, "horizontal": {"kernel": (32, 2, 64)}},
         "linear": {"vertical": {"kernel": (64, 32)}, "horizontal": {"kernel": (32, 32)}}}
@@ -139,7 +143,7 @@ def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(net, tmp_p
         assert {p.rsplit("/", 1)[-1] for p in result.ranks} >= {"gating_einsum", "attn_vec_einsum"}
         assert result.report.speedup == pytest.approx(
             _lowered(model, variables) / _lowered(result.module, result.variables), rel=1e-6)
-        assert "left as is: layer_0/per_head: its own code" in result.report.table()
+        assert "left as is" not in result.report.table()  # the per-head kernels: a layer
     done = export.to_onnx(fitted.module, fitted.variables, (X,), str(tmp_path / "g.onnx"))
     assert done.max_abs_error <= 1e-5 * max(1.0, done.scale)
     lrjax.save_decomposed(str(tmp_path / "saved"), fitted)

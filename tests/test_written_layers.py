@@ -276,7 +276,7 @@ class GatedEinsum(Einsum):
 class EinsumAttention(nnx.Module):
     """Grouped-query attention written with such modules: Gemma's fused key-value einsum (its
     stacking axis a kernel output axis), a head reading ``o.shape``, an output transposed by
-    its equation, a per-head (batched) einsum, a biased one, one gated."""
+    its equation, a per-head (batched: a batch of kernels) einsum, a biased one, one gated."""
 
     def __init__(self, rngs):
         self.q = Einsum("BTD,DNH->BTNH", (32, 4, 8), rngs)
@@ -297,13 +297,13 @@ class EinsumAttention(nnx.Module):
 
 
 SPLIT_EINSUMS = {"q": "BTD,DNH->BTNH", "kv": "BSD,CKDH->CBSKH", "o": "BTNH,NHD->BTD",
-                 "up": "BTD,DF->BTF", "head": "BTD,DV->BVT"}
+                 "per_head": "BTNH,NHG->BTNG", "up": "BTD,DF->BTF", "head": "BTD,DV->BVT"}
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_written_einsums_are_split_as_nnx_einsums(calibrated):
     model = EinsumAttention(nnx.Rngs(0))
-    full = {"q": 32, "kv": 32, "o": 32, "up": 32, "head": 10}
+    full = {"q": 32, "kv": 32, "o": 32, "per_head": 4 * 8, "up": 32, "head": 10}
     result = lrjax.decompose_nnx(model, X, rule=full, calibration=[X] if calibrated else None)
     assert set(result.ranks) == set(SPLIT_EINSUMS)
     # the equations read from the traced calls (the data's axes a, b, ..., the kernel's A, B,
@@ -311,9 +311,11 @@ def test_written_einsums_are_split_as_nnx_einsums(calibrated):
     equations = {p: result.problem.site(p).equation for p in SPLIT_EINSUMS}
     assert equations.pop("up") is None  # a dense layer: x @ kernel + bias
     assert equations == {"q": "abc,cAB->abAB", "kv": "abc,ABcC->AabBC", "o": "abcd,cdA->abA",
-                         "head": "abc,cA->aAb"}
+                         "per_head": "abcd,cdA->abcA", "head": "abc,cA->aAb"}
+    per_head = result.problem.site("per_head")  # a batch of 4 kernels (8, 8), one per head
+    assert (per_head.batched, per_head.stack, per_head.stack_axis) == (True, 4, 0)
     skipped = dict(result.report.skipped)
-    assert set(skipped) == {"per_head", "gated"}
+    assert set(skipped) == {"gated"}
     # listed as the products of their own code (their parameter is not named kernel)
     assert all(skipped[p].startswith("its own code multiplies the data by its parameters") and
                "'w' in dot_general" in skipped[p] for p in skipped)
