@@ -2,7 +2,8 @@
 (``jnp.split``), ``stack`` (``jnp.stack``), ``rev`` (``jnp.flip``; reflect padding is built
 from it), ``argmax``, ``top_k`` (``lax.top_k``: a mixture-of-experts router's choice) and ``cumsum``
 (``jnp.cumsum``: an expert's buffer positions); :func:`take`, the ``gather`` handler's case of
-indices of the data (an embedding lookup of class labels), and :func:`gather_nd`, any gather of
+indices of the data (an embedding lookup of class labels), :func:`constant_windows`, windows of
+one axis at constant starts (an STFT's frames), and :func:`gather_nd`, any gather of
 single elements or whole trailing slices (``jnp.take_along_axis``, ``x[rows, cols]``: a masked
 autoencoder's kept tokens) as ONNX ``GatherND``; ``dynamic_slice`` and ``dynamic_update_slice``
 (a KV cache read and written at the decoding position), ``scatter`` of one window
@@ -197,6 +198,8 @@ def gather_nd(c, args, params, aval):
             same_dim(sizes[i], shape[i]) for i in rest):
         if _batched_windows(dn, sizes, len(shape), np.shape(idx)):
             return windows(c, args, params, aval)
+        if not isinstance(idx, Tensor) and _one_windowed_axis(dn, sizes, shape) is not None:
+            return constant_windows(c, args, params, aval)
         raise TranslationError(f"only gathers of single elements along the indexed axes (whole "
                                f"slices along the others) are covered; got {dn}, slices {sizes}")
     if len(keep) < len(mapped):
@@ -275,6 +278,48 @@ def windows(c, args, params, aval):
         data = c.g.node("GatherElements", [data, c.g.node("Expand", [ranked, target])],
                         axis=axis)
     return Tensor(data, tuple(aval.shape))
+
+
+def _one_windowed_axis(dn, sizes, shape) -> int | None:
+    """The one axis a gather takes windows of (slices shorter than the axis, nothing dropped,
+    no batching axes; every other indexed axis taken whole, its start clamped to 0), or
+    ``None``."""
+    if dn.operand_batching_dims or dn.collapsed_slice_dims:
+        return None
+    windowed = [int(a) for a in dn.start_index_map if not same_dim(sizes[a], shape[a])]
+    return windowed[0] if len(windowed) == 1 and concrete(shape[windowed[0]]) else None
+
+
+def constant_windows(c, args, params, aval):
+    """A gather of windows of one axis at constant starts (``jax.scipy.signal.stft``'s frames:
+    ``(frames, batch, nperseg)`` from ``(batch, time)``) as one ONNX ``Gather`` of that axis at
+    every window's positions (each start clamped into ``[0, dim - size]``, as JAX clamps it),
+    transposed to the gather's output order."""
+    x, idx = args
+    dn, sizes, shape = params["dimension_numbers"], params["slice_sizes"], np.shape(x)
+    axis = _one_windowed_axis(dn, sizes, shape)
+    size, dim = int(sizes[axis]), int(shape[axis])
+    starts = np.asarray(idx)[..., list(dn.start_index_map).index(axis)].astype(np.int64)
+    if params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP and (
+            starts.min(initial=0) < 0 or starts.max(initial=0) > dim - size):
+        raise TranslationError(f"windows of {size} at starts outside [0, {dim - size}]")
+    positions = np.clip(starts, 0, dim - size)[..., None] + np.arange(size)  # (*I, size)
+    data = c.nhwc(x) if isinstance(x, Tensor) else c.g.const(np.asarray(x))
+    y = c.g.node("Gather", [data, c.g.ints(positions)], axis=axis)
+    # Gather's layout: operand axes before `axis`, the index dims, the window, the rest
+    n_index, rank = positions.ndim - 1, len(shape)
+    where = [i if i < axis else i + n_index for i in range(rank)]
+    where[axis] = axis + n_index
+    offsets, perm, k = tuple(dn.offset_dims), [], 0
+    for p in range(len(aval.shape)):
+        if p in offsets:
+            perm.append(where[offsets.index(p)])
+        else:
+            perm.append(axis + k)
+            k += 1
+    if perm != list(range(len(perm))):
+        y = c.g.node("Transpose", [y], perm=perm)
+    return Tensor(y, tuple(aval.shape))
 
 
 def iota(c, args, params, aval):

@@ -87,9 +87,22 @@ class Spectrogram(nn.Module):
         return nn.Dense(4, name="proj")(jnp.log(jnp.maximum(spectrum, 1e-5)))
 
 
+class MelFrontEnd(nn.Module):
+    """google-research/perch's ``MelSpectrogram``: ``jax.scipy.signal.stft`` (its frames a gather
+    of windows at constant starts), the power of its bins, a mel matrix, a log."""
+
+    @nn.compact
+    def __call__(self, x):
+        _, _, stft = jax.scipy.signal.stft(x, nperseg=16, noverlap=12, padded=False)
+        power = jnp.swapaxes(jnp.abs(stft) ** 2, -1, -2)  # (batch, frames, bins)
+        mel = jnp.asarray(np.random.default_rng(0).uniform(size=(power.shape[-1], 6)),
+                          jnp.float32)
+        return nn.Dense(4, name="proj")(jnp.log(jnp.maximum(power @ mel, 1e-5)))
+
+
 MODELS = {"fnet": (FNetMixing, (2, 12, 6)), "global filter": (GlobalFilter, (2, 8, 6, 4)),
           "long conv": (LongConv, (2, 10, 4)), "complex math": (ComplexMath, (2, 7, 5, 6)),
-          "spectrogram": (Spectrogram, (2, 48))}
+          "spectrogram": (Spectrogram, (2, 48)), "stft": (MelFrontEnd, (2, 64))}
 
 
 def _example(name):
@@ -107,7 +120,7 @@ def test_spectral_layers_export_to_onnx(name, tmp_path):
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
 
-@pytest.mark.slow  # five LiteRT conversions
+@pytest.mark.slow  # six LiteRT conversions
 @pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")
 def test_spectral_layers_export_to_litert(tmp_path):
     pytest.importorskip("ai_edge_litert")
