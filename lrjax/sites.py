@@ -49,6 +49,7 @@ import numpy as np
 from lrjax import costs, decompose
 from lrjax.conv_views import nd_patches, vertical_geometry
 from lrjax.einsums import EinsumSplit, batch_position, called_equation, einsum_split
+from lrjax.moments import transposed_patch_moments
 
 __all__ = ["KINDS", "ConvSite", "EinsumSplit", "batch_position", "einsum_site", "einsum_split",
            "called_equation",
@@ -504,11 +505,8 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(before, 0), (0, 0)])[..., None, :]
     x = x.reshape((-1, *x.shape[-3:]))
     if layer.transposed:  # the vertical conv reads the input dilated along its rows
-        x = jax.lax.pad(x, jnp.zeros((), x.dtype),
-                        [(0, 0, 0), (0, 0, layer.strides[0] - 1), (0, 0, 0), (0, 0, 0)])
-        rows_only = (layer.conv_padding[0], (0, 0))
-        return decompose.patch_moments(x, layer.kernel_size, padding=rows_only,
-                                       dilation=layer.dilation)
+        return transposed_patch_moments(x, layer.kernel_size[0], layer.strides[0],
+                                        layer.conv_padding[0], layer.dilation[0])
     if site.kind == "1x1":  # the first 1x1 conv takes both strides: only those columns count
         x = x[:, :, ::layer.strides[1]]
     return decompose.patch_moments(x, layer.kernel_size, strides=layer.strides,

@@ -415,3 +415,72 @@ def test_small_pages_turns_numpys_hugepage_advice_off_and_restores_it():
         assert advice_inside() is False and multiarray._set_madvise_hugepage(True) is True
     finally:
         multiarray._set_madvise_hugepage(previous)
+
+
+def _explicit_moments(x, kh, stride, dilation, top, bottom, groups):
+    """``sum p p^T`` per group over the vertical patches ``p[(c, i)]``, built one by one."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (top, bottom), (0, 0), (0, 0)))
+    n, h, w, c = x.shape
+    cg, rows = c // groups, (h - (kh - 1) * dilation - 1) // stride + 1
+    sums = np.zeros((groups, cg * kh, cg * kh))
+    for g in range(groups):
+        for r in range(rows):
+            taps = x[:, r * stride + np.arange(kh) * dilation, :, g * cg:(g + 1) * cg]
+            p = np.transpose(taps, (0, 2, 3, 1)).reshape(n * w, cg * kh)  # (c, i) order
+            sums[g] += p.T @ p
+    return sums, n * w * rows
+
+
+@pytest.mark.parametrize("kh", [3, 12])
+def test_patch_moments_are_the_explicit_patches_second_moments(kh, monkeypatch):
+    """Short windows sum ``kh^2`` products of row views; tall ones (a 1-D conv of many taps: a
+    learned audio filterbank of 128, whose ``kh^2`` products took minutes to compile) build the
+    patches a block of rows at a time: both are the patches' moments."""
+    monkeypatch.setattr(lrjax.moments, "PATCH_ROWS_ENTRIES", 200)  # several blocks
+    x = jax.random.normal(jax.random.key(0), (2, 40, 3, 4))
+    sums, count = D.patch_moments(x, (kh, 1), strides=(2, 1), padding="SAME", dilation=(2, 1),
+                                  groups=2)
+    span = (kh - 1) * 2 + 1
+    total = max((40 + 1) // 2 * 2 - 2 + span - 40, 0)  # SAME, stride 2: (out - 1) * 2 + span - h
+    want, n = _explicit_moments(x, kh, 2, 2, total // 2, total - total // 2, groups=2)
+    assert float(count) == n
+    np.testing.assert_allclose(np.asarray(sums), want, rtol=1e-4, atol=1e-3)
+
+
+def test_a_tall_windows_moments_are_a_few_products_not_one_per_pair_of_taps():
+    """A 128-tap window: before, 128^2 = 16,384 products in the program (a calibration that
+    compiled for minutes); now one per block of rows."""
+    x = jax.ShapeDtypeStruct((8, 6400, 1, 1), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x: D.patch_moments(x, (128, 1), strides=(32, 1),
+                                                     padding="VALID"))(x)
+    products = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert 1 <= len(products) <= 4
+
+
+@pytest.mark.parametrize("kh,stride,padding,dilation", [
+    (2, 2, (1, 1), 1), (3, 2, (1, 2), 1), (4, 3, (0, 0), 1), (5, 2, (3, 1), 2), (12, 4, (2, 9), 1),
+    (1, 2, (0, 0), 1)])
+def test_transposed_patch_moments_are_the_dilated_inputs_without_its_zeros(kh, stride, padding,
+                                                                          dilation):
+    """A transposed conv's vertical patches, skipping the zero rows its stride inserts: the
+    moments of the dilated input's patches, for any padding, dilation and window."""
+    x = jax.random.normal(jax.random.key(1), (2, 7, 3, 4))
+    dilated = jax.lax.pad(x, 0.0, [(0, 0, 0), (0, 0, stride - 1), (0, 0, 0), (0, 0, 0)])
+    want = D.patch_moments(dilated, (kh, 1), padding=(padding, (0, 0)), dilation=(dilation, 1))
+    got = lrjax.moments.transposed_patch_moments(x, kh, stride, padding, dilation)
+    assert float(got[1]) == float(want[1])
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-4)
+
+
+def test_a_strided_transposed_convs_moments_skip_the_work_on_its_zeros():
+    """perch's learned synthesis filterbank (128 taps, stride 32, 32 channels): its calibration
+    took 60-130 s on the 2-core machine on the dilated input's patches."""
+    from lrjax import macs
+
+    x = jax.ShapeDtypeStruct((8, 200, 1, 32), jnp.float32)
+    dilated = jax.ShapeDtypeStruct((8, 199 * 32 + 1, 1, 32), jnp.float32)
+    ours = macs.traced_macs(lambda x: lrjax.moments.transposed_patch_moments(
+        x, 128, 32, (127, 127)), x)["total"]
+    theirs = macs.traced_macs(lambda x: D.patch_moments(
+        x, (128, 1), padding=((127, 127), (0, 0))), dilated)["total"]
+    assert ours * 500 < theirs
