@@ -118,8 +118,13 @@ def transposed_pair_geometry(kernel_size, strides=1, padding="SAME",
     A transposed conv is a conv on its input dilated by its strides; that dilation is separable,
     so rows (stride, padding, dilation) go to a vertical ``kh x 1`` transposed conv and columns
     to a horizontal ``1 x kw`` one, for every kernel size (1x1 included). String paddings pass
-    through (a size-1, stride-1 axis gets no padding under ``SAME`` or ``VALID``).
+    through (a size-1, stride-1 axis gets no padding under ``SAME`` or ``VALID``). A 1-D one
+    (``kernel_size`` ``(k,)``) is itself at ``C -> K`` then a pointwise ``K -> N``.
     """
+    if not isinstance(kernel_size, int) and len(kernel_size) == 1:  # 1-D: it, then pointwise
+        return (dict(kernel_size=tuple(kernel_size), strides=strides, padding=padding,
+                     kernel_dilation=kernel_dilation),
+                dict(kernel_size=(1,), strides=(1,), padding="VALID", kernel_dilation=(1,)))
     kh, kw = as_pair(kernel_size, "kernel_size")
     sh, sw = as_pair(strides, "strides")
     dh, dw = as_pair(kernel_dilation, "kernel_dilation")
@@ -208,9 +213,11 @@ def transposed_pair_forward(x: jax.Array, *, features: int, kernel_size, rank: i
     Returns:
       ``(..., H_out, W_out, features)``: ``nn.ConvTranspose``'s output shape.
     """
-    kh, kw = as_pair(kernel_size, "kernel_size")
-    if x.ndim < 3:
-        raise ValueError(f"{where}: input must be (..., H, W, C); got shape {x.shape}")
+    one_d = not isinstance(kernel_size, int) and len(kernel_size) == 1
+    kh, kw = (kernel_size[0], 1) if one_d else as_pair(kernel_size, "kernel_size")
+    if x.ndim < 3 - one_d:
+        raise ValueError(f"{where}: input must be (..., {'L' if one_d else 'H, W'}, C); got "
+                         f"shape {x.shape}")
     check_rank(rank, (kh, kw, x.shape[-1], features), where=where)
     first, second = transposed_pair_geometry(kernel_size, strides, padding, kernel_dilation)
     common = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,

@@ -384,8 +384,9 @@ class _Converter:
         """``conv_general_dilated`` in any layout (``nn.Conv``'s channels-last ``N...C`` /
         ``...IO``, a PyTorch port's ``NCHW`` / ``OIHW``, ``jnp.convolve``'s ``NCW``) as ONNX's
         ``Conv`` on ``(N, C, *spatial)``: each operand transposed by its dimension numbers (no
-        transpose where it is already there), the output back to the jaxpr's layout. A 2-D
-        input-dilated conv (a transposed conv) as :meth:`conv_transpose`, or zero insertion."""
+        transpose where it is already there), the output back to the jaxpr's layout. An
+        input-dilated conv (a transposed conv, 1-D, 2-D or 3-D) as :meth:`conv_transpose`, or
+        zero insertion."""
         x, w = args
         lhs, rhs, out = (tuple(d) for d in params["dimension_numbers"])
         pads = [tuple(int(v) for v in p) for p in params["padding"]]
@@ -395,13 +396,10 @@ class _Converter:
         nhwc = channels_first(2)  # Flax's 2-D layout, held in NCHW between layers (Tensor.nchw)
         source = self.nchw(x) if n == 2 and lhs == nhwc else self._permuted(self.nhwc(x), lhs)
         if any(d != 1 for d in params["lhs_dilation"]):  # a transposed conv (nn.ConvTranspose)
-            if n != 2:
-                raise TranslationError(f"a transposed (input-dilated) conv of {n} spatial "
-                                       "dimensions (2-D ones are covered)")
             native = self.conv_transpose(source, w, rhs, params)
             if native is not None:
                 return self._laid_out(native, out, aval)
-            shape = [x.shape[i] for i in (lhs[0], lhs[2], lhs[3], lhs[1])]  # (N, H, W, C)
+            shape = [x.shape[i] for i in (lhs[0], *lhs[2:], lhs[1])]  # (N, *spatial, C)
             source = self.g.dilate(source, shape, [int(d) for d in params["lhs_dilation"]],
                                    aval.dtype)
         y = self.g.node("Conv", [source, self.kernel(w, rhs)], "conv",
@@ -439,17 +437,19 @@ class _Converter:
         if any(int(s) != 1 for s in params["window_strides"]) or \
                 int(params["feature_group_count"]) != 1 or isinstance(w, Tensor):
             return None
-        kernel = np.asarray(w).transpose(*rhs_spec[2:], *rhs_spec[1::-1])  # as HWIO
+        kernel = np.asarray(w).transpose(*rhs_spec[2:], *rhs_spec[1::-1])  # as (...)IO
+        n = kernel.ndim - 2
         pads = [((k - 1) * d - int(lo), (k - 1) * d - int(hi)) for k, d, (lo, hi) in zip(
-            kernel.shape[:2], params["rhs_dilation"], params["padding"], strict=True)]
+            kernel.shape[:n], params["rhs_dilation"], params["padding"], strict=True)]
         if min(v for p in pads for v in p) < 0:
             return None
-        weight = self.g.const(np.ascontiguousarray(
-            kernel[::-1, ::-1].transpose(2, 3, 0, 1)), "weight")  # (C, N, kh, kw), flipped
+        flipped = kernel[(slice(None, None, -1),) * n]  # (C, N, *window), flipped
+        weight = self.g.const(np.ascontiguousarray(flipped.transpose(n, n + 1, *range(n))),
+                              "weight")
         y = self.g.node("ConvTranspose", [source, weight], "conv_transpose",
                         strides=[int(d) for d in params["lhs_dilation"]],
                         dilations=[int(d) for d in params["rhs_dilation"]],
-                        pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+                        pads=[p[0] for p in pads] + [p[1] for p in pads])
         return y
 
     def matmul(self, args, params, aval):

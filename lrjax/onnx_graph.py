@@ -63,17 +63,22 @@ class Graph:
         return self.const(np.asarray(values, np.int64), hint)
 
     def dilate(self, name: str, shape, factors, dtype) -> str:
-        """An NCHW tensor with ``factor - 1`` zeros between neighbours along H and W (what
-        ``lhs_dilation`` does before the conv): reshape to ``(N, C, H, 1, W, 1)``, pad the unit
-        dims to the factors, merge them back and drop the trailing zeros."""
-        (sh, sw), (h, w, c) = factors, (int(shape[1]), int(shape[2]), int(shape[3]))
-        x = self.node("Reshape", [name, self.ints([0, c, h, 1, w, 1])])
-        x = self.node("Pad", [x, self.ints([0, 0, 0, 0, 0, 0, 0, 0, 0, sh - 1, 0, sw - 1]),
+        """A channels-first ``(N, C, *spatial)`` tensor of channels-last ``shape``
+        ``(N, *spatial, C)`` with ``factor - 1`` zeros between neighbours along each spatial axis
+        (what ``lhs_dilation`` does before the conv): reshape to ``(N, C, d1, 1, d2, 1, ...)``,
+        pad the unit dims to the factors, merge them back and drop the trailing zeros."""
+        dims, c = [int(d) for d in shape[1:-1]], int(shape[-1])
+        n = len(dims)
+        x = self.node("Reshape", [name, self.ints([0, c, *(v for d in dims for v in (d, 1))])])
+        ends = [0, 0] + [v for f in factors for v in (0, f - 1)]  # after each unit dim
+        x = self.node("Pad", [x, self.ints([0] * (2 + 2 * n) + ends),
                               self.const(np.asarray(0, dtype))])
-        x = self.node("Reshape", [x, self.ints([0, c, h * sh, w * sw])])
-        return self.node("Slice", [x, self.ints([0, 0]),
-                                   self.ints([(h - 1) * sh + 1, (w - 1) * sw + 1]),
-                                   self.ints([2, 3])])
+        x = self.node("Reshape", [x, self.ints([0, c, *(d * f for d, f in zip(
+            dims, factors, strict=True))])])
+        return self.node("Slice", [x, self.ints([0] * n),
+                                   self.ints([(d - 1) * f + 1 for d, f in zip(
+                                       dims, factors, strict=True)]),
+                                   self.ints(list(range(2, 2 + n)))])
 
 
 def channels_first(n: int) -> tuple:

@@ -25,8 +25,10 @@ def transposed_skip_reason(conv, base_type=nn.ConvTranspose) -> str | None:
     into a pair, or None."""
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
-    if len(kernel) != 2:
-        return f"not a 2-D transposed conv (kernel_size {size})"
+    if len(kernel) not in (1, 2):
+        return f"not a 1-D or 2-D transposed conv (kernel_size {size})"
+    if len(kernel) == 1 and conv.transpose_kernel:
+        return "a 1-D transposed conv with transpose_kernel=True"
     if computes_as(conv, (base_type,)) is None:
         return subclass_reason(conv, base_type)
     if conv.mask is not None:
@@ -43,28 +45,48 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
     ``base_type``) called on an input of ``input_shape`` ``(..., H, W, C)``: its geometry as
     ``ConvShape(transposed=True)`` with the layer's own strides and padding (explicit padding as
     ``((top, bottom), (left, right))``; ``CIRCULAR``: the ``VALID`` conv it runs, not split), or
-    ``shape=None`` for a conv that is not 2-D."""
+    ``shape=None`` for a conv that is neither 1-D nor 2-D. A 1-D one (an audio U-Net's or a
+    vocoder's upsampler, on ``(..., L, C)``) is the ``(k, 1)`` transposed conv of its input as
+    ``(..., L, 1, C)`` (``conv_dims=1``)."""
     reason = transposed_skip_reason(conv, base_type)
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
-    if len(kernel) != 2:
+    if len(kernel) not in (1, 2):
         return ConvSite(path, None, skip=reason)
+    if len(kernel) == 1:
+        shape = _transposed_shape(path, conv, (*input_shape[:-1], 1, input_shape[-1]),
+                                  _with_unit(conv.strides), (*kernel, 1))
+        return ConvSite(path, shape, skip=reason, conv_dims=1)
     shape = _transposed_shape(path, conv, input_shape, conv.strides)
     return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
 
 
-def _transposed_shape(path: str, conv, input_shape, strides) -> ConvShape:
-    """``ConvShape(transposed=True)`` of a 2-D conv on its input dilated by ``strides``."""
-    kernel = tuple(conv.kernel_size)
-    padding = conv.padding if isinstance(conv.padding, str) else \
-        explicit_padding(conv.padding, (1, 1), kernel)
+def _with_unit(value):
+    """A 1-D conv's stride (or dilation: an int, a 1-tuple, or None) with a unit second axis."""
+    value = 1 if value is None else value
+    return ((value,) if isinstance(value, int) else tuple(value)) + (1,)
+
+
+def _transposed_shape(path: str, conv, input_shape, strides, kernel=None) -> ConvShape:
+    """``ConvShape(transposed=True)`` of a 2-D conv on its input dilated by ``strides``
+    (``kernel``: a 1-D conv's ``(k, 1)`` view)."""
+    one_d = kernel is not None
+    kernel = kernel or tuple(conv.kernel_size)
+    padding = conv.padding
+    if one_d and not isinstance(padding, str):  # an int, (p,) or ((lo, hi),): the rows'
+        rows = padding if isinstance(padding, int) else tuple(padding)[0]
+        padding = ((rows, rows) if isinstance(rows, int) else tuple(int(p) for p in rows),
+                   (0, 0))
+    elif not isinstance(padding, str):
+        padding = explicit_padding(padding, (1, 1), kernel)
     if isinstance(padding, str) and padding.upper() == "CIRCULAR":
         padding = "VALID"  # the conv it runs (Flax wraps the VALID output; not split)
     features = conv.out_features if hasattr(conv, "out_features") else conv.features
     return ConvShape(
         name=path, input_hw=tuple(int(d) for d in input_shape[-3:-1]),
         in_channels=int(input_shape[-1]), out_channels=int(features), kernel_size=kernel,
-        strides=as_pair(strides), padding=padding, dilation=as_pair(conv.kernel_dilation),
+        strides=as_pair(strides), padding=padding,
+        dilation=_with_unit(conv.kernel_dilation) if one_d else as_pair(conv.kernel_dilation),
         use_bias=bool(conv.use_bias), transposed=True, images=math.prod(input_shape[:-3]))
 
 

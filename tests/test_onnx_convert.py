@@ -551,14 +551,28 @@ def test_dead_code_and_batch_broadcast_constants_are_exported():
 
 
 def test_uncovered_forms_are_one_line_errors(tmp_path):
-    def transposed_1d(x):  # an input-dilated conv of one spatial axis
-        return jax.lax.conv_transpose(tokens(x), np.ones((3, 4, 2), np.float32), (2,), "SAME",
-                                      dimension_numbers=("NWC", "WIO", "NWC"))
+    def cropping(x):  # a conv with negative padding (cropping its input)
+        return jax.lax.conv_general_dilated(
+            tokens(x), np.ones((3, 4, 2), np.float32), (1,), ((-1, 0),),
+            dimension_numbers=("NWC", "WIO", "NWC"))
 
     with pytest.raises(onnx_convert.TranslationError,
                        match=r"^cannot export primitive 'conv_general_dilated' \(layer .*\) to "
-                             r"ONNX: a transposed \(input-dilated\) conv of 1 spatial dim"):
-        runtimes.onnx_model(transposed_1d, SHAPE)
+                             r"ONNX: a conv with batch_group_count != 1 or padding"):
+        runtimes.onnx_model(cropping, SHAPE)
+
+
+def test_a_1d_transposed_conv_exports():
+    """An input-dilated conv of one spatial axis (before: "a transposed conv of 1 spatial
+    dimensions", one line) as ONNX ``ConvTranspose``."""
+    def transposed_1d(x):
+        return jax.lax.conv_transpose(tokens(x), np.ones((3, 4, 2), np.float32), (2,), "SAME",
+                                      dimension_numbers=("NWC", "WIO", "NWC"))
+
+    session = runtimes.onnx_session(runtimes.onnx_model(transposed_1d, SHAPE))
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], transposed_1d(x), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel,strides,padding,dilation", [

@@ -295,3 +295,86 @@ def test_explicitly_padded_and_input_dilated_upsamplers_export_to_litert(tmp_pat
     nnx_model = DilatedNNX(DILATED[0], nnx.Rngs(0))  # an nnx.Conv with input_dilation
     result = export.to_tflite(nnx_model, None, X[:1], str(tmp_path / "nnx.tflite"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+CASES_1D = [dict(kernel_size=(4,), strides=(2,)),
+            dict(kernel_size=(5,), strides=(3,), padding=((1, 2),), kernel_dilation=(2,)),
+            dict(kernel_size=(10,), strides=(5,), padding=2)]
+X1 = jax.random.normal(jax.random.key(2), (2, 9, 4))
+
+
+class Up1D(nn.Module):
+    """An audio U-Net's upsampler (google-research/perch's SoundStream separator: kernels of
+    4 and 10, strides 2 and 5) on ``(batch, time, channels)``."""
+    kwargs: dict
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.ConvTranspose(6, name="up", **self.kwargs)(nn.relu(x))
+
+
+@pytest.mark.parametrize("kwargs", CASES_1D, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()))
+def test_1d_transposed_convs_split_exactly_costed_calibrated_and_exported(kwargs, tmp_path):
+    """Before: left as "not a 2-D transposed conv", and ONNX refused the model."""
+    model = Up1D(kwargs)
+    variables = init(model, 0, X1)
+    site = {s.path: s for s in surgery.find_convs(model, X1)}["up"]
+    assert (site.kind, site.conv_dims, site.kernel_variable_shape) == \
+        ("transposed", 1, (kwargs["kernel_size"][0], 4, 6))
+    exact = lrjax.decompose_linen(model, variables, X1, rule={"up": 6})  # full rank: N = 6
+    want = model.apply(variables, X1)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, X1), want, atol=1e-5)
+    calibration = jax.random.normal(jax.random.key(3), (8, 9, 4))
+    free, fitted = (lrjax.decompose_linen(model, variables, X1, rule={"up": 2}, calibration=c)
+                    for c in (None, calibration))
+    assert jax.tree.map(jnp.shape, fitted.variables["params"]["up"]) == {
+        "vertical": {"kernel": (kwargs["kernel_size"][0], 4, 2)},
+        "horizontal": {"kernel": (1, 2, 6), "bias": (6,)}}
+    assert fitted.report.speedup == pytest.approx(xla_flops(model.apply, variables, X1) / xla_flops(
+        fitted.module.apply, fitted.variables, X1), rel=1e-6)
+    errors = [float(jnp.linalg.norm(r.module.apply(r.variables, calibration) -
+                                    model.apply(variables, calibration))) for r in (fitted, free)]
+    assert errors[0] < errors[1]
+    result = export.to_onnx(fitted.module, fitted.variables, (X1,), str(tmp_path / "up.onnx"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+    nnx_model = nnx.ConvTranspose(4, 6, rngs=nnx.Rngs(0), **kwargs)
+    split = lrjax.decompose_nnx(nnx_model, X1, rule={"": 6})
+    np.testing.assert_allclose(split.module(X1), nnx_model(X1), atol=1e-5)
+
+
+def test_1d_transposed_conv_with_transpose_kernel_and_3d_ones_stay_whole_and_export(tmp_path):
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.ConvTranspose(4, (3,), strides=(2,), transpose_kernel=True, name="flipped")(x)
+            video = nn.ConvTranspose(2, (2, 2, 2), strides=(2, 2, 2), name="video")(
+                y[:, :, None, None, :].repeat(2, 2).repeat(2, 3))
+            return video.mean((2, 3))
+
+    model = Odd()
+    variables = init(model, 0, X1)
+    found = {s.path: s.skip for s in surgery.find_convs(model, X1)}
+    assert found == {"flipped": "a 1-D transposed conv with transpose_kernel=True",
+                     "video": "not a 1-D or 2-D transposed conv (kernel_size (2, 2, 2))"}
+    result = export.to_onnx(model, variables, (X1,), str(tmp_path / "odd.onnx"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+def test_strided_input_dilated_1d_and_3d_convs_export_with_zeros_inserted(tmp_path):
+    """No ONNX ``ConvTranspose`` computes these (window strides): the input gets its zeros, in
+    any number of spatial dims (before: 2-D only)."""
+
+    class Dilated1D3D(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            a = nn.Conv(4, (3,), input_dilation=(2,), strides=(2,), padding=((1, 1),),
+                        name="a")(x)
+            cube = x[:, :, None, None, :].repeat(3, 2).repeat(3, 3)
+            b = nn.Conv(4, (3, 3, 3), input_dilation=(2, 1, 2), strides=(1, 2, 1),
+                        padding=((1, 1),) * 3, name="b")(cube)
+            return a, b
+
+    model = Dilated1D3D()
+    variables = init(model, 0, X1)
+    result = export.to_onnx(model, variables, (X1,), str(tmp_path / "d.onnx"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
