@@ -9,8 +9,8 @@ t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed), is
 * the second operand of a ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``;
   any strides, explicit padding, dilation and feature groups; no input dilation): an
   ``nn.Conv``;
-* an operand of a ``dot_general`` with the data, with one batch dimension or none, contracting some
-  of the kernel's axes with some of the data's and keeping at least one of each: the data's
+* an operand of a ``dot_general`` with the data, with one batch dimension or none, contracting
+  some of the kernel's axes with some of the data's and keeping at least one of each: the data's
   last axes with the kernel's first ones is an ``nn.Dense`` (``nn.DenseGeneral``: t5x's and
   MaxText's ``(embed, heads, head_dim)`` kernels); any other axes, or the kernel first, an
   ``nn.Einsum`` whose equation gives the product's own output order (Gemma's
@@ -394,7 +394,8 @@ def _dense_axes(product: Product) -> int | None:
 
 def equation_of(product: Product) -> str:
     """The einsum ``data,kernel->out`` of ``product``'s ``dot_general``, ``out`` in the
-    product's own order (the first operand's kept axes, then the second's)."""
+    product's own order (its batch axis, then the first operand's kept axes, then the
+    second's)."""
     eqn, data = product.eqn, product.data
     contracted, batched = eqn.params["dimension_numbers"]
     x = list(string.ascii_lowercase[:len(eqn.invars[data].aval.shape)])
