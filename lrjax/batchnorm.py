@@ -33,7 +33,7 @@ def fold_batch_norms(variables, pairs: Mapping[str, str], *, eps: float = 1e-5) 
         return sites.device_array(flat[key])
 
     for conv, bn in pairs.items():
-        cpath, bpath = tuple(conv.split("/")), tuple(bn.split("/"))
+        cpath, bpath = sites.variable_key(conv), sites.variable_key(bn)
         what = f"{bn!r} into {conv!r}"
         if ("params", *cpath, "bias") not in flat:
             raise ValueError(f"cannot fold batch norm {what}: the conv has no bias")

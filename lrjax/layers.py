@@ -27,7 +27,7 @@ from lrjax import formulations, linen_cells
 from lrjax.conv_views import nd_geometry, vertical_geometry
 from lrjax.costs import as_pair, check_rank
 from lrjax.ranks import check_rank_map
-from lrjax.sites import called_equation, computes_as, einsum_split, redefined
+from lrjax.sites import called_equation, computes_as, einsum_split, path_of, redefined
 from lrjax.splittable import (
     conv_skip_reason,
     dense_skip_reason,
@@ -388,7 +388,7 @@ def module_path(module: nn.Module, root: tuple[str, ...] = ()) -> str:
         names.append(scope.name)
         scope = scope.parent
     path = (*scope.path, *reversed(names))
-    return "/".join(path[len(root):])
+    return path_of(path[len(root):])
 
 
 def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[str, int], ...]:

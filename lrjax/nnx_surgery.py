@@ -82,7 +82,7 @@ def _input_axes(layer, equation) -> tuple[int, ...]:
 
 
 def _path(path) -> str:
-    return "/".join(str(p) for p in path)
+    return sites.path_of(path)
 
 
 def _einsum_site(path: str, layer, shape, equation) -> ConvSite:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import jax
 
-from lrjax.sites import ConvSite
+from lrjax.sites import ConvSite, path_of
 
 __all__ = ["OWN_CODE", "READ_ELSEWHERE", "variable_names", "with_own_code", "grouped"]
 
@@ -68,7 +68,7 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
         """A layer's kernel, or a variable of its parts (a pair's halves); a written layer's
         module's other parameters are its own code's (big_vision's Gemma feed-forward: its
         gating products beside the product split as a layer)."""
-        owner = "/".join(variable[:-1])
+        owner = path_of(variable[:-1])
         return tuple(variable) in kernels or any(
             owner.startswith(p + "/") if p else bool(owner) for p in paths)
 
@@ -82,15 +82,15 @@ def with_own_code(found: Sequence[ConvSite], weighted, names: Sequence[tuple[str
         if any(layers_own(v) for v in variables):
             continue
         owner = _common(v[:-1] for v in variables)  # one module's weights, or its parts'
-        where = "/".join(owner) or variables[0][-1]  # (OptimizedLSTMCell)
+        where = path_of(owner) or variables[0][-1]  # (OptimizedLSTMCell)
         named = "+".join(sorted({v[len(owner)] for v in variables}))
         if where in paths:  # a written layer's module: named by its parameters, as shared ones
             where += "/" + named
-        elif "/".join(owner) in holders:  # a module holding written layers named so
-            where = "/".join((*owner, named))
+        elif path_of(owner) in holders:  # a module holding written layers named so
+            where = path_of((*owner, named))
         layer = layers.setdefault(where, {"names": {}, "ops": {}, "macs": 0})
         for v in variables:
-            layer["names"]["/".join(v[len(owner):])] = None
+            layer["names"][path_of(v[len(owner):])] = None
         layer["ops"][primitive] = layer["ops"].get(primitive, 0) + 1
         layer["macs"] += macs
     own = []

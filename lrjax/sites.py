@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import jax
@@ -55,7 +56,7 @@ __all__ = ["KINDS", "ConvSite", "EinsumSplit", "batch_position", "einsum_site", 
            "called_equation",
            "contracted_axes", "dense_shape", "dense_rows", "input_moments",
            "unless_stacked", "device_array", "redefined", "computes_as", "reparametrizes",
-           "subclass_reason", "wrapped_reason", "variable_key"]
+           "subclass_reason", "wrapped_reason", "path_of", "variable_key"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -445,9 +446,19 @@ def with_param_casts(site: ConvSite, layer) -> ConvSite:
     return dataclasses.replace(site, param_cast_flops=1.0)
 
 
+def path_of(keys) -> str:
+    """Keys of a variable tree as a layer path, joined by ``/``; a ``/`` inside a key (a linen
+    module named ``'conformer/stacked_layers_0'``, as google-deepmind/gemma's Gemma 4 audio
+    encoder names one) is written ``\\/``, so that :func:`variable_key` reads it back."""
+    return "/".join(str(k).replace("/", "\\/") for k in keys)
+
+
 def variable_key(path: str) -> tuple[str, ...]:
-    """A layer path as keys of a variable tree (``""``: the model is the layer itself)."""
-    return tuple(path.split("/")) if path else ()
+    """A layer path as keys of a variable tree (``""``: the model is the layer itself; see
+    :func:`path_of`)."""
+    if not path:
+        return ()
+    return tuple(part.replace("\\/", "/") for part in re.split(r"(?<!\\)/", path))
 
 
 def contracted_axes(layer) -> tuple[int, ...]:

@@ -1348,3 +1348,46 @@ def test_a_calibration_batch_that_misses_keyword_inputs_is_shown_as_given():
     split = lrjax.decompose_nnx(model, x, pos, None, mask, images=images, rule={"fc": 4},
                                 calibration=[(x, pos, None, mask, {"images": images})])
     assert split.ranks == {"fc": 4}
+
+
+class SlashNamedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(32, name="ffn_layer1")(x))
+        own = self.param("w", nn.initializers.lecun_normal(), (32, 16))  # its own product
+        return nn.Dense(16, name="ffn_layer2")(h) + h @ own
+
+
+class SlashNamed(nn.Module):
+    """google-deepmind/gemma's Gemma 4 audio encoder names a submodule
+    ``'conformer/stacked_layers_0'``: a ``/`` inside one name of the variable tree."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = SlashNamedBlock(name="conformer/stacked_layers_0")(x)
+        return nn.Dense(4, name="head")(nn.BatchNorm(use_running_average=True)(x))
+
+
+def test_a_module_name_with_a_slash_is_one_key_of_its_layers_paths():
+    """Before: "variables have no kernel for layer 'conformer/stacked_layers_0/ffn_layer1'"
+    (the path split into two keys)."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    model = SlashNamed()
+    variables = init(model, 0, x)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, x)}
+    assert set(found) == {r"conformer\/stacked_layers_0/ffn_layer1",
+                          r"conformer\/stacked_layers_0/ffn_layer2", "head"}
+    assert found[r"conformer\/stacked_layers_0/ffn_layer1"].kernel_key == (
+        "conformer/stacked_layers_0", "ffn_layer1", "kernel")
+    exact = lrjax.decompose_linen(model, variables, x, rule={
+        r"conformer\/stacked_layers_0/ffn_layer1": 16, r"conformer\/stacked_layers_0/ffn_layer2": 16})
+    np.testing.assert_allclose(exact.module.apply(exact.variables, x), model.apply(variables, x),
+                               rtol=1e-4, atol=1e-5)
+    split = lrjax.decompose_linen(model, variables, x, rule="speedup:1.3", calibration=x)
+    assert split.report.speedup == pytest.approx(
+        xla_flops(model.apply, variables, x) / xla_flops(split.module.apply, split.variables, x),
+        rel=2e-2)
+    assert r"conformer\/stacked_layers_0" in split.report.skipped  # its own product, listed
+    kept = lrjax.decompose_linen(model, variables, x,
+                                 rule=r"speedup:1.02,exclude=conformer\/stacked_layers_0/*")
+    assert set(kept.ranks) == {"head"}
