@@ -35,9 +35,12 @@ MODELS = {
 }
 
 
-def _first(y):
-    """A model's main output: the last of a list (SegFormer's stages)."""
-    return y[-1] if isinstance(y, (list, tuple)) else y
+def _floats(y) -> list:
+    """A model's floating-point outputs (every leaf of a list, a dict, a dataclass pytree)."""
+    import jax
+    import jax.numpy as jnp
+
+    return [a for a in jax.tree.leaves(y) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)]
 
 
 def xla_flops(model, variables, args, compiled: bool) -> float:
@@ -57,8 +60,8 @@ def xla_flops(model, variables, args, compiled: bool) -> float:
 def decomposition_row(model, variables, args, calibration, flops, **keywords) -> dict:
     """A model's found layers by kind, its full-rank error and its whole-net `speedup:2`
     data-free and calibrated (seconds, the report against ``flops(module, variables,
-    compiled)``'s ratios), called as ``model.apply(variables, *args, **keywords)`` (its main
-    output: the last of a list); ``"result"``: the calibrated decomposition."""
+    compiled)``'s ratios), called as ``model.apply(variables, *args, **keywords)`` (the error
+    over every floating-point output); ``"result"``: the calibrated decomposition."""
     import jax.numpy as jnp
 
     import lrjax
@@ -66,12 +69,13 @@ def decomposition_row(model, variables, args, calibration, flops, **keywords) ->
 
     found = [s for s in surgery.find_convs(model, *args, **keywords) if s.candidate]
     top = {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups) for s in found}
-    want = _first(model.apply(variables, *args, **keywords))
+    want = _floats(model.apply(variables, *args, **keywords))
     full = lrjax.decompose_linen(model, variables, *args, rule=top, **keywords)
+    got = _floats(full.module.apply(full.variables, *args, **keywords))
     row = {"candidates_by_kind": {}, "left_as_is": sorted(full.report.skipped),
-           "full_rank_max_error": float(jnp.max(jnp.abs(_first(
-               full.module.apply(full.variables, *args, **keywords)) - want))),
-           "output_scale": float(jnp.max(jnp.abs(want)))}
+           "full_rank_max_error": max(float(jnp.max(jnp.abs(a - b)))
+                                      for a, b in zip(got, want, strict=True)),
+           "output_scale": max(float(jnp.max(jnp.abs(w))) for w in want)}
     for site in found:
         row["candidates_by_kind"][site.kind] = row["candidates_by_kind"].get(site.kind, 0) + 1
     flops_full = {c: flops(model, variables, c) for c in (False, True)}

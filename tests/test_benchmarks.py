@@ -299,3 +299,16 @@ def test_bonsai_llms_row_checks_the_report_against_xla_and_exports(tmp_path):
         assert row[fmt]["max_abs_error"] <= 1e-5 + 1e-4 * row[fmt]["scale"]
     with pytest.raises(SystemExit):
         bonsai_llms.main(["--bonsai", str(tmp_path)])  # no checkout there: exit 2
+
+
+def test_perch_models_needs_its_checkout_and_counts_every_float_output(tmp_path):
+    """``benchmarks.perch_models`` refuses a folder without perch's ``chirp/models`` (one
+    ``error:`` line, exit 2); a row's error covers every floating-point output of a model that
+    returns a dict (perch's classifiers) or a list, not its integer ones."""
+    from benchmarks import perch_models, public_models
+
+    with pytest.raises(SystemExit) as stop:
+        perch_models.main(["--perch", str(tmp_path)])
+    assert stop.value.code == 2
+    outputs = {"label": jnp.ones(2), "embedding": [jnp.zeros((2, 3)), jnp.arange(3)]}
+    assert [a.shape for a in public_models._floats(outputs)] == [(2, 3), (2,)]
