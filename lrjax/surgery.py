@@ -161,7 +161,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                 module.scope is not running[0][2] and type(module) is not type(model):
             # a module applied inside another with the parameters it is given (a weight-normed
             # conv's self.conv.apply); not the model (its methods, nn.jit(Net.body)(self, x))
-            prefix = "/".join(p for p in (running[-1][0], sites.path_of([module.name])) if p)
+            prefix = sites.path_of((*variable_key(running[-1][0]), *filter(None, [module.name])))
         path = module_path(module) if prefix is None else \
             "/".join(p for p in (prefix, module_path(module)) if p)
         wrapper = module if isinstance(module, _WRAPPERS) else running[-1][3] if running else None
