@@ -93,8 +93,9 @@ def _einsum_site(path: str, layer, shape, equation) -> ConvSite:
     split = sites.einsum_split(equation or "")
     if reason is not None or isinstance(split, str):
         return ConvSite(path, None, skip=reason or split, equation=equation)
-    return sites.einsum_site(path, shape, split, layer.kernel[...].shape, layer.bias is not None,
-                             equation=equation)
+    kernel = tuple(layer.kernel[...].shape)  # a stack's (nnx.scan over nnx.vmap): its last axes
+    return sites.einsum_site(path, shape, split, kernel[len(kernel) - len(split.kernel):],
+                             layer.bias is not None, equation=equation)
 
 
 def _site(path: str, layer, shape, equation=None) -> ConvSite:

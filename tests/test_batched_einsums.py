@@ -260,3 +260,42 @@ def test_written_expert_kernels_split_as_batches_of_kernels():
     exact = lrjax.decompose_nnx(nnx_model, X, rule=_full(found))
     np.testing.assert_allclose(exact.module(X), nnx_model(X), atol=1e-5)
     assert lrjax.decompose_nnx(nnx_model, X, rule="speedup:1.5", calibration=CALIB).ranks
+
+
+class EinsumBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Einsum("bsm,mh->bsh", (M, H), rngs=rngs)
+        self.experts = ExpertsNNX("first", rngs)
+
+    def __call__(self, x):
+        return x + self.experts(nnx.relu(self.up(x))[..., :M])
+
+
+class EinsumStack(nnx.Module):
+    """Flax's scan-over-layers idiom: blocks made by ``nnx.vmap``, run by ``nnx.scan``."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return EinsumBlock(rngs)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def test_nnx_einsums_in_a_stack_split_per_iteration_and_a_stacked_batch_of_kernels_says_why():
+    """Before: any ``nnx.Einsum`` in an NNX stack failed to be found (its stacked kernel's shape
+    read as one iteration's: "zip() argument 2 is longer than argument 1")."""
+    model = EinsumStack(nnx.Rngs(0))
+    found = {s.path: s for s in nnx_surgery.find_convs_nnx(model, X)}
+    assert (found["blocks/up"].stack, found["blocks/up"].candidate) == (2, True)
+    assert "a batch of kernels (4, 16, 32) stacked again" in found["blocks/experts/up"].skip
+    exact = lrjax.decompose_nnx(model, X, rule={"blocks/up": 2 * M})
+    np.testing.assert_allclose(exact.module(X), model(X), atol=1e-5)
