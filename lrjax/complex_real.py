@@ -12,7 +12,8 @@ and sine matrices along each transformed axis: ``n x n`` entries for an axis of 
 models transform, not for long signals. Complex constants computed from the weights alone (a
 filter's spectrum) are split where the data meets them. Covered: casts to complex, ``real``,
 ``imag``, ``complex``, ``conj``, ``+``, ``-``, ``*``, ``/``, ``abs``, ``exp``,
-``dot_general``, the four FFT types, and the ops that move or sum values without mixing real
+``dot_general`` and ``conv_general_dilated`` (a complex filter bank: perch's Gabor / Morlet
+front end), the four FFT types, and the ops that move or sum values without mixing real
 and imaginary parts (reshape, transpose, slice, pad, concatenate, gather, ``select_n``,
 ``reduce_sum``, ...); another complex op (or a complex output) is a :class:`ComplexError`
 naming it and its layer.
@@ -116,7 +117,8 @@ def _rule(eqn, ins, here):
     handler = _HANDLERS.get(name)
     if handler is None:
         raise ComplexError(name, str(here.name_stack), "complex values in it have no real "
-                           "form for export (covered: FFTs, arithmetic, exp, abs, moves, sums)")
+                           "form for export (covered: FFTs, arithmetic, exp, abs, products, convs, "
+                           "moves, sums)")
     return [handler(eqn, ins, avals)]
 
 
@@ -144,7 +146,9 @@ def _convert(eqn, ins, avals):
     return Pair(x, jnp.zeros_like(x))
 
 
-def _dot(eqn, ins, avals):
+def _bilinear(eqn, ins, avals):
+    """A ``dot_general`` or a conv (bilinear in its two operands) of complex values: its real
+    products, two where one operand is real, four otherwise."""
     params = dict(eqn.params, preferred_element_type=_real_dtype(eqn.outvars[0].aval))
     (a, b), (c, d) = (_parts(x, v) if _complex(v) else (x, None)
                       for x, v in zip(ins, avals, strict=True))
@@ -203,7 +207,8 @@ def _fft(eqn, ins, avals):
 
 _HANDLERS = {
     "add": _binary, "sub": _binary, "mul": _binary, "div": _binary,
-    "convert_element_type": _convert, "dot_general": _dot, "fft": _fft,
+    "convert_element_type": _convert, "dot_general": _bilinear,
+    "conv_general_dilated": _bilinear, "fft": _fft,
     "real": lambda eqn, ins, avals: _parts(ins[0], avals[0])[0],
     "imag": lambda eqn, ins, avals: _parts(ins[0], avals[0])[1],
     "complex": lambda eqn, ins, avals: Pair(*ins),

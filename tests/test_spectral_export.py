@@ -100,9 +100,25 @@ class MelFrontEnd(nn.Module):
         return nn.Dense(4, name="proj")(jnp.log(jnp.maximum(power @ mel, 1e-5)))
 
 
+class GaborFrontEnd(nn.Module):
+    """google-research/perch's ``MorletWaveletTransform``: complex Gabor filters made from two
+    learned parameters, convolved with the real signal (a complex conv), the power of each."""
+
+    @nn.compact
+    def __call__(self, x):
+        mean = self.param("mean", lambda k: jnp.linspace(0.1, 1.2, 6))
+        std = self.param("std", lambda k: jnp.full((6,), 3.0))
+        t = jnp.arange(-7, 8, dtype=jnp.float32)[:, None]
+        filters = jnp.exp(-0.5 * (t / std) ** 2) * jnp.exp(1j * mean * t)  # (15, 6)
+        y = jax.lax.conv_general_dilated(x[..., None].astype(jnp.complex64), filters[:, None],
+                                         (4,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+        return nn.Dense(4, name="proj")(jnp.log1p(jnp.abs(y) ** 2))
+
+
 MODELS = {"fnet": (FNetMixing, (2, 12, 6)), "global filter": (GlobalFilter, (2, 8, 6, 4)),
           "long conv": (LongConv, (2, 10, 4)), "complex math": (ComplexMath, (2, 7, 5, 6)),
-          "spectrogram": (Spectrogram, (2, 48)), "stft": (MelFrontEnd, (2, 64))}
+          "spectrogram": (Spectrogram, (2, 48)), "stft": (MelFrontEnd, (2, 64)),
+          "gabor": (GaborFrontEnd, (2, 64))}
 
 
 def _example(name):
@@ -120,7 +136,7 @@ def test_spectral_layers_export_to_onnx(name, tmp_path):
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
 
-@pytest.mark.slow  # six LiteRT conversions
+@pytest.mark.slow  # seven LiteRT conversions
 @pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")
 def test_spectral_layers_export_to_litert(tmp_path):
     pytest.importorskip("ai_edge_litert")
