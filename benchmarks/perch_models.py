@@ -25,7 +25,7 @@ import sys
 import types
 
 from benchmarks.common import checkout_args, machine, setup, write_json
-from benchmarks.public_models import _table, decomposition_row
+from benchmarks.public_models import _table, decomposition_row, exported
 
 MODELS = {"taxonomy_b0": 16000, "separation": 6400}  # name: samples per example
 
@@ -72,8 +72,6 @@ def measure(model, audio, calibration, *, tmp_dir: str, exporters=("onnx", "tfli
     import flax
     import jax
 
-    from lrjax import export
-
     variables = jax.jit(lambda key, a: model.init(key, a, train=False))(jax.random.key(1), audio)
     params = flax.core.unfreeze(variables["params"])
     leaves, tree = jax.tree.flatten(params)
@@ -87,15 +85,8 @@ def measure(model, audio, calibration, *, tmp_dir: str, exporters=("onnx", "tfli
         return (lowered.compile() if compiled else lowered).cost_analysis()["flops"]
 
     row = decomposition_row(model, variables, (audio,), calibration, flops, train=False)
-    result = row.pop("result")
-    for fmt in exporters:
-        try:
-            done = export.EXPORTERS[fmt](result.module, result.variables, (audio,),
-                                         os.path.join(tmp_dir, f"model.{fmt}"), train=False)
-            row[fmt] = {"max_abs_error": done.max_abs_error, "scale": done.scale,
-                        "batches": list(done.checked_batches)}
-        except export.ExportError as e:
-            row[fmt] = {"error": str(e)}
+    row.update(exported(row.pop("result"), (audio,), tmp_dir=tmp_dir, exporters=exporters,
+                        train=False))
     return row
 
 

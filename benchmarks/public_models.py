@@ -95,24 +95,35 @@ def decomposition_row(model, variables, args, calibration, flops, **keywords) ->
     return row
 
 
+def exported(result, example, *, tmp_dir: str, exporters=("onnx", "tflite"), onnx_kwargs=None,
+             **apply_kwargs) -> dict:
+    """``{format: {max_abs_error, scale, batches} or {error}}`` of a decomposition's module
+    exported to each runtime of ``exporters`` (``lrjax.export.EXPORTERS``) on ``example``."""
+    from lrjax import export
+
+    rows = {}
+    for fmt in exporters:
+        extra = dict(onnx_kwargs or {}) if fmt == "onnx" else {}
+        try:
+            done = export.EXPORTERS[fmt](result.module, result.variables, example,
+                                         os.path.join(tmp_dir, f"model.{fmt}"), **apply_kwargs,
+                                         **extra)
+            rows[fmt] = {"max_abs_error": done.max_abs_error, "scale": done.scale,
+                         "batches": list(done.checked_batches), **extra}
+        except export.ExportError as e:
+            rows[fmt] = {"error": str(e)}
+    return rows
+
+
 def measure(model, variables, args, calibration, *, tmp_dir: str, exporters=("onnx", "tflite"),
             onnx_kwargs=None) -> dict:
     """One model's row: ``args`` its example call's positional arguments (the batch first)."""
-    from lrjax import export
-
     row = decomposition_row(model, variables, args, calibration,
                             lambda m, v, c: xla_flops(m, v, args, c))
     result = row.pop("result")
     kwargs = {"deterministic": True} if args[1:] == (True,) else {}
-    for fmt in exporters:
-        extra = dict(onnx_kwargs or {}) if fmt == "onnx" else {}
-        try:
-            done = export.EXPORTERS[fmt](result.module, result.variables, args[0],
-                                         os.path.join(tmp_dir, f"model.{fmt}"), **kwargs, **extra)
-            row[fmt] = {"max_abs_error": done.max_abs_error, "scale": done.scale,
-                        "batches": list(done.checked_batches), **extra}
-        except export.ExportError as e:
-            row[fmt] = {"error": str(e)}
+    row.update(exported(result, args[0], tmp_dir=tmp_dir, exporters=exporters,
+                        onnx_kwargs=onnx_kwargs, **kwargs))
     return row
 
 

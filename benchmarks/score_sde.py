@@ -46,20 +46,12 @@ def measure(model, variables, args, calibration, *, tmp_dir: str,
             exporters=("onnx", "tflite")) -> dict:
     """One model's row: ``args`` its example call's arrays (images and noise levels, the batch
     first in each), called with ``train=False``; ``calibration`` a tuple of such arrays."""
-    from benchmarks.public_models import decomposition_row
-    from lrjax import export
+    from benchmarks.public_models import decomposition_row, exported
 
     row = decomposition_row(model, variables, args, [calibration],
                             lambda m, v, c: xla_flops(m, v, args, c), train=False)
-    result = row.pop("result")
-    for fmt in exporters:
-        try:
-            done = export.EXPORTERS[fmt](result.module, result.variables, tuple(args),
-                                         os.path.join(tmp_dir, f"model.{fmt}"), train=False)
-            row[fmt] = {"max_abs_error": done.max_abs_error, "scale": done.scale,
-                        "batches": list(done.checked_batches)}
-        except export.ExportError as e:
-            row[fmt] = {"error": str(e)}
+    row.update(exported(row.pop("result"), tuple(args), tmp_dir=tmp_dir, exporters=exporters,
+                        train=False))
     return row
 
 
