@@ -51,18 +51,24 @@ class EinsumSplit:
         ``(*contracted dims, K)`` and ``(K, *produced dims)``, the batch's length at
         :func:`batch_position` in each."""
         contracted, produced = self.dims(kernel_shape)
-        first, second = [*contracted, rank], [rank, *produced]
-        if self.batch:
-            length = int(kernel_shape[self.batch_axis])
-            first.insert(batch_position(self.batch_axis, len(first)), length)
-            second.insert(batch_position(self.batch_axis, len(second)), length)
-        return tuple(first), tuple(second)
+        first, second = (*contracted, rank), (rank, *produced)
+        if not self.batch:
+            return first, second
+        length = (int(kernel_shape[self.batch_axis]),)
+        return _with_batch(first, length, self.batch_axis), _with_batch(second, length,
+                                                                         self.batch_axis)
 
 
 def batch_position(axis: int, ndim: int) -> int:
     """Where a stack's (or a batch letter's) axis goes in a factor of ``ndim`` axes per slice:
     the layer's own kernel's position ``axis``, or last when the factor has fewer axes."""
     return min(axis, ndim)
+
+
+def _with_batch(axes, batch, axis: int):
+    """A factor's ``axes`` (letters or sizes) with ``batch`` inserted at :func:`batch_position`."""
+    at = batch_position(axis, len(axes))
+    return axes[:at] + batch + axes[at:]
 
 
 def einsum_split(equation: str) -> EinsumSplit | str:
@@ -96,11 +102,7 @@ def einsum_split(equation: str) -> EinsumSplit | str:
     free = "".join(c for c in lhs if c not in contracted)
     first, second = contracted + z, z + produced
     if batch:
-        axis = rhs.index(batch)
-        first = first[:batch_position(axis, len(first))] + batch + \
-            first[batch_position(axis, len(first)):]
-        second = second[:batch_position(axis, len(second))] + batch + \
-            second[batch_position(axis, len(second)):]
+        first, second = (_with_batch(f, batch, rhs.index(batch)) for f in (first, second))
     order = tuple(one.index(c) for c in contracted + produced)
     return EinsumSplit(f"{lhs},{first}->{free}{z}", f"{free}{z},{second}->{out}",
                        contracted, produced,

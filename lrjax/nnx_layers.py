@@ -109,7 +109,7 @@ def pair_module(layer, site: ConvSite, factors: decompose.Factors,
 def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowRankConvNNX:
     """:func:`pair_module`'s pair. A stacked layer's (``nnx.scan`` over ``nnx.vmap``-made
     blocks) is built as one iteration's pair, then given every iteration's factors, stacked."""
-    if site.stack > 1 and not site.batched:
+    if site.lifted:
         vertical, horizontal = site.factor_variables(factors)
         k, n = (int(f.shape[-1]) // site.stack for f in factors)
         pair = pair_module(layer, site.restacked(1), decompose.Factors(

@@ -180,7 +180,7 @@ class _Probe(nnx.Module):
             record["calls"][self.path] = record["calls"].get(self.path, 0) + 1
         if site is not None and (host is not None or self.path not in record["batch"]):
             # in the geometry of one run (a stacked layer's: one slice)
-            s, n = _moments(x, site.restacked(1) if site.stack > 1 and not site.batched else site,
+            s, n = _moments(x, site.restacked(1) if site.lifted else site,
                             nnx_written.input_axes(site) if self.written else
                             _input_axes(layer, site.equation))
             if host is not None:  # inside a loop: each run to the host

@@ -142,6 +142,12 @@ class ConvSite:
     batched: bool = False
 
     @property
+    def lifted(self) -> bool:
+        """A stack a lifted transform runs (each call sees one iteration's slice), not a batch
+        of kernels (one call runs them all)."""
+        return self.stack > 1 and not self.batched
+
+    @property
     def candidate(self) -> bool:
         """Whether the layer can be replaced by a pair (supported, not a pair already)."""
         return self.skip is None and self.rank is None and self.shape is not None
