@@ -213,7 +213,7 @@ def _compact_param(module, hook, name, init_fn, init_args, init_kwargs, unbox):
     elif module.is_initializing():  # as Flax's param makes and stores it (same keys)
         value = init_fn(module.make_rng("params"), *init_args, **init_kwargs)
         scope.put_variable("params", name, value)  # (its own code may read self.variables)
-    elif given is not None and _has_pair(module):  # the split kernel (one only: _traced)
+    elif given is not None and _has_pair(module):  # the split kernel (one only: replay.traced_inlined)
         value = _placeholder(module, init_fn, init_args, init_kwargs)
     else:
         return nn.Module.param(module, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
@@ -284,30 +284,6 @@ def _values(state: dict) -> dict:
     return {name: value for name, (value, _) in state.items()}
 
 
-def _dynamic(next_fun, args, kwargs):
-    """The call's arrays, and ``next_fun`` as a function of them (its other arguments as
-    given), to be traced."""
-    flat, treedef = jax.tree.flatten((args, kwargs))
-    dynamic = [i for i, a in enumerate(flat) if isinstance(a, (jax.Array, np.ndarray))]
-
-    def call(*arrays):
-        full = list(flat)
-        for i, a in zip(dynamic, arrays, strict=True):
-            full[i] = a
-        call_args, call_kwargs = jax.tree.unflatten(treedef, full)
-        return next_fun(*call_args, **call_kwargs)
-
-    return [flat[i] for i in dynamic], call
-
-
-def _traced(fn, *args):
-    """``fn``'s closed jaxpr on ``args`` with its calls inlined, and its output shapes."""
-    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
-    flat = jax.make_jaxpr(lambda *a: replay.run(closed.jaxpr, closed.consts, a))(*avals)
-    return flat, shapes
-
-
 def _replayed(module: nn.Module, next_fun, args, kwargs):
     """A ``setup`` module's call with the product of one of its parameters as a Flax layer (or
     as written, at once when the same call was found to hold none)."""
@@ -317,11 +293,11 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     key = _call_key(module, args, kwargs)
     if not split and key is not None and key in _AS_WRITTEN:
         return next_fun(*args, **kwargs)
-    arrays, call = _dynamic(next_fun, args, kwargs)
+    arrays, call = replay.array_call(next_fun, args, kwargs)
     uses: dict = {}
     try:
         with _attempt(module):  # (no product found: its scope as it was)
-            closed, shapes = _traced(call, *arrays)
+            closed, shapes = replay.traced_inlined(call, *arrays)
             named = {id(value): name for name, (value, _) in state.items()}
             for var, const in zip(closed.jaxpr.constvars, closed.consts, strict=True):
                 if id(const) in named:
@@ -377,7 +353,7 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     own = None if initializing else _own_params(module)
     if not initializing and not own:  # a submodule's variables, or no parameter
         return next_fun(*args, **kwargs)
-    arrays, call = _dynamic(next_fun, args, kwargs)
+    arrays, call = replay.array_call(next_fun, args, kwargs)
     given = {} if initializing else {n: nn.meta.unbox(v) for n, v in own.items()
                                      if n not in _PAIR and not is_pair(v)}
     key = _call_key(module, args, kwargs)
@@ -407,7 +383,7 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
 
     try:
         with _attempt(module):  # (no product found: its scope as it was)
-            closed, shapes = _traced(body, [given[n] for n in names], *arrays)
+            closed, shapes = replay.traced_inlined(body, [given[n] for n in names], *arrays)
             products = _products(closed, zip(names, closed.jaxpr.invars, strict=False),
                                  closed.jaxpr.invars[len(names):])
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)

@@ -20,7 +20,18 @@ import numpy as np
 from flax import nnx
 from flax.nnx import bridge
 
-from lrjax import boxes, costs, lapack, macs, nnx_written, own_code, rules, site_runs, sites
+from lrjax import (
+    boxes,
+    costs,
+    lapack,
+    macs,
+    nnx_products,
+    nnx_written,
+    own_code,
+    rules,
+    site_runs,
+    sites,
+)
 from lrjax.conv_views import conv_view, nd_geometry, spatial_dims
 from lrjax.layers import (
     conv_skip_reason,
@@ -50,6 +61,7 @@ from lrjax.nnx_layers import (
     paired_in_place,
     placeholder_factors,
 )
+from lrjax.nnx_views import EVAL_NOTE, eval_view, graph_keywords, run_abstractly
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
 from lrjax.sites import ConvSite, computes_as
@@ -72,6 +84,37 @@ def _splits(node) -> bool:
     """Whether ``node`` is a layer a pair replaces: of a type in ``_SPLIT`` (or a subclass), or
     a dense layer written by hand (:func:`lrjax.nnx_written.is_written`)."""
     return isinstance(node, _SPLIT) or nnx_written.is_written(node, _FLAX_LAYERS)
+
+
+def _written(node) -> bool:
+    return nnx_written.is_written(node, _FLAX_LAYERS)
+
+
+def _canonical(model, products: dict):
+    """A copy of ``model`` with the ``products`` of its modules' own code computed by layers
+    (:func:`lrjax.nnx_products.canonical`)."""
+    return nnx_products.canonical(nnx.clone(model), products, _FLAX_LAYERS, _written)
+
+
+def _written_products(model, example_args, example_kwargs, eval_mode) -> dict:
+    """``{module path: {parameter: equation}}``: the products that modules of the user's own
+    compute with their parameters (:mod:`lrjax.nnx_products`), those of a module whose layers
+    in their place stop the model from running (its parent reading the parameter) left out."""
+    def run(copy):
+        run_abstractly(copy, example_args, example_kwargs, eval_mode)
+
+    products = nnx_products.record(model, run, _FLAX_LAYERS, _written)
+
+    def runs(chosen) -> bool:
+        try:
+            run(_canonical(model, chosen))
+        except Exception:  # noqa: BLE001 - something else reads a parameter the layer holds
+            return False
+        return True
+
+    if not products or runs(products):
+        return products
+    return {p: v for p, v in products.items() if runs({p: v})}
 
 
 def _input_axes(layer, equation) -> tuple[int, ...]:
@@ -217,65 +260,11 @@ def _moments(x, site, axes):
     return sites.input_moments(site, x, axes)
 
 
-EVAL_NOTE = ("layers found and calibrated on an eval view of the model (batch norm on its "
-             "running statistics, dropout off)")
-
-
-def graph_keywords(kwargs) -> tuple[dict, dict]:
-    """A call's keyword arguments split into the rest and those holding NNX objects (a KV cache
-    of ``nnx.Cache`` variables the call updates: bonsai's Qwen 3 ``model(tokens, cache=[...],
-    segment_ids=...)``). lrjax's traces split the latter with the model and merge them inside
-    (a trace cannot update variables made outside it): each trace updates copies, and the
-    caller's objects are left as they were."""
-    def holds_nnx(value):
-        return any(isinstance(leaf, (nnx.Module, nnx.Variable)) for leaf in jax.tree.leaves(
-            value, is_leaf=lambda x: isinstance(x, (nnx.Module, nnx.Variable))))
-
-    kwargs = dict(kwargs or {})
-    nodes = {k: v for k, v in kwargs.items() if holds_nnx(v)}
-    return {k: v for k, v in kwargs.items() if k not in nodes}, nodes
-
-
-_EVAL_FLAGS = ("deterministic", "use_running_average")  # the user's own modules' mode flags
-
-
-def eval_view(model):
-    """An eval-mode view of an NNX model: batch norm on its running statistics, dropout off
-    (the model itself is unchanged). Modules of the user's own holding a ``deterministic`` or
-    ``use_running_average`` flag (a stochastic depth, a dropout of its own) get it set too, as
-    Flax's own ``Module.eval`` sets them; ``nnx.view`` reaches only the modules that define
-    ``set_view`` (Flax's layers). Its ``nnx.Dropout`` layers get rate 0 and its
-    ``nnx.BatchNorm`` layers use their running statistics even where the model's call passes
-    them ``deterministic=False`` / ``use_running_average=False`` (jax-ai-stack's translation
-    model, whose ``__call__(..., deterministic=False)`` gives its dropout that flag by default;
-    ``self.bn(x, use_running_average=not train)`` under a call's default ``train=True``)."""
-    view = nnx.view(model, deterministic=True, use_running_average=True,
-                    raise_if_not_found=False)
-    if view is model:  # (not a copy: nothing to set on it)
-        return view
-    for _, module in nnx.iter_modules(view):
-        for name in _EVAL_FLAGS:
-            if vars(module).get(name) is False:
-                setattr(module, name, True)
-        if isinstance(module, nnx.Dropout):
-            module.rate = 0.0
-        if type(module) is nnx.BatchNorm:
-            module.__class__ = _RunningBatchNorm
-    return view
-
-
-class _RunningBatchNorm(nnx.BatchNorm):
-    """An ``nnx.BatchNorm`` of an eval view: on its running statistics, whatever its call
-    passes."""
-
-    def __call__(self, x, use_running_average=None, **kwargs):
-        return super().__call__(x, True, **kwargs)
-
-
 _CARRIED = "carry input and carry output"  # JAX's scan error: the carry changed structure
 
 
-def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, eval_mode=True):
+def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, eval_mode=True,
+                products=None):
     """Run a copy of ``model`` (an eval view of it with ``eval_mode``) with every conv and linear
     layer (subclasses included) behind a probe; the ``wanted`` sites' input moments summed.
 
@@ -283,7 +272,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     moments are wanted, else as one ``jax.jit`` program reused for every batch of the same
     shapes (eager execution compiled each op's own program: 15 s of a ConvNeXt-T's first
     calibrated decomposition at 64x64). A call that cannot be traced (Python control flow on
-    values, arguments that are not arrays) runs eagerly instead."""
+    values, arguments that are not arrays) runs eagerly instead. ``products``: the modules'
+    own products run as layers (:func:`_written_products`)."""
     check_model_kind(model, "nnx")
     record = {"shapes": {}, "equations": {}, "keywords": {}, "sums": {}, "counts": {},
               "batch": {}, "calls": {}, "wanted": {s.path: s for s in wanted}, "inner": set(),
@@ -309,7 +299,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             return _Probe(node, name, record)
         return node
 
-    probed = nnx.recursive_map(probe, nnx.clone(model))
+    probed = nnx.recursive_map(probe, _canonical(model, products or {}))
     if eval_mode:
         probed = eval_view(probed)
     kwargs, nodes = graph_keywords(kwargs)
@@ -371,8 +361,9 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     """Every conv and linear layer (``nnx.Conv``, ``nnx.ConvTranspose``, ``nnx.Linear``,
     ``nnx.LinearGeneral``, ``nnx.Einsum``) the model calls on the example inputs, in
     call order; run on an eval view of a copy with ``eval_mode``."""
+    products = _written_products(model, example_args, example_kwargs, eval_mode)
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
-                                eval_mode=eval_mode)
+                                eval_mode=eval_mode, products=products)
     batch = site_runs.example_batch(example_args)
 
     def site_of(path, layer, shape):
@@ -400,19 +391,11 @@ def _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode
     """The paths of subclasses split in their base's call (``split``: their sites) whose own
     code reads the layer's kernel too: the model with them split fails to trace (each tried
     alone where all together fail)."""
-    kwargs, nodes = graph_keywords(example_kwargs)
-
     def fails(paths) -> bool:
         trial = with_pairs(model, split, {p: placeholder_factors(split[p], split[p].shape.groups)
                                           for p in paths})
-        graphdef, state = nnx.split((eval_view(trial) if eval_mode else trial, nodes))
-
-        def call(state, *args):
-            module, copies = nnx.merge(graphdef, state)
-            return module(*args, **kwargs, **copies)
-
         try:
-            with_constants_evaluated(jax.eval_shape, call, state, *example_args)
+            run_abstractly(trial, example_args, example_kwargs, eval_mode)
         except Exception:  # noqa: BLE001 - its own code needs what the pair no longer holds
             return True
         return False
@@ -449,7 +432,8 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
             return pair if base is None else paired_in_place(node, pair, base)
         return node
 
-    new_model = nnx.recursive_map(replace, nnx.clone(model))
+    products = nnx_products.from_sites([found[p] for p in factors])
+    new_model = nnx.recursive_map(replace, _canonical(model, products))
     if replaced != set(factors):
         raise ValueError(f"layers {sorted(set(factors) - replaced)} were decomposed but not "
                          "found in the model's graph")
@@ -505,7 +489,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
             return _Scoped(node, i)
         return node
 
-    view = nnx.recursive_map(scoped, nnx.clone(model))
+    view = nnx.recursive_map(scoped, _canonical(model, nnx_products.from_sites(found)))
     example_kwargs, nodes = graph_keywords(example_kwargs)
     graphdef, state = nnx.split((eval_view(view) if eval_mode else view, nodes))
 
@@ -564,15 +548,17 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     """
     rule = rules.parse_rule(rule, multiple=multiple)
     found = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
-    graph = dict((_path(p), n) for p, n in nnx.iter_graph(model) if _splits(n))
     candidates = [s for s in found if s.candidate]
+    products = nnx_products.from_sites(candidates)
+    graph = dict((_path(p), n) for p, n in nnx.iter_graph(_canonical(model, products))
+                 if _splits(n))
     kernels = {s.path: s.to_hwio(nnx_written.used_kernel(graph[s.path], s)) for s in candidates}
     covs, note, few = None, None, None
     if calibration is not None and problem is None:
         batches = rules.calibration_batches(calibration, example_args, example_kwargs)
         paths, note = calibrated_paths(candidates)
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
-                                example_kwargs, eval_mode)
+                                example_kwargs, eval_mode, products)
         covs = {p: np.divide(s, record["counts"][p], out=s) for p, s in record["sums"].items()}
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(record["counts"], candidates)

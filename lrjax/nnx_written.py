@@ -236,15 +236,8 @@ def product_einsum(layer, x, keywords: dict) -> tuple[str, Callable | None] | No
     if product.eqn.primitive.name != "dot_general" or product.sliced is not None or \
             any(n not in _ELEMENTWISE + ("transpose",) for n in names):
         return None
-    lhs, rest = written_products.equation_of(product).split(",")
+    lhs, rest = written_products.stored_equation(product).split(",")
     kernel, out = rest.split("->")
-    for step in reversed(product.steps):  # the stored kernel's letters
-        if step.primitive.name != "transpose":
-            continue
-        stored = [""] * len(kernel)
-        for i, axis in enumerate(step.params["permutation"]):
-            stored[axis] = kernel[i]
-        kernel = "".join(stored)
     # scalars and casts commute with the transposes: applied to the stored kernel
     scaled = tuple(step for step in product.steps if step.primitive.name in _ELEMENTWISE)
     var = product.eqn.outvars[0]

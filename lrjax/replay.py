@@ -19,8 +19,8 @@ from jax.extend import source_info_util
 
 from lrjax import macs
 
-__all__ = ["run", "call_jaxpr", "bind", "in_float32", "lowest_precision", "ReplayError",
-           "LOW_PRECISION"]
+__all__ = ["run", "call_jaxpr", "bind", "array_call", "traced_inlined", "in_float32",
+           "lowest_precision", "ReplayError", "LOW_PRECISION"]
 
 # a rule: (equation, its input values, its source info) -> output values, or None for the
 # default (a call inlined, anything else bound as it is)
@@ -76,6 +76,31 @@ def bind(eqn, ins, params=None) -> list:
     """``eqn``'s primitive applied to ``ins`` (with ``params``: instead of its own), as a list."""
     outs = eqn.primitive.bind(*ins, **(eqn.params if params is None else params))
     return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def array_call(fn: Callable, args, kwargs):
+    """The arrays among a call's ``args`` and ``kwargs``, and ``fn`` as a function of them (its
+    other arguments as given), to be traced."""
+    flat, treedef = jax.tree.flatten((args, kwargs))
+    dynamic = [i for i, a in enumerate(flat) if isinstance(a, (jax.Array, np.ndarray))]
+
+    def call(*arrays):
+        full = list(flat)
+        for i, a in zip(dynamic, arrays, strict=True):
+            full[i] = a
+        call_args, call_kwargs = jax.tree.unflatten(treedef, full)
+        return fn(*call_args, **call_kwargs)
+
+    return [flat[i] for i in dynamic], call
+
+
+def traced_inlined(fn: Callable, *args):
+    """``fn``'s closed jaxpr on ``args`` with its calls inlined (a ``jnp.matmul``'s product an
+    equation of its own), and its output shapes."""
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed.consts, a))(*avals)
+    return flat, shapes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from lrjax.sites import ConvSite
 __all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
            "WrittenDenseGeneral", "WrittenEinsum", "equation_of", "is_pair", "is_written_layer",
            "keep_read_elsewhere", "kernel_name", "layer_for", "product_of", "piece_of",
-           "set_aside", "stored_kernel"]
+           "set_aside", "stored_equation", "stored_kernel"]
 
 KERNEL = "kernel"
 _WRITTEN = "_lrjax_written"  # set on a layer made by layer_for
@@ -414,6 +414,20 @@ def equation_of(product: Product) -> str:
     kept_k = [c for i, c in enumerate(k) if i not in (*summed, *shared)]
     out = [x[a] for a in batched[data]] + (kept_x + kept_k if data == 0 else kept_k + kept_x)
     return f"{''.join(x)},{''.join(k)}->{''.join(out)}"
+
+
+def stored_equation(product: Product) -> str:
+    """:func:`equation_of` with the kernel's letters in its stored layout: the transposes among
+    ``product``'s steps undone (its other steps neither move nor rename axes)."""
+    lhs, rest = equation_of(product).split(",")
+    kernel, out = rest.split("->")
+    for step in reversed(product.steps):
+        if step.primitive.name == "transpose":
+            stored = [""] * len(kernel)
+            for i, axis in enumerate(step.params["permutation"]):
+                stored[axis] = kernel[i]
+            kernel = "".join(stored)
+    return f"{lhs},{kernel}->{out}"
 
 
 def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bool = False

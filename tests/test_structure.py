@@ -22,7 +22,7 @@ LAYERS = {
     "nnx_layers": 1,
     "runtimes": 1, "timing": 1, "gate": 1, "checkpoint": 1, "pretrained": 1, "data": 1,
     "rules": 2, "problem": 2, "report": 2, "surgery": 2, "linen_moments": 2, "nnx_surgery": 2,
-    "nnx_written": 2,
+    "nnx_written": 2, "nnx_products": 2, "nnx_views": 1,
     "cost_report": 2,
     "convert": 2,
     "export": 3, "export.failures": 3, "train": 3, "reporting": 3, "saved": 3,

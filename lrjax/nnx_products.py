@@ -1,0 +1,239 @@
+"""Several products written by hand in one NNX module: a module of the user's own holding only
+parameters, whose call multiplies the data by some of them (the canonical hand-written MLP,
+``h = relu(x @ self.w1 + self.b1); return h @ self.w2 + self.b2``; a hand-written attention's
+``wq``, ``wk``, ``wv``, ``wo``; a layer norm's scale and a projection in one module).
+
+Such a module (not Flax's or lrjax's, holding ``nnx.Param`` variables and nothing else, at least
+one of two or more axes, and not a one-kernel layer :mod:`lrjax.nnx_written` splits whole) has
+its first call traced (:func:`record`), with its parameters as inputs; each parameter of two or
+more axes whose one use is a ``dot_general`` with the call's data, through transposes only
+(:func:`lrjax.written_products.product_of`: ``x @ self.w``, ``x @ self.w.T``,
+``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a product an ``nnx.Einsum`` of that equation
+computes. Its other uses (scaled, sliced, a lookup, used twice, a conv) are its own code's
+products, a fixed cost.
+
+In lrjax's copies of the model (:func:`canonical`), each such parameter becomes the kernel of an
+``nnx.Einsum`` view in its place (the same variable, shared), and the module's class a subclass
+whose call traces its own code again and replays it with each product computed by the layer in
+its place (:mod:`lrjax.replay`): its view, its probe while lrjax runs the model, or its pair once
+split. Each is found, costed, calibrated on the product's own input and split as an
+``nnx.Einsum``, named ``{module path}/{parameter}``; a split one's pair takes the parameter's
+place (``{module path}/{parameter}/vertical/kernel``, ``.../horizontal/kernel``), the module's
+other parameters stay as they were, and its code runs as written around the pairs. A decomposed
+module whose call no longer computes a split product so (called on data of another rank) is a
+``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lrjax import replay, sites, written_products
+from lrjax.written_products import NotALayer
+
+__all__ = ["eligible", "record", "canonical", "from_sites", "declared"]
+
+_PRODUCTS = "lrjax_products"  # ((parameter, equation, shape, dtype), ...) of a canonical module
+_PATH = "lrjax_products_path"  # a module's path while its call is recorded
+_STEPS = ("transpose", "copy", "copy_p")  # what may stand between a parameter and its product
+_RECORDED: list[dict] = []  # {module path: {parameter: (equation, shape)}} of the record running
+
+
+def eligible(node, flax_layers: tuple[type, ...], written: Callable) -> bool:
+    """Whether ``node`` is a module of the user's own (not of ``flax_layers``, not Flax's or
+    lrjax's, not a one-kernel layer ``written(node)`` splits whole) holding ``nnx.Param``
+    variables and nothing else (no submodule, no other variable), one of two or more axes."""
+    if not isinstance(node, nnx.Module) or isinstance(node, flax_layers) or \
+            type(node).__module__.partition(".")[0] in ("flax", "lrjax") or written(node):
+        return False
+    held = [n for p, n in nnx.iter_graph(node) if p and isinstance(n, (nnx.Module, nnx.Variable))]
+    return bool(held) and all(isinstance(n, nnx.Param) for n in held) and \
+        any(len(n.shape) >= 2 for n in held)
+
+
+def _base(cls: type) -> type:
+    """The user's class behind a recording or replaying subclass."""
+    return getattr(cls, "_lrjax_base", cls)
+
+
+@functools.cache
+def _subclass(cls: type, call: Callable, suffix: str) -> type:
+    return type(cls.__name__, (cls,), {"__call__": call, "_lrjax_base": cls,
+                                       "__module__": cls.__module__,
+                                       "__qualname__": f"{cls.__qualname__}[{suffix}]"})
+
+
+def _traced(module, names: list[str], kernels: list, args, kwargs):
+    """The module's own call on ``args``, ``kwargs`` traced with its parameters ``names`` as
+    the jaxpr's first inputs (``kernels``: their shapes and dtypes), then the call's arrays:
+    ``(closed jaxpr, output shapes, the call's arrays)``."""
+    arrays, call = replay.array_call(functools.partial(_base(type(module)).__call__, module),
+                                     args, kwargs)
+    held = {n: vars(module)[n] for n in names}
+
+    def body(values, *arrays):
+        try:
+            for name, value in zip(names, values, strict=True):  # (its code reads parameters)
+                vars(module)[name] = nnx.Param(value)
+            return call(*arrays)
+        finally:
+            vars(module).update(held)
+
+    closed, shapes = replay.traced_inlined(body, kernels, *arrays)
+    return closed, shapes, arrays
+
+
+def _equation(product: written_products.Product) -> str | None:
+    """The ``nnx.Einsum`` equation (the stored kernel's letters) computing ``product``'s output,
+    or ``None`` when no ``nnx.Einsum`` of its stored kernel computes it."""
+    if product.eqn.primitive.name != "dot_general" or product.sliced is not None or \
+            any(step.primitive.name not in _STEPS for step in product.steps):
+        return None
+    equation = written_products.stored_equation(product)
+    return equation if isinstance(sites.einsum_split(equation), sites.EinsumSplit) else None
+
+
+def _products(closed, names: list[str]) -> dict:
+    """``{name: (Product, equation)}`` of the parameters among the first ``len(names)`` inputs
+    of ``closed`` whose one use an ``nnx.Einsum`` computes on the call's data."""
+    inputs, found = closed.jaxpr.invars[len(names):], {}
+    for name, var in zip(names, closed.jaxpr.invars, strict=False):
+        try:
+            product = written_products.product_of(closed, var, inputs)
+        except NotALayer:
+            continue
+        equation = _equation(product)
+        if equation is not None:
+            found[name] = (product, equation)
+    return found
+
+
+def _recording_call(self, *args, **kwargs):
+    """A module's call while its products are recorded (:func:`record`): traced once, then run
+    as written."""
+    path, recorded = vars(self)[_PATH], _RECORDED[-1]
+    params = {n: v for n, v in vars(self).items() if isinstance(v, nnx.Param) and len(v.shape) >= 2}
+    names = list(params)
+    try:
+        closed, _, _ = _traced(self, names, [jax.ShapeDtypeStruct(v.shape, v.dtype)
+                                             for v in params.values()], args, kwargs)
+        found = {n: (eq, tuple(params[n].shape)) for n, (_, eq) in _products(closed, names).items()}
+    except Exception:  # noqa: BLE001 - a call that does not trace: its own code, as written
+        found = {}
+    if path in recorded and recorded[path] != found:  # called again, otherwise: none
+        found = {}
+    recorded[path] = found
+    return _base(type(self)).__call__(self, *args, **kwargs)
+
+
+def record(model, run: Callable, flax_layers: tuple[type, ...], written: Callable) -> dict:
+    """``{module path: {parameter: equation}}`` of the products an ``nnx.Einsum`` computes in
+    the eligible modules of ``model`` (:func:`eligible`) on the call ``run(copy)`` makes of a
+    copy of it; ``{}`` at once when it has none. A module called several times must compute
+    the same products each time; a parameter seen in another shape than stored (a stack's
+    iteration) is none."""
+    nodes = [(p, n) for p, n in nnx.iter_graph(model) if eligible(n, flax_layers, written)]
+    if not nodes:
+        return {}
+    copy = nnx.clone(model)
+    for path, node in nnx.iter_graph(copy):
+        if eligible(node, flax_layers, written):
+            node.__class__ = _subclass(type(node), _recording_call, "recording")
+            setattr(node, _PATH, sites.path_of(path))
+    _RECORDED.append({})
+    try:
+        run(copy)
+    finally:
+        recorded = _RECORDED.pop()
+    stored = {sites.path_of(p): n for p, n in nodes}
+    return {path: {name: equation for name, (equation, shape) in found.items()
+                   if tuple(getattr(stored[path], name).shape) == shape}
+            for path, found in recorded.items() if found}
+
+
+def _view(param: nnx.Param, equation: str) -> nnx.Einsum:
+    """The ``nnx.Einsum`` of ``equation`` holding ``param`` (shared) as its kernel, no bias."""
+    view = nnx.Einsum(equation, tuple(param.shape), None, param_dtype=param.dtype,
+                      rngs=nnx.Rngs(0), kernel_init=lambda *_: param[...])
+    view.kernel = param
+    return view
+
+
+def _replaying_call(self, *args, **kwargs):
+    """A canonical module's call: its own code traced, replayed with each declared product
+    computed by the layer in its parameter's place."""
+    declared = {name: (eq, shape, dtype) for name, eq, shape, dtype in vars(self)[_PRODUCTS]}
+    layers = {n: vars(self)[n] for n in declared if isinstance(vars(self)[n], nnx.Module)}
+    if not layers:
+        return _base(type(self)).__call__(self, *args, **kwargs)
+    names = list(layers)
+    kernels = [jax.ShapeDtypeStruct(declared[n][1], np.dtype(declared[n][2])) for n in names]
+    closed, shapes, arrays = _traced(self, names, kernels, args, kwargs)
+    found = _products(closed, names)
+    replaced, skipped = {}, {}
+    for name in names:
+        product, equation = found.get(name, (None, None))
+        if equation != declared[name][0]:
+            raise ValueError(
+                f"{type(self).__name__}'s parameter {name!r} was found as the product "
+                f"{declared[name][0]!r} of its call's data, and split so; this call computes "
+                f"{'it otherwise' if equation is None else repr(equation)}: call the "
+                "decomposed module as it was called when it was decomposed")
+        replaced[id(product.eqn)] = (layers[name], product.data)
+        skipped.update({id(e): position for e, position in product.chain})
+
+    def rule(eqn, ins, here):
+        if id(eqn) in replaced:
+            layer, data = replaced[id(eqn)]
+            return [layer(ins[data])]
+        if id(eqn) in skipped:  # a step to a kernel: never computed with
+            return [ins[skipped[id(eqn)]]] * len(eqn.outvars)
+        return None
+
+    outs = replay.run(closed.jaxpr, closed.consts, [*kernels, *arrays], rule)
+    return jax.tree.unflatten(jax.tree.structure(shapes), outs)
+
+
+def canonical(model, products: dict, flax_layers: tuple[type, ...], written: Callable):
+    """``model`` (a copy of the user's, changed in place and returned) with the ``products``
+    (``{module path: {parameter: equation}}``) of its eligible modules computed by layers:
+    each parameter an ``nnx.Einsum`` view's kernel in its place, the module replaying its call
+    with them (the module's docstring)."""
+    if not products:
+        return model
+    for path, node in list(nnx.iter_graph(model)):
+        wanted = products.get(sites.path_of(path))
+        if not wanted or not eligible(node, flax_layers, written):
+            continue
+        made = []
+        for name, equation in wanted.items():
+            param = vars(node).get(name)
+            if isinstance(param, nnx.Param):
+                setattr(node, name, _view(param, equation))
+                made.append((name, equation, tuple(param.shape), str(param.dtype)))
+        if made:
+            node.__class__ = _subclass(type(node), _replaying_call, "products")
+            setattr(node, _PRODUCTS, tuple(made))
+    return model
+
+
+def from_sites(found) -> dict:
+    """``{module path: {parameter: equation}}`` of the einsum sites among ``found`` named
+    ``{module path}/{parameter}``: what :func:`canonical` needs to place them again (it places
+    only those of eligible modules holding such a parameter)."""
+    products: dict = {}
+    for site in found:
+        keys = sites.variable_key(site.path)
+        if site.equation is not None and len(keys) >= 1:
+            products.setdefault(sites.path_of(keys[:-1]), {})[keys[-1]] = site.equation
+    return products
+
+
+def declared(node) -> bool:
+    """Whether ``node`` is a module :func:`canonical` made replay its products."""
+    return isinstance(node, nnx.Module) and _PRODUCTS in vars(node)

@@ -1,0 +1,83 @@
+"""Views of an NNX model that lrjax runs: an eval view (:func:`eval_view`), a call's keyword
+arguments holding NNX objects split off (:func:`graph_keywords`), an abstract run of the
+example call (:func:`run_abstractly`)."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from lrjax.linen_trace import with_constants_evaluated
+
+__all__ = ["EVAL_NOTE", "eval_view", "graph_keywords", "run_abstractly"]
+
+
+EVAL_NOTE = ("layers found and calibrated on an eval view of the model (batch norm on its "
+             "running statistics, dropout off)")
+
+
+def graph_keywords(kwargs) -> tuple[dict, dict]:
+    """A call's keyword arguments split into the rest and those holding NNX objects (a KV cache
+    of ``nnx.Cache`` variables the call updates: bonsai's Qwen 3 ``model(tokens, cache=[...],
+    segment_ids=...)``). lrjax's traces split the latter with the model and merge them inside
+    (a trace cannot update variables made outside it): each trace updates copies, and the
+    caller's objects are left as they were."""
+    def holds_nnx(value):
+        return any(isinstance(leaf, (nnx.Module, nnx.Variable)) for leaf in jax.tree.leaves(
+            value, is_leaf=lambda x: isinstance(x, (nnx.Module, nnx.Variable))))
+
+    kwargs = dict(kwargs or {})
+    nodes = {k: v for k, v in kwargs.items() if holds_nnx(v)}
+    return {k: v for k, v in kwargs.items() if k not in nodes}, nodes
+
+
+_EVAL_FLAGS = ("deterministic", "use_running_average")  # the user's own modules' mode flags
+
+
+def eval_view(model):
+    """An eval-mode view of an NNX model: batch norm on its running statistics, dropout off
+    (the model itself is unchanged). Modules of the user's own holding a ``deterministic`` or
+    ``use_running_average`` flag (a stochastic depth, a dropout of its own) get it set too, as
+    Flax's own ``Module.eval`` sets them; ``nnx.view`` reaches only the modules that define
+    ``set_view`` (Flax's layers). Its ``nnx.Dropout`` layers get rate 0 and its
+    ``nnx.BatchNorm`` layers use their running statistics even where the model's call passes
+    them ``deterministic=False`` / ``use_running_average=False`` (jax-ai-stack's translation
+    model, whose ``__call__(..., deterministic=False)`` gives its dropout that flag by default;
+    ``self.bn(x, use_running_average=not train)`` under a call's default ``train=True``)."""
+    view = nnx.view(model, deterministic=True, use_running_average=True,
+                    raise_if_not_found=False)
+    if view is model:  # (not a copy: nothing to set on it)
+        return view
+    for _, module in nnx.iter_modules(view):
+        for name in _EVAL_FLAGS:
+            if vars(module).get(name) is False:
+                setattr(module, name, True)
+        if isinstance(module, nnx.Dropout):
+            module.rate = 0.0
+        if type(module) is nnx.BatchNorm:
+            module.__class__ = _RunningBatchNorm
+    return view
+
+
+class _RunningBatchNorm(nnx.BatchNorm):
+    """An ``nnx.BatchNorm`` of an eval view: on its running statistics, whatever its call
+    passes."""
+
+    def __call__(self, x, use_running_average=None, **kwargs):
+        return super().__call__(x, True, **kwargs)
+
+
+def run_abstractly(model, example_args, example_kwargs, eval_mode) -> None:
+    """``model`` called on the example (an eval view of it with ``eval_mode``), traced
+    abstractly where it can be, else run."""
+    kwargs, nodes = graph_keywords(example_kwargs)
+    graphdef, state = nnx.split((eval_view(model) if eval_mode else model, nodes))
+
+    def call(state, *args):
+        module, copies = nnx.merge(graphdef, state)
+        return module(*args, **kwargs, **copies)
+
+    try:
+        with_constants_evaluated(jax.eval_shape, call, state, *example_args)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        call(state, *example_args)
