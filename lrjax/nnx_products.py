@@ -4,8 +4,9 @@ parameters, whose call multiplies the data by some of them (the canonical hand-w
 ``wq``, ``wk``, ``wv``, ``wo``; a layer norm's scale and a projection in one module).
 
 Such a module (not Flax's or lrjax's, holding ``nnx.Param`` variables and nothing else, at least
-one of two or more axes, and not a one-kernel layer :mod:`lrjax.nnx_written` splits whole) has
-its first call traced (:func:`record`), with its parameters as inputs; each parameter of two or
+one of two or more axes; a one-kernel layer only where :mod:`lrjax.nnx_written` does not split
+it whole: ``gelu(x @ self.w + self.b)``) has its first call traced (:func:`record`), with its
+parameters as inputs; each parameter of two or
 more axes whose one use is a ``dot_general`` with the call's data, through transposes only
 (:func:`lrjax.written_products.product_of`: ``x @ self.w``, ``x @ self.w.T``,
 ``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a product an ``nnx.Einsum`` of that equation
@@ -44,12 +45,12 @@ _STEPS = ("transpose", "copy", "copy_p")  # what may stand between a parameter a
 _RECORDED: list[dict] = []  # {module path: {parameter: (equation, shape)}} of the record running
 
 
-def eligible(node, flax_layers: tuple[type, ...], written: Callable) -> bool:
+def eligible(node, flax_layers: tuple[type, ...]) -> bool:
     """Whether ``node`` is a module of the user's own (not of ``flax_layers``, not Flax's or
-    lrjax's, not a one-kernel layer ``written(node)`` splits whole) holding ``nnx.Param``
-    variables and nothing else (no submodule, no other variable), one of two or more axes."""
+    lrjax's) holding ``nnx.Param`` variables and nothing else (no submodule, no other
+    variable), one of two or more axes."""
     if not isinstance(node, nnx.Module) or isinstance(node, flax_layers) or \
-            type(node).__module__.partition(".")[0] in ("flax", "lrjax") or written(node):
+            type(node).__module__.partition(".")[0] in ("flax", "lrjax"):
         return False
     held = [n for p, n in nnx.iter_graph(node) if p and isinstance(n, (nnx.Module, nnx.Variable))]
     return bool(held) and all(isinstance(n, nnx.Param) for n in held) and \
@@ -131,18 +132,21 @@ def _recording_call(self, *args, **kwargs):
     return _base(type(self)).__call__(self, *args, **kwargs)
 
 
-def record(model, run: Callable, flax_layers: tuple[type, ...], written: Callable) -> dict:
+def record(model, run: Callable, flax_layers: tuple[type, ...], wanted: Callable) -> dict:
     """``{module path: {parameter: equation}}`` of the products an ``nnx.Einsum`` computes in
-    the eligible modules of ``model`` (:func:`eligible`) on the call ``run(copy)`` makes of a
-    copy of it; ``{}`` at once when it has none. A module called several times must compute
-    the same products each time; a parameter seen in another shape than stored (a stack's
-    iteration) is none."""
-    nodes = [(p, n) for p, n in nnx.iter_graph(model) if eligible(n, flax_layers, written)]
+    the eligible modules of ``model`` (:func:`eligible`) that are ``wanted(path, module)``, on
+    the call ``run(copy)`` makes of a copy of it; ``{}`` at once when it has none. A module
+    called several times must compute the same products each time; a parameter seen in another
+    shape than stored (a stack's iteration) is none."""
+    def chosen(path, node) -> bool:
+        return eligible(node, flax_layers) and wanted(sites.path_of(path), node)
+
+    nodes = {sites.path_of(p): n for p, n in nnx.iter_graph(model) if chosen(p, n)}
     if not nodes:
         return {}
     copy = nnx.clone(model)
     for path, node in nnx.iter_graph(copy):
-        if eligible(node, flax_layers, written):
+        if sites.path_of(path) in nodes and eligible(node, flax_layers):
             node.__class__ = _subclass(type(node), _recording_call, "recording")
             setattr(node, _PATH, sites.path_of(path))
     _RECORDED.append({})
@@ -150,9 +154,8 @@ def record(model, run: Callable, flax_layers: tuple[type, ...], written: Callabl
         run(copy)
     finally:
         recorded = _RECORDED.pop()
-    stored = {sites.path_of(p): n for p, n in nodes}
     return {path: {name: equation for name, (equation, shape) in found.items()
-                   if tuple(getattr(stored[path], name).shape) == shape}
+                   if tuple(getattr(nodes[path], name).shape) == shape}
             for path, found in recorded.items() if found}
 
 
@@ -199,7 +202,7 @@ def _replaying_call(self, *args, **kwargs):
     return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
 
-def canonical(model, products: dict, flax_layers: tuple[type, ...], written: Callable):
+def canonical(model, products: dict, flax_layers: tuple[type, ...]):
     """``model`` (a copy of the user's, changed in place and returned) with the ``products``
     (``{module path: {parameter: equation}}``) of its eligible modules computed by layers:
     each parameter an ``nnx.Einsum`` view's kernel in its place, the module replaying its call
@@ -208,7 +211,7 @@ def canonical(model, products: dict, flax_layers: tuple[type, ...], written: Cal
         return model
     for path, node in list(nnx.iter_graph(model)):
         wanted = products.get(sites.path_of(path))
-        if not wanted or not eligible(node, flax_layers, written):
+        if not wanted or not eligible(node, flax_layers):
             continue
         made = []
         for name, equation in wanted.items():

@@ -93,17 +93,21 @@ def _written(node) -> bool:
 def _canonical(model, products: dict):
     """A copy of ``model`` with the ``products`` of its modules' own code computed by layers
     (:func:`lrjax.nnx_products.canonical`)."""
-    return nnx_products.canonical(nnx.clone(model), products, _FLAX_LAYERS, _written)
+    return nnx_products.canonical(nnx.clone(model), products, _FLAX_LAYERS)
 
 
-def _written_products(model, example_args, example_kwargs, eval_mode) -> dict:
+def _written_products(model, example_args, example_kwargs, eval_mode,
+                      written: frozenset = frozenset()) -> dict:
     """``{module path: {parameter: equation}}``: the products that modules of the user's own
-    compute with their parameters (:mod:`lrjax.nnx_products`), those of a module whose layers
-    in their place stop the model from running (its parent reading the parameter) left out."""
+    compute with their parameters (:mod:`lrjax.nnx_products`; of the one-kernel layers
+    :mod:`lrjax.nnx_written` splits whole, only those at the paths ``written``), those of a
+    module whose layers in their place stop the model from running (its parent reading the
+    parameter) left out."""
     def run(copy):
         run_abstractly(copy, example_args, example_kwargs, eval_mode)
 
-    products = nnx_products.record(model, run, _FLAX_LAYERS, _written)
+    products = nnx_products.record(model, run, _FLAX_LAYERS,
+                                   lambda path, node: path in written or not _written(node))
 
     def runs(chosen) -> bool:
         try:
@@ -365,18 +369,17 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode, products=products)
     batch = site_runs.example_batch(example_args)
-
-    def site_of(path, layer, shape):
-        if nnx_written.is_written(layer, _FLAX_LAYERS):
-            return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path),
-                                           batch)
-        if path in record["seen"]:  # a subclass, split in its base's call: as its base
-            layer = base_view(layer, delegating_base(type(layer)))
-        return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)),
-                                      layer)
-
-    found = [s for s in (site_of(p, convs[p], shape) for p, shape in record["shapes"].items())
-             if s is not None]
+    found = _sites(convs, record, batch)
+    # one-kernel layers of the user's own that are no dense layer or einsum (an activation
+    # after the product): their products as a module's own (lrjax.nnx_products), if any
+    rejected = {p for p, s in found.items() if (s is None or not s.candidate) and _written(convs[p])}
+    more = rejected and _written_products(model, example_args, example_kwargs, eval_mode,
+                                          frozenset(rejected))
+    if more:
+        convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
+                                    eval_mode=eval_mode, products={**products, **more})
+        found = _sites(convs, record, batch)
+    found = [s for s in found.values() if s is not None]
     split = {s.path: s for s in found if s.path in record["seen"] and s.candidate}
     kept = _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode)
     found = [ConvSite(s.path, None, skip=f"{type(convs[s.path]).__name__} (a subclass that runs "
@@ -385,6 +388,21 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     return [site_runs.per_example(sites.unless_stacked(
         site, getattr(nnx_written.kernel_of(convs[site.path]), "shape", None), any_axis=False),
         batch) for site in found]
+
+
+def _sites(convs: dict, record: dict, batch: int) -> dict:
+    """``{path: site}`` of the layers a probed run found (``None``: a written module that is
+    no layer, not listed)."""
+    def site_of(path, layer, shape):
+        if _written(layer):
+            return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path),
+                                           batch)
+        if path in record["seen"]:  # a subclass, split in its base's call: as its base
+            layer = base_view(layer, delegating_base(type(layer)))
+        return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)),
+                                      layer)
+
+    return {p: site_of(p, convs[p], shape) for p, shape in record["shapes"].items()}
 
 
 def _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode) -> set[str]:

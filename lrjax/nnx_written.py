@@ -7,10 +7,12 @@ type) and holds, as variables, exactly a 2-D kernel ``nnx.Param`` ``(C, N)`` and
 ``nnx.Param`` of shape ``(N,)`` or none, under any names (``kernel`` and ``bias``, ``w`` and
 ``b``), and no module; (2) its first call in the model passes the data alone (and at most an
 ``out_sharding=`` keyword, which the pair passes on); (3) on a random input of that call's
-shape it computes ``x @ kernel + bias`` (to a few units of rounding). Anything else it computes
-(a transposed kernel, an activation, a scale) fails (3): the module is left as it is, listed in
-the report with the condition it fails (unless its 2-D parameter is not named ``kernel``: an
-embedding table, a position code, not listed). A bias of zeros that is not a variable is left
+shape it computes ``x @ kernel + bias`` (to a few units of rounding), or one einsum of the data
+and its kernel (below). Anything else it computes (an activation, a scale argument) fails (3):
+its product is then split as its own code's where its kernel's one use is one
+(:mod:`lrjax.nnx_products`), else the module is left as it is, listed in the report with the
+condition it fails (unless its 2-D parameter is not named ``kernel``: an embedding table, a
+position code, not listed). A bias of zeros that is not a variable is left
 out of the pair; the adds it cost on every call are what a split saves besides the product
 (:attr:`lrjax.sites.ConvSite.parametrization_flops`).
 """

@@ -309,14 +309,14 @@ def test_a_call_holding_no_product_is_traced_once_per_configuration(monkeypatch)
     (a norm's, a layer scale's) runs as written at once the next times (the same class,
     configuration and argument shapes): six layer scales, every stage of a decomposition, one
     trace."""
-    from lrjax import linen_products
-    real, traced = linen_products._traced, []
+    from lrjax import linen_products, replay
+    real, traced = replay.traced_inlined, []
 
     def counted(fn, *args):
         traced.append(fn)
         return real(fn, *args)
 
-    monkeypatch.setattr(linen_products, "_traced", counted)
+    monkeypatch.setattr(replay, "traced_inlined", counted)
     monkeypatch.setattr(linen_products, "_AS_WRITTEN", set())  # nothing seen yet
     x, model = jax.random.normal(jax.random.key(0), (2, 8)), Scaled()
     lrjax.decompose_linen(model, init(model, 0, x), x, rule="speedup:1.5")

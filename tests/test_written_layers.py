@@ -2,7 +2,8 @@
 computing ``x @ kernel + bias`` is split as ``nnx.Linear`` is (bonsai's ``ShardedLinear`` in
 Qwen 3-VL and LLaDA), one computing one einsum of the data and its kernel as ``nnx.Einsum`` is
 (tunix's ``Einsum`` in its Llama 3, Qwen and Gemma models; a PyTorch-layout ``x @ kernel.T``);
-one that computes anything else is left as it is, a fixed cost."""
+one that computes anything else has its product split as its own code's
+(:mod:`lrjax.nnx_products`) where it is one, else is left as it is, a fixed cost."""
 
 import jax
 import jax.numpy as jnp
@@ -64,14 +65,17 @@ class Block(nnx.Module):
 X = jax.random.normal(jax.random.key(1), (4, 12, 32))
 
 
-def test_written_dense_layers_are_found_split_and_the_others_left_as_they_are():
+def test_written_dense_layers_are_found_split_and_the_others_as_their_own_codes_products():
     model = Block(nnx.Rngs(0))
-    result = lrjax.decompose_nnx(model, X, rule={"up": 8, "down": 8, "square": 8})
-    assert result.ranks == {"up": 8, "down": 8, "square": 8}
-    skipped = dict(result.report.skipped)
-    assert set(skipped) == {"act"}
-    assert skipped["act"].startswith("a module of its own holding a kernel (and a bias), which "
-                                     "computes neither x @ kernel + bias nor one einsum")
+    result = lrjax.decompose_nnx(model, X, rule={"up": 8, "down": 8, "square": 8,
+                                                 "act/kernel": 8})
+    assert result.ranks == {"up": 8, "down": 8, "square": 8, "act/kernel": 8}
+    assert not result.report.skipped
+    # gelu(x @ kernel + bias) is no dense layer: its product is split as its own code's
+    # (lrjax.nnx_products), the bias and the activation kept as written
+    assert result.problem.site("act/kernel").equation == "abc,cA->abA"
+    assert isinstance(result.module.act.kernel, lrjax.nnx_surgery.LowRankEinsumNNX)
+    np.testing.assert_allclose(result.module.act.bias[...], model.act.bias[...])
     assert result.problem.site("square").equation == "abc,Ac->abA"
     square = result.module.square
     assert square.vertical.kernel.shape == (32, 8) and square.horizontal.kernel.shape == (8, 32)
@@ -96,7 +100,8 @@ def test_written_dense_layers_are_found_split_and_the_others_left_as_they_are():
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_full_rank_written_pairs_reproduce_the_model(calibrated):
     model = Block(nnx.Rngs(0))
-    result = lrjax.decompose_nnx(model, X, rule={"up": 32, "down": 32, "square": 32},
+    result = lrjax.decompose_nnx(model, X, rule={"up": 32, "down": 32, "square": 32,
+                                                 "act/kernel": 96},
                                  calibration=[X] if calibrated else None)
     np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
 
@@ -112,7 +117,7 @@ def test_calibrated_written_factors_fit_the_data_better():
     assert errors[1] < 0.9 * errors[0]
 
 
-def test_a_written_layer_called_with_other_arguments_is_left_as_it_is():
+def test_a_written_layer_called_with_other_arguments_splits_as_its_own_codes_product():
     class Flagged(ShardedLinear):
         def __call__(self, x, scale=1.0, *, out_sharding=None):
             return super().__call__(x, out_sharding=out_sharding) * scale
@@ -124,16 +129,18 @@ def test_a_written_layer_called_with_other_arguments_is_left_as_it_is():
         def __call__(self, x):
             return self.proj(x, 2.0)
 
-    with pytest.raises(ValueError, match=r"'proj' cannot be decomposed: a module of its own "
-                                         r"holding a kernel \(and a bias\), called with arguments "
-                                         r"other than the data"):
-        lrjax.decompose_nnx(Net(nnx.Rngs(0)), X, rule={"proj": 4})
+    model = Net(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"unknown layers \['proj'\]; the model's decomposable "
+                                         r"layers are \['proj/kernel'\]"):
+        lrjax.decompose_nnx(model, X, rule={"proj": 4})
+    result = lrjax.decompose_nnx(model, X, rule={"proj/kernel": 32})  # (the call's scale kept)
+    np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
 
 
 def test_split_written_layers_export_to_onnx(tmp_path):
     model = Block(nnx.Rngs(0))
-    result = lrjax.decompose_nnx(model, X, rule="speedup:1.1")
-    assert {"up", "down"} & set(result.ranks)
+    result = lrjax.decompose_nnx(model, X, rule="speedup:2")
+    assert {"up", "down"} & set(result.ranks) and "act/kernel" in result.ranks
     done = export.to_onnx(result.module, None, (X,), str(tmp_path / "w.onnx"))
     assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
     names = {i.name for i in onnx.load(done.path).graph.initializer}
@@ -303,9 +310,9 @@ SPLIT_EINSUMS = {"q": "BTD,DNH->BTNH", "kv": "BSD,CKDH->CBSKH", "o": "BTNH,NHD->
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_written_einsums_are_split_as_nnx_einsums(calibrated):
     model = EinsumAttention(nnx.Rngs(0))
-    full = {"q": 32, "kv": 32, "o": 32, "per_head": 4 * 8, "up": 32, "head": 10}
+    full = {"q": 32, "kv": 32, "o": 32, "per_head": 4 * 8, "up": 32, "head": 10, "gated/w": 32}
     result = lrjax.decompose_nnx(model, X, rule=full, calibration=[X] if calibrated else None)
-    assert set(result.ranks) == set(SPLIT_EINSUMS)
+    assert set(result.ranks) == set(SPLIT_EINSUMS) | {"gated/w"}
     # the equations read from the traced calls (the data's axes a, b, ..., the kernel's A, B,
     # ...): each its layer's, the head's transposed output included
     equations = {p: result.problem.site(p).equation for p in SPLIT_EINSUMS}
@@ -314,11 +321,8 @@ def test_written_einsums_are_split_as_nnx_einsums(calibrated):
                          "per_head": "abcd,cdA->abcA", "head": "abc,cA->aAb"}
     per_head = result.problem.site("per_head")  # a batch of 4 kernels (8, 8), one per head
     assert (per_head.batched, per_head.stack, per_head.stack_axis) == (True, 4, 0)
-    skipped = dict(result.report.skipped)
-    assert set(skipped) == {"gated"}
-    # listed as the products of their own code (their parameter is not named kernel)
-    assert all(skipped[p].startswith("its own code multiplies the data by its parameters") and
-               "'w' in dot_general" in skipped[p] for p in skipped)
+    # silu(einsum): no einsum layer, its product split as its own code's (lrjax.nnx_products)
+    assert not result.report.skipped and result.problem.site("gated/w").equation == "abc,cA->abA"
     np.testing.assert_allclose(result.module(X), model(X), rtol=1e-4, atol=1e-5)
     kv = result.module.kv
     assert isinstance(kv, lrjax.nnx_surgery.LowRankEinsumNNX)
@@ -330,7 +334,7 @@ def test_written_einsums_are_split_as_nnx_einsums(calibrated):
 def test_written_einsums_whole_net_cost_and_export(tmp_path):
     model = EinsumAttention(nnx.Rngs(0))
     result = lrjax.decompose_nnx(model, X, rule="speedup:1.3", calibration=[X])
-    assert set(result.ranks) <= set(SPLIT_EINSUMS) and len(result.ranks) >= 2
+    assert set(result.ranks) <= set(SPLIT_EINSUMS) | {"gated/w"} and len(result.ranks) >= 2
     flops = []
     for m in (model, result.module):
         graphdef, state = nnx.split(m)
@@ -411,7 +415,8 @@ def test_stacked_written_layers_are_split_per_iteration(calibrated):
 
 class PositionBiased(nnx.Module):
     """An einsum plus a bias per position (``(tokens, N * H)``): no ``nnx.Einsum`` computes it
-    (its bias is not the kernel's output axes); left as it is, never an error."""
+    (its bias is not the kernel's output axes); its product is split as its own code's, its
+    bias added as written."""
 
     def __init__(self, rngs):
         self.w = nnx.Param(jax.random.normal(rngs.params(), (32, 4, 8)) / np.sqrt(32))
@@ -421,7 +426,7 @@ class PositionBiased(nnx.Module):
         return jnp.einsum("btd,dnh->btnh", x, self.w[...]) + self.b[...].reshape(12, 4, 8)
 
 
-def test_a_written_einsum_with_a_bias_no_einsum_layer_takes_is_left_as_it_is():
+def test_a_written_einsum_with_a_bias_no_einsum_layer_takes_splits_its_product():
     class Net(nnx.Module):
         def __init__(self, rngs):
             self.proj, self.head = PositionBiased(rngs), nnx.Linear(32, 10, rngs=rngs)
@@ -429,8 +434,11 @@ def test_a_written_einsum_with_a_bias_no_einsum_layer_takes_is_left_as_it_is():
         def __call__(self, x):
             return self.head(self.proj(x).reshape(*x.shape[:2], 32))
 
-    result = lrjax.decompose_nnx(Net(nnx.Rngs(0)), X, rule={"head": 4})
-    assert "proj" in result.report.skipped and result.ranks == {"head": 4}
+    model = Net(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule={"head": 4, "proj/w": 32})
+    assert result.ranks == {"head": 4, "proj/w": 32} and not result.report.skipped
+    np.testing.assert_allclose(result.module.proj(X), model.proj(X), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.module.proj.b[...], model.proj.b[...])
 
 
 def test_a_written_layer_whose_kernel_is_read_elsewhere_is_kept():
