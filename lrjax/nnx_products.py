@@ -1,26 +1,31 @@
-"""Several products written by hand in one NNX module: a module of the user's own holding only
-parameters, whose call multiplies the data by some of them (the canonical hand-written MLP,
-``h = relu(x @ self.w1 + self.b1); return h @ self.w2 + self.b2``; a hand-written attention's
-``wq``, ``wk``, ``wv``, ``wo``; a layer norm's scale and a projection in one module).
+"""Products written by hand in NNX modules: a module of the user's own whose call multiplies the
+data by some of its parameters (the canonical hand-written MLP, ``h = relu(x @ self.w1 +
+self.b1); return h @ self.w2 + self.b2``; a hand-written attention's ``wq``, ``wk``, ``wv``,
+``wo``; a block holding a norm and Flax layers besides its own projections; a model's own
+hand-written head).
 
-Such a module (not Flax's or lrjax's, holding ``nnx.Param`` variables and nothing else, at least
-one of two or more axes; a one-kernel layer only where :mod:`lrjax.nnx_written` does not split
-it whole: ``gelu(x @ self.w + self.b)``) has its first call traced (:func:`record`), with its
-parameters as inputs; each parameter of two or
-more axes whose one use is a ``dot_general`` with the call's data, through transposes only
-(:func:`lrjax.written_products.product_of`: ``x @ self.w``, ``x @ self.w.T``,
-``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a product an ``nnx.Einsum`` of that equation
-computes. Its other uses (scaled, sliced, a lookup, used twice, a conv) are its own code's
-products, a fixed cost.
+Such a module (not Flax's or lrjax's, whose variables are ``nnx.Param``, one of two or more
+axes, besides which it may hold modules, directly or in an ``nnx.List``; a one-kernel layer
+only where :mod:`lrjax.nnx_written` does not split it whole: ``gelu(x @ self.w + self.b)``)
+has its first call traced (:func:`record`), with its parameters as inputs and each call of a
+child one opaque equation (:class:`_Child`: its outputs' shapes from an abstract run of a copy
+of the child); each parameter of two or more axes whose one use is a ``dot_general`` with the
+call's data, through transposes only (:func:`lrjax.written_products.product_of`: ``x @
+self.w``, ``x @ self.w.T``, ``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a product an
+``nnx.Einsum`` of that equation computes. Its other uses (scaled, sliced, a lookup, used twice,
+a conv) are its own code's products, a fixed cost. A call that cannot be traced so (Python
+control flow on values, a child given ``rngs=``) keeps the module as written.
 
 In lrjax's copies of the model (:func:`canonical`), each such parameter becomes the kernel of an
 ``nnx.Einsum`` view in its place (the same variable, shared), and the module's class a subclass
-whose call traces its own code again and replays it with each product computed by the layer in
-its place (:mod:`lrjax.replay`): its view, its probe while lrjax runs the model, or its pair once
-split. Each is found, costed, calibrated on the product's own input and split as an
-``nnx.Einsum``, named ``{module path}/{parameter}``; a split one's pair takes the parameter's
-place (``{module path}/{parameter}/vertical/kernel``, ``.../horizontal/kernel``), the module's
-other parameters stay as they were, and its code runs as written around the pairs. A decomposed
+whose call traces its own code again and replays it (:mod:`lrjax.replay`) with each product
+computed by the layer in its place (its view, its probe while lrjax runs the model, or its pair
+once split) and each child's call made by the child itself (so lrjax observes, costs and splits
+the children's layers as anywhere else, and a dropout draws from its stream as built). Each
+product is found, costed, calibrated on its own input and split as an ``nnx.Einsum``, named
+``{module path}/{parameter}``; a split one's pair takes the parameter's place (``{module
+path}/{parameter}/vertical/kernel``, ``.../horizontal/kernel``), the module's other parameters
+and children stay as they were, and its code runs as written around the pairs. A decomposed
 module whose call no longer computes a split product so (called on data of another rank) is a
 ``ValueError`` naming it.
 """
@@ -33,28 +38,106 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from flax import nnx
+from jax.extend import core as jcore
 
 from lrjax import replay, sites, written_products
 from lrjax.written_products import NotALayer
 
-__all__ = ["eligible", "record", "canonical", "from_sites", "declared"]
+__all__ = ["eligible", "record", "canonical", "from_sites", "declared", "tracing"]
 
 _PRODUCTS = "lrjax_products"  # ((parameter, equation, shape, dtype), ...) of a canonical module
 _PATH = "lrjax_products_path"  # a module's path while its call is recorded
 _STEPS = ("transpose", "copy", "copy_p")  # what may stand between a parameter and its product
 _RECORDED: list[dict] = []  # {module path: {parameter: (equation, shape)}} of the record running
+_TRACING: list = []  # the modules whose own call is being traced
 
 
 def eligible(node, flax_layers: tuple[type, ...]) -> bool:
     """Whether ``node`` is a module of the user's own (not of ``flax_layers``, not Flax's or
-    lrjax's) holding ``nnx.Param`` variables and nothing else (no submodule, no other
-    variable), one of two or more axes."""
+    lrjax's) whose variables are ``nnx.Param`` (one of two or more axes), besides which it may
+    hold modules (its children, directly or in an ``nnx.List``; they run as themselves)."""
     if not isinstance(node, nnx.Module) or isinstance(node, flax_layers) or \
             type(node).__module__.partition(".")[0] in ("flax", "lrjax"):
         return False
-    held = [n for p, n in nnx.iter_graph(node) if p and isinstance(n, (nnx.Module, nnx.Variable))]
-    return bool(held) and all(isinstance(n, nnx.Param) for n in held) and \
-        any(len(n.shape) >= 2 for n in held)
+    params = []
+    for name, value in vars(node).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, nnx.List):  # (a module too)
+            if not all(isinstance(v, nnx.Module) for v in value):
+                return False
+        elif isinstance(value, nnx.Module):
+            continue
+        elif isinstance(value, nnx.Variable):
+            if not isinstance(value, nnx.Param):
+                return False
+            params.append(value)
+        elif any(isinstance(leaf, (nnx.Module, nnx.Variable)) for leaf in jax.tree.leaves(
+                value, is_leaf=lambda x: isinstance(x, (nnx.Module, nnx.Variable)))):
+            return False  # (graph nodes in another container)
+    return any(len(p.shape) >= 2 for p in params)
+
+
+def tracing() -> bool:
+    """Whether a module's own call is being traced here: the modules it calls run abstractly,
+    and run for real in its replay (lrjax's probes observe them then)."""
+    return bool(_TRACING)
+
+
+def _child_avals(*arrays, name, avals):
+    return [jax.core.ShapedArray(shape, dtype) for shape, dtype in avals]
+
+
+_CHILD_CALL = jcore.Primitive("lrjax_child_call")  # a child's call in a traced module's call
+_CHILD_CALL.multiple_results = True
+_CHILD_CALL.def_abstract_eval(_child_avals)
+
+
+class _Child:
+    """Stands in for a module's child while the module's call is traced: each call one
+    ``lrjax_child_call`` equation of its arrays, its outputs' shapes from an abstract run of
+    the child, which the replay makes of the child itself (``calls``: ``{name: the child's
+    call as a function of its arrays}``); anything else read from it is the child's. An
+    ``nnx.List`` of children is a list of these."""
+
+    def __init__(self, child, label: str, calls: dict):
+        self.__dict__.update(_child=child, _label=label, _calls=calls)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_child"], name)
+
+    def __call__(self, *args, **kwargs):
+        if any(nnx.graph.is_graph_node(leaf) for leaf in jax.tree.leaves(
+                (args, kwargs), is_leaf=nnx.graph.is_graph_node)):
+            raise NotALayer("a child called with NNX objects (rngs=...), which its replay "
+                            "would not share")
+        arrays, call = replay.array_call(self._child, args, kwargs)
+        name = f"{self._label}:{len(self._calls)}"
+        self._calls[name] = call
+        graphdef, state = nnx.split(self._child)
+
+        def copy_call(state, *arrays):  # (on a copy: what it updates, a dropout's random
+            copy = nnx.merge(graphdef, state)  # stream, stays inside; lrjax's probes do not
+            return replay.array_call(copy, args, kwargs)[1](*arrays)  # observe: tracing())
+
+        shapes = jax.eval_shape(copy_call, state, *arrays)
+        leaves, tree = jax.tree.flatten(shapes)
+        outs = _CHILD_CALL.bind(*arrays, name=name, avals=tuple(
+            (tuple(leaf.shape), leaf.dtype) for leaf in leaves))
+        return jax.tree.unflatten(tree, outs)
+
+
+def _stand_ins(module, names, calls: dict) -> dict:
+    """``{attribute: stand-in}`` of ``module``'s children (but the attributes ``names``)."""
+    out = {}
+    for name, value in vars(module).items():
+        if name in names or name.startswith("_"):
+            continue
+        if isinstance(value, nnx.List):
+            out[name] = [_Child(v, f"{name}.{i}", calls) for i, v in enumerate(value)]
+        elif isinstance(value, nnx.Module):
+            out[name] = _Child(value, name, calls)
+    return out
 
 
 def _base(cls: type) -> type:
@@ -71,22 +154,27 @@ def _subclass(cls: type, call: Callable, suffix: str) -> type:
 
 def _traced(module, names: list[str], kernels: list, args, kwargs):
     """The module's own call on ``args``, ``kwargs`` traced with its parameters ``names`` as
-    the jaxpr's first inputs (``kernels``: their shapes and dtypes), then the call's arrays:
-    ``(closed jaxpr, output shapes, the call's arrays)``."""
+    the jaxpr's first inputs (``kernels``: their shapes and dtypes), then the call's arrays, its
+    children's calls each a named call (:class:`_Child`): ``(closed jaxpr, output shapes, the
+    call's arrays, {call name: the child's call})``."""
     arrays, call = replay.array_call(functools.partial(_base(type(module)).__call__, module),
                                      args, kwargs)
-    held = {n: vars(module)[n] for n in names}
+    held, calls = dict(vars(module)), {}
 
     def body(values, *arrays):
+        _TRACING.append(module)
         try:
+            vars(module).update(_stand_ins(module, names, calls))
             for name, value in zip(names, values, strict=True):  # (its code reads parameters)
                 vars(module)[name] = nnx.Param(value)
             return call(*arrays)
         finally:
-            vars(module).update(held)
+            vars(module).update({n: held[n] for n in vars(module) if n in held})
+            _TRACING.pop()
 
-    closed, shapes = replay.traced_inlined(body, kernels, *arrays)
-    return closed, shapes, arrays
+    closed, shapes = replay.traced_inlined(body, kernels, *arrays,
+                                           keep=lambda e: e.primitive is _CHILD_CALL)
+    return closed, shapes, arrays, calls
 
 
 def _equation(product: written_products.Product) -> str | None:
@@ -121,8 +209,8 @@ def _recording_call(self, *args, **kwargs):
     params = {n: v for n, v in vars(self).items() if isinstance(v, nnx.Param) and len(v.shape) >= 2}
     names = list(params)
     try:
-        closed, _, _ = _traced(self, names, [jax.ShapeDtypeStruct(v.shape, v.dtype)
-                                             for v in params.values()], args, kwargs)
+        closed, *_ = _traced(self, names, [jax.ShapeDtypeStruct(v.shape, v.dtype)
+                                           for v in params.values()], args, kwargs)
         found = {n: (eq, tuple(params[n].shape)) for n, (_, eq) in _products(closed, names).items()}
     except Exception:  # noqa: BLE001 - a call that does not trace: its own code, as written
         found = {}
@@ -176,7 +264,7 @@ def _replaying_call(self, *args, **kwargs):
         return _base(type(self)).__call__(self, *args, **kwargs)
     names = list(layers)
     kernels = [jax.ShapeDtypeStruct(declared[n][1], np.dtype(declared[n][2])) for n in names]
-    closed, shapes, arrays = _traced(self, names, kernels, args, kwargs)
+    closed, shapes, arrays, calls = _traced(self, names, kernels, args, kwargs)
     found = _products(closed, names)
     replaced, skipped = {}, {}
     for name in names:
@@ -194,6 +282,8 @@ def _replaying_call(self, *args, **kwargs):
         if id(eqn) in replaced:
             layer, data = replaced[id(eqn)]
             return [layer(ins[data])]
+        if eqn.primitive is _CHILD_CALL:  # a child's call: made by the child itself
+            return jax.tree.leaves(calls[eqn.params["name"]](*ins))
         if id(eqn) in skipped:  # a step to a kernel: never computed with
             return [ins[skipped[id(eqn)]]] * len(eqn.outvars)
         return None

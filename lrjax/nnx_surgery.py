@@ -205,6 +205,8 @@ class _Probe(nnx.Module):
         return getattr(self.layer, name)
 
     def __call__(self, x, *args, **kwargs):
+        if nnx_products.tracing():  # observed when its module's call is replayed
+            return self.layer(x, *args, **kwargs)
         if delegating_base(type(self.layer)) is None:  # else its base's call is observed
             self._observe(self.layer, x, args, kwargs)
         elif self.path not in self._record["shapes"]:  # (if it makes one: else its own code's)
@@ -248,7 +250,8 @@ class _InnerProbe(_Probe):
         record["inner"].add(path)
 
     def __call__(self, layer, base_call, x, *args, **kwargs):
-        self._observe(layer, x, args, kwargs)
+        if not nnx_products.tracing():
+            self._observe(layer, x, args, kwargs)
         return base_call(x, *args, **kwargs)
 
 

@@ -94,12 +94,17 @@ def array_call(fn: Callable, args, kwargs):
     return [flat[i] for i in dynamic], call
 
 
-def traced_inlined(fn: Callable, *args):
+def traced_inlined(fn: Callable, *args, keep: Callable | None = None):
     """``fn``'s closed jaxpr on ``args`` with its calls inlined (a ``jnp.matmul``'s product an
-    equation of its own), and its output shapes."""
+    equation of its own), but those ``keep(equation)`` names, and its output shapes."""
     closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
-    flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed.consts, a))(*avals)
+
+    def kept(eqn, ins, here):
+        return bind(eqn, ins) if keep(eqn) else None
+
+    flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed.consts, a,
+                                         None if keep is None else kept))(*avals)
     return flat, shapes
 
 

@@ -168,3 +168,83 @@ def test_the_model_itself_holding_products_and_a_call_on_other_data_is_named():
     with pytest.raises(ValueError, match=r"Root's parameter 'w1' was found as the product "
                                          r"'abc,cA->abA'"):
         result.module(X[0])  # (a rank-2 input: another product)
+
+
+class GatedBlock(nnx.Module):
+    """Products among children: a norm, a Flax layer (itself a layer), a dropout, a list of
+    layers; the module's own parameters multiplied between them."""
+
+    def __init__(self, d, rngs):
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.w_in, self.w_out = _normal(rngs, (d, 2 * d)), _normal(rngs, (2 * d, d))
+        self.gate = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.extra = nnx.List([nnx.Linear(d, d, rngs=rngs) for _ in range(2)])
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.norm(x)
+        y = self.drop(jax.nn.silu(h @ self.w_in) * self.gate(h)) @ self.w_out
+        for layer in self.extra:
+            y = y + layer(x)
+        return x + y
+
+
+class Headed(nnx.Module):
+    """The model itself multiplies by a parameter of its own (a hand-written head) among its
+    children."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(8, 32, rngs=rngs)
+        self.blocks = nnx.List([GatedBlock(32, rngs) for _ in range(2)])
+        self.head = _normal(rngs, (32, 10))
+
+    def __call__(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean(1) @ self.head
+
+
+def test_products_among_children_are_split_and_the_children_run_as_themselves(tmp_path):
+    model = Headed(nnx.Rngs(0))
+    found = lrjax.nnx_surgery.find_convs_nnx(model, X)
+    assert [s.path for s in found] == [  # in call order, the children's layers among them
+        "embed", "blocks/0/w_in", "blocks/0/gate", "blocks/0/w_out", "blocks/0/extra/0",
+        "blocks/0/extra/1", "blocks/1/w_in", "blocks/1/gate", "blocks/1/w_out",
+        "blocks/1/extra/0", "blocks/1/extra/1", "head"]
+    view = lrjax.nnx_surgery.eval_view  # (its dropout on: the model as built)
+    full = lrjax.decompose_nnx(model, X, rule=_full(found), calibration=[X])
+    np.testing.assert_allclose(view(full.module)(HELD_OUT), view(model)(HELD_OUT), rtol=1e-4,
+                               atol=1e-5)
+    # calibrated on each product's own input (the norm's output, the gated hidden layer)
+    rule = {s.path: 4 for s in found}
+    errors = [float(jnp.linalg.norm(view(lrjax.decompose_nnx(
+        model, X, rule=rule, calibration=c).module)(HELD_OUT) - view(model)(HELD_OUT)))
+        for c in (None, [HELD_OUT])]
+    assert errors[1] < 0.8 * errors[0]
+    result = lrjax.decompose_nnx(model, X, rule="speedup:1.5")
+    assert {"blocks/0/w_in", "head"} & set(result.ranks)
+    flops = []
+    for m in (model, result.module):
+        graphdef, state = nnx.split(view(m))
+        flops.append(lowered_flops(lambda s, x, g=graphdef: nnx.merge(g, s)(x), state, X))
+    assert flops[0] / flops[1] == pytest.approx(result.report.speedup, rel=1e-6)
+    done = export.to_onnx(result.module, None, (X,), str(tmp_path / "m.onnx"))
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+
+
+def test_a_decomposed_model_trains_with_its_childrens_dropout_on():
+    """The children run for real in the replay, as built (dropout on, drawing from its
+    stream), eagerly and under nnx.jit; gradients reach the pairs."""
+    model = Headed(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule={"blocks/0/w_in": 4, "head": 4})
+    decomposed = result.module
+    first, second = decomposed(X), decomposed(X)
+    assert first.shape == (4, 10) and not np.allclose(first, second)  # dropout draws anew
+
+    def loss(m, x):
+        return jnp.mean(m(x) ** 2)
+
+    grads = nnx.jit(nnx.grad(loss))(decomposed, X)
+    assert float(jnp.abs(grads["blocks"][0]["w_in"]["vertical"]["kernel"][...]).max()) > 0
+    assert float(jnp.abs(grads["head"]["horizontal"]["kernel"][...]).max()) > 0

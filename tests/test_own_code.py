@@ -100,7 +100,7 @@ class HandWrittenNNX(nnx.Module):
 
     def __call__(self, x):
         x = nnx.relu(self.conv(x))
-        x = nnx.relu(x @ self.w[...])
+        x = nnx.relu(nnx.relu(x @ self.w[...]) @ self.w[...])  # (tied: no layer's)
         return self.head(x.mean((1, 2)))
 
 
