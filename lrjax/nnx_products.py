@@ -43,7 +43,7 @@ from jax.extend import core as jcore
 from lrjax import replay, sites, written_products
 from lrjax.written_products import NotALayer
 
-__all__ = ["eligible", "record", "canonical", "from_sites", "declared", "tracing"]
+__all__ = ["eligible", "record", "found", "canonical", "from_sites", "tracing"]
 
 _PRODUCTS = "lrjax_products"  # ((parameter, equation, shape, dtype), ...) of a canonical module
 _PATH = "lrjax_products_path"  # a module's path while its call is recorded
@@ -327,6 +327,23 @@ def from_sites(found) -> dict:
     return products
 
 
-def declared(node) -> bool:
-    """Whether ``node`` is a module :func:`canonical` made replay its products."""
-    return isinstance(node, nnx.Module) and _PRODUCTS in vars(node)
+def found(model, run: Callable, flax_layers: tuple[type, ...], wanted: Callable) -> dict:
+    """:func:`record` of ``model`` (on ``run(copy)``, its example call), less the products of a
+    module whose layers in their place stop the model from running (its parent reading the
+    parameter: each module tried alone where all together fail); ``{}`` where the call fails
+    (the probed run that follows says why)."""
+    try:
+        products = record(model, run, flax_layers, wanted)
+    except Exception:  # noqa: BLE001
+        return {}
+
+    def runs(chosen) -> bool:
+        try:
+            run(canonical(nnx.clone(model), chosen, flax_layers))
+        except Exception:  # noqa: BLE001 - something else reads a parameter the layer holds
+            return False
+        return True
+
+    if not products or runs(products):
+        return products
+    return {p: v for p, v in products.items() if runs({p: v})}

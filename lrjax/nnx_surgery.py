@@ -98,27 +98,12 @@ def _canonical(model, products: dict):
 
 def _written_products(model, example_args, example_kwargs, eval_mode,
                       written: frozenset = frozenset()) -> dict:
-    """``{module path: {parameter: equation}}``: the products that modules of the user's own
-    compute with their parameters (:mod:`lrjax.nnx_products`; of the one-kernel layers
-    :mod:`lrjax.nnx_written` splits whole, only those at the paths ``written``), those of a
-    module whose layers in their place stop the model from running (its parent reading the
-    parameter) left out."""
-    def run(copy):
-        run_abstractly(copy, example_args, example_kwargs, eval_mode)
-
-    products = nnx_products.record(model, run, _FLAX_LAYERS,
-                                   lambda path, node: path in written or not _written(node))
-
-    def runs(chosen) -> bool:
-        try:
-            run(_canonical(model, chosen))
-        except Exception:  # noqa: BLE001 - something else reads a parameter the layer holds
-            return False
-        return True
-
-    if not products or runs(products):
-        return products
-    return {p: v for p, v in products.items() if runs({p: v})}
+    """:func:`lrjax.nnx_products.found` on the example call, of the one-kernel layers
+    :mod:`lrjax.nnx_written` splits whole only those at the paths ``written``."""
+    return nnx_products.found(
+        model, functools.partial(run_abstractly, example_args=example_args,
+                                 example_kwargs=example_kwargs, eval_mode=eval_mode),
+        _FLAX_LAYERS, lambda path, node: path in written or not _written(node))
 
 
 def _input_axes(layer, equation) -> tuple[int, ...]:
@@ -280,7 +265,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     shapes (eager execution compiled each op's own program: 15 s of a ConvNeXt-T's first
     calibrated decomposition at 64x64). A call that cannot be traced (Python control flow on
     values, arguments that are not arrays) runs eagerly instead. ``products``: the modules'
-    own products run as layers (:func:`_written_products`)."""
+    own products run as layers (:func:`lrjax.nnx_products.found`)."""
     check_model_kind(model, "nnx")
     record = {"shapes": {}, "equations": {}, "keywords": {}, "sums": {}, "counts": {},
               "batch": {}, "calls": {}, "wanted": {s.path: s for s in wanted}, "inner": set(),
