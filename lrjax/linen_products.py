@@ -68,6 +68,7 @@ from lrjax.written_products import (
     layer_for,
     piece_of,
     product_of,
+    run_in_layout,
     set_aside,
     stored_kernel,
 )
@@ -508,7 +509,7 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels):
             return [ins[skipped[id(e)]]] * len(e.outvars) if id(e) in skipped else None
         layer, product, span = replaced[id(e)]
         if product.sliced is None:
-            return [layer(ins[product.data])]
+            return [run_in_layout(layer, product, ins[product.data])]
         if id(layer) not in computed:  # (every piece's data is the same)
             computed[id(layer)] = layer(ins[product.data])
         return [piece_of(product, computed[id(layer)], *span)]

@@ -32,6 +32,7 @@ module whose call no longer computes a split product so (called on data of anoth
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -43,7 +44,8 @@ from jax.extend import core as jcore
 from lrjax import replay, sites, written_products
 from lrjax.written_products import NotALayer
 
-__all__ = ["eligible", "record", "found", "canonical", "from_sites", "tracing"]
+__all__ = ["eligible", "record", "found", "canonical", "from_sites", "with_conv_specs",
+           "tracing"]
 
 _PRODUCTS = "lrjax_products"  # ((parameter, equation, shape, dtype), ...) of a canonical module
 _PATH = "lrjax_products_path"  # a module's path while its call is recorded
@@ -177,11 +179,27 @@ def _traced(module, names: list[str], kernels: list, args, kwargs):
     return closed, shapes, arrays, calls
 
 
-def _equation(product: written_products.Product) -> str | None:
-    """The ``nnx.Einsum`` equation (the stored kernel's letters) computing ``product``'s output,
-    or ``None`` when no ``nnx.Einsum`` of its stored kernel computes it."""
-    if product.eqn.primitive.name != "dot_general" or product.sliced is not None or \
-            any(step.primitive.name not in _STEPS for step in product.steps):
+def _equation(product: written_products.Product):
+    """What computes ``product``'s output from its stored kernel: the ``nnx.Einsum`` equation
+    (the stored kernel's letters) of a ``dot_general``; for a conv, ``("conv", its kernel's
+    transpose to HWIO, window, in features, out features, strides, padding, dilation, feature
+    groups)``, an ``nnx.Conv``'s (its data in channels last: :attr:`Product.layout`); or
+    ``None``."""
+    name, steps = product.eqn.primitive.name, product.steps
+    if name == "conv_general_dilated" and product.sliced is None:
+        hwio = tuple(range(len(product.eqn.invars[1].aval.shape)))
+        if product.layout is not None and steps[-1:] and steps[-1].primitive.name == "transpose":
+            hwio, steps = tuple(steps[-1].params["permutation"]), steps[:-1]
+        if steps:  # (scaled, cast: its own code's)
+            return None
+        shape = tuple(product.eqn.invars[1].aval.shape[a] for a in hwio)
+        params = product.eqn.params
+        return ("conv", hwio, shape[:-2], shape[-2] * params["feature_group_count"], shape[-1],
+                tuple(params["window_strides"]), tuple(tuple(int(v) for v in p)
+                                                        for p in params["padding"]),
+                tuple(params["rhs_dilation"]), params["feature_group_count"])
+    if name != "dot_general" or product.sliced is not None or \
+            any(step.primitive.name not in _STEPS for step in steps):
         return None
     equation = written_products.stored_equation(product)
     return equation if isinstance(sites.einsum_split(equation), sites.EinsumSplit) else None
@@ -247,11 +265,22 @@ def record(model, run: Callable, flax_layers: tuple[type, ...], wanted: Callable
             for path, found in recorded.items() if found}
 
 
-def _view(param: nnx.Param, equation: str) -> nnx.Einsum:
-    """The ``nnx.Einsum`` of ``equation`` holding ``param`` (shared) as its kernel, no bias."""
-    view = nnx.Einsum(equation, tuple(param.shape), None, param_dtype=param.dtype,
-                      rngs=nnx.Rngs(0), kernel_init=lambda *_: param[...])
-    view.kernel = param
+def _view(param: nnx.Param, spec):
+    """The layer computing a product (:func:`_equation`'s ``spec``) with ``param`` as its
+    kernel, no bias: an ``nnx.Einsum`` sharing it, or an ``nnx.Conv`` (sharing it when stored
+    in Flax's ``HWIO``, else holding it transposed so)."""
+    if isinstance(spec, str):
+        view = nnx.Einsum(spec, tuple(param.shape), None, param_dtype=param.dtype,
+                          rngs=nnx.Rngs(0), kernel_init=lambda *_: param[...])
+        view.kernel = param
+        return view
+    _, hwio, window, c, n, strides, padding, dilation, groups = spec
+    stored = hwio == tuple(range(len(hwio)))
+    kernel = param if stored else nnx.Param(jax.numpy.transpose(param[...], hwio))
+    view = nnx.Conv(c, n, window, strides=strides, padding=padding, kernel_dilation=dilation,
+                    feature_group_count=groups, use_bias=False, param_dtype=param.dtype,
+                    rngs=nnx.Rngs(0), kernel_init=lambda *_: kernel[...])
+    view.kernel = kernel
     return view
 
 
@@ -275,13 +304,13 @@ def _replaying_call(self, *args, **kwargs):
                 f"{declared[name][0]!r} of its call's data, and split so; this call computes "
                 f"{'it otherwise' if equation is None else repr(equation)}: call the "
                 "decomposed module as it was called when it was decomposed")
-        replaced[id(product.eqn)] = (layers[name], product.data)
+        replaced[id(product.eqn)] = (layers[name], product)
         skipped.update({id(e): position for e, position in product.chain})
 
     def rule(eqn, ins, here):
         if id(eqn) in replaced:
-            layer, data = replaced[id(eqn)]
-            return [layer(ins[data])]
+            layer, product = replaced[id(eqn)]
+            return [written_products.run_in_layout(layer, product, ins[product.data])]
         if eqn.primitive is _CHILD_CALL:  # a child's call: made by the child itself
             return jax.tree.leaves(calls[eqn.params["name"]](*ins))
         if id(eqn) in skipped:  # a step to a kernel: never computed with
@@ -315,15 +344,25 @@ def canonical(model, products: dict, flax_layers: tuple[type, ...]):
     return model
 
 
+def with_conv_specs(found: list, products: dict) -> list:
+    """The sites ``found`` with the convs among ``products`` (:func:`record`'s) marked as such
+    (:attr:`lrjax.sites.ConvSite.written_conv`), so that :func:`from_sites` places them again."""
+    convs = {sites.path_of((*sites.variable_key(path), name)): spec
+             for path, named in products.items() for name, spec in named.items()
+             if not isinstance(spec, str)}
+    return [dataclasses.replace(s, written_conv=convs[s.path]) if s.path in convs else s
+            for s in found]
+
+
 def from_sites(found) -> dict:
     """``{module path: {parameter: equation}}`` of the einsum sites among ``found`` named
     ``{module path}/{parameter}``: what :func:`canonical` needs to place them again (it places
     only those of eligible modules holding such a parameter)."""
     products: dict = {}
     for site in found:
-        keys = sites.variable_key(site.path)
-        if site.equation is not None and len(keys) >= 1:
-            products.setdefault(sites.path_of(keys[:-1]), {})[keys[-1]] = site.equation
+        keys, spec = sites.variable_key(site.path), site.equation or site.written_conv
+        if spec is not None and len(keys) >= 1:
+            products.setdefault(sites.path_of(keys[:-1]), {})[keys[-1]] = spec
     return products
 
 

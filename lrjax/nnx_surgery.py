@@ -364,10 +364,11 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     more = rejected and _written_products(model, example_args, example_kwargs, eval_mode,
                                           frozenset(rejected))
     if more:
+        products = {**products, **more}
         convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
-                                    eval_mode=eval_mode, products={**products, **more})
+                                    eval_mode=eval_mode, products=products)
         found = _sites(convs, record, batch)
-    found = [s for s in found.values() if s is not None]
+    found = nnx_products.with_conv_specs([s for s in found.values() if s is not None], products)
     split = {s.path: s for s in found if s.path in record["seen"] and s.candidate}
     kept = _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode)
     found = [ConvSite(s.path, None, skip=f"{type(convs[s.path]).__name__} (a subclass that runs "

@@ -6,9 +6,11 @@ A parameter is a layer's kernel when its one use, through multiplications and di
 constants, casts, transposes and reshapes (:class:`Step`: StyleGAN2's equalized learning rate,
 t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed), is
 
-* the second operand of a ``conv_general_dilated`` in Flax's layouts (channels last, ``HWIO``;
-  any strides, explicit padding, dilation and feature groups; no input dilation): an
-  ``nn.Conv``;
+* the second operand of a ``conv_general_dilated`` (any strides, explicit padding, dilation and
+  feature groups; no input dilation): an ``nn.Conv``; in another layout than Flax's (a PyTorch
+  port's ``NCHW`` / ``OIHW``) the kernel is read transposed to ``HWIO`` (one more step) and the
+  layer runs on the data transposed to channels last, its output transposed back
+  (:attr:`Product.layout`, :func:`run_in_layout`);
 * an operand of a ``dot_general`` with the data, with one batch dimension or none, contracting
   some of the kernel's axes with some of the data's and keeping at least one of each: the data's
   last axes with the kernel's first ones is an ``nn.Dense`` (``nn.DenseGeneral``: t5x's and
@@ -49,7 +51,7 @@ from jax.extend import core as jcore
 
 from lrjax.sites import ConvSite
 
-__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
+__all__ = ["KERNEL", "NotALayer", "Product", "Step", "run_in_layout", "WrittenConv", "WrittenDense",
            "WrittenDenseGeneral", "WrittenEinsum", "equation_of", "is_pair", "is_written_layer",
            "keep_read_elsewhere", "kernel_name", "layer_for", "product_of", "piece_of",
            "set_aside", "stored_equation", "stored_kernel"]
@@ -98,6 +100,7 @@ class Product:
     sliced: int | None = None
     squeezed: bool = False
     slices: tuple = ()
+    layout: tuple | None = None  # a conv's (data to NHWC, NHWC output to its own) transposes
 
 
 def _used(kernel, steps):
@@ -261,14 +264,11 @@ def product_of(closed, var, inputs) -> Product:
         raise NotALayer("a product computed in another dtype (preferred_element_type)")
     found = Product(eqn, tuple(steps), tuple(chain), data)
     if eqn.primitive.name == "conv_general_dilated":
-        ndim = len(x.shape)
-        lhs = (0, ndim - 1, *range(1, ndim - 1))  # Flax's: channels last, HWIO
-        flax_layout = (lhs, (ndim - 1, ndim - 2, *range(ndim - 2)), lhs)
-        if data != 0 or tuple(tuple(s) for s in params["dimension_numbers"]) != flax_layout \
-                or any(d != 1 for d in params["lhs_dilation"]) or \
+        if data != 0 or any(d != 1 for d in params["lhs_dilation"]) or \
                 params["batch_group_count"] != 1:
-            raise NotALayer("a conv in another layout, input-dilated or batch-grouped")
-        return found
+            raise NotALayer("a conv input-dilated or batch-grouped")
+        return _in_flax_layout(found, len(x.shape))
+
     if eqn.primitive.name == "dot_general":
         contracted, batched = params["dimension_numbers"]
         if len(batched[0]) > 1:
@@ -279,6 +279,24 @@ def product_of(closed, var, inputs) -> Product:
             raise NotALayer("a product keeping none of the kernel's or the data's axes")
         return found
     raise NotALayer(f"its kernel goes to {eqn.primitive.name}")
+
+
+def _in_flax_layout(product: Product, ndim: int) -> Product:
+    """A conv ``product`` as Flax's layer computes it (channels last, ``HWIO``): in another
+    layout (a PyTorch port's ``NCHW`` / ``OIHW``, ``lax.conv``'s default) its kernel transposed
+    to ``HWIO`` as one more step, and the data and output transposes in ``layout``."""
+    lhs, rhs, out = (tuple(s) for s in product.eqn.params["dimension_numbers"])
+    to_nhwc = (lhs[0], *lhs[2:], lhs[1])
+    to_hwio = (*rhs[2:], rhs[1], rhs[0])
+    back = [0] * ndim
+    for i, axis in enumerate((out[0], *out[2:], out[1])):
+        back[axis] = i
+    if to_nhwc == tuple(range(ndim)) and to_hwio == tuple(range(ndim)) and \
+            tuple(back) == tuple(range(ndim)):
+        return product
+    steps = product.steps if to_hwio == tuple(range(ndim)) else (*product.steps, Step(
+        jax.lax.transpose_p, {"permutation": to_hwio}, (None,), 0))
+    return dataclasses.replace(product, steps=steps, layout=(to_nhwc, tuple(back)))
 
 
 def _pieces(closed, var, uses):
@@ -442,6 +460,8 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
     ``name`` by ``name/vertical``, ``name/horizontal``."""
     eqn, steps = product.eqn, product.steps
     params, shape = eqn.params, tuple(eqn.invars[1 - product.data].aval.shape)  # (as used)
+    if product.layout is not None:  # (HWIO, as the layer uses it)
+        shape = tuple(shape[a] for a in steps[-1].params["permutation"])
     if product.sliced is not None:  # the whole parameter (its steps scale or cast it)
         shape = (*shape[:product.sliced], product.slices[-1][2],  # (inserted, or widened)
                  *shape[product.sliced + (not product.squeezed):])
@@ -474,6 +494,16 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
             feature_group_count=params["feature_group_count"], **common)
     object.__setattr__(layer, _WRITTEN, True)
     return layer
+
+
+def run_in_layout(layer, product: Product, data):
+    """``layer`` (the Flax layer :func:`layer_for` made) on ``data`` as ``product`` computed it:
+    a conv in another layout than Flax's gets its data transposed to channels last and its
+    output back."""
+    if product.layout is None:
+        return layer(data)
+    to_nhwc, back = product.layout
+    return jax.numpy.transpose(layer(jax.numpy.transpose(data, to_nhwc)), back)
 
 
 def set_aside(layer: nn.Module, kernel) -> None:
