@@ -25,7 +25,8 @@ a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax'
 * its ``__call__`` is traced (``jax.make_jaxpr``, calls inlined; a call that cannot be, e.g.
   one drawing randomness, runs as written, its scope as it was) and, when one parameter's one
   use is a product that a Flax layer computes (:mod:`lrjax.written_products`: a conv in
-  Flax's layouts, a ``dot_general`` of some of the data's axes with some of the kernel's,
+  any layout, a PyTorch port's ``NCHW`` / ``OIHW`` run channels last around the layer, a
+  ``dot_general`` of some of the data's axes with some of the kernel's,
   through scales, casts, transposes and reshapes), the traced program is replayed with that
   product computed by an ``nn.Conv`` (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``)
   without bias bound to the module's own scope, reading the module's parameter (under its

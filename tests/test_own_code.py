@@ -1,14 +1,13 @@
 """Layers written by hand that lrjax cannot run as a Flax layer: a module that multiplies the
-data by its own parameters in a form no Flax layer computes (a PyTorch port's ``OIHW`` conv, a
-parameter of a module that holds layers too) is seen in the traced forward pass and listed as
-left as it is, with the reason, linen and NNX; products that are not weights times data
-(attention's q·k, a fixed filter) are not listed. (A product a Flax layer computes is split:
-:mod:`lrjax.linen_products`.)"""
+data by its own parameters in a form no Flax layer computes (a weight-normalized conv, a
+hand-written classifier at the top of a linen model that holds layers too) is seen in the
+traced forward pass and listed as left as it is, with the reason, linen and NNX; products that
+are not weights times data (attention's q·k, a fixed filter) are not listed. (A product a Flax
+layer computes is split: :mod:`lrjax.linen_products`, :mod:`lrjax.nnx_products`.)"""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -20,15 +19,15 @@ X = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
 
 
 class ScaledConv(nn.Module):
-    """A conv as a PyTorch port writes it: a raw ``(out, in, kh, kw)`` parameter, scaled at run
-    time (StyleGAN2's equalized learning rate), then lax in the ``OIHW`` layout, which no Flax
-    layer computes."""
+    """A weight-normalized conv as a PyTorch port writes it: a raw ``(out, in, kh, kw)``
+    parameter divided by its norm at run time (``torch.nn.utils.weight_norm``), then lax in the
+    ``OIHW`` layout: a kernel computed from the parameter, which no Flax layer computes."""
     features: int
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.normal(1.0), (self.features, x.shape[-1], 3, 3))
-        w = w * (1 / np.sqrt(9 * x.shape[-1]))
+        w = w / jnp.sqrt(jnp.sum(w * w, axis=(1, 2, 3), keepdims=True))
         return jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "OIHW", "NHWC"))
 
