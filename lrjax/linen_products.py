@@ -215,7 +215,7 @@ def _compact_param(module, hook, name, init_fn, init_args, init_kwargs, unbox):
     elif module.is_initializing():  # as Flax's param makes and stores it (same keys)
         value = init_fn(module.make_rng("params"), *init_args, **init_kwargs)
         scope.put_variable("params", name, value)  # (its own code may read self.variables)
-    elif given is not None and _has_pair(module):  # the split kernel (one only: replay.traced_inlined)
+    elif given is not None and _has_pair(module):  # the split kernel (one only: traced)
         value = _placeholder(module, init_fn, init_args, init_kwargs)
     else:
         return nn.Module.param(module, name, init_fn, *init_args, unbox=unbox, **init_kwargs)

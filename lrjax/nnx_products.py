@@ -170,8 +170,10 @@ def _traced(module, names: list[str], kernels: list, args, kwargs):
             for name, value in zip(names, values, strict=True):  # (its code reads parameters)
                 vars(module)[name] = nnx.Param(value)
             return call(*arrays)
-        finally:
-            vars(module).update({n: held[n] for n in vars(module) if n in held})
+        finally:  # (as it was: an attribute its code set in the trace would hold a tracer)
+            for name in [n for n in vars(module) if n not in held]:
+                del vars(module)[name]
+            vars(module).update(held)
             _TRACING.pop()
 
     closed, shapes = replay.traced_inlined(body, kernels, *arrays,

@@ -51,10 +51,10 @@ from jax.extend import core as jcore
 
 from lrjax.sites import ConvSite
 
-__all__ = ["KERNEL", "NotALayer", "Product", "Step", "run_in_layout", "WrittenConv", "WrittenDense",
+__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
            "WrittenDenseGeneral", "WrittenEinsum", "equation_of", "is_pair", "is_written_layer",
            "keep_read_elsewhere", "kernel_name", "layer_for", "product_of", "piece_of",
-           "set_aside", "stored_equation", "stored_kernel"]
+           "run_in_layout", "set_aside", "stored_equation", "stored_kernel"]
 
 KERNEL = "kernel"
 _WRITTEN = "_lrjax_written"  # set on a layer made by layer_for
@@ -92,7 +92,11 @@ class Product:
     Gemma gating: ``jnp.dot(x, w[0])``, ``jnp.dot(x, w[1])``), is one product of the whole
     parameter, that axis kept in its output (``sliced``: the kernel axis; ``squeezed``: the
     pieces are single indices without it; ``slices``: ``(equation, start, limit)`` of each
-    piece's product, ``eqn`` the first's; ``chain`` holds every piece's)."""
+    piece's product, ``eqn`` the first's; ``chain`` holds every piece's).
+
+    A conv in another layout than Flax's has ``layout``: the transposes of its data to channels
+    last and of the layer's channels-last output back to its own layout (its kernel's to
+    ``HWIO`` is the last of its ``steps``)."""
     eqn: Any
     steps: tuple
     chain: tuple
@@ -100,7 +104,7 @@ class Product:
     sliced: int | None = None
     squeezed: bool = False
     slices: tuple = ()
-    layout: tuple | None = None  # a conv's (data to NHWC, NHWC output to its own) transposes
+    layout: tuple | None = None
 
 
 def _used(kernel, steps):
