@@ -14,7 +14,7 @@ call's data, through transposes only (:func:`lrjax.written_products.product_of`:
 self.w``, ``x @ self.w.T``, ``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a product an
 ``nnx.Einsum`` of that equation computes. Its other uses (scaled, sliced, a lookup, used twice,
 a conv) are its own code's products, a fixed cost. A call that cannot be traced so (Python
-control flow on values, a child given ``rngs=``) keeps the module as written.
+control flow on values) keeps the module as written.
 
 In lrjax's copies of the model (:func:`canonical`), each such parameter becomes the kernel of an
 ``nnx.Einsum`` view in its place (the same variable, shared), and the module's class a subclass
@@ -109,20 +109,21 @@ class _Child:
         return getattr(self.__dict__["_child"], name)
 
     def __call__(self, *args, **kwargs):
-        if any(nnx.graph.is_graph_node(leaf) for leaf in jax.tree.leaves(
-                (args, kwargs), is_leaf=nnx.graph.is_graph_node)):
-            raise NotALayer("a child called with NNX objects (rngs=...), which its replay "
-                            "would not share")
-        arrays, call = replay.array_call(self._child, args, kwargs)
+        node = nnx.graph.is_graph_node  # (NNX objects it is given, rngs=: passed as they are)
+        arrays, call = replay.array_call(self._child, args, kwargs, is_leaf=node)
         name = f"{self._label}:{len(self._calls)}"
         self._calls[name] = call
-        graphdef, state = nnx.split(self._child)
+        flat, treedef = jax.tree.flatten(((self._child, args, kwargs)), is_leaf=node)
+        graphs = {i: nnx.split(leaf) for i, leaf in enumerate(flat) if node(leaf)}
 
-        def copy_call(state, *arrays):  # (on a copy: what it updates, a dropout's random
-            copy = nnx.merge(graphdef, state)  # stream, stays inside; lrjax's probes do not
-            return replay.array_call(copy, args, kwargs)[1](*arrays)  # observe: tracing())
+        def copy_call(states, *arrays):  # (on copies: what the call updates, a dropout's
+            copies = list(flat)  # random stream, stays inside; lrjax's probes do not observe
+            for i, state in states.items():  # it: tracing())
+                copies[i] = nnx.merge(graphs[i][0], state)
+            child, args_, kwargs_ = jax.tree.unflatten(treedef, copies)
+            return replay.array_call(child, args_, kwargs_, is_leaf=node)[1](*arrays)
 
-        shapes = jax.eval_shape(copy_call, state, *arrays)
+        shapes = jax.eval_shape(copy_call, {i: g[1] for i, g in graphs.items()}, *arrays)
         leaves, tree = jax.tree.flatten(shapes)
         outs = _CHILD_CALL.bind(*arrays, name=name, avals=tuple(
             (tuple(leaf.shape), leaf.dtype) for leaf in leaves))
@@ -160,7 +161,7 @@ def _traced(module, names: list[str], kernels: list, args, kwargs):
     children's calls each a named call (:class:`_Child`): ``(closed jaxpr, output shapes, the
     call's arrays, {call name: the child's call})``."""
     arrays, call = replay.array_call(functools.partial(_base(type(module)).__call__, module),
-                                     args, kwargs)
+                                     args, kwargs, is_leaf=nnx.graph.is_graph_node)
     held, calls = dict(vars(module)), {}
 
     def body(values, *arrays):

@@ -78,10 +78,10 @@ def bind(eqn, ins, params=None) -> list:
     return list(outs) if eqn.primitive.multiple_results else [outs]
 
 
-def array_call(fn: Callable, args, kwargs):
+def array_call(fn: Callable, args, kwargs, is_leaf: Callable | None = None):
     """The arrays among a call's ``args`` and ``kwargs``, and ``fn`` as a function of them (its
-    other arguments as given), to be traced."""
-    flat, treedef = jax.tree.flatten((args, kwargs))
+    other arguments as given, and the subtrees ``is_leaf`` names), to be traced."""
+    flat, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_leaf)
     dynamic = [i for i, a in enumerate(flat) if isinstance(a, (jax.Array, np.ndarray))]
 
     def call(*arrays):

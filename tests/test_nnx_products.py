@@ -247,3 +247,28 @@ def test_a_decomposed_model_trains_with_its_childrens_dropout_on():
     grads = nnx.jit(nnx.grad(loss))(decomposed, X)
     assert float(jnp.abs(grads["blocks"][0]["w_in"]["vertical"]["kernel"][...]).max()) > 0
     assert float(jnp.abs(grads["head"]["horizontal"]["kernel"][...]).max()) > 0
+
+
+class RngsBlock(nnx.Module):
+    """Its children given the call's ``nnx.Rngs`` (as the Flax docs' DETR passes them down)."""
+
+    def __init__(self, rngs):
+        self.w = _normal(rngs, (32, 32))
+        self.drop = nnx.Dropout(0.5)
+
+    def __call__(self, x, *, rngs=None):
+        return x + self.drop(jax.nn.relu(x @ self.w), rngs=rngs)
+
+
+def test_a_child_given_the_calls_rngs_draws_from_them():
+    model = RngsBlock(nnx.Rngs(0))
+    found = lrjax.nnx_surgery.find_convs_nnx(model, X[..., :1].repeat(32, -1), rngs=nnx.Rngs(1))
+    assert [(s.path, s.candidate) for s in found] == [("w", True)]
+    x = jax.random.normal(jax.random.key(3), (4, 12, 32))
+    result = lrjax.decompose_nnx(model, x, rule={"w": 32}, rngs=nnx.Rngs(1))
+    # the same stream, the same draws: the full-rank pair computes what the module did
+    np.testing.assert_allclose(result.module(x, rngs=nnx.Rngs(7)), model(x, rngs=nnx.Rngs(7)),
+                               rtol=1e-4, atol=1e-5)
+    rngs = nnx.Rngs(7)
+    first, second = result.module(x, rngs=rngs), result.module(x, rngs=rngs)
+    assert not np.allclose(first, second)  # the caller's stream moves on
