@@ -7,7 +7,7 @@ hand-written head).
 Such a module (not Flax's or lrjax's, whose variables are ``nnx.Param``, one of two or more
 axes, besides which it may hold modules, directly or in an ``nnx.List``; a one-kernel layer
 only where :mod:`lrjax.nnx_written` does not split it whole: ``gelu(x @ self.w + self.b)``)
-has its first call traced (:func:`record`), with its parameters as inputs and each call of a
+has its first call traced (:class:`Recording`), with its parameters as inputs and each call of a
 child one opaque equation (:class:`_Child`: its outputs' shapes from an abstract run of a copy
 of the child); each parameter of two or more axes whose one use is a ``dot_general`` with the
 call's data, through transposes only (:func:`lrjax.written_products.product_of`: ``x @
@@ -44,13 +44,13 @@ from jax.extend import core as jcore
 from lrjax import replay, sites, written_products
 from lrjax.written_products import NotALayer
 
-__all__ = ["eligible", "record", "found", "canonical", "from_sites", "with_conv_specs",
+__all__ = ["eligible", "Recording", "checked", "canonical", "from_sites", "with_conv_specs",
            "tracing"]
 
 _PRODUCTS = "lrjax_products"  # ((parameter, equation, shape, dtype), ...) of a canonical module
 _PATH = "lrjax_products_path"  # a module's path while its call is recorded
 _STEPS = ("transpose", "copy", "copy_p")  # what may stand between a parameter and its product
-_RECORDED: list[dict] = []  # {module path: {parameter: (equation, shape)}} of the record running
+_RECORDED: list[dict] = []  # {module path: {parameter: (equation, shape)}} being recorded
 _TRACING: list = []  # the modules whose own call is being traced
 
 
@@ -226,6 +226,8 @@ def _products(closed, names: list[str]) -> dict:
 def _recording_call(self, *args, **kwargs):
     """A module's call while its products are recorded (:func:`record`): traced once, then run
     as written."""
+    if not _RECORDED:  # (lrjax calling it after the run: as written)
+        return _base(type(self)).__call__(self, *args, **kwargs)
     path, recorded = vars(self)[_PATH], _RECORDED[-1]
     params = {n: v for n, v in vars(self).items() if isinstance(v, nnx.Param) and len(v.shape) >= 2}
     names = list(params)
@@ -241,31 +243,34 @@ def _recording_call(self, *args, **kwargs):
     return _base(type(self)).__call__(self, *args, **kwargs)
 
 
-def record(model, run: Callable, flax_layers: tuple[type, ...], wanted: Callable) -> dict:
-    """``{module path: {parameter: equation}}`` of the products an ``nnx.Einsum`` computes in
-    the eligible modules of ``model`` (:func:`eligible`) that are ``wanted(path, module)``, on
-    the call ``run(copy)`` makes of a copy of it; ``{}`` at once when it has none. A module
+class Recording:
+    """The products of a model copy's eligible modules (:func:`eligible`), recorded while the
+    copy runs on its example call inside ``with`` (``copy``: a copy of the user's model whose
+    modules' classes this changes at once, before anything copies them further), as
+    ``{module path: {parameter: equation}}`` in :attr:`products` when the block ends. A module
     called several times must compute the same products each time; a parameter seen in another
     shape than stored (a stack's iteration) is none."""
-    def chosen(path, node) -> bool:
-        return eligible(node, flax_layers) and wanted(sites.path_of(path), node)
 
-    nodes = {sites.path_of(p): n for p, n in nnx.iter_graph(model) if chosen(p, n)}
-    if not nodes:
-        return {}
-    copy = nnx.clone(model)
-    for path, node in nnx.iter_graph(copy):
-        if sites.path_of(path) in nodes and eligible(node, flax_layers):
-            node.__class__ = _subclass(type(node), _recording_call, "recording")
-            setattr(node, _PATH, sites.path_of(path))
-    _RECORDED.append({})
-    try:
-        run(copy)
-    finally:
+    def __init__(self, copy, flax_layers: tuple[type, ...]):
+        self.products: dict = {}
+        self._stored = {}
+        for path, node in nnx.iter_graph(copy):
+            if eligible(node, flax_layers):
+                self._stored[sites.path_of(path)] = {
+                    n: tuple(v.shape) for n, v in vars(node).items() if isinstance(v, nnx.Param)}
+                node.__class__ = _subclass(type(node), _recording_call, "recording")
+                setattr(node, _PATH, sites.path_of(path))
+
+    def __enter__(self) -> Recording:
+        _RECORDED.append({})
+        return self
+
+    def __exit__(self, *exc) -> None:
         recorded = _RECORDED.pop()
-    return {path: {name: equation for name, (equation, shape) in found.items()
-                   if tuple(getattr(nodes[path], name).shape) == shape}
-            for path, found in recorded.items() if found}
+        self.products.update({
+            path: {name: equation for name, (equation, shape) in found.items()
+                   if self._stored[path].get(name) == shape}
+            for path, found in recorded.items() if found})
 
 
 def _view(param: nnx.Param, spec):
@@ -369,16 +374,10 @@ def from_sites(found) -> dict:
     return products
 
 
-def found(model, run: Callable, flax_layers: tuple[type, ...], wanted: Callable) -> dict:
-    """:func:`record` of ``model`` (on ``run(copy)``, its example call), less the products of a
-    module whose layers in their place stop the model from running (its parent reading the
-    parameter: each module tried alone where all together fail); ``{}`` where the call fails
-    (the probed run that follows says why)."""
-    try:
-        products = record(model, run, flax_layers, wanted)
-    except Exception:  # noqa: BLE001
-        return {}
-
+def checked(model, run: Callable, products: dict, flax_layers: tuple[type, ...]) -> dict:
+    """``products`` (:class:`Recording`'s) less those of a module whose layers in their place
+    stop ``model`` from running (``run(copy)``: its example call; its parent reading the
+    parameter: each module tried alone where all together fail)."""
     def runs(chosen) -> bool:
         try:
             run(canonical(nnx.clone(model), chosen, flax_layers))

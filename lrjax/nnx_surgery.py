@@ -11,6 +11,7 @@ the original is left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -94,16 +95,6 @@ def _canonical(model, products: dict):
     """A copy of ``model`` with the ``products`` of its modules' own code computed by layers
     (:func:`lrjax.nnx_products.canonical`)."""
     return nnx_products.canonical(nnx.clone(model), products, _FLAX_LAYERS)
-
-
-def _written_products(model, example_args, example_kwargs, eval_mode,
-                      written: frozenset = frozenset()) -> dict:
-    """:func:`lrjax.nnx_products.found` on the example call, of the one-kernel layers
-    :mod:`lrjax.nnx_written` splits whole only those at the paths ``written``."""
-    return nnx_products.found(
-        model, functools.partial(run_abstractly, example_args=example_args,
-                                 example_kwargs=example_kwargs, eval_mode=eval_mode),
-        _FLAX_LAYERS, lambda path, node: path in written or not _written(node))
 
 
 def _input_axes(layer, equation) -> tuple[int, ...]:
@@ -256,7 +247,7 @@ _CARRIED = "carry input and carry output"  # JAX's scan error: the carry changed
 
 
 def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, eval_mode=True,
-                products=None):
+                products=None, recorded: dict | None = None):
     """Run a copy of ``model`` (an eval view of it with ``eval_mode``) with every conv and linear
     layer (subclasses included) behind a probe; the ``wanted`` sites' input moments summed.
 
@@ -265,7 +256,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     shapes (eager execution compiled each op's own program: 15 s of a ConvNeXt-T's first
     calibrated decomposition at 64x64). A call that cannot be traced (Python control flow on
     values, arguments that are not arrays) runs eagerly instead. ``products``: the modules'
-    own products run as layers (:func:`lrjax.nnx_products.found`)."""
+    own products run as layers; ``recorded``: filled with the products the run finds in the
+    modules of the user's own (:func:`lrjax.nnx_products.recording`)."""
     check_model_kind(model, "nnx")
     record = {"shapes": {}, "equations": {}, "keywords": {}, "sums": {}, "counts": {},
               "batch": {}, "calls": {}, "wanted": {s.path: s for s in wanted}, "inner": set(),
@@ -291,7 +283,10 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             return _Probe(node, name, record)
         return node
 
-    probed = nnx.recursive_map(probe, _canonical(model, products or {}))
+    probing = _canonical(model, products or {})
+    watched = contextlib.nullcontext() if recorded is None else \
+        nnx_products.Recording(probing, _FLAX_LAYERS)  # (before the probes: the user's paths)
+    probed = nnx.recursive_map(probe, probing)
     if eval_mode:
         probed = eval_view(probed)
     kwargs, nodes = graph_keywords(kwargs)
@@ -309,26 +304,29 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     static = static_argnums(batches)  # model(x, False): the flag not traced
     traced = jax.jit(run, static_argnums=static) if wanted else \
         functools.partial(jax.eval_shape, run)
-    carried = False  # a layer whose module a scan carries (nnx.RNN's cell): its moments go
-    for args in batches:  # to the host, as a loop's (they would change the carry's structure)
-        try:
-            if not all(isinstance(a, (jax.Array, np.ndarray, KeywordInputs))
-                       for i, a in enumerate(args) if 1 + i not in static or not wanted):
-                raise TypeError("arguments that are not arrays")
-            moments = with_constants_evaluated(traced, state, *args)  # .item() of constants
-        except (TypeError, jax.errors.ConcretizationTypeError) as e:
-            carried = _CARRIED in str(e)
-            if carried:
-                break
-            moments = run(state, *args)
-        for path, (sums, count) in (moments if wanted else {}).items():
-            sums, count = np.array(sums, np.float64), np.asarray(count, np.float64)  # writable
-            if count.ndim:  # a probe stacked by nnx.vmap / nnx.scan: one per iteration
-                sums = sums.reshape(-1, *sums.shape[-2:])
-                count = np.repeat(count, sums.shape[0] // count.size)[:, None, None]
-            held = record["sums"].get(path)  # summed in place: no new m x m array a batch
-            record["sums"][path] = sums if held is None else np.add(held, sums, out=held)
-            record["counts"][path] = record["counts"].get(path, 0.0) + count
+    with watched as seen:
+        carried = False  # a layer whose module a scan carries (nnx.RNN's cell): its moments go
+        for args in batches:  # to the host, as a loop's (they would change the carry's structure)
+            try:
+                if not all(isinstance(a, (jax.Array, np.ndarray, KeywordInputs))
+                           for i, a in enumerate(args) if 1 + i not in static or not wanted):
+                    raise TypeError("arguments that are not arrays")
+                moments = with_constants_evaluated(traced, state, *args)  # .item() of constants
+            except (TypeError, jax.errors.ConcretizationTypeError) as e:
+                carried = _CARRIED in str(e)
+                if carried:
+                    break
+                moments = run(state, *args)
+            for path, (sums, count) in (moments if wanted else {}).items():
+                sums, count = np.array(sums, np.float64), np.asarray(count, np.float64)  # writable
+                if count.ndim:  # a probe stacked by nnx.vmap / nnx.scan: one per iteration
+                    sums = sums.reshape(-1, *sums.shape[-2:])
+                    count = np.repeat(count, sums.shape[0] // count.size)[:, None, None]
+                held = record["sums"].get(path)  # summed in place: no new m x m array a batch
+                record["sums"][path] = sums if held is None else np.add(held, sums, out=held)
+                record["counts"][path] = record["counts"].get(path, 0.0) + count
+    if recorded is not None:
+        recorded.update(seen.products)
     # set inside a loop (lost), or called more than once: a second pass, each run's moments
     # to the host (lrjax.moments.RunSums)
     looped = set(record["wanted"]) if carried else {
@@ -353,18 +351,19 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     """Every conv and linear layer (``nnx.Conv``, ``nnx.ConvTranspose``, ``nnx.Linear``,
     ``nnx.LinearGeneral``, ``nnx.Einsum``) the model calls on the example inputs, in
     call order; run on an eval view of a copy with ``eval_mode``."""
-    products = _written_products(model, example_args, example_kwargs, eval_mode)
+    recorded: dict = {}
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
-                                eval_mode=eval_mode, products=products)
+                                eval_mode=eval_mode, recorded=recorded)
     batch = site_runs.example_batch(example_args)
     found = _sites(convs, record, batch)
-    # one-kernel layers of the user's own that are no dense layer or einsum (an activation
-    # after the product): their products as a module's own (lrjax.nnx_products), if any
-    rejected = {p for p, s in found.items() if (s is None or not s.candidate) and _written(convs[p])}
-    more = rejected and _written_products(model, example_args, example_kwargs, eval_mode,
-                                          frozenset(rejected))
-    if more:
-        products = {**products, **more}
+    # the products of modules of the user's own (lrjax.nnx_products), but of the one-kernel
+    # layers split whole: then run as layers in a second pass
+    whole = {p for p, s in found.items() if s is not None and s.candidate and _written(convs[p])}
+    products = nnx_products.checked(
+        model, functools.partial(run_abstractly, example_args=example_args,
+                                 example_kwargs=example_kwargs, eval_mode=eval_mode),
+        {p: v for p, v in recorded.items() if p not in whole}, _FLAX_LAYERS)
+    if products:
         convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                     eval_mode=eval_mode, products=products)
         found = _sites(convs, record, batch)
