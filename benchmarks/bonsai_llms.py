@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import chosen_models, machine, setup, write_json
+from benchmarks.common import checkout_run, chosen_models, setup
 
 MODELS = ("qwen3", "gemma3", "qwen3_vl", "llada")
 EXPORTERS = ("onnx", "tflite", "stablehlo")
@@ -183,21 +183,16 @@ def main(argv=None) -> dict:
     if not os.path.isdir(os.path.join(args.bonsai, "bonsai", "models")):
         parser.error(f"--bonsai {args.bonsai}: no bonsai/models folder there")
 
-    import tempfile
-
     sys.path.insert(0, os.path.abspath(args.bonsai))
-    result = {"machine": machine("onnxruntime", "tensorflow_cpu", "ai-edge-litert"),
-              "command": "python -m benchmarks.bonsai_llms " + " ".join(argv or sys.argv[1:]),
-              "bonsai": os.path.abspath(args.bonsai), "rule": "speedup:1.5", "models": {}}
-    for name in names:
+
+    def row_of(name, tmp):
         model, call_args, keywords, calibration, export_kwargs, context = _build(name)
-        with context, tempfile.TemporaryDirectory() as tmp:
-            result["models"][name] = measure(model, call_args, keywords, calibration,
-                                             tmp_dir=tmp, export_kwargs=export_kwargs)
-        print(_table({name: result["models"][name]}).splitlines()[-1], flush=True)
-    print(_table(result["models"]))
-    write_json(args.json, result)
-    return result
+        with context:
+            return measure(model, call_args, keywords, calibration, tmp_dir=tmp,
+                           export_kwargs=export_kwargs)
+
+    return checkout_run("bonsai_llms", argv, ("bonsai", args.bonsai), names, row_of, _table,
+                        args.json, rule="speedup:1.5")
 
 
 if __name__ == "__main__":

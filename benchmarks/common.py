@@ -93,3 +93,27 @@ def checkout_args(parser, argv, *, flag: str, help: str, found: str, models, jso
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def checkout_run(module: str, argv, checkout: tuple[str, str], names, row_of, table, json: str,
+                 **extra) -> dict:
+    """A benchmark over models from a checkout: ``row_of(name, tmp_dir)`` for each of ``names``
+    (a fresh temporary folder each), each row printed as it comes (the last line of
+    ``table({name: row})``), the whole table after; written to ``json`` with the machine, the
+    command (``python -m benchmarks.{module} ...``), the checkout (``(key, path)``) and
+    ``extra``, and returned."""
+    import sys
+    import tempfile
+
+    key, path = checkout
+    result = {"machine": machine("onnxruntime", "tensorflow_cpu", "ai-edge-litert"),
+              "command": f"python -m benchmarks.{module} " + " ".join(argv or sys.argv[1:]),
+              key: os.path.abspath(path), **extra, "models": {}}
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["models"][name] = row_of(name, tmp)
+        print(table({name: result["models"][name]}).splitlines()[-1], flush=True)
+    print(table(result["models"]))
+    write_json(json, result)
+    return result
+

@@ -24,7 +24,7 @@ import os
 import sys
 import types
 
-from benchmarks.common import checkout_args, machine, setup, write_json
+from benchmarks.common import checkout_args, checkout_run, setup
 from benchmarks.public_models import _table, decomposition_row, exported
 
 MODELS = {"taxonomy_b0": 16000, "separation": 6400}  # name: samples per example
@@ -98,25 +98,19 @@ def main(argv=None) -> dict:
         help="a checkout of github.com/google-research/perch", models=MODELS,
         json="bench_results/perch_models.json")
 
-    import tempfile
-
     import jax
 
     _stand_ins()
     sys.path.insert(0, os.path.abspath(args.perch))
-    result = {"machine": machine("onnxruntime", "tensorflow_cpu", "ai-edge-litert"),
-              "command": "python -m benchmarks.perch_models " + " ".join(argv or sys.argv[1:]),
-              "perch": os.path.abspath(args.perch), "models": {}}
-    for name in names:
+
+    def row_of(name, tmp):
         samples = MODELS[name]
         audio = jax.random.normal(jax.random.key(0), (args.batch, samples))
         calibration = jax.random.normal(jax.random.key(7), (args.calibration_images, samples))
-        with tempfile.TemporaryDirectory() as tmp:
-            result["models"][name] = measure(build(name), audio, calibration, tmp_dir=tmp)
-        print(_table({name: result["models"][name]}).splitlines()[-1], flush=True)
-    print(_table(result["models"]))
-    write_json(args.json, result)
-    return result
+        return measure(build(name), audio, calibration, tmp_dir=tmp)
+
+    return checkout_run("perch_models", argv, ("perch", args.perch), names, row_of, _table,
+                        args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import checkout_args, machine, setup, write_json
+from benchmarks.common import checkout_args, checkout_run, setup
 
 # name: (registry function, input size, to_onnx keywords)
 MODELS = {
@@ -156,17 +156,14 @@ def main(argv=None) -> dict:
         json="bench_results/public_models.json")
 
     import importlib
-    import tempfile
 
     import jax
 
     from lrjax.linen_trace import compile_time_constants
 
     sys.path.insert(0, os.path.abspath(args.jax_models))
-    result = {"machine": machine("onnxruntime", "tensorflow_cpu", "ai-edge-litert"),
-              "command": "python -m benchmarks.public_models " + " ".join(argv or sys.argv[1:]),
-              "jax_models": os.path.abspath(args.jax_models), "models": {}}
-    for name in names:
+
+    def row_of(name, tmp):
         factory, size, onnx_kwargs = MODELS[name]
         module, function = factory.split(".")
         model = getattr(importlib.import_module(f"jax_models.models.{module}"), function)(
@@ -178,13 +175,11 @@ def main(argv=None) -> dict:
             variables = jax.jit(lambda rngs, x, m=model: m.init(rngs, x, True))(
                 {"params": jax.random.key(0), "dropout": jax.random.key(1),
                  "drop_path": jax.random.key(2)}, x)
-        with tempfile.TemporaryDirectory() as tmp:
-            result["models"][name] = measure(model, variables, (x, True), calibration,
-                                             tmp_dir=tmp, onnx_kwargs=onnx_kwargs)
-        print(_table({name: result["models"][name]}).splitlines()[-1], flush=True)
-    print(_table(result["models"]))
-    write_json(args.json, result)
-    return result
+        return measure(model, variables, (x, True), calibration, tmp_dir=tmp,
+                       onnx_kwargs=onnx_kwargs)
+
+    return checkout_run("public_models", argv, ("jax_models", args.jax_models), names, row_of,
+                        _table, args.json)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 
-from benchmarks.common import checkout_args, machine, setup, write_json
+from benchmarks.common import checkout_args, checkout_run, setup
 
 # name: its config module
 MODELS = {
@@ -64,7 +64,6 @@ def main(argv=None) -> dict:
         json="bench_results/score_sde.json")
 
     import importlib
-    import tempfile
     import types
 
     import flax
@@ -78,10 +77,7 @@ def main(argv=None) -> dict:
     sys.path.insert(0, os.path.abspath(args.score_sde))
     from models import ddpm, ncsnpp, utils  # noqa: F401 - registers the models
 
-    result = {"machine": machine("onnxruntime", "tensorflow_cpu", "ai-edge-litert"),
-              "command": "python -m benchmarks.score_sde " + " ".join(argv or sys.argv[1:]),
-              "score_sde": os.path.abspath(args.score_sde), "models": {}}
-    for name in names:
+    def row_of(name, tmp):
         config = importlib.import_module(MODELS[name]).get_config()
         config.model.nf, config.model.num_res_blocks = 32, 1
         config.model.ch_mult, config.model.attn_resolutions = (1, 2, 2), (SIZE // 2,)
@@ -96,13 +92,11 @@ def main(argv=None) -> dict:
         variables = jax.jit(lambda x, t, m=model: m.init(
             {"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, t, train=False))(
             *example)
-        with tempfile.TemporaryDirectory() as tmp:
-            result["models"][name] = measure(model, variables, example,
-                                             inputs(args.calibration_images, 3), tmp_dir=tmp)
-        print(_table({name: result["models"][name]}).splitlines()[-1], flush=True)
-    print(_table(result["models"]))
-    write_json(args.json, result)
-    return result
+        return measure(model, variables, example, inputs(args.calibration_images, 3),
+                       tmp_dir=tmp)
+
+    return checkout_run("score_sde", argv, ("score_sde", args.score_sde), names, row_of,
+                        _table, args.json)
 
 
 if __name__ == "__main__":
