@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from lrjax import ragged
 from lrjax.sites import ConvSite, batch_position, variable_key
 
 __all__ = ["unboxed", "reboxed", "factor_names", "shard_pair_like"]
@@ -124,8 +125,11 @@ def shard_pair_like(layer, pair, site: ConvSite) -> None:
     sharding = kernel.get_metadata().get(_SHARDING) if kernel.has_metadata(_SHARDING) else None
     if sharding is not None:
         names, rebuilt = _spec(sharding, len(kernel.shape))
+        shape = kernel.shape
+        if isinstance(layer, ragged.RaggedDot):  # its names on the kernel its product uses
+            names, shape = ragged.used_names(names, layer.steps, shape), layer.used_shape
         vertical, horizontal = pair.vertical.kernel, pair.horizontal.kernel
-        factor = factor_names(site, names, kernel.shape, vertical.shape, horizontal.shape)
+        factor = factor_names(site, names, shape, vertical.shape, horizontal.shape)
         vertical.set_metadata(**{_SHARDING: rebuilt(factor[0])})
         horizontal.set_metadata(**{_SHARDING: rebuilt(factor[1])})
     bias = getattr(layer, "bias", None)

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import zipfile
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -294,7 +295,7 @@ def save_decomposed_folder(path: str, meta: dict, variables, *, overwrite: bool 
 
 
 def load_decomposed_folder(path: str) -> tuple[dict, dict]:
-    """``(meta, variables)`` of a folder :func:`save_decomposed_folder` wrote.
+    """``(meta, variables)`` of a folder :func:`save_decomposed_folder` wrote (JAX arrays).
 
     Raises:
       CheckpointError: ``path`` missing, or not such a folder (naming what it lacks).
@@ -311,7 +312,9 @@ def load_decomposed_folder(path: str) -> tuple[dict, dict]:
                                       args=ocp.args.StandardRestore())
     except Exception as e:  # Orbax raises many types for a damaged checkpoint
         raise CheckpointError(f"{path!r}: its variables cannot be read: {e}") from None
-    return meta, variables
+    # as device arrays (Orbax gives NumPy ones: a model indexing its parameter by a traced
+    # index, a mixture of experts' per-expert scale, could not run on them)
+    return meta, jax.device_put(variables)
 
 
 class TrainCheckpoints:

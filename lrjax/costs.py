@@ -231,7 +231,12 @@ class ConvShape:
     ``view_taps``: for an N-D conv costed as a 2-D one (its leading dims as one column, its last
     as the width: :func:`lrjax.conv_views.conv_view`), the taps that land on its input summed
     over its outputs, along the leading dims (the product of :func:`valid_taps` over them) and
-    along the last: ``taps_hw`` (its padding's taps are not counted, as XLA counts them)."""
+    along the last: ``taps_hw`` (its padding's taps are not counted, as XLA counts them).
+
+    ``mid_macs``: for a 1x1 or dense geometry, what its pair costs beyond its products per
+    element of its intermediate (the total rank at each output position), in multiply-adds
+    (half of XLA's flops): 2 for a ``ragged_dot`` pair, whose second product XLA:CPU computes
+    on its input masked by group, 4 flops an element (:mod:`lrjax.ragged`); 0 otherwise."""
 
     name: str
     input_hw: tuple[int, int]
@@ -246,6 +251,7 @@ class ConvShape:
     transposed: bool = False
     images: float = 1
     view_taps: tuple[int, int] | None = None
+    mid_macs: int = 0
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -321,6 +327,8 @@ def lowrank_cost(layer: ConvShape, rank: int) -> Cost:
     kg = rank // layer.groups
     first, second = layer._pair_terms()
     macs = first * cg * rank + second * kg * n
+    if layer.mid_macs:  # (a 1x1 geometry: its intermediate has `first` positions)
+        macs += layer.mid_macs * first * rank
     params = kh * cg * rank + kw * kg * n + n * layer.use_bias
     return Cost(macs=_per_example(macs, layer), params=params)
 
@@ -329,7 +337,7 @@ def rank_cost_slope(layer: ConvShape) -> float:
     """Multiply-adds added by one more unit of total rank (the pair's cost is linear in K)."""
     _, _, cg, n = layer.kernel_shape
     first, second = layer._pair_terms()
-    return _per_example(first * cg + second * n / layer.groups, layer)
+    return _per_example(first * cg + second * n / layer.groups + layer.mid_macs * first, layer)
 
 
 def breakeven_rank(layer: ConvShape) -> int:

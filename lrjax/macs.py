@@ -1,5 +1,6 @@
 """The cost of a whole traced computation: the multiply-adds of every convolution and every
-matrix product (``dot_general``: dense layers, einsums, attention's q·k and a·v) in its jaxpr,
+matrix product (``dot_general``: dense layers, einsums, attention's q·k and a·v; ``ragged_dot``:
+a mixture of experts', as XLA computes it on CPU, every row by every expert) in its jaxpr,
 sub-jaxprs included, and the element-wise work around them (norms, activations, pooling) as XLA
 counts it. What :mod:`lrjax.costs` counts per conv layer, counted here for the whole net, so that
 a reported speedup is the whole forward pass's. A conv counts the taps that land on its input, not
@@ -63,6 +64,23 @@ def _dot_macs(eqn) -> int:
     return math.prod(int(d) for d in out.shape) * math.prod(int(lhs.shape[d]) for d in contract)
 
 
+def _ragged_macs(eqn) -> int:
+    """A ``ragged_dot``'s multiply-adds as XLA counts and computes them on CPU: every row by
+    every group's matrix (masked), ``G`` times the rows' own products (:mod:`lrjax.ragged`)."""
+    lhs, rhs = (v.aval for v in eqn.invars[:2])
+    numbers = eqn.params["ragged_dot_dimension_numbers"]
+    (contract, _), _ = numbers.dot_dimension_numbers
+    groups = math.prod(int(rhs.shape[d]) for d in numbers.rhs_group_dimensions)
+    out = eqn.outvars[0].aval
+    return groups * math.prod(int(d) for d in out.shape) * math.prod(
+        int(lhs.shape[d]) for d in contract)
+
+
+# the products whose multiply-adds are counted, by primitive: their kind and their count
+_PRODUCTS = {"conv_general_dilated": ("conv", _conv_macs), "dot_general": ("dot", _dot_macs),
+             "ragged_dot_general": ("dot", _ragged_macs)}
+
+
 def _walk(jaxpr, scope: str, trips: int):
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
         where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
@@ -101,9 +119,9 @@ def _macs(jaxpr, scope: str = "", trips: int = 1) -> tuple[dict, int]:
 
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
         where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
-        kind = {"conv_general_dilated": "conv", "dot_general": "dot"}.get(eqn.primitive.name)
+        kind, count = _PRODUCTS.get(eqn.primitive.name, (None, None))
         if kind is not None:
-            macs = _conv_macs(eqn) if kind == "conv" else _dot_macs(eqn)
+            macs = count(eqn)
             marks = _LAYER.findall(where)
             add({"conv": 0, "dot": 0, kind: trips * macs, "branched": set(),
                  "layers": {int(marks[-1]): trips * macs} if marks else {}}, macs)
@@ -255,11 +273,11 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
         data = any(k is _DATA for k in operands)
         sources = frozenset().union(*(k for k in operands if isinstance(k, frozenset)))
         name = eqn.primitive.name
-        if name in ("conv_general_dilated", "dot_general") and not _LAYER.search(where):
-            a, b = operands
+        if name in _PRODUCTS and not _LAYER.search(where):
+            a, b = operands[:2]
             weight = a if b is _DATA else b if a is _DATA else _DATA
             if isinstance(weight, frozenset) or weight is None:  # (None: a constant)
-                macs = _conv_macs(eqn) if name == "conv_general_dilated" else _dot_macs(eqn)
+                macs = _PRODUCTS[name][1](eqn)
                 found.append((_CONSTANT if weight is None else weight, name, trips * macs,
                               where))
         inner_trips = trips * int(eqn.params["length"]) if name == "scan" else trips

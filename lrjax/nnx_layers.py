@@ -1,6 +1,7 @@
 """NNX pairs: the modules that replace a split NNX layer (:class:`LowRankConvNNX` for convs and
 transposed convs, :class:`LowRankLinearNNX` for ``nnx.Linear`` / ``nnx.LinearGeneral`` and
-hand-written dense layers, :class:`LowRankEinsumNNX` for ``nnx.Einsum``), built from a layer, its
+hand-written dense layers, :class:`LowRankEinsumNNX` for ``nnx.Einsum``,
+:class:`lrjax.ragged.LowRankRaggedNNX` for a ``ragged_dot``), built from a layer, its
 site (:class:`lrjax.sites.ConvSite`) and its factors (:func:`pair_module`); the NNX counterpart
 of :mod:`lrjax.layers`. :func:`lrjax.nnx_surgery.decompose_nnx` builds them.
 """
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lrjax import decompose, formulations, sites
+from lrjax import decompose, formulations, ragged, sites
 from lrjax.layers import pair_geometry, transposed_pair_geometry
 from lrjax.sites import ConvSite, redefined
 
@@ -120,10 +121,15 @@ def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowR
         if layer.bias is not None:
             pair.horizontal.bias.set_value(layer.bias[...])
         return pair
+    vertical_kernel, horizontal_kernel = site.factor_variables(factors)
+    if isinstance(layer, ragged.RaggedDot):  # (G, C, K) and (G, K, N), over the same groups
+        return ragged.LowRankRaggedNNX(*(
+            ragged.RaggedDot(nnx.Param(sites.device_array(k, layer.kernel.dtype)),
+                             precision=layer.precision)
+            for k in (vertical_kernel, horizontal_kernel)))
     if bias is None and layer.bias is not None:
         bias = layer.bias[...]
     rank = int(factors.vertical.shape[-1]) // (site.stack if site.batched else 1)
-    vertical_kernel, horizontal_kernel = site.factor_variables(factors)
     common = dict(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
                   rngs=nnx.Rngs(0))
     first = dict(kernel_init=_given(vertical_kernel))

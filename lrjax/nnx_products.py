@@ -12,9 +12,11 @@ child one opaque equation (:class:`_Child`: its outputs' shapes from an abstract
 of the child); each parameter of two or more axes whose one use is a ``dot_general`` with the
 call's data, through transposes only (:func:`lrjax.written_products.product_of`: ``x @
 self.w``, ``x @ self.w.T``, ``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a product an
-``nnx.Einsum`` of that equation computes. Its other uses (scaled, sliced, a lookup, used twice,
-a conv) are its own code's products, a fixed cost. A call that cannot be traced so (Python
-control flow on values) keeps the module as written.
+``nnx.Einsum`` of that equation computes; a conv's is an ``nnx.Conv``'s; a mixture of experts'
+``lax.ragged_dot`` by the parameter, transposed and reshaped on its way, a
+:class:`lrjax.ragged.RaggedDot`'s. Its other uses (scaled, sliced, a lookup, used twice) are its
+own code's products, a fixed cost. A call that cannot be traced so (Python control flow on
+values) keeps the module as written.
 
 In lrjax's copies of the model (:func:`canonical`), each such parameter becomes the kernel of an
 ``nnx.Einsum`` view in its place (the same variable, shared), and the module's class a subclass
@@ -41,10 +43,10 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jcore
 
-from lrjax import replay, sites, written_products
+from lrjax import ragged, replay, sites, written_products
 from lrjax.written_products import NotALayer
 
-__all__ = ["eligible", "Recording", "checked", "canonical", "from_sites", "with_conv_specs",
+__all__ = ["eligible", "Recording", "checked", "canonical", "from_sites", "with_specs",
            "tracing"]
 
 _PRODUCTS = "lrjax_products"  # ((parameter, equation, shape, dtype), ...) of a canonical module
@@ -186,9 +188,13 @@ def _equation(product: written_products.Product):
     """What computes ``product``'s output from its stored kernel: the ``nnx.Einsum`` equation
     (the stored kernel's letters) of a ``dot_general``; for a conv, ``("conv", its kernel's
     transpose to HWIO, window, in features, out features, strides, padding, dilation, feature
-    groups)``, an ``nnx.Conv``'s (its data in channels last: :attr:`Product.layout`); or
-    ``None``."""
+    groups)``, an ``nnx.Conv``'s (its data in channels last: :attr:`Product.layout`); for a
+    ``ragged_dot``, ``("ragged", its kernel's layout steps, precision)``, a
+    :class:`lrjax.ragged.RaggedDot`'s; or ``None``."""
     name, steps = product.eqn.primitive.name, product.steps
+    if name == "ragged_dot_general":
+        layout = ragged.layout_steps(steps)
+        return None if layout is None else ("ragged", layout, product.eqn.params["precision"])
     if name == "conv_general_dilated" and product.sliced is None:
         hwio = tuple(range(len(product.eqn.invars[1].aval.shape)))
         if product.layout is not None and steps[-1:] and steps[-1].primitive.name == "transpose":
@@ -214,7 +220,7 @@ def _products(closed, names: list[str]) -> dict:
     inputs, found = closed.jaxpr.invars[len(names):], {}
     for name, var in zip(names, closed.jaxpr.invars, strict=False):
         try:
-            product = written_products.product_of(closed, var, inputs)
+            product = written_products.product_of(closed, var, inputs, ragged=True)
         except NotALayer:
             continue
         equation = _equation(product)
@@ -277,6 +283,8 @@ def _view(param: nnx.Param, spec):
     """The layer computing a product (:func:`_equation`'s ``spec``) with ``param`` as its
     kernel, no bias: an ``nnx.Einsum`` sharing it, or an ``nnx.Conv`` (sharing it when stored
     in Flax's ``HWIO``, else holding it transposed so)."""
+    if not isinstance(spec, str) and spec[0] == "ragged":
+        return ragged.RaggedDot(param, spec[1], spec[2])
     if isinstance(spec, str):
         view = nnx.Einsum(spec, tuple(param.shape), None, param_dtype=param.dtype,
                           rngs=nnx.Rngs(0), kernel_init=lambda *_: param[...])
@@ -318,6 +326,8 @@ def _replaying_call(self, *args, **kwargs):
     def rule(eqn, ins, here):
         if id(eqn) in replaced:
             layer, product = replaced[id(eqn)]
+            if product.eqn.primitive.name == "ragged_dot_general":  # (data, kernel, groups)
+                return [layer(ins[product.data], ins[2])]
             return [written_products.run_in_layout(layer, product, ins[product.data])]
         if eqn.primitive is _CHILD_CALL:  # a child's call: made by the child itself
             return jax.tree.leaves(calls[eqn.params["name"]](*ins))
@@ -352,13 +362,14 @@ def canonical(model, products: dict, flax_layers: tuple[type, ...]):
     return model
 
 
-def with_conv_specs(found: list, products: dict) -> list:
-    """The sites ``found`` with the convs among ``products`` (:func:`record`'s) marked as such
-    (:attr:`lrjax.sites.ConvSite.written_conv`), so that :func:`from_sites` places them again."""
-    convs = {sites.path_of((*sites.variable_key(path), name)): spec
+def with_specs(found: list, products: dict) -> list:
+    """The sites ``found`` with the convs and ragged products among ``products``
+    (:class:`Recording`'s) marked as such (:attr:`lrjax.sites.ConvSite.written_spec`), so that
+    :func:`from_sites` places them again."""
+    specs = {sites.path_of((*sites.variable_key(path), name)): spec
              for path, named in products.items() for name, spec in named.items()
              if not isinstance(spec, str)}
-    return [dataclasses.replace(s, written_conv=convs[s.path]) if s.path in convs else s
+    return [dataclasses.replace(s, written_spec=specs[s.path]) if s.path in specs else s
             for s in found]
 
 
@@ -368,7 +379,7 @@ def from_sites(found) -> dict:
     only those of eligible modules holding such a parameter)."""
     products: dict = {}
     for site in found:
-        keys, spec = sites.variable_key(site.path), site.equation or site.written_conv
+        keys, spec = sites.variable_key(site.path), site.written_spec or site.equation
         if spec is not None and len(keys) >= 1:
             products.setdefault(sites.path_of(keys[:-1]), {})[keys[-1]] = spec
     return products

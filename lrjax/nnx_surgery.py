@@ -29,6 +29,7 @@ from lrjax import (
     nnx_products,
     nnx_written,
     own_code,
+    ragged,
     rules,
     site_runs,
     sites,
@@ -71,7 +72,8 @@ __all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_
            "find_convs_nnx", "eval_view", "graph_keywords"]
 
 _LINEAR = (nnx.Linear, nnx.LinearGeneral)
-_SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum)  # the types a pair replaces
+# the types a pair replaces
+_SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum, ragged.RaggedDot)
 # linear layers seen and left as they are, with the reason
 _UNSPLIT: dict[type, str] = {}
 # wrappers that re-parametrize the layer they run (``layer_instance``): it is left as it is
@@ -132,6 +134,8 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
         return ConvSite(path, None, skip=BRIDGED)
     if isinstance(layer, nnx.Einsum):
         return _einsum_site(path, layer, shape, equation)
+    if isinstance(layer, ragged.RaggedDot):
+        return ragged.site(path, layer, shape)
     if isinstance(layer, nnx.ConvTranspose):
         return transposed_site(path, layer, shape, nnx.ConvTranspose)
     if isinstance(layer, _LINEAR):
@@ -191,6 +195,8 @@ class _Probe(nnx.Module):
 
     def _observe(self, layer, x, args, kwargs):
         record = self._record
+        if isinstance(layer, ragged.RaggedDot):  # its rows in their groups' slots
+            x = ragged.dispatched(x, args[0], layer.used_shape[0])
         inner = self.path in record["inner"] - record["seen"]  # its base's first call
         if self.path not in record["shapes"] or inner:
             if inner:
@@ -367,15 +373,21 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
         convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                     eval_mode=eval_mode, products=products)
         found = _sites(convs, record, batch)
-    found = nnx_products.with_conv_specs([s for s in found.values() if s is not None], products)
+    found = nnx_products.with_specs([s for s in found.values() if s is not None], products)
     split = {s.path: s for s in found if s.path in record["seen"] and s.candidate}
     kept = _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode)
     found = [ConvSite(s.path, None, skip=f"{type(convs[s.path]).__name__} (a subclass that runs "
                       "its base's __call__ but also reads its kernel: its own computation is "
                       "kept)") if s.path in kept else s for s in found]
-    return [site_runs.per_example(sites.unless_stacked(
-        site, getattr(nnx_written.kernel_of(convs[site.path]), "shape", None), any_axis=False),
-        batch) for site in found]
+    return [site_runs.per_example(sites.unless_stacked(site, _kernel_shape(convs[site.path]),
+                                                       any_axis=False), batch) for site in found]
+
+
+def _kernel_shape(layer) -> tuple | None:
+    """A layer's kernel shape as its product uses it (a ragged product's through its steps)."""
+    if isinstance(layer, ragged.RaggedDot):
+        return layer.used_shape
+    return getattr(nnx_written.kernel_of(layer), "shape", None)
 
 
 def _sites(convs: dict, record: dict, batch: int) -> dict:

@@ -115,9 +115,10 @@ class ConvSite:
       named_by_kernel: a written product of a module sharing its parent's scope
         (``nn.share_scope``) or computing several, named by its kernel: ``path`` is the kernel variable's own
         (:attr:`kernel_key`), its pair's variables take its place.
-      written_conv: a conv an NNX module's own code computes with its parameter
-        (:mod:`lrjax.nnx_products`), as that module's call was found to compute it, to run
-        again as an ``nnx.Conv``; ``None`` otherwise.
+      written_spec: a conv or a ``ragged_dot`` an NNX module's own code computes with its
+        parameter (:mod:`lrjax.nnx_products`), as that module's call was found to compute it,
+        to run again as an ``nnx.Conv`` or a :class:`lrjax.ragged.RaggedDot` (a ragged product's
+        ``equation`` is the batched einsum it is costed as); ``None`` otherwise.
       share: for a layer left as it is whose work was counted in the traced pass (a product
         the model's own code computes, :mod:`lrjax.own_code`), its share of the whole net's
         multiply-adds; ``None`` otherwise.
@@ -143,7 +144,7 @@ class ConvSite:
     kernel_name: str = "kernel"
     named_by_kernel: bool = False
     batched: bool = False
-    written_conv: tuple | None = None
+    written_spec: tuple | None = None
 
     @property
     def lifted(self) -> bool:

@@ -49,6 +49,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from lrjax.ragged import is_ragged_product
 from lrjax.sites import ConvSite
 
 __all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
@@ -229,12 +230,13 @@ def _depending(jaxpr, inputs) -> set:
     return found
 
 
-def product_of(closed, var, inputs) -> Product:
+def product_of(closed, var, inputs, ragged: bool = False) -> Product:
     """The :class:`Product` of ``closed`` (a closed jaxpr) that ``var``, a parameter, goes to
     through steps, when a Flax layer computes it (the module's docstring) on data computed
     from ``inputs`` (the call's arrays among ``closed``'s inputs: a product with a constant,
     t5x's relative-position table contracted with a one-hot of positions, is a lookup);
-    else :class:`NotALayer`."""
+    else :class:`NotALayer`. ``ragged``: a ``lax.ragged_dot`` by the parameter is one too
+    (:class:`lrjax.ragged.RaggedDot` computes it)."""
     jaxpr, steps, chain = closed.jaxpr, [], []
     while True:
         uses = _uses(jaxpr, var)
@@ -281,6 +283,10 @@ def product_of(closed, var, inputs) -> Product:
         if not 0 < len(contracted[at[0]]) < len(kernel.shape) - len(batched[0]) or \
                 len(contracted[data]) + len(batched[0]) == len(x.shape):
             raise NotALayer("a product keeping none of the kernel's or the data's axes")
+        return found
+    if eqn.primitive.name == "ragged_dot_general" and ragged:
+        if data != 0 or not is_ragged_product(eqn):
+            raise NotALayer("a ragged_dot of other dimension numbers than lax.ragged_dot's")
         return found
     raise NotALayer(f"its kernel goes to {eqn.primitive.name}")
 

@@ -1,0 +1,140 @@
+"""Experts computed by ``lax.ragged_dot`` in an NNX module's own code (:mod:`lrjax.ragged`): the
+form of Gemma 4's ``MoERagged`` as google/tunix ports it to NNX (its ``(E, 2, H, F)`` gating
+kernel transposed and reshaped to ``(E, F, 2H)``, tokens sorted by expert, ``group_sizes`` the
+tokens per expert). Each expert's matrix is split in the closed form, calibrated on its own
+tokens, costed as XLA:CPU computes a ragged product (the report equals XLA's ratio)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lrjax
+from lrjax import export, macs, ragged
+from tests.helpers import lowered_flops
+
+E, F, H, TOP = 4, 32, 24, 2
+
+
+def _normal(rngs, shape, fan_in):
+    return nnx.Param(jax.random.normal(rngs.params(), shape) / np.sqrt(fan_in))
+
+
+class MoERagged(nnx.Module):
+    """Top-2 routing, tokens sorted by expert, two ragged products (tunix's form)."""
+
+    def __init__(self, rngs, scale: float | None = None):
+        self.router = _normal(rngs, (F, E), F)
+        self.gating = _normal(rngs, (E, 2, H, F), F)
+        self.linear = _normal(rngs, (E, H, F), H)
+        self.per_expert_scale = nnx.Param(jnp.linspace(0.5, 1.5, E))
+        self.scale = scale
+
+    def __call__(self, x):
+        tokens = x.reshape(-1, F)
+        weights, choices = jax.lax.top_k(jax.nn.softmax(tokens @ self.router), TOP)
+        order = choices.ravel().argsort()
+        sorted_x = tokens[jnp.repeat(jnp.arange(tokens.shape[0]), TOP)[order]]
+        sizes = jnp.sum(jax.nn.one_hot(choices, E, dtype=jnp.int32), axis=(0, 1))
+        w = jnp.transpose(self.gating[...], (0, 3, 1, 2)).reshape(E, F, 2 * H)
+        if self.scale is not None:  # (a kernel scaled on its way: not a layout step)
+            w = w * self.scale
+        gate = jax.lax.ragged_dot(sorted_x, w, sizes).reshape(-1, 2, H)
+        h = jax.nn.gelu(gate[:, 0]) * gate[:, 1]
+        out = jax.lax.ragged_dot(h, self.linear[...], sizes)
+        out = out * self.per_expert_scale[jnp.repeat(jnp.arange(E), sizes,
+                                                     total_repeat_length=out.shape[0])][:, None]
+        out = out[order.argsort()].reshape(tokens.shape[0], TOP, F)
+        return jnp.einsum("tkf,tk->tf", out, weights).reshape(x.shape)
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs, scale=None):
+        self.proj_in = nnx.Linear(F, F, rngs=rngs)
+        self.moe = MoERagged(rngs, scale)
+        self.proj_out = nnx.Linear(F, F, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.proj_in(x)
+        return self.proj_out(h + self.moe(h))
+
+
+X = jax.random.normal(jax.random.key(1), (2, 8, F))
+HELD_OUT = jax.random.normal(jax.random.key(2), (8, 8, F))
+
+
+def _flops(model):
+    graphdef, state = nnx.split(model)
+    return lowered_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
+
+
+def test_the_experts_are_found_as_batches_of_kernels_through_their_layout_steps():
+    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(Block(nnx.Rngs(0)), X)}
+    assert {"proj_in", "moe/router", "moe/gating", "moe/linear", "proj_out"} == set(found)
+    for path, (c, n) in {"moe/gating": (F, 2 * H), "moe/linear": (H, F)}.items():
+        site = found[path]
+        assert site.candidate and site.batched and site.stack == E, path
+        assert site.equation == ragged.EQUATION and site.written_spec[0] == "ragged"
+        assert site.shape.kernel_shape == (1, 1, c, E * n)  # (each expert a group)
+    assert found["moe/gating"].written_spec[1] == (("transpose", (0, 3, 1, 2)),
+                                                   ("reshape", (E, F, 2 * H)))
+
+
+def test_full_rank_pairs_reproduce_the_model_in_the_parameters_places():
+    model = Block(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, X, rule={"moe/gating": E * F, "moe/linear": E * H})
+    np.testing.assert_allclose(result.module(HELD_OUT), model(HELD_OUT), rtol=1e-4, atol=2e-5)
+    shapes = {"/".join(map(str, p)): v.shape
+              for p, v in nnx.to_flat_state(nnx.state(result.module.moe))}
+    assert shapes == {"gating/vertical/kernel": (E, F, F), "gating/horizontal/kernel": (E, F, 2 * H),
+                      "linear/vertical/kernel": (E, H, H), "linear/horizontal/kernel": (E, H, F),
+                      "router": (F, E), "per_expert_scale": (E,)}
+    assert isinstance(model.moe.gating, nnx.Param)  # the user's model untouched
+
+
+def test_a_whole_net_rule_is_xlas_ratio_calibrated_per_expert_trained_exported_saved(tmp_path):
+    model = Block(nnx.Rngs(0))
+    want = model(HELD_OUT)
+    data_free = lrjax.decompose_nnx(model, X, rule="speedup:1.5")
+    assert {"moe/gating", "moe/linear"} & set(data_free.ranks)
+    # the pairs' second products mask their input by group on CPU too: in the report's cost;
+    # not their group offsets (a cumulative sum, E (E - 1) flops a call): 3e-5 of this net's
+    assert _flops(model) / _flops(data_free.module) == pytest.approx(data_free.report.speedup,
+                                                                     rel=1e-4)
+    calibrated = lrjax.decompose_nnx(model, X, rule=dict(data_free.ranks), calibration=[HELD_OUT])
+    errors = [float(jnp.linalg.norm(r.module(HELD_OUT) - want)) for r in (data_free, calibrated)]
+    assert errors[1] < errors[0]
+    pairs = calibrated.module
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(pairs, X), pairs(X), rtol=1e-5,
+                               atol=1e-6)
+    grads = nnx.grad(lambda m: jnp.sum(m(X) ** 2))(pairs)
+    assert float(jnp.abs(grads.moe.gating.vertical.kernel[...]).sum()) > 0
+    done = export.to_onnx(pairs, None, (X,), str(tmp_path / "m.onnx"))
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    path = lrjax.save_decomposed(str(tmp_path / "saved"), calibrated)
+    loaded = lrjax.load_decomposed(path, Block(nnx.Rngs(1)), X)
+    np.testing.assert_allclose(loaded(X), pairs(X), rtol=1e-6, atol=1e-6)
+
+
+def test_a_scaled_expert_kernel_stays_its_own_code_listed():
+    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(Block(nnx.Rngs(0), 0.5), X)}
+    assert found["moe/linear"].candidate
+    assert "moe/gating" not in found or not found["moe/gating"].candidate
+    report = lrjax.decompose_nnx(Block(nnx.Rngs(0), 0.5), X, rule="speedup:1.2").report
+    assert "moe" in " ".join(report.skipped)  # its own code's products, named
+
+
+def test_a_ragged_product_is_costed_as_xla_counts_it_and_dispatched_by_group():
+    x, w = jnp.ones((10, 6)), jnp.ones((3, 6, 5))
+    sizes = jnp.array([4, 0, 5], jnp.int32)  # one row past the groups' total
+    counts = macs.traced_macs(lambda x, w, s: jax.lax.ragged_dot(x, w, s), x, w, sizes)
+    assert counts["dot"] == 3 * 10 * 6 * 5
+    assert 2 * counts["dot"] + counts["elementwise"] == lowered_flops(
+        jax.lax.ragged_dot, x, w, sizes)
+    rows = ragged.dispatched(jnp.arange(10.0)[:, None], sizes, 3)[..., 0]
+    np.testing.assert_array_equal(rows, [[0, 1, 2, 3, 0, 0, 0, 0, 0, 0], [0] * 10,
+                                         [0, 0, 0, 0, 4, 5, 6, 7, 8, 0]])
+    assert ragged.used_names(("e", None, "h", "f"), (("transpose", (0, 3, 1, 2)),
+                                                     ("reshape", (3, 6, 10))), (3, 2, 5, 6)) == \
+        ("e", "f", None)
