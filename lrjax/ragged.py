@@ -86,7 +86,11 @@ def apply_steps(kernel, steps: tuple):
 def used_names(names: tuple, steps: tuple, shape: tuple) -> tuple:
     """The axis names (sharding) of a stored kernel of ``shape`` carried to the kernel its
     product uses: moved by the transposes among ``steps``; a reshape keeps the names of the
-    leading axes it leaves as they are, none after (a merged ``(2, H)`` axis is unnamed)."""
+    leading axes it leaves as they are, none after (a merged ``(2, H)`` axis is unnamed); names
+    of another rank than the kernel's, none."""
+    if len(names) != len(shape):  # (names for another rank: none carried)
+        return (None,) * len(jax.eval_shape(lambda k: apply_steps(k, steps), jax.ShapeDtypeStruct(
+            tuple(shape), jnp.float32)).shape)
     names, shape = list(names), list(shape)
     for name, value in steps:
         if name == "transpose":

@@ -138,3 +138,4 @@ def test_a_ragged_product_is_costed_as_xla_counts_it_and_dispatched_by_group():
     assert ragged.used_names(("e", None, "h", "f"), (("transpose", (0, 3, 1, 2)),
                                                      ("reshape", (3, 6, 10))), (3, 2, 5, 6)) == \
         ("e", "f", None)
+    assert ragged.used_names(("e", "f"), (), (3, 6, 5)) == (None, None, None)  # another rank

@@ -42,8 +42,9 @@ def _problem(full, variables, size, **kw):
     return surgery.rank_problem(full, variables, (x,), {"train": False}, **kw)
 
 
-@pytest.mark.parametrize("family,bn", [("nin", True), ("cnn", False), ("vgg16", False),
-                                       ("caffenet", True)])
+@pytest.mark.parametrize("family,bn", [("nin", True), ("cnn", False),  # (ImageNet's: slow run)
+                                       pytest.param("vgg16", False, marks=pytest.mark.slow),
+                                       pytest.param("caffenet", True, marks=pytest.mark.slow)])
 def test_full_rank_surgery_gives_original_logits(family, bn):
     _, size, full, variables = _setup(family, bn)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
@@ -58,7 +59,9 @@ def test_full_rank_surgery_gives_original_logits(family, bn):
     assert result.module.base is full
 
 
-@pytest.mark.parametrize("family", list(models.MODELS))
+@pytest.mark.parametrize("family", [  # (CaffeNet and AlexNet, alike but for groups: slow run)
+    pytest.param(f, marks=pytest.mark.slow) if f in ("caffenet", "alexnet") else f
+    for f in models.MODELS])
 def test_surgery_then_forward_for_every_zoo_model(family):
     kwargs, size, full, variables = _setup(family)
     spec = models.model_spec(family)
@@ -194,7 +197,8 @@ def test_measured_gate_keeps_the_slower_pairs_full(monkeypatch):
         rules.select_ranks("nin+measured:tvm", problem)
 
 
-@pytest.mark.parametrize("runtime", ["jax", "onnxruntime", "litert"])
+@pytest.mark.parametrize("runtime", ["jax", "onnxruntime",
+                                     pytest.param("litert", marks=pytest.mark.slow)])
 def test_layer_times_in_each_runtime(runtime, monkeypatch):
     if runtime != "jax":
         pytest.importorskip("onnxruntime" if runtime == "onnxruntime" else "ai_edge_litert")
