@@ -26,7 +26,8 @@ class MoERagged(nnx.Module):
 
     def __init__(self, rngs, scale: float | None = None):
         self.router = _normal(rngs, (F, E), F)
-        self.gating = _normal(rngs, (E, 2, H, F), F)
+        self.gating = nnx.Param(_normal(rngs, (E, 2, H, F), F)[...],  # (tunix's names)
+                                sharding=("expert", None, None, "model"), eager_sharding=False)
         self.linear = _normal(rngs, (E, H, F), H)
         self.per_expert_scale = nnx.Param(jnp.linspace(0.5, 1.5, E))
         self.scale = scale
@@ -91,6 +92,9 @@ def test_full_rank_pairs_reproduce_the_model_in_the_parameters_places():
                       "linear/vertical/kernel": (E, H, H), "linear/horizontal/kernel": (E, H, F),
                       "router": (F, E), "per_expert_scale": (E,)}
     assert isinstance(model.moe.gating, nnx.Param)  # the user's model untouched
+    names = [k.get_metadata()["out_sharding"] for k in (result.module.moe.gating.vertical.kernel,
+                                                        result.module.moe.gating.horizontal.kernel)]
+    assert names == [("expert", "model", None), ("expert", None, None)]  # (E, F, K), (E, K, 2H)
 
 
 def test_a_whole_net_rule_is_xlas_ratio_calibrated_per_expert_trained_exported_saved(tmp_path):
