@@ -14,8 +14,11 @@ call's data, through transposes only (:func:`lrjax.written_products.product_of`:
 self.w``, ``x @ self.w.T``, ``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a product an
 ``nnx.Einsum`` of that equation computes; a conv's is an ``nnx.Conv``'s; a mixture of experts'
 ``lax.ragged_dot`` by the parameter, transposed and reshaped on its way, a
-:class:`lrjax.ragged.RaggedDot`'s. Its other uses (scaled, sliced, a lookup, used twice) are its
-own code's products, a fixed cost. A call that cannot be traced so (Python control flow on
+:class:`lrjax.ragged.RaggedDot`'s; one-index pieces ``w[i]`` each multiplying other data alike (a
+loop over experts), an ``nnx.Einsum``'s of the pieces' data stacked (:attr:`lrjax.
+written_products.Product.stacked`: the replay computes every piece's data before the first
+piece, :func:`_data_first`). Its other uses (scaled, sliced otherwise, a lookup, used twice) are
+its own code's products, a fixed cost. A call that cannot be traced so (Python control flow on
 values) keeps the module as written.
 
 In lrjax's copies of the model (:func:`canonical`), each such parameter becomes the kernel of an
@@ -207,7 +210,7 @@ def _equation(product: written_products.Product):
                 tuple(params["window_strides"]), tuple(tuple(int(v) for v in p)
                                                         for p in params["padding"]),
                 tuple(params["rhs_dilation"]), params["feature_group_count"])
-    if name != "dot_general" or product.sliced is not None or \
+    if name != "dot_general" or (product.sliced is not None and not product.stacked) or \
             any(step.primitive.name not in _STEPS for step in steps):
         return None
     equation = written_products.stored_equation(product)
@@ -220,7 +223,7 @@ def _products(closed, names: list[str]) -> dict:
     inputs, found = closed.jaxpr.invars[len(names):], {}
     for name, var in zip(names, closed.jaxpr.invars, strict=False):
         try:
-            product = written_products.product_of(closed, var, inputs, ragged=True)
+            product = written_products.product_of(closed, var, inputs, experts=True)
         except NotALayer:
             continue
         equation = _equation(product)
@@ -320,14 +323,21 @@ def _replaying_call(self, *args, **kwargs):
                 f"{declared[name][0]!r} of its call's data, and split so; this call computes "
                 f"{'it otherwise' if equation is None else repr(equation)}: call the "
                 "decomposed module as it was called when it was decomposed")
-        replaced[id(product.eqn)] = (layers[name], product)
+        for index, (eqn, *_) in enumerate(product.slices or ((product.eqn,),)):
+            replaced[id(eqn)] = (layers[name], product, index)
         skipped.update({id(e): position for e, position in product.chain})
+    env, stacked = {}, {}
 
     def rule(eqn, ins, here):
         if id(eqn) in replaced:
-            layer, product = replaced[id(eqn)]
+            layer, product, index = replaced[id(eqn)]
             if product.eqn.primitive.name == "ragged_dot_general":  # (data, kernel, groups)
                 return [layer(ins[product.data], ins[2])]
+            if product.stacked:  # every piece's data, stacked: computed by the first piece
+                if id(product) not in stacked:
+                    stacked[id(product)] = layer(jax.numpy.stack(
+                        [env[e.invars[product.data]] for e, *_ in product.slices]))
+                return [stacked[id(product)][index]]
             return [written_products.run_in_layout(layer, product, ins[product.data])]
         if eqn.primitive is _CHILD_CALL:  # a child's call: made by the child itself
             return jax.tree.leaves(calls[eqn.params["name"]](*ins))
@@ -335,8 +345,37 @@ def _replaying_call(self, *args, **kwargs):
             return [ins[skipped[id(eqn)]]] * len(eqn.outvars)
         return None
 
-    outs = replay.run(closed.jaxpr, closed.consts, [*kernels, *arrays], rule)
+    outs = replay.run(_data_first(closed.jaxpr, found.values()), closed.consts,
+                      [*kernels, *arrays], rule, env=env)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs)
+
+
+def _data_first(jaxpr, found):
+    """``jaxpr``'s equations in an order where each stacked product's (``found``: ``(Product,
+    equation)`` pairs) pieces come after every one of its pieces' data: the first one that can
+    run, in the traced order, each time (a piece's data may come of another product's pieces:
+    a mixture of experts' down projection, of its gate's and up's)."""
+    waits = {}  # a piece's equation: the data of every piece of its product
+    for product, _ in found:
+        if product.stacked:
+            data = [e.invars[product.data] for e, *_ in product.slices]
+            waits.update({id(e): data for e, *_ in product.slices})
+    if not waits:
+        return jaxpr
+    ready = {*jaxpr.constvars, *jaxpr.invars}
+
+    def can_run(eqn) -> bool:
+        needed = [v for v in eqn.invars if not isinstance(v, jcore.Literal)]
+        return all(v in ready for v in (*needed, *waits.get(id(eqn), ())))
+
+    todo, order = list(jaxpr.eqns), []
+    while todo:
+        i = next((i for i, eqn in enumerate(todo) if can_run(eqn)), None)
+        if i is None:  # (product_of lets no piece's data come of its own pieces)
+            raise ValueError("a stacked product's pieces each need another's output")
+        order.append(todo.pop(i))
+        ready.update(order[-1].outvars)
+    return jaxpr.replace(eqns=order)
 
 
 def canonical(model, products: dict, flax_layers: tuple[type, ...]):

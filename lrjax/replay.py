@@ -44,11 +44,15 @@ def call_jaxpr(eqn) -> jcore.ClosedJaxpr | None:
     return sub if hasattr(sub, "consts") else jcore.ClosedJaxpr(sub, ())
 
 
-def run(jaxpr, consts, args, rule: Rule | None = None, caller=None) -> list:
+def run(jaxpr, consts, args, rule: Rule | None = None, caller=None,
+        env: dict | None = None) -> list:
     """``jaxpr``'s outputs on ``args`` (its ``consts`` given), evaluated equation by equation
     with ``rule`` tried first on each; calls are inlined (``caller``: the source info of the
-    call being inlined, whose line its equations take when they have none of the user's)."""
-    env = dict(zip(jaxpr.constvars, consts, strict=True))
+    call being inlined, whose line its equations take when they have none of the user's).
+    ``env``: the dict to hold the values of ``jaxpr``'s variables as they are computed (a rule
+    may read values other than its equation's operands there)."""
+    env = {} if env is None else env
+    env.update(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
 
     def read(v):

@@ -52,7 +52,7 @@ from jax.extend import core as jcore
 from lrjax.ragged import is_ragged_product
 from lrjax.sites import ConvSite
 
-__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
+__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense", "ancestors",
            "WrittenDenseGeneral", "WrittenEinsum", "equation_of", "is_pair", "is_written_layer",
            "keep_read_elsewhere", "kernel_name", "layer_for", "product_of", "piece_of",
            "run_in_layout", "set_aside", "stored_equation", "stored_kernel"]
@@ -95,6 +95,11 @@ class Product:
     pieces are single indices without it; ``slices``: ``(equation, start, limit)`` of each
     piece's product, ``eqn`` the first's; ``chain`` holds every piece's).
 
+    One-index pieces each multiplying other data alike (a loop over experts, ``x_i @ w[i]``)
+    are ``stacked``: one product of the whole parameter by the pieces' data stacked on a new
+    leading axis, the sliced axis a batch axis of data, kernel and output (each piece's
+    product its output's index there).
+
     A conv in another layout than Flax's has ``layout``: the transposes of its data to channels
     last and of the layer's channels-last output back to its own layout (its kernel's to
     ``HWIO`` is the last of its ``steps``)."""
@@ -106,6 +111,7 @@ class Product:
     squeezed: bool = False
     slices: tuple = ()
     layout: tuple | None = None
+    stacked: bool = False
 
 
 def _used(kernel, steps):
@@ -230,19 +236,21 @@ def _depending(jaxpr, inputs) -> set:
     return found
 
 
-def product_of(closed, var, inputs, ragged: bool = False) -> Product:
+def product_of(closed, var, inputs, experts: bool = False) -> Product:
     """The :class:`Product` of ``closed`` (a closed jaxpr) that ``var``, a parameter, goes to
     through steps, when a Flax layer computes it (the module's docstring) on data computed
     from ``inputs`` (the call's arrays among ``closed``'s inputs: a product with a constant,
     t5x's relative-position table contracted with a one-hot of positions, is a lookup);
-    else :class:`NotALayer`. ``ragged``: a ``lax.ragged_dot`` by the parameter is one too
-    (:class:`lrjax.ragged.RaggedDot` computes it)."""
+    else :class:`NotALayer`. ``experts``: a ``lax.ragged_dot`` by the parameter is one too
+    (:class:`lrjax.ragged.RaggedDot` computes it), and so are its one-index pieces along an
+    axis each multiplying other data alike (a loop over experts, ``x_i @ w[i]``: the einsum of
+    the pieces' data stacked, :attr:`Product.stacked`)."""
     jaxpr, steps, chain = closed.jaxpr, [], []
     while True:
         uses = _uses(jaxpr, var)
         cuts = [u is not None and u.primitive.name in ("slice", "split", "unstack") for u in uses]
         if cuts and all(cuts) and (len(uses) > 1 or uses[0].primitive.name != "slice"):
-            whole = _sliced(closed, var, uses, inputs)  # (after any steps of the whole)
+            whole = _sliced(closed, var, uses, inputs, experts)  # (after steps of the whole)
             return dataclasses.replace(whole, steps=(*steps, *whole.steps),
                                        chain=(*chain, *whole.chain))
         if len(uses) != 1 or uses[0] is None:
@@ -284,7 +292,7 @@ def product_of(closed, var, inputs, ragged: bool = False) -> Product:
                 len(contracted[data]) + len(batched[0]) == len(x.shape):
             raise NotALayer("a product keeping none of the kernel's or the data's axes")
         return found
-    if eqn.primitive.name == "ragged_dot_general" and ragged:
+    if eqn.primitive.name == "ragged_dot_general" and experts:
         if data != 0 or not is_ragged_product(eqn):
             raise NotALayer("a ragged_dot of other dimension numbers than lax.ragged_dot's")
         return found
@@ -347,12 +355,13 @@ def _pieces(closed, var, uses):
     return pieces
 
 
-def _sliced(closed, var, uses, inputs) -> Product:
+def _sliced(closed, var, uses, inputs, experts: bool = False) -> Product:
     """The one :class:`Product` of the parameter ``var`` whose ``uses`` cut it along one axis
     into pieces (``w[0]``, ``w[:, :h]``, ``jnp.split``, ``jnp.unstack``) that tile it, each
     (through scalings and casts) a ``dot_general`` of the same data, alike: the whole
     parameter computes what they did, a one-index piece squeezed away keeping the axis in the
-    layer's output, a range being a range of its output."""
+    layer's output, a range being a range of its output. With ``experts``, one-index pieces
+    of other data alike, none computed from another's product, are one too (``stacked``)."""
     pieces = _pieces(closed, var, uses)
     axes, squeezed = {p[0] for p in pieces}, {p[5] for p in pieces}
     spans = sorted((start, limit) for _, start, limit, *_ in pieces)
@@ -375,14 +384,45 @@ def _sliced(closed, var, uses, inputs) -> Product:
     contracted = first.eqn.params["dimension_numbers"][0][1 - first.data]
     if first.eqn.params["dimension_numbers"][1][0]:
         raise NotALayer("its kernel's pieces are each a batch of products")
+    stacked = False
     if not all(alike(part) for part, _, _ in parts.values()) or (
             not squeezed and axis in contracted):
-        raise NotALayer("its kernel's pieces are not the same product of the same data (a "
-                        "range of an axis it contracts, or other data)")
+        stacked = experts and squeezed and _apart(closed.jaxpr, [p for p, _, _ in
+                                                                  parts.values()])
+        if not stacked:
+            raise NotALayer("its kernel's pieces are not the same product of the same data (a "
+                            "range of an axis it contracts, or other data)")
     return Product(first.eqn, first.steps, tuple(c for _, _, chain in parts.values()
                                                  for c in chain),
                    first.data, sliced=axis, squeezed=squeezed,
-                   slices=tuple((parts[a][0].eqn, a, parts[a][1]) for a in sorted(parts)))
+                   slices=tuple((parts[a][0].eqn, a, parts[a][1]) for a in sorted(parts)),
+                   stacked=stacked)
+
+
+def ancestors(jaxpr, variables) -> set[int]:
+    """The ids of the equations of ``jaxpr`` that ``variables`` are computed from."""
+    producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+    found, todo = set(), list(variables)
+    while todo:
+        eqn = producer.get(todo.pop())
+        if eqn is not None and id(eqn) not in found:
+            found.add(id(eqn))
+            todo.extend(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return found
+
+
+def _apart(jaxpr, parts) -> bool:
+    """Whether ``parts`` (pieces' products) are the same product of other data each (their
+    operands' shapes and the equations' parameters), no piece's data computed from a piece's
+    product: then one product of their data stacked computes them all at once."""
+    first = parts[0]
+    if any(p.eqn.primitive.name != "dot_general" or p.data != first.data or
+           p.eqn.params != first.eqn.params or _signature(p) != _signature(first) or
+           p.eqn.invars[p.data].aval != first.eqn.invars[first.data].aval or
+           isinstance(p.eqn.invars[p.data], jcore.Literal) for p in parts):
+        return False
+    upstream = ancestors(jaxpr, [p.eqn.invars[p.data] for p in parts])
+    return not any(id(p.eqn) in upstream for p in parts)
 
 
 def _signature(product: Product):
@@ -441,6 +481,9 @@ def equation_of(product: Product) -> str:
     kept_x = [c for i, c in enumerate(x) if i not in (*contracted[data], *batched[data])]
     kept_k = [c for i, c in enumerate(k) if i not in (*summed, *shared)]
     out = [x[a] for a in batched[data]] + (kept_x + kept_k if data == 0 else kept_k + kept_x)
+    if product.stacked:  # the pieces' data stacked: the sliced axis leads data and output
+        letter = k[product.sliced]
+        x, out = [letter, *x], [letter, *(c for c in out if c != letter)]
     return f"{''.join(x)},{''.join(k)}->{''.join(out)}"
 
 

@@ -1,8 +1,13 @@
-"""Experts computed by ``lax.ragged_dot`` in an NNX module's own code (:mod:`lrjax.ragged`): the
-form of Gemma 4's ``MoERagged`` as google/tunix ports it to NNX (its ``(E, 2, H, F)`` gating
-kernel transposed and reshaped to ``(E, F, 2H)``, tokens sorted by expert, ``group_sizes`` the
-tokens per expert). Each expert's matrix is split in the closed form, calibrated on its own
-tokens, costed as XLA:CPU computes a ragged product (the report equals XLA's ratio)."""
+"""A mixture of experts' products in an NNX module's own code, each expert's matrix split in the
+closed form and calibrated on its own tokens:
+
+* computed by ``lax.ragged_dot`` (:mod:`lrjax.ragged`): the form of Gemma 4's ``MoERagged`` as
+  google/tunix ports it to NNX (its ``(E, 2, H, F)`` gating kernel transposed and reshaped to
+  ``(E, F, 2H)``, tokens sorted by expert, ``group_sizes`` the tokens per expert), costed as
+  XLA:CPU computes a ragged product (the report equals XLA's ratio);
+* computed in a loop over the experts, ``x_i @ w[i]`` (tunix's Qwen 3 ``MoELayer`` off a mesh):
+  the pieces of each parameter one einsum of their data stacked
+  (:attr:`lrjax.written_products.Product.stacked`)."""
 
 import jax
 import jax.numpy as jnp
@@ -143,3 +148,74 @@ def test_a_ragged_product_is_costed_as_xla_counts_it_and_dispatched_by_group():
                                                      ("reshape", (3, 6, 10))), (3, 2, 5, 6)) == \
         ("e", "f", None)
     assert ragged.used_names(("e", "f"), (), (3, 6, 5)) == (None, None, None)  # another rank
+
+
+class MoELoop(nnx.Module):
+    """Experts in a loop, each on the tokens dispatched to it (zeros elsewhere), as tunix's
+    Qwen 3 ``MoELayer`` computes them off a mesh; the down projection's data is the gate's and
+    up's pieces' products."""
+
+    def __init__(self, rngs):
+        self.router = nnx.Linear(F, E, use_bias=False, rngs=rngs)
+        self.gate, self.up = (_normal(rngs, (E, F, H), F) for _ in range(2))
+        self.down = _normal(rngs, (E, H, F), H)
+
+    def __call__(self, x):
+        weights, choices = jax.lax.top_k(jax.nn.softmax(self.router(x)), TOP)
+        mask = jnp.swapaxes(jax.nn.one_hot(choices, E), -1, -2)  # (B, T, E, TOP)
+        dispatched = jnp.einsum("btd,btek->bted", x, mask)
+        outs = []
+        for i in range(E):
+            xi = dispatched[:, :, i, :]
+            h = jax.nn.silu(jnp.einsum("btd,df->btf", xi, self.gate[i])) * jnp.einsum(
+                "btd,df->btf", xi, self.up[i])
+            outs.append(jnp.einsum("btf,fd->btd", h, self.down[i]))
+        return jnp.einsum("bted,btek,btk->btd", jnp.stack(outs, 2), mask, weights)
+
+
+class Chained(nnx.Module):
+    """Pieces whose data is the previous piece's product: one after the other, no stack."""
+
+    def __init__(self, rngs):
+        self.w = _normal(rngs, (3, F, F), F)
+
+    def __call__(self, x):
+        for i in range(3):
+            x = jnp.tanh(x @ self.w[i])
+        return x
+
+
+class LoopBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.proj_in = nnx.Linear(F, F, rngs=rngs)
+        self.moe = MoELoop(rngs)
+        self.chained = Chained(rngs)
+
+    def __call__(self, x):
+        h = self.proj_in(x)
+        return self.chained(h + self.moe(h))
+
+
+def test_experts_in_a_loop_are_one_einsum_of_their_stacked_data_each():
+    model = LoopBlock(nnx.Rngs(0))
+    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
+    for name in ("gate", "up", "down"):
+        site = found[f"moe/{name}"]
+        assert site.candidate and site.batched and site.stack == E
+        assert site.equation == "Babc,BcA->BabA"  # (the pieces' data stacked first)
+    assert not any(p.startswith("chained") for p in found)  # its own code
+    rule = {"moe/gate": E * H, "moe/up": E * H, "moe/down": E * H}  # (full: min(F, H) each)
+    full = lrjax.decompose_nnx(model, X, rule=rule)
+    np.testing.assert_allclose(full.module(HELD_OUT), model(HELD_OUT), rtol=1e-4, atol=2e-5)
+    assert full.module.moe.down.vertical.kernel.shape == (E, H, H)
+    data_free = lrjax.decompose_nnx(model, X, rule="speedup:1.5")
+    assert _flops(model) / _flops(data_free.module) == pytest.approx(data_free.report.speedup,
+                                                                     rel=1e-6)
+    experts = {p: r for p, r in data_free.ranks.items() if p.startswith("moe/")}
+    assert experts
+    inputs = model.proj_in(HELD_OUT)  # (what the experts' module is given in the model)
+    want = model.moe(inputs)
+    errors = [float(jnp.linalg.norm(lrjax.decompose_nnx(
+        model, X, rule=experts, calibration=c).module.moe(inputs) - want))
+        for c in (None, [HELD_OUT])]
+    assert errors[1] < 0.8 * errors[0]
