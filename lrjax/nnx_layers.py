@@ -125,7 +125,7 @@ def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowR
     if isinstance(layer, ragged.RaggedDot):  # (G, C, K) and (G, K, N), over the same groups
         return ragged.LowRankRaggedNNX(*(
             ragged.RaggedDot(nnx.Param(sites.device_array(k, layer.kernel.dtype)),
-                             precision=layer.precision)
+                             precision=layer.precision, dtype=layer.dtype)
             for k in (vertical_kernel, horizontal_kernel)))
     if bias is None and layer.bias is not None:
         bias = layer.bias[...]

@@ -192,13 +192,20 @@ def _equation(product: written_products.Product):
     (the stored kernel's letters) of a ``dot_general``; for a conv, ``("conv", its kernel's
     transpose to HWIO, window, in features, out features, strides, padding, dilation, feature
     groups)``, an ``nnx.Conv``'s (its data in channels last: :attr:`Product.layout`); for a
-    ``ragged_dot``, ``("ragged", its kernel's layout steps, precision)``, a
-    :class:`lrjax.ragged.RaggedDot`'s; or ``None``."""
+    ``ragged_dot``, ``("ragged", its kernel's layout steps, precision, dtype)``, a
+    :class:`lrjax.ragged.RaggedDot`'s; or ``None``. A kernel cast last to its data's dtype (a
+    mixed-precision model's ``w.astype(self.dtype)``) is the einsum's or ragged product's
+    ``dtype``: ``("einsum", equation, dtype)``, as ``nnx.Einsum(dtype=...)`` computes it."""
     name, steps = product.eqn.primitive.name, product.steps
+    cast = None
+    if steps and steps[-1].primitive.name == "convert_element_type" and np.dtype(
+            steps[-1].params["new_dtype"]) == product.eqn.invars[product.data].aval.dtype:
+        steps, cast = steps[:-1], str(np.dtype(steps[-1].params["new_dtype"]))
     if name == "ragged_dot_general":
         layout = ragged.layout_steps(steps)
-        return None if layout is None else ("ragged", layout, product.eqn.params["precision"])
-    if name == "conv_general_dilated" and product.sliced is None:
+        return None if layout is None else ("ragged", layout, product.eqn.params["precision"],
+                                            cast)
+    if name == "conv_general_dilated" and product.sliced is None and cast is None:
         hwio = tuple(range(len(product.eqn.invars[1].aval.shape)))
         if product.layout is not None and steps[-1:] and steps[-1].primitive.name == "transpose":
             hwio, steps = tuple(steps[-1].params["permutation"]), steps[:-1]
@@ -214,7 +221,9 @@ def _equation(product: written_products.Product):
             any(step.primitive.name not in _STEPS for step in steps):
         return None
     equation = written_products.stored_equation(product)
-    return equation if isinstance(sites.einsum_split(equation), sites.EinsumSplit) else None
+    if not isinstance(sites.einsum_split(equation), sites.EinsumSplit):
+        return None
+    return equation if cast is None else ("einsum", equation, cast)
 
 
 def _products(closed, names: list[str]) -> dict:
@@ -287,10 +296,11 @@ def _view(param: nnx.Param, spec):
     kernel, no bias: an ``nnx.Einsum`` sharing it, or an ``nnx.Conv`` (sharing it when stored
     in Flax's ``HWIO``, else holding it transposed so)."""
     if not isinstance(spec, str) and spec[0] == "ragged":
-        return ragged.RaggedDot(param, spec[1], spec[2])
-    if isinstance(spec, str):
-        view = nnx.Einsum(spec, tuple(param.shape), None, param_dtype=param.dtype,
-                          rngs=nnx.Rngs(0), kernel_init=lambda *_: param[...])
+        return ragged.RaggedDot(param, spec[1], spec[2], dtype=spec[3])
+    if isinstance(spec, str) or spec[0] == "einsum":
+        equation, dtype = (spec, None) if isinstance(spec, str) else spec[1:]
+        view = nnx.Einsum(equation, tuple(param.shape), None, param_dtype=param.dtype,
+                          dtype=dtype, rngs=nnx.Rngs(0), kernel_init=lambda *_: param[...])
         view.kernel = param
         return view
     _, hwio, window, c, n, strides, padding, dilation, groups = spec

@@ -121,16 +121,24 @@ def dispatched(x: jax.Array, group_sizes: jax.Array, groups: int) -> jax.Array:
 class RaggedDot(nnx.Module):
     """``lax.ragged_dot(x, kernel, group_sizes)``: ``x`` ``(M, C)`` in consecutive groups, the
     kernel ``(G, C, N)`` as :func:`apply_steps` makes it of the parameter ``kernel`` (stored
-    as the user's code stores it; the variable shared, not copied)."""
+    as the user's code stores it; the variable shared, not copied), cast to ``dtype`` if given
+    (a mixed-precision model computing in its data's dtype)."""
 
-    def __init__(self, kernel: nnx.Param, steps: tuple = (), precision=None):
+    def __init__(self, kernel: nnx.Param, steps: tuple = (), precision=None, dtype=None):
         self.kernel = kernel
         self.steps = tuple(steps)
         self.precision = precision
+        self.dtype = dtype
+
+    @property
+    def param_dtype(self):
+        """The kernel variable's dtype (:func:`lrjax.sites.with_param_casts` reads it)."""
+        return self.kernel.dtype
 
     def used_kernel(self) -> jax.Array:
         """The ``(G, C, N)`` kernel the product uses."""
-        return apply_steps(self.kernel[...], self.steps)
+        kernel = apply_steps(self.kernel[...], self.steps)
+        return kernel if self.dtype is None else kernel.astype(self.dtype)
 
     @property
     def used_shape(self) -> tuple[int, ...]:
@@ -163,6 +171,6 @@ def site(path: str, layer: RaggedDot, shape) -> sites.ConvSite:
     steps: :attr:`lrjax.sites.ConvSite.parametrization`)."""
     found = sites.einsum_site(
         path, shape, sites.einsum_split(EQUATION), layer.used_shape, False, equation=EQUATION,
-        written_spec=("ragged", layer.steps, layer.precision),
+        written_spec=("ragged", layer.steps, layer.precision, layer.dtype),
         parametrization=functools.partial(used_parameters, layer.steps) if layer.steps else None)
     return dataclasses.replace(found, shape=dataclasses.replace(found.shape, mid_macs=MASK_MACS))

@@ -29,13 +29,13 @@ def _normal(rngs, shape, fan_in):
 class MoERagged(nnx.Module):
     """Top-2 routing, tokens sorted by expert, two ragged products (tunix's form)."""
 
-    def __init__(self, rngs, scale: float | None = None):
+    def __init__(self, rngs, scale: float | None = None, dtype=None):
         self.router = _normal(rngs, (F, E), F)
         self.gating = nnx.Param(_normal(rngs, (E, 2, H, F), F)[...],  # (tunix's names)
                                 sharding=("expert", None, None, "model"), eager_sharding=False)
         self.linear = _normal(rngs, (E, H, F), H)
         self.per_expert_scale = nnx.Param(jnp.linspace(0.5, 1.5, E))
-        self.scale = scale
+        self.scale, self.dtype = scale, dtype
 
     def __call__(self, x):
         tokens = x.reshape(-1, F)
@@ -46,9 +46,12 @@ class MoERagged(nnx.Module):
         w = jnp.transpose(self.gating[...], (0, 3, 1, 2)).reshape(E, F, 2 * H)
         if self.scale is not None:  # (a kernel scaled on its way: not a layout step)
             w = w * self.scale
+        linear = self.linear[...]
+        if self.dtype is not None:  # mixed precision: data and kernels cast to compute
+            sorted_x, w, linear = (a.astype(self.dtype) for a in (sorted_x, w, linear))
         gate = jax.lax.ragged_dot(sorted_x, w, sizes).reshape(-1, 2, H)
         h = jax.nn.gelu(gate[:, 0]) * gate[:, 1]
-        out = jax.lax.ragged_dot(h, self.linear[...], sizes)
+        out = jax.lax.ragged_dot(h, linear, sizes).astype(x.dtype)
         out = out * self.per_expert_scale[jnp.repeat(jnp.arange(E), sizes,
                                                      total_repeat_length=out.shape[0])][:, None]
         out = out[order.argsort()].reshape(tokens.shape[0], TOP, F)
@@ -56,9 +59,9 @@ class MoERagged(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, rngs, scale=None):
+    def __init__(self, rngs, scale=None, dtype=None):
         self.proj_in = nnx.Linear(F, F, rngs=rngs)
-        self.moe = MoERagged(rngs, scale)
+        self.moe = MoERagged(rngs, scale, dtype)
         self.proj_out = nnx.Linear(F, F, rngs=rngs)
 
     def __call__(self, x):
@@ -155,21 +158,23 @@ class MoELoop(nnx.Module):
     Qwen 3 ``MoELayer`` computes them off a mesh; the down projection's data is the gate's and
     up's pieces' products."""
 
-    def __init__(self, rngs):
+    def __init__(self, rngs, dtype=jnp.float32):
         self.router = nnx.Linear(F, E, use_bias=False, rngs=rngs)
         self.gate, self.up = (_normal(rngs, (E, F, H), F) for _ in range(2))
         self.down = _normal(rngs, (E, H, F), H)
+        self.dtype = dtype
 
     def __call__(self, x):
         weights, choices = jax.lax.top_k(jax.nn.softmax(self.router(x)), TOP)
         mask = jnp.swapaxes(jax.nn.one_hot(choices, E), -1, -2)  # (B, T, E, TOP)
-        dispatched = jnp.einsum("btd,btek->bted", x, mask)
+        dispatched = jnp.einsum("btd,btek->bted", x, mask).astype(self.dtype)
         outs = []
-        for i in range(E):
+        for i in range(E):  # (tunix's: each expert's kernels cast to the compute dtype)
             xi = dispatched[:, :, i, :]
-            h = jax.nn.silu(jnp.einsum("btd,df->btf", xi, self.gate[i])) * jnp.einsum(
-                "btd,df->btf", xi, self.up[i])
-            outs.append(jnp.einsum("btf,fd->btd", h, self.down[i]))
+            gate, up, down = (w[i].astype(self.dtype) for w in (self.gate, self.up, self.down))
+            h = jax.nn.silu(jnp.einsum("btd,df->btf", xi, gate)) * jnp.einsum(
+                "btd,df->btf", xi, up)
+            outs.append(jnp.einsum("btf,fd->btd", h, down).astype(x.dtype))
         return jnp.einsum("bted,btek,btk->btd", jnp.stack(outs, 2), mask, weights)
 
 
@@ -186,9 +191,9 @@ class Chained(nnx.Module):
 
 
 class LoopBlock(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, dtype=jnp.float32):
         self.proj_in = nnx.Linear(F, F, rngs=rngs)
-        self.moe = MoELoop(rngs)
+        self.moe = MoELoop(rngs, dtype)
         self.chained = Chained(rngs)
 
     def __call__(self, x):
@@ -219,3 +224,21 @@ def test_experts_in_a_loop_are_one_einsum_of_their_stacked_data_each():
         model, X, rule=experts, calibration=c).module.moe(inputs) - want))
         for c in (None, [HELD_OUT])]
     assert errors[1] < 0.8 * errors[0]
+
+
+@pytest.mark.parametrize("block", [Block, LoopBlock])
+def test_experts_cast_to_bfloat16_in_the_call_compute_so_split(block):
+    """Mixed precision (float32 parameters, each kernel cast to bfloat16 where it is used, as
+    tunix casts to its config's dtype): the layer computes in bfloat16, its pair too, and
+    the casts' work is in the whole net's cost."""
+    model = block(nnx.Rngs(0), dtype=jnp.bfloat16)
+    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
+    experts = [s for p, s in found.items() if p.startswith("moe/") and s.batched]
+    assert len(experts) == (2 if block is Block else 3)
+    assert all(s.candidate and s.param_cast_flops > 0 for s in experts)  # (per example)
+    result = lrjax.decompose_nnx(model, X, rule="speedup:1.3")
+    assert any(p.startswith("moe/") for p in result.ranks)
+    assert _flops(model) / _flops(result.module) == pytest.approx(result.report.speedup,
+                                                                  rel=1e-4)
+    pair = getattr(result.module.moe, next(p for p in result.ranks if p.startswith("moe/"))[4:])
+    assert jnp.dtype(pair.vertical.dtype) == jnp.bfloat16
