@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 from collections.abc import Callable
 
 import jax
@@ -372,19 +373,27 @@ def _data_first(jaxpr, found):
             waits.update({id(e): data for e, *_ in product.slices})
     if not waits:
         return jaxpr
-    ready = {*jaxpr.constvars, *jaxpr.invars}
-
-    def can_run(eqn) -> bool:
+    eqns = jaxpr.eqns  # (a topological order: the earliest traced equation ready each time)
+    producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
+    users: dict[int, list[int]] = {}
+    count = []
+    for i, eqn in enumerate(eqns):
         needed = [v for v in eqn.invars if not isinstance(v, jcore.Literal)]
-        return all(v in ready for v in (*needed, *waits.get(id(eqn), ())))
-
-    todo, order = list(jaxpr.eqns), []
-    while todo:
-        i = next((i for i, eqn in enumerate(todo) if can_run(eqn)), None)
-        if i is None:  # (product_of lets no piece's data come of its own pieces)
-            raise ValueError("a stacked product's pieces each need another's output")
-        order.append(todo.pop(i))
-        ready.update(order[-1].outvars)
+        sources = {producer[v] for v in (*needed, *waits.get(id(eqn), ())) if v in producer}
+        for j in sources:
+            users.setdefault(j, []).append(i)
+        count.append(len(sources))
+    ready = [i for i, n in enumerate(count) if n == 0]
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(eqns[i])
+        for user in users.get(i, ()):
+            count[user] -= 1
+            if count[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(eqns):  # (product_of lets no piece's data come of its own pieces)
+        raise ValueError("a stacked product's pieces each need another's output")
     return jaxpr.replace(eqns=order)
 
 

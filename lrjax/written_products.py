@@ -209,11 +209,21 @@ def is_written_layer(layer: nn.Module) -> bool:
     return bool(layer.__dict__.get(_WRITTEN))
 
 
+_INDEXED: list = [None, {}]  # the last jaxpr looked into, and {variable: its uses} in it
+
+
 def _uses(jaxpr, var) -> list:
+    """The equations of ``jaxpr`` using ``var`` (``[None]``: an output), from an index of the
+    jaxpr's uses made once (a loop over 128 experts looks at thousands of pieces' uses)."""
     if var in jaxpr.outvars:
         return [None]
-    return [e for e in jaxpr.eqns
-            if any(v is var for v in e.invars if not isinstance(v, jcore.Literal))]
+    if _INDEXED[0] is not jaxpr:
+        index: dict = {}
+        for e in jaxpr.eqns:
+            for v in dict.fromkeys(v for v in e.invars if not isinstance(v, jcore.Literal)):
+                index.setdefault(v, []).append(e)
+        _INDEXED[:] = [jaxpr, index]
+    return list(_INDEXED[1].get(var, ()))
 
 
 def _constant(closed, v):
@@ -227,12 +237,19 @@ def _constant(closed, v):
     return np.asarray(value)
 
 
+_DEPENDING: list = [None, (), set()]  # the last jaxpr, inputs and what depends on them
+
+
 def _depending(jaxpr, inputs) -> set:
-    """The variables of ``jaxpr`` computed from any of ``inputs``."""
+    """The variables of ``jaxpr`` computed from any of ``inputs`` (the last answer kept)."""
+    if _DEPENDING[0] is jaxpr and len(_DEPENDING[1]) == len(inputs) and all(
+            a is b for a, b in zip(_DEPENDING[1], inputs, strict=True)):
+        return _DEPENDING[2]
     found = set(inputs)
     for e in jaxpr.eqns:
         if any(not isinstance(v, jcore.Literal) and v in found for v in e.invars):
             found.update(e.outvars)
+    _DEPENDING[:] = [jaxpr, tuple(inputs), found]
     return found
 
 
