@@ -194,9 +194,9 @@ class _Probe(nnx.Module):
         return self.layer(x, *args, **kwargs)
 
     def _observe(self, layer, x, args, kwargs):
-        record = self._record
-        if isinstance(layer, ragged.RaggedDot):  # its rows in their groups' slots
-            x = ragged.dispatched(x, args[0], layer.used_shape[0])
+        record, moments = self._record, _moments
+        if isinstance(layer, ragged.RaggedDot):  # seen as its rows in their groups' slots
+            x, moments = ragged.Grouped(x, args[0], layer.used_shape[0]), ragged.grouped_moments
         inner = self.path in record["inner"] - record["seen"]  # its base's first call
         if self.path not in record["shapes"] or inner:
             if inner:
@@ -211,7 +211,7 @@ class _Probe(nnx.Module):
             record["calls"][self.path] = record["calls"].get(self.path, 0) + 1
         if site is not None and (host is not None or self.path not in record["batch"]):
             # in the geometry of one run (a stacked layer's: one slice)
-            s, n = _moments(x, site.restacked(1) if site.lifted else site,
+            s, n = moments(x, site.restacked(1) if site.lifted else site,
                             nnx_written.input_axes(site) if self.written else
                             _input_axes(layer, site.equation))
             if host is not None:  # inside a loop: each run to the host

@@ -147,6 +147,13 @@ def test_a_ragged_product_is_costed_as_xla_counts_it_and_dispatched_by_group():
     rows = ragged.dispatched(jnp.arange(10.0)[:, None], sizes, 3)[..., 0]
     np.testing.assert_array_equal(rows, [[0, 1, 2, 3, 0, 0, 0, 0, 0, 0], [0] * 10,
                                          [0, 0, 0, 0, 4, 5, 6, 7, 8, 0]])
+    # the moments of the buffer, taken one group at a time without it
+    site = ragged.site("moe", ragged.RaggedDot(nnx.Param(w)), (3, 10, 6))
+    x = jax.random.normal(jax.random.key(0), (10, 6))
+    want = lrjax.sites.input_moments(site, ragged.dispatched(x, sizes, 3), (-1,))
+    got = ragged.grouped_moments(ragged.Grouped(x, sizes, 3), site, (-1,))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert ragged.used_names(("e", None, "h", "f"), (("transpose", (0, 3, 1, 2)),
                                                      ("reshape", (3, 6, 10))), (3, 2, 5, 6)) == \
         ("e", "f", None)
