@@ -294,8 +294,9 @@ class Recording:
 
 def _view(param: nnx.Param, spec):
     """The layer computing a product (:func:`_equation`'s ``spec``) with ``param`` as its
-    kernel, no bias: an ``nnx.Einsum`` sharing it, or an ``nnx.Conv`` (sharing it when stored
-    in Flax's ``HWIO``, else holding it transposed so)."""
+    kernel, no bias: an ``nnx.Einsum`` sharing it (computing in the cast's dtype), a
+    :class:`lrjax.ragged.RaggedDot` sharing it, or an ``nnx.Conv`` (sharing it when stored in
+    Flax's ``HWIO``, else holding it transposed so)."""
     if not isinstance(spec, str) and spec[0] == "ragged":
         return ragged.RaggedDot(param, spec[1], spec[2], dtype=spec[3])
     if isinstance(spec, str) or spec[0] == "einsum":
@@ -421,9 +422,10 @@ def canonical(model, products: dict, flax_layers: tuple[type, ...]):
 
 
 def with_specs(found: list, products: dict) -> list:
-    """The sites ``found`` with the convs and ragged products among ``products``
-    (:class:`Recording`'s) marked as such (:attr:`lrjax.sites.ConvSite.written_spec`), so that
-    :func:`from_sites` places them again."""
+    """The sites ``found`` with the products among ``products`` (:class:`Recording`'s) that are
+    not plain einsums (convs, ragged products, einsums on a cast kernel) marked as such
+    (:attr:`lrjax.sites.ConvSite.written_spec`), so that :func:`from_sites` places them
+    again."""
     specs = {sites.path_of((*sites.variable_key(path), name)): spec
              for path, named in products.items() for name, spec in named.items()
              if not isinstance(spec, str)}

@@ -115,10 +115,12 @@ class ConvSite:
       named_by_kernel: a written product of a module sharing its parent's scope
         (``nn.share_scope``) or computing several, named by its kernel: ``path`` is the kernel variable's own
         (:attr:`kernel_key`), its pair's variables take its place.
-      written_spec: a conv or a ``ragged_dot`` an NNX module's own code computes with its
-        parameter (:mod:`lrjax.nnx_products`), as that module's call was found to compute it,
-        to run again as an ``nnx.Conv`` or a :class:`lrjax.ragged.RaggedDot` (a ragged product's
-        ``equation`` is the batched einsum it is costed as); ``None`` otherwise.
+      written_spec: a conv, a ``ragged_dot`` or an einsum on a kernel cast to its data's dtype
+        that an NNX module's own code computes with its parameter (:mod:`lrjax.nnx_products`),
+        as that module's call was found to compute it, to run again as an ``nnx.Conv``, a
+        :class:`lrjax.ragged.RaggedDot` (its ``equation`` the batched einsum it is costed as)
+        or an ``nnx.Einsum(dtype=...)``; ``None`` otherwise (a plain einsum's is its
+        ``equation``).
       share: for a layer left as it is whose work was counted in the traced pass (a product
         the model's own code computes, :mod:`lrjax.own_code`), its share of the whole net's
         multiply-adds; ``None`` otherwise.

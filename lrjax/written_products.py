@@ -24,7 +24,9 @@ one product of the whole parameter, from whose output each piece's product is ta
 one-index pieces squeezed away (big_vision's Gemma gating, ``jnp.dot(x, w[0])`` and
 ``jnp.dot(x, w[1])``; ``a, b = w``; ``jnp.unstack(w)``) make an ``nn.Einsum`` keeping that
 axis; ranges of an axis the product keeps (a fused ``(C, 2H)`` kernel cut as ``w[:, :h]`` and
-``w[:, h:]``, or by ``jnp.split``) the layer of the whole kernel.
+``w[:, h:]``, or by ``jnp.split``) the layer of the whole kernel. In NNX (``experts=True``),
+one-index pieces each on other data alike (a loop over experts, ``x_i @ w[i]``) are one product
+of their data stacked (:attr:`Product.stacked`); so is a ``lax.ragged_dot`` (:mod:`lrjax.ragged`).
 
 The layer is :class:`WrittenConv` / :class:`WrittenDense` / :class:`WrittenDenseGeneral` /
 :class:`WrittenEinsum` when the parameter has another name than ``kernel`` or takes steps: it
@@ -52,7 +54,7 @@ from jax.extend import core as jcore
 from lrjax.ragged import is_ragged_product
 from lrjax.sites import ConvSite
 
-__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense", "ancestors",
+__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
            "WrittenDenseGeneral", "WrittenEinsum", "equation_of", "is_pair", "is_written_layer",
            "keep_read_elsewhere", "kernel_name", "layer_for", "product_of", "piece_of",
            "run_in_layout", "set_aside", "stored_equation", "stored_kernel"]
@@ -416,7 +418,7 @@ def _sliced(closed, var, uses, inputs, experts: bool = False) -> Product:
                    stacked=stacked)
 
 
-def ancestors(jaxpr, variables) -> set[int]:
+def _ancestors(jaxpr, variables) -> set[int]:
     """The ids of the equations of ``jaxpr`` that ``variables`` are computed from."""
     producer = {v: e for e in jaxpr.eqns for v in e.outvars}
     found, todo = set(), list(variables)
@@ -438,7 +440,7 @@ def _apart(jaxpr, parts) -> bool:
            p.eqn.invars[p.data].aval != first.eqn.invars[first.data].aval or
            isinstance(p.eqn.invars[p.data], jcore.Literal) for p in parts):
         return False
-    upstream = ancestors(jaxpr, [p.eqn.invars[p.data] for p in parts])
+    upstream = _ancestors(jaxpr, [p.eqn.invars[p.data] for p in parts])
     return not any(id(p.eqn) in upstream for p in parts)
 
 
