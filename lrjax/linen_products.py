@@ -38,8 +38,11 @@ a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax'
   module's parameters are products so (a hand-written attention's ``wq``, ``wk``, ...), each
   layer is named by its kernel (``{path}/{name}``) and its pair takes that variable's place;
   a parameter whose slices are products of the same data (big_vision's Gemma gating,
-  ``jnp.dot(x, w[0])``, ``jnp.dot(x, w[1])``) is one layer of the whole parameter. The rest
-  of the module's code runs as written, on the layers' outputs. A call found to hold no such
+  ``jnp.dot(x, w[0])``, ``jnp.dot(x, w[1])``) is one layer of the whole parameter, and so is
+  one whose one-index slices each multiply other data alike (a loop over experts, ``x_i @
+  w[i]``: an ``nn.Einsum`` of their data stacked, computed at the first slice once every
+  slice's data is, :func:`lrjax.replay.waiting`). The rest of the module's code runs as
+  written, on the layers' outputs. A call found to hold no such
   product (a norm's, a layer scale's) runs as written at once the next times it is made alike.
 
 A kernel used in any other way (multiplied by data, in two products other than such slices,
@@ -477,9 +480,11 @@ def _products(closed, candidates, inputs) -> list:
     found = []
     for name, var in candidates:
         try:
-            found.append((name, product_of(closed, var, inputs)))
+            product = product_of(closed, var, inputs, experts=True)
         except _Ineligible:
             continue
+        if product.eqn.primitive.name != "ragged_dot_general":  # (no linen layer computes it)
+            found.append((name, product))
     if not found:
         raise _Ineligible("no parameter used in one product")
     return found
@@ -503,7 +508,7 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels):
         for eqn, *span in product.slices or ((product.eqn, None, None),):
             replaced[id(eqn)] = (layers[name], product, span)
         skipped.update({id(e): position for e, position in product.chain})
-    computed = {}
+    computed, env = {}, {}
 
     def rule(e, ins, here):
         if id(e) not in replaced:  # (a step to a kernel: passed on, never computed with)
@@ -511,8 +516,10 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels):
         layer, product, span = replaced[id(e)]
         if product.sliced is None:
             return [run_in_layout(layer, product, ins[product.data])]
-        if id(layer) not in computed:  # (every piece's data is the same)
-            computed[id(layer)] = layer(ins[product.data])
+        if id(layer) not in computed:  # (every piece's data is the same, or stacked: experts)
+            computed[id(layer)] = layer(jax.numpy.stack([
+                env[eqn.invars[product.data]] for eqn, *_ in product.slices])
+                if product.stacked else ins[product.data])
         return [piece_of(product, computed[id(layer)], *span)]
 
     params = module.scope._mutable_collection("params") if module.is_initializing() else None
@@ -520,7 +527,8 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels):
         for name, _ in products:  # by its layer meanwhile)
             if not is_pair(params.get(name)):
                 set_aside(layers[name], params.pop(name, None))
-    outs = replay.run(closed.jaxpr, closed.consts, inputs, rule)
+    waits = {k: v for _, product in products for k, v in product.waits.items()}
+    outs = replay.run(replay.waiting(closed.jaxpr, waits), closed.consts, inputs, rule, env=env)
     if nested and params is not None:
         for name, _ in products:
             if name not in params:  # (no pair took its place)

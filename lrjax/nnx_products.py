@@ -17,7 +17,7 @@ self.w``, ``x @ self.w.T``, ``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a pr
 :class:`lrjax.ragged.RaggedDot`'s; one-index pieces ``w[i]`` each multiplying other data alike (a
 loop over experts), an ``nnx.Einsum``'s of the pieces' data stacked (:attr:`lrjax.
 written_products.Product.stacked`: the replay computes every piece's data before the first
-piece, :func:`_data_first`). Its other uses (scaled, sliced otherwise, a lookup, used twice) are
+piece, :func:`lrjax.replay.waiting`). Its other uses (scaled, sliced otherwise, a lookup, used twice) are
 its own code's products, a fixed cost. A call that cannot be traced so (Python control flow on
 values) keeps the module as written.
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import heapq
 from collections.abc import Callable
 
 import jax
@@ -357,45 +356,10 @@ def _replaying_call(self, *args, **kwargs):
             return [ins[skipped[id(eqn)]]] * len(eqn.outvars)
         return None
 
-    outs = replay.run(_data_first(closed.jaxpr, found.values()), closed.consts,
-                      [*kernels, *arrays], rule, env=env)
+    waits = {k: v for product, _ in found.values() for k, v in product.waits.items()}
+    outs = replay.run(replay.waiting(closed.jaxpr, waits), closed.consts, [*kernels, *arrays],
+                      rule, env=env)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs)
-
-
-def _data_first(jaxpr, found):
-    """``jaxpr``'s equations in an order where each stacked product's (``found``: ``(Product,
-    equation)`` pairs) pieces come after every one of its pieces' data: the first one that can
-    run, in the traced order, each time (a piece's data may come of another product's pieces:
-    a mixture of experts' down projection, of its gate's and up's)."""
-    waits = {}  # a piece's equation: the data of every piece of its product
-    for product, _ in found:
-        if product.stacked:
-            data = [e.invars[product.data] for e, *_ in product.slices]
-            waits.update({id(e): data for e, *_ in product.slices})
-    if not waits:
-        return jaxpr
-    eqns = jaxpr.eqns  # (a topological order: the earliest traced equation ready each time)
-    producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
-    users: dict[int, list[int]] = {}
-    count = []
-    for i, eqn in enumerate(eqns):
-        needed = [v for v in eqn.invars if not isinstance(v, jcore.Literal)]
-        sources = {producer[v] for v in (*needed, *waits.get(id(eqn), ())) if v in producer}
-        for j in sources:
-            users.setdefault(j, []).append(i)
-        count.append(len(sources))
-    ready = [i for i, n in enumerate(count) if n == 0]
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(eqns[i])
-        for user in users.get(i, ()):
-            count[user] -= 1
-            if count[user] == 0:
-                heapq.heappush(ready, user)
-    if len(order) != len(eqns):  # (product_of lets no piece's data come of its own pieces)
-        raise ValueError("a stacked product's pieces each need another's output")
-    return jaxpr.replace(eqns=order)
 
 
 def canonical(model, products: dict, flax_layers: tuple[type, ...]):

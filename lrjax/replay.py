@@ -10,6 +10,7 @@ float16, exported to runtimes whose CPU kernels are float32).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 
 import jax
@@ -19,7 +20,7 @@ from jax.extend import source_info_util
 
 from lrjax import macs
 
-__all__ = ["run", "call_jaxpr", "bind", "array_call", "traced_inlined", "in_float32",
+__all__ = ["run", "call_jaxpr", "bind", "array_call", "traced_inlined", "in_float32", "waiting",
            "lowest_precision", "ReplayError", "LOW_PRECISION"]
 
 # a rule: (equation, its input values, its source info) -> output values, or None for the
@@ -74,6 +75,41 @@ def run(jaxpr, consts, args, rule: Rule | None = None, caller=None,
                     else bind(eqn, ins)
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in jaxpr.outvars]
+
+
+def waiting(jaxpr, waits: dict):
+    """``jaxpr`` with its equations in an order where each equation named in ``waits`` (``{id of
+    the equation: variables}``) also comes after the equations computing those variables: the
+    earliest traced equation that can run, each time (Kahn's algorithm). A loop over experts'
+    pieces is replayed so, each piece after every piece's data (:class:`lrjax.written_products.
+    Product`'s ``stacked``).
+
+    Raises:
+      ValueError: the waits make a cycle (an equation waiting for what it computes)."""
+    if not waits:
+        return jaxpr
+    eqns = jaxpr.eqns
+    producer = {v: i for i, e in enumerate(eqns) for v in e.outvars}
+    users: dict[int, list[int]] = {}
+    count = []
+    for i, eqn in enumerate(eqns):
+        needed = [v for v in eqn.invars if not isinstance(v, jcore.Literal)]
+        sources = {producer[v] for v in (*needed, *waits.get(id(eqn), ())) if v in producer}
+        for j in sources:
+            users.setdefault(j, []).append(i)
+        count.append(len(sources))
+    ready = [i for i, n in enumerate(count) if n == 0]
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(eqns[i])
+        for user in users.get(i, ()):
+            count[user] -= 1
+            if count[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(eqns):
+        raise ValueError("equations waiting for what they compute")
+    return jaxpr.replace(eqns=order)
 
 
 def bind(eqn, ins, params=None) -> list:

@@ -100,7 +100,8 @@ class Product:
     One-index pieces each multiplying other data alike (a loop over experts, ``x_i @ w[i]``)
     are ``stacked``: one product of the whole parameter by the pieces' data stacked on a new
     leading axis, the sliced axis a batch axis of data, kernel and output (each piece's
-    product its output's index there).
+    product its output's index there); ``waits``: ``{id of a piece's equation: every piece's
+    data}``, what a replay computes first (:func:`lrjax.replay.waiting`).
 
     A conv in another layout than Flax's has ``layout``: the transposes of its data to channels
     last and of the layer's channels-last output back to its own layout (its kernel's to
@@ -114,6 +115,7 @@ class Product:
     slices: tuple = ()
     layout: tuple | None = None
     stacked: bool = False
+    waits: dict = dataclasses.field(default_factory=dict)
 
 
 def _used(kernel, steps):
@@ -215,8 +217,7 @@ _INDEXED: list = [None, {}]  # the last jaxpr looked into, and {variable: its us
 
 
 def _uses(jaxpr, var) -> list:
-    """The equations of ``jaxpr`` using ``var`` (``[None]``: an output), from an index of the
-    jaxpr's uses made once (a loop over 128 experts looks at thousands of pieces' uses)."""
+    """The equations of ``jaxpr`` using ``var`` (``[None]``: an output), indexed once."""
     if var in jaxpr.outvars:
         return [None]
     if _INDEXED[0] is not jaxpr:
@@ -244,8 +245,7 @@ _DEPENDING: list = [None, (), set()]  # the last jaxpr, inputs and what depends 
 
 def _depending(jaxpr, inputs) -> set:
     """The variables of ``jaxpr`` computed from any of ``inputs`` (the last answer kept)."""
-    if _DEPENDING[0] is jaxpr and len(_DEPENDING[1]) == len(inputs) and all(
-            a is b for a, b in zip(_DEPENDING[1], inputs, strict=True)):
+    if _DEPENDING[0] is jaxpr and list(map(id, _DEPENDING[1])) == list(map(id, inputs)):
         return _DEPENDING[2]
     found = set(inputs)
     for e in jaxpr.eqns:
@@ -379,8 +379,7 @@ def _sliced(closed, var, uses, inputs, experts: bool = False) -> Product:
     into pieces (``w[0]``, ``w[:, :h]``, ``jnp.split``, ``jnp.unstack``) that tile it, each
     (through scalings and casts) a ``dot_general`` of the same data, alike: the whole
     parameter computes what they did, a one-index piece squeezed away keeping the axis in the
-    layer's output, a range being a range of its output. With ``experts``, one-index pieces
-    of other data alike, none computed from another's product, are one too (``stacked``)."""
+    layer's output, a range being a range of its output; with ``experts``, ``stacked`` ones."""
     pieces = _pieces(closed, var, uses)
     axes, squeezed = {p[0] for p in pieces}, {p[5] for p in pieces}
     spans = sorted((start, limit) for _, start, limit, *_ in pieces)
@@ -411,11 +410,13 @@ def _sliced(closed, var, uses, inputs, experts: bool = False) -> Product:
         if not stacked:
             raise NotALayer("its kernel's pieces are not the same product of the same data (a "
                             "range of an axis it contracts, or other data)")
+    data = [p.eqn.invars[p.data] for p, _, _ in parts.values()] if stacked else []
     return Product(first.eqn, first.steps, tuple(c for _, _, chain in parts.values()
                                                  for c in chain),
                    first.data, sliced=axis, squeezed=squeezed,
                    slices=tuple((parts[a][0].eqn, a, parts[a][1]) for a in sorted(parts)),
-                   stacked=stacked)
+                   stacked=stacked, waits={id(p.eqn): data for p, _, _ in parts.values()
+                                           if stacked})
 
 
 def _ancestors(jaxpr, variables) -> set[int]:
@@ -431,9 +432,8 @@ def _ancestors(jaxpr, variables) -> set[int]:
 
 
 def _apart(jaxpr, parts) -> bool:
-    """Whether ``parts`` (pieces' products) are the same product of other data each (their
-    operands' shapes and the equations' parameters), no piece's data computed from a piece's
-    product: then one product of their data stacked computes them all at once."""
+    """Whether ``parts`` (pieces' products) are the same product of other data each, no
+    piece's data computed from a piece's product: one product of their data stacked."""
     first = parts[0]
     if any(p.eqn.primitive.name != "dot_general" or p.data != first.data or
            p.eqn.params != first.eqn.params or _signature(p) != _signature(first) or

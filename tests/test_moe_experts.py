@@ -1,14 +1,15 @@
-"""A mixture of experts' products in an NNX module's own code, each expert's matrix split in the
+"""A mixture of experts' products in a module's own code, each expert's matrix split in the
 closed form and calibrated on its own tokens:
 
 * computed by ``lax.ragged_dot`` (:mod:`lrjax.ragged`): the form of Gemma 4's ``MoERagged`` as
   google/tunix ports it to NNX (its ``(E, 2, H, F)`` gating kernel transposed and reshaped to
   ``(E, F, 2H)``, tokens sorted by expert, ``group_sizes`` the tokens per expert), costed as
   XLA:CPU computes a ragged product (the report equals XLA's ratio);
-* computed in a loop over the experts, ``x_i @ w[i]`` (tunix's Qwen 3 ``MoELayer`` off a mesh):
-  the pieces of each parameter one einsum of their data stacked
+* computed in a loop over the experts, ``x_i @ w[i]`` (tunix's Qwen 3 ``MoELayer`` off a mesh),
+  in NNX or linen: the pieces of each parameter one einsum of their data stacked
   (:attr:`lrjax.written_products.Product.stacked`)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import export, macs, ragged
-from tests.helpers import lowered_flops
+from tests.helpers import apply, init, lowered_flops
 
 E, F, H, TOP = 4, 32, 24, 2
 
@@ -249,3 +250,42 @@ def test_experts_cast_to_bfloat16_in_the_call_compute_so_split(block):
                                                                   rel=1e-4)
     pair = getattr(result.module.moe, next(p for p in result.ranks if p.startswith("moe/"))[4:])
     assert jnp.dtype(pair.vertical.dtype) == jnp.bfloat16
+
+
+class LinenExperts(nn.Module):
+    """A compact linen module with the loop (its router a parameter too)."""
+
+    @nn.compact
+    def __call__(self, x):
+        router, gate, up = (self.param(n, nn.initializers.lecun_normal(), s) for n, s in (
+            ("router", (F, E)), ("gate", (E, F, H)), ("up", (E, F, H))))
+        down = self.param("down", nn.initializers.lecun_normal(), (E, H, F))
+        weights, choices = jax.lax.top_k(jax.nn.softmax(x @ router), TOP)
+        mask = jnp.swapaxes(jax.nn.one_hot(choices, E), -1, -2)
+        dispatched = jnp.einsum("btd,btek->bted", x, mask)
+        outs = [(jax.nn.silu(xi @ gate[i]) * (xi @ up[i])) @ down[i]
+                for i, xi in enumerate(jnp.moveaxis(dispatched, 2, 0))]
+        return jnp.einsum("bted,btek,btk->btd", jnp.stack(outs, 2), mask, weights)
+
+
+class LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(F, name="proj_in")(x)
+        return nn.Dense(F, name="proj_out")(h + LinenExperts(name="moe")(h))
+
+
+def test_experts_in_a_loop_in_linen_are_split_in_their_parameters_places():
+    model = LinenNet()
+    variables = init(model, 0, X)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, X)}
+    assert {p: found[p].stack for p in ("moe/gate", "moe/up", "moe/down")} == dict.fromkeys(
+        ("moe/gate", "moe/up", "moe/down"), E)
+    full = lrjax.decompose_linen(model, variables, X, rule=dict.fromkeys(
+        ("moe/gate", "moe/up", "moe/down"), E * H))
+    np.testing.assert_allclose(apply(full.module, full.variables, HELD_OUT),
+                               apply(model, variables, HELD_OUT), rtol=1e-4, atol=2e-5)
+    assert full.variables["params"]["moe"]["gate"]["vertical"]["kernel"].shape == (E, F, H)
+    split = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5")
+    assert lowered_flops(model.apply, variables, X) / lowered_flops(
+        split.module.apply, split.variables, X) == pytest.approx(split.report.speedup, rel=1e-6)
