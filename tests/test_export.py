@@ -70,7 +70,9 @@ def _case(name):
     return low.module, low.variables, x32
 
 
-CASES = ("grouped-dilated", "grouped-dilated lowrank", "nin lowrank=False", "nin lowrank=True",
+CASES = ("nin lowrank=False", "nin lowrank=True",  # (the grouped-dilated nets: the slow run)
+         pytest.param("grouped-dilated", marks=pytest.mark.slow),
+         pytest.param("grouped-dilated lowrank", marks=pytest.mark.slow),
          pytest.param("resnet18 decompose_linen", marks=pytest.mark.slow))  # 12 s: a decomposition
 
 

@@ -495,6 +495,7 @@ class ConditionedNNX(nnx.Module):
         return self.conv_out(nnx.relu(x))
 
 
+@pytest.mark.slow  # (three exports; the linen model of several inputs exports in the default run)
 def test_an_nnx_model_of_several_inputs_exports_to_every_runtime(tmp_path):
     """The same tuple of inputs for an NNX model (its weights constants of the trace, the
     LiteRT route without variables): ONNX, LiteRT and StableHLO, each checked on the examples'

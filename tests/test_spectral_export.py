@@ -128,7 +128,9 @@ def _example(name):
 
 
 @pytest.mark.filterwarnings("ignore::numpy.exceptions.ComplexWarning")  # the cast, on purpose
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [  # (three of the FFT-based nets: the slow run)
+    pytest.param(n, marks=pytest.mark.slow) if n in ("global filter", "long conv", "fnet") else n
+    for n in sorted(MODELS)])
 def test_spectral_layers_export_to_onnx(name, tmp_path):
     model, variables, x = _example(name)
     result = export.to_onnx(model, variables, x, str(tmp_path / "m.onnx"))

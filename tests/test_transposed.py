@@ -178,6 +178,7 @@ class TwoUpsamplers(nn.Module):
         return y + pair + jnp.transpose(own, (0, 2, 3, 1))
 
 
+@pytest.mark.slow  # (ONNX's: test_unet_whole_net_rule_and_onnx_export)
 def test_transposed_convs_export_to_litert(tmp_path):
     """3x3 stride-2 SAME upsamplers (rows and columns padded (2, 1), whose output shape the TFLite
     converter gets wrong as written) reach LiteRT, full and split, linen and NNX, Flax's layers
