@@ -36,7 +36,7 @@ from lrjax import sites
 
 __all__ = ["EQUATION", "RaggedDot", "LowRankRaggedNNX", "Grouped", "dispatched",
            "grouped_moments", "is_ragged_product",
-           "layout_steps", "apply_steps", "used_names", "used_parameters", "site"]
+           "layout_steps", "apply_steps", "used_shape_of", "used_names", "used_parameters", "site"]
 
 # the batched einsum a ragged product is costed, calibrated and split as: g the groups
 EQUATION = "gmc,gcn->gmn"
@@ -85,14 +85,21 @@ def apply_steps(kernel, steps: tuple):
     return kernel
 
 
+def used_shape_of(shape: tuple, steps: tuple) -> tuple[int, ...]:
+    """The shape :func:`apply_steps` gives a kernel of ``shape`` (no trace: the steps say it)."""
+    shape = tuple(int(d) for d in shape)
+    for name, value in steps:
+        shape = tuple(shape[a] for a in value) if name == "transpose" else tuple(value)
+    return shape
+
+
 def used_names(names: tuple, steps: tuple, shape: tuple) -> tuple:
     """The axis names (sharding) of a stored kernel of ``shape`` carried to the kernel its
     product uses: moved by the transposes among ``steps``; a reshape keeps the names of the
     leading axes it leaves as they are, none after (a merged ``(2, H)`` axis is unnamed); names
     of another rank than the kernel's, none."""
     if len(names) != len(shape):  # (names for another rank: none carried)
-        return (None,) * len(jax.eval_shape(lambda k: apply_steps(k, steps), jax.ShapeDtypeStruct(
-            tuple(shape), jnp.float32)).shape)
+        return (None,) * len(used_shape_of(shape, steps))
     names, shape = list(names), list(shape)
     for name, value in steps:
         if name == "transpose":
@@ -179,8 +186,7 @@ class RaggedDot(nnx.Module):
     @property
     def used_shape(self) -> tuple[int, ...]:
         """The shape of :meth:`used_kernel`, ``(G, C, N)``."""
-        stored = jax.ShapeDtypeStruct(self.kernel.shape, self.kernel.dtype)
-        return tuple(jax.eval_shape(lambda k: apply_steps(k, self.steps), stored).shape)
+        return used_shape_of(self.kernel.shape, self.steps)
 
     def __call__(self, x, group_sizes):
         return jax.lax.ragged_dot(x, self.used_kernel(), group_sizes, precision=self.precision)

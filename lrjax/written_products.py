@@ -100,8 +100,7 @@ class Product:
     One-index pieces each multiplying other data alike (a loop over experts, ``x_i @ w[i]``)
     are ``stacked``: one product of the whole parameter by the pieces' data stacked on a new
     leading axis, the sliced axis a batch axis of data, kernel and output (each piece's
-    product its output's index there); ``waits``: ``{id of a piece's equation: every piece's
-    data}``, what a replay computes first (:func:`lrjax.replay.waiting`).
+    product its output's index there).
 
     A conv in another layout than Flax's has ``layout``: the transposes of its data to channels
     last and of the layer's channels-last output back to its own layout (its kernel's to
@@ -115,7 +114,12 @@ class Product:
     slices: tuple = ()
     layout: tuple | None = None
     stacked: bool = False
-    waits: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def waits(self) -> dict:
+        """``{id of each stacked piece's equation: all pieces' data}`` (``replay.waiting``)."""
+        data = [e.invars[self.data] for e, *_ in self.slices]
+        return {id(e): data for e, *_ in self.slices} if self.stacked else {}
 
 
 def _used(kernel, steps):
@@ -402,21 +406,16 @@ def _sliced(closed, var, uses, inputs, experts: bool = False) -> Product:
     contracted = first.eqn.params["dimension_numbers"][0][1 - first.data]
     if first.eqn.params["dimension_numbers"][1][0]:
         raise NotALayer("its kernel's pieces are each a batch of products")
-    stacked = False
-    if not all(alike(part) for part, _, _ in parts.values()) or (
-            not squeezed and axis in contracted):
-        stacked = experts and squeezed and _apart(closed.jaxpr, [p for p, _, _ in
-                                                                  parts.values()])
-        if not stacked:
-            raise NotALayer("its kernel's pieces are not the same product of the same data (a "
-                            "range of an axis it contracts, or other data)")
-    data = [p.eqn.invars[p.data] for p, _, _ in parts.values()] if stacked else []
+    products = [part for part, _, _ in parts.values()]
+    stacked = not all(alike(p) for p in products) or (not squeezed and axis in contracted)
+    if stacked and not (experts and squeezed and _apart(closed.jaxpr, products)):
+        raise NotALayer("its kernel's pieces are not the same product of the same data (a "
+                        "range of an axis it contracts, or other data)")
     return Product(first.eqn, first.steps, tuple(c for _, _, chain in parts.values()
                                                  for c in chain),
                    first.data, sliced=axis, squeezed=squeezed,
                    slices=tuple((parts[a][0].eqn, a, parts[a][1]) for a in sorted(parts)),
-                   stacked=stacked, waits={id(p.eqn): data for p, _, _ in parts.values()
-                                           if stacked})
+                   stacked=stacked)
 
 
 def _ancestors(jaxpr, variables) -> set[int]:
