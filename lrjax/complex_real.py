@@ -15,8 +15,11 @@ filter's spectrum) are split where the data meets them. Covered: casts to comple
 ``dot_general`` and ``conv_general_dilated`` (a complex filter bank: perch's Gabor / Morlet
 front end), the four FFT types, and the ops that move or sum values without mixing real
 and imaginary parts (reshape, transpose, slice, pad, concatenate, gather, ``select_n``,
-``reduce_sum``, ...); another complex op (or a complex output) is a :class:`ComplexError`
-naming it and its layer.
+``reduce_sum``, ...), in loops and conditionals too (``lax.map``, ``scan``, ``while_loop``,
+``cond``: rebuilt around their replayed bodies, complex carries as pairs: an unrolled inverse
+solver's circular convolutions by FFT inside a conjugate-gradient loop, as lanl/scico's MoDL
+and ODP nets run theirs); another complex op (or a complex output) is a
+:class:`ComplexError` naming it and its layer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from lrjax import macs, replay
 
@@ -105,6 +109,13 @@ def _rule(eqn, ins, here):
         with jax.ensure_compile_time_eval():  # constants alone (S4's HiPPO matrix, its kernel
             return replay.bind(eqn, ins)  # from the weights): evaluated, complex ones kept
     touches = any(isinstance(a, Pair) for a in ins) or any(_complex(v.aval) for v in eqn.outvars)
+    if name in _LOOPS and (touches or any(holds_complex(sub) for sub in
+                                          jcore.jaxprs_in_params(eqn.params))):
+        # a loop or conditional computing with complex values (a CG solve whose operator is a
+        # circular convolution by FFT, inside ``lax.map`` over the batch): rebuilt around its
+        # bodies replayed so, complex carries held as pairs
+        held = [_held(a, v.aval) for a, v in zip(ins, eqn.invars, strict=True)]
+        return replay.rebuilt(eqn, held, lambda closed: _paired(closed, here))
     if not touches or replay.call_jaxpr(eqn) is not None:
         return None  # real values (or a call: inlined, each equation seen here)
     avals = [v.aval for v in eqn.invars]
@@ -120,6 +131,28 @@ def _rule(eqn, ins, here):
                            "form for export (covered: FFTs, arithmetic, exp, abs, products, convs, "
                            "moves, sums)")
     return [handler(eqn, ins, avals)]
+
+
+_LOOPS = ("scan", "while", "cond")
+
+
+def _held(value, aval):
+    """A complex value as a :class:`Pair` of arrays (one structure through a loop's carry and
+    its branches), a real one as it is."""
+    if isinstance(value, Pair) or not _complex(aval):
+        return value
+    return Pair(jnp.real(value), jnp.imag(value))
+
+
+def _paired(closed, caller):
+    """A loop's or branch's body (a closed jaxpr) as a function of its input values, replayed
+    with complex values as pairs."""
+    def body(*values):
+        values = [_held(x, v.aval) for x, v in zip(values, closed.jaxpr.invars, strict=True)]
+        outs = replay.run(closed.jaxpr, closed.consts, values, _rule, caller)
+        return [_held(o, v.aval) for o, v in zip(outs, closed.jaxpr.outvars, strict=True)]
+
+    return body
 
 
 def _binary(eqn, ins, avals):

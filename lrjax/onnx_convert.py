@@ -366,15 +366,17 @@ class _Converter:
         return Tensor(self.g.node("Concat", names, axis=int(axis)), tuple(aval.shape), nchw)
 
     def reduction(self, op: str, args, params, aval) -> Tensor:
-        """``ReduceSum`` / ``ReduceMax`` / ``ReduceMin`` over the primitive's axes."""
+        """``ReduceSum`` / ``ReduceMax`` / ``ReduceMin`` over the primitive's axes; over none
+        (``jnp.sum(x, axis=())``) the input itself, where ONNX's would reduce every axis."""
         t = args[0]
+        if not params["axes"]:
+            return t
         axes = [self.axis(t, int(a)) for a in params["axes"]]
         if op == "ReduceSum":  # opset 13+: axes as an input
             out = self.g.node(op, [t.name, self.g.ints(axes)], keepdims=0)
         else:  # ReduceMax / ReduceMin take axes as an attribute until opset 18
             out = self.g.node(op, [t.name], axes=axes, keepdims=0)
-        kept = [a for a in (TO_NCHW if t.nchw else range(len(t.shape)))
-                if a not in params["axes"]]
+        kept = [a for a in (TO_NCHW if t.nchw else range(len(t.shape))) if a not in params["axes"]]
         if kept != sorted(kept):  # physical order of the remaining axes differs: restore it
             out = self.g.node("Transpose", [out], perm=[kept.index(a) for a in sorted(kept)])
         return Tensor(out, tuple(aval.shape))
@@ -505,8 +507,7 @@ HANDLERS: dict[str, Any] = {
         "sign": "Sign", "floor": "Floor", "ceil": "Ceil", "sin": "Sin", "cos": "Cos"}.items()},
     "exp2": lambda c, args, params, aval: c.elementwise("Pow", [np.asarray(2, aval.dtype),
                                                                 args[0]], aval),
-    "rsqrt": lambda c, args, params, aval: c.then(c.elementwise("Sqrt", args, aval),
-                                                  "Reciprocal"),
+    "rsqrt": lambda c, args, params, aval: c.then(c.elementwise("Sqrt", args, aval), "Reciprocal"),
     "expm1": lambda c, args, params, aval: c.then(c.elementwise("Exp", args, aval), "Sub",
                                                   (1, aval.dtype)),  # ELU, SELU, CELU
     "ne": lambda c, args, params, aval: c.then(c.elementwise("Equal", args, aval), "Not"),
@@ -538,8 +539,7 @@ HANDLERS: dict[str, Any] = {
     "reduce_min": _method("reduction", "ReduceMin"),
     # convolutions, pooling, dense
     "conv_general_dilated": _method("conv"),
-    "reduce_window_max": lambda c, args, params, aval: onnx_arrays.pool(c, "MaxPool", args,
-                                                                        params, aval),
+    "reduce_window_max": lambda c, args, params, aval: onnx_arrays.pool(c, "MaxPool", args, params, aval),
     "reduce_window_sum": lambda c, args, params, aval: onnx_arrays.pool(c, "AveragePool", args,
                                                                         params, aval),
     "dot_general": _method("matmul"),

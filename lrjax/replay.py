@@ -3,9 +3,11 @@
 :func:`run` evaluates a jaxpr equation by equation under the current trace, each equation under
 its own source line and layer (name stack), so what traces the replay (ONNX's translator, the
 TFLite converter) still names the user's layer; a ``rule`` may compute an equation another way.
-Two rewrites use it: :func:`lrjax.runtimes.litert_primitives` (ops the TFLite converter cannot
-legalize, written with ones it can) and :func:`in_float32` here (a model computing in bfloat16 or
-float16, exported to runtimes whose CPU kernels are float32).
+Three rewrites use it: :func:`lrjax.runtimes.litert_primitives` (ops the TFLite converter cannot
+legalize, written with ones it can), :func:`in_float32` here (a model computing in bfloat16 or
+float16, exported to runtimes whose CPU kernels are float32) and
+:func:`lrjax.complex_real.replayed` (complex values as real pairs); :func:`rebuilt` rebuilds a
+loop or conditional around bodies replayed so.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from jax.extend import source_info_util
 
 from lrjax import macs
 
-__all__ = ["run", "call_jaxpr", "bind", "array_call", "traced_inlined", "in_float32", "waiting",
-           "lowest_precision", "ReplayError", "LOW_PRECISION"]
+__all__ = ["run", "call_jaxpr", "bind", "rebuilt", "array_call", "traced_inlined", "in_float32",
+           "waiting", "lowest_precision", "ReplayError", "LOW_PRECISION"]
 
 # a rule: (equation, its input values, its source info) -> output values, or None for the
 # default (a call inlined, anything else bound as it is)
@@ -229,34 +231,48 @@ def _float32_rule(eqn, ins, here):
     sub = call_jaxpr(eqn)
     if sub is not None:
         return run(sub.jaxpr, [_up(c) for c in sub.consts], ins, _float32_rule, here)
-    if name == "scan":
-        n_consts, n_carry = params["num_consts"], params["num_carry"]
-        consts, init = ins[:n_consts], ins[n_consts:n_consts + n_carry]
-        body = _body(params["jaxpr"])
-
-        def step(carry, x):
-            out = body(*consts, *carry, *x)
-            return out[:n_carry], out[n_carry:]
-
-        carry, ys = jax.lax.scan(step, init, ins[n_consts + n_carry:], length=params["length"],
-                                 reverse=params["reverse"], unroll=params["unroll"])
-        return [*carry, *ys]
-    if name == "while":
-        nc, nb = params["cond_nconsts"], params["body_nconsts"]
-        cond, body = _body(params["cond_jaxpr"]), _body(params["body_jaxpr"])
-        cond_consts, body_consts = ins[:nc], ins[nc:nc + nb]
-        return list(jax.lax.while_loop(lambda c: cond(*cond_consts, *c)[0],
-                                       lambda c: tuple(body(*body_consts, *c)),
-                                       tuple(ins[nc + nb:])))
-    if name == "cond":
-        branches = [_body(b) for b in params["branches"]]
-        return list(jax.lax.switch(ins[0], [lambda *xs, b=b: tuple(b(*xs)) for b in branches],
-                                   *ins[1:]))
+    outs = rebuilt(eqn, ins, _body)
+    if outs is not None:
+        return outs
     low = [a.dtype for s in jcore.jaxprs_in_params(params) for a in _avals(s) if _low(a.dtype)]
     if low:
         raise ReplayError(f"cannot compute {name!r} in float32: its body computes in {low[0]} "
                          f"(at {source_info_util.summarize(here)})")
     return bind(eqn, ins, {k: _retyped(v) for k, v in params.items()})
+
+
+def rebuilt(eqn, ins, body: Callable) -> list | None:
+    """A loop's or conditional's outputs on ``ins`` (``scan``, ``while``, ``cond``), the
+    primitive rebuilt around ``body(closed jaxpr)``: a function of a body's input values
+    returning its output values (each body replayed another way); ``None`` for another
+    primitive. Carries, scanned inputs and branch outputs may be pytrees (a value held as two
+    arrays) as long as each body keeps their structure."""
+    name, params = eqn.primitive.name, eqn.params
+    if name == "scan":
+        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        consts, init = ins[:n_consts], ins[n_consts:n_consts + n_carry]
+        step_body = body(params["jaxpr"])
+
+        def step(carry, x):
+            out = step_body(*consts, *carry, *x)
+            return list(out[:n_carry]), list(out[n_carry:])
+
+        carry, ys = jax.lax.scan(step, list(init), list(ins[n_consts + n_carry:]),
+                                 length=params["length"], reverse=params["reverse"],
+                                 unroll=params["unroll"])
+        return [*carry, *ys]
+    if name == "while":
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        cond, step = body(params["cond_jaxpr"]), body(params["body_jaxpr"])
+        cond_consts, body_consts = ins[:nc], ins[nc:nc + nb]
+        return list(jax.lax.while_loop(lambda c: cond(*cond_consts, *c)[0],
+                                       lambda c: tuple(step(*body_consts, *c)),
+                                       tuple(ins[nc + nb:])))
+    if name == "cond":
+        branches = [body(b) for b in params["branches"]]
+        return list(jax.lax.switch(ins[0], [lambda *xs, b=b: tuple(b(*xs)) for b in branches],
+                                   *ins[1:]))
+    return None
 
 
 def _avals(jaxpr):

@@ -195,7 +195,7 @@ def litert_primitives(fn: Callable, example) -> Callable:
     shuffle) evaluated into constants, as everything computed from constants alone (the
     converter has no unsigned multiply); a ``tile`` of more than 4 axes as concatenated copies
     (Qwen 3-VL's ``repeat_kv``); a ``cond`` on data as every branch and ``select_n`` (as the
-    ONNX export computes it). Call-like
+    ONNX export computes it); loops rebuilt around their rewritten bodies (``_looped``). Call-like
     primitives are inlined; the rest are bound as they are. ``fn`` is traced here, eagerly, on
     ``example`` (the arguments' ``jax.ShapeDtypeStruct`` pytrees), and the result replays its
     program: a model that runs TensorFlow ops eagerly while it is traced (big_vision's FlexiViT
@@ -229,6 +229,8 @@ def litert_primitives(fn: Callable, example) -> Callable:
         if name == "scan" and any(e.primitive.name in _STEPWISE for e, _ in
                                   macs.iter_eqns(eqn.params["jaxpr"])):
             return _unrolled(rule, eqn, ins, here)
+        if name in ("scan", "while"):
+            return _looped(rule, eqn, ins, here)
         return None  # a call inlined, the rest bound as they are
 
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*_plain(example))
@@ -267,6 +269,44 @@ def _batched_matmul(lhs, rhs, dimension_numbers, dtype):
 
 # a scan whose body holds one of these runs step by step in LiteRT (:func:`_unrolled`)
 _STEPWISE = frozenset({"cond", "random_bits", "threefry2x32"})
+
+
+def _looped(rule, eqn, ins, caller) -> list:
+    """A ``scan`` or ``while`` rebuilt around its bodies replayed with ``rule`` (what the
+    converter cannot legalize rewritten inside loops too), its 0-d carries held as ``(1,)``
+    arrays: the converter crashes the process (a segmentation fault, nothing to catch) on a
+    loop inside another whose 0-d carry, computed from data, scales an array (a conjugate-
+    gradient solve's residual norm inside ``lax.map`` over the batch, lanl/scico's MoDL)."""
+    params = eqn.params
+    if eqn.primitive.name == "scan":
+        first, count = params["num_consts"], params["num_carry"]
+        carry_outs = {id(params["jaxpr"]): count}
+    else:
+        first = params["cond_nconsts"] + params["body_nconsts"]
+        count = len(ins) - first
+        carry_outs = {id(params["body_jaxpr"]): count}
+
+    def body(closed):
+        n = carry_outs.get(id(closed), 0)
+
+        def run(*values):
+            values = [jnp.reshape(x, ()) if _scalar(v) and jnp.ndim(x) == 1 else x
+                      for x, v in zip(values, closed.jaxpr.invars, strict=True)]
+            outs = replay.run(closed.jaxpr, closed.consts, values, rule, caller)
+            return [jnp.reshape(o, (1,)) if i < n and not jnp.ndim(o) else o
+                    for i, o in enumerate(outs)]
+
+        return run
+
+    held = [jnp.reshape(x, (1,)) if first <= i < first + count and not jnp.ndim(x) else x
+            for i, x in enumerate(ins)]
+    outs = replay.rebuilt(eqn, held, body)
+    return [jnp.reshape(o, ()) if _scalar(v) and jnp.ndim(o) == 1 else o
+            for o, v in zip(outs, eqn.outvars, strict=True)]
+
+
+def _scalar(var) -> bool:
+    return getattr(var.aval, "shape", None) == ()
 
 
 def _unrolled(rule, eqn, ins, caller) -> list:

@@ -115,10 +115,64 @@ class GaborFrontEnd(nn.Module):
         return nn.Dense(4, name="proj")(jnp.log1p(jnp.abs(y) ** 2))
 
 
+def _circular(v, spectrum):
+    """A circular convolution of ``(..., H, W)`` images by FFT, as lanl/scico's
+    ``CircularConvolve`` computes one; real images."""
+    return jnp.real(jnp.fft.ifft2(jnp.fft.fft2(v) * spectrum))
+
+
+def _conjugate_gradients(normal, b, steps=3):
+    """lanl/scico's ``cg_solver``: ``steps`` iterations in a ``lax.scan``, the residual's squared
+    norm a 0-d carry computed from data."""
+    def step(carry, _):
+        x, r, p, norm = carry
+        normal_p = normal(p)
+        alpha = norm / (p.ravel() @ normal_p.ravel())
+        x, r = x + alpha * p, r - alpha * normal_p
+        new_norm = r.ravel() @ r.ravel()
+        return (x, r, r + new_norm / norm * p, new_norm), None
+
+    (x, *_), _ = jax.lax.scan(step, (jnp.zeros_like(b), b, b, b.ravel() @ b.ravel()), None,
+                              length=steps)
+    return x
+
+
+class UnrolledSolver(nn.Module):
+    """An unrolled inverse solver as lanl/scico's MoDL runs one on NHWC: a conv denoiser, then a
+    conjugate-gradient solve of ``(A^T A + I / 2) x = A^T y + z`` for a circular blur ``A`` by
+    FFT (its adjoint summing over no axis, ``jnp.sum(axis=())``, as scico's does for an
+    operator without batch axes) inside ``lax.map``, over each channel (``over_batch``: over
+    each example, MoDL's own loop, which needs a fixed batch); and a spectrum summed in a
+    ``scan``'s complex carry."""
+    over_batch: bool = False
+
+    @nn.compact
+    def __call__(self, y):
+        blur = jnp.fft.fft2(jnp.ones((3, 3)) / 9, s=y.shape[1:3])
+
+        def adjoint(v):
+            return jnp.sum(_circular(v, jnp.conj(blur)), axis=())
+
+        def normal(v):
+            return adjoint(_circular(v, blur)) + 0.5 * v
+
+        z = nn.Conv(y.shape[-1], (3, 3), padding="CIRCULAR", name="denoiser")(y)
+        b = jnp.moveaxis(adjoint(jnp.moveaxis(y, -1, 1)), 1, -1) + z
+        if self.over_batch:
+            x = jax.lax.map(lambda image: jnp.stack([_conjugate_gradients(
+                normal, image[..., c]) for c in range(image.shape[-1])], -1), b)
+        else:
+            x = jnp.moveaxis(jax.lax.map(lambda channel: _conjugate_gradients(normal, channel),
+                                         jnp.moveaxis(b, -1, 0)), 0, -1)
+        spectrum, _ = jax.lax.scan(lambda total, image: (total + jnp.fft.fft2(image), None),
+                                   jnp.zeros(y.shape[:3], jnp.complex64), jnp.moveaxis(y, -1, 0))
+        return x + 0.01 * jnp.abs(spectrum)[..., None]
+
+
 MODELS = {"fnet": (FNetMixing, (2, 12, 6)), "global filter": (GlobalFilter, (2, 8, 6, 4)),
           "long conv": (LongConv, (2, 10, 4)), "complex math": (ComplexMath, (2, 7, 5, 6)),
           "spectrogram": (Spectrogram, (2, 48)), "stft": (MelFrontEnd, (2, 64)),
-          "gabor": (GaborFrontEnd, (2, 64))}
+          "gabor": (GaborFrontEnd, (2, 64)), "unrolled solver": (UnrolledSolver, (2, 8, 8, 2))}
 
 
 def _example(name):
@@ -146,6 +200,21 @@ def test_spectral_layers_export_to_litert(tmp_path):
         model, variables, x = _example(name)
         result = export.to_tflite(model, variables, x, str(tmp_path / "m.tflite"))
         assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale, name
+
+
+def test_an_unrolled_solver_exports_to_both_runtimes(tmp_path):
+    """MoDL's loop over the examples (``lax.map`` of a conjugate-gradient ``scan`` with FFTs
+    inside) to ONNX at a fixed batch (a loop as long as the batch); the loop over channels to
+    LiteRT, whose converter crashed the process on the inner loop's 0-d carry scaling an array
+    (held as a ``(1,)`` array now)."""
+    pytest.importorskip("ai_edge_litert")
+    y = jax.random.normal(jax.random.key(0), (2, 8, 8, 2))
+    for model, to_runtime, path, kwargs in (
+            (UnrolledSolver(over_batch=True), export.to_onnx, "m.onnx", {"fixed_batch": True}),
+            (UnrolledSolver(), export.to_tflite, "m.tflite", {})):
+        variables = init(model, 1, y)
+        result = to_runtime(model, variables, (y,), str(tmp_path / path), **kwargs)
+        assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
 
 def test_the_dft_matrices_match_numpys_transforms():
