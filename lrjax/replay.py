@@ -115,7 +115,12 @@ def waiting(jaxpr, waits: dict):
 
 
 def bind(eqn, ins, params=None) -> list:
-    """``eqn``'s primitive applied to ``ins`` (with ``params``: instead of its own), as a list."""
+    """``eqn``'s primitive applied to ``ins`` (with ``params``: instead of its own), as a list;
+    a call's body run on them (a ``custom_jvp_call``, ``nn.relu``'s, cannot be bound again from
+    its equation: its rules are not among its parameters)."""
+    sub = call_jaxpr(eqn) if params is None else None
+    if sub is not None:
+        return run(sub.jaxpr, sub.consts, ins)
     outs = eqn.primitive.bind(*ins, **(eqn.params if params is None else params))
     return list(outs) if eqn.primitive.multiple_results else [outs]
 

@@ -392,6 +392,36 @@ def test_a_router_exports_to_onnx_and_litert(tmp_path):
         assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
 
+class QuantileEmbedded(nn.Module):
+    """google/dopamine's implicit quantile network, in short: an embedding of sampled quantiles
+    (``cos`` of constants, a dense layer, ``nn.relu``) multiplying the state's features."""
+
+    @nn.compact
+    def __call__(self, x):
+        quantiles = jax.random.uniform(jax.random.key(5), (3, 1)) * jnp.arange(1.0, 5.0)
+        embedding = nn.relu(nn.Dense(x.shape[-1], name="embed")(jnp.cos(jnp.pi * quantiles)))
+        return nn.Dense(2, name="head")(x[:, None] * embedding)
+
+
+def test_a_call_is_bound_again_by_running_its_body():
+    """A ``custom_jvp`` call (``nn.relu``) cannot be bound again from its equation (its rules
+    are not among its parameters: ``KeyError: 'subfuns'``): :func:`lrjax.replay.bind` runs its
+    body, as the exports do for calls on constants alone."""
+    (call,) = jax.make_jaxpr(nn.relu)(jnp.arange(-2.0, 2.0)).jaxpr.eqns
+    np.testing.assert_array_equal(runtimes.replay.bind(call, [np.arange(-2.0, 2.0)])[0],
+                                  [0, 0, 0, 1])
+
+
+@pytest.mark.slow  # 4 s: a LiteRT conversion
+def test_calls_on_constants_alone_evaluate_at_export(tmp_path):
+    """``nn.relu`` of the quantile embedding, whose weights the decomposed model holds as
+    constants, evaluated at export (the converter's one line was ``'subfuns'``)."""
+    model, x = QuantileEmbedded(), jax.random.normal(jax.random.key(0), (2, 8))
+    result = lrjax.decompose_linen(model, init(model, 0, x), x, rule={"embed": 1, "head": 1})
+    litert = export.to_tflite(result.module, result.variables, (x,), str(tmp_path / "iqn.tflite"))
+    assert litert.max_abs_error <= export.ATOL + export.RTOL * litert.scale
+
+
 class TwoKeys(nn.Module):
     @nn.compact
     def __call__(self, x):
