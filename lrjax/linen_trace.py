@@ -57,9 +57,10 @@ def init_rngs():
     return {"params": key, "dropout": key}
 
 
-def abstract_init(model: nn.Module, args, kwargs, interceptor=None):
-    """``jax.eval_shape`` of ``model.init`` on the example inputs, under an optional interceptor.
-    The call's own ``rngs=`` (keys a model draws from at inference: MAE's random masking) join
+def abstract_init(model: nn.Module, args, kwargs, interceptor=None, with_output=False):
+    """``jax.eval_shape`` of ``model.init`` on the example inputs, under an optional interceptor
+    (``with_output``: of ``model.init_with_output``, ``(outputs, variables)``). The call's own
+    ``rngs=`` (keys a model draws from at inference: MAE's random masking) join
     :func:`init_rngs`."""
     arrays, rebuild = split_static(args)
     kwargs = dict(kwargs)
@@ -67,11 +68,13 @@ def abstract_init(model: nn.Module, args, kwargs, interceptor=None):
     rngs = {**init_rngs(), **(given if isinstance(given, dict) else
                               {} if given is None else {"params": given})}
 
+    init = model.init_with_output if with_output else model.init
+
     def trace(rngs, *traced):  # the keys traced too: no initializer runs on concrete values
         if interceptor is None:
-            return model.init(rngs, *rebuild(traced), **kwargs)
+            return init(rngs, *rebuild(traced), **kwargs)
         with nn.intercept_methods(interceptor):
-            return model.init(rngs, *rebuild(traced), **kwargs)
+            return init(rngs, *rebuild(traced), **kwargs)
 
     try:
         return jax.eval_shape(trace, rngs, *arrays)

@@ -172,7 +172,7 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     ``"weighted"``: :func:`weighted_products` with the first argument's leaves (a model's
     variables) as the weights. Only work the outputs use is counted (:func:`live`, as ``jax.jit``
     lowers it); ``"dead"``: the :func:`layer_scope` marks whose layers' work all goes unused (a
-    pooler whose output the model drops)."""
+    pooler whose output the model drops); ``"outputs"``: the abstract values of its outputs."""
     traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
     closed = live(traced.jaxpr)  # what the outputs use, as jit lowers it
     counts, once = _macs(closed)  # once: loop bodies counted once, as XLA does
@@ -194,7 +194,8 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
                      * _elementwise(eqn.params["jaxpr"])
                      for eqn, _, trips in _walk(traced.jaxpr, "", 1)
                      if eqn.primitive.name == "scan")
-    return {**counts, "total": total, "elementwise": max(round(flops) - 2 * once, 0)}
+    return {**counts, "total": total, "elementwise": max(round(flops) - 2 * once, 0),
+            "outputs": [v.aval for v in traced.jaxpr.jaxpr.outvars]}
 
 
 def live(closed):

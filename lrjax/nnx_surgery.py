@@ -302,7 +302,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         record["batch"], record["calls"] = {}, {}
         module, copies = nnx.merge(graphdef, state)
         args, keywords = split_keywords(batch, kwargs)
-        module(*args, **keywords, **copies)
+        record["outputs"] = [jax.ShapeDtypeStruct(np.shape(o), np.float32) for o in
+                             jax.tree.leaves(module(*args, **keywords, **copies))]
         return {p.path: p.moments.get_value() for _, p in nnx.iter_graph(module)
                 if isinstance(p, _Probe) and p.path in record["batch"]
                 and p.moments.get_value() is not None}  # None: set inside a loop, lost
@@ -360,7 +361,7 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True,
     recorded: dict = {}
     convs, record = _run_probed(model, [tuple(example_args)], kwargs=example_kwargs,
                                 eval_mode=eval_mode, recorded=recorded)
-    batch = site_runs.example_batch(example_args)
+    batch = site_runs.example_batch(example_args, record.get("outputs"))
     found = _sites(convs, record, batch)
     # the products of modules of the user's own (lrjax.nnx_products), but of the one-kernel
     # layers split whole: then run as layers in a second pass
@@ -519,7 +520,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
         counts = with_constants_evaluated(macs.traced_macs, call, state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
         return None, 0, 0, list(found)
-    batch = site_runs.example_batch(example_args)
+    batch = site_runs.example_batch(example_args, counts["outputs"])
     names = [n[1:] if n[:1] == ("0",) else ("<keywords>", *n[1:])
              for n in own_code.variable_names(state, collections=False)]
     names = [next((n[:k] + n[k + 1:] for k in range(len(n)) if n[:k] in wrapped and

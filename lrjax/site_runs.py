@@ -19,13 +19,24 @@ __all__ = ["UNUSED", "BRANCHED", "example_batch", "per_example", "layer_indices"
            "costed_as_run", "counted_as_run", "unused"]
 
 
-def example_batch(args) -> int:
+def example_batch(args, outputs=None) -> int:
     """The batch of a model call's positional arguments: the leading dim of the first array
-    among them (1 without one, or for a scalar)."""
+    among them (1 without one, or for a scalar); 1 too where ``outputs`` (the call's outputs, a
+    pytree of arrays or of their shapes' structs) are given and none of them leads with it: a
+    call on one unbatched example (google/dopamine's networks take one ``(84, 84, 4)``
+    observation and flatten it whole; their agents ``jax.vmap`` them), whose costs are the
+    call's, not per row of its first axis."""
     for a in args:
         if isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
-            return int(a.shape[0]) if a.shape else 1
-    return 1
+            batch = int(a.shape[0]) if a.shape else 1
+            break
+    else:
+        return 1
+    if outputs is not None and batch > 1 and not any(
+            tuple(getattr(o, "shape", np.shape(o)))[:1] == (batch,)
+            for o in jax.tree.leaves(outputs)):
+        return 1
+    return batch
 
 
 def per_example(site: ConvSite, batch: int) -> ConvSite:

@@ -205,8 +205,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                         found[path], written=True, kernel_name=linen_products.kernel_name(module),
                         named_by_kernel=getattr(module, "named_by_kernel", False))
 
-    shapes = _flat(abstract_init(model, example_args, example_kwargs, record).get("params", {}))
-    batch = example_batch(example_args)
+    outputs, made = abstract_init(model, example_args, example_kwargs, record, with_output=True)
+    shapes, batch = _flat(made.get("params", {})), example_batch(example_args, outputs)
     found.update(_reading_their_kernels(model, example_args, example_kwargs, {
         p: (found[p], name) for p, name in delegated.items() if found[p].candidate}))
     keep_read_elsewhere(found, elsewhere)
@@ -419,8 +419,6 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     variables = boxes.unboxed(variables)
     flat = _flat(variables)
     arrays, rebuild = split_static(example_args)
-    batch = example_batch(arrays)
-    found = _with_parametrization_flops(found, flat, batch)
     candidates = [s for s in found if s.candidate]
     kernels = _Kernels(flat, candidates)
     covs, note, few = None, None, None
@@ -446,6 +444,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     with nn.intercept_methods(scoped):
         counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                                   variables, *arrays)
+    batch = example_batch(arrays, counts["outputs"])
+    found = _with_parametrization_flops(found, flat, batch)
     found = own_code.with_own_code(costed_as_run(found, counts, batch), counts["weighted"],
                                    own_code.variable_names(variables, collections=True),
                                    counts["total"])

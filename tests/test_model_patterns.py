@@ -16,7 +16,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import export, runtimes
-from tests.helpers import apply, init, xla_flops
+from tests.helpers import apply, init, lowered_flops, xla_flops
 
 X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
 CALIB = jax.random.normal(jax.random.key(1), (8, 12, 12, 8)) * jnp.linspace(0.1, 3.0, 8)
@@ -1392,3 +1392,49 @@ def test_a_module_name_with_a_slash_is_one_key_of_its_layers_paths():
     kept = lrjax.decompose_linen(model, variables, x,
                                  rule=r"speedup:1.02,exclude=conformer\/stacked_layers_0/*")
     assert set(kept.ranks) == {"head"}
+
+
+class OneObservation(nn.Module):
+    """google/dopamine's Nature DQN network in short: one unbatched ``(H, W, C)`` uint8
+    observation, its features flattened whole (``x.reshape(-1)``), ``(actions,)`` q-values (its
+    agent ``jax.vmap`` s it over a batch)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (4, 4), strides=(2, 2), name="conv1")(x.astype(jnp.float32) / 255))
+        x = nn.relu(nn.Conv(16, (3, 3), name="conv2")(x))
+        return nn.Dense(4, name="head")(nn.relu(nn.Dense(32, name="hidden")(x.reshape(-1))))
+
+
+class OneObservationNNX(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(3, 16, (4, 4), strides=(2, 2), rngs=rngs)
+        self.conv2 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+        self.hidden, self.head = nnx.Linear(10 * 10 * 16, 32, rngs=rngs), nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv2(nnx.relu(self.conv1(x.astype(jnp.float32) / 255))))
+        return self.head(nnx.relu(self.hidden(x.reshape(-1))))
+
+
+def test_an_unbatched_models_costs_are_those_of_its_call():
+    """A model called on one unbatched example (no output leads with the input's first axis):
+    the report's counts are the call's, XLA's count of it, not per row of the image (they were
+    divided by its height); calibrated on a list of single examples."""
+    observations = jax.random.randint(jax.random.key(0), (6, 20, 20, 3), 0, 255).astype(jnp.uint8)
+    model = OneObservation()
+    variables = init(model, 0, observations[0])
+    result = lrjax.decompose_linen(model, variables, observations[0], rule="speedup:1.5",
+                                   calibration=list(observations))
+    before, after = result.report.net_flops
+    assert before == pytest.approx(lowered_flops(model.apply, variables, observations[0]), rel=1e-6)
+    assert after == pytest.approx(lowered_flops(result.module.apply, result.variables,
+                                                observations[0]), rel=1e-6)
+    nnx_model = OneObservationNNX(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(nnx_model, observations[0], rule="speedup:1.5",
+                                 calibration=list(observations))
+    before, after = result.report.net_flops
+    assert before == pytest.approx(lowered_flops(lambda m, x: m(x), nnx_model, observations[0]),
+                                   rel=1e-6)
+    assert after == pytest.approx(lowered_flops(lambda m, x: m(x), result.module,
+                                                observations[0]), rel=1e-6)

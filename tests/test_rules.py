@@ -329,6 +329,7 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     elementwise = 4 * (2 * 2 * 10 * 10 * 16 + 2 * 256 + 10)
     # every product here multiplies the data by parameters (counted outside a surgery's marks)
     weighted = counts.pop("weighted")
+    assert [(o.shape, o.dtype) for o in counts.pop("outputs")] == [((4, 10), jnp.float32)]
     assert [p for _, p, *_ in weighted] == ["conv_general_dilated"] * 2 + ["dot_general"] * 2
     assert sum(m for _, _, m, *_ in weighted) == conv + dense
     assert counts == {"conv": conv, "dot": dense, "total": conv + dense,
