@@ -30,10 +30,15 @@
   converter gets right, its extra rows and columns sliced off (:func:`conv_transpose`);
 * a ``pad`` of more than 5 axes with its unpadded runs of axes merged (:func:`merged_pad`);
 * a grouped conv over 3 or more spatial dims (a video net's depthwise 3x3x3) as a sum over its
-  taps or one conv per group (:func:`grouped_conv`).
+  taps or one conv per group (:func:`grouped_conv`);
+* an input-dilated conv over 3 or more spatial dims (a volumetric U-Net's 3-D transposed conv:
+  "'vhlo.convolution_v1' op is not part of the vhlo support yet") as the plain conv of its input
+  with the zeros written in (:func:`zeros_inserted`).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -311,6 +316,37 @@ def grouped_conv(x, kernel, params, dtype):
     return jnp.transpose(y, perm).astype(dtype)
 
 
+def zeros_inserted(x, kernel, params, dtype):
+    """An input-dilated ``conv_general_dilated`` over 3 or more spatial dims (``params``: its
+    equation's; a 3-D ``nn.ConvTranspose``) as a conv of stride-1 input: ``s - 1`` zeros written
+    between the input's entries along each axis dilated by ``s`` (each interleaved by a reshape
+    of at most 4 axes), the conv's padding applied (a negative one as a slice), then the same
+    conv without input dilation (grouped ones through :func:`grouped_conv`). None for another
+    conv."""
+    lhs = params["dimension_numbers"][0]
+    n, strides = len(lhs) - 2, [int(d) for d in params["lhs_dilation"]]
+    if n < 3 or max(strides) == 1:
+        return None
+    for axis, s in zip(lhs[2:], strides, strict=True):
+        if s > 1:  # (before, L, after) -> (before, L, s, after), zeros after each entry
+            shape = x.shape
+            flat = x.reshape(math.prod(shape[:axis]), shape[axis], 1, -1)
+            flat = jnp.concatenate([flat, jnp.zeros((*flat.shape[:2], s - 1, flat.shape[3]),
+                                                    x.dtype)], axis=2)
+            x = flat.reshape(*shape[:axis], shape[axis] * s, *shape[axis + 1:])
+            x = jax.lax.slice_in_dim(x, 0, (shape[axis] - 1) * s + 1, axis=axis)
+    config = [(0, 0, 0)] * x.ndim
+    for axis, (lo, hi) in zip(lhs[2:], params["padding"], strict=True):
+        config[axis] = (max(int(lo), 0), max(int(hi), 0), 0)
+        x = jax.lax.slice_in_dim(x, max(-int(lo), 0), x.shape[axis] - max(-int(hi), 0), axis=axis)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+    plain = dict(params, lhs_dilation=(1,) * n, padding=((0, 0),) * n)
+    out = grouped_conv(x, kernel, plain, dtype)
+    if out is not None:
+        return out
+    return jax.lax.conv_general_dilated_p.bind(x, kernel, **plain)
+
+
 def merged_pad(x, value, config, shape):
     """A ``pad`` of more than 5 axes (the converter's ``tfl.pad`` takes 5 at most: an
     upsampler that inserts zeros by padding an ``(N, H, 1, W, 1, C)`` view, as StyleGAN's and
@@ -390,6 +426,8 @@ def rewrite(eqn, ins) -> list | None:
         return None if out is None else [out]
     if name == "conv_general_dilated":
         out = conv_transpose(*ins, eqn.params)
+        if out is None:
+            out = zeros_inserted(*ins, eqn.params, eqn.outvars[0].aval.dtype)
         if out is None:
             out = grouped_conv(*ins, eqn.params, eqn.outvars[0].aval.dtype)
         return None if out is None else [out]

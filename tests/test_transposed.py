@@ -361,6 +361,31 @@ def test_1d_transposed_conv_with_transpose_kernel_and_3d_ones_stay_whole_and_exp
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
 
+class Volumetric(nn.Module):
+    """google-research/jax3d's 3-D U-Net upsampler (``nn.ConvTranspose``, 2x2x2 at stride 2) and
+    a grouped, strided input-dilated 3x3x3 conv, on a ``(N, D, H, W, C)`` volume."""
+
+    @nn.compact
+    def __call__(self, x):
+        cube = x[:, :, None, None, :].repeat(3, 2).repeat(3, 3)
+        up = nn.ConvTranspose(4, (2, 2, 2), strides=(2, 2, 2), name="up")(cube)
+        grouped = nn.Conv(4, (3, 3, 3), input_dilation=(2, 1, 2), strides=(1, 2, 1),
+                          padding=((1, 1), (2, 0), (1, 1)), feature_group_count=2,
+                          name="grouped")(cube)
+        return up.mean((1, 2, 3)) + grouped.mean((1, 2, 3))
+
+
+@pytest.mark.slow  # 4 s: a LiteRT conversion
+def test_3d_input_dilated_convs_export_to_litert_with_zeros_inserted(tmp_path):
+    """The TFLite converter cannot legalize an input-dilated 3-D conv ("'vhlo.convolution_v1'
+    op is not part of the vhlo support yet"): the input gets its zeros, then a plain conv."""
+    pytest.importorskip("ai_edge_litert")
+    model = Volumetric()
+    variables = init(model, 0, X1)
+    result = export.to_tflite(model, variables, (X1,), str(tmp_path / "v.tflite"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
 def test_strided_input_dilated_1d_and_3d_convs_export_with_zeros_inserted(tmp_path):
     """No ONNX ``ConvTranspose`` computes these (window strides): the input gets its zeros, in
     any number of spatial dims (before: 2-D only)."""
