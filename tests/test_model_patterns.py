@@ -1417,10 +1417,11 @@ class OneObservationNNX(nnx.Module):
         return self.head(nnx.relu(self.hidden(x.reshape(-1))))
 
 
-def test_an_unbatched_models_costs_are_those_of_its_call():
+def test_an_unbatched_models_costs_are_those_of_its_call(tmp_path):
     """A model called on one unbatched example (no output leads with the input's first axis):
     the report's counts are the call's, XLA's count of it, not per row of the image (they were
-    divided by its height); calibrated on a list of single examples."""
+    divided by its height); calibrated on a list of single examples; exported at its own shapes
+    (a symbolic first axis fails, in one line that says why)."""
     observations = jax.random.randint(jax.random.key(0), (6, 20, 20, 3), 0, 255).astype(jnp.uint8)
     model = OneObservation()
     variables = init(model, 0, observations[0])
@@ -1430,6 +1431,12 @@ def test_an_unbatched_models_costs_are_those_of_its_call():
     assert before == pytest.approx(lowered_flops(model.apply, variables, observations[0]), rel=1e-6)
     assert after == pytest.approx(lowered_flops(result.module.apply, result.variables,
                                                 observations[0]), rel=1e-6)
+    with pytest.raises(export.ExportError, match="none of its outputs leads with its input's "
+                       "first axis: an unbatched call .* fixed_batch=True"):
+        export.to_onnx(result.module, result.variables, (observations[0],), "unused.onnx")
+    onnx_result = export.to_onnx(result.module, result.variables, (observations[0],),
+                                 str(tmp_path / "one.onnx"), fixed_batch=True)
+    assert onnx_result.max_abs_error <= export.ATOL + export.RTOL * onnx_result.scale
     nnx_model = OneObservationNNX(nnx.Rngs(0))
     result = lrjax.decompose_nnx(nnx_model, observations[0], rule="speedup:1.5",
                                  calibration=list(observations))

@@ -342,14 +342,33 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def _symbolic_failure(error: Exception, what: str, fix: str, fixed: bool = False) -> str:
+def _symbolic_failure(error: Exception, what: str, fix: str, fixed: bool = False,
+                      unbatched: bool = False) -> str:
     """The one line for a model that traced at the example's batch (:func:`_fn` checks) and not
-    with a symbolic one (``fixed``: not for the export at that batch either)."""
+    with a symbolic one (``fixed``: not for the export at that batch either; ``unbatched``: none
+    of its outputs leads with its input's first axis, :func:`_unbatched`)."""
     if fixed:
         return f"the model does not trace for {what} export: {_first_line(error)}"
+    if unbatched:
+        return (f"the model does not trace with a symbolic batch, which {what} export keeps "
+                f"free, and none of its outputs leads with its input's first axis: an unbatched "
+                f"call (one example, as google/dopamine's networks take one observation), to "
+                f"export at its own shapes: {fix}")
     return (f"the model does not trace with a symbolic batch, which {what} export keeps free: "
             f"{_first_line(error)} (code computing with the batch size, e.g. "
             f"int(x.shape[0] / n), needs a fixed one: {fix})")
+
+
+def _unbatched(forward, shape, inputs) -> bool:
+    """Whether none of ``forward``'s outputs at the example's shapes leads with the first
+    input's first axis (of more than one entry)."""
+    specs = inputs or [jax.ShapeDtypeStruct(tuple(shape), np.float32)]
+    first = int(specs[0].shape[0]) if specs[0].shape else 1
+    try:
+        outputs = jax.eval_shape(forward, *specs)
+    except Exception:  # noqa: BLE001 - the caller's error stands
+        return False
+    return first > 1 and not any(tuple(o.shape)[:1] == (first,) for o in jax.tree.leaves(outputs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +408,8 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
             raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
         except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
             raise ExportError(_symbolic_failure(
-                e, "StableHLO", "fixed_batch=True", fixed_batch)) from None
+                e, "StableHLO", "fixed_batch=True", fixed_batch,
+                _unbatched(fn, shape, inputs))) from None
         return bytes(exported.serialize())
 
     try:
@@ -460,8 +480,8 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     except jax.errors.ConcretizationTypeError:
         raise  # retried with the constants evaluated (linen_trace.constants_evaluated)
     except Exception as e:  # noqa: BLE001 - it traced at the example's batch (_fn checks)
-        raise ExportError(_symbolic_failure(e, "ONNX", "fixed_batch=True", fixed_batch)) \
-            from None
+        raise ExportError(_symbolic_failure(e, "ONNX", "fixed_batch=True", fixed_batch,
+                                            _unbatched(forward, shape, inputs))) from None
     data = model.SerializeToString()
     batches = (shape[0],) if fixed_batch else (shape[0], shape[0] + 1)
     err, scale = 0.0, 0.0
