@@ -2,7 +2,8 @@
 holds it as a :class:`lrjax.costs.ConvShape`): a 2-D conv is itself, a 1-D conv the ``(k, 1)``
 conv of its ``(..., L, 1, C)`` view, a pointwise N-D conv a 1x1 conv over its last two spatial
 dims, and any other N-D conv the ``(V, 1)`` conv over a column of its output positions (its taps
-on its input counted as XLA counts them), calibrated on its own patches (:func:`nd_patches`).
+on its input counted as XLA counts them), calibrated on its own patches (:func:`nd_patches`);
+an N-D transposed conv likewise, on its input dilated by its strides (:func:`transposed_view`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import jax
 
 from lrjax import costs
 
-__all__ = ["spatial_dims", "conv_view", "nd_geometry", "vertical_geometry", "nd_patches"]
+__all__ = ["spatial_dims", "conv_view", "nd_geometry", "vertical_geometry", "nd_patches",
+           "transposed_pads", "transposed_view"]
 
 
 def spatial_dims(kernel_size) -> int:
@@ -143,3 +145,40 @@ def nd_patches(x: jax.Array, window, strides, padding, dilation) -> jax.Array:
     patches = jax.lax.conv_general_dilated_patches(  # features ordered (C, *window)
         x, window, strides, padding, rhs_dilation=dilation, dimension_numbers=numbers)
     return patches.reshape(-1, 1, 1, c * math.prod(window))
+
+
+def transposed_pads(window, strides, padding, dilation) -> tuple:
+    """Explicit ``(low, high)`` padding, per spatial dim, of the conv an N-D transposed conv runs
+    on its input dilated by its strides (``lax.conv_transpose``'s rule for ``SAME`` / ``VALID``,
+    per dim: :func:`lrjax.costs.transpose_padding`; explicit pairs as given)."""
+    if not isinstance(padding, str):
+        items = [padding] * len(window) if isinstance(padding, int) else list(padding)
+        return tuple((p, p) if isinstance(p, int) else tuple(int(v) for v in p) for p in items)
+    return tuple(costs.transpose_padding(padding, (k, k), (s, s), (d, d))[0]
+                 for k, s, d in zip(window, strides, dilation, strict=True))
+
+
+def transposed_view(kernel_size, strides, padding, dilation, input_shape) -> dict:
+    """An N-D transposed conv (3 or more spatial dims: a volumetric U-Net's upsampler) as the 2-D
+    transposed conv lrjax costs: keyword arguments of :class:`lrjax.costs.ConvShape` with
+    ``transposed=True``. Its pair is a vertical transposed conv over the leading dims (their
+    strides, padding and dilation) then a horizontal one over the last (input dilation is
+    separable), so it is costed as :func:`conv_view` costs an N-D conv: a column of its ``P'``
+    leading output positions under a ``V'`` window by the last dim, the vertical conv at the
+    input's width, ``view_taps`` the taps landing on input entries (not on padding or dilation
+    holes), as XLA counts them."""
+    n = len(kernel_size)
+    strides = (strides,) * n if isinstance(strides, int) else tuple(strides or (1,) * n)
+    dilation = (dilation,) * n if isinstance(dilation, int) else tuple(dilation or (1,) * n)
+    pads = transposed_pads(kernel_size, strides, padding, dilation)
+    spatial = [int(d) for d in input_shape[-n - 1:-1]]
+    out = [(d - 1) * s + lo + hi - (k - 1) * dl + 1 for d, s, (lo, hi), k, dl in zip(
+        spatial, strides, pads, kernel_size, dilation, strict=True)]
+    taps = [costs.valid_taps(d, k, 1, lo, dl, o, s) for d, k, (lo, _), dl, o, s in zip(
+        spatial, kernel_size, pads, dilation, out, strides, strict=True)]
+    positions, volume = max(math.prod(out[:-1]), 1), math.prod(kernel_size[:-1])
+    return dict(input_hw=(positions + volume - 1, spatial[-1]),
+                kernel_size=(volume, kernel_size[-1]), strides=(1, strides[-1]),
+                padding=((0, 0), tuple(pads[-1])), dilation=(1, dilation[-1]),
+                images=math.prod(input_shape[:-n - 1]), transposed=True,
+                view_taps=(math.prod(taps[:-1]), taps[-1]))

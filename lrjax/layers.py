@@ -119,12 +119,15 @@ def transposed_pair_geometry(kernel_size, strides=1, padding="SAME",
     so rows (stride, padding, dilation) go to a vertical ``kh x 1`` transposed conv and columns
     to a horizontal ``1 x kw`` one, for every kernel size (1x1 included). String paddings pass
     through (a size-1, stride-1 axis gets no padding under ``SAME`` or ``VALID``). A 1-D one
-    (``kernel_size`` ``(k,)``) is itself at ``C -> K`` then a pointwise ``K -> N``.
+    (``kernel_size`` ``(k,)``) is itself at ``C -> K`` then a pointwise ``K -> N``; an N-D one
+    splits as :func:`pair_geometry` splits an N-D conv (leading dims, then the last).
     """
     if not isinstance(kernel_size, int) and len(kernel_size) == 1:  # 1-D: it, then pointwise
         return (dict(kernel_size=tuple(kernel_size), strides=strides, padding=padding,
                      kernel_dilation=kernel_dilation),
                 dict(kernel_size=(1,), strides=(1,), padding="VALID", kernel_dilation=(1,)))
+    if not isinstance(kernel_size, int) and len(kernel_size) > 2:  # N-D: as a conv's pair
+        return pair_geometry(kernel_size, strides, padding, kernel_dilation)
     kh, kw = as_pair(kernel_size, "kernel_size")
     sh, sw = as_pair(strides, "strides")
     dh, dw = as_pair(kernel_dilation, "kernel_dilation")
@@ -214,7 +217,8 @@ def transposed_pair_forward(x: jax.Array, *, features: int, kernel_size, rank: i
       ``(..., H_out, W_out, features)``: ``nn.ConvTranspose``'s output shape.
     """
     one_d = not isinstance(kernel_size, int) and len(kernel_size) == 1
-    kh, kw = (kernel_size[0], 1) if one_d else as_pair(kernel_size, "kernel_size")
+    kh, kw = (kernel_size[0], 1) if one_d else (math.prod(kernel_size[:-1]), kernel_size[-1]) \
+        if not isinstance(kernel_size, int) and len(kernel_size) > 2 else as_pair(kernel_size)
     if x.ndim < 3 - one_d:
         raise ValueError(f"{where}: input must be (..., {'L' if one_d else 'H, W'}, C); got "
                          f"shape {x.shape}")

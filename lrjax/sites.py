@@ -522,6 +522,12 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
                                        groups=site.stack)
     if site.kind == "dense":
         return decompose.patch_moments(dense_rows(x, axes), (1, 1), padding="VALID")
+    if site.nd_geometry is not None and layer.transposed:  # an N-D transposed conv: its
+        window, steps, pads, dilation = site.nd_geometry  # vertical conv's patches on the input
+        n = len(window)  # dilated along the leading dims, its explicit padding
+        x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] * (x.ndim - n - 1) + [
+            (0, 0, s - 1) for s in steps[:-1]] + [(0, 0, 0)] * 2)
+        return _nd_moments(x, (window, (1,) * n, pads, dilation), layer)
     if site.nd_geometry is not None:  # its vertical conv's own patches, as (rows, 1, 1, C V'),
         return _nd_moments(x, site.nd_geometry, layer)  # a few examples at a time
     if site.conv_dims == 1:  # (..., L, C) as (..., L, 1, C); CAUSAL: padded before, as Flax does

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 
 from lrjax import sites
-from lrjax.conv_views import conv_view, nd_geometry, spatial_dims
+from lrjax.conv_views import conv_view, nd_geometry, spatial_dims, transposed_pads, transposed_view
 from lrjax.costs import ConvShape, as_pair, explicit_padding
 from lrjax.sites import ConvSite, computes_as, subclass_reason
 
@@ -25,10 +25,10 @@ def transposed_skip_reason(conv, base_type=nn.ConvTranspose) -> str | None:
     into a pair, or None."""
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
-    if len(kernel) not in (1, 2):
-        return f"not a 1-D or 2-D transposed conv (kernel_size {size})"
-    if len(kernel) == 1 and conv.transpose_kernel:
-        return "a 1-D transposed conv with transpose_kernel=True"
+    if len(kernel) != 2 and conv.transpose_kernel:
+        return f"a {len(kernel)}-D transposed conv with transpose_kernel=True"
+    if len(kernel) > 2 and set(kernel) == {1}:
+        return f"a pointwise {len(kernel)}-D transposed conv (kernel_size {size})"
     if computes_as(conv, (base_type,)) is None:
         return subclass_reason(conv, base_type)
     if conv.mask is not None:
@@ -51,8 +51,22 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
     reason = transposed_skip_reason(conv, base_type)
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
-    if len(kernel) not in (1, 2):
-        return ConvSite(path, None, skip=reason)
+    if len(kernel) > 2:  # a volumetric U-Net's upsampler: the 2-D view of conv_views
+        if reason is not None:
+            return ConvSite(path, None, skip=reason, conv_dims=len(kernel))
+        n = len(kernel)
+        strides = (conv.strides,) * n if isinstance(conv.strides, int) else \
+            tuple(conv.strides or (1,) * n)
+        dilation = (conv.kernel_dilation,) * n if isinstance(conv.kernel_dilation, int) else \
+            tuple(conv.kernel_dilation or (1,) * n)
+        features = conv.out_features if hasattr(conv, "out_features") else conv.features
+        shape = ConvShape(name=path, in_channels=int(input_shape[-1]),
+                          out_channels=int(features), use_bias=bool(conv.use_bias),
+                          **transposed_view(kernel, strides, conv.padding, dilation,
+                                            input_shape))
+        return ConvSite(path, shape, conv_dims=n, nd_geometry=(
+            kernel, strides, transposed_pads(kernel, strides, conv.padding, dilation),
+            dilation))
     if len(kernel) == 1:
         shape = _transposed_shape(path, conv, (*input_shape[:-1], 1, input_shape[-1]),
                                   _with_unit(conv.strides), (*kernel, 1))
