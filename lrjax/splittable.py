@@ -52,27 +52,30 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
     if len(kernel) > 2:  # a volumetric U-Net's upsampler: the 2-D view of conv_views
-        if reason is not None:
-            return ConvSite(path, None, skip=reason, conv_dims=len(kernel))
-        n = len(kernel)
-        strides = (conv.strides,) * n if isinstance(conv.strides, int) else \
-            tuple(conv.strides or (1,) * n)
-        dilation = (conv.kernel_dilation,) * n if isinstance(conv.kernel_dilation, int) else \
-            tuple(conv.kernel_dilation or (1,) * n)
-        features = conv.out_features if hasattr(conv, "out_features") else conv.features
-        shape = ConvShape(name=path, in_channels=int(input_shape[-1]),
-                          out_channels=int(features), use_bias=bool(conv.use_bias),
-                          **transposed_view(kernel, strides, conv.padding, dilation,
-                                            input_shape))
-        return ConvSite(path, shape, conv_dims=n, nd_geometry=(
-            kernel, strides, transposed_pads(kernel, strides, conv.padding, dilation),
-            dilation))
+        return _volumetric_site(path, conv, input_shape, conv.strides, reason)
     if len(kernel) == 1:
         shape = _transposed_shape(path, conv, (*input_shape[:-1], 1, input_shape[-1]),
                                   _with_unit(conv.strides), (*kernel, 1))
         return ConvSite(path, shape, skip=reason, conv_dims=1)
     shape = _transposed_shape(path, conv, input_shape, conv.strides)
     return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
+
+
+def _volumetric_site(path: str, conv, input_shape, strides, reason) -> ConvSite:
+    """The site of an N-D transposed conv (or an input-dilated N-D conv, ``strides`` its input
+    dilation) on ``input_shape``: :func:`lrjax.conv_views.transposed_view`'s geometry."""
+    kernel, n = tuple(conv.kernel_size), len(conv.kernel_size)
+    if reason is not None:
+        return ConvSite(path, None, skip=reason, conv_dims=n)
+    strides = (strides,) * n if isinstance(strides, int) else tuple(strides or (1,) * n)
+    dilation = conv.kernel_dilation
+    dilation = (dilation,) * n if isinstance(dilation, int) else tuple(dilation or (1,) * n)
+    features = conv.out_features if hasattr(conv, "out_features") else conv.features
+    shape = ConvShape(name=path, in_channels=int(input_shape[-1]), out_channels=int(features),
+                      use_bias=bool(conv.use_bias), **transposed_view(
+                          kernel, strides, conv.padding, dilation, input_shape))
+    return ConvSite(path, shape, conv_dims=n, nd_geometry=(
+        kernel, strides, transposed_pads(kernel, strides, conv.padding, dilation), dilation))
 
 
 def _with_unit(value):
@@ -117,6 +120,9 @@ def dilated_conv_site(path: str, conv, input_shape, base_type=nn.Conv) -> ConvSi
     """The site of an input-dilated conv (:func:`input_dilated`) called on ``input_shape``
     ``(..., H, W, C)``: a transposed conv's (``kind == "transposed"``), strides the input
     dilation, padding the conv's explicit ``((top, bottom), (left, right))``."""
+    if spatial_dims(conv.kernel_size) > 2:
+        return _volumetric_site(path, conv, input_shape, conv.input_dilation,
+                                conv_skip_reason(conv, base_type))
     return ConvSite(path, _transposed_shape(path, conv, input_shape, conv.input_dilation),
                     skip=conv_skip_reason(conv, base_type))
 
@@ -134,11 +140,12 @@ def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
     if computes_as(conv, (base_type,)) is None:
         return subclass_reason(conv, base_type)
     if input_dilated(conv):
-        if len(kernel) != 2:
-            return f"input dilation {conv.input_dilation} of a {len(kernel)}-D conv"
+        if len(kernel) == 1:
+            return f"input dilation {conv.input_dilation} of a 1-D conv"
         if isinstance(conv.padding, str):
             return f"input dilation {conv.input_dilation} with {conv.padding!r} padding"
-        if any(s != 1 for s in as_pair(conv.strides or 1)):
+        if any(s != 1 for s in ((conv.strides,) if isinstance(conv.strides, int) else
+                                conv.strides or (1,))):
             return f"input dilation {conv.input_dilation} with strides {conv.strides}"
         if conv.feature_group_count != 1:
             return (f"input dilation {conv.input_dilation} with "

@@ -404,6 +404,27 @@ def test_3d_transposed_convs_split_exactly_and_are_costed_as_xla_counts(geometry
         model.apply, variables, VOLUME)
 
 
+def test_an_input_dilated_3d_conv_splits_as_the_transposed_conv_it_is():
+    class Dilated(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(5, (3, 3, 3), input_dilation=(2, 1, 2),
+                           padding=((1, 1), (2, 0), (1, 2)), name="d")(x)
+
+    model = Dilated()
+    variables = init(model, 0, VOLUME)
+    site = {s.path: s for s in surgery.find_convs(model, VOLUME)}["d"]
+    assert site.kind == "transposed" and site.candidate
+    full = lrjax.decompose_linen(model, variables, VOLUME,
+                                 rule={"d": costs.max_rank(site.shape.kernel_shape)})
+    np.testing.assert_allclose(full.module.apply(full.variables, VOLUME),
+                               model.apply(variables, VOLUME), atol=1e-5)
+    split = lrjax.decompose_linen(model, variables, VOLUME, rule={"d": 3})
+    assert split.report.speedup == pytest.approx(lowered_flops(
+        model.apply, variables, VOLUME) / lowered_flops(split.module.apply, split.variables,
+                                                        VOLUME), rel=1e-9)
+
+
 def test_3d_transposed_convs_calibrate_in_linen_and_nnx_and_export(tmp_path):
     """Calibrated factors of a 3-D transposed conv fit its output better than data-free ones
     (its vertical conv's patches on the input dilated along the leading dims); an
