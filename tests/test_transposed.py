@@ -379,6 +379,25 @@ class Upsampler3D(nn.Module):
                                 kernel_dilation=self.dilation, name="up")(x)
 
 
+def _split_3d_exactly_as_xla_counts(model, path: str, rank: int):
+    """``model`` (on :data:`VOLUME`) with its layer ``path`` a transposed-conv candidate, exact
+    at full rank, and split at ``rank`` with the report's speedup XLA's lowered ratio."""
+    variables = init(model, 0, VOLUME)
+    site = {s.path: s for s in surgery.find_convs(model, VOLUME)}[path]
+    assert site.kind == "transposed" and site.candidate
+    full = lrjax.decompose_linen(model, variables, VOLUME,
+                                 rule={path: costs.max_rank(site.shape.kernel_shape)})
+    np.testing.assert_allclose(full.module.apply(full.variables, VOLUME),
+                               model.apply(variables, VOLUME), atol=1e-5)
+    assert full.report.net_flops[0] * VOLUME.shape[0] == lowered_flops(
+        model.apply, variables, VOLUME)
+    split = lrjax.decompose_linen(model, variables, VOLUME, rule={path: rank})
+    assert split.report.speedup == pytest.approx(lowered_flops(
+        model.apply, variables, VOLUME) / lowered_flops(split.module.apply, split.variables,
+                                                        VOLUME), rel=1e-9)
+    return split
+
+
 @pytest.mark.parametrize("geometry", [((2, 2, 2), (2, 2, 2)), ((3, 3, 3), (2, 1, 2), "VALID"),
                                       ((3, 2, 3), (2, 2, 1), ((1, 0), (2, 1), (0, 2))),
                                       ((3, 3, 2), (2, 2, 2), "SAME", (2, 1, 1))])
@@ -386,22 +405,9 @@ def test_3d_transposed_convs_split_exactly_and_are_costed_as_xla_counts(geometry
     """A 3-D transposed conv splits as a 3-D conv does (leading dims, then the last; input
     dilation is separable): exact at full rank, its cost XLA's to the flop (taps on padding and
     dilation holes not counted), for strides, explicit padding and kernel dilation."""
-    model = Upsampler3D(*geometry)
-    variables = init(model, 0, VOLUME)
-    up = {s.path: s for s in surgery.find_convs(model, VOLUME)}["up"]
-    assert up.kind == "transposed" and up.candidate
-    full = lrjax.decompose_linen(model, variables, VOLUME,
-                                 rule={"up": costs.max_rank(up.shape.kernel_shape)})
-    np.testing.assert_allclose(full.module.apply(full.variables, VOLUME),
-                               model.apply(variables, VOLUME), atol=1e-5)
-    split = lrjax.decompose_linen(model, variables, VOLUME, rule={"up": 2})
+    split = _split_3d_exactly_as_xla_counts(Upsampler3D(*geometry), "up", 2)
     assert split.variables["params"]["up"]["vertical"]["kernel"].shape == (
         *geometry[0][:-1], 1, 8, 2)
-    ratio = lowered_flops(model.apply, variables, VOLUME) / lowered_flops(
-        split.module.apply, split.variables, VOLUME)
-    assert split.report.speedup == pytest.approx(ratio, rel=1e-9)
-    assert full.report.net_flops[0] * VOLUME.shape[0] == lowered_flops(
-        model.apply, variables, VOLUME)
 
 
 def test_an_input_dilated_3d_conv_splits_as_the_transposed_conv_it_is():
@@ -411,18 +417,7 @@ def test_an_input_dilated_3d_conv_splits_as_the_transposed_conv_it_is():
             return nn.Conv(5, (3, 3, 3), input_dilation=(2, 1, 2),
                            padding=((1, 1), (2, 0), (1, 2)), name="d")(x)
 
-    model = Dilated()
-    variables = init(model, 0, VOLUME)
-    site = {s.path: s for s in surgery.find_convs(model, VOLUME)}["d"]
-    assert site.kind == "transposed" and site.candidate
-    full = lrjax.decompose_linen(model, variables, VOLUME,
-                                 rule={"d": costs.max_rank(site.shape.kernel_shape)})
-    np.testing.assert_allclose(full.module.apply(full.variables, VOLUME),
-                               model.apply(variables, VOLUME), atol=1e-5)
-    split = lrjax.decompose_linen(model, variables, VOLUME, rule={"d": 3})
-    assert split.report.speedup == pytest.approx(lowered_flops(
-        model.apply, variables, VOLUME) / lowered_flops(split.module.apply, split.variables,
-                                                        VOLUME), rel=1e-9)
+    _split_3d_exactly_as_xla_counts(Dilated(), "d", 3)
 
 
 def test_3d_transposed_convs_calibrate_in_linen_and_nnx_and_export(tmp_path):
