@@ -44,10 +44,11 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
     """The site of a transposed conv (``nn.ConvTranspose``, or ``nnx.ConvTranspose`` with
     ``base_type``) called on an input of ``input_shape`` ``(..., H, W, C)``: its geometry as
     ``ConvShape(transposed=True)`` with the layer's own strides and padding (explicit padding as
-    ``((top, bottom), (left, right))``; ``CIRCULAR``: the ``VALID`` conv it runs, not split), or
-    ``shape=None`` for a conv that is neither 1-D nor 2-D. A 1-D one (an audio U-Net's or a
-    vocoder's upsampler, on ``(..., L, C)``) is the ``(k, 1)`` transposed conv of its input as
-    ``(..., L, 1, C)`` (``conv_dims=1``)."""
+    ``((top, bottom), (left, right))``; ``CIRCULAR``: the ``VALID`` conv it runs, not split). A
+    1-D one (an audio U-Net's or a vocoder's upsampler, on ``(..., L, C)``) is the ``(k, 1)``
+    transposed conv of its input as ``(..., L, 1, C)`` (``conv_dims=1``); an N-D one (a
+    volumetric U-Net's) the 2-D view of :func:`lrjax.conv_views.transposed_view` (``shape=None``
+    when it is not split)."""
     reason = transposed_skip_reason(conv, base_type)
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
