@@ -236,7 +236,12 @@ class ConvShape:
     ``mid_macs``: for a 1x1 or dense geometry, what its pair costs beyond its products per
     element of its intermediate (the total rank at each output position), in multiply-adds
     (half of XLA's flops): 2 for a ``ragged_dot`` pair, whose second product XLA:CPU computes
-    on its input masked by group, 4 flops an element (:mod:`lrjax.ragged`); 0 otherwise."""
+    on its input masked by group, 4 flops an element (:mod:`lrjax.ragged`); 0 otherwise.
+
+    ``runs``: the geometries of the layer's other calls where they differ from this one's
+    (a detection head's convs shared by every level of a feature pyramid: 16x16, 8x8, ... ;
+    their padding taps are not in proportion), each with its own ``images``; costs sum over
+    this call and them."""
 
     name: str
     input_hw: tuple[int, int]
@@ -252,6 +257,15 @@ class ConvShape:
     images: float = 1
     view_taps: tuple[int, int] | None = None
     mid_macs: int = 0
+    runs: tuple = ()
+
+    def times(self, factor: float, divisor: int = 1) -> ConvShape:
+        """This geometry with its ``images`` (and its runs') multiplied by ``factor`` and
+        divided by ``divisor`` (whole counts kept integers)."""
+        images = self.images * factor / divisor
+        images = int(images) if float(images).is_integer() else images
+        return dataclasses.replace(self, images=images,
+                                   runs=tuple(r.times(factor, divisor) for r in self.runs))
 
     @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
@@ -309,11 +323,12 @@ class Cost:
 
 
 def conv_cost(layer: ConvShape) -> Cost:
-    """Multiply-adds and parameters (bias included when ``use_bias``) of the full conv."""
+    """Multiply-adds and parameters (bias included when ``use_bias``) of the full conv (over
+    its ``runs`` too)."""
     kh, kw, cg, n = layer.kernel_shape
-    th, tw = layer.taps_hw
-    return Cost(macs=_per_example(th * tw * cg * n, layer),
-                params=kh * kw * cg * n + n * layer.use_bias)
+    macs = sum(_per_example(math.prod(call.taps_hw) * cg * n, call)
+               for call in (layer, *layer.runs))
+    return Cost(macs=macs, params=kh * kw * cg * n + n * layer.use_bias)
 
 
 def _per_example(macs: int, layer: ConvShape):
@@ -325,19 +340,20 @@ def lowrank_cost(layer: ConvShape, rank: int) -> Cost:
     check_rank(rank, layer.kernel_shape, groups=layer.groups, where=f"layer {layer.name!r}")
     kh, kw, cg, n = layer.kernel_shape
     kg = rank // layer.groups
-    first, second = layer._pair_terms()
-    macs = first * cg * rank + second * kg * n
-    if layer.mid_macs:  # (a 1x1 geometry: its intermediate has `first` positions)
-        macs += layer.mid_macs * first * rank
+    macs = 0
+    for call in (layer, *layer.runs):
+        first, second = call._pair_terms()
+        # (a 1x1 geometry's intermediate has `first` positions: mid_macs each)
+        macs += _per_example((first * cg + layer.mid_macs * first) * rank + second * kg * n, call)
     params = kh * cg * rank + kw * kg * n + n * layer.use_bias
-    return Cost(macs=_per_example(macs, layer), params=params)
+    return Cost(macs=macs, params=params)
 
 
 def rank_cost_slope(layer: ConvShape) -> float:
     """Multiply-adds added by one more unit of total rank (the pair's cost is linear in K)."""
     _, _, cg, n = layer.kernel_shape
-    first, second = layer._pair_terms()
-    return _per_example(first * cg + second * n / layer.groups + layer.mid_macs * first, layer)
+    return sum(_per_example(first * cg + second * n / layer.groups + layer.mid_macs * first, call)
+               for call in (layer, *layer.runs) for first, second in [call._pair_terms()])
 
 
 def breakeven_rank(layer: ConvShape) -> int:

@@ -206,6 +206,8 @@ class _Probe(nnx.Module):
             if isinstance(layer, nnx.Einsum):
                 record["equations"][self.path] = sites.called_equation(
                     layer.einsum_str, args, kwargs, x.ndim)
+        elif isinstance(layer, (nnx.Conv, nnx.ConvTranspose)):  # again: on another geometry?
+            record.setdefault("again", {}).setdefault(self.path, []).append(tuple(x.shape))
         site, host = record["wanted"].get(self.path), record.get("host")
         if site is not None and host is None:  # a layer called again goes to the host pass
             record["calls"][self.path] = record["calls"].get(self.path, 0) + 1
@@ -353,8 +355,7 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     return convs, record
 
 
-def find_convs_nnx(model, *example_args, eval_mode: bool = True,
-                   **example_kwargs) -> list[ConvSite]:
+def find_convs_nnx(model, *example_args, eval_mode: bool = True, **example_kwargs) -> list[ConvSite]:
     """Every conv and linear layer (``nnx.Conv``, ``nnx.ConvTranspose``, ``nnx.Linear``,
     ``nnx.LinearGeneral``, ``nnx.Einsum``) the model calls on the example inputs, in
     call order; run on an eval view of a copy with ``eval_mode``."""
@@ -396,14 +397,16 @@ def _sites(convs: dict, record: dict, batch: int) -> dict:
     no layer, not listed)."""
     def site_of(path, layer, shape):
         if _written(layer):
-            return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path),
-                                           batch)
+            return nnx_written.linear_site(path, layer, shape, record["keywords"].get(path), batch)
         if path in record["seen"]:  # a subclass, split in its base's call: as its base
             layer = base_view(layer, delegating_base(type(layer)))
-        return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)),
-                                      layer)
+        return sites.with_param_casts(_site(path, layer, shape, record["equations"].get(path)), layer)
 
-    return {p: site_of(p, convs[p], shape) for p, shape in record["shapes"].items()}
+    found = {p: site_of(p, convs[p], shape) for p, shape in record["shapes"].items()}
+    for p, shapes in record.get("again", {}).items():  # (site_runs.another_call)
+        for shape in shapes if found.get(p) is not None else ():
+            found[p] = site_runs.another_call(found[p], site_of(p, convs[p], shape))
+    return found
 
 
 def _reading_their_kernels(model, split, example_args, example_kwargs, eval_mode) -> set[str]:

@@ -15,8 +15,8 @@ import numpy as np
 from lrjax import costs
 from lrjax.sites import ConvSite
 
-__all__ = ["UNUSED", "BRANCHED", "example_batch", "per_example", "layer_indices",
-           "costed_as_run", "counted_as_run", "unused"]
+__all__ = ["UNUSED", "BRANCHED", "example_batch", "per_example", "another_call",
+           "layer_indices", "costed_as_run", "counted_as_run", "unused"]
 
 
 def example_batch(args, outputs=None) -> int:
@@ -46,10 +46,24 @@ def per_example(site: ConvSite, batch: int) -> ConvSite:
     batch or on a flattened ``(batch * tokens, C)`` input, less for one called unbatched."""
     if site.shape is None or batch == 1:
         return site
-    images = site.shape.images / batch
-    images = int(images) if float(images).is_integer() else images
-    return dataclasses.replace(site, shape=dataclasses.replace(site.shape, images=images),
+    return dataclasses.replace(site, shape=site.shape.times(1, batch),
                                param_cast_flops=site.param_cast_flops / batch)
+
+
+def another_call(site: ConvSite, other: ConvSite) -> ConvSite:
+    """``site`` (a layer's first call) with ``other`` (its site at a later call) among its
+    shape's ``runs`` (:class:`lrjax.costs.ConvShape`) when its geometry is another (a detection
+    head's conv shared by the levels of a feature pyramid: 16x16, 8x8, ..., whose padding taps
+    are not in proportion), so that its cost, and what splitting it saves, sums over its calls'
+    geometries; a geometry seen already adds nothing (lifted transforms trace a call more than
+    once: how often each runs is the traced work's, :func:`counted_as_run`)."""
+    if site.shape is None or other.shape is None or not site.candidate:
+        return site
+    call = dataclasses.replace(other.shape, name=site.shape.name, runs=())
+    if any(dataclasses.replace(seen, runs=()) == call for seen in (site.shape, *site.shape.runs)):
+        return site
+    return dataclasses.replace(site, shape=dataclasses.replace(site.shape, runs=(
+        *site.shape.runs, call)), param_cast_flops=site.param_cast_flops + other.param_cast_flops)
 
 
 UNUSED = ("its output reaches none of the model's outputs (jax.jit computes none of its work: "
@@ -79,8 +93,7 @@ def costed_as_run(found: Sequence[ConvSite], counts: dict, batch: int) -> list[C
 def unused(site: ConvSite) -> ConvSite:
     """``site`` left as it is (:data:`UNUSED`) and costed at nothing: ``jax.jit`` computes none
     of its work."""
-    return dataclasses.replace(site, skip=UNUSED,
-                               shape=dataclasses.replace(site.shape, images=0))
+    return dataclasses.replace(site, skip=UNUSED, shape=site.shape.times(0))
 
 
 def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -> ConvSite:
@@ -98,6 +111,5 @@ def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -
     runs = traced_macs / costs.conv_cost(site.shape).macs
     if runs < 1 + 1e-6:
         return site
-    return dataclasses.replace(site, shape=dataclasses.replace(
-        site.shape, images=site.shape.images * runs),
-        param_cast_flops=site.param_cast_flops * runs)
+    return dataclasses.replace(site, shape=site.shape.times(runs),
+                               param_cast_flops=site.param_cast_flops * runs)

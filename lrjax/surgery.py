@@ -53,7 +53,7 @@ from lrjax.linen_trace import abstract_init, constants_evaluated, layer_input, s
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
-from lrjax.site_runs import costed_as_run, example_batch, layer_indices, per_example
+from lrjax.site_runs import another_call, costed_as_run, example_batch, layer_indices, per_example
 from lrjax.sites import ConvSite, variable_key
 from lrjax.splittable import conv_shape, linen_site
 from lrjax.written_products import keep_read_elsewhere
@@ -204,6 +204,9 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                     found[path] = dataclasses.replace(
                         found[path], written=True, kernel_name=linen_products.kernel_name(module),
                         named_by_kernel=getattr(module, "named_by_kernel", False))
+        elif context.method_name == "__call__" and path in found and isinstance(
+                module, (nn.Conv, nn.ConvTranspose)):  # called again: on another geometry?
+            found[path] = another_call(found[path], _site(path, module, layer_input(args, kwargs)))
 
     outputs, made = abstract_init(model, example_args, example_kwargs, record, with_output=True)
     shapes, batch = _flat(made.get("params", {})), example_batch(example_args, outputs)
@@ -411,8 +414,7 @@ class _Kernels(Mapping):
 
 @linen_cells.as_sublayers()
 def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
-                 calibration=None, multiple: int | None = None, sites=None,
-                 score=None) -> RankProblem:
+                 calibration=None, multiple: int | None = None, sites=None, score=None) -> RankProblem:
     """The :class:`RankProblem` of a linen model and its variables (calibrated if asked)."""
     model = unjitted(model)
     found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
@@ -447,8 +449,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     batch = example_batch(arrays, counts["outputs"])
     found = _with_parametrization_flops(found, flat, batch)
     found = own_code.with_own_code(costed_as_run(found, counts, batch), counts["weighted"],
-                                   own_code.variable_names(variables, collections=True),
-                                   counts["total"])
+                                   own_code.variable_names(variables, collections=True), counts["total"])
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
                        counts["elementwise"] // batch, counts["constant"] // batch,
                        tuple(filter(None, (note, few))), source=variable_leaves(variables))
@@ -596,5 +597,4 @@ def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: 
     problem = rank_problem(model, variables, example_args, example_kwargs,
                            calibration=calibration, multiple=multiple)
     problem.score = linen_scorer(model, variables, problem, eval_fn)
-    return rank_lib.search_problem(problem, target_speedup=target_speedup,
-                                   candidates=candidates)
+    return rank_lib.search_problem(problem, target_speedup=target_speedup, candidates=candidates)
