@@ -100,9 +100,10 @@ def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -
     """``site`` costed for every run of its layer: ``traced_macs`` is its multiply-adds per
     example over all its runs in the traced forward pass (:func:`lrjax.macs.layer_scope`). A
     layer called more than once (shared weights) or inside a loop body (a ``scan`` with
-    broadcast parameters, a ``fori_loop``) runs more often than the one call a site records:
-    its geometry's ``images`` are scaled by the ratio, so that its cost, and what splitting it
-    saves, is what the net runs (exact when its runs share its first call's geometry). A layer
+    broadcast parameters, a ``fori_loop``) runs more often than the calls a site records (one
+    per geometry, :func:`another_call`): their ``images`` are scaled by the ratio, so that its
+    cost, and what splitting it saves, is what the net runs (exact when each geometry runs as
+    often). A layer
     ``branched`` (run inside a conditional) is left as it is (:data:`BRANCHED`)."""
     if site.candidate and branched:
         return dataclasses.replace(site, skip=BRANCHED)
