@@ -14,13 +14,20 @@ import jax
 
 from lrjax import costs
 
-__all__ = ["spatial_dims", "conv_view", "nd_geometry", "vertical_geometry", "nd_patches",
-           "transposed_pads", "transposed_view"]
+__all__ = ["spatial_dims", "per_dim", "conv_view", "nd_geometry", "vertical_geometry",
+           "nd_patches", "transposed_pads", "transposed_view"]
 
 
 def spatial_dims(kernel_size) -> int:
     """A conv's number of spatial dims from its ``kernel_size`` (an int: 1-D, as Flax reads it)."""
     return 1 if isinstance(kernel_size, int) else len(tuple(kernel_size))
+
+
+def per_dim(value, n: int) -> tuple:
+    """A conv's stride or dilation (an int, ``None`` for 1, or one value per spatial dim) as one
+    value for each of its ``n`` spatial dims."""
+    value = value or 1
+    return (value,) * n if isinstance(value, int) else tuple(value)
 
 
 def conv_view(kernel_size, strides, padding, dilation, input_shape) -> dict | str:
@@ -43,11 +50,7 @@ def conv_view(kernel_size, strides, padding, dilation, input_shape) -> dict | st
     """
     kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
     n = len(kernel)
-
-    def per_dim(v):
-        return (v,) * n if isinstance(v, int) or v is None else tuple(v)
-
-    strides, dilation = per_dim(strides or 1), per_dim(dilation or 1)
+    strides, dilation = per_dim(strides, n), per_dim(dilation, n)
     if n == 2:
         return dict(input_hw=tuple(int(d) for d in input_shape[-3:-1]), kernel_size=kernel,
                     strides=strides, padding=padding, dilation=dilation,
@@ -82,11 +85,7 @@ def nd_geometry(kernel_size, strides, padding, dilation) -> tuple | None:
     n = len(kernel)
     if n < 3:
         return None
-
-    def per_dim(v):
-        return (v,) * n if isinstance(v, int) or v is None else tuple(v)
-
-    strides, dilation = per_dim(strides or 1), per_dim(dilation or 1)
+    strides, dilation = per_dim(strides, n), per_dim(dilation, n)
     if not isinstance(padding, str):
         items = [padding] * n if isinstance(padding, int) else list(padding)
         padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in items)
@@ -168,8 +167,7 @@ def transposed_view(kernel_size, strides, padding, dilation, input_shape) -> dic
     input's width, ``view_taps`` the taps landing on input entries (not on padding or dilation
     holes), as XLA counts them."""
     n = len(kernel_size)
-    strides = (strides,) * n if isinstance(strides, int) else tuple(strides or (1,) * n)
-    dilation = (dilation,) * n if isinstance(dilation, int) else tuple(dilation or (1,) * n)
+    strides, dilation = per_dim(strides, n), per_dim(dilation, n)
     pads = transposed_pads(kernel_size, strides, padding, dilation)
     spatial = [int(d) for d in input_shape[-n - 1:-1]]
     out = [(d - 1) * s + lo + hi - (k - 1) * dl + 1 for d, s, (lo, hi), k, dl in zip(

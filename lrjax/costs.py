@@ -268,6 +268,11 @@ class ConvShape:
                                    runs=tuple(r.times(factor, divisor) for r in self.runs))
 
     @property
+    def calls(self) -> tuple[ConvShape, ...]:
+        """This geometry and its ``runs``: what the layer's costs sum over."""
+        return (self, *self.runs)
+
+    @property
     def kernel_shape(self) -> tuple[int, int, int, int]:
         """HWIO kernel shape ``(kh, kw, C // groups, N)``."""
         return (*self.kernel_size, self.in_channels // self.groups, self.out_channels)
@@ -327,7 +332,7 @@ def conv_cost(layer: ConvShape) -> Cost:
     its ``runs`` too)."""
     kh, kw, cg, n = layer.kernel_shape
     macs = sum(_per_example(math.prod(call.taps_hw) * cg * n, call)
-               for call in (layer, *layer.runs))
+               for call in layer.calls)
     return Cost(macs=macs, params=kh * kw * cg * n + n * layer.use_bias)
 
 
@@ -341,7 +346,7 @@ def lowrank_cost(layer: ConvShape, rank: int) -> Cost:
     kh, kw, cg, n = layer.kernel_shape
     kg = rank // layer.groups
     macs = 0
-    for call in (layer, *layer.runs):
+    for call in layer.calls:
         first, second = call._pair_terms()
         # (a 1x1 geometry's intermediate has `first` positions: mid_macs each)
         macs += _per_example((first * cg + layer.mid_macs * first) * rank + second * kg * n, call)
@@ -353,7 +358,7 @@ def rank_cost_slope(layer: ConvShape) -> float:
     """Multiply-adds added by one more unit of total rank (the pair's cost is linear in K)."""
     _, _, cg, n = layer.kernel_shape
     return sum(_per_example(first * cg + second * n / layer.groups + layer.mid_macs * first, call)
-               for call in (layer, *layer.runs) for first, second in [call._pair_terms()])
+               for call in layer.calls for first, second in [call._pair_terms()])
 
 
 def breakeven_rank(layer: ConvShape) -> int:

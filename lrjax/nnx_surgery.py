@@ -207,7 +207,7 @@ class _Probe(nnx.Module):
                 record["equations"][self.path] = sites.called_equation(
                     layer.einsum_str, args, kwargs, x.ndim)
         elif isinstance(layer, (nnx.Conv, nnx.ConvTranspose)):  # again: on another geometry?
-            record.setdefault("again", {}).setdefault(self.path, []).append(tuple(x.shape))
+            record.setdefault("again", {}).setdefault(self.path, {})[tuple(x.shape)] = None
         site, host = record["wanted"].get(self.path), record.get("host")
         if site is not None and host is None:  # a layer called again goes to the host pass
             record["calls"][self.path] = record["calls"].get(self.path, 0) + 1

@@ -60,7 +60,7 @@ def another_call(site: ConvSite, other: ConvSite) -> ConvSite:
     if site.shape is None or other.shape is None or not site.candidate:
         return site
     call = dataclasses.replace(other.shape, name=site.shape.name, runs=())
-    if any(dataclasses.replace(seen, runs=()) == call for seen in (site.shape, *site.shape.runs)):
+    if any(dataclasses.replace(seen, runs=()) == call for seen in site.shape.calls):
         return site
     return dataclasses.replace(site, shape=dataclasses.replace(site.shape, runs=(
         *site.shape.runs, call)), param_cast_flops=site.param_cast_flops + other.param_cast_flops)

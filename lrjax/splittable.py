@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 
 from lrjax import sites
-from lrjax.conv_views import conv_view, nd_geometry, spatial_dims, transposed_pads, transposed_view
+from lrjax.conv_views import conv_view, nd_geometry, per_dim, spatial_dims, transposed_pads, transposed_view
 from lrjax.costs import ConvShape, as_pair, explicit_padding
 from lrjax.sites import ConvSite, computes_as, subclass_reason
 
@@ -68,9 +68,7 @@ def _volumetric_site(path: str, conv, input_shape, strides, reason) -> ConvSite:
     kernel, n = tuple(conv.kernel_size), len(conv.kernel_size)
     if reason is not None:
         return ConvSite(path, None, skip=reason, conv_dims=n)
-    strides = (strides,) * n if isinstance(strides, int) else tuple(strides or (1,) * n)
-    dilation = conv.kernel_dilation
-    dilation = (dilation,) * n if isinstance(dilation, int) else tuple(dilation or (1,) * n)
+    strides, dilation = per_dim(strides, n), per_dim(conv.kernel_dilation, n)
     features = conv.out_features if hasattr(conv, "out_features") else conv.features
     shape = ConvShape(name=path, in_channels=int(input_shape[-1]), out_channels=int(features),
                       use_bias=bool(conv.use_bias), **transposed_view(
