@@ -60,9 +60,7 @@ def split_padding(padding) -> tuple[Any, Any]:
         if padding.upper() == "CAUSAL":
             raise ValueError("padding 'CAUSAL' is defined for 1-D convs only")
         return padding, padding
-    if isinstance(padding, int):
-        padding = (padding, padding)
-    items = list(padding)
+    items = [padding, padding] if isinstance(padding, int) else list(padding)
     if len(items) != 2:
         raise ValueError(f"padding must give 2 spatial dims for a 2-D conv; got {padding!r}")
     rows, cols = ((p, p) if isinstance(p, int) else tuple(p) for p in items)
@@ -396,8 +394,8 @@ def module_path(module: nn.Module, root: tuple[str, ...] = ()) -> str:
 
 
 def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[str, int], ...]:
-    ranks = check_rank_map(dict(ranks.items() if isinstance(ranks, Mapping) else ranks))
-    return tuple(sorted((path, rank) for path, rank in ranks.items() if rank is not None))
+    return tuple(sorted((p, r) for p, r in check_rank_map(dict(
+        ranks.items() if isinstance(ranks, Mapping) else ranks)).items() if r is not None))
 
 
 # the layer types a LowRankModel splits (and their subclasses that compute as they do)
@@ -484,18 +482,20 @@ class LowRankModel(nn.Module):
       base: the original module (unbound).
       ranks: ``((path, rank), ...)``, sorted.
       mid_norm: optional norm factory applied between the two halves of every pair.
+      partial: a call may reach only some of the map's layers (a VAE's encode and decode).
     """
 
     base: nn.Module
     ranks: tuple[tuple[str, int], ...] = ()
     mid_norm: Callable[..., nn.Module] | None = None
+    partial: bool = False
 
     @classmethod
-    def wrap(cls, base: nn.Module, ranks: Mapping[str, int | None], mid_norm=None):
+    def wrap(cls, base: nn.Module, ranks: Mapping[str, int | None], mid_norm=None, partial=False):
         """``LowRankModel(base, ranks)`` with ``ranks`` as a dict (``None`` entries dropped)."""
         if isinstance(base, LowRankModel):
             raise ValueError("the model is already a LowRankModel: wrap its .base instead")
-        return cls(base, _normalise_ranks(ranks), mid_norm)
+        return cls(base, _normalise_ranks(ranks), mid_norm, partial)
 
     def setup(self):
         nn.share_scope(self, self.base)
@@ -593,8 +593,7 @@ class LowRankModel(nn.Module):
                 functools.partial(method, self.base)
             out = call(*args, **kwargs)
         missing = sorted(set(ranks) - seen)
-        if missing:
-            raise ValueError(f"rank map names layers the model never called as nn.Conv, "
-                             f"nn.ConvTranspose, nn.Dense, nn.DenseGeneral or nn.Einsum: "
-                             f"{missing}")
+        if missing and not self.partial:
+            raise ValueError("rank map names layers the model never called as nn.Conv, nn."
+                             f"ConvTranspose, nn.Dense, nn.DenseGeneral or nn.Einsum: {missing}")
         return out

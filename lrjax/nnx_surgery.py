@@ -26,6 +26,7 @@ from lrjax import (
     costs,
     lapack,
     macs,
+    nnx_bridge,
     nnx_products,
     nnx_written,
     own_code,
@@ -63,7 +64,7 @@ from lrjax.nnx_layers import (
     paired_in_place,
     placeholder_factors,
 )
-from lrjax.nnx_views import EVAL_NOTE, eval_view, graph_keywords, run_abstractly
+from lrjax.nnx_views import EVAL_NOTE, ScopedCall, ScopedLayer, eval_view, graph_keywords, run_abstractly
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
 from lrjax.sites import ConvSite, computes_as
@@ -79,8 +80,6 @@ _UNSPLIT: dict[type, str] = {}
 # wrappers that re-parametrize the layer they run (``layer_instance``): it is left as it is
 _WRAPPERS = (nnx.WeightNorm, nnx.SpectralNorm)
 _FLAX_LAYERS = (*_SPLIT, *_WRAPPERS, bridge.ToNNX)  # matched by type; others may be written
-BRIDGED = ("a linen module run inside nnx.bridge.ToNNX: lrjax does not reach into the bridge "
-           "(its layers are left as they are); decompose that linen module with decompose_linen")
 
 
 def _splits(node) -> bool:
@@ -130,8 +129,6 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
         return ConvSite(path, None, skip=_UNSPLIT[type(layer)])
     if isinstance(layer, _WRAPPERS):
         return ConvSite(path, None, skip=sites.wrapped_reason(layer))
-    if isinstance(layer, bridge.ToNNX):
-        return ConvSite(path, None, skip=BRIDGED)
     if isinstance(layer, nnx.Einsum):
         return _einsum_site(path, layer, shape, equation)
     if isinstance(layer, ragged.RaggedDot):
@@ -281,7 +278,10 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
             return _Probe(node, name, record)
         if any(tuple(path[:len(w) + 1]) == (*w, "layer_instance") for w in wrapped):
             return node  # inside a wrapper, which reads its layer's variables by their paths
-        if isinstance(node, (*_UNSPLIT, bridge.ToNNX)) or _splits(node):
+        if isinstance(node, bridge.ToNNX):  # a linen module's layers (lrjax.nnx_bridge)
+            convs[_path(path)] = node
+            return nnx_bridge.recording(node, _path(path), record)
+        if isinstance(node, tuple(_UNSPLIT)) or _splits(node):
             name = _path(path)
             convs[name] = node
             base = delegating_base(type(node))
@@ -382,7 +382,9 @@ def find_convs_nnx(model, *example_args, eval_mode: bool = True, **example_kwarg
                       "its base's __call__ but also reads its kernel: its own computation is "
                       "kept)") if s.path in kept else s for s in found]
     return [site_runs.per_example(sites.unless_stacked(site, _kernel_shape(convs[site.path]),
-                                                       any_axis=False), batch) for site in found]
+                                                       any_axis=False), batch) for site in found
+            ] + [s for p, calls in record.get("islands", {}).items()
+                 for s in nnx_bridge.island_sites(p, convs[p], calls, batch)]
 
 
 def _kernel_shape(layer) -> tuple | None:
@@ -454,37 +456,16 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
             return pair if base is None else paired_in_place(node, pair, base)
         return node
 
+    bridged = [_path(p) for p, n in nnx.iter_graph(model) if isinstance(n, bridge.ToNNX)]
+    inside = {p: f for p, f in factors.items() if nnx_bridge.island_of(p, bridged)}
+    factors = {p: f for p, f in factors.items() if p not in inside}
     products = nnx_products.from_sites([found[p] for p in factors])
     new_model = nnx.recursive_map(replace, _canonical(model, products))
+    nnx_bridge.with_islands(new_model, found, inside)
     if replaced != set(factors):
         raise ValueError(f"layers {sorted(set(factors) - replaced)} were decomposed but not "
                          "found in the model's graph")
     return new_model
-
-
-class _Scoped(nnx.Module):
-    """Stands in for a candidate layer while the net is costed: its work marked as its own
-    (:func:`lrjax.macs.layer_scope`), counted over all its runs."""
-
-    def __init__(self, layer, index: int):
-        self.layer, self.index = layer, index
-
-    __getattr__ = _Probe.__getattr__
-
-    def __call__(self, *args, **kwargs):
-        with macs.layer_scope(self.index):
-            return self.layer(*args, **kwargs)
-
-
-class _InnerScoped(nnx.Module):
-    """:class:`_Scoped` in a subclass's base's call (:func:`lrjax.nnx_layers.hooked`)."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def __call__(self, layer, base_call, *args, **kwargs):
-        with macs.layer_scope(self.index):
-            return base_call(*args, **kwargs)
 
 
 def _net_cost(model, example_args, example_kwargs, eval_mode,
@@ -496,19 +477,21 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
     for every run of their layers (:func:`lrjax.site_runs.counted_as_run`; as they are where not
     traced)."""
     index = site_runs.layer_indices(found)
-    wrapped = set()  # the paths of the layers stood in for by a _Scoped (their variables
+    wrapped = set()  # the paths of the layers stood in for by a ScopedLayer (their variables
     # under .layer)
 
     def scoped(path, node):
+        if isinstance(node, bridge.ToNNX):  # its linen layers' work marked as theirs
+            return nnx_bridge.scoping(node, index, _path(path))
         i = index.get(_path(path))
         base = delegating_base(type(node))
         if i is not None and base is not None:  # its base's call is the layer's work
             node.__class__ = hooked(type(node), base)
-            node.lrjax_hook = _InnerScoped(i)
+            node.lrjax_hook = ScopedCall(i)
             return node
         if i is not None and _splits(node):
             wrapped.add(tuple(str(p) for p in path))
-            return _Scoped(node, i)
+            return ScopedLayer(node, i)
         return node
 
     view = nnx.recursive_map(scoped, _canonical(model, nnx_products.from_sites(found)))
@@ -574,14 +557,20 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     products = nnx_products.from_sites(candidates)
     graph = dict((_path(p), n) for p, n in nnx.iter_graph(_canonical(model, products))
                  if _splits(n))
-    kernels = {s.path: s.to_hwio(nnx_written.used_kernel(graph[s.path], s)) for s in candidates}
+    bridged = {_path(p): n for p, n in nnx.iter_graph(model) if isinstance(n, bridge.ToNNX)}
+    inside = {s.path: nnx_bridge.island_of(s.path, bridged) for s in candidates}
+    kernels = {s.path: s.to_hwio(nnx_written.used_kernel(graph[s.path], s)) for s in candidates
+               if inside[s.path] is None} | nnx_bridge.island_kernels(bridged, candidates)
     covs, note, few = None, None, None
     if calibration is not None and problem is None:
         batches = rules.calibration_batches(calibration, example_args, example_kwargs)
         paths, note = calibrated_paths(candidates)
-        _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths],
+        _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths and
+                                                 inside[s.path] is None],
                                 example_kwargs, eval_mode, products)
         covs = {p: np.divide(s, record["counts"][p], out=s) for p, s in record["sums"].items()}
+        covs |= nnx_bridge.island_moments(model, batches, example_kwargs, eval_mode, [
+            s for s in candidates if s.path in paths and inside[s.path]], record["counts"])
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(record["counts"], candidates)
     net_macs, net_elementwise, net_constant, found = _net_cost(

@@ -1,15 +1,18 @@
 """Views of an NNX model that lrjax runs: an eval view (:func:`eval_view`), a call's keyword
 arguments holding NNX objects split off (:func:`graph_keywords`), an abstract run of the
-example call (:func:`run_abstractly`)."""
+example call (:func:`run_abstractly`), and the stand-ins marking each candidate layer's work
+while the whole net is costed (:class:`ScopedLayer`, :class:`ScopedCall`)."""
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
 
+from lrjax import macs
 from lrjax.linen_trace import with_constants_evaluated
 
-__all__ = ["EVAL_NOTE", "eval_view", "graph_keywords", "run_abstractly"]
+__all__ = ["EVAL_NOTE", "eval_view", "graph_keywords", "run_abstractly", "ScopedLayer",
+           "ScopedCall"]
 
 
 EVAL_NOTE = ("layers found and calibrated on an eval view of the model (batch norm on its "
@@ -81,3 +84,31 @@ def run_abstractly(model, example_args, example_kwargs, eval_mode) -> None:
         with_constants_evaluated(jax.eval_shape, call, state, *example_args)
     except (TypeError, jax.errors.ConcretizationTypeError):
         call(state, *example_args)
+
+
+class ScopedLayer(nnx.Module):
+    """Stands in for a candidate layer while the net is costed: its work marked as its own
+    (:func:`lrjax.macs.layer_scope`), counted over all its runs."""
+
+    def __init__(self, layer, index: int):
+        self.layer, self.index = layer, index
+
+    def __getattr__(self, name):  # model code reading its layer's attributes: o_proj.kernel
+        if name.startswith("_") or name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
+    def __call__(self, *args, **kwargs):
+        with macs.layer_scope(self.index):
+            return self.layer(*args, **kwargs)
+
+
+class ScopedCall(nnx.Module):
+    """:class:`ScopedLayer` in a subclass's base's call (:func:`lrjax.nnx_layers.hooked`)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, layer, base_call, *args, **kwargs):
+        with macs.layer_scope(self.index):
+            return base_call(*args, **kwargs)

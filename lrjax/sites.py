@@ -295,6 +295,17 @@ class ConvSite:
                                     groups=scaled(self.shape.groups))
         return dataclasses.replace(self, shape=shape, stack=stack)
 
+    def renamed(self, path: str, scale: float = 1.0) -> ConvSite:
+        """This layer's site named ``path`` (its kernel then read at ``path``'s keys), its
+        per-example work scaled by ``scale`` (a module run on ``scale`` times the model's
+        examples)."""
+        shape = None if self.shape is None else dataclasses.replace(
+            self.shape.times(scale), name=path, runs=tuple(dataclasses.replace(
+                r, name=path) for r in self.shape.times(scale).runs))
+        return dataclasses.replace(self, path=path, shape=shape,
+                                   param_cast_flops=self.param_cast_flops * scale,
+                                   parametrization_flops=self.parametrization_flops * scale)
+
 
 # what a subclass may define and still run its Flax base type's computation: the dataclass and
 # constructor machinery (field defaults are not methods), and in linen ``param``, which

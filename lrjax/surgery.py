@@ -49,6 +49,7 @@ from lrjax.layers import (
     module_path,
     split_type,
 )
+from lrjax.linen_kernels import SiteKernels, site_parameters, with_parametrization_flops
 from lrjax.linen_trace import abstract_init, constants_evaluated, layer_input, split_static, unjitted
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
 from lrjax.problem import RankProblem, variable_leaves
@@ -352,64 +353,21 @@ def calibration_moments(model: nn.Module, variables, calibration, paths,
 # Decomposition
 
 
-def _stored_parameters(flat, site: ConvSite) -> dict:
-    """The parameters of the scope holding ``site``'s kernel, by name."""
-    prefix = ("params", *site.kernel_key[:-1])
-    return {key[-1]: value for key, value in flat.items()
-            if len(key) == len(prefix) + 1 and key[:-1] == prefix}
+def layer_scopes(index: Mapping[str, int], prefix: str = ""):
+    """A linen interceptor marking each layer's work (a call of a layer named ``{prefix}/{its
+    path}`` in ``index``, :func:`lrjax.site_runs.layer_indices`) as that layer's in a traced
+    count (:func:`lrjax.macs.layer_scope`): each layer's runs counted."""
+    def scoped(next_fun, args, kwargs, context):
+        i = index.get("/".join(filter(None, (prefix, module_path(context.module))))) if \
+            context.method_name == "__call__" and (not delegates(context.module) or delegated_base(
+                context.module, context)) and not linen_products.runs_as_layer(context.module) \
+            else None  # (its layer's call is)
+        if i is None:
+            return next_fun(*args, **kwargs)
+        with macs.layer_scope(i):
+            return next_fun(*args, **kwargs)
 
-
-def _site_parameters(flat, site: ConvSite) -> dict:
-    """A parametrized layer's kernel and bias as its computation uses them."""
-    return site.parametrization(_stored_parameters(flat, site))
-
-
-def _with_parametrization_flops(found: list[ConvSite], flat, batch: int) -> list[ConvSite]:
-    """The sites with :attr:`ConvSite.parametrization_flops` set: XLA's count of each
-    parametrization, lowered (one count per layer type and parameter shapes), per example."""
-    counted, out = {}, []
-    for site in found:
-        if site.candidate and site.parametrization is not None:
-            stored = _stored_parameters(flat, site)
-            key = (sites.parametrization_key(site.parametrization),
-                   tuple(sorted((k, np.shape(v)) for k, v in stored.items())))
-            if key not in counted:
-                analysis = jax.jit(site.parametrization).lower(stored).cost_analysis()
-                counted[key] = float((analysis or {}).get("flops", 0.0))
-            site = dataclasses.replace(site, parametrization_flops=counted[key] / batch)
-        out.append(site)
-    return out
-
-
-class _Kernels(Mapping):
-    """``{path: HWIO kernel}`` of the candidates, read from a flat variable dict when first
-    asked for (a rank map naming a few layers never copies the others' kernels, e.g. VGG-16's
-    400 MB fc6); names and shapes are checked up front."""
-
-    def __init__(self, flat, candidates):
-        self._flat, self._sites, self._arrays, self._done = flat, {}, {}, {}
-        for s in candidates:
-            key = ("params", *s.kernel_key)
-            if key not in flat:
-                raise ValueError(f"variables have no kernel for layer {s.path!r} "
-                                 f"({'/'.join(key)})")
-            if s.parametrization is None:  # (else the kernel as used is checked: to_hwio)
-                s.check_kernel_shape(np.shape(flat[key]))
-            self._sites[s.path], self._arrays[s.path] = s, flat[key]
-
-    def __getitem__(self, path):
-        if path not in self._done:
-            site = self._sites[path]
-            kernel = self._arrays[path] if site.parametrization is None else \
-                _site_parameters(self._flat, site)["kernel"]
-            self._done[path] = site.to_hwio(kernel)
-        return self._done[path]
-
-    def __iter__(self):
-        return iter(self._sites)
-
-    def __len__(self):
-        return len(self._sites)
+    return scoped
 
 
 @linen_cells.as_sublayers()
@@ -422,7 +380,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     flat = _flat(variables)
     arrays, rebuild = split_static(example_args)
     candidates = [s for s in found if s.candidate]
-    kernels = _Kernels(flat, candidates)
+    kernels = SiteKernels(flat, candidates)
     covs, note, few = None, None, None
     if calibration is not None:
         paths, note = calibrated_paths(candidates)
@@ -432,22 +390,11 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                                    example_args, strict=False, counts_out=seen)
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(seen, candidates)
-    index = layer_indices(found)
-
-    def scoped(next_fun, args, kwargs, context):  # each layer's runs counted (layer_scope)
-        i = index.get(module_path(context.module)) if context.method_name == "__call__" and (
-            not delegates(context.module) or delegated_base(context.module, context)) and \
-            not linen_products.runs_as_layer(context.module) else None  # (its layer's call is)
-        if i is None:
-            return next_fun(*args, **kwargs)
-        with macs.layer_scope(i):
-            return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(scoped):
+    with nn.intercept_methods(layer_scopes(layer_indices(found))):
         counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
                                   variables, *arrays)
     batch = example_batch(arrays, counts["outputs"])
-    found = _with_parametrization_flops(found, flat, batch)
+    found = with_parametrization_flops(found, flat, batch)
     found = own_code.with_own_code(costed_as_run(found, counts, batch), counts["weighted"],
                                    own_code.variable_names(variables, collections=True), counts["total"])
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
@@ -455,7 +402,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                        tuple(filter(None, (note, few))), source=variable_leaves(variables))
 
 
-def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:
+def apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:
     """Replace each decomposed conv's kernel/bias in a flat variable dict by its factors."""
     out, factors = dict(flat), {}
     chosen = {p: r for p, r in ranks.items() if r is not None}
@@ -468,7 +415,7 @@ def _apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tup
         bias = out.pop((*prefix, "bias"), None) if site.shape.use_bias else None
         # (a product written by hand has no bias of its own: the module's stays the module's)
         if site.parametrization is not None and bias is not None:
-            bias = _site_parameters(flat, site)["bias"]
+            bias = site_parameters(flat, site)["bias"]
         del out[("params", *site.kernel_key)]
         vertical, horizontal = problem.site(path).factor_variables(factors[path])
         out[(*prefix, "vertical", "kernel")] = vertical
@@ -489,7 +436,7 @@ def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
     flat = _flat(variables)
 
     def score(ranks):
-        new_flat, _ = _apply_factors(flat, problem, ranks, batch=False)
+        new_flat, _ = apply_factors(flat, problem, ranks, batch=False)
         return float(eval_fn(LowRankModel.wrap(model, _call_ranks(problem, ranks)),
                              traverse_util.unflatten_dict(new_flat)))
 
@@ -553,7 +500,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
         problem.score = linen_scorer(model, variables, problem, rule.eval_fn)
     kept_full = {}
     ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
-    flat, factors = _apply_factors(_flat(variables), problem, ranks)
+    flat, factors = apply_factors(_flat(variables), problem, ranks)
     module = LowRankModel.wrap(model, _call_ranks(problem, ranks))
     expected = _flat(abstract_init(module, example_args, example_kwargs))
     problems = _structure_problems(expected, flat, extra_ok=_other_method(example_kwargs))

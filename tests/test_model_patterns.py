@@ -711,18 +711,6 @@ def test_scanned_blocks_export_to_onnx_unrolled(tmp_path):
     assert len(matmuls) == 2 + 3 * 2  # in, out, and each iteration's down and up
 
 
-class LinenInside(nnx.Module):
-    """An NNX model with a linen block through ``nnx.bridge.ToNNX`` (Flax's migration path)."""
-
-    def __init__(self, rngs):
-        self.stem = nnx.Conv(8, 16, (3, 3), rngs=rngs)
-        self.block = nnx.bridge.ToNNX(Block(), rngs=rngs)
-        self.head = nnx.Linear(16, 10, rngs=rngs)
-
-    def __call__(self, x):
-        return self.head(self.block(self.stem(x)).mean((1, 2)))
-
-
 class NNXBlock(nnx.Module):
     def __init__(self, rngs):
         self.a = nnx.Conv(16, 16, (3, 3), rngs=rngs)
@@ -742,20 +730,10 @@ class NNXInside(nn.Module):
         return nn.Dense(10, name="head")(x.mean((1, 2)))
 
 
-def test_modules_across_the_nnx_bridge_are_listed_and_kept():
+def test_nnx_modules_inside_to_linen_are_listed_and_kept():
     """Before: the bridged block's layers were neither found nor listed; the cost put them in
-    "what no rule can change" without a word."""
-    model = LinenInside(nnx.Rngs(0))
-    nnx.bridge.lazy_init(model, X)
-    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
-    assert not found["block"].candidate and "nnx.bridge.ToNNX" in found["block"].skip
-    assert found["stem"].candidate
-    result = lrjax.decompose_nnx(model, X, rule={"stem": 24})
-    np.testing.assert_allclose(result.module(X), model(X), atol=1e-4)
-    assert "left as is: block: a linen module run inside nnx.bridge.ToNNX" in result.report.table()
-    with pytest.raises(ValueError, match="left as it is .*block: a linen module run inside"):
-        lrjax.decompose_nnx(model, X, rule="speedup:1.8")
-
+    "what no rule can change" without a word. (Linen modules inside ``nnx.bridge.ToNNX`` are
+    split: tests/test_bridge.py.)"""
     linen_model = NNXInside()
     variables = init(linen_model, 0, X)
     found = {s.path: s for s in lrjax.surgery.find_convs(linen_model, X)}
