@@ -13,7 +13,7 @@ import contextlib
 
 import flax.linen as nn
 
-from lrjax import linen_products, linen_trace, linen_written
+from lrjax import linen_bridge, linen_products, linen_trace, linen_written
 
 __all__ = ["as_sublayers"]
 
@@ -52,11 +52,13 @@ def _lstm_as_dense(next_fun, args, kwargs, context):
 def as_sublayers():
     """Within it, the layers of this module run as their sublayers (``nn.OptimizedLSTMCell`` as
     its gates' ``nn.Dense`` layers), dense layers written by hand as ``nn.Dense``
-    (:mod:`lrjax.linen_written`), and products a module's own code computes with its
+    (:mod:`lrjax.linen_written`), an NNX module's Flax layers inside ``nnx.bridge.ToLinen`` as
+    linen layers (:mod:`lrjax.linen_bridge`), and products a module's own code computes with its
     parameters as Flax layers (:mod:`lrjax.linen_products`), and ``nn.jit``-ed methods traced
     at every call (:func:`lrjax.linen_trace.retraced_lifted_jit`); usable as a decorator."""
     # (the first one entered is the outermost: a dense layer written by hand runs as nn.Dense
     # before its call could be traced as a written product)
-    with linen_trace.retraced_lifted_jit(), nn.intercept_methods(linen_written.as_dense), \
+    with linen_trace.retraced_lifted_jit(), nn.intercept_methods(linen_bridge.as_linen_layers), \
+            nn.intercept_methods(linen_written.as_dense), \
             nn.intercept_methods(linen_products.as_layer), nn.intercept_methods(_lstm_as_dense):
         yield

@@ -27,7 +27,7 @@ from flax import nnx, traverse_util
 from flax.nnx import bridge
 from flax.nnx.bridge import variables as bridge_variables
 
-from lrjax import nnx_products, site_runs, surgery
+from lrjax import linen_cells, nnx_products, site_runs, surgery
 from lrjax.layers import LowRankModel
 from lrjax.linen_kernels import SiteKernels, with_parametrization_flops
 from lrjax.linen_trace import with_constants_evaluated
@@ -81,7 +81,7 @@ def scoping(node, index: dict, path: str):
     base, intercept = type(node), surgery.layer_scopes(index, prefix=path)
 
     def __call__(self, *args, **kwargs):
-        with nn.intercept_methods(intercept):
+        with linen_cells.as_sublayers(), nn.intercept_methods(intercept):  # (as linen's cost)
             return base.__call__(self, *args, **kwargs)
 
     node.__class__ = type(f"Scoped{base.__name__}", (base,), {"__call__": __call__})

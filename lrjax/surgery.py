@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from flax.nnx import bridge
 
 from lrjax import boxes, lapack, linen_cells, linen_moments, linen_products, macs, own_code, rules, sites
 from lrjax import ranks as rank_lib
@@ -49,6 +48,7 @@ from lrjax.layers import (
     module_path,
     split_type,
 )
+from lrjax.linen_bridge import string_keys
 from lrjax.linen_kernels import SiteKernels, site_parameters, with_parametrization_flops
 from lrjax.linen_trace import abstract_init, constants_evaluated, layer_input, split_static, unjitted
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
@@ -108,8 +108,6 @@ DETACHED = ("applied inside another layer with the parameters that layer gives i
 _WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
 MAPPED = ("its variables pass through nn.map_variables: it computes with trans_in_fn of the "
           "stored kernel, not the kernel lrjax would split")
-BRIDGED = ("an NNX module run inside nnx.bridge.ToLinen: lrjax does not reach into the bridge "
-           "(its layers are left as they are); decompose that NNX module with decompose_nnx")
 # linear layers seen and left as they are, with the reason
 _UNSPLIT = {
     nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
@@ -190,8 +188,6 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                                        sites.wrapped_reason(wrapper))
             elif linear and _mapped(module):
                 found[path] = ConvSite(path, None, skip=MAPPED)
-            elif isinstance(module, bridge.ToLinen):
-                found[path] = ConvSite(path, None, skip=BRIDGED)
             elif type(module) in _UNSPLIT:
                 found[path] = ConvSite(path, None, skip=_UNSPLIT[type(module)])
             elif isinstance(module, (nn.Conv, nn.ConvTranspose, LowRankConv, nn.Dense,
@@ -376,7 +372,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     """The :class:`RankProblem` of a linen model and its variables (calibrated if asked)."""
     model = unjitted(model)
     found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
-    variables = boxes.unboxed(variables)
+    variables = boxes.unboxed(string_keys(variables))
     flat = _flat(variables)
     arrays, rebuild = split_static(example_args)
     candidates = [s for s in found if s.candidate]
@@ -491,7 +487,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     if isinstance(model, LowRankModel):
         raise ValueError("decompose_linen takes the full-rank model, not a LowRankModel")
     model = unjitted(model)  # nn.jit(Net)(): Net (the same variables), so its calls are seen
-    rule = rules.parse_rule(rule, multiple=multiple)
+    rule, variables = rules.parse_rule(rule, multiple=multiple), string_keys(variables)
     check_variables(model, variables, *example_args, **example_kwargs)
     boxed = traverse_util.flatten_dict(dict(variables))  # boxes given back to the factors
     problem = rank_problem(model, variables, example_args, example_kwargs, multiple=rule.multiple,
@@ -539,7 +535,7 @@ def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: 
       A :class:`lrjax.ranks.SearchResult`; its ``ranks`` can be passed as ``rule=`` to
       :func:`decompose_linen`.
     """
-    model = unjitted(model)
+    model, variables = unjitted(model), string_keys(variables)
     check_variables(model, variables, *example_args, **example_kwargs)
     problem = rank_problem(model, variables, example_args, example_kwargs,
                            calibration=calibration, multiple=multiple)

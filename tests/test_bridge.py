@@ -26,17 +26,29 @@ class LinenBlock(nn.Module):
         return nn.Dense(32)(x)
 
 
+class LinenDot(nn.Module):
+    """The Flax bridge guide's linen module: its own parameter and product."""
+
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.out_dim))
+
+
 class Bridged(nnx.Module):
-    """An NNX net with a linen block and a bare linen layer inside ``ToNNX`` wrappers."""
+    """An NNX net with a linen block, a bare linen layer and a linen module of its own inside
+    ``ToNNX`` wrappers."""
 
     def __init__(self, rngs):
         self.stem = nnx.Conv(3, 32, (3, 3), rngs=rngs)
         self.block = nnx.bridge.ToNNX(LinenBlock(), rngs=rngs)
         self.proj = nnx.bridge.ToNNX(nn.Dense(48), rngs=rngs)
+        self.dot = nnx.bridge.ToNNX(LinenDot(48), rngs=rngs)
         self.head = nnx.Linear(48, 10, rngs=rngs)
 
     def __call__(self, x):
-        x = self.proj(self.block(nnx.relu(self.stem(x))))
+        x = self.dot(nnx.relu(self.proj(self.block(nnx.relu(self.stem(x))))))
         return self.head(x.mean((1, 2)))
 
 
@@ -60,18 +72,19 @@ def test_linen_layers_inside_to_nnx_are_split_as_layers_of_the_net(tmp_path):
     model = bridged()
     y = model(X)
     found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
-    assert {"stem", "block/Conv_0", "block/Dense_0", "proj", "head"} <= set(found)
-    assert all(found[p].candidate for p in ("block/Conv_0", "block/Dense_0", "proj"))
+    assert {"stem", "block/Conv_0", "block/Dense_0", "proj", "dot", "head"} <= set(found)
+    assert all(found[p].candidate for p in ("block/Conv_0", "block/Dense_0", "proj", "dot"))
     assert "block" not in found
 
     full = lrjax.decompose_nnx(model, X, rule={"block/Conv_0": 96, "block/Dense_0": 32,
-                                               "proj": 32})
+                                               "proj": 32, "dot": 48})
     assert _relative(full.module(X), y) < 1e-5
     state = nnx.state(full.module.block)
     assert state["Conv_0"]["vertical"]["kernel"][...].shape == (3, 1, 32, 96)
     assert state["Conv_0"]["horizontal"]["kernel"][...].shape == (1, 3, 96, 32)
     assert "kernel" not in state["Conv_0"] and "BatchNorm_0" in state
     assert nnx.state(full.module.proj)["vertical"]["kernel"][...].shape == (32, 32)
+    assert nnx.state(full.module.dot)["horizontal"]["kernel"][...].shape == (48, 48)
     assert nnx.state(model.block)["Conv_0"]["kernel"][...].shape == (3, 3, 32, 32)  # untouched
 
     data_free = lrjax.decompose_nnx(model, X, rule="speedup:2")
@@ -81,10 +94,10 @@ def test_linen_layers_inside_to_nnx_are_split_as_layers_of_the_net(tmp_path):
                                            rel=1e-6)
     assert before / after >= 2.0
     assert {p for p, r in data_free.ranks.items() if r is not None} & {
-        "block/Conv_0", "block/Dense_0", "proj"}
+        "block/Conv_0", "block/Dense_0", "proj", "dot"}
 
     calibration = jax.random.normal(jax.random.key(5), (64, 12, 12, 3))
-    ranks = {"block/Conv_0": 6, "block/Dense_0": 8, "proj": 8}
+    ranks = {"block/Conv_0": 6, "block/Dense_0": 8, "proj": 8, "dot": 8}
     calibrated = lrjax.decompose_nnx(model, X, rule=ranks, calibration=calibration)
     assert not [n for n in calibrated.report.notes if "data-free" in n]
     plain = lrjax.decompose_nnx(model, X, rule=ranks)
@@ -157,3 +170,86 @@ def test_a_wrappers_methods_and_repeated_calls_are_split_over_every_call(tmp_pat
                                                rel=1e-6)
     onnx_result = export.to_onnx(calibrated.module, None, (X,), str(tmp_path / "e.onnx"))
     assert onnx_result.max_abs_error <= export.ATOL + export.RTOL * onnx_result.scale
+
+
+class Stage(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+        self.norm = nnx.BatchNorm(16, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.norm(self.conv(x)))
+
+
+class NNXBlock(nnx.Module):
+    """An NNX block with a conv, a list of stages (integer keys in ``ToLinen``'s variables) and
+    a dense layer."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+        self.stages = nnx.List([Stage(rngs), Stage(rngs)])
+        self.lin = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.a(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.lin(x)
+
+
+class NNXInside(nn.Module):
+    """A linen model with an NNX block through ``nnx.bridge.to_linen``."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), name="stem")(x)
+        x = nnx.bridge.to_linen(NNXBlock, name="block")(x)
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def test_nnx_layers_inside_to_linen_are_split_as_linen_layers(tmp_path):
+    """Before: the wrapper was listed as one layer left as it is ("lrjax does not reach into the
+    bridge"), its work a fixed cost."""
+    model = NNXInside()
+    variables = model.init(jax.random.key(0), X)
+    assert 0 in variables["params"]["block"]["stages"]  # Flax's integer keys
+    variables = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(1), v.shape),
+                             variables)
+    y = model.apply(variables, X)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, X)}
+    inner = ("block/a", "block/stages/0/conv", "block/stages/1/conv", "block/lin")
+    assert all(found[p].candidate for p in inner) and "block" not in found
+
+    full = lrjax.decompose_linen(model, variables, X, rule=dict.fromkeys(inner[:3], 48))
+    assert _relative(full.module.apply(full.variables, X), y) < 1e-5
+    stage = full.variables["params"]["block"]["stages"]["0"]
+    assert stage["conv"]["vertical"]["kernel"].shape == (3, 1, 16, 48)
+    assert "scale" in stage["norm"] and "mean" in full.variables["batch_stats"]["block"][
+        "stages"]["1"]["norm"]
+
+    for calibration in (None, X):
+        result = lrjax.decompose_linen(model, variables, X, rule="speedup:2",
+                                       calibration=calibration)
+        before, after = result.report.net_flops
+        assert before * len(X) == pytest.approx(
+            lowered_flops(lambda v, x: model.apply(v, x), variables, X), rel=1e-6)
+        assert after * len(X) == pytest.approx(
+            lowered_flops(lambda v, x: result.module.apply(v, x), result.variables, X), rel=1e-6)
+        assert set(inner[:3]) & {p for p, r in result.ranks.items() if r is not None}
+
+    ranks = dict.fromkeys(inner[:3], 6)
+    calibration = jax.random.normal(jax.random.key(5), (32, 12, 12, 3))
+    calibrated = lrjax.decompose_linen(model, variables, X, rule=ranks, calibration=calibration)
+    plain = lrjax.decompose_linen(model, variables, X, rule=ranks)
+    held_out = jax.random.normal(jax.random.key(6), (16, 12, 12, 3))
+    target = model.apply(variables, held_out)
+    assert _relative(calibrated.module.apply(calibrated.variables, held_out), target) < \
+        _relative(plain.module.apply(plain.variables, held_out), target)
+
+    onnx_result = export.to_onnx(calibrated.module, calibrated.variables, X,
+                                 str(tmp_path / "l.onnx"))
+    assert onnx_result.max_abs_error <= export.ATOL + export.RTOL * onnx_result.scale
+    lrjax.save_decomposed(str(tmp_path / "saved"), calibrated)
+    module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
+    np.testing.assert_allclose(module.apply(loaded, X),
+                               calibrated.module.apply(calibrated.variables, X), atol=1e-6)

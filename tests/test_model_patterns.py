@@ -711,40 +711,6 @@ def test_scanned_blocks_export_to_onnx_unrolled(tmp_path):
     assert len(matmuls) == 2 + 3 * 2  # in, out, and each iteration's down and up
 
 
-class NNXBlock(nnx.Module):
-    def __init__(self, rngs):
-        self.a = nnx.Conv(16, 16, (3, 3), rngs=rngs)
-        self.b = nnx.Conv(16, 16, (3, 3), rngs=rngs)
-
-    def __call__(self, x):
-        return x + self.b(nnx.relu(self.a(x)))
-
-
-class NNXInside(nn.Module):
-    """A linen model with an NNX block through ``nnx.bridge.to_linen``."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Conv(16, (3, 3), name="stem")(x)
-        x = nnx.bridge.to_linen(NNXBlock, name="block")(x)
-        return nn.Dense(10, name="head")(x.mean((1, 2)))
-
-
-def test_nnx_modules_inside_to_linen_are_listed_and_kept():
-    """Before: the bridged block's layers were neither found nor listed; the cost put them in
-    "what no rule can change" without a word. (Linen modules inside ``nnx.bridge.ToNNX`` are
-    split: tests/test_bridge.py.)"""
-    linen_model = NNXInside()
-    variables = init(linen_model, 0, X)
-    found = {s.path: s for s in lrjax.surgery.find_convs(linen_model, X)}
-    assert not found["block"].candidate and "nnx.bridge.ToLinen" in found["block"].skip
-    result = lrjax.decompose_linen(linen_model, variables, X, rule={"stem": 24})
-    np.testing.assert_allclose(apply(result.module, result.variables, X),
-                               apply(linen_model, variables, X), atol=1e-4)
-    assert "left as is: block: an NNX module run inside nnx.bridge.ToLinen" in \
-        result.report.table()
-
-
 class SharedAndLooped(nn.Module):
     """One conv applied twice (shared weights), and a conv run by a scan whose parameters are
     broadcast (a weight-tied recurrence: one kernel, three runs)."""
