@@ -234,7 +234,7 @@ def test_nnx_layers_inside_to_linen_are_split_as_linen_layers(tmp_path):
         assert before * len(X) == pytest.approx(
             lowered_flops(lambda v, x: model.apply(v, x), variables, X), rel=1e-6)
         assert after * len(X) == pytest.approx(
-            lowered_flops(lambda v, x: result.module.apply(v, x), result.variables, X), rel=1e-6)
+            lowered_flops(result.module.apply, result.variables, X), rel=1e-6)
         assert set(inner[:3]) & {p for p, r in result.ranks.items() if r is not None}
 
     ranks = dict.fromkeys(inner[:3], 6)
