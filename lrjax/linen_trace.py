@@ -71,15 +71,27 @@ def abstract_init(model: nn.Module, args, kwargs, interceptor=None, with_output=
     init = model.init_with_output if with_output else model.init
 
     def trace(rngs, *traced):  # the keys traced too: no initializer runs on concrete values
-        if interceptor is None:
-            return init(rngs, *rebuild(traced), **kwargs)
-        with nn.intercept_methods(interceptor):
-            return init(rngs, *rebuild(traced), **kwargs)
+        with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
+            return as_jax_types(init(rngs, *rebuild(traced), **kwargs))
 
     try:
         return jax.eval_shape(trace, rngs, *arrays)
     except jax.errors.ConcretizationTypeError as e:
         raise Untraceable(untraceable(e)) from None
+
+
+def as_jax_types(tree):
+    """``tree`` with each leaf that is no array or number (an object a method returns: diffusers'
+    ``latent_dist``, a ``FlaxDiagonalGaussianDistribution``) as the dict of its array
+    attributes, so that a trace may return it."""
+    def leaf(value):
+        if isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, complex)) or \
+                value is None:
+            return value
+        return {k: v for k, v in vars(value).items() if isinstance(v, jax.Array)} if hasattr(
+            value, "__dict__") else None
+
+    return jax.tree.map(leaf, tree)
 
 
 class Untraceable(ValueError):

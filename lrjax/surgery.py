@@ -50,7 +50,14 @@ from lrjax.layers import (
 )
 from lrjax.linen_bridge import string_keys
 from lrjax.linen_kernels import SiteKernels, site_parameters, with_parametrization_flops
-from lrjax.linen_trace import abstract_init, constants_evaluated, layer_input, split_static, unjitted
+from lrjax.linen_trace import (
+    abstract_init,
+    as_jax_types,
+    constants_evaluated,
+    layer_input,
+    split_static,
+    unjitted,
+)
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
@@ -287,7 +294,7 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
 
     def call(v, *traced):  # (given as shapes by the exporters) traced too
         args = rebuild(traced)
-        return model.apply(v, *args[:n], **dict(zip(names, args[n:], strict=True)))
+        return as_jax_types(model.apply(v, *args[:n], **dict(zip(names, args[n:], strict=True))))
 
     try:
         jax.eval_shape(call, variables, *arrays)
@@ -387,8 +394,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(seen, candidates)
     with nn.intercept_methods(layer_scopes(layer_indices(found))):
-        counts = macs.traced_macs(lambda v, *t: model.apply(v, *rebuild(t), **example_kwargs),
-                                  variables, *arrays)
+        counts = macs.traced_macs(lambda v, *t: as_jax_types(
+            model.apply(v, *rebuild(t), **example_kwargs)), variables, *arrays)
     batch = example_batch(arrays, counts["outputs"])
     found = with_parametrization_flops(found, flat, batch)
     found = own_code.with_own_code(costed_as_run(found, counts, batch), counts["weighted"],
@@ -511,7 +518,8 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     if any(problem.site(p).written for p in factors):  # their kernel read elsewhere: an error
         arrays, rebuild = split_static(example_args)
         linen_products.check_unread(
-            lambda v, *t: module.apply(v, *rebuild(t), **example_kwargs), new_variables, *arrays)
+            lambda v, *t: as_jax_types(module.apply(v, *rebuild(t), **example_kwargs)), new_variables,
+            *arrays)
     report = build_report(problem, ranks, factors, kept_full)
     return Decomposition(module, new_variables, report, problem)
 

@@ -113,15 +113,23 @@ def test_linen_layers_inside_to_nnx_are_split_as_layers_of_the_net(tmp_path):
     np.testing.assert_allclose(loaded(X), data_free.module(X), rtol=1e-5, atol=1e-6)
 
 
+class Posterior:
+    """A plain Python object holding arrays, as diffusers' VAE ``encode`` returns (its
+    ``latent_dist``, a ``FlaxDiagonalGaussianDistribution``): no JAX type."""
+
+    def __init__(self, moments):
+        self.mean, self.logvar = jnp.split(moments, 2, axis=-1)
+
+
 class Autoencoder(nn.Module):
     """A linen model with ``encode`` and ``decode`` methods (diffusers' VAE has them)."""
 
     def setup(self):
-        self.down = nn.Conv(32, (3, 3), strides=(2, 2))
+        self.down = nn.Conv(64, (3, 3), strides=(2, 2))
         self.up = nn.ConvTranspose(16, (2, 2), strides=(2, 2))
 
     def encode(self, x):
-        return self.down(x)
+        return Posterior(self.down(x))
 
     def decode(self, z):
         return self.up(z)
@@ -140,13 +148,14 @@ class Encoded(nnx.Module):
         self.head = nnx.Linear(16, 10, rngs=rngs)
 
     def __call__(self, x):
-        z = self.twice(nnx.relu(self.twice(self.vae.encode(x))))
+        z = self.twice(nnx.relu(self.twice(self.vae.encode(x).mean)))
         return self.head(nnx.relu(self.vae.decode(z)).mean((1, 2)))
 
 
 def test_a_wrappers_methods_and_repeated_calls_are_split_over_every_call(tmp_path):
     """Before: the wrapper was listed as one layer left as it is; the first version of the
-    bridge took one call of a wrapper only."""
+    bridge took one call of a wrapper only; a linen method returning an object that is no JAX
+    type failed to trace ("not a valid JAX type"), in the bridge and in ``decompose_linen``."""
     model = Encoded(nnx.Rngs(0))
     y = model(X)
     found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
@@ -170,6 +179,12 @@ def test_a_wrappers_methods_and_repeated_calls_are_split_over_every_call(tmp_pat
                                                rel=1e-6)
     onnx_result = export.to_onnx(calibrated.module, None, (X,), str(tmp_path / "e.onnx"))
     assert onnx_result.max_abs_error <= export.ATOL + export.RTOL * onnx_result.scale
+
+    vae, variables = Autoencoder(), lrjax.nnx_bridge.linen_variables(model.vae)
+    result = lrjax.decompose_linen(vae, variables, X, rule={"down": 9}, method="encode")
+    np.testing.assert_allclose(
+        result.module.apply(result.variables, X, method="encode").mean,
+        vae.apply(variables, X, method="encode").mean, atol=1e-5)
 
 
 class Stage(nnx.Module):
