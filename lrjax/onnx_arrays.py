@@ -183,8 +183,9 @@ def gather_nd(c, args, params, aval):
     indexing of several axes) as one ONNX ``GatherND``: the operand transposed to (batching axes,
     indexed axes, the rest), the indices to (their batching axes, the others, the index vector),
     ``batch_dims`` the batching axes, the result transposed to the gather's order. Constant
-    indices out of range fail here; indices of the data must be in range (ONNX Runtime rejects
-    others, where JAX fills or clips them)."""
+    indices out of range fail here. ONNX Runtime rejects indices out of range, which JAX clamps
+    or fills: indices of the data are clamped into range, and where JAX's ``FILL_OR_DROP`` mode
+    fills, the gathered values are its fill value."""
     x, idx = args
     dn, sizes, shape = params["dimension_numbers"], params["slice_sizes"], np.shape(x)
     batching, mapped = tuple(dn.operand_batching_dims), tuple(int(i) for i in dn.start_index_map)
@@ -220,7 +221,24 @@ def gather_nd(c, args, params, aval):
     index = c.nhwc(idx) if isinstance(idx, Tensor) else c.g.const(np.asarray(idx))
     index = c.g.node("Transpose", [c.g.node("Cast", [index], to=onnx_dtype(np.int64))],
                      perm=idx_order + [idx_rank - 1])
+    valid = None
+    if isinstance(idx, Tensor):  # as JAX: clamped, or filled (along a symbolic axis: as given)
+        clamped = c.g.node("Min", [c.g.node("Max", [index, c.g.ints(0)]), c.g.ints([
+            int(shape[i]) - 1 if concrete(shape[i]) else INT64_MAX for i in indexed])])
+        if params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
+            valid = c.g.node("ReduceMin", [c.g.node("Cast", [c.g.node("Equal", [
+                index, clamped])], to=onnx_dtype(np.int32))], axes=[-1], keepdims=0)
+        index = clamped
     y = c.g.node("GatherND", [data, index], batch_dims=len(batching))
+    if valid is not None:  # the fill value where an index was out of range
+        fill = params.get("fill_value")
+        dtype = np.dtype(aval.dtype)
+        fill = fill if fill is not None else np.nan if np.issubdtype(dtype, np.inexact) else \
+            True if dtype == np.dtype(bool) else np.iinfo(dtype).min if np.issubdtype(
+                dtype, np.signedinteger) else np.iinfo(dtype).max
+        valid = c.g.node("Cast", [c.g.node("Unsqueeze", [valid, c.g.ints(list(range(
+            idx_rank - 1, idx_rank - 1 + len(rest))))])], to=onnx_dtype(bool))
+        y = c.g.node("Where", [valid, y, c.g.const(np.asarray(fill, dtype))])
     offsets, out_perm, k = tuple(dn.offset_dims), [], 0
     for p in range(len(aval.shape)):  # each output axis: where GatherND put it
         if p in offsets:

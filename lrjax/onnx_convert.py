@@ -41,7 +41,7 @@ from lrjax.onnx_graph import (
     same_dim,
     value_info,
 )
-from lrjax.onnx_loops import select_branch, unroll_scan
+from lrjax.onnx_loops import select_branch, unroll_scan, while_loop
 
 __all__ = ["jaxpr_to_onnx", "TranslationError", "HANDLERS", "OPSET"]
 
@@ -125,8 +125,8 @@ class _Converter:
                 branch = eqn.params["branches"][int(np.clip(args[0], 0, len(  # (Jet's coupling
                     eqn.params["branches"]) - 1))]  # kind, per unrolled scan iteration)
                 return self.run(branch.jaxpr, branch.consts, args[1:], where)
-            if name == "cond":  # on data: every branch, then Where
-                return select_branch(self, eqn, args, where)
+            if name in ("cond", "while"):  # on data: every branch, then Where; ONNX's Loop
+                return (select_branch if name == "cond" else while_loop)(self, eqn, args, where)
             shapes = [tuple(getattr(o.aval, "shape", (1,))) for o in eqn.outvars]
             if all(all(map(concrete, s)) and 0 in s for s in shapes):  # empty (jnp.pad's edge
                 return [np.zeros(s, o.aval.dtype) for s, o in zip(  # mode): no values to

@@ -8,7 +8,10 @@ iteration's convs and matmuls get their own constant weights, as an unstacked mo
 ONNX Runtime optimises each as a plain layer. The per-iteration outputs are stacked again
 (``Unsqueeze`` + ``Concat``). ONNX's own ``Loop`` would keep one body but read its weights by a
 ``Gather`` per iteration, which ONNX Runtime cannot pre-pack or fuse. A ``while`` loop (a
-``fori_loop`` with traced bounds) has no static length and is not translated.
+``fori_loop`` with traced bounds, a detector's non-maximum suppression, a solver run to a
+tolerance) has no static length: it is ONNX's ``Loop`` with no trip count, its body the loop's
+body and then its condition on the new carries; one whose condition reads constants alone runs
+unrolled.
 
 A ``cond`` whose branch index is known at export runs that branch alone (the converter's own
 case); one whose index is a value of the graph (``lax.cond(x.mean() > 0, ...)``, ``lax.switch``
@@ -21,10 +24,14 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import onnx
+from onnx import helper
 
-from lrjax.onnx_graph import Tensor, TranslationError
+from lrjax.onnx_graph import Tensor, TranslationError, value_info
 
-__all__ = ["unroll_scan", "select_branch"]
+__all__ = ["unroll_scan", "select_branch", "while_loop"]
+
+_UNROLLED_MOST = 10_000  # iterations of a while loop of constant condition unrolled at most
 
 
 def unroll_scan(converter, eqn, args, where: str) -> list:
@@ -101,3 +108,48 @@ def select_branch(converter, eqn, args, where: str) -> list:
         selected = [converter.where(taken, mine, other, var.aval)
                     for mine, other, var in zip(outs[k], selected, eqn.outvars, strict=True)]
     return selected
+
+
+def while_loop(converter, eqn, args, where: str) -> list:
+    """The outputs of a ``while`` equation (its final carries). Its condition on the initial
+    carries is computed first; while it is a constant (it reads no graph value) the body runs
+    unrolled; else the loop is ONNX's ``Loop`` (no trip count): its body subgraph computes the
+    jaxpr's body, then its condition on the new carries, every carry in its logical layout."""
+    params, g = eqn.params, converter.g
+    cond, body = params["cond_jaxpr"], params["body_jaxpr"]
+    n_cond, n_body = int(params["cond_nconsts"]), int(params["body_nconsts"])
+    cond_consts, body_consts = args[:n_cond], args[n_cond:n_cond + n_body]
+    carry = list(args[n_cond + n_body:])
+    for _ in range(_UNROLLED_MOST):
+        go = converter.run(cond.jaxpr, cond.consts, [*cond_consts, *carry], where)[0]
+        if isinstance(go, Tensor):
+            break
+        if not bool(np.asarray(go)):
+            return carry
+        carry = converter.run(body.jaxpr, body.consts, [*body_consts, *carry], where)
+    else:
+        raise TranslationError(f"a while loop of constant condition ran {_UNROLLED_MOST} "
+                               "iterations without stopping")
+    avals = [v.aval for v in eqn.outvars]
+    names = [converter.nhwc(c) if isinstance(c, Tensor) else g.const(np.asarray(c, a.dtype))
+             for c, a in zip(carry, avals, strict=True)]
+    outer_nodes, outer_batch = g.nodes, converter._batch  # noqa: SLF001 - the body's own
+    g.nodes, converter._batch = [], None  # (a batch size read inside stays inside)
+    step, flag = g.name("iteration"), g.name("condition")
+    inside = [Tensor(g.name("carry"), tuple(a.shape)) for a in avals]
+    new = converter.run(body.jaxpr, body.consts, [*body_consts, *inside], f"{where}/while")
+    again = converter.run(cond.jaxpr, cond.consts, [*cond_consts, *new], f"{where}/while")[0]
+    outputs = [g.node("Identity", [converter.nhwc(v) if isinstance(v, Tensor) else g.const(
+        np.asarray(v, a.dtype))], "body_out") for v, a in zip([again, *new], [
+            cond.out_avals[0], *avals], strict=True)]
+    graph = helper.make_graph(
+        g.nodes, g.name("while_body"),
+        [helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []),
+         *(value_info(t.name, a) for t, a in zip(inside, avals, strict=True))],
+        [value_info(o, a) for o, a in zip(outputs, [cond.out_avals[0], *avals], strict=True)])
+    g.nodes, converter._batch = outer_nodes, outer_batch  # noqa: SLF001
+    results = [g.name("while_out") for _ in avals]
+    g.nodes.append(helper.make_node("Loop", ["", converter.nhwc(go), *names], results,
+                                    body=graph))
+    return [Tensor(r, tuple(a.shape)) for r, a in zip(results, avals, strict=True)]

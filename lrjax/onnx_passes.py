@@ -17,6 +17,17 @@ def _per_channel(value: np.ndarray, n: int):
     return None
 
 
+def _inside(node) -> set[str]:
+    """The names a node's subgraphs read (a ``Loop`` body's outer-scope values and constants)."""
+    names = set()
+    for attribute in node.attribute:
+        for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+            for inner in sub.node:
+                names.update(inner.input)
+                names.update(_inside(inner))
+    return names
+
+
 def fold_conv_affine(model) -> int:
     """Fold per-channel ``Mul``/``Add``/``Sub`` by constants that directly follow a ``Conv`` (batch
     norm in inference, biases) into the conv's weight and bias, in place; returns how many were
@@ -28,7 +39,7 @@ def fold_conv_affine(model) -> int:
     while True:
         consumers: dict[str, list] = {}
         for node in graph.node:
-            for name in node.input:
+            for name in (*node.input, *_inside(node)):  # (a loop body reading it: not folded)
                 consumers.setdefault(name, []).append(node)
         match = None
         for node in graph.node:
@@ -70,7 +81,7 @@ def fold_conv_affine(model) -> int:
         graph.node.remove(node)
         graph.node.insert(index, conv)
         folded += 1
-    used = {name for n in graph.node for name in n.input}
+    used = {name for n in graph.node for name in (*n.input, *_inside(n))}
     for tensor in list(graph.initializer):
         if tensor.name not in used:
             graph.initializer.remove(tensor)

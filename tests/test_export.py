@@ -595,3 +595,39 @@ def test_rank_five_and_element_wise_einsums_export_to_litert(tmp_path):
         result = exporter(split.module, split.variables, (x,),
                           str(tmp_path / f"m.{exporter.__name__}"))
         assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
+
+
+class Iterated(nnx.Module):
+    """A conv applied until its output settles (a deep-equilibrium or refinement step), for an
+    iteration count each input decides: an ``nnx.while_loop``."""
+
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.step = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        def body(carry):
+            model, count, h = carry
+            return model, count + 1, 0.5 * h + 0.1 * jnp.tanh(model.step(h))
+
+        _, count, h = nnx.while_loop(lambda c: (jnp.abs(c[2]).max() > 0.05) & (c[1] < 6), body,
+                                     (self, 0, self.stem(x)))
+        return self.head(h.mean((1, 2))) + count
+
+
+def test_a_while_loop_of_data_dependent_length_exports_to_onnx_as_a_loop(tmp_path):
+    """Before: "cannot export primitive 'while'" (scenic's CenterNet2, whose suppression is a
+    while loop, exported to LiteRT only). The loop is ONNX's ``Loop``; its decomposed conv
+    runs inside the loop body, read from the outer graph's constants (kept by the graph
+    passes, which look into subgraphs)."""
+    model = Iterated(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    result = lrjax.decompose_nnx(model, x, rule={"step": 12})
+    for name, module in (("full", model), ("split", result.module)):
+        onnx_result = export.to_onnx(module, None, (x,), str(tmp_path / f"{name}.onnx"))
+        assert onnx_result.max_abs_error <= export.ATOL + export.RTOL * onnx_result.scale
+        graph = onnx.load(onnx_result.path).graph
+        loop = next(n for n in graph.node if n.op_type == "Loop")
+        assert sum(n.op_type == "Conv" for n in loop.attribute[0].g.node) == (
+            1 if module is model else 2)
