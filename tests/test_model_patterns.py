@@ -269,6 +269,13 @@ def test_a_bfloat16_model_gets_one_export_error_line(tmp_path):
                                                  r"\(linear.py:\d+\): .*computes in bfloat16"):
         export.to_tflite(model, variables, X, str(tmp_path / "bf16.tflite"))
     assert not os.listdir(tmp_path)
+    # float16 convs (a public DDPM U-Net's `nn.Conv(..., dtype=jnp.float16)`): ONNX Runtime takes
+    # them; the converter does not ("failed to legalize operation 'tfl.pad'", no hint before)
+    model = nn.Conv(8, (3, 3), padding="same", dtype=jnp.float16)
+    variables = init(model, 0, X)
+    with pytest.raises(export.ExportError, match=r"^the TFLite converter failed at layer .*"
+                                                 r"computes in float16.*compute_dtype="):
+        export.to_tflite(model, variables, X, str(tmp_path / "f16.tflite"))
 
     class Casts(nn.Module):  # float32 weights, a product cast to bfloat16 (bonsai's DINOv3 RoPE)
         @nn.compact

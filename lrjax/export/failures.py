@@ -78,13 +78,13 @@ def converter_failure(error: Exception, forward, inputs, module=None) -> str:
     named = ", ".join(repr(p) for p in layers[:3]) + (
         f" and {len(layers) - 3} more" if len(layers) > 3 else "")
     where = f" at layer {named}" if layers else ""
-    bf16 = jaxpr is not None and any(
-        getattr(v.aval, "dtype", None) == jnp.bfloat16
-        for eqn, _ in macs.iter_eqns(jaxpr) for v in eqn.outvars)
-    hint = ("; the model computes in bfloat16 (its dtype, or a cast in its code), which the "
-            "converter does not take for every op: export with compute_dtype=jnp.float32 (the "
-            "graph computes in float32 where the model computes in bfloat16)"
-            if bf16 else "")
+    half = next((d for d in (jnp.bfloat16, jnp.float16) if jaxpr is not None and any(
+        getattr(v.aval, "dtype", None) == d for eqn, _ in macs.iter_eqns(jaxpr)
+        for v in eqn.outvars)), None)  # (a float16 conv's padding: "tfl.pad" not legalized)
+    hint = (f"; the model computes in {jnp.dtype(half).name} (its dtype, or a cast in its code), "
+            "which the converter does not take for every op: export with "
+            "compute_dtype=jnp.float32 (the graph computes in float32 where the model computes "
+            f"in {jnp.dtype(half).name})" if half is not None else "")
     return (f"the TFLite converter failed{where} ({os.path.basename(file)}:{line}): "
             f"{what}{hint}")
 
