@@ -119,7 +119,7 @@ def _run(wrapper: ToLinen, args, kwargs):
         nnx.update(module, nnx.traversals.unflatten_mapping(given))
 
     def as_linen(path, node):
-        make = _linen_layer(node) if path else None
+        make = _linen_layer(node)  # (the wrapper's module itself: bound to its own scope)
         if make is None:
             return node
         return _AsLinen(node, make(parent=_scope_at(wrapper.scope, path)))

@@ -39,7 +39,6 @@ __all__ = ["recording", "scoping", "island_sites", "island_of", "linen_variables
            "island_kernels", "island_moments", "with_islands"]
 
 
-
 def _attributes(node) -> dict:
     """A wrapper's variables as its attributes hold them (its linen paths' first keys)."""
     return {k: v for k, v in vars(node).items()
@@ -118,7 +117,7 @@ def _local(path: str, name: str) -> str:
 
 
 def island_of(path: str, islands) -> str | None:
-    """The wrapper path of ``islands`` (``{path: calls}``) a site ``path`` is under."""
+    """The path among ``islands`` (wrappers' paths) of the wrapper a site ``path`` is under."""
     return next((p for p in islands if path == p or path.startswith(p + "/")), None)
 
 
@@ -239,7 +238,7 @@ def with_islands(model, found: dict[str, ConvSite], factors: dict) -> None:
     :class:`LowRankModel` with those pairs, its variables the pairs' in their kernels' places."""
     graph = {path_of(p): n for p, n in nnx.iter_graph(model) if isinstance(n, bridge.ToNNX)}
     for path, node in graph.items():
-        mine = {p: f for p, f in factors.items() if island_of(p, {path: None}) == path}
+        mine = {p: f for p, f in factors.items() if island_of(p, [path]) == path}
         if not mine:
             continue
         ranks = {p: int(np.shape(f.vertical)[-1]) for p, f in mine.items()}

@@ -268,3 +268,10 @@ def test_nnx_layers_inside_to_linen_are_split_as_linen_layers(tmp_path):
     module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
     np.testing.assert_allclose(module.apply(loaded, X),
                                calibrated.module.apply(calibrated.variables, X), atol=1e-6)
+
+    wrapper = nnx.bridge.ToLinen(nnx.Linear, args=(32, 64))  # the bridge guide's, at the root
+    x = jax.random.normal(jax.random.key(2), (4, 32))
+    variables = wrapper.init(jax.random.key(0), x)
+    result = lrjax.decompose_linen(wrapper, variables, x, rule={"": 32})
+    assert result.variables["params"]["vertical"]["kernel"].shape == (32, 32)
+    assert _relative(result.module.apply(result.variables, x), wrapper.apply(variables, x)) < 1e-5
