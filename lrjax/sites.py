@@ -299,9 +299,9 @@ class ConvSite:
         """This layer's site named ``path`` (its kernel then read at ``path``'s keys), its
         per-example work scaled by ``scale`` (a module run on ``scale`` times the model's
         examples)."""
-        shape = None if self.shape is None else dataclasses.replace(
-            self.shape.times(scale), name=path, runs=tuple(dataclasses.replace(
-                r, name=path) for r in self.shape.times(scale).runs))
+        scaled = None if self.shape is None else self.shape.times(scale)
+        shape = None if scaled is None else dataclasses.replace(scaled, name=path, runs=tuple(
+            dataclasses.replace(r, name=path) for r in scaled.runs))
         return dataclasses.replace(self, path=path, shape=shape,
                                    param_cast_flops=self.param_cast_flops * scale,
                                    parametrization_flops=self.parametrization_flops * scale)

@@ -70,7 +70,8 @@ def _case(name):
     return low.module, low.variables, x32
 
 
-CASES = ("nin lowrank=False", "nin lowrank=True",  # (the grouped-dilated nets: the slow run)
+CASES = (pytest.param("nin lowrank=False", marks=pytest.mark.slow),  # (and the grouped-dilated
+         "nin lowrank=True",  # nets: the slow run; the full NIN's round trip is as the split one's)
          pytest.param("grouped-dilated", marks=pytest.mark.slow),
          pytest.param("grouped-dilated lowrank", marks=pytest.mark.slow),
          pytest.param("resnet18 decompose_linen", marks=pytest.mark.slow))  # 12 s: a decomposition

@@ -59,8 +59,8 @@ def test_full_rank_surgery_gives_original_logits(family, bn):
     assert result.module.base is full
 
 
-@pytest.mark.parametrize("family", [  # (CaffeNet and AlexNet, alike but for groups: slow run)
-    pytest.param(f, marks=pytest.mark.slow) if f in ("caffenet", "alexnet") else f
+@pytest.mark.parametrize("family", [  # (CaffeNet, AlexNet, VGG-16, the ImageNet ones: slow run)
+    pytest.param(f, marks=pytest.mark.slow) if f in ("caffenet", "alexnet", "vgg16") else f
     for f in models.MODELS])
 def test_surgery_then_forward_for_every_zoo_model(family):
     kwargs, size, full, variables = _setup(family)

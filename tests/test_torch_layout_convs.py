@@ -81,7 +81,7 @@ def _full(found):
             for s in found if s.candidate}
 
 
-@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("calibrated", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_linen_torch_layout_convs_split_as_flax_convs(calibrated, tmp_path):
     model = LinenNet()
     variables = init(model, 0, X)
