@@ -7,7 +7,9 @@ with static bounds) is translated as its body once per iteration: the body's sta
 iteration's convs and matmuls get their own constant weights, as an unstacked model's would, and
 ONNX Runtime optimises each as a plain layer. The per-iteration outputs are stacked again
 (``Unsqueeze`` + ``Concat``). ONNX's own ``Loop`` would keep one body but read its weights by a
-``Gather`` per iteration, which ONNX Runtime cannot pre-pack or fuse. A ``while`` loop (a
+``Gather`` per iteration, which ONNX Runtime cannot pre-pack or fuse; a scan as long as the
+symbolic batch (``lax.map`` over the examples: an unrolled solver per image) is a ``Loop`` of
+that many iterations, its outputs stacked by it. A ``while`` loop (a
 ``fori_loop`` with traced bounds, a detector's non-maximum suppression, a solver run to a
 tolerance) has no static length: it is ONNX's ``Loop`` with no trip count, its body the loop's
 body and then its condition on the new carries; one whose condition reads constants alone runs
@@ -27,9 +29,16 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lrjax.onnx_graph import Tensor, TranslationError, value_info
+from lrjax.onnx_graph import (
+    INT64_MAX,
+    Tensor,
+    TranslationError,
+    concrete,
+    onnx_dtype,
+    value_info,
+)
 
-__all__ = ["unroll_scan", "select_branch", "while_loop"]
+__all__ = ["unroll_scan", "scan_loop", "select_branch", "while_loop"]
 
 _UNROLLED_MOST = 10_000  # iterations of a while loop of constant condition unrolled at most
 
@@ -43,6 +52,8 @@ def unroll_scan(converter, eqn, args, where: str) -> list:
     with the iterations on axis 0. Iteration ``i`` of a reversed scan reads row ``i`` and writes
     row ``i`` (as ``lax.scan(reverse=True)``), running from the last row to the first."""
     params = eqn.params
+    if not concrete(params["length"]):  # as long as the batch (lax.map over the examples)
+        return scan_loop(converter, eqn, args, where)
     body, length = params["jaxpr"], int(params["length"])
     n_consts, n_carry = int(params["num_consts"]), int(params["num_carry"])
     if length < 1:
@@ -152,4 +163,53 @@ def while_loop(converter, eqn, args, where: str) -> list:
     results = [g.name("while_out") for _ in avals]
     g.nodes.append(helper.make_node("Loop", ["", converter.nhwc(go), *names], results,
                                     body=graph))
+    return [Tensor(r, tuple(a.shape)) for r, a in zip(results, avals, strict=True)]
+
+
+def scan_loop(converter, eqn, args, where: str) -> list:
+    """The outputs of a ``scan`` whose length is the symbolic batch (``lax.map`` over the
+    examples) as ONNX's ``Loop`` of that trip count: its body reads row ``i`` of each scanned
+    input (``Gather``; a reversed scan row ``length - 1 - i``), computes the scan's body, and
+    gives its carries and per-iteration outputs, which ``Loop`` stacks on a new leading axis (a
+    reversed scan's then flipped)."""
+    params, g = eqn.params, converter.g
+    body = params["jaxpr"]
+    n_consts, n_carry = int(params["num_consts"]), int(params["num_carry"])
+    consts, carry = args[:n_consts], args[n_consts:n_consts + n_carry]
+    xs = [converter.nhwc(x) if isinstance(x, Tensor) else g.const(np.asarray(x))
+          for x in args[n_consts + n_carry:]]
+    avals = [v.aval for v in eqn.outvars]
+    trips = g.node("Squeeze", [converter.shape_tensor([params["length"]]), g.ints([0])], "trips")
+    names = [converter.nhwc(c) if isinstance(c, Tensor) else g.const(np.asarray(c, a.dtype))
+             for c, a in zip(carry, avals[:n_carry], strict=True)]
+    outer_nodes, outer_batch = g.nodes, converter._batch  # noqa: SLF001 - the body's own
+    g.nodes, converter._batch = [], None
+    step, flag = g.name("iteration"), g.name("condition")
+    row = g.node("Sub", [g.node("Sub", [trips, g.ints(1)]), step]) if params["reverse"] else step
+    inside = [Tensor(g.name("carry"), tuple(a.shape)) for a in avals[:n_carry]]
+    rows = [Tensor(g.node("Gather", [x, row], "row", axis=0), tuple(v.aval.shape[1:]))
+            for x, v in zip(xs, eqn.invars[n_consts + n_carry:], strict=True)]
+    outs = converter.run(body.jaxpr, body.consts, [*consts, *inside, *rows], f"{where}/scan")
+    outputs = [g.node("Identity", [flag], "body_out")] + [
+        g.node("Identity", [converter.nhwc(v) if isinstance(v, Tensor) else g.const(np.asarray(
+            v, a.dtype))], "body_out") for v, a in zip(outs, [*avals[:n_carry], *(
+                jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in avals[n_carry:])],
+            strict=True)]
+    graph = helper.make_graph(
+        g.nodes, g.name("scan_body"),
+        [helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []),
+         *(value_info(t.name, a) for t, a in zip(inside, avals, strict=False))],
+        [helper.make_tensor_value_info(outputs[0], onnx.TensorProto.BOOL, []), *(
+            value_info(o, a) for o, a in zip(outputs[1:1 + n_carry], avals, strict=False)), *(
+            helper.make_tensor_value_info(o, onnx_dtype(a.dtype), None)
+            for o, a in zip(outputs[1 + n_carry:], avals[n_carry:], strict=True))])
+    g.nodes, converter._batch = outer_nodes, outer_batch  # noqa: SLF001
+    results = [g.name("scan_out") for _ in avals]
+    g.nodes.append(helper.make_node("Loop", [trips, g.const(np.asarray(True)), *names], results,
+                                    body=graph))
+    if params["reverse"]:  # iteration i wrote row length - 1 - i
+        results[n_carry:] = [g.node("Slice", [r, g.ints([-1]), g.ints([-INT64_MAX]),
+                                              g.ints([0]), g.ints([-1])], "reversed")
+                             for r in results[n_carry:]]
     return [Tensor(r, tuple(a.shape)) for r, a in zip(results, avals, strict=True)]

@@ -690,3 +690,33 @@ def test_gathers_out_of_range_are_clamped_or_filled_as_in_jax():
     i = np.asarray([[0, 5, 9], [2, -1, 3], [6, 1, -8]], np.int32)
     for got, want in zip(session.run(None, {"x": x, "i": i}), jax.jit(fn)(x, i), strict=True):
         np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_a_scan_as_long_as_the_batch_is_a_loop_of_that_many_iterations():
+    """``lax.map`` over the examples (an unrolled solver per image), and a reversed scan over
+    them: a scan of symbolic length, before "cannot export primitive 'scan'" (its length no
+    int); ONNX's ``Loop``, which stacks the per-iteration outputs."""
+    kernel = np.random.default_rng(0).standard_normal((3, 3, 3, 4)).astype(np.float32)
+
+    def per_example(image):
+        y = jax.lax.conv_general_dilated(image[None], kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+        z, sums = jax.lax.scan(lambda z, _: (0.5 * z + 0.1 * jnp.tanh(z), z.sum()), y, None,
+                               length=3)
+        return z.mean(axis=(0, 1)), sums
+
+    def fn(x):
+        means, sums = jax.lax.map(per_example, x)
+        _, maxima = jax.lax.scan(lambda c, row: (c + row.sum(), row.max() + c), 0.0, x,
+                                 reverse=True)
+        return means, sums, maxima
+
+    batch = jax.export.symbolic_shape("b")
+    closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((*batch, 6, 6, 3), jnp.float32))
+    model = onnx_convert.jaxpr_to_onnx(closed, ("input",), ("a", "b", "c"))
+    assert [n.op_type for n in model.graph.node].count("Loop") == 2
+    session = runtimes.onnx_session(model)
+    for n in (2, 5):
+        x = np.random.default_rng(n).standard_normal((n, 6, 6, 3)).astype(np.float32)
+        for got, want in zip(session.run(None, {"input": x}), fn(x), strict=True):
+            np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-4)
