@@ -24,6 +24,8 @@ Runtime's constant folding and fusion, as ``Loop`` does).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 import onnx
@@ -144,22 +146,18 @@ def while_loop(converter, eqn, args, where: str) -> list:
     avals = [v.aval for v in eqn.outvars]
     names = [converter.nhwc(c) if isinstance(c, Tensor) else g.const(np.asarray(c, a.dtype))
              for c, a in zip(carry, avals, strict=True)]
-    outer_nodes, outer_batch = g.nodes, converter._batch  # noqa: SLF001 - the body's own
-    g.nodes, converter._batch = [], None  # (a batch size read inside stays inside)
-    step, flag = g.name("iteration"), g.name("condition")
-    inside = [Tensor(g.name("carry"), tuple(a.shape)) for a in avals]
-    new = converter.run(body.jaxpr, body.consts, [*body_consts, *inside], f"{where}/while")
-    again = converter.run(cond.jaxpr, cond.consts, [*cond_consts, *new], f"{where}/while")[0]
-    outputs = [g.node("Identity", [converter.nhwc(v) if isinstance(v, Tensor) else g.const(
-        np.asarray(v, a.dtype))], "body_out") for v, a in zip([again, *new], [
-            cond.out_avals[0], *avals], strict=True)]
+    with _subgraph(converter) as nodes:
+        step, flag = g.name("iteration"), g.name("condition")
+        inside = [Tensor(g.name("carry"), tuple(a.shape)) for a in avals]
+        new = converter.run(body.jaxpr, body.consts, [*body_consts, *inside], f"{where}/while")
+        again = converter.run(cond.jaxpr, cond.consts, [*cond_consts, *new],
+                              f"{where}/while")[0]
+        outputs = [_named(converter, v, a, "body_out") for v, a in zip(
+            [again, *new], [cond.out_avals[0], *avals], strict=True)]
     graph = helper.make_graph(
-        g.nodes, g.name("while_body"),
-        [helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
-         helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []),
-         *(value_info(t.name, a) for t, a in zip(inside, avals, strict=True))],
+        nodes, g.name("while_body"), [*_loop_inputs(step, flag), *(
+            value_info(t.name, a) for t, a in zip(inside, avals, strict=True))],
         [value_info(o, a) for o, a in zip(outputs, [cond.out_avals[0], *avals], strict=True)])
-    g.nodes, converter._batch = outer_nodes, outer_batch  # noqa: SLF001
     results = [g.name("while_out") for _ in avals]
     g.nodes.append(helper.make_node("Loop", ["", converter.nhwc(go), *names], results,
                                     body=graph))
@@ -182,29 +180,23 @@ def scan_loop(converter, eqn, args, where: str) -> list:
     trips = g.node("Squeeze", [converter.shape_tensor([params["length"]]), g.ints([0])], "trips")
     names = [converter.nhwc(c) if isinstance(c, Tensor) else g.const(np.asarray(c, a.dtype))
              for c, a in zip(carry, avals[:n_carry], strict=True)]
-    outer_nodes, outer_batch = g.nodes, converter._batch  # noqa: SLF001 - the body's own
-    g.nodes, converter._batch = [], None
-    step, flag = g.name("iteration"), g.name("condition")
-    row = g.node("Sub", [g.node("Sub", [trips, g.ints(1)]), step]) if params["reverse"] else step
-    inside = [Tensor(g.name("carry"), tuple(a.shape)) for a in avals[:n_carry]]
-    rows = [Tensor(g.node("Gather", [x, row], "row", axis=0), tuple(v.aval.shape[1:]))
-            for x, v in zip(xs, eqn.invars[n_consts + n_carry:], strict=True)]
-    outs = converter.run(body.jaxpr, body.consts, [*consts, *inside, *rows], f"{where}/scan")
-    outputs = [g.node("Identity", [flag], "body_out")] + [
-        g.node("Identity", [converter.nhwc(v) if isinstance(v, Tensor) else g.const(np.asarray(
-            v, a.dtype))], "body_out") for v, a in zip(outs, [*avals[:n_carry], *(
-                jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in avals[n_carry:])],
-            strict=True)]
+    with _subgraph(converter) as nodes:
+        step, flag = g.name("iteration"), g.name("condition")
+        row = g.node("Sub", [g.node("Sub", [trips, g.ints(1)]), step]) if params["reverse"] \
+            else step
+        inside = [Tensor(g.name("carry"), tuple(a.shape)) for a in avals[:n_carry]]
+        rows = [Tensor(g.node("Gather", [x, row], "row", axis=0), tuple(v.aval.shape[1:]))
+                for x, v in zip(xs, eqn.invars[n_consts + n_carry:], strict=True)]
+        outs = converter.run(body.jaxpr, body.consts, [*consts, *inside, *rows], f"{where}/scan")
+        outputs = [g.node("Identity", [flag], "body_out")] + [
+            _named(converter, v, a, "body_out") for v, a in zip(outs, avals, strict=True)]
     graph = helper.make_graph(
-        g.nodes, g.name("scan_body"),
-        [helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
-         helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []),
-         *(value_info(t.name, a) for t, a in zip(inside, avals, strict=False))],
+        nodes, g.name("scan_body"), [*_loop_inputs(step, flag), *(
+            value_info(t.name, a) for t, a in zip(inside, avals, strict=False))],
         [helper.make_tensor_value_info(outputs[0], onnx.TensorProto.BOOL, []), *(
             value_info(o, a) for o, a in zip(outputs[1:1 + n_carry], avals, strict=False)), *(
-            helper.make_tensor_value_info(o, onnx_dtype(a.dtype), None)
+            helper.make_tensor_value_info(o, onnx_dtype(a.dtype), None)  # (one row of each)
             for o, a in zip(outputs[1 + n_carry:], avals[n_carry:], strict=True))])
-    g.nodes, converter._batch = outer_nodes, outer_batch  # noqa: SLF001
     results = [g.name("scan_out") for _ in avals]
     g.nodes.append(helper.make_node("Loop", [trips, g.const(np.asarray(True)), *names], results,
                                     body=graph))
@@ -213,3 +205,29 @@ def scan_loop(converter, eqn, args, where: str) -> list:
                                               g.ints([0]), g.ints([-1])], "reversed")
                              for r in results[n_carry:]]
     return [Tensor(r, tuple(a.shape)) for r, a in zip(results, avals, strict=True)]
+
+
+@contextlib.contextmanager
+def _subgraph(converter):
+    """The converter emitting into a fresh node list (a loop body's, yielded), the batch size
+    read anew inside it (a value of the body is not one of the outer graph)."""
+    g = converter.g
+    outer = g.nodes, converter._batch  # noqa: SLF001 - the converter's own
+    g.nodes, converter._batch = [], None
+    try:
+        yield g.nodes
+    finally:
+        g.nodes, converter._batch = outer
+
+
+def _named(converter, value, aval, hint: str) -> str:
+    """A body output: ``value`` (a tensor in its logical layout, or a constant) by a new name."""
+    source = converter.nhwc(value) if isinstance(value, Tensor) else converter.g.const(
+        np.asarray(value, aval.dtype))
+    return converter.g.node("Identity", [source], hint)
+
+
+def _loop_inputs(step: str, flag: str) -> list:
+    """A ``Loop`` body's first two inputs: the iteration number and the condition."""
+    return [helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
+            helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, [])]
