@@ -369,15 +369,19 @@ def merged_pad(x, value, config, shape):
 
 
 def clamped_gather(operand, indices, params):
-    """A ``gather`` at constant indices with its starts clamped into range, as JAX clamps them
-    (``jnp.take(..., mode="clip")``): LiteRT's ``GATHER_ND`` rejects negative ones; None where
-    every start is in range already."""
+    """A ``gather`` with its starts clamped into range, as JAX clamps them (indexing,
+    ``jnp.take(..., mode="clip")``): LiteRT's ``GATHER_ND`` rejects others ("index out of
+    bounds": scenic's CenterNet2 suppression reads such rows); constant indices clamped here
+    (None where every start is in range already), indices of the data in the graph."""
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
     bound = [operand.shape[a] - sizes[a] for a in dn.start_index_map]
-    clamped = np.clip(np.asarray(indices), 0, bound)
-    if np.array_equal(clamped, np.asarray(indices)):
-        return None
-    return jax.lax.gather(operand, clamped.astype(indices.dtype),
+    if isinstance(indices, jax.core.Tracer):
+        clamped = jnp.clip(indices, 0, jnp.asarray(bound, indices.dtype))
+    else:
+        clamped = np.clip(np.asarray(indices), 0, bound).astype(indices.dtype)
+        if np.array_equal(clamped, np.asarray(indices)):
+            return None
+    return jax.lax.gather(operand, clamped,
                           dn, sizes, mode=params["mode"], fill_value=params["fill_value"],
                           indices_are_sorted=params["indices_are_sorted"],
                           unique_indices=params["unique_indices"])
@@ -417,8 +421,7 @@ def rewrite(eqn, ins) -> list | None:
     if name == "ragged_dot_general":
         out = dense_ragged_dot(*ins, eqn.params)
         return None if out is None else [out]
-    if name == "gather" and not isinstance(ins[1], jax.core.Tracer) and \
-            eqn.params["mode"] != jax.lax.GatherScatterMode.FILL_OR_DROP:
+    if name == "gather" and eqn.params["mode"] != jax.lax.GatherScatterMode.FILL_OR_DROP:
         out = clamped_gather(*ins, eqn.params)
         return None if out is None else [out]
     if name == "pad":

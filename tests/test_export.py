@@ -632,3 +632,24 @@ def test_a_while_loop_of_data_dependent_length_exports_to_onnx_as_a_loop(tmp_pat
         loop = next(n for n in graph.node if n.op_type == "Loop")
         assert sum(n.op_type == "Conv" for n in loop.attribute[0].g.node) == (
             1 if module is model else 2)
+
+
+class ReadsPastTheEnd(nn.Module):
+    """Rows read at indices computed from the data, some past the end (a suppression's padded
+    candidates): JAX clamps them."""
+
+    @nn.compact
+    def __call__(self, x):
+        scores = nn.Dense(6)(x)
+        picked = jnp.argsort(-scores, axis=-1)[:, :3] + jnp.asarray([0, 4, 9])  # 9 + … ≥ 6
+        return scores[jnp.arange(x.shape[0])[:, None], picked]
+
+
+@pytest.mark.slow  # (a LiteRT conversion)
+def test_gathers_past_the_end_export_to_litert_clamped(tmp_path):
+    """Before: "gather_nd index out of bounds" when LiteRT ran the export (scenic's
+    CenterNet2): indices of the data are clamped as JAX clamps them."""
+    model, x = ReadsPastTheEnd(), jax.random.normal(jax.random.key(0), (4, 8))
+    variables = init(model, 0, x)
+    result = export.to_tflite(model, variables, (x,), str(tmp_path / "past_end.tflite"))
+    assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
