@@ -35,8 +35,13 @@ from lrjax.moments import split_keywords, static_argnums
 from lrjax.nnx_views import eval_view, graph_keywords
 from lrjax.sites import ConvSite, path_of, variable_key
 
-__all__ = ["recording", "scoping", "island_sites", "island_of", "linen_variables",
+__all__ = ["wrappers", "recording", "scoping", "island_sites", "island_of", "linen_variables",
            "island_kernels", "island_moments", "with_islands"]
+
+
+def wrappers(model) -> dict:
+    """``{graph path: wrapper}`` of the ``nnx.bridge.ToNNX`` wrappers in ``model``'s graph."""
+    return {path_of(p): n for p, n in nnx.iter_graph(model) if isinstance(n, bridge.ToNNX)}
 
 
 def _attributes(node) -> dict:
@@ -145,9 +150,9 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
     wrapper given other than arrays, or keywords holding arrays, or called a different number
     of times in another batch, gets none)."""
     copy, held, keywords = nnx.clone(model), {}, {}
-    for p, node in nnx.iter_graph(copy):
-        if isinstance(node, bridge.ToNNX) and path_of(p) in paths:
-            _capturing(node, path_of(p), held)
+    for path, node in wrappers(copy).items():
+        if path in paths:
+            _capturing(node, path, held)
     kwargs, nodes = graph_keywords(kwargs)
     graphdef, state = nnx.split((eval_view(copy) if eval_mode else copy, nodes))
 
@@ -193,7 +198,7 @@ def island_moments(model, batches, kwargs, eval_mode: bool, wanted: list[ConvSit
     calibration ``batches`` (a layer run by several of a wrapper's calls: over all of them,
     weighted by their sample counts); ``counts`` gets their sample counts. A wrapper whose
     inputs could not be taken (given other than arrays) gets none (data-free, noted)."""
-    bridged = {path_of(p): n for p, n in nnx.iter_graph(model) if isinstance(n, bridge.ToNNX)}
+    bridged = wrappers(model)
     mine = {p: [s for s in wanted if island_of(s.path, [p]) == p] for p in bridged}
     inputs = _island_inputs(model, batches, kwargs, eval_mode, [p for p, s in mine.items() if s])
     sums: dict = {}
@@ -236,8 +241,7 @@ def with_islands(model, found: dict[str, ConvSite], factors: dict) -> None:
     """Each wrapper of ``model`` (changed in place: a copy) holding layers in ``factors``
     (``{site path: Factors}``; ``found``: their sites) set to run its module's
     :class:`LowRankModel` with those pairs, its variables the pairs' in their kernels' places."""
-    graph = {path_of(p): n for p, n in nnx.iter_graph(model) if isinstance(n, bridge.ToNNX)}
-    for path, node in graph.items():
+    for path, node in wrappers(model).items():
         mine = {p: f for p, f in factors.items() if island_of(p, [path]) == path}
         if not mine:
             continue

@@ -456,7 +456,7 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
             return pair if base is None else paired_in_place(node, pair, base)
         return node
 
-    bridged = [_path(p) for p, n in nnx.iter_graph(model) if isinstance(n, bridge.ToNNX)]
+    bridged = nnx_bridge.wrappers(model)
     inside = {p: f for p, f in factors.items() if nnx_bridge.island_of(p, bridged)}
     factors = {p: f for p, f in factors.items() if p not in inside}
     products = nnx_products.from_sites([found[p] for p in factors])
@@ -557,7 +557,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     products = nnx_products.from_sites(candidates)
     graph = dict((_path(p), n) for p, n in nnx.iter_graph(_canonical(model, products))
                  if _splits(n))
-    bridged = {_path(p): n for p, n in nnx.iter_graph(model) if isinstance(n, bridge.ToNNX)}
+    bridged = nnx_bridge.wrappers(model)
     inside = {s.path: nnx_bridge.island_of(s.path, bridged) for s in candidates}
     kernels = {s.path: s.to_hwio(nnx_written.used_kernel(graph[s.path], s)) for s in candidates
                if inside[s.path] is None} | nnx_bridge.island_kernels(bridged, candidates)
