@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from lrjax import formulations, linen_cells
 from lrjax.conv_views import nd_geometry, vertical_geometry
 from lrjax.costs import as_pair, check_rank
+from lrjax.linen_unbound import scope_path
 from lrjax.ranks import check_rank_map
 from lrjax.sites import called_equation, computes_as, einsum_split, path_of, redefined
 from lrjax.splittable import (
@@ -378,19 +379,8 @@ class LowRankConvTranspose(nn.Module):
 
 def module_path(module: nn.Module, root: tuple[str, ...] = ()) -> str:
     """A bound module's variable path joined with ``/``, relative to ``root`` (a scope path
-    prefix).
-
-    Read from the scope's parent chain, not ``scope.path``: ``nn.share_scope`` (how
-    :class:`LowRankModel` wraps a model) re-parents the scopes of modules held in fields (an
-    ``nn.Sequential``'s layers) without updating their recorded ``path``. A lifted
-    transform's scope (``nn.scan``, ``nn.remat``) has no parent; its recorded path is the
-    variables' path."""
-    scope, names = module.scope, []
-    while scope.parent is not None:
-        names.append(scope.name)
-        scope = scope.parent
-    path = (*scope.path, *reversed(names))
-    return path_of(path[len(root):])
+    prefix); see :func:`lrjax.linen_unbound.scope_path`."""
+    return path_of(scope_path(module)[len(root):])
 
 
 def _normalise_ranks(ranks: Mapping[str, int | None] | Iterable) -> tuple[tuple[str, int], ...]:

@@ -13,7 +13,7 @@ import contextlib
 
 import flax.linen as nn
 
-from lrjax import linen_bridge, linen_products, linen_trace, linen_written
+from lrjax import linen_bridge, linen_products, linen_trace, linen_unbound, linen_written
 
 __all__ = ["as_sublayers"]
 
@@ -55,10 +55,13 @@ def as_sublayers():
     (:mod:`lrjax.linen_written`), an NNX module's Flax layers inside ``nnx.bridge.ToLinen`` as
     linen layers (:mod:`lrjax.linen_bridge`), and products a module's own code computes with its
     parameters as Flax layers (:mod:`lrjax.linen_products`), and ``nn.jit``-ed methods traced
-    at every call (:func:`lrjax.linen_trace.retraced_lifted_jit`); usable as a decorator."""
+    at every call (:func:`lrjax.linen_trace.retraced_lifted_jit`), and unbound copies applied
+    apart named by their place in the model (:mod:`lrjax.linen_unbound`); usable as a
+    decorator."""
     # (the first one entered is the outermost: a dense layer written by hand runs as nn.Dense
     # before its call could be traced as a written product)
-    with linen_trace.retraced_lifted_jit(), nn.intercept_methods(linen_bridge.as_linen_layers), \
+    with linen_trace.retraced_lifted_jit(), linen_unbound.marking_unbind(), \
+            nn.intercept_methods(linen_bridge.as_linen_layers), \
             nn.intercept_methods(linen_written.as_dense), \
             nn.intercept_methods(linen_products.as_layer), nn.intercept_methods(_lstm_as_dense):
         yield

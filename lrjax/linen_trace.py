@@ -17,13 +17,15 @@ import re
 import threading
 import traceback
 
+import flax
 import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
 from jax._src import config as jax_config
 
-__all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "Untraceable",
+__all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "known_variables",
+           "knowing_variables", "Untraceable",
            "untraceable", "constants_evaluated", "compile_time_constants", "with_constants_evaluated",
            "evaluating_constants", "unjitted", "retraced_lifted_jit"]
 
@@ -61,7 +63,10 @@ def abstract_init(model: nn.Module, args, kwargs, interceptor=None, with_output=
     """``jax.eval_shape`` of ``model.init`` on the example inputs, under an optional interceptor
     (``with_output``: of ``model.init_with_output``, ``(outputs, variables)``). The call's own
     ``rngs=`` (keys a model draws from at inference: MAE's random masking) join
-    :func:`init_rngs`."""
+    :func:`init_rngs`. A model whose init cannot run the call because its code reads variables
+    an init has not made yet (a submodule's ``unbind()`` before that submodule ever ran: Octo's
+    diffusion sampling) is traced as ``model.apply(variables, ..., mutable=True)`` on the
+    variables given it by :func:`known_variables`, which returns the same."""
     arrays, rebuild = split_static(args)
     kwargs = dict(kwargs)
     given = kwargs.pop("rngs", None)
@@ -74,10 +79,47 @@ def abstract_init(model: nn.Module, args, kwargs, interceptor=None, with_output=
         with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
             return as_jax_types(init(rngs, *rebuild(traced), **kwargs))
 
+    def applied(variables, rngs, *traced):
+        with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
+            out, made = model.apply(variables, *rebuild(traced), rngs=rngs,
+                                    mutable=flax.core.DenyList("intermediates"), **kwargs)  # (as init)
+        return as_jax_types((out, made) if with_output else made)
+
     try:
-        return jax.eval_shape(trace, rngs, *arrays)
+        try:
+            return jax.eval_shape(trace, rngs, *arrays)
+        except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeParamNotFoundError):
+            variables = next((v for m, v in reversed(_KNOWN) if m is model), None)
+            if variables is None:
+                raise
+            return jax.eval_shape(applied, variables, rngs, *arrays)
     except jax.errors.ConcretizationTypeError as e:
         raise Untraceable(untraceable(e)) from None
+
+
+_KNOWN: list[tuple[nn.Module, object]] = []  # (model, its variables), innermost last
+
+
+def knowing_variables(fn):
+    """``fn(model, variables, ...)`` run within :func:`known_variables` of them (the model
+    unjitted too)."""
+    @functools.wraps(fn)
+    def wrapper(model, variables, *args, **kwargs):
+        with known_variables(model, variables), known_variables(unjitted(model), variables):
+            return fn(model, variables, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def known_variables(model: nn.Module, variables):
+    """Within it, :func:`abstract_init` of ``model`` may trace it on ``variables``."""
+    entry = (model, variables)
+    _KNOWN.append(entry)
+    try:
+        yield
+    finally:  # (by identity: equal modules are not the same entry)
+        del _KNOWN[next(i for i, k in enumerate(_KNOWN) if k is entry)]
 
 
 def as_jax_types(tree):

@@ -54,10 +54,13 @@ from lrjax.linen_trace import (
     abstract_init,
     as_jax_types,
     constants_evaluated,
+    knowing_variables,
+    known_variables,
     layer_input,
     split_static,
     unjitted,
 )
+from lrjax.linen_unbound import applied_at
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
@@ -164,7 +167,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         module = context.module
         prefix = running[-1][1] if running else None
         if running and module.scope.parent is None and not module.scope.path and \
-                module.scope is not running[0][2] and type(module) is not type(model):
+                module.scope is not running[0][2] and type(module) is not type(model) and \
+                applied_at(module) is None:  # (an unbound copy of its own: named in the model)
             # a module applied inside another with the parameters it is given (a weight-normed
             # conv's self.conv.apply); not the model (its methods, nn.jit(Net.body)(self, x))
             prefix = sites.path_of((*variable_key(running[-1][0]), *filter(None, [module.name])))
@@ -270,6 +274,7 @@ def _structure_problems(expected: Mapping, got: Mapping, extra_ok: bool = False)
 
 @linen_cells.as_sublayers()
 @constants_evaluated
+@knowing_variables
 def check_variables(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
     """Raise ``ValueError`` unless ``variables`` has exactly ``model``'s arrays and shapes, and
     the example call is an inference call (see :func:`check_inference_call`). A call of another
@@ -374,6 +379,7 @@ def layer_scopes(index: Mapping[str, int], prefix: str = ""):
 
 
 @linen_cells.as_sublayers()
+@knowing_variables
 def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
                  calibration=None, multiple: int | None = None, sites=None, score=None) -> RankProblem:
     """The :class:`RankProblem` of a linen model and its variables (calibrated if asked)."""
@@ -449,6 +455,7 @@ def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
 @linen_cells.as_sublayers()
 @lapack.small_pages()
 @constants_evaluated
+@knowing_variables
 def decompose_linen(model: nn.Module, variables, *example_args, rule, calibration=None,
                     multiple: int | None = None, measure_batch: int = 1, problem=None,
                     **example_kwargs) -> Decomposition:
@@ -505,7 +512,8 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     flat, factors = apply_factors(_flat(variables), problem, ranks)
     module = LowRankModel.wrap(model, _call_ranks(problem, ranks))
-    expected = _flat(abstract_init(module, example_args, example_kwargs))
+    with known_variables(module, traverse_util.unflatten_dict(flat)):
+        expected = _flat(abstract_init(module, example_args, example_kwargs))
     problems = _structure_problems(expected, flat, extra_ok=_other_method(example_kwargs))
     if problems:  # a bug, not a user error: the two structures are built from the same sites
         raise AssertionError("decomposed variables do not match the low-rank model: "
@@ -526,6 +534,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
 
 @linen_cells.as_sublayers()
 @constants_evaluated
+@knowing_variables
 def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: float,
            candidates=None, calibration=None, multiple: int | None = None,
            **example_kwargs) -> rank_lib.SearchResult:

@@ -18,7 +18,7 @@ LAYERS = {
     "formulations": 1, "layers": 1, "models": 1, "onnx_graph": 1, "onnx_loops": 1, "onnx_convert": 1,
     "onnx_passes": 1, "boxes": 1, "linen_trace": 1, "onnx_arrays": 1, "onnx_math": 1, "onnx_scatter": 1,
     "litert_math": 1, "complex_real": 1, "splittable": 1, "linen_cells": 1, "linen_written": 1,
-    "linen_products": 1, "written_products": 1, "linen_kernels": 1, "linen_bridge": 1,
+    "linen_products": 1, "written_products": 1, "linen_kernels": 1, "linen_bridge": 1, "linen_unbound": 1,
     "nnx_layers": 1, "ragged": 1,
     "runtimes": 1, "timing": 1, "gate": 1, "checkpoint": 1, "pretrained": 1, "data": 1,
     "rules": 2, "problem": 2, "report": 2, "surgery": 2, "linen_moments": 2, "nnx_surgery": 2,
