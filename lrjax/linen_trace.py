@@ -88,10 +88,15 @@ def abstract_init(model: nn.Module, args, kwargs, interceptor=None, with_output=
     try:
         try:
             return jax.eval_shape(trace, rngs, *arrays)
-        except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeParamNotFoundError):
+        except (flax.errors.ScopeCollectionNotFound, flax.errors.ScopeParamNotFoundError) as e:
             variables = next((v for m, v in reversed(_KNOWN) if m is model), None)
             if variables is None:
-                raise
+                raise ValueError(
+                    f"{type(model).__name__}'s init cannot run the example call: "
+                    f"{str(e).split(' (https')[0]} (its code reads variables an init has not "
+                    "made yet, e.g. a submodule's unbind() before that submodule ever ran); "
+                    "give its variables: decompose_linen(model, variables, ...) traces it on "
+                    "them") from None
             return jax.eval_shape(applied, variables, rngs, *arrays)
     except jax.errors.ConcretizationTypeError as e:
         raise Untraceable(untraceable(e)) from None

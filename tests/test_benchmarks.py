@@ -312,3 +312,19 @@ def test_perch_models_needs_its_checkout_and_counts_every_float_output(tmp_path)
     assert stop.value.code == 2
     outputs = {"label": jnp.ones(2), "embedding": [jnp.zeros((2, 3)), jnp.arange(3)]}
     assert [a.shape for a in public_models._floats(outputs)] == [(2, 3), (2,)]
+
+
+def test_octo_models_needs_its_checkout_and_a_positive_step_count(tmp_path, capsys):
+    """``benchmarks.octo_models`` refuses a folder without Octo's ``octo_module.py`` and a
+    non-positive ``--diffusion-steps`` (one ``error:`` line each, exit 2)."""
+    from benchmarks import octo_models
+
+    with pytest.raises(SystemExit) as stop:
+        octo_models.main(["--octo", str(tmp_path)])
+    assert stop.value.code == 2 and "no octo/model/octo_module.py there" in capsys.readouterr().err
+    (tmp_path / "octo" / "model").mkdir(parents=True)
+    (tmp_path / "octo" / "model" / "octo_module.py").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        octo_models.main(["--octo", str(tmp_path), "--diffusion-steps", "0"])
+    assert stop.value.code == 2 and "--diffusion-steps must be at least 1" in \
+        capsys.readouterr().err

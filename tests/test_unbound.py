@@ -119,6 +119,8 @@ def test_unbound_submodules_applied_in_a_loop_are_split_as_the_models_layers(pol
     want = model.apply(variables, IMAGES, KEY, method="act")
     probe = lrjax.decompose_linen(model, variables, IMAGES, KEY, rule="energy:1.0", method="act")
     sites = {s.path: s for s in probe.problem.sites}
+    with pytest.raises(ValueError, match=r"Policy's init cannot run .*unbind\(\).*give its variables"):
+        lrjax.surgery.find_convs(model, IMAGES, KEY, method="act")  # (no variables given)
     assert HEAD | {"encoder", "embed"} <= set(sites) and all(sites[p].candidate for p in HEAD)
     assert not [p for p in sites if p.startswith("net/")]
 
