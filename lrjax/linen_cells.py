@@ -1,23 +1,71 @@
-"""Flax linen layers that multiply by their sublayers' parameters in their own code, run as those
-sublayers so that their products can be split: ``nn.OptimizedLSTMCell`` concatenates the kernels
-of its eight ``DenseParams`` (``ii``, ``if``, ``ig``, ``io`` without bias, ``hi`` ... ``ho``
-with) into one matrix per side; run under :func:`as_sublayers` it computes what ``nn.LSTMCell``
-computes, with ``nn.Dense`` layers of the same names over the same variables, which lrjax finds,
-costs, calibrates and splits as any dense layer. Its variables are the cell's own, unchanged;
-the outputs agree to float32 rounding (the gates' products summed in another order).
+"""Flax linen layers run as the layers they compute with, so that their products can be split:
+``nn.OptimizedLSTMCell`` concatenates the kernels of its eight ``DenseParams`` (``ii``, ``if``,
+``ig``, ``io`` without bias, ``hi`` ... ``ho`` with) into one matrix per side; run under
+:func:`as_sublayers` it computes what ``nn.LSTMCell`` computes, with ``nn.Dense`` layers of the
+same names over the same variables, which lrjax finds, costs, calibrates and splits as any dense
+layer. Its variables are the cell's own, unchanged; the outputs agree to float32 rounding (the
+gates' products summed in another order). An ``nn.DenseGeneral`` with one batch dim (one kernel
+per index of the input's first axis: a DDPM U-Net's residual projections) runs as the
+``nn.Einsum`` it is, ``'bc,bcf->bf'`` with its other axes written out, over the same variables
+(initialized as Flax initializes them): a batch of kernels, each split alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen import meta
 
 from lrjax import linen_bridge, linen_products, linen_trace, linen_unbound, linen_written
 
 __all__ = ["as_sublayers"]
 
 _GATES = "ifgo"
+
+
+def _letters(n: int, start: int = 0) -> str:
+    return "".join(chr(ord("a") + i) for i in range(start, start + n))
+
+
+def _flat_init(init, n_out: int | None):
+    """``DenseGeneral``'s initializer of a kernel of ``n_out`` output axes (``None``: a bias):
+    ``init`` on the ``(rows, outputs)`` matrix (a bias: flat), reshaped."""
+    def made(key, shape, dtype=jnp.float32):
+        flat = (math.prod(shape),) if n_out is None else (math.prod(shape[:-n_out]),
+                                                           math.prod(shape[-n_out:]))
+        value = init(key, flat, dtype)
+        if isinstance(value, meta.AxisMetadata):
+            return meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+        return jnp.reshape(value, shape)
+
+    return made
+
+
+def _batched_dense_as_einsum(next_fun, args, kwargs, context):
+    """An interceptor: ``nn.DenseGeneral(batch_dims=(0,))`` as the ``nn.Einsum`` it computes."""
+    layer = context.module
+    if type(layer) is not nn.DenseGeneral or context.method_name != "__call__" or kwargs or \
+            len(args) != 1 or len(nn.linear._canonicalize_tuple(layer.batch_dims)) != 1 or \
+            layer.dot_general is not None or layer.dot_general_cls is not None:
+        return next_fun(*args, **kwargs)
+    x = args[0]
+    axis = sorted({a % x.ndim for a in nn.linear._canonicalize_tuple(layer.axis)})
+    features = nn.linear._canonicalize_tuple(layer.features)
+    if 0 in axis:  # (Flax refuses it)
+        return next_fun(*args, **kwargs)
+    letters, out = _letters(x.ndim), _letters(len(features), x.ndim)
+    free = "".join(c for i, c in enumerate(letters[1:], 1) if i not in axis)
+    contracted = "".join(letters[i] for i in axis)
+    kernel = (x.shape[0], *(x.shape[i] for i in axis), *features)
+    return nn.Einsum(kernel, f"{letters},a{contracted}{out}->a{free}{out}",
+                     use_bias=layer.use_bias, dtype=layer.dtype, param_dtype=layer.param_dtype,
+                     precision=layer.precision,
+                     kernel_init=_flat_init(layer.kernel_init, len(features)),
+                     bias_init=_flat_init(layer.bias_init, None),
+                     parent=layer.scope)(x)
 
 
 def _lstm_as_dense(next_fun, args, kwargs, context):
@@ -63,5 +111,6 @@ def as_sublayers():
     with linen_trace.retraced_lifted_jit(), linen_unbound.marking_unbind(), \
             nn.intercept_methods(linen_bridge.as_linen_layers), \
             nn.intercept_methods(linen_written.as_dense), \
-            nn.intercept_methods(linen_products.as_layer), nn.intercept_methods(_lstm_as_dense):
+            nn.intercept_methods(linen_products.as_layer), nn.intercept_methods(_lstm_as_dense), \
+            nn.intercept_methods(_batched_dense_as_einsum):
         yield

@@ -169,8 +169,13 @@ def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral, nn.Einsum)) 
     if getattr(layer, "dot_general_cls", None) is not None or \
             getattr(layer, "dot_general", None) not in (None, jax.lax.dot_general):
         return "a custom dot_general (e.g. quantized): its own computation is kept"
-    if getattr(layer, "batch_dims", ()) or getattr(layer, "batch_axis", None):
-        return "batch dims: one kernel per batch index, no one matrix to split"
+    batch_dims = getattr(layer, "batch_dims", ())
+    if batch_dims:  # (one is split as the einsum it is, lrjax.linen_cells, in a one-input call)
+        return "more than one batch dim: one kernel per index of several axes" if \
+            isinstance(batch_dims, (tuple, list)) and len(batch_dims) > 1 else \
+            "a batch dim, in a call of more than its input: one kernel per batch index"
+    if getattr(layer, "batch_axis", None):
+        return "a batch axis (NNX): one kernel per batch index, not split"
     return None
 
 

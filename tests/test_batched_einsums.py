@@ -299,3 +299,62 @@ def test_nnx_einsums_in_a_stack_split_per_iteration_and_a_stacked_batch_of_kerne
     assert "a batch of kernels (4, 16, 32) stacked again" in found["blocks/experts/up"].skip
     exact = lrjax.decompose_nnx(model, X, rule={"blocks/up": 2 * M})
     np.testing.assert_allclose(exact.module(X), model(X), atol=1e-5)
+
+
+class BatchRowProjections(nn.Module):
+    """A DDPM U-Net's residual projections as a public training script writes them:
+    ``nn.DenseGeneral(C, axis=-1, batch_dims=(0,))``, one kernel per batch row (and one over two
+    axes, without bias)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(16, (3, 3))(x))
+        b, rows, cols, c = h.shape
+        h = h.reshape(b, rows * cols, c)
+        y = nn.DenseGeneral(24, axis=-1, batch_dims=(0,), name="proj")(h)
+        z = nn.DenseGeneral((2, 12), axis=(-2, -1), batch_dims=0, use_bias=False,
+                            name="mix")(y.reshape(b, rows * cols, 4, 6))
+        return y.mean(1), z
+
+
+def test_dense_general_with_a_batch_dim_splits_as_its_batch_of_kernels(tmp_path):
+    """Before: listed, "batch dims: one kernel per batch index, no one matrix to split" (a public
+    DDPM U-Net's five residual projections). It is the einsum ``'bsc,bcf->bsf'``: a batch of
+    kernels, each split alike, costed as groups, calibrated on its own row."""
+    model, x = BatchRowProjections(), jax.random.normal(jax.random.key(0), (3, 4, 4, 8))
+    variables = init(model, 0, x)
+    with lrjax.linen_cells.as_sublayers():  # run as an nn.Einsum: Flax's own initial values
+        again = init(model, 0, x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, again))
+    found = {s.path: s for s in surgery.find_convs(model, x)}
+    assert found["proj"].candidate and (found["proj"].batched, found["proj"].stack) == (True, 3)
+    assert found["mix"].dense_dims == ((4, 6), (2, 12))
+    want = model.apply(variables, x)
+    exact = lrjax.decompose_linen(model, variables, x, rule={"proj": 3 * 16, "mix": 3 * 24})
+    for got, w in zip(exact.module.apply(exact.variables, x), want, strict=True):
+        np.testing.assert_allclose(got, w, atol=2e-5 * float(jnp.abs(w).max()))
+    shapes = jax.tree.map(jnp.shape, exact.variables["params"])
+    assert shapes["proj"] == {"vertical": {"kernel": (3, 16, 16)},
+                              "horizontal": {"kernel": (3, 16, 24), "bias": (3, 24)}}
+    assert shapes["mix"] == {"vertical": {"kernel": (3, 4, 6, 24)},
+                             "horizontal": {"kernel": (3, 24, 2, 12)}}
+
+    split = lrjax.decompose_linen(model, variables, x, rule="speedup:1.5")
+    assert set(split.ranks) & {"proj", "mix"}
+    ratio = lowered_flops(model.apply, variables, x) / lowered_flops(
+        split.module.apply, split.variables, x)
+    assert ratio == pytest.approx(split.report.speedup, rel=1e-6) and ratio >= 1.5
+
+    ranks = {"proj": 3 * 4, "mix": 3 * 6}
+    batches = [jax.random.normal(jax.random.key(i), (3, 4, 4, 8)) for i in range(1, 9)]
+    calibrated = lrjax.decompose_linen(model, variables, x, rule=ranks, calibration=batches)
+    plain = lrjax.decompose_linen(model, variables, x, rule=ranks)
+    held_out = jax.random.normal(jax.random.key(20), (3, 4, 4, 8))
+    errors = [float(jnp.linalg.norm(r.module.apply(r.variables, held_out)[1] -
+                                    model.apply(variables, held_out)[1]))
+              for r in (calibrated, plain)]
+    assert errors[0] < 0.9 * errors[1]
+
+    done = export.to_onnx(split.module, split.variables, x, str(tmp_path / "p.onnx"),
+                          fixed_batch=True)  # (its kernels hold the batch)
+    assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
