@@ -189,13 +189,14 @@ def _traced(module, names: list[str], kernels: list, args, kwargs):
 
 def _equation(product: written_products.Product):
     """What computes ``product``'s output from its stored kernel: the ``nnx.Einsum`` equation
-    (the stored kernel's letters) of a ``dot_general``; for a conv, ``("conv", its kernel's
-    transpose to HWIO, window, in features, out features, strides, padding, dilation, feature
-    groups)``, an ``nnx.Conv``'s (its data in channels last: :attr:`Product.layout`); for a
-    ``ragged_dot``, ``("ragged", its kernel's layout steps, precision, dtype)``, a
-    :class:`lrjax.ragged.RaggedDot`'s; or ``None``. A kernel cast last to its data's dtype (a
-    mixed-precision model's ``w.astype(self.dtype)``) is the einsum's or ragged product's
-    ``dtype``: ``("einsum", equation, dtype)``, as ``nnx.Einsum(dtype=...)`` computes it."""
+    (the stored kernel's letters) of a ``dot_general``; for a conv, ``("conv", the transposes
+    and flips of its kernel to HWIO, window, in features, out features, strides, padding,
+    dilation, feature groups, input dilation)``, an ``nnx.Conv``'s (its data in channels last:
+    :attr:`Product.layout`); for a ``ragged_dot``, ``("ragged", its kernel's layout steps,
+    precision, dtype)``, a :class:`lrjax.ragged.RaggedDot`'s; or ``None``. A kernel cast last
+    to its data's dtype (a mixed-precision model's ``w.astype(self.dtype)``) is the einsum's or
+    ragged product's ``dtype``: ``("einsum", equation, dtype)``, as ``nnx.Einsum(dtype=...)``
+    computes it."""
     name, steps = product.eqn.primitive.name, product.steps
     cast = None
     if steps and steps[-1].primitive.name == "convert_element_type" and np.dtype(
@@ -206,17 +207,21 @@ def _equation(product: written_products.Product):
         return None if layout is None else ("ragged", layout, product.eqn.params["precision"],
                                             cast)
     if name == "conv_general_dilated" and product.sliced is None and cast is None:
-        hwio = tuple(range(len(product.eqn.invars[1].aval.shape)))
-        if product.layout is not None and steps[-1:] and steps[-1].primitive.name == "transpose":
-            hwio, steps = tuple(steps[-1].params["permutation"]), steps[:-1]
-        if steps:  # (scaled, cast: its own code's)
-            return None
-        shape = tuple(product.eqn.invars[1].aval.shape[a] for a in hwio)
+        if any(step.primitive.name not in ("transpose", "rev") for step in steps):
+            return None  # (scaled, cast: its own code's)
+        ops = tuple((step.primitive.name, tuple(step.params[
+            "permutation" if step.primitive.name == "transpose" else "dimensions"]))
+            for step in steps)  # (to HWIO, as the conv reads it: transposed, flipped)
+        shape = tuple((product.chain[0][0].invars[product.chain[0][1]] if product.chain else
+                       product.eqn.invars[1]).aval.shape)
+        for op, axes in ops:
+            shape = tuple(shape[a] for a in axes) if op == "transpose" else shape
         params = product.eqn.params
-        return ("conv", hwio, shape[:-2], shape[-2] * params["feature_group_count"], shape[-1],
+        return ("conv", ops, shape[:-2], shape[-2] * params["feature_group_count"], shape[-1],
                 tuple(params["window_strides"]), tuple(tuple(int(v) for v in p)
                                                         for p in params["padding"]),
-                tuple(params["rhs_dilation"]), params["feature_group_count"])
+                tuple(params["rhs_dilation"]), params["feature_group_count"],
+                tuple(params["lhs_dilation"]))
     if name != "dot_general" or (product.sliced is not None and not product.stacked) or \
             any(step.primitive.name not in _STEPS for step in steps):
         return None
@@ -295,7 +300,7 @@ def _view(param: nnx.Param, spec):
     """The layer computing a product (:func:`_equation`'s ``spec``) with ``param`` as its
     kernel, no bias: an ``nnx.Einsum`` sharing it (computing in the cast's dtype), a
     :class:`lrjax.ragged.RaggedDot` sharing it, or an ``nnx.Conv`` (sharing it when stored in
-    Flax's ``HWIO``, else holding it transposed so)."""
+    Flax's ``HWIO``, else holding it transposed and flipped so)."""
     if not isinstance(spec, str) and spec[0] == "ragged":
         return ragged.RaggedDot(param, spec[1], spec[2], dtype=spec[3])
     if isinstance(spec, str) or spec[0] == "einsum":
@@ -304,11 +309,15 @@ def _view(param: nnx.Param, spec):
                           dtype=dtype, rngs=nnx.Rngs(0), kernel_init=lambda *_: param[...])
         view.kernel = param
         return view
-    _, hwio, window, c, n, strides, padding, dilation, groups = spec
-    stored = hwio == tuple(range(len(hwio)))
-    kernel = param if stored else nnx.Param(jax.numpy.transpose(param[...], hwio))
+    _, ops, window, c, n, strides, padding, dilation, groups, input_dilation = spec
+    value = param[...]
+    for op, axes in ops:
+        value = jax.numpy.transpose(value, axes) if op == "transpose" else \
+            jax.numpy.flip(value, axes)
+    kernel = nnx.Param(value) if ops else param
     view = nnx.Conv(c, n, window, strides=strides, padding=padding, kernel_dilation=dilation,
-                    feature_group_count=groups, use_bias=False, param_dtype=param.dtype,
+                    input_dilation=input_dilation, feature_group_count=groups, use_bias=False,
+                    param_dtype=param.dtype,
                     rngs=nnx.Rngs(0), kernel_init=lambda *_: kernel[...])
     view.kernel = kernel
     return view

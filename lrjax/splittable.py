@@ -122,6 +122,10 @@ def dilated_conv_site(path: str, conv, input_shape, base_type=nn.Conv) -> ConvSi
     if spatial_dims(conv.kernel_size) > 2:
         return _volumetric_site(path, conv, input_shape, conv.input_dilation,
                                 conv_skip_reason(conv, base_type))
+    if spatial_dims(conv.kernel_size) == 1:  # (a vocoder's upsampler written as a conv)
+        shape = _transposed_shape(path, conv, (*input_shape[:-1], 1, input_shape[-1]),
+                                  _with_unit(conv.input_dilation), (*per_dim(conv.kernel_size, 1), 1))
+        return ConvSite(path, shape, skip=conv_skip_reason(conv, base_type), conv_dims=1)
     return ConvSite(path, _transposed_shape(path, conv, input_shape, conv.input_dilation),
                     skip=conv_skip_reason(conv, base_type))
 
@@ -139,8 +143,6 @@ def conv_skip_reason(conv, base_type=nn.Conv) -> str | None:
     if computes_as(conv, (base_type,)) is None:
         return subclass_reason(conv, base_type)
     if input_dilated(conv):
-        if len(kernel) == 1:
-            return f"input dilation {conv.input_dilation} of a 1-D conv"
         if isinstance(conv.padding, str):
             return f"input dilation {conv.input_dilation} with {conv.padding!r} padding"
         if any(s != 1 for s in ((conv.strides,) if isinstance(conv.strides, int) else

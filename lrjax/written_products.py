@@ -3,14 +3,14 @@ one, and the layer they run as (:mod:`lrjax.linen_products` finds them in a modu
 call and replays the call with the layer in the product's place).
 
 A parameter is a layer's kernel when its one use, through multiplications and divisions by
-constants, casts, transposes and reshapes (:class:`Step`: StyleGAN2's equalized learning rate,
-t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed), is
+constants, casts, transposes, reshapes and flips (:class:`Step`: StyleGAN2's equalized learning
+rate, t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed or flipped), is
 
 * the second operand of a ``conv_general_dilated`` (any strides, explicit padding, dilation and
-  feature groups; no input dilation): an ``nn.Conv``; in another layout than Flax's (a PyTorch
-  port's ``NCHW`` / ``OIHW``) the kernel is read transposed to ``HWIO`` (one more step) and the
-  layer runs on the data transposed to channels last, its output transposed back
-  (:attr:`Product.layout`, :func:`run_in_layout`);
+  feature groups; input dilation at stride 1, one group: ``lax.conv_transpose`` written by hand,
+  an ``nn.Conv(input_dilation=...)``): an ``nn.Conv``; in another layout than Flax's (a PyTorch
+  port's ``NCHW`` / ``OIHW``) the kernel is read transposed to ``HWIO`` (one more step), the
+  layer run on the data transposed to channels last, its output back (:attr:`Product.layout`);
 * an operand of a ``dot_general`` with the data, with one batch dimension or none, contracting
   some of the kernel's axes with some of the data's and keeping at least one of each: the data's
   last axes with the kernel's first ones is an ``nn.Dense`` (``nn.DenseGeneral``: t5x's and
@@ -63,7 +63,7 @@ KERNEL = "kernel"
 _WRITTEN = "_lrjax_written"  # set on a layer made by layer_for
 _STASHED = "_lrjax_stashed_kernel"  # a kernel set aside while a pair may take its name (init)
 _STEPS = ("mul", "div", "convert_element_type", "copy", "copy_p", "reshape", "squeeze",
-          "transpose")
+          "transpose", "rev")
 
 
 class NotALayer(Exception):
@@ -301,9 +301,9 @@ def product_of(closed, var, inputs, experts: bool = False) -> Product:
         raise NotALayer("a product computed in another dtype (preferred_element_type)")
     found = Product(eqn, tuple(steps), tuple(chain), data)
     if eqn.primitive.name == "conv_general_dilated":
-        if data != 0 or any(d != 1 for d in params["lhs_dilation"]) or \
-                params["batch_group_count"] != 1:
-            raise NotALayer("a conv input-dilated or batch-grouped")
+        if data != 0 or params["batch_group_count"] != 1 or set(params["lhs_dilation"]) != {1} and (
+                set(params["window_strides"]) != {1} or params["feature_group_count"] != 1):
+            raise NotALayer("a conv batch-grouped, or input-dilated with strides or groups")
         return _in_flax_layout(found, len(x.shape))
 
     if eqn.primitive.name == "dot_general":
@@ -562,6 +562,7 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
             shape[-1], shape[:-2], strides=tuple(params["window_strides"]),
             padding=[tuple(int(v) for v in p) for p in params["padding"]],
             kernel_dilation=tuple(params["rhs_dilation"]),
+            input_dilation=tuple(params["lhs_dilation"]),
             feature_group_count=params["feature_group_count"], **common)
     object.__setattr__(layer, _WRITTEN, True)
     return layer

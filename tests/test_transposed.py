@@ -487,3 +487,144 @@ def test_strided_input_dilated_1d_and_3d_convs_export_with_zeros_inserted(tmp_pa
     variables = init(model, 0, X1)
     result = export.to_onnx(model, variables, (X1,), str(tmp_path / "d.onnx"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+class VocoderUp(nn.Module):
+    """A vocoder port's upsampler written by hand: PyTorch's ``ConvTranspose1d`` weight
+    ``(C_in, C_out, k)`` read through ``lax.conv_transpose(..., transpose_kernel=True)`` (its
+    kernel flipped and its channel axes swapped by JAX), its own bias."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.lecun_normal(), (4, self.features, x.shape[-1]))
+        b = self.param("bias", nn.initializers.normal(0.1), (self.features,))
+        return jax.lax.conv_transpose(x, w, strides=[2], padding=[(1, 1)],
+                                      transpose_kernel=True) + b
+
+
+class TorchUp(nn.Module):
+    """A PyTorch port's ``ConvTranspose2d`` on NCHW data, its ``(C_in, C_out, kh, kw)`` weight."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.lecun_normal(), (x.shape[1], self.features, 4, 4))
+        return jax.lax.conv_transpose(x, w, (2, 2), ((2, 2), (2, 2)), transpose_kernel=True,
+                                      dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
+class WrittenUps(nn.Module):
+    @nn.compact
+    def __call__(self, x1d, x2d):
+        y = VocoderUp(16, name="voc")(nn.relu(nn.Conv(12, (3,))(x1d)))
+        z = TorchUp(8, name="torch")(nn.relu(TorchUp(12, name="torch_in")(x2d)))
+        return y, z
+
+
+class WrittenUpNNX(nnx.Module):
+    """An NNX module's own ``lax.conv_transpose`` with an ``HIO`` kernel, ``SAME`` padding."""
+
+    def __init__(self, cin, cout, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (3, cin, cout)) / np.sqrt(3 * cin))
+
+    def __call__(self, x):
+        return jax.lax.conv_transpose(x, self.w[...], (2,), "SAME")
+
+
+def test_transposed_convs_written_by_hand_split_as_the_layers_they_compute(tmp_path):
+    """Before: a module's own ``lax.conv_transpose`` (a conv of its input dilated by the strides,
+    its kernel flipped with ``transpose_kernel=True``) stayed its own code, a fixed cost. Now it
+    runs as the input-dilated conv it is (its kernel read flipped and transposed as the code
+    reads it), split as a transposed conv, 1-D too, in linen and NNX."""
+    x1d = jax.random.normal(jax.random.key(3), (2, 9, 6))
+    x2d = jax.random.normal(jax.random.key(4), (2, 6, 5, 5))
+    model = WrittenUps()
+    variables = init(model, 0, x1d, x2d)
+    found = {s.path: s for s in surgery.find_convs(model, x1d, x2d)}
+    assert all(found[p].candidate and found[p].kind == "transposed" and found[p].written
+               for p in ("voc", "torch", "torch_in"))
+    assert found["voc"].conv_dims == 1 and found["torch"].shape.strides == (2, 2)
+    want = model.apply(variables, x1d, x2d)
+    exact = lrjax.decompose_linen(model, variables, x1d, x2d,
+                                  rule={"voc": 16, "torch": 32, "torch_in": 24})
+    for got, w in zip(exact.module.apply(exact.variables, x1d, x2d), want, strict=True):
+        np.testing.assert_allclose(got, w, atol=2e-5 * float(jnp.abs(w).max()))
+    shapes = jax.tree.map(jnp.shape, exact.variables["params"])
+    assert shapes["voc"] == {"bias": (16,), "vertical": {"kernel": (4, 12, 16)},
+                             "horizontal": {"kernel": (1, 16, 16)}}  # (the bias its own)
+    assert shapes["torch"] == {"vertical": {"kernel": (4, 1, 12, 32)},
+                               "horizontal": {"kernel": (1, 4, 32, 8)}}
+
+    split = lrjax.decompose_linen(model, variables, x1d, x2d, rule="speedup:1.4")
+    assert set(split.ranks) & {"voc", "torch", "torch_in"}
+    ratio = lowered_flops(model.apply, variables, x1d, x2d) / lowered_flops(
+        split.module.apply, split.variables, x1d, x2d)
+    assert ratio == pytest.approx(split.report.speedup, rel=1e-6) and ratio >= 1.4
+
+    calibration = (jax.random.normal(jax.random.key(5), (16, 9, 6)),
+                   jax.random.normal(jax.random.key(6), (16, 6, 5, 5)) *
+                   jnp.linspace(0.1, 3.0, 6)[:, None, None])
+    ranks = {"voc": 4, "torch": 6, "torch_in": 6}
+    fitted, free = (lrjax.decompose_linen(model, variables, x1d, x2d, rule=ranks, calibration=c)
+                    for c in (calibration, None))
+    want = model.apply(variables, *calibration)
+    errors = [[float(jnp.linalg.norm(g - w)) for g, w in zip(
+        r.module.apply(r.variables, *calibration), want, strict=True)] for r in (fitted, free)]
+    assert errors[0][0] < errors[1][0] and errors[0][1] < errors[1][1]
+    done = export.to_onnx(split.module, split.variables, (x1d, x2d), str(tmp_path / "w.onnx"))
+    assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
+
+    nnx_model = WrittenUpNNX(6, 16, nnx.Rngs(0))
+    (site,) = nnx_surgery.find_convs_nnx(nnx_model, x1d)
+    assert site.path == "w" and site.candidate and site.kind == "transposed"
+    nnx_exact = lrjax.decompose_nnx(nnx_model, x1d, rule={"w": 16})
+    np.testing.assert_allclose(nnx_exact.module(x1d), nnx_model(x1d), atol=1e-5)
+
+
+def test_1d_input_dilated_convs_split_as_1d_transposed_convs(tmp_path):
+    """Before: "input dilation (2,) of a 1-D conv", left as it is."""
+    model = Dilated(dict(kernel_size=(3,), input_dilation=(2,), padding=((1, 2),)))
+    variables = init(model, 0, X1)
+    (site,) = surgery.find_convs(model, X1)
+    assert site.candidate and (site.kind, site.conv_dims) == ("transposed", 1)
+    exact = lrjax.decompose_linen(model, variables, X1, rule={"up": 6})
+    want = model.apply(variables, X1)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, X1), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+    half = lrjax.decompose_linen(model, variables, X1, rule={"up": 2})
+    assert half.report.speedup == pytest.approx(lowered_flops(model.apply, variables, X1) /
+                                                lowered_flops(half.module.apply, half.variables,
+                                                              X1), rel=1e-6)
+    done = export.to_onnx(half.module, half.variables, (X1,), str(tmp_path / "d.onnx"))
+    assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
+    nnx_model = DilatedNNX(dict(kernel_size=(3,), input_dilation=(2,), padding=((1, 2),)),
+                           nnx.Rngs(0))
+    np.testing.assert_allclose(lrjax.decompose_nnx(nnx_model, X1, rule={"up": 6}).module(X1),
+                               nnx_model(X1), atol=1e-5)
+
+
+class TorchUpNNX(nnx.Module):
+    """:class:`TorchUp` in NNX: its kernel flipped and transposed as the conv reads it."""
+
+    def __init__(self, cin, cout, rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (cin, cout, 4, 4)) / 8.0)
+
+    def __call__(self, x):
+        return jax.lax.conv_transpose(x, self.weight[...], (2, 2), ((2, 2), (2, 2)),
+                                      transpose_kernel=True,
+                                      dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+
+def test_nnx_transposed_convs_written_by_hand_with_flipped_kernels_split():
+    model, x = TorchUpNNX(6, 8, nnx.Rngs(1)), jax.random.normal(jax.random.key(4), (2, 6, 5, 5))
+    (site,) = nnx_surgery.find_convs_nnx(model, x)
+    assert site.candidate and site.kind == "transposed" and site.shape.kernel_size == (4, 4)
+    exact = lrjax.decompose_nnx(model, x, rule={"weight": 24})
+    np.testing.assert_allclose(exact.module(x), model(x), atol=2e-5 * float(jnp.abs(model(x)).max()))
+    half = lrjax.decompose_nnx(model, x, rule={"weight": 6})
+    assert half.report.speedup == pytest.approx(lowered_flops(lambda m, x: m(x), model, x) /
+                                                lowered_flops(lambda m, x: m(x), half.module, x),
+                                                rel=1e-6)
