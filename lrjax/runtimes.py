@@ -173,6 +173,9 @@ def tflite_model(forward: Callable, shape, params=None, *,
                                        params))
     with formulations.policy("portable"):
         forward = litert_primitives(forward, example)  # traced here: outside TensorFlow's graph
+    # converted outside any mesh the caller set: under one, JAX's export writes Shardy's mesh
+    # and shardings into the module, a dialect the TFLite converter does not read
+    with formulations.policy("portable"), jax.set_mesh(None):
         converted = jax2tf.convert(forward, with_gradient=False)
         if params is None:
             fn = tf.function(converted, autograph=False, input_signature=spec)
@@ -203,6 +206,12 @@ def litert_primitives(fn: Callable, example) -> Callable:
     traced inside the converter's ``tf.function``."""
     def rule(eqn, ins, here):
         name = eqn.primitive.name
+        if name in _SHARDING:  # (one device here: the values as they are)
+            return list(ins)
+        ins = [np.asarray(a) if _on_mesh(a) else a for a in ins]
+        placed = {k: None for k in ("out_sharding", "sharding") if eqn.params.get(k) is not None}
+        if placed and replay.call_jaxpr(eqn) is None:  # (converted where no mesh is set)
+            return replay.bind(eqn, ins, {**eqn.params, **placed})
         rewritten = litert_math.rewrite(eqn, ins)
         if rewritten is not None:
             return rewritten
@@ -237,8 +246,16 @@ def litert_primitives(fn: Callable, example) -> Callable:
     if complex_real.holds_complex(closed):  # spectral layers: real and imaginary parts
         closed = jax.make_jaxpr(complex_real.replayed(closed))(*jax.tree.leaves(_plain(example)))
     tree = jax.tree.structure(out_shape)
+    consts = [np.asarray(c) if _on_mesh(c) else c for c in closed.consts]
     return lambda *args: jax.tree.unflatten(
-        tree, replay.run(closed.jaxpr, closed.consts, jax.tree.leaves(_plain(args)), rule))
+        tree, replay.run(closed.jaxpr, consts, jax.tree.leaves(_plain(args)), rule))
+
+
+def _on_mesh(value) -> bool:
+    """Whether ``value`` is an array placed on a mesh (its shardings are not exported: the
+    conversion runs where no mesh is set)."""
+    return isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and \
+        isinstance(value.sharding, jax.sharding.NamedSharding)
 
 
 def _unconvertible_dot(eqn) -> bool:
@@ -269,6 +286,7 @@ def _batched_matmul(lhs, rhs, dimension_numbers, dtype):
 
 # a scan whose body holds one of these runs step by step in LiteRT (:func:`_unrolled`)
 _STEPWISE = frozenset({"cond", "random_bits", "threefry2x32"})
+_SHARDING = frozenset({"reshard", "sharding_constraint", "mesh_cast"})  # (layout only)
 
 
 def _looped(rule, eqn, ins, caller) -> list:

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import lrjax
-from lrjax import boxes, surgery
+from lrjax import boxes, export, surgery
 
 X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
 P = nn.with_partitioning
@@ -188,6 +188,34 @@ def test_nnx_shardings_given_as_named_shardings_or_specs_keep_their_form():
         assert up.vertical.kernel.get_metadata()["out_sharding"] == form(None, None)
         assert up.horizontal.kernel.get_metadata()["out_sharding"] == form(None, "model")
         assert up.horizontal.bias.get_metadata()["out_sharding"] == form("model")
+
+
+
+@pytest.mark.slow  # 4 s: a LiteRT conversion
+def test_a_model_under_an_explicit_mesh_exports_to_litert(tmp_path):
+    """bonsai's LLaDA runs under an explicit mesh and reshards in its code: its LiteRT export
+    failed ("context mesh ... Explicit should match the aval mesh ... Auto" inside jax2tf; here,
+    the converter's "'tf.XlaCallModule' op is neither a custom op nor a flex op": JAX's export
+    under a mesh writes Shardy's dialect, which the converter does not read)."""
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(16, 64, rngs=rngs)
+            self.down = nnx.Linear(64, 8, rngs=rngs)
+
+        def __call__(self, x):
+            h = jax.sharding.reshard(nnx.relu(self.up(x)), jax.sharding.PartitionSpec("data"))
+            return self.down(h)
+
+    with jax.set_mesh(mesh):
+        model = Net(nnx.Rngs(0))
+        x = jax.device_put(jax.random.normal(jax.random.key(1), (4, 16)),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        split = lrjax.decompose_nnx(model, x, rule={"up": 8})
+        for convert, name in ((export.to_tflite, "m.tflite"), (export.to_onnx, "m.onnx")):
+            done = convert(split.module, None, (x,), str(tmp_path / name))
+            assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
 
 
 class Wrapped(nn.Module):
