@@ -162,6 +162,11 @@ def test_unbound_submodules_applied_in_a_loop_are_split_as_the_models_layers(pol
     done = export.to_onnx(data_free.module, data_free.variables, (IMAGES,),
                           str(tmp_path / "policy.onnx"), fixed_batch=True, method="act", rng=KEY)
     assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
+    lrjax.save_decomposed(str(tmp_path / "saved"), data_free)
+    module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, IMAGES, KEY,
+                                           method="act")  # (checked on its sampling)
+    assert _relative(module.apply(loaded, IMAGES, KEY, method="act"), data_free.module.apply(
+        data_free.variables, IMAGES, KEY, method="act")) < 1e-6
 
 
 def test_unbind_outside_lrjax_is_flaxs_own(policy):
