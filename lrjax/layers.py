@@ -495,8 +495,9 @@ class LowRankModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             base = self.__dict__.get("base")
-            if name.startswith("_") or not callable(getattr(type(base), name, None)):
-                raise
+            if name.startswith("_") or not (callable(getattr(type(base), name, None)) or
+                                            isinstance(getattr(base, name, None), nn.Module)):
+                raise  # (a submodule by name, as Flax takes it: apply(..., method="encoder"))
         return types.MethodType(lambda module, *a, **k: module._run(name, a, k), self)
 
     @nn.nowrap

@@ -1104,6 +1104,29 @@ def test_a_method_given_as_a_function_is_decomposed_and_exported(method, tmp_pat
                           method=method)
     assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
 
+
+class Held(nn.Module):
+    """A model holding its submodules in fields (Octo's ``OctoModule(octo_transformer, heads)``,
+    run as ``apply(..., method="octo_transformer")``)."""
+
+    encoder: nn.Module
+    head: nn.Module
+
+    def __call__(self, x):
+        return self.head(self.encoder(x).mean((1, 2)))
+
+
+def test_a_submodule_held_in_a_field_runs_by_name_decomposed():
+    """Flax takes ``method=`` the name of a submodule held in a field; the decomposed model did
+    not ("'LowRankModel' object has no attribute 'encoder'")."""
+    model = Held(nn.Conv(8, (3, 3)), nn.Dense(4))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = init(model, 0, x)
+    exact = lrjax.decompose_linen(model, variables, x, rule={"encoder": 9})  # (full rank)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, x, method="encoder"),
+                               model.apply(variables, x, method="encoder"), atol=1e-5)
+    assert set(exact.variables["params"]["encoder"]) == {"vertical", "horizontal"}
+
 class _Memory(nnx.Module):
     """A cache the call updates, passed as a keyword (as bonsai's Qwen 3 takes its KV cache)."""
 
