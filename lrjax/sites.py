@@ -79,8 +79,8 @@ class ConvSite:
       kernel_axes: for an einsum whose kernel interleaves contracted and output axes, the
         permutation that brings the kernel variable to ``(*in_dims, *out_dims)``; else ``None``.
       equation: an einsum's equation as it was called (``None`` for other layers).
-      transpose_kernel: a transposed conv whose kernel variable is ``(kh, kw, N, C)``, read
-        flipped (``nn.ConvTranspose(transpose_kernel=True)``).
+      transpose_kernel: a transposed conv whose kernel variable is ``(kh, kw, N, C)`` (1-D:
+        ``(k, N, C)``), read flipped (``nn.ConvTranspose(transpose_kernel=True)``).
       parametrization: for a linen subclass that redefines ``param`` (weight standardization),
         a function from the layer's stored parameters ``{"kernel": ..., "bias": ...}`` to the
         ones its computation uses, which the closed form factors; ``None``: used as stored.
@@ -213,9 +213,8 @@ class ConvSite:
             return tuple(shape)
         kh, kw, c, n = self.shape.kernel_shape
         n //= self.stack
-        if self.conv_dims != 2:
-            return (*self._spatial(kh, kw), c, n)
-        return (kh, kw, n, c) if self.transpose_kernel else (kh, kw, c, n)
+        channels = (n, c) if self.transpose_kernel else (c, n)
+        return (*self._spatial(kh, kw), *channels)
 
     def _spatial(self, kh: int, kw: int) -> tuple[int, ...]:
         """The layer's own kernel window for the 2-D view's ``(kh, kw)``."""
@@ -246,8 +245,9 @@ class ConvSite:
         kh, kw, c, n = self.shape.kernel_shape
         if self.kernel_axes is not None:
             kernel = np.transpose(kernel, self.kernel_axes)
-        if self.transpose_kernel:
-            kernel = np.ascontiguousarray(np.swapaxes(kernel[::-1, ::-1], 2, 3))
+        if self.transpose_kernel:  # (its window flipped, its channel axes swapped)
+            kernel = np.ascontiguousarray(np.swapaxes(
+                kernel[(slice(None, None, -1),) * (kernel.ndim - 2)], -2, -1))
         return kernel.reshape(kh, kw, c, n // self.stack)
 
     def factor_variables(self, factors: decompose.Factors) -> tuple[jax.Array, jax.Array]:
@@ -273,8 +273,10 @@ class ConvSite:
             vertical = vertical.reshape(*in_dims, rank)
             horizontal = horizontal.reshape(rank, *out_dims)
         elif self.transpose_kernel:  # as nn.ConvTranspose(transpose_kernel=True) reads them
-            vertical = np.swapaxes(np.asarray(vertical)[::-1], 2, 3)
-            horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], 2, 3)
+            vertical = np.swapaxes(np.asarray(vertical)[::-1], -2, -1)
+            horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], -2, -1)
+            if self.conv_dims == 1:  # (k, K, C) and (1, N, K)
+                vertical, horizontal = vertical[:, 0], horizontal[0]
         elif self.nd_geometry is not None:  # N-D: leading dims, then the last, in its rank
             window, lead = self.nd_geometry[0], (1,) * (self.conv_dims - 1)
             vertical = vertical.reshape(*window[:-1], 1, *vertical.shape[2:])

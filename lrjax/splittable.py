@@ -25,7 +25,7 @@ def transposed_skip_reason(conv, base_type=nn.ConvTranspose) -> str | None:
     into a pair, or None."""
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
-    if len(kernel) != 2 and conv.transpose_kernel:
+    if len(kernel) > 2 and conv.transpose_kernel:
         return f"a {len(kernel)}-D transposed conv with transpose_kernel=True"
     if len(kernel) > 2 and set(kernel) == {1}:
         return f"a pointwise {len(kernel)}-D transposed conv (kernel_size {size})"
@@ -57,7 +57,8 @@ def transposed_site(path: str, conv, input_shape, base_type=nn.ConvTranspose) ->
     if len(kernel) == 1:
         shape = _transposed_shape(path, conv, (*input_shape[:-1], 1, input_shape[-1]),
                                   _with_unit(conv.strides), (*kernel, 1))
-        return ConvSite(path, shape, skip=reason, conv_dims=1)
+        return ConvSite(path, shape, skip=reason, conv_dims=1,
+                        transpose_kernel=bool(conv.transpose_kernel))
     shape = _transposed_shape(path, conv, input_shape, conv.strides)
     return ConvSite(path, shape, skip=reason, transpose_kernel=bool(conv.transpose_kernel))
 

@@ -343,7 +343,9 @@ def test_1d_transposed_convs_split_exactly_costed_calibrated_and_exported(kwargs
     np.testing.assert_allclose(split.module(X1), nnx_model(X1), atol=1e-5)
 
 
-def test_1d_and_3d_transposed_convs_with_transpose_kernel_stay_whole_and_export(tmp_path):
+def test_1d_transposed_convs_with_transpose_kernel_split_and_3d_ones_stay_whole(tmp_path):
+    """A 1-D ``nn.ConvTranspose(transpose_kernel=True)`` (a PyTorch vocoder port's layout) was
+    left whole too; it splits now, its factors read flipped as the layer reads its kernel."""
     class Odd(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -355,9 +357,20 @@ def test_1d_and_3d_transposed_convs_with_transpose_kernel_stay_whole_and_export(
     model = Odd()
     variables = init(model, 0, X1)
     found = {s.path: s.skip for s in surgery.find_convs(model, X1)}
-    assert found == {"flipped": "a 1-D transposed conv with transpose_kernel=True",
+    assert found == {"flipped": None,
                      "video": "a 3-D transposed conv with transpose_kernel=True"}
-    result = export.to_onnx(model, variables, (X1,), str(tmp_path / "odd.onnx"))
+    exact = lrjax.decompose_linen(model, variables, X1, rule={"flipped": 4})  # (full: N = 4)
+    want = model.apply(variables, X1)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, X1), want,
+                               atol=2e-5 * float(jnp.abs(want).max()))
+    assert jax.tree.map(jnp.shape, exact.variables["params"]["flipped"]) == {
+        "vertical": {"kernel": (3, 4, 4)}, "horizontal": {"kernel": (1, 4, 4), "bias": (4,)}}
+    nnx_layer = nnx.ConvTranspose(4, 4, (3,), strides=(2,), transpose_kernel=True,
+                                  rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(lrjax.decompose_nnx(nnx_layer, X1, rule={"": 4}).module(X1),
+                               nnx_layer(X1), atol=1e-5)
+    half = lrjax.decompose_linen(model, variables, X1, rule={"flipped": 2})
+    result = export.to_onnx(half.module, half.variables, (X1,), str(tmp_path / "odd.onnx"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
 
