@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import errors as flax_errors
 from flax import nnx
 from flax.nnx import bridge
 
@@ -217,9 +218,12 @@ class _Probe(nnx.Module):
                 kernel = nnx_written.kernel_of(layer)
                 key, ndim = RunSums.key(None if kernel is None else kernel[...])
                 jax.debug.callback(functools.partial(host.add, self.path), s, n, key, ndim)
-            else:  # its first call per batch
-                record["batch"][self.path] = True
-                self.moments.set_value((s, n))
+            else:  # its first call per batch (in a loop of JAX's own, nnx.merge-d in its
+                try:  # body: set at another trace level, refused; the host pass then takes it)
+                    self.moments.set_value((s, n))
+                    record["batch"][self.path] = True
+                except flax_errors.TraceContextError:
+                    pass
 
 
 class _InnerProbe(_Probe):

@@ -1,7 +1,8 @@
-"""Submodules a linen model applies apart with their own variables (``module, variables =
-self.unbind()``, then ``module.apply(variables, ...)`` inside a plain ``jax.lax.scan``), as
-Octo's diffusion action head samples actions: their layers are the model's, found, costed,
-calibrated, split and exported under their paths in the model (:mod:`lrjax.linen_unbound`)."""
+"""Submodules a model applies apart with their own variables (linen: ``module, variables =
+self.unbind()``, then ``module.apply(variables, ...)`` inside a plain ``jax.lax.scan``, as
+Octo's diffusion action head samples actions; NNX: ``nnx.split``, ``nnx.merge`` in a loop's
+body): their layers are the model's, found, costed, calibrated, split and exported under their
+paths in the model (:mod:`lrjax.linen_unbound`)."""
 
 import math
 
@@ -9,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 import lrjax
 from lrjax import decompose, export, linen_unbound
@@ -177,3 +179,51 @@ def test_unbind_outside_lrjax_is_flaxs_own(policy):
         module, _ = model.bind(variables).head.unbind()
     assert isinstance(module, DiffusionHead) and linen_unbound.applied_at(module) == ("head",)
     assert nn.Module.unbind is linen_unbound._ORIGINAL_UNBIND
+
+
+class Denoiser(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(16, 64, rngs=rngs)
+        self.b = nnx.Linear(64, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(nnx.relu(self.a(x)))
+
+
+class NNXSampler(nnx.Module):
+    """NNX's way to run a submodule in a loop of JAX's own: ``nnx.split`` it, ``nnx.merge`` it
+    in the body (a ``fori_loop`` of denoising steps)."""
+
+    def __init__(self, rngs, unroll=False):
+        self.stem = nnx.Linear(8, 16, rngs=rngs)
+        self.net = Denoiser(rngs)
+        self.unroll = unroll
+
+    def __call__(self, x):
+        graphdef, state = nnx.split(self.net)
+
+        def step(i, h):
+            return h - 0.1 * nnx.merge(graphdef, state)(h)
+
+        return jax.lax.fori_loop(0, 3, step, self.stem(x), unroll=self.unroll)
+
+
+def test_nnx_submodules_merged_in_a_loop_calibrate():
+    """Before: calibrating failed with Flax's "Cannot mutate _Moments from a different trace
+    level" (a probe's statistics set inside the loop's body); they go to the host now, as a
+    loop's layers' do."""
+    model, x = NNXSampler(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (4, 8))
+    exact = lrjax.decompose_nnx(model, x, rule={"net/a": 16, "net/b": 16})
+    assert _relative(exact.module(x), model(x)) < 1e-5
+    calibration = jax.random.normal(jax.random.key(2), (64, 8)) * jnp.linspace(0.1, 3.0, 8)
+    ranks = {"net/a": 4, "net/b": 4}
+    fitted = lrjax.decompose_nnx(model, x, rule=ranks, calibration=calibration)
+    assert not [n for n in fitted.report.notes if "data-free" in n]
+    free = lrjax.decompose_nnx(model, x, rule=ranks)
+    held_out = jax.random.normal(jax.random.key(3), (32, 8)) * jnp.linspace(0.1, 3.0, 8)
+    assert _relative(fitted.module(held_out), model(held_out)) < \
+        _relative(free.module(held_out), model(held_out))
+    unrolled = NNXSampler(nnx.Rngs(0), unroll=True)  # (XLA counts a loop body once)
+    nnx.update(unrolled, nnx.state(model))
+    before, after = fitted.report.net_flops
+    assert before * len(x) == pytest.approx(lowered_flops(lambda m, x: m(x), unrolled, x), abs=16)
