@@ -566,19 +566,20 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     kernels = {s.path: s.to_hwio(nnx_written.used_kernel(graph[s.path], s)) for s in candidates
                if inside[s.path] is None} | nnx_bridge.island_kernels(bridged, candidates)
     covs, note, few = None, None, None
-    if calibration is not None and problem is None:
+    net_macs, net_elementwise, net_constant, found = _net_cost(
+        model, example_args, example_kwargs, eval_mode, found)
+    if calibration is not None and problem is None:  # (not a layer in a conditional branch:
         batches = rules.calibration_batches(calibration, example_args, example_kwargs)
-        paths, note = calibrated_paths(candidates)
+        costed = {s.path for s in found if s.candidate}  # never split, and its statistics,
+        paths, note = calibrated_paths([s for s in candidates if s.path in costed])  # set in
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths and
-                                                 inside[s.path] is None],
-                                example_kwargs, eval_mode, products)
+                                                 inside[s.path] is None],  # one branch only,
+                                example_kwargs, eval_mode, products)  # would break nnx.cond)
         covs = {p: np.divide(s, record["counts"][p], out=s) for p, s in record["sums"].items()}
         covs |= nnx_bridge.island_moments(model, batches, example_kwargs, eval_mode, [
             s for s in candidates if s.path in paths and inside[s.path]], record["counts"])
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(record["counts"], candidates)
-    net_macs, net_elementwise, net_constant, found = _net_cost(
-        model, example_args, example_kwargs, eval_mode, found)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
                           net_elementwise=net_elementwise, net_constant=net_constant,
                           notes=tuple(filter(None, (note, few))),

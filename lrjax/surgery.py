@@ -391,14 +391,6 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     candidates = [s for s in found if s.candidate]
     kernels = SiteKernels(flat, candidates)
     covs, note, few = None, None, None
-    if calibration is not None:
-        paths, note = calibrated_paths(candidates)
-        seen = {}
-        wanted = {s.path: s for s in candidates if s.path in paths}  # (their kernels)
-        covs = calibration_moments(model, variables, calibration, wanted, example_kwargs,
-                                   example_args, strict=False, counts_out=seen)
-        note = uncalibrated_note(note, paths, covs)
-        few = undersampled_note(seen, candidates)
     with nn.intercept_methods(layer_scopes(layer_indices(found))):
         counts = macs.traced_macs(lambda v, *t: as_jax_types(
             model.apply(v, *rebuild(t), **example_kwargs)), variables, *arrays)
@@ -406,6 +398,15 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     found = with_parametrization_flops(found, flat, batch)
     found = own_code.with_own_code(costed_as_run(found, counts, batch), counts["weighted"],
                                    own_code.variable_names(variables, collections=True), counts["total"])
+    if calibration is not None:  # (not a layer in a conditional branch: never split, and its
+        costed = {s.path for s in found if s.candidate}  # statistics, sown in one branch only,
+        paths, note = calibrated_paths([s for s in candidates if s.path in costed])  # would
+        seen = {}  # break nn.cond)
+        wanted = {s.path: s for s in candidates if s.path in paths}  # (their kernels)
+        covs = calibration_moments(model, variables, calibration, wanted, example_kwargs,
+                                   example_args, strict=False, counts_out=seen)
+        note = uncalibrated_note(note, paths, covs)
+        few = undersampled_note(seen, candidates)
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
                        counts["elementwise"] // batch, counts["constant"] // batch,
                        tuple(filter(None, (note, few))), source=variable_leaves(variables))
