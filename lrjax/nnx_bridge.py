@@ -146,18 +146,20 @@ def island_kernels(bridged: dict, candidates: list[ConvSite]) -> dict:
 
 def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
     """``{wrapper path: [([positional arguments per batch], keywords) per call]}``: what each
-    wrapper in ``paths`` was given in the model's calls on ``batches`` (one jitted pass each; a
-    wrapper given other than arrays, or keywords holding arrays, or called a different number
-    of times in another batch, gets none)."""
-    copy, held, keywords = nnx.clone(model), {}, {}
+    wrapper in ``paths`` was given in the model's calls on ``batches`` (one jitted pass each;
+    positional arguments that hold no array, a ``train=False`` flag given in its place, as the
+    call gave them; a wrapper given an argument mixing arrays and other values, or keywords
+    holding arrays, or called a different number of times in another batch, gets none)."""
+    copy, held, keywords, fixed = nnx.clone(model), {}, {}, {}
     for path, node in wrappers(copy).items():
         if path in paths:
             _capturing(node, path, held)
     kwargs, nodes = graph_keywords(kwargs)
     graphdef, state = nnx.split((eval_view(copy) if eval_mode else copy, nodes))
 
-    def arrays(tree) -> bool:
-        return all(isinstance(a, jax.Array) for a in jax.tree.leaves(tree))
+    def kind(tree) -> bool | None:  # all arrays (traced), none (as given), or a mix
+        leaves = [isinstance(a, jax.Array) for a in jax.tree.leaves(tree)]
+        return all(leaves) if all(leaves) or not any(leaves) else None
 
     def run(state, *batch):
         held.clear()
@@ -165,16 +167,22 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
         args, given = split_keywords(batch, kwargs)
         module(*args, **given, **copies)
         keywords.update({p: [k for _, k in calls] for p, calls in held.items()})
-        return {p: [a for a, _ in calls] for p, calls in held.items() if all(
-            arrays(a) and not any(isinstance(v, jax.Array) for v in jax.tree.leaves(k))
-            for a, k in calls)}
+        fixed.update({p: [[None if kind(v) else v for v in a] for a, _ in calls]
+                      for p, calls in held.items()})
+        return {p: [[v for v in a if kind(v)] for a, _ in calls] for p, calls in held.items()
+                if all(None not in map(kind, a) and not any(
+                    isinstance(v, jax.Array) for v in jax.tree.leaves(k)) for a, k in calls)}
+
+    def whole(p: str, i: int, traced_args: list) -> tuple:  # the call's arguments, in order
+        it = iter(traced_args)
+        return tuple(next(it) if v is None else v for v in fixed[p][i])
 
     traced = jax.jit(run, static_argnums=static_argnums(batches))
     out: dict = {}
     for batch in batches:
         for p, calls in with_constants_evaluated(traced, state, *batch).items():
             out.setdefault(p, []).append(calls)
-    return {p: [([b[i] for b in got], keywords[p][i]) for i in range(len(got[0]))]
+    return {p: [([whole(p, i, b[i]) for b in got], keywords[p][i]) for i in range(len(got[0]))]
             for p, got in out.items() if len(got) == len(batches) and
             len({len(b) for b in got}) == 1}
 

@@ -187,6 +187,40 @@ def test_a_wrappers_methods_and_repeated_calls_are_split_over_every_call(tmp_pat
         vae.apply(variables, X, method="encode").mean, atol=1e-5)
 
 
+
+class FlaggedBlock(nn.Module):
+    """A linen block taking its mode as a positional flag (``block(x, False)``)."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Conv(32, (3, 3))(x)))
+        return nn.Dense(32)(x)
+
+
+class Flagged(nnx.Module):
+    def __init__(self, rngs):
+        self.block = nnx.bridge.lazy_init(nnx.bridge.ToNNX(FlaggedBlock(), rngs=rngs), X, False)
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.block(x, False).mean((1, 2)))
+
+
+def test_a_wrapper_given_a_positional_flag_calibrates():
+    """Before: a wrapper given an argument that is no array (``self.block(x, False)``) kept its
+    layers' data-free factors ("calibrated on no data")."""
+    model = Flagged(nnx.Rngs(0))
+    calibration = jax.random.normal(jax.random.key(1), (32, 12, 12, 3)) * \
+        jnp.linspace(0.1, 3.0, 3)
+    ranks = {"block/Conv_0": 6, "block/Dense_0": 8}
+    calibrated = lrjax.decompose_nnx(model, X, rule=ranks, calibration=calibration)
+    assert not [n for n in calibrated.report.notes if "data-free" in n]
+    plain = lrjax.decompose_nnx(model, X, rule=ranks)
+    held_out = jax.random.normal(jax.random.key(6), (16, 12, 12, 3)) * jnp.linspace(0.1, 3.0, 3)
+    assert _relative(calibrated.module(held_out), model(held_out)) < \
+        _relative(plain.module(held_out), model(held_out))
+
+
 class Stage(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(16, 16, (3, 3), rngs=rngs)
