@@ -67,22 +67,27 @@ def abstract_init(model: nn.Module, args, kwargs, interceptor=None, with_output=
     an init has not made yet (a submodule's ``unbind()`` before that submodule ever ran: Octo's
     diffusion sampling) is traced as ``model.apply(variables, ..., mutable=True)`` on the
     variables given it by :func:`known_variables`, which returns the same."""
-    arrays, rebuild = split_static(args)
     kwargs = dict(kwargs)
     given = kwargs.pop("rngs", None)
     rngs = {**init_rngs(), **(given if isinstance(given, dict) else
                               {} if given is None else {"params": given})}
+    names = list(kwargs)  # keyword arrays traced as the positional ones (given as shapes too)
+    arrays, rebuild = split_static((*args, *kwargs.values()))
 
     init = model.init_with_output if with_output else model.init
 
-    def trace(rngs, *traced):  # the keys traced too: no initializer runs on concrete values
+    def call(fn, first, traced, **more):
+        values = rebuild(traced)
         with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
-            return as_jax_types(init(rngs, *rebuild(traced), **kwargs))
+            return fn(first, *values[:len(args)], **dict(zip(names, values[len(args):],
+                                                             strict=True)), **more)
+
+    def trace(rngs, *traced):  # the keys traced too: no initializer runs on concrete values
+        return as_jax_types(call(init, rngs, traced))
 
     def applied(variables, rngs, *traced):
-        with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
-            out, made = model.apply(variables, *rebuild(traced), rngs=rngs,
-                                    mutable=flax.core.DenyList("intermediates"), **kwargs)  # (as init)
+        out, made = call(model.apply, variables, traced, rngs=rngs,
+                         mutable=flax.core.DenyList("intermediates"))  # (as init)
         return as_jax_types((out, made) if with_output else made)
 
     try:

@@ -145,12 +145,12 @@ def island_kernels(bridged: dict, candidates: list[ConvSite]) -> dict:
 
 
 def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
-    """``{wrapper path: [([positional arguments per batch], keywords) per call]}``: what each
-    wrapper in ``paths`` was given in the model's calls on ``batches`` (one jitted pass each;
-    positional arguments that hold no array, a ``train=False`` flag given in its place, as the
-    call gave them; a wrapper given an argument mixing arrays and other values, or keywords
-    holding arrays, or called a different number of times in another batch, gets none)."""
-    copy, held, keywords, fixed = nnx.clone(model), {}, {}, {}
+    """``{wrapper path: [([(positional arguments, keyword arrays) per batch], other keywords)
+    per call]}``: what each wrapper in ``paths`` was given in the model's calls on ``batches``
+    (one jitted pass each). Arguments holding no array (a ``train=False`` flag) are as the call
+    gave them; a wrapper given an argument mixing arrays and other values, or called a
+    different number of times in another batch, gets none."""
+    copy, held, fixed = nnx.clone(model), {}, {}
     for path, node in wrappers(copy).items():
         if path in paths:
             _capturing(node, path, held)
@@ -166,23 +166,23 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
         module, copies = nnx.merge(graphdef, state)
         args, given = split_keywords(batch, kwargs)
         module(*args, **given, **copies)
-        keywords.update({p: [k for _, k in calls] for p, calls in held.items()})
-        fixed.update({p: [[None if kind(v) else v for v in a] for a, _ in calls]
+        fixed.update({p: [([None if kind(v) else v for v in a],
+                           {k: v for k, v in kw.items() if not kind(v)}) for a, kw in calls]
                       for p, calls in held.items()})
-        return {p: [[v for v in a if kind(v)] for a, _ in calls] for p, calls in held.items()
-                if all(None not in map(kind, a) and not any(
-                    isinstance(v, jax.Array) for v in jax.tree.leaves(k)) for a, k in calls)}
+        return {p: [([v for v in a if kind(v)], {k: v for k, v in kw.items() if kind(v)})
+                    for a, kw in calls] for p, calls in held.items()
+                if all(None not in map(kind, (*a, *kw.values())) for a, kw in calls)}
 
-    def whole(p: str, i: int, traced_args: list) -> tuple:  # the call's arguments, in order
-        it = iter(traced_args)
-        return tuple(next(it) if v is None else v for v in fixed[p][i])
+    def whole(p: str, i: int, traced) -> tuple:  # the call's arguments, in order
+        it = iter(traced[0])
+        return tuple(next(it) if v is None else v for v in fixed[p][i][0]), traced[1]
 
     traced = jax.jit(run, static_argnums=static_argnums(batches))
     out: dict = {}
     for batch in batches:
         for p, calls in with_constants_evaluated(traced, state, *batch).items():
             out.setdefault(p, []).append(calls)
-    return {p: [([whole(p, i, b[i]) for b in got], keywords[p][i]) for i in range(len(got[0]))]
+    return {p: [([whole(p, i, b[i]) for b in got], fixed[p][i][1]) for i in range(len(got[0]))]
             for p, got in out.items() if len(got) == len(batches) and
             len({len(b) for b in got}) == 1}
 
@@ -205,22 +205,25 @@ def island_moments(model, batches, kwargs, eval_mode: bool, wanted: list[ConvSit
     under wrappers of ``model``, from the inputs each wrapper gets in the model's calls on the
     calibration ``batches`` (a layer run by several of a wrapper's calls: over all of them,
     weighted by their sample counts); ``counts`` gets their sample counts. A wrapper whose
-    inputs could not be taken (given other than arrays) gets none (data-free, noted)."""
+    inputs could not be taken (an argument mixing arrays and other values) gets none
+    (data-free, noted)."""
     bridged = wrappers(model)
     mine = {p: [s for s in wanted if island_of(s.path, [p]) == p] for p in bridged}
     inputs = _island_inputs(model, batches, kwargs, eval_mode, [p for p, s in mine.items() if s])
     sums: dict = {}
     for path, calls in inputs.items():
         node = bridged[path]
-        for given, keywords in calls:
-            reached = {s.path for s in surgery.find_convs(node.to_nnx__module, *given[0],
-                                                          **keywords)}
+        for given, keywords in calls:  # (keyword arrays as calibration_batches takes them)
+            example = {**keywords, **given[0][1]}
+            reached = {s.path for s in surgery.find_convs(node.to_nnx__module, *given[0][0],
+                                                          **example)}
             local = {_local(path, s.path): s.renamed(_local(path, s.path)) for s in mine[path]
                      if _local(path, s.path) in reached}
             seen: dict = {}
-            got = surgery.calibration_moments(node.to_nnx__module, linen_variables(node),
-                                              [tuple(a) for a in given], local, keywords,
-                                              tuple(given[0]), strict=False, counts_out=seen)
+            got = surgery.calibration_moments(
+                node.to_nnx__module, linen_variables(node),
+                [(*a, kw) if kw else tuple(a) for a, kw in given], local, example,
+                tuple(given[0][0]), strict=False, counts_out=seen)
             for p, cov in got.items():
                 total, n = sums.get(_joined(path, p), (0.0, 0.0))
                 sums[_joined(path, p)] = (total + cov * seen.get(p, 1.0), n + seen.get(p, 1.0))

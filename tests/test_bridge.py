@@ -189,26 +189,29 @@ def test_a_wrappers_methods_and_repeated_calls_are_split_over_every_call(tmp_pat
 
 
 class FlaggedBlock(nn.Module):
-    """A linen block taking its mode as a positional flag (``block(x, False)``)."""
+    """A linen block taking its mode as a positional flag and a conditioning array as a keyword
+    (``block(x, False, scale=s)``, as diffusers' U-Net takes ``encoder_hidden_states=``)."""
 
     @nn.compact
-    def __call__(self, x, train):
-        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Conv(32, (3, 3))(x)))
+    def __call__(self, x, train, scale=None):
+        x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Conv(32, (3, 3))(x * scale)))
         return nn.Dense(32)(x)
 
 
 class Flagged(nnx.Module):
     def __init__(self, rngs):
-        self.block = nnx.bridge.lazy_init(nnx.bridge.ToNNX(FlaggedBlock(), rngs=rngs), X, False)
+        self.block = nnx.bridge.lazy_init(nnx.bridge.ToNNX(FlaggedBlock(), rngs=rngs), X, False,
+                                          scale=jnp.ones((1, 1, 1, 3)))
         self.head = nnx.Linear(32, 10, rngs=rngs)
 
     def __call__(self, x):
-        return self.head(self.block(x, False).mean((1, 2)))
+        scale = 1.0 + jnp.abs(x).mean((1, 2), keepdims=True)
+        return self.head(self.block(x, False, scale=scale).mean((1, 2)))
 
 
-def test_a_wrapper_given_a_positional_flag_calibrates():
-    """Before: a wrapper given an argument that is no array (``self.block(x, False)``) kept its
-    layers' data-free factors ("calibrated on no data")."""
+def test_a_wrapper_given_a_flag_and_keyword_arrays_calibrates():
+    """Before: a wrapper given an argument that is no array (``self.block(x, False)``) or a
+    keyword array kept its layers' data-free factors ("calibration never ran them")."""
     model = Flagged(nnx.Rngs(0))
     calibration = jax.random.normal(jax.random.key(1), (32, 12, 12, 3)) * \
         jnp.linspace(0.1, 3.0, 3)
