@@ -568,13 +568,15 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     covs, note, few = None, None, None
     net_macs, net_elementwise, net_constant, found = _net_cost(
         model, example_args, example_kwargs, eval_mode, found)
-    if calibration is not None and problem is None:  # (not a layer in a conditional branch:
+    # costed first: a layer in a conditional branch is never split, and its statistics, set in
+    # one branch only, would break nnx.cond; it is not probed
+    if calibration is not None and problem is None:
         batches = rules.calibration_batches(calibration, example_args, example_kwargs)
-        costed = {s.path for s in found if s.candidate}  # never split, and its statistics,
-        paths, note = calibrated_paths([s for s in candidates if s.path in costed])  # set in
+        costed = {s.path for s in found if s.candidate}
+        paths, note = calibrated_paths([s for s in candidates if s.path in costed])
         _, record = _run_probed(model, batches, [s for s in candidates if s.path in paths and
-                                                 inside[s.path] is None],  # one branch only,
-                                example_kwargs, eval_mode, products)  # would break nnx.cond)
+                                                 inside[s.path] is None],
+                                example_kwargs, eval_mode, products)
         covs = {p: np.divide(s, record["counts"][p], out=s) for p, s in record["sums"].items()}
         covs |= nnx_bridge.island_moments(model, batches, example_kwargs, eval_mode, [
             s for s in candidates if s.path in paths and inside[s.path]], record["counts"])

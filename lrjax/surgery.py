@@ -398,10 +398,12 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     found = with_parametrization_flops(found, flat, batch)
     found = own_code.with_own_code(costed_as_run(found, counts, batch), counts["weighted"],
                                    own_code.variable_names(variables, collections=True), counts["total"])
-    if calibration is not None:  # (not a layer in a conditional branch: never split, and its
-        costed = {s.path for s in found if s.candidate}  # statistics, sown in one branch only,
-        paths, note = calibrated_paths([s for s in candidates if s.path in costed])  # would
-        seen = {}  # break nn.cond)
+    if calibration is not None:
+        # costed first: a layer in a conditional branch is never split, and its statistics,
+        # sown in one branch only, would break nn.cond; it is not calibrated
+        costed = {s.path for s in found if s.candidate}
+        paths, note = calibrated_paths([s for s in candidates if s.path in costed])
+        seen = {}
         wanted = {s.path: s for s in candidates if s.path in paths}  # (their kernels)
         covs = calibration_moments(model, variables, calibration, wanted, example_kwargs,
                                    example_args, strict=False, counts_out=seen)
