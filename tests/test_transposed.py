@@ -547,7 +547,7 @@ class WrittenUpNNX(nnx.Module):
         return jax.lax.conv_transpose(x, self.w[...], (2,), "SAME")
 
 
-def test_transposed_convs_written_by_hand_split_as_the_layers_they_compute(tmp_path):
+def test_transposed_convs_written_by_hand_split_as_the_layers_they_compute():
     """Before: a module's own ``lax.conv_transpose`` (a conv of its input dilated by the strides,
     its kernel flipped with ``transpose_kernel=True``) stayed its own code, a fixed cost. Now it
     runs as the input-dilated conv it is (its kernel read flipped and transposed as the code
@@ -587,6 +587,16 @@ def test_transposed_convs_written_by_hand_split_as_the_layers_they_compute(tmp_p
     errors = [[float(jnp.linalg.norm(g - w)) for g, w in zip(
         r.module.apply(r.variables, *calibration), want, strict=True)] for r in (fitted, free)]
     assert errors[0][0] < errors[1][0] and errors[0][1] < errors[1][1]
+
+
+@pytest.mark.slow  # 2 s: an export (the default run splits these layers above)
+def test_transposed_convs_written_by_hand_export_and_split_in_nnx(tmp_path):
+    x1d = jax.random.normal(jax.random.key(3), (2, 9, 6))
+    x2d = jax.random.normal(jax.random.key(4), (2, 6, 5, 5))
+    model = WrittenUps()
+    variables = init(model, 0, x1d, x2d)
+    split = lrjax.decompose_linen(model, variables, x1d, x2d,
+                                  rule={"voc": 4, "torch": 6, "torch_in": 6})
     done = export.to_onnx(split.module, split.variables, (x1d, x2d), str(tmp_path / "w.onnx"))
     assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
 

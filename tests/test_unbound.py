@@ -111,7 +111,7 @@ def policy():
     return model, model.init(jax.random.key(2), IMAGES)
 
 
-def test_unbound_submodules_applied_in_a_loop_are_split_as_the_models_layers(policy, tmp_path):
+def test_unbound_submodules_applied_in_a_loop_are_split_as_the_models_layers(policy):
     """Before: ``decompose_linen(..., method="act")`` failed with Flax's raw
     ``ScopeCollectionNotFound`` from inside lrjax (an init cannot run ``act``: the head's
     ``unbind()`` comes before its variables exist), and the score network's layers, in an
@@ -119,8 +119,9 @@ def test_unbound_submodules_applied_in_a_loop_are_split_as_the_models_layers(pol
     the model's variables."""
     model, variables = policy
     want = model.apply(variables, IMAGES, KEY, method="act")
-    probe = lrjax.decompose_linen(model, variables, IMAGES, KEY, rule="energy:1.0", method="act")
-    sites = {s.path: s for s in probe.problem.sites}
+    data_free = lrjax.decompose_linen(model, variables, IMAGES, KEY, rule="speedup:2",
+                                      method="act")
+    sites = {s.path: s for s in data_free.problem.sites}
     with pytest.raises(ValueError, match=r"Policy's init cannot run .*unbind\(\).*give its variables"):
         lrjax.surgery.find_convs(model, IMAGES, KEY, method="act")  # (no variables given)
     assert HEAD | {"encoder", "embed"} <= set(sites) and all(sites[p].candidate for p in HEAD)
@@ -136,8 +137,6 @@ def test_unbound_submodules_applied_in_a_loop_are_split_as_the_models_layers(pol
 
     # the loop's layers costed at every step: XLA's count of the loop unrolled (which folds a
     # few element-wise ops of the step counter)
-    data_free = lrjax.decompose_linen(model, variables, IMAGES, KEY, rule="speedup:2",
-                                      method="act")
     unrolled = Policy(unroll=True)
     before, after = data_free.report.net_flops
     assert before * len(IMAGES) == pytest.approx(lowered_flops(
@@ -161,6 +160,12 @@ def test_unbound_submodules_applied_in_a_loop_are_split_as_the_models_layers(pol
                      reference) < 0.8 * _relative(
         plain.module.apply(plain.variables, held_out, KEY, method="act"), reference)
 
+
+@pytest.mark.slow  # 4 s: an export, a checkpoint
+def test_unbound_sampling_exports_saves_and_loads(policy, tmp_path):
+    model, variables = policy
+    data_free = lrjax.decompose_linen(model, variables, IMAGES, KEY, rule="speedup:2",
+                                      method="act")
     done = export.to_onnx(data_free.module, data_free.variables, (IMAGES,),
                           str(tmp_path / "policy.onnx"), fixed_batch=True, method="act", rng=KEY)
     assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale

@@ -343,6 +343,8 @@ class Scanned(nn.Module):
                        length=3)(name="layers")(x, None)[0]
 
 
+@pytest.mark.slow  # 6 s: a scan's written layers, split and calibrated (the scanned Flax layers'
+# split per iteration: test_rules.py, the default run)
 def test_written_einsums_stacked_by_scan_split_per_iteration():
     """A written layer whose code reorders its kernel's axes (its re-parametrization) was left
     as it is once stacked by ``nn.scan`` ("stacked layers are left as they are"): each
