@@ -26,6 +26,12 @@ __all__ = ["as_sublayers"]
 _GATES = "ifgo"
 
 
+def _tuple(value) -> tuple:
+    """A layer's ``features`` / ``axis`` / ``batch_dims`` field (an int or a sequence) as a
+    tuple."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def _letters(n: int, start: int = 0) -> str:
     return "".join(chr(ord("a") + i) for i in range(start, start + n))
 
@@ -48,12 +54,12 @@ def _batched_dense_as_einsum(next_fun, args, kwargs, context):
     """An interceptor: ``nn.DenseGeneral(batch_dims=(0,))`` as the ``nn.Einsum`` it computes."""
     layer = context.module
     if type(layer) is not nn.DenseGeneral or context.method_name != "__call__" or kwargs or \
-            len(args) != 1 or len(nn.linear._canonicalize_tuple(layer.batch_dims)) != 1 or \
+            len(args) != 1 or len(_tuple(layer.batch_dims)) != 1 or \
             layer.dot_general is not None or layer.dot_general_cls is not None:
         return next_fun(*args, **kwargs)
     x = args[0]
-    axis = sorted({a % x.ndim for a in nn.linear._canonicalize_tuple(layer.axis)})
-    features = nn.linear._canonicalize_tuple(layer.features)
+    axis = sorted({a % x.ndim for a in _tuple(layer.axis)})
+    features = _tuple(layer.features)
     if 0 in axis:  # (Flax refuses it)
         return next_fun(*args, **kwargs)
     letters, out = _letters(x.ndim), _letters(len(features), x.ndim)

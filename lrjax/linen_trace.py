@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 from jax._src import config as jax_config
 
-__all__ = ["layer_input", "split_static", "init_rngs", "abstract_init", "known_variables",
-           "knowing_variables", "Untraceable",
-           "untraceable", "constants_evaluated", "compile_time_constants", "with_constants_evaluated",
+__all__ = ["layer_input", "split_static", "split_static_call", "init_rngs", "abstract_init",
+           "known_variables", "knowing_variables", "Untraceable", "untraceable",
+           "constants_evaluated", "compile_time_constants", "with_constants_evaluated",
            "evaluating_constants", "unjitted", "retraced_lifted_jit"]
 
 
@@ -53,6 +53,20 @@ def split_static(args):
     return arrays, rebuild
 
 
+def split_static_call(args, kwargs):
+    """:func:`split_static` of a call's positional and keyword arguments together (keyword
+    arrays traced as the positional ones): the arrays, and a function rebuilding ``(args,
+    kwargs)`` from them."""
+    n, names = len(args), list(kwargs)
+    arrays, rebuild = split_static((*args, *kwargs.values()))
+
+    def rebuilt(traced):
+        values = rebuild(traced)
+        return tuple(values[:n]), dict(zip(names, values[n:], strict=True))
+
+    return arrays, rebuilt
+
+
 def init_rngs():
     """The keys ``abstract_init`` initializes with (parameters and dropout)."""
     key = jax.random.key(0)
@@ -71,16 +85,14 @@ def abstract_init(model: nn.Module, args, kwargs, interceptor=None, with_output=
     given = kwargs.pop("rngs", None)
     rngs = {**init_rngs(), **(given if isinstance(given, dict) else
                               {} if given is None else {"params": given})}
-    names = list(kwargs)  # keyword arrays traced as the positional ones (given as shapes too)
-    arrays, rebuild = split_static((*args, *kwargs.values()))
+    arrays, rebuild = split_static_call(args, kwargs)  # (given as shapes too)
 
     init = model.init_with_output if with_output else model.init
 
     def call(fn, first, traced, **more):
-        values = rebuild(traced)
+        values, keywords = rebuild(traced)
         with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
-            return fn(first, *values[:len(args)], **dict(zip(names, values[len(args):],
-                                                             strict=True)), **more)
+            return fn(first, *values, **keywords, **more)
 
     def trace(rngs, *traced):  # the keys traced too: no initializer runs on concrete values
         return as_jax_types(call(init, rngs, traced))

@@ -208,7 +208,6 @@ def litert_primitives(fn: Callable, example) -> Callable:
         name = eqn.primitive.name
         if name in _SHARDING:  # (one device here: the values as they are)
             return list(ins)
-        ins = [np.asarray(a) if _on_mesh(a) else a for a in ins]
         placed = {k: None for k in ("out_sharding", "sharding") if eqn.params.get(k) is not None}
         if placed and replay.call_jaxpr(eqn) is None:  # (converted where no mesh is set)
             return replay.bind(eqn, ins, {**eqn.params, **placed})

@@ -58,6 +58,7 @@ from lrjax.linen_trace import (
     known_variables,
     layer_input,
     split_static,
+    split_static_call,
     unjitted,
 )
 from lrjax.linen_unbound import applied_at
@@ -294,12 +295,11 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
     **example_kwargs)`` writes a variable collection (batch statistics in training mode) or
     draws randomness (active dropout): surgery, calibration and export run the inference call.
     Traced abstractly (no compute)."""
-    n, names = len(example_args), list(example_kwargs)
-    arrays, rebuild = split_static((*example_args, *example_kwargs.values()))  # keyword inputs
+    arrays, rebuild = split_static_call(example_args, example_kwargs)  # keyword inputs too
 
     def call(v, *traced):  # (given as shapes by the exporters) traced too
-        args = rebuild(traced)
-        return as_jax_types(model.apply(v, *args[:n], **dict(zip(names, args[n:], strict=True))))
+        args, keywords = rebuild(traced)
+        return as_jax_types(model.apply(v, *args, **keywords))
 
     try:
         jax.eval_shape(call, variables, *arrays)
