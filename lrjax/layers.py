@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lrjax import formulations, linen_cells
+from lrjax import formulations, linen_cells, linen_wrappers
 from lrjax.conv_views import nd_geometry, vertical_geometry
 from lrjax.costs import as_pair, check_rank
 from lrjax.linen_unbound import scope_path
@@ -473,19 +473,24 @@ class LowRankModel(nn.Module):
       ranks: ``((path, rank), ...)``, sorted.
       mid_norm: optional norm factory applied between the two halves of every pair.
       partial: a call may reach only some of the map's layers (a VAE's encode and decode).
+      unwrapped: paths of ``nn.WeightNorm`` / ``nn.SpectralNorm`` wrappers folded into the
+        variables of the layers they wrap, which run without them
+        (:mod:`lrjax.linen_wrappers`).
     """
 
     base: nn.Module
     ranks: tuple[tuple[str, int], ...] = ()
     mid_norm: Callable[..., nn.Module] | None = None
     partial: bool = False
+    unwrapped: tuple[str, ...] = ()
 
     @classmethod
-    def wrap(cls, base: nn.Module, ranks: Mapping[str, int | None], mid_norm=None, partial=False):
+    def wrap(cls, base: nn.Module, ranks: Mapping[str, int | None], mid_norm=None, partial=False,
+             unwrapped=()):
         """``LowRankModel(base, ranks)`` with ``ranks`` as a dict (``None`` entries dropped)."""
         if isinstance(base, LowRankModel):
             raise ValueError("the model is already a LowRankModel: wrap its .base instead")
-        return cls(base, _normalise_ranks(ranks), mid_norm, partial)
+        return cls(base, _normalise_ranks(ranks), mid_norm, partial, tuple(sorted(unwrapped)))
 
     def setup(self):
         nn.share_scope(self, self.base)
@@ -579,7 +584,8 @@ class LowRankModel(nn.Module):
                 precision=module.precision, kernel_init=module.kernel_init,
                 bias_init=module.bias_init, where=path)
 
-        with linen_cells.as_sublayers(), nn.intercept_methods(decompose_conv):
+        with linen_cells.as_sublayers(), linen_wrappers.unwrapped(self.unwrapped, root), \
+                nn.intercept_methods(decompose_conv):
             call = getattr(self.base, method) if isinstance(method, str) else \
                 functools.partial(method, self.base)
             out = call(*args, **kwargs)

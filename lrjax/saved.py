@@ -71,6 +71,8 @@ def save_decomposed(path: str, result: Decomposition, trained=None, *,
             raise ValueError("a linen result's trained state is a variable dict of the low-rank "
                              f"model; got {type(variables).__name__}")
         meta = {"api": "linen", "ranks": dict(result.module.ranks)}  # per call (a scan's too)
+        if result.module.unwrapped:  # wrappers folded into their layers (linen_wrappers)
+            meta["unwrapped"] = list(result.module.unwrapped)
         variables = boxes.unboxed(variables)
     return checkpoint.save_decomposed_folder(path, {"version": VERSION, **meta}, variables,
                                              overwrite=overwrite)
@@ -105,7 +107,7 @@ def load_decomposed(path: str, model, *example_args, **example_kwargs):
         raise ValueError(f"{path!r} holds a {meta.get('api')} model; this model is {api}")
     ranks = meta["ranks"]
     if api == "linen":
-        module = LowRankModel.wrap(model, ranks)
+        module = LowRankModel.wrap(model, ranks, unwrapped=meta.get("unwrapped", ()))
         if example_args or example_kwargs:
             surgery.check_variables(module, variables, *example_args, **example_kwargs)
         return module, variables

@@ -32,7 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lrjax import boxes, lapack, linen_cells, linen_moments, linen_products, macs, own_code, rules, sites
+from lrjax import (
+    boxes,
+    lapack,
+    linen_cells,
+    linen_moments,
+    linen_products,
+    linen_wrappers,
+    macs,
+    own_code,
+    rules,
+    sites,
+)
 from lrjax import ranks as rank_lib
 from lrjax.batchnorm import fold_batch_norms
 from lrjax.layers import (
@@ -117,6 +128,7 @@ DETACHED = ("applied inside another layer with the parameters that layer gives i
             "(module.apply, e.g. weight normalization): no kernel variable of the model to split")
 # wrappers that re-parametrize the weights of the layers they run: those are left as they are
 _WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
+FOLDED = " (decompose_linen folds the wrapper into its weights and splits it)"
 MAPPED = ("its variables pass through nn.map_variables: it computes with trans_in_fn of the "
           "stored kernel, not the kernel lrjax would split")
 # linear layers seen and left as they are, with the reason
@@ -197,7 +209,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                                          nn.Einsum, nn.ConvLocal))
             if linear and (detached or wrapper is not None):
                 found[path] = ConvSite(path, None, skip=DETACHED if detached else
-                                       sites.wrapped_reason(wrapper))
+                                       sites.wrapped_reason(wrapper) + FOLDED)
             elif linear and _mapped(module):
                 found[path] = ConvSite(path, None, skip=MAPPED)
             elif type(module) in _UNSPLIT:
@@ -442,14 +454,16 @@ def _call_ranks(problem: RankProblem, ranks) -> dict:
     return {p: None if r is None else r // problem.site(p).stack for p, r in ranks.items()}
 
 
-def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn):
+def linen_scorer(model: nn.Module, variables, problem: RankProblem, eval_fn, unwrapped=()):
     """``score(ranks) = eval_fn(module, variables)`` of the model decomposed with ``ranks``
-    (factors from ``problem``'s cache), for eval-guided rank selection."""
+    (factors from ``problem``'s cache), for eval-guided rank selection (``unwrapped``: the
+    wrappers folded into ``variables``, :mod:`lrjax.linen_wrappers`)."""
     flat = _flat(variables)
 
     def score(ranks):
         new_flat, _ = apply_factors(flat, problem, ranks, batch=False)
-        return float(eval_fn(LowRankModel.wrap(model, _call_ranks(problem, ranks)),
+        return float(eval_fn(LowRankModel.wrap(model, _call_ranks(problem, ranks),
+                                               unwrapped=unwrapped),
                              traverse_util.unflatten_dict(new_flat)))
 
     return score
@@ -505,16 +519,28 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
         raise ValueError("decompose_linen takes the full-rank model, not a LowRankModel")
     model = unjitted(model)  # nn.jit(Net)(): Net (the same variables), so its calls are seen
     rule, variables = rules.parse_rule(rule, multiple=multiple), string_keys(variables)
-    check_variables(model, variables, *example_args, **example_kwargs)
+    with linen_wrappers.recorded() as wrappers:  # (nn.WeightNorm, nn.SpectralNorm)
+        check_variables(model, variables, *example_args, **example_kwargs)
     boxed = traverse_util.flatten_dict(dict(variables))  # boxes given back to the factors
-    problem = rank_problem(model, variables, example_args, example_kwargs, multiple=rule.multiple,
-                           calibration=None if problem else calibration).reusing(problem, calibration)
-    if rule.eval_fn is not None:
-        problem.score = linen_scorer(model, variables, problem, rule.eval_fn)
-    kept_full = {}
-    ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
+    # the wrappers folded into the kernels their layers compute with
+    folding, stored = linen_wrappers.folded(wrappers, variables), variables
+    wrapped = tuple(folding.layers) if folding else ()
+    variables = folding.variables if folding else variables
+    with linen_wrappers.unwrapped(wrapped):
+        problem = rank_problem(model, variables, example_args, example_kwargs,
+                               multiple=rule.multiple, calibration=None if problem else calibration
+                               ).reusing(problem, calibration)
+        if rule.eval_fn is not None:
+            problem.score = linen_scorer(model, variables, problem, rule.eval_fn, wrapped)
+        kept_full = {}
+        ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     flat, factors = apply_factors(_flat(variables), problem, ranks)
-    module = LowRankModel.wrap(model, _call_ranks(problem, ranks))
+    if folding:  # kept folded around split layers only
+        wrapped = tuple(w for w, layer in folding.layers.items()
+                        if any(p == layer or p.startswith(layer + "/") for p in factors))
+        flat = linen_wrappers.restored(folding, flat, _flat(stored), wrapped)
+        problem.notes = (*problem.notes, *folding.notes(wrapped))
+    module = LowRankModel.wrap(model, _call_ranks(problem, ranks), unwrapped=wrapped)
     with known_variables(module, traverse_util.unflatten_dict(flat)):
         expected = _flat(abstract_init(module, example_args, example_kwargs))
     problems = _structure_problems(expected, flat, extra_ok=_other_method(example_kwargs))

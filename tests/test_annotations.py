@@ -2,8 +2,9 @@
 
 Parameters annotated with ``nn.with_partitioning`` / ``nn.with_logical_partitioning`` (linen
 boxes) or ``nnx.with_partitioning`` (NNX ``out_sharding`` metadata) are read through and the
-factors come back annotated (:mod:`lrjax.boxes`); layers run by ``WeightNorm`` / ``SpectralNorm``
-compute with a kernel other than the stored one and are left as they are, with the reason.
+factors come back annotated (:mod:`lrjax.boxes`); layers run by NNX's ``WeightNorm`` /
+``SpectralNorm`` compute with a kernel other than the stored one and are left as they are, with
+the reason (linen's are folded: ``tests/test_weight_wrappers.py``).
 """
 
 import contextlib
@@ -216,39 +217,6 @@ def test_a_model_under_an_explicit_mesh_exports_to_litert(tmp_path):
         for convert, name in ((export.to_tflite, "m.tflite"), (export.to_onnx, "m.onnx")):
             done = convert(split.module, None, (x,), str(tmp_path / name))
             assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
-
-
-class Wrapped(nn.Module):
-    wrapper: type
-
-    @nn.compact
-    def __call__(self, x):
-        conv = nn.Conv(32, (3, 3), name="inner")
-        x = self.wrapper(conv)(x) if self.wrapper is nn.WeightNorm else \
-            self.wrapper(conv)(x, update_stats=False)
-        return nn.Conv(32, (3, 3), name="outer")(nn.relu(x))
-
-
-@pytest.mark.parametrize("wrapper", [nn.WeightNorm, nn.SpectralNorm])
-def test_layers_under_linen_weight_wrappers_are_left_as_they_are(wrapper):
-    """Before: an ``AssertionError`` from inside lrjax when such a layer was chosen, and
-    "calibration never ran layers ['inner']" with calibration."""
-    model = Wrapped(wrapper)
-    variables = model.init(jax.random.key(4), X)
-    found = {s.path: s for s in lrjax.surgery.find_convs(model, X)}
-    assert not found["inner"].candidate
-    assert f"re-parametrized by the {wrapper.__name__}" in found["inner"].skip
-    assert found["outer"].candidate
-    with pytest.raises(ValueError, match=f"'inner' cannot be decomposed: its weights are "
-                                         f"re-parametrized by the {wrapper.__name__}"):
-        lrjax.decompose_linen(model, variables, X, rule={"inner": 8})
-    for calibration in (None, X):
-        result = lrjax.decompose_linen(model, variables, X, rule={"outer": 96},
-                                       calibration=calibration)
-        want = model.apply(variables, X)
-        np.testing.assert_allclose(result.module.apply(result.variables, X), want,
-                                   atol=2e-5 * float(jnp.abs(want).max()))
-        assert "inner" in str(result.report.table())
 
 
 @pytest.mark.parametrize("wrapper", [nnx.WeightNorm, nnx.SpectralNorm])

@@ -1,0 +1,178 @@
+"""Flax's weight re-parametrizing wrappers, folded into the weights they compute with.
+
+``nn.WeightNorm(layer)`` and ``nn.SpectralNorm(layer)`` run ``layer`` on a function of its
+stored variables (``nn.map_variables``): each kernel l2-normalized per output feature and
+scaled by the wrapper's ``scale`` parameter, or divided by its largest singular value (one
+power-iteration step from the ``u`` vector in the wrapper's ``batch_stats``, as every call of
+it makes). The kernel a layer computes with is that function's value, not the stored one, so it
+is the one the closed form factors.
+
+:func:`folded` evaluates each wrapper's function on the given variables by running the
+wrapper's own code (with ``update_stats=False``) on a stand-in for its layer that returns the
+variables it is given: the stored variables of the wrapped layer (a whole submodule's, every
+collection the wrapper maps) are replaced by what the layer computes with, and the wrapper's
+own variables (``scale``; ``u`` and ``sigma``) are dropped. Under :func:`unwrapped` the
+wrappers at those paths call their layer directly, so the model with the folded variables
+computes what it computed (to float32 rounding), with plain layers lrjax splits as any other.
+A decomposed model keeps a wrapper folded only around a layer it split
+(:class:`lrjax.layers.LowRankModel`'s ``unwrapped``): its pair holds factors of the kernel
+the layer computed with, trained as a pair from then on (no longer as a direction and a
+scale); a wrapper around layers all kept full stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+from flax import traverse_util
+
+from lrjax.linen_unbound import scope_path
+from lrjax.sites import path_of
+
+__all__ = ["WRAPPERS", "Folding", "recorded", "folded", "unwrapped", "restored"]
+
+WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
+
+
+@dataclasses.dataclass(frozen=True)
+class Folding:
+    """The wrappers :func:`folded` folded: ``layers`` ``{wrapper path: wrapped module's path}``
+    (relative to the model), and ``variables``, the model's with those wrappers' variables
+    folded into their layers'."""
+    layers: Mapping[str, str]
+    variables: dict
+
+    def notes(self, kept: tuple[str, ...]) -> list[str]:
+        """The report's lines for the wrappers in ``kept`` (folded in the result)."""
+        return [f"{w} (a weight re-parametrizing wrapper) folded into {self.layers[w]}: its "
+                "layers hold the weights they computed with, the wrapper no longer runs"
+                for w in kept]
+
+
+class _Echo(nn.Module):
+    """Stands for a wrapped layer: returns the variables its wrapper gives it."""
+
+    @nn.compact
+    def __call__(self, *args, **kwargs):
+        return self.variables
+
+
+def _relative(module: nn.Module, root: tuple) -> tuple:
+    return tuple(scope_path(module)[len(root):])
+
+
+@contextlib.contextmanager
+def recorded():
+    """Within it, the wrappers the model's calls run are recorded in the dict it yields:
+    ``{wrapper path: (unbound wrapper, wrapped module's path)}``, those whose layer is the
+    wrapper's sibling (made by the same parent; the paths from the model's root)."""
+    found = {}
+
+    def intercept(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, WRAPPERS):
+            layer = module.layer_instance
+            if isinstance(layer, nn.Module) and layer.scope is not None:
+                wrapper_path, layer_path = _relative(module, ()), _relative(layer, ())
+                if wrapper_path[:-1] == layer_path[:-1]:
+                    found.setdefault(path_of(wrapper_path), (
+                        module.clone(parent=None, layer_instance=None), path_of(layer_path)))
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(intercept):
+        yield found
+
+
+def _subtree(variables: Mapping, path: str) -> dict:
+    """``{collection: the subtree at path}`` of the collections holding ``path``."""
+    out = {}
+    for collection, tree in variables.items():
+        node = tree
+        for part in path.split("/"):
+            node = node.get(part) if hasattr(node, "get") else None
+            if node is None:
+                break
+        if node is not None:
+            out[collection] = node
+    return out
+
+
+def _effective(wrapper: nn.Module, wrapper_path: str, layer_path: str, variables) -> dict:
+    """``{collection: subtree}`` the wrapped layer computes with: the wrapper's own code run on
+    the stored ones (an :class:`_Echo` named as the layer, next to it)."""
+    wrapper_name, layer_name = wrapper_path.split("/")[-1], layer_path.split("/")[-1]
+    held = {}
+    for path, name in ((wrapper_path, wrapper_name), (layer_path, layer_name)):
+        for collection, subtree in _subtree(variables, path).items():
+            held.setdefault(collection, {})[name] = subtree
+    keywords = {"update_stats": False} if isinstance(wrapper, nn.SpectralNorm) else {}
+
+    class Holder(nn.Module):
+        @nn.compact
+        def __call__(self):
+            echo = _Echo(name=layer_name)
+            return wrapper.clone(parent=self, layer_instance=echo, name=wrapper_name)(
+                **keywords)
+
+    return jax.jit(lambda v: dict(Holder().apply(v)))(held)
+
+
+def folded(found: Mapping, variables) -> Folding | None:
+    """The wrappers ``found`` (:func:`recorded`) folded into the variables of the layers they
+    wrap (the module's docstring); ``None`` when there are none."""
+    if not found:
+        return None
+    flat = traverse_util.flatten_dict(dict(variables), sep="/")
+    for wrapper_path, (wrapper, layer_path) in found.items():
+        effective = _effective(wrapper, wrapper_path, layer_path, variables)
+        for key in [k for k in flat if _under(k.split("/", 1)[-1], wrapper_path)]:
+            del flat[key]
+        for collection, subtree in effective.items():
+            for key, value in traverse_util.flatten_dict(dict(subtree), sep="/").items():
+                flat[f"{collection}/{layer_path}/{key}"] = value
+    layers = {w: layer for w, (_, layer) in found.items()}
+    return Folding(layers, traverse_util.unflatten_dict(flat, sep="/"))
+
+
+def restored(folding: Folding, variables: Mapping, original: Mapping, keep) -> dict:
+    """``variables`` (flat, tuple keys, as folded) with the wrappers not in ``keep`` given
+    back: their layers' and their own stored variables as in ``original`` (flat)."""
+    out = dict(variables)
+    for wrapper, layer in folding.layers.items():
+        if wrapper in keep:
+            continue
+        for key in [k for k in out if _under(path_of(k[1:]), layer)]:
+            del out[key]
+        out.update({k: v for k, v in original.items()
+                    if _under(path_of(k[1:]), layer) or _under(path_of(k[1:]), wrapper)})
+    return out
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+@contextlib.contextmanager
+def unwrapped(paths, root: tuple = ()):
+    """Within it, the wrappers at ``paths`` (relative to the scope path ``root``) call their
+    layer directly, which then computes with its own (folded) variables."""
+    paths = frozenset(paths)
+
+    def intercept(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, WRAPPERS) or \
+                path_of(_relative(module, root)) not in paths:
+            return next_fun(*call_args, **call_kwargs)
+        if isinstance(module, nn.SpectralNorm):
+            call_kwargs = {k: v for k, v in call_kwargs.items() if k != "update_stats"}
+        return module.layer_instance(*call_args, **call_kwargs)
+
+    if not paths:
+        yield
+        return
+    with nn.intercept_methods(intercept):
+        yield

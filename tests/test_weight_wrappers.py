@@ -1,0 +1,142 @@
+"""Layers under Flax's weight re-parametrizing wrappers (``nn.WeightNorm``, ``nn.SpectralNorm``):
+``decompose_linen`` folds a wrapper into the weights its layer computes with and splits the layer
+(:mod:`lrjax.linen_wrappers`); a wrapper around layers all kept full stays as it was."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import lrjax
+from lrjax import export
+
+X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
+
+
+class Wrapped(nn.Module):
+    wrapper: type
+
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.Conv(32, (3, 3), name="inner")
+        x = self.wrapper(conv)(x) if self.wrapper is nn.WeightNorm else \
+            self.wrapper(conv)(x, update_stats=False)
+        return nn.Conv(32, (3, 3), name="outer")(nn.relu(x))
+
+
+class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(24, name="down")(nn.relu(nn.Dense(48, name="up")(x)))
+
+
+class WrappedBlock(nn.Module):
+    """A wrapper around a submodule of two layers, biases normalized too."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3), name="stem")(x))
+        return nn.WeightNorm(Mlp(name="mlp"), variable_filter=None)(x.mean((1, 2)))
+
+
+def _init(model, seed=1):
+    """Variables moved off their initial values (a unit scale, an untrained ``u``)."""
+    variables = model.init(jax.random.key(seed), X)
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(treedef, [a * 1.5 + 0.1 * jax.random.normal(k, a.shape)
+                                        for a, k in zip(leaves, keys, strict=True)])
+
+
+def _close(got, want, rtol=2e-5):
+    np.testing.assert_allclose(got, want, atol=rtol * float(jnp.abs(want).max()))
+
+
+def _xla_ratio(model, variables, result):
+    def flops(m, v):
+        return jax.jit(lambda v, x: m.apply(v, x)).lower(v, X).cost_analysis()["flops"]
+    return flops(model, variables) / flops(result.module, result.variables)
+
+
+@pytest.mark.parametrize("wrapper", [nn.WeightNorm, nn.SpectralNorm])
+def test_a_wrapped_layer_is_split_from_the_kernel_it_computes_with(wrapper, tmp_path):
+    """Before: listed as "re-parametrized ...: its own computation is kept", and a rule naming
+    it was a ``ValueError``."""
+    model = Wrapped(wrapper)
+    variables = _init(model)
+    want = model.apply(variables, X)
+    name = f"{wrapper.__name__}_0"
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, X)}
+    assert "decompose_linen folds the wrapper" in found["inner"].skip
+    full = lrjax.decompose_linen(model, variables, X, rule={"inner": 24})  # full rank
+    _close(full.module.apply(full.variables, X), want)
+    assert full.module.unwrapped == (name,)
+    flat = traverse_util.flatten_dict(full.variables, sep="/")
+    assert not [k for k in flat if name in k]  # its scale, or its u and sigma, folded
+    assert sorted(k for k in flat if k.startswith("params/inner")) == [
+        "params/inner/horizontal/bias", "params/inner/horizontal/kernel",
+        "params/inner/vertical/kernel"]
+    assert any(f"{name} (a weight re-parametrizing wrapper) folded into inner" in n
+               for n in full.report.notes)
+    for calibration in (None, X):
+        result = lrjax.decompose_linen(model, variables, X, rule={"inner": 8, "outer": 16},
+                                       calibration=calibration)
+        assert result.module.unwrapped == (name,) and result.report.speedup > 1.5
+        assert result.report.errors["inner"] > 0.05
+        before, after = result.report.net_flops
+        assert before / after == pytest.approx(_xla_ratio(model, variables, result), rel=0.01)
+    lrjax.save_decomposed(str(tmp_path / "saved"), result)
+    module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
+    assert module.unwrapped == (name,)
+    _close(module.apply(loaded, X), result.module.apply(result.variables, X), 1e-6)
+
+
+@pytest.mark.parametrize("wrapper", [nn.WeightNorm, nn.SpectralNorm])
+def test_a_wrapper_around_layers_kept_full_stays(wrapper):
+    model = Wrapped(wrapper)
+    variables = _init(model)
+    for calibration in (None, X):
+        result = lrjax.decompose_linen(model, variables, X, rule={"outer": 96},
+                                       calibration=calibration)
+        assert result.module.unwrapped == ()
+        _close(result.module.apply(result.variables, X), model.apply(variables, X))
+        kept = {k: v for k, v in traverse_util.flatten_dict(result.variables, sep="/").items()
+                if "outer" not in k}
+        stored = {k: v for k, v in traverse_util.flatten_dict(variables, sep="/").items()
+                  if "outer" not in k}
+        assert sorted(kept) == sorted(stored)
+        for key, value in stored.items():
+            np.testing.assert_array_equal(kept[key], value)
+
+
+def test_a_wrapped_submodule_folds_every_variable_it_maps():
+    """``variable_filter=None``: kernels and biases normalized; one layer split, the other
+    keeps the weights it computed with."""
+    model = WrappedBlock()
+    variables = _init(model)
+    want = model.apply(variables, X)
+    result = lrjax.decompose_linen(model, variables, X, rule={"mlp/up": 16})  # full rank
+    _close(result.module.apply(result.variables, X), want)
+    assert result.module.unwrapped == ("WeightNorm_0",)
+    params = result.variables["params"]
+    assert "WeightNorm_0" not in params and set(params["mlp"]["down"]) == {"kernel", "bias"}
+    down = variables["params"]["mlp"]["down"]["bias"]  # folded: normalized (per feature, the
+    scale = variables["params"]["WeightNorm_0"]["mlp/down/bias/scale"]  # bias's one axis)
+    np.testing.assert_allclose(params["mlp"]["down"]["bias"], jnp.sign(down) * scale, rtol=1e-5)
+    cut = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5", calibration=X)
+    before, after = cut.report.net_flops
+    assert before / after == pytest.approx(_xla_ratio(model, variables, cut), rel=0.01)
+
+
+@pytest.mark.slow
+def test_a_folded_model_exports(tmp_path):
+    model = Wrapped(nn.SpectralNorm)
+    variables = _init(model)
+    result = lrjax.decompose_linen(model, variables, X, rule="speedup:2")
+    for convert, name in ((export.to_onnx, "m.onnx"), (export.to_tflite, "m.tflite")):
+        done = convert(result.module, result.variables, (X,), str(tmp_path / name))
+        assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
