@@ -29,6 +29,7 @@ from lrjax import (
     macs,
     nnx_bridge,
     nnx_products,
+    nnx_wrappers,
     nnx_written,
     own_code,
     ragged,
@@ -129,7 +130,7 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
     if type(layer) in _UNSPLIT:
         return ConvSite(path, None, skip=_UNSPLIT[type(layer)])
     if isinstance(layer, _WRAPPERS):
-        return ConvSite(path, None, skip=sites.wrapped_reason(layer))
+        return ConvSite(path, None, skip=sites.wrapped_reason(layer, "decompose_nnx"))
     if isinstance(layer, nnx.Einsum):
         return _einsum_site(path, layer, shape, equation)
     if isinstance(layer, ragged.RaggedDot):
@@ -556,6 +557,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
       ValueError: a bad rule (unknown layer, rank out of range), or bad calibration data.
     """
     rule = rules.parse_rule(rule, multiple=multiple)
+    model, wrappers = nnx_wrappers.folded(model)  # nnx.WeightNorm / nnx.SpectralNorm
     found = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
     candidates = [s for s in found if s.candidate]
     products = nnx_products.from_sites(candidates)
@@ -592,5 +594,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     kept_full = {}
     ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     new_model, factors = _build(model, problem, ranks)
-    report = build_report(problem, ranks, factors, kept_full, [EVAL_NOTE] if eval_mode else [])
+    new_model, folded = nnx_wrappers.restored(new_model, wrappers, factors)
+    report = build_report(problem, ranks, factors, kept_full, ([EVAL_NOTE] if eval_mode else [])
+                          + nnx_wrappers.notes(wrappers, folded))
     return Decomposition(new_model, None, report, problem)

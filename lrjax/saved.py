@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 from flax import nnx
 
-from lrjax import boxes, checkpoint, nnx_surgery, surgery
+from lrjax import boxes, checkpoint, nnx_surgery, nnx_wrappers, surgery
 from lrjax.layers import LowRankModel
 from lrjax.nnx_layers import placeholder_factors
 from lrjax.report import Decomposition
@@ -114,6 +114,7 @@ def load_decomposed(path: str, model, *example_args, **example_kwargs):
     if not example_args and not example_kwargs:
         raise ValueError("an NNX model's layers are found by running it: give its example call "
                          "(load_decomposed(path, model, x))")
+    model, wrappers = nnx_wrappers.folded(model)  # as decompose_nnx folded them
     found = {s.path: s for s in nnx_surgery.find_convs_nnx(model, *example_args,
                                                             **example_kwargs) if s.candidate}
     missing = sorted(set(ranks) - set(found))
@@ -122,6 +123,7 @@ def load_decomposed(path: str, model, *example_args, **example_kwargs):
                          f"layer {missing[0]!r} (its layers: {sorted(found)[:6]}...)")
     module = nnx_surgery.with_pairs(model, found, {
         p: placeholder_factors(found[p], int(r)) for p, r in ranks.items()})
+    module, _ = nnx_wrappers.restored(module, wrappers, ranks)
     state = _state(module)
     try:
         nnx.replace_by_pure_dict(state, variables)

@@ -128,7 +128,6 @@ DETACHED = ("applied inside another layer with the parameters that layer gives i
             "(module.apply, e.g. weight normalization): no kernel variable of the model to split")
 # wrappers that re-parametrize the weights of the layers they run: those are left as they are
 _WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
-FOLDED = " (decompose_linen folds the wrapper into its weights and splits it)"
 MAPPED = ("its variables pass through nn.map_variables: it computes with trans_in_fn of the "
           "stored kernel, not the kernel lrjax would split")
 # linear layers seen and left as they are, with the reason
@@ -209,7 +208,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                                          nn.Einsum, nn.ConvLocal))
             if linear and (detached or wrapper is not None):
                 found[path] = ConvSite(path, None, skip=DETACHED if detached else
-                                       sites.wrapped_reason(wrapper) + FOLDED)
+                                       sites.wrapped_reason(wrapper, "decompose_linen"))
             elif linear and _mapped(module):
                 found[path] = ConvSite(path, None, skip=MAPPED)
             elif type(module) in _UNSPLIT:

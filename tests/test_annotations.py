@@ -2,9 +2,8 @@
 
 Parameters annotated with ``nn.with_partitioning`` / ``nn.with_logical_partitioning`` (linen
 boxes) or ``nnx.with_partitioning`` (NNX ``out_sharding`` metadata) are read through and the
-factors come back annotated (:mod:`lrjax.boxes`); layers run by NNX's ``WeightNorm`` /
-``SpectralNorm`` compute with a kernel other than the stored one and are left as they are, with
-the reason (linen's are folded: ``tests/test_weight_wrappers.py``).
+factors come back annotated (:mod:`lrjax.boxes`); layers run by Flax's ``WeightNorm`` /
+``SpectralNorm``: ``tests/test_weight_wrappers.py``.
 """
 
 import contextlib
@@ -217,29 +216,3 @@ def test_a_model_under_an_explicit_mesh_exports_to_litert(tmp_path):
         for convert, name in ((export.to_tflite, "m.tflite"), (export.to_onnx, "m.onnx")):
             done = convert(split.module, None, (x,), str(tmp_path / name))
             assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
-
-
-@pytest.mark.parametrize("wrapper", [nnx.WeightNorm, nnx.SpectralNorm])
-def test_layers_under_nnx_weight_wrappers_are_left_as_they_are(wrapper):
-    """Before: Flax's ``RuntimeError`` ("Parameters of the layer_instance should not change!")
-    from the example call."""
-
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.wrapped = wrapper(nnx.Conv(8, 32, (3, 3), rngs=rngs), rngs=rngs)
-            self.outer = nnx.Conv(32, 32, (3, 3), rngs=rngs)
-
-        def __call__(self, x):
-            y = self.wrapped(x) if wrapper is nnx.WeightNorm else \
-                self.wrapped(x, update_stats=False)
-            return self.outer(nnx.relu(y))
-
-    model = Net(nnx.Rngs(0))
-    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
-    assert not found["wrapped/layer_instance"].candidate
-    assert f"re-parametrized by the {wrapper.__name__}" in found["wrapped/layer_instance"].skip
-    with pytest.raises(ValueError, match="cannot be decomposed: its weights are re-parametrized"):
-        lrjax.decompose_nnx(model, X, rule={"wrapped/layer_instance": 8})
-    for calibration in (None, X):
-        result = lrjax.decompose_nnx(model, X, rule={"outer": 96}, calibration=calibration)
-        np.testing.assert_allclose(result.module(X), model(X), atol=1e-4)

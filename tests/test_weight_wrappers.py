@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 import lrjax
 from lrjax import export
@@ -140,3 +140,62 @@ def test_a_folded_model_exports(tmp_path):
     for convert, name in ((export.to_onnx, "m.onnx"), (export.to_tflite, "m.tflite")):
         done = convert(result.module, result.variables, (X,), str(tmp_path / name))
         assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
+
+
+def _nnx_net(wrapper):
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.wrapped = wrapper(nnx.Conv(8, 32, (3, 3), rngs=rngs), rngs=rngs)
+            self.outer = nnx.Conv(32, 32, (3, 3), rngs=rngs)
+
+        def __call__(self, x):
+            y = self.wrapped(x) if wrapper is nnx.WeightNorm else \
+                self.wrapped(x, update_stats=False)
+            return self.outer(nnx.relu(y))
+
+    model = Net(nnx.Rngs(0))
+    state = nnx.state(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [
+        a * 1.5 + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]))
+    return model
+
+
+def _nnx_flops(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, X).cost_analysis()[
+        "flops"]
+
+
+@pytest.mark.parametrize("wrapper", [nnx.WeightNorm, nnx.SpectralNorm])
+def test_an_nnx_wrapped_layer_is_split_from_the_kernel_it_computes_with(wrapper, tmp_path):
+    """Before: listed as "re-parametrized ...: its own computation is kept", and a rule naming
+    it was a ``ValueError``."""
+    model = _nnx_net(wrapper)
+    want = model(X)  # (Flax's wrappers set their layer's kernel at every call: as they compute)
+    stored = jax.tree.map(np.array, nnx.state(model))
+    found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}
+    assert "decompose_nnx folds the wrapper" in found["wrapped/layer_instance"].skip
+    full = lrjax.decompose_nnx(model, X, rule={"wrapped/layer_instance": 24})  # full rank
+    _close(full.module(X), want)
+    assert type(full.module.wrapped).__name__ == "Unwrapped"
+    assert not {"scales", "batch_stats"} & set(nnx.to_pure_dict(nnx.state(full.module.wrapped)))
+    assert any(f"wrapped (a weight re-parametrizing {wrapper.__name__}) folded" in n
+               for n in full.report.notes)
+    cut = lrjax.decompose_nnx(model, X, rule={"wrapped/layer_instance": 8, "outer": 16},
+                              calibration=X)
+    assert cut.report.errors["wrapped/layer_instance"] > 0.05
+    before, after = cut.report.net_flops
+    assert before / after == pytest.approx(_nnx_flops(model) / _nnx_flops(cut.module), rel=0.01)
+    lrjax.save_decomposed(str(tmp_path / "saved"), cut)
+    loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
+    assert type(loaded.wrapped).__name__ == "Unwrapped"
+    _close(loaded(X), cut.module(X), 1e-6)
+    kept = lrjax.decompose_nnx(model, X, rule={"outer": 16}, calibration=X)
+    assert type(kept.module.wrapped) is wrapper  # around a layer kept full: as it was
+    for a, b in zip(jax.tree.leaves(nnx.state(kept.module.wrapped)),
+                    jax.tree.leaves(nnx.state(model.wrapped)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(stored), strict=True):
+        np.testing.assert_array_equal(a, b)  # the model itself untouched

@@ -1,0 +1,93 @@
+"""NNX's weight re-parametrizing wrappers, folded into the weights they compute with.
+
+``nnx.WeightNorm(layer)`` and ``nnx.SpectralNorm(layer)`` re-parametrize ``layer``'s
+parameters in place at every call (each kernel l2-normalized per output feature and scaled by
+the wrapper's ``scales``, or divided by its largest singular value from the wrapper's ``u``)
+before running it; the kernel the layer computes with is that value, not the stored one.
+
+:func:`folded` gives a copy of the model whose wrappers are each replaced by an
+:class:`Unwrapped` holding a copy of the layer with those values (the wrapper's own code run
+once, ``update_stats=False``, on the layer with its call stubbed out), under the same
+attribute, so the layer keeps its path (``wrapped/layer_instance``) and its call the same
+arguments; the wrapper's ``scales`` or ``batch_stats`` are dropped. lrjax then splits those
+layers as any other; :func:`restored` puts back the original wrappers around layers all kept
+full. A split layer's pair holds factors of the kernel the layer computed with, trained as a
+pair from then on (no longer as a direction and a scale).
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from lrjax.sites import path_of
+
+__all__ = ["WRAPPERS", "Unwrapped", "folded", "restored", "notes"]
+
+WRAPPERS = (nnx.WeightNorm, nnx.SpectralNorm)
+
+
+class Unwrapped(nnx.Module):
+    """A folded wrapper: runs its layer, whose parameters hold what the wrapper made of them
+    (``update_stats``, a spectral norm's call argument, is dropped)."""
+
+    def __init__(self, layer_instance: nnx.Module, wrapper: str):
+        self.layer_instance = layer_instance
+        self.wrapper = wrapper  # the folded wrapper's class name
+
+    def __call__(self, x, *args, update_stats=None, **kwargs):
+        return self.layer_instance(x, *args, **kwargs)
+
+
+def _stubbed(cls: type) -> type:
+    return type(cls.__name__, (cls,), {"__call__": lambda self, *args, **kwargs: None})
+
+
+def _unwrapped(wrapper: nnx.Module) -> Unwrapped:
+    """An :class:`Unwrapped` of a copy of ``wrapper``'s layer holding the values the wrapper
+    computes with."""
+    copy = nnx.clone(wrapper)
+    layer = copy.layer_instance
+    own = type(layer)
+    layer.__class__ = _stubbed(own)  # (the wrapper's call normalizes, then calls the layer)
+    try:
+        copy(None, update_stats=False) if isinstance(copy, nnx.SpectralNorm) else copy(None)
+    finally:
+        layer.__class__ = own
+    return Unwrapped(layer, type(wrapper).__name__)
+
+
+def folded(model: nnx.Module) -> tuple[nnx.Module, dict]:
+    """``(copy of model with its wrappers folded, {path: original wrapper})``; ``model`` itself
+    and ``{}`` when it holds none."""
+    originals = {}
+
+    def fold(path, node):
+        if isinstance(node, WRAPPERS) and isinstance(node.layer_instance, nnx.Module):
+            originals[path_of(tuple(str(p) for p in path))] = node
+            return _unwrapped(node)
+        return node
+
+    if not any(isinstance(n, WRAPPERS) for _, n in nnx.iter_graph(model)):
+        return model, {}
+    return nnx.recursive_map(fold, model), originals
+
+
+def restored(model: nnx.Module, originals: dict, split) -> tuple[nnx.Module, tuple[str, ...]]:
+    """``model`` with the original wrappers (copies) back where no layer under them was split
+    (``split``: the split layers' paths), and the paths of the wrappers kept folded."""
+    kept = tuple(p for p in originals if any(s.startswith(p + "/") for s in split))
+
+    def back(path, node):
+        name = path_of(tuple(str(p) for p in path))
+        if isinstance(node, Unwrapped) and name in originals and name not in kept:
+            return nnx.clone(originals[name])
+        return node
+
+    return (nnx.recursive_map(back, model) if len(kept) < len(originals) else model), kept
+
+
+def notes(originals: dict, kept) -> list[str]:
+    """The report's lines for the wrappers kept folded."""
+    return [f"{p} (a weight re-parametrizing {type(originals[p]).__name__}) folded into "
+            f"{p}/layer_instance: its layers hold the weights they computed with, the wrapper "
+            "no longer runs" for p in kept]
