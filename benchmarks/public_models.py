@@ -67,7 +67,11 @@ def decomposition_row(model, variables, args, calibration, flops, **keywords) ->
     import lrjax
     from lrjax import decompose, surgery
 
-    found = [s for s in surgery.find_convs(model, *args, **keywords) if s.candidate]
+    listed = surgery.find_convs(model, *args, **keywords)
+    found = [s for s in listed if s.candidate]
+    if any(s.skip and "folds the wrapper" in s.skip for s in listed):  # (WeightNorm: as folded)
+        found = [s for s in lrjax.decompose_linen(model, variables, *args, rule={},
+                                                  **keywords).problem.sites if s.candidate]
     top = {s.path: decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups) for s in found}
     want = _floats(model.apply(variables, *args, **keywords))
     full = lrjax.decompose_linen(model, variables, *args, rule=top, **keywords)

@@ -33,7 +33,8 @@ from flax import traverse_util
 from lrjax.linen_unbound import scope_path
 from lrjax.sites import path_of
 
-__all__ = ["WRAPPERS", "Folding", "recorded", "folded", "unwrapped", "restored"]
+__all__ = ["WRAPPERS", "Folding", "recorded", "folded", "unwrapped", "restored", "folded_note",
+           "with_wrapper_flops"]
 
 WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
 
@@ -41,16 +42,28 @@ WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
 @dataclasses.dataclass(frozen=True)
 class Folding:
     """The wrappers :func:`folded` folded: ``layers`` ``{wrapper path: wrapped module's path}``
-    (relative to the model), and ``variables``, the model's with those wrappers' variables
-    folded into their layers'."""
+    (relative to the model), ``variables``, the model's with those wrappers' variables folded
+    into their layers', and ``flops``, XLA's count of each wrapper's work per call (its
+    re-parametrization, done at every call of its layer), by its layer's path."""
     layers: Mapping[str, str]
     variables: dict
+    flops: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def notes(self, kept: tuple[str, ...]) -> list[str]:
-        """The report's lines for the wrappers in ``kept`` (folded in the result)."""
-        return [f"{w} (a weight re-parametrizing wrapper) folded into {self.layers[w]}: its "
-                "layers hold the weights they computed with, the wrapper no longer runs"
-                for w in kept]
+        """The report's line for the wrappers in ``kept`` (folded in the result)."""
+        return folded_note({w: self.layers[w] for w in kept})
+
+
+def folded_note(layers: Mapping[str, str]) -> list[str]:
+    """One report line naming the folded wrappers (``{wrapper path: its layer's path}``), or
+    none."""
+    if not layers:
+        return []
+    named = ", ".join(f"{w} into {layer}" for w, layer in list(layers.items())[:4])
+    more = f" and {len(layers) - 4} more" if len(layers) > 4 else ""
+    return [f"{len(layers)} weight re-parametrizing wrapper{'s' * (len(layers) > 1)} "
+            f"(WeightNorm / SpectralNorm) folded into the weights their layers computed with, "
+            f"no longer run: {named}{more}"]
 
 
 class _Echo(nn.Module):
@@ -68,8 +81,9 @@ def _relative(module: nn.Module, root: tuple) -> tuple:
 @contextlib.contextmanager
 def recorded():
     """Within it, the wrappers the model's calls run are recorded in the dict it yields:
-    ``{wrapper path: (unbound wrapper, wrapped module's path)}``, those whose layer is the
-    wrapper's sibling (made by the same parent; the paths from the model's root)."""
+    ``{wrapper path: (unbound wrapper, wrapped module's path)}`` (from the model's root), those
+    whose layer is the wrapper's sibling (made by the same parent in a compact call) or its
+    child (made in a ``setup``: Flax names it ``layer_instance``)."""
     found = {}
 
     def intercept(next_fun, call_args, call_kwargs, context):
@@ -78,7 +92,7 @@ def recorded():
             layer = module.layer_instance
             if isinstance(layer, nn.Module) and layer.scope is not None:
                 wrapper_path, layer_path = _relative(module, ()), _relative(layer, ())
-                if wrapper_path[:-1] == layer_path[:-1]:
+                if wrapper_path[:-1] == layer_path[:-1] or wrapper_path == layer_path[:-1]:
                     found.setdefault(path_of(wrapper_path), (
                         module.clone(parent=None, layer_instance=None), path_of(layer_path)))
         return next_fun(*call_args, **call_kwargs)
@@ -87,38 +101,37 @@ def recorded():
         yield found
 
 
-def _subtree(variables: Mapping, path: str) -> dict:
-    """``{collection: the subtree at path}`` of the collections holding ``path``."""
+def _subtree(flat: Mapping, path: str) -> dict:
+    """``{collection: the subtree at path}`` of a flat variable dict (tuple keys)."""
     out = {}
-    for collection, tree in variables.items():
-        node = tree
-        for part in path.split("/"):
-            node = node.get(part) if hasattr(node, "get") else None
-            if node is None:
-                break
-        if node is not None:
-            out[collection] = node
-    return out
+    for key, value in flat.items():
+        if _under(path_of(key[1:]), path):
+            out.setdefault(key[0], {})[key[1 + len(path.split("/")):]] = value
+    return {c: traverse_util.unflatten_dict(tree) for c, tree in out.items()}
 
 
-def _effective(wrapper: nn.Module, wrapper_path: str, layer_path: str, variables) -> dict:
+def _effective(wrapper: nn.Module, wrapper_path: str, layer_path: str, flat) -> dict:
     """``{collection: subtree}`` the wrapped layer computes with: the wrapper's own code run on
-    the stored ones (an :class:`_Echo` named as the layer, next to it)."""
+    the stored ones (an :class:`_Echo` in the layer's place, next to the wrapper or in it)."""
     wrapper_name, layer_name = wrapper_path.split("/")[-1], layer_path.split("/")[-1]
+    inside = _under(layer_path, wrapper_path)
     held = {}
-    for path, name in ((wrapper_path, wrapper_name), (layer_path, layer_name)):
-        for collection, subtree in _subtree(variables, path).items():
+    for path, name in ((wrapper_path, wrapper_name),) + (() if inside else (
+            (layer_path, layer_name),)):
+        for collection, subtree in _subtree(flat, path).items():
             held.setdefault(collection, {})[name] = subtree
     keywords = {"update_stats": False} if isinstance(wrapper, nn.SpectralNorm) else {}
 
     class Holder(nn.Module):
         @nn.compact
         def __call__(self):
-            echo = _Echo(name=layer_name)
+            echo = _Echo(parent=None) if inside else _Echo(name=layer_name)
             return wrapper.clone(parent=self, layer_instance=echo, name=wrapper_name)(
                 **keywords)
 
-    return jax.jit(lambda v: dict(Holder().apply(v)))(held)
+    run = jax.jit(lambda v: dict(Holder().apply(v)))
+    analysis = run.lower(held).cost_analysis() or {}
+    return run(held), float(analysis.get("flops", 0.0))
 
 
 def folded(found: Mapping, variables) -> Folding | None:
@@ -126,16 +139,30 @@ def folded(found: Mapping, variables) -> Folding | None:
     wrap (the module's docstring); ``None`` when there are none."""
     if not found:
         return None
-    flat = traverse_util.flatten_dict(dict(variables), sep="/")
+    flat, flops = traverse_util.flatten_dict(dict(variables)), {}
     for wrapper_path, (wrapper, layer_path) in found.items():
-        effective = _effective(wrapper, wrapper_path, layer_path, variables)
-        for key in [k for k in flat if _under(k.split("/", 1)[-1], wrapper_path)]:
+        effective, flops[layer_path] = _effective(wrapper, wrapper_path, layer_path, flat)
+        for key in [k for k in flat if _under(path_of(k[1:]), wrapper_path) or
+                    _under(path_of(k[1:]), layer_path)]:
             del flat[key]
         for collection, subtree in effective.items():
-            for key, value in traverse_util.flatten_dict(dict(subtree), sep="/").items():
-                flat[f"{collection}/{layer_path}/{key}"] = value
+            for key, value in traverse_util.flatten_dict(dict(subtree)).items():
+                flat[(collection, *layer_path.split("/"), *key)] = value
     layers = {w: layer for w, (_, layer) in found.items()}
-    return Folding(layers, traverse_util.unflatten_dict(flat, sep="/"))
+    return Folding(layers, traverse_util.unflatten_dict(flat), flops)
+
+
+def with_wrapper_flops(found: list, flops: Mapping[str, float], batch: int) -> list:
+    """The sites with each folded wrapper's work per example (``flops`` per call, by the path
+    of the module it wraps) added to the ``parametrization_flops`` of the layers under it
+    (shared), which splitting them saves."""
+    out = list(found)
+    for path, count in flops.items():
+        under = [i for i, s in enumerate(out) if s.candidate and _under(s.path, path)]
+        for i in under:
+            out[i] = dataclasses.replace(out[i], parametrization_flops=(
+                out[i].parametrization_flops + count / len(under) / batch))
+    return out
 
 
 def restored(folding: Folding, variables: Mapping, original: Mapping, keep) -> dict:

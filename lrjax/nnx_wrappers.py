@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from lrjax.linen_wrappers import folded_note
 from lrjax.sites import path_of
 
 __all__ = ["WRAPPERS", "Unwrapped", "folded", "restored", "notes"]
@@ -87,7 +88,5 @@ def restored(model: nnx.Module, originals: dict, split) -> tuple[nnx.Module, tup
 
 
 def notes(originals: dict, kept) -> list[str]:
-    """The report's lines for the wrappers kept folded."""
-    return [f"{p} (a weight re-parametrizing {type(originals[p]).__name__}) folded into "
-            f"{p}/layer_instance: its layers hold the weights they computed with, the wrapper "
-            "no longer runs" for p in kept]
+    """The report's line for the wrappers kept folded."""
+    return folded_note({p: f"{p}/layer_instance" for p in kept})

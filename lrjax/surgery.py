@@ -392,8 +392,12 @@ def layer_scopes(index: Mapping[str, int], prefix: str = ""):
 @linen_cells.as_sublayers()
 @knowing_variables
 def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
-                 calibration=None, multiple: int | None = None, sites=None, score=None) -> RankProblem:
-    """The :class:`RankProblem` of a linen model and its variables (calibrated if asked)."""
+                 calibration=None, multiple: int | None = None, sites=None, score=None,
+                 wrapped=None) -> RankProblem:
+    """The :class:`RankProblem` of a linen model and its variables (calibrated if asked);
+    ``wrapped``: the flops per call of wrappers folded into the variables, by the path of the
+    module they wrap (:meth:`lrjax.linen_wrappers.Folding.flops`): whole-net work, which
+    splitting their layers saves."""
     model = unjitted(model)
     found = find_convs(model, *example_args, **example_kwargs) if sites is None else sites
     variables = boxes.unboxed(string_keys(variables))
@@ -406,7 +410,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
         counts = macs.traced_macs(lambda v, *t: as_jax_types(
             model.apply(v, *rebuild(t), **example_kwargs)), variables, *arrays)
     batch = example_batch(arrays, counts["outputs"])
-    found = with_parametrization_flops(found, flat, batch)
+    found = linen_wrappers.with_wrapper_flops(with_parametrization_flops(found, flat, batch),
+                                              wrapped or {}, batch)
     found = own_code.with_own_code(costed_as_run(found, counts, batch), counts["weighted"],
                                    own_code.variable_names(variables, collections=True), counts["total"])
     if calibration is not None:
@@ -421,7 +426,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(seen, candidates)
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
-                       counts["elementwise"] // batch, counts["constant"] // batch,
+                       (counts["elementwise"] + sum((wrapped or {}).values())) // batch,
+                       counts["constant"] // batch,
                        tuple(filter(None, (note, few))), source=variable_leaves(variables))
 
 
@@ -527,7 +533,8 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
     variables = folding.variables if folding else variables
     with linen_wrappers.unwrapped(wrapped):
         problem = rank_problem(model, variables, example_args, example_kwargs,
-                               multiple=rule.multiple, calibration=None if problem else calibration
+                               multiple=rule.multiple, calibration=None if problem else calibration,
+                               wrapped=folding.flops if folding else None
                                ).reusing(problem, calibration)
         if rule.eval_fn is not None:
             problem.score = linen_scorer(model, variables, problem, rule.eval_fn, wrapped)

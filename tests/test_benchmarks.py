@@ -328,3 +328,37 @@ def test_octo_models_needs_its_checkout_and_a_positive_step_count(tmp_path, caps
         octo_models.main(["--octo", str(tmp_path), "--diffusion-steps", "0"])
     assert stop.value.code == 2 and "--diffusion-steps must be at least 1" in \
         capsys.readouterr().err
+
+
+def test_vocoder_models_needs_its_checkout(tmp_path, capsys):
+    """``benchmarks.vocoder_models`` refuses a folder without the vocoder's ``models.py`` (one
+    ``error:`` line, exit 2)."""
+    from benchmarks import vocoder_models
+
+    with pytest.raises(SystemExit) as stop:
+        vocoder_models.main(["--nsf", str(tmp_path)])
+    assert stop.value.code == 2 and "no models.py there" in capsys.readouterr().err
+
+
+def test_a_row_counts_and_checks_the_layers_under_weight_wrappers():
+    """A model's layers under ``nn.WeightNorm`` are its candidates (folded), checked at full
+    rank with the others."""
+    from benchmarks import public_models
+
+    class Wrapped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.WeightNorm(nn.Conv(16, (3, 3)))(x))
+            return nn.Conv(16, (3, 3))(x)
+
+    model, x = Wrapped(), jnp.ones((2, 8, 8, 4)) * jnp.arange(4)
+    variables = model.init(jax.random.key(0), x)
+
+    def flops(m, v, compiled):
+        lowered = jax.jit(m.apply).lower(v, x)
+        return (lowered.compile() if compiled else lowered).cost_analysis()["flops"]
+
+    row = public_models.decomposition_row(model, variables, (x,), x, flops)
+    assert row["candidates_by_kind"] == {"kxk": 2} and row["full_rank_max_error"] < 1e-4
+    assert row["data-free"]["report_speedup"] == pytest.approx(
+        row["data-free"]["xla_lowered_speedup"], rel=0.01)

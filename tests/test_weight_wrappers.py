@@ -45,7 +45,11 @@ class WrappedBlock(nn.Module):
 
 def _init(model, seed=1):
     """Variables moved off their initial values (a unit scale, an untrained ``u``)."""
-    variables = model.init(jax.random.key(seed), X)
+    return _init_on(model, X, seed)
+
+
+def _init_on(model, x, seed=1):
+    variables = model.init(jax.random.key(seed), x)
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     return jax.tree.unflatten(treedef, [a * 1.5 + 0.1 * jax.random.normal(k, a.shape)
@@ -80,8 +84,8 @@ def test_a_wrapped_layer_is_split_from_the_kernel_it_computes_with(wrapper, tmp_
     assert sorted(k for k in flat if k.startswith("params/inner")) == [
         "params/inner/horizontal/bias", "params/inner/horizontal/kernel",
         "params/inner/vertical/kernel"]
-    assert any(f"{name} (a weight re-parametrizing wrapper) folded into inner" in n
-               for n in full.report.notes)
+    assert any("1 weight re-parametrizing wrapper (WeightNorm / SpectralNorm) folded" in n and
+               f"{name} into inner" in n for n in full.report.notes)
     for calibration in (None, X):
         result = lrjax.decompose_linen(model, variables, X, rule={"inner": 8, "outer": 16},
                                        calibration=calibration)
@@ -130,6 +134,47 @@ def test_a_wrapped_submodule_folds_every_variable_it_maps():
     cut = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5", calibration=X)
     before, after = cut.report.net_flops
     assert before / after == pytest.approx(_xla_ratio(model, variables, cut), rel=0.01)
+
+
+class Vocoder(nn.Module):
+    """HiFi-GAN ports' way: wrappers made in ``setup`` (the layer is then the wrapper's child,
+    ``layer_instance``, and the wrapper's scale ``layer_instance/kernel/scale``), in lists, around
+    1-D convs and a 1-D transposed conv with ``transpose_kernel=True``."""
+
+    def setup(self):
+        self.pre = nn.WeightNorm(nn.Conv(32, [7]))
+        self.up = nn.WeightNorm(nn.ConvTranspose(16, (4,), (2,), transpose_kernel=True))
+        self.convs = [nn.WeightNorm(nn.Conv(16, [3], kernel_dilation=d)) for d in (1, 3)]
+        self.post = nn.WeightNorm(nn.Conv(1, [7], use_bias=False))
+
+    def __call__(self, x):
+        x = self.up(nn.leaky_relu(self.pre(x), 0.1))
+        for conv in self.convs:
+            x = x + conv(nn.leaky_relu(x, 0.1))
+        return jnp.tanh(self.post(x))
+
+
+def test_wrappers_made_in_setup_fold_around_their_child_layer():
+    model = Vocoder()
+    audio = jax.random.normal(jax.random.key(3), (2, 24, 8))
+    variables = _init_on(model, audio)
+    want = model.apply(variables, audio)
+    first = lrjax.decompose_linen(model, variables, audio, rule={"convs_0/layer_instance": 4})
+    top = {s.path: lrjax.decompose.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
+           for s in first.problem.sites if s.candidate}
+    assert sorted(top) == ["convs_0/layer_instance", "convs_1/layer_instance",
+                           "post/layer_instance", "pre/layer_instance", "up/layer_instance"]
+    full = lrjax.decompose_linen(model, variables, audio, rule=top)
+    _close(full.module.apply(full.variables, audio), want)
+    assert full.module.unwrapped == ("convs_0", "convs_1", "post", "pre", "up")
+    assert not [k for k in traverse_util.flatten_dict(full.variables) if "scale" in k[-1]]
+    cut = lrjax.decompose_linen(model, variables, audio, rule="speedup:1.5",
+                                calibration=jax.random.normal(jax.random.key(4), (8, 24, 8)))
+    before, after = cut.report.net_flops
+    flops = [jax.jit(lambda v, x, m=m: m.apply(v, x)).lower(v, audio).cost_analysis()["flops"]
+             for m, v in ((model, variables), (cut.module, cut.variables))]
+    assert before / after == pytest.approx(flops[0] / flops[1], rel=0.01)
+    assert before / after >= 1.5
 
 
 @pytest.mark.slow
@@ -181,8 +226,7 @@ def test_an_nnx_wrapped_layer_is_split_from_the_kernel_it_computes_with(wrapper,
     _close(full.module(X), want)
     assert type(full.module.wrapped).__name__ == "Unwrapped"
     assert not {"scales", "batch_stats"} & set(nnx.to_pure_dict(nnx.state(full.module.wrapped)))
-    assert any(f"wrapped (a weight re-parametrizing {wrapper.__name__}) folded" in n
-               for n in full.report.notes)
+    assert any("wrapped into wrapped/layer_instance" in n for n in full.report.notes)
     cut = lrjax.decompose_nnx(model, X, rule={"wrapped/layer_instance": 8, "outer": 16},
                               calibration=X)
     assert cut.report.errors["wrapped/layer_instance"] > 0.05
