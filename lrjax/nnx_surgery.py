@@ -46,6 +46,7 @@ from lrjax.layers import (
     transposed_site,
 )
 from lrjax.linen_trace import check_model_kind, with_constants_evaluated
+from lrjax.linen_wrappers import with_wrapper_flops
 from lrjax.moments import (
     KeywordInputs,
     RunSums,
@@ -473,17 +474,16 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
     return new_model
 
 
-def _net_cost(model, example_args, example_kwargs, eval_mode,
-              found: Sequence[ConvSite]) -> tuple[int | None, int, int, list[ConvSite]]:
+def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[ConvSite],
+              work) -> tuple[int | None, int, int, list[ConvSite]]:
     """Multiply-adds, element-wise flops and multiply-adds of products with constants per
     example of the whole forward pass (traced on a copy, :func:`lrjax.macs.traced_macs`), or
     ``(None, 0, 0)`` where the call cannot be traced
     abstractly (a training-mode call updating its own state); and the sites ``found`` costed
     for every run of their layers (:func:`lrjax.site_runs.counted_as_run`; as they are where not
-    traced)."""
+    traced; ``work``: folded wrappers' flops per call, :func:`lrjax.nnx_wrappers.folded`)."""
     index = site_runs.layer_indices(found)
-    wrapped = set()  # the paths of the layers stood in for by a ScopedLayer (their variables
-    # under .layer)
+    wrapped = set()  # the paths of the layers stood in for by a ScopedLayer (variables: .layer)
 
     def scoped(path, node):
         if isinstance(node, bridge.ToNNX):  # its linen layers' work marked as theirs
@@ -518,8 +518,8 @@ def _net_cost(model, example_args, example_kwargs, eval_mode,
                    n[k] == "layer"), n) for n in names]  # (as the layers' own: their kernel keys)
     found = own_code.with_own_code(site_runs.costed_as_run(found, counts, batch), counts["weighted"],
                                    names, counts["total"])
-    return (counts["total"] // batch, counts["elementwise"] // batch, counts["constant"] // batch,
-            found)
+    return (counts["total"] // batch, (counts["elementwise"] + sum(work.values())) // batch,
+            counts["constant"] // batch, with_wrapper_flops(found, work, batch))
 
 
 @lapack.small_pages()
@@ -557,7 +557,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
       ValueError: a bad rule (unknown layer, rank out of range), or bad calibration data.
     """
     rule = rules.parse_rule(rule, multiple=multiple)
-    model, wrappers = nnx_wrappers.folded(model)  # nnx.WeightNorm / nnx.SpectralNorm
+    model, wrappers, work = nnx_wrappers.folded(model)  # nnx.WeightNorm / nnx.SpectralNorm
     found = find_convs_nnx(model, *example_args, eval_mode=eval_mode, **example_kwargs)
     candidates = [s for s in found if s.candidate]
     products = nnx_products.from_sites(candidates)
@@ -569,7 +569,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
                if inside[s.path] is None} | nnx_bridge.island_kernels(bridged, candidates)
     covs, note, few = None, None, None
     net_macs, net_elementwise, net_constant, found = _net_cost(
-        model, example_args, example_kwargs, eval_mode, found)
+        model, example_args, example_kwargs, eval_mode, found, work)
     # costed first: a layer in a conditional branch is never split, and its statistics, set in
     # one branch only, would break nnx.cond; it is not probed
     if calibration is not None and problem is None:

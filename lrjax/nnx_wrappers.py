@@ -17,6 +17,7 @@ pair from then on (no longer as a direction and a scale).
 
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from lrjax.linen_wrappers import folded_note
@@ -43,34 +44,46 @@ def _stubbed(cls: type) -> type:
     return type(cls.__name__, (cls,), {"__call__": lambda self, *args, **kwargs: None})
 
 
-def _unwrapped(wrapper: nnx.Module) -> Unwrapped:
+def _unwrapped(wrapper: nnx.Module) -> tuple[Unwrapped, float]:
     """An :class:`Unwrapped` of a copy of ``wrapper``'s layer holding the values the wrapper
-    computes with."""
+    computes with, and XLA's count of the wrapper's work (done at every call of its layer)."""
     copy = nnx.clone(wrapper)
     layer = copy.layer_instance
     own = type(layer)
     layer.__class__ = _stubbed(own)  # (the wrapper's call normalizes, then calls the layer)
+    graphdef, state = nnx.split(copy)
+
+    def normalized(state):
+        module = nnx.merge(graphdef, state)
+        module(None, update_stats=False) if isinstance(module, nnx.SpectralNorm) else module(None)
+        return nnx.state(module)
+
     try:
-        copy(None, update_stats=False) if isinstance(copy, nnx.SpectralNorm) else copy(None)
+        run = jax.jit(normalized)
+        flops = float((run.lower(state).cost_analysis() or {}).get("flops", 0.0))
+        nnx.update(copy, run(state))
     finally:
         layer.__class__ = own
-    return Unwrapped(layer, type(wrapper).__name__)
+    return Unwrapped(layer, type(wrapper).__name__), flops
 
 
-def folded(model: nnx.Module) -> tuple[nnx.Module, dict]:
-    """``(copy of model with its wrappers folded, {path: original wrapper})``; ``model`` itself
-    and ``{}`` when it holds none."""
-    originals = {}
+def folded(model: nnx.Module) -> tuple[nnx.Module, dict, dict]:
+    """``(copy of model with its wrappers folded, {path: original wrapper}, {layer path: XLA's
+    flops of its wrapper's work per call})``; ``model`` itself and ``{}``, ``{}`` when it holds
+    none."""
+    originals, work = {}, {}
 
     def fold(path, node):
         if isinstance(node, WRAPPERS) and isinstance(node.layer_instance, nnx.Module):
-            originals[path_of(tuple(str(p) for p in path))] = node
-            return _unwrapped(node)
+            name = path_of(tuple(str(p) for p in path))
+            originals[name] = node
+            unwrapped, work[f"{name}/layer_instance"] = _unwrapped(node)
+            return unwrapped
         return node
 
     if not any(isinstance(n, WRAPPERS) for _, n in nnx.iter_graph(model)):
-        return model, {}
-    return nnx.recursive_map(fold, model), originals
+        return model, {}, {}
+    return nnx.recursive_map(fold, model), originals, work
 
 
 def restored(model: nnx.Module, originals: dict, split) -> tuple[nnx.Module, tuple[str, ...]]:

@@ -114,7 +114,7 @@ def load_decomposed(path: str, model, *example_args, **example_kwargs):
     if not example_args and not example_kwargs:
         raise ValueError("an NNX model's layers are found by running it: give its example call "
                          "(load_decomposed(path, model, x))")
-    model, wrappers = nnx_wrappers.folded(model)  # as decompose_nnx folded them
+    model, wrappers, _ = nnx_wrappers.folded(model)  # as decompose_nnx folded them
     found = {s.path: s for s in nnx_surgery.find_convs_nnx(model, *example_args,
                                                             **example_kwargs) if s.candidate}
     missing = sorted(set(ranks) - set(found))

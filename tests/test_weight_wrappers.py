@@ -92,7 +92,7 @@ def test_a_wrapped_layer_is_split_from_the_kernel_it_computes_with(wrapper, tmp_
         assert result.module.unwrapped == (name,) and result.report.speedup > 1.5
         assert result.report.errors["inner"] > 0.05
         before, after = result.report.net_flops
-        assert before / after == pytest.approx(_xla_ratio(model, variables, result), rel=0.01)
+        assert before / after == pytest.approx(_xla_ratio(model, variables, result), rel=1e-3)
     lrjax.save_decomposed(str(tmp_path / "saved"), result)
     module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
     assert module.unwrapped == (name,)
@@ -133,7 +133,7 @@ def test_a_wrapped_submodule_folds_every_variable_it_maps():
     np.testing.assert_allclose(params["mlp"]["down"]["bias"], jnp.sign(down) * scale, rtol=1e-5)
     cut = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5", calibration=X)
     before, after = cut.report.net_flops
-    assert before / after == pytest.approx(_xla_ratio(model, variables, cut), rel=0.01)
+    assert before / after == pytest.approx(_xla_ratio(model, variables, cut), rel=1e-3)
 
 
 class Vocoder(nn.Module):
@@ -173,7 +173,7 @@ def test_wrappers_made_in_setup_fold_around_their_child_layer():
     before, after = cut.report.net_flops
     flops = [jax.jit(lambda v, x, m=m: m.apply(v, x)).lower(v, audio).cost_analysis()["flops"]
              for m, v in ((model, variables), (cut.module, cut.variables))]
-    assert before / after == pytest.approx(flops[0] / flops[1], rel=0.01)
+    assert before / after == pytest.approx(flops[0] / flops[1], rel=1e-3)
     assert before / after >= 1.5
 
 
@@ -231,7 +231,7 @@ def test_an_nnx_wrapped_layer_is_split_from_the_kernel_it_computes_with(wrapper,
                               calibration=X)
     assert cut.report.errors["wrapped/layer_instance"] > 0.05
     before, after = cut.report.net_flops
-    assert before / after == pytest.approx(_nnx_flops(model) / _nnx_flops(cut.module), rel=0.01)
+    assert before / after == pytest.approx(_nnx_flops(model) / _nnx_flops(cut.module), rel=1e-3)
     lrjax.save_decomposed(str(tmp_path / "saved"), cut)
     loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
     assert type(loaded.wrapped).__name__ == "Unwrapped"
