@@ -134,6 +134,15 @@ def test_a_wrapped_submodule_folds_every_variable_it_maps():
     cut = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5", calibration=X)
     before, after = cut.report.net_flops
     assert before / after == pytest.approx(_xla_ratio(model, variables, cut), rel=1e-3)
+    scored = []  # eval-guided: each candidate scored on the folded model, run unwrapped
+
+    def agreement(module, decomposed):
+        scored.append(module.unwrapped)
+        return -float(jnp.linalg.norm(module.apply(decomposed, X) - want))
+
+    guided = lrjax.decompose_linen(model, variables, X, calibration=X,
+                                   rule=lrjax.ranks.EvalGuided(agreement, target_speedup=1.5))
+    assert set(scored) == {("WeightNorm_0",)} and guided.report.speedup >= 1.5
 
 
 class Vocoder(nn.Module):
