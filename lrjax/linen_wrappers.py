@@ -33,7 +33,7 @@ from flax import traverse_util
 from lrjax.linen_unbound import scope_path
 from lrjax.sites import path_of
 
-__all__ = ["WRAPPERS", "Folding", "recorded", "folded", "unwrapped", "restored", "folded_note",
+__all__ = ["WRAPPERS", "Folding", "checked", "recorded", "folded", "unwrapped", "restored", "folded_note",
            "with_wrapper_flops"]
 
 WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
@@ -134,11 +134,20 @@ def _effective(wrapper: nn.Module, wrapper_path: str, layer_path: str, flat) -> 
     return run(held), float(analysis.get("flops", 0.0))
 
 
-def folded(found: Mapping, variables) -> Folding | None:
+def checked(check, model: nn.Module, variables, args, kwargs) -> Folding:
+    """``check(model, variables, *args, **kwargs)`` (lrjax's check of the variables and the
+    call, whose abstract run finds the wrappers: :func:`recorded`), then the wrappers it found
+    folded (:func:`folded`)."""
+    with recorded() as found:
+        check(model, variables, *args, **kwargs)
+    return folded(found, variables)
+
+
+def folded(found: Mapping, variables) -> Folding:
     """The wrappers ``found`` (:func:`recorded`) folded into the variables of the layers they
-    wrap (the module's docstring); ``None`` when there are none."""
+    wrap (the module's docstring); ``variables`` as they are when there are none."""
     if not found:
-        return None
+        return Folding({}, variables)
     flat, flops = traverse_util.flatten_dict(dict(variables)), {}
     for wrapper_path, (wrapper, layer_path) in found.items():
         effective, flops[layer_path] = _effective(wrapper, wrapper_path, layer_path, flat)

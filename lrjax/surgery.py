@@ -524,24 +524,20 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
         raise ValueError("decompose_linen takes the full-rank model, not a LowRankModel")
     model = unjitted(model)  # nn.jit(Net)(): Net (the same variables), so its calls are seen
     rule, variables = rules.parse_rule(rule, multiple=multiple), string_keys(variables)
-    with linen_wrappers.recorded() as wrappers:  # (nn.WeightNorm, nn.SpectralNorm)
-        check_variables(model, variables, *example_args, **example_kwargs)
+    # checked; nn.WeightNorm / nn.SpectralNorm folded into the kernels their layers compute with
+    folding = linen_wrappers.checked(check_variables, model, variables, example_args, example_kwargs)
     boxed = traverse_util.flatten_dict(dict(variables))  # boxes given back to the factors
-    # the wrappers folded into the kernels their layers compute with
-    folding, stored = linen_wrappers.folded(wrappers, variables), variables
-    wrapped = tuple(folding.layers) if folding else ()
-    variables = folding.variables if folding else variables
+    stored, variables, wrapped = variables, folding.variables, tuple(folding.layers)
     with linen_wrappers.unwrapped(wrapped):
         problem = rank_problem(model, variables, example_args, example_kwargs,
                                multiple=rule.multiple, calibration=None if problem else calibration,
-                               wrapped=folding.flops if folding else None
-                               ).reusing(problem, calibration)
+                               wrapped=folding.flops).reusing(problem, calibration)
         if rule.eval_fn is not None:
             problem.score = linen_scorer(model, variables, problem, rule.eval_fn, wrapped)
         kept_full = {}
         ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     flat, factors = apply_factors(_flat(variables), problem, ranks)
-    if folding:  # kept folded around split layers only
+    if wrapped:  # kept folded around split layers only
         wrapped = tuple(w for w, layer in folding.layers.items()
                         if any(p == layer or p.startswith(layer + "/") for p in factors))
         flat = linen_wrappers.restored(folding, flat, _flat(stored), wrapped)
@@ -588,8 +584,11 @@ def search(model: nn.Module, variables, *example_args, eval_fn, target_speedup: 
       :func:`decompose_linen`.
     """
     model, variables = unjitted(model), string_keys(variables)
-    check_variables(model, variables, *example_args, **example_kwargs)
-    problem = rank_problem(model, variables, example_args, example_kwargs,
-                           calibration=calibration, multiple=multiple)
-    problem.score = linen_scorer(model, variables, problem, eval_fn)
-    return rank_lib.search_problem(problem, target_speedup=target_speedup, candidates=candidates)
+    folding = linen_wrappers.checked(check_variables, model, variables, example_args, example_kwargs)
+    with linen_wrappers.unwrapped(folding.layers):  # (as decompose_linen folds them)
+        problem = rank_problem(model, folding.variables, example_args, example_kwargs,
+                               calibration=calibration, multiple=multiple, wrapped=folding.flops)
+        problem.score = linen_scorer(model, folding.variables, problem, eval_fn,
+                                     tuple(folding.layers))
+        return rank_lib.search_problem(problem, target_speedup=target_speedup,
+                                       candidates=candidates)

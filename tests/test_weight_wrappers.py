@@ -143,6 +143,9 @@ def test_a_wrapped_submodule_folds_every_variable_it_maps():
     guided = lrjax.decompose_linen(model, variables, X, calibration=X,
                                    rule=lrjax.ranks.EvalGuided(agreement, target_speedup=1.5))
     assert set(scored) == {("WeightNorm_0",)} and guided.report.speedup >= 1.5
+    found = lrjax.surgery.search(model, variables, X, eval_fn=agreement, target_speedup=1.5)
+    assert {"mlp/up", "mlp/down"} & set(found.ranks)  # (as decompose_linen folds them)
+    assert lrjax.decompose_linen(model, variables, X, rule=found.ranks).report.speedup >= 1.5
 
 
 class Vocoder(nn.Module):
