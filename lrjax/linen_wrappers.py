@@ -33,8 +33,8 @@ from flax import traverse_util
 from lrjax.linen_unbound import scope_path
 from lrjax.sites import path_of
 
-__all__ = ["WRAPPERS", "Folding", "checked", "recorded", "folded", "unwrapped", "restored", "folded_note",
-           "with_wrapper_flops"]
+__all__ = ["WRAPPERS", "Folding", "checked", "foldable", "recorded", "folded", "unwrapped",
+           "restored", "folded_note", "with_wrapper_flops"]
 
 WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
 
@@ -78,23 +78,37 @@ def _relative(module: nn.Module, root: tuple) -> tuple:
     return tuple(scope_path(module)[len(root):])
 
 
+_SAME_SHAPES = ("remat", "checkpoint", "jit")  # lifted transforms keeping variables as they are
+
+
+def foldable(wrapper: nn.Module) -> bool:
+    """Whether a bound wrapper can be folded: its variables as stored (not stacked by an
+    ``nn.scan`` / ``nn.vmap``, nor mapped by ``nn.map_variables``), its layer its sibling or
+    its child."""
+    layer = wrapper.layer_instance
+    if not isinstance(layer, nn.Module) or layer.scope is None or any(
+            "(" in str(p) and str(p).split("(")[0] not in _SAME_SHAPES
+            for p in getattr(wrapper.scope, "debug_path", ())):
+        return False
+    wrapper_path, layer_path = _relative(wrapper, ()), _relative(layer, ())
+    return wrapper_path[:-1] == layer_path[:-1] or wrapper_path == layer_path[:-1]
+
+
 @contextlib.contextmanager
 def recorded():
     """Within it, the wrappers the model's calls run are recorded in the dict it yields:
     ``{wrapper path: (unbound wrapper, wrapped module's path)}`` (from the model's root), those
-    whose layer is the wrapper's sibling (made by the same parent in a compact call) or its
-    child (made in a ``setup``: Flax names it ``layer_instance``)."""
+    :func:`foldable` (the layer the wrapper's sibling, made by the same parent in a compact call,
+    or its child, made in a ``setup``: Flax names it ``layer_instance``)."""
     found = {}
 
     def intercept(next_fun, call_args, call_kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, WRAPPERS):
-            layer = module.layer_instance
-            if isinstance(layer, nn.Module) and layer.scope is not None:
-                wrapper_path, layer_path = _relative(module, ()), _relative(layer, ())
-                if wrapper_path[:-1] == layer_path[:-1] or wrapper_path == layer_path[:-1]:
-                    found.setdefault(path_of(wrapper_path), (
-                        module.clone(parent=None, layer_instance=None), path_of(layer_path)))
+        if context.method_name == "__call__" and isinstance(module, WRAPPERS) and \
+                foldable(module):
+            found.setdefault(path_of(_relative(module, ())), (
+                module.clone(parent=None, layer_instance=None),
+                path_of(_relative(module.layer_instance, ()))))
         return next_fun(*call_args, **call_kwargs)
 
     with nn.intercept_methods(intercept):

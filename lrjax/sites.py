@@ -357,13 +357,14 @@ def reparametrizes(layer, base_type: type) -> bool:
     return type(layer) is not base_type and "param" in redefined(type(layer), base_type)
 
 
-def wrapped_reason(wrapper, folded_by: str) -> str:
+def wrapped_reason(wrapper, folded_by: str | None = None) -> str:
     """The skip reason of a layer run by a wrapper that re-parametrizes its weights (Flax's
     ``WeightNorm``, ``SpectralNorm``, linen and NNX), which ``folded_by`` (the decomposition
-    function) folds."""
+    function, if any) folds."""
     return (f"its weights are re-parametrized by the {type(wrapper).__name__} around it "
-            "(the stored kernel is not the one it computes with): its own computation is kept "
-            f"({folded_by} folds the wrapper into its weights and splits it)")
+            "(the stored kernel is not the one it computes with): its own computation is kept"
+            + (f" ({folded_by} folds the wrapper into its weights and splits it)" if folded_by
+               else ""))
 
 
 def subclass_reason(layer, base_type: type) -> str:

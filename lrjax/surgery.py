@@ -207,8 +207,9 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             linear = isinstance(module, (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral,
                                          nn.Einsum, nn.ConvLocal))
             if linear and (detached or wrapper is not None):
+                folds = None if detached or not linen_wrappers.foldable(wrapper) else "decompose_linen"
                 found[path] = ConvSite(path, None, skip=DETACHED if detached else
-                                       sites.wrapped_reason(wrapper, "decompose_linen"))
+                                       sites.wrapped_reason(wrapper, folds))
             elif linear and _mapped(module):
                 found[path] = ConvSite(path, None, skip=MAPPED)
             elif type(module) in _UNSPLIT:

@@ -189,6 +189,35 @@ def test_wrappers_made_in_setup_fold_around_their_child_layer():
     assert before / after >= 1.5
 
 
+class ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.WeightNorm(nn.Dense(32))(nn.relu(x)), None
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(32)(x)
+        x, _ = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)()(x, None)
+        return nn.Dense(32)(x)
+
+
+def test_a_wrapper_stacked_by_scan_stays_listed():
+    """Its variables stacked (a scale per iteration): not folded, listed with the reason (no
+    claim that a decomposition folds it); the other layers split. Before: Flax's
+    ``ScopeParamShapeError`` from inside lrjax."""
+    model, x = Scanned(), jax.random.normal(jax.random.key(0), (4, 16))
+    variables = model.init(jax.random.key(1), x)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, x)}
+    reason = found["ScanScannedBlock_0/Dense_0"].skip
+    assert "re-parametrized by the WeightNorm" in reason and "folds" not in reason
+    result = lrjax.decompose_linen(model, variables, x, rule={"Dense_0": 8, "Dense_1": 8})
+    assert result.module.unwrapped == () and "ScanScannedBlock_0/Dense_0" in result.report.skipped
+    assert float(jnp.abs(result.module.apply(result.variables, x)).max()) > 0
+
+
 @pytest.mark.slow
 def test_a_folded_model_exports(tmp_path):
     model = Wrapped(nn.SpectralNorm)
