@@ -131,7 +131,8 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
     if type(layer) in _UNSPLIT:
         return ConvSite(path, None, skip=_UNSPLIT[type(layer)])
     if isinstance(layer, _WRAPPERS):
-        return ConvSite(path, None, skip=sites.wrapped_reason(layer, "decompose_nnx"))
+        return ConvSite(path, None, skip=sites.wrapped_reason(layer, "decompose_nnx" if
+                                                              nnx_wrappers.foldable(layer) else None))
     if isinstance(layer, nnx.Einsum):
         return _einsum_site(path, layer, shape, equation)
     if isinstance(layer, ragged.RaggedDot):
@@ -570,8 +571,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     covs, note, few = None, None, None
     net_macs, net_elementwise, net_constant, found = _net_cost(
         model, example_args, example_kwargs, eval_mode, found, work)
-    # costed first: a layer in a conditional branch is never split, and its statistics, set in
-    # one branch only, would break nnx.cond; it is not probed
+    # costed first: a layer in a conditional branch is never split (its statistics break nnx.cond)
     if calibration is not None and problem is None:
         batches = rules.calibration_batches(calibration, example_args, example_kwargs)
         costed = {s.path for s in found if s.candidate}

@@ -23,7 +23,7 @@ from flax import nnx
 from lrjax.linen_wrappers import folded_note
 from lrjax.sites import path_of
 
-__all__ = ["WRAPPERS", "Unwrapped", "folded", "restored", "notes"]
+__all__ = ["WRAPPERS", "Unwrapped", "foldable", "folded", "restored", "notes"]
 
 WRAPPERS = (nnx.WeightNorm, nnx.SpectralNorm)
 
@@ -67,6 +67,22 @@ def _unwrapped(wrapper: nnx.Module) -> tuple[Unwrapped, float]:
     return Unwrapped(layer, type(wrapper).__name__), flops
 
 
+def _stacked(wrapper: nnx.Module) -> bool:
+    """Whether the wrapper's own variables have an axis more than one layer's need (a stack of
+    layers made by ``nnx.vmap``, run by ``nnx.scan``: each iteration's to fold apart)."""
+    if isinstance(wrapper, nnx.SpectralNorm):
+        return any(path[-1] == "sigma" and jax.numpy.ndim(v) != 0
+                   for path, v in nnx.to_flat_state(nnx.state(wrapper.batch_stats)))
+    axes = wrapper.feature_axes
+    return any(jax.numpy.ndim(v) != len(axes if isinstance(axes, tuple) else (axes,))
+               for v in jax.tree.leaves(nnx.state(wrapper.scales or {})))
+
+
+def foldable(wrapper: nnx.Module) -> bool:
+    """Whether :func:`folded` folds this wrapper (its layer a module, not a stack of them)."""
+    return isinstance(wrapper.layer_instance, nnx.Module) and not _stacked(wrapper)
+
+
 def folded(model: nnx.Module) -> tuple[nnx.Module, dict, dict]:
     """``(copy of model with its wrappers folded, {path: original wrapper}, {layer path: XLA's
     flops of its wrapper's work per call})``; ``model`` itself and ``{}``, ``{}`` when it holds
@@ -74,7 +90,7 @@ def folded(model: nnx.Module) -> tuple[nnx.Module, dict, dict]:
     originals, work = {}, {}
 
     def fold(path, node):
-        if isinstance(node, WRAPPERS) and isinstance(node.layer_instance, nnx.Module):
+        if isinstance(node, WRAPPERS) and foldable(node):
             name = path_of(tuple(str(p) for p in path))
             originals[name] = node
             unwrapped, work[f"{name}/layer_instance"] = _unwrapped(node)

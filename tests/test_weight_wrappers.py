@@ -284,3 +284,41 @@ def test_an_nnx_wrapped_layer_is_split_from_the_kernel_it_computes_with(wrapper,
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(stored), strict=True):
         np.testing.assert_array_equal(a, b)  # the model itself untouched
+
+
+def test_an_nnx_wrapper_stacked_by_vmap_stays_listed():
+    """Flax's scan-over-layers idiom with a wrapper in each block: its variables stacked, not
+    folded (each iteration's would be), listed with the reason; the rest split. Before: a
+    reshape error from inside the folding."""
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.WeightNorm(nnx.Linear(16, 16, rngs=rngs), rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.w(nnx.relu(x))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.blocks = make(rngs)
+            self.out = nnx.Linear(16, 32, rngs=rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def step(x, block):
+                return block(x)
+
+            return self.out(step(x, self.blocks))
+
+    model, x = Net(nnx.Rngs(0)), jax.random.normal(jax.random.key(0), (4, 16))
+    want = model(x)
+    result = lrjax.decompose_nnx(model, x, rule={"out": 16})  # full rank
+    reason = result.report.skipped["blocks/w/layer_instance"]
+    assert "re-parametrized by the WeightNorm" in reason and "folds" not in reason
+    assert type(result.module.blocks.w) is nnx.WeightNorm
+    _close(result.module(x), want)
