@@ -272,19 +272,25 @@ class ConvSite:
             rank = vertical.shape[-1]
             vertical = vertical.reshape(*in_dims, rank)
             horizontal = horizontal.reshape(rank, *out_dims)
-        elif self.transpose_kernel:  # as nn.ConvTranspose(transpose_kernel=True) reads them
-            vertical = np.swapaxes(np.asarray(vertical)[::-1], -2, -1)
-            horizontal = np.swapaxes(np.asarray(horizontal)[:, ::-1], -2, -1)
+        elif self.transpose_kernel:  # as nn.ConvTranspose(transpose_kernel=True) reads them:
+            if self.nd_geometry is not None:  # (in the layer's own rank first)
+                vertical, horizontal = self._nd_factors(vertical, horizontal)
+            vertical, horizontal = (np.swapaxes(np.flip(np.asarray(f), tuple(range(f.ndim - 2))),
+                                                -2, -1) for f in (vertical, horizontal))
             if self.conv_dims == 1:  # (k, K, C) and (1, N, K)
                 vertical, horizontal = vertical[:, 0], horizontal[0]
-        elif self.nd_geometry is not None:  # N-D: leading dims, then the last, in its rank
-            window, lead = self.nd_geometry[0], (1,) * (self.conv_dims - 1)
-            vertical = vertical.reshape(*window[:-1], 1, *vertical.shape[2:])
-            horizontal = horizontal.reshape(*lead, window[-1], *horizontal.shape[2:])
+        elif self.nd_geometry is not None:
+            vertical, horizontal = self._nd_factors(vertical, horizontal)
         elif self.conv_dims != 2:  # a k-conv then a pointwise one, in the layer's own rank
             vertical = vertical.reshape(*self._spatial(*vertical.shape[:2]), *vertical.shape[2:])
             horizontal = horizontal.reshape(*(1,) * self.conv_dims, *horizontal.shape[2:])
         return vertical, horizontal
+
+    def _nd_factors(self, vertical, horizontal) -> tuple:
+        """An N-D layer's factors in its own rank: the leading dims', then the last's."""
+        window, lead = self.nd_geometry[0], (1,) * (self.conv_dims - 1)
+        return (vertical.reshape(*window[:-1], 1, *vertical.shape[2:]),
+                horizontal.reshape(*lead, window[-1], *horizontal.shape[2:]))
 
     def restacked(self, stack: int) -> ConvSite:
         """This layer's site as run by ``stack`` iterations of a scan (see ``stack``; 1: one

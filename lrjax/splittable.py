@@ -25,8 +25,6 @@ def transposed_skip_reason(conv, base_type=nn.ConvTranspose) -> str | None:
     into a pair, or None."""
     size = conv.kernel_size
     kernel = (size,) if isinstance(size, int) else tuple(size)
-    if len(kernel) > 2 and conv.transpose_kernel:
-        return f"a {len(kernel)}-D transposed conv with transpose_kernel=True"
     if len(kernel) > 2 and set(kernel) == {1}:
         return f"a pointwise {len(kernel)}-D transposed conv (kernel_size {size})"
     if computes_as(conv, (base_type,)) is None:
@@ -75,7 +73,8 @@ def _volumetric_site(path: str, conv, input_shape, strides, reason) -> ConvSite:
                       use_bias=bool(conv.use_bias), **transposed_view(
                           kernel, strides, conv.padding, dilation, input_shape))
     return ConvSite(path, shape, conv_dims=n, nd_geometry=(
-        kernel, strides, transposed_pads(kernel, strides, conv.padding, dilation), dilation))
+        kernel, strides, transposed_pads(kernel, strides, conv.padding, dilation), dilation),
+        transpose_kernel=bool(getattr(conv, "transpose_kernel", False)))
 
 
 def _with_unit(value):

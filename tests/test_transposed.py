@@ -343,9 +343,10 @@ def test_1d_transposed_convs_split_exactly_costed_calibrated_and_exported(kwargs
     np.testing.assert_allclose(split.module(X1), nnx_model(X1), atol=1e-5)
 
 
-def test_1d_transposed_convs_with_transpose_kernel_split_and_3d_ones_stay_whole(tmp_path):
+def test_1d_and_3d_transposed_convs_with_transpose_kernel_split(tmp_path):
     """A 1-D ``nn.ConvTranspose(transpose_kernel=True)`` (a PyTorch vocoder port's layout) was
-    left whole too; it splits now, its factors read flipped as the layer reads its kernel."""
+    left whole too, and a 3-D one (a PyTorch volumetric U-Net port's) until the thirty-seventh
+    session; they split now, their factors read flipped as the layer reads its kernel."""
     class Odd(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -357,19 +358,25 @@ def test_1d_transposed_convs_with_transpose_kernel_split_and_3d_ones_stay_whole(
     model = Odd()
     variables = init(model, 0, X1)
     found = {s.path: s.skip for s in surgery.find_convs(model, X1)}
-    assert found == {"flipped": None,
-                     "video": "a 3-D transposed conv with transpose_kernel=True"}
-    exact = lrjax.decompose_linen(model, variables, X1, rule={"flipped": 4})  # (full: N = 4)
+    assert found == {"flipped": None, "video": None}
+    exact = lrjax.decompose_linen(model, variables, X1, rule={"flipped": 4, "video": 4})  # full
     want = model.apply(variables, X1)
     np.testing.assert_allclose(exact.module.apply(exact.variables, X1), want,
                                atol=2e-5 * float(jnp.abs(want).max()))
     assert jax.tree.map(jnp.shape, exact.variables["params"]["flipped"]) == {
         "vertical": {"kernel": (3, 4, 4)}, "horizontal": {"kernel": (1, 4, 4), "bias": (4,)}}
+    assert jax.tree.map(jnp.shape, exact.variables["params"]["video"]) == {  # (N and K swapped)
+        "vertical": {"kernel": (2, 2, 1, 4, 4)}, "horizontal": {"kernel": (1, 1, 2, 2, 4),
+                                                              "bias": (2,)}}
     nnx_layer = nnx.ConvTranspose(4, 4, (3,), strides=(2,), transpose_kernel=True,
                                   rngs=nnx.Rngs(0))
     np.testing.assert_allclose(lrjax.decompose_nnx(nnx_layer, X1, rule={"": 4}).module(X1),
                                nnx_layer(X1), atol=1e-5)
-    half = lrjax.decompose_linen(model, variables, X1, rule={"flipped": 2})
+    nnx_video = nnx.ConvTranspose(3, 5, (3, 2, 3), strides=(2, 1, 2), transpose_kernel=True,
+                                  rngs=nnx.Rngs(1))
+    np.testing.assert_allclose(lrjax.decompose_nnx(nnx_video, VOLUME, rule={"": 15}).module(
+        VOLUME), nnx_video(VOLUME), atol=2e-5 * float(jnp.abs(nnx_video(VOLUME)).max()))
+    half = lrjax.decompose_linen(model, variables, X1, rule={"flipped": 2, "video": 1})
     result = export.to_onnx(half.module, half.variables, (X1,), str(tmp_path / "odd.onnx"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
@@ -384,12 +391,14 @@ class Upsampler3D(nn.Module):
     strides: tuple
     padding: object = "SAME"
     dilation: tuple = (1, 1, 1)
+    transpose_kernel: bool = False
 
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.Conv(8, (3, 3, 3), name="conv")(x))
         return nn.ConvTranspose(6, self.kernel, strides=self.strides, padding=self.padding,
-                                kernel_dilation=self.dilation, name="up")(x)
+                                kernel_dilation=self.dilation,
+                                transpose_kernel=self.transpose_kernel, name="up")(x)
 
 
 def _split_3d_exactly_as_xla_counts(model, path: str, rank: int):
@@ -413,14 +422,17 @@ def _split_3d_exactly_as_xla_counts(model, path: str, rank: int):
 
 @pytest.mark.parametrize("geometry", [((2, 2, 2), (2, 2, 2)), ((3, 3, 3), (2, 1, 2), "VALID"),
                                       ((3, 2, 3), (2, 2, 1), ((1, 0), (2, 1), (0, 2))),
-                                      ((3, 3, 2), (2, 2, 2), "SAME", (2, 1, 1))])
+                                      ((3, 3, 2), (2, 2, 2), "SAME", (2, 1, 1)),
+                                      ((3, 2, 3), (2, 1, 2), "VALID", (1, 1, 1), True)])
 def test_3d_transposed_convs_split_exactly_and_are_costed_as_xla_counts(geometry):
     """A 3-D transposed conv splits as a 3-D conv does (leading dims, then the last; input
     dilation is separable): exact at full rank, its cost XLA's to the flop (taps on padding and
-    dilation holes not counted), for strides, explicit padding and kernel dilation."""
+    dilation holes not counted), for strides, explicit padding, kernel dilation and
+    ``transpose_kernel=True`` (its factors read flipped, their channel axes swapped)."""
     split = _split_3d_exactly_as_xla_counts(Upsampler3D(*geometry), "up", 2)
+    channels = (2, 8) if len(geometry) > 4 else (8, 2)
     assert split.variables["params"]["up"]["vertical"]["kernel"].shape == (
-        *geometry[0][:-1], 1, 8, 2)
+        *geometry[0][:-1], 1, *channels)
 
 
 def test_an_input_dilated_3d_conv_splits_as_the_transposed_conv_it_is():
