@@ -2,10 +2,11 @@
 
 ``nn.WeightNorm(layer)`` and ``nn.SpectralNorm(layer)`` run ``layer`` on a function of its
 stored variables (``nn.map_variables``): each kernel l2-normalized per output feature and
-scaled by the wrapper's ``scale`` parameter, or divided by its largest singular value (one
-power-iteration step from the ``u`` vector in the wrapper's ``batch_stats``, as every call of
-it makes). The kernel a layer computes with is that function's value, not the stored one, so it
-is the one the closed form factors.
+scaled by the wrapper's ``scale`` parameter, or divided by its largest singular value (its
+``n_steps`` power-iteration steps from the ``u`` vector in the wrapper's ``batch_stats``, as
+every call of it makes). The kernel a layer computes with is that function's value, not the
+stored one, so it is the one the closed form factors. The wrapper's work, done at every call,
+is whole-net work a split saves (:attr:`Folding.flops`, :func:`with_wrapper_flops`).
 
 :func:`folded` evaluates each wrapper's function on the given variables by running the
 wrapper's own code (with ``update_stats=False``) on a stand-in for its layer that returns the
@@ -17,7 +18,9 @@ computes what it computed (to float32 rounding), with plain layers lrjax splits 
 A decomposed model keeps a wrapper folded only around a layer it split
 (:class:`lrjax.layers.LowRankModel`'s ``unwrapped``): its pair holds factors of the kernel
 the layer computed with, trained as a pair from then on (no longer as a direction and a
-scale); a wrapper around layers all kept full stays as it was.
+scale); a wrapper around layers all kept full stays as it was. A wrapper that is not
+:func:`foldable` (its variables stacked by ``nn.scan`` / ``nn.vmap``) stays as it is, its layers
+listed with the reason.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def _stacked(wrapper: nnx.Module) -> bool:
         return any(path[-1] == "sigma" and jax.numpy.ndim(v) != 0
                    for path, v in nnx.to_flat_state(nnx.state(wrapper.batch_stats)))
     axes = wrapper.feature_axes
-    return any(jax.numpy.ndim(v) != len(axes if isinstance(axes, tuple) else (axes,))
+    return any(jax.numpy.ndim(v) != len(axes if isinstance(axes, (tuple, list)) else (axes,))
                for v in jax.tree.leaves(nnx.state(wrapper.scales or {})))
 
 
