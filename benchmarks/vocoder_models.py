@@ -22,6 +22,7 @@ The repository is imported from a checkout given by path (this machine has no ne
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import types
@@ -37,10 +38,15 @@ _MELS, _FRAMES = 32, 16
 
 
 def _stand_ins() -> None:
+    """Empty modules for what ``models.py`` imports and never calls here (``torch`` and
+    ``omegaconf`` only where they are not installed; the checkout's ``util``, whose ``librosa``
+    and ``audax`` imports the model does not need, always)."""
     for name in ("torch", "omegaconf", "util"):
-        module = sys.modules.setdefault(name, types.ModuleType(name))
-        module.__dict__.setdefault("OmegaConf", None)
-        module.__dict__.setdefault("get_mel", None)
+        if name != "util" and importlib.util.find_spec(name) is not None:
+            continue
+        module = types.ModuleType(name)
+        module.OmegaConf = module.get_mel = None
+        sys.modules[name] = module
 
 
 def inputs(batch: int, seed: int) -> tuple:
