@@ -390,8 +390,9 @@ def unless_stacked(site: ConvSite, kernel_shape, any_axis: bool = True) -> ConvS
     big_vision's CapPa scan with ``param_scan_axis = 1``; where the first and another axis of
     the same length could be it, the first; where only later ones could, none) is the
     :meth:`ConvSite.restacked` site, its ``stack_axis`` that axis (a layer that reparametrizes
-    its weights, or a written one whose code scales or transposes its kernel, reads each
-    iteration's weights so: its parametrization vmapped). ``any_axis=False``: the first axis
+    its weights, or a written one whose code scales, transposes or reshapes its kernel, reads
+    each iteration's weights so: its parametrization vmapped; a reshaped one, flaxformer's and
+    t5x's kernels stored flattened, is told by its size). ``any_axis=False``: the first axis
     only (NNX's stacks)."""
     if not site.candidate or kernel_shape is None:
         return site
@@ -404,7 +405,9 @@ def unless_stacked(site: ConvSite, kernel_shape, any_axis: bool = True) -> ConvS
                              np.prod(shape) == np.prod(expected)):
         return site
     axes = [a for a in range(len(shape) if any_axis else 1)
-            if shape[:a] + shape[a + 1:] == expected]
+            if shape[:a] + shape[a + 1:] == expected or (  # (reshaped by its code: its size)
+                site.parametrization is not None and
+                np.prod(shape[:a] + shape[a + 1:]) == np.prod(expected))]
     if axes and (axes[0] == 0 or len(axes) == 1):  # (else two axes of its length, neither first)
         stacked = dataclasses.replace(site.restacked(shape[axes[0]]), stack_axis=axes[0])
         if site.parametrization is None:

@@ -1253,6 +1253,48 @@ def test_layers_scanned_on_another_axis_split_per_iteration():
     assert errors[1] < 0.8 * errors[0]
 
 
+class FlatKernelProjection(nn.Module):
+    """flaxformer's and t5x's attention projection: the kernel stored flattened to 2-D
+    ``(embed, heads * head_dim)``, reshaped by its own call into ``(embed, heads, head_dim)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (16, 4 * 8))
+        return jax.lax.dot_general(x, kernel.reshape(16, 4, 8), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class FlatKernelBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        heads = FlatKernelProjection(name="query")(x)
+        return x + nn.Dense(16, name="out")(heads.reshape(*x.shape[:-1], 32)), None
+
+
+def test_written_kernels_stored_flattened_and_scanned_on_axis_one_split():
+    """flaxformer's T5 with ``scan_layers=True``: its projections' flattened kernels stacked on
+    axis 1, ``query/kernel (16, 3, 32)`` for a ``(16, 4, 8)`` kernel as used (before: "stacked
+    over leading axes by a lifted transform ... left as they are"): each iteration's slice is
+    reshaped as the code reshapes it, split, exact at full rank."""
+    x = jax.random.normal(jax.random.key(0), (4, 6, 16))
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.scan(FlatKernelBlock, variable_axes={"params": 1},
+                           split_rngs={"params": True}, length=3)(name="layers")(x, None)[0]
+
+    model = Scanned()
+    variables = init(model, 0, x)
+    assert variables["params"]["layers"]["query"]["kernel"].shape == (16, 3, 32)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, x)}
+    assert (found["layers/query"].stack, found["layers/query"].stack_axis) == (3, 1)
+    full = lrjax.decompose_linen(model, variables, x, rule={"layers/query": 48})  # (3 iterations x 16)
+    np.testing.assert_allclose(full.module.apply(full.variables, x), model.apply(variables, x),
+                               atol=1e-5)
+    cut = lrjax.decompose_linen(model, variables, x, rule={"layers/query": 12}, calibration=x)
+    assert cut.report.errors["layers/query"] > 0.05
+
+
 class TiedHead(nn.Module):
     """An output layer tied to a dense layer's kernel, read through ``.variables`` (whisper-jax's
     LM head multiplies by its one-hot embedding's table so)."""
