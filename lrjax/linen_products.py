@@ -514,13 +514,14 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels):
         if id(e) not in replaced:  # (a step to a kernel: passed on, never computed with)
             return [ins[skipped[id(e)]]] * len(e.outvars) if id(e) in skipped else None
         layer, product, span = replaced[id(e)]
-        if product.sliced is None:
-            return [run_in_layout(layer, product, ins[product.data])]
+        typed = e.outvars[0].aval.dtype  # (the product's own: a layer computing in its
+        if product.sliced is None:  # parameters' dtype where the code cast both down)
+            return [run_in_layout(layer, product, ins[product.data]).astype(typed)]
         if id(layer) not in computed:  # (every piece's data is the same, or stacked: experts)
             computed[id(layer)] = layer(jax.numpy.stack([
                 env[eqn.invars[product.data]] for eqn, *_ in product.slices])
                 if product.stacked else ins[product.data])
-        return [piece_of(product, computed[id(layer)], *span)]
+        return [piece_of(product, computed[id(layer)], *span).astype(typed)]
 
     params = module.scope._mutable_collection("params") if module.is_initializing() else None
     if nested and params is not None:  # (a pair may take a kernel's name: the kernel held

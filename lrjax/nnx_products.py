@@ -358,7 +358,8 @@ def _replaying_call(self, *args, **kwargs):
                     stacked[id(product)] = layer(jax.numpy.stack(
                         [env[e.invars[product.data]] for e, *_ in product.slices]))
                 return [stacked[id(product)][index]]
-            return [written_products.run_in_layout(layer, product, ins[product.data])]
+            return [written_products.run_in_layout(layer, product, ins[product.data]).astype(
+                eqn.outvars[0].aval.dtype)]  # (the product's own dtype)
         if eqn.primitive is _CHILD_CALL:  # a child's call: made by the child itself
             return jax.tree.leaves(calls[eqn.params["name"]](*ins))
         if id(eqn) in skipped:  # a step to a kernel: never computed with

@@ -516,3 +516,38 @@ def test_a_modules_other_products_beside_its_layers_are_named_by_their_parameter
     lowered = [jax.jit(m.apply).lower(v, x).cost_analysis()["flops"]
                for m, v in ((model, variables), (result.module, result.variables))]
     assert result.report.speedup == pytest.approx(lowered[0] / lowered[1], rel=1e-6)
+
+
+class CastDense(nn.Module):
+    """flaxformer's ``DenseGeneral`` at ``dtype=jnp.bfloat16`` (its MoE router's default): data
+    and kernel cast down by its own code, its float32 bias cast too and added."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (16, 24))
+        bias = self.param("bias", nn.initializers.normal(0.1), (24,))
+        out = jax.lax.dot_general(jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16),
+                                  (((x.ndim - 1,), (0,)), ((), ())))
+        return out + jnp.asarray(bias, jnp.bfloat16)
+
+
+def test_a_product_cast_down_by_its_code_keeps_its_dtype():
+    """The layer its product runs as computes in its parameters' dtype; its output takes the
+    product's own (bfloat16) before the code adds its cast bias (before: "lax.add requires
+    arguments to have the same dtypes" from inside lrjax)."""
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(CastDense(name="router")(x).astype(jnp.float32))
+
+    model = Net()
+    variables = init(model, 0, x)
+    want = model.apply(variables, x)
+    full = lrjax.decompose_linen(model, variables, x, rule={"router": 16})
+    got = full.module.apply(full.variables, x)
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, atol=0.02 * float(jnp.abs(want).max()))  # (bfloat16)
+    half = lrjax.decompose_linen(model, variables, x, rule={"router": 8}, calibration=x)
+    assert half.report.speedup > 1
