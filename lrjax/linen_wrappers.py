@@ -52,6 +52,10 @@ class Folding:
     variables: dict
     flops: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
+    def kept(self, split) -> tuple[str, ...]:
+        """The wrappers around a layer among ``split`` (paths): those a result keeps folded."""
+        return tuple(w for w, layer in self.layers.items() if any(_under(p, layer) for p in split))
+
     def notes(self, kept: tuple[str, ...]) -> list[str]:
         """The report's line for the wrappers in ``kept`` (folded in the result)."""
         return folded_note({w: self.layers[w] for w in kept})

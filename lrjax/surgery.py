@@ -539,10 +539,8 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
         ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     flat, factors = apply_factors(_flat(variables), problem, ranks)
     if wrapped:  # kept folded around split layers only
-        wrapped = tuple(w for w, layer in folding.layers.items()
-                        if any(p == layer or p.startswith(layer + "/") for p in factors))
+        wrapped = folding.kept(factors)
         flat = linen_wrappers.restored(folding, flat, _flat(stored), wrapped)
-        problem.notes = (*problem.notes, *folding.notes(wrapped))
     module = LowRankModel.wrap(model, _call_ranks(problem, ranks), unwrapped=wrapped)
     with known_variables(module, traverse_util.unflatten_dict(flat)):
         expected = _flat(abstract_init(module, example_args, example_kwargs))
@@ -560,7 +558,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
         linen_products.check_unread(
             lambda v, *t: as_jax_types(module.apply(v, *rebuild(t), **example_kwargs)), new_variables,
             *arrays)
-    report = build_report(problem, ranks, factors, kept_full)
+    report = build_report(problem, ranks, factors, kept_full, folding.notes(wrapped))
     return Decomposition(module, new_variables, report, problem)
 
 
