@@ -44,9 +44,9 @@ _RANK = (None, None)  # the factors' new axis: unnamed, and no size of the kerne
 def _layout(site: ConvSite, axes: tuple) -> tuple[tuple, tuple] | None:
     """The kernel's ``axes`` (``(name, size)`` pairs) laid out as the two factors' axes, or None
     where the layout is not a plain one (see the module docstring)."""
-    if site.stack > 1:  # the stack's axis where the factors have it (batch_position)
+    if site.stacked:  # the stack's axis where the factors have it (batch_position)
         at = site.stack_axis
-        inner = _layout(dataclasses.replace(site, stack=1), axes[:at] + axes[at + 1:])
+        inner = _layout(dataclasses.replace(site, stack=1, scanned=False), axes[:at] + axes[at + 1:])
         return None if inner is None else tuple(
             (*a[:batch_position(at, len(a))], axes[at], *a[batch_position(at, len(a)):])
             for a in inner)

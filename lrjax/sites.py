@@ -106,6 +106,9 @@ class ConvSite:
         iteration's matrix a group: ``shape`` holds ``stack`` times the channels), so a rank
         counts every iteration's intermediate channels, as a grouped conv's counts every
         group's, and one rank per iteration is shared by all of them.
+      scanned: the kernel variable holds the iterations' axis at ``stack_axis`` even where
+        ``stack`` is 1 (a scan of one iteration: ``nn.scan(length=1)``, a one-block
+        ``nnx.vmap`` stack), as :attr:`stacked` tells.
       batched: the stack is an einsum's batch of kernels (:class:`EinsumSplit`'s ``batch``
         letter, at ``stack_axis``): one call runs every matrix, each on its slice of the input.
       written: a product a module's own code computes with a parameter it declares, run as
@@ -147,12 +150,19 @@ class ConvSite:
     named_by_kernel: bool = False
     batched: bool = False
     written_spec: tuple | None = None
+    scanned: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the kernel variable holds iterations (or a batch of kernels) on
+        ``stack_axis``, one or more."""
+        return self.stack > 1 or self.scanned
 
     @property
     def lifted(self) -> bool:
         """A stack a lifted transform runs (each call sees one iteration's slice), not a batch
         of kernels (one call runs them all)."""
-        return self.stack > 1 and not self.batched
+        return self.stacked and not self.batched
 
     @property
     def candidate(self) -> bool:
@@ -198,7 +208,7 @@ class ConvSite:
         """The shape of the layer's own ``kernel`` variable (stacked: with the iterations at
         ``stack_axis``)."""
         shape = list(self._slice_variable_shape())
-        if self.stack > 1:
+        if self.stacked:
             shape.insert(self.stack_axis, self.stack)
         return tuple(shape)
 
@@ -236,7 +246,7 @@ class ConvSite:
         """
         kernel = np.asarray(kernel, np.float32)
         self.check_kernel_shape(kernel.shape)
-        if self.stack > 1:  # each iteration's kernel a group of output channels
+        if self.stacked:  # each iteration's kernel a group of output channels
             return np.concatenate([self._slice_hwio(k) for k in
                                    np.moveaxis(kernel, self.stack_axis, 0)], axis=-1)
         return self._slice_hwio(kernel)
@@ -254,7 +264,7 @@ class ConvSite:
         """``(vertical/kernel, horizontal/kernel)`` variables of the pair from HWIO factors
         (JAX arrays; reshaped on the host when the factors are NumPy arrays); a stack's with the
         iterations at its ``stack_axis`` (its factors' groups, split)."""
-        if self.stack > 1:
+        if self.stacked:
             slices = zip(np.split(np.asarray(factors.vertical), self.stack, axis=-1),
                          np.split(np.asarray(factors.horizontal), self.stack, axis=-1),
                          strict=True)
@@ -294,14 +304,14 @@ class ConvSite:
 
     def restacked(self, stack: int) -> ConvSite:
         """This layer's site as run by ``stack`` iterations of a scan (see ``stack``; 1: one
-        iteration's)."""
+        iteration's, its kernel without the iterations' axis)."""
         def scaled(value: int) -> int:
             return value // self.stack * stack
 
         shape = dataclasses.replace(self.shape, in_channels=scaled(self.shape.in_channels),
                                     out_channels=scaled(self.shape.out_channels),
                                     groups=scaled(self.shape.groups))
-        return dataclasses.replace(self, shape=shape, stack=stack)
+        return dataclasses.replace(self, shape=shape, stack=stack, scanned=False)
 
     def renamed(self, path: str, scale: float = 1.0) -> ConvSite:
         """This layer's site named ``path`` (its kernel then read at ``path``'s keys), its
@@ -409,7 +419,8 @@ def unless_stacked(site: ConvSite, kernel_shape, any_axis: bool = True) -> ConvS
                 site.parametrization is not None and
                 np.prod(shape[:a] + shape[a + 1:]) == np.prod(expected))]
     if axes and (axes[0] == 0 or len(axes) == 1):  # (else two axes of its length, neither first)
-        stacked = dataclasses.replace(site.restacked(shape[axes[0]]), stack_axis=axes[0])
+        stacked = dataclasses.replace(site.restacked(shape[axes[0]]), stack_axis=axes[0],
+                                      scanned=True)
         if site.parametrization is None:
             return stacked
         return dataclasses.replace(stacked, parametrization=functools.partial(

@@ -10,7 +10,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import costs, export, nnx_surgery, problem, rules, surgery
-from tests.helpers import apply, init, xla_flops
+from tests.helpers import apply, init, lowered_flops, xla_flops
 
 X = jnp.ones((2, 12, 12, 3))
 
@@ -412,21 +412,25 @@ class Scanned(nn.Module):
     """A dense layer, then three residual blocks stacked by ``nn.scan`` (kernels (3, 256, 32) and
     (3, 32, 256)), as scanned transformer stacks are written."""
 
+    length: int = 3
+
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(256, name="inp")(x)
         x, _ = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                       length=3)(name="blocks")(x, None)
+                       length=self.length)(name="blocks")(x, None)
         return nn.Dense(10, name="out")(x)
 
 
 class Unrolled(nn.Module):
     """``Scanned`` with its three blocks written out (``b0``, ``b1``, ``b2``)."""
 
+    length: int = 3
+
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(256, name="inp")(x)
-        for i in range(3):
+        for i in range(self.length):
             x, _ = ScanBlock(name=f"b{i}")(x, None)
         return nn.Dense(10, name="out")(x)
 
@@ -443,10 +447,10 @@ class NNXScanBlock(nnx.Module):
 class NNXScanned(nnx.Module):
     """``Scanned`` in NNX: blocks made by ``nnx.vmap``, run by ``nnx.scan``."""
 
-    def __init__(self, rngs):
+    def __init__(self, rngs, length: int = 3):
         self.inp = nnx.Linear(256, 256, rngs=rngs)
 
-        @nnx.split_rngs(splits=3)
+        @nnx.split_rngs(splits=length)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def blocks(rngs):
             return NNXScanBlock(rngs)
@@ -627,6 +631,39 @@ class Member(nn.Module):
     def __call__(self, x):
         x = nn.relu(nn.Conv(32, (3, 3), name="conv")(x))
         return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def test_a_scan_of_one_iteration_splits_with_its_iterations_axis():
+    """A scan of one iteration (``nn.scan(length=1)``, a one-block ``nnx.vmap`` stack: a model
+    configured one layer deep, as openpi's pi0 builds its SigLIP tower for a small variant)
+    keeps the iterations' axis on its kernels: split as its iteration's layers, factors
+    ``(1, C, K)``, the same as the unrolled block's. Before: "the kernel of layer 'blocks/down'
+    has shape (1, 256, 32); the model's layer expects (256, 32)"."""
+    x = jax.random.normal(jax.random.key(1), (4, 256))
+    model = Scanned(length=1)
+    variables = init(model, 0, x)
+    found = {s.path: s for s in surgery.find_convs(model, x)}
+    assert found["blocks/down"].stack == 1 and found["blocks/down"].stacked
+    assert found["blocks/down"].kernel_variable_shape == (1, 256, 32)
+    ranks = {"blocks/down": 12, "blocks/up": 12}
+    split = lrjax.decompose_linen(model, variables, x, rule=ranks, calibration=x)
+    assert split.variables["params"]["blocks"]["down"]["vertical"]["kernel"].shape == (1, 256, 12)
+    params = variables["params"]
+    twin = lrjax.decompose_linen(Unrolled(length=1), {"params": {
+        "inp": params["inp"], "out": params["out"],
+        "b0": jax.tree.map(lambda k: k[0], params["blocks"])}}, x, calibration=x,
+        rule={"b0/down": 12, "b0/up": 12})
+    np.testing.assert_allclose(split.module.apply(split.variables, x),
+                               twin.module.apply(twin.variables, x), atol=1e-4)
+    by_rule = lrjax.decompose_linen(model, variables, x, rule="speedup:1.2,exclude=inp")
+    assert by_rule.report.speedup >= 1.2 and "blocks/down" in by_rule.ranks
+    assert by_rule.report.speedup == pytest.approx(
+        lowered_flops(lambda v, x: model.apply(v, x), variables, x) /
+        lowered_flops(lambda v, x: by_rule.module.apply(v, x), by_rule.variables, x), rel=1e-4)
+    nnx_model = NNXScanned(nnx.Rngs(0), length=1)  # a one-block stack: the same
+    exact = lrjax.decompose_nnx(nnx_model, x, rule={"blocks/down": 32, "blocks/up": 32})
+    assert exact.module.blocks.down.vertical.kernel[...].shape == (1, 256, 32)
+    np.testing.assert_allclose(exact.module(x), nnx_model(x), atol=1e-4)
 
 
 class Ensemble(nn.Module):
