@@ -547,8 +547,11 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
     if named_by_kernel:
         renamed["named_by_kernel"] = True
         scope = scope.push(name, reuse=True)
-    common = dict(use_bias=False, param_dtype=dtype, precision=params["precision"],
-                  kernel_init=made, parent=scope, **renamed)
+    computed = eqn.invars[product.data].aval.dtype  # (a kernel cast to the data's: that
+    if eqn.invars[1 - product.data].aval.dtype != computed:  # dtype, its pair's too)
+        computed = None
+    common = dict(use_bias=False, dtype=computed, param_dtype=dtype,
+                  precision=params["precision"], kernel_init=made, parent=scope, **renamed)
     k = None if product.squeezed else _dense_axes(product)
     if eqn.primitive.name == "dot_general" and k == 1 and len(shape) == 2:
         layer = (WrittenDense if renamed else nn.Dense)(shape[1], **common)

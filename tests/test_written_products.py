@@ -238,3 +238,64 @@ def test_numpy_variables_run_the_products_as_layers_and_leave_no_verdict(speech)
                                atol=1e-6)
     found = {s.path for s in surgery.find_convs(model, X, PADDINGS) if s.candidate}
     assert {"sub1", "sub2", "proj"} <= found
+
+
+class HelperFeedForward(nn.Module):
+    """openpi's ``lora.FeedForward`` as written: parameters declared in ``setup``, a compact
+    ``__call__`` computing each product through a helper method of the module's own
+    (``self._dot``), the kernel cast to the data's dtype (bfloat16 in its models)."""
+
+    features: int
+    hidden: int
+
+    def setup(self):
+        self.w_gating = self.param("gating_einsum", nn.initializers.normal(0.2),
+                                   (2, self.features, self.hidden))
+        self.w_linear = self.param("linear", nn.initializers.normal(0.2),
+                                   (self.hidden, self.features))
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = nn.gelu(self._dot(x, self.w_gating[0])) * self._dot(x, self.w_gating[1])
+        return self._dot(hidden, self.w_linear)
+
+    def _dot(self, x, w):
+        return jnp.dot(x, w.astype(x.dtype))
+
+
+class HelperBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + HelperFeedForward(16, 48, name="mlp")(nn.Dense(16, dtype=x.dtype, name="inp")(x))
+
+
+def test_a_helper_method_its_call_runs_is_part_of_its_product():
+    """A helper method that a module's own call runs (``self._dot(x, w)``) is part of that call,
+    not another method reading the parameters from outside (a tied embedding's ``attend``):
+    the products are split. Before: both left as they are ("whose method '_dot' runs too and
+    may read the same parameters"), openpi's every Gemma feed-forward. A kernel its code casts
+    to the data's dtype makes a layer, and a pair, computing in that dtype (bfloat16, as the
+    model does; before: in float32, the bfloat16 data promoted)."""
+    x = jax.random.normal(jax.random.key(5), (6, 16))
+    model = HelperBlock()
+    variables = init(model, 0, x)
+    found = {s.path: s for s in surgery.find_convs(model, x)}
+    assert found["mlp/gating_einsum"].candidate and found["mlp/linear"].candidate
+    exact = lrjax.decompose_linen(model, variables, x,
+                                  rule={"mlp/gating_einsum": 16, "mlp/linear": 16})
+    np.testing.assert_allclose(exact.module.apply(exact.variables, x), model.apply(variables, x),
+                               atol=1e-5)
+    half = x.astype(jnp.bfloat16)
+    split = lrjax.decompose_linen(model, variables, half,
+                                  rule={"mlp/gating_einsum": 8, "mlp/linear": 8})
+    closed = jax.make_jaxpr(lambda v, x: split.module.apply(v, x))(split.variables, half)
+
+    def dots(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                yield e
+            for sub in jax.core.jaxprs_in_params(e.params):
+                yield from dots(sub)
+
+    operands = {tuple(str(v.aval.dtype) for v in e.invars) for e in dots(closed.jaxpr)}
+    assert operands == {("bfloat16", "bfloat16")}, operands
