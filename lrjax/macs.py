@@ -173,7 +173,9 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     variables) as the weights. Only work the outputs use is counted (:func:`live`, as ``jax.jit``
     lowers it); ``"dead"``: the :func:`layer_scope` marks whose layers' work all goes unused (a
     pooler whose output the model drops); ``"outputs"``: the abstract values of its outputs."""
-    traced = jax.jit(lambda *a: fn(*a, **kwargs)).trace(*args)
+    leaves, tree = jax.tree.flatten(args)  # (lowered on the leaves: JAX's lowering rebuilds
+    traced = jax.jit(lambda *flat: fn(*jax.tree.unflatten(tree, flat), **kwargs)).trace(
+        *leaves)  # its arguments' trees, which a pytree class checking its fields refuses)
     closed = live(traced.jaxpr)  # what the outputs use, as jit lowers it
     counts, once = _macs(closed)  # once: loop bodies counted once, as XLA does
     counts["dead"] = {i for i, m in _macs(traced.jaxpr)[0]["layers"].items()

@@ -157,9 +157,9 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
     kwargs, nodes = graph_keywords(kwargs)
     graphdef, state = nnx.split((eval_view(copy) if eval_mode else copy, nodes))
 
-    def kind(tree) -> bool | None:  # all arrays (traced), none (as given), or a mix
-        leaves = [isinstance(a, jax.Array) for a in jax.tree.leaves(tree)]
-        return all(leaves) if all(leaves) or not any(leaves) else None
+    def kind(tree) -> bool | None:  # all arrays (traced), none (as given: [None, None] too),
+        leaves = [isinstance(a, jax.Array) for a in jax.tree.leaves(tree)]  # or a mix
+        return bool(leaves) and all(leaves) if all(leaves) or not any(leaves) else None
 
     def run(state, *batch):
         held.clear()

@@ -224,6 +224,44 @@ def test_a_wrapper_given_a_flag_and_keyword_arrays_calibrates():
         _relative(plain.module(held_out), model(held_out))
 
 
+class Conditioned(nn.Module):
+    """A linen block given a list that may hold conditioning arrays, or none (openpi's Gemma:
+    ``adarms_cond=[None, None]`` in pi0, arrays in pi0.5)."""
+
+    @nn.compact
+    def __call__(self, x, conds=None):
+        for cond in conds or ():
+            if cond is not None:
+                x = x * cond
+        return nn.Dense(32)(nn.relu(nn.Conv(32, (3, 3))(x)))
+
+
+class Unconditioned(nnx.Module):
+    def __init__(self, rngs):
+        self.block = nnx.bridge.lazy_init(nnx.bridge.ToNNX(Conditioned(), rngs=rngs), X,
+                                          conds=[None, None])
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.block(x, conds=[None, None]).mean((1, 2)))
+
+
+def test_a_wrapper_given_a_keyword_holding_no_array_calibrates():
+    """Before: ``conds=[None, None]`` (a tree with no leaf) was taken for a keyword array in the
+    calibration batches but not in the example call: "calibration batch 0 is 2 positional
+    argument(s) ((32, 12, 12, 3), {'conds': [None, None]}); the model's example call takes 1"."""
+    model = Unconditioned(nnx.Rngs(0))
+    calibration = jax.random.normal(jax.random.key(1), (32, 12, 12, 3)) * \
+        jnp.linspace(0.1, 3.0, 3)
+    ranks = {"block/Conv_0": 6, "block/Dense_0": 8}
+    calibrated = lrjax.decompose_nnx(model, X, rule=ranks, calibration=calibration)
+    assert not [n for n in calibrated.report.notes if "data-free" in n]
+    plain = lrjax.decompose_nnx(model, X, rule=ranks)
+    held_out = jax.random.normal(jax.random.key(6), (16, 12, 12, 3)) * jnp.linspace(0.1, 3.0, 3)
+    assert _relative(calibrated.module(held_out), model(held_out)) < \
+        _relative(plain.module(held_out), model(held_out))
+
+
 class Stage(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(16, 16, (3, 3), rngs=rngs)

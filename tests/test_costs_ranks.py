@@ -1,5 +1,6 @@
 """Cost model and rank selection."""
 
+import dataclasses
 import json
 
 import jax
@@ -39,6 +40,33 @@ def test_caffenet_authors_ranks_cost():
     ((1, 1), (2, 2), ((1, 0), (0, 1)), (1, 1), (1, 1)),
     ((3, 3), (1, 1), "VALID", (1, 1), (1, 1)),
 ])
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Checked:
+    """A pytree class checking its fields are arrays when made (as openpi's ``Observation``,
+    type-checked by jaxtyping and beartype): JAX's lowering rebuilds argument trees with
+    ``ArgInfo`` leaves, which such a class refuses."""
+
+    image: jax.Array
+
+    def __post_init__(self):
+        if not isinstance(self.image, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+            raise TypeError(f"image must be an array, not {type(self.image).__name__}")
+
+
+def test_element_wise_work_is_counted_for_arguments_of_a_checking_pytree_class():
+    """Before: XLA's count of the lowered call failed on the argument tree, unseen, and the
+    element-wise work was counted as 0 (openpi's pi0 reported "0 element-wise")."""
+    w = jnp.ones((8, 16))
+
+    def net(w, batch):
+        return jnp.tanh(batch.image @ w + 1.0).sum()
+
+    got = macs.traced_macs(net, w, Checked(jnp.ones((4, 8))))
+    want = macs.traced_macs(lambda w, image: net(w, Checked(image)), w, jnp.ones((4, 8)))
+    assert got["elementwise"] == want["elementwise"] > 0
+
+
 def test_conv_macs_are_xlas_flop_count(kernel, strides, padding, lhs_dilation, rhs_dilation):
     """A conv's multiply-adds are the taps that land on the input: XLA's flops, exactly twice."""
     x, w = jnp.ones((2, 9, 8, 5)), jnp.ones((*kernel, 5, 7))
