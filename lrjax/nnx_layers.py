@@ -100,11 +100,25 @@ def pair_module(layer, site: ConvSite, factors: decompose.Factors,
                 bias=None) -> LowRankConvNNX:
     """The pair computing ``layer`` (an ``nnx.Conv`` or linear layer) with the given factors
     (and ``bias``, default the layer's), knowing the layer's kernel shape and dtype
-    (:attr:`LowRankConvNNX.kernel`)."""
+    (:attr:`LowRankConvNNX.kernel`) and holding its settings under their names
+    (``in_features``, ``out_features``, ``kernel_size``, ``dtype``: what model code reads of
+    its layers)."""
     pair = _built_pair(layer, site, factors, bias)
     pair.kernel_shape = tuple(int(d) for d in layer.kernel.shape)
     pair.kernel_dtype = str(np.dtype(layer.kernel.dtype))
+    for name, value in vars(layer).items():  # its configuration, as model code reads it
+        if not name.startswith("_") and not hasattr(pair, name) and _setting(value):
+            setattr(pair, name, value)  # (openpi's pi0: action_in_proj.out_features)
     return pair
+
+
+def _setting(value) -> bool:
+    """Whether ``value`` is a layer's setting (a number, a string, a dtype, a tuple of
+    them), which its pair keeps under the layer's attribute name (read-only use)."""
+    if isinstance(value, (tuple, list)):
+        return all(map(_setting, value))
+    return value is None or isinstance(value, (bool, int, float, str, np.dtype)) or (
+        isinstance(value, type) and issubclass(value, np.generic))
 
 
 def _built_pair(layer, site: ConvSite, factors: decompose.Factors, bias) -> LowRankConvNNX:

@@ -1185,6 +1185,35 @@ def test_nnx_call_updating_a_keyword_cache_and_reading_a_kernel_shape(tmp_path):
     assert int(memory.calls[...]) == 0
 
 
+class _ReadsSettings(nnx.Module):
+    """Code reading its layers' settings, as openpi's pi0 sizes its time embedding by
+    ``self.action_in_proj.out_features``."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.proj = nnx.Linear(16, 32, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.proj(nnx.relu(self.conv(x)).mean((1, 2)))
+        width = self.proj.out_features * self.conv.kernel_size[0] // self.conv.kernel_size[1]
+        return h + jnp.arange(width, dtype=h.dtype) / self.proj.in_features
+
+
+def test_nnx_code_reading_its_layers_settings_runs_on_their_pairs(tmp_path):
+    """A pair keeps its layer's settings under their names (before: "'LowRankLinearNNX' object
+    has no attribute 'out_features'"), on a decomposed model and on one loaded."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    model = _ReadsSettings(nnx.Rngs(0))
+    result = lrjax.decompose_nnx(model, x, rule={"conv": 9, "proj": 16})  # (full rank)
+    pair = result.module.proj
+    assert (pair.in_features, pair.out_features, result.module.conv.kernel_size) == (16, 32,
+                                                                                    (3, 3))
+    np.testing.assert_allclose(result.module(x), model(x), atol=1e-5)
+    lrjax.save_decomposed(str(tmp_path / "saved"), result)
+    loaded = lrjax.load_decomposed(str(tmp_path / "saved"), _ReadsSettings(nnx.Rngs(1)), x)
+    np.testing.assert_allclose(loaded(x), model(x), atol=1e-5)
+
+
 class _ReturnsItsKey(nnx.Module):
     """Returns the key it split, as bonsai's LLaDA returns ``(logits, key, hidden_states)``."""
 
