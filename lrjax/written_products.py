@@ -122,12 +122,6 @@ class Product:
         return {id(e): data for e, *_ in self.slices} if self.stacked else {}
 
 
-def _used(kernel, steps):
-    for step in steps:
-        kernel = step(kernel)
-    return kernel
-
-
 def _home(layer: nn.Module):
     """The scope holding a written layer's kernel: its module's (the layer's own, or its
     parent when the layer is named by its kernel and bound inside the module's)."""
@@ -162,7 +156,10 @@ def _written_param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
     if value is None:
         value = nn.Module.param(self, self.stored, init_fn, *init_args, unbox=unbox,
                                 **init_kwargs)
-    return _used(nn.meta.unbox(value) if unbox else value, self.steps)
+    value = nn.meta.unbox(value) if unbox else value
+    for step in self.steps:
+        value = step(value)
+    return value
 
 
 class WrittenDense(nn.Dense):
@@ -547,11 +544,10 @@ def layer_for(product: Product, kernel, scope, name: str, *, named_by_kernel: bo
     if named_by_kernel:
         renamed["named_by_kernel"] = True
         scope = scope.push(name, reuse=True)
-    computed = eqn.invars[product.data].aval.dtype  # (a kernel cast to the data's: that
-    if eqn.invars[1 - product.data].aval.dtype != computed:  # dtype, its pair's too)
-        computed = None
-    common = dict(use_bias=False, dtype=computed, param_dtype=dtype,
-                  precision=params["precision"], kernel_init=made, parent=scope, **renamed)
+    computed = {v.aval.dtype for v in eqn.invars[:2]}  # (one: a kernel cast to the data's)
+    common = dict(use_bias=False, dtype=computed.pop() if len(computed) == 1 else None,
+                  param_dtype=dtype, precision=params["precision"], kernel_init=made,
+                  parent=scope, **renamed)  # (its pair computes in that dtype too)
     k = None if product.squeezed else _dense_axes(product)
     if eqn.primitive.name == "dot_general" and k == 1 and len(shape) == 2:
         layer = (WrittenDense if renamed else nn.Dense)(shape[1], **common)

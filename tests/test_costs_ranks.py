@@ -31,15 +31,6 @@ def test_caffenet_authors_ranks_cost():
     assert net.speedup == pytest.approx(5.06, abs=0.01)
 
 
-@pytest.mark.parametrize("kernel,strides,padding,lhs_dilation,rhs_dilation", [
-    ((3, 3), (1, 1), "SAME", (1, 1), (1, 1)),
-    ((3, 3), (2, 2), "SAME", (1, 1), (1, 1)),
-    ((7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1), (1, 1)),
-    ((3, 3), (1, 1), ((1, 2), (2, 1)), (2, 2), (1, 1)),  # a transposed conv's input dilation
-    ((3, 1), (2, 1), ((2, 2), (0, 0)), (1, 1), (2, 1)),
-    ((1, 1), (2, 2), ((1, 0), (0, 1)), (1, 1), (1, 1)),
-    ((3, 3), (1, 1), "VALID", (1, 1), (1, 1)),
-])
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Checked:
@@ -67,6 +58,15 @@ def test_element_wise_work_is_counted_for_arguments_of_a_checking_pytree_class()
     assert got["elementwise"] == want["elementwise"] > 0
 
 
+@pytest.mark.parametrize("kernel,strides,padding,lhs_dilation,rhs_dilation", [
+    ((3, 3), (1, 1), "SAME", (1, 1), (1, 1)),
+    ((3, 3), (2, 2), "SAME", (1, 1), (1, 1)),
+    ((7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1), (1, 1)),
+    ((3, 3), (1, 1), ((1, 2), (2, 1)), (2, 2), (1, 1)),  # a transposed conv's input dilation
+    ((3, 1), (2, 1), ((2, 2), (0, 0)), (1, 1), (2, 1)),
+    ((1, 1), (2, 2), ((1, 0), (0, 1)), (1, 1), (1, 1)),
+    ((3, 3), (1, 1), "VALID", (1, 1), (1, 1)),
+])
 def test_conv_macs_are_xlas_flop_count(kernel, strides, padding, lhs_dilation, rhs_dilation):
     """A conv's multiply-adds are the taps that land on the input: XLA's flops, exactly twice."""
     x, w = jnp.ones((2, 9, 8, 5)), jnp.ones((*kernel, 5, 7))
