@@ -125,7 +125,7 @@ def calibration_moments(model: nn.Module, variables, calibration,
         counts_out.update(counts)
     if wanted - set(covs):
         covs.update(_looped_moments(model, variables, batches, kwargs, wanted - set(covs),
-                                    site_of, found))
+                                    site_of, found, counts_out))
     missing = sorted(wanted - set(covs))
     if missing and strict:
         raise ValueError(f"calibration never ran layers {missing}")
@@ -147,11 +147,12 @@ def _run(fn, variables, args, index: int, example_args):
             f"call's size ({', '.join(map(str, sorted(example)))}), e.g. a list of them") from None
 
 
-def _looped_moments(model, variables, batches, kwargs, wanted, site_of, found) -> dict:
+def _looped_moments(model, variables, batches, kwargs, wanted, site_of, found,
+                    counts_out: dict | None = None) -> dict:
     """The second pass (see the module docstring): every run's moments summed on the host, a
     stacked layer's by iteration (:class:`lrjax.moments.RunSums`: by its kernel variable, as
     its site in ``found`` names it, its iterations at the site's ``stack_axis``; else
-    ``{path}/kernel``, iterations first)."""
+    ``{path}/kernel``, iterations first); ``counts_out`` gets their input vectors."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(nn.meta.unbox(dict(variables))))
     keys = {p: ("params", *(found[p].kernel_key if p in found else
                             (*sites.variable_key(p), "kernel"))) for p in wanted}
@@ -171,4 +172,7 @@ def _looped_moments(model, variables, batches, kwargs, wanted, site_of, found) -
     for args in batches:
         fn(variables, *args)
     jax.effects_barrier()
-    return sums.covariances()
+    covs = sums.covariances()
+    if counts_out is not None:
+        counts_out.update({p: n for p, n in sums.counts().items() if p in covs})
+    return covs

@@ -473,6 +473,18 @@ class RunSums:
         total[slot * g:(slot + 1) * g] += s
         self._counts.setdefault(path, np.zeros(slots))[slot] += float(n)
 
+    def counts(self) -> dict[str, float]:
+        """``{path: input vectors}`` each layer's runs gave (a stacked layer's: the fewest of
+        any of its iterations)."""
+        return {path: float(np.min(count)) for path, count in self._counts.items()}
+
+    def totals(self) -> dict[str, tuple[np.ndarray, float]]:
+        """``{path: (second moments times input vectors, input vectors)}`` (:meth:`covariances`,
+        :meth:`counts`), as a pass of one run per layer sums them."""
+        counts = self.counts()
+        return {path: (cov * counts[path], counts[path])
+                for path, cov in self.covariances().items()}
+
     def covariances(self) -> dict[str, np.ndarray]:
         """``{path: (groups, m, m)}`` second moments of the layers every slot of which ran."""
         out = {}

@@ -357,8 +357,8 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
         jax.effects_barrier()
         for path in looped:
             record["sums"].pop(path, None)
-        for path, cov in record.pop("host").covariances().items():
-            record["sums"][path], record["counts"][path] = cov, 1.0
+        for path, (sums, count) in record.pop("host").totals().items():
+            record["sums"][path], record["counts"][path] = sums, count
     return convs, record
 
 

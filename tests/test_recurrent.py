@@ -202,3 +202,57 @@ def test_nnx_lstm_cells_are_calibrated_through_the_scan_that_carries_them(tmp_pa
     assert set(split.report.weighted_errors) == {"rnn/cell/dense_i", "rnn/cell/dense_h"}
     result = export.to_onnx(split.module, None, (x,), str(tmp_path / "m.onnx"))
     assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
+
+
+class NNXWhile(nnx.Module):
+    """A layer run by a ``jax.lax.while_loop`` of the model's own code three times a call (a
+    sampler's denoising steps, as openpi's pi0 samples actions)."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(32, 32, rngs=rngs)
+        self.step = nnx.Linear(32, 32, rngs=rngs)
+
+    def __call__(self, x):
+        def body(carry):
+            h, i = carry
+            return jnp.tanh(self.step(h)), i + 1
+
+        return jax.lax.while_loop(lambda c: c[1] < 3, body, (self.inp(x), 0))[0]
+
+
+class LinenWhile(nn.Module):
+    """The same in linen, the loop an ``nn.while_loop``."""
+
+    def setup(self):
+        self.inp, self.step = nn.Dense(32), nn.Dense(32)
+
+    def __call__(self, x):
+        def body(module, carry):
+            h, i = carry
+            return jnp.tanh(module.step(h)), i + 1
+
+        h = self.inp(x)
+        if self.is_initializing():  # (nn.while_loop makes no parameter)
+            self.step(h)
+        return nn.while_loop(lambda module, c: c[1] < 3, body, self, (h, 0))[0]
+
+
+def _undersampled(result) -> str:
+    return next((n.split(": ")[-1] for n in result.report.notes if "fewer input vectors" in n),
+                "")
+
+
+def test_a_layer_in_a_loop_counts_the_input_vectors_of_every_run():
+    """The report's note on calibration data that spans too few directions counts a looped
+    layer's input vectors over its runs (before: NNX said "step (1 for 32)" whatever the data,
+    linen never named it)."""
+    x = jax.random.normal(jax.random.key(0), (4, 32))
+    nnx_model, linen_model = NNXWhile(nnx.Rngs(0)), LinenWhile()
+    variables = linen_model.init(jax.random.key(0), x)
+    ranks = {"inp": 8, "step": 8}
+    for size, want in ((8, "inp (8 for 32), step (24 for 32)"), (16, "inp (16 for 32)")):
+        data = jax.random.normal(jax.random.key(1), (size, 32))
+        assert _undersampled(lrjax.decompose_nnx(nnx_model, x, rule=ranks,
+                                                 calibration=data)) == want
+        assert _undersampled(lrjax.decompose_linen(linen_model, variables, x, rule=ranks,
+                                                   calibration=data)) == want
