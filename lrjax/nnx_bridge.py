@@ -149,7 +149,8 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
     per call]}``: what each wrapper in ``paths`` was given in the model's calls on ``batches``
     (one jitted pass each). Arguments holding no array (a ``train=False`` flag) are as the call
     gave them; a wrapper given an argument mixing arrays and other values, or called a
-    different number of times in another batch, gets none."""
+    different number of times in another batch, gets none; its calls inside a transform of the
+    model's code (a ``while_loop`` body: openpi's pi0 samples actions so) are not taken."""
     copy, held, fixed = nnx.clone(model), {}, {}
     for path, node in wrappers(copy).items():
         if path in paths:
@@ -166,6 +167,10 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
         module, copies = nnx.merge(graphdef, state)
         args, given = split_keywords(batch, kwargs)
         module(*args, **given, **copies)
+        here = getattr(jax.tree.leaves(state)[0], "_trace", None)
+        for p in held:  # (a call's values in a loop body are that body's: out of reach here)
+            held[p] = [call for call in held[p] if all(
+                getattr(v, "_trace", here) is here for v in jax.tree.leaves(call))]
         fixed.update({p: [([None if kind(v) else v for v in a],
                            {k: v for k, v in kw.items() if not kind(v)}) for a, kw in calls]
                       for p, calls in held.items()})

@@ -262,6 +262,36 @@ def test_a_wrapper_given_a_keyword_holding_no_array_calibrates():
         _relative(plain.module(held_out), model(held_out))
 
 
+class Sampler(nnx.Module):
+    """A wrapper called once on the data, then at every step of a ``jax.lax.while_loop`` of the
+    model's code (openpi's pi0 fills its Gemma's cache with a prefix, then samples actions so)."""
+
+    def __init__(self, rngs):
+        self.block = nnx.bridge.ToNNX(Conditioned())  # (keeping no stream: called in a loop)
+        self.block.lazy_init(X, rngs=rngs)
+        self.head = nnx.Linear(32, 3, rngs=rngs)
+
+    def __call__(self, x):
+        context = self.block(x).mean((1, 2))
+
+        def step(carry):
+            h, i = carry
+            return h + 0.1 * self.block(x + h[:, None, None, :3]).mean((1, 2)), i + 1
+
+        return self.head(jax.lax.while_loop(lambda c: c[1] < 2, step, (context, 0))[0])
+
+
+def test_a_wrapper_called_in_a_loop_calibrates_on_its_calls_outside():
+    """Before: the wrapper's calls inside the loop body were taken as its inputs and leaked the
+    body's values (JAX's UnexpectedTracerError); its calls outside calibrate it."""
+    model = Sampler(nnx.Rngs(0))
+    ranks = {"block/Conv_0": 6, "block/Dense_0": 8}
+    calibrated = lrjax.decompose_nnx(model, X, rule=ranks, calibration=X)
+    assert not [n for n in calibrated.report.notes if "data-free" in n]
+    plain = lrjax.decompose_nnx(model, X, rule=ranks)
+    assert _relative(calibrated.module(X), model(X)) < _relative(plain.module(X), model(X))
+
+
 class Stage(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(16, 16, (3, 3), rngs=rngs)
