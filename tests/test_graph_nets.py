@@ -95,6 +95,7 @@ def test_a_graph_nets_dense_layers_are_split_and_costed_as_xla_counts_them(net):
     assert isinstance(out, Graphs) and out.edges.shape == (N_GRAPH, 4)
 
 
+@pytest.mark.slow
 def test_a_graph_net_exports_at_its_example_shapes(net, tmp_path):
     """Inputs whose leading dimensions differ export at ``fixed_batch=True`` (before: "example
     inputs must share their leading (batch) dimension", whatever the flag); LiteRT counts the

@@ -535,6 +535,7 @@ class RngsInCall(nnx.Module):
         return self.linear(x.reshape(x.shape[0], -1))
 
 
+@pytest.mark.slow
 def test_an_nnx_model_taking_its_rngs_in_the_call_calibrates_and_exports(tmp_path):
     """The ``nnx.Rngs`` positional argument of the call: calibration batches give it as the
     example does (the NaN check skipped its key arrays: a ``TypeError`` before), a batch without
@@ -597,6 +598,7 @@ class MaskedNNX(nnx.Module):
         return self.head((self.conv(x) * mask[..., None]).mean((1, 2)))
 
 
+@pytest.mark.slow
 def test_keyword_inputs_are_calibrated_and_exported_as_graph_inputs(tmp_path):
     """A call whose inputs are keyword arguments: calibration batches give them as a dict (or,
     for the one keyword input of a call without positional arrays, as the array), and every
@@ -641,6 +643,7 @@ class Reparametrized(nn.Module):
         return nn.Dense(24, name="decoder")(z)
 
 
+@pytest.mark.slow
 def test_a_key_argument_of_the_call_is_calibrated_and_exported_as_a_constant(tmp_path):
     """A typed key ``jax.random.key`` is passed to the call, its draw a constant of the graph
     (ONNX at a fixed batch: the draw has the batch's shape); a raw uint32 key's line says how
@@ -691,6 +694,7 @@ class ScannedConvs(nn.Module):
         return nn.Dense(10, name="head")(features)
 
 
+@pytest.mark.slow
 def test_scanned_blocks_export_to_onnx_unrolled(tmp_path):
     """A scan (``nn.scan`` / ``nnx.scan`` stacks, ``lax.scan`` over an activation, reversed)
     is exported unrolled: each iteration's conv (or pair, the stack split) gets its own
@@ -1058,6 +1062,7 @@ class TwoMethods(nn.Module):
         return self.head(self.encode(x).mean((1, 2)))
 
 
+@pytest.mark.slow
 def test_a_models_other_method_is_decomposed_and_exported(tmp_path):
     """``decompose_linen(..., method="encode")``: its layers found, costed and split through that
     method, and the LowRankModel runs any of the model's methods decomposed (a name or the

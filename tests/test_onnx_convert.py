@@ -451,6 +451,7 @@ def _mixture_of_experts(x):
     return out.reshape(*x.shape[:3], 5)
 
 
+@pytest.mark.slow
 def test_a_mixture_of_experts_exports_to_onnx_and_litert():
     """``approx_top_k`` as the exact top k (what JAX computes on CPU), ``ragged_dot`` as a
     dense product masked by group (neither has an ONNX op or a LiteRT kernel: Gemma 4's MoE

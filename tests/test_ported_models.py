@@ -89,6 +89,7 @@ def _lowered_flops(fn, *args) -> float:
         return jax.jit(fn).lower(*args).cost_analysis()["flops"]
 
 
+@pytest.mark.slow
 def test_item_of_constants_in_call_is_traced_decomposed_calibrated_and_exported(tmp_path):
     """``[r.item() for r in jnp.linspace(...)]`` cannot run under ``jax.jit``; lrjax traces such
     a model with its constant-only computations evaluated, so it is decomposed (the flag given
@@ -491,6 +492,7 @@ def _naflex_batch(key, n):
             jnp.asarray(columns))
 
 
+@pytest.mark.slow
 def test_a_model_taking_one_tuple_is_calibrated_and_exported(tmp_path):
     """Calibration batches are the tuple itself (before: read as four positional arguments);
     the export's graph takes one input per array of it (before: the tuple could not be an

@@ -204,6 +204,7 @@ def test_spectral_layers_export_to_litert(tmp_path):
         assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale, name
 
 
+@pytest.mark.slow
 def test_an_unrolled_solver_exports_to_both_runtimes(tmp_path):
     """MoDL's loop over the examples (``lax.map`` of a conjugate-gradient ``scan`` with FFTs
     inside) to ONNX at a fixed batch (a loop as long as the batch); the loop over channels to

@@ -142,6 +142,7 @@ def test_transposed_pair_module_geometry_and_timing():
     assert set(times) == {"up"} and all(t > 0 for t in times["up"])
 
 
+@pytest.mark.slow
 def test_unet_whole_net_rule_and_onnx_export(tmp_path):
     """A U-Net as segmentation code writes it (benchmarks.user_models.UNet): a whole-net rule
     with its upsamplers among the candidates, and its split upsamplers against XLA's own flop

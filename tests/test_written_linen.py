@@ -146,6 +146,7 @@ def test_full_rank_written_pairs_reproduce_the_model(net):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_calibrated_whole_net_rule_is_xlas_ratio_and_exports(net, tmp_path):
     model, variables, x = net
     calibration = jax.random.normal(jax.random.key(2), (32, 8, 8, 3))
