@@ -500,6 +500,9 @@ class LowRankModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             base = self.__dict__.get("base")
+            if name in getattr(base, "__dataclass_fields__", ()) and not isinstance(getattr(
+                    base, name), nn.Module):  # its settings: openpi reads llm.module.vocab_size
+                return getattr(base, name)
             if name.startswith("_") or not (callable(getattr(type(base), name, None)) or
                                             isinstance(getattr(base, name, None), nn.Module)):
                 raise  # (a submodule by name, as Flax takes it: apply(..., method="encoder"))

@@ -9,7 +9,7 @@ jit-able; re-exported by :mod:`lrjax.decompose`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -282,7 +282,8 @@ def calibration_batches(calibration, example_args: tuple | None = None,
 
     Args:
       calibration: one batch of model inputs (an array, a dict for a model that takes one, or a
-        tuple of positional arguments, or the one argument of a model that takes a tuple), or an
+        tuple of positional arguments, or the one argument of a model that takes a tuple or a
+        pytree of its own, such as a dataclass of arrays), or an
         iterable (a list, a generator) of such batches. For a call whose inputs are keyword
         arguments (``example_kwargs`` holding arrays: ``model.apply(v, inputs=x, train=False)``)
         a batch gives them as a dict ``{"inputs": x}`` (after its positional arrays, if any,
@@ -298,8 +299,9 @@ def calibration_batches(calibration, example_args: tuple | None = None,
       ValueError: no batch, a batch with NaN/Inf values (naming its index and shape), or a
         batch that does not fit ``example_args`` (naming both).
     """
-    one = (jax.Array, np.ndarray, tuple, Mapping)
-    batches = [calibration] if isinstance(calibration, one) else list(calibration)
+    one = (jax.Array, np.ndarray, tuple, Mapping)  # (or a pytree of the user's, not iterable:
+    batches = [calibration] if isinstance(calibration, one) or not isinstance(  # openpi's
+        calibration, Iterable) else list(calibration)  # Observation dataclass)
     if not batches:
         raise ValueError("calibration is empty: give a batch or an iterable of batches")
     keyword = keyword_inputs(example_kwargs)

@@ -86,6 +86,9 @@ def test_linen_layers_inside_to_nnx_are_split_as_layers_of_the_net(tmp_path):
     assert nnx.state(full.module.proj)["vertical"]["kernel"][...].shape == (32, 32)
     assert nnx.state(full.module.dot)["horizontal"]["kernel"][...].shape == (48, 48)
     assert nnx.state(model.block)["Conv_0"]["kernel"][...].shape == (3, 3, 32, 32)  # untouched
+    # the wrapped linen module's settings read through the wrapper, as openpi's pi0-FAST reads
+    # llm.module.vocab_size (before: "LowRankModel" object has no attribute "out_dim")
+    assert full.module.dot.module.out_dim == 48 and full.module.proj.module.features == 48
 
     data_free = lrjax.decompose_nnx(model, X, rule="speedup:2")
     before, after = data_free.report.net_flops

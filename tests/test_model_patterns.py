@@ -3,6 +3,7 @@ checkpointing), a dict input, several inputs. Calibration runs through the lifte
 (its statistics are sown into a collection, or NNX state, not kept aside), an exported remat'ed
 model is its computation, and a calibration batch that does not fit the model's call says so."""
 
+import dataclasses
 import functools
 import os
 
@@ -1217,6 +1218,45 @@ def test_nnx_code_reading_its_layers_settings_runs_on_their_pairs(tmp_path):
     lrjax.save_decomposed(str(tmp_path / "saved"), result)
     loaded = lrjax.load_decomposed(str(tmp_path / "saved"), _ReadsSettings(nnx.Rngs(1)), x)
     np.testing.assert_allclose(loaded(x), model(x), atol=1e-5)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Observation:
+    """A model's input as a dataclass of arrays (openpi's ``Observation``): not iterable."""
+
+    image: jax.Array
+    state: jax.Array
+
+
+class _Observer(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.proj = nnx.Linear(16 + 4, 8, rngs=rngs)
+
+    def __call__(self, obs):
+        h = nnx.relu(self.conv(obs.image)).mean((1, 2))
+        return self.proj(jnp.concatenate([h, obs.state], -1))
+
+
+def test_a_calibration_batch_may_be_the_models_own_dataclass():
+    """``calibration=obs`` for a model taking one dataclass of arrays is one batch (before:
+    "TypeError: '_Observation' object is not iterable"); a list of them, several."""
+    def observation(seed, n):
+        keys = jax.random.split(jax.random.key(seed))
+        return _Observation(jax.random.normal(keys[0], (n, 8, 8, 3)),
+                            jax.random.normal(keys[1], (n, 4)))
+
+    model, obs = _Observer(nnx.Rngs(0)), observation(0, 2)
+    ranks = {"conv": 6, "proj": 4}
+    one = lrjax.decompose_nnx(model, obs, rule=ranks, calibration=observation(1, 16))
+    several = lrjax.decompose_nnx(model, obs, rule=ranks,
+                                  calibration=[observation(1, 16), observation(2, 16)])
+    plain = lrjax.decompose_nnx(model, obs, rule=ranks)
+    held_out = observation(3, 16)
+    errors = [float(jnp.linalg.norm(r.module(held_out) - model(held_out)))
+              for r in (one, several, plain)]
+    assert errors[0] < errors[2] and errors[1] < errors[2]
 
 
 class _ReturnsItsKey(nnx.Module):
