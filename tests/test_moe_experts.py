@@ -106,6 +106,7 @@ def test_full_rank_pairs_reproduce_the_model_in_the_parameters_places():
     assert names == [("expert", "model", None), ("expert", None, None)]  # (E, F, K), (E, K, 2H)
 
 
+@pytest.mark.slow
 def test_a_whole_net_rule_is_xlas_ratio_calibrated_per_expert_trained_exported_saved(tmp_path):
     model = Block(nnx.Rngs(0))
     want = model(HELD_OUT)

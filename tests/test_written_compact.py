@@ -138,6 +138,7 @@ def test_full_rank_pairs_factor_the_scaled_kernels(net):
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(net, tmp_path):
     model, variables = net
     calibration = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))

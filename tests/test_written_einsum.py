@@ -133,6 +133,7 @@ def test_full_rank_pairs_replace_the_kernels_in_place(net):
                                model.apply(variables, X), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(net, tmp_path):
     model, variables = net
     calibration = jax.random.normal(jax.random.key(2), (8, 6, 32))

@@ -133,6 +133,7 @@ def test_full_rank_pairs_reproduce_the_model_the_bias_stays_the_modules(speech):
     assert "left as is: kept" in result.report.table()  # its own product: a fixed cost
 
 
+@pytest.mark.slow
 def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(speech, tmp_path):
     model, variables = speech
     calibration = [(jax.random.normal(jax.random.key(2), (8, 32, 16)), jnp.zeros((8, 32)))]
