@@ -9,8 +9,10 @@ XLA does: XLA's own flop count (``jax.jit(f).lower(...).compile().cost_analysis(
 twice these multiply-adds plus the element-wise flops, for a net without loops: XLA counts a
 loop body once, lrjax counts a ``scan`` body (``nn.scan``, ``nnx.scan``) once per iteration, its
 multiply-adds and its element-wise work. A conditional (``lax.cond`` / ``switch``) counts as its
-costliest branch, as XLA counts it. Work traced inside a :func:`layer_scope` is also counted per
-layer, over all the layer's runs.
+costliest branch, as XLA counts it. Work no output uses is not counted (XLA drops it), nor, in
+a scan's iterations XLA runs unrolled, the work only a dropped result of the last ones uses
+(a model returning one of two streams: the other's last layer). Work traced inside a
+:func:`layer_scope` is also counted per layer, over all the layer's runs.
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ def _macs(jaxpr, scope: str = "", trips: int = 1) -> tuple[dict, int]:
         out["branched"] |= counts["branched"]
         once += body_once
 
-    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    inner = getattr(jaxpr, "jaxpr", jaxpr)
+    used = _used(inner)
+    for eqn in inner.eqns:
         where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
         kind, count = _PRODUCTS.get(eqn.primitive.name, (None, None))
         if kind is not None:
@@ -131,14 +135,74 @@ def _macs(jaxpr, scope: str = "", trips: int = 1) -> tuple[dict, int]:
             add(costliest[0], costliest[1])
             out["branched"] |= {i for b, _ in branches for i in (*b["layers"], *b["branched"])}
             continue
-        scan = eqn.primitive.name == "scan"
-        inner_trips = trips * int(eqn.params["length"]) if scan else trips
+        if eqn.primitive.name == "scan":
+            for counts, body_once in _scan_macs(eqn, where, trips, used):
+                add(counts, body_once)
+            continue
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-                    counts, body_once = _macs(sub, where, inner_trips)
-                    add(counts, body_once * (_xla_copies(eqn) if scan else 1))
+                    add(*_macs(sub, where, trips))
     return out, once
+
+
+def _scan_macs(scan, where: str, trips: int, used: set):
+    """The counts of a ``scan``'s iterations (:func:`_macs`' ``add`` arguments): those XLA runs
+    in a loop, each with all the body's work that any iteration uses, and each of those it runs
+    as straight-line code (:func:`_straight_bodies`) with its own live work. The loop-once
+    count is the body's, once per copy XLA counts."""
+    body = scan.params["jaxpr"]
+    whole, body_once = _macs(body, where, trips)
+    looped = int(scan.params["length"]) - _unrolled(scan)
+    yield _scaled(whole, looped), body_once * _xla_copies(scan)
+    seen: dict = {}
+    for live_body, _ in _straight_bodies(scan, used):
+        if id(live_body) not in seen:
+            seen[id(live_body)] = _macs(live_body, where, trips)[0]
+        yield seen[id(live_body)], 0
+
+
+def _straight_bodies(scan, used: set) -> list:
+    """``(body, used inputs)`` of each iteration of a ``scan`` that XLA runs as straight-line
+    code (:func:`_unrolled`), the last first: the body without the work whose results neither
+    the iterations after it nor the scan's used outputs (``used``: the variables the enclosing
+    jaxpr uses) use. XLA drops that work (the last layer's work on a stream a model drops, once
+    its loop is unrolled). Iterations wanting the same outputs share one body."""
+    from jax._src.interpreters import partial_eval as pe
+
+    body, carries = scan.params["jaxpr"].jaxpr, int(scan.params["num_carry"])
+    first = int(scan.params["num_consts"])
+    wanted = [isinstance(v, jcore.Var) and v in used for v in scan.outvars]
+    bodies, seen = [], {}
+    for _ in range(_unrolled(scan)):
+        key = tuple(wanted)
+        if key not in seen:
+            seen[key] = pe.dce_jaxpr(body, wanted)
+        bodies.append(seen[key])
+        wanted = [*seen[key][1][first:first + carries], *wanted[carries:]]
+    return bodies
+
+
+def _used(jaxpr) -> set:
+    """The variables a jaxpr's equations or outputs use."""
+    return {v for e in jaxpr.eqns for v in e.invars if isinstance(v, jcore.Var)} | {
+        v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+
+
+def _unrolled(scan) -> int:
+    """How many of a scan's iterations XLA runs outside a loop: the ``length % unroll`` after
+    the loop, or all where the loop runs once or never (JAX lowers a fully unrolled scan, or
+    one of a single iteration, without one, or XLA inlines it)."""
+    length, unroll = int(scan.params["length"]), int(scan.params.get("unroll", 1))
+    trips, rest = divmod(length, unroll) if unroll > 0 else (0, length)
+    return length if trips <= 1 else rest
+
+
+def _scaled(counts: dict, times: int) -> dict:
+    """``counts`` (:func:`_macs`') for ``times`` runs."""
+    return {"conv": counts["conv"] * times, "dot": counts["dot"] * times,
+            "layers": {i: m * times for i, m in counts["layers"].items()},
+            "branched": counts["branched"] if times else set()}
 
 
 def _xla_copies(scan) -> int:
@@ -270,6 +334,7 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
     """Append the weighted products of ``jaxpr`` (its inputs of kinds ``in_kinds``) to
     ``found``; return its outputs' kinds."""
     kinds = dict(zip(jaxpr.invars, in_kinds, strict=True))
+    used = _used(jaxpr)
     for eqn in jaxpr.eqns:
         where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
         operands = [_kind_of(kinds, v) for v in eqn.invars]
@@ -283,19 +348,25 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
                 macs = _PRODUCTS[name][1](eqn)
                 found.append((_CONSTANT if weight is None else weight, name, trips * macs,
                               where))
-        inner_trips = trips * int(eqn.params["length"]) if name == "scan" else trips
         for key, value in eqn.params.items():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 body = getattr(sub, "jaxpr", sub)
                 if key != "cond_jaxpr" and hasattr(body, "eqns") and \
                         len(body.invars) <= len(operands):  # a branch or loop body: a suffix
                     body_kinds, inside = operands[len(operands) - len(body.invars):], []
-                    out_kinds = _weighted(body, body_kinds, where, inner_trips, inside)
+                    out_kinds = _weighted(body, body_kinds, where, trips, inside)  # one run
                     carried = _carried(eqn, body_kinds, out_kinds)
                     if carried != body_kinds:  # again, with the carries the body makes data
                         inside = []
-                        _weighted(body, carried, where, inner_trips, inside)
-                    found.extend(inside)
+                        _weighted(body, carried, where, trips, inside)
+                    if name != "scan":
+                        found.extend(inside)
+                        continue
+                    looped = int(eqn.params["length"]) - _unrolled(eqn)
+                    found.extend((*p[:2], p[2] * looped, *p[3:]) for p in inside if looped)
+                    for live_body, used_in in _straight_bodies(eqn, used):
+                        _weighted(live_body, [k for k, u in zip(carried, used_in, strict=True)
+                                              if u], where, trips, found)
         out = _DATA if data else sources or None
         if out not in (_DATA, None) and _LAYER.search(where):
             out = out | {_THROUGH}

@@ -101,7 +101,8 @@ def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -
     example over all its runs in the traced forward pass (:func:`lrjax.macs.layer_scope`). A
     layer called more than once (shared weights) or inside a loop body (a ``scan`` with
     broadcast parameters, a ``fori_loop``) runs more often than the calls a site records (one
-    per geometry, :func:`another_call`): their ``images`` are scaled by the ratio, so that its
+    per geometry, :func:`another_call`), and one whose last run XLA drops (its result unused,
+    the loop unrolled) less often: their ``images`` are scaled by the ratio, so that its
     cost, and what splitting it saves, is what the net runs (exact when each geometry runs as
     often). A layer
     ``branched`` (run inside a conditional) is left as it is (:data:`BRANCHED`)."""
@@ -110,7 +111,7 @@ def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -
     if not site.candidate or traced_macs <= 0:
         return site
     runs = traced_macs / costs.conv_cost(site.shape).macs
-    if runs < 1 + 1e-6:
+    if abs(runs - 1) < 1e-6:
         return site
     return dataclasses.replace(site, shape=site.shape.times(runs),
                                param_cast_flops=site.param_cast_flops * runs)
