@@ -303,6 +303,7 @@ def test_search_picks_the_layer_whose_decomposition_costs_least(monkeypatch):
                      candidates={"nope": [2]})
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_finetune_a_decomposed_user_model_with_lrjax_train(resnet):
     model, variables, x = resnet
     result = lrjax.decompose_linen(model, variables, x, rule="speedup:2", train=False)
@@ -445,6 +446,7 @@ class BiTLike(nn.Module):
         return NormedDense(10)(jnp.mean(x, axis=(1, 2)))
 
 
+@pytest.mark.slow  # 6 s on the 2-core machine: the default run stays under 5 minutes
 def test_subclasses_that_compute_as_their_layer_are_split_on_the_weights_they_use(tmp_path):
     """A subclass that redefines only ``param`` (weight standardization) is split on the weights
     ``param`` returns, and the whole-net cost saves the standardization of the layers split;

@@ -66,6 +66,7 @@ def _relative(a, b) -> float:
     return float(jnp.abs(a - b).max() / jnp.abs(b).max())
 
 
+@pytest.mark.slow  # 5 s on the 2-core machine: the default run stays under 5 minutes
 def test_linen_layers_inside_to_nnx_are_split_as_layers_of_the_net(tmp_path):
     """Before: a ``ToNNX`` wrapper was listed as one layer left as it is ("lrjax does not reach
     into the bridge"), its work a fixed cost: ``speedup:2`` out of reach."""
@@ -155,6 +156,7 @@ class Encoded(nnx.Module):
         return self.head(nnx.relu(self.vae.decode(z)).mean((1, 2)))
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_a_wrappers_methods_and_repeated_calls_are_split_over_every_call(tmp_path):
     """Before: the wrapper was listed as one layer left as it is; the first version of the
     bridge took one call of a wrapper only; a linen method returning an object that is no JAX
@@ -326,6 +328,7 @@ class NNXInside(nn.Module):
         return nn.Dense(10, name="head")(x.mean((1, 2)))
 
 
+@pytest.mark.slow  # 5 s on the 2-core machine: the default run stays under 5 minutes
 def test_nnx_layers_inside_to_linen_are_split_as_linen_layers(tmp_path):
     """Before: the wrapper was listed as one layer left as it is ("lrjax does not reach into the
     bridge"), its work a fixed cost."""

@@ -383,6 +383,7 @@ class Router(nn.Module):
         return jnp.where(chosen != 0, chosen, -1e9)
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_a_router_exports_to_onnx_and_litert(tmp_path):
     """``top_k`` exports to ONNX (``TopK``) and, by comparisons (:mod:`lrjax.litert_math`: the
     TFLite converter cannot legalize it), to LiteRT."""
@@ -495,6 +496,7 @@ class Outputs(nn.Module):
         return nn.Dense(5)(pooled), {"stem": stem, "pooled": pooled}
 
 
+@pytest.mark.slow  # 3 s on the 2-core machine: the default run stays under 5 minutes
 def test_models_returning_a_pytree_export_every_output(tmp_path):
     model, x = Outputs(), jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     variables = _perturbed(init(model, 0, x))

@@ -784,6 +784,7 @@ def _nnx_flops(model, count=xla_flops):
     return count(lambda s, x: nnx.merge(graphdef, s)(x), state, X)
 
 
+@pytest.mark.slow  # 3 s on the 2-core machine: the default run stays under 5 minutes
 def test_layers_run_more_than_once_are_costed_for_every_run():
     """A layer called twice, or inside a loop body, saves at each run: the report's whole-net
     speedup is XLA's count of the two forward passes (before: 1.52x claimed for 3.18x run on a
@@ -1301,6 +1302,7 @@ class ScannedOnAxisOne(nn.Module):
                        length=3)(name="layers")(x, None)[0]
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_layers_scanned_on_another_axis_split_per_iteration():
     """Each iteration's kernel is its slice along the scan's axis (before: "stacked layers are
     left as they are"); the pair's variables hold the iterations on that axis too, the
@@ -1513,6 +1515,7 @@ class OneObservationNNX(nnx.Module):
         return self.head(nnx.relu(self.hidden(x.reshape(-1))))
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_an_unbatched_models_costs_are_those_of_its_call(tmp_path):
     """A model called on one unbatched example (no output leads with the input's first axis):
     the report's counts are the call's, XLA's count of it, not per row of the image (they were

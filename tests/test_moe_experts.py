@@ -210,6 +210,7 @@ class LoopBlock(nnx.Module):
         return self.chained(h + self.moe(h))
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_experts_in_a_loop_are_one_einsum_of_their_stacked_data_each():
     model = LoopBlock(nnx.Rngs(0))
     found = {s.path: s for s in lrjax.nnx_surgery.find_convs_nnx(model, X)}

@@ -125,6 +125,7 @@ def test_one_d_convs_split_exactly_in_their_own_kernel_rank_and_cost_what_xla_co
     assert whole.report.speedup >= 1.5
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_one_d_calibration_fits_the_layer_outputs_in_linen_and_nnx():
     model = Temporal()
     variables = init(model, 0, X)
@@ -198,6 +199,7 @@ VOLUME_CALIB = jax.random.normal(jax.random.key(4), (4, 8, 16, 16, 3)) * jnp.arr
     [0.2, 1.0, 3.0])
 
 
+@pytest.mark.slow  # 6 s on the 2-core machine: the default run stays under 5 minutes
 def test_n_d_convs_with_a_window_split_as_the_conv_then_a_pointwise_one():
     """A 3-D conv with a window or stride: a vertical conv over the leading dims then a
     horizontal one over the last, per feature group (a depthwise one's pair saves: 9 + 3 taps
@@ -261,6 +263,7 @@ def test_n_d_convs_with_a_window_split_as_the_conv_then_a_pointwise_one():
                                atol=2e-5 * float(jnp.abs(nnx_want).max()))
 
 
+@pytest.mark.slow  # 3 s on the 2-core machine: the default run stays under 5 minutes
 def test_one_d_conv_nets_export_to_onnx(tmp_path):
     """A 1-D conv net (every form above) and its split export to ONNX as 1-D ``Conv``s, and one
     with pooling as 1-D ``MaxPool`` / ``AveragePool``; the input given as a 1-tuple (a single

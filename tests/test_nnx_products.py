@@ -205,6 +205,7 @@ class Headed(nnx.Module):
         return x.mean(1) @ self.head
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_products_among_children_are_split_and_the_children_run_as_themselves(tmp_path):
     model = Headed(nnx.Rngs(0))
     found = lrjax.nnx_surgery.find_convs_nnx(model, X)

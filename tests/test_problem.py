@@ -53,6 +53,7 @@ def _leaves_equal(a, b) -> bool:
                                                     strict=True))
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_a_linen_sweep_calibrates_and_decomposes_once(monkeypatch):
     model = Small()
     variables = init(model, 0, X)

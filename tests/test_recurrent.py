@@ -57,6 +57,7 @@ def test_lstm_cells_dense_layers_are_split_and_the_net_exports(tmp_path):
     assert result.max_abs_error <= 1e-5 * result.scale and result.scale > 0
 
 
+@pytest.mark.slow  # 8 s on the 2-core machine: the default run stays under 5 minutes
 def test_optimized_lstm_cells_are_split_as_their_gates_and_stored_once(tmp_path):
     """``nn.OptimizedLSTMCell`` multiplies by its gates' kernels concatenated, in its own code;
     it runs as ``nn.LSTMCell`` computes (``lrjax.linen_cells``), from the same variables, so its

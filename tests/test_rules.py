@@ -466,6 +466,7 @@ class NNXScanned(nnx.Module):
         return self.out(run(self.inp(x), self.blocks))
 
 
+@pytest.mark.slow  # 6 s on the 2-core machine: the default run stays under 5 minutes
 def test_scanned_layers_split_as_one_grouped_layer_and_count_per_iteration():
     """Linen layers stacked by ``nn.scan`` are split as one layer of ``stack`` groups (a rank
     shared by the iterations, counted over all of them; stacked factors; calibrated, each

@@ -344,6 +344,7 @@ def test_1d_transposed_convs_split_exactly_costed_calibrated_and_exported(kwargs
     np.testing.assert_allclose(split.module(X1), nnx_model(X1), atol=1e-5)
 
 
+@pytest.mark.slow  # 3 s on the 2-core machine: the default run stays under 5 minutes
 def test_1d_and_3d_transposed_convs_with_transpose_kernel_split(tmp_path):
     """A 1-D ``nn.ConvTranspose(transpose_kernel=True)`` (a PyTorch vocoder port's layout) was
     left whole too, and a 3-D one (a PyTorch volumetric U-Net port's) until the thirty-seventh
@@ -560,6 +561,7 @@ class WrittenUpNNX(nnx.Module):
         return jax.lax.conv_transpose(x, self.w[...], (2,), "SAME")
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_transposed_convs_written_by_hand_split_as_the_layers_they_compute():
     """Before: a module's own ``lax.conv_transpose`` (a conv of its input dilated by the strides,
     its kernel flipped with ``transpose_kernel=True``) stayed its own code, a fixed cost. Now it

@@ -111,6 +111,7 @@ def policy():
     return model, model.init(jax.random.key(2), IMAGES)
 
 
+@pytest.mark.slow  # 6 s on the 2-core machine: the default run stays under 5 minutes
 def test_unbound_submodules_applied_in_a_loop_are_split_as_the_models_layers(policy):
     """Before: ``decompose_linen(..., method="act")`` failed with Flax's raw
     ``ScopeCollectionNotFound`` from inside lrjax (an init cannot run ``act``: the head's

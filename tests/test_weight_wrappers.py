@@ -117,6 +117,7 @@ def test_a_wrapper_around_layers_kept_full_stays(wrapper):
             np.testing.assert_array_equal(kept[key], value)
 
 
+@pytest.mark.slow  # 6 s on the 2-core machine: the default run stays under 5 minutes
 def test_a_wrapped_submodule_folds_every_variable_it_maps():
     """``variable_filter=None``: kernels and biases normalized; one layer split, the other
     keeps the weights it computed with."""
@@ -166,6 +167,7 @@ class Vocoder(nn.Module):
         return jnp.tanh(self.post(x))
 
 
+@pytest.mark.slow  # 5 s on the 2-core machine: the default run stays under 5 minutes
 def test_wrappers_made_in_setup_fold_around_their_child_layer():
     model = Vocoder()
     audio = jax.random.normal(jax.random.key(3), (2, 24, 8))

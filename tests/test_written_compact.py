@@ -120,6 +120,7 @@ def test_written_products_under_any_name_are_found_and_init_as_written(net):
     jax.tree.map(np.testing.assert_array_equal, under, variables)
 
 
+@pytest.mark.slow  # 4 s on the 2-core machine: the default run stays under 5 minutes
 def test_full_rank_pairs_factor_the_scaled_kernels(net):
     model, variables = net
     full = {"fromrgb": 3, "conv0": 48, "down": 48, "nin": 32, "conv1": 96, "fc": 32, "out": 1}
@@ -360,6 +361,7 @@ GATED = {"embed": (8, 16), "attn/wq": (16, 16), "attn/wk": (16, 16), "attn/wv": 
          "attn/wo": (16, 16), "mlp/gating_einsum": (2, 16, 32), "mlp/linear": (32, 16)}
 
 
+@pytest.mark.slow  # 6 s on the 2-core machine: the default run stays under 5 minutes
 def test_a_modules_several_products_split_each_named_by_its_parameter(tmp_path):
     """A module whose own code computes several products (a hand-written attention's four
     projections; a gated feed-forward's ``linear`` and its gating parameter, whose two slices
