@@ -68,10 +68,21 @@ class SiteKernels(Mapping):
     def __getitem__(self, path):
         if path not in self._done:
             site = self._sites[path]
-            kernel = self._arrays[path] if site.parametrization is None else \
-                site_parameters(self._flat, site)["kernel"]
-            self._done[path] = site.to_hwio(kernel)
+            if site.parametrization is not None:
+                self._parametrize()
+            else:
+                self._done[path] = site.to_hwio(self._arrays[path])
         return self._done[path]
+
+    def _parametrize(self) -> None:
+        """The kernels of every parametrized layer not read yet, as their layers use them: in
+        one jitted call (each layer's ``param`` run eagerly dispatched every op of it, ~65 ms
+        a layer: 4.7 s of OWL-ViT's 92 layers, its mask head's 71 weight-standardized convs)."""
+        todo = {p: stored_parameters(self._flat, s) for p, s in self._sites.items()
+                if s.parametrization is not None and p not in self._done}
+        used = jax.jit(lambda stored: {p: self._sites[p].parametrization(v)["kernel"]
+                                       for p, v in stored.items()})(todo)
+        self._done.update({p: self._sites[p].to_hwio(k) for p, k in used.items()})
 
     def __iter__(self):
         return iter(self._sites)
