@@ -741,6 +741,44 @@ def test_a_layer_whose_last_unrolled_run_is_dropped_is_costed_as_xla_runs_it():
     assert split.report.speedup == pytest.approx(
         xla_flops(lambda v, x: model.apply(v, x), variables, x)
         / xla_flops(lambda v, x: split.module.apply(v, x), split.variables, x), rel=2e-3)
+    nnx_model = NNXTwoStreams(nnx.Rngs(0))  # the same in NNX: nnx.scan(unroll=True)
+    nnx_split = lrjax.decompose_nnx(nnx_model, x, rule={"blocks/drop": 32})
+    by_layer = {lc.name: lc.full.macs for lc in nnx_split.report.net.layers}
+    assert by_layer["blocks/drop"] == 3 * 64 * 64 and by_layer["blocks/keep"] == 4 * 64 * 64
+
+    def nnx_flops(module):
+        graph, state = nnx.split(module)
+        return xla_flops(lambda s, x: nnx.merge(graph, s)(x), state, x)
+
+    assert nnx_split.report.speedup == pytest.approx(
+        nnx_flops(nnx_model) / nnx_flops(nnx_split.module), rel=2e-3)
+
+
+class NNXTwoStreamBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.keep = nnx.Linear(64, 64, rngs=rngs)
+        self.drop = nnx.Linear(64, 64, rngs=rngs)
+
+
+class NNXTwoStreams(nnx.Module):
+    """:class:`TwoStreams` in NNX: four blocks stacked by ``nnx.vmap``, run by
+    ``nnx.scan(unroll=True)``; the caller keeps the first stream."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=4)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def blocks(rngs):
+            return NNXTwoStreamBlock(rngs)
+
+        self.blocks = blocks(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=True)
+        def step(carry, block):
+            a, b = carry
+            return block.keep(a) + b, jnp.tanh(block.drop(b))
+
+        return step((x, x), self.blocks)[0]
 
 
 class Ensemble(nn.Module):
