@@ -149,28 +149,43 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
     per call]}``: what each wrapper in ``paths`` was given in the model's calls on ``batches``
     (one jitted pass each). Arguments holding no array (a ``train=False`` flag) are as the call
     gave them; a wrapper given an argument mixing arrays and other values, or called a
-    different number of times in another batch, gets none; its calls inside a transform of the
-    model's code (a ``while_loop`` body: openpi's pi0 samples actions so) are not taken."""
+    different number of times in another batch, gets none. A call inside a loop body of the
+    model's code (a ``while_loop``: openpi's pi0 samples actions so) is one more call, its
+    inputs those of every run of the body (copied to the host as the body runs)."""
     copy, held, fixed = nnx.clone(model), {}, {}
-    for path, node in wrappers(copy).items():
-        if path in paths:
-            _capturing(node, path, held)
-    kwargs, nodes = graph_keywords(kwargs)
-    graphdef, state = nnx.split((eval_view(copy) if eval_mode else copy, nodes))
-
+    top, looped, ran = [None], {}, {}  # (the model call's trace; a loop call's structure, runs)
     def kind(tree) -> bool | None:  # all arrays (traced), none (as given: [None, None] too),
         leaves = [isinstance(a, jax.Array) for a in jax.tree.leaves(tree)]  # or a mix
         return bool(leaves) and all(leaves) if all(leaves) or not any(leaves) else None
 
+    def in_loop(path: str, args, kwargs) -> None:  # a call in a loop body: its runs' inputs
+        inner = [v for v in jax.tree.leaves((args, kwargs)) if getattr(v, "_trace", top[0])
+                 is not top[0]]  # (a vmap's or a gradient's values: not taken)
+        if not inner or any(type(v._trace) is not type(top[0]) for v in inner) or \
+                None in map(kind, (*args, *kwargs.values())):
+            return
+        key = (path, sum(k[0] == path for k in looped if looped[k][2] is top[0]))
+        looped[key] = ([None if kind(v) else v for v in args],
+                       {k: v for k, v in kwargs.items() if not kind(v)}, top[0])
+        jax.debug.callback(functools.partial(_kept, ran.setdefault(key, [])),
+                           ([v for v in args if kind(v)], {k: v for k, v in kwargs.items()
+                                                           if kind(v)}))
+
+    for path, node in wrappers(copy).items():
+        if path in paths:
+            _capturing(node, path, held, in_loop)
+    kwargs, nodes = graph_keywords(kwargs)
+    graphdef, state = nnx.split((eval_view(copy) if eval_mode else copy, nodes))
+
     def run(state, *batch):
         held.clear()
+        top[0] = getattr(jax.tree.leaves(state)[0], "_trace", None)
         module, copies = nnx.merge(graphdef, state)
         args, given = split_keywords(batch, kwargs)
         module(*args, **given, **copies)
-        here = getattr(jax.tree.leaves(state)[0], "_trace", None)
-        for p in held:  # (a call's values in a loop body are that body's: out of reach here)
+        for p in held:  # (a call's values in a loop body are that body's: taken by in_loop)
             held[p] = [call for call in held[p] if all(
-                getattr(v, "_trace", here) is here for v in jax.tree.leaves(call))]
+                getattr(v, "_trace", top[0]) is top[0] for v in jax.tree.leaves(call))]
         fixed.update({p: [([None if kind(v) else v for v in a],
                            {k: v for k, v in kw.items() if not kind(v)}) for a, kw in calls]
                       for p, calls in held.items()})
@@ -178,27 +193,38 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
                     for a, kw in calls] for p, calls in held.items()
                 if all(None not in map(kind, (*a, *kw.values())) for a, kw in calls)}
 
-    def whole(p: str, i: int, traced) -> tuple:  # the call's arguments, in order
+    def whole(given: list, traced) -> tuple:  # the call's arguments, in order
         it = iter(traced[0])
-        return tuple(next(it) if v is None else v for v in fixed[p][i][0]), traced[1]
+        return tuple(next(it) if v is None else v for v in given), traced[1]
 
     traced = jax.jit(run, static_argnums=static_argnums(batches))
     out: dict = {}
     for batch in batches:
         for p, calls in with_constants_evaluated(traced, state, *batch).items():
             out.setdefault(p, []).append(calls)
-    return {p: [([whole(p, i, b[i]) for b in got], fixed[p][i][1]) for i in range(len(got[0]))]
-            for p, got in out.items() if len(got) == len(batches) and
-            len({len(b) for b in got}) == 1}
+    jax.effects_barrier()  # (the loop bodies' copies to the host)
+    inputs = {p: [([whole(fixed[p][i][0], b[i]) for b in got], fixed[p][i][1])
+                  for i in range(len(got[0]))] for p, got in out.items()
+              if len(got) == len(batches) and len({len(b) for b in got}) == 1}
+    for key, (given, keywords, _) in looped.items():
+        if ran.get(key):
+            inputs.setdefault(key[0], []).append(([whole(given, r) for r in ran[key]], keywords))
+    return inputs
 
 
-def _capturing(node, path: str, held: dict) -> None:
+def _kept(store: list, arrays) -> None:
+    """A host callback: ``arrays`` (a loop body's values of one run) kept in ``store``."""
+    store.append(jax.tree.map(np.asarray, arrays))
+
+
+def _capturing(node, path: str, held: dict, in_loop) -> None:
     """``node``'s class swapped for one keeping each call's positional arguments and keywords
-    in ``held[path]``."""
+    in ``held[path]`` (and telling ``in_loop(path, args, kwargs)`` of each)."""
     base = type(node)
 
     def __call__(self, *args, **kwargs):
         held.setdefault(path, []).append((args, kwargs))
+        in_loop(path, args, kwargs)
         return base.__call__(self, *args, **kwargs)
 
     node.__class__ = type(f"Captured{base.__name__}", (base,), {"__call__": __call__})

@@ -293,6 +293,52 @@ def test_a_wrapper_called_in_a_loop_calibrates_on_its_calls_outside():
     assert _relative(calibrated.module(X), model(X)) < _relative(plain.module(X), model(X))
 
 
+class LoopOnly(nnx.Module):
+    """A wrapper called only inside a ``jax.lax.fori_loop`` of the model's code, on the loop's
+    state and a value from outside it (a sampler's denoising steps)."""
+
+    def __init__(self, rngs):
+        self.block = nnx.bridge.ToNNX(Conditioned())
+        self.block.lazy_init(X, rngs=rngs)
+        self.head = nnx.Linear(32, 3, rngs=rngs)
+
+    def __call__(self, x):
+        def step(i, h):
+            return h + 0.1 * self.block(x * (1.0 + h[:, None, None, :3])).mean((1, 2))
+
+        return self.head(jax.lax.fori_loop(0, 3, step, jnp.zeros((x.shape[0], 32))))
+
+
+def test_a_wrapper_called_only_in_a_loop_calibrates_on_every_run():
+    """A wrapper the model runs only inside a loop body is calibrated on the inputs of every
+    run of the body (copied to the host as it runs), over all the calibration batches. Before:
+    its layers kept their data-free factors ("calibration never ran them")."""
+    model = LoopOnly(nnx.Rngs(0))
+    ranks = {"block/Conv_0": 6, "block/Dense_0": 8}
+    calibration = [X, X * jnp.linspace(0.1, 3.0, 3)]
+    calibrated = lrjax.decompose_nnx(model, X, rule=ranks, calibration=calibration)
+    assert not [n for n in calibrated.report.notes if "data-free" in n]
+    runs = []  # the wrapper's inputs at each run of the loop, as the model computes them
+
+    def step(x, h):
+        runs.append(x * (1.0 + h[:, None, None, :3]))
+        return h + 0.1 * model.block(runs[-1]).mean((1, 2))
+
+    for x in calibration:
+        h = jnp.zeros((x.shape[0], 32))
+        for _ in range(3):
+            h = step(x, h)
+    direct = lrjax.decompose_linen(  # the wrapper's module calibrated on those inputs
+        Conditioned(), {"params": nnx.to_pure_dict(nnx.state(model.block, nnx.Param))},
+        X, rule={"Conv_0": 6, "Dense_0": 8}, calibration=runs)
+    split = nnx.to_pure_dict(nnx.state(calibrated.module.block, nnx.Param))
+    for layer in ("Conv_0", "Dense_0"):
+        for factor in ("vertical", "horizontal"):
+            np.testing.assert_allclose(split[layer][factor]["kernel"],
+                                       direct.variables["params"][layer][factor]["kernel"],
+                                       rtol=2e-3, atol=2e-4)
+
+
 class Stage(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(16, 16, (3, 3), rngs=rngs)
