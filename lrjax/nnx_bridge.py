@@ -18,6 +18,7 @@ and ``decode``): each layer is costed over the calls that run it and calibrated 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -105,10 +106,23 @@ def island_sites(path: str, node, calls: list, batch: int) -> list[ConvSite]:
         own_batch = site_runs.example_batch(args, jax.tree.leaves(outputs))
         for site in with_parametrization_flops(surgery.find_convs(module, *args, **keywords),
                                                flat, own_batch):
-            site = site.renamed(_joined(path, site.path), own_batch / batch)  # per example
+            site = _stacked(site, flat).renamed(_joined(path, site.path), own_batch / batch)
             held = merged.get(site.path)
             merged[site.path] = site if held is None else site_runs.another_call(held, site)
     return list(merged.values())
+
+
+def _stacked(site: ConvSite, flat: dict) -> ConvSite:
+    """``site`` left as it is where its wrapper is one of a stack (``ToNNX`` made under
+    ``nnx.vmap``, run by ``nnx.scan``): its stored kernel has the stack's axis, which a linen
+    call of one of the wrappers does not."""
+    stored = flat.get(("params", *site.kernel_key))
+    if not site.candidate or stored is None or np.ndim(stored) <= len(site.kernel_variable_shape):
+        return site
+    return dataclasses.replace(site, skip=(
+        f"its ToNNX wrapper is one of a stack (nnx.vmap / nnx.scan): its kernel has shape "
+        f"{tuple(np.shape(stored))}, the layer's {site.kernel_variable_shape} per wrapper; "
+        "stacked wrappers are not split"))
 
 
 def _joined(path: str, local: str) -> str:

@@ -47,8 +47,12 @@ def eval_view(model):
     them ``deterministic=False`` / ``use_running_average=False`` (jax-ai-stack's translation
     model, whose ``__call__(..., deterministic=False)`` gives its dropout that flag by default;
     ``self.bn(x, use_running_average=not train)`` under a call's default ``train=True``)."""
-    view = nnx.view(model, deterministic=True, use_running_average=True,
-                    raise_if_not_found=False)
+    try:
+        view = nnx.view(model, deterministic=True, use_running_average=True,
+                        raise_if_not_found=False)
+    except ValueError:  # (Flax's view fails on a stack of ToNNX wrappers' split rngs: a
+        view = nnx.clone(model)  # copy set to eval mode as Module.eval does; fold_in of a
+        view.eval()  # key array)
     if view is model:  # (not a copy: nothing to set on it)
         return view
     for _, module in nnx.iter_modules(view):

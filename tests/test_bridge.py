@@ -339,6 +339,55 @@ def test_a_wrapper_called_only_in_a_loop_calibrates_on_every_run():
                                        rtol=2e-3, atol=2e-4)
 
 
+class DenseBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(32)(nn.relu(nn.Dense(32)(x)))
+
+
+class StackedWrappers(nnx.Module):
+    """Three ``ToNNX`` wrappers made under ``nnx.vmap`` (split rngs: a stacked key) and run by
+    ``nnx.scan``, then an NNX head."""
+
+    def __init__(self, rngs):
+        x = jnp.ones((4, 32))
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def blocks(rngs):
+            block = nnx.bridge.ToNNX(DenseBlock(), rngs=rngs)
+            block.lazy_init(x)
+            return block
+
+        self.blocks = blocks(rngs)
+        self.head = nnx.Linear(32, 64, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(h, block):
+            return block(h)
+
+        return self.head(step(x, self.blocks))
+
+
+def test_stacked_wrappers_are_listed_and_the_rest_split():
+    """Wrappers stacked by ``nnx.vmap`` are left as they are, with the reason, and the rest of
+    the model is split, calibrated too. Before: Flax's ``nnx.view`` (lrjax's eval view) failed
+    on the stack's split rngs ("fold_in accepts a single key, but was given a key array of
+    shape (3,)"), then "the kernel of layer 'blocks/Dense_1' has shape (3, 32, 32); the model's
+    layer expects (32, 32)"."""
+    model = StackedWrappers(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (8, 32))
+    for calibration in (None, x):
+        split = lrjax.decompose_nnx(model, x, rule={"head": 8}, calibration=calibration)
+        assert split.report.skipped["blocks/Dense_0"].startswith(
+            "its ToNNX wrapper is one of a stack (nnx.vmap / nnx.scan): its kernel has shape "
+            "(3, 32, 32), the layer's (32, 32) per wrapper")
+        assert split.module.head.vertical.kernel[...].shape == (32, 8)
+    full = lrjax.decompose_nnx(model, x, rule={"head": 32})
+    np.testing.assert_allclose(full.module(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 class Stage(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(16, 16, (3, 3), rngs=rngs)
