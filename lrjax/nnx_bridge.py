@@ -168,6 +168,7 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
     inputs those of every run of the body (copied to the host as the body runs)."""
     copy, held, fixed = nnx.clone(model), {}, {}
     top, looped, ran = [None], {}, {}  # (the model call's trace; a loop call's structure, runs)
+
     def kind(tree) -> bool | None:  # all arrays (traced), none (as given: [None, None] too),
         leaves = [isinstance(a, jax.Array) for a in jax.tree.leaves(tree)]  # or a mix
         return bool(leaves) and all(leaves) if all(leaves) or not any(leaves) else None

@@ -47,12 +47,13 @@ def eval_view(model):
     them ``deterministic=False`` / ``use_running_average=False`` (jax-ai-stack's translation
     model, whose ``__call__(..., deterministic=False)`` gives its dropout that flag by default;
     ``self.bn(x, use_running_average=not train)`` under a call's default ``train=True``)."""
-    try:
+    try:  # (Flax's view fails on ToNNX wrappers stacked by nnx.vmap, a fold_in of their split
+        # keys; a copy set to eval mode, as Module.eval sets it, is the same view)
         view = nnx.view(model, deterministic=True, use_running_average=True,
                         raise_if_not_found=False)
-    except ValueError:  # (Flax's view fails on a stack of ToNNX wrappers' split rngs: a
-        view = nnx.clone(model)  # copy set to eval mode as Module.eval does; fold_in of a
-        view.eval()  # key array)
+    except ValueError:
+        view = nnx.clone(model)
+        view.eval()
     if view is model:  # (not a copy: nothing to set on it)
         return view
     for _, module in nnx.iter_modules(view):
