@@ -120,7 +120,6 @@ def _macs(jaxpr, scope: str = "", trips: int = 1) -> tuple[dict, int]:
         once += body_once
 
     inner = getattr(jaxpr, "jaxpr", jaxpr)
-    used = _used(inner)
     for eqn in inner.eqns:
         where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
         kind, count = _PRODUCTS.get(eqn.primitive.name, (None, None))
@@ -136,7 +135,7 @@ def _macs(jaxpr, scope: str = "", trips: int = 1) -> tuple[dict, int]:
             out["branched"] |= {i for b, _ in branches for i in (*b["layers"], *b["branched"])}
             continue
         if eqn.primitive.name == "scan":
-            for counts, body_once in _scan_macs(eqn, where, trips, used):
+            for counts, body_once in _scan_macs(eqn, where, trips, inner):
                 add(counts, body_once)
             continue
         for value in eqn.params.values():
@@ -146,7 +145,7 @@ def _macs(jaxpr, scope: str = "", trips: int = 1) -> tuple[dict, int]:
     return out, once
 
 
-def _scan_macs(scan, where: str, trips: int, used: set):
+def _scan_macs(scan, where: str, trips: int, enclosing):
     """The counts of a ``scan``'s iterations (:func:`_macs`' ``add`` arguments): those XLA runs
     in a loop, each with all the body's work that any iteration uses, and each of those it runs
     as straight-line code (:func:`_straight_bodies`) with its own live work. The loop-once
@@ -156,25 +155,28 @@ def _scan_macs(scan, where: str, trips: int, used: set):
     looped = int(scan.params["length"]) - _unrolled(scan)
     yield _scaled(whole, looped), body_once * _xla_copies(scan)
     seen: dict = {}
-    for live_body, _ in _straight_bodies(scan, used):
+    for live_body, _ in _straight_bodies(scan, enclosing):
         if id(live_body) not in seen:
             seen[id(live_body)] = _macs(live_body, where, trips)[0]
         yield seen[id(live_body)], 0
 
 
-def _straight_bodies(scan, used: set) -> list:
+def _straight_bodies(scan, enclosing) -> list:
     """``(body, used inputs)`` of each iteration of a ``scan`` that XLA runs as straight-line
     code (:func:`_unrolled`), the last first: the body without the work whose results neither
-    the iterations after it nor the scan's used outputs (``used``: the variables the enclosing
-    jaxpr uses) use. XLA drops that work (the last layer's work on a stream a model drops, once
-    its loop is unrolled). Iterations wanting the same outputs share one body."""
+    the iterations after it nor the outputs of the scan that its ``enclosing`` jaxpr uses use.
+    XLA drops that work (the last layer's work on a stream a model drops, once its loop is
+    unrolled). Iterations wanting the same outputs share one body."""
     from jax._src.interpreters import partial_eval as pe
 
+    straight = _unrolled(scan)
+    if not straight:
+        return []
     body, carries = scan.params["jaxpr"].jaxpr, int(scan.params["num_carry"])
-    first = int(scan.params["num_consts"])
+    first, used = int(scan.params["num_consts"]), _used(enclosing)
     wanted = [isinstance(v, jcore.Var) and v in used for v in scan.outvars]
     bodies, seen = [], {}
-    for _ in range(_unrolled(scan)):
+    for _ in range(straight):
         key = tuple(wanted)
         if key not in seen:
             seen[key] = pe.dce_jaxpr(body, wanted)
@@ -334,7 +336,6 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
     """Append the weighted products of ``jaxpr`` (its inputs of kinds ``in_kinds``) to
     ``found``; return its outputs' kinds."""
     kinds = dict(zip(jaxpr.invars, in_kinds, strict=True))
-    used = _used(jaxpr)
     for eqn in jaxpr.eqns:
         where = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
         operands = [_kind_of(kinds, v) for v in eqn.invars]
@@ -364,7 +365,7 @@ def _weighted(jaxpr, in_kinds, scope: str, trips: int, found: list) -> list:
                         continue
                     looped = int(eqn.params["length"]) - _unrolled(eqn)
                     found.extend((*p[:2], p[2] * looped, *p[3:]) for p in inside if looped)
-                    for live_body, used_in in _straight_bodies(eqn, used):
+                    for live_body, used_in in _straight_bodies(eqn, jaxpr):
                         _weighted(live_body, [k for k, u in zip(carried, used_in, strict=True)
                                               if u], where, trips, found)
         out = _DATA if data else sources or None

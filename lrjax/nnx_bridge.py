@@ -167,7 +167,8 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
     model's code (a ``while_loop``: openpi's pi0 samples actions so) is one more call, its
     inputs those of every run of the body (copied to the host as the body runs)."""
     copy, held, fixed = nnx.clone(model), {}, {}
-    top, looped, ran = [None], {}, {}  # (the model call's trace; a loop call's structure, runs)
+    top, looped, ran, seen = [None], {}, {}, {}  # (the model call's trace; a loop call's
+    # structure and runs, by wrapper and order in the trace; loop calls seen in this trace)
 
     def kind(tree) -> bool | None:  # all arrays (traced), none (as given: [None, None] too),
         leaves = [isinstance(a, jax.Array) for a in jax.tree.leaves(tree)]  # or a mix
@@ -179,9 +180,10 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
         if not inner or any(type(v._trace) is not type(top[0]) for v in inner) or \
                 None in map(kind, (*args, *kwargs.values())):
             return
-        key = (path, sum(k[0] == path for k in looped if looped[k][2] is top[0]))
+        key = (path, seen.get(path, 0))
+        seen[path] = key[1] + 1
         looped[key] = ([None if kind(v) else v for v in args],
-                       {k: v for k, v in kwargs.items() if not kind(v)}, top[0])
+                       {k: v for k, v in kwargs.items() if not kind(v)})
         jax.debug.callback(functools.partial(_kept, ran.setdefault(key, [])),
                            ([v for v in args if kind(v)], {k: v for k, v in kwargs.items()
                                                            if kind(v)}))
@@ -194,6 +196,7 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
 
     def run(state, *batch):
         held.clear()
+        seen.clear()
         top[0] = getattr(jax.tree.leaves(state)[0], "_trace", None)
         module, copies = nnx.merge(graphdef, state)
         args, given = split_keywords(batch, kwargs)
@@ -221,7 +224,7 @@ def _island_inputs(model, batches, kwargs, eval_mode: bool, paths) -> dict:
     inputs = {p: [([whole(fixed[p][i][0], b[i]) for b in got], fixed[p][i][1])
                   for i in range(len(got[0]))] for p, got in out.items()
               if len(got) == len(batches) and len({len(b) for b in got}) == 1}
-    for key, (given, keywords, _) in looped.items():
+    for key, (given, keywords) in looped.items():
         if ran.get(key):
             inputs.setdefault(key[0], []).append(([whole(given, r) for r in ran[key]], keywords))
     return inputs
