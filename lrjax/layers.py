@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from lrjax import formulations, linen_cells, linen_wrappers
 from lrjax.conv_views import nd_geometry, vertical_geometry
 from lrjax.costs import as_pair, check_rank
-from lrjax.linen_unbound import scope_path
+from lrjax.linen_unbound import scope_path, share_scope
 from lrjax.ranks import check_rank_map
 from lrjax.sites import called_equation, computes_as, einsum_split, path_of, redefined
 from lrjax.splittable import (
@@ -493,7 +493,7 @@ class LowRankModel(nn.Module):
         return cls(base, _normalise_ranks(ranks), mid_norm, partial, tuple(sorted(unwrapped)))
 
     def setup(self):
-        nn.share_scope(self, self.base)
+        share_scope(self, self.base)
 
     def __getattr__(self, name):  # base's other methods, decomposed: apply(..., method=name)
         try:

@@ -20,7 +20,7 @@ import weakref
 import flax.linen as nn
 from flax.core.scope import Scope
 
-__all__ = ["marking_unbind", "scope_path", "applied_at"]
+__all__ = ["marking_unbind", "scope_path", "applied_at", "share_scope"]
 
 _ORIGINAL_UNBIND = nn.Module.unbind
 _MARKED: dict[tuple[type, tuple[str, ...]], type] = {}  # (class, path): its marked subclass
@@ -89,3 +89,28 @@ def marking_unbind():
         _DEPTH[0] -= 1
         if not _DEPTH[0]:
             nn.Module.unbind = _ORIGINAL_UNBIND
+
+
+def share_scope(module: nn.Module, other: nn.Module) -> None:
+    """``nn.share_scope(module, other)``, with the recorded paths of the scopes it re-parents put
+    right. Flax moves the scopes of ``other``'s submodules bound so far (the modules held in its
+    fields) under the shared scope but leaves their ``path`` as it was (``("base", "network")``
+    for what is now ``("network",)``), and a lifted transform under them (``nn.vmap``,
+    ``nn.scan``), whose scope has no parent, takes its path from that stale one: the layers of an
+    ``nn.vmap`` ensemble in a module held in a field (jaxrl2's critic) were not found under their
+    own paths in a :class:`lrjax.layers.LowRankModel`."""
+    nn.share_scope(module, other)
+    _repath(other)
+
+
+def _repath(module: nn.Module) -> None:
+    for child in module._state.children.values():
+        scope = getattr(child, "scope", None) if isinstance(child, nn.Module) else None
+        if scope is None or scope.parent is None or not isinstance(scope.name, str):
+            continue
+        path = (*scope.parent.path, scope.name)
+        if scope.path != path:
+            if scope.debug_path == scope.path:
+                scope.debug_path = path
+            scope.path = path
+        _repath(child)

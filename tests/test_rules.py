@@ -816,3 +816,47 @@ def test_vmapped_members_split_like_scanned_layers():
     errors = [float(jnp.linalg.norm(r.module.apply(r.variables, x) - want))
               for r in (calibrated, split)]
     assert errors[0] < 0.9 * errors[1]
+
+
+class Critics(nn.Module):
+    """An ensemble of critics stacked by ``nn.vmap`` inside a nested module, as jaxrl2 writes its
+    ``StateActionEnsemble``."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.vmap(Member, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=None, out_axes=0, axis_size=3)(name="members")(x)
+
+
+class PixelCritic(nn.Module):
+    """jaxrl2's ``PixelMultiplexer``: its encoder and its critics are modules held in fields."""
+
+    encoder: nn.Module
+    network: nn.Module
+
+    @nn.compact
+    def __call__(self, x):
+        return self.network(self.encoder(x))
+
+
+def test_a_vmapped_stack_in_a_module_held_in_a_field_splits():
+    """Flax's ``nn.share_scope`` (how a decomposed model runs its base) moved the scopes of the
+    modules held in fields without their recorded paths, and an ``nn.vmap`` under one took its
+    path from the stale one: "rank map names layers the model never called" for
+    ``network/members/conv`` (jaxrl2's pixel critic, calibrated)."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    model = PixelCritic(encoder=nn.Conv(8, (3, 3)), network=Critics())
+    variables = init(model, 0, x)
+    want = model.apply(variables, x)
+    found = {s.path: s for s in lrjax.surgery.find_convs(model, x)}
+    assert found["network/members/conv"].stack == 3
+    full = {p: costs.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
+            for p, s in found.items() if s.candidate}
+    exact = lrjax.decompose_linen(model, variables, x, rule=full)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, x), want, rtol=0,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+    ranks = {"network/members/conv": 12, "network/members/head": 6}
+    for calibration in (None, x):
+        split = lrjax.decompose_linen(model, variables, x, rule=ranks, calibration=calibration)
+        assert split.ranks == ranks
+        assert split.module.apply(split.variables, x).shape == want.shape
