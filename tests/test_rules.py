@@ -820,12 +820,16 @@ def test_vmapped_members_split_like_scanned_layers():
 
 class Critics(nn.Module):
     """An ensemble of critics stacked by ``nn.vmap`` inside a nested module, as jaxrl2 writes its
-    ``StateActionEnsemble``."""
+    ``StateActionEnsemble``; or one critic under another lifted transform."""
+
+    lift: str = "vmap"
 
     @nn.compact
     def __call__(self, x):
-        return nn.vmap(Member, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=None, out_axes=0, axis_size=3)(name="members")(x)
+        if self.lift == "vmap":
+            return nn.vmap(Member, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=None, out_axes=0, axis_size=3)(name="members")(x)
+        return {"remat": nn.remat, "jit": nn.jit}[self.lift](Member)(name="members")(x)
 
 
 class PixelCritic(nn.Module):
@@ -839,17 +843,18 @@ class PixelCritic(nn.Module):
         return self.network(self.encoder(x))
 
 
-def test_a_vmapped_stack_in_a_module_held_in_a_field_splits():
+@pytest.mark.parametrize("lift", ["vmap", "remat", "jit"])
+def test_a_lifted_module_in_a_module_held_in_a_field_splits(lift):
     """Flax's ``nn.share_scope`` (how a decomposed model runs its base) moved the scopes of the
-    modules held in fields without their recorded paths, and an ``nn.vmap`` under one took its
-    path from the stale one: "rank map names layers the model never called" for
+    modules held in fields without their recorded paths, and a lifted transform under one took
+    its path from the stale one: "rank map names layers the model never called" for
     ``network/members/conv`` (jaxrl2's pixel critic, calibrated)."""
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    model = PixelCritic(encoder=nn.Conv(8, (3, 3)), network=Critics())
+    model = PixelCritic(encoder=nn.Conv(8, (3, 3)), network=Critics(lift))
     variables = init(model, 0, x)
     want = model.apply(variables, x)
     found = {s.path: s for s in lrjax.surgery.find_convs(model, x)}
-    assert found["network/members/conv"].stack == 3
+    assert found["network/members/conv"].stack == (3 if lift == "vmap" else 1)
     full = {p: costs.max_rank(s.shape.kernel_shape, groups=s.shape.groups)
             for p, s in found.items() if s.candidate}
     exact = lrjax.decompose_linen(model, variables, x, rule=full)
