@@ -865,3 +865,18 @@ def test_a_lifted_module_in_a_module_held_in_a_field_splits(lift):
         split = lrjax.decompose_linen(model, variables, x, rule=ranks, calibration=calibration)
         assert split.ranks == ranks
         assert split.module.apply(split.variables, x).shape == want.shape
+
+
+def test_a_sequential_of_lifted_blocks_splits():
+    """An ``nn.Sequential`` holds its layers in a field: a remat'ed block among them was not
+    found under its path either (before: "rank map names layers the model never called")."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    model = nn.Sequential([nn.Conv(8, (3, 3)), nn.remat(Member)()])
+    variables = init(model, 0, x)
+    want = model.apply(variables, x)
+    ranks = {"layers_1/conv": 12, "layers_1/head": 4}
+    for calibration in (None, x):
+        split = lrjax.decompose_linen(model, variables, x, rule=ranks, calibration=calibration)
+        assert split.ranks == ranks
+        got = split.module.apply(split.variables, x)
+        assert got.shape == want.shape and not np.allclose(got, want, atol=1e-6)
