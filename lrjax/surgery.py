@@ -179,7 +179,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         module = context.module
         prefix = running[-1][1] if running else None
         if running and module.scope.parent is None and not module.scope.path and \
-                module.scope is not running[0][2] and type(module) is not type(model) and \
+                module.scope is not running[0][2] and not isinstance(module, type(model)) and \
                 applied_at(module) is None:  # (an unbound copy of its own: named in the model)
             # a module applied inside another with the parameters it is given (a weight-normed
             # conv's self.conv.apply); not the model (its methods, nn.jit(Net.body)(self, x))

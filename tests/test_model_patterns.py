@@ -888,6 +888,33 @@ def test_layers_inside_a_conditional_are_left_as_they_are():
         assert calibrated.ranks and not [n for n in calibrated.report.notes if "data-free" in n]
 
 
+class BranchesMadeInside(nn.Module):
+    """``nn.cond`` whose branches make their layer, as Flax's docstring of ``nn.cond`` writes it
+    (one ``Conv`` named ``branch`` in both)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(16, (3, 3), name="stem")(x)
+        x = nn.cond(x.mean() > 0, lambda m, y: nn.Conv(16, (3, 3), name="branch")(y),
+                    lambda m, y: -nn.Conv(16, (3, 3), name="branch")(y), self, x)
+        return nn.Conv(16, (3, 3), name="out")(x)
+
+
+def test_a_layer_made_inside_a_conditional_branch_is_named_as_such():
+    """Before: the branch's layer was "applied inside another layer with the parameters that
+    layer gives it (module.apply, e.g. weight normalization)": lrjax's own hook on the compact
+    model's call changes its class, and the lifted copy of it that runs each branch was then
+    taken for another module applied apart."""
+    model = BranchesMadeInside()
+    variables = init(model, 0, X)
+    result = lrjax.decompose_linen(model, variables, X, rule="speedup:1.2")
+    assert set(result.ranks) <= {"stem", "out"}
+    assert "left as is: branch: run inside a conditional branch" in result.report.table()
+    with pytest.raises(ValueError, match="'branch' cannot be decomposed: run inside a "
+                                         "conditional branch"):
+        lrjax.decompose_linen(model, variables, X, rule={"branch": 8})
+
+
 class DataPadded(nn.Module):
     """Convs padded with data (style-transfer and image-to-image nets pad by reflection), and a
     block applied to three frames with shared weights (``nn.vmap``, ``variable_axes=None``)."""
