@@ -76,10 +76,8 @@ __all__ = ["LowRankConvNNX", "LowRankLinearNNX", "LowRankEinsumNNX", "decompose_
            "find_convs_nnx", "eval_view", "graph_keywords"]
 
 _LINEAR = (nnx.Linear, nnx.LinearGeneral)
-# the types a pair replaces
-_SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum, ragged.RaggedDot)
-# linear layers seen and left as they are, with the reason
-_UNSPLIT: dict[type, str] = {}
+_SPLIT = (nnx.Conv, nnx.ConvTranspose, *_LINEAR, nnx.Einsum, ragged.RaggedDot)  # a pair replaces
+_UNSPLIT: dict[type, str] = {}  # linear layers seen and left as they are, with the reason
 # wrappers that re-parametrize the layer they run (``layer_instance``): it is left as it is
 _WRAPPERS = (nnx.WeightNorm, nnx.SpectralNorm)
 _FLAX_LAYERS = (*_SPLIT, *_WRAPPERS, bridge.ToNNX)  # matched by type; others may be written
@@ -255,7 +253,7 @@ def _moments(x, site, axes):
     return sites.input_moments(site, x, axes)
 
 
-_CARRIED = "carry input and carry output"  # JAX's scan error: the carry changed structure
+_CARRIED, _BROADCAST = "carry input and carry output", "but output was batched"  # JAX's errors
 
 
 def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, eval_mode=True,
@@ -321,17 +319,19 @@ def _run_probed(model, batches, wanted: Sequence[ConvSite] = (), kwargs=None, ev
     traced = jax.jit(run, static_argnums=static) if wanted else \
         functools.partial(jax.eval_shape, run)
     with watched as seen:
-        carried = False  # a layer whose module a scan carries (nnx.RNN's cell): its moments go
-        for args in batches:  # to the host, as a loop's (they would change the carry's structure)
-            try:
+        carried = False  # a layer whose module a scan carries (nnx.RNN's cell) or nnx.vmap
+        for args in batches:  # shares (in_axes=None): its moments go to the host, as a loop's
+            try:  # (they would change the carry's structure, or be batched on the shared module)
                 if not all(isinstance(a, (jax.Array, np.ndarray, KeywordInputs))
                            for i, a in enumerate(args) if 1 + i not in static or not wanted):
                     raise TypeError("arguments that are not arrays")
                 moments = with_constants_evaluated(traced, state, *args)  # .item() of constants
-            except (TypeError, jax.errors.ConcretizationTypeError) as e:
-                carried = _CARRIED in str(e)
+            except (TypeError, ValueError) as e:  # (JAX's ConcretizationTypeError: a TypeError)
+                carried = _CARRIED in str(e) or _BROADCAST in str(e)
                 if carried:
                     break
+                if isinstance(e, ValueError):
+                    raise
                 moments = run(state, *args)
             for path, (sums, count) in (moments if wanted else {}).items():
                 sums, count = np.array(sums, np.float64), np.asarray(count, np.float64)  # writable

@@ -1064,6 +1064,41 @@ def test_a_conv_net_vmapped_over_frames_is_split_and_exports_with_a_symbolic_bat
         export.to_onnx(Odd(), init(Odd(), 0, video), (video,), str(tmp_path / "o.onnx"))
 
 
+class FramesNNX(nnx.Module):
+    """A conv ``nnx.vmap``-ed over the frames of a video with its weights shared
+    (``in_axes=(None, 1)``: the module broadcast), as a per-frame encoder is written in NNX."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, video):
+        frames = nnx.vmap(lambda conv, frame: conv(frame), in_axes=(None, 1), out_axes=1)
+        return self.head(nnx.relu(frames(self.conv, video)).mean((1, 2, 3)))
+
+
+class FramesLoopNNX(FramesNNX):
+    """The same model with the frames taken in a Python loop."""
+
+    def __call__(self, video):
+        frames = jnp.stack([self.conv(video[:, t]) for t in range(video.shape[1])], 1)
+        return self.head(nnx.relu(frames).mean((1, 2, 3)))
+
+
+def test_an_nnx_layer_vmapped_with_shared_weights_calibrates_on_every_frame():
+    """Before: "at vmap out_axes[0][0].states[0]['moments'].value[0], got axis spec None but
+    output was batched on axis 0" (the calibration probe's moments, one per frame, set on the
+    broadcast layer). They go to the host now, as a loop's: the factors are those of the same
+    model taking its frames in a loop."""
+    video = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 3)) * jnp.linspace(0.2, 2, 3)
+    ranks = {"conv": 5, "head": 2}
+    vmapped, looped = (lrjax.decompose_nnx(m(nnx.Rngs(0)), video, rule=ranks, calibration=video)
+                       for m in (FramesNNX, FramesLoopNNX))
+    np.testing.assert_allclose(vmapped.module(video), looped.module(video), atol=1e-5)
+    free = lrjax.decompose_nnx(FramesNNX(nnx.Rngs(0)), video, rule=ranks)
+    assert float(jnp.abs(free.module(video) - vmapped.module(video)).max()) > 1e-3
+
+
 class Coupling(nn.Module):
     """A flow's coupling, its kind chosen per scanned step by ``lax.switch`` (big_vision's Jet)."""
 
