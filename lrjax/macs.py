@@ -238,7 +238,9 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     ``"weighted"``: :func:`weighted_products` with the first argument's leaves (a model's
     variables) as the weights. Only work the outputs use is counted (:func:`live`, as ``jax.jit``
     lowers it); ``"dead"``: the :func:`layer_scope` marks whose layers' work all goes unused (a
-    pooler whose output the model drops); ``"outputs"``: the abstract values of its outputs."""
+    pooler whose output the model drops); ``"outputs"``: the abstract values of its outputs;
+    ``"xla_flops"``: XLA's own count, each loop body once; ``"rolled"``: how many scans it
+    runs as loops (their bodies counted once there)."""
     leaves, tree = jax.tree.flatten(args)  # (lowered on the leaves: JAX's lowering rebuilds
     traced = jax.jit(lambda *flat: fn(*jax.tree.unflatten(tree, flat), **kwargs)).trace(
         *leaves)  # its arguments' trees, which a pytree class checking its fields refuses)
@@ -256,14 +258,15 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     except Exception:  # noqa: BLE001 - a backend without a cost model: multiply-adds only
         analysis = None
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
-    flops = float((analysis or {}).get("flops", 0.0))
+    flops = xla_flops = float((analysis or {}).get("flops", 0.0))
+    rolled = [(eqn, trips) for eqn, _, trips in _walk(traced.jaxpr, "", 1)
+              if eqn.primitive.name == "scan" and int(eqn.params["length"]) > _xla_copies(eqn)]
     if flops:  # XLA counts a scan body once: its element-wise work for the other iterations
         flops += sum((int(eqn.params["length"]) - _xla_copies(eqn)) * trips
-                     * _elementwise(eqn.params["jaxpr"])
-                     for eqn, _, trips in _walk(traced.jaxpr, "", 1)
-                     if eqn.primitive.name == "scan")
+                     * _elementwise(eqn.params["jaxpr"]) for eqn, trips in rolled)
     return {**counts, "total": total, "elementwise": max(round(flops) - 2 * once, 0),
-            "outputs": [v.aval for v in traced.jaxpr.jaxpr.outvars]}
+            "outputs": [v.aval for v in traced.jaxpr.jaxpr.outvars],
+            "xla_flops": round(xla_flops), "rolled": len(rolled)}
 
 
 def live(closed):

@@ -476,13 +476,13 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
 
 
 def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[ConvSite],
-              work) -> tuple[int | None, int, int, list[ConvSite]]:
+              work) -> tuple[int | None, int, int, list[ConvSite], str | None]:
     """Multiply-adds, element-wise flops and multiply-adds of products with constants per
     example of the whole forward pass (traced on a copy, :func:`lrjax.macs.traced_macs`), or
-    ``(None, 0, 0)`` where the call cannot be traced
-    abstractly (a training-mode call updating its own state); and the sites ``found`` costed
-    for every run of their layers (:func:`lrjax.site_runs.counted_as_run`; as they are where not
-    traced; ``work``: folded wrappers' flops per call, :func:`lrjax.nnx_wrappers.folded`)."""
+    ``(None, 0, 0)`` where the call cannot be traced abstractly (a training-mode call updating
+    its own state); the sites ``found`` costed for every run of their layers
+    (:func:`lrjax.site_runs.counted_as_run`; as they are where not traced; ``work``: folded
+    wrappers' flops per call); :func:`lrjax.site_runs.loop_note`."""
     index = site_runs.layer_indices(found)
     wrapped = set()  # the paths of the layers stood in for by a ScopedLayer (variables: .layer)
 
@@ -511,7 +511,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[Co
     try:  # the state as an argument: the weights are not constants of the lowered module
         counts = with_constants_evaluated(macs.traced_macs, call, state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
-        return None, 0, 0, list(found)
+        return None, 0, 0, list(found), None
     batch = site_runs.example_batch(example_args, counts["outputs"])
     names = [n[1:] if n[:1] == ("0",) else ("<keywords>", *n[1:])
              for n in own_code.variable_names(state, collections=False)]
@@ -520,7 +520,8 @@ def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[Co
     found = own_code.with_own_code(site_runs.costed_as_run(found, counts, batch), counts["weighted"],
                                    names, counts["total"])
     return (counts["total"] // batch, (counts["elementwise"] + sum(work.values())) // batch,
-            counts["constant"] // batch, with_wrapper_flops(found, work, batch))
+            counts["constant"] // batch, with_wrapper_flops(found, work, batch),
+            site_runs.loop_note(counts, batch))
 
 
 @lapack.small_pages()
@@ -550,9 +551,8 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     Returns:
       A :class:`lrjax.report.Decomposition`: ``.module`` is a copy of ``model`` with the chosen
       layers replaced by :class:`LowRankConvNNX` / :class:`LowRankLinearNNX` /
-      :class:`LowRankEinsumNNX` pairs,
-      ``.variables`` is ``None`` (the model carries its state), ``.report`` the per-layer
-      report.
+      :class:`LowRankEinsumNNX` pairs, ``.variables`` is ``None`` (the model carries its
+      state), ``.report`` the per-layer report.
 
     Raises:
       ValueError: a bad rule (unknown layer, rank out of range), or bad calibration data.
@@ -569,7 +569,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     kernels = {s.path: s.to_hwio(nnx_written.used_kernel(graph[s.path], s)) for s in candidates
                if inside[s.path] is None} | nnx_bridge.island_kernels(bridged, candidates)
     covs, note, few = None, None, None
-    net_macs, net_elementwise, net_constant, found = _net_cost(
+    net_macs, net_elementwise, net_constant, found, looped = _net_cost(
         model, example_args, example_kwargs, eval_mode, found, work)
     # costed first: a layer in a conditional branch is never split (its statistics break nnx.cond)
     if calibration is not None and problem is None:
@@ -586,7 +586,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         few = undersampled_note(record["counts"], candidates)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
                           net_elementwise=net_elementwise, net_constant=net_constant,
-                          notes=tuple(filter(None, (note, few))),
+                          notes=tuple(filter(None, (note, few, looped))),
                           source=variable_leaves(nnx.state(model, nnx.Not(nnx.RngState)))
                           ).reusing(problem, calibration)
     if rule.eval_fn is not None:

@@ -16,7 +16,7 @@ from lrjax import costs
 from lrjax.sites import ConvSite
 
 __all__ = ["UNUSED", "BRANCHED", "example_batch", "per_example", "another_call",
-           "layer_indices", "costed_as_run", "counted_as_run", "unused"]
+           "layer_indices", "costed_as_run", "counted_as_run", "unused", "loop_note"]
 
 
 def example_batch(args, outputs=None) -> int:
@@ -115,3 +115,20 @@ def counted_as_run(site: ConvSite, traced_macs: float, branched: bool = False) -
         return site
     return dataclasses.replace(site, shape=site.shape.times(runs),
                                param_cast_flops=site.param_cast_flops * runs)
+
+
+def loop_note(counts: dict, batch: int) -> str | None:
+    """A report's note where XLA's own count of the forward pass (``cost_analysis()`` of the
+    lowered call, ``counts["xla_flops"]`` of :func:`lrjax.macs.traced_macs`) is not the whole
+    net's cost counted here: it has the body of each scan XLA runs as a loop once, where the
+    model runs it at every iteration (a ``speedup:S`` of a scanned stack of layers is of the
+    work run; a ratio of XLA's counts weighs the loop bodies once). ``None`` otherwise."""
+    every, xla = 2 * counts["total"] + counts["elementwise"], counts.get("xla_flops", 0)
+    if not counts.get("rolled") or not xla or abs(every - xla) <= 1e-3 * every:
+        return None
+    loops = "its rolled loop (a scan)" if counts["rolled"] == 1 else \
+        f"each of its {counts['rolled']} rolled loops (scans)"
+    return (f"XLA's own flop count of this forward pass (cost_analysis() of the lowered call) "
+            f"has the body of {loops} once: {xla // batch:,} flops per example, against "
+            f"{every // batch:,} here with every iteration, as the model runs them; the costs and "
+            "speedups here count every iteration")

@@ -76,7 +76,7 @@ from lrjax.linen_unbound import applied_at
 from lrjax.moments import calibrated_paths, uncalibrated_note, undersampled_note
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
-from lrjax.site_runs import another_call, costed_as_run, example_batch, layer_indices, per_example
+from lrjax.site_runs import another_call, costed_as_run, example_batch, layer_indices, loop_note, per_example
 from lrjax.sites import ConvSite, variable_key
 from lrjax.splittable import conv_shape, linen_site
 from lrjax.written_products import keep_read_elsewhere
@@ -430,7 +430,8 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
                        (counts["elementwise"] + sum((wrapped or {}).values())) // batch,
                        counts["constant"] // batch,
-                       tuple(filter(None, (note, few))), source=variable_leaves(variables))
+                       tuple(filter(None, (note, few, loop_note(counts, batch)))),
+                       source=variable_leaves(variables))
 
 
 def apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tuple[dict, dict]:

@@ -334,7 +334,8 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     assert sum(m for _, _, m, *_ in weighted) == conv + dense
     assert counts == {"conv": conv, "dot": dense, "total": conv + dense,
                       "elementwise": elementwise, "layers": {}, "branched": set(),
-                      "dead": set(), "constant": 0}
+                      "dead": set(), "constant": 0, "rolled": 0,
+                      "xla_flops": 2 * (conv + dense) + elementwise}  # (no loop: the same)
     # XLA's own (compiled) flop count: 2 per multiply-add, plus the element-wise work
     assert xla_flops(lambda v, x: model.apply(v, x), variables, x) == 2 * (conv + dense) + elementwise
     result = lrjax.decompose_linen(model, variables, x, rule={"c2": 4})
@@ -625,6 +626,64 @@ def test_a_scan_body_counts_once_per_iteration_elementwise_work_too():
     assert counts[0]["total"] == counts[1]["total"] == 5 * 8 * 64 * 64
     assert counts[1]["elementwise"] > 5 * 8 * 64 * 60  # exact GELU's erf: ~66 flops an element
     assert counts[0]["elementwise"] == pytest.approx(counts[1]["elementwise"], rel=0.01)
+
+
+class MLPBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + nn.Dense(32, name="down")(nn.gelu(nn.Dense(64, name="up")(h))), None
+
+
+class ScannedMLP(nn.Module):
+    """Four residual MLP blocks under a rolled ``nn.scan``."""
+
+    @nn.compact
+    def __call__(self, x):
+        body = nn.scan(MLPBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=4)(name="blocks")
+        return nn.Dense(10, name="head")(body(nn.Dense(32, name="stem")(x), None)[0])
+
+
+class ScannedMLPNNX(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=4)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def blocks(rngs):
+            return nnx.Sequential(nnx.Linear(32, 64, rngs=rngs), nnx.gelu,
+                                  nnx.Linear(64, 32, rngs=rngs))
+
+        self.stem, self.head = nnx.Linear(16, 32, rngs=rngs), nnx.Linear(32, 10, rngs=rngs)
+        self.blocks = blocks(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(h, block):
+            return h + block(h)
+
+        return self.head(step(self.stem(x), self.blocks))
+
+
+def test_a_report_gives_xlas_own_count_of_a_net_with_rolled_loops():
+    """XLA's ``cost_analysis()`` has a rolled loop's body once, lrjax's whole-net cost every
+    iteration: the report says so and gives XLA's own figure, the one a reader checking the
+    cost against XLA gets; a net without loops has no such note."""
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    model = ScannedMLP()
+    variables = init(model, 0, x)
+    nnx_model = ScannedMLPNNX(nnx.Rngs(0))
+    for result, xla in (
+            (lrjax.decompose_linen(model, variables, x, rule="speedup:1.5"),
+             lowered_flops(model.apply, variables, x)),
+            (lrjax.decompose_nnx(nnx_model, x, rule="speedup:1.5"),
+             jax.jit(lambda m, x: m(x)).lower(nnx_model, x).cost_analysis()["flops"])):
+        note = [n for n in result.report.notes if n.startswith("XLA's own flop count")]
+        assert len(note) == 1 and "the body of its rolled loop (a scan) once" in note[0]
+        assert f"{round(xla) // 8:,} flops per example" in note[0]
+        every = result.report.net_flops[0]
+        assert f"against {every:,} here with every iteration" in note[0] and every > 2 * xla / 8
+    flat = lrjax.decompose_linen(Member(), init(Member(), 0, X := jnp.ones((2, 8, 8, 3))), X,
+                                 rule="speedup:1.5")
+    assert not [n for n in flat.report.notes if "XLA's own" in n]
 
 
 class Member(nn.Module):
