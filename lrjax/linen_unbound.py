@@ -96,9 +96,11 @@ def share_scope(module: nn.Module, other: nn.Module) -> None:
     right. Flax moves the scopes of ``other``'s submodules bound so far (the modules held in its
     fields) under the shared scope but leaves their ``path`` as it was (``("base", "network")``
     for what is now ``("network",)``), and a lifted transform under them (``nn.vmap``,
-    ``nn.scan``), whose scope has no parent, takes its path from that stale one: the layers of an
-    ``nn.vmap`` ensemble in a module held in a field (jaxrl2's critic) were not found under their
-    own paths in a :class:`lrjax.layers.LowRankModel`."""
+    ``nn.scan``, ``nn.remat``, ``nn.jit``), whose scope has no parent, takes its path from that
+    stale one: the layers of an ``nn.vmap`` ensemble in a module held in a field (jaxrl2's
+    critic), or of a remat'ed block in an ``nn.Sequential``, were not found under their own
+    paths in a :class:`lrjax.layers.LowRankModel`. Scopes bound later are made under the shared
+    scope, with the right paths."""
     nn.share_scope(module, other)
     _repath(other)
 
