@@ -655,3 +655,26 @@ def test_gathers_past_the_end_export_to_litert_clamped(tmp_path):
     variables = init(model, 0, x)
     result = export.to_tflite(model, variables, (x,), str(tmp_path / "past_end.tflite"))
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
+
+
+def test_a_runtime_mismatch_says_when_the_model_itself_is_that_sensitive():
+    """scenic's point-cloud transformer (its classifier head's ``LayerNorm(reduction_axes=-2)``
+    on ``(batch, features)``: normalized over the batch) exported 0.004 away from JAX: "does not
+    match JAX", nothing more, as for a translation bug. The error now says what the model itself
+    shows: JAX's own output moves past the tolerance when the inputs move by one float32
+    rounding, and one example's output depends on the others'."""
+    from lrjax.export import ExportError, _compare
+    from lrjax.export.failures import mismatch_cause
+
+    xs = [np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)]
+    sensitive = jax.jit(lambda x: jnp.sin(1e7 * x))
+    assert "moves by" in mismatch_cause(sensitive, xs, 0, 1e-4)
+    batch_normed = jax.jit(lambda x: (x - x.mean(0)) / x.std(0))
+    assert "depends on the others in the batch" in mismatch_cause(batch_normed, xs, 0, 1e-4)
+    calm = jax.jit(lambda x: 2 * x)
+    assert mismatch_cause(calm, xs, 0, 1e-4) == ""
+    with pytest.raises(ExportError, match=r"does not match JAX on a batch of 3: .*\(JAX's own "
+                                          r"output moves by .* one float32 rounding"):
+        _compare(lambda x: [np.asarray(sensitive(x)) + 1e-3], sensitive, (3, 8), (3,), "ONNX")
+    with pytest.raises(ExportError, match=r"does not match JAX on a batch of 3: [^(]*; nothing"):
+        _compare(lambda x: [np.asarray(calm(x)) + 1e-3], calm, (3, 8), (3,), "ONNX")

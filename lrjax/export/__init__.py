@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from lrjax import checkpoint, formulations, linen_trace, moments, replay, runtimes, surgery
-from lrjax.export.failures import converter_failure, user_layer
+from lrjax.export.failures import converter_failure, mismatch_cause, user_layer
 from lrjax.linen_trace import check_model_kind, constants_evaluated
 from lrjax.nnx_surgery import eval_view, graph_keywords
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
@@ -309,7 +309,7 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
         except Exception as e:  # noqa: BLE001 - the runtime's own types
             raise ExportError(f"{what} fails to run the export on a batch of {b}: "
                               f"{_first_line(e)}; nothing written") from None
-        for name, want, got in zip(names, wanted, outputs, strict=True):
+        for leaf, (name, want, got) in enumerate(zip(names, wanted, outputs, strict=True)):
             want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
             where = f"{what} output {name}" if name else f"{what} output"
             if got.shape != want.shape:
@@ -317,9 +317,11 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
             err = float(np.max(np.abs(got - want))) if want.size else 0.0
             top = float(np.max(np.abs(want))) if want.size else 0.0
             if not np.isfinite(err) or err > ATOL + rtol * top:
+                cause = mismatch_cause(forward, xs, leaf, ATOL + rtol * top) \
+                    if np.isfinite(err) else ""
                 raise ExportError(f"{where} does not match JAX on a batch of {b}: max "
                                   f"|difference| {err:.3g} > {ATOL:g} + {rtol:g} * {top:.3g}"
-                                  f"{low}; nothing written")
+                                  f"{low}{cause}; nothing written")
             worst, scale = max(worst, err), max(scale, top)
     return worst, scale
 

@@ -1,6 +1,7 @@
 """One-line messages for export failures, naming the user's layers: :func:`user_layer` (a name
-stack as the user's variables name the layer) and :func:`converter_failure` (a TFLite converter
-error, located by the source line it reports)."""
+stack as the user's variables name the layer), :func:`converter_failure` (a TFLite converter
+error, located by the source line it reports) and :func:`mismatch_cause` (why a runtime's output
+may differ from JAX's past the tolerance: the model's own sensitivity)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.extend import source_info_util
 
 from lrjax import formulations, macs
 from lrjax.layers import LowRankModel
 
-__all__ = ["user_layer", "converter_failure"]
+__all__ = ["user_layer", "converter_failure", "mismatch_cause"]
 
 
 # the converter's first error: the source line JAX recorded for the op it cannot convert
@@ -103,3 +105,46 @@ def _layers_at(jaxpr, file: str, line: int) -> set[str]:
                 os.path.basename(at.group(1)) == os.path.basename(file):
             found.add(where or "<top level>")
     return found
+
+
+def mismatch_cause(forward, xs, leaf: int, tolerance: float) -> str:
+    """Words for an export whose output ``leaf`` (of ``jax.tree.leaves``) differs from JAX's on
+    the batch ``xs`` past ``tolerance``, where the model itself says why: its outputs for one
+    example depend on the others in the batch (a norm or softmax over the batch axis: changing
+    the last example moves the others'), or JAX's own output moves past the tolerance when the
+    float inputs move by one float32 rounding (an ill-conditioned model, which the runtime's
+    rounding moves as much as JAX's would). ``""`` where neither holds."""
+    def out(inputs):
+        return np.asarray(jax.tree.leaves(forward(*map(jnp.asarray, inputs)))[leaf], np.float64)
+
+    def floats(change):
+        return [change(x) if np.issubdtype(x.dtype, np.floating) else x for x in xs]
+
+    def last_moved(x):
+        x = np.array(x)
+        x[-1] += 1
+        return x
+
+    signs = np.random.default_rng(0)
+
+    def rounded(x):  # each value moved by one float32 rounding, up or down
+        step = np.finfo(np.float32).eps * signs.choice([-1.0, 1.0], np.shape(x))
+        return (x * (1 + step)).astype(x.dtype)
+
+    try:
+        base, batch = out(xs), len(xs[0])
+        jitter = float(np.max(np.abs(out(floats(rounded)) - base)))
+        coupled = float(np.max(np.abs(out(floats(last_moved))[:-1] - base[:-1]))) \
+            if batch > 1 and base.shape[:1] == (batch,) else 0.0
+    except Exception:  # noqa: BLE001 - a diagnosis only: the mismatch is reported as it is
+        return ""
+    words = []
+    if jitter > tolerance:
+        words.append(f"JAX's own output moves by {jitter:.3g} when the inputs move by one "
+                     "float32 rounding: the model is that sensitive, and the runtime rounds in "
+                     "other places")
+    if coupled > tolerance:
+        words.append(f"its output for one example depends on the others in the batch (changing "
+                     f"the last example moves the others' by {coupled:.3g}: a norm over the "
+                     "batch axis?)")
+    return f" ({'; '.join(words)})" if words else ""
