@@ -382,7 +382,8 @@ def layer_scopes(index: Mapping[str, int], prefix: str = ""):
         i = index.get("/".join(filter(None, (prefix, module_path(context.module))))) if \
             context.method_name == "__call__" and (not delegates(context.module) or delegated_base(
                 context.module, context)) and not linen_products.runs_as_layer(context.module) \
-            else None  # (its layer's call is)
+            and split_type(context.module) is not None else None  # (its layer's call is; not
+        # a module sharing the layer's scope, nn.share_scope: a LoRA wrapper's own products)
         if i is None:
             return next_fun(*args, **kwargs)
         with macs.layer_scope(i):
