@@ -379,11 +379,12 @@ def layer_scopes(index: Mapping[str, int], prefix: str = ""):
     path}`` in ``index``, :func:`lrjax.site_runs.layer_indices`) as that layer's in a traced
     count (:func:`lrjax.macs.layer_scope`): each layer's runs counted."""
     def scoped(next_fun, args, kwargs, context):
-        i = index.get("/".join(filter(None, (prefix, module_path(context.module))))) if \
-            context.method_name == "__call__" and (not delegates(context.module) or delegated_base(
-                context.module, context)) and not linen_products.runs_as_layer(context.module) \
-            and split_type(context.module) is not None else None  # (its layer's call is; not
-        # a module sharing the layer's scope, nn.share_scope: a LoRA wrapper's own products)
+        module = context.module  # the layer's own call (not a module sharing its scope, a
+        own = delegated_base(module, context) if delegates(module) else \
+            split_type(module) is not None  # LoRA wrapper: nn.share_scope)
+        i = index.get("/".join(filter(None, (prefix, module_path(module))))) if \
+            context.method_name == "__call__" and own and \
+            not linen_products.runs_as_layer(module) else None  # (its layer's call is)
         if i is None:
             return next_fun(*args, **kwargs)
         with macs.layer_scope(i):
