@@ -379,12 +379,13 @@ def layer_scopes(index: Mapping[str, int], prefix: str = ""):
     path}`` in ``index``, :func:`lrjax.site_runs.layer_indices`) as that layer's in a traced
     count (:func:`lrjax.macs.layer_scope`): each layer's runs counted."""
     def scoped(next_fun, args, kwargs, context):
-        module = context.module  # the layer's own call (not a module sharing its scope, a
-        own = delegated_base(module, context) if delegates(module) else \
-            split_type(module) is not None  # LoRA wrapper: nn.share_scope)
-        i = index.get("/".join(filter(None, (prefix, module_path(module))))) if \
-            context.method_name == "__call__" and own and \
-            not linen_products.runs_as_layer(module) else None  # (its layer's call is)
+        module = context.module
+        i = index.get("/".join(filter(None, (prefix, module_path(module))))) \
+            if context.method_name == "__call__" else None
+        if i is not None and (linen_products.runs_as_layer(module) or not (  # (its layer's
+                delegated_base(module, context) if delegates(module)  # call is)
+                else split_type(module) is not None)):  # a module sharing the layer's scope
+            i = None  # is not the layer (a LoRA wrapper: nn.share_scope)
         if i is None:
             return next_fun(*args, **kwargs)
         with macs.layer_scope(i):
