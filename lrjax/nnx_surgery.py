@@ -67,7 +67,7 @@ from lrjax.nnx_layers import (
     paired_in_place,
     placeholder_factors,
 )
-from lrjax.nnx_views import EVAL_NOTE, ScopedCall, ScopedLayer, eval_view, graph_keywords, run_abstractly
+from lrjax.nnx_views import ScopedCall, ScopedLayer, eval_notes, eval_view, graph_keywords, run_abstractly
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
 from lrjax.sites import ConvSite, computes_as
@@ -595,6 +595,6 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     new_model, factors = _build(model, problem, ranks)
     new_model, folded = nnx_wrappers.restored(new_model, wrappers, factors)
-    report = build_report(problem, ranks, factors, kept_full, ([EVAL_NOTE] if eval_mode else [])
-                          + nnx_wrappers.notes(wrappers, folded))
+    notes = eval_notes(model, example_args, example_kwargs) if eval_mode else []
+    report = build_report(problem, ranks, factors, kept_full, notes + nnx_wrappers.notes(wrappers, folded))
     return Decomposition(new_model, None, report, problem)

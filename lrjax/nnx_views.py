@@ -11,8 +11,8 @@ from flax import nnx
 from lrjax import macs
 from lrjax.linen_trace import with_constants_evaluated
 
-__all__ = ["EVAL_NOTE", "eval_view", "graph_keywords", "run_abstractly", "ScopedLayer",
-           "ScopedCall"]
+__all__ = ["EVAL_NOTE", "eval_view", "eval_notes", "drawn_streams", "graph_keywords",
+           "run_abstractly", "ScopedLayer", "ScopedCall"]
 
 
 EVAL_NOTE = ("layers found and calibrated on an eval view of the model (batch norm on its "
@@ -34,15 +34,20 @@ def graph_keywords(kwargs) -> tuple[dict, dict]:
     return {k: v for k, v in kwargs.items() if k not in nodes}, nodes
 
 
-_EVAL_FLAGS = ("deterministic", "use_running_average")  # the user's own modules' mode flags
+# the user's own modules' mode flags: {name: (training value, inference value)} (``training``:
+# PyTorch's, kept by ports of its models: a torchvision port's stochastic depth)
+_EVAL_FLAGS = {"deterministic": (False, True), "use_running_average": (False, True),
+               "training": (True, False), "train": (True, False), "is_training": (True, False)}
 
 
 def eval_view(model):
     """An eval-mode view of an NNX model: batch norm on its running statistics, dropout off
     (the model itself is unchanged). Modules of the user's own holding a ``deterministic`` or
     ``use_running_average`` flag (a stochastic depth, a dropout of its own) get it set too, as
-    Flax's own ``Module.eval`` sets them; ``nnx.view`` reaches only the modules that define
-    ``set_view`` (Flax's layers). Its ``nnx.Dropout`` layers get rate 0 and its
+    Flax's own ``Module.eval`` sets them (``nnx.view`` reaches only the modules that define
+    ``set_view``: Flax's layers), and so does a ``training``, ``train`` or ``is_training`` flag
+    set ``True`` (PyTorch's ``training``, kept by ports of its models: a torchvision port's
+    ``StochasticDepth(p, mode, rngs, training=True)``). Its ``nnx.Dropout`` layers get rate 0 and its
     ``nnx.BatchNorm`` layers use their running statistics even where the model's call passes
     them ``deterministic=False`` / ``use_running_average=False`` (jax-ai-stack's translation
     model, whose ``__call__(..., deterministic=False)`` gives its dropout that flag by default;
@@ -57,14 +62,65 @@ def eval_view(model):
     if view is model:  # (not a copy: nothing to set on it)
         return view
     for _, module in nnx.iter_modules(view):
-        for name in _EVAL_FLAGS:
-            if vars(module).get(name) is False:
-                setattr(module, name, True)
+        for name, (training, inference) in _EVAL_FLAGS.items():
+            if vars(module).get(name) is training:
+                setattr(module, name, inference)
         if isinstance(module, nnx.Dropout):
             module.rate = 0.0
         if type(module) is nnx.BatchNorm:
             module.__class__ = _RunningBatchNorm
     return view
+
+
+def eval_notes(model, example_args, example_kwargs) -> list[str]:
+    """The report's notes on the eval view lrjax ran ``model`` in: :data:`EVAL_NOTE`, the mode
+    flags it set on modules of the user's own (``{class}.{flag}``), and the random streams its
+    call on the example still draws from (:func:`drawn_streams`)."""
+    own = sorted({f"{type(m).__name__}.{name}={inference}" for _, m in nnx.iter_modules(model)
+                  if type(m).__module__.partition(".")[0] not in ("flax", "lrjax")
+                  for name, (training, inference) in _EVAL_FLAGS.items()
+                  if vars(m).get(name) is training})
+    notes = [EVAL_NOTE[:-1] + (f"; set on modules of its own: {', '.join(own)})" if own else ")")]
+    drawn = drawn_streams(model, example_args, example_kwargs)
+    if drawn:
+        notes.append(f"its eval view still draws random numbers (from {', '.join(drawn)}): a "
+                     "module of its own keeps a training mode lrjax does not know; its outputs "
+                     "change from call to call, and the calibration statistics and the errors "
+                     "measured include that noise")
+    return notes
+
+
+def drawn_streams(model, example_args, example_kwargs, call=None) -> list[str]:
+    """The paths of the random streams (``nnx.Rngs``, each at its first place) that ``model``
+    holds and an eval view of it draws from when called on the example (by ``call(module,
+    args, kwargs)``, by default ``module(*args, **kwargs)``; arrays or their shapes) and
+    samples with (``random_bits``: not a key drawn for a zero carry, nnx.RNN's); ``[]`` when it
+    draws none or cannot be traced abstractly."""
+    kwargs, nodes = graph_keywords(example_kwargs)
+    graphdef, state = nnx.split((eval_view(model), nodes))
+    drawn = []
+
+    def run(state, *args):
+        def counts(node):
+            return {p: v.get_value() for p, v in nnx.state(node, nnx.RngCount).flat_state()}
+
+        module, copies = nnx.merge(graphdef, state)
+        before = counts((module, copies))
+        out = (call or _called)(module, args, {**kwargs, **copies})
+        drawn.extend("/".join(map(str, p[1:-1])) for p, v in counts((module, copies)).items()
+                     if v is not before.get(p) and p[0] == 0)  # (not a stream the call is given)
+        return out
+
+    try:
+        traced = with_constants_evaluated(jax.make_jaxpr(run), state, *example_args)
+    except TypeError:  # (JAX's ConcretizationTypeError: not traceable abstractly, not checked)
+        return []
+    sampled = any(e.primitive.name == "random_bits" for e, _ in macs.iter_eqns(traced))
+    return sorted(set(drawn)) if sampled else []  # (a key drawn for a zero carry: nnx.RNN's)
+
+
+def _called(module, args, kwargs):
+    return module(*args, **kwargs)
 
 
 class _RunningBatchNorm(nnx.BatchNorm):

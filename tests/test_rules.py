@@ -254,6 +254,102 @@ def test_the_eval_view_sets_the_users_own_deterministic_flags(tmp_path):
     assert model.drop.deterministic is False  # the user's model is untouched
 
 
+class PortedStochasticDepth(nnx.Module):
+    """As a torchvision port to NNX writes it: PyTorch's ``training`` flag, set ``True`` by its
+    constructor, and the model's stream (``rngs.dropout()``), which ``Module.eval`` leaves
+    drawing."""
+
+    def __init__(self, p, rngs, training=True):
+        self.p, self.rngs, self.training = p, rngs, training
+
+    def __call__(self, x):
+        if not self.training:
+            return x
+        keep = jax.random.bernoulli(self.rngs.dropout(), 1 - self.p, (x.shape[0], 1, 1, 1))
+        return x * keep / (1 - self.p)
+
+
+class PortedBlock(nnx.Module):
+    def __init__(self, rngs, depth=PortedStochasticDepth):
+        self.conv1 = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.drop = depth(0.5, rngs)
+        self.conv2 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return self.conv2(x := self.conv1(x)) + self.drop(x)
+
+
+def test_the_eval_view_sets_a_ported_models_training_flag(tmp_path):
+    """Before, a torchvision port's stochastic depth kept drawing under lrjax's eval view (its
+    ``training`` flag is PyTorch's, not Flax's): calibration took its random drops, the report
+    said dropout was off, and ONNX export failed on the draw (``random_bits``)."""
+    model = PortedBlock(nnx.Rngs(0))
+    model.eval()  # (Flax's own eval mode leaves it drawing)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    assert float(jnp.abs(model(x) - model(x)).max()) > 0
+    view = lrjax.nnx_surgery.eval_view(model)
+    assert view.drop.training is False and model.drop.training is True
+    want = model.conv2(model.conv1(x)) + model.conv1(x)
+    np.testing.assert_allclose(view(x), want, rtol=1e-6)
+    result = lrjax.decompose_nnx(model, x, rule={"conv2": 48}, calibration=[x])  # full rank
+    assert "set on modules of its own: PortedStochasticDepth.training=False" in \
+        result.report.notes[0]
+    assert not any("draws random" in n for n in result.report.notes)
+    np.testing.assert_allclose(lrjax.nnx_surgery.eval_view(result.module)(x), want,
+                               rtol=1e-4, atol=1e-5)
+    from lrjax import export
+
+    done = export.to_onnx(result.module, None, x, str(tmp_path / "d.onnx"))
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    assert model.drop.training is True  # the user's model is untouched
+
+
+class UnknownModeDepth(PortedStochasticDepth):
+    """A stochastic depth whose mode flag no convention names (``active``)."""
+
+    def __init__(self, p, rngs):
+        super().__init__(p, rngs)
+        del self.training
+        self.active = True
+
+    def __call__(self, x, rngs=None):
+        if not self.active:
+            return x
+        keep = jax.random.bernoulli((rngs or self.rngs).dropout(), 1 - self.p,
+                                    (x.shape[0], 1, 1, 1))
+        return x * keep / (1 - self.p)
+
+
+class UnknownModeNet(PortedBlock):
+    def __init__(self, rngs):
+        super().__init__(rngs, depth=UnknownModeDepth)
+
+    def __call__(self, x, rngs=None):
+        return self.conv2(x := self.conv1(x)) + self.drop(x, rngs)
+
+
+def test_an_eval_view_that_still_draws_is_named(tmp_path):
+    """A mode lrjax cannot set: the report says the eval view still draws (and from which of
+    the model's streams), and export refuses to fix the draws in the graph unless the call is
+    given its stream."""
+    model = UnknownModeNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    result = lrjax.decompose_nnx(model, x, rule={"conv2": 8})
+    note, = [n for n in result.report.notes if "draws random" in n]
+    assert "from drop/rngs/default" in note, note
+    from lrjax import export
+
+    for exporter, name in ((export.to_onnx, "m.onnx"), (export.to_tflite, "m.tflite")):
+        with pytest.raises(export.ExportError, match=r"eval view draws random numbers \(from "
+                           r"drop/rngs/default\).*rngs=nnx.Rngs"):
+            exporter(result.module, None, x, str(tmp_path / name))
+    done = export.to_tflite(result.module, None, x, str(tmp_path / "given.tflite"),
+                            rngs=nnx.Rngs(3))  # (its draws fixed: as the caller chose)
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
+    clean = lrjax.decompose_nnx(PortedBlock(nnx.Rngs(0)), x, rule={"conv2": 8})
+    assert not any("draws random" in n for n in clean.report.notes)
+
+
 class Translator(nnx.Module):
     """As jax-ai-stack's translation model: ``__call__(..., deterministic=False)`` passes the
     flag to its dropout, which wins over the layer's own attribute."""

@@ -30,6 +30,7 @@ from lrjax import checkpoint, formulations, linen_trace, moments, replay, runtim
 from lrjax.export.failures import converter_failure, mismatch_cause, user_layer
 from lrjax.linen_trace import check_model_kind, constants_evaluated
 from lrjax.nnx_surgery import eval_view, graph_keywords
+from lrjax.nnx_views import drawn_streams
 from lrjax.runtimes import litert_interpreter, litert_runner, onnx_session
 
 __all__ = ["to_onnx", "to_tflite", "to_stablehlo", "ExportError", "ExportResult", "FORMATS",
@@ -133,6 +134,14 @@ def _inference_fn(module, variables, apply_kwargs, shape, for_litert, inputs, tr
                               f"state: pass variables=None (got a {type(variables).__name__})")
         # merged (as fresh variables) inside each trace: NNX's lifted transforms (nnx.scan
         # over nnx.vmap-made blocks) refuse variables made outside the trace that runs them
+        drawn = drawn_streams(module, inputs or [jax.ShapeDtypeStruct(shape, np.float32)],
+                              apply_kwargs, lambda m, xs, kw: _call(m, tree, xs, kw))
+        if drawn:
+            raise ExportError(f"{type(module).__name__}'s eval view draws random numbers (from "
+                              f"{', '.join(drawn)}): a module of its own keeps a training mode "
+                              "lrjax does not know, and its draws would be fixed in the graph: "
+                              "put that module in inference mode (or, for draws meant at "
+                              "inference, give the call its stream: rngs=nnx.Rngs(...))")
         apply_kwargs, nodes = graph_keywords(apply_kwargs)  # a KV cache the call updates
         graphdef, state = nnx.split((eval_view(module), nodes))
 
