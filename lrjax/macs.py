@@ -30,7 +30,8 @@ from lrjax import costs
 CALL_PRIMITIVES = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
                    "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint")
 
-__all__ = ["iter_eqns", "jaxpr_macs", "traced_macs", "layer_scope", "weighted_products"]
+__all__ = ["iter_eqns", "jaxpr_macs", "traced_macs", "layer_scope", "weighted_products",
+           "samples", "live"]
 
 _LAYER = re.compile(r"lrjax_layer_(\d+)")
 
@@ -240,7 +241,8 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
     lowers it); ``"dead"``: the :func:`layer_scope` marks whose layers' work all goes unused (a
     pooler whose output the model drops); ``"outputs"``: the abstract values of its outputs;
     ``"xla_flops"``: XLA's own count, each loop body once; ``"rolled"``: how many scans it
-    runs as loops (their bodies counted once there)."""
+    runs as loops (their bodies counted once there); ``"sampled"``: whether the outputs use
+    random bits (``random_bits``; not a key drawn for nothing: nnx.RNN's zero carry)."""
     leaves, tree = jax.tree.flatten(args)  # (lowered on the leaves: JAX's lowering rebuilds
     traced = jax.jit(lambda *flat: fn(*jax.tree.unflatten(tree, flat), **kwargs)).trace(
         *leaves)  # its arguments' trees, which a pytree class checking its fields refuses)
@@ -266,7 +268,13 @@ def traced_macs(fn: Callable, *args, **kwargs) -> dict[str, int]:
                      * _elementwise(eqn.params["jaxpr"]) for eqn, trips in rolled)
     return {**counts, "total": total, "elementwise": max(round(flops) - 2 * once, 0),
             "outputs": [v.aval for v in traced.jaxpr.jaxpr.outvars],
-            "xla_flops": round(xla_flops), "rolled": len(rolled)}
+            "xla_flops": round(xla_flops), "rolled": len(rolled),
+            "sampled": samples(closed)}
+
+
+def samples(closed) -> bool:
+    """Whether a (live, :func:`live`) jaxpr draws random bits (``random_bits``)."""
+    return any(eqn.primitive.name == "random_bits" for eqn, _, _ in _walk(closed, "", 1))
 
 
 def live(closed):

@@ -29,6 +29,7 @@ from lrjax import (
     macs,
     nnx_bridge,
     nnx_products,
+    nnx_views,
     nnx_wrappers,
     nnx_written,
     own_code,
@@ -67,7 +68,7 @@ from lrjax.nnx_layers import (
     paired_in_place,
     placeholder_factors,
 )
-from lrjax.nnx_views import ScopedCall, ScopedLayer, eval_notes, eval_view, graph_keywords, run_abstractly
+from lrjax.nnx_views import ScopedCall, ScopedLayer, eval_note, eval_view, graph_keywords, run_abstractly
 from lrjax.problem import RankProblem, variable_leaves
 from lrjax.report import Decomposition, build_report
 from lrjax.sites import ConvSite, computes_as
@@ -476,13 +477,14 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
 
 
 def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[ConvSite],
-              work) -> tuple[int | None, int, int, list[ConvSite], str | None]:
+              work) -> tuple[int | None, int, int, list[ConvSite], tuple]:
     """Multiply-adds, element-wise flops and multiply-adds of products with constants per
     example of the whole forward pass (traced on a copy, :func:`lrjax.macs.traced_macs`), or
     ``(None, 0, 0)`` where the call cannot be traced abstractly (a training-mode call updating
     its own state); the sites ``found`` costed for every run of their layers
     (:func:`lrjax.site_runs.counted_as_run`; as they are where not traced; ``work``: folded
-    wrappers' flops per call); :func:`lrjax.site_runs.loop_note`."""
+    wrappers' flops per call); its notes: :func:`lrjax.site_runs.loop_note`, and, in
+    ``eval_mode``, :func:`lrjax.nnx_views.drawn_note`."""
     index = site_runs.layer_indices(found)
     wrapped = set()  # the paths of the layers stood in for by a ScopedLayer (variables: .layer)
 
@@ -504,14 +506,12 @@ def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[Co
     example_kwargs, nodes = graph_keywords(example_kwargs)
     graphdef, state = nnx.split((eval_view(view) if eval_mode else view, nodes))
 
-    def call(state, *args):
-        module, copies = nnx.merge(graphdef, state)
-        return module(*args, **example_kwargs, **copies)
-
+    drawn: list = []  # (the streams the eval view still samples from: nnx_views.drawing)
     try:  # the state as an argument: the weights are not constants of the lowered module
-        counts = with_constants_evaluated(macs.traced_macs, call, state, *example_args)
+        counts = with_constants_evaluated(macs.traced_macs, nnx_views.drawing(
+            graphdef, example_kwargs, drawn), state, *example_args)
     except Exception:  # noqa: BLE001 - then only the 2-D convs are counted, as before
-        return None, 0, 0, list(found), None
+        return None, 0, 0, list(found), ()
     batch = site_runs.example_batch(example_args, counts["outputs"])
     names = [n[1:] if n[:1] == ("0",) else ("<keywords>", *n[1:])
              for n in own_code.variable_names(state, collections=False)]
@@ -520,8 +520,8 @@ def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[Co
     found = own_code.with_own_code(site_runs.costed_as_run(found, counts, batch), counts["weighted"],
                                    names, counts["total"])
     return (counts["total"] // batch, (counts["elementwise"] + sum(work.values())) // batch,
-            counts["constant"] // batch, with_wrapper_flops(found, work, batch),
-            site_runs.loop_note(counts, batch))
+            counts["constant"] // batch, with_wrapper_flops(found, work, batch), (site_runs.loop_note(
+                counts, batch), nnx_views.drawn_note(eval_mode and counts["sampled"] and drawn)))
 
 
 @lapack.small_pages()
@@ -586,7 +586,7 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
         few = undersampled_note(record["counts"], candidates)
     problem = RankProblem(found, kernels, covs, rule.multiple, net_macs=net_macs,
                           net_elementwise=net_elementwise, net_constant=net_constant,
-                          notes=tuple(filter(None, (note, few, looped))),
+                          notes=tuple(filter(None, (note, few, *looped))),
                           source=variable_leaves(nnx.state(model, nnx.Not(nnx.RngState)))
                           ).reusing(problem, calibration)
     if rule.eval_fn is not None:
@@ -595,6 +595,6 @@ def decompose_nnx(model: nnx.Module, *example_args, rule, calibration=None,
     ranks = rules.select_ranks(rule, problem, measure_batch=measure_batch, kept_full=kept_full)
     new_model, factors = _build(model, problem, ranks)
     new_model, folded = nnx_wrappers.restored(new_model, wrappers, factors)
-    notes = eval_notes(model, example_args, example_kwargs) if eval_mode else []
+    notes = [eval_note(model)] if eval_mode else []
     report = build_report(problem, ranks, factors, kept_full, notes + nnx_wrappers.notes(wrappers, folded))
     return Decomposition(new_model, None, report, problem)

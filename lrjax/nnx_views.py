@@ -11,8 +11,8 @@ from flax import nnx
 from lrjax import macs
 from lrjax.linen_trace import with_constants_evaluated
 
-__all__ = ["EVAL_NOTE", "eval_view", "eval_notes", "drawn_streams", "graph_keywords",
-           "run_abstractly", "ScopedLayer", "ScopedCall"]
+__all__ = ["EVAL_NOTE", "eval_view", "eval_note", "drawn_note", "drawing", "drawn_streams",
+           "graph_keywords", "run_abstractly", "ScopedLayer", "ScopedCall"]
 
 
 EVAL_NOTE = ("layers found and calibrated on an eval view of the model (batch norm on its "
@@ -72,51 +72,57 @@ def eval_view(model):
     return view
 
 
-def eval_notes(model, example_args, example_kwargs) -> list[str]:
-    """The report's notes on the eval view lrjax ran ``model`` in: :data:`EVAL_NOTE`, the mode
-    flags it set on modules of the user's own (``{class}.{flag}``), and the random streams its
-    call on the example still draws from (:func:`drawn_streams`)."""
+def eval_note(model) -> str:
+    """:data:`EVAL_NOTE`, naming the mode flags the eval view sets on modules of the user's own
+    (``{class}.{flag}={value}``)."""
     own = sorted({f"{type(m).__name__}.{name}={inference}" for _, m in nnx.iter_modules(model)
                   if type(m).__module__.partition(".")[0] not in ("flax", "lrjax")
                   for name, (training, inference) in _EVAL_FLAGS.items()
                   if vars(m).get(name) is training})
-    notes = [EVAL_NOTE[:-1] + (f"; set on modules of its own: {', '.join(own)})" if own else ")")]
-    drawn = drawn_streams(model, example_args, example_kwargs)
-    if drawn:
-        notes.append(f"its eval view still draws random numbers (from {', '.join(drawn)}): a "
-                     "module of its own keeps a training mode lrjax does not know; its outputs "
-                     "change from call to call, and the calibration statistics and the errors "
-                     "measured include that noise")
-    return notes
+    return EVAL_NOTE[:-1] + (f"; set on modules of its own: {', '.join(own)})" if own else ")")
 
 
-def drawn_streams(model, example_args, example_kwargs, call=None) -> list[str]:
-    """The paths of the random streams (``nnx.Rngs``, each at its first place) that ``model``
-    holds and an eval view of it draws from when called on the example (by ``call(module,
-    args, kwargs)``, by default ``module(*args, **kwargs)``; arrays or their shapes) and
-    samples with (``random_bits``: not a key drawn for a zero carry, nnx.RNN's); ``[]`` when it
-    draws none or cannot be traced abstractly."""
-    kwargs, nodes = graph_keywords(example_kwargs)
-    graphdef, state = nnx.split((eval_view(model), nodes))
-    drawn = []
+def drawn_note(drawn) -> str | None:
+    """The report's note on the streams an eval view still samples from (``drawn``: their
+    paths, :func:`drawing`), if any."""
+    return drawn and (f"its eval view still draws random numbers (from {', '.join(drawn)}): a "
+                      "module of its own keeps a training mode lrjax does not know; its outputs "
+                      "change from call to call, and the calibration statistics and the errors "
+                      "measured include that noise") or None
+
+
+def drawing(graphdef, kwargs, drawn: list, call=None):
+    """``run(state, *args)``: the split model and the call's NNX keyword arguments
+    (``graphdef``, :func:`graph_keywords`) merged and called (by ``call(module, args, kwargs)``,
+    by default ``module(*args, **kwargs)``), the paths of the random streams the model holds
+    (``nnx.Rngs``, each at its first place) that the call draws from put in ``drawn``."""
+    def counts(node):
+        return {p: v.get_value() for p, v in nnx.state(node, nnx.RngCount).flat_state()}
 
     def run(state, *args):
-        def counts(node):
-            return {p: v.get_value() for p, v in nnx.state(node, nnx.RngCount).flat_state()}
-
         module, copies = nnx.merge(graphdef, state)
         before = counts((module, copies))
         out = (call or _called)(module, args, {**kwargs, **copies})
-        drawn.extend("/".join(map(str, p[1:-1])) for p, v in counts((module, copies)).items()
-                     if v is not before.get(p) and p[0] == 0)  # (not a stream the call is given)
+        drawn[:] = sorted({"/".join(map(str, p[1:-1])) for p, v in counts((module, copies)).items()
+                           if v is not before.get(p) and p[0] == 0})  # (not the call's own)
         return out
 
+    return run
+
+
+def drawn_streams(model, example_args, example_kwargs, call=None) -> list[str]:
+    """The paths of the random streams that ``model`` holds and an eval view of it samples
+    from when called on the example (:func:`drawing`; arrays or their shapes): draws whose
+    random bits the outputs use; ``[]`` when none, or when it cannot be traced abstractly."""
+    kwargs, nodes = graph_keywords(example_kwargs)
+    graphdef, state = nnx.split((eval_view(model), nodes))
+    drawn: list = []
     try:
-        traced = with_constants_evaluated(jax.make_jaxpr(run), state, *example_args)
+        traced = with_constants_evaluated(jax.make_jaxpr(drawing(graphdef, kwargs, drawn, call)),
+                                          state, *example_args)
     except TypeError:  # (JAX's ConcretizationTypeError: not traceable abstractly, not checked)
         return []
-    sampled = any(e.primitive.name == "random_bits" for e, _ in macs.iter_eqns(traced))
-    return sorted(set(drawn)) if sampled else []  # (a key drawn for a zero carry: nnx.RNN's)
+    return drawn if macs.samples(macs.live(traced)) else []
 
 
 def _called(module, args, kwargs):

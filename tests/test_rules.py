@@ -430,7 +430,7 @@ def test_whole_net_cost_matches_xla_and_speedup_is_the_whole_nets():
     assert sum(m for _, _, m, *_ in weighted) == conv + dense
     assert counts == {"conv": conv, "dot": dense, "total": conv + dense,
                       "elementwise": elementwise, "layers": {}, "branched": set(),
-                      "dead": set(), "constant": 0, "rolled": 0,
+                      "dead": set(), "constant": 0, "rolled": 0, "sampled": False,
                       "xla_flops": 2 * (conv + dense) + elementwise}  # (no loop: the same)
     # XLA's own (compiled) flop count: 2 per multiply-add, plus the element-wise work
     assert xla_flops(lambda v, x: model.apply(v, x), variables, x) == 2 * (conv + dense) + elementwise
