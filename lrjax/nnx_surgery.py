@@ -478,13 +478,12 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
 
 def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[ConvSite],
               work) -> tuple[int | None, int, int, list[ConvSite], tuple]:
-    """Multiply-adds, element-wise flops and multiply-adds of products with constants per
-    example of the whole forward pass (traced on a copy, :func:`lrjax.macs.traced_macs`), or
-    ``(None, 0, 0)`` where the call cannot be traced abstractly (a training-mode call updating
-    its own state); the sites ``found`` costed for every run of their layers
-    (:func:`lrjax.site_runs.counted_as_run`; as they are where not traced; ``work``: folded
-    wrappers' flops per call); its notes: :func:`lrjax.site_runs.loop_note`, and, in
-    ``eval_mode``, :func:`lrjax.nnx_views.drawn_note`."""
+    """Multiply-adds, element-wise flops and multiply-adds of products with constants per example
+    of the whole forward pass (traced on a copy, :func:`lrjax.macs.traced_macs`), or ``(None, 0,
+    0)`` where the call cannot be traced abstractly (a training-mode call updating its own state);
+    the sites ``found`` costed for every run of their layers (:func:`lrjax.site_runs.counted_as_run`;
+    as they are where not traced; ``work``: folded wrappers' flops per call); its notes:
+    :func:`lrjax.site_runs.loop_note`, and, in ``eval_mode``, :func:`lrjax.nnx_views.drawn_note`."""
     index = site_runs.layer_indices(found)
     wrapped = set()  # the paths of the layers stood in for by a ScopedLayer (variables: .layer)
 
@@ -520,8 +519,9 @@ def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[Co
     found = own_code.with_own_code(site_runs.costed_as_run(found, counts, batch), counts["weighted"],
                                    names, counts["total"])
     return (counts["total"] // batch, (counts["elementwise"] + sum(work.values())) // batch,
-            counts["constant"] // batch, with_wrapper_flops(found, work, batch), (site_runs.loop_note(
-                counts, batch), nnx_views.drawn_note(eval_mode and counts["sampled"] and drawn)))
+            counts["constant"] // batch, with_wrapper_flops(found, work, batch),
+            (site_runs.loop_note(counts, batch),
+             nnx_views.drawn_note(eval_mode and counts["sampled"] and drawn)))
 
 
 @lapack.small_pages()

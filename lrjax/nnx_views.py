@@ -47,9 +47,9 @@ def eval_view(model):
     Flax's own ``Module.eval`` sets them (``nnx.view`` reaches only the modules that define
     ``set_view``: Flax's layers), and so does a ``training``, ``train`` or ``is_training`` flag
     set ``True`` (PyTorch's ``training``, kept by ports of its models: a torchvision port's
-    ``StochasticDepth(p, mode, rngs, training=True)``). Its ``nnx.Dropout`` layers get rate 0 and its
-    ``nnx.BatchNorm`` layers use their running statistics even where the model's call passes
-    them ``deterministic=False`` / ``use_running_average=False`` (jax-ai-stack's translation
+    ``StochasticDepth(p, mode, rngs, training=True)``). Its ``nnx.Dropout`` layers get rate 0
+    and its ``nnx.BatchNorm`` layers use their running statistics even where the model's call
+    passes them ``deterministic=False`` / ``use_running_average=False`` (jax-ai-stack's translation
     model, whose ``__call__(..., deterministic=False)`` gives its dropout that flag by default;
     ``self.bn(x, use_running_average=not train)`` under a call's default ``train=True``)."""
     try:  # (Flax's view fails on ToNNX wrappers stacked by nnx.vmap, a fold_in of their split
