@@ -227,9 +227,9 @@ class StochasticDepth(nnx.Module):
 
 
 class DeepNet(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, depth=StochasticDepth):
         self.conv1 = nnx.Conv(3, 16, (3, 3), rngs=rngs)
-        self.drop = StochasticDepth(0.5, rngs)
+        self.drop = depth(0.5, rngs)
         self.conv2 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
 
     def __call__(self, x):
@@ -269,21 +269,11 @@ class PortedStochasticDepth(nnx.Module):
         return x * keep / (1 - self.p)
 
 
-class PortedBlock(nnx.Module):
-    def __init__(self, rngs, depth=PortedStochasticDepth):
-        self.conv1 = nnx.Conv(3, 16, (3, 3), rngs=rngs)
-        self.drop = depth(0.5, rngs)
-        self.conv2 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
-
-    def __call__(self, x):
-        return self.conv2(x := self.conv1(x)) + self.drop(x)
-
-
 def test_the_eval_view_sets_a_ported_models_training_flag(tmp_path):
     """Before, a torchvision port's stochastic depth kept drawing under lrjax's eval view (its
     ``training`` flag is PyTorch's, not Flax's): calibration took its random drops, the report
     said dropout was off, and ONNX export failed on the draw (``random_bits``)."""
-    model = PortedBlock(nnx.Rngs(0))
+    model = DeepNet(nnx.Rngs(0), depth=PortedStochasticDepth)
     model.eval()  # (Flax's own eval mode leaves it drawing)
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
     assert float(jnp.abs(model(x) - model(x)).max()) > 0
@@ -320,7 +310,7 @@ class UnknownModeDepth(PortedStochasticDepth):
         return x * keep / (1 - self.p)
 
 
-class UnknownModeNet(PortedBlock):
+class UnknownModeNet(DeepNet):
     def __init__(self, rngs):
         super().__init__(rngs, depth=UnknownModeDepth)
 
@@ -346,7 +336,7 @@ def test_an_eval_view_that_still_draws_is_named(tmp_path):
     done = export.to_tflite(result.module, None, x, str(tmp_path / "given.tflite"),
                             rngs=nnx.Rngs(3))  # (its draws fixed: as the caller chose)
     assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
-    clean = lrjax.decompose_nnx(PortedBlock(nnx.Rngs(0)), x, rule={"conv2": 8})
+    clean = lrjax.decompose_nnx(DeepNet(nnx.Rngs(0), PortedStochasticDepth), x, rule={"conv2": 8})
     assert not any("draws random" in n for n in clean.report.notes)
 
 
