@@ -3,8 +3,8 @@ static values (:func:`split_static`), ``model.init`` under ``jax.eval_shape`` (:
 optionally under a method interceptor), the one-line message for a model that cannot be traced
 (:func:`untraceable`) and the retry that evaluates a model's computations on constants while tracing
 (:func:`constants_evaluated`), a model ``nn.jit``-ed as a whole seen as the plain module it wraps
-(:func:`unjitted`), and ``nn.jit``-ed methods traced afresh at every call
-(:func:`retraced_lifted_jit`)."""
+(:func:`unjitted`), ``nn.jit``-ed methods traced afresh at every call
+(:func:`retraced_lifted_jit`), and the modules an error came out of (:func:`raising_modules`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from jax._src import config as jax_config
 __all__ = ["layer_input", "split_static", "split_static_call", "init_rngs", "abstract_init",
            "known_variables", "knowing_variables", "Untraceable", "untraceable",
            "constants_evaluated", "compile_time_constants", "with_constants_evaluated",
-           "evaluating_constants", "unjitted", "retraced_lifted_jit"]
+           "evaluating_constants", "unjitted", "retraced_lifted_jit", "raising_modules"]
 
 
 def layer_input(args, kwargs):
@@ -327,3 +327,21 @@ def retraced_lifted_jit():
             _LIFTED["depth"] -= 1
             if _LIFTED["depth"] == 0:
                 _PROXY.from_module = _FROM_MODULE
+
+
+@contextlib.contextmanager
+def raising_modules():
+    """Within it, a list filled with the modules whose calls an exception propagates out of,
+    innermost first: the one whose call raised it, then those calling it (a draw's
+    ``InvalidRngError`` from a stochastic depth built with ``training=True``, then its block)."""
+    modules: list = []
+
+    def note(next_fun, args, kwargs, context):
+        try:
+            return next_fun(*args, **kwargs)
+        except Exception:
+            modules.append(context.module)
+            raise
+
+    with nn.intercept_methods(note):
+        yield modules

@@ -68,6 +68,7 @@ from lrjax.linen_trace import (
     knowing_variables,
     known_variables,
     layer_input,
+    raising_modules,
     split_static,
     split_static_call,
     unjitted,
@@ -304,10 +305,9 @@ def check_variables(model: nn.Module, variables, *example_args, **example_kwargs
 @linen_cells.as_sublayers()
 @constants_evaluated
 def check_inference_call(model: nn.Module, variables, *example_args, **example_kwargs) -> None:
-    """Raise a one-line ``ValueError`` if ``model.apply(variables, *example_args,
-    **example_kwargs)`` writes a variable collection (batch statistics in training mode) or
-    draws randomness (active dropout): surgery, calibration and export run the inference call.
-    Traced abstractly (no compute)."""
+    """Raise a one-line ``ValueError`` if ``model.apply(variables, *example_args, **example_kwargs)``
+    writes a variable collection (batch statistics in training mode) or draws randomness (active
+    dropout): surgery, calibration and export run the inference call. Traced abstractly."""
     arrays, rebuild = split_static_call(example_args, example_kwargs)  # keyword inputs too
 
     def call(v, *traced):  # (given as shapes by the exporters) traced too
@@ -315,7 +315,8 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
         return as_jax_types(model.apply(v, *args, **keywords))
 
     try:
-        jax.eval_shape(call, variables, *arrays)
+        with raising_modules() as raising:  # (the module drawing, then those calling it)
+            jax.eval_shape(call, variables, *arrays)
     except flax.errors.ModifyScopeVariableError as e:
         found = re.search(r'collection "(\w+)"', str(e))
         what = f"its {found.group(1)!r} collection" if found else "a variable collection"
@@ -324,7 +325,7 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
     except flax.errors.InvalidRngError as e:
         raise ValueError(f"the example call of {type(model).__name__} draws randomness "
                          f"({str(e).split(' (')[0]}; dropout in training mode): "
-                         f"{_inference_hint(model)}; or, for randomness the model draws at "
+                         f"{_inference_hint(model, raising)}; or, for randomness the model draws at "
                          f"inference, pass its keys as the call's rngs=") from None
 
 
@@ -333,13 +334,14 @@ _TRAINING_FIELDS = {"train": True, "training": True, "is_training": True, "deter
                     "use_running_average": False}
 
 
-def _inference_hint(model: nn.Module) -> str:
-    """How to make the call an inference call: the model's own training-mode field if it has
-    one set so, else the call's arguments."""
-    for name, training in _TRAINING_FIELDS.items():
-        if getattr(model, name, None) is training and name in model.__dataclass_fields__:
-            return (f"build the model in inference mode ({type(model).__name__}(..., "
-                    f"{name}={not training})): its field {name} is {training}")
+def _inference_hint(model: nn.Module, inner=()) -> str:
+    """How to make the call an inference call: a training-mode field set so on the model, or on a
+    module of the user's own among ``inner`` (innermost first), else the call's arguments."""
+    for module in (model, *[m for m in inner if type(m).__module__.partition(".")[0] != "flax"]):
+        for name, training in _TRAINING_FIELDS.items():
+            if getattr(module, name, None) is training and name in module.__dataclass_fields__:
+                return (f"build {module.name or 'the model'} in inference mode ({type(module).__name__}"
+                        f"(..., {name}={not training})): its field {name} is {training}")
     return "pass the inference call's arguments, e.g. train=False"
 
 

@@ -129,6 +129,27 @@ def test_training_mode_calls_are_one_line_errors(net, tmp_path):
                                          r"training=False\)\): its field training is True"):
         lrjax.decompose_linen(field, init(field, 0, X), X, rule="speedup:1.5")
 
+    class PortedDepth(nn.Module):  # a port's stochastic depth, built in training mode by its block
+        training: bool = True
+
+        @nn.compact
+        def __call__(self, x):
+            if not self.training:
+                return x
+            return x * jax.random.bernoulli(self.make_rng("dropout"), 0.5, (x.shape[0], 1, 1, 1))
+
+    class PortedNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return PortedDepth()(nn.Conv(8, (3, 3))(x))
+
+    ported = PortedNet()  # (before: "pass the inference call's arguments, e.g. train=False")
+    variables = ported.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, X)
+    with pytest.raises(ValueError, match=r"draws randomness \(PortedDepth_0 needs PRNG .*build "
+                                         r"PortedDepth_0 in inference mode \(PortedDepth\(\.\.\., "
+                                         r"training=False\)\): its field training is True"):
+        lrjax.decompose_linen(ported, variables, X, rule="speedup:1.5")
+
 
 def test_a_model_given_to_the_other_api_is_one_line_naming_the_right_one(tmp_path):
     """An NNX model given to the linen API, a linen one to the NNX API, a Hugging Face
