@@ -315,13 +315,13 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
         return as_jax_types(model.apply(v, *args, **keywords))
 
     try:
-        with raising_modules() as raising:  # (the module drawing, then those calling it)
+        with raising_modules() as raising:  # (the module writing or drawing, then its callers)
             jax.eval_shape(call, variables, *arrays)
     except flax.errors.ModifyScopeVariableError as e:
         found = re.search(r'collection "(\w+)"', str(e))
         what = f"its {found.group(1)!r} collection" if found else "a variable collection"
         raise ValueError(f"the example call of {type(model).__name__} writes {what} (a "
-                         f"training-mode call): {_inference_hint(model)}") from None
+                         f"training-mode call): {_inference_hint(model, raising)}") from None
     except flax.errors.InvalidRngError as e:
         raise ValueError(f"the example call of {type(model).__name__} draws randomness "
                          f"({str(e).split(' (')[0]}; dropout in training mode): "

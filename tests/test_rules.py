@@ -143,6 +143,24 @@ def test_training_mode_calls_are_one_line_errors(net, tmp_path):
         def __call__(self, x, train: bool = False):
             return PortedDepth()(nn.Conv(8, (3, 3))(x))
 
+    class ModeBlock(nn.Module):  # the mode a field of a block its model builds so
+        train: bool = True
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(not self.train)(nn.Conv(8, (3, 3))(x))
+
+    class BlockNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return ModeBlock(name="block")(x)
+
+    blocks = BlockNet()
+    with pytest.raises(ValueError, match=r"writes its 'batch_stats' collection .*build block in "
+                                         r"inference mode \(ModeBlock\(\.\.\., train=False\)\): its "
+                                         r"field train is True"):
+        lrjax.decompose_linen(blocks, init(blocks, 0, X), X, rule="speedup:1.5")
+
     ported = PortedNet()  # (before: "pass the inference call's arguments, e.g. train=False")
     variables = ported.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, X)
     with pytest.raises(ValueError, match=r"draws randomness \(PortedDepth_0 needs PRNG .*build "
