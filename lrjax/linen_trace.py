@@ -27,7 +27,13 @@ from jax._src import config as jax_config
 __all__ = ["layer_input", "split_static", "split_static_call", "init_rngs", "abstract_init",
            "known_variables", "knowing_variables", "Untraceable", "untraceable",
            "constants_evaluated", "compile_time_constants", "with_constants_evaluated",
-           "evaluating_constants", "unjitted", "retraced_lifted_jit", "raising_modules"]
+           "evaluating_constants", "unjitted", "retraced_lifted_jit", "raising_modules",
+           "TRAINING_FLAGS"]
+
+# a model's (or module's) own mode flags and the value of each that means training mode
+# (``Generator(training=True)``; ``training``: PyTorch's, kept by ports of its models)
+TRAINING_FLAGS = {"train": True, "training": True, "is_training": True, "deterministic": False,
+                  "use_running_average": False}
 
 
 def layer_input(args, kwargs):

@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 
 from lrjax import macs
-from lrjax.linen_trace import with_constants_evaluated
+from lrjax.linen_trace import TRAINING_FLAGS, with_constants_evaluated
 
 __all__ = ["EVAL_NOTE", "eval_view", "eval_note", "drawn_note", "drawing", "drawn_streams",
            "graph_keywords", "run_abstractly", "ScopedLayer", "ScopedCall"]
@@ -34,10 +34,11 @@ def graph_keywords(kwargs) -> tuple[dict, dict]:
     return {k: v for k, v in kwargs.items() if k not in nodes}, nodes
 
 
-# the user's own modules' mode flags: {name: (training value, inference value)} (``training``:
-# PyTorch's, kept by ports of its models: a torchvision port's stochastic depth)
-_EVAL_FLAGS = {"deterministic": (False, True), "use_running_average": (False, True),
-               "training": (True, False), "train": (True, False), "is_training": (True, False)}
+def _training_flags(module):
+    """``(name, inference value)`` of each mode flag (:data:`lrjax.linen_trace.TRAINING_FLAGS`)
+    ``module`` holds set to training (a plain ``bool``: a ``Variable`` or ``None`` is left be)."""
+    return [(name, not training) for name, training in TRAINING_FLAGS.items()
+            if vars(module).get(name) is training]
 
 
 def eval_view(model):
@@ -62,9 +63,8 @@ def eval_view(model):
     if view is model:  # (not a copy: nothing to set on it)
         return view
     for _, module in nnx.iter_modules(view):
-        for name, (training, inference) in _EVAL_FLAGS.items():
-            if vars(module).get(name) is training:
-                setattr(module, name, inference)
+        for name, inference in _training_flags(module):
+            setattr(module, name, inference)
         if isinstance(module, nnx.Dropout):
             module.rate = 0.0
         if type(module) is nnx.BatchNorm:
@@ -77,18 +77,18 @@ def eval_note(model) -> str:
     (``{class}.{flag}={value}``)."""
     own = sorted({f"{type(m).__name__}.{name}={inference}" for _, m in nnx.iter_modules(model)
                   if type(m).__module__.partition(".")[0] not in ("flax", "lrjax")
-                  for name, (training, inference) in _EVAL_FLAGS.items()
-                  if vars(m).get(name) is training})
+                  for name, inference in _training_flags(m)})
     return EVAL_NOTE[:-1] + (f"; set on modules of its own: {', '.join(own)})" if own else ")")
 
 
 def drawn_note(drawn) -> str | None:
     """The report's note on the streams an eval view still samples from (``drawn``: their
     paths, :func:`drawing`), if any."""
-    return drawn and (f"its eval view still draws random numbers (from {', '.join(drawn)}): a "
-                      "module of its own keeps a training mode lrjax does not know; its outputs "
-                      "change from call to call, and the calibration statistics and the errors "
-                      "measured include that noise") or None
+    if not drawn:
+        return None
+    return (f"its eval view still draws random numbers (from {', '.join(drawn)}): a module of its "
+            "own keeps a training mode lrjax does not know; its outputs change from call to "
+            "call, and the calibration statistics and the errors measured include that noise")
 
 
 def drawing(graphdef, kwargs, drawn: list, call=None):
@@ -110,12 +110,11 @@ def drawing(graphdef, kwargs, drawn: list, call=None):
     return run
 
 
-def drawn_streams(model, example_args, example_kwargs, call=None) -> list[str]:
-    """The paths of the random streams that ``model`` holds and an eval view of it samples
+def drawn_streams(graphdef, state, example_args, kwargs, call=None) -> list[str]:
+    """The paths of the random streams that a model holds and its split eval view (``graphdef``,
+    ``state``: of the view and the call's NNX keyword arguments, :func:`graph_keywords`) samples
     from when called on the example (:func:`drawing`; arrays or their shapes): draws whose
     random bits the outputs use; ``[]`` when none, or when it cannot be traced abstractly."""
-    kwargs, nodes = graph_keywords(example_kwargs)
-    graphdef, state = nnx.split((eval_view(model), nodes))
     drawn: list = []
     try:
         traced = with_constants_evaluated(jax.make_jaxpr(drawing(graphdef, kwargs, drawn, call)),

@@ -62,6 +62,7 @@ from lrjax.layers import (
 from lrjax.linen_bridge import string_keys
 from lrjax.linen_kernels import SiteKernels, site_parameters, with_parametrization_flops
 from lrjax.linen_trace import (
+    TRAINING_FLAGS,
     abstract_init,
     as_jax_types,
     constants_evaluated,
@@ -329,16 +330,11 @@ def check_inference_call(model: nn.Module, variables, *example_args, **example_k
                          f"inference, pass its keys as the call's rngs=") from None
 
 
-# a model's own fields that put it in training mode when set so (``Generator(training=True)``)
-_TRAINING_FIELDS = {"train": True, "training": True, "is_training": True, "deterministic": False,
-                    "use_running_average": False}
-
-
 def _inference_hint(model: nn.Module, inner=()) -> str:
     """How to make the call an inference call: a training-mode field set so on the model, or on a
     module of the user's own among ``inner`` (innermost first), else the call's arguments."""
     for module in (model, *[m for m in inner if type(m).__module__.partition(".")[0] != "flax"]):
-        for name, training in _TRAINING_FIELDS.items():
+        for name, training in TRAINING_FLAGS.items():
             if getattr(module, name, None) is training and name in module.__dataclass_fields__:
                 return (f"build {module.name or 'the model'} in inference mode ({type(module).__name__}"
                         f"(..., {name}={not training})): its field {name} is {training}")

@@ -134,7 +134,9 @@ def _inference_fn(module, variables, apply_kwargs, shape, for_litert, inputs, tr
                               f"state: pass variables=None (got a {type(variables).__name__})")
         # merged (as fresh variables) inside each trace: NNX's lifted transforms (nnx.scan
         # over nnx.vmap-made blocks) refuse variables made outside the trace that runs them
-        drawn = drawn_streams(module, inputs or [jax.ShapeDtypeStruct(shape, np.float32)],
+        apply_kwargs, nodes = graph_keywords(apply_kwargs)  # a KV cache the call updates
+        graphdef, state = nnx.split((eval_view(module), nodes))
+        drawn = drawn_streams(graphdef, state, inputs or [jax.ShapeDtypeStruct(shape, np.float32)],
                               apply_kwargs, lambda m, xs, kw: _call(m, tree, xs, kw))
         if drawn:
             raise ExportError(f"{type(module).__name__}'s eval view draws random numbers (from "
@@ -142,8 +144,6 @@ def _inference_fn(module, variables, apply_kwargs, shape, for_litert, inputs, tr
                               "lrjax does not know, and its draws would be fixed in the graph: "
                               "put that module in inference mode (or, for draws meant at "
                               "inference, give the call its stream: rngs=nnx.Rngs(...))")
-        apply_kwargs, nodes = graph_keywords(apply_kwargs)  # a KV cache the call updates
-        graphdef, state = nnx.split((eval_view(module), nodes))
 
         def call(*xs):
             model, copies = nnx.merge(graphdef, state, copy=True)
