@@ -18,10 +18,11 @@ a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax'
 * its parameters are recorded: a ``setup`` module's as declared (a ``kernel`` read or, in an
   init, made without reserving its name, as the layer reads it under that name; one holding
   submodules runs as written, its own products a fixed cost: HF BART's bias), a compact
-  module's (one that holds no submodule; its own variables in other collections are fine:
-  t5x's sown ``params_axes``, which its run as written sows in an init; a replayed call sows
-  nothing) read or made and stored as Flax's ``param`` makes them, from the same random
-  stream, without reserving their names;
+  module's (its own variables in other collections are fine: t5x's sown ``params_axes``,
+  which its run as written sows in an init; a replayed call sows nothing; one that calls other
+  modules runs as written first, those calls recorded and answered in its trace,
+  :mod:`lrjax.linen_calls`) read or made and stored as Flax's ``param`` makes them, from the
+  same random stream, without reserving their names;
 * its ``__call__`` is traced (``jax.make_jaxpr``, calls inlined; a call that cannot be, e.g.
   one drawing randomness, runs as written, its scope as it was) and, when one parameter's one
   use is a product that a Flax layer computes (:mod:`lrjax.written_products`: a conv in
@@ -54,7 +55,6 @@ module's variables are the ones its own code would make (same values, same names
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 
 import flax.linen as nn
@@ -62,7 +62,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from lrjax import replay
+from lrjax import linen_calls, macs, replay
 from lrjax.written_products import KERNEL as _KERNEL
 from lrjax.written_products import NotALayer as _Ineligible
 from lrjax.written_products import (
@@ -209,17 +209,22 @@ def _hooked(cls: type) -> type:
 
 
 def _compact_param(module, hook, name, init_fn, init_args, init_kwargs, unbox):
-    made, given = hook
+    made, given, *split = hook  # (split: the names a holder's run as written found split)
     if given is not None and name in given:
         return given[name]
     scope = module.scope
-    if scope.has_variable("params", name) and not is_pair(scope.get_variable("params", name)):
-        value = scope.get_variable("params", name)
+    held = scope.get_variable("params", name) if scope.has_variable("params", name) else None
+    if held is not None and not is_pair(held):
+        value = held
+        if split:  # (a holder's run as written: checked as Flax's param checks it)
+            linen_calls.check_shape(module, name, value, init_fn, init_args, init_kwargs)
     elif module.is_initializing():  # as Flax's param makes and stores it (same keys)
         value = init_fn(module.make_rng("params"), *init_args, **init_kwargs)
         scope.put_variable("params", name, value)  # (its own code may read self.variables)
-    elif given is not None and _has_pair(module):  # the split kernel (one only: traced)
-        value = _placeholder(module, init_fn, init_args, init_kwargs)
+    elif (given is not None and _has_pair(module)) or (split and is_pair(held)):
+        value = _placeholder(module, init_fn, init_args, init_kwargs)  # the split kernel
+        if split:
+            split[0].add(name)
     else:
         return nn.Module.param(module, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
     if made is not None:
@@ -295,7 +300,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     state = module.__dict__[_STATE]
     split = any(placeholder for _, placeholder in state.values())
     _stored(module, _values(state))  # (in an init: the layer, or its own code, reads it)
-    key = _call_key(module, args, kwargs)
+    key = linen_calls.call_key(module, args, kwargs)
     if not split and key is not None and key in _AS_WRITTEN:
         return next_fun(*args, **kwargs)
     arrays, call = replay.array_call(next_fun, args, kwargs)
@@ -337,31 +342,19 @@ def _own_params(module: nn.Module) -> dict | None:
         _written_pair(params[n]) for n in nested) else None  # places, not a submodule's)
 
 
-def _call_key(module: nn.Module, args, kwargs):
-    """What a compact call's trace depends on: the module's class and configuration, its
-    arguments' shapes and dtypes and its static arguments (``None``: not hashable)."""
-    try:
-        leaves, treedef = jax.tree.flatten((args, kwargs))
-        key = (type(module), repr(module.clone(parent=None)), str(treedef), tuple(
-            (tuple(a.shape), str(a.dtype)) if isinstance(a, (jax.Array, np.ndarray)) else a
-            for a in leaves))
-        hash(key)
-        return key
-    except Exception:  # noqa: BLE001 - traced every time
-        return None
-
-
 def _compact_call(module: nn.Module, next_fun, args, kwargs):
     """A compact module's call with its product as a Flax layer (or as written, at once when
     the same call was found to hold none: a norm's, a layer scale's)."""
     initializing = module.is_initializing()
     own = None if initializing else _own_params(module)
-    if not initializing and not own:  # a submodule's variables, or no parameter
+    if not initializing and own is None:  # a submodule's variables: it calls others
+        return _holder_call(module, next_fun, args, kwargs)
+    if not initializing and not own:  # no parameter
         return next_fun(*args, **kwargs)
     arrays, call = replay.array_call(next_fun, args, kwargs)
     given = {} if initializing else {n: nn.meta.unbox(v) for n, v in own.items()
                                      if n not in _PAIR and not is_pair(v)}
-    key = _call_key(module, args, kwargs)
+    key = linen_calls.call_key(module, args, kwargs)
     if key is not None and key in _HOLDERS:
         return next_fun(*args, **kwargs)
     split = None if initializing or not _has_pair(module) else \
@@ -374,8 +367,11 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
         return next_fun(*args, **kwargs)
     made, out = {}, None
     if initializing:  # as written, its parameters made, stored, not reserved
-        with _swapped(module, (made, None)):
+        before = linen_calls.scope_state(module)
+        with _swapped(module, (made, None)), linen_calls.recorded(module) as calls:
             out = next_fun(*args, **kwargs)
+        if made and calls:  # it calls other modules too
+            return _held(module, call, arrays, out, (made, calls, set(), before), key)
         if not made or _own_params(module) is None:  # nothing declared, or a submodule
             return out
         given = {n: nn.meta.unbox(v) for n, v in made.items()}
@@ -399,6 +395,62 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
         return out if out is not None else next_fun(*args, **kwargs)
     return _run_as_layer(module, closed, shapes, [given[n] for n in names] + list(arrays),
                          products, {**given, **made})
+
+
+def _holder_call(module: nn.Module, next_fun, args, kwargs):
+    """A compact module's call that also calls other modules (NesT's attention: query and
+    key-value ``nn.DenseGeneral`` layers, then its own ``proj_kernel`` in an einsum): run as
+    written, those calls recorded (:func:`lrjax.linen_calls.recorded`; a split kernel read as
+    zeros), then its own code traced with what they returned and replayed with its products as
+    layers (:func:`_held`)."""
+    key = linen_calls.call_key(module, args, kwargs)
+    arrays, call = replay.array_call(next_fun, args, kwargs)
+    made, split = {}, set()
+    before = linen_calls.scope_state(module)
+    with _swapped(module, (made, None, split)), linen_calls.recorded(module) as calls:
+        out = next_fun(*args, **kwargs)
+    if not split and (not made or not calls or (key is not None and key in _AS_WRITTEN)):
+        return out
+    return _held(module, call, arrays, out, (made, calls, split, before), key)
+
+
+def _held(module: nn.Module, call, arrays, out, run, key):
+    """A holder's output with its own products as layers, from its run as written (``out``;
+    ``run``: the parameters it read or made, the calls it made, the names of those split, the
+    random counters before it): its own code traced alone, each call answered with what it
+    returned (:func:`lrjax.linen_calls.answered`); a parameter that computes what a call is
+    given stays its own code's (its product ran before the call, as written). Nothing found:
+    ``out``, as written."""
+    made, calls, split, before = run
+    given = {n: nn.meta.unbox(v) for n, v in made.items()}
+    names, outs = list(given), [list(c.leaves) for c in calls]
+
+    def body(values, outs, *arrays):
+        with _swapped(module, (None, dict(zip(names, values, strict=True)))), \
+                linen_calls.answered(module, calls, outs) as fed:
+            result = call(*arrays)
+        return result, fed
+
+    try:
+        with _attempt(module, probe=True):  # (its names and draws as they were before)
+            linen_calls.rewind(module, before)
+            closed, shapes = replay.traced_inlined(body, [given[n] for n in names], outs, *arrays)
+        closed, fed, seeds = linen_calls.results(closed, len(jax.tree.leaves(shapes[0])), calls)
+        feeding = {names[i] for i in fed if i < len(names)}
+        invars = closed.jaxpr.invars
+        products = _products(closed, [(n, invars[i]) for i, n in enumerate(names)
+                                      if n not in feeding], invars[len(names):])
+        if split - {n for n, _ in products}:
+            raise _Ineligible(f"its kernels {sorted(split)} are no longer products of a layer")
+    except Exception as e:  # noqa: BLE001 - as written (a fixed cost)
+        if split:
+            raise _no_longer(module, e) from None
+        if key is not None:
+            _AS_WRITTEN.add(key)
+        return out
+    inputs = [given[n] for n in names] + [a for o in outs for a in o] + list(arrays)
+    return _run_as_layer(module, closed, shapes[0], inputs, products, given, nested=True,
+                         seeds=seeds)
 
 
 def _split_kernel(module: nn.Module, call, arrays, given):
@@ -437,17 +489,11 @@ def _attempt(module: nn.Module, probe: bool = False):
     module running others is no layer; ``nn.share_scope`` hides them from its variables),
     that leaves its scope as it found it when it fails (its call then runs as written), or
     always for a ``probe``: no name reserved, no random stream drawn, no submodule named."""
-    scope, state = module.scope, module._state
-    reserved = {n: set(c) for n, c in scope.reservations.items()}
-    counters = copy.deepcopy(scope.rng_counters)
-    names = (dict(state.autoname_cursor), dict(state.children))
+    before = linen_calls.scope_state(module)
     _TRACING.append(module)
 
     def rewind():
-        scope.reservations.clear()
-        scope.reservations.update(reserved)
-        _restore(scope.rng_counters, counters)
-        state.autoname_cursor, state.children = names
+        linen_calls.rewind(module, before)
 
     try:
         yield
@@ -459,18 +505,6 @@ def _attempt(module: nn.Module, probe: bool = False):
             rewind()
     finally:
         _TRACING.pop()
-
-
-def _restore(current: dict, saved: dict) -> None:
-    """``current`` (nested dicts of counters, shared with child scopes) back to ``saved``, in
-    place."""
-    for k in [k for k in current if k not in saved]:
-        del current[k]
-    for k, v in saved.items():
-        if isinstance(v, dict) and isinstance(current.get(k), dict):
-            _restore(current[k], v)
-        else:
-            current[k] = v
 
 
 def _products(closed, candidates, inputs) -> list:
@@ -490,15 +524,16 @@ def _products(closed, candidates, inputs) -> list:
     return found
 
 
-def _run_as_layer(module, closed, shapes, inputs, products, kernels):
+def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=False, seeds=None):
     """``closed`` replayed on ``inputs`` with each of ``products`` (``(name, Product)``)
     computed by a layer of the module's (``kernels``: ``{name: value}``, for their dtypes);
     the steps to a kernel are its layer's (skipped here: a split kernel's zeros are never
     computed with). One product: its layer is named by the module's path; several (a
     hand-written attention's ``wq``, ``wk``, ...), or in a shared scope: each is named by its
     kernel, ``{path}/{name}``. A sliced parameter's layer runs once, each slice's product
-    taken from its output."""
-    nested = _shares_scope(module) or len(products) > 1
+    taken from its output. ``seeds``: ``{variable: value}`` computed already (a holder's
+    arguments to its calls, as written), not again."""
+    nested = nested or _shares_scope(module) or len(products) > 1
     layers = module.__dict__.setdefault(_CHILD, {})
     replaced, skipped = {}, {}
     for name, product in products:
@@ -511,6 +546,8 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels):
     computed, env = {}, {}
 
     def rule(e, ins, here):
+        if seeds and e.outvars and all(v in seeds for v in e.outvars):
+            return [seeds[v] for v in e.outvars]  # (a holder's: computed as written)
         if id(e) not in replaced:  # (a step to a kernel: passed on, never computed with)
             return [ins[skipped[id(e)]]] * len(e.outvars) if id(e) in skipped else None
         layer, product, span = replaced[id(e)]
@@ -544,7 +581,7 @@ def check_unread(fn, *args) -> None:
     """Raise ``ValueError`` naming each split module whose kernel ``fn(*args)`` still reads
     outside its product (``layer.kernel`` in its parent's code: the split module holds zeros
     in its place, which nothing may compute with), traced as the exporters trace it."""
-    closed = jax.make_jaxpr(fn)(*args)
+    closed = macs.live(jax.make_jaxpr(fn)(*args))  # (a holder's run as written: dropped)
     made, others = {}, []
     for e in closed.jaxpr.eqns:
         stack = str(e.source_info.name_stack)

@@ -1,0 +1,155 @@
+"""A product written by hand in a compact linen module that also calls other modules
+(:mod:`lrjax.linen_calls`): google-research/nested-transformer's attention computes its query and
+key-value projections with ``nn.DenseGeneral`` layers, then its output projection with its own
+``proj_kernel`` in an einsum. The projection is a layer named by its parameter
+(``attn/proj_kernel``), found, costed, calibrated, split and exported; a product that computes
+what one of the module's calls is given stays its own code (as written, a fixed cost)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrjax
+from lrjax import export, linen_cells, surgery
+from tests.helpers import init, lowered_flops
+
+X = jax.random.normal(jax.random.key(1), (2, 5, 16))
+
+
+class Attention(nn.Module):
+    """NesT's ``MultiHeadAttention`` in short (libml/self_attention.py at 59c0d6a)."""
+    heads: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        q = nn.DenseGeneral((self.heads, d // self.heads), name="query")(x)
+        kv = nn.DenseGeneral((2, self.heads, d // self.heads), name="kv")(x)
+        a = jax.nn.softmax(jnp.einsum("blhd,bmhd->bhlm", q, kv[:, :, 0]) / 2.0)
+        o = jnp.einsum("bhlm,bmhd->bhld", a, kv[:, :, 1])
+        w = self.param("proj_kernel", nn.initializers.lecun_normal(),
+                       (self.heads, d // self.heads, d))
+        return jnp.einsum("bhld,hdf->blf", o, w) + self.param("bias", nn.initializers.zeros,
+                                                              (d,))
+
+
+class Block(nn.Module):
+    """A holder holding a holder: a norm, the attention, a layer scale of its own, and a
+    classifier written by hand on the mean of what its calls returned."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + self.param("gamma", nn.initializers.ones, (x.shape[-1],)) * Attention(
+            name="attn")(nn.LayerNorm()(x))
+        head = self.param("head", nn.initializers.lecun_normal(), (x.shape[-1], 10))
+        return nn.gelu(x.mean(1)) @ head
+
+
+LAYERS = {"attn/query", "attn/kv", "attn/proj_kernel", "head"}
+
+
+@pytest.fixture(scope="module")
+def net():
+    model = Block()
+    return model, init(model, 0, X)
+
+
+def test_its_own_products_are_layers_named_by_their_parameters(net):
+    model, variables = net
+    found = {s.path: s for s in surgery.find_convs(model, X)}
+    assert {p for p, s in found.items() if s.candidate} == LAYERS
+    assert found["attn/proj_kernel"].written and found["head"].written
+    assert found["attn/proj_kernel"].kernel_name == "proj_kernel"
+    with linen_cells.as_sublayers():  # an init runs it as written: the same variables
+        under = init(model, 0, X)
+    jax.tree.map(np.testing.assert_array_equal, under, variables)
+    with linen_cells.as_sublayers():
+        np.testing.assert_allclose(model.apply(variables, X), model.apply(variables, X))
+    full = {"attn/query": 16, "attn/kv": 16, "attn/proj_kernel": 16, "head": 10}
+    result = lrjax.decompose_linen(model, variables, X, rule=full)
+    shapes = jax.tree.map(jnp.shape, result.variables["params"]["attn"])
+    assert shapes["proj_kernel"] == {"vertical": {"kernel": (4, 4, 16)},
+                                     "horizontal": {"kernel": (16, 16)}}
+    assert shapes["bias"] == (16,)  # its other parameters stay its own
+    np.testing.assert_allclose(result.module.apply(result.variables, X),
+                               model.apply(variables, X), rtol=1e-5, atol=1e-5)
+    made = result.module.init(jax.random.key(3), X)  # a decomposed model's init: its pairs
+    assert jax.tree.map(jnp.shape, made) == jax.tree.map(jnp.shape, result.variables)
+
+
+@pytest.mark.slow  # 6 s on the 2-core machine: the default run stays under 5 minutes
+def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(net, tmp_path):
+    model, variables = net
+    calibration = jax.random.normal(jax.random.key(2), (8, 5, 16))
+    free = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5,multiple=1")
+    fitted = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5,multiple=1",
+                                   calibration=calibration)
+    for result in (free, fitted):  # the whole net, as XLA counts it (nothing counted twice)
+        assert "attn/proj_kernel" in result.ranks and not result.report.skipped
+        assert result.report.speedup == pytest.approx(
+            lowered_flops(model.apply, variables, X)
+            / lowered_flops(result.module.apply, result.variables, X), rel=1e-6)
+    done = export.to_onnx(fitted.module, fitted.variables, (X,), str(tmp_path / "b.onnx"))
+    assert done.max_abs_error <= 1e-5 * max(1.0, done.scale)
+    lrjax.save_decomposed(str(tmp_path / "saved"), fitted)
+    module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
+    np.testing.assert_array_equal(module.apply(loaded, X),
+                                  fitted.module.apply(fitted.variables, X))
+
+
+class Fed(nn.Module):
+    """Its product computes what its norm is given, unless ``direct``: that product stays its
+    own code (it ran, as written, before the norm)."""
+
+    @nn.compact
+    def __call__(self, x, direct: bool = False):
+        w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 16))
+        return x @ w + nn.LayerNorm()(x) if direct else nn.LayerNorm()(x @ w)
+
+
+class Drawn(nn.Module):
+    """A shared layer called twice, and a dropout of its own code drawing a key."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        dense = nn.Dense(16)
+        h = dense(x) + dense(2 * x)
+        if train:
+            h = h * jax.random.bernoulli(self.make_rng("dropout"), 0.5, h.shape)
+        return h @ self.param("w", nn.initializers.lecun_normal(), (16, 8))
+
+
+class Both(nn.Module):
+    @nn.compact
+    def __call__(self, x, direct: bool = False, train: bool = False):
+        return Drawn(name="drawn")(Fed(name="fed")(x, direct=direct), train=train)
+
+
+def test_a_product_feeding_its_call_stays_its_code_and_draws_stay_as_written():
+    model = Both()
+    variables = init(model, 0, X)
+    result = lrjax.decompose_linen(model, variables, X, rule={"drawn/w": 4})
+    assert set(result.report.skipped) == {"fed"}
+    assert "'w' in dot_general" in result.report.skipped["fed"]
+    keys = {"dropout": jax.random.key(7)}  # its own draw: the key it drew as written
+    with linen_cells.as_sublayers():
+        np.testing.assert_array_equal(model.apply(variables, X, train=True, rngs=keys),
+                                      model.apply(variables, X, train=True, rngs=keys))
+    exact = lrjax.decompose_linen(model, variables, X, rule={"drawn/w": 8})
+    np.testing.assert_allclose(exact.module.apply(exact.variables, X, train=True, rngs=keys),
+                               model.apply(variables, X, train=True, rngs=keys),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_split_product_that_now_feeds_a_call_is_an_error_naming_it():
+    model = Both()
+    variables = init(model, 0, X)
+    result = lrjax.decompose_linen(model, variables, X, rule={"fed/w": 4}, direct=True)
+    assert result.ranks == {"fed/w": 4}
+    result.module.apply(result.variables, X, direct=True)
+    with pytest.raises(ValueError, match=r"^layer 'fed' was split as the product of its kernel "
+                                         r"that its code computes, but its call no longer "
+                                         r"traces so"):
+        result.module.apply(result.variables, X)
