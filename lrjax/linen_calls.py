@@ -92,10 +92,10 @@ def recorded(module: nn.Module):
 
 @contextlib.contextmanager
 def answered(module: nn.Module, calls: list[Call], outs: list):
-    """Within it, no interceptor runs, and the calls ``module``'s code makes to other modules
-    are not made: the ``i``-th returns ``outs[i]`` (the leaves of what ``calls[i]`` returned)
-    when it is the same module and method (else :class:`Unanswered`). Yields the list of the
-    array leaves each call was given, in order."""
+    """Within it, no interceptor runs, no intermediate is captured, and the calls ``module``'s
+    code makes to other modules are not made: the ``i``-th returns ``outs[i]`` (the leaves of
+    what ``calls[i]`` returned) when it is the same module and method (else
+    :class:`Unanswered`). Yields the list of the array leaves each call was given, in order."""
     given: list = []
 
     def answer(next_fun, args, kwargs, context):
@@ -108,15 +108,15 @@ def answered(module: nn.Module, calls: list[Call], outs: list):
         given.append(_arrays((args, kwargs)))
         return jax.tree.unflatten(calls[i].treedef, outs[i])
 
-    if any(flax_module._context.capture_stack):
-        raise Unanswered("intermediates are being captured")
     stack = flax_module._global_interceptor_stack
     saved = list(stack._storage)
     stack._storage[:] = [answer]
+    flax_module._context.capture_stack.append(None)  # (captured as written, not again)
     try:
         yield given
     finally:
         stack._storage[:] = saved
+        flax_module._context.capture_stack.pop()
     if len(given) != len(calls):
         raise Unanswered(f"its code made {len(calls)} calls to other modules as written, "
                          f"{len(given)} traced")

@@ -398,29 +398,29 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
 
 
 def _holder_call(module: nn.Module, next_fun, args, kwargs):
-    """A compact module's call that also calls other modules (NesT's attention: query and
-    key-value ``nn.DenseGeneral`` layers, then its own ``proj_kernel`` in an einsum): run as
-    written, those calls recorded (:func:`lrjax.linen_calls.recorded`; a split kernel read as
-    zeros), then its own code traced with what they returned and replayed with its products as
-    layers (:func:`_held`)."""
-    key = linen_calls.call_key(module, args, kwargs)
-    arrays, call = replay.array_call(next_fun, args, kwargs)
+    """A compact module's call that calls other modules too (NesT's attention: ``nn.DenseGeneral``
+    layers, then its own ``proj_kernel`` in an einsum): run as written, those calls recorded
+    (a split kernel read as zeros), then its own products run as layers (:func:`_held`)."""
+    params = module.variables.get("params", {})
+    if not any(not hasattr(v, "items") or _written_pair(v) for v in params.values()):
+        return next_fun(*args, **kwargs)  # (no parameter of its own)
     made, split = {}, set()
     before = linen_calls.scope_state(module)
     with _swapped(module, (made, None, split)), linen_calls.recorded(module) as calls:
         out = next_fun(*args, **kwargs)
+    key = linen_calls.call_key(module, args, kwargs)
     if not split and (not made or not calls or (key is not None and key in _AS_WRITTEN)):
         return out
+    arrays, call = replay.array_call(next_fun, args, kwargs)
     return _held(module, call, arrays, out, (made, calls, split, before), key)
 
 
 def _held(module: nn.Module, call, arrays, out, run, key):
     """A holder's output with its own products as layers, from its run as written (``out``;
-    ``run``: the parameters it read or made, the calls it made, the names of those split, the
-    random counters before it): its own code traced alone, each call answered with what it
-    returned (:func:`lrjax.linen_calls.answered`); a parameter that computes what a call is
-    given stays its own code's (its product ran before the call, as written). Nothing found:
-    ``out``, as written."""
+    ``run``: the parameters it read or made, the calls it made, the names of those split, its
+    scope before): its own code traced alone, each call answered with what it returned
+    (:mod:`lrjax.linen_calls`); a parameter computing what a call is given stays its own code's
+    (its product ran before the call, as written). Nothing found: ``out``, as written."""
     made, calls, split, before = run
     given = {n: nn.meta.unbox(v) for n, v in made.items()}
     names, outs = list(given), [list(c.leaves) for c in calls]

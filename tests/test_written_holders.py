@@ -141,6 +141,11 @@ def test_a_product_feeding_its_call_stays_its_code_and_draws_stay_as_written():
     np.testing.assert_allclose(exact.module.apply(exact.variables, X, train=True, rngs=keys),
                                model.apply(variables, X, train=True, rngs=keys),
                                rtol=1e-5, atol=1e-5)
+    out, state = exact.module.apply(exact.variables, X, capture_intermediates=True,
+                                    mutable=["intermediates"])  # (its calls' outputs, once)
+    captured = jax.tree_util.tree_leaves_with_path(state)
+    assert sum("Dense_0" in jax.tree_util.keystr(p) for p, _ in captured) == 2
+    np.testing.assert_allclose(out, model.apply(variables, X), rtol=1e-5, atol=1e-5)
 
 
 def test_a_split_product_that_now_feeds_a_call_is_an_error_naming_it():
