@@ -3,15 +3,17 @@ while it runs as written, then answered with what they returned while its own co
 alone.
 
 A compact module that declares a parameter and also calls other modules (NesT's attention:
-query and key-value ``nn.DenseGeneral`` layers, then its own ``proj_kernel`` in an einsum) is no
-layer, but its own product is one. :mod:`lrjax.linen_products` runs such a call as written with
-:func:`recorded` on (each call of another module made directly by its code: which module, which
-method, what it returned), then traces the module's own code with :func:`answered` on: those
-calls are not made again (no interceptor sees them: calibration, the layer finder), each returns
-what it returned as written, as an input of the trace, and the arrays each was given come out of
-the trace (:func:`results`: which of the module's parameters computed them). The replay of that
-trace with the product as a Flax layer computes what the module computed; the run as written is
-left unused but for the calls (``jax.jit`` drops the rest: :func:`lrjax.macs.live`).
+query and key-value ``nn.DenseGeneral`` layers, then its own ``proj_kernel`` in an einsum), or a
+``setup`` module holding layers beside a parameter of its own (CLIP's vision tower and its
+``proj``), is no layer, but its own product is one. :mod:`lrjax.linen_products` runs such a
+call as written with :func:`recorded` on (each call of another module made directly by its
+code: which module, which method, what it returned), then traces the module's own code with
+:func:`answered` on: those calls are not made again (no interceptor sees them: calibration, the
+layer finder), each returns what it returned as written, as an input of the trace, and the
+arrays each was given come out of the trace (:func:`results`: which of the module's parameters
+computed them). The replay of that trace with the product as a Flax layer computes what the
+module computed; the run as written is left unused but for the calls (``jax.jit`` drops the
+rest: :func:`lrjax.macs.live`).
 
 Flax's interceptor stack is reached through ``flax.linen.module``'s private
 ``_global_interceptor_stack`` and ``_context.module_stack`` (Flax 0.12): a recorder must see a
@@ -31,8 +33,10 @@ import numpy as np
 from flax.linen import module as flax_module
 from jax.extend import core as jcore
 
-__all__ = ["Call", "Unanswered", "recorded", "answered", "results", "check_shape", "call_key",
-           "scope_state", "rewind", "restore"]
+TRACING: list = []  # the modules whose own code is being traced
+
+__all__ = ["Call", "Unanswered", "TRACING", "recorded", "answered", "results", "attempt",
+           "check_shape", "call_key", "scope_state", "rewind", "restore"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,18 +132,18 @@ def _arrays(tree) -> list:
 
 def results(closed, count: int, calls: list[Call]):
     """A trace made under :func:`answered`, whose outputs are the module's ``count`` results
-    then the arrays each of ``calls`` was given: ``(the trace of its results alone, the inputs
-    (indices) that compute what the calls were given, {variable: value} of those the calls
-    were given as written)``."""
+    then the arrays each of ``calls`` was given: ``(the trace of its results alone, its
+    constants its first inputs, the inputs (indices) that compute what the calls were given,
+    {variable: value} of those the calls were given as written)``."""
     from jax._src.interpreters import partial_eval as pe
 
-    outs = len(closed.jaxpr.outvars)
-    _, used = pe.dce_jaxpr(closed.jaxpr, [False] * count + [True] * (outs - count))
-    seeds = {v: a for v, a in zip(closed.jaxpr.outvars[count:],
-                                  [a for c in calls for a in c.args], strict=True)
-             if not isinstance(v, jcore.Literal)}
-    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * count + [False] * (outs - count), True)
-    return closed.replace(jaxpr=jaxpr), {i for i, u in enumerate(used) if u}, seeds
+    flat = pe.convert_constvars_jaxpr(closed.jaxpr)  # (its constants its first inputs)
+    outs = len(flat.outvars)
+    _, used = pe.dce_jaxpr(flat, [False] * count + [True] * (outs - count))
+    seeds = {v: a for v, a in zip(flat.outvars[count:], [a for c in calls for a in c.args],
+                                  strict=True) if not isinstance(v, jcore.Literal)}
+    jaxpr, _ = pe.dce_jaxpr(flat, [True] * count + [False] * (outs - count), True)
+    return jcore.ClosedJaxpr(jaxpr, ()), {i for i, u in enumerate(used) if u}, seeds
 
 
 def check_shape(module: nn.Module, name: str, value, init_fn, init_args, init_kwargs) -> None:
@@ -150,6 +154,26 @@ def check_shape(module: nn.Module, name: str, value, init_fn, init_args, init_kw
     if np.shape(nn.meta.unbox(value)) != tuple(shaped.shape):
         raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, shaped.shape,
                                                np.shape(nn.meta.unbox(value)))
+
+
+@contextlib.contextmanager
+def attempt(module: nn.Module, probe: bool = False):
+    """A trace of ``module``'s own code, ended by the call of another module in its scope (a
+    module running others is no layer; ``nn.share_scope`` hides them from its variables),
+    that leaves its scope as it found it when it fails (its call then runs as written), or
+    always for a ``probe``: no name reserved, no random stream drawn, no submodule named."""
+    before = scope_state(module)
+    TRACING.append(module)
+    try:
+        yield
+    except BaseException:
+        rewind(module, before)
+        raise
+    else:
+        if probe:
+            rewind(module, before)
+    finally:
+        TRACING.pop()
 
 
 def call_key(module: nn.Module, args, kwargs):

@@ -17,8 +17,8 @@ a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax'
 
 * its parameters are recorded: a ``setup`` module's as declared (a ``kernel`` read or, in an
   init, made without reserving its name, as the layer reads it under that name; one holding
-  submodules runs as written, its own products a fixed cost: HF BART's bias), a compact
-  module's (its own variables in other collections are fine: t5x's sown ``params_axes``,
+  submodules runs as a compact one calling others does: CLIP's tower and its ``proj``), a
+  compact module's (its own variables in other collections are fine: t5x's sown ``params_axes``,
   which its run as written sows in an init; a replayed call sows nothing; one that calls other
   modules runs as written first, those calls recorded and answered in its trace,
   :mod:`lrjax.linen_calls`) read or made and stored as Flax's ``param`` makes them, from the
@@ -86,7 +86,6 @@ _HOOKED: dict[type, type] = {}
 _RUNNING: set[int] = set()  # the modules whose setup or call this interceptor is running
 _UNSPLIT = "lrjax_split_kernel:"  # the scope of a split module's kernel placeholder
 _PAIR = ("vertical", "horizontal")
-_TRACING: list = []  # the compact modules whose own code is being traced
 _AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) holding no product
 _HOLDERS: set = set()  # the compact calls making submodules, whose split pairs are theirs
 _HOLDS = object()  # what _split_kernel finds for such a call
@@ -250,8 +249,9 @@ def as_layer(next_fun, args, kwargs, context):
     """A method interceptor: an eligible module's ``setup`` with the hooked ``param``, its
     ``__call__`` with its product as a Flax layer (the module's docstring)."""
     module, method = context.module, context.method_name
-    if _TRACING and module is not _TRACING[-1] and module.scope is not None and \
-            tuple(module.scope.path) == tuple(_TRACING[-1].scope.path):
+    tracing = linen_calls.TRACING
+    if tracing and module is not tracing[-1] and module.scope is not None and \
+            tuple(module.scope.path) == tuple(tracing[-1].scope.path):
         raise _RunsOthers(f"its call runs {type(module).__name__} in its scope "
                           "(nn.share_scope)")
     if method == "param" or id(module) in _RUNNING or \
@@ -267,8 +267,10 @@ def as_layer(next_fun, args, kwargs, context):
             if method == "__call__" and _compact(type(module)):
                 return _compact_call(module, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)
-        if method == "__call__" and not _holds_submodules(module):
-            return _replayed(module, next_fun, args, kwargs)
+        if method == "__call__":
+            if not _holds_submodules(module):
+                return _replayed(module, next_fun, args, kwargs)
+            return _holder_call(module, next_fun, args, kwargs, state)
         if any(placeholder for _, placeholder in state.values()):
             raise ValueError(f"layer {'/'.join(module.scope.path)!r} was split as the product "
                              f"of its kernel that its __call__ computes; its method {method!r} "
@@ -306,7 +308,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     arrays, call = replay.array_call(next_fun, args, kwargs)
     uses: dict = {}
     try:
-        with _attempt(module):  # (no product found: its scope as it was)
+        with linen_calls.attempt(module):  # (no product found: its scope as it was)
             closed, shapes = replay.traced_inlined(call, *arrays)
             named = {id(value): name for name, (value, _) in state.items()}
             for var, const in zip(closed.jaxpr.constvars, closed.consts, strict=True):
@@ -383,7 +385,7 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
             return call(*arrays)
 
     try:
-        with _attempt(module):  # (no product found: its scope as it was)
+        with linen_calls.attempt(module):  # (no product found: its scope as it was)
             closed, shapes = replay.traced_inlined(body, [given[n] for n in names], *arrays)
             products = _products(closed, zip(names, closed.jaxpr.invars, strict=False),
                                  closed.jaxpr.invars[len(names):])
@@ -397,25 +399,32 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
                          products, {**given, **made})
 
 
-def _holder_call(module: nn.Module, next_fun, args, kwargs):
-    """A compact module's call that calls other modules too (NesT's attention: ``nn.DenseGeneral``
-    layers, then its own ``proj_kernel`` in an einsum): run as written, those calls recorded
-    (a split kernel read as zeros), then its own products run as layers (:func:`_held`)."""
+def _holder_call(module: nn.Module, next_fun, args, kwargs, state=None):
+    """A module's call that calls other modules too (NesT's attention: ``nn.DenseGeneral``
+    layers, then its own ``proj_kernel`` in an einsum; a ``setup`` module's, ``state``, CLIP's
+    vision tower and its ``proj``): run as written, those calls recorded (a split kernel read as
+    zeros), then its own products run as layers (:func:`_held`)."""
     params = module.variables.get("params", {})
-    if not any(not hasattr(v, "items") or _written_pair(v) for v in params.values()):
+    if state is None and not any(not hasattr(v, "items") or _written_pair(v)
+                                 for v in params.values()):
         return next_fun(*args, **kwargs)  # (no parameter of its own)
     made, split = {}, set()
+    if state is not None:  # (its parameters read or made in its setup)
+        _stored(module, _values(state))
+        made.update(_values(state))
+        split.update(n for n, (_, placeholder) in state.items() if placeholder)
     before = linen_calls.scope_state(module)
-    with _swapped(module, (made, None, split)), linen_calls.recorded(module) as calls:
+    with contextlib.nullcontext() if state is not None else _swapped(module, (made, None, split)), \
+            linen_calls.recorded(module) as calls:
         out = next_fun(*args, **kwargs)
     key = linen_calls.call_key(module, args, kwargs)
     if not split and (not made or not calls or (key is not None and key in _AS_WRITTEN)):
         return out
     arrays, call = replay.array_call(next_fun, args, kwargs)
-    return _held(module, call, arrays, out, (made, calls, split, before), key)
+    return _held(module, call, arrays, out, (made, calls, split, before), key, state is not None)
 
 
-def _held(module: nn.Module, call, arrays, out, run, key):
+def _held(module: nn.Module, call, arrays, out, run, key, declared=False):
     """A holder's output with its own products as layers, from its run as written (``out``;
     ``run``: the parameters it read or made, the calls it made, the names of those split, its
     scope before): its own code traced alone, each call answered with what it returned
@@ -423,23 +432,27 @@ def _held(module: nn.Module, call, arrays, out, run, key):
     (its product ran before the call, as written). Nothing found: ``out``, as written."""
     made, calls, split, before = run
     given = {n: nn.meta.unbox(v) for n, v in made.items()}
-    names, outs = list(given), [list(c.leaves) for c in calls]
+    names, outs = [] if declared else list(given), [list(c.leaves) for c in calls]
 
-    def body(values, outs, *arrays):
-        with _swapped(module, (None, dict(zip(names, values, strict=True)))), \
+    def body(values, outs, *arrays):  # (a setup module's parameters: constants of the trace)
+        with contextlib.nullcontext() if declared else _swapped(
+                module, (None, dict(zip(names, values, strict=True)))), \
                 linen_calls.answered(module, calls, outs) as fed:
             result = call(*arrays)
         return result, fed
 
     try:
-        with _attempt(module, probe=True):  # (its names and draws as they were before)
+        with linen_calls.attempt(module, probe=True):  # (its names and draws as they were)
             linen_calls.rewind(module, before)
             closed, shapes = replay.traced_inlined(body, [given[n] for n in names], outs, *arrays)
+        consts = list(closed.consts)
         closed, fed, seeds = linen_calls.results(closed, len(jax.tree.leaves(shapes[0])), calls)
-        feeding = {names[i] for i in fed if i < len(names)}
+        ids = {id(v): n for n, v in given.items()}
+        at = {ids[id(c)]: i for i, c in enumerate(consts) if id(c) in ids} if declared else \
+            {n: len(consts) + i for i, n in enumerate(names)}
         invars = closed.jaxpr.invars
-        products = _products(closed, [(n, invars[i]) for i, n in enumerate(names)
-                                      if n not in feeding], invars[len(names):])
+        products = _products(closed, [(n, invars[i]) for n, i in at.items() if i not in fed],
+                             invars[len(consts) + len(names):])
         if split - {n for n, _ in products}:
             raise _Ineligible(f"its kernels {sorted(split)} are no longer products of a layer")
     except Exception as e:  # noqa: BLE001 - as written (a fixed cost)
@@ -448,7 +461,7 @@ def _held(module: nn.Module, call, arrays, out, run, key):
         if key is not None:
             _AS_WRITTEN.add(key)
         return out
-    inputs = [given[n] for n in names] + [a for o in outs for a in o] + list(arrays)
+    inputs = consts + [given[n] for n in names] + [a for o in outs for a in o] + list(arrays)
     return _run_as_layer(module, closed, shapes[0], inputs, products, given, nested=True,
                          seeds=seeds)
 
@@ -461,7 +474,7 @@ def _split_kernel(module: nn.Module, call, arrays, given):
     missing, children, made = {}, module._state.children, []
     before = set(children)
     try:
-        with _swapped(module, (missing, given)), _attempt(module, probe=True):
+        with _swapped(module, (missing, given)), linen_calls.attempt(module, probe=True):
             try:
                 jax.make_jaxpr(call)(*arrays)
             finally:
@@ -481,30 +494,6 @@ def _split_kernel(module: nn.Module, call, arrays, given):
 
 class _RunsOthers(_Ineligible):
     pass
-
-
-@contextlib.contextmanager
-def _attempt(module: nn.Module, probe: bool = False):
-    """A trace of ``module``'s own code, ended by the call of another module in its scope (a
-    module running others is no layer; ``nn.share_scope`` hides them from its variables),
-    that leaves its scope as it found it when it fails (its call then runs as written), or
-    always for a ``probe``: no name reserved, no random stream drawn, no submodule named."""
-    before = linen_calls.scope_state(module)
-    _TRACING.append(module)
-
-    def rewind():
-        linen_calls.rewind(module, before)
-
-    try:
-        yield
-    except BaseException:
-        rewind()
-        raise
-    else:
-        if probe:
-            rewind()
-    finally:
-        _TRACING.pop()
 
 
 def _products(closed, candidates, inputs) -> list:

@@ -1,9 +1,11 @@
-"""A product written by hand in a compact linen module that also calls other modules
+"""A product written by hand in a linen module that also calls other modules
 (:mod:`lrjax.linen_calls`): google-research/nested-transformer's attention computes its query and
 key-value projections with ``nn.DenseGeneral`` layers, then its output projection with its own
-``proj_kernel`` in an einsum. The projection is a layer named by its parameter
-(``attn/proj_kernel``), found, costed, calibrated, split and exported; a product that computes
-what one of the module's calls is given stays its own code (as written, a fixed cost)."""
+``proj_kernel`` in an einsum; CLIP's vision tower, a ``setup`` module, declares its output
+projection ``proj`` beside its layers. The projection is a layer named by its parameter
+(``attn/proj_kernel``, ``proj``), found, costed, calibrated, split and exported; a product that
+computes what one of the module's calls is given stays its own code (as written, a fixed
+cost)."""
 
 import flax.linen as nn
 import jax
@@ -158,3 +160,61 @@ def test_a_split_product_that_now_feeds_a_call_is_an_error_naming_it():
                                          r"that its code computes, but its call no longer "
                                          r"traces so"):
         result.module.apply(result.variables, X)
+
+
+class FusedAttention(nn.Module):
+    """open_clip's attention as its JAX ports write it: ``setup`` declares ``in_proj_weight``
+    (PyTorch's layout, used as ``x @ w.T``) beside an ``out_proj`` layer. The product computes
+    what ``out_proj`` is given: it stays its own code."""
+    dim: int
+
+    def setup(self):
+        self.in_proj_weight = self.param("in_proj_weight", nn.initializers.normal(0.1),
+                                         (3 * self.dim, self.dim))
+        self.out_proj = nn.Dense(self.dim)
+
+    def __call__(self, x):
+        q, k, v = jnp.split(x @ self.in_proj_weight.T, 3, axis=-1)
+        return self.out_proj(jax.nn.softmax(q @ k.transpose(0, 2, 1) / 4.0) @ v)
+
+
+class Tower(nn.Module):
+    """CLIP's vision tower in short: a ``setup`` module holding its layers, its class token and
+    its output projection ``proj`` (``pooled @ self.proj``) declared beside them."""
+
+    def setup(self):
+        self.conv1 = nn.Conv(32, (4, 4), strides=4, use_bias=False)
+        self.class_embedding = self.param("class_embedding", nn.initializers.normal(0.1), (32,))
+        self.attn = FusedAttention(32)
+        self.ln_post = nn.LayerNorm()
+        self.proj = self.param("proj", nn.initializers.normal(0.1), (32, 16))
+
+    def __call__(self, image):
+        x = self.conv1(image).reshape(image.shape[0], -1, 32)
+        cls = jnp.broadcast_to(self.class_embedding, (x.shape[0], 1, 32))
+        x = jnp.concatenate([cls, x], axis=1)
+        return self.ln_post((x + self.attn(x))[:, 0]) @ self.proj
+
+
+def test_a_setup_modules_own_product_beside_its_layers_is_a_layer():
+    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    model = Tower()
+    variables = init(model, 0, images)
+    found = {s.path: s for s in surgery.find_convs(model, images)}
+    assert {p for p, s in found.items() if s.candidate} == {"conv1", "attn/out_proj", "proj"}
+    with linen_cells.as_sublayers():
+        jax.tree.map(np.testing.assert_array_equal, init(model, 0, images), variables)
+    exact = lrjax.decompose_linen(model, variables, images, rule={"proj": 16})
+    assert jax.tree.map(jnp.shape, exact.variables["params"]["proj"]) == {
+        "vertical": {"kernel": (32, 16)}, "horizontal": {"kernel": (16, 16)}}
+    np.testing.assert_allclose(exact.module.apply(exact.variables, images),
+                               model.apply(variables, images), rtol=1e-5, atol=1e-5)
+    result = lrjax.decompose_linen(model, variables, images, rule="speedup:1.2",
+                                   calibration=jax.random.normal(jax.random.key(2), (8, 16, 16, 3)))
+    assert "proj" in result.ranks and set(result.report.skipped) == {"attn"}
+    assert "'in_proj_weight' in dot_general" in result.report.skipped["attn"]
+    assert result.report.speedup == pytest.approx(
+        lowered_flops(model.apply, variables, images)
+        / lowered_flops(result.module.apply, result.variables, images), rel=1e-6)
+    made = result.module.init(jax.random.key(3), images)
+    assert jax.tree.map(jnp.shape, made) == jax.tree.map(jnp.shape, result.variables)
