@@ -401,9 +401,9 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
 
 def _holder_call(module: nn.Module, next_fun, args, kwargs, state=None):
     """A module's call that calls other modules too (NesT's attention: ``nn.DenseGeneral``
-    layers, then its own ``proj_kernel`` in an einsum; a ``setup`` module's, ``state``, CLIP's
-    vision tower and its ``proj``): run as written, those calls recorded (a split kernel read as
-    zeros), then its own products run as layers (:func:`_held`)."""
+    layers, then its own ``proj_kernel`` in an einsum; or a ``setup`` module's, its parameters
+    in ``state``: CLIP's vision tower and its ``proj``): run as written, those calls recorded
+    (a split kernel read as zeros), then its own products run as layers (:func:`_held`)."""
     params = module.variables.get("params", {})
     if state is None and not any(not hasattr(v, "items") or _written_pair(v)
                                  for v in params.values()):
