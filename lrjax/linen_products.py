@@ -404,9 +404,8 @@ def _holder_call(module: nn.Module, next_fun, args, kwargs, state=None):
     layers, then its own ``proj_kernel`` in an einsum; or a ``setup`` module's, its parameters
     in ``state``: CLIP's vision tower and its ``proj``): run as written, those calls recorded
     (a split kernel read as zeros), then its own products run as layers (:func:`_held`)."""
-    params = module.variables.get("params", {})
     if state is None and not any(not hasattr(v, "items") or _written_pair(v)
-                                 for v in params.values()):
+                                 for v in module.variables.get("params", {}).values()):
         return next_fun(*args, **kwargs)  # (no parameter of its own)
     made, split = {}, set()
     if state is not None:  # (its parameters read or made in its setup)
