@@ -15,6 +15,15 @@ computed them). The replay of that trace with the product as a Flax layer comput
 module computed; the run as written is left unused but for the calls (``jax.jit`` drops the
 rest: :func:`lrjax.macs.live`).
 
+A call given what a product computes (open_clip's attention: ``x @ in_proj_weight.T``, then
+its ``out_proj`` layer; any call after it, its dropout, its norm) is *live*
+(:func:`live_calls`): the replay makes it on the layer's output (:class:`Live`). Its run as
+written must not make it too (its dropout would draw twice, its batch statistics move twice,
+its calibration statistics and captured outputs count twice), so that run answers it with
+zeros instead (:func:`recorded`'s ``answer``): from the first call of a module so on, whose run
+as written is put back (its scope's names and random counters, the model's mutable
+collections) and made again (:class:`Written`).
+
 Flax's interceptor stack is reached through ``flax.linen.module``'s private
 ``_global_interceptor_stack`` and ``_context.module_stack`` (Flax 0.12): a recorder must see a
 call as its caller does, before any other interceptor, and a trace must be seen by none.
@@ -23,26 +32,31 @@ call as its caller does, before any other interceptor, and a trace must be seen 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.linen import module as flax_module
 from jax.extend import core as jcore
 
 TRACING: list = []  # the modules whose own code is being traced
 
-__all__ = ["Call", "Unanswered", "TRACING", "recorded", "answered", "results", "attempt",
-           "check_shape", "call_key", "scope_state", "rewind", "restore"]
+__all__ = ["Call", "Unanswered", "TRACING", "recorded", "answered", "opened", "results",
+           "live_calls", "Written", "answers", "check_same", "Live", "attempt", "check_shape", "call_key",
+           "scope_state", "rewind", "restore", "collections_state", "put_back"]
+
+_ARRAY = object()  # an array's place among a call's arguments (:attr:`Call.template`)
 
 
 @dataclasses.dataclass(frozen=True)
 class Call:
     """One call a module's code made to another module: the callee's name and class, the
-    method, the arrays it was given, and the leaves (and structure) of what it returned."""
+    method, the arrays it was given, and the leaves (and structure) of what it returned; the
+    callee itself and the call's arguments (``template``: their leaves, arrays ``_ARRAY``, and
+    structure), to make it again (:meth:`made`)."""
 
     name: str | None
     kind: type
@@ -50,9 +64,27 @@ class Call:
     args: tuple
     leaves: tuple
     treedef: object
+    callee: nn.Module | None = None
+    template: tuple = ()
+    answered: bool = False  # (answered with zeros, not made: :func:`recorded`)
 
     def matches(self, module: nn.Module, method: str) -> bool:
         return (module.name, type(module), method) == (self.name, self.kind, self.method)
+
+    def made(self, arrays) -> list:
+        """The leaves of what the call returns made again, given ``arrays`` in place of the
+        arrays it was given (its other arguments as they were)."""
+        leaves, treedef = self.template
+        given = iter(arrays)
+        args, kwargs = jax.tree.unflatten(treedef, [next(given) if a is _ARRAY else a
+                                                    for a in leaves])
+        out = getattr(self.callee, self.method)(*args, **kwargs)
+        flat, treedef = jax.tree.flatten(out)
+        if treedef != self.treedef or [np.shape(a) for a in flat] != [
+                np.shape(a) for a in self.leaves]:
+            raise Unanswered(f"its call of {self.kind.__name__}.{self.method} returned "
+                             f"{jax.tree.map(np.shape, out)} made again, not as written")
+        return flat
 
 
 class Unanswered(ValueError):
@@ -72,26 +104,54 @@ def _of(module: nn.Module, context) -> bool:
 
 
 @contextlib.contextmanager
-def recorded(module: nn.Module):
+def recorded(module: nn.Module, answer: dict | None = None):
     """Within it, each call ``module``'s code makes to another module is appended to the list
     it yields (:class:`Call`), as its caller sees it: the recorder is the outermost
-    interceptor."""
+    interceptor. ``answer``: ``{i: the structure and shapes of what the i-th call returns}``
+    of the calls not made here but answered with zeros (a replay makes them: :class:`Live`)."""
     calls: list[Call] = []
+    answer = answer or {}
 
     def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if _of(module, context):
-            leaves, treedef = jax.tree.flatten(out)
-            calls.append(Call(context.module.name, type(context.module), context.method_name,
-                              tuple(_arrays((args, kwargs))), tuple(leaves), treedef))
+        if not _of(module, context):
+            return next_fun(*args, **kwargs)
+        i, callee = len(calls), context.module
+        answering = i in answer and answer[i][0] == (callee.name, type(callee),
+                                                     context.method_name)
+        if answering:
+            treedef, shapes = answer[i][1:]
+            out = jax.tree.unflatten(treedef, [jnp.zeros(a.shape, a.dtype) for a in shapes])
+            uncaptured.add((id(callee), context.method_name))  # (its zeros: not captured)
+        else:
+            out = next_fun(*args, **kwargs)
+        leaves, treedef = jax.tree.flatten(out)
+        given, structure = jax.tree.flatten((args, kwargs))
+        template = ([_ARRAY if _is_array(a) else a for a in given], structure)
+        calls.append(Call(callee.name, type(callee), context.method_name,
+                          tuple(_arrays((args, kwargs))), tuple(leaves), treedef, callee,
+                          template, answering))
         return out
+
+    uncaptured: set = set()
+    captures = flax_module._context.capture_stack
+    own = captures[-1] if captures and callable(captures[-1]) else None
+
+    def capture(callee, method):  # (Flax asks once the call returns, past the interceptors)
+        if (id(callee), method) in uncaptured:
+            uncaptured.discard((id(callee), method))
+            return False
+        return own(callee, method)
 
     storage = flax_module._global_interceptor_stack._storage
     storage.insert(0, record)
+    if own is not None and answer:
+        captures[-1] = capture
     try:
         yield calls
     finally:
         storage.remove(record)
+        if own is not None and answer:
+            captures[-1] = own
 
 
 @contextlib.contextmanager
@@ -126,24 +186,152 @@ def answered(module: nn.Module, calls: list[Call], outs: list):
                          f"{len(given)} traced")
 
 
+def _is_array(a) -> bool:
+    return isinstance(a, (jax.Array, np.ndarray))
+
+
 def _arrays(tree) -> list:
-    return [a for a in jax.tree.leaves(tree) if isinstance(a, (jax.Array, np.ndarray))]
+    return [a for a in jax.tree.leaves(tree) if _is_array(a)]
 
 
-def results(closed, count: int, calls: list[Call]):
-    """A trace made under :func:`answered`, whose outputs are the module's ``count`` results
-    then the arrays each of ``calls`` was given: ``(the trace of its results alone, its
-    constants its first inputs, the inputs (indices) that compute what the calls were given,
-    {variable: value} of those the calls were given as written)``."""
+def opened(closed):
+    """A trace's jaxpr with its constants its first inputs."""
     from jax._src.interpreters import partial_eval as pe
 
-    flat = pe.convert_constvars_jaxpr(closed.jaxpr)  # (its constants its first inputs)
-    outs = len(flat.outvars)
-    _, used = pe.dce_jaxpr(flat, [False] * count + [True] * (outs - count))
-    seeds = {v: a for v, a in zip(flat.outvars[count:], [a for c in calls for a in c.args],
-                                  strict=True) if not isinstance(v, jcore.Literal)}
-    jaxpr, _ = pe.dce_jaxpr(flat, [True] * count + [False] * (outs - count), True)
+    return pe.convert_constvars_jaxpr(closed.jaxpr)
+
+
+def _spans(calls: list[Call], start: int, what: str) -> list[slice]:
+    spans = []
+    for c in calls:
+        spans.append(slice(start, start + len(getattr(c, what))))
+        start = spans[-1].stop
+    return spans
+
+
+def live_calls(flat, count: int, calls: list[Call], start: int, sources) -> set[int]:
+    """The calls (indices) that a trace made under :func:`answered` (``flat``: :func:`opened`,
+    whose inputs from ``start`` on are what each call returned, whose outputs are the module's
+    ``count`` results then the arrays each call was given) gives arrays that the variables
+    ``sources`` compute, or that such a call's results compute: made again from a replay."""
+    given = [flat.outvars[s] for s in _spans(calls, count, "args")]
+    returned = [flat.invars[s] for s in _spans(calls, start, "leaves")]
+    live: set[int] = set()
+    while True:
+        tainted = set(sources) | {v for i in live for v in returned[i]}
+        for e in flat.eqns:
+            if any(v in tainted for v in e.invars if not isinstance(v, jcore.Literal)):
+                tainted.update(e.outvars)
+        now = {i for i, vs in enumerate(given)
+               if any(v in tainted for v in vs if not isinstance(v, jcore.Literal))}
+        if now == live:
+            return live
+        live = now
+
+
+def results(flat, count: int, calls: list[Call], live=frozenset()):
+    """``(the trace of the module's results, then the arrays the ``live`` calls are given,
+    the inputs (indices) that compute what the other calls were given, {variable: value} of
+    those as given as written)`` of ``flat`` (:func:`live_calls`)."""
+    from jax._src.interpreters import partial_eval as pe
+
+    spans = _spans(calls, count, "args")
+    other = [False] * len(flat.outvars)
+    kept = [True] * count + [False] * (len(flat.outvars) - count)
+    for i, span in enumerate(spans):
+        for j in range(span.start, span.stop):
+            (kept if i in live else other)[j] = True
+    _, used = pe.dce_jaxpr(flat, other)
+    seeds = {v: a for i, (span, c) in enumerate(zip(spans, calls, strict=True)) if i not in live
+             for v, a in zip(flat.outvars[span], c.args, strict=True)
+             if not isinstance(v, jcore.Literal)}
+    jaxpr, _ = pe.dce_jaxpr(flat, kept, True)
     return jcore.ClosedJaxpr(jaxpr, ()), {i for i, u in enumerate(used) if u}, seeds
+
+
+class Written:
+    """``module``'s call as written (``next_fun`` on ``args``, ``kwargs``), within ``hooked()``,
+    its calls to other modules recorded (those in ``answer`` answered with zeros:
+    :func:`recorded`): ``(out, calls)``; ``again``: its scope and collections first put back
+    as they were when this was made (:attr:`scope`: its scope then, :func:`scope_state`)."""
+
+    def __init__(self, module: nn.Module, next_fun, args, kwargs,
+                 hooked=contextlib.nullcontext):
+        self.module, self.call, self.hooked = module, (next_fun, args, kwargs), hooked
+        self.scope, self.collections = scope_state(module), collections_state(module)
+
+    def __call__(self, answer: dict | None = None, again: bool = False):
+        if again:
+            rewind(self.module, self.scope)
+            put_back(self.module, self.collections)
+        next_fun, args, kwargs = self.call
+        with self.hooked(), recorded(self.module, answer) as calls:
+            return next_fun(*args, **kwargs), calls
+
+
+def answers(calls: list[Call], live) -> dict:
+    """:func:`recorded`'s ``answer`` for the ``live`` calls among ``calls``."""
+    return {i: ((calls[i].name, calls[i].kind, calls[i].method), calls[i].treedef,
+                [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in calls[i].leaves])
+            for i in live}
+
+
+def check_same(calls: list[Call], again: list[Call]) -> None:
+    """:class:`Unanswered` unless the calls made ``again`` are ``calls`` (the same modules,
+    methods, and shapes returned)."""
+    def made(c):
+        return c.name, c.kind, c.method, c.treedef, [np.shape(a) for a in c.leaves]
+
+    if [made(c) for c in calls] != [made(c) for c in again]:
+        raise Unanswered("its code made other calls to other modules when run again")
+
+
+class Live:
+    """The ``live`` calls of a trace (:func:`live_calls`) made from its replay, each when what
+    it returned is first read (:meth:`env`), on the arrays the replay computed for it."""
+
+    def __init__(self, flat, count: int, calls: list[Call], start: int, live):
+        given = [flat.outvars[s] for s in _spans(calls, count, "args")]
+        returned = [flat.invars[s] for s in _spans(calls, start, "leaves")]
+        self.calls = calls
+        self.given = {i: given[i] for i in live}
+        self.owner = {v: i for i in live for v in returned[i]}
+        self.returned = {i: returned[i] for i in live}
+
+    def waits(self, jaxpr) -> dict:
+        """``{id of an equation: variables}``: each equation reading what a live call returns
+        after the arrays that call is given (:func:`lrjax.replay.waiting`)."""
+        waits: dict = {}
+        for e in jaxpr.eqns:
+            for v in e.invars:
+                if not isinstance(v, jcore.Literal) and v in self.owner:
+                    waits.setdefault(id(e), []).extend(
+                        a for a in self.given[self.owner[v]] if not isinstance(a, jcore.Literal))
+        return waits
+
+    def env(self) -> dict:
+        """A replay's environment (:func:`lrjax.replay.run`'s ``env``) making a live call when
+        what it returned is first read."""
+        live = self
+
+        class Env(dict):
+            def __missing__(self, v):
+                if v not in live.owner:
+                    raise KeyError(v)
+                live.make(self, live.owner[v])
+                return self[v]
+
+        return Env()
+
+    def make(self, env: dict, i: int) -> None:
+        arrays = [a.val if isinstance(a, jcore.Literal) else env[a] for a in self.given[i]]
+        env.update(zip(self.returned[i], self.calls[i].made(arrays), strict=True))
+
+    def finish(self, env: dict) -> None:
+        """The live calls whose results nothing read, made (what they sow, they sowed)."""
+        for i, returned in self.returned.items():
+            if returned and returned[0] not in env:
+                self.make(env, i)
 
 
 def check_shape(module: nn.Module, name: str, value, init_fn, init_args, init_kwargs) -> None:
@@ -190,12 +378,33 @@ def call_key(module: nn.Module, args, kwargs):
         return None
 
 
+def collections_state(module: nn.Module) -> dict:
+    """The model's mutable collections other than ``params`` as they are now (their nested
+    dicts copied, not their arrays): :func:`put_back`."""
+    root = module.scope.root
+    return {c: _copied(v) for c, v in root._variables.items()
+            if c != "params" and root.is_mutable_collection(c)}
+
+
+def put_back(module: nn.Module, saved: dict) -> None:
+    """The model's mutable collections other than ``params`` back to ``saved``
+    (:func:`collections_state`), in place: the dicts a scope holds stay (emptied)."""
+    root = module.scope.root
+    for c, v in root._variables.items():
+        if c != "params" and root.is_mutable_collection(c) and isinstance(v, dict):
+            restore(v, saved.get(c, {}), lambda made: {})
+
+
+def _copied(tree):
+    return {k: _copied(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
 def scope_state(module: nn.Module):
     """What a call of ``module`` changes in its scope, as it is now: the names reserved and
     made, the random counters (:func:`rewind` puts it back)."""
     state = module._state
     return ({n: set(c) for n, c in module.scope.reservations.items()},
-            copy.deepcopy(module.scope.rng_counters), dict(state.autoname_cursor),
+            _copied(module.scope.rng_counters), dict(state.autoname_cursor),
             dict(state.children))
 
 
@@ -208,13 +417,19 @@ def rewind(module: nn.Module, saved) -> None:
     module._state.autoname_cursor, module._state.children = dict(cursor), dict(children)
 
 
-def restore(current: dict, saved: dict) -> None:
-    """``current`` (nested dicts of counters, shared with child scopes) back to ``saved``, in
-    place."""
+def restore(current: dict, saved: dict, fresh=None) -> None:
+    """``current`` (nested dicts, shared with child scopes: random counters, or collections)
+    back to ``saved``, in place; a nested dict made since stays (its scope holds it; a scope
+    pushed again under its name takes it), as ``fresh(it)`` (by default: its counters back to
+    zeros)."""
+    fresh = fresh or (lambda made: {c: 0 for c, v in made.items() if not isinstance(v, dict)})
     for k in [k for k in current if k not in saved]:
-        del current[k]
+        if isinstance(current[k], dict):
+            restore(current[k], fresh(current[k]), fresh)
+        else:
+            del current[k]
     for k, v in saved.items():
         if isinstance(v, dict) and isinstance(current.get(k), dict):
-            restore(current[k], v)
+            restore(current[k], v, fresh)
         else:
             current[k] = v

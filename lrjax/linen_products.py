@@ -20,9 +20,10 @@ a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax'
   submodules runs as a compact one calling others does: CLIP's tower and its ``proj``), a
   compact module's (its own variables in other collections are fine: t5x's sown ``params_axes``,
   which its run as written sows in an init; a replayed call sows nothing; one that calls other
-  modules runs as written first, those calls recorded and answered in its trace,
-  :mod:`lrjax.linen_calls`) read or made and stored as Flax's ``param`` makes them, from the
-  same random stream, without reserving their names;
+  modules runs as written first, those calls recorded and answered in its trace, those given
+  what a product computes made from its replay, :mod:`lrjax.linen_calls`) read or made and
+  stored as Flax's ``param`` makes them, from the same random stream, without reserving their
+  names;
 * its ``__call__`` is traced (``jax.make_jaxpr``, calls inlined; a call that cannot be, e.g.
   one drawing randomness, runs as written, its scope as it was) and, when one parameter's one
   use is a product that a Flax layer computes (:mod:`lrjax.written_products`: a conv in
@@ -62,7 +63,8 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from lrjax import linen_calls, macs, replay
+from lrjax import linen_calls, replay
+from lrjax.linen_placeholders import placeholder, placeholders
 from lrjax.written_products import KERNEL as _KERNEL
 from lrjax.written_products import NotALayer as _Ineligible
 from lrjax.written_products import (
@@ -77,18 +79,18 @@ from lrjax.written_products import (
     stored_kernel,
 )
 
-__all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name", "check_unread"]
+__all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name"]
 
 _STATE = "_lrjax_setup_params"  # {name: (value, is a placeholder)} its setup declared
 _PARAMS = "_lrjax_written_params"  # (made, given) while a compact module's call is hooked
 _CHILD = "_lrjax_written_layers"  # {parameter: the Flax layer its product runs as}
 _HOOKED: dict[type, type] = {}
 _RUNNING: set[int] = set()  # the modules whose setup or call this interceptor is running
-_UNSPLIT = "lrjax_split_kernel:"  # the scope of a split module's kernel placeholder
 _PAIR = ("vertical", "horizontal")
 _AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) holding no product
 _HOLDERS: set = set()  # the compact calls making submodules, whose split pairs are theirs
 _HOLDS = object()  # what _split_kernel finds for such a call
+_FED: dict = {}  # {a holder's call: its calls given a product's output, made from the replay}
 
 
 def _compact(cls: type) -> bool:
@@ -155,7 +157,7 @@ def _setup_param(module: nn.Module, name, init_fn, init_args, init_kwargs, flax_
     if not module.is_initializing() and _has_pair(module) and (
             not scope.has_variable("params", name) or
             _written_pair(scope.get_variable("params", name))):
-        return _placeholder(module, init_fn, init_args, init_kwargs), True
+        return placeholder(module, init_fn, init_args, init_kwargs), True
     if name != _KERNEL:
         return flax_param(), False
     if scope.has_variable("params", _KERNEL):
@@ -163,14 +165,6 @@ def _setup_param(module: nn.Module, name, init_fn, init_args, init_kwargs, flax_
     if module.is_initializing():
         return nn.meta.unbox(init_fn(module.make_rng("params"), *init_args, **init_kwargs)), False
     return None
-
-
-def _placeholder(module, init_fn, init_args, init_kwargs):
-    """Zeros in place of a split kernel, made in a named scope :func:`check_unread` finds."""
-    shaped = jax.eval_shape(lambda: init_fn(jax.random.key(0), *init_args, **init_kwargs))
-    shaped = nn.meta.unbox(shaped)
-    with jax.named_scope(_UNSPLIT + "|".join(module.scope.path)):
-        return jax.numpy.zeros(shaped.shape, shaped.dtype)
 
 
 def _hooked(cls: type) -> type:
@@ -221,7 +215,7 @@ def _compact_param(module, hook, name, init_fn, init_args, init_kwargs, unbox):
         value = init_fn(module.make_rng("params"), *init_args, **init_kwargs)
         scope.put_variable("params", name, value)  # (its own code may read self.variables)
     elif (given is not None and _has_pair(module)) or (split and is_pair(held)):
-        value = _placeholder(module, init_fn, init_args, init_kwargs)  # the split kernel
+        value = placeholder(module, init_fn, init_args, init_kwargs)  # the split kernel
         if split:
             split[0].add(name)
     else:
@@ -369,11 +363,11 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
         return next_fun(*args, **kwargs)
     made, out = {}, None
     if initializing:  # as written, its parameters made, stored, not reserved
-        before = linen_calls.scope_state(module)
-        with _swapped(module, (made, None)), linen_calls.recorded(module) as calls:
-            out = next_fun(*args, **kwargs)
+        as_written = linen_calls.Written(module, next_fun, args, kwargs,
+                                         _hook(module, (made, None)))
+        out, calls = as_written(_FED.get(key))
         if made and calls:  # it calls other modules too
-            return _held(module, call, arrays, out, (made, calls, set(), before), key)
+            return _held(module, call, arrays, (out, calls, as_written), (made, set()), key)
         if not made or _own_params(module) is None:  # nothing declared, or a submodule
             return out
         given = {n: nn.meta.unbox(v) for n, v in made.items()}
@@ -412,24 +406,33 @@ def _holder_call(module: nn.Module, next_fun, args, kwargs, state=None):
         _stored(module, _values(state))
         made.update(_values(state))
         split.update(n for n, (_, placeholder) in state.items() if placeholder)
-    before = linen_calls.scope_state(module)
-    with contextlib.nullcontext() if state is not None else _swapped(module, (made, None, split)), \
-            linen_calls.recorded(module) as calls:
-        out = next_fun(*args, **kwargs)
     key = linen_calls.call_key(module, args, kwargs)
-    if not split and (not made or not calls or (key is not None and key in _AS_WRITTEN)):
+    as_written = linen_calls.Written(module, next_fun, args, kwargs, contextlib.nullcontext
+                                     if state is not None else _hook(module, (made, None, split)))
+    out, calls = as_written(_FED.get(key))
+    if not split and not any(c.answered for c in calls) and (
+            not made or not calls or (key is not None and key in _AS_WRITTEN)):
         return out
     arrays, call = replay.array_call(next_fun, args, kwargs)
-    return _held(module, call, arrays, out, (made, calls, split, before), key, state is not None)
+    return _held(module, call, arrays, (out, calls, as_written), (made, split), key,
+                 state is not None)
 
 
-def _held(module: nn.Module, call, arrays, out, run, key, declared=False):
-    """A holder's output with its own products as layers, from its run as written (``out``;
-    ``run``: the parameters it read or made, the calls it made, the names of those split, its
-    scope before): its own code traced alone, each call answered with what it returned
-    (:mod:`lrjax.linen_calls`); a parameter computing what a call is given stays its own code's
-    (its product ran before the call, as written). Nothing found: ``out``, as written."""
-    made, calls, split, before = run
+def _hook(module: nn.Module, hook):
+    return functools.partial(_swapped, module, hook)
+
+
+def _held(module: nn.Module, call, arrays, ran, run, key, declared=False):
+    """A holder's output with its own products as layers, from its run as written (``ran``:
+    its output, the calls it made, a function running it again; ``run``: the parameters it
+    read or made, the names of those split): its own code
+    traced alone, each call answered with what it returned (:mod:`lrjax.linen_calls`). A call
+    given what a product computes (open_clip's attention: ``x @ in_proj_weight.T``, then its
+    ``out_proj`` layer) is made from the replay, on the layer's output; its run as written
+    makes it no more (it is run again so the first time: nothing is made twice). Nothing
+    found: its output as written."""
+    out, calls, as_written = ran
+    made, split = run
     given = {n: nn.meta.unbox(v) for n, v in made.items()}
     names, outs = [] if declared else list(given), [list(c.leaves) for c in calls]
 
@@ -442,16 +445,28 @@ def _held(module: nn.Module, call, arrays, out, run, key, declared=False):
 
     try:
         with linen_calls.attempt(module, probe=True):  # (its names and draws as they were)
-            linen_calls.rewind(module, before)
+            linen_calls.rewind(module, as_written.scope)
             closed, shapes = replay.traced_inlined(body, [given[n] for n in names], outs, *arrays)
-        consts = list(closed.consts)
-        closed, fed, seeds = linen_calls.results(closed, len(jax.tree.leaves(shapes[0])), calls)
+        consts, count = list(closed.consts), len(jax.tree.leaves(shapes[0]))
+        flat = linen_calls.opened(closed)
         ids = {id(v): n for n, v in given.items()}
         at = {ids[id(c)]: i for i, c in enumerate(consts) if id(c) in ids} if declared else \
             {n: len(consts) + i for i, n in enumerate(names)}
-        invars = closed.jaxpr.invars
-        products = _products(closed, [(n, invars[i]) for n, i in at.items() if i not in fed],
-                             invars[len(consts) + len(names):])
+        start = len(consts) + len(names)
+        found = _products(jcore.ClosedJaxpr(flat, ()), [(n, flat.invars[i]) for n, i in at.items()],
+                          flat.invars[start:])
+        live = linen_calls.live_calls(flat, count, calls, start, [
+            v for _, p in found for e, *_ in p.slices or ((p.eqn,),) for v in e.outvars])
+        if live != {i for i, c in enumerate(calls) if c.answered}:  # (made as written)
+            answer = linen_calls.answers(calls, live)
+            out, again_calls = as_written(answer, again=True)
+            linen_calls.check_same(calls, again_calls)
+            calls, outs = again_calls, [list(c.leaves) for c in again_calls]
+            if key is not None:
+                _FED[key] = answer
+        closed, fed, seeds = linen_calls.results(flat, count, calls, live)
+        products = _products(closed, [(n, flat.invars[i]) for n, i in at.items() if i not in fed],
+                             flat.invars[start:])
         if split - {n for n, _ in products}:
             raise _Ineligible(f"its kernels {sorted(split)} are no longer products of a layer")
     except Exception as e:  # noqa: BLE001 - as written (a fixed cost)
@@ -459,10 +474,11 @@ def _held(module: nn.Module, call, arrays, out, run, key, declared=False):
             raise _no_longer(module, e) from None
         if key is not None:
             _AS_WRITTEN.add(key)
-        return out
+            _FED.pop(key, None)
+        return as_written(again=True)[0] if any(c.answered for c in calls) else out
     inputs = consts + [given[n] for n in names] + [a for o in outs for a in o] + list(arrays)
     return _run_as_layer(module, closed, shapes[0], inputs, products, given, nested=True,
-                         seeds=seeds)
+                         seeds=seeds, live=linen_calls.Live(flat, count, calls, start, live))
 
 
 def _split_kernel(module: nn.Module, call, arrays, given):
@@ -486,9 +502,7 @@ def _split_kernel(module: nn.Module, call, arrays, given):
         raise _no_longer(module, e) from None
     if made[0]:
         return _HOLDS
-    with jax.named_scope(_UNSPLIT + "|".join(module.scope.path)):
-        return {name: jax.numpy.zeros(shaped.shape, shaped.dtype)
-                for name, shaped in missing.items()}
+    return placeholders(module, missing)
 
 
 class _RunsOthers(_Ineligible):
@@ -512,7 +526,8 @@ def _products(closed, candidates, inputs) -> list:
     return found
 
 
-def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=False, seeds=None):
+def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=False, seeds=None,
+                  live=None):
     """``closed`` replayed on ``inputs`` with each of ``products`` (``(name, Product)``)
     computed by a layer of the module's (``kernels``: ``{name: value}``, for their dtypes);
     the steps to a kernel are its layer's (skipped here: a split kernel's zeros are never
@@ -520,7 +535,8 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
     hand-written attention's ``wq``, ``wk``, ...), or in a shared scope: each is named by its
     kernel, ``{path}/{name}``. A sliced parameter's layer runs once, each slice's product
     taken from its output. ``seeds``: ``{variable: value}`` computed already (a holder's
-    arguments to its calls, as written), not again."""
+    arguments to its calls, as written), not again; ``live``: the calls made from the replay
+    (:class:`lrjax.linen_calls.Live`; what they return is no input)."""
     nested = nested or _shares_scope(module) or len(products) > 1
     layers = module.__dict__.setdefault(_CHILD, {})
     replaced, skipped = {}, {}
@@ -554,7 +570,16 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
             if not is_pair(params.get(name)):
                 set_aside(layers[name], params.pop(name, None))
     waits = {k: v for _, product in products for k, v in product.waits.items()}
-    outs = replay.run(replay.waiting(closed.jaxpr, waits), closed.consts, inputs, rule, env=env)
+    jaxpr = closed.jaxpr
+    if live is not None and live.owner:
+        for k, v in live.waits(jaxpr).items():
+            waits[k] = [*waits.get(k, ()), *v]
+        env = live.env()
+        inputs = [a for v, a in zip(jaxpr.invars, inputs, strict=True) if v not in live.owner]
+        jaxpr = jaxpr.replace(invars=[v for v in jaxpr.invars if v not in live.owner])
+    outs = replay.run(replay.waiting(jaxpr, waits), closed.consts, inputs, rule, env=env)
+    if live is not None:
+        live.finish(env)
     if nested and params is not None:
         for name, _ in products:
             if name not in params:  # (no pair took its place)
@@ -562,26 +587,4 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
             set_aside(layers[name], None)
     elif params is not None and _has_pair(module):  # a decomposed model's init: the pair
         params.pop(products[0][0], None)  # (Flax deletes nothing)
-    return jax.tree.unflatten(jax.tree.structure(shapes), outs)
-
-
-def check_unread(fn, *args) -> None:
-    """Raise ``ValueError`` naming each split module whose kernel ``fn(*args)`` still reads
-    outside its product (``layer.kernel`` in its parent's code: the split module holds zeros
-    in its place, which nothing may compute with), traced as the exporters trace it."""
-    closed = macs.live(jax.make_jaxpr(fn)(*args))  # (a holder's run as written: dropped)
-    made, others = {}, []
-    for e in closed.jaxpr.eqns:
-        stack = str(e.source_info.name_stack)
-        if _UNSPLIT in stack:
-            made.update(dict.fromkeys(e.outvars, stack.split(_UNSPLIT, 1)[1].split("/")[0]))
-        else:
-            others.append(e)
-    read = {made[v] for e in others for v in e.invars
-            if not isinstance(v, jcore.Literal) and v in made} | {
-        made[v] for v in closed.jaxpr.outvars if not isinstance(v, jcore.Literal) and v in made}
-    if read:
-        raise ValueError(f"layers {sorted(p.replace('|', '/') for p in read)} were split as the "
-                         "product of their kernel that their __call__ computes, but the model "
-                         "also reads that kernel elsewhere (e.g. layer.kernel in another "
-                         "module's code), which they no longer have: keep them full")
+    return jax.tree.unflatten(jax.tree.structure(shapes), outs[:len(jax.tree.leaves(shapes))])

@@ -37,6 +37,7 @@ from lrjax import (
     lapack,
     linen_cells,
     linen_moments,
+    linen_placeholders,
     linen_products,
     linen_wrappers,
     macs,
@@ -558,7 +559,7 @@ def decompose_linen(model: nn.Module, variables, *example_args, rule, calibratio
         flat, boxed, {p: problem.site(p) for p in factors}))
     if any(problem.site(p).written for p in factors):  # their kernel read elsewhere: an error
         arrays, rebuild = split_static(example_args)
-        linen_products.check_unread(
+        linen_placeholders.check_unread(
             lambda v, *t: as_jax_types(module.apply(v, *rebuild(t), **example_kwargs)), new_variables,
             *arrays)
     report = build_report(problem, ranks, factors, kept_full, folding.notes(wrapped))

@@ -169,7 +169,8 @@ class Clipped(nn.Module):
 
 
 class Holder(nn.Module):
-    """A parameter next to a layer of its own, and dropout drawing a key: runs as written."""
+    """A parameter whose product feeds its dropout (drawing a key) and a layer of its own: a
+    layer, its calls made from its replay (:mod:`lrjax.linen_calls`)."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -189,12 +190,13 @@ def test_other_calls_run_as_written_or_fail_naming_the_layer():
     variables = init(model, 0, x)
     found = {s.path: s for s in surgery.find_convs(model, x)}
     assert found["clipped"].written and not found["holder/Dense_0"].written
+    assert found["holder/w"].written and found["holder/w"].candidate
     with linen_cells.as_sublayers():  # a training call draws its dropout key as written
         train = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(5)})
     np.testing.assert_array_equal(
         train, model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(5)}))
     result = lrjax.decompose_linen(model, variables, x, rule={"clipped": 4})
-    assert "holder" in result.report.skipped  # its own product, listed
+    assert not result.report.skipped
     result.module.apply(result.variables, x)
     with pytest.raises(ValueError, match=r"'clipped' was split as the product of its kernel that "
                                          r"its code computes, but its call no longer traces so"):
