@@ -254,8 +254,8 @@ class TwoInputs(nn.Module):
 @pytest.mark.slow  # 10 s: two decompositions, six XLA counts, an ONNX export
 def test_score_sde_row_checks_the_report_against_xla_and_exports(tmp_path):
     """One row of ``benchmarks.score_sde`` on a model called as score_sde's are (two arrays,
-    ``train=False``): the report is XLA's lowered ratio, the own product listed, the export of
-    both inputs checked; no checkout: one error line."""
+    ``train=False``): the report is XLA's lowered ratio, the own product a layer, the export
+    of both inputs checked; no checkout: one error line."""
     from benchmarks import score_sde
 
     model = TwoInputs()
@@ -264,8 +264,8 @@ def test_score_sde_row_checks_the_report_against_xla_and_exports(tmp_path):
     variables = model.init(jax.random.key(2), x, sigmas, train=False)
     row = score_sde.measure(model, variables, (x, sigmas), calibration, tmp_dir=str(tmp_path),
                             exporters=("onnx",))
-    assert row["candidates_by_kind"] == {"kxk": 2, "1x1": 1, "dense": 1}
-    assert row["left_as_is"] == ["W"]  # the hand-written product, by its parameter
+    assert row["candidates_by_kind"] == {"kxk": 2, "1x1": 1, "dense": 2}
+    assert row["left_as_is"] == []  # the hand-written product feeding a conv: a layer too
     assert row["full_rank_max_error"] <= 1e-4 * row["output_scale"]
     for method in ("data-free", "calibrated"):
         assert row[method]["report_speedup"] == pytest.approx(
