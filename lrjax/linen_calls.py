@@ -44,9 +44,10 @@ from jax.extend import core as jcore
 
 TRACING: list = []  # the modules whose own code is being traced
 
-__all__ = ["Call", "Unanswered", "TRACING", "recorded", "answered", "opened", "results",
-           "live_calls", "Written", "answers", "check_same", "Live", "attempt", "check_shape", "call_key",
-           "scope_state", "rewind", "restore", "collections_state", "put_back"]
+__all__ = ["Call", "Unanswered", "TRACING", "recorded", "answered", "uncaptured", "opened",
+           "results", "live_calls", "Written", "answers", "check_same", "Live", "attempt",
+           "check_shape", "call_key", "scope_state", "rewind", "restore", "collections_state",
+           "put_back"]
 
 _ARRAY = object()  # an array's place among a call's arguments (:attr:`Call.template`)
 
@@ -175,15 +176,26 @@ def answered(module: nn.Module, calls: list[Call], outs: list):
     stack = flax_module._global_interceptor_stack
     saved = list(stack._storage)
     stack._storage[:] = [answer]
-    flax_module._context.capture_stack.append(None)  # (captured as written, not again)
     try:
-        yield given
+        with uncaptured():  # (captured as written, not again)
+            yield given
     finally:
         stack._storage[:] = saved
-        flax_module._context.capture_stack.pop()
     if len(given) != len(calls):
         raise Unanswered(f"its code made {len(calls)} calls to other modules as written, "
                          f"{len(given)} traced")
+
+
+@contextlib.contextmanager
+def uncaptured():
+    """Within it, no module call's output is captured (``capture_intermediates``): a written
+    product's layer, bound to its module's scope, is part of the module's call, captured as
+    written."""
+    flax_module._context.capture_stack.append(None)
+    try:
+        yield
+    finally:
+        flax_module._context.capture_stack.pop()
 
 
 def _is_array(a) -> bool:
@@ -388,11 +400,24 @@ def collections_state(module: nn.Module) -> dict:
 
 def put_back(module: nn.Module, saved: dict) -> None:
     """The model's mutable collections other than ``params`` back to ``saved``
-    (:func:`collections_state`), in place: the dicts a scope holds stay (emptied)."""
-    root = module.scope.root
+    (:func:`collections_state`), in place: the dicts a scope holds stay (emptied), and a
+    variable sown since under ``module`` is no longer reserved in its scope (sown again, as
+    Flax's ``sow`` makes it: a setup module's scope is not rewound between its calls)."""
+    root, removed = module.scope.root, []
     for c, v in root._variables.items():
         if c != "params" and root.is_mutable_collection(c) and isinstance(v, dict):
-            restore(v, saved.get(c, {}), lambda made: {})
+            restore(v, saved.get(c, {}), lambda made: {}, removed, (c,))
+    here = tuple(module.scope.path)
+    for c, *path, name in removed:
+        owner = module if tuple(path[:len(here)]) == here else None
+        for step in path[len(here):]:
+            owner = owner._state.children.get(step) if owner is not None else None
+        if isinstance(owner, nn.Module) and owner.scope is not None:
+            owner.scope.reservations.get(name, set()).discard(c)
+            if not owner.scope.reservations.get(name, True):
+                del owner.scope.reservations[name]
+            if owner._state.children.get(name) == c:
+                del owner._state.children[name]
 
 
 def _copied(tree):
@@ -417,19 +442,21 @@ def rewind(module: nn.Module, saved) -> None:
     module._state.autoname_cursor, module._state.children = dict(cursor), dict(children)
 
 
-def restore(current: dict, saved: dict, fresh=None) -> None:
+def restore(current: dict, saved: dict, fresh=None, removed=None, path=()) -> None:
     """``current`` (nested dicts, shared with child scopes: random counters, or collections)
     back to ``saved``, in place; a nested dict made since stays (its scope holds it; a scope
     pushed again under its name takes it), as ``fresh(it)`` (by default: its counters back to
-    zeros)."""
+    zeros). ``removed``: a list the paths of the values taken out are appended to."""
     fresh = fresh or (lambda made: {c: 0 for c, v in made.items() if not isinstance(v, dict)})
     for k in [k for k in current if k not in saved]:
         if isinstance(current[k], dict):
-            restore(current[k], fresh(current[k]), fresh)
+            restore(current[k], fresh(current[k]), fresh, removed, (*path, k))
         else:
             del current[k]
+            if removed is not None:
+                removed.append((*path, k))
     for k, v in saved.items():
         if isinstance(v, dict) and isinstance(current.get(k), dict):
-            restore(current[k], v, fresh)
+            restore(current[k], v, fresh, removed, (*path, k))
         else:
             current[k] = v

@@ -557,11 +557,13 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
         layer, product, span = replaced[id(e)]
         typed = e.outvars[0].aval.dtype  # (the product's own: a layer computing in its
         if product.sliced is None:  # parameters' dtype where the code cast both down)
-            return [run_in_layout(layer, product, ins[product.data]).astype(typed)]
+            with linen_calls.uncaptured():  # (the module's call is, as written)
+                return [run_in_layout(layer, product, ins[product.data]).astype(typed)]
         if id(layer) not in computed:  # (every piece's data is the same, or stacked: experts)
-            computed[id(layer)] = layer(jax.numpy.stack([
-                env[eqn.invars[product.data]] for eqn, *_ in product.slices])
-                if product.stacked else ins[product.data])
+            with linen_calls.uncaptured():
+                computed[id(layer)] = layer(jax.numpy.stack([
+                    env[eqn.invars[product.data]] for eqn, *_ in product.slices])
+                    if product.stacked else ins[product.data])
         return [piece_of(product, computed[id(layer)], *span).astype(typed)]
 
     params = module.scope._mutable_collection("params") if module.is_initializing() else None
