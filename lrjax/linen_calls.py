@@ -122,7 +122,7 @@ def recorded(module: nn.Module, answer: dict | None = None):
         if answering:
             treedef, shapes = answer[i][1:]
             out = jax.tree.unflatten(treedef, [jnp.zeros(a.shape, a.dtype) for a in shapes])
-            uncaptured.add((id(callee), context.method_name))  # (its zeros: not captured)
+            zeroed.add((id(callee), context.method_name))  # (its zeros: not captured)
         else:
             out = next_fun(*args, **kwargs)
         leaves, treedef = jax.tree.flatten(out)
@@ -133,13 +133,13 @@ def recorded(module: nn.Module, answer: dict | None = None):
                           template, answering))
         return out
 
-    uncaptured: set = set()
+    zeroed: set = set()  # the calls answered, whose output Flax is yet to capture
     captures = flax_module._context.capture_stack
     own = captures[-1] if captures and callable(captures[-1]) else None
 
     def capture(callee, method):  # (Flax asks once the call returns, past the interceptors)
-        if (id(callee), method) in uncaptured:
-            uncaptured.discard((id(callee), method))
+        if (id(callee), method) in zeroed:
+            zeroed.discard((id(callee), method))
             return False
         return own(callee, method)
 

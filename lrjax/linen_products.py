@@ -425,12 +425,11 @@ def _hook(module: nn.Module, hook):
 def _held(module: nn.Module, call, arrays, ran, run, key, declared=False):
     """A holder's output with its own products as layers, from its run as written (``ran``:
     its output, the calls it made, a function running it again; ``run``: the parameters it
-    read or made, the names of those split): its own code
-    traced alone, each call answered with what it returned (:mod:`lrjax.linen_calls`). A call
-    given what a product computes (open_clip's attention: ``x @ in_proj_weight.T``, then its
-    ``out_proj`` layer) is made from the replay, on the layer's output; its run as written
-    makes it no more (it is run again so the first time: nothing is made twice). Nothing
-    found: its output as written."""
+    read or made, the names of those split): its own code traced alone, each call answered
+    with what it returned (:mod:`lrjax.linen_calls`). A call given what a product computes
+    (open_clip's attention: ``x @ in_proj_weight.T``, then its ``out_proj`` layer) is made
+    from the replay, on the layer's output; its run as written makes it no more (run again so
+    the first time: nothing is made twice). Nothing found: its output as written."""
     out, calls, as_written = ran
     made, split = run
     given = {n: nn.meta.unbox(v) for n, v in made.items()}
@@ -459,9 +458,9 @@ def _held(module: nn.Module, call, arrays, ran, run, key, declared=False):
             v for _, p in found for e, *_ in p.slices or ((p.eqn,),) for v in e.outvars])
         if live != {i for i, c in enumerate(calls) if c.answered}:  # (made as written)
             answer = linen_calls.answers(calls, live)
-            out, again_calls = as_written(answer, again=True)
-            linen_calls.check_same(calls, again_calls)
-            calls, outs = again_calls, [list(c.leaves) for c in again_calls]
+            previous, (out, calls) = calls, as_written(answer, again=True)
+            linen_calls.check_same(previous, calls)  # (else: as written, once more)
+            outs = [list(c.leaves) for c in calls]
             if key is not None:
                 _FED[key] = answer
         closed, fed, seeds = linen_calls.results(flat, count, calls, live)
@@ -560,10 +559,10 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
             with linen_calls.uncaptured():  # (the module's call is, as written)
                 return [run_in_layout(layer, product, ins[product.data]).astype(typed)]
         if id(layer) not in computed:  # (every piece's data is the same, or stacked: experts)
-            with linen_calls.uncaptured():
-                computed[id(layer)] = layer(jax.numpy.stack([
-                    env[eqn.invars[product.data]] for eqn, *_ in product.slices])
-                    if product.stacked else ins[product.data])
+            data = jax.numpy.stack([env[eqn.invars[product.data]] for eqn, *_ in
+                                    product.slices]) if product.stacked else ins[product.data]
+            with linen_calls.uncaptured():  # (a live call it reads, made before: captured)
+                computed[id(layer)] = layer(data)
         return [piece_of(product, computed[id(layer)], *span).astype(typed)]
 
     params = module.scope._mutable_collection("params") if module.is_initializing() else None
