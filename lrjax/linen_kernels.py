@@ -34,13 +34,22 @@ def site_parameters(flat, site: ConvSite) -> dict:
 
 def with_parametrization_flops(found: list[ConvSite], flat, batch: int) -> list[ConvSite]:
     """The sites with :attr:`ConvSite.parametrization_flops` set: XLA's count of each
-    parametrization, lowered (one count per layer type and parameter shapes), per example."""
+    parametrization, lowered (one count per layer type and parameter shapes), per example.
+    Where the layer casts its parameters to the dtype it computes in, its pair casts its factors
+    too (:attr:`ConvSite.param_cast_flops`): the casts are left out of that count, which a
+    split saves (a hand-written ``x @ w.astype(jnp.bfloat16)``: the cast is the whole of it)."""
     counted, out = {}, []
     for site in found:
         if site.candidate and site.parametrization is not None:
             stored = stored_parameters(flat, site)
-            key = (sites.parametrization_key(site.parametrization),
-                   tuple(sorted((k, np.shape(v)) for k, v in stored.items())))
+            if site.param_cast_flops:  # (as cast already: no convert lowered)
+                used = jax.eval_shape(site.parametrization, stored)
+                named = {site.kernel_key[-1]: "kernel", "bias": "bias"}  # (stored: used)
+                stored = {k: v.astype(used[named[k]].dtype) if named.get(k) in used else v
+                          for k, v in stored.items()}
+            key = (sites.parametrization_key(site.parametrization), bool(site.param_cast_flops),
+                   tuple(sorted((k, np.shape(v), str(np.result_type(v)))
+                                for k, v in stored.items())))
             if key not in counted:
                 analysis = jax.jit(site.parametrization).lower(stored).cost_analysis()
                 counted[key] = float((analysis or {}).get("flops", 0.0))
