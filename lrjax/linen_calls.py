@@ -221,13 +221,19 @@ def _spans(calls: list[Call], start: int, what: str) -> list[slice]:
     return spans
 
 
+def _variables(flat, count: int, calls: list[Call], start: int):
+    """Per call, the trace's variables of the arrays it was given (outputs from ``count``
+    on) and of what it returned (inputs from ``start`` on)."""
+    return ([flat.outvars[s] for s in _spans(calls, count, "args")],
+            [flat.invars[s] for s in _spans(calls, start, "leaves")])
+
+
 def live_calls(flat, count: int, calls: list[Call], start: int, sources) -> set[int]:
     """The calls (indices) that a trace made under :func:`answered` (``flat``: :func:`opened`,
     whose inputs from ``start`` on are what each call returned, whose outputs are the module's
     ``count`` results then the arrays each call was given) gives arrays that the variables
     ``sources`` compute, or that such a call's results compute: made again from a replay."""
-    given = [flat.outvars[s] for s in _spans(calls, count, "args")]
-    returned = [flat.invars[s] for s in _spans(calls, start, "leaves")]
+    given, returned = _variables(flat, count, calls, start)
     live: set[int] = set()
     while True:
         tainted = set(sources) | {v for i in live for v in returned[i]}
@@ -303,8 +309,7 @@ class Live:
     it returned is first read (:meth:`env`), on the arrays the replay computed for it."""
 
     def __init__(self, flat, count: int, calls: list[Call], start: int, live):
-        given = [flat.outvars[s] for s in _spans(calls, count, "args")]
-        returned = [flat.invars[s] for s in _spans(calls, start, "leaves")]
+        given, returned = _variables(flat, count, calls, start)
         self.calls = calls
         self.given = {i: given[i] for i in live}
         self.owner = {v: i for i in live for v in returned[i]}

@@ -1,8 +1,11 @@
 """Helpers shared by the tests."""
 
 import functools
+import os
 
 import jax
+import numpy as np
+import pytest
 
 # XLA:CPU's older loop emitters instead of its fusion emitters: the same results, compiled
 # 15-25% faster (the suite's flags, tests/conftest.py)
@@ -31,6 +34,31 @@ def lowered_flops(fn, *args) -> float:
     """XLA's flop count of ``jax.jit(fn)`` lowered for ``args``, before compilation (the count
     lrjax's whole-net cost equals; compilation's fusions move it by a few element-wise ops)."""
     return jax.jit(fn).lower(*args).cost_analysis()["flops"]
+
+
+def whole_net_rule(model, variables, x, rule, calibration, tmp_path, onnx_input=None):
+    """``rule`` applied to ``model`` data-free and calibrated on ``calibration`` (example input
+    ``x``), each report's whole-net speedup checked against XLA's lowered ratio; the calibrated
+    result exported to ONNX (checked against JAX, ``onnx_input``: ``(x,)`` by default) and saved
+    and loaded (the same outputs). ``(free, fitted, the export's result)``, for the caller's
+    own checks."""
+    import lrjax
+    from lrjax import export
+
+    free = lrjax.decompose_linen(model, variables, x, rule=rule)
+    fitted = lrjax.decompose_linen(model, variables, x, rule=rule, calibration=calibration)
+    for result in (free, fitted):  # the whole net, as XLA counts it (nothing counted twice)
+        assert result.report.speedup == pytest.approx(
+            lowered_flops(model.apply, variables, x)
+            / lowered_flops(result.module.apply, result.variables, x), rel=1e-6)
+    done = export.to_onnx(fitted.module, fitted.variables,
+                          (x,) if onnx_input is None else onnx_input,
+                          os.path.join(tmp_path, "model.onnx"))
+    assert done.max_abs_error <= 1e-5 * max(1.0, done.scale)
+    lrjax.save_decomposed(os.path.join(tmp_path, "saved"), fitted)
+    module, loaded = lrjax.load_decomposed(os.path.join(tmp_path, "saved"), model, x)
+    np.testing.assert_array_equal(module.apply(loaded, x), fitted.module.apply(fitted.variables, x))
+    return free, fitted, done
 
 
 def after_each_step(setup, hook):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import lrjax
-from lrjax import export, linen_cells, surgery
-from tests.helpers import init, lowered_flops
+from lrjax import linen_cells, surgery
+from tests.helpers import init, lowered_flops, whole_net_rule
 
 X = jax.random.normal(jax.random.key(1), (2, 5, 16))
 
@@ -87,20 +87,9 @@ def test_its_own_products_are_layers_named_by_their_parameters(net):
 def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(net, tmp_path):
     model, variables = net
     calibration = jax.random.normal(jax.random.key(2), (8, 5, 16))
-    free = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5,multiple=1")
-    fitted = lrjax.decompose_linen(model, variables, X, rule="speedup:1.5,multiple=1",
-                                   calibration=calibration)
-    for result in (free, fitted):  # the whole net, as XLA counts it (nothing counted twice)
+    for result in whole_net_rule(model, variables, X, "speedup:1.5,multiple=1", calibration,
+                                 tmp_path)[:2]:
         assert "attn/proj_kernel" in result.ranks and not result.report.skipped
-        assert result.report.speedup == pytest.approx(
-            lowered_flops(model.apply, variables, X)
-            / lowered_flops(result.module.apply, result.variables, X), rel=1e-6)
-    done = export.to_onnx(fitted.module, fitted.variables, (X,), str(tmp_path / "b.onnx"))
-    assert done.max_abs_error <= 1e-5 * max(1.0, done.scale)
-    lrjax.save_decomposed(str(tmp_path / "saved"), fitted)
-    module, loaded = lrjax.load_decomposed(str(tmp_path / "saved"), model, X)
-    np.testing.assert_array_equal(module.apply(loaded, X),
-                                  fitted.module.apply(fitted.variables, X))
 
 
 class Fed(nn.Module):
