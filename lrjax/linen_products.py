@@ -91,6 +91,7 @@ _AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) 
 _HOLDERS: set = set()  # the compact calls making submodules, whose split pairs are theirs
 _HOLDS = object()  # what _split_kernel finds for such a call
 _FED: dict = {}  # {a holder's call: its calls given a product's output, made from the replay}
+_CHECK_SCOPE = getattr(nn.module, "TestScope", ())  # Flax's scope for a lifted setup's check
 
 
 def _compact(cls: type) -> bool:
@@ -102,13 +103,16 @@ def _compact(cls: type) -> bool:
 @functools.cache
 def _eligible_class(cls: type) -> bool:
     """A module class of the user's own, not derived from a Flax layer (a subclass of
-    ``nn.Conv`` is split or kept as one: :func:`lrjax.layers.delegated_base`)."""
+    ``nn.Conv`` is split or kept as one: :func:`lrjax.layers.delegated_base`); one of Flax's
+    lifted transforms made of it (``nn.jit(Linear)``, nested too) is: the instance a model
+    holds runs its ``setup`` (storing a kernel apart from the one its transformed call reads)."""
     return not [k for k in cls.__mro__ if k.__module__.partition(".")[0] in ("flax", "lrjax")
-                and k not in nn.Module.__mro__]
+                and k not in nn.Module.__mro__ and k.__module__ != nn.transforms.__name__]
 
 
 def _eligible(module: nn.Module) -> bool:
-    return _eligible_class(type(module))
+    """An eligible class bound to a scope of the model (not Flax's check of a setup)."""
+    return _eligible_class(type(module)) and not isinstance(module.scope, _CHECK_SCOPE)
 
 
 def runs_as_layer(module: nn.Module) -> bool:

@@ -308,9 +308,8 @@ def product_of(closed, var, inputs, experts: bool = False) -> Product:
         if len(batched[0]) > 1:
             raise NotALayer("a batch of products over several axes (the kernel's and the "
                             "data's batch axes)")
-        if not 0 < len(contracted[at[0]]) < len(kernel.shape) - len(batched[0]) or \
-                len(contracted[data]) + len(batched[0]) == len(x.shape):
-            raise NotALayer("a product keeping none of the kernel's or the data's axes")
+        if not 0 < len(contracted[at[0]]) < len(kernel.shape) - len(batched[0]):
+            raise NotALayer("a product keeping none of the kernel's axes")
         return found
     if eqn.primitive.name == "ragged_dot_general" and experts:
         if data != 0 or not is_ragged_product(eqn):

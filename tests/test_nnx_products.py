@@ -273,3 +273,38 @@ def test_a_child_given_the_calls_rngs_draws_from_them():
     rngs = nnx.Rngs(7)
     first, second = result.module(x, rngs=rngs), result.module(x, rngs=rngs)
     assert not np.allclose(first, second)  # the caller's stream moves on
+
+
+
+class Row(nnx.Module):
+    def __init__(self, rngs):
+        self.w = _normal(rngs, (16, 32))
+
+    def __call__(self, row):
+        return jnp.tanh(row @ self.w[...])
+
+
+class PerExample(nnx.Module):
+    """A hand-written product ``nnx.vmap``-ed over the batch: each call multiplies one vector (no
+    batch axis) by the kernel, a dense layer still."""
+
+    def __init__(self, rngs):
+        self.row, self.head = Row(rngs), nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.vmap(lambda m, r: m(r), in_axes=(None, 0))(self.row, x))
+
+
+def test_a_product_of_one_vector_by_a_kernel_is_split():
+    x = jax.random.normal(jax.random.key(3), (6, 16))
+    model = PerExample(nnx.Rngs(0))
+    want = model(x)
+    full = lrjax.decompose_nnx(model, x, rule={"row/w": 16})
+    np.testing.assert_allclose(full.module(x), want, rtol=1e-5, atol=1e-5)
+    result = lrjax.decompose_nnx(model, x, rule="speedup:1.5", calibration=x)
+    assert "row/w" in result.ranks
+    flops = []
+    for m in (model, result.module):
+        graphdef, state = nnx.split(m)
+        flops.append(lowered_flops(lambda s, v, g=graphdef: nnx.merge(g, s)(v), state, x))
+    assert flops[0] / flops[1] == pytest.approx(result.report.speedup, rel=1e-6)

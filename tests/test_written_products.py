@@ -13,7 +13,7 @@ import pytest
 
 import lrjax
 from lrjax import export, linen_cells, linen_products, surgery
-from tests.helpers import init
+from tests.helpers import init, whole_net_rule
 
 
 class Subsampling(nn.Module):
@@ -300,3 +300,41 @@ def test_a_helper_method_its_call_runs_is_part_of_its_product():
 
     operands = {tuple(str(v.aval.dtype) for v in e.invars) for e in dots(closed.jaxpr)}
     assert operands == {("bfloat16", "bfloat16")}, operands
+
+
+_LIFTS = {
+    "jit": nn.jit,
+    "jit_of_remat": lambda cls: nn.jit(nn.remat(cls)),
+    # per example: the product of one vector (no batch axis) by the kernel, a dense layer still
+    "vmap": lambda cls: nn.vmap(cls, variable_axes={"params": None},
+                                split_rngs={"params": False}),
+}
+
+
+class Lifted(nn.Module):
+    """Two setup modules' written products, each under a lifted transform of its class
+    (``nn.jit(Projection)(...)``): the instance the model holds runs ``setup`` in its scope and
+    gives its call to a clone of ``Projection``."""
+    lift: str
+
+    @nn.compact
+    def __call__(self, x):
+        lift = _LIFTS[self.lift](Projection)
+        h = lift(16, 32, name="first")(x)
+        h = lift(32, 32, name="second")(h)
+        return nn.Dense(4, name="head")(h)
+
+
+@pytest.mark.parametrize("lift", sorted(_LIFTS))
+def test_a_setup_modules_product_under_a_lifted_transform_of_its_class_splits(lift, tmp_path):
+    x = jax.random.normal(jax.random.key(5), (6, 16))
+    model = Lifted(lift)
+    variables = init(model, 0, x)
+    found = {s.path: s.kind for s in surgery.find_convs(model, x) if s.candidate}
+    assert found == {"first": "dense", "second": "dense", "head": "dense"}
+    full = lrjax.decompose_linen(model, variables, x, rule={"first": 16, "second": 32})
+    assert jax.tree.map(jnp.shape, full.variables["params"]["first"]) == {
+        "vertical": {"kernel": (16, 16)}, "horizontal": {"kernel": (16, 32)}}
+    np.testing.assert_allclose(full.module.apply(full.variables, x), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+    whole_net_rule(model, variables, x, "speedup:1.5", x, tmp_path)
