@@ -18,8 +18,10 @@ self.w``, ``x @ self.w.T``, ``jnp.einsum('btd,dhk->bthk', x, self.w)``), is a pr
 loop over experts), an ``nnx.Einsum``'s of the pieces' data stacked (:attr:`lrjax.
 written_products.Product.stacked`: the replay computes every piece's data before the first
 piece, :func:`lrjax.replay.waiting`). Its other uses (scaled, sliced otherwise, a lookup, used twice) are
-its own code's products, a fixed cost. A call that cannot be traced so (Python control flow on
-values) keeps the module as written.
+its own code's products, a fixed cost. A call that transforms the module itself (``nnx.vmap``
+or ``nnx.remat`` of a function of ``self``) is traced with the module taken as made in that trace
+(:func:`_of_this_trace`). A call that cannot be traced so (Python control flow on values) keeps
+the module as written.
 
 In lrjax's copies of the model (:func:`canonical`), each such parameter becomes the kernel of an
 ``nnx.Einsum`` view in its place (the same variable, shared), and the module's class a subclass
@@ -37,6 +39,7 @@ module whose call no longer computes a split product so (called on data of anoth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -44,6 +47,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from flax import nnx
+from flax.nnx import tracers
 from jax.extend import core as jcore
 
 from lrjax import ragged, replay, sites, written_products
@@ -175,7 +179,8 @@ def _traced(module, names: list[str], kernels: list, args, kwargs):
             vars(module).update(_stand_ins(module, names, calls))
             for name, value in zip(names, values, strict=True):  # (its code reads parameters)
                 vars(module)[name] = nnx.Param(value)
-            return call(*arrays)
+            with _of_this_trace(module):
+                return call(*arrays)
         finally:  # (as it was: an attribute its code set in the trace would hold a tracer)
             for name in [n for n in vars(module) if n not in held]:
                 del vars(module)[name]
@@ -185,6 +190,26 @@ def _traced(module, names: list[str], kernels: list, args, kwargs):
     closed, shapes = replay.traced_inlined(body, kernels, *arrays,
                                            keep=lambda e: e.primitive is _CHILD_CALL)
     return closed, shapes, arrays, calls
+
+
+@contextlib.contextmanager
+def _of_this_trace(module):
+    """``module`` and its variables taken as made in the trace being made, their values put
+    back after: NNX's transforms refuse a node made outside the current trace, and its own code
+    may transform itself (``nnx.vmap(lambda m, row: row @ m.w, in_axes=(None, 0))(self, x)``)."""
+    held = [n if isinstance(n, nnx.Variable) else n._pytree__state  # (what holds each state)
+            for _, n in nnx.graph.iter_graph(module) if isinstance(n, (nnx.Variable, nnx.Pytree))]
+    saved = [(h, h._trace_state, h.get_raw_value() if isinstance(h, nnx.Variable) else None)
+             for h in held]
+    try:
+        for holder in held:
+            object.__setattr__(holder, "_trace_state", tracers.TraceState())
+        yield
+    finally:
+        for holder, state, value in saved:
+            if isinstance(holder, nnx.Variable):  # (while it may be updated here)
+                holder.set_raw_value(value, _unsafe_bypass_check=True)
+            object.__setattr__(holder, "_trace_state", state)
 
 
 def _equation(product: written_products.Product):

@@ -276,28 +276,51 @@ def test_a_child_given_the_calls_rngs_draws_from_them():
 
 
 
+
 class Row(nnx.Module):
     def __init__(self, rngs):
-        self.w = _normal(rngs, (16, 32))
+        self.w, self.b = _normal(rngs, (16, 32)), nnx.Param(jnp.full((32,), 0.1))
 
     def __call__(self, row):
-        return jnp.tanh(row @ self.w[...])
+        return jnp.tanh(row @ self.w[...] + self.b[...])
+
+
+class TransformsItself(Row):
+    """Its own call transforms itself (``nnx.vmap`` over the examples, ``nnx.remat``): NNX
+    refuses a module made outside the trace lrjax records its call in to its transforms, unless
+    told it was made there."""
+
+    def __init__(self, rngs, transform):
+        super().__init__(rngs)
+        self.transform = transform
+
+    def __call__(self, x):
+        def product(m, row):
+            return jnp.tanh(row @ m.w[...] + m.b[...])
+        if self.transform == "remat":
+            return nnx.remat(product)(self, x)
+        return nnx.vmap(product, in_axes=(None, 0))(self, x)
 
 
 class PerExample(nnx.Module):
     """A hand-written product ``nnx.vmap``-ed over the batch: each call multiplies one vector (no
     batch axis) by the kernel, a dense layer still."""
 
-    def __init__(self, rngs):
-        self.row, self.head = Row(rngs), nnx.Linear(32, 4, rngs=rngs)
+    def __init__(self, rngs, itself=None):
+        self.itself = itself
+        self.row = Row(rngs) if itself is None else TransformsItself(rngs, itself)
+        self.head = nnx.Linear(32, 4, rngs=rngs)
 
     def __call__(self, x):
+        if self.itself:
+            return self.head(self.row(x))
         return self.head(nnx.vmap(lambda m, r: m(r), in_axes=(None, 0))(self.row, x))
 
 
-def test_a_product_of_one_vector_by_a_kernel_is_split():
+@pytest.mark.parametrize("itself", [None, "vmap", "remat"])
+def test_a_product_of_one_vector_by_a_kernel_is_split(itself, tmp_path):
     x = jax.random.normal(jax.random.key(3), (6, 16))
-    model = PerExample(nnx.Rngs(0))
+    model = PerExample(nnx.Rngs(0), itself)
     want = model(x)
     full = lrjax.decompose_nnx(model, x, rule={"row/w": 16})
     np.testing.assert_allclose(full.module(x), want, rtol=1e-5, atol=1e-5)
@@ -308,3 +331,6 @@ def test_a_product_of_one_vector_by_a_kernel_is_split():
         graphdef, state = nnx.split(m)
         flops.append(lowered_flops(lambda s, v, g=graphdef: nnx.merge(g, s)(v), state, x))
     assert flops[0] / flops[1] == pytest.approx(result.report.speedup, rel=1e-6)
+    np.testing.assert_allclose(model(x), want)  # (the model as it was: no tracer left in it)
+    done = export.to_onnx(result.module, None, (x,), str(tmp_path / "m.onnx"))
+    assert done.max_abs_error <= 1e-5 + 1e-4 * done.scale
