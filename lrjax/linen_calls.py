@@ -99,9 +99,20 @@ def _caller() -> nn.Module | None:
 
 def _of(module: nn.Module, context) -> bool:
     """Whether an intercepted call is one ``module``'s own code makes to another module (not
-    its own methods, ``param`` included; not a callee's lazy ``setup``)."""
+    its own methods, ``param`` included, nor those of its clone a lifted transform of its own
+    code runs; not a callee's lazy ``setup``)."""
     return context.module is not module and context.method_name != "setup" and \
-        _caller() is module
+        _caller() is module and not lifted_clone(context.module, module)
+
+
+def lifted_clone(other: nn.Module, module: nn.Module) -> bool:
+    """Whether ``other`` is ``module`` as a lifted transform of its own code runs it
+    (``nn.remat(f)(self, x)``: a clone of it, of its class, bound to a lifted scope at its
+    path), not another module. (Classes compared by name: lrjax may swap either's class for a
+    subclass of the same name while it runs.)"""
+    return other is not module and other.scope is not None and module.scope is not None and \
+        tuple(other.scope.path) == tuple(module.scope.path) and all(
+            getattr(type(other), a) == getattr(type(module), a) for a in ("__module__", "__qualname__"))
 
 
 @contextlib.contextmanager

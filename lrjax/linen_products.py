@@ -44,8 +44,9 @@ a :class:`lrjax.layers.LowRankModel`), for a module that is not Flax's or lrjax'
   one whose one-index slices each multiply other data alike (a loop over experts, ``x_i @
   w[i]``: an ``nn.Einsum`` of their data stacked, computed at the first slice once every
   slice's data is, :func:`lrjax.replay.waiting`). The rest of the module's code runs as
-  written, on the layers' outputs. A call found to hold no such
-  product (a norm's, a layer scale's) runs as written at once the next times it is made alike.
+  written, on the layers' outputs (a lifted transform of its own code, ``nn.remat(f)(self, x)``,
+  included). A call found to hold no such product (a norm's, a layer scale's) runs as written
+  at once the next times it is made alike. Its class may be one Flax's lifted transforms made.
 
 A kernel used in any other way (multiplied by data, in two products other than such slices,
 per head) stays in its own code's products, a fixed cost (:mod:`lrjax.own_code`); a decomposed
@@ -91,6 +92,7 @@ _AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) 
 _HOLDERS: set = set()  # the compact calls making submodules, whose split pairs are theirs
 _HOLDS = object()  # what _split_kernel finds for such a call
 _FED: dict = {}  # {a holder's call: its calls given a product's output, made from the replay}
+_SHARED = "_lrjax_shared_params"  # a lifted clone's: the traced module's _STATE
 _CHECK_SCOPE = getattr(nn.module, "TestScope", ())  # Flax's scope for a lifted setup's check
 
 
@@ -103,9 +105,8 @@ def _compact(cls: type) -> bool:
 @functools.cache
 def _eligible_class(cls: type) -> bool:
     """A module class of the user's own, not derived from a Flax layer (a subclass of
-    ``nn.Conv`` is split or kept as one: :func:`lrjax.layers.delegated_base`); one of Flax's
-    lifted transforms made of it (``nn.jit(Linear)``, nested too) is: the instance a model
-    holds runs its ``setup`` (storing a kernel apart from the one its transformed call reads)."""
+    ``nn.Conv`` is split or kept as one: :func:`lrjax.layers.delegated_base`), or one Flax's
+    lifted transforms made of it (``nn.jit(Linear)``: the instance held runs its ``setup``)."""
     return not [k for k in cls.__mro__ if k.__module__.partition(".")[0] in ("flax", "lrjax")
                 and k not in nn.Module.__mro__ and k.__module__ != nn.transforms.__name__]
 
@@ -177,6 +178,8 @@ def _hooked(cls: type) -> type:
     parameter: the traced one given, else read or made and recorded."""
     if cls not in _HOOKED:
         def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+            if name in self.__dict__.get(_SHARED, {}):  # (a lifted clone's: as the traced one)
+                return self.__dict__[_SHARED][name][0]
             hook = self.__dict__.get(_PARAMS)
             if hook is not None:
                 return _compact_param(self, hook, name, init_fn, init_args, init_kwargs, unbox)
@@ -248,6 +251,10 @@ def as_layer(next_fun, args, kwargs, context):
     ``__call__`` with its product as a Flax layer (the module's docstring)."""
     module, method = context.module, context.method_name
     tracing = linen_calls.TRACING
+    if tracing and linen_calls.lifted_clone(module, tracing[-1]):  # (its own code's: its setup
+        object.__setattr__(module, _SHARED, tracing[-1].__dict__.get(_STATE, {}))  # reads what
+        with _swapped(module) if method == "setup" else contextlib.nullcontext():  # the traced
+            return next_fun(*args, **kwargs)  # module read)
     if tracing and module is not tracing[-1] and module.scope is not None and \
             tuple(module.scope.path) == tuple(tracing[-1].scope.path):
         raise _RunsOthers(f"its call runs {type(module).__name__} in its scope "
@@ -368,7 +375,7 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
     made, out = {}, None
     if initializing:  # as written, its parameters made, stored, not reserved
         as_written = linen_calls.Written(module, next_fun, args, kwargs,
-                                         _hook(module, (made, None)))
+                                         functools.partial(_swapped, module, (made, None)))
         out, calls = as_written(_FED.get(key))
         if made and calls:  # it calls other modules too
             return _held(module, call, arrays, (out, calls, as_written), (made, set()), key)
@@ -411,8 +418,9 @@ def _holder_call(module: nn.Module, next_fun, args, kwargs, state=None):
         made.update(_values(state))
         split.update(n for n, (_, placeholder) in state.items() if placeholder)
     key = linen_calls.call_key(module, args, kwargs)
-    as_written = linen_calls.Written(module, next_fun, args, kwargs, contextlib.nullcontext
-                                     if state is not None else _hook(module, (made, None, split)))
+    as_written = linen_calls.Written(module, next_fun, args, kwargs, contextlib.nullcontext if
+                                     state is not None else functools.partial(
+                                         _swapped, module, (made, None, split)))
     out, calls = as_written(_FED.get(key))
     if not split and not any(c.answered for c in calls) and (
             not made or not calls or (key is not None and key in _AS_WRITTEN)):
@@ -420,10 +428,6 @@ def _holder_call(module: nn.Module, next_fun, args, kwargs, state=None):
     arrays, call = replay.array_call(next_fun, args, kwargs)
     return _held(module, call, arrays, (out, calls, as_written), (made, split), key,
                  state is not None)
-
-
-def _hook(module: nn.Module, hook):
-    return functools.partial(_swapped, module, hook)
 
 
 def _held(module: nn.Module, call, arrays, ran, run, key, declared=False):

@@ -192,8 +192,9 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         wrapper = module if isinstance(module, _WRAPPERS) else running[-1][3] if running else None
         if context.method_name not in ("__call__", "setup") and linen_products.runs_as_layer(
                 module) and not hasattr(nn.Module, context.method_name) and not any(
-                scope is module.scope for _, _, scope, _ in running):  # (a tied embedding's
-            elsewhere.setdefault(path, context.method_name)  # attend; not a helper its call runs)
+                scope is module.scope or p == path for p, _, scope, _ in running):  # (a tied
+            elsewhere.setdefault(path, context.method_name)  # embedding's attend; not a helper
+            # its call runs, nor its clone's method a lifted transform of its code runs)
         running.append((path, prefix, module.scope, wrapper))
         try:
             _record(module, path, prefix is not None, wrapper, args, kwargs, context)

@@ -338,3 +338,58 @@ def test_a_setup_modules_product_under_a_lifted_transform_of_its_class_splits(li
     np.testing.assert_allclose(full.module.apply(full.variables, x), model.apply(variables, x),
                                rtol=1e-5, atol=1e-5)
     whole_net_rule(model, variables, x, "speedup:1.5", x, tmp_path)
+
+
+def _tanh_product(module, h):
+    return jnp.tanh(h @ module.kernel)
+
+
+_OWN_LIFTS = {
+    "vmap": lambda f: nn.vmap(f, variable_axes={"params": None}, split_rngs={"params": False}),
+    "remat": nn.remat,
+    "jit": nn.jit,
+}
+
+
+class TransformsItself(Projection):
+    """Its call runs a lifted transform of a function of itself (Flax runs a clone of it in a
+    lifted scope at its path: its ``setup`` again, reading the same parameters)."""
+    lift: str = "remat"
+
+    def __call__(self, x):
+        return _OWN_LIFTS[self.lift](_tanh_product)(self, x)
+
+
+class TransformsItselfCompact(nn.Module):
+    lift: str = "remat"
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 32))
+        return _OWN_LIFTS[self.lift](lambda module, h: jnp.tanh(h @ kernel))(self, x)
+
+
+class OwnLift(nn.Module):
+    cls: type
+    lift: str
+
+    @nn.compact
+    def __call__(self, x):
+        layer = self.cls(lift=self.lift, name="own") if self.cls is TransformsItselfCompact \
+            else self.cls(16, 32, lift=self.lift, name="own")
+        return nn.Dense(4, name="head")(layer(x))
+
+
+@pytest.mark.parametrize("cls, lift", [(TransformsItself, "vmap"), (TransformsItself, "remat"),
+                                       (TransformsItself, "jit"),
+                                       (TransformsItselfCompact, "vmap")])
+def test_a_product_under_a_lifted_transform_of_its_modules_own_code_splits(cls, lift, tmp_path):
+    x = jax.random.normal(jax.random.key(6), (6, 16))
+    model = OwnLift(cls, lift)
+    variables = init(model, 0, x)
+    found = {s.path: s.kind for s in surgery.find_convs(model, x) if s.candidate}
+    assert found == {"own": "dense", "head": "dense"}
+    full = lrjax.decompose_linen(model, variables, x, rule={"own": 16})
+    np.testing.assert_allclose(full.module.apply(full.variables, x), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
+    whole_net_rule(model, variables, x, "speedup:1.5", x, tmp_path)
