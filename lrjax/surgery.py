@@ -35,6 +35,7 @@ from flax import traverse_util
 from lrjax import (
     boxes,
     lapack,
+    linen_calls,
     linen_cells,
     linen_moments,
     linen_placeholders,
@@ -173,9 +174,9 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                 for s in base_sites]
     found: dict[str, ConvSite] = {}
     delegated: dict[str, str] = {}  # path: the subclass split in its base's call
-    # (path, prefix, scope) of the modules running; prefix: the path of the module applied
-    # apart that this one is in (None: in the model)
-    running: list[tuple[str, str | None, Any]] = []
+    # (path, prefix, scope, wrapper, module) of the modules running; prefix: the path of the module
+    # applied apart that this one is in (None: in the model)
+    running: list[tuple] = []
     elsewhere: dict[str, str] = {}  # path: another method of a module whose product is a layer
 
     def record(next_fun, args, kwargs, context):
@@ -192,10 +193,10 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
         wrapper = module if isinstance(module, _WRAPPERS) else running[-1][3] if running else None
         if context.method_name not in ("__call__", "setup") and linen_products.runs_as_layer(
                 module) and not hasattr(nn.Module, context.method_name) and not any(
-                scope is module.scope or p == path for p, _, scope, _ in running):  # (a tied
-            elsewhere.setdefault(path, context.method_name)  # embedding's attend; not a helper
-            # its call runs, nor its clone's method a lifted transform of its code runs)
-        running.append((path, prefix, module.scope, wrapper))
+                scope is module.scope or linen_calls.lifted_clone(module, other)
+                for _, _, scope, _, other in running):  # (a tied embedding's attend; not a
+            elsewhere.setdefault(path, context.method_name)  # helper its call runs, nor its
+        running.append((path, prefix, module.scope, wrapper, module))  # lifted code's clone)
         try:
             _record(module, path, prefix is not None, wrapper, args, kwargs, context)
             return next_fun(*args, **kwargs)
