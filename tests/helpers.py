@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import functools
+import itertools
 import os
 
 import jax
@@ -10,6 +11,25 @@ import pytest
 # XLA:CPU's older loop emitters instead of its fusion emitters: the same results, compiled
 # 15-25% faster (the suite's flags, tests/conftest.py)
 LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def grid(*axes) -> list:
+    """The product of ``axes`` as pytest params, each axis a list of values (a tuple of the test's
+    arguments each): the default run takes as many combinations as the longest axis has values,
+    the ``r``-th combination the ``r``-th value of each axis (cycling), so that every value of
+    every axis runs; the other combinations are marked ``slow`` (CI's slow run covers the whole
+    grid)."""
+    default = {tuple(r % len(a) for a in axes) for r in range(max(map(len, axes)))}
+    return [pytest.param(*itertools.chain.from_iterable(a[i] for a, i in zip(axes, idx, strict=True)),
+                         marks=() if idx in default else pytest.mark.slow)
+            for idx in itertools.product(*(range(len(a)) for a in axes))]
+
+
+def normal(seed: int, shape) -> jax.Array:
+    """Standard normal float32 data of ``shape``, drawn by NumPy: test modules draw their inputs
+    at import, in every pytest-xdist worker, where ``jax.random.normal`` compiles one program per
+    shape (~0.1 s each at the suite's flags)."""
+    return jax.numpy.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
 def init(model, seed: int, *args, **kwargs):

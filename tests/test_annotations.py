@@ -17,8 +17,9 @@ from flax import nnx
 
 import lrjax
 from lrjax import boxes, export, surgery
+from tests.helpers import normal
 
-X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
+X = normal(0, (4, 12, 12, 8))
 P = nn.with_partitioning
 INIT = nn.initializers.lecun_normal()
 

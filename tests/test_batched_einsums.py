@@ -13,15 +13,15 @@ from flax import nnx
 import lrjax
 from lrjax import costs, export, nnx_surgery, surgery
 from lrjax.einsums import einsum_split
-from tests.helpers import init, lowered_flops
+from tests.helpers import init, lowered_flops, normal
 
 E, M, H = 4, 16, 32
 # kernel layouts of the experts' two products: the batch letter first, in the middle, last
 LAYOUTS = {"first": (("bsem,emh->bseh", (E, M, H)), ("bseh,ehm->bsem", (E, H, M))),
            "middle": (("bsem,meh->bseh", (M, E, H)), ("bseh,hem->bsem", (H, E, M))),
            "last": (("bsem,mhe->bseh", (M, H, E)), ("bseh,hme->bsem", (H, M, E)))}
-X = jax.random.normal(jax.random.key(0), (2, 8, M))
-CALIB = jax.random.normal(jax.random.key(1), (8, 8, M))
+X = normal(0, (2, 8, M))
+CALIB = normal(1, (8, 8, M))
 
 
 class Experts(nn.Module):
@@ -69,7 +69,8 @@ def test_the_split_of_a_batch_of_kernels_keeps_the_batch_letter_where_the_kernel
     assert "kernel letters 'ef' are batch dims" in einsum_split("bsefm,efmh->bsefh")
 
 
-@pytest.mark.parametrize("layout", ["first", "middle", "last"])
+@pytest.mark.parametrize("layout", ["first", pytest.param("middle", marks=pytest.mark.slow),
+                                    pytest.param("last", marks=pytest.mark.slow)])
 def test_linen_experts_split_per_expert_costed_as_xla_counts(layout):
     model = Experts(layout, bias=layout == "middle")
     variables = init(model, 0, X)

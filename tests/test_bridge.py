@@ -11,9 +11,9 @@ from flax import nnx
 
 import lrjax
 from lrjax import export
-from tests.helpers import lowered_flops
+from tests.helpers import lowered_flops, normal
 
-X = jax.random.normal(jax.random.key(0), (4, 12, 12, 3))
+X = normal(0, (4, 12, 12, 3))
 
 
 class LinenBlock(nn.Module):

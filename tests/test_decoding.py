@@ -44,7 +44,7 @@ def _decoded(model, params, tokens):
     return jnp.concatenate(steps, axis=1)
 
 
-@pytest.mark.parametrize("rule", ["full", "speedup:1.5"])
+@pytest.mark.parametrize("rule", [pytest.param("full", marks=pytest.mark.slow), "speedup:1.5"])
 def test_a_decomposed_language_model_decodes_with_its_cache(rule):
     """The split model, built with ``decode=True`` around the same ranks, decodes token by token
     from its KV cache exactly what its whole-sequence call computes (full rank: what the

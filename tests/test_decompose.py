@@ -10,6 +10,7 @@ import pytest
 import lrjax.lapack
 from lrjax import decompose as D
 from lrjax import iterative
+from tests.helpers import grid
 
 # (kernel HWIO shape, rank, groups)
 CASES = [
@@ -55,8 +56,7 @@ def dtype(request):
         yield request.param
 
 
-@pytest.mark.parametrize("shape,rank,groups", CASES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape,rank,groups,method", grid(CASES, [(m,) for m in METHODS]))
 def test_optimal_error_and_shapes(shape, rank, groups, method, dtype):
     w = random_kernel(shape, dtype=dtype)
     dec = jax.jit(functools.partial(D.vh_decompose, rank=rank, groups=groups, method=method))

@@ -12,7 +12,7 @@ from flax import nnx
 import lrjax
 from lrjax import costs, export, macs, surgery
 from lrjax.sites import ConvSite
-from tests.helpers import apply, init, xla_flops
+from tests.helpers import apply, init, normal, xla_flops
 
 
 class Mixed(nn.Module):
@@ -35,8 +35,8 @@ class Mixed(nn.Module):
         return nn.Dense(10, name="head")(h)
 
 
-X = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
-CALIB = jax.random.normal(jax.random.key(1), (16, 12, 12, 8))
+X = normal(0, (2, 12, 12, 8))
+CALIB = normal(1, (16, 12, 12, 8))
 
 
 @pytest.fixture(scope="module")

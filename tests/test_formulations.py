@@ -12,7 +12,7 @@ import pytest
 
 from lrjax import formulations as F
 from lrjax import macs, models, surgery, train
-from tests.helpers import init
+from tests.helpers import grid, init
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
                             reason="asserts what the 'auto' policy picks on the CPU backend")
@@ -79,7 +79,7 @@ def test_channel_matmul_matches_einsum(p, o):
     _close(ours, ref, 1e-5)
 
 
-@pytest.mark.parametrize("kernel,strides,padding,dilation", [
+@pytest.mark.parametrize("kernel,strides,padding,dilation,cin,cout", grid([
     ((1, 1), (1, 1), "SAME", (1, 1)), ((1, 1), (2, 2), "VALID", (1, 1)),
     ((1, 1), (2, 3), ((0, 0), (0, 0)), (1, 1)), ((1, 1), (2, 3), ((1, 0), (0, 2)), (1, 1)),
     ((5, 1), (1, 1), "SAME", (1, 1)), ((3, 1), (2, 1), ((2, 1), (0, 0)), (2, 1)),
@@ -87,8 +87,7 @@ def test_channel_matmul_matches_einsum(p, o):
     # padding on an axis of kernel size 1 (zero output rows), and negative padding (a crop)
     ((1, 3), (1, 2), ((1, 1), (0, 0)), (1, 1)), ((1, 3), (3, 1), ((4, 2), (1, 1)), (1, 1)),
     ((3, 1), (1, 1), ((-1, 2), (1, -1)), (1, 1)), ((1, 1), (2, 1), ((-1, 2), (3, -2)), (1, 1)),
-])
-@pytest.mark.parametrize("cin,cout", [(6, 3), (3, 7)])  # both matmul orders
+], [(6, 3), (3, 7)]))  # (cin, cout): both matmul orders
 def test_conv1d_as_matmul_matches_lax(kernel, strides, padding, dilation, cin, cout):
     x = jax.random.normal(jax.random.key(0), (2, 9, 8, cin))
     w = jax.random.normal(jax.random.key(1), (*kernel, cin, cout))
@@ -178,12 +177,11 @@ def test_conv_general_dilated_dispatch(kernel, groups, padding, expect_cpu):
             assert _custom_rules(jaxpr) == set() and "dot_general" not in jaxpr
 
 
-@pytest.mark.parametrize("window,strides,padding,shape", [
+@pytest.mark.parametrize("window,strides,padding,shape,name", grid([
     ((3, 3), (2, 2), "VALID", (2, 17, 17, 3)), ((2, 2), (2, 2), "VALID", (2, 8, 6, 2)),
     ((3, 3), (2, 2), "SAME", (1, 9, 10, 2)), ((3, 2), (1, 2), ((1, 0), (0, 1)), (2, 7, 9, 3)),
     ((3, 3), None, "VALID", (5, 5, 4)),  # no batch axis
-])
-@pytest.mark.parametrize("name", ["cpu", "portable"])
+], [("cpu",), ("portable",)]))
 def test_max_pool_matches_flax(window, strides, padding, shape, name):
     x = jax.random.normal(jax.random.key(0), shape)  # continuous values: no ties
     ours = functools.partial(F.max_pool, window_shape=window, strides=strides, padding=padding)

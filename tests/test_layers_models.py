@@ -8,7 +8,7 @@ import pytest
 
 from lrjax import cost_report, decompose, layers, models, surgery
 from lrjax.layers import LowRankConv, split_padding
-from tests.helpers import apply, init
+from tests.helpers import apply, grid, init
 
 PADDINGS = ["SAME", "VALID", "CIRCULAR", "SAME_LOWER", 1, 2, (1, 2), [(0, 2), (1, 0)],
             ((2, 1), (0, 3))]
@@ -20,9 +20,8 @@ def _pair_variables(conv_vars, rank, groups=1):
                        "horizontal": {"kernel": h, "bias": conv_vars["params"]["bias"]}}}
 
 
-@pytest.mark.parametrize("padding", PADDINGS, ids=str)
-@pytest.mark.parametrize("strides,dilation,groups", [(1, 1, 1), (2, 1, 1), ((2, 1), (1, 2), 1),
-                                                     (1, 1, 2)])
+@pytest.mark.parametrize("padding,strides,dilation,groups", grid(
+    [(p,) for p in PADDINGS], [(1, 1, 1), (2, 1, 1), ((2, 1), (1, 2), 1), (1, 1, 2)]))
 def test_lowrank_conv_matches_conv(padding, strides, dilation, groups):
     x = jax.random.normal(jax.random.key(0), (2, 11, 10, 4))
     conv = nn.Conv(6, (3, 5), strides=strides, padding=padding, kernel_dilation=dilation,

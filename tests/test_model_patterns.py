@@ -17,10 +17,10 @@ from flax import nnx
 
 import lrjax
 from lrjax import export, runtimes
-from tests.helpers import apply, init, lowered_flops, xla_flops
+from tests.helpers import apply, init, lowered_flops, normal, xla_flops
 
-X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
-CALIB = jax.random.normal(jax.random.key(1), (8, 12, 12, 8)) * jnp.linspace(0.1, 3.0, 8)
+X = normal(0, (4, 12, 12, 8))
+CALIB = normal(1, (8, 12, 12, 8)) * jnp.linspace(0.1, 3.0, 8)
 
 
 class Block(nn.Module):
@@ -65,7 +65,7 @@ def _output_error(model, result, variables, x):
                  / jnp.linalg.norm(want))
 
 
-@pytest.mark.parametrize("transform", ["remat", "jit"])
+@pytest.mark.parametrize("transform", [pytest.param("remat", marks=pytest.mark.slow), "jit"])
 def test_calibration_runs_through_lifted_transforms(transform, tmp_path):
     model = Lifted(transform)
     variables = init(model, 0, X)
@@ -189,7 +189,7 @@ class DeclaresBesideBlocks(nn.Module):
         return y + self.bias if self.own == "bias" else y @ self.kernel
 
 
-@pytest.mark.parametrize("own", ["bias", "kernel"])
+@pytest.mark.parametrize("own", ["bias", pytest.param("kernel", marks=pytest.mark.slow)])
 def test_a_setup_module_running_others_runs_its_own_code_as_written(own):
     """A ``setup`` module declaring a parameter was traced as one that might compute with it
     as a layer: its blocks were set up inside that trace, their mask a leaked tracer
@@ -1155,7 +1155,8 @@ def test_a_models_other_method_is_decomposed_and_exported(tmp_path):
     assert done.max_abs_error <= 1e-5 * max(done.scale, 1)
 
 
-@pytest.mark.parametrize("method", [TwoMethods.encode, lambda m, x: m.head(m.encode(x).mean((1, 2)))],
+@pytest.mark.parametrize("method", [pytest.param(TwoMethods.encode, marks=pytest.mark.slow),  # (the slow run)
+                                    lambda m, x: m.head(m.encode(x).mean((1, 2)))],
                          ids=["class function", "lambda"])
 def test_a_method_given_as_a_function_is_decomposed_and_exported(method, tmp_path):
     """``method=Base.encode`` (MaskGIT's VQ tokenizer: ``apply(v, x, method=VQVAE.encode)``) and

@@ -18,7 +18,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import export, macs, ragged
-from tests.helpers import apply, init, lowered_flops
+from tests.helpers import apply, init, lowered_flops, normal
 
 E, F, H, TOP = 4, 32, 24, 2
 
@@ -70,8 +70,8 @@ class Block(nnx.Module):
         return self.proj_out(h + self.moe(h))
 
 
-X = jax.random.normal(jax.random.key(1), (2, 8, F))
-HELD_OUT = jax.random.normal(jax.random.key(2), (8, 8, F))
+X = normal(1, (2, 8, F))
+HELD_OUT = normal(2, (8, 8, F))
 
 
 def _flops(model):

@@ -19,7 +19,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import costs, export, litert_math, macs, nnx_surgery, sites, surgery
-from tests.helpers import apply, init
+from tests.helpers import apply, init, normal
 
 ONE_D = {  # name: nn.Conv arguments, as audio and sequence models write them
     "frontend": dict(features=24, kernel_size=(10,), strides=5, padding="VALID"),
@@ -68,9 +68,9 @@ class Video(nn.Module):
         return nn.Dense(10, name="head")(x.mean((1, 2, 3)))
 
 
-X = jax.random.normal(jax.random.key(0), (2, 200, 3))
-CALIB = jax.random.normal(jax.random.key(1), (8, 200, 3)) * jnp.array([0.2, 1.0, 3.0])
-CLIP = jax.random.normal(jax.random.key(2), (2, 4, 16, 16, 3))
+X = normal(0, (2, 200, 3))
+CALIB = normal(1, (8, 200, 3)) * jnp.array([0.2, 1.0, 3.0])
+CLIP = normal(2, (2, 4, 16, 16, 3))
 
 
 def _top(sites):
@@ -194,8 +194,8 @@ class Volumetric(nn.Module):
         return nn.Dense(10, name="head")(x.mean((1, 2, 3)))
 
 
-VOLUME = jax.random.normal(jax.random.key(3), (2, 8, 16, 16, 3))
-VOLUME_CALIB = jax.random.normal(jax.random.key(4), (4, 8, 16, 16, 3)) * jnp.array(
+VOLUME = normal(3, (2, 8, 16, 16, 3))
+VOLUME_CALIB = normal(4, (4, 8, 16, 16, 3)) * jnp.array(
     [0.2, 1.0, 3.0])
 
 

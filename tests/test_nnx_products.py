@@ -12,7 +12,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import export
-from tests.helpers import lowered_flops
+from tests.helpers import lowered_flops, normal
 
 
 def _normal(rngs, shape):
@@ -72,8 +72,8 @@ class Net(nnx.Module):
         return self.head(self.tied(x).mean(1))
 
 
-X = jax.random.normal(jax.random.key(1), (4, 12, 8))
-HELD_OUT = jax.random.normal(jax.random.key(2), (16, 12, 8))
+X = normal(1, (4, 12, 8))
+HELD_OUT = normal(2, (16, 12, 8))
 PRODUCTS = {"attn/wq": "abc,cAB->abAB", "attn/wk": "abc,cAB->abAB", "attn/wv": "abc,cAB->abAB",
             "attn/wo": "abcd,cdA->abA", "mlp/w1": "abc,cA->abA", "mlp/w2": "abc,Ac->abA"}
 

@@ -338,7 +338,8 @@ def test_every_handler_has_a_case():
     assert sorted(set(onnx_convert.HANDLERS) - set(CASES)) == []
 
 
-@pytest.mark.parametrize("primitive", sorted(CASES))
+@pytest.mark.parametrize("primitive", [  # (scatter, 3 s: the slow run)
+    pytest.param(p, marks=pytest.mark.slow) if p == "scatter" else p for p in sorted(CASES)])
 def test_primitive_against_onnx_runtime(primitive):
     fn = CASES[primitive]
     batch = jax.export.symbolic_shape("b")  # traced as the export traces it

@@ -12,9 +12,9 @@ from flax import nnx
 
 import lrjax
 from lrjax import macs, own_code
-from tests.helpers import init
+from tests.helpers import init, normal
 
-X = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+X = normal(0, (2, 8, 8, 4))
 
 
 class ScaledConv(nn.Module):

@@ -18,9 +18,10 @@ from flax import nnx
 import lrjax
 from lrjax import export
 from lrjax.linen_trace import compile_time_constants
+from tests.helpers import normal
 
-X = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-CALIB = jax.random.normal(jax.random.key(1), (6, 8, 8, 3))
+X = normal(0, (2, 8, 8, 3))
+CALIB = normal(1, (6, 8, 8, 3))
 
 
 class DropPath(nn.Module):

@@ -11,7 +11,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import decompose, surgery
-from tests.helpers import apply, init
+from tests.helpers import apply, init, normal
 
 
 class Small(nn.Module):
@@ -34,8 +34,8 @@ class SmallNNX(nnx.Module):
         return self.fc(x.mean((1, 2)))
 
 
-X = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-CALIB = jax.random.normal(jax.random.key(1), (16, 16, 16, 3)) * jnp.array([0.3, 1.0, 2.0])
+X = normal(0, (2, 16, 16, 3))
+CALIB = normal(1, (16, 16, 16, 3)) * jnp.array([0.3, 1.0, 2.0])
 RULES = ("speedup:1.5", "speedup:2.5", "energy:0.8", {"c1": 4, "fc": 3})
 
 

@@ -818,6 +818,7 @@ class Member(nn.Module):
         return nn.Dense(10, name="head")(x.mean((1, 2)))
 
 
+@pytest.mark.slow  # (4 s)
 def test_a_scan_of_one_iteration_splits_with_its_iterations_axis():
     """A scan of one iteration (``nn.scan(length=1)``, a one-block ``nnx.vmap`` stack: a model
     configured one layer deep, as openpi's pi0 builds its SigLIP tower for a small variant)
@@ -1027,7 +1028,8 @@ class PixelCritic(nn.Module):
         return self.network(self.encoder(x))
 
 
-@pytest.mark.parametrize("lift", ["vmap", "remat", "jit"])
+@pytest.mark.parametrize("lift", ["vmap", pytest.param("remat", marks=pytest.mark.slow),
+                                  pytest.param("jit", marks=pytest.mark.slow)])
 def test_a_lifted_module_in_a_module_held_in_a_field_splits(lift):
     """Flax's ``nn.share_scope`` (how a decomposed model runs its base) moved the scopes of the
     modules held in fields without their recorded paths, and a lifted transform under one took

@@ -13,7 +13,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import checkpoint, decompose
-from tests.helpers import apply, init
+from tests.helpers import apply, init, normal
 
 
 class Net(nn.Module):
@@ -48,7 +48,7 @@ class NetNNX(nnx.Module):
         return self.head(self.drop(self.convs[1](x)).mean((1, 2)))
 
 
-X = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+X = normal(0, (2, 12, 12, 3))
 
 
 def _no_svd(monkeypatch):

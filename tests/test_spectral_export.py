@@ -185,7 +185,7 @@ def _example(name):
 @pytest.mark.parametrize("name", [  # (three of the FFT-based nets, and the unrolled solver, which
     # test_an_unrolled_solver_exports_to_both_runtimes exports to ONNX too: the slow run)
     pytest.param(n, marks=pytest.mark.slow) if n in ("global filter", "long conv", "fnet",
-                                                     "unrolled solver") else n
+                                                     "unrolled solver", "gabor") else n
     for n in sorted(MODELS)])
 def test_spectral_layers_export_to_onnx(name, tmp_path):
     model, variables, x = _example(name)

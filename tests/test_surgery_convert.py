@@ -42,9 +42,10 @@ def _problem(full, variables, size, **kw):
     return surgery.rank_problem(full, variables, (x,), {"train": False}, **kw)
 
 
-@pytest.mark.parametrize("family,bn", [("nin", True), ("cnn", False),  # (ImageNet's: slow run)
-                                       pytest.param("vgg16", False, marks=pytest.mark.slow),
-                                       pytest.param("caffenet", True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family,bn", [  # (the NIN, with its batch norms, and ImageNet's: the slow run)
+    pytest.param("nin", True, marks=pytest.mark.slow), ("cnn", False),
+    pytest.param("vgg16", False, marks=pytest.mark.slow),
+    pytest.param("caffenet", True, marks=pytest.mark.slow)])
 def test_full_rank_surgery_gives_original_logits(family, bn):
     _, size, full, variables = _setup(family, bn)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))

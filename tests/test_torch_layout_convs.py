@@ -12,10 +12,10 @@ from flax import nnx
 
 import lrjax
 from lrjax import costs, export
-from tests.helpers import init, lowered_flops
+from tests.helpers import init, lowered_flops, normal
 
-X = jax.random.normal(jax.random.key(1), (4, 3, 16, 16))  # NCHW
-HELD_OUT = jax.random.normal(jax.random.key(2), (16, 3, 16, 16))
+X = normal(1, (4, 3, 16, 16))  # NCHW
+HELD_OUT = normal(2, (16, 3, 16, 16))
 
 
 def _conv(x, weight, stride, groups):

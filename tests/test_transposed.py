@@ -14,9 +14,9 @@ import lrjax
 from benchmarks.user_models import UNet
 from lrjax import costs, export, macs, nnx_surgery, surgery, timing
 from lrjax.layers import LowRankConvTranspose, LowRankModel, transposed_pair_geometry
-from tests.helpers import apply, init, lowered_flops, xla_flops
+from tests.helpers import apply, init, lowered_flops, normal, xla_flops
 
-X = jax.random.normal(jax.random.key(1), (2, 5, 6, 4))
+X = normal(1, (2, 5, 6, 4))
 
 # the forms U-Nets use (2x2 and 3x3 stride-2 upsamplers, PyTorch ports with transpose_kernel and
 # an int padding), and the less common ones
@@ -214,8 +214,8 @@ class DilatedNNX(nnx.Module):
 
 
 DILATED = [dict(kernel_size=(3, 3), input_dilation=(2, 2), padding=((1, 2), (1, 2))),
-           dict(kernel_size=(3, 2), input_dilation=(2, 1), padding=((2, 1), (0, 1)),
-                kernel_dilation=(1, 2))]
+           pytest.param(dict(kernel_size=(3, 2), input_dilation=(2, 1), padding=((2, 1), (0, 1)),
+                             kernel_dilation=(1, 2)), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("kwargs", DILATED, ids=("3x3 deconv", "3x2 rows only"))
@@ -302,7 +302,7 @@ def test_explicitly_padded_and_input_dilated_upsamplers_export_to_litert(tmp_pat
 CASES_1D = [dict(kernel_size=(4,), strides=(2,)),
             dict(kernel_size=(5,), strides=(3,), padding=((1, 2),), kernel_dilation=(2,)),
             dict(kernel_size=(10,), strides=(5,), padding=2)]
-X1 = jax.random.normal(jax.random.key(2), (2, 9, 4))
+X1 = normal(2, (2, 9, 4))
 
 
 class Up1D(nn.Module):
@@ -315,7 +315,9 @@ class Up1D(nn.Module):
         return nn.ConvTranspose(6, name="up", **self.kwargs)(nn.relu(x))
 
 
-@pytest.mark.parametrize("kwargs", CASES_1D, ids=lambda k: ",".join(f"{a}={v}" for a, v in k.items()))
+@pytest.mark.parametrize("kwargs", [  # (the first in the default run, the others in the slow run)
+    pytest.param(k, id=",".join(f"{a}={v}" for a, v in k.items()), marks=() if i == 0 else pytest.mark.slow)
+    for i, k in enumerate(CASES_1D)])
 def test_1d_transposed_convs_split_exactly_costed_calibrated_and_exported(kwargs, tmp_path):
     """Before: left as "not a 2-D transposed conv", and ONNX refused the model."""
     model = Up1D(kwargs)
@@ -383,7 +385,7 @@ def test_1d_and_3d_transposed_convs_with_transpose_kernel_split(tmp_path):
     assert result.max_abs_error <= export.ATOL + export.RTOL * result.scale
 
 
-VOLUME = jax.random.normal(jax.random.key(5), (2, 4, 5, 6, 3))
+VOLUME = normal(5, (2, 4, 5, 6, 3))
 
 
 class Upsampler3D(nn.Module):
@@ -422,10 +424,11 @@ def _split_3d_exactly_as_xla_counts(model, path: str, rank: int):
     return split
 
 
-@pytest.mark.parametrize("geometry", [((2, 2, 2), (2, 2, 2)), ((3, 3, 3), (2, 1, 2), "VALID"),
-                                      ((3, 2, 3), (2, 2, 1), ((1, 0), (2, 1), (0, 2))),
-                                      ((3, 3, 2), (2, 2, 2), "SAME", (2, 1, 1)),
-                                      ((3, 2, 3), (2, 1, 2), "VALID", (1, 1, 1), True)])
+@pytest.mark.parametrize("geometry", [  # (the last three: the slow run)
+    ((2, 2, 2), (2, 2, 2)), ((3, 3, 3), (2, 1, 2), "VALID"),
+    *(pytest.param(g, marks=pytest.mark.slow) for g in [
+        ((3, 2, 3), (2, 2, 1), ((1, 0), (2, 1), (0, 2))), ((3, 3, 2), (2, 2, 2), "SAME", (2, 1, 1)),
+        ((3, 2, 3), (2, 1, 2), "VALID", (1, 1, 1), True)])])
 def test_3d_transposed_convs_split_exactly_and_are_costed_as_xla_counts(geometry):
     """A 3-D transposed conv splits as a 3-D conv does (leading dims, then the last; input
     dilation is separable): exact at full rank, its cost XLA's to the flop (taps on padding and

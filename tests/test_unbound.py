@@ -14,7 +14,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import decompose, export, linen_unbound
-from tests.helpers import lowered_flops
+from tests.helpers import lowered_flops, normal
 
 
 class FourierFeatures(nn.Module):
@@ -95,7 +95,7 @@ class Policy(nn.Module):
         return self.head.sample(self.features(images), rng)
 
 
-IMAGES = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+IMAGES = normal(0, (4, 8, 8, 3))
 KEY = jax.random.key(1)
 HEAD = {f"head/net/{p}" for p in ("FourierFeatures_0", "Dense_0", "Dense_1", "Dense_2", "Dense_3",
                                   "Dense_4", "Dense_5")}

@@ -13,8 +13,9 @@ from flax import nnx, traverse_util
 
 import lrjax
 from lrjax import export
+from tests.helpers import normal
 
-X = jax.random.normal(jax.random.key(0), (4, 12, 12, 8))
+X = normal(0, (4, 12, 12, 8))
 
 
 class Wrapped(nn.Module):
@@ -66,7 +67,7 @@ def _xla_ratio(model, variables, result):
     return flops(model, variables) / flops(result.module, result.variables)
 
 
-@pytest.mark.parametrize("wrapper", [nn.WeightNorm, nn.SpectralNorm])
+@pytest.mark.parametrize("wrapper", [nn.WeightNorm, pytest.param(nn.SpectralNorm, marks=pytest.mark.slow)])
 def test_a_wrapped_layer_is_split_from_the_kernel_it_computes_with(wrapper, tmp_path):
     """Before: listed as "re-parametrized ...: its own computation is kept", and a rule naming
     it was a ``ValueError``."""

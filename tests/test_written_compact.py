@@ -15,7 +15,7 @@ from flax.linen import partitioning as nn_partitioning
 
 import lrjax
 from lrjax import export, linen_cells, surgery
-from tests.helpers import init, whole_net_rule
+from tests.helpers import init, normal, whole_net_rule
 
 
 def _leaky(x):
@@ -91,7 +91,7 @@ class Discriminator(nn.Module):
         return EqualizedLinear(1, lr_multiplier=1.0, name="out")(x)
 
 
-X = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+X = normal(0, (2, 16, 16, 3))
 WRITTEN = {"fromrgb": "1x1", "conv0": "kxk", "down": "kxk", "nin": "dense", "conv1": "kxk",
            "fc": "dense", "out": "dense"}
 

@@ -17,9 +17,9 @@ import pytest
 
 import lrjax
 from lrjax import linen_cells, surgery
-from tests.helpers import init, lowered_flops, whole_net_rule
+from tests.helpers import init, lowered_flops, normal, whole_net_rule
 
-X = jax.random.normal(jax.random.key(1), (2, 5, 16))
+X = normal(1, (2, 5, 16))
 
 
 class Attention(nn.Module):

@@ -14,7 +14,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import export
-from tests.helpers import lowered_flops, xla_flops
+from tests.helpers import lowered_flops, normal, xla_flops
 
 
 class ShardedLinear(nnx.Module):
@@ -62,7 +62,7 @@ class Block(nnx.Module):
         return self.head(self.square(h).mean(1))
 
 
-X = jax.random.normal(jax.random.key(1), (4, 12, 32))
+X = normal(1, (4, 12, 32))
 
 
 def test_written_dense_layers_are_found_split_and_the_others_as_their_own_codes_products():
@@ -307,7 +307,7 @@ SPLIT_EINSUMS = {"q": "BTD,DNH->BTNH", "kv": "BSD,CKDH->CBSKH", "o": "BTNH,NHD->
                  "per_head": "BTNH,NHG->BTNG", "up": "BTD,DF->BTF", "head": "BTD,DV->BVT"}
 
 
-@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("calibrated", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_written_einsums_are_split_as_nnx_einsums(calibrated):
     model = EinsumAttention(nnx.Rngs(0))
     full = {"q": 32, "kv": 32, "o": 32, "per_head": 4 * 8, "up": 32, "head": 10, "gated/w": 32}

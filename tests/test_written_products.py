@@ -13,7 +13,7 @@ import pytest
 
 import lrjax
 from lrjax import export, linen_cells, linen_products, surgery
-from tests.helpers import init, lowered_flops, whole_net_rule
+from tests.helpers import init, lowered_flops, normal, whole_net_rule
 
 
 class Subsampling(nn.Module):
@@ -92,7 +92,7 @@ class Method(nn.Module):
         return layer.norm_of(x) if norm else layer(x)
 
 
-X = jax.random.normal(jax.random.key(0), (2, 32, 16))
+X = normal(0, (2, 32, 16))
 PADDINGS = jnp.zeros((2, 32)).at[1, 24:].set(1.0)
 
 
