@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["EinsumSplit", "batch_position", "called_equation", "einsum_split"]
+__all__ = ["EinsumSplit", "batch_position", "batched_dense_equation", "called_equation", "einsum_split"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,22 @@ def _with_batch(axes, batch, axis: int):
     """A factor's ``axes`` (letters or sizes) with ``batch`` inserted at :func:`batch_position`."""
     at = batch_position(axis, len(axes))
     return axes[:at] + batch + axes[at:]
+
+
+def batched_dense_equation(ndim: int, axis, n_features: int) -> str | None:
+    """The einsum a dense layer with one batch axis computes (linen's
+    ``nn.DenseGeneral(batch_dims=(0,))``, NNX's ``nnx.LinearGeneral(batch_axis={0: B})``: one
+    matrix per index of the input's first axis) on an input of ``ndim`` axes, contracting
+    ``axis`` (an int or a sequence, negative counted from the end) into ``n_features`` output
+    axes: ``abcd,acdef->abef`` for ``ndim=4, axis=(2, 3), n_features=2``. ``None`` when
+    ``axis`` holds the batch axis (Flax refuses it)."""
+    contracted = sorted({a % ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))})
+    if 0 in contracted:
+        return None
+    letters = "".join(chr(ord("a") + i) for i in range(ndim + n_features))
+    lhs, out = letters[:ndim], letters[ndim:]
+    free = "".join(c for i, c in enumerate(lhs[1:], 1) if i not in contracted)
+    return f"{lhs},a{''.join(lhs[i] for i in contracted)}{out}->a{free}{out}"
 
 
 def einsum_split(equation: str) -> EinsumSplit | str:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.linen import meta
 
-from lrjax import linen_bridge, linen_products, linen_trace, linen_unbound, linen_written
+from lrjax import einsums, linen_bridge, linen_products, linen_trace, linen_unbound, linen_written
 
 __all__ = ["as_sublayers"]
 
@@ -30,10 +30,6 @@ def _tuple(value) -> tuple:
     """A layer's ``features`` / ``axis`` / ``batch_dims`` field (an int or a sequence) as a
     tuple."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def _letters(n: int, start: int = 0) -> str:
-    return "".join(chr(ord("a") + i) for i in range(start, start + n))
 
 
 def _flat_init(init, n_out: int | None):
@@ -57,16 +53,13 @@ def _batched_dense_as_einsum(next_fun, args, kwargs, context):
             len(args) != 1 or len(_tuple(layer.batch_dims)) != 1 or \
             layer.dot_general is not None or layer.dot_general_cls is not None:
         return next_fun(*args, **kwargs)
-    x = args[0]
-    axis = sorted({a % x.ndim for a in _tuple(layer.axis)})
-    features = _tuple(layer.features)
-    if 0 in axis:  # (Flax refuses it)
+    x, features = args[0], _tuple(layer.features)
+    equation = einsums.batched_dense_equation(x.ndim, layer.axis, len(features))
+    if equation is None:  # (Flax refuses it)
         return next_fun(*args, **kwargs)
-    letters, out = _letters(x.ndim), _letters(len(features), x.ndim)
-    free = "".join(c for i, c in enumerate(letters[1:], 1) if i not in axis)
-    contracted = "".join(letters[i] for i in axis)
+    axis = sorted({a % x.ndim for a in _tuple(layer.axis)})
     kernel = (x.shape[0], *(x.shape[i] for i in axis), *features)
-    return nn.Einsum(kernel, f"{letters},a{contracted}{out}->a{free}{out}",
+    return nn.Einsum(kernel, equation,
                      use_bias=layer.use_bias, dtype=layer.dtype, param_dtype=layer.param_dtype,
                      precision=layer.precision,
                      kernel_init=_flat_init(layer.kernel_init, len(features)),

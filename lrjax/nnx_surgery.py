@@ -85,13 +85,11 @@ _FLAX_LAYERS = (*_SPLIT, *_WRAPPERS, bridge.ToNNX)  # matched by type; others ma
 
 
 def _splits(node) -> bool:
-    """Whether ``node`` is a layer a pair replaces: of a type in ``_SPLIT`` (or a subclass), or
-    a dense layer written by hand (:func:`lrjax.nnx_written.is_written`)."""
-    return isinstance(node, _SPLIT) or nnx_written.is_written(node, _FLAX_LAYERS)
+    """Whether ``node`` is a layer a pair replaces: of ``_SPLIT`` (a subclass too), or written."""
+    return isinstance(node, _SPLIT) or _written(node)
 
 
-def _written(node) -> bool:
-    return nnx_written.is_written(node, _FLAX_LAYERS)
+_written = functools.partial(nnx_written.is_written, flax_layers=_FLAX_LAYERS)
 
 
 def _canonical(model, products: dict):
@@ -102,13 +100,12 @@ def _canonical(model, products: dict):
 
 def _input_axes(layer, equation) -> tuple[int, ...]:
     """The input axes a linear layer contracts (an einsum's from its equation)."""
-    if isinstance(layer, nnx.Einsum):
+    if isinstance(layer, nnx.Einsum) or nnx_written.batched_linear(layer):
         return sites.einsum_split(equation).input_axes
     return sites.contracted_axes(layer)
 
 
-def _path(path) -> str:
-    return sites.path_of(path)
+_path = sites.path_of
 
 
 def _einsum_site(path: str, layer, shape, equation) -> ConvSite:
@@ -134,6 +131,8 @@ def _site(path: str, layer, shape, equation=None) -> ConvSite:
                                                               nnx_wrappers.foldable(layer) else None))
     if isinstance(layer, nnx.Einsum):
         return _einsum_site(path, layer, shape, equation)
+    if equation is not None and nnx_written.batched_linear(layer):  # (as the einsum it computes)
+        return _einsum_site(path, nnx_written.linear_as_einsum(layer, equation), shape, equation)
     if isinstance(layer, ragged.RaggedDot):
         return ragged.site(path, layer, shape)
     if isinstance(layer, nnx.ConvTranspose):
@@ -203,9 +202,9 @@ class _Probe(nnx.Module):
                 record["seen"].add(self.path)
             record["shapes"][self.path] = tuple(x.shape)
             record["keywords"][self.path] = nnx_written.call_of(args, kwargs)
-            if isinstance(layer, nnx.Einsum):
-                record["equations"][self.path] = sites.called_equation(
-                    layer.einsum_str, args, kwargs, x.ndim)
+            record["equations"][self.path] = sites.called_equation(  # (a batched linear's too)
+                layer.einsum_str, args, kwargs, x.ndim) if isinstance(layer, nnx.Einsum) else \
+                nnx_written.batched_equation(layer, x)
         elif isinstance(layer, (nnx.Conv, nnx.ConvTranspose)):  # again: on another geometry?
             record.setdefault("again", {}).setdefault(self.path, {})[tuple(x.shape)] = None
         site, host = record["wanted"].get(self.path), record.get("host")
@@ -456,7 +455,8 @@ def with_pairs(model, found: dict[str, ConvSite], factors: dict) -> nnx.Module:
         base = None if own else delegating_base(type(node))
         if name in factors and (own or base is not None):
             replaced.add(name)
-            layer = nnx_written.as_layer(node, found[name]) if written else node
+            layer = nnx_written.as_layer(node, found[name]) if written or \
+                nnx_written.batched_linear(node) else node  # (a batched linear: its einsum)
             pair = pair_module(layer, found[name], factors[name])
             boxes.shard_pair_like(layer, pair, found[name])
             if written:

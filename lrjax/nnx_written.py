@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrjax import sites, written_products
+from lrjax import einsums, sites, written_products
 from lrjax.sites import ConvSite
 
 __all__ = ["is_written", "call_of", "linear_site", "as_linear", "as_einsum", "as_layer",
@@ -264,8 +264,38 @@ def as_einsum(layer, equation: str) -> nnx.Einsum:
     return view
 
 
+def batched_linear(layer) -> bool:
+    """Whether ``layer`` is an ``nnx.LinearGeneral`` with one batch axis (one matrix per index
+    of its input's first axis), of Flax's own product: split as the einsum it computes
+    (:func:`linear_as_einsum`)."""
+    return type(layer) is nnx.LinearGeneral and len(layer.batch_axis) == 1 and \
+        layer.dot_general is None and layer.dot_general_cls is None
+
+
+def batched_equation(layer, x) -> str | None:
+    """The einsum a :func:`batched_linear` layer computes on its input ``x``, or ``None``
+    (another layer, whatever its input)."""
+    return einsums.batched_dense_equation(x.ndim, layer.axis, len(layer.out_features)) if \
+        batched_linear(layer) else None
+
+
+def linear_as_einsum(layer, equation: str) -> nnx.Einsum:
+    """A :func:`batched_linear` layer seen as the ``nnx.Einsum`` of ``equation`` it computes
+    (:func:`lrjax.einsums.batched_dense_equation`): its kernel and bias variables, shared."""
+    kernel, bias = layer.kernel, layer.bias
+    view = nnx.Einsum(equation, tuple(kernel.shape), None if bias is None else tuple(bias.shape),
+                      dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
+                      rngs=nnx.Rngs(0), kernel_init=lambda *_: kernel[...],
+                      bias_init=lambda *_: bias[...])
+    view.kernel, view.bias = kernel, bias
+    return view
+
+
 def as_layer(layer, site: ConvSite):
-    """A written layer seen as the Flax layer its ``site`` found it computes as."""
+    """A written layer (or a :func:`batched_linear` one) seen as the Flax layer its ``site``
+    found it computes as."""
+    if batched_linear(layer):
+        return linear_as_einsum(layer, site.equation)
     return as_linear(layer) if site.equation is None else as_einsum(layer, site.equation)
 
 

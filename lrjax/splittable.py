@@ -176,8 +176,8 @@ def dense_skip_reason(layer, base_types=(nn.Dense, nn.DenseGeneral, nn.Einsum)) 
         return "more than one batch dim: one kernel per index of several axes" if \
             isinstance(batch_dims, (tuple, list)) and len(batch_dims) > 1 else \
             "a batch dim, in a call of more than its input: one kernel per batch index"
-    if getattr(layer, "batch_axis", None):
-        return "a batch axis (NNX): one kernel per batch index, not split"
+    if len(getattr(layer, "batch_axis", None) or ()) > 1:  # (one: split as its einsum)
+        return "more than one batch axis (NNX): one kernel per index of several axes"
     return None
 
 

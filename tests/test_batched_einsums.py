@@ -359,3 +359,78 @@ def test_dense_general_with_a_batch_dim_splits_as_its_batch_of_kernels(tmp_path)
     done = export.to_onnx(split.module, split.variables, x, str(tmp_path / "p.onnx"),
                           fixed_batch=True)  # (its kernels hold the batch)
     assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
+
+
+class BatchRowProjectionsNNX(nnx.Module):
+    """:class:`BatchRowProjections` in NNX: ``nnx.LinearGeneral(batch_axis={0: B})``, one kernel
+    per batch row (and one over two axes, without bias)."""
+
+    def __init__(self, rngs, batch=3):
+        self.conv = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+        self.proj = nnx.LinearGeneral(16, 24, axis=-1, batch_axis={0: batch}, rngs=rngs)
+        self.mix = nnx.LinearGeneral((4, 6), (2, 12), axis=(-2, -1), batch_axis={0: batch},
+                                     use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.conv(x))
+        b, rows, cols, c = h.shape
+        y = self.proj(h.reshape(b, rows * cols, c))
+        return y.mean(1), self.mix(y.reshape(b, rows * cols, 4, 6))
+
+
+def test_nnx_linear_general_with_a_batch_axis_splits_as_its_batch_of_kernels(tmp_path):
+    """Before: listed, "a batch axis (NNX): one kernel per batch index, not split". It is the
+    einsum ``'abc,acd->abd'``, split as linen's ``nn.DenseGeneral(batch_dims=(0,))``: each
+    row's kernel alike, in the parameters' places, costed as XLA counts it, calibrated on its
+    own row, saved, loaded and exported."""
+    model, x = BatchRowProjectionsNNX(nnx.Rngs(0)), normal(0, (3, 4, 4, 8))
+    found = {s.path: s for s in nnx_surgery.find_convs_nnx(model, x)}
+    assert found["proj"].candidate and (found["proj"].batched, found["proj"].stack) == (True, 3)
+    assert found["mix"].candidate and found["mix"].dense_dims == ((4, 6), (2, 12))
+    want = model(x)
+    exact = lrjax.decompose_nnx(model, x, rule={"proj": 3 * 16, "mix": 3 * 24})
+    for got, w in zip(exact.module(x), want, strict=True):
+        np.testing.assert_allclose(got, w, atol=2e-5 * float(jnp.abs(w).max()))
+    shapes = jax.tree.map(jnp.shape, nnx.state(exact.module, nnx.Param).to_pure_dict())
+    assert shapes["proj"] == {"vertical": {"kernel": (3, 16, 16)},
+                              "horizontal": {"kernel": (3, 16, 24), "bias": (3, 24)}}
+    assert shapes["mix"] == {"vertical": {"kernel": (3, 4, 6, 24)},
+                             "horizontal": {"kernel": (3, 24, 2, 12)}}
+
+    split = lrjax.decompose_nnx(model, x, rule="speedup:1.5")
+    assert {"proj", "mix"} <= set(split.ranks)
+    flops = [lowered_flops(lambda s, v, g=g: nnx.merge(g, s)(v), s, x)  # weights as arguments
+             for g, s in (nnx.split(m) for m in (model, split.module))]
+    assert flops[0] / flops[1] == pytest.approx(split.report.speedup, rel=1e-6)
+    assert split.report.speedup >= 1.5
+    loaded = lrjax.load_decomposed(lrjax.save_decomposed(str(tmp_path / "s"), split),
+                                   BatchRowProjectionsNNX(nnx.Rngs(3)), x)
+    for got, w in zip(loaded(x), split.module(x), strict=True):
+        np.testing.assert_array_equal(got, w)
+
+    ranks = {"proj": 3 * 4, "mix": 3 * 6}
+    batches = [normal(i, (3, 4, 4, 8)) for i in range(1, 9)]
+    calibrated = lrjax.decompose_nnx(model, x, rule=ranks, calibration=batches)
+    plain = lrjax.decompose_nnx(model, x, rule=ranks)
+    held_out = normal(20, (3, 4, 4, 8))
+    errors = [float(jnp.linalg.norm(r.module(held_out)[1] - model(held_out)[1]))
+              for r in (calibrated, plain)]
+    assert errors[0] < 0.9 * errors[1]
+    np.testing.assert_array_equal(model(x)[1], want[1])  # the model itself unchanged
+
+    done = export.to_onnx(split.module, None, x, str(tmp_path / "p.onnx"), fixed_batch=True)
+    assert done.max_abs_error <= export.ATOL + export.RTOL * done.scale
+
+
+class TwoBatchAxes(nnx.Module):
+    def __init__(self, rngs):
+        self.two = nnx.LinearGeneral(4, 5, batch_axis={0: 2, 1: 3}, rngs=rngs)
+
+    def __call__(self, x):
+        return self.two(x)
+
+
+def test_nnx_linear_general_with_two_batch_axes_is_listed_with_its_reason():
+    (site,) = nnx_surgery.find_convs_nnx(TwoBatchAxes(nnx.Rngs(0)), normal(0, (2, 3, 4)))
+    assert not site.candidate
+    assert site.skip == "more than one batch axis (NNX): one kernel per index of several axes"
