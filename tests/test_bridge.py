@@ -370,6 +370,7 @@ class StackedWrappers(nnx.Module):
         return self.head(step(x, self.blocks))
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_stacked_wrappers_are_listed_and_the_rest_split():
     """Wrappers stacked by ``nnx.vmap`` are left as they are, with the reason, and the rest of
     the model is split, calibrated too. Before: Flax's ``nnx.view`` (lrjax's eval view) failed

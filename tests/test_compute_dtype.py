@@ -138,6 +138,7 @@ def test_to_tflite_of_a_bfloat16_model_with_compute_dtype(tmp_path):
     assert result.max_abs_error <= 1e-5 + 1e-4 * result.scale
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_stablehlo_of_a_bfloat16_model_is_checked_at_its_own_precision(tmp_path):
     """The deserialized artifact rounds bfloat16 where its own compilation does, not where
     JAX's did: the check allows 4 units of bfloat16 rounding (a float32 tolerance refused an

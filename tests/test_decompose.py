@@ -457,9 +457,10 @@ def test_a_tall_windows_moments_are_a_few_products_not_one_per_pair_of_taps():
     assert 1 <= len(products) <= 4
 
 
-@pytest.mark.parametrize("kh,stride,padding,dilation", [
-    (2, 2, (1, 1), 1), (3, 2, (1, 2), 1), (4, 3, (0, 0), 1), (5, 2, (3, 1), 2), (12, 4, (2, 9), 1),
-    (1, 2, (0, 0), 1)])
+@pytest.mark.parametrize("kh,stride,padding,dilation", [  # (the first three: the slow run)
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in [(2, 2, (1, 1), 1), (3, 2, (1, 2), 1),
+                                                         (4, 3, (0, 0), 1)]),
+    (5, 2, (3, 1), 2), (12, 4, (2, 9), 1), (1, 2, (0, 0), 1)])
 def test_transposed_patch_moments_are_the_dilated_inputs_without_its_zeros(kh, stride, padding,
                                                                           dilation):
     """A transposed conv's vertical patches, skipping the zero rows its stride inserts: the

@@ -162,8 +162,8 @@ def test_cost_report_of_full_model_with_ranks():
     assert sites[-1].kind == "1x1" and all(s.candidate for s in sites)
 
 
-@pytest.mark.parametrize("lowrank", [False, True])
-@pytest.mark.parametrize("family,bn", [("nin", True), ("cnn", False)])
+@pytest.mark.parametrize("family,bn,lowrank", grid([("nin", True), ("cnn", False)],
+                                                   [(False,), (True,)]))
 def test_cifar_models_forward_train_and_eval(family, bn, lowrank):
     model = models.get_model(family, lowrank=lowrank, bn=bn)
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))

@@ -1232,6 +1232,7 @@ class _Cached(nnx.Module):
         return self.out(h + keys.mean(0)) * (self.width / 64)
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_nnx_call_updating_a_keyword_cache_and_reading_a_kernel_shape(tmp_path):
     """The cache is split with the model inside each of lrjax's traces (a trace cannot update
     variables made outside it: Flax's TraceContextError), and the user's is left as it was;
@@ -1304,6 +1305,7 @@ class _Observer(nnx.Module):
         return self.proj(jnp.concatenate([h, obs.state], -1))
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_a_calibration_batch_may_be_the_models_own_dataclass():
     """``calibration=obs`` for a model taking one dataclass of arrays is one batch (before:
     "TypeError: '_Observation' object is not iterable"); a list of them, several."""
@@ -1531,6 +1533,7 @@ class SlashNamed(nn.Module):
         return nn.Dense(4, name="head")(nn.BatchNorm(use_running_average=True)(x))
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_a_module_name_with_a_slash_is_one_key_of_its_layers_paths():
     """Before: "variables have no kernel for layer 'conformer/stacked_layers_0/ffn_layer1'"
     (the path split into two keys)."""

@@ -160,6 +160,7 @@ class WindowNet(nn.Module):
         return windows.reshape(batch, h, w, 16).mean((1, 2))
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_code_computing_with_the_batch_size_exports_with_a_fixed_batch(tmp_path):
     """ONNX and StableHLO with ``fixed_batch=True`` (the symbolic batch's error says so), and
     LiteRT, whose batch is fixed, with a variable set to ``None`` among the converter's

@@ -357,6 +357,7 @@ class UnknownModeNet(DeepNet):
         return self.conv2(x := self.conv1(x)) + self.drop(x, rngs)
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_an_eval_view_that_still_draws_is_named(tmp_path):
     """A mode lrjax cannot set: the report says the eval view still draws (and from which of
     the model's streams), and export refuses to fix the draws in the graph unless the call is
@@ -908,6 +909,7 @@ class Mix(nn.Module):
         return x @ self.param("w", nn.initializers.lecun_normal(), (64, 64))
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_a_layer_whose_last_unrolled_run_is_dropped_is_costed_as_xla_runs_it():
     """The second stream's layers of :class:`TwoStreams` run four times, but XLA drops their
     last run (the stream's last output is dropped, and the loop is unrolled): they cost three

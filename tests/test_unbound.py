@@ -177,6 +177,7 @@ def test_unbound_sampling_exports_saves_and_loads(policy, tmp_path):
         data_free.variables, IMAGES, KEY, method="act")) < 1e-6
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_unbind_outside_lrjax_is_flaxs_own(policy):
     model, variables = policy
     module, _ = model.bind(variables).head.unbind()
@@ -214,6 +215,7 @@ class NNXSampler(nnx.Module):
         return jax.lax.fori_loop(0, 3, step, self.stem(x), unroll=self.unroll)
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_nnx_submodules_merged_in_a_loop_calibrate():
     """Before: calibrating failed with Flax's "Cannot mutate _Moments from a different trace
     level" (a probe's statistics set inside the loop's body); they go to the host now, as a

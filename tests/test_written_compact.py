@@ -416,7 +416,8 @@ class GatedForms(nn.Module):
                                                          (32, 16))
 
 
-@pytest.mark.parametrize("form", ["index", "unpack", "unstack", "range", "split"])
+@pytest.mark.parametrize("form", ["index", *(pytest.param(f, marks=pytest.mark.slow)  # (slow run)
+                                  for f in ("unpack", "unstack")), "range", "split"])
 def test_a_parameter_cut_into_products_of_the_same_data_is_one_layer(form):
     """Each form is one layer of the whole parameter (a one-index piece: an einsum keeping the
     axis; a range of the output axis: the dense layer of the whole kernel); at full rank the

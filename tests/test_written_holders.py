@@ -250,6 +250,7 @@ class Twice(nn.Module):
         return attn(x + attn(x, train), train)
 
 
+@pytest.mark.slow  # (2-3 s)
 def test_the_calls_a_product_feeds_are_made_once_from_the_first_call_on():
     model = Twice()
     variables = init(model, 0, X)
