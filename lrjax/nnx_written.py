@@ -33,7 +33,8 @@ from lrjax import einsums, sites, written_products
 from lrjax.sites import ConvSite
 
 __all__ = ["is_written", "call_of", "linear_site", "as_linear", "as_einsum", "as_layer",
-           "product_einsum", "used_kernel", "input_axes", "keep_attributes", "kernel_of"]
+           "product_einsum", "used_kernel", "input_axes", "keep_attributes", "kernel_of",
+           "batched_linear", "batched_equation", "linear_as_einsum"]
 
 _KEYWORDS = frozenset({"out_sharding"})  # what a pair's __call__ takes besides the input
 WRITTEN = "a module of its own holding a kernel (and a bias)"

@@ -12,7 +12,7 @@ from flax import nnx
 
 import lrjax
 from lrjax import costs, export, nnx_surgery, surgery
-from lrjax.einsums import einsum_split
+from lrjax.einsums import batched_dense_equation, einsum_split
 from tests.helpers import init, lowered_flops, normal
 
 E, M, H = 4, 16, 32
@@ -434,3 +434,21 @@ def test_nnx_linear_general_with_two_batch_axes_is_listed_with_its_reason():
     (site,) = nnx_surgery.find_convs_nnx(TwoBatchAxes(nnx.Rngs(0)), normal(0, (2, 3, 4)))
     assert not site.candidate
     assert site.skip == "more than one batch axis (NNX): one kernel per index of several axes"
+
+
+def test_a_batched_dense_layers_equation_is_the_einsum_flax_computes():
+    """``lrjax.einsums.batched_dense_equation`` against Flax's own ``nnx.LinearGeneral`` with a
+    batch axis, over one and two contracted axes (negative or not); ``None`` for the batch axis
+    contracted."""
+    for ndim, axis, features, in_shape in [(3, -1, (5,), (2, 4, 3)), (4, (2, 3), (2, 5), (2, 3, 4, 6)),
+                                           (4, 1, (3,), (2, 4, 6, 3))]:
+        equation = batched_dense_equation(ndim, axis, len(features))
+        layer = nnx.LinearGeneral(tuple(in_shape[a] for a in np.atleast_1d(axis)), features,
+                                  axis=axis, batch_axis={0: 2}, rngs=nnx.Rngs(0))
+        x = normal(ndim, in_shape)
+        np.testing.assert_allclose(jnp.einsum(equation, x, layer.kernel[...]),
+                                   layer(x) - layer.bias[...].reshape(
+                                       2, *[1] * (ndim - 1 - len(np.atleast_1d(axis))), *features),
+                                   rtol=1e-5, atol=1e-5)
+    assert batched_dense_equation(4, (2, 3), 2) == "abcd,acdef->abef"
+    assert batched_dense_equation(3, (0, 2), 1) is None
