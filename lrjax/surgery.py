@@ -176,7 +176,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     delegated: dict[str, str] = {}  # path: the subclass split in its base's call
     # (path, prefix, scope, wrapper, module) of the modules running; prefix: the path of the module
     # applied apart that this one is in (None: in the model)
-    running: list[tuple] = []
+    running: list[tuple[str, str | None, Any, Any, nn.Module]] = []
     elsewhere: dict[str, str] = {}  # path: another method of a module whose product is a layer
 
     def record(next_fun, args, kwargs, context):
