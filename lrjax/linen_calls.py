@@ -376,18 +376,22 @@ def check_shape(module: nn.Module, name: str, value, init_fn, init_args, init_kw
 def attempt(module: nn.Module, probe: bool = False):
     """A trace of ``module``'s own code, ended by the call of another module in its scope (a
     module running others is no layer; ``nn.share_scope`` hides them from its variables),
-    that leaves its scope as it found it when it fails (its call then runs as written), or
-    always for a ``probe``: no name reserved, no random stream drawn, no submodule named."""
-    before = scope_state(module)
+    that leaves its scope and the model's mutable collections as it found them when it fails
+    (its call then runs as written), or always for a ``probe``: no name reserved, no random
+    stream drawn, no submodule named, nothing sown (a layer it calls, traced, sows what the
+    trace computes: calibration's statistics would hold that trace's values)."""
+    before, collections = scope_state(module), collections_state(module)
     TRACING.append(module)
     try:
         yield
     except BaseException:
         rewind(module, before)
+        put_back(module, collections)
         raise
     else:
         if probe:
             rewind(module, before)
+            put_back(module, collections)
     finally:
         TRACING.pop()
 

@@ -65,8 +65,14 @@ import numpy as np
 from jax.extend import core as jcore
 
 from lrjax import linen_calls, replay
-from lrjax.linen_placeholders import placeholder, placeholders
-from lrjax.written_products import KERNEL as _KERNEL
+from lrjax.linen_placeholders import (
+    PAIR,
+    compact_param,
+    has_pair,
+    placeholders,
+    setup_param,
+    written_pair,
+)
 from lrjax.written_products import NotALayer as _Ineligible
 from lrjax.written_products import (
     is_pair,
@@ -87,11 +93,11 @@ _PARAMS = "_lrjax_written_params"  # (made, given) while a compact module's call
 _CHILD = "_lrjax_written_layers"  # {parameter: the Flax layer its product runs as}
 _HOOKED: dict[type, type] = {}
 _RUNNING: set[int] = set()  # the modules whose setup or call this interceptor is running
-_PAIR = ("vertical", "horizontal")
 _AS_WRITTEN: set = set()  # the compact calls (class, configuration, arguments) holding no product
 _HOLDERS: set = set()  # the compact calls making submodules, whose split pairs are theirs
 _HOLDS = object()  # what _split_kernel finds for such a call
 _FED: dict = {}  # {a holder's call: its calls given a product's output, made from the replay}
+_MAKERS: set = set()  # the calls of setup modules whose compact call makes submodules
 _SHARED = "_lrjax_shared_params"  # a lifted clone's: the traced module's _STATE
 _CHECK_SCOPE = getattr(nn.module, "TestScope", ())  # Flax's scope for a lifted setup's check
 
@@ -131,45 +137,12 @@ def _holds_submodules(module: nn.Module) -> bool:
     return any(isinstance(c, nn.Module) for c in module._state.children.values())
 
 
-def _has_pair(module: nn.Module) -> bool:
-    """A pair's variables in ``module``'s scope: in its own place, or in a parameter's (a
-    module sharing its scope, :func:`_shares_scope`, or holding several products)."""
-    params = module.variables.get("params", {}) if module.scope is not None else {}
-    return all(p in params for p in _PAIR) or any(_written_pair(v) for v in params.values())
-
-
-def _written_pair(value) -> bool:
-    """A pair in a parameter's place: a written layer's (no bias: its module's stays its own),
-    not a split submodule's (a Flax layer's, biased as a rule)."""
-    return is_pair(value) and "bias" not in value["horizontal"]
-
-
 def _shares_scope(module: nn.Module) -> bool:
     """Whether ``module`` computes in its parent's scope (``nn.share_scope``: Gemma's
     feed-forward shares its own with its two products), the parent a module of the user's."""
     parent = module.parent
     return isinstance(parent, nn.Module) and parent.scope is not None and \
         _eligible(parent) and tuple(module.scope.path) == tuple(parent.scope.path)
-
-
-def _setup_param(module: nn.Module, name, init_fn, init_args, init_kwargs, flax_param):
-    """``(value, is a placeholder)`` of a hooked ``setup`` module's parameter: in a decomposed
-    model whose pair replaced it, zeros of its shape; its ``kernel`` read or made without
-    reserving its name (the layer its product runs as reads it under that name; stored by
-    :func:`_replayed`); another as Flax's ``param`` (``flax_param()``) makes it. ``None``:
-    Flax's own ``param``, unrecorded."""
-    scope = module.scope
-    if not module.is_initializing() and _has_pair(module) and (
-            not scope.has_variable("params", name) or
-            _written_pair(scope.get_variable("params", name))):
-        return placeholder(module, init_fn, init_args, init_kwargs), True
-    if name != _KERNEL:
-        return flax_param(), False
-    if scope.has_variable("params", _KERNEL):
-        return nn.meta.unbox(scope.get_variable("params", _KERNEL)), False
-    if module.is_initializing():
-        return nn.meta.unbox(init_fn(module.make_rng("params"), *init_args, **init_kwargs)), False
-    return None
 
 
 def _hooked(cls: type) -> type:
@@ -182,12 +155,12 @@ def _hooked(cls: type) -> type:
                 return self.__dict__[_SHARED][name][0]
             hook = self.__dict__.get(_PARAMS)
             if hook is not None:
-                return _compact_param(self, hook, name, init_fn, init_args, init_kwargs, unbox)
+                return compact_param(self, hook, name, init_fn, init_args, init_kwargs, unbox)
             def flax_param():
                 return super(hooked, self).param(name, init_fn, *init_args, unbox=unbox,
                                                  **init_kwargs)
 
-            made = _setup_param(self, name, init_fn, init_args, init_kwargs, flax_param)
+            made = setup_param(self, name, init_fn, init_args, init_kwargs, flax_param)
             if made is None:
                 return flax_param()
             value = made[0]  # (a NumPy one, from a loaded tree, as the array a trace keeps)
@@ -206,30 +179,6 @@ def _hooked(cls: type) -> type:
                                              "__qualname__": cls.__qualname__})
         _HOOKED[cls] = hooked
     return _HOOKED[cls]
-
-
-def _compact_param(module, hook, name, init_fn, init_args, init_kwargs, unbox):
-    made, given, *split = hook  # (split: the names a holder's run as written found split)
-    if given is not None and name in given:
-        return given[name]
-    scope = module.scope
-    held = scope.get_variable("params", name) if scope.has_variable("params", name) else None
-    if held is not None and not is_pair(held):
-        value = held
-        if split:  # (a holder's run as written: checked as Flax's param checks it)
-            linen_calls.check_shape(module, name, value, init_fn, init_args, init_kwargs)
-    elif module.is_initializing():  # as Flax's param makes and stores it (same keys)
-        value = init_fn(module.make_rng("params"), *init_args, **init_kwargs)
-        scope.put_variable("params", name, value)  # (its own code may read self.variables)
-    elif (given is not None and _has_pair(module)) or (split and is_pair(held)):
-        value = placeholder(module, init_fn, init_args, init_kwargs)  # the split kernel
-        if split:
-            split[0].add(name)
-    else:
-        return nn.Module.param(module, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
-    if made is not None:
-        made[name] = value
-    return nn.meta.unbox(value) if unbox else value
 
 
 @contextlib.contextmanager
@@ -303,24 +252,34 @@ def _values(state: dict) -> dict:
 
 def _replayed(module: nn.Module, next_fun, args, kwargs):
     """A ``setup`` module's call with the product of one of its parameters as a Flax layer (or
-    as written, at once when the same call was found to hold none)."""
+    as written, at once when the same call was found to hold none); a holder's
+    (:func:`_holder_call`) when its compact call makes submodules (a ViT's input layer: a class
+    token declared in ``setup``, its patch ``nn.Conv`` made in its call)."""
     state = module.__dict__[_STATE]
     split = any(placeholder for _, placeholder in state.values())
     _stored(module, _values(state))  # (in an init: the layer, or its own code, reads it)
     key = linen_calls.call_key(module, args, kwargs)
     if not split and key is not None and key in _AS_WRITTEN:
         return next_fun(*args, **kwargs)
+    if key is not None and key in _MAKERS:
+        return _holder_call(module, next_fun, args, kwargs, state)
     arrays, call = replay.array_call(next_fun, args, kwargs)
     uses: dict = {}
+    children = set(module._state.children)
     try:
         with linen_calls.attempt(module):  # (no product found: its scope as it was)
             closed, shapes = replay.traced_inlined(call, *arrays)
+            if set(module._state.children) - children:  # (their calls traced: not made)
+                raise _MakesSubmodules
             named = {id(value): name for name, (value, _) in state.items()}
             for var, const in zip(closed.jaxpr.constvars, closed.consts, strict=True):
                 if id(const) in named:
                     uses.setdefault(named[id(const)], []).append(var)
             once = [(n, vs[0]) for n, vs in uses.items() if len(vs) == 1]  # (twice: none)
             products = _products(closed, once, closed.jaxpr.invars)
+    except _MakesSubmodules:
+        _MAKERS.add(key) if key is not None else None
+        return _holder_call(module, next_fun, args, kwargs, state)
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:
             raise _no_longer(module, e) from None
@@ -345,8 +304,8 @@ def _own_params(module: nn.Module) -> dict | None:
     if any(hasattr(v, "items") for c, vs in held.items() if c != "params" for v in vs.values()):
         return None
     nested = {n for n, v in params.items() if hasattr(v, "items")}
-    return params if not nested or nested == set(_PAIR) or all(  # (pairs in its parameters'
-        _written_pair(params[n]) for n in nested) else None  # places, not a submodule's)
+    return params if not nested or nested == set(PAIR) or all(  # (pairs in its parameters'
+        written_pair(params[n]) for n in nested) else None  # places, not a submodule's)
 
 
 def _compact_call(module: nn.Module, next_fun, args, kwargs):
@@ -360,11 +319,11 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
         return next_fun(*args, **kwargs)
     arrays, call = replay.array_call(next_fun, args, kwargs)
     given = {} if initializing else {n: nn.meta.unbox(v) for n, v in own.items()
-                                     if n not in _PAIR and not is_pair(v)}
+                                     if n not in PAIR and not is_pair(v)}
     key = linen_calls.call_key(module, args, kwargs)
     if key is not None and key in _HOLDERS:
         return next_fun(*args, **kwargs)
-    split = None if initializing or not _has_pair(module) else \
+    split = None if initializing or not has_pair(module) else \
         _split_kernel(module, call, arrays, given)
     if split is _HOLDS:  # (the pairs are its submodules')
         if key is not None:
@@ -409,7 +368,7 @@ def _holder_call(module: nn.Module, next_fun, args, kwargs, state=None):
     layers, then its own ``proj_kernel`` in an einsum; or a ``setup`` module's, its parameters
     in ``state``: CLIP's vision tower and its ``proj``): run as written, those calls recorded
     (a split kernel read as zeros), then its own products run as layers (:func:`_held`)."""
-    if state is None and not any(not hasattr(v, "items") or _written_pair(v)
+    if state is None and not any(not hasattr(v, "items") or written_pair(v)
                                  for v in module.variables.get("params", {}).values()):
         return next_fun(*args, **kwargs)  # (no parameter of its own)
     made, split = {}, set()
@@ -516,6 +475,10 @@ class _RunsOthers(_Ineligible):
     pass
 
 
+class _MakesSubmodules(_Ineligible):
+    pass
+
+
 def _products(closed, candidates, inputs) -> list:
     """``[(name, product), ...]`` (:func:`lrjax.written_products.product_of`, their data
     computed from ``inputs``) of the parameters among ``candidates`` (``(name, var)`` of
@@ -594,6 +557,6 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
             if name not in params:  # (no pair took its place)
                 params[name] = stored_kernel(layers[name])
             set_aside(layers[name], None)
-    elif params is not None and _has_pair(module):  # a decomposed model's init: the pair
+    elif params is not None and has_pair(module):  # a decomposed model's init: the pair
         params.pop(products[0][0], None)  # (Flax deletes nothing)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs[:len(jax.tree.leaves(shapes))])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lrjax
-from lrjax import linen_cells, surgery
+from lrjax import decompose, linen_cells, surgery
 from tests.helpers import init, lowered_flops, normal, whole_net_rule
 
 X = normal(1, (2, 5, 16))
@@ -299,3 +299,65 @@ class TwinTwice(nn.Module):
     def __call__(self, x, train: bool = False):
         attn = Twin(name="attn")
         return attn(x + attn(x, train), train)
+
+
+class PatchEmbedding(nn.Module):
+    """NobuoTsukamoto/jax_examples' ViT input layer in short: ``setup`` declares its class token
+    and position embedding, its compact ``__call__`` makes the patch conv."""
+
+    def setup(self):
+        self.class_token = self.param("class token", nn.initializers.normal(1.0), (1, 1, 16))
+        self.pos_emb = self.param("positional embedding", nn.initializers.normal(1.0),
+                                  (1, 17, 16))
+
+    @nn.compact
+    def __call__(self, x):
+        z = jax.lax.collapse(nn.Conv(16, (4, 4), strides=4, use_bias=False)(x), 1, -1)
+        z = jnp.concatenate([jnp.repeat(self.class_token, x.shape[0], axis=0), z], axis=1)
+        return z + self.pos_emb
+
+
+class SetupProjection(nn.Module):
+    """The same habit with a product of its own: ``kernel`` declared in ``setup``, a conv made
+    in the compact call, ``h @ self.kernel``."""
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.initializers.lecun_normal(), (16, 24))
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Conv(16, (3, 3))(x)).reshape(x.shape[0], -1, 16) @ self.kernel
+
+
+class Classifier(nn.Module):
+    embed: type = PatchEmbedding
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(nn.gelu(nn.Dense(32)(self.embed(name="embed")(x))).mean(1))
+
+
+IMAGES = normal(4, (2, 16, 16, 3))
+CALIBRATION = normal(5, (8, 16, 16, 3))  # (another batch size than the example's)
+
+
+@pytest.mark.parametrize("embed", [PatchEmbedding, SetupProjection])
+def test_a_setup_module_whose_compact_call_makes_layers(embed, tmp_path):
+    """A ``setup`` module whose compact call makes its layers runs as a holder: its layers'
+    calls traced inside a search for its own products stopped calibration ("unexpected tracer":
+    the statistics they sowed in that trace were kept), on a batch of another size than the
+    example's with no product of its own, on any batch with one."""
+    model = Classifier(embed)
+    variables = init(model, 0, IMAGES)
+    found = {s.path: s for s in surgery.find_convs(model, IMAGES) if s.candidate}
+    own = {"embed/Conv_0"} | ({"embed/kernel"} if embed is SetupProjection else set())
+    assert set(found) == {"Dense_0", "Dense_1"} | own
+    free, fitted, _ = whole_net_rule(model, variables, IMAGES, {p: 4 for p in own}, CALIBRATION,
+                                     tmp_path)
+    assert set(fitted.ranks) == own and not fitted.report.skipped and fitted.report.speedup > 1
+    assert jax.tree.map(jnp.shape, fitted.module.init(jax.random.key(3), IMAGES)) == \
+        jax.tree.map(jnp.shape, fitted.variables)
+    top = {p: decompose.max_rank(found[p].shape.kernel_shape) for p in own}
+    exact = lrjax.decompose_linen(model, variables, IMAGES, rule=top, calibration=CALIBRATION)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, IMAGES),
+                               model.apply(variables, IMAGES), rtol=1e-5, atol=1e-5)
