@@ -45,16 +45,23 @@ def _floats(y) -> list:
 
 def xla_flops(model, variables, args, compiled: bool) -> float:
     """XLA's flop count of ``model.apply(variables, *args)`` (lowered or compiled), traced as lrjax
-    traces it."""
+    traces it: as ``jax.jit`` traces it, or, for a model whose call needs concrete values
+    (``.item()`` of a ``jnp.linspace``), with its computations on constants evaluated as it is
+    traced (:func:`lrjax.linen_trace.with_constants_evaluated`). Not under
+    ``compile_time_constants`` for every model: it would leave out work on constants that the
+    model's own ``jax.jit`` runs (a resize's interpolation weights)."""
     import jax
 
-    from lrjax.linen_trace import compile_time_constants
+    from lrjax.linen_trace import with_constants_evaluated
 
     static = tuple(1 + i for i, a in enumerate(args) if not hasattr(a, "shape"))  # the flag
-    with compile_time_constants():
+
+    def count(variables, *args):
         lowered = jax.jit(lambda v, *a: model.apply(v, *a), static_argnums=static).lower(
             variables, *args)
         return (lowered.compile() if compiled else lowered).cost_analysis()["flops"]
+
+    return with_constants_evaluated(count, variables, *args)
 
 
 def decomposition_row(model, variables, args, calibration, flops, **keywords) -> dict:
