@@ -27,7 +27,13 @@ import numpy as np
 from flax import nnx
 
 from lrjax import checkpoint, formulations, linen_trace, moments, replay, runtimes, surgery
-from lrjax.export.failures import converter_failure, mismatch_cause, user_layer
+from lrjax.export.failures import (
+    CONDITIONED,
+    converter_failure,
+    mismatch_cause,
+    rounding_jitter,
+    user_layer,
+)
 from lrjax.linen_trace import check_model_kind, constants_evaluated
 from lrjax.nnx_surgery import eval_view, graph_keywords
 from lrjax.nnx_views import drawn_streams
@@ -55,6 +61,8 @@ class ExportResult:
     scale: float  # max |JAX output|
     checked_batches: tuple[int, ...]
     size_bytes: int
+    conditioning: float = 0.0  # JAX's own output move under one rounding of the inputs, where
+    # the check took it as the tolerance (an ill-conditioned model: up to CONDITIONED times it)
 
 
 def _dense_as_conv(next_fun, args, kwargs, context):
@@ -292,11 +300,14 @@ def _write(path: str, data: bytes) -> int:
     return len(data)
 
 
-def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, float]:
+def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, float, float]:
     """Run the export and JAX on random batches (with several inputs, ``examples``: their rows
-    repeated to each batch); raise ExportError past the tolerance. ``run`` returns the outputs
-    as a list in ``jax.tree.leaves`` order of JAX's (each checked against its own scale)."""
-    worst, scale, rtol, low = 0.0, 0.0, RTOL, ""
+    repeated to each batch); raise ExportError past the tolerance: :data:`ATOL` + :data:`RTOL`
+    of each output's own scale, or, for a model whose own output moves more than that when its
+    inputs move by one float32 rounding, :data:`CONDITIONED` times that move if more (returned,
+    the largest taken, with the largest error and scale). ``run`` returns the outputs as a list in
+    ``jax.tree.leaves`` order of JAX's."""
+    worst, scale, rtol, low, conditioning = 0.0, 0.0, RTOL, "", 0.0
     for i, b in enumerate(batches):
         xs = [np.random.default_rng(i).standard_normal((b, *shape[1:])).astype(np.float32)] \
             if examples is None else [a if b == shape[0] else np.take(a, np.arange(b) % len(a), 0)
@@ -325,14 +336,18 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
                 raise ExportError(f"{where} has shape {got.shape}, JAX's {want.shape}")
             err = float(np.max(np.abs(got - want))) if want.size else 0.0
             top = float(np.max(np.abs(want))) if want.size else 0.0
-            if not np.isfinite(err) or err > ATOL + rtol * top:
+            jitter = rounding_jitter(forward, xs, leaf) if np.isfinite(err) and \
+                err > ATOL + rtol * top else 0.0
+            if jitter and err <= CONDITIONED * jitter:
+                conditioning = max(conditioning, jitter)  # (as close as JAX is to itself)
+            elif not np.isfinite(err) or err > ATOL + rtol * top:
                 cause = mismatch_cause(forward, xs, leaf, ATOL + rtol * top) \
                     if np.isfinite(err) else ""
                 raise ExportError(f"{where} does not match JAX on a batch of {b}: max "
                                   f"|difference| {err:.3g} > {ATOL:g} + {rtol:g} * {top:.3g}"
                                   f"{low}{cause}; nothing written")
             worst, scale = max(worst, err), max(scale, top)
-    return worst, scale
+    return worst, scale, conditioning
 
 
 def _tolerance(forward, xs) -> tuple[float, str]:
@@ -430,13 +445,13 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
             raise
         data = serialized(_flat_outputs(forward))
     batches = (shape[0],) if fixed_batch else (shape[0], shape[0] + 1)
-    err, scale = 0.0, 0.0
+    err, scale, jitter = 0.0, 0.0, 0.0
     if check and "cpu" in platforms:
         restored = jax.export.deserialize(bytearray(data))
-        err, scale = _compare(lambda *xs: jax.tree.leaves(restored.call(*xs)), forward, shape,
+        err, scale, jitter = _compare(lambda *xs: jax.tree.leaves(restored.call(*xs)), forward, shape,
                               batches, "the StableHLO artifact", examples)
     size = _write(path, data)
-    return ExportResult(path, "stablehlo", err, scale, batches if check else (), size)
+    return ExportResult(path, "stablehlo", err, scale, batches if check else (), size, jitter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +480,9 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     (batch norm in inference) are folded into it. A model returning a pytree of arrays (big_vision's
     ``(logits, {"stem": ..., ...})``) gets one graph output per array, named by its path in the
     tree (:func:`lrjax.runtimes.output_names`). Checked with ONNX Runtime on batches of the
-    example's size and one more, every output against its own scale.
+    example's size and one more, every output against its own scale (a model whose own output
+    moves more than that under one float32 rounding of its inputs: within 4x that move, the
+    result's ``conditioning``; the same for every exporter here).
 
     ``compute_dtype=jnp.float32``: a model computing in bfloat16 or float16 (a Flax layer's
     ``dtype=jnp.bfloat16``, casts in its code; ONNX Runtime's CPU kernels take neither for
@@ -495,7 +512,7 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
                                             _unbatched(forward, shape, inputs))) from None
     data = model.SerializeToString()
     batches = (shape[0],) if fixed_batch else (shape[0], shape[0] + 1)
-    err, scale = 0.0, 0.0
+    err, scale, jitter = 0.0, 0.0, 0.0
     if check:
         try:
             session = onnx_session(data)
@@ -509,10 +526,10 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
             raise ExportError(f"ONNX Runtime cannot load the exported graph: {first}{hint}") \
                 from None
         names = [i.name for i in session.get_inputs()]
-        err, scale = _compare(lambda *xs: session.run(None, dict(zip(names, xs, strict=True))),
+        err, scale, jitter = _compare(lambda *xs: session.run(None, dict(zip(names, xs, strict=True))),
                               forward, shape, batches, "ONNX Runtime", examples)
     size = _write(path, data)
-    return ExportResult(path, "onnx", err, scale, batches if check else (), size)
+    return ExportResult(path, "onnx", err, scale, batches if check else (), size, jitter)
 
 
 def _computes_in_bfloat16(model) -> bool:
@@ -566,16 +583,16 @@ def to_tflite(module, variables, example_input, path: str, *, check: bool = True
         raise ExportError(converter_failure(
             e, forward, inputs or [jax.ShapeDtypeStruct(shape, np.float32)], module)) from None
     batches = (shape[0],)
-    err, scale = 0.0, 0.0
+    err, scale, jitter = 0.0, 0.0, 0.0
     if check:
         try:
             run = runtimes.litert_outputs(litert_interpreter(data))
         except Exception as e:  # noqa: BLE001 - a kernel failing to prepare: RuntimeError
             raise ExportError(f"LiteRT's interpreter cannot run the converted model: "
                               f"{_first_line(e)}; nothing written") from None
-        err, scale = _compare(run, forward, shape, batches, "LiteRT", examples)
+        err, scale, jitter = _compare(run, forward, shape, batches, "LiteRT", examples)
     size = _write(path, data)
-    return ExportResult(path, "tflite", err, scale, batches if check else (), size)
+    return ExportResult(path, "tflite", err, scale, batches if check else (), size, jitter)
 
 
 EXPORTERS = {"onnx": to_onnx, "tflite": to_tflite, "stablehlo": to_stablehlo}
