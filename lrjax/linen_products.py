@@ -278,7 +278,8 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
             once = [(n, vs[0]) for n, vs in uses.items() if len(vs) == 1]  # (twice: none)
             products = _products(closed, once, closed.jaxpr.invars)
     except _MakesSubmodules:
-        _MAKERS.add(key) if key is not None else None
+        if key is not None:
+            _MAKERS.add(key)
         return _holder_call(module, next_fun, args, kwargs, state)
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
         if split:

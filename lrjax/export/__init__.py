@@ -448,8 +448,8 @@ def to_stablehlo(module, variables, example_input, path: str, *, platforms=("cpu
     err, scale, jitter = 0.0, 0.0, 0.0
     if check and "cpu" in platforms:
         restored = jax.export.deserialize(bytearray(data))
-        err, scale, jitter = _compare(lambda *xs: jax.tree.leaves(restored.call(*xs)), forward, shape,
-                              batches, "the StableHLO artifact", examples)
+        err, scale, jitter = _compare(lambda *xs: jax.tree.leaves(restored.call(*xs)), forward,
+                                      shape, batches, "the StableHLO artifact", examples)
     size = _write(path, data)
     return ExportResult(path, "stablehlo", err, scale, batches if check else (), size, jitter)
 
@@ -526,8 +526,9 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
             raise ExportError(f"ONNX Runtime cannot load the exported graph: {first}{hint}") \
                 from None
         names = [i.name for i in session.get_inputs()]
-        err, scale, jitter = _compare(lambda *xs: session.run(None, dict(zip(names, xs, strict=True))),
-                              forward, shape, batches, "ONNX Runtime", examples)
+        err, scale, jitter = _compare(
+            lambda *xs: session.run(None, dict(zip(names, xs, strict=True))), forward, shape,
+            batches, "ONNX Runtime", examples)
     size = _write(path, data)
     return ExportResult(path, "onnx", err, scale, batches if check else (), size, jitter)
 
