@@ -28,7 +28,9 @@
 * a transposed conv (an input-dilated 2-D conv: ``nn.ConvTranspose``, an upsampling ``nn.Conv``
   with ``input_dilation``, ``lax.conv_transpose`` in any layout) in the one padding the
   converter gets right, its extra rows and columns sliced off (:func:`conv_transpose`);
-* a ``pad`` of more than 5 axes with its unpadded runs of axes merged (:func:`merged_pad`);
+* a ``pad`` of more than 5 axes with its unpadded runs of axes merged (:func:`merged_pad`),
+  a ``transpose`` of more than 6 with the runs of axes it keeps together merged
+  (:func:`merged_transpose`);
 * a grouped conv over 3 or more spatial dims (a video net's depthwise 3x3x3) as a sum over its
   taps or one conv per group (:func:`grouped_conv`);
 * an input-dilated conv over 3 or more spatial dims (a volumetric U-Net's 3-D transposed conv:
@@ -368,6 +370,27 @@ def merged_pad(x, value, config, shape):
                        [pads or (0, 0, 0) for _, pads in groups]).reshape(shape)
 
 
+def merged_transpose(x, permutation, shape):
+    """A ``transpose`` of more than 6 axes (the converter's ``tfl.transpose`` takes 6 at most:
+    a video net's unpatchify, ``(B, T, H, W, t, h, w, C)`` to ``(B, T, t, H, h, W, w, C)``, as
+    swirl-dynamics' ViViT decoder writes it) with each run of axes it keeps together, in order,
+    merged into one, back to ``shape`` after; None where it has 6 axes or fewer, or more than 6
+    runs remain."""
+    if x.ndim <= 6:
+        return None
+    runs: list[list[int]] = []
+    for axis in permutation:
+        if runs and axis == runs[-1][-1] + 1:
+            runs[-1].append(axis)
+        else:
+            runs.append([axis])
+    if len(runs) > 6:
+        return None
+    ordered = sorted(runs)
+    merged = x.reshape([int(np.prod([x.shape[a] for a in run])) for run in ordered])
+    return jax.lax.transpose(merged, [ordered.index(run) for run in runs]).reshape(shape)
+
+
 def clamped_gather(operand, indices, params):
     """A ``gather`` with its starts clamped into range, as JAX clamps them (indexing,
     ``jnp.take(..., mode="clip")``): LiteRT's ``GATHER_ND`` rejects others ("index out of
@@ -426,6 +449,9 @@ def rewrite(eqn, ins) -> list | None:
         return None if out is None else [out]
     if name == "pad":
         out = merged_pad(*ins, eqn.params["padding_config"], eqn.outvars[0].aval.shape)
+        return None if out is None else [out]
+    if name == "transpose":
+        out = merged_transpose(ins[0], eqn.params["permutation"], eqn.outvars[0].aval.shape)
         return None if out is None else [out]
     if name == "conv_general_dilated":
         out = conv_transpose(*ins, eqn.params)

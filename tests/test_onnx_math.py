@@ -102,6 +102,45 @@ def test_rarer_math_exports_to_litert(tmp_path):
     assert result.max_abs_error <= 1e-5 * max(1.0, result.scale)
 
 
+def test_transposes_of_more_than_six_axes_are_written_for_litert_with_their_runs_merged():
+    """LiteRT's TRANSPOSE takes 6 axes at most ("'tfl.transpose' op failed to verify that
+    operand 0 is at most 6-D": swirl-dynamics' ViViT decoder unpatchifies ``(B, T, H, W, t, h,
+    w, C)`` to ``(B, T, t, H, h, W, w, C)``): the same transpose of the view whose runs of axes
+    it keeps together are merged; one with 7 runs is left as it is
+    (:func:`lrjax.litert_math.merged_transpose`)."""
+    x = jax.random.normal(jax.random.key(3), (2, 2, 3, 2, 2, 1, 3, 4))
+    for permutation, merged in (((0, 1, 4, 2, 5, 3, 6, 7), 6), ((1, 0, 2, 3, 4, 5, 7, 6), 5),
+                                ((0, 2, 4, 6, 1, 3, 5, 7), None)):
+        (eqn,) = jax.make_jaxpr(lambda x, p=permutation: jnp.transpose(x, p))(x).eqns
+        rewritten = litert_math.rewrite(eqn, (x,))
+        if merged is None:
+            assert rewritten is None
+            continue
+        np.testing.assert_array_equal(rewritten[0], jnp.transpose(x, permutation))
+        traced = jax.make_jaxpr(lambda x, e=eqn: litert_math.rewrite(e, (x,)))(x)
+        assert [len(e.params["permutation"]) for e in traced.eqns
+                if e.primitive.name == "transpose"] == [merged]
+
+
+class Unpatchify(nn.Module):
+    """A video net's decoder in short: a pointwise conv to ``t * h * w * C`` features per token,
+    then its patches put back in place by an 8-D transpose."""
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, h, w, _ = x.shape
+        y = nn.Conv(2 * 2 * 2 * 3, (1, 1, 1))(x).reshape(b, t, h, w, 2, 2, 2, 3)
+        return jnp.transpose(y, (0, 1, 4, 2, 5, 3, 6, 7)).reshape(b, 2 * t, 2 * h, 2 * w, 3)
+
+
+@pytest.mark.slow  # (a LiteRT conversion)
+def test_an_unpatchifying_video_decoder_exports_to_litert(tmp_path):
+    model, x = Unpatchify(), jax.random.normal(jax.random.key(4), (2, 2, 3, 3, 8))
+    variables = model.init(jax.random.key(0), x)
+    result = export.to_tflite(model, variables, (x,), str(tmp_path / "unpatchify.tflite"))
+    assert result.max_abs_error <= 1e-5 * max(1.0, result.scale)
+
+
 def test_pads_of_more_than_five_axes_are_written_for_litert_with_their_unpadded_runs_merged():
     """LiteRT's PAD takes 5 axes at most: a 6-D pad (upfirdn2d's zero insertion) is the same pad
     on the view whose runs of unpadded axes are merged; one with 6 padded runs is left as it is
