@@ -61,8 +61,8 @@ class ExportResult:
     scale: float  # max |JAX output|
     checked_batches: tuple[int, ...]
     size_bytes: int
-    conditioning: float = 0.0  # JAX's own output move under one rounding of the inputs, where
-    # the check took it as the tolerance (an ill-conditioned model: up to CONDITIONED times it)
+    conditioning: float = 0.0  # JAX's own output move under one rounding of its inputs and
+    # values, where the check took it as the tolerance (ill-conditioned: up to CONDITIONED x it)
 
 
 def _dense_as_conv(next_fun, args, kwargs, context):
@@ -304,9 +304,9 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
     """Run the export and JAX on random batches (with several inputs, ``examples``: their rows
     repeated to each batch); raise ExportError past the tolerance: :data:`ATOL` + :data:`RTOL`
     of each output's own scale, or, for a model whose own output moves more than that when its
-    inputs move by one float32 rounding, :data:`CONDITIONED` times that move if more (returned,
-    the largest taken, with the largest error and scale). ``run`` returns the outputs as a list in
-    ``jax.tree.leaves`` order of JAX's."""
+    inputs and the values it computes move by one float32 rounding, :data:`CONDITIONED` times
+    that move if more (returned, the largest taken, with the largest error and scale). ``run``
+    returns the outputs as a list in ``jax.tree.leaves`` order of JAX's."""
     worst, scale, rtol, low, conditioning = 0.0, 0.0, RTOL, "", 0.0
     for i, b in enumerate(batches):
         xs = [np.random.default_rng(i).standard_normal((b, *shape[1:])).astype(np.float32)] \
@@ -481,8 +481,8 @@ def to_onnx(module, variables, example_input, path: str, *, fold: bool = True,
     ``(logits, {"stem": ..., ...})``) gets one graph output per array, named by its path in the
     tree (:func:`lrjax.runtimes.output_names`). Checked with ONNX Runtime on batches of the
     example's size and one more, every output against its own scale (a model whose own output
-    moves more than that under one float32 rounding of its inputs: within 4x that move, the
-    result's ``conditioning``; the same for every exporter here).
+    moves more than that when its inputs and the values it computes move by one float32
+    rounding: within 4x that move, the result's ``conditioning``; so for every exporter here).
 
     ``compute_dtype=jnp.float32``: a model computing in bfloat16 or float16 (a Flax layer's
     ``dtype=jnp.bfloat16``, casts in its code; ONNX Runtime's CPU kernels take neither for

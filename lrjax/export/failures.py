@@ -5,6 +5,7 @@ may differ from JAX's past the tolerance: the model's own sensitivity)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -14,12 +15,12 @@ import numpy as np
 from flax import nnx
 from jax.extend import source_info_util
 
-from lrjax import formulations, macs
+from lrjax import formulations, macs, replay
 from lrjax.layers import LowRankModel
 
 __all__ = ["user_layer", "converter_failure", "mismatch_cause", "rounding_jitter", "CONDITIONED"]
 
-CONDITIONED = 4  # an export may differ from JAX by 4x JAX's own move under input rounding
+CONDITIONED = 4  # an export may differ from JAX by 4x JAX's own move under rounding
 
 
 # the converter's first error: the source line JAX recorded for the op it cannot convert
@@ -114,8 +115,9 @@ def mismatch_cause(forward, xs, leaf: int, tolerance: float) -> str:
     the batch ``xs`` past ``tolerance``, where the model itself says why: its outputs for one
     example depend on the others in the batch (a norm or softmax over the batch axis: changing
     the last example moves the others'), or JAX's own output moves past the tolerance when the
-    float inputs move by one float32 rounding (an ill-conditioned model, which the runtime's
-    rounding moves as much as JAX's would). ``""`` where neither holds."""
+    float inputs and the values computed move by one float32 rounding (an ill-conditioned model,
+    which the runtime's rounding moves as much as JAX's would: :func:`rounding_jitter`). ``""``
+    where neither holds."""
     def last_moved(x):
         x = np.array(x)
         x[-1] += 1
@@ -131,9 +133,10 @@ def mismatch_cause(forward, xs, leaf: int, tolerance: float) -> str:
         return ""
     words = []
     if jitter > tolerance:
-        words.append(f"JAX's own output moves by {jitter:.3g} when the inputs move by one "
-                     "float32 rounding: the model is that sensitive, and the runtime rounds in "
-                     f"other places, here more than the {CONDITIONED}x of that the check allows")
+        words.append(f"JAX's own output moves by {jitter:.3g} when its inputs and the values "
+                     "it computes move by one float32 rounding: the model is that sensitive, and "
+                     "the runtime rounds in other places, here more than the "
+                     f"{CONDITIONED}x of that the check allows")
     if coupled > tolerance:
         words.append(f"its output for one example depends on the others in the batch (changing "
                      f"the last example moves the others' by {coupled:.3g}: a norm over the "
@@ -151,20 +154,48 @@ def _floats(xs, change) -> list:
 
 def rounding_jitter(forward, xs, leaf: int, draws: int = 3) -> float:
     """How far JAX's own output ``leaf`` (of ``jax.tree.leaves``) moves when every float input
-    of the batch ``xs`` moves by one float32 rounding, up or down (seeded): the model's own
-    conditioning, which bounds how closely any runtime rounding in other places can match it
-    (a diffusion net's Fourier features of its noise level, frequencies to 2e4: ``sin`` of
-    arguments of 1e5); the largest of ``draws`` draws of the signs; 0 where the model does not
-    run on the moved inputs."""
-    signs = np.random.default_rng(0)
-
-    def rounded(x):
-        step = np.finfo(np.float32).eps * signs.choice([-1.0, 1.0], np.shape(x))
-        return (x * (1 + step)).astype(x.dtype)
-
+    of the batch ``xs`` and every float value it computes moves by one float32 rounding, up or
+    down (seeded): what another runtime's rounding in other places moves it by, the model's own
+    conditioning (a diffusion net's Fourier features of its noise level, frequencies to 2e4:
+    ``sin`` of arguments of 1e5, whose last bit is 0.01). The largest of ``draws`` draws; where
+    the model cannot be run so, its inputs alone moved; 0 where not even that runs."""
+    base = _output(forward, xs, leaf)
     try:
-        base = _output(forward, xs, leaf)
-        return max(float(np.max(np.abs(_output(forward, _floats(xs, rounded), leaf) - base)))
-                   for _ in range(draws))
-    except Exception:  # noqa: BLE001 - a model that does not run so: no such allowance
-        return 0.0
+        closed = jax.make_jaxpr(forward)(*map(jnp.asarray, xs))
+        moved = jax.jit(functools.partial(_rounded_run, closed))
+        outs = [np.asarray(jax.tree.leaves(moved(jnp.uint32(i), *xs))[leaf], np.float64)
+                for i in range(draws)]
+    except Exception:  # noqa: BLE001 - a program not run so (a constant needed at trace time)
+        signs = np.random.default_rng(0)
+
+        def rounded(x):
+            step = np.finfo(np.float32).eps * signs.choice([-1.0, 1.0], np.shape(x))
+            return (x * (1 + step)).astype(x.dtype)
+
+        try:
+            outs = [_output(forward, _floats(xs, rounded), leaf) for _ in range(draws)]
+        except Exception:  # noqa: BLE001 - a model that does not run so: no such allowance
+            return 0.0
+    return max(float(np.max(np.abs(out - base))) for out in outs)
+
+
+def _rounded_run(closed, draw, *xs):
+    """``closed`` on ``xs`` with every float input and every float value an equation computes
+    (calls inlined) moved by one rounding of its dtype, up or down as bit ``draw`` of the
+    value's own bits says (a sign per element that costs no random stream)."""
+    def moved(value):
+        dtype = jnp.result_type(value)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return value
+        bits = jax.lax.bitcast_convert_type(value, _UNSIGNED[jnp.dtype(dtype).itemsize])
+        up = ((bits >> draw.astype(bits.dtype)) & 1).astype(dtype)
+        return value * (1 + jnp.finfo(dtype).eps * (2 * up - 1))
+
+    def rule(eqn, ins, here):
+        return [moved(out) for out in replay.bind(eqn, ins)] if replay.call_jaxpr(eqn) is None \
+            else None
+
+    return replay.run(closed.jaxpr, closed.consts, [moved(x) for x in xs], rule)
+
+
+_UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
