@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["EinsumSplit", "batch_position", "batched_dense_equation", "called_equation", "einsum_split"]
+__all__ = ["EinsumSplit", "batch_position", "batched_dense_equation", "called_equation", "einsum_split",
+           "contracted_axes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +79,19 @@ def batched_dense_equation(ndim: int, axis, n_features: int) -> str | None:
     ``axis`` (an int or a sequence, negative counted from the end) into ``n_features`` output
     axes: ``abcd,acdef->abef`` for ``ndim=4, axis=(2, 3), n_features=2``. ``None`` when
     ``axis`` holds the batch axis (Flax refuses it)."""
-    contracted = sorted({a % ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))})
+    contracted = contracted_axes(ndim, axis)
     if 0 in contracted:
         return None
     letters = "".join(chr(ord("a") + i) for i in range(ndim + n_features))
     lhs, out = letters[:ndim], letters[ndim:]
     free = "".join(c for i, c in enumerate(lhs[1:], 1) if i not in contracted)
     return f"{lhs},a{''.join(lhs[i] for i in contracted)}{out}->a{free}{out}"
+
+
+def contracted_axes(ndim: int, axis) -> list[int]:
+    """A dense layer's contracted input axes, ``axis`` (an int or a sequence, negative counted
+    from the end) of an input of ``ndim`` axes, non-negative and sorted."""
+    return sorted({a % ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))})
 
 
 def einsum_split(equation: str) -> EinsumSplit | str:

@@ -57,7 +57,7 @@ def _batched_dense_as_einsum(next_fun, args, kwargs, context):
     equation = einsums.batched_dense_equation(x.ndim, layer.axis, len(features))
     if equation is None:  # (Flax refuses it)
         return next_fun(*args, **kwargs)
-    axis = sorted({a % x.ndim for a in _tuple(layer.axis)})
+    axis = einsums.contracted_axes(x.ndim, layer.axis)
     kernel = (x.shape[0], *(x.shape[i] for i in axis), *features)
     return nn.Einsum(kernel, equation,
                      use_bias=layer.use_bias, dtype=layer.dtype, param_dtype=layer.param_dtype,

@@ -341,7 +341,7 @@ def _compare(run, forward, shape, batches, what, examples=None) -> tuple[float, 
             if jitter and err <= CONDITIONED * jitter:
                 conditioning = max(conditioning, jitter)  # (as close as JAX is to itself)
             elif not np.isfinite(err) or err > ATOL + rtol * top:
-                cause = mismatch_cause(forward, xs, leaf, ATOL + rtol * top) \
+                cause = mismatch_cause(forward, xs, leaf, ATOL + rtol * top, jitter) \
                     if np.isfinite(err) else ""
                 raise ExportError(f"{where} does not match JAX on a batch of {b}: max "
                                   f"|difference| {err:.3g} > {ATOL:g} + {rtol:g} * {top:.3g}"

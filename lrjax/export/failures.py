@@ -110,14 +110,14 @@ def _layers_at(jaxpr, file: str, line: int) -> set[str]:
     return found
 
 
-def mismatch_cause(forward, xs, leaf: int, tolerance: float) -> str:
+def mismatch_cause(forward, xs, leaf: int, tolerance: float, jitter: float | None = None) -> str:
     """Words for an export whose output ``leaf`` (of ``jax.tree.leaves``) differs from JAX's on
     the batch ``xs`` past ``tolerance``, where the model itself says why: its outputs for one
     example depend on the others in the batch (a norm or softmax over the batch axis: changing
     the last example moves the others'), or JAX's own output moves past the tolerance when the
     float inputs and the values computed move by one float32 rounding (an ill-conditioned model,
-    which the runtime's rounding moves as much as JAX's would: :func:`rounding_jitter`). ``""``
-    where neither holds."""
+    which the runtime's rounding moves as much as JAX's would: :func:`rounding_jitter`, unless
+    its value is given as ``jitter``). ``""`` where neither holds."""
     def last_moved(x):
         x = np.array(x)
         x[-1] += 1
@@ -125,7 +125,7 @@ def mismatch_cause(forward, xs, leaf: int, tolerance: float) -> str:
 
     try:
         base, batch = _output(forward, xs, leaf), len(xs[0])
-        jitter = rounding_jitter(forward, xs, leaf)
+        jitter = rounding_jitter(forward, xs, leaf) if jitter is None else jitter
         coupled = float(np.max(np.abs(_output(forward, _floats(xs, last_moved), leaf)[:-1]
                                       - base[:-1]))) \
             if batch > 1 and base.shape[:1] == (batch,) else 0.0
