@@ -42,6 +42,8 @@ import numpy as np
 from flax.linen import module as flax_module
 from jax.extend import core as jcore
 
+from lrjax.linen_unbound import applied_at
+
 TRACING: list = []  # the modules whose own code is being traced
 
 __all__ = ["Call", "Unanswered", "TRACING", "recorded", "answered", "uncaptured", "opened",
@@ -100,9 +102,21 @@ def _caller() -> nn.Module | None:
 def _of(module: nn.Module, context) -> bool:
     """Whether an intercepted call is one ``module``'s own code makes to another module (not
     its own methods, ``param`` included, nor those of its clone a lifted transform of its own
-    code runs; not a callee's lazy ``setup``)."""
+    code runs; not a callee's lazy ``setup``; not a layer it applies apart with parameters it
+    computes, :func:`detached`: that is its own code)."""
     return context.module is not module and context.method_name != "setup" and \
-        _caller() is module and not lifted_clone(context.module, module)
+        _caller() is module and not lifted_clone(context.module, module) and \
+        not detached(context.module, module)
+
+
+def detached(callee: nn.Module, module: nn.Module) -> bool:
+    """Whether ``callee`` runs in an ``apply`` (or ``init``) of its own that ``module``'s code
+    makes, with the parameters it gives (a weight-standardized conv's ``conv.apply({"params":
+    {"kernel": standardized, ...}}, x)``), not as a module of the model (nor as an unbound
+    copy of one, :mod:`lrjax.linen_unbound`)."""
+    scope = callee.scope
+    return scope is not None and scope.parent is None and not scope.path and \
+        scope is not module.scope and applied_at(callee) is None
 
 
 def lifted_clone(other: nn.Module, module: nn.Module) -> bool:

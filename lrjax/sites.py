@@ -56,7 +56,7 @@ __all__ = ["KINDS", "ConvSite", "EinsumSplit", "batch_position", "einsum_site", 
            "called_equation",
            "contracted_axes", "dense_shape", "dense_rows", "input_moments",
            "unless_stacked", "device_array", "redefined", "computes_as", "reparametrizes",
-           "subclass_reason", "wrapped_reason", "path_of", "variable_key"]
+           "subclass_reason", "wrapped_reason", "path_of", "variable_key", "keep_read_elsewhere"]
 
 # the kinds of layer a site can be, with the label reports use
 KINDS = {"kxk": "k x k convs", "1x1": "1x1 convs", "dense": "dense layers",
@@ -578,3 +578,16 @@ def input_moments(site: ConvSite, x: jax.Array, axes=-1) -> tuple[jax.Array, jax
     return decompose.patch_moments(x, layer.kernel_size, strides=layer.strides,
                                    padding=layer.padding, dilation=layer.dilation,
                                    groups=layer.groups)
+
+
+def keep_read_elsewhere(found: dict[str, ConvSite], elsewhere: dict[str, str]) -> None:
+    """Leave as they are, in ``found`` (``{path: site}``), the written products of modules that
+    ran another method too (``elsewhere``: ``{module path: method}``): a tied embedding's
+    ``attend`` reads the table its ``__call__`` multiplies by, which a pair would replace."""
+    for path, site in found.items():
+        module = path.rsplit("/", 1)[0] if site.named_by_kernel else path
+        if site.written and site.candidate and module in elsewhere:
+            found[path] = ConvSite(path, None, skip=(
+                f"a product its module's own code computes, whose method "
+                f"{elsewhere[module]!r} runs too and may read the same parameters (a tied "
+                "embedding's attend): its own computation is kept"))

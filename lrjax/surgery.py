@@ -83,7 +83,6 @@ from lrjax.report import Decomposition, build_report
 from lrjax.site_runs import another_call, costed_as_run, example_batch, layer_indices, loop_note, per_example
 from lrjax.sites import ConvSite, variable_key
 from lrjax.splittable import conv_shape, linen_site
-from lrjax.written_products import keep_read_elsewhere
 
 __all__ = ["find_convs", "check_variables", "check_inference_call", "decompose_linen",
            "calibration_moments", "rank_problem", "linen_scorer", "search", "fold_batch_norms"]
@@ -209,7 +208,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             delegated[path] = type(module).__name__
             module = as_base(module, base)
             found.pop(path, None)  # its own __call__'s entry (left as is) replaced
-        if context.method_name == "__call__" and path not in found:
+        if context.method_name == "__call__" and (path not in found or (
+                found[path].skip == DETACHED and not detached)):  # (its owner's written layer)
             linear = isinstance(module, (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral,
                                          nn.Einsum, nn.ConvLocal))
             if linear and (detached or wrapper is not None):
@@ -239,7 +239,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     shapes, batch = _flat(made.get("params", {})), example_batch(example_args, outputs)
     found.update(_reading_their_kernels(model, example_args, example_kwargs, {
         p: (found[p], name) for p, name in delegated.items() if found[p].candidate}))
-    keep_read_elsewhere(found, elsewhere)
+    sites.keep_read_elsewhere(found, elsewhere)
     return [per_example(sites.unless_stacked(
         site, getattr(shapes.get(site.kernel_key), "shape", None)), batch)
         for site in found.values()]

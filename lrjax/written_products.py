@@ -4,7 +4,8 @@ call and replays the call with the layer in the product's place).
 
 A parameter is a layer's kernel when its one use, through multiplications and divisions by
 constants, casts, transposes, reshapes and flips (:class:`Step`: StyleGAN2's equalized learning
-rate, t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed or flipped), is
+rate, t5x's kernels stored flattened to 2-D, a PyTorch-layout kernel transposed or flipped), and
+first any code normalizing it by its own statistics (:mod:`lrjax.reparametrized`), is
 
 * the second operand of a ``conv_general_dilated`` (any strides, explicit padding, dilation and
   feature groups; input dilation at stride 1, one group: ``lax.conv_transpose`` written by hand,
@@ -52,11 +53,11 @@ import numpy as np
 from jax.extend import core as jcore
 
 from lrjax.ragged import is_ragged_product
-from lrjax.sites import ConvSite
+from lrjax.reparametrized import reparametrization
 
 __all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
            "WrittenDenseGeneral", "WrittenEinsum", "equation_of", "is_pair", "is_written_layer",
-           "keep_read_elsewhere", "kernel_name", "layer_for", "product_of", "piece_of",
+           "kernel_name", "layer_for", "product_of", "piece_of",
            "run_in_layout", "set_aside", "stored_equation", "stored_kernel"]
 
 KERNEL = "kernel"
@@ -261,10 +262,24 @@ def product_of(closed, var, inputs, experts: bool = False) -> Product:
     through steps, when a Flax layer computes it (the module's docstring) on data computed
     from ``inputs`` (the call's arrays among ``closed``'s inputs: a product with a constant,
     t5x's relative-position table contracted with a one-hot of positions, is a lookup);
-    else :class:`NotALayer`. ``experts``: a ``lax.ragged_dot`` by the parameter is one too
+    else :class:`NotALayer`. A kernel standardized first (:mod:`lrjax.reparametrized`) is
+    that code's first step. ``experts``: a ``lax.ragged_dot`` by the parameter is one too
     (:class:`lrjax.ragged.RaggedDot` computes it), and so are its one-index pieces along an
     axis each multiplying other data alike (a loop over experts, ``x_i @ w[i]``: the einsum of
     the pieces' data stacked, :attr:`Product.stacked`)."""
+    try:
+        return _product_of(closed, var, inputs, experts)
+    except NotALayer:
+        found = reparametrization(closed, var)
+        if found is None:
+            raise
+    value, step, chain = found
+    product = _product_of(closed, value, inputs, experts)
+    return dataclasses.replace(product, steps=(step, *product.steps),
+                               chain=(*chain, *product.chain))
+
+
+def _product_of(closed, var, inputs, experts: bool) -> Product:
     jaxpr, steps, chain = closed.jaxpr, [], []
     while True:
         uses = _uses(jaxpr, var)
@@ -583,16 +598,3 @@ def set_aside(layer: nn.Module, kernel) -> None:
         layer.__dict__.pop(_STASHED, None)
     else:
         object.__setattr__(layer, _STASHED, kernel)
-
-
-def keep_read_elsewhere(found: dict[str, ConvSite], elsewhere: dict[str, str]) -> None:
-    """Leave as they are, in ``found`` (``{path: site}``), the written products of modules that
-    ran another method too (``elsewhere``: ``{module path: method}``): a tied embedding's
-    ``attend`` reads the table its ``__call__`` multiplies by, which a pair would replace."""
-    for path, site in found.items():
-        module = path.rsplit("/", 1)[0] if site.named_by_kernel else path
-        if site.written and site.candidate and module in elsewhere:
-            found[path] = ConvSite(path, None, skip=(
-                f"a product its module's own code computes, whose method "
-                f"{elsewhere[module]!r} runs too and may read the same parameters (a tied "
-                "embedding's attend): its own computation is kept"))

@@ -699,13 +699,14 @@ def test_out_of_reach_names_the_layers_left_as_they_are():
 
 class WrittenConv(nn.Module):
     """A weight-normalized conv written by hand (a raw ``(out, in, kh, kw)`` parameter divided
-    by its norm in ``lax.conv_general_dilated``, which no Flax layer computes): a fixed cost."""
+    by its norm and scaled by a gain in ``lax.conv_general_dilated``, which no Flax layer
+    computes): a fixed cost."""
     features: int
 
     @nn.compact
     def __call__(self, x):
         w = self.param("w", nn.initializers.lecun_normal(), (self.features, x.shape[-1], 3, 3))
-        w = w / jnp.sqrt(jnp.sum(w * w))
+        w = self.param("g", nn.initializers.ones, ()) * w / jnp.sqrt(jnp.sum(w * w))
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "OIHW", "NHWC"))
 

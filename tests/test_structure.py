@@ -19,6 +19,7 @@ LAYERS = {
     "onnx_passes": 1, "boxes": 1, "linen_trace": 1, "onnx_arrays": 1, "onnx_math": 1, "onnx_scatter": 1,
     "litert_math": 1, "complex_real": 1, "splittable": 1, "linen_cells": 1, "linen_written": 1,
     "linen_products": 1, "linen_calls": 1, "linen_placeholders": 1, "written_products": 1,
+    "reparametrized": 1,
     "linen_kernels": 1, "linen_bridge": 1,
     "linen_unbound": 1, "nnx_layers": 1, "ragged": 1, "linen_wrappers": 1, "nnx_wrappers": 1,
     "runtimes": 1, "timing": 1, "gate": 1, "checkpoint": 1, "pretrained": 1, "data": 1,

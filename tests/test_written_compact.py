@@ -3,8 +3,8 @@
 scaled by a constant, the equalized learning rate, then ``lax.conv_general_dilated`` or
 ``jnp.matmul``, a bias, an activation) and score_sde's ``NIN`` (``W``, ``b``, an einsum) are
 split as the Flax layers their products are; the scale is a re-parametrization the closed form
-factors (the pair computes with the scaled kernel). A kernel normalized by its norm, or in a
-layout no Flax layer computes, stays the module's own product."""
+factors (the pair computes with the scaled kernel). A kernel normalized by its norm and a gain
+(two parameters), or in a layout no Flax layer computes, stays the module's own product."""
 
 import flax.linen as nn
 import jax
@@ -69,13 +69,14 @@ class NIN(nn.Module):
 
 
 class Normalized(nn.Module):
-    """A kernel divided by its own norm (weight normalization written by hand): no Flax layer
-    computes that, its own product stays, listed."""
+    """A kernel divided by its own norm and scaled by a gain (weight normalization written by
+    hand, two parameters): no Flax layer computes that, its own product stays, listed."""
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.lecun_normal(), (x.shape[-1], x.shape[-1]))
-        return x @ (w / jnp.linalg.norm(w, axis=0))
+        g = self.param("gain", nn.initializers.ones, (x.shape[-1],))
+        return x @ (g * w / jnp.linalg.norm(w, axis=0))
 
 
 class Discriminator(nn.Module):

@@ -1,0 +1,163 @@
+"""A kernel normalized by statistics of its own parameter before its product
+(:mod:`lrjax.reparametrized`): weight standardization written by hand, as diffusion U-Nets
+ported from lucidrains' PyTorch code write it (yiyixuxu/denoising-diffusion-flax's
+``WeightStandardizedConv``: a parentless ``nn.Conv`` applied with ``conv.apply`` on the
+standardized kernel), or inline before ``lax.conv_general_dilated`` / a matmul. The product is
+a layer of the module, its closed form the standardized kernel's; a kernel masked by a constant
+or normalized with another parameter stays the module's own code."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import lrjax
+from lrjax import decompose, reparametrized, surgery
+from tests.helpers import init, normal, whole_net_rule
+
+
+def standardized(kernel):
+    """Over every axis but the last (the variance written out: ``jnp.var`` is a jitted
+    function, whose few scalar flops XLA counts in the model as written and not in lrjax's
+    replay of it, a difference of ~1e-5 of this small net's count)."""
+    axes = tuple(range(kernel.ndim - 1))
+    mean = jnp.mean(kernel, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(kernel - mean), axis=axes, keepdims=True)
+    return (kernel - mean) / jnp.sqrt(var + 1e-5)
+
+
+class AppliedApart(nn.Module):
+    """denoising-diffusion-flax's ``WeightStandardizedConv`` (unet.py at d09e271), in short."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.Conv(self.features, (3, 3), padding=1, parent=None)
+        kernel = self.param("kernel", lambda rng, x: conv.init(rng, x)["params"]["kernel"], x)
+        bias = self.param("bias", lambda rng, x: conv.init(rng, x)["params"]["bias"], x)
+        return conv.apply({"params": {"kernel": standardized(kernel), "bias": bias}}, x)
+
+
+class Inline(nn.Module):
+    """The same standardization before ``lax.conv_general_dilated``, in a PyTorch layout."""
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.lecun_normal(), (self.features, x.shape[1], 3, 3))
+        w = standardized(w.transpose(2, 3, 1, 0)).transpose(3, 2, 0, 1)  # (over C, kh, kw)
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME") + self.param(
+            "b", nn.initializers.zeros, (self.features, 1, 1))
+
+
+class StandardizedDense(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        return x @ standardized(w)
+
+
+class Net(nn.Module):
+    conv: type
+
+    @nn.compact
+    def __call__(self, x):
+        if self.conv is Inline:  # (NCHW around it, as a PyTorch port runs it)
+            x = Inline(24, name="a")(x.transpose(0, 3, 1, 2))
+            x = Inline(24, name="b")(nn.relu(x)).transpose(0, 2, 3, 1)
+        else:
+            x = self.conv(24, name="a")(x)
+            x = self.conv(24, name="b")(nn.relu(x))
+        x = jnp.mean(nn.relu(x), axis=(1, 2))
+        return StandardizedDense(10, name="head")(x)
+
+
+X = normal(1, (2, 12, 12, 8))
+CALIBRATION = normal(2, (6, 12, 12, 8))
+
+
+@pytest.mark.parametrize("conv", [AppliedApart, Inline])
+def test_a_standardized_kernel_is_a_layer_split_by_its_standardized_closed_form(conv, tmp_path):
+    """Before: the applied-apart conv listed as "applied inside another layer with the
+    parameters that layer gives it", the inline one (and the dense head) left as the module's
+    own code: no layer of the net could be split."""
+    model = Net(conv)
+    variables = init(model, 0, X)
+    found = {s.path: s for s in surgery.find_convs(model, X)}
+    assert {p for p, s in found.items() if s.candidate} == {"a", "b", "head"}
+    assert found["b"].shape.kernel_shape == (3, 3, 24, 24) and found["head"].kind == "dense"
+
+    free, fitted, _ = whole_net_rule(model, variables, X, {"b": 6, "head": 4}, CALIBRATION,
+                                     tmp_path)
+    assert fitted.ranks == {"b": 6, "head": 4} and not fitted.report.skipped
+    params = fitted.variables["params"]
+    assert set(params["b"]) == {"vertical", "horizontal", "bias" if conv is AppliedApart else "b"}
+    assert set(params["head"]) == {"vertical", "horizontal"}
+
+    # data-free: the pair is the closed form of the kernel the layer uses, standardized
+    stored = variables["params"]["b"]["kernel" if conv is AppliedApart else "weight"]
+    used = standardized(stored if conv is AppliedApart else stored.transpose(2, 3, 1, 0))
+    pair = free.variables["params"]["b"]
+    np.testing.assert_allclose(
+        decompose.reconstruct(pair["vertical"]["kernel"], pair["horizontal"]["kernel"]),
+        decompose.reconstruct(*decompose.vh_decompose(used, 6)), atol=1e-5)
+
+    top = {p: decompose.max_rank(found[p].shape.kernel_shape) for p in ("a", "b", "head")}
+    exact = lrjax.decompose_linen(model, variables, X, rule=top, calibration=CALIBRATION)
+    np.testing.assert_allclose(exact.module.apply(exact.variables, X), model.apply(variables, X),
+                               rtol=1e-4, atol=1e-4)
+    assert jax.tree.map(jnp.shape, fitted.module.init(jax.random.key(3), X)) == \
+        jax.tree.map(jnp.shape, fitted.variables)
+
+
+class Masked(nn.Module):
+    """A causal (PixelCNN-style) conv: its kernel masked by a constant, no statistic of it."""
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], 16))
+        mask = np.ones((3, 3, 1, 1), np.float32)
+        mask[2:], mask[1, 2:] = 0, 0
+        return lax.conv_general_dilated(x, k * mask, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class WeightNormed(nn.Module):
+    """Weight normalization by hand: ``g * v / |v|``, two parameters."""
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("v", nn.initializers.lecun_normal(), (x.shape[-1], 16))
+        g = self.param("g", nn.initializers.ones, (16,))
+        return x @ (g * v / jnp.linalg.norm(v, axis=0))
+
+
+@pytest.mark.parametrize("layer", [Masked, WeightNormed])
+def test_a_kernel_masked_or_normalized_with_another_parameter_stays_its_own_code(layer):
+    """A pair would not keep a mask's zeros (the net's causality); a kernel of two parameters
+    has no one variable for the pair to take the place of."""
+    x = normal(3, (2, 8, 8, 4))
+    found = {s.path: s for s in surgery.find_convs(layer(), x)}
+    assert not any(s.candidate for s in found.values())
+    with pytest.raises(ValueError, match="no layer this rule can decompose.*own code multiplies the data"):
+        lrjax.decompose_linen(layer(), init(layer(), 0, x), x, rule="speedup:1.2")
+
+
+def test_the_reparametrization_is_the_code_between_the_parameter_and_its_product():
+    def call(x, w, b):
+        return jnp.tanh(x @ standardized(w) + b)
+
+    closed = jax.make_jaxpr(call)(jnp.ones((2, 6)), jnp.ones((6, 5)), jnp.ones(5))
+    x, w, b = closed.jaxpr.invars
+    value, step, chain = reparametrized.reparametrization(closed, w)
+    assert step.primitive.name == "reparametrization" and chain[0][0].invars[chain[0][1]] is w
+    kernel = normal(4, (6, 5))
+    np.testing.assert_allclose(step(kernel), standardized(kernel), rtol=1e-6)
+    assert reparametrized.reparametrization(closed, b) is None  # (no statistic of it)
+    twice = jax.make_jaxpr(lambda x, w: (x @ standardized(w), jnp.sum(w ** 2)))(
+        jnp.ones((2, 6)), jnp.ones((6, 5)))  # (its norm also an output: two uses)
+    assert reparametrized.reparametrization(twice, twice.jaxpr.invars[1]) is None
