@@ -73,6 +73,7 @@ from lrjax.linen_placeholders import (
     setup_param,
     written_pair,
 )
+from lrjax.reparametrized import companions
 from lrjax.written_products import NotALayer as _Ineligible
 from lrjax.written_products import (
     is_pair,
@@ -86,7 +87,8 @@ from lrjax.written_products import (
     stored_kernel,
 )
 
-__all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name"]
+__all__ = ["as_layer", "runs_as_layer", "is_written_layer", "kernel_name", "companions",
+           "drop_applied_apart"]
 
 _STATE = "_lrjax_setup_params"  # {name: (value, is a placeholder)} its setup declared
 _PARAMS = "_lrjax_written_params"  # (made, given) while a compact module's call is hooked
@@ -382,8 +384,8 @@ def _holder_call(module: nn.Module, next_fun, args, kwargs, state=None):
                                      state is not None else functools.partial(
                                          _swapped, module, (made, None, split)))
     out, calls = as_written(_FED.get(key))
-    if not split and not any(c.answered for c in calls) and (
-            not made or not calls or (key is not None and key in _AS_WRITTEN)):
+    if not split and not any(c.answered for c in calls) and (  # (no call: its submodules
+            not made or (key is not None and key in _AS_WRITTEN)):  # applied apart, say)
         return out
     arrays, call = replay.array_call(next_fun, args, kwargs)
     return _held(module, call, arrays, (out, calls, as_written), (made, split), key,
@@ -434,7 +436,7 @@ def _held(module: nn.Module, call, arrays, ran, run, key, declared=False):
         closed, fed, seeds = linen_calls.results(flat, count, calls, live)
         products = _products(closed, [(n, flat.invars[i]) for n, i in at.items() if i not in fed],
                              flat.invars[start:])
-        if split - {n for n, _ in products}:
+        if split - {n for n, p in products} - {c for _, p in products for c in companions(p.steps)}:
             raise _Ineligible(f"its kernels {sorted(split)} are no longer products of a layer")
     except Exception as e:  # noqa: BLE001 - as written (a fixed cost)
         if split:
@@ -484,10 +486,11 @@ def _products(closed, candidates, inputs) -> list:
     """``[(name, product), ...]`` (:func:`lrjax.written_products.product_of`, their data
     computed from ``inputs``) of the parameters among ``candidates`` (``(name, var)`` of
     ``closed``) whose one use is a product as a Flax layer computes it (at least one)."""
-    found = []
+    found, candidates = [], list(candidates)
     for name, var in candidates:
-        try:
-            product = product_of(closed, var, inputs, experts=True)
+        try:  # (a kernel normalized by its statistics may read the others: a gain)
+            product = product_of(closed, var, inputs, experts=True,
+                                 companions={v: n for n, v in candidates if v is not var})
         except _Ineligible:
             continue
         if product.eqn.primitive.name != "ragged_dot_general":  # (no linen layer computes it)
@@ -554,10 +557,24 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
     if live is not None:
         live.finish(env)
     if nested and params is not None:
-        for name, _ in products:
+        for name, product in products:
             if name not in params:  # (no pair took its place)
                 params[name] = stored_kernel(layers[name])
             set_aside(layers[name], None)
+            for other in companions(product.steps) if is_pair(params[name]) else ():
+                params.pop(other, None)  # (a gain its kernel's normalization read: the pair's)
     elif params is not None and has_pair(module):  # a decomposed model's init: the pair
         params.pop(products[0][0], None)  # (Flax deletes nothing)
+        for name in companions(products[0][1].steps):  # (a gain its normalization read)
+            params.pop(name, None)
     return jax.tree.unflatten(jax.tree.structure(shapes), outs[:len(jax.tree.leaves(shapes))])
+
+
+def drop_applied_apart(found: dict, owners: dict, reason: str) -> None:
+    """Drop from ``found`` (``{path: site}``) the layers listed as applied apart (``reason``)
+    by a module (``owners``: ``{path: that module's path}``) whose own code is a layer now: the
+    kernel it gives them is its product's (a weight-normalized conv's ``self.conv.apply``)."""
+    written = {s.path.rsplit("/", 1)[0] if s.named_by_kernel else s.path
+               for s in found.values() if s.written and s.candidate}
+    for path in [p for p, s in found.items() if s.skip == reason and owners.get(p) in written]:
+        del found[path]

@@ -518,7 +518,7 @@ def _net_cost(model, example_args, example_kwargs, eval_mode, found: Sequence[Co
                    n[k] == "layer"), n) for n in names]  # (as the layers' own: their kernel keys)
     found = own_code.with_own_code(site_runs.costed_as_run(found, counts, batch), counts["weighted"],
                                    names, counts["total"])
-    return (counts["total"] // batch, (counts["elementwise"] + sum(work.values())) // batch,
+    return (counts["total"] // batch, (counts["elementwise"] + sum(work.values())) / batch,
             counts["constant"] // batch, with_wrapper_flops(found, work, batch),
             (site_runs.loop_note(counts, batch),
              nnx_views.drawn_note(eval_mode and counts["sampled"] and drawn)))

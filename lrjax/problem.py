@@ -70,7 +70,7 @@ class RankProblem:
     multiple: int | None = None
     score: Callable[[Mapping[str, int]], float] | None = None
     net_macs: int | None = None
-    net_elementwise: int = 0
+    net_elementwise: float = 0
     net_constant: int = 0
     notes: tuple[str, ...] = ()
     source: tuple = dataclasses.field(default=(), repr=False)

@@ -48,7 +48,7 @@ class SurgeryReport:
     notes: tuple[str, ...] = ()
     net_macs: tuple[int, int] | None = None
     kinds: dict[str, str] = dataclasses.field(default_factory=dict)
-    net_elementwise: int = 0
+    net_elementwise: float = 0
 
     @property
     def net_flops(self) -> tuple[int, int] | None:

@@ -128,7 +128,8 @@ def loop_note(counts: dict, batch: int) -> str | None:
         return None
     loops = "its rolled loop (a scan)" if counts["rolled"] == 1 else \
         f"each of its {counts['rolled']} rolled loops (scans)"
+    every = int(every // batch) if (every / batch).is_integer() else every / batch  # (as reported)
     return (f"XLA's own flop count of this forward pass (cost_analysis() of the lowered call) "
             f"has the body of {loops} once: {xla // batch:,} flops per example, against "
-            f"{every // batch:,} here with every iteration, as the model runs them; the costs and "
+            f"{every:,} here with every iteration, as the model runs them; the costs and "
             "speedups here count every iteration")

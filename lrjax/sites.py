@@ -115,6 +115,8 @@ class ConvSite:
         this layer (:mod:`lrjax.linen_products`).
       kernel_name: the name of the variable holding the layer's kernel in its scope (a written
         product's: its module's parameter, e.g. ``"weight"``).
+      companions: the other parameters of a written product's module that its kernel's
+        normalization reads (a weight normalization's gain), which its pair replaces too.
       named_by_kernel: a written product of a module sharing its parent's scope
         (``nn.share_scope``) or computing several, named by its kernel: ``path`` is the kernel variable's own
         (:attr:`kernel_key`), its pair's variables take its place.
@@ -147,6 +149,7 @@ class ConvSite:
     share: float | None = None
     written: bool = False
     kernel_name: str = "kernel"
+    companions: tuple[str, ...] = ()
     named_by_kernel: bool = False
     batched: bool = False
     written_spec: tuple | None = None
@@ -445,7 +448,8 @@ def parametrization_key(parametrization) -> tuple:
     ``functools.partial`` of a function on a layer (its type), or of that per iteration."""
     stacked = parametrization.func is _each_iteration
     inner = parametrization.args[0] if stacked else parametrization
-    return stacked, inner.func, type(inner.args[0])
+    steps = getattr(inner.args[0], "steps", ())  # (a written layer's: what each computes)
+    return stacked, inner.func, type(inner.args[0]), tuple(step.key for step in steps)
 
 
 def device_array(x, dtype=None) -> jax.Array:

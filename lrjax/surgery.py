@@ -134,16 +134,13 @@ _WRAPPERS = (nn.WeightNorm, nn.SpectralNorm)
 MAPPED = ("its variables pass through nn.map_variables: it computes with trans_in_fn of the "
           "stored kernel, not the kernel lrjax would split")
 # linear layers seen and left as they are, with the reason
-_UNSPLIT = {
-    nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split",
-}
+_UNSPLIT = {nn.ConvLocal: "ConvLocal: unshared weights, no one kernel to split"}
 
 
 def _mapped(module: nn.Module) -> bool:
     """Whether a bound module runs inside ``nn.map_variables`` (Flax records each lifted
     transform a scope was made by in its ``debug_path``, e.g. ``'map_variables(Conv_0)'``)."""
-    return any(str(part).startswith("map_variables(")
-               for part in getattr(module.scope, "debug_path", ()))
+    return any(str(p).startswith("map_variables(") for p in getattr(module.scope, "debug_path", ()))
 
 
 @linen_cells.as_sublayers()
@@ -177,6 +174,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     # applied apart that this one is in (None: in the model)
     running: list[tuple[str, str | None, Any, Any, nn.Module]] = []
     elsewhere: dict[str, str] = {}  # path: another method of a module whose product is a layer
+    owners: dict[str, str] = {}  # path: the module applying that layer apart (conv.apply)
 
     def record(next_fun, args, kwargs, context):
         module = context.module
@@ -187,6 +185,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
             # a module applied inside another with the parameters it is given (a weight-normed
             # conv's self.conv.apply); not the model (its methods, nn.jit(Net.body)(self, x))
             prefix = sites.path_of((*variable_key(running[-1][0]), *filter(None, [module.name])))
+            owners.setdefault(prefix, running[-1][0])
         path = module_path(module) if prefix is None else \
             "/".join(p for p in (prefix, module_path(module)) if p)
         wrapper = module if isinstance(module, _WRAPPERS) else running[-1][3] if running else None
@@ -230,7 +229,8 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
                 if linen_products.is_written_layer(module):  # a module's own product
                     found[path] = dataclasses.replace(
                         found[path], written=True, kernel_name=linen_products.kernel_name(module),
-                        named_by_kernel=getattr(module, "named_by_kernel", False))
+                        named_by_kernel=getattr(module, "named_by_kernel", False),
+                        companions=linen_products.companions(getattr(module, "steps", ())))
         elif context.method_name == "__call__" and path in found and isinstance(
                 module, (nn.Conv, nn.ConvTranspose)):  # called again: on another geometry?
             found[path] = another_call(found[path], _site(path, module, layer_input(args, kwargs)))
@@ -240,6 +240,7 @@ def find_convs(model: nn.Module, *example_args, **example_kwargs) -> list[ConvSi
     found.update(_reading_their_kernels(model, example_args, example_kwargs, {
         p: (found[p], name) for p, name in delegated.items() if found[p].candidate}))
     sites.keep_read_elsewhere(found, elsewhere)
+    linen_products.drop_applied_apart(found, owners, DETACHED)
     return [per_example(sites.unless_stacked(
         site, getattr(shapes.get(site.kernel_key), "shape", None)), batch)
         for site in found.values()]
@@ -276,8 +277,7 @@ def _shape(leaf) -> tuple | None:
 
 
 def _other_method(call_kwargs: Mapping) -> bool:
-    """Whether a call runs a method other than ``__call__`` (``method="encode"``), which may
-    leave variables unused (a VAE's decoder)."""
+    """Whether a call runs another method (``method="encode"``): a VAE's decoder left unused."""
     return call_kwargs.get("method") not in (None, "__call__")
 
 
@@ -432,7 +432,7 @@ def rank_problem(model: nn.Module, variables, example_args, example_kwargs, *,
         note = uncalibrated_note(note, paths, covs)
         few = undersampled_note(seen, candidates)
     return RankProblem(found, kernels, covs, multiple, score, counts["total"] // batch,
-                       (counts["elementwise"] + sum((wrapped or {}).values())) // batch,
+                       (counts["elementwise"] + sum((wrapped or {}).values())) / batch,
                        counts["constant"] // batch,
                        tuple(filter(None, (note, few, loop_note(counts, batch)))),
                        source=variable_leaves(variables))
@@ -452,7 +452,8 @@ def apply_factors(flat, problem: RankProblem, ranks, batch: bool = True) -> tupl
         # (a product written by hand has no bias of its own: the module's stays the module's)
         if site.parametrization is not None and bias is not None:
             bias = site_parameters(flat, site)["bias"]
-        del out[("params", *site.kernel_key)]
+        for name in (site.kernel_key[-1], *site.companions):  # (and a gain its kernel read)
+            del out[("params", *site.kernel_key[:-1], name)]
         vertical, horizontal = problem.site(path).factor_variables(factors[path])
         out[(*prefix, "vertical", "kernel")] = vertical
         out[(*prefix, "horizontal", "kernel")] = horizontal

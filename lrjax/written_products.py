@@ -53,12 +53,11 @@ import numpy as np
 from jax.extend import core as jcore
 
 from lrjax.ragged import is_ragged_product
-from lrjax.reparametrized import reparametrization
+from lrjax.reparametrized import Step, reparametrization
 
-__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense",
-           "WrittenDenseGeneral", "WrittenEinsum", "equation_of", "is_pair", "is_written_layer",
-           "kernel_name", "layer_for", "product_of", "piece_of",
-           "run_in_layout", "set_aside", "stored_equation", "stored_kernel"]
+__all__ = ["KERNEL", "NotALayer", "Product", "Step", "WrittenConv", "WrittenDense", "WrittenDenseGeneral",
+           "WrittenEinsum", "equation_of", "is_pair", "is_written_layer", "kernel_name", "layer_for",
+           "product_of", "piece_of", "run_in_layout", "set_aside", "stored_equation", "stored_kernel"]
 
 KERNEL = "kernel"
 _WRITTEN = "_lrjax_written"  # set on a layer made by layer_for
@@ -69,21 +68,6 @@ _STEPS = ("mul", "div", "convert_element_type", "copy", "copy_p", "reshape", "sq
 
 class NotALayer(Exception):
     """A parameter's use that no Flax layer computes (the message says why)."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Step:
-    """One operation between a written kernel and its product: ``primitive`` applied with
-    ``params`` to ``operands``, the kernel at ``position`` and constants (scalars) elsewhere."""
-    primitive: Any
-    params: dict
-    operands: tuple
-    position: int
-
-    def __call__(self, kernel):
-        ins = list(self.operands)
-        ins[self.position] = kernel
-        return self.primitive.bind(*ins, **self.params)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -158,8 +142,9 @@ def _written_param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
         value = nn.Module.param(self, self.stored, init_fn, *init_args, unbox=unbox,
                                 **init_kwargs)
     value = nn.meta.unbox(value) if unbox else value
-    for step in self.steps:
-        value = step(value)
+    for step in self.steps:  # (a reparametrization may read the module's other parameters)
+        value = step(value, *(nn.meta.unbox(_home(self).get_variable("params", name))
+                              for name in getattr(step, "companions", ())))
     return value
 
 
@@ -257,20 +242,20 @@ def _depending(jaxpr, inputs) -> set:
     return found
 
 
-def product_of(closed, var, inputs, experts: bool = False) -> Product:
+def product_of(closed, var, inputs, experts: bool = False, companions=None) -> Product:
     """The :class:`Product` of ``closed`` (a closed jaxpr) that ``var``, a parameter, goes to
     through steps, when a Flax layer computes it (the module's docstring) on data computed
     from ``inputs`` (the call's arrays among ``closed``'s inputs: a product with a constant,
     t5x's relative-position table contracted with a one-hot of positions, is a lookup);
-    else :class:`NotALayer`. A kernel standardized first (:mod:`lrjax.reparametrized`) is
-    that code's first step. ``experts``: a ``lax.ragged_dot`` by the parameter is one too
+    else :class:`NotALayer`. A kernel normalized first (:mod:`lrjax.reparametrized`, with
+    ``companions``) is that code's first step. ``experts``: a ``lax.ragged_dot`` by the parameter is one too
     (:class:`lrjax.ragged.RaggedDot` computes it), and so are its one-index pieces along an
     axis each multiplying other data alike (a loop over experts, ``x_i @ w[i]``: the einsum of
     the pieces' data stacked, :attr:`Product.stacked`)."""
     try:
         return _product_of(closed, var, inputs, experts)
     except NotALayer:
-        found = reparametrization(closed, var)
+        found = reparametrization(closed, var, companions)
         if found is None:
             raise
     value, step, chain = found
@@ -460,9 +445,7 @@ def _signature(product: Product):
     if any(s.primitive.name not in ("mul", "div", "convert_element_type", "copy", "copy_p")
            for s in product.steps):
         raise NotALayer("a slice of its kernel is reshaped or transposed")
-    return [(s.primitive.name, sorted(map(str, s.params.items())), s.position,
-             [None if o is None else np.asarray(o).tolist() for o in s.operands])
-            for s in product.steps]
+    return [s.key for s in product.steps]
 
 
 def piece_of(product: Product, output, start: int, limit: int):

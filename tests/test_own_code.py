@@ -7,6 +7,7 @@ layer computes is split: :mod:`lrjax.linen_products`, :mod:`lrjax.nnx_products`.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -18,18 +19,16 @@ X = normal(0, (2, 8, 8, 4))
 
 
 class ScaledConv(nn.Module):
-    """A weight-normalized conv as a PyTorch port writes it: a raw ``(out, in, kh, kw)``
-    parameter divided by its norm and scaled by a gain at run time
-    (``torch.nn.utils.weight_norm``), then lax in the ``OIHW`` layout: a kernel computed from
-    two parameters, which no Flax layer computes (of one alone, normalized, it would be one:
-    tests/test_reparametrized.py)."""
+    """A causal (PixelCNN-style) conv as a PyTorch port writes it: a raw ``(out, in, kh, kw)``
+    parameter masked by a constant at run time, then lax in the ``OIHW`` layout: a kernel
+    computed from the parameter that no Flax layer computes (and no pair keeps the mask's
+    zeros). Normalized instead, it would be a layer: tests/test_reparametrized.py."""
     features: int
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.normal(1.0), (self.features, x.shape[-1], 3, 3))
-        g = self.param("gain", nn.initializers.ones, (self.features, 1, 1, 1))
-        w = g * w / jnp.sqrt(jnp.sum(w * w, axis=(1, 2, 3), keepdims=True))
+        w = w * np.tril(np.ones((3, 3), np.float32))
         return jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "OIHW", "NHWC"))
 

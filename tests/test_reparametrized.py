@@ -2,9 +2,12 @@
 (:mod:`lrjax.reparametrized`): weight standardization written by hand, as diffusion U-Nets
 ported from lucidrains' PyTorch code write it (yiyixuxu/denoising-diffusion-flax's
 ``WeightStandardizedConv``: a parentless ``nn.Conv`` applied with ``conv.apply`` on the
-standardized kernel), or inline before ``lax.conv_general_dilated`` / a matmul. The product is
-a layer of the module, its closed form the standardized kernel's; a kernel masked by a constant
-or normalized with another parameter stays the module's own code."""
+standardized kernel), or inline before ``lax.conv_general_dilated`` / a matmul; weight
+normalization by hand, a gain times the kernel over its norm (Hugging Face's wav2vec2
+positional conv: ``weight_g``, ``weight_v`` declared in ``setup`` beside the ``nn.Conv`` it
+applies with them). The product is a layer of the module, its closed form the normalized
+kernel's, the gain gone with the kernel; a kernel masked by a constant, or normalized with a
+parameter used elsewhere too, stays the module's own code."""
 
 import flax.linen as nn
 import jax
@@ -15,7 +18,7 @@ from jax import lax
 
 import lrjax
 from lrjax import decompose, reparametrized, surgery
-from tests.helpers import init, normal, whole_net_rule
+from tests.helpers import init, lowered_flops, normal, whole_net_rule
 
 
 def standardized(kernel):
@@ -52,6 +55,27 @@ class Inline(nn.Module):
             "b", nn.initializers.zeros, (self.features, 1, 1))
 
 
+class GainNormed(nn.Module):
+    """Weight normalization as Hugging Face's ``FlaxWav2Vec2WeightNormConv1D`` writes it
+    (modeling_flax_wav2vec2.py, transformers 4.46), in 2-D: ``weight_v`` in PyTorch's
+    ``(out, in, kh, kw)`` layout and its per-channel gain ``weight_g`` declared in ``setup``
+    beside the conv applied with their product."""
+    features: int
+    in_features: int = 24
+
+    def setup(self):
+        self.conv = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)
+        self.weight_v = self.param("weight_v", nn.initializers.lecun_normal(),
+                                   (self.features, self.in_features, 3, 3))
+        self.weight_g = self.param("weight_g", nn.initializers.ones, (self.features, 1, 1, 1))
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
+
+    def __call__(self, x):
+        norm = jnp.sqrt(jnp.sum(self.weight_v ** 2, axis=(1, 2, 3), keepdims=True))
+        kernel = (self.weight_g * self.weight_v / norm).transpose(2, 3, 1, 0)
+        return self.conv.apply({"params": {"kernel": kernel}}, x) + self.bias
+
+
 class StandardizedDense(nn.Module):
     features: int
 
@@ -69,6 +93,9 @@ class Net(nn.Module):
         if self.conv is Inline:  # (NCHW around it, as a PyTorch port runs it)
             x = Inline(24, name="a")(x.transpose(0, 3, 1, 2))
             x = Inline(24, name="b")(nn.relu(x)).transpose(0, 2, 3, 1)
+        elif self.conv is GainNormed:
+            x = GainNormed(24, 8, name="a")(x)
+            x = GainNormed(24, name="b")(nn.relu(x))
         else:
             x = self.conv(24, name="a")(x)
             x = self.conv(24, name="b")(nn.relu(x))
@@ -80,33 +107,51 @@ X = normal(1, (2, 12, 12, 8))
 CALIBRATION = normal(2, (6, 12, 12, 8))
 
 
-@pytest.mark.parametrize("conv", [AppliedApart, Inline])
-def test_a_standardized_kernel_is_a_layer_split_by_its_standardized_closed_form(conv, tmp_path):
-    """Before: the applied-apart conv listed as "applied inside another layer with the
+def used_kernel(conv, params):
+    """The HWIO kernel a layer of ``Net(conv)`` computes with, from its stored parameters."""
+    if conv is GainNormed:
+        v = params["weight_v"]
+        norm = jnp.sqrt(jnp.sum(v ** 2, axis=(1, 2, 3), keepdims=True))
+        return (params["weight_g"] * v / norm).transpose(2, 3, 1, 0)
+    return standardized(params["kernel"] if conv is AppliedApart else
+                        params["weight"].transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("conv", [AppliedApart, Inline, GainNormed])
+def test_a_normalized_kernel_is_a_layer_split_by_its_normalized_closed_form(conv, tmp_path):
+    """Before: the applied-apart convs listed as "applied inside another layer with the
     parameters that layer gives it", the inline one (and the dense head) left as the module's
-    own code: no layer of the net could be split."""
+    own code: no layer of the net could be split. A ``setup`` module holding the conv it
+    applies names its layer by its kernel (``b/weight_v``), the pair in that variable's place
+    and its gain gone."""
     model = Net(conv)
     variables = init(model, 0, X)
+    a, b = ("a/weight_v", "b/weight_v") if conv is GainNormed else ("a", "b")
     found = {s.path: s for s in surgery.find_convs(model, X)}
-    assert {p for p, s in found.items() if s.candidate} == {"a", "b", "head"}
-    assert found["b"].shape.kernel_shape == (3, 3, 24, 24) and found["head"].kind == "dense"
+    assert set(found) == {a, b, "head"} and all(s.candidate for s in found.values())
+    assert found[b].shape.kernel_shape == (3, 3, 24, 24) and found["head"].kind == "dense"
 
-    free, fitted, _ = whole_net_rule(model, variables, X, {"b": 6, "head": 4}, CALIBRATION,
+    free, fitted, _ = whole_net_rule(model, variables, X, {b: 6, "head": 4}, CALIBRATION,
                                      tmp_path)
-    assert fitted.ranks == {"b": 6, "head": 4} and not fitted.report.skipped
-    params = fitted.variables["params"]
-    assert set(params["b"]) == {"vertical", "horizontal", "bias" if conv is AppliedApart else "b"}
+    assert fitted.ranks == {b: 6, "head": 4} and not fitted.report.skipped
+    params = fitted.variables["params"]  # (the kernel and its gain replaced by the pair)
+    if conv is GainNormed:
+        assert set(params["b"]) == {"weight_v", "bias"}
+        assert set(params["b"]["weight_v"]) == {"vertical", "horizontal"}
+    else:
+        assert set(params["b"]) == {"vertical", "horizontal", "b" if conv is Inline else "bias"}
     assert set(params["head"]) == {"vertical", "horizontal"}
+    assert set(params["a"]) == set(variables["params"]["a"])  # (kept full: as it was)
 
-    # data-free: the pair is the closed form of the kernel the layer uses, standardized
-    stored = variables["params"]["b"]["kernel" if conv is AppliedApart else "weight"]
-    used = standardized(stored if conv is AppliedApart else stored.transpose(2, 3, 1, 0))
+    # data-free: the pair is the closed form of the kernel the layer uses, normalized
+    used = used_kernel(conv, variables["params"]["b"])
     pair = free.variables["params"]["b"]
+    pair = pair["weight_v"] if conv is GainNormed else pair
     np.testing.assert_allclose(
         decompose.reconstruct(pair["vertical"]["kernel"], pair["horizontal"]["kernel"]),
         decompose.reconstruct(*decompose.vh_decompose(used, 6)), atol=1e-5)
 
-    top = {p: decompose.max_rank(found[p].shape.kernel_shape) for p in ("a", "b", "head")}
+    top = {p: decompose.max_rank(found[p].shape.kernel_shape) for p in found}
     exact = lrjax.decompose_linen(model, variables, X, rule=top, calibration=CALIBRATION)
     np.testing.assert_allclose(exact.module.apply(exact.variables, X), model.apply(variables, X),
                                rtol=1e-4, atol=1e-4)
@@ -126,20 +171,21 @@ class Masked(nn.Module):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-class WeightNormed(nn.Module):
-    """Weight normalization by hand: ``g * v / |v|``, two parameters."""
+class SharedGain(nn.Module):
+    """Weight normalization by hand, ``g * v / |v|``, whose gain also scales the output: the
+    pair could not take the gain's place."""
 
     @nn.compact
     def __call__(self, x):
         v = self.param("v", nn.initializers.lecun_normal(), (x.shape[-1], 16))
         g = self.param("g", nn.initializers.ones, (16,))
-        return x @ (g * v / jnp.linalg.norm(v, axis=0))
+        return x @ (g * v / jnp.linalg.norm(v, axis=0)) * g
 
 
-@pytest.mark.parametrize("layer", [Masked, WeightNormed])
-def test_a_kernel_masked_or_normalized_with_another_parameter_stays_its_own_code(layer):
-    """A pair would not keep a mask's zeros (the net's causality); a kernel of two parameters
-    has no one variable for the pair to take the place of."""
+@pytest.mark.parametrize("layer", [Masked, SharedGain])
+def test_a_kernel_masked_or_normalized_with_a_parameter_read_elsewhere_stays_its_own_code(layer):
+    """A pair would not keep a mask's zeros (the net's causality), nor take the place of a gain
+    the module's code reads besides."""
     x = normal(3, (2, 8, 8, 4))
     found = {s.path: s for s in surgery.find_convs(layer(), x)}
     assert not any(s.candidate for s in found.values())
@@ -161,3 +207,41 @@ def test_the_reparametrization_is_the_code_between_the_parameter_and_its_product
     twice = jax.make_jaxpr(lambda x, w: (x @ standardized(w), jnp.sum(w ** 2)))(
         jnp.ones((2, 6)), jnp.ones((6, 5)))  # (its norm also an output: two uses)
     assert reparametrized.reparametrization(twice, twice.jaxpr.invars[1]) is None
+
+
+class NormedTranspose(nn.Module):
+    """A transposed conv applied apart on its kernel over the kernel's norm times a scalar gain
+    initialized to that norm (a public diffusion U-Net's ``WeightStandardizedConvTranspose``)."""
+
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.ConvTranspose(16, (4, 4), strides=(2, 2), parent=None)
+        kernel = self.param("kernel", lambda rng, x: conv.init(rng, x)["params"]["kernel"], x)
+        norm = jnp.sqrt(jnp.sum(kernel ** 2))
+        gain = self.param("norm", lambda _, shape: jnp.full(shape, norm), ())
+        bias = self.param("bias", lambda rng, x: conv.init(rng, x)["params"]["bias"], x)
+        return conv.apply({"params": {"kernel": gain * kernel / norm, "bias": bias}}, x)
+
+
+class Upsampler(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(3, (3, 3))(nn.relu(NormedTranspose(name="up")(x)))
+
+
+def test_a_weight_normalized_transposed_conv_applied_apart_is_split_and_its_gain_goes():
+    x = normal(5, (2, 6, 6, 16))
+    model = Upsampler()
+    variables = init(model, 0, x)
+    found = {s.path: s for s in surgery.find_convs(model, x)}
+    assert found["up"].candidate and found["up"].kind == "transposed" and set(found) == {
+        "up", "Conv_0"}  # (the ConvTranspose it applies is its product, not listed apart)
+    result = lrjax.decompose_linen(model, variables, x, rule={"up": 4})
+    assert set(result.variables["params"]["up"]) == {"vertical", "horizontal", "bias"}
+    assert result.report.speedup == pytest.approx(
+        lowered_flops(model.apply, variables, x)
+        / lowered_flops(result.module.apply, result.variables, x), rel=1e-6)
+    exact = lrjax.decompose_linen(model, variables, x, rule={
+        "up": decompose.max_rank(found["up"].shape.kernel_shape)})
+    np.testing.assert_allclose(exact.module.apply(exact.variables, x), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)

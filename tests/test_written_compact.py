@@ -3,8 +3,8 @@
 scaled by a constant, the equalized learning rate, then ``lax.conv_general_dilated`` or
 ``jnp.matmul``, a bias, an activation) and score_sde's ``NIN`` (``W``, ``b``, an einsum) are
 split as the Flax layers their products are; the scale is a re-parametrization the closed form
-factors (the pair computes with the scaled kernel). A kernel normalized by its norm and a gain
-(two parameters), or in a layout no Flax layer computes, stays the module's own product."""
+factors (the pair computes with the scaled kernel). A kernel masked by a constant, or in a
+layout no Flax layer computes, stays the module's own product."""
 
 import flax.linen as nn
 import jax
@@ -68,15 +68,14 @@ class NIN(nn.Module):
         return jnp.einsum("bhwc,cn->bhwn", x, w) + b
 
 
-class Normalized(nn.Module):
-    """A kernel divided by its own norm and scaled by a gain (weight normalization written by
-    hand, two parameters): no Flax layer computes that, its own product stays, listed."""
+class Masked(nn.Module):
+    """A kernel masked by a constant (MADE's autoregressive dense layer written by hand): no
+    Flax layer computes that, its own product stays, listed."""
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.lecun_normal(), (x.shape[-1], x.shape[-1]))
-        g = self.param("gain", nn.initializers.ones, (x.shape[-1],))
-        return x @ (g * w / jnp.linalg.norm(w, axis=0))
+        return x @ (w * np.triu(np.ones(w.shape, np.float32)))
 
 
 class Discriminator(nn.Module):
@@ -87,7 +86,7 @@ class Discriminator(nn.Module):
         x = EqualizedConv(32, down=True, name="down")(x)
         x = x + NIN(32, name="nin")(x)
         x = EqualizedConv(32, name="conv1")(x).mean((1, 2))
-        x = Normalized(name="normalized")(x)
+        x = Masked(name="masked")(x)
         x = EqualizedLinear(32, name="fc")(x)
         return EqualizedLinear(1, lr_multiplier=1.0, name="out")(x)
 
@@ -142,7 +141,7 @@ def test_a_whole_net_rule_is_xlas_ratio_calibrated_exported_and_saved(net, tmp_p
                                         onnx_input=X)
     for result in (free, fitted):
         assert len(set(result.ranks) & set(WRITTEN)) >= 2
-        assert "left as is: normalized: its own code" in result.report.table()
+        assert "left as is: masked: its own code" in result.report.table()
     assert done.checked_batches == (2, 3)
 
 
