@@ -270,7 +270,7 @@ def _replayed(module: nn.Module, next_fun, args, kwargs):
     children = set(module._state.children)
     try:
         with linen_calls.attempt(module):  # (no product found: its scope as it was)
-            closed, shapes = replay.traced_inlined(call, *arrays)
+            closed, shapes = replay.traced_inlined(call, *arrays, calls=True)
             if set(module._state.children) - children:  # (their calls traced: not made)
                 raise _MakesSubmodules
             named = {id(value): name for name, (value, _) in state.items()}
@@ -353,7 +353,8 @@ def _compact_call(module: nn.Module, next_fun, args, kwargs):
 
     try:
         with linen_calls.attempt(module):  # (no product found: its scope as it was)
-            closed, shapes = replay.traced_inlined(body, [given[n] for n in names], *arrays)
+            closed, shapes = replay.traced_inlined(body, [given[n] for n in names], *arrays,
+                                                     calls=True)
             products = _products(closed, zip(names, closed.jaxpr.invars, strict=False),
                                  closed.jaxpr.invars[len(names):])
     except Exception as e:  # noqa: BLE001 - its own code runs as written (a fixed cost)
@@ -415,7 +416,8 @@ def _held(module: nn.Module, call, arrays, ran, run, key, declared=False):
     try:
         with linen_calls.attempt(module, probe=True):  # (its names and draws as they were)
             linen_calls.rewind(module, as_written.scope)
-            closed, shapes = replay.traced_inlined(body, [given[n] for n in names], outs, *arrays)
+            closed, shapes = replay.traced_inlined(body, [given[n] for n in names], outs,
+                                                     *arrays, calls=True)
         consts, count = list(closed.consts), len(jax.tree.leaves(shapes[0]))
         flat = linen_calls.opened(closed)
         ids = {id(v): n for n, v in given.items()}
@@ -527,7 +529,8 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
         if seeds and e.outvars and all(v in seeds for v in e.outvars):
             return [seeds[v] for v in e.outvars]  # (a holder's: computed as written)
         if id(e) not in replaced:  # (a step to a kernel: passed on, never computed with)
-            return [ins[skipped[id(e)]]] * len(e.outvars) if id(e) in skipped else None
+            return [ins[skipped[id(e)]]] * len(e.outvars) if id(e) in skipped else \
+                replay.call_as_is(e, ins) if replay.plain_call(e) else None
         layer, product, span = replaced[id(e)]
         typed = e.outvars[0].aval.dtype  # (the product's own: a layer computing in its
         if product.sliced is None:  # parameters' dtype where the code cast both down)

@@ -73,8 +73,8 @@ class Reparametrization:
     primitive = PRIMITIVE
     params = types.MappingProxyType({})
 
-    def __call__(self, kernel, *companions):
-        return replay.run(self.jaxpr, self.consts, [kernel, *companions])[0]
+    def __call__(self, kernel, *companions):  # (its jitted helpers called as written)
+        return replay.run(self.jaxpr, self.consts, [kernel, *companions], _as_written)[0]
 
     @property
     def key(self) -> tuple:
@@ -119,7 +119,7 @@ def reparametrization(closed, var, companions: dict | None = None):
         else:
             computed.append(eqn)
             fixed.update(eqn.outvars)
-    if not any(e.primitive.name.startswith(_STATISTICS) for e in region):
+    if not any(_statistic(e) for e in region):
         return None  # (a mask, a constant table: a kernel changed, not normalized)
     needed, inside = _body(jaxpr, region, (*beside, *computed))
     read = (derived | side) & (needed | derived)
@@ -166,3 +166,14 @@ def _body(jaxpr, region, ahead) -> tuple[set, set]:
     inside = {id(e) for e in region} | {id(e) for e in jaxpr.eqns if id(e) in earlier and any(
         v in needed for v in e.outvars)}
     return needed, inside
+
+
+def _statistic(eqn) -> bool:
+    """Whether ``eqn`` reads a statistic of its operand (a reduction), itself or in a call."""
+    body = replay.call_jaxpr(eqn)
+    return eqn.primitive.name.startswith(_STATISTICS) or (
+        body is not None and any(_statistic(e) for e in body.jaxpr.eqns))
+
+
+def _as_written(eqn, ins, here):
+    return replay.call_as_is(eqn, ins) if replay.plain_call(eqn) else None

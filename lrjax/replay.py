@@ -22,7 +22,8 @@ from jax.extend import source_info_util
 
 from lrjax import macs
 
-__all__ = ["run", "call_jaxpr", "bind", "rebuilt", "array_call", "traced_inlined", "in_float32",
+__all__ = ["run", "call_jaxpr", "bind", "rebuilt", "array_call", "traced_inlined", "plain_call",
+           "call_as_is", "in_float32",
            "waiting", "lowest_precision", "ReplayError", "LOW_PRECISION"]
 
 # a rule: (equation, its input values, its source info) -> output values, or None for the
@@ -141,18 +142,41 @@ def array_call(fn: Callable, args, kwargs, is_leaf: Callable | None = None):
     return [flat[i] for i in dynamic], call
 
 
-def traced_inlined(fn: Callable, *args, keep: Callable | None = None):
+def traced_inlined(fn: Callable, *args, keep: Callable | None = None, calls: bool = False):
     """``fn``'s closed jaxpr on ``args`` with its calls inlined (a ``jnp.matmul``'s product an
-    equation of its own), but those ``keep(equation)`` names, and its output shapes."""
+    equation of its own), but those ``keep(equation)`` names, and its output shapes.
+    ``calls``: a jitted function computing no product (:func:`plain_call`: ``jnp.var``,
+    ``jnp.where``) stays a call, as XLA counts the flops of the code as written."""
     closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
 
     def kept(eqn, ins, here):
-        return bind(eqn, ins) if keep(eqn) else None
+        if calls and plain_call(eqn):
+            return call_as_is(eqn, ins)
+        return bind(eqn, ins) if keep is not None and keep(eqn) else None
 
     flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed.consts, a,
-                                         None if keep is None else kept))(*avals)
+                                         None if keep is None and not calls else kept))(*avals)
     return flat, shapes
+
+
+_PRODUCTS = ("dot_general", "conv_general_dilated", "ragged_dot_general", "random_bits",
+             "random_seed", "random_wrap", "random_unwrap", "random_fold_in", "random_split")
+
+
+def plain_call(eqn) -> bool:
+    """Whether ``eqn`` calls a jitted function computing no product nor random bits, its
+    body included (``jnp.var``, ``jnp.where``, ``jnp.linalg.norm``): nothing a layer or a draw
+    could be found in, replayed as a call (:func:`call_as_is`)."""
+    if eqn.primitive.name not in ("jit", "pjit") or eqn.effects:
+        return False
+    return not any(e.primitive.name in _PRODUCTS or e.effects
+                   for e, _ in macs.iter_eqns(call_jaxpr(eqn)))
+
+
+def call_as_is(eqn, ins) -> list:
+    """A ``jit`` equation bound again on ``ins``: a call in the program traced (not inlined)."""
+    return list(eqn.primitive.bind(*ins, **eqn.params))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -302,9 +302,9 @@ def test_a_call_holding_no_product_is_traced_once_per_configuration(monkeypatch)
     from lrjax import linen_products, replay
     real, traced = replay.traced_inlined, []
 
-    def counted(fn, *args):
+    def counted(fn, *args, **kwargs):
         traced.append(fn)
-        return real(fn, *args)
+        return real(fn, *args, **kwargs)
 
     monkeypatch.setattr(replay, "traced_inlined", counted)
     monkeypatch.setattr(linen_products, "_AS_WRITTEN", set())  # nothing seen yet
