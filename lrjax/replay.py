@@ -145,8 +145,8 @@ def array_call(fn: Callable, args, kwargs, is_leaf: Callable | None = None):
 def traced_inlined(fn: Callable, *args, keep: Callable | None = None, calls: bool = False):
     """``fn``'s closed jaxpr on ``args`` with its calls inlined (a ``jnp.matmul``'s product an
     equation of its own), but those ``keep(equation)`` names, and its output shapes.
-    ``calls``: a jitted function computing no product (:func:`plain_call`: ``jnp.var``,
-    ``jnp.where``) stays a call, as XLA counts the flops of the code as written."""
+    ``calls``: a jitted statistic computing no product (:func:`plain_call`: ``jnp.var``,
+    ``jnp.linalg.norm``) stays a call, as XLA counts the flops of the code as written."""
     closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
 
@@ -165,13 +165,15 @@ _PRODUCTS = ("dot_general", "conv_general_dilated", "ragged_dot_general", "rando
 
 
 def plain_call(eqn) -> bool:
-    """Whether ``eqn`` calls a jitted function computing no product nor random bits, its
-    body included (``jnp.var``, ``jnp.where``, ``jnp.linalg.norm``): nothing a layer or a draw
-    could be found in, replayed as a call (:func:`call_as_is`)."""
+    """Whether ``eqn`` calls a jitted statistic (a reduction in its body: ``jnp.var``,
+    ``jnp.linalg.norm``) computing no product nor random bits: nothing a layer or a draw could
+    be found in, replayed as a call (:func:`call_as_is`). Other jitted helpers are inlined:
+    ``jnp.flip`` of a kernel is a step to its product."""
     if eqn.primitive.name not in ("jit", "pjit") or eqn.effects:
         return False
-    return not any(e.primitive.name in _PRODUCTS or e.effects
-                   for e, _ in macs.iter_eqns(call_jaxpr(eqn)))
+    body = [e for e, _ in macs.iter_eqns(call_jaxpr(eqn))]
+    return not any(e.primitive.name in _PRODUCTS or e.effects for e in body) and any(
+        e.primitive.name.startswith("reduce_") for e in body)
 
 
 def call_as_is(eqn, ins) -> list:

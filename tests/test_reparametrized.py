@@ -244,3 +244,30 @@ def test_a_weight_normalized_transposed_conv_applied_apart_is_split_and_its_gain
         "up": decompose.max_rank(found["up"].shape.kernel_shape)})
     np.testing.assert_allclose(exact.module.apply(exact.variables, x), model.apply(variables, x),
                                rtol=1e-5, atol=1e-5)
+
+
+class FlippedTranspose(nn.Module):
+    """A PyTorch ``ConvTranspose2d`` port: its ``(in, out, kh, kw)`` weight flipped by
+    ``jnp.flip`` (a jitted helper) and transposed, then an input-dilated conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.lecun_normal(), (x.shape[-1], 8, 3, 3))
+        kernel = jnp.flip(w, (2, 3)).transpose(2, 3, 0, 1)
+        return lax.conv_general_dilated(x, kernel, (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_a_jitted_step_to_a_kernel_stays_a_step_while_a_jitted_statistic_stays_a_call():
+    """Jitted helpers computing statistics (``jnp.var``) are replayed as calls, as XLA counts
+    the code as written (the tests above); ``jnp.flip`` on a kernel's way to its product is a
+    step of that product, inlined (kept as a call, the layer was lost)."""
+    x = normal(6, (2, 5, 5, 16))
+    model = FlippedTranspose()
+    variables = init(model, 0, x)
+    (site,) = surgery.find_convs(model, x)
+    assert site.candidate and site.kind == "transposed"
+    exact = lrjax.decompose_linen(model, variables, x, rule={
+        site.path: decompose.max_rank(site.shape.kernel_shape)})
+    np.testing.assert_allclose(exact.module.apply(exact.variables, x), model.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
