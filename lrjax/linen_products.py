@@ -530,7 +530,7 @@ def _run_as_layer(module, closed, shapes, inputs, products, kernels, nested=Fals
             return [seeds[v] for v in e.outvars]  # (a holder's: computed as written)
         if id(e) not in replaced:  # (a step to a kernel: passed on, never computed with)
             return [ins[skipped[id(e)]]] * len(e.outvars) if id(e) in skipped else \
-                replay.call_as_is(e, ins) if replay.plain_call(e) else None
+                replay.statistic_call(e, ins)
         layer, product, span = replaced[id(e)]
         typed = e.outvars[0].aval.dtype  # (the product's own: a layer computing in its
         if product.sliced is None:  # parameters' dtype where the code cast both down)

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from lrjax import replay
+from lrjax import macs, replay
 
 __all__ = ["Step", "Reparametrization", "reparametrization", "companions"]
 
@@ -74,7 +74,7 @@ class Reparametrization:
     params = types.MappingProxyType({})
 
     def __call__(self, kernel, *companions):  # (its jitted helpers called as written)
-        return replay.run(self.jaxpr, self.consts, [kernel, *companions], _as_written)[0]
+        return replay.run(self.jaxpr, self.consts, [kernel, *companions], replay.statistic_call)[0]
 
     @property
     def key(self) -> tuple:
@@ -171,9 +171,5 @@ def _body(jaxpr, region, ahead) -> tuple[set, set]:
 def _statistic(eqn) -> bool:
     """Whether ``eqn`` reads a statistic of its operand (a reduction), itself or in a call."""
     body = replay.call_jaxpr(eqn)
-    return eqn.primitive.name.startswith(_STATISTICS) or (
-        body is not None and any(_statistic(e) for e in body.jaxpr.eqns))
-
-
-def _as_written(eqn, ins, here):
-    return replay.call_as_is(eqn, ins) if replay.plain_call(eqn) else None
+    inner = [eqn] if body is None else [e for e, _ in macs.iter_eqns(body)]
+    return any(e.primitive.name.startswith(_STATISTICS) for e in inner)

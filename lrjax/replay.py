@@ -23,7 +23,7 @@ from jax.extend import source_info_util
 from lrjax import macs
 
 __all__ = ["run", "call_jaxpr", "bind", "rebuilt", "array_call", "traced_inlined", "plain_call",
-           "call_as_is", "in_float32",
+           "call_as_is", "statistic_call", "in_float32",
            "waiting", "lowest_precision", "ReplayError", "LOW_PRECISION"]
 
 # a rule: (equation, its input values, its source info) -> output values, or None for the
@@ -151,9 +151,8 @@ def traced_inlined(fn: Callable, *args, keep: Callable | None = None, calls: boo
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
 
     def kept(eqn, ins, here):
-        if calls and plain_call(eqn):
-            return call_as_is(eqn, ins)
-        return bind(eqn, ins) if keep is not None and keep(eqn) else None
+        out = statistic_call(eqn, ins) if calls else None
+        return out if out is not None or keep is None or not keep(eqn) else bind(eqn, ins)
 
     flat = jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed.consts, a,
                                          None if keep is None and not calls else kept))(*avals)
@@ -179,6 +178,12 @@ def plain_call(eqn) -> bool:
 def call_as_is(eqn, ins) -> list:
     """A ``jit`` equation bound again on ``ins``: a call in the program traced (not inlined)."""
     return list(eqn.primitive.bind(*ins, **eqn.params))
+
+
+def statistic_call(eqn, ins, here=None) -> list | None:
+    """A rule for :func:`run`: a jitted statistic (:func:`plain_call`) bound as the call it
+    is; ``None`` (inlined, or as the caller's rule says) otherwise."""
+    return call_as_is(eqn, ins) if plain_call(eqn) else None
 
 
 # ---------------------------------------------------------------------------------------------
